@@ -1,0 +1,301 @@
+//! The CPU backend: the reference every other backend is checked against. It executes the
+//! planner's work list exactly as a GPU kernel would (same items, same partial slots, same
+//! merges), one work item at a time per thread, with fp32 online softmax. Simple on purpose.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use half::{bf16, f16};
+use parking_lot::Mutex;
+
+use super::{Backend, BackendKind, BoundPlan, Scratch};
+use crate::error::Result;
+use crate::invalid;
+use crate::plan::{DeviceProfile, MergeRow, Plan, WorkItem, FINAL_OUTPUT};
+use crate::types::{DType, RunArgs};
+
+pub struct CpuBackend {
+    threads: u32,
+}
+
+impl CpuBackend {
+    /// `threads = 0` uses every available core.
+    pub fn new(threads: u32) -> Self {
+        let threads = if threads == 0 { std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1) } else { threads };
+        CpuBackend { threads }
+    }
+    pub fn threads(&self) -> u32 {
+        self.threads
+    }
+}
+
+impl Backend for CpuBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Cpu
+    }
+    fn device_name(&self) -> String {
+        "cpu".into()
+    }
+    fn profile(&self) -> DeviceProfile {
+        DeviceProfile::cpu(self.threads)
+    }
+    fn bind(&self, plan: Arc<Plan>, _stream: u64, scratch: Option<Scratch>) -> Result<Box<dyn BoundPlan>> {
+        let need = plan.scratch_bytes();
+        let scratch = match scratch {
+            Some(s) if s.bytes < need => {
+                return Err(invalid!("scratch_bytes = {} is smaller than the {need} bytes this plan needs", s.bytes));
+            }
+            Some(s) if s.ptr == 0 && need > 0 => return Err(invalid!("scratch pointer is null but the plan needs {need} bytes")),
+            Some(s) if need > 0 => ScratchMem::Caller(s.ptr as *mut f32),
+            _ => ScratchMem::Owned(vec![0.0; need / 4]),
+        };
+        Ok(Box::new(CpuBound { plan, threads: self.threads, scratch: Mutex::new(scratch) }))
+    }
+}
+
+enum ScratchMem {
+    Owned(Vec<f32>),
+    /// The caller's host memory, at least `plan.scratch_bytes()` long.
+    Caller(*mut f32),
+}
+
+// SAFETY: the caller's scratch pointer is only used under the bound plan's mutex.
+unsafe impl Send for ScratchMem {}
+
+struct CpuBound {
+    plan: Arc<Plan>,
+    threads: u32,
+    scratch: Mutex<ScratchMem>,
+}
+
+impl BoundPlan for CpuBound {
+    fn plan(&self) -> &Arc<Plan> {
+        &self.plan
+    }
+    fn run(&self, args: &RunArgs) -> Result<()> {
+        check_run_args(&self.plan, args)?;
+        // One run at a time per launch: concurrent runs would share the partial slots.
+        let mut scratch = self.scratch.lock();
+        let partial = match &mut *scratch {
+            ScratchMem::Owned(v) => v.as_mut_ptr(),
+            ScratchMem::Caller(p) => *p,
+        };
+        let shape = &self.plan.shape;
+        let out = Outputs {
+            args: *args,
+            partial,
+            num_slots: self.plan.num_partial_slots() as usize,
+            head_dim: shape.head_dim as usize,
+            num_qo_heads: shape.num_qo_heads as usize,
+            dtype: shape.dtype,
+        };
+        let plan = &*self.plan;
+        parallel_for(self.threads, plan.items.len(), |i| execute_item(plan, &plan.items[i], args, &out));
+        parallel_for(self.threads, plan.merges.len(), |i| merge_row(plan, &plan.merges[i], &out));
+        Ok(())
+    }
+    fn is_ready(&self) -> Result<bool> {
+        Ok(true)
+    }
+    fn wait(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Null pointers are the only thing the CPU can check about the caller's tensors.
+pub(crate) fn check_run_args(plan: &Plan, args: &RunArgs) -> Result<()> {
+    if plan.batch.total_q() == 0 {
+        return Ok(());
+    }
+    for (name, p) in [("q", args.q.ptr), ("o", args.o.ptr)] {
+        if p == 0 {
+            return Err(invalid!("{name} is a null pointer but the plan has {} query tokens", plan.batch.total_q()));
+        }
+    }
+    if !plan.batch.kv_page_indices.is_empty() && (args.kv.k == 0 || args.kv.v == 0) {
+        return Err(invalid!("kv.k or kv.v is a null pointer but the plan reads {} pages", plan.batch.kv_page_indices.len()));
+    }
+    Ok(())
+}
+
+/// Runs `f(0..n)` on `threads` scoped threads that take indices from a shared counter.
+fn parallel_for(threads: u32, n: usize, f: impl Fn(usize) + Sync) {
+    let next = AtomicUsize::new(0);
+    let work = || loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        if i >= n {
+            break;
+        }
+        f(i);
+    };
+    let threads = (threads as usize).min(n);
+    if threads <= 1 {
+        return work();
+    }
+    std::thread::scope(|s| {
+        for _ in 1..threads {
+            s.spawn(work);
+        }
+        work();
+    });
+}
+
+/// Where results go: the caller's O/LSE for final rows, the scratch for partial slots. Every
+/// (token, head) row and every partial slot is written by exactly one work item (the planner's
+/// contract, which the plan tests check), so threads never write the same memory.
+pub struct Outputs {
+    args: RunArgs,
+    /// Scratch: `num_slots × head_dim` partial outputs, then `num_slots` partial LSEs.
+    partial: *mut f32,
+    num_slots: usize,
+    head_dim: usize,
+    num_qo_heads: usize,
+    dtype: DType,
+}
+
+// SAFETY: see the type's comment: writes from different threads go to disjoint addresses.
+unsafe impl Sync for Outputs {}
+
+impl Outputs {
+    /// Writes one finished row, `acc` already normalized, with its natural-log LSE.
+    fn write(&self, slot: u32, token: u32, head: u32, acc: &[f32], lse: f32) {
+        // SAFETY: the addresses come from the caller's tensors (checked non-null), the plan's
+        // rows (token < total_q, head < num_qo_heads) and slots (< num_slots).
+        unsafe {
+            if slot == FINAL_OUTPUT {
+                let o = self.args.o;
+                let base = token as i64 * o.stride_token + head as i64 * o.stride_head;
+                for (d, &x) in acc.iter().enumerate() {
+                    store(o.ptr, base + d as i64, self.dtype, x);
+                }
+                if self.args.lse != 0 {
+                    *(self.args.lse as *mut f32).add(token as usize * self.num_qo_heads + head as usize) = lse;
+                }
+            } else {
+                let slot = slot as usize;
+                std::ptr::copy_nonoverlapping(acc.as_ptr(), self.partial.add(slot * self.head_dim), self.head_dim);
+                *self.partial.add(self.num_slots * self.head_dim + slot) = lse;
+            }
+        }
+    }
+
+    /// A partial slot's output row and LSE.
+    fn partial(&self, slot: u32) -> (&[f32], f32) {
+        let slot = slot as usize;
+        // SAFETY: slot < num_slots; the slot was written by a work item before merges run.
+        unsafe { (std::slice::from_raw_parts(self.partial.add(slot * self.head_dim), self.head_dim), *self.partial.add(self.num_slots * self.head_dim + slot)) }
+    }
+}
+
+/// Loads element `idx` of a tensor of `dtype` at `base` as f32.
+///
+/// # Safety
+/// `base + idx` must be inside the caller's tensor.
+#[inline]
+unsafe fn load(base: u64, idx: i64, dtype: DType) -> f32 {
+    match dtype {
+        DType::F16 => (*(base as *const f16).offset(idx as isize)).to_f32(),
+        DType::Bf16 => (*(base as *const bf16).offset(idx as isize)).to_f32(),
+        DType::F32 => *(base as *const f32).offset(idx as isize),
+    }
+}
+
+/// # Safety
+/// `base + idx` must be inside the caller's tensor.
+#[inline]
+unsafe fn store(base: u64, idx: i64, dtype: DType, x: f32) {
+    match dtype {
+        DType::F16 => *(base as *mut f16).offset(idx as isize) = f16::from_f32(x),
+        DType::Bf16 => *(base as *mut bf16).offset(idx as isize) = bf16::from_f32(x),
+        DType::F32 => *(base as *mut f32).offset(idx as isize) = x,
+    }
+}
+
+/// One query row of a tile while it is being computed.
+struct RowState {
+    token: u32,
+    head: u32,
+    /// Keys `>= key_limit` (in the row's request) are masked.
+    key_limit: u32,
+    q: Vec<f32>,
+    max: f32,
+    sum: f32,
+    acc: Vec<f32>,
+}
+
+/// Computes one work item: its tile of rows against its KV chunks, with fp32 online softmax;
+/// writes each row to O/LSE or to its partial slot.
+pub fn execute_item(plan: &Plan, item: &WorkItem, args: &RunArgs, out: &Outputs) {
+    let shape = &plan.shape;
+    let d = shape.head_dim as usize;
+    let group = shape.group_size();
+    let mut rows: Vec<RowState> = Vec::with_capacity(item.num_rows as usize);
+    for seg in &plan.row_segments[item.seg_begin as usize..(item.seg_begin + item.seg_count) as usize] {
+        let req = plan.requests[seg.request as usize];
+        for r in 0..seg.q_count * group {
+            let q = seg.q_begin + r / group;
+            let token = req.q_start + q;
+            let head = item.kv_head * group + r % group;
+            let base = token as i64 * args.q.stride_token + head as i64 * args.q.stride_head;
+            // SAFETY: token < total_q and head < num_qo_heads by the plan's construction.
+            let qv = (0..d).map(|i| unsafe { load(args.q.ptr, base + i as i64, shape.dtype) }).collect();
+            rows.push(RowState { token, head, key_limit: req.key_limit(q, shape.causal), q: qv, max: f32::NEG_INFINITY, sum: 0.0, acc: vec![0.0; d] });
+        }
+    }
+    let (mut k, mut v) = (vec![0.0f32; d], vec![0.0f32; d]);
+    let kv = args.kv;
+    for chunk in &plan.kv_chunks[item.chunk_begin as usize..(item.chunk_begin + item.chunk_count) as usize] {
+        let req = plan.requests[chunk.request as usize];
+        for key in chunk.key_begin..chunk.key_end {
+            let page = plan.batch.kv_page_indices[(req.page_start + key / plan.batch.page_size) as usize] as i64;
+            let base = page * kv.stride_page + (key % plan.batch.page_size) as i64 * kv.stride_token + item.kv_head as i64 * kv.stride_head;
+            for i in 0..d {
+                // SAFETY: page < num_pages (validated) and the layout describes the caller's cache.
+                unsafe {
+                    k[i] = load(kv.k, base + i as i64 * kv.stride_dim, shape.dtype);
+                    v[i] = load(kv.v, base + i as i64 * kv.stride_dim, shape.dtype);
+                }
+            }
+            for row in &mut rows[chunk.row_begin as usize..chunk.row_end as usize] {
+                if key >= row.key_limit {
+                    continue;
+                }
+                let s = row.q.iter().zip(&k).map(|(a, b)| a * b).sum::<f32>() * shape.sm_scale;
+                let new_max = row.max.max(s);
+                let rescale = (row.max - new_max).exp();
+                let p = (s - new_max).exp();
+                row.sum = row.sum * rescale + p;
+                for (a, &vi) in row.acc.iter_mut().zip(&v) {
+                    *a = *a * rescale + p * vi;
+                }
+                row.max = new_max;
+            }
+        }
+    }
+    for (r, row) in rows.iter_mut().enumerate() {
+        let (lse, inv) = if row.sum > 0.0 { (row.max + row.sum.ln(), 1.0 / row.sum) } else { (f32::NEG_INFINITY, 0.0) };
+        row.acc.iter_mut().for_each(|a| *a *= inv);
+        let slot = if item.partial_slot == FINAL_OUTPUT { FINAL_OUTPUT } else { item.partial_slot + r as u32 };
+        out.write(slot, row.token, row.head, &row.acc, lse);
+    }
+}
+
+/// Combines the partial results of one (token, head) by log-sum-exp into O and LSE. A piece
+/// that saw no visible key has LSE = -inf and weight 0.
+fn merge_row(plan: &Plan, m: &MergeRow, out: &Outputs) {
+    let slots = &plan.merge_slots[m.slot_begin as usize..(m.slot_begin + m.slot_count) as usize];
+    let max = slots.iter().map(|&s| out.partial(s).1).fold(f32::NEG_INFINITY, f32::max);
+    let mut acc = vec![0.0f32; out.head_dim];
+    if max == f32::NEG_INFINITY {
+        return out.write(FINAL_OUTPUT, m.q_token, m.qo_head, &acc, max);
+    }
+    let mut total = 0.0f32;
+    for &s in slots {
+        let (o, lse) = out.partial(s);
+        let w = (lse - max).exp();
+        total += w;
+        acc.iter_mut().zip(o).for_each(|(a, &x)| *a += w * x);
+    }
+    acc.iter_mut().for_each(|a| *a /= total);
+    out.write(FINAL_OUTPUT, m.q_token, m.qo_head, &acc, max + total.ln());
+}

@@ -1,0 +1,402 @@
+//! The exported functions. Each one: check and convert the C arguments, call into the library,
+//! write out-parameters. Nothing else happens here.
+
+use std::ffi::{c_char, c_void, CStr};
+use std::sync::Arc;
+
+use super::handles::Registry;
+use super::types::*;
+use super::{guard, last_error_ptr, slice, write_out, PackinferStatus, PACKINFER_ABI_VERSION};
+use crate::backend::{self, Backend, BackendChoice, BackendKind, BoundPlan, Scratch};
+use crate::error::Result;
+use crate::invalid;
+use crate::plan::{Plan, PlanOptions};
+use crate::types::{Batch, DType, KvLayout, PrefixGroup, RowsTensor, RunArgs, Shape};
+
+static CONTEXTS: Registry<Arc<dyn Backend>> = Registry::new(0xC1, "context");
+static PLANS: Registry<Plan> = Registry::new(0xB1, "plan");
+static LAUNCHES: Registry<Launch> = Registry::new(0xA1, "launch");
+
+/// A plan bound to a context. Holds the context's backend so that destroying the context
+/// handle first cannot pull the device out from under a live launch.
+struct Launch {
+    bound: Box<dyn BoundPlan>,
+    _backend: Arc<Arc<dyn Backend>>,
+}
+
+/// The C ABI version this library implements (`PACKINFER_ABI_VERSION` at build time).
+#[no_mangle]
+pub extern "C" fn packinfer_abi_version() -> u32 {
+    PACKINFER_ABI_VERSION
+}
+
+/// The library's version, e.g. "0.1.0" (static string).
+#[no_mangle]
+pub extern "C" fn packinfer_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr() as *const c_char
+}
+
+/// A static name for a status, e.g. "PACKINFER_STATUS_INVALID_ARGUMENT".
+#[no_mangle]
+pub extern "C" fn packinfer_status_string(status: PackinferStatus) -> *const c_char {
+    use PackinferStatus::*;
+    let s: &'static str = match status {
+        Ok => "PACKINFER_STATUS_OK\0",
+        InvalidArgument => "PACKINFER_STATUS_INVALID_ARGUMENT\0",
+        InvalidHandle => "PACKINFER_STATUS_INVALID_HANDLE\0",
+        Unsupported => "PACKINFER_STATUS_UNSUPPORTED\0",
+        OutOfMemory => "PACKINFER_STATUS_OUT_OF_MEMORY\0",
+        PoolExhausted => "PACKINFER_STATUS_POOL_EXHAUSTED\0",
+        NoDevice => "PACKINFER_STATUS_NO_DEVICE\0",
+        DeviceError => "PACKINFER_STATUS_DEVICE_ERROR\0",
+        CompileError => "PACKINFER_STATUS_COMPILE_ERROR\0",
+        Internal => "PACKINFER_STATUS_INTERNAL\0",
+    };
+    s.as_ptr() as *const c_char
+}
+
+/// This thread's message for its last failed call: the function, the argument and the bad
+/// value. Valid until the next failing call on this thread; never NULL.
+#[no_mangle]
+pub extern "C" fn packinfer_last_error() -> *const c_char {
+    last_error_ptr()
+}
+
+/// Fills `options` with defaults (AUTO backend, device 0, one CPU thread per core).
+///
+/// # Safety
+/// `options` must be NULL or point to a writable `PackinferContextOptions`.
+#[no_mangle]
+pub unsafe extern "C" fn packinfer_context_options_default(options: *mut PackinferContextOptions) -> PackinferStatus {
+    guard("packinfer_context_options_default", || {
+        let value = PackinferContextOptions {
+            struct_size: std::mem::size_of::<PackinferContextOptions>(),
+            backend: PackinferBackend::Auto,
+            device_ordinal: 0,
+            num_threads: 0,
+            kernel_cache_dir: std::ptr::null(),
+        };
+        write_out("options", options, value)
+    })
+}
+
+/// Creates a context on the backend `options` asks for. AUTO picks CUDA where it works and the
+/// CPU elsewhere; CUDA where it cannot work gives NO_DEVICE with the reason.
+///
+/// # Safety
+/// `options` must point to an initialized `PackinferContextOptions`; `out` must be writable.
+#[no_mangle]
+pub unsafe extern "C" fn packinfer_context_create(options: *const PackinferContextOptions, out: *mut PackinferContext) -> PackinferStatus {
+    guard("packinfer_context_create", || {
+        let o = super::options("options", options)?;
+        let kind = match o.backend as u32 {
+            0 => None,
+            1 => Some(BackendKind::Cpu),
+            2 => Some(BackendKind::Cuda),
+            other => return Err(invalid!("options->backend = {other} is not a PackinferBackend (0 = AUTO, 1 = CPU, 2 = CUDA)")),
+        };
+        let kernel_cache_dir = if o.kernel_cache_dir.is_null() {
+            None
+        } else {
+            let s = CStr::from_ptr(o.kernel_cache_dir).to_str().map_err(|_| invalid!("options->kernel_cache_dir is not valid UTF-8"))?;
+            Some(s.into())
+        };
+        if out.is_null() {
+            return Err(invalid!("out is a null pointer"));
+        }
+        let choice = BackendChoice { kind, device_ordinal: o.device_ordinal, cpu_threads: o.num_threads, kernel_cache_dir };
+        let backend = backend::open(&choice)?;
+        write_out("out", out, PackinferContext { bits: CONTEXTS.insert(backend) })
+    })
+}
+
+/// Destroys a context. Launches made on it stay usable until they are destroyed.
+#[no_mangle]
+pub extern "C" fn packinfer_context_destroy(context: PackinferContext) -> PackinferStatus {
+    guard("packinfer_context_destroy", || CONTEXTS.remove(context.bits).map(drop))
+}
+
+/// Says which backend and device a context runs on.
+///
+/// # Safety
+/// `info` must point to a `PackinferContextInfo` whose `struct_size` is set.
+#[no_mangle]
+pub unsafe extern "C" fn packinfer_context_info(context: PackinferContext, info: *mut PackinferContextInfo) -> PackinferStatus {
+    guard("packinfer_context_info", || {
+        super::options("info", info as *const PackinferContextInfo)?;
+        let backend = CONTEXTS.get(context.bits)?;
+        let mut name = [0 as c_char; 128];
+        for (dst, &b) in name.iter_mut().zip(backend.device_name().as_bytes().iter().take(127)) {
+            *dst = b as c_char;
+        }
+        let value = PackinferContextInfo {
+            struct_size: std::mem::size_of::<PackinferContextInfo>(),
+            backend: match backend.kind() {
+                BackendKind::Cpu => PackinferBackend::Cpu,
+                BackendKind::Cuda => PackinferBackend::Cuda,
+            },
+            num_workers: backend.profile().num_workers,
+            device_name: name,
+        };
+        write_out("info", info, value)
+    })
+}
+
+/// Fills `options` with the defaults: every PackInfer technique on, automatic capacity.
+///
+/// # Safety
+/// `options` must be NULL or point to a writable `PackinferPlanOptions`.
+#[no_mangle]
+pub unsafe extern "C" fn packinfer_plan_options_default(options: *mut PackinferPlanOptions) -> PackinferStatus {
+    guard("packinfer_plan_options_default", || {
+        let value = PackinferPlanOptions { struct_size: std::mem::size_of::<PackinferPlanOptions>(), flags: 0, split_keys: 0, capacity: 0.0 };
+        write_out("options", options, value)
+    })
+}
+
+/// Plans one step for a context's device: copies the batch description, checks it, and builds
+/// the work list. Needs no device work; `options` may be NULL for the defaults.
+///
+/// # Safety
+/// `batch` must point to an initialized `PackinferBatchDesc` whose arrays have the lengths it
+/// states; `options` NULL or initialized; `out` writable.
+#[no_mangle]
+pub unsafe extern "C" fn packinfer_plan_create(
+    context: PackinferContext,
+    batch: *const PackinferBatchDesc,
+    options: *const PackinferPlanOptions,
+    out: *mut PackinferPlan,
+) -> PackinferStatus {
+    guard("packinfer_plan_create", || {
+        let backend = CONTEXTS.get(context.bits)?;
+        let (shape, batch) = convert_batch(super::options("batch", batch)?)?;
+        let options = if options.is_null() { PlanOptions::default() } else { convert_plan_options(super::options("options", options)?) };
+        if out.is_null() {
+            return Err(invalid!("out is a null pointer"));
+        }
+        if shape.dtype == DType::F32 && backend.kind() == BackendKind::Cuda {
+            return Err(crate::unsupported!("dtype = F32 runs on the CPU backend only; the CUDA kernels take F16 and BF16"));
+        }
+        let plan = Plan::build(shape, batch, &backend.profile(), options)?;
+        write_out("out", out, PackinferPlan { bits: PLANS.insert(plan) })
+    })
+}
+
+/// Destroys a plan. Launches made from it stay usable.
+#[no_mangle]
+pub extern "C" fn packinfer_plan_destroy(plan: PackinferPlan) -> PackinferStatus {
+    guard("packinfer_plan_destroy", || PLANS.remove(plan.bits).map(drop))
+}
+
+/// Reports what the planner did.
+///
+/// # Safety
+/// `stats` must point to a `PackinferPlanStats` whose `struct_size` is set.
+#[no_mangle]
+pub unsafe extern "C" fn packinfer_plan_stats(plan: PackinferPlan, stats: *mut PackinferPlanStats) -> PackinferStatus {
+    guard("packinfer_plan_stats", || {
+        super::options("stats", stats as *const PackinferPlanStats)?;
+        let plan = PLANS.get(plan.bits)?;
+        let s = &plan.stats;
+        let value = PackinferPlanStats {
+            struct_size: std::mem::size_of::<PackinferPlanStats>(),
+            num_requests: plan.requests.len() as u32,
+            num_groups: s.num_groups,
+            num_work_items: s.num_items,
+            num_split_requests: s.num_split_requests,
+            num_merge_rows: s.num_merge_rows,
+            num_partial_slots: s.num_partial_slots,
+            tile_utilization: s.tile_utilization,
+            max_group_cost: s.max_group_cost,
+            mean_group_cost: s.mean_group_cost,
+            capacity: s.capacity,
+            planning_time_us: s.planning_ns as f64 / 1e3,
+            scratch_bytes: plan.scratch_bytes() as u64,
+        };
+        write_out("stats", stats, value)
+    })
+}
+
+/// Binds a plan to a context: uploads the work list on `stream`, resolves kernels, binds (or
+/// allocates, once) scratch and records an event that `packinfer_launch_query`/`_wait` use.
+/// `options` may be NULL.
+///
+/// # Safety
+/// `options` NULL or initialized; `out` writable; `stream` a CUstream of the context's device or NULL.
+#[no_mangle]
+pub unsafe extern "C" fn packinfer_launch_create(
+    context: PackinferContext,
+    plan: PackinferPlan,
+    options: *const PackinferLaunchOptions,
+    stream: *mut c_void,
+    out: *mut PackinferLaunch,
+) -> PackinferStatus {
+    guard("packinfer_launch_create", || {
+        let backend = CONTEXTS.get(context.bits)?;
+        let plan = PLANS.get(plan.bits)?;
+        let scratch = if options.is_null() {
+            None
+        } else {
+            let o = super::options("options", options)?;
+            (!o.scratch.is_null() || o.scratch_bytes != 0).then_some(Scratch { ptr: o.scratch as u64, bytes: o.scratch_bytes })
+        };
+        if out.is_null() {
+            return Err(invalid!("out is a null pointer"));
+        }
+        let bound = backend.bind(plan, stream as u64, scratch)?;
+        write_out("out", out, PackinferLaunch { bits: LAUNCHES.insert(Launch { bound, _backend: backend }) })
+    })
+}
+
+/// Sets `*done` to whether the launch's upload has completed (never blocks).
+///
+/// # Safety
+/// `done` must be writable.
+#[no_mangle]
+pub unsafe extern "C" fn packinfer_launch_query(launch: PackinferLaunch, done: *mut bool) -> PackinferStatus {
+    guard("packinfer_launch_query", || {
+        let launch = LAUNCHES.get(launch.bits)?;
+        if done.is_null() {
+            return Err(invalid!("done is a null pointer"));
+        }
+        write_out("done", done, launch.bound.is_ready()?)
+    })
+}
+
+/// Blocks until the launch's upload has completed.
+#[no_mangle]
+pub extern "C" fn packinfer_launch_wait(launch: PackinferLaunch) -> PackinferStatus {
+    guard("packinfer_launch_wait", || LAUNCHES.get(launch.bits)?.bound.wait())
+}
+
+/// Destroys a launch (after the work it enqueued may still be running on the GPU: destroy it
+/// only once the stream has passed the last `packinfer_run` that used it).
+#[no_mangle]
+pub extern "C" fn packinfer_launch_destroy(launch: PackinferLaunch) -> PackinferStatus {
+    guard("packinfer_launch_destroy", || LAUNCHES.remove(launch.bits).map(drop))
+}
+
+/// Computes attention for one layer of the launched step. On CUDA it allocates nothing, waits
+/// for nothing and launches a fixed set of kernels on `args->stream`, so it can be captured in
+/// a CUDA graph. On the CPU it computes before returning.
+///
+/// # Safety
+/// `args` must point to an initialized `PackinferRunArgs` whose pointers address tensors of the
+/// launched plan's shape.
+#[no_mangle]
+pub unsafe extern "C" fn packinfer_run(launch: PackinferLaunch, args: *const PackinferRunArgs) -> PackinferStatus {
+    guard("packinfer_run", || {
+        let launch = LAUNCHES.get(launch.bits)?;
+        let a = super::options("args", args)?;
+        let shape = &launch.bound.plan().shape;
+        let rows = |ptr: u64, st: i64, sh: i64, name: &str| -> Result<RowsTensor> {
+            if st < 0 || sh < 0 {
+                return Err(invalid!("{name} strides ({st}, {sh}) must not be negative"));
+            }
+            let sh = if sh == 0 { shape.head_dim as i64 } else { sh };
+            let st = if st == 0 { shape.num_qo_heads as i64 * sh } else { st };
+            Ok(RowsTensor { ptr, stride_token: st, stride_head: sh })
+        };
+        let kv = KvLayout {
+            k: a.kv.k as u64,
+            v: a.kv.v as u64,
+            stride_page: a.kv.stride_page,
+            stride_token: a.kv.stride_token,
+            stride_head: a.kv.stride_head,
+            stride_dim: a.kv.stride_dim,
+        };
+        let run = RunArgs {
+            q: rows(a.q as u64, a.q_stride_token, a.q_stride_head, "q")?,
+            kv,
+            o: rows(a.o as u64, a.o_stride_token, a.o_stride_head, "o")?,
+            lse: a.lse as u64,
+            stream: a.stream as u64,
+        };
+        launch.bound.run(&run)
+    })
+}
+
+/// Fills `layout` for a paged cache stored NHD: `[num_pages, page_size, num_kv_heads, head_dim]`
+/// for K and for V (separate buffers, the FlashInfer/vLLM "NHD" layout).
+///
+/// # Safety
+/// `layout` must be writable.
+#[no_mangle]
+pub unsafe extern "C" fn packinfer_kv_layout_nhd(
+    k: *const c_void,
+    v: *const c_void,
+    page_size: u32,
+    num_kv_heads: u32,
+    head_dim: u32,
+    layout: *mut PackinferKvLayout,
+) -> PackinferStatus {
+    guard("packinfer_kv_layout_nhd", || {
+        let (p, h, d) = (page_size as i64, num_kv_heads as i64, head_dim as i64);
+        write_out("layout", layout, PackinferKvLayout { k, v, stride_page: p * h * d, stride_token: h * d, stride_head: d, stride_dim: 1 })
+    })
+}
+
+/// Fills `layout` for a paged cache stored HND: `[num_pages, num_kv_heads, page_size, head_dim]`.
+///
+/// # Safety
+/// `layout` must be writable.
+#[no_mangle]
+pub unsafe extern "C" fn packinfer_kv_layout_hnd(
+    k: *const c_void,
+    v: *const c_void,
+    page_size: u32,
+    num_kv_heads: u32,
+    head_dim: u32,
+    layout: *mut PackinferKvLayout,
+) -> PackinferStatus {
+    guard("packinfer_kv_layout_hnd", || {
+        let (p, h, d) = (page_size as i64, num_kv_heads as i64, head_dim as i64);
+        write_out("layout", layout, PackinferKvLayout { k, v, stride_page: p * h * d, stride_token: d, stride_head: p * d, stride_dim: 1 })
+    })
+}
+
+/// Copies a C batch description into owned Rust data, checking the C-level facts (enum values,
+/// null arrays); `Plan::build` checks the rest.
+unsafe fn convert_batch(b: &PackinferBatchDesc) -> Result<(Shape, Batch)> {
+    let n = b.batch_size as usize;
+    let dtype = match b.dtype as u32 {
+        0 => DType::F16,
+        1 => DType::Bf16,
+        2 => DType::F32,
+        other => return Err(crate::unsupported!("batch->dtype = {other} is not a PackinferDtype (0 = F16, 1 = BF16, 2 = F32)")),
+    };
+    let sm_scale = if b.sm_scale == 0.0 { 1.0 / (b.head_dim.max(1) as f32).sqrt() } else { b.sm_scale };
+    let shape = Shape { num_qo_heads: b.num_qo_heads, num_kv_heads: b.num_kv_heads, head_dim: b.head_dim, dtype, causal: b.causal, sm_scale };
+    let qo_indptr = slice("batch->qo_indptr", b.qo_indptr, n + 1)?.to_vec();
+    let kv_indptr = slice("batch->kv_indptr", b.kv_indptr, n + 1)?.to_vec();
+    let nnz = kv_indptr[n];
+    if nnz < 0 {
+        return Err(invalid!("batch->kv_indptr[{n}] = {nnz} is negative"));
+    }
+    let kv_page_indices = slice("batch->kv_page_indices", b.kv_page_indices, nnz as usize)?.to_vec();
+    let kv_last_page_len = slice("batch->kv_last_page_len", b.kv_last_page_len, n)?.to_vec();
+    let groups = slice("batch->prefix_groups", b.prefix_groups, b.num_prefix_groups as usize)?;
+    let mut prefix_groups = Vec::with_capacity(groups.len());
+    for (g, pg) in groups.iter().enumerate() {
+        let members = slice(&format!("batch->prefix_groups[{g}].members"), pg.members, pg.num_members as usize)?;
+        if let Some((j, m)) = members.iter().enumerate().find(|(_, &m)| m < 0) {
+            return Err(invalid!("batch->prefix_groups[{g}].members[{j}] = {m} is negative"));
+        }
+        prefix_groups.push(PrefixGroup { prefix_len: pg.prefix_len, members: members.iter().map(|&m| m as u32).collect() });
+    }
+    let batch = Batch { qo_indptr, kv_indptr, kv_page_indices, kv_last_page_len, page_size: b.page_size, num_pages: b.num_pages, prefix_groups };
+    Ok((shape, batch))
+}
+
+fn convert_plan_options(o: &PackinferPlanOptions) -> PlanOptions {
+    let has = |f: PackinferPlanFlags| o.flags & f as u32 != 0;
+    PlanOptions {
+        deterministic: has(PackinferPlanFlags::Deterministic),
+        packing: !has(PackinferPlanFlags::NoPacking),
+        balancing: !has(PackinferPlanFlags::NoBalancing),
+        prefix_sharing: !has(PackinferPlanFlags::NoPrefixSharing),
+        split_kv: !has(PackinferPlanFlags::NoSplitKv),
+        capacity: o.capacity,
+        split_keys: if o.split_keys == 0 { 2048 } else { o.split_keys },
+    }
+}

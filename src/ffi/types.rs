@@ -1,0 +1,211 @@
+//! The C structs and enums of the ABI. Every options struct starts with `struct_size`.
+
+use std::ffi::{c_char, c_void};
+
+/// Which backend a context runs on.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PackinferBackend {
+    /// CUDA when a driver, NVRTC and the device are present, else the CPU.
+    Auto = 0,
+    Cpu = 1,
+    Cuda = 2,
+}
+
+/// Element type of Q, K, V and O (accumulation is always fp32).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PackinferDtype {
+    F16 = 0,
+    Bf16 = 1,
+    /// CPU backend only.
+    F32 = 2,
+}
+
+/// Opaque handle to a context (a backend on one device). 0 is never a valid handle.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PackinferContext {
+    pub bits: u64,
+}
+
+/// Opaque handle to a plan: the host-side schedule of one step.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PackinferPlan {
+    pub bits: u64,
+}
+
+/// Opaque handle to a launch: a plan bound to a context, ready to run every layer of the step.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PackinferLaunch {
+    pub bits: u64,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct PackinferContextOptions {
+    /// sizeof(PackinferContextOptions).
+    pub struct_size: usize,
+    pub backend: PackinferBackend,
+    /// CUDA device ordinal.
+    pub device_ordinal: u32,
+    /// Worker threads of the CPU backend; 0 = one per core.
+    pub num_threads: u32,
+    /// Directory for compiled kernels; NULL = $PACKINFER_CACHE_DIR, else ~/.cache/packinfer.
+    pub kernel_cache_dir: *const c_char,
+}
+
+/// What a context turned out to be.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct PackinferContextInfo {
+    /// sizeof(PackinferContextInfo).
+    pub struct_size: usize,
+    /// CPU or CUDA (never AUTO).
+    pub backend: PackinferBackend,
+    /// CPU threads, or the device's SM count.
+    pub num_workers: u32,
+    /// NUL-terminated device name ("cpu" on the CPU backend).
+    pub device_name: [c_char; 128],
+}
+
+/// Requests `members[0..num_members]` share their first `prefix_len` keys (same content); the
+/// prefix is read once, from the first member's pages, for all of them.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct PackinferPrefixGroup {
+    pub prefix_len: u32,
+    pub num_members: u32,
+    pub members: *const i32,
+}
+
+/// One engine step: the batch's shape and its CSR page tables (FlashInfer's convention). All
+/// arrays are copied during `packinfer_plan_create`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct PackinferBatchDesc {
+    /// sizeof(PackinferBatchDesc).
+    pub struct_size: usize,
+    pub batch_size: u32,
+    /// [batch_size + 1]: request i's queries are tokens qo_indptr[i] .. qo_indptr[i+1].
+    pub qo_indptr: *const i32,
+    /// [batch_size + 1]: request i's pages are kv_page_indices[kv_indptr[i] .. kv_indptr[i+1]].
+    pub kv_indptr: *const i32,
+    /// [kv_indptr[batch_size]]: page numbers in the cache.
+    pub kv_page_indices: *const i32,
+    /// [batch_size]: tokens in each request's last page (1..=page_size; 0 for a request with no pages).
+    pub kv_last_page_len: *const i32,
+    /// Tokens per page; any size, 1 included.
+    pub page_size: u32,
+    /// Pages in the cache; every page index must be below it.
+    pub num_pages: u32,
+    pub num_qo_heads: u32,
+    pub num_kv_heads: u32,
+    pub head_dim: u32,
+    pub dtype: PackinferDtype,
+    /// Bottom-right aligned causal mask.
+    pub causal: bool,
+    /// 0 = 1/sqrt(head_dim).
+    pub sm_scale: f32,
+    pub num_prefix_groups: u32,
+    pub prefix_groups: *const PackinferPrefixGroup,
+}
+
+/// Bits of `PackinferPlanOptions::flags`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PackinferPlanFlags {
+    /// Fixed split boundaries: a request's output does not depend on the rest of the batch.
+    Deterministic = 1,
+    /// Ablation: one request per tile.
+    NoPacking = 2,
+    /// Ablation: one group per request, no load balancing.
+    NoBalancing = 4,
+    /// Ablation: read shared prefixes once per member.
+    NoPrefixSharing = 8,
+    /// Ablation: never split a request's keys.
+    NoSplitKv = 16,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct PackinferPlanOptions {
+    /// sizeof(PackinferPlanOptions).
+    pub struct_size: usize,
+    /// OR of PackinferPlanFlags.
+    pub flags: u32,
+    /// Split granularity in keys for deterministic mode; 0 = 2048.
+    pub split_keys: u32,
+    /// Group capacity in cost units; 0 = chosen from the device and the batch.
+    pub capacity: f64,
+}
+
+/// What the planner did.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PackinferPlanStats {
+    /// sizeof(PackinferPlanStats).
+    pub struct_size: usize,
+    pub num_requests: u32,
+    pub num_groups: u32,
+    pub num_work_items: u32,
+    pub num_split_requests: u32,
+    pub num_merge_rows: u32,
+    pub num_partial_slots: u32,
+    /// Real (row, visible key) pairs / (row, key) pairs computed, in (0, 1].
+    pub tile_utilization: f64,
+    pub max_group_cost: f64,
+    pub mean_group_cost: f64,
+    pub capacity: f64,
+    pub planning_time_us: f64,
+    /// Bytes of fp32 scratch the plan's split partials need.
+    pub scratch_bytes: u64,
+}
+
+/// Binding options of a launch.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct PackinferLaunchOptions {
+    /// sizeof(PackinferLaunchOptions).
+    pub struct_size: usize,
+    /// Caller-owned scratch of at least the plan's scratch_bytes (device memory on CUDA); NULL =
+    /// the launch allocates it once, at creation.
+    pub scratch: *mut c_void,
+    pub scratch_bytes: usize,
+}
+
+/// Where K and V live: element (page p, token t, kv head h, dim d) of K is at
+/// `k + p*stride_page + t*stride_token + h*stride_head + d*stride_dim` (in elements).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct PackinferKvLayout {
+    pub k: *const c_void,
+    pub v: *const c_void,
+    pub stride_page: i64,
+    pub stride_token: i64,
+    pub stride_head: i64,
+    pub stride_dim: i64,
+}
+
+/// One layer's tensors for `packinfer_run`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct PackinferRunArgs {
+    /// sizeof(PackinferRunArgs).
+    pub struct_size: usize,
+    /// [total_q, num_qo_heads, head_dim]; strides in elements, 0 = contiguous.
+    pub q: *const c_void,
+    pub q_stride_token: i64,
+    pub q_stride_head: i64,
+    pub kv: PackinferKvLayout,
+    /// [total_q, num_qo_heads, head_dim], same dtype as Q; strides in elements, 0 = contiguous.
+    pub o: *mut c_void,
+    pub o_stride_token: i64,
+    pub o_stride_head: i64,
+    /// Optional float32 [total_q, num_qo_heads], natural log; NULL = not written.
+    pub lse: *mut f32,
+    /// cudaStream_t / CUstream to run on (ignored by the CPU backend); NULL = the default stream.
+    pub stream: *mut c_void,
+}

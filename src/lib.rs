@@ -1,0 +1,13 @@
+//! PackInfer: attention for batches of LLM requests whose lengths differ wildly.
+//!
+//! Data flows one way: an engine calls the C ABI (`ffi`), which checks and converts; the planner
+//! (`plan`) turns the step's batch into a work list on the host; a backend (`backend`) executes
+//! it on the CPU or on a CUDA device. See DESIGN.md in the project's shared folder for the why.
+
+pub mod error;
+pub mod types;
+pub mod plan;
+pub mod backend;
+pub mod ffi;
+
+pub use error::{Error, Result};

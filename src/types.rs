@@ -1,0 +1,254 @@
+//! Plain descriptions shared by every layer: element types, the model's attention shape, the
+//! batch of one engine step, and the layout of an engine's KV cache.
+
+use crate::error::Result;
+use crate::invalid;
+
+/// Element type of Q, K, V and O. Accumulation is always fp32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    F16,
+    Bf16,
+    F32,
+}
+
+impl DType {
+    pub fn size_bytes(self) -> usize {
+        match self {
+            DType::F16 | DType::Bf16 => 2,
+            DType::F32 => 4,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F16 => "f16",
+            DType::Bf16 => "bf16",
+            DType::F32 => "f32",
+        }
+    }
+}
+
+/// The attention shape of one model layer (every layer of a step shares it).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Shape {
+    pub num_qo_heads: u32,
+    pub num_kv_heads: u32,
+    pub head_dim: u32,
+    pub dtype: DType,
+    pub causal: bool,
+    /// Softmax scale applied to q·k; `1/sqrt(head_dim)` unless the engine says otherwise.
+    pub sm_scale: f32,
+}
+
+impl Shape {
+    /// Query heads that read the same KV head (the GQA group size); they share tile rows.
+    pub fn group_size(&self) -> u32 {
+        self.num_qo_heads / self.num_kv_heads
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.num_kv_heads == 0 {
+            return Err(invalid!("num_kv_heads = 0; need at least one KV head"));
+        }
+        if self.num_qo_heads == 0 || self.num_qo_heads % self.num_kv_heads != 0 {
+            return Err(invalid!(
+                "num_qo_heads = {} is not a positive multiple of num_kv_heads = {}",
+                self.num_qo_heads,
+                self.num_kv_heads
+            ));
+        }
+        if self.head_dim == 0 || self.head_dim % 8 != 0 || self.head_dim > 512 {
+            return Err(crate::unsupported!(
+                "head_dim = {} is not supported (multiples of 8 up to 512; the GPU kernels take 64, 128 and 256)",
+                self.head_dim
+            ));
+        }
+        if !(self.sm_scale.is_finite() && self.sm_scale > 0.0) {
+            return Err(invalid!("sm_scale = {} must be positive and finite (0 selects 1/sqrt(head_dim))", self.sm_scale));
+        }
+        Ok(())
+    }
+}
+
+/// Requests that share the first `prefix_len` keys: their KV there is the same content, so it is
+/// read once (from the first member's pages) for all of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrefixGroup {
+    pub prefix_len: u32,
+    pub members: Vec<u32>,
+}
+
+/// One engine step: which query tokens each request brings and where its keys live, as CSR page
+/// tables (FlashInfer's convention). Owned copies: the library keeps no pointer into caller memory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    pub qo_indptr: Vec<i32>,
+    pub kv_indptr: Vec<i32>,
+    pub kv_page_indices: Vec<i32>,
+    pub kv_last_page_len: Vec<i32>,
+    pub page_size: u32,
+    /// Pages in the cache the page indices point into; every index must be below it.
+    pub num_pages: u32,
+    pub prefix_groups: Vec<PrefixGroup>,
+}
+
+impl Batch {
+    pub fn len(&self) -> usize {
+        self.kv_last_page_len.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn q_start(&self, r: usize) -> u32 {
+        self.qo_indptr[r] as u32
+    }
+    pub fn q_len(&self, r: usize) -> u32 {
+        (self.qo_indptr[r + 1] - self.qo_indptr[r]) as u32
+    }
+    pub fn kv_len(&self, r: usize) -> u32 {
+        let pages = (self.kv_indptr[r + 1] - self.kv_indptr[r]) as u32;
+        if pages == 0 {
+            0
+        } else {
+            (pages - 1) * self.page_size + self.kv_last_page_len[r] as u32
+        }
+    }
+    pub fn total_q(&self) -> u32 {
+        *self.qo_indptr.last().unwrap_or(&0) as u32
+    }
+    /// The page holding key `k` of request `r`.
+    pub fn page_of(&self, r: usize, k: u32) -> u32 {
+        self.kv_page_indices[self.kv_indptr[r] as usize + (k / self.page_size) as usize] as u32
+    }
+
+    /// Checks every structural rule; the message names the first bad value it finds.
+    pub fn validate(&self, causal: bool) -> Result<()> {
+        let n = self.kv_last_page_len.len();
+        if self.page_size == 0 {
+            return Err(invalid!("page_size = 0; pages hold at least one token"));
+        }
+        if self.qo_indptr.len() != n + 1 || self.kv_indptr.len() != n + 1 {
+            return Err(invalid!(
+                "qo_indptr and kv_indptr need batch_size + 1 = {} entries (got {} and {})",
+                n + 1,
+                self.qo_indptr.len(),
+                self.kv_indptr.len()
+            ));
+        }
+        check_indptr("qo_indptr", &self.qo_indptr)?;
+        check_indptr("kv_indptr", &self.kv_indptr)?;
+        let nnz = self.kv_indptr[n] as usize;
+        if nnz != self.kv_page_indices.len() {
+            return Err(invalid!(
+                "kv_indptr[{n}] = {nnz} but kv_page_indices has {} entries",
+                self.kv_page_indices.len()
+            ));
+        }
+        for (i, &p) in self.kv_page_indices.iter().enumerate() {
+            if p < 0 || p as u32 >= self.num_pages {
+                return Err(invalid!(
+                    "kv_page_indices[{i}] = {p} is outside the cache's {} pages",
+                    self.num_pages
+                ));
+            }
+        }
+        for r in 0..n {
+            let pages = self.kv_indptr[r + 1] - self.kv_indptr[r];
+            let last = self.kv_last_page_len[r];
+            let ok = if pages == 0 { last == 0 } else { last >= 1 && last as u32 <= self.page_size };
+            if !ok {
+                return Err(invalid!(
+                    "kv_last_page_len[{r}] = {last} is not valid for a request with {pages} pages of {} tokens (1..={} when it has pages, 0 when it has none)",
+                    self.page_size,
+                    self.page_size
+                ));
+            }
+            if causal && self.q_len(r) > self.kv_len(r) {
+                return Err(invalid!(
+                    "request {r} has q_len = {} > kv_len = {}; causal attention needs every query's own key in the cache",
+                    self.q_len(r),
+                    self.kv_len(r)
+                ));
+            }
+        }
+        let mut group_of = vec![usize::MAX; n];
+        for (g, pg) in self.prefix_groups.iter().enumerate() {
+            if pg.members.len() < 2 {
+                return Err(invalid!(
+                    "prefix_groups[{g}] has {} member(s); a shared prefix needs at least 2",
+                    pg.members.len()
+                ));
+            }
+            if pg.prefix_len == 0 {
+                return Err(invalid!("prefix_groups[{g}].prefix_len = 0"));
+            }
+            for (j, &m) in pg.members.iter().enumerate() {
+                let m = m as usize;
+                if m >= n {
+                    return Err(invalid!("prefix_groups[{g}].members[{j}] = {m} is not a request of this batch of {n}"));
+                }
+                if group_of[m] != usize::MAX {
+                    return Err(invalid!(
+                        "request {m} is in prefix_groups[{}] and prefix_groups[{g}]; a request belongs to at most one prefix group",
+                        group_of[m]
+                    ));
+                }
+                group_of[m] = g;
+                if pg.prefix_len > self.kv_len(m) {
+                    return Err(invalid!(
+                        "prefix_groups[{g}].prefix_len = {} is longer than member request {m}'s kv_len = {}",
+                        pg.prefix_len,
+                        self.kv_len(m)
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_indptr(name: &str, v: &[i32]) -> Result<()> {
+    if v[0] != 0 {
+        return Err(invalid!("{name}[0] = {} must be 0", v[0]));
+    }
+    for i in 1..v.len() {
+        if v[i] < v[i - 1] {
+            return Err(invalid!("{name}[{i}] = {} is smaller than {name}[{}] = {}; it must not decrease", v[i], i - 1, v[i - 1]));
+        }
+    }
+    Ok(())
+}
+
+/// Where K and V of a paged cache live: base pointers and element strides, so NHD, HND and an
+/// engine's own layout all work without copies. Element (page p, token t, head h, dim d) of K is
+/// at `k + p*page + t*token + h*head + d*dim` elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvLayout {
+    pub k: u64,
+    pub v: u64,
+    pub stride_page: i64,
+    pub stride_token: i64,
+    pub stride_head: i64,
+    pub stride_dim: i64,
+}
+
+/// Where a layer's query and output live: ragged token-major `[tokens, heads, head_dim]` with
+/// element strides (contiguous when the strides are `heads*head_dim` and `head_dim`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowsTensor {
+    pub ptr: u64,
+    pub stride_token: i64,
+    pub stride_head: i64,
+}
+
+/// Everything one `run` needs besides the launch: one layer's tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunArgs {
+    pub q: RowsTensor,
+    pub kv: KvLayout,
+    pub o: RowsTensor,
+    /// `float32 [total_q, num_qo_heads]`, natural log; 0 when not wanted.
+    pub lse: u64,
+    /// The caller's CUDA stream (ignored by the CPU backend).
+    pub stream: u64,
+}

@@ -1,0 +1,80 @@
+//! The CPU backend against the naive float64 attention, on random batches and edge cases.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{assert_close, rng, Case, CaseSpec, Tensor};
+use packinfer::backend::cpu::CpuBackend;
+use packinfer::backend::Backend;
+use packinfer::plan::{Plan, PlanOptions};
+use packinfer::types::DType;
+
+/// Plans `case` with `options`, runs it on the CPU backend, and checks it against the reference.
+pub fn run_and_check(case: &Case, options: PlanOptions, ctx: &str) -> Arc<Plan> {
+    let cpu = CpuBackend::new(2);
+    let plan = Arc::new(Plan::build(case.shape, case.batch.clone(), &cpu.profile(), options).expect("plan"));
+    let bound = cpu.bind(plan.clone(), 0, None).expect("bind");
+    let o = Tensor::poisoned(case.shape.dtype, case.out_len());
+    let mut lse = vec![f32::NAN; case.total_q() * case.shape.num_qo_heads as usize];
+    bound.run(&case.run_args(&o, &mut lse)).expect("run");
+    assert_close(case, &o, &lse, ctx);
+    plan
+}
+
+#[test]
+fn random_batches_match_f64_reference() {
+    let mut r = rng(0x5eed);
+    for i in 0..200 {
+        let spec = CaseSpec::random(&mut r);
+        let case = Case::random(&mut r, &spec);
+        run_and_check(&case, PlanOptions::default(), &format!("case {i} {spec:?}"));
+    }
+}
+
+#[test]
+fn long_requests_up_to_4096_keys() {
+    let mut r = rng(7);
+    for (i, dtype) in [DType::Bf16, DType::F16].into_iter().enumerate() {
+        let spec = CaseSpec { batch_size: 3, max_kv: 4096, page_size: 16, num_kv_heads: 1, group: 4, head_dim: 128, dtype, causal: true, decode_fraction: 0.5, hnd: false };
+        let case = Case::build(&mut r, &spec, &[(1, 4096), (300, 4096), (1, 17)], vec![]);
+        run_and_check(&case, PlanOptions::default(), &format!("long {i}"));
+    }
+}
+
+fn spec(page_size: u32, causal: bool) -> CaseSpec {
+    CaseSpec { batch_size: 1, max_kv: 1, page_size, num_kv_heads: 2, group: 4, head_dim: 64, dtype: DType::F32, causal, decode_fraction: 0.0, hnd: false }
+}
+
+#[test]
+fn edge_cases() {
+    let mut r = rng(11);
+    let cases: &[(&str, u32, bool, &[(u32, u32)])] = &[
+        ("request with 0 new queries", 16, true, &[(0, 40), (3, 9)]),
+        ("q_len == kv_len", 16, true, &[(37, 37)]),
+        ("single key", 16, true, &[(1, 1)]),
+        ("single key non-causal", 16, false, &[(5, 1)]),
+        ("page size 1", 1, true, &[(4, 9), (1, 1)]),
+        ("last page exactly full", 16, true, &[(16, 32), (1, 16)]),
+        ("no keys, no queries", 16, false, &[(0, 0), (2, 3)]),
+        ("non-causal prefill", 64, false, &[(100, 70)]),
+    ];
+    for &(name, ps, causal, lens) in cases {
+        let case = Case::build(&mut r, &spec(ps, causal), lens, vec![]);
+        run_and_check(&case, PlanOptions::default(), name);
+    }
+}
+
+#[test]
+fn every_head_dim_and_dtype_with_gqa() {
+    let mut r = rng(3);
+    for dtype in [DType::F16, DType::Bf16, DType::F32] {
+        for head_dim in [64, 128, 256, 40] {
+            for group in [1, 4, 8] {
+                let spec = CaseSpec { batch_size: 3, max_kv: 200, page_size: 16, num_kv_heads: 2, group, head_dim, dtype, causal: true, decode_fraction: 0.3, hnd: group == 4 };
+                let case = Case::random(&mut r, &spec);
+                run_and_check(&case, PlanOptions::default(), &format!("{dtype:?} d={head_dim} g={group}"));
+            }
+        }
+    }
+}

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs every test in the repository. The README's test command; .ci/run calls exactly this.
+# Each suite prints its own summary; the script stops at the first failing suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== Rust: cargo test (CPU reference, planner, ffi, kernels compile check) =="
+cargo test --release --all-targets
+
+echo "== Header: include/packinfer.h must match what the build generates =="
+if ! git diff --quiet -- include/packinfer.h 2>/dev/null; then
+  echo "include/packinfer.h is stale: the build regenerated it differently from the committed one:" >&2
+  git --no-pager diff --stat -- include/packinfer.h >&2
+  exit 1
+fi

@@ -108,7 +108,10 @@ typedef struct PackinferContextOptions {
    * sizeof(PackinferContextOptions).
    */
   size_t struct_size;
-  enum PackinferBackend backend;
+  /**
+   * A `PackinferBackend` value (a plain integer so that a bad value is refused, not undefined).
+   */
+  uint32_t backend;
   /**
    * CUDA device ordinal.
    */
@@ -139,9 +142,9 @@ typedef struct PackinferContextInfo {
    */
   size_t struct_size;
   /**
-   * CPU or CUDA (never AUTO).
+   * PACKINFER_BACKEND_CPU or PACKINFER_BACKEND_CUDA (never AUTO).
    */
-  enum PackinferBackend backend;
+  uint32_t backend;
   /**
    * CPU threads, or the device's SM count.
    */
@@ -218,7 +221,10 @@ typedef struct PackinferBatchDesc {
   uint32_t num_qo_heads;
   uint32_t num_kv_heads;
   uint32_t head_dim;
-  enum PackinferDtype dtype;
+  /**
+   * A `PackinferDtype` value.
+   */
+  uint32_t dtype;
   /**
    * Bottom-right aligned causal mask.
    */
@@ -348,9 +354,10 @@ uint32_t packinfer_abi_version(void);
 const char *packinfer_version(void);
 
 /**
- * A static name for a status, e.g. "PACKINFER_STATUS_INVALID_ARGUMENT".
+ * A static name for a status (a `PackinferStatus` value), e.g.
+ * "PACKINFER_STATUS_INVALID_ARGUMENT"; "PACKINFER_STATUS_UNKNOWN" for any other number.
  */
-const char *packinfer_status_string(enum PackinferStatus status);
+const char *packinfer_status_string(uint32_t status);
 
 /**
  * This thread's message for its last failed call: the function, the argument and the bad

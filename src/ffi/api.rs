@@ -36,10 +36,15 @@ pub extern "C" fn packinfer_version() -> *const c_char {
     concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr() as *const c_char
 }
 
-/// A static name for a status, e.g. "PACKINFER_STATUS_INVALID_ARGUMENT".
+/// A static name for a status (a `PackinferStatus` value), e.g.
+/// "PACKINFER_STATUS_INVALID_ARGUMENT"; "PACKINFER_STATUS_UNKNOWN" for any other number.
 #[no_mangle]
-pub extern "C" fn packinfer_status_string(status: PackinferStatus) -> *const c_char {
+pub extern "C" fn packinfer_status_string(status: u32) -> *const c_char {
     use PackinferStatus::*;
+    const ALL: [PackinferStatus; 10] = [Ok, InvalidArgument, InvalidHandle, Unsupported, OutOfMemory, PoolExhausted, NoDevice, DeviceError, CompileError, Internal];
+    let Some(&status) = ALL.iter().find(|s| **s as u32 == status) else {
+        return "PACKINFER_STATUS_UNKNOWN\0".as_ptr() as *const c_char;
+    };
     let s: &'static str = match status {
         Ok => "PACKINFER_STATUS_OK\0",
         InvalidArgument => "PACKINFER_STATUS_INVALID_ARGUMENT\0",
@@ -71,7 +76,7 @@ pub unsafe extern "C" fn packinfer_context_options_default(options: *mut Packinf
     guard("packinfer_context_options_default", || {
         let value = PackinferContextOptions {
             struct_size: std::mem::size_of::<PackinferContextOptions>(),
-            backend: PackinferBackend::Auto,
+            backend: PackinferBackend::Auto as u32,
             device_ordinal: 0,
             num_threads: 0,
             kernel_cache_dir: std::ptr::null(),
@@ -89,7 +94,7 @@ pub unsafe extern "C" fn packinfer_context_options_default(options: *mut Packinf
 pub unsafe extern "C" fn packinfer_context_create(options: *const PackinferContextOptions, out: *mut PackinferContext) -> PackinferStatus {
     guard("packinfer_context_create", || {
         let o = super::options("options", options)?;
-        let kind = match o.backend as u32 {
+        let kind = match o.backend {
             0 => None,
             1 => Some(BackendKind::Cpu),
             2 => Some(BackendKind::Cuda),
@@ -132,8 +137,8 @@ pub unsafe extern "C" fn packinfer_context_info(context: PackinferContext, info:
         let value = PackinferContextInfo {
             struct_size: std::mem::size_of::<PackinferContextInfo>(),
             backend: match backend.kind() {
-                BackendKind::Cpu => PackinferBackend::Cpu,
-                BackendKind::Cuda => PackinferBackend::Cuda,
+                BackendKind::Cpu => PackinferBackend::Cpu as u32,
+                BackendKind::Cuda => PackinferBackend::Cuda as u32,
             },
             num_workers: backend.profile().num_workers,
             device_name: name,
@@ -359,7 +364,7 @@ pub unsafe extern "C" fn packinfer_kv_layout_hnd(
 /// null arrays); `Plan::build` checks the rest.
 unsafe fn convert_batch(b: &PackinferBatchDesc) -> Result<(Shape, Batch)> {
     let n = b.batch_size as usize;
-    let dtype = match b.dtype as u32 {
+    let dtype = match b.dtype {
         0 => DType::F16,
         1 => DType::Bf16,
         2 => DType::F32,

@@ -137,3 +137,10 @@ pub(crate) unsafe fn write_out<T>(name: &str, ptr: *mut T, value: T) -> Result<(
     ptr.write(value);
     Ok(())
 }
+
+/// `guard` for the test suite, which checks that a panic becomes `Internal` (no export panics on
+/// purpose, so this is the only way to reach that path from a test).
+#[doc(hidden)]
+pub fn guard_for_tests(func: &str, body: impl FnOnce() -> Result<()>) -> PackinferStatus {
+    guard(func, body)
+}

@@ -48,7 +48,8 @@ pub struct PackinferLaunch {
 pub struct PackinferContextOptions {
     /// sizeof(PackinferContextOptions).
     pub struct_size: usize,
-    pub backend: PackinferBackend,
+    /// A `PackinferBackend` value (a plain integer so that a bad value is refused, not undefined).
+    pub backend: u32,
     /// CUDA device ordinal.
     pub device_ordinal: u32,
     /// Worker threads of the CPU backend; 0 = one per core.
@@ -63,8 +64,8 @@ pub struct PackinferContextOptions {
 pub struct PackinferContextInfo {
     /// sizeof(PackinferContextInfo).
     pub struct_size: usize,
-    /// CPU or CUDA (never AUTO).
-    pub backend: PackinferBackend,
+    /// PACKINFER_BACKEND_CPU or PACKINFER_BACKEND_CUDA (never AUTO).
+    pub backend: u32,
     /// CPU threads, or the device's SM count.
     pub num_workers: u32,
     /// NUL-terminated device name ("cpu" on the CPU backend).
@@ -104,7 +105,8 @@ pub struct PackinferBatchDesc {
     pub num_qo_heads: u32,
     pub num_kv_heads: u32,
     pub head_dim: u32,
-    pub dtype: PackinferDtype,
+    /// A `PackinferDtype` value.
+    pub dtype: u32,
     /// Bottom-right aligned causal mask.
     pub causal: bool,
     /// 0 = 1/sqrt(head_dim).

@@ -84,7 +84,7 @@ impl BoundPlan for CpuBound {
         let out = Outputs {
             args: *args,
             partial,
-            num_slots: self.plan.num_partial_slots() as usize,
+            num_slots: self.plan.stats.num_partial_slots as usize,
             head_dim: shape.head_dim as usize,
             num_qo_heads: shape.num_qo_heads as usize,
             dtype: shape.dtype,

@@ -1,0 +1,311 @@
+"""ctypes binding of PackInfer's C ABI (`include/packinfer.h`), for the benchmarks.
+
+This is the one place in Python that knows the C structs: every `Structure` below mirrors the
+header field for field (`test_packinfer_ctypes.py` compiles a C program against the header and
+checks every size and offset). Pointers are plain integers (`tensor.data_ptr()`,
+`ndarray.ctypes.data`), so the same code drives the CPU backend with numpy arrays and the CUDA
+backend with torch tensors.
+
+Functions that newer builds may add (the CUDA backend's precompile and launch update, the managed
+KV pool's `packinfer_pool_*`) are looked up lazily: `Library.has(name)` says whether this build
+exports them, so the harness can say "not in this build" instead of failing.
+"""
+
+import ctypes
+import os
+import time
+from ctypes import (POINTER, Structure, c_bool, c_char, c_char_p, c_double, c_float, c_int, c_int32, c_int64,
+                    c_size_t, c_uint32, c_uint64, c_void_p)
+
+ABI_VERSION = 1
+
+# PackinferStatus
+STATUS_NAMES = {
+    0: "OK", 1: "INVALID_ARGUMENT", 2: "INVALID_HANDLE", 3: "UNSUPPORTED", 4: "OUT_OF_MEMORY",
+    5: "POOL_EXHAUSTED", 6: "NO_DEVICE", 7: "DEVICE_ERROR", 8: "COMPILE_ERROR", 9: "INTERNAL",
+}
+STATUS_OK = 0
+
+# PackinferBackend
+BACKEND_AUTO, BACKEND_CPU, BACKEND_CUDA = 0, 1, 2
+# PackinferDtype
+DTYPE_F16, DTYPE_BF16, DTYPE_F32 = 0, 1, 2
+# PackinferPlanFlags
+FLAG_DETERMINISTIC = 1
+FLAG_NO_PACKING = 2
+FLAG_NO_BALANCING = 4
+FLAG_NO_PREFIX_SHARING = 8
+FLAG_NO_SPLIT_KV = 16
+
+
+class PackinferContextOptions(Structure):
+    _fields_ = [("struct_size", c_size_t), ("backend", c_uint32), ("device_ordinal", c_uint32),
+                ("num_threads", c_uint32), ("kernel_cache_dir", c_char_p)]
+
+
+class PackinferContext(Structure):
+    _fields_ = [("bits", c_uint64)]
+
+
+class PackinferContextInfo(Structure):
+    _fields_ = [("struct_size", c_size_t), ("backend", c_uint32), ("num_workers", c_uint32),
+                ("device_name", c_char * 128)]
+
+
+class PackinferPlanOptions(Structure):
+    _fields_ = [("struct_size", c_size_t), ("flags", c_uint32), ("split_keys", c_uint32), ("capacity", c_double)]
+
+
+class PackinferPrefixGroup(Structure):
+    _fields_ = [("prefix_len", c_uint32), ("num_members", c_uint32), ("members", POINTER(c_int32))]
+
+
+class PackinferBatchDesc(Structure):
+    _fields_ = [("struct_size", c_size_t), ("batch_size", c_uint32),
+                ("qo_indptr", POINTER(c_int32)), ("kv_indptr", POINTER(c_int32)),
+                ("kv_page_indices", POINTER(c_int32)), ("kv_last_page_len", POINTER(c_int32)),
+                ("page_size", c_uint32), ("num_pages", c_uint32), ("num_qo_heads", c_uint32),
+                ("num_kv_heads", c_uint32), ("head_dim", c_uint32), ("dtype", c_uint32),
+                ("causal", c_bool), ("sm_scale", c_float), ("num_prefix_groups", c_uint32),
+                ("prefix_groups", POINTER(PackinferPrefixGroup))]
+
+
+class PackinferPlan(Structure):
+    _fields_ = [("bits", c_uint64)]
+
+
+class PackinferPlanStats(Structure):
+    _fields_ = [("struct_size", c_size_t), ("num_requests", c_uint32), ("num_groups", c_uint32),
+                ("num_work_items", c_uint32), ("num_split_requests", c_uint32), ("num_merge_rows", c_uint32),
+                ("num_partial_slots", c_uint32), ("tile_utilization", c_double), ("max_group_cost", c_double),
+                ("mean_group_cost", c_double), ("capacity", c_double), ("planning_time_us", c_double),
+                ("scratch_bytes", c_uint64)]
+
+
+class PackinferLaunchOptions(Structure):
+    _fields_ = [("struct_size", c_size_t), ("scratch", c_void_p), ("scratch_bytes", c_size_t)]
+
+
+class PackinferLaunch(Structure):
+    _fields_ = [("bits", c_uint64)]
+
+
+class PackinferKvLayout(Structure):
+    _fields_ = [("k", c_void_p), ("v", c_void_p), ("stride_page", c_int64), ("stride_token", c_int64),
+                ("stride_head", c_int64), ("stride_dim", c_int64)]
+
+
+class PackinferRunArgs(Structure):
+    _fields_ = [("struct_size", c_size_t), ("q", c_void_p), ("q_stride_token", c_int64),
+                ("q_stride_head", c_int64), ("kv", PackinferKvLayout), ("o", c_void_p),
+                ("o_stride_token", c_int64), ("o_stride_head", c_int64), ("lse", POINTER(c_float)),
+                ("stream", c_void_p)]
+
+
+# Every struct of the header, for the layout test.
+STRUCTS = [PackinferContextOptions, PackinferContext, PackinferContextInfo, PackinferPlanOptions,
+           PackinferPrefixGroup, PackinferBatchDesc, PackinferPlan, PackinferPlanStats, PackinferLaunchOptions,
+           PackinferLaunch, PackinferKvLayout, PackinferRunArgs]
+
+# name: (restype, argtypes) of every export in the header.
+_SIGNATURES = {
+    "packinfer_abi_version": (c_uint32, []),
+    "packinfer_version": (c_char_p, []),
+    "packinfer_status_string": (c_char_p, [c_uint32]),
+    "packinfer_last_error": (c_char_p, []),
+    "packinfer_context_options_default": (c_int, [POINTER(PackinferContextOptions)]),
+    "packinfer_context_create": (c_int, [POINTER(PackinferContextOptions), POINTER(PackinferContext)]),
+    "packinfer_context_destroy": (c_int, [PackinferContext]),
+    "packinfer_context_info": (c_int, [PackinferContext, POINTER(PackinferContextInfo)]),
+    "packinfer_plan_options_default": (c_int, [POINTER(PackinferPlanOptions)]),
+    "packinfer_plan_create": (c_int, [PackinferContext, POINTER(PackinferBatchDesc), POINTER(PackinferPlanOptions),
+                                      POINTER(PackinferPlan)]),
+    "packinfer_plan_destroy": (c_int, [PackinferPlan]),
+    "packinfer_plan_stats": (c_int, [PackinferPlan, POINTER(PackinferPlanStats)]),
+    "packinfer_launch_create": (c_int, [PackinferContext, PackinferPlan, POINTER(PackinferLaunchOptions), c_void_p,
+                                        POINTER(PackinferLaunch)]),
+    "packinfer_launch_query": (c_int, [PackinferLaunch, POINTER(c_bool)]),
+    "packinfer_launch_wait": (c_int, [PackinferLaunch]),
+    "packinfer_launch_destroy": (c_int, [PackinferLaunch]),
+    "packinfer_run": (c_int, [PackinferLaunch, POINTER(PackinferRunArgs)]),
+    "packinfer_kv_layout_nhd": (c_int, [c_void_p, c_void_p, c_uint32, c_uint32, c_uint32, POINTER(PackinferKvLayout)]),
+    "packinfer_kv_layout_hnd": (c_int, [c_void_p, c_void_p, c_uint32, c_uint32, c_uint32, POINTER(PackinferKvLayout)]),
+}
+
+# Exports that later branches add (CUDA precompile / graph-replay update, the managed KV pool).
+# Their signatures are not in the header this module was written from, so they are only reported.
+FUTURE_EXPORTS = ["packinfer_precompile", "packinfer_launch_update", "packinfer_pool_create",
+                  "packinfer_pool_fork", "packinfer_pool_append", "packinfer_pool_destroy"]
+
+
+class PackinferError(RuntimeError):
+    """A call returned a status other than OK; `status` is the name, the text is last_error."""
+
+    def __init__(self, func, status, message):
+        self.func, self.status, self.message = func, STATUS_NAMES.get(status, f"UNKNOWN({status})"), message
+        super().__init__(f"{func} -> {self.status}: {message}")
+
+
+def _i32_array(values):
+    """A ctypes int32 array holding `values` (a list or numpy array); kept alive by the caller."""
+    values = [int(v) for v in values]
+    return (c_int32 * max(len(values), 1))(*values)
+
+
+class Library:
+    """The loaded `libpackinfer.so` with typed exports; raises PackinferError on a bad status."""
+
+    def __init__(self, path):
+        self.path = os.path.abspath(path)
+        self.lib = ctypes.CDLL(self.path)
+        for name, (restype, argtypes) in _SIGNATURES.items():
+            fn = getattr(self.lib, name)
+            fn.restype, fn.argtypes = restype, argtypes
+        abi = self.lib.packinfer_abi_version()
+        if abi != ABI_VERSION:
+            raise RuntimeError(f"{self.path} implements C ABI version {abi}; this binding was written for "
+                               f"version {ABI_VERSION} (include/packinfer.h): update bench/packinfer_ctypes.py")
+        self.abi_version = abi
+        self.version = self.lib.packinfer_version().decode()
+
+    def has(self, name):
+        try:
+            getattr(self.lib, name)
+            return True
+        except AttributeError:
+            return False
+
+    def optional_exports(self):
+        return {name: self.has(name) for name in FUTURE_EXPORTS}
+
+    def _check(self, func, status):
+        if status != STATUS_OK:
+            raise PackinferError(func, status, self.lib.packinfer_last_error().decode(errors="replace"))
+
+    def context(self, backend=BACKEND_AUTO, device_ordinal=0, num_threads=0, kernel_cache_dir=None):
+        opts = PackinferContextOptions()
+        self._check("packinfer_context_options_default", self.lib.packinfer_context_options_default(ctypes.byref(opts)))
+        opts.backend, opts.device_ordinal, opts.num_threads = backend, device_ordinal, num_threads
+        if kernel_cache_dir is not None:
+            opts.kernel_cache_dir = kernel_cache_dir.encode()
+        handle = PackinferContext()
+        self._check("packinfer_context_create", self.lib.packinfer_context_create(ctypes.byref(opts), ctypes.byref(handle)))
+        return Context(self, handle)
+
+    def kv_layout_nhd(self, k_ptr, v_ptr, page_size, num_kv_heads, head_dim):
+        layout = PackinferKvLayout()
+        self._check("packinfer_kv_layout_nhd",
+                    self.lib.packinfer_kv_layout_nhd(k_ptr, v_ptr, page_size, num_kv_heads, head_dim, ctypes.byref(layout)))
+        return layout
+
+
+class Context:
+    def __init__(self, library, handle):
+        self.library, self.handle = library, handle
+        info = PackinferContextInfo()
+        info.struct_size = ctypes.sizeof(PackinferContextInfo)
+        library._check("packinfer_context_info", library.lib.packinfer_context_info(handle, ctypes.byref(info)))
+        self.backend = {BACKEND_CPU: "cpu", BACKEND_CUDA: "cuda"}.get(info.backend, str(info.backend))
+        self.num_workers = info.num_workers
+        self.device_name = info.device_name.decode(errors="replace")
+
+    def plan(self, batch, flags=0, capacity=0.0, split_keys=0):
+        """Plans `batch` (a BatchArrays); returns (Plan, host seconds spent in plan_create)."""
+        opts = PackinferPlanOptions()
+        lib = self.library
+        lib._check("packinfer_plan_options_default", lib.lib.packinfer_plan_options_default(ctypes.byref(opts)))
+        opts.flags, opts.capacity, opts.split_keys = flags, float(capacity), split_keys
+        handle = PackinferPlan()
+        t0 = time.perf_counter()
+        status = lib.lib.packinfer_plan_create(self.handle, ctypes.byref(batch.desc), ctypes.byref(opts), ctypes.byref(handle))
+        seconds = time.perf_counter() - t0
+        lib._check("packinfer_plan_create", status)
+        return Plan(lib, handle), seconds
+
+    def launch(self, plan, stream=0, scratch_ptr=0, scratch_bytes=0):
+        lib = self.library
+        handle = PackinferLaunch()
+        if scratch_ptr or scratch_bytes:
+            opts = PackinferLaunchOptions(ctypes.sizeof(PackinferLaunchOptions), scratch_ptr, scratch_bytes)
+            opts_ptr = ctypes.byref(opts)
+        else:
+            opts_ptr = None
+        lib._check("packinfer_launch_create",
+                   lib.lib.packinfer_launch_create(self.handle, plan.handle, opts_ptr, stream or None, ctypes.byref(handle)))
+        return Launch(lib, handle)
+
+    def destroy(self):
+        if self.handle is not None:
+            self.library._check("packinfer_context_destroy", self.library.lib.packinfer_context_destroy(self.handle))
+            self.handle = None
+
+
+class Plan:
+    def __init__(self, library, handle):
+        self.library, self.handle = library, handle
+
+    def stats(self):
+        s = PackinferPlanStats()
+        s.struct_size = ctypes.sizeof(PackinferPlanStats)
+        self.library._check("packinfer_plan_stats", self.library.lib.packinfer_plan_stats(self.handle, ctypes.byref(s)))
+        return {name: getattr(s, name) for name, _ in PackinferPlanStats._fields_ if name != "struct_size"}
+
+    def destroy(self):
+        if self.handle is not None:
+            self.library._check("packinfer_plan_destroy", self.library.lib.packinfer_plan_destroy(self.handle))
+            self.handle = None
+
+
+class Launch:
+    def __init__(self, library, handle):
+        self.library, self.handle = library, handle
+        self._args = PackinferRunArgs()
+        self._args.struct_size = ctypes.sizeof(PackinferRunArgs)
+
+    def wait(self):
+        self.library._check("packinfer_launch_wait", self.library.lib.packinfer_launch_wait(self.handle))
+
+    def run(self, q_ptr, kv_layout, o_ptr, lse_ptr=0, stream=0):
+        """One layer: contiguous Q/O (`[total_q, heads, head_dim]`), K/V through `kv_layout`."""
+        a = self._args
+        a.q, a.o, a.kv, a.stream = q_ptr, o_ptr, kv_layout, stream or None
+        a.q_stride_token = a.q_stride_head = a.o_stride_token = a.o_stride_head = 0
+        a.lse = ctypes.cast(lse_ptr, POINTER(c_float)) if lse_ptr else None
+        self.library._check("packinfer_run", self.library.lib.packinfer_run(self.handle, ctypes.byref(a)))
+
+    def destroy(self):
+        if self.handle is not None:
+            self.library._check("packinfer_launch_destroy", self.library.lib.packinfer_launch_destroy(self.handle))
+            self.handle = None
+
+
+class BatchArrays:
+    """A `PackinferBatchDesc` plus the int32 arrays it points to (kept alive with it).
+
+    `prefix_groups` is a list of (prefix_len, [member request indices]).
+    """
+
+    def __init__(self, qo_indptr, kv_indptr, kv_page_indices, kv_last_page_len, page_size, num_pages,
+                 num_qo_heads, num_kv_heads, head_dim, dtype, causal, sm_scale=0.0, prefix_groups=()):
+        self._qo = _i32_array(qo_indptr)
+        self._kv = _i32_array(kv_indptr)
+        self._pages = _i32_array(kv_page_indices)
+        self._last = _i32_array(kv_last_page_len)
+        self._members = [_i32_array(m) for _, m in prefix_groups]
+        groups = (PackinferPrefixGroup * max(len(prefix_groups), 1))()
+        for g, ((prefix_len, members), arr) in enumerate(zip(prefix_groups, self._members)):
+            groups[g] = PackinferPrefixGroup(int(prefix_len), len(members), ctypes.cast(arr, POINTER(c_int32)))
+        self._groups = groups
+        d = PackinferBatchDesc()
+        d.struct_size = ctypes.sizeof(PackinferBatchDesc)
+        d.batch_size = len(kv_last_page_len)
+        d.qo_indptr = ctypes.cast(self._qo, POINTER(c_int32))
+        d.kv_indptr = ctypes.cast(self._kv, POINTER(c_int32))
+        d.kv_page_indices = ctypes.cast(self._pages, POINTER(c_int32))
+        d.kv_last_page_len = ctypes.cast(self._last, POINTER(c_int32))
+        d.page_size, d.num_pages = int(page_size), int(num_pages)
+        d.num_qo_heads, d.num_kv_heads, d.head_dim, d.dtype = num_qo_heads, num_kv_heads, head_dim, dtype
+        d.causal, d.sm_scale = bool(causal), float(sm_scale)
+        d.num_prefix_groups = len(prefix_groups)
+        d.prefix_groups = ctypes.cast(groups, POINTER(PackinferPrefixGroup)) if prefix_groups else None
+        self.desc = d

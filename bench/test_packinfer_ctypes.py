@@ -1,0 +1,201 @@
+"""Tests of the ctypes layer and the workload construction, on the CPU backend (numpy only).
+
+    python3 bench/test_packinfer_ctypes.py [path/to/libpackinfer.so]
+
+1. Every ctypes struct has the size and field offsets the C compiler gives the header's struct.
+2. The library loads, reports ABI version 1, plans and runs a small paged batch on the CPU
+   backend through ctypes, and the output matches a float64 numpy reference.
+3. A bad argument comes back as PackinferError naming the argument and its value.
+4. W1-W5 are built as DESIGN.md section 9 defines them (on a synthetic trace) and their page
+   tables are valid: every request's keys map to distinct slots, W4's prefix pages are shared.
+"""
+
+import ctypes
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import unittest
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+import packinfer_ctypes as pc  # noqa: E402
+import workloads as wl  # noqa: E402
+
+if len(sys.argv) > 1 and not sys.argv[1].startswith("-"):
+    os.environ["PACKINFER_LIB"] = os.path.abspath(sys.argv.pop(1))
+LIB_PATH = os.environ.get("PACKINFER_LIB", os.path.join(ROOT, "target", "release", "libpackinfer.so"))
+
+
+class LayoutTest(unittest.TestCase):
+    def test_struct_layouts_match_header(self):
+        cc = shutil.which("cc") or shutil.which("gcc")
+        if cc is None:
+            self.skipTest("no C compiler")
+        lines = ['#include <stdio.h>', '#include <stddef.h>', '#include "packinfer.h"', 'int main(void) {']
+        for s in pc.STRUCTS:
+            lines.append(f'printf("{s.__name__} size %zu\\n", sizeof(struct {s.__name__}));')
+            for name, _ in s._fields_:
+                lines.append(f'printf("{s.__name__}.{name} %zu\\n", offsetof(struct {s.__name__}, {name}));')
+        lines += ['return 0;', '}']
+        with tempfile.TemporaryDirectory() as d:
+            src, exe = os.path.join(d, "layout.c"), os.path.join(d, "layout")
+            with open(src, "w") as f:
+                f.write("\n".join(lines))
+            subprocess.run([cc, "-I", os.path.join(ROOT, "include"), src, "-o", exe], check=True)
+            out = subprocess.run([exe], check=True, capture_output=True, text=True).stdout
+        c_values = dict(line.rsplit(" ", 1) for line in out.splitlines())
+        for s in pc.STRUCTS:
+            self.assertEqual(int(c_values[f"{s.__name__} size"]), ctypes.sizeof(s), f"sizeof({s.__name__})")
+            for name, _ in s._fields_:
+                self.assertEqual(int(c_values[f"{s.__name__}.{name}"]), getattr(s, name).offset, f"{s.__name__}.{name}")
+
+
+def reference_attention(q, k_slots, v_slots, causal, scale):
+    """float64 attention of one request: q [n, Hq, D], k/v [kv, Hkv, D]; bottom-right causal."""
+    n, hq, _ = q.shape
+    kv, hkv, _ = k_slots.shape
+    g = hq // hkv
+    k = np.repeat(k_slots.astype(np.float64), g, axis=1)
+    v = np.repeat(v_slots.astype(np.float64), g, axis=1)
+    s = np.einsum("nhd,khd->hnk", q.astype(np.float64), k) * scale
+    if causal:
+        limit = kv - n + np.arange(n)
+        s = np.where(np.arange(kv)[None, None, :] <= limit[None, :, None], s, -np.inf)
+    s -= s.max(axis=2, keepdims=True)
+    p = np.exp(s)
+    p /= p.sum(axis=2, keepdims=True)
+    return np.einsum("hnk,khd->nhd", p, v)
+
+
+@unittest.skipUnless(os.path.exists(LIB_PATH), f"{LIB_PATH} not built (cargo build --release)")
+class CpuBackendTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.lib = pc.Library(LIB_PATH)
+        cls.ctx = cls.lib.context(pc.BACKEND_CPU, num_threads=2)
+
+    def test_abi_and_context(self):
+        self.assertEqual(self.lib.abi_version, pc.ABI_VERSION)
+        self.assertEqual(self.ctx.backend, "cpu")
+        self.assertEqual(self.ctx.device_name, "cpu")
+        self.assertEqual(self.ctx.num_workers, 2)
+
+    def test_paged_batch_matches_reference(self):
+        shape = wl.ModelShape(num_qo_heads=4, num_kv_heads=2, head_dim=32, dtype="f32")
+        rng = np.random.default_rng(7)
+        # A prefill, a decode, and a chunk over a longer context; scattered pages of 4.
+        w = wl.build_paged("test", [(9, 9), (1, 23), (5, 17)], page_size=4, rng=rng, causal=True)
+        q = rng.standard_normal((w.total_q, shape.num_qo_heads, shape.head_dim)).astype(np.float32)
+        k = rng.standard_normal((w.num_pages, w.page_size, shape.num_kv_heads, shape.head_dim)).astype(np.float32)
+        v = rng.standard_normal(k.shape).astype(np.float32)
+        o = np.full_like(q, np.nan)
+        batch = wl.batch_arrays(w, shape)
+        plan, _ = self.ctx.plan(batch)
+        launch = self.ctx.launch(plan)
+        layout = self.lib.kv_layout_nhd(k.ctypes.data, v.ctypes.data, w.page_size, shape.num_kv_heads, shape.head_dim)
+        launch.run(q.ctypes.data, layout, o.ctypes.data)
+        self.assertFalse(np.isnan(o).any(), "output not fully written")
+        slots = w.kv_slots()
+        kf, vf = k.reshape(-1, shape.num_kv_heads, shape.head_dim), v.reshape(-1, shape.num_kv_heads, shape.head_dim)
+        for r in range(w.batch_size):
+            q0, q1 = w.qo_indptr[r], w.qo_indptr[r + 1]
+            ref = reference_attention(q[q0:q1], kf[slots[r]], vf[slots[r]], True, shape.sm_scale)
+            err = np.linalg.norm(o[q0:q1] - ref) / np.linalg.norm(ref)
+            self.assertLess(err, 1e-5, f"request {r}")
+        stats = plan.stats()
+        self.assertEqual(stats["num_requests"], 3)
+        self.assertGreater(stats["num_work_items"], 0)
+        launch.destroy()
+        plan.destroy()
+        with self.assertRaises(pc.PackinferError) as e:
+            plan.handle = pc.PackinferPlan(12345)
+            plan.destroy()
+        self.assertEqual(e.exception.status, "INVALID_HANDLE")
+
+    def test_bad_argument_names_value(self):
+        shape = wl.ModelShape(num_qo_heads=4, num_kv_heads=2, head_dim=32, dtype="f32")
+        w = wl.build_paged("bad", [(1, 8)], page_size=4, rng=np.random.default_rng(0), causal=True)
+        w.kv_page_indices[-1] = w.num_pages + 5
+        with self.assertRaises(pc.PackinferError) as e:
+            self.ctx.plan(wl.batch_arrays(w, shape))
+        self.assertEqual(e.exception.status, "INVALID_ARGUMENT")
+        self.assertIn(str(w.num_pages + 5), e.exception.message)
+
+
+class WorkloadTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        rng = np.random.default_rng(1)
+        ctx = rng.integers(2, 9000, size=6000)
+        gen = rng.integers(1, 600, size=6000)
+        cls.trace = np.stack([ctx, gen], axis=1)
+
+    def check_tables(self, w):
+        slots = w.kv_slots()
+        self.assertEqual(len(slots), w.batch_size)
+        for r, s in enumerate(slots):
+            self.assertEqual(len(s), w.kv_lens[r])
+            self.assertEqual(len(np.unique(s)), len(s), f"{w.name} request {r} reuses a slot")
+            self.assertTrue((s < w.num_pages * w.page_size).all())
+        for r in range(w.batch_size):
+            self.assertLessEqual(w.q_lens[r], w.kv_lens[r])
+
+    def test_definitions(self):
+        ws = {w.name: w for w in wl.build_all(self.trace, seed=0, scale=1)}
+        w1 = ws["W1"]
+        caps = np.minimum(self.trace[:, 0], 16384)
+        n = int(np.searchsorted(np.cumsum(caps), 16384) + 1)
+        self.assertEqual(list(w1.q_lens), list(caps[:n]))
+        self.assertGreaterEqual(w1.total_q, 16384)
+        self.assertLess(w1.total_q - w1.q_lens[-1], 16384)
+        self.assertEqual(list(w1.q_lens), list(w1.kv_lens))
+        w2 = ws["W2"]
+        self.assertEqual(w2.batch_size, 128)
+        self.assertTrue((w2.q_lens == 1).all())
+        lo, hi = self.trace[1000:1128, 0], self.trace[1000:1128, 0] + self.trace[1000:1128, 1]
+        self.assertTrue(((w2.kv_lens >= lo) & (w2.kv_lens <= hi)).all())
+        self.assertEqual(w2.page_size, 16)
+        w3 = ws["W3"]
+        self.assertEqual(w3.batch_size, 97)
+        self.assertEqual((w3.q_lens[-1], w3.kv_lens[-1]), (2048, 4096))
+        w4 = ws["W4"]
+        self.assertEqual(w4.batch_size, 64)
+        self.assertEqual(list(w4.kv_lens), list(4096 + 1 + self.trace[3000:3064, 1]))
+        self.assertEqual(w4.prefix_groups[0][0], 4096)
+        prefix_pages = w4.kv_page_indices[:256]
+        for r in range(64):
+            start = w4.kv_indptr[r]
+            self.assertEqual(list(w4.kv_page_indices[start:start + 256]), list(prefix_pages))
+        w5 = ws["W5"]
+        self.assertEqual(w5.batch_size, 256)
+        self.assertTrue(((w5.q_lens >= 16) & (w5.q_lens <= 256)).all())
+        for w in ws.values():
+            self.check_tables(w)
+        # Same seed, same workloads.
+        again = {w.name: w for w in wl.build_all(self.trace, seed=0, scale=1)}
+        self.assertEqual(list(again["W2"].kv_lens), list(w2.kv_lens))
+        self.assertEqual(list(again["W2"].kv_page_indices), list(w2.kv_page_indices))
+
+    def test_scaled_down(self):
+        for w in wl.build_all(self.trace, seed=0, scale=8):
+            self.check_tables(w)
+        w4 = [w for w in wl.build_all(self.trace, seed=0, scale=8) if w.name == "W4"][0]
+        self.assertEqual(w4.prefix_groups[0][0], 512)
+
+    def test_floor_counts(self):
+        shape = wl.ModelShape(num_qo_heads=32, num_kv_heads=8, head_dim=128, dtype="bf16")
+        w = wl.build_ragged("t", [(3, 3), (1, 5)], causal=True)
+        # Causal visible pairs: 1+2+3 for the prefill, 5 for the decode.
+        self.assertEqual(w.visible_pairs(), 11)
+        self.assertEqual(wl.flops(w, shape), 4 * 32 * 128 * 11)
+        self.assertEqual(wl.min_bytes(w, shape), 2 * (4 * 32 * 128 * 2 + 8 * 8 * 128 * 2))
+
+
+if __name__ == "__main__":
+    unittest.main()

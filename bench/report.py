@@ -1,0 +1,274 @@
+"""Turns a results.json (either harness) into results.md and PNG charts.
+
+    python3 bench/report.py bench/results/<device>-<date>/results.json
+
+Times are medians in microseconds. A contender's headline time is its CUDA-graph replay when it
+has one, else its eager time (both are in the tables). Ratios are anchor time / PackInfer time:
+above 1 PackInfer is faster, below 1 it is slower; they are printed as they come out.
+"""
+
+import json
+import os
+import sys
+
+
+def best_us(res):
+    """(time in us, 'graph'|'eager') of a timed contender, or (None, None)."""
+    if not res or res.get("status") != "ok":
+        return None, None
+    g = res.get("graph_us")
+    if isinstance(g, dict) and g.get("median"):
+        return g["median"], "graph"
+    t = res.get("time_us")
+    if isinstance(t, dict) and t.get("median"):
+        return t["median"], "eager"
+    return None, None
+
+
+def derive(res, entry):
+    """Adds rates and the fraction of the physical floor to a timed contender, from its best time."""
+    t, how = best_us(res)
+    if t is None:
+        return res
+    res["best_us"], res["best_is"] = t, how
+    res["tflops"] = entry["flops"] / (t * 1e-6) / 1e12
+    res["gbps"] = entry["min_bytes"] / (t * 1e-6) / 1e9
+    if entry.get("floor_us"):
+        res["fraction_of_floor"] = entry["floor_us"] / t
+    return res
+
+
+def fmt_us(us):
+    if us is None:
+        return "—"
+    return f"{us / 1000:.3f} ms" if us >= 1000 else f"{us:.1f} µs"
+
+
+def cell(res, entry):
+    status = (res or {}).get("status", "not run")
+    if status != "ok":
+        note = (res or {}).get("note", "")
+        short = (note[:90] + "…") if len(note) > 90 else note
+        if status == "mismatch":
+            c = (res or {}).get("check", {})
+            return f"MISMATCH (rel err {c.get('rel_err_fp64', float('nan')):.3g}; not timed)"
+        return f"{status}" + (f": {short}" if short else "")
+    t, how = best_us(res)
+    parts = [fmt_us(t)]
+    if how == "graph" and isinstance(res.get("time_us"), dict):
+        parts.append(f"(eager {fmt_us(res['time_us']['median'])})")
+    if entry.get("floor_us"):
+        parts.append(f"· {100 * entry['floor_us'] / t:.0f}% of floor")
+    return " ".join(parts)
+
+
+def contender_names(results):
+    names = []
+    for entry in results["workloads"].values():
+        for n in entry.get("contenders", {}):
+            if n not in names:
+                names.append(n)
+    return names
+
+
+def ours_and_anchors(names):
+    ours = [n for n in names if n.startswith("PackInfer")]
+    return ours, [n for n in names if n not in ours]
+
+
+def markdown(results):
+    m = results["meta"]
+    out = [f"# PackInfer benchmark — {m.get('device')}, {m.get('date')}", ""]
+    out.append(f"Commit `{m.get('git_commit')}`; PackInfer {m.get('packinfer_version')} (C ABI {m.get('abi_version')}); "
+               + ", ".join(f"{k} {m[k]}" for k in ("driver", "cuda", "torch", "flashinfer", "numpy") if m.get(k))
+               + f". Model shape {m['shape']['num_qo_heads']} query / {m['shape']['num_kv_heads']} KV heads, "
+               f"head_dim {m['shape']['head_dim']}, {m['shape']['dtype']}; trace `{m.get('trace')}`, seed {m.get('seed')}"
+               + (f", every token count / {m['scale']}" if m.get("scale", 1) != 1 else "") + ".")
+    if m.get("timing"):
+        out.append("")
+        out.append(f"Timing: {m['timing']}")
+    c = results.get("ceilings", {})
+    if c.get("copy_gbps"):
+        out += ["", f"**Ceilings, same run:** copy {c['copy_gbps']:.0f} GB/s (read + write), "
+                f"matrix product {c['matmul_tflops']:.1f} TFLOP/s ({c.get('how', '')})."]
+    names = contender_names(results)
+    ours, anchors = ours_and_anchors(names)
+    out += ["", "## Time per workload", "",
+            "Median time (CUDA-graph replay where the contender has one, eager in brackets) and the fraction of "
+            "the physical floor = max(FLOPs / matrix rate, minimum bytes / copy rate).", ""]
+    out.append("| workload | FLOPs | min bytes | floor | " + " | ".join(names) + " |")
+    out.append("|---|---|---|---|" + "---|" * len(names))
+    for w, e in results["workloads"].items():
+        d = e.get("describe", {})
+        row = [f"**{w}** {d.get('title', '')}", f"{e['flops'] / 1e9:.1f} G", f"{e['min_bytes'] / 1e6:.1f} MB",
+               f"{fmt_us(e.get('floor_us'))} ({e.get('bound', '?')})"]
+        row += [cell(e.get("contenders", {}).get(n), e) for n in names]
+        out.append("| " + " | ".join(row) + " |")
+    if ours and anchors:
+        out += ["", "## PackInfer against the anchors", "", "Anchor time / PackInfer time (above 1: PackInfer faster).", ""]
+        out.append("| workload | " + " | ".join(f"{o} vs {a}" for o in ours for a in anchors) + " |")
+        out.append("|---|" + "---|" * (len(ours) * len(anchors)))
+        for w, e in results["workloads"].items():
+            cs = e.get("contenders", {})
+            row = [w]
+            for o in ours:
+                to, _ = best_us(cs.get(o))
+                for a in anchors:
+                    ta, _ = best_us(cs.get(a))
+                    row.append(f"{ta / to:.2f}×" if to and ta else "—")
+            out.append("| " + " | ".join(row) + " |")
+    out += ["", "## Rates", "", "| workload | contender | TFLOP/s | GB/s (min bytes) | host µs/call |", "|---|---|---|---|---|"]
+    for w, e in results["workloads"].items():
+        for n, r in e.get("contenders", {}).items():
+            t, _ = best_us(r)
+            if t is None:
+                continue
+            tfl = e["flops"] / (t * 1e-6) / 1e12
+            gbs = e["min_bytes"] / (t * 1e-6) / 1e9
+            host = r.get("host_us", {}).get("median") if isinstance(r.get("host_us"), dict) else None
+            extra = ""
+            if "tokens_per_s" in r:
+                extra = f" ({r['tokens_per_s']:.0f} query tokens/s, {r['kv_tokens_per_s']:.0f} KV tokens/s)"
+            out.append(f"| {w} | {n} | {tfl:.4g} | {gbs:.4g}{extra} | {'—' if host is None else f'{host:.1f}'} |")
+    out += ["", "## Correctness before timing", "",
+            "‖out − ref‖ / ‖ref‖ against a float64 reference on a subset of requests, and against the other "
+            "contenders on the whole output; a contender over the tolerance is reported, not timed.", "",
+            "| workload | contender | status | vs float64 | vs others |", "|---|---|---|---|---|"]
+    for w, e in results["workloads"].items():
+        for n, r in e.get("contenders", {}).items():
+            ch = r.get("check", {}) if r else {}
+            fp = ch.get("rel_err_fp64")
+            vs = ", ".join(f"{k} {v:.2g}" for k, v in ch.get("rel_err_vs", {}).items())
+            out.append(f"| {w} | {n} | {r.get('status') if r else 'not run'} | "
+                       f"{'—' if fp is None else f'{fp:.2g}'} | {vs or '—'} |")
+    if results.get("ablations"):
+        cols = []
+        for rows in results["ablations"].values():
+            for k in rows:
+                if k not in cols:
+                    cols.append(k)
+        out += ["", "## Ablations (PackInfer)", "", "Median time; in brackets the ratio to the default plan.", ""]
+        out.append("| workload | " + " | ".join(cols) + " |")
+        out.append("|---|" + "---|" * len(cols))
+        for w, rows in results["ablations"].items():
+            base = (rows.get("default") or {}).get("time_us")
+            row = [w]
+            for k in cols:
+                r = rows.get(k)
+                if not r:
+                    row.append("—")
+                elif r.get("time_us"):
+                    ratio = f" ({r['time_us'] / base:.2f}×)" if base else ""
+                    row.append(f"{fmt_us(r['time_us'])}{ratio}")
+                else:
+                    row.append(r.get("status", "?") + (f": {r['note'][:60]}" if r.get("note") else ""))
+            out.append("| " + " | ".join(row) + " |")
+    if results.get("capacity_sweep"):
+        out += ["", "## Capacity sweep (PackInfer)", "",
+                "Time against the group capacity C, as multiples of the planner's own choice.", ""]
+        out.append("| workload | C / chosen | C | groups | time |")
+        out.append("|---|---|---|---|---|")
+        for w, s in results["capacity_sweep"].items():
+            if "error" in s:
+                out.append(f"| {w} | — | — | — | {s['error']} |")
+                continue
+            for p in s.get("points", []):
+                out.append(f"| {w} | {p['factor']:g} | {p['capacity']:.4g} | {p.get('groups', '—')} | "
+                           f"{fmt_us(p.get('time_us')) if p.get('time_us') else p.get('error', '—')} |")
+    if results.get("planning"):
+        out += ["", "## Planning overhead (host)", "",
+                "Median wall time of one call; PackInfer's plan_create (and the planner's own clock), launch_create, "
+                "FlashInfer's `plan()` (Python, with its copies).", ""]
+        out.append("| batch | requests | PackInfer plan | planner only | PackInfer launch | FlashInfer plan() |")
+        out.append("|---|---|---|---|---|---|")
+        for w, p in results["planning"].items():
+            def g(key):
+                v = p.get(key)
+                return fmt_us(v["median"]) if isinstance(v, dict) else (v if isinstance(v, str) else "—")
+            out.append(f"| {w} | {p.get('requests', '—')} | {g('packinfer_plan_us')} | {g('packinfer_planner_us')} | "
+                       f"{g('packinfer_launch_us')} | {g('flashinfer_plan_us')} |")
+        notes = sorted({p["note"] for p in results["planning"].values() if p.get("note")})
+        for n in notes:
+            out.append(f"\n_{n}_")
+    extra = results.get("not_measured")
+    if extra:
+        out += ["", "## Not measured in this run", ""] + [f"- **{k}**: {v}" for k, v in extra.items()]
+    if results.get("errors"):
+        out += ["", "## Errors", ""] + [f"- {e}" for e in results["errors"]]
+    return "\n".join(out) + "\n"
+
+
+def charts(results, out_dir):
+    """time_per_workload.png and capacity_sweep.png; returns the files written (none without matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return []
+    written = []
+    names = contender_names(results)
+    wls = list(results["workloads"])
+    if wls and names:
+        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(wls) + 2), 4.5))
+        width = 0.8 / len(names)
+        for i, n in enumerate(names):
+            xs, ys = [], []
+            for j, w in enumerate(wls):
+                t, _ = best_us(results["workloads"][w].get("contenders", {}).get(n))
+                if t:
+                    xs.append(j + i * width - 0.4 + width / 2)
+                    ys.append(t)
+            ax.bar(xs, ys, width, label=n)
+        for j, w in enumerate(wls):
+            f = results["workloads"][w].get("floor_us")
+            if f:
+                ax.hlines(f, j - 0.45, j + 0.45, colors="k", linestyles="dashed", label="physical floor" if j == 0 else None)
+        ax.set_xticks(range(len(wls)))
+        ax.set_xticklabels(wls)
+        ax.set_yscale("log")
+        ax.set_ylabel("time per step (µs, log)")
+        ax.set_title(f"{results['meta'].get('device')} — {results['meta'].get('date', '')[:10]}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        p = os.path.join(out_dir, "time_per_workload.png")
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        written.append(p)
+    sweeps = {w: s for w, s in results.get("capacity_sweep", {}).items() if s.get("points")}
+    if sweeps:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for w, s in sweeps.items():
+            pts = [p for p in s["points"] if p.get("time_us")]
+            if pts:
+                ax.plot([p["factor"] for p in pts], [p["time_us"] for p in pts], marker="o", label=w)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("capacity C / the planner's choice")
+        ax.set_ylabel("time (µs)")
+        ax.set_title("PackInfer: time against group capacity")
+        ax.legend()
+        fig.tight_layout()
+        p = os.path.join(out_dir, "capacity_sweep.png")
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        written.append(p)
+    return written
+
+
+def write_all(results, out_dir):
+    for e in results["workloads"].values():
+        for r in e.get("contenders", {}).values():
+            if r:
+                derive(r, e)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(markdown(results))
+    return charts(results, out_dir)
+
+
+if __name__ == "__main__":
+    path = sys.argv[1]
+    with open(path) as f:
+        res = json.load(f)
+    files = write_all(res, os.path.dirname(os.path.abspath(path)))
+    print(open(os.path.join(os.path.dirname(os.path.abspath(path)), "results.md")).read())
+    print("charts:", files)

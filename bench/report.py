@@ -45,7 +45,9 @@ def fmt_us(us):
 
 
 def cell(res, entry):
-    status = (res or {}).get("status", "not run")
+    if res is None:
+        return "n/a"
+    status = res.get("status", "not run")
     if status != "ok":
         note = (res or {}).get("note", "")
         short = (note[:90] + "…") if len(note) > 90 else note

@@ -1,0 +1,746 @@
+"""GPU benchmark: PackInfer against FlashAttention-2 (PyTorch's) and FlashInfer on W1-W5.
+
+Runs on the GPU machine in phases, each its own process so that a crash of one contender (a
+kernel fault poisons the whole CUDA context) cannot lose the others' numbers; results.json is
+rewritten after every measurement. `bench/run_gpu.sh` runs them in order:
+
+    gpu_bench.py --phase warm-prefill|warm-decode|warm-cascade   FlashInfer JIT builds, in background
+    gpu_bench.py --phase anchors --out DIR ...   ceilings, FA2 and FlashInfer on W1-W5, FlashInfer plan()
+    gpu_bench.py --phase ours    --out DIR ...   PackInfer through ctypes on the same tensors, ablations,
+                                                 capacity sweep, planning time
+    gpu_bench.py --phase report  --out DIR       results.md and the PNG charts
+
+Every phase builds the same tensors: workloads from the trace with a fixed seed (workloads.py),
+values from torch generators seeded per (workload, rotation set), so the "ours" process sees
+bit-identical inputs (checked by a checksum) and compares its output with the anchors' outputs
+saved by the "anchors" process.
+
+Method (METHOD.md): before any timing each contender's output is compared with a float64
+reference on a subset of requests and with the other contenders on the whole output; a
+mismatch is reported, not timed. Timing uses CUDA events around each call, after warm-up, median
+of >= 30; a short GPU sleep before each timed call lets the host enqueue it ahead, so the events
+measure device time, and the host time per call is recorded beside it. Inputs rotate over
+several copies so that each step's working set exceeds 3x the L2 cache. Where a contender can be
+captured in a CUDA graph, graph replay is timed too (both are reported).
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import common  # noqa: E402
+import packinfer_ctypes as pc  # noqa: E402
+import report  # noqa: E402
+import workloads as wl  # noqa: E402
+
+DT = torch.bfloat16
+SHAPE = wl.ModelShape(num_qo_heads=32, num_kv_heads=8, head_dim=128, dtype="bf16")
+EAGER_ITERS, GRAPH_ITERS, WARMUP = 40, 30, 5
+MAX_SETS = 8
+FA2 = "FA2 varlen"
+FI = "FlashInfer"
+FI_CASCADE = "FlashInfer cascade"
+OURS = "PackInfer"
+OURS_MANAGED = "PackInfer managed (forked sequences)"
+
+
+def log(*a):
+    print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tensors
+
+
+class WorkloadTensors:
+    """The device tensors of one workload: `sets` rotation copies of Q and of the paged K/V cache
+    (NHD, [num_pages, page_size, kv_heads, head_dim]; a ragged workload has page_size 1, so its
+    cache *is* the packed [total_kv, kv_heads, head_dim] tensor FA2 reads), index tensors, and for
+    paged workloads FA2's unpaged copy of each request's keys (gathered once, outside timing)."""
+
+    def __init__(self, w, seed, l2_bytes):
+        self.w = w
+        dev = "cuda"
+        hq, hkv, d = SHAPE.num_qo_heads, SHAPE.num_kv_heads, SHAPE.head_dim
+        q_bytes = w.total_q * hq * d * 2
+        cache_bytes = 2 * w.num_pages * w.page_size * hkv * d * 2
+        self.sets = max(1, min(MAX_SETS, math.ceil(3 * l2_bytes / (q_bytes + cache_bytes))))
+        self.q, self.k, self.v = [], [], []
+        for s in range(self.sets):
+            g = torch.Generator(device=dev)
+            g.manual_seed(seed * 1_000_003 + int(w.name[1:]) * 101 + s)
+            self.q.append(torch.randn(w.total_q, hq, d, generator=g, device=dev, dtype=DT))
+            self.k.append(torch.randn(w.num_pages, w.page_size, hkv, d, generator=g, device=dev, dtype=DT))
+            self.v.append(torch.randn(w.num_pages, w.page_size, hkv, d, generator=g, device=dev, dtype=DT))
+        i32 = dict(device=dev, dtype=torch.int32)
+        self.qo_indptr = torch.tensor(w.qo_indptr, **i32)
+        self.kv_indptr = torch.tensor(w.kv_indptr, **i32)
+        self.kv_indices = torch.tensor(w.kv_page_indices, **i32)
+        self.kv_last = torch.tensor(w.kv_last_page_len, **i32)
+        self.cu_k = torch.tensor(np.concatenate([[0], np.cumsum(w.kv_lens)]), **i32)
+        self.max_q, self.max_k = int(w.q_lens.max()), int(w.kv_lens.max())
+        self.slots = w.kv_slots()
+        slots_all = torch.tensor(np.concatenate(self.slots), device=dev, dtype=torch.int64)
+        # FA2 reads contiguous per-request keys: for paged workloads gather them once.
+        if w.ragged:
+            self.fa2_sets = self.sets
+            self.k_flat = [k.view(-1, hkv, d) for k in self.k]
+            self.v_flat = [v.view(-1, hkv, d) for v in self.v]
+        else:
+            unpaged_bytes = 2 * w.total_kv * hkv * d * 2
+            self.fa2_sets = max(1, min(self.sets, math.ceil(3 * l2_bytes / (q_bytes + unpaged_bytes))))
+            self.k_flat = [self.k[s].view(-1, hkv, d)[slots_all] for s in range(self.fa2_sets)]
+            self.v_flat = [self.v[s].view(-1, hkv, d)[slots_all] for s in range(self.fa2_sets)]
+        self.checksum = float(sum(float(x.float().sum()) for x in (self.q[0], self.k[0], self.v[0])))
+
+    def reference(self, requests, rows=64):
+        """float64 outputs of the last `rows` queries of each of `requests` (set 0)."""
+        out = {}
+        g = SHAPE.num_qo_heads // SHAPE.num_kv_heads
+        kf, vf = self.k[0].view(-1, SHAPE.num_kv_heads, SHAPE.head_dim), self.v[0].view(-1, SHAPE.num_kv_heads, SHAPE.head_dim)
+        for r in requests:
+            q1 = int(self.w.qo_indptr[r + 1])
+            n = min(int(self.w.q_lens[r]), rows)
+            qs = self.q[0][q1 - n:q1].double()
+            idx = torch.tensor(self.slots[r], device="cuda", dtype=torch.int64)
+            k = kf[idx].double().repeat_interleave(g, dim=1)
+            v = vf[idx].double().repeat_interleave(g, dim=1)
+            s = torch.einsum("nhd,khd->hnk", qs, k) * SHAPE.sm_scale
+            kv = k.shape[0]
+            if self.w.causal:
+                limit = kv - n + torch.arange(n, device="cuda")
+                s = s.masked_fill(torch.arange(kv, device="cuda")[None, None, :] > limit[None, :, None], float("-inf"))
+            p = torch.softmax(s, dim=-1)
+            out[r] = (q1 - n, q1, torch.einsum("hnk,khd->nhd", p, v))
+        return out
+
+
+def check_requests(w, seed):
+    rng = np.random.default_rng([seed, 7, int(w.name[1:])])
+    order = np.argsort(w.q_lens * 1_000_000 + w.kv_lens)
+    picks = [int(order[-1]), int(order[0]), int(rng.integers(0, w.batch_size))]
+    return list(dict.fromkeys(picks))
+
+
+def check_output(out, refs, others):
+    """Relative errors against the float64 subset and against other contenders' full outputs."""
+    res = {"unwritten_or_nan": int(torch.isnan(out).sum().item()) + int(torch.isinf(out).sum().item())}
+    errs = {}
+    for r, (a, b, ref) in refs.items():
+        o = out[a:b].double()
+        errs[str(r)] = float((o - ref).norm() / ref.norm())
+    res["rel_err_fp64_by_request"] = errs
+    res["rel_err_fp64"] = max(errs.values()) if errs else float("nan")
+    vs = {}
+    for name, other in others.items():
+        if other is None or other.shape != out.shape:
+            continue
+        o2 = other.to(out.device).float()
+        vs[name] = float((out.float() - o2).norm() / o2.norm())
+    res["rel_err_vs"] = vs
+    worst = max([res["rel_err_fp64"]] + list(vs.values()))
+    res["ok"] = bool(res["unwritten_or_nan"] == 0 and worst <= common.REL_TOL)
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+
+
+class Timer:
+    def __init__(self):
+        # Calibrate torch.cuda._sleep: cycles per microsecond.
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        cycles = 10_000_000
+        torch.cuda._sleep(cycles)
+        a.record()
+        torch.cuda._sleep(cycles)
+        b.record()
+        torch.cuda.synchronize()
+        self.cycles_per_us = cycles / (a.elapsed_time(b) * 1000)
+
+    def eager(self, call, sets, iters=EAGER_ITERS, warmup=WARMUP):
+        """Device time per call (events around it, host enqueued ahead), and host time per call."""
+        host_warm = []
+        for i in range(warmup):
+            t0 = time.perf_counter()
+            call(i % sets)
+            host_warm.append(time.perf_counter() - t0)
+        torch.cuda.synchronize()
+        lead_us = min(20000.0, max(100.0, 3e6 * float(np.median(host_warm))))
+        cycles = int(lead_us * self.cycles_per_us)
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+        host = []
+        for i in range(iters):
+            torch.cuda._sleep(cycles)
+            t0 = time.perf_counter()
+            starts[i].record()
+            call(i % sets)
+            ends[i].record()
+            host.append((time.perf_counter() - t0) * 1e6)
+        torch.cuda.synchronize()
+        dev = [s.elapsed_time(e) * 1000 for s, e in zip(starts, ends)]
+        return common.summary(dev), common.summary(host)
+
+    def graph(self, call, sets, iters=GRAPH_ITERS):
+        """Per-call time of CUDA-graph replays of a graph of >= 8 calls rotating over the sets."""
+        per_graph = sets * max(1, math.ceil(8 / sets))
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for i in range(sets):
+                call(i)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for j in range(per_graph):
+                call(j % sets)
+        g.replay()
+        g.replay()
+        torch.cuda.synchronize()
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+        for i in range(iters):
+            starts[i].record()
+            g.replay()
+            ends[i].record()
+        torch.cuda.synchronize()
+        res = common.summary([s.elapsed_time(e) * 1000 / per_graph for s, e in zip(starts, ends)])
+        res["calls_per_graph"] = per_graph
+        del g
+        return res
+
+
+def measure(timer, call, sets, refs, others, graph=True):
+    """Check, then time. Returns (result dict, output of set 0)."""
+    res = {}
+    try:
+        out = call(0)
+        torch.cuda.synchronize()
+        res["check"] = check_output(out, refs, others)
+    except Exception as e:
+        return {"status": "error", "note": f"{type(e).__name__}: {e}"[:2000]}, None
+    if not res["check"]["ok"]:
+        res["status"] = "mismatch"
+        res["note"] = "output differs from the float64 reference or the other contenders; not timed"
+        return res, out
+    try:
+        res["time_us"], res["host_us"] = timer.eager(call, sets)
+        res["status"] = "ok"
+    except Exception as e:
+        return {"status": "error", "note": f"timing: {type(e).__name__}: {e}"[:2000], "check": res["check"]}, out
+    if graph:
+        try:
+            res["graph_us"] = timer.graph(call, sets)
+        except Exception as e:
+            res["graph_note"] = f"graph capture failed: {type(e).__name__}: {e}"[:500]
+            try:
+                torch.cuda.synchronize()
+            except Exception:
+                pass
+    return res, out
+
+
+# ----------------------------------------------------------------------------------------------
+# Results file
+
+
+def base_results(args, trace, works, l2_bytes):
+    props = torch.cuda.get_device_properties(0)
+    try:
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=20).stdout.strip()
+    except Exception as e:
+        driver = f"unknown ({e})"
+    meta = {
+        "mode": "gpu", "device": torch.cuda.get_device_name(0), "driver": driver, "cuda": torch.version.cuda,
+        "torch": torch.__version__, "sms": props.multi_processor_count, "l2_bytes": l2_bytes,
+        "date": common.utc_now(), "git_commit": common.git_commit(os.path.dirname(HERE)),
+        "python": platform.python_version(), "shape": vars(SHAPE), "seed": args.seed, "scale": 1,
+        "trace": os.path.basename(args.trace), "host": platform.node(),
+        "timing": f"CUDA events around each call with the host enqueued ahead (device time), {WARMUP} warm-up "
+                  f"calls, median of {EAGER_ITERS}; CUDA-graph replay of >= 8 calls, median of {GRAPH_ITERS} replays; "
+                  f"inputs rotated over copies so each workload's working set is >= 3x L2 ({l2_bytes >> 20} MiB)",
+    }
+    results = {"meta": meta, "ceilings": {}, "workloads": {}, "ablations": {}, "capacity_sweep": {}, "planning": {},
+               "not_measured": {}, "errors": []}
+    for w in works:
+        entry = {"describe": w.describe(), "flops": wl.flops(w, SHAPE), "min_bytes": wl.min_bytes(w, SHAPE),
+                 "contenders": {}}
+        results["workloads"][w.name] = entry
+    return results
+
+
+def load_results(path):
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return None
+
+
+def set_floors(results):
+    c = results.get("ceilings", {})
+    if not c.get("copy_gbps"):
+        return
+    for e in results["workloads"].values():
+        e.update(common.floor_of(e["flops"], e["min_bytes"], c))
+
+
+def ceilings():
+    torch.cuda.synchronize()
+    n = 512 << 20  # bf16 elements = 1 GiB
+    src = torch.randn(n, device="cuda", dtype=DT)
+    dst = torch.empty_like(src)
+    t = Timer()
+    copy, _ = t.eager(lambda i: dst.copy_(src), 1, iters=30)
+    gbps = 2 * src.numel() * 2 / (copy["median"] * 1e-6) / 1e9
+    del src, dst
+    m = 8192
+    a = torch.randn(m, m, device="cuda", dtype=DT)
+    b = torch.randn(m, m, device="cuda", dtype=DT)
+    mm, _ = t.eager(lambda i: a @ b, 1, iters=30)
+    tflops = 2 * m ** 3 / (mm["median"] * 1e-6) / 1e12
+    del a, b
+    torch.cuda.empty_cache()
+    return {"copy_gbps": gbps, "matmul_tflops": tflops, "copy_us": copy, "matmul_us": mm,
+            "how": "1 GiB device-to-device copy_ (bytes read + written); bf16 8192^3 torch.matmul; medians of 30"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Anchors
+
+
+def fa2_call(t):
+    def call(i):
+        s = i % t.fa2_sets
+        return torch.ops.aten._flash_attention_forward(
+            t.q[i % t.sets], t.k_flat[s], t.v_flat[s], t.qo_indptr, t.cu_k, t.max_q, t.max_k, 0.0, t.w.causal,
+            False, scale=SHAPE.sm_scale)[0]
+    return call
+
+
+def workspace():
+    return torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
+
+
+def flashinfer_wrappers(flashinfer, t):
+    """[(contender name, plan() callable, run(set) callable)] for workload t."""
+    w = t.w
+    hq, hkv, d = SHAPE.num_qo_heads, SHAPE.num_kv_heads, SHAPE.head_dim
+    common_kw = dict(q_data_type=DT, kv_data_type=DT, sm_scale=SHAPE.sm_scale)
+    out = []
+    if w.ragged:
+        wr = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace(), "NHD")
+
+        def plan():
+            wr.plan(t.qo_indptr, t.cu_k, hq, hkv, d, causal=w.causal, **common_kw)
+        out.append((FI, plan, lambda i: wr.run(t.q[i % t.sets], t.k_flat[i % t.sets], t.v_flat[i % t.sets]), "ragged prefill"))
+    elif (w.q_lens == 1).all():
+        wr = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace(), "NHD")
+
+        def plan():
+            wr.plan(t.kv_indptr, t.kv_indices, t.kv_last, hq, hkv, d, w.page_size, **common_kw)
+        out.append((FI, plan, lambda i: wr.run(t.q[i % t.sets], (t.k[i % t.sets], t.v[i % t.sets])), "paged decode"))
+    else:
+        wr = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace(), "NHD")
+
+        def plan():
+            wr.plan(t.qo_indptr, t.kv_indptr, t.kv_indices, t.kv_last, hq, hkv, d, w.page_size, causal=w.causal,
+                    **common_kw)
+        out.append((FI, plan, lambda i: wr.run(t.q[i % t.sets], (t.k[i % t.sets], t.v[i % t.sets])), "paged prefill"))
+    if w.prefix_groups:
+        prefix_len, members = w.prefix_groups[0]
+        if members != list(range(w.batch_size)):
+            raise ValueError("the cascade set-up expects one prefix group of every request")
+        prefix_pages = prefix_len // w.page_size
+        i32 = dict(device="cuda", dtype=torch.int32)
+        prefix_idx = t.kv_indices[:prefix_pages]
+        suffix_counts = np.diff(w.kv_indptr) - prefix_pages
+        suffix_idx = torch.tensor(np.concatenate([w.kv_page_indices[w.kv_indptr[r] + prefix_pages:w.kv_indptr[r + 1]]
+                                                  for r in range(w.batch_size)]), **i32)
+        levels = (
+            [torch.tensor([0, w.total_q], **i32), t.qo_indptr],
+            [torch.tensor([0, prefix_pages], **i32), torch.tensor(np.concatenate([[0], np.cumsum(suffix_counts)]), **i32)],
+            [prefix_idx, suffix_idx],
+            [torch.tensor([w.page_size], **i32), t.kv_last],
+        )
+        cw = flashinfer.MultiLevelCascadeAttentionWrapper(2, workspace(), "NHD")
+
+        def plan_c():
+            # Level 0 is all 64 queries against the prefix; no query may be masked there.
+            cw.plan(*levels, hq, hkv, d, w.page_size, causal=False, **common_kw)
+        out.append((FI_CASCADE, plan_c, lambda i: cw.run(t.q[i % t.sets], (t.k[i % t.sets], t.v[i % t.sets])),
+                    "2-level cascade: prefix once, then suffixes, merged"))
+    return out
+
+
+def time_plan(plan, iters=20):
+    plan()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        plan()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e6)
+    return common.summary(times)
+
+
+def phase_anchors(args):
+    trace = wl.load_trace(args.trace)
+    works = wl.build_all(trace, seed=args.seed)
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    results = base_results(args, trace, works, l2)
+    path = os.path.join(args.out, "results.json")
+    state = os.path.join(args.state, "outputs")
+    os.makedirs(state, exist_ok=True)
+    log(f"device {results['meta']['device']}, driver {results['meta']['driver']}, torch {torch.__version__}")
+    try:
+        results["ceilings"] = ceilings()
+        log(f"ceilings: copy {results['ceilings']['copy_gbps']:.0f} GB/s, matmul {results['ceilings']['matmul_tflops']:.0f} TFLOP/s")
+    except Exception as e:
+        results["errors"].append(f"ceilings: {type(e).__name__}: {e}")
+    set_floors(results)
+    common.write_json(path, results)
+    timer = Timer()
+    tensors = {}
+    outputs = {}
+    for w in works:
+        e = results["workloads"][w.name]
+        try:
+            t = tensors[w.name] = WorkloadTensors(w, args.seed, l2)
+            e["rotation_sets"] = t.sets
+            e["input_checksum"] = t.checksum
+            refs = t.reference(check_requests(w, args.seed))
+            res, out = measure(timer, fa2_call(t), t.sets, refs, {})
+            if not w.ragged:
+                res["layout"] = "unpaged copy of each request's keys (FA2 varlen has no page table)"
+            e["contenders"][FA2] = res
+            outputs[w.name] = {FA2: out if res.get("check", {}).get("ok") else None}
+            if out is not None:
+                torch.save(out.cpu(), os.path.join(state, f"{w.name}_FA2.pt"))
+            log(f"{w.name} {FA2}: {report.cell(res, e)}")
+        except Exception as ex:
+            e["contenders"][FA2] = {"status": "error", "note": f"{type(ex).__name__}: {ex}"[:2000]}
+            results["errors"].append(f"{w.name} FA2: {traceback.format_exc()[-1500:]}")
+            log(f"{w.name} {FA2}: error {ex}")
+        common.write_json(path, results)
+    try:
+        import flashinfer
+        results["meta"]["flashinfer"] = getattr(flashinfer, "__version__", "?")
+    except Exception as ex:
+        flashinfer = None
+        results["errors"].append(f"import flashinfer: {type(ex).__name__}: {ex}")
+        for w in works:
+            results["workloads"][w.name]["contenders"][FI] = {"status": "error", "note": f"import flashinfer failed: {ex}"}
+    if flashinfer is not None:
+        for w in works:
+            e = results["workloads"][w.name]
+            t = tensors.get(w.name)
+            if t is None:
+                continue
+            plan_entry = results["planning"].setdefault(w.name, {"requests": w.batch_size})
+            try:
+                wrappers = flashinfer_wrappers(flashinfer, t)
+            except Exception as ex:
+                e["contenders"][FI] = {"status": "error", "note": f"{type(ex).__name__}: {ex}"[:2000]}
+                continue
+            try:
+                refs = t.reference(check_requests(w, args.seed))
+            except Exception as ex:
+                results["errors"].append(f"{w.name} float64 reference: {type(ex).__name__}: {ex}")
+                continue
+            for name, plan, run, what in wrappers:
+                try:
+                    t0 = time.perf_counter()
+                    plan()
+                    torch.cuda.synchronize()
+                    first = time.perf_counter() - t0
+                    res, out = measure(timer, run, t.sets, refs, {FA2: outputs.get(w.name, {}).get(FA2)})
+                    res["api"] = what
+                    res["first_plan_s_incl_jit"] = first
+                    res["plan_us"] = time_plan(plan)
+                    if name == FI:
+                        plan_entry["flashinfer_plan_us"] = res["plan_us"]
+                    else:
+                        plan_entry["flashinfer_cascade_plan_us"] = res["plan_us"]
+                    if out is not None and res.get("check", {}).get("ok"):
+                        torch.save(out.cpu(), os.path.join(state, f"{w.name}_{name.replace(' ', '_')}.pt"))
+                except Exception as ex:
+                    res = {"status": "error", "note": f"{type(ex).__name__}: {ex}"[:2000]}
+                    results["errors"].append(f"{w.name} {name}: {traceback.format_exc()[-1500:]}")
+                e["contenders"][name] = res
+                log(f"{w.name} {name}: {report.cell(res, e)}")
+                common.write_json(path, results)
+        # FlashInfer plan() for 256 and 1024 decoding requests.
+        for n in (256, 1024):
+            w = wl.decode_batch(trace, n, args.seed)
+            try:
+                i32 = dict(device="cuda", dtype=torch.int32)
+                ind = torch.tensor(w.kv_indptr, **i32)
+                idx = torch.tensor(w.kv_page_indices, **i32)
+                last = torch.tensor(w.kv_last_page_len, **i32)
+                wr = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace(), "NHD")
+                res = time_plan(lambda: wr.plan(ind, idx, last, SHAPE.num_qo_heads, SHAPE.num_kv_heads, SHAPE.head_dim,
+                                                w.page_size, q_data_type=DT, kv_data_type=DT))
+                results["planning"].setdefault(w.name, {"requests": n})["flashinfer_plan_us"] = res
+            except Exception as ex:
+                results["errors"].append(f"FlashInfer plan {w.name}: {type(ex).__name__}: {ex}")
+        common.write_json(path, results)
+    log("anchors done")
+
+
+# ----------------------------------------------------------------------------------------------
+# Ours
+
+
+def ours_call(lib, launch, t, outs):
+    """A run(set) callable: PackInfer on set i's tensors, on the current stream (the capture
+    stream while a graph is being captured), into the preallocated output of set i."""
+    hkv, d = SHAPE.num_kv_heads, SHAPE.head_dim
+    layouts = [lib.kv_layout_nhd(t.k[s].data_ptr(), t.v[s].data_ptr(), t.w.page_size, hkv, d) for s in range(t.sets)]
+
+    def call(i):
+        s = i % t.sets
+        launch.run(t.q[s].data_ptr(), layouts[s], outs[s].data_ptr(), 0, torch.cuda.current_stream().cuda_stream)
+        return outs[s]
+    return call
+
+
+def phase_ours(args):
+    trace = wl.load_trace(args.trace)
+    works = wl.build_all(trace, seed=args.seed)
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    path = os.path.join(args.out, "results.json")
+    results = load_results(path) or base_results(args, trace, works, l2)
+    state = os.path.join(args.state, "outputs")
+    stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
+    try:
+        lib = pc.Library(args.lib)
+        results["meta"]["packinfer_version"], results["meta"]["abi_version"] = lib.version, lib.abi_version
+        results["meta"]["optional_exports"] = lib.optional_exports()
+    except Exception as ex:
+        note = f"library did not load: {type(ex).__name__}: {ex}"
+        for w in works:
+            results["workloads"][w.name]["contenders"][OURS] = {"status": "error", "note": note}
+        results["errors"].append(note)
+        common.write_json(path, results)
+        return
+    try:
+        ctx = lib.context(pc.BACKEND_CUDA)
+        results["meta"]["packinfer_device"] = ctx.device_name
+        cuda_note = None
+    except pc.PackinferError as ex:
+        ctx = None
+        cuda_note = f"not yet: the CUDA backend is not in this build ({ex.status}: {ex.message})"
+    managed = lib.has("packinfer_pool_create") and lib.has("packinfer_pool_fork")
+    results["workloads"]["W4"]["contenders"][OURS_MANAGED] = {
+        "status": "not yet",
+        "note": ("the harness does not drive packinfer_pool_* yet" if managed
+                 else "no packinfer_pool_* exports in this build (managed KV pool not merged)")}
+    results["not_measured"]["group-contiguous layout on/off"] = (
+        "a property of the managed KV pool (packinfer_pool_*), " + ("not yet driven by the harness" if managed
+                                                                    else "which this build does not export"))
+    results["not_measured"]["W4 at the managed level (forked sequences)"] = results["workloads"]["W4"]["contenders"][
+        OURS_MANAGED]["note"]
+    timer = Timer()
+    tensors = {}
+    for w in works:
+        e = results["workloads"][w.name]
+        if ctx is None:
+            e["contenders"][OURS] = {"status": "not yet", "note": cuda_note}
+            continue
+        try:
+            t = tensors[w.name] = WorkloadTensors(w, args.seed, l2)
+            if e.get("input_checksum") is not None and abs(e["input_checksum"] - t.checksum) > 1e-6 * max(1, abs(t.checksum)):
+                results["errors"].append(f"{w.name}: inputs differ from the anchors' process "
+                                         f"(checksum {t.checksum} vs {e['input_checksum']}); cross-check void")
+            refs = t.reference(check_requests(w, args.seed))
+            others = {}
+            for name in (FA2, FI, FI_CASCADE):
+                f = os.path.join(state, f"{w.name}_{name.replace(' ', '_')}.pt")
+                if os.path.exists(f):
+                    others[name] = torch.load(f)
+            res, plan_info = run_ours(lib, ctx, t, timer, refs, others, flags=0, graph=True)
+            e["contenders"][OURS] = res
+            log(f"{w.name} {OURS}: {report.cell(res, e)}")
+        except Exception as ex:
+            e["contenders"][OURS] = {"status": "error", "note": f"{type(ex).__name__}: {ex}"[:2000]}
+            results["errors"].append(f"{w.name} PackInfer: {traceback.format_exc()[-1500:]}")
+            log(f"{w.name} {OURS}: error {ex}")
+        common.write_json(path, results)
+    if ctx is not None:
+        # Ablations: every workload, each switch alone. Eager timing, checked like the default.
+        refs_of = {}
+        for w in works:
+            t = tensors.get(w.name)
+            if t is None:
+                continue
+            try:
+                refs = refs_of[w.name] = t.reference(check_requests(w, args.seed))
+            except Exception as ex:
+                results["errors"].append(f"{w.name} float64 reference (ablations): {type(ex).__name__}: {ex}")
+                continue
+            rows = {}
+            for name, flags in common.ABLATIONS.items():
+                try:
+                    res, _ = run_ours(lib, ctx, t, timer, refs, {}, flags=flags, graph=False)
+                    rows[name] = {"status": res["status"], "time_us": res.get("time_us", {}).get("median"),
+                                  "stats": res.get("plan_stats"), "rel_err_fp64": res.get("check", {}).get("rel_err_fp64"),
+                                  "note": res.get("note")}
+                except Exception as ex:
+                    rows[name] = {"status": "error", "note": f"{type(ex).__name__}: {ex}"[:500]}
+            results["ablations"][w.name] = rows
+            log(f"{w.name} ablations: " + ", ".join(f"{k} {v.get('time_us') or v.get('status')}" for k, v in rows.items()))
+            common.write_json(path, results)
+        # Capacity sweep.
+        for name in ("W1", "W2", "W5"):
+            t = tensors.get(name)
+            if t is None or name not in refs_of:
+                continue
+            try:
+                plan, _ = ctx.plan(wl.batch_arrays(t.w, SHAPE))
+                auto = plan.stats()
+                plan.destroy()
+                base = auto["capacity"] if auto["capacity"] > 0 else auto["max_group_cost"]
+                pts = []
+                for f in common.CAPACITY_FACTORS:
+                    try:
+                        res, _ = run_ours(lib, ctx, t, timer, refs_of[name], {}, capacity=base * f, graph=False)
+                        pts.append({"factor": f, "capacity": base * f, "time_us": res.get("time_us", {}).get("median"),
+                                    "groups": res.get("plan_stats", {}).get("num_groups"), "status": res["status"]})
+                    except Exception as ex:
+                        pts.append({"factor": f, "capacity": base * f, "error": f"{type(ex).__name__}: {ex}"[:300]})
+                results["capacity_sweep"][name] = {"reference_capacity": base, "auto_capacity_reported": auto["capacity"],
+                                                   "points": pts}
+            except Exception as ex:
+                results["capacity_sweep"][name] = {"error": f"{type(ex).__name__}: {ex}"[:500]}
+            common.write_json(path, results)
+    # Planning time (host): plan_create, the planner's own clock, launch_create (+ upload wait).
+    plan_ctx = ctx or lib.context(pc.BACKEND_CPU)
+    note = None if ctx else "PackInfer planned for the CPU backend's profile (no CUDA backend in this build)"
+    sets = works + [wl.decode_batch(trace, 256, args.seed), wl.decode_batch(trace, 1024, args.seed)]
+    for w in sets:
+        p = results["planning"].setdefault(w.name, {"requests": w.batch_size})
+        try:
+            batch = wl.batch_arrays(w, SHAPE)
+            host, inner, launch_us = [], [], []
+            for _ in range(20):
+                plan, s = plan_ctx.plan(batch)
+                host.append(s * 1e6)
+                inner.append(plan.stats()["planning_time_us"])
+                if ctx is not None:
+                    t0 = time.perf_counter()
+                    launch = ctx.launch(plan, stream())
+                    launch.wait()
+                    launch_us.append((time.perf_counter() - t0) * 1e6)
+                    launch.destroy()
+                plan.destroy()
+            p["packinfer_plan_us"], p["packinfer_planner_us"] = common.summary(host), common.summary(inner)
+            if launch_us:
+                p["packinfer_launch_us"] = common.summary(launch_us)
+            if note:
+                p["note"] = note
+        except Exception as ex:
+            p["packinfer_plan_us"] = f"error: {ex}"
+    common.write_json(path, results)
+    log("ours done")
+
+
+def run_ours(lib, ctx, t, timer, refs, others, flags=0, capacity=0.0, graph=True):
+    """Plans t's batch with `flags`/`capacity`, binds it, checks (unless refs is None) and times."""
+    batch = wl.batch_arrays(t.w, SHAPE)
+    plan, plan_s = ctx.plan(batch, flags=flags, capacity=capacity)
+    launch = None
+    try:
+        stats = plan.stats()
+        launch = ctx.launch(plan, torch.cuda.current_stream().cuda_stream)
+        launch.wait()
+        outs = [torch.full((t.w.total_q, SHAPE.num_qo_heads, SHAPE.head_dim), float("nan"), device="cuda", dtype=DT)
+                for _ in range(t.sets)]
+        call = ours_call(lib, launch, t, outs)
+        res, _ = measure(timer, call, t.sets, refs, others, graph=graph)
+        res["plan_stats"] = stats
+        res["plan_us"] = plan_s * 1e6
+        torch.cuda.synchronize()
+        return res, stats
+    finally:
+        if launch is not None:
+            launch.destroy()
+        plan.destroy()
+
+
+# ----------------------------------------------------------------------------------------------
+# FlashInfer JIT warm-up (runs in the background while the anchors phase builds tensors)
+
+
+def phase_warm(kind):
+    import flashinfer
+    hq, hkv, d = SHAPE.num_qo_heads, SHAPE.num_kv_heads, SHAPE.head_dim
+    kw = dict(q_data_type=DT, kv_data_type=DT, sm_scale=SHAPE.sm_scale)
+    i32 = dict(device="cuda", dtype=torch.int32)
+    t0 = time.time()
+    if kind == "prefill":
+        wr = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace(), "NHD")
+        ind = torch.tensor([0, 32], **i32)
+        wr.plan(ind, ind, hq, hkv, d, causal=True, **kw)
+        wr.run(torch.randn(32, hq, d, device="cuda", dtype=DT), torch.randn(32, hkv, d, device="cuda", dtype=DT),
+               torch.randn(32, hkv, d, device="cuda", dtype=DT))
+    elif kind == "decode":
+        wr = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace(), "NHD")
+        wr.plan(torch.tensor([0, 2], **i32), torch.tensor([0, 1], **i32), torch.tensor([5], **i32), hq, hkv, d, 16, **kw)
+        cache = torch.randn(2, 16, hkv, d, device="cuda", dtype=DT)
+        wr.run(torch.randn(1, hq, d, device="cuda", dtype=DT), (cache, cache))
+    elif kind == "cascade":
+        v = torch.randn(4, hq, d, device="cuda", dtype=DT)
+        s = torch.randn(4, hq, device="cuda", dtype=torch.float32)
+        flashinfer.merge_state_in_place(v, s, v.clone(), s.clone())
+    torch.cuda.synchronize()
+    log(f"FlashInfer JIT warm-up '{kind}' done in {time.time() - t0:.0f} s")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--phase", required=True,
+                    choices=["anchors", "ours", "report", "warm-prefill", "warm-decode", "warm-cascade"])
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--state", default="/tmp/packinfer_bench", help="where the anchors' outputs are kept between phases")
+    ap.add_argument("--trace", default="../shared/traces/azure_llm_2023_code.csv")
+    ap.add_argument("--lib", default="target/release/libpackinfer.so")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    if args.phase.startswith("warm-"):
+        phase_warm(args.phase[5:])
+    elif args.phase == "anchors":
+        phase_anchors(args)
+    elif args.phase == "ours":
+        phase_ours(args)
+    else:
+        path = os.path.join(args.out, "results.json")
+        results = load_results(path)
+        if results is None:
+            sys.exit(f"{path} does not exist: no phase wrote results")
+        set_floors(results)
+        report.write_all(results, args.out)
+        common.write_json(path, results)
+        print(open(os.path.join(args.out, "results.md")).read())
+
+
+if __name__ == "__main__":
+    main()

@@ -65,17 +65,21 @@ def cell(res, entry):
 
 
 def contender_names(results):
+    """Every contender, anchors first (in order of appearance), then ours."""
     names = []
     for entry in results["workloads"].values():
         for n in entry.get("contenders", {}):
             if n not in names:
                 names.append(n)
-    return names
+    return [n for n in names if not n.startswith("PackInfer")] + [n for n in names if n.startswith("PackInfer")]
 
 
-def ours_and_anchors(names):
-    ours = [n for n in names if n.startswith("PackInfer")]
-    return ours, [n for n in names if n not in ours]
+def ours_and_anchors(names, results=None):
+    """(our contenders, anchors); with `results`, only those with at least one timed workload."""
+    def timed(n):
+        return results is None or any(best_us(e.get("contenders", {}).get(n))[0] for e in results["workloads"].values())
+    ours = [n for n in names if n.startswith("PackInfer") and timed(n)]
+    return ours, [n for n in names if not n.startswith("PackInfer") and timed(n)]
 
 
 def markdown(results):
@@ -92,9 +96,9 @@ def markdown(results):
     c = results.get("ceilings", {})
     if c.get("copy_gbps"):
         out += ["", f"**Ceilings, same run:** copy {c['copy_gbps']:.0f} GB/s (read + write), "
-                f"matrix product {c['matmul_tflops']:.1f} TFLOP/s ({c.get('how', '')})."]
+                f"matrix product {c['matmul_tflops']:.1f} TFLOP/s" + (f" ({c['how']})" if c.get("how") else "") + "."]
     names = contender_names(results)
-    ours, anchors = ours_and_anchors(names)
+    ours, anchors = ours_and_anchors(names, results)
     out += ["", "## Time per workload", "",
             "Median time (CUDA-graph replay where the contender has one, eager in brackets) and the fraction of "
             "the physical floor = max(FLOPs / matrix rate, minimum bytes / copy rate).", ""]
@@ -209,7 +213,8 @@ def charts(results, out_dir):
     except Exception:
         return []
     written = []
-    names = contender_names(results)
+    ours, anchors = ours_and_anchors(contender_names(results), results)
+    names = anchors + ours
     wls = list(results["workloads"])
     if wls and names:
         fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(wls) + 2), 4.5))

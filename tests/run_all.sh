@@ -13,3 +13,11 @@ if ! git diff --quiet -- include/packinfer.h 2>/dev/null; then
   git --no-pager diff --stat -- include/packinfer.h >&2
   exit 1
 fi
+
+# --- bench (issue 7): the benchmark harness's ctypes layer and workload construction --------
+# Struct layouts against the header (compiled with cc), a paged batch through ctypes on the CPU
+# backend against a float64 reference, error statuses, W1-W5 as DESIGN.md section 9 defines them.
+echo "== Bench: bench/test_packinfer_ctypes.py (ctypes layer vs header, CPU backend, workloads) =="
+cargo build --release
+python3 -c 'import numpy' 2>/dev/null || python3 -m pip install -q numpy
+python3 bench/test_packinfer_ctypes.py target/release/libpackinfer.so

@@ -25,10 +25,12 @@ sys.path.insert(0, HERE)
 
 import common  # noqa: E402
 import packinfer_ctypes as pc  # noqa: E402
+import managed  # noqa: E402
 import report  # noqa: E402
 import workloads as wl  # noqa: E402
 
 BF16_NAN = np.uint16(0x7FC0)
+MANAGED = "PackInfer managed (forked sequences)"
 
 
 def to_bf16(x):
@@ -88,52 +90,102 @@ def cpu_ceilings(threads):
             "threads": threads}
 
 
-def run_workload(lib, ctx, w, shape, rng, iters, flags=0, capacity=0.0, check=True):
-    """Plans and runs `w`; returns (result dict, output) with timings in microseconds."""
-    q = to_bf16(rng.standard_normal((w.total_q, shape.num_qo_heads, shape.head_dim), dtype=np.float32))
-    cache_shape = (w.num_pages, w.page_size, shape.num_kv_heads, shape.head_dim)
-    k = to_bf16(rng.standard_normal(cache_shape, dtype=np.float32))
-    v = to_bf16(rng.standard_normal(cache_shape, dtype=np.float32))
-    o = np.full(q.shape, BF16_NAN, dtype=np.uint16)
-    batch = wl.batch_arrays(w, shape)
-    plan, plan_s = ctx.plan(batch, flags=flags, capacity=capacity)
+class Inputs:
+    """bf16 Q and paged K/V cache of a workload (random normal), and float64 reference rows of a
+    few requests (their last 64 queries)."""
+
+    def __init__(self, w, shape, rng):
+        self.w, self.shape = w, shape
+        self.q = to_bf16(rng.standard_normal((w.total_q, shape.num_qo_heads, shape.head_dim), dtype=np.float32))
+        cache_shape = (w.num_pages, w.page_size, shape.num_kv_heads, shape.head_dim)
+        self.k = to_bf16(rng.standard_normal(cache_shape, dtype=np.float32))
+        self.v = to_bf16(rng.standard_normal(cache_shape, dtype=np.float32))
+        kf = from_bf16(self.k).reshape(-1, shape.num_kv_heads, shape.head_dim)
+        vf = from_bf16(self.v).reshape(-1, shape.num_kv_heads, shape.head_dim)
+        qf = from_bf16(self.q)
+        slots = w.kv_slots()
+        self.refs = {}
+        for r in check_requests(w, rng):
+            q1 = int(w.qo_indptr[r + 1])
+            n = min(int(w.q_lens[r]), 64)
+            self.refs[r] = (q1 - n, q1, reference(qf[q1 - n:q1], kf[slots[r]], vf[slots[r]], w.causal, shape.sm_scale))
+
+    def flat_rows(self, slots):
+        """Contiguous [len(slots), kv_heads, head_dim] copies of K and V rows of the cache."""
+        d = (-1, self.shape.num_kv_heads, self.shape.head_dim)
+        return np.ascontiguousarray(self.k.reshape(d)[slots]), np.ascontiguousarray(self.v.reshape(d)[slots])
+
+
+def run_plan(ctx, plan, plan_s, layout, inp, iters, check=True):
+    """Binds `plan`, runs it once on poisoned output, checks it, times it (microseconds)."""
+    o = np.full(inp.q.shape, BF16_NAN, dtype=np.uint16)
+    stats = plan.stats()
+    launch = ctx.launch(plan)
     try:
-        stats = plan.stats()
-        launch = ctx.launch(plan)
-        layout = lib.kv_layout_nhd(k.ctypes.data, v.ctypes.data, w.page_size, shape.num_kv_heads, shape.head_dim)
         result = {"plan_us": plan_s * 1e6, "stats": stats}
-        launch.run(q.ctypes.data, layout, o.ctypes.data)
+        launch.run(inp.q.ctypes.data, layout, o.ctypes.data)
         out = from_bf16(o)
         if check:
             unwritten = int(np.isnan(out).sum())
-            errs = {}
-            kf = from_bf16(k).reshape(-1, shape.num_kv_heads, shape.head_dim)
-            vf = from_bf16(v).reshape(-1, shape.num_kv_heads, shape.head_dim)
-            qf = from_bf16(q)
-            slots = w.kv_slots()
-            for r in check_requests(w, rng):
-                q1 = w.qo_indptr[r + 1]
-                n = min(int(w.q_lens[r]), 64)
-                ref = reference(qf[q1 - n:q1], kf[slots[r]], vf[slots[r]], w.causal, shape.sm_scale)
-                errs[r] = float(np.linalg.norm(out[q1 - n:q1] - ref) / np.linalg.norm(ref))
+            errs = {r: float(np.linalg.norm(out[a:b] - ref) / np.linalg.norm(ref)) for r, (a, b, ref) in inp.refs.items()}
             worst = max(errs.values())
             ok = unwritten == 0 and worst <= common.REL_TOL
             result["check"] = {"unwritten_elements": unwritten, "rel_err_fp64_by_request": errs, "rel_err_fp64": worst,
                                "ok": ok}
             if not ok:
                 result["status"] = "mismatch"
-                return result, out
+                return result
         times = []
         for _ in range(iters):
             t0 = time.perf_counter()
-            launch.run(q.ctypes.data, layout, o.ctypes.data)
+            launch.run(inp.q.ctypes.data, layout, o.ctypes.data)
             times.append((time.perf_counter() - t0) * 1e6)
         result["status"] = "ok"
         result["time_us"] = common.summary(times)
+        return result
+    finally:
         launch.destroy()
-        return result, out
+
+
+def run_workload(lib, ctx, inp, iters, flags=0, capacity=0.0, check=True):
+    """Plans the kernel-level batch of `inp.w` and runs it (run_plan)."""
+    w, shape = inp.w, inp.shape
+    plan, plan_s = ctx.plan(wl.batch_arrays(w, shape), flags=flags, capacity=capacity)
+    try:
+        layout = lib.kv_layout_nhd(inp.k.ctypes.data, inp.v.ctypes.data, w.page_size, shape.num_kv_heads, shape.head_dim)
+        return run_plan(ctx, plan, plan_s, layout, inp, iters, check)
     finally:
         plan.destroy()
+
+
+def run_w4_managed(lib, ctx, inp, iters):
+    """W4 through the managed pool (managed.py): as appended, then after relayout."""
+    w = inp.w
+    prefix, own, _ = managed.w4_rows(w)
+    pk, pv = inp.flat_rows(prefix)
+    ok_, ov = inp.flat_rows(own)
+    pool, forks = managed.build_w4_pool(ctx, w, inp.shape, pk.ctypes.data, pv.ctypes.data, ok_.ctypes.data, ov.ctypes.data)
+    out = {}
+    try:
+        layout = pool.kv_layout(0)
+        ones = [1] * len(forks)
+        for name, relayout in (("as appended (pages interleaved)", False), ("group-contiguous (after relayout)", True)):
+            plan, plan_s = pool.plan(forks, ones)
+            try:
+                if relayout:
+                    report = pool.relayout(plan, forks, regroup=True)
+                    plan.destroy()
+                    plan, plan_s = pool.plan(forks, ones)
+                res = run_plan(ctx, plan, plan_s, layout, inp, iters)
+                if relayout:
+                    res["relayout"] = report
+                res["pool_stats"] = pool.stats()
+                out[name] = res
+            finally:
+                plan.destroy()
+    finally:
+        pool.destroy()
+    return out
 
 
 def main():
@@ -166,12 +218,13 @@ def main():
     print(f"PackInfer {lib.version} (ABI {lib.abi_version}) CPU backend, {ctx.num_workers} threads; "
           f"ceilings {results['ceilings']['matmul_tflops'] * 1e3:.1f} GFLOP/s, {results['ceilings']['copy_gbps']:.1f} GB/s")
     work = wl.build_all(trace, seed=args.seed, scale=args.scale)
+    inputs = {}
     for w in work:
-        rng = np.random.default_rng([args.seed, 1000 + int(w.name[1:])])
+        inp = inputs[w.name] = Inputs(w, shape, np.random.default_rng([args.seed, 1000 + int(w.name[1:])]))
         entry = {"describe": w.describe(), "flops": wl.flops(w, shape), "min_bytes": wl.min_bytes(w, shape)}
         entry.update(common.floor_of(entry["flops"], entry["min_bytes"], results["ceilings"]))
         try:
-            res, _ = run_workload(lib, ctx, w, shape, rng, args.iters)
+            res = run_workload(lib, ctx, inp, args.iters)
         except pc.PackinferError as e:
             res = {"status": "error", "note": str(e)}
         if res.get("status") == "ok":
@@ -185,12 +238,29 @@ def main():
         print(f"{w.name}: {w.title}: {report.cell(res, entry)}")
         common.write_json(os.path.join(args.out, "results.json"), results)
 
+    # W4 at the managed level: forked sequences in a pool, pages as appended, then relayout.
+    w4 = results["workloads"]["W4"]
+    if lib.has("packinfer_pool_create"):
+        try:
+            variants = run_w4_managed(lib, ctx, inputs["W4"], args.iters)
+            w4["contenders"][MANAGED] = variants["group-contiguous (after relayout)"]
+            rows = results.setdefault("managed", {}).setdefault("W4", {})
+            for name, res in variants.items():
+                rows[name] = {"status": res["status"], "time_us": res.get("time_us", {}).get("median"),
+                              "rel_err_fp64": res.get("check", {}).get("rel_err_fp64"), "relayout": res.get("relayout"),
+                              "pool_stats": res.get("pool_stats"), "stats": res.get("stats")}
+        except pc.PackinferError as e:
+            w4["contenders"][MANAGED] = {"status": "error", "note": str(e)}
+    else:
+        w4["contenders"][MANAGED] = {"status": "not yet", "note": "no packinfer_pool_* exports in this build"}
+    print(f"W4 managed: {report.cell(w4['contenders'][MANAGED], w4)}")
+
     # Ablations (W1, W4, W5) and the capacity sweep (W1, W5), scaled down like the rest.
     for w in [x for x in work if x.name in ("W1", "W4", "W5")]:
         rows = {}
         for name, flags in common.ABLATIONS.items():
             try:
-                res, _ = run_workload(lib, ctx, w, shape, np.random.default_rng(args.seed), args.iters, flags=flags)
+                res = run_workload(lib, ctx, inputs[w.name], args.iters, flags=flags)
                 rows[name] = {"status": res["status"], "time_us": res.get("time_us", {}).get("median"),
                               "stats": res.get("stats"), "rel_err_fp64": res.get("check", {}).get("rel_err_fp64")}
             except pc.PackinferError as e:
@@ -205,8 +275,10 @@ def main():
         for f in common.CAPACITY_FACTORS:
             c = reference_capacity * f
             try:
-                res, _ = run_workload(lib, ctx, w, shape, np.random.default_rng(args.seed), args.iters, capacity=c,
-                                      check=False)
+                res = run_workload(lib, ctx, inputs[w.name], args.iters, capacity=c)
+                if res["status"] != "ok":
+                    sweep.append({"factor": f, "capacity": c, "error": res["status"]})
+                    continue
                 sweep.append({"factor": f, "capacity": c, "time_us": res["time_us"]["median"],
                               "groups": res["stats"]["num_groups"], "items": res["stats"]["num_work_items"]})
             except pc.PackinferError as e:

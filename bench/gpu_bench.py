@@ -41,6 +41,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import common  # noqa: E402
+import managed  # noqa: E402
 import packinfer_ctypes as pc  # noqa: E402
 import report  # noqa: E402
 import workloads as wl  # noqa: E402
@@ -54,6 +55,17 @@ FI = "FlashInfer"
 FI_CASCADE = "FlashInfer cascade"
 OURS = "PackInfer"
 OURS_MANAGED = "PackInfer managed (forked sequences)"
+
+
+def l2_cache_bytes():
+    return int(getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20) or (50 << 20))
+
+
+def gpu_sleep(cycles):
+    """Keeps the GPU busy for `cycles` clocks (so the host can enqueue ahead); a no-op if absent."""
+    sleep = getattr(torch.cuda, "_sleep", None)
+    if sleep is not None and cycles > 0:
+        sleep(cycles)
 
 
 def log(*a):
@@ -165,12 +177,12 @@ class Timer:
         torch.cuda.synchronize()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         cycles = 10_000_000
-        torch.cuda._sleep(cycles)
+        gpu_sleep(cycles)
         a.record()
-        torch.cuda._sleep(cycles)
+        gpu_sleep(cycles)
         b.record()
         torch.cuda.synchronize()
-        self.cycles_per_us = cycles / (a.elapsed_time(b) * 1000)
+        self.cycles_per_us = cycles / max(a.elapsed_time(b) * 1000, 1.0)
 
     def eager(self, call, sets, iters=EAGER_ITERS, warmup=WARMUP):
         """Device time per call (events around it, host enqueued ahead), and host time per call."""
@@ -186,7 +198,7 @@ class Timer:
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
         host = []
         for i in range(iters):
-            torch.cuda._sleep(cycles)
+            gpu_sleep(cycles)
             t0 = time.perf_counter()
             starts[i].record()
             call(i % sets)
@@ -301,21 +313,24 @@ def set_floors(results):
         e.update(common.floor_of(e["flops"], e["min_bytes"], c))
 
 
-def ceilings():
-    torch.cuda.synchronize()
-    n = 512 << 20  # bf16 elements = 1 GiB
-    src = torch.randn(n, device="cuda", dtype=DT)
+def _copy_ceiling(t):
+    src = torch.randn(512 << 20, device="cuda", dtype=DT)  # 1 GiB
     dst = torch.empty_like(src)
-    t = Timer()
     copy, _ = t.eager(lambda i: dst.copy_(src), 1, iters=30)
-    gbps = 2 * src.numel() * 2 / (copy["median"] * 1e-6) / 1e9
-    del src, dst
-    m = 8192
+    return copy, 2 * src.numel() * 2 / (copy["median"] * 1e-6) / 1e9
+
+
+def _matmul_ceiling(t, m=8192):
     a = torch.randn(m, m, device="cuda", dtype=DT)
     b = torch.randn(m, m, device="cuda", dtype=DT)
     mm, _ = t.eager(lambda i: a @ b, 1, iters=30)
-    tflops = 2 * m ** 3 / (mm["median"] * 1e-6) / 1e12
-    del a, b
+    return mm, 2 * m ** 3 / (mm["median"] * 1e-6) / 1e12
+
+
+def ceilings():
+    t = Timer()
+    copy, gbps = _copy_ceiling(t)
+    mm, tflops = _matmul_ceiling(t)
     torch.cuda.empty_cache()
     return {"copy_gbps": gbps, "matmul_tflops": tflops, "copy_us": copy, "matmul_us": mm,
             "how": "1 GiB device-to-device copy_ (bytes read + written); bf16 8192^3 torch.matmul; medians of 30"}
@@ -404,7 +419,7 @@ def time_plan(plan, iters=20):
 def phase_anchors(args):
     trace = wl.load_trace(args.trace)
     works = wl.build_all(trace, seed=args.seed)
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    l2 = l2_cache_bytes()
     results = base_results(args, trace, works, l2)
     path = os.path.join(args.out, "results.json")
     state = os.path.join(args.state, "outputs")
@@ -525,7 +540,7 @@ def ours_call(lib, launch, t, outs):
 def phase_ours(args):
     trace = wl.load_trace(args.trace)
     works = wl.build_all(trace, seed=args.seed)
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    l2 = l2_cache_bytes()
     path = os.path.join(args.out, "results.json")
     results = load_results(path) or base_results(args, trace, works, l2)
     state = os.path.join(args.state, "outputs")
@@ -544,20 +559,11 @@ def phase_ours(args):
     try:
         ctx = lib.context(pc.BACKEND_CUDA)
         results["meta"]["packinfer_device"] = ctx.device_name
+        results["meta"]["packinfer_precompile_s"] = ctx.precompile()
         cuda_note = None
     except pc.PackinferError as ex:
         ctx = None
         cuda_note = f"not yet: the CUDA backend is not in this build ({ex.status}: {ex.message})"
-    managed = lib.has("packinfer_pool_create") and lib.has("packinfer_pool_fork")
-    results["workloads"]["W4"]["contenders"][OURS_MANAGED] = {
-        "status": "not yet",
-        "note": ("the harness does not drive packinfer_pool_* yet" if managed
-                 else "no packinfer_pool_* exports in this build (managed KV pool not merged)")}
-    results["not_measured"]["group-contiguous layout on/off"] = (
-        "a property of the managed KV pool (packinfer_pool_*), " + ("not yet driven by the harness" if managed
-                                                                    else "which this build does not export"))
-    results["not_measured"]["W4 at the managed level (forked sequences)"] = results["workloads"]["W4"]["contenders"][
-        OURS_MANAGED]["note"]
     timer = Timer()
     tensors = {}
     for w in works:
@@ -584,6 +590,37 @@ def phase_ours(args):
             results["errors"].append(f"{w.name} PackInfer: {traceback.format_exc()[-1500:]}")
             log(f"{w.name} {OURS}: error {ex}")
         common.write_json(path, results)
+    # W4 at the managed level (forked sequences in a pool), pages as appended and after relayout.
+    w4 = results["workloads"]["W4"]
+    if not lib.has("packinfer_pool_create"):
+        w4["contenders"][OURS_MANAGED] = {"status": "not yet", "note": "no packinfer_pool_* exports in this build"}
+    elif ctx is None:
+        w4["contenders"][OURS_MANAGED] = {"status": "not yet", "note": cuda_note}
+    elif tensors.get("W4") is not None:
+        try:
+            t = tensors["W4"]
+            others = {}
+            for name in (FA2, FI, FI_CASCADE):
+                f = os.path.join(state, f"W4_{name.replace(' ', '_')}.pt")
+                if os.path.exists(f):
+                    others[name] = torch.load(f)
+            variants = run_w4_managed(lib, ctx, t, timer, t.reference(check_requests(t.w, args.seed)), others)
+            w4["contenders"][OURS_MANAGED] = variants["group-contiguous (after relayout)"]
+            results.setdefault("managed", {})["W4"] = {
+                k: {"status": v["status"], "time_us": v.get("time_us", {}).get("median"), "note": v.get("note"),
+                    "rel_err_fp64": v.get("check", {}).get("rel_err_fp64"), "relayout": v.get("relayout"),
+                    "pool_stats": v.get("pool_stats"), "stats": v.get("plan_stats")} for k, v in variants.items()}
+        except pc.PackinferError as ex:
+            w4["contenders"][OURS_MANAGED] = {"status": "unsupported" if ex.status == "UNSUPPORTED" else "error",
+                                              "note": f"{ex.func}: {ex.message}"[:500]}
+        except Exception as ex:
+            w4["contenders"][OURS_MANAGED] = {"status": "error", "note": f"{type(ex).__name__}: {ex}"[:500]}
+        log(f"W4 {OURS_MANAGED}: {report.cell(w4['contenders'][OURS_MANAGED], w4)}")
+    m = w4["contenders"].get(OURS_MANAGED, {})
+    if m.get("status") != "ok":
+        results["not_measured"]["W4 at the managed level and group-contiguous layout on/off"] = (
+            f"{m.get('status')}: {m.get('note')}")
+    common.write_json(path, results)
     if ctx is not None:
         # Ablations: every workload, each switch alone. Eager timing, checked like the default.
         refs_of = {}
@@ -660,6 +697,60 @@ def phase_ours(args):
             p["packinfer_plan_us"] = f"error: {ex}"
     common.write_json(path, results)
     log("ours done")
+
+
+def run_w4_managed(lib, ctx, t, timer, refs, others):
+    """W4 through the managed pool (managed.py), one pool per rotation set built from that set's
+    cache rows: timed with the pages as appended, then after packinfer_pool_relayout."""
+    w = t.w
+    prefix, own, _ = managed.w4_rows(w)
+    prefix, own = torch.tensor(prefix, device="cuda"), torch.tensor(own, device="cuda")
+    hkv, d = SHAPE.num_kv_heads, SHAPE.head_dim
+    stream = torch.cuda.current_stream().cuda_stream
+    pools = []
+    try:
+        for s in range(t.sets):
+            kf, vf = t.k[s].view(-1, hkv, d), t.v[s].view(-1, hkv, d)
+            rows = [kf[prefix].contiguous(), vf[prefix].contiguous(), kf[own].contiguous(), vf[own].contiguous()]
+            pool, forks = managed.build_w4_pool(ctx, w, SHAPE, *[r.data_ptr() for r in rows], stream=stream)
+            pools.append((pool, forks, rows))
+        torch.cuda.synchronize()
+        out = {}
+        for name, relayout in (("as appended (pages interleaved)", False), ("group-contiguous (after relayout)", True)):
+            plans, launches, report_ = [], [], None
+            try:
+                for pool, forks, _ in pools:
+                    plan, _ = pool.plan(forks, [1] * len(forks))
+                    if relayout:
+                        report_ = pool.relayout(plan, forks, True, stream)
+                        plan.destroy()
+                        plan, _ = pool.plan(forks, [1] * len(forks))
+                    plans.append(plan)
+                    launches.append(ctx.launch(plan, stream))
+                torch.cuda.synchronize()
+                outs = [torch.full((w.total_q, SHAPE.num_qo_heads, d), float("nan"), device="cuda", dtype=DT)
+                        for _ in range(t.sets)]
+                layouts = [pool.kv_layout(0) for pool, _, _ in pools]
+
+                def call(i):
+                    s = i % t.sets
+                    launches[s].run(t.q[s].data_ptr(), layouts[s], outs[s].data_ptr(), 0,
+                                    torch.cuda.current_stream().cuda_stream)
+                    return outs[s]
+                res, _ = measure(timer, call, t.sets, refs, others, graph=True)
+                res["plan_stats"] = plans[0].stats()
+                res["pool_stats"] = pools[0][0].stats()
+                if relayout:
+                    res["relayout"] = report_
+                out[name] = res
+            finally:
+                torch.cuda.synchronize()
+                for x in launches + plans:
+                    x.destroy()
+        return out
+    finally:
+        for pool, _, _ in pools:
+            pool.destroy()
 
 
 def run_ours(lib, ctx, t, timer, refs, others, flags=0, capacity=0.0, graph=True):

@@ -79,7 +79,8 @@ class PackinferPlanStats(Structure):
                 ("num_work_items", c_uint32), ("num_split_requests", c_uint32), ("num_merge_rows", c_uint32),
                 ("num_partial_slots", c_uint32), ("tile_utilization", c_double), ("max_group_cost", c_double),
                 ("mean_group_cost", c_double), ("capacity", c_double), ("planning_time_us", c_double),
-                ("scratch_bytes", c_uint64)]
+                ("scratch_bytes", c_uint64), ("max_worker_cost", c_double), ("mean_worker_cost", c_double),
+                ("num_partial_items", c_uint32)]
 
 
 class PackinferLaunchOptions(Structure):
@@ -102,10 +103,43 @@ class PackinferRunArgs(Structure):
                 ("stream", c_void_p)]
 
 
+class PackinferLaunchCapacity(Structure):
+    _fields_ = [("struct_size", c_size_t), ("max_work_items", c_uint32), ("max_row_segments", c_uint32),
+                ("max_kv_chunks", c_uint32), ("max_requests", c_uint32), ("max_pages", c_uint32),
+                ("max_merge_rows", c_uint32), ("max_merge_slots", c_uint32), ("max_groups", c_uint32),
+                ("max_partial_slots", c_uint32)]
+
+
+class PackinferPoolOptions(Structure):
+    _fields_ = [("struct_size", c_size_t), ("num_layers", c_uint32), ("num_qo_heads", c_uint32),
+                ("num_kv_heads", c_uint32), ("head_dim", c_uint32), ("dtype", c_uint32), ("causal", c_bool),
+                ("sm_scale", c_float), ("page_size", c_uint32), ("num_pages", c_uint32), ("capacity_bytes", c_uint64),
+                ("headroom_pages", c_uint32)]
+
+
+class PackinferPool(Structure):
+    _fields_ = [("bits", c_uint64)]
+
+
+class PackinferRelayoutReport(Structure):
+    _fields_ = [("struct_size", c_size_t), ("groups", c_uint32), ("groups_in_place", c_uint32),
+                ("groups_rebuilt", c_uint32), ("groups_no_room", c_uint32), ("pages_moved", c_uint64),
+                ("bytes_moved", c_uint64)]
+
+
+class PackinferPoolStats(Structure):
+    _fields_ = [("struct_size", c_size_t), ("num_pages", c_uint32), ("pages_used", c_uint32), ("pages_free", c_uint32),
+                ("num_sequences", c_uint32), ("tokens_logical", c_uint64), ("tokens_stored", c_uint64),
+                ("slots_reserved_unused", c_uint64), ("step_read_bytes_shared", c_uint64),
+                ("step_read_bytes_unshared", c_uint64), ("relayouts", c_uint64), ("relayout_pages_moved", c_uint64),
+                ("relayout_bytes_moved", c_uint64), ("cow_page_copies", c_uint64)]
+
+
 # Every struct of the header, for the layout test.
 STRUCTS = [PackinferContextOptions, PackinferContext, PackinferContextInfo, PackinferPlanOptions,
            PackinferPrefixGroup, PackinferBatchDesc, PackinferPlan, PackinferPlanStats, PackinferLaunchOptions,
-           PackinferLaunch, PackinferKvLayout, PackinferRunArgs]
+           PackinferLaunch, PackinferKvLayout, PackinferRunArgs, PackinferLaunchCapacity, PackinferPoolOptions,
+           PackinferPool, PackinferRelayoutReport, PackinferPoolStats]
 
 # name: (restype, argtypes) of every export in the header.
 _SIGNATURES = {
@@ -132,10 +166,36 @@ _SIGNATURES = {
     "packinfer_kv_layout_hnd": (c_int, [c_void_p, c_void_p, c_uint32, c_uint32, c_uint32, POINTER(PackinferKvLayout)]),
 }
 
-# Exports that later branches add (CUDA precompile / graph-replay update, the managed KV pool).
-# Their signatures are not in the header this module was written from, so they are only reported.
-FUTURE_EXPORTS = ["packinfer_precompile", "packinfer_launch_update", "packinfer_pool_create",
-                  "packinfer_pool_fork", "packinfer_pool_append", "packinfer_pool_destroy"]
+_U64P, _U32P = POINTER(c_uint64), POINTER(c_uint32)
+# The CUDA backend's precompile and capacity launches, and the managed KV pool. Typed when the
+# library exports them (`Library.has` says), so a build without one still loads.
+OPTIONAL_SIGNATURES = {
+    "packinfer_context_precompile": (c_int, [PackinferContext]),
+    "packinfer_launch_create_with_capacity": (c_int, [PackinferContext, PackinferPlan, POINTER(PackinferLaunchOptions),
+                                                      POINTER(PackinferLaunchCapacity), c_void_p,
+                                                      POINTER(PackinferLaunch)]),
+    "packinfer_launch_update": (c_int, [PackinferLaunch, PackinferPlan, c_void_p]),
+    "packinfer_pool_options_default": (c_int, [POINTER(PackinferPoolOptions)]),
+    "packinfer_pool_create": (c_int, [PackinferContext, POINTER(PackinferPoolOptions), POINTER(PackinferPool)]),
+    "packinfer_pool_destroy": (c_int, [PackinferPool]),
+    "packinfer_pool_kv_layout": (c_int, [PackinferPool, c_uint32, POINTER(PackinferKvLayout)]),
+    "packinfer_pool_sequence_create": (c_int, [PackinferPool, _U64P]),
+    "packinfer_pool_sequence_length": (c_int, [PackinferPool, c_uint64, _U32P]),
+    "packinfer_pool_append": (c_int, [PackinferPool, c_uint64, c_uint32, POINTER(c_int64)]),
+    "packinfer_pool_fork": (c_int, [PackinferPool, c_uint64, c_uint32, _U64P]),
+    "packinfer_pool_truncate": (c_int, [PackinferPool, c_uint64, c_uint32]),
+    "packinfer_pool_release": (c_int, [PackinferPool, c_uint64]),
+    "packinfer_pool_write_kv": (c_int, [PackinferPool, c_uint32, _U64P, _U32P, c_uint32, c_void_p, c_void_p, c_int64,
+                                        c_void_p]),
+    "packinfer_pool_register_page_hashes": (c_int, [PackinferPool, c_uint64, _U64P, c_uint32]),
+    "packinfer_pool_match_prefix": (c_int, [PackinferPool, c_uint64, _U64P, c_uint32, _U32P]),
+    "packinfer_pool_plan_create": (c_int, [PackinferContext, PackinferPool, _U64P, _U32P, c_uint32,
+                                           POINTER(PackinferPlanOptions), POINTER(PackinferPlan)]),
+    "packinfer_pool_relayout": (c_int, [PackinferPool, PackinferPlan, _U64P, c_uint32, c_bool, c_void_p,
+                                        POINTER(PackinferRelayoutReport)]),
+    "packinfer_pool_stats": (c_int, [PackinferPool, POINTER(PackinferPoolStats)]),
+}
+FUTURE_EXPORTS = list(OPTIONAL_SIGNATURES)
 
 
 class PackinferError(RuntimeError):
@@ -161,6 +221,10 @@ class Library:
         for name, (restype, argtypes) in _SIGNATURES.items():
             fn = getattr(self.lib, name)
             fn.restype, fn.argtypes = restype, argtypes
+        for name, (restype, argtypes) in OPTIONAL_SIGNATURES.items():
+            if self.has(name):
+                fn = getattr(self.lib, name)
+                fn.restype, fn.argtypes = restype, argtypes
         abi = self.lib.packinfer_abi_version()
         if abi != ABI_VERSION:
             raise RuntimeError(f"{self.path} implements C ABI version {abi}; this binding was written for "
@@ -209,12 +273,42 @@ class Context:
         self.num_workers = info.num_workers
         self.device_name = info.device_name.decode(errors="replace")
 
-    def plan(self, batch, flags=0, capacity=0.0, split_keys=0):
-        """Plans `batch` (a BatchArrays); returns (Plan, host seconds spent in plan_create)."""
+    def precompile(self):
+        """Compiles every kernel variant now (where the build has packinfer_context_precompile);
+        returns the seconds it took, or None when the export is absent."""
+        if not self.library.has("packinfer_context_precompile"):
+            return None
+        t0 = time.perf_counter()
+        self.library._check("packinfer_context_precompile", self.library.lib.packinfer_context_precompile(self.handle))
+        return time.perf_counter() - t0
+
+    def plan_options(self, flags=0, capacity=0.0, split_keys=0):
         opts = PackinferPlanOptions()
         lib = self.library
         lib._check("packinfer_plan_options_default", lib.lib.packinfer_plan_options_default(ctypes.byref(opts)))
-        opts.flags, opts.capacity, opts.split_keys = flags, float(capacity), split_keys
+        opts.flags, opts.capacity = flags, float(capacity)
+        if split_keys:
+            opts.split_keys = split_keys
+        return opts
+
+    def pool(self, num_layers, num_qo_heads, num_kv_heads, head_dim, dtype, causal, num_pages, page_size=16,
+             headroom_pages=None, sm_scale=0.0):
+        """A managed KV pool on this context (packinfer_pool_*)."""
+        lib = self.library
+        opts = PackinferPoolOptions()
+        lib._check("packinfer_pool_options_default", lib.lib.packinfer_pool_options_default(ctypes.byref(opts)))
+        opts.num_layers, opts.num_qo_heads, opts.num_kv_heads, opts.head_dim = num_layers, num_qo_heads, num_kv_heads, head_dim
+        opts.dtype, opts.causal, opts.sm_scale, opts.page_size, opts.num_pages = dtype, causal, sm_scale, page_size, num_pages
+        if headroom_pages is not None:
+            opts.headroom_pages = headroom_pages
+        handle = PackinferPool()
+        lib._check("packinfer_pool_create", lib.lib.packinfer_pool_create(self.handle, ctypes.byref(opts), ctypes.byref(handle)))
+        return Pool(self, handle)
+
+    def plan(self, batch, flags=0, capacity=0.0, split_keys=0):
+        """Plans `batch` (a BatchArrays); returns (Plan, host seconds spent in plan_create)."""
+        lib = self.library
+        opts = self.plan_options(flags, capacity, split_keys)
         handle = PackinferPlan()
         t0 = time.perf_counter()
         status = lib.lib.packinfer_plan_create(self.handle, ctypes.byref(batch.desc), ctypes.byref(opts), ctypes.byref(handle))
@@ -276,6 +370,74 @@ class Launch:
     def destroy(self):
         if self.handle is not None:
             self.library._check("packinfer_launch_destroy", self.library.lib.packinfer_launch_destroy(self.handle))
+            self.handle = None
+
+
+class Pool:
+    """A managed KV pool: sequences, forks (shared prefixes), K/V writes, plans, relayout."""
+
+    def __init__(self, context, handle):
+        self.context, self.library, self.handle = context, context.library, handle
+
+    def _call(self, name, *args):
+        self.library._check(name, getattr(self.library.lib, name)(*args))
+
+    def sequence(self):
+        out = c_uint64()
+        self._call("packinfer_pool_sequence_create", self.handle, ctypes.byref(out))
+        return out.value
+
+    def append(self, seq, n):
+        self._call("packinfer_pool_append", self.handle, seq, n, None)
+
+    def fork(self, parent, prefix_len):
+        out = c_uint64()
+        self._call("packinfer_pool_fork", self.handle, parent, prefix_len, ctypes.byref(out))
+        return out.value
+
+    def write_kv(self, layer, seqs, num_tokens, k_ptr, v_ptr, stream=0):
+        """Rows of contiguous `[sum(num_tokens), kv_heads, head_dim]` K and V go, in order, to the
+        last num_tokens[i] tokens of seqs[i]."""
+        ids = (c_uint64 * len(seqs))(*seqs)
+        counts = (c_uint32 * len(seqs))(*[int(n) for n in num_tokens])
+        self._call("packinfer_pool_write_kv", self.handle, layer, ids, counts, len(seqs), k_ptr, v_ptr, 0, stream or None)
+
+    def kv_layout(self, layer=0):
+        layout = PackinferKvLayout()
+        self._call("packinfer_pool_kv_layout", self.handle, layer, ctypes.byref(layout))
+        return layout
+
+    def plan(self, seqs, num_new_tokens, flags=0, capacity=0.0):
+        """Plans a step from the pool; returns (Plan, host seconds)."""
+        opts = self.context.plan_options(flags, capacity)
+        ids = (c_uint64 * len(seqs))(*seqs)
+        counts = (c_uint32 * len(seqs))(*[int(n) for n in num_new_tokens])
+        handle = PackinferPlan()
+        t0 = time.perf_counter()
+        status = self.library.lib.packinfer_pool_plan_create(self.context.handle, self.handle, ids, counts, len(seqs),
+                                                             ctypes.byref(opts), ctypes.byref(handle))
+        seconds = time.perf_counter() - t0
+        self.library._check("packinfer_pool_plan_create", status)
+        return Plan(self.library, handle), seconds
+
+    def relayout(self, plan, seqs, regroup=True, stream=0):
+        """Makes the plan's groups contiguous in the pool; returns the report as a dict."""
+        ids = (c_uint64 * len(seqs))(*seqs)
+        report = PackinferRelayoutReport()
+        report.struct_size = ctypes.sizeof(PackinferRelayoutReport)
+        self._call("packinfer_pool_relayout", self.handle, plan.handle, ids, len(seqs), regroup, stream or None,
+                   ctypes.byref(report))
+        return {n: getattr(report, n) for n, _ in PackinferRelayoutReport._fields_ if n != "struct_size"}
+
+    def stats(self):
+        st = PackinferPoolStats()
+        st.struct_size = ctypes.sizeof(PackinferPoolStats)
+        self._call("packinfer_pool_stats", self.handle, ctypes.byref(st))
+        return {n: getattr(st, n) for n, _ in PackinferPoolStats._fields_ if n != "struct_size"}
+
+    def destroy(self):
+        if self.handle is not None:
+            self._call("packinfer_pool_destroy", self.handle)
             self.handle = None
 
 

@@ -96,7 +96,7 @@ def markdown(results):
     c = results.get("ceilings", {})
     if c.get("copy_gbps"):
         out += ["", f"**Ceilings, same run:** copy {c['copy_gbps']:.0f} GB/s (read + write), "
-                f"matrix product {c['matmul_tflops']:.1f} TFLOP/s" + (f" ({c['how']})" if c.get("how") else "") + "."]
+                + (f"matrix product {c['matmul_tflops']:.1f} TFLOP/s" if c['matmul_tflops'] >= 1 else f"matrix product {c['matmul_tflops'] * 1e3:.1f} GFLOP/s") + (f" ({c['how']})" if c.get("how") else "") + "."]
     names = contender_names(results)
     ours, anchors = ours_and_anchors(names, results)
     out += ["", "## Time per workload", "",
@@ -169,6 +169,21 @@ def markdown(results):
                 else:
                     row.append(r.get("status", "?") + (f": {r['note'][:60]}" if r.get("note") else ""))
             out.append("| " + " | ".join(row) + " |")
+    if results.get("managed"):
+        out += ["", "## Managed level (W4 through forked sequences)", "",
+                "The library owns the KV cache: one sequence holds the prefix, 64 forks share its pages, each "
+                "fork's own tokens appended a page at a time round-robin (pages interleaved); then "
+                "`packinfer_pool_relayout` makes each group contiguous (prefix once, members after it).", ""]
+        out.append("| workload | pool state | status | time | vs float64 | pages moved | tokens stored / logical |")
+        out.append("|---|---|---|---|---|---|---|")
+        for w, rows in results["managed"].items():
+            for k, r in rows.items():
+                ps = r.get("pool_stats") or {}
+                moved = (r.get("relayout") or {}).get("pages_moved", "—")
+                err = r.get("rel_err_fp64")
+                stored = f"{ps['tokens_stored']} / {ps['tokens_logical']}" if ps else "—"
+                out.append(f"| {w} | {k} | {r.get('status')}{(': ' + r['note'][:80]) if r.get('note') else ''} | "
+                           f"{fmt_us(r.get('time_us'))} | {'—' if err is None else f'{err:.2g}'} | {moved} | {stored} |")
     if results.get("capacity_sweep"):
         out += ["", "## Capacity sweep (PackInfer)", "",
                 "Time against the group capacity C, as multiples of the planner's own choice.", ""]

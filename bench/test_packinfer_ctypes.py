@@ -12,6 +12,7 @@
 
 import ctypes
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,6 +31,7 @@ import workloads as wl  # noqa: E402
 if len(sys.argv) > 1 and not sys.argv[1].startswith("-"):
     os.environ["PACKINFER_LIB"] = os.path.abspath(sys.argv.pop(1))
 LIB_PATH = os.environ.get("PACKINFER_LIB", os.path.join(ROOT, "target", "release", "libpackinfer.so"))
+INCLUDE_DIR = os.environ.get("PACKINFER_INCLUDE", os.path.join(ROOT, "include"))
 
 
 class LayoutTest(unittest.TestCase):
@@ -47,13 +49,22 @@ class LayoutTest(unittest.TestCase):
             src, exe = os.path.join(d, "layout.c"), os.path.join(d, "layout")
             with open(src, "w") as f:
                 f.write("\n".join(lines))
-            subprocess.run([cc, "-I", os.path.join(ROOT, "include"), src, "-o", exe], check=True)
+            subprocess.run([cc, "-I", INCLUDE_DIR, src, "-o", exe], check=True)
             out = subprocess.run([exe], check=True, capture_output=True, text=True).stdout
         c_values = dict(line.rsplit(" ", 1) for line in out.splitlines())
         for s in pc.STRUCTS:
             self.assertEqual(int(c_values[f"{s.__name__} size"]), ctypes.sizeof(s), f"sizeof({s.__name__})")
             for name, _ in s._fields_:
                 self.assertEqual(int(c_values[f"{s.__name__}.{name}"]), getattr(s, name).offset, f"{s.__name__}.{name}")
+
+
+    def test_every_export_has_a_signature(self):
+        with open(os.path.join(INCLUDE_DIR, "packinfer.h")) as f:
+            header = f.read()
+        declared = set(re.findall(r"\b(packinfer_\w+)\(", header))
+        typed = set(pc._SIGNATURES) | set(pc.OPTIONAL_SIGNATURES)
+        self.assertEqual(sorted(declared - typed), [], "exports of the header without a ctypes signature")
+        self.assertEqual(sorted(typed - declared), [], "ctypes signatures of functions the header lacks")
 
 
 def reference_attention(q, k_slots, v_slots, causal, scale):

@@ -99,9 +99,21 @@ def markdown(results):
                 + (f"matrix product {c['matmul_tflops']:.1f} TFLOP/s" if c['matmul_tflops'] >= 1 else f"matrix product {c['matmul_tflops'] * 1e3:.1f} GFLOP/s") + (f" ({c['how']})" if c.get("how") else "") + "."]
     names = contender_names(results)
     ours, anchors = ours_and_anchors(names, results)
+    cpu = m.get("mode") == "cpu"
+    if cpu:
+        out += ["", "## Tokens per second (CPU backend)", "",
+                "Wall time of one `packinfer_run` (median of the runs; min and p90 beside it: the machine is shared, "
+                "so the spread is wide).", "",
+                "| workload | query tokens/s | KV tokens/s | median | min | p90 |", "|---|---|---|---|---|---|"]
+        for w, e in results["workloads"].items():
+            for n, r in e.get("contenders", {}).items():
+                if r and r.get("status") == "ok" and "tokens_per_s" in r:
+                    t = r["time_us"]
+                    out.append(f"| {w} | {r['tokens_per_s']:.4g} | {r['kv_tokens_per_s']:.4g} | {fmt_us(t['median'])} | "
+                               f"{fmt_us(t['min'])} | {fmt_us(t['p90'])} |")
     out += ["", "## Time per workload", "",
-            "Median time (CUDA-graph replay where the contender has one, eager in brackets) and the fraction of "
-            "the physical floor = max(FLOPs / matrix rate, minimum bytes / copy rate).", ""]
+            ("Median wall time" if cpu else "Median time (CUDA-graph replay where the contender has one, eager in brackets)")
+            + " and the fraction of the physical floor = max(FLOPs / matrix rate, minimum bytes / copy rate).", ""]
     out.append("| workload | FLOPs | min bytes | floor | " + " | ".join(names) + " |")
     out.append("|---|---|---|---|" + "---|" * len(names))
     for w, e in results["workloads"].items():

@@ -28,14 +28,14 @@ lib="$stage/libpackinfer.so"
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 rm -rf /tmp/packinfer_bench
 for kind in prefill decode cascade; do
-  timeout 400 python3 "$bench/gpu_bench.py" --phase "warm-$kind" >>"$out/warm.log" 2>&1 &
+  timeout 250 python3 "$bench/gpu_bench.py" --phase "warm-$kind" >>"$out/warm.log" 2>&1 &
 done
 echo "== anchors $(date -u +%T)" >>"$log"
-timeout "${ANCHORS_TIMEOUT:-330}" python3 "$bench/gpu_bench.py" --phase anchors --out "$out" --trace "$trace" 2>&1 | tee -a "$log"
+timeout "${ANCHORS_TIMEOUT:-270}" python3 "$bench/gpu_bench.py" --phase anchors --out "$out" --trace "$trace" 2>&1 | tee -a "$log"
 echo "== ours $(date -u +%T)" >>"$log"
-timeout "${OURS_TIMEOUT:-150}" python3 "$bench/gpu_bench.py" --phase ours --out "$out" --trace "$trace" --lib "$lib" 2>&1 | tee -a "$log"
+timeout "${OURS_TIMEOUT:-120}" python3 "$bench/gpu_bench.py" --phase ours --out "$out" --trace "$trace" --lib "$lib" 2>&1 | tee -a "$log"
 echo "== report $(date -u +%T)" >>"$log"
 python3 "$bench/gpu_bench.py" --phase report --out "$out" >>"$log" 2>&1
 wait
 echo "== done $(date -u +%T)" >>"$log"
-cat "$out/results.md" 2>/dev/null | head -60
+cat "$out/results.md" 2>/dev/null

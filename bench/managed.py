@@ -41,15 +41,15 @@ def build_w4_pool(ctx, w, shape, prefix_k, prefix_v, own_k, own_v, stream=0, hea
                     num_pages, ps, headroom_pages, float(shape.sm_scale))
     try:
         parent = pool.sequence()
-        pool.append(parent, prefix_len)
+        pool.append(parent, prefix_len, stream)
         pool.write_kv(0, [parent], [prefix_len], prefix_k, prefix_v, stream)
-        forks = [pool.fork(parent, prefix_len) for _ in members]
+        forks = [pool.fork(parent, prefix_len, stream) for _ in members]
         remaining = list(own_lens)
         while any(remaining):
             for i, n in enumerate(remaining):
                 if n:
                     step = min(ps, n)
-                    pool.append(forks[i], step)
+                    pool.append(forks[i], step, stream)
                     remaining[i] -= step
         pool.write_kv(0, forks, own_lens, own_k, own_v, stream)
         return pool, forks

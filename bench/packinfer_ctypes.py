@@ -121,6 +121,11 @@ class PackinferPool(Structure):
     _fields_ = [("bits", c_uint64)]
 
 
+class PackinferKvSource(Structure):
+    _fields_ = [("struct_size", c_size_t), ("k", c_void_p), ("v", c_void_p), ("num_rows", c_uint32),
+                ("num_kv_heads", c_uint32), ("head_dim", c_uint32), ("dtype", c_uint32), ("stride_token", c_int64)]
+
+
 class PackinferRelayoutReport(Structure):
     _fields_ = [("struct_size", c_size_t), ("groups", c_uint32), ("groups_in_place", c_uint32),
                 ("groups_rebuilt", c_uint32), ("groups_no_room", c_uint32), ("pages_moved", c_uint64),
@@ -139,7 +144,7 @@ class PackinferPoolStats(Structure):
 STRUCTS = [PackinferContextOptions, PackinferContext, PackinferContextInfo, PackinferPlanOptions,
            PackinferPrefixGroup, PackinferBatchDesc, PackinferPlan, PackinferPlanStats, PackinferLaunchOptions,
            PackinferLaunch, PackinferKvLayout, PackinferRunArgs, PackinferLaunchCapacity, PackinferPoolOptions,
-           PackinferPool, PackinferRelayoutReport, PackinferPoolStats]
+           PackinferPool, PackinferKvSource, PackinferRelayoutReport, PackinferPoolStats]
 
 # name: (restype, argtypes) of every export in the header.
 _SIGNATURES = {
@@ -181,11 +186,11 @@ OPTIONAL_SIGNATURES = {
     "packinfer_pool_kv_layout": (c_int, [PackinferPool, c_uint32, POINTER(PackinferKvLayout)]),
     "packinfer_pool_sequence_create": (c_int, [PackinferPool, _U64P]),
     "packinfer_pool_sequence_length": (c_int, [PackinferPool, c_uint64, _U32P]),
-    "packinfer_pool_append": (c_int, [PackinferPool, c_uint64, c_uint32, POINTER(c_int64)]),
-    "packinfer_pool_fork": (c_int, [PackinferPool, c_uint64, c_uint32, _U64P]),
+    "packinfer_pool_append": (c_int, [PackinferPool, c_uint64, c_uint32, POINTER(c_int64), c_void_p]),
+    "packinfer_pool_fork": (c_int, [PackinferPool, c_uint64, c_uint32, c_void_p, _U64P]),
     "packinfer_pool_truncate": (c_int, [PackinferPool, c_uint64, c_uint32]),
     "packinfer_pool_release": (c_int, [PackinferPool, c_uint64]),
-    "packinfer_pool_write_kv": (c_int, [PackinferPool, c_uint32, _U64P, _U32P, c_uint32, c_void_p, c_void_p, c_int64,
+    "packinfer_pool_write_kv": (c_int, [PackinferPool, c_uint32, _U64P, _U32P, c_uint32, POINTER(PackinferKvSource),
                                         c_void_p]),
     "packinfer_pool_register_page_hashes": (c_int, [PackinferPool, c_uint64, _U64P, c_uint32]),
     "packinfer_pool_match_prefix": (c_int, [PackinferPool, c_uint64, _U64P, c_uint32, _U32P]),
@@ -303,7 +308,7 @@ class Context:
             opts.headroom_pages = headroom_pages
         handle = PackinferPool()
         lib._check("packinfer_pool_create", lib.lib.packinfer_pool_create(self.handle, ctypes.byref(opts), ctypes.byref(handle)))
-        return Pool(self, handle)
+        return Pool(self, handle, num_kv_heads, head_dim, dtype)
 
     def plan(self, batch, flags=0, capacity=0.0, split_keys=0):
         """Plans `batch` (a BatchArrays); returns (Plan, host seconds spent in plan_create)."""
@@ -376,8 +381,9 @@ class Launch:
 class Pool:
     """A managed KV pool: sequences, forks (shared prefixes), K/V writes, plans, relayout."""
 
-    def __init__(self, context, handle):
+    def __init__(self, context, handle, num_kv_heads, head_dim, dtype):
         self.context, self.library, self.handle = context, context.library, handle
+        self.num_kv_heads, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
 
     def _call(self, name, *args):
         self.library._check(name, getattr(self.library.lib, name)(*args))
@@ -387,12 +393,12 @@ class Pool:
         self._call("packinfer_pool_sequence_create", self.handle, ctypes.byref(out))
         return out.value
 
-    def append(self, seq, n):
-        self._call("packinfer_pool_append", self.handle, seq, n, None)
+    def append(self, seq, n, stream=0):
+        self._call("packinfer_pool_append", self.handle, seq, n, None, stream or None)
 
-    def fork(self, parent, prefix_len):
+    def fork(self, parent, prefix_len, stream=0):
         out = c_uint64()
-        self._call("packinfer_pool_fork", self.handle, parent, prefix_len, ctypes.byref(out))
+        self._call("packinfer_pool_fork", self.handle, parent, prefix_len, stream or None, ctypes.byref(out))
         return out.value
 
     def write_kv(self, layer, seqs, num_tokens, k_ptr, v_ptr, stream=0):
@@ -400,7 +406,9 @@ class Pool:
         last num_tokens[i] tokens of seqs[i]."""
         ids = (c_uint64 * len(seqs))(*seqs)
         counts = (c_uint32 * len(seqs))(*[int(n) for n in num_tokens])
-        self._call("packinfer_pool_write_kv", self.handle, layer, ids, counts, len(seqs), k_ptr, v_ptr, 0, stream or None)
+        src = PackinferKvSource(ctypes.sizeof(PackinferKvSource), k_ptr, v_ptr, sum(int(n) for n in num_tokens),
+                                self.num_kv_heads, self.head_dim, self.dtype, 0)
+        self._call("packinfer_pool_write_kv", self.handle, layer, ids, counts, len(seqs), ctypes.byref(src), stream or None)
 
     def kv_layout(self, layer=0):
         layout = PackinferKvLayout()

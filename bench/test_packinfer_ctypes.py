@@ -25,6 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
+import managed  # noqa: E402
 import packinfer_ctypes as pc  # noqa: E402
 import workloads as wl  # noqa: E402
 
@@ -65,6 +66,11 @@ class LayoutTest(unittest.TestCase):
         typed = set(pc._SIGNATURES) | set(pc.OPTIONAL_SIGNATURES)
         self.assertEqual(sorted(declared - typed), [], "exports of the header without a ctypes signature")
         self.assertEqual(sorted(typed - declared), [], "ctypes signatures of functions the header lacks")
+        sigs = dict(pc._SIGNATURES, **pc.OPTIONAL_SIGNATURES)
+        for name, params in re.findall(r"\b(packinfer_\w+)\(([^;]*)\);", header):
+            params = " ".join(params.split())
+            count = 0 if params in ("", "void") else params.count(",") + 1
+            self.assertEqual(len(sigs[name][1]), count, f"{name}: the header declares ({params})")
 
 
 def reference_attention(q, k_slots, v_slots, causal, scale):
@@ -128,6 +134,46 @@ class CpuBackendTest(unittest.TestCase):
             plan.handle = pc.PackinferPlan(12345)
             plan.destroy()
         self.assertEqual(e.exception.status, "INVALID_HANDLE")
+
+    def test_managed_pool_forks_match_reference(self):
+        """W4's managed build (managed.py) on a small case: forks of a prefix, pages interleaved,
+        then relayout; both plans' outputs match the float64 reference of the same values."""
+        if not self.lib.has("packinfer_pool_create"):
+            self.skipTest("this build has no packinfer_pool_* exports")
+        shape = wl.ModelShape(num_qo_heads=4, num_kv_heads=2, head_dim=32, dtype="f32")
+        rng = np.random.default_rng(3)
+        own = [1, 37, 5, 20]
+        w = wl.build_paged("W4", [(1, 32 + n) for n in own], page_size=4, rng=rng, causal=True, shared_prefix=32)
+        k = rng.standard_normal((w.num_pages, w.page_size, shape.num_kv_heads, shape.head_dim)).astype(np.float32)
+        v = rng.standard_normal(k.shape).astype(np.float32)
+        q = rng.standard_normal((w.total_q, shape.num_qo_heads, shape.head_dim)).astype(np.float32)
+        kf, vf = k.reshape(-1, shape.num_kv_heads, shape.head_dim), v.reshape(-1, shape.num_kv_heads, shape.head_dim)
+        prefix, own_slots, _ = managed.w4_rows(w)
+        rows = [np.ascontiguousarray(x) for x in (kf[prefix], vf[prefix], kf[own_slots], vf[own_slots])]
+        pool, forks = managed.build_w4_pool(self.ctx, w, shape, *[r.ctypes.data for r in rows], headroom_pages=1)
+        slots = w.kv_slots()
+        refs = [reference_attention(q[r:r + 1], kf[slots[r]], vf[slots[r]], True, shape.sm_scale) for r in range(4)]
+        try:
+            for relayout in (False, True):
+                plan, _ = pool.plan(forks, [1] * len(forks))
+                if relayout:
+                    report = pool.relayout(plan, forks, regroup=True)
+                    self.assertEqual(report["groups_no_room"], 0)
+                    plan.destroy()
+                    plan, _ = pool.plan(forks, [1] * len(forks))
+                launch = self.ctx.launch(plan)
+                o = np.full_like(q, np.nan)
+                launch.run(q.ctypes.data, pool.kv_layout(0), o.ctypes.data)
+                for r in range(4):
+                    err = np.linalg.norm(o[r:r + 1] - refs[r]) / np.linalg.norm(refs[r])
+                    self.assertLess(err, 1e-5, f"request {r}, relayout {relayout}")
+                launch.destroy()
+                plan.destroy()
+            stats = pool.stats()
+            self.assertEqual(stats["tokens_stored"], 32 + sum(own))
+            self.assertEqual(stats["num_sequences"], 5)
+        finally:
+            pool.destroy()
 
     def test_bad_argument_names_value(self):
         shape = wl.ModelShape(num_qo_heads=4, num_kv_heads=2, head_dim=32, dtype="f32")

@@ -446,8 +446,9 @@ def phase_anchors(args):
             if not w.ragged:
                 res["layout"] = "unpaged copy of each request's keys (FA2 varlen has no page table)"
             e["contenders"][FA2] = res
-            outputs[w.name] = {FA2: out if res.get("check", {}).get("ok") else None}
-            if out is not None:
+            ok = bool(res.get("check", {}).get("ok"))
+            outputs[w.name] = {FA2: out if ok else None}
+            if ok:
                 torch.save(out.cpu(), os.path.join(state, f"{w.name}_FA2.pt"))
             log(f"{w.name} {FA2}: {report.cell(res, e)}")
         except Exception as ex:

@@ -396,6 +396,29 @@ impl KvPool {
         s.compute_stats(&self.config)
     }
 
+    /// Reads token `token` of `seq` in `layer` back as (K row, V row) bytes, under the pool's
+    /// lock. Host memory only (the CPU backend): for tests and debugging.
+    pub fn read_token_host(&self, seq: SeqId, layer: u32, token: u32) -> Result<(Vec<u8>, Vec<u8>)> {
+        if self._backend.kind() != crate::backend::BackendKind::Cpu {
+            return Err(crate::unsupported!("read_token_host reads host memory; this pool lives on the {} backend", self._backend.device_name()));
+        }
+        self.kv_layout(layer)?;
+        let s = self.state.lock();
+        let q = s.seq(seq)?;
+        if token >= q.len {
+            return Err(invalid!("token = {token} but sequence {seq} holds {} tokens", q.len));
+        }
+        let ps = self.config.page_size;
+        let slot = q.pages[(token / ps) as usize] as u64 * ps as u64 + (token % ps) as u64;
+        let row = self.config.row_bytes();
+        let read = |v: bool| {
+            let at = self.memory.base() + self.region_offset(layer, v) + slot * row;
+            // SAFETY: host memory of the pool; the slot is inside the allocation.
+            unsafe { std::slice::from_raw_parts(at as *const u8, row as usize).to_vec() }
+        };
+        Ok((read(false), read(true)))
+    }
+
     /// A copy of the state, for invariant checks in tests.
     #[doc(hidden)]
     pub fn debug_snapshot(&self) -> PoolSnapshot {

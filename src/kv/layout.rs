@@ -104,15 +104,19 @@ impl PoolState {
             runs.push(run);
         }
         let mut report = RelayoutReport { groups: groups.len() as u32, ..Default::default() };
+        let due: Vec<usize> = (0..groups.len())
+            .filter(|&g| (regroup || groups[g].iter().any(|id| self.seqs[id].overflowed)) && !self.in_place(&runs[g], &groups[g]))
+            .collect();
+        report.groups_in_place = (groups.len() - due.len()) as u32;
+        if due.is_empty() {
+            return Ok(report);
+        }
+        // Runs are taken from a working copy of the free set, so a group that finds no room
+        // leaves nothing behind.
         let mut free = self.free.clone();
         // (group, first page of its new run)
         let mut rebuild: Vec<(usize, u32)> = Vec::new();
-        for (g, members) in groups.iter().enumerate() {
-            let due = regroup || members.iter().any(|id| self.seqs[id].overflowed);
-            if !due || self.in_place(&runs[g], members) {
-                report.groups_in_place += 1;
-                continue;
-            }
+        for g in due {
             match self.anchored_run(&runs[g], &mut free).or_else(|| take_run(&mut free, runs[g].len())) {
                 Some(start) => rebuild.push((g, start)),
                 None => report.groups_no_room += 1,

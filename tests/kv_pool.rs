@@ -417,6 +417,13 @@ fn content_hash_prefix_sharing() {
     pool.release(c).unwrap();
     let d = pool.create_sequence();
     assert_eq!(pool.match_prefix(d, &[11]).unwrap(), 0, "hashes of freed pages are forgotten");
+    // A hashed page that becomes partial by truncation may be rewritten: its hash is dropped.
+    let e = pool.create_sequence();
+    pool.append(e, 8).unwrap();
+    pool.register_page_hashes(e, &[55, 66]).unwrap();
+    pool.truncate(e, 6).unwrap();
+    let f = pool.create_sequence();
+    assert_eq!(pool.match_prefix(f, &[55, 66]).unwrap(), 4, "only the still-full first page matches");
 }
 
 #[test]

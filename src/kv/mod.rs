@@ -544,6 +544,13 @@ impl PoolState {
         }
         let keep = len.div_ceil(self.page_size) as usize;
         let mut q = self.seqs.remove(&id).unwrap();
+        if len % self.page_size != 0 {
+            // The last kept page is now partial: its next tokens may be written in place, so it
+            // no longer matches the content hash of a full page.
+            if let Some(h) = self.hash_of_page.remove(&q.pages[keep - 1]) {
+                self.page_by_hash.remove(&h);
+            }
+        }
         for &p in q.pages[keep..].iter().chain(&q.reserved) {
             self.unref(p);
         }

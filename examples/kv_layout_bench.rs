@@ -82,7 +82,7 @@ fn make_groups(pool: &KvPool, reqs: &[Request]) -> Vec<Vec<SeqId>> {
         let cost = FAMILY_PREFIX as u64 + members.iter().map(|&s| (pool.sequence_len(s).unwrap() - FAMILY_PREFIX) as u64).sum::<u64>();
         units.push((cost, members));
     }
-    units.sort_by(|a, b| b.0.cmp(&a.0));
+    units.sort_by_key(|u| std::cmp::Reverse(u.0));
     let mut groups: Vec<(u64, Vec<SeqId>)> = vec![(0, Vec::new()); GROUPS];
     for (cost, members) in units {
         let g = groups.iter_mut().min_by_key(|g| g.0).unwrap();

@@ -71,12 +71,7 @@ impl PoolConfig {
     }
     /// Pages that fit in `bytes` (for pools sized in bytes).
     pub fn pages_for_bytes(&self, bytes: u64) -> u64 {
-        let per = self.page_bytes_all_layers();
-        if per == 0 {
-            0
-        } else {
-            bytes / per
-        }
+        bytes.checked_div(self.page_bytes_all_layers()).unwrap_or(0)
     }
     pub fn shape(&self) -> Shape {
         let sm_scale = if self.sm_scale == 0.0 { 1.0 / (self.head_dim.max(1) as f32).sqrt() } else { self.sm_scale };

@@ -382,6 +382,37 @@ typedef struct PackinferPool {
 } PackinferPool;
 
 /**
+ * The step's new K and V for one layer, as the engine holds them: `[num_rows, num_kv_heads,
+ * head_dim]` each, token-major. Shape and dtype are stated so a mismatch with the pool is an
+ * error, not a silent misread.
+ */
+typedef struct PackinferKvSource {
+  /**
+   * sizeof(PackinferKvSource).
+   */
+  size_t struct_size;
+  /**
+   * Device memory on CUDA, host memory on the CPU backend.
+   */
+  const void *k;
+  const void *v;
+  /**
+   * Rows (tokens) in `k` and `v`; must equal the sum of `num_tokens`.
+   */
+  uint32_t num_rows;
+  /**
+   * Must equal the pool's.
+   */
+  uint32_t num_kv_heads;
+  uint32_t head_dim;
+  enum PackinferDtype dtype;
+  /**
+   * Elements between consecutive tokens' rows; 0 = contiguous (num_kv_heads * head_dim).
+   */
+  int64_t stride_token;
+} PackinferKvSource;
+
+/**
  * What one `packinfer_pool_relayout` did.
  */
 typedef struct PackinferRelayoutReport {
@@ -702,22 +733,19 @@ enum PackinferStatus packinfer_pool_truncate(struct PackinferPool pool, uint64_t
 enum PackinferStatus packinfer_pool_release(struct PackinferPool pool, uint64_t seq);
 
 /**
- * Writes one layer's K and V for the step's new tokens: `k` and `v` are `[sum(num_tokens),
- * num_kv_heads, head_dim]` in the pool's dtype (device memory on CUDA), `src_stride_token`
- * elements between tokens (0 = contiguous); rows go, in order, to the last `num_tokens[i]`
- * tokens of `seq_ids[i]` (reserved by `packinfer_pool_append`). Runs on `stream`.
+ * Writes one layer's K and V for the step's new tokens: the rows of `src` go, in order, to the
+ * last `num_tokens[i]` tokens of `seq_ids[i]` (reserved by `packinfer_pool_append`). Runs on
+ * `stream`. A source whose shape or dtype differs from the pool's is refused.
  *
  * # Safety
- * Arrays of `n` entries; `k`, `v` address the rows described.
+ * Arrays of `n` entries; `src` initialized, its `k` and `v` addressing the rows it describes.
  */
 enum PackinferStatus packinfer_pool_write_kv(struct PackinferPool pool,
                                              uint32_t layer,
                                              const uint64_t *seq_ids,
                                              const uint32_t *num_tokens,
                                              uint32_t n,
-                                             const void *k,
-                                             const void *v,
-                                             int64_t src_stride_token,
+                                             const struct PackinferKvSource *src,
                                              void *stream);
 
 /**

@@ -107,9 +107,17 @@ impl Engine {
         for layer in 0..self.s.layers {
             let k = Tensor::new(self.s.dtype, (0..total * row).map(|_| self.r.random_range(-1.0..1.0f32)));
             let v = Tensor::new(self.s.dtype, (0..total * row).map(|_| self.r.random_range(-1.0..1.0f32)));
-            let st = unsafe {
-                packinfer_pool_write_kv(self.pool, layer, ids.as_ptr(), counts.as_ptr(), ids.len() as u32, k.ptr() as *const _, v.ptr() as *const _, 0, null_mut())
+            let src = PackinferKvSource {
+                struct_size: std::mem::size_of::<PackinferKvSource>(),
+                k: k.ptr() as *const _,
+                v: v.ptr() as *const _,
+                num_rows: total as u32,
+                num_kv_heads: self.s.kv_heads,
+                head_dim: self.s.head_dim,
+                dtype: ffi_dtype(self.s.dtype),
+                stride_token: 0,
             };
+            let st = unsafe { packinfer_pool_write_kv(self.pool, layer, ids.as_ptr(), counts.as_ptr(), ids.len() as u32, &src, null_mut()) };
             ok(st, "write_kv");
             let mut at = 0;
             for &(id, n) in step {

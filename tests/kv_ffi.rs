@@ -126,11 +126,30 @@ fn handles_and_sequence_ids_are_checked() {
         let ids = [a];
         let n7 = [7u32];
         let n1 = [1u32];
-        expect(packinfer_pool_write_kv(pool, 0, ids.as_ptr(), n7.as_ptr(), 1, k.as_ptr() as _, k.as_ptr() as _, 0, null_mut()), InvalidArgument, "num_tokens[0] = 7", "write more than stored");
-        expect(packinfer_pool_write_kv(pool, 0, ids.as_ptr(), n1.as_ptr(), 1, k.as_ptr() as _, k.as_ptr() as _, 15, null_mut()), InvalidArgument, "src_stride_token = 15", "stride smaller than a row");
-        expect(packinfer_pool_write_kv(pool, 2, ids.as_ptr(), n1.as_ptr(), 1, k.as_ptr() as _, k.as_ptr() as _, 0, null_mut()), InvalidArgument, "layer = 2", "layer out of range");
-        expect(packinfer_pool_write_kv(pool, 0, ids.as_ptr(), n1.as_ptr(), 1, null(), null(), 0, null_mut()), InvalidArgument, "null", "null k/v");
-        expect(packinfer_pool_write_kv(pool, 0, null(), n1.as_ptr(), 1, k.as_ptr() as _, k.as_ptr() as _, 0, null_mut()), InvalidArgument, "seq_ids", "null ids");
+        let good = PackinferKvSource {
+            struct_size: std::mem::size_of::<PackinferKvSource>(),
+            k: k.as_ptr() as _,
+            v: k.as_ptr() as _,
+            num_rows: 1,
+            num_kv_heads: 2,
+            head_dim: 8,
+            dtype: PackinferDtype::F32,
+            stride_token: 0,
+        };
+        let write = |layer: u32, ids: *const u64, counts: &[u32], src: &PackinferKvSource| packinfer_pool_write_kv(pool, layer, ids, counts.as_ptr(), 1, src, null_mut());
+        expect(write(0, ids.as_ptr(), &n7, &PackinferKvSource { num_rows: 7, ..good }), InvalidArgument, "num_tokens[0] = 7", "write more than stored");
+        expect(write(0, ids.as_ptr(), &n1, &PackinferKvSource { num_rows: 2, ..good }), InvalidArgument, "num_rows = 2", "rows differ from num_tokens");
+        expect(write(0, ids.as_ptr(), &n1, &PackinferKvSource { head_dim: 16, ..good }), InvalidArgument, "head_dim 8", "head_dim differs");
+        expect(write(0, ids.as_ptr(), &n1, &PackinferKvSource { num_kv_heads: 1, ..good }), InvalidArgument, "2 KV heads", "kv heads differ");
+        expect(write(0, ids.as_ptr(), &n1, &PackinferKvSource { dtype: PackinferDtype::Bf16, ..good }), InvalidArgument, "dtype = bf16", "dtype differs");
+        expect(write(0, ids.as_ptr(), &n1, &PackinferKvSource { stride_token: 15, ..good }), InvalidArgument, "src->stride_token = 15", "stride smaller than a row");
+        expect(write(0, ids.as_ptr(), &n1, &PackinferKvSource { stride_token: -16, ..good }), InvalidArgument, "src->stride_token = -16", "negative stride");
+        expect(write(0, ids.as_ptr(), &n1, &PackinferKvSource { struct_size: 4, ..good }), InvalidArgument, "struct_size = 4", "old struct");
+        expect(write(2, ids.as_ptr(), &n1, &good), InvalidArgument, "layer = 2", "layer out of range");
+        expect(write(0, ids.as_ptr(), &n1, &PackinferKvSource { k: null(), v: null(), ..good }), InvalidArgument, "null", "null k/v");
+        expect(write(0, null(), &n1, &good), InvalidArgument, "seq_ids", "null ids");
+        expect(packinfer_pool_write_kv(pool, 0, ids.as_ptr(), n1.as_ptr(), 1, null(), null_mut()), InvalidArgument, "src", "null src");
+        expect(write(0, ids.as_ptr(), &n1, &good), Ok, "", "a good write");
         let mut layout: PackinferKvLayout = std::mem::zeroed();
         expect(packinfer_pool_kv_layout(pool, 2, &mut layout), InvalidArgument, "layer = 2", "layout of a missing layer");
         expect(packinfer_pool_kv_layout(pool, 1, null_mut()), InvalidArgument, "layout", "null layout");

@@ -77,6 +77,19 @@ impl Model {
     }
 }
 
+/// The engine's content hash of each full page: a chained hash of the tags up to the page's end.
+fn chain_hashes(tags: &[u64], page_size: u32) -> Vec<u64> {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let mut out = Vec::new();
+    for (i, &t) in tags.iter().enumerate() {
+        h = (h ^ t).wrapping_mul(0x100_0000_01b3);
+        if (i + 1) % page_size as usize == 0 {
+            out.push(h);
+        }
+    }
+    out
+}
+
 /// Every invariant of the pool against the model.
 fn check(pool: &KvPool, model: &Model, ctx: &str) {
     let snap = pool.debug_snapshot();
@@ -155,7 +168,7 @@ fn random_ops(seed: u64, page_size: u32, num_pages: u32, headroom: u32, steps: u
     for step in 0..steps {
         let ids: Vec<SeqId> = model.seqs.keys().copied().collect();
         let pick = |r: &mut SmallRng| ids.choose(r).copied();
-        let op = r.random_range(0..100);
+        let op = r.random_range(0..110);
         let before = pool.debug_snapshot();
         let ctx = format!("seed {seed} step {step} op {op}");
         let result: Result<(), Error> = match op {
@@ -205,7 +218,28 @@ fn random_ops(seed: u64, page_size: u32, num_pages: u32, headroom: u32, steps: u
                 }),
                 None => Ok(()),
             },
-            _ => {
+            100..=104 => match pick(&mut r) {
+                // The engine registers content hashes of a sequence's full pages.
+                Some(id) => {
+                    let hashes = chain_hashes(&model.seqs[&id], page_size);
+                    let k = r.random_range(0..=hashes.len());
+                    pool.register_page_hashes(id, &hashes[..k])
+                }
+                None => Ok(()),
+            },
+            105..=109 => match pick(&mut r) {
+                // A new sequence whose prompt starts like an existing one shares its pages by hash.
+                Some(like) => {
+                    let hashes = chain_hashes(&model.seqs[&like], page_size);
+                    let id = pool.create_sequence();
+                    let m = pool.match_prefix(id, &hashes).unwrap();
+                    assert_eq!(m % page_size, 0);
+                    model.seqs.insert(id, model.seqs[&like][..m as usize].to_vec());
+                    Ok(())
+                }
+                None => Ok(()),
+            },
+            80..=99 => {
                 // Plan a random subset, check the batch, then relayout by the plan's groups or by random groups.
                 let mut subset: Vec<SeqId> = ids.iter().copied().filter(|_| r.random_bool(0.6)).collect();
                 subset.shuffle(&mut r);
@@ -246,6 +280,7 @@ fn random_ops(seed: u64, page_size: u32, num_pages: u32, headroom: u32, steps: u
                 }
                 Ok(())
             }
+            _ => unreachable!(),
         };
         match result {
             Ok(()) => {}

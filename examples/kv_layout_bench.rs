@@ -111,7 +111,7 @@ fn run(trace: &[(u32, u32)], headroom: u32) -> (Totals, Totals, f64, f64, (u64, 
     let families: Vec<SeqId> = (0..4)
         .map(|_| {
             let s = pool.create_sequence();
-            pool.append(s, FAMILY_PREFIX).unwrap();
+            pool.append(s, FAMILY_PREFIX, 0).unwrap();
             s
         })
         .collect();
@@ -123,13 +123,13 @@ fn run(trace: &[(u32, u32)], headroom: u32) -> (Totals, Totals, f64, f64, (u64, 
         let family = (slot % 8 < 4).then_some(slot % 4);
         let seq = match family {
             Some(f) => {
-                let s = pool.fork(families[f], FAMILY_PREFIX).unwrap();
-                pool.append(s, ctx - FAMILY_PREFIX).unwrap();
+                let s = pool.fork(families[f], FAMILY_PREFIX, 0).unwrap();
+                pool.append(s, ctx - FAMILY_PREFIX, 0).unwrap();
                 s
             }
             None => {
                 let s = pool.create_sequence();
-                pool.append(s, ctx).unwrap();
+                pool.append(s, ctx, 0).unwrap();
                 s
             }
         };
@@ -217,7 +217,7 @@ fn run(trace: &[(u32, u32)], headroom: u32) -> (Totals, Totals, f64, f64, (u64, 
         // Decode: one token each; finished requests leave and the next trace row is admitted.
         let mut admitted = Vec::new();
         for (i, r) in reqs.iter_mut().enumerate() {
-            pool.append(r.seq, 1).unwrap();
+            pool.append(r.seq, 1, 0).unwrap();
             native.append_bytes += config.token_bytes_all_layers();
             ws_t.append_bytes += 2 * config.token_bytes_all_layers();
             r.remaining -= 1;

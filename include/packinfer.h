@@ -699,27 +699,30 @@ enum PackinferStatus packinfer_pool_sequence_length(struct PackinferPool pool,
 
 /**
  * Reserves `n` more tokens at the end of `seq`. If `slots` is not NULL it receives their `n`
- * slots (`page * page_size + token in page`; valid until the next relayout). POOL_EXHAUSTED
+ * slots (`page * page_size + token in page`; valid until the next relayout). If the last page
+ * is shared and partly filled it is copied first (copy-on-write), on `stream`. POOL_EXHAUSTED
  * when the pages do not fit, and then nothing changed.
  *
  * # Safety
- * `slots` NULL or writable for `n` entries.
+ * `slots` NULL or writable for `n` entries; `stream` a CUstream of the pool's device or NULL.
  */
 enum PackinferStatus packinfer_pool_append(struct PackinferPool pool,
                                            uint64_t seq,
                                            uint32_t n,
-                                           int64_t *slots);
+                                           int64_t *slots,
+                                           void *stream);
 
 /**
  * A new sequence sharing the first `prefix_len` tokens of `parent` (full pages shared
- * copy-on-write, a partly covered page copied); `*child` is its id.
+ * copy-on-write, a partly covered page copied on `stream`); `*child` is its id.
  *
  * # Safety
- * `child` must be writable.
+ * `child` must be writable; `stream` a CUstream of the pool's device or NULL.
  */
 enum PackinferStatus packinfer_pool_fork(struct PackinferPool pool,
                                          uint64_t parent,
                                          uint32_t prefix_len,
+                                         void *stream,
                                          uint64_t *child);
 
 /**

@@ -97,7 +97,7 @@ impl Engine {
     fn append_and_write(&mut self, step: &[(u64, u32)]) {
         for &(id, n) in step {
             let mut slots = vec![-1i64; n as usize];
-            ok(unsafe { packinfer_pool_append(self.pool, id, n, slots.as_mut_ptr()) }, "append");
+            ok(unsafe { packinfer_pool_append(self.pool, id, n, slots.as_mut_ptr(), null_mut()) }, "append");
             assert!(slots.iter().all(|&s| s >= 0));
         }
         let total: usize = step.iter().map(|&(_, n)| n as usize).sum();
@@ -135,7 +135,7 @@ impl Engine {
 
     fn fork(&mut self, parent: u64, at: usize) -> u64 {
         let mut child = 0;
-        ok(unsafe { packinfer_pool_fork(self.pool, parent, at as u32, &mut child) }, "fork");
+        ok(unsafe { packinfer_pool_fork(self.pool, parent, at as u32, null_mut(), &mut child) }, "fork");
         let row = self.row();
         let p = &self.seqs[&parent];
         let rec = Record { k: p.k.iter().map(|l| l[..at * row].to_vec()).collect(), v: p.v.iter().map(|l| l[..at * row].to_vec()).collect(), len: at };

@@ -108,18 +108,18 @@ fn handles_and_sequence_ids_are_checked() {
         let (mut a, mut b) = (0u64, 0u64);
         expect(packinfer_pool_sequence_create(pool, &mut a), Ok, "", "seq a");
         expect(packinfer_pool_sequence_create(pool, &mut b), Ok, "", "seq b");
-        expect(packinfer_pool_append(pool, a, 6, null_mut()), Ok, "", "append");
+        expect(packinfer_pool_append(pool, a, 6, null_mut(), null_mut()), Ok, "", "append");
         expect(packinfer_pool_release(pool, b), Ok, "", "release b");
         let before = stats(pool);
         let mut child = 0u64;
         let mut len = 0u32;
         let bs = format!("sequence id {b}");
-        expect(packinfer_pool_append(pool, b, 1, null_mut()), InvalidArgument, &bs, "append to released");
-        expect(packinfer_pool_append(pool, 777, 1, null_mut()), InvalidArgument, "sequence id 777", "append to unknown");
+        expect(packinfer_pool_append(pool, b, 1, null_mut(), null_mut()), InvalidArgument, &bs, "append to released");
+        expect(packinfer_pool_append(pool, 777, 1, null_mut(), null_mut()), InvalidArgument, "sequence id 777", "append to unknown");
         expect(packinfer_pool_release(pool, b), InvalidArgument, &bs, "double release");
         expect(packinfer_pool_truncate(pool, a, 7), InvalidArgument, "len = 7", "truncate longer");
-        expect(packinfer_pool_fork(pool, a, 7, &mut child), InvalidArgument, "prefix_len = 7", "fork beyond length");
-        expect(packinfer_pool_fork(pool, b, 0, &mut child), InvalidArgument, &bs, "fork released");
+        expect(packinfer_pool_fork(pool, a, 7, null_mut(), &mut child), InvalidArgument, "prefix_len = 7", "fork beyond length");
+        expect(packinfer_pool_fork(pool, b, 0, null_mut(), &mut child), InvalidArgument, &bs, "fork released");
         expect(packinfer_pool_sequence_length(pool, b, &mut len), InvalidArgument, &bs, "length of released");
         // Writing: shapes and counts.
         let k = vec![0f32; 64];
@@ -166,18 +166,18 @@ fn handles_and_sequence_ids_are_checked() {
         expect(packinfer_pool_relayout(pool, PackinferPlan { bits: 5 }, ids.as_ptr(), 1, true, null_mut(), null_mut()), InvalidHandle, "plan", "relayout bad plan");
         assert!(same(&before, &stats(pool)), "a refused call changed the pool");
         // Exhaustion through the C API: 8 pages of 4, 2 used.
-        expect(packinfer_pool_append(pool, a, 4 * 7, null_mut()), PoolExhausted, "needs 7 free page(s)", "too big");
+        expect(packinfer_pool_append(pool, a, 4 * 7, null_mut(), null_mut()), PoolExhausted, "needs 7 free page(s)", "too big");
         assert!(same(&before, &stats(pool)), "an exhausted append changed the pool");
-        expect(packinfer_pool_append(pool, a, 4 * 6 + 2, null_mut()), Ok, "", "exactly full");
-        expect(packinfer_pool_fork(pool, a, 5, &mut child), PoolExhausted, "forking", "fork copy with no page");
-        expect(packinfer_pool_fork(pool, a, 4, &mut child), Ok, "", "aligned fork needs no page");
+        expect(packinfer_pool_append(pool, a, 4 * 6 + 2, null_mut(), null_mut()), Ok, "", "exactly full");
+        expect(packinfer_pool_fork(pool, a, 5, null_mut(), &mut child), PoolExhausted, "forking", "fork copy with no page");
+        expect(packinfer_pool_fork(pool, a, 4, null_mut(), &mut child), Ok, "", "aligned fork needs no page");
         // Handles.
         expect(packinfer_plan_destroy(plan), Ok, "", "plan destroy");
         expect(packinfer_pool_destroy(pool), Ok, "", "destroy");
         expect(packinfer_pool_destroy(pool), InvalidHandle, "pool handle", "double destroy");
-        expect(packinfer_pool_append(pool, a, 1, null_mut()), InvalidHandle, "pool handle", "use after destroy");
-        expect(packinfer_pool_append(PackinferPool { bits: c.bits }, a, 1, null_mut()), InvalidHandle, "not a handle of this kind", "context as pool");
-        expect(packinfer_pool_append(PackinferPool::default(), a, 1, null_mut()), InvalidHandle, "null", "null pool");
+        expect(packinfer_pool_append(pool, a, 1, null_mut(), null_mut()), InvalidHandle, "pool handle", "use after destroy");
+        expect(packinfer_pool_append(PackinferPool { bits: c.bits }, a, 1, null_mut(), null_mut()), InvalidHandle, "not a handle of this kind", "context as pool");
+        expect(packinfer_pool_append(PackinferPool::default(), a, 1, null_mut(), null_mut()), InvalidHandle, "null", "null pool");
     }
     packinfer_context_destroy(c);
 }

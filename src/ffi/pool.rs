@@ -215,16 +215,17 @@ pub unsafe extern "C" fn packinfer_pool_sequence_length(pool: PackinferPool, seq
 }
 
 /// Reserves `n` more tokens at the end of `seq`. If `slots` is not NULL it receives their `n`
-/// slots (`page * page_size + token in page`; valid until the next relayout). POOL_EXHAUSTED
+/// slots (`page * page_size + token in page`; valid until the next relayout). If the last page
+/// is shared and partly filled it is copied first (copy-on-write), on `stream`. POOL_EXHAUSTED
 /// when the pages do not fit, and then nothing changed.
 ///
 /// # Safety
-/// `slots` NULL or writable for `n` entries.
+/// `slots` NULL or writable for `n` entries; `stream` a CUstream of the pool's device or NULL.
 #[no_mangle]
-pub unsafe extern "C" fn packinfer_pool_append(pool: PackinferPool, seq: u64, n: u32, slots: *mut i64) -> PackinferStatus {
+pub unsafe extern "C" fn packinfer_pool_append(pool: PackinferPool, seq: u64, n: u32, slots: *mut i64, stream: *mut c_void) -> PackinferStatus {
     guard("packinfer_pool_append", || {
         let pool = POOLS.get(pool.bits)?;
-        let got = pool.append(seq, n)?;
+        let got = pool.append(seq, n, stream as u64)?;
         if !slots.is_null() {
             for (i, s) in got.into_iter().enumerate() {
                 *slots.add(i) = s as i64;
@@ -235,18 +236,18 @@ pub unsafe extern "C" fn packinfer_pool_append(pool: PackinferPool, seq: u64, n:
 }
 
 /// A new sequence sharing the first `prefix_len` tokens of `parent` (full pages shared
-/// copy-on-write, a partly covered page copied); `*child` is its id.
+/// copy-on-write, a partly covered page copied on `stream`); `*child` is its id.
 ///
 /// # Safety
-/// `child` must be writable.
+/// `child` must be writable; `stream` a CUstream of the pool's device or NULL.
 #[no_mangle]
-pub unsafe extern "C" fn packinfer_pool_fork(pool: PackinferPool, parent: u64, prefix_len: u32, child: *mut u64) -> PackinferStatus {
+pub unsafe extern "C" fn packinfer_pool_fork(pool: PackinferPool, parent: u64, prefix_len: u32, stream: *mut c_void, child: *mut u64) -> PackinferStatus {
     guard("packinfer_pool_fork", || {
         let pool = POOLS.get(pool.bits)?;
         if child.is_null() {
             return Err(invalid!("child is a null pointer"));
         }
-        write_out("child", child, pool.fork(parent, prefix_len)?)
+        write_out("child", child, pool.fork(parent, prefix_len, stream as u64)?)
     })
 }
 

@@ -14,7 +14,7 @@
 //! writes every new token twice. So the pool keeps a single representation and `relayout` is
 //! its one layout interface.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use super::{KvPool, PoolState, SeqId};
 use crate::error::Result;
@@ -94,10 +94,11 @@ impl PoolState {
                 (q.pages.first().copied().unwrap_or(u32::MAX), q.overflowed, *id)
             });
             let mut run = Vec::new();
+            let mut in_run = HashSet::new();
             for id in order {
                 let q = &self.seqs[&id];
                 for &p in &q.pages {
-                    if *owner.entry(p).or_insert(g) == g && !run.iter().any(|e| matches!(e, Entry::Page(x) if *x == p)) {
+                    if *owner.entry(p).or_insert(g) == g && in_run.insert(p) {
                         run.push(Entry::Page(p));
                     }
                 }
@@ -107,7 +108,7 @@ impl PoolState {
         }
         let mut report = RelayoutReport { groups: groups.len() as u32, ..Default::default() };
         let due: Vec<usize> = (0..groups.len())
-            .filter(|&g| (regroup || groups[g].iter().any(|id| self.seqs[id].overflowed)) && !self.in_place(&runs[g], &groups[g]))
+            .filter(|&g| (regroup || groups[g].iter().any(|id| self.seqs[id].overflowed)) && !self.in_place(&runs[g]))
             .collect();
         report.groups_in_place = (groups.len() - due.len()) as u32;
         if due.is_empty() {
@@ -233,7 +234,7 @@ impl PoolState {
 
     /// Whether a group's pages already form its run: its own pages in run order followed, per
     /// member, by whatever headroom it has left, all consecutive.
-    fn in_place(&self, run: &[Entry], _members: &[SeqId]) -> bool {
+    fn in_place(&self, run: &[Entry]) -> bool {
         let mut actual: Vec<u32> = Vec::with_capacity(run.len());
         let mut i = 0;
         while i < run.len() {

@@ -349,7 +349,7 @@ class Context {
     detail::check(packinfer_context_create(&o, &h));
     h_ = ContextHandle(h);
   }
-  explicit Context(Backend backend) : Context(ContextOptions{backend}) {}
+  explicit Context(Backend backend) : Context(options_for(backend)) {}
   // Takes ownership of a handle made with the C API.
   explicit Context(PackinferContext handle) noexcept : h_(handle) {}
 
@@ -422,6 +422,11 @@ class Context {
   void reset() { h_.reset(); }
 
  private:
+  static ContextOptions options_for(Backend backend) {
+    ContextOptions o;
+    o.backend = backend;
+    return o;
+  }
   [[noreturn]] static void invalid(const std::string& message) {
     throw Error(Status::InvalidArgument, "packinfer::Context::plan: " + message);
   }

@@ -1,6 +1,7 @@
 # ctest's install.find_package: cmake --install into WORK_DIR/prefix, then a consumer project that
-# knows only that prefix is configured, built and run (find_package, shared and static), and a C
-# program is built with the flags pkg-config gives for the installed packinfer.pc.
+# knows only that prefix is configured, built and run (find_package, shared and static), a C
+# program is built with the flags pkg-config gives for the installed packinfer.pc, and this
+# project is configured with -DPACKINFER_LIBRARY=<the installed .so> and its examples run.
 function(run)
   execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE out)
   message("$ ${ARGN}\n${out}")
@@ -49,5 +50,18 @@ if(PKG_CONFIG)
   endif()
 else()
   message(FATAL_ERROR "pkg-config is not installed; it is needed to check packinfer.pc")
+endif()
+# This project itself with a prebuilt library instead of cargo: the examples build and run.
+run("${CMAKE_COMMAND}" -S "${SOURCE_DIR}" -B "${WORK_DIR}/prebuilt-build" -G "${GENERATOR}"
+    "-DPACKINFER_LIBRARY=${prefix}/lib/libpackinfer.so" "-DPACKINFER_INCLUDE_DIR=${prefix}/include"
+    -DPACKINFER_BUILD_TESTS=OFF -DPACKINFER_BUILD_EXAMPLES=ON)
+run("${CMAKE_COMMAND}" --build "${WORK_DIR}/prebuilt-build")
+run("${WORK_DIR}/prebuilt-build/examples/cpp/packinfer_example_engine_step")
+if(NOT run_output MATCHES "layer 1 done")
+  message(FATAL_ERROR "the example built against the prebuilt library did not finish")
+endif()
+execute_process(COMMAND ldd "${WORK_DIR}/prebuilt-build/examples/cpp/packinfer_example_engine_step" OUTPUT_VARIABLE ldd_out)
+if(NOT ldd_out MATCHES "${prefix}/lib/libpackinfer.so")
+  message(FATAL_ERROR "the example did not load the prebuilt library from ${prefix}/lib:\n${ldd_out}")
 endif()
 message("install test passed")

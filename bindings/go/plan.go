@@ -8,6 +8,7 @@ package packinfer
 import "C"
 
 import (
+	"fmt"
 	"runtime"
 	"unsafe"
 )
@@ -108,7 +109,7 @@ type cBatch struct {
 	desc *C.PackinferBatchDesc
 }
 
-func newCBatch(b *Batch) cBatch {
+func newCBatch(b *Batch) (cBatch, error) {
 	descSize := unsafe.Sizeof(C.PackinferBatchDesc{})
 	groupSize := unsafe.Sizeof(C.PackinferPrefixGroup{})
 	ints := len(b.QOIndptr) + len(b.KVIndptr) + len(b.KVPageIndices) + len(b.KVLastPageLen)
@@ -118,7 +119,7 @@ func newCBatch(b *Batch) cBatch {
 	size := descSize + groupSize*uintptr(len(b.PrefixGroups)) + 4*uintptr(ints)
 	mem := C.calloc(1, C.size_t(size))
 	if mem == nil {
-		panic("packinfer: out of host memory for a batch description")
+		return cBatch{}, &Error{Status: StatusOutOfMemory, Message: fmt.Sprintf("NewPlan: no host memory for the %d-byte batch description", size)}
 	}
 	next := unsafe.Add(mem, descSize+groupSize*uintptr(len(b.PrefixGroups)))
 	// copyInts copies s into the next free int32s and returns their C address (NULL when empty).
@@ -156,7 +157,7 @@ func newCBatch(b *Batch) cBatch {
 		d.num_prefix_groups = C.uint32_t(len(groups))
 		d.prefix_groups = &groups[0]
 	}
-	return cBatch{mem: mem, desc: d}
+	return cBatch{mem: mem, desc: d}, nil
 }
 
 func (b cBatch) free() { C.free(b.mem) }
@@ -178,10 +179,13 @@ func (c *Context) NewPlan(batch *Batch, opts *PlanOptions) (*Plan, error) {
 		o.split_keys = C.uint32_t(opts.SplitKeys)
 		o.capacity = C.double(opts.Capacity)
 	}
-	cb := newCBatch(batch)
+	cb, err := newCBatch(batch)
+	if err != nil {
+		return nil, err
+	}
 	defer cb.free()
 	p := &Plan{}
-	err := call(func() C.enum_PackinferStatus { return C.packinfer_plan_create(c.h, cb.desc, &o, &p.h) })
+	err = call(func() C.enum_PackinferStatus { return C.packinfer_plan_create(c.h, cb.desc, &o, &p.h) })
 	runtime.KeepAlive(c)
 	if err != nil {
 		return nil, err

@@ -50,9 +50,18 @@ echo "Go: $go_passed passed, 0 failed"
 # The Go package against the installed library through pkg-config (the ctest install check
 # above left an installed prefix in build/ctest).
 echo "== Go: bindings/go against the installed library (-tags packinfer_pkgconfig) =="
+go_log=$(mktemp)
 (
   cd bindings/go
   export GOTOOLCHAIN=local CGO_ENABLED=1
   export PKG_CONFIG_PATH="$PWD/../../build/ctest/bindings/cpp/tests/install-test/prefix/lib/pkgconfig"
-  go test -count=1 -tags packinfer_pkgconfig -run 'TestFlows|TestUseAfterClose' ./...
+  go test -count=1 -v -tags packinfer_pkgconfig -run 'TestFlows|TestUseAfterClose' . 2>&1 | tee "$go_log"
 )
+go_passed=$(grep -c -- '^--- PASS' "$go_log" || true)
+go_failed=$(grep -c -- '^--- FAIL' "$go_log" || true)
+rm -f "$go_log"
+if [ "$go_passed" -ne 2 ] || [ "$go_failed" -ne 0 ]; then
+  echo "go test against the installed library: $go_passed passed, $go_failed failed; want 2 passed" >&2
+  exit 1
+fi
+echo "Go: $go_passed passed, 0 failed"

@@ -37,6 +37,7 @@ go_log=$(mktemp)
   export GOTOOLCHAIN=local CGO_ENABLED=1
   go vet ./...
   go test -count=1 -v -bench . -benchtime 20x ./... 2>&1 | tee "$go_log"
+  go run ./examples/enginestep >/dev/null
 )
 go_passed=$(grep -c -- '^--- PASS' "$go_log" || true)
 go_failed=$(grep -c -- '^--- FAIL' "$go_log" || true)

@@ -209,6 +209,13 @@ struct PlanOptions {
   double capacity = 0.0;    // group capacity in cost units; 0 = automatic
 };
 
+// Scratch for a plan's split partials: null = the launch allocates it once, at creation; else
+// the caller's buffer (device memory on CUDA) of at least PlanStats::scratch_bytes.
+struct LaunchOptions {
+  void* scratch = nullptr;
+  std::size_t scratch_bytes = 0;
+};
+
 // The C struct, as is: what the planner did (num_groups, tile_utilization, scratch_bytes, ...).
 using PlanStats = PackinferPlanStats;
 
@@ -403,14 +410,12 @@ class Context {
     return Plan(h);
   }
 
-  // Binds a plan to this context on `stream` (a CUstream, or nullptr). With `scratch` null the
-  // launch allocates its scratch once, here; else it uses the caller's (>= stats().scratch_bytes).
-  Launch launch(const Plan& plan, void* stream = nullptr, void* scratch = nullptr,
-                std::size_t scratch_bytes = 0) const {
+  // Binds a plan to this context on `stream` (a CUstream, or nullptr for the default stream).
+  Launch launch(const Plan& plan, void* stream = nullptr, const LaunchOptions& options = {}) const {
     PackinferLaunchOptions o{};
     o.struct_size = sizeof(o);
-    o.scratch = scratch;
-    o.scratch_bytes = scratch_bytes;
+    o.scratch = options.scratch;
+    o.scratch_bytes = options.scratch_bytes;
     PackinferLaunch h{};
     detail::check(packinfer_launch_create(h_.get(), plan.handle(), &o, stream, &h));
     return Launch(h);

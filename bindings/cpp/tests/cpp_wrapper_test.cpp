@@ -249,7 +249,7 @@ TEST(Flow, ManyLayersThroughOneLaunchAndCallerScratch) {
   packinfer::Plan plan = ctx.plan(c.desc());
   const auto stats = plan.stats();
   std::vector<float> scratch(stats.scratch_bytes / sizeof(float) + 1);
-  packinfer::Launch launch = ctx.launch(plan, nullptr, scratch.data(), scratch.size() * sizeof(float));
+  packinfer::Launch launch = ctx.launch(plan, nullptr, {scratch.data(), scratch.size() * sizeof(float)});
   plan.reset();  // a launch outlives its plan
   ctx.reset();   // and its context
   for (int layer = 0; layer < 3; layer++) {
@@ -412,10 +412,10 @@ TEST(Errors, RunArguments) {
   if (stats.scratch_bytes == 0) {
     std::vector<float> tiny(1);
     // A plan without split partials accepts any scratch; one with them must refuse a small one.
-    EXPECT_NO_THROW(ctx.launch(plan, nullptr, tiny.data(), 0));
+    EXPECT_NO_THROW(ctx.launch(plan, nullptr, {tiny.data(), 0}));
   } else {
     std::vector<float> tiny(1);
-    expect_error([&] { ctx.launch(plan, nullptr, tiny.data(), 4); }, Status::InvalidArgument, "scratch_bytes = 4");
+    expect_error([&] { ctx.launch(plan, nullptr, {tiny.data(), 4}); }, Status::InvalidArgument, "scratch_bytes = 4");
   }
 }
 

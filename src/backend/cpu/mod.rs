@@ -2,14 +2,18 @@
 //! planner's work list exactly as a GPU kernel would (same items, same partial slots, same
 //! merges), one work item at a time per thread, with fp32 online softmax. Simple on purpose.
 
+mod kv_memory;
+
+pub use kv_memory::HostKvMemory;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use half::{bf16, f16};
 use parking_lot::Mutex;
 
-use super::{Backend, BackendKind, BoundPlan, Scratch};
-use crate::error::Result;
+use super::{Backend, BackendKind, BoundPlan, KvMemory, Scratch};
+use crate::error::{Error, Result};
 use crate::invalid;
 use crate::plan::{DeviceProfile, MergeRow, Plan, WorkItem, FINAL_OUTPUT};
 use crate::types::{DType, RunArgs};
@@ -47,9 +51,17 @@ impl Backend for CpuBackend {
             }
             Some(s) if s.ptr == 0 && need > 0 => return Err(invalid!("scratch pointer is null but the plan needs {need} bytes")),
             Some(s) if need > 0 => ScratchMem::Caller(s.ptr as *mut f32),
-            _ => ScratchMem::Owned(vec![0.0; need / 4]),
+            _ => {
+                let mut v = Vec::new();
+                v.try_reserve_exact(need / 4).map_err(|_| Error::OutOfMemory(format!("cannot allocate {need} bytes of scratch for this plan's split partials")))?;
+                v.resize(need / 4, 0.0);
+                ScratchMem::Owned(v)
+            }
         };
         Ok(Box::new(CpuBound { plan, threads: self.threads, scratch: Mutex::new(scratch) }))
+    }
+    fn alloc_kv(&self, bytes: usize) -> Result<Box<dyn KvMemory>> {
+        Ok(Box::new(HostKvMemory::new(bytes)?))
     }
 }
 

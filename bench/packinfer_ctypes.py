@@ -140,6 +140,10 @@ class PackinferPoolStats(Structure):
                 ("relayout_bytes_moved", c_uint64), ("cow_page_copies", c_uint64)]
 
 
+# Structs that only the optional exports below use: a build without those exports may lack them.
+OPTIONAL_STRUCTS = [PackinferLaunchCapacity, PackinferPoolOptions, PackinferPool, PackinferKvSource,
+                    PackinferRelayoutReport, PackinferPoolStats]
+
 # Every struct of the header, for the layout test.
 STRUCTS = [PackinferContextOptions, PackinferContext, PackinferContextInfo, PackinferPlanOptions,
            PackinferPrefixGroup, PackinferBatchDesc, PackinferPlan, PackinferPlanStats, PackinferLaunchOptions,

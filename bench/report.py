@@ -100,6 +100,26 @@ def markdown(results):
     names = contender_names(results)
     ours, anchors = ours_and_anchors(names, results)
     cpu = m.get("mode") == "cpu"
+    if not cpu:
+        out += ["", "## Summary", "",
+                "Best time per step (CUDA-graph replay where there is one); the ratio is the fastest anchor's "
+                "time over PackInfer's (above 1: PackInfer faster); % = share of the physical floor reached.", ""]
+        out.append("| workload | floor | FA2 varlen | FlashInfer (best API) | PackInfer | fastest anchor / PackInfer |")
+        out.append("|---|---|---|---|---|---|")
+        for w, e in results["workloads"].items():
+            cs = e.get("contenders", {})
+            def pct(t):
+                return f" ({100 * e['floor_us'] / t:.0f}%)" if t and e.get("floor_us") else ""
+            fa2, _ = best_us(cs.get("FA2 varlen"))
+            fis = [(best_us(r)[0], n) for n, r in cs.items() if n.startswith("FlashInfer") and best_us(r)[0]]
+            fi = min(fis) if fis else (None, None)
+            anchors_t = [t for t in [fa2, fi[0]] if t]
+            ours_res = cs.get("PackInfer")
+            ours_t, _ = best_us(ours_res)
+            ours_cell = f"{fmt_us(ours_t)}{pct(ours_t)}" if ours_t else cell(ours_res, {})
+            ratio = f"{min(anchors_t) / ours_t:.2f}×" if ours_t and anchors_t else "—"
+            fi_cell = f"{fmt_us(fi[0])}{pct(fi[0])}" + (f" [{fi[1]}]" if fi[1] and fi[1] != "FlashInfer" else "") if fi[0] else "—"
+            out.append(f"| {w} | {fmt_us(e.get('floor_us'))} | {fmt_us(fa2)}{pct(fa2)} | {fi_cell} | {ours_cell} | {ratio} |")
     if cpu:
         out += ["", "## Tokens per second (CPU backend)", "",
                 "Wall time of one `packinfer_run` (median of the runs; min and p90 beside it: the machine is shared, "

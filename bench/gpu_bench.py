@@ -562,6 +562,12 @@ def phase_ours(args):
         results["meta"]["packinfer_device"] = ctx.device_name
         results["meta"]["packinfer_precompile_s"] = ctx.precompile()
         cuda_note, cuda_status = None, None
+        try:
+            # What an engine does once per device and install: fit the planner's cost model.
+            results["meta"]["packinfer_calibrate_s"] = ctx.calibrate()
+        except pc.PackinferError as ex:
+            results["meta"]["packinfer_calibrate_s"] = f"failed: {ex}"
+            results["errors"].append(f"packinfer_context_calibrate: {ex}")
     except pc.PackinferError as ex:
         ctx = None
         # UNSUPPORTED: a build without the CUDA kernels; anything else is a real failure.

@@ -180,6 +180,7 @@ _U64P, _U32P = POINTER(c_uint64), POINTER(c_uint32)
 # library exports them (`Library.has` says), so a build without one still loads.
 OPTIONAL_SIGNATURES = {
     "packinfer_context_precompile": (c_int, [PackinferContext]),
+    "packinfer_context_calibrate": (c_int, [PackinferContext]),
     "packinfer_launch_create_with_capacity": (c_int, [PackinferContext, PackinferPlan, POINTER(PackinferLaunchOptions),
                                                       POINTER(PackinferLaunchCapacity), c_void_p,
                                                       POINTER(PackinferLaunch)]),
@@ -289,6 +290,15 @@ class Context:
             return None
         t0 = time.perf_counter()
         self.library._check("packinfer_context_precompile", self.library.lib.packinfer_context_precompile(self.handle))
+        return time.perf_counter() - t0
+
+    def calibrate(self):
+        """Fits the planner's cost model on this device (packinfer_context_calibrate, once per
+        device and install); returns the seconds it took, or None when the export is absent."""
+        if not self.library.has("packinfer_context_calibrate"):
+            return None
+        t0 = time.perf_counter()
+        self.library._check("packinfer_context_calibrate", self.library.lib.packinfer_context_calibrate(self.handle))
         return time.perf_counter() - t0
 
     def plan_options(self, flags=0, capacity=0.0, split_keys=0):

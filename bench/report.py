@@ -90,6 +90,11 @@ def markdown(results):
                + f". Model shape {m['shape']['num_qo_heads']} query / {m['shape']['num_kv_heads']} KV heads, "
                f"head_dim {m['shape']['head_dim']}, {m['shape']['dtype']}; trace `{m.get('trace')}`, seed {m.get('seed')}"
                + (f", every token count / {m['scale']}" if m.get("scale", 1) != 1 else "") + ".")
+    extra = [f"{k.replace('packinfer_', '').replace('_s', '')} {v:.2f} s" if isinstance(v, (int, float)) else f"{k}: {v}"
+             for k, v in m.items() if k in ("packinfer_precompile_s", "packinfer_calibrate_s") and v is not None]
+    if extra:
+        out.append("")
+        out.append("PackInfer set-up on the device, before any timing: " + ", ".join(extra) + ".")
     if m.get("timing"):
         out.append("")
         out.append(f"Timing: {m['timing']}")

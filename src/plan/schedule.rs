@@ -12,9 +12,11 @@
 //!    whole wave of groups), never below [`cost::min_capacity`]. A piece costing more than C is
 //!    split along its keys into ⌈cost / C⌉ pieces on `block_n` boundaries; in deterministic mode
 //!    instead every key range is cut at the absolute multiples of `split_keys`, so a request's
-//!    pieces do not depend on the rest of the batch.
-//! 4. **Packing.** Unsplit blocks of fewer than `block_m` rows are packed, next-fit in order of
-//!    decreasing cost, into shared tiles (one chunk per block), up to `block_m` rows and C/2 cost.
+//!    pieces do not depend on the rest of the batch (a shared prefix then counts only up to its
+//!    last multiple of `split_keys`, and with `split_kv` off is not shared at all: either would
+//!    cut a row's keys where running alone would not).
+//! 4. **Packing.** Unsplit blocks of fewer than `block_m` rows are packed, next-fit in
+//!    request order, into shared tiles (one chunk per block), up to `block_m` rows and C/8 cost.
 //!    Blocks are only packed with blocks of the same finality (a tile writes either O or partial
 //!    slots) and the same prefix group (so the group stays together).
 //! 5. **Grouping.** Longest-processing-time first: units sorted by decreasing cost, each placed
@@ -112,7 +114,10 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
     let mut shared_len: Vec<u32> = Vec::new();
     let mut segments: Vec<RowSegment> = Vec::new();
     let mut prefix_tiles: Vec<PrefixTile> = Vec::new();
-    if opts.prefix_sharing {
+    // Deterministic without splits computes every row in one pass, as it would alone; sharing
+    // a prefix would cut it in two.
+    let sharing = opts.prefix_sharing && (fixed_split.is_some() || !opts.deterministic);
+    if sharing {
         for pg in &plan.batch.prefix_groups {
             let len = match fixed_split {
                 Some(s) => pg.prefix_len / s * s,

@@ -370,10 +370,12 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
                 bundle_pieces[p.bundle as usize].push(i as u32);
             }
         }
-        let mut least = LeastLoaded::new(num_groups, total);
-        for &(cost, e) in &entities {
-            for h in 0..heads_us {
-                let g = least.add_to_least(cost);
+        // The units in LPT order: entities by decreasing cost, each for every KV head.
+        let units_in_order = || entities.iter().flat_map(|&(cost, e)| (0..heads_us).map(move |h| (cost, e, h)));
+        let mut least = LeastLoaded::with_first_units(units_in_order().take(num_groups).map(|u| u.0).collect::<Vec<_>>().into_iter(), total);
+        for (u, (cost, e, h)) in units_in_order().enumerate() {
+            {
+                let g = if u < num_groups { u as u32 } else { least.add_to_least(cost) };
                 if e < np {
                     group_of[e as usize * heads_us + h] = g;
                 } else {
@@ -493,10 +495,19 @@ struct LeastLoaded {
 }
 
 impl LeastLoaded {
-    fn new(groups: usize, total_cost: f64) -> Self {
+    /// Groups `0..groups` holding the first `groups` of the units sorted by decreasing cost,
+    /// one each (what LPT does with them: every group is empty and ties go to the lower group).
+    fn with_first_units(first_costs: impl ExactSizeIterator<Item = f64>, total_cost: f64) -> Self {
+        let groups = first_costs.len();
         let group_bits = (usize::BITS - groups.saturating_sub(1).leading_zeros()).max(1);
         let scale = (1u64 << (63 - group_bits)) as f64 / total_cost.max(f64::MIN_POSITIVE);
-        LeastLoaded { heap: (0..groups as u64).collect(), group_bits, scale }
+        let mut heap: Vec<u64> = first_costs.enumerate().map(|(g, c)| ((c * scale) as u64) << group_bits | g as u64).collect();
+        // An ascending array is a min-heap.
+        heap.sort_unstable();
+        if heap.is_empty() {
+            heap.push(0);
+        }
+        LeastLoaded { heap, group_bits, scale }
     }
 
     /// Adds `cost` to the least-loaded group and returns that group.
@@ -513,12 +524,21 @@ impl LeastLoaded {
             if first >= n {
                 break;
             }
-            let mut best = first;
-            for c in first + 1..(first + 4).min(n) {
-                if h[c] < h[best] {
-                    best = c;
+            let best = if first + 4 <= n {
+                // All four children: a branch-free tournament.
+                let c = &h[first..first + 4];
+                let a = if c[1] < c[0] { 1 } else { 0 };
+                let b = if c[3] < c[2] { 3 } else { 2 };
+                first + if c[b] < c[a] { b } else { a }
+            } else {
+                let mut best = first;
+                for c in first + 1..n {
+                    if h[c] < h[best] {
+                        best = c;
+                    }
                 }
-            }
+                best
+            };
             if h[best] < item {
                 h[i] = h[best];
                 i = best;

@@ -55,12 +55,13 @@ fn load_trace(path: &str) -> Vec<Row> {
         .collect()
 }
 
-/// Prompts of rows `start..` (each capped at 16384) until they sum to 16384 tokens; the last
-/// prompt is cut so the step holds exactly 16384. Returns the requests and the next row.
+/// Prompts of rows `start..` (each capped at 16384) until their sum reaches 16384 tokens, the
+/// last one whole (as the GPU benchmarks build W1: 7 prompts, 22,924 tokens from row 0).
+/// Returns the requests and the next row.
 fn prefill_step(trace: &[Row], start: usize) -> (Vec<(u32, u32)>, usize) {
     let (mut lens, mut sum, mut i) = (Vec::new(), 0, start);
     while sum < 16384 {
-        let p = trace[i % trace.len()].context.clamp(1, 16384).min(16384 - sum);
+        let p = trace[i % trace.len()].context.clamp(1, 16384);
         lens.push((p, p));
         sum += p;
         i += 1;
@@ -188,7 +189,7 @@ fn trace_stats(trace: &[Row]) {
     println!("|---|---:|---|---|---|---:|---|---|---|---:|");
     let mut rng = SmallRng::seed_from_u64(2026);
     let (w1, _) = prefill_step(trace, 0);
-    compare_row("W1 prefill (rows 0.., 16384 tokens)", &w1, vec![]);
+    compare_row(&format!("W1 prefill (rows 0..{}, {} tokens)", w1.len() - 1, w1.iter().map(|l| l.0).sum::<u32>()), &w1, vec![]);
     let w2 = decode_step(trace, 1000..1128, &mut rng);
     compare_row("W2 decode (rows 1000–1127)", &w2, vec![]);
     let mut w3 = decode_step(trace, 5000..5096, &mut rng);
@@ -203,7 +204,7 @@ fn trace_stats(trace: &[Row]) {
     println!();
 
     println!("### Runs of steps\n");
-    println!("16 consecutive prefill steps (rows 0.. in 16384-token steps, as W1) and 16 decode steps (128 requests each, rows 1000 + 128·s .., as W2). Mean over the steps, then the worst step.\n");
+    println!("16 consecutive prefill steps (rows 0.., each step built as W1 from where the last ended) and 16 decode steps (128 requests each, rows 1000 + 128·s .., as W2). Mean over the steps, then the worst step.\n");
     println!("| steps | tile utilization (mean) | max/mean CTA load (mean) | max/mean CTA load (worst step) | est. speedup (mean) | work items (mean) |");
     println!("|---|---|---|---|---:|---|");
     for kind in ["prefill", "decode"] {

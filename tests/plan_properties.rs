@@ -434,6 +434,12 @@ fn bad_inputs_give_clear_errors() {
     assert!(m.contains("split_keys"), "{m}");
     let m = message(Plan::build(case.shape, case.batch.clone(), &DeviceProfile { num_workers: 0, ..profile.clone() }, PlanOptions::default()).unwrap_err());
     assert!(m.contains("num_workers"), "{m}");
+    for bad in [-1, case.batch.num_pages as i32] {
+        let mut b = case.batch.clone();
+        b.kv_page_indices[2] = bad;
+        let m = message(build(b, PlanOptions::default()).unwrap_err());
+        assert!(m.contains(&format!("kv_page_indices[2] = {bad}")), "{m}");
+    }
     // A GQA group taller than a tile cannot be laid out.
     let tiny = DeviceProfile { block_m: 16, ..profile.clone() };
     let mut shape = case.shape;

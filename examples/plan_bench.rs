@@ -137,6 +137,7 @@ fn planning_time(trace: &[Row], quick: bool) {
         }
     }
     println!();
+    planning_time_by_options(trace, quick);
 }
 
 struct Measured {
@@ -235,6 +236,42 @@ fn trace_stats(trace: &[Row]) {
         );
     }
     println!();
+}
+
+/// Planning time of the 256-request decode batch under each ablation, and of validation alone.
+fn planning_time_by_options(trace: &[Row], quick: bool) {
+    println!("Same 256-request batch without prefix groups, by options (thread CPU time, median):\n");
+    println!("| options | work items | median µs |");
+    println!("|---|---:|---:|");
+    let mut rng = SmallRng::seed_from_u64(256);
+    let lens = decode_step(trace, 0..256, &mut rng);
+    let b = batch(&lens, vec![]);
+    let profile = DeviceProfile::hopper(132);
+    let iters = if quick { 3 } else { 5000 };
+    let cases: Vec<(&str, PlanOptions)> = vec![
+        ("default (all techniques)", PlanOptions::default()),
+        ("no packing", PlanOptions { packing: false, ..PlanOptions::default() }),
+        ("no balancing", PlanOptions { balancing: false, ..PlanOptions::default() }),
+        ("one request per tile (all off)", baseline()),
+    ];
+    for (name, o) in cases {
+        let (mut cpu, mut items) = (Vec::with_capacity(iters), 0);
+        for _ in 0..iters {
+            let input = b.clone();
+            let c = thread_cpu_us();
+            let p = Plan::build(shape(), input, &profile, o.clone()).expect("plan");
+            cpu.push(thread_cpu_us() - c);
+            items = p.items.len();
+        }
+        println!("| {name} | {items} | {:.1} |", median_p90(cpu).0);
+    }
+    let mut v = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let c = thread_cpu_us();
+        b.validate(true).expect("valid batch");
+        v.push(thread_cpu_us() - c);
+    }
+    println!("| `Batch::validate` alone ({} page indices) | — | {:.1} |\n", b.kv_page_indices.len(), median_p90(v).0);
 }
 
 fn main() {

@@ -265,16 +265,12 @@ impl Plan {
         let max_worker = if group_costs.len() <= workers {
             group_costs.iter().cloned().fold(0.0, f64::max)
         } else {
-            let mut free: std::collections::BinaryHeap<std::cmp::Reverse<(u64, usize)>> = (0..workers).map(|w| std::cmp::Reverse((0u64, w))).collect();
-            let mut max = 0.0f64;
-            for &c in &group_costs {
-                // Loads are non-negative, so their bit patterns order them.
-                let std::cmp::Reverse((load, w)) = free.pop().expect("a worker");
-                let load = f64::from_bits(load) + c;
-                max = max.max(load);
-                free.push(std::cmp::Reverse((load.to_bits(), w)));
+            let total: f64 = group_costs.iter().sum();
+            let mut free = cost::LeastLoaded::with_first_units(group_costs[..workers].iter().copied(), total);
+            for &c in &group_costs[workers..] {
+                free.add_to_least(c);
             }
-            max
+            free.max_load()
         };
         let total: f64 = group_costs.iter().sum();
         let n = group_costs.len().max(1) as f64;

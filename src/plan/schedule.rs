@@ -185,7 +185,8 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
             Some(s) => {
                 let mut k = key_begin;
                 loop {
-                    let end = ((k / s + 1) * s).min(key_end);
+                    // In u64: the next multiple of a large `s` may not fit in u32.
+                    let end = ((k as u64 / s as u64 + 1) * s as u64).min(key_end as u64) as u32;
                     out.push((k, end.max(k)));
                     if end >= key_end {
                         break;
@@ -195,10 +196,10 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
             }
             None if opts.split_kv && cost > capacity && key_end - key_begin > profile.block_n => {
                 let pieces = (cost / capacity).ceil() as u32;
-                let step = (key_end - key_begin).div_ceil(pieces).next_multiple_of(profile.block_n);
-                let mut k = key_begin;
-                while k < key_end {
-                    out.push((k, (k + step).min(key_end)));
+                let step = ((key_end - key_begin).div_ceil(pieces) as u64).next_multiple_of(profile.block_n as u64);
+                let mut k = key_begin as u64;
+                while k < key_end as u64 {
+                    out.push((k as u32, (k + step).min(key_end as u64) as u32));
                     k += step;
                 }
             }

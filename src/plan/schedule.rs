@@ -452,9 +452,12 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
             next[pr.token as usize] += 1;
         }
     }
+    // Sizes are known: one merge per (merged token, query head), its pieces' slots each.
     let merged_tokens = token_start.windows(2).filter(|w| w[1] > w[0]).count();
-    let mut merges = Vec::with_capacity(merged_tokens * shape.num_qo_heads as usize);
-    let mut merge_slots = Vec::with_capacity(partial_rows.len() * shape.num_qo_heads as usize);
+    let qo_heads = shape.num_qo_heads as usize;
+    let mut merges = Vec::with_capacity(merged_tokens * qo_heads);
+    let mut merge_slots = vec![0u32; partial_rows.len() * qo_heads];
+    let mut next = 0usize;
     for t in 0..total_q {
         let list = &mut by_token[token_start[t] as usize..token_start[t + 1] as usize];
         if list.is_empty() {
@@ -463,18 +466,26 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
         if list.len() > 1 {
             list.sort_unstable_by_key(|pr| pr.key_begin);
         }
-        let mut qo_head = 0;
+        let count = list.len();
         for kv_head in 0..heads_us {
-            for in_group in 0..group {
-                let slot_begin = merge_slots.len() as u32;
-                for pr in list.iter() {
-                    merge_slots.push(slot_of[pr.piece as usize * heads_us + kv_head] + pr.row + in_group);
-                }
-                merges.push(MergeRow { q_token: t as u32, qo_head, slot_begin, slot_count: list.len() as u32 });
-                qo_head += 1;
+            let kv_base = kv_head as u32 * group;
+            // Slot of each piece's row for this KV head's first query head.
+            for (j, pr) in list.iter().enumerate() {
+                merge_slots[next + j] = slot_of[pr.piece as usize * heads_us + kv_head] + pr.row;
             }
+            merges.push(MergeRow { q_token: t as u32, qo_head: kv_base, slot_begin: next as u32, slot_count: count as u32 });
+            // The other heads of the group sit in the next rows of the same tiles.
+            for in_group in 1..group as usize {
+                let (done, rest) = merge_slots.split_at_mut(next + in_group * count);
+                for (dst, &src) in rest[..count].iter_mut().zip(&done[next..next + count]) {
+                    *dst = src + in_group as u32;
+                }
+                merges.push(MergeRow { q_token: t as u32, qo_head: kv_base + in_group as u32, slot_begin: (next + in_group * count) as u32, slot_count: count as u32 });
+            }
+            next += group as usize * count;
         }
     }
+    debug_assert_eq!(next, merge_slots.len());
 
     debug_assert!(pieces.iter().all(|p| (item_cost(profile, &chunks[p.chunk_begin as usize..(p.chunk_begin + p.chunk_count) as usize]) - p.cost).abs() <= 1e-6 * p.cost.max(1.0)));
     plan.items = items;

@@ -427,6 +427,32 @@ fn extreme_options_stay_exact() {
     }
 }
 
+/// The regroup trigger reads a plan's group loads: a plan whose busiest group carries `d` more
+/// than its idlest fires after ⌈(C/2) / d⌉ steps.
+#[test]
+fn regroup_trigger_accumulates_a_plans_imbalance() {
+    use packinfer::plan::adapt::RegroupTrigger;
+    let mut r = rng(21);
+    let spec = CaseSpec { batch_size: 9, max_kv: 3000, page_size: 16, num_kv_heads: 2, group: 4, head_dim: 64, dtype: DType::F32, causal: true, decode_fraction: 1.0, hnd: false };
+    let lens = common::random_lengths(&mut r, &spec);
+    let case = Case::build(&mut r, &spec, &lens, vec![]);
+    let plan = Plan::build(case.shape, case.batch.clone(), &DeviceProfile::hopper(5), PlanOptions::default()).unwrap();
+    let s = plan.stats;
+    assert_eq!(plan.group_costs.len() as u32, s.num_groups);
+    let total: f64 = plan.group_costs.iter().sum();
+    assert!((total / s.num_groups as f64 - s.mean_group_cost).abs() <= 1e-9 * total);
+    let max = plan.group_costs.iter().cloned().fold(0.0, f64::max);
+    let min = plan.group_costs.iter().cloned().fold(f64::INFINITY, f64::min);
+    assert_eq!(max, s.max_group_cost);
+    let d = max - min;
+    assert!(d > 0.0, "{:?}", plan.group_costs);
+    let steps = (s.capacity / 2.0 / d).ceil() as u64;
+    let mut trigger = RegroupTrigger::new(s.capacity);
+    for step in 1..=steps {
+        assert_eq!(trigger.observe_plan(&plan), step == steps, "step {step} of {steps}");
+    }
+}
+
 fn small_case() -> Case {
     let mut r = rng(1);
     let spec = CaseSpec { batch_size: 3, max_kv: 50, page_size: 16, num_kv_heads: 1, group: 4, head_dim: 64, dtype: DType::F32, causal: true, decode_fraction: 0.5, hnd: false };

@@ -172,7 +172,8 @@ typedef struct PackinferPlanOptions {
    */
   uint32_t split_keys;
   /**
-   * Group capacity in cost units; 0 = chosen from the device and the batch.
+   * Group capacity in cost units; 0 = chosen from the device and the batch; negative or
+   * non-finite is INVALID_ARGUMENT.
    */
   double capacity;
 } PackinferPlanOptions;

@@ -138,7 +138,8 @@ pub struct PackinferPlanOptions {
     pub flags: u32,
     /// Split granularity in keys for deterministic mode; 0 = 2048.
     pub split_keys: u32,
-    /// Group capacity in cost units; 0 = chosen from the device and the batch.
+    /// Group capacity in cost units; 0 = chosen from the device and the batch; negative or
+    /// non-finite is INVALID_ARGUMENT.
     pub capacity: f64,
 }
 

@@ -1,0 +1,363 @@
+//! Continuous batching as a serving engine does it, with attention done by the library.
+//!
+//! Requests arrive (by trace timestamp on a virtual clock, or all at once), are admitted FIFO
+//! while the batch has a slot and the KV store can promise room for the whole request, then each
+//! step spends a token budget: one token for every decoding request first, then prefill chunks.
+//! A request's last prefill chunk yields its first token; each decode step yields one more; when
+//! it has produced its `GeneratedTokens` it leaves and its KV is freed.
+//!
+//! The step composition depends only on the trace and the configuration, never on measured
+//! time, so PackInfer and the baseline replay exactly the same work.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use packinfer::backend::Backend;
+use packinfer::plan::PlanOptions;
+use packinfer::types::{RowsTensor, RunArgs, Shape};
+use packinfer::{Error, Result};
+
+use crate::store::{KvStore, StoreMetrics};
+use crate::trace::Rng;
+
+/// One request as the engine replays it (lengths already scaled for the machine).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Request {
+    /// Trace line (0: synthetic), for messages.
+    pub line: usize,
+    pub arrival_s: f64,
+    /// Prompt tokens to prefill (after the shared system prompt, if any).
+    pub prompt: u32,
+    /// Index of the shared system prompt it starts with.
+    pub system_prompt: Option<u32>,
+    pub generated: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Arrivals {
+    /// Every request is waiting at the start (a saturated engine).
+    AllAtOnce,
+    /// At its trace timestamp divided by `speedup`, on a clock that advances `step_s` per step.
+    Timestamps { speedup: f64, step_s: f64 },
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub shape: Shape,
+    pub layers: u32,
+    pub token_budget: u32,
+    pub max_batch: u32,
+    pub arrivals: Arrivals,
+    pub options: PlanOptions,
+    /// Lengths of the shared system prompts.
+    pub system_prompt_len: u32,
+    pub num_system_prompts: u32,
+    pub seed: u64,
+}
+
+/// What one step did and cost.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct StepRecord {
+    pub step: u32,
+    pub clock_s: f64,
+    pub requests: u32,
+    pub prefill_tokens: u32,
+    pub decode_tokens: u32,
+    /// Keys of every request of the step added up (what attention reads, before sharing).
+    pub kv_tokens: u64,
+    /// The backend's run calls for every layer.
+    pub attention_s: f64,
+    pub plan_s: f64,
+    pub bind_s: f64,
+    pub kv_write_s: f64,
+    pub groups: u32,
+    pub items: u32,
+    pub split_requests: u32,
+    pub tile_utilization: f64,
+    /// Real (row, visible key) pairs of one layer, and the pairs the tiles compute.
+    pub useful_pairs: f64,
+    pub computed_pairs: f64,
+    /// Largest group's cost over the mean group's (1 = perfectly balanced).
+    pub imbalance: f64,
+    pub kv: StoreMetrics,
+    /// A digest of (request, tokens) of the step, to check two replays did the same work.
+    pub work_digest: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RunResult {
+    pub steps: Vec<StepRecord>,
+    /// Attention time from arrival to first token, per request that produced one.
+    pub ttft_s: Vec<f64>,
+    /// Attention time between consecutive tokens of a request.
+    pub tbt_s: Vec<f64>,
+    pub generated_tokens: u64,
+    pub prefill_tokens: u64,
+    pub finished: usize,
+    pub requests: usize,
+    /// The store after every request left and the system prompts were released.
+    pub final_kv: StoreMetrics,
+    pub peak_pages_used: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum State {
+    NotArrived,
+    Waiting,
+    Running { prefilled: u32, produced: u32 },
+    Done,
+}
+
+/// Random 16-bit inputs the steps read Q and new K/V from: the point is the work, not the values.
+struct Inputs {
+    data: Vec<u16>,
+    rng: Rng,
+}
+
+impl Inputs {
+    fn new(shape: &Shape, max_tokens: usize, seed: u64) -> Self {
+        let mut rng = Rng::new(seed);
+        let n = 2 * max_tokens * shape.num_qo_heads as usize * shape.head_dim as usize + 4096;
+        let data = (0..n)
+            .map(|_| {
+                let x = rng.uniform() as f32 * 2.0 - 1.0;
+                match shape.dtype {
+                    packinfer::types::DType::F16 => half::f16::from_f32(x).to_bits(),
+                    _ => half::bf16::from_f32(x).to_bits(),
+                }
+            })
+            .collect();
+        Inputs { data, rng }
+    }
+    /// `n` elements starting at a random place.
+    fn slice(&mut self, n: usize) -> &[u16] {
+        let at = (self.rng.next_u64() % (self.data.len() - n + 1) as u64) as usize;
+        &self.data[at..at + n]
+    }
+}
+
+/// Replays `requests` through `store` and `backend`; `on_progress(finished, step)` after each step.
+pub fn replay(
+    requests: &[Request],
+    config: &EngineConfig,
+    store: &mut dyn KvStore,
+    backend: &dyn Backend,
+    mut on_progress: impl FnMut(usize, u32),
+) -> Result<RunResult> {
+    let shape = config.shape;
+    let (hq, hk, d) = (shape.num_qo_heads as usize, shape.num_kv_heads as usize, shape.head_dim as usize);
+    let n = requests.len();
+    let profile = backend.profile();
+    let mut inputs = Inputs::new(&shape, config.token_budget as usize, config.seed);
+    let mut out = vec![0u16; config.token_budget as usize * hq * d];
+
+    // The shared system prompts are sequences of their own, written once before the first step
+    // (their prefill is not part of any request's work). Ids after the requests'.
+    let prompt_id = |p: u32| n as u32 + p;
+    for p in 0..config.num_system_prompts {
+        let len = config.system_prompt_len;
+        if !store.admit(prompt_id(p), None, len)? {
+            return Err(Error::PoolExhausted(format!("the KV pool cannot hold the {} shared system prompts of {len} tokens", config.num_system_prompts)));
+        }
+        store.append(prompt_id(p), len)?;
+        for layer in 0..config.layers {
+            for t in (0..len).step_by(config.token_budget as usize) {
+                let m = (len - t).min(config.token_budget) as usize * hk * d;
+                let k = inputs.slice(m).to_vec();
+                store.write_kv(layer, prompt_id(p), t, &k, inputs.slice(m))?;
+            }
+        }
+    }
+
+    let mut state = vec![State::NotArrived; n];
+    // Attention time since the request's previous token (or since it arrived).
+    let mut since_token = vec![0.0f64; n];
+    let mut order: Vec<usize> = (0..n).collect();
+    if let Arrivals::Timestamps { .. } = config.arrivals {
+        order.sort_by(|&a, &b| requests[a].arrival_s.total_cmp(&requests[b].arrival_s));
+    }
+    let mut to_arrive: VecDeque<usize> = order.into();
+    let mut waiting: VecDeque<usize> = VecDeque::new();
+    let mut running: Vec<usize> = Vec::new();
+    let mut result = RunResult { requests: n, ..Default::default() };
+    let mut clock = 0.0f64;
+
+    while result.finished < n {
+        // Arrivals.
+        while let Some(&r) = to_arrive.front() {
+            let arrives = match config.arrivals {
+                Arrivals::AllAtOnce => true,
+                Arrivals::Timestamps { speedup, .. } => requests[r].arrival_s / speedup <= clock,
+            };
+            if !arrives {
+                break;
+            }
+            to_arrive.pop_front();
+            state[r] = State::Waiting;
+            waiting.push_back(r);
+        }
+        // Admission, first come first served: a request that does not fit blocks those behind it.
+        while let Some(&r) = waiting.front() {
+            if running.len() >= config.max_batch as usize {
+                break;
+            }
+            let req = &requests[r];
+            let prefix = req.system_prompt.map(prompt_id);
+            let prefix_len = if prefix.is_some() { config.system_prompt_len } else { 0 };
+            // The last generated token is never fed back, so it needs no KV.
+            let final_len = prefix_len + req.prompt + req.generated.saturating_sub(1);
+            if !store.admit(r as u32, prefix, final_len)? {
+                break;
+            }
+            waiting.pop_front();
+            state[r] = State::Running { prefilled: 0, produced: 0 };
+            running.push(r);
+        }
+        if running.is_empty() {
+            if let Some(&r) = waiting.front() {
+                return Err(Error::PoolExhausted(format!(
+                    "request {} (trace line {}) does not fit in the empty KV pool ({} pages of {} tokens)",
+                    r,
+                    requests[r].line,
+                    store.metrics().pages_total,
+                    store.metrics().page_size
+                )));
+            }
+            match (to_arrive.front(), config.arrivals) {
+                (Some(&r), Arrivals::Timestamps { speedup, step_s }) => {
+                    // Idle until the next arrival, in whole steps.
+                    let t = requests[r].arrival_s / speedup;
+                    clock += ((t - clock) / step_s).ceil().max(1.0) * step_s;
+                    continue;
+                }
+                _ => return Err(Error::Internal("the engine has nothing to run but not every request finished".into())),
+            }
+        }
+
+        // The step: decodes first, one token each, then prefill chunks in admission order.
+        let mut budget = config.token_budget;
+        let mut step: Vec<(u32, u32)> = Vec::new();
+        for &r in &running {
+            if let State::Running { prefilled, .. } = state[r] {
+                if prefilled == requests[r].prompt && budget > 0 {
+                    step.push((r as u32, 1));
+                    budget -= 1;
+                }
+            }
+        }
+        let decode_tokens = step.len() as u32;
+        for &r in &running {
+            if let State::Running { prefilled, .. } = state[r] {
+                let chunk = (requests[r].prompt - prefilled).min(budget);
+                if chunk > 0 {
+                    step.push((r as u32, chunk));
+                    budget -= chunk;
+                }
+            }
+        }
+        let mut rec = StepRecord { step: result.steps.len() as u32, clock_s: clock, requests: step.len() as u32, decode_tokens, ..Default::default() };
+        rec.prefill_tokens = step.iter().map(|s| s.1).sum::<u32>() - decode_tokens;
+        rec.work_digest = step.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &(r, q)| (h ^ ((r as u64) << 32 | q as u64)).wrapping_mul(0x100_0000_01b3));
+
+        // New tokens' K/V, every layer.
+        let t = Instant::now();
+        for &(r, q) in &step {
+            let first = store.len(r)?;
+            store.append(r, q)?;
+            let m = q as usize * hk * d;
+            for layer in 0..config.layers {
+                let k = inputs.slice(m).to_vec();
+                store.write_kv(layer, r, first, &k, inputs.slice(m))?;
+            }
+        }
+        rec.kv_write_s = t.elapsed().as_secs_f64();
+
+        let t = Instant::now();
+        let plan = Arc::new(store.plan(&step, &profile, config.options.clone())?);
+        rec.plan_s = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let bound = backend.bind(plan.clone(), 0, None)?;
+        bound.wait()?;
+        rec.bind_s = t.elapsed().as_secs_f64();
+        let total_q = plan.batch.total_q() as usize;
+        let rows = RowsTensor { ptr: 0, stride_token: (hq * d) as i64, stride_head: d as i64 };
+        for layer in 0..config.layers {
+            let q = inputs.slice(total_q * hq * d).as_ptr();
+            let args = RunArgs {
+                q: RowsTensor { ptr: q as u64, ..rows },
+                kv: store.layout(layer),
+                o: RowsTensor { ptr: out.as_mut_ptr() as u64, ..rows },
+                lse: 0,
+                stream: 0,
+            };
+            // On the CPU the run is synchronous, so its wall time is the attention time.
+            // TODO(cuda backend): time with events recorded around the runs on the stream.
+            let t = Instant::now();
+            bound.run(&args)?;
+            rec.attention_s += t.elapsed().as_secs_f64();
+        }
+        let s = plan.stats;
+        rec.kv_tokens = plan.requests.iter().map(|r| r.kv_len as u64).sum();
+        rec.groups = s.num_groups;
+        rec.items = s.num_items;
+        rec.split_requests = s.num_split_requests;
+        rec.tile_utilization = s.tile_utilization;
+        rec.imbalance = if s.mean_group_cost > 0.0 { s.max_group_cost / s.mean_group_cost } else { 1.0 };
+        rec.useful_pairs = plan
+            .requests
+            .iter()
+            .map(|r| {
+                let (q, k) = (r.q_len as f64, r.kv_len as f64);
+                let per_head = if shape.causal { q * (k - q) + q * (q + 1.0) / 2.0 } else { q * k };
+                per_head * hq as f64
+            })
+            .sum();
+        rec.computed_pairs = if s.tile_utilization > 0.0 { rec.useful_pairs / s.tile_utilization } else { 0.0 };
+        drop(bound);
+
+        // Every request in the system waited for this step.
+        for r in 0..n {
+            if matches!(state[r], State::Waiting | State::Running { .. }) {
+                since_token[r] += rec.attention_s;
+            }
+        }
+        for &(r, q) in &step {
+            let r = r as usize;
+            let req = requests[r];
+            let State::Running { mut prefilled, mut produced } = state[r] else { unreachable!("scheduled requests run") };
+            if prefilled < req.prompt {
+                prefilled += q;
+                result.prefill_tokens += q as u64;
+                if prefilled == req.prompt && req.generated > 0 {
+                    produced = 1;
+                    result.ttft_s.push(since_token[r]);
+                    since_token[r] = 0.0;
+                }
+            } else {
+                produced += 1;
+                result.tbt_s.push(since_token[r]);
+                since_token[r] = 0.0;
+            }
+            state[r] = if prefilled == req.prompt && produced == req.generated { State::Done } else { State::Running { prefilled, produced } };
+            if state[r] == State::Done {
+                result.generated_tokens += produced as u64;
+                result.finished += 1;
+                store.release(r as u32)?;
+            }
+        }
+        running.retain(|&r| state[r] != State::Done);
+        rec.kv = store.metrics();
+        result.peak_pages_used = result.peak_pages_used.max(rec.kv.pages_used);
+        result.steps.push(rec);
+        if let Arrivals::Timestamps { step_s, .. } = config.arrivals {
+            clock += step_s;
+        }
+        on_progress(result.finished, rec.step + 1);
+    }
+    for p in 0..config.num_system_prompts {
+        store.release(prompt_id(p))?;
+    }
+    result.final_kv = store.metrics();
+    Ok(result)
+}

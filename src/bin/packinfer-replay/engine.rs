@@ -137,108 +137,156 @@ impl Inputs {
     }
 }
 
-/// Replays `requests` through `store` and `backend`; `on_progress(finished, step)` after each step.
-pub fn replay(
-    requests: &[Request],
-    config: &EngineConfig,
-    store: &mut dyn KvStore,
-    backend: &dyn Backend,
-    mut on_progress: impl FnMut(usize, u32),
-) -> Result<RunResult> {
-    let shape = config.shape;
-    let (hq, hk, d) = (shape.num_qo_heads as usize, shape.num_kv_heads as usize, shape.head_dim as usize);
-    let n = requests.len();
-    let profile = backend.profile();
-    let mut inputs = Inputs::new(&shape, config.token_budget as usize, config.seed);
-    let mut out = vec![0u16; config.token_budget as usize * hq * d];
+/// One replay in progress: the requests' states, the store and the backend. [`Engine::step`] runs
+/// one engine step, so two replays can be interleaved step by step and share the machine's
+/// load alike.
+pub struct Engine<'a> {
+    requests: &'a [Request],
+    config: EngineConfig,
+    store: Box<dyn KvStore + 'a>,
+    backend: &'a dyn Backend,
+    profile: packinfer::plan::DeviceProfile,
+    inputs: Inputs,
+    out: Vec<u16>,
+    state: Vec<State>,
+    /// Attention time since the request's previous token (or since it arrived).
+    since_token: Vec<f64>,
+    to_arrive: VecDeque<usize>,
+    waiting: VecDeque<usize>,
+    running: Vec<usize>,
+    clock: f64,
+    result: RunResult,
+}
 
-    // The shared system prompts are sequences of their own, written once before the first step
-    // (their prefill is not part of any request's work). Ids after the requests'.
-    let prompt_id = |p: u32| n as u32 + p;
-    for p in 0..config.num_system_prompts {
-        let len = config.system_prompt_len;
-        if !store.admit(prompt_id(p), None, len)? {
-            return Err(Error::PoolExhausted(format!("the KV pool cannot hold the {} shared system prompts of {len} tokens", config.num_system_prompts)));
-        }
-        store.append(prompt_id(p), len)?;
-        for layer in 0..config.layers {
-            for t in (0..len).step_by(config.token_budget as usize) {
-                let m = (len - t).min(config.token_budget) as usize * hk * d;
-                let k = inputs.slice(m).to_vec();
-                store.write_kv(layer, prompt_id(p), t, &k, inputs.slice(m))?;
+impl<'a> Engine<'a> {
+    /// Sets up a replay of `requests` and writes the shared system prompts' KV (their prefill
+    /// is not part of any request's work).
+    pub fn new(requests: &'a [Request], config: EngineConfig, mut store: Box<dyn KvStore + 'a>, backend: &'a dyn Backend) -> Result<Self> {
+        let shape = config.shape;
+        let (hq, hk, d) = (shape.num_qo_heads as usize, shape.num_kv_heads as usize, shape.head_dim as usize);
+        let n = requests.len();
+        let mut inputs = Inputs::new(&shape, config.token_budget as usize, config.seed);
+        for p in 0..config.num_system_prompts {
+            let (id, len) = (n as u32 + p, config.system_prompt_len);
+            if !store.admit(id, None, len)? {
+                return Err(Error::PoolExhausted(format!("the KV pool cannot hold the {} shared system prompts of {len} tokens", config.num_system_prompts)));
+            }
+            store.append(id, len)?;
+            for layer in 0..config.layers {
+                for t in (0..len).step_by(config.token_budget as usize) {
+                    let m = (len - t).min(config.token_budget) as usize * hk * d;
+                    let k = inputs.slice(m).to_vec();
+                    store.write_kv(layer, id, t, &k, inputs.slice(m))?;
+                }
             }
         }
+        let mut order: Vec<usize> = (0..n).collect();
+        if let Arrivals::Timestamps { .. } = config.arrivals {
+            order.sort_by(|&a, &b| requests[a].arrival_s.total_cmp(&requests[b].arrival_s));
+        }
+        Ok(Engine {
+            requests,
+            profile: backend.profile(),
+            out: vec![0u16; config.token_budget as usize * hq * d],
+            config,
+            store,
+            backend,
+            inputs,
+            state: vec![State::NotArrived; n],
+            since_token: vec![0.0; n],
+            to_arrive: order.into(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            clock: 0.0,
+            result: RunResult { requests: n, ..Default::default() },
+        })
     }
 
-    let mut state = vec![State::NotArrived; n];
-    // Attention time since the request's previous token (or since it arrived).
-    let mut since_token = vec![0.0f64; n];
-    let mut order: Vec<usize> = (0..n).collect();
-    if let Arrivals::Timestamps { .. } = config.arrivals {
-        order.sort_by(|&a, &b| requests[a].arrival_s.total_cmp(&requests[b].arrival_s));
+    pub fn finished(&self) -> usize {
+        self.result.finished
     }
-    let mut to_arrive: VecDeque<usize> = order.into();
-    let mut waiting: VecDeque<usize> = VecDeque::new();
-    let mut running: Vec<usize> = Vec::new();
-    let mut result = RunResult { requests: n, ..Default::default() };
-    let mut clock = 0.0f64;
 
-    while result.finished < n {
-        // Arrivals.
-        while let Some(&r) = to_arrive.front() {
-            let arrives = match config.arrivals {
-                Arrivals::AllAtOnce => true,
-                Arrivals::Timestamps { speedup, .. } => requests[r].arrival_s / speedup <= clock,
-            };
-            if !arrives {
-                break;
-            }
-            to_arrive.pop_front();
-            state[r] = State::Waiting;
-            waiting.push_back(r);
+    pub fn is_done(&self) -> bool {
+        self.result.finished == self.requests.len()
+    }
+
+    /// The steps run so far.
+    pub fn steps(&self) -> &[StepRecord] {
+        &self.result.steps
+    }
+
+    /// The shared system prompts' sequence ids come after the requests'.
+    fn prompt_id(&self, p: u32) -> u32 {
+        self.requests.len() as u32 + p
+    }
+
+    /// Runs one engine step (idling the virtual clock until an arrival first, if nothing runs).
+    /// Returns the step's record, or `None` when every request has finished.
+    pub fn step(&mut self) -> Result<Option<StepRecord>> {
+        if self.is_done() {
+            return Ok(None);
         }
-        // Admission, first come first served: a request that does not fit blocks those behind it.
-        while let Some(&r) = waiting.front() {
-            if running.len() >= config.max_batch as usize {
+        let requests = self.requests;
+        let config = &self.config;
+        let (state, store) = (&mut self.state, &mut self.store);
+        loop {
+            // Arrivals.
+            while let Some(&r) = self.to_arrive.front() {
+                let arrives = match config.arrivals {
+                    Arrivals::AllAtOnce => true,
+                    Arrivals::Timestamps { speedup, .. } => requests[r].arrival_s / speedup <= self.clock,
+                };
+                if !arrives {
+                    break;
+                }
+                self.to_arrive.pop_front();
+                state[r] = State::Waiting;
+                self.waiting.push_back(r);
+            }
+            // Admission, first come first served: a request that does not fit blocks those
+            // behind it.
+            while let Some(&r) = self.waiting.front() {
+                if self.running.len() >= config.max_batch as usize {
+                    break;
+                }
+                let req = &requests[r];
+                let prefix = req.system_prompt.map(|p| requests.len() as u32 + p);
+                let prefix_len = if prefix.is_some() { config.system_prompt_len } else { 0 };
+                // The last generated token is never fed back, so it needs no KV.
+                let final_len = prefix_len + req.prompt + req.generated.saturating_sub(1);
+                if !store.admit(r as u32, prefix, final_len)? {
+                    break;
+                }
+                self.waiting.pop_front();
+                state[r] = State::Running { prefilled: 0, produced: 0 };
+                self.running.push(r);
+            }
+            if !self.running.is_empty() {
                 break;
             }
-            let req = &requests[r];
-            let prefix = req.system_prompt.map(prompt_id);
-            let prefix_len = if prefix.is_some() { config.system_prompt_len } else { 0 };
-            // The last generated token is never fed back, so it needs no KV.
-            let final_len = prefix_len + req.prompt + req.generated.saturating_sub(1);
-            if !store.admit(r as u32, prefix, final_len)? {
-                break;
-            }
-            waiting.pop_front();
-            state[r] = State::Running { prefilled: 0, produced: 0 };
-            running.push(r);
-        }
-        if running.is_empty() {
-            if let Some(&r) = waiting.front() {
+            if let Some(&r) = self.waiting.front() {
+                let m = store.metrics();
                 return Err(Error::PoolExhausted(format!(
-                    "request {} (trace line {}) does not fit in the empty KV pool ({} pages of {} tokens)",
-                    r,
-                    requests[r].line,
-                    store.metrics().pages_total,
-                    store.metrics().page_size
+                    "request {r} (trace line {}) does not fit in the empty KV pool ({} pages of {} tokens)",
+                    requests[r].line, m.pages_total, m.page_size
                 )));
             }
-            match (to_arrive.front(), config.arrivals) {
+            match (self.to_arrive.front(), config.arrivals) {
                 (Some(&r), Arrivals::Timestamps { speedup, step_s }) => {
                     // Idle until the next arrival, in whole steps.
                     let t = requests[r].arrival_s / speedup;
-                    clock += ((t - clock) / step_s).ceil().max(1.0) * step_s;
-                    continue;
+                    self.clock += ((t - self.clock) / step_s).ceil().max(1.0) * step_s;
                 }
                 _ => return Err(Error::Internal("the engine has nothing to run but not every request finished".into())),
             }
         }
 
+        let shape = config.shape;
+        let (hq, hk, d) = (shape.num_qo_heads as usize, shape.num_kv_heads as usize, shape.head_dim as usize);
         // The step: decodes first, one token each, then prefill chunks in admission order.
         let mut budget = config.token_budget;
         let mut step: Vec<(u32, u32)> = Vec::new();
-        for &r in &running {
+        for &r in &self.running {
             if let State::Running { prefilled, .. } = state[r] {
                 if prefilled == requests[r].prompt && budget > 0 {
                     step.push((r as u32, 1));
@@ -247,7 +295,7 @@ pub fn replay(
             }
         }
         let decode_tokens = step.len() as u32;
-        for &r in &running {
+        for &r in &self.running {
             if let State::Running { prefilled, .. } = state[r] {
                 let chunk = (requests[r].prompt - prefilled).min(budget);
                 if chunk > 0 {
@@ -256,7 +304,7 @@ pub fn replay(
                 }
             }
         }
-        let mut rec = StepRecord { step: result.steps.len() as u32, clock_s: clock, requests: step.len() as u32, decode_tokens, ..Default::default() };
+        let mut rec = StepRecord { step: self.result.steps.len() as u32, clock_s: self.clock, requests: step.len() as u32, decode_tokens, ..Default::default() };
         rec.prefill_tokens = step.iter().map(|s| s.1).sum::<u32>() - decode_tokens;
         rec.work_digest = step.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &(r, q)| (h ^ ((r as u64) << 32 | q as u64)).wrapping_mul(0x100_0000_01b3));
 
@@ -267,27 +315,27 @@ pub fn replay(
             store.append(r, q)?;
             let m = q as usize * hk * d;
             for layer in 0..config.layers {
-                let k = inputs.slice(m).to_vec();
-                store.write_kv(layer, r, first, &k, inputs.slice(m))?;
+                let k = self.inputs.slice(m).to_vec();
+                store.write_kv(layer, r, first, &k, self.inputs.slice(m))?;
             }
         }
         rec.kv_write_s = t.elapsed().as_secs_f64();
 
         let t = Instant::now();
-        let plan = Arc::new(store.plan(&step, &profile, config.options.clone())?);
+        let plan = Arc::new(store.plan(&step, &self.profile, config.options.clone())?);
         rec.plan_s = t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let bound = backend.bind(plan.clone(), 0, None)?;
+        let bound = self.backend.bind(plan.clone(), 0, None)?;
         bound.wait()?;
         rec.bind_s = t.elapsed().as_secs_f64();
         let total_q = plan.batch.total_q() as usize;
         let rows = RowsTensor { ptr: 0, stride_token: (hq * d) as i64, stride_head: d as i64 };
         for layer in 0..config.layers {
-            let q = inputs.slice(total_q * hq * d).as_ptr();
+            let q = self.inputs.slice(total_q * hq * d).as_ptr();
             let args = RunArgs {
                 q: RowsTensor { ptr: q as u64, ..rows },
                 kv: store.layout(layer),
-                o: RowsTensor { ptr: out.as_mut_ptr() as u64, ..rows },
+                o: RowsTensor { ptr: self.out.as_mut_ptr() as u64, ..rows },
                 lse: 0,
                 stream: 0,
             };
@@ -317,11 +365,12 @@ pub fn replay(
         drop(bound);
 
         // Every request in the system waited for this step.
-        for r in 0..n {
-            if matches!(state[r], State::Waiting | State::Running { .. }) {
-                since_token[r] += rec.attention_s;
+        for (r, st) in state.iter().enumerate() {
+            if matches!(st, State::Waiting | State::Running { .. }) {
+                self.since_token[r] += rec.attention_s;
             }
         }
+        let result = &mut self.result;
         for &(r, q) in &step {
             let r = r as usize;
             let req = requests[r];
@@ -331,13 +380,13 @@ pub fn replay(
                 result.prefill_tokens += q as u64;
                 if prefilled == req.prompt && req.generated > 0 {
                     produced = 1;
-                    result.ttft_s.push(since_token[r]);
-                    since_token[r] = 0.0;
+                    result.ttft_s.push(self.since_token[r]);
+                    self.since_token[r] = 0.0;
                 }
             } else {
                 produced += 1;
-                result.tbt_s.push(since_token[r]);
-                since_token[r] = 0.0;
+                result.tbt_s.push(self.since_token[r]);
+                self.since_token[r] = 0.0;
             }
             state[r] = if prefilled == req.prompt && produced == req.generated { State::Done } else { State::Running { prefilled, produced } };
             if state[r] == State::Done {
@@ -346,18 +395,25 @@ pub fn replay(
                 store.release(r as u32)?;
             }
         }
-        running.retain(|&r| state[r] != State::Done);
+        self.running.retain(|&r| state[r] != State::Done);
         rec.kv = store.metrics();
         result.peak_pages_used = result.peak_pages_used.max(rec.kv.pages_used);
         result.steps.push(rec);
         if let Arrivals::Timestamps { step_s, .. } = config.arrivals {
-            clock += step_s;
+            self.clock += step_s;
         }
-        on_progress(result.finished, rec.step + 1);
+        if self.is_done() {
+            for p in 0..self.config.num_system_prompts {
+                let id = self.prompt_id(p);
+                self.store.release(id)?;
+            }
+            self.result.final_kv = self.store.metrics();
+        }
+        Ok(Some(rec))
     }
-    for p in 0..config.num_system_prompts {
-        store.release(prompt_id(p))?;
+
+    /// What the replay added up to (complete once [`Engine::is_done`]).
+    pub fn into_result(self) -> RunResult {
+        self.result
     }
-    result.final_kv = store.metrics();
-    Ok(result)
 }

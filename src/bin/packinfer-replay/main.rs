@@ -434,23 +434,37 @@ fn run() -> Result<(), Failure> {
     println!("ALL TIMES ARE ATTENTION TIME ONLY: the backend's run calls for every layer; no projections, MLP or sampling. TTFT and TBT add up the attention time of the steps a request waited through.");
     println!();
 
-    let mut results = Vec::new();
+    // The schedules run interleaved, step by step, alternating which goes first, so a change in
+    // the machine's load (other processes) hits both alike.
+    let bars = indicatif::MultiProgress::new();
+    let style = indicatif::ProgressStyle::with_template("{prefix:>10} [{bar:40}] {pos}/{len} requests done, {msg} ({elapsed})").expect("a valid template").progress_chars("=> ");
+    let mut engines = Vec::new();
     for (name, options) in &schedules {
         let config = EngineConfig { options: options.clone(), ..base.clone() };
-        let mut store = PagedStore::new(s.shape, s.layers, a.page_size, pages)?;
-        let bar = indicatif::ProgressBar::new(reqs.len() as u64).with_style(
-            indicatif::ProgressStyle::with_template("{prefix:>10} [{bar:40}] {pos}/{len} requests done, {msg} ({elapsed})").expect("a valid template").progress_chars("=> "),
-        );
+        let store = PagedStore::new(s.shape, s.layers, a.page_size, pages)?;
+        let bar = bars.add(indicatif::ProgressBar::new(reqs.len() as u64).with_style(style.clone()));
         bar.set_prefix(name.to_string());
-        let started = Instant::now();
-        let r = engine::replay(&reqs, &config, &mut store, backend.as_ref(), |done, step| {
-            bar.set_position(done as u64);
-            bar.set_message(format!("step {step}"));
-        })?;
-        bar.finish_and_clear();
-        eprintln!("{name}: {} steps in {:.1} s wall time", r.steps.len(), started.elapsed().as_secs_f64());
-        results.push((*name, r));
+        engines.push((*name, engine::Engine::new(&reqs, config, Box::new(store), backend.as_ref())?, bar));
     }
+    let started = Instant::now();
+    let mut round = 0usize;
+    while engines.iter().any(|e| !e.1.is_done()) {
+        let k = engines.len();
+        for i in 0..k {
+            let (_, engine, bar) = &mut engines[(i + round) % k];
+            if let Some(rec) = engine.step()? {
+                bar.set_position(engine.finished() as u64);
+                bar.set_message(format!("step {}", rec.step + 1));
+            }
+        }
+        round += 1;
+    }
+    bars.clear().ok();
+    let mut results = Vec::new();
+    for (name, engine, _) in engines {
+        results.push((name, engine.into_result()));
+    }
+    eprintln!("replayed {} steps per schedule in {:.1} s wall time", results[0].1.steps.len(), started.elapsed().as_secs_f64());
     if results.len() == 2 {
         let same = results[0].1.steps.len() == results[1].1.steps.len() && results[0].1.steps.iter().zip(&results[1].1.steps).all(|(x, y)| x.work_digest == y.work_digest);
         if !same {

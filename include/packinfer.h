@@ -9,6 +9,12 @@
 #include <stdint.h>
 
 /**
+ * Rows of the MMA slice the kernel computes at a time; a chunk touching any row of a slice pays
+ * for the whole slice.
+ */
+#define ROW_SLICE 16
+
+/**
  * Version of the C ABI; bumped when a function's signature or a struct's existing fields change.
  */
 #define PACKINFER_ABI_VERSION 1
@@ -270,6 +276,16 @@ typedef struct PackinferPlanStats {
    * Bytes of fp32 scratch the plan's split partials need.
    */
   uint64_t scratch_bytes;
+  /**
+   * Load of the busiest CTA (worker) when workers take groups in order, and the mean over
+   * all the device's workers, in the profile's cost units.
+   */
+  double max_worker_cost;
+  double mean_worker_cost;
+  /**
+   * Work items that write partial slots (split pieces, prefix tiles, prefix members' suffixes).
+   */
+  uint32_t num_partial_items;
 } PackinferPlanStats;
 
 /**

@@ -175,7 +175,7 @@ pub unsafe extern "C" fn packinfer_plan_create(
     guard("packinfer_plan_create", || {
         let backend = CONTEXTS.get(context.bits)?;
         let (shape, batch) = convert_batch(super::options("batch", batch)?)?;
-        let options = if options.is_null() { PlanOptions::default() } else { convert_plan_options(super::options("options", options)?) };
+        let options = if options.is_null() { PlanOptions::default() } else { convert_plan_options(super::options("options", options)?)? };
         if out.is_null() {
             return Err(invalid!("out is a null pointer"));
         }
@@ -217,6 +217,9 @@ pub unsafe extern "C" fn packinfer_plan_stats(plan: PackinferPlan, stats: *mut P
             capacity: s.capacity,
             planning_time_us: s.planning_ns as f64 / 1e3,
             scratch_bytes: plan.scratch_bytes() as u64,
+            max_worker_cost: s.max_worker_cost,
+            mean_worker_cost: s.mean_worker_cost,
+            num_partial_items: s.num_partial_items,
         };
         write_out("stats", stats, value)
     })
@@ -393,15 +396,21 @@ unsafe fn convert_batch(b: &PackinferBatchDesc) -> Result<(Shape, Batch)> {
     Ok((shape, batch))
 }
 
-fn convert_plan_options(o: &PackinferPlanOptions) -> PlanOptions {
+fn convert_plan_options(o: &PackinferPlanOptions) -> Result<PlanOptions> {
     let has = |f: PackinferPlanFlags| o.flags & f as u32 != 0;
-    PlanOptions {
+    // In C, capacity 0 means automatic; negative or non-finite is the caller's mistake.
+    let capacity = match o.capacity {
+        c if c == 0.0 => None,
+        c if c.is_finite() && c > 0.0 => Some(c),
+        c => return Err(invalid!("options->capacity = {c} must be 0 (automatic) or positive and finite")),
+    };
+    Ok(PlanOptions {
         deterministic: has(PackinferPlanFlags::Deterministic),
         packing: !has(PackinferPlanFlags::NoPacking),
         balancing: !has(PackinferPlanFlags::NoBalancing),
         prefix_sharing: !has(PackinferPlanFlags::NoPrefixSharing),
         split_kv: !has(PackinferPlanFlags::NoSplitKv),
-        capacity: o.capacity,
+        capacity,
         split_keys: if o.split_keys == 0 { 2048 } else { o.split_keys },
-    }
+    })
 }

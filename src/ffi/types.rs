@@ -164,6 +164,12 @@ pub struct PackinferPlanStats {
     pub planning_time_us: f64,
     /// Bytes of fp32 scratch the plan's split partials need.
     pub scratch_bytes: u64,
+    /// Load of the busiest CTA (worker) when workers take groups in order, and the mean over
+    /// all the device's workers, in the profile's cost units.
+    pub max_worker_cost: f64,
+    pub mean_worker_cost: f64,
+    /// Work items that write partial slots (split pieces, prefix tiles, prefix members' suffixes).
+    pub num_partial_items: u32,
 }
 
 /// Binding options of a launch.

@@ -60,18 +60,6 @@ typedef enum PackinferStatus {
 } PackinferStatus;
 
 /**
- * Which backend a context runs on.
- */
-typedef enum PackinferBackend {
-  /**
-   * CUDA when a driver, NVRTC and the device are present, else the CPU.
-   */
-  PACKINFER_BACKEND_AUTO = 0,
-  PACKINFER_BACKEND_CPU = 1,
-  PACKINFER_BACKEND_CUDA = 2,
-} PackinferBackend;
-
-/**
  * Element type of Q, K, V and O (accumulation is always fp32).
  */
 typedef enum PackinferDtype {
@@ -82,6 +70,18 @@ typedef enum PackinferDtype {
    */
   PACKINFER_DTYPE_F32 = 2,
 } PackinferDtype;
+
+/**
+ * Which backend a context runs on.
+ */
+typedef enum PackinferBackend {
+  /**
+   * CUDA when a driver, NVRTC and the device are present, else the CPU.
+   */
+  PACKINFER_BACKEND_AUTO = 0,
+  PACKINFER_BACKEND_CPU = 1,
+  PACKINFER_BACKEND_CUDA = 2,
+} PackinferBackend;
 
 /**
  * Bits of `PackinferPlanOptions::flags`.
@@ -355,6 +355,121 @@ typedef struct PackinferRunArgs {
   void *stream;
 } PackinferRunArgs;
 
+/**
+ * How to create a KV pool. The model's attention shape is given once here, so a step's plan
+ * needs only the batch. Memory is `num_layers × 2 (K, V) × num_pages × page_size × num_kv_heads
+ * × head_dim` elements, allocated once.
+ */
+typedef struct PackinferPoolOptions {
+  /**
+   * sizeof(PackinferPoolOptions).
+   */
+  size_t struct_size;
+  uint32_t num_layers;
+  uint32_t num_qo_heads;
+  uint32_t num_kv_heads;
+  uint32_t head_dim;
+  enum PackinferDtype dtype;
+  /**
+   * Bottom-right aligned causal mask for plans made from the pool.
+   */
+  bool causal;
+  /**
+   * 0 = 1/sqrt(head_dim).
+   */
+  float sm_scale;
+  /**
+   * Tokens per page (default 16).
+   */
+  uint32_t page_size;
+  /**
+   * Capacity in pages; 0 = as many as fit in capacity_bytes.
+   */
+  uint32_t num_pages;
+  /**
+   * Capacity in bytes, used when num_pages is 0.
+   */
+  uint64_t capacity_bytes;
+  /**
+   * δ: empty pages kept after each member of a laid-out group for its next tokens (default 2).
+   */
+  uint32_t headroom_pages;
+} PackinferPoolOptions;
+
+/**
+ * Opaque handle to a KV pool: KV memory owned by the library, cut into pages shared by sequences.
+ */
+typedef struct PackinferPool {
+  uint64_t bits;
+} PackinferPool;
+
+/**
+ * What one `packinfer_pool_relayout` did.
+ */
+typedef struct PackinferRelayoutReport {
+  /**
+   * sizeof(PackinferRelayoutReport).
+   */
+  size_t struct_size;
+  uint32_t groups;
+  /**
+   * Groups already contiguous, or not due for a rebuild.
+   */
+  uint32_t groups_in_place;
+  uint32_t groups_rebuilt;
+  /**
+   * Groups due for a rebuild that found no free run of pages; left as they were.
+   */
+  uint32_t groups_no_room;
+  uint64_t pages_moved;
+  uint64_t bytes_moved;
+} PackinferRelayoutReport;
+
+/**
+ * A pool's metrics.
+ */
+typedef struct PackinferPoolStats {
+  /**
+   * sizeof(PackinferPoolStats).
+   */
+  size_t struct_size;
+  uint32_t num_pages;
+  uint32_t pages_used;
+  uint32_t pages_free;
+  uint32_t num_sequences;
+  /**
+   * Sum of the sequences' lengths (a shared token counts once per sequence).
+   */
+  uint64_t tokens_logical;
+  /**
+   * Distinct tokens stored (a shared page's tokens count once).
+   */
+  uint64_t tokens_stored;
+  /**
+   * Internal fragmentation: slots of used pages that hold no token (partial pages, headroom).
+   */
+  uint64_t slots_reserved_unused;
+  /**
+   * KV bytes (all layers, K and V) the last plan made from the pool reads with each shared
+   * prefix read once per prefix group ...
+   */
+  uint64_t step_read_bytes_shared;
+  /**
+   * ... and with every request reading all of its keys.
+   */
+  uint64_t step_read_bytes_unshared;
+  /**
+   * Relayouts that moved pages, and how many pages and bytes they moved in total.
+   */
+  uint64_t relayouts;
+  uint64_t relayout_pages_moved;
+  uint64_t relayout_bytes_moved;
+  /**
+   * Pages copied on write (a fork's partly covered page, an append into a shared page).
+   */
+  uint64_t cow_page_copies;
+} PackinferPoolStats;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -519,6 +634,183 @@ enum PackinferStatus packinfer_kv_layout_hnd(const void *k,
                                              uint32_t num_kv_heads,
                                              uint32_t head_dim,
                                              struct PackinferKvLayout *layout);
+
+/**
+ * Fills `options` with defaults: page_size 16, headroom 2 pages, BF16, causal; the model's
+ * shape and the capacity are left 0 and must be set.
+ *
+ * # Safety
+ * `options` must be NULL or writable.
+ */
+enum PackinferStatus packinfer_pool_options_default(struct PackinferPoolOptions *options);
+
+/**
+ * Creates a KV pool on a context's backend, allocating all of its memory now (host memory on
+ * the CPU backend; the CUDA backend says UNSUPPORTED until its pool kernels land).
+ *
+ * # Safety
+ * `options` must point to an initialized `PackinferPoolOptions`; `out` writable.
+ */
+enum PackinferStatus packinfer_pool_create(struct PackinferContext context,
+                                           const struct PackinferPoolOptions *options,
+                                           struct PackinferPool *out);
+
+/**
+ * Destroys a pool and frees its memory. Launches that read its KV must be finished.
+ */
+enum PackinferStatus packinfer_pool_destroy(struct PackinferPool pool);
+
+/**
+ * The KV layout descriptor of one layer of the pool, for `PackinferRunArgs::kv`: pages are NHD
+ * `[page, token, kv_head, dim]`, K and V separate.
+ *
+ * # Safety
+ * `layout` must be writable.
+ */
+enum PackinferStatus packinfer_pool_kv_layout(struct PackinferPool pool,
+                                              uint32_t layer,
+                                              struct PackinferKvLayout *layout);
+
+/**
+ * Creates an empty sequence; `*out` is its id (never 0, never reused).
+ *
+ * # Safety
+ * `out` must be writable.
+ */
+enum PackinferStatus packinfer_pool_sequence_create(struct PackinferPool pool, uint64_t *out);
+
+/**
+ * Tokens stored for a sequence.
+ *
+ * # Safety
+ * `out` must be writable.
+ */
+enum PackinferStatus packinfer_pool_sequence_length(struct PackinferPool pool,
+                                                    uint64_t seq,
+                                                    uint32_t *out);
+
+/**
+ * Reserves `n` more tokens at the end of `seq`. If `slots` is not NULL it receives their `n`
+ * slots (`page * page_size + token in page`; valid until the next relayout). POOL_EXHAUSTED
+ * when the pages do not fit, and then nothing changed.
+ *
+ * # Safety
+ * `slots` NULL or writable for `n` entries.
+ */
+enum PackinferStatus packinfer_pool_append(struct PackinferPool pool,
+                                           uint64_t seq,
+                                           uint32_t n,
+                                           int64_t *slots);
+
+/**
+ * A new sequence sharing the first `prefix_len` tokens of `parent` (full pages shared
+ * copy-on-write, a partly covered page copied); `*child` is its id.
+ *
+ * # Safety
+ * `child` must be writable.
+ */
+enum PackinferStatus packinfer_pool_fork(struct PackinferPool pool,
+                                         uint64_t parent,
+                                         uint32_t prefix_len,
+                                         uint64_t *child);
+
+/**
+ * Shortens `seq` to `len` tokens, returning pages nobody else uses.
+ */
+enum PackinferStatus packinfer_pool_truncate(struct PackinferPool pool, uint64_t seq, uint32_t len);
+
+/**
+ * Releases `seq`; its pages return when their last reference goes; the id becomes invalid.
+ */
+enum PackinferStatus packinfer_pool_release(struct PackinferPool pool, uint64_t seq);
+
+/**
+ * Writes one layer's K and V for the step's new tokens: `k` and `v` are `[sum(num_tokens),
+ * num_kv_heads, head_dim]` in the pool's dtype (device memory on CUDA), `src_stride_token`
+ * elements between tokens (0 = contiguous); rows go, in order, to the last `num_tokens[i]`
+ * tokens of `seq_ids[i]` (reserved by `packinfer_pool_append`). Runs on `stream`.
+ *
+ * # Safety
+ * Arrays of `n` entries; `k`, `v` address the rows described.
+ */
+enum PackinferStatus packinfer_pool_write_kv(struct PackinferPool pool,
+                                             uint32_t layer,
+                                             const uint64_t *seq_ids,
+                                             const uint32_t *num_tokens,
+                                             uint32_t n,
+                                             const void *k,
+                                             const void *v,
+                                             int64_t src_stride_token,
+                                             void *stream);
+
+/**
+ * Registers the engine's content hashes of the first `n` full pages of `seq` (a chained hash of
+ * the tokens up to each page's end), so later sequences with the same prefix can share them.
+ *
+ * # Safety
+ * `hashes` has `n` entries.
+ */
+enum PackinferStatus packinfer_pool_register_page_hashes(struct PackinferPool pool,
+                                                         uint64_t seq,
+                                                         const uint64_t *hashes,
+                                                         uint32_t n);
+
+/**
+ * For an empty `seq`: shares the registered pages matching the leading entries of `hashes`
+ * (one per full page of the engine's prompt); `*matched_tokens` is how many tokens they hold.
+ *
+ * # Safety
+ * `hashes` has `n` entries; `matched_tokens` writable.
+ */
+enum PackinferStatus packinfer_pool_match_prefix(struct PackinferPool pool,
+                                                 uint64_t seq,
+                                                 const uint64_t *hashes,
+                                                 uint32_t n,
+                                                 uint32_t *matched_tokens);
+
+/**
+ * Plans a step from the pool: request i is `seq_ids[i]` with its last `num_new_tokens[i]`
+ * tokens as queries (already appended). Page tables, kv lengths and prefix groups (sequences
+ * whose leading pages are the same physical pages) come from the pool. The plan is a snapshot:
+ * make it after the step's appends and after any relayout. `options` may be NULL.
+ *
+ * # Safety
+ * Arrays of `n` entries; `options` NULL or initialized; `out` writable.
+ */
+enum PackinferStatus packinfer_pool_plan_create(struct PackinferContext context,
+                                                struct PackinferPool pool,
+                                                const uint64_t *seq_ids,
+                                                const uint32_t *num_new_tokens,
+                                                uint32_t n,
+                                                const struct PackinferPlanOptions *options,
+                                                struct PackinferPlan *out);
+
+/**
+ * Keeps each execution group of `plan` contiguous in the pool (prefix once, then each member's
+ * pages and headroom). `seq_ids` are the `n` ids the plan was made from. A group is rebuilt
+ * when it is not contiguous and `regroup` is true (the regroup trigger fired) or one of its
+ * members ran out of headroom; the copies run on `stream`. Plans made before a relayout that
+ * moved pages are stale: plan again. `report` may be NULL.
+ *
+ * # Safety
+ * `seq_ids` has `n` entries; `report` NULL or a struct with `struct_size` set.
+ */
+enum PackinferStatus packinfer_pool_relayout(struct PackinferPool pool,
+                                             struct PackinferPlan plan,
+                                             const uint64_t *seq_ids,
+                                             uint32_t n,
+                                             bool regroup,
+                                             void *stream,
+                                             struct PackinferRelayoutReport *report);
+
+/**
+ * The pool's metrics.
+ *
+ * # Safety
+ * `stats` must point to a `PackinferPoolStats` whose `struct_size` is set.
+ */
+enum PackinferStatus packinfer_pool_stats(struct PackinferPool pool,
+                                          struct PackinferPoolStats *stats);
 
 #ifdef __cplusplus
 }  // extern "C"

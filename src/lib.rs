@@ -8,6 +8,7 @@ pub mod error;
 pub mod types;
 pub mod plan;
 pub mod backend;
+pub mod kv;
 pub mod ffi;
 
 pub use error::{Error, Result};

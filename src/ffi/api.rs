@@ -13,8 +13,8 @@ use crate::invalid;
 use crate::plan::{Plan, PlanOptions};
 use crate::types::{Batch, DType, KvLayout, PrefixGroup, RowsTensor, RunArgs, Shape};
 
-static CONTEXTS: Registry<Arc<dyn Backend>> = Registry::new(0xC1, "context");
-static PLANS: Registry<Plan> = Registry::new(0xB1, "plan");
+pub(super) static CONTEXTS: Registry<Arc<dyn Backend>> = Registry::new(0xC1, "context");
+pub(super) static PLANS: Registry<Plan> = Registry::new(0xB1, "plan");
 static LAUNCHES: Registry<Launch> = Registry::new(0xA1, "launch");
 
 /// A plan bound to a context. Holds the context's backend so that destroying the context
@@ -396,7 +396,7 @@ unsafe fn convert_batch(b: &PackinferBatchDesc) -> Result<(Shape, Batch)> {
     Ok((shape, batch))
 }
 
-fn convert_plan_options(o: &PackinferPlanOptions) -> Result<PlanOptions> {
+pub(super) fn convert_plan_options(o: &PackinferPlanOptions) -> Result<PlanOptions> {
     let has = |f: PackinferPlanFlags| o.flags & f as u32 != 0;
     // In C, capacity 0 means automatic; negative or non-finite is the caller's mistake.
     let capacity = match o.capacity {

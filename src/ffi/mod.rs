@@ -4,9 +4,11 @@
 
 mod api;
 mod handles;
+mod pool;
 mod types;
 
 pub use api::*;
+pub use pool::*;
 pub use types::*;
 
 use std::cell::RefCell;

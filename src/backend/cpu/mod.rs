@@ -2,13 +2,17 @@
 //! planner's work list exactly as a GPU kernel would (same items, same partial slots, same
 //! merges), one work item at a time per thread, with fp32 online softmax. Simple on purpose.
 
+mod kv_memory;
+
+pub use kv_memory::HostKvMemory;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use half::{bf16, f16};
 use parking_lot::Mutex;
 
-use super::{Backend, BackendKind, BoundPlan, Scratch};
+use super::{Backend, BackendKind, BoundPlan, KvMemory, Scratch};
 use crate::error::Result;
 use crate::invalid;
 use crate::plan::{DeviceProfile, MergeRow, Plan, WorkItem, FINAL_OUTPUT};
@@ -50,6 +54,9 @@ impl Backend for CpuBackend {
             _ => ScratchMem::Owned(vec![0.0; need / 4]),
         };
         Ok(Box::new(CpuBound { plan, threads: self.threads, scratch: Mutex::new(scratch) }))
+    }
+    fn alloc_kv(&self, bytes: usize) -> Result<Box<dyn KvMemory>> {
+        Ok(Box::new(HostKvMemory::new(bytes)?))
     }
 }
 

@@ -1,0 +1,74 @@
+//! Host memory for a KV pool on the CPU backend: one zeroed allocation, written with plain copies.
+
+use std::cell::UnsafeCell;
+
+use crate::backend::KvMemory;
+use crate::error::{Error, Result};
+use crate::invalid;
+
+pub struct HostKvMemory {
+    /// `u64` words so the base is 8-byte aligned for every dtype. Interior mutability: the pool
+    /// writes through `&self` (its own mutex serializes writers), and kernels read through the
+    /// raw base pointer, exactly as they would read device memory.
+    words: Box<[UnsafeCell<u64>]>,
+    bytes: usize,
+}
+
+// SAFETY: writes are serialized by the owning pool's mutex; readers (run) go through raw
+// pointers and the engine orders them against writes, as on a GPU stream.
+unsafe impl Send for HostKvMemory {}
+unsafe impl Sync for HostKvMemory {}
+
+impl HostKvMemory {
+    pub fn new(bytes: usize) -> Result<HostKvMemory> {
+        if bytes == 0 {
+            return Err(invalid!("a KV pool of 0 bytes cannot hold any page"));
+        }
+        let words = bytes.div_ceil(8);
+        let mut v: Vec<UnsafeCell<u64>> = Vec::new();
+        v.try_reserve_exact(words).map_err(|_| Error::OutOfMemory(format!("could not allocate {bytes} bytes of host memory for the KV pool")))?;
+        v.resize_with(words, || UnsafeCell::new(0));
+        Ok(HostKvMemory { words: v.into_boxed_slice(), bytes })
+    }
+
+    fn ptr(&self) -> *mut u8 {
+        self.words.as_ptr() as *mut u8
+    }
+
+    fn check(&self, what: &str, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.bytes as u64 => Ok(()),
+            _ => Err(Error::Internal(format!("KV pool {what} at byte offset {offset} + {len} is outside the {} byte allocation", self.bytes))),
+        }
+    }
+}
+
+impl KvMemory for HostKvMemory {
+    fn base(&self) -> u64 {
+        self.ptr() as u64
+    }
+    fn len_bytes(&self) -> usize {
+        self.bytes
+    }
+    unsafe fn write_rows(&self, src: u64, src_stride_bytes: u64, row_bytes: u64, dst_offsets: &[u64], _stream: u64) -> Result<()> {
+        for &dst in dst_offsets {
+            self.check("write", dst, row_bytes)?;
+        }
+        for (i, &dst) in dst_offsets.iter().enumerate() {
+            let from = (src + i as u64 * src_stride_bytes) as *const u8;
+            std::ptr::copy(from, self.ptr().add(dst as usize), row_bytes as usize);
+        }
+        Ok(())
+    }
+    fn copy_ranges(&self, pairs: &[(u64, u64)], bytes: u64, _stream: u64) -> Result<()> {
+        for &(src, dst) in pairs {
+            self.check("copy source", src, bytes)?;
+            self.check("copy destination", dst, bytes)?;
+        }
+        for &(src, dst) in pairs {
+            // SAFETY: both ranges are inside the allocation (checked above).
+            unsafe { std::ptr::copy(self.ptr().add(src as usize), self.ptr().add(dst as usize), bytes as usize) };
+        }
+        Ok(())
+    }
+}

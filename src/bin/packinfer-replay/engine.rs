@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use packinfer::backend::Backend;
+use packinfer::plan::adapt::{CapacityTuner, RegroupTrigger};
 use packinfer::plan::PlanOptions;
 use packinfer::types::{RowsTensor, RunArgs, Shape};
 use packinfer::{Error, Result};
@@ -50,6 +51,10 @@ pub struct EngineConfig {
     pub max_batch: u32,
     pub arrivals: Arrivals,
     pub options: PlanOptions,
+    /// PackInfer's step-to-step adaptation: keep the KV of each execution group contiguous
+    /// (relayouts, regrouping when the trigger fires) and tune the group capacity from measured
+    /// step times. Off for the baseline.
+    pub adaptive: bool,
     /// Lengths of the shared system prompts.
     pub system_prompt_len: u32,
     pub num_system_prompts: u32,
@@ -71,6 +76,17 @@ pub struct StepRecord {
     pub plan_s: f64,
     pub bind_s: f64,
     pub kv_write_s: f64,
+    /// Relayout copies (KV management, not attention).
+    pub relayout_s: f64,
+    /// The regroup trigger fired this step.
+    pub regrouped: bool,
+    /// Pages and bytes the step's relayout moved.
+    pub pages_moved: u64,
+    pub bytes_moved: u64,
+    /// Group capacity the step was planned with (cost units).
+    pub capacity: f64,
+    /// The plan read shared prefixes once per prefix group.
+    pub prefix_shared: bool,
     pub groups: u32,
     pub items: u32,
     pub split_requests: u32,
@@ -78,7 +94,8 @@ pub struct StepRecord {
     /// Real (row, visible key) pairs of one layer, and the pairs the tiles compute.
     pub useful_pairs: f64,
     pub computed_pairs: f64,
-    /// Largest group's cost over the mean group's (1 = perfectly balanced).
+    /// Busiest worker's load over the mean worker's, as the planner's cost model sees the
+    /// schedule (1 = perfectly balanced).
     pub imbalance: f64,
     pub kv: StoreMetrics,
     /// A digest of (request, tokens) of the step, to check two replays did the same work.
@@ -99,6 +116,7 @@ pub struct RunResult {
     /// The store after every request left and the system prompts were released.
     pub final_kv: StoreMetrics,
     pub peak_pages_used: u32,
+    pub regroups: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -137,6 +155,15 @@ impl Inputs {
     }
 }
 
+/// PackInfer's adaptation across steps. The capacity is tuned as a factor of each step's
+/// automatic capacity (its total cost over the workers), because steps differ in size by orders
+/// of magnitude and one absolute capacity cannot suit them all; the tuner is fed attention time
+/// per unit of cost, so steps of different sizes compare.
+struct Adaptation {
+    trigger: RegroupTrigger,
+    tuner: CapacityTuner,
+}
+
 /// One replay in progress: the requests' states, the store and the backend. [`Engine::step`] runs
 /// one engine step, so two replays can be interleaved step by step and share the machine's
 /// load alike.
@@ -156,6 +183,7 @@ pub struct Engine<'a> {
     running: Vec<usize>,
     clock: f64,
     result: RunResult,
+    adaptation: Option<Adaptation>,
 }
 
 impl<'a> Engine<'a> {
@@ -171,15 +199,17 @@ impl<'a> Engine<'a> {
             if !store.admit(id, None, len)? {
                 return Err(Error::PoolExhausted(format!("the KV pool cannot hold the {} shared system prompts of {len} tokens", config.num_system_prompts)));
             }
-            store.append(id, len)?;
-            for layer in 0..config.layers {
-                for t in (0..len).step_by(config.token_budget as usize) {
-                    let m = (len - t).min(config.token_budget) as usize * hk * d;
+            for t in (0..len).step_by(config.token_budget as usize) {
+                let chunk = (len - t).min(config.token_budget);
+                store.append(id, chunk)?;
+                let m = chunk as usize * hk * d;
+                for layer in 0..config.layers {
                     let k = inputs.slice(m).to_vec();
-                    store.write_kv(layer, id, t, &k, inputs.slice(m))?;
+                    store.write_kv(layer, &[(id, chunk)], &k, inputs.slice(m))?;
                 }
             }
         }
+        let adaptive = config.adaptive;
         let mut order: Vec<usize> = (0..n).collect();
         if let Arrivals::Timestamps { .. } = config.arrivals {
             order.sort_by(|&a, &b| requests[a].arrival_s.total_cmp(&requests[b].arrival_s));
@@ -199,6 +229,7 @@ impl<'a> Engine<'a> {
             running: Vec::new(),
             clock: 0.0,
             result: RunResult { requests: n, ..Default::default() },
+            adaptation: adaptive.then(|| Adaptation { trigger: RegroupTrigger::new(0.0), tuner: CapacityTuner::new(1.0) }),
         })
     }
 
@@ -208,11 +239,6 @@ impl<'a> Engine<'a> {
 
     pub fn is_done(&self) -> bool {
         self.result.finished == self.requests.len()
-    }
-
-    /// The steps run so far.
-    pub fn steps(&self) -> &[StepRecord] {
-        &self.result.steps
     }
 
     /// The shared system prompts' sequence ids come after the requests'.
@@ -311,19 +337,45 @@ impl<'a> Engine<'a> {
         // New tokens' K/V, every layer.
         let t = Instant::now();
         for &(r, q) in &step {
-            let first = store.len(r)?;
             store.append(r, q)?;
-            let m = q as usize * hk * d;
-            for layer in 0..config.layers {
-                let k = self.inputs.slice(m).to_vec();
-                store.write_kv(layer, r, first, &k, self.inputs.slice(m))?;
-            }
+        }
+        let m = (rec.prefill_tokens + decode_tokens) as usize * hk * d;
+        for layer in 0..config.layers {
+            let k = self.inputs.slice(m).to_vec();
+            store.write_kv(layer, &step, &k, self.inputs.slice(m))?;
         }
         rec.kv_write_s = t.elapsed().as_secs_f64();
 
         let t = Instant::now();
-        let plan = Arc::new(store.plan(&step, &self.profile, config.options.clone())?);
+        let mut options = config.options.clone();
+        let mut plan = store.plan(&step, &self.profile, options.clone())?;
+        if let Some(a) = &mut self.adaptation {
+            let factor = a.tuner.capacity();
+            if factor != 1.0 {
+                options.capacity = Some(plan.stats.capacity * factor);
+                plan = store.plan(&step, &self.profile, options.clone())?;
+            }
+        }
         rec.plan_s = t.elapsed().as_secs_f64();
+        if let Some(a) = &mut self.adaptation {
+            let t = Instant::now();
+            a.trigger.set_capacity(plan.stats.capacity);
+            rec.regrouped = a.trigger.observe_plan(&plan);
+            if rec.regrouped {
+                a.trigger.reset();
+                self.result.regroups += 1;
+            }
+            let moved = store.relayout(&plan, &step, rec.regrouped)?;
+            (rec.pages_moved, rec.bytes_moved) = (moved.pages, moved.bytes);
+            if moved.pages > 0 {
+                // The plan holds page numbers; the relayout changed them.
+                plan = store.plan(&step, &self.profile, options)?;
+            }
+            rec.relayout_s = t.elapsed().as_secs_f64();
+        }
+        rec.capacity = plan.stats.capacity;
+        rec.prefix_shared = plan.options.prefix_sharing;
+        let plan = Arc::new(plan);
         let t = Instant::now();
         let bound = self.backend.bind(plan.clone(), 0, None)?;
         bound.wait()?;
@@ -334,7 +386,7 @@ impl<'a> Engine<'a> {
             let q = self.inputs.slice(total_q * hq * d).as_ptr();
             let args = RunArgs {
                 q: RowsTensor { ptr: q as u64, ..rows },
-                kv: store.layout(layer),
+                kv: store.layout(layer)?,
                 o: RowsTensor { ptr: self.out.as_mut_ptr() as u64, ..rows },
                 lse: 0,
                 stream: 0,
@@ -351,7 +403,14 @@ impl<'a> Engine<'a> {
         rec.items = s.num_items;
         rec.split_requests = s.num_split_requests;
         rec.tile_utilization = s.tile_utilization;
-        rec.imbalance = if s.mean_group_cost > 0.0 { s.max_group_cost / s.mean_group_cost } else { 1.0 };
+        rec.imbalance = if s.mean_worker_cost > 0.0 { s.max_worker_cost / s.mean_worker_cost } else { 1.0 };
+        if let Some(a) = &mut self.adaptation {
+            let cost: f64 = plan.group_costs.iter().sum();
+            if cost > 0.0 {
+                let factor = a.tuner.capacity();
+                a.tuner.record(factor, rec.attention_s / cost);
+            }
+        }
         rec.useful_pairs = plan
             .requests
             .iter()

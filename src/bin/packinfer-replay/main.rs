@@ -13,12 +13,13 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use packinfer::backend::{self, BackendChoice, BackendKind};
+use packinfer::kv::PoolConfig;
 use packinfer::plan::PlanOptions;
 use packinfer::types::{DType, Shape};
 
 use engine::{Arrivals, EngineConfig, Request};
 use report::Summary;
-use store::{bytes_per_token, PagedStore};
+use store::PoolStore;
 
 const HELP: &str = "\
 packinfer-replay: replay an LLM request trace through continuous batching, with PackInfer's
@@ -49,6 +50,7 @@ trace's). Without it a built-in synthetic trace with a long-tailed length mix is
   --shared-fraction F    fraction of requests that start with one of them [0.3]
   --system-prompt-len N  their length in trace tokens, scaled by --len-scale [1024]
   --page-size N          tokens per KV page [16]
+  --headroom-pages N     empty pages after each sequence in a laid-out group, for its next tokens [2]
   --kv-mib N             KV pool size in MiB, all layers [cpu 64, gpu 40960]
   --threads N            CPU backend threads (0: every core) [0]
   --seed N               seeds the synthetic trace, the shared prompts and the inputs [1]
@@ -112,6 +114,7 @@ struct Args {
     shared_fraction: f64,
     system_prompt_len: u32,
     page_size: u32,
+    headroom_pages: u32,
     kv_mib: Option<u64>,
     threads: u32,
     seed: u64,
@@ -140,6 +143,7 @@ fn parse_args(argv: &[String]) -> Result<Option<Args>, Failure> {
         shared_fraction: 0.3,
         system_prompt_len: 1024,
         page_size: 16,
+        headroom_pages: 2,
         kv_mib: None,
         threads: 0,
         seed: 1,
@@ -229,6 +233,7 @@ fn parse_args(argv: &[String]) -> Result<Option<Args>, Failure> {
             }
             "--system-prompt-len" => a.system_prompt_len = positive(name, value()?)?,
             "--page-size" => a.page_size = positive(name, value()?)?,
+            "--headroom-pages" => a.headroom_pages = num(name, value()?)?,
             "--kv-mib" => a.kv_mib = Some(positive(name, value()?)?),
             "--threads" => a.threads = num(name, value()?)?,
             "--seed" => a.seed = num(name, value()?)?,
@@ -298,40 +303,56 @@ fn requests(trace: &[trace::TraceRequest], a: &Args, s: &Setup) -> Vec<Request> 
         .collect()
 }
 
-/// Pages of `page_size` tokens the pool holds, or an error that says what would fit.
-fn pool_pages(reqs: &[Request], a: &Args, s: &Setup, system_prompt_len: u32, prompts: u32) -> Result<u32, Failure> {
-    let bpt = bytes_per_token(&s.shape, s.layers);
-    let page_bytes = bpt * a.page_size as u64;
-    let pages = (s.kv_mib << 20) / page_bytes;
-    let prompt_pages = prompts as u64 * system_prompt_len.div_ceil(a.page_size) as u64;
-    let (worst, worst_tokens) = reqs
+/// The pool for this replay, or an error that says what would fit: it must hold the system
+/// prompts and the longest request (with its relayout headroom) at once.
+fn pool_config(reqs: &[Request], a: &Args, s: &Setup, system_prompt_len: u32, prompts: u32) -> Result<PoolConfig, Failure> {
+    let mut config = PoolConfig {
+        num_layers: s.layers,
+        num_qo_heads: s.shape.num_qo_heads,
+        num_kv_heads: s.shape.num_kv_heads,
+        head_dim: s.shape.head_dim,
+        dtype: s.shape.dtype,
+        causal: s.shape.causal,
+        sm_scale: s.shape.sm_scale,
+        page_size: a.page_size,
+        num_pages: 0,
+        headroom_pages: a.headroom_pages,
+    };
+    let pages = config.pages_for_bytes(s.kv_mib << 20);
+    let prompt_pages = prompts as u64 * PoolStore::pages_to_reserve(&config, system_prompt_len, 0) as u64;
+    let (worst, worst_tokens, worst_pages) = reqs
         .iter()
-        .map(|r| (r, r.prompt + r.generated.saturating_sub(1) + if r.system_prompt.is_some() { system_prompt_len } else { 0 }))
-        .max_by_key(|&(_, t)| t)
+        .map(|r| {
+            let prefix = if r.system_prompt.is_some() { system_prompt_len } else { 0 };
+            let tokens = prefix + r.prompt + r.generated.saturating_sub(1);
+            (r, tokens, PoolStore::pages_to_reserve(&config, tokens, prefix) as u64)
+        })
+        .max_by_key(|&(_, _, p)| p)
         .expect("the trace has requests");
-    // A request forked from a system prompt shares its whole pages; the rest are its own.
-    let worst_pages = worst_tokens.div_ceil(a.page_size) as u64 - if worst.system_prompt.is_some() { (system_prompt_len / a.page_size) as u64 } else { 0 };
     let need = prompt_pages + worst_pages;
-    if pages < need || pages > u32::MAX as u64 {
+    if pages < need || pages > i32::MAX as u64 {
         let where_ = if worst.line > 0 { format!("trace line {}", worst.line) } else { "a synthetic request".into() };
-        let fits_tokens = pages.saturating_sub(prompt_pages) * a.page_size as u64;
+        let fits_tokens = pages.saturating_sub(prompt_pages + a.headroom_pages as u64) * a.page_size as u64;
         return Err(usage(format!(
-            "the model shape does not fit the KV pool: {} MiB holds {pages} pages of {} tokens = {} tokens at {bpt} bytes per token \
-             ({} layers x K and V x {} KV heads x head_dim {} x {} bytes); the {prompts} system prompts take {} pages and the longest \
-             request ({where_}) needs {worst_tokens} tokens = {worst_pages} pages. What would fit: --kv-mib {} or more, or requests of \
-             at most {fits_tokens} tokens (lower --max-context / --max-generated / --len-scale), or fewer --layers or KV heads.",
+            "the model shape does not fit the KV pool: {} MiB holds {pages} pages of {} tokens = {} tokens at {} bytes per token \
+             ({} layers x K and V x {} KV heads x head_dim {} x {} bytes); the {prompts} system prompts take {prompt_pages} pages and the \
+             longest request ({where_}) needs {worst_tokens} tokens = {worst_pages} pages with {} pages of headroom. What would fit: \
+             --kv-mib {} or more, or requests of at most {fits_tokens} tokens (lower --max-context / --max-generated / --len-scale), \
+             or fewer --layers or KV heads.",
             s.kv_mib,
             a.page_size,
             pages * a.page_size as u64,
+            config.token_bytes_all_layers(),
             s.layers,
             s.shape.num_kv_heads,
             s.shape.head_dim,
             s.shape.dtype.size_bytes(),
-            prompt_pages,
-            (need * page_bytes).div_ceil(1 << 20),
+            a.headroom_pages,
+            (need * config.page_bytes_all_layers()).div_ceil(1 << 20),
         )));
     }
-    Ok(pages as u32)
+    config.num_pages = pages as u32;
+    Ok(config)
 }
 
 fn run() -> Result<(), Failure> {
@@ -371,7 +392,7 @@ fn run() -> Result<(), Failure> {
     let shared = reqs.iter().filter(|r| r.system_prompt.is_some()).count();
     let prompts = if shared > 0 { a.system_prompts } else { 0 };
     let system_prompt_len = scale_len(a.system_prompt_len, s.len_scale);
-    let pages = pool_pages(&reqs, &a, &s, system_prompt_len, prompts)?;
+    let pool = pool_config(&reqs, &a, &s, system_prompt_len, prompts)?;
 
     let arrivals = if a.arrivals_trace { Arrivals::Timestamps { speedup: a.speedup, step_s: a.step_ms / 1e3 } } else { Arrivals::AllAtOnce };
     let base = EngineConfig {
@@ -381,17 +402,18 @@ fn run() -> Result<(), Failure> {
         max_batch: s.max_batch,
         arrivals,
         options: PlanOptions::default(),
+        adaptive: true,
         system_prompt_len,
         num_system_prompts: prompts,
         seed: a.seed,
     };
     let baseline_options = PlanOptions { packing: false, balancing: false, prefix_sharing: false, split_kv: false, ..PlanOptions::default() };
-    let mut schedules: Vec<(&str, PlanOptions)> = Vec::new();
+    let mut schedules: Vec<(&str, PlanOptions, bool)> = Vec::new();
     if a.mode != Mode::Baseline {
-        schedules.push(("PackInfer", PlanOptions::default()));
+        schedules.push(("PackInfer", PlanOptions::default(), true));
     }
     if a.mode != Mode::PackInfer {
-        schedules.push(("baseline", baseline_options));
+        schedules.push(("baseline", baseline_options, false));
     }
 
     let threads = match backend.profile().num_workers {
@@ -427,10 +449,11 @@ fn run() -> Result<(), Failure> {
         println!("shared prefixes: {shared} of {} requests start with one of {prompts} system prompts of {system_prompt_len} tokens (KV forked, not recomputed)", reqs.len());
     }
     println!(
-        "KV store: paged, {}-token pages, {} MiB = {pages} pages (the replay's own page allocator: the library's managed pool is not in this build)",
-        a.page_size, s.kv_mib
+        "KV: the library's managed pool, {}-token pages, {} MiB = {} pages, {} headroom page(s) per sequence in a laid-out group",
+        a.page_size, s.kv_mib, pool.num_pages, a.headroom_pages
     );
-    println!("baseline: the same replay planned with one request per tile, no load balancing, no prefix sharing, no KV splits");
+    println!("PackInfer: packed tiles, load-balanced groups, KV splits, shared prefixes read once, group-contiguous KV (relayout when the regroup trigger fires), capacity tuned online");
+    println!("baseline: the same replay with one request per tile, one group per tile, no prefix sharing, no splits, KV left where the pages fell");
     println!("ALL TIMES ARE ATTENTION TIME ONLY: the backend's run calls for every layer; no projections, MLP or sampling. TTFT and TBT add up the attention time of the steps a request waited through.");
     println!();
 
@@ -439,9 +462,9 @@ fn run() -> Result<(), Failure> {
     let bars = indicatif::MultiProgress::new();
     let style = indicatif::ProgressStyle::with_template("{prefix:>10} [{bar:40}] {pos}/{len} requests done, {msg} ({elapsed})").expect("a valid template").progress_chars("=> ");
     let mut engines = Vec::new();
-    for (name, options) in &schedules {
-        let config = EngineConfig { options: options.clone(), ..base.clone() };
-        let store = PagedStore::new(s.shape, s.layers, a.page_size, pages)?;
+    for (name, options, adaptive) in &schedules {
+        let config = EngineConfig { options: options.clone(), adaptive: *adaptive, ..base.clone() };
+        let store = PoolStore::new(backend.clone(), pool)?;
         let bar = bars.add(indicatif::ProgressBar::new(reqs.len() as u64).with_style(style.clone()));
         bar.set_prefix(name.to_string());
         engines.push((*name, engine::Engine::new(&reqs, config, Box::new(store), backend.as_ref())?, bar));

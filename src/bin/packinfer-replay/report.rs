@@ -40,8 +40,13 @@ pub struct Summary {
     pub items_mean: f64,
     pub plan_ms_mean: f64,
     pub kv_write_s: f64,
+    pub relayout_s: f64,
     pub regroups: u64,
+    pub relayouts: u64,
     pub bytes_moved: u64,
+    /// KV bytes attention read over the replay (a shared prefix once per prefix group when the
+    /// schedule shares prefixes), as the pool counts them.
+    pub read_bytes: f64,
     pub peak_pages_used: u32,
     pub pages_total: u32,
     pub fragmentation_mean: f64,
@@ -73,6 +78,7 @@ impl Summary {
         let useful: f64 = steps.iter().map(|s| s.useful_pairs).sum();
         let computed: f64 = steps.iter().map(|s| s.computed_pairs).sum();
         let last = steps.last().map(|s| s.kv).unwrap_or_default();
+        let read_bytes: f64 = steps.iter().map(|s| if s.prefix_shared { s.kv.step_read_bytes_shared } else { s.kv.step_read_bytes_unshared } as f64).sum();
         Summary {
             name: name.into(),
             steps: steps.len(),
@@ -93,8 +99,11 @@ impl Summary {
             items_mean: mean(steps.iter().map(|s| s.items as f64)),
             plan_ms_mean: mean(steps.iter().map(|s| s.plan_s * 1e3)),
             kv_write_s: steps.iter().map(|s| s.kv_write_s).sum(),
-            regroups: last.regroups,
-            bytes_moved: last.bytes_moved,
+            relayout_s: steps.iter().map(|s| s.relayout_s).sum(),
+            regroups: r.regroups,
+            relayouts: r.final_kv.relayouts,
+            bytes_moved: r.final_kv.bytes_moved,
+            read_bytes,
             peak_pages_used: r.peak_pages_used,
             pages_total: last.pages_total,
             fragmentation_mean: mean(steps.iter().map(|s| s.kv.fragmentation())),
@@ -123,14 +132,17 @@ impl Summary {
             ("generated tokens / attention s", self.decode_tokens_per_s, "higher"),
             ("all tokens / attention s", self.tokens_per_s, "higher"),
             ("tile utilization (%)", 100.0 * self.tile_utilization, "higher"),
-            ("load imbalance, mean (max/mean group cost)", self.imbalance_mean, "lower"),
+            ("load imbalance, mean (busiest/mean worker)", self.imbalance_mean, "lower"),
             ("load imbalance, worst step", self.imbalance_max, "lower"),
             ("groups per step, mean", self.groups_mean, ""),
             ("work items per step, mean", self.items_mean, ""),
             ("planning per step, mean (ms)", self.plan_ms_mean, "lower"),
+            ("KV bytes read by attention (GiB, all layers)", self.read_bytes / (1u64 << 30) as f64, "lower"),
             ("KV writes total (s, not in attention time)", self.kv_write_s, ""),
-            ("regroups", self.regroups as f64, ""),
-            ("regroup bytes moved (MiB)", self.bytes_moved as f64 / (1 << 20) as f64, ""),
+            ("regroups (trigger fired)", self.regroups as f64, ""),
+            ("relayouts that moved pages", self.relayouts as f64, ""),
+            ("relayout bytes moved (MiB)", self.bytes_moved as f64 / (1 << 20) as f64, ""),
+            ("relayout time total (s, not in attention time)", self.relayout_s, ""),
             ("KV pages used, peak", self.peak_pages_used as f64, "lower"),
             ("KV pool use, peak (%)", 100.0 * self.peak_pages_used as f64 / self.pages_total.max(1) as f64, "lower"),
             ("KV fragmentation, mean (% of used slots empty)", 100.0 * self.fragmentation_mean, "lower"),
@@ -214,7 +226,7 @@ fn csv_field(x: &str) -> String {
     }
 }
 
-pub const STEPS_HEADER: &str = "schedule,step,clock_s,requests,prefill_tokens,decode_tokens,kv_tokens,attention_ms,plan_ms,bind_ms,kv_write_ms,groups,items,split_requests,tile_utilization,imbalance,kv_pages_used,kv_pages_total,kv_tokens_stored,kv_tokens_logical,kv_fragmentation,regroups,bytes_moved";
+pub const STEPS_HEADER: &str = "schedule,step,clock_s,requests,prefill_tokens,decode_tokens,kv_tokens,attention_ms,plan_ms,bind_ms,kv_write_ms,relayout_ms,capacity,groups,items,split_requests,tile_utilization,imbalance,regrouped,pages_moved,bytes_moved,kv_pages_used,kv_pages_total,kv_tokens_stored,kv_tokens_logical,kv_fragmentation,kv_read_bytes_shared,kv_read_bytes_unshared";
 
 /// `steps.csv`: one line per step of every schedule.
 pub fn steps_csv(runs: &[(&str, &[StepRecord])]) -> String {
@@ -224,7 +236,7 @@ pub fn steps_csv(runs: &[(&str, &[StepRecord])]) -> String {
         for r in steps.iter() {
             let _ = writeln!(
                 s,
-                "{name},{},{:.4},{},{},{},{},{:.4},{:.4},{:.4},{:.4},{},{},{},{:.4},{:.4},{},{},{},{},{:.4},{},{}",
+                "{name},{},{:.4},{},{},{},{},{:.4},{:.4},{:.4},{:.4},{:.4},{:.1},{},{},{},{:.4},{:.4},{},{},{},{},{},{},{},{:.4},{},{}",
                 r.step,
                 r.clock_s,
                 r.requests,
@@ -235,18 +247,23 @@ pub fn steps_csv(runs: &[(&str, &[StepRecord])]) -> String {
                 r.plan_s * 1e3,
                 r.bind_s * 1e3,
                 r.kv_write_s * 1e3,
+                r.relayout_s * 1e3,
+                r.capacity,
                 r.groups,
                 r.items,
                 r.split_requests,
                 r.tile_utilization,
                 r.imbalance,
+                r.regrouped as u8,
+                r.pages_moved,
+                r.bytes_moved,
                 r.kv.pages_used,
                 r.kv.pages_total,
                 r.kv.tokens_stored,
                 r.kv.tokens_logical,
                 r.kv.fragmentation(),
-                r.kv.regroups,
-                r.kv.bytes_moved
+                r.kv.step_read_bytes_shared,
+                r.kv.step_read_bytes_unshared
             );
         }
     }

@@ -15,7 +15,8 @@ use std::time::Instant;
 
 use packinfer::backend::Backend;
 use packinfer::plan::adapt::{CapacityTuner, RegroupTrigger};
-use packinfer::plan::PlanOptions;
+use packinfer::kv::groups_of_plan;
+use packinfer::plan::{cost, DeviceProfile, Plan, PlanOptions};
 use packinfer::types::{RowsTensor, RunArgs, Shape};
 use packinfer::{Error, Result};
 
@@ -159,9 +160,45 @@ impl Inputs {
 /// automatic capacity (its total cost over the workers), because steps differ in size by orders
 /// of magnitude and one absolute capacity cannot suit them all; the tuner is fed attention time
 /// per unit of cost, so steps of different sizes compare.
+///
+/// The grouping kept across steps is the one of the last regroup: the KV is laid out for it.
+/// Each step the trigger observes how that kept grouping's loads have drifted under the step's
+/// work (members grow, leave; requests admitted since form one more, unplaced, group), and a
+/// regroup lays the KV out for the current plan's groups.
 struct Adaptation {
     trigger: RegroupTrigger,
     tuner: CapacityTuner,
+    /// Request -> its group at the last regroup; empty before the first.
+    kept_group: std::collections::HashMap<u32, usize>,
+    kept_groups: usize,
+}
+
+impl Adaptation {
+    /// Loads of the kept groups under `plan` (each chunk's cost charged to its request), plus
+    /// one entry for the requests no kept group holds.
+    fn kept_loads(&self, plan: &Plan, step: &[(u32, u32)], profile: &DeviceProfile) -> Vec<f64> {
+        let mut loads = vec![0.0; self.kept_groups + 1];
+        for item in &plan.items {
+            for c in &plan.kv_chunks[item.chunk_begin as usize..(item.chunk_begin + item.chunk_count) as usize] {
+                let id = step[c.request as usize].0;
+                let g = self.kept_group.get(&id).copied().unwrap_or(self.kept_groups);
+                loads[g] += cost::chunk_cost(profile, c.row_begin, c.row_end, c.key_end - c.key_begin);
+            }
+        }
+        if loads[self.kept_groups] == 0.0 {
+            loads.pop();
+        }
+        loads
+    }
+
+    /// Makes `plan`'s groups the kept grouping.
+    fn keep(&mut self, plan: &Plan, step: &[(u32, u32)]) -> Result<()> {
+        let ids: Vec<u64> = step.iter().map(|s| s.0 as u64).collect();
+        let groups = groups_of_plan(plan, &ids)?;
+        self.kept_group = groups.iter().enumerate().flat_map(|(g, members)| members.iter().map(move |&id| (id as u32, g))).collect();
+        self.kept_groups = groups.len();
+        Ok(())
+    }
 }
 
 /// One replay in progress: the requests' states, the store and the backend. [`Engine::step`] runs
@@ -229,7 +266,12 @@ impl<'a> Engine<'a> {
             running: Vec::new(),
             clock: 0.0,
             result: RunResult { requests: n, ..Default::default() },
-            adaptation: adaptive.then(|| Adaptation { trigger: RegroupTrigger::new(0.0), tuner: CapacityTuner::new(1.0) }),
+            adaptation: adaptive.then(|| Adaptation {
+                trigger: RegroupTrigger::new(0.0),
+                tuner: CapacityTuner::new(1.0),
+                kept_group: Default::default(),
+                kept_groups: 0,
+            }),
         })
     }
 
@@ -360,9 +402,11 @@ impl<'a> Engine<'a> {
         if let Some(a) = &mut self.adaptation {
             let t = Instant::now();
             a.trigger.set_capacity(plan.stats.capacity);
-            rec.regrouped = a.trigger.observe_plan(&plan);
+            // Nothing is laid out before the first regroup.
+            rec.regrouped = a.trigger.observe(&a.kept_loads(&plan, &step, &self.profile)) || a.kept_groups == 0;
             if rec.regrouped {
                 a.trigger.reset();
+                a.keep(&plan, &step)?;
                 self.result.regroups += 1;
             }
             let moved = store.relayout(&plan, &step, rec.regrouped)?;

@@ -100,6 +100,8 @@ fn a_small_trace_replays_and_its_numbers_add_up() {
     assert!(o.status.success(), "exit {:?}\n{stdout}\n{stderr}", o.status);
     assert!(stdout.contains("ATTENTION TIME ONLY"), "{stdout}");
     assert!(stdout.contains("PackInfer") && stdout.contains("baseline"), "{stdout}");
+    // The replay checks every step's output of the two schedules against each other.
+    assert!(stdout.contains("both schedules computed the same attention"), "{stdout}");
 
     let generated: u32 = rows.iter().map(|r| r.2).sum();
     let prompts: u32 = rows.iter().map(|r| r.1).sum();

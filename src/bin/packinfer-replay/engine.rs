@@ -212,6 +212,8 @@ pub struct Engine<'a> {
     profile: packinfer::plan::DeviceProfile,
     inputs: Inputs,
     out: Vec<u16>,
+    /// Elements of `out` the last step wrote.
+    out_len: usize,
     state: Vec<State>,
     /// Attention time since the request's previous token (or since it arrived).
     since_token: Vec<f64>,
@@ -255,6 +257,7 @@ impl<'a> Engine<'a> {
             requests,
             profile: backend.profile(),
             out: vec![0u16; config.token_budget as usize * hq * d],
+            out_len: 0,
             config,
             store,
             backend,
@@ -281,6 +284,16 @@ impl<'a> Engine<'a> {
 
     pub fn is_done(&self) -> bool {
         self.result.finished == self.requests.len()
+    }
+
+    /// The attention output of the last step's last layer (16-bit elements, token-major). Two
+    /// engines fed the same trace and seed compute it from the same inputs.
+    pub fn last_output(&self) -> &[u16] {
+        &self.out[..self.out_len]
+    }
+
+    pub fn dtype(&self) -> packinfer::types::DType {
+        self.config.shape.dtype
     }
 
     /// The shared system prompts' sequence ids come after the requests'.
@@ -425,6 +438,7 @@ impl<'a> Engine<'a> {
         bound.wait()?;
         rec.bind_s = t.elapsed().as_secs_f64();
         let total_q = plan.batch.total_q() as usize;
+        self.out_len = total_q * hq * d;
         let rows = RowsTensor { ptr: 0, stride_token: (hq * d) as i64, stride_head: d as i64 };
         for layer in 0..config.layers {
             let q = self.inputs.slice(total_q * hq * d).as_ptr();

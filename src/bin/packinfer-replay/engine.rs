@@ -56,6 +56,9 @@ pub struct EngineConfig {
     /// (relayouts, regrouping when the trigger fires) and tune the group capacity from measured
     /// step times. Off for the baseline.
     pub adaptive: bool,
+    /// With `adaptive`: a fixed factor of each step's automatic capacity (its total cost over
+    /// the workers) instead of tuning the factor online.
+    pub capacity_factor: Option<f64>,
     /// Lengths of the shared system prompts.
     pub system_prompt_len: u32,
     pub num_system_prompts: u32,
@@ -84,8 +87,10 @@ pub struct StepRecord {
     /// Pages and bytes the step's relayout moved.
     pub pages_moved: u64,
     pub bytes_moved: u64,
-    /// Group capacity the step was planned with (cost units).
+    /// Group capacity the step was planned with (cost units), and its ratio to the step's
+    /// automatic capacity (what the tuner moves).
     pub capacity: f64,
+    pub capacity_factor: f64,
     /// The plan read shared prefixes once per prefix group.
     pub prefix_shared: bool,
     pub groups: u32,
@@ -405,11 +410,12 @@ impl<'a> Engine<'a> {
         let mut options = config.options.clone();
         let mut plan = store.plan(&step, &self.profile, options.clone())?;
         if let Some(a) = &mut self.adaptation {
-            let factor = a.tuner.capacity();
+            let factor = config.capacity_factor.unwrap_or_else(|| a.tuner.capacity());
             if factor != 1.0 {
                 options.capacity = Some(plan.stats.capacity * factor);
                 plan = store.plan(&step, &self.profile, options.clone())?;
             }
+            rec.capacity_factor = factor;
         }
         rec.plan_s = t.elapsed().as_secs_f64();
         if let Some(a) = &mut self.adaptation {
@@ -464,7 +470,7 @@ impl<'a> Engine<'a> {
         rec.imbalance = if s.mean_worker_cost > 0.0 { s.max_worker_cost / s.mean_worker_cost } else { 1.0 };
         if let Some(a) = &mut self.adaptation {
             let cost: f64 = plan.group_costs.iter().sum();
-            if cost > 0.0 {
+            if cost > 0.0 && config.capacity_factor.is_none() {
                 let factor = a.tuner.capacity();
                 a.tuner.record(factor, rec.attention_s / cost);
             }

@@ -52,6 +52,9 @@ trace's). Without it a built-in synthetic trace with a long-tailed length mix is
   --page-size N          tokens per KV page [16]
   --headroom-pages N     empty pages after each sequence in a laid-out group, for its next tokens [2]
   --kv-mib N             KV pool size in MiB, all layers [cpu 64, gpu 40960]
+  --capacity tuned|auto|F  PackInfer's group capacity: tuned online from measured step times,
+                         auto (each step's total cost over the workers: one group per worker),
+                         or F times auto [tuned]
   --threads N            CPU backend threads (0: every core) [0]
   --seed N               seeds the synthetic trace, the shared prompts and the inputs [1]
   --out DIR              where steps.csv, summary.csv and steps.png go [replay-out]
@@ -116,6 +119,7 @@ struct Args {
     page_size: u32,
     headroom_pages: u32,
     kv_mib: Option<u64>,
+    capacity_factor: Option<f64>,
     threads: u32,
     seed: u64,
     out: PathBuf,
@@ -145,6 +149,7 @@ fn parse_args(argv: &[String]) -> Result<Option<Args>, Failure> {
         page_size: 16,
         headroom_pages: 2,
         kv_mib: None,
+        capacity_factor: None,
         threads: 0,
         seed: 1,
         out: PathBuf::from("replay-out"),
@@ -235,6 +240,13 @@ fn parse_args(argv: &[String]) -> Result<Option<Args>, Failure> {
             "--page-size" => a.page_size = positive(name, value()?)?,
             "--headroom-pages" => a.headroom_pages = num(name, value()?)?,
             "--kv-mib" => a.kv_mib = Some(positive(name, value()?)?),
+            "--capacity" => {
+                a.capacity_factor = match value()?.as_str() {
+                    "tuned" => None,
+                    "auto" => Some(1.0),
+                    v => Some(positive(name, v.to_string())?),
+                }
+            }
             "--threads" => a.threads = num(name, value()?)?,
             "--seed" => a.seed = num(name, value()?)?,
             "--out" => a.out = PathBuf::from(value()?),
@@ -418,6 +430,7 @@ fn run() -> Result<(), Failure> {
         arrivals,
         options: PlanOptions::default(),
         adaptive: true,
+        capacity_factor: a.capacity_factor,
         system_prompt_len,
         num_system_prompts: prompts,
         seed: a.seed,
@@ -467,7 +480,13 @@ fn run() -> Result<(), Failure> {
         "KV: the library's managed pool, {}-token pages, {} MiB = {} pages, {} headroom page(s) per sequence in a laid-out group",
         a.page_size, s.kv_mib, pool.num_pages, a.headroom_pages
     );
-    println!("PackInfer: packed tiles, load-balanced groups, KV splits, shared prefixes read once, group-contiguous KV (relayout when the regroup trigger fires), capacity tuned online");
+    println!(
+        "PackInfer: packed tiles, load-balanced groups, KV splits, shared prefixes read once, group-contiguous KV (relayout when the regroup trigger fires), {}",
+        match a.capacity_factor {
+            None => "capacity tuned online".to_string(),
+            Some(f) => format!("capacity {f} x each step's automatic capacity"),
+        }
+    );
     println!("baseline: the same replay with one request per tile, one group per tile, no prefix sharing, no splits, KV left where the pages fell");
     println!("ALL TIMES ARE ATTENTION TIME ONLY: the backend's run calls for every layer; no projections, MLP or sampling. TTFT and TBT add up the attention time of the steps a request waited through.");
     println!();

@@ -37,6 +37,8 @@ pub struct Summary {
     pub imbalance_mean: f64,
     pub imbalance_max: f64,
     pub groups_mean: f64,
+    /// Where the capacity tuner ended (1 = one group per worker; 0 for the baseline).
+    pub capacity_factor_last: f64,
     pub items_mean: f64,
     pub plan_ms_mean: f64,
     pub kv_write_s: f64,
@@ -96,6 +98,7 @@ impl Summary {
             imbalance_mean: mean(steps.iter().map(|s| s.imbalance)),
             imbalance_max: steps.iter().map(|s| s.imbalance).fold(0.0, f64::max),
             groups_mean: mean(steps.iter().map(|s| s.groups as f64)),
+            capacity_factor_last: steps.last().map_or(0.0, |s| s.capacity_factor),
             items_mean: mean(steps.iter().map(|s| s.items as f64)),
             plan_ms_mean: mean(steps.iter().map(|s| s.plan_s * 1e3)),
             kv_write_s: steps.iter().map(|s| s.kv_write_s).sum(),
@@ -135,6 +138,7 @@ impl Summary {
             ("load imbalance, mean (busiest/mean worker)", self.imbalance_mean, "lower"),
             ("load imbalance, worst step", self.imbalance_max, "lower"),
             ("groups per step, mean", self.groups_mean, ""),
+            ("capacity / automatic capacity, last step", self.capacity_factor_last, ""),
             ("work items per step, mean", self.items_mean, ""),
             ("planning per step, mean (ms)", self.plan_ms_mean, "lower"),
             ("KV bytes read by attention (GiB, all layers)", self.read_bytes / (1u64 << 30) as f64, "lower"),
@@ -226,7 +230,7 @@ fn csv_field(x: &str) -> String {
     }
 }
 
-pub const STEPS_HEADER: &str = "schedule,step,clock_s,requests,prefill_tokens,decode_tokens,kv_tokens,attention_ms,plan_ms,bind_ms,kv_write_ms,relayout_ms,capacity,groups,items,split_requests,tile_utilization,imbalance,regrouped,pages_moved,bytes_moved,kv_pages_used,kv_pages_total,kv_tokens_stored,kv_tokens_logical,kv_fragmentation,kv_read_bytes_shared,kv_read_bytes_unshared";
+pub const STEPS_HEADER: &str = "schedule,step,clock_s,requests,prefill_tokens,decode_tokens,kv_tokens,attention_ms,plan_ms,bind_ms,kv_write_ms,relayout_ms,capacity,capacity_factor,groups,items,split_requests,tile_utilization,imbalance,regrouped,pages_moved,bytes_moved,kv_pages_used,kv_pages_total,kv_tokens_stored,kv_tokens_logical,kv_fragmentation,kv_read_bytes_shared,kv_read_bytes_unshared";
 
 /// `steps.csv`: one line per step of every schedule.
 pub fn steps_csv(runs: &[(&str, &[StepRecord])]) -> String {
@@ -236,7 +240,7 @@ pub fn steps_csv(runs: &[(&str, &[StepRecord])]) -> String {
         for r in steps.iter() {
             let _ = writeln!(
                 s,
-                "{name},{},{:.4},{},{},{},{},{:.4},{:.4},{:.4},{:.4},{:.4},{:.1},{},{},{},{:.4},{:.4},{},{},{},{},{},{},{},{:.4},{},{}",
+                "{name},{},{:.4},{},{},{},{},{:.4},{:.4},{:.4},{:.4},{:.4},{:.1},{:.3},{},{},{},{:.4},{:.4},{},{},{},{},{},{},{},{:.4},{},{}",
                 r.step,
                 r.clock_s,
                 r.requests,
@@ -249,6 +253,7 @@ pub fn steps_csv(runs: &[(&str, &[StepRecord])]) -> String {
                 r.kv_write_s * 1e3,
                 r.relayout_s * 1e3,
                 r.capacity,
+                r.capacity_factor,
                 r.groups,
                 r.items,
                 r.split_requests,

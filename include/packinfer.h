@@ -60,18 +60,6 @@ typedef enum PackinferStatus {
 } PackinferStatus;
 
 /**
- * Element type of Q, K, V and O (accumulation is always fp32).
- */
-typedef enum PackinferDtype {
-  PACKINFER_DTYPE_F16 = 0,
-  PACKINFER_DTYPE_BF16 = 1,
-  /**
-   * CPU backend only.
-   */
-  PACKINFER_DTYPE_F32 = 2,
-} PackinferDtype;
-
-/**
  * Which backend a context runs on.
  */
 typedef enum PackinferBackend {
@@ -82,6 +70,18 @@ typedef enum PackinferBackend {
   PACKINFER_BACKEND_CPU = 1,
   PACKINFER_BACKEND_CUDA = 2,
 } PackinferBackend;
+
+/**
+ * Element type of Q, K, V and O (accumulation is always fp32).
+ */
+typedef enum PackinferDtype {
+  PACKINFER_DTYPE_F16 = 0,
+  PACKINFER_DTYPE_BF16 = 1,
+  /**
+   * CPU backend only.
+   */
+  PACKINFER_DTYPE_F32 = 2,
+} PackinferDtype;
 
 /**
  * Bits of `PackinferPlanOptions::flags`.
@@ -369,7 +369,10 @@ typedef struct PackinferPoolOptions {
   uint32_t num_qo_heads;
   uint32_t num_kv_heads;
   uint32_t head_dim;
-  enum PackinferDtype dtype;
+  /**
+   * A `PackinferDtype` value.
+   */
+  uint32_t dtype;
   /**
    * Bottom-right aligned causal mask for plans made from the pool.
    */
@@ -402,6 +405,40 @@ typedef struct PackinferPoolOptions {
 typedef struct PackinferPool {
   uint64_t bits;
 } PackinferPool;
+
+/**
+ * The step's new K and V for one layer, as the engine holds them: `[num_rows, num_kv_heads,
+ * head_dim]` each, token-major. Shape and dtype are stated so a mismatch with the pool is an
+ * error, not a silent misread.
+ */
+typedef struct PackinferKvSource {
+  /**
+   * sizeof(PackinferKvSource).
+   */
+  size_t struct_size;
+  /**
+   * Device memory on CUDA, host memory on the CPU backend.
+   */
+  const void *k;
+  const void *v;
+  /**
+   * Rows (tokens) in `k` and `v`; must equal the sum of `num_tokens`.
+   */
+  uint32_t num_rows;
+  /**
+   * Must equal the pool's.
+   */
+  uint32_t num_kv_heads;
+  uint32_t head_dim;
+  /**
+   * A `PackinferDtype` value.
+   */
+  uint32_t dtype;
+  /**
+   * Elements between consecutive tokens' rows; 0 = contiguous (num_kv_heads * head_dim).
+   */
+  int64_t stride_token;
+} PackinferKvSource;
 
 /**
  * What one `packinfer_pool_relayout` did.
@@ -691,27 +728,30 @@ enum PackinferStatus packinfer_pool_sequence_length(struct PackinferPool pool,
 
 /**
  * Reserves `n` more tokens at the end of `seq`. If `slots` is not NULL it receives their `n`
- * slots (`page * page_size + token in page`; valid until the next relayout). POOL_EXHAUSTED
+ * slots (`page * page_size + token in page`; valid until the next relayout). If the last page
+ * is shared and partly filled it is copied first (copy-on-write), on `stream`. POOL_EXHAUSTED
  * when the pages do not fit, and then nothing changed.
  *
  * # Safety
- * `slots` NULL or writable for `n` entries.
+ * `slots` NULL or writable for `n` entries; `stream` a CUstream of the pool's device or NULL.
  */
 enum PackinferStatus packinfer_pool_append(struct PackinferPool pool,
                                            uint64_t seq,
                                            uint32_t n,
-                                           int64_t *slots);
+                                           int64_t *slots,
+                                           void *stream);
 
 /**
  * A new sequence sharing the first `prefix_len` tokens of `parent` (full pages shared
- * copy-on-write, a partly covered page copied); `*child` is its id.
+ * copy-on-write, a partly covered page copied on `stream`); `*child` is its id.
  *
  * # Safety
- * `child` must be writable.
+ * `child` must be writable; `stream` a CUstream of the pool's device or NULL.
  */
 enum PackinferStatus packinfer_pool_fork(struct PackinferPool pool,
                                          uint64_t parent,
                                          uint32_t prefix_len,
+                                         void *stream,
                                          uint64_t *child);
 
 /**
@@ -725,22 +765,19 @@ enum PackinferStatus packinfer_pool_truncate(struct PackinferPool pool, uint64_t
 enum PackinferStatus packinfer_pool_release(struct PackinferPool pool, uint64_t seq);
 
 /**
- * Writes one layer's K and V for the step's new tokens: `k` and `v` are `[sum(num_tokens),
- * num_kv_heads, head_dim]` in the pool's dtype (device memory on CUDA), `src_stride_token`
- * elements between tokens (0 = contiguous); rows go, in order, to the last `num_tokens[i]`
- * tokens of `seq_ids[i]` (reserved by `packinfer_pool_append`). Runs on `stream`.
+ * Writes one layer's K and V for the step's new tokens: the rows of `src` go, in order, to the
+ * last `num_tokens[i]` tokens of `seq_ids[i]` (reserved by `packinfer_pool_append`). Runs on
+ * `stream`. A source whose shape or dtype differs from the pool's is refused.
  *
  * # Safety
- * Arrays of `n` entries; `k`, `v` address the rows described.
+ * Arrays of `n` entries; `src` initialized, its `k` and `v` addressing the rows it describes.
  */
 enum PackinferStatus packinfer_pool_write_kv(struct PackinferPool pool,
                                              uint32_t layer,
                                              const uint64_t *seq_ids,
                                              const uint32_t *num_tokens,
                                              uint32_t n,
-                                             const void *k,
-                                             const void *v,
-                                             int64_t src_stride_token,
+                                             const struct PackinferKvSource *src,
                                              void *stream);
 
 /**

@@ -40,12 +40,12 @@ struct Record {
     len: usize,
 }
 
-fn ffi_dtype(d: DType) -> PackinferDtype {
-    match d {
+fn ffi_dtype(d: DType) -> u32 {
+    (match d {
         DType::F16 => PackinferDtype::F16,
         DType::Bf16 => PackinferDtype::Bf16,
         DType::F32 => PackinferDtype::F32,
-    }
+    }) as u32
 }
 
 struct Engine {
@@ -61,7 +61,7 @@ impl Engine {
         let mut o: PackinferContextOptions = unsafe { std::mem::zeroed() };
         unsafe {
             ok(packinfer_context_options_default(&mut o), "context options");
-            o.backend = PackinferBackend::Cpu;
+            o.backend = PackinferBackend::Cpu as u32;
             o.num_threads = 2;
             let mut context = PackinferContext::default();
             ok(packinfer_context_create(&o, &mut context), "context");
@@ -97,7 +97,7 @@ impl Engine {
     fn append_and_write(&mut self, step: &[(u64, u32)]) {
         for &(id, n) in step {
             let mut slots = vec![-1i64; n as usize];
-            ok(unsafe { packinfer_pool_append(self.pool, id, n, slots.as_mut_ptr()) }, "append");
+            ok(unsafe { packinfer_pool_append(self.pool, id, n, slots.as_mut_ptr(), null_mut()) }, "append");
             assert!(slots.iter().all(|&s| s >= 0));
         }
         let total: usize = step.iter().map(|&(_, n)| n as usize).sum();
@@ -107,9 +107,17 @@ impl Engine {
         for layer in 0..self.s.layers {
             let k = Tensor::new(self.s.dtype, (0..total * row).map(|_| self.r.random_range(-1.0..1.0f32)));
             let v = Tensor::new(self.s.dtype, (0..total * row).map(|_| self.r.random_range(-1.0..1.0f32)));
-            let st = unsafe {
-                packinfer_pool_write_kv(self.pool, layer, ids.as_ptr(), counts.as_ptr(), ids.len() as u32, k.ptr() as *const _, v.ptr() as *const _, 0, null_mut())
+            let src = PackinferKvSource {
+                struct_size: std::mem::size_of::<PackinferKvSource>(),
+                k: k.ptr() as *const _,
+                v: v.ptr() as *const _,
+                num_rows: total as u32,
+                num_kv_heads: self.s.kv_heads,
+                head_dim: self.s.head_dim,
+                dtype: ffi_dtype(self.s.dtype),
+                stride_token: 0,
             };
+            let st = unsafe { packinfer_pool_write_kv(self.pool, layer, ids.as_ptr(), counts.as_ptr(), ids.len() as u32, &src, null_mut()) };
             ok(st, "write_kv");
             let mut at = 0;
             for &(id, n) in step {
@@ -127,7 +135,7 @@ impl Engine {
 
     fn fork(&mut self, parent: u64, at: usize) -> u64 {
         let mut child = 0;
-        ok(unsafe { packinfer_pool_fork(self.pool, parent, at as u32, &mut child) }, "fork");
+        ok(unsafe { packinfer_pool_fork(self.pool, parent, at as u32, null_mut(), &mut child) }, "fork");
         let row = self.row();
         let p = &self.seqs[&parent];
         let rec = Record { k: p.k.iter().map(|l| l[..at * row].to_vec()).collect(), v: p.v.iter().map(|l| l[..at * row].to_vec()).collect(), len: at };

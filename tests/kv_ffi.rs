@@ -28,7 +28,7 @@ fn context() -> PackinferContext {
     unsafe {
         let mut o: PackinferContextOptions = std::mem::zeroed();
         packinfer_context_options_default(&mut o);
-        o.backend = PackinferBackend::Cpu;
+        o.backend = PackinferBackend::Cpu as u32;
         o.num_threads = 1;
         let mut c = PackinferContext::default();
         expect(packinfer_context_create(&o, &mut c), PackinferStatus::Ok, "", "context");
@@ -44,7 +44,7 @@ fn pool_options() -> PackinferPoolOptions {
         o.num_qo_heads = 4;
         o.num_kv_heads = 2;
         o.head_dim = 8;
-        o.dtype = PackinferDtype::F32;
+        o.dtype = PackinferDtype::F32 as u32;
         o.page_size = 4;
         o.num_pages = 8;
         o
@@ -108,29 +108,48 @@ fn handles_and_sequence_ids_are_checked() {
         let (mut a, mut b) = (0u64, 0u64);
         expect(packinfer_pool_sequence_create(pool, &mut a), Ok, "", "seq a");
         expect(packinfer_pool_sequence_create(pool, &mut b), Ok, "", "seq b");
-        expect(packinfer_pool_append(pool, a, 6, null_mut()), Ok, "", "append");
+        expect(packinfer_pool_append(pool, a, 6, null_mut(), null_mut()), Ok, "", "append");
         expect(packinfer_pool_release(pool, b), Ok, "", "release b");
         let before = stats(pool);
         let mut child = 0u64;
         let mut len = 0u32;
         let bs = format!("sequence id {b}");
-        expect(packinfer_pool_append(pool, b, 1, null_mut()), InvalidArgument, &bs, "append to released");
-        expect(packinfer_pool_append(pool, 777, 1, null_mut()), InvalidArgument, "sequence id 777", "append to unknown");
+        expect(packinfer_pool_append(pool, b, 1, null_mut(), null_mut()), InvalidArgument, &bs, "append to released");
+        expect(packinfer_pool_append(pool, 777, 1, null_mut(), null_mut()), InvalidArgument, "sequence id 777", "append to unknown");
         expect(packinfer_pool_release(pool, b), InvalidArgument, &bs, "double release");
         expect(packinfer_pool_truncate(pool, a, 7), InvalidArgument, "len = 7", "truncate longer");
-        expect(packinfer_pool_fork(pool, a, 7, &mut child), InvalidArgument, "prefix_len = 7", "fork beyond length");
-        expect(packinfer_pool_fork(pool, b, 0, &mut child), InvalidArgument, &bs, "fork released");
+        expect(packinfer_pool_fork(pool, a, 7, null_mut(), &mut child), InvalidArgument, "prefix_len = 7", "fork beyond length");
+        expect(packinfer_pool_fork(pool, b, 0, null_mut(), &mut child), InvalidArgument, &bs, "fork released");
         expect(packinfer_pool_sequence_length(pool, b, &mut len), InvalidArgument, &bs, "length of released");
         // Writing: shapes and counts.
         let k = vec![0f32; 64];
         let ids = [a];
         let n7 = [7u32];
         let n1 = [1u32];
-        expect(packinfer_pool_write_kv(pool, 0, ids.as_ptr(), n7.as_ptr(), 1, k.as_ptr() as _, k.as_ptr() as _, 0, null_mut()), InvalidArgument, "num_tokens[0] = 7", "write more than stored");
-        expect(packinfer_pool_write_kv(pool, 0, ids.as_ptr(), n1.as_ptr(), 1, k.as_ptr() as _, k.as_ptr() as _, 15, null_mut()), InvalidArgument, "src_stride_token = 15", "stride smaller than a row");
-        expect(packinfer_pool_write_kv(pool, 2, ids.as_ptr(), n1.as_ptr(), 1, k.as_ptr() as _, k.as_ptr() as _, 0, null_mut()), InvalidArgument, "layer = 2", "layer out of range");
-        expect(packinfer_pool_write_kv(pool, 0, ids.as_ptr(), n1.as_ptr(), 1, null(), null(), 0, null_mut()), InvalidArgument, "null", "null k/v");
-        expect(packinfer_pool_write_kv(pool, 0, null(), n1.as_ptr(), 1, k.as_ptr() as _, k.as_ptr() as _, 0, null_mut()), InvalidArgument, "seq_ids", "null ids");
+        let good = PackinferKvSource {
+            struct_size: std::mem::size_of::<PackinferKvSource>(),
+            k: k.as_ptr() as _,
+            v: k.as_ptr() as _,
+            num_rows: 1,
+            num_kv_heads: 2,
+            head_dim: 8,
+            dtype: PackinferDtype::F32 as u32,
+            stride_token: 0,
+        };
+        let write = |layer: u32, ids: *const u64, counts: &[u32], src: &PackinferKvSource| packinfer_pool_write_kv(pool, layer, ids, counts.as_ptr(), 1, src, null_mut());
+        expect(write(0, ids.as_ptr(), &n7, &PackinferKvSource { num_rows: 7, ..good }), InvalidArgument, "num_tokens[0] = 7", "write more than stored");
+        expect(write(0, ids.as_ptr(), &n1, &PackinferKvSource { num_rows: 2, ..good }), InvalidArgument, "num_rows = 2", "rows differ from num_tokens");
+        expect(write(0, ids.as_ptr(), &n1, &PackinferKvSource { head_dim: 16, ..good }), InvalidArgument, "head_dim 8", "head_dim differs");
+        expect(write(0, ids.as_ptr(), &n1, &PackinferKvSource { num_kv_heads: 1, ..good }), InvalidArgument, "2 KV heads", "kv heads differ");
+        expect(write(0, ids.as_ptr(), &n1, &PackinferKvSource { dtype: PackinferDtype::Bf16 as u32, ..good }), InvalidArgument, "dtype = bf16", "dtype differs");
+        expect(write(0, ids.as_ptr(), &n1, &PackinferKvSource { stride_token: 15, ..good }), InvalidArgument, "src->stride_token = 15", "stride smaller than a row");
+        expect(write(0, ids.as_ptr(), &n1, &PackinferKvSource { stride_token: -16, ..good }), InvalidArgument, "src->stride_token = -16", "negative stride");
+        expect(write(0, ids.as_ptr(), &n1, &PackinferKvSource { struct_size: 4, ..good }), InvalidArgument, "struct_size = 4", "old struct");
+        expect(write(2, ids.as_ptr(), &n1, &good), InvalidArgument, "layer = 2", "layer out of range");
+        expect(write(0, ids.as_ptr(), &n1, &PackinferKvSource { k: null(), v: null(), ..good }), InvalidArgument, "null", "null k/v");
+        expect(write(0, null(), &n1, &good), InvalidArgument, "seq_ids", "null ids");
+        expect(packinfer_pool_write_kv(pool, 0, ids.as_ptr(), n1.as_ptr(), 1, null(), null_mut()), InvalidArgument, "src", "null src");
+        expect(write(0, ids.as_ptr(), &n1, &good), Ok, "", "a good write");
         let mut layout: PackinferKvLayout = std::mem::zeroed();
         expect(packinfer_pool_kv_layout(pool, 2, &mut layout), InvalidArgument, "layer = 2", "layout of a missing layer");
         expect(packinfer_pool_kv_layout(pool, 1, null_mut()), InvalidArgument, "layout", "null layout");
@@ -147,18 +166,18 @@ fn handles_and_sequence_ids_are_checked() {
         expect(packinfer_pool_relayout(pool, PackinferPlan { bits: 5 }, ids.as_ptr(), 1, true, null_mut(), null_mut()), InvalidHandle, "plan", "relayout bad plan");
         assert!(same(&before, &stats(pool)), "a refused call changed the pool");
         // Exhaustion through the C API: 8 pages of 4, 2 used.
-        expect(packinfer_pool_append(pool, a, 4 * 7, null_mut()), PoolExhausted, "needs 7 free page(s)", "too big");
+        expect(packinfer_pool_append(pool, a, 4 * 7, null_mut(), null_mut()), PoolExhausted, "needs 7 free page(s)", "too big");
         assert!(same(&before, &stats(pool)), "an exhausted append changed the pool");
-        expect(packinfer_pool_append(pool, a, 4 * 6 + 2, null_mut()), Ok, "", "exactly full");
-        expect(packinfer_pool_fork(pool, a, 5, &mut child), PoolExhausted, "forking", "fork copy with no page");
-        expect(packinfer_pool_fork(pool, a, 4, &mut child), Ok, "", "aligned fork needs no page");
+        expect(packinfer_pool_append(pool, a, 4 * 6 + 2, null_mut(), null_mut()), Ok, "", "exactly full");
+        expect(packinfer_pool_fork(pool, a, 5, null_mut(), &mut child), PoolExhausted, "forking", "fork copy with no page");
+        expect(packinfer_pool_fork(pool, a, 4, null_mut(), &mut child), Ok, "", "aligned fork needs no page");
         // Handles.
         expect(packinfer_plan_destroy(plan), Ok, "", "plan destroy");
         expect(packinfer_pool_destroy(pool), Ok, "", "destroy");
         expect(packinfer_pool_destroy(pool), InvalidHandle, "pool handle", "double destroy");
-        expect(packinfer_pool_append(pool, a, 1, null_mut()), InvalidHandle, "pool handle", "use after destroy");
-        expect(packinfer_pool_append(PackinferPool { bits: c.bits }, a, 1, null_mut()), InvalidHandle, "not a handle of this kind", "context as pool");
-        expect(packinfer_pool_append(PackinferPool::default(), a, 1, null_mut()), InvalidHandle, "null", "null pool");
+        expect(packinfer_pool_append(pool, a, 1, null_mut(), null_mut()), InvalidHandle, "pool handle", "use after destroy");
+        expect(packinfer_pool_append(PackinferPool { bits: c.bits }, a, 1, null_mut(), null_mut()), InvalidHandle, "not a handle of this kind", "context as pool");
+        expect(packinfer_pool_append(PackinferPool::default(), a, 1, null_mut(), null_mut()), InvalidHandle, "null", "null pool");
     }
     packinfer_context_destroy(c);
 }

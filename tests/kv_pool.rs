@@ -77,6 +77,19 @@ impl Model {
     }
 }
 
+/// The engine's content hash of each full page: a chained hash of the tags up to the page's end.
+fn chain_hashes(tags: &[u64], page_size: u32) -> Vec<u64> {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let mut out = Vec::new();
+    for (i, &t) in tags.iter().enumerate() {
+        h = (h ^ t).wrapping_mul(0x100_0000_01b3);
+        if (i + 1) % page_size as usize == 0 {
+            out.push(h);
+        }
+    }
+    out
+}
+
 /// Every invariant of the pool against the model.
 fn check(pool: &KvPool, model: &Model, ctx: &str) {
     let snap = pool.debug_snapshot();
@@ -155,7 +168,7 @@ fn random_ops(seed: u64, page_size: u32, num_pages: u32, headroom: u32, steps: u
     for step in 0..steps {
         let ids: Vec<SeqId> = model.seqs.keys().copied().collect();
         let pick = |r: &mut SmallRng| ids.choose(r).copied();
-        let op = r.random_range(0..100);
+        let op = r.random_range(0..110);
         let before = pool.debug_snapshot();
         let ctx = format!("seed {seed} step {step} op {op}");
         let result: Result<(), Error> = match op {
@@ -167,7 +180,7 @@ fn random_ops(seed: u64, page_size: u32, num_pages: u32, headroom: u32, steps: u
             10..=44 => match pick(&mut r) {
                 Some(id) => {
                     let n = if r.random_bool(0.3) { r.random_range(1..=3 * page_size) } else { r.random_range(0..=2) };
-                    match pool.append(id, n) {
+                    match pool.append(id, n, 0) {
                         Ok(slots) => {
                             assert_eq!(slots.len(), n as usize);
                             let tags = model.tags(n);
@@ -184,7 +197,7 @@ fn random_ops(seed: u64, page_size: u32, num_pages: u32, headroom: u32, steps: u
                 Some(id) => {
                     let len = model.seqs[&id].len() as u32;
                     let at = r.random_range(0..=len);
-                    pool.fork(id, at).map(|child| {
+                    pool.fork(id, at, 0).map(|child| {
                         let tags = model.seqs[&id][..at as usize].to_vec();
                         model.seqs.insert(child, tags);
                     })
@@ -205,7 +218,28 @@ fn random_ops(seed: u64, page_size: u32, num_pages: u32, headroom: u32, steps: u
                 }),
                 None => Ok(()),
             },
-            _ => {
+            100..=104 => match pick(&mut r) {
+                // The engine registers content hashes of a sequence's full pages.
+                Some(id) => {
+                    let hashes = chain_hashes(&model.seqs[&id], page_size);
+                    let k = r.random_range(0..=hashes.len());
+                    pool.register_page_hashes(id, &hashes[..k])
+                }
+                None => Ok(()),
+            },
+            105..=109 => match pick(&mut r) {
+                // A new sequence whose prompt starts like an existing one shares its pages by hash.
+                Some(like) => {
+                    let hashes = chain_hashes(&model.seqs[&like], page_size);
+                    let id = pool.create_sequence();
+                    let m = pool.match_prefix(id, &hashes).unwrap();
+                    assert_eq!(m % page_size, 0);
+                    model.seqs.insert(id, model.seqs[&like][..m as usize].to_vec());
+                    Ok(())
+                }
+                None => Ok(()),
+            },
+            80..=99 => {
                 // Plan a random subset, check the batch, then relayout by the plan's groups or by random groups.
                 let mut subset: Vec<SeqId> = ids.iter().copied().filter(|_| r.random_bool(0.6)).collect();
                 subset.shuffle(&mut r);
@@ -246,6 +280,7 @@ fn random_ops(seed: u64, page_size: u32, num_pages: u32, headroom: u32, steps: u
                 }
                 Ok(())
             }
+            _ => unreachable!(),
         };
         match result {
             Ok(()) => {}
@@ -293,7 +328,7 @@ fn exhaustion_is_atomic_and_recoverable() {
     let mut model = Model::default();
     let a = pool.create_sequence();
     model.seqs.insert(a, Vec::new());
-    pool.append(a, 18).unwrap(); // 5 pages
+    pool.append(a, 18, 0).unwrap(); // 5 pages
     let tags = model.tags(18);
     write(&pool, a, &tags).unwrap();
     model.seqs.insert(a, tags);
@@ -302,23 +337,23 @@ fn exhaustion_is_atomic_and_recoverable() {
     let b = pool.create_sequence();
     model.seqs.insert(b, Vec::new());
     let before_b = pool.debug_snapshot();
-    assert!(matches!(pool.append(b, 5), Err(Error::PoolExhausted(_))), "append of 2 pages into 1 free page");
+    assert!(matches!(pool.append(b, 5, 0), Err(Error::PoolExhausted(_))), "append of 2 pages into 1 free page");
     assert_eq!(pool.debug_snapshot(), before_b);
     // Fork at a partial page needs one page: fits once, then not.
-    let c = pool.fork(a, 6).unwrap();
+    let c = pool.fork(a, 6, 0).unwrap();
     model.seqs.insert(c, model.seqs[&a][..6].to_vec());
     check(&pool, &model, "after fork");
     let snap = pool.debug_snapshot();
-    assert!(matches!(pool.fork(a, 7), Err(Error::PoolExhausted(_))));
-    assert!(matches!(pool.append(a, 3), Err(Error::PoolExhausted(_))), "a needs a new page for its 19th..21st tokens");
+    assert!(matches!(pool.fork(a, 7, 0), Err(Error::PoolExhausted(_))));
+    assert!(matches!(pool.append(a, 3, 0), Err(Error::PoolExhausted(_))), "a needs a new page for its 19th..21st tokens");
     assert_eq!(pool.debug_snapshot(), snap);
     // Page-aligned forks need nothing.
-    let d = pool.fork(a, 8).unwrap();
+    let d = pool.fork(a, 8, 0).unwrap();
     model.seqs.insert(d, model.seqs[&a][..8].to_vec());
     // Releasing gives the room back and everything works again.
     pool.release(c).unwrap();
     model.seqs.remove(&c);
-    pool.append(b, 3).unwrap();
+    pool.append(b, 3, 0).unwrap();
     let tags = model.tags(3);
     write(&pool, b, &tags).unwrap();
     model.seqs.insert(b, tags);
@@ -331,7 +366,7 @@ fn exhaustion_is_atomic_and_recoverable() {
     pool.truncate(d, 6).unwrap();
     model.seqs.get_mut(&d).unwrap().truncate(6);
     let cow_before = pool.stats().cow_page_copies;
-    pool.append(d, 1).unwrap();
+    pool.append(d, 1, 0).unwrap();
     let tags = model.tags(1);
     write(&pool, d, &tags).unwrap();
     model.seqs.get_mut(&d).unwrap().extend(tags);
@@ -343,17 +378,17 @@ fn exhaustion_is_atomic_and_recoverable() {
 fn bad_input_changes_nothing() {
     let pool = new_pool(4, 16, 1);
     let a = pool.create_sequence();
-    pool.append(a, 5).unwrap();
+    pool.append(a, 5, 0).unwrap();
     pool.release(a).unwrap();
     let b = pool.create_sequence();
-    pool.append(b, 6).unwrap();
+    pool.append(b, 6, 0).unwrap();
     let before = pool.debug_snapshot();
     let msg = |e: Error| e.to_string();
     for (what, e) in [
-        ("append to released", pool.append(a, 1).map(drop)),
-        ("append to unknown", pool.append(999, 1).map(drop)),
-        ("fork released", pool.fork(a, 0).map(drop)),
-        ("fork beyond length", pool.fork(b, 7).map(drop)),
+        ("append to released", pool.append(a, 1, 0).map(drop)),
+        ("append to unknown", pool.append(999, 1, 0).map(drop)),
+        ("fork released", pool.fork(a, 0, 0).map(drop)),
+        ("fork beyond length", pool.fork(b, 7, 0).map(drop)),
         ("truncate beyond length", pool.truncate(b, 7)),
         ("release released", pool.release(a)),
         ("write more than stored", unsafe { pool.write_kv(0, &[(b, 7)], 8, 8, 16, 0) }),
@@ -372,9 +407,9 @@ fn bad_input_changes_nothing() {
         assert!(!msg(e.clone()).is_empty(), "{what}");
         assert_eq!(pool.debug_snapshot(), before, "{what} changed the pool");
     }
-    let e = pool.fork(b, 7).unwrap_err().to_string();
+    let e = pool.fork(b, 7, 0).unwrap_err().to_string();
     assert!(e.contains("prefix_len = 7") && e.contains("6 tokens"), "{e}");
-    let e = pool.append(a, 1).unwrap_err().to_string();
+    let e = pool.append(a, 1, 0).unwrap_err().to_string();
     assert!(e.contains(&format!("sequence id {a}")), "{e}");
     // Zero-sized pools are refused.
     for cfg in [config(4, 0, 0), config(0, 4, 0), PoolConfig { num_layers: 0, ..config(4, 4, 0) }] {
@@ -387,7 +422,7 @@ fn content_hash_prefix_sharing() {
     let pool = new_pool(4, 32, 0);
     let mut model = Model::default();
     let a = pool.create_sequence();
-    pool.append(a, 10).unwrap();
+    pool.append(a, 10, 0).unwrap();
     let tags = model.tags(10);
     write(&pool, a, &tags).unwrap();
     model.seqs.insert(a, tags.clone());
@@ -397,7 +432,7 @@ fn content_hash_prefix_sharing() {
     // Same first two pages, different third.
     assert_eq!(pool.match_prefix(b, &[11, 22, 44]).unwrap(), 8);
     model.seqs.insert(b, tags[..8].to_vec());
-    pool.append(b, 3).unwrap();
+    pool.append(b, 3, 0).unwrap();
     let more = model.tags(3);
     write(&pool, b, &more).unwrap();
     model.seqs.get_mut(&b).unwrap().extend(more);
@@ -417,6 +452,13 @@ fn content_hash_prefix_sharing() {
     pool.release(c).unwrap();
     let d = pool.create_sequence();
     assert_eq!(pool.match_prefix(d, &[11]).unwrap(), 0, "hashes of freed pages are forgotten");
+    // A hashed page that becomes partial by truncation may be rewritten: its hash is dropped.
+    let e = pool.create_sequence();
+    pool.append(e, 8, 0).unwrap();
+    pool.register_page_hashes(e, &[55, 66]).unwrap();
+    pool.truncate(e, 6).unwrap();
+    let f = pool.create_sequence();
+    assert_eq!(pool.match_prefix(f, &[55, 66]).unwrap(), 4, "only the still-full first page matches");
 }
 
 #[test]
@@ -426,15 +468,15 @@ fn decode_appends_stay_in_headroom_until_it_runs_out() {
     let cpu = CpuBackend::new(1);
     // A shared prefix of 3 pages and 4 members with scattered suffixes.
     let root = pool.create_sequence();
-    pool.append(root, 12).unwrap();
+    pool.append(root, 12, 0).unwrap();
     let mut members = Vec::new();
     let mut filler = Vec::new();
     for _ in 0..4 {
-        let m = pool.fork(root, 12).unwrap();
+        let m = pool.fork(root, 12, 0).unwrap();
         let f = pool.create_sequence();
-        pool.append(f, 4).unwrap();
+        pool.append(f, 4, 0).unwrap();
         filler.push(f);
-        pool.append(m, 5).unwrap();
+        pool.append(m, 5, 0).unwrap();
         members.push(m);
     }
     pool.release(root).unwrap();
@@ -462,7 +504,7 @@ fn decode_appends_stay_in_headroom_until_it_runs_out() {
     let moved_before = pool.stats().relayout_pages_moved;
     for _ in 0..8 {
         for &m in &members {
-            pool.append(m, 1).unwrap();
+            pool.append(m, 1, 0).unwrap();
         }
         let r = pool.relayout(&groups, false, 0).unwrap();
         assert_eq!(r.pages_moved, 0, "appends inside the headroom need no relayout");
@@ -470,7 +512,7 @@ fn decode_appends_stay_in_headroom_until_it_runs_out() {
     }
     // 4 more each: 3 fit, the 4th needs a page beyond the headroom; members overflow, relayout rebuilds.
     for &m in &members {
-        pool.append(m, 4).unwrap();
+        pool.append(m, 4, 0).unwrap();
     }
     let r = pool.relayout(&groups, false, 0).unwrap();
     assert_eq!(r.groups_rebuilt, 1);
@@ -500,7 +542,7 @@ fn threads_append_write_plan_and_relayout_on_one_pool() {
                             if let Some(&id) = model.seqs.keys().collect::<Vec<_>>().choose(&mut r) {
                                 let id = *id;
                                 let n = r.random_range(1..=6);
-                                pool.append(id, n).unwrap();
+                                pool.append(id, n, 0).unwrap();
                                 let tags = model.tags(n);
                                 write(&pool, id, &tags).unwrap();
                                 model.seqs.get_mut(&id).unwrap().extend(tags);
@@ -510,7 +552,7 @@ fn threads_append_write_plan_and_relayout_on_one_pool() {
                             if let Some(&id) = model.seqs.keys().collect::<Vec<_>>().choose(&mut r) {
                                 let id = *id;
                                 let at = r.random_range(0..=model.seqs[&id].len() as u32);
-                                let child = pool.fork(id, at).unwrap();
+                                let child = pool.fork(id, at, 0).unwrap();
                                 let tags = model.seqs[&id][..at as usize].to_vec();
                                 model.seqs.insert(child, tags);
                             }

@@ -13,3 +13,56 @@ if ! git diff --quiet -- include/packinfer.h 2>/dev/null; then
   git --no-pager diff --stat -- include/packinfer.h >&2
   exit 1
 fi
+
+# ---- C and C++ (bindings/cpp): ctest, normal and sanitizer builds ----------------------------
+# Needs cmake, g++, GoogleTest and pkg-config (.ci/install-deps.sh installs what is missing).
+# Both builds link the release libpackinfer.so that cargo builds (CMake runs cargo itself).
+echo "== C/C++: ctest (C API, C++ wrapper, example, install + find_package + pkg-config) =="
+cmake -S . -B build/ctest -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+cmake --build build/ctest -j"$(nproc)"
+(cd build/ctest && ctest --output-on-failure --no-tests=error)
+
+echo "== C/C++: ctest with -fsanitize=address,undefined (same tests, leak checks on) =="
+cmake -S . -B build/ctest-sanitize -DPACKINFER_SANITIZE=ON -DCMAKE_BUILD_TYPE=Debug >/dev/null
+cmake --build build/ctest-sanitize -j"$(nproc)"
+(cd build/ctest-sanitize && ctest --output-on-failure --no-tests=error)
+
+# ---- Go (bindings/go): go vet + go test ------------------------------------------------------
+# cgo links target/release/libpackinfer.so (built above; cargo is a no-op when it is current).
+echo "== Go: go vet + go test in bindings/go =="
+cargo build --release --lib
+go_log=$(mktemp)
+(
+  cd bindings/go
+  export GOTOOLCHAIN=local CGO_ENABLED=1
+  go vet ./...
+  go test -count=1 -v -bench . -benchtime 20x ./... 2>&1 | tee "$go_log"
+  go run ./examples/enginestep >/dev/null
+)
+go_passed=$(grep -c -- '^--- PASS' "$go_log" || true)
+go_failed=$(grep -c -- '^--- FAIL' "$go_log" || true)
+rm -f "$go_log"
+if [ "$go_passed" -eq 0 ] || [ "$go_failed" -ne 0 ]; then
+  echo "go test: $go_passed tests passed, $go_failed failed; bindings/go must run tests and pass them all" >&2
+  exit 1
+fi
+echo "Go: $go_passed passed, 0 failed"
+
+# The Go package against the installed library through pkg-config (the ctest install check
+# above left an installed prefix in build/ctest).
+echo "== Go: bindings/go against the installed library (-tags packinfer_pkgconfig) =="
+go_log=$(mktemp)
+(
+  cd bindings/go
+  export GOTOOLCHAIN=local CGO_ENABLED=1
+  export PKG_CONFIG_PATH="$PWD/../../build/ctest/bindings/cpp/tests/install-test/prefix/lib/pkgconfig"
+  go test -count=1 -v -tags packinfer_pkgconfig -run 'TestFlows|TestUseAfterClose' . 2>&1 | tee "$go_log"
+)
+go_passed=$(grep -c -- '^--- PASS' "$go_log" || true)
+go_failed=$(grep -c -- '^--- FAIL' "$go_log" || true)
+rm -f "$go_log"
+if [ "$go_passed" -ne 2 ] || [ "$go_failed" -ne 0 ]; then
+  echo "go test against the installed library: $go_passed passed, $go_failed failed; want 2 passed" >&2
+  exit 1
+fi
+echo "Go: $go_passed passed, 0 failed"

@@ -34,7 +34,8 @@ pub struct PackinferPoolOptions {
     pub num_qo_heads: u32,
     pub num_kv_heads: u32,
     pub head_dim: u32,
-    pub dtype: PackinferDtype,
+    /// A `PackinferDtype` value.
+    pub dtype: u32,
     /// Bottom-right aligned causal mask for plans made from the pool.
     pub causal: bool,
     /// 0 = 1/sqrt(head_dim).
@@ -108,7 +109,7 @@ pub unsafe extern "C" fn packinfer_pool_options_default(options: *mut PackinferP
             num_qo_heads: 0,
             num_kv_heads: 0,
             head_dim: 0,
-            dtype: PackinferDtype::Bf16,
+            dtype: PackinferDtype::Bf16 as u32,
             causal: true,
             sm_scale: 0.0,
             page_size: 16,
@@ -130,7 +131,7 @@ pub unsafe extern "C" fn packinfer_pool_create(context: PackinferContext, option
     guard("packinfer_pool_create", || {
         let backend = CONTEXTS.get(context.bits)?;
         let o = super::options("options", options)?;
-        let dtype = match o.dtype as u32 {
+        let dtype = match o.dtype {
             0 => DType::F16,
             1 => DType::Bf16,
             2 => DType::F32,
@@ -215,16 +216,17 @@ pub unsafe extern "C" fn packinfer_pool_sequence_length(pool: PackinferPool, seq
 }
 
 /// Reserves `n` more tokens at the end of `seq`. If `slots` is not NULL it receives their `n`
-/// slots (`page * page_size + token in page`; valid until the next relayout). POOL_EXHAUSTED
+/// slots (`page * page_size + token in page`; valid until the next relayout). If the last page
+/// is shared and partly filled it is copied first (copy-on-write), on `stream`. POOL_EXHAUSTED
 /// when the pages do not fit, and then nothing changed.
 ///
 /// # Safety
-/// `slots` NULL or writable for `n` entries.
+/// `slots` NULL or writable for `n` entries; `stream` a CUstream of the pool's device or NULL.
 #[no_mangle]
-pub unsafe extern "C" fn packinfer_pool_append(pool: PackinferPool, seq: u64, n: u32, slots: *mut i64) -> PackinferStatus {
+pub unsafe extern "C" fn packinfer_pool_append(pool: PackinferPool, seq: u64, n: u32, slots: *mut i64, stream: *mut c_void) -> PackinferStatus {
     guard("packinfer_pool_append", || {
         let pool = POOLS.get(pool.bits)?;
-        let got = pool.append(seq, n)?;
+        let got = pool.append(seq, n, stream as u64)?;
         if !slots.is_null() {
             for (i, s) in got.into_iter().enumerate() {
                 *slots.add(i) = s as i64;
@@ -235,18 +237,18 @@ pub unsafe extern "C" fn packinfer_pool_append(pool: PackinferPool, seq: u64, n:
 }
 
 /// A new sequence sharing the first `prefix_len` tokens of `parent` (full pages shared
-/// copy-on-write, a partly covered page copied); `*child` is its id.
+/// copy-on-write, a partly covered page copied on `stream`); `*child` is its id.
 ///
 /// # Safety
-/// `child` must be writable.
+/// `child` must be writable; `stream` a CUstream of the pool's device or NULL.
 #[no_mangle]
-pub unsafe extern "C" fn packinfer_pool_fork(pool: PackinferPool, parent: u64, prefix_len: u32, child: *mut u64) -> PackinferStatus {
+pub unsafe extern "C" fn packinfer_pool_fork(pool: PackinferPool, parent: u64, prefix_len: u32, stream: *mut c_void, child: *mut u64) -> PackinferStatus {
     guard("packinfer_pool_fork", || {
         let pool = POOLS.get(pool.bits)?;
         if child.is_null() {
             return Err(invalid!("child is a null pointer"));
         }
-        write_out("child", child, pool.fork(parent, prefix_len)?)
+        write_out("child", child, pool.fork(parent, prefix_len, stream as u64)?)
     })
 }
 
@@ -262,13 +264,34 @@ pub extern "C" fn packinfer_pool_release(pool: PackinferPool, seq: u64) -> Packi
     guard("packinfer_pool_release", || POOLS.get(pool.bits)?.release(seq))
 }
 
-/// Writes one layer's K and V for the step's new tokens: `k` and `v` are `[sum(num_tokens),
-/// num_kv_heads, head_dim]` in the pool's dtype (device memory on CUDA), `src_stride_token`
-/// elements between tokens (0 = contiguous); rows go, in order, to the last `num_tokens[i]`
-/// tokens of `seq_ids[i]` (reserved by `packinfer_pool_append`). Runs on `stream`.
+/// The step's new K and V for one layer, as the engine holds them: `[num_rows, num_kv_heads,
+/// head_dim]` each, token-major. Shape and dtype are stated so a mismatch with the pool is an
+/// error, not a silent misread.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct PackinferKvSource {
+    /// sizeof(PackinferKvSource).
+    pub struct_size: usize,
+    /// Device memory on CUDA, host memory on the CPU backend.
+    pub k: *const c_void,
+    pub v: *const c_void,
+    /// Rows (tokens) in `k` and `v`; must equal the sum of `num_tokens`.
+    pub num_rows: u32,
+    /// Must equal the pool's.
+    pub num_kv_heads: u32,
+    pub head_dim: u32,
+    /// A `PackinferDtype` value.
+    pub dtype: u32,
+    /// Elements between consecutive tokens' rows; 0 = contiguous (num_kv_heads * head_dim).
+    pub stride_token: i64,
+}
+
+/// Writes one layer's K and V for the step's new tokens: the rows of `src` go, in order, to the
+/// last `num_tokens[i]` tokens of `seq_ids[i]` (reserved by `packinfer_pool_append`). Runs on
+/// `stream`. A source whose shape or dtype differs from the pool's is refused.
 ///
 /// # Safety
-/// Arrays of `n` entries; `k`, `v` address the rows described.
+/// Arrays of `n` entries; `src` initialized, its `k` and `v` addressing the rows it describes.
 #[no_mangle]
 pub unsafe extern "C" fn packinfer_pool_write_kv(
     pool: PackinferPool,
@@ -276,17 +299,43 @@ pub unsafe extern "C" fn packinfer_pool_write_kv(
     seq_ids: *const u64,
     num_tokens: *const u32,
     n: u32,
-    k: *const c_void,
-    v: *const c_void,
-    src_stride_token: i64,
+    src: *const PackinferKvSource,
     stream: *mut c_void,
 ) -> PackinferStatus {
     guard("packinfer_pool_write_kv", || {
         let pool = POOLS.get(pool.bits)?;
         let tokens = zip_requests("seq_ids", seq_ids, "num_tokens", num_tokens, n)?;
+        let src = options("src", src)?;
         let c = pool.config();
-        let stride = if src_stride_token == 0 { (c.num_kv_heads * c.head_dim) as i64 } else { src_stride_token };
-        pool.write_kv(layer, &tokens, k as u64, v as u64, stride, stream as u64)
+        if (src.num_kv_heads, src.head_dim) != (c.num_kv_heads, c.head_dim) {
+            return Err(invalid!(
+                "src is [{}, {}, {}] (tokens, kv heads, head_dim) but the pool stores {} KV heads of head_dim {}",
+                src.num_rows,
+                src.num_kv_heads,
+                src.head_dim,
+                c.num_kv_heads,
+                c.head_dim
+            ));
+        }
+        let dtype = match src.dtype {
+            0 => DType::F16,
+            1 => DType::Bf16,
+            2 => DType::F32,
+            other => return Err(invalid!("src->dtype = {other} is not a PackinferDtype (0 = F16, 1 = BF16, 2 = F32)")),
+        };
+        if dtype != c.dtype {
+            return Err(invalid!("src->dtype = {} but the pool stores {}", dtype.name(), c.dtype.name()));
+        }
+        let total: u64 = tokens.iter().map(|t| t.1 as u64).sum();
+        if total != src.num_rows as u64 {
+            return Err(invalid!("src->num_rows = {} but num_tokens sums to {total}", src.num_rows));
+        }
+        let row = (c.num_kv_heads * c.head_dim) as i64;
+        if src.stride_token != 0 && src.stride_token < row {
+            return Err(invalid!("src->stride_token = {} is smaller than a token's row of num_kv_heads * head_dim = {row} elements (0 = contiguous)", src.stride_token));
+        }
+        let stride = if src.stride_token == 0 { row } else { src.stride_token };
+        pool.write_kv(layer, &tokens, src.k as u64, src.v as u64, stride, stream as u64)
     })
 }
 

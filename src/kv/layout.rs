@@ -5,14 +5,16 @@
 //! stream), then rewrites every page table that referenced a moved page, so sequences outside
 //! the group that share a moved page stay consistent.
 //!
-//! Why pool-native and not the paper's per-group workspace (a contiguous copy of each group's
-//! KV, rebuilt from the authoritative pages): `bench/results/cpu-2026-11-26/` measures both on a
-//! trace-like decode workload. The workspace re-copies every page of a rebuilt group (and keeps a
-//! second copy of all the batch's KV, and writes each new token twice), while pool-native moves
-//! only misplaced pages and keeps one copy; the KV a step reads is the same for both. So the
-//! pool keeps one representation and this module is its one layout interface (`relayout`).
+//! Why pool-native and not the paper's per-group workspace (a second, contiguous copy of each
+//! group's KV rebuilt from the authoritative pages): `examples/kv_layout_bench.rs` runs both on a
+//! trace-like decode workload under the same groups and rebuild rules
+//! (`bench/results/cpu-2026-11-26/kv_layout.md`). They copy about the same bytes per rebuild
+//! and the step reads the same KV, but the workspace keeps a second copy of every laid-out
+//! group (~190 MiB per layer there, against 3-9 MiB of headroom pages for pool-native) and
+//! writes every new token twice. So the pool keeps a single representation and `relayout` is
+//! its one layout interface.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use super::{KvPool, PoolState, SeqId};
 use crate::error::Result;
@@ -92,10 +94,11 @@ impl PoolState {
                 (q.pages.first().copied().unwrap_or(u32::MAX), q.overflowed, *id)
             });
             let mut run = Vec::new();
+            let mut in_run = HashSet::new();
             for id in order {
                 let q = &self.seqs[&id];
                 for &p in &q.pages {
-                    if *owner.entry(p).or_insert(g) == g && !run.iter().any(|e| matches!(e, Entry::Page(x) if *x == p)) {
+                    if *owner.entry(p).or_insert(g) == g && in_run.insert(p) {
                         run.push(Entry::Page(p));
                     }
                 }
@@ -104,15 +107,19 @@ impl PoolState {
             runs.push(run);
         }
         let mut report = RelayoutReport { groups: groups.len() as u32, ..Default::default() };
+        let due: Vec<usize> = (0..groups.len())
+            .filter(|&g| (regroup || groups[g].iter().any(|id| self.seqs[id].overflowed)) && !self.in_place(&runs[g]))
+            .collect();
+        report.groups_in_place = (groups.len() - due.len()) as u32;
+        if due.is_empty() {
+            return Ok(report);
+        }
+        // Runs are taken from a working copy of the free set, so a group that finds no room
+        // leaves nothing behind.
         let mut free = self.free.clone();
         // (group, first page of its new run)
         let mut rebuild: Vec<(usize, u32)> = Vec::new();
-        for (g, members) in groups.iter().enumerate() {
-            let due = regroup || members.iter().any(|id| self.seqs[id].overflowed);
-            if !due || self.in_place(&runs[g], members) {
-                report.groups_in_place += 1;
-                continue;
-            }
+        for g in due {
             match self.anchored_run(&runs[g], &mut free).or_else(|| take_run(&mut free, runs[g].len())) {
                 Some(start) => rebuild.push((g, start)),
                 None => report.groups_no_room += 1,
@@ -227,7 +234,7 @@ impl PoolState {
 
     /// Whether a group's pages already form its run: its own pages in run order followed, per
     /// member, by whatever headroom it has left, all consecutive.
-    fn in_place(&self, run: &[Entry], _members: &[SeqId]) -> bool {
+    fn in_place(&self, run: &[Entry]) -> bool {
         let mut actual: Vec<u32> = Vec::with_capacity(run.len());
         let mut i = 0;
         while i < run.len() {

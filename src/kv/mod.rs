@@ -71,12 +71,7 @@ impl PoolConfig {
     }
     /// Pages that fit in `bytes` (for pools sized in bytes).
     pub fn pages_for_bytes(&self, bytes: u64) -> u64 {
-        let per = self.page_bytes_all_layers();
-        if per == 0 {
-            0
-        } else {
-            bytes / per
-        }
+        bytes.checked_div(self.page_bytes_all_layers()).unwrap_or(0)
     }
     pub fn shape(&self) -> Shape {
         let sm_scale = if self.sm_scale == 0.0 { 1.0 / (self.head_dim.max(1) as f32).sqrt() } else { self.sm_scale };
@@ -247,17 +242,19 @@ impl KvPool {
     /// Reserves `n` more tokens at the end of `seq` and returns their slots (`page * page_size
     /// + token in page`), where their K/V go. Takes headroom pages first, then free pages; a
     /// partly filled last page that is shared is first copied (copy-on-write). If the pages do
-    /// not fit, returns `PoolExhausted` and changes nothing.
-    pub fn append(&self, seq: SeqId, n: u32) -> Result<Vec<u64>> {
+    /// not fit, returns `PoolExhausted` and changes nothing. A copy-on-write copy is enqueued on
+    /// `stream`. The slots stay valid until the next relayout that moves pages.
+    pub fn append(&self, seq: SeqId, n: u32, stream: u64) -> Result<Vec<u64>> {
         let mut s = self.state.lock();
-        s.append(self, seq, n)
+        s.append(self, seq, n, stream)
     }
 
     /// A new sequence holding `parent`'s first `prefix_len` tokens: it shares the parent's full
-    /// pages (reference counted) and gets a copy of the partly covered page, if any.
-    pub fn fork(&self, parent: SeqId, prefix_len: u32) -> Result<SeqId> {
+    /// pages (reference counted) and gets a copy of the partly covered page, if any, enqueued on
+    /// `stream`.
+    pub fn fork(&self, parent: SeqId, prefix_len: u32, stream: u64) -> Result<SeqId> {
         let mut s = self.state.lock();
-        s.fork(self, parent, prefix_len)
+        s.fork(self, parent, prefix_len, stream)
     }
 
     /// Shortens `seq` to `len` tokens; pages no longer needed (and its headroom) return to the
@@ -467,7 +464,7 @@ impl PoolState {
         Error::PoolExhausted(format!("{what} needs {need} free page(s) but the pool has {} of {}; nothing was changed", self.free.len(), self.refcount.len()))
     }
 
-    fn append(&mut self, pool: &KvPool, id: SeqId, n: u32) -> Result<Vec<u64>> {
+    fn append(&mut self, pool: &KvPool, id: SeqId, n: u32, stream: u64) -> Result<Vec<u64>> {
         let ps = pool.config.page_size;
         let q = self.seq(id)?;
         if n == 0 {
@@ -485,7 +482,7 @@ impl PoolState {
         if cow {
             let old = *q.pages.last().unwrap();
             let new = self.alloc();
-            if let Err(e) = pool.copy_pages(&[(old, new)], 0) {
+            if let Err(e) = pool.copy_pages(&[(old, new)], stream) {
                 self.unref(new);
                 return Err(e);
             }
@@ -506,7 +503,7 @@ impl PoolState {
         Ok((start..new_len).map(|t| q.pages[(t / ps) as usize] as u64 * ps as u64 + (t % ps) as u64).collect())
     }
 
-    fn fork(&mut self, pool: &KvPool, parent: SeqId, prefix_len: u32) -> Result<SeqId> {
+    fn fork(&mut self, pool: &KvPool, parent: SeqId, prefix_len: u32, stream: u64) -> Result<SeqId> {
         let ps = pool.config.page_size;
         let p = self.seq(parent)?;
         if prefix_len > p.len {
@@ -521,7 +518,7 @@ impl PoolState {
         let partial_src = partial.then(|| p.pages[full]);
         if let Some(src) = partial_src {
             let new = self.alloc();
-            if let Err(e) = pool.copy_pages(&[(src, new)], 0) {
+            if let Err(e) = pool.copy_pages(&[(src, new)], stream) {
                 self.unref(new);
                 return Err(e);
             }
@@ -544,6 +541,13 @@ impl PoolState {
         }
         let keep = len.div_ceil(self.page_size) as usize;
         let mut q = self.seqs.remove(&id).unwrap();
+        if len % self.page_size != 0 {
+            // The last kept page is now partial: its next tokens may be written in place, so it
+            // no longer matches the content hash of a full page.
+            if let Some(h) = self.hash_of_page.remove(&q.pages[keep - 1]) {
+                self.page_by_hash.remove(&h);
+            }
+        }
         for &p in q.pages[keep..].iter().chain(&q.reserved) {
             self.unref(p);
         }

@@ -13,7 +13,7 @@ use half::{bf16, f16};
 use parking_lot::Mutex;
 
 use super::{Backend, BackendKind, BoundPlan, KvMemory, Scratch};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::invalid;
 use crate::plan::{DeviceProfile, MergeRow, Plan, WorkItem, FINAL_OUTPUT};
 use crate::types::{DType, RunArgs};
@@ -51,7 +51,12 @@ impl Backend for CpuBackend {
             }
             Some(s) if s.ptr == 0 && need > 0 => return Err(invalid!("scratch pointer is null but the plan needs {need} bytes")),
             Some(s) if need > 0 => ScratchMem::Caller(s.ptr as *mut f32),
-            _ => ScratchMem::Owned(vec![0.0; need / 4]),
+            _ => {
+                let mut v = Vec::new();
+                v.try_reserve_exact(need / 4).map_err(|_| Error::OutOfMemory(format!("cannot allocate {need} bytes of scratch for this plan's split partials")))?;
+                v.resize(need / 4, 0.0);
+                ScratchMem::Owned(v)
+            }
         };
         Ok(Box::new(CpuBound { plan, threads: self.threads, scratch: Mutex::new(scratch) }))
     }

@@ -129,7 +129,7 @@ impl KvStore for PoolStore {
             return Ok(false);
         }
         let seq = match parent {
-            Some(p) => self.pool.fork(p.seq, prefix_len)?,
+            Some(p) => self.pool.fork(p.seq, prefix_len, 0)?,
             None => self.pool.create_sequence(),
         };
         self.committed += need as u64;
@@ -139,7 +139,7 @@ impl KvStore for PoolStore {
 
     fn append(&mut self, id: u32, n: u32) -> Result<()> {
         let e = self.entry(id)?;
-        self.pool.append(e.seq, n)?;
+        self.pool.append(e.seq, n, 0)?;
         Ok(())
     }
 

@@ -1,0 +1,455 @@
+// PackInfer C++17 wrapper: RAII handles and exceptions over the C ABI in packinfer.h.
+//
+// Header-only, and thin on purpose: every call is one C call plus a status check, so the
+// per-layer `Launch::run` costs what `packinfer_run` costs. Handles are move-only and destroyed
+// in their destructor; any status other than OK becomes a `packinfer::Error` carrying the status
+// and the library's message (which names the bad argument and value).
+//
+// Typical step (see examples/cpp/engine_step.cpp):
+//   packinfer::Context ctx({packinfer::Backend::Cpu});
+//   packinfer::Plan plan = ctx.plan(batch);            // once per engine step
+//   packinfer::Launch launch = ctx.launch(plan);       // once per engine step
+//   for (each layer) launch.run(args);                 // once per layer
+//
+// Adding a function of the C API: a method that calls it through `detail::check`. Adding a
+// handle type (the KV pool): `using KvPoolHandle = detail::UniqueHandle<PackinferKvPool,
+// packinfer_kv_pool_destroy>;` and a class that holds one, like `Plan` below.
+#ifndef PACKINFER_HPP
+#define PACKINFER_HPP
+
+#if !defined(__cplusplus) || __cplusplus < 201703L
+#if !defined(_MSVC_LANG) || _MSVC_LANG < 201703L
+#error "packinfer.hpp needs C++17 or later"
+#endif
+#endif
+
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "packinfer.h"
+
+namespace packinfer {
+
+// ---------------------------------------------------------------------------------------------
+// Status and errors
+
+enum class Status : int {
+  Ok = PACKINFER_STATUS_OK,
+  InvalidArgument = PACKINFER_STATUS_INVALID_ARGUMENT,
+  InvalidHandle = PACKINFER_STATUS_INVALID_HANDLE,
+  Unsupported = PACKINFER_STATUS_UNSUPPORTED,
+  OutOfMemory = PACKINFER_STATUS_OUT_OF_MEMORY,
+  PoolExhausted = PACKINFER_STATUS_POOL_EXHAUSTED,
+  NoDevice = PACKINFER_STATUS_NO_DEVICE,
+  DeviceError = PACKINFER_STATUS_DEVICE_ERROR,
+  CompileError = PACKINFER_STATUS_COMPILE_ERROR,
+  Internal = PACKINFER_STATUS_INTERNAL,
+};
+
+// "PACKINFER_STATUS_INVALID_ARGUMENT" etc. (the library's static names).
+inline const char* status_name(Status status) noexcept {
+  return packinfer_status_string(static_cast<PackinferStatus>(status));
+}
+
+// A failed call: the status, and the library's message ("packinfer_plan_create:
+// kv_last_page_len[1] = 99 is not valid ..."). what() is "<STATUS NAME>: <message>".
+class Error : public std::runtime_error {
+ public:
+  Error(Status status, const std::string& message)
+      : std::runtime_error(std::string(status_name(status)) + ": " + message),
+        status_(status),
+        message_(message) {}
+  Status status() const noexcept { return status_; }
+  // The library's message alone, without the status name.
+  const std::string& message() const noexcept { return message_; }
+
+ private:
+  Status status_;
+  std::string message_;
+};
+
+namespace detail {
+
+// Throws for any status but OK. The message is read right away: it is thread-local and only
+// valid until the next failing call on this thread.
+[[noreturn]] inline void throw_status(PackinferStatus status) {
+  throw Error(static_cast<Status>(status), packinfer_last_error());
+}
+inline void check(PackinferStatus status) {
+  if (status != PACKINFER_STATUS_OK) throw_status(status);
+}
+
+// A move-only owner of one C handle (`{uint64_t bits}`, 0 = none) that calls `Destroy` once.
+template <typename Handle, PackinferStatus (*Destroy)(Handle)>
+class UniqueHandle {
+ public:
+  UniqueHandle() noexcept = default;
+  explicit UniqueHandle(Handle h) noexcept : h_(h) {}
+  UniqueHandle(const UniqueHandle&) = delete;
+  UniqueHandle& operator=(const UniqueHandle&) = delete;
+  UniqueHandle(UniqueHandle&& other) noexcept : h_(other.release()) {}
+  UniqueHandle& operator=(UniqueHandle&& other) noexcept {
+    if (this != &other) {
+      destroy_quietly();
+      h_ = other.release();
+    }
+    return *this;
+  }
+  // Destructors cannot throw: a failure here (only possible if the handle was destroyed through
+  // the C API behind our back) is ignored. Call reset() to see it.
+  ~UniqueHandle() { destroy_quietly(); }
+
+  Handle get() const noexcept { return h_; }
+  explicit operator bool() const noexcept { return h_.bits != 0; }
+  // Gives up ownership: the caller destroys the handle with the C API.
+  Handle release() noexcept {
+    Handle h = h_;
+    h_.bits = 0;
+    return h;
+  }
+  // Destroys now and reports failure; a no-op on an empty handle.
+  void reset() {
+    Handle h = release();
+    if (h.bits != 0) check(Destroy(h));
+  }
+
+ private:
+  void destroy_quietly() noexcept {
+    if (h_.bits != 0) (void)Destroy(release());
+  }
+  Handle h_{};
+};
+
+}  // namespace detail
+
+// ---------------------------------------------------------------------------------------------
+// Views with sizes
+
+// A read-only view of a contiguous array (std::span is C++20). Converts from std::vector,
+// std::array, C arrays and (pointer, size), so the wrapper can check array lengths the C API
+// cannot see.
+template <typename T>
+class ArrayView {
+ public:
+  constexpr ArrayView() noexcept = default;
+  constexpr ArrayView(const T* data, std::size_t size) noexcept : data_(data), size_(size) {}
+  template <std::size_t N>
+  constexpr ArrayView(const T (&array)[N]) noexcept : data_(array), size_(N) {}
+  // Anything with data() and size() over T: std::vector, std::array, std::string_view-likes.
+  template <typename C,
+            typename = std::enable_if_t<
+                std::is_convertible_v<decltype(std::declval<const C&>().data()), const T*> &&
+                std::is_convertible_v<decltype(std::declval<const C&>().size()), std::size_t>>>
+  constexpr ArrayView(const C& c) noexcept : data_(c.data()), size_(c.size()) {}
+
+  constexpr const T* data() const noexcept { return data_; }
+  constexpr std::size_t size() const noexcept { return size_; }
+  constexpr bool empty() const noexcept { return size_ == 0; }
+  constexpr const T& operator[](std::size_t i) const noexcept { return data_[i]; }
+  constexpr const T* begin() const noexcept { return data_; }
+  constexpr const T* end() const noexcept { return data_ + size_; }
+
+ private:
+  const T* data_ = nullptr;
+  std::size_t size_ = 0;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Enums and plain descriptions
+
+enum class Backend : int {
+  Auto = PACKINFER_BACKEND_AUTO,
+  Cpu = PACKINFER_BACKEND_CPU,
+  Cuda = PACKINFER_BACKEND_CUDA,
+};
+
+enum class DType : int {
+  F16 = PACKINFER_DTYPE_F16,
+  BF16 = PACKINFER_DTYPE_BF16,
+  F32 = PACKINFER_DTYPE_F32,  // CPU backend only
+};
+
+// Bits of PlanOptions::flags; combine with |.
+enum class PlanFlags : uint32_t {
+  None = 0,
+  Deterministic = PACKINFER_PLAN_FLAGS_DETERMINISTIC,
+  NoPacking = PACKINFER_PLAN_FLAGS_NO_PACKING,
+  NoBalancing = PACKINFER_PLAN_FLAGS_NO_BALANCING,
+  NoPrefixSharing = PACKINFER_PLAN_FLAGS_NO_PREFIX_SHARING,
+  NoSplitKv = PACKINFER_PLAN_FLAGS_NO_SPLIT_KV,
+};
+constexpr PlanFlags operator|(PlanFlags a, PlanFlags b) noexcept {
+  return static_cast<PlanFlags>(static_cast<uint32_t>(a) | static_cast<uint32_t>(b));
+}
+constexpr PlanFlags operator&(PlanFlags a, PlanFlags b) noexcept {
+  return static_cast<PlanFlags>(static_cast<uint32_t>(a) & static_cast<uint32_t>(b));
+}
+
+struct ContextOptions {
+  Backend backend = Backend::Auto;
+  uint32_t device_ordinal = 0;
+  uint32_t num_threads = 0;       // CPU backend worker threads; 0 = one per core
+  std::string kernel_cache_dir;   // empty = $PACKINFER_CACHE_DIR, else ~/.cache/packinfer
+};
+
+struct ContextInfo {
+  Backend backend;       // Cpu or Cuda, never Auto
+  uint32_t num_workers;  // CPU threads, or the device's SM count
+  std::string device_name;
+};
+
+struct PlanOptions {
+  PlanFlags flags = PlanFlags::None;
+  uint32_t split_keys = 0;  // deterministic split granularity in keys; 0 = 2048
+  double capacity = 0.0;    // group capacity in cost units; 0 = automatic
+};
+
+// Scratch for a plan's split partials: null = the launch allocates it once, at creation; else
+// the caller's buffer (device memory on CUDA) of at least PlanStats::scratch_bytes.
+struct LaunchOptions {
+  void* scratch = nullptr;
+  std::size_t scratch_bytes = 0;
+};
+
+// The C struct, as is: what the planner did (num_groups, tile_utilization, scratch_bytes, ...).
+using PlanStats = PackinferPlanStats;
+
+// Requests `members` share their first `prefix_len` keys (same content).
+struct PrefixGroup {
+  uint32_t prefix_len = 0;
+  ArrayView<int32_t> members;
+};
+
+// The attention shape of the model's layers.
+struct AttentionShape {
+  uint32_t num_qo_heads = 0;
+  uint32_t num_kv_heads = 0;
+  uint32_t head_dim = 0;
+  DType dtype = DType::F16;
+  bool causal = true;     // bottom-right aligned
+  float sm_scale = 0.0f;  // 0 = 1/sqrt(head_dim)
+};
+
+// One engine step: CSR page tables (FlashInfer's convention) plus the shape. The batch size is
+// kv_last_page_len.size(); the views are only read during Context::plan.
+struct BatchDesc {
+  AttentionShape shape;
+  ArrayView<int32_t> qo_indptr;         // [batch + 1]
+  ArrayView<int32_t> kv_indptr;         // [batch + 1]
+  ArrayView<int32_t> kv_page_indices;   // [kv_indptr[batch]]
+  ArrayView<int32_t> kv_last_page_len;  // [batch]
+  uint32_t page_size = 0;
+  uint32_t num_pages = 0;  // pages in the cache; every page index must be below it
+  ArrayView<PrefixGroup> prefix_groups;
+};
+
+// Where K and V live (element strides). Built by nhd()/hnd() or by hand for other layouts.
+using KvLayout = PackinferKvLayout;
+
+// [num_pages, page_size, num_kv_heads, head_dim] for K and for V.
+inline KvLayout kv_layout_nhd(const void* k, const void* v, uint32_t page_size,
+                              uint32_t num_kv_heads, uint32_t head_dim) {
+  KvLayout layout{};
+  detail::check(packinfer_kv_layout_nhd(k, v, page_size, num_kv_heads, head_dim, &layout));
+  return layout;
+}
+// [num_pages, num_kv_heads, page_size, head_dim] for K and for V.
+inline KvLayout kv_layout_hnd(const void* k, const void* v, uint32_t page_size,
+                              uint32_t num_kv_heads, uint32_t head_dim) {
+  KvLayout layout{};
+  detail::check(packinfer_kv_layout_hnd(k, v, page_size, num_kv_heads, head_dim, &layout));
+  return layout;
+}
+
+// One layer's tensors: the C struct with struct_size filled in, so `Launch::run` passes it
+// straight through. Pointers are host pointers on the CPU backend and device pointers on CUDA;
+// strides are in elements, 0 = contiguous.
+struct RunArgs : PackinferRunArgs {
+  RunArgs() noexcept : PackinferRunArgs{} { struct_size = sizeof(PackinferRunArgs); }
+  RunArgs(const void* q_, const KvLayout& kv_, void* o_, float* lse_ = nullptr,
+          void* stream_ = nullptr) noexcept
+      : RunArgs() {
+    q = q_;
+    kv = kv_;
+    o = o_;
+    lse = lse_;
+    stream = stream_;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Handles
+
+using ContextHandle = detail::UniqueHandle<PackinferContext, packinfer_context_destroy>;
+using PlanHandle = detail::UniqueHandle<PackinferPlan, packinfer_plan_destroy>;
+using LaunchHandle = detail::UniqueHandle<PackinferLaunch, packinfer_launch_destroy>;
+
+// The host-side schedule of one step. Made by Context::plan.
+class Plan {
+ public:
+  Plan() noexcept = default;
+  // Takes ownership of a handle made with the C API.
+  explicit Plan(PackinferPlan handle) noexcept : h_(handle) {}
+
+  PlanStats stats() const {
+    PlanStats s{};
+    s.struct_size = sizeof(s);
+    detail::check(packinfer_plan_stats(h_.get(), &s));
+    return s;
+  }
+  PackinferPlan handle() const noexcept { return h_.get(); }
+  explicit operator bool() const noexcept { return static_cast<bool>(h_); }
+  PackinferPlan release() noexcept { return h_.release(); }
+  // Destroys now (the destructor does it otherwise). Launches made from it stay usable.
+  void reset() { h_.reset(); }
+
+ private:
+  PlanHandle h_;
+};
+
+// A plan bound to a context, ready to run every layer of the step. Made by Context::launch.
+class Launch {
+ public:
+  Launch() noexcept = default;
+  explicit Launch(PackinferLaunch handle) noexcept : h_(handle) {}
+
+  // One layer. On CUDA: enqueues on args.stream, allocates and waits for nothing.
+  void run(const RunArgs& args) const { detail::check(packinfer_run(h_.get(), &args)); }
+  // Whether the launch's upload has completed (never blocks).
+  bool ready() const {
+    bool done = false;
+    detail::check(packinfer_launch_query(h_.get(), &done));
+    return done;
+  }
+  // Blocks until the launch's upload has completed.
+  void wait() const { detail::check(packinfer_launch_wait(h_.get())); }
+
+  PackinferLaunch handle() const noexcept { return h_.get(); }
+  explicit operator bool() const noexcept { return static_cast<bool>(h_); }
+  PackinferLaunch release() noexcept { return h_.release(); }
+  // Destroy only once the stream has passed the last run that used this launch.
+  void reset() { h_.reset(); }
+
+ private:
+  LaunchHandle h_;
+};
+
+// A backend on one device. Plans and launches made from it stay usable after it is destroyed.
+class Context {
+ public:
+  // An empty context (no handle); assign a created one to it.
+  Context() noexcept = default;
+  // Creates a context; throws Error (e.g. NoDevice for Backend::Cuda where CUDA is unusable).
+  explicit Context(const ContextOptions& options) {
+    PackinferContextOptions o{};
+    detail::check(packinfer_context_options_default(&o));
+    o.backend = static_cast<PackinferBackend>(options.backend);
+    o.device_ordinal = options.device_ordinal;
+    o.num_threads = options.num_threads;
+    o.kernel_cache_dir = options.kernel_cache_dir.empty() ? nullptr : options.kernel_cache_dir.c_str();
+    PackinferContext h{};
+    detail::check(packinfer_context_create(&o, &h));
+    h_ = ContextHandle(h);
+  }
+  explicit Context(Backend backend) : Context(options_for(backend)) {}
+  // Takes ownership of a handle made with the C API.
+  explicit Context(PackinferContext handle) noexcept : h_(handle) {}
+
+  ContextInfo info() const {
+    PackinferContextInfo i{};
+    i.struct_size = sizeof(i);
+    detail::check(packinfer_context_info(h_.get(), &i));
+    return ContextInfo{static_cast<Backend>(i.backend), i.num_workers, std::string(i.device_name)};
+  }
+
+  // Plans one step. Checks that the arrays are as long as the batch says (what the C API cannot
+  // see), then the library checks everything else; all arrays are copied during the call.
+  Plan plan(const BatchDesc& batch, const PlanOptions& options = {}) const {
+    const std::size_t n = batch.kv_last_page_len.size();
+    check_length("batch.qo_indptr", batch.qo_indptr.size(), n + 1, "batch size + 1 (the batch size is kv_last_page_len.size())");
+    check_length("batch.kv_indptr", batch.kv_indptr.size(), n + 1, "batch size + 1 (the batch size is kv_last_page_len.size())");
+    const int32_t nnz = batch.kv_indptr[n];
+    if (nnz >= 0 && batch.kv_page_indices.size() < static_cast<std::size_t>(nnz)) {
+      invalid("batch.kv_page_indices has " + std::to_string(batch.kv_page_indices.size()) +
+              " entries but kv_indptr[" + std::to_string(n) + "] = " + std::to_string(nnz));
+    }
+    std::vector<PackinferPrefixGroup> groups;
+    groups.reserve(batch.prefix_groups.size());
+    for (const PrefixGroup& g : batch.prefix_groups) {
+      groups.push_back(PackinferPrefixGroup{g.prefix_len, static_cast<uint32_t>(g.members.size()), g.members.data()});
+    }
+    PackinferBatchDesc d{};
+    d.struct_size = sizeof(d);
+    d.batch_size = static_cast<uint32_t>(n);
+    d.qo_indptr = batch.qo_indptr.data();
+    d.kv_indptr = batch.kv_indptr.data();
+    d.kv_page_indices = batch.kv_page_indices.data();
+    d.kv_last_page_len = batch.kv_last_page_len.data();
+    d.page_size = batch.page_size;
+    d.num_pages = batch.num_pages;
+    d.num_qo_heads = batch.shape.num_qo_heads;
+    d.num_kv_heads = batch.shape.num_kv_heads;
+    d.head_dim = batch.shape.head_dim;
+    d.dtype = static_cast<PackinferDtype>(batch.shape.dtype);
+    d.causal = batch.shape.causal;
+    d.sm_scale = batch.shape.sm_scale;
+    d.num_prefix_groups = static_cast<uint32_t>(groups.size());
+    d.prefix_groups = groups.empty() ? nullptr : groups.data();
+    PackinferPlanOptions o{};
+    detail::check(packinfer_plan_options_default(&o));
+    o.flags = static_cast<uint32_t>(options.flags);
+    o.split_keys = options.split_keys;
+    o.capacity = options.capacity;
+    PackinferPlan h{};
+    detail::check(packinfer_plan_create(h_.get(), &d, &o, &h));
+    return Plan(h);
+  }
+
+  // Binds a plan to this context on `stream` (a CUstream, or nullptr for the default stream).
+  Launch launch(const Plan& plan, void* stream = nullptr, const LaunchOptions& options = {}) const {
+    PackinferLaunchOptions o{};
+    o.struct_size = sizeof(o);
+    o.scratch = options.scratch;
+    o.scratch_bytes = options.scratch_bytes;
+    PackinferLaunch h{};
+    detail::check(packinfer_launch_create(h_.get(), plan.handle(), &o, stream, &h));
+    return Launch(h);
+  }
+
+  PackinferContext handle() const noexcept { return h_.get(); }
+  explicit operator bool() const noexcept { return static_cast<bool>(h_); }
+  PackinferContext release() noexcept { return h_.release(); }
+  void reset() { h_.reset(); }
+
+ private:
+  static ContextOptions options_for(Backend backend) {
+    ContextOptions o;
+    o.backend = backend;
+    return o;
+  }
+  [[noreturn]] static void invalid(const std::string& message) {
+    throw Error(Status::InvalidArgument, "packinfer::Context::plan: " + message);
+  }
+  static void check_length(const char* name, std::size_t got, std::size_t want, const char* why) {
+    if (got != want) {
+      invalid(std::string(name) + " has " + std::to_string(got) + " entries; it needs " + std::to_string(want) + " = " + why);
+    }
+  }
+
+  ContextHandle h_;
+};
+
+// The library this program runs against.
+inline uint32_t abi_version() noexcept { return packinfer_abi_version(); }
+inline const char* version() noexcept { return packinfer_version(); }
+// Whether the library loaded at run time implements the ABI this header was generated for.
+inline bool abi_matches() noexcept { return packinfer_abi_version() == PACKINFER_ABI_VERSION; }
+
+}  // namespace packinfer
+
+#endif  // PACKINFER_HPP

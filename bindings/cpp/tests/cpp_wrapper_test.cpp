@@ -1,0 +1,451 @@
+// Tests of the C++ wrapper (packinfer.hpp) on the CPU backend: whole steps compared against a
+// naive double-precision attention written here (f32, f16, bf16; NHD and HND; GQA; a shared
+// prefix), RAII ownership, and every error the wrapper maps to packinfer::Error.
+#include <gtest/gtest.h>
+
+#include <array>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <string>
+#include <type_traits>
+#include <unistd.h>
+#include <vector>
+
+#include "packinfer.hpp"
+
+namespace {
+
+using packinfer::Backend;
+using packinfer::DType;
+using packinfer::Status;
+
+static_assert(!std::is_copy_constructible_v<packinfer::Context>, "handles are move-only");
+static_assert(!std::is_copy_assignable_v<packinfer::Plan>, "handles are move-only");
+static_assert(std::is_nothrow_move_constructible_v<packinfer::Launch>, "moves cannot fail");
+static_assert(std::is_nothrow_move_assignable_v<packinfer::Context>, "moves cannot fail");
+static_assert(sizeof(packinfer::RunArgs) == sizeof(PackinferRunArgs), "RunArgs passes straight to C");
+
+// ---- element types: the value a dtype stores for x, and its bits (round to nearest even) ----
+
+uint32_t bits_of(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+float float_of(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+
+uint16_t to_bf16(float f) { uint32_t u = bits_of(f); return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16); }
+float from_bf16(uint16_t h) { return float_of(static_cast<uint32_t>(h) << 16); }
+
+// Finite values well inside f16's range (|x| <= 2 here), normal or subnormal.
+uint16_t to_f16(float f) {
+  const uint32_t u = bits_of(f);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const float a = std::fabs(f);
+  if (a < 6.103515625e-05f) return static_cast<uint16_t>(sign | static_cast<uint16_t>(std::lrint(a * 16777216.0f)));
+  uint32_t h = ((((u >> 23) & 0xFFu) - 112u) << 10) | ((u & 0x7FFFFFu) >> 13);
+  const uint32_t rest = u & 0x1FFFu;
+  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) h++;
+  return static_cast<uint16_t>(sign | h);
+}
+float from_f16(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, mant = h & 0x3FFu;
+  if (exp == 0) return (sign ? -1.0f : 1.0f) * static_cast<float>(mant) / 16777216.0f;
+  if (exp == 31) return float_of(sign | 0x7F800000u | (mant << 13));
+  return float_of(sign | ((exp + 112u) << 23) | (mant << 13));
+}
+
+// A host tensor in one dtype; set() returns the value actually stored.
+struct Tensor {
+  DType dtype;
+  std::vector<uint8_t> bytes;
+  Tensor(DType t, std::size_t n) : dtype(t), bytes(n * elem_size(t)) {}
+  static std::size_t elem_size(DType t) { return t == DType::F32 ? 4 : 2; }
+  std::size_t size() const { return bytes.size() / elem_size(dtype); }
+  void* data() { return bytes.data(); }
+  const void* data() const { return bytes.data(); }
+  float set(std::size_t i, float x) {
+    if (dtype == DType::F32) { std::memcpy(&bytes[i * 4], &x, 4); return x; }
+    const uint16_t h = dtype == DType::F16 ? to_f16(x) : to_bf16(x);
+    std::memcpy(&bytes[i * 2], &h, 2);
+    return get(i);
+  }
+  float get(std::size_t i) const {
+    if (dtype == DType::F32) { float x; std::memcpy(&x, &bytes[i * 4], 4); return x; }
+    uint16_t h; std::memcpy(&h, &bytes[i * 2], 2);
+    return dtype == DType::F16 ? from_f16(h) : from_bf16(h);
+  }
+};
+
+struct Request { int q_len, kv_len; };
+
+// A step's batch in a paged cache with scattered pages and random contents.
+struct Case {
+  packinfer::AttentionShape shape;
+  uint32_t page_size;
+  bool hnd;
+  std::vector<Request> requests;
+  std::vector<int32_t> qo_indptr{0}, kv_indptr{0}, pages, last;
+  uint32_t num_pages = 0;
+  std::vector<int32_t> shared_members;  // they share the first shared_len keys (whole pages)
+  int shared_len = 0;
+  std::vector<packinfer::PrefixGroup> groups;
+  Tensor q, k, v;
+
+  Case(packinfer::AttentionShape s, uint32_t ps, std::vector<Request> reqs, bool hnd_layout = false,
+       std::vector<int32_t> members = {}, int prefix = 0, unsigned seed = 1)
+      : shape(s), page_size(ps), hnd(hnd_layout), requests(std::move(reqs)), shared_members(std::move(members)),
+        shared_len(prefix), q(s.dtype, 0), k(s.dtype, 0), v(s.dtype, 0) {
+    std::mt19937 rng(seed);
+    for (auto& r : requests) num_pages += (r.kv_len + ps - 1) / ps;
+    num_pages += 3;
+    std::vector<int32_t> order(num_pages);
+    std::iota(order.begin(), order.end(), 0);
+    std::shuffle(order.begin(), order.end(), rng);
+    std::size_t next = 0;
+    for (std::size_t r = 0; r < requests.size(); r++) {
+      qo_indptr.push_back(qo_indptr.back() + requests[r].q_len);
+      const int np = (requests[r].kv_len + static_cast<int>(ps) - 1) / static_cast<int>(ps);
+      const bool shares = std::find(shared_members.begin() + (shared_members.empty() ? 0 : 1), shared_members.end(),
+                                    static_cast<int32_t>(r)) != shared_members.end();
+      for (int p = 0; p < np; p++) {
+        if (shares && (p + 1) * static_cast<int>(ps) <= shared_len) {
+          pages.push_back(pages[kv_indptr[shared_members[0]] + p]);
+        } else {
+          pages.push_back(order[next++]);
+        }
+      }
+      kv_indptr.push_back(static_cast<int32_t>(pages.size()));
+      last.push_back(requests[r].kv_len == 0 ? 0 : (requests[r].kv_len - 1) % static_cast<int>(ps) + 1);
+    }
+    if (!shared_members.empty()) groups.push_back({static_cast<uint32_t>(shared_len), shared_members});
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    const std::size_t kv_elems = std::size_t{num_pages} * ps * s.num_kv_heads * s.head_dim;
+    k = Tensor(s.dtype, kv_elems);
+    v = Tensor(s.dtype, kv_elems);
+    q = Tensor(s.dtype, std::size_t(qo_indptr.back()) * s.num_qo_heads * s.head_dim);
+    for (std::size_t i = 0; i < kv_elems; i++) k.set(i, u(rng));
+    for (std::size_t i = 0; i < kv_elems; i++) v.set(i, u(rng));
+    for (std::size_t i = 0; i < q.size(); i++) q.set(i, 2.0f * u(rng));
+  }
+
+  packinfer::BatchDesc desc() const {
+    packinfer::BatchDesc d;
+    d.shape = shape;
+    d.qo_indptr = qo_indptr;
+    d.kv_indptr = kv_indptr;
+    d.kv_page_indices = pages;
+    d.kv_last_page_len = last;
+    d.page_size = page_size;
+    d.num_pages = num_pages;
+    d.prefix_groups = groups;
+    return d;
+  }
+  packinfer::KvLayout layout() const {
+    return hnd ? packinfer::kv_layout_hnd(k.data(), v.data(), page_size, shape.num_kv_heads, shape.head_dim)
+               : packinfer::kv_layout_nhd(k.data(), v.data(), page_size, shape.num_kv_heads, shape.head_dim);
+  }
+  std::size_t total_q() const { return static_cast<std::size_t>(qo_indptr.back()); }
+
+  // Naive attention in double over the stored values (indices from this test's own layout math).
+  void reference(std::vector<double>& out, std::vector<double>& lse) const {
+    const std::size_t hq = shape.num_qo_heads, hk = shape.num_kv_heads, d = shape.head_dim, ps = page_size;
+    const std::size_t group = hq / hk;
+    const double scale = shape.sm_scale != 0.0f ? shape.sm_scale : 1.0 / std::sqrt(double(d));
+    out.assign(total_q() * hq * d, 0.0);
+    lse.assign(total_q() * hq, 0.0);
+    auto at = [&](int32_t page, std::size_t t, std::size_t h) {
+      return hnd ? ((std::size_t(page) * hk + h) * ps + t) * d : ((std::size_t(page) * ps + t) * hk + h) * d;
+    };
+    for (std::size_t r = 0; r < requests.size(); r++) {
+      const int ql = requests[r].q_len, kl = requests[r].kv_len;
+      for (int i = 0; i < ql; i++) {
+        const std::size_t tok = std::size_t(qo_indptr[r] + i);
+        const int visible = shape.causal ? kl - ql + i + 1 : kl;
+        for (std::size_t h = 0; h < hq; h++) {
+          std::vector<double> s(static_cast<std::size_t>(visible));
+          double m = -INFINITY, z = 0.0;
+          for (int j = 0; j < visible; j++) {
+            const std::size_t base = at(pages[std::size_t(kv_indptr[r] + j / int(ps))], std::size_t(j) % ps, h / group);
+            double dot = 0.0;
+            for (std::size_t e = 0; e < d; e++) dot += double(q.get((tok * hq + h) * d + e)) * k.get(base + e);
+            s[std::size_t(j)] = dot * scale;
+            m = std::max(m, s[std::size_t(j)]);
+          }
+          for (double x : s) z += std::exp(x - m);
+          for (int j = 0; j < visible; j++) {
+            const std::size_t base = at(pages[std::size_t(kv_indptr[r] + j / int(ps))], std::size_t(j) % ps, h / group);
+            const double p = std::exp(s[std::size_t(j)] - m) / z;
+            for (std::size_t e = 0; e < d; e++) out[(tok * hq + h) * d + e] += p * v.get(base + e);
+          }
+          lse[tok * hq + h] = m + std::log(z);
+        }
+      }
+    }
+  }
+};
+
+packinfer::Context cpu_context() { return packinfer::Context(packinfer::ContextOptions{Backend::Cpu, 0, 2, ""}); }
+
+// Runs one layer of the case through a launch and checks O and LSE against the reference.
+void run_and_compare(const Case& c, const packinfer::Launch& launch) {
+  const std::size_t n_out = c.total_q() * c.shape.num_qo_heads * c.shape.head_dim;
+  Tensor o(c.shape.dtype, n_out);
+  for (std::size_t i = 0; i < n_out; i++) o.set(i, NAN);  // an unwritten element shows
+  std::vector<float> lse(c.total_q() * c.shape.num_qo_heads, NAN);
+  launch.run(packinfer::RunArgs(c.q.data(), c.layout(), o.data(), lse.data()));
+
+  std::vector<double> ref_o, ref_lse;
+  c.reference(ref_o, ref_lse);
+  const double tol = c.shape.dtype == DType::F32 ? 1e-4 : c.shape.dtype == DType::F16 ? 2e-3 : 1.6e-2;
+  int bad = 0;
+  for (std::size_t i = 0; i < n_out && bad < 5; i++) {
+    if (!(std::fabs(o.get(i) - ref_o[i]) <= tol * (1.0 + std::fabs(ref_o[i])))) {
+      ADD_FAILURE() << "O[token " << i / (c.shape.num_qo_heads * c.shape.head_dim) << ", head "
+                    << (i / c.shape.head_dim) % c.shape.num_qo_heads << ", dim " << i % c.shape.head_dim
+                    << "] = " << o.get(i) << ", reference " << ref_o[i];
+      bad++;
+    }
+  }
+  for (std::size_t i = 0; i < lse.size() && bad < 5; i++) {
+    if (!(std::fabs(lse[i] - ref_lse[i]) <= 1e-4 * (1.0 + std::fabs(ref_lse[i])))) {
+      ADD_FAILURE() << "LSE[" << i << "] = " << lse[i] << ", reference " << ref_lse[i];
+      bad++;
+    }
+  }
+}
+
+void full_step(const Case& c, const packinfer::PlanOptions& options = {}) {
+  packinfer::Context ctx = cpu_context();
+  packinfer::Plan plan = ctx.plan(c.desc(), options);
+  const packinfer::PlanStats stats = plan.stats();
+  EXPECT_EQ(stats.num_requests, c.requests.size());
+  EXPECT_GE(stats.num_work_items, 1u);
+  EXPECT_GT(stats.tile_utilization, 0.0);
+  EXPECT_LE(stats.tile_utilization, 1.0);
+  packinfer::Launch launch = ctx.launch(plan);
+  EXPECT_TRUE(launch.ready());
+  launch.wait();
+  run_and_compare(c, launch);
+}
+
+const std::vector<Request> kMixed = {{1, 70}, {37, 37}, {1, 130}, {5, 40}, {1, 1}};
+
+// Every dtype, both page layouts, GQA.
+TEST(Flow, F32CausalMixedBatchNhd) { full_step(Case({8, 2, 64, DType::F32, true, 0.0f}, 16, kMixed)); }
+TEST(Flow, F16CausalMixedBatchHnd) { full_step(Case({8, 2, 64, DType::F16, true, 0.0f}, 16, kMixed, true)); }
+TEST(Flow, Bf16NonCausalHeadDim128) { full_step(Case({4, 4, 128, DType::BF16, false, 0.0f}, 8, kMixed)); }
+TEST(Flow, F16PageSizeOneExplicitScale) { full_step(Case({2, 1, 64, DType::F16, true, 0.05f}, 1, {{3, 20}, {1, 9}})); }
+TEST(Flow, Bf16SharedPrefixGroup) {
+  full_step(Case({8, 1, 64, DType::BF16, true, 0.0f}, 4, {{1, 41}, {2, 50}, {1, 33}, {4, 12}}, false, {0, 1, 2}, 32));
+}
+TEST(Flow, AblationFlags) {
+  const Case c({8, 2, 64, DType::F32, true, 0.0f}, 16, kMixed);
+  full_step(c, {packinfer::PlanFlags::NoPacking | packinfer::PlanFlags::NoBalancing | packinfer::PlanFlags::NoSplitKv, 0, 0.0});
+  full_step(c, {packinfer::PlanFlags::Deterministic, 64, 0.0});
+}
+
+TEST(Flow, ManyLayersThroughOneLaunchAndCallerScratch) {
+  Case c({8, 2, 64, DType::F32, true, 0.0f}, 16, kMixed);
+  packinfer::Context ctx = cpu_context();
+  packinfer::Plan plan = ctx.plan(c.desc());
+  const auto stats = plan.stats();
+  std::vector<float> scratch(stats.scratch_bytes / sizeof(float) + 1);
+  packinfer::Launch launch = ctx.launch(plan, nullptr, {scratch.data(), scratch.size() * sizeof(float)});
+  plan.reset();  // a launch outlives its plan
+  ctx.reset();   // and its context
+  for (int layer = 0; layer < 3; layer++) {
+    for (std::size_t i = 0; i < c.q.size(); i++) c.q.set(i, c.q.get(i) * -0.5f + 0.1f * float(layer));
+    run_and_compare(c, launch);
+  }
+}
+
+TEST(Context, InfoAndVersion) {
+  packinfer::Context ctx = cpu_context();
+  const packinfer::ContextInfo info = ctx.info();
+  EXPECT_EQ(info.backend, Backend::Cpu);
+  EXPECT_EQ(info.device_name, "cpu");
+  EXPECT_EQ(info.num_workers, 2u);
+  EXPECT_TRUE(packinfer::abi_matches());
+  EXPECT_STRNE(packinfer::version(), "");
+  // AUTO on a machine without CUDA is the CPU; with CUDA, CUDA.
+  packinfer::Context any(Backend::Auto);
+  EXPECT_NE(any.info().backend, Backend::Auto);
+}
+
+// ---- RAII ----
+
+TEST(Raii, DestructorDestroysTheHandle) {
+  packinfer::Context ctx = cpu_context();
+  const Case c({8, 2, 64, DType::F32, true, 0.0f}, 16, kMixed);
+  PackinferPlan raw{};
+  {
+    packinfer::Plan plan = ctx.plan(c.desc());
+    raw = plan.handle();
+    PackinferPlanStats s{};
+    s.struct_size = sizeof s;
+    ASSERT_EQ(packinfer_plan_stats(raw, &s), PACKINFER_STATUS_OK);
+  }
+  EXPECT_EQ(packinfer_plan_destroy(raw), PACKINFER_STATUS_INVALID_HANDLE) << "the destructor left the plan alive";
+}
+
+TEST(Raii, MovedFromAndResetHandlesAreEmpty) {
+  packinfer::Context a = cpu_context();
+  const PackinferContext raw = a.handle();
+  packinfer::Context b = std::move(a);
+  EXPECT_FALSE(a);  // NOLINT(bugprone-use-after-move): checking the moved-from state
+  EXPECT_TRUE(b);
+  EXPECT_EQ(b.handle().bits, raw.bits);
+  try {
+    (void)a.info();  // NOLINT(bugprone-use-after-move)
+    FAIL() << "a moved-from context worked";
+  } catch (const packinfer::Error& e) {
+    EXPECT_EQ(e.status(), Status::InvalidHandle);
+    EXPECT_NE(e.message().find("is null"), std::string::npos) << e.message();
+  }
+  packinfer::Context c = cpu_context();
+  c = std::move(b);  // c's own context is destroyed by the assignment
+  EXPECT_EQ(c.handle().bits, raw.bits);
+  c.reset();
+  EXPECT_FALSE(c);
+  c.reset();  // no-op on an empty handle
+  EXPECT_EQ(packinfer_context_destroy(raw), PACKINFER_STATUS_INVALID_HANDLE);
+}
+
+TEST(Raii, ReleaseHandsOwnershipToTheCaller) {
+  packinfer::Context ctx = cpu_context();
+  const PackinferContext raw = ctx.release();
+  EXPECT_FALSE(ctx);
+  EXPECT_EQ(packinfer_context_destroy(raw), PACKINFER_STATUS_OK);
+}
+
+// ---- errors: every status the wrapper maps, with the library's message ----
+
+template <typename F>
+packinfer::Error expect_error(F&& f, Status want, const std::string& needle) {
+  try {
+    f();
+  } catch (const packinfer::Error& e) {
+    EXPECT_EQ(e.status(), want) << e.what();
+    EXPECT_NE(e.message().find(needle), std::string::npos) << "message \"" << e.message() << "\" lacks \"" << needle << "\"";
+    EXPECT_EQ(std::string(e.what()), std::string(packinfer::status_name(want)) + ": " + e.message());
+    return e;
+  }
+  ADD_FAILURE() << "no packinfer::Error (wanted " << packinfer::status_name(want) << ")";
+  return packinfer::Error(Status::Ok, "");
+}
+
+TEST(Errors, InvalidArgumentNamesTheValue) {
+  packinfer::Context ctx = cpu_context();
+  const Case c({8, 2, 64, DType::F32, true, 0.0f}, 16, kMixed);
+  auto last = c.last;
+  last[1] = 99;
+  auto d = c.desc();
+  d.kv_last_page_len = last;
+  expect_error([&] { ctx.plan(d); }, Status::InvalidArgument, "kv_last_page_len[1] = 99");
+  d = c.desc();
+  d.shape.num_qo_heads = 7;
+  expect_error([&] { ctx.plan(d); }, Status::InvalidArgument, "num_qo_heads = 7");
+  d = c.desc();
+  d.shape.sm_scale = -1.0f;
+  expect_error([&] { ctx.plan(d); }, Status::InvalidArgument, "sm_scale = -1");
+  const std::vector<int32_t> too_few_members{2};
+  packinfer::PrefixGroup lonely{8, too_few_members};
+  d = c.desc();
+  d.prefix_groups = packinfer::ArrayView<packinfer::PrefixGroup>(&lonely, 1);
+  expect_error([&] { ctx.plan(d); }, Status::InvalidArgument, "prefix_groups[0] has 1 member");
+}
+
+TEST(Errors, WrapperChecksArrayLengths) {
+  packinfer::Context ctx = cpu_context();
+  const Case c({8, 2, 64, DType::F32, true, 0.0f}, 16, kMixed);
+  auto d = c.desc();
+  d.qo_indptr = packinfer::ArrayView<int32_t>(c.qo_indptr.data(), 3);
+  expect_error([&] { ctx.plan(d); }, Status::InvalidArgument, "batch.qo_indptr has 3 entries; it needs 6");
+  d = c.desc();
+  d.kv_indptr = packinfer::ArrayView<int32_t>(c.kv_indptr.data(), 7);
+  expect_error([&] { ctx.plan(d); }, Status::InvalidArgument, "batch.kv_indptr has 7 entries; it needs 6");
+  d = c.desc();
+  d.kv_page_indices = packinfer::ArrayView<int32_t>(c.pages.data(), 2);
+  expect_error([&] { ctx.plan(d); }, Status::InvalidArgument,
+               "batch.kv_page_indices has 2 entries but kv_indptr[5] = " + std::to_string(c.kv_indptr.back()));
+}
+
+TEST(Errors, Unsupported) {
+  packinfer::Context ctx = cpu_context();
+  Case c({8, 2, 64, DType::F32, true, 0.0f}, 16, kMixed);
+  auto d = c.desc();
+  d.shape.head_dim = 100;
+  expect_error([&] { ctx.plan(d); }, Status::Unsupported, "head_dim = 100");
+}
+
+TEST(Errors, InvalidHandleAfterDestroy) {
+  packinfer::Context ctx = cpu_context();
+  const Case c({8, 2, 64, DType::F32, true, 0.0f}, 16, kMixed);
+  packinfer::Plan plan = ctx.plan(c.desc());
+  packinfer::Launch launch = ctx.launch(plan);
+  // Destroyed behind the wrapper's back: its calls and its reset() report it.
+  ASSERT_EQ(packinfer_plan_destroy(plan.handle()), PACKINFER_STATUS_OK);
+  expect_error([&] { plan.stats(); }, Status::InvalidHandle, "was destroyed");
+  expect_error([&] { ctx.launch(plan); }, Status::InvalidHandle, "plan handle");
+  expect_error([&] { plan.reset(); }, Status::InvalidHandle, "was destroyed");
+  ASSERT_EQ(packinfer_launch_destroy(launch.handle()), PACKINFER_STATUS_OK);
+  const std::size_t n_out = c.total_q() * 8 * 64;
+  std::vector<float> o(n_out);
+  expect_error([&] { launch.run(packinfer::RunArgs(c.q.data(), c.layout(), o.data())); }, Status::InvalidHandle, "launch handle");
+  expect_error([&] { (void)launch.ready(); }, Status::InvalidHandle, "was destroyed");
+  expect_error([&] { launch.wait(); }, Status::InvalidHandle, "was destroyed");
+  (void)launch.release();  // nothing left to destroy
+  ctx.reset();
+  expect_error([&] { ctx.plan(c.desc()); }, Status::InvalidHandle, "is null");
+}
+
+TEST(Errors, RunArguments) {
+  packinfer::Context ctx = cpu_context();
+  const Case c({8, 2, 64, DType::F32, true, 0.0f}, 16, kMixed);
+  packinfer::Plan plan = ctx.plan(c.desc());
+  packinfer::Launch launch = ctx.launch(plan);
+  std::vector<float> o(c.total_q() * 8 * 64);
+  expect_error([&] { launch.run(packinfer::RunArgs(nullptr, c.layout(), o.data())); }, Status::InvalidArgument, "q is a null pointer");
+  packinfer::RunArgs args(c.q.data(), c.layout(), o.data());
+  args.q_stride_token = -5;
+  expect_error([&] { launch.run(args); }, Status::InvalidArgument, "q strides (-5, 0)");
+  const auto stats = plan.stats();
+  if (stats.scratch_bytes == 0) {
+    std::vector<float> tiny(1);
+    // A plan without split partials accepts any scratch; one with them must refuse a small one.
+    EXPECT_NO_THROW(ctx.launch(plan, nullptr, {tiny.data(), 0}));
+  } else {
+    std::vector<float> tiny(1);
+    expect_error([&] { ctx.launch(plan, nullptr, {tiny.data(), 4}); }, Status::InvalidArgument, "scratch_bytes = 4");
+  }
+}
+
+TEST(Errors, NoDeviceForCudaWithoutGpu) {
+  if (access("/dev/nvidia0", F_OK) == 0) GTEST_SKIP() << "/dev/nvidia0 exists: this machine may have a GPU";
+  const packinfer::Error e = expect_error([] { packinfer::Context ctx(Backend::Cuda); }, Status::NoDevice, "packinfer_context_create: ");
+  const std::string& m = e.message();
+  EXPECT_TRUE(m.find("CUDA") != std::string::npos || m.find("NVRTC") != std::string::npos || m.find("cuInit") != std::string::npos)
+      << "NO_DEVICE gives no reason: " << m;
+}
+
+TEST(Errors, StatusNames) {
+  EXPECT_STREQ(packinfer::status_name(Status::Ok), "PACKINFER_STATUS_OK");
+  EXPECT_STREQ(packinfer::status_name(Status::NoDevice), "PACKINFER_STATUS_NO_DEVICE");
+  EXPECT_STREQ(packinfer::status_name(Status::PoolExhausted), "PACKINFER_STATUS_POOL_EXHAUSTED");
+  EXPECT_STREQ(packinfer::status_name(Status::Internal), "PACKINFER_STATUS_INTERNAL");
+  const packinfer::Error e(Status::CompileError, "log");
+  EXPECT_STREQ(e.what(), "PACKINFER_STATUS_COMPILE_ERROR: log");
+}
+
+TEST(ArrayView, ConvertsFromContainers) {
+  const std::vector<int32_t> v{1, 2, 3};
+  const std::array<int32_t, 2> a{4, 5};
+  const int32_t c[4] = {6, 7, 8, 9};
+  EXPECT_EQ(packinfer::ArrayView<int32_t>(v).size(), 3u);
+  EXPECT_EQ(packinfer::ArrayView<int32_t>(a)[1], 5);
+  EXPECT_EQ(packinfer::ArrayView<int32_t>(c).size(), 4u);
+  EXPECT_TRUE(packinfer::ArrayView<int32_t>().empty());
+}
+
+// The managed KV pool flow (packinfer_kv_pool_*) is not in the C API yet; its tests come with it.
+
+}  // namespace

@@ -1,0 +1,3 @@
+module github.com/packinfer/packinfer/bindings/go
+
+go 1.21

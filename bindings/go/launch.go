@@ -1,0 +1,145 @@
+package packinfer
+
+/*
+#include <stdint.h>
+#include "packinfer.h"
+
+// Tensor addresses travel as integers (they are device pointers or C memory, never Go memory).
+static enum PackinferStatus pi_launch_create(PackinferContext ctx, PackinferPlan plan, uintptr_t scratch,
+                                        size_t scratch_bytes, uintptr_t stream, PackinferLaunch* out) {
+	PackinferLaunchOptions o = {sizeof(PackinferLaunchOptions), (void*)scratch, scratch_bytes};
+	return packinfer_launch_create(ctx, plan, &o, (void*)stream, out);
+}
+
+static enum PackinferStatus pi_run(PackinferLaunch launch, uintptr_t q, int64_t q_stride_token, int64_t q_stride_head,
+                              uintptr_t k, uintptr_t v, int64_t stride_page, int64_t stride_token,
+                              int64_t stride_head, int64_t stride_dim, uintptr_t o, int64_t o_stride_token,
+                              int64_t o_stride_head, uintptr_t lse, uintptr_t stream) {
+	PackinferRunArgs a = {
+		sizeof(PackinferRunArgs), (const void*)q, q_stride_token, q_stride_head,
+		{(const void*)k, (const void*)v, stride_page, stride_token, stride_head, stride_dim},
+		(void*)o, o_stride_token, o_stride_head, (float*)lse, (void*)stream,
+	};
+	return packinfer_run(launch, &a);
+}
+*/
+import "C"
+
+import "runtime"
+
+// LaunchOptions bind a plan to a device; nil or the zero value: the default stream, and scratch
+// allocated once by the launch.
+type LaunchOptions struct {
+	Stream       uintptr // CUstream of the context's device; 0 = the default stream
+	Scratch      uintptr // caller-owned scratch of at least PlanStats.ScratchBytes; 0 = allocate
+	ScratchBytes uintptr
+}
+
+// KVLayout says where K and V live: element (page p, token t, kv head h, dim d) of K is at
+// K + (p*StridePage + t*StrideToken + h*StrideHead + d*StrideDim) elements.
+type KVLayout struct {
+	K, V                                           uintptr
+	StridePage, StrideToken, StrideHead, StrideDim int64
+}
+
+// KVLayoutNHD is a paged cache stored [num_pages, page_size, num_kv_heads, head_dim] for K and V.
+func KVLayoutNHD(k, v uintptr, pageSize, numKVHeads, headDim uint32) KVLayout {
+	var l C.PackinferKvLayout
+	C.packinfer_kv_layout_nhd(nil, nil, C.uint32_t(pageSize), C.uint32_t(numKVHeads), C.uint32_t(headDim), &l)
+	return layoutFromC(k, v, &l)
+}
+
+// KVLayoutHND is a paged cache stored [num_pages, num_kv_heads, page_size, head_dim].
+func KVLayoutHND(k, v uintptr, pageSize, numKVHeads, headDim uint32) KVLayout {
+	var l C.PackinferKvLayout
+	C.packinfer_kv_layout_hnd(nil, nil, C.uint32_t(pageSize), C.uint32_t(numKVHeads), C.uint32_t(headDim), &l)
+	return layoutFromC(k, v, &l)
+}
+
+func layoutFromC(k, v uintptr, l *C.PackinferKvLayout) KVLayout {
+	return KVLayout{K: k, V: v, StridePage: int64(l.stride_page), StrideToken: int64(l.stride_token),
+		StrideHead: int64(l.stride_head), StrideDim: int64(l.stride_dim)}
+}
+
+// RunArgs are one layer's tensors: ragged token-major [total_q, num_qo_heads, head_dim] Q and O
+// (strides in elements, 0 = contiguous), the KV cache, and an optional float32 LSE
+// [total_q, num_qo_heads] (0 = not written). On CUDA they are device pointers and Stream is
+// the layer's CUstream; on the CPU they are host memory Go does not own (HostBuffer).
+type RunArgs struct {
+	Q                         uintptr
+	QStrideToken, QStrideHead int64
+	KV                        KVLayout
+	O                         uintptr
+	OStrideToken, OStrideHead int64
+	LSE                       uintptr
+	Stream                    uintptr
+}
+
+// Launch is a plan bound to a context, ready to run every layer of the step.
+type Launch struct {
+	h C.PackinferLaunch
+}
+
+// NewLaunch binds a plan to this context. opts may be nil.
+func (c *Context) NewLaunch(plan *Plan, opts *LaunchOptions) (*Launch, error) {
+	if plan == nil {
+		return nil, invalidArgument("NewLaunch: plan is nil")
+	}
+	var o LaunchOptions
+	if opts != nil {
+		o = *opts
+	}
+	l := &Launch{}
+	err := call(func() C.enum_PackinferStatus {
+		return C.pi_launch_create(c.h, plan.h, C.uintptr_t(o.Scratch), C.size_t(o.ScratchBytes), C.uintptr_t(o.Stream), &l.h)
+	})
+	runtime.KeepAlive(c)
+	runtime.KeepAlive(plan)
+	if err != nil {
+		return nil, err
+	}
+	runtime.SetFinalizer(l, (*Launch).destroyUnclosed)
+	return l, nil
+}
+
+// Run computes attention for one layer. On CUDA it enqueues on a.Stream and neither allocates
+// nor waits; on the CPU it computes before returning.
+func (l *Launch) Run(a *RunArgs) error {
+	if a == nil {
+		return invalidArgument("Run: args is nil")
+	}
+	runtime.LockOSThread()
+	s := C.pi_run(l.h, C.uintptr_t(a.Q), C.int64_t(a.QStrideToken), C.int64_t(a.QStrideHead),
+		C.uintptr_t(a.KV.K), C.uintptr_t(a.KV.V), C.int64_t(a.KV.StridePage), C.int64_t(a.KV.StrideToken),
+		C.int64_t(a.KV.StrideHead), C.int64_t(a.KV.StrideDim), C.uintptr_t(a.O), C.int64_t(a.OStrideToken),
+		C.int64_t(a.OStrideHead), C.uintptr_t(a.LSE), C.uintptr_t(a.Stream))
+	err := lastError(s)
+	runtime.UnlockOSThread()
+	runtime.KeepAlive(l)
+	return err
+}
+
+// Ready says whether the launch's upload has completed (never blocks).
+func (l *Launch) Ready() (bool, error) {
+	var done C.bool
+	err := call(func() C.enum_PackinferStatus { return C.packinfer_launch_query(l.h, &done) })
+	runtime.KeepAlive(l)
+	return bool(done), err
+}
+
+// Wait blocks until the launch's upload has completed.
+func (l *Launch) Wait() error {
+	err := call(func() C.enum_PackinferStatus { return C.packinfer_launch_wait(l.h) })
+	runtime.KeepAlive(l)
+	return err
+}
+
+// Close destroys the launch. On CUDA, close it only once the stream has passed the last Run
+// that used it. A second Close, or any use after Close, returns an error with
+// StatusInvalidHandle.
+func (l *Launch) Close() error {
+	runtime.SetFinalizer(l, nil)
+	return call(func() C.enum_PackinferStatus { return C.packinfer_launch_destroy(l.h) })
+}
+
+func (l *Launch) destroyUnclosed() { C.packinfer_launch_destroy(l.h) }

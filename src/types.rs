@@ -144,13 +144,13 @@ impl Batch {
                 self.kv_page_indices.len()
             ));
         }
-        for (i, &p) in self.kv_page_indices.iter().enumerate() {
-            if p < 0 || p as u32 >= self.num_pages {
-                return Err(invalid!(
-                    "kv_page_indices[{i}] = {p} is outside the cache's {} pages",
-                    self.num_pages
-                ));
-            }
+        // The largest index as u32 (a negative one wraps to a huge value) vectorizes; only a
+        // bad batch pays for finding the first offender. Planning time is dominated by this
+        // check on long contexts otherwise.
+        let max_page = self.kv_page_indices.iter().map(|&p| p as u32).max().unwrap_or(0);
+        if max_page >= self.num_pages && !self.kv_page_indices.is_empty() {
+            let (i, p) = self.kv_page_indices.iter().enumerate().find(|(_, &p)| p < 0 || p as u32 >= self.num_pages).map(|(i, &p)| (i, p)).expect("an offending index");
+            return Err(invalid!("kv_page_indices[{i}] = {p} is outside the cache's {} pages", self.num_pages));
         }
         for r in 0..n {
             let pages = self.kv_indptr[r + 1] - self.kv_indptr[r];

@@ -400,7 +400,7 @@ pub(super) fn convert_plan_options(o: &PackinferPlanOptions) -> Result<PlanOptio
     let has = |f: PackinferPlanFlags| o.flags & f as u32 != 0;
     // In C, capacity 0 means automatic; negative or non-finite is the caller's mistake.
     let capacity = match o.capacity {
-        c if c == 0.0 => None,
+        0.0 => None,
         c if c.is_finite() && c > 0.0 => Some(c),
         c => return Err(invalid!("options->capacity = {c} must be 0 (automatic) or positive and finite")),
     };

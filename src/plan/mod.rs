@@ -261,15 +261,20 @@ impl Plan {
         }
         // Workers take the groups in order, each the next one as soon as it is free.
         let workers = profile.num_workers as usize;
-        let mut worker_load = vec![0.0f64; workers.min(group_costs.len().max(1))];
-        let mut free: std::collections::BinaryHeap<std::cmp::Reverse<(u64, usize)>> =
-            (0..worker_load.len()).map(|w| std::cmp::Reverse((0u64, w))).collect();
-        for &c in &group_costs {
-            let std::cmp::Reverse((load, w)) = free.pop().expect("a worker");
-            let load = f64::from_bits(load) + c;
-            worker_load[w] = load;
-            free.push(std::cmp::Reverse((load.to_bits(), w)));
-        }
+        let max_worker = if group_costs.len() <= workers {
+            group_costs.iter().cloned().fold(0.0, f64::max)
+        } else {
+            let mut free: std::collections::BinaryHeap<std::cmp::Reverse<(u64, usize)>> = (0..workers).map(|w| std::cmp::Reverse((0u64, w))).collect();
+            let mut max = 0.0f64;
+            for &c in &group_costs {
+                // Loads are non-negative, so their bit patterns order them.
+                let std::cmp::Reverse((load, w)) = free.pop().expect("a worker");
+                let load = f64::from_bits(load) + c;
+                max = max.max(load);
+                free.push(std::cmp::Reverse((load.to_bits(), w)));
+            }
+            max
+        };
         let total: f64 = group_costs.iter().sum();
         let n = group_costs.len().max(1) as f64;
         self.stats = PlanStats {
@@ -281,7 +286,7 @@ impl Plan {
             tile_utilization: if computed == 0 { 1.0 } else { useful as f64 / computed as f64 },
             max_group_cost: group_costs.iter().cloned().fold(0.0, f64::max),
             mean_group_cost: total / n,
-            max_worker_cost: worker_load.iter().cloned().fold(0.0, f64::max),
+            max_worker_cost: max_worker,
             mean_worker_cost: total / workers as f64,
             num_partial_items: self.items.iter().filter(|i| i.partial_slot != FINAL_OUTPUT).count() as u32,
             capacity,

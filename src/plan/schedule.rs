@@ -12,9 +12,11 @@
 //!    whole wave of groups), never below [`cost::min_capacity`]. A piece costing more than C is
 //!    split along its keys into ⌈cost / C⌉ pieces on `block_n` boundaries; in deterministic mode
 //!    instead every key range is cut at the absolute multiples of `split_keys`, so a request's
-//!    pieces do not depend on the rest of the batch.
-//! 4. **Packing.** Unsplit blocks of fewer than `block_m` rows are packed, next-fit in order of
-//!    decreasing cost, into shared tiles (one chunk per block), up to `block_m` rows and C/2 cost.
+//!    pieces do not depend on the rest of the batch (a shared prefix then counts only up to its
+//!    last multiple of `split_keys`, and with `split_kv` off is not shared at all: either would
+//!    cut a row's keys where running alone would not).
+//! 4. **Packing.** Unsplit blocks of fewer than `block_m` rows are packed, next-fit in
+//!    request order, into shared tiles (one chunk per block), up to `block_m` rows and C/8 cost.
 //!    Blocks are only packed with blocks of the same finality (a tile writes either O or partial
 //!    slots) and the same prefix group (so the group stays together).
 //! 5. **Grouping.** Longest-processing-time first: units sorted by decreasing cost, each placed
@@ -26,9 +28,6 @@
 //! Pieces are replicated for every KV head; the copies share their `row_segments` and
 //! `kv_chunks` entries (a work item only names index ranges into them) and differ in `kv_head`,
 //! `partial_slot` and `group`.
-
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
 
 use super::cost::{chunk_cost, item_cost, min_capacity};
 use super::{DeviceProfile, KvChunk, MergeRow, Plan, RowSegment, WorkItem, FINAL_OUTPUT};
@@ -115,7 +114,10 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
     let mut shared_len: Vec<u32> = Vec::new();
     let mut segments: Vec<RowSegment> = Vec::new();
     let mut prefix_tiles: Vec<PrefixTile> = Vec::new();
-    if opts.prefix_sharing {
+    // Deterministic without splits computes every row in one pass, as it would alone; sharing
+    // a prefix would cut it in two.
+    let sharing = opts.prefix_sharing && (fixed_split.is_some() || !opts.deterministic);
+    if sharing {
         for pg in &plan.batch.prefix_groups {
             let len = match fixed_split {
                 Some(s) => pg.prefix_len / s * s,
@@ -265,18 +267,35 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
         }
     }
 
-    // 4. Packing, next-fit within a class (prefix group, finality), largest first.
-    pack.sort_by(|x, y| (x.bundle, x.partial).cmp(&(y.bundle, y.partial)).then(y.cost.total_cmp(&x.cost)));
-    let pack_limit = capacity / 2.0;
+    // 4. Packing, next-fit within a class (prefix group, finality), in request order. A stable
+    // counting sort by class keeps this linear.
+    let class_of = |b: &Block| (b.bundle.wrapping_add(1) as usize) << 1 | b.partial as usize;
+    let num_classes = (shared_len.len() + 1) << 1;
+    let mut class_start = vec![0u32; num_classes + 1];
+    for b in &pack {
+        class_start[class_of(b) + 1] += 1;
+    }
+    for c in 0..num_classes {
+        class_start[c + 1] += class_start[c];
+    }
+    let mut order = vec![0u32; pack.len()];
+    for (i, b) in pack.iter().enumerate() {
+        let c = class_of(b);
+        order[class_start[c] as usize] = i as u32;
+        class_start[c] += 1;
+    }
+    // Packed tiles stay below an eighth of a group, so the grouping can still even out loads
+    // with them (LPT's excess over the mean is at most about its smallest late units).
+    let pack_limit = capacity / 8.0;
     let mut i = 0;
-    while i < pack.len() {
-        let first = pack[i];
+    while i < order.len() {
+        let first = pack[order[i] as usize];
         let (seg_begin, chunk_begin) = (segments.len() as u32, chunks.len() as u32);
         let mut rows = 0;
         let mut cost = profile.cost_item;
         let mut j = i;
-        while j < pack.len() {
-            let b = pack[j];
+        while j < order.len() {
+            let b = pack[order[j] as usize];
             let b_rows = b.q_count * group;
             let b_cost = chunk_cost(profile, rows, rows + b_rows, b.key_end - b.key_begin);
             let same_class = b.bundle == first.bundle && b.partial == first.partial;
@@ -351,11 +370,10 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
                 bundle_pieces[p.bundle as usize].push(i as u32);
             }
         }
-        // Least-loaded group first; loads are non-negative, so their bit patterns order them.
-        let mut heap: BinaryHeap<Reverse<(u64, u32)>> = (0..num_groups as u32).map(|g| Reverse((0u64, g))).collect();
+        let mut least = LeastLoaded::new(num_groups, total);
         for &(cost, e) in &entities {
             for h in 0..heads_us {
-                let Reverse((load, g)) = heap.pop().expect("at least one group");
+                let g = least.add_to_least(cost);
                 if e < np {
                     group_of[e as usize * heads_us + h] = g;
                 } else {
@@ -363,7 +381,6 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
                         group_of[p as usize * heads_us + h] = g;
                     }
                 }
-                heap.push(Reverse(((f64::from_bits(load) + cost).to_bits(), g)));
             }
         }
     } else {
@@ -432,21 +449,27 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
             next[pr.token as usize] += 1;
         }
     }
-    let mut merges = Vec::new();
-    let mut merge_slots = Vec::new();
+    let merged_tokens = token_start.windows(2).filter(|w| w[1] > w[0]).count();
+    let mut merges = Vec::with_capacity(merged_tokens * shape.num_qo_heads as usize);
+    let mut merge_slots = Vec::with_capacity(partial_rows.len() * shape.num_qo_heads as usize);
     for t in 0..total_q {
         let list = &mut by_token[token_start[t] as usize..token_start[t + 1] as usize];
         if list.is_empty() {
             continue;
         }
-        list.sort_unstable_by_key(|pr| pr.key_begin);
-        for qo_head in 0..shape.num_qo_heads {
-            let (kv_head, in_group) = (qo_head / group, qo_head % group);
-            let slot_begin = merge_slots.len() as u32;
-            for pr in list.iter() {
-                merge_slots.push(slot_of[pr.piece as usize * heads_us + kv_head as usize] + pr.row + in_group);
+        if list.len() > 1 {
+            list.sort_unstable_by_key(|pr| pr.key_begin);
+        }
+        let mut qo_head = 0;
+        for kv_head in 0..heads_us {
+            for in_group in 0..group {
+                let slot_begin = merge_slots.len() as u32;
+                for pr in list.iter() {
+                    merge_slots.push(slot_of[pr.piece as usize * heads_us + kv_head] + pr.row + in_group);
+                }
+                merges.push(MergeRow { q_token: t as u32, qo_head, slot_begin, slot_count: list.len() as u32 });
+                qo_head += 1;
             }
-            merges.push(MergeRow { q_token: t as u32, qo_head, slot_begin, slot_count: list.len() as u32 });
         }
     }
 
@@ -457,4 +480,53 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
     plan.merges = merges;
     plan.merge_slots = merge_slots;
     Ok(Outcome { capacity, num_split_requests: split_request.iter().filter(|&&s| s).count() as u32 })
+}
+
+/// The groups' loads as a 4-ary min-heap, for longest-processing-time-first placement: the root
+/// is the least-loaded group; adding to it only ever sifts it down. A key is the load in fixed
+/// point (total cost = 2^(63 - group bits)) with the group in the low bits, so one integer
+/// comparison orders by load, then by group.
+struct LeastLoaded {
+    heap: Vec<u64>,
+    group_bits: u32,
+    scale: f64,
+}
+
+impl LeastLoaded {
+    fn new(groups: usize, total_cost: f64) -> Self {
+        let group_bits = (usize::BITS - groups.saturating_sub(1).leading_zeros()).max(1);
+        let scale = (1u64 << (63 - group_bits)) as f64 / total_cost.max(f64::MIN_POSITIVE);
+        LeastLoaded { heap: (0..groups as u64).collect(), group_bits, scale }
+    }
+
+    /// Adds `cost` to the least-loaded group and returns that group.
+    fn add_to_least(&mut self, cost: f64) -> u32 {
+        let h = &mut self.heap;
+        let mask = (1u64 << self.group_bits) - 1;
+        let group = h[0] & mask;
+        let load = (h[0] >> self.group_bits) + (cost * self.scale) as u64;
+        let item = load << self.group_bits | group;
+        let n = h.len();
+        let mut i = 0;
+        loop {
+            let first = 4 * i + 1;
+            if first >= n {
+                break;
+            }
+            let mut best = first;
+            for c in first + 1..(first + 4).min(n) {
+                if h[c] < h[best] {
+                    best = c;
+                }
+            }
+            if h[best] < item {
+                h[i] = h[best];
+                i = best;
+            } else {
+                break;
+            }
+        }
+        h[i] = item;
+        group as u32
+    }
 }

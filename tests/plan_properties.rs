@@ -457,7 +457,7 @@ fn c_api_capacity_and_stats() {
     unsafe {
         let mut copts: PackinferContextOptions = std::mem::zeroed();
         assert_eq!(packinfer_context_options_default(&mut copts), PackinferStatus::Ok);
-        copts.backend = PackinferBackend::Cpu;
+        copts.backend = PackinferBackend::Cpu as u32;
         let mut ctx = PackinferContext::default();
         assert_eq!(packinfer_context_create(&copts, &mut ctx), PackinferStatus::Ok);
         let desc = PackinferBatchDesc {
@@ -472,7 +472,7 @@ fn c_api_capacity_and_stats() {
             num_qo_heads: case.shape.num_qo_heads,
             num_kv_heads: case.shape.num_kv_heads,
             head_dim: case.shape.head_dim,
-            dtype: PackinferDtype::F32,
+            dtype: PackinferDtype::F32 as u32,
             causal: true,
             sm_scale: 0.0,
             num_prefix_groups: 0,

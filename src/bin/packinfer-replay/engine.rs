@@ -206,6 +206,11 @@ impl Adaptation {
     }
 }
 
+/// The store's sequence id of shared system prompt `p`: after the requests' ids.
+fn prompt_id(requests: &[Request], p: u32) -> u32 {
+    requests.len() as u32 + p
+}
+
 /// One replay in progress: the requests' states, the store and the backend. [`Engine::step`] runs
 /// one engine step, so two replays can be interleaved step by step and share the machine's
 /// load alike.
@@ -239,7 +244,7 @@ impl<'a> Engine<'a> {
         let n = requests.len();
         let mut inputs = Inputs::new(&shape, config.token_budget as usize, config.seed);
         for p in 0..config.num_system_prompts {
-            let (id, len) = (n as u32 + p, config.system_prompt_len);
+            let (id, len) = (prompt_id(requests, p), config.system_prompt_len);
             if !store.admit(id, None, len)? {
                 return Err(Error::PoolExhausted(format!("the KV pool cannot hold the {} shared system prompts of {len} tokens", config.num_system_prompts)));
             }
@@ -301,11 +306,6 @@ impl<'a> Engine<'a> {
         self.config.shape.dtype
     }
 
-    /// The shared system prompts' sequence ids come after the requests'.
-    fn prompt_id(&self, p: u32) -> u32 {
-        self.requests.len() as u32 + p
-    }
-
     /// Runs one engine step (idling the virtual clock until an arrival first, if nothing runs).
     /// Returns the step's record, or `None` when every request has finished.
     pub fn step(&mut self) -> Result<Option<StepRecord>> {
@@ -336,7 +336,7 @@ impl<'a> Engine<'a> {
                     break;
                 }
                 let req = &requests[r];
-                let prefix = req.system_prompt.map(|p| requests.len() as u32 + p);
+                let prefix = req.system_prompt.map(|p| prompt_id(requests, p));
                 let prefix_len = if prefix.is_some() { config.system_prompt_len } else { 0 };
                 // The last generated token is never fed back, so it needs no KV.
                 let final_len = prefix_len + req.prompt + req.generated.saturating_sub(1);
@@ -527,7 +527,7 @@ impl<'a> Engine<'a> {
         }
         if self.is_done() {
             for p in 0..self.config.num_system_prompts {
-                let id = self.prompt_id(p);
+                let id = prompt_id(self.requests, p);
                 self.store.release(id)?;
             }
             self.result.final_kv = self.store.metrics();

@@ -518,7 +518,7 @@ fn run() -> Result<(), Failure> {
         }
         if let [a, b] = &engines[..] {
             let d = max_abs_difference(a.1.last_output(), b.1.last_output(), a.1.dtype());
-            if !(d <= OUTPUT_TOLERANCE) {
+            if d.is_nan() || d > OUTPUT_TOLERANCE {
                 return Err(Failure {
                     code: 1,
                     message: format!("internal error: at step {round} the two schedules' attention outputs differ by {d} (more than {OUTPUT_TOLERANCE})"),

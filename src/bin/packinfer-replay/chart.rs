@@ -127,8 +127,8 @@ pub fn line_chart(title: &str, y_label: &str, series: &[(&str, Vec<f64>)]) -> Ve
     let x_label = "engine step";
     c.text((left + right) / 2 - Canvas::text_width(x_label, 1) / 2, bottom + 30, x_label, 1, INK);
 
-    // Series, then the legend in the top right corner.
-    for (k, (_, values)) in series.iter().enumerate() {
+    // Series (the first drawn last, on top), then the legend in the top right corner.
+    for (k, (_, values)) in series.iter().enumerate().rev() {
         let color = COLORS[k % COLORS.len()];
         let pts: Vec<(i64, i64)> = values.iter().enumerate().filter(|(_, v)| v.is_finite()).map(|(i, &v)| (px(i as f64), py(v))).collect();
         for pair in pts.windows(2) {

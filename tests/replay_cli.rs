@@ -253,3 +253,25 @@ fn arguments_are_checked() {
         assert!(text(&o).1.contains(needle), "{args:?}: {:?}", text(&o).1);
     }
 }
+
+#[test]
+fn a_budget_smaller_than_the_batch_starves_some_decodes_and_still_finishes() {
+    let dir = scratch("starve");
+    let rows: Vec<(f64, u32, u32)> = (0..6).map(|i| (i as f64 * 0.1, 3 + 5 * i, 4 + i)).collect();
+    let trace = write_trace(&dir, &rows);
+    let out = dir.join("out");
+    let mut args = vec![trace.to_str().unwrap(), "--out", out.to_str().unwrap(), "--token-budget", "2", "--max-batch", "6"];
+    args.extend_from_slice(SMALL);
+    let o = run(&args);
+    assert!(o.status.success(), "{:?}", text(&o));
+    let (_, s) = summary(&out);
+    let generated: u32 = rows.iter().map(|r| r.2).sum();
+    assert_eq!(s["tokens generated"], [generated as f64; 2]);
+    assert_eq!(s["KV pages used after the replay"], [0.0, 0.0]);
+    let steps = steps(&out);
+    assert!(steps.iter().all(|r| num(r, "prefill_tokens") + num(r, "decode_tokens") <= 2.0));
+    // A step serves at most 2 of the decoding requests; a starved one waits, so some token
+    // came more than one step after the previous one: the TBT tail is above the median.
+    assert!(s["TBT p99 (ms, attention only)"][1] > s["TBT p50 (ms, attention only)"][1], "{:?}", s["TBT p99 (ms, attention only)"]);
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -393,7 +393,10 @@ fn run() -> Result<(), Failure> {
     // pool in device memory (`Backend::alloc_kv`), device buffers for the step's random Q/K/V,
     // and event timing. Auto therefore runs on the CPU, and says so when a GPU was there.
     // TODO(cuda merge): open the CUDA backend here and run the full shape on it.
-    let cuda = backend::open(&BackendChoice { kind: Some(BackendKind::Cuda), device_ordinal: 0, cpu_threads: 0, kernel_cache_dir: None });
+    let cuda = match a.device {
+        Device::Cpu => Err(packinfer::Error::NoDevice("not asked for".into())),
+        _ => backend::open(&BackendChoice { kind: Some(BackendKind::Cuda), device_ordinal: 0, cpu_threads: 0, kernel_cache_dir: None }),
+    };
     let gpu_missing = "the replay cannot run on the GPU in this build: it needs the CUDA backend to hold the KV pool in device memory (Backend::alloc_kv) and device buffers for the step inputs";
     match (a.device, &cuda) {
         (Device::Gpu, Err(e)) => return Err(Failure { code: 1, message: format!("--device gpu: {e}") }),

@@ -62,7 +62,7 @@ func NewContext(opts ContextOptions) (*Context, error) {
 	if err := call(func() C.enum_PackinferStatus { return C.packinfer_context_options_default(&o) }); err != nil {
 		return nil, err
 	}
-	o.backend = C.enum_PackinferBackend(opts.Backend)
+	o.backend = C.uint32_t(opts.Backend)
 	o.device_ordinal = C.uint32_t(opts.DeviceOrdinal)
 	o.num_threads = C.uint32_t(opts.NumThreads)
 	if opts.KernelCacheDir != "" {

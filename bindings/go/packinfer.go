@@ -58,7 +58,7 @@ func (s Status) String() string {
 	if s < StatusOK || s > StatusInternal {
 		return fmt.Sprintf("PACKINFER_STATUS(%d)", int(s))
 	}
-	return C.GoString(C.packinfer_status_string(C.enum_PackinferStatus(s)))
+	return C.GoString(C.packinfer_status_string(C.uint32_t(s)))
 }
 
 // Error is a failed call: its status and the library's message ("packinfer_plan_create:

@@ -144,7 +144,7 @@ func newCBatch(b *Batch) (cBatch, error) {
 	d.num_qo_heads = C.uint32_t(b.NumQOHeads)
 	d.num_kv_heads = C.uint32_t(b.NumKVHeads)
 	d.head_dim = C.uint32_t(b.HeadDim)
-	d.dtype = C.enum_PackinferDtype(b.DType)
+	d.dtype = C.uint32_t(b.DType)
 	d.causal = C.bool(b.Causal)
 	d.sm_scale = C.float(b.SMScale)
 	if len(b.PrefixGroups) > 0 {

@@ -53,7 +53,7 @@ enum class Status : int {
 
 // "PACKINFER_STATUS_INVALID_ARGUMENT" etc. (the library's static names).
 inline const char* status_name(Status status) noexcept {
-  return packinfer_status_string(static_cast<PackinferStatus>(status));
+  return packinfer_status_string(static_cast<uint32_t>(status));
 }
 
 // A failed call: the status, and the library's message ("packinfer_plan_create:
@@ -348,7 +348,7 @@ class Context {
   explicit Context(const ContextOptions& options) {
     PackinferContextOptions o{};
     detail::check(packinfer_context_options_default(&o));
-    o.backend = static_cast<PackinferBackend>(options.backend);
+    o.backend = static_cast<uint32_t>(options.backend);
     o.device_ordinal = options.device_ordinal;
     o.num_threads = options.num_threads;
     o.kernel_cache_dir = options.kernel_cache_dir.empty() ? nullptr : options.kernel_cache_dir.c_str();
@@ -395,7 +395,7 @@ class Context {
     d.num_qo_heads = batch.shape.num_qo_heads;
     d.num_kv_heads = batch.shape.num_kv_heads;
     d.head_dim = batch.shape.head_dim;
-    d.dtype = static_cast<PackinferDtype>(batch.shape.dtype);
+    d.dtype = static_cast<uint32_t>(batch.shape.dtype);
     d.causal = batch.shape.causal;
     d.sm_scale = batch.shape.sm_scale;
     d.num_prefix_groups = static_cast<uint32_t>(groups.size());

@@ -55,12 +55,13 @@ fn load_trace(path: &str) -> Vec<Row> {
         .collect()
 }
 
-/// Prompts of rows `start..` (each capped at 16384) until they sum to 16384 tokens; the last
-/// prompt is cut so the step holds exactly 16384. Returns the requests and the next row.
+/// Prompts of rows `start..` (each capped at 16384) until their sum reaches 16384 tokens, the
+/// last one whole (as the GPU benchmarks build W1: 7 prompts, 22,924 tokens from row 0).
+/// Returns the requests and the next row.
 fn prefill_step(trace: &[Row], start: usize) -> (Vec<(u32, u32)>, usize) {
     let (mut lens, mut sum, mut i) = (Vec::new(), 0, start);
     while sum < 16384 {
-        let p = trace[i % trace.len()].context.clamp(1, 16384).min(16384 - sum);
+        let p = trace[i % trace.len()].context.clamp(1, 16384);
         lens.push((p, p));
         sum += p;
         i += 1;
@@ -136,6 +137,7 @@ fn planning_time(trace: &[Row], quick: bool) {
         }
     }
     println!();
+    planning_time_by_options(trace, quick);
 }
 
 struct Measured {
@@ -183,12 +185,12 @@ fn compare_row(name: &str, lens: &[(u32, u32)], groups: Vec<PrefixGroup>) -> (Me
 
 fn trace_stats(trace: &[Row]) {
     println!("## PackInfer plan vs one-request-per-tile, Azure LLM 2023 code trace\n");
-    println!("Each cell is *ours / baseline*. Baseline = `PlanOptions` with packing, balancing, prefix sharing and split-KV off (each (request, KV head, 16-token block) its own tile and group, the CTAs taking tiles in order). *Tile utilization* = real (row, visible key) pairs / pairs computed, where a chunk computes its rows rounded out to 16-row MMA slices × its keys (the kernel model of the plan contract). *CTA load* is the cost model's estimate in µs of one CTA (Hopper defaults, not yet calibrated on the GPU); *max/mean* is over all 132 CTAs; *speedup* is the ratio of the busiest CTA's loads, i.e. the estimated kernel time ratio under the cost model. *KV read* = K and V bytes the work items read (a tile reads its chunks' keys once per KV head). *Splits* = requests computed in more than one piece (ours: KV splits and prefix/suffix).\n");
+    println!("Each cell is *ours / baseline*. Baseline = `PlanOptions` with packing, balancing, prefix sharing and split-KV off (each (request, KV head, block of `block_m / group` = 32 tokens) its own tile and group, the CTAs taking tiles in order). *Tile utilization* = real (row, visible key) pairs / pairs computed, where a chunk computes its rows rounded out to 16-row MMA slices × its keys (the kernel model of the plan contract). *CTA load* is the cost model's estimate in µs of one CTA (Hopper defaults, not yet calibrated on the GPU); *max/mean* is over all 132 CTAs; *speedup* is the ratio of the busiest CTA's loads, i.e. the estimated kernel time ratio under the cost model. *KV read* = K and V bytes the work items read (a tile reads its chunks' keys once per KV head). *Splits* = requests computed in more than one piece (ours: KV splits and prefix/suffix).\n");
     println!("| workload | requests | tile utilization | max/mean CTA load | busiest CTA µs | est. speedup | KV read MB | work items | groups | splits |");
     println!("|---|---:|---|---|---|---:|---|---|---|---:|");
     let mut rng = SmallRng::seed_from_u64(2026);
     let (w1, _) = prefill_step(trace, 0);
-    compare_row("W1 prefill (rows 0.., 16384 tokens)", &w1, vec![]);
+    compare_row(&format!("W1 prefill (rows 0..{}, {} tokens)", w1.len() - 1, w1.iter().map(|l| l.0).sum::<u32>()), &w1, vec![]);
     let w2 = decode_step(trace, 1000..1128, &mut rng);
     compare_row("W2 decode (rows 1000–1127)", &w2, vec![]);
     let mut w3 = decode_step(trace, 5000..5096, &mut rng);
@@ -203,7 +205,7 @@ fn trace_stats(trace: &[Row]) {
     println!();
 
     println!("### Runs of steps\n");
-    println!("16 consecutive prefill steps (rows 0.. in 16384-token steps, as W1) and 16 decode steps (128 requests each, rows 1000 + 128·s .., as W2). Mean over the steps, then the worst step.\n");
+    println!("16 consecutive prefill steps (rows 0.., each step built as W1 from where the last ended) and 16 decode steps (128 requests each, rows 1000 + 128·s .., as W2). Mean over the steps, then the worst step.\n");
     println!("| steps | tile utilization (mean) | max/mean CTA load (mean) | max/mean CTA load (worst step) | est. speedup (mean) | work items (mean) |");
     println!("|---|---|---|---|---:|---|");
     for kind in ["prefill", "decode"] {
@@ -234,6 +236,42 @@ fn trace_stats(trace: &[Row]) {
         );
     }
     println!();
+}
+
+/// Planning time of the 256-request decode batch under each ablation, and of validation alone.
+fn planning_time_by_options(trace: &[Row], quick: bool) {
+    println!("Same 256-request batch without prefix groups, by options (thread CPU time, median):\n");
+    println!("| options | work items | median µs |");
+    println!("|---|---:|---:|");
+    let mut rng = SmallRng::seed_from_u64(256);
+    let lens = decode_step(trace, 0..256, &mut rng);
+    let b = batch(&lens, vec![]);
+    let profile = DeviceProfile::hopper(132);
+    let iters = if quick { 3 } else { 5000 };
+    let cases: Vec<(&str, PlanOptions)> = vec![
+        ("default (all techniques)", PlanOptions::default()),
+        ("no packing", PlanOptions { packing: false, ..PlanOptions::default() }),
+        ("no balancing", PlanOptions { balancing: false, ..PlanOptions::default() }),
+        ("one request per tile (all off)", baseline()),
+    ];
+    for (name, o) in cases {
+        let (mut cpu, mut items) = (Vec::with_capacity(iters), 0);
+        for _ in 0..iters {
+            let input = b.clone();
+            let c = thread_cpu_us();
+            let p = Plan::build(shape(), input, &profile, o.clone()).expect("plan");
+            cpu.push(thread_cpu_us() - c);
+            items = p.items.len();
+        }
+        println!("| {name} | {items} | {:.1} |", median_p90(cpu).0);
+    }
+    let mut v = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let c = thread_cpu_us();
+        b.validate(true).expect("valid batch");
+        v.push(thread_cpu_us() - c);
+    }
+    println!("| `Batch::validate` alone ({} page indices) | — | {:.1} |\n", b.kv_page_indices.len(), median_p90(v).0);
 }
 
 fn main() {

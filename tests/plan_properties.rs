@@ -403,6 +403,30 @@ fn deterministic_mode_is_bitwise_batch_invariant() {
     }
 }
 
+#[test]
+fn extreme_options_stay_exact() {
+    let mut r = rng(99);
+    let spec = CaseSpec { batch_size: 4, max_kv: 300, page_size: 16, num_kv_heads: 2, group: 4, head_dim: 64, dtype: DType::F32, causal: true, decode_fraction: 0.5, hnd: false };
+    let lens = [(1, 300), (20, 120), (1, 1), (5, 64)];
+    let case = Case::build(&mut r, &spec, &lens, vec![PrefixGroup { prefix_len: 50, members: vec![1, 3] }]);
+    let tiny_tiles = DeviceProfile { block_m: 16, block_n: 16, ..DeviceProfile::hopper(7) };
+    let cases = [
+        ("capacity 1: every block split to block_n keys", PlanOptions { capacity: Some(1.0), ..PlanOptions::default() }),
+        ("capacity 1e30: one group", PlanOptions { capacity: Some(1e30), ..PlanOptions::default() }),
+        ("deterministic, split every key", PlanOptions { deterministic: true, split_keys: 1, ..PlanOptions::default() }),
+        ("deterministic, split_keys u32::MAX", PlanOptions { deterministic: true, split_keys: u32::MAX, ..PlanOptions::default() }),
+    ];
+    for (name, options) in cases {
+        let plan = plan_check_run(&case, &tiny_tiles, options.clone(), name);
+        if options.capacity == Some(1e30) {
+            assert_eq!(plan.stats.num_groups, 1, "{name}");
+        }
+        if options.split_keys == u32::MAX {
+            assert!(plan.merges.is_empty(), "{name}: nothing to split, no prefix to share");
+        }
+    }
+}
+
 fn small_case() -> Case {
     let mut r = rng(1);
     let spec = CaseSpec { batch_size: 3, max_kv: 50, page_size: 16, num_kv_heads: 1, group: 4, head_dim: 64, dtype: DType::F32, causal: true, decode_fraction: 0.5, hnd: false };
@@ -434,6 +458,12 @@ fn bad_inputs_give_clear_errors() {
     assert!(m.contains("split_keys"), "{m}");
     let m = message(Plan::build(case.shape, case.batch.clone(), &DeviceProfile { num_workers: 0, ..profile.clone() }, PlanOptions::default()).unwrap_err());
     assert!(m.contains("num_workers"), "{m}");
+    for bad in [-1, case.batch.num_pages as i32] {
+        let mut b = case.batch.clone();
+        b.kv_page_indices[2] = bad;
+        let m = message(build(b, PlanOptions::default()).unwrap_err());
+        assert!(m.contains(&format!("kv_page_indices[2] = {bad}")), "{m}");
+    }
     // A GQA group taller than a tile cannot be laid out.
     let tiny = DeviceProfile { block_m: 16, ..profile.clone() };
     let mut shape = case.shape;

@@ -40,6 +40,78 @@ pub fn min_capacity(profile: &DeviceProfile) -> f64 {
     profile.cost_item + chunk_cost(profile, 0, ROW_SLICE, 4 * profile.block_n)
 }
 
+/// Loads of groups (or workers) as a 4-ary min-heap, for longest-processing-time-first placement
+/// and for simulating workers that take groups in order: the root is the least-loaded one; adding to it only ever sifts it down. A key is the load in fixed
+/// point (total cost = 2^(63 - group bits)) with the group in the low bits, so one integer
+/// comparison orders by load, then by group.
+pub(crate) struct LeastLoaded {
+    heap: Vec<u64>,
+    group_bits: u32,
+    scale: f64,
+}
+
+impl LeastLoaded {
+    /// Groups `0..groups` holding the first `groups` of the units sorted by decreasing cost,
+    /// one each (what LPT does with them: every group is empty and ties go to the lower group).
+    pub(crate) fn with_first_units(first_costs: impl ExactSizeIterator<Item = f64>, total_cost: f64) -> Self {
+        let groups = first_costs.len();
+        let group_bits = (usize::BITS - groups.saturating_sub(1).leading_zeros()).max(1);
+        let scale = (1u64 << (63 - group_bits)) as f64 / total_cost.max(f64::MIN_POSITIVE);
+        let mut heap: Vec<u64> = first_costs.enumerate().map(|(g, c)| ((c * scale) as u64) << group_bits | g as u64).collect();
+        // An ascending array is a min-heap.
+        heap.sort_unstable();
+        if heap.is_empty() {
+            heap.push(0);
+        }
+        LeastLoaded { heap, group_bits, scale }
+    }
+
+    /// The largest load, in cost units (to the fixed point's resolution).
+    pub(crate) fn max_load(&self) -> f64 {
+        self.heap.iter().map(|&k| k >> self.group_bits).max().unwrap_or(0) as f64 / self.scale
+    }
+
+    /// Adds `cost` to the least-loaded group and returns that group.
+    pub(crate) fn add_to_least(&mut self, cost: f64) -> u32 {
+        let h = &mut self.heap;
+        let mask = (1u64 << self.group_bits) - 1;
+        let group = h[0] & mask;
+        let load = (h[0] >> self.group_bits) + (cost * self.scale) as u64;
+        let item = load << self.group_bits | group;
+        let n = h.len();
+        let mut i = 0;
+        loop {
+            let first = 4 * i + 1;
+            if first >= n {
+                break;
+            }
+            let best = if first + 4 <= n {
+                // All four children: a branch-free tournament.
+                let c = &h[first..first + 4];
+                let a = if c[1] < c[0] { 1 } else { 0 };
+                let b = if c[3] < c[2] { 3 } else { 2 };
+                first + if c[b] < c[a] { b } else { a }
+            } else {
+                let mut best = first;
+                for c in first + 1..n {
+                    if h[c] < h[best] {
+                        best = c;
+                    }
+                }
+                best
+            };
+            if h[best] < item {
+                h[i] = h[best];
+                i = best;
+            } else {
+                break;
+            }
+        }
+        h[i] = item;
+        group as u32
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

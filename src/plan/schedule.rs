@@ -29,7 +29,7 @@
 //! `kv_chunks` entries (a work item only names index ranges into them) and differ in `kv_head`,
 //! `partial_slot` and `group`.
 
-use super::cost::{chunk_cost, item_cost, min_capacity};
+use super::cost::{chunk_cost, item_cost, min_capacity, LeastLoaded};
 use super::{DeviceProfile, KvChunk, MergeRow, Plan, RowSegment, WorkItem, FINAL_OUTPUT};
 use crate::error::Result;
 
@@ -185,7 +185,8 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
             Some(s) => {
                 let mut k = key_begin;
                 loop {
-                    let end = ((k / s + 1) * s).min(key_end);
+                    // In u64: the next multiple of a large `s` may not fit in u32.
+                    let end = ((k as u64 / s as u64 + 1) * s as u64).min(key_end as u64) as u32;
                     out.push((k, end.max(k)));
                     if end >= key_end {
                         break;
@@ -195,10 +196,10 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
             }
             None if opts.split_kv && cost > capacity && key_end - key_begin > profile.block_n => {
                 let pieces = (cost / capacity).ceil() as u32;
-                let step = (key_end - key_begin).div_ceil(pieces).next_multiple_of(profile.block_n);
-                let mut k = key_begin;
-                while k < key_end {
-                    out.push((k, (k + step).min(key_end)));
+                let step = ((key_end - key_begin).div_ceil(pieces) as u64).next_multiple_of(profile.block_n as u64);
+                let mut k = key_begin as u64;
+                while k < key_end as u64 {
+                    out.push((k as u32, (k + step).min(key_end as u64) as u32));
                     k += step;
                 }
             }
@@ -370,10 +371,12 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
                 bundle_pieces[p.bundle as usize].push(i as u32);
             }
         }
-        let mut least = LeastLoaded::new(num_groups, total);
-        for &(cost, e) in &entities {
-            for h in 0..heads_us {
-                let g = least.add_to_least(cost);
+        // The units in LPT order: entities by decreasing cost, each for every KV head.
+        let units_in_order = || entities.iter().flat_map(|&(cost, e)| (0..heads_us).map(move |h| (cost, e, h)));
+        let mut least = LeastLoaded::with_first_units(units_in_order().take(num_groups).map(|u| u.0).collect::<Vec<_>>().into_iter(), total);
+        for (u, (cost, e, h)) in units_in_order().enumerate() {
+            {
+                let g = if u < num_groups { u as u32 } else { least.add_to_least(cost) };
                 if e < np {
                     group_of[e as usize * heads_us + h] = g;
                 } else {
@@ -449,9 +452,12 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
             next[pr.token as usize] += 1;
         }
     }
+    // Sizes are known: one merge per (merged token, query head), its pieces' slots each.
     let merged_tokens = token_start.windows(2).filter(|w| w[1] > w[0]).count();
-    let mut merges = Vec::with_capacity(merged_tokens * shape.num_qo_heads as usize);
-    let mut merge_slots = Vec::with_capacity(partial_rows.len() * shape.num_qo_heads as usize);
+    let qo_heads = shape.num_qo_heads as usize;
+    let mut merges = Vec::with_capacity(merged_tokens * qo_heads);
+    let mut merge_slots = vec![0u32; partial_rows.len() * qo_heads];
+    let mut next = 0usize;
     for t in 0..total_q {
         let list = &mut by_token[token_start[t] as usize..token_start[t + 1] as usize];
         if list.is_empty() {
@@ -460,18 +466,26 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
         if list.len() > 1 {
             list.sort_unstable_by_key(|pr| pr.key_begin);
         }
-        let mut qo_head = 0;
+        let count = list.len();
         for kv_head in 0..heads_us {
-            for in_group in 0..group {
-                let slot_begin = merge_slots.len() as u32;
-                for pr in list.iter() {
-                    merge_slots.push(slot_of[pr.piece as usize * heads_us + kv_head] + pr.row + in_group);
-                }
-                merges.push(MergeRow { q_token: t as u32, qo_head, slot_begin, slot_count: list.len() as u32 });
-                qo_head += 1;
+            let kv_base = kv_head as u32 * group;
+            // Slot of each piece's row for this KV head's first query head.
+            for (j, pr) in list.iter().enumerate() {
+                merge_slots[next + j] = slot_of[pr.piece as usize * heads_us + kv_head] + pr.row;
             }
+            merges.push(MergeRow { q_token: t as u32, qo_head: kv_base, slot_begin: next as u32, slot_count: count as u32 });
+            // The other heads of the group sit in the next rows of the same tiles.
+            for in_group in 1..group as usize {
+                let (done, rest) = merge_slots.split_at_mut(next + in_group * count);
+                for (dst, &src) in rest[..count].iter_mut().zip(&done[next..next + count]) {
+                    *dst = src + in_group as u32;
+                }
+                merges.push(MergeRow { q_token: t as u32, qo_head: kv_base + in_group as u32, slot_begin: (next + in_group * count) as u32, slot_count: count as u32 });
+            }
+            next += group as usize * count;
         }
     }
+    debug_assert_eq!(next, merge_slots.len());
 
     debug_assert!(pieces.iter().all(|p| (item_cost(profile, &chunks[p.chunk_begin as usize..(p.chunk_begin + p.chunk_count) as usize]) - p.cost).abs() <= 1e-6 * p.cost.max(1.0)));
     plan.items = items;
@@ -480,53 +494,4 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
     plan.merges = merges;
     plan.merge_slots = merge_slots;
     Ok(Outcome { capacity, num_split_requests: split_request.iter().filter(|&&s| s).count() as u32 })
-}
-
-/// The groups' loads as a 4-ary min-heap, for longest-processing-time-first placement: the root
-/// is the least-loaded group; adding to it only ever sifts it down. A key is the load in fixed
-/// point (total cost = 2^(63 - group bits)) with the group in the low bits, so one integer
-/// comparison orders by load, then by group.
-struct LeastLoaded {
-    heap: Vec<u64>,
-    group_bits: u32,
-    scale: f64,
-}
-
-impl LeastLoaded {
-    fn new(groups: usize, total_cost: f64) -> Self {
-        let group_bits = (usize::BITS - groups.saturating_sub(1).leading_zeros()).max(1);
-        let scale = (1u64 << (63 - group_bits)) as f64 / total_cost.max(f64::MIN_POSITIVE);
-        LeastLoaded { heap: (0..groups as u64).collect(), group_bits, scale }
-    }
-
-    /// Adds `cost` to the least-loaded group and returns that group.
-    fn add_to_least(&mut self, cost: f64) -> u32 {
-        let h = &mut self.heap;
-        let mask = (1u64 << self.group_bits) - 1;
-        let group = h[0] & mask;
-        let load = (h[0] >> self.group_bits) + (cost * self.scale) as u64;
-        let item = load << self.group_bits | group;
-        let n = h.len();
-        let mut i = 0;
-        loop {
-            let first = 4 * i + 1;
-            if first >= n {
-                break;
-            }
-            let mut best = first;
-            for c in first + 1..(first + 4).min(n) {
-                if h[c] < h[best] {
-                    best = c;
-                }
-            }
-            if h[best] < item {
-                h[i] = h[best];
-                i = best;
-            } else {
-                break;
-            }
-        }
-        h[i] = item;
-        group as u32
-    }
 }

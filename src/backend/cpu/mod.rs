@@ -58,7 +58,8 @@ impl Backend for CpuBackend {
                 ScratchMem::Owned(v)
             }
         };
-        Ok(Box::new(CpuBound { plan, threads: self.threads, scratch: Mutex::new(scratch) }))
+        let groups = group_ranges(&plan.items);
+        Ok(Box::new(CpuBound { plan, groups, threads: self.threads, scratch: Mutex::new(scratch) }))
     }
     fn alloc_kv(&self, bytes: usize) -> Result<Box<dyn KvMemory>> {
         Ok(Box::new(HostKvMemory::new(bytes)?))
@@ -74,7 +75,22 @@ enum ScratchMem {
 // SAFETY: the caller's scratch pointer is only used under the bound plan's mutex.
 unsafe impl Send for ScratchMem {}
 
+/// Items `[start, end)` of each execution group (items are sorted by group).
+fn group_ranges(items: &[WorkItem]) -> Vec<std::ops::Range<usize>> {
+    let mut ranges: Vec<std::ops::Range<usize>> = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        match ranges.last_mut() {
+            Some(r) if items[r.start].group == item.group => r.end = i + 1,
+            _ => ranges.push(i..i + 1),
+        }
+    }
+    ranges
+}
+
 struct CpuBound {
+    /// A thread takes a whole group at a time, as a persistent CTA does on the GPU, so the
+    /// planner's load balance is what the threads see.
+    groups: Vec<std::ops::Range<usize>>,
     plan: Arc<Plan>,
     threads: u32,
     scratch: Mutex<ScratchMem>,
@@ -102,7 +118,11 @@ impl BoundPlan for CpuBound {
             dtype: shape.dtype,
         };
         let plan = &*self.plan;
-        parallel_for(self.threads, plan.items.len(), |i| execute_item(plan, &plan.items[i], args, &out));
+        parallel_for(self.threads, self.groups.len(), |g| {
+            for item in &plan.items[self.groups[g].clone()] {
+                execute_item(plan, item, args, &out);
+            }
+        });
         parallel_for(self.threads, plan.merges.len(), |i| merge_row(plan, &plan.merges[i], &out));
         Ok(())
     }

@@ -38,6 +38,7 @@ go_log=$(mktemp)
   go vet ./...
   go test -count=1 -v -bench . -benchtime 20x ./... 2>&1 | tee "$go_log"
   go run ./examples/enginestep >/dev/null
+  go run ./examples/managedstep >/dev/null
 )
 go_passed=$(grep -c -- '^--- PASS' "$go_log" || true)
 go_failed=$(grep -c -- '^--- FAIL' "$go_log" || true)

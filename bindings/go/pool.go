@@ -30,6 +30,7 @@ static enum PackinferStatus pi_pool_relayout(PackinferPool pool, PackinferPlan p
 import "C"
 
 import (
+	"fmt"
 	"math"
 	"runtime"
 	"unsafe"
@@ -109,7 +110,8 @@ type RelayoutReport struct {
 // Sequences are uint64 ids (never 0, never reused). Launches that read its KV must be finished
 // before Close.
 type Pool struct {
-	h C.PackinferPool
+	h              C.PackinferPool
+	capacityTokens uint64 // num_pages * page_size
 }
 
 // NewPool allocates a pool on this context's backend (StatusUnsupported where the backend has no
@@ -140,6 +142,12 @@ func (c *Context) NewPool(opts *PoolOptions) (*Pool, error) {
 		return nil, err
 	}
 	runtime.SetFinalizer(p, (*Pool).destroyUnclosed)
+	st, err := p.Stats()
+	if err != nil {
+		p.Close()
+		return nil, err
+	}
+	p.capacityTokens = uint64(st.NumPages) * uint64(opts.PageSize)
 	return p, nil
 }
 
@@ -174,6 +182,18 @@ func (p *Pool) SequenceLength(seq uint64) (uint32, error) {
 // token in page; valid until a relayout moves pages). When the pages do not fit it returns
 // StatusPoolExhausted and the pool is unchanged. A copy-on-write copy runs on stream.
 func (p *Pool) Append(seq uint64, n uint32, stream uintptr) ([]int64, error) {
+	if uint64(n) > p.capacityTokens {
+		// More tokens than the whole pool holds never fit: the library refuses them (with its
+		// message) without the binding allocating n slots first.
+		err := call(func() C.enum_PackinferStatus {
+			return C.pi_pool_append(p.h, C.uint64_t(seq), C.uint32_t(n), nil, C.uintptr_t(stream))
+		})
+		runtime.KeepAlive(p)
+		if err == nil {
+			err = &Error{Status: StatusInternal, Message: fmt.Sprintf("Append: the library accepted n = %d tokens, more than the pool's %d", n, p.capacityTokens)}
+		}
+		return nil, err
+	}
 	slots := make([]int64, n)
 	var out *C.int64_t
 	if n > 0 {

@@ -298,6 +298,12 @@ func TestPoolExhaustedLeavesThePoolUnchangedAndUsable(t *testing.T) {
 	if after := must(pool.Stats())(t); after != before {
 		t.Errorf("POOL_EXHAUSTED changed the stats:\n before %+v\n after  %+v", before, after)
 	}
+	// Far more than the pool holds: refused the same way, without allocating 2^30 slots first.
+	_, err = pool.Append(a.id, 1<<30, 0)
+	wantError(t, err, packinfer.StatusPoolExhausted, "appending n = 1073741824 tokens")
+	if after := must(pool.Stats())(t); after != before {
+		t.Errorf("POOL_EXHAUSTED changed the stats:\n before %+v\n after  %+v", before, after)
+	}
 	if n := must(pool.SequenceLength(a.id))(t); n != 10 {
 		t.Errorf("A has %d tokens after a failed append, want 10", n)
 	}

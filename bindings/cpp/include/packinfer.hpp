@@ -523,6 +523,7 @@ class Pool {
     PackinferPool h{};
     detail::check(packinfer_pool_create(context.handle(), &o, &h));
     h_ = PoolHandle(h);
+    capacity_tokens_ = uint64_t{stats().num_pages} * options.page_size;
   }
   // Takes ownership of a handle made with the C API.
   explicit Pool(PackinferPool handle) noexcept : h_(handle) {}
@@ -549,6 +550,13 @@ class Pool {
   // in page; valid until a relayout moves pages). Throws PoolExhausted, leaving the pool
   // unchanged, when the pages do not fit. A copy-on-write copy runs on `stream`.
   std::vector<int64_t> append(SequenceId seq, uint32_t n, void* stream = nullptr) {
+    if (capacity_tokens_ != 0 && n > capacity_tokens_) {
+      // More tokens than the whole pool holds never fit: the library refuses them (with its
+      // message) without this wrapper allocating n slots first.
+      detail::check(packinfer_pool_append(h_.get(), seq, n, nullptr, stream));
+      throw Error(Status::Internal, "packinfer::Pool::append: the library accepted n = " + std::to_string(n) +
+                                        " tokens, more than the pool's " + std::to_string(capacity_tokens_));
+    }
     std::vector<int64_t> slots(n);
     detail::check(packinfer_pool_append(h_.get(), seq, n, slots.empty() ? nullptr : slots.data(), stream));
     return slots;
@@ -640,6 +648,7 @@ class Pool {
   }
 
   PoolHandle h_;
+  uint64_t capacity_tokens_ = 0;  // num_pages * page_size; 0 = unknown (a handle adopted from C)
 };
 
 // The library this program runs against.

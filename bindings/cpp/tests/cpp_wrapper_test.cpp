@@ -692,6 +692,9 @@ TEST(Pool, ExhaustedAppendLeavesThePoolUnchangedAndUsable) {
   const packinfer::PoolStats before = pool.stats();
   expect_error([&] { pool.append(a.id, kPoolPages * kPoolPage); }, Status::PoolExhausted, "nothing was changed");
   expect_same_stats(before, pool.stats());
+  // Far more than the pool holds: refused the same way, without allocating 2^30 slots first.
+  expect_error([&] { pool.append(a.id, 1u << 30); }, Status::PoolExhausted, "appending n = 1073741824 tokens");
+  expect_same_stats(before, pool.stats());
   EXPECT_EQ(pool.sequence_length(a.id), 10u);
   // A fork whose partly covered page finds no free page is refused the same way.
   std::vector<Seq> fillers;

@@ -38,6 +38,7 @@ go_log=$(mktemp)
   go vet ./...
   go test -count=1 -v -bench . -benchtime 20x ./... 2>&1 | tee "$go_log"
   go run ./examples/enginestep >/dev/null
+  go run ./examples/managedstep >/dev/null
 )
 go_passed=$(grep -c -- '^--- PASS' "$go_log" || true)
 go_failed=$(grep -c -- '^--- FAIL' "$go_log" || true)
@@ -56,13 +57,13 @@ go_log=$(mktemp)
   cd bindings/go
   export GOTOOLCHAIN=local CGO_ENABLED=1
   export PKG_CONFIG_PATH="$PWD/../../build/ctest/bindings/cpp/tests/install-test/prefix/lib/pkgconfig"
-  go test -count=1 -v -tags packinfer_pkgconfig -run 'TestFlows|TestUseAfterClose' . 2>&1 | tee "$go_log"
+  go test -count=1 -v -tags packinfer_pkgconfig -run 'TestFlows|TestUseAfterClose|TestPoolManagedFlow' . 2>&1 | tee "$go_log"
 )
 go_passed=$(grep -c -- '^--- PASS' "$go_log" || true)
 go_failed=$(grep -c -- '^--- FAIL' "$go_log" || true)
 rm -f "$go_log"
-if [ "$go_passed" -ne 2 ] || [ "$go_failed" -ne 0 ]; then
-  echo "go test against the installed library: $go_passed passed, $go_failed failed; want 2 passed" >&2
+if [ "$go_passed" -ne 3 ] || [ "$go_failed" -ne 0 ]; then
+  echo "go test against the installed library: $go_passed passed, $go_failed failed; want 3 passed" >&2
   exit 1
 fi
 echo "Go: $go_passed passed, 0 failed"

@@ -1,28 +1,194 @@
 //! The CUDA backend. The CUDA libraries are loaded at run time (cudarc's dynamic loading), so
 //! the library builds and loads on machines without them; `open` says `NoDevice` there.
+//!
+//! Kernels (`kernels/*.cu`) are compiled by NVRTC for the device's exact architecture and cached
+//! (`compile`); a launch (`launch`) holds the uploaded work list and runs on the caller's stream
+//! with the caller's pointers, pushing the device's primary context around every call.
 
+pub mod compile;
+pub mod driver;
+pub mod kv;
+pub mod launch;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::driver::sys;
+use parking_lot::Mutex;
+
+use self::compile::{KernelCache, Unit};
+use self::driver::{Device, Module};
+use super::{Backend, BackendChoice, BackendKind, BoundPlan, LaunchCapacity, Scratch};
 use crate::error::{Error, Result};
+use crate::plan::{DeviceProfile, Plan};
+use crate::types::DType;
 
-/// Checks that the driver and NVRTC can be loaded before any cudarc call that would panic
-/// without them, then opens `ordinal`.
+/// Checks that the driver and NVRTC can be loaded and that `ordinal` exists.
 pub fn probe(ordinal: u32) -> Result<()> {
-    // SAFETY: only tries to dlopen the libraries; no symbol is called.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return Err(Error::NoDevice("the CUDA driver library (libcuda.so.1) could not be loaded on this machine".into()));
-    }
-    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+    if !compile::nvrtc_present() {
         return Err(Error::NoDevice("the NVRTC library (libnvrtc.so) could not be loaded on this machine".into()));
     }
-    cudarc::driver::result::init().map_err(|e| Error::NoDevice(format!("cuInit failed: {e:?}")))?;
-    let count = cudarc::driver::result::device::get_count().map_err(|e| Error::NoDevice(format!("cuDeviceGetCount failed: {e:?}")))?;
-    if ordinal as i32 >= count {
-        return Err(Error::NoDevice(format!("device_ordinal = {ordinal} but this machine has {count} CUDA device(s)")));
-    }
-    Ok(())
+    Device::open(ordinal).map(drop)
 }
 
 /// Opens the CUDA backend on `choice.device_ordinal`.
-pub fn open(choice: &super::BackendChoice) -> Result<std::sync::Arc<dyn super::Backend>> {
-    probe(choice.device_ordinal)?;
-    Err(Error::Unsupported("the CUDA kernels are not part of this build yet; use the CPU backend".into()))
+pub fn open(choice: &BackendChoice) -> Result<Arc<dyn Backend>> {
+    Ok(Arc::new(CudaBackend::new(choice)?))
+}
+
+/// The attention module of one variant, loaded into the context.
+pub struct LoadedAttention {
+    pub attention: sys::CUfunction,
+    pub merge: sys::CUfunction,
+    pub smem_bytes: u32,
+    /// Attention CTAs resident per SM (from the occupancy calculator); the grid is SMs × this.
+    pub ctas_per_sm: u32,
+    pub registers: i32,
+    pub local_bytes: i32,
+    _module: Module,
+}
+
+unsafe impl Send for LoadedAttention {}
+unsafe impl Sync for LoadedAttention {}
+
+/// The KV-maintenance module, loaded into the context.
+pub struct LoadedKv {
+    pub append: sys::CUfunction,
+    pub copy_pages: sys::CUfunction,
+    _module: Module,
+}
+
+unsafe impl Send for LoadedKv {}
+unsafe impl Sync for LoadedKv {}
+
+/// What every launch of a context shares. Field order is drop order: modules before the device
+/// releases its primary context.
+pub struct Shared {
+    attention: Mutex<HashMap<(u32, DType), Arc<LoadedAttention>>>,
+    kv: Mutex<Option<Arc<LoadedKv>>>,
+    pub cache: KernelCache,
+    pub dev: Device,
+}
+
+impl Shared {
+    /// The attention kernels for (head_dim, dtype): loaded on first use, compiled if not cached.
+    pub fn attention(&self, head_dim: u32, dtype: DType) -> Result<Arc<LoadedAttention>> {
+        if !compile::HEAD_DIMS.contains(&head_dim) {
+            return Err(crate::unsupported!("head_dim = {head_dim} is not supported by the CUDA kernels (64, 128, 256)"));
+        }
+        if !compile::DTYPES.contains(&dtype) {
+            return Err(crate::unsupported!("dtype = {} is not supported by the CUDA kernels (f16, bf16)", dtype.name()));
+        }
+        let mut map = self.attention.lock();
+        if let Some(k) = map.get(&(head_dim, dtype)) {
+            return Ok(k.clone());
+        }
+        let unit = Unit::Attention { head_dim, dtype };
+        let smem = compile::attention_smem_bytes(head_dim, unit.block_n());
+        if smem > self.dev.max_smem_optin {
+            return Err(crate::unsupported!("{} needs {smem} bytes of shared memory; this device allows {}", unit.name(), self.dev.max_smem_optin));
+        }
+        let cubin = self.cache.get(unit)?.cubin;
+        let _g = self.dev.enter()?;
+        let module = Module::load(&self.dev, &cubin, &unit.name())?;
+        let attention = module.function("packed_attention")?;
+        let merge = module.function("merge_partials")?;
+        use cudarc::driver::result::{function, occupancy};
+        use sys::CUfunction_attribute::*;
+        // SAFETY: valid function handles of a loaded module; the context is current.
+        let (ctas_per_sm, registers, local_bytes) = unsafe {
+            function::set_function_attribute(attention, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+                .map_err(|e| driver::device_err("cuFuncSetAttribute(max dynamic shared memory)", e))?;
+            let ctas = occupancy::max_active_block_per_multiprocessor(attention, compile::ATTENTION_THREADS as i32, smem as usize)
+                .map_err(|e| driver::device_err("cuOccupancyMaxActiveBlocksPerMultiprocessor", e))?;
+            let regs = function::get_function_attribute(attention, CU_FUNC_ATTRIBUTE_NUM_REGS).unwrap_or(-1);
+            let local = function::get_function_attribute(attention, CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES).unwrap_or(-1);
+            (ctas, regs, local)
+        };
+        if ctas_per_sm < 1 {
+            return Err(Error::Device(format!("{} cannot run on this device: no CTA fits an SM", unit.name())));
+        }
+        let k = Arc::new(LoadedAttention { attention, merge, smem_bytes: smem, ctas_per_sm: (ctas_per_sm as u32).min(4), registers, local_bytes, _module: module });
+        map.insert((head_dim, dtype), k.clone());
+        Ok(k)
+    }
+
+    pub fn kv(&self) -> Result<Arc<LoadedKv>> {
+        let mut slot = self.kv.lock();
+        if let Some(k) = slot.as_ref() {
+            return Ok(k.clone());
+        }
+        let cubin = self.cache.get(Unit::Kv)?.cubin;
+        let _g = self.dev.enter()?;
+        let module = Module::load(&self.dev, &cubin, "kv")?;
+        let k = Arc::new(LoadedKv { append: module.function("append_kv")?, copy_pages: module.function("copy_pages")?, _module: module });
+        *slot = Some(k.clone());
+        Ok(k)
+    }
+}
+
+pub struct CudaBackend {
+    shared: Arc<Shared>,
+}
+
+impl CudaBackend {
+    /// Opens device `choice.device_ordinal`: `NoDevice` with the reason when the driver, NVRTC or
+    /// the device is missing.
+    pub fn new(choice: &BackendChoice) -> Result<CudaBackend> {
+        if !compile::nvrtc_present() {
+            return Err(Error::NoDevice("the NVRTC library (libnvrtc.so) could not be loaded on this machine".into()));
+        }
+        let dev = Device::open(choice.device_ordinal)?;
+        let arch = compile::arch_for(dev.cc.0, dev.cc.1);
+        let cache = KernelCache::new(&arch, compile::default_cache_dir(choice.kernel_cache_dir.as_deref()))?;
+        Ok(CudaBackend { shared: Arc::new(Shared { attention: Mutex::new(HashMap::new()), kv: Mutex::new(None), cache, dev }) })
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+    pub fn device(&self) -> &Device {
+        &self.shared.dev
+    }
+
+    /// Binds with a concrete type (tests use the grid and capacity).
+    pub fn bind_cuda(&self, plan: Arc<Plan>, stream: u64, scratch: Option<Scratch>, capacity: &LaunchCapacity) -> Result<launch::CudaBound> {
+        launch::CudaBound::new(self.shared.clone(), plan, stream, scratch, capacity)
+    }
+}
+
+impl Backend for CudaBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Cuda
+    }
+    fn device_name(&self) -> String {
+        self.shared.dev.name.clone()
+    }
+    fn profile(&self) -> DeviceProfile {
+        let dev = &self.shared.dev;
+        DeviceProfile {
+            num_workers: dev.sm_count * 2,
+            block_m: compile::BLOCK_M,
+            block_n: 64,
+            cost_row_key: 1.0,
+            cost_key: 4.0,
+            cost_item: 256.0,
+        }
+    }
+    fn bind(&self, plan: Arc<Plan>, stream: u64, scratch: Option<Scratch>) -> Result<Box<dyn BoundPlan>> {
+        Ok(Box::new(self.bind_cuda(plan, stream, scratch, &LaunchCapacity::default())?))
+    }
+    fn bind_with_capacity(&self, plan: Arc<Plan>, stream: u64, scratch: Option<Scratch>, capacity: &LaunchCapacity) -> Result<Box<dyn BoundPlan>> {
+        Ok(Box::new(self.bind_cuda(plan, stream, scratch, capacity)?))
+    }
+    /// Compiles (or loads from the disk cache) and loads every kernel variant.
+    fn precompile(&self) -> Result<()> {
+        for unit in Unit::all() {
+            match unit {
+                Unit::Attention { head_dim, dtype } => drop(self.shared.attention(head_dim, dtype)?),
+                Unit::Kv => drop(self.shared.kv()?),
+            }
+        }
+        Ok(())
+    }
 }

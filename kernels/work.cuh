@@ -72,6 +72,7 @@ struct KernelParams {
     i64 o_stride_token, o_stride_head;
     float* lse;      // may be null
     float* scratch;  // [num_slots * head_dim] partial rows, then [num_slots] partial LSEs
+    u32* group_counter;  // next group to take; 0 before attention, reset to 0 by the merge kernel
     u32 flags;       // PI_FLAG_*
     u32 num_qo_heads;
 };

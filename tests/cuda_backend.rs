@@ -553,3 +553,21 @@ fn handmade_plans_are_valid_on_the_cpu_backend() {
         common::assert_close(&case, &o, &lse, &format!("handmade on cpu {i} ({} items, {} merges)", plan.items.len(), plan.merges.len()));
     }
 }
+
+#[test]
+fn calibration_fits_and_stores_a_profile() {
+    let Some(cu) = backend("calibration_fits_and_stores_a_profile") else { return };
+    let (profile, samples) = cu.calibrate().unwrap();
+    for s in &samples {
+        println!("calibration: {:>2} rows x {:>4} keys: {:.2} us per item", s.rows, s.keys, s.item_us);
+    }
+    println!("calibrated profile: {profile:?} (stored at {:?})", cu.profile_path());
+    assert!(profile.cost_row_key > 0.0 && profile.cost_key > 0.0 && profile.cost_item > 0.0);
+    // Longer items must cost more under the fitted model.
+    let cost = |rows: f64, keys: f64| profile.cost_row_key * rows * keys + profile.cost_key * keys + profile.cost_item;
+    assert!(cost(64.0, 2048.0) > cost(64.0, 256.0) && cost(4.0, 2048.0) > cost(4.0, 16.0));
+    if cu.profile_path().is_some() {
+        let again = CudaBackend::new(&BackendChoice { kind: Some(BackendKind::Cuda), device_ordinal: 0, cpu_threads: 0, kernel_cache_dir: cu.shared().cache.dir().map(Into::into) }).unwrap();
+        assert_eq!(again.profile(), profile, "a new context does not load the stored profile");
+    }
+}

@@ -81,10 +81,11 @@ impl Unit {
 }
 
 /// Dynamic shared memory of the attention kernel: the Q tile and two K/V stages (rows padded by
-/// 8 elements), then the row table (24 bytes a row). `kernels/attention.cu` asserts the same.
+/// 8 elements), then the row table (24 bytes a row) and the drawn group number (16 bytes).
+/// `kernels/attention.cu` asserts the same.
 pub fn attention_smem_bytes(head_dim: u32, block_n: u32) -> u32 {
     let ld = head_dim + 8;
-    BLOCK_M * ld * 2 + 4 * block_n * ld * 2 + BLOCK_M * 24
+    BLOCK_M * ld * 2 + 4 * block_n * ld * 2 + BLOCK_M * 24 + 16
 }
 
 /// The NVRTC architecture for a compute capability: the arch-specific target on Hopper (so

@@ -60,6 +60,7 @@ pub struct KernelParams {
     pub o_stride_head: i64,
     pub lse: u64,
     pub scratch: u64,
+    pub group_counter: u64,
     pub flags: u32,
     pub num_qo_heads: u32,
 }
@@ -70,6 +71,7 @@ pub const FLAG_KV_VEC: u32 = 2;
 /// Byte offsets of each array in the launch's device buffer (fixed by the capacity).
 #[derive(Debug, Clone, Copy)]
 struct Layout {
+    group_counter: usize,
     items: usize,
     segments: usize,
     chunks: usize,
@@ -90,6 +92,7 @@ impl Layout {
             start
         };
         let _header = take(std::mem::size_of::<PlanHeader>());
+        let group_counter = take(4);
         let items = take(c.items as usize * std::mem::size_of::<WorkItem>());
         let segments = take(c.row_segments as usize * std::mem::size_of::<RowSegment>());
         let chunks = take(c.kv_chunks as usize * std::mem::size_of::<KvChunk>());
@@ -98,7 +101,7 @@ impl Layout {
         let group_offsets = take((c.groups as usize + 1) * 4);
         let merges = take(c.merge_rows as usize * std::mem::size_of::<MergeRow>());
         let merge_slots = take(c.merge_slots as usize * 4);
-        Layout { items, segments, chunks, requests, pages, group_offsets, merges, merge_slots, total: at }
+        Layout { group_counter, items, segments, chunks, requests, pages, group_offsets, merges, merge_slots, total: at }
     }
 }
 
@@ -253,6 +256,7 @@ impl CudaBound {
         let l = &self.layout;
         let mut img = self.staging.lock();
         put(&mut img, 0, &[header]);
+        put(&mut img, l.group_counter, &[0u32]);
         put(&mut img, l.items, &plan.items);
         put(&mut img, l.segments, &plan.row_segments);
         put(&mut img, l.chunks, &plan.kv_chunks);
@@ -310,6 +314,7 @@ impl CudaBound {
             o_stride_head: args.o.stride_head,
             lse: args.lse,
             scratch,
+            group_counter: at(l.group_counter),
             flags,
             num_qo_heads: self.plan.shape.num_qo_heads,
         }

@@ -5,6 +5,7 @@
 //! (`compile`); a launch (`launch`) holds the uploaded work list and runs on the caller's stream
 //! with the caller's pointers, pushing the device's primary context around every call.
 
+pub mod calibrate;
 pub mod compile;
 pub mod driver;
 pub mod kv;
@@ -129,6 +130,8 @@ impl Shared {
 
 pub struct CudaBackend {
     shared: Arc<Shared>,
+    /// The calibrated profile stored beside the kernel cache, if any (read at open).
+    stored: Option<DeviceProfile>,
 }
 
 impl CudaBackend {
@@ -141,7 +144,9 @@ impl CudaBackend {
         let dev = Device::open(choice.device_ordinal)?;
         let arch = compile::arch_for(dev.cc.0, dev.cc.1);
         let cache = KernelCache::new(&arch, compile::default_cache_dir(choice.kernel_cache_dir.as_deref()))?;
-        Ok(CudaBackend { shared: Arc::new(Shared { attention: Mutex::new(HashMap::new()), kv: Mutex::new(None), cache, dev }) })
+        let mut b = CudaBackend { shared: Arc::new(Shared { attention: Mutex::new(HashMap::new()), kv: Mutex::new(None), cache, dev }), stored: None };
+        b.stored = b.stored_profile();
+        Ok(b)
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
@@ -165,6 +170,9 @@ impl Backend for CudaBackend {
         self.shared.dev.name.clone()
     }
     fn profile(&self) -> DeviceProfile {
+        if let Some(p) = &self.stored {
+            return p.clone();
+        }
         let dev = &self.shared.dev;
         DeviceProfile {
             num_workers: dev.sm_count * 2,

@@ -1,13 +1,14 @@
 // The packed-attention kernel and the merge kernel.
 //
-// Compiled by NVRTC once per variant with -DPI_HEAD_DIM=64|128|256, -DPI_BF16=0|1 and
-// -DPI_BLOCK_N (keys per inner step); work.cuh is prepended by the host.
+// Compiled by NVRTC once per variant with -DPI_HEAD_DIM=64|128|256, -DPI_BF16=0|1,
+// -DPI_BLOCK_N (keys per inner step) and -DPI_WARPS (4 or 8 warps of 16 tile rows each);
+// work.cuh is prepended by the host.
 //
 // Execution model (the planner's contract, src/plan/work.rs): persistent CTAs take groups from a
 // device counter (work stealing, so a CTA that drew short groups takes more) and run each
 // group's items back to back, in order. An item is a tile of up to
 // PI_BLOCK_M query rows (several requests and GQA heads, listed by row segments) against a list of
-// KV chunks; each chunk applies to a contiguous range of the tile's rows. Four warps each own a
+// KV chunks; each chunk applies to a contiguous range of the tile's rows. Each warp owns a
 // 16-row slice; for a chunk, only the slices that intersect its rows do math. QK^T and PV run on
 // tensor cores (mma.sync m16n8k16, operands through ldmatrix), K/V blocks arrive by cp.async into
 // a two-stage ring, softmax is online, in fp32, in base 2.
@@ -18,8 +19,10 @@
 #ifndef PI_BLOCK_N
 #define PI_BLOCK_N 64
 #endif
-#define PI_BLOCK_M 64
+#ifndef PI_WARPS
 #define PI_WARPS 4
+#endif
+#define PI_BLOCK_M (16 * PI_WARPS)
 #define PI_THREADS (PI_WARPS * 32)
 // Shared-memory rows are padded by 16 bytes so ldmatrix's 8 row addresses hit distinct banks.
 #define PI_LD (PI_HEAD_DIM + 8)

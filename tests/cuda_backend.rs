@@ -342,7 +342,7 @@ fn handmade_plans_packed_split_prefix() {
             vec![]
         };
         let case = Case::build(&mut r, &spec, &lens, prefix);
-        let plan = handmade_plan(&case, 64, &mut r);
+        let plan = handmade_plan(&case, cu.profile().block_m, &mut r);
         let ctx = format!("handmade {i} ({} items, {} merges) {spec:?}", plan.items.len(), plan.merges.len());
         let (o, lse) = run_plan(&cu, &case, plan);
         done.push((case, o, lse, ctx));

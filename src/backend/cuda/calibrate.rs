@@ -9,7 +9,7 @@ use cudarc::driver::result as cu;
 use cudarc::driver::sys;
 
 use super::driver::{device_err, DeviceBuffer};
-use super::{compile, CudaBackend};
+use super::CudaBackend;
 use crate::backend::{BoundPlan, LaunchCapacity};
 use crate::error::{Error, Result};
 use crate::plan::{DeviceProfile, KvChunk, Plan, PlanOptions, PlanStats, RequestInfo, RowSegment, WorkItem, FINAL_OUTPUT};
@@ -43,7 +43,7 @@ fn fill_bf16(n: usize, seed: u64) -> Vec<u8> {
 
 /// A plan of `num` requests, each one tile of `rows` rows (GQA group 4) against `keys` keys,
 /// one item per group; requests' pages cycle through a pool of `pool_pages`.
-fn synthetic_plan(shape: Shape, rows: u32, keys: u32, num: u32, pool_pages: u32) -> Plan {
+fn synthetic_plan(shape: Shape, rows: u32, keys: u32, num: u32, pool_pages: u32, block_m: u32) -> Plan {
     let group = shape.group_size();
     let q_len = rows / group;
     let pages_per = keys.div_ceil(PAGE);
@@ -67,7 +67,7 @@ fn synthetic_plan(shape: Shape, rows: u32, keys: u32, num: u32, pool_pages: u32)
         shape,
         batch,
         options: PlanOptions::default(),
-        block_m: compile::BLOCK_M,
+        block_m,
         requests,
         items: plan_items,
         row_segments: segs,
@@ -135,7 +135,7 @@ impl CudaBackend {
         let (start, stop) = (ev(sys::CUevent_flags::CU_EVENT_DEFAULT)?, ev(sys::CUevent_flags::CU_EVENT_DEFAULT)?);
         let stream = std::ptr::null_mut::<sys::CUstream_st>();
         for (rows, keys) in SHAPES {
-            let plan = Arc::new(synthetic_plan(shape, rows, keys, num, pool_pages));
+            let plan = Arc::new(synthetic_plan(shape, rows, keys, num, pool_pages, kernels.block_m));
             let bound = self.bind_cuda(plan, 0, None, &LaunchCapacity::default())?;
             bound.wait()?;
             let args = RunArgs {
@@ -167,7 +167,7 @@ impl CudaBackend {
         let (a, b, c) = fit(&samples);
         let profile = DeviceProfile {
             num_workers: grid,
-            block_m: compile::BLOCK_M,
+            block_m: kernels.block_m,
             block_n: 64,
             cost_row_key: a.max(1e-9),
             cost_key: b.max(1e-9),
@@ -198,6 +198,6 @@ impl CudaBackend {
             cost_key: get("cost_key ")?,
             cost_item: get("cost_item ")?,
         })
-        .filter(|p| p.block_m == compile::BLOCK_M && p.num_workers > 0)
+        .filter(|p| p.block_m == 16 * self.shared.tile_warps && p.num_workers > 0)
     }
 }

@@ -18,10 +18,17 @@ pub const WORK_CUH: &str = include_str!("../../../kernels/work.cuh");
 pub const ATTENTION_CU: &str = include_str!("../../../kernels/attention.cu");
 pub const KV_CU: &str = include_str!("../../../kernels/kv.cu");
 
-/// Rows of a Q tile in the attention kernel (4 warps × 16 rows); the planner's `block_m`.
-pub const BLOCK_M: u32 = 64;
-/// Threads of an attention CTA.
-pub const ATTENTION_THREADS: u32 = 128;
+/// Warps of an attention CTA, each owning 16 rows of the Q tile (so the planner's `block_m` is
+/// 16 × this). 4 unless `PACKINFER_TILE_WARPS` says 8 (a tuning knob read when a context opens).
+pub const DEFAULT_TILE_WARPS: u32 = 4;
+
+/// The tile warps a new context uses.
+pub fn tile_warps_from_env() -> u32 {
+    match std::env::var("PACKINFER_TILE_WARPS").ok().as_deref() {
+        Some("8") => 8,
+        _ => DEFAULT_TILE_WARPS,
+    }
+}
 /// Head dims the GPU kernels take.
 pub const HEAD_DIMS: [u32; 3] = [64, 128, 256];
 /// Element types the GPU kernels take.
@@ -30,23 +37,23 @@ pub const DTYPES: [DType; 2] = [DType::F16, DType::Bf16];
 /// One compiled module: what it is specialised for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Unit {
-    /// `packed_attention` + `merge_partials` for one head_dim and dtype.
-    Attention { head_dim: u32, dtype: DType },
+    /// `packed_attention` + `merge_partials` for one head_dim, dtype and CTA size (warps).
+    Attention { head_dim: u32, dtype: DType, warps: u32 },
     /// `append_kv` + `copy_pages` (element-type agnostic 16-bit moves).
     Kv,
 }
 
 impl Unit {
-    /// Every unit a CUDA context can need.
-    pub fn all() -> Vec<Unit> {
-        let mut v: Vec<Unit> = HEAD_DIMS.iter().flat_map(|&d| DTYPES.iter().map(move |&t| Unit::Attention { head_dim: d, dtype: t })).collect();
+    /// Every unit a CUDA context with `warps`-warp attention CTAs can need.
+    pub fn all(warps: u32) -> Vec<Unit> {
+        let mut v: Vec<Unit> = HEAD_DIMS.iter().flat_map(|&d| DTYPES.iter().map(move |&t| Unit::Attention { head_dim: d, dtype: t, warps })).collect();
         v.push(Unit::Kv);
         v
     }
 
     pub fn name(&self) -> String {
         match self {
-            Unit::Attention { head_dim, dtype } => format!("attention-d{head_dim}-{}", dtype.name()),
+            Unit::Attention { head_dim, dtype, warps } => format!("attention-d{head_dim}-{}-w{warps}", dtype.name()),
             Unit::Kv => "kv".into(),
         }
     }
@@ -69,11 +76,12 @@ impl Unit {
 
     fn defines(&self) -> Vec<String> {
         match *self {
-            Unit::Attention { head_dim, dtype } => vec![
+            Unit::Attention { head_dim, dtype, warps } => vec![
                 format!("-DPI_HEAD_DIM={head_dim}"),
                 format!("-DPI_BF16={}", (dtype == DType::Bf16) as u32),
                 format!("-DPI_BLOCK_N={}", self.block_n()),
-                format!("-DPI_SMEM_BYTES={}", attention_smem_bytes(head_dim, self.block_n())),
+                format!("-DPI_WARPS={warps}"),
+                format!("-DPI_SMEM_BYTES={}", attention_smem_bytes(head_dim, self.block_n(), 16 * warps)),
             ],
             Unit::Kv => vec![],
         }
@@ -83,9 +91,9 @@ impl Unit {
 /// Dynamic shared memory of the attention kernel: the Q tile and two K/V stages (rows padded by
 /// 8 elements), then the row table (24 bytes a row) and the drawn group number (16 bytes).
 /// `kernels/attention.cu` asserts the same.
-pub fn attention_smem_bytes(head_dim: u32, block_n: u32) -> u32 {
+pub fn attention_smem_bytes(head_dim: u32, block_n: u32, block_m: u32) -> u32 {
     let ld = head_dim + 8;
-    BLOCK_M * ld * 2 + 4 * block_n * ld * 2 + BLOCK_M * 24 + 16
+    block_m * ld * 2 + 4 * block_n * ld * 2 + block_m * 24 + 16
 }
 
 /// The NVRTC architecture for a compute capability: the arch-specific target on Hopper (so

@@ -238,7 +238,7 @@ impl CudaBound {
     /// Writes `plan` into the staging image and copies it with one async copy on `stream`,
     /// then records the completion event.
     fn upload(&self, plan: &Plan, stream: u64) -> Result<()> {
-        let offsets = check_plan(plan, super::compile::BLOCK_M)?;
+        let offsets = check_plan(plan, self.kernels.block_m)?;
         self.capacity.check_fits(plan)?;
         let s = &plan.shape;
         let header = PlanHeader {
@@ -337,7 +337,7 @@ impl BoundPlan for CudaBound {
         // SAFETY: KernelParams mirrors the kernels' parameter; every pointer in it is a buffer
         // of this launch or the caller's tensor of the plan's shape.
         unsafe {
-            driver::launch(k.attention, self.grid, super::compile::ATTENTION_THREADS, k.smem_bytes, stream, &mut p, "launching packed_attention")?;
+            driver::launch(k.attention, self.grid, k.threads, k.smem_bytes, stream, &mut p, "launching packed_attention")?;
             driver::launch(k.merge, self.merge_grid, 128, 0, stream, &mut p, "launching merge_partials")?;
         }
         Ok(())

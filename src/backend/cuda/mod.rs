@@ -39,6 +39,9 @@ pub fn open(choice: &BackendChoice) -> Result<Arc<dyn Backend>> {
 
 /// The attention module of one variant, loaded into the context.
 pub struct LoadedAttention {
+    /// Rows of a tile (16 per warp) and threads of a CTA.
+    pub block_m: u32,
+    pub threads: u32,
     pub attention: sys::CUfunction,
     pub merge: sys::CUfunction,
     pub smem_bytes: u32,
@@ -68,6 +71,8 @@ pub struct Shared {
     attention: Mutex<HashMap<(u32, DType), Arc<LoadedAttention>>>,
     kv: Mutex<Option<Arc<LoadedKv>>>,
     pub cache: KernelCache,
+    /// Warps of an attention CTA (16 tile rows each).
+    pub tile_warps: u32,
     pub dev: Device,
 }
 
@@ -84,8 +89,9 @@ impl Shared {
         if let Some(k) = map.get(&(head_dim, dtype)) {
             return Ok(k.clone());
         }
-        let unit = Unit::Attention { head_dim, dtype };
-        let smem = compile::attention_smem_bytes(head_dim, unit.block_n());
+        let warps = self.tile_warps;
+        let unit = Unit::Attention { head_dim, dtype, warps };
+        let smem = compile::attention_smem_bytes(head_dim, unit.block_n(), 16 * warps);
         if smem > self.dev.max_smem_optin {
             return Err(crate::unsupported!("{} needs {smem} bytes of shared memory; this device allows {}", unit.name(), self.dev.max_smem_optin));
         }
@@ -100,7 +106,7 @@ impl Shared {
         let (ctas_per_sm, registers, local_bytes) = unsafe {
             function::set_function_attribute(attention, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
                 .map_err(|e| driver::device_err("cuFuncSetAttribute(max dynamic shared memory)", e))?;
-            let ctas = occupancy::max_active_block_per_multiprocessor(attention, compile::ATTENTION_THREADS as i32, smem as usize)
+            let ctas = occupancy::max_active_block_per_multiprocessor(attention, (32 * warps) as i32, smem as usize)
                 .map_err(|e| driver::device_err("cuOccupancyMaxActiveBlocksPerMultiprocessor", e))?;
             let regs = function::get_function_attribute(attention, CU_FUNC_ATTRIBUTE_NUM_REGS).unwrap_or(-1);
             let local = function::get_function_attribute(attention, CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES).unwrap_or(-1);
@@ -109,7 +115,7 @@ impl Shared {
         if ctas_per_sm < 1 {
             return Err(Error::Device(format!("{} cannot run on this device: no CTA fits an SM", unit.name())));
         }
-        let k = Arc::new(LoadedAttention { attention, merge, smem_bytes: smem, ctas_per_sm: (ctas_per_sm as u32).min(4), registers, local_bytes, _module: module });
+        let k = Arc::new(LoadedAttention { block_m: 16 * warps, threads: 32 * warps, attention, merge, smem_bytes: smem, ctas_per_sm: (ctas_per_sm as u32).min(4), registers, local_bytes, _module: module });
         map.insert((head_dim, dtype), k.clone());
         Ok(k)
     }
@@ -144,7 +150,7 @@ impl CudaBackend {
         let dev = Device::open(choice.device_ordinal)?;
         let arch = compile::arch_for(dev.cc.0, dev.cc.1);
         let cache = KernelCache::new(&arch, compile::default_cache_dir(choice.kernel_cache_dir.as_deref()))?;
-        let mut b = CudaBackend { shared: Arc::new(Shared { attention: Mutex::new(HashMap::new()), kv: Mutex::new(None), cache, dev }), stored: None };
+        let mut b = CudaBackend { shared: Arc::new(Shared { attention: Mutex::new(HashMap::new()), kv: Mutex::new(None), cache, tile_warps: compile::tile_warps_from_env(), dev }), stored: None };
         b.stored = b.stored_profile();
         Ok(b)
     }
@@ -176,7 +182,7 @@ impl Backend for CudaBackend {
         let dev = &self.shared.dev;
         DeviceProfile {
             num_workers: dev.sm_count * 2,
-            block_m: compile::BLOCK_M,
+            block_m: 16 * self.shared.tile_warps,
             block_n: 64,
             cost_row_key: 1.0,
             cost_key: 4.0,
@@ -191,9 +197,9 @@ impl Backend for CudaBackend {
     }
     /// Compiles (or loads from the disk cache) and loads every kernel variant.
     fn precompile(&self) -> Result<()> {
-        for unit in Unit::all() {
+        for unit in Unit::all(self.shared.tile_warps) {
             match unit {
-                Unit::Attention { head_dim, dtype } => drop(self.shared.attention(head_dim, dtype)?),
+                Unit::Attention { head_dim, dtype, .. } => drop(self.shared.attention(head_dim, dtype)?),
                 Unit::Kv => drop(self.shared.kv()?),
             }
         }

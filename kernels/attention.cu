@@ -156,7 +156,9 @@ __device__ __forceinline__ void load_kv_block(const KernelParams& p, Smem& sm, i
 }
 
 // Q fragments stay in registers for the whole item where they fit next to the accumulators.
+#ifndef PI_Q_REGS
 #define PI_Q_REGS (PI_HEAD_DIM <= 128)
+#endif
 #define PI_QF (PI_Q_REGS ? PI_HEAD_DIM / 16 : 1)
 // A tile of at most 16 rows (a decode, a few packed short rows) has one warp's worth of rows;
 // then the warps split each key block instead (warp w takes 16 keys), and combine at the end.
@@ -168,7 +170,7 @@ __device__ __forceinline__ void load_kv_block(const KernelParams& p, Smem& sm, i
 template <int NT>
 __device__ __forceinline__ void attend(const Smem& sm, int slice, int lane, const u32 (&qf)[PI_QF][4],
                                        const u16* ks, const u16* vs, int kbase, u32 key_first, u32 end0,
-                                       u32 end1, float scale, float& m0, float& m1, float& l0, float& l1,
+                                       u32 end1, bool all_visible, float scale, float& m0, float& m1, float& l0, float& l1,
                                        float (&acc)[PI_HEAD_DIM / 8][4]) {
     const int col = 2 * (lane % 4);
     float s[NT][4];
@@ -190,17 +192,30 @@ __device__ __forceinline__ void attend(const Smem& sm, int slice, int lane, cons
             mma16816(s[2 * j + 1], a, b[2], b[3]);
         }
     }
-    // Mask, scale, online softmax (base 2).
+    // Mask (unless the whole warp sees every key of its range), scale, online softmax (base 2).
     float bm0 = PI_NEG_INF, bm1 = PI_NEG_INF;
+    if (all_visible) {
 #pragma unroll
-    for (int j = 0; j < NT; ++j) {
+        for (int j = 0; j < NT; ++j) {
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-            const u32 key = key_first + 8 * j + col + e;
-            s[j][e] = key < end0 ? s[j][e] * scale : PI_NEG_INF;
-            s[j][2 + e] = key < end1 ? s[j][2 + e] * scale : PI_NEG_INF;
-            bm0 = fmaxf(bm0, s[j][e]);
-            bm1 = fmaxf(bm1, s[j][2 + e]);
+            for (int e = 0; e < 2; ++e) {
+                s[j][e] *= scale;
+                s[j][2 + e] *= scale;
+                bm0 = fmaxf(bm0, s[j][e]);
+                bm1 = fmaxf(bm1, s[j][2 + e]);
+            }
+        }
+    } else {
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const u32 key = key_first + 8 * j + col + e;
+                s[j][e] = key < end0 ? s[j][e] * scale : PI_NEG_INF;
+                s[j][2 + e] = key < end1 ? s[j][2 + e] * scale : PI_NEG_INF;
+                bm0 = fmaxf(bm0, s[j][e]);
+                bm1 = fmaxf(bm1, s[j][2 + e]);
+            }
         }
     }
     bm0 = fmaxf(bm0, __shfl_xor_sync(0xffffffffu, bm0, 1));
@@ -358,12 +373,14 @@ packed_attention(const KernelParams p) {
                     // Skip the math when none of the warp's rows sees one of its keys.
                     const bool any = __any_sync(0xffffffffu, active && (first < end0 || first < end1));
                     if (any) {
+                        const u32 width = split ? 16 : PI_BLOCK_N;
+                        const bool all_visible = __all_sync(0xffffffffu, first + width <= end0 && first + width <= end1);
                         if (split)
                             attend<2>(sm, slice, lane, qf, sm.k[stage], sm.v[stage], 16 * warp, first, end0, end1,
-                                      scale, m0, m1, l0, l1, acc);
+                                      all_visible, scale, m0, m1, l0, l1, acc);
                         else
                             attend<PI_BLOCK_N / 8>(sm, slice, lane, qf, sm.k[stage], sm.v[stage], 0, key0, end0, end1,
-                                                   scale, m0, m1, l0, l1, acc);
+                                                   all_visible, scale, m0, m1, l0, l1, acc);
                     }
                     __syncthreads();  // the stage is overwritten by the prefetch two blocks on
                     stage ^= 1;

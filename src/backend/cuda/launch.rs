@@ -195,9 +195,8 @@ pub struct CudaBound {
 }
 
 impl CudaBound {
-    pub(super) fn new(shared: Arc<Shared>, plan: Arc<Plan>, stream: u64, scratch: Option<Scratch>, capacity: &LaunchCapacity) -> Result<CudaBound> {
+    pub(super) fn new(shared: Arc<Shared>, kernels: Arc<LoadedAttention>, plan: Arc<Plan>, stream: u64, scratch: Option<Scratch>, capacity: &LaunchCapacity) -> Result<CudaBound> {
         let shape = &plan.shape;
-        let kernels = shared.attention(shape.head_dim, shape.dtype)?;
         let capacity = capacity.max(&LaunchCapacity::of(&plan));
         let layout = Layout::new(&capacity);
         let dev = &shared.dev;
@@ -230,6 +229,10 @@ impl CudaBound {
     /// Grid of the attention kernel (persistent CTAs).
     pub fn grid(&self) -> u32 {
         self.grid
+    }
+    /// Rows of a tile of the kernel this launch runs.
+    pub fn block_m(&self) -> u32 {
+        self.kernels.block_m
     }
     pub fn capacity(&self) -> LaunchCapacity {
         self.capacity

@@ -22,10 +22,7 @@
 #ifndef PI_WARPS
 #define PI_WARPS 4
 #endif
-#ifndef PI_MT
-#define PI_MT 1
-#endif
-#define PI_BLOCK_M (16 * PI_WARPS * PI_MT)
+#define PI_BLOCK_M (16 * PI_WARPS)
 #define PI_THREADS (PI_WARPS * 32)
 // Shared-memory rows are padded by 16 bytes so ldmatrix's 8 row addresses hit distinct banks.
 #define PI_LD (PI_HEAD_DIM + 8)
@@ -158,126 +155,117 @@ __device__ __forceinline__ void load_kv_block(const KernelParams& p, Smem& sm, i
     cp_async_commit();
 }
 
-// Each warp owns PI_MT 16-row m-tiles of the Q tile (PI_MT = 2 reuses every K/V fragment twice).
-#ifndef PI_MT
-#define PI_MT 1
-#endif
 // Q fragments stay in registers for the whole item where they fit next to the accumulators.
 #ifndef PI_Q_REGS
-#define PI_Q_REGS (PI_HEAD_DIM <= 128 && PI_MT == 1)
+#define PI_Q_REGS (PI_HEAD_DIM <= 128)
 #endif
 #define PI_QF (PI_Q_REGS ? PI_HEAD_DIM / 16 : 1)
-// A tile of at most 16 rows (a decode, a few packed short rows) has one m-tile's worth of rows;
+// A tile of at most 16 rows (a decode, a few packed short rows) has one warp's worth of rows;
 // then the warps split each key block instead (warp w takes 16 keys), and combine at the end.
-#define PI_SPLIT_WARPS (PI_BLOCK_N / 16 < PI_WARPS ? PI_BLOCK_N / 16 : PI_WARPS)
+#define PI_SPLIT_WARPS (PI_BLOCK_N / 16)
 
-// One warp's share of a K/V block: its MTN m-tiles of rows (from tile row `row_base`) against NT
-// 8-key tiles starting at row `kbase` of the stage (absolute key `key_first`), masked by the
-// rows' visible-key ends, folded into the online softmax state and the output accumulators.
-// Thread rows: m-tile t, half h is tile row row_base + 16t + 8h + lane/4.
-template <int NT, int MTN>
-__device__ __forceinline__ void attend(const Smem& sm, int row_base, int lane, const u32 (&qf)[PI_QF][4],
-                                       const u16* ks, const u16* vs, int kbase, u32 key_first,
-                                       const u32 (&end)[PI_MT][2], bool all_visible, float scale,
-                                       float (&m)[PI_MT][2], float (&l)[PI_MT][2],
-                                       float (&acc)[PI_MT][PI_HEAD_DIM / 8][4]) {
+// One warp's share of a K/V block: its 16 rows against NT 8-key tiles starting at row `kbase` of
+// the stage (absolute key `key_first`), masked by the rows' visible-key ends, folded into the
+// online softmax state and the output accumulators.
+template <int NT>
+__device__ __forceinline__ void attend(const Smem& sm, int slice, int lane, const u32 (&qf)[PI_QF][4],
+                                       const u16* ks, const u16* vs, int kbase, u32 key_first, u32 end0,
+                                       u32 end1, bool all_visible, float scale, float& m0, float& m1, float& l0, float& l1,
+                                       float (&acc)[PI_HEAD_DIM / 8][4]) {
     const int col = 2 * (lane % 4);
-    float s[MTN][NT][4];
+    float s[NT][4];
 #pragma unroll
-    for (int t = 0; t < MTN; ++t)
-#pragma unroll
-        for (int j = 0; j < NT; ++j) s[t][j][0] = s[t][j][1] = s[t][j][2] = s[t][j][3] = 0.f;
+    for (int j = 0; j < NT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < PI_HEAD_DIM / 16; ++kk) {
-        u32 a[MTN][4];
-#pragma unroll
-        for (int t = 0; t < MTN; ++t) {
-            if constexpr (PI_Q_REGS) {
-                a[t][0] = qf[kk][0]; a[t][1] = qf[kk][1]; a[t][2] = qf[kk][2]; a[t][3] = qf[kk][3];
-            } else {
-                ldmatrix_x4(a[t], &sm.q[(row_base + 16 * t + lane % 16) * PI_LD + kk * 16 + (lane / 16) * 8]);
-            }
+        u32 a[4];
+        if constexpr (PI_Q_REGS) {
+            a[0] = qf[kk][0]; a[1] = qf[kk][1]; a[2] = qf[kk][2]; a[3] = qf[kk][3];
+        } else {
+            ldmatrix_x4(a, &sm.q[(slice * 16 + lane % 16) * PI_LD + kk * 16 + (lane / 16) * 8]);
         }
 #pragma unroll
         for (int j = 0; j < NT / 2; ++j) {
             u32 b[4];
             ldmatrix_x4(b, &ks[(kbase + 16 * j + lane % 8 + (lane / 16) * 8) * PI_LD + kk * 16 + ((lane / 8) % 2) * 8]);
+            mma16816(s[2 * j], a, b[0], b[1]);
+            mma16816(s[2 * j + 1], a, b[2], b[3]);
+        }
+    }
+    // Mask (unless the whole warp sees every key of its range), scale, online softmax (base 2).
+    float bm0 = PI_NEG_INF, bm1 = PI_NEG_INF;
+    if (all_visible) {
 #pragma unroll
-            for (int t = 0; t < MTN; ++t) {
-                mma16816(s[t][2 * j], a[t], b[0], b[1]);
-                mma16816(s[t][2 * j + 1], a[t], b[2], b[3]);
+        for (int j = 0; j < NT; ++j) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                s[j][e] *= scale;
+                s[j][2 + e] *= scale;
+                bm0 = fmaxf(bm0, s[j][e]);
+                bm1 = fmaxf(bm1, s[j][2 + e]);
+            }
+        }
+    } else {
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const u32 key = key_first + 8 * j + col + e;
+                s[j][e] = key < end0 ? s[j][e] * scale : PI_NEG_INF;
+                s[j][2 + e] = key < end1 ? s[j][2 + e] * scale : PI_NEG_INF;
+                bm0 = fmaxf(bm0, s[j][e]);
+                bm1 = fmaxf(bm1, s[j][2 + e]);
             }
         }
     }
+    bm0 = fmaxf(bm0, __shfl_xor_sync(0xffffffffu, bm0, 1));
+    bm0 = fmaxf(bm0, __shfl_xor_sync(0xffffffffu, bm0, 2));
+    bm1 = fmaxf(bm1, __shfl_xor_sync(0xffffffffu, bm1, 1));
+    bm1 = fmaxf(bm1, __shfl_xor_sync(0xffffffffu, bm1, 2));
+    const float n0 = fmaxf(m0, bm0), n1 = fmaxf(m1, bm1);
+    // A row that has seen no key yet keeps max -inf; subtract 0 then, not -inf.
+    const float base0 = n0 == PI_NEG_INF ? 0.f : n0;
+    const float base1 = n1 == PI_NEG_INF ? 0.f : n1;
+    const float alpha0 = exp2_approx(m0 - base0), alpha1 = exp2_approx(m1 - base1);
+    m0 = n0;
+    m1 = n1;
+    l0 *= alpha0;
+    l1 *= alpha1;
 #pragma unroll
-    for (int t = 0; t < MTN; ++t) {
-        // Mask (unless the whole warp sees every key of its range), scale, online softmax (base 2).
-        float bm[2] = {PI_NEG_INF, PI_NEG_INF};
+    for (int j = 0; j < PI_HEAD_DIM / 8; ++j) {
+        acc[j][0] *= alpha0;
+        acc[j][1] *= alpha0;
+        acc[j][2] *= alpha1;
+        acc[j][3] *= alpha1;
+    }
 #pragma unroll
-        for (int j = 0; j < NT; ++j) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int h = e / 2;
-                if (all_visible) {
-                    s[t][j][e] *= scale;
-                } else {
-                    const u32 key = key_first + 8 * j + col + (e & 1);
-                    s[t][j][e] = key < end[t][h] ? s[t][j][e] * scale : PI_NEG_INF;
-                }
-                bm[h] = fmaxf(bm[h], s[t][j][e]);
-            }
-        }
-        float base[2];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            bm[h] = fmaxf(bm[h], __shfl_xor_sync(0xffffffffu, bm[h], 1));
-            bm[h] = fmaxf(bm[h], __shfl_xor_sync(0xffffffffu, bm[h], 2));
-            const float n = fmaxf(m[t][h], bm[h]);
-            // A row that has seen no key yet keeps max -inf; subtract 0 then, not -inf.
-            base[h] = n == PI_NEG_INF ? 0.f : n;
-            const float alpha = exp2_approx(m[t][h] - base[h]);
-            m[t][h] = n;
-            l[t][h] *= alpha;
-#pragma unroll
-            for (int j = 0; j < PI_HEAD_DIM / 8; ++j) {
-                acc[t][j][2 * h] *= alpha;
-                acc[t][j][2 * h + 1] *= alpha;
-            }
-        }
-#pragma unroll
-        for (int j = 0; j < NT; ++j) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                s[t][j][e] = exp2_approx(s[t][j][e] - base[e / 2]);
-                l[t][e / 2] += s[t][j][e];
-            }
-        }
+    for (int j = 0; j < NT; ++j) {
+        s[j][0] = exp2_approx(s[j][0] - base0);
+        s[j][1] = exp2_approx(s[j][1] - base0);
+        s[j][2] = exp2_approx(s[j][2] - base1);
+        s[j][3] = exp2_approx(s[j][3] - base1);
+        l0 += s[j][0] + s[j][1];
+        l1 += s[j][2] + s[j][3];
     }
     // O += P V: the S accumulators of two 8-key tiles are the A fragment of one 16-key step.
 #pragma unroll
     for (int kk = 0; kk < NT / 2; ++kk) {
-        u32 a[MTN][4];
-#pragma unroll
-        for (int t = 0; t < MTN; ++t) {
-            a[t][0] = pack2(s[t][2 * kk][0], s[t][2 * kk][1]);
-            a[t][1] = pack2(s[t][2 * kk][2], s[t][2 * kk][3]);
-            a[t][2] = pack2(s[t][2 * kk + 1][0], s[t][2 * kk + 1][1]);
-            a[t][3] = pack2(s[t][2 * kk + 1][2], s[t][2 * kk + 1][3]);
-        }
+        u32 a[4];
+        a[0] = pack2(s[2 * kk][0], s[2 * kk][1]);
+        a[1] = pack2(s[2 * kk][2], s[2 * kk][3]);
+        a[2] = pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        a[3] = pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 #pragma unroll
         for (int j = 0; j < PI_HEAD_DIM / 16; ++j) {
             u32 b[4];
             ldmatrix_x4_trans(b, &vs[(kbase + 16 * kk + lane % 8 + ((lane / 8) % 2) * 8) * PI_LD + 16 * j + (lane / 16) * 8]);
-#pragma unroll
-            for (int t = 0; t < MTN; ++t) {
-                mma16816(acc[t][2 * j], a[t], b[0], b[1]);
-                mma16816(acc[t][2 * j + 1], a[t], b[2], b[3]);
-            }
+            mma16816(acc[2 * j], a, b[0], b[1]);
+            mma16816(acc[2 * j + 1], a, b[2], b[3]);
         }
     }
 }
 
-// Where split warps leave their state for warp 0 to combine (over the K/V stages, free by then).
+// Where split warps leave their state for warp 0 to combine (over the K stages, free by then).
 struct SplitState {
     float acc[PI_SPLIT_WARPS][16][PI_HEAD_DIM];
     float m[PI_SPLIT_WARPS][16];
@@ -307,9 +295,9 @@ packed_attention(const KernelParams p) {
         for (u32 it = p.group_offsets[g]; it < item_end; ++it) {
             const WorkItem item = p.items[it];
             const bool split = item.num_rows <= 16;
-            // The warp's rows of the tile (all warps share rows 0..15 when splitting).
-            const int row_base = split ? 0 : warp * 16 * PI_MT;
-            const int slice_rows = split ? 16 : 16 * PI_MT;
+            // The warp's 16-row slice of the tile, and this thread's two rows in it.
+            const int slice = split ? 0 : warp;
+            const int r0 = slice * 16 + lane / 4, r1 = r0 + 8;
             // Row table: which (token, head) each tile row is, and how many of its keys it sees.
             for (int r = tid; r < PI_BLOCK_M; r += PI_THREADS) {
                 RowInfo ri = {0, 0, 0, 0, 0};
@@ -349,38 +337,25 @@ packed_attention(const KernelParams p) {
                 __syncthreads();
 #pragma unroll
                 for (int kk = 0; kk < PI_QF; ++kk)
-                    ldmatrix_x4(qf[kk], &sm.q[(row_base + lane % 16) * PI_LD + kk * 16 + (lane / 16) * 8]);
+                    ldmatrix_x4(qf[kk], &sm.q[(slice * 16 + lane % 16) * PI_LD + kk * 16 + (lane / 16) * 8]);
             }
 
-            float acc[PI_MT][PI_HEAD_DIM / 8][4];
-            float m[PI_MT][2], l[PI_MT][2];  // running max (base-2 scaled), this thread's share of the sums
-            u32 lim[PI_MT][2];
+            float acc[PI_HEAD_DIM / 8][4];
 #pragma unroll
-            for (int t = 0; t < PI_MT; ++t) {
-#pragma unroll
-                for (int j = 0; j < PI_HEAD_DIM / 8; ++j) acc[t][j][0] = acc[t][j][1] = acc[t][j][2] = acc[t][j][3] = 0.f;
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    m[t][h] = PI_NEG_INF;
-                    l[t][h] = 0.f;
-                    lim[t][h] = sm.rows[row_base + 16 * t + 8 * h + lane / 4].key_limit;
-                }
-            }
+            for (int j = 0; j < PI_HEAD_DIM / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+            float m0 = PI_NEG_INF, m1 = PI_NEG_INF;  // running max (base-2 scaled) of rows r0, r1
+            float l0 = 0.f, l1 = 0.f;                // this thread's share of the running sums
+            const u32 lim0 = sm.rows[r0].key_limit, lim1 = sm.rows[r1].key_limit;
 
             for (u32 ci = 0; ci < item.chunk_count; ++ci) {
                 const KvChunk ch = p.chunks[item.chunk_begin + ci];
                 const RequestInfo req = p.requests[ch.request];
-                const bool active = (u32)row_base < ch.row_end && ch.row_begin < (u32)(row_base + slice_rows)
-                                    && (u32)row_base < item.num_rows && (!split || warp < PI_SPLIT_WARPS);
-                u32 end[PI_MT][2];
-#pragma unroll
-                for (int t = 0; t < PI_MT; ++t)
-#pragma unroll
-                    for (int h = 0; h < 2; ++h) {
-                        const u32 r = row_base + 16 * t + 8 * h + lane / 4;
-                        const bool in = ch.row_begin <= r && r < ch.row_end && (!split || t == 0);
-                        end[t][h] = in ? min(ch.key_end, lim[t][h]) : 0;
-                    }
+                const bool active = (u32)(slice * 16) < ch.row_end && ch.row_begin < (u32)(slice * 16 + 16)
+                                    && (u32)(slice * 16) < item.num_rows && (!split || warp < PI_SPLIT_WARPS);
+                const bool in0 = ch.row_begin <= (u32)r0 && (u32)r0 < ch.row_end;
+                const bool in1 = ch.row_begin <= (u32)r1 && (u32)r1 < ch.row_end;
+                const u32 end0 = in0 ? min(ch.key_end, lim0) : 0;
+                const u32 end1 = in1 ? min(ch.key_end, lim1) : 0;
                 int stage = 0;
                 if (ch.key_begin < ch.key_end)
                     load_kv_block(p, sm, 0, req, item.kv_head, ch.key_begin, ch.key_end, hdr.page_size);
@@ -395,24 +370,17 @@ packed_attention(const KernelParams p) {
                     __syncthreads();
                     // This warp's keys of the block: all of them, or its 16 when splitting.
                     const u32 first = split ? key0 + 16 * warp : key0;
-                    const u32 width = split ? 16 : PI_BLOCK_N;
-                    bool sees = false, sees_all = true;
-#pragma unroll
-                    for (int t = 0; t < PI_MT; ++t)
-#pragma unroll
-                        for (int h = 0; h < 2; ++h) {
-                            sees = sees || first < end[t][h];
-                            sees_all = sees_all && first + width <= end[t][h];
-                        }
                     // Skip the math when none of the warp's rows sees one of its keys.
-                    if (__any_sync(0xffffffffu, active && sees)) {
-                        const bool all_visible = __all_sync(0xffffffffu, sees_all);
+                    const bool any = __any_sync(0xffffffffu, active && (first < end0 || first < end1));
+                    if (any) {
+                        const u32 width = split ? 16 : PI_BLOCK_N;
+                        const bool all_visible = __all_sync(0xffffffffu, first + width <= end0 && first + width <= end1);
                         if (split)
-                            attend<2, 1>(sm, row_base, lane, qf, sm.k[stage], sm.v[stage], 16 * warp, first, end,
-                                         all_visible, scale, m, l, acc);
+                            attend<2>(sm, slice, lane, qf, sm.k[stage], sm.v[stage], 16 * warp, first, end0, end1,
+                                      all_visible, scale, m0, m1, l0, l1, acc);
                         else
-                            attend<PI_BLOCK_N / 8, PI_MT>(sm, row_base, lane, qf, sm.k[stage], sm.v[stage], 0, key0,
-                                                          end, all_visible, scale, m, l, acc);
+                            attend<PI_BLOCK_N / 8>(sm, slice, lane, qf, sm.k[stage], sm.v[stage], 0, key0, end0, end1,
+                                                   all_visible, scale, m0, m1, l0, l1, acc);
                     }
                     __syncthreads();  // the stage is overwritten by the prefetch two blocks on
                     stage ^= 1;
@@ -421,91 +389,95 @@ packed_attention(const KernelParams p) {
             cp_async_wait<0>();  // an item without keys still issued its Q copies
 
             // Finish the rows: total sums across the quad, LSE in natural log, write out.
-#pragma unroll
-            for (int t = 0; t < PI_MT; ++t)
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    l[t][h] += __shfl_xor_sync(0xffffffffu, l[t][h], 1);
-                    l[t][h] += __shfl_xor_sync(0xffffffffu, l[t][h], 2);
-                }
+            l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+            l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+            l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+            l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
             if (split) {
                 // Warps 1.. hand their state to warp 0, which rescales everything to the common max.
                 __syncthreads();  // all warps are done with the K/V stages the state overwrites
                 if (warp < PI_SPLIT_WARPS) {
+                    const int a = lane / 4, b = a + 8;
 #pragma unroll
-                    for (int h = 0; h < 2; ++h) {
-                        const int r = 8 * h + lane / 4;
-#pragma unroll
-                        for (int j = 0; j < PI_HEAD_DIM / 8; ++j) {
-                            split_state.acc[warp][r][8 * j + col] = acc[0][j][2 * h];
-                            split_state.acc[warp][r][8 * j + col + 1] = acc[0][j][2 * h + 1];
-                        }
-                        if (lane % 4 == 0) {
-                            split_state.m[warp][r] = m[0][h];
-                            split_state.l[warp][r] = l[0][h];
-                        }
+                    for (int j = 0; j < PI_HEAD_DIM / 8; ++j) {
+                        split_state.acc[warp][a][8 * j + col] = acc[j][0];
+                        split_state.acc[warp][a][8 * j + col + 1] = acc[j][1];
+                        split_state.acc[warp][b][8 * j + col] = acc[j][2];
+                        split_state.acc[warp][b][8 * j + col + 1] = acc[j][3];
+                    }
+                    if (lane % 4 == 0) {
+                        split_state.m[warp][a] = m0;
+                        split_state.m[warp][b] = m1;
+                        split_state.l[warp][a] = l0;
+                        split_state.l[warp][b] = l1;
                     }
                 }
                 __syncthreads();
                 if (warp == 0) {
+                    const int a = lane / 4, b = a + 8;
+                    float M0 = PI_NEG_INF, M1 = PI_NEG_INF;
 #pragma unroll
-                    for (int h = 0; h < 2; ++h) {
-                        const int r = 8 * h + lane / 4;
-                        float M = PI_NEG_INF;
+                    for (int w = 0; w < PI_SPLIT_WARPS; ++w) {
+                        M0 = fmaxf(M0, split_state.m[w][a]);
+                        M1 = fmaxf(M1, split_state.m[w][b]);
+                    }
+                    float f0[PI_SPLIT_WARPS], f1[PI_SPLIT_WARPS];
+                    l0 = l1 = 0.f;
 #pragma unroll
-                        for (int w = 0; w < PI_SPLIT_WARPS; ++w) M = fmaxf(M, split_state.m[w][r]);
-                        float f[PI_SPLIT_WARPS];
-                        float L = 0.f;
+                    for (int w = 0; w < PI_SPLIT_WARPS; ++w) {
+                        f0[w] = M0 == PI_NEG_INF ? 0.f : exp2_approx(split_state.m[w][a] - M0);
+                        f1[w] = M1 == PI_NEG_INF ? 0.f : exp2_approx(split_state.m[w][b] - M1);
+                        l0 += f0[w] * split_state.l[w][a];
+                        l1 += f1[w] * split_state.l[w][b];
+                    }
+#pragma unroll
+                    for (int j = 0; j < PI_HEAD_DIM / 8; ++j) {
+                        float x0 = 0.f, x1 = 0.f, x2 = 0.f, x3 = 0.f;
 #pragma unroll
                         for (int w = 0; w < PI_SPLIT_WARPS; ++w) {
-                            f[w] = M == PI_NEG_INF ? 0.f : exp2_approx(split_state.m[w][r] - M);
-                            L += f[w] * split_state.l[w][r];
+                            x0 += f0[w] * split_state.acc[w][a][8 * j + col];
+                            x1 += f0[w] * split_state.acc[w][a][8 * j + col + 1];
+                            x2 += f1[w] * split_state.acc[w][b][8 * j + col];
+                            x3 += f1[w] * split_state.acc[w][b][8 * j + col + 1];
                         }
-#pragma unroll
-                        for (int j = 0; j < PI_HEAD_DIM / 8; ++j) {
-                            float x0 = 0.f, x1 = 0.f;
-#pragma unroll
-                            for (int w = 0; w < PI_SPLIT_WARPS; ++w) {
-                                x0 += f[w] * split_state.acc[w][r][8 * j + col];
-                                x1 += f[w] * split_state.acc[w][r][8 * j + col + 1];
-                            }
-                            acc[0][j][2 * h] = x0;
-                            acc[0][j][2 * h + 1] = x1;
-                        }
-                        m[0][h] = M;
-                        l[0][h] = L;
+                        acc[j][0] = x0;
+                        acc[j][1] = x1;
+                        acc[j][2] = x2;
+                        acc[j][3] = x3;
                     }
+                    m0 = M0;
+                    m1 = M1;
                 }
             }
             const float LN2 = 0.6931471805599453f;
+            const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+            const float lse0 = l0 > 0.f ? (m0 + __log2f(l0)) * LN2 : PI_NEG_INF;
+            const float lse1 = l1 > 0.f ? (m1 + __log2f(l1)) * LN2 : PI_NEG_INF;
             const bool writer = !split || warp == 0;
 #pragma unroll
-            for (int t = 0; t < PI_MT; ++t) {
+            for (int half = 0; half < 2; ++half) {
+                const int r = half ? r1 : r0;
+                if (!writer || (u32)r >= item.num_rows) continue;
+                const float inv = half ? inv1 : inv0;
+                const float lse = half ? lse1 : lse0;
+                const RowInfo ri = sm.rows[r];
+                if (item.partial_slot == PI_FINAL_OUTPUT) {
+                    u16* ob = (u16*)p.o + (i64)ri.token * p.o_stride_token + (i64)ri.head * p.o_stride_head;
 #pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const int r = row_base + 16 * t + 8 * h + lane / 4;
-                    if (!writer || (u32)r >= item.num_rows) continue;
-                    const float inv = l[t][h] > 0.f ? 1.f / l[t][h] : 0.f;
-                    const float lse = l[t][h] > 0.f ? (m[t][h] + __log2f(l[t][h])) * LN2 : PI_NEG_INF;
-                    const RowInfo ri = sm.rows[r];
-                    if (item.partial_slot == PI_FINAL_OUTPUT) {
-                        u16* ob = (u16*)p.o + (i64)ri.token * p.o_stride_token + (i64)ri.head * p.o_stride_head;
-#pragma unroll
-                        for (int j = 0; j < PI_HEAD_DIM / 8; ++j) {
-                            ob[8 * j + col] = to_elem(acc[t][j][2 * h] * inv);
-                            ob[8 * j + col + 1] = to_elem(acc[t][j][2 * h + 1] * inv);
-                        }
-                        if (p.lse && lane % 4 == 0) p.lse[(i64)ri.token * p.num_qo_heads + ri.head] = lse;
-                    } else {
-                        const u32 slot = item.partial_slot + r;
-                        float* ob = p.scratch + (i64)slot * PI_HEAD_DIM;
-#pragma unroll
-                        for (int j = 0; j < PI_HEAD_DIM / 8; ++j) {
-                            ob[8 * j + col] = acc[t][j][2 * h] * inv;
-                            ob[8 * j + col + 1] = acc[t][j][2 * h + 1] * inv;
-                        }
-                        if (lane % 4 == 0) p.scratch[(i64)hdr.num_slots * PI_HEAD_DIM + slot] = lse;
+                    for (int j = 0; j < PI_HEAD_DIM / 8; ++j) {
+                        ob[8 * j + col] = to_elem(acc[j][2 * half] * inv);
+                        ob[8 * j + col + 1] = to_elem(acc[j][2 * half + 1] * inv);
                     }
+                    if (p.lse && lane % 4 == 0) p.lse[(i64)ri.token * p.num_qo_heads + ri.head] = lse;
+                } else {
+                    const u32 slot = item.partial_slot + r;
+                    float* ob = p.scratch + (i64)slot * PI_HEAD_DIM;
+#pragma unroll
+                    for (int j = 0; j < PI_HEAD_DIM / 8; ++j) {
+                        ob[8 * j + col] = acc[j][2 * half] * inv;
+                        ob[8 * j + col + 1] = acc[j][2 * half + 1] * inv;
+                    }
+                    if (lane % 4 == 0) p.scratch[(i64)hdr.num_slots * PI_HEAD_DIM + slot] = lse;
                 }
             }
             __syncthreads();  // the row table, Q tile and split state are rewritten by the next item

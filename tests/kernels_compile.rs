@@ -39,12 +39,7 @@ fn every_variant_compiles_for_sm80_and_sm90a() {
     println!("NVRTC {major}.{minor}");
     let mut failures = Vec::new();
     for arch in ["sm_80", "sm_90a"] {
-        let mut units = Unit::all(compile::Tile::W4);
-        for t in [compile::Tile::W8, compile::Tile::W4M2] {
-            let more: Vec<Unit> = Unit::all(t).into_iter().filter(|u| *u != Unit::Kv && !units.contains(u)).collect();
-            units.extend(more);
-        }
-        for unit in units {
+        for unit in Unit::all(4).into_iter().chain(Unit::all(8).into_iter().filter(|u| *u != Unit::Kv)) {
             match compile::compile(unit, arch) {
                 Ok(c) => {
                     println!("{} {arch}: cubin {} bytes\n    {}", unit.name(), c.cubin.len(), resource_summary(&c.log));
@@ -107,9 +102,9 @@ fn work_structs_match_the_kernels_byte_for_byte() {
 
 #[test]
 fn cache_names_change_with_architecture_and_variant() {
-    let a = compile::cache_file_name(Unit::Attention { head_dim: 128, dtype: packinfer::types::DType::Bf16, tile: compile::Tile::W4 }, "sm_90a", (13, 0));
-    let b = compile::cache_file_name(Unit::Attention { head_dim: 128, dtype: packinfer::types::DType::Bf16, tile: compile::Tile::W4 }, "sm_80", (13, 0));
-    let c = compile::cache_file_name(Unit::Attention { head_dim: 64, dtype: packinfer::types::DType::Bf16, tile: compile::Tile::W4 }, "sm_90a", (13, 0));
-    let d = compile::cache_file_name(Unit::Attention { head_dim: 128, dtype: packinfer::types::DType::Bf16, tile: compile::Tile::W4 }, "sm_90a", (13, 1));
+    let a = compile::cache_file_name(Unit::Attention { head_dim: 128, dtype: packinfer::types::DType::Bf16, warps: 4 }, "sm_90a", (13, 0));
+    let b = compile::cache_file_name(Unit::Attention { head_dim: 128, dtype: packinfer::types::DType::Bf16, warps: 4 }, "sm_80", (13, 0));
+    let c = compile::cache_file_name(Unit::Attention { head_dim: 64, dtype: packinfer::types::DType::Bf16, warps: 4 }, "sm_90a", (13, 0));
+    let d = compile::cache_file_name(Unit::Attention { head_dim: 128, dtype: packinfer::types::DType::Bf16, warps: 4 }, "sm_90a", (13, 1));
     assert!(a != b && a != c && a != d && b != c, "{a} {b} {c} {d}");
 }

@@ -198,6 +198,6 @@ impl CudaBackend {
             cost_key: get("cost_key ")?,
             cost_item: get("cost_item ")?,
         })
-        .filter(|p| p.block_m == self.shared.tile.block_m() && p.num_workers > 0)
+        .filter(|p| p.block_m == 16 * self.shared.tile_warps && p.num_workers > 0)
     }
 }

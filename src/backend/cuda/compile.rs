@@ -18,52 +18,20 @@ pub const WORK_CUH: &str = include_str!("../../../kernels/work.cuh");
 pub const ATTENTION_CU: &str = include_str!("../../../kernels/attention.cu");
 pub const KV_CU: &str = include_str!("../../../kernels/kv.cu");
 
-/// The shape of an attention CTA: `warps` warps, each owning `mt` 16-row m-tiles of the Q tile.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Tile {
-    pub warps: u32,
-    pub mt: u32,
-}
+/// Warps of an attention CTA, each owning 16 rows of the Q tile (so the planner's `block_m` is
+/// 16 × this). 8 unless `PACKINFER_TILE_WARPS` says 4 (a tuning knob read when a context opens):
+/// 128-row tiles halve the K/V traffic per FLOP (H200, W1 prefill: 6.1 ms against 7.7 ms with 4
+/// warps), 64-row tiles leave two CTAs per SM (W2 decode 0.51 ms against 0.55 ms).
+pub const DEFAULT_TILE_WARPS: u32 = 8;
 
-impl Tile {
-    /// 64-row tiles, 4 warps: two CTAs per SM; the narrow kernel for decode-heavy launches.
-    pub const W4: Tile = Tile { warps: 4, mt: 1 };
-    /// 128-row tiles, 8 warps of 16 rows.
-    pub const W8: Tile = Tile { warps: 8, mt: 1 };
-    /// 128-row tiles, 4 warps of 32 rows (every K/V fragment feeds two m-tiles); head_dim <= 128.
-    pub const W4M2: Tile = Tile { warps: 4, mt: 2 };
-
-    /// Rows of a Q tile: the planner's `block_m`.
-    pub fn block_m(self) -> u32 {
-        16 * self.warps * self.mt
-    }
-    pub fn threads(self) -> u32 {
-        32 * self.warps
-    }
-    pub fn name(self) -> String {
-        if self.mt == 1 { format!("w{}", self.warps) } else { format!("w{}m{}", self.warps, self.mt) }
-    }
-    /// The tile a head_dim can use: 32-row warps do not fit head_dim 256's accumulators.
-    pub fn for_head_dim(self, head_dim: u32) -> Tile {
-        if self.mt > 1 && head_dim > 128 { Tile::W8 } else { self }
+/// The tile warps a new context uses.
+pub fn tile_warps_from_env() -> u32 {
+    match std::env::var("PACKINFER_TILE_WARPS").ok().as_deref() {
+        Some("4") => 4,
+        Some("8") => 8,
+        _ => DEFAULT_TILE_WARPS,
     }
 }
-
-/// The context's tile unless `PACKINFER_TILE` (w4, w8, w4m2; read when a context opens) says
-/// otherwise. 128-row tiles halve the K/V traffic per FLOP (H200, W1 prefill: 6.0 ms with w8
-/// against 7.5 ms with w4).
-pub const DEFAULT_TILE: Tile = Tile::W8;
-
-/// The tile a new context uses.
-pub fn tile_from_env() -> Tile {
-    match std::env::var("PACKINFER_TILE").ok().as_deref() {
-        Some("w4") => Tile::W4,
-        Some("w8") => Tile::W8,
-        Some("w4m2") => Tile::W4M2,
-        _ => DEFAULT_TILE,
-    }
-}
-
 /// Head dims the GPU kernels take.
 pub const HEAD_DIMS: [u32; 3] = [64, 128, 256];
 /// Element types the GPU kernels take.
@@ -72,33 +40,31 @@ pub const DTYPES: [DType; 2] = [DType::F16, DType::Bf16];
 /// One compiled module: what it is specialised for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Unit {
-    /// `packed_attention` + `merge_partials` for one head_dim, dtype and CTA shape.
-    Attention { head_dim: u32, dtype: DType, tile: Tile },
+    /// `packed_attention` + `merge_partials` for one head_dim, dtype and CTA size (warps).
+    Attention { head_dim: u32, dtype: DType, warps: u32 },
     /// `append_kv` + `copy_pages` (element-type agnostic 16-bit moves).
     Kv,
 }
 
 impl Unit {
-    /// Every unit a CUDA context with `tile`-shaped attention CTAs can need.
-    pub fn all(tile: Tile) -> Vec<Unit> {
-        let mut v: Vec<Unit> = HEAD_DIMS.iter().flat_map(|&d| DTYPES.iter().map(move |&t| Unit::Attention { head_dim: d, dtype: t, tile: tile.for_head_dim(d) })).collect();
+    /// Every unit a CUDA context with `warps`-warp attention CTAs can need.
+    pub fn all(warps: u32) -> Vec<Unit> {
+        let mut v: Vec<Unit> = HEAD_DIMS.iter().flat_map(|&d| DTYPES.iter().map(move |&t| Unit::Attention { head_dim: d, dtype: t, warps })).collect();
         v.push(Unit::Kv);
         v
     }
 
     pub fn name(&self) -> String {
         match self {
-            Unit::Attention { head_dim, dtype, tile } => format!("attention-d{head_dim}-{}-{}", dtype.name(), tile.name()),
+            Unit::Attention { head_dim, dtype, warps } => format!("attention-d{head_dim}-{}-w{warps}", dtype.name()),
             Unit::Kv => "kv".into(),
         }
     }
 
-    /// Keys per inner step: 64, or 32 at head_dim 256 or with 32-row warps, so the scores and
-    /// the accumulators fit the registers.
+    /// Keys per inner step: 64, or 32 at head_dim 256 so the K/V stages and the accumulators fit.
     pub fn block_n(&self) -> u32 {
         match self {
             Unit::Attention { head_dim: 256, .. } => 32,
-            Unit::Attention { tile, .. } if tile.mt > 1 => 32,
             _ => 64,
         }
     }
@@ -113,13 +79,12 @@ impl Unit {
 
     fn defines(&self) -> Vec<String> {
         match *self {
-            Unit::Attention { head_dim, dtype, tile } => vec![
+            Unit::Attention { head_dim, dtype, warps } => vec![
                 format!("-DPI_HEAD_DIM={head_dim}"),
                 format!("-DPI_BF16={}", (dtype == DType::Bf16) as u32),
                 format!("-DPI_BLOCK_N={}", self.block_n()),
-                format!("-DPI_WARPS={}", tile.warps),
-                format!("-DPI_MT={}", tile.mt),
-                format!("-DPI_SMEM_BYTES={}", attention_smem_bytes(head_dim, self.block_n(), tile.block_m())),
+                format!("-DPI_WARPS={warps}"),
+                format!("-DPI_SMEM_BYTES={}", attention_smem_bytes(head_dim, self.block_n(), 16 * warps)),
             ],
             Unit::Kv => vec![],
         }

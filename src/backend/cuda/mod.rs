@@ -17,7 +17,7 @@ use std::sync::Arc;
 use cudarc::driver::sys;
 use parking_lot::Mutex;
 
-use self::compile::{KernelCache, Tile, Unit};
+use self::compile::{KernelCache, Unit};
 use self::driver::{Device, Module};
 use super::{Backend, BackendChoice, BackendKind, BoundPlan, LaunchCapacity, Scratch};
 use crate::error::{Error, Result};
@@ -68,24 +68,23 @@ unsafe impl Sync for LoadedKv {}
 /// What every launch of a context shares. Field order is drop order: modules before the device
 /// releases its primary context.
 pub struct Shared {
-    attention: Mutex<HashMap<(u32, DType, Tile), Arc<LoadedAttention>>>,
+    attention: Mutex<HashMap<(u32, DType, u32), Arc<LoadedAttention>>>,
     kv: Mutex<Option<Arc<LoadedKv>>>,
     pub cache: KernelCache,
-    /// Shape of the attention CTAs (the narrow `Tile::W4` also serves decode-heavy launches).
-    pub tile: Tile,
+    /// Warps of an attention CTA (16 tile rows each).
+    pub tile_warps: u32,
     pub dev: Device,
 }
 
 impl Shared {
     /// The attention kernels for (head_dim, dtype) with the context's tile size.
     pub fn attention(&self, head_dim: u32, dtype: DType) -> Result<Arc<LoadedAttention>> {
-        self.attention_with(head_dim, dtype, self.tile)
+        self.attention_with(head_dim, dtype, self.tile_warps)
     }
 
-    /// The attention kernels for (head_dim, dtype) with `tile`-shaped CTAs: loaded on first use,
+    /// The attention kernels for (head_dim, dtype) with `warps`-warp CTAs: loaded on first use,
     /// compiled if not cached.
-    pub fn attention_with(&self, head_dim: u32, dtype: DType, tile: Tile) -> Result<Arc<LoadedAttention>> {
-        let tile = tile.for_head_dim(head_dim);
+    pub fn attention_with(&self, head_dim: u32, dtype: DType, warps: u32) -> Result<Arc<LoadedAttention>> {
         if !compile::HEAD_DIMS.contains(&head_dim) {
             return Err(crate::unsupported!("head_dim = {head_dim} is not supported by the CUDA kernels (64, 128, 256)"));
         }
@@ -93,11 +92,11 @@ impl Shared {
             return Err(crate::unsupported!("dtype = {} is not supported by the CUDA kernels (f16, bf16)", dtype.name()));
         }
         let mut map = self.attention.lock();
-        if let Some(k) = map.get(&(head_dim, dtype, tile)) {
+        if let Some(k) = map.get(&(head_dim, dtype, warps)) {
             return Ok(k.clone());
         }
-        let unit = Unit::Attention { head_dim, dtype, tile };
-        let smem = compile::attention_smem_bytes(head_dim, unit.block_n(), tile.block_m());
+        let unit = Unit::Attention { head_dim, dtype, warps };
+        let smem = compile::attention_smem_bytes(head_dim, unit.block_n(), 16 * warps);
         if smem > self.dev.max_smem_optin {
             return Err(crate::unsupported!("{} needs {smem} bytes of shared memory; this device allows {}", unit.name(), self.dev.max_smem_optin));
         }
@@ -112,7 +111,7 @@ impl Shared {
         let (ctas_per_sm, registers, local_bytes) = unsafe {
             function::set_function_attribute(attention, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
                 .map_err(|e| driver::device_err("cuFuncSetAttribute(max dynamic shared memory)", e))?;
-            let ctas = occupancy::max_active_block_per_multiprocessor(attention, tile.threads() as i32, smem as usize)
+            let ctas = occupancy::max_active_block_per_multiprocessor(attention, (32 * warps) as i32, smem as usize)
                 .map_err(|e| driver::device_err("cuOccupancyMaxActiveBlocksPerMultiprocessor", e))?;
             let regs = function::get_function_attribute(attention, CU_FUNC_ATTRIBUTE_NUM_REGS).unwrap_or(-1);
             let local = function::get_function_attribute(attention, CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES).unwrap_or(-1);
@@ -121,8 +120,8 @@ impl Shared {
         if ctas_per_sm < 1 {
             return Err(Error::Device(format!("{} cannot run on this device: no CTA fits an SM", unit.name())));
         }
-        let k = Arc::new(LoadedAttention { block_m: tile.block_m(), threads: tile.threads(), attention, merge, smem_bytes: smem, ctas_per_sm: (ctas_per_sm as u32).min(4), registers, local_bytes, _module: module });
-        map.insert((head_dim, dtype, tile), k.clone());
+        let k = Arc::new(LoadedAttention { block_m: 16 * warps, threads: 32 * warps, attention, merge, smem_bytes: smem, ctas_per_sm: (ctas_per_sm as u32).min(4), registers, local_bytes, _module: module });
+        map.insert((head_dim, dtype, warps), k.clone());
         Ok(k)
     }
 
@@ -156,7 +155,7 @@ impl CudaBackend {
         let dev = Device::open(choice.device_ordinal)?;
         let arch = compile::arch_for(dev.cc.0, dev.cc.1);
         let cache = KernelCache::new(&arch, compile::default_cache_dir(choice.kernel_cache_dir.as_deref()))?;
-        let mut b = CudaBackend { shared: Arc::new(Shared { attention: Mutex::new(HashMap::new()), kv: Mutex::new(None), cache, tile: compile::tile_from_env(), dev }), stored: None };
+        let mut b = CudaBackend { shared: Arc::new(Shared { attention: Mutex::new(HashMap::new()), kv: Mutex::new(None), cache, tile_warps: compile::tile_warps_from_env(), dev }), stored: None };
         b.stored = b.stored_profile();
         Ok(b)
     }
@@ -175,8 +174,8 @@ impl CudaBackend {
     /// faster there (H200, W2 decode: 0.50 ms against 0.55 ms). Launches with a capacity always
     /// run the context's tile size, so any plan within it can be uploaded later.
     pub fn bind_cuda(&self, plan: Arc<Plan>, stream: u64, scratch: Option<Scratch>, capacity: &LaunchCapacity) -> Result<launch::CudaBound> {
-        let narrow = *capacity == LaunchCapacity::default() && self.shared.tile.block_m() > 64 && plan.items.iter().all(|i| i.num_rows <= 64);
-        let kernels = self.shared.attention_with(plan.shape.head_dim, plan.shape.dtype, if narrow { Tile::W4 } else { self.shared.tile })?;
+        let narrow = *capacity == LaunchCapacity::default() && self.shared.tile_warps > 4 && plan.items.iter().all(|i| i.num_rows <= 64);
+        let kernels = self.shared.attention_with(plan.shape.head_dim, plan.shape.dtype, if narrow { 4 } else { self.shared.tile_warps })?;
         launch::CudaBound::new(self.shared.clone(), kernels, plan, stream, scratch, capacity)
     }
 }
@@ -195,7 +194,7 @@ impl Backend for CudaBackend {
         let dev = &self.shared.dev;
         DeviceProfile {
             num_workers: dev.sm_count * 2,
-            block_m: self.shared.tile.block_m(),
+            block_m: 16 * self.shared.tile_warps,
             block_n: 64,
             cost_row_key: 1.0,
             cost_key: 4.0,
@@ -211,11 +210,11 @@ impl Backend for CudaBackend {
     /// Compiles (or loads from the disk cache) and loads every kernel variant: both tile sizes
     /// (the narrow one serves decode-heavy launches) and the KV kernels.
     fn precompile(&self) -> Result<()> {
-        let tiles = if self.shared.tile != Tile::W4 { vec![self.shared.tile, Tile::W4] } else { vec![Tile::W4] };
-        for t in tiles {
-            for unit in Unit::all(t) {
+        let warps = if self.shared.tile_warps > 4 { vec![self.shared.tile_warps, 4] } else { vec![4] };
+        for w in warps {
+            for unit in Unit::all(w) {
                 match unit {
-                    Unit::Attention { head_dim, dtype, tile } => drop(self.shared.attention_with(head_dim, dtype, tile)?),
+                    Unit::Attention { head_dim, dtype, warps } => drop(self.shared.attention_with(head_dim, dtype, warps)?),
                     Unit::Kv => drop(self.shared.kv()?),
                 }
             }

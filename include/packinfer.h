@@ -9,6 +9,14 @@
 #include <stdint.h>
 
 /**
+ * Warps of an attention CTA, each owning 16 rows of the Q tile (so the planner's `block_m` is
+ * 16 × this). 8 unless `PACKINFER_TILE_WARPS` says 4 (a tuning knob read when a context opens):
+ * 128-row tiles halve the K/V traffic per FLOP (H200, W1 prefill: 6.1 ms against 7.7 ms with 4
+ * warps), 64-row tiles leave two CTAs per SM (W2 decode 0.51 ms against 0.55 ms).
+ */
+#define DEFAULT_TILE_WARPS 8
+
+/**
  * Version of the C ABI; bumped when a function's signature or a struct's existing fields change.
  */
 #define PACKINFER_ABI_VERSION 1
@@ -526,6 +534,13 @@ enum PackinferStatus packinfer_kv_layout_hnd(const void *k,
  * no launch pays compile time later. A no-op on the CPU backend.
  */
 enum PackinferStatus packinfer_context_precompile(struct PackinferContext context);
+
+/**
+ * Times a few work shapes on the context's GPU and fits the planner's cost model; plans made
+ * afterwards (and by later contexts sharing the kernel cache directory) use it. Takes about a
+ * second; run it once per device and install, not per request. UNSUPPORTED on the CPU backend.
+ */
+enum PackinferStatus packinfer_context_calibrate(struct PackinferContext context);
 
 /**
  * Like `packinfer_launch_create`, with device buffers sized for `capacity` (CUDA), so that

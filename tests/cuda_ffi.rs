@@ -62,9 +62,27 @@ fn plan(ctx: PackinferContext, case: &Case) -> PackinferPlan {
 }
 
 #[test]
+fn calibrate_is_unsupported_on_the_cpu_backend() {
+    let mut o = std::mem::MaybeUninit::<PackinferContextOptions>::uninit();
+    assert_eq!(unsafe { packinfer_context_options_default(o.as_mut_ptr()) }, PackinferStatus::Ok);
+    let mut o = unsafe { o.assume_init() };
+    o.backend = PackinferBackend::Cpu;
+    let mut ctx = PackinferContext::default();
+    assert_eq!(unsafe { packinfer_context_create(&o, &mut ctx) }, PackinferStatus::Ok);
+    assert_eq!(packinfer_context_precompile(ctx), PackinferStatus::Ok);
+    assert_eq!(packinfer_context_calibrate(ctx), PackinferStatus::Unsupported);
+    assert!(last_error().contains("CUDA"), "{}", last_error());
+    assert_eq!(packinfer_context_destroy(ctx), PackinferStatus::Ok);
+}
+
+#[test]
 fn capacity_launch_update_and_run_through_the_c_abi() {
     let Some(ctx) = cuda_context() else { return };
     assert_eq!(packinfer_context_precompile(ctx), PackinferStatus::Ok, "{}", last_error());
+    assert_eq!(packinfer_context_calibrate(ctx), PackinferStatus::Ok, "{}", last_error());
+    let mut info = PackinferContextInfo { struct_size: std::mem::size_of::<PackinferContextInfo>(), backend: PackinferBackend::Auto, num_workers: 0, device_name: [0; 128] };
+    assert_eq!(unsafe { packinfer_context_info(ctx, &mut info) }, PackinferStatus::Ok);
+    println!("device {:?}, {} workers after calibration", unsafe { CStr::from_ptr(info.device_name.as_ptr()) }, info.num_workers);
     let cu = CudaBackend::new(&BackendChoice { kind: Some(BackendKind::Cuda), device_ordinal: 0, cpu_threads: 0, kernel_cache_dir: None }).unwrap();
     let dev = cu.device();
     let mut r = rng(21);

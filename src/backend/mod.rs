@@ -63,6 +63,11 @@ pub trait Backend: Send + Sync {
     fn precompile(&self) -> Result<()> {
         Ok(())
     }
+    /// Measures this device and fits the planner's cost model; later `profile()` calls (and
+    /// later contexts on the same device and kernel cache) use it.
+    fn calibrate_profile(&self) -> Result<DeviceProfile> {
+        Err(crate::unsupported!("only the CUDA backend calibrates its cost model"))
+    }
 }
 
 /// Sizes of the device buffers of a launch: a plan fits when none of its counts is larger.

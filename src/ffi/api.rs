@@ -408,6 +408,14 @@ pub extern "C" fn packinfer_context_precompile(context: PackinferContext) -> Pac
     guard("packinfer_context_precompile", || CONTEXTS.get(context.bits)?.precompile())
 }
 
+/// Times a few work shapes on the context's GPU and fits the planner's cost model; plans made
+/// afterwards (and by later contexts sharing the kernel cache directory) use it. Takes about a
+/// second; run it once per device and install, not per request. UNSUPPORTED on the CPU backend.
+#[no_mangle]
+pub extern "C" fn packinfer_context_calibrate(context: PackinferContext) -> PackinferStatus {
+    guard("packinfer_context_calibrate", || CONTEXTS.get(context.bits)?.calibrate_profile().map(drop))
+}
+
 /// Like `packinfer_launch_create`, with device buffers sized for `capacity` (CUDA), so that
 /// `packinfer_launch_update` can upload later plans into the same launch. `options` may be NULL.
 ///

@@ -141,8 +141,9 @@ impl Shared {
 
 pub struct CudaBackend {
     shared: Arc<Shared>,
-    /// The calibrated profile stored beside the kernel cache, if any (read at open).
-    stored: Option<DeviceProfile>,
+    /// The calibrated profile stored beside the kernel cache, if any (read at open, replaced by
+    /// `calibrate_profile`).
+    stored: Mutex<Option<DeviceProfile>>,
 }
 
 impl CudaBackend {
@@ -155,8 +156,8 @@ impl CudaBackend {
         let dev = Device::open(choice.device_ordinal)?;
         let arch = compile::arch_for(dev.cc.0, dev.cc.1);
         let cache = KernelCache::new(&arch, compile::default_cache_dir(choice.kernel_cache_dir.as_deref()))?;
-        let mut b = CudaBackend { shared: Arc::new(Shared { attention: Mutex::new(HashMap::new()), kv: Mutex::new(None), cache, tile_warps: compile::tile_warps_from_env(), dev }), stored: None };
-        b.stored = b.stored_profile();
+        let mut b = CudaBackend { shared: Arc::new(Shared { attention: Mutex::new(HashMap::new()), kv: Mutex::new(None), cache, tile_warps: compile::tile_warps_from_env(), dev }), stored: Mutex::new(None) };
+        *b.stored.get_mut() = b.stored_profile();
         Ok(b)
     }
 
@@ -188,7 +189,7 @@ impl Backend for CudaBackend {
         self.shared.dev.name.clone()
     }
     fn profile(&self) -> DeviceProfile {
-        if let Some(p) = &self.stored {
+        if let Some(p) = self.stored.lock().as_ref() {
             return p.clone();
         }
         let dev = &self.shared.dev;
@@ -206,6 +207,11 @@ impl Backend for CudaBackend {
     }
     fn bind_with_capacity(&self, plan: Arc<Plan>, stream: u64, scratch: Option<Scratch>, capacity: &LaunchCapacity) -> Result<Box<dyn BoundPlan>> {
         Ok(Box::new(self.bind_cuda(plan, stream, scratch, capacity)?))
+    }
+    fn calibrate_profile(&self) -> Result<DeviceProfile> {
+        let (profile, _) = self.calibrate()?;
+        *self.stored.lock() = Some(profile.clone());
+        Ok(profile)
     }
     /// Compiles (or loads from the disk cache) and loads every kernel variant: both tile sizes
     /// (the narrow one serves decode-heavy launches) and the KV kernels.

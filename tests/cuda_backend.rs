@@ -191,6 +191,9 @@ fn every_plan_options_combination() {
     check_all(done);
 }
 
+/// A work item of a hand-made plan with its own row segments and KV chunks.
+type HandItem = (WorkItem, Vec<RowSegment>, Vec<KvChunk>);
+
 /// A plan made by hand, with everything the planner may emit: short requests packed into shared
 /// tiles (several row segments and chunks), final items split into two chunks, long ones split
 /// into partial pieces merged by LSE, and shared prefixes read once for all members' rows.
@@ -208,7 +211,7 @@ fn handmade_plan(case: &Case, block_m: u32, r: &mut SmallRng) -> Plan {
     }
     // Per (token, head): the partial slots that must be merged.
     let mut pieces: std::collections::BTreeMap<(u32, u32), Vec<u32>> = Default::default();
-    let mut items: Vec<(WorkItem, Vec<RowSegment>, Vec<KvChunk>)> = vec![];
+    let mut items: Vec<HandItem> = vec![];
     for kv_head in 0..shape.num_kv_heads {
         // Shared prefixes: one partial item per group holding all members' rows (if they fit).
         let mut prefixed = vec![false; case.batch.len()];
@@ -284,7 +287,7 @@ fn handmade_plan(case: &Case, block_m: u32, r: &mut SmallRng) -> Plan {
         let mut segs = vec![];
         let mut chunks = vec![];
         let mut row = 0;
-        let flush = |segs: &mut Vec<RowSegment>, chunks: &mut Vec<KvChunk>, row: &mut u32, items: &mut Vec<(WorkItem, Vec<RowSegment>, Vec<KvChunk>)>| {
+        let flush = |segs: &mut Vec<RowSegment>, chunks: &mut Vec<KvChunk>, row: &mut u32, items: &mut Vec<HandItem>| {
             if *row > 0 {
                 items.push((WorkItem { kv_head, num_rows: *row, partial_slot: FINAL_OUTPUT, ..Default::default() }, std::mem::take(segs), std::mem::take(chunks)));
                 *row = 0;
@@ -303,7 +306,7 @@ fn handmade_plan(case: &Case, block_m: u32, r: &mut SmallRng) -> Plan {
     }
     // Random groups (several items per group), sorted by group.
     let ngroups = (items.len() as u32 / 2).max(1);
-    let mut keyed: Vec<(u32, (WorkItem, Vec<RowSegment>, Vec<KvChunk>))> = items.into_iter().map(|it| (r.random_range(0..ngroups), it)).collect();
+    let mut keyed: Vec<(u32, HandItem)> = items.into_iter().map(|it| (r.random_range(0..ngroups), it)).collect();
     keyed.sort_by_key(|k| k.0);
     for (g, (mut item, segs, chunks)) in keyed {
         item.group = g;

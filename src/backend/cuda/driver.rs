@@ -148,9 +148,10 @@ impl Event {
         let event = cu::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(|e| device_err("cuEventCreate", e))?;
         Ok(Event { event, ctx: dev.ctx })
     }
-    pub fn record(&self, stream: sys::CUstream) -> Result<()> {
+    /// Records the event on the caller's stream (a CUstream as an integer; 0 = the default stream).
+    pub fn record(&self, stream: u64) -> Result<()> {
         // SAFETY: valid event; the stream is the caller's.
-        unsafe { cu::event::record(self.event, stream) }.map_err(|e| device_err("cuEventRecord", e))
+        unsafe { cu::event::record(self.event, stream as sys::CUstream) }.map_err(|e| device_err("cuEventRecord", e))
     }
     pub fn is_done(&self) -> Result<bool> {
         // SAFETY: valid event.

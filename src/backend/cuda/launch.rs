@@ -272,7 +272,7 @@ impl CudaBound {
         // SAFETY: the buffer is layout.total bytes, as is the image. A copy from pageable memory
         // returns once the source has been staged, so the image may change afterwards.
         unsafe { cu::memcpy_htod_async(self.buffer.ptr, &img[..], stream as sys::CUstream) }.map_err(|e| driver::device_err("uploading the work list", e))?;
-        self.event.record(stream as sys::CUstream)
+        self.event.record(stream)
     }
 
     fn params(&self, args: &RunArgs) -> KernelParams {

@@ -9,14 +9,6 @@
 #include <stdint.h>
 
 /**
- * Warps of an attention CTA, each owning 16 rows of the Q tile (so the planner's `block_m` is
- * 16 × this). 8 unless `PACKINFER_TILE_WARPS` says 4 (a tuning knob read when a context opens):
- * 128-row tiles halve the K/V traffic per FLOP (H200, W1 prefill: 6.1 ms against 7.7 ms with 4
- * warps), 64-row tiles leave two CTAs per SM (W2 decode 0.51 ms against 0.55 ms).
- */
-#define DEFAULT_TILE_WARPS 8
-
-/**
  * Version of the C ABI; bumped when a function's signature or a struct's existing fields change.
  */
 #define PACKINFER_ABI_VERSION 1

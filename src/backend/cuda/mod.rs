@@ -194,7 +194,9 @@ impl Backend for CudaBackend {
         }
         let dev = &self.shared.dev;
         DeviceProfile {
-            num_workers: dev.sm_count * 2,
+            // Resident attention CTAs: one per SM with 8-warp tiles (255 registers × 256 threads),
+            // two with 4-warp tiles. CTAs steal groups, so this only guides the group count.
+            num_workers: dev.sm_count * if self.shared.tile_warps > 4 { 1 } else { 2 },
             block_m: 16 * self.shared.tile_warps,
             block_n: 64,
             cost_row_key: 1.0,

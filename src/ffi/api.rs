@@ -414,3 +414,77 @@ pub(super) fn convert_plan_options(o: &PackinferPlanOptions) -> Result<PlanOptio
         split_keys: if o.split_keys == 0 { 2048 } else { o.split_keys },
     })
 }
+
+/// Compiles (or loads from the kernel cache) every kernel variant the context can need, so that
+/// no launch pays compile time later. A no-op on the CPU backend.
+#[no_mangle]
+pub extern "C" fn packinfer_context_precompile(context: PackinferContext) -> PackinferStatus {
+    guard("packinfer_context_precompile", || CONTEXTS.get(context.bits)?.precompile())
+}
+
+/// Times a few work shapes on the context's GPU and fits the planner's cost model; plans made
+/// afterwards (and by later contexts sharing the kernel cache directory) use it. Takes about a
+/// second; run it once per device and install, not per request. UNSUPPORTED on the CPU backend.
+#[no_mangle]
+pub extern "C" fn packinfer_context_calibrate(context: PackinferContext) -> PackinferStatus {
+    guard("packinfer_context_calibrate", || CONTEXTS.get(context.bits)?.calibrate_profile().map(drop))
+}
+
+/// Like `packinfer_launch_create`, with device buffers sized for `capacity` (CUDA), so that
+/// `packinfer_launch_update` can upload later plans into the same launch. `options` may be NULL.
+///
+/// # Safety
+/// `options` NULL or initialized; `capacity` initialized; `out` writable; `stream` a CUstream of
+/// the context's device or NULL.
+#[no_mangle]
+pub unsafe extern "C" fn packinfer_launch_create_with_capacity(
+    context: PackinferContext,
+    plan: PackinferPlan,
+    options: *const PackinferLaunchOptions,
+    capacity: *const PackinferLaunchCapacity,
+    stream: *mut c_void,
+    out: *mut PackinferLaunch,
+) -> PackinferStatus {
+    guard("packinfer_launch_create_with_capacity", || {
+        let backend = CONTEXTS.get(context.bits)?;
+        let plan = PLANS.get(plan.bits)?;
+        let c = super::options("capacity", capacity)?;
+        let capacity = backend::LaunchCapacity {
+            items: c.max_work_items,
+            row_segments: c.max_row_segments,
+            kv_chunks: c.max_kv_chunks,
+            requests: c.max_requests,
+            pages: c.max_pages,
+            merge_rows: c.max_merge_rows,
+            merge_slots: c.max_merge_slots,
+            groups: c.max_groups,
+            partial_slots: c.max_partial_slots,
+        };
+        let scratch = if options.is_null() {
+            None
+        } else {
+            let o = super::options("options", options)?;
+            (!o.scratch.is_null() || o.scratch_bytes != 0).then_some(Scratch { ptr: o.scratch as u64, bytes: o.scratch_bytes })
+        };
+        if out.is_null() {
+            return Err(invalid!("out is a null pointer"));
+        }
+        let bound = backend.bind_with_capacity(plan, stream as u64, scratch, &capacity)?;
+        write_out("out", out, PackinferLaunch { bits: LAUNCHES.insert(Launch { bound, _backend: backend }) })
+    })
+}
+
+/// Uploads `plan` (same shape as the launch's, within its capacity) into the launch's buffers on
+/// `stream` and re-records its completion event. Later `packinfer_run`s, and CUDA graphs that
+/// captured them, compute the new plan. Queue it on the stream that runs the launch.
+///
+/// # Safety
+/// `stream` a CUstream of the context's device or NULL.
+#[no_mangle]
+pub unsafe extern "C" fn packinfer_launch_update(launch: PackinferLaunch, plan: PackinferPlan, stream: *mut c_void) -> PackinferStatus {
+    guard("packinfer_launch_update", || {
+        let launch = LAUNCHES.get(launch.bits)?;
+        let plan = PLANS.get(plan.bits)?;
+        launch.bound.update(plan, stream as u64)
+    })
+}

@@ -218,3 +218,23 @@ pub struct PackinferRunArgs {
     /// cudaStream_t / CUstream to run on (ignored by the CPU backend); NULL = the default stream.
     pub stream: *mut c_void,
 }
+
+/// Sizes of a launch's device buffers, so that `packinfer_launch_update` can later upload any
+/// plan that fits (and a CUDA graph captured around `packinfer_run` replays it). 0 in a field =
+/// the first plan's own count.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PackinferLaunchCapacity {
+    /// sizeof(PackinferLaunchCapacity).
+    pub struct_size: usize,
+    pub max_work_items: u32,
+    pub max_row_segments: u32,
+    pub max_kv_chunks: u32,
+    pub max_requests: u32,
+    /// Entries of kv_page_indices.
+    pub max_pages: u32,
+    pub max_merge_rows: u32,
+    pub max_merge_slots: u32,
+    pub max_groups: u32,
+    pub max_partial_slots: u32,
+}

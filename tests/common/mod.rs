@@ -260,7 +260,12 @@ impl Case {
 /// within the dtype's rounding, LSE within fp32 accumulation error. Panics with the first bad
 /// element's position.
 pub fn assert_close(case: &Case, o: &Tensor, lse: &[f32], ctx: &str) {
-    let (ref_o, ref_lse) = case.reference();
+    assert_close_to(case, &case.reference(), o, lse, ctx)
+}
+
+/// [`assert_close`] against a reference computed once by the caller (`case.reference()`).
+pub fn assert_close_to(case: &Case, reference: &(Vec<f64>, Vec<f64>), o: &Tensor, lse: &[f32], ctx: &str) {
+    let (ref_o, ref_lse) = reference;
     let (atol, rtol) = match case.shape.dtype {
         DType::Bf16 => (1.5e-2, 1.5e-2),
         DType::F16 => (2e-3, 2e-3),
@@ -286,4 +291,20 @@ pub fn assert_close(case: &Case, o: &Tensor, lse: &[f32], ctx: &str) {
 
 pub fn rng(seed: u64) -> SmallRng {
     SmallRng::seed_from_u64(seed)
+}
+
+/// ‖got − want‖ / ‖want‖ over the finite reference values (1 when a got value is NaN).
+pub fn rel_frobenius(got: impl Iterator<Item = f64>, want: &[f64]) -> f64 {
+    let (mut num, mut den) = (0.0, 0.0);
+    for (g, &w) in got.zip(want) {
+        if !w.is_finite() {
+            continue;
+        }
+        if g.is_nan() {
+            return 1.0;
+        }
+        num += (g - w) * (g - w);
+        den += w * w;
+    }
+    if den == 0.0 { num.sqrt() } else { (num / den).sqrt() }
 }

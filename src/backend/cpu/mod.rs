@@ -59,7 +59,8 @@ impl Backend for CpuBackend {
             }
         };
         let groups = group_ranges(&plan.items);
-        Ok(Box::new(CpuBound { plan, groups, threads: self.threads, scratch: Mutex::new(scratch) }))
+        let num_slots = plan.num_partial_slots() as usize;
+        Ok(Box::new(CpuBound { plan, groups, num_slots, threads: self.threads, scratch: Mutex::new(scratch) }))
     }
     fn alloc_kv(&self, bytes: usize) -> Result<Box<dyn KvMemory>> {
         Ok(Box::new(HostKvMemory::new(bytes)?))
@@ -91,6 +92,8 @@ struct CpuBound {
     /// A thread takes a whole group at a time, as a persistent CTA does on the GPU, so the
     /// planner's load balance is what the threads see.
     groups: Vec<std::ops::Range<usize>>,
+    /// Partial slots the plan writes (the scratch holds their outputs, then their LSEs).
+    num_slots: usize,
     plan: Arc<Plan>,
     threads: u32,
     scratch: Mutex<ScratchMem>,
@@ -112,7 +115,7 @@ impl BoundPlan for CpuBound {
         let out = Outputs {
             args: *args,
             partial,
-            num_slots: self.plan.stats.num_partial_slots as usize,
+            num_slots: self.num_slots,
             head_dim: shape.head_dim as usize,
             num_qo_heads: shape.num_qo_heads as usize,
             dtype: shape.dtype,

@@ -36,26 +36,7 @@ fn cuda_context() -> Option<PackinferContext> {
 }
 
 fn plan(ctx: PackinferContext, case: &Case) -> PackinferPlan {
-    let b = &case.batch;
-    let s = &case.shape;
-    let desc = PackinferBatchDesc {
-        struct_size: std::mem::size_of::<PackinferBatchDesc>(),
-        batch_size: b.len() as u32,
-        qo_indptr: b.qo_indptr.as_ptr(),
-        kv_indptr: b.kv_indptr.as_ptr(),
-        kv_page_indices: b.kv_page_indices.as_ptr(),
-        kv_last_page_len: b.kv_last_page_len.as_ptr(),
-        page_size: b.page_size,
-        num_pages: b.num_pages,
-        num_qo_heads: s.num_qo_heads,
-        num_kv_heads: s.num_kv_heads,
-        head_dim: s.head_dim,
-        dtype: if s.dtype == DType::Bf16 { PackinferDtype::Bf16 as u32 } else { PackinferDtype::F16 as u32 },
-        causal: s.causal,
-        sm_scale: s.sm_scale,
-        num_prefix_groups: 0,
-        prefix_groups: std::ptr::null(),
-    };
+    let desc = case.c_desc(&[]);
     let mut p = PackinferPlan::default();
     assert_eq!(unsafe { packinfer_plan_create(ctx, &desc, std::ptr::null(), &mut p) }, PackinferStatus::Ok, "{}", last_error());
     p

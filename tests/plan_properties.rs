@@ -509,31 +509,13 @@ fn bad_inputs_give_clear_errors() {
 fn c_api_capacity_and_stats() {
     use packinfer::ffi::*;
     let case = small_case();
-    let b = &case.batch;
     unsafe {
         let mut copts: PackinferContextOptions = std::mem::zeroed();
         assert_eq!(packinfer_context_options_default(&mut copts), PackinferStatus::Ok);
         copts.backend = PackinferBackend::Cpu as u32;
         let mut ctx = PackinferContext::default();
         assert_eq!(packinfer_context_create(&copts, &mut ctx), PackinferStatus::Ok);
-        let desc = PackinferBatchDesc {
-            struct_size: std::mem::size_of::<PackinferBatchDesc>(),
-            batch_size: b.len() as u32,
-            qo_indptr: b.qo_indptr.as_ptr(),
-            kv_indptr: b.kv_indptr.as_ptr(),
-            kv_page_indices: b.kv_page_indices.as_ptr(),
-            kv_last_page_len: b.kv_last_page_len.as_ptr(),
-            page_size: b.page_size,
-            num_pages: b.num_pages,
-            num_qo_heads: case.shape.num_qo_heads,
-            num_kv_heads: case.shape.num_kv_heads,
-            head_dim: case.shape.head_dim,
-            dtype: PackinferDtype::F32 as u32,
-            causal: true,
-            sm_scale: 0.0,
-            num_prefix_groups: 0,
-            prefix_groups: std::ptr::null(),
-        };
+        let desc = case.c_desc(&[]);
         let mut opts: PackinferPlanOptions = std::mem::zeroed();
         assert_eq!(packinfer_plan_options_default(&mut opts), PackinferStatus::Ok);
         for bad in [-1.0, f64::NAN, f64::INFINITY] {

@@ -239,21 +239,7 @@ pub unsafe extern "C" fn packinfer_launch_create(
     stream: *mut c_void,
     out: *mut PackinferLaunch,
 ) -> PackinferStatus {
-    guard("packinfer_launch_create", || {
-        let backend = CONTEXTS.get(context.bits)?;
-        let plan = PLANS.get(plan.bits)?;
-        let scratch = if options.is_null() {
-            None
-        } else {
-            let o = super::options("options", options)?;
-            (!o.scratch.is_null() || o.scratch_bytes != 0).then_some(Scratch { ptr: o.scratch as u64, bytes: o.scratch_bytes })
-        };
-        if out.is_null() {
-            return Err(invalid!("out is a null pointer"));
-        }
-        let bound = backend.bind(plan, stream as u64, scratch)?;
-        write_out("out", out, PackinferLaunch { bits: LAUNCHES.insert(Launch { bound, _backend: backend }) })
-    })
+    guard("packinfer_launch_create", || create_launch(context, plan, options, None, stream, out))
 }
 
 /// Sets `*done` to whether the launch's upload has completed (never blocks).
@@ -446,8 +432,6 @@ pub unsafe extern "C" fn packinfer_launch_create_with_capacity(
     out: *mut PackinferLaunch,
 ) -> PackinferStatus {
     guard("packinfer_launch_create_with_capacity", || {
-        let backend = CONTEXTS.get(context.bits)?;
-        let plan = PLANS.get(plan.bits)?;
         let c = super::options("capacity", capacity)?;
         let capacity = backend::LaunchCapacity {
             items: c.max_work_items,
@@ -460,18 +444,35 @@ pub unsafe extern "C" fn packinfer_launch_create_with_capacity(
             groups: c.max_groups,
             partial_slots: c.max_partial_slots,
         };
-        let scratch = if options.is_null() {
-            None
-        } else {
-            let o = super::options("options", options)?;
-            (!o.scratch.is_null() || o.scratch_bytes != 0).then_some(Scratch { ptr: o.scratch as u64, bytes: o.scratch_bytes })
-        };
-        if out.is_null() {
-            return Err(invalid!("out is a null pointer"));
-        }
-        let bound = backend.bind_with_capacity(plan, stream as u64, scratch, &capacity)?;
-        write_out("out", out, PackinferLaunch { bits: LAUNCHES.insert(Launch { bound, _backend: backend }) })
+        create_launch(context, plan, options, Some(capacity), stream, out)
     })
+}
+
+/// The body of both launch constructors: a launch sized for its own plan, or for `capacity`.
+unsafe fn create_launch(
+    context: PackinferContext,
+    plan: PackinferPlan,
+    options: *const PackinferLaunchOptions,
+    capacity: Option<backend::LaunchCapacity>,
+    stream: *mut c_void,
+    out: *mut PackinferLaunch,
+) -> Result<()> {
+    let backend = CONTEXTS.get(context.bits)?;
+    let plan = PLANS.get(plan.bits)?;
+    let scratch = if options.is_null() {
+        None
+    } else {
+        let o = super::options("options", options)?;
+        (!o.scratch.is_null() || o.scratch_bytes != 0).then_some(Scratch { ptr: o.scratch as u64, bytes: o.scratch_bytes })
+    };
+    if out.is_null() {
+        return Err(invalid!("out is a null pointer"));
+    }
+    let bound = match capacity {
+        None => backend.bind(plan, stream as u64, scratch)?,
+        Some(c) => backend.bind_with_capacity(plan, stream as u64, scratch, &c)?,
+    };
+    write_out("out", out, PackinferLaunch { bits: LAUNCHES.insert(Launch { bound, _backend: backend }) })
 }
 
 /// Uploads `plan` (same shape as the launch's, within its capacity) into the launch's buffers on

@@ -193,6 +193,34 @@ impl Case {
         Case { shape, batch, q, k, v, layout, hnd: spec.hnd }
     }
 
+    /// The C ABI's description of this batch, borrowing the case's arrays (and `groups`').
+    pub fn c_desc(&self, groups: &[packinfer::ffi::PackinferPrefixGroup]) -> packinfer::ffi::PackinferBatchDesc {
+        use packinfer::ffi::PackinferDtype;
+        let (b, s) = (&self.batch, &self.shape);
+        packinfer::ffi::PackinferBatchDesc {
+            struct_size: std::mem::size_of::<packinfer::ffi::PackinferBatchDesc>(),
+            batch_size: b.len() as u32,
+            qo_indptr: b.qo_indptr.as_ptr(),
+            kv_indptr: b.kv_indptr.as_ptr(),
+            kv_page_indices: b.kv_page_indices.as_ptr(),
+            kv_last_page_len: b.kv_last_page_len.as_ptr(),
+            page_size: b.page_size,
+            num_pages: b.num_pages,
+            num_qo_heads: s.num_qo_heads,
+            num_kv_heads: s.num_kv_heads,
+            head_dim: s.head_dim,
+            dtype: match s.dtype {
+                DType::F16 => PackinferDtype::F16,
+                DType::Bf16 => PackinferDtype::Bf16,
+                DType::F32 => PackinferDtype::F32,
+            } as u32,
+            causal: s.causal,
+            sm_scale: s.sm_scale,
+            num_prefix_groups: groups.len() as u32,
+            prefix_groups: if groups.is_empty() { std::ptr::null() } else { groups.as_ptr() },
+        }
+    }
+
     pub fn total_q(&self) -> usize {
         self.batch.total_q() as usize
     }

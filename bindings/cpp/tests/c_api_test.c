@@ -891,14 +891,22 @@ static void test_gpu_calls_on_cpu(void) {
                "options->struct_size = 4");
   lo.struct_size = sizeof lo;
   lo.scratch_bytes = 1; /* a size without a buffer */
+  /* Deterministic 64-key splits: a plan with split partials, which needs scratch. */
+  PackinferPlanOptions split_opts;
+  CHECK_STATUS(packinfer_plan_options_default(&split_opts), PACKINFER_STATUS_OK, NULL);
+  split_opts.flags = PACKINFER_PLAN_FLAGS_DETERMINISTIC;
+  split_opts.split_keys = 64;
+  PackinferPlan split = {0};
+  CHECK_STATUS(packinfer_plan_create(ctx, &d, &split_opts, &split), PACKINFER_STATUS_OK, NULL);
   PackinferPlanStats st;
   memset(&st, 0, sizeof st);
   st.struct_size = sizeof st;
-  CHECK_STATUS(packinfer_plan_stats(plan, &st), PACKINFER_STATUS_OK, NULL);
-  if (st.scratch_bytes > 0) {
-    CHECK_STATUS(packinfer_launch_create_with_capacity(ctx, plan, &lo, &cap, NULL, &launch), PACKINFER_STATUS_INVALID_ARGUMENT,
-                 "scratch_bytes = 1 is smaller than");
-  }
+  CHECK_STATUS(packinfer_plan_stats(split, &st), PACKINFER_STATUS_OK, NULL);
+  CHECK(st.scratch_bytes > 0 && st.num_split_requests > 0, "the 64-key plan splits (%u split requests, %llu scratch bytes)",
+        st.num_split_requests, (unsigned long long)st.scratch_bytes);
+  CHECK_STATUS(packinfer_launch_create_with_capacity(ctx, split, &lo, &cap, NULL, &launch), PACKINFER_STATUS_INVALID_ARGUMENT,
+               "scratch_bytes = 1 is smaller than");
+  CHECK_STATUS(packinfer_plan_destroy(split), PACKINFER_STATUS_OK, NULL);
   PackinferContext null_ctx = {0};
   PackinferPlan null_plan = {0};
   CHECK_STATUS(packinfer_launch_create_with_capacity(null_ctx, plan, NULL, &cap, NULL, &launch), PACKINFER_STATUS_INVALID_HANDLE, "is null");

@@ -11,6 +11,10 @@
 //   packinfer::Launch launch = ctx.launch(plan);       // once per engine step
 //   for (each layer) launch.run(args);                 // once per layer
 //
+// CUDA graphs: a launch made with ctx.launch_with_capacity(plan, capacity, stream) can be
+// re-targeted at the next step's plan with launch.update(next_plan, stream), so a graph captured
+// around its runs replays the new batch (GPU only; the CPU backend says Unsupported).
+//
 // Managed level, the library owns the KV cache (see examples/cpp/managed_step.cpp):
 //   packinfer::Pool pool(ctx, pool_options);                 // at start-up
 //   pool.append(seq, n);                                     // each step: reserve new tokens
@@ -238,6 +242,21 @@ struct LaunchOptions {
   std::size_t scratch_bytes = 0;
 };
 
+// Sizes of a launch's device buffers (Context::launch_with_capacity), so that Launch::update can
+// upload later plans that fit into the same launch, and a CUDA graph captured around
+// Launch::run replays them. 0 in a field = the first plan's own count.
+struct LaunchCapacity {
+  uint32_t max_work_items = 0;
+  uint32_t max_row_segments = 0;
+  uint32_t max_kv_chunks = 0;
+  uint32_t max_requests = 0;
+  uint32_t max_pages = 0;  // entries of kv_page_indices
+  uint32_t max_merge_rows = 0;
+  uint32_t max_merge_slots = 0;
+  uint32_t max_groups = 0;
+  uint32_t max_partial_slots = 0;
+};
+
 // The C struct, as is: what the planner did (num_groups, tile_utilization, scratch_bytes, ...).
 using PlanStats = PackinferPlanStats;
 
@@ -350,6 +369,13 @@ class Launch {
   }
   // Blocks until the launch's upload has completed.
   void wait() const { detail::check(packinfer_launch_wait(h_.get())); }
+  // CUDA, launches made by Context::launch_with_capacity: uploads `plan` (same shape, within the
+  // capacity) into this launch's buffers on `stream`; later runs, and CUDA graphs that captured
+  // them, compute the new plan. Queue it on the stream that runs the launch. Throws Unsupported
+  // on the CPU backend.
+  void update(const Plan& plan, void* stream = nullptr) const {
+    detail::check(packinfer_launch_update(h_.get(), plan.handle(), stream));
+  }
 
   PackinferLaunch handle() const noexcept { return h_.get(); }
   explicit operator bool() const noexcept { return static_cast<bool>(h_); }
@@ -438,6 +464,39 @@ class Context {
     detail::check(packinfer_launch_create(h_.get(), plan.handle(), &o, stream, &h));
     return Launch(h);
   }
+
+  // Like launch(), with device buffers sized for `capacity` on CUDA, so that Launch::update can
+  // re-target the launch (and a CUDA graph captured around its runs) at later plans. The CPU
+  // backend ignores the capacity and makes an ordinary launch.
+  Launch launch_with_capacity(const Plan& plan, const LaunchCapacity& capacity, void* stream = nullptr,
+                              const LaunchOptions& options = {}) const {
+    PackinferLaunchOptions o{};
+    o.struct_size = sizeof(o);
+    o.scratch = options.scratch;
+    o.scratch_bytes = options.scratch_bytes;
+    PackinferLaunchCapacity c{};
+    c.struct_size = sizeof(c);
+    c.max_work_items = capacity.max_work_items;
+    c.max_row_segments = capacity.max_row_segments;
+    c.max_kv_chunks = capacity.max_kv_chunks;
+    c.max_requests = capacity.max_requests;
+    c.max_pages = capacity.max_pages;
+    c.max_merge_rows = capacity.max_merge_rows;
+    c.max_merge_slots = capacity.max_merge_slots;
+    c.max_groups = capacity.max_groups;
+    c.max_partial_slots = capacity.max_partial_slots;
+    PackinferLaunch h{};
+    detail::check(packinfer_launch_create_with_capacity(h_.get(), plan.handle(), &o, &c, stream, &h));
+    return Launch(h);
+  }
+
+  // Compiles (or loads from the kernel cache) every kernel variant this context can need, so no
+  // launch pays compile time later. A no-op on the CPU backend.
+  void precompile() const { detail::check(packinfer_context_precompile(h_.get())); }
+  // CUDA: times a few work shapes on the device and fits the planner's cost model, which plans
+  // made afterwards use (and later contexts sharing the kernel cache directory). About a second:
+  // once per device and install, not per request. Throws Unsupported on the CPU backend.
+  void calibrate() const { detail::check(packinfer_context_calibrate(h_.get())); }
 
   PackinferContext handle() const noexcept { return h_.get(); }
   explicit operator bool() const noexcept { return static_cast<bool>(h_); }

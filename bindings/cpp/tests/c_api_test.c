@@ -241,8 +241,10 @@ static PackinferContext cpu_context(void) {
   return ctx;
 }
 
-/* Plan, launch, run, compare against the reference, destroy: the whole flow of one step. */
-static void flow(const char* name, const Spec* spec) {
+/* Plan, launch, run, compare against the reference, destroy: the whole flow of one step. With
+ * `capacity`, the launch is made by packinfer_launch_create_with_capacity, and between the two
+ * layers packinfer_launch_update is tried: UNSUPPORTED on the CPU, and the launch still runs. */
+static void flow(const char* name, const Spec* spec, const PackinferLaunchCapacity* capacity) {
   Case c;
   case_build(&c, spec);
   PackinferContext ctx = cpu_context();
@@ -266,7 +268,12 @@ static void flow(const char* name, const Spec* spec) {
   CHECK(stats.tile_utilization > 0.0 && stats.tile_utilization <= 1.0, "%s: tile_utilization = %g", name, stats.tile_utilization);
 
   PackinferLaunch launch = {0};
-  CHECK_STATUS(packinfer_launch_create(ctx, plan, NULL, NULL, &launch), PACKINFER_STATUS_OK, NULL);
+  if (capacity == NULL) {
+    CHECK_STATUS(packinfer_launch_create(ctx, plan, NULL, NULL, &launch), PACKINFER_STATUS_OK, NULL);
+  } else {
+    CHECK_STATUS(packinfer_launch_create_with_capacity(ctx, plan, NULL, capacity, NULL, &launch), PACKINFER_STATUS_OK, NULL);
+  }
+  CHECK(launch.bits != 0, "%s: the launch handle was written", name);
   bool done = false;
   CHECK_STATUS(packinfer_launch_query(launch, &done), PACKINFER_STATUS_OK, NULL);
   CHECK(done, "%s: the CPU backend's launch is ready at once", name);
@@ -309,6 +316,12 @@ static void flow(const char* name, const Spec* spec) {
   }
   CHECK(bad == 0, "%s: output matches the reference", name);
 
+  if (capacity != NULL) {
+    /* Only the CUDA backend re-targets a launch; the failed update leaves the launch as it was. */
+    CHECK_STATUS(packinfer_launch_update(launch, plan, NULL), PACKINFER_STATUS_UNSUPPORTED,
+                 "packinfer_launch_update: this backend's launches cannot be updated; create a new launch");
+  }
+
   /* A second layer through the same launch: different Q, same metadata. */
   for (size_t i = 0; i < n_out; i++) store(c.q, i, spec->dtype, -load(c.q, i, spec->dtype)); /* Q has O's shape */
   CHECK_STATUS(packinfer_run(launch, &args), PACKINFER_STATUS_OK, NULL);
@@ -332,17 +345,17 @@ static const Spec k_mixed = {
 static void test_flows(void) {
   Spec s = k_mixed;
   s.dtype = PACKINFER_DTYPE_F32;
-  flow("f32 causal mixed batch, GQA 4", &s);
+  flow("f32 causal mixed batch, GQA 4", &s, NULL);
   s.dtype = PACKINFER_DTYPE_F16;
   s.causal = 0;
   s.head_dim = 128;
-  flow("f16 non-causal, head_dim 128", &s);
+  flow("f16 non-causal, head_dim 128", &s, NULL);
   Spec p = {
       .n = 3, .q_len = {1, 1, 3}, .kv_len = {40, 45, 33},
       .page_size = 1, .kv_heads = 1, .group = 8, .head_dim = 64, .dtype = PACKINFER_DTYPE_BF16, .causal = 1,
       .share_count = 3, .share_len = 32, .share_members = {0, 1, 2},
   };
-  flow("bf16 page size 1, shared 32-token prefix", &p);
+  flow("bf16 page size 1, shared 32-token prefix", &p, NULL);
 }
 
 static void test_version(void) {
@@ -823,11 +836,129 @@ static void test_pool_flow(void) {
   CHECK_STATUS(packinfer_context_destroy(ctx), PACKINFER_STATUS_OK, NULL);
 }
 
+/* The calls the CUDA backend added (precompile, calibrate, capacity launches, update), pinned down
+ * on the CPU backend: what each does there, and each bad argument. */
+static void test_gpu_calls_on_cpu(void) {
+  PackinferContext ctx = cpu_context();
+  CHECK_STATUS(packinfer_context_precompile(ctx), PACKINFER_STATUS_OK, NULL);
+  CHECK_STATUS(packinfer_context_precompile(ctx), PACKINFER_STATUS_OK, NULL); /* idempotent */
+  CHECK_STATUS(packinfer_context_calibrate(ctx), PACKINFER_STATUS_UNSUPPORTED,
+               "packinfer_context_calibrate: only the CUDA backend calibrates its cost model");
+
+  /* Capacity launches compute what ordinary ones do: all-zero (the first plan's counts), larger
+   * than the plan, and smaller than the plan (the launch grows it to the plan's own counts: not
+   * an error, on either backend). */
+  Spec s = k_mixed;
+  s.dtype = PACKINFER_DTYPE_F32;
+  PackinferLaunchCapacity cap;
+  memset(&cap, 0, sizeof cap);
+  cap.struct_size = sizeof cap;
+  flow("capacity launch, all fields 0", &s, &cap);
+  cap.max_work_items = cap.max_row_segments = cap.max_kv_chunks = cap.max_requests = 1000;
+  cap.max_pages = cap.max_merge_rows = cap.max_merge_slots = cap.max_groups = cap.max_partial_slots = 1000;
+  s.dtype = PACKINFER_DTYPE_BF16;
+  flow("capacity launch, room for 1000 of everything", &s, &cap);
+  memset(&cap, 0, sizeof cap);
+  cap.struct_size = sizeof cap;
+  cap.max_work_items = cap.max_requests = cap.max_pages = 1;
+  s.dtype = PACKINFER_DTYPE_F16;
+  flow("capacity launch, capacity below the plan's counts", &s, &cap);
+
+  /* Bad arguments of packinfer_launch_create_with_capacity. */
+  Case c;
+  case_build(&c, &s);
+  PackinferBatchDesc d = case_desc(&c);
+  PackinferPlan plan = {0}, bigger = {0};
+  CHECK_STATUS(packinfer_plan_create(ctx, &d, NULL, &plan), PACKINFER_STATUS_OK, NULL);
+  memset(&cap, 0, sizeof cap);
+  cap.struct_size = 8;
+  PackinferLaunch launch = {0};
+  char want[160];
+  snprintf(want, sizeof want, "packinfer_launch_create_with_capacity: capacity->struct_size = 8, but this library expects sizeof = %zu",
+           sizeof cap);
+  CHECK_STATUS(packinfer_launch_create_with_capacity(ctx, plan, NULL, &cap, NULL, &launch), PACKINFER_STATUS_INVALID_ARGUMENT, want);
+  cap.struct_size = sizeof cap + 5000;
+  snprintf(want, sizeof want, "capacity->struct_size = %zu,", sizeof cap + 5000);
+  CHECK_STATUS(packinfer_launch_create_with_capacity(ctx, plan, NULL, &cap, NULL, &launch), PACKINFER_STATUS_INVALID_ARGUMENT, want);
+  CHECK(launch.bits == 0, "a failed capacity launch wrote a handle");
+  cap.struct_size = sizeof cap;
+  CHECK_STATUS(packinfer_launch_create_with_capacity(ctx, plan, NULL, NULL, NULL, &launch), PACKINFER_STATUS_INVALID_ARGUMENT,
+               "capacity is a null pointer");
+  CHECK_STATUS(packinfer_launch_create_with_capacity(ctx, plan, NULL, &cap, NULL, NULL), PACKINFER_STATUS_INVALID_ARGUMENT,
+               "out is a null pointer");
+  PackinferLaunchOptions lo = {4, NULL, 0};
+  CHECK_STATUS(packinfer_launch_create_with_capacity(ctx, plan, &lo, &cap, NULL, &launch), PACKINFER_STATUS_INVALID_ARGUMENT,
+               "options->struct_size = 4");
+  lo.struct_size = sizeof lo;
+  lo.scratch_bytes = 1; /* a size without a buffer */
+  /* Deterministic 64-key splits: a plan with split partials, which needs scratch. */
+  PackinferPlanOptions split_opts;
+  CHECK_STATUS(packinfer_plan_options_default(&split_opts), PACKINFER_STATUS_OK, NULL);
+  split_opts.flags = PACKINFER_PLAN_FLAGS_DETERMINISTIC;
+  split_opts.split_keys = 64;
+  PackinferPlan split = {0};
+  CHECK_STATUS(packinfer_plan_create(ctx, &d, &split_opts, &split), PACKINFER_STATUS_OK, NULL);
+  PackinferPlanStats st;
+  memset(&st, 0, sizeof st);
+  st.struct_size = sizeof st;
+  CHECK_STATUS(packinfer_plan_stats(split, &st), PACKINFER_STATUS_OK, NULL);
+  CHECK(st.scratch_bytes > 0 && st.num_split_requests > 0, "the 64-key plan splits (%u split requests, %llu scratch bytes)",
+        st.num_split_requests, (unsigned long long)st.scratch_bytes);
+  CHECK_STATUS(packinfer_launch_create_with_capacity(ctx, split, &lo, &cap, NULL, &launch), PACKINFER_STATUS_INVALID_ARGUMENT,
+               "scratch_bytes = 1 is smaller than");
+  CHECK_STATUS(packinfer_plan_destroy(split), PACKINFER_STATUS_OK, NULL);
+  PackinferContext null_ctx = {0};
+  PackinferPlan null_plan = {0};
+  CHECK_STATUS(packinfer_launch_create_with_capacity(null_ctx, plan, NULL, &cap, NULL, &launch), PACKINFER_STATUS_INVALID_HANDLE, "is null");
+  CHECK_STATUS(packinfer_launch_create_with_capacity(ctx, null_plan, NULL, &cap, NULL, &launch), PACKINFER_STATUS_INVALID_HANDLE, "is null");
+  CHECK(launch.bits == 0, "a failed capacity launch wrote a handle");
+  CHECK_STATUS(packinfer_context_precompile(null_ctx), PACKINFER_STATUS_INVALID_HANDLE, "packinfer_context_precompile: ");
+  CHECK_STATUS(packinfer_context_calibrate(null_ctx), PACKINFER_STATUS_INVALID_HANDLE, "packinfer_context_calibrate: ");
+
+  /* packinfer_launch_update: UNSUPPORTED on the CPU for any launch, even with a plan larger than
+   * the launch's capacity (the CPU path never compares plans with a capacity); handles first. */
+  CHECK_STATUS(packinfer_launch_create_with_capacity(ctx, plan, NULL, &cap, NULL, &launch), PACKINFER_STATUS_OK, NULL);
+  PackinferLaunch plain = {0};
+  CHECK_STATUS(packinfer_launch_create(ctx, plan, NULL, NULL, &plain), PACKINFER_STATUS_OK, NULL);
+  Spec big = k_mixed;
+  big.n = 6;
+  big.q_len[4] = 9; big.kv_len[4] = 300;
+  big.q_len[5] = 1; big.kv_len[5] = 500;
+  big.dtype = PACKINFER_DTYPE_F16;
+  Case cb;
+  case_build(&cb, &big);
+  PackinferBatchDesc db = case_desc(&cb);
+  CHECK_STATUS(packinfer_plan_create(ctx, &db, NULL, &bigger), PACKINFER_STATUS_OK, NULL);
+  CHECK_STATUS(packinfer_launch_update(launch, plan, NULL), PACKINFER_STATUS_UNSUPPORTED, "cannot be updated");
+  CHECK_STATUS(packinfer_launch_update(launch, bigger, NULL), PACKINFER_STATUS_UNSUPPORTED, "cannot be updated");
+  CHECK_STATUS(packinfer_launch_update(plain, plan, NULL), PACKINFER_STATUS_UNSUPPORTED, "cannot be updated");
+  PackinferLaunch null_launch = {0};
+  CHECK_STATUS(packinfer_launch_update(null_launch, plan, NULL), PACKINFER_STATUS_INVALID_HANDLE, "packinfer_launch_update: ");
+  CHECK_STATUS(packinfer_launch_update(launch, null_plan, NULL), PACKINFER_STATUS_INVALID_HANDLE, "packinfer_launch_update: ");
+
+  /* Destroyed handles: the plan, then the context (the launch outlives both), then the launch. */
+  CHECK_STATUS(packinfer_plan_destroy(bigger), PACKINFER_STATUS_OK, NULL);
+  CHECK_STATUS(packinfer_launch_update(launch, bigger, NULL), PACKINFER_STATUS_INVALID_HANDLE, "was destroyed");
+  CHECK_STATUS(packinfer_launch_create_with_capacity(ctx, bigger, NULL, &cap, NULL, &plain), PACKINFER_STATUS_INVALID_HANDLE, "was destroyed");
+  CHECK_STATUS(packinfer_context_destroy(ctx), PACKINFER_STATUS_OK, NULL);
+  CHECK_STATUS(packinfer_context_precompile(ctx), PACKINFER_STATUS_INVALID_HANDLE, "was destroyed");
+  CHECK_STATUS(packinfer_context_calibrate(ctx), PACKINFER_STATUS_INVALID_HANDLE, "was destroyed");
+  CHECK_STATUS(packinfer_launch_create_with_capacity(ctx, plan, NULL, &cap, NULL, &launch), PACKINFER_STATUS_INVALID_HANDLE, "was destroyed");
+  CHECK_STATUS(packinfer_launch_update(launch, plan, NULL), PACKINFER_STATUS_UNSUPPORTED, "cannot be updated");
+  CHECK_STATUS(packinfer_launch_destroy(launch), PACKINFER_STATUS_OK, NULL);
+  CHECK_STATUS(packinfer_launch_update(launch, plan, NULL), PACKINFER_STATUS_INVALID_HANDLE, "was destroyed");
+  CHECK_STATUS(packinfer_launch_destroy(plain), PACKINFER_STATUS_OK, NULL);
+  CHECK_STATUS(packinfer_plan_destroy(plan), PACKINFER_STATUS_OK, NULL);
+  case_free(&c);
+  case_free(&cb);
+}
+
 int main(void) {
   test_version();
   test_flows();
   test_errors();
   test_pool_flow();
+  test_gpu_calls_on_cpu();
   printf("c_api_test: %d checks, %d failed\n", g_checks, g_failures);
   return g_failures == 0 && g_checks > 0 ? 0 : 1;
 }

@@ -437,6 +437,94 @@ TEST(Errors, StatusNames) {
   EXPECT_STREQ(e.what(), "PACKINFER_STATUS_COMPILE_ERROR: log");
 }
 
+// ---- the CUDA calls (precompile, calibrate, capacity launches, update) on the CPU backend ----
+
+TEST(GpuCallsOnCpu, PrecompileIsANoOpAndCalibrateIsUnsupported) {
+  packinfer::Context ctx = cpu_context();
+  EXPECT_NO_THROW(ctx.precompile());
+  EXPECT_NO_THROW(ctx.precompile());
+  expect_error([&] { ctx.calibrate(); }, Status::Unsupported,
+               "packinfer_context_calibrate: only the CUDA backend calibrates its cost model");
+  // Planning still works after the failed calibration.
+  const Case c({8, 2, 64, DType::F32, true, 0.0f}, 16, kMixed);
+  packinfer::Plan plan = ctx.plan(c.desc());
+  run_and_compare(c, ctx.launch(plan));
+}
+
+TEST(GpuCallsOnCpu, CapacityLaunchRunsAndUpdateIsUnsupported) {
+  packinfer::Context ctx = cpu_context();
+  Case c({8, 2, 64, DType::BF16, true, 0.0f}, 16, kMixed);
+  packinfer::Plan plan = ctx.plan(c.desc());
+  packinfer::LaunchCapacity roomy;
+  roomy.max_work_items = roomy.max_row_segments = roomy.max_kv_chunks = roomy.max_requests = 512;
+  roomy.max_pages = roomy.max_merge_rows = roomy.max_merge_slots = roomy.max_groups = roomy.max_partial_slots = 512;
+  packinfer::LaunchCapacity tight;  // below the plan's counts: grown to them, not an error
+  tight.max_work_items = tight.max_requests = tight.max_pages = 1;
+  for (const packinfer::LaunchCapacity& cap : {packinfer::LaunchCapacity{}, roomy, tight}) {
+    packinfer::Launch launch = ctx.launch_with_capacity(plan, cap);
+    ASSERT_TRUE(launch);
+    EXPECT_TRUE(launch.ready());
+    launch.wait();
+    run_and_compare(c, launch);
+    expect_error([&] { launch.update(plan); }, Status::Unsupported,
+                 "packinfer_launch_update: this backend's launches cannot be updated; create a new launch");
+    // The failed update leaves the launch as it was: a second layer.
+    for (std::size_t i = 0; i < c.q.size(); i++) c.q.set(i, -c.q.get(i));
+    run_and_compare(c, launch);
+  }
+  // A bigger plan than the launch's capacity: the CPU path has no capacity to compare with, so
+  // this is Unsupported too (on CUDA it would be InvalidArgument naming the count over capacity).
+  const Case big({8, 2, 64, DType::BF16, true, 0.0f}, 16, {{1, 70}, {37, 37}, {1, 130}, {5, 40}, {1, 1}, {9, 300}, {1, 500}});
+  packinfer::Plan bigger = ctx.plan(big.desc());
+  packinfer::Launch launch = ctx.launch_with_capacity(plan, {}, nullptr, {});
+  expect_error([&] { launch.update(bigger); }, Status::Unsupported, "cannot be updated");
+  // An ordinary launch cannot be updated either.
+  expect_error([&] { ctx.launch(plan).update(plan); }, Status::Unsupported, "cannot be updated");
+}
+
+TEST(GpuCallsOnCpu, CallerScratchThroughACapacityLaunch) {
+  const Case c({8, 2, 64, DType::F32, true, 0.0f}, 16, kMixed);
+  packinfer::Context ctx = cpu_context();
+  // Deterministic 64-key splits: the plan has split partials, so it needs scratch.
+  packinfer::Plan plan = ctx.plan(c.desc(), {packinfer::PlanFlags::Deterministic, 64, 0.0});
+  const auto stats = plan.stats();
+  ASSERT_GT(stats.scratch_bytes, 0u);
+  ASSERT_GT(stats.num_split_requests, 0u);
+  std::vector<float> scratch(stats.scratch_bytes / sizeof(float) + 1);
+  run_and_compare(c, ctx.launch_with_capacity(plan, {}, nullptr, {scratch.data(), scratch.size() * sizeof(float)}));
+  expect_error([&] { ctx.launch_with_capacity(plan, {}, nullptr, {scratch.data(), 4}); }, Status::InvalidArgument,
+               "scratch_bytes = 4 is smaller than");
+}
+
+TEST(GpuCallsOnCpu, InvalidHandles) {
+  packinfer::Context ctx = cpu_context();
+  const Case c({8, 2, 64, DType::F32, true, 0.0f}, 16, kMixed);
+  packinfer::Plan plan = ctx.plan(c.desc());
+  packinfer::Launch launch = ctx.launch_with_capacity(plan, {});
+  packinfer::Plan empty_plan;
+  expect_error([&] { ctx.launch_with_capacity(empty_plan, {}); }, Status::InvalidHandle, "is null");
+  expect_error([&] { launch.update(empty_plan); }, Status::InvalidHandle, "packinfer_launch_update: ");
+  packinfer::Launch empty_launch;
+  expect_error([&] { empty_launch.update(plan); }, Status::InvalidHandle, "is null");
+  // Destroyed behind the wrapper's back.
+  ASSERT_EQ(packinfer_plan_destroy(plan.handle()), PACKINFER_STATUS_OK);
+  expect_error([&] { ctx.launch_with_capacity(plan, {}); }, Status::InvalidHandle, "was destroyed");
+  expect_error([&] { launch.update(plan); }, Status::InvalidHandle, "was destroyed");
+  (void)plan.release();
+  ASSERT_EQ(packinfer_launch_destroy(launch.handle()), PACKINFER_STATUS_OK);
+  packinfer::Plan fresh = ctx.plan(c.desc());
+  expect_error([&] { launch.update(fresh); }, Status::InvalidHandle, "was destroyed");
+  (void)launch.release();
+  ASSERT_EQ(packinfer_context_destroy(ctx.handle()), PACKINFER_STATUS_OK);
+  expect_error([&] { ctx.precompile(); }, Status::InvalidHandle, "was destroyed");
+  expect_error([&] { ctx.calibrate(); }, Status::InvalidHandle, "was destroyed");
+  expect_error([&] { ctx.launch_with_capacity(fresh, {}); }, Status::InvalidHandle, "was destroyed");
+  (void)ctx.release();
+  packinfer::Context empty_ctx;
+  expect_error([&] { empty_ctx.precompile(); }, Status::InvalidHandle, "is null");
+  expect_error([&] { empty_ctx.calibrate(); }, Status::InvalidHandle, "is null");
+}
+
 TEST(ArrayView, ConvertsFromContainers) {
   const std::vector<int32_t> v{1, 2, 3};
   const std::array<int32_t, 2> a{4, 5};

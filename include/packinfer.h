@@ -9,6 +9,12 @@
 #include <stdint.h>
 
 /**
+ * Rows of the MMA slice the kernel computes at a time; a chunk touching any row of a slice pays
+ * for the whole slice.
+ */
+#define ROW_SLICE 16
+
+/**
  * Version of the C ABI; bumped when a function's signature or a struct's existing fields change.
  */
 #define PACKINFER_ABI_VERSION 1
@@ -169,7 +175,8 @@ typedef struct PackinferPlanOptions {
    */
   uint32_t split_keys;
   /**
-   * Group capacity in cost units; 0 = chosen from the device and the batch.
+   * Group capacity in cost units; 0 = chosen from the device and the batch; negative or
+   * non-finite is INVALID_ARGUMENT.
    */
   double capacity;
 } PackinferPlanOptions;
@@ -270,6 +277,16 @@ typedef struct PackinferPlanStats {
    * Bytes of fp32 scratch the plan's split partials need.
    */
   uint64_t scratch_bytes;
+  /**
+   * Load of the busiest CTA (worker) when workers take groups in order, and the mean over
+   * all the device's workers, in the profile's cost units.
+   */
+  double max_worker_cost;
+  double mean_worker_cost;
+  /**
+   * Work items that write partial slots (split pieces, prefix tiles, prefix members' suffixes).
+   */
+  uint32_t num_partial_items;
 } PackinferPlanStats;
 
 /**
@@ -338,6 +355,30 @@ typedef struct PackinferRunArgs {
    */
   void *stream;
 } PackinferRunArgs;
+
+/**
+ * Sizes of a launch's device buffers, so that `packinfer_launch_update` can later upload any
+ * plan that fits (and a CUDA graph captured around `packinfer_run` replays it). 0 in a field =
+ * the first plan's own count.
+ */
+typedef struct PackinferLaunchCapacity {
+  /**
+   * sizeof(PackinferLaunchCapacity).
+   */
+  size_t struct_size;
+  uint32_t max_work_items;
+  uint32_t max_row_segments;
+  uint32_t max_kv_chunks;
+  uint32_t max_requests;
+  /**
+   * Entries of kv_page_indices.
+   */
+  uint32_t max_pages;
+  uint32_t max_merge_rows;
+  uint32_t max_merge_slots;
+  uint32_t max_groups;
+  uint32_t max_partial_slots;
+} PackinferLaunchCapacity;
 
 /**
  * How to create a KV pool. The model's attention shape is given once here, so a step's plan
@@ -655,6 +696,46 @@ enum PackinferStatus packinfer_kv_layout_hnd(const void *k,
                                              uint32_t num_kv_heads,
                                              uint32_t head_dim,
                                              struct PackinferKvLayout *layout);
+
+/**
+ * Compiles (or loads from the kernel cache) every kernel variant the context can need, so that
+ * no launch pays compile time later. A no-op on the CPU backend.
+ */
+enum PackinferStatus packinfer_context_precompile(struct PackinferContext context);
+
+/**
+ * Times a few work shapes on the context's GPU and fits the planner's cost model; plans made
+ * afterwards (and by later contexts sharing the kernel cache directory) use it. Takes about a
+ * second; run it once per device and install, not per request. UNSUPPORTED on the CPU backend.
+ */
+enum PackinferStatus packinfer_context_calibrate(struct PackinferContext context);
+
+/**
+ * Like `packinfer_launch_create`, with device buffers sized for `capacity` (CUDA), so that
+ * `packinfer_launch_update` can upload later plans into the same launch. `options` may be NULL.
+ *
+ * # Safety
+ * `options` NULL or initialized; `capacity` initialized; `out` writable; `stream` a CUstream of
+ * the context's device or NULL.
+ */
+enum PackinferStatus packinfer_launch_create_with_capacity(struct PackinferContext context,
+                                                           struct PackinferPlan plan,
+                                                           const struct PackinferLaunchOptions *options,
+                                                           const struct PackinferLaunchCapacity *capacity,
+                                                           void *stream,
+                                                           struct PackinferLaunch *out);
+
+/**
+ * Uploads `plan` (same shape as the launch's, within its capacity) into the launch's buffers on
+ * `stream` and re-records its completion event. Later `packinfer_run`s, and CUDA graphs that
+ * captured them, compute the new plan. Queue it on the stream that runs the launch.
+ *
+ * # Safety
+ * `stream` a CUstream of the context's device or NULL.
+ */
+enum PackinferStatus packinfer_launch_update(struct PackinferLaunch launch,
+                                             struct PackinferPlan plan,
+                                             void *stream);
 
 /**
  * Fills `options` with defaults: page_size 16, headroom 2 pages, BF16, causal; the model's

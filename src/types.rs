@@ -144,13 +144,14 @@ impl Batch {
                 self.kv_page_indices.len()
             ));
         }
-        for (i, &p) in self.kv_page_indices.iter().enumerate() {
-            if p < 0 || p as u32 >= self.num_pages {
-                return Err(invalid!(
-                    "kv_page_indices[{i}] = {p} is outside the cache's {} pages",
-                    self.num_pages
-                ));
-            }
+        // A branch-free OR over the whole array vectorizes (a negative index wraps to a huge u32);
+        // only a bad batch pays for finding the first offender. On long contexts this check is
+        // a large part of planning time otherwise.
+        let num_pages = self.num_pages;
+        let any_bad = self.kv_page_indices.iter().fold(false, |bad, &p| bad | (p as u32 >= num_pages));
+        if any_bad {
+            let (i, p) = self.kv_page_indices.iter().enumerate().find(|(_, &p)| p < 0 || p as u32 >= self.num_pages).map(|(i, &p)| (i, p)).expect("an offending index");
+            return Err(invalid!("kv_page_indices[{i}] = {p} is outside the cache's {} pages", self.num_pages));
         }
         for r in 0..n {
             let pages = self.kv_indptr[r + 1] - self.kv_indptr[r];

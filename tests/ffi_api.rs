@@ -34,31 +34,8 @@ fn cpu_context() -> PackinferContext {
     ctx
 }
 
-/// A C batch description borrowing `case`'s arrays (and `groups`' member arrays).
 fn desc(case: &Case, groups: &[PackinferPrefixGroup]) -> PackinferBatchDesc {
-    let b = &case.batch;
-    PackinferBatchDesc {
-        struct_size: std::mem::size_of::<PackinferBatchDesc>(),
-        batch_size: b.len() as u32,
-        qo_indptr: b.qo_indptr.as_ptr(),
-        kv_indptr: b.kv_indptr.as_ptr(),
-        kv_page_indices: b.kv_page_indices.as_ptr(),
-        kv_last_page_len: b.kv_last_page_len.as_ptr(),
-        page_size: b.page_size,
-        num_pages: b.num_pages,
-        num_qo_heads: case.shape.num_qo_heads,
-        num_kv_heads: case.shape.num_kv_heads,
-        head_dim: case.shape.head_dim,
-        dtype: match case.shape.dtype {
-            DType::F16 => PackinferDtype::F16,
-            DType::Bf16 => PackinferDtype::Bf16,
-            DType::F32 => PackinferDtype::F32,
-        } as u32,
-        causal: case.shape.causal,
-        sm_scale: 0.0,
-        num_prefix_groups: groups.len() as u32,
-        prefix_groups: groups.as_ptr(),
-    }
+    case.c_desc(groups)
 }
 
 fn run_args(case: &Case, o: &Tensor, lse: &mut [f32]) -> PackinferRunArgs {

@@ -90,6 +90,24 @@ func (c *Context) Info() (ContextInfo, error) {
 	return ContextInfo{Backend: Backend(i.backend), NumWorkers: uint32(i.num_workers), DeviceName: C.GoString(&i.device_name[0])}, nil
 }
 
+// Precompile compiles (or loads from the kernel cache) every kernel variant the context can
+// need, so that no launch pays compile time later. A no-op on the CPU backend.
+func (c *Context) Precompile() error {
+	err := call(func() C.enum_PackinferStatus { return C.packinfer_context_precompile(c.h) })
+	runtime.KeepAlive(c)
+	return err
+}
+
+// Calibrate times a few work shapes on the context's GPU and fits the planner's cost model;
+// plans made afterwards (and by later contexts sharing the kernel cache directory) use it. It
+// takes about a second: run it once per device and install, not per request. StatusUnsupported
+// on the CPU backend.
+func (c *Context) Calibrate() error {
+	err := call(func() C.enum_PackinferStatus { return C.packinfer_context_calibrate(c.h) })
+	runtime.KeepAlive(c)
+	return err
+}
+
 // Close destroys the context. A second Close, or any use after Close, returns an error with
 // StatusInvalidHandle.
 func (c *Context) Close() error {

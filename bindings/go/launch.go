@@ -11,6 +11,17 @@ static enum PackinferStatus pi_launch_create(PackinferContext ctx, PackinferPlan
 	return packinfer_launch_create(ctx, plan, &o, (void*)stream, out);
 }
 
+static enum PackinferStatus pi_launch_create_with_capacity(PackinferContext ctx, PackinferPlan plan, uintptr_t scratch,
+                                        size_t scratch_bytes, const PackinferLaunchCapacity* capacity, uintptr_t stream,
+                                        PackinferLaunch* out) {
+	PackinferLaunchOptions o = {sizeof(PackinferLaunchOptions), (void*)scratch, scratch_bytes};
+	return packinfer_launch_create_with_capacity(ctx, plan, &o, capacity, (void*)stream, out);
+}
+
+static enum PackinferStatus pi_launch_update(PackinferLaunch launch, PackinferPlan plan, uintptr_t stream) {
+	return packinfer_launch_update(launch, plan, (void*)stream);
+}
+
 static enum PackinferStatus pi_run(PackinferLaunch launch, uintptr_t q, int64_t q_stride_token, int64_t q_stride_head,
                               uintptr_t k, uintptr_t v, int64_t stride_page, int64_t stride_token,
                               int64_t stride_head, int64_t stride_dim, uintptr_t o, int64_t o_stride_token,
@@ -25,7 +36,10 @@ static enum PackinferStatus pi_run(PackinferLaunch launch, uintptr_t q, int64_t 
 */
 import "C"
 
-import "runtime"
+import (
+	"runtime"
+	"unsafe"
+)
 
 // LaunchOptions bind a plan to a device; nil or the zero value: the default stream, and scratch
 // allocated once by the launch.
@@ -100,6 +114,76 @@ func (c *Context) NewLaunch(plan *Plan, opts *LaunchOptions) (*Launch, error) {
 	}
 	runtime.SetFinalizer(l, (*Launch).destroyUnclosed)
 	return l, nil
+}
+
+// LaunchCapacity sizes a launch's device buffers (NewLaunchWithCapacity), so that Update can
+// upload later plans that fit into the same launch, and a CUDA graph captured around Run replays
+// them. A zero field means the first plan's own count.
+type LaunchCapacity struct {
+	MaxWorkItems    uint32
+	MaxRowSegments  uint32
+	MaxKVChunks     uint32
+	MaxRequests     uint32
+	MaxPages        uint32 // entries of KVPageIndices
+	MaxMergeRows    uint32
+	MaxMergeSlots   uint32
+	MaxGroups       uint32
+	MaxPartialSlots uint32
+}
+
+// NewLaunchWithCapacity is NewLaunch with device buffers sized for capacity on CUDA, so that
+// Update can re-target the launch (and a CUDA graph captured around its Runs) at later plans.
+// The CPU backend ignores the capacity and makes an ordinary launch. opts may be nil; capacity
+// may not (its zero value means the plan's own counts).
+func (c *Context) NewLaunchWithCapacity(plan *Plan, capacity *LaunchCapacity, opts *LaunchOptions) (*Launch, error) {
+	if plan == nil {
+		return nil, invalidArgument("NewLaunchWithCapacity: plan is nil")
+	}
+	if capacity == nil {
+		return nil, invalidArgument("NewLaunchWithCapacity: capacity is nil")
+	}
+	var o LaunchOptions
+	if opts != nil {
+		o = *opts
+	}
+	cc := C.PackinferLaunchCapacity{
+		struct_size:       C.size_t(unsafe.Sizeof(C.PackinferLaunchCapacity{})),
+		max_work_items:    C.uint32_t(capacity.MaxWorkItems),
+		max_row_segments:  C.uint32_t(capacity.MaxRowSegments),
+		max_kv_chunks:     C.uint32_t(capacity.MaxKVChunks),
+		max_requests:      C.uint32_t(capacity.MaxRequests),
+		max_pages:         C.uint32_t(capacity.MaxPages),
+		max_merge_rows:    C.uint32_t(capacity.MaxMergeRows),
+		max_merge_slots:   C.uint32_t(capacity.MaxMergeSlots),
+		max_groups:        C.uint32_t(capacity.MaxGroups),
+		max_partial_slots: C.uint32_t(capacity.MaxPartialSlots),
+	}
+	l := &Launch{}
+	err := call(func() C.enum_PackinferStatus {
+		return C.pi_launch_create_with_capacity(c.h, plan.h, C.uintptr_t(o.Scratch), C.size_t(o.ScratchBytes), &cc,
+			C.uintptr_t(o.Stream), &l.h)
+	})
+	runtime.KeepAlive(c)
+	runtime.KeepAlive(plan)
+	if err != nil {
+		return nil, err
+	}
+	runtime.SetFinalizer(l, (*Launch).destroyUnclosed)
+	return l, nil
+}
+
+// Update uploads plan (same shape as the launch's, within its capacity) into the launch's
+// buffers on stream (a CUstream; 0 = the default stream) and re-records its completion event;
+// later Runs, and CUDA graphs that captured them, compute the new plan. Queue it on the stream
+// that runs the launch. CUDA only: StatusUnsupported on the CPU backend.
+func (l *Launch) Update(plan *Plan, stream uintptr) error {
+	if plan == nil {
+		return invalidArgument("Update: plan is nil")
+	}
+	err := call(func() C.enum_PackinferStatus { return C.pi_launch_update(l.h, plan.h, C.uintptr_t(stream)) })
+	runtime.KeepAlive(l)
+	runtime.KeepAlive(plan)
+	return err
 }
 
 // Run computes attention for one layer. On CUDA it enqueues on a.Stream and neither allocates

@@ -11,6 +11,10 @@
 //	defer launch.Close()
 //	err = launch.Run(&packinfer.RunArgs{...})      // once per layer
 //
+// At the managed level the library owns the KV cache: ctx.NewPool allocates a Pool, the engine
+// keeps sequence ids (CreateSequence, Fork, Append, Release), writes each layer's new K/V with
+// WriteKV, plans a step with pool.NewPlan and runs each layer with pool.KVLayout(layer).
+//
 // Every handle must be closed explicitly: the memory behind it (GPU memory on CUDA) is invisible
 // to Go's garbage collector. A cleanup destroys a handle that was never closed, but only as a
 // safety net. Using a handle after Close returns an error with StatusInvalidHandle.

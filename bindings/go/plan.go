@@ -162,6 +162,20 @@ func newCBatch(b *Batch) (cBatch, error) {
 
 func (b cBatch) free() { C.free(b.mem) }
 
+// planOptionsToC is opts over the library's defaults (nil = the defaults).
+func planOptionsToC(opts *PlanOptions) (C.PackinferPlanOptions, error) {
+	var o C.PackinferPlanOptions
+	if err := call(func() C.enum_PackinferStatus { return C.packinfer_plan_options_default(&o) }); err != nil {
+		return o, err
+	}
+	if opts != nil {
+		o.flags = C.uint32_t(opts.Flags)
+		o.split_keys = C.uint32_t(opts.SplitKeys)
+		o.capacity = C.double(opts.Capacity)
+	}
+	return o, nil
+}
+
 // NewPlan plans one step for this context's device. opts may be nil for the defaults.
 func (c *Context) NewPlan(batch *Batch, opts *PlanOptions) (*Plan, error) {
 	if batch == nil {
@@ -170,14 +184,9 @@ func (c *Context) NewPlan(batch *Batch, opts *PlanOptions) (*Plan, error) {
 	if err := batch.checkLengths(); err != nil {
 		return nil, err
 	}
-	var o C.PackinferPlanOptions
-	if err := call(func() C.enum_PackinferStatus { return C.packinfer_plan_options_default(&o) }); err != nil {
+	o, err := planOptionsToC(opts)
+	if err != nil {
 		return nil, err
-	}
-	if opts != nil {
-		o.flags = C.uint32_t(opts.Flags)
-		o.split_keys = C.uint32_t(opts.SplitKeys)
-		o.capacity = C.double(opts.Capacity)
 	}
 	cb, err := newCBatch(batch)
 	if err != nil {

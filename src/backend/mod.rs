@@ -61,7 +61,23 @@ pub trait Backend: Send + Sync {
             self.device_name()
         ))
     }
+    /// Like `bind`, with device buffers sized for `capacity` (at least the plan's own sizes), so
+    /// that `BoundPlan::update` can later upload any plan that fits.
+    fn bind_with_capacity(&self, plan: Arc<Plan>, stream: u64, scratch: Option<Scratch>, capacity: &LaunchCapacity) -> Result<Box<dyn BoundPlan>> {
+        let _ = capacity;
+        self.bind(plan, stream, scratch)
+    }
+    /// Builds every kernel variant this backend can need, so no request pays compile time.
+    fn precompile(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Measures this device and fits the planner's cost model; later `profile()` calls (and
+    /// later contexts on the same device and kernel cache) use it.
+    fn calibrate_profile(&self) -> Result<DeviceProfile> {
+        Err(crate::unsupported!("only the CUDA backend calibrates its cost model"))
+    }
 }
+
 
 /// The storage of a KV pool: one allocation made by [`Backend::alloc_kv`], addressed by byte
 /// offsets from [`KvMemory::base`]. The pool (`src/kv`) decides what lives where; this trait only
@@ -87,6 +103,75 @@ pub trait KvMemory: Send + Sync {
     fn copy_ranges(&self, pairs: &[(u64, u64)], bytes: u64, stream: u64) -> Result<()>;
 }
 
+/// Sizes of the device buffers of a launch: a plan fits when none of its counts is larger.
+/// Zero fields mean "the first plan's size".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LaunchCapacity {
+    pub items: u32,
+    pub row_segments: u32,
+    pub kv_chunks: u32,
+    pub requests: u32,
+    pub pages: u32,
+    pub merge_rows: u32,
+    pub merge_slots: u32,
+    pub groups: u32,
+    pub partial_slots: u32,
+}
+
+impl LaunchCapacity {
+    /// Exactly what `plan` needs.
+    pub fn of(plan: &Plan) -> LaunchCapacity {
+        LaunchCapacity {
+            items: plan.items.len() as u32,
+            row_segments: plan.row_segments.len() as u32,
+            kv_chunks: plan.kv_chunks.len() as u32,
+            requests: plan.requests.len() as u32,
+            pages: plan.batch.kv_page_indices.len() as u32,
+            merge_rows: plan.merges.len() as u32,
+            merge_slots: plan.merge_slots.len() as u32,
+            groups: plan.items.last().map(|i| i.group + 1).unwrap_or(0),
+            partial_slots: plan.num_partial_slots(),
+        }
+    }
+
+    /// The field-wise maximum.
+    pub fn max(&self, o: &LaunchCapacity) -> LaunchCapacity {
+        LaunchCapacity {
+            items: self.items.max(o.items),
+            row_segments: self.row_segments.max(o.row_segments),
+            kv_chunks: self.kv_chunks.max(o.kv_chunks),
+            requests: self.requests.max(o.requests),
+            pages: self.pages.max(o.pages),
+            merge_rows: self.merge_rows.max(o.merge_rows),
+            merge_slots: self.merge_slots.max(o.merge_slots),
+            groups: self.groups.max(o.groups),
+            partial_slots: self.partial_slots.max(o.partial_slots),
+        }
+    }
+
+    /// Says which count of `plan` is over this capacity.
+    pub fn check_fits(&self, plan: &Plan) -> Result<()> {
+        let need = LaunchCapacity::of(plan);
+        let pairs = [
+            ("work items", need.items, self.items),
+            ("row segments", need.row_segments, self.row_segments),
+            ("KV chunks", need.kv_chunks, self.kv_chunks),
+            ("requests", need.requests, self.requests),
+            ("pages", need.pages, self.pages),
+            ("merge rows", need.merge_rows, self.merge_rows),
+            ("merge slots", need.merge_slots, self.merge_slots),
+            ("groups", need.groups, self.groups),
+            ("partial slots", need.partial_slots, self.partial_slots),
+        ];
+        for (what, n, cap) in pairs {
+            if n > cap {
+                return Err(crate::invalid!("the plan has {n} {what} but the launch was created with capacity for {cap}"));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A plan bound to a device: what a launch handle holds.
 pub trait BoundPlan: Send + Sync {
     fn plan(&self) -> &Arc<Plan>;
@@ -96,4 +181,10 @@ pub trait BoundPlan: Send + Sync {
     fn is_ready(&self) -> Result<bool>;
     /// Blocks until the upload recorded by `bind` has completed.
     fn wait(&self) -> Result<()>;
+    /// Uploads another plan of the same shape into this launch's buffers (on `stream`, recording
+    /// the completion event again), so a graph captured around `run` replays the new batch.
+    fn update(&self, plan: Arc<Plan>, stream: u64) -> Result<()> {
+        let _ = (plan, stream);
+        Err(crate::unsupported!("this backend's launches cannot be updated; create a new launch"))
+    }
 }

@@ -175,7 +175,7 @@ pub unsafe extern "C" fn packinfer_plan_create(
     guard("packinfer_plan_create", || {
         let backend = CONTEXTS.get(context.bits)?;
         let (shape, batch) = convert_batch(super::options("batch", batch)?)?;
-        let options = if options.is_null() { PlanOptions::default() } else { convert_plan_options(super::options("options", options)?) };
+        let options = if options.is_null() { PlanOptions::default() } else { convert_plan_options(super::options("options", options)?)? };
         if out.is_null() {
             return Err(invalid!("out is a null pointer"));
         }
@@ -217,6 +217,9 @@ pub unsafe extern "C" fn packinfer_plan_stats(plan: PackinferPlan, stats: *mut P
             capacity: s.capacity,
             planning_time_us: s.planning_ns as f64 / 1e3,
             scratch_bytes: plan.scratch_bytes() as u64,
+            max_worker_cost: s.max_worker_cost,
+            mean_worker_cost: s.mean_worker_cost,
+            num_partial_items: s.num_partial_items,
         };
         write_out("stats", stats, value)
     })
@@ -236,21 +239,7 @@ pub unsafe extern "C" fn packinfer_launch_create(
     stream: *mut c_void,
     out: *mut PackinferLaunch,
 ) -> PackinferStatus {
-    guard("packinfer_launch_create", || {
-        let backend = CONTEXTS.get(context.bits)?;
-        let plan = PLANS.get(plan.bits)?;
-        let scratch = if options.is_null() {
-            None
-        } else {
-            let o = super::options("options", options)?;
-            (!o.scratch.is_null() || o.scratch_bytes != 0).then_some(Scratch { ptr: o.scratch as u64, bytes: o.scratch_bytes })
-        };
-        if out.is_null() {
-            return Err(invalid!("out is a null pointer"));
-        }
-        let bound = backend.bind(plan, stream as u64, scratch)?;
-        write_out("out", out, PackinferLaunch { bits: LAUNCHES.insert(Launch { bound, _backend: backend }) })
-    })
+    guard("packinfer_launch_create", || create_launch(context, plan, options, None, stream, out))
 }
 
 /// Sets `*done` to whether the launch's upload has completed (never blocks).
@@ -393,15 +382,110 @@ unsafe fn convert_batch(b: &PackinferBatchDesc) -> Result<(Shape, Batch)> {
     Ok((shape, batch))
 }
 
-pub(super) fn convert_plan_options(o: &PackinferPlanOptions) -> PlanOptions {
+pub(super) fn convert_plan_options(o: &PackinferPlanOptions) -> Result<PlanOptions> {
     let has = |f: PackinferPlanFlags| o.flags & f as u32 != 0;
-    PlanOptions {
+    // In C, capacity 0 means automatic; negative or non-finite is the caller's mistake.
+    let capacity = match o.capacity {
+        0.0 => None,
+        c if c.is_finite() && c > 0.0 => Some(c),
+        c => return Err(invalid!("options->capacity = {c} must be 0 (automatic) or positive and finite")),
+    };
+    Ok(PlanOptions {
         deterministic: has(PackinferPlanFlags::Deterministic),
         packing: !has(PackinferPlanFlags::NoPacking),
         balancing: !has(PackinferPlanFlags::NoBalancing),
         prefix_sharing: !has(PackinferPlanFlags::NoPrefixSharing),
         split_kv: !has(PackinferPlanFlags::NoSplitKv),
-        capacity: o.capacity,
+        capacity,
         split_keys: if o.split_keys == 0 { 2048 } else { o.split_keys },
+    })
+}
+
+/// Compiles (or loads from the kernel cache) every kernel variant the context can need, so that
+/// no launch pays compile time later. A no-op on the CPU backend.
+#[no_mangle]
+pub extern "C" fn packinfer_context_precompile(context: PackinferContext) -> PackinferStatus {
+    guard("packinfer_context_precompile", || CONTEXTS.get(context.bits)?.precompile())
+}
+
+/// Times a few work shapes on the context's GPU and fits the planner's cost model; plans made
+/// afterwards (and by later contexts sharing the kernel cache directory) use it. Takes about a
+/// second; run it once per device and install, not per request. UNSUPPORTED on the CPU backend.
+#[no_mangle]
+pub extern "C" fn packinfer_context_calibrate(context: PackinferContext) -> PackinferStatus {
+    guard("packinfer_context_calibrate", || CONTEXTS.get(context.bits)?.calibrate_profile().map(drop))
+}
+
+/// Like `packinfer_launch_create`, with device buffers sized for `capacity` (CUDA), so that
+/// `packinfer_launch_update` can upload later plans into the same launch. `options` may be NULL.
+///
+/// # Safety
+/// `options` NULL or initialized; `capacity` initialized; `out` writable; `stream` a CUstream of
+/// the context's device or NULL.
+#[no_mangle]
+pub unsafe extern "C" fn packinfer_launch_create_with_capacity(
+    context: PackinferContext,
+    plan: PackinferPlan,
+    options: *const PackinferLaunchOptions,
+    capacity: *const PackinferLaunchCapacity,
+    stream: *mut c_void,
+    out: *mut PackinferLaunch,
+) -> PackinferStatus {
+    guard("packinfer_launch_create_with_capacity", || {
+        let c = super::options("capacity", capacity)?;
+        let capacity = backend::LaunchCapacity {
+            items: c.max_work_items,
+            row_segments: c.max_row_segments,
+            kv_chunks: c.max_kv_chunks,
+            requests: c.max_requests,
+            pages: c.max_pages,
+            merge_rows: c.max_merge_rows,
+            merge_slots: c.max_merge_slots,
+            groups: c.max_groups,
+            partial_slots: c.max_partial_slots,
+        };
+        create_launch(context, plan, options, Some(capacity), stream, out)
+    })
+}
+
+/// The body of both launch constructors: a launch sized for its own plan, or for `capacity`.
+unsafe fn create_launch(
+    context: PackinferContext,
+    plan: PackinferPlan,
+    options: *const PackinferLaunchOptions,
+    capacity: Option<backend::LaunchCapacity>,
+    stream: *mut c_void,
+    out: *mut PackinferLaunch,
+) -> Result<()> {
+    let backend = CONTEXTS.get(context.bits)?;
+    let plan = PLANS.get(plan.bits)?;
+    let scratch = if options.is_null() {
+        None
+    } else {
+        let o = super::options("options", options)?;
+        (!o.scratch.is_null() || o.scratch_bytes != 0).then_some(Scratch { ptr: o.scratch as u64, bytes: o.scratch_bytes })
+    };
+    if out.is_null() {
+        return Err(invalid!("out is a null pointer"));
     }
+    let bound = match capacity {
+        None => backend.bind(plan, stream as u64, scratch)?,
+        Some(c) => backend.bind_with_capacity(plan, stream as u64, scratch, &c)?,
+    };
+    write_out("out", out, PackinferLaunch { bits: LAUNCHES.insert(Launch { bound, _backend: backend }) })
+}
+
+/// Uploads `plan` (same shape as the launch's, within its capacity) into the launch's buffers on
+/// `stream` and re-records its completion event. Later `packinfer_run`s, and CUDA graphs that
+/// captured them, compute the new plan. Queue it on the stream that runs the launch.
+///
+/// # Safety
+/// `stream` a CUstream of the context's device or NULL.
+#[no_mangle]
+pub unsafe extern "C" fn packinfer_launch_update(launch: PackinferLaunch, plan: PackinferPlan, stream: *mut c_void) -> PackinferStatus {
+    guard("packinfer_launch_update", || {
+        let launch = LAUNCHES.get(launch.bits)?;
+        let plan = PLANS.get(plan.bits)?;
+        launch.bound.update(plan, stream as u64)
+    })
 }

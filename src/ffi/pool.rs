@@ -390,7 +390,7 @@ pub unsafe extern "C" fn packinfer_pool_plan_create(
         let backend = CONTEXTS.get(context.bits)?;
         let pool = POOLS.get(pool.bits)?;
         let requests = zip_requests("seq_ids", seq_ids, "num_new_tokens", num_new_tokens, n)?;
-        let options = if options.is_null() { PlanOptions::default() } else { convert_plan_options(super::options("options", options)?) };
+        let options = if options.is_null() { PlanOptions::default() } else { convert_plan_options(super::options("options", options)?)? };
         if out.is_null() {
             return Err(invalid!("out is a null pointer"));
         }

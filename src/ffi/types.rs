@@ -140,7 +140,8 @@ pub struct PackinferPlanOptions {
     pub flags: u32,
     /// Split granularity in keys for deterministic mode; 0 = 2048.
     pub split_keys: u32,
-    /// Group capacity in cost units; 0 = chosen from the device and the batch.
+    /// Group capacity in cost units; 0 = chosen from the device and the batch; negative or
+    /// non-finite is INVALID_ARGUMENT.
     pub capacity: f64,
 }
 
@@ -164,6 +165,12 @@ pub struct PackinferPlanStats {
     pub planning_time_us: f64,
     /// Bytes of fp32 scratch the plan's split partials need.
     pub scratch_bytes: u64,
+    /// Load of the busiest CTA (worker) when workers take groups in order, and the mean over
+    /// all the device's workers, in the profile's cost units.
+    pub max_worker_cost: f64,
+    pub mean_worker_cost: f64,
+    /// Work items that write partial slots (split pieces, prefix tiles, prefix members' suffixes).
+    pub num_partial_items: u32,
 }
 
 /// Binding options of a launch.
@@ -210,4 +217,24 @@ pub struct PackinferRunArgs {
     pub lse: *mut f32,
     /// cudaStream_t / CUstream to run on (ignored by the CPU backend); NULL = the default stream.
     pub stream: *mut c_void,
+}
+
+/// Sizes of a launch's device buffers, so that `packinfer_launch_update` can later upload any
+/// plan that fits (and a CUDA graph captured around `packinfer_run` replays it). 0 in a field =
+/// the first plan's own count.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PackinferLaunchCapacity {
+    /// sizeof(PackinferLaunchCapacity).
+    pub struct_size: usize,
+    pub max_work_items: u32,
+    pub max_row_segments: u32,
+    pub max_kv_chunks: u32,
+    pub max_requests: u32,
+    /// Entries of kv_page_indices.
+    pub max_pages: u32,
+    pub max_merge_rows: u32,
+    pub max_merge_slots: u32,
+    pub max_groups: u32,
+    pub max_partial_slots: u32,
 }

@@ -1,6 +1,9 @@
 //! The planner: pure host code that turns one step's batch into a work list. It never touches a
 //! device; the CPU backend executes exactly what it produces, so everything here is tested in CI.
 
+pub mod adapt;
+pub mod cost;
+mod schedule;
 pub mod work;
 
 use std::time::Instant;
@@ -29,6 +32,39 @@ impl DeviceProfile {
     pub fn cpu(threads: u32) -> Self {
         DeviceProfile { num_workers: threads.max(1), block_m: 64, block_n: 64, cost_row_key: 1.0, cost_key: 4.0, cost_item: 256.0 }
     }
+
+    /// Defaults for a Hopper GPU (H100/H200) with `num_sms` SMs, one persistent CTA per SM, in
+    /// nanoseconds of one CTA for head_dim 128 in bf16, from the datasheet, not yet measured
+    /// (the CUDA backend calibrates them): a (row, key) pair is 512 flops at about half of an
+    /// SM's share of the ~990 TFLOP/s dense bf16 peak (0.14 ns); a key read is 512 bytes of K
+    /// and V at about 80% of an SM's share of 3.35 TB/s (25 ns); an item costs ~1.5 µs to load
+    /// its Q tile, write its rows and fetch the next one. Tiles of 128 rows (32 tokens at GQA
+    /// 4): on the trace they halve prefill KV reads against 64 rows at no cost to decodes.
+    pub fn hopper(num_sms: u32) -> Self {
+        DeviceProfile { num_workers: num_sms.max(1), block_m: 128, block_n: 64, cost_row_key: 0.14, cost_key: 25.0, cost_item: 1500.0 }
+    }
+
+    /// Checks the values a caller (or a calibration) may have set.
+    pub fn validate(&self) -> Result<()> {
+        if self.num_workers == 0 {
+            return Err(invalid!("profile num_workers = 0; a device runs at least one group at a time"));
+        }
+        if self.block_m == 0 || self.block_m % cost::ROW_SLICE != 0 {
+            return Err(invalid!("profile block_m = {} must be a positive multiple of {}", self.block_m, cost::ROW_SLICE));
+        }
+        if self.block_n == 0 {
+            return Err(invalid!("profile block_n = 0; the kernel reads at least one key per step"));
+        }
+        for (name, v) in [("cost_row_key", self.cost_row_key), ("cost_key", self.cost_key), ("cost_item", self.cost_item)] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(invalid!("profile {name} = {v} must be finite and not negative"));
+            }
+        }
+        if self.cost_row_key + self.cost_key + self.cost_item <= 0.0 {
+            return Err(invalid!("profile cost coefficients are all 0; the cost model needs one positive"));
+        }
+        Ok(())
+    }
 }
 
 /// How the planner may schedule; the switches exist for ablations and for engines that need
@@ -40,21 +76,24 @@ pub struct PlanOptions {
     pub deterministic: bool,
     /// Pack rows of several short requests into one tile.
     pub packing: bool,
-    /// Load-balanced grouping (off: one group per request, in order).
+    /// Load-balanced grouping (off: one group per work item, in order, as a launch with one CTA
+    /// per tile would run them).
     pub balancing: bool,
     /// Read declared shared prefixes once for all their members.
     pub prefix_sharing: bool,
     /// Split long requests along the KV axis.
     pub split_kv: bool,
-    /// Group capacity in cost units; 0 chooses it from the profile and the batch.
-    pub capacity: f64,
+    /// Group capacity C in cost units: pieces costing more are split, and a given capacity sets
+    /// the number of groups to ⌈total cost / C⌉. `None` chooses it from the profile and the batch
+    /// (total / num_workers: one group per worker); `Some(0.0)` is an error.
+    pub capacity: Option<f64>,
     /// Split granularity in keys for deterministic mode.
     pub split_keys: u32,
 }
 
 impl Default for PlanOptions {
     fn default() -> Self {
-        PlanOptions { deterministic: false, packing: true, balancing: true, prefix_sharing: true, split_kv: true, capacity: 0.0, split_keys: 2048 }
+        PlanOptions { deterministic: false, packing: true, balancing: true, prefix_sharing: true, split_kv: true, capacity: None, split_keys: 2048 }
     }
 }
 
@@ -71,6 +110,13 @@ pub struct PlanStats {
     pub tile_utilization: f64,
     pub max_group_cost: f64,
     pub mean_group_cost: f64,
+    /// Load of the busiest worker (CTA or CPU thread) when the workers take groups in order,
+    /// each the next group as soon as it is free, and the mean over all `num_workers` (idle
+    /// workers count as 0). Equal to the group numbers when there are no more groups than workers.
+    pub max_worker_cost: f64,
+    pub mean_worker_cost: f64,
+    /// Work items that read only part of a row block's keys (split pieces and prefix tiles).
+    pub num_partial_items: u32,
     pub capacity: f64,
     pub planning_ns: u64,
 }
@@ -89,6 +135,8 @@ pub struct Plan {
     pub kv_chunks: Vec<KvChunk>,
     pub merges: Vec<MergeRow>,
     pub merge_slots: Vec<u32>,
+    /// Cost of each group's items under the profile's cost model, by group.
+    pub group_costs: Vec<f64>,
     pub stats: PlanStats,
 }
 
@@ -98,8 +146,18 @@ impl Plan {
         let started = Instant::now();
         shape.validate()?;
         batch.validate(shape.causal)?;
-        if options.capacity < 0.0 || !options.capacity.is_finite() {
-            return Err(invalid!("capacity = {} must be finite and not negative (0 = automatic)", options.capacity));
+        profile.validate()?;
+        if let Some(c) = options.capacity {
+            if !(c.is_finite() && c > 0.0) {
+                return Err(invalid!("capacity = {c} must be positive and finite (None = automatic)"));
+            }
+        }
+        if shape.group_size() > profile.block_m {
+            return Err(crate::unsupported!(
+                "{} query heads per KV head do not fit in a tile of block_m = {} rows",
+                shape.group_size(),
+                profile.block_m
+            ));
         }
         if options.deterministic && options.split_keys == 0 {
             return Err(invalid!("split_keys = 0; deterministic mode needs a split granularity"));
@@ -118,10 +176,18 @@ impl Plan {
             kv_chunks: Vec::new(),
             merges: Vec::new(),
             merge_slots: Vec::new(),
+            group_costs: Vec::new(),
             stats: PlanStats::default(),
         };
-        plan.schedule_one_request_per_tile();
-        plan.finish_stats(profile, started);
+        let o = &plan.options;
+        let (capacity, num_split_requests) = if !(o.packing || o.balancing || o.prefix_sharing || o.split_kv) {
+            plan.schedule_one_request_per_tile();
+            (0.0, 0)
+        } else {
+            let outcome = schedule::schedule(&mut plan, profile)?;
+            (outcome.capacity, outcome.num_split_requests)
+        };
+        plan.finish_stats(profile, capacity, num_split_requests, started);
         Ok(plan)
     }
 
@@ -156,44 +222,75 @@ impl Plan {
         }
     }
 
-    /// Fills `stats` from the finished work list.
-    fn finish_stats(&mut self, profile: &DeviceProfile, started: Instant) {
-        let group = self.shape.group_size();
-        let mut computed = 0u64;
-        let mut useful = 0u64;
-        let mut group_cost: Vec<f64> = Vec::new();
+    /// Fills `stats` and `group_costs` from the finished work list. Work items that share
+    /// their chunks (the KV-head copies of one piece) are measured once.
+    fn finish_stats(&mut self, profile: &DeviceProfile, capacity: f64, num_split_requests: u32, started: Instant) {
+        let group = self.shape.group_size() as u64;
+        let causal = self.shape.causal;
+        // Per chunk_begin: (item cost, useful pairs, computed pairs), measured once.
+        let mut measured: Vec<Option<(f64, u64, u64)>> = vec![None; self.kv_chunks.len()];
+        let (mut computed, mut useful) = (0u64, 0u64);
+        let mut group_costs: Vec<f64> = Vec::new();
         for item in &self.items {
-            let mut keys_read = 0u64;
-            for c in &self.kv_chunks[item.chunk_begin as usize..(item.chunk_begin + item.chunk_count) as usize] {
-                let keys = (c.key_end - c.key_begin) as u64;
-                keys_read += keys;
-                computed += keys * (c.row_end - c.row_begin) as u64;
-                for row in c.row_begin..c.row_end {
-                    let (req, q) = self.row_request(item, row, group);
-                    let limit = self.requests[req as usize].key_limit(q, self.shape.causal);
-                    useful += limit.min(c.key_end).saturating_sub(c.key_begin) as u64;
+            let m = match measured.get(item.chunk_begin as usize).copied().flatten() {
+                Some(m) => m,
+                None => {
+                    let chunks = &self.kv_chunks[item.chunk_begin as usize..(item.chunk_begin + item.chunk_count) as usize];
+                    let segs = &self.row_segments[item.seg_begin as usize..(item.seg_begin + item.seg_count) as usize];
+                    let (mut use_, mut comp) = (0u64, 0u64);
+                    for c in chunks {
+                        comp += cost::sliced_rows(c.row_begin, c.row_end) as u64 * (c.key_end - c.key_begin) as u64;
+                        for s in segs.iter().filter(|s| s.row_begin >= c.row_begin && s.row_begin < c.row_end) {
+                            let req = &self.requests[s.request as usize];
+                            use_ += group * visible_keys(req, s.q_begin, s.q_count, causal, c.key_begin, c.key_end);
+                        }
+                    }
+                    let m = (cost::item_cost(profile, chunks), use_, comp);
+                    if let Some(slot) = measured.get_mut(item.chunk_begin as usize) {
+                        *slot = Some(m);
+                    }
+                    m
                 }
-            }
-            let cost = profile.cost_row_key * (item.num_rows as f64) * keys_read as f64 + profile.cost_key * keys_read as f64 + profile.cost_item;
+            };
+            useful += m.1;
+            computed += m.2;
             let g = item.group as usize;
-            if group_cost.len() <= g {
-                group_cost.resize(g + 1, 0.0);
+            if group_costs.len() <= g {
+                group_costs.resize(g + 1, 0.0);
             }
-            group_cost[g] += cost;
+            group_costs[g] += m.0;
         }
-        let n = group_cost.len().max(1) as f64;
+        // Workers take the groups in order, each the next one as soon as it is free.
+        let workers = profile.num_workers as usize;
+        let max_worker = if group_costs.len() <= workers {
+            group_costs.iter().cloned().fold(0.0, f64::max)
+        } else {
+            let total: f64 = group_costs.iter().sum();
+            let mut free = cost::LeastLoaded::with_first_units(group_costs[..workers].iter().copied(), total);
+            for &c in &group_costs[workers..] {
+                free.add_to_least(c);
+            }
+            free.max_load()
+        };
+        let total: f64 = group_costs.iter().sum();
+        let n = group_costs.len().max(1) as f64;
         self.stats = PlanStats {
-            num_groups: group_cost.len() as u32,
+            num_groups: group_costs.len() as u32,
             num_items: self.items.len() as u32,
-            num_split_requests: 0,
+            num_split_requests,
             num_merge_rows: self.merges.len() as u32,
             num_partial_slots: self.num_partial_slots(),
             tile_utilization: if computed == 0 { 1.0 } else { useful as f64 / computed as f64 },
-            max_group_cost: group_cost.iter().cloned().fold(0.0, f64::max),
-            mean_group_cost: group_cost.iter().sum::<f64>() / n,
-            capacity: self.options.capacity,
-            planning_ns: started.elapsed().as_nanos() as u64,
+            max_group_cost: group_costs.iter().cloned().fold(0.0, f64::max),
+            mean_group_cost: total / n,
+            max_worker_cost: max_worker,
+            mean_worker_cost: total / workers as f64,
+            num_partial_items: self.items.iter().filter(|i| i.partial_slot != FINAL_OUTPUT).count() as u32,
+            capacity,
+            planning_ns: 0,
         };
+        self.group_costs = group_costs;
+        self.stats.planning_ns = started.elapsed().as_nanos() as u64;
     }
 
     /// The request and query (0-based within it) of tile row `row` of `item`.
@@ -212,4 +309,25 @@ impl Plan {
     pub fn scratch_bytes(&self) -> usize {
         self.num_partial_slots() as usize * (self.shape.head_dim as usize + 1) * 4
     }
+}
+
+/// Σ over queries `q_begin .. q_begin + q_count` of `req` of the keys in `[key_begin, key_end)`
+/// each can see. Causal limits grow by one key per query, so the sum is computed in closed form.
+fn visible_keys(req: &RequestInfo, q_begin: u32, q_count: u32, causal: bool, key_begin: u32, key_end: u32) -> u64 {
+    if q_count == 0 || key_end <= key_begin {
+        return 0;
+    }
+    if !causal {
+        return q_count as u64 * (req.kv_len.min(key_end).saturating_sub(key_begin)) as u64;
+    }
+    // limit(q) = first + (q - q_begin); sum of clamp(limit, key_begin, key_end) - key_begin.
+    let first = req.key_limit(q_begin, true) as i64;
+    let (lo, hi, n) = (key_begin as i64, key_end as i64, q_count as i64);
+    // Queries whose limit is at most lo see nothing; those at or beyond hi see hi - lo.
+    let below = (lo - first + 1).clamp(0, n); // limits first..first+below-1 are <= lo
+    let at_cap = (first + n - hi).clamp(0, n - below); // limits >= hi
+    let mid = n - below - at_cap;
+    let mid_first = first + below; // limits mid_first .. mid_first + mid - 1, all in (lo, hi)
+    let mid_sum = mid * (mid_first - lo) + mid * (mid - 1) / 2;
+    (mid_sum + at_cap * (hi - lo)) as u64
 }

@@ -193,6 +193,34 @@ impl Case {
         Case { shape, batch, q, k, v, layout, hnd: spec.hnd }
     }
 
+    /// The C ABI's description of this batch, borrowing the case's arrays (and `groups`').
+    pub fn c_desc(&self, groups: &[packinfer::ffi::PackinferPrefixGroup]) -> packinfer::ffi::PackinferBatchDesc {
+        use packinfer::ffi::PackinferDtype;
+        let (b, s) = (&self.batch, &self.shape);
+        packinfer::ffi::PackinferBatchDesc {
+            struct_size: std::mem::size_of::<packinfer::ffi::PackinferBatchDesc>(),
+            batch_size: b.len() as u32,
+            qo_indptr: b.qo_indptr.as_ptr(),
+            kv_indptr: b.kv_indptr.as_ptr(),
+            kv_page_indices: b.kv_page_indices.as_ptr(),
+            kv_last_page_len: b.kv_last_page_len.as_ptr(),
+            page_size: b.page_size,
+            num_pages: b.num_pages,
+            num_qo_heads: s.num_qo_heads,
+            num_kv_heads: s.num_kv_heads,
+            head_dim: s.head_dim,
+            dtype: match s.dtype {
+                DType::F16 => PackinferDtype::F16,
+                DType::Bf16 => PackinferDtype::Bf16,
+                DType::F32 => PackinferDtype::F32,
+            } as u32,
+            causal: s.causal,
+            sm_scale: s.sm_scale,
+            num_prefix_groups: groups.len() as u32,
+            prefix_groups: if groups.is_empty() { std::ptr::null() } else { groups.as_ptr() },
+        }
+    }
+
     pub fn total_q(&self) -> usize {
         self.batch.total_q() as usize
     }
@@ -260,7 +288,12 @@ impl Case {
 /// within the dtype's rounding, LSE within fp32 accumulation error. Panics with the first bad
 /// element's position.
 pub fn assert_close(case: &Case, o: &Tensor, lse: &[f32], ctx: &str) {
-    let (ref_o, ref_lse) = case.reference();
+    assert_close_to(case, &case.reference(), o, lse, ctx)
+}
+
+/// [`assert_close`] against a reference computed once by the caller (`case.reference()`).
+pub fn assert_close_to(case: &Case, reference: &(Vec<f64>, Vec<f64>), o: &Tensor, lse: &[f32], ctx: &str) {
+    let (ref_o, ref_lse) = reference;
     let (atol, rtol) = match case.shape.dtype {
         DType::Bf16 => (1.5e-2, 1.5e-2),
         DType::F16 => (2e-3, 2e-3),
@@ -286,4 +319,20 @@ pub fn assert_close(case: &Case, o: &Tensor, lse: &[f32], ctx: &str) {
 
 pub fn rng(seed: u64) -> SmallRng {
     SmallRng::seed_from_u64(seed)
+}
+
+/// ‖got − want‖ / ‖want‖ over the finite reference values (1 when a got value is NaN).
+pub fn rel_frobenius(got: impl Iterator<Item = f64>, want: &[f64]) -> f64 {
+    let (mut num, mut den) = (0.0, 0.0);
+    for (g, &w) in got.zip(want) {
+        if !w.is_finite() {
+            continue;
+        }
+        if g.is_nan() {
+            return 1.0;
+        }
+        num += (g - w) * (g - w);
+        den += w * w;
+    }
+    if den == 0.0 { num.sqrt() } else { (num / den).sqrt() }
 }

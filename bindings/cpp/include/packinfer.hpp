@@ -11,9 +11,20 @@
 //   packinfer::Launch launch = ctx.launch(plan);       // once per engine step
 //   for (each layer) launch.run(args);                 // once per layer
 //
+// CUDA graphs: a launch made with ctx.launch_with_capacity(plan, capacity, stream) can be
+// re-targeted at the next step's plan with launch.update(next_plan, stream), so a graph captured
+// around its runs replays the new batch (GPU only; the CPU backend says Unsupported).
+//
+// Managed level, the library owns the KV cache (see examples/cpp/managed_step.cpp):
+//   packinfer::Pool pool(ctx, pool_options);                 // at start-up
+//   pool.append(seq, n);                                     // each step: reserve new tokens
+//   pool.write_kv(layer, seq_ids, counts, source);           // each layer: store the new K/V
+//   packinfer::Plan plan = pool.plan(ctx, seq_ids, counts);  // each step: plan from the pool
+//   launch.run(packinfer::RunArgs(q, pool.kv_layout(layer), o));
+//
 // Adding a function of the C API: a method that calls it through `detail::check`. Adding a
-// handle type (the KV pool): `using KvPoolHandle = detail::UniqueHandle<PackinferKvPool,
-// packinfer_kv_pool_destroy>;` and a class that holds one, like `Plan` below.
+// handle type: `using XHandle = detail::UniqueHandle<PackinferX, packinfer_x_destroy>;` and a
+// class that holds one, like `Plan` below.
 #ifndef PACKINFER_HPP
 #define PACKINFER_HPP
 
@@ -82,6 +93,10 @@ namespace detail {
 }
 inline void check(PackinferStatus status) {
   if (status != PACKINFER_STATUS_OK) throw_status(status);
+}
+// A check only the wrapper can make failed (e.g. two arrays that pair up differ in length).
+[[noreturn]] inline void invalid_argument(const char* where, const std::string& message) {
+  throw Error(Status::InvalidArgument, std::string(where) + ": " + message);
 }
 
 // A move-only owner of one C handle (`{uint64_t bits}`, 0 = none) that calls `Destroy` once.
@@ -209,11 +224,37 @@ struct PlanOptions {
   double capacity = 0.0;    // group capacity in cost units; 0 = automatic
 };
 
+namespace detail {
+inline PackinferPlanOptions to_c(const PlanOptions& options) {
+  PackinferPlanOptions o{};
+  check(packinfer_plan_options_default(&o));
+  o.flags = static_cast<uint32_t>(options.flags);
+  o.split_keys = options.split_keys;
+  o.capacity = options.capacity;
+  return o;
+}
+}  // namespace detail
+
 // Scratch for a plan's split partials: null = the launch allocates it once, at creation; else
 // the caller's buffer (device memory on CUDA) of at least PlanStats::scratch_bytes.
 struct LaunchOptions {
   void* scratch = nullptr;
   std::size_t scratch_bytes = 0;
+};
+
+// Sizes of a launch's device buffers (Context::launch_with_capacity), so that Launch::update can
+// upload later plans that fit into the same launch, and a CUDA graph captured around
+// Launch::run replays them. 0 in a field = the first plan's own count.
+struct LaunchCapacity {
+  uint32_t max_work_items = 0;
+  uint32_t max_row_segments = 0;
+  uint32_t max_kv_chunks = 0;
+  uint32_t max_requests = 0;
+  uint32_t max_pages = 0;  // entries of kv_page_indices
+  uint32_t max_merge_rows = 0;
+  uint32_t max_merge_slots = 0;
+  uint32_t max_groups = 0;
+  uint32_t max_partial_slots = 0;
 };
 
 // The C struct, as is: what the planner did (num_groups, tile_utilization, scratch_bytes, ...).
@@ -328,6 +369,13 @@ class Launch {
   }
   // Blocks until the launch's upload has completed.
   void wait() const { detail::check(packinfer_launch_wait(h_.get())); }
+  // CUDA, launches made by Context::launch_with_capacity: uploads `plan` (same shape, within the
+  // capacity) into this launch's buffers on `stream`; later runs, and CUDA graphs that captured
+  // them, compute the new plan. Queue it on the stream that runs the launch. Throws Unsupported
+  // on the CPU backend.
+  void update(const Plan& plan, void* stream = nullptr) const {
+    detail::check(packinfer_launch_update(h_.get(), plan.handle(), stream));
+  }
 
   PackinferLaunch handle() const noexcept { return h_.get(); }
   explicit operator bool() const noexcept { return static_cast<bool>(h_); }
@@ -400,11 +448,7 @@ class Context {
     d.sm_scale = batch.shape.sm_scale;
     d.num_prefix_groups = static_cast<uint32_t>(groups.size());
     d.prefix_groups = groups.empty() ? nullptr : groups.data();
-    PackinferPlanOptions o{};
-    detail::check(packinfer_plan_options_default(&o));
-    o.flags = static_cast<uint32_t>(options.flags);
-    o.split_keys = options.split_keys;
-    o.capacity = options.capacity;
+    const PackinferPlanOptions o = detail::to_c(options);
     PackinferPlan h{};
     detail::check(packinfer_plan_create(h_.get(), &d, &o, &h));
     return Plan(h);
@@ -421,6 +465,39 @@ class Context {
     return Launch(h);
   }
 
+  // Like launch(), with device buffers sized for `capacity` on CUDA, so that Launch::update can
+  // re-target the launch (and a CUDA graph captured around its runs) at later plans. The CPU
+  // backend ignores the capacity and makes an ordinary launch.
+  Launch launch_with_capacity(const Plan& plan, const LaunchCapacity& capacity, void* stream = nullptr,
+                              const LaunchOptions& options = {}) const {
+    PackinferLaunchOptions o{};
+    o.struct_size = sizeof(o);
+    o.scratch = options.scratch;
+    o.scratch_bytes = options.scratch_bytes;
+    PackinferLaunchCapacity c{};
+    c.struct_size = sizeof(c);
+    c.max_work_items = capacity.max_work_items;
+    c.max_row_segments = capacity.max_row_segments;
+    c.max_kv_chunks = capacity.max_kv_chunks;
+    c.max_requests = capacity.max_requests;
+    c.max_pages = capacity.max_pages;
+    c.max_merge_rows = capacity.max_merge_rows;
+    c.max_merge_slots = capacity.max_merge_slots;
+    c.max_groups = capacity.max_groups;
+    c.max_partial_slots = capacity.max_partial_slots;
+    PackinferLaunch h{};
+    detail::check(packinfer_launch_create_with_capacity(h_.get(), plan.handle(), &o, &c, stream, &h));
+    return Launch(h);
+  }
+
+  // Compiles (or loads from the kernel cache) every kernel variant this context can need, so no
+  // launch pays compile time later. A no-op on the CPU backend.
+  void precompile() const { detail::check(packinfer_context_precompile(h_.get())); }
+  // CUDA: times a few work shapes on the device and fits the planner's cost model, which plans
+  // made afterwards use (and later contexts sharing the kernel cache directory). About a second:
+  // once per device and install, not per request. Throws Unsupported on the CPU backend.
+  void calibrate() const { detail::check(packinfer_context_calibrate(h_.get())); }
+
   PackinferContext handle() const noexcept { return h_.get(); }
   explicit operator bool() const noexcept { return static_cast<bool>(h_); }
   PackinferContext release() noexcept { return h_.release(); }
@@ -433,7 +510,7 @@ class Context {
     return o;
   }
   [[noreturn]] static void invalid(const std::string& message) {
-    throw Error(Status::InvalidArgument, "packinfer::Context::plan: " + message);
+    detail::invalid_argument("packinfer::Context::plan", message);
   }
   static void check_length(const char* name, std::size_t got, std::size_t want, const char* why) {
     if (got != want) {
@@ -442,6 +519,195 @@ class Context {
   }
 
   ContextHandle h_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// The managed KV pool
+
+// A sequence of a pool (never 0, never reused: a released id stays invalid).
+using SequenceId = uint64_t;
+
+// How to create a pool. Memory is num_layers x 2 (K, V) x num_pages x page_size x num_kv_heads x
+// head_dim elements of shape.dtype, allocated once; plans made from the pool use `shape`.
+struct PoolOptions {
+  uint32_t num_layers = 0;
+  AttentionShape shape;
+  uint32_t page_size = 16;
+  uint32_t num_pages = 0;        // capacity in pages; 0 = as many as fit in capacity_bytes
+  uint64_t capacity_bytes = 0;   // used when num_pages is 0
+  uint32_t headroom_pages = 2;   // δ: empty pages kept after each member of a laid-out group
+};
+
+// The step's new K and V for one layer as the engine holds them: [num_rows, num_kv_heads,
+// head_dim] each, token-major. The shape and dtype are stated so that a mismatch with the pool
+// is an error, not a silent misread. Host memory on the CPU backend, device memory on CUDA.
+struct KvSource {
+  const void* k = nullptr;
+  const void* v = nullptr;
+  uint32_t num_rows = 0;  // must equal the sum of the num_tokens passed with it
+  uint32_t num_kv_heads = 0;
+  uint32_t head_dim = 0;
+  DType dtype = DType::F16;
+  int64_t stride_token = 0;  // elements between consecutive rows; 0 = contiguous
+};
+
+// The C structs, as they are.
+using PoolStats = PackinferPoolStats;            // pages used/free, tokens, step reads, relayouts
+using RelayoutReport = PackinferRelayoutReport;  // groups in place / rebuilt / no room, pages moved
+
+using PoolHandle = detail::UniqueHandle<PackinferPool, packinfer_pool_destroy>;
+
+// KV memory owned by the library, cut into pages that sequences share copy-on-write. Every
+// method is one C call (plus the array-length checks the C API cannot make); a pool may be used
+// from several threads. Launches that read its KV must be finished before it is destroyed.
+class Pool {
+ public:
+  Pool() noexcept = default;
+  // Allocates the whole pool on the context's backend (Unsupported where the backend has no
+  // pool yet).
+  Pool(const Context& context, const PoolOptions& options) {
+    PackinferPoolOptions o{};
+    detail::check(packinfer_pool_options_default(&o));
+    o.num_layers = options.num_layers;
+    o.num_qo_heads = options.shape.num_qo_heads;
+    o.num_kv_heads = options.shape.num_kv_heads;
+    o.head_dim = options.shape.head_dim;
+    o.dtype = static_cast<uint32_t>(options.shape.dtype);
+    o.causal = options.shape.causal;
+    o.sm_scale = options.shape.sm_scale;
+    o.page_size = options.page_size;
+    o.num_pages = options.num_pages;
+    o.capacity_bytes = options.capacity_bytes;
+    o.headroom_pages = options.headroom_pages;
+    PackinferPool h{};
+    detail::check(packinfer_pool_create(context.handle(), &o, &h));
+    h_ = PoolHandle(h);
+    capacity_tokens_ = uint64_t{stats().num_pages} * options.page_size;
+  }
+  // Takes ownership of a handle made with the C API.
+  explicit Pool(PackinferPool handle) noexcept : h_(handle) {}
+
+  // Layer `layer`'s K/V as RunArgs::kv wants them (NHD pages, K and V separate).
+  KvLayout kv_layout(uint32_t layer) const {
+    KvLayout layout{};
+    detail::check(packinfer_pool_kv_layout(h_.get(), layer, &layout));
+    return layout;
+  }
+
+  // ---- sequences ----
+  SequenceId create_sequence() {
+    SequenceId id = 0;
+    detail::check(packinfer_pool_sequence_create(h_.get(), &id));
+    return id;
+  }
+  uint32_t sequence_length(SequenceId seq) const {
+    uint32_t n = 0;
+    detail::check(packinfer_pool_sequence_length(h_.get(), seq, &n));
+    return n;
+  }
+  // Reserves n more tokens at the end of `seq` and returns their slots (page * page_size + token
+  // in page; valid until a relayout moves pages). Throws PoolExhausted, leaving the pool
+  // unchanged, when the pages do not fit. A copy-on-write copy runs on `stream`.
+  std::vector<int64_t> append(SequenceId seq, uint32_t n, void* stream = nullptr) {
+    if (capacity_tokens_ != 0 && n > capacity_tokens_) {
+      // More tokens than the whole pool holds never fit: the library refuses them (with its
+      // message) without this wrapper allocating n slots first.
+      detail::check(packinfer_pool_append(h_.get(), seq, n, nullptr, stream));
+      throw Error(Status::Internal, "packinfer::Pool::append: the library accepted n = " + std::to_string(n) +
+                                        " tokens, more than the pool's " + std::to_string(capacity_tokens_));
+    }
+    std::vector<int64_t> slots(n);
+    detail::check(packinfer_pool_append(h_.get(), seq, n, slots.empty() ? nullptr : slots.data(), stream));
+    return slots;
+  }
+  // A new sequence sharing the first prefix_len tokens of `parent` (full pages shared, a partly
+  // covered page copied on `stream`).
+  SequenceId fork(SequenceId parent, uint32_t prefix_len, void* stream = nullptr) {
+    SequenceId child = 0;
+    detail::check(packinfer_pool_fork(h_.get(), parent, prefix_len, stream, &child));
+    return child;
+  }
+  void truncate(SequenceId seq, uint32_t length) { detail::check(packinfer_pool_truncate(h_.get(), seq, length)); }
+  // The id becomes invalid; pages return when their last user goes.
+  void release(SequenceId seq) { detail::check(packinfer_pool_release(h_.get(), seq)); }
+
+  // ---- K/V and content hashes ----
+  // Layer `layer`'s K/V of the step's new tokens: the rows of `src` go, in order, to the last
+  // num_tokens[i] tokens of seq_ids[i] (reserved by append). Runs on `stream`.
+  void write_kv(uint32_t layer, ArrayView<SequenceId> seq_ids, ArrayView<uint32_t> num_tokens,
+                const KvSource& src, void* stream = nullptr) {
+    const uint32_t n = same_length("packinfer::Pool::write_kv", seq_ids, "num_tokens", num_tokens.size());
+    PackinferKvSource s{};
+    s.struct_size = sizeof(s);
+    s.k = src.k;
+    s.v = src.v;
+    s.num_rows = src.num_rows;
+    s.num_kv_heads = src.num_kv_heads;
+    s.head_dim = src.head_dim;
+    s.dtype = static_cast<uint32_t>(src.dtype);
+    s.stride_token = src.stride_token;
+    detail::check(packinfer_pool_write_kv(h_.get(), layer, seq_ids.data(), num_tokens.data(), n, &s, stream));
+  }
+  // The engine's chained content hashes of the first hashes.size() full pages of `seq`.
+  void register_page_hashes(SequenceId seq, ArrayView<uint64_t> hashes) {
+    detail::check(packinfer_pool_register_page_hashes(h_.get(), seq, hashes.data(), length("packinfer::Pool::register_page_hashes", hashes.size())));
+  }
+  // For an empty `seq`: shares the registered pages matching the leading hashes; returns the
+  // number of tokens they hold.
+  uint32_t match_prefix(SequenceId seq, ArrayView<uint64_t> hashes) {
+    uint32_t matched = 0;
+    detail::check(packinfer_pool_match_prefix(h_.get(), seq, hashes.data(), length("packinfer::Pool::match_prefix", hashes.size()), &matched));
+    return matched;
+  }
+
+  // ---- steps ----
+  // Plans a step from the pool: request i is seq_ids[i] with its last num_new_tokens[i] tokens
+  // (already appended) as queries. A snapshot: make it after the step's appends and relayout.
+  Plan plan(const Context& context, ArrayView<SequenceId> seq_ids, ArrayView<uint32_t> num_new_tokens,
+            const PlanOptions& options = {}) const {
+    const uint32_t n = same_length("packinfer::Pool::plan", seq_ids, "num_new_tokens", num_new_tokens.size());
+    const PackinferPlanOptions o = detail::to_c(options);
+    PackinferPlan h{};
+    detail::check(packinfer_pool_plan_create(context.handle(), h_.get(), seq_ids.data(), num_new_tokens.data(), n, &o, &h));
+    return Plan(h);
+  }
+  // Keeps each execution group of `plan` (made from seq_ids) contiguous in the pool; copies run
+  // on `stream`. If the report says pages moved, plans made before it are stale: plan again.
+  RelayoutReport relayout(const Plan& plan, ArrayView<SequenceId> seq_ids, bool regroup, void* stream = nullptr) {
+    RelayoutReport r{};
+    r.struct_size = sizeof(r);
+    detail::check(packinfer_pool_relayout(h_.get(), plan.handle(), seq_ids.data(),
+                                          length("packinfer::Pool::relayout", seq_ids.size()), regroup, stream, &r));
+    return r;
+  }
+  PoolStats stats() const {
+    PoolStats s{};
+    s.struct_size = sizeof(s);
+    detail::check(packinfer_pool_stats(h_.get(), &s));
+    return s;
+  }
+
+  PackinferPool handle() const noexcept { return h_.get(); }
+  explicit operator bool() const noexcept { return static_cast<bool>(h_); }
+  PackinferPool release() noexcept { return h_.release(); }
+  // Destroys now and frees the KV memory (the destructor does it otherwise).
+  void reset() { h_.reset(); }
+
+ private:
+  static uint32_t length(const char* where, std::size_t n) {
+    if (n > UINT32_MAX) detail::invalid_argument(where, std::to_string(n) + " entries are more than the C API's uint32 count");
+    return static_cast<uint32_t>(n);
+  }
+  static uint32_t same_length(const char* where, ArrayView<SequenceId> seq_ids, const char* other, std::size_t other_size) {
+    if (seq_ids.size() != other_size) {
+      detail::invalid_argument(where, std::string(other) + " has " + std::to_string(other_size) + " entries but seq_ids has " +
+                                          std::to_string(seq_ids.size()) + "; they pair up one to one");
+    }
+    return length(where, seq_ids.size());
+  }
+
+  PoolHandle h_;
+  uint64_t capacity_tokens_ = 0;  // num_pages * page_size; 0 = unknown (a handle adopted from C)
 };
 
 // The library this program runs against.

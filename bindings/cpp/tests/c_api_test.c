@@ -241,8 +241,10 @@ static PackinferContext cpu_context(void) {
   return ctx;
 }
 
-/* Plan, launch, run, compare against the reference, destroy: the whole flow of one step. */
-static void flow(const char* name, const Spec* spec) {
+/* Plan, launch, run, compare against the reference, destroy: the whole flow of one step. With
+ * `capacity`, the launch is made by packinfer_launch_create_with_capacity, and between the two
+ * layers packinfer_launch_update is tried: UNSUPPORTED on the CPU, and the launch still runs. */
+static void flow(const char* name, const Spec* spec, const PackinferLaunchCapacity* capacity) {
   Case c;
   case_build(&c, spec);
   PackinferContext ctx = cpu_context();
@@ -266,7 +268,12 @@ static void flow(const char* name, const Spec* spec) {
   CHECK(stats.tile_utilization > 0.0 && stats.tile_utilization <= 1.0, "%s: tile_utilization = %g", name, stats.tile_utilization);
 
   PackinferLaunch launch = {0};
-  CHECK_STATUS(packinfer_launch_create(ctx, plan, NULL, NULL, &launch), PACKINFER_STATUS_OK, NULL);
+  if (capacity == NULL) {
+    CHECK_STATUS(packinfer_launch_create(ctx, plan, NULL, NULL, &launch), PACKINFER_STATUS_OK, NULL);
+  } else {
+    CHECK_STATUS(packinfer_launch_create_with_capacity(ctx, plan, NULL, capacity, NULL, &launch), PACKINFER_STATUS_OK, NULL);
+  }
+  CHECK(launch.bits != 0, "%s: the launch handle was written", name);
   bool done = false;
   CHECK_STATUS(packinfer_launch_query(launch, &done), PACKINFER_STATUS_OK, NULL);
   CHECK(done, "%s: the CPU backend's launch is ready at once", name);
@@ -309,6 +316,12 @@ static void flow(const char* name, const Spec* spec) {
   }
   CHECK(bad == 0, "%s: output matches the reference", name);
 
+  if (capacity != NULL) {
+    /* Only the CUDA backend re-targets a launch; the failed update leaves the launch as it was. */
+    CHECK_STATUS(packinfer_launch_update(launch, plan, NULL), PACKINFER_STATUS_UNSUPPORTED,
+                 "packinfer_launch_update: this backend's launches cannot be updated; create a new launch");
+  }
+
   /* A second layer through the same launch: different Q, same metadata. */
   for (size_t i = 0; i < n_out; i++) store(c.q, i, spec->dtype, -load(c.q, i, spec->dtype)); /* Q has O's shape */
   CHECK_STATUS(packinfer_run(launch, &args), PACKINFER_STATUS_OK, NULL);
@@ -332,17 +345,17 @@ static const Spec k_mixed = {
 static void test_flows(void) {
   Spec s = k_mixed;
   s.dtype = PACKINFER_DTYPE_F32;
-  flow("f32 causal mixed batch, GQA 4", &s);
+  flow("f32 causal mixed batch, GQA 4", &s, NULL);
   s.dtype = PACKINFER_DTYPE_F16;
   s.causal = 0;
   s.head_dim = 128;
-  flow("f16 non-causal, head_dim 128", &s);
+  flow("f16 non-causal, head_dim 128", &s, NULL);
   Spec p = {
       .n = 3, .q_len = {1, 1, 3}, .kv_len = {40, 45, 33},
       .page_size = 1, .kv_heads = 1, .group = 8, .head_dim = 64, .dtype = PACKINFER_DTYPE_BF16, .causal = 1,
       .share_count = 3, .share_len = 32, .share_members = {0, 1, 2},
   };
-  flow("bf16 page size 1, shared 32-token prefix", &p);
+  flow("bf16 page size 1, shared 32-token prefix", &p, NULL);
 }
 
 static void test_version(void) {
@@ -475,10 +488,477 @@ static void test_errors(void) {
   case_free(&c);
 }
 
+/* ---- the managed KV pool: the library owns the cache ---- */
+
+/* The pool's model and the test's own copy of what each sequence holds: K and V of every token
+ * and layer, in token order ("gathered per sequence"), which the reference attends over. */
+#define POOL_LAYERS 2
+#define POOL_QO_HEADS 4
+#define POOL_KV_HEADS 2
+#define POOL_HEAD_DIM 32
+#define POOL_PAGE 4
+#define POOL_PAGES 40
+#define POOL_MAX_TOK 32
+#define POOL_ROW (POOL_KV_HEADS * POOL_HEAD_DIM)
+
+typedef struct {
+  uint64_t id;
+  int len;
+  float k[POOL_LAYERS][POOL_MAX_TOK * POOL_ROW];
+  float v[POOL_LAYERS][POOL_MAX_TOK * POOL_ROW];
+} SeqModel;
+
+static PackinferPoolOptions pool_options(void) {
+  PackinferPoolOptions o;
+  CHECK_STATUS(packinfer_pool_options_default(&o), PACKINFER_STATUS_OK, NULL);
+  CHECK(o.page_size == 16 && o.headroom_pages == 2 && o.causal && o.dtype == PACKINFER_DTYPE_BF16,
+        "pool defaults: page_size %u, headroom %u, causal %d, dtype %u", o.page_size, o.headroom_pages, (int)o.causal, o.dtype);
+  o.num_layers = POOL_LAYERS;
+  o.num_qo_heads = POOL_QO_HEADS;
+  o.num_kv_heads = POOL_KV_HEADS;
+  o.head_dim = POOL_HEAD_DIM;
+  o.dtype = PACKINFER_DTYPE_F32;
+  o.page_size = POOL_PAGE;
+  o.num_pages = POOL_PAGES;
+  o.headroom_pages = 1;
+  return o;
+}
+
+static PackinferPoolStats pool_stats(PackinferPool pool) {
+  PackinferPoolStats s;
+  memset(&s, 0, sizeof s);
+  s.struct_size = sizeof s;
+  CHECK_STATUS(packinfer_pool_stats(pool, &s), PACKINFER_STATUS_OK, NULL);
+  return s;
+}
+
+static int same_stats(const PackinferPoolStats* a, const PackinferPoolStats* b) {
+  return a->num_pages == b->num_pages && a->pages_used == b->pages_used && a->pages_free == b->pages_free &&
+         a->num_sequences == b->num_sequences && a->tokens_logical == b->tokens_logical &&
+         a->tokens_stored == b->tokens_stored && a->slots_reserved_unused == b->slots_reserved_unused &&
+         a->step_read_bytes_shared == b->step_read_bytes_shared && a->step_read_bytes_unshared == b->step_read_bytes_unshared &&
+         a->relayouts == b->relayouts && a->relayout_pages_moved == b->relayout_pages_moved &&
+         a->relayout_bytes_moved == b->relayout_bytes_moved && a->cow_page_copies == b->cow_page_copies;
+}
+
+/* Appends n tokens to a sequence (pool and model) and checks the slots it gets back. */
+static void pool_append(PackinferPool pool, SeqModel* m, uint32_t n) {
+  int64_t slots[POOL_MAX_TOK];
+  for (uint32_t i = 0; i < n; i++) slots[i] = -1;
+  CHECK_STATUS(packinfer_pool_append(pool, m->id, n, slots, NULL), PACKINFER_STATUS_OK, NULL);
+  for (uint32_t i = 0; i < n; i++) {
+    CHECK(slots[i] >= 0 && slots[i] < (int64_t)POOL_PAGES * POOL_PAGE, "append: slot %lld of %u", (long long)slots[i], i);
+    /* Consecutive tokens of one page have consecutive slots. */
+    if (i > 0 && (m->len + (int)i) % POOL_PAGE != 0)
+      CHECK(slots[i] == slots[i - 1] + 1, "append: slot %u = %lld follows %lld in the same page", i, (long long)slots[i], (long long)slots[i - 1]);
+  }
+  m->len += (int)n;
+  uint32_t len = 0;
+  CHECK_STATUS(packinfer_pool_sequence_length(pool, m->id, &len), PACKINFER_STATUS_OK, NULL);
+  CHECK(len == (uint32_t)m->len, "sequence %llu has %u tokens, want %d", (unsigned long long)m->id, len, m->len);
+}
+
+/* A sequence forked from `parent` holds a copy of its first prefix_len tokens. */
+static void pool_fork(PackinferPool pool, const SeqModel* parent, uint32_t prefix_len, SeqModel* child) {
+  memset(child, 0, sizeof *child);
+  CHECK_STATUS(packinfer_pool_fork(pool, parent->id, prefix_len, NULL, &child->id), PACKINFER_STATUS_OK, NULL);
+  child->len = (int)prefix_len;
+  for (int l = 0; l < POOL_LAYERS; l++) {
+    memcpy(child->k[l], parent->k[l], sizeof(float) * prefix_len * POOL_ROW);
+    memcpy(child->v[l], parent->v[l], sizeof(float) * prefix_len * POOL_ROW);
+  }
+}
+
+/* Writes random K/V of every layer for the last counts[i] tokens of seqs[i] (one write_kv call
+ * per layer, as an engine does) and records them in the models. */
+static void pool_write(PackinferPool pool, SeqModel** seqs, const uint32_t* counts, uint32_t n) {
+  uint64_t ids[8];
+  uint32_t rows = 0;
+  for (uint32_t i = 0; i < n; i++) { ids[i] = seqs[i]->id; rows += counts[i]; }
+  float* k = malloc(sizeof(float) * rows * POOL_ROW);
+  float* v = malloc(sizeof(float) * rows * POOL_ROW);
+  for (int l = 0; l < POOL_LAYERS; l++) {
+    for (uint32_t i = 0; i < rows * POOL_ROW; i++) { k[i] = uniform(-1, 1); v[i] = uniform(-1, 1); }
+    PackinferKvSource src;
+    memset(&src, 0, sizeof src);
+    src.struct_size = sizeof src;
+    src.k = k;
+    src.v = v;
+    src.num_rows = rows;
+    src.num_kv_heads = POOL_KV_HEADS;
+    src.head_dim = POOL_HEAD_DIM;
+    src.dtype = PACKINFER_DTYPE_F32;
+    CHECK_STATUS(packinfer_pool_write_kv(pool, (uint32_t)l, ids, counts, n, &src, NULL), PACKINFER_STATUS_OK, NULL);
+    uint32_t row = 0;
+    for (uint32_t i = 0; i < n; i++) {
+      for (uint32_t t = 0; t < counts[i]; t++, row++) {
+        int tok = seqs[i]->len - (int)counts[i] + (int)t;
+        memcpy(&seqs[i]->k[l][tok * POOL_ROW], &k[row * POOL_ROW], sizeof(float) * POOL_ROW);
+        memcpy(&seqs[i]->v[l][tok * POOL_ROW], &v[row * POOL_ROW], sizeof(float) * POOL_ROW);
+      }
+    }
+  }
+  free(k);
+  free(v);
+}
+
+/* Plans the step from the pool (after an optional relayout), runs every layer with the pool's
+ * layout and compares with attention over the models' K/V. */
+static void pool_step(const char* name, PackinferContext ctx, PackinferPool pool, SeqModel** seqs, const uint32_t* q_lens,
+                      uint32_t n, int relayout, int must_move) {
+  uint64_t ids[8];
+  int total_q = 0;
+  for (uint32_t i = 0; i < n; i++) { ids[i] = seqs[i]->id; total_q += (int)q_lens[i]; }
+  PackinferPlan plan = {0};
+  CHECK_STATUS(packinfer_pool_plan_create(ctx, pool, ids, q_lens, n, NULL, &plan), PACKINFER_STATUS_OK, NULL);
+  PackinferPlanStats ps;
+  memset(&ps, 0, sizeof ps);
+  ps.struct_size = sizeof ps;
+  CHECK_STATUS(packinfer_plan_stats(plan, &ps), PACKINFER_STATUS_OK, NULL);
+  CHECK(ps.num_requests == n, "%s: plan of %u requests, want %u", name, ps.num_requests, n);
+  PackinferPoolStats st = pool_stats(pool);
+  CHECK(st.step_read_bytes_shared > 0 && st.step_read_bytes_shared <= st.step_read_bytes_unshared,
+        "%s: step reads %llu bytes shared, %llu unshared", name, (unsigned long long)st.step_read_bytes_shared,
+        (unsigned long long)st.step_read_bytes_unshared);
+  if (relayout) {
+    PackinferRelayoutReport r;
+    memset(&r, 0, sizeof r);
+    r.struct_size = sizeof r;
+    CHECK_STATUS(packinfer_pool_relayout(pool, plan, ids, n, true, NULL, &r), PACKINFER_STATUS_OK, NULL);
+    CHECK(r.groups >= 1 && r.groups == r.groups_in_place + r.groups_rebuilt + r.groups_no_room,
+          "%s: relayout of %u groups: %u in place, %u rebuilt, %u no room", name, r.groups, r.groups_in_place, r.groups_rebuilt, r.groups_no_room);
+    PackinferPoolStats after = pool_stats(pool);
+    CHECK(after.relayout_pages_moved == st.relayout_pages_moved + r.pages_moved, "%s: stats count the %llu pages moved", name,
+          (unsigned long long)r.pages_moved);
+    CHECK(r.bytes_moved == r.pages_moved * POOL_PAGE * POOL_ROW * sizeof(float) * 2 * POOL_LAYERS,
+          "%s: %llu bytes moved for %llu pages", name, (unsigned long long)r.bytes_moved, (unsigned long long)r.pages_moved);
+    if (must_move)
+      CHECK(r.groups_rebuilt >= 1 && r.pages_moved >= 1, "%s: relayout rebuilt %u groups, moved %llu pages; a scattered sequence must move",
+            name, r.groups_rebuilt, (unsigned long long)r.pages_moved);
+    /* The plan is stale once pages moved: plan again. */
+    CHECK_STATUS(packinfer_plan_destroy(plan), PACKINFER_STATUS_OK, NULL);
+    CHECK_STATUS(packinfer_pool_plan_create(ctx, pool, ids, q_lens, n, NULL, &plan), PACKINFER_STATUS_OK, NULL);
+  }
+  PackinferLaunch launch = {0};
+  CHECK_STATUS(packinfer_launch_create(ctx, plan, NULL, NULL, &launch), PACKINFER_STATUS_OK, NULL);
+
+  const size_t n_out = (size_t)total_q * POOL_QO_HEADS * POOL_HEAD_DIM;
+  float* q = malloc(sizeof(float) * n_out);
+  float* o = malloc(sizeof(float) * n_out);
+  float* lse = malloc(sizeof(float) * (size_t)total_q * POOL_QO_HEADS);
+  double scores[POOL_MAX_TOK];
+  const double scale = 1.0 / sqrt((double)POOL_HEAD_DIM);
+  for (int l = 0; l < POOL_LAYERS; l++) {
+    for (size_t i = 0; i < n_out; i++) { q[i] = uniform(-2, 2); o[i] = NAN; }
+    PackinferRunArgs a;
+    memset(&a, 0, sizeof a);
+    a.struct_size = sizeof a;
+    a.q = q;
+    a.o = o;
+    a.lse = lse;
+    CHECK_STATUS(packinfer_pool_kv_layout(pool, (uint32_t)l, &a.kv), PACKINFER_STATUS_OK, NULL);
+    CHECK_STATUS(packinfer_run(launch, &a), PACKINFER_STATUS_OK, NULL);
+    int tok = 0, bad = 0;
+    for (uint32_t r = 0; r < n; r++) {
+      const SeqModel* m = seqs[r];
+      for (int i = 0; i < (int)q_lens[r]; i++, tok++) {
+        int visible = m->len - (int)q_lens[r] + i + 1; /* causal, bottom-right aligned */
+        for (int h = 0; h < POOL_QO_HEADS; h++) {
+          int kvh = h / (POOL_QO_HEADS / POOL_KV_HEADS);
+          const float* qv = &q[((size_t)tok * POOL_QO_HEADS + h) * POOL_HEAD_DIM];
+          double mx = -INFINITY, z = 0.0;
+          for (int j = 0; j < visible; j++) {
+            double dot = 0.0;
+            for (int e = 0; e < POOL_HEAD_DIM; e++) dot += (double)qv[e] * m->k[l][j * POOL_ROW + kvh * POOL_HEAD_DIM + e];
+            scores[j] = dot * scale;
+            if (scores[j] > mx) mx = scores[j];
+          }
+          for (int j = 0; j < visible; j++) z += exp(scores[j] - mx);
+          for (int e = 0; e < POOL_HEAD_DIM; e++) {
+            double want = 0.0;
+            for (int j = 0; j < visible; j++) want += exp(scores[j] - mx) / z * m->v[l][j * POOL_ROW + kvh * POOL_HEAD_DIM + e];
+            double got = o[((size_t)tok * POOL_QO_HEADS + h) * POOL_HEAD_DIM + e];
+            if (!(fabs(got - want) <= 1e-4 * (1.0 + fabs(want))) && bad++ < 3)
+              CHECK(0, "%s: layer %d, request %u (sequence %llu), query %d, head %d, dim %d: O = %.6f, reference %.6f", name, l, r,
+                    (unsigned long long)m->id, i, h, e, got, want);
+          }
+          double want_lse = mx + log(z), got_lse = lse[(size_t)tok * POOL_QO_HEADS + h];
+          if (!(fabs(got_lse - want_lse) <= 1e-4 * (1.0 + fabs(want_lse))) && bad++ < 3)
+            CHECK(0, "%s: layer %d, request %u: LSE = %.6f, reference %.6f", name, l, r, got_lse, want_lse);
+        }
+      }
+    }
+    CHECK(bad == 0, "%s: layer %d matches the reference over the K/V written", name, l);
+  }
+  free(q); free(o); free(lse);
+  CHECK_STATUS(packinfer_launch_destroy(launch), PACKINFER_STATUS_OK, NULL);
+  CHECK_STATUS(packinfer_plan_destroy(plan), PACKINFER_STATUS_OK, NULL);
+}
+
+static void test_pool_flow(void) {
+  PackinferContext ctx = cpu_context();
+  PackinferPoolOptions po = pool_options();
+  PackinferPool pool = {0};
+  CHECK_STATUS(packinfer_pool_create(ctx, &po, &pool), PACKINFER_STATUS_OK, NULL);
+  static SeqModel a, b, c, d, e;
+  memset(&a, 0, sizeof a);
+  memset(&b, 0, sizeof b);
+  memset(&e, 0, sizeof e);
+
+  /* The pool's memory is where kv_layout says, NHD: slot s of layer l's K is at k + s * row. */
+  PackinferKvLayout layout0, layout1;
+  CHECK_STATUS(packinfer_pool_kv_layout(pool, 0, &layout0), PACKINFER_STATUS_OK, NULL);
+  CHECK_STATUS(packinfer_pool_kv_layout(pool, 1, &layout1), PACKINFER_STATUS_OK, NULL);
+  CHECK(layout0.stride_dim == 1 && layout0.stride_head == POOL_HEAD_DIM && layout0.stride_token == POOL_ROW &&
+            layout0.stride_page == POOL_PAGE * POOL_ROW && layout0.k != layout1.k && layout0.k != layout0.v,
+        "pool layout strides (%lld, %lld, %lld, %lld)", (long long)layout0.stride_page, (long long)layout0.stride_token,
+        (long long)layout0.stride_head, (long long)layout0.stride_dim);
+
+  /* Step 1: two prompts, appended in turns so that A's pages are scattered ([0, 2, 3, 4]). */
+  CHECK_STATUS(packinfer_pool_sequence_create(pool, &a.id), PACKINFER_STATUS_OK, NULL);
+  CHECK_STATUS(packinfer_pool_sequence_create(pool, &b.id), PACKINFER_STATUS_OK, NULL);
+  CHECK(a.id != 0 && b.id != 0 && a.id != b.id, "sequence ids %llu, %llu", (unsigned long long)a.id, (unsigned long long)b.id);
+  int64_t first_slot_b = -1;
+  pool_append(pool, &a, 4);
+  CHECK_STATUS(packinfer_pool_append(pool, b.id, 1, &first_slot_b, NULL), PACKINFER_STATUS_OK, NULL);
+  b.len = 1;
+  pool_append(pool, &b, 3);
+  pool_append(pool, &a, 9);
+  pool_append(pool, &b, 3);
+  {
+    SeqModel* seqs[] = {&a, &b};
+    const uint32_t counts[] = {13, 7};
+    pool_write(pool, seqs, counts, 2);
+    /* B's first token, in the slot append gave it, in layer 1's V. */
+    const float* stored = (const float*)layout1.v + first_slot_b * layout1.stride_token;
+    CHECK(memcmp(stored, b.v[1], sizeof(float) * POOL_ROW) == 0, "write_kv put B's first row in the slot append returned");
+    pool_step("pool step 1 (prefill)", ctx, pool, seqs, counts, 2, 0, 0);
+  }
+  PackinferPoolStats st = pool_stats(pool);
+  CHECK(st.num_pages == POOL_PAGES && st.num_sequences == 2 && st.tokens_logical == 20 && st.tokens_stored == 20 &&
+            st.pages_used + st.pages_free == POOL_PAGES,
+        "after step 1: %u pages (%u used, %u free), %u sequences, %llu tokens", st.num_pages, st.pages_used, st.pages_free,
+        st.num_sequences, (unsigned long long)st.tokens_logical);
+
+  /* Step 2: C shares A's first two pages; D's fork copies the partly covered third page. */
+  pool_fork(pool, &a, 8, &c);
+  pool_fork(pool, &a, 10, &d);
+  st = pool_stats(pool);
+  CHECK(st.tokens_logical == 38 && st.tokens_stored == 22 && st.cow_page_copies == 1,
+        "after forks: %llu tokens logical, %llu stored, %llu copy-on-write copies", (unsigned long long)st.tokens_logical,
+        (unsigned long long)st.tokens_stored, (unsigned long long)st.cow_page_copies);
+  pool_append(pool, &a, 1);
+  pool_append(pool, &b, 1);
+  pool_append(pool, &c, 3);
+  pool_append(pool, &d, 2);
+  {
+    SeqModel* seqs[] = {&a, &b, &c, &d};
+    const uint32_t counts[] = {1, 1, 3, 2};
+    pool_write(pool, seqs, counts, 4);
+    /* C's shared tokens are A's: written once, by A, never through C. */
+    const uint64_t cid[] = {c.id};
+    const uint32_t eleven[] = {11};
+    PackinferKvSource src = {sizeof src, a.k[0], a.v[0], 11, POOL_KV_HEADS, POOL_HEAD_DIM, PACKINFER_DTYPE_F32, 0};
+    CHECK_STATUS(packinfer_pool_write_kv(pool, 0, cid, eleven, 1, &src, NULL), PACKINFER_STATUS_INVALID_ARGUMENT, "sequences share");
+    pool_step("pool step 2 (forks, relayout)", ctx, pool, seqs, counts, 4, 1, 1);
+  }
+
+  /* Content hashes: E finds A's first two pages by their hashes. */
+  const uint64_t hashes[] = {0x1111, 0x2222, 0x3333};
+  CHECK_STATUS(packinfer_pool_register_page_hashes(pool, a.id, hashes, 2), PACKINFER_STATUS_OK, NULL);
+  CHECK_STATUS(packinfer_pool_sequence_create(pool, &e.id), PACKINFER_STATUS_OK, NULL);
+  uint32_t matched = 0;
+  CHECK_STATUS(packinfer_pool_match_prefix(pool, e.id, hashes, 3, &matched), PACKINFER_STATUS_OK, NULL);
+  CHECK(matched == 8, "match_prefix matched %u tokens, want 8", matched);
+  e.len = (int)matched;
+  for (int l = 0; l < POOL_LAYERS; l++) {
+    memcpy(e.k[l], a.k[l], sizeof(float) * matched * POOL_ROW);
+    memcpy(e.v[l], a.v[l], sizeof(float) * matched * POOL_ROW);
+  }
+
+  /* An append that does not fit: POOL_EXHAUSTED, nothing changed, and the pool still works. */
+  PackinferPoolStats before = pool_stats(pool);
+  CHECK_STATUS(packinfer_pool_append(pool, a.id, 1000, NULL, NULL), PACKINFER_STATUS_POOL_EXHAUSTED, "nothing was changed");
+  PackinferPoolStats after = pool_stats(pool);
+  CHECK(same_stats(&before, &after), "POOL_EXHAUSTED changed the pool's stats (%u -> %u pages used)", before.pages_used, after.pages_used);
+  uint32_t len = 0;
+  CHECK_STATUS(packinfer_pool_sequence_length(pool, a.id, &len), PACKINFER_STATUS_OK, NULL);
+  CHECK(len == (uint32_t)a.len, "A has %u tokens after a failed append, want %d", len, a.len);
+
+  /* Step 3: B is done; D goes back a token and takes another path; E continues A's prefix. */
+  CHECK_STATUS(packinfer_pool_release(pool, b.id), PACKINFER_STATUS_OK, NULL);
+  CHECK_STATUS(packinfer_pool_truncate(pool, d.id, 9), PACKINFER_STATUS_OK, NULL);
+  d.len = 9;
+  pool_append(pool, &a, 1);
+  pool_append(pool, &d, 1);
+  pool_append(pool, &e, 2);
+  {
+    SeqModel* seqs[] = {&a, &d, &e, &c};
+    const uint32_t counts[] = {1, 1, 2, 0};
+    pool_write(pool, seqs, counts, 3);
+    const uint32_t q_lens[] = {1, 1, 2, 1};
+    pool_step("pool step 3 (release, truncate, prefix match)", ctx, pool, seqs, q_lens, 4, 1, 0);
+  }
+
+  /* Bad sequence ids: a never-created one, a released one. */
+  const uint64_t bad_ids[] = {a.id, b.id};
+  const uint32_t ones[] = {1, 1};
+  PackinferPlan plan = {0};
+  CHECK_STATUS(packinfer_pool_sequence_length(pool, 9999, &len), PACKINFER_STATUS_INVALID_ARGUMENT, "sequence id 9999 is not a live sequence");
+  CHECK_STATUS(packinfer_pool_append(pool, b.id, 1, NULL, NULL), PACKINFER_STATUS_INVALID_ARGUMENT, "is not a live sequence");
+  CHECK_STATUS(packinfer_pool_release(pool, b.id), PACKINFER_STATUS_INVALID_ARGUMENT, "is not a live sequence");
+  uint64_t child = 0;
+  CHECK_STATUS(packinfer_pool_fork(pool, 0, 0, NULL, &child), PACKINFER_STATUS_INVALID_ARGUMENT, "sequence id 0");
+  CHECK_STATUS(packinfer_pool_plan_create(ctx, pool, bad_ids, ones, 2, NULL, &plan), PACKINFER_STATUS_INVALID_ARGUMENT, "is not a live sequence");
+  CHECK(plan.bits == 0, "a failed pool plan wrote a handle");
+  PackinferKvSource src = {sizeof src, a.k[0], a.v[0], 2, POOL_KV_HEADS, POOL_HEAD_DIM, PACKINFER_DTYPE_F32, 0};
+  CHECK_STATUS(packinfer_pool_write_kv(pool, 0, bad_ids, ones, 2, &src, NULL), PACKINFER_STATUS_INVALID_ARGUMENT, "is not a live sequence");
+  /* Other arguments: the layer, the source's dtype, options. */
+  CHECK_STATUS(packinfer_pool_kv_layout(pool, POOL_LAYERS, &layout0), PACKINFER_STATUS_INVALID_ARGUMENT, "layer = 2");
+  src.dtype = PACKINFER_DTYPE_BF16;
+  CHECK_STATUS(packinfer_pool_write_kv(pool, 0, bad_ids, ones, 1, &src, NULL), PACKINFER_STATUS_INVALID_ARGUMENT, "src->dtype");
+  PackinferPool other = {0};
+  po.dtype = 7;
+  CHECK_STATUS(packinfer_pool_create(ctx, &po, &other), PACKINFER_STATUS_UNSUPPORTED, "options->dtype = 7");
+  po = pool_options();
+  po.struct_size = 8;
+  CHECK_STATUS(packinfer_pool_create(ctx, &po, &other), PACKINFER_STATUS_INVALID_ARGUMENT, "options->struct_size = 8");
+
+  /* Use after destroy. */
+  CHECK_STATUS(packinfer_pool_destroy(pool), PACKINFER_STATUS_OK, NULL);
+  CHECK_STATUS(packinfer_pool_stats(pool, &st), PACKINFER_STATUS_INVALID_HANDLE, "was destroyed");
+  CHECK_STATUS(packinfer_pool_sequence_create(pool, &child), PACKINFER_STATUS_INVALID_HANDLE, "was destroyed");
+  CHECK_STATUS(packinfer_pool_append(pool, a.id, 1, NULL, NULL), PACKINFER_STATUS_INVALID_HANDLE, "was destroyed");
+  CHECK_STATUS(packinfer_pool_plan_create(ctx, pool, bad_ids, ones, 1, NULL, &plan), PACKINFER_STATUS_INVALID_HANDLE, "pool handle");
+  CHECK_STATUS(packinfer_pool_destroy(pool), PACKINFER_STATUS_INVALID_HANDLE, "was destroyed");
+  PackinferPool null_pool = {0};
+  CHECK_STATUS(packinfer_pool_kv_layout(null_pool, 0, &layout0), PACKINFER_STATUS_INVALID_HANDLE, "is null");
+  CHECK_STATUS(packinfer_context_destroy(ctx), PACKINFER_STATUS_OK, NULL);
+}
+
+/* The calls the CUDA backend added (precompile, calibrate, capacity launches, update), pinned down
+ * on the CPU backend: what each does there, and each bad argument. */
+static void test_gpu_calls_on_cpu(void) {
+  PackinferContext ctx = cpu_context();
+  CHECK_STATUS(packinfer_context_precompile(ctx), PACKINFER_STATUS_OK, NULL);
+  CHECK_STATUS(packinfer_context_precompile(ctx), PACKINFER_STATUS_OK, NULL); /* idempotent */
+  CHECK_STATUS(packinfer_context_calibrate(ctx), PACKINFER_STATUS_UNSUPPORTED,
+               "packinfer_context_calibrate: only the CUDA backend calibrates its cost model");
+
+  /* Capacity launches compute what ordinary ones do: all-zero (the first plan's counts), larger
+   * than the plan, and smaller than the plan (the launch grows it to the plan's own counts: not
+   * an error, on either backend). */
+  Spec s = k_mixed;
+  s.dtype = PACKINFER_DTYPE_F32;
+  PackinferLaunchCapacity cap;
+  memset(&cap, 0, sizeof cap);
+  cap.struct_size = sizeof cap;
+  flow("capacity launch, all fields 0", &s, &cap);
+  cap.max_work_items = cap.max_row_segments = cap.max_kv_chunks = cap.max_requests = 1000;
+  cap.max_pages = cap.max_merge_rows = cap.max_merge_slots = cap.max_groups = cap.max_partial_slots = 1000;
+  s.dtype = PACKINFER_DTYPE_BF16;
+  flow("capacity launch, room for 1000 of everything", &s, &cap);
+  memset(&cap, 0, sizeof cap);
+  cap.struct_size = sizeof cap;
+  cap.max_work_items = cap.max_requests = cap.max_pages = 1;
+  s.dtype = PACKINFER_DTYPE_F16;
+  flow("capacity launch, capacity below the plan's counts", &s, &cap);
+
+  /* Bad arguments of packinfer_launch_create_with_capacity. */
+  Case c;
+  case_build(&c, &s);
+  PackinferBatchDesc d = case_desc(&c);
+  PackinferPlan plan = {0}, bigger = {0};
+  CHECK_STATUS(packinfer_plan_create(ctx, &d, NULL, &plan), PACKINFER_STATUS_OK, NULL);
+  memset(&cap, 0, sizeof cap);
+  cap.struct_size = 8;
+  PackinferLaunch launch = {0};
+  char want[160];
+  snprintf(want, sizeof want, "packinfer_launch_create_with_capacity: capacity->struct_size = 8, but this library expects sizeof = %zu",
+           sizeof cap);
+  CHECK_STATUS(packinfer_launch_create_with_capacity(ctx, plan, NULL, &cap, NULL, &launch), PACKINFER_STATUS_INVALID_ARGUMENT, want);
+  cap.struct_size = sizeof cap + 5000;
+  snprintf(want, sizeof want, "capacity->struct_size = %zu,", sizeof cap + 5000);
+  CHECK_STATUS(packinfer_launch_create_with_capacity(ctx, plan, NULL, &cap, NULL, &launch), PACKINFER_STATUS_INVALID_ARGUMENT, want);
+  CHECK(launch.bits == 0, "a failed capacity launch wrote a handle");
+  cap.struct_size = sizeof cap;
+  CHECK_STATUS(packinfer_launch_create_with_capacity(ctx, plan, NULL, NULL, NULL, &launch), PACKINFER_STATUS_INVALID_ARGUMENT,
+               "capacity is a null pointer");
+  CHECK_STATUS(packinfer_launch_create_with_capacity(ctx, plan, NULL, &cap, NULL, NULL), PACKINFER_STATUS_INVALID_ARGUMENT,
+               "out is a null pointer");
+  PackinferLaunchOptions lo = {4, NULL, 0};
+  CHECK_STATUS(packinfer_launch_create_with_capacity(ctx, plan, &lo, &cap, NULL, &launch), PACKINFER_STATUS_INVALID_ARGUMENT,
+               "options->struct_size = 4");
+  lo.struct_size = sizeof lo;
+  lo.scratch_bytes = 1; /* a size without a buffer */
+  /* Deterministic 64-key splits: a plan with split partials, which needs scratch. */
+  PackinferPlanOptions split_opts;
+  CHECK_STATUS(packinfer_plan_options_default(&split_opts), PACKINFER_STATUS_OK, NULL);
+  split_opts.flags = PACKINFER_PLAN_FLAGS_DETERMINISTIC;
+  split_opts.split_keys = 64;
+  PackinferPlan split = {0};
+  CHECK_STATUS(packinfer_plan_create(ctx, &d, &split_opts, &split), PACKINFER_STATUS_OK, NULL);
+  PackinferPlanStats st;
+  memset(&st, 0, sizeof st);
+  st.struct_size = sizeof st;
+  CHECK_STATUS(packinfer_plan_stats(split, &st), PACKINFER_STATUS_OK, NULL);
+  CHECK(st.scratch_bytes > 0 && st.num_split_requests > 0, "the 64-key plan splits (%u split requests, %llu scratch bytes)",
+        st.num_split_requests, (unsigned long long)st.scratch_bytes);
+  CHECK_STATUS(packinfer_launch_create_with_capacity(ctx, split, &lo, &cap, NULL, &launch), PACKINFER_STATUS_INVALID_ARGUMENT,
+               "scratch_bytes = 1 is smaller than");
+  CHECK_STATUS(packinfer_plan_destroy(split), PACKINFER_STATUS_OK, NULL);
+  PackinferContext null_ctx = {0};
+  PackinferPlan null_plan = {0};
+  CHECK_STATUS(packinfer_launch_create_with_capacity(null_ctx, plan, NULL, &cap, NULL, &launch), PACKINFER_STATUS_INVALID_HANDLE, "is null");
+  CHECK_STATUS(packinfer_launch_create_with_capacity(ctx, null_plan, NULL, &cap, NULL, &launch), PACKINFER_STATUS_INVALID_HANDLE, "is null");
+  CHECK(launch.bits == 0, "a failed capacity launch wrote a handle");
+  CHECK_STATUS(packinfer_context_precompile(null_ctx), PACKINFER_STATUS_INVALID_HANDLE, "packinfer_context_precompile: ");
+  CHECK_STATUS(packinfer_context_calibrate(null_ctx), PACKINFER_STATUS_INVALID_HANDLE, "packinfer_context_calibrate: ");
+
+  /* packinfer_launch_update: UNSUPPORTED on the CPU for any launch, even with a plan larger than
+   * the launch's capacity (the CPU path never compares plans with a capacity); handles first. */
+  CHECK_STATUS(packinfer_launch_create_with_capacity(ctx, plan, NULL, &cap, NULL, &launch), PACKINFER_STATUS_OK, NULL);
+  PackinferLaunch plain = {0};
+  CHECK_STATUS(packinfer_launch_create(ctx, plan, NULL, NULL, &plain), PACKINFER_STATUS_OK, NULL);
+  Spec big = k_mixed;
+  big.n = 6;
+  big.q_len[4] = 9; big.kv_len[4] = 300;
+  big.q_len[5] = 1; big.kv_len[5] = 500;
+  big.dtype = PACKINFER_DTYPE_F16;
+  Case cb;
+  case_build(&cb, &big);
+  PackinferBatchDesc db = case_desc(&cb);
+  CHECK_STATUS(packinfer_plan_create(ctx, &db, NULL, &bigger), PACKINFER_STATUS_OK, NULL);
+  CHECK_STATUS(packinfer_launch_update(launch, plan, NULL), PACKINFER_STATUS_UNSUPPORTED, "cannot be updated");
+  CHECK_STATUS(packinfer_launch_update(launch, bigger, NULL), PACKINFER_STATUS_UNSUPPORTED, "cannot be updated");
+  CHECK_STATUS(packinfer_launch_update(plain, plan, NULL), PACKINFER_STATUS_UNSUPPORTED, "cannot be updated");
+  PackinferLaunch null_launch = {0};
+  CHECK_STATUS(packinfer_launch_update(null_launch, plan, NULL), PACKINFER_STATUS_INVALID_HANDLE, "packinfer_launch_update: ");
+  CHECK_STATUS(packinfer_launch_update(launch, null_plan, NULL), PACKINFER_STATUS_INVALID_HANDLE, "packinfer_launch_update: ");
+
+  /* Destroyed handles: the plan, then the context (the launch outlives both), then the launch. */
+  CHECK_STATUS(packinfer_plan_destroy(bigger), PACKINFER_STATUS_OK, NULL);
+  CHECK_STATUS(packinfer_launch_update(launch, bigger, NULL), PACKINFER_STATUS_INVALID_HANDLE, "was destroyed");
+  CHECK_STATUS(packinfer_launch_create_with_capacity(ctx, bigger, NULL, &cap, NULL, &plain), PACKINFER_STATUS_INVALID_HANDLE, "was destroyed");
+  CHECK_STATUS(packinfer_context_destroy(ctx), PACKINFER_STATUS_OK, NULL);
+  CHECK_STATUS(packinfer_context_precompile(ctx), PACKINFER_STATUS_INVALID_HANDLE, "was destroyed");
+  CHECK_STATUS(packinfer_context_calibrate(ctx), PACKINFER_STATUS_INVALID_HANDLE, "was destroyed");
+  CHECK_STATUS(packinfer_launch_create_with_capacity(ctx, plan, NULL, &cap, NULL, &launch), PACKINFER_STATUS_INVALID_HANDLE, "was destroyed");
+  CHECK_STATUS(packinfer_launch_update(launch, plan, NULL), PACKINFER_STATUS_UNSUPPORTED, "cannot be updated");
+  CHECK_STATUS(packinfer_launch_destroy(launch), PACKINFER_STATUS_OK, NULL);
+  CHECK_STATUS(packinfer_launch_update(launch, plan, NULL), PACKINFER_STATUS_INVALID_HANDLE, "was destroyed");
+  CHECK_STATUS(packinfer_launch_destroy(plain), PACKINFER_STATUS_OK, NULL);
+  CHECK_STATUS(packinfer_plan_destroy(plan), PACKINFER_STATUS_OK, NULL);
+  case_free(&c);
+  case_free(&cb);
+}
+
 int main(void) {
   test_version();
   test_flows();
   test_errors();
+  test_pool_flow();
+  test_gpu_calls_on_cpu();
   printf("c_api_test: %d checks, %d failed\n", g_checks, g_failures);
   return g_failures == 0 && g_checks > 0 ? 0 : 1;
 }

@@ -1,6 +1,7 @@
 // Tests of the C++ wrapper (packinfer.hpp) on the CPU backend: whole steps compared against a
 // naive double-precision attention written here (f32, f16, bf16; NHD and HND; GQA; a shared
-// prefix), RAII ownership, and every error the wrapper maps to packinfer::Error.
+// prefix), the managed KV pool's flow (packinfer::Pool), RAII ownership, and every error the
+// wrapper maps to packinfer::Error.
 #include <gtest/gtest.h>
 
 #include <array>
@@ -436,6 +437,94 @@ TEST(Errors, StatusNames) {
   EXPECT_STREQ(e.what(), "PACKINFER_STATUS_COMPILE_ERROR: log");
 }
 
+// ---- the CUDA calls (precompile, calibrate, capacity launches, update) on the CPU backend ----
+
+TEST(GpuCallsOnCpu, PrecompileIsANoOpAndCalibrateIsUnsupported) {
+  packinfer::Context ctx = cpu_context();
+  EXPECT_NO_THROW(ctx.precompile());
+  EXPECT_NO_THROW(ctx.precompile());
+  expect_error([&] { ctx.calibrate(); }, Status::Unsupported,
+               "packinfer_context_calibrate: only the CUDA backend calibrates its cost model");
+  // Planning still works after the failed calibration.
+  const Case c({8, 2, 64, DType::F32, true, 0.0f}, 16, kMixed);
+  packinfer::Plan plan = ctx.plan(c.desc());
+  run_and_compare(c, ctx.launch(plan));
+}
+
+TEST(GpuCallsOnCpu, CapacityLaunchRunsAndUpdateIsUnsupported) {
+  packinfer::Context ctx = cpu_context();
+  Case c({8, 2, 64, DType::BF16, true, 0.0f}, 16, kMixed);
+  packinfer::Plan plan = ctx.plan(c.desc());
+  packinfer::LaunchCapacity roomy;
+  roomy.max_work_items = roomy.max_row_segments = roomy.max_kv_chunks = roomy.max_requests = 512;
+  roomy.max_pages = roomy.max_merge_rows = roomy.max_merge_slots = roomy.max_groups = roomy.max_partial_slots = 512;
+  packinfer::LaunchCapacity tight;  // below the plan's counts: grown to them, not an error
+  tight.max_work_items = tight.max_requests = tight.max_pages = 1;
+  for (const packinfer::LaunchCapacity& cap : {packinfer::LaunchCapacity{}, roomy, tight}) {
+    packinfer::Launch launch = ctx.launch_with_capacity(plan, cap);
+    ASSERT_TRUE(launch);
+    EXPECT_TRUE(launch.ready());
+    launch.wait();
+    run_and_compare(c, launch);
+    expect_error([&] { launch.update(plan); }, Status::Unsupported,
+                 "packinfer_launch_update: this backend's launches cannot be updated; create a new launch");
+    // The failed update leaves the launch as it was: a second layer.
+    for (std::size_t i = 0; i < c.q.size(); i++) c.q.set(i, -c.q.get(i));
+    run_and_compare(c, launch);
+  }
+  // A bigger plan than the launch's capacity: the CPU path has no capacity to compare with, so
+  // this is Unsupported too (on CUDA it would be InvalidArgument naming the count over capacity).
+  const Case big({8, 2, 64, DType::BF16, true, 0.0f}, 16, {{1, 70}, {37, 37}, {1, 130}, {5, 40}, {1, 1}, {9, 300}, {1, 500}});
+  packinfer::Plan bigger = ctx.plan(big.desc());
+  packinfer::Launch launch = ctx.launch_with_capacity(plan, {}, nullptr, {});
+  expect_error([&] { launch.update(bigger); }, Status::Unsupported, "cannot be updated");
+  // An ordinary launch cannot be updated either.
+  expect_error([&] { ctx.launch(plan).update(plan); }, Status::Unsupported, "cannot be updated");
+}
+
+TEST(GpuCallsOnCpu, CallerScratchThroughACapacityLaunch) {
+  const Case c({8, 2, 64, DType::F32, true, 0.0f}, 16, kMixed);
+  packinfer::Context ctx = cpu_context();
+  // Deterministic 64-key splits: the plan has split partials, so it needs scratch.
+  packinfer::Plan plan = ctx.plan(c.desc(), {packinfer::PlanFlags::Deterministic, 64, 0.0});
+  const auto stats = plan.stats();
+  ASSERT_GT(stats.scratch_bytes, 0u);
+  ASSERT_GT(stats.num_split_requests, 0u);
+  std::vector<float> scratch(stats.scratch_bytes / sizeof(float) + 1);
+  run_and_compare(c, ctx.launch_with_capacity(plan, {}, nullptr, {scratch.data(), scratch.size() * sizeof(float)}));
+  expect_error([&] { ctx.launch_with_capacity(plan, {}, nullptr, {scratch.data(), 4}); }, Status::InvalidArgument,
+               "scratch_bytes = 4 is smaller than");
+}
+
+TEST(GpuCallsOnCpu, InvalidHandles) {
+  packinfer::Context ctx = cpu_context();
+  const Case c({8, 2, 64, DType::F32, true, 0.0f}, 16, kMixed);
+  packinfer::Plan plan = ctx.plan(c.desc());
+  packinfer::Launch launch = ctx.launch_with_capacity(plan, {});
+  packinfer::Plan empty_plan;
+  expect_error([&] { ctx.launch_with_capacity(empty_plan, {}); }, Status::InvalidHandle, "is null");
+  expect_error([&] { launch.update(empty_plan); }, Status::InvalidHandle, "packinfer_launch_update: ");
+  packinfer::Launch empty_launch;
+  expect_error([&] { empty_launch.update(plan); }, Status::InvalidHandle, "is null");
+  // Destroyed behind the wrapper's back.
+  ASSERT_EQ(packinfer_plan_destroy(plan.handle()), PACKINFER_STATUS_OK);
+  expect_error([&] { ctx.launch_with_capacity(plan, {}); }, Status::InvalidHandle, "was destroyed");
+  expect_error([&] { launch.update(plan); }, Status::InvalidHandle, "was destroyed");
+  (void)plan.release();
+  ASSERT_EQ(packinfer_launch_destroy(launch.handle()), PACKINFER_STATUS_OK);
+  packinfer::Plan fresh = ctx.plan(c.desc());
+  expect_error([&] { launch.update(fresh); }, Status::InvalidHandle, "was destroyed");
+  (void)launch.release();
+  ASSERT_EQ(packinfer_context_destroy(ctx.handle()), PACKINFER_STATUS_OK);
+  expect_error([&] { ctx.precompile(); }, Status::InvalidHandle, "was destroyed");
+  expect_error([&] { ctx.calibrate(); }, Status::InvalidHandle, "was destroyed");
+  expect_error([&] { ctx.launch_with_capacity(fresh, {}); }, Status::InvalidHandle, "was destroyed");
+  (void)ctx.release();
+  packinfer::Context empty_ctx;
+  expect_error([&] { empty_ctx.precompile(); }, Status::InvalidHandle, "is null");
+  expect_error([&] { empty_ctx.calibrate(); }, Status::InvalidHandle, "is null");
+}
+
 TEST(ArrayView, ConvertsFromContainers) {
   const std::vector<int32_t> v{1, 2, 3};
   const std::array<int32_t, 2> a{4, 5};
@@ -446,6 +535,349 @@ TEST(ArrayView, ConvertsFromContainers) {
   EXPECT_TRUE(packinfer::ArrayView<int32_t>().empty());
 }
 
-// The managed KV pool flow (packinfer_kv_pool_*) is not in the C API yet; its tests come with it.
+// ---- the managed KV pool (packinfer::Pool): the library owns the cache ----
+
+static_assert(!std::is_copy_constructible_v<packinfer::Pool>, "handles are move-only");
+static_assert(std::is_nothrow_move_assignable_v<packinfer::Pool>, "moves cannot fail");
+
+constexpr uint32_t kPoolLayers = 2, kPoolQoHeads = 4, kPoolKvHeads = 2, kPoolHeadDim = 32, kPoolPage = 4, kPoolPages = 40;
+constexpr std::size_t kPoolRow = std::size_t{kPoolKvHeads} * kPoolHeadDim;
+constexpr DType kPoolDtype = DType::F16;
+
+packinfer::PoolOptions pool_options() {
+  packinfer::PoolOptions o;
+  EXPECT_EQ(o.page_size, 16u) << "the C API's default";
+  EXPECT_EQ(o.headroom_pages, 2u) << "the C API's default";
+  o.num_layers = kPoolLayers;
+  o.shape = {kPoolQoHeads, kPoolKvHeads, kPoolHeadDim, kPoolDtype, true, 0.0f};
+  o.page_size = kPoolPage;
+  o.num_pages = kPoolPages;
+  o.headroom_pages = 1;
+  return o;
+}
+
+// A sequence of the pool and the test's own copy of its K/V (every layer, token order, the
+// values the dtype stores): what the reference attends over.
+struct Seq {
+  packinfer::SequenceId id = 0;
+  std::size_t len = 0;
+  std::vector<float> k[kPoolLayers], v[kPoolLayers];
+};
+
+// Sequence `id` holding the first `len` tokens of `parent` (a fork, a prefix match).
+Seq with_prefix(packinfer::SequenceId id, const Seq& parent, std::size_t len) {
+  Seq s;
+  s.id = id;
+  s.len = len;
+  for (uint32_t l = 0; l < kPoolLayers; l++) {
+    s.k[l].assign(parent.k[l].begin(), parent.k[l].begin() + static_cast<std::ptrdiff_t>(len * kPoolRow));
+    s.v[l].assign(parent.v[l].begin(), parent.v[l].begin() + static_cast<std::ptrdiff_t>(len * kPoolRow));
+  }
+  return s;
+}
+
+std::vector<int64_t> append(packinfer::Pool& pool, Seq& s, uint32_t n) {
+  std::vector<int64_t> slots = pool.append(s.id, n);
+  EXPECT_EQ(slots.size(), n);
+  for (std::size_t i = 0; i < slots.size(); i++) {
+    EXPECT_GE(slots[i], 0);
+    EXPECT_LT(slots[i], int64_t{kPoolPages} * kPoolPage);
+    if (i > 0 && (s.len + i) % kPoolPage != 0) {
+      EXPECT_EQ(slots[i], slots[i - 1] + 1) << "tokens of one page have consecutive slots";
+    }
+  }
+  s.len += n;
+  for (uint32_t l = 0; l < kPoolLayers; l++) {
+    s.k[l].resize(s.len * kPoolRow, NAN);
+    s.v[l].resize(s.len * kPoolRow, NAN);
+  }
+  EXPECT_EQ(pool.sequence_length(s.id), s.len);
+  return slots;
+}
+
+// Random K/V of every layer for the last counts[i] tokens of seqs[i], one write_kv per layer.
+void write(packinfer::Pool& pool, const std::vector<Seq*>& seqs, const std::vector<uint32_t>& counts, std::mt19937& rng) {
+  std::vector<packinfer::SequenceId> ids;
+  uint32_t rows = 0;
+  for (std::size_t i = 0; i < seqs.size(); i++) {
+    ids.push_back(seqs[i]->id);
+    rows += counts[i];
+  }
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  for (uint32_t l = 0; l < kPoolLayers; l++) {
+    Tensor k(kPoolDtype, rows * kPoolRow), v(kPoolDtype, rows * kPoolRow);
+    std::size_t at = 0;
+    for (std::size_t i = 0; i < seqs.size(); i++) {
+      for (std::size_t t = seqs[i]->len - counts[i]; t < seqs[i]->len; t++) {
+        for (std::size_t e = 0; e < kPoolRow; e++, at++) {
+          seqs[i]->k[l][t * kPoolRow + e] = k.set(at, u(rng));
+          seqs[i]->v[l][t * kPoolRow + e] = v.set(at, u(rng));
+        }
+      }
+    }
+    pool.write_kv(l, ids, counts, packinfer::KvSource{k.data(), v.data(), rows, kPoolKvHeads, kPoolHeadDim, kPoolDtype, 0});
+  }
+}
+
+// Plans a step from the pool, optionally relays it out (and plans again), runs every layer with
+// the pool's layout and compares with attention over the K/V the test wrote.
+packinfer::RelayoutReport step(const packinfer::Context& ctx, packinfer::Pool& pool, const std::vector<Seq*>& seqs,
+                               const std::vector<uint32_t>& q_lens, bool relayout, std::mt19937& rng) {
+  std::vector<packinfer::SequenceId> ids;
+  std::size_t total_q = 0;
+  for (std::size_t i = 0; i < seqs.size(); i++) {
+    ids.push_back(seqs[i]->id);
+    total_q += q_lens[i];
+  }
+  packinfer::Plan plan = pool.plan(ctx, ids, q_lens);
+  EXPECT_EQ(plan.stats().num_requests, seqs.size());
+  packinfer::RelayoutReport report{};
+  if (relayout) {
+    const packinfer::PoolStats before = pool.stats();
+    report = pool.relayout(plan, ids, /*regroup=*/true);
+    EXPECT_EQ(report.groups, report.groups_in_place + report.groups_rebuilt + report.groups_no_room);
+    EXPECT_EQ(pool.stats().relayout_pages_moved, before.relayout_pages_moved + report.pages_moved);
+    plan = pool.plan(ctx, ids, q_lens);  // the old plan is stale if pages moved
+  }
+  packinfer::Launch launch = ctx.launch(plan);
+  std::uniform_real_distribution<float> u(-2.0f, 2.0f);
+  const std::size_t n_out = total_q * kPoolQoHeads * kPoolHeadDim;
+  const double scale = 1.0 / std::sqrt(double(kPoolHeadDim));
+  for (uint32_t l = 0; l < kPoolLayers; l++) {
+    Tensor q(kPoolDtype, n_out), o(kPoolDtype, n_out);
+    for (std::size_t i = 0; i < n_out; i++) {
+      q.set(i, u(rng));
+      o.set(i, NAN);
+    }
+    std::vector<float> lse(total_q * kPoolQoHeads, NAN);
+    launch.run(packinfer::RunArgs(q.data(), pool.kv_layout(l), o.data(), lse.data()));
+    int bad = 0;
+    std::size_t tok = 0;
+    for (std::size_t r = 0; r < seqs.size(); r++) {
+      const Seq& s = *seqs[r];
+      for (std::size_t i = 0; i < q_lens[r]; i++, tok++) {
+        const std::size_t visible = s.len - q_lens[r] + i + 1;  // causal, bottom-right aligned
+        for (std::size_t h = 0; h < kPoolQoHeads; h++) {
+          const std::size_t kvh = h / (kPoolQoHeads / kPoolKvHeads);
+          std::vector<double> p(visible);
+          double m = -INFINITY, z = 0.0;
+          for (std::size_t j = 0; j < visible; j++) {
+            double dot = 0.0;
+            for (std::size_t e = 0; e < kPoolHeadDim; e++)
+              dot += double(q.get((tok * kPoolQoHeads + h) * kPoolHeadDim + e)) * s.k[l][j * kPoolRow + kvh * kPoolHeadDim + e];
+            p[j] = dot * scale;
+            m = std::max(m, p[j]);
+          }
+          for (double x : p) z += std::exp(x - m);
+          for (std::size_t e = 0; e < kPoolHeadDim; e++) {
+            double want = 0.0;
+            for (std::size_t j = 0; j < visible; j++) want += std::exp(p[j] - m) / z * s.v[l][j * kPoolRow + kvh * kPoolHeadDim + e];
+            const double got = o.get((tok * kPoolQoHeads + h) * kPoolHeadDim + e);
+            if (!(std::fabs(got - want) <= 2e-3 * (1.0 + std::fabs(want))) && bad++ < 5)
+              ADD_FAILURE() << "layer " << l << ", request " << r << " (sequence " << s.id << "), query " << i << ", head " << h
+                            << ", dim " << e << ": O = " << got << ", reference " << want;
+          }
+          const double want_lse = m + std::log(z);
+          if (!(std::fabs(lse[tok * kPoolQoHeads + h] - want_lse) <= 1e-3 * (1.0 + std::fabs(want_lse))) && bad++ < 5)
+            ADD_FAILURE() << "layer " << l << ", request " << r << ": LSE = " << lse[tok * kPoolQoHeads + h] << ", reference " << want_lse;
+        }
+      }
+    }
+  }
+  return report;
+}
+
+void expect_same_stats(const packinfer::PoolStats& a, const packinfer::PoolStats& b) {
+  EXPECT_EQ(a.num_pages, b.num_pages);
+  EXPECT_EQ(a.pages_used, b.pages_used);
+  EXPECT_EQ(a.pages_free, b.pages_free);
+  EXPECT_EQ(a.num_sequences, b.num_sequences);
+  EXPECT_EQ(a.tokens_logical, b.tokens_logical);
+  EXPECT_EQ(a.tokens_stored, b.tokens_stored);
+  EXPECT_EQ(a.slots_reserved_unused, b.slots_reserved_unused);
+  EXPECT_EQ(a.step_read_bytes_shared, b.step_read_bytes_shared);
+  EXPECT_EQ(a.step_read_bytes_unshared, b.step_read_bytes_unshared);
+  EXPECT_EQ(a.relayouts, b.relayouts);
+  EXPECT_EQ(a.relayout_pages_moved, b.relayout_pages_moved);
+  EXPECT_EQ(a.relayout_bytes_moved, b.relayout_bytes_moved);
+  EXPECT_EQ(a.cow_page_copies, b.cow_page_copies);
+}
+
+TEST(Pool, ManagedFlowAgainstTheReference) {
+  std::mt19937 rng(5);
+  packinfer::Context ctx = cpu_context();
+  packinfer::Pool pool(ctx, pool_options());
+  const packinfer::KvLayout l0 = pool.kv_layout(0), l1 = pool.kv_layout(1);
+  EXPECT_EQ(l0.stride_token, static_cast<int64_t>(kPoolRow));
+  EXPECT_EQ(l0.stride_page, static_cast<int64_t>(kPoolPage * kPoolRow));
+  EXPECT_NE(l0.k, l1.k);
+
+  // Step 1: two prompts, appended in turns so that A's pages are scattered.
+  Seq a, b;
+  a.id = pool.create_sequence();
+  b.id = pool.create_sequence();
+  EXPECT_NE(a.id, b.id);
+  append(pool, a, 4);
+  const int64_t first_slot_b = append(pool, b, 4)[0];
+  append(pool, a, 9);
+  append(pool, b, 3);
+  write(pool, {&a, &b}, {13, 7}, rng);
+  // B's first token is in the slot append gave it (layer 1's V; f16 elements).
+  const auto* stored = static_cast<const uint16_t*>(l1.v) + first_slot_b * l1.stride_token;
+  for (std::size_t e = 0; e < kPoolRow; e++) ASSERT_EQ(from_f16(stored[e]), b.v[1][e]) << "element " << e;
+  step(ctx, pool, {&a, &b}, {13, 7}, false, rng);
+  packinfer::PoolStats st = pool.stats();
+  EXPECT_EQ(st.num_sequences, 2u);
+  EXPECT_EQ(st.tokens_logical, 20u);
+  EXPECT_EQ(st.pages_used + st.pages_free, kPoolPages);
+
+  // Step 2: C shares A's first two pages; D's fork copies A's partly covered third page.
+  Seq c = with_prefix(pool.fork(a.id, 8), a, 8), d = with_prefix(pool.fork(a.id, 10), a, 10);
+  st = pool.stats();
+  EXPECT_EQ(st.tokens_logical, 38u);
+  EXPECT_EQ(st.tokens_stored, 22u);
+  EXPECT_EQ(st.cow_page_copies, 1u);
+  append(pool, a, 1);
+  append(pool, b, 1);
+  append(pool, c, 3);
+  append(pool, d, 2);
+  write(pool, {&a, &b, &c, &d}, {1, 1, 3, 2}, rng);
+  const packinfer::RelayoutReport r = step(ctx, pool, {&a, &b, &c, &d}, {1, 1, 3, 2}, true, rng);
+  EXPECT_GE(r.groups_rebuilt, 1u) << "A's pages are scattered; a regroup relayout must rebuild its group";
+  EXPECT_GE(r.pages_moved, 1u);
+  EXPECT_GE(pool.stats().relayouts, 1u);
+
+  // Content hashes: E finds A's first two pages.
+  const std::vector<uint64_t> hashes{0x1111, 0x2222, 0x3333};
+  pool.register_page_hashes(a.id, packinfer::ArrayView<uint64_t>(hashes.data(), 2));
+  const packinfer::SequenceId e_id = pool.create_sequence();
+  ASSERT_EQ(pool.match_prefix(e_id, hashes), 8u);
+  Seq e = with_prefix(e_id, a, 8);
+
+  // Step 3: B is done; D goes back a token and takes another path; E continues A's prefix.
+  pool.release(b.id);
+  pool.truncate(d.id, 9);
+  d = with_prefix(d.id, d, 9);
+  append(pool, a, 1);
+  append(pool, d, 1);
+  append(pool, e, 2);
+  write(pool, {&a, &d, &e}, {1, 1, 2}, rng);
+  step(ctx, pool, {&a, &d, &e, &c}, {1, 1, 2, 1}, true, rng);
+  st = pool.stats();
+  EXPECT_EQ(st.num_sequences, 4u);
+  EXPECT_EQ(st.tokens_logical, a.len + c.len + d.len + e.len);
+  EXPECT_LT(st.tokens_stored, st.tokens_logical) << "C, D and E share A's first pages";
+}
+
+TEST(Pool, ExhaustedAppendLeavesThePoolUnchangedAndUsable) {
+  std::mt19937 rng(6);
+  packinfer::Context ctx = cpu_context();
+  packinfer::Pool pool(ctx, pool_options());
+  Seq a;
+  a.id = pool.create_sequence();
+  append(pool, a, 10);
+  write(pool, {&a}, {10}, rng);
+  const packinfer::PoolStats before = pool.stats();
+  expect_error([&] { pool.append(a.id, kPoolPages * kPoolPage); }, Status::PoolExhausted, "nothing was changed");
+  expect_same_stats(before, pool.stats());
+  // Far more than the pool holds: refused the same way, without allocating 2^30 slots first.
+  expect_error([&] { pool.append(a.id, 1u << 30); }, Status::PoolExhausted, "appending n = 1073741824 tokens");
+  expect_same_stats(before, pool.stats());
+  EXPECT_EQ(pool.sequence_length(a.id), 10u);
+  // A fork whose partly covered page finds no free page is refused the same way.
+  std::vector<Seq> fillers;
+  while (pool.stats().pages_free > 0) {
+    fillers.emplace_back();
+    fillers.back().id = pool.create_sequence();
+    append(pool, fillers.back(), kPoolPage);
+  }
+  const packinfer::PoolStats full = pool.stats();
+  expect_error([&] { pool.fork(a.id, 5); }, Status::PoolExhausted, "nothing was changed");
+  expect_error([&] { pool.append(a.id, 3); }, Status::PoolExhausted, "appending n = 3 tokens");
+  expect_same_stats(full, pool.stats());
+  // Still usable: two tokens fit in A's last page, and a step runs.
+  append(pool, a, 2);
+  write(pool, {&a}, {2}, rng);
+  step(ctx, pool, {&a}, {2}, false, rng);
+  for (const Seq& f : fillers) pool.release(f.id);
+  EXPECT_EQ(pool.stats().num_sequences, 1u);
+}
+
+TEST(Pool, BadSequenceIdsAndArguments) {
+  packinfer::Context ctx = cpu_context();
+  packinfer::Pool pool(ctx, pool_options());
+  const packinfer::SequenceId a = pool.create_sequence(), b = pool.create_sequence();
+  pool.append(a, 3);
+  pool.release(b);
+  expect_error([&] { (void)pool.sequence_length(9999); }, Status::InvalidArgument, "sequence id 9999 is not a live sequence");
+  expect_error([&] { pool.append(b, 1); }, Status::InvalidArgument, "sequence id " + std::to_string(b));
+  expect_error([&] { pool.release(b); }, Status::InvalidArgument, "is not a live sequence");
+  expect_error([&] { pool.fork(b, 0); }, Status::InvalidArgument, "is not a live sequence");
+  expect_error([&] { pool.truncate(a, 5); }, Status::InvalidArgument, "len = 5 is longer");
+  expect_error([&] { pool.plan(ctx, std::vector<packinfer::SequenceId>{a, b}, std::vector<uint32_t>{1, 1}); },
+               Status::InvalidArgument, "is not a live sequence");
+  std::vector<uint16_t> rows(4 * kPoolRow);
+  packinfer::KvSource src{rows.data(), rows.data(), 1, kPoolKvHeads, kPoolHeadDim, kPoolDtype, 0};
+  expect_error([&] { pool.write_kv(0, std::vector<packinfer::SequenceId>{b}, std::vector<uint32_t>{1}, src); },
+               Status::InvalidArgument, "is not a live sequence");
+  packinfer::KvSource four = src;
+  four.num_rows = 4;
+  expect_error([&] { pool.write_kv(0, std::vector<packinfer::SequenceId>{a}, std::vector<uint32_t>{4}, four); },
+               Status::InvalidArgument, "num_tokens[0] = 4 but sequence");
+  src.dtype = DType::BF16;
+  expect_error([&] { pool.write_kv(0, std::vector<packinfer::SequenceId>{a}, std::vector<uint32_t>{1}, src); },
+               Status::InvalidArgument, "src->dtype");
+  expect_error([&] { (void)pool.kv_layout(kPoolLayers); }, Status::InvalidArgument, "layer = 2");
+  // Arrays that pair up: the wrapper checks their lengths (the C API takes one count).
+  expect_error([&] { pool.write_kv(0, std::vector<packinfer::SequenceId>{a, a}, std::vector<uint32_t>{1}, src); },
+               Status::InvalidArgument, "packinfer::Pool::write_kv: num_tokens has 1 entries but seq_ids has 2");
+  expect_error([&] { pool.plan(ctx, std::vector<packinfer::SequenceId>{a}, std::vector<uint32_t>{}); },
+               Status::InvalidArgument, "packinfer::Pool::plan: num_new_tokens has 0 entries but seq_ids has 1");
+  packinfer::Plan plan = pool.plan(ctx, std::vector<packinfer::SequenceId>{a}, std::vector<uint32_t>{3});
+  expect_error([&] { pool.relayout(plan, std::vector<packinfer::SequenceId>{a, a}, true); }, Status::InvalidArgument, "2 seq_ids");
+  // Options.
+  packinfer::PoolOptions o = pool_options();
+  o.num_layers = 0;
+  expect_error([&] { packinfer::Pool p(ctx, o); }, Status::InvalidArgument, "num_layers = 0");
+  o = pool_options();
+  o.shape.num_qo_heads = 3;
+  expect_error([&] { packinfer::Pool p(ctx, o); }, Status::InvalidArgument, "num_qo_heads = 3");
+}
+
+TEST(Pool, RaiiAndUseAfterDestroy) {
+  packinfer::Context ctx = cpu_context();
+  PackinferPool raw{};
+  {
+    packinfer::Pool pool(ctx, pool_options());
+    raw = pool.handle();
+    (void)pool.create_sequence();
+  }
+  EXPECT_EQ(packinfer_pool_destroy(raw), PACKINFER_STATUS_INVALID_HANDLE) << "the destructor left the pool alive";
+
+  packinfer::Pool a(ctx, pool_options());
+  const PackinferPool a_raw = a.handle();
+  packinfer::Pool b = std::move(a);
+  EXPECT_FALSE(a);  // NOLINT(bugprone-use-after-move): checking the moved-from state
+  EXPECT_EQ(b.handle().bits, a_raw.bits);
+  expect_error([&] { a.create_sequence(); }, Status::InvalidHandle, "is null");  // NOLINT(bugprone-use-after-move)
+  const packinfer::SequenceId s = b.create_sequence();
+  b.reset();
+  EXPECT_FALSE(b);
+  expect_error([&] { (void)b.stats(); }, Status::InvalidHandle, "is null");
+  // Destroyed behind the wrapper's back: every call and reset() report it.
+  packinfer::Pool c(ctx, pool_options());
+  const packinfer::SequenceId cs = c.create_sequence();
+  ASSERT_EQ(packinfer_pool_destroy(c.handle()), PACKINFER_STATUS_OK);
+  expect_error([&] { (void)c.stats(); }, Status::InvalidHandle, "was destroyed");
+  expect_error([&] { c.append(cs, 1); }, Status::InvalidHandle, "was destroyed");
+  expect_error([&] { (void)c.sequence_length(s); }, Status::InvalidHandle, "was destroyed");
+  expect_error([&] { (void)c.kv_layout(0); }, Status::InvalidHandle, "was destroyed");
+  expect_error([&] { c.plan(ctx, std::vector<packinfer::SequenceId>{cs}, std::vector<uint32_t>{1}); }, Status::InvalidHandle, "pool handle");
+  expect_error([&] { c.reset(); }, Status::InvalidHandle, "was destroyed");
+  // A pool on a context that is gone.
+  packinfer::Context gone = cpu_context();
+  gone.reset();
+  expect_error([&] { packinfer::Pool p(gone, pool_options()); }, Status::InvalidHandle, "context handle");
+}
 
 }  // namespace

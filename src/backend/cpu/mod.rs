@@ -58,7 +58,9 @@ impl Backend for CpuBackend {
                 ScratchMem::Owned(v)
             }
         };
-        Ok(Box::new(CpuBound { plan, threads: self.threads, scratch: Mutex::new(scratch) }))
+        let groups = group_ranges(&plan.items);
+        let num_slots = plan.num_partial_slots() as usize;
+        Ok(Box::new(CpuBound { plan, groups, num_slots, threads: self.threads, scratch: Mutex::new(scratch) }))
     }
     fn alloc_kv(&self, bytes: usize) -> Result<Box<dyn KvMemory>> {
         Ok(Box::new(HostKvMemory::new(bytes)?))
@@ -74,7 +76,24 @@ enum ScratchMem {
 // SAFETY: the caller's scratch pointer is only used under the bound plan's mutex.
 unsafe impl Send for ScratchMem {}
 
+/// Items `[start, end)` of each execution group (items are sorted by group).
+fn group_ranges(items: &[WorkItem]) -> Vec<std::ops::Range<usize>> {
+    let mut ranges: Vec<std::ops::Range<usize>> = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        match ranges.last_mut() {
+            Some(r) if items[r.start].group == item.group => r.end = i + 1,
+            _ => ranges.push(i..i + 1),
+        }
+    }
+    ranges
+}
+
 struct CpuBound {
+    /// A thread takes a whole group at a time, as a persistent CTA does on the GPU, so the
+    /// planner's load balance is what the threads see.
+    groups: Vec<std::ops::Range<usize>>,
+    /// Partial slots the plan writes (the scratch holds their outputs, then their LSEs).
+    num_slots: usize,
     plan: Arc<Plan>,
     threads: u32,
     scratch: Mutex<ScratchMem>,
@@ -96,13 +115,17 @@ impl BoundPlan for CpuBound {
         let out = Outputs {
             args: *args,
             partial,
-            num_slots: self.plan.stats.num_partial_slots as usize,
+            num_slots: self.num_slots,
             head_dim: shape.head_dim as usize,
             num_qo_heads: shape.num_qo_heads as usize,
             dtype: shape.dtype,
         };
         let plan = &*self.plan;
-        parallel_for(self.threads, plan.items.len(), |i| execute_item(plan, &plan.items[i], args, &out));
+        parallel_for(self.threads, self.groups.len(), |g| {
+            for item in &plan.items[self.groups[g].clone()] {
+                execute_item(plan, item, args, &out);
+            }
+        });
         parallel_for(self.threads, plan.merges.len(), |i| merge_row(plan, &plan.merges[i], &out));
         Ok(())
     }

@@ -1,28 +1,227 @@
 //! The CUDA backend. The CUDA libraries are loaded at run time (cudarc's dynamic loading), so
 //! the library builds and loads on machines without them; `open` says `NoDevice` there.
+//!
+//! Kernels (`kernels/*.cu`) are compiled by NVRTC for the device's exact architecture and cached
+//! (`compile`); a launch (`launch`) holds the uploaded work list and runs on the caller's stream
+//! with the caller's pointers, pushing the device's primary context around every call.
 
+pub mod calibrate;
+pub mod compile;
+pub mod driver;
+pub mod kv;
+pub mod launch;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::driver::sys;
+use parking_lot::Mutex;
+
+use self::compile::{KernelCache, Unit};
+use self::driver::{Device, Module};
+use super::{Backend, BackendChoice, BackendKind, BoundPlan, LaunchCapacity, Scratch};
 use crate::error::{Error, Result};
+use crate::plan::{DeviceProfile, Plan};
+use crate::types::DType;
 
-/// Checks that the driver and NVRTC can be loaded before any cudarc call that would panic
-/// without them, then opens `ordinal`.
+/// Checks that the driver and NVRTC can be loaded and that `ordinal` exists.
 pub fn probe(ordinal: u32) -> Result<()> {
-    // SAFETY: only tries to dlopen the libraries; no symbol is called.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return Err(Error::NoDevice("the CUDA driver library (libcuda.so.1) could not be loaded on this machine".into()));
-    }
-    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-        return Err(Error::NoDevice("the NVRTC library (libnvrtc.so) could not be loaded on this machine".into()));
-    }
-    cudarc::driver::result::init().map_err(|e| Error::NoDevice(format!("cuInit failed: {e:?}")))?;
-    let count = cudarc::driver::result::device::get_count().map_err(|e| Error::NoDevice(format!("cuDeviceGetCount failed: {e:?}")))?;
-    if ordinal as i32 >= count {
-        return Err(Error::NoDevice(format!("device_ordinal = {ordinal} but this machine has {count} CUDA device(s)")));
-    }
-    Ok(())
+    // The driver first: without a device there is no reason to load NVRTC (a large C++ library
+    // whose load-time allocations would outlive it).
+    Device::open(ordinal)?;
+    compile::require_nvrtc()
 }
 
 /// Opens the CUDA backend on `choice.device_ordinal`.
-pub fn open(choice: &super::BackendChoice) -> Result<std::sync::Arc<dyn super::Backend>> {
-    probe(choice.device_ordinal)?;
-    Err(Error::Unsupported("the CUDA kernels are not part of this build yet; use the CPU backend".into()))
+pub fn open(choice: &BackendChoice) -> Result<Arc<dyn Backend>> {
+    Ok(Arc::new(CudaBackend::new(choice)?))
+}
+
+/// The attention module of one variant, loaded into the context.
+pub struct LoadedAttention {
+    /// Rows of a tile (16 per warp) and threads of a CTA.
+    pub block_m: u32,
+    pub threads: u32,
+    pub attention: sys::CUfunction,
+    pub merge: sys::CUfunction,
+    pub smem_bytes: u32,
+    /// Attention CTAs resident per SM (from the occupancy calculator); the grid is SMs × this.
+    pub ctas_per_sm: u32,
+    pub registers: i32,
+    pub local_bytes: i32,
+    _module: Module,
+}
+
+unsafe impl Send for LoadedAttention {}
+unsafe impl Sync for LoadedAttention {}
+
+/// The KV-maintenance module, loaded into the context.
+pub struct LoadedKv {
+    pub append: sys::CUfunction,
+    pub copy_pages: sys::CUfunction,
+    _module: Module,
+}
+
+unsafe impl Send for LoadedKv {}
+unsafe impl Sync for LoadedKv {}
+
+/// What every launch of a context shares. Field order is drop order: modules before the device
+/// releases its primary context.
+pub struct Shared {
+    attention: Mutex<HashMap<(u32, DType, u32), Arc<LoadedAttention>>>,
+    kv: Mutex<Option<Arc<LoadedKv>>>,
+    pub cache: KernelCache,
+    /// Warps of an attention CTA (16 tile rows each).
+    pub tile_warps: u32,
+    pub dev: Device,
+}
+
+impl Shared {
+    /// The attention kernels for (head_dim, dtype) with the context's tile size.
+    pub fn attention(&self, head_dim: u32, dtype: DType) -> Result<Arc<LoadedAttention>> {
+        self.attention_with(head_dim, dtype, self.tile_warps)
+    }
+
+    /// The attention kernels for (head_dim, dtype) with `warps`-warp CTAs: loaded on first use,
+    /// compiled if not cached.
+    pub fn attention_with(&self, head_dim: u32, dtype: DType, warps: u32) -> Result<Arc<LoadedAttention>> {
+        if !compile::HEAD_DIMS.contains(&head_dim) {
+            return Err(crate::unsupported!("head_dim = {head_dim} is not supported by the CUDA kernels (64, 128, 256)"));
+        }
+        if !compile::DTYPES.contains(&dtype) {
+            return Err(crate::unsupported!("dtype = {} is not supported by the CUDA kernels (f16, bf16)", dtype.name()));
+        }
+        let mut map = self.attention.lock();
+        if let Some(k) = map.get(&(head_dim, dtype, warps)) {
+            return Ok(k.clone());
+        }
+        let unit = Unit::Attention { head_dim, dtype, warps };
+        let smem = compile::attention_smem_bytes(head_dim, unit.block_n(), 16 * warps);
+        if smem > self.dev.max_smem_optin {
+            return Err(crate::unsupported!("{} needs {smem} bytes of shared memory; this device allows {}", unit.name(), self.dev.max_smem_optin));
+        }
+        let cubin = self.cache.get(unit)?.cubin;
+        let _g = self.dev.enter()?;
+        let module = Module::load(&self.dev, &cubin, &unit.name())?;
+        let attention = module.function("packed_attention")?;
+        let merge = module.function("merge_partials")?;
+        use cudarc::driver::result::{function, occupancy};
+        use sys::CUfunction_attribute::*;
+        // SAFETY: valid function handles of a loaded module; the context is current.
+        let (ctas_per_sm, registers, local_bytes) = unsafe {
+            function::set_function_attribute(attention, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+                .map_err(|e| driver::device_err("cuFuncSetAttribute(max dynamic shared memory)", e))?;
+            let ctas = occupancy::max_active_block_per_multiprocessor(attention, (32 * warps) as i32, smem as usize)
+                .map_err(|e| driver::device_err("cuOccupancyMaxActiveBlocksPerMultiprocessor", e))?;
+            let regs = function::get_function_attribute(attention, CU_FUNC_ATTRIBUTE_NUM_REGS).unwrap_or(-1);
+            let local = function::get_function_attribute(attention, CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES).unwrap_or(-1);
+            (ctas, regs, local)
+        };
+        if ctas_per_sm < 1 {
+            return Err(Error::Device(format!("{} cannot run on this device: no CTA fits an SM", unit.name())));
+        }
+        let k = Arc::new(LoadedAttention { block_m: 16 * warps, threads: 32 * warps, attention, merge, smem_bytes: smem, ctas_per_sm: (ctas_per_sm as u32).min(4), registers, local_bytes, _module: module });
+        map.insert((head_dim, dtype, warps), k.clone());
+        Ok(k)
+    }
+
+    pub fn kv(&self) -> Result<Arc<LoadedKv>> {
+        let mut slot = self.kv.lock();
+        if let Some(k) = slot.as_ref() {
+            return Ok(k.clone());
+        }
+        let cubin = self.cache.get(Unit::Kv)?.cubin;
+        let _g = self.dev.enter()?;
+        let module = Module::load(&self.dev, &cubin, "kv")?;
+        let k = Arc::new(LoadedKv { append: module.function("append_kv")?, copy_pages: module.function("copy_pages")?, _module: module });
+        *slot = Some(k.clone());
+        Ok(k)
+    }
+}
+
+pub struct CudaBackend {
+    shared: Arc<Shared>,
+    /// The calibrated profile stored beside the kernel cache, if any (read at open, replaced by
+    /// `calibrate_profile`).
+    stored: Mutex<Option<DeviceProfile>>,
+}
+
+impl CudaBackend {
+    /// Opens device `choice.device_ordinal`: `NoDevice` with the reason when the driver, NVRTC or
+    /// the device is missing.
+    pub fn new(choice: &BackendChoice) -> Result<CudaBackend> {
+        let dev = Device::open(choice.device_ordinal)?;
+        compile::require_nvrtc()?;
+        let arch = compile::arch_for(dev.cc.0, dev.cc.1);
+        let cache = KernelCache::new(&arch, compile::default_cache_dir(choice.kernel_cache_dir.as_deref()))?;
+        let mut b = CudaBackend { shared: Arc::new(Shared { attention: Mutex::new(HashMap::new()), kv: Mutex::new(None), cache, tile_warps: compile::tile_warps_from_env(), dev }), stored: Mutex::new(None) };
+        *b.stored.get_mut() = b.stored_profile();
+        Ok(b)
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+    pub fn device(&self) -> &Device {
+        &self.shared.dev
+    }
+
+    /// Binds with a concrete type (tests use the grid and capacity).
+    ///
+    /// A launch made without a capacity (`LaunchCapacity::default()`) whose tiles all have at
+    /// most 64 rows (decode-heavy batches) runs the 4-warp kernel: two CTAs per SM stream K/V
+    /// faster there (H200, W2 decode: 0.50 ms against 0.55 ms). Launches with a capacity always
+    /// run the context's tile size, so any plan within it can be uploaded later.
+    pub fn bind_cuda(&self, plan: Arc<Plan>, stream: u64, scratch: Option<Scratch>, capacity: &LaunchCapacity) -> Result<launch::CudaBound> {
+        let narrow = *capacity == LaunchCapacity::default() && self.shared.tile_warps > 4 && plan.items.iter().all(|i| i.num_rows <= 64);
+        let kernels = self.shared.attention_with(plan.shape.head_dim, plan.shape.dtype, if narrow { 4 } else { self.shared.tile_warps })?;
+        launch::CudaBound::new(self.shared.clone(), kernels, plan, stream, scratch, capacity)
+    }
+}
+
+impl Backend for CudaBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Cuda
+    }
+    fn device_name(&self) -> String {
+        self.shared.dev.name.clone()
+    }
+    fn profile(&self) -> DeviceProfile {
+        if let Some(p) = self.stored.lock().as_ref() {
+            return p.clone();
+        }
+        let dev = &self.shared.dev;
+        // Uncalibrated: the planner's Hopper defaults, with this kernel's tile height and
+        // resident CTAs (one per SM with 8-warp tiles, 255 registers × 256 threads; two with
+        // 4-warp tiles). CTAs steal groups, so the count only guides how many groups to form.
+        DeviceProfile {
+            block_m: 16 * self.shared.tile_warps,
+            ..DeviceProfile::hopper(dev.sm_count * if self.shared.tile_warps > 4 { 1 } else { 2 })
+        }
+    }
+    fn bind(&self, plan: Arc<Plan>, stream: u64, scratch: Option<Scratch>) -> Result<Box<dyn BoundPlan>> {
+        Ok(Box::new(self.bind_cuda(plan, stream, scratch, &LaunchCapacity::default())?))
+    }
+    fn bind_with_capacity(&self, plan: Arc<Plan>, stream: u64, scratch: Option<Scratch>, capacity: &LaunchCapacity) -> Result<Box<dyn BoundPlan>> {
+        Ok(Box::new(self.bind_cuda(plan, stream, scratch, capacity)?))
+    }
+    fn calibrate_profile(&self) -> Result<DeviceProfile> {
+        let (profile, _) = self.calibrate()?;
+        *self.stored.lock() = Some(profile.clone());
+        Ok(profile)
+    }
+    /// Compiles (or loads from the disk cache) and loads every kernel variant: both tile sizes
+    /// (the narrow one serves decode-heavy launches) and the KV kernels.
+    fn precompile(&self) -> Result<()> {
+        let warps = if self.shared.tile_warps > 4 { vec![self.shared.tile_warps, 4] } else { vec![4] };
+        for w in warps {
+            for unit in Unit::all(w) {
+                match unit {
+                    Unit::Attention { head_dim, dtype, warps } => drop(self.shared.attention_with(head_dim, dtype, warps)?),
+                    Unit::Kv => drop(self.shared.kv()?),
+                }
+            }
+        }
+        Ok(())
+    }
 }

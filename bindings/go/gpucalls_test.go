@@ -1,0 +1,135 @@
+package packinfer_test
+
+// The calls the CUDA backend added (Precompile, Calibrate, NewLaunchWithCapacity, Update), pinned
+// down on the CPU backend: what each does there, and each bad argument.
+
+import (
+	"testing"
+
+	packinfer "github.com/packinfer/packinfer/bindings/go"
+)
+
+func TestPrecompileIsANoOpAndCalibrateIsUnsupportedOnCPU(t *testing.T) {
+	ctx := cpuContext(t)
+	defer ctx.Close()
+	for i := 0; i < 2; i++ {
+		if err := ctx.Precompile(); err != nil {
+			t.Fatalf("Precompile #%d: %v", i+1, err)
+		}
+	}
+	wantError(t, ctx.Calibrate(), packinfer.StatusUnsupported,
+		"packinfer_context_calibrate: only the CUDA backend calibrates its cost model")
+	// Planning and running still work after the failed calibration.
+	c := newCase(t, 8, 2, 64, packinfer.F32, true, 16, mixed, false, nil, 0)
+	plan := must(ctx.NewPlan(&c.batch, nil))(t)
+	defer plan.Close()
+	launch := must(ctx.NewLaunch(plan, nil))(t)
+	defer launch.Close()
+	runAndCompare(t, c, launch)
+}
+
+func TestCapacityLaunchRunsAndUpdateIsUnsupportedOnCPU(t *testing.T) {
+	ctx := cpuContext(t)
+	defer ctx.Close()
+	c := newCase(t, 8, 2, 64, packinfer.BF16, true, 16, mixed, false, nil, 0)
+	plan := must(ctx.NewPlan(&c.batch, nil))(t)
+	defer plan.Close()
+	roomy := packinfer.LaunchCapacity{MaxWorkItems: 512, MaxRowSegments: 512, MaxKVChunks: 512, MaxRequests: 512,
+		MaxPages: 512, MaxMergeRows: 512, MaxMergeSlots: 512, MaxGroups: 512, MaxPartialSlots: 512}
+	tight := packinfer.LaunchCapacity{MaxWorkItems: 1, MaxRequests: 1, MaxPages: 1} // below the plan: grown to it, not an error
+	for _, tc := range []struct {
+		name string
+		cap  packinfer.LaunchCapacity
+	}{{"zero value", packinfer.LaunchCapacity{}}, {"roomy", roomy}, {"below the plan", tight}} {
+		t.Run(tc.name, func(t *testing.T) {
+			launch := must(ctx.NewLaunchWithCapacity(plan, &tc.cap, nil))(t)
+			defer launch.Close()
+			if ready := must(launch.Ready())(t); !ready {
+				t.Error("a CPU launch is ready at once")
+			}
+			runAndCompare(t, c, launch)
+			wantError(t, launch.Update(plan, 0), packinfer.StatusUnsupported,
+				"packinfer_launch_update: this backend's launches cannot be updated; create a new launch")
+			// The failed update leaves the launch as it was: a second layer.
+			for i := 0; i < c.q.n; i++ {
+				c.q.set(i, -c.q.get(i))
+			}
+			runAndCompare(t, c, launch)
+		})
+	}
+
+	// A plan bigger than the launch's capacity: the CPU path has no capacity to compare with, so
+	// Update says Unsupported here too (on CUDA it is InvalidArgument naming the count).
+	big := newCase(t, 8, 2, 64, packinfer.BF16, true, 16, append(append([]request{}, mixed...), request{9, 300}, request{1, 500}), false, nil, 0)
+	bigger := must(ctx.NewPlan(&big.batch, nil))(t)
+	defer bigger.Close()
+	launch := must(ctx.NewLaunchWithCapacity(plan, &packinfer.LaunchCapacity{}, nil))(t)
+	defer launch.Close()
+	wantError(t, launch.Update(bigger, 0), packinfer.StatusUnsupported, "cannot be updated")
+	// An ordinary launch cannot be updated either.
+	plain := must(ctx.NewLaunch(plan, nil))(t)
+	defer plain.Close()
+	wantError(t, plain.Update(plan, 0), packinfer.StatusUnsupported, "cannot be updated")
+}
+
+func TestCapacityLaunchWithCallerScratch(t *testing.T) {
+	ctx := cpuContext(t)
+	defer ctx.Close()
+	c := newCase(t, 8, 2, 64, packinfer.F32, true, 16, mixed, false, nil, 0)
+	// Deterministic 64-key splits: the plan has split partials, so it needs scratch.
+	plan := must(ctx.NewPlan(&c.batch, &packinfer.PlanOptions{Flags: packinfer.Deterministic, SplitKeys: 64}))(t)
+	defer plan.Close()
+	st := must(plan.Stats())(t)
+	if st.ScratchBytes == 0 || st.NumSplitRequests == 0 {
+		t.Fatalf("the plan was meant to split requests: %+v", st)
+	}
+	scratch := newTensor(t, packinfer.F32, int(st.ScratchBytes/4)+1)
+	launch := must(ctx.NewLaunchWithCapacity(plan, &packinfer.LaunchCapacity{},
+		&packinfer.LaunchOptions{Scratch: scratch.buf.Ptr(), ScratchBytes: uintptr(scratch.n * 4)}))(t)
+	defer launch.Close()
+	runAndCompare(t, c, launch)
+	_, err := ctx.NewLaunchWithCapacity(plan, &packinfer.LaunchCapacity{}, &packinfer.LaunchOptions{Scratch: scratch.buf.Ptr(), ScratchBytes: 4})
+	wantError(t, err, packinfer.StatusInvalidArgument, "scratch_bytes = 4 is smaller than")
+}
+
+func TestGPUCallsArgumentsAndClosedHandles(t *testing.T) {
+	ctx := cpuContext(t)
+	c := newCase(t, 8, 2, 64, packinfer.F32, true, 16, mixed, false, nil, 0)
+	plan := must(ctx.NewPlan(&c.batch, nil))(t)
+	launch := must(ctx.NewLaunchWithCapacity(plan, &packinfer.LaunchCapacity{}, nil))(t)
+
+	_, err := ctx.NewLaunchWithCapacity(nil, &packinfer.LaunchCapacity{}, nil)
+	wantError(t, err, packinfer.StatusInvalidArgument, "NewLaunchWithCapacity: plan is nil")
+	_, err = ctx.NewLaunchWithCapacity(plan, nil, nil)
+	wantError(t, err, packinfer.StatusInvalidArgument, "NewLaunchWithCapacity: capacity is nil")
+	wantError(t, launch.Update(nil, 0), packinfer.StatusInvalidArgument, "Update: plan is nil")
+
+	other := must(ctx.NewPlan(&c.batch, nil))(t)
+	if err := other.Close(); err != nil {
+		t.Fatal(err)
+	}
+	wantError(t, launch.Update(other, 0), packinfer.StatusInvalidHandle, "was destroyed")
+	_, err = ctx.NewLaunchWithCapacity(other, &packinfer.LaunchCapacity{}, nil)
+	wantError(t, err, packinfer.StatusInvalidHandle, "was destroyed")
+
+	// The launch outlives its plan and context; closed, it is an invalid handle.
+	if err := plan.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := ctx.Close(); err != nil {
+		t.Fatal(err)
+	}
+	wantError(t, ctx.Precompile(), packinfer.StatusInvalidHandle, "packinfer_context_precompile: ")
+	wantError(t, ctx.Calibrate(), packinfer.StatusInvalidHandle, "packinfer_context_calibrate: ")
+	_, err = ctx.NewLaunchWithCapacity(plan, &packinfer.LaunchCapacity{}, nil)
+	wantError(t, err, packinfer.StatusInvalidHandle, "was destroyed")
+	runAndCompare(t, c, launch)
+	if err := launch.Close(); err != nil {
+		t.Fatal(err)
+	}
+	ctx2 := cpuContext(t)
+	defer ctx2.Close()
+	fresh := must(ctx2.NewPlan(&c.batch, nil))(t)
+	defer fresh.Close()
+	wantError(t, launch.Update(fresh, 0), packinfer.StatusInvalidHandle, "was destroyed")
+}

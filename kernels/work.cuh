@@ -1,0 +1,83 @@
+// The planner's work list as the kernels read it. Mirrors src/plan/work.rs byte for byte
+// (#[repr(C)] there); tests/kernels_layout.rs checks sizes and offsets against the Rust side.
+// NVRTC compiles these sources with no include path: the host concatenates this file before
+// each kernel source, so nothing here includes a system header.
+#pragma once
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef long long i64;
+typedef unsigned long long u64;
+
+#define PI_FINAL_OUTPUT 0xffffffffu
+
+struct WorkItem {
+    u32 kv_head;
+    u32 seg_begin, seg_count;
+    u32 chunk_begin, chunk_count;
+    u32 num_rows;
+    u32 partial_slot;
+    u32 group;
+};
+
+struct RowSegment {
+    u32 request;
+    u32 q_begin, q_count;
+    u32 row_begin;
+};
+
+struct KvChunk {
+    u32 request;
+    u32 key_begin, key_end;
+    u32 row_begin, row_end;
+};
+
+struct RequestInfo {
+    u32 q_start, q_len, kv_len, page_start;
+};
+
+struct MergeRow {
+    u32 q_token, qo_head;
+    u32 slot_begin, slot_count;
+};
+
+// Counts and shape of the plan currently uploaded into a launch's fixed-capacity buffers. The
+// kernels read these from device memory, so a graph captured once replays any plan that fits.
+// Mirrors PlanHeader in src/backend/cuda/launch.rs.
+struct PlanHeader {
+    u32 num_items, num_groups, num_merges, num_slots;
+    u32 group_size, page_size, causal, reserved;
+    float sm_scale_log2;  // sm_scale * log2(e): softmax runs in base 2
+    u32 reserved2[3];
+};
+
+// Everything one attention or merge launch reads, passed by value. Mirrors KernelParams in
+// src/backend/cuda/launch.rs. Strides are in elements.
+struct KernelParams {
+    const PlanHeader* header;
+    const WorkItem* items;
+    const RowSegment* segments;
+    const KvChunk* chunks;
+    const RequestInfo* requests;
+    const int* pages;
+    const u32* group_offsets;  // [num_groups + 1]: group g's items are items[off[g] .. off[g+1]]
+    const MergeRow* merges;
+    const u32* merge_slots;
+    const void* q;
+    i64 q_stride_token, q_stride_head;
+    const void* k;
+    const void* v;
+    i64 kv_stride_page, kv_stride_token, kv_stride_head, kv_stride_dim;
+    void* o;
+    i64 o_stride_token, o_stride_head;
+    float* lse;      // may be null
+    float* scratch;  // [num_slots * head_dim] partial rows, then [num_slots] partial LSEs
+    u32* group_counter;  // next group to take; 0 before attention, reset to 0 by the merge kernel
+    u32 flags;       // PI_FLAG_*
+    u32 num_qo_heads;
+};
+
+// Q rows (base and strides) allow 16-byte loads.
+#define PI_FLAG_Q_VEC 1u
+// K/V (bases and strides, dim stride 1) allow 16-byte loads.
+#define PI_FLAG_KV_VEC 2u

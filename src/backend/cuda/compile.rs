@@ -1,0 +1,294 @@
+//! Kernel compilation: the CUDA sources embedded in the binary, compiled by NVRTC into a cubin
+//! for one exact architecture, specialised per variant, cached on disk and in memory. Needs no
+//! device (only libnvrtc), so CI compiles every variant without a GPU.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cudarc::nvrtc::sys as nvrtc;
+use parking_lot::Mutex;
+
+use crate::error::{Error, Result};
+use crate::types::DType;
+
+/// The shared work-list header, prepended to every kernel source (NVRTC gets no include path).
+pub const WORK_CUH: &str = include_str!("../../../kernels/work.cuh");
+pub const ATTENTION_CU: &str = include_str!("../../../kernels/attention.cu");
+pub const KV_CU: &str = include_str!("../../../kernels/kv.cu");
+
+/// Warps of an attention CTA, each owning 16 rows of the Q tile (so the planner's `block_m` is
+/// 16 × this). 8 unless `PACKINFER_TILE_WARPS` says 4 (a tuning knob read when a context opens):
+/// 128-row tiles halve the K/V traffic per FLOP (H200, W1 prefill: 6.1 ms against 7.7 ms with 4
+/// warps), 64-row tiles leave two CTAs per SM (W2 decode 0.51 ms against 0.55 ms).
+pub const DEFAULT_TILE_WARPS: u32 = 8;
+
+/// The tile warps a new context uses.
+pub fn tile_warps_from_env() -> u32 {
+    match std::env::var("PACKINFER_TILE_WARPS").ok().as_deref() {
+        Some("4") => 4,
+        Some("8") => 8,
+        _ => DEFAULT_TILE_WARPS,
+    }
+}
+/// Head dims the GPU kernels take.
+pub const HEAD_DIMS: [u32; 3] = [64, 128, 256];
+/// Element types the GPU kernels take.
+pub const DTYPES: [DType; 2] = [DType::F16, DType::Bf16];
+
+/// One compiled module: what it is specialised for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Unit {
+    /// `packed_attention` + `merge_partials` for one head_dim, dtype and CTA size (warps).
+    Attention { head_dim: u32, dtype: DType, warps: u32 },
+    /// `append_kv` + `copy_pages` (element-type agnostic 16-bit moves).
+    Kv,
+}
+
+impl Unit {
+    /// Every unit a CUDA context with `warps`-warp attention CTAs can need.
+    pub fn all(warps: u32) -> Vec<Unit> {
+        let mut v: Vec<Unit> = HEAD_DIMS.iter().flat_map(|&d| DTYPES.iter().map(move |&t| Unit::Attention { head_dim: d, dtype: t, warps })).collect();
+        v.push(Unit::Kv);
+        v
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            Unit::Attention { head_dim, dtype, warps } => format!("attention-d{head_dim}-{}-w{warps}", dtype.name()),
+            Unit::Kv => "kv".into(),
+        }
+    }
+
+    /// Keys per inner step: 64, or 32 at head_dim 256 so the K/V stages and the accumulators fit.
+    pub fn block_n(&self) -> u32 {
+        match self {
+            Unit::Attention { head_dim: 256, .. } => 32,
+            _ => 64,
+        }
+    }
+
+    fn source(&self) -> String {
+        let body = match self {
+            Unit::Attention { .. } => ATTENTION_CU,
+            Unit::Kv => KV_CU,
+        };
+        format!("{WORK_CUH}\n{body}")
+    }
+
+    fn defines(&self) -> Vec<String> {
+        match *self {
+            Unit::Attention { head_dim, dtype, warps } => vec![
+                format!("-DPI_HEAD_DIM={head_dim}"),
+                format!("-DPI_BF16={}", (dtype == DType::Bf16) as u32),
+                format!("-DPI_BLOCK_N={}", self.block_n()),
+                format!("-DPI_WARPS={warps}"),
+                format!("-DPI_SMEM_BYTES={}", attention_smem_bytes(head_dim, self.block_n(), 16 * warps)),
+            ],
+            Unit::Kv => vec![],
+        }
+    }
+}
+
+/// Dynamic shared memory of the attention kernel: the Q tile and two K/V stages (rows padded by
+/// 8 elements), then the row table (24 bytes a row) and the drawn group number (16 bytes).
+/// `kernels/attention.cu` asserts the same.
+pub fn attention_smem_bytes(head_dim: u32, block_n: u32, block_m: u32) -> u32 {
+    let ld = head_dim + 8;
+    block_m * ld * 2 + 4 * block_n * ld * 2 + block_m * 24 + 16
+}
+
+/// The NVRTC architecture for a compute capability: the arch-specific target on Hopper (so
+/// wgmma/TMA are available), the plain one elsewhere.
+pub fn arch_for(major: i32, minor: i32) -> String {
+    if major == 9 && minor == 0 {
+        "sm_90a".into()
+    } else {
+        format!("sm_{major}{minor}")
+    }
+}
+
+/// A compiled unit.
+#[derive(Debug, Clone)]
+pub struct Compiled {
+    pub cubin: Arc<Vec<u8>>,
+    /// NVRTC's program log (ptxas' register/spill report among it); empty for a cache hit.
+    pub log: String,
+    pub from_disk: bool,
+}
+
+/// Whether libnvrtc can be loaded (checked before any cudarc NVRTC call, which would panic).
+pub fn nvrtc_present() -> bool {
+    // SAFETY: only dlopens the library.
+    unsafe { nvrtc::is_culib_present() }
+}
+
+/// `NoDevice` when libnvrtc cannot be loaded.
+pub fn require_nvrtc() -> Result<()> {
+    if nvrtc_present() {
+        Ok(())
+    } else {
+        Err(Error::NoDevice("the NVRTC library (libnvrtc.so) could not be loaded on this machine".into()))
+    }
+}
+
+/// NVRTC's version, e.g. (13, 0).
+pub fn nvrtc_version() -> Result<(i32, i32)> {
+    require_nvrtc()?;
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: plain out-parameters.
+    let r = unsafe { nvrtc::nvrtcVersion(&mut major, &mut minor) };
+    if r != nvrtc::nvrtcResult::NVRTC_SUCCESS {
+        return Err(Error::NoDevice(format!("nvrtcVersion failed: {r:?}")));
+    }
+    Ok((major, minor))
+}
+
+fn options(unit: Unit, arch: &str) -> Vec<String> {
+    let mut o = vec![format!("--gpu-architecture={arch}"), "-std=c++17".into(), "--ptxas-options=-v".into(), "-lineinfo".into()];
+    o.extend(unit.defines());
+    // Development knob for kernel experiments (e.g. "-DPI_Q_REGS=0"); part of the cache key.
+    if let Ok(extra) = std::env::var("PACKINFER_KERNEL_DEFINES") {
+        o.extend(extra.split_whitespace().filter(|d| d.starts_with("-D")).map(String::from));
+    }
+    o
+}
+
+/// FNV-1a, 64 bits: a hash that is the same in every build (std's hasher promises no stability).
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for &b in p.iter().chain(&[0xffu8]) {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// The cache file name of `unit` for `arch`: keyed by the source, the options and NVRTC's
+/// version, so any change to one of them is a different file.
+pub fn cache_file_name(unit: Unit, arch: &str, nvrtc: (i32, i32)) -> String {
+    let opts = options(unit, arch).join(" ");
+    let key = fnv1a(&[unit.source().as_bytes(), opts.as_bytes(), format!("{}.{}", nvrtc.0, nvrtc.1).as_bytes()]);
+    format!("{}-{arch}-nvrtc{}.{}-{key:016x}.cubin", unit.name(), nvrtc.0, nvrtc.1)
+}
+
+/// Compiles `unit` for `arch` with NVRTC. A compile error is [`Error::Compile`] with the log.
+pub fn compile(unit: Unit, arch: &str) -> Result<Compiled> {
+    compile_with(&unit.name(), &unit.source(), &options(unit, arch), arch)
+}
+
+/// Compiles a free-standing source (tests' layout probes) with the common options.
+pub fn compile_source(name: &str, source: &str, arch: &str) -> Result<Compiled> {
+    let opts = vec![format!("--gpu-architecture={arch}"), "-std=c++17".into()];
+    compile_with(name, source, &opts, arch)
+}
+
+fn compile_with(unit_name: &str, source: &str, options: &[String], arch: &str) -> Result<Compiled> {
+    nvrtc_version()?;
+    let src = CString::new(source).map_err(|_| Error::Internal("kernel source contains a NUL byte".into()))?;
+    let name = CString::new(format!("{unit_name}.cu")).unwrap();
+    let opts: Vec<CString> = options.iter().map(|o| CString::new(o.as_str()).unwrap()).collect();
+    let opt_ptrs: Vec<*const std::ffi::c_char> = opts.iter().map(|o| o.as_ptr()).collect();
+    let check = |r: nvrtc::nvrtcResult, what: &str| {
+        if r == nvrtc::nvrtcResult::NVRTC_SUCCESS {
+            Ok(())
+        } else {
+            Err(Error::Compile(format!("{what} failed for {unit_name} ({arch}): {r:?}")))
+        }
+    };
+    let mut prog: nvrtc::nvrtcProgram = std::ptr::null_mut();
+    // SAFETY: the strings outlive the program, which is destroyed below on every path.
+    unsafe {
+        check(nvrtc::nvrtcCreateProgram(&mut prog, src.as_ptr(), name.as_ptr(), 0, std::ptr::null(), std::ptr::null()), "nvrtcCreateProgram")?;
+        let compiled = nvrtc::nvrtcCompileProgram(prog, opt_ptrs.len() as i32, opt_ptrs.as_ptr());
+        let mut log_size = 0usize;
+        let mut log = String::new();
+        if nvrtc::nvrtcGetProgramLogSize(prog, &mut log_size) == nvrtc::nvrtcResult::NVRTC_SUCCESS && log_size > 1 {
+            let mut buf = vec![0u8; log_size];
+            if nvrtc::nvrtcGetProgramLog(prog, buf.as_mut_ptr() as *mut _) == nvrtc::nvrtcResult::NVRTC_SUCCESS {
+                log = String::from_utf8_lossy(&buf[..log_size - 1]).into_owned();
+            }
+        }
+        let result = (|| {
+            if compiled != nvrtc::nvrtcResult::NVRTC_SUCCESS {
+                return Err(Error::Compile(format!("NVRTC could not compile {unit_name} for {arch} ({compiled:?}):\n{log}")));
+            }
+            let mut size = 0usize;
+            check(nvrtc::nvrtcGetCUBINSize(prog, &mut size), "nvrtcGetCUBINSize")?;
+            let mut cubin = vec![0u8; size];
+            check(nvrtc::nvrtcGetCUBIN(prog, cubin.as_mut_ptr() as *mut _), "nvrtcGetCUBIN")?;
+            Ok(Compiled { cubin: Arc::new(cubin), log: log.clone(), from_disk: false })
+        })();
+        nvrtc::nvrtcDestroyProgram(&mut prog);
+        result
+    }
+}
+
+/// Where compiled kernels are kept: the directory given, else `$PACKINFER_CACHE_DIR`, else
+/// `$HOME/.cache/packinfer`; `None` when none of those exists (memory cache only).
+pub fn default_cache_dir(given: Option<&Path>) -> Option<PathBuf> {
+    if let Some(d) = given {
+        return Some(d.to_path_buf());
+    }
+    if let Some(d) = std::env::var_os("PACKINFER_CACHE_DIR").filter(|d| !d.is_empty()) {
+        return Some(d.into());
+    }
+    std::env::var_os("HOME").filter(|d| !d.is_empty()).map(|h| PathBuf::from(h).join(".cache/packinfer"))
+}
+
+/// Compiled cubins of one architecture, in memory and on disk.
+pub struct KernelCache {
+    arch: String,
+    nvrtc: (i32, i32),
+    dir: Option<PathBuf>,
+    memory: Mutex<HashMap<Unit, Arc<Vec<u8>>>>,
+}
+
+impl KernelCache {
+    pub fn new(arch: &str, dir: Option<PathBuf>) -> Result<KernelCache> {
+        Ok(KernelCache { arch: arch.into(), nvrtc: nvrtc_version()?, dir, memory: Mutex::new(HashMap::new()) })
+    }
+
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+
+    /// The cubin of `unit`: from memory, else from disk, else compiled (and written to disk; a
+    /// disk that cannot be written only costs the next process a compile).
+    pub fn get(&self, unit: Unit) -> Result<Compiled> {
+        if let Some(c) = self.memory.lock().get(&unit) {
+            return Ok(Compiled { cubin: c.clone(), log: String::new(), from_disk: false });
+        }
+        let path = self.dir.as_ref().map(|d| d.join(cache_file_name(unit, &self.arch, self.nvrtc)));
+        let compiled = match path.as_ref().and_then(|p| std::fs::read(p).ok()).filter(|b| !b.is_empty()) {
+            Some(bytes) => Compiled { cubin: Arc::new(bytes), log: String::new(), from_disk: true },
+            None => {
+                let c = compile(unit, &self.arch)?;
+                if let Some(p) = &path {
+                    write_atomically(p, &c.cubin);
+                }
+                c
+            }
+        };
+        self.memory.lock().insert(unit, compiled.cubin.clone());
+        Ok(compiled)
+    }
+}
+
+/// Writes through a temporary file and a rename, so a concurrent reader never sees half a cubin.
+fn write_atomically(path: &Path, bytes: &[u8]) {
+    let Some(dir) = path.parent() else { return };
+    if std::fs::create_dir_all(dir).is_err() {
+        return;
+    }
+    let tmp = dir.join(format!(".{}.{}.tmp", path.file_name().unwrap().to_string_lossy(), std::process::id()));
+    if std::fs::write(&tmp, bytes).is_ok() && std::fs::rename(&tmp, path).is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+}

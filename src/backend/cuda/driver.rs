@@ -1,0 +1,261 @@
+//! Thin, checked wrappers over the CUDA driver API (through cudarc's dynamically loaded
+//! bindings): the device's primary context pushed around every call, device memory, events and
+//! modules, all released on drop.
+
+use std::ffi::c_void;
+
+use cudarc::driver::result as cu;
+use cudarc::driver::sys;
+
+use crate::error::{Error, Result};
+
+/// Turns a driver error into the library's: out-of-memory is its own variant.
+pub fn device_err(what: &str, e: cu::DriverError) -> Error {
+    if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+        Error::OutOfMemory(format!("{what}: out of device memory"))
+    } else {
+        let name = e.error_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|_| format!("{:?}", e.0));
+        Error::Device(format!("{what} failed: {name}"))
+    }
+}
+
+pub fn check(r: sys::CUresult, what: &str) -> Result<()> {
+    r.result().map_err(|e| device_err(what, e))
+}
+
+/// The primary context of one device (the one the CUDA runtime and PyTorch use), retained for
+/// the lifetime of this value.
+pub struct Device {
+    pub ordinal: u32,
+    pub device: sys::CUdevice,
+    pub ctx: sys::CUcontext,
+    pub name: String,
+    pub sm_count: u32,
+    pub cc: (i32, i32),
+    pub max_smem_optin: u32,
+}
+
+// SAFETY: a CUcontext may be used from any thread (we push it around every use).
+unsafe impl Send for Device {}
+unsafe impl Sync for Device {}
+
+impl Device {
+    /// Checks that the driver can be loaded before any cudarc call that would panic without it,
+    /// then retains device `ordinal`'s primary context.
+    pub fn open(ordinal: u32) -> Result<Device> {
+        // SAFETY: only tries to dlopen the library.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(Error::NoDevice("the CUDA driver library (libcuda.so.1) could not be loaded on this machine".into()));
+        }
+        cu::init().map_err(|e| Error::NoDevice(format!("cuInit failed: {e:?} (no usable GPU or driver)")))?;
+        let count = cu::device::get_count().map_err(|e| Error::NoDevice(format!("cuDeviceGetCount failed: {e:?}")))?;
+        if ordinal as i32 >= count {
+            return Err(Error::NoDevice(format!("device_ordinal = {ordinal} but this machine has {count} CUDA device(s)")));
+        }
+        let device = cu::device::get(ordinal as i32).map_err(|e| device_err("cuDeviceGet", e))?;
+        let attr = |a: sys::CUdevice_attribute| -> Result<i32> {
+            // SAFETY: valid device and attribute.
+            unsafe { cu::device::get_attribute(device, a) }.map_err(|e| device_err("cuDeviceGetAttribute", e))
+        };
+        use sys::CUdevice_attribute::*;
+        let cc = (attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?, attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?);
+        if cc.0 < 8 {
+            return Err(Error::Unsupported(format!("device {ordinal} has compute capability {}.{}; the kernels need 8.0 or newer", cc.0, cc.1)));
+        }
+        let sm_count = attr(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
+        let max_smem_optin = attr(CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as u32;
+        let name = cu::device::get_name(device).map_err(|e| device_err("cuDeviceGetName", e))?;
+        // SAFETY: valid device; released in Drop.
+        let ctx = unsafe { cu::primary_ctx::retain(device) }.map_err(|e| device_err("cuDevicePrimaryCtxRetain", e))?;
+        Ok(Device { ordinal, device, ctx, name, sm_count, cc, max_smem_optin })
+    }
+
+    /// Makes the context current on this thread until the guard drops (the caller may be on any
+    /// thread, and a Go goroutine may hop threads between calls).
+    pub fn enter(&self) -> Result<CtxGuard> {
+        // SAFETY: the context is retained while self lives.
+        check(unsafe { sys::cuCtxPushCurrent_v2(self.ctx) }, "cuCtxPushCurrent")?;
+        Ok(CtxGuard)
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        // SAFETY: retained in open.
+        unsafe {
+            let _ = cu::primary_ctx::release(self.device);
+        }
+    }
+}
+
+pub struct CtxGuard;
+
+impl Drop for CtxGuard {
+    fn drop(&mut self) {
+        let mut old = std::ptr::null_mut();
+        // SAFETY: pops what enter pushed.
+        unsafe {
+            let _ = sys::cuCtxPopCurrent_v2(&mut old);
+        }
+    }
+}
+
+/// Device memory, freed on drop (with the owning context current).
+pub struct DeviceBuffer {
+    pub ptr: sys::CUdeviceptr,
+    pub bytes: usize,
+    ctx: sys::CUcontext,
+}
+
+unsafe impl Send for DeviceBuffer {}
+unsafe impl Sync for DeviceBuffer {}
+
+impl DeviceBuffer {
+    /// Allocates `bytes` (at least 1) on the current context.
+    pub fn new(dev: &Device, bytes: usize, what: &str) -> Result<DeviceBuffer> {
+        let _g = dev.enter()?;
+        // SAFETY: a context is current.
+        let ptr = unsafe { cu::malloc_sync(bytes.max(16)) }.map_err(|e| device_err(what, e))?;
+        Ok(DeviceBuffer { ptr, bytes, ctx: dev.ctx })
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        // SAFETY: allocated in new on ctx; pushed so the free happens on the right context.
+        unsafe {
+            if sys::cuCtxPushCurrent_v2(self.ctx) == sys::CUresult::CUDA_SUCCESS {
+                let _ = cu::free_sync(self.ptr);
+                let mut old = std::ptr::null_mut();
+                let _ = sys::cuCtxPopCurrent_v2(&mut old);
+            }
+        }
+    }
+}
+
+/// A completion event (timing disabled).
+pub struct Event {
+    pub event: sys::CUevent,
+    ctx: sys::CUcontext,
+}
+
+unsafe impl Send for Event {}
+unsafe impl Sync for Event {}
+
+impl Event {
+    pub fn new(dev: &Device) -> Result<Event> {
+        let _g = dev.enter()?;
+        let event = cu::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(|e| device_err("cuEventCreate", e))?;
+        Ok(Event { event, ctx: dev.ctx })
+    }
+    /// Records the event on the caller's stream (a CUstream as an integer; 0 = the default stream).
+    pub fn record(&self, stream: u64) -> Result<()> {
+        // SAFETY: valid event; the stream is the caller's.
+        unsafe { cu::event::record(self.event, stream as sys::CUstream) }.map_err(|e| device_err("cuEventRecord", e))
+    }
+    pub fn is_done(&self) -> Result<bool> {
+        // SAFETY: valid event.
+        let r = unsafe { sys::cuEventQuery(self.event) };
+        match r {
+            sys::CUresult::CUDA_SUCCESS => Ok(true),
+            sys::CUresult::CUDA_ERROR_NOT_READY => Ok(false),
+            other => check(other, "cuEventQuery").map(|_| false),
+        }
+    }
+    pub fn wait(&self) -> Result<()> {
+        // SAFETY: valid event.
+        unsafe { cu::event::synchronize(self.event) }.map_err(|e| device_err("cuEventSynchronize", e))
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        unsafe {
+            if sys::cuCtxPushCurrent_v2(self.ctx) == sys::CUresult::CUDA_SUCCESS {
+                let _ = cu::event::destroy(self.event);
+                let mut old = std::ptr::null_mut();
+                let _ = sys::cuCtxPopCurrent_v2(&mut old);
+            }
+        }
+    }
+}
+
+/// A loaded module and the functions the backend uses from it.
+pub struct Module {
+    module: sys::CUmodule,
+    ctx: sys::CUcontext,
+}
+
+unsafe impl Send for Module {}
+unsafe impl Sync for Module {}
+
+impl Module {
+    /// Loads a cubin into the device's context (which must be current).
+    pub fn load(dev: &Device, cubin: &[u8], what: &str) -> Result<Module> {
+        // SAFETY: a cubin produced by NVRTC for this device's architecture.
+        let module = unsafe { cu::module::load_data(cubin.as_ptr() as *const c_void) }.map_err(|e| device_err(&format!("loading {what}"), e))?;
+        Ok(Module { module, ctx: dev.ctx })
+    }
+    pub fn function(&self, name: &str) -> Result<sys::CUfunction> {
+        let c = std::ffi::CString::new(name).unwrap();
+        // SAFETY: valid module.
+        unsafe { cu::module::get_function(self.module, c) }.map_err(|e| device_err(&format!("cuModuleGetFunction({name})"), e))
+    }
+}
+
+impl Drop for Module {
+    fn drop(&mut self) {
+        unsafe {
+            if sys::cuCtxPushCurrent_v2(self.ctx) == sys::CUresult::CUDA_SUCCESS {
+                let _ = cu::module::unload(self.module);
+                let mut old = std::ptr::null_mut();
+                let _ = sys::cuCtxPopCurrent_v2(&mut old);
+            }
+        }
+    }
+}
+
+/// Launches `f` with one by-value parameter struct.
+///
+/// # Safety
+/// `params` must be the kernel's exact parameter layout; the context must be current.
+pub unsafe fn launch<P>(f: sys::CUfunction, grid: u32, block: u32, smem: u32, stream: sys::CUstream, params: &mut P, what: &str) -> Result<()> {
+    let mut args = [params as *mut P as *mut c_void];
+    cu::launch_kernel(f, (grid, 1, 1), (block, 1, 1), smem, stream, &mut args).map_err(|e| device_err(what, e))
+}
+
+/// Launches `f` with a list of parameter pointers.
+///
+/// # Safety
+/// `args` must point to the kernel's parameters in order; the context must be current.
+pub unsafe fn launch_args(f: sys::CUfunction, grid: u32, block: u32, stream: sys::CUstream, args: &mut [*mut c_void], what: &str) -> Result<()> {
+    cu::launch_kernel(f, (grid, 1, 1), (block, 1, 1), 0, stream, args).map_err(|e| device_err(what, e))
+}
+
+impl DeviceBuffer {
+    /// Synchronous host → device copy into the start of the buffer (setup and tests, never `run`).
+    pub fn write(&self, dev: &Device, data: &[u8]) -> Result<()> {
+        if data.len() > self.bytes {
+            return Err(Error::InvalidArgument(format!("{} bytes do not fit a device buffer of {}", data.len(), self.bytes)));
+        }
+        let _g = dev.enter()?;
+        // SAFETY: the buffer holds at least data.len() bytes.
+        unsafe { cu::memcpy_htod_sync(self.ptr, data) }.map_err(|e| device_err("cuMemcpyHtoD", e))
+    }
+    /// Synchronous device → host copy from the start of the buffer.
+    pub fn read(&self, dev: &Device, out: &mut [u8]) -> Result<()> {
+        if out.len() > self.bytes {
+            return Err(Error::InvalidArgument(format!("{} bytes are more than a device buffer of {}", out.len(), self.bytes)));
+        }
+        let _g = dev.enter()?;
+        // SAFETY: the buffer holds at least out.len() bytes.
+        unsafe { cu::memcpy_dtoh_sync(out, self.ptr) }.map_err(|e| device_err("cuMemcpyDtoH", e))
+    }
+}
+
+/// Waits for everything queued on `stream` (tests and calibration only).
+pub fn sync_stream(dev: &Device, stream: u64) -> Result<()> {
+    let _g = dev.enter()?;
+    // SAFETY: the caller's stream of this device.
+    unsafe { cu::stream::synchronize(stream as sys::CUstream) }.map_err(|e| device_err("cuStreamSynchronize", e))
+}

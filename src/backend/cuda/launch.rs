@@ -1,0 +1,365 @@
+//! A plan bound to the device: fixed-capacity device buffers holding the work list, the kernel
+//! variant resolved, scratch bound, and a completion event. `run` only fills a parameter struct
+//! on the stack and launches two kernels whose grids depend on the device, never on the batch,
+//! so it can be captured in a CUDA graph and replayed after `update` uploads another plan.
+
+use std::sync::Arc;
+
+use cudarc::driver::result as cu;
+use cudarc::driver::sys;
+use parking_lot::Mutex;
+
+use super::driver::{self, DeviceBuffer, Event};
+use super::{LoadedAttention, Shared};
+use crate::backend::{BoundPlan, LaunchCapacity, Scratch};
+use crate::error::Result;
+use crate::invalid;
+use crate::plan::{KvChunk, MergeRow, Plan, RequestInfo, RowSegment, WorkItem, FINAL_OUTPUT};
+use crate::types::RunArgs;
+
+/// Counts and shape of the uploaded plan; mirrors `PlanHeader` in `kernels/work.cuh`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PlanHeader {
+    pub num_items: u32,
+    pub num_groups: u32,
+    pub num_merges: u32,
+    pub num_slots: u32,
+    pub group_size: u32,
+    pub page_size: u32,
+    pub causal: u32,
+    pub reserved: u32,
+    pub sm_scale_log2: f32,
+    pub reserved2: [u32; 3],
+}
+
+/// The by-value parameter of both kernels; mirrors `KernelParams` in `kernels/work.cuh`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct KernelParams {
+    pub header: u64,
+    pub items: u64,
+    pub segments: u64,
+    pub chunks: u64,
+    pub requests: u64,
+    pub pages: u64,
+    pub group_offsets: u64,
+    pub merges: u64,
+    pub merge_slots: u64,
+    pub q: u64,
+    pub q_stride_token: i64,
+    pub q_stride_head: i64,
+    pub k: u64,
+    pub v: u64,
+    pub kv_stride_page: i64,
+    pub kv_stride_token: i64,
+    pub kv_stride_head: i64,
+    pub kv_stride_dim: i64,
+    pub o: u64,
+    pub o_stride_token: i64,
+    pub o_stride_head: i64,
+    pub lse: u64,
+    pub scratch: u64,
+    pub group_counter: u64,
+    pub flags: u32,
+    pub num_qo_heads: u32,
+}
+
+pub const FLAG_Q_VEC: u32 = 1;
+pub const FLAG_KV_VEC: u32 = 2;
+
+/// Byte offsets of each array in the launch's device buffer (fixed by the capacity).
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    group_counter: usize,
+    items: usize,
+    segments: usize,
+    chunks: usize,
+    requests: usize,
+    pages: usize,
+    group_offsets: usize,
+    merges: usize,
+    merge_slots: usize,
+    total: usize,
+}
+
+impl Layout {
+    fn new(c: &LaunchCapacity) -> Layout {
+        let mut at = 0usize;
+        let mut take = |bytes: usize| {
+            let start = at;
+            at = (at + bytes).div_ceil(256) * 256;
+            start
+        };
+        let _header = take(std::mem::size_of::<PlanHeader>());
+        let group_counter = take(4);
+        let items = take(c.items as usize * std::mem::size_of::<WorkItem>());
+        let segments = take(c.row_segments as usize * std::mem::size_of::<RowSegment>());
+        let chunks = take(c.kv_chunks as usize * std::mem::size_of::<KvChunk>());
+        let requests = take(c.requests as usize * std::mem::size_of::<RequestInfo>());
+        let pages = take(c.pages as usize * 4);
+        let group_offsets = take((c.groups as usize + 1) * 4);
+        let merges = take(c.merge_rows as usize * std::mem::size_of::<MergeRow>());
+        let merge_slots = take(c.merge_slots as usize * 4);
+        Layout { group_counter, items, segments, chunks, requests, pages, group_offsets, merges, merge_slots, total: at }
+    }
+}
+
+fn put<T: Copy>(buf: &mut [u8], at: usize, values: &[T]) {
+    let bytes = std::mem::size_of_val(values);
+    // SAFETY: T is a plain repr(C) struct or integer; the range is inside buf (capacity checked).
+    let src = unsafe { std::slice::from_raw_parts(values.as_ptr() as *const u8, bytes) };
+    buf[at..at + bytes].copy_from_slice(src);
+}
+
+/// Checks the facts the kernels rely on for memory safety (a hand-made or buggy plan must give
+/// an error, not an out-of-bounds access on the device) and returns the group offsets.
+fn check_plan(plan: &Plan, block_m: u32) -> Result<Vec<u32>> {
+    let slots = plan.num_partial_slots();
+    let mut last_group = 0u32;
+    for (i, it) in plan.items.iter().enumerate() {
+        if it.num_rows > block_m {
+            return Err(invalid!("items[{i}].num_rows = {} is more than the CUDA kernel's block_m = {block_m}", it.num_rows));
+        }
+        if it.group < last_group {
+            return Err(invalid!("items[{i}].group = {} comes after group {last_group}; items must be sorted by group", it.group));
+        }
+        last_group = it.group;
+        if it.kv_head >= plan.shape.num_kv_heads {
+            return Err(invalid!("items[{i}].kv_head = {} but the shape has {} KV heads", it.kv_head, plan.shape.num_kv_heads));
+        }
+        let segs = plan.row_segments.get(it.seg_begin as usize..(it.seg_begin as usize + it.seg_count as usize));
+        let chunks = plan.kv_chunks.get(it.chunk_begin as usize..(it.chunk_begin as usize + it.chunk_count as usize));
+        let (Some(segs), Some(chunks)) = (segs, chunks) else {
+            return Err(invalid!("items[{i}] names row segments or KV chunks past the plan's arrays"));
+        };
+        if it.num_rows > 0 && (segs.is_empty() || segs[0].row_begin != 0) {
+            return Err(invalid!("items[{i}] has {} rows but its first row segment does not start at row 0", it.num_rows));
+        }
+        for s in segs {
+            let req = plan.requests.get(s.request as usize).ok_or_else(|| invalid!("items[{i}] has a row segment of request {} which does not exist", s.request))?;
+            if s.q_begin + s.q_count > req.q_len {
+                return Err(invalid!("items[{i}] has queries {}..{} of request {} which has {}", s.q_begin, s.q_begin + s.q_count, s.request, req.q_len));
+            }
+        }
+        for c in chunks {
+            let req = plan.requests.get(c.request as usize).ok_or_else(|| invalid!("items[{i}] has a KV chunk of request {} which does not exist", c.request))?;
+            if c.key_end > req.kv_len || c.key_begin > c.key_end || c.row_end > it.num_rows || c.row_begin > c.row_end {
+                return Err(invalid!("items[{i}] has KV chunk keys {}..{} rows {}..{} outside request {} (kv_len {}) or the tile ({} rows)", c.key_begin, c.key_end, c.row_begin, c.row_end, c.request, req.kv_len, it.num_rows));
+            }
+        }
+        if it.partial_slot != FINAL_OUTPUT && it.partial_slot + it.num_rows > slots {
+            return Err(invalid!("items[{i}] writes partial slots past the plan's {slots}"));
+        }
+    }
+    for (i, m) in plan.merges.iter().enumerate() {
+        let Some(ss) = plan.merge_slots.get(m.slot_begin as usize..(m.slot_begin + m.slot_count) as usize) else {
+            return Err(invalid!("merges[{i}] names merge slots past the plan's {}", plan.merge_slots.len()));
+        };
+        if let Some(s) = ss.iter().find(|&&s| s >= slots) {
+            return Err(invalid!("merges[{i}] reads partial slot {s} but the plan has {slots}"));
+        }
+        if m.q_token >= plan.batch.total_q() || m.qo_head >= plan.shape.num_qo_heads {
+            return Err(invalid!("merges[{i}] writes (token {}, head {}) outside the batch", m.q_token, m.qo_head));
+        }
+    }
+    let groups = plan.items.last().map(|i| i.group + 1).unwrap_or(0);
+    let mut offsets = vec![0u32; groups as usize + 1];
+    for it in &plan.items {
+        offsets[it.group as usize + 1] += 1;
+    }
+    for g in 0..groups as usize {
+        offsets[g + 1] += offsets[g];
+    }
+    Ok(offsets)
+}
+
+enum ScratchMem {
+    Owned(DeviceBuffer),
+    Caller(Scratch),
+}
+
+pub struct CudaBound {
+    plan: Arc<Plan>,
+    kernels: Arc<LoadedAttention>,
+    capacity: LaunchCapacity,
+    layout: Layout,
+    buffer: DeviceBuffer,
+    scratch: ScratchMem,
+    /// Host image of the device buffer; kept so an upload's source outlives the copy call.
+    staging: Mutex<Vec<u8>>,
+    event: Event,
+    grid: u32,
+    merge_grid: u32,
+    shared: Arc<Shared>,
+}
+
+impl CudaBound {
+    pub(super) fn new(shared: Arc<Shared>, kernels: Arc<LoadedAttention>, plan: Arc<Plan>, stream: u64, scratch: Option<Scratch>, capacity: &LaunchCapacity) -> Result<CudaBound> {
+        let shape = &plan.shape;
+        let capacity = capacity.max(&LaunchCapacity::of(&plan));
+        let layout = Layout::new(&capacity);
+        let dev = &shared.dev;
+        let scratch_need = capacity.partial_slots as usize * (shape.head_dim as usize + 1) * 4;
+        let scratch = match scratch {
+            Some(s) if s.ptr != 0 && s.bytes >= scratch_need => ScratchMem::Caller(s),
+            Some(s) if s.bytes < scratch_need => return Err(invalid!("scratch_bytes = {} is smaller than the {scratch_need} bytes this launch needs", s.bytes)),
+            Some(_) if scratch_need > 0 => return Err(invalid!("scratch pointer is null but the launch needs {scratch_need} bytes")),
+            _ => ScratchMem::Owned(DeviceBuffer::new(dev, scratch_need, "allocating the launch's scratch")?),
+        };
+        let buffer = DeviceBuffer::new(dev, layout.total, "allocating the launch's work list")?;
+        let grid = dev.sm_count * kernels.ctas_per_sm;
+        let bound = CudaBound {
+            plan: plan.clone(),
+            kernels,
+            capacity,
+            layout,
+            buffer,
+            scratch,
+            staging: Mutex::new(vec![0u8; layout.total]),
+            event: Event::new(dev)?,
+            grid,
+            merge_grid: dev.sm_count * 2,
+            shared: shared.clone(),
+        };
+        bound.upload(&plan, stream)?;
+        Ok(bound)
+    }
+
+    /// Grid of the attention kernel (persistent CTAs).
+    pub fn grid(&self) -> u32 {
+        self.grid
+    }
+    /// Rows of a tile of the kernel this launch runs.
+    pub fn block_m(&self) -> u32 {
+        self.kernels.block_m
+    }
+    pub fn capacity(&self) -> LaunchCapacity {
+        self.capacity
+    }
+
+    /// Writes `plan` into the staging image and copies it with one async copy on `stream`,
+    /// then records the completion event.
+    fn upload(&self, plan: &Plan, stream: u64) -> Result<()> {
+        let offsets = check_plan(plan, self.kernels.block_m)?;
+        self.capacity.check_fits(plan)?;
+        let s = &plan.shape;
+        let header = PlanHeader {
+            num_items: plan.items.len() as u32,
+            num_groups: offsets.len() as u32 - 1,
+            num_merges: plan.merges.len() as u32,
+            num_slots: plan.num_partial_slots(),
+            group_size: s.group_size(),
+            page_size: plan.batch.page_size,
+            causal: s.causal as u32,
+            reserved: 0,
+            sm_scale_log2: s.sm_scale * std::f32::consts::LOG2_E,
+            reserved2: [0; 3],
+        };
+        let l = &self.layout;
+        let mut img = self.staging.lock();
+        put(&mut img, 0, &[header]);
+        put(&mut img, l.group_counter, &[0u32]);
+        put(&mut img, l.items, &plan.items);
+        put(&mut img, l.segments, &plan.row_segments);
+        put(&mut img, l.chunks, &plan.kv_chunks);
+        put(&mut img, l.requests, &plan.requests);
+        put(&mut img, l.pages, &plan.batch.kv_page_indices);
+        put(&mut img, l.group_offsets, &offsets);
+        put(&mut img, l.merges, &plan.merges);
+        put(&mut img, l.merge_slots, &plan.merge_slots);
+        let _g = self.shared.dev.enter()?;
+        // SAFETY: the buffer is layout.total bytes, as is the image. A copy from pageable memory
+        // returns once the source has been staged, so the image may change afterwards.
+        unsafe { cu::memcpy_htod_async(self.buffer.ptr, &img[..], stream as sys::CUstream) }.map_err(|e| driver::device_err("uploading the work list", e))?;
+        self.event.record(stream)
+    }
+
+    fn params(&self, args: &RunArgs) -> KernelParams {
+        let base = self.buffer.ptr;
+        let l = &self.layout;
+        let at = |o: usize| base + o as u64;
+        let scratch = match &self.scratch {
+            ScratchMem::Owned(b) => b.ptr,
+            ScratchMem::Caller(s) => s.ptr,
+        };
+        let a16 = |x: u64| x % 16 == 0;
+        let m8 = |x: i64| x % 8 == 0;
+        let kv = &args.kv;
+        let mut flags = 0;
+        if a16(args.q.ptr) && m8(args.q.stride_token) && m8(args.q.stride_head) {
+            flags |= FLAG_Q_VEC;
+        }
+        if a16(kv.k) && a16(kv.v) && kv.stride_dim == 1 && m8(kv.stride_page) && m8(kv.stride_token) && m8(kv.stride_head) {
+            flags |= FLAG_KV_VEC;
+        }
+        KernelParams {
+            header: base,
+            items: at(l.items),
+            segments: at(l.segments),
+            chunks: at(l.chunks),
+            requests: at(l.requests),
+            pages: at(l.pages),
+            group_offsets: at(l.group_offsets),
+            merges: at(l.merges),
+            merge_slots: at(l.merge_slots),
+            q: args.q.ptr,
+            q_stride_token: args.q.stride_token,
+            q_stride_head: args.q.stride_head,
+            k: kv.k,
+            v: kv.v,
+            kv_stride_page: kv.stride_page,
+            kv_stride_token: kv.stride_token,
+            kv_stride_head: kv.stride_head,
+            kv_stride_dim: kv.stride_dim,
+            o: args.o.ptr,
+            o_stride_token: args.o.stride_token,
+            o_stride_head: args.o.stride_head,
+            lse: args.lse,
+            scratch,
+            group_counter: at(l.group_counter),
+            flags,
+            num_qo_heads: self.plan.shape.num_qo_heads,
+        }
+    }
+}
+
+impl BoundPlan for CudaBound {
+    /// The plan the launch was created with. After `update`, the uploaded plan is another one of
+    /// the same shape (which is all `run`'s callers read from this).
+    fn plan(&self) -> &Arc<Plan> {
+        &self.plan
+    }
+
+    fn run(&self, args: &RunArgs) -> Result<()> {
+        crate::backend::cpu::check_run_args(&self.plan, args)?;
+        let mut p = self.params(args);
+        let stream = args.stream as sys::CUstream;
+        let _g = self.shared.dev.enter()?;
+        let k = &self.kernels;
+        // SAFETY: KernelParams mirrors the kernels' parameter; every pointer in it is a buffer
+        // of this launch or the caller's tensor of the plan's shape.
+        unsafe {
+            driver::launch(k.attention, self.grid, k.threads, k.smem_bytes, stream, &mut p, "launching packed_attention")?;
+            driver::launch(k.merge, self.merge_grid, 128, 0, stream, &mut p, "launching merge_partials")?;
+        }
+        Ok(())
+    }
+
+    fn is_ready(&self) -> Result<bool> {
+        let _g = self.shared.dev.enter()?;
+        self.event.is_done()
+    }
+
+    fn wait(&self) -> Result<()> {
+        let _g = self.shared.dev.enter()?;
+        self.event.wait()
+    }
+
+    fn update(&self, plan: Arc<Plan>, stream: u64) -> Result<()> {
+        if plan.shape != self.plan.shape {
+            return Err(invalid!("the new plan's shape {:?} differs from the launch's {:?}; create a new launch", plan.shape, self.plan.shape));
+        }
+        self.upload(&plan, stream)
+    }
+}

@@ -1,0 +1,542 @@
+//! Continuous batching as a serving engine does it, with attention done by the library.
+//!
+//! Requests arrive (by trace timestamp on a virtual clock, or all at once), are admitted FIFO
+//! while the batch has a slot and the KV store can promise room for the whole request, then each
+//! step spends a token budget: one token for every decoding request first, then prefill chunks.
+//! A request's last prefill chunk yields its first token; each decode step yields one more; when
+//! it has produced its `GeneratedTokens` it leaves and its KV is freed.
+//!
+//! The step composition depends only on the trace and the configuration, never on measured
+//! time, so PackInfer and the baseline replay exactly the same work.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use packinfer::backend::Backend;
+use packinfer::plan::adapt::{CapacityTuner, RegroupTrigger};
+use packinfer::kv::groups_of_plan;
+use packinfer::plan::{cost, DeviceProfile, Plan, PlanOptions};
+use packinfer::types::{RowsTensor, RunArgs, Shape};
+use packinfer::{Error, Result};
+
+use crate::store::{KvStore, StoreMetrics};
+use crate::trace::Rng;
+
+/// One request as the engine replays it (lengths already scaled for the machine).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Request {
+    /// Trace line (0: synthetic), for messages.
+    pub line: usize,
+    pub arrival_s: f64,
+    /// Prompt tokens to prefill (after the shared system prompt, if any).
+    pub prompt: u32,
+    /// Index of the shared system prompt it starts with.
+    pub system_prompt: Option<u32>,
+    pub generated: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Arrivals {
+    /// Every request is waiting at the start (a saturated engine).
+    AllAtOnce,
+    /// At its trace timestamp divided by `speedup`, on a clock that advances `step_s` per step.
+    Timestamps { speedup: f64, step_s: f64 },
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub shape: Shape,
+    pub layers: u32,
+    pub token_budget: u32,
+    pub max_batch: u32,
+    pub arrivals: Arrivals,
+    pub options: PlanOptions,
+    /// PackInfer's step-to-step adaptation: keep the KV of each execution group contiguous
+    /// (relayouts, regrouping when the trigger fires) and tune the group capacity from measured
+    /// step times. Off for the baseline.
+    pub adaptive: bool,
+    /// With `adaptive`: a fixed factor of each step's automatic capacity (its total cost over
+    /// the workers) instead of tuning the factor online.
+    pub capacity_factor: Option<f64>,
+    /// Lengths of the shared system prompts.
+    pub system_prompt_len: u32,
+    pub num_system_prompts: u32,
+    pub seed: u64,
+}
+
+/// What one step did and cost.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct StepRecord {
+    pub step: u32,
+    pub clock_s: f64,
+    pub requests: u32,
+    pub prefill_tokens: u32,
+    pub decode_tokens: u32,
+    /// Keys of every request of the step added up (what attention reads, before sharing).
+    pub kv_tokens: u64,
+    /// The backend's run calls for every layer.
+    pub attention_s: f64,
+    pub plan_s: f64,
+    pub bind_s: f64,
+    pub kv_write_s: f64,
+    /// Relayout copies (KV management, not attention).
+    pub relayout_s: f64,
+    /// The regroup trigger fired this step.
+    pub regrouped: bool,
+    /// Pages and bytes the step's relayout moved.
+    pub pages_moved: u64,
+    pub bytes_moved: u64,
+    /// Group capacity the step was planned with (cost units), and its ratio to the step's
+    /// automatic capacity (what the tuner moves).
+    pub capacity: f64,
+    pub capacity_factor: f64,
+    /// The plan read shared prefixes once per prefix group.
+    pub prefix_shared: bool,
+    pub groups: u32,
+    pub items: u32,
+    pub split_requests: u32,
+    pub tile_utilization: f64,
+    /// Real (row, visible key) pairs of one layer, and the pairs the tiles compute.
+    pub useful_pairs: f64,
+    pub computed_pairs: f64,
+    /// Busiest worker's load over the mean worker's, as the planner's cost model sees the
+    /// schedule (1 = perfectly balanced).
+    pub imbalance: f64,
+    pub kv: StoreMetrics,
+    /// A digest of (request, tokens) of the step, to check two replays did the same work.
+    pub work_digest: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RunResult {
+    pub steps: Vec<StepRecord>,
+    /// Attention time from arrival to first token, per request that produced one.
+    pub ttft_s: Vec<f64>,
+    /// Attention time between consecutive tokens of a request.
+    pub tbt_s: Vec<f64>,
+    pub generated_tokens: u64,
+    pub prefill_tokens: u64,
+    pub finished: usize,
+    pub requests: usize,
+    /// The store after every request left and the system prompts were released.
+    pub final_kv: StoreMetrics,
+    pub peak_pages_used: u32,
+    pub regroups: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum State {
+    NotArrived,
+    Waiting,
+    Running { prefilled: u32, produced: u32 },
+    Done,
+}
+
+/// Random 16-bit inputs the steps read Q and new K/V from: the point is the work, not the values.
+struct Inputs {
+    data: Vec<u16>,
+    rng: Rng,
+}
+
+impl Inputs {
+    fn new(shape: &Shape, max_tokens: usize, seed: u64) -> Self {
+        let mut rng = Rng::new(seed);
+        let n = 2 * max_tokens * shape.num_qo_heads as usize * shape.head_dim as usize + 4096;
+        let data = (0..n)
+            .map(|_| {
+                let x = rng.uniform() as f32 * 2.0 - 1.0;
+                match shape.dtype {
+                    packinfer::types::DType::F16 => half::f16::from_f32(x).to_bits(),
+                    _ => half::bf16::from_f32(x).to_bits(),
+                }
+            })
+            .collect();
+        Inputs { data, rng }
+    }
+    /// `n` elements starting at a random place.
+    fn slice(&mut self, n: usize) -> &[u16] {
+        let at = (self.rng.next_u64() % (self.data.len() - n + 1) as u64) as usize;
+        &self.data[at..at + n]
+    }
+}
+
+/// PackInfer's adaptation across steps. The capacity is tuned as a factor of each step's
+/// automatic capacity (its total cost over the workers), because steps differ in size by orders
+/// of magnitude and one absolute capacity cannot suit them all; the tuner is fed attention time
+/// per unit of cost, so steps of different sizes compare.
+///
+/// The grouping kept across steps is the one of the last regroup: the KV is laid out for it.
+/// Each step the trigger observes how that kept grouping's loads have drifted under the step's
+/// work (members grow, leave; requests admitted since form one more, unplaced, group), and a
+/// regroup lays the KV out for the current plan's groups.
+struct Adaptation {
+    trigger: RegroupTrigger,
+    tuner: CapacityTuner,
+    /// Request -> its group at the last regroup; empty before the first.
+    kept_group: std::collections::HashMap<u32, usize>,
+    kept_groups: usize,
+}
+
+impl Adaptation {
+    /// Loads of the kept groups under `plan` (each chunk's cost charged to its request), plus
+    /// one entry for the requests no kept group holds.
+    fn kept_loads(&self, plan: &Plan, step: &[(u32, u32)], profile: &DeviceProfile) -> Vec<f64> {
+        let mut loads = vec![0.0; self.kept_groups + 1];
+        for item in &plan.items {
+            for c in &plan.kv_chunks[item.chunk_begin as usize..(item.chunk_begin + item.chunk_count) as usize] {
+                let id = step[c.request as usize].0;
+                let g = self.kept_group.get(&id).copied().unwrap_or(self.kept_groups);
+                loads[g] += cost::chunk_cost(profile, c.row_begin, c.row_end, c.key_end - c.key_begin);
+            }
+        }
+        if loads[self.kept_groups] == 0.0 {
+            loads.pop();
+        }
+        loads
+    }
+
+    /// Makes `plan`'s groups the kept grouping.
+    fn keep(&mut self, plan: &Plan, step: &[(u32, u32)]) -> Result<()> {
+        let ids: Vec<u64> = step.iter().map(|s| s.0 as u64).collect();
+        let groups = groups_of_plan(plan, &ids)?;
+        self.kept_group = groups.iter().enumerate().flat_map(|(g, members)| members.iter().map(move |&id| (id as u32, g))).collect();
+        self.kept_groups = groups.len();
+        Ok(())
+    }
+}
+
+/// The store's sequence id of shared system prompt `p`: after the requests' ids.
+fn prompt_id(requests: &[Request], p: u32) -> u32 {
+    requests.len() as u32 + p
+}
+
+/// One replay in progress: the requests' states, the store and the backend. [`Engine::step`] runs
+/// one engine step, so two replays can be interleaved step by step and share the machine's
+/// load alike.
+pub struct Engine<'a> {
+    requests: &'a [Request],
+    config: EngineConfig,
+    store: Box<dyn KvStore + 'a>,
+    backend: &'a dyn Backend,
+    profile: packinfer::plan::DeviceProfile,
+    inputs: Inputs,
+    out: Vec<u16>,
+    /// Elements of `out` the last step wrote.
+    out_len: usize,
+    state: Vec<State>,
+    /// Attention time since the request's previous token (or since it arrived).
+    since_token: Vec<f64>,
+    to_arrive: VecDeque<usize>,
+    waiting: VecDeque<usize>,
+    running: Vec<usize>,
+    clock: f64,
+    result: RunResult,
+    adaptation: Option<Adaptation>,
+}
+
+impl<'a> Engine<'a> {
+    /// Sets up a replay of `requests` and writes the shared system prompts' KV (their prefill
+    /// is not part of any request's work).
+    pub fn new(requests: &'a [Request], config: EngineConfig, mut store: Box<dyn KvStore + 'a>, backend: &'a dyn Backend) -> Result<Self> {
+        let shape = config.shape;
+        let (hq, hk, d) = (shape.num_qo_heads as usize, shape.num_kv_heads as usize, shape.head_dim as usize);
+        let n = requests.len();
+        let mut inputs = Inputs::new(&shape, config.token_budget as usize, config.seed);
+        for p in 0..config.num_system_prompts {
+            let (id, len) = (prompt_id(requests, p), config.system_prompt_len);
+            if !store.admit(id, None, len)? {
+                return Err(Error::PoolExhausted(format!("the KV pool cannot hold the {} shared system prompts of {len} tokens", config.num_system_prompts)));
+            }
+            for t in (0..len).step_by(config.token_budget as usize) {
+                let chunk = (len - t).min(config.token_budget);
+                store.append(id, chunk)?;
+                let m = chunk as usize * hk * d;
+                for layer in 0..config.layers {
+                    let k = inputs.slice(m).to_vec();
+                    store.write_kv(layer, &[(id, chunk)], &k, inputs.slice(m))?;
+                }
+            }
+        }
+        let adaptive = config.adaptive;
+        let mut order: Vec<usize> = (0..n).collect();
+        if let Arrivals::Timestamps { .. } = config.arrivals {
+            order.sort_by(|&a, &b| requests[a].arrival_s.total_cmp(&requests[b].arrival_s));
+        }
+        Ok(Engine {
+            requests,
+            profile: backend.profile(),
+            out: vec![0u16; config.token_budget as usize * hq * d],
+            out_len: 0,
+            config,
+            store,
+            backend,
+            inputs,
+            state: vec![State::NotArrived; n],
+            since_token: vec![0.0; n],
+            to_arrive: order.into(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            clock: 0.0,
+            result: RunResult { requests: n, ..Default::default() },
+            adaptation: adaptive.then(|| Adaptation {
+                trigger: RegroupTrigger::new(0.0),
+                tuner: CapacityTuner::new(1.0),
+                kept_group: Default::default(),
+                kept_groups: 0,
+            }),
+        })
+    }
+
+    pub fn finished(&self) -> usize {
+        self.result.finished
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.result.finished == self.requests.len()
+    }
+
+    /// The attention output of the last step's last layer (16-bit elements, token-major). Two
+    /// engines fed the same trace and seed compute it from the same inputs.
+    pub fn last_output(&self) -> &[u16] {
+        &self.out[..self.out_len]
+    }
+
+    pub fn dtype(&self) -> packinfer::types::DType {
+        self.config.shape.dtype
+    }
+
+    /// Runs one engine step (idling the virtual clock until an arrival first, if nothing runs).
+    /// Returns the step's record, or `None` when every request has finished.
+    pub fn step(&mut self) -> Result<Option<StepRecord>> {
+        if self.is_done() {
+            return Ok(None);
+        }
+        let requests = self.requests;
+        let config = &self.config;
+        let (state, store) = (&mut self.state, &mut self.store);
+        loop {
+            // Arrivals.
+            while let Some(&r) = self.to_arrive.front() {
+                let arrives = match config.arrivals {
+                    Arrivals::AllAtOnce => true,
+                    Arrivals::Timestamps { speedup, .. } => requests[r].arrival_s / speedup <= self.clock,
+                };
+                if !arrives {
+                    break;
+                }
+                self.to_arrive.pop_front();
+                state[r] = State::Waiting;
+                self.waiting.push_back(r);
+            }
+            // Admission, first come first served: a request that does not fit blocks those
+            // behind it.
+            while let Some(&r) = self.waiting.front() {
+                if self.running.len() >= config.max_batch as usize {
+                    break;
+                }
+                let req = &requests[r];
+                let prefix = req.system_prompt.map(|p| prompt_id(requests, p));
+                let prefix_len = if prefix.is_some() { config.system_prompt_len } else { 0 };
+                // The last generated token is never fed back, so it needs no KV.
+                let final_len = prefix_len + req.prompt + req.generated.saturating_sub(1);
+                if !store.admit(r as u32, prefix, final_len)? {
+                    break;
+                }
+                self.waiting.pop_front();
+                state[r] = State::Running { prefilled: 0, produced: 0 };
+                self.running.push(r);
+            }
+            if !self.running.is_empty() {
+                break;
+            }
+            if let Some(&r) = self.waiting.front() {
+                let m = store.metrics();
+                return Err(Error::PoolExhausted(format!(
+                    "request {r} (trace line {}) does not fit in the empty KV pool ({} pages of {} tokens)",
+                    requests[r].line, m.pages_total, m.page_size
+                )));
+            }
+            match (self.to_arrive.front(), config.arrivals) {
+                (Some(&r), Arrivals::Timestamps { speedup, step_s }) => {
+                    // Idle until the next arrival, in whole steps.
+                    let t = requests[r].arrival_s / speedup;
+                    self.clock += ((t - self.clock) / step_s).ceil().max(1.0) * step_s;
+                }
+                _ => return Err(Error::Internal("the engine has nothing to run but not every request finished".into())),
+            }
+        }
+
+        let shape = config.shape;
+        let (hq, hk, d) = (shape.num_qo_heads as usize, shape.num_kv_heads as usize, shape.head_dim as usize);
+        // The step: decodes first, one token each, then prefill chunks in admission order.
+        let mut budget = config.token_budget;
+        let mut step: Vec<(u32, u32)> = Vec::new();
+        for &r in &self.running {
+            if let State::Running { prefilled, .. } = state[r] {
+                if prefilled == requests[r].prompt && budget > 0 {
+                    step.push((r as u32, 1));
+                    budget -= 1;
+                }
+            }
+        }
+        let decode_tokens = step.len() as u32;
+        for &r in &self.running {
+            if let State::Running { prefilled, .. } = state[r] {
+                let chunk = (requests[r].prompt - prefilled).min(budget);
+                if chunk > 0 {
+                    step.push((r as u32, chunk));
+                    budget -= chunk;
+                }
+            }
+        }
+        let mut rec = StepRecord { step: self.result.steps.len() as u32, clock_s: self.clock, requests: step.len() as u32, decode_tokens, ..Default::default() };
+        rec.prefill_tokens = step.iter().map(|s| s.1).sum::<u32>() - decode_tokens;
+        rec.work_digest = step.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &(r, q)| (h ^ ((r as u64) << 32 | q as u64)).wrapping_mul(0x100_0000_01b3));
+
+        // New tokens' K/V, every layer.
+        let t = Instant::now();
+        for &(r, q) in &step {
+            store.append(r, q)?;
+        }
+        let m = (rec.prefill_tokens + decode_tokens) as usize * hk * d;
+        for layer in 0..config.layers {
+            let k = self.inputs.slice(m).to_vec();
+            store.write_kv(layer, &step, &k, self.inputs.slice(m))?;
+        }
+        rec.kv_write_s = t.elapsed().as_secs_f64();
+
+        let t = Instant::now();
+        let mut options = config.options.clone();
+        let mut plan = store.plan(&step, &self.profile, options.clone())?;
+        if let Some(a) = &mut self.adaptation {
+            let factor = config.capacity_factor.unwrap_or_else(|| a.tuner.capacity());
+            if factor != 1.0 {
+                options.capacity = Some(plan.stats.capacity * factor);
+                plan = store.plan(&step, &self.profile, options.clone())?;
+            }
+            rec.capacity_factor = factor;
+        }
+        rec.plan_s = t.elapsed().as_secs_f64();
+        if let Some(a) = &mut self.adaptation {
+            let t = Instant::now();
+            a.trigger.set_capacity(plan.stats.capacity);
+            // Nothing is laid out before the first regroup.
+            rec.regrouped = a.trigger.observe(&a.kept_loads(&plan, &step, &self.profile)) || a.kept_groups == 0;
+            if rec.regrouped {
+                a.trigger.reset();
+                a.keep(&plan, &step)?;
+                self.result.regroups += 1;
+            }
+            let moved = store.relayout(&plan, &step, rec.regrouped)?;
+            (rec.pages_moved, rec.bytes_moved) = (moved.pages, moved.bytes);
+            if moved.pages > 0 {
+                // The plan holds page numbers; the relayout changed them.
+                plan = store.plan(&step, &self.profile, options)?;
+            }
+            rec.relayout_s = t.elapsed().as_secs_f64();
+        }
+        rec.capacity = plan.stats.capacity;
+        rec.prefix_shared = plan.options.prefix_sharing;
+        let plan = Arc::new(plan);
+        let t = Instant::now();
+        let bound = self.backend.bind(plan.clone(), 0, None)?;
+        bound.wait()?;
+        rec.bind_s = t.elapsed().as_secs_f64();
+        let total_q = plan.batch.total_q() as usize;
+        self.out_len = total_q * hq * d;
+        let rows = RowsTensor { ptr: 0, stride_token: (hq * d) as i64, stride_head: d as i64 };
+        for layer in 0..config.layers {
+            let q = self.inputs.slice(total_q * hq * d).as_ptr();
+            let args = RunArgs {
+                q: RowsTensor { ptr: q as u64, ..rows },
+                kv: store.layout(layer)?,
+                o: RowsTensor { ptr: self.out.as_mut_ptr() as u64, ..rows },
+                lse: 0,
+                stream: 0,
+            };
+            // On the CPU the run is synchronous, so its wall time is the attention time.
+            // TODO(cuda backend): time with events recorded around the runs on the stream.
+            let t = Instant::now();
+            bound.run(&args)?;
+            rec.attention_s += t.elapsed().as_secs_f64();
+        }
+        let s = plan.stats;
+        rec.kv_tokens = plan.requests.iter().map(|r| r.kv_len as u64).sum();
+        rec.groups = s.num_groups;
+        rec.items = s.num_items;
+        rec.split_requests = s.num_split_requests;
+        rec.tile_utilization = s.tile_utilization;
+        rec.imbalance = if s.mean_worker_cost > 0.0 { s.max_worker_cost / s.mean_worker_cost } else { 1.0 };
+        if let Some(a) = &mut self.adaptation {
+            let cost: f64 = plan.group_costs.iter().sum();
+            if cost > 0.0 && config.capacity_factor.is_none() {
+                let factor = a.tuner.capacity();
+                a.tuner.record(factor, rec.attention_s / cost);
+            }
+        }
+        rec.useful_pairs = plan
+            .requests
+            .iter()
+            .map(|r| {
+                let (q, k) = (r.q_len as f64, r.kv_len as f64);
+                let per_head = if shape.causal { q * (k - q) + q * (q + 1.0) / 2.0 } else { q * k };
+                per_head * hq as f64
+            })
+            .sum();
+        rec.computed_pairs = if s.tile_utilization > 0.0 { rec.useful_pairs / s.tile_utilization } else { 0.0 };
+        drop(bound);
+
+        // Every request in the system waited for this step.
+        for (r, st) in state.iter().enumerate() {
+            if matches!(st, State::Waiting | State::Running { .. }) {
+                self.since_token[r] += rec.attention_s;
+            }
+        }
+        let result = &mut self.result;
+        for &(r, q) in &step {
+            let r = r as usize;
+            let req = requests[r];
+            let State::Running { mut prefilled, mut produced } = state[r] else { unreachable!("scheduled requests run") };
+            if prefilled < req.prompt {
+                prefilled += q;
+                result.prefill_tokens += q as u64;
+                if prefilled == req.prompt && req.generated > 0 {
+                    produced = 1;
+                    result.ttft_s.push(self.since_token[r]);
+                    self.since_token[r] = 0.0;
+                }
+            } else {
+                produced += 1;
+                result.tbt_s.push(self.since_token[r]);
+                self.since_token[r] = 0.0;
+            }
+            state[r] = if prefilled == req.prompt && produced == req.generated { State::Done } else { State::Running { prefilled, produced } };
+            if state[r] == State::Done {
+                result.generated_tokens += produced as u64;
+                result.finished += 1;
+                store.release(r as u32)?;
+            }
+        }
+        self.running.retain(|&r| state[r] != State::Done);
+        rec.kv = store.metrics();
+        result.peak_pages_used = result.peak_pages_used.max(rec.kv.pages_used);
+        result.steps.push(rec);
+        if let Arrivals::Timestamps { step_s, .. } = config.arrivals {
+            self.clock += step_s;
+        }
+        if self.is_done() {
+            for p in 0..self.config.num_system_prompts {
+                let id = prompt_id(self.requests, p);
+                self.store.release(id)?;
+            }
+            self.result.final_kv = self.store.metrics();
+        }
+        Ok(Some(rec))
+    }
+
+    /// What the replay added up to (complete once [`Engine::is_done`]).
+    pub fn into_result(self) -> RunResult {
+        self.result
+    }
+}

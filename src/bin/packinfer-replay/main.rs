@@ -1,0 +1,587 @@
+//! `packinfer-replay`: replays a request trace through continuous batching with the library doing
+//! the attention, once with PackInfer's schedule and once with one request per tile, and reports
+//! what each cost on identical work. See `--help`.
+
+mod chart;
+mod engine;
+mod report;
+mod store;
+mod trace;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use packinfer::backend::{self, BackendChoice, BackendKind};
+use packinfer::kv::PoolConfig;
+use packinfer::plan::PlanOptions;
+use packinfer::types::{DType, Shape};
+
+use engine::{Arrivals, EngineConfig, Request};
+use report::Summary;
+use store::PoolStore;
+
+const HELP: &str = "\
+packinfer-replay: replay an LLM request trace through continuous batching, with PackInfer's
+planner and attention backend doing the work, against a one-request-per-tile baseline.
+
+usage: packinfer-replay [TRACE.csv] [options]
+
+TRACE.csv has the columns TIMESTAMP,ContextTokens,GeneratedTokens (the Azure LLM inference
+trace's). Without it a built-in synthetic trace with a long-tailed length mix is replayed.
+
+  --requests N           requests to replay: the first N rows, or N synthetic ones [cpu 300, gpu 2000]
+  --arrivals all|trace   all: every request waits at the start (saturated engine) [all];
+                         trace: requests arrive at their timestamps on a virtual clock
+  --speedup X            with --arrivals trace: replay the timestamps X times faster [1]
+  --step-ms MS           with --arrivals trace: virtual time of one engine step [20]
+  --mode both|packinfer|baseline                                                   [both]
+  --device auto|cpu|gpu  auto: the GPU when the CUDA backend is usable, else the CPU [auto]
+  --layers N             attention layers run per step [cpu 2, gpu 32]
+  --heads Q/KV           query heads / KV heads [cpu 8/2, gpu 32/8]
+  --head-dim D           [cpu 64, gpu 128]
+  --dtype bf16|f16       [bf16]
+  --len-scale F          multiply trace lengths (prompts, system prompts) by F [cpu 0.0625, gpu 1]
+  --max-context N        cap on a request's prompt after scaling [cpu 1024, gpu 16384]
+  --max-generated N      cap on a request's generated tokens [cpu 128, gpu 2048]
+  --token-budget N       tokens per step, chunked prefill plus decode [cpu 512, gpu 8192]
+  --max-batch N          requests per step [cpu 64, gpu 256]
+  --system-prompts N     shared system prompts (0: none) [4]
+  --shared-fraction F    fraction of requests that start with one of them [0.3]
+  --system-prompt-len N  their length in trace tokens, scaled by --len-scale [1024]
+  --page-size N          tokens per KV page [16]
+  --headroom-pages N     empty pages after each sequence in a laid-out group, for its next tokens [2]
+  --kv-mib N             KV pool size in MiB, all layers [cpu 64, gpu 40960]
+  --capacity tuned|auto|F  PackInfer's group capacity: tuned online from measured step times,
+                         auto (each step's total cost over the workers: one group per worker),
+                         or F times auto [tuned]
+  --threads N            CPU backend threads (0: every core) [0]
+  --seed N               seeds the synthetic trace, the shared prompts and the inputs [1]
+  --out DIR              where steps.csv, summary.csv and steps.png go [replay-out]
+  -h, --help
+
+Exit status: 0 done, 2 bad arguments, trace or model shape that does not fit, 1 other errors.
+";
+
+/// A failure and the exit status it maps to: 2 for what the user can fix in the arguments or the
+/// trace, 1 for everything else.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+fn usage(message: String) -> Failure {
+    Failure { code: 2, message }
+}
+
+impl From<packinfer::Error> for Failure {
+    fn from(e: packinfer::Error) -> Self {
+        Failure { code: 1, message: e.to_string() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Device {
+    Auto,
+    Cpu,
+    Gpu,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Both,
+    PackInfer,
+    Baseline,
+}
+
+/// Command-line settings; `None` means "the default for the device".
+#[derive(Debug, Clone)]
+struct Args {
+    trace: Option<PathBuf>,
+    requests: Option<usize>,
+    arrivals_trace: bool,
+    speedup: f64,
+    step_ms: f64,
+    mode: Mode,
+    device: Device,
+    layers: Option<u32>,
+    heads: Option<(u32, u32)>,
+    head_dim: Option<u32>,
+    dtype: DType,
+    len_scale: Option<f64>,
+    max_context: Option<u32>,
+    max_generated: Option<u32>,
+    token_budget: Option<u32>,
+    max_batch: Option<u32>,
+    system_prompts: u32,
+    shared_fraction: f64,
+    system_prompt_len: u32,
+    page_size: u32,
+    headroom_pages: u32,
+    kv_mib: Option<u64>,
+    capacity_factor: Option<f64>,
+    threads: u32,
+    seed: u64,
+    out: PathBuf,
+}
+
+fn parse_args(argv: &[String]) -> Result<Option<Args>, Failure> {
+    let mut a = Args {
+        trace: None,
+        requests: None,
+        arrivals_trace: false,
+        speedup: 1.0,
+        step_ms: 20.0,
+        mode: Mode::Both,
+        device: Device::Auto,
+        layers: None,
+        heads: None,
+        head_dim: None,
+        dtype: DType::Bf16,
+        len_scale: None,
+        max_context: None,
+        max_generated: None,
+        token_budget: None,
+        max_batch: None,
+        system_prompts: 4,
+        shared_fraction: 0.3,
+        system_prompt_len: 1024,
+        page_size: 16,
+        headroom_pages: 2,
+        kv_mib: None,
+        capacity_factor: None,
+        threads: 0,
+        seed: 1,
+        out: PathBuf::from("replay-out"),
+    };
+    let mut it = argv.iter();
+    while let Some(arg) = it.next() {
+        if arg == "-h" || arg == "--help" {
+            return Ok(None);
+        }
+        if !arg.starts_with("--") {
+            if a.trace.is_some() {
+                return Err(usage(format!("a second trace file {arg:?}; give one trace (or none for the synthetic one)")));
+            }
+            a.trace = Some(PathBuf::from(arg));
+            continue;
+        }
+        let (name, inline) = match arg.split_once('=') {
+            Some((n, v)) => (n, Some(v.to_string())),
+            None => (arg.as_str(), None),
+        };
+        let mut value = || -> Result<String, Failure> { inline.clone().or_else(|| it.next().cloned()).ok_or_else(|| usage(format!("{name} needs a value"))) };
+        fn num<T: std::str::FromStr>(name: &str, v: String) -> Result<T, Failure> {
+            v.parse().map_err(|_| usage(format!("{name} = {v:?} is not a valid number")))
+        }
+        fn positive<T: std::str::FromStr + PartialOrd + Default + std::fmt::Display>(name: &str, v: String) -> Result<T, Failure> {
+            let x: T = num(name, v)?;
+            if x <= T::default() {
+                return Err(usage(format!("{name} = {x} must be greater than 0")));
+            }
+            Ok(x)
+        }
+        match name {
+            "--requests" => a.requests = Some(positive(name, value()?)?),
+            "--arrivals" => {
+                a.arrivals_trace = match value()?.as_str() {
+                    "all" => false,
+                    "trace" => true,
+                    v => return Err(usage(format!("--arrivals = {v:?}; use all or trace"))),
+                }
+            }
+            "--speedup" => a.speedup = positive(name, value()?)?,
+            "--step-ms" => a.step_ms = positive(name, value()?)?,
+            "--mode" => {
+                a.mode = match value()?.as_str() {
+                    "both" => Mode::Both,
+                    "packinfer" => Mode::PackInfer,
+                    "baseline" => Mode::Baseline,
+                    v => return Err(usage(format!("--mode = {v:?}; use both, packinfer or baseline"))),
+                }
+            }
+            "--device" => {
+                a.device = match value()?.as_str() {
+                    "auto" => Device::Auto,
+                    "cpu" => Device::Cpu,
+                    "gpu" | "cuda" => Device::Gpu,
+                    v => return Err(usage(format!("--device = {v:?}; use auto, cpu or gpu"))),
+                }
+            }
+            "--gpu" => a.device = Device::Gpu,
+            "--cpu" => a.device = Device::Cpu,
+            "--layers" => a.layers = Some(positive(name, value()?)?),
+            "--heads" => {
+                let v = value()?;
+                let (q, kv) = v.split_once('/').ok_or_else(|| usage(format!("--heads = {v:?}; write query/KV heads, e.g. 32/8")))?;
+                a.heads = Some((positive("--heads (query heads)", q.into())?, positive("--heads (KV heads)", kv.into())?));
+            }
+            "--head-dim" => a.head_dim = Some(positive(name, value()?)?),
+            "--dtype" => {
+                a.dtype = match value()?.as_str() {
+                    "bf16" => DType::Bf16,
+                    "f16" | "fp16" => DType::F16,
+                    v => return Err(usage(format!("--dtype = {v:?}; the replay runs bf16 or f16"))),
+                }
+            }
+            "--len-scale" => a.len_scale = Some(positive(name, value()?)?),
+            "--max-context" => a.max_context = Some(positive(name, value()?)?),
+            "--max-generated" => a.max_generated = Some(positive(name, value()?)?),
+            "--token-budget" => a.token_budget = Some(positive(name, value()?)?),
+            "--max-batch" => a.max_batch = Some(positive(name, value()?)?),
+            "--system-prompts" => a.system_prompts = num(name, value()?)?,
+            "--shared-fraction" => {
+                a.shared_fraction = num(name, value()?)?;
+                if !(0.0..=1.0).contains(&a.shared_fraction) {
+                    return Err(usage(format!("--shared-fraction = {} must be between 0 and 1", a.shared_fraction)));
+                }
+            }
+            "--system-prompt-len" => a.system_prompt_len = positive(name, value()?)?,
+            "--page-size" => a.page_size = positive(name, value()?)?,
+            "--headroom-pages" => a.headroom_pages = num(name, value()?)?,
+            "--kv-mib" => a.kv_mib = Some(positive(name, value()?)?),
+            "--capacity" => {
+                a.capacity_factor = match value()?.as_str() {
+                    "tuned" => None,
+                    "auto" => Some(1.0),
+                    v => Some(positive(name, v.to_string())?),
+                }
+            }
+            "--threads" => a.threads = num(name, value()?)?,
+            "--seed" => a.seed = num(name, value()?)?,
+            "--out" => a.out = PathBuf::from(value()?),
+            _ => return Err(usage(format!("unknown option {name:?}; see --help"))),
+        }
+    }
+    Ok(Some(a))
+}
+
+/// Everything the replay runs with, defaults filled in for the device.
+struct Setup {
+    shape: Shape,
+    layers: u32,
+    full_shape: bool,
+    len_scale: f64,
+    max_context: u32,
+    max_generated: u32,
+    token_budget: u32,
+    max_batch: u32,
+    kv_mib: u64,
+    requests: usize,
+}
+
+fn setup(a: &Args, gpu: bool) -> Result<Setup, Failure> {
+    let pick = |v: Option<u32>, cpu: u32, g: u32| v.unwrap_or(if gpu { g } else { cpu });
+    let (q, kv) = a.heads.unwrap_or(if gpu { (32, 8) } else { (8, 2) });
+    let head_dim = pick(a.head_dim, 64, 128);
+    let shape = Shape { num_qo_heads: q, num_kv_heads: kv, head_dim, dtype: a.dtype, causal: true, sm_scale: 1.0 / (head_dim as f32).sqrt() };
+    shape.validate().map_err(|e| usage(format!("model shape --heads {q}/{kv} --head-dim {head_dim}: {e}")))?;
+    let layers = pick(a.layers, 2, 32);
+    let s = Setup {
+        shape,
+        layers,
+        full_shape: (q, kv, head_dim) == (32, 8, 128),
+        len_scale: a.len_scale.unwrap_or(if gpu { 1.0 } else { 1.0 / 16.0 }),
+        max_context: pick(a.max_context, 1024, 16384),
+        max_generated: pick(a.max_generated, 128, 2048),
+        token_budget: pick(a.token_budget, 512, 8192),
+        max_batch: pick(a.max_batch, 64, 256),
+        kv_mib: a.kv_mib.unwrap_or(if gpu { 40960 } else { 64 }),
+        requests: a.requests.unwrap_or(if gpu { 2000 } else { 300 }),
+    };
+    Ok(s)
+}
+
+fn scale_len(x: u32, scale: f64) -> u32 {
+    ((x as f64 * scale).round() as u32).max(1)
+}
+
+/// The replay's requests: scaled lengths and, for a seeded share of them, a system prompt.
+fn requests(trace: &[trace::TraceRequest], a: &Args, s: &Setup) -> Vec<Request> {
+    let mut rng = trace::Rng::new(a.seed ^ 0x5eed_5eed);
+    trace
+        .iter()
+        .map(|t| {
+            let shared = a.system_prompts > 0 && rng.uniform() < a.shared_fraction;
+            let which = rng.next_u64() % a.system_prompts.max(1) as u64;
+            Request {
+                line: t.line,
+                arrival_s: t.arrival_s,
+                prompt: scale_len(t.context_tokens, s.len_scale).min(s.max_context),
+                system_prompt: shared.then_some(which as u32),
+                generated: t.generated_tokens.min(s.max_generated),
+            }
+        })
+        .collect()
+}
+
+/// The pool for this replay, or an error that says what would fit: it must hold the system
+/// prompts and the longest request (with its relayout headroom) at once.
+fn pool_config(reqs: &[Request], a: &Args, s: &Setup, system_prompt_len: u32, prompts: u32) -> Result<PoolConfig, Failure> {
+    let mut config = PoolConfig {
+        num_layers: s.layers,
+        num_qo_heads: s.shape.num_qo_heads,
+        num_kv_heads: s.shape.num_kv_heads,
+        head_dim: s.shape.head_dim,
+        dtype: s.shape.dtype,
+        causal: s.shape.causal,
+        sm_scale: s.shape.sm_scale,
+        page_size: a.page_size,
+        num_pages: 0,
+        headroom_pages: a.headroom_pages,
+    };
+    let pages = config.pages_for_bytes(s.kv_mib << 20);
+    let prompt_pages = prompts as u64 * PoolStore::pages_to_reserve(&config, system_prompt_len, 0) as u64;
+    let (worst, worst_tokens, worst_pages) = reqs
+        .iter()
+        .map(|r| {
+            let prefix = if r.system_prompt.is_some() { system_prompt_len } else { 0 };
+            let tokens = prefix + r.prompt + r.generated.saturating_sub(1);
+            (r, tokens, PoolStore::pages_to_reserve(&config, tokens, prefix) as u64)
+        })
+        .max_by_key(|&(_, _, p)| p)
+        .expect("the trace has requests");
+    let need = prompt_pages + worst_pages;
+    if pages < need || pages > i32::MAX as u64 {
+        let where_ = if worst.line > 0 { format!("trace line {}", worst.line) } else { "a synthetic request".into() };
+        let fits_tokens = pages.saturating_sub(prompt_pages + a.headroom_pages as u64) * a.page_size as u64;
+        return Err(usage(format!(
+            "the model shape does not fit the KV pool: {} MiB holds {pages} pages of {} tokens = {} tokens at {} bytes per token \
+             ({} layers x K and V x {} KV heads x head_dim {} x {} bytes); the {prompts} system prompts take {prompt_pages} pages and the \
+             longest request ({where_}) needs {worst_tokens} tokens = {worst_pages} pages with {} pages of headroom. What would fit: \
+             --kv-mib {} or more, or requests of at most {fits_tokens} tokens (lower --max-context / --max-generated / --len-scale), \
+             or fewer --layers or KV heads.",
+            s.kv_mib,
+            a.page_size,
+            pages * a.page_size as u64,
+            config.token_bytes_all_layers(),
+            s.layers,
+            s.shape.num_kv_heads,
+            s.shape.head_dim,
+            s.shape.dtype.size_bytes(),
+            a.headroom_pages,
+            (need * config.page_bytes_all_layers()).div_ceil(1 << 20),
+        )));
+    }
+    config.num_pages = pages as u32;
+    Ok(config)
+}
+
+/// Largest difference two schedules' outputs may show: a few bf16 rounding steps of values of
+/// magnitude about 1 (split pieces are merged in another order than one pass accumulates).
+const OUTPUT_TOLERANCE: f32 = 0.03;
+
+fn max_abs_difference(a: &[u16], b: &[u16], dtype: DType) -> f32 {
+    let value = |x: u16| match dtype {
+        DType::F16 => half::f16::from_bits(x).to_f32(),
+        _ => half::bf16::from_bits(x).to_f32(),
+    };
+    if a.len() != b.len() {
+        return f32::INFINITY;
+    }
+    a.iter().zip(b).map(|(&x, &y)| (value(x) - value(y)).abs()).fold(0.0, f32::max)
+}
+
+fn run() -> Result<(), Failure> {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let Some(a) = parse_args(&argv)? else {
+        print!("{HELP}");
+        return Ok(());
+    };
+
+    // A GPU replay needs what this build does not have yet: the CUDA backend allocating the KV
+    // pool in device memory (`Backend::alloc_kv`), device buffers for the step's random Q/K/V,
+    // and event timing. Auto therefore runs on the CPU, and says so when a GPU was there.
+    // TODO(cuda merge): open the CUDA backend here and run the full shape on it.
+    let cuda = match a.device {
+        Device::Cpu => Err(packinfer::Error::NoDevice("not asked for".into())),
+        _ => backend::open(&BackendChoice { kind: Some(BackendKind::Cuda), device_ordinal: 0, cpu_threads: 0, kernel_cache_dir: None }),
+    };
+    let gpu_missing = "the replay cannot run on the GPU in this build: it needs the CUDA backend to hold the KV pool in device memory (Backend::alloc_kv) and device buffers for the step inputs";
+    match (a.device, &cuda) {
+        (Device::Gpu, Err(e)) => return Err(Failure { code: 1, message: format!("--device gpu: {e}") }),
+        (Device::Gpu, Ok(_)) => return Err(Failure { code: 1, message: format!("--device gpu: {gpu_missing}") }),
+        (Device::Auto, Ok(b)) => eprintln!("note: found {}, but {gpu_missing}; replaying on the CPU", b.device_name()),
+        _ => {}
+    }
+    drop(cuda);
+    let backend = backend::open(&BackendChoice { kind: Some(BackendKind::Cpu), device_ordinal: 0, cpu_threads: a.threads, kernel_cache_dir: None })?;
+    let gpu = false;
+    let s = setup(&a, gpu)?;
+
+    let (trace_name, trace) = match &a.trace {
+        Some(path) => {
+            let name = path.display().to_string();
+            let text = std::fs::read_to_string(path).map_err(|e| usage(format!("cannot read the trace {name}: {e}")))?;
+            let t = trace::parse_csv(&name, &text, Some(s.requests)).map_err(|e| usage(e.0))?;
+            (format!("{name} (first {} rows)", t.len()), t)
+        }
+        None => ("built-in synthetic trace (long-tailed lengths, Poisson arrivals at 10/s)".to_string(), trace::synthetic(s.requests, a.seed, 10.0)),
+    };
+    let reqs = requests(&trace, &a, &s);
+    let shared = reqs.iter().filter(|r| r.system_prompt.is_some()).count();
+    let prompts = if shared > 0 { a.system_prompts } else { 0 };
+    let system_prompt_len = scale_len(a.system_prompt_len, s.len_scale);
+    let pool = pool_config(&reqs, &a, &s, system_prompt_len, prompts)?;
+
+    let arrivals = if a.arrivals_trace { Arrivals::Timestamps { speedup: a.speedup, step_s: a.step_ms / 1e3 } } else { Arrivals::AllAtOnce };
+    let base = EngineConfig {
+        shape: s.shape,
+        layers: s.layers,
+        token_budget: s.token_budget,
+        max_batch: s.max_batch,
+        arrivals,
+        options: PlanOptions::default(),
+        adaptive: true,
+        capacity_factor: a.capacity_factor,
+        system_prompt_len,
+        num_system_prompts: prompts,
+        seed: a.seed,
+    };
+    let baseline_options = PlanOptions { packing: false, balancing: false, prefix_sharing: false, split_kv: false, ..PlanOptions::default() };
+    let mut schedules: Vec<(&str, PlanOptions, bool)> = Vec::new();
+    if a.mode != Mode::Baseline {
+        schedules.push(("PackInfer", PlanOptions::default(), true));
+    }
+    if a.mode != Mode::PackInfer {
+        schedules.push(("baseline", baseline_options, false));
+    }
+
+    let threads = match backend.profile().num_workers {
+        1 => "1 thread".to_string(),
+        n => format!("{n} threads"),
+    };
+    println!("PackInfer replay: {} requests from the {trace_name}", reqs.len());
+    println!(
+        "backend: {} ({threads}) | model: {} query heads / {} KV heads, head_dim {}, {}, {} layers",
+        backend.device_name(),
+        s.shape.num_qo_heads,
+        s.shape.num_kv_heads,
+        s.shape.head_dim,
+        s.shape.dtype.name(),
+        s.layers
+    );
+    if !gpu && !s.full_shape || s.len_scale != 1.0 {
+        println!(
+            "SCALED DOWN for the CPU: trace lengths x {}, prompts capped at {} tokens, outputs at {}; the full 32/8/128 shape with 32 layers and unscaled lengths is what --device gpu runs",
+            s.len_scale, s.max_context, s.max_generated
+        );
+    }
+    println!(
+        "engine: continuous batching, {} tokens per step (chunked prefill + decode), up to {} requests per step, {}",
+        s.token_budget,
+        s.max_batch,
+        match arrivals {
+            Arrivals::AllAtOnce => "every request waiting at the start".to_string(),
+            Arrivals::Timestamps { speedup, step_s } => format!("arrivals at trace timestamps / {speedup} on a virtual clock of {} ms per step", step_s * 1e3),
+        }
+    );
+    if prompts > 0 {
+        println!("shared prefixes: {shared} of {} requests start with one of {prompts} system prompts of {system_prompt_len} tokens (KV forked, not recomputed)", reqs.len());
+    }
+    println!(
+        "KV: the library's managed pool, {}-token pages, {} MiB = {} pages, {} headroom page(s) per sequence in a laid-out group",
+        a.page_size, s.kv_mib, pool.num_pages, a.headroom_pages
+    );
+    println!(
+        "PackInfer: packed tiles, load-balanced groups, KV splits, shared prefixes read once, group-contiguous KV (relayout when the regroup trigger fires), {}",
+        match a.capacity_factor {
+            None => "capacity tuned online".to_string(),
+            Some(f) => format!("capacity {f} x each step's automatic capacity"),
+        }
+    );
+    println!("baseline: the same replay with one request per tile, one group per tile, no prefix sharing, no splits, KV left where the pages fell");
+    println!("ALL TIMES ARE ATTENTION TIME ONLY: the backend's run calls for every layer; no projections, MLP or sampling. TTFT and TBT add up the attention time of the steps a request waited through.");
+    println!();
+
+    // The schedules run interleaved, step by step, alternating which goes first, so a change in
+    // the machine's load (other processes) hits both alike.
+    let bars = indicatif::MultiProgress::new();
+    let style = indicatif::ProgressStyle::with_template("{prefix:>10} [{bar:40}] {pos}/{len} requests done, {msg} ({elapsed})").expect("a valid template").progress_chars("=> ");
+    let mut engines = Vec::new();
+    for (name, options, adaptive) in &schedules {
+        let config = EngineConfig { options: options.clone(), adaptive: *adaptive, ..base.clone() };
+        let store = PoolStore::new(backend.clone(), pool)?;
+        let bar = bars.add(indicatif::ProgressBar::new(reqs.len() as u64).with_style(style.clone()));
+        bar.set_prefix(name.to_string());
+        engines.push((*name, engine::Engine::new(&reqs, config, Box::new(store), backend.as_ref())?, bar));
+    }
+    let started = Instant::now();
+    let mut round = 0usize;
+    // Both schedules compute the same attention from the same inputs: checked every step.
+    let mut max_difference = 0f32;
+    while engines.iter().any(|e| !e.1.is_done()) {
+        let k = engines.len();
+        for i in 0..k {
+            let (_, engine, bar) = &mut engines[(i + round) % k];
+            if let Some(rec) = engine.step()? {
+                bar.set_position(engine.finished() as u64);
+                bar.set_message(format!("step {}", rec.step + 1));
+            }
+        }
+        if let [a, b] = &engines[..] {
+            let d = max_abs_difference(a.1.last_output(), b.1.last_output(), a.1.dtype());
+            if d.is_nan() || d > OUTPUT_TOLERANCE {
+                return Err(Failure {
+                    code: 1,
+                    message: format!("internal error: at step {round} the two schedules' attention outputs differ by {d} (more than {OUTPUT_TOLERANCE})"),
+                });
+            }
+            max_difference = max_difference.max(d);
+        }
+        round += 1;
+    }
+    bars.clear().ok();
+    let mut results = Vec::new();
+    for (name, engine, _) in engines {
+        results.push((name, engine.into_result()));
+    }
+    eprintln!("replayed {} steps per schedule in {:.1} s wall time", results[0].1.steps.len(), started.elapsed().as_secs_f64());
+    if results.len() == 2 {
+        let same = results[0].1.steps.len() == results[1].1.steps.len() && results[0].1.steps.iter().zip(&results[1].1.steps).all(|(x, y)| x.work_digest == y.work_digest);
+        if !same {
+            return Err(Failure { code: 1, message: "internal error: the two replays did not schedule the same work".into() });
+        }
+    }
+
+    let summaries: Vec<Summary> = results.iter().map(|(n, r)| Summary::new(n, r)).collect();
+    print!("{}", report::table(&summaries));
+    if results.len() == 2 {
+        println!("(gain: how many times better PackInfer is than the baseline on the same steps; above 1 is better)");
+        println!(
+            "both schedules computed the same attention: max |difference| of the outputs = {max_difference:.2e} ({} outputs, last layer of every step)",
+            s.shape.dtype.name()
+        );
+    }
+    if backend.kind() == BackendKind::Cpu {
+        println!(
+            "note: the CPU reference backend computes only the real rows of a tile and hands work items to its threads one by one, \
+             so packed tiles and balanced groups, which pay on a GPU, have little to win on it; the tile utilization, work items, \
+             imbalance and KV bytes rows show what the schedule changed."
+        );
+    }
+
+    std::fs::create_dir_all(&a.out).map_err(|e| Failure { code: 1, message: format!("cannot create --out {}: {e}", a.out.display()) })?;
+    let write = |file: &str, bytes: &[u8]| -> Result<(), Failure> {
+        let p = a.out.join(file);
+        std::fs::write(&p, bytes).map_err(|e| Failure { code: 1, message: format!("cannot write {}: {e}", p.display()) })
+    };
+    let runs: Vec<(&str, &[engine::StepRecord])> = results.iter().map(|(n, r)| (*n, &r.steps[..])).collect();
+    write("steps.csv", report::steps_csv(&runs).as_bytes())?;
+    write("summary.csv", report::summary_csv(&summaries).as_bytes())?;
+    let series: Vec<(&str, Vec<f64>)> = results.iter().map(|(n, r)| (*n, r.steps.iter().map(|x| x.attention_s * 1e3).collect())).collect();
+    let title = format!("Attention time per step, {} layers ({})", s.layers, backend.device_name());
+    write("steps.png", &chart::line_chart(&title, "ms per step (attention only)", &series))?;
+    println!("\nwrote {0}/steps.csv, {0}/summary.csv, {0}/steps.png", a.out.display());
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("error: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}

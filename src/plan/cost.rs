@@ -1,0 +1,138 @@
+//! The cost model: how long one work item keeps its CTA (or CPU thread) busy, in the profile's
+//! units. It follows the kernel's execution model: a tile walks its chunks one by one, and for
+//! each chunk only the 16-row slices of the tile that intersect the chunk's rows do math, so a
+//! chunk computes (its rows rounded out to 16-row slices) × its keys and reads its keys once.
+//!
+//! cost(item) = a · Σ_chunks sliced_rows(chunk) · keys(chunk) + b · Σ_chunks keys(chunk) + c
+
+use super::{DeviceProfile, KvChunk};
+
+/// Rows of the MMA slice the kernel computes at a time; a chunk touching any row of a slice pays
+/// for the whole slice.
+pub const ROW_SLICE: u32 = 16;
+
+/// Rows the kernel computes for a chunk applying to tile rows `[row_begin, row_end)`.
+#[inline]
+pub fn sliced_rows(row_begin: u32, row_end: u32) -> u32 {
+    if row_end <= row_begin {
+        0
+    } else {
+        ((row_end - 1) / ROW_SLICE - row_begin / ROW_SLICE + 1) * ROW_SLICE
+    }
+}
+
+/// Cost of one chunk, without the per-item constant.
+#[inline]
+pub fn chunk_cost(profile: &DeviceProfile, row_begin: u32, row_end: u32, keys: u32) -> f64 {
+    let keys = keys as f64;
+    profile.cost_row_key * sliced_rows(row_begin, row_end) as f64 * keys + profile.cost_key * keys
+}
+
+/// Cost of a whole item with these chunks.
+pub fn item_cost(profile: &DeviceProfile, chunks: &[KvChunk]) -> f64 {
+    profile.cost_item + chunks.iter().map(|c| chunk_cost(profile, c.row_begin, c.row_end, c.key_end - c.key_begin)).sum::<f64>()
+}
+
+/// Smallest capacity the automatic choice uses: one 16-row slice against `4 · block_n` keys plus
+/// the item constant. Below it, splitting a request costs more in merges and per-item overhead
+/// than the balance it buys.
+pub fn min_capacity(profile: &DeviceProfile) -> f64 {
+    profile.cost_item + chunk_cost(profile, 0, ROW_SLICE, 4 * profile.block_n)
+}
+
+/// Loads of groups (or workers) as a 4-ary min-heap, for longest-processing-time-first placement
+/// and for simulating workers that take groups in order: the root is the least-loaded one; adding to it only ever sifts it down. A key is the load in fixed
+/// point (total cost = 2^(63 - group bits)) with the group in the low bits, so one integer
+/// comparison orders by load, then by group.
+pub(crate) struct LeastLoaded {
+    heap: Vec<u64>,
+    group_bits: u32,
+    scale: f64,
+}
+
+impl LeastLoaded {
+    /// Groups `0..groups` holding the first `groups` of the units sorted by decreasing cost,
+    /// one each (what LPT does with them: every group is empty and ties go to the lower group).
+    pub(crate) fn with_first_units(first_costs: impl ExactSizeIterator<Item = f64>, total_cost: f64) -> Self {
+        let groups = first_costs.len();
+        let group_bits = (usize::BITS - groups.saturating_sub(1).leading_zeros()).max(1);
+        let scale = (1u64 << (63 - group_bits)) as f64 / total_cost.max(f64::MIN_POSITIVE);
+        let mut heap: Vec<u64> = first_costs.enumerate().map(|(g, c)| ((c * scale) as u64) << group_bits | g as u64).collect();
+        // An ascending array is a min-heap.
+        heap.sort_unstable();
+        if heap.is_empty() {
+            heap.push(0);
+        }
+        LeastLoaded { heap, group_bits, scale }
+    }
+
+    /// The largest load, in cost units (to the fixed point's resolution).
+    pub(crate) fn max_load(&self) -> f64 {
+        self.heap.iter().map(|&k| k >> self.group_bits).max().unwrap_or(0) as f64 / self.scale
+    }
+
+    /// Adds `cost` to the least-loaded group and returns that group.
+    pub(crate) fn add_to_least(&mut self, cost: f64) -> u32 {
+        let h = &mut self.heap;
+        let mask = (1u64 << self.group_bits) - 1;
+        let group = h[0] & mask;
+        let load = (h[0] >> self.group_bits) + (cost * self.scale) as u64;
+        let item = load << self.group_bits | group;
+        let n = h.len();
+        let mut i = 0;
+        loop {
+            let first = 4 * i + 1;
+            if first >= n {
+                break;
+            }
+            let best = if first + 4 <= n {
+                // All four children: a branch-free tournament.
+                let c = &h[first..first + 4];
+                let a = if c[1] < c[0] { 1 } else { 0 };
+                let b = if c[3] < c[2] { 3 } else { 2 };
+                first + if c[b] < c[a] { b } else { a }
+            } else {
+                let mut best = first;
+                for c in first + 1..n {
+                    if h[c] < h[best] {
+                        best = c;
+                    }
+                }
+                best
+            };
+            if h[best] < item {
+                h[i] = h[best];
+                i = best;
+            } else {
+                break;
+            }
+        }
+        h[i] = item;
+        group as u32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slices_round_out_to_sixteen_rows() {
+        assert_eq!(sliced_rows(0, 0), 0);
+        assert_eq!(sliced_rows(0, 1), 16);
+        assert_eq!(sliced_rows(4, 8), 16);
+        assert_eq!(sliced_rows(12, 20), 32);
+        assert_eq!(sliced_rows(16, 32), 16);
+        assert_eq!(sliced_rows(0, 64), 64);
+    }
+
+    #[test]
+    fn item_cost_adds_compute_io_and_constant() {
+        let p = DeviceProfile { num_workers: 1, block_m: 64, block_n: 64, cost_row_key: 2.0, cost_key: 3.0, cost_item: 5.0 };
+        let chunks = [
+            KvChunk { request: 0, key_begin: 0, key_end: 10, row_begin: 0, row_end: 4 },
+            KvChunk { request: 1, key_begin: 5, key_end: 7, row_begin: 4, row_end: 20 },
+        ];
+        assert_eq!(item_cost(&p, &chunks), 5.0 + (2.0 * 16.0 * 10.0 + 30.0) + (2.0 * 32.0 * 2.0 + 6.0));
+    }
+}

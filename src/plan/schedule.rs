@@ -1,0 +1,497 @@
+//! The PackInfer schedule: one step's batch → pieces (row blocks × key ranges, shared-prefix
+//! tiles, packed tiles) → load-balanced groups → the work list and its merge list.
+//!
+//! Steps, each switched off by its `PlanOptions` flag:
+//! 1. **Prefix sharing.** The query rows of a prefix group's members are stacked into tiles that
+//!    read the prefix keys `[0, prefix_len)` once, through the first member's page table; each
+//!    member's suffix `[prefix_len, kv_len)` is its own work. Both write partial slots and are
+//!    merged by log-sum-exp. Load accounting therefore counts the prefix once.
+//! 2. **Row blocks.** Every other request's tokens are cut into blocks of `block_m / group`
+//!    tokens (a block's rows are its tokens × the GQA heads of one KV head).
+//! 3. **Capacity and splits.** C comes from the options or is `total cost / num_workers` (one
+//!    whole wave of groups), never below [`cost::min_capacity`]. A piece costing more than C is
+//!    split along its keys into ⌈cost / C⌉ pieces on `block_n` boundaries; in deterministic mode
+//!    instead every key range is cut at the absolute multiples of `split_keys`, so a request's
+//!    pieces do not depend on the rest of the batch (a shared prefix then counts only up to its
+//!    last multiple of `split_keys`, and with `split_kv` off is not shared at all: either would
+//!    cut a row's keys where running alone would not).
+//! 4. **Packing.** Unsplit blocks of fewer than `block_m` rows are packed, next-fit in
+//!    request order, into shared tiles (one chunk per block), up to `block_m` rows and C/8 cost.
+//!    Blocks are only packed with blocks of the same finality (a tile writes either O or partial
+//!    slots) and the same prefix group (so the group stays together).
+//! 5. **Grouping.** Longest-processing-time first: units sorted by decreasing cost, each placed
+//!    on the least-loaded of G groups. A unit is one piece for one KV head, or a whole prefix
+//!    group for one KV head when it fits in C (so its members share a CTA, the paper's I/O-aware
+//!    grouping). Automatic capacity uses G = num_workers groups (one full wave); a given
+//!    capacity uses G = ⌈total / C⌉, rounded up to whole waves beyond one.
+//!
+//! Pieces are replicated for every KV head; the copies share their `row_segments` and
+//! `kv_chunks` entries (a work item only names index ranges into them) and differ in `kv_head`,
+//! `partial_slot` and `group`.
+
+use super::cost::{chunk_cost, item_cost, min_capacity, LeastLoaded};
+use super::{DeviceProfile, KvChunk, MergeRow, Plan, RowSegment, WorkItem, FINAL_OUTPUT};
+use crate::error::Result;
+
+const NO_BUNDLE: u32 = u32::MAX;
+
+/// A run of one request's query tokens against one range of its keys: a work item of one
+/// segment and one chunk, unless packing puts it into a shared tile.
+#[derive(Clone, Copy, Debug)]
+struct Block {
+    request: u32,
+    q_begin: u32,
+    q_count: u32,
+    key_begin: u32,
+    key_end: u32,
+    /// Its rows' results are merged with other pieces: it writes partial slots, not O.
+    partial: bool,
+    /// The prefix group (bundle) the request belongs to, or [`NO_BUNDLE`].
+    bundle: u32,
+    cost: f64,
+}
+
+/// A shared-prefix tile before splitting: member rows stacked in `segments[seg_begin..]` against
+/// the prefix keys `[0, key_end)`, read through request `reader`'s page table.
+#[derive(Clone, Copy, Debug)]
+struct PrefixTile {
+    seg_begin: u32,
+    seg_count: u32,
+    num_rows: u32,
+    reader: u32,
+    key_end: u32,
+    bundle: u32,
+}
+
+/// One future work item, replicated for every KV head.
+#[derive(Clone, Copy, Debug)]
+struct Piece {
+    seg_begin: u32,
+    seg_count: u32,
+    chunk_begin: u32,
+    chunk_count: u32,
+    num_rows: u32,
+    partial: bool,
+    bundle: u32,
+    cost: f64,
+}
+
+/// One query token's partial result: the piece and tile row (of the token's first head) that
+/// hold it, and where its keys start. Merges list a token's pieces in key order, so a result
+/// never depends on the order items were emitted in.
+#[derive(Clone, Copy, Debug)]
+struct PartialRow {
+    token: u32,
+    key_begin: u32,
+    piece: u32,
+    row: u32,
+}
+
+/// What scheduling decided, for the statistics.
+pub(super) struct Outcome {
+    pub capacity: f64,
+    pub num_split_requests: u32,
+}
+
+/// Builds the work list of `plan` (whose requests are filled in) with every technique its
+/// options enable.
+pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outcome> {
+    let shape = plan.shape;
+    let opts = plan.options.clone();
+    let group = shape.group_size();
+    let block_m = plan.block_m;
+    let tokens_per_tile = block_m / group;
+    let heads = shape.num_kv_heads;
+    let causal = shape.causal;
+    let requests = &plan.requests;
+    let n = requests.len();
+    let fixed_split = if opts.deterministic && opts.split_kv { Some(opts.split_keys) } else { None };
+    let block_cost = |rows: u32, keys: u32| profile.cost_item + chunk_cost(profile, 0, rows, keys);
+
+    // 1. Prefix groups ("bundles"). In deterministic mode the shared part is rounded down to a
+    // split boundary, so a member's key pieces are the same as when it runs alone.
+    let mut bundle_of = vec![NO_BUNDLE; n];
+    let mut shared_len: Vec<u32> = Vec::new();
+    let mut segments: Vec<RowSegment> = Vec::new();
+    let mut prefix_tiles: Vec<PrefixTile> = Vec::new();
+    // Deterministic without splits computes every row in one pass, as it would alone; sharing
+    // a prefix would cut it in two.
+    let sharing = opts.prefix_sharing && (fixed_split.is_some() || !opts.deterministic);
+    if sharing {
+        for pg in &plan.batch.prefix_groups {
+            let len = match fixed_split {
+                Some(s) => pg.prefix_len / s * s,
+                None => pg.prefix_len,
+            };
+            if len == 0 {
+                continue;
+            }
+            let b = shared_len.len() as u32;
+            shared_len.push(len);
+            for &m in &pg.members {
+                bundle_of[m as usize] = b;
+            }
+            // Stack the members' tokens into tiles of at most block_m rows.
+            let reader = pg.members[0];
+            let mut tile = PrefixTile { seg_begin: segments.len() as u32, seg_count: 0, num_rows: 0, reader, key_end: 0, bundle: b };
+            for &m in &pg.members {
+                let req = requests[m as usize];
+                let mut q = 0;
+                while q < req.q_len {
+                    if tile.num_rows + group > block_m {
+                        prefix_tiles.push(tile);
+                        tile = PrefixTile { seg_begin: segments.len() as u32, seg_count: 0, num_rows: 0, reader, key_end: 0, bundle: b };
+                    }
+                    let count = ((block_m - tile.num_rows) / group).min(req.q_len - q);
+                    segments.push(RowSegment { request: m, q_begin: q, q_count: count, row_begin: tile.num_rows });
+                    tile.seg_count += 1;
+                    tile.num_rows += count * group;
+                    tile.key_end = tile.key_end.max(req.key_limit(q + count - 1, causal).min(len));
+                    q += count;
+                }
+            }
+            if tile.num_rows > 0 {
+                prefix_tiles.push(tile);
+            }
+        }
+    }
+
+    // 2. Row blocks of every request; a prefix member's blocks cover only its suffix keys.
+    let mut blocks: Vec<Block> = Vec::with_capacity(n);
+    for (r, req) in requests.iter().enumerate() {
+        let bundle = bundle_of[r];
+        let key_begin = if bundle == NO_BUNDLE { 0 } else { shared_len[bundle as usize] };
+        let mut q = 0;
+        while q < req.q_len {
+            let count = tokens_per_tile.min(req.q_len - q);
+            let limit = req.key_limit(q + count - 1, causal);
+            // A member block whose rows see nothing past the prefix has no suffix work.
+            if bundle == NO_BUNDLE || limit > key_begin {
+                let key_end = limit.max(key_begin);
+                let cost = block_cost(count * group, key_end - key_begin);
+                blocks.push(Block { request: r as u32, q_begin: q, q_count: count, key_begin, key_end, partial: bundle != NO_BUNDLE, bundle, cost });
+            }
+            q += count;
+        }
+    }
+
+    // 3. Capacity, then splits.
+    let total: f64 = (blocks.iter().map(|b| b.cost).sum::<f64>() + prefix_tiles.iter().map(|t| block_cost(t.num_rows, t.key_end)).sum::<f64>()) * heads as f64;
+    let auto_capacity = opts.capacity.is_none();
+    let capacity = opts.capacity.unwrap_or_else(|| (total / profile.num_workers as f64).max(min_capacity(profile)));
+    let split = |key_begin: u32, key_end: u32, cost: f64, out: &mut Vec<(u32, u32)>| {
+        out.clear();
+        match fixed_split {
+            Some(s) => {
+                let mut k = key_begin;
+                loop {
+                    // In u64: the next multiple of a large `s` may not fit in u32.
+                    let end = ((k as u64 / s as u64 + 1) * s as u64).min(key_end as u64) as u32;
+                    out.push((k, end.max(k)));
+                    if end >= key_end {
+                        break;
+                    }
+                    k = end;
+                }
+            }
+            None if opts.split_kv && cost > capacity && key_end - key_begin > profile.block_n => {
+                let pieces = (cost / capacity).ceil() as u32;
+                let step = ((key_end - key_begin).div_ceil(pieces) as u64).next_multiple_of(profile.block_n as u64);
+                let mut k = key_begin as u64;
+                while k < key_end as u64 {
+                    out.push((k as u32, (k + step).min(key_end as u64) as u32));
+                    k += step;
+                }
+            }
+            None => out.push((key_begin, key_end)),
+        }
+    };
+
+    let mut split_request = vec![false; n];
+    let mut pieces: Vec<Piece> = Vec::new();
+    let mut chunks: Vec<KvChunk> = Vec::new();
+    let mut partial_rows: Vec<PartialRow> = Vec::new();
+    let mut ranges: Vec<(u32, u32)> = Vec::new();
+    let record_partials = |partial_rows: &mut Vec<PartialRow>, seg: &RowSegment, key_begin: u32, piece: u32| {
+        let q_start = requests[seg.request as usize].q_start;
+        for t in 0..seg.q_count {
+            partial_rows.push(PartialRow { token: q_start + seg.q_begin + t, key_begin, piece, row: seg.row_begin + t * group });
+        }
+    };
+
+    // Prefix tiles: split pieces share the tile's segments.
+    for tile in &prefix_tiles {
+        split(0, tile.key_end, block_cost(tile.num_rows, tile.key_end), &mut ranges);
+        for &(kb, ke) in &ranges {
+            let p = pieces.len() as u32;
+            chunks.push(KvChunk { request: tile.reader, key_begin: kb, key_end: ke, row_begin: 0, row_end: tile.num_rows });
+            pieces.push(Piece {
+                seg_begin: tile.seg_begin,
+                seg_count: tile.seg_count,
+                chunk_begin: chunks.len() as u32 - 1,
+                chunk_count: 1,
+                num_rows: tile.num_rows,
+                partial: true,
+                bundle: tile.bundle,
+                cost: block_cost(tile.num_rows, ke - kb),
+            });
+            for seg in &segments[tile.seg_begin as usize..(tile.seg_begin + tile.seg_count) as usize] {
+                record_partials(&mut partial_rows, seg, kb, p);
+            }
+            for seg in &segments[tile.seg_begin as usize..(tile.seg_begin + tile.seg_count) as usize] {
+                split_request[seg.request as usize] = true;
+            }
+        }
+    }
+
+    // Blocks: a split block's pieces share its segment; unsplit short blocks wait for packing.
+    let mut pack: Vec<Block> = Vec::new();
+    for b in &blocks {
+        split(b.key_begin, b.key_end, b.cost, &mut ranges);
+        let rows = b.q_count * group;
+        if ranges.len() == 1 && opts.packing && rows < block_m {
+            pack.push(*b);
+            continue;
+        }
+        let partial = b.partial || ranges.len() > 1;
+        split_request[b.request as usize] |= partial;
+        let seg = RowSegment { request: b.request, q_begin: b.q_begin, q_count: b.q_count, row_begin: 0 };
+        let seg_begin = segments.len() as u32;
+        segments.push(seg);
+        for &(kb, ke) in &ranges {
+            let p = pieces.len() as u32;
+            chunks.push(KvChunk { request: b.request, key_begin: kb, key_end: ke, row_begin: 0, row_end: rows });
+            pieces.push(Piece { seg_begin, seg_count: 1, chunk_begin: chunks.len() as u32 - 1, chunk_count: 1, num_rows: rows, partial, bundle: b.bundle, cost: block_cost(rows, ke - kb) });
+            if partial {
+                record_partials(&mut partial_rows, &seg, kb, p);
+            }
+        }
+    }
+
+    // 4. Packing, next-fit within a class (prefix group, finality), in request order. A stable
+    // counting sort by class keeps this linear.
+    let class_of = |b: &Block| (b.bundle.wrapping_add(1) as usize) << 1 | b.partial as usize;
+    let num_classes = (shared_len.len() + 1) << 1;
+    let mut class_start = vec![0u32; num_classes + 1];
+    for b in &pack {
+        class_start[class_of(b) + 1] += 1;
+    }
+    for c in 0..num_classes {
+        class_start[c + 1] += class_start[c];
+    }
+    let mut order = vec![0u32; pack.len()];
+    for (i, b) in pack.iter().enumerate() {
+        let c = class_of(b);
+        order[class_start[c] as usize] = i as u32;
+        class_start[c] += 1;
+    }
+    // Packed tiles stay below an eighth of a group, so the grouping can still even out loads
+    // with them (LPT's excess over the mean is at most about its smallest late units).
+    let pack_limit = capacity / 8.0;
+    let mut i = 0;
+    while i < order.len() {
+        let first = pack[order[i] as usize];
+        let (seg_begin, chunk_begin) = (segments.len() as u32, chunks.len() as u32);
+        let mut rows = 0;
+        let mut cost = profile.cost_item;
+        let mut j = i;
+        while j < order.len() {
+            let b = pack[order[j] as usize];
+            let b_rows = b.q_count * group;
+            let b_cost = chunk_cost(profile, rows, rows + b_rows, b.key_end - b.key_begin);
+            let same_class = b.bundle == first.bundle && b.partial == first.partial;
+            if j > i && (!same_class || rows + b_rows > block_m || cost + b_cost > pack_limit) {
+                break;
+            }
+            segments.push(RowSegment { request: b.request, q_begin: b.q_begin, q_count: b.q_count, row_begin: rows });
+            chunks.push(KvChunk { request: b.request, key_begin: b.key_begin, key_end: b.key_end, row_begin: rows, row_end: rows + b_rows });
+            rows += b_rows;
+            cost += b_cost;
+            j += 1;
+        }
+        let p = pieces.len() as u32;
+        pieces.push(Piece {
+            seg_begin,
+            seg_count: (j - i) as u32,
+            chunk_begin,
+            chunk_count: (j - i) as u32,
+            num_rows: rows,
+            partial: first.partial,
+            bundle: first.bundle,
+            cost,
+        });
+        if first.partial {
+            for k in 0..(j - i) {
+                let seg = segments[seg_begin as usize + k];
+                record_partials(&mut partial_rows, &seg, chunks[chunk_begin as usize + k].key_begin, p);
+            }
+        }
+        i = j;
+    }
+
+    // 5. Grouping. A unit is (entity, KV head); an entity is a piece, or a whole prefix group
+    // that fits in C.
+    let heads_us = heads as usize;
+    let mut group_of = vec![0u32; pieces.len() * heads_us];
+    let num_groups;
+    if opts.balancing {
+        let mut bundle_cost = vec![0.0f64; shared_len.len()];
+        for p in &pieces {
+            if p.bundle != NO_BUNDLE {
+                bundle_cost[p.bundle as usize] += p.cost;
+            }
+        }
+        let bundle_whole: Vec<bool> = bundle_cost.iter().map(|&c| c <= capacity).collect();
+        // Entities: (cost, index); index < pieces.len() is a piece, else a bundle.
+        let np = pieces.len() as u32;
+        let mut entities: Vec<(f64, u32)> = Vec::with_capacity(pieces.len());
+        for (i, p) in pieces.iter().enumerate() {
+            if p.bundle == NO_BUNDLE || !bundle_whole[p.bundle as usize] {
+                entities.push((p.cost, i as u32));
+            }
+        }
+        for (b, &whole) in bundle_whole.iter().enumerate() {
+            if whole {
+                entities.push((bundle_cost[b], np + b as u32));
+            }
+        }
+        entities.sort_unstable_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
+        let units = entities.len() * heads_us;
+        let workers = profile.num_workers as usize;
+        let total: f64 = entities.iter().map(|e| e.0).sum::<f64>() * heads as f64;
+        let mut g = if auto_capacity { workers } else { ((total / capacity).ceil() as usize).max(1) };
+        if g > workers {
+            g = g.next_multiple_of(workers);
+        }
+        num_groups = g.min(units).max(1);
+        // Pieces of each whole bundle, for placing them together.
+        let mut bundle_pieces: Vec<Vec<u32>> = vec![Vec::new(); shared_len.len()];
+        for (i, p) in pieces.iter().enumerate() {
+            if p.bundle != NO_BUNDLE && bundle_whole[p.bundle as usize] {
+                bundle_pieces[p.bundle as usize].push(i as u32);
+            }
+        }
+        // The units in LPT order: entities by decreasing cost, each for every KV head.
+        let units_in_order = || entities.iter().flat_map(|&(cost, e)| (0..heads_us).map(move |h| (cost, e, h)));
+        let mut least = LeastLoaded::with_first_units(units_in_order().take(num_groups).map(|u| u.0).collect::<Vec<_>>().into_iter(), total);
+        for (u, (cost, e, h)) in units_in_order().enumerate() {
+            {
+                let g = if u < num_groups { u as u32 } else { least.add_to_least(cost) };
+                if e < np {
+                    group_of[e as usize * heads_us + h] = g;
+                } else {
+                    for &p in &bundle_pieces[(e - np) as usize] {
+                        group_of[p as usize * heads_us + h] = g;
+                    }
+                }
+            }
+        }
+    } else {
+        // A group per item, in order: what a non-persistent launch (a CTA per tile) does.
+        for (u, g) in group_of.iter_mut().enumerate() {
+            *g = u as u32;
+        }
+        num_groups = group_of.len();
+    }
+
+    // 6. Emission in group order; partial slots handed out in that order.
+    let mut group_start = vec![0u32; num_groups + 1];
+    for &g in &group_of {
+        group_start[g as usize + 1] += 1;
+    }
+    for g in 0..num_groups {
+        group_start[g + 1] += group_start[g];
+    }
+    let mut unit_at = vec![0u32; group_of.len()];
+    {
+        let mut next = group_start.clone();
+        for (u, &g) in group_of.iter().enumerate() {
+            unit_at[next[g as usize] as usize] = u as u32;
+            next[g as usize] += 1;
+        }
+    }
+    let mut slot_of = vec![FINAL_OUTPUT; group_of.len()];
+    let mut items = Vec::with_capacity(group_of.len());
+    let mut next_slot = 0u32;
+    for &u in &unit_at {
+        let p = &pieces[u as usize / heads_us];
+        let partial_slot = if p.partial {
+            let s = next_slot;
+            next_slot += p.num_rows;
+            slot_of[u as usize] = s;
+            s
+        } else {
+            FINAL_OUTPUT
+        };
+        items.push(WorkItem {
+            kv_head: u % heads,
+            seg_begin: p.seg_begin,
+            seg_count: p.seg_count,
+            chunk_begin: p.chunk_begin,
+            chunk_count: p.chunk_count,
+            num_rows: p.num_rows,
+            partial_slot,
+            group: group_of[u as usize],
+        });
+    }
+
+    // 7. Merges: per partial token, its pieces in key order, for every query head.
+    let total_q = plan.batch.total_q() as usize;
+    let mut token_start = vec![0u32; total_q + 1];
+    for pr in &partial_rows {
+        token_start[pr.token as usize + 1] += 1;
+    }
+    for t in 0..total_q {
+        token_start[t + 1] += token_start[t];
+    }
+    let mut by_token = vec![PartialRow { token: 0, key_begin: 0, piece: 0, row: 0 }; partial_rows.len()];
+    {
+        let mut next = token_start.clone();
+        for pr in &partial_rows {
+            by_token[next[pr.token as usize] as usize] = *pr;
+            next[pr.token as usize] += 1;
+        }
+    }
+    // Sizes are known: one merge per (merged token, query head), its pieces' slots each.
+    let merged_tokens = token_start.windows(2).filter(|w| w[1] > w[0]).count();
+    let qo_heads = shape.num_qo_heads as usize;
+    let mut merges = Vec::with_capacity(merged_tokens * qo_heads);
+    let mut merge_slots = vec![0u32; partial_rows.len() * qo_heads];
+    let mut next = 0usize;
+    for t in 0..total_q {
+        let list = &mut by_token[token_start[t] as usize..token_start[t + 1] as usize];
+        if list.is_empty() {
+            continue;
+        }
+        if list.len() > 1 {
+            list.sort_unstable_by_key(|pr| pr.key_begin);
+        }
+        let count = list.len();
+        for kv_head in 0..heads_us {
+            let kv_base = kv_head as u32 * group;
+            // Slot of each piece's row for this KV head's first query head.
+            for (j, pr) in list.iter().enumerate() {
+                merge_slots[next + j] = slot_of[pr.piece as usize * heads_us + kv_head] + pr.row;
+            }
+            merges.push(MergeRow { q_token: t as u32, qo_head: kv_base, slot_begin: next as u32, slot_count: count as u32 });
+            // The other heads of the group sit in the next rows of the same tiles.
+            for in_group in 1..group as usize {
+                let (done, rest) = merge_slots.split_at_mut(next + in_group * count);
+                for (dst, &src) in rest[..count].iter_mut().zip(&done[next..next + count]) {
+                    *dst = src + in_group as u32;
+                }
+                merges.push(MergeRow { q_token: t as u32, qo_head: kv_base + in_group as u32, slot_begin: (next + in_group * count) as u32, slot_count: count as u32 });
+            }
+            next += group as usize * count;
+        }
+    }
+    debug_assert_eq!(next, merge_slots.len());
+
+    debug_assert!(pieces.iter().all(|p| (item_cost(profile, &chunks[p.chunk_begin as usize..(p.chunk_begin + p.chunk_count) as usize]) - p.cost).abs() <= 1e-6 * p.cost.max(1.0)));
+    plan.items = items;
+    plan.row_segments = segments;
+    plan.kv_chunks = chunks;
+    plan.merges = merges;
+    plan.merge_slots = merge_slots;
+    Ok(Outcome { capacity, num_split_requests: split_request.iter().filter(|&&s| s).count() as u32 })
+}

@@ -1,0 +1,277 @@
+//! The `packinfer-replay` binary as a user runs it: end-to-end replays of small traces whose
+//! reported numbers must add up, and the errors for a malformed trace, an empty trace and a
+//! model shape the KV pool cannot hold.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_packinfer-replay");
+const HEADER: &str = "TIMESTAMP,ContextTokens,GeneratedTokens";
+
+/// A fresh directory for one test.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("packinfer-replay-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn write_trace(dir: &Path, rows: &[(f64, u32, u32)]) -> PathBuf {
+    let mut text = format!("{HEADER}\n");
+    for &(t, ctx, gen) in rows {
+        let (m, s) = ((t / 60.0) as u32, t % 60.0);
+        text.push_str(&format!("2023-11-16 18:{m:02}:{s:010.7},{ctx},{gen}\n"));
+    }
+    let path = dir.join("trace.csv");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().expect("the replay binary runs")
+}
+
+fn text(o: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+/// A small model shape and engine so a replay takes well under a second.
+const SMALL: &[&str] = &["--len-scale", "1", "--heads", "4/2", "--head-dim", "16", "--layers", "2", "--page-size", "4", "--kv-mib", "4"];
+
+/// Rows of `summary.csv` by metric: one value per schedule.
+fn summary(dir: &Path) -> (Vec<String>, HashMap<String, Vec<f64>>) {
+    let text = std::fs::read_to_string(dir.join("summary.csv")).unwrap();
+    let mut lines = text.lines();
+    let names = lines.next().unwrap().split(',').skip(1).map(String::from).collect();
+    let rows = lines
+        .map(|l| {
+            // Metric names may be quoted (they contain commas).
+            let (name, rest) = if let Some(stripped) = l.strip_prefix('"') {
+                let end = stripped.find("\",").unwrap();
+                (stripped[..end].replace("\"\"", "\""), &stripped[end + 2..])
+            } else {
+                let (n, r) = l.split_once(',').unwrap();
+                (n.to_string(), r)
+            };
+            (name, rest.split(',').map(|v| v.parse::<f64>().unwrap_or(f64::NAN)).collect())
+        })
+        .collect();
+    (names, rows)
+}
+
+/// `steps.csv` as one map per line.
+fn steps(dir: &Path) -> Vec<HashMap<String, String>> {
+    let text = std::fs::read_to_string(dir.join("steps.csv")).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<String> = lines.next().unwrap().split(',').map(String::from).collect();
+    lines.map(|l| header.iter().cloned().zip(l.split(',').map(String::from)).collect()).collect()
+}
+
+fn num(row: &HashMap<String, String>, key: &str) -> f64 {
+    row[key].parse().unwrap_or_else(|_| panic!("{key} = {:?}", row[key]))
+}
+
+#[test]
+fn a_small_trace_replays_and_its_numbers_add_up() {
+    let dir = scratch("e2e");
+    // Mixed lengths, one request that generates nothing, one longer than the step budget.
+    let rows: Vec<(f64, u32, u32)> = vec![
+        (0.0, 37, 5),
+        (0.1, 3, 1),
+        (0.2, 150, 12),
+        (0.3, 9, 0),
+        (0.4, 64, 7),
+        (0.5, 1, 9),
+        (0.6, 90, 3),
+        (0.7, 17, 20),
+        (0.8, 5, 2),
+        (0.9, 48, 6),
+        (1.0, 120, 1),
+        (1.1, 33, 15),
+    ];
+    let trace = write_trace(&dir, &rows);
+    let out = dir.join("out");
+    let mut args = vec![trace.to_str().unwrap(), "--out", out.to_str().unwrap(), "--token-budget", "64", "--max-batch", "5"];
+    args.extend_from_slice(&["--system-prompts", "2", "--shared-fraction", "0.5", "--system-prompt-len", "10"]);
+    args.extend_from_slice(SMALL);
+    let o = run(&args);
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "exit {:?}\n{stdout}\n{stderr}", o.status);
+    assert!(stdout.contains("ATTENTION TIME ONLY"), "{stdout}");
+    assert!(stdout.contains("PackInfer") && stdout.contains("baseline"), "{stdout}");
+    // The replay checks every step's output of the two schedules against each other.
+    assert!(stdout.contains("both schedules computed the same attention"), "{stdout}");
+
+    let generated: u32 = rows.iter().map(|r| r.2).sum();
+    let prompts: u32 = rows.iter().map(|r| r.1).sum();
+    let (names, s) = summary(&out);
+    assert_eq!(names, ["PackInfer", "baseline"]);
+    for (i, name) in names.iter().enumerate() {
+        assert_eq!(s["requests finished"][i], rows.len() as f64, "{name}");
+        assert_eq!(s["tokens generated"][i], generated as f64, "{name}");
+        assert_eq!(s["prefill tokens"][i], prompts as f64, "{name}");
+        assert_eq!(s["KV pages used after the replay"][i], 0.0, "{name}: KV fully freed");
+        assert!(s["attention time total (s)"][i] > 0.0, "{name}");
+        assert!(s["KV pages used, peak"][i] > 0.0, "{name}");
+    }
+    assert!(s["regroups (trigger fired)"][0] >= 1.0, "PackInfer lays its groups out at least once");
+    assert_eq!(s["regroups (trigger fired)"][1], 0.0, "the baseline never regroups");
+    assert_eq!(s["relayout bytes moved (MiB)"][1], 0.0);
+
+    let steps = steps(&out);
+    let ours: Vec<_> = steps.iter().filter(|r| r["schedule"] == "PackInfer").collect();
+    let base: Vec<_> = steps.iter().filter(|r| r["schedule"] == "baseline").collect();
+    assert_eq!(ours.len(), base.len(), "both schedules run the same steps");
+    assert_eq!(s["steps"][0], ours.len() as f64);
+    for (a, b) in ours.iter().zip(&base) {
+        for key in ["requests", "prefill_tokens", "decode_tokens", "kv_tokens", "kv_tokens_logical"] {
+            assert_eq!(a[key], b[key], "step {}: {key}", a["step"]);
+        }
+        assert!(num(a, "prefill_tokens") + num(a, "decode_tokens") <= 64.0, "token budget");
+        assert!(num(a, "requests") <= 5.0, "max batch");
+        assert!(num(a, "attention_ms") >= 0.0 && num(a, "kv_pages_used") <= num(a, "kv_pages_total"));
+    }
+    // Every generated token is a decode step's, except the first of each request, which its
+    // last prefill chunk yields.
+    let producing = rows.iter().filter(|r| r.2 > 0).count() as f64;
+    let decode: f64 = base.iter().map(|r| num(r, "decode_tokens")).sum();
+    let prefill: f64 = base.iter().map(|r| num(r, "prefill_tokens")).sum();
+    assert_eq!(decode + producing, generated as f64);
+    assert_eq!(prefill, prompts as f64);
+
+    let png = std::fs::read(out.join("steps.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn arrivals_follow_the_trace_timestamps() {
+    let dir = scratch("arrivals");
+    // Two requests 3 s apart: at 100 ms per step the second arrives around step 30, long after
+    // the first finished, so the engine idles in between.
+    let trace = write_trace(&dir, &[(0.0, 20, 3), (3.0, 20, 3)]);
+    let out = dir.join("out");
+    let mut args = vec![trace.to_str().unwrap(), "--out", out.to_str().unwrap(), "--arrivals", "trace", "--step-ms", "100", "--mode", "baseline"];
+    args.extend_from_slice(SMALL);
+    let o = run(&args);
+    assert!(o.status.success(), "{:?}", text(&o));
+    let steps = steps(&out);
+    assert_eq!(steps.len(), 6, "1 prefill + 2 decode steps each");
+    let clocks: Vec<f64> = steps.iter().map(|r| num(r, "clock_s")).collect();
+    assert!(clocks[2] < 1.0 && clocks[3] >= 3.0 - 1e-9, "{clocks:?}");
+    assert!(clocks.windows(2).all(|w| w[0] < w[1]), "{clocks:?}");
+    let (names, s) = summary(&out);
+    assert_eq!(names, ["baseline"]);
+    assert_eq!(s["tokens generated"][0], 6.0);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn the_synthetic_trace_runs_with_no_file() {
+    let dir = scratch("synthetic");
+    let out = dir.join("out");
+    let o = run(&["--requests", "12", "--out", out.to_str().unwrap()]);
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("synthetic") && stdout.contains("SCALED DOWN"), "{stdout}");
+    let (_, s) = summary(&out);
+    assert_eq!(s["requests finished"], [12.0, 12.0]);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Runs the replay on `trace_text` and expects exit status 2 with every `needles` in stderr.
+fn expect_trace_error(name: &str, trace_text: &str, needles: &[&str]) {
+    let dir = scratch(name);
+    let path = dir.join("bad.csv");
+    std::fs::write(&path, trace_text).unwrap();
+    let o = run(&[path.to_str().unwrap(), "--out", dir.join("out").to_str().unwrap()]);
+    let (stdout, stderr) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{name}: {stdout}\n{stderr}");
+    for n in needles {
+        assert!(stderr.contains(n), "{name}: {n:?} not in {stderr:?}");
+    }
+    assert!(!dir.join("out").exists(), "{name}: no output for a failed replay");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_malformed_trace_names_the_line_and_the_field() {
+    let ok = "2023-11-16 18:17:03.9799600,4808,10";
+    expect_trace_error("bad-number", &format!("{HEADER}\n{ok}\n{ok}\n2023-11-16 18:17:05,110,lots\n"), &["bad.csv:4:", "GeneratedTokens", "\"lots\""]);
+    expect_trace_error("bad-time", &format!("{HEADER}\n{ok}\n16/11/2023 18:17,110,3\n"), &["bad.csv:3:", "TIMESTAMP", "16/11/2023"]);
+    expect_trace_error("zero-context", &format!("{HEADER}\n2023-11-16 18:17:03,0,3\n"), &["bad.csv:2:", "ContextTokens = 0"]);
+    expect_trace_error("fields", &format!("{HEADER}\n{ok}\n2023-11-16 18:17:03,5\n"), &["bad.csv:3:", "2 field(s)"]);
+    expect_trace_error("header", "time,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03,5,1\n", &["bad.csv:1:", "TIMESTAMP"]);
+}
+
+#[test]
+fn an_empty_trace_is_refused() {
+    expect_trace_error("empty", "", &["empty"]);
+    expect_trace_error("header-only", &format!("{HEADER}\n\n"), &["no requests"]);
+    let o = run(&["/nonexistent/trace.csv"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).1.contains("/nonexistent/trace.csv"));
+}
+
+#[test]
+fn a_shape_the_pool_cannot_hold_says_what_would_fit() {
+    let dir = scratch("fit");
+    let trace = write_trace(&dir, &[(0.0, 300, 2), (0.1, 20, 2)]);
+    let out = dir.join("out");
+    let base = [trace.to_str().unwrap(), "--out", out.to_str().unwrap(), "--len-scale", "1", "--layers", "16", "--heads", "1/1", "--head-dim", "256"];
+    let o = run(&[&base[..], &["--kv-mib", "1", "--system-prompts", "0"]].concat());
+    let (stdout, stderr) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{stdout}\n{stderr}");
+    assert!(stderr.contains("does not fit") && stderr.contains("trace line 2") && stderr.contains("16384 bytes per token"), "{stderr}");
+    // The size it proposes is enough.
+    let mib = stderr.split("--kv-mib ").nth(1).and_then(|r| r.split_whitespace().next()).expect("a --kv-mib proposal");
+    let o = run(&[&base[..], &["--kv-mib", mib, "--system-prompts", "0", "--mode", "baseline"]].concat());
+    assert!(o.status.success(), "with --kv-mib {mib}: {:?}", text(&o));
+    // A bad shape is refused before anything runs.
+    let o = run(&[trace.to_str().unwrap(), "--heads", "6/4"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).1.contains("num_qo_heads = 6"), "{:?}", text(&o));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn arguments_are_checked() {
+    let o = run(&["--help"]);
+    assert!(o.status.success() && text(&o).0.contains("usage: packinfer-replay"));
+    for (args, needle) in [
+        (&["--token-budget", "0"][..], "--token-budget = 0"),
+        (&["--bogus"][..], "unknown option \"--bogus\""),
+        (&["--requests"][..], "--requests needs a value"),
+        (&["--arrivals", "later"][..], "--arrivals = \"later\""),
+        (&["--shared-fraction", "1.5"][..], "--shared-fraction = 1.5"),
+        (&["a.csv", "b.csv"][..], "a second trace file"),
+        (&["--capacity", "fast"][..], "--capacity = \"fast\" is not a valid number"),
+    ] {
+        let o = run(args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        assert!(text(&o).1.contains(needle), "{args:?}: {:?}", text(&o).1);
+    }
+}
+
+#[test]
+fn a_budget_smaller_than_the_batch_starves_some_decodes_and_still_finishes() {
+    let dir = scratch("starve");
+    let rows: Vec<(f64, u32, u32)> = (0..6).map(|i| (i as f64 * 0.1, 3 + 5 * i, 4 + i)).collect();
+    let trace = write_trace(&dir, &rows);
+    let out = dir.join("out");
+    let mut args = vec![trace.to_str().unwrap(), "--out", out.to_str().unwrap(), "--token-budget", "2", "--max-batch", "6"];
+    args.extend_from_slice(SMALL);
+    let o = run(&args);
+    assert!(o.status.success(), "{:?}", text(&o));
+    let (_, s) = summary(&out);
+    let generated: u32 = rows.iter().map(|r| r.2).sum();
+    assert_eq!(s["tokens generated"], [generated as f64; 2]);
+    assert_eq!(s["KV pages used after the replay"], [0.0, 0.0]);
+    let steps = steps(&out);
+    assert!(steps.iter().all(|r| num(r, "prefill_tokens") + num(r, "decode_tokens") <= 2.0));
+    // A step serves at most 2 of the decoding requests; a starved one waits, so some token
+    // came more than one step after the previous one: the TBT tail is above the median.
+    assert!(s["TBT p99 (ms, attention only)"][1] > s["TBT p50 (ms, attention only)"][1], "{:?}", s["TBT p99 (ms, attention only)"]);
+    std::fs::remove_dir_all(&dir).ok();
+}

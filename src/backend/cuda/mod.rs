@@ -168,14 +168,15 @@ impl CudaBackend {
 
     /// Binds with a concrete type (tests use the grid and capacity).
     ///
-    /// A launch made without a capacity (`LaunchCapacity::default()`) whose tiles all have at
-    /// most 64 rows (decode-heavy batches) runs the 4-warp kernel: two CTAs per SM stream K/V
-    /// faster there (H200, W2 decode: 0.50 ms against 0.55 ms). Launches with a capacity always
-    /// run the context's tile size, so any plan within it can be uploaded later.
-    pub fn bind_cuda(&self, plan: Arc<Plan>, stream: u64, scratch: Option<Scratch>, capacity: &LaunchCapacity) -> Result<launch::CudaBound> {
-        let narrow = *capacity == LaunchCapacity::default() && self.shared.tile_warps > 4 && plan.items.iter().all(|i| i.num_rows <= 64);
+    /// A launch made without a capacity (`None`) whose tiles all have at most 64 rows
+    /// (decode-heavy batches) runs the 4-warp kernel: two CTAs per SM stream K/V faster there
+    /// (H200, W2 decode: 0.50 ms against 0.55 ms). Launches with a capacity (even an all-zero
+    /// one, "the first plan's counts") always run the context's tile size, so any plan within
+    /// it can be uploaded later.
+    pub fn bind_cuda(&self, plan: Arc<Plan>, stream: u64, scratch: Option<Scratch>, capacity: Option<&LaunchCapacity>) -> Result<launch::CudaBound> {
+        let narrow = capacity.is_none() && self.shared.tile_warps > 4 && plan.items.iter().all(|i| i.num_rows <= 64);
         let kernels = self.shared.attention_with(plan.shape.head_dim, plan.shape.dtype, if narrow { 4 } else { self.shared.tile_warps })?;
-        launch::CudaBound::new(self.shared.clone(), kernels, plan, stream, scratch, capacity)
+        launch::CudaBound::new(self.shared.clone(), kernels, plan, stream, scratch, capacity.unwrap_or(&LaunchCapacity::default()))
     }
 }
 
@@ -200,10 +201,10 @@ impl Backend for CudaBackend {
         }
     }
     fn bind(&self, plan: Arc<Plan>, stream: u64, scratch: Option<Scratch>) -> Result<Box<dyn BoundPlan>> {
-        Ok(Box::new(self.bind_cuda(plan, stream, scratch, &LaunchCapacity::default())?))
+        Ok(Box::new(self.bind_cuda(plan, stream, scratch, None)?))
     }
     fn bind_with_capacity(&self, plan: Arc<Plan>, stream: u64, scratch: Option<Scratch>, capacity: &LaunchCapacity) -> Result<Box<dyn BoundPlan>> {
-        Ok(Box::new(self.bind_cuda(plan, stream, scratch, capacity)?))
+        Ok(Box::new(self.bind_cuda(plan, stream, scratch, Some(capacity))?))
     }
     fn calibrate_profile(&self) -> Result<DeviceProfile> {
         let (profile, _) = self.calibrate()?;

@@ -9,6 +9,7 @@ pub mod calibrate;
 pub mod compile;
 pub mod driver;
 pub mod kv;
+pub mod kv_memory;
 pub mod launch;
 
 use std::collections::HashMap;
@@ -59,6 +60,9 @@ unsafe impl Sync for LoadedAttention {}
 pub struct LoadedKv {
     pub append: sys::CUfunction,
     pub copy_pages: sys::CUfunction,
+    /// The KV pool's byte moves (`kv_memory`).
+    pub scatter_rows: sys::CUfunction,
+    pub copy_ranges: sys::CUfunction,
     _module: Module,
 }
 
@@ -133,7 +137,13 @@ impl Shared {
         let cubin = self.cache.get(Unit::Kv)?.cubin;
         let _g = self.dev.enter()?;
         let module = Module::load(&self.dev, &cubin, "kv")?;
-        let k = Arc::new(LoadedKv { append: module.function("append_kv")?, copy_pages: module.function("copy_pages")?, _module: module });
+        let k = Arc::new(LoadedKv {
+            append: module.function("append_kv")?,
+            copy_pages: module.function("copy_pages")?,
+            scatter_rows: module.function("scatter_rows")?,
+            copy_ranges: module.function("copy_ranges")?,
+            _module: module,
+        });
         *slot = Some(k.clone());
         Ok(k)
     }
@@ -204,6 +214,10 @@ impl Backend for CudaBackend {
     }
     fn bind_with_capacity(&self, plan: Arc<Plan>, stream: u64, scratch: Option<Scratch>, capacity: &LaunchCapacity) -> Result<Box<dyn BoundPlan>> {
         Ok(Box::new(self.bind_cuda(plan, stream, scratch, capacity)?))
+    }
+    /// One `cuMemAlloc` of `bytes` in the device's primary context, freed when the pool drops.
+    fn alloc_kv(&self, bytes: usize) -> Result<Box<dyn super::KvMemory>> {
+        Ok(Box::new(kv_memory::DeviceKvMemory::new(self.shared.clone(), bytes)?))
     }
     fn calibrate_profile(&self) -> Result<DeviceProfile> {
         let (profile, _) = self.calibrate()?;

@@ -50,6 +50,13 @@ impl DeviceKvMemory {
         // Load the kernels now, so a pool that cannot write fails at creation, not mid-step.
         shared.kv()?;
         let memory = DeviceBuffer::new(&shared.dev, bytes, &format!("allocating the KV pool ({bytes} bytes of device memory)"))?;
+        {
+            // Zeroed like the CPU backend's pool, so slots never written read as 0 rather than
+            // whatever the allocation held before (once per pool).
+            let _g = shared.dev.enter()?;
+            // SAFETY: `bytes` bytes were just allocated on this context.
+            unsafe { cu::memset_d8_sync(memory.ptr, 0, bytes) }.map_err(|e| driver::device_err("cuMemsetD8 (zeroing the KV pool)", e))?;
+        }
         let last_use = Event::new(&shared.dev)?;
         Ok(DeviceKvMemory { staging: Mutex::new(Staging { buf: None, last_use, used: false }), memory, shared })
     }

@@ -279,6 +279,10 @@ fn cuda_pool_error_paths() {
     pool.append(seq, 3, 0).unwrap();
     assert!(matches!(pool.read_token_host(seq, 0, 0), Err(Error::Unsupported(_))));
     assert!(matches!(cu.alloc_kv(0), Err(Error::InvalidArgument(_))));
+    for (head_dim, dtype) in [(128, DType::F32), (96, DType::Bf16)] {
+        let e = KvPool::new(cu.clone(), PoolConfig { head_dim, dtype, ..config() }).unwrap_err();
+        assert!(matches!(e, Error::Unsupported(_)), "head_dim {head_dim} {dtype:?}: {e}");
+    }
     let m = pool.memory();
     let len = m.len_bytes() as u64;
     let src = DeviceBuffer::new(cu.device(), 4096, "src").unwrap();

@@ -33,6 +33,17 @@ pub fn probe(ordinal: u32) -> Result<()> {
     compile::require_nvrtc()
 }
 
+/// `Unsupported` unless the attention kernels take `head_dim` and `dtype`.
+pub fn check_kernel_shape(head_dim: u32, dtype: DType) -> Result<()> {
+    if !compile::HEAD_DIMS.contains(&head_dim) {
+        return Err(crate::unsupported!("head_dim = {head_dim} is not supported by the CUDA kernels (64, 128, 256)"));
+    }
+    if !compile::DTYPES.contains(&dtype) {
+        return Err(crate::unsupported!("dtype = {} is not supported by the CUDA kernels (f16, bf16)", dtype.name()));
+    }
+    Ok(())
+}
+
 /// Opens the CUDA backend on `choice.device_ordinal`.
 pub fn open(choice: &BackendChoice) -> Result<Arc<dyn Backend>> {
     Ok(Arc::new(CudaBackend::new(choice)?))
@@ -89,12 +100,7 @@ impl Shared {
     /// The attention kernels for (head_dim, dtype) with `warps`-warp CTAs: loaded on first use,
     /// compiled if not cached.
     pub fn attention_with(&self, head_dim: u32, dtype: DType, warps: u32) -> Result<Arc<LoadedAttention>> {
-        if !compile::HEAD_DIMS.contains(&head_dim) {
-            return Err(crate::unsupported!("head_dim = {head_dim} is not supported by the CUDA kernels (64, 128, 256)"));
-        }
-        if !compile::DTYPES.contains(&dtype) {
-            return Err(crate::unsupported!("dtype = {} is not supported by the CUDA kernels (f16, bf16)", dtype.name()));
-        }
+        check_kernel_shape(head_dim, dtype)?;
         let mut map = self.attention.lock();
         if let Some(k) = map.get(&(head_dim, dtype, warps)) {
             return Ok(k.clone());

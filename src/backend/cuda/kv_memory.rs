@@ -74,7 +74,7 @@ impl DeviceKvMemory {
     fn with_staged(&self, words: &[u64], stream: u64, launch: impl FnOnce(u64) -> Result<()>) -> Result<()> {
         let mut st = self.staging.lock();
         let need = std::mem::size_of_val(words);
-        if st.buf.as_ref().is_none_or(|b| b.bytes < need) {
+        if !st.buf.as_ref().is_some_and(|b| b.bytes >= need) {
             if st.used {
                 // The old buffer may still be read by an enqueued kernel.
                 st.last_use.wait()?;

@@ -371,12 +371,15 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
                 bundle_pieces[p.bundle as usize].push(i as u32);
             }
         }
-        // The units in LPT order: entities by decreasing cost, each for every KV head.
-        let units_in_order = || entities.iter().flat_map(|&(cost, e)| (0..heads_us).map(move |h| (cost, e, h)));
-        let mut least = LeastLoaded::with_first_units(units_in_order().take(num_groups).map(|u| u.0).collect::<Vec<_>>().into_iter(), total);
-        for (u, (cost, e, h)) in units_in_order().enumerate() {
-            {
+        // The units in LPT order: entities by decreasing cost, each for every KV head. The first
+        // `num_groups` units go to groups 0, 1, ... in that order (all groups are empty).
+        let first_costs = entities.iter().flat_map(|&(cost, _)| std::iter::repeat_n(cost, heads_us)).take(num_groups);
+        let mut least = LeastLoaded::with_first_units(first_costs.collect::<Vec<_>>().into_iter(), total);
+        let mut u = 0usize;
+        for &(cost, e) in &entities {
+            for h in 0..heads_us {
                 let g = if u < num_groups { u as u32 } else { least.add_to_least(cost) };
+                u += 1;
                 if e < np {
                     group_of[e as usize * heads_us + h] = g;
                 } else {
@@ -402,36 +405,40 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
     for g in 0..num_groups {
         group_start[g + 1] += group_start[g];
     }
-    let mut unit_at = vec![0u32; group_of.len()];
+    // Units in group order (by unit within a group), as (piece, KV head): no division later.
+    let mut unit_at = vec![(0u32, 0u32); group_of.len()];
     {
-        let mut next = group_start.clone();
-        for (u, &g) in group_of.iter().enumerate() {
-            unit_at[next[g as usize] as usize] = u as u32;
-            next[g as usize] += 1;
+        let mut next = group_start;
+        for (p, groups) in group_of.chunks_exact(heads_us).enumerate() {
+            for (h, &g) in groups.iter().enumerate() {
+                unit_at[next[g as usize] as usize] = (p as u32, h as u32);
+                next[g as usize] += 1;
+            }
         }
     }
     let mut slot_of = vec![FINAL_OUTPUT; group_of.len()];
     let mut items = Vec::with_capacity(group_of.len());
     let mut next_slot = 0u32;
-    for &u in &unit_at {
-        let p = &pieces[u as usize / heads_us];
+    for &(piece, kv_head) in &unit_at {
+        let u = piece as usize * heads_us + kv_head as usize;
+        let p = &pieces[piece as usize];
         let partial_slot = if p.partial {
             let s = next_slot;
             next_slot += p.num_rows;
-            slot_of[u as usize] = s;
+            slot_of[u] = s;
             s
         } else {
             FINAL_OUTPUT
         };
         items.push(WorkItem {
-            kv_head: u % heads,
+            kv_head,
             seg_begin: p.seg_begin,
             seg_count: p.seg_count,
             chunk_begin: p.chunk_begin,
             chunk_count: p.chunk_count,
             num_rows: p.num_rows,
             partial_slot,
-            group: group_of[u as usize],
+            group: group_of[u],
         });
     }
 

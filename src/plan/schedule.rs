@@ -93,6 +93,13 @@ pub(super) struct Outcome {
     pub num_split_requests: u32,
 }
 
+/// An integer whose unsigned order is `f64::total_cmp`'s order of `x`.
+#[inline]
+fn total_order_key(x: f64) -> u64 {
+    let bits = x.to_bits() as i64;
+    (bits ^ (((bits >> 63) as u64) >> 1) as i64) as u64 ^ (1 << 63)
+}
+
 /// Builds the work list of `plan` (whose requests are filled in) with every technique its
 /// options enable.
 pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outcome> {
@@ -355,7 +362,9 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
                 entities.push((bundle_cost[b], np + b as u32));
             }
         }
-        entities.sort_unstable_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
+        // By decreasing cost (in `f64::total_cmp` order), then by index: integer keys compare
+        // without the float comparison's branches.
+        entities.sort_unstable_by_key(|&(cost, i)| (!total_order_key(cost), i));
         let units = entities.len() * heads_us;
         let workers = profile.num_workers as usize;
         let total: f64 = entities.iter().map(|e| e.0).sum::<f64>() * heads as f64;
@@ -501,4 +510,19 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
     plan.merges = merges;
     plan.merge_slots = merge_slots;
     Ok(Outcome { capacity, num_split_requests: split_request.iter().filter(|&&s| s).count() as u32 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::total_order_key;
+
+    #[test]
+    fn total_order_key_orders_as_total_cmp() {
+        let xs = [f64::NEG_INFINITY, -1e300, -2.5, -1.0, -f64::MIN_POSITIVE, -0.0, 0.0, f64::MIN_POSITIVE, 1e-300, 1.0, 2.5, 3.0, 1e300, f64::INFINITY, f64::NAN, -f64::NAN];
+        for a in xs {
+            for b in xs {
+                assert_eq!(total_order_key(a).cmp(&total_order_key(b)), a.total_cmp(&b), "{a} vs {b}");
+            }
+        }
+    }
 }

@@ -215,8 +215,12 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
     };
 
     let mut split_request = vec![false; n];
-    let mut pieces: Vec<Piece> = Vec::new();
-    let mut chunks: Vec<KvChunk> = Vec::new();
+    // Without splits: a piece and a chunk per prefix tile and block, a segment per block (packing
+    // only merges pieces). Splits grow them.
+    let unsplit = prefix_tiles.len() + blocks.len();
+    segments.reserve(blocks.len());
+    let mut pieces: Vec<Piece> = Vec::with_capacity(unsplit);
+    let mut chunks: Vec<KvChunk> = Vec::with_capacity(unsplit);
     let mut partial_rows: Vec<PartialRow> = Vec::new();
     let mut ranges: Vec<(u32, u32)> = Vec::new();
     let record_partials = |partial_rows: &mut Vec<PartialRow>, seg: &RowSegment, key_begin: u32, piece: u32| {
@@ -252,7 +256,7 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
     }
 
     // Blocks: a split block's pieces share its segment; unsplit short blocks wait for packing.
-    let mut pack: Vec<Block> = Vec::new();
+    let mut pack: Vec<Block> = Vec::with_capacity(blocks.len());
     for b in &blocks {
         split(b.key_begin, b.key_end, b.cost, &mut ranges);
         let rows = b.q_count * group;

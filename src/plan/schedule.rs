@@ -418,41 +418,44 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
     for g in 0..num_groups {
         group_start[g + 1] += group_start[g];
     }
-    // Units in group order (by unit within a group), as (piece, KV head): no division later.
-    let mut unit_at = vec![(0u32, 0u32); group_of.len()];
+    // Items land at their place in group order (by unit within a group) in one scatter; partial
+    // slots are handed out afterwards in that order, when any piece writes them.
+    let any_partial = pieces.iter().any(|p| p.partial);
+    let mut items = vec![WorkItem::default(); group_of.len()];
+    let mut piece_at = if any_partial { vec![0u32; group_of.len()] } else { Vec::new() };
     {
         let mut next = group_start;
-        for (p, groups) in group_of.chunks_exact(heads_us).enumerate() {
-            for (h, &g) in groups.iter().enumerate() {
-                unit_at[next[g as usize] as usize] = (p as u32, h as u32);
+        for ((piece, p), groups) in pieces.iter().enumerate().zip(group_of.chunks_exact(heads_us)) {
+            let partial_slot = if p.partial { 0 } else { FINAL_OUTPUT };
+            for (kv_head, &g) in groups.iter().enumerate() {
+                let at = next[g as usize] as usize;
                 next[g as usize] += 1;
+                items[at] = WorkItem {
+                    kv_head: kv_head as u32,
+                    seg_begin: p.seg_begin,
+                    seg_count: p.seg_count,
+                    chunk_begin: p.chunk_begin,
+                    chunk_count: p.chunk_count,
+                    num_rows: p.num_rows,
+                    partial_slot,
+                    group: g,
+                };
+                if any_partial {
+                    piece_at[at] = piece as u32;
+                }
             }
         }
     }
     let mut slot_of = vec![FINAL_OUTPUT; group_of.len()];
-    let mut items = Vec::with_capacity(group_of.len());
-    let mut next_slot = 0u32;
-    for &(piece, kv_head) in &unit_at {
-        let u = piece as usize * heads_us + kv_head as usize;
-        let p = &pieces[piece as usize];
-        let partial_slot = if p.partial {
-            let s = next_slot;
-            next_slot += p.num_rows;
-            slot_of[u] = s;
-            s
-        } else {
-            FINAL_OUTPUT
-        };
-        items.push(WorkItem {
-            kv_head,
-            seg_begin: p.seg_begin,
-            seg_count: p.seg_count,
-            chunk_begin: p.chunk_begin,
-            chunk_count: p.chunk_count,
-            num_rows: p.num_rows,
-            partial_slot,
-            group: group_of[u],
-        });
+    if any_partial {
+        let mut next_slot = 0u32;
+        for (item, &piece) in items.iter_mut().zip(&piece_at) {
+            if item.partial_slot != FINAL_OUTPUT {
+                item.partial_slot = next_slot;
+                slot_of[piece as usize * heads_us + item.kv_head as usize] = next_slot;
+                next_slot += item.num_rows;
+            }
+        }
     }
 
     // 7. Merges: per partial token, its pieces in key order, for every query head.

@@ -107,6 +107,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn least_loaded_picks_the_least_load_then_the_lowest_group() {
+        for groups in [1usize, 2, 3, 4, 5, 16, 17, 132, 300] {
+            let first: Vec<f64> = (0..groups).map(|g| ((g * 7919) % 13) as f64).collect();
+            let total = 10_000.0;
+            let mut least = LeastLoaded::with_first_units(first.clone().into_iter(), total);
+            // The same fixed point, by a linear scan.
+            let bits = least.group_bits;
+            let mut loads: Vec<u64> = first.iter().map(|&c| (c * least.scale) as u64).collect();
+            for step in 0..1000 {
+                let cost = ((step * 31) % 17) as f64 * 0.5;
+                let want = (0..groups).min_by_key(|&g| (loads[g], g)).unwrap();
+                assert_eq!(least.add_to_least(cost) as usize, want, "{groups} groups, step {step}");
+                loads[want] += (cost * least.scale) as u64;
+                assert!(loads[want] < 1 << (63 - bits));
+            }
+            let max = *loads.iter().max().unwrap() as f64 / least.scale;
+            assert_eq!(least.max_load(), max);
+        }
+    }
+
+    #[test]
     fn slices_round_out_to_sixteen_rows() {
         assert_eq!(sliced_rows(0, 0), 0);
         assert_eq!(sliced_rows(0, 1), 16);

@@ -492,19 +492,22 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
         let count = list.len();
         for kv_head in 0..heads_us {
             let kv_base = kv_head as u32 * group;
-            // Slot of each piece's row for this KV head's first query head.
+            // This (token, KV head)'s slots: for each query head of the group, one per piece.
+            // A piece's row for the group's first head is its slot; the other heads sit in the
+            // next rows of the same tile.
+            let slots = &mut merge_slots[next..next + group as usize * count];
             for (j, pr) in list.iter().enumerate() {
-                merge_slots[next + j] = slot_of[pr.piece as usize * heads_us + kv_head] + pr.row;
-            }
-            merges.push(MergeRow { q_token: t as u32, qo_head: kv_base, slot_begin: next as u32, slot_count: count as u32 });
-            // The other heads of the group sit in the next rows of the same tiles.
-            for in_group in 1..group as usize {
-                let (done, rest) = merge_slots.split_at_mut(next + in_group * count);
-                for (dst, &src) in rest[..count].iter_mut().zip(&done[next..next + count]) {
-                    *dst = src + in_group as u32;
+                let first = slot_of[pr.piece as usize * heads_us + kv_head] + pr.row;
+                for (in_group, dst) in slots[j..].iter_mut().step_by(count).enumerate() {
+                    *dst = first + in_group as u32;
                 }
-                merges.push(MergeRow { q_token: t as u32, qo_head: kv_base + in_group as u32, slot_begin: (next + in_group * count) as u32, slot_count: count as u32 });
             }
+            merges.extend((0..group).map(|in_group| MergeRow {
+                q_token: t as u32,
+                qo_head: kv_base + in_group,
+                slot_begin: (next + in_group as usize * count) as u32,
+                slot_count: count as u32,
+            }));
             next += group as usize * count;
         }
     }

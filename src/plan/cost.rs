@@ -52,6 +52,8 @@ pub(crate) struct LeastLoaded {
     /// `tree[1]` is the root; node `i` has children `2i` and `2i + 1`; leaf of group `g` is
     /// `tree[leaves + g]`. `tree[0]` is unused.
     tree: Vec<u64>,
+    /// `tree[1]`, kept out of memory.
+    root: u64,
     leaves: usize,
     groups: usize,
     group_bits: u32,
@@ -75,7 +77,7 @@ impl LeastLoaded {
         for i in (1..leaves).rev() {
             tree[i] = tree[2 * i].min(tree[2 * i + 1]);
         }
-        LeastLoaded { tree, leaves, groups: groups.max(1), group_bits, scale }
+        LeastLoaded { root: tree[1], tree, leaves, groups: groups.max(1), group_bits, scale }
     }
 
     /// The largest load, in cost units (to the fixed point's resolution).
@@ -88,8 +90,9 @@ impl LeastLoaded {
     pub(crate) fn add_to_least(&mut self, cost: f64) -> u32 {
         let t = &mut self.tree[..];
         let mask = (1u64 << self.group_bits) - 1;
-        let group = t[1] & mask;
-        let load = (t[1] >> self.group_bits) + (cost * self.scale) as u64;
+        // The root from the last call's register rather than memory: placements are a chain.
+        let group = self.root & mask;
+        let load = (self.root >> self.group_bits) + (cost * self.scale) as u64;
         let mut key = load << self.group_bits | group;
         let mut i = self.leaves + group as usize;
         t[i] = key;
@@ -98,6 +101,7 @@ impl LeastLoaded {
             i >>= 1;
             t[i] = key;
         }
+        self.root = key;
         group as u32
     }
 }

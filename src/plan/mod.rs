@@ -236,7 +236,13 @@ impl Plan {
         let mut group_costs: Vec<f64> = vec![0.0; num_groups];
         // Items are sorted by group: a group's cost is summed in a register, in item order.
         let (mut run_group, mut run_cost) = (0usize, 0.0f64);
+        // What `num_partial_slots` computes, in the same pass.
+        let (mut partial_items, mut partial_slots) = (0u32, 0u32);
         for item in &self.items {
+            if item.partial_slot != FINAL_OUTPUT {
+                partial_items += 1;
+                partial_slots = partial_slots.max(item.partial_slot + item.num_rows);
+            }
             let m = match measured.get(item.chunk_begin as usize).copied().flatten() {
                 Some(m) => m,
                 None => {
@@ -291,13 +297,13 @@ impl Plan {
             num_items: self.items.len() as u32,
             num_split_requests,
             num_merge_rows: self.merges.len() as u32,
-            num_partial_slots: self.num_partial_slots(),
+            num_partial_slots: partial_slots,
             tile_utilization: if computed == 0 { 1.0 } else { useful as f64 / computed as f64 },
             max_group_cost: group_costs.iter().cloned().fold(0.0, f64::max),
             mean_group_cost: total / n,
             max_worker_cost: max_worker,
             mean_worker_cost: total / workers as f64,
-            num_partial_items: self.items.iter().filter(|i| i.partial_slot != FINAL_OUTPUT).count() as u32,
+            num_partial_items: partial_items,
             capacity,
             planning_ns: 0,
         };

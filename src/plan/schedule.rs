@@ -93,6 +93,13 @@ pub(super) struct Outcome {
     pub num_split_requests: u32,
 }
 
+/// An integer whose unsigned order is `f64::total_cmp`'s order of `x`.
+#[inline]
+fn total_order_key(x: f64) -> u64 {
+    let bits = x.to_bits() as i64;
+    (bits ^ (((bits >> 63) as u64) >> 1) as i64) as u64 ^ (1 << 63)
+}
+
 /// Builds the work list of `plan` (whose requests are filled in) with every technique its
 /// options enable.
 pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outcome> {
@@ -208,8 +215,12 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
     };
 
     let mut split_request = vec![false; n];
-    let mut pieces: Vec<Piece> = Vec::new();
-    let mut chunks: Vec<KvChunk> = Vec::new();
+    // Without splits: a piece and a chunk per prefix tile and block, a segment per block (packing
+    // only merges pieces). Splits grow them.
+    let unsplit = prefix_tiles.len() + blocks.len();
+    segments.reserve(blocks.len());
+    let mut pieces: Vec<Piece> = Vec::with_capacity(unsplit);
+    let mut chunks: Vec<KvChunk> = Vec::with_capacity(unsplit);
     let mut partial_rows: Vec<PartialRow> = Vec::new();
     let mut ranges: Vec<(u32, u32)> = Vec::new();
     let record_partials = |partial_rows: &mut Vec<PartialRow>, seg: &RowSegment, key_begin: u32, piece: u32| {
@@ -245,7 +256,7 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
     }
 
     // Blocks: a split block's pieces share its segment; unsplit short blocks wait for packing.
-    let mut pack: Vec<Block> = Vec::new();
+    let mut pack: Vec<Block> = Vec::with_capacity(blocks.len());
     for b in &blocks {
         split(b.key_begin, b.key_end, b.cost, &mut ranges);
         let rows = b.q_count * group;
@@ -355,7 +366,9 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
                 entities.push((bundle_cost[b], np + b as u32));
             }
         }
-        entities.sort_unstable_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
+        // By decreasing cost (in `f64::total_cmp` order), then by index: integer keys compare
+        // without the float comparison's branches.
+        entities.sort_unstable_by_key(|&(cost, i)| (!total_order_key(cost), i));
         let units = entities.len() * heads_us;
         let workers = profile.num_workers as usize;
         let total: f64 = entities.iter().map(|e| e.0).sum::<f64>() * heads as f64;
@@ -371,12 +384,15 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
                 bundle_pieces[p.bundle as usize].push(i as u32);
             }
         }
-        // The units in LPT order: entities by decreasing cost, each for every KV head.
-        let units_in_order = || entities.iter().flat_map(|&(cost, e)| (0..heads_us).map(move |h| (cost, e, h)));
-        let mut least = LeastLoaded::with_first_units(units_in_order().take(num_groups).map(|u| u.0).collect::<Vec<_>>().into_iter(), total);
-        for (u, (cost, e, h)) in units_in_order().enumerate() {
-            {
+        // The units in LPT order: entities by decreasing cost, each for every KV head. The first
+        // `num_groups` units go to groups 0, 1, ... in that order (all groups are empty).
+        let first_costs = entities.iter().flat_map(|&(cost, _)| std::iter::repeat_n(cost, heads_us)).take(num_groups);
+        let mut least = LeastLoaded::with_first_units(first_costs.collect::<Vec<_>>().into_iter(), total);
+        let mut u = 0usize;
+        for &(cost, e) in &entities {
+            for h in 0..heads_us {
                 let g = if u < num_groups { u as u32 } else { least.add_to_least(cost) };
+                u += 1;
                 if e < np {
                     group_of[e as usize * heads_us + h] = g;
                 } else {
@@ -402,37 +418,44 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
     for g in 0..num_groups {
         group_start[g + 1] += group_start[g];
     }
-    let mut unit_at = vec![0u32; group_of.len()];
+    // Items land at their place in group order (by unit within a group) in one scatter; partial
+    // slots are handed out afterwards in that order, when any piece writes them.
+    let any_partial = pieces.iter().any(|p| p.partial);
+    let mut items = vec![WorkItem::default(); group_of.len()];
+    let mut piece_at = if any_partial { vec![0u32; group_of.len()] } else { Vec::new() };
     {
-        let mut next = group_start.clone();
-        for (u, &g) in group_of.iter().enumerate() {
-            unit_at[next[g as usize] as usize] = u as u32;
-            next[g as usize] += 1;
+        let mut next = group_start;
+        for ((piece, p), groups) in pieces.iter().enumerate().zip(group_of.chunks_exact(heads_us)) {
+            let partial_slot = if p.partial { 0 } else { FINAL_OUTPUT };
+            for (kv_head, &g) in groups.iter().enumerate() {
+                let at = next[g as usize] as usize;
+                next[g as usize] += 1;
+                items[at] = WorkItem {
+                    kv_head: kv_head as u32,
+                    seg_begin: p.seg_begin,
+                    seg_count: p.seg_count,
+                    chunk_begin: p.chunk_begin,
+                    chunk_count: p.chunk_count,
+                    num_rows: p.num_rows,
+                    partial_slot,
+                    group: g,
+                };
+                if any_partial {
+                    piece_at[at] = piece as u32;
+                }
+            }
         }
     }
     let mut slot_of = vec![FINAL_OUTPUT; group_of.len()];
-    let mut items = Vec::with_capacity(group_of.len());
-    let mut next_slot = 0u32;
-    for &u in &unit_at {
-        let p = &pieces[u as usize / heads_us];
-        let partial_slot = if p.partial {
-            let s = next_slot;
-            next_slot += p.num_rows;
-            slot_of[u as usize] = s;
-            s
-        } else {
-            FINAL_OUTPUT
-        };
-        items.push(WorkItem {
-            kv_head: u % heads,
-            seg_begin: p.seg_begin,
-            seg_count: p.seg_count,
-            chunk_begin: p.chunk_begin,
-            chunk_count: p.chunk_count,
-            num_rows: p.num_rows,
-            partial_slot,
-            group: group_of[u as usize],
-        });
+    if any_partial {
+        let mut next_slot = 0u32;
+        for (item, &piece) in items.iter_mut().zip(&piece_at) {
+            if item.partial_slot != FINAL_OUTPUT {
+                item.partial_slot = next_slot;
+                slot_of[piece as usize * heads_us + item.kv_head as usize] = next_slot;
+                next_slot += item.num_rows;
+            }
+        }
     }
 
     // 7. Merges: per partial token, its pieces in key order, for every query head.
@@ -469,19 +492,22 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
         let count = list.len();
         for kv_head in 0..heads_us {
             let kv_base = kv_head as u32 * group;
-            // Slot of each piece's row for this KV head's first query head.
+            // This (token, KV head)'s slots: for each query head of the group, one per piece.
+            // A piece's row for the group's first head is its slot; the other heads sit in the
+            // next rows of the same tile.
+            let slots = &mut merge_slots[next..next + group as usize * count];
             for (j, pr) in list.iter().enumerate() {
-                merge_slots[next + j] = slot_of[pr.piece as usize * heads_us + kv_head] + pr.row;
-            }
-            merges.push(MergeRow { q_token: t as u32, qo_head: kv_base, slot_begin: next as u32, slot_count: count as u32 });
-            // The other heads of the group sit in the next rows of the same tiles.
-            for in_group in 1..group as usize {
-                let (done, rest) = merge_slots.split_at_mut(next + in_group * count);
-                for (dst, &src) in rest[..count].iter_mut().zip(&done[next..next + count]) {
-                    *dst = src + in_group as u32;
+                let first = slot_of[pr.piece as usize * heads_us + kv_head] + pr.row;
+                for (in_group, dst) in slots[j..].iter_mut().step_by(count).enumerate() {
+                    *dst = first + in_group as u32;
                 }
-                merges.push(MergeRow { q_token: t as u32, qo_head: kv_base + in_group as u32, slot_begin: (next + in_group * count) as u32, slot_count: count as u32 });
             }
+            merges.extend((0..group).map(|in_group| MergeRow {
+                q_token: t as u32,
+                qo_head: kv_base + in_group,
+                slot_begin: (next + in_group as usize * count) as u32,
+                slot_count: count as u32,
+            }));
             next += group as usize * count;
         }
     }
@@ -494,4 +520,19 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
     plan.merges = merges;
     plan.merge_slots = merge_slots;
     Ok(Outcome { capacity, num_split_requests: split_request.iter().filter(|&&s| s).count() as u32 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::total_order_key;
+
+    #[test]
+    fn total_order_key_orders_as_total_cmp() {
+        let xs = [f64::NEG_INFINITY, -1e300, -2.5, -1.0, -f64::MIN_POSITIVE, -0.0, 0.0, f64::MIN_POSITIVE, 1e-300, 1.0, 2.5, 3.0, 1e300, f64::INFINITY, f64::NAN, -f64::NAN];
+        for a in xs {
+            for b in xs {
+                assert_eq!(total_order_key(a).cmp(&total_order_key(b)), a.total_cmp(&b), "{a} vs {b}");
+            }
+        }
+    }
 }

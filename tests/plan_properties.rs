@@ -540,3 +540,26 @@ fn c_api_capacity_and_stats() {
         assert_eq!(packinfer_context_destroy(ctx), PackinferStatus::Ok);
     }
 }
+
+/// Decodes (one 16-row slice each) are packed only with each other and only up to one slice,
+/// so the GPU kernel keeps spreading their keys over all warps; taller blocks pack as before.
+#[test]
+fn one_slice_blocks_pack_only_into_one_slice_tiles() {
+    let mut r = rng(77);
+    let spec = CaseSpec { batch_size: 1, max_kv: 1, page_size: 16, num_kv_heads: 2, group: 4, head_dim: 64, dtype: DType::Bf16, causal: true, decode_fraction: 0.0, hnd: false };
+    // 40 decodes and 12 short prefills (8 tokens × 4 heads = 32 rows each).
+    let lens: Vec<(u32, u32)> = (0..52).map(|i| if i % 13 == 0 || i % 13 == 5 || i % 13 == 9 { (8, 40 + i) } else { (1, 30 + 7 * i) }).collect();
+    let case = Case::build(&mut r, &spec, &lens, vec![]);
+    let plan = plan_check_run(&case, &DeviceProfile::hopper(4), PlanOptions::default(), "decodes and short prefills");
+    let mut packed = 0;
+    for item in &plan.items {
+        let segs = &plan.row_segments[item.seg_begin as usize..(item.seg_begin + item.seg_count) as usize];
+        let narrow = segs.iter().map(|s| s.q_count * 4 <= 16).collect::<Vec<_>>();
+        assert!(narrow.iter().all(|&n| n == narrow[0]), "a tile mixes one-slice and taller blocks: {segs:?}");
+        if narrow[0] {
+            assert!(item.num_rows <= 16, "decodes packed into {} rows", item.num_rows);
+        }
+        packed += (item.seg_count > 1) as u32;
+    }
+    assert!(packed > 0, "nothing was packed; the test no longer exercises packing");
+}

@@ -18,7 +18,11 @@
 //! 4. **Packing.** Unsplit blocks of fewer than `block_m` rows are packed, next-fit in
 //!    request order, into shared tiles (one chunk per block), up to `block_m` rows and C/8 cost.
 //!    Blocks are only packed with blocks of the same finality (a tile writes either O or partial
-//!    slots) and the same prefix group (so the group stays together).
+//!    slots) and the same prefix group (so the group stays together). Blocks of at most one
+//!    16-row slice (decodes) are packed only with each other and only up to one slice: the
+//!    kernel spreads the keys of a one-slice tile over all its warps, while in a taller tile a
+//!    chunk runs on the warps of its own slices alone, so a decode packed into a tall tile would
+//!    run on one warp (seen on an H200: W2 decode 0.52 ms unpacked, 0.59 ms packed to 128 rows).
 //! 5. **Grouping.** Longest-processing-time first: units sorted by decreasing cost, each placed
 //!    on the least-loaded of G groups. A unit is one piece for one KV head, or a whole prefix
 //!    group for one KV head when it fits in C (so its members share a CTA, the paper's I/O-aware
@@ -29,7 +33,7 @@
 //! `kv_chunks` entries (a work item only names index ranges into them) and differ in `kv_head`,
 //! `partial_slot` and `group`.
 
-use super::cost::{chunk_cost, item_cost, min_capacity, LeastLoaded};
+use super::cost::{chunk_cost, item_cost, min_capacity, LeastLoaded, ROW_SLICE};
 use super::{DeviceProfile, KvChunk, MergeRow, Plan, RowSegment, WorkItem, FINAL_OUTPUT};
 use crate::error::Result;
 
@@ -305,13 +309,15 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
         let (seg_begin, chunk_begin) = (segments.len() as u32, chunks.len() as u32);
         let mut rows = 0;
         let mut cost = profile.cost_item;
+        let one_slice = |rows: u32| rows <= ROW_SLICE;
+        let tile_rows = if one_slice(first.q_count * group) { ROW_SLICE } else { block_m };
         let mut j = i;
         while j < order.len() {
             let b = pack[order[j] as usize];
             let b_rows = b.q_count * group;
             let b_cost = chunk_cost(profile, rows, rows + b_rows, b.key_end - b.key_begin);
-            let same_class = b.bundle == first.bundle && b.partial == first.partial;
-            if j > i && (!same_class || rows + b_rows > block_m || cost + b_cost > pack_limit) {
+            let same_class = b.bundle == first.bundle && b.partial == first.partial && one_slice(b_rows) == one_slice(first.q_count * group);
+            if j > i && (!same_class || rows + b_rows > tile_rows || cost + b_cost > pack_limit) {
                 break;
             }
             segments.push(RowSegment { request: b.request, q_begin: b.q_begin, q_count: b.q_count, row_begin: rows });

@@ -8,8 +8,8 @@
 //!    merged by log-sum-exp. Load accounting therefore counts the prefix once.
 //! 2. **Row blocks.** Every other request's tokens are cut into blocks of `block_m / group`
 //!    tokens (a block's rows are its tokens × the GQA heads of one KV head).
-//! 3. **Capacity and splits.** C comes from the options or is `total cost / num_workers` (one
-//!    whole wave of groups), never below [`cost::min_capacity`]. A piece costing more than C is
+//! 3. **Capacity and splits.** C comes from the options or is `total cost / (AUTO_WAVES ×
+//!    num_workers)` (whole waves of groups), never below [`cost::min_capacity`]. A piece costing more than C is
 //!    split along its keys into ⌈cost / C⌉ pieces on `block_n` boundaries; in deterministic mode
 //!    instead every key range is cut at the absolute multiples of `split_keys`, so a request's
 //!    pieces do not depend on the rest of the batch (a shared prefix then counts only up to its
@@ -26,7 +26,7 @@
 //! 5. **Grouping.** Longest-processing-time first: units sorted by decreasing cost, each placed
 //!    on the least-loaded of G groups. A unit is one piece for one KV head, or a whole prefix
 //!    group for one KV head when it fits in C (so its members share a CTA, the paper's I/O-aware
-//!    grouping). Automatic capacity uses G = num_workers groups (one full wave); a given
+//!    grouping). Automatic capacity uses G = AUTO_WAVES × num_workers groups; a given
 //!    capacity uses G = ⌈total / C⌉, rounded up to whole waves beyond one.
 //!
 //! Pieces are replicated for every KV head; the copies share their `row_segments` and
@@ -38,6 +38,14 @@ use super::{DeviceProfile, KvChunk, MergeRow, Plan, RowSegment, WorkItem, FINAL_
 use crate::error::Result;
 
 const NO_BUNDLE: u32 = u32::MAX;
+
+/// Waves of groups the automatic capacity aims for. More than one: persistent CTAs take groups
+/// from a shared counter, so a few groups per worker absorb the cost model's errors, and the
+/// GPU runs two CTAs per SM with its narrow kernel (decode-only launches), which one wave of
+/// `num_workers` groups would leave half idle. Measured on an H200 (W1 prefill / W2 decode,
+/// bench/results/h200-2026-11-26/merged/waves.md): 1 wave 5.93 / 0.595 ms, 2 waves 6.06 /
+/// 0.328 ms, 4 waves 6.58 / 0.324 ms.
+const AUTO_WAVES: f64 = 2.0;
 
 /// A run of one request's query tokens against one range of its keys: a work item of one
 /// segment and one chunk, unless packing puts it into a shared tile.
@@ -189,7 +197,7 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
     // 3. Capacity, then splits.
     let total: f64 = (blocks.iter().map(|b| b.cost).sum::<f64>() + prefix_tiles.iter().map(|t| block_cost(t.num_rows, t.key_end)).sum::<f64>()) * heads as f64;
     let auto_capacity = opts.capacity.is_none();
-    let capacity = opts.capacity.unwrap_or_else(|| (total / profile.num_workers as f64).max(min_capacity(profile)));
+    let capacity = opts.capacity.unwrap_or_else(|| (total / (AUTO_WAVES * profile.num_workers as f64)).max(min_capacity(profile)));
     let split = |key_begin: u32, key_end: u32, cost: f64, out: &mut Vec<(u32, u32)>| {
         out.clear();
         match fixed_split {
@@ -378,7 +386,7 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
         let units = entities.len() * heads_us;
         let workers = profile.num_workers as usize;
         let total: f64 = entities.iter().map(|e| e.0).sum::<f64>() * heads as f64;
-        let mut g = if auto_capacity { workers } else { ((total / capacity).ceil() as usize).max(1) };
+        let mut g = if auto_capacity { workers * AUTO_WAVES as usize } else { ((total / capacity).ceil() as usize).max(1) };
         if g > workers {
             g = g.next_multiple_of(workers);
         }

@@ -245,11 +245,11 @@ fn splits_merges_and_prefix_tiles_happen_and_are_exact() {
     let mut r = rng(77);
     let spec = CaseSpec { batch_size: 8, max_kv: 3000, page_size: 16, num_kv_heads: 2, group: 4, head_dim: 64, dtype: DType::F32, causal: true, decode_fraction: 1.0, hnd: false };
     // Eight decodes: three share a 1500-key prefix, one is long enough to split into 4 groups
-    // (one worker, so the automatic capacity forms 4 groups: its waves).
+    // (two workers; the automatic capacity forms two waves of groups).
     let lens = [(1, 3000), (1, 1600), (1, 1501), (1, 1500), (1, 40), (3, 90), (1, 7), (2, 2)];
     let groups = vec![PrefixGroup { prefix_len: 1500, members: vec![1, 2, 3] }];
     let case = Case::build(&mut r, &spec, &lens, groups);
-    let profile = DeviceProfile::hopper(1);
+    let profile = DeviceProfile::hopper(2);
     let plan = plan_check_run(&case, &profile, PlanOptions::default(), "decodes with prefix");
     let s = plan.stats;
     assert!(s.num_split_requests >= 4, "{s:?}");

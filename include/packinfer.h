@@ -358,8 +358,9 @@ typedef struct PackinferRunArgs {
 
 /**
  * Sizes of a launch's device buffers, so that `packinfer_launch_update` can later upload any
- * plan that fits (and a CUDA graph captured around `packinfer_run` replays it). 0 in a field =
- * the first plan's own count.
+ * plan that fits (and a CUDA graph captured around `packinfer_run` replays it). Each field is
+ * raised to the first plan's own count, so 0 means "the first plan's count". The CPU backend
+ * computes each run from its plan and ignores the capacity.
  */
 typedef struct PackinferLaunchCapacity {
   /**
@@ -747,8 +748,9 @@ enum PackinferStatus packinfer_launch_update(struct PackinferLaunch launch,
 enum PackinferStatus packinfer_pool_options_default(struct PackinferPoolOptions *options);
 
 /**
- * Creates a KV pool on a context's backend, allocating all of its memory now (host memory on
- * the CPU backend; the CUDA backend says UNSUPPORTED until its pool kernels land).
+ * Creates a KV pool on a context's backend, allocating all of its memory now: host memory on
+ * the CPU backend, one zeroed device allocation on the CUDA backend (which takes F16/BF16 and
+ * head_dim 64/128/256 only, as its attention kernels do; anything else is UNSUPPORTED).
  *
  * # Safety
  * `options` must point to an initialized `PackinferPoolOptions`; `out` writable.

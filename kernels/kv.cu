@@ -43,3 +43,48 @@ extern "C" __global__ void copy_pages(u16* k, u16* v, i64 stride_page, i64 strid
         v[dst] = v[src];
     }
 }
+
+// The KV pool's byte-level moves (`KvMemory` on the CUDA backend). The pool addresses its one
+// allocation by byte offsets, so these kernels know nothing of heads or layers. `vec16` is 1 when
+// the host checked that every address, stride and size is a multiple of 16 bytes: then each
+// thread moves 16-byte vectors (a bf16 row of 8 heads x 128 dims is 128 of them), else bytes.
+
+struct alignas(16) Bytes16 {
+    u32 w[4];
+};
+
+// Row i (`row_bytes` bytes at src + i * src_stride) goes to base + dst_offsets[i].
+extern "C" __global__ void scatter_rows(unsigned char* base, const unsigned char* src, u64 src_stride, u64 row_bytes,
+                                        const u64* dst_offsets, u32 num_rows, u32 vec16) {
+    const u64 unit = vec16 ? 16 : 1;
+    const u64 per_row = row_bytes / unit;
+    const u64 total = per_row * num_rows;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
+        const u64 row = i / per_row, at = (i % per_row) * unit;
+        const unsigned char* from = src + row * src_stride + at;
+        unsigned char* to = base + dst_offsets[row] + at;
+        if (vec16) {
+            *reinterpret_cast<Bytes16*>(to) = *reinterpret_cast<const Bytes16*>(from);
+        } else {
+            *to = *from;
+        }
+    }
+}
+
+// For each pair (pairs[2i] = source offset, pairs[2i+1] = destination offset), copies `bytes`
+// bytes inside the allocation. Destinations overlap no source (the pool copies into free pages).
+extern "C" __global__ void copy_ranges(unsigned char* base, const u64* pairs, u32 num_pairs, u64 bytes, u32 vec16) {
+    const u64 unit = vec16 ? 16 : 1;
+    const u64 per_pair = bytes / unit;
+    const u64 total = per_pair * num_pairs;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
+        const u64 p = i / per_pair, at = (i % per_pair) * unit;
+        const unsigned char* from = base + pairs[2 * p] + at;
+        unsigned char* to = base + pairs[2 * p + 1] + at;
+        if (vec16) {
+            *reinterpret_cast<Bytes16*>(to) = *reinterpret_cast<const Bytes16*>(from);
+        } else {
+            *to = *from;
+        }
+    }
+}

@@ -108,3 +108,15 @@ fn cache_names_change_with_architecture_and_variant() {
     let d = compile::cache_file_name(Unit::Attention { head_dim: 128, dtype: packinfer::types::DType::Bf16, warps: 4 }, "sm_90a", (13, 1));
     assert!(a != b && a != c && a != d && b != c, "{a} {b} {c} {d}");
 }
+
+/// The KV unit holds the pool's byte-move kernels (`DeviceKvMemory` looks them up by name).
+#[test]
+fn kv_unit_exports_the_pool_kernels() {
+    if !nvrtc_or_skip("kv_unit_exports_the_pool_kernels") {
+        return;
+    }
+    let c = compile::compile(Unit::Kv, "sm_90a").unwrap();
+    for name in ["append_kv", "copy_pages", "scatter_rows", "copy_ranges"] {
+        assert!(c.cubin.windows(name.len()).any(|w| w == name.as_bytes()), "the kv cubin has no symbol {name}");
+    }
+}

@@ -182,7 +182,7 @@ fn handles_and_sequence_ids_are_checked() {
     packinfer_context_destroy(c);
 }
 
-/// A backend without KV pool support (as the CUDA backend is until its kernels land).
+/// A backend that does not implement `alloc_kv` (the trait's default says Unsupported).
 struct NoPoolBackend;
 
 impl Backend for NoPoolBackend {
@@ -202,7 +202,7 @@ impl Backend for NoPoolBackend {
 
 #[test]
 fn backends_without_pool_support_say_unsupported() {
-    let config = PoolConfig { num_layers: 1, num_qo_heads: 1, num_kv_heads: 1, head_dim: 8, dtype: DType::F16, causal: true, sm_scale: 0.0, page_size: 16, num_pages: 4, headroom_pages: 0 };
+    let config = PoolConfig { num_layers: 1, num_qo_heads: 1, num_kv_heads: 1, head_dim: 64, dtype: DType::F16, causal: true, sm_scale: 0.0, page_size: 16, num_pages: 4, headroom_pages: 0 };
     match KvPool::new(Arc::new(NoPoolBackend), config) {
         Err(Error::Unsupported(m)) => assert!(m.contains("test gpu"), "{m}"),
         other => panic!("expected Unsupported, got {other:?}"),

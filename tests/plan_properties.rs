@@ -244,11 +244,12 @@ fn every_flag_combination_covers_exactly_once_and_matches_f64() {
 fn splits_merges_and_prefix_tiles_happen_and_are_exact() {
     let mut r = rng(77);
     let spec = CaseSpec { batch_size: 8, max_kv: 3000, page_size: 16, num_kv_heads: 2, group: 4, head_dim: 64, dtype: DType::F32, causal: true, decode_fraction: 1.0, hnd: false };
-    // Eight decodes: three share a 1500-key prefix, one is long enough to split on 4 workers.
+    // Eight decodes: three share a 1500-key prefix, one is long enough to split into 4 groups
+    // (two workers; the automatic capacity forms two waves of groups).
     let lens = [(1, 3000), (1, 1600), (1, 1501), (1, 1500), (1, 40), (3, 90), (1, 7), (2, 2)];
     let groups = vec![PrefixGroup { prefix_len: 1500, members: vec![1, 2, 3] }];
     let case = Case::build(&mut r, &spec, &lens, groups);
-    let profile = DeviceProfile::hopper(4);
+    let profile = DeviceProfile::hopper(2);
     let plan = plan_check_run(&case, &profile, PlanOptions::default(), "decodes with prefix");
     let s = plan.stats;
     assert!(s.num_split_requests >= 4, "{s:?}");
@@ -269,7 +270,7 @@ fn splits_merges_and_prefix_tiles_happen_and_are_exact() {
     }
     // Packing: the short decodes share tiles.
     assert!(plan.items.iter().any(|it| it.seg_count > 1 && it.partial_slot == FINAL_OUTPUT), "no packed tile");
-    // The long request is split on this 4-worker device.
+    // The long request is split across the 4 groups.
     assert!(plan.kv_chunks.iter().filter(|c| c.request == 0).count() > 1, "request 0 not split");
     assert_eq!(s.num_groups, 4);
     assert!(s.max_group_cost <= 1.5 * s.mean_group_cost, "{s:?}");
@@ -539,4 +540,27 @@ fn c_api_capacity_and_stats() {
         assert_eq!(packinfer_plan_destroy(plan), PackinferStatus::Ok);
         assert_eq!(packinfer_context_destroy(ctx), PackinferStatus::Ok);
     }
+}
+
+/// Decodes (one 16-row slice each) are packed only with each other and only up to one slice,
+/// so the GPU kernel keeps spreading their keys over all warps; taller blocks pack as before.
+#[test]
+fn one_slice_blocks_pack_only_into_one_slice_tiles() {
+    let mut r = rng(77);
+    let spec = CaseSpec { batch_size: 1, max_kv: 1, page_size: 16, num_kv_heads: 2, group: 4, head_dim: 64, dtype: DType::Bf16, causal: true, decode_fraction: 0.0, hnd: false };
+    // 40 decodes and 12 short prefills (8 tokens × 4 heads = 32 rows each).
+    let lens: Vec<(u32, u32)> = (0..52).map(|i| if i % 13 == 0 || i % 13 == 5 || i % 13 == 9 { (8, 40 + i) } else { (1, 30 + 7 * i) }).collect();
+    let case = Case::build(&mut r, &spec, &lens, vec![]);
+    let plan = plan_check_run(&case, &DeviceProfile::hopper(4), PlanOptions::default(), "decodes and short prefills");
+    let mut packed = 0;
+    for item in &plan.items {
+        let segs = &plan.row_segments[item.seg_begin as usize..(item.seg_begin + item.seg_count) as usize];
+        let narrow = segs.iter().map(|s| s.q_count * 4 <= 16).collect::<Vec<_>>();
+        assert!(narrow.iter().all(|&n| n == narrow[0]), "a tile mixes one-slice and taller blocks: {segs:?}");
+        if narrow[0] {
+            assert!(item.num_rows <= 16, "decodes packed into {} rows", item.num_rows);
+        }
+        packed += (item.seg_count > 1) as u32;
+    }
+    assert!(packed > 0, "nothing was packed; the test no longer exercises packing");
 }

@@ -121,8 +121,9 @@ pub unsafe extern "C" fn packinfer_pool_options_default(options: *mut PackinferP
     })
 }
 
-/// Creates a KV pool on a context's backend, allocating all of its memory now (host memory on
-/// the CPU backend; the CUDA backend says UNSUPPORTED until its pool kernels land).
+/// Creates a KV pool on a context's backend, allocating all of its memory now: host memory on
+/// the CPU backend, one zeroed device allocation on the CUDA backend (which takes F16/BF16 and
+/// head_dim 64/128/256 only, as its attention kernels do; anything else is UNSUPPORTED).
 ///
 /// # Safety
 /// `options` must point to an initialized `PackinferPoolOptions`; `out` writable.

@@ -220,8 +220,9 @@ pub struct PackinferRunArgs {
 }
 
 /// Sizes of a launch's device buffers, so that `packinfer_launch_update` can later upload any
-/// plan that fits (and a CUDA graph captured around `packinfer_run` replays it). 0 in a field =
-/// the first plan's own count.
+/// plan that fits (and a CUDA graph captured around `packinfer_run` replays it). Each field is
+/// raised to the first plan's own count, so 0 means "the first plan's count". The CPU backend
+/// computes each run from its plan and ignores the capacity.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PackinferLaunchCapacity {

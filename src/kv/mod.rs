@@ -174,6 +174,10 @@ impl KvPool {
     /// Validates `config` and allocates the pool's memory once from `backend`.
     pub fn new(backend: Arc<dyn Backend>, config: PoolConfig) -> Result<KvPool> {
         let bytes = config.validate()?;
+        if backend.kind() == crate::backend::BackendKind::Cuda {
+            // A pool the kernels cannot read would fail only at the first launch; say it now.
+            crate::backend::cuda::check_kernel_shape(config.head_dim, config.dtype).map_err(|e| crate::unsupported!("a KV pool on the CUDA backend: {e}"))?;
+        }
         let memory = backend.alloc_kv(bytes as usize)?;
         let n = config.num_pages;
         let state = PoolState {

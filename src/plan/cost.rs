@@ -40,12 +40,22 @@ pub fn min_capacity(profile: &DeviceProfile) -> f64 {
     profile.cost_item + chunk_cost(profile, 0, ROW_SLICE, 4 * profile.block_n)
 }
 
-/// Loads of groups (or workers) as a 4-ary min-heap, for longest-processing-time-first placement
-/// and for simulating workers that take groups in order: the root is the least-loaded one; adding to it only ever sifts it down. A key is the load in fixed
-/// point (total cost = 2^(63 - group bits)) with the group in the low bits, so one integer
-/// comparison orders by load, then by group.
+/// Loads of groups (or workers) as a winner tree, for longest-processing-time-first placement
+/// and for simulating workers that take groups in order. A key is the load in fixed point
+/// (total cost = 2^(63 - group bits)) with the group in the low bits, so one integer comparison
+/// orders by load, then by group, and every key is distinct: the least key is the least-loaded
+/// group, ties going to the lower group. Leaves hold the groups' keys (padding leaves hold
+/// `u64::MAX`), each inner node the least key below it, so the root is the answer and adding to a
+/// group only recomputes its path to the root: a fixed number of branch-free minimums, where a
+/// heap's sift-down takes a data-dependent branch per level that the CPU mispredicts.
 pub(crate) struct LeastLoaded {
-    heap: Vec<u64>,
+    /// `tree[1]` is the root; node `i` has children `2i` and `2i + 1`; leaf of group `g` is
+    /// `tree[leaves + g]`. `tree[0]` is unused.
+    tree: Vec<u64>,
+    /// `tree[1]`, kept out of memory.
+    root: u64,
+    leaves: usize,
+    groups: usize,
     group_bits: u32,
     scale: f64,
 }
@@ -53,61 +63,45 @@ pub(crate) struct LeastLoaded {
 impl LeastLoaded {
     /// Groups `0..groups` holding the first `groups` of the units sorted by decreasing cost,
     /// one each (what LPT does with them: every group is empty and ties go to the lower group).
+    /// No units at all means one empty group.
     pub(crate) fn with_first_units(first_costs: impl ExactSizeIterator<Item = f64>, total_cost: f64) -> Self {
         let groups = first_costs.len();
         let group_bits = (usize::BITS - groups.saturating_sub(1).leading_zeros()).max(1);
         let scale = (1u64 << (63 - group_bits)) as f64 / total_cost.max(f64::MIN_POSITIVE);
-        let mut heap: Vec<u64> = first_costs.enumerate().map(|(g, c)| ((c * scale) as u64) << group_bits | g as u64).collect();
-        // An ascending array is a min-heap.
-        heap.sort_unstable();
-        if heap.is_empty() {
-            heap.push(0);
+        let leaves = groups.max(1).next_power_of_two();
+        let mut tree = vec![u64::MAX; 2 * leaves];
+        tree[leaves] = 0;
+        for (g, c) in first_costs.enumerate() {
+            tree[leaves + g] = ((c * scale) as u64) << group_bits | g as u64;
         }
-        LeastLoaded { heap, group_bits, scale }
+        for i in (1..leaves).rev() {
+            tree[i] = tree[2 * i].min(tree[2 * i + 1]);
+        }
+        LeastLoaded { root: tree[1], tree, leaves, groups: groups.max(1), group_bits, scale }
     }
 
     /// The largest load, in cost units (to the fixed point's resolution).
     pub(crate) fn max_load(&self) -> f64 {
-        self.heap.iter().map(|&k| k >> self.group_bits).max().unwrap_or(0) as f64 / self.scale
+        self.tree[self.leaves..self.leaves + self.groups].iter().map(|&k| k >> self.group_bits).max().unwrap_or(0) as f64 / self.scale
     }
 
     /// Adds `cost` to the least-loaded group and returns that group.
+    #[inline]
     pub(crate) fn add_to_least(&mut self, cost: f64) -> u32 {
-        let h = &mut self.heap;
+        let t = &mut self.tree[..];
         let mask = (1u64 << self.group_bits) - 1;
-        let group = h[0] & mask;
-        let load = (h[0] >> self.group_bits) + (cost * self.scale) as u64;
-        let item = load << self.group_bits | group;
-        let n = h.len();
-        let mut i = 0;
-        loop {
-            let first = 4 * i + 1;
-            if first >= n {
-                break;
-            }
-            let best = if first + 4 <= n {
-                // All four children: a branch-free tournament.
-                let c = &h[first..first + 4];
-                let a = if c[1] < c[0] { 1 } else { 0 };
-                let b = if c[3] < c[2] { 3 } else { 2 };
-                first + if c[b] < c[a] { b } else { a }
-            } else {
-                let mut best = first;
-                for c in first + 1..n {
-                    if h[c] < h[best] {
-                        best = c;
-                    }
-                }
-                best
-            };
-            if h[best] < item {
-                h[i] = h[best];
-                i = best;
-            } else {
-                break;
-            }
+        // The root from the last call's register rather than memory: placements are a chain.
+        let group = self.root & mask;
+        let load = (self.root >> self.group_bits) + (cost * self.scale) as u64;
+        let mut key = load << self.group_bits | group;
+        let mut i = self.leaves + group as usize;
+        t[i] = key;
+        while i > 1 {
+            key = key.min(t[i ^ 1]);
+            i >>= 1;
+            t[i] = key;
         }
-        h[i] = item;
+        self.root = key;
         group as u32
     }
 }
@@ -115,6 +109,27 @@ impl LeastLoaded {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn least_loaded_picks_the_least_load_then_the_lowest_group() {
+        for groups in [1usize, 2, 3, 4, 5, 16, 17, 132, 300] {
+            let first: Vec<f64> = (0..groups).map(|g| ((g * 7919) % 13) as f64).collect();
+            let total = 10_000.0;
+            let mut least = LeastLoaded::with_first_units(first.clone().into_iter(), total);
+            // The same fixed point, by a linear scan.
+            let bits = least.group_bits;
+            let mut loads: Vec<u64> = first.iter().map(|&c| (c * least.scale) as u64).collect();
+            for step in 0..1000 {
+                let cost = ((step * 31) % 17) as f64 * 0.5;
+                let want = (0..groups).min_by_key(|&g| (loads[g], g)).unwrap();
+                assert_eq!(least.add_to_least(cost) as usize, want, "{groups} groups, step {step}");
+                loads[want] += (cost * least.scale) as u64;
+                assert!(loads[want] < 1 << (63 - bits));
+            }
+            let max = *loads.iter().max().unwrap() as f64 / least.scale;
+            assert_eq!(least.max_load(), max);
+        }
+    }
 
     #[test]
     fn slices_round_out_to_sixteen_rows() {

@@ -2,6 +2,7 @@
 //! device; the CPU backend executes exactly what it produces, so everything here is tested in CI.
 
 pub mod adapt;
+
 pub mod cost;
 mod schedule;
 pub mod work;
@@ -230,8 +231,18 @@ impl Plan {
         // Per chunk_begin: (item cost, useful pairs, computed pairs), measured once.
         let mut measured: Vec<Option<(f64, u64, u64)>> = vec![None; self.kv_chunks.len()];
         let (mut computed, mut useful) = (0u64, 0u64);
-        let mut group_costs: Vec<f64> = Vec::new();
+        debug_assert!(self.items.windows(2).all(|w| w[0].group <= w[1].group), "items not sorted by group");
+        let num_groups = self.items.last().map_or(0, |i| i.group as usize + 1);
+        let mut group_costs: Vec<f64> = vec![0.0; num_groups];
+        // Items are sorted by group: a group's cost is summed in a register, in item order.
+        let (mut run_group, mut run_cost) = (0usize, 0.0f64);
+        // What `num_partial_slots` computes, in the same pass.
+        let (mut partial_items, mut partial_slots) = (0u32, 0u32);
         for item in &self.items {
+            if item.partial_slot != FINAL_OUTPUT {
+                partial_items += 1;
+                partial_slots = partial_slots.max(item.partial_slot + item.num_rows);
+            }
             let m = match measured.get(item.chunk_begin as usize).copied().flatten() {
                 Some(m) => m,
                 None => {
@@ -240,7 +251,10 @@ impl Plan {
                     let (mut use_, mut comp) = (0u64, 0u64);
                     for c in chunks {
                         comp += cost::sliced_rows(c.row_begin, c.row_end) as u64 * (c.key_end - c.key_begin) as u64;
-                        for s in segs.iter().filter(|s| s.row_begin >= c.row_begin && s.row_begin < c.row_end) {
+                        // Segments are laid out in row order: those starting in the chunk's rows
+                        // are one run.
+                        let first = segs.partition_point(|s| s.row_begin < c.row_begin);
+                        for s in segs[first..].iter().take_while(|s| s.row_begin < c.row_end) {
                             let req = &self.requests[s.request as usize];
                             use_ += group * visible_keys(req, s.q_begin, s.q_count, causal, c.key_begin, c.key_end);
                         }
@@ -255,10 +269,14 @@ impl Plan {
             useful += m.1;
             computed += m.2;
             let g = item.group as usize;
-            if group_costs.len() <= g {
-                group_costs.resize(g + 1, 0.0);
+            if g != run_group {
+                group_costs[run_group] = run_cost;
+                (run_group, run_cost) = (g, 0.0);
             }
-            group_costs[g] += m.0;
+            run_cost += m.0;
+        }
+        if num_groups > 0 {
+            group_costs[run_group] = run_cost;
         }
         // Workers take the groups in order, each the next one as soon as it is free.
         let workers = profile.num_workers as usize;
@@ -279,13 +297,13 @@ impl Plan {
             num_items: self.items.len() as u32,
             num_split_requests,
             num_merge_rows: self.merges.len() as u32,
-            num_partial_slots: self.num_partial_slots(),
+            num_partial_slots: partial_slots,
             tile_utilization: if computed == 0 { 1.0 } else { useful as f64 / computed as f64 },
             max_group_cost: group_costs.iter().cloned().fold(0.0, f64::max),
             mean_group_cost: total / n,
             max_worker_cost: max_worker,
             mean_worker_cost: total / workers as f64,
-            num_partial_items: self.items.iter().filter(|i| i.partial_slot != FINAL_OUTPUT).count() as u32,
+            num_partial_items: partial_items,
             capacity,
             planning_ns: 0,
         };

@@ -8,8 +8,8 @@
 //!    merged by log-sum-exp. Load accounting therefore counts the prefix once.
 //! 2. **Row blocks.** Every other request's tokens are cut into blocks of `block_m / group`
 //!    tokens (a block's rows are its tokens × the GQA heads of one KV head).
-//! 3. **Capacity and splits.** C comes from the options or is `total cost / num_workers` (one
-//!    whole wave of groups), never below [`cost::min_capacity`]. A piece costing more than C is
+//! 3. **Capacity and splits.** C comes from the options or is `total cost / (AUTO_WAVES ×
+//!    num_workers)` (whole waves of groups), never below [`cost::min_capacity`]. A piece costing more than C is
 //!    split along its keys into ⌈cost / C⌉ pieces on `block_n` boundaries; in deterministic mode
 //!    instead every key range is cut at the absolute multiples of `split_keys`, so a request's
 //!    pieces do not depend on the rest of the batch (a shared prefix then counts only up to its
@@ -18,22 +18,34 @@
 //! 4. **Packing.** Unsplit blocks of fewer than `block_m` rows are packed, next-fit in
 //!    request order, into shared tiles (one chunk per block), up to `block_m` rows and C/8 cost.
 //!    Blocks are only packed with blocks of the same finality (a tile writes either O or partial
-//!    slots) and the same prefix group (so the group stays together).
+//!    slots) and the same prefix group (so the group stays together). Blocks of at most one
+//!    16-row slice (decodes) are packed only with each other and only up to one slice: the
+//!    kernel spreads the keys of a one-slice tile over all its warps, while in a taller tile a
+//!    chunk runs on the warps of its own slices alone, so a decode packed into a tall tile would
+//!    run on one warp (seen on an H200: W2 decode 0.52 ms unpacked, 0.59 ms packed to 128 rows).
 //! 5. **Grouping.** Longest-processing-time first: units sorted by decreasing cost, each placed
 //!    on the least-loaded of G groups. A unit is one piece for one KV head, or a whole prefix
 //!    group for one KV head when it fits in C (so its members share a CTA, the paper's I/O-aware
-//!    grouping). Automatic capacity uses G = num_workers groups (one full wave); a given
+//!    grouping). Automatic capacity uses G = AUTO_WAVES × num_workers groups; a given
 //!    capacity uses G = ⌈total / C⌉, rounded up to whole waves beyond one.
 //!
 //! Pieces are replicated for every KV head; the copies share their `row_segments` and
 //! `kv_chunks` entries (a work item only names index ranges into them) and differ in `kv_head`,
 //! `partial_slot` and `group`.
 
-use super::cost::{chunk_cost, item_cost, min_capacity, LeastLoaded};
+use super::cost::{chunk_cost, item_cost, min_capacity, LeastLoaded, ROW_SLICE};
 use super::{DeviceProfile, KvChunk, MergeRow, Plan, RowSegment, WorkItem, FINAL_OUTPUT};
 use crate::error::Result;
 
 const NO_BUNDLE: u32 = u32::MAX;
+
+/// Waves of groups the automatic capacity aims for. More than one: persistent CTAs take groups
+/// from a shared counter, so a few groups per worker absorb the cost model's errors, and the
+/// GPU runs two CTAs per SM with its narrow kernel (decode-only launches), which one wave of
+/// `num_workers` groups would leave half idle. Measured on an H200 (W1 prefill / W2 decode,
+/// bench/results/h200-2026-11-26/merged/waves.md): 1 wave 5.93 / 0.595 ms, 2 waves 6.06 /
+/// 0.328 ms, 4 waves 6.58 / 0.324 ms.
+const AUTO_WAVES: f64 = 2.0;
 
 /// A run of one request's query tokens against one range of its keys: a work item of one
 /// segment and one chunk, unless packing puts it into a shared tile.
@@ -91,6 +103,13 @@ struct PartialRow {
 pub(super) struct Outcome {
     pub capacity: f64,
     pub num_split_requests: u32,
+}
+
+/// An integer whose unsigned order is `f64::total_cmp`'s order of `x`.
+#[inline]
+fn total_order_key(x: f64) -> u64 {
+    let bits = x.to_bits() as i64;
+    (bits ^ (((bits >> 63) as u64) >> 1) as i64) as u64 ^ (1 << 63)
 }
 
 /// Builds the work list of `plan` (whose requests are filled in) with every technique its
@@ -178,7 +197,7 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
     // 3. Capacity, then splits.
     let total: f64 = (blocks.iter().map(|b| b.cost).sum::<f64>() + prefix_tiles.iter().map(|t| block_cost(t.num_rows, t.key_end)).sum::<f64>()) * heads as f64;
     let auto_capacity = opts.capacity.is_none();
-    let capacity = opts.capacity.unwrap_or_else(|| (total / profile.num_workers as f64).max(min_capacity(profile)));
+    let capacity = opts.capacity.unwrap_or_else(|| (total / (AUTO_WAVES * profile.num_workers as f64)).max(min_capacity(profile)));
     let split = |key_begin: u32, key_end: u32, cost: f64, out: &mut Vec<(u32, u32)>| {
         out.clear();
         match fixed_split {
@@ -208,8 +227,12 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
     };
 
     let mut split_request = vec![false; n];
-    let mut pieces: Vec<Piece> = Vec::new();
-    let mut chunks: Vec<KvChunk> = Vec::new();
+    // Without splits: a piece and a chunk per prefix tile and block, a segment per block (packing
+    // only merges pieces). Splits grow them.
+    let unsplit = prefix_tiles.len() + blocks.len();
+    segments.reserve(blocks.len());
+    let mut pieces: Vec<Piece> = Vec::with_capacity(unsplit);
+    let mut chunks: Vec<KvChunk> = Vec::with_capacity(unsplit);
     let mut partial_rows: Vec<PartialRow> = Vec::new();
     let mut ranges: Vec<(u32, u32)> = Vec::new();
     let record_partials = |partial_rows: &mut Vec<PartialRow>, seg: &RowSegment, key_begin: u32, piece: u32| {
@@ -245,7 +268,7 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
     }
 
     // Blocks: a split block's pieces share its segment; unsplit short blocks wait for packing.
-    let mut pack: Vec<Block> = Vec::new();
+    let mut pack: Vec<Block> = Vec::with_capacity(blocks.len());
     for b in &blocks {
         split(b.key_begin, b.key_end, b.cost, &mut ranges);
         let rows = b.q_count * group;
@@ -294,13 +317,15 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
         let (seg_begin, chunk_begin) = (segments.len() as u32, chunks.len() as u32);
         let mut rows = 0;
         let mut cost = profile.cost_item;
+        let one_slice = |rows: u32| rows <= ROW_SLICE;
+        let tile_rows = if one_slice(first.q_count * group) { ROW_SLICE } else { block_m };
         let mut j = i;
         while j < order.len() {
             let b = pack[order[j] as usize];
             let b_rows = b.q_count * group;
             let b_cost = chunk_cost(profile, rows, rows + b_rows, b.key_end - b.key_begin);
-            let same_class = b.bundle == first.bundle && b.partial == first.partial;
-            if j > i && (!same_class || rows + b_rows > block_m || cost + b_cost > pack_limit) {
+            let same_class = b.bundle == first.bundle && b.partial == first.partial && one_slice(b_rows) == one_slice(first.q_count * group);
+            if j > i && (!same_class || rows + b_rows > tile_rows || cost + b_cost > pack_limit) {
                 break;
             }
             segments.push(RowSegment { request: b.request, q_begin: b.q_begin, q_count: b.q_count, row_begin: rows });
@@ -355,11 +380,13 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
                 entities.push((bundle_cost[b], np + b as u32));
             }
         }
-        entities.sort_unstable_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
+        // By decreasing cost (in `f64::total_cmp` order), then by index: integer keys compare
+        // without the float comparison's branches.
+        entities.sort_unstable_by_key(|&(cost, i)| (!total_order_key(cost), i));
         let units = entities.len() * heads_us;
         let workers = profile.num_workers as usize;
         let total: f64 = entities.iter().map(|e| e.0).sum::<f64>() * heads as f64;
-        let mut g = if auto_capacity { workers } else { ((total / capacity).ceil() as usize).max(1) };
+        let mut g = if auto_capacity { workers * AUTO_WAVES as usize } else { ((total / capacity).ceil() as usize).max(1) };
         if g > workers {
             g = g.next_multiple_of(workers);
         }
@@ -371,12 +398,15 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
                 bundle_pieces[p.bundle as usize].push(i as u32);
             }
         }
-        // The units in LPT order: entities by decreasing cost, each for every KV head.
-        let units_in_order = || entities.iter().flat_map(|&(cost, e)| (0..heads_us).map(move |h| (cost, e, h)));
-        let mut least = LeastLoaded::with_first_units(units_in_order().take(num_groups).map(|u| u.0).collect::<Vec<_>>().into_iter(), total);
-        for (u, (cost, e, h)) in units_in_order().enumerate() {
-            {
+        // The units in LPT order: entities by decreasing cost, each for every KV head. The first
+        // `num_groups` units go to groups 0, 1, ... in that order (all groups are empty).
+        let first_costs = entities.iter().flat_map(|&(cost, _)| std::iter::repeat_n(cost, heads_us)).take(num_groups);
+        let mut least = LeastLoaded::with_first_units(first_costs.collect::<Vec<_>>().into_iter(), total);
+        let mut u = 0usize;
+        for &(cost, e) in &entities {
+            for h in 0..heads_us {
                 let g = if u < num_groups { u as u32 } else { least.add_to_least(cost) };
+                u += 1;
                 if e < np {
                     group_of[e as usize * heads_us + h] = g;
                 } else {
@@ -402,37 +432,44 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
     for g in 0..num_groups {
         group_start[g + 1] += group_start[g];
     }
-    let mut unit_at = vec![0u32; group_of.len()];
+    // Items land at their place in group order (by unit within a group) in one scatter; partial
+    // slots are handed out afterwards in that order, when any piece writes them.
+    let any_partial = pieces.iter().any(|p| p.partial);
+    let mut items = vec![WorkItem::default(); group_of.len()];
+    let mut piece_at = if any_partial { vec![0u32; group_of.len()] } else { Vec::new() };
     {
-        let mut next = group_start.clone();
-        for (u, &g) in group_of.iter().enumerate() {
-            unit_at[next[g as usize] as usize] = u as u32;
-            next[g as usize] += 1;
+        let mut next = group_start;
+        for ((piece, p), groups) in pieces.iter().enumerate().zip(group_of.chunks_exact(heads_us)) {
+            let partial_slot = if p.partial { 0 } else { FINAL_OUTPUT };
+            for (kv_head, &g) in groups.iter().enumerate() {
+                let at = next[g as usize] as usize;
+                next[g as usize] += 1;
+                items[at] = WorkItem {
+                    kv_head: kv_head as u32,
+                    seg_begin: p.seg_begin,
+                    seg_count: p.seg_count,
+                    chunk_begin: p.chunk_begin,
+                    chunk_count: p.chunk_count,
+                    num_rows: p.num_rows,
+                    partial_slot,
+                    group: g,
+                };
+                if any_partial {
+                    piece_at[at] = piece as u32;
+                }
+            }
         }
     }
     let mut slot_of = vec![FINAL_OUTPUT; group_of.len()];
-    let mut items = Vec::with_capacity(group_of.len());
-    let mut next_slot = 0u32;
-    for &u in &unit_at {
-        let p = &pieces[u as usize / heads_us];
-        let partial_slot = if p.partial {
-            let s = next_slot;
-            next_slot += p.num_rows;
-            slot_of[u as usize] = s;
-            s
-        } else {
-            FINAL_OUTPUT
-        };
-        items.push(WorkItem {
-            kv_head: u % heads,
-            seg_begin: p.seg_begin,
-            seg_count: p.seg_count,
-            chunk_begin: p.chunk_begin,
-            chunk_count: p.chunk_count,
-            num_rows: p.num_rows,
-            partial_slot,
-            group: group_of[u as usize],
-        });
+    if any_partial {
+        let mut next_slot = 0u32;
+        for (item, &piece) in items.iter_mut().zip(&piece_at) {
+            if item.partial_slot != FINAL_OUTPUT {
+                item.partial_slot = next_slot;
+                slot_of[piece as usize * heads_us + item.kv_head as usize] = next_slot;
+                next_slot += item.num_rows;
+            }
+        }
     }
 
     // 7. Merges: per partial token, its pieces in key order, for every query head.
@@ -469,19 +506,22 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
         let count = list.len();
         for kv_head in 0..heads_us {
             let kv_base = kv_head as u32 * group;
-            // Slot of each piece's row for this KV head's first query head.
+            // This (token, KV head)'s slots: for each query head of the group, one per piece.
+            // A piece's row for the group's first head is its slot; the other heads sit in the
+            // next rows of the same tile.
+            let slots = &mut merge_slots[next..next + group as usize * count];
             for (j, pr) in list.iter().enumerate() {
-                merge_slots[next + j] = slot_of[pr.piece as usize * heads_us + kv_head] + pr.row;
-            }
-            merges.push(MergeRow { q_token: t as u32, qo_head: kv_base, slot_begin: next as u32, slot_count: count as u32 });
-            // The other heads of the group sit in the next rows of the same tiles.
-            for in_group in 1..group as usize {
-                let (done, rest) = merge_slots.split_at_mut(next + in_group * count);
-                for (dst, &src) in rest[..count].iter_mut().zip(&done[next..next + count]) {
-                    *dst = src + in_group as u32;
+                let first = slot_of[pr.piece as usize * heads_us + kv_head] + pr.row;
+                for (in_group, dst) in slots[j..].iter_mut().step_by(count).enumerate() {
+                    *dst = first + in_group as u32;
                 }
-                merges.push(MergeRow { q_token: t as u32, qo_head: kv_base + in_group as u32, slot_begin: (next + in_group * count) as u32, slot_count: count as u32 });
             }
+            merges.extend((0..group).map(|in_group| MergeRow {
+                q_token: t as u32,
+                qo_head: kv_base + in_group,
+                slot_begin: (next + in_group as usize * count) as u32,
+                slot_count: count as u32,
+            }));
             next += group as usize * count;
         }
     }
@@ -494,4 +534,19 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
     plan.merges = merges;
     plan.merge_slots = merge_slots;
     Ok(Outcome { capacity, num_split_requests: split_request.iter().filter(|&&s| s).count() as u32 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::total_order_key;
+
+    #[test]
+    fn total_order_key_orders_as_total_cmp() {
+        let xs = [f64::NEG_INFINITY, -1e300, -2.5, -1.0, -f64::MIN_POSITIVE, -0.0, 0.0, f64::MIN_POSITIVE, 1e-300, 1.0, 2.5, 3.0, 1e300, f64::INFINITY, f64::NAN, -f64::NAN];
+        for a in xs {
+            for b in xs {
+                assert_eq!(total_order_key(a).cmp(&total_order_key(b)), a.total_cmp(&b), "{a} vs {b}");
+            }
+        }
+    }
 }

@@ -10,7 +10,7 @@ use cudarc::driver::sys;
 
 use super::driver::{device_err, DeviceBuffer};
 use super::CudaBackend;
-use crate::backend::{BoundPlan, LaunchCapacity};
+use crate::backend::BoundPlan;
 use crate::error::{Error, Result};
 use crate::plan::{DeviceProfile, KvChunk, Plan, PlanOptions, PlanStats, RequestInfo, RowSegment, WorkItem, FINAL_OUTPUT};
 use crate::types::{Batch, DType, KvLayout, RowsTensor, RunArgs, Shape};
@@ -137,7 +137,7 @@ impl CudaBackend {
         let stream = std::ptr::null_mut::<sys::CUstream_st>();
         for (rows, keys) in SHAPES {
             let plan = Arc::new(synthetic_plan(shape, rows, keys, num, pool_pages, kernels.block_m));
-            let bound = self.bind_cuda(plan, 0, None, &LaunchCapacity::default())?;
+            let bound = self.bind_cuda(plan, 0, None, None)?;
             bound.wait()?;
             let args = RunArgs {
                 q: RowsTensor { ptr: q.ptr, stride_token: 4 * 128, stride_head: 128 },

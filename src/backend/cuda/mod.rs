@@ -9,6 +9,7 @@ pub mod calibrate;
 pub mod compile;
 pub mod driver;
 pub mod kv;
+pub mod kv_memory;
 pub mod launch;
 
 use std::collections::HashMap;
@@ -30,6 +31,17 @@ pub fn probe(ordinal: u32) -> Result<()> {
     // whose load-time allocations would outlive it).
     Device::open(ordinal)?;
     compile::require_nvrtc()
+}
+
+/// `Unsupported` unless the attention kernels take `head_dim` and `dtype`.
+pub fn check_kernel_shape(head_dim: u32, dtype: DType) -> Result<()> {
+    if !compile::HEAD_DIMS.contains(&head_dim) {
+        return Err(crate::unsupported!("head_dim = {head_dim} is not supported by the CUDA kernels (64, 128, 256)"));
+    }
+    if !compile::DTYPES.contains(&dtype) {
+        return Err(crate::unsupported!("dtype = {} is not supported by the CUDA kernels (f16, bf16)", dtype.name()));
+    }
+    Ok(())
 }
 
 /// Opens the CUDA backend on `choice.device_ordinal`.
@@ -59,6 +71,9 @@ unsafe impl Sync for LoadedAttention {}
 pub struct LoadedKv {
     pub append: sys::CUfunction,
     pub copy_pages: sys::CUfunction,
+    /// The KV pool's byte moves (`kv_memory`).
+    pub scatter_rows: sys::CUfunction,
+    pub copy_ranges: sys::CUfunction,
     _module: Module,
 }
 
@@ -85,12 +100,7 @@ impl Shared {
     /// The attention kernels for (head_dim, dtype) with `warps`-warp CTAs: loaded on first use,
     /// compiled if not cached.
     pub fn attention_with(&self, head_dim: u32, dtype: DType, warps: u32) -> Result<Arc<LoadedAttention>> {
-        if !compile::HEAD_DIMS.contains(&head_dim) {
-            return Err(crate::unsupported!("head_dim = {head_dim} is not supported by the CUDA kernels (64, 128, 256)"));
-        }
-        if !compile::DTYPES.contains(&dtype) {
-            return Err(crate::unsupported!("dtype = {} is not supported by the CUDA kernels (f16, bf16)", dtype.name()));
-        }
+        check_kernel_shape(head_dim, dtype)?;
         let mut map = self.attention.lock();
         if let Some(k) = map.get(&(head_dim, dtype, warps)) {
             return Ok(k.clone());
@@ -133,7 +143,13 @@ impl Shared {
         let cubin = self.cache.get(Unit::Kv)?.cubin;
         let _g = self.dev.enter()?;
         let module = Module::load(&self.dev, &cubin, "kv")?;
-        let k = Arc::new(LoadedKv { append: module.function("append_kv")?, copy_pages: module.function("copy_pages")?, _module: module });
+        let k = Arc::new(LoadedKv {
+            append: module.function("append_kv")?,
+            copy_pages: module.function("copy_pages")?,
+            scatter_rows: module.function("scatter_rows")?,
+            copy_ranges: module.function("copy_ranges")?,
+            _module: module,
+        });
         *slot = Some(k.clone());
         Ok(k)
     }
@@ -168,14 +184,15 @@ impl CudaBackend {
 
     /// Binds with a concrete type (tests use the grid and capacity).
     ///
-    /// A launch made without a capacity (`LaunchCapacity::default()`) whose tiles all have at
-    /// most 64 rows (decode-heavy batches) runs the 4-warp kernel: two CTAs per SM stream K/V
-    /// faster there (H200, W2 decode: 0.50 ms against 0.55 ms). Launches with a capacity always
-    /// run the context's tile size, so any plan within it can be uploaded later.
-    pub fn bind_cuda(&self, plan: Arc<Plan>, stream: u64, scratch: Option<Scratch>, capacity: &LaunchCapacity) -> Result<launch::CudaBound> {
-        let narrow = *capacity == LaunchCapacity::default() && self.shared.tile_warps > 4 && plan.items.iter().all(|i| i.num_rows <= 64);
+    /// A launch made without a capacity (`None`) whose tiles all have at most 64 rows
+    /// (decode-heavy batches) runs the 4-warp kernel: two CTAs per SM stream K/V faster there
+    /// (H200, W2 decode: 0.50 ms against 0.55 ms). Launches with a capacity (even an all-zero
+    /// one, "the first plan's counts") always run the context's tile size, so any plan within
+    /// it can be uploaded later.
+    pub fn bind_cuda(&self, plan: Arc<Plan>, stream: u64, scratch: Option<Scratch>, capacity: Option<&LaunchCapacity>) -> Result<launch::CudaBound> {
+        let narrow = capacity.is_none() && self.shared.tile_warps > 4 && plan.items.iter().all(|i| i.num_rows <= 64);
         let kernels = self.shared.attention_with(plan.shape.head_dim, plan.shape.dtype, if narrow { 4 } else { self.shared.tile_warps })?;
-        launch::CudaBound::new(self.shared.clone(), kernels, plan, stream, scratch, capacity)
+        launch::CudaBound::new(self.shared.clone(), kernels, plan, stream, scratch, capacity.unwrap_or(&LaunchCapacity::default()))
     }
 }
 
@@ -200,10 +217,14 @@ impl Backend for CudaBackend {
         }
     }
     fn bind(&self, plan: Arc<Plan>, stream: u64, scratch: Option<Scratch>) -> Result<Box<dyn BoundPlan>> {
-        Ok(Box::new(self.bind_cuda(plan, stream, scratch, &LaunchCapacity::default())?))
+        Ok(Box::new(self.bind_cuda(plan, stream, scratch, None)?))
     }
     fn bind_with_capacity(&self, plan: Arc<Plan>, stream: u64, scratch: Option<Scratch>, capacity: &LaunchCapacity) -> Result<Box<dyn BoundPlan>> {
-        Ok(Box::new(self.bind_cuda(plan, stream, scratch, capacity)?))
+        Ok(Box::new(self.bind_cuda(plan, stream, scratch, Some(capacity))?))
+    }
+    /// One `cuMemAlloc` of `bytes` in the device's primary context, freed when the pool drops.
+    fn alloc_kv(&self, bytes: usize) -> Result<Box<dyn super::KvMemory>> {
+        Ok(Box::new(kv_memory::DeviceKvMemory::new(self.shared.clone(), bytes)?))
     }
     fn calibrate_profile(&self) -> Result<DeviceProfile> {
         let (profile, _) = self.calibrate()?;

@@ -20,6 +20,7 @@ use packinfer::plan::{cost, DeviceProfile, Plan, PlanOptions};
 use packinfer::types::{RowsTensor, RunArgs, Shape};
 use packinfer::{Error, Result};
 
+use crate::device::DeviceIo;
 use crate::store::{KvStore, StoreMetrics};
 use crate::trace::Rng;
 
@@ -63,6 +64,9 @@ pub struct EngineConfig {
     pub system_prompt_len: u32,
     pub num_system_prompts: u32,
     pub seed: u64,
+    /// `Some(ordinal)`: the backend is CUDA on that device, so the step's inputs and output live
+    /// in device memory and attention is timed with events; `None`: host memory, wall time.
+    pub device_ordinal: Option<u32>,
 }
 
 /// What one step did and cost.
@@ -154,10 +158,15 @@ impl Inputs {
             .collect();
         Inputs { data, rng }
     }
-    /// `n` elements starting at a random place.
-    fn slice(&mut self, n: usize) -> &[u16] {
+    /// Where `n` elements starting at a random place begin: in the host vector, or at the same
+    /// index of its copy on the GPU.
+    fn take(&mut self, n: usize, device: Option<&DeviceIo>) -> u64 {
+        assert!(n <= self.data.len(), "a step reads {n} input elements but the inputs hold {}", self.data.len());
         let at = (self.rng.next_u64() % (self.data.len() - n + 1) as u64) as usize;
-        &self.data[at..at + n]
+        match device {
+            Some(d) => d.input_ptr(at),
+            None => self.data[at..].as_ptr() as u64,
+        }
     }
 }
 
@@ -221,6 +230,9 @@ pub struct Engine<'a> {
     backend: &'a dyn Backend,
     profile: packinfer::plan::DeviceProfile,
     inputs: Inputs,
+    /// The inputs and output on the GPU (CUDA backend), allocated once for the largest step.
+    device: Option<DeviceIo>,
+    /// The last step's output, on the host (read back from the GPU after each step there).
     out: Vec<u16>,
     /// Elements of `out` the last step wrote.
     out_len: usize,
@@ -243,6 +255,8 @@ impl<'a> Engine<'a> {
         let (hq, hk, d) = (shape.num_qo_heads as usize, shape.num_kv_heads as usize, shape.head_dim as usize);
         let n = requests.len();
         let mut inputs = Inputs::new(&shape, config.token_budget as usize, config.seed);
+        let out_elems = config.token_budget as usize * hq * d;
+        let device = config.device_ordinal.map(|o| DeviceIo::new(o, &inputs.data, out_elems)).transpose()?;
         for p in 0..config.num_system_prompts {
             let (id, len) = (prompt_id(requests, p), config.system_prompt_len);
             if !store.admit(id, None, len)? {
@@ -253,8 +267,9 @@ impl<'a> Engine<'a> {
                 store.append(id, chunk)?;
                 let m = chunk as usize * hk * d;
                 for layer in 0..config.layers {
-                    let k = inputs.slice(m).to_vec();
-                    store.write_kv(layer, &[(id, chunk)], &k, inputs.slice(m))?;
+                    let (k, v) = (inputs.take(m, device.as_ref()), inputs.take(m, device.as_ref()));
+                    // SAFETY: each points at `m` elements of the inputs, in the backend's memory.
+                    unsafe { store.write_kv(layer, &[(id, chunk)], k, v, m)? };
                 }
             }
         }
@@ -266,7 +281,8 @@ impl<'a> Engine<'a> {
         Ok(Engine {
             requests,
             profile: backend.profile(),
-            out: vec![0u16; config.token_budget as usize * hq * d],
+            out: vec![0u16; out_elems],
+            device,
             out_len: 0,
             config,
             store,
@@ -401,9 +417,12 @@ impl<'a> Engine<'a> {
         }
         let m = (rec.prefill_tokens + decode_tokens) as usize * hk * d;
         for layer in 0..config.layers {
-            let k = self.inputs.slice(m).to_vec();
-            store.write_kv(layer, &step, &k, self.inputs.slice(m))?;
+            let (k, v) = (self.inputs.take(m, self.device.as_ref()), self.inputs.take(m, self.device.as_ref()));
+            // SAFETY: each points at `m` elements of the inputs, in the backend's memory.
+            unsafe { store.write_kv(layer, &step, k, v, m)? };
         }
+        // On the GPU the writes are queued on the stream; the host time is what the engine
+        // spends issuing them (the attention events below start after they finish).
         rec.kv_write_s = t.elapsed().as_secs_f64();
 
         let t = Instant::now();
@@ -446,20 +465,32 @@ impl<'a> Engine<'a> {
         let total_q = plan.batch.total_q() as usize;
         self.out_len = total_q * hq * d;
         let rows = RowsTensor { ptr: 0, stride_token: (hq * d) as i64, stride_head: d as i64 };
-        for layer in 0..config.layers {
-            let q = self.inputs.slice(total_q * hq * d).as_ptr();
-            let args = RunArgs {
-                q: RowsTensor { ptr: q as u64, ..rows },
-                kv: store.layout(layer)?,
-                o: RowsTensor { ptr: self.out.as_mut_ptr() as u64, ..rows },
-                lse: 0,
-                stream: 0,
-            };
+        let out_ptr = match &self.device {
+            Some(dev) => dev.out_ptr(),
+            None => self.out.as_mut_ptr() as u64,
+        };
+        let layouts = (0..config.layers).map(|layer| store.layout(layer)).collect::<Result<Vec<_>>>()?;
+        let (inputs, device) = (&mut self.inputs, self.device.as_ref());
+        let mut run_layers = || -> Result<()> {
+            for kv in &layouts {
+                let q = inputs.take(total_q * hq * d, device);
+                let args = RunArgs { q: RowsTensor { ptr: q, ..rows }, kv: *kv, o: RowsTensor { ptr: out_ptr, ..rows }, lse: 0, stream: 0 };
+                bound.run(&args)?;
+            }
+            Ok(())
+        };
+        rec.attention_s = match device {
+            // Events recorded on the stream around every layer's run.
+            Some(dev) => dev.time(0, run_layers)?,
             // On the CPU the run is synchronous, so its wall time is the attention time.
-            // TODO(cuda backend): time with events recorded around the runs on the stream.
-            let t = Instant::now();
-            bound.run(&args)?;
-            rec.attention_s += t.elapsed().as_secs_f64();
+            None => {
+                let t = Instant::now();
+                run_layers()?;
+                t.elapsed().as_secs_f64()
+            }
+        };
+        if let Some(dev) = &self.device {
+            dev.read_out(&mut self.out[..self.out_len])?;
         }
         let s = plan.stats;
         rec.kv_tokens = plan.requests.iter().map(|r| r.kv_len as u64).sum();

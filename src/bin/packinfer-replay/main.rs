@@ -3,6 +3,7 @@
 //! what each cost on identical work. See `--help`.
 
 mod chart;
+mod device;
 mod engine;
 mod report;
 mod store;
@@ -51,7 +52,7 @@ trace's). Without it a built-in synthetic trace with a long-tailed length mix is
   --system-prompt-len N  their length in trace tokens, scaled by --len-scale [1024]
   --page-size N          tokens per KV page [16]
   --headroom-pages N     empty pages after each sequence in a laid-out group, for its next tokens [2]
-  --kv-mib N             KV pool size in MiB, all layers [cpu 64, gpu 40960]
+  --kv-mib N             KV pool size in MiB, all layers, per schedule (each has its own pool) [cpu 64, gpu 24576]
   --capacity tuned|auto|F  PackInfer's group capacity: tuned online from measured step times,
                          auto (each step's total cost over the workers: one group per worker),
                          or F times auto [tuned]
@@ -286,7 +287,7 @@ fn setup(a: &Args, gpu: bool) -> Result<Setup, Failure> {
         max_generated: pick(a.max_generated, 128, 2048),
         token_budget: pick(a.token_budget, 512, 8192),
         max_batch: pick(a.max_batch, 64, 256),
-        kv_mib: a.kv_mib.unwrap_or(if gpu { 40960 } else { 64 }),
+        kv_mib: a.kv_mib.unwrap_or(if gpu { 24576 } else { 64 }),
         requests: a.requests.unwrap_or(if gpu { 2000 } else { 300 }),
     };
     Ok(s)
@@ -389,24 +390,24 @@ fn run() -> Result<(), Failure> {
         return Ok(());
     };
 
-    // A GPU replay needs what this build does not have yet: the CUDA backend allocating the KV
-    // pool in device memory (`Backend::alloc_kv`), device buffers for the step's random Q/K/V,
-    // and event timing. Auto therefore runs on the CPU, and says so when a GPU was there.
-    // TODO(cuda merge): open the CUDA backend here and run the full shape on it.
+    // The GPU: the CUDA backend holds each schedule's KV pool in device memory, the step's
+    // inputs and output are device buffers (`device.rs`) and attention is timed with events.
+    const ORDINAL: u32 = 0;
     let cuda = match a.device {
         Device::Cpu => Err(packinfer::Error::NoDevice("not asked for".into())),
-        _ => backend::open(&BackendChoice { kind: Some(BackendKind::Cuda), device_ordinal: 0, cpu_threads: 0, kernel_cache_dir: None }),
+        _ => backend::open(&BackendChoice { kind: Some(BackendKind::Cuda), device_ordinal: ORDINAL, cpu_threads: 0, kernel_cache_dir: None }),
     };
-    let gpu_missing = "the replay cannot run on the GPU in this build: it needs the CUDA backend to hold the KV pool in device memory (Backend::alloc_kv) and device buffers for the step inputs";
-    match (a.device, &cuda) {
+    let backend = match (a.device, cuda) {
+        (_, Ok(b)) => b,
         (Device::Gpu, Err(e)) => return Err(Failure { code: 1, message: format!("--device gpu: {e}") }),
-        (Device::Gpu, Ok(_)) => return Err(Failure { code: 1, message: format!("--device gpu: {gpu_missing}") }),
-        (Device::Auto, Ok(b)) => eprintln!("note: found {}, but {gpu_missing}; replaying on the CPU", b.device_name()),
-        _ => {}
-    }
-    drop(cuda);
-    let backend = backend::open(&BackendChoice { kind: Some(BackendKind::Cpu), device_ordinal: 0, cpu_threads: a.threads, kernel_cache_dir: None })?;
-    let gpu = false;
+        (d, Err(e)) => {
+            if d == Device::Auto {
+                eprintln!("note: no usable GPU ({e}); replaying on the CPU");
+            }
+            backend::open(&BackendChoice { kind: Some(BackendKind::Cpu), device_ordinal: 0, cpu_threads: a.threads, kernel_cache_dir: None })?
+        }
+    };
+    let gpu = backend.kind() == BackendKind::Cuda;
     let s = setup(&a, gpu)?;
 
     let (trace_name, trace) = match &a.trace {
@@ -437,6 +438,7 @@ fn run() -> Result<(), Failure> {
         system_prompt_len,
         num_system_prompts: prompts,
         seed: a.seed,
+        device_ordinal: gpu.then_some(ORDINAL),
     };
     let baseline_options = PlanOptions { packing: false, balancing: false, prefix_sharing: false, split_kv: false, ..PlanOptions::default() };
     let mut schedules: Vec<(&str, PlanOptions, bool)> = Vec::new();
@@ -447,9 +449,10 @@ fn run() -> Result<(), Failure> {
         schedules.push(("baseline", baseline_options, false));
     }
 
-    let threads = match backend.profile().num_workers {
-        1 => "1 thread".to_string(),
-        n => format!("{n} threads"),
+    let threads = match (gpu, backend.profile().num_workers) {
+        (true, n) => format!("planned for {n} resident CTAs; attention timed with CUDA events"),
+        (false, 1) => "1 thread".to_string(),
+        (false, n) => format!("{n} threads"),
     };
     println!("PackInfer replay: {} requests from the {trace_name}", reqs.len());
     println!(

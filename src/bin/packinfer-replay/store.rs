@@ -64,9 +64,14 @@ pub trait KvStore {
     fn admit(&mut self, id: u32, prefix: Option<u32>, final_len: u32) -> Result<bool>;
     /// Makes room for `n` more tokens at the end of `id`.
     fn append(&mut self, id: u32, n: u32) -> Result<()>;
-    /// Writes K and V of the last `n` tokens of each `(id, n)` in `layer`; `k` and `v` hold
-    /// those tokens in that order.
-    fn write_kv(&mut self, layer: u32, tokens: &[(u32, u32)], k: &[u16], v: &[u16]) -> Result<()>;
+    /// Writes K and V of the last `n` tokens of each `(id, n)` in `layer`; `k` and `v` point at
+    /// those tokens in that order, `elems` elements each.
+    ///
+    /// # Safety
+    /// `k` and `v` must address `elems` readable elements in the backend's memory (host memory
+    /// on the CPU, device memory on CUDA), unchanged until the writes are done (on the CUDA
+    /// backend they are queued on stream 0).
+    unsafe fn write_kv(&mut self, layer: u32, tokens: &[(u32, u32)], k: u64, v: u64, elems: usize) -> Result<()>;
     /// The plan for one step: `(id, new tokens)` per request, the new tokens being the queries.
     fn plan(&mut self, step: &[(u32, u32)], profile: &DeviceProfile, options: PlanOptions) -> Result<Plan>;
     /// Lays out the KV of `plan`'s groups contiguously (all of them when `regroup`, else only
@@ -143,16 +148,17 @@ impl KvStore for PoolStore {
         Ok(())
     }
 
-    fn write_kv(&mut self, layer: u32, tokens: &[(u32, u32)], k: &[u16], v: &[u16]) -> Result<()> {
+    unsafe fn write_kv(&mut self, layer: u32, tokens: &[(u32, u32)], k: u64, v: u64, elems: usize) -> Result<()> {
         let c = self.pool.config();
         let row = (c.num_kv_heads * c.head_dim) as usize;
         let total: usize = tokens.iter().map(|t| t.1 as usize).sum();
-        if k.len() != total * row || v.len() != total * row {
-            return Err(invalid!("K/V data of {} and {} elements for {total} tokens of {row} elements", k.len(), v.len()));
+        if elems != total * row {
+            return Err(invalid!("K/V data of {elems} elements for {total} tokens of {row} elements"));
         }
         let seqs = tokens.iter().map(|&(id, n)| Ok((self.entry(id)?.seq, n))).collect::<Result<Vec<_>>>()?;
-        // SAFETY: k and v hold `total` rows of `row` 16-bit elements, token-major, as checked.
-        unsafe { self.pool.write_kv(layer, &seqs, k.as_ptr() as u64, v.as_ptr() as u64, row as i64, 0) }
+        // SAFETY: k and v hold `total` rows of `row` 16-bit elements, token-major (the caller's
+        // promise, the count checked).
+        unsafe { self.pool.write_kv(layer, &seqs, k, v, row as i64, 0) }
     }
 
     fn plan(&mut self, step: &[(u32, u32)], profile: &DeviceProfile, options: PlanOptions) -> Result<Plan> {
@@ -226,14 +232,15 @@ mod tests {
         assert!(s.admit(100, None, 10).unwrap());
         s.append(100, 10).unwrap();
         let data: Vec<u16> = (0..80).collect();
-        s.write_kv(1, &[(100, 10)], &data, &data).unwrap();
+        let p = data.as_ptr() as u64;
+        unsafe { s.write_kv(1, &[(100, 10)], p, p, 80) }.unwrap();
         assert!(s.admit(1, Some(100), 13).unwrap());
         let m = s.metrics();
         // 3 pages of the prompt + its partial last page copied for the fork.
         assert_eq!((m.pages_used, m.tokens_stored, m.tokens_logical), (4, 12, 20));
         s.append(1, 3).unwrap();
-        s.write_kv(0, &[(1, 3)], &data[..24], &data[..24]).unwrap();
-        assert!(s.write_kv(0, &[(1, 3)], &data[..8], &data[..8]).is_err(), "wrong data length");
+        unsafe { s.write_kv(0, &[(1, 3)], p, p, 24) }.unwrap();
+        assert!(unsafe { s.write_kv(0, &[(1, 3)], p, p, 8) }.is_err(), "wrong data length");
         s.release(1).unwrap();
         s.release(100).unwrap();
         assert_eq!((s.metrics().pages_used, s.committed), (0, 0));

@@ -599,37 +599,6 @@ def phase_ours(args):
             results["errors"].append(f"{w.name} PackInfer: {traceback.format_exc()[-1500:]}")
             log(f"{w.name} {OURS}: error {ex}")
         common.write_json(path, results)
-    # W4 at the managed level (forked sequences in a pool), pages as appended and after relayout.
-    w4 = results["workloads"]["W4"]
-    if not lib.has("packinfer_pool_create"):
-        w4["contenders"][OURS_MANAGED] = {"status": "not yet", "note": "no packinfer_pool_* exports in this build"}
-    elif ctx is None:
-        w4["contenders"][OURS_MANAGED] = {"status": cuda_status, "note": cuda_note}
-    elif tensors.get("W4") is not None:
-        try:
-            t = tensors["W4"]
-            others = {}
-            for name in (FA2, FI, FI_CASCADE):
-                f = os.path.join(state, f"W4_{name.replace(' ', '_')}.pt")
-                if os.path.exists(f):
-                    others[name] = torch.load(f)
-            variants = run_w4_managed(lib, ctx, t, timer, t.reference(check_requests(t.w, args.seed)), others)
-            w4["contenders"][OURS_MANAGED] = variants["group-contiguous (after relayout)"]
-            results.setdefault("managed", {})["W4"] = {
-                k: {"status": v["status"], "time_us": v.get("time_us", {}).get("median"), "note": v.get("note"),
-                    "rel_err_fp64": v.get("check", {}).get("rel_err_fp64"), "relayout": v.get("relayout"),
-                    "pool_stats": v.get("pool_stats"), "stats": v.get("plan_stats")} for k, v in variants.items()}
-        except pc.PackinferError as ex:
-            w4["contenders"][OURS_MANAGED] = {"status": "unsupported" if ex.status == "UNSUPPORTED" else "error",
-                                              "note": f"{ex.func}: {ex.message}"[:500]}
-        except Exception as ex:
-            w4["contenders"][OURS_MANAGED] = {"status": "error", "note": f"{type(ex).__name__}: {ex}"[:500]}
-        log(f"W4 {OURS_MANAGED}: {report.cell(w4['contenders'][OURS_MANAGED], w4)}")
-    m = w4["contenders"].get(OURS_MANAGED, {})
-    if m.get("status") != "ok":
-        results["not_measured"]["W4 at the managed level and group-contiguous layout on/off"] = (
-            f"{m.get('status')}: {m.get('note')}")
-    common.write_json(path, results)
     if ctx is not None:
         # Ablations: every workload, each switch alone. Eager timing, checked like the default.
         refs_of = {}
@@ -704,6 +673,38 @@ def phase_ours(args):
                 p["note"] = note
         except Exception as ex:
             p["packinfer_plan_us"] = f"error: {ex}"
+    common.write_json(path, results)
+    # Last, as the newest code path: W4 at the managed level.
+    # W4 at the managed level (forked sequences in a pool), pages as appended and after relayout.
+    w4 = results["workloads"]["W4"]
+    if not lib.has("packinfer_pool_create"):
+        w4["contenders"][OURS_MANAGED] = {"status": "not yet", "note": "no packinfer_pool_* exports in this build"}
+    elif ctx is None:
+        w4["contenders"][OURS_MANAGED] = {"status": cuda_status, "note": cuda_note}
+    elif tensors.get("W4") is not None:
+        try:
+            t = tensors["W4"]
+            others = {}
+            for name in (FA2, FI, FI_CASCADE):
+                f = os.path.join(state, f"W4_{name.replace(' ', '_')}.pt")
+                if os.path.exists(f):
+                    others[name] = torch.load(f)
+            variants = run_w4_managed(lib, ctx, t, timer, t.reference(check_requests(t.w, args.seed)), others)
+            w4["contenders"][OURS_MANAGED] = variants["group-contiguous (after relayout)"]
+            results.setdefault("managed", {})["W4"] = {
+                k: {"status": v["status"], "time_us": v.get("time_us", {}).get("median"), "note": v.get("note"),
+                    "rel_err_fp64": v.get("check", {}).get("rel_err_fp64"), "relayout": v.get("relayout"),
+                    "pool_stats": v.get("pool_stats"), "stats": v.get("plan_stats")} for k, v in variants.items()}
+        except pc.PackinferError as ex:
+            w4["contenders"][OURS_MANAGED] = {"status": "unsupported" if ex.status == "UNSUPPORTED" else "error",
+                                              "note": f"{ex.func}: {ex.message}"[:500]}
+        except Exception as ex:
+            w4["contenders"][OURS_MANAGED] = {"status": "error", "note": f"{type(ex).__name__}: {ex}"[:500]}
+        log(f"W4 {OURS_MANAGED}: {report.cell(w4['contenders'][OURS_MANAGED], w4)}")
+    m = w4["contenders"].get(OURS_MANAGED, {})
+    if m.get("status") != "ok":
+        results["not_measured"]["W4 at the managed level and group-contiguous layout on/off"] = (
+            f"{m.get('status')}: {m.get('note')}")
     common.write_json(path, results)
     log("ours done")
 

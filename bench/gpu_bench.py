@@ -53,6 +53,7 @@ MAX_SETS = 8
 FA2 = "FA2 varlen"
 FI = "FlashInfer"
 FI_CASCADE = "FlashInfer cascade"
+FI_TC = "FlashInfer tensor-core decode"
 OURS = "PackInfer"
 OURS_MANAGED = "PackInfer managed (forked sequences)"
 
@@ -371,6 +372,13 @@ def flashinfer_wrappers(flashinfer, t):
         def plan():
             wr.plan(t.kv_indptr, t.kv_indices, t.kv_last, hq, hkv, d, w.page_size, **common_kw)
         out.append((FI, plan, lambda i: wr.run(t.q[i % t.sets], (t.k[i % t.sets], t.v[i % t.sets])), "paged decode"))
+        # FlashInfer's decode on tensor cores (its advice for GQA group sizes >= 4): the stronger anchor.
+        wt = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace(), "NHD", use_tensor_cores=True)
+
+        def plan_tc():
+            wt.plan(t.kv_indptr, t.kv_indices, t.kv_last, hq, hkv, d, w.page_size, **common_kw)
+        out.append((FI_TC, plan_tc, lambda i: wt.run(t.q[i % t.sets], (t.k[i % t.sets], t.v[i % t.sets])),
+                    "paged decode, use_tensor_cores=True"))
     else:
         wr = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace(), "NHD")
 
@@ -494,7 +502,7 @@ def phase_anchors(args):
                     if name == FI:
                         plan_entry["flashinfer_plan_us"] = res["plan_us"]
                     else:
-                        plan_entry["flashinfer_cascade_plan_us"] = res["plan_us"]
+                        plan_entry[f"{name} plan_us"] = res["plan_us"]
                     if out is not None and res.get("check", {}).get("ok"):
                         torch.save(out.cpu(), os.path.join(state, f"{w.name}_{name.replace(' ', '_')}.pt"))
                 except Exception as ex:
@@ -587,7 +595,7 @@ def phase_ours(args):
                                          f"(checksum {t.checksum} vs {e['input_checksum']}); cross-check void")
             refs = t.reference(check_requests(w, args.seed))
             others = {}
-            for name in (FA2, FI, FI_CASCADE):
+            for name in (FA2, FI, FI_TC, FI_CASCADE):
                 f = os.path.join(state, f"{w.name}_{name.replace(' ', '_')}.pt")
                 if os.path.exists(f):
                     others[name] = torch.load(f)
@@ -685,7 +693,7 @@ def phase_ours(args):
         try:
             t = tensors["W4"]
             others = {}
-            for name in (FA2, FI, FI_CASCADE):
+            for name in (FA2, FI, FI_TC, FI_CASCADE):
                 f = os.path.join(state, f"W4_{name.replace(' ', '_')}.pt")
                 if os.path.exists(f):
                     others[name] = torch.load(f)
@@ -807,6 +815,11 @@ def phase_warm(kind):
         wr.plan(torch.tensor([0, 2], **i32), torch.tensor([0, 1], **i32), torch.tensor([5], **i32), hq, hkv, d, 16, **kw)
         cache = torch.randn(2, 16, hkv, d, device="cuda", dtype=DT)
         wr.run(torch.randn(1, hq, d, device="cuda", dtype=DT), (cache, cache))
+    elif kind == "decode-tc":
+        wr = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace(), "NHD", use_tensor_cores=True)
+        wr.plan(torch.tensor([0, 2], **i32), torch.tensor([0, 1], **i32), torch.tensor([5], **i32), hq, hkv, d, 16, **kw)
+        cache = torch.randn(2, 16, hkv, d, device="cuda", dtype=DT)
+        wr.run(torch.randn(1, hq, d, device="cuda", dtype=DT), (cache, cache))
     elif kind == "cascade":
         v = torch.randn(4, hq, d, device="cuda", dtype=DT)
         s = torch.randn(4, hq, device="cuda", dtype=torch.float32)
@@ -818,7 +831,7 @@ def phase_warm(kind):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--phase", required=True,
-                    choices=["anchors", "ours", "report", "warm-prefill", "warm-decode", "warm-cascade"])
+                    choices=["anchors", "ours", "report", "warm-prefill", "warm-decode", "warm-decode-tc", "warm-cascade"])
     ap.add_argument("--out", default=".")
     ap.add_argument("--state", default="/tmp/packinfer_bench", help="where the anchors' outputs are kept between phases")
     ap.add_argument("--trace", default="../shared/traces/azure_llm_2023_code.csv")

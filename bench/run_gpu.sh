@@ -27,7 +27,7 @@ lib="$stage/libpackinfer.so"
 } >>"$log"
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 rm -rf /tmp/packinfer_bench
-for kind in prefill decode cascade; do
+for kind in prefill decode decode-tc cascade; do
   timeout 250 python3 "$bench/gpu_bench.py" --phase "warm-$kind" >>"$out/warm.log" 2>&1 &
 done
 echo "== anchors $(date -u +%T)" >>"$log"

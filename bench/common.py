@@ -71,3 +71,20 @@ def floor_of(flops, nbytes, ceilings):
     t_memory = nbytes / (ceilings["copy_gbps"] * 1e9) * 1e6
     return {"floor_us": max(t_compute, t_memory), "compute_us": t_compute, "memory_us": t_memory,
             "bound": "compute" if t_compute >= t_memory else "memory"}
+
+
+def reference_attention(q, k_slots, v_slots, causal, scale):
+    """float64 attention of one request: q [n, Hq, D], k/v [kv, Hkv, D]; bottom-right causal."""
+    n, hq, _ = q.shape
+    kv, hkv, _ = k_slots.shape
+    g = hq // hkv
+    k = np.repeat(k_slots.astype(np.float64), g, axis=1)
+    v = np.repeat(v_slots.astype(np.float64), g, axis=1)
+    s = np.einsum("nhd,khd->hnk", q.astype(np.float64), k) * scale
+    if causal:
+        limit = kv - n + np.arange(n)
+        s = np.where(np.arange(kv)[None, None, :] <= limit[None, :, None], s, -np.inf)
+    s -= s.max(axis=2, keepdims=True)
+    p = np.exp(s)
+    p /= p.sum(axis=2, keepdims=True)
+    return np.einsum("hnk,khd->nhd", p, v)

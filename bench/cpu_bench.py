@@ -43,23 +43,6 @@ def from_bf16(b):
     return (b.astype(np.uint32) << 16).view(np.float32)
 
 
-def reference(q, k, v, causal, scale):
-    """float64 attention of one request: q [n, Hq, D] (the request's last n queries), k/v [kv, Hkv, D]."""
-    n, hq, _ = q.shape
-    kv, hkv, _ = k.shape
-    g = hq // hkv
-    kk = np.repeat(k.astype(np.float64), g, axis=1)
-    vv = np.repeat(v.astype(np.float64), g, axis=1)
-    s = np.einsum("nhd,khd->hnk", q.astype(np.float64), kk) * scale
-    if causal:
-        limit = kv - n + np.arange(n)
-        s = np.where(np.arange(kv)[None, None, :] <= limit[None, :, None], s, -np.inf)
-    s -= s.max(axis=2, keepdims=True)
-    p = np.exp(s)
-    p /= p.sum(axis=2, keepdims=True)
-    return np.einsum("hnk,khd->nhd", p, vv)
-
-
 def check_requests(w, rng, k=3):
     """The longest request, the shortest and a random one (distinct)."""
     order = np.argsort(w.q_lens * 1_000_000 + w.kv_lens)
@@ -108,7 +91,7 @@ class Inputs:
         for r in check_requests(w, rng):
             q1 = int(w.qo_indptr[r + 1])
             n = min(int(w.q_lens[r]), 64)
-            self.refs[r] = (q1 - n, q1, reference(qf[q1 - n:q1], kf[slots[r]], vf[slots[r]], w.causal, shape.sm_scale))
+            self.refs[r] = (q1 - n, q1, common.reference_attention(qf[q1 - n:q1], kf[slots[r]], vf[slots[r]], w.causal, shape.sm_scale))
 
     def flat_rows(self, slots):
         """Contiguous [len(slots), kv_heads, head_dim] copies of K and V rows of the cache."""

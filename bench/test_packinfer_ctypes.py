@@ -25,6 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
+import common  # noqa: E402
 import managed  # noqa: E402
 import packinfer_ctypes as pc  # noqa: E402
 import workloads as wl  # noqa: E402
@@ -86,23 +87,6 @@ class LayoutTest(unittest.TestCase):
             self.assertEqual(len(sigs[name][1]), count, f"{name}: the header declares ({params})")
 
 
-def reference_attention(q, k_slots, v_slots, causal, scale):
-    """float64 attention of one request: q [n, Hq, D], k/v [kv, Hkv, D]; bottom-right causal."""
-    n, hq, _ = q.shape
-    kv, hkv, _ = k_slots.shape
-    g = hq // hkv
-    k = np.repeat(k_slots.astype(np.float64), g, axis=1)
-    v = np.repeat(v_slots.astype(np.float64), g, axis=1)
-    s = np.einsum("nhd,khd->hnk", q.astype(np.float64), k) * scale
-    if causal:
-        limit = kv - n + np.arange(n)
-        s = np.where(np.arange(kv)[None, None, :] <= limit[None, :, None], s, -np.inf)
-    s -= s.max(axis=2, keepdims=True)
-    p = np.exp(s)
-    p /= p.sum(axis=2, keepdims=True)
-    return np.einsum("hnk,khd->nhd", p, v)
-
-
 @unittest.skipUnless(os.path.exists(LIB_PATH), f"{LIB_PATH} not built (cargo build --release)")
 class CpuBackendTest(unittest.TestCase):
     @classmethod
@@ -135,7 +119,7 @@ class CpuBackendTest(unittest.TestCase):
         kf, vf = k.reshape(-1, shape.num_kv_heads, shape.head_dim), v.reshape(-1, shape.num_kv_heads, shape.head_dim)
         for r in range(w.batch_size):
             q0, q1 = w.qo_indptr[r], w.qo_indptr[r + 1]
-            ref = reference_attention(q[q0:q1], kf[slots[r]], vf[slots[r]], True, shape.sm_scale)
+            ref = common.reference_attention(q[q0:q1], kf[slots[r]], vf[slots[r]], True, shape.sm_scale)
             err = np.linalg.norm(o[q0:q1] - ref) / np.linalg.norm(ref)
             self.assertLess(err, 1e-5, f"request {r}")
         stats = plan.stats()
@@ -165,7 +149,7 @@ class CpuBackendTest(unittest.TestCase):
         rows = [np.ascontiguousarray(x) for x in (kf[prefix], vf[prefix], kf[own_slots], vf[own_slots])]
         pool, forks = managed.build_w4_pool(self.ctx, w, shape, *[r.ctypes.data for r in rows], headroom_pages=1)
         slots = w.kv_slots()
-        refs = [reference_attention(q[r:r + 1], kf[slots[r]], vf[slots[r]], True, shape.sm_scale) for r in range(4)]
+        refs = [common.reference_attention(q[r:r + 1], kf[slots[r]], vf[slots[r]], True, shape.sm_scale) for r in range(4)]
         try:
             for relayout in (False, True):
                 plan, _ = pool.plan(forks, [1] * len(forks))

@@ -22,7 +22,8 @@
 //!    16-row slice (decodes) are packed only with each other and only up to one slice: the
 //!    kernel spreads the keys of a one-slice tile over all its warps, while in a taller tile a
 //!    chunk runs on the warps of its own slices alone, so a decode packed into a tall tile would
-//!    run on one warp (seen on an H200: W2 decode 0.52 ms unpacked, 0.59 ms packed to 128 rows).
+//!    run on one warp. (On the H200 the rule alone did not move W2 measurably, 0.589 → 0.595 ms:
+//!    that slowdown was the one-wave capacity; see `AUTO_WAVES`.)
 //! 5. **Grouping.** Longest-processing-time first: units sorted by decreasing cost, each placed
 //!    on the least-loaded of G groups. A unit is one piece for one KV head, or a whole prefix
 //!    group for one KV head when it fits in C (so its members share a CTA, the paper's I/O-aware

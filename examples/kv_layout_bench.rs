@@ -56,15 +56,16 @@ struct Workspace {
     groups: Vec<(BTreeSet<SeqId>, BTreeMap<SeqId, u32>, usize)>,
 }
 
+/// The trace reader of the replay tool, shared so every program reads the trace one way.
+#[allow(dead_code)]
+#[path = "../src/bin/packinfer-replay/trace.rs"]
+mod trace_csv;
+
+/// (context tokens, generated tokens) per trace row.
 fn trace(path: &str) -> Vec<(u32, u32)> {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    text.lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(',').collect();
-            Some((f.get(1)?.trim().parse().ok()?, f.get(2)?.trim().parse().ok()?))
-        })
-        .collect()
+    let rows = trace_csv::parse_csv(path, &text, None).unwrap_or_else(|e| panic!("{e}"));
+    rows.iter().map(|r| (r.context_tokens, r.generated_tokens)).collect()
 }
 
 /// Execution groups: each family's members together (their prefix is read once), the rest

@@ -38,21 +38,16 @@ fn batch(lens: &[(u32, u32)], prefix_groups: Vec<PrefixGroup>) -> Batch {
     Batch { qo_indptr: qo, kv_indptr: kv, kv_page_indices: pages, kv_last_page_len: last, page_size: PAGE, num_pages, prefix_groups }
 }
 
-struct Row {
-    context: u32,
-    generated: u32,
-}
+/// The trace reader of the replay tool, shared so every program reads the trace one way.
+#[allow(dead_code)]
+#[path = "../src/bin/packinfer-replay/trace.rs"]
+mod trace;
+
+use trace::TraceRequest as Row;
 
 fn load_trace(path: &str) -> Vec<Row> {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
-    text.lines()
-        .skip(1)
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            let f: Vec<&str> = l.split(',').collect();
-            Row { context: f[1].trim().parse().expect("ContextTokens"), generated: f[2].trim().parse().expect("GeneratedTokens") }
-        })
-        .collect()
+    trace::parse_csv(path, &text, None).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Prompts of rows `start..` (each capped at 16384) until their sum reaches 16384 tokens, the
@@ -61,7 +56,7 @@ fn load_trace(path: &str) -> Vec<Row> {
 fn prefill_step(trace: &[Row], start: usize) -> (Vec<(u32, u32)>, usize) {
     let (mut lens, mut sum, mut i) = (Vec::new(), 0, start);
     while sum < 16384 {
-        let p = trace[i % trace.len()].context.clamp(1, 16384);
+        let p = trace[i % trace.len()].context_tokens.clamp(1, 16384);
         lens.push((p, p));
         sum += p;
         i += 1;
@@ -73,7 +68,7 @@ fn prefill_step(trace: &[Row], start: usize) -> (Vec<(u32, u32)>, usize) {
 fn decode_step(trace: &[Row], rows: std::ops::Range<usize>, rng: &mut SmallRng) -> Vec<(u32, u32)> {
     rows.map(|i| {
         let r = &trace[i % trace.len()];
-        (1, r.context.max(1) + rng.random_range(0..=r.generated))
+        (1, r.context_tokens.max(1) + rng.random_range(0..=r.generated_tokens))
     })
     .collect()
 }
@@ -196,7 +191,7 @@ fn trace_stats(trace: &[Row]) {
     let mut w3 = decode_step(trace, 5000..5096, &mut rng);
     w3.push((2048, 4096));
     compare_row("W3 mixed (rows 5000–5095 + 2048/4096 prefill chunk)", &w3, vec![]);
-    let w4: Vec<(u32, u32)> = (0..64).map(|i| (1, 4096 + 1 + trace[3000 + i].generated)).collect();
+    let w4: Vec<(u32, u32)> = (0..64).map(|i| (1, 4096 + 1 + trace[3000 + i].generated_tokens)).collect();
     let g4 = vec![PrefixGroup { prefix_len: 4096, members: (0..64).collect() }];
     compare_row("W4 shared 4096-token prefix, 64 decodes", &w4, g4.clone());
     compare_row("W4 without declaring the prefix", &w4, vec![]);

@@ -10,8 +10,10 @@
 // PI_BLOCK_M query rows (several requests and GQA heads, listed by row segments) against a list of
 // KV chunks; each chunk applies to a contiguous range of the tile's rows. Each warp owns a
 // 16-row slice; for a chunk, only the slices that intersect its rows do math. QK^T and PV run on
-// tensor cores (mma.sync m16n8k16, operands through ldmatrix), K/V blocks arrive by cp.async into
-// a two-stage ring, softmax is online, in fp32, in base 2.
+// tensor cores, K/V blocks arrive by cp.async into a two-stage ring, softmax is online, in fp32,
+// in base 2. On Hopper (sm_90a, head_dim <= 128) each warpgroup (4 warps, 64 rows) issues wgmma
+// with Q and K/V read straight from shared memory; elsewhere, and for tiles of <= 16 rows, each
+// warp issues mma.sync m16n8k16 with operands through ldmatrix.
 
 #ifndef PI_HEAD_DIM
 #error "PI_HEAD_DIM must be defined"
@@ -24,8 +26,21 @@
 #endif
 #define PI_BLOCK_M (16 * PI_WARPS)
 #define PI_THREADS (PI_WARPS * 32)
-// Shared-memory rows are padded by 16 bytes so ldmatrix's 8 row addresses hit distinct banks.
-#define PI_LD (PI_HEAD_DIM + 8)
+
+// wgmma (warpgroup tensor-core instructions) exist on sm_90a only; the 64-key blocks keep the
+// accumulators of head_dim <= 128 in registers. PACKINFER_KERNEL_DEFINES="-DPI_WGMMA=0" turns
+// them off for comparisons.
+#if !defined(__CUDA_ARCH_FEAT_SM90_ALL) || PI_HEAD_DIM > 128 || PI_BLOCK_N != 64
+#undef PI_WGMMA
+#define PI_WGMMA 0
+#elif !defined(PI_WGMMA)
+#define PI_WGMMA 1
+#endif
+#if PI_BF16
+#define PI_ETYPE "bf16"
+#else
+#define PI_ETYPE "f16"
+#endif
 
 #define PI_NEG_INF (__int_as_float(0xff800000))
 
@@ -94,6 +109,78 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N)); }
 
+// Shared-memory tiles (Q, K, V) use the 128-byte swizzle that wgmma's descriptors describe: a
+// tile of ROWS rows x PI_HEAD_DIM elements is stored as PI_HEAD_DIM / 64 column blocks, each
+// ROWS rows of 128 bytes, and the 16-byte chunk c of row r sits at chunk position c ^ (r % 8)
+// (the column blocks start on 1024-byte boundaries, so the hardware's swizzle, which works on
+// address bits, sees the same pattern). ldmatrix reads it without bank conflicts as well, so
+// the mma.sync path uses the same layout. Returns the element offset of (row, chunk * 8).
+template <int ROWS>
+__device__ __forceinline__ int swz(int row, int chunk) {
+    return (chunk >> 3) * (ROWS * 64) + row * 64 + (((chunk & 7) ^ (row & 7)) << 3);
+}
+
+#if PI_WGMMA
+// A shared-memory matrix descriptor for the 128-byte swizzle: start address, leading and
+// stride byte offsets (PTX ISA, "Matrix Descriptor Format"). K-major operands (Q, K) step
+// 1024 bytes per 8 rows and ignore the leading offset; the N-major V steps 1024 bytes per 8
+// keys and a column block (64 dims) per leading offset.
+__device__ __forceinline__ u64 wg_desc(const u16* p, u32 leading_bytes, u32 stride_bytes) {
+    return (u64)((smem_addr(p) & 0x3FFFF) >> 4) | ((u64)(leading_bytes >> 4) << 16) | ((u64)(stride_bytes >> 4) << 32)
+           | (1ull << 62);
+}
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wg_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+// Keeps the compiler from touching accumulators between an async wgmma and its wait.
+template <int N>
+__device__ __forceinline__ void pin(float (&r)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+        asm volatile("" : "+f"(r[i][0]), "+f"(r[i][1]), "+f"(r[i][2]), "+f"(r[i][3]) :: "memory");
+}
+// Whether any thread of this warpgroup says yes (named barrier 1 + warpgroup, 128 threads), so
+// the warpgroup takes one branch around its wgmma.
+__device__ __forceinline__ bool warpgroup_any(bool v, int wg) {
+    u32 r;
+    asm volatile("{\n.reg .pred p, q;\nsetp.ne.u32 p, %1, 0;\nbar.red.or.pred q, %2, 128, p;\nselp.u32 %0, 1, 0, q;\n}"
+                 : "=r"(r) : "r"((u32)v), "r"(wg + 1) : "memory");
+    return r != 0;
+}
+// S (64 rows x 64 keys, fp32) {=|+=} Q (shared, K-major) * K^T (shared, K-major).
+__device__ __forceinline__ void wgmma_qk(float (&s)[8][4], u64 desc_q, u64 desc_k, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." PI_ETYPE "." PI_ETYPE " "
+                 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, 0, 0;\n}"
+                 : "+f"(s[0][0]), "+f"(s[0][1]), "+f"(s[0][2]), "+f"(s[0][3]), "+f"(s[1][0]), "+f"(s[1][1]), "+f"(s[1][2]), "+f"(s[1][3]), "+f"(s[2][0]), "+f"(s[2][1]), "+f"(s[2][2]), "+f"(s[2][3]), "+f"(s[3][0]), "+f"(s[3][1]), "+f"(s[3][2]), "+f"(s[3][3]), "+f"(s[4][0]), "+f"(s[4][1]), "+f"(s[4][2]), "+f"(s[4][3]), "+f"(s[5][0]), "+f"(s[5][1]), "+f"(s[5][2]), "+f"(s[5][3]), "+f"(s[6][0]), "+f"(s[6][1]), "+f"(s[6][2]), "+f"(s[6][3]), "+f"(s[7][0]), "+f"(s[7][1]), "+f"(s[7][2]), "+f"(s[7][3])
+                 : "l"(desc_q), "l"(desc_k), "r"(accumulate));
+}
+// O (64 rows x 64 dims, fp32) += P (registers) * V (shared, N-major: the transposed B operand).
+__device__ __forceinline__ void wgmma_pv(float (&o)[8][4], const u32 (&a)[4], u64 desc_v) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." PI_ETYPE "." PI_ETYPE " "
+                 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, 1;\n}"
+                 : "+f"(o[0][0]), "+f"(o[0][1]), "+f"(o[0][2]), "+f"(o[0][3]), "+f"(o[1][0]), "+f"(o[1][1]), "+f"(o[1][2]), "+f"(o[1][3]), "+f"(o[2][0]), "+f"(o[2][1]), "+f"(o[2][2]), "+f"(o[2][3]), "+f"(o[3][0]), "+f"(o[3][1]), "+f"(o[3][2]), "+f"(o[3][3]), "+f"(o[4][0]), "+f"(o[4][1]), "+f"(o[4][2]), "+f"(o[4][3]), "+f"(o[5][0]), "+f"(o[5][1]), "+f"(o[5][2]), "+f"(o[5][3]), "+f"(o[6][0]), "+f"(o[6][1]), "+f"(o[6][2]), "+f"(o[6][3]), "+f"(o[7][0]), "+f"(o[7][1]), "+f"(o[7][2]), "+f"(o[7][3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_v), "r"(1));
+}
+// O (64 rows x 128 dims, fp32) += P (registers) * V (shared, N-major: the transposed B operand).
+__device__ __forceinline__ void wgmma_pv(float (&o)[16][4], const u32 (&a)[4], u64 desc_v) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." PI_ETYPE "." PI_ETYPE " "
+                 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, p, 1, 1, 1;\n}"
+                 : "+f"(o[0][0]), "+f"(o[0][1]), "+f"(o[0][2]), "+f"(o[0][3]), "+f"(o[1][0]), "+f"(o[1][1]), "+f"(o[1][2]), "+f"(o[1][3]), "+f"(o[2][0]), "+f"(o[2][1]), "+f"(o[2][2]), "+f"(o[2][3]), "+f"(o[3][0]), "+f"(o[3][1]), "+f"(o[3][2]), "+f"(o[3][3]), "+f"(o[4][0]), "+f"(o[4][1]), "+f"(o[4][2]), "+f"(o[4][3]), "+f"(o[5][0]), "+f"(o[5][1]), "+f"(o[5][2]), "+f"(o[5][3]), "+f"(o[6][0]), "+f"(o[6][1]), "+f"(o[6][2]), "+f"(o[6][3]), "+f"(o[7][0]), "+f"(o[7][1]), "+f"(o[7][2]), "+f"(o[7][3]), "+f"(o[8][0]), "+f"(o[8][1]), "+f"(o[8][2]), "+f"(o[8][3]), "+f"(o[9][0]), "+f"(o[9][1]), "+f"(o[9][2]), "+f"(o[9][3]), "+f"(o[10][0]), "+f"(o[10][1]), "+f"(o[10][2]), "+f"(o[10][3]), "+f"(o[11][0]), "+f"(o[11][1]), "+f"(o[11][2]), "+f"(o[11][3]), "+f"(o[12][0]), "+f"(o[12][1]), "+f"(o[12][2]), "+f"(o[12][3]), "+f"(o[13][0]), "+f"(o[13][1]), "+f"(o[13][2]), "+f"(o[13][3]), "+f"(o[14][0]), "+f"(o[14][1]), "+f"(o[14][2]), "+f"(o[14][3]), "+f"(o[15][0]), "+f"(o[15][1]), "+f"(o[15][2]), "+f"(o[15][3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_v), "r"(1));
+}
+
+#endif
+
+// Shared memory written by the generic proxy (cp.async, stores) and read next by wgmma.
+__device__ __forceinline__ void fence_for_tensor_cores() {
+#if PI_WGMMA
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+#endif
+}
+
 // ---- shared memory --------------------------------------------------------------------------
 
 struct RowInfo {
@@ -104,15 +191,16 @@ struct RowInfo {
 };
 
 struct Smem {
-    u16 q[PI_BLOCK_M * PI_LD];
-    u16 k[2][PI_BLOCK_N * PI_LD];
-    u16 v[2][PI_BLOCK_N * PI_LD];
+    u16 q[PI_BLOCK_M * PI_HEAD_DIM];  // swizzled (swz); every tile a multiple of 1024 bytes
+    u16 k[2][PI_BLOCK_N * PI_HEAD_DIM];
+    u16 v[2][PI_BLOCK_N * PI_HEAD_DIM];
     RowInfo rows[PI_BLOCK_M];
     u32 next_group;
     u32 pad[3];
 };
 // The host sizes the dynamic shared memory from the same formula (attention_smem_bytes in
-// src/backend/cuda/compile.rs) and passes it in; a mismatch fails the compile, not the launch.
+// src/backend/cuda/compile.rs, plus 1024 bytes to align the base for the swizzle) and passes it
+// in; a mismatch fails the compile, not the launch.
 static_assert(sizeof(Smem) == PI_SMEM_BYTES, "PI_SMEM_BYTES disagrees with sizeof(Smem)");
 
 // Loads keys [key0, key0 + PI_BLOCK_N) of `req` (those < key_end; zeros past it) into stage `s`.
@@ -124,7 +212,7 @@ __device__ __forceinline__ void load_kv_block(const KernelParams& p, Smem& sm, i
     if (p.flags & PI_FLAG_KV_VEC) {
         constexpr int VECS = PI_HEAD_DIM / 8;  // 16-byte vectors per key
         for (int i = tid; i < PI_BLOCK_N * VECS; i += PI_THREADS) {
-            int n = i / VECS, c = (i % VECS) * 8;
+            int n = i / VECS, ch = i % VECS, c = ch * 8;
             u32 key = key0 + n;
             bool valid = key < key_end;
             i64 off = 0;
@@ -133,8 +221,8 @@ __device__ __forceinline__ void load_kv_block(const KernelParams& p, Smem& sm, i
                 off = (i64)page * p.kv_stride_page + (i64)(key % page_size) * p.kv_stride_token
                     + (i64)kv_head * p.kv_stride_head + c;
             }
-            cp_async16(&sm.k[s][n * PI_LD + c], kb + off, valid);
-            cp_async16(&sm.v[s][n * PI_LD + c], vb + off, valid);
+            cp_async16(&sm.k[s][swz<PI_BLOCK_N>(n, ch)], kb + off, valid);
+            cp_async16(&sm.v[s][swz<PI_BLOCK_N>(n, ch)], vb + off, valid);
         }
     } else {
         for (int i = tid; i < PI_BLOCK_N * PI_HEAD_DIM; i += PI_THREADS) {
@@ -148,8 +236,8 @@ __device__ __forceinline__ void load_kv_block(const KernelParams& p, Smem& sm, i
                 kx = kb[off];
                 vx = vb[off];
             }
-            sm.k[s][n * PI_LD + c] = kx;
-            sm.v[s][n * PI_LD + c] = vx;
+            sm.k[s][swz<PI_BLOCK_N>(n, c / 8) + c % 8] = kx;
+            sm.v[s][swz<PI_BLOCK_N>(n, c / 8) + c % 8] = vx;
         }
     }
     cp_async_commit();
@@ -164,35 +252,15 @@ __device__ __forceinline__ void load_kv_block(const KernelParams& p, Smem& sm, i
 // then the warps split each key block instead (warp w takes 16 keys), and combine at the end.
 #define PI_SPLIT_WARPS (PI_BLOCK_N / 16)
 
-// One warp's share of a K/V block: its 16 rows against NT 8-key tiles starting at row `kbase` of
-// the stage (absolute key `key_first`), masked by the rows' visible-key ends, folded into the
-// online softmax state and the output accumulators.
+// Masks (unless every key of the block is visible to both rows), scales and folds a block's
+// scores into the online softmax state: S becomes P (unnormalised, base 2), the accumulators and
+// running sums are rescaled to the new maximum. The layout is the m16n8 accumulator's, which
+// mma.sync and wgmma share: s[j][0..1] are row r0's keys 8j + col + {0,1}, s[j][2..3] row r1's.
 template <int NT>
-__device__ __forceinline__ void attend(const Smem& sm, int slice, int lane, const u32 (&qf)[PI_QF][4],
-                                       const u16* ks, const u16* vs, int kbase, u32 key_first, u32 end0,
-                                       u32 end1, bool all_visible, float scale, float& m0, float& m1, float& l0, float& l1,
-                                       float (&acc)[PI_HEAD_DIM / 8][4]) {
+__device__ __forceinline__ void online_softmax(float (&s)[NT][4], int lane, u32 key_first, u32 end0, u32 end1,
+                                               bool all_visible, float scale, float& m0, float& m1, float& l0,
+                                               float& l1, float (&acc)[PI_HEAD_DIM / 8][4]) {
     const int col = 2 * (lane % 4);
-    float s[NT][4];
-#pragma unroll
-    for (int j = 0; j < NT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < PI_HEAD_DIM / 16; ++kk) {
-        u32 a[4];
-        if constexpr (PI_Q_REGS) {
-            a[0] = qf[kk][0]; a[1] = qf[kk][1]; a[2] = qf[kk][2]; a[3] = qf[kk][3];
-        } else {
-            ldmatrix_x4(a, &sm.q[(slice * 16 + lane % 16) * PI_LD + kk * 16 + (lane / 16) * 8]);
-        }
-#pragma unroll
-        for (int j = 0; j < NT / 2; ++j) {
-            u32 b[4];
-            ldmatrix_x4(b, &ks[(kbase + 16 * j + lane % 8 + (lane / 16) * 8) * PI_LD + kk * 16 + ((lane / 8) % 2) * 8]);
-            mma16816(s[2 * j], a, b[0], b[1]);
-            mma16816(s[2 * j + 1], a, b[2], b[3]);
-        }
-    }
-    // Mask (unless the whole warp sees every key of its range), scale, online softmax (base 2).
     float bm0 = PI_NEG_INF, bm1 = PI_NEG_INF;
     if (all_visible) {
 #pragma unroll
@@ -247,23 +315,91 @@ __device__ __forceinline__ void attend(const Smem& sm, int slice, int lane, cons
         l0 += s[j][0] + s[j][1];
         l1 += s[j][2] + s[j][3];
     }
-    // O += P V: the S accumulators of two 8-key tiles are the A fragment of one 16-key step.
+}
+
+// P's A operand for the 16-key step kk: the accumulators of two 8-key tiles, packed to 16 bits.
+template <int NT>
+__device__ __forceinline__ void p_fragment(u32 (&a)[4], const float (&s)[NT][4], int kk) {
+    a[0] = pack2(s[2 * kk][0], s[2 * kk][1]);
+    a[1] = pack2(s[2 * kk][2], s[2 * kk][3]);
+    a[2] = pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+    a[3] = pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+}
+
+// One warp's share of a K/V block with mma.sync: its 16 rows against NT 8-key tiles starting at
+// row `kbase` of the stage (absolute key `key_first`), masked by the rows' visible-key ends.
+template <int NT>
+__device__ __forceinline__ void attend(const Smem& sm, int slice, int lane, const u32 (&qf)[PI_QF][4],
+                                       const u16* ks, const u16* vs, int kbase, u32 key_first, u32 end0,
+                                       u32 end1, bool all_visible, float scale, float& m0, float& m1, float& l0, float& l1,
+                                       float (&acc)[PI_HEAD_DIM / 8][4]) {
+    float s[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < PI_HEAD_DIM / 16; ++kk) {
+        u32 a[4];
+        if constexpr (PI_Q_REGS) {
+            a[0] = qf[kk][0]; a[1] = qf[kk][1]; a[2] = qf[kk][2]; a[3] = qf[kk][3];
+        } else {
+            ldmatrix_x4(a, &sm.q[swz<PI_BLOCK_M>(slice * 16 + lane % 16, 2 * kk + lane / 16)]);
+        }
+#pragma unroll
+        for (int j = 0; j < NT / 2; ++j) {
+            u32 b[4];
+            ldmatrix_x4(b, &ks[swz<PI_BLOCK_N>(kbase + 16 * j + lane % 8 + (lane / 16) * 8, 2 * kk + (lane / 8) % 2)]);
+            mma16816(s[2 * j], a, b[0], b[1]);
+            mma16816(s[2 * j + 1], a, b[2], b[3]);
+        }
+    }
+    online_softmax<NT>(s, lane, key_first, end0, end1, all_visible, scale, m0, m1, l0, l1, acc);
 #pragma unroll
     for (int kk = 0; kk < NT / 2; ++kk) {
         u32 a[4];
-        a[0] = pack2(s[2 * kk][0], s[2 * kk][1]);
-        a[1] = pack2(s[2 * kk][2], s[2 * kk][3]);
-        a[2] = pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-        a[3] = pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+        p_fragment<NT>(a, s, kk);
 #pragma unroll
         for (int j = 0; j < PI_HEAD_DIM / 16; ++j) {
             u32 b[4];
-            ldmatrix_x4_trans(b, &vs[(kbase + 16 * kk + lane % 8 + ((lane / 8) % 2) * 8) * PI_LD + 16 * j + (lane / 16) * 8]);
+            ldmatrix_x4_trans(b, &vs[swz<PI_BLOCK_N>(kbase + 16 * kk + lane % 8 + ((lane / 8) % 2) * 8, 2 * j + lane / 16)]);
             mma16816(acc[2 * j], a, b[0], b[1]);
             mma16816(acc[2 * j + 1], a, b[2], b[3]);
         }
     }
 }
+
+#if PI_WGMMA
+// One warpgroup's 64 rows (from row 64 * wg of the tile) against a whole K/V block with wgmma:
+// S = Q K^T from shared memory, the online softmax in registers, O += P V with P as the
+// register A operand. Every thread of the warpgroup calls it (the instructions are collective).
+__device__ __forceinline__ void attend_wg(const Smem& sm, int wg, int lane, const u16* ks, const u16* vs,
+                                          u32 key_first, u32 end0, u32 end1, bool all_visible, float scale,
+                                          float& m0, float& m1, float& l0, float& l1,
+                                          float (&acc)[PI_HEAD_DIM / 8][4]) {
+    constexpr int NT = PI_BLOCK_N / 8;
+    float s[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < PI_HEAD_DIM / 16; ++kk)
+        wgmma_qk(s, wg_desc(&sm.q[(kk / 4) * (PI_BLOCK_M * 64) + wg * 64 * 64 + (kk % 4) * 16], 16, 1024),
+                 wg_desc(&ks[(kk / 4) * (PI_BLOCK_N * 64) + (kk % 4) * 16], 16, 1024), kk > 0);
+    wg_commit();
+    wg_wait_all();
+    pin(s);
+    online_softmax<NT>(s, lane, key_first, end0, end1, all_visible, scale, m0, m1, l0, l1, acc);
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < NT / 2; ++kk) {
+        u32 a[4];
+        p_fragment<NT>(a, s, kk);
+        wgmma_pv(acc, a, wg_desc(&vs[kk * 16 * 64], PI_BLOCK_N * 128, 1024));
+    }
+    wg_commit();
+    wg_wait_all();
+    pin(acc);
+}
+#endif
 
 // Where split warps leave their state for warp 0 to combine (over the K stages, free by then).
 struct SplitState {
@@ -276,7 +412,8 @@ static_assert(sizeof(SplitState) <= sizeof(((Smem*)0)->k) + sizeof(((Smem*)0)->v
 extern "C" __global__ void __launch_bounds__(PI_THREADS)
 packed_attention(const KernelParams p) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
+    // The swizzle needs 1024-byte aligned tiles; the host adds 1024 bytes of slack for this.
+    Smem& sm = *reinterpret_cast<Smem*>(smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u));
     SplitState& split_state = *reinterpret_cast<SplitState*>(&sm.k[0][0]);
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const PlanHeader hdr = *p.header;
@@ -321,23 +458,24 @@ packed_attention(const KernelParams p) {
             if (p.flags & PI_FLAG_Q_VEC) {
                 constexpr int VECS = PI_HEAD_DIM / 8;
                 for (int i = tid; i < PI_BLOCK_M * VECS; i += PI_THREADS) {
-                    int r = i / VECS, c = (i % VECS) * 8;
-                    cp_async16(&sm.q[r * PI_LD + c], qb + sm.rows[r].q_offset + c, (u32)r < item.num_rows);
+                    int r = i / VECS, ch = i % VECS;
+                    cp_async16(&sm.q[swz<PI_BLOCK_M>(r, ch)], qb + sm.rows[r].q_offset + ch * 8, (u32)r < item.num_rows);
                 }
                 cp_async_commit();
             } else {
                 for (int i = tid; i < PI_BLOCK_M * PI_HEAD_DIM; i += PI_THREADS) {
                     int r = i / PI_HEAD_DIM, c = i % PI_HEAD_DIM;
-                    sm.q[r * PI_LD + c] = (u32)r < item.num_rows ? qb[sm.rows[r].q_offset + c] : (u16)0;
+                    sm.q[swz<PI_BLOCK_M>(r, c / 8) + c % 8] = (u32)r < item.num_rows ? qb[sm.rows[r].q_offset + c] : (u16)0;
                 }
             }
             u32 qf[PI_QF][4];
             if constexpr (PI_Q_REGS) {
                 cp_async_wait<0>();
+                fence_for_tensor_cores();
                 __syncthreads();
 #pragma unroll
                 for (int kk = 0; kk < PI_QF; ++kk)
-                    ldmatrix_x4(qf[kk], &sm.q[(slice * 16 + lane % 16) * PI_LD + kk * 16 + (lane / 16) * 8]);
+                    ldmatrix_x4(qf[kk], &sm.q[swz<PI_BLOCK_M>(slice * 16 + lane % 16, 2 * kk + lane / 16)]);
             }
 
             float acc[PI_HEAD_DIM / 8][4];
@@ -367,11 +505,21 @@ packed_attention(const KernelParams p) {
                     } else {
                         cp_async_wait<0>();
                     }
+                    fence_for_tensor_cores();
                     __syncthreads();
                     // This warp's keys of the block: all of them, or its 16 when splitting.
                     const u32 first = split ? key0 + 16 * warp : key0;
                     // Skip the math when none of the warp's rows sees one of its keys.
                     const bool any = __any_sync(0xffffffffu, active && (first < end0 || first < end1));
+#if PI_WGMMA
+                    if (!split) {
+                        if (warpgroup_any(any, warp / 4)) {
+                            const bool all_visible = __all_sync(0xffffffffu, key0 + PI_BLOCK_N <= end0 && key0 + PI_BLOCK_N <= end1);
+                            attend_wg(sm, warp / 4, lane, sm.k[stage], sm.v[stage], key0, end0, end1, all_visible, scale,
+                                      m0, m1, l0, l1, acc);
+                        }
+                    } else
+#endif
                     if (any) {
                         const u32 width = split ? 16 : PI_BLOCK_N;
                         const bool all_visible = __all_sync(0xffffffffu, first + width <= end0 && first + width <= end1);
@@ -463,10 +611,16 @@ packed_attention(const KernelParams p) {
                 const RowInfo ri = sm.rows[r];
                 if (item.partial_slot == PI_FINAL_OUTPUT) {
                     u16* ob = (u16*)p.o + (i64)ri.token * p.o_stride_token + (i64)ri.head * p.o_stride_head;
+                    if ((reinterpret_cast<u64>(ob) & 3) == 0) {  // the pair as one 4-byte store
 #pragma unroll
-                    for (int j = 0; j < PI_HEAD_DIM / 8; ++j) {
-                        ob[8 * j + col] = to_elem(acc[j][2 * half] * inv);
-                        ob[8 * j + col + 1] = to_elem(acc[j][2 * half + 1] * inv);
+                        for (int j = 0; j < PI_HEAD_DIM / 8; ++j)
+                            *reinterpret_cast<u32*>(&ob[8 * j + col]) = pack2(acc[j][2 * half] * inv, acc[j][2 * half + 1] * inv);
+                    } else {
+#pragma unroll
+                        for (int j = 0; j < PI_HEAD_DIM / 8; ++j) {
+                            ob[8 * j + col] = to_elem(acc[j][2 * half] * inv);
+                            ob[8 * j + col + 1] = to_elem(acc[j][2 * half + 1] * inv);
+                        }
                     }
                     if (p.lse && lane % 4 == 0) p.lse[(i64)ri.token * p.num_qo_heads + ri.head] = lse;
                 } else {

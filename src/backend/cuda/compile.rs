@@ -84,19 +84,24 @@ impl Unit {
                 format!("-DPI_BF16={}", (dtype == DType::Bf16) as u32),
                 format!("-DPI_BLOCK_N={}", self.block_n()),
                 format!("-DPI_WARPS={warps}"),
-                format!("-DPI_SMEM_BYTES={}", attention_smem_bytes(head_dim, self.block_n(), 16 * warps)),
+                format!("-DPI_SMEM_BYTES={}", attention_smem_struct_bytes(head_dim, self.block_n(), 16 * warps)),
             ],
             Unit::Kv => vec![],
         }
     }
 }
 
-/// Dynamic shared memory of the attention kernel: the Q tile and two K/V stages (rows padded by
-/// 8 elements), then the row table (24 bytes a row) and the drawn group number (16 bytes).
+/// The attention kernel's shared-memory struct: the Q tile and two K/V stages (swizzled, no
+/// padding), then the row table (24 bytes a row) and the drawn group number (16 bytes).
 /// `kernels/attention.cu` asserts the same.
+fn attention_smem_struct_bytes(head_dim: u32, block_n: u32, block_m: u32) -> u32 {
+    block_m * head_dim * 2 + 4 * block_n * head_dim * 2 + block_m * 24 + 16
+}
+
+/// Dynamic shared memory an attention launch asks for: the struct plus 1024 bytes, so the kernel
+/// can start its swizzled tiles on a 1024-byte boundary wherever the base lands.
 pub fn attention_smem_bytes(head_dim: u32, block_n: u32, block_m: u32) -> u32 {
-    let ld = head_dim + 8;
-    block_m * ld * 2 + 4 * block_n * ld * 2 + block_m * 24 + 16
+    attention_smem_struct_bytes(head_dim, block_n, block_m) + 1024
 }
 
 /// The NVRTC architecture for a compute capability: the arch-specific target on Hopper (so

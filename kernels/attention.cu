@@ -1,7 +1,8 @@
 // The packed-attention kernel and the merge kernel.
 //
 // Compiled by NVRTC once per variant with -DPI_HEAD_DIM=64|128|256, -DPI_BF16=0|1,
-// -DPI_BLOCK_N (keys per inner step) and -DPI_WARPS (4 or 8 warps of 16 tile rows each);
+// -DPI_BLOCK_N (keys per inner step), -DPI_WARPS (4 or 8 warps of 16 tile rows each) and
+// -DPI_STAGES (K/V blocks in the shared-memory ring);
 // work.cuh is prepended by the host.
 //
 // Execution model (the planner's contract, src/plan/work.rs): persistent CTAs take groups from a
@@ -10,8 +11,8 @@
 // PI_BLOCK_M query rows (several requests and GQA heads, listed by row segments) against a list of
 // KV chunks; each chunk applies to a contiguous range of the tile's rows. Each warp owns a
 // 16-row slice; for a chunk, only the slices that intersect its rows do math. QK^T and PV run on
-// tensor cores, K/V blocks arrive by cp.async into a two-stage ring, softmax is online, in fp32,
-// in base 2. On Hopper (sm_90a, head_dim <= 128) each warpgroup (4 warps, 64 rows) issues wgmma
+// tensor cores, K/V blocks arrive by cp.async into a ring of PI_STAGES stages, softmax is online,
+// in fp32, in base 2. On Hopper (sm_90a, head_dim <= 128) each warpgroup (4 warps, 64 rows) issues wgmma
 // with Q and K/V read straight from shared memory; elsewhere, and for tiles of <= 16 rows, each
 // warp issues mma.sync m16n8k16 with operands through ldmatrix.
 
@@ -23,6 +24,10 @@
 #endif
 #ifndef PI_WARPS
 #define PI_WARPS 4
+#endif
+// K/V stages in the shared-memory ring (>= 2).
+#ifndef PI_STAGES
+#define PI_STAGES 2
 #endif
 #define PI_BLOCK_M (16 * PI_WARPS)
 #define PI_THREADS (PI_WARPS * 32)
@@ -190,11 +195,18 @@ struct RowInfo {
     u32 pad;
 };
 
+// A row segment of the current item resolved against its request: row r of the segment is query
+// token0 + (r - row_begin) / group, which sees keys below limit0 + step * ((r - row_begin) / group).
+struct SegmentInfo {
+    u32 row_begin, token0, limit0, step;
+};
+
 struct Smem {
     u16 q[PI_BLOCK_M * PI_HEAD_DIM];  // swizzled (swz); every tile a multiple of 1024 bytes
-    u16 k[2][PI_BLOCK_N * PI_HEAD_DIM];
-    u16 v[2][PI_BLOCK_N * PI_HEAD_DIM];
+    u16 k[PI_STAGES][PI_BLOCK_N * PI_HEAD_DIM];
+    u16 v[PI_STAGES][PI_BLOCK_N * PI_HEAD_DIM];
     RowInfo rows[PI_BLOCK_M];
+    SegmentInfo segs[PI_BLOCK_M];  // an item has at most one segment per row
     u32 next_group;
     u32 pad[3];
 };
@@ -203,24 +215,44 @@ struct Smem {
 // in; a mismatch fails the compile, not the launch.
 static_assert(sizeof(Smem) == PI_SMEM_BYTES, "PI_SMEM_BYTES disagrees with sizeof(Smem)");
 
-// Loads keys [key0, key0 + PI_BLOCK_N) of `req` (those < key_end; zeros past it) into stage `s`.
+// K/V copies with 16-byte vectors: thread t copies chunk t % PI_KV_VECS of keys
+// t / PI_KV_VECS + j * PI_KV_KEYS_PER_PASS, j < PI_KV_PASSES.
+#define PI_KV_VECS (PI_HEAD_DIM / 8)
+#define PI_KV_KEYS_PER_PASS (PI_THREADS / PI_KV_VECS)
+#define PI_KV_PASSES (PI_BLOCK_N / PI_KV_KEYS_PER_PASS)
+static_assert(PI_THREADS % PI_KV_VECS == 0 && PI_BLOCK_N % PI_KV_KEYS_PER_PASS == 0, "K/V copy shape");
+
+// The page numbers of this thread's keys of the block at key0. Read one block ahead of its copies
+// (the loop below), so the latency of these dependent reads hides behind a block of math: read
+// right before the copies they were the largest stall of the prefill kernel (H100, ncu).
+__device__ __forceinline__ void kv_pages(const KernelParams& p, const RequestInfo& req, u32 key0, u32 key_end,
+                                         u32 page_size, int (&page)[PI_KV_PASSES]) {
+    if (!(p.flags & PI_FLAG_KV_VEC)) return;  // the scalar path looks pages up itself
+#pragma unroll
+    for (int j = 0; j < PI_KV_PASSES; ++j) {
+        const u32 key = key0 + threadIdx.x / PI_KV_VECS + j * PI_KV_KEYS_PER_PASS;
+        page[j] = key < key_end ? __ldg(&p.pages[req.page_start + key / page_size]) : 0;
+    }
+}
+
+// Loads keys [key0, key0 + PI_BLOCK_N) of `req` (those < key_end; zeros past it) into stage `s`,
+// given the page numbers from kv_pages; one commit group.
 __device__ __forceinline__ void load_kv_block(const KernelParams& p, Smem& sm, int s, const RequestInfo& req,
-                                              u32 kv_head, u32 key0, u32 key_end, u32 page_size) {
+                                              u32 kv_head, u32 key0, u32 key_end, u32 page_size,
+                                              const int (&page)[PI_KV_PASSES]) {
     const int tid = threadIdx.x;
     const u16* kb = (const u16*)p.k;
     const u16* vb = (const u16*)p.v;
     if (p.flags & PI_FLAG_KV_VEC) {
-        constexpr int VECS = PI_HEAD_DIM / 8;  // 16-byte vectors per key
-        for (int i = tid; i < PI_BLOCK_N * VECS; i += PI_THREADS) {
-            int n = i / VECS, ch = i % VECS, c = ch * 8;
-            u32 key = key0 + n;
-            bool valid = key < key_end;
-            i64 off = 0;
-            if (valid) {
-                int page = p.pages[req.page_start + key / page_size];
-                off = (i64)page * p.kv_stride_page + (i64)(key % page_size) * p.kv_stride_token
-                    + (i64)kv_head * p.kv_stride_head + c;
-            }
+        const int ch = tid % PI_KV_VECS;
+#pragma unroll
+        for (int j = 0; j < PI_KV_PASSES; ++j) {
+            const int n = tid / PI_KV_VECS + j * PI_KV_KEYS_PER_PASS;
+            const u32 key = key0 + n;
+            const bool valid = key < key_end;
+            const i64 off = valid ? (i64)page[j] * p.kv_stride_page + (i64)(key % page_size) * p.kv_stride_token
+                                        + (i64)kv_head * p.kv_stride_head + ch * 8
+                                  : 0;
             cp_async16(&sm.k[s][swz<PI_BLOCK_N>(n, ch)], kb + off, valid);
             cp_async16(&sm.v[s][swz<PI_BLOCK_N>(n, ch)], vb + off, valid);
         }
@@ -230,8 +262,8 @@ __device__ __forceinline__ void load_kv_block(const KernelParams& p, Smem& sm, i
             u32 key = key0 + n;
             u16 kx = 0, vx = 0;
             if (key < key_end) {
-                int page = p.pages[req.page_start + key / page_size];
-                i64 off = (i64)page * p.kv_stride_page + (i64)(key % page_size) * p.kv_stride_token
+                int pg = p.pages[req.page_start + key / page_size];
+                i64 off = (i64)pg * p.kv_stride_page + (i64)(key % page_size) * p.kv_stride_token
                         + (i64)kv_head * p.kv_stride_head + (i64)c * p.kv_stride_dim;
                 kx = kb[off];
                 vx = vb[off];
@@ -243,9 +275,11 @@ __device__ __forceinline__ void load_kv_block(const KernelParams& p, Smem& sm, i
     cp_async_commit();
 }
 
-// Q fragments stay in registers for the whole item where they fit next to the accumulators.
+// Q fragments stay in registers for the whole item where they fit next to the accumulators
+// (not in wgmma builds, where only the split path would use them: the registers go to the
+// wgmma accumulators, and the split path reads Q through ldmatrix each time).
 #ifndef PI_Q_REGS
-#define PI_Q_REGS (PI_HEAD_DIM <= 128)
+#define PI_Q_REGS (PI_HEAD_DIM <= 128 && !PI_WGMMA)
 #endif
 #define PI_QF (PI_Q_REGS ? PI_HEAD_DIM / 16 : 1)
 // A tile of at most 16 rows (a decode, a few packed short rows) has one warp's worth of rows;
@@ -429,26 +463,44 @@ packed_attention(const KernelParams p) {
         __syncthreads();  // everyone has read it before thread 0 draws again
         if (g >= hdr.num_groups) break;
         const u32 item_end = p.group_offsets[g + 1];
-        for (u32 it = p.group_offsets[g]; it < item_end; ++it) {
-            const WorkItem item = p.items[it];
+        // The next item's descriptor is read while this one runs.
+        const u32 item_begin = p.group_offsets[g];
+        WorkItem next_item = {};
+        if (item_begin < item_end) next_item = p.items[item_begin];
+        for (u32 it = item_begin; it < item_end; ++it) {
+            const WorkItem item = next_item;
+            if (it + 1 < item_end) next_item = p.items[it + 1];
             const bool split = item.num_rows <= 16;
             // The warp's 16-row slice of the tile, and this thread's two rows in it.
             const int slice = split ? 0 : warp;
             const int r0 = slice * 16 + lane / 4, r1 = r0 + 8;
-            // Row table: which (token, head) each tile row is, and how many of its keys it sees.
+            // Segment table (one thread per segment, so their reads overlap), then the row table:
+            // which (token, head) each tile row is, and how many of its keys it sees.
+            const u32 seg_count = min(item.seg_count, (u32)PI_BLOCK_M);
+            for (u32 si = tid; si < seg_count; si += PI_THREADS) {
+                const RowSegment seg = p.segments[item.seg_begin + si];
+                const RequestInfo req = p.requests[seg.request];
+                SegmentInfo info;
+                info.row_begin = seg.row_begin;
+                info.token0 = req.q_start + seg.q_begin;
+                info.limit0 = hdr.causal ? req.kv_len - req.q_len + seg.q_begin + 1 : req.kv_len;
+                info.step = hdr.causal ? 1u : 0u;
+                sm.segs[si] = info;
+            }
+            __syncthreads();
             for (int r = tid; r < PI_BLOCK_M; r += PI_THREADS) {
                 RowInfo ri = {0, 0, 0, 0, 0};
                 if ((u32)r < item.num_rows) {
-                    RowSegment seg = p.segments[item.seg_begin];
-                    for (u32 s = 1; s < item.seg_count; ++s) {
-                        RowSegment t = p.segments[item.seg_begin + s];
-                        if (t.row_begin <= (u32)r) seg = t;
+                    u32 lo = 0, hi = seg_count;  // the last segment starting at or before r
+                    while (hi - lo > 1) {
+                        const u32 mid = (lo + hi) / 2;
+                        if (sm.segs[mid].row_begin <= (u32)r) lo = mid; else hi = mid;
                     }
-                    const RequestInfo req = p.requests[seg.request];
-                    u32 q = seg.q_begin + ((u32)r - seg.row_begin) / group;
-                    ri.token = req.q_start + q;
+                    const SegmentInfo seg = sm.segs[lo];
+                    const u32 q = ((u32)r - seg.row_begin) / group;
+                    ri.token = seg.token0 + q;
                     ri.head = item.kv_head * group + ((u32)r - seg.row_begin) % group;
-                    ri.key_limit = hdr.causal ? req.kv_len - req.q_len + q + 1 : req.kv_len;
+                    ri.key_limit = seg.limit0 + seg.step * q;
                     ri.q_offset = (i64)ri.token * p.q_stride_token + (i64)ri.head * p.q_stride_head;
                 }
                 sm.rows[r] = ri;
@@ -468,15 +520,10 @@ packed_attention(const KernelParams p) {
                     sm.q[swz<PI_BLOCK_M>(r, c / 8) + c % 8] = (u32)r < item.num_rows ? qb[sm.rows[r].q_offset + c] : (u16)0;
                 }
             }
+            // Q fragments for the mma.sync path, read from the tile once it has landed (with the
+            // item's first K/V block, so the two loads overlap). wgmma reads Q from shared memory.
             u32 qf[PI_QF][4];
-            if constexpr (PI_Q_REGS) {
-                cp_async_wait<0>();
-                fence_for_tensor_cores();
-                __syncthreads();
-#pragma unroll
-                for (int kk = 0; kk < PI_QF; ++kk)
-                    ldmatrix_x4(qf[kk], &sm.q[swz<PI_BLOCK_M>(slice * 16 + lane % 16, 2 * kk + lane / 16)]);
-            }
+            bool qf_loaded = !PI_Q_REGS || (PI_WGMMA && !split);
 
             float acc[PI_HEAD_DIM / 8][4];
 #pragma unroll
@@ -494,19 +541,41 @@ packed_attention(const KernelParams p) {
                 const bool in1 = ch.row_begin <= (u32)r1 && (u32)r1 < ch.row_end;
                 const u32 end0 = in0 ? min(ch.key_end, lim0) : 0;
                 const u32 end1 = in1 ? min(ch.key_end, lim1) : 0;
-                int stage = 0;
-                if (ch.key_begin < ch.key_end)
-                    load_kv_block(p, sm, 0, req, item.kv_head, ch.key_begin, ch.key_end, hdr.page_size);
-                for (u32 key0 = ch.key_begin; key0 < ch.key_end; key0 += PI_BLOCK_N) {
-                    // Prefetch the next block into the other stage while this one is used.
-                    if (key0 + PI_BLOCK_N < ch.key_end) {
-                        load_kv_block(p, sm, stage ^ 1, req, item.kv_head, key0 + PI_BLOCK_N, ch.key_end, hdr.page_size);
-                        cp_async_wait<1>();
-                    } else {
-                        cp_async_wait<0>();
-                    }
+                // A ring of PI_STAGES K/V stages: block b lives in stage b % PI_STAGES, and the loads
+                // run PI_STAGES - 1 blocks ahead (one commit group per block, empty past the end).
+                const u32 nblocks = ch.key_end > ch.key_begin ? (ch.key_end - ch.key_begin + PI_BLOCK_N - 1) / PI_BLOCK_N : 0;
+                // `pages` holds the page numbers of the next block to issue.
+                int pages[PI_KV_PASSES];
+                auto gather = [&](u32 b) {
+                    if (b < nblocks) kv_pages(p, req, ch.key_begin + b * PI_BLOCK_N, ch.key_end, hdr.page_size, pages);
+                };
+                auto issue = [&](u32 b) {
+                    if (b < nblocks)
+                        load_kv_block(p, sm, b % PI_STAGES, req, item.kv_head, ch.key_begin + b * PI_BLOCK_N, ch.key_end,
+                                      hdr.page_size, pages);
+                    else
+                        cp_async_commit();
+                };
+#pragma unroll
+                for (u32 b = 0; b + 1 < PI_STAGES; ++b) {
+                    gather(b);
+                    issue(b);
+                }
+                gather(PI_STAGES - 1);
+                for (u32 b = 0; b < nblocks; ++b) {
+                    cp_async_wait<PI_STAGES - 2>();  // block b (and the Q tile) landed
                     fence_for_tensor_cores();
-                    __syncthreads();
+                    __syncthreads();  // for every thread; and block b - 1's stage is free again
+                    issue(b + PI_STAGES - 1);
+                    gather(b + PI_STAGES);
+                    const int stage = b % PI_STAGES;
+                    const u32 key0 = ch.key_begin + b * PI_BLOCK_N;
+                    if (!qf_loaded) {
+#pragma unroll
+                        for (int kk = 0; kk < PI_QF; ++kk)
+                            ldmatrix_x4(qf[kk], &sm.q[swz<PI_BLOCK_M>(slice * 16 + lane % 16, 2 * kk + lane / 16)]);
+                        qf_loaded = true;
+                    }
                     // This warp's keys of the block: all of them, or its 16 when splitting.
                     const u32 first = split ? key0 + 16 * warp : key0;
                     // Skip the math when none of the warp's rows sees one of its keys.
@@ -530,9 +599,8 @@ packed_attention(const KernelParams p) {
                             attend<PI_BLOCK_N / 8>(sm, slice, lane, qf, sm.k[stage], sm.v[stage], 0, key0, end0, end1,
                                                    all_visible, scale, m0, m1, l0, l1, acc);
                     }
-                    __syncthreads();  // the stage is overwritten by the prefetch two blocks on
-                    stage ^= 1;
                 }
+                __syncthreads();  // the next chunk's first loads reuse this chunk's stages
             }
             cp_async_wait<0>();  // an item without keys still issued its Q copies
 

@@ -69,6 +69,37 @@ impl Unit {
         }
     }
 
+    /// K/V stages of the shared-memory ring. Four for the 8-warp wgmma kernel on Hopper (H100,
+    /// W1 prefill: the loads of one CTA per SM need several blocks in flight); two elsewhere:
+    /// the 4-warp kernel keeps two CTAs per SM that way, head_dim 256 has no room, and sm_80
+    /// is not measured.
+    pub fn stages(&self, arch: &str) -> u32 {
+        match *self {
+            Unit::Attention { head_dim, warps: 8, .. } if arch == "sm_90a" && head_dim <= 128 => 4,
+            _ => 2,
+        }
+    }
+
+    /// Dynamic shared memory an attention launch asks for: the kernel's struct plus 1024 bytes,
+    /// so that it can start its swizzled tiles on a 1024-byte boundary wherever the base lands.
+    pub fn smem_bytes(&self, arch: &str) -> u32 {
+        self.smem_struct_bytes(arch) + 1024
+    }
+
+    /// The attention kernel's shared-memory struct: the Q tile and the K/V stages (swizzled, no
+    /// padding), then the row table (24 bytes a row), the segment table (16 bytes a row) and the
+    /// drawn group number (16 bytes).
+    /// `kernels/attention.cu` asserts the same.
+    fn smem_struct_bytes(&self, arch: &str) -> u32 {
+        match *self {
+            Unit::Attention { head_dim, warps, .. } => {
+                let block_m = 16 * warps;
+                block_m * head_dim * 2 + 2 * self.stages(arch) * self.block_n() * head_dim * 2 + block_m * (24 + 16) + 16
+            }
+            Unit::Kv => 0,
+        }
+    }
+
     fn source(&self) -> String {
         let body = match self {
             Unit::Attention { .. } => ATTENTION_CU,
@@ -77,31 +108,19 @@ impl Unit {
         format!("{WORK_CUH}\n{body}")
     }
 
-    fn defines(&self) -> Vec<String> {
+    fn defines(&self, arch: &str) -> Vec<String> {
         match *self {
             Unit::Attention { head_dim, dtype, warps } => vec![
                 format!("-DPI_HEAD_DIM={head_dim}"),
                 format!("-DPI_BF16={}", (dtype == DType::Bf16) as u32),
                 format!("-DPI_BLOCK_N={}", self.block_n()),
                 format!("-DPI_WARPS={warps}"),
-                format!("-DPI_SMEM_BYTES={}", attention_smem_struct_bytes(head_dim, self.block_n(), 16 * warps)),
+                format!("-DPI_STAGES={}", self.stages(arch)),
+                format!("-DPI_SMEM_BYTES={}", self.smem_struct_bytes(arch)),
             ],
             Unit::Kv => vec![],
         }
     }
-}
-
-/// The attention kernel's shared-memory struct: the Q tile and two K/V stages (swizzled, no
-/// padding), then the row table (24 bytes a row) and the drawn group number (16 bytes).
-/// `kernels/attention.cu` asserts the same.
-fn attention_smem_struct_bytes(head_dim: u32, block_n: u32, block_m: u32) -> u32 {
-    block_m * head_dim * 2 + 4 * block_n * head_dim * 2 + block_m * 24 + 16
-}
-
-/// Dynamic shared memory an attention launch asks for: the struct plus 1024 bytes, so the kernel
-/// can start its swizzled tiles on a 1024-byte boundary wherever the base lands.
-pub fn attention_smem_bytes(head_dim: u32, block_n: u32, block_m: u32) -> u32 {
-    attention_smem_struct_bytes(head_dim, block_n, block_m) + 1024
 }
 
 /// The NVRTC architecture for a compute capability: the arch-specific target on Hopper (so
@@ -152,7 +171,7 @@ pub fn nvrtc_version() -> Result<(i32, i32)> {
 
 fn options(unit: Unit, arch: &str) -> Vec<String> {
     let mut o = vec![format!("--gpu-architecture={arch}"), "-std=c++17".into(), "--ptxas-options=-v".into(), "-lineinfo".into()];
-    o.extend(unit.defines());
+    o.extend(unit.defines(arch));
     // Development knob for kernel experiments (e.g. "-DPI_Q_REGS=0"); part of the cache key.
     if let Ok(extra) = std::env::var("PACKINFER_KERNEL_DEFINES") {
         o.extend(extra.split_whitespace().filter(|d| d.starts_with("-D")).map(String::from));

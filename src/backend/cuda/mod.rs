@@ -106,7 +106,7 @@ impl Shared {
             return Ok(k.clone());
         }
         let unit = Unit::Attention { head_dim, dtype, warps };
-        let smem = compile::attention_smem_bytes(head_dim, unit.block_n(), 16 * warps);
+        let smem = unit.smem_bytes(self.cache.arch());
         if smem > self.dev.max_smem_optin {
             return Err(crate::unsupported!("{} needs {smem} bytes of shared memory; this device allows {}", unit.name(), self.dev.max_smem_optin));
         }

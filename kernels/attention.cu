@@ -215,6 +215,17 @@ struct Smem {
 // in; a mismatch fails the compile, not the launch.
 static_assert(sizeof(Smem) == PI_SMEM_BYTES, "PI_SMEM_BYTES disagrees with sizeof(Smem)");
 
+// Key -> (page, slot) without a division when the page size is a power of two (1, 16, 64 in
+// practice): the divisions were a tenth of the prefill kernel's instructions (H100, ncu).
+struct PageMap {
+    u32 size, shift;
+    bool pow2;
+    __device__ __forceinline__ explicit PageMap(u32 page_size)
+        : size(page_size), shift(__ffs(page_size) - 1), pow2((page_size & (page_size - 1)) == 0) {}
+    __device__ __forceinline__ u32 page(u32 key) const { return pow2 ? key >> shift : key / size; }
+    __device__ __forceinline__ u32 slot(u32 key) const { return pow2 ? key & (size - 1) : key % size; }
+};
+
 // K/V copies with 16-byte vectors: thread t copies chunk t % PI_KV_VECS of keys
 // t / PI_KV_VECS + j * PI_KV_KEYS_PER_PASS, j < PI_KV_PASSES.
 #define PI_KV_VECS (PI_HEAD_DIM / 8)
@@ -226,19 +237,19 @@ static_assert(PI_THREADS % PI_KV_VECS == 0 && PI_BLOCK_N % PI_KV_KEYS_PER_PASS =
 // (the loop below), so the latency of these dependent reads hides behind a block of math: read
 // right before the copies they were the largest stall of the prefill kernel (H100, ncu).
 __device__ __forceinline__ void kv_pages(const KernelParams& p, const RequestInfo& req, u32 key0, u32 key_end,
-                                         u32 page_size, int (&page)[PI_KV_PASSES]) {
+                                         const PageMap& pm, int (&page)[PI_KV_PASSES]) {
     if (!(p.flags & PI_FLAG_KV_VEC)) return;  // the scalar path looks pages up itself
 #pragma unroll
     for (int j = 0; j < PI_KV_PASSES; ++j) {
         const u32 key = key0 + threadIdx.x / PI_KV_VECS + j * PI_KV_KEYS_PER_PASS;
-        page[j] = key < key_end ? __ldg(&p.pages[req.page_start + key / page_size]) : 0;
+        page[j] = key < key_end ? __ldg(&p.pages[req.page_start + pm.page(key)]) : 0;
     }
 }
 
 // Loads keys [key0, key0 + PI_BLOCK_N) of `req` (those < key_end; zeros past it) into stage `s`,
 // given the page numbers from kv_pages; one commit group.
 __device__ __forceinline__ void load_kv_block(const KernelParams& p, Smem& sm, int s, const RequestInfo& req,
-                                              u32 kv_head, u32 key0, u32 key_end, u32 page_size,
+                                              u32 kv_head, u32 key0, u32 key_end, const PageMap& pm,
                                               const int (&page)[PI_KV_PASSES]) {
     const int tid = threadIdx.x;
     const u16* kb = (const u16*)p.k;
@@ -250,7 +261,7 @@ __device__ __forceinline__ void load_kv_block(const KernelParams& p, Smem& sm, i
             const int n = tid / PI_KV_VECS + j * PI_KV_KEYS_PER_PASS;
             const u32 key = key0 + n;
             const bool valid = key < key_end;
-            const i64 off = valid ? (i64)page[j] * p.kv_stride_page + (i64)(key % page_size) * p.kv_stride_token
+            const i64 off = valid ? (i64)page[j] * p.kv_stride_page + (i64)pm.slot(key) * p.kv_stride_token
                                         + (i64)kv_head * p.kv_stride_head + ch * 8
                                   : 0;
             cp_async16(&sm.k[s][swz<PI_BLOCK_N>(n, ch)], kb + off, valid);
@@ -262,8 +273,8 @@ __device__ __forceinline__ void load_kv_block(const KernelParams& p, Smem& sm, i
             u32 key = key0 + n;
             u16 kx = 0, vx = 0;
             if (key < key_end) {
-                int pg = p.pages[req.page_start + key / page_size];
-                i64 off = (i64)pg * p.kv_stride_page + (i64)(key % page_size) * p.kv_stride_token
+                int pg = p.pages[req.page_start + pm.page(key)];
+                i64 off = (i64)pg * p.kv_stride_page + (i64)pm.slot(key) * p.kv_stride_token
                         + (i64)kv_head * p.kv_stride_head + (i64)c * p.kv_stride_dim;
                 kx = kb[off];
                 vx = vb[off];
@@ -295,17 +306,14 @@ __device__ __forceinline__ void online_softmax(float (&s)[NT][4], int lane, u32 
                                                bool all_visible, float scale, float& m0, float& m1, float& l0,
                                                float& l1, float (&acc)[PI_HEAD_DIM / 8][4]) {
     const int col = 2 * (lane % 4);
+    // The maximum is taken over the raw scores (scale > 0 keeps the order); the scale is folded
+    // into the exponent's FMA.
     float bm0 = PI_NEG_INF, bm1 = PI_NEG_INF;
     if (all_visible) {
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                s[j][e] *= scale;
-                s[j][2 + e] *= scale;
-                bm0 = fmaxf(bm0, s[j][e]);
-                bm1 = fmaxf(bm1, s[j][2 + e]);
-            }
+            bm0 = fmaxf(bm0, fmaxf(s[j][0], s[j][1]));
+            bm1 = fmaxf(bm1, fmaxf(s[j][2], s[j][3]));
         }
     } else {
 #pragma unroll
@@ -313,8 +321,8 @@ __device__ __forceinline__ void online_softmax(float (&s)[NT][4], int lane, u32 
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
                 const u32 key = key_first + 8 * j + col + e;
-                s[j][e] = key < end0 ? s[j][e] * scale : PI_NEG_INF;
-                s[j][2 + e] = key < end1 ? s[j][2 + e] * scale : PI_NEG_INF;
+                if (key >= end0) s[j][e] = PI_NEG_INF;
+                if (key >= end1) s[j][2 + e] = PI_NEG_INF;
                 bm0 = fmaxf(bm0, s[j][e]);
                 bm1 = fmaxf(bm1, s[j][2 + e]);
             }
@@ -324,7 +332,7 @@ __device__ __forceinline__ void online_softmax(float (&s)[NT][4], int lane, u32 
     bm0 = fmaxf(bm0, __shfl_xor_sync(0xffffffffu, bm0, 2));
     bm1 = fmaxf(bm1, __shfl_xor_sync(0xffffffffu, bm1, 1));
     bm1 = fmaxf(bm1, __shfl_xor_sync(0xffffffffu, bm1, 2));
-    const float n0 = fmaxf(m0, bm0), n1 = fmaxf(m1, bm1);
+    const float n0 = fmaxf(m0, bm0 * scale), n1 = fmaxf(m1, bm1 * scale);
     // A row that has seen no key yet keeps max -inf; subtract 0 then, not -inf.
     const float base0 = n0 == PI_NEG_INF ? 0.f : n0;
     const float base1 = n1 == PI_NEG_INF ? 0.f : n1;
@@ -333,19 +341,22 @@ __device__ __forceinline__ void online_softmax(float (&s)[NT][4], int lane, u32 
     m1 = n1;
     l0 *= alpha0;
     l1 *= alpha1;
+    // Most blocks of a long row leave its maximum where it was: skip the rescale then.
+    if (__any_sync(0xffffffffu, alpha0 != 1.f || alpha1 != 1.f)) {
 #pragma unroll
-    for (int j = 0; j < PI_HEAD_DIM / 8; ++j) {
-        acc[j][0] *= alpha0;
-        acc[j][1] *= alpha0;
-        acc[j][2] *= alpha1;
-        acc[j][3] *= alpha1;
+        for (int j = 0; j < PI_HEAD_DIM / 8; ++j) {
+            acc[j][0] *= alpha0;
+            acc[j][1] *= alpha0;
+            acc[j][2] *= alpha1;
+            acc[j][3] *= alpha1;
+        }
     }
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
-        s[j][0] = exp2_approx(s[j][0] - base0);
-        s[j][1] = exp2_approx(s[j][1] - base0);
-        s[j][2] = exp2_approx(s[j][2] - base1);
-        s[j][3] = exp2_approx(s[j][3] - base1);
+        s[j][0] = exp2_approx(fmaf(s[j][0], scale, -base0));
+        s[j][1] = exp2_approx(fmaf(s[j][1], scale, -base0));
+        s[j][2] = exp2_approx(fmaf(s[j][2], scale, -base1));
+        s[j][3] = exp2_approx(fmaf(s[j][3], scale, -base1));
         l0 += s[j][0] + s[j][1];
         l1 += s[j][2] + s[j][3];
     }
@@ -413,21 +424,25 @@ __device__ __forceinline__ void attend_wg(const Smem& sm, int wg, int lane, cons
     float s[NT][4];
 #pragma unroll
     for (int j = 0; j < NT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+    // Each step's descriptor is the first one plus a constant byte offset (in 16-byte units; the
+    // 14-bit address field cannot carry over for shared-memory addresses).
+    const u64 dq = wg_desc(&sm.q[wg * 64 * 64], 16, 1024), dk = wg_desc(ks, 16, 1024);
     wg_fence();
 #pragma unroll
     for (int kk = 0; kk < PI_HEAD_DIM / 16; ++kk)
-        wgmma_qk(s, wg_desc(&sm.q[(kk / 4) * (PI_BLOCK_M * 64) + wg * 64 * 64 + (kk % 4) * 16], 16, 1024),
-                 wg_desc(&ks[(kk / 4) * (PI_BLOCK_N * 64) + (kk % 4) * 16], 16, 1024), kk > 0);
+        wgmma_qk(s, dq + (((kk / 4) * (PI_BLOCK_M * 128) + (kk % 4) * 32) >> 4),
+                 dk + (((kk / 4) * (PI_BLOCK_N * 128) + (kk % 4) * 32) >> 4), kk > 0);
     wg_commit();
     wg_wait_all();
     pin(s);
     online_softmax<NT>(s, lane, key_first, end0, end1, all_visible, scale, m0, m1, l0, l1, acc);
+    const u64 dv = wg_desc(vs, PI_BLOCK_N * 128, 1024);
     wg_fence();
 #pragma unroll
     for (int kk = 0; kk < NT / 2; ++kk) {
         u32 a[4];
         p_fragment<NT>(a, s, kk);
-        wgmma_pv(acc, a, wg_desc(&vs[kk * 16 * 64], PI_BLOCK_N * 128, 1024));
+        wgmma_pv(acc, a, dv + ((kk * 16 * 128) >> 4));
     }
     wg_commit();
     wg_wait_all();
@@ -453,6 +468,7 @@ packed_attention(const KernelParams p) {
     const PlanHeader hdr = *p.header;
     const u32 group = hdr.group_size;
     const float scale = hdr.sm_scale_log2;
+    const PageMap pm(hdr.page_size);
     const u16* qb = (const u16*)p.q;
     const int col = 2 * (lane % 4);
 
@@ -547,12 +563,12 @@ packed_attention(const KernelParams p) {
                 // `pages` holds the page numbers of the next block to issue.
                 int pages[PI_KV_PASSES];
                 auto gather = [&](u32 b) {
-                    if (b < nblocks) kv_pages(p, req, ch.key_begin + b * PI_BLOCK_N, ch.key_end, hdr.page_size, pages);
+                    if (b < nblocks) kv_pages(p, req, ch.key_begin + b * PI_BLOCK_N, ch.key_end, pm, pages);
                 };
                 auto issue = [&](u32 b) {
                     if (b < nblocks)
                         load_kv_block(p, sm, b % PI_STAGES, req, item.kv_head, ch.key_begin + b * PI_BLOCK_N, ch.key_end,
-                                      hdr.page_size, pages);
+                                      pm, pages);
                     else
                         cp_async_commit();
                 };

@@ -41,6 +41,9 @@
 #elif !defined(PI_WGMMA)
 #define PI_WGMMA 1
 #endif
+// The pipelined wgmma loop (see the kernel) needs PI_STAGES >= 3: its loads run PI_STAGES - 2
+// blocks ahead, since a stage is refilled only once the O += PV that read it is done.
+#define PI_WG_PIPELINE (PI_WGMMA && PI_STAGES >= 3)
 #if PI_BF16
 #define PI_ETYPE "bf16"
 #else
@@ -136,13 +139,24 @@ __device__ __forceinline__ u64 wg_desc(const u16* p, u32 leading_bytes, u32 stri
 }
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wg_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+// Waits until at most N of this warpgroup's committed wgmma groups are pending (they finish in order).
+template <int N>
+__device__ __forceinline__ void wg_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" :: "n"(N) : "memory"); }
+__device__ __forceinline__ void wg_wait_all() { wg_wait<0>(); }
 // Keeps the compiler from touching accumulators between an async wgmma and its wait.
 template <int N>
 __device__ __forceinline__ void pin(float (&r)[N][4]) {
 #pragma unroll
     for (int i = 0; i < N; ++i)
         asm volatile("" : "+f"(r[i][0]), "+f"(r[i][1]), "+f"(r[i][2]), "+f"(r[i][3]) :: "memory");
+}
+// The same for registers an async wgmma reads (its A operand): pinned after the wait, they stay
+// live, so the compiler cannot hand them to other values while the instruction may still read them.
+template <int N>
+__device__ __forceinline__ void pin(u32 (&r)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+        asm volatile("" : "+r"(r[i][0]), "+r"(r[i][1]), "+r"(r[i][2]), "+r"(r[i][3]) :: "memory");
 }
 // Whether any thread of this warpgroup says yes (named barrier 1 + warpgroup, 128 threads), so
 // the warpgroup takes one branch around its wgmma.
@@ -159,6 +173,16 @@ __device__ __forceinline__ void wgmma_qk(float (&s)[8][4], u64 desc_q, u64 desc_
                  "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, 0, 0;\n}"
                  : "+f"(s[0][0]), "+f"(s[0][1]), "+f"(s[0][2]), "+f"(s[0][3]), "+f"(s[1][0]), "+f"(s[1][1]), "+f"(s[1][2]), "+f"(s[1][3]), "+f"(s[2][0]), "+f"(s[2][1]), "+f"(s[2][2]), "+f"(s[2][3]), "+f"(s[3][0]), "+f"(s[3][1]), "+f"(s[3][2]), "+f"(s[3][3]), "+f"(s[4][0]), "+f"(s[4][1]), "+f"(s[4][2]), "+f"(s[4][3]), "+f"(s[5][0]), "+f"(s[5][1]), "+f"(s[5][2]), "+f"(s[5][3]), "+f"(s[6][0]), "+f"(s[6][1]), "+f"(s[6][2]), "+f"(s[6][3]), "+f"(s[7][0]), "+f"(s[7][1]), "+f"(s[7][2]), "+f"(s[7][3])
                  : "l"(desc_q), "l"(desc_k), "r"(accumulate));
+}
+// S (64 rows x 64 keys, fp32) = Q * K^T, the first k-step: the accumulators are outputs only, so the
+// compiler never copies their old values around while another wgmma is in flight (ptxas would
+// serialise every wgmma then: warning C7515).
+__device__ __forceinline__ void wgmma_qk_first(float (&s)[8][4], u64 desc_q, u64 desc_k) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." PI_ETYPE "." PI_ETYPE " "
+                 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, 0, 0;\n}"
+                 : "=f"(s[0][0]), "=f"(s[0][1]), "=f"(s[0][2]), "=f"(s[0][3]), "=f"(s[1][0]), "=f"(s[1][1]), "=f"(s[1][2]), "=f"(s[1][3]), "=f"(s[2][0]), "=f"(s[2][1]), "=f"(s[2][2]), "=f"(s[2][3]), "=f"(s[3][0]), "=f"(s[3][1]), "=f"(s[3][2]), "=f"(s[3][3]), "=f"(s[4][0]), "=f"(s[4][1]), "=f"(s[4][2]), "=f"(s[4][3]), "=f"(s[5][0]), "=f"(s[5][1]), "=f"(s[5][2]), "=f"(s[5][3]), "=f"(s[6][0]), "=f"(s[6][1]), "=f"(s[6][2]), "=f"(s[6][3]), "=f"(s[7][0]), "=f"(s[7][1]), "=f"(s[7][2]), "=f"(s[7][3])
+                 : "l"(desc_q), "l"(desc_k), "r"(0));
 }
 // O (64 rows x 64 dims, fp32) += P (registers) * V (shared, N-major: the transposed B operand).
 __device__ __forceinline__ void wgmma_pv(float (&o)[8][4], const u32 (&a)[4], u64 desc_v) {
@@ -298,13 +322,15 @@ __device__ __forceinline__ void load_kv_block(const KernelParams& p, Smem& sm, i
 #define PI_SPLIT_WARPS (PI_BLOCK_N / 16)
 
 // Masks (unless every key of the block is visible to both rows), scales and folds a block's
-// scores into the online softmax state: S becomes P (unnormalised, base 2), the accumulators and
-// running sums are rescaled to the new maximum. The layout is the m16n8 accumulator's, which
-// mma.sync and wgmma share: s[j][0..1] are row r0's keys 8j + col + {0,1}, s[j][2..3] row r1's.
+// scores into the online softmax state: S becomes P (unnormalised, base 2), the running maxima
+// move and the running sums are rescaled; returns, in alpha0/alpha1, the factors by which the
+// output accumulators must be rescaled before this block's P V is added (rescale_output).
+// The layout is the m16n8 accumulator's, which mma.sync and wgmma share: s[j][0..1] are row
+// r0's keys 8j + col + {0,1}, s[j][2..3] row r1's.
 template <int NT>
-__device__ __forceinline__ void online_softmax(float (&s)[NT][4], int lane, u32 key_first, u32 end0, u32 end1,
+__device__ __forceinline__ void softmax_scores(float (&s)[NT][4], int lane, u32 key_first, u32 end0, u32 end1,
                                                bool all_visible, float scale, float& m0, float& m1, float& l0,
-                                               float& l1, float (&acc)[PI_HEAD_DIM / 8][4]) {
+                                               float& l1, float& alpha0, float& alpha1) {
     const int col = 2 * (lane % 4);
     // The maximum is taken over the raw scores (scale > 0 keeps the order); the scale is folded
     // into the exponent's FMA.
@@ -336,21 +362,12 @@ __device__ __forceinline__ void online_softmax(float (&s)[NT][4], int lane, u32 
     // A row that has seen no key yet keeps max -inf; subtract 0 then, not -inf.
     const float base0 = n0 == PI_NEG_INF ? 0.f : n0;
     const float base1 = n1 == PI_NEG_INF ? 0.f : n1;
-    const float alpha0 = exp2_approx(m0 - base0), alpha1 = exp2_approx(m1 - base1);
+    alpha0 = exp2_approx(m0 - base0);
+    alpha1 = exp2_approx(m1 - base1);
     m0 = n0;
     m1 = n1;
     l0 *= alpha0;
     l1 *= alpha1;
-    // Most blocks of a long row leave its maximum where it was: skip the rescale then.
-    if (__any_sync(0xffffffffu, alpha0 != 1.f || alpha1 != 1.f)) {
-#pragma unroll
-        for (int j = 0; j < PI_HEAD_DIM / 8; ++j) {
-            acc[j][0] *= alpha0;
-            acc[j][1] *= alpha0;
-            acc[j][2] *= alpha1;
-            acc[j][3] *= alpha1;
-        }
-    }
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
         s[j][0] = exp2_approx(fmaf(s[j][0], scale, -base0));
@@ -360,6 +377,27 @@ __device__ __forceinline__ void online_softmax(float (&s)[NT][4], int lane, u32 
         l0 += s[j][0] + s[j][1];
         l1 += s[j][2] + s[j][3];
     }
+}
+
+__device__ __forceinline__ void rescale_output(float (&acc)[PI_HEAD_DIM / 8][4], float alpha0, float alpha1) {
+#pragma unroll
+    for (int j = 0; j < PI_HEAD_DIM / 8; ++j) {
+        acc[j][0] *= alpha0;
+        acc[j][1] *= alpha0;
+        acc[j][2] *= alpha1;
+        acc[j][3] *= alpha1;
+    }
+}
+
+// Both, for the paths that add P V right away. Most blocks of a long row leave its maximum where
+// it was: the rescale is skipped then.
+template <int NT>
+__device__ __forceinline__ void online_softmax(float (&s)[NT][4], int lane, u32 key_first, u32 end0, u32 end1,
+                                               bool all_visible, float scale, float& m0, float& m1, float& l0,
+                                               float& l1, float (&acc)[PI_HEAD_DIM / 8][4]) {
+    float alpha0, alpha1;
+    softmax_scores<NT>(s, lane, key_first, end0, end1, all_visible, scale, m0, m1, l0, l1, alpha0, alpha1);
+    if (__any_sync(0xffffffffu, alpha0 != 1.f || alpha1 != 1.f)) rescale_output(acc, alpha0, alpha1);
 }
 
 // P's A operand for the 16-key step kk: the accumulators of two 8-key tiles, packed to 16 bits.
@@ -413,40 +451,52 @@ __device__ __forceinline__ void attend(const Smem& sm, int slice, int lane, cons
 }
 
 #if PI_WGMMA
-// One warpgroup's 64 rows (from row 64 * wg of the tile) against a whole K/V block with wgmma:
-// S = Q K^T from shared memory, the online softmax in registers, O += P V with P as the
-// register A operand. Every thread of the warpgroup calls it (the instructions are collective).
+// A warpgroup's 64 rows (from row 64 * wg of the tile, descriptor dq) against a K/V block with
+// wgmma, in two halves that the pipelined loop interleaves with other work. Both only issue and
+// commit; the caller waits (wg_wait) before touching the registers they write or read.
+//   S = Q K^T (Q and K from shared memory; s is overwritten).
+__device__ __forceinline__ void wg_qk_issue(float (&s)[PI_BLOCK_N / 8][4], u64 dq, const u16* ks) {
+    // Each step's descriptor is the first one plus a constant byte offset (in 16-byte units; the
+    // 14-bit address field cannot carry over for shared-memory addresses).
+    const u64 dk = wg_desc(ks, 16, 1024);
+    wg_fence();
+    wgmma_qk_first(s, dq, dk);
+#pragma unroll
+    for (int kk = 1; kk < PI_HEAD_DIM / 16; ++kk)
+        wgmma_qk(s, dq + (((kk / 4) * (PI_BLOCK_M * 128) + (kk % 4) * 32) >> 4),
+                 dk + (((kk / 4) * (PI_BLOCK_N * 128) + (kk % 4) * 32) >> 4), 1);
+    wg_commit();
+}
+//   O += P V, P packed by pack_p; the instructions read pf until they finish.
+__device__ __forceinline__ void pack_p(u32 (&pf)[PI_BLOCK_N / 16][4], const float (&s)[PI_BLOCK_N / 8][4]) {
+#pragma unroll
+    for (int kk = 0; kk < PI_BLOCK_N / 16; ++kk) p_fragment<PI_BLOCK_N / 8>(pf[kk], s, kk);
+}
+__device__ __forceinline__ void wg_pv_issue(float (&acc)[PI_HEAD_DIM / 8][4], const u32 (&pf)[PI_BLOCK_N / 16][4],
+                                            const u16* vs) {
+    const u64 dv = wg_desc(vs, PI_BLOCK_N * 128, 1024);
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < PI_BLOCK_N / 16; ++kk) wgmma_pv(acc, pf[kk], dv + ((kk * 16 * 128) >> 4));
+    wg_commit();
+}
+
+// The whole block at once (kernels with too few stages for the pipelined loop).
 __device__ __forceinline__ void attend_wg(const Smem& sm, int wg, int lane, const u16* ks, const u16* vs,
                                           u32 key_first, u32 end0, u32 end1, bool all_visible, float scale,
                                           float& m0, float& m1, float& l0, float& l1,
                                           float (&acc)[PI_HEAD_DIM / 8][4]) {
-    constexpr int NT = PI_BLOCK_N / 8;
-    float s[NT][4];
-#pragma unroll
-    for (int j = 0; j < NT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-    // Each step's descriptor is the first one plus a constant byte offset (in 16-byte units; the
-    // 14-bit address field cannot carry over for shared-memory addresses).
-    const u64 dq = wg_desc(&sm.q[wg * 64 * 64], 16, 1024), dk = wg_desc(ks, 16, 1024);
-    wg_fence();
-#pragma unroll
-    for (int kk = 0; kk < PI_HEAD_DIM / 16; ++kk)
-        wgmma_qk(s, dq + (((kk / 4) * (PI_BLOCK_M * 128) + (kk % 4) * 32) >> 4),
-                 dk + (((kk / 4) * (PI_BLOCK_N * 128) + (kk % 4) * 32) >> 4), kk > 0);
-    wg_commit();
+    float s[PI_BLOCK_N / 8][4];
+    u32 pf[PI_BLOCK_N / 16][4];
+    wg_qk_issue(s, wg_desc(&sm.q[wg * 64 * 64], 16, 1024), ks);
     wg_wait_all();
     pin(s);
-    online_softmax<NT>(s, lane, key_first, end0, end1, all_visible, scale, m0, m1, l0, l1, acc);
-    const u64 dv = wg_desc(vs, PI_BLOCK_N * 128, 1024);
-    wg_fence();
-#pragma unroll
-    for (int kk = 0; kk < NT / 2; ++kk) {
-        u32 a[4];
-        p_fragment<NT>(a, s, kk);
-        wgmma_pv(acc, a, dv + ((kk * 16 * 128) >> 4));
-    }
-    wg_commit();
+    online_softmax<PI_BLOCK_N / 8>(s, lane, key_first, end0, end1, all_visible, scale, m0, m1, l0, l1, acc);
+    pack_p(pf, s);
+    wg_pv_issue(acc, pf, vs);
     wg_wait_all();
     pin(acc);
+    pin(pf);
 }
 #endif
 
@@ -572,6 +622,85 @@ packed_attention(const KernelParams p) {
                     else
                         cp_async_commit();
                 };
+#if PI_WG_PIPELINE
+                if (!split) {
+                    // Software-pipelined per warpgroup (the order FlashAttention-3 uses): while
+                    // S(b + 1) = Q K(b + 1)^T runs, the output is rescaled and O += P(b) V(b) issued;
+                    // while that runs, the softmax of block b + 1 turns S(b + 1) into P(b + 1). The
+                    // wgmma groups and waits follow one fixed pattern with no branch around an issue,
+                    // and the output is touched only when no wgmma writing it is in flight, so ptxas
+                    // can keep them asynchronous (otherwise it serialises every wgmma: warning C7515).
+                    // A warpgroup none of whose rows belong to the chunk skips it; one that does
+                    // computes every block of it (the masks zero what its rows cannot see; under a
+                    // causal mask that is at most the last block).
+                    constexpr u32 AHEAD = PI_STAGES - 2;
+                    const int wg = warp / 4;
+                    const u64 dq = wg_desc(&sm.q[wg * 64 * 64], 16, 1024);
+#pragma unroll
+                    for (u32 b = 0; b <= AHEAD; ++b) {
+                        gather(b);
+                        issue(b);
+                    }
+                    gather(AHEAD + 1);
+                    cp_async_wait<AHEAD>();  // block 0 and the Q tile landed
+                    fence_for_tensor_cores();
+                    __syncthreads();
+                    // Block b + 1 landed for everyone, and the stage refilled next is free (its
+                    // last reader, the PV of block b + 1 + AHEAD - PI_STAGES <= b - 1, has finished).
+                    auto next_block = [&](u32 b) {
+                        cp_async_wait<AHEAD - 1>();
+                        fence_for_tensor_cores();
+                        __syncthreads();
+                        issue(b + 1 + AHEAD);
+                        gather(b + 2 + AHEAD);
+                    };
+                    const bool wg_rows = warpgroup_any(__any_sync(0xffffffffu, active), wg);
+                    if (wg_rows && nblocks > 0) {
+                        float s_a[PI_BLOCK_N / 8][4], s_b[PI_BLOCK_N / 8][4];
+                        u32 pf[PI_BLOCK_N / 16][4];
+                        float alpha0, alpha1;  // the output's rescale before block b's P V
+                        auto scores = [&](float (&sc)[PI_BLOCK_N / 8][4], u32 b) {
+                            const u32 key0 = ch.key_begin + b * PI_BLOCK_N;
+                            const bool all_visible = __all_sync(0xffffffffu, key0 + PI_BLOCK_N <= end0 && key0 + PI_BLOCK_N <= end1);
+                            softmax_scores<PI_BLOCK_N / 8>(sc, lane, key0, end0, end1, all_visible, scale, m0, m1, l0, l1, alpha0, alpha1);
+                        };
+                        // On entry P(b) is in pf and O has no wgmma in flight; on exit the same for b + 1.
+                        auto step = [&](float (&sn)[PI_BLOCK_N / 8][4], u32 b) {
+                            next_block(b);
+                            wg_qk_issue(sn, dq, sm.k[(b + 1) % PI_STAGES]);
+                            rescale_output(acc, alpha0, alpha1);
+                            wg_pv_issue(acc, pf, sm.v[b % PI_STAGES]);
+                            wg_wait<1>();  // S(b + 1) done; O += P(b) V(b) may run on
+                            pin(sn);
+                            scores(sn, b + 1);
+                            wg_wait<0>();  // O += P(b) V(b) done
+                            pin(acc);
+                            pin(pf);
+                            pack_p(pf, sn);
+                        };
+                        wg_qk_issue(s_a, dq, sm.k[0]);
+                        wg_wait<0>();
+                        pin(s_a);
+                        scores(s_a, 0);
+                        pack_p(pf, s_a);
+                        u32 b = 0;
+                        for (; b + 2 < nblocks; b += 2) {
+                            step(s_b, b);
+                            step(s_a, b + 1);
+                        }
+                        if (b + 1 < nblocks) step(s_b, b++);
+                        rescale_output(acc, alpha0, alpha1);
+                        wg_pv_issue(acc, pf, sm.v[b % PI_STAGES]);
+                        wg_wait<0>();
+                        pin(acc);
+                        pin(pf);
+                    } else {
+                        for (u32 b = 0; b + 1 < nblocks; ++b) next_block(b);
+                    }
+                    __syncthreads();  // the next chunk's first loads reuse this chunk's stages
+                    continue;
+                }
+#endif
 #pragma unroll
                 for (u32 b = 0; b + 1 < PI_STAGES; ++b) {
                     gather(b);

@@ -24,7 +24,7 @@ fn nvrtc_or_skip(test: &str) -> bool {
 /// The register / spill lines of ptxas' report for the kernel entries.
 fn resource_summary(log: &str) -> String {
     log.lines()
-        .filter(|l| l.contains("Used") || l.contains("spill") || l.contains("Compiling entry"))
+        .filter(|l| l.contains("Used") || l.contains("spill") || l.contains("Compiling entry") || l.contains("warning") || l.contains("Performance"))
         .map(|l| l.trim().trim_start_matches("ptxas info    :").trim())
         .collect::<Vec<_>>()
         .join("\n    ")

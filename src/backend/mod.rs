@@ -50,6 +50,12 @@ pub trait Backend: Send + Sync {
     fn device_name(&self) -> String;
     /// What the planner should assume about this device.
     fn profile(&self) -> DeviceProfile;
+    /// The profile to plan `batch` with: `profile()`, unless the device runs some batches
+    /// better with another tile height (the CUDA backend: short batches).
+    fn profile_for(&self, shape: &crate::types::Shape, batch: &crate::types::Batch) -> DeviceProfile {
+        let _ = (shape, batch);
+        self.profile()
+    }
     /// Binds a plan to this device: uploads its work list on `stream`, resolves kernels, binds
     /// scratch (the caller's, or allocated here, never in `run`).
     fn bind(&self, plan: Arc<Plan>, stream: u64, scratch: Option<Scratch>) -> Result<Box<dyn BoundPlan>>;

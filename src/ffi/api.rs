@@ -182,7 +182,8 @@ pub unsafe extern "C" fn packinfer_plan_create(
         if shape.dtype == DType::F32 && backend.kind() == BackendKind::Cuda {
             return Err(crate::unsupported!("dtype = F32 runs on the CPU backend only; the CUDA kernels take F16 and BF16"));
         }
-        let plan = Plan::build(shape, batch, &backend.profile(), options)?;
+        let profile = backend.profile_for(&shape, &batch);
+        let plan = Plan::build(shape, batch, &profile, options)?;
         write_out("out", out, PackinferPlan { bits: PLANS.insert(plan) })
     })
 }

@@ -69,13 +69,14 @@ impl Unit {
         }
     }
 
-    /// K/V stages of the shared-memory ring. Four for the 8-warp wgmma kernel on Hopper (H100,
-    /// W1 prefill: the loads of one CTA per SM need several blocks in flight); two elsewhere:
+    /// K/V stages of the shared-memory ring. Five for the 8-warp wgmma kernel on Hopper (its
+    /// pipelined loop keeps three blocks of loads in flight, and a stage is refilled only after
+    /// the PV that read it has finished); two elsewhere:
     /// the 4-warp kernel keeps two CTAs per SM that way, head_dim 256 has no room, and sm_80
     /// is not measured.
     pub fn stages(&self, arch: &str) -> u32 {
         match *self {
-            Unit::Attention { head_dim, warps: 8, .. } if arch == "sm_90a" && head_dim <= 128 => 4,
+            Unit::Attention { head_dim, warps: 8, .. } if arch == "sm_90a" && head_dim <= 128 => 5,
             _ => 2,
         }
     }

@@ -23,7 +23,7 @@ use self::driver::{Device, Module};
 use super::{Backend, BackendChoice, BackendKind, BoundPlan, LaunchCapacity, Scratch};
 use crate::error::{Error, Result};
 use crate::plan::{DeviceProfile, Plan};
-use crate::types::DType;
+use crate::types::{Batch, DType, Shape};
 
 /// Checks that the driver and NVRTC can be loaded and that `ordinal` exists.
 pub fn probe(ordinal: u32) -> Result<()> {
@@ -214,6 +214,18 @@ impl Backend for CudaBackend {
         DeviceProfile {
             block_m: 16 * self.shared.tile_warps,
             ..DeviceProfile::hopper(dev.sm_count * if self.shared.tile_warps > 4 { 1 } else { 2 })
+        }
+    }
+    /// Short batches (few keys per query row: short prompts) get 64-row tiles and twice the
+    /// workers, so that an uncapacitated launch runs the 4-warp kernel, two CTAs per SM, whose
+    /// start-of-tile latencies overlap (see `plan::cost::SHORT_BATCH_KEYS_PER_ROW`).
+    fn profile_for(&self, shape: &Shape, batch: &Batch) -> DeviceProfile {
+        let p = self.profile();
+        let short = crate::plan::cost::mean_visible_keys(batch, shape.causal) < crate::plan::cost::SHORT_BATCH_KEYS_PER_ROW;
+        if short && p.block_m > 64 && shape.group_size() <= 64 {
+            DeviceProfile { block_m: 64, num_workers: p.num_workers * 2, ..p }
+        } else {
+            p
         }
     }
     fn bind(&self, plan: Arc<Plan>, stream: u64, scratch: Option<Scratch>) -> Result<Box<dyn BoundPlan>> {

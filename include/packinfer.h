@@ -9,21 +9,6 @@
 #include <stdint.h>
 
 /**
- * Rows of the MMA slice the kernel computes at a time; a chunk touching any row of a slice pays
- * for the whole slice.
- */
-#define ROW_SLICE 16
-
-/**
- * Below this many keys per query row on average, a batch is "short": its tiles have few key
- * blocks each, so the fixed cost of starting a tile (reading its rows, the first loads) is
- * what a device with a choice of tile heights should hide, with shorter tiles and more
- * resident workers (H100, W5 = 256 prompts of 16-255 tokens: 620 us with 64-row tiles and two
- * CTAs per SM against 696 us with 128-row tiles and one; W1, long prompts: 4.77 against 4.27 ms).
- */
-#define SHORT_BATCH_KEYS_PER_ROW 512.0
-
-/**
  * Version of the C ABI; bumped when a function's signature or a struct's existing fields change.
  */
 #define PACKINFER_ABI_VERSION 1

@@ -541,11 +541,25 @@ packed_attention(const KernelParams p) {
             const int slice = split ? 0 : warp;
             const int r0 = slice * 16 + lane / 4, r1 = r0 + 8;
             // Segment table (one thread per segment, so their reads overlap), then the row table:
-            // which (token, head) each tile row is, and how many of its keys it sees.
+            // which (token, head) each tile row is, and how many of its keys it sees. The first
+            // chunk, its request and its first block's page numbers are read alongside: each is a
+            // link in the chain of dependent reads before the tile's first K/V bytes can be asked
+            // for, and a tile of a short prompt has few blocks to hide that chain behind.
+            static_assert(PI_BLOCK_M <= PI_THREADS, "one thread per segment");
             const u32 seg_count = min(item.seg_count, (u32)PI_BLOCK_M);
-            for (u32 si = tid; si < seg_count; si += PI_THREADS) {
-                const RowSegment seg = p.segments[item.seg_begin + si];
-                const RequestInfo req = p.requests[seg.request];
+            const bool has_seg = (u32)tid < seg_count;
+            RowSegment seg = {};
+            if (has_seg) seg = p.segments[item.seg_begin + tid];
+            KvChunk ch0 = {};
+            if (item.chunk_count > 0) ch0 = p.chunks[item.chunk_begin];
+            RequestInfo seg_req = {}, req0 = {};
+            if (has_seg) seg_req = p.requests[seg.request];
+            if (item.chunk_count > 0) req0 = p.requests[ch0.request];
+            int pages0[PI_KV_PASSES] = {};
+            if (ch0.key_end > ch0.key_begin) kv_pages(p, req0, ch0.key_begin, ch0.key_end, pm, pages0);
+            if (has_seg) {
+                const RequestInfo& req = seg_req;
+                const u32 si = tid;
                 SegmentInfo info;
                 info.row_begin = seg.row_begin;
                 info.token0 = req.q_start + seg.q_begin;
@@ -599,8 +613,8 @@ packed_attention(const KernelParams p) {
             const u32 lim0 = sm.rows[r0].key_limit, lim1 = sm.rows[r1].key_limit;
 
             for (u32 ci = 0; ci < item.chunk_count; ++ci) {
-                const KvChunk ch = p.chunks[item.chunk_begin + ci];
-                const RequestInfo req = p.requests[ch.request];
+                const KvChunk ch = ci == 0 ? ch0 : p.chunks[item.chunk_begin + ci];
+                const RequestInfo req = ci == 0 ? req0 : p.requests[ch.request];
                 const bool active = (u32)(slice * 16) < ch.row_end && ch.row_begin < (u32)(slice * 16 + 16)
                                     && (u32)(slice * 16) < item.num_rows && (!split || warp < PI_SPLIT_WARPS);
                 const bool in0 = ch.row_begin <= (u32)r0 && (u32)r0 < ch.row_end;
@@ -610,10 +624,13 @@ packed_attention(const KernelParams p) {
                 // A ring of PI_STAGES K/V stages: block b lives in stage b % PI_STAGES, and the loads
                 // run PI_STAGES - 1 blocks ahead (one commit group per block, empty past the end).
                 const u32 nblocks = ch.key_end > ch.key_begin ? (ch.key_end - ch.key_begin + PI_BLOCK_N - 1) / PI_BLOCK_N : 0;
-                // `pages` holds the page numbers of the next block to issue.
+                // `pages` holds the page numbers of the next block to issue (the first chunk's first
+                // block's were read with the segment table).
                 int pages[PI_KV_PASSES];
+#pragma unroll
+                for (int j = 0; j < PI_KV_PASSES; ++j) pages[j] = pages0[j];
                 auto gather = [&](u32 b) {
-                    if (b < nblocks) kv_pages(p, req, ch.key_begin + b * PI_BLOCK_N, ch.key_end, pm, pages);
+                    if (b < nblocks && (b > 0 || ci > 0)) kv_pages(p, req, ch.key_begin + b * PI_BLOCK_N, ch.key_end, pm, pages);
                 };
                 auto issue = [&](u32 b) {
                     if (b < nblocks)

@@ -664,10 +664,12 @@ packed_attention(const KernelParams p) {
                     __syncthreads();
                     // Block b + 1 landed for everyone, and the stage refilled next is free (its
                     // last reader, the PV of block b + 1 + AHEAD - PI_STAGES <= b - 1, has finished).
-                    auto next_block = [&](u32 b) {
+                    auto block_landed = [&]() {
                         cp_async_wait<AHEAD - 1>();
                         fence_for_tensor_cores();
                         __syncthreads();
+                    };
+                    auto refill = [&](u32 b) {
                         issue(b + 1 + AHEAD);
                         gather(b + 2 + AHEAD);
                     };
@@ -683,10 +685,11 @@ packed_attention(const KernelParams p) {
                         };
                         // On entry P(b) is in pf and O has no wgmma in flight; on exit the same for b + 1.
                         auto step = [&](float (&sn)[PI_BLOCK_N / 8][4], u32 b) {
-                            next_block(b);
+                            block_landed();
                             wg_qk_issue(sn, dq, sm.k[(b + 1) % PI_STAGES]);
                             rescale_output(acc, alpha0, alpha1);
                             wg_pv_issue(acc, pf, sm.v[b % PI_STAGES]);
+                            refill(b);  // the copies are issued while the tensor cores work
                             wg_wait<1>();  // S(b + 1) done; O += P(b) V(b) may run on
                             pin(sn);
                             scores(sn, b + 1);
@@ -712,7 +715,10 @@ packed_attention(const KernelParams p) {
                         pin(acc);
                         pin(pf);
                     } else {
-                        for (u32 b = 0; b + 1 < nblocks; ++b) next_block(b);
+                        for (u32 b = 0; b + 1 < nblocks; ++b) {
+                            block_landed();
+                            refill(b);
+                        }
                     }
                     __syncthreads();  // the next chunk's first loads reuse this chunk's stages
                     continue;

@@ -28,7 +28,8 @@ def main():
     ap.add_argument("--out", default=".")
     ap.add_argument("--only", default="W1,W2,W3,W4,W5")
     ap.add_argument("--variant", action="append", default=[],
-                    help="NAME=DEFINES (space separated -D...), or NAME=DEFINES|WARPS to set PACKINFER_TILE_WARPS too")
+                    help="NAME=DEFINES (space separated -D...), or NAME=DEFINES|WARPS|SHORT_KEYS to set "
+                         "PACKINFER_TILE_WARPS and PACKINFER_SHORT_BATCH_KEYS too")
     args = ap.parse_args()
     variants = [v.split("=", 1) for v in (args.variant or ["default="])]
     works = [w for w in wl.build_all(wl.load_trace(args.trace), seed=0) if w.name in args.only.split(",")]
@@ -36,9 +37,10 @@ def main():
     lib = pc.Library(args.lib)
     ctxs = {}
     for name, defines in variants:
-        defines, _, warps = defines.partition("|")
+        defines, warps, short_keys = (defines.split("|") + ["", ""])[:3]
         os.environ["PACKINFER_KERNEL_DEFINES"] = defines
         os.environ["PACKINFER_TILE_WARPS"] = warps
+        os.environ["PACKINFER_SHORT_BATCH_KEYS"] = short_keys
         ctx = lib.context(pc.BACKEND_CUDA)
         ctx.calibrate()
         ctxs[name] = ctx

@@ -88,6 +88,9 @@ pub struct Shared {
     pub cache: KernelCache,
     /// Warps of an attention CTA (16 tile rows each).
     pub tile_warps: u32,
+    /// Batches whose query rows see fewer keys than this on average are planned with 64-row
+    /// tiles (see `profile_for`).
+    pub short_batch_keys: f64,
     pub dev: Device,
 }
 
@@ -170,7 +173,7 @@ impl CudaBackend {
         compile::require_nvrtc()?;
         let arch = compile::arch_for(dev.cc.0, dev.cc.1);
         let cache = KernelCache::new(&arch, compile::default_cache_dir(choice.kernel_cache_dir.as_deref()))?;
-        let mut b = CudaBackend { shared: Arc::new(Shared { attention: Mutex::new(HashMap::new()), kv: Mutex::new(None), cache, tile_warps: compile::tile_warps_from_env(), dev }), stored: Mutex::new(None) };
+        let mut b = CudaBackend { shared: Arc::new(Shared { attention: Mutex::new(HashMap::new()), kv: Mutex::new(None), cache, tile_warps: compile::tile_warps_from_env(), short_batch_keys: short_batch_keys_from_env(), dev }), stored: Mutex::new(None) };
         *b.stored.get_mut() = b.stored_profile();
         Ok(b)
     }
@@ -194,6 +197,12 @@ impl CudaBackend {
         let kernels = self.shared.attention_with(plan.shape.head_dim, plan.shape.dtype, if narrow { 4 } else { self.shared.tile_warps })?;
         launch::CudaBound::new(self.shared.clone(), kernels, plan, stream, scratch, capacity.unwrap_or(&LaunchCapacity::default()))
     }
+}
+
+/// `plan::cost::SHORT_BATCH_KEYS_PER_ROW`, unless `PACKINFER_SHORT_BATCH_KEYS` says otherwise (a
+/// tuning knob read when a context opens; 0 plans every batch with the context's tile height).
+fn short_batch_keys_from_env() -> f64 {
+    std::env::var("PACKINFER_SHORT_BATCH_KEYS").ok().and_then(|v| v.parse::<f64>().ok()).filter(|v| v.is_finite() && *v >= 0.0).unwrap_or(crate::plan::cost::SHORT_BATCH_KEYS_PER_ROW)
 }
 
 impl Backend for CudaBackend {
@@ -221,7 +230,7 @@ impl Backend for CudaBackend {
     /// start-of-tile latencies overlap (see `plan::cost::SHORT_BATCH_KEYS_PER_ROW`).
     fn profile_for(&self, shape: &Shape, batch: &Batch) -> DeviceProfile {
         let p = self.profile();
-        let short = crate::plan::cost::mean_visible_keys(batch, shape.causal) < crate::plan::cost::SHORT_BATCH_KEYS_PER_ROW;
+        let short = crate::plan::cost::mean_visible_keys(batch, shape.causal) < self.shared.short_batch_keys;
         if short && p.block_m > 64 && shape.group_size() <= 64 {
             DeviceProfile { block_m: 64, num_workers: p.num_workers * 2, ..p }
         } else {

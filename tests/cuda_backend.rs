@@ -144,6 +144,39 @@ fn random_batches_match_f64_reference() {
     check_all(done);
 }
 
+/// Batches of short prompts are planned with 64-row tiles (`profile_for`), so they run on the
+/// 4-warp kernel; checked like the rest, for both dtypes, head_dims 64 and 128 (the wgmma
+/// path on Hopper) and GQA 1 and 4, causal and not.
+#[test]
+fn short_batches_run_on_narrow_tiles() {
+    let Some(cu) = backend("short_batches_run_on_narrow_tiles") else { return };
+    let mut r = rng(0x5407);
+    let mut done = Vec::new();
+    for i in 0..24u32 {
+        let dtype = if i % 2 == 0 { DType::Bf16 } else { DType::F16 };
+        let head_dim = if i % 4 < 2 { 128 } else { 64 };
+        let group = if i % 8 < 4 { 4 } else { 1 };
+        let spec = CaseSpec { batch_size: 0, max_kv: 0, page_size: [1, 16, 64][i as usize % 3], num_kv_heads: 2, group, head_dim, dtype, causal: i % 3 != 2, decode_fraction: 0.0, hnd: i % 5 == 0 };
+        // Prompts of 1-200 tokens (a few with a cached part), well under 512 keys per row.
+        let lens: Vec<(u32, u32)> = (0..r.random_range(3..24))
+            .map(|_| {
+                let q = r.random_range(1..200u32);
+                (q, q + if r.random_bool(0.2) { r.random_range(1..64) } else { 0 })
+            })
+            .collect();
+        let case = Case::build(&mut r, &spec, &lens, vec![]);
+        let profile = cu.profile_for(&case.shape, &case.batch);
+        if cu.profile().block_m > 64 {
+            assert_eq!(profile.block_m, 64, "a short batch keeps the wide tiles");
+        }
+        let plan = Plan::build(case.shape, case.batch.clone(), &profile, PlanOptions::default()).unwrap();
+        assert!(plan.items.iter().all(|it| it.num_rows <= profile.block_m));
+        let (o, lse) = run_plan(&cu, &case, plan);
+        done.push((case, o, lse, format!("short batch {i}: {spec:?}, lens {lens:?}")));
+    }
+    check_all(done);
+}
+
 #[test]
 fn every_head_dim_dtype_gqa_and_page_size() {
     let Some(cu) = backend("every_head_dim_dtype_gqa_and_page_size") else { return };

@@ -461,7 +461,7 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
             }
         }
     }
-    let mut slot_of = vec![FINAL_OUTPUT; group_of.len()];
+    let mut slot_of = if any_partial { vec![FINAL_OUTPUT; group_of.len()] } else { Vec::new() };
     if any_partial {
         let mut next_slot = 0u32;
         for (item, &piece) in items.iter_mut().zip(&piece_at) {
@@ -473,60 +473,66 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
         }
     }
 
-    // 7. Merges: per partial token, its pieces in key order, for every query head.
-    let total_q = plan.batch.total_q() as usize;
-    let mut token_start = vec![0u32; total_q + 1];
-    for pr in &partial_rows {
-        token_start[pr.token as usize + 1] += 1;
-    }
-    for t in 0..total_q {
-        token_start[t + 1] += token_start[t];
-    }
-    let mut by_token = vec![PartialRow { token: 0, key_begin: 0, piece: 0, row: 0 }; partial_rows.len()];
-    {
-        let mut next = token_start.clone();
+    // 7. Merges: per partial token, its pieces in key order, for every query head. Nothing to
+    // do (and no per-token pass over the batch) when no piece is partial.
+    let (merges, merge_slots) = if partial_rows.is_empty() {
+        (Vec::new(), Vec::new())
+    } else {
+        let total_q = plan.batch.total_q() as usize;
+        let mut token_start = vec![0u32; total_q + 1];
         for pr in &partial_rows {
-            by_token[next[pr.token as usize] as usize] = *pr;
-            next[pr.token as usize] += 1;
+            token_start[pr.token as usize + 1] += 1;
         }
-    }
-    // Sizes are known: one merge per (merged token, query head), its pieces' slots each.
-    let merged_tokens = token_start.windows(2).filter(|w| w[1] > w[0]).count();
-    let qo_heads = shape.num_qo_heads as usize;
-    let mut merges = Vec::with_capacity(merged_tokens * qo_heads);
-    let mut merge_slots = vec![0u32; partial_rows.len() * qo_heads];
-    let mut next = 0usize;
-    for t in 0..total_q {
-        let list = &mut by_token[token_start[t] as usize..token_start[t + 1] as usize];
-        if list.is_empty() {
-            continue;
+        for t in 0..total_q {
+            token_start[t + 1] += token_start[t];
         }
-        if list.len() > 1 {
-            list.sort_unstable_by_key(|pr| pr.key_begin);
-        }
-        let count = list.len();
-        for kv_head in 0..heads_us {
-            let kv_base = kv_head as u32 * group;
-            // This (token, KV head)'s slots: for each query head of the group, one per piece.
-            // A piece's row for the group's first head is its slot; the other heads sit in the
-            // next rows of the same tile.
-            let slots = &mut merge_slots[next..next + group as usize * count];
-            for (j, pr) in list.iter().enumerate() {
-                let first = slot_of[pr.piece as usize * heads_us + kv_head] + pr.row;
-                for (in_group, dst) in slots[j..].iter_mut().step_by(count).enumerate() {
-                    *dst = first + in_group as u32;
-                }
+        let mut by_token = vec![PartialRow { token: 0, key_begin: 0, piece: 0, row: 0 }; partial_rows.len()];
+        {
+            let mut next = token_start.clone();
+            for pr in &partial_rows {
+                by_token[next[pr.token as usize] as usize] = *pr;
+                next[pr.token as usize] += 1;
             }
-            merges.extend((0..group).map(|in_group| MergeRow {
-                q_token: t as u32,
-                qo_head: kv_base + in_group,
-                slot_begin: (next + in_group as usize * count) as u32,
-                slot_count: count as u32,
-            }));
-            next += group as usize * count;
         }
-    }
-    debug_assert_eq!(next, merge_slots.len());
+        // Sizes are known: one merge per (merged token, query head), its pieces' slots each.
+        let merged_tokens = token_start.windows(2).filter(|w| w[1] > w[0]).count();
+        let qo_heads = shape.num_qo_heads as usize;
+        let mut merges = Vec::with_capacity(merged_tokens * qo_heads);
+        let mut merge_slots = vec![0u32; partial_rows.len() * qo_heads];
+        let mut next = 0usize;
+        for t in 0..total_q {
+            let list = &mut by_token[token_start[t] as usize..token_start[t + 1] as usize];
+            if list.is_empty() {
+                continue;
+            }
+            if list.len() > 1 {
+                list.sort_unstable_by_key(|pr| pr.key_begin);
+            }
+            let count = list.len();
+            for kv_head in 0..heads_us {
+                let kv_base = kv_head as u32 * group;
+                // This (token, KV head)'s slots: for each query head of the group, one per piece.
+                // A piece's row for the group's first head is its slot; the other heads sit in the
+                // next rows of the same tile.
+                let slots = &mut merge_slots[next..next + group as usize * count];
+                for (j, pr) in list.iter().enumerate() {
+                    let first = slot_of[pr.piece as usize * heads_us + kv_head] + pr.row;
+                    for (in_group, dst) in slots[j..].iter_mut().step_by(count).enumerate() {
+                        *dst = first + in_group as u32;
+                    }
+                }
+                merges.extend((0..group).map(|in_group| MergeRow {
+                    q_token: t as u32,
+                    qo_head: kv_base + in_group,
+                    slot_begin: (next + in_group as usize * count) as u32,
+                    slot_count: count as u32,
+                }));
+                next += group as usize * count;
+            }
+        }
+        debug_assert_eq!(next, merge_slots.len());
+        (merges, merge_slots)
+    };
 
     debug_assert!(pieces.iter().all(|p| (item_cost(profile, &chunks[p.chunk_begin as usize..(p.chunk_begin + p.chunk_count) as usize]) - p.cost).abs() <= 1e-6 * p.cost.max(1.0)));
     plan.items = items;

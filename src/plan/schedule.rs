@@ -401,7 +401,7 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
         }
         // The units in LPT order: entities by decreasing cost, each for every KV head. The first
         // `num_groups` units go to groups 0, 1, ... in that order (all groups are empty).
-        let first_costs = entities.iter().flat_map(|&(cost, _)| std::iter::repeat_n(cost, heads_us)).take(num_groups);
+        let first_costs = entities.iter().flat_map(|&(cost, _)| std::iter::repeat(cost).take(heads_us)).take(num_groups);
         let mut least = LeastLoaded::with_first_units(first_costs.collect::<Vec<_>>().into_iter(), total);
         let mut u = 0usize;
         for &(cost, e) in &entities {

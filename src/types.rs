@@ -41,6 +41,11 @@ pub struct Shape {
 }
 
 impl Shape {
+    /// The softmax scale an engine gets when it passes 0: `1/sqrt(head_dim)`.
+    pub fn default_sm_scale(head_dim: u32) -> f32 {
+        1.0 / (head_dim.max(1) as f32).sqrt()
+    }
+
     /// Query heads that read the same KV head (the GQA group size); they share tile rows.
     pub fn group_size(&self) -> u32 {
         self.num_qo_heads / self.num_kv_heads

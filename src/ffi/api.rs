@@ -354,13 +354,8 @@ pub unsafe extern "C" fn packinfer_kv_layout_hnd(
 /// null arrays); `Plan::build` checks the rest.
 unsafe fn convert_batch(b: &PackinferBatchDesc) -> Result<(Shape, Batch)> {
     let n = b.batch_size as usize;
-    let dtype = match b.dtype {
-        0 => DType::F16,
-        1 => DType::Bf16,
-        2 => DType::F32,
-        other => return Err(crate::unsupported!("batch->dtype = {other} is not a PackinferDtype (0 = F16, 1 = BF16, 2 = F32)")),
-    };
-    let sm_scale = if b.sm_scale == 0.0 { 1.0 / (b.head_dim.max(1) as f32).sqrt() } else { b.sm_scale };
+    let dtype = dtype_from_c(b.dtype).ok_or_else(|| crate::unsupported!("{}", not_a_dtype("batch->dtype", b.dtype)))?;
+    let sm_scale = if b.sm_scale == 0.0 { Shape::default_sm_scale(b.head_dim) } else { b.sm_scale };
     let shape = Shape { num_qo_heads: b.num_qo_heads, num_kv_heads: b.num_kv_heads, head_dim: b.head_dim, dtype, causal: b.causal, sm_scale };
     let qo_indptr = slice("batch->qo_indptr", b.qo_indptr, n + 1)?.to_vec();
     let kv_indptr = slice("batch->kv_indptr", b.kv_indptr, n + 1)?.to_vec();

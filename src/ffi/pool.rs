@@ -5,13 +5,12 @@ use std::ffi::c_void;
 
 use super::api::{convert_plan_options, CONTEXTS, PLANS};
 use super::handles::Registry;
-use super::types::{PackinferContext, PackinferDtype, PackinferKvLayout, PackinferPlan, PackinferPlanOptions};
+use super::types::{dtype_from_c, not_a_dtype, PackinferContext, PackinferDtype, PackinferKvLayout, PackinferPlan, PackinferPlanOptions};
 use super::{guard, options, slice, write_out, PackinferStatus};
 use crate::error::Result;
 use crate::invalid;
 use crate::kv::{groups_of_plan, KvPool, PoolConfig, RelayoutReport, SeqId};
 use crate::plan::PlanOptions;
-use crate::types::DType;
 
 static POOLS: Registry<KvPool> = Registry::new(0xD1, "pool");
 
@@ -132,12 +131,7 @@ pub unsafe extern "C" fn packinfer_pool_create(context: PackinferContext, option
     guard("packinfer_pool_create", || {
         let backend = CONTEXTS.get(context.bits)?;
         let o = super::options("options", options)?;
-        let dtype = match o.dtype {
-            0 => DType::F16,
-            1 => DType::Bf16,
-            2 => DType::F32,
-            other => return Err(crate::unsupported!("options->dtype = {other} is not a PackinferDtype (0 = F16, 1 = BF16, 2 = F32)")),
-        };
+        let dtype = dtype_from_c(o.dtype).ok_or_else(|| crate::unsupported!("{}", not_a_dtype("options->dtype", o.dtype)))?;
         if out.is_null() {
             return Err(invalid!("out is a null pointer"));
         }
@@ -318,12 +312,7 @@ pub unsafe extern "C" fn packinfer_pool_write_kv(
                 c.head_dim
             ));
         }
-        let dtype = match src.dtype {
-            0 => DType::F16,
-            1 => DType::Bf16,
-            2 => DType::F32,
-            other => return Err(invalid!("src->dtype = {other} is not a PackinferDtype (0 = F16, 1 = BF16, 2 = F32)")),
-        };
+        let dtype = dtype_from_c(src.dtype).ok_or_else(|| invalid!("{}", not_a_dtype("src->dtype", src.dtype)))?;
         if dtype != c.dtype {
             return Err(invalid!("src->dtype = {} but the pool stores {}", dtype.name(), c.dtype.name()));
         }

@@ -22,6 +22,22 @@ pub enum PackinferDtype {
     F32 = 2,
 }
 
+/// The element type a C struct's `PackinferDtype` field names; `None` for any other value.
+pub(crate) fn dtype_from_c(value: u32) -> Option<crate::types::DType> {
+    use crate::types::DType;
+    match value {
+        v if v == PackinferDtype::F16 as u32 => Some(DType::F16),
+        v if v == PackinferDtype::Bf16 as u32 => Some(DType::Bf16),
+        v if v == PackinferDtype::F32 as u32 => Some(DType::F32),
+        _ => None,
+    }
+}
+
+/// The message for a `field` holding `value`, which is no `PackinferDtype`.
+pub(crate) fn not_a_dtype(field: &str, value: u32) -> String {
+    format!("{field} = {value} is not a PackinferDtype (0 = F16, 1 = BF16, 2 = F32)")
+}
+
 /// Opaque handle to a context (a backend on one device). 0 is never a valid handle.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -74,7 +74,7 @@ impl PoolConfig {
         bytes.checked_div(self.page_bytes_all_layers()).unwrap_or(0)
     }
     pub fn shape(&self) -> Shape {
-        let sm_scale = if self.sm_scale == 0.0 { 1.0 / (self.head_dim.max(1) as f32).sqrt() } else { self.sm_scale };
+        let sm_scale = if self.sm_scale == 0.0 { Shape::default_sm_scale(self.head_dim) } else { self.sm_scale };
         Shape { num_qo_heads: self.num_qo_heads, num_kv_heads: self.num_kv_heads, head_dim: self.head_dim, dtype: self.dtype, causal: self.causal, sm_scale }
     }
 

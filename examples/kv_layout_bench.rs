@@ -18,7 +18,7 @@ use packinfer::backend::cpu::CpuBackend;
 use packinfer::backend::Backend;
 use packinfer::kv::{KvPool, PoolConfig, SeqId};
 use packinfer::plan::PlanOptions;
-use packinfer::types::DType;
+use packinfer::types::{DType, Shape};
 
 const KV_HEADS: u32 = 8;
 const HEAD_DIM: u32 = 128;
@@ -96,12 +96,7 @@ fn make_groups(pool: &KvPool, reqs: &[Request]) -> Vec<Vec<SeqId>> {
 fn run(trace: &[(u32, u32)], headroom: u32) -> (Totals, Totals, f64, f64, (u64, u64)) {
     let config = PoolConfig {
         num_layers: LAYERS,
-        num_qo_heads: KV_HEADS * 4,
-        num_kv_heads: KV_HEADS,
-        head_dim: HEAD_DIM,
-        dtype: DType::Bf16,
-        causal: true,
-        sm_scale: 0.0,
+        shape: Shape { num_qo_heads: KV_HEADS * 4, num_kv_heads: KV_HEADS, head_dim: HEAD_DIM, dtype: DType::Bf16, causal: true, sm_scale: 0.0 },
         page_size: PAGE,
         num_pages: 12288,
         headroom_pages: headroom,

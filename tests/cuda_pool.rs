@@ -22,7 +22,7 @@ use packinfer::backend::cuda::CudaBackend;
 use packinfer::backend::{Backend, BackendChoice, BackendKind};
 use packinfer::kv::{groups_of_plan, KvPool, PoolConfig, SeqId};
 use packinfer::plan::{DeviceProfile, PlanOptions};
-use packinfer::types::{DType, RowsTensor, RunArgs};
+use packinfer::types::{DType, RowsTensor, RunArgs, Shape};
 use packinfer::Error;
 use rand::rngs::SmallRng;
 use rand::Rng;
@@ -37,12 +37,7 @@ const ROW: usize = (KV_HEADS * DIM) as usize;
 fn config() -> PoolConfig {
     PoolConfig {
         num_layers: LAYERS,
-        num_qo_heads: QO_HEADS,
-        num_kv_heads: KV_HEADS,
-        head_dim: DIM,
-        dtype: DType::Bf16,
-        causal: true,
-        sm_scale: 0.0,
+        shape: Shape { num_qo_heads: QO_HEADS, num_kv_heads: KV_HEADS, head_dim: DIM, dtype: DType::Bf16, causal: true, sm_scale: 0.0 },
         page_size: PAGE,
         num_pages: 48,
         headroom_pages: 1,
@@ -280,7 +275,7 @@ fn cuda_pool_error_paths() {
     assert!(matches!(pool.read_token_host(seq, 0, 0), Err(Error::Unsupported(_))));
     assert!(matches!(cu.alloc_kv(0), Err(Error::InvalidArgument(_))));
     for (head_dim, dtype) in [(128, DType::F32), (96, DType::Bf16)] {
-        let e = KvPool::new(cu.clone(), PoolConfig { head_dim, dtype, ..config() }).unwrap_err();
+        let e = KvPool::new(cu.clone(), PoolConfig { shape: Shape { head_dim, dtype, ..config().shape }, ..config() }).unwrap_err();
         assert!(matches!(e, Error::Unsupported(_)), "head_dim {head_dim} {dtype:?}: {e}");
     }
     let m = pool.memory();

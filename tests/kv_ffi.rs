@@ -9,7 +9,7 @@ use packinfer::backend::{Backend, BackendKind, BoundPlan, Scratch};
 use packinfer::ffi::*;
 use packinfer::kv::{KvPool, PoolConfig};
 use packinfer::plan::{DeviceProfile, Plan};
-use packinfer::types::DType;
+use packinfer::types::{DType, Shape};
 use packinfer::Error;
 
 fn last_error() -> String {
@@ -202,7 +202,7 @@ impl Backend for NoPoolBackend {
 
 #[test]
 fn backends_without_pool_support_say_unsupported() {
-    let config = PoolConfig { num_layers: 1, num_qo_heads: 1, num_kv_heads: 1, head_dim: 64, dtype: DType::F16, causal: true, sm_scale: 0.0, page_size: 16, num_pages: 4, headroom_pages: 0 };
+    let config = PoolConfig { num_layers: 1, shape: Shape { num_qo_heads: 1, num_kv_heads: 1, head_dim: 64, dtype: DType::F16, causal: true, sm_scale: 0.0 }, page_size: 16, num_pages: 4, headroom_pages: 0 };
     match KvPool::new(Arc::new(NoPoolBackend), config) {
         Err(Error::Unsupported(m)) => assert!(m.contains("test gpu"), "{m}"),
         other => panic!("expected Unsupported, got {other:?}"),

@@ -12,7 +12,7 @@ use packinfer::backend::cpu::CpuBackend;
 use packinfer::backend::Backend;
 use packinfer::kv::{groups_of_plan, KvPool, PoolConfig, SeqId};
 use packinfer::plan::PlanOptions;
-use packinfer::types::DType;
+use packinfer::types::{DType, Shape};
 use packinfer::Error;
 use rand::rngs::SmallRng;
 use rand::seq::{IndexedRandom, SliceRandom};
@@ -25,12 +25,7 @@ const LAYERS: u32 = 2;
 fn config(page_size: u32, num_pages: u32, headroom: u32) -> PoolConfig {
     PoolConfig {
         num_layers: LAYERS,
-        num_qo_heads: HEADS * 2,
-        num_kv_heads: HEADS,
-        head_dim: DIM,
-        dtype: DType::F32,
-        causal: true,
-        sm_scale: 0.0,
+        shape: Shape { num_qo_heads: HEADS * 2, num_kv_heads: HEADS, head_dim: DIM, dtype: DType::F32, causal: true, sm_scale: 0.0 },
         page_size,
         num_pages,
         headroom_pages: headroom,

@@ -11,6 +11,7 @@ use crate::error::Result;
 use crate::invalid;
 use crate::kv::{groups_of_plan, KvPool, PoolConfig, RelayoutReport, SeqId};
 use crate::plan::PlanOptions;
+use crate::types::Shape;
 
 static POOLS: Registry<KvPool> = Registry::new(0xD1, "pool");
 
@@ -137,12 +138,7 @@ pub unsafe extern "C" fn packinfer_pool_create(context: PackinferContext, option
         }
         let mut config = PoolConfig {
             num_layers: o.num_layers,
-            num_qo_heads: o.num_qo_heads,
-            num_kv_heads: o.num_kv_heads,
-            head_dim: o.head_dim,
-            dtype,
-            causal: o.causal,
-            sm_scale: o.sm_scale,
+            shape: Shape { num_qo_heads: o.num_qo_heads, num_kv_heads: o.num_kv_heads, head_dim: o.head_dim, dtype, causal: o.causal, sm_scale: o.sm_scale },
             page_size: o.page_size,
             num_pages: o.num_pages,
             headroom_pages: o.headroom_pages,
@@ -302,25 +298,25 @@ pub unsafe extern "C" fn packinfer_pool_write_kv(
         let tokens = zip_requests("seq_ids", seq_ids, "num_tokens", num_tokens, n)?;
         let src = options("src", src)?;
         let c = pool.config();
-        if (src.num_kv_heads, src.head_dim) != (c.num_kv_heads, c.head_dim) {
+        if (src.num_kv_heads, src.head_dim) != (c.shape.num_kv_heads, c.shape.head_dim) {
             return Err(invalid!(
                 "src is [{}, {}, {}] (tokens, kv heads, head_dim) but the pool stores {} KV heads of head_dim {}",
                 src.num_rows,
                 src.num_kv_heads,
                 src.head_dim,
-                c.num_kv_heads,
-                c.head_dim
+                c.shape.num_kv_heads,
+                c.shape.head_dim
             ));
         }
         let dtype = dtype_from_c(src.dtype).ok_or_else(|| invalid!("{}", not_a_dtype("src->dtype", src.dtype)))?;
-        if dtype != c.dtype {
-            return Err(invalid!("src->dtype = {} but the pool stores {}", dtype.name(), c.dtype.name()));
+        if dtype != c.shape.dtype {
+            return Err(invalid!("src->dtype = {} but the pool stores {}", dtype.name(), c.shape.dtype.name()));
         }
         let total: u64 = tokens.iter().map(|t| t.1 as u64).sum();
         if total != src.num_rows as u64 {
             return Err(invalid!("src->num_rows = {} but num_tokens sums to {total}", src.num_rows));
         }
-        let row = (c.num_kv_heads * c.head_dim) as i64;
+        let row = (c.shape.num_kv_heads * c.shape.head_dim) as i64;
         if src.stride_token != 0 && src.stride_token < row {
             return Err(invalid!("src->stride_token = {} is smaller than a token's row of num_kv_heads * head_dim = {row} elements (0 = contiguous)", src.stride_token));
         }

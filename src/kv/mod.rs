@@ -27,25 +27,20 @@ use crate::backend::{Backend, KvMemory};
 use crate::error::{Error, Result};
 use crate::invalid;
 use crate::plan::{Plan, PlanOptions};
-use crate::types::{DType, KvLayout, Shape};
+use crate::types::{KvLayout, Shape};
 
 pub use layout::{groups_of_plan, RelayoutReport};
 
 /// Identifies a sequence of a pool. Ids are never reused, so a released id stays invalid.
 pub type SeqId = u64;
 
-/// What a pool is created with. `num_qo_heads`, `causal` and `sm_scale` are the model's, so a
-/// plan made from the pool needs nothing but the batch.
+/// What a pool is created with. The attention shape is the model's (query heads, mask and scale
+/// included), so a plan made from the pool needs nothing but the batch.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PoolConfig {
     pub num_layers: u32,
-    pub num_qo_heads: u32,
-    pub num_kv_heads: u32,
-    pub head_dim: u32,
-    pub dtype: DType,
-    pub causal: bool,
-    /// 0 = `1/sqrt(head_dim)`.
-    pub sm_scale: f32,
+    /// `sm_scale` 0 = `1/sqrt(head_dim)`.
+    pub shape: Shape,
     pub page_size: u32,
     pub num_pages: u32,
     /// δ: empty pages each member of a laid-out group keeps after its last page for future tokens.
@@ -63,7 +58,7 @@ impl PoolConfig {
     }
     /// Bytes of one token's K (or V) row in one layer: `kv_heads * head_dim` elements.
     pub fn row_bytes(&self) -> u64 {
-        self.num_kv_heads as u64 * self.head_dim as u64 * self.dtype.size_bytes() as u64
+        self.shape.num_kv_heads as u64 * self.shape.head_dim as u64 * self.shape.dtype.size_bytes() as u64
     }
     /// Bytes of one token's K and V over all layers.
     pub fn token_bytes_all_layers(&self) -> u64 {
@@ -73,9 +68,10 @@ impl PoolConfig {
     pub fn pages_for_bytes(&self, bytes: u64) -> u64 {
         bytes.checked_div(self.page_bytes_all_layers()).unwrap_or(0)
     }
+    /// The shape plans are made with: `shape`, its scale resolved.
     pub fn shape(&self) -> Shape {
-        let sm_scale = if self.sm_scale == 0.0 { Shape::default_sm_scale(self.head_dim) } else { self.sm_scale };
-        Shape { num_qo_heads: self.num_qo_heads, num_kv_heads: self.num_kv_heads, head_dim: self.head_dim, dtype: self.dtype, causal: self.causal, sm_scale }
+        let s = self.shape;
+        Shape { sm_scale: if s.sm_scale == 0.0 { Shape::default_sm_scale(s.head_dim) } else { s.sm_scale }, ..s }
     }
 
     /// Checks the configuration and returns the pool's size in bytes.
@@ -176,7 +172,7 @@ impl KvPool {
         let bytes = config.validate()?;
         if backend.kind() == crate::backend::BackendKind::Cuda {
             // A pool the kernels cannot read would fail only at the first launch; say it now.
-            crate::backend::cuda::check_kernel_shape(config.head_dim, config.dtype).map_err(|e| crate::unsupported!("a KV pool on the CUDA backend: {e}"))?;
+            crate::backend::cuda::check_kernel_shape(config.shape.head_dim, config.shape.dtype).map_err(|e| crate::unsupported!("a KV pool on the CUDA backend: {e}"))?;
         }
         let memory = backend.alloc_kv(bytes as usize)?;
         let n = config.num_pages;
@@ -212,7 +208,7 @@ impl KvPool {
         if layer >= self.config.num_layers {
             return Err(invalid!("layer = {layer} but the pool has {} layers", self.config.num_layers));
         }
-        let (h, d) = (self.config.num_kv_heads as i64, self.config.head_dim as i64);
+        let (h, d) = (self.config.shape.num_kv_heads as i64, self.config.shape.head_dim as i64);
         let base = self.memory.base();
         Ok(KvLayout {
             k: base + self.region_offset(layer, false),
@@ -288,7 +284,7 @@ impl KvPool {
         if layer >= self.config.num_layers {
             return Err(invalid!("layer = {layer} but the pool has {} layers", self.config.num_layers));
         }
-        let row_elems = (self.config.num_kv_heads * self.config.head_dim) as i64;
+        let row_elems = (self.config.shape.num_kv_heads * self.config.shape.head_dim) as i64;
         if src_stride_token < row_elems {
             return Err(invalid!(
                 "src_stride_token = {src_stride_token} is smaller than a token's row of num_kv_heads * head_dim = {row_elems} elements"
@@ -303,7 +299,7 @@ impl KvPool {
             return Err(invalid!("k or v is a null pointer but {} tokens are to be written", slots.len()));
         }
         let row = self.config.row_bytes();
-        let stride = src_stride_token as u64 * self.config.dtype.size_bytes() as u64;
+        let stride = src_stride_token as u64 * self.config.shape.dtype.size_bytes() as u64;
         for (src, is_v) in [(k, false), (v, true)] {
             let region = self.region_offset(layer, is_v);
             let dst: Vec<u64> = slots.iter().map(|&slot| region + slot * row).collect();

@@ -321,12 +321,7 @@ fn requests(trace: &[trace::TraceRequest], a: &Args, s: &Setup) -> Vec<Request> 
 fn pool_config(reqs: &[Request], a: &Args, s: &Setup, system_prompt_len: u32, prompts: u32) -> Result<PoolConfig, Failure> {
     let mut config = PoolConfig {
         num_layers: s.layers,
-        num_qo_heads: s.shape.num_qo_heads,
-        num_kv_heads: s.shape.num_kv_heads,
-        head_dim: s.shape.head_dim,
-        dtype: s.shape.dtype,
-        causal: s.shape.causal,
-        sm_scale: s.shape.sm_scale,
+        shape: s.shape,
         page_size: a.page_size,
         num_pages: 0,
         headroom_pages: a.headroom_pages,

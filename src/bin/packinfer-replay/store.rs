@@ -101,8 +101,8 @@ pub struct PoolStore {
 
 impl PoolStore {
     pub fn new(backend: Arc<dyn Backend>, config: PoolConfig) -> Result<Self> {
-        if config.dtype.size_bytes() != 2 {
-            return Err(packinfer::unsupported!("dtype = {}: the replay writes 16-bit K/V (bf16, f16)", config.dtype.name()));
+        if config.shape.dtype.size_bytes() != 2 {
+            return Err(packinfer::unsupported!("dtype = {}: the replay writes 16-bit K/V (bf16, f16)", config.shape.dtype.name()));
         }
         Ok(PoolStore { pool: KvPool::new(backend, config)?, seqs: HashMap::new(), committed: 0 })
     }
@@ -150,7 +150,7 @@ impl KvStore for PoolStore {
 
     unsafe fn write_kv(&mut self, layer: u32, tokens: &[(u32, u32)], k: u64, v: u64, elems: usize) -> Result<()> {
         let c = self.pool.config();
-        let row = (c.num_kv_heads * c.head_dim) as usize;
+        let row = (c.shape.num_kv_heads * c.shape.head_dim) as usize;
         let total: usize = tokens.iter().map(|t| t.1 as usize).sum();
         if elems != total * row {
             return Err(invalid!("K/V data of {elems} elements for {total} tokens of {row} elements"));
@@ -205,17 +205,12 @@ impl KvStore for PoolStore {
 mod tests {
     use super::*;
     use packinfer::backend::cpu::CpuBackend;
-    use packinfer::types::DType;
+    use packinfer::types::{DType, Shape};
 
     fn config(num_pages: u32, headroom_pages: u32) -> PoolConfig {
         PoolConfig {
             num_layers: 2,
-            num_qo_heads: 2,
-            num_kv_heads: 1,
-            head_dim: 8,
-            dtype: DType::Bf16,
-            causal: true,
-            sm_scale: 0.0,
+            shape: Shape { num_qo_heads: 2, num_kv_heads: 1, head_dim: 8, dtype: DType::Bf16, causal: true, sm_scale: 0.0 },
             page_size: 4,
             num_pages,
             headroom_pages,

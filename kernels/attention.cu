@@ -32,10 +32,10 @@
 #define PI_BLOCK_M (16 * PI_WARPS)
 #define PI_THREADS (PI_WARPS * 32)
 
-// wgmma (warpgroup tensor-core instructions) exist on sm_90a only; the 64-key blocks keep the
-// accumulators of head_dim <= 128 in registers. PACKINFER_KERNEL_DEFINES="-DPI_WGMMA=0" turns
+// wgmma (warpgroup tensor-core instructions) exist on sm_90a only; with 64-key blocks (128 in
+// the warp-specialised kernel) the accumulators of head_dim <= 128 stay in registers. PACKINFER_KERNEL_DEFINES="-DPI_WGMMA=0" turns
 // them off for comparisons.
-#if !defined(__CUDA_ARCH_FEAT_SM90_ALL) || PI_HEAD_DIM > 128 || PI_BLOCK_N != 64
+#if !defined(__CUDA_ARCH_FEAT_SM90_ALL) || PI_HEAD_DIM > 128 || (PI_BLOCK_N != 64 && PI_BLOCK_N != 128)
 #undef PI_WGMMA
 #define PI_WGMMA 0
 #elif !defined(PI_WGMMA)
@@ -44,6 +44,14 @@
 // The pipelined wgmma loop (see the kernel) needs PI_STAGES >= 3: its loads run PI_STAGES - 2
 // blocks ahead, since a stage is refilled only once the O += PV that read it is done.
 #define PI_WG_PIPELINE (PI_WGMMA && PI_STAGES >= 3)
+// The warp-specialised kernel (a producer warpgroup and mbarriers; see packed_attention below):
+// the host asks for it with -DPI_WS=1 on sm_90a at head_dim <= 128.
+#ifndef PI_WS
+#define PI_WS 0
+#endif
+#if PI_WS && !PI_WGMMA
+#error "PI_WS needs the wgmma path (sm_90a, head_dim <= 128, 64-key blocks)"
+#endif
 #if PI_BF16
 #define PI_ETYPE "bf16"
 #else
@@ -166,7 +174,10 @@ __device__ __forceinline__ bool warpgroup_any(bool v, int wg) {
                  : "=r"(r) : "r"((u32)v), "r"(wg + 1) : "memory");
     return r != 0;
 }
-// S (64 rows x 64 keys, fp32) {=|+=} Q (shared, K-major) * K^T (shared, K-major).
+// S (64 rows x 64 or 128 keys, fp32) += Q (shared, K-major) * K^T (shared, K-major), and the first
+// k-step, S = Q K^T: its accumulators are outputs only, so the compiler never copies their old
+// values around while another wgmma is in flight (ptxas would serialise every wgmma then: warning
+// C7515).
 __device__ __forceinline__ void wgmma_qk(float (&s)[8][4], u64 desc_q, u64 desc_k, int accumulate) {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n64k16.f32." PI_ETYPE "." PI_ETYPE " "
@@ -174,14 +185,25 @@ __device__ __forceinline__ void wgmma_qk(float (&s)[8][4], u64 desc_q, u64 desc_
                  : "+f"(s[0][0]), "+f"(s[0][1]), "+f"(s[0][2]), "+f"(s[0][3]), "+f"(s[1][0]), "+f"(s[1][1]), "+f"(s[1][2]), "+f"(s[1][3]), "+f"(s[2][0]), "+f"(s[2][1]), "+f"(s[2][2]), "+f"(s[2][3]), "+f"(s[3][0]), "+f"(s[3][1]), "+f"(s[3][2]), "+f"(s[3][3]), "+f"(s[4][0]), "+f"(s[4][1]), "+f"(s[4][2]), "+f"(s[4][3]), "+f"(s[5][0]), "+f"(s[5][1]), "+f"(s[5][2]), "+f"(s[5][3]), "+f"(s[6][0]), "+f"(s[6][1]), "+f"(s[6][2]), "+f"(s[6][3]), "+f"(s[7][0]), "+f"(s[7][1]), "+f"(s[7][2]), "+f"(s[7][3])
                  : "l"(desc_q), "l"(desc_k), "r"(accumulate));
 }
-// S (64 rows x 64 keys, fp32) = Q * K^T, the first k-step: the accumulators are outputs only, so the
-// compiler never copies their old values around while another wgmma is in flight (ptxas would
-// serialise every wgmma then: warning C7515).
 __device__ __forceinline__ void wgmma_qk_first(float (&s)[8][4], u64 desc_q, u64 desc_k) {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n64k16.f32." PI_ETYPE "." PI_ETYPE " "
                  "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, 0, 0;\n}"
                  : "=f"(s[0][0]), "=f"(s[0][1]), "=f"(s[0][2]), "=f"(s[0][3]), "=f"(s[1][0]), "=f"(s[1][1]), "=f"(s[1][2]), "=f"(s[1][3]), "=f"(s[2][0]), "=f"(s[2][1]), "=f"(s[2][2]), "=f"(s[2][3]), "=f"(s[3][0]), "=f"(s[3][1]), "=f"(s[3][2]), "=f"(s[3][3]), "=f"(s[4][0]), "=f"(s[4][1]), "=f"(s[4][2]), "=f"(s[4][3]), "=f"(s[5][0]), "=f"(s[5][1]), "=f"(s[5][2]), "=f"(s[5][3]), "=f"(s[6][0]), "=f"(s[6][1]), "=f"(s[6][2]), "=f"(s[6][3]), "=f"(s[7][0]), "=f"(s[7][1]), "=f"(s[7][2]), "=f"(s[7][3])
+                 : "l"(desc_q), "l"(desc_k), "r"(0));
+}
+__device__ __forceinline__ void wgmma_qk(float (&s)[16][4], u64 desc_q, u64 desc_k, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." PI_ETYPE "." PI_ETYPE " "
+                 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1, 0, 0;\n}"
+                 : "+f"(s[0][0]), "+f"(s[0][1]), "+f"(s[0][2]), "+f"(s[0][3]), "+f"(s[1][0]), "+f"(s[1][1]), "+f"(s[1][2]), "+f"(s[1][3]), "+f"(s[2][0]), "+f"(s[2][1]), "+f"(s[2][2]), "+f"(s[2][3]), "+f"(s[3][0]), "+f"(s[3][1]), "+f"(s[3][2]), "+f"(s[3][3]), "+f"(s[4][0]), "+f"(s[4][1]), "+f"(s[4][2]), "+f"(s[4][3]), "+f"(s[5][0]), "+f"(s[5][1]), "+f"(s[5][2]), "+f"(s[5][3]), "+f"(s[6][0]), "+f"(s[6][1]), "+f"(s[6][2]), "+f"(s[6][3]), "+f"(s[7][0]), "+f"(s[7][1]), "+f"(s[7][2]), "+f"(s[7][3]), "+f"(s[8][0]), "+f"(s[8][1]), "+f"(s[8][2]), "+f"(s[8][3]), "+f"(s[9][0]), "+f"(s[9][1]), "+f"(s[9][2]), "+f"(s[9][3]), "+f"(s[10][0]), "+f"(s[10][1]), "+f"(s[10][2]), "+f"(s[10][3]), "+f"(s[11][0]), "+f"(s[11][1]), "+f"(s[11][2]), "+f"(s[11][3]), "+f"(s[12][0]), "+f"(s[12][1]), "+f"(s[12][2]), "+f"(s[12][3]), "+f"(s[13][0]), "+f"(s[13][1]), "+f"(s[13][2]), "+f"(s[13][3]), "+f"(s[14][0]), "+f"(s[14][1]), "+f"(s[14][2]), "+f"(s[14][3]), "+f"(s[15][0]), "+f"(s[15][1]), "+f"(s[15][2]), "+f"(s[15][3])
+                 : "l"(desc_q), "l"(desc_k), "r"(accumulate));
+}
+__device__ __forceinline__ void wgmma_qk_first(float (&s)[16][4], u64 desc_q, u64 desc_k) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." PI_ETYPE "." PI_ETYPE " "
+                 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1, 0, 0;\n}"
+                 : "=f"(s[0][0]), "=f"(s[0][1]), "=f"(s[0][2]), "=f"(s[0][3]), "=f"(s[1][0]), "=f"(s[1][1]), "=f"(s[1][2]), "=f"(s[1][3]), "=f"(s[2][0]), "=f"(s[2][1]), "=f"(s[2][2]), "=f"(s[2][3]), "=f"(s[3][0]), "=f"(s[3][1]), "=f"(s[3][2]), "=f"(s[3][3]), "=f"(s[4][0]), "=f"(s[4][1]), "=f"(s[4][2]), "=f"(s[4][3]), "=f"(s[5][0]), "=f"(s[5][1]), "=f"(s[5][2]), "=f"(s[5][3]), "=f"(s[6][0]), "=f"(s[6][1]), "=f"(s[6][2]), "=f"(s[6][3]), "=f"(s[7][0]), "=f"(s[7][1]), "=f"(s[7][2]), "=f"(s[7][3]), "=f"(s[8][0]), "=f"(s[8][1]), "=f"(s[8][2]), "=f"(s[8][3]), "=f"(s[9][0]), "=f"(s[9][1]), "=f"(s[9][2]), "=f"(s[9][3]), "=f"(s[10][0]), "=f"(s[10][1]), "=f"(s[10][2]), "=f"(s[10][3]), "=f"(s[11][0]), "=f"(s[11][1]), "=f"(s[11][2]), "=f"(s[11][3]), "=f"(s[12][0]), "=f"(s[12][1]), "=f"(s[12][2]), "=f"(s[12][3]), "=f"(s[13][0]), "=f"(s[13][1]), "=f"(s[13][2]), "=f"(s[13][3]), "=f"(s[14][0]), "=f"(s[14][1]), "=f"(s[14][2]), "=f"(s[14][3]), "=f"(s[15][0]), "=f"(s[15][1]), "=f"(s[15][2]), "=f"(s[15][3])
                  : "l"(desc_q), "l"(desc_k), "r"(0));
 }
 // O (64 rows x 64 dims, fp32) += P (registers) * V (shared, N-major: the transposed B operand).
@@ -225,20 +247,6 @@ struct SegmentInfo {
     u32 row_begin, token0, limit0, step;
 };
 
-struct Smem {
-    u16 q[PI_BLOCK_M * PI_HEAD_DIM];  // swizzled (swz); every tile a multiple of 1024 bytes
-    u16 k[PI_STAGES][PI_BLOCK_N * PI_HEAD_DIM];
-    u16 v[PI_STAGES][PI_BLOCK_N * PI_HEAD_DIM];
-    RowInfo rows[PI_BLOCK_M];
-    SegmentInfo segs[PI_BLOCK_M];  // an item has at most one segment per row
-    u32 next_group;
-    u32 pad[3];
-};
-// The host sizes the dynamic shared memory from the same formula (attention_smem_bytes in
-// src/backend/cuda/compile.rs, plus 1024 bytes to align the base for the swizzle) and passes it
-// in; a mismatch fails the compile, not the launch.
-static_assert(sizeof(Smem) == PI_SMEM_BYTES, "PI_SMEM_BYTES disagrees with sizeof(Smem)");
-
 // Key -> (page, slot) without a division when the page size is a power of two (1, 16, 64 in
 // practice): the divisions were a tenth of the prefill kernel's instructions (H100, ncu).
 struct PageMap {
@@ -250,64 +258,120 @@ struct PageMap {
     __device__ __forceinline__ u32 slot(u32 key) const { return pow2 ? key & (size - 1) : key % size; }
 };
 
-// K/V copies with 16-byte vectors: thread t copies chunk t % PI_KV_VECS of keys
-// t / PI_KV_VECS + j * PI_KV_KEYS_PER_PASS, j < PI_KV_PASSES.
-#define PI_KV_VECS (PI_HEAD_DIM / 8)
-#define PI_KV_KEYS_PER_PASS (PI_THREADS / PI_KV_VECS)
-#define PI_KV_PASSES (PI_BLOCK_N / PI_KV_KEYS_PER_PASS)
-static_assert(PI_THREADS % PI_KV_VECS == 0 && PI_BLOCK_N % PI_KV_KEYS_PER_PASS == 0, "K/V copy shape");
+// K/V copies with 16-byte vectors by NT threads: thread t copies chunk t % vecs of keys
+// t / vecs + j * keys_per_pass, j < passes. A warp's threads touch warp_keys distinct keys of a
+// block; lane l < warp_keys looks up the page of the l-th (kv_page) and the copies take it by
+// shuffle, so each thread does one dependent read per block, not `passes`.
+template <int NT>
+struct KvCopy {
+    static constexpr int vecs = PI_HEAD_DIM / 8;
+    static constexpr int keys_per_pass = NT / vecs;
+    static constexpr int passes = PI_BLOCK_N / keys_per_pass;
+    static constexpr int warp_keys_per_pass = 32 / vecs;
+    static constexpr int warp_keys = passes * warp_keys_per_pass;
+    static_assert(NT % vecs == 0 && PI_BLOCK_N % keys_per_pass == 0 && warp_keys <= 32, "K/V copy shape");
+};
 
-// The page numbers of this thread's keys of the block at key0. Read one block ahead of its copies
-// (the loop below), so the latency of these dependent reads hides behind a block of math: read
-// right before the copies they were the largest stall of the prefill kernel (H100, ncu).
-__device__ __forceinline__ void kv_pages(const KernelParams& p, const RequestInfo& req, u32 key0, u32 key_end,
-                                         const PageMap& pm, int (&page)[PI_KV_PASSES]) {
-    if (!(p.flags & PI_FLAG_KV_VEC)) return;  // the scalar path looks pages up itself
+// The page number that lane t % 32 holds for the block at key0 (see KvCopy). Read ahead of the
+// copies that use it (the loops below), so the latency of this dependent read hides behind other
+// work: read right before the copies it was the largest stall of the prefill kernel (H100, ncu).
+template <int NT>
+__device__ __forceinline__ int kv_page(const KernelParams& p, const RequestInfo& req, u32 key0, u32 key_end,
+                                       const PageMap& pm, int t) {
+    using C = KvCopy<NT>;
+    const int lane = t % 32;
+    if (!(p.flags & PI_FLAG_KV_VEC) || lane >= C::warp_keys) return 0;  // the scalar path looks pages up itself
+    const u32 key = key0 + (t / 32) * C::warp_keys_per_pass + (lane / C::warp_keys_per_pass) * C::keys_per_pass
+                    + lane % C::warp_keys_per_pass;
+    return key < key_end ? __ldg(&p.pages[req.page_start + pm.page(key)]) : 0;
+}
+
+// Thread t's share of copying keys [key0, key0 + PI_BLOCK_N) of `req` (those < key_end; zeros
+// past it) from each cache src[i] (K, V or both: they share the address math) into the swizzled
+// block dst[i], given the warp's page numbers from kv_page. With 16-byte vectors by cp.async
+// (the caller commits or arrives); otherwise element by element with plain loads and stores.
+// Every lane of the warp calls it.
+template <int NT, int N>
+__device__ __forceinline__ void copy_kv(const KernelParams& p, u16* const (&dst)[N], const u16* const (&src)[N],
+                                        const RequestInfo& req, u32 kv_head, u32 key0, u32 key_end, const PageMap& pm,
+                                        int t, int page_lane) {
+    using C = KvCopy<NT>;
+    if (p.flags & PI_FLAG_KV_VEC) {
+        const int ch = t % C::vecs;
 #pragma unroll
-    for (int j = 0; j < PI_KV_PASSES; ++j) {
-        const u32 key = key0 + threadIdx.x / PI_KV_VECS + j * PI_KV_KEYS_PER_PASS;
-        page[j] = key < key_end ? __ldg(&p.pages[req.page_start + pm.page(key)]) : 0;
+        for (int j = 0; j < C::passes; ++j) {
+            const int n = t / C::vecs + j * C::keys_per_pass;
+            const u32 key = key0 + n;
+            const int page = __shfl_sync(0xffffffffu, page_lane, j * C::warp_keys_per_pass + (t % 32) / C::vecs);
+            const bool valid = key < key_end;
+            const i64 off = valid ? (i64)page * p.kv_stride_page + (i64)pm.slot(key) * p.kv_stride_token
+                                        + (i64)kv_head * p.kv_stride_head + ch * 8
+                                  : 0;
+#pragma unroll
+            for (int i = 0; i < N; ++i) cp_async16(&dst[i][swz<PI_BLOCK_N>(n, ch)], src[i] + off, valid);
+        }
+    } else {
+        for (int i = t; i < PI_BLOCK_N * PI_HEAD_DIM; i += NT) {
+            const int n = i / PI_HEAD_DIM, c = i % PI_HEAD_DIM;
+            const u32 key = key0 + n;
+            i64 off = -1;
+            if (key < key_end)
+                off = (i64)p.pages[req.page_start + pm.page(key)] * p.kv_stride_page + (i64)pm.slot(key) * p.kv_stride_token
+                      + (i64)kv_head * p.kv_stride_head + (i64)c * p.kv_stride_dim;
+#pragma unroll
+            for (int i = 0; i < N; ++i) dst[i][swz<PI_BLOCK_N>(n, c / 8) + c % 8] = off >= 0 ? src[i][off] : (u16)0;
+        }
     }
 }
 
-// Loads keys [key0, key0 + PI_BLOCK_N) of `req` (those < key_end; zeros past it) into stage `s`,
-// given the page numbers from kv_pages; one commit group.
-__device__ __forceinline__ void load_kv_block(const KernelParams& p, Smem& sm, int s, const RequestInfo& req,
-                                              u32 kv_head, u32 key0, u32 key_end, const PageMap& pm,
-                                              const int (&page)[PI_KV_PASSES]) {
-    const int tid = threadIdx.x;
-    const u16* kb = (const u16*)p.k;
-    const u16* vb = (const u16*)p.v;
-    if (p.flags & PI_FLAG_KV_VEC) {
-        const int ch = tid % PI_KV_VECS;
-#pragma unroll
-        for (int j = 0; j < PI_KV_PASSES; ++j) {
-            const int n = tid / PI_KV_VECS + j * PI_KV_KEYS_PER_PASS;
-            const u32 key = key0 + n;
-            const bool valid = key < key_end;
-            const i64 off = valid ? (i64)page[j] * p.kv_stride_page + (i64)pm.slot(key) * p.kv_stride_token
-                                        + (i64)kv_head * p.kv_stride_head + ch * 8
-                                  : 0;
-            cp_async16(&sm.k[s][swz<PI_BLOCK_N>(n, ch)], kb + off, valid);
-            cp_async16(&sm.v[s][swz<PI_BLOCK_N>(n, ch)], vb + off, valid);
+// Thread t's share of the Q tile's rows (rows past num_rows are zeros), by cp.async where
+// 16-byte vectors are allowed (the caller commits or arrives).
+template <int NT>
+__device__ __forceinline__ void copy_q(const KernelParams& p, u16* dst, const RowInfo* rows, u32 num_rows, int t) {
+    const u16* qb = (const u16*)p.q;
+    if (p.flags & PI_FLAG_Q_VEC) {
+        constexpr int VECS = PI_HEAD_DIM / 8;
+        for (int i = t; i < PI_BLOCK_M * VECS; i += NT) {
+            const int r = i / VECS, ch = i % VECS;
+            cp_async16(&dst[swz<PI_BLOCK_M>(r, ch)], qb + rows[r].q_offset + ch * 8, (u32)r < num_rows);
         }
     } else {
-        for (int i = tid; i < PI_BLOCK_N * PI_HEAD_DIM; i += PI_THREADS) {
-            int n = i / PI_HEAD_DIM, c = i % PI_HEAD_DIM;
-            u32 key = key0 + n;
-            u16 kx = 0, vx = 0;
-            if (key < key_end) {
-                int pg = p.pages[req.page_start + pm.page(key)];
-                i64 off = (i64)pg * p.kv_stride_page + (i64)pm.slot(key) * p.kv_stride_token
-                        + (i64)kv_head * p.kv_stride_head + (i64)c * p.kv_stride_dim;
-                kx = kb[off];
-                vx = vb[off];
-            }
-            sm.k[s][swz<PI_BLOCK_N>(n, c / 8) + c % 8] = kx;
-            sm.v[s][swz<PI_BLOCK_N>(n, c / 8) + c % 8] = vx;
+        for (int i = t; i < PI_BLOCK_M * PI_HEAD_DIM; i += NT) {
+            const int r = i / PI_HEAD_DIM, c = i % PI_HEAD_DIM;
+            dst[swz<PI_BLOCK_M>(r, c / 8) + c % 8] = (u32)r < num_rows ? qb[rows[r].q_offset + c] : (u16)0;
         }
     }
-    cp_async_commit();
+}
+
+// A row segment resolved against its request (see SegmentInfo).
+__device__ __forceinline__ SegmentInfo segment_info(const PlanHeader& hdr, const RowSegment& seg, const RequestInfo& req) {
+    SegmentInfo info;
+    info.row_begin = seg.row_begin;
+    info.token0 = req.q_start + seg.q_begin;
+    info.limit0 = hdr.causal ? req.kv_len - req.q_len + seg.q_begin + 1 : req.kv_len;
+    info.step = hdr.causal ? 1u : 0u;
+    return info;
+}
+
+// Tile row r of `item`: which (token, head) it is and how many keys it sees, from the item's
+// resolved segments (the last one starting at or before r); zeros past num_rows.
+__device__ __forceinline__ RowInfo row_info(const KernelParams& p, const WorkItem& item, const SegmentInfo* segs,
+                                            u32 seg_count, u32 group, u32 r) {
+    RowInfo ri = {0, 0, 0, 0, 0};
+    if (r < item.num_rows) {
+        u32 lo = 0, hi = seg_count;
+        while (hi - lo > 1) {
+            const u32 mid = (lo + hi) / 2;
+            if (segs[mid].row_begin <= r) lo = mid; else hi = mid;
+        }
+        const SegmentInfo seg = segs[lo];
+        const u32 q = (r - seg.row_begin) / group;
+        ri.token = seg.token0 + q;
+        ri.head = item.kv_head * group + (r - seg.row_begin) % group;
+        ri.key_limit = seg.limit0 + seg.step * q;
+        ri.q_offset = (i64)ri.token * p.q_stride_token + (i64)ri.head * p.q_stride_head;
+    }
+    return ri;
 }
 
 // Q fragments stay in registers for the whole item where they fit next to the accumulators
@@ -412,7 +476,7 @@ __device__ __forceinline__ void p_fragment(u32 (&a)[4], const float (&s)[NT][4],
 // One warp's share of a K/V block with mma.sync: its 16 rows against NT 8-key tiles starting at
 // row `kbase` of the stage (absolute key `key_first`), masked by the rows' visible-key ends.
 template <int NT>
-__device__ __forceinline__ void attend(const Smem& sm, int slice, int lane, const u32 (&qf)[PI_QF][4],
+__device__ __forceinline__ void attend(const u16* q, int slice, int lane, const u32 (&qf)[PI_QF][4],
                                        const u16* ks, const u16* vs, int kbase, u32 key_first, u32 end0,
                                        u32 end1, bool all_visible, float scale, float& m0, float& m1, float& l0, float& l1,
                                        float (&acc)[PI_HEAD_DIM / 8][4]) {
@@ -425,7 +489,7 @@ __device__ __forceinline__ void attend(const Smem& sm, int slice, int lane, cons
         if constexpr (PI_Q_REGS) {
             a[0] = qf[kk][0]; a[1] = qf[kk][1]; a[2] = qf[kk][2]; a[3] = qf[kk][3];
         } else {
-            ldmatrix_x4(a, &sm.q[swz<PI_BLOCK_M>(slice * 16 + lane % 16, 2 * kk + lane / 16)]);
+            ldmatrix_x4(a, &q[swz<PI_BLOCK_M>(slice * 16 + lane % 16, 2 * kk + lane / 16)]);
         }
 #pragma unroll
         for (int j = 0; j < NT / 2; ++j) {
@@ -482,13 +546,13 @@ __device__ __forceinline__ void wg_pv_issue(float (&acc)[PI_HEAD_DIM / 8][4], co
 }
 
 // The whole block at once (kernels with too few stages for the pipelined loop).
-__device__ __forceinline__ void attend_wg(const Smem& sm, int wg, int lane, const u16* ks, const u16* vs,
+__device__ __forceinline__ void attend_wg(const u16* q, int wg, int lane, const u16* ks, const u16* vs,
                                           u32 key_first, u32 end0, u32 end1, bool all_visible, float scale,
                                           float& m0, float& m1, float& l0, float& l1,
                                           float (&acc)[PI_HEAD_DIM / 8][4]) {
     float s[PI_BLOCK_N / 8][4];
     u32 pf[PI_BLOCK_N / 16][4];
-    wg_qk_issue(s, wg_desc(&sm.q[wg * 64 * 64], 16, 1024), ks);
+    wg_qk_issue(s, wg_desc(&q[wg * 64 * 64], 16, 1024), ks);
     wg_wait_all();
     pin(s);
     online_softmax<PI_BLOCK_N / 8>(s, lane, key_first, end0, end1, all_visible, scale, m0, m1, l0, l1, acc);
@@ -499,6 +563,365 @@ __device__ __forceinline__ void attend_wg(const Smem& sm, int wg, int lane, cons
     pin(pf);
 }
 #endif
+
+// Finishes this thread's two rows r0, r1 of a tile (l0, l1 already summed over the quad):
+// normalises them and writes the final output and LSE, or the partial row and LSE to scratch.
+__device__ __forceinline__ void store_rows(const KernelParams& p, const PlanHeader& hdr, const WorkItem& item,
+                                           const RowInfo* rows, int r0, int r1, int lane,
+                                           const float (&acc)[PI_HEAD_DIM / 8][4], float m0, float m1, float l0, float l1) {
+    const int col = 2 * (lane % 4);
+    const float LN2 = 0.6931471805599453f;
+    const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+    const float lse0 = l0 > 0.f ? (m0 + __log2f(l0)) * LN2 : PI_NEG_INF;
+    const float lse1 = l1 > 0.f ? (m1 + __log2f(l1)) * LN2 : PI_NEG_INF;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int r = half ? r1 : r0;
+        if ((u32)r >= item.num_rows) continue;
+        const float inv = half ? inv1 : inv0;
+        const float lse = half ? lse1 : lse0;
+        const RowInfo ri = rows[r];
+        if (item.partial_slot == PI_FINAL_OUTPUT) {
+            u16* ob = (u16*)p.o + (i64)ri.token * p.o_stride_token + (i64)ri.head * p.o_stride_head;
+            if ((reinterpret_cast<u64>(ob) & 3) == 0) {  // the pair as one 4-byte store
+#pragma unroll
+                for (int j = 0; j < PI_HEAD_DIM / 8; ++j)
+                    *reinterpret_cast<u32*>(&ob[8 * j + col]) = pack2(acc[j][2 * half] * inv, acc[j][2 * half + 1] * inv);
+            } else {
+#pragma unroll
+                for (int j = 0; j < PI_HEAD_DIM / 8; ++j) {
+                    ob[8 * j + col] = to_elem(acc[j][2 * half] * inv);
+                    ob[8 * j + col + 1] = to_elem(acc[j][2 * half + 1] * inv);
+                }
+            }
+            if (p.lse && lane % 4 == 0) p.lse[(i64)ri.token * p.num_qo_heads + ri.head] = lse;
+        } else {
+            const u32 slot = item.partial_slot + r;
+            float* ob = p.scratch + (i64)slot * PI_HEAD_DIM;
+#pragma unroll
+            for (int j = 0; j < PI_HEAD_DIM / 8; ++j) {
+                ob[8 * j + col] = acc[j][2 * half] * inv;
+                ob[8 * j + col + 1] = acc[j][2 * half + 1] * inv;
+            }
+            if (lane % 4 == 0) p.scratch[(i64)hdr.num_slots * PI_HEAD_DIM + slot] = lse;
+        }
+    }
+}
+
+#if PI_WS
+// ---- the warp-specialised kernel (sm_90a, head_dim <= 128) --------------------------------------
+//
+// The last warpgroup of the CTA is a producer, the PI_WARPS / 4 before it are consumers. The
+// producer draws groups, resolves each item's rows, copies its Q tile into one of two item slots
+// and streams its K and V blocks through rings of PI_STAGES stages; the consumers only compute
+// (the pipelined wgmma loop) and write rows. They meet at mbarriers, never at a CTA barrier: the
+// producer prepares the next item while the consumers finish this one, and the consumer
+// warpgroups drift apart instead of waiting for each other every block. Items of <= 16 rows run
+// on the same wgmma path (a 64-row warpgroup tile with zero rows past num_rows).
+
+#define PI_CONSUMER_WGS (PI_WARPS / 4)
+#define PI_PRODUCER_THREADS 128
+// The chunks of an item the producer copies into its slot; consumers read further ones from the
+// work list.
+#define PI_SLOT_CHUNKS 16
+// Registers per thread after the split (setmaxnreg): the producer needs few, the consumers hold
+// the output, two score tiles and P. Sums stay within the CTA's launch allocation (384 threads
+// x 168, or 256 threads x 128 for two CTAs per SM).
+// The consumers of 128-key blocks need 232 (at 224 ptxas serialises the wgmmas, C7512); the
+// producer then spills ~160 bytes, ~44 with one consumer warpgroup (64-key blocks), in code
+// that waits on memory anyway.
+#ifndef PI_PRODUCER_REGS
+#define PI_PRODUCER_REGS (PI_CONSUMER_WGS == 2 ? 40 : 64)
+#endif
+#ifndef PI_CONSUMER_REGS
+#define PI_CONSUMER_REGS (PI_CONSUMER_WGS == 2 ? 232 : 192)
+#endif
+static_assert(PI_WARPS % 4 == 0 && (PI_STAGES & (PI_STAGES - 1)) == 0, "warpgroups, and a power-of-two ring");
+
+struct Smem {
+    u16 q[2][PI_BLOCK_M * PI_HEAD_DIM];  // the item slots' Q tiles, swizzled (swz)
+    u16 k[PI_STAGES][PI_BLOCK_N * PI_HEAD_DIM];
+    u16 v[PI_STAGES][PI_BLOCK_N * PI_HEAD_DIM];
+    RowInfo rows[2][PI_BLOCK_M];
+    KvChunk chunks[2][PI_SLOT_CHUNKS];
+    WorkItem items[2];
+    SegmentInfo segs[PI_BLOCK_M];              // the producer's scratch: the item's segments
+    RequestInfo chunk_reqs[PI_SLOT_CHUNKS];    // and its cached chunks' requests
+    // full: the producer's data landed; empty: every consumer warp is done with it.
+    u64 q_full[2], q_empty[2];
+    u64 k_full[PI_STAGES], k_empty[PI_STAGES], v_full[PI_STAGES], v_empty[PI_STAGES];
+    u32 last[2];  // set in a slot instead of an item: no more work
+    u32 next_group;
+    u32 pad;
+};
+static_assert(sizeof(Smem) == PI_SMEM_BYTES, "PI_SMEM_BYTES disagrees with sizeof(Smem)");
+
+__device__ __forceinline__ void mbar_init(u64* b, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(smem_addr(b)), "r"(count) : "memory");
+}
+// One arrival (release: this thread's earlier shared-memory writes are seen by the waiters).
+__device__ __forceinline__ void mbar_arrive(u64* b) {
+    asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}" :: "r"(smem_addr(b)) : "memory");
+}
+// One arrival once every cp.async this thread has issued so far has landed.
+__device__ __forceinline__ void mbar_arrive_on_copies(u64* b) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared.b64 [%0];" :: "r"(smem_addr(b)) : "memory");
+}
+// Waits for the completion of the barrier's phase of this parity (a fresh barrier counts its
+// phase before the first as complete, so producers start with parity 1 on "empty" barriers).
+__device__ __forceinline__ void mbar_wait(u64* b, u32 parity) {
+    u32 done;
+    do {
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}"
+                     : "=r"(done) : "r"(smem_addr(b)), "r"(parity) : "memory");
+    } while (!done);
+}
+// The producer warpgroup's own barrier (named barrier 15; the consumers use 1 + their warpgroup).
+__device__ __forceinline__ void producer_sync() { asm volatile("bar.sync 15, 128;" ::: "memory"); }
+
+// Block `seq` of the K/V stream lives in stage seq % PI_STAGES; its uses of that stage alternate parity.
+__device__ __forceinline__ u32 ring_stage(u32 seq) { return seq % PI_STAGES; }
+__device__ __forceinline__ u32 ring_parity(u32 seq) { return (seq / PI_STAGES) & 1; }
+// Item n lives in slot n % 2; likewise.
+__device__ __forceinline__ u32 slot_parity(u32 n) { return (n >> 1) & 1; }
+
+// Producer thread t (of 128).
+__device__ __forceinline__ void produce(const KernelParams& p, Smem& sm, const PlanHeader& hdr, int t) {
+    using C = KvCopy<PI_PRODUCER_THREADS>;
+    const PageMap pm(hdr.page_size);
+    const bool kv_vec = p.flags & PI_FLAG_KV_VEC;
+    u32 n = 0;    // items produced
+    u32 seq = 0;  // K/V blocks produced
+    for (;;) {
+        if (t == 0) sm.next_group = atomicAdd(p.group_counter, 1u);
+        producer_sync();
+        const u32 g = sm.next_group;
+        producer_sync();  // read by all before thread 0 draws again
+        if (g >= hdr.num_groups) break;
+        const u32 item_begin = p.group_offsets[g], item_end = p.group_offsets[g + 1];
+        WorkItem next_item = {};  // read while the item before it streams
+        if (item_begin < item_end) next_item = p.items[item_begin];
+        for (u32 it = item_begin; it < item_end; ++it, ++n) {
+            const WorkItem item = next_item;
+            if (it + 1 < item_end) next_item = p.items[it + 1];
+            const int slot = n & 1;
+            // The item's segments and chunks, then their requests: two dependent reads, each
+            // thread's in parallel (a tile of short prompts has little K/V to hide them behind).
+            const u32 seg_count = min(item.seg_count, (u32)PI_BLOCK_M);
+            const bool has_seg = (u32)t < seg_count, has_chunk = (u32)t < min(item.chunk_count, (u32)PI_SLOT_CHUNKS);
+            RowSegment seg = {};
+            KvChunk chunk = {};
+            if (has_seg) seg = p.segments[item.seg_begin + t];
+            if (has_chunk) chunk = p.chunks[item.chunk_begin + t];
+            RequestInfo seg_req = {}, chunk_req = {};
+            if (has_seg) seg_req = p.requests[seg.request];
+            if (has_chunk) chunk_req = p.requests[chunk.request];
+            mbar_wait(&sm.q_empty[slot], slot_parity(n) ^ 1);  // item n - 2 is written out
+            if (has_seg) sm.segs[t] = segment_info(hdr, seg, seg_req);
+            if (has_chunk) {
+                sm.chunks[slot][t] = chunk;
+                sm.chunk_reqs[t] = chunk_req;
+            }
+            if (t == 0) {
+                sm.items[slot] = item;
+                sm.last[slot] = 0;
+            }
+            producer_sync();
+            for (int r = t; r < PI_BLOCK_M; r += PI_PRODUCER_THREADS)
+                sm.rows[slot][r] = row_info(p, item, sm.segs, seg_count, hdr.group_size, r);
+            producer_sync();  // the Q copies below read other threads' rows
+            copy_q<PI_PRODUCER_THREADS>(p, sm.q[slot], sm.rows[slot], item.num_rows, t);
+            mbar_arrive(&sm.q_full[slot]);            // the tables (and a Q tile stored element-wise)
+            mbar_arrive_on_copies(&sm.q_full[slot]);  // the Q tile's copies
+            for (u32 ci = 0; ci < item.chunk_count; ++ci) {
+                const bool cached = ci < PI_SLOT_CHUNKS;
+                const KvChunk ch = cached ? sm.chunks[slot][ci] : p.chunks[item.chunk_begin + ci];
+                const u32 nblocks = ch.key_end > ch.key_begin ? (ch.key_end - ch.key_begin + PI_BLOCK_N - 1) / PI_BLOCK_N : 0;
+                if (nblocks == 0) continue;
+                const RequestInfo req = cached ? sm.chunk_reqs[ci] : p.requests[ch.request];
+                // K runs a block ahead of V, in the order the consumers use them: K(b + 1) before V(b);
+                // page numbers are read two blocks ahead of the K copies that use them.
+                auto fill = [&](u16 (*ring)[PI_BLOCK_N * PI_HEAD_DIM], u64* full, u64* empty, const void* src, u32 b, int page) {
+                    const u32 s = ring_stage(seq + b);
+                    mbar_wait(&empty[s], ring_parity(seq + b) ^ 1);
+                    u16* const dst[1] = {ring[s]};
+                    const u16* const from[1] = {(const u16*)src};
+                    copy_kv<PI_PRODUCER_THREADS, 1>(p, dst, from, req, item.kv_head, ch.key_begin + b * PI_BLOCK_N, ch.key_end, pm, t, page);
+                    if (kv_vec) mbar_arrive_on_copies(&full[s]); else mbar_arrive(&full[s]);
+                };
+                auto page_of = [&](u32 b) {
+                    return b < nblocks ? kv_page<PI_PRODUCER_THREADS>(p, req, ch.key_begin + b * PI_BLOCK_N, ch.key_end, pm, t) : 0;
+                };
+                int page_v = page_of(0), page_k = page_of(1);
+                fill(sm.k, sm.k_full, sm.k_empty, p.k, 0, page_v);
+                for (u32 b = 0; b < nblocks; ++b) {
+                    const int page_next = page_of(b + 2);
+                    if (b + 1 < nblocks) fill(sm.k, sm.k_full, sm.k_empty, p.k, b + 1, page_k);
+                    fill(sm.v, sm.v_full, sm.v_empty, p.v, b, page_v);
+                    page_v = page_k;
+                    page_k = page_next;
+                }
+                seq += nblocks;
+            }
+        }
+    }
+    // No more work: the next slot says so.
+    const int slot = n & 1;
+    mbar_wait(&sm.q_empty[slot], slot_parity(n) ^ 1);
+    if (t == 0) sm.last[slot] = 1;
+    mbar_arrive(&sm.q_full[slot]);
+    mbar_arrive_on_copies(&sm.q_full[slot]);
+}
+
+// Consumer thread tid (warp w of the consumers owns tile rows 16w .. 16w + 15).
+__device__ __forceinline__ void consume(const KernelParams& p, Smem& sm, const PlanHeader& hdr, int tid) {
+    const int warp = tid / 32, lane = tid % 32, wg = warp / 4;
+    const float scale = hdr.sm_scale_log2;
+    const int r0 = warp * 16 + lane / 4, r1 = r0 + 8;
+    u32 seq = 0;  // K/V blocks consumed
+    for (u32 n = 0;; ++n) {
+        const int slot = n & 1;
+        mbar_wait(&sm.q_full[slot], slot_parity(n));
+        if (sm.last[slot]) break;
+        fence_for_tensor_cores();  // the Q tile was written by cp.async
+        const WorkItem item = sm.items[slot];
+        const u64 dq = wg_desc(&sm.q[slot][wg * 64 * 64], 16, 1024);
+        float acc[PI_HEAD_DIM / 8][4];
+#pragma unroll
+        for (int j = 0; j < PI_HEAD_DIM / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+        float m0 = PI_NEG_INF, m1 = PI_NEG_INF;  // running max (base-2 scaled) of rows r0, r1
+        float l0 = 0.f, l1 = 0.f;                // this thread's share of the running sums
+        const u32 lim0 = sm.rows[slot][r0].key_limit, lim1 = sm.rows[slot][r1].key_limit;
+        for (u32 ci = 0; ci < item.chunk_count; ++ci) {
+            const KvChunk ch = ci < PI_SLOT_CHUNKS ? sm.chunks[slot][ci] : p.chunks[item.chunk_begin + ci];
+            const u32 nblocks = ch.key_end > ch.key_begin ? (ch.key_end - ch.key_begin + PI_BLOCK_N - 1) / PI_BLOCK_N : 0;
+            if (nblocks == 0) continue;
+            const bool active = (u32)(warp * 16) < ch.row_end && ch.row_begin < (u32)(warp * 16 + 16) && (u32)(warp * 16) < item.num_rows;
+            const bool in0 = ch.row_begin <= (u32)r0 && (u32)r0 < ch.row_end;
+            const bool in1 = ch.row_begin <= (u32)r1 && (u32)r1 < ch.row_end;
+            const u32 end0 = in0 ? min(ch.key_end, lim0) : 0;
+            const u32 end1 = in1 ? min(ch.key_end, lim1) : 0;
+            auto ready = [&](u64* full, u32 b) {
+                mbar_wait(&full[ring_stage(seq + b)], ring_parity(seq + b));
+                fence_for_tensor_cores();
+            };
+            auto release = [&](u64* empty, u32 b) {
+                __syncwarp();
+                if (lane == 0) mbar_arrive(&empty[ring_stage(seq + b)]);
+            };
+            // The pipelined loop of the non-specialised kernel (see there), with waits on the
+            // producer's barriers instead of CTA barriers, and each stage released as soon as
+            // its wgmma has finished reading it.
+            if (warpgroup_any(__any_sync(0xffffffffu, active), wg)) {
+                float s_a[PI_BLOCK_N / 8][4], s_b[PI_BLOCK_N / 8][4];
+                u32 pf[PI_BLOCK_N / 16][4];
+                float alpha0, alpha1;  // the output's rescale before block b's P V
+                auto scores = [&](float (&sc)[PI_BLOCK_N / 8][4], u32 b) {
+                    const u32 key0 = ch.key_begin + b * PI_BLOCK_N;
+                    const bool all_visible = __all_sync(0xffffffffu, key0 + PI_BLOCK_N <= end0 && key0 + PI_BLOCK_N <= end1);
+                    softmax_scores<PI_BLOCK_N / 8>(sc, lane, key0, end0, end1, all_visible, scale, m0, m1, l0, l1, alpha0, alpha1);
+                };
+                // On entry P(b) is in pf and O has no wgmma in flight; on exit the same for b + 1.
+                auto step = [&](float (&sn)[PI_BLOCK_N / 8][4], u32 b) {
+                    ready(sm.k_full, b + 1);
+                    wg_qk_issue(sn, dq, sm.k[ring_stage(seq + b + 1)]);
+                    rescale_output(acc, alpha0, alpha1);
+                    ready(sm.v_full, b);
+                    wg_pv_issue(acc, pf, sm.v[ring_stage(seq + b)]);
+                    wg_wait<1>();  // S(b + 1) done; O += P(b) V(b) may run on
+                    pin(sn);
+                    release(sm.k_empty, b + 1);
+                    scores(sn, b + 1);
+                    wg_wait<0>();  // O += P(b) V(b) done
+                    pin(acc);
+                    pin(pf);
+                    release(sm.v_empty, b);
+                    pack_p(pf, sn);
+                };
+                ready(sm.k_full, 0);
+                wg_qk_issue(s_a, dq, sm.k[ring_stage(seq)]);
+                wg_wait<0>();
+                pin(s_a);
+                release(sm.k_empty, 0);
+                scores(s_a, 0);
+                pack_p(pf, s_a);
+                u32 b = 0;
+                for (; b + 2 < nblocks; b += 2) {
+                    step(s_b, b);
+                    step(s_a, b + 1);
+                }
+                if (b + 1 < nblocks) step(s_b, b++);
+                rescale_output(acc, alpha0, alpha1);
+                ready(sm.v_full, b);
+                wg_pv_issue(acc, pf, sm.v[ring_stage(seq + b)]);
+                wg_wait<0>();
+                pin(acc);
+                pin(pf);
+                release(sm.v_empty, b);
+            } else {
+                // None of this warpgroup's rows is in the chunk: it only keeps the ring's count.
+                for (u32 b = 0; b < nblocks; ++b) {
+                    mbar_wait(&sm.k_full[ring_stage(seq + b)], ring_parity(seq + b));
+                    release(sm.k_empty, b);
+                    mbar_wait(&sm.v_full[ring_stage(seq + b)], ring_parity(seq + b));
+                    release(sm.v_empty, b);
+                }
+            }
+            seq += nblocks;
+        }
+        l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+        l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+        store_rows(p, hdr, item, sm.rows[slot], r0, r1, lane, acc, m0, m1, l0, l1);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(&sm.q_empty[slot]);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(PI_THREADS + PI_PRODUCER_THREADS, PI_CONSUMER_WGS == 1 ? 2 : 1)
+packed_attention(const KernelParams p) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    // The swizzle needs 1024-byte aligned tiles; the host adds 1024 bytes of slack for this.
+    Smem& sm = *reinterpret_cast<Smem*>(smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u));
+    const int tid = threadIdx.x;
+    const PlanHeader hdr = *p.header;
+    if (tid == 0) {
+        for (int i = 0; i < 2; ++i) {
+            mbar_init(&sm.q_full[i], 2 * PI_PRODUCER_THREADS);
+            mbar_init(&sm.q_empty[i], PI_WARPS);
+        }
+        for (int s = 0; s < PI_STAGES; ++s) {
+            mbar_init(&sm.k_full[s], PI_PRODUCER_THREADS);
+            mbar_init(&sm.v_full[s], PI_PRODUCER_THREADS);
+            mbar_init(&sm.k_empty[s], PI_WARPS);
+            mbar_init(&sm.v_empty[s], PI_WARPS);
+        }
+    }
+    __syncthreads();
+    if (tid >= PI_THREADS) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" :: "n"(PI_PRODUCER_REGS));
+        produce(p, sm, hdr, tid - PI_THREADS);
+    } else {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" :: "n"(PI_CONSUMER_REGS));
+        consume(p, sm, hdr, tid);
+    }
+}
+
+#else  // !PI_WS
+struct Smem {
+    u16 q[PI_BLOCK_M * PI_HEAD_DIM];  // swizzled (swz); every tile a multiple of 1024 bytes
+    u16 k[PI_STAGES][PI_BLOCK_N * PI_HEAD_DIM];
+    u16 v[PI_STAGES][PI_BLOCK_N * PI_HEAD_DIM];
+    RowInfo rows[PI_BLOCK_M];
+    SegmentInfo segs[PI_BLOCK_M];  // an item has at most one segment per row
+    u32 next_group;
+    u32 pad[3];
+};
+// The host sizes the dynamic shared memory from the same formula (attention_smem_bytes in
+// src/backend/cuda/compile.rs, plus 1024 bytes to align the base for the swizzle) and passes it
+// in; a mismatch fails the compile, not the launch.
+static_assert(sizeof(Smem) == PI_SMEM_BYTES, "PI_SMEM_BYTES disagrees with sizeof(Smem)");
 
 // Where split warps leave their state for warp 0 to combine (over the K stages, free by then).
 struct SplitState {
@@ -519,7 +942,6 @@ packed_attention(const KernelParams p) {
     const u32 group = hdr.group_size;
     const float scale = hdr.sm_scale_log2;
     const PageMap pm(hdr.page_size);
-    const u16* qb = (const u16*)p.q;
     const int col = 2 * (lane % 4);
 
     for (;;) {
@@ -555,51 +977,14 @@ packed_attention(const KernelParams p) {
             RequestInfo seg_req = {}, req0 = {};
             if (has_seg) seg_req = p.requests[seg.request];
             if (item.chunk_count > 0) req0 = p.requests[ch0.request];
-            int pages0[PI_KV_PASSES] = {};
-            if (ch0.key_end > ch0.key_begin) kv_pages(p, req0, ch0.key_begin, ch0.key_end, pm, pages0);
-            if (has_seg) {
-                const RequestInfo& req = seg_req;
-                const u32 si = tid;
-                SegmentInfo info;
-                info.row_begin = seg.row_begin;
-                info.token0 = req.q_start + seg.q_begin;
-                info.limit0 = hdr.causal ? req.kv_len - req.q_len + seg.q_begin + 1 : req.kv_len;
-                info.step = hdr.causal ? 1u : 0u;
-                sm.segs[si] = info;
-            }
+            const int page0 = ch0.key_end > ch0.key_begin ? kv_page<PI_THREADS>(p, req0, ch0.key_begin, ch0.key_end, pm, tid) : 0;
+            if (has_seg) sm.segs[tid] = segment_info(hdr, seg, seg_req);
             __syncthreads();
-            for (int r = tid; r < PI_BLOCK_M; r += PI_THREADS) {
-                RowInfo ri = {0, 0, 0, 0, 0};
-                if ((u32)r < item.num_rows) {
-                    u32 lo = 0, hi = seg_count;  // the last segment starting at or before r
-                    while (hi - lo > 1) {
-                        const u32 mid = (lo + hi) / 2;
-                        if (sm.segs[mid].row_begin <= (u32)r) lo = mid; else hi = mid;
-                    }
-                    const SegmentInfo seg = sm.segs[lo];
-                    const u32 q = ((u32)r - seg.row_begin) / group;
-                    ri.token = seg.token0 + q;
-                    ri.head = item.kv_head * group + ((u32)r - seg.row_begin) % group;
-                    ri.key_limit = seg.limit0 + seg.step * q;
-                    ri.q_offset = (i64)ri.token * p.q_stride_token + (i64)ri.head * p.q_stride_head;
-                }
-                sm.rows[r] = ri;
-            }
+            for (int r = tid; r < PI_BLOCK_M; r += PI_THREADS) sm.rows[r] = row_info(p, item, sm.segs, seg_count, group, r);
             __syncthreads();
             // Q tile; rows past num_rows are zeros.
-            if (p.flags & PI_FLAG_Q_VEC) {
-                constexpr int VECS = PI_HEAD_DIM / 8;
-                for (int i = tid; i < PI_BLOCK_M * VECS; i += PI_THREADS) {
-                    int r = i / VECS, ch = i % VECS;
-                    cp_async16(&sm.q[swz<PI_BLOCK_M>(r, ch)], qb + sm.rows[r].q_offset + ch * 8, (u32)r < item.num_rows);
-                }
-                cp_async_commit();
-            } else {
-                for (int i = tid; i < PI_BLOCK_M * PI_HEAD_DIM; i += PI_THREADS) {
-                    int r = i / PI_HEAD_DIM, c = i % PI_HEAD_DIM;
-                    sm.q[swz<PI_BLOCK_M>(r, c / 8) + c % 8] = (u32)r < item.num_rows ? qb[sm.rows[r].q_offset + c] : (u16)0;
-                }
-            }
+            copy_q<PI_THREADS>(p, sm.q, sm.rows, item.num_rows, tid);
+            cp_async_commit();
             // Q fragments for the mma.sync path, read from the tile once it has landed (with the
             // item's first K/V block, so the two loads overlap). wgmma reads Q from shared memory.
             u32 qf[PI_QF][4];
@@ -624,20 +1009,20 @@ packed_attention(const KernelParams p) {
                 // A ring of PI_STAGES K/V stages: block b lives in stage b % PI_STAGES, and the loads
                 // run PI_STAGES - 1 blocks ahead (one commit group per block, empty past the end).
                 const u32 nblocks = ch.key_end > ch.key_begin ? (ch.key_end - ch.key_begin + PI_BLOCK_N - 1) / PI_BLOCK_N : 0;
-                // `pages` holds the page numbers of the next block to issue (the first chunk's first
-                // block's were read with the segment table).
-                int pages[PI_KV_PASSES];
-#pragma unroll
-                for (int j = 0; j < PI_KV_PASSES; ++j) pages[j] = pages0[j];
+                // `page` is this lane's page number of the next block to issue (the first chunk's
+                // first block's was read with the segment table).
+                int page = page0;
                 auto gather = [&](u32 b) {
-                    if (b < nblocks && (b > 0 || ci > 0)) kv_pages(p, req, ch.key_begin + b * PI_BLOCK_N, ch.key_end, pm, pages);
+                    if (b < nblocks && (b > 0 || ci > 0)) page = kv_page<PI_THREADS>(p, req, ch.key_begin + b * PI_BLOCK_N, ch.key_end, pm, tid);
                 };
                 auto issue = [&](u32 b) {
-                    if (b < nblocks)
-                        load_kv_block(p, sm, b % PI_STAGES, req, item.kv_head, ch.key_begin + b * PI_BLOCK_N, ch.key_end,
-                                      pm, pages);
-                    else
-                        cp_async_commit();
+                    if (b < nblocks) {
+                        const u32 key0 = ch.key_begin + b * PI_BLOCK_N;
+                        u16* const dst[2] = {sm.k[b % PI_STAGES], sm.v[b % PI_STAGES]};
+                        const u16* const src[2] = {(const u16*)p.k, (const u16*)p.v};
+                        copy_kv<PI_THREADS, 2>(p, dst, src, req, item.kv_head, key0, ch.key_end, pm, tid, page);
+                    }
+                    cp_async_commit();  // one group per block, empty past the end
                 };
 #if PI_WG_PIPELINE
                 if (!split) {
@@ -752,7 +1137,7 @@ packed_attention(const KernelParams p) {
                     if (!split) {
                         if (warpgroup_any(any, warp / 4)) {
                             const bool all_visible = __all_sync(0xffffffffu, key0 + PI_BLOCK_N <= end0 && key0 + PI_BLOCK_N <= end1);
-                            attend_wg(sm, warp / 4, lane, sm.k[stage], sm.v[stage], key0, end0, end1, all_visible, scale,
+                            attend_wg(sm.q, warp / 4, lane, sm.k[stage], sm.v[stage], key0, end0, end1, all_visible, scale,
                                       m0, m1, l0, l1, acc);
                         }
                     } else
@@ -761,10 +1146,10 @@ packed_attention(const KernelParams p) {
                         const u32 width = split ? 16 : PI_BLOCK_N;
                         const bool all_visible = __all_sync(0xffffffffu, first + width <= end0 && first + width <= end1);
                         if (split)
-                            attend<2>(sm, slice, lane, qf, sm.k[stage], sm.v[stage], 16 * warp, first, end0, end1,
+                            attend<2>(sm.q, slice, lane, qf, sm.k[stage], sm.v[stage], 16 * warp, first, end0, end1,
                                       all_visible, scale, m0, m1, l0, l1, acc);
                         else
-                            attend<PI_BLOCK_N / 8>(sm, slice, lane, qf, sm.k[stage], sm.v[stage], 0, key0, end0, end1,
+                            attend<PI_BLOCK_N / 8>(sm.q, slice, lane, qf, sm.k[stage], sm.v[stage], 0, key0, end0, end1,
                                                    all_visible, scale, m0, m1, l0, l1, acc);
                     }
                 }
@@ -833,47 +1218,13 @@ packed_attention(const KernelParams p) {
                     m1 = M1;
                 }
             }
-            const float LN2 = 0.6931471805599453f;
-            const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
-            const float lse0 = l0 > 0.f ? (m0 + __log2f(l0)) * LN2 : PI_NEG_INF;
-            const float lse1 = l1 > 0.f ? (m1 + __log2f(l1)) * LN2 : PI_NEG_INF;
-            const bool writer = !split || warp == 0;
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                const int r = half ? r1 : r0;
-                if (!writer || (u32)r >= item.num_rows) continue;
-                const float inv = half ? inv1 : inv0;
-                const float lse = half ? lse1 : lse0;
-                const RowInfo ri = sm.rows[r];
-                if (item.partial_slot == PI_FINAL_OUTPUT) {
-                    u16* ob = (u16*)p.o + (i64)ri.token * p.o_stride_token + (i64)ri.head * p.o_stride_head;
-                    if ((reinterpret_cast<u64>(ob) & 3) == 0) {  // the pair as one 4-byte store
-#pragma unroll
-                        for (int j = 0; j < PI_HEAD_DIM / 8; ++j)
-                            *reinterpret_cast<u32*>(&ob[8 * j + col]) = pack2(acc[j][2 * half] * inv, acc[j][2 * half + 1] * inv);
-                    } else {
-#pragma unroll
-                        for (int j = 0; j < PI_HEAD_DIM / 8; ++j) {
-                            ob[8 * j + col] = to_elem(acc[j][2 * half] * inv);
-                            ob[8 * j + col + 1] = to_elem(acc[j][2 * half + 1] * inv);
-                        }
-                    }
-                    if (p.lse && lane % 4 == 0) p.lse[(i64)ri.token * p.num_qo_heads + ri.head] = lse;
-                } else {
-                    const u32 slot = item.partial_slot + r;
-                    float* ob = p.scratch + (i64)slot * PI_HEAD_DIM;
-#pragma unroll
-                    for (int j = 0; j < PI_HEAD_DIM / 8; ++j) {
-                        ob[8 * j + col] = acc[j][2 * half] * inv;
-                        ob[8 * j + col + 1] = acc[j][2 * half + 1] * inv;
-                    }
-                    if (lane % 4 == 0) p.scratch[(i64)hdr.num_slots * PI_HEAD_DIM + slot] = lse;
-                }
-            }
+            if (!split || warp == 0) store_rows(p, hdr, item, sm.rows, r0, r1, lane, acc, m0, m1, l0, l1);
             __syncthreads();  // the row table, Q tile and split state are rewritten by the next item
         }
     }
 }
+
+#endif  // !PI_WS
 
 // Combines the partial rows of split and prefix pieces by log-sum-exp (exact; a piece that saw
 // no key has LSE -inf and weight 0). One warp per merge row; the grid is fixed, warps stride.

@@ -32,6 +32,12 @@ pub fn tile_warps_from_env() -> u32 {
         _ => DEFAULT_TILE_WARPS,
     }
 }
+/// Whether a new context asks for the warp-specialised attention kernel where there is one
+/// (`PACKINFER_WARP_SPECIALIZED=1`, read when a context opens; see `Unit::warp_specialized`).
+pub fn warp_specialized_from_env() -> bool {
+    std::env::var("PACKINFER_WARP_SPECIALIZED").is_ok_and(|v| v == "1")
+}
+
 /// Head dims the GPU kernels take.
 pub const HEAD_DIMS: [u32; 3] = [64, 128, 256];
 /// Element types the GPU kernels take.
@@ -40,42 +46,69 @@ pub const DTYPES: [DType; 2] = [DType::F16, DType::Bf16];
 /// One compiled module: what it is specialised for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Unit {
-    /// `packed_attention` + `merge_partials` for one head_dim, dtype and CTA size (warps).
-    Attention { head_dim: u32, dtype: DType, warps: u32 },
+    /// `packed_attention` + `merge_partials` for one head_dim, dtype and CTA size (warps);
+    /// `specialized` asks for the warp-specialised kernel where it exists.
+    Attention { head_dim: u32, dtype: DType, warps: u32, specialized: bool },
     /// `append_kv` + `copy_pages` (element-type agnostic 16-bit moves).
     Kv,
 }
 
 impl Unit {
-    /// Every unit a CUDA context with `warps`-warp attention CTAs can need.
-    pub fn all(warps: u32) -> Vec<Unit> {
-        let mut v: Vec<Unit> = HEAD_DIMS.iter().flat_map(|&d| DTYPES.iter().map(move |&t| Unit::Attention { head_dim: d, dtype: t, warps })).collect();
+    /// Every unit a CUDA context with `warps`-warp attention CTAs (warp-specialised or not) can need.
+    pub fn all(warps: u32, specialized: bool) -> Vec<Unit> {
+        let mut v: Vec<Unit> = HEAD_DIMS
+            .iter()
+            .flat_map(|&d| DTYPES.iter().map(move |&t| Unit::Attention { head_dim: d, dtype: t, warps, specialized }))
+            .collect();
         v.push(Unit::Kv);
         v
     }
 
     pub fn name(&self) -> String {
         match self {
-            Unit::Attention { head_dim, dtype, warps } => format!("attention-d{head_dim}-{}-w{warps}", dtype.name()),
+            Unit::Attention { head_dim, dtype, warps, specialized } => {
+                format!("attention-d{head_dim}-{}-w{warps}{}", dtype.name(), if *specialized { "-ws" } else { "" })
+            }
             Unit::Kv => "kv".into(),
         }
     }
 
-    /// Keys per inner step: 64, or 32 at head_dim 256 so the K/V stages and the accumulators fit.
-    pub fn block_n(&self) -> u32 {
-        match self {
+    /// Keys per inner step: 128 in the 8-warp warp-specialised kernel (its consumers then issue
+    /// half the per-block instructions per key: the output rescale, descriptors, barrier waits),
+    /// 32 at head_dim 256 so the K/V stages and the accumulators fit, 64 elsewhere.
+    pub fn block_n(&self, arch: &str) -> u32 {
+        match *self {
+            Unit::Attention { warps: 8, .. } if self.warp_specialized(arch) => 128,
             Unit::Attention { head_dim: 256, .. } => 32,
             _ => 64,
         }
     }
 
-    /// K/V stages of the shared-memory ring. Five for the 8-warp wgmma kernel on Hopper (its
-    /// pipelined loop keeps three blocks of loads in flight, and a stage is refilled only after
-    /// the PV that read it has finished); two elsewhere:
-    /// the 4-warp kernel keeps two CTAs per SM that way, head_dim 256 has no room, and sm_80
-    /// is not measured.
+    /// Whether this unit is the warp-specialised kernel: asked for, on Hopper at head_dim <= 128
+    /// (where wgmma runs). A producer warpgroup streams the tiles to the `warps` consumer warps
+    /// through mbarriers. Opt-in (`warp_specialized_from_env`): its producer cannot feed the
+    /// consumers yet (H100, W1: 4.6 ms against 3.2 ms; bench/results/h100-2026-11-26-ws/).
+    pub fn warp_specialized(&self, arch: &str) -> bool {
+        matches!(*self, Unit::Attention { head_dim, specialized: true, .. } if arch == "sm_90a" && head_dim <= 128)
+    }
+
+    /// Threads of an attention CTA: 32 per warp, and the producer warpgroup where there is one.
+    pub fn threads(&self, arch: &str) -> u32 {
+        match *self {
+            Unit::Attention { warps, .. } => 32 * warps + if self.warp_specialized(arch) { 128 } else { 0 },
+            Unit::Kv => 256,
+        }
+    }
+
+    /// K/V stages of the shared-memory ring(s). The warp-specialised kernel: two per ring (of
+    /// 128 keys with 8 warps; of 64 with 4, which keeps two CTAs per SM beside two Q slots). Otherwise five for
+    /// the 8-warp wgmma kernel on Hopper (its pipelined loop keeps three blocks of loads in
+    /// flight, and a stage is refilled only after the PV that read it has finished); two
+    /// elsewhere: the 4-warp kernel keeps two CTAs per SM that way, head_dim 256 has no room,
+    /// and sm_80 is not measured.
     pub fn stages(&self, arch: &str) -> u32 {
         match *self {
+            Unit::Attention { .. } if self.warp_specialized(arch) => 2,
             Unit::Attention { head_dim, warps: 8, .. } if arch == "sm_90a" && head_dim <= 128 => 5,
             _ => 2,
         }
@@ -87,15 +120,23 @@ impl Unit {
         self.smem_struct_bytes(arch) + 1024
     }
 
-    /// The attention kernel's shared-memory struct: the Q tile and the K/V stages (swizzled, no
-    /// padding), then the row table (24 bytes a row), the segment table (16 bytes a row) and the
-    /// drawn group number (16 bytes).
-    /// `kernels/attention.cu` asserts the same.
+    /// The attention kernel's shared-memory struct (`kernels/attention.cu` asserts the same):
+    /// the Q tile and the K/V stages (swizzled, no padding), then the row table (24 bytes a
+    /// row), the segment table (16 bytes a row) and the drawn group number (16 bytes). The
+    /// warp-specialised kernel has two item slots (Q tile, row table, 16 chunks of 20 bytes, the
+    /// 32-byte item), one segment table, the cached chunks' requests (16 bytes each), 8-byte mbarriers (two per slot, four per stage) and 16
+    /// bytes of flags.
     fn smem_struct_bytes(&self, arch: &str) -> u32 {
         match *self {
             Unit::Attention { head_dim, warps, .. } => {
                 let block_m = 16 * warps;
-                block_m * head_dim * 2 + 2 * self.stages(arch) * self.block_n() * head_dim * 2 + block_m * (24 + 16) + 16
+                let stages = self.stages(arch);
+                let kv = 2 * stages * self.block_n(arch) * head_dim * 2;
+                if self.warp_specialized(arch) {
+                    2 * (block_m * head_dim * 2 + block_m * 24 + 16 * 20 + 32) + kv + block_m * 16 + 16 * 16 + 8 * (4 + 4 * stages) + 16
+                } else {
+                    block_m * head_dim * 2 + kv + block_m * (24 + 16) + 16
+                }
             }
             Unit::Kv => 0,
         }
@@ -111,13 +152,14 @@ impl Unit {
 
     fn defines(&self, arch: &str) -> Vec<String> {
         match *self {
-            Unit::Attention { head_dim, dtype, warps } => vec![
+            Unit::Attention { head_dim, dtype, warps, .. } => vec![
                 format!("-DPI_HEAD_DIM={head_dim}"),
                 format!("-DPI_BF16={}", (dtype == DType::Bf16) as u32),
-                format!("-DPI_BLOCK_N={}", self.block_n()),
+                format!("-DPI_BLOCK_N={}", self.block_n(arch)),
                 format!("-DPI_WARPS={warps}"),
                 format!("-DPI_STAGES={}", self.stages(arch)),
                 format!("-DPI_SMEM_BYTES={}", self.smem_struct_bytes(arch)),
+                format!("-DPI_WS={}", self.warp_specialized(arch) as u32),
             ],
             Unit::Kv => vec![],
         }

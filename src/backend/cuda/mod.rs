@@ -91,6 +91,8 @@ pub struct Shared {
     /// Batches whose query rows see fewer keys than this on average are planned with 64-row
     /// tiles (see `profile_for`).
     pub short_batch_keys: f64,
+    /// Whether attention runs the warp-specialised kernel where there is one.
+    pub warp_specialized: bool,
     pub dev: Device,
 }
 
@@ -108,7 +110,7 @@ impl Shared {
         if let Some(k) = map.get(&(head_dim, dtype, warps)) {
             return Ok(k.clone());
         }
-        let unit = Unit::Attention { head_dim, dtype, warps };
+        let unit = Unit::Attention { head_dim, dtype, warps, specialized: self.warp_specialized };
         let smem = unit.smem_bytes(self.cache.arch());
         if smem > self.dev.max_smem_optin {
             return Err(crate::unsupported!("{} needs {smem} bytes of shared memory; this device allows {}", unit.name(), self.dev.max_smem_optin));
@@ -124,7 +126,7 @@ impl Shared {
         let (ctas_per_sm, registers, local_bytes) = unsafe {
             function::set_function_attribute(attention, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
                 .map_err(|e| driver::device_err("cuFuncSetAttribute(max dynamic shared memory)", e))?;
-            let ctas = occupancy::max_active_block_per_multiprocessor(attention, (32 * warps) as i32, smem as usize)
+            let ctas = occupancy::max_active_block_per_multiprocessor(attention, unit.threads(self.cache.arch()) as i32, smem as usize)
                 .map_err(|e| driver::device_err("cuOccupancyMaxActiveBlocksPerMultiprocessor", e))?;
             let regs = function::get_function_attribute(attention, CU_FUNC_ATTRIBUTE_NUM_REGS).unwrap_or(-1);
             let local = function::get_function_attribute(attention, CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES).unwrap_or(-1);
@@ -133,7 +135,7 @@ impl Shared {
         if ctas_per_sm < 1 {
             return Err(Error::Device(format!("{} cannot run on this device: no CTA fits an SM", unit.name())));
         }
-        let k = Arc::new(LoadedAttention { block_m: 16 * warps, threads: 32 * warps, attention, merge, smem_bytes: smem, ctas_per_sm: (ctas_per_sm as u32).min(4), registers, local_bytes, _module: module });
+        let k = Arc::new(LoadedAttention { block_m: 16 * warps, threads: unit.threads(self.cache.arch()), attention, merge, smem_bytes: smem, ctas_per_sm: (ctas_per_sm as u32).min(4), registers, local_bytes, _module: module });
         map.insert((head_dim, dtype, warps), k.clone());
         Ok(k)
     }
@@ -173,7 +175,7 @@ impl CudaBackend {
         compile::require_nvrtc()?;
         let arch = compile::arch_for(dev.cc.0, dev.cc.1);
         let cache = KernelCache::new(&arch, compile::default_cache_dir(choice.kernel_cache_dir.as_deref()))?;
-        let mut b = CudaBackend { shared: Arc::new(Shared { attention: Mutex::new(HashMap::new()), kv: Mutex::new(None), cache, tile_warps: compile::tile_warps_from_env(), short_batch_keys: short_batch_keys_from_env(), dev }), stored: Mutex::new(None) };
+        let mut b = CudaBackend { shared: Arc::new(Shared { attention: Mutex::new(HashMap::new()), kv: Mutex::new(None), cache, tile_warps: compile::tile_warps_from_env(), short_batch_keys: short_batch_keys_from_env(), warp_specialized: compile::warp_specialized_from_env(), dev }), stored: Mutex::new(None) };
         *b.stored.get_mut() = b.stored_profile();
         Ok(b)
     }
@@ -257,9 +259,9 @@ impl Backend for CudaBackend {
     fn precompile(&self) -> Result<()> {
         let warps = if self.shared.tile_warps > 4 { vec![self.shared.tile_warps, 4] } else { vec![4] };
         for w in warps {
-            for unit in Unit::all(w) {
+            for unit in Unit::all(w, self.shared.warp_specialized) {
                 match unit {
-                    Unit::Attention { head_dim, dtype, warps } => drop(self.shared.attention_with(head_dim, dtype, warps)?),
+                    Unit::Attention { head_dim, dtype, warps, .. } => drop(self.shared.attention_with(head_dim, dtype, warps)?),
                     Unit::Kv => drop(self.shared.kv()?),
                 }
             }

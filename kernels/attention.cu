@@ -678,6 +678,25 @@ __device__ __forceinline__ void mbar_wait(u64* b, u32 parity) {
 }
 // The producer warpgroup's own barrier (named barrier 15; the consumers use 1 + their warpgroup).
 __device__ __forceinline__ void producer_sync() { asm volatile("bar.sync 15, 128;" ::: "memory"); }
+// Whether every producer thread says yes (the same barrier).
+__device__ __forceinline__ bool producer_all(bool v) {
+    u32 r;
+    asm volatile("{\n.reg .pred p, q;\nsetp.ne.u32 p, %1, 0;\nbar.red.and.pred q, 15, 128, p;\nselp.u32 %0, 1, 0, q;\n}"
+                 : "=r"(r) : "r"((u32)v) : "memory");
+    return r != 0;
+}
+// One arrival that also expects `bytes` more to land (by TMA) before the phase completes.
+__device__ __forceinline__ void mbar_arrive_expect(u64* b, u32 bytes) {
+    asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.expect_tx.shared::cta.b64 state, [%0], %1;\n}"
+                 :: "r"(smem_addr(b)), "r"(bytes) : "memory");
+}
+// The box of `map` at (dim, head, row) -- 64 dims x 1 head x PI_BLOCK_N rows, 128-byte swizzled,
+// which is swz<PI_BLOCK_N>'s layout of one column block -- into dst, completing on `bar`.
+__device__ __forceinline__ void tma_box(u16* dst, const TensorMap* map, int dim, int head, int row, u64* bar) {
+    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];"
+                 :: "r"(smem_addr(dst)), "l"(reinterpret_cast<u64>(map)), "r"(dim), "r"(head), "r"(row), "r"(smem_addr(bar))
+                 : "memory");
+}
 
 // Block `seq` of the K/V stream lives in stage seq % PI_STAGES; its uses of that stage alternate parity.
 __device__ __forceinline__ u32 ring_stage(u32 seq) { return seq % PI_STAGES; }
@@ -689,7 +708,7 @@ __device__ __forceinline__ u32 slot_parity(u32 n) { return (n >> 1) & 1; }
 __device__ __forceinline__ void produce(const KernelParams& p, Smem& sm, const PlanHeader& hdr, int t) {
     using C = KvCopy<PI_PRODUCER_THREADS>;
     const PageMap pm(hdr.page_size);
-    const bool kv_vec = p.flags & PI_FLAG_KV_VEC;
+    const bool kv_vec = p.flags & PI_FLAG_KV_VEC, tma = p.flags & PI_FLAG_KV_TMA;
     u32 n = 0;    // items produced
     u32 seq = 0;  // K/V blocks produced
     for (;;) {
@@ -740,26 +759,70 @@ __device__ __forceinline__ void produce(const KernelParams& p, Smem& sm, const P
                 if (nblocks == 0) continue;
                 const RequestInfo req = cached ? sm.chunk_reqs[ci] : p.requests[ch.request];
                 // K runs a block ahead of V, in the order the consumers use them: K(b + 1) before V(b);
-                // page numbers are read two blocks ahead of the K copies that use them.
-                auto fill = [&](u16 (*ring)[PI_BLOCK_N * PI_HEAD_DIM], u64* full, u64* empty, const void* src, u32 b, int page) {
+                // page numbers are read two blocks ahead of the K copies that use them. A block whose
+                // keys all lie in the chunk and sit in consecutive cache rows (a ragged batch, or
+                // pages in order) is one TMA box per 64 dims, issued by thread 0; others go by
+                // cp.async from every producer thread.
+                using C = KvCopy<PI_PRODUCER_THREADS>;
+                const int lane = t % 32;
+                const u32 lane_key = (t / 32) * C::warp_keys_per_pass + (lane / C::warp_keys_per_pass) * C::keys_per_pass
+                                     + lane % C::warp_keys_per_pass;  // the key kv_page reads, from the block's first
+                struct BlockPages {
+                    int page;   // this lane's page (kv_page)
+                    int first;  // the page of the block's first key, where TMA may apply
+                };
+                auto pages_of = [&](u32 b) {
+                    BlockPages r = {0, 0};
+                    if (b < nblocks) {
+                        const u32 key0 = ch.key_begin + b * PI_BLOCK_N;
+                        r.page = kv_page<PI_PRODUCER_THREADS>(p, req, key0, ch.key_end, pm, t);
+                        if (tma && key0 + PI_BLOCK_N <= ch.key_end) r.first = __ldg(&p.pages[req.page_start + pm.page(key0)]);
+                    }
+                    return r;
+                };
+                // The block's first cache row if TMA can copy it, else -1 (a vote of all producer threads).
+                auto box_row = [&](u32 b, const BlockPages& bp) {
+                    const u32 key0 = ch.key_begin + b * PI_BLOCK_N;
+                    if (!tma || key0 + PI_BLOCK_N > ch.key_end) return -1;
+                    const i64 row0 = (i64)bp.first * pm.size + pm.slot(key0);
+                    const u32 key = key0 + lane_key;
+                    const bool mine = lane >= C::warp_keys || (i64)bp.page * pm.size + pm.slot(key) == row0 + lane_key;
+                    return producer_all(mine && row0 + PI_BLOCK_N <= 0x7fffffff) ? (int)row0 : -1;
+                };
+                auto fill = [&](u16 (*ring)[PI_BLOCK_N * PI_HEAD_DIM], u64* full, u64* empty, const void* src,
+                                const TensorMap* map, u32 b, int page, int row) {
                     const u32 s = ring_stage(seq + b);
                     mbar_wait(&empty[s], ring_parity(seq + b) ^ 1);
+                    if (row >= 0) {
+                        if (t == 0) {
+                            mbar_arrive_expect(&full[s], PI_BLOCK_N * PI_HEAD_DIM * 2);
+#pragma unroll
+                            for (int c = 0; c < PI_HEAD_DIM / 64; ++c)
+                                tma_box(ring[s] + c * PI_BLOCK_N * 64, map, c * 64, item.kv_head, row, &full[s]);
+                        } else {
+                            mbar_arrive(&full[s]);
+                        }
+                        return;
+                    }
                     u16* const dst[1] = {ring[s]};
                     const u16* const from[1] = {(const u16*)src};
                     copy_kv<PI_PRODUCER_THREADS, 1>(p, dst, from, req, item.kv_head, ch.key_begin + b * PI_BLOCK_N, ch.key_end, pm, t, page);
                     if (kv_vec) mbar_arrive_on_copies(&full[s]); else mbar_arrive(&full[s]);
                 };
-                auto page_of = [&](u32 b) {
-                    return b < nblocks ? kv_page<PI_PRODUCER_THREADS>(p, req, ch.key_begin + b * PI_BLOCK_N, ch.key_end, pm, t) : 0;
-                };
-                int page_v = page_of(0), page_k = page_of(1);
-                fill(sm.k, sm.k_full, sm.k_empty, p.k, 0, page_v);
+                BlockPages pv = pages_of(0), pk = pages_of(1);
+                int row_v = box_row(0, pv);
+                fill(sm.k, sm.k_full, sm.k_empty, p.k, &p.k_map, 0, pv.page, row_v);
                 for (u32 b = 0; b < nblocks; ++b) {
-                    const int page_next = page_of(b + 2);
-                    if (b + 1 < nblocks) fill(sm.k, sm.k_full, sm.k_empty, p.k, b + 1, page_k);
-                    fill(sm.v, sm.v_full, sm.v_empty, p.v, b, page_v);
-                    page_v = page_k;
-                    page_k = page_next;
+                    const BlockPages pn = pages_of(b + 2);
+                    int row_k = -1;
+                    if (b + 1 < nblocks) {
+                        row_k = box_row(b + 1, pk);
+                        fill(sm.k, sm.k_full, sm.k_empty, p.k, &p.k_map, b + 1, pk.page, row_k);
+                    }
+                    fill(sm.v, sm.v_full, sm.v_empty, p.v, &p.v_map, b, pv.page, row_v);
+                    pv = pk;
+                    pk = pn;
+                    row_v = row_k;
                 }
                 seq += nblocks;
             }
@@ -880,7 +943,7 @@ __device__ __forceinline__ void consume(const KernelParams& p, Smem& sm, const P
 }
 
 extern "C" __global__ void __launch_bounds__(PI_THREADS + PI_PRODUCER_THREADS, PI_CONSUMER_WGS == 1 ? 2 : 1)
-packed_attention(const KernelParams p) {
+packed_attention(const __grid_constant__ KernelParams p) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     // The swizzle needs 1024-byte aligned tiles; the host adds 1024 bytes of slack for this.
     Smem& sm = *reinterpret_cast<Smem*>(smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u));

@@ -51,6 +51,11 @@ struct PlanHeader {
     u32 reserved2[3];
 };
 
+// A TMA descriptor (CUtensorMap), encoded on the host; opaque here.
+struct __align__(64) TensorMap {
+    u64 opaque[16];
+};
+
 // Everything one attention or merge launch reads, passed by value. Mirrors KernelParams in
 // src/backend/cuda/launch.rs. Strides are in elements.
 struct KernelParams {
@@ -75,9 +80,14 @@ struct KernelParams {
     u32* group_counter;  // next group to take; 0 before attention, reset to 0 by the merge kernel
     u32 flags;       // PI_FLAG_*
     u32 num_qo_heads;
+    // The K and V caches as 3-D tensors (head_dim, KV heads, cache rows = page * page_size + slot)
+    // with 128-byte-swizzled boxes of 64 dims x 1 head x block_n rows; set with PI_FLAG_KV_TMA.
+    TensorMap k_map, v_map;
 };
 
 // Q rows (base and strides) allow 16-byte loads.
 #define PI_FLAG_Q_VEC 1u
 // K/V (bases and strides, dim stride 1) allow 16-byte loads.
 #define PI_FLAG_KV_VEC 2u
+// k_map and v_map are valid (the warp-specialised kernel copies runs of consecutive rows by TMA).
+#define PI_FLAG_KV_TMA 4u

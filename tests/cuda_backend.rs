@@ -144,6 +144,59 @@ fn random_batches_match_f64_reference() {
     check_all(done);
 }
 
+/// The warp-specialised kernel (Hopper; forced here, chosen by default for long rows over pages
+/// in order) against the reference: pages in order, so its producer copies whole blocks of
+/// consecutive rows by TMA, beside chunk tails and scattered requests that go by cp.async. Page
+/// sizes 1/16/64, both dtypes, head_dims 64 and 128, GQA 1 and 4, causal and not, NHD and HND
+/// (which has no row view, so no TMA), decodes among the prefills.
+#[test]
+fn warp_specialized_kernel_with_tma() {
+    // Read when a context opens; the GPU suite runs one test at a time.
+    std::env::set_var("PACKINFER_WARP_SPECIALIZED", "1");
+    let cu = backend("warp_specialized_kernel_with_tma");
+    std::env::remove_var("PACKINFER_WARP_SPECIALIZED");
+    let Some(cu) = cu else { return };
+    let mut r = rng(0x7e4a);
+    let mut done = Vec::new();
+    for i in 0..30u32 {
+        let dtype = if i % 2 == 0 { DType::Bf16 } else { DType::F16 };
+        let head_dim = if i % 4 < 2 { 128 } else { 64 };
+        let group = if i % 8 < 4 { 4 } else { 1 };
+        let spec = CaseSpec { batch_size: 0, max_kv: 0, page_size: [1, 16, 64][i as usize % 3], num_kv_heads: 2, group, head_dim, dtype, causal: i % 3 != 2, decode_fraction: 0.0, hnd: i % 5 == 0 };
+        let lens: Vec<(u32, u32)> = (0..r.random_range(1..5))
+            .map(|_| {
+                let q = if r.random_bool(0.2) { 1 } else { r.random_range(1..700u32) };
+                (q, q + r.random_range(0..1500))
+            })
+            .collect();
+        let case = Case::build_with(&mut r, &spec, &lens, vec![], i % 6 == 5);
+        let plan = Plan::build(case.shape, case.batch.clone(), &cu.profile(), PlanOptions::default()).unwrap();
+        let (o, lse) = run_plan(&cu, &case, plan);
+        done.push((case, o, lse, format!("warp-specialised {i}: {spec:?}, lens {lens:?}")));
+    }
+    check_all(done);
+}
+
+/// Which plans the default context runs on the warp-specialised kernel: long rows over pages in
+/// order; not scattered pages, short prompts or decodes. Pure (no device).
+#[test]
+fn warp_specialized_kernel_is_chosen_for_long_rows_over_pages_in_order() {
+    use packinfer::backend::cuda::suits_warp_specialized;
+    let mut r = rng(0x5e1e);
+    let spec = |page_size| CaseSpec { batch_size: 0, max_kv: 0, page_size, num_kv_heads: 1, group: 1, head_dim: 64, dtype: DType::F16, causal: true, decode_fraction: 0.0, hnd: false };
+    let prefill = [(3000, 3000), (2500, 2500)];
+    let ragged = Case::build_with(&mut r, &spec(1), &prefill, vec![], false);
+    assert!(suits_warp_specialized(&ragged.shape, &ragged.batch));
+    let in_order = Case::build_with(&mut r, &spec(16), &prefill, vec![], false);
+    assert!(suits_warp_specialized(&in_order.shape, &in_order.batch));
+    let scattered = Case::build_with(&mut r, &spec(16), &prefill, vec![], true);
+    assert!(!suits_warp_specialized(&scattered.shape, &scattered.batch));
+    let short = Case::build_with(&mut r, &spec(1), &[(200, 200); 8], vec![], false);
+    assert!(!suits_warp_specialized(&short.shape, &short.batch));
+    let decodes = Case::build_with(&mut r, &spec(16), &[(1, 4000); 8], vec![], false);
+    assert!(!suits_warp_specialized(&decodes.shape, &decodes.batch));
+}
+
 /// Batches of short prompts are planned with 64-row tiles (`profile_for`), so they run on the
 /// 4-warp kernel; checked like the rest, for both dtypes, head_dims 64 and 128 (the wgmma
 /// path on Hopper) and GQA 1 and 4, causal and not.

@@ -126,6 +126,12 @@ impl Case {
     /// group get identical K/V for their first `prefix_len` keys (on different pages unless a
     /// page is entirely inside the prefix, in which case the member reuses the first member's).
     pub fn build(rng: &mut SmallRng, spec: &CaseSpec, lens: &[(u32, u32)], prefix_groups: Vec<PrefixGroup>) -> Case {
+        Case::build_with(rng, spec, lens, prefix_groups, true)
+    }
+
+    /// `build`, with the pages drawn in order (each request's pages follow each other, as in a
+    /// ragged batch) unless `scatter`.
+    pub fn build_with(rng: &mut SmallRng, spec: &CaseSpec, lens: &[(u32, u32)], prefix_groups: Vec<PrefixGroup>, scatter: bool) -> Case {
         let ps = spec.page_size;
         let (h, d) = (spec.num_kv_heads as usize, spec.head_dim as usize);
         let shape = Shape {
@@ -138,8 +144,10 @@ impl Case {
         };
         let pages_of = |kv: u32| kv.div_ceil(ps);
         let total_pages: u32 = lens.iter().map(|&(_, kv)| pages_of(kv)).sum::<u32>() + 3;
-        let mut free: Vec<i32> = (0..total_pages as i32).collect();
-        free.shuffle(rng);
+        let mut free: Vec<i32> = (0..total_pages as i32).rev().collect();
+        if scatter {
+            free.shuffle(rng);
+        }
         let (mut qo_indptr, mut kv_indptr, mut pages, mut last) = (vec![0], vec![0], Vec::new(), Vec::new());
         let mut shared_from: Vec<Option<(usize, u32)>> = vec![None; lens.len()];
         for pg in &prefix_groups {

@@ -32,10 +32,23 @@ pub fn tile_warps_from_env() -> u32 {
         _ => DEFAULT_TILE_WARPS,
     }
 }
-/// Whether a new context asks for the warp-specialised attention kernel where there is one
-/// (`PACKINFER_WARP_SPECIALIZED=1`, read when a context opens; see `Unit::warp_specialized`).
-pub fn warp_specialized_from_env() -> bool {
-    std::env::var("PACKINFER_WARP_SPECIALIZED").is_ok_and(|v| v == "1")
+/// When a context runs the warp-specialised attention kernel (see `Unit::warp_specialized`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Specialize {
+    /// For launches whose plan it suits (`CudaBackend::bind_cuda` says which).
+    Auto,
+    /// For every launch where it exists.
+    Always,
+    Never,
+}
+
+/// `PACKINFER_WARP_SPECIALIZED=1` (always) or `=0` (never), read when a context opens; auto otherwise.
+pub fn specialize_from_env() -> Specialize {
+    match std::env::var("PACKINFER_WARP_SPECIALIZED").ok().as_deref() {
+        Some("1") => Specialize::Always,
+        Some("0") => Specialize::Never,
+        _ => Specialize::Auto,
+    }
 }
 
 /// Head dims the GPU kernels take.
@@ -86,8 +99,7 @@ impl Unit {
 
     /// Whether this unit is the warp-specialised kernel: asked for, on Hopper at head_dim <= 128
     /// (where wgmma runs). A producer warpgroup streams the tiles to the `warps` consumer warps
-    /// through mbarriers. Opt-in (`warp_specialized_from_env`): its producer cannot feed the
-    /// consumers yet (H100, W1: 4.6 ms against 3.2 ms; bench/results/h100-2026-11-26-ws/).
+    /// through mbarriers, by TMA where K/V rows are consecutive.
     pub fn warp_specialized(&self, arch: &str) -> bool {
         matches!(*self, Unit::Attention { head_dim, specialized: true, .. } if arch == "sm_90a" && head_dim <= 128)
     }

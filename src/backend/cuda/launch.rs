@@ -15,6 +15,7 @@ use crate::backend::{BoundPlan, LaunchCapacity, Scratch};
 use crate::error::Result;
 use crate::invalid;
 use crate::plan::{KvChunk, MergeRow, Plan, RequestInfo, RowSegment, WorkItem, FINAL_OUTPUT};
+use crate::types::KvLayout;
 use crate::types::RunArgs;
 
 /// Counts and shape of the uploaded plan; mirrors `PlanHeader` in `kernels/work.cuh`.
@@ -63,10 +64,61 @@ pub struct KernelParams {
     pub group_counter: u64,
     pub flags: u32,
     pub num_qo_heads: u32,
+    pub k_map: TensorMap,
+    pub v_map: TensorMap,
 }
+
+/// A TMA descriptor (the driver's CUtensorMap: 128 opaque bytes, 64-byte aligned).
+#[repr(C, align(64))]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TensorMap(pub [u64; 16]);
 
 pub const FLAG_Q_VEC: u32 = 1;
 pub const FLAG_KV_VEC: u32 = 2;
+pub const FLAG_KV_TMA: u32 = 4;
+
+/// The TMA descriptor of one KV cache viewed as (head_dim, KV heads, rows) with row = page ·
+/// page_size + slot, for boxes of 64 dims × 1 head × `box_rows` rows swizzled by 128 bytes
+/// (the kernels' shared-memory layout); None where that view does not exist (pages not
+/// stride-contiguous rows, unaligned strides, head_dim not a multiple of 64) or the driver
+/// refuses it. Host-only: no device call, no synchronisation.
+fn kv_tensor_map(base: u64, kv: &KvLayout, page_size: u32, head_dim: u32, kv_heads: u32, box_rows: u32) -> Option<TensorMap> {
+    use sys::{CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle};
+    let rows_contiguous = kv.stride_page == page_size as i64 * kv.stride_token;
+    let bytes = |s: i64| (s * 2) as u64;
+    if !rows_contiguous || head_dim % 64 != 0 || kv.stride_dim != 1 || base % 16 != 0 || kv.stride_head <= 0 || kv.stride_token <= 0 {
+        return None;
+    }
+    if bytes(kv.stride_head) % 16 != 0 || bytes(kv.stride_token) % 16 != 0 || bytes(kv.stride_token) >= 1 << 40 || bytes(kv.stride_head) >= 1 << 40 {
+        return None;
+    }
+    // Rows the kernel may ask for: any below 2^31 (it never asks past a plan's pages, and a plan
+    // given to `update` may have more pages than the launch's first one).
+    let dims: [u64; 3] = [head_dim as u64, kv_heads as u64, i32::MAX as u64];
+    let strides: [u64; 2] = [bytes(kv.stride_head), bytes(kv.stride_token)];
+    let boxes: [u32; 3] = [64, 1, box_rows];
+    let steps: [u32; 3] = [1, 1, 1];
+    let mut map = TensorMap::default();
+    // SAFETY: `map` is 128 writable, 64-byte aligned bytes (CUtensorMap's size and alignment);
+    // the arrays have the rank's lengths. The call only encodes a descriptor on the host.
+    let r = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            &mut map as *mut TensorMap as *mut sys::CUtensorMap,
+            CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT16,
+            3,
+            base as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            steps.as_ptr(),
+            CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    (r == sys::CUresult::CUDA_SUCCESS).then_some(map)
+}
 
 /// Byte offsets of each array in the launch's device buffer (fixed by the capacity).
 #[derive(Debug, Clone, Copy)]
@@ -293,6 +345,15 @@ impl CudaBound {
         if a16(kv.k) && a16(kv.v) && kv.stride_dim == 1 && m8(kv.stride_page) && m8(kv.stride_token) && m8(kv.stride_head) {
             flags |= FLAG_KV_VEC;
         }
+        let (mut k_map, mut v_map) = (TensorMap::default(), TensorMap::default());
+        if self.kernels.warp_specialized && flags & FLAG_KV_VEC != 0 {
+            let s = &self.plan.shape;
+            let map = |base| kv_tensor_map(base, kv, self.plan.batch.page_size, s.head_dim, s.num_kv_heads, self.kernels.block_n);
+            if let (Some(k), Some(v)) = (map(kv.k), map(kv.v)) {
+                (k_map, v_map) = (k, v);
+                flags |= FLAG_KV_TMA;
+            }
+        }
         KernelParams {
             header: base,
             items: at(l.items),
@@ -320,6 +381,8 @@ impl CudaBound {
             group_counter: at(l.group_counter),
             flags,
             num_qo_heads: self.plan.shape.num_qo_heads,
+            k_map,
+            v_map,
         }
     }
 }

@@ -57,6 +57,10 @@ pub struct LoadedAttention {
     pub attention: sys::CUfunction,
     pub merge: sys::CUfunction,
     pub smem_bytes: u32,
+    /// Keys per inner step, and whether this is the warp-specialised kernel (which copies runs
+    /// of consecutive K/V rows by TMA, in boxes of `block_n` rows).
+    pub block_n: u32,
+    pub warp_specialized: bool,
     /// Attention CTAs resident per SM (from the occupancy calculator); the grid is SMs × this.
     pub ctas_per_sm: u32,
     pub registers: i32,
@@ -83,7 +87,7 @@ unsafe impl Sync for LoadedKv {}
 /// What every launch of a context shares. Field order is drop order: modules before the device
 /// releases its primary context.
 pub struct Shared {
-    attention: Mutex<HashMap<(u32, DType, u32), Arc<LoadedAttention>>>,
+    attention: Mutex<HashMap<Unit, Arc<LoadedAttention>>>,
     kv: Mutex<Option<Arc<LoadedKv>>>,
     pub cache: KernelCache,
     /// Warps of an attention CTA (16 tile rows each).
@@ -91,26 +95,28 @@ pub struct Shared {
     /// Batches whose query rows see fewer keys than this on average are planned with 64-row
     /// tiles (see `profile_for`).
     pub short_batch_keys: f64,
-    /// Whether attention runs the warp-specialised kernel where there is one.
-    pub warp_specialized: bool,
+    /// When attention runs the warp-specialised kernel.
+    pub specialize: compile::Specialize,
     pub dev: Device,
 }
 
 impl Shared {
     /// The attention kernels for (head_dim, dtype) with the context's tile size.
     pub fn attention(&self, head_dim: u32, dtype: DType) -> Result<Arc<LoadedAttention>> {
-        self.attention_with(head_dim, dtype, self.tile_warps)
+        self.attention_with(head_dim, dtype, self.tile_warps, self.specialize == compile::Specialize::Always)
     }
 
-    /// The attention kernels for (head_dim, dtype) with `warps`-warp CTAs: loaded on first use,
-    /// compiled if not cached.
-    pub fn attention_with(&self, head_dim: u32, dtype: DType, warps: u32) -> Result<Arc<LoadedAttention>> {
+    /// The attention kernels for (head_dim, dtype) with `warps`-warp CTAs, warp-specialised if
+    /// `specialized` and there is such a kernel: loaded on first use, compiled if not cached.
+    pub fn attention_with(&self, head_dim: u32, dtype: DType, warps: u32, specialized: bool) -> Result<Arc<LoadedAttention>> {
         check_kernel_shape(head_dim, dtype)?;
+        let asked = Unit::Attention { head_dim, dtype, warps, specialized };
+        // Where there is no specialised kernel, the plain one (one cache entry, one compile).
+        let unit = Unit::Attention { head_dim, dtype, warps, specialized: asked.warp_specialized(self.cache.arch()) };
         let mut map = self.attention.lock();
-        if let Some(k) = map.get(&(head_dim, dtype, warps)) {
+        if let Some(k) = map.get(&unit) {
             return Ok(k.clone());
         }
-        let unit = Unit::Attention { head_dim, dtype, warps, specialized: self.warp_specialized };
         let smem = unit.smem_bytes(self.cache.arch());
         if smem > self.dev.max_smem_optin {
             return Err(crate::unsupported!("{} needs {smem} bytes of shared memory; this device allows {}", unit.name(), self.dev.max_smem_optin));
@@ -135,8 +141,8 @@ impl Shared {
         if ctas_per_sm < 1 {
             return Err(Error::Device(format!("{} cannot run on this device: no CTA fits an SM", unit.name())));
         }
-        let k = Arc::new(LoadedAttention { block_m: 16 * warps, threads: unit.threads(self.cache.arch()), attention, merge, smem_bytes: smem, ctas_per_sm: (ctas_per_sm as u32).min(4), registers, local_bytes, _module: module });
-        map.insert((head_dim, dtype, warps), k.clone());
+        let k = Arc::new(LoadedAttention { block_m: 16 * warps, threads: unit.threads(self.cache.arch()), attention, merge, smem_bytes: smem, block_n: unit.block_n(self.cache.arch()), warp_specialized: unit.warp_specialized(self.cache.arch()), ctas_per_sm: (ctas_per_sm as u32).min(4), registers, local_bytes, _module: module });
+        map.insert(unit, k.clone());
         Ok(k)
     }
 
@@ -175,7 +181,7 @@ impl CudaBackend {
         compile::require_nvrtc()?;
         let arch = compile::arch_for(dev.cc.0, dev.cc.1);
         let cache = KernelCache::new(&arch, compile::default_cache_dir(choice.kernel_cache_dir.as_deref()))?;
-        let mut b = CudaBackend { shared: Arc::new(Shared { attention: Mutex::new(HashMap::new()), kv: Mutex::new(None), cache, tile_warps: compile::tile_warps_from_env(), short_batch_keys: short_batch_keys_from_env(), warp_specialized: compile::warp_specialized_from_env(), dev }), stored: Mutex::new(None) };
+        let mut b = CudaBackend { shared: Arc::new(Shared { attention: Mutex::new(HashMap::new()), kv: Mutex::new(None), cache, tile_warps: compile::tile_warps_from_env(), short_batch_keys: short_batch_keys_from_env(), specialize: compile::specialize_from_env(), dev }), stored: Mutex::new(None) };
         *b.stored.get_mut() = b.stored_profile();
         Ok(b)
     }
@@ -194,11 +200,48 @@ impl CudaBackend {
     /// (H200, W2 decode: 0.50 ms against 0.55 ms). Launches with a capacity (even an all-zero
     /// one, "the first plan's counts") always run the context's tile size, so any plan within
     /// it can be uploaded later.
+    ///
+    /// The warp-specialised kernel (Hopper) runs plans that suit it (`suits_warp_specialized`),
+    /// unless `PACKINFER_WARP_SPECIALIZED` says always or never. Either kernel computes any plan,
+    /// so a plan uploaded later by `update` is right on whichever the first one chose.
     pub fn bind_cuda(&self, plan: Arc<Plan>, stream: u64, scratch: Option<Scratch>, capacity: Option<&LaunchCapacity>) -> Result<launch::CudaBound> {
         let narrow = capacity.is_none() && self.shared.tile_warps > 4 && plan.items.iter().all(|i| i.num_rows <= 64);
-        let kernels = self.shared.attention_with(plan.shape.head_dim, plan.shape.dtype, if narrow { 4 } else { self.shared.tile_warps })?;
+        let specialized = match self.shared.specialize {
+            compile::Specialize::Always => true,
+            compile::Specialize::Never => false,
+            compile::Specialize::Auto => !narrow && suits_warp_specialized(&plan.shape, &plan.batch),
+        };
+        let warps = if narrow { 4 } else { self.shared.tile_warps };
+        let kernels = self.shared.attention_with(plan.shape.head_dim, plan.shape.dtype, warps, specialized)?;
         launch::CudaBound::new(self.shared.clone(), kernels, plan, stream, scratch, capacity.unwrap_or(&LaunchCapacity::default()))
     }
+}
+
+/// Query rows must see this many keys on average for the warp-specialised kernel to pay off.
+pub const SPECIALIZED_MIN_KEYS_PER_ROW: f64 = 1024.0;
+/// And this share of consecutive page pairs (its producer copies runs of consecutive K/V rows by
+/// TMA; elsewhere by cp.async, which cannot keep its consumers fed).
+pub const SPECIALIZED_MIN_CONSECUTIVE: f64 = 0.9;
+
+/// Whether a batch runs faster on the warp-specialised kernel: mostly prefill rows (not
+/// decodes, whose tiles are mostly empty rows for its 64-row warpgroups), seeing many keys each,
+/// over K/V whose pages mostly follow each other (a ragged prefill, or pages allocated in
+/// order). Measured on an H100 (bench/results/h100-2026-11-26-ws/): W1, prefill of trace
+/// prompts, 2.59 ms against 3.29 ms; slower on decode (W2, W4), scattered pages (W3) and short
+/// prompts (W5).
+pub fn suits_warp_specialized(shape: &Shape, b: &Batch) -> bool {
+    let rows: usize = (0..b.len()).map(|r| b.q_len(r) as usize).sum();
+    let decode_rows = (0..b.len()).filter(|&r| b.q_len(r) == 1).count();
+    if 2 * decode_rows > rows || crate::plan::cost::mean_visible_keys(b, shape.causal) < SPECIALIZED_MIN_KEYS_PER_ROW {
+        return false;
+    }
+    let (mut pairs, mut consecutive) = (0usize, 0usize);
+    for r in 0..b.len() {
+        let pages = &b.kv_page_indices[b.kv_indptr[r] as usize..b.kv_indptr[r + 1] as usize];
+        pairs += pages.len().saturating_sub(1);
+        consecutive += pages.windows(2).filter(|w| w[1] == w[0] + 1).count();
+    }
+    pairs > 0 && consecutive as f64 >= SPECIALIZED_MIN_CONSECUTIVE * pairs as f64
 }
 
 /// `plan::cost::SHORT_BATCH_KEYS_PER_ROW`, unless `PACKINFER_SHORT_BATCH_KEYS` says otherwise (a
@@ -254,15 +297,27 @@ impl Backend for CudaBackend {
         *self.stored.lock() = Some(profile.clone());
         Ok(profile)
     }
-    /// Compiles (or loads from the disk cache) and loads every kernel variant: both tile sizes
-    /// (the narrow one serves decode-heavy launches) and the KV kernels.
+    /// Compiles (or loads from the disk cache) and loads every kernel variant a launch may
+    /// pick: both tile sizes (the narrow one serves decode-heavy launches), warp-specialised or
+    /// not as the context allows, and the KV kernels.
     fn precompile(&self) -> Result<()> {
+        use compile::Specialize;
         let warps = if self.shared.tile_warps > 4 { vec![self.shared.tile_warps, 4] } else { vec![4] };
+        let specialized: &[bool] = match self.shared.specialize {
+            Specialize::Auto => &[false, true],
+            Specialize::Always => &[true],
+            Specialize::Never => &[false],
+        };
         for w in warps {
-            for unit in Unit::all(w, self.shared.warp_specialized) {
-                match unit {
-                    Unit::Attention { head_dim, dtype, warps, .. } => drop(self.shared.attention_with(head_dim, dtype, warps)?),
-                    Unit::Kv => drop(self.shared.kv()?),
+            for &s in specialized {
+                if s && w != self.shared.tile_warps {
+                    continue;  // launches with narrow tiles run the plain kernel
+                }
+                for unit in Unit::all(w, s) {
+                    match unit {
+                        Unit::Attention { head_dim, dtype, warps, specialized } => drop(self.shared.attention_with(head_dim, dtype, warps, specialized)?),
+                        Unit::Kv => drop(self.shared.kv()?),
+                    }
                 }
             }
         }

@@ -646,7 +646,9 @@ struct Smem {
     KvChunk chunks[2][PI_SLOT_CHUNKS];
     WorkItem items[2];
     SegmentInfo segs[PI_BLOCK_M];              // the producer's scratch: the item's segments
-    RequestInfo chunk_reqs[PI_SLOT_CHUNKS];    // and its cached chunks' requests
+    RequestInfo chunk_reqs[2][PI_SLOT_CHUNKS]; // and its cached chunks' requests, per slot: a
+                                               // producer thread may start the next item's
+                                               // while another still streams this one
     // full: the producer's data landed; empty: every consumer warp is done with it.
     u64 q_full[2], q_empty[2];
     u64 k_full[PI_STAGES], k_empty[PI_STAGES], v_full[PI_STAGES], v_empty[PI_STAGES];
@@ -739,7 +741,7 @@ __device__ __forceinline__ void produce(const KernelParams& p, Smem& sm, const P
             if (has_seg) sm.segs[t] = segment_info(hdr, seg, seg_req);
             if (has_chunk) {
                 sm.chunks[slot][t] = chunk;
-                sm.chunk_reqs[t] = chunk_req;
+                sm.chunk_reqs[slot][t] = chunk_req;
             }
             if (t == 0) {
                 sm.items[slot] = item;
@@ -757,7 +759,7 @@ __device__ __forceinline__ void produce(const KernelParams& p, Smem& sm, const P
                 const KvChunk ch = cached ? sm.chunks[slot][ci] : p.chunks[item.chunk_begin + ci];
                 const u32 nblocks = ch.key_end > ch.key_begin ? (ch.key_end - ch.key_begin + PI_BLOCK_N - 1) / PI_BLOCK_N : 0;
                 if (nblocks == 0) continue;
-                const RequestInfo req = cached ? sm.chunk_reqs[ci] : p.requests[ch.request];
+                const RequestInfo req = cached ? sm.chunk_reqs[slot][ci] : p.requests[ch.request];
                 // K runs a block ahead of V, in the order the consumers use them: K(b + 1) before V(b);
                 // page numbers are read two blocks ahead of the K copies that use them. A block whose
                 // keys all lie in the chunk and sit in consecutive cache rows (a ragged batch, or

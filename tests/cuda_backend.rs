@@ -14,7 +14,7 @@ use common::{assert_close_to, rel_frobenius, rng, Case, CaseSpec, Tensor};
 use cudarc::driver::{result as cu, sys};
 use packinfer::backend::cuda::driver::{sync_stream, DeviceBuffer};
 use packinfer::backend::cuda::CudaBackend;
-use packinfer::backend::{Backend, BackendChoice, BackendKind, LaunchCapacity};
+use packinfer::backend::{Backend, BackendChoice, BackendKind, BoundPlan, LaunchCapacity};
 use packinfer::plan::{KvChunk, MergeRow, Plan, PlanOptions, RowSegment, WorkItem, FINAL_OUTPUT};
 use packinfer::types::{DType, KvLayout, PrefixGroup, RowsTensor, RunArgs};
 use rand::rngs::SmallRng;
@@ -171,7 +171,15 @@ fn warp_specialized_kernel_with_tma() {
             .collect();
         let case = Case::build_with(&mut r, &spec, &lens, vec![], i % 6 == 5);
         let plan = Plan::build(case.shape, case.batch.clone(), &cu.profile(), PlanOptions::default()).unwrap();
-        let (o, lse) = run_plan(&cu, &case, plan);
+        let dcase = DeviceCase::for_case(&cu, &case);
+        let bound = cu.bind_cuda(Arc::new(plan), 0, None, None).expect("bind");
+        bound.wait().unwrap();
+        let args = dcase.args(&case, 0);
+        // NHD caches have the (dims, heads, rows) view TMA copies from; HND caches do not.
+        assert_eq!(bound.copies_kv_by_tma(&args).unwrap(), !spec.hnd, "case {i}: TMA use");
+        bound.run(&args).expect("run");
+        sync_stream(cu.device(), 0).expect("kernels failed");
+        let (o, lse) = dcase.outputs(&cu, &case);
         done.push((case, o, lse, format!("warp-specialised {i}: {spec:?}, lens {lens:?}")));
     }
     check_all(done);

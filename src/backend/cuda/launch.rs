@@ -278,6 +278,13 @@ impl CudaBound {
         Ok(bound)
     }
 
+    /// Whether a run with `args` copies K/V by TMA where rows are consecutive (the
+    /// warp-specialised kernel, with caches that have a row view; see `kv_tensor_map`).
+    pub fn copies_kv_by_tma(&self, args: &RunArgs) -> Result<bool> {
+        let _g = self.shared.dev.enter()?;
+        Ok(self.params(args).flags & FLAG_KV_TMA != 0)
+    }
+
     /// Grid of the attention kernel (persistent CTAs).
     pub fn grid(&self) -> u32 {
         self.grid
@@ -396,9 +403,10 @@ impl BoundPlan for CudaBound {
 
     fn run(&self, args: &RunArgs) -> Result<()> {
         crate::backend::cpu::check_run_args(&self.plan, args)?;
-        let mut p = self.params(args);
         let stream = args.stream as sys::CUstream;
+        // Encoding the tensor maps (in params) needs the context current.
         let _g = self.shared.dev.enter()?;
+        let mut p = self.params(args);
         let k = &self.kernels;
         // SAFETY: KernelParams mirrors the kernels' parameter; every pointer in it is a buffer
         // of this launch or the caller's tensor of the plan's shape.

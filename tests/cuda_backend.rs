@@ -185,6 +185,33 @@ fn warp_specialized_kernel_with_tma() {
     check_all(done);
 }
 
+/// A default context binds a long prefill over pages in order to the warp-specialised kernel;
+/// a run whose cache has no row view for TMA (HND here) runs the plain kernel instead, one that
+/// has one runs TMA. Both against the reference.
+#[test]
+fn specialized_launches_choose_the_kernel_per_run_layout() {
+    let Some(cu) = backend("specialized_launches_choose_the_kernel_per_run_layout") else { return };
+    let mut r = rng(0x1a70);
+    let mut done = Vec::new();
+    for (i, hnd) in [false, true].into_iter().enumerate() {
+        let spec = CaseSpec { batch_size: 0, max_kv: 0, page_size: 16, num_kv_heads: 2, group: 4, head_dim: 128, dtype: DType::Bf16, causal: true, decode_fraction: 0.0, hnd };
+        let case = Case::build_with(&mut r, &spec, &[(1500, 1500), (1200, 1800)], vec![], false);
+        let plan = Plan::build(case.shape, case.batch.clone(), &cu.profile(), PlanOptions::default()).unwrap();
+        let dcase = DeviceCase::for_case(&cu, &case);
+        let bound = cu.bind_cuda(Arc::new(plan), 0, None, None).expect("bind");
+        bound.wait().unwrap();
+        let args = dcase.args(&case, 0);
+        let hopper = cu.device().cc == (9, 0);
+        assert_eq!(bound.warp_specialized(), hopper, "a long prefill over pages in order");
+        assert_eq!(bound.copies_kv_by_tma(&args).unwrap(), hopper && !hnd);
+        bound.run(&args).expect("run");
+        sync_stream(cu.device(), 0).expect("kernels failed");
+        let (o, lse) = dcase.outputs(&cu, &case);
+        done.push((case, o, lse, format!("case {i}, hnd {hnd}")));
+    }
+    check_all(done);
+}
+
 /// Which plans the default context runs on the warp-specialised kernel: long rows over pages in
 /// order; not scattered pages, short prompts or decodes. Pure (no device).
 #[test]

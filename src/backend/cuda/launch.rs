@@ -79,23 +79,25 @@ pub const FLAG_KV_TMA: u32 = 4;
 
 /// The TMA descriptor of one KV cache viewed as (head_dim, KV heads, rows) with row = page ·
 /// page_size + slot, for boxes of 64 dims × 1 head × `box_rows` rows swizzled by 128 bytes
-/// (the kernels' shared-memory layout); None where that view does not exist (pages not
-/// stride-contiguous rows, unaligned strides, head_dim not a multiple of 64) or the driver
-/// refuses it. Host-only: no device call, no synchronisation.
+/// (the kernels' shared-memory layout); None where that view does not exist (a page's slots
+/// are not evenly spaced rows that the next page continues, unaligned strides, head_dim not a
+/// multiple of 64) or the driver refuses it. Host-only: no device call, no synchronisation.
 fn kv_tensor_map(base: u64, kv: &KvLayout, page_size: u32, head_dim: u32, kv_heads: u32, box_rows: u32) -> Option<TensorMap> {
     use sys::{CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle};
-    let rows_contiguous = kv.stride_page == page_size as i64 * kv.stride_token;
+    // With one slot per page the token stride is never used: rows are pages.
+    let row_stride = if page_size == 1 { kv.stride_page } else { kv.stride_token };
+    let rows_contiguous = kv.stride_page == page_size as i64 * row_stride;
     let bytes = |s: i64| (s * 2) as u64;
-    if !rows_contiguous || head_dim % 64 != 0 || kv.stride_dim != 1 || base % 16 != 0 || kv.stride_head <= 0 || kv.stride_token <= 0 {
+    if !rows_contiguous || head_dim % 64 != 0 || kv.stride_dim != 1 || base % 16 != 0 || kv.stride_head <= 0 || row_stride <= 0 {
         return None;
     }
-    if bytes(kv.stride_head) % 16 != 0 || bytes(kv.stride_token) % 16 != 0 || bytes(kv.stride_token) >= 1 << 40 || bytes(kv.stride_head) >= 1 << 40 {
+    if bytes(kv.stride_head) % 16 != 0 || bytes(row_stride) % 16 != 0 || bytes(row_stride) >= 1 << 40 || bytes(kv.stride_head) >= 1 << 40 {
         return None;
     }
     // Rows the kernel may ask for: any below 2^31 (it never asks past a plan's pages, and a plan
     // given to `update` may have more pages than the launch's first one).
     let dims: [u64; 3] = [head_dim as u64, kv_heads as u64, i32::MAX as u64];
-    let strides: [u64; 2] = [bytes(kv.stride_head), bytes(kv.stride_token)];
+    let strides: [u64; 2] = [bytes(kv.stride_head), bytes(row_stride)];
     let boxes: [u32; 3] = [64, 1, box_rows];
     let steps: [u32; 3] = [1, 1, 1];
     let mut map = TensorMap::default();
@@ -234,6 +236,9 @@ enum ScratchMem {
 pub struct CudaBound {
     plan: Arc<Plan>,
     kernels: Arc<LoadedAttention>,
+    /// The plain kernel of the same tile size, run instead of a warp-specialised `kernels`
+    /// when the caller's cache has no row view for TMA (its cp.async producer is slow).
+    plain: Option<Arc<LoadedAttention>>,
     capacity: LaunchCapacity,
     layout: Layout,
     buffer: DeviceBuffer,
@@ -247,7 +252,7 @@ pub struct CudaBound {
 }
 
 impl CudaBound {
-    pub(super) fn new(shared: Arc<Shared>, kernels: Arc<LoadedAttention>, plan: Arc<Plan>, stream: u64, scratch: Option<Scratch>, capacity: &LaunchCapacity) -> Result<CudaBound> {
+    pub(super) fn new(shared: Arc<Shared>, kernels: Arc<LoadedAttention>, plain: Option<Arc<LoadedAttention>>, plan: Arc<Plan>, stream: u64, scratch: Option<Scratch>, capacity: &LaunchCapacity) -> Result<CudaBound> {
         let shape = &plan.shape;
         let capacity = capacity.max(&LaunchCapacity::of(&plan));
         let layout = Layout::new(&capacity);
@@ -264,6 +269,7 @@ impl CudaBound {
         let bound = CudaBound {
             plan: plan.clone(),
             kernels,
+            plain,
             capacity,
             layout,
             buffer,
@@ -276,6 +282,12 @@ impl CudaBound {
         };
         bound.upload(&plan, stream)?;
         Ok(bound)
+    }
+
+    /// Whether this launch was bound to the warp-specialised kernel (which still runs the plain
+    /// one where a run's cache has no row view for TMA, see `copies_kv_by_tma`).
+    pub fn warp_specialized(&self) -> bool {
+        self.kernels.warp_specialized
     }
 
     /// Whether a run with `args` copies K/V by TMA where rows are consecutive (the
@@ -407,11 +419,14 @@ impl BoundPlan for CudaBound {
         // Encoding the tensor maps (in params) needs the context current.
         let _g = self.shared.dev.enter()?;
         let mut p = self.params(args);
-        let k = &self.kernels;
+        let (k, grid) = match &self.plain {
+            Some(plain) if self.kernels.warp_specialized && p.flags & FLAG_KV_TMA == 0 => (plain, self.shared.dev.sm_count * plain.ctas_per_sm),
+            _ => (&self.kernels, self.grid),
+        };
         // SAFETY: KernelParams mirrors the kernels' parameter; every pointer in it is a buffer
         // of this launch or the caller's tensor of the plan's shape.
         unsafe {
-            driver::launch(k.attention, self.grid, k.threads, k.smem_bytes, stream, &mut p, "launching packed_attention")?;
+            driver::launch(k.attention, grid, k.threads, k.smem_bytes, stream, &mut p, "launching packed_attention")?;
             driver::launch(k.merge, self.merge_grid, 128, 0, stream, &mut p, "launching merge_partials")?;
         }
         Ok(())

@@ -201,9 +201,10 @@ impl CudaBackend {
     /// one, "the first plan's counts") always run the context's tile size, so any plan within
     /// it can be uploaded later.
     ///
-    /// The warp-specialised kernel (Hopper) runs plans that suit it (`suits_warp_specialized`),
-    /// unless `PACKINFER_WARP_SPECIALIZED` says always or never. Either kernel computes any plan,
-    /// so a plan uploaded later by `update` is right on whichever the first one chose.
+    /// The warp-specialised kernel (Hopper) runs plans that suit it (`suits_warp_specialized`)
+    /// where the run's cache allows TMA, unless `PACKINFER_WARP_SPECIALIZED` says always or
+    /// never. Either kernel computes any plan, so a plan uploaded later by `update` is right on
+    /// whichever the first one chose.
     pub fn bind_cuda(&self, plan: Arc<Plan>, stream: u64, scratch: Option<Scratch>, capacity: Option<&LaunchCapacity>) -> Result<launch::CudaBound> {
         let narrow = capacity.is_none() && self.shared.tile_warps > 4 && plan.items.iter().all(|i| i.num_rows <= 64);
         let specialized = match self.shared.specialize {
@@ -213,7 +214,14 @@ impl CudaBackend {
         };
         let warps = if narrow { 4 } else { self.shared.tile_warps };
         let kernels = self.shared.attention_with(plan.shape.head_dim, plan.shape.dtype, warps, specialized)?;
-        launch::CudaBound::new(self.shared.clone(), kernels, plan, stream, scratch, capacity.unwrap_or(&LaunchCapacity::default()))
+        // Chosen by the plan, the specialised kernel keeps the plain one at hand for runs whose
+        // cache has no row view for TMA (the layout comes with each run).
+        let plain = if kernels.warp_specialized && self.shared.specialize == compile::Specialize::Auto {
+            Some(self.shared.attention_with(plan.shape.head_dim, plan.shape.dtype, warps, false)?)
+        } else {
+            None
+        };
+        launch::CudaBound::new(self.shared.clone(), kernels, plain, plan, stream, scratch, capacity.unwrap_or(&LaunchCapacity::default()))
     }
 }
 

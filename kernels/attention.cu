@@ -861,7 +861,6 @@ __device__ __forceinline__ void consume(const KernelParams& p, Smem& sm, const P
             const KvChunk ch = ci < PI_SLOT_CHUNKS ? sm.chunks[slot][ci] : p.chunks[item.chunk_begin + ci];
             const u32 nblocks = ch.key_end > ch.key_begin ? (ch.key_end - ch.key_begin + PI_BLOCK_N - 1) / PI_BLOCK_N : 0;
             if (nblocks == 0) continue;
-            const bool active = (u32)(warp * 16) < ch.row_end && ch.row_begin < (u32)(warp * 16 + 16) && (u32)(warp * 16) < item.num_rows;
             const bool in0 = ch.row_begin <= (u32)r0 && (u32)r0 < ch.row_end;
             const bool in1 = ch.row_begin <= (u32)r1 && (u32)r1 < ch.row_end;
             const u32 end0 = in0 ? min(ch.key_end, lim0) : 0;
@@ -877,7 +876,13 @@ __device__ __forceinline__ void consume(const KernelParams& p, Smem& sm, const P
             // The pipelined loop of the non-specialised kernel (see there), with waits on the
             // producer's barriers instead of CTA barriers, and each stage released as soon as
             // its wgmma has finished reading it.
-            if (warpgroup_any(__any_sync(0xffffffffu, active), wg)) {
+            // Whether warpgroup w has rows in the chunk (the tile's rows 64w.. that are below
+            // num_rows, from a 16-row slice on): every consumer thread computes the same answer.
+            auto in_chunk = [&](u32 w) {
+                const u32 lo = max(64 * w, ch.row_begin), hi = min(64 * w + 64, ch.row_end);
+                return lo < hi && lo / 16 * 16 < item.num_rows;
+            };
+            if (in_chunk(wg)) {
                 float s_a[PI_BLOCK_N / 8][4], s_b[PI_BLOCK_N / 8][4];
                 u32 pf[PI_BLOCK_N / 16][4];
                 float alpha0, alpha1;  // the output's rescale before block b's P V

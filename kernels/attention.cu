@@ -241,12 +241,6 @@ struct RowInfo {
     u32 pad;
 };
 
-// A row segment of the current item resolved against its request: row r of the segment is query
-// token0 + (r - row_begin) / group, which sees keys below limit0 + step * ((r - row_begin) / group).
-struct SegmentInfo {
-    u32 row_begin, token0, limit0, step;
-};
-
 // Key -> (page, slot) without a division when the page size is a power of two (1, 16, 64 in
 // practice): the divisions were a tenth of the prefill kernel's instructions (H100, ncu).
 struct PageMap {
@@ -276,24 +270,25 @@ struct KvCopy {
 // copies that use it (the loops below), so the latency of this dependent read hides behind other
 // work: read right before the copies it was the largest stall of the prefill kernel (H100, ncu).
 template <int NT>
-__device__ __forceinline__ int kv_page(const KernelParams& p, const RequestInfo& req, u32 key0, u32 key_end,
+__device__ __forceinline__ int kv_page(const KernelParams& p, u32 page_start, u32 key0, u32 key_end,
                                        const PageMap& pm, int t) {
     using C = KvCopy<NT>;
     const int lane = t % 32;
     if (!(p.flags & PI_FLAG_KV_VEC) || lane >= C::warp_keys) return 0;  // the scalar path looks pages up itself
     const u32 key = key0 + (t / 32) * C::warp_keys_per_pass + (lane / C::warp_keys_per_pass) * C::keys_per_pass
                     + lane % C::warp_keys_per_pass;
-    return key < key_end ? __ldg(&p.pages[req.page_start + pm.page(key)]) : 0;
+    return key < key_end ? __ldg(&p.pages[page_start + pm.page(key)]) : 0;
 }
 
-// Thread t's share of copying keys [key0, key0 + PI_BLOCK_N) of `req` (those < key_end; zeros
+// Thread t's share of copying keys [key0, key0 + PI_BLOCK_N) of the request whose page list starts
+// at page_start (those < key_end; zeros
 // past it) from each cache src[i] (K, V or both: they share the address math) into the swizzled
 // block dst[i], given the warp's page numbers from kv_page. With 16-byte vectors by cp.async
 // (the caller commits or arrives); otherwise element by element with plain loads and stores.
 // Every lane of the warp calls it.
 template <int NT, int N>
 __device__ __forceinline__ void copy_kv(const KernelParams& p, u16* const (&dst)[N], const u16* const (&src)[N],
-                                        const RequestInfo& req, u32 kv_head, u32 key0, u32 key_end, const PageMap& pm,
+                                        u32 page_start, u32 kv_head, u32 key0, u32 key_end, const PageMap& pm,
                                         int t, int page_lane) {
     using C = KvCopy<NT>;
     if (p.flags & PI_FLAG_KV_VEC) {
@@ -316,7 +311,7 @@ __device__ __forceinline__ void copy_kv(const KernelParams& p, u16* const (&dst)
             const u32 key = key0 + n;
             i64 off = -1;
             if (key < key_end)
-                off = (i64)p.pages[req.page_start + pm.page(key)] * p.kv_stride_page + (i64)pm.slot(key) * p.kv_stride_token
+                off = (i64)p.pages[page_start + pm.page(key)] * p.kv_stride_page + (i64)pm.slot(key) * p.kv_stride_token
                       + (i64)kv_head * p.kv_stride_head + (i64)c * p.kv_stride_dim;
 #pragma unroll
             for (int i = 0; i < N; ++i) dst[i][swz<PI_BLOCK_N>(n, c / 8) + c % 8] = off >= 0 ? src[i][off] : (u16)0;
@@ -341,16 +336,6 @@ __device__ __forceinline__ void copy_q(const KernelParams& p, u16* dst, const Ro
             dst[swz<PI_BLOCK_M>(r, c / 8) + c % 8] = (u32)r < num_rows ? qb[rows[r].q_offset + c] : (u16)0;
         }
     }
-}
-
-// A row segment resolved against its request (see SegmentInfo).
-__device__ __forceinline__ SegmentInfo segment_info(const PlanHeader& hdr, const RowSegment& seg, const RequestInfo& req) {
-    SegmentInfo info;
-    info.row_begin = seg.row_begin;
-    info.token0 = req.q_start + seg.q_begin;
-    info.limit0 = hdr.causal ? req.kv_len - req.q_len + seg.q_begin + 1 : req.kv_len;
-    info.step = hdr.causal ? 1u : 0u;
-    return info;
 }
 
 // Tile row r of `item`: which (token, head) it is and how many keys it sees, from the item's
@@ -643,12 +628,9 @@ struct Smem {
     u16 k[PI_STAGES][PI_BLOCK_N * PI_HEAD_DIM];
     u16 v[PI_STAGES][PI_BLOCK_N * PI_HEAD_DIM];
     RowInfo rows[2][PI_BLOCK_M];
-    KvChunk chunks[2][PI_SLOT_CHUNKS];
+    KvRange chunks[2][PI_SLOT_CHUNKS];
     WorkItem items[2];
     SegmentInfo segs[PI_BLOCK_M];              // the producer's scratch: the item's segments
-    RequestInfo chunk_reqs[2][PI_SLOT_CHUNKS]; // and its cached chunks' requests, per slot: a
-                                               // producer thread may start the next item's
-                                               // while another still streams this one
     // full: the producer's data landed; empty: every consumer warp is done with it.
     u64 q_full[2], q_empty[2];
     u64 k_full[PI_STAGES], k_empty[PI_STAGES], v_full[PI_STAGES], v_empty[PI_STAGES];
@@ -726,23 +708,17 @@ __device__ __forceinline__ void produce(const KernelParams& p, Smem& sm, const P
             const WorkItem item = next_item;
             if (it + 1 < item_end) next_item = p.items[it + 1];
             const int slot = n & 1;
-            // The item's segments and chunks, then their requests: two dependent reads, each
-            // thread's in parallel (a tile of short prompts has little K/V to hide them behind).
+            // The item's segments and chunks, each thread's in parallel (a tile of short prompts has
+            // little K/V to hide this read behind).
             const u32 seg_count = min(item.seg_count, (u32)PI_BLOCK_M);
             const bool has_seg = (u32)t < seg_count, has_chunk = (u32)t < min(item.chunk_count, (u32)PI_SLOT_CHUNKS);
-            RowSegment seg = {};
-            KvChunk chunk = {};
+            SegmentInfo seg = {};
+            KvRange chunk = {};
             if (has_seg) seg = p.segments[item.seg_begin + t];
             if (has_chunk) chunk = p.chunks[item.chunk_begin + t];
-            RequestInfo seg_req = {}, chunk_req = {};
-            if (has_seg) seg_req = p.requests[seg.request];
-            if (has_chunk) chunk_req = p.requests[chunk.request];
             mbar_wait(&sm.q_empty[slot], slot_parity(n) ^ 1);  // item n - 2 is written out
-            if (has_seg) sm.segs[t] = segment_info(hdr, seg, seg_req);
-            if (has_chunk) {
-                sm.chunks[slot][t] = chunk;
-                sm.chunk_reqs[slot][t] = chunk_req;
-            }
+            if (has_seg) sm.segs[t] = seg;
+            if (has_chunk) sm.chunks[slot][t] = chunk;
             if (t == 0) {
                 sm.items[slot] = item;
                 sm.last[slot] = 0;
@@ -756,10 +732,9 @@ __device__ __forceinline__ void produce(const KernelParams& p, Smem& sm, const P
             mbar_arrive_on_copies(&sm.q_full[slot]);  // the Q tile's copies
             for (u32 ci = 0; ci < item.chunk_count; ++ci) {
                 const bool cached = ci < PI_SLOT_CHUNKS;
-                const KvChunk ch = cached ? sm.chunks[slot][ci] : p.chunks[item.chunk_begin + ci];
+                const KvRange ch = cached ? sm.chunks[slot][ci] : p.chunks[item.chunk_begin + ci];
                 const u32 nblocks = ch.key_end > ch.key_begin ? (ch.key_end - ch.key_begin + PI_BLOCK_N - 1) / PI_BLOCK_N : 0;
                 if (nblocks == 0) continue;
-                const RequestInfo req = cached ? sm.chunk_reqs[slot][ci] : p.requests[ch.request];
                 // K runs a block ahead of V, in the order the consumers use them: K(b + 1) before V(b);
                 // page numbers are read two blocks ahead of the K copies that use them. A block whose
                 // keys all lie in the chunk and sit in consecutive cache rows (a ragged batch, or
@@ -777,8 +752,8 @@ __device__ __forceinline__ void produce(const KernelParams& p, Smem& sm, const P
                     BlockPages r = {0, 0};
                     if (b < nblocks) {
                         const u32 key0 = ch.key_begin + b * PI_BLOCK_N;
-                        r.page = kv_page<PI_PRODUCER_THREADS>(p, req, key0, ch.key_end, pm, t);
-                        if (tma && key0 + PI_BLOCK_N <= ch.key_end) r.first = __ldg(&p.pages[req.page_start + pm.page(key0)]);
+                        r.page = kv_page<PI_PRODUCER_THREADS>(p, ch.page_start, key0, ch.key_end, pm, t);
+                        if (tma && key0 + PI_BLOCK_N <= ch.key_end) r.first = __ldg(&p.pages[ch.page_start + pm.page(key0)]);
                     }
                     return r;
                 };
@@ -808,7 +783,7 @@ __device__ __forceinline__ void produce(const KernelParams& p, Smem& sm, const P
                     }
                     u16* const dst[1] = {ring[s]};
                     const u16* const from[1] = {(const u16*)src};
-                    copy_kv<PI_PRODUCER_THREADS, 1>(p, dst, from, req, item.kv_head, ch.key_begin + b * PI_BLOCK_N, ch.key_end, pm, t, page);
+                    copy_kv<PI_PRODUCER_THREADS, 1>(p, dst, from, ch.page_start, item.kv_head, ch.key_begin + b * PI_BLOCK_N, ch.key_end, pm, t, page);
                     if (kv_vec) mbar_arrive_on_copies(&full[s]); else mbar_arrive(&full[s]);
                 };
                 BlockPages pv = pages_of(0), pk = pages_of(1);
@@ -858,7 +833,7 @@ __device__ __forceinline__ void consume(const KernelParams& p, Smem& sm, const P
         float l0 = 0.f, l1 = 0.f;                // this thread's share of the running sums
         const u32 lim0 = sm.rows[slot][r0].key_limit, lim1 = sm.rows[slot][r1].key_limit;
         for (u32 ci = 0; ci < item.chunk_count; ++ci) {
-            const KvChunk ch = ci < PI_SLOT_CHUNKS ? sm.chunks[slot][ci] : p.chunks[item.chunk_begin + ci];
+            const KvRange ch = ci < PI_SLOT_CHUNKS ? sm.chunks[slot][ci] : p.chunks[item.chunk_begin + ci];
             const u32 nblocks = ch.key_end > ch.key_begin ? (ch.key_end - ch.key_begin + PI_BLOCK_N - 1) / PI_BLOCK_N : 0;
             if (nblocks == 0) continue;
             const bool in0 = ch.row_begin <= (u32)r0 && (u32)r0 < ch.row_end;
@@ -1034,21 +1009,18 @@ packed_attention(const KernelParams p) {
             const int r0 = slice * 16 + lane / 4, r1 = r0 + 8;
             // Segment table (one thread per segment, so their reads overlap), then the row table:
             // which (token, head) each tile row is, and how many of its keys it sees. The first
-            // chunk, its request and its first block's page numbers are read alongside: each is a
-            // link in the chain of dependent reads before the tile's first K/V bytes can be asked
-            // for, and a tile of a short prompt has few blocks to hide that chain behind.
+            // chunk and its first block's page numbers are read alongside: each is a link in the
+            // chain of dependent reads before the tile's first K/V bytes can be asked for, and a
+            // tile of a short prompt has few blocks to hide that chain behind.
             static_assert(PI_BLOCK_M <= PI_THREADS, "one thread per segment");
             const u32 seg_count = min(item.seg_count, (u32)PI_BLOCK_M);
             const bool has_seg = (u32)tid < seg_count;
-            RowSegment seg = {};
+            SegmentInfo seg = {};
             if (has_seg) seg = p.segments[item.seg_begin + tid];
-            KvChunk ch0 = {};
+            KvRange ch0 = {};
             if (item.chunk_count > 0) ch0 = p.chunks[item.chunk_begin];
-            RequestInfo seg_req = {}, req0 = {};
-            if (has_seg) seg_req = p.requests[seg.request];
-            if (item.chunk_count > 0) req0 = p.requests[ch0.request];
-            const int page0 = ch0.key_end > ch0.key_begin ? kv_page<PI_THREADS>(p, req0, ch0.key_begin, ch0.key_end, pm, tid) : 0;
-            if (has_seg) sm.segs[tid] = segment_info(hdr, seg, seg_req);
+            const int page0 = ch0.key_end > ch0.key_begin ? kv_page<PI_THREADS>(p, ch0.page_start, ch0.key_begin, ch0.key_end, pm, tid) : 0;
+            if (has_seg) sm.segs[tid] = seg;
             __syncthreads();
             for (int r = tid; r < PI_BLOCK_M; r += PI_THREADS) sm.rows[r] = row_info(p, item, sm.segs, seg_count, group, r);
             __syncthreads();
@@ -1068,8 +1040,7 @@ packed_attention(const KernelParams p) {
             const u32 lim0 = sm.rows[r0].key_limit, lim1 = sm.rows[r1].key_limit;
 
             for (u32 ci = 0; ci < item.chunk_count; ++ci) {
-                const KvChunk ch = ci == 0 ? ch0 : p.chunks[item.chunk_begin + ci];
-                const RequestInfo req = ci == 0 ? req0 : p.requests[ch.request];
+                const KvRange ch = ci == 0 ? ch0 : p.chunks[item.chunk_begin + ci];
                 const bool active = (u32)(slice * 16) < ch.row_end && ch.row_begin < (u32)(slice * 16 + 16)
                                     && (u32)(slice * 16) < item.num_rows && (!split || warp < PI_SPLIT_WARPS);
                 const bool in0 = ch.row_begin <= (u32)r0 && (u32)r0 < ch.row_end;
@@ -1083,14 +1054,14 @@ packed_attention(const KernelParams p) {
                 // first block's was read with the segment table).
                 int page = page0;
                 auto gather = [&](u32 b) {
-                    if (b < nblocks && (b > 0 || ci > 0)) page = kv_page<PI_THREADS>(p, req, ch.key_begin + b * PI_BLOCK_N, ch.key_end, pm, tid);
+                    if (b < nblocks && (b > 0 || ci > 0)) page = kv_page<PI_THREADS>(p, ch.page_start, ch.key_begin + b * PI_BLOCK_N, ch.key_end, pm, tid);
                 };
                 auto issue = [&](u32 b) {
                     if (b < nblocks) {
                         const u32 key0 = ch.key_begin + b * PI_BLOCK_N;
                         u16* const dst[2] = {sm.k[b % PI_STAGES], sm.v[b % PI_STAGES]};
                         const u16* const src[2] = {(const u16*)p.k, (const u16*)p.v};
-                        copy_kv<PI_THREADS, 2>(p, dst, src, req, item.kv_head, key0, ch.key_end, pm, tid, page);
+                        copy_kv<PI_THREADS, 2>(p, dst, src, ch.page_start, item.kv_head, key0, ch.key_end, pm, tid, page);
                     }
                     cp_async_commit();  // one group per block, empty past the end
                 };

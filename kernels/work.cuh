@@ -20,20 +20,20 @@ struct WorkItem {
     u32 group;
 };
 
-struct RowSegment {
-    u32 request;
-    u32 q_begin, q_count;
-    u32 row_begin;
+// The plan's row segments and KV chunks arrive resolved against their requests (the host does
+// it when it uploads a plan), so a tile's first K/V copy waits on one read less.
+// A row segment: row r of it (r >= row_begin) is query token token0 + (r - row_begin) / group,
+// which sees keys below limit0 + step * ((r - row_begin) / group).
+struct SegmentInfo {
+    u32 row_begin, token0, limit0, step;
 };
 
-struct KvChunk {
-    u32 request;
+// A KV chunk: keys [key_begin, key_end) of the request whose page list starts at page_start,
+// for tile rows [row_begin, row_end).
+struct KvRange {
+    u32 page_start;
     u32 key_begin, key_end;
     u32 row_begin, row_end;
-};
-
-struct RequestInfo {
-    u32 q_start, q_len, kv_len, page_start;
 };
 
 struct MergeRow {
@@ -61,9 +61,8 @@ struct __align__(64) TensorMap {
 struct KernelParams {
     const PlanHeader* header;
     const WorkItem* items;
-    const RowSegment* segments;
-    const KvChunk* chunks;
-    const RequestInfo* requests;
+    const SegmentInfo* segments;
+    const KvRange* chunks;
     const int* pages;
     const u32* group_offsets;  // [num_groups + 1]: group g's items are items[off[g] .. off[g+1]]
     const MergeRow* merges;

@@ -7,8 +7,8 @@
 use std::mem::{offset_of, size_of};
 
 use packinfer::backend::cuda::compile::{self, Unit};
-use packinfer::backend::cuda::launch::{KernelParams, PlanHeader, TensorMap};
-use packinfer::plan::{KvChunk, MergeRow, RequestInfo, RowSegment, WorkItem};
+use packinfer::backend::cuda::launch::{KernelParams, KvRange, PlanHeader, SegmentInfo, TensorMap};
+use packinfer::plan::{MergeRow, WorkItem};
 
 /// Whether NVRTC is usable here; panics when it is required and missing.
 fn nvrtc_or_skip(test: &str) -> bool {
@@ -106,12 +106,11 @@ fn work_structs_match_the_kernels_byte_for_byte() {
         }};
     }
     layout!(WorkItem, "WorkItem", [kv_head: u32, seg_begin: u32, seg_count: u32, chunk_begin: u32, chunk_count: u32, num_rows: u32, partial_slot: u32, group: u32]);
-    layout!(RowSegment, "RowSegment", [request: u32, q_begin: u32, q_count: u32, row_begin: u32]);
-    layout!(KvChunk, "KvChunk", [request: u32, key_begin: u32, key_end: u32, row_begin: u32, row_end: u32]);
-    layout!(RequestInfo, "RequestInfo", [q_start: u32, q_len: u32, kv_len: u32, page_start: u32]);
+    layout!(SegmentInfo, "SegmentInfo", [row_begin: u32, token0: u32, limit0: u32, step: u32]);
+    layout!(KvRange, "KvRange", [page_start: u32, key_begin: u32, key_end: u32, row_begin: u32, row_end: u32]);
     layout!(MergeRow, "MergeRow", [q_token: u32, qo_head: u32, slot_begin: u32, slot_count: u32]);
     layout!(PlanHeader, "PlanHeader", [num_items: u32, num_groups: u32, num_merges: u32, num_slots: u32, group_size: u32, page_size: u32, causal: u32, reserved: u32, sm_scale_log2: f32, reserved2: [u32; 3]]);
-    layout!(KernelParams, "KernelParams", [header: u64, items: u64, segments: u64, chunks: u64, requests: u64, pages: u64, group_offsets: u64, merges: u64, merge_slots: u64, q: u64, q_stride_token: i64, q_stride_head: i64, k: u64, v: u64, kv_stride_page: i64, kv_stride_token: i64, kv_stride_head: i64, kv_stride_dim: i64, o: u64, o_stride_token: i64, o_stride_head: i64, lse: u64, scratch: u64, group_counter: u64, flags: u32, num_qo_heads: u32, k_map: TensorMap, v_map: TensorMap]);
+    layout!(KernelParams, "KernelParams", [header: u64, items: u64, segments: u64, chunks: u64, pages: u64, group_offsets: u64, merges: u64, merge_slots: u64, q: u64, q_stride_token: i64, q_stride_head: i64, k: u64, v: u64, kv_stride_page: i64, kv_stride_token: i64, kv_stride_head: i64, kv_stride_dim: i64, o: u64, o_stride_token: i64, o_stride_head: i64, lse: u64, scratch: u64, group_counter: u64, flags: u32, num_qo_heads: u32, k_map: TensorMap, v_map: TensorMap]);
     if !nvrtc_or_skip("work_structs_match_the_kernels_byte_for_byte (C side)") {
         return;
     }

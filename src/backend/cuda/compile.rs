@@ -136,7 +136,7 @@ impl Unit {
     /// the Q tile and the K/V stages (swizzled, no padding), then the row table (24 bytes a
     /// row), the segment table (16 bytes a row) and the drawn group number (16 bytes). The
     /// warp-specialised kernel has two item slots (Q tile, row table, 16 chunks of 20 bytes, the
-    /// 32-byte item), one segment table, the cached chunks' requests (16 bytes each, per slot), 8-byte mbarriers (two per slot, four per stage) and 16
+    /// 32-byte item), one segment table, 8-byte mbarriers (two per slot, four per stage) and 16
     /// bytes of flags.
     fn smem_struct_bytes(&self, arch: &str) -> u32 {
         match *self {
@@ -145,7 +145,7 @@ impl Unit {
                 let stages = self.stages(arch);
                 let kv = 2 * stages * self.block_n(arch) * head_dim * 2;
                 if self.warp_specialized(arch) {
-                    2 * (block_m * head_dim * 2 + block_m * 24 + 16 * 20 + 32) + kv + block_m * 16 + 2 * 16 * 16 + 8 * (4 + 4 * stages) + 16
+                    2 * (block_m * head_dim * 2 + block_m * 24 + 16 * 20 + 32) + kv + block_m * 16 + 8 * (4 + 4 * stages) + 16
                 } else {
                     block_m * head_dim * 2 + kv + block_m * (24 + 16) + 16
                 }

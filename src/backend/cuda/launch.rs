@@ -42,7 +42,6 @@ pub struct KernelParams {
     pub items: u64,
     pub segments: u64,
     pub chunks: u64,
-    pub requests: u64,
     pub pages: u64,
     pub group_offsets: u64,
     pub merges: u64,
@@ -66,6 +65,48 @@ pub struct KernelParams {
     pub num_qo_heads: u32,
     pub k_map: TensorMap,
     pub v_map: TensorMap,
+}
+
+/// A plan's row segment resolved against its request, as the kernels read it (mirrors
+/// `SegmentInfo` in `kernels/work.cuh`): row r of it is query token `token0 + (r - row_begin) /
+/// group`, which sees keys below `limit0 + step * ((r - row_begin) / group)`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SegmentInfo {
+    pub row_begin: u32,
+    pub token0: u32,
+    pub limit0: u32,
+    pub step: u32,
+}
+
+impl SegmentInfo {
+    pub fn of(seg: &RowSegment, req: &RequestInfo, causal: bool) -> SegmentInfo {
+        SegmentInfo {
+            row_begin: seg.row_begin,
+            // Wrapping like the kernels' u32 arithmetic (the planner has checked q_len <= kv_len).
+            token0: req.q_start.wrapping_add(seg.q_begin),
+            // Causal masks are bottom-right aligned: query i of the request sees kv_len - q_len + i + 1 keys.
+            limit0: if causal { req.kv_len.wrapping_sub(req.q_len).wrapping_add(seg.q_begin).wrapping_add(1) } else { req.kv_len },
+            step: causal as u32,
+        }
+    }
+}
+
+/// A plan's KV chunk with its request's first page (mirrors `KvRange` in `kernels/work.cuh`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KvRange {
+    pub page_start: u32,
+    pub key_begin: u32,
+    pub key_end: u32,
+    pub row_begin: u32,
+    pub row_end: u32,
+}
+
+impl KvRange {
+    pub fn of(chunk: &KvChunk, req: &RequestInfo) -> KvRange {
+        KvRange { page_start: req.page_start, key_begin: chunk.key_begin, key_end: chunk.key_end, row_begin: chunk.row_begin, row_end: chunk.row_end }
+    }
 }
 
 /// A TMA descriptor (the driver's CUtensorMap: 128 opaque bytes, 64-byte aligned).
@@ -129,7 +170,6 @@ struct Layout {
     items: usize,
     segments: usize,
     chunks: usize,
-    requests: usize,
     pages: usize,
     group_offsets: usize,
     merges: usize,
@@ -148,14 +188,13 @@ impl Layout {
         let _header = take(std::mem::size_of::<PlanHeader>());
         let group_counter = take(4);
         let items = take(c.items as usize * std::mem::size_of::<WorkItem>());
-        let segments = take(c.row_segments as usize * std::mem::size_of::<RowSegment>());
-        let chunks = take(c.kv_chunks as usize * std::mem::size_of::<KvChunk>());
-        let requests = take(c.requests as usize * std::mem::size_of::<RequestInfo>());
+        let segments = take(c.row_segments as usize * std::mem::size_of::<SegmentInfo>());
+        let chunks = take(c.kv_chunks as usize * std::mem::size_of::<KvRange>());
         let pages = take(c.pages as usize * 4);
         let group_offsets = take((c.groups as usize + 1) * 4);
         let merges = take(c.merge_rows as usize * std::mem::size_of::<MergeRow>());
         let merge_slots = take(c.merge_slots as usize * 4);
-        Layout { group_counter, items, segments, chunks, requests, pages, group_offsets, merges, merge_slots, total: at }
+        Layout { group_counter, items, segments, chunks, pages, group_offsets, merges, merge_slots, total: at }
     }
 }
 
@@ -332,9 +371,11 @@ impl CudaBound {
         put(&mut img, 0, &[header]);
         put(&mut img, l.group_counter, &[0u32]);
         put(&mut img, l.items, &plan.items);
-        put(&mut img, l.segments, &plan.row_segments);
-        put(&mut img, l.chunks, &plan.kv_chunks);
-        put(&mut img, l.requests, &plan.requests);
+        // check_plan has verified every request index.
+        let segments: Vec<SegmentInfo> = plan.row_segments.iter().map(|sg| SegmentInfo::of(sg, &plan.requests[sg.request as usize], s.causal)).collect();
+        let chunks: Vec<KvRange> = plan.kv_chunks.iter().map(|c| KvRange::of(c, &plan.requests[c.request as usize])).collect();
+        put(&mut img, l.segments, &segments);
+        put(&mut img, l.chunks, &chunks);
         put(&mut img, l.pages, &plan.batch.kv_page_indices);
         put(&mut img, l.group_offsets, &offsets);
         put(&mut img, l.merges, &plan.merges);
@@ -378,7 +419,6 @@ impl CudaBound {
             items: at(l.items),
             segments: at(l.segments),
             chunks: at(l.chunks),
-            requests: at(l.requests),
             pages: at(l.pages),
             group_offsets: at(l.group_offsets),
             merges: at(l.merges),

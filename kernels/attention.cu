@@ -35,7 +35,7 @@
 // wgmma (warpgroup tensor-core instructions) exist on sm_90a only; with 64-key blocks (128 in
 // the warp-specialised kernel) the accumulators of head_dim <= 128 stay in registers. PACKINFER_KERNEL_DEFINES="-DPI_WGMMA=0" turns
 // them off for comparisons.
-#if !defined(__CUDA_ARCH_FEAT_SM90_ALL) || PI_HEAD_DIM > 128 || (PI_BLOCK_N != 64 && PI_BLOCK_N != 128)
+#if !defined(__CUDA_ARCH_FEAT_SM90_ALL) || PI_HEAD_DIM > 128 || (PI_BLOCK_N != 32 && PI_BLOCK_N != 64 && PI_BLOCK_N != 128)
 #undef PI_WGMMA
 #define PI_WGMMA 0
 #elif !defined(PI_WGMMA)
@@ -174,10 +174,24 @@ __device__ __forceinline__ bool warpgroup_any(bool v, int wg) {
                  : "=r"(r) : "r"((u32)v), "r"(wg + 1) : "memory");
     return r != 0;
 }
-// S (64 rows x 64 or 128 keys, fp32) += Q (shared, K-major) * K^T (shared, K-major), and the first
+// S (64 rows x 32, 64 or 128 keys, fp32) += Q (shared, K-major) * K^T (shared, K-major), and the first
 // k-step, S = Q K^T: its accumulators are outputs only, so the compiler never copies their old
 // values around while another wgmma is in flight (ptxas would serialise every wgmma then: warning
 // C7515).
+__device__ __forceinline__ void wgmma_qk(float (&s)[4][4], u64 desc_q, u64 desc_k, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n32k16.f32." PI_ETYPE "." PI_ETYPE " "
+                 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, %16, %17, p, 1, 1, 0, 0;\n}"
+                 : "+f"(s[0][0]), "+f"(s[0][1]), "+f"(s[0][2]), "+f"(s[0][3]), "+f"(s[1][0]), "+f"(s[1][1]), "+f"(s[1][2]), "+f"(s[1][3]), "+f"(s[2][0]), "+f"(s[2][1]), "+f"(s[2][2]), "+f"(s[2][3]), "+f"(s[3][0]), "+f"(s[3][1]), "+f"(s[3][2]), "+f"(s[3][3])
+                 : "l"(desc_q), "l"(desc_k), "r"(accumulate));
+}
+__device__ __forceinline__ void wgmma_qk_first(float (&s)[4][4], u64 desc_q, u64 desc_k) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n32k16.f32." PI_ETYPE "." PI_ETYPE " "
+                 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, %16, %17, p, 1, 1, 0, 0;\n}"
+                 : "=f"(s[0][0]), "=f"(s[0][1]), "=f"(s[0][2]), "=f"(s[0][3]), "=f"(s[1][0]), "=f"(s[1][1]), "=f"(s[1][2]), "=f"(s[1][3]), "=f"(s[2][0]), "=f"(s[2][1]), "=f"(s[2][2]), "=f"(s[2][3]), "=f"(s[3][0]), "=f"(s[3][1]), "=f"(s[3][2]), "=f"(s[3][3])
+                 : "l"(desc_q), "l"(desc_k), "r"(0));
+}
 __device__ __forceinline__ void wgmma_qk(float (&s)[8][4], u64 desc_q, u64 desc_k, int accumulate) {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n64k16.f32." PI_ETYPE "." PI_ETYPE " "
@@ -976,7 +990,11 @@ struct SplitState {
 };
 static_assert(sizeof(SplitState) <= sizeof(((Smem*)0)->k) + sizeof(((Smem*)0)->v), "split state must fit the K/V stages");
 
-extern "C" __global__ void __launch_bounds__(PI_THREADS)
+// CTAs an SM must hold at once (registers per thread are capped to fit them).
+#ifndef PI_MIN_CTAS
+#define PI_MIN_CTAS 1
+#endif
+extern "C" __global__ void __launch_bounds__(PI_THREADS, PI_MIN_CTAS)
 packed_attention(const KernelParams p) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     // The swizzle needs 1024-byte aligned tiles; the host adds 1024 bytes of slack for this.

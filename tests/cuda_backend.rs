@@ -234,7 +234,7 @@ fn warp_specialized_kernel_is_chosen_for_long_rows_over_pages_in_order() {
 }
 
 /// Batches of short prompts are planned with 64-row tiles (`profile_for`), so they run on the
-/// 4-warp kernel; checked like the rest, for both dtypes, head_dims 64 and 128 (the wgmma
+/// short-prefill kernel on Hopper (the 4-warp kernel elsewhere); checked like the rest, for both dtypes, head_dims 64 and 128 (the wgmma
 /// path on Hopper) and GQA 1 and 4, causal and not.
 #[test]
 fn short_batches_run_on_narrow_tiles() {
@@ -260,6 +260,10 @@ fn short_batches_run_on_narrow_tiles() {
         }
         let plan = Plan::build(case.shape, case.batch.clone(), &profile, PlanOptions::default()).unwrap();
         assert!(plan.items.iter().all(|it| it.num_rows <= profile.block_m));
+        // On Hopper they run on the short-prefill kernel (32-key blocks, several CTAs per SM).
+        let bound = cu.bind_cuda(Arc::new(plan.clone()), 0, None, None).expect("bind");
+        assert_eq!(bound.block_n() == 32, cu.device().cc == (9, 0) && cu.profile().block_m > 64, "short batch {i}: kernel");
+        drop(bound);
         let (o, lse) = run_plan(&cu, &case, plan);
         done.push((case, o, lse, format!("short batch {i}: {spec:?}, lens {lens:?}")));
     }

@@ -6,7 +6,7 @@
 
 use std::mem::{offset_of, size_of};
 
-use packinfer::backend::cuda::compile::{self, Unit};
+use packinfer::backend::cuda::compile::{self, Unit, Variant};
 use packinfer::backend::cuda::launch::{KernelParams, KvRange, PlanHeader, SegmentInfo, TensorMap};
 use packinfer::plan::{MergeRow, WorkItem};
 
@@ -39,13 +39,15 @@ fn every_variant_compiles_for_sm80_and_sm90a() {
     println!("NVRTC {major}.{minor}");
     let mut failures = Vec::new();
     for arch in ["sm_80", "sm_90a"] {
-        // Both tile sizes, with and without warp specialisation (the specialised units compile
-        // the other kernel where there is no specialised one, so sm_80 skips them).
-        let specialized = if arch == "sm_90a" { vec![false, true] } else { vec![false] };
-        let units: Vec<Unit> = specialized
+        // Both tile sizes, every variant that exists on the architecture (one that does not
+        // builds the plain kernel, which is compiled once).
+        let units: Vec<Unit> = Variant::ALL
             .iter()
-            .flat_map(|&s| [4, 8].into_iter().flat_map(move |w| Unit::all(w, s)))
-            .filter(|u| !matches!(u, Unit::Attention { head_dim: 256, specialized: true, .. }))
+            .flat_map(|&v| [4, 8].into_iter().flat_map(move |w| Unit::all(w, v)))
+            .filter(|u| match *u {
+                Unit::Attention { variant, .. } => u.variant_on(arch) == variant,
+                Unit::Kv => true,
+            })
             .fold(Vec::new(), |mut v, u| {
                 if !v.contains(&u) {
                     v.push(u);
@@ -120,10 +122,10 @@ fn work_structs_match_the_kernels_byte_for_byte() {
 
 #[test]
 fn cache_names_change_with_architecture_and_variant() {
-    let a = compile::cache_file_name(Unit::Attention { head_dim: 128, dtype: packinfer::types::DType::Bf16, warps: 4, specialized: false }, "sm_90a", (13, 0));
-    let b = compile::cache_file_name(Unit::Attention { head_dim: 128, dtype: packinfer::types::DType::Bf16, warps: 4, specialized: false }, "sm_80", (13, 0));
-    let c = compile::cache_file_name(Unit::Attention { head_dim: 64, dtype: packinfer::types::DType::Bf16, warps: 4, specialized: false }, "sm_90a", (13, 0));
-    let d = compile::cache_file_name(Unit::Attention { head_dim: 128, dtype: packinfer::types::DType::Bf16, warps: 4, specialized: false }, "sm_90a", (13, 1));
+    let a = compile::cache_file_name(Unit::Attention { head_dim: 128, dtype: packinfer::types::DType::Bf16, warps: 4, variant: Variant::Plain }, "sm_90a", (13, 0));
+    let b = compile::cache_file_name(Unit::Attention { head_dim: 128, dtype: packinfer::types::DType::Bf16, warps: 4, variant: Variant::Plain }, "sm_80", (13, 0));
+    let c = compile::cache_file_name(Unit::Attention { head_dim: 64, dtype: packinfer::types::DType::Bf16, warps: 4, variant: Variant::Plain }, "sm_90a", (13, 0));
+    let d = compile::cache_file_name(Unit::Attention { head_dim: 128, dtype: packinfer::types::DType::Bf16, warps: 4, variant: Variant::Plain }, "sm_90a", (13, 1));
     assert!(a != b && a != c && a != d && b != c, "{a} {b} {c} {d}");
 }
 

@@ -51,27 +51,50 @@ pub fn specialize_from_env() -> Specialize {
     }
 }
 
+/// Attention CTAs per SM of the short-prefill kernel (its 32-key stages and a register cap make
+/// them fit); the planner gives short batches this many workers per SM.
+pub const SHORT_PREFILL_CTAS: u32 = 3;
+
 /// Head dims the GPU kernels take.
 pub const HEAD_DIMS: [u32; 3] = [64, 128, 256];
 /// Element types the GPU kernels take.
 pub const DTYPES: [DType; 2] = [DType::F16, DType::Bf16];
 
+/// Which attention kernel a unit builds (one `packed_attention` per module).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Variant {
+    /// Every warp loads and computes (any architecture, head_dim, tile size).
+    Plain,
+    /// A producer warpgroup feeds consumer warpgroups through mbarriers, by TMA where K/V rows
+    /// are consecutive (Hopper, head_dim <= 128): long prefills.
+    WarpSpecialized,
+    /// 64-row tiles over 32-key blocks, registers capped so that `SHORT_PREFILL_CTAS` CTAs share
+    /// an SM (Hopper, head_dim <= 128): batches of short prompts, whose tiles wait on memory
+    /// more than they compute (H100, W5: 503-508 µs against 554-560 with the plain 4-warp kernel,
+    /// two CTAs per SM; decode is slower on it: W2 408 against 359 µs).
+    ShortPrefill,
+}
+
+impl Variant {
+    pub const ALL: [Variant; 3] = [Variant::Plain, Variant::WarpSpecialized, Variant::ShortPrefill];
+}
+
 /// One compiled module: what it is specialised for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Unit {
-    /// `packed_attention` + `merge_partials` for one head_dim, dtype and CTA size (warps);
-    /// `specialized` asks for the warp-specialised kernel where it exists.
-    Attention { head_dim: u32, dtype: DType, warps: u32, specialized: bool },
+    /// `packed_attention` + `merge_partials` for one head_dim, dtype, CTA size (warps) and
+    /// variant; a variant that does not exist for the rest is the plain kernel (`variant_on`).
+    Attention { head_dim: u32, dtype: DType, warps: u32, variant: Variant },
     /// `append_kv` + `copy_pages` (element-type agnostic 16-bit moves).
     Kv,
 }
 
 impl Unit {
-    /// Every unit a CUDA context with `warps`-warp attention CTAs (warp-specialised or not) can need.
-    pub fn all(warps: u32, specialized: bool) -> Vec<Unit> {
+    /// Every unit a CUDA context with `warps`-warp attention CTAs of `variant` can need.
+    pub fn all(warps: u32, variant: Variant) -> Vec<Unit> {
         let mut v: Vec<Unit> = HEAD_DIMS
             .iter()
-            .flat_map(|&d| DTYPES.iter().map(move |&t| Unit::Attention { head_dim: d, dtype: t, warps, specialized }))
+            .flat_map(|&d| DTYPES.iter().map(move |&t| Unit::Attention { head_dim: d, dtype: t, warps, variant }))
             .collect();
         v.push(Unit::Kv);
         v
@@ -79,8 +102,13 @@ impl Unit {
 
     pub fn name(&self) -> String {
         match self {
-            Unit::Attention { head_dim, dtype, warps, specialized } => {
-                format!("attention-d{head_dim}-{}-w{warps}{}", dtype.name(), if *specialized { "-ws" } else { "" })
+            Unit::Attention { head_dim, dtype, warps, variant } => {
+                let suffix = match variant {
+                    Variant::Plain => "",
+                    Variant::WarpSpecialized => "-ws",
+                    Variant::ShortPrefill => "-short",
+                };
+                format!("attention-d{head_dim}-{}-w{warps}{suffix}", dtype.name())
             }
             Unit::Kv => "kv".into(),
         }
@@ -92,6 +120,7 @@ impl Unit {
     pub fn block_n(&self, arch: &str) -> u32 {
         match *self {
             Unit::Attention { warps: 8, .. } if self.warp_specialized(arch) => 128,
+            Unit::Attention { .. } if self.variant_on(arch) == Variant::ShortPrefill => 32,
             Unit::Attention { head_dim: 256, .. } => 32,
             _ => 64,
         }
@@ -101,7 +130,29 @@ impl Unit {
     /// (where wgmma runs). A producer warpgroup streams the tiles to the `warps` consumer warps
     /// through mbarriers, by TMA where K/V rows are consecutive.
     pub fn warp_specialized(&self, arch: &str) -> bool {
-        matches!(*self, Unit::Attention { head_dim, specialized: true, .. } if arch == "sm_90a" && head_dim <= 128)
+        self.variant_on(arch) == Variant::WarpSpecialized
+    }
+
+    /// The variant this unit builds on `arch`: the one asked for where it exists (Hopper,
+    /// head_dim <= 128; the short-prefill kernel with 4 warps), else the plain kernel.
+    pub fn variant_on(&self, arch: &str) -> Variant {
+        match *self {
+            Unit::Attention { head_dim, warps, variant, .. } => {
+                let exists = arch == "sm_90a"
+                    && head_dim <= 128
+                    && match variant {
+                        Variant::ShortPrefill => warps == 4,
+                        _ => true,
+                    };
+                if exists { variant } else { Variant::Plain }
+            }
+            Unit::Kv => Variant::Plain,
+        }
+    }
+
+    /// CTAs an SM must hold at once (the kernel's register cap follows).
+    pub fn min_ctas(&self, arch: &str) -> u32 {
+        if self.variant_on(arch) == Variant::ShortPrefill { SHORT_PREFILL_CTAS } else { 1 }
     }
 
     /// Threads of an attention CTA: 32 per warp, and the producer warpgroup where there is one.
@@ -172,6 +223,7 @@ impl Unit {
                 format!("-DPI_STAGES={}", self.stages(arch)),
                 format!("-DPI_SMEM_BYTES={}", self.smem_struct_bytes(arch)),
                 format!("-DPI_WS={}", self.warp_specialized(arch) as u32),
+                format!("-DPI_MIN_CTAS={}", self.min_ctas(arch)),
             ],
             Unit::Kv => vec![],
         }

@@ -329,6 +329,11 @@ impl CudaBound {
         self.kernels.warp_specialized
     }
 
+    /// Keys per inner step of the kernel this launch runs (32 for the short-prefill kernel).
+    pub fn block_n(&self) -> u32 {
+        self.kernels.block_n
+    }
+
     /// Whether a run with `args` copies K/V by TMA where rows are consecutive (the
     /// warp-specialised kernel, with caches that have a row view; see `kv_tensor_map`).
     pub fn copies_kv_by_tma(&self, args: &RunArgs) -> Result<bool> {

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use cudarc::driver::sys;
 use parking_lot::Mutex;
 
-use self::compile::{KernelCache, Unit};
+use self::compile::{KernelCache, Unit, Variant};
 use self::driver::{Device, Module};
 use super::{Backend, BackendChoice, BackendKind, BoundPlan, LaunchCapacity, Scratch};
 use crate::error::{Error, Result};
@@ -103,16 +103,17 @@ pub struct Shared {
 impl Shared {
     /// The attention kernels for (head_dim, dtype) with the context's tile size.
     pub fn attention(&self, head_dim: u32, dtype: DType) -> Result<Arc<LoadedAttention>> {
-        self.attention_with(head_dim, dtype, self.tile_warps, self.specialize == compile::Specialize::Always)
+        let variant = if self.specialize == compile::Specialize::Always { Variant::WarpSpecialized } else { Variant::Plain };
+        self.attention_with(head_dim, dtype, self.tile_warps, variant)
     }
 
-    /// The attention kernels for (head_dim, dtype) with `warps`-warp CTAs, warp-specialised if
-    /// `specialized` and there is such a kernel: loaded on first use, compiled if not cached.
-    pub fn attention_with(&self, head_dim: u32, dtype: DType, warps: u32, specialized: bool) -> Result<Arc<LoadedAttention>> {
+    /// The attention kernels for (head_dim, dtype) with `warps`-warp CTAs of `variant` (the plain
+    /// kernel where that variant does not exist): loaded on first use, compiled if not cached.
+    pub fn attention_with(&self, head_dim: u32, dtype: DType, warps: u32, variant: Variant) -> Result<Arc<LoadedAttention>> {
         check_kernel_shape(head_dim, dtype)?;
-        let asked = Unit::Attention { head_dim, dtype, warps, specialized };
-        // Where there is no specialised kernel, the plain one (one cache entry, one compile).
-        let unit = Unit::Attention { head_dim, dtype, warps, specialized: asked.warp_specialized(self.cache.arch()) };
+        let asked = Unit::Attention { head_dim, dtype, warps, variant };
+        // One cache entry (and one compile) per kernel actually built.
+        let unit = Unit::Attention { head_dim, dtype, warps, variant: asked.variant_on(self.cache.arch()) };
         let mut map = self.attention.lock();
         if let Some(k) = map.get(&unit) {
             return Ok(k.clone());
@@ -207,17 +208,19 @@ impl CudaBackend {
     /// whichever the first one chose.
     pub fn bind_cuda(&self, plan: Arc<Plan>, stream: u64, scratch: Option<Scratch>, capacity: Option<&LaunchCapacity>) -> Result<launch::CudaBound> {
         let narrow = capacity.is_none() && self.shared.tile_warps > 4 && plan.items.iter().all(|i| i.num_rows <= 64);
-        let specialized = match self.shared.specialize {
-            compile::Specialize::Always => true,
-            compile::Specialize::Never => false,
-            compile::Specialize::Auto => !narrow && suits_warp_specialized(&plan.shape, &plan.batch),
+        let short = narrow && self.is_short(&plan.shape, &plan.batch);
+        let variant = match self.shared.specialize {
+            compile::Specialize::Always => Variant::WarpSpecialized,
+            _ if short => Variant::ShortPrefill,
+            compile::Specialize::Auto if !narrow && suits_warp_specialized(&plan.shape, &plan.batch) => Variant::WarpSpecialized,
+            _ => Variant::Plain,
         };
         let warps = if narrow { 4 } else { self.shared.tile_warps };
-        let kernels = self.shared.attention_with(plan.shape.head_dim, plan.shape.dtype, warps, specialized)?;
+        let kernels = self.shared.attention_with(plan.shape.head_dim, plan.shape.dtype, warps, variant)?;
         // Chosen by the plan, the specialised kernel keeps the plain one at hand for runs whose
         // cache has no row view for TMA (the layout comes with each run).
         let plain = if kernels.warp_specialized && self.shared.specialize == compile::Specialize::Auto {
-            Some(self.shared.attention_with(plan.shape.head_dim, plan.shape.dtype, warps, false)?)
+            Some(self.shared.attention_with(plan.shape.head_dim, plan.shape.dtype, warps, Variant::Plain)?)
         } else {
             None
         };
@@ -258,6 +261,14 @@ fn short_batch_keys_from_env() -> f64 {
     std::env::var("PACKINFER_SHORT_BATCH_KEYS").ok().and_then(|v| v.parse::<f64>().ok()).filter(|v| v.is_finite() && *v >= 0.0).unwrap_or(crate::plan::cost::SHORT_BATCH_KEYS_PER_ROW)
 }
 
+impl CudaBackend {
+    /// Whether a batch is short: its query rows see fewer keys on average than the context's
+    /// threshold (`PACKINFER_SHORT_BATCH_KEYS`, default `plan::cost::SHORT_BATCH_KEYS_PER_ROW`).
+    fn is_short(&self, shape: &Shape, batch: &Batch) -> bool {
+        crate::plan::cost::mean_visible_keys(batch, shape.causal) < self.shared.short_batch_keys
+    }
+}
+
 impl Backend for CudaBackend {
     fn kind(&self) -> BackendKind {
         BackendKind::Cuda
@@ -278,14 +289,16 @@ impl Backend for CudaBackend {
             ..DeviceProfile::hopper(dev.sm_count * if self.shared.tile_warps > 4 { 1 } else { 2 })
         }
     }
-    /// Short batches (few keys per query row: short prompts) get 64-row tiles and twice the
-    /// workers, so that an uncapacitated launch runs the 4-warp kernel, two CTAs per SM, whose
+    /// Short batches (few keys per query row: short prompts) get 64-row tiles and a worker per
+    /// CTA of the short-prefill kernel (`SHORT_PREFILL_CTAS` per SM where it exists, else the
+    /// 4-warp kernel's two), so that an uncapacitated launch runs several tiles per SM, whose
     /// start-of-tile latencies overlap (see `plan::cost::SHORT_BATCH_KEYS_PER_ROW`).
     fn profile_for(&self, shape: &Shape, batch: &Batch) -> DeviceProfile {
         let p = self.profile();
-        let short = crate::plan::cost::mean_visible_keys(batch, shape.causal) < self.shared.short_batch_keys;
-        if short && p.block_m > 64 && shape.group_size() <= 64 {
-            DeviceProfile { block_m: 64, num_workers: p.num_workers * 2, ..p }
+        if self.is_short(shape, batch) && p.block_m > 64 && shape.group_size() <= 64 {
+            let short_kernel = Unit::Attention { head_dim: shape.head_dim, dtype: shape.dtype, warps: 4, variant: Variant::ShortPrefill };
+            let ctas = if short_kernel.variant_on(self.shared.cache.arch()) == Variant::ShortPrefill { compile::SHORT_PREFILL_CTAS } else { 2 };
+            DeviceProfile { block_m: 64, num_workers: p.num_workers * ctas, ..p }
         } else {
             p
         }
@@ -306,24 +319,25 @@ impl Backend for CudaBackend {
         Ok(profile)
     }
     /// Compiles (or loads from the disk cache) and loads every kernel variant a launch may
-    /// pick: both tile sizes (the narrow one serves decode-heavy launches), warp-specialised or
-    /// not as the context allows, and the KV kernels.
+    /// pick: both tile sizes (the narrow one serves decode-heavy launches), the warp-specialised
+    /// and short-prefill kernels as the context allows, and the KV kernels.
     fn precompile(&self) -> Result<()> {
         use compile::Specialize;
         let warps = if self.shared.tile_warps > 4 { vec![self.shared.tile_warps, 4] } else { vec![4] };
-        let specialized: &[bool] = match self.shared.specialize {
-            Specialize::Auto => &[false, true],
-            Specialize::Always => &[true],
-            Specialize::Never => &[false],
+        let variants: &[Variant] = match self.shared.specialize {
+            Specialize::Auto => &Variant::ALL,
+            Specialize::Always => &[Variant::WarpSpecialized],
+            Specialize::Never => &[Variant::Plain, Variant::ShortPrefill],
         };
         for w in warps {
-            for &s in specialized {
-                if s && w != self.shared.tile_warps {
-                    continue;  // launches with narrow tiles run the plain kernel
+            for &v in variants {
+                // Specialised launches run the context's tile size; short-prefill ones 4 warps.
+                if (v == Variant::WarpSpecialized && w != self.shared.tile_warps) || (v == Variant::ShortPrefill && w != 4) {
+                    continue;
                 }
-                for unit in Unit::all(w, s) {
+                for unit in Unit::all(w, v) {
                     match unit {
-                        Unit::Attention { head_dim, dtype, warps, specialized } => drop(self.shared.attention_with(head_dim, dtype, warps, specialized)?),
+                        Unit::Attention { head_dim, dtype, warps, variant } => drop(self.shared.attention_with(head_dim, dtype, warps, variant)?),
                         Unit::Kv => drop(self.shared.kv()?),
                     }
                 }

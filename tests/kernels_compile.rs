@@ -41,9 +41,9 @@ fn every_variant_compiles_for_sm80_and_sm90a() {
     for arch in ["sm_80", "sm_90a"] {
         // Both tile sizes, every variant that exists on the architecture (one that does not
         // builds the plain kernel, which is compiled once).
-        let units: Vec<Unit> = Variant::ALL
-            .iter()
-            .flat_map(|&v| [4, 8].into_iter().flat_map(move |w| Unit::all(w, v)))
+        let units: Vec<Unit> = Variant::all()
+            .into_iter()
+            .flat_map(|v| [4, 8].into_iter().flat_map(move |w| Unit::all(w, v)))
             .filter(|u| match *u {
                 Unit::Attention { variant, .. } => u.variant_on(arch) == variant,
                 Unit::Kv => true,

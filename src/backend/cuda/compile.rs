@@ -76,7 +76,9 @@ pub enum Variant {
 }
 
 impl Variant {
-    pub const ALL: [Variant; 3] = [Variant::Plain, Variant::WarpSpecialized, Variant::ShortPrefill];
+    pub fn all() -> [Variant; 3] {
+        [Variant::Plain, Variant::WarpSpecialized, Variant::ShortPrefill]
+    }
 }
 
 /// One compiled module: what it is specialised for.

@@ -324,13 +324,13 @@ impl Backend for CudaBackend {
     fn precompile(&self) -> Result<()> {
         use compile::Specialize;
         let warps = if self.shared.tile_warps > 4 { vec![self.shared.tile_warps, 4] } else { vec![4] };
-        let variants: &[Variant] = match self.shared.specialize {
-            Specialize::Auto => &Variant::ALL,
-            Specialize::Always => &[Variant::WarpSpecialized],
-            Specialize::Never => &[Variant::Plain, Variant::ShortPrefill],
+        let variants: Vec<Variant> = match self.shared.specialize {
+            Specialize::Auto => Variant::all().to_vec(),
+            Specialize::Always => vec![Variant::WarpSpecialized],
+            Specialize::Never => vec![Variant::Plain, Variant::ShortPrefill],
         };
         for w in warps {
-            for &v in variants {
+            for &v in &variants {
                 // Specialised launches run the context's tile size; short-prefill ones 4 warps.
                 if (v == Variant::WarpSpecialized && w != self.shared.tile_warps) || (v == Variant::ShortPrefill && w != 4) {
                     continue;

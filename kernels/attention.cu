@@ -1,9 +1,10 @@
 // The packed-attention kernel and the merge kernel.
 //
 // Compiled by NVRTC once per variant with -DPI_HEAD_DIM=64|128|256, -DPI_BF16=0|1,
-// -DPI_BLOCK_N (keys per inner step), -DPI_WARPS (4 or 8 warps of 16 tile rows each) and
-// -DPI_STAGES (K/V blocks in the shared-memory ring);
-// work.cuh is prepended by the host.
+// -DPI_BLOCK_N (keys per inner step: 32, 64 or 128), -DPI_WARPS (4 or 8 warps of 16 tile rows
+// each), -DPI_STAGES (K/V blocks in the shared-memory ring), -DPI_WS (the warp-specialised
+// kernel) and -DPI_MIN_CTAS (CTAs per SM the register count must allow); work.cuh is prepended
+// by the host (src/backend/cuda/compile.rs: Unit and Variant say which combinations exist).
 //
 // Execution model (the planner's contract, src/plan/work.rs): persistent CTAs take groups from a
 // device counter (work stealing, so a CTA that drew short groups takes more) and run each
@@ -11,10 +12,15 @@
 // PI_BLOCK_M query rows (several requests and GQA heads, listed by row segments) against a list of
 // KV chunks; each chunk applies to a contiguous range of the tile's rows. Each warp owns a
 // 16-row slice; for a chunk, only the slices that intersect its rows do math. QK^T and PV run on
-// tensor cores, K/V blocks arrive by cp.async into a ring of PI_STAGES stages, softmax is online,
-// in fp32, in base 2. On Hopper (sm_90a, head_dim <= 128) each warpgroup (4 warps, 64 rows) issues wgmma
-// with Q and K/V read straight from shared memory; elsewhere, and for tiles of <= 16 rows, each
-// warp issues mma.sync m16n8k16 with operands through ldmatrix.
+// tensor cores, softmax is online, in fp32, in base 2. On Hopper (sm_90a, head_dim <= 128) each
+// warpgroup (4 warps, 64 rows) issues wgmma with Q and K/V read straight from shared memory;
+// elsewhere, and for tiles of <= 16 rows in the plain kernel, each warp issues mma.sync m16n8k16
+// with operands through ldmatrix.
+//
+// Two kernels share these helpers. The plain one (PI_WS=0): every warp also copies K/V blocks
+// by cp.async into a ring of PI_STAGES stages and the CTA meets at a barrier per block. The
+// warp-specialised one (PI_WS=1, see its section below): a producer warpgroup copies, by TMA
+// where K/V rows are consecutive, and the consumer warpgroups only compute.
 
 #ifndef PI_HEAD_DIM
 #error "PI_HEAD_DIM must be defined"
@@ -614,9 +620,11 @@ __device__ __forceinline__ void store_rows(const KernelParams& p, const PlanHead
 // producer draws groups, resolves each item's rows, copies its Q tile into one of two item slots
 // and streams its K and V blocks through rings of PI_STAGES stages; the consumers only compute
 // (the pipelined wgmma loop) and write rows. They meet at mbarriers, never at a CTA barrier: the
-// producer prepares the next item while the consumers finish this one, and the consumer
-// warpgroups drift apart instead of waiting for each other every block. Items of <= 16 rows run
-// on the same wgmma path (a 64-row warpgroup tile with zero rows past num_rows).
+// producer prepares the next item while the consumers finish this one's last blocks, and the
+// consumer warpgroups drift apart instead of waiting for each other every block. Blocks of
+// consecutive cache rows arrive by TMA (one box per 64 dims, issued by one thread), others by
+// cp.async from all producer threads. Items of <= 16 rows run on the same wgmma path (a 64-row
+// warpgroup tile with zero rows past num_rows).
 
 #define PI_CONSUMER_WGS (PI_WARPS / 4)
 #define PI_PRODUCER_THREADS 128
@@ -624,7 +632,7 @@ __device__ __forceinline__ void store_rows(const KernelParams& p, const PlanHead
 // work list.
 #define PI_SLOT_CHUNKS 16
 // Registers per thread after the split (setmaxnreg): the producer needs few, the consumers hold
-// the output, two score tiles and P. Sums stay within the CTA's launch allocation (384 threads
+// the output, a score tile and P. Sums stay within the CTA's launch allocation (384 threads
 // x 168, or 256 threads x 128 for two CTAs per SM).
 // The consumers of 128-key blocks need 232 (at 224 ptxas serialises the wgmmas, C7512); the
 // producer then spills ~160 bytes, ~44 with one consumer warpgroup (64-key blocks), in code

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use common::{assert_close_to, rel_frobenius, rng, Case, CaseSpec, Tensor};
 use cudarc::driver::{result as cu, sys};
 use packinfer::backend::cuda::driver::{sync_stream, DeviceBuffer};
+use packinfer::backend::cuda::launch::CudaBound;
 use packinfer::backend::cuda::CudaBackend;
 use packinfer::backend::{Backend, BackendChoice, BackendKind, BoundPlan, LaunchCapacity};
 use packinfer::plan::{KvChunk, MergeRow, Plan, PlanOptions, RowSegment, WorkItem, FINAL_OUTPUT};
@@ -89,10 +90,18 @@ impl DeviceCase {
 
 /// Runs `plan` for `case` on stream 0 and returns the outputs.
 fn run_plan(cu: &CudaBackend, case: &Case, plan: Plan) -> (Tensor, Vec<f32>) {
+    run_plan_inspected(cu, case, plan, |_, _| {})
+}
+
+/// `run_plan`, letting `inspect` look at the launch and the run's arguments before the run
+/// (which kernel it bound, whether the run copies K/V by TMA).
+fn run_plan_inspected(cu: &CudaBackend, case: &Case, plan: Plan, inspect: impl FnOnce(&CudaBound, &RunArgs)) -> (Tensor, Vec<f32>) {
     let dcase = DeviceCase::for_case(cu, case);
-    let bound = cu.bind(Arc::new(plan), 0, None).expect("bind");
+    let bound = cu.bind_cuda(Arc::new(plan), 0, None, None).expect("bind");
     bound.wait().unwrap();
-    bound.run(&dcase.args(case, 0)).expect("run");
+    let args = dcase.args(case, 0);
+    inspect(&bound, &args);
+    bound.run(&args).expect("run");
     sync_stream(cu.device(), 0).expect("kernels failed");
     dcase.outputs(cu, case)
 }
@@ -171,16 +180,11 @@ fn warp_specialized_kernel_with_tma() {
             .collect();
         let case = Case::build_with(&mut r, &spec, &lens, vec![], i % 6 == 5);
         let plan = Plan::build(case.shape, case.batch.clone(), &cu.profile(), PlanOptions::default()).unwrap();
-        let dcase = DeviceCase::for_case(&cu, &case);
-        let bound = cu.bind_cuda(Arc::new(plan), 0, None, None).expect("bind");
-        bound.wait().unwrap();
-        let args = dcase.args(&case, 0);
-        // NHD caches have the (dims, heads, rows) view TMA copies from; HND caches do not,
-        // except with one slot per page (then they are the same layout).
-        assert_eq!(bound.copies_kv_by_tma(&args).unwrap(), !spec.hnd || spec.page_size == 1, "case {i}: TMA use");
-        bound.run(&args).expect("run");
-        sync_stream(cu.device(), 0).expect("kernels failed");
-        let (o, lse) = dcase.outputs(&cu, &case);
+        let (o, lse) = run_plan_inspected(&cu, &case, plan, |bound, args| {
+            // NHD caches have the (dims, heads, rows) view TMA copies from; HND caches do not,
+            // except with one slot per page (then they are the same layout).
+            assert_eq!(bound.copies_kv_by_tma(args).unwrap(), !spec.hnd || spec.page_size == 1, "case {i}: TMA use");
+        });
         done.push((case, o, lse, format!("warp-specialised {i}: {spec:?}, lens {lens:?}")));
     }
     check_all(done);
@@ -198,16 +202,11 @@ fn specialized_launches_choose_the_kernel_per_run_layout() {
         let spec = CaseSpec { batch_size: 0, max_kv: 0, page_size: 16, num_kv_heads: 2, group: 4, head_dim: 128, dtype: DType::Bf16, causal: true, decode_fraction: 0.0, hnd };
         let case = Case::build_with(&mut r, &spec, &[(3000, 3000), (2000, 3500)], vec![], false);
         let plan = Plan::build(case.shape, case.batch.clone(), &cu.profile(), PlanOptions::default()).unwrap();
-        let dcase = DeviceCase::for_case(&cu, &case);
-        let bound = cu.bind_cuda(Arc::new(plan), 0, None, None).expect("bind");
-        bound.wait().unwrap();
-        let args = dcase.args(&case, 0);
         let hopper = cu.device().cc == (9, 0);
-        assert_eq!(bound.warp_specialized(), hopper, "a long prefill over pages in order");
-        assert_eq!(bound.copies_kv_by_tma(&args).unwrap(), hopper && !hnd);
-        bound.run(&args).expect("run");
-        sync_stream(cu.device(), 0).expect("kernels failed");
-        let (o, lse) = dcase.outputs(&cu, &case);
+        let (o, lse) = run_plan_inspected(&cu, &case, plan, |bound, args| {
+            assert_eq!(bound.warp_specialized(), hopper, "a long prefill over pages in order");
+            assert_eq!(bound.copies_kv_by_tma(args).unwrap(), hopper && !hnd);
+        });
         done.push((case, o, lse, format!("case {i}, hnd {hnd}")));
     }
     check_all(done);
@@ -261,10 +260,9 @@ fn short_batches_run_on_narrow_tiles() {
         let plan = Plan::build(case.shape, case.batch.clone(), &profile, PlanOptions::default()).unwrap();
         assert!(plan.items.iter().all(|it| it.num_rows <= profile.block_m));
         // On Hopper they run on the short-prefill kernel (32-key blocks, several CTAs per SM).
-        let bound = cu.bind_cuda(Arc::new(plan.clone()), 0, None, None).expect("bind");
-        assert_eq!(bound.block_n() == 32, cu.device().cc == (9, 0) && cu.profile().block_m > 64, "short batch {i}: kernel");
-        drop(bound);
-        let (o, lse) = run_plan(&cu, &case, plan);
+        let (o, lse) = run_plan_inspected(&cu, &case, plan, |bound, _| {
+            assert_eq!(bound.block_n() == 32, cu.device().cc == (9, 0) && cu.profile().block_m > 64, "short batch {i}: kernel");
+        });
         done.push((case, o, lse, format!("short batch {i}: {spec:?}, lens {lens:?}")));
     }
     check_all(done);

@@ -90,3 +90,5 @@ struct KernelParams {
 #define PI_FLAG_KV_VEC 2u
 // k_map and v_map are valid (the warp-specialised kernel copies runs of consecutive rows by TMA).
 #define PI_FLAG_KV_TMA 4u
+// O rows (base and strides) allow 16-byte stores.
+#define PI_FLAG_O_VEC 8u

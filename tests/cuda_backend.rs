@@ -16,7 +16,7 @@ use packinfer::backend::cuda::driver::{sync_stream, DeviceBuffer};
 use packinfer::backend::cuda::launch::CudaBound;
 use packinfer::backend::cuda::CudaBackend;
 use packinfer::backend::{Backend, BackendChoice, BackendKind, BoundPlan, LaunchCapacity};
-use packinfer::plan::{KvChunk, MergeRow, Plan, PlanOptions, RowSegment, WorkItem, FINAL_OUTPUT};
+use packinfer::plan::{DeviceProfile, KvChunk, MergeRow, Plan, PlanOptions, RowSegment, WorkItem, FINAL_OUTPUT};
 use packinfer::types::{DType, KvLayout, PrefixGroup, RowsTensor, RunArgs};
 use rand::rngs::SmallRng;
 use rand::Rng;
@@ -257,6 +257,9 @@ fn short_batches_run_on_narrow_tiles() {
         if cu.profile().block_m > 64 {
             assert_eq!(profile.block_m, 64, "a short batch keeps the wide tiles");
         }
+        // Every other batch on two workers: groups of many items, so each item is prepared (row
+        // table, first pages, Q copies into the other slot) while the one before it computes.
+        let profile = if i % 2 == 1 { DeviceProfile { num_workers: 2, ..profile } } else { profile };
         let plan = Plan::build(case.shape, case.batch.clone(), &profile, PlanOptions::default()).unwrap();
         assert!(plan.items.iter().all(|it| it.num_rows <= profile.block_m));
         // On Hopper they run on the short-prefill kernel (32-key blocks, several CTAs per SM).
@@ -469,7 +472,9 @@ fn handmade_plans_packed_split_prefix() {
             vec![]
         };
         let case = Case::build(&mut r, &spec, &lens, prefix);
-        let plan = handmade_plan(&case, cu.profile().block_m, &mut r);
+        // Every other case on 64-row tiles (the 4-warp kernel, whose next item's Q tile is
+        // copied while the current one computes).
+        let plan = handmade_plan(&case, if i % 2 == 1 { 64 } else { cu.profile().block_m }, &mut r);
         let ctx = format!("handmade {i} ({} items, {} merges) {spec:?}", plan.items.len(), plan.merges.len());
         let (o, lse) = run_plan(&cu, &case, plan);
         done.push((case, o, lse, ctx));

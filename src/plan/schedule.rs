@@ -27,7 +27,8 @@
 //! 5. **Grouping.** Longest-processing-time first: units sorted by decreasing cost, each placed
 //!    on the least-loaded of G groups. A unit is one piece for one KV head, or a whole prefix
 //!    group for one KV head when it fits in C (so its members share a CTA, the paper's I/O-aware
-//!    grouping). Automatic capacity uses G = AUTO_WAVES × num_workers groups; a given
+//!    grouping), or a run: all tiles of a request that fits in C (tail tile unpacked), one after
+//!    another on one CTA, each reading its keys from L2 where the one before left them. Automatic capacity uses G = AUTO_WAVES × num_workers groups; a given
 //!    capacity uses G = ⌈total / C⌉, rounded up to whole waves beyond one.
 //!
 //! Pieces are replicated for every KV head; the copies share their `row_segments` and
@@ -39,6 +40,7 @@ use super::{DeviceProfile, KvChunk, MergeRow, Plan, RowSegment, WorkItem, FINAL_
 use crate::error::Result;
 
 const NO_BUNDLE: u32 = u32::MAX;
+const NO_RUN: u32 = u32::MAX;
 
 /// Waves of groups the automatic capacity aims for. More than one: persistent CTAs take groups
 /// from a shared counter, so a few groups per worker absorb the cost model's errors, and the
@@ -86,6 +88,8 @@ struct Piece {
     num_rows: u32,
     partial: bool,
     bundle: u32,
+    /// The request whose pieces are grouped as one unit (see step 5), or [`NO_RUN`].
+    run: u32,
     cost: f64,
 }
 
@@ -257,6 +261,7 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
                 num_rows: tile.num_rows,
                 partial: true,
                 bundle: tile.bundle,
+                run: NO_RUN,
                 cost: block_cost(tile.num_rows, ke - kb),
             });
             for seg in &segments[tile.seg_begin as usize..(tile.seg_begin + tile.seg_count) as usize] {
@@ -268,12 +273,28 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
         }
     }
 
+    // Runs: a request of at least one full tile, no prefix group and a total cost within C is
+    // placed as one unit (step 5), its tiles one after another on one CTA, tail tile included
+    // (not packed). Its tiles read growing prefixes of the same keys, so each tile finds them
+    // in L2 where the previous one left them; scattered by LPT over the whole launch, the tiles
+    // of a batch of short prompts re-read their keys from DRAM (H100, W5: 1.14 GB of DRAM
+    // traffic against a 0.71 GB floor).
+    let runs = opts.balancing && fixed_split.is_none();
+    let mut request_cost = vec![0.0f64; if runs { n } else { 0 }];
+    let mut full_tile = vec![false; request_cost.len()];
+    for b in blocks.iter().filter(|b| runs && b.bundle == NO_BUNDLE) {
+        request_cost[b.request as usize] += b.cost;
+        full_tile[b.request as usize] |= b.q_count * group == block_m;
+    }
+    let in_run = |r: u32| full_tile.get(r as usize).copied().unwrap_or(false) && request_cost[r as usize] <= capacity;
+
     // Blocks: a split block's pieces share its segment; unsplit short blocks wait for packing.
     let mut pack: Vec<Block> = Vec::with_capacity(blocks.len());
     for b in &blocks {
         split(b.key_begin, b.key_end, b.cost, &mut ranges);
         let rows = b.q_count * group;
-        if ranges.len() == 1 && opts.packing && rows < block_m {
+        let run = if in_run(b.request) { b.request } else { NO_RUN };
+        if ranges.len() == 1 && opts.packing && rows < block_m && run == NO_RUN {
             pack.push(*b);
             continue;
         }
@@ -285,7 +306,7 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
         for &(kb, ke) in &ranges {
             let p = pieces.len() as u32;
             chunks.push(KvChunk { request: b.request, key_begin: kb, key_end: ke, row_begin: 0, row_end: rows });
-            pieces.push(Piece { seg_begin, seg_count: 1, chunk_begin: chunks.len() as u32 - 1, chunk_count: 1, num_rows: rows, partial, bundle: b.bundle, cost: block_cost(rows, ke - kb) });
+            pieces.push(Piece { seg_begin, seg_count: 1, chunk_begin: chunks.len() as u32 - 1, chunk_count: 1, num_rows: rows, partial, bundle: b.bundle, run, cost: block_cost(rows, ke - kb) });
             if partial {
                 record_partials(&mut partial_rows, &seg, kb, p);
             }
@@ -344,6 +365,7 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
             num_rows: rows,
             partial: first.partial,
             bundle: first.bundle,
+            run: NO_RUN,
             cost,
         });
         if first.partial {
@@ -368,18 +390,38 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
             }
         }
         let bundle_whole: Vec<bool> = bundle_cost.iter().map(|&c| c <= capacity).collect();
-        // Entities: (cost, index); index < pieces.len() is a piece, else a bundle.
-        let np = pieces.len() as u32;
+        // Entities, each a list of pieces placed together: a whole bundle, a run (one request's
+        // consecutive pieces), or one piece. Entity e is (cost, e), its pieces
+        // entity_pieces[entity_start[e]..entity_start[e + 1]].
         let mut entities: Vec<(f64, u32)> = Vec::with_capacity(pieces.len());
-        for (i, p) in pieces.iter().enumerate() {
+        let mut entity_pieces: Vec<u32> = Vec::with_capacity(pieces.len());
+        let mut entity_start: Vec<u32> = vec![0];
+        let mut close = |cost: f64, entity_pieces: &Vec<u32>| {
+            entities.push((cost, entity_start.len() as u32 - 1));
+            entity_start.push(entity_pieces.len() as u32);
+        };
+        let mut i = 0;
+        while i < pieces.len() {
+            let p = pieces[i];
+            let mut j = i + 1;
             if p.bundle == NO_BUNDLE || !bundle_whole[p.bundle as usize] {
-                entities.push((p.cost, i as u32));
+                while p.run != NO_RUN && j < pieces.len() && pieces[j].run == p.run {
+                    j += 1;
+                }
+                entity_pieces.extend(i as u32..j as u32);
+                close(pieces[i..j].iter().map(|q| q.cost).sum(), &entity_pieces);
+            }
+            i = j;
+        }
+        let mut bundle_pieces: Vec<Vec<u32>> = vec![Vec::new(); shared_len.len()];
+        for (i, p) in pieces.iter().enumerate() {
+            if p.bundle != NO_BUNDLE && bundle_whole[p.bundle as usize] {
+                bundle_pieces[p.bundle as usize].push(i as u32);
             }
         }
-        for (b, &whole) in bundle_whole.iter().enumerate() {
-            if whole {
-                entities.push((bundle_cost[b], np + b as u32));
-            }
+        for (b, members) in bundle_pieces.iter().enumerate().filter(|(b, _)| bundle_whole[*b]) {
+            entity_pieces.extend_from_slice(members);
+            close(bundle_cost[b], &entity_pieces);
         }
         // By decreasing cost (in `f64::total_cmp` order), then by index: integer keys compare
         // without the float comparison's branches.
@@ -392,13 +434,6 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
             g = g.next_multiple_of(workers);
         }
         num_groups = g.min(units).max(1);
-        // Pieces of each whole bundle, for placing them together.
-        let mut bundle_pieces: Vec<Vec<u32>> = vec![Vec::new(); shared_len.len()];
-        for (i, p) in pieces.iter().enumerate() {
-            if p.bundle != NO_BUNDLE && bundle_whole[p.bundle as usize] {
-                bundle_pieces[p.bundle as usize].push(i as u32);
-            }
-        }
         // The units in LPT order: entities by decreasing cost, each for every KV head. The first
         // `num_groups` units go to groups 0, 1, ... in that order (all groups are empty).
         let first_costs = entities.iter().flat_map(|&(cost, _)| std::iter::repeat(cost).take(heads_us)).take(num_groups);
@@ -408,12 +443,8 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
             for h in 0..heads_us {
                 let g = if u < num_groups { u as u32 } else { least.add_to_least(cost) };
                 u += 1;
-                if e < np {
-                    group_of[e as usize * heads_us + h] = g;
-                } else {
-                    for &p in &bundle_pieces[(e - np) as usize] {
-                        group_of[p as usize * heads_us + h] = g;
-                    }
+                for &p in &entity_pieces[entity_start[e as usize] as usize..entity_start[e as usize + 1] as usize] {
+                    group_of[p as usize * heads_us + h] = g;
                 }
             }
         }

@@ -117,6 +117,7 @@ pub struct TensorMap(pub [u64; 16]);
 pub const FLAG_Q_VEC: u32 = 1;
 pub const FLAG_KV_VEC: u32 = 2;
 pub const FLAG_KV_TMA: u32 = 4;
+pub const FLAG_O_VEC: u32 = 8;
 
 /// The TMA descriptor of one KV cache viewed as (head_dim, KV heads, rows) with row = page ·
 /// page_size + slot, for boxes of 64 dims × 1 head × `box_rows` rows swizzled by 128 bytes
@@ -409,6 +410,9 @@ impl CudaBound {
         }
         if a16(kv.k) && a16(kv.v) && kv.stride_dim == 1 && m8(kv.stride_page) && m8(kv.stride_token) && m8(kv.stride_head) {
             flags |= FLAG_KV_VEC;
+        }
+        if a16(args.o.ptr) && m8(args.o.stride_token) && m8(args.o.stride_head) {
+            flags |= FLAG_O_VEC;
         }
         let (mut k_map, mut v_map) = (TensorMap::default(), TensorMap::default());
         if self.kernels.warp_specialized && flags & FLAG_KV_VEC != 0 {

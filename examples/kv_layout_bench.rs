@@ -150,7 +150,7 @@ fn run(trace: &[(u32, u32)], headroom: u32) -> (Totals, Totals, f64, f64, (u64, 
         // KV a step reads (both approaches read the same: shared prefixes once).
         let plan_reqs: Vec<(SeqId, u32)> = reqs.iter().map(|r| (r.seq, 1)).collect();
         if step % 16 == 0 {
-            pool.plan(&plan_reqs, &cpu.profile(), PlanOptions::default()).unwrap();
+            pool.plan(&plan_reqs, Some(&cpu.profile()), PlanOptions::default()).unwrap();
             let st = pool.stats();
             read_shared += st.step_read_bytes_shared;
             read_unshared += st.step_read_bytes_unshared;

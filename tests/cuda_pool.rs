@@ -151,10 +151,10 @@ impl Side {
         let s = self.stream();
         let reqs: Vec<(SeqId, u32)> = step.iter().map(|&(i, n)| (ids[i], n)).collect();
         let seqs: Vec<SeqId> = reqs.iter().map(|r| r.0).collect();
-        let mut plan = self.pool.plan(&reqs, profile, PlanOptions::default()).unwrap();
+        let mut plan = self.pool.plan(&reqs, Some(profile), PlanOptions::default()).unwrap();
         let report = self.pool.relayout(&groups_of_plan(&plan, &seqs).unwrap(), regroup, s).unwrap();
         if report.pages_moved > 0 {
-            plan = self.pool.plan(&reqs, profile, PlanOptions::default()).unwrap();
+            plan = self.pool.plan(&reqs, Some(profile), PlanOptions::default()).unwrap();
         }
         let total_q = plan.batch.total_q() as usize;
         let bound = self.backend.bind(Arc::new(plan), s, None).unwrap();
@@ -302,4 +302,25 @@ fn cuda_pool_error_paths() {
     assert_eq!(&back[1000..1037], &data[101..138]);
     assert_eq!(&back[3001..3038], &data[1..38]);
     assert!(back[..5].iter().all(|&b| b == 0) && back[42..1000].iter().all(|&b| b == 0), "bytes outside the rows were written");
+}
+
+/// Pool plans take the backend's profile for their batch, as `packinfer_plan_create` plans do: a
+/// step of short prompts is planned on narrow tiles (on Hopper, for the short-prefill kernel).
+#[test]
+fn pool_plans_use_the_profile_for_their_batch() {
+    let Some(cu) = cuda("pool_plans_use_the_profile_for_their_batch") else { return };
+    let pool = KvPool::new(cu.clone(), config()).unwrap();
+    let reqs: Vec<(SeqId, u32)> = [20u32, 35, 9]
+        .iter()
+        .map(|&n| {
+            let s = pool.create_sequence();
+            pool.append(s, n, 0).unwrap();
+            (s, n)
+        })
+        .collect();
+    let plan = pool.plan(&reqs, None, PlanOptions::default()).unwrap();
+    assert_eq!(plan.block_m, cu.profile_for(&plan.shape, &plan.batch).block_m);
+    if cu.profile().block_m > 64 {
+        assert_eq!(plan.block_m, 64, "a step of short prompts is planned on narrow tiles");
+    }
 }

@@ -239,7 +239,7 @@ fn random_ops(seed: u64, page_size: u32, num_pages: u32, headroom: u32, steps: u
                 let mut subset: Vec<SeqId> = ids.iter().copied().filter(|_| r.random_bool(0.6)).collect();
                 subset.shuffle(&mut r);
                 let reqs: Vec<(SeqId, u32)> = subset.iter().map(|&id| (id, r.random_range(0..=model.seqs[&id].len().min(3) as u32))).collect();
-                let plan = pool.plan(&reqs, &cpu.profile(), PlanOptions::default()).unwrap();
+                let plan = pool.plan(&reqs, Some(&cpu.profile()), PlanOptions::default()).unwrap();
                 let snap = pool.debug_snapshot();
                 for (i, &(id, q)) in reqs.iter().enumerate() {
                     assert_eq!(plan.batch.kv_len(i), model.seqs[&id].len() as u32, "{ctx}: kv_len");
@@ -390,9 +390,9 @@ fn bad_input_changes_nothing() {
         ("write bad layer", unsafe { pool.write_kv(LAYERS, &[(b, 1)], 8, 8, 16, 0) }),
         ("write short stride", unsafe { pool.write_kv(0, &[(b, 1)], 8, 8, 15, 0) }),
         ("write null", unsafe { pool.write_kv(0, &[(b, 1)], 0, 0, 16, 0) }),
-        ("plan unknown", pool.plan(&[(a, 0)], &CpuBackend::new(1).profile(), PlanOptions::default()).map(drop)),
-        ("plan repeated", pool.plan(&[(b, 1), (b, 1)], &CpuBackend::new(1).profile(), PlanOptions::default()).map(drop)),
-        ("plan more queries than tokens", pool.plan(&[(b, 7)], &CpuBackend::new(1).profile(), PlanOptions::default()).map(drop)),
+        ("plan unknown", pool.plan(&[(a, 0)], None, PlanOptions::default()).map(drop)),
+        ("plan repeated", pool.plan(&[(b, 1), (b, 1)], None, PlanOptions::default()).map(drop)),
+        ("plan more queries than tokens", pool.plan(&[(b, 7)], None, PlanOptions::default()).map(drop)),
         ("relayout unknown", pool.relayout(&[vec![a]], true, 0).map(drop)),
         ("relayout twice", pool.relayout(&[vec![b], vec![b]], true, 0).map(drop)),
         ("layout bad layer", pool.kv_layout(LAYERS).map(drop)),
@@ -432,7 +432,7 @@ fn content_hash_prefix_sharing() {
     write(&pool, b, &more).unwrap();
     model.seqs.get_mut(&b).unwrap().extend(more);
     check(&pool, &model, "after match");
-    let plan = pool.plan(&[(a, 1), (b, 1)], &CpuBackend::new(1).profile(), PlanOptions::default()).unwrap();
+    let plan = pool.plan(&[(a, 1), (b, 1)], None, PlanOptions::default()).unwrap();
     assert_eq!(plan.batch.prefix_groups.len(), 1);
     assert_eq!(plan.batch.prefix_groups[0].prefix_len, 8);
     let st = pool.stats();
@@ -479,7 +479,7 @@ fn decode_appends_stay_in_headroom_until_it_runs_out() {
         pool.release(f).unwrap();
     }
     let reqs: Vec<(SeqId, u32)> = members.iter().map(|&m| (m, 1)).collect();
-    let plan = pool.plan(&reqs, &cpu.profile(), PlanOptions::default()).unwrap();
+    let plan = pool.plan(&reqs, Some(&cpu.profile()), PlanOptions::default()).unwrap();
     assert_eq!(plan.batch.prefix_groups.len(), 1);
     assert_eq!(plan.batch.prefix_groups[0].prefix_len, 12);
     let groups = vec![members.clone()];
@@ -562,7 +562,7 @@ fn threads_append_write_plan_and_relayout_on_one_pool() {
                         _ => {
                             let ids: Vec<SeqId> = model.seqs.keys().copied().collect();
                             let reqs: Vec<(SeqId, u32)> = ids.iter().map(|&id| (id, model.seqs[&id].len().min(1) as u32)).collect();
-                            let plan = pool.plan(&reqs, &cpu.profile(), PlanOptions::default()).unwrap();
+                            let plan = pool.plan(&reqs, Some(&cpu.profile()), PlanOptions::default()).unwrap();
                             for (i, &(id, _)) in reqs.iter().enumerate() {
                                 assert_eq!(plan.batch.kv_len(i) as usize, model.seqs[&id].len());
                             }

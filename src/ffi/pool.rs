@@ -373,14 +373,14 @@ pub unsafe extern "C" fn packinfer_pool_plan_create(
     out: *mut PackinferPlan,
 ) -> PackinferStatus {
     guard("packinfer_pool_plan_create", || {
-        let backend = CONTEXTS.get(context.bits)?;
+        CONTEXTS.get(context.bits)?;
         let pool = POOLS.get(pool.bits)?;
         let requests = zip_requests("seq_ids", seq_ids, "num_new_tokens", num_new_tokens, n)?;
         let options = if options.is_null() { PlanOptions::default() } else { convert_plan_options(super::options("options", options)?)? };
         if out.is_null() {
             return Err(invalid!("out is a null pointer"));
         }
-        let plan = pool.plan(&requests, &backend.profile(), options)?;
+        let plan = pool.plan(&requests, None, options)?;
         write_out("out", out, PackinferPlan { bits: PLANS.insert(plan) })
     })
 }

@@ -157,7 +157,7 @@ pub struct KvPool {
     memory: Box<dyn KvMemory>,
     state: Mutex<PoolState>,
     /// Keeps the backend that allocated `memory` alive as long as the pool.
-    _backend: Arc<dyn Backend>,
+    backend: Arc<dyn Backend>,
 }
 
 impl std::fmt::Debug for KvPool {
@@ -187,7 +187,7 @@ impl KvPool {
             page_size: config.page_size,
             headroom_pages: config.headroom_pages,
         };
-        Ok(KvPool { config, memory, state: Mutex::new(state), _backend: backend })
+        Ok(KvPool { config, memory, state: Mutex::new(state), backend: backend })
     }
 
     pub fn config(&self) -> &PoolConfig {
@@ -369,8 +369,10 @@ impl KvPool {
 
     /// Plans one step from the pool: `requests` are (sequence, new query tokens), whose tokens
     /// were already appended. Builds the batch (page tables in the pool's numbering, prefix
-    /// groups from shared leading pages) and calls `Plan::build`.
-    pub fn plan(&self, requests: &[(SeqId, u32)], profile: &crate::plan::DeviceProfile, options: PlanOptions) -> Result<Plan> {
+    /// groups from shared leading pages) and calls `Plan::build` with `profile`, or where that is
+    /// `None` with the pool's backend's profile for this batch (`Backend::profile_for`: on the
+    /// GPU, batches of short prompts get narrow tiles and several workers per SM).
+    pub fn plan(&self, requests: &[(SeqId, u32)], profile: Option<&crate::plan::DeviceProfile>, options: PlanOptions) -> Result<Plan> {
         let batch = {
             let mut s = self.state.lock();
             let (batch, shared, unshared) = s.batch(self, requests)?;
@@ -378,7 +380,12 @@ impl KvPool {
             s.stats.step_read_bytes_unshared = unshared;
             batch
         };
-        Plan::build(self.config.shape(), batch, profile, options)
+        let shape = self.config.shape();
+        let profile = match profile {
+            Some(p) => p.clone(),
+            None => self.backend.profile_for(&shape, &batch),
+        };
+        Plan::build(shape, batch, &profile, options)
     }
 
     /// Group-contiguous layout: see `layout.rs`. `groups` are the plan's execution groups, as
@@ -396,8 +403,8 @@ impl KvPool {
     /// Reads token `token` of `seq` in `layer` back as (K row, V row) bytes, under the pool's
     /// lock. Host memory only (the CPU backend): for tests and debugging.
     pub fn read_token_host(&self, seq: SeqId, layer: u32, token: u32) -> Result<(Vec<u8>, Vec<u8>)> {
-        if self._backend.kind() != crate::backend::BackendKind::Cpu {
-            return Err(crate::unsupported!("read_token_host reads host memory; this pool lives on the {} backend", self._backend.device_name()));
+        if self.backend.kind() != crate::backend::BackendKind::Cpu {
+            return Err(crate::unsupported!("read_token_host reads host memory; this pool lives on the {} backend", self.backend.device_name()));
         }
         self.kv_layout(layer)?;
         let s = self.state.lock();

@@ -427,12 +427,12 @@ impl<'a> Engine<'a> {
 
         let t = Instant::now();
         let mut options = config.options.clone();
-        let mut plan = store.plan(&step, &self.profile, options.clone())?;
+        let mut plan = store.plan(&step, options.clone())?;
         if let Some(a) = &mut self.adaptation {
             let factor = config.capacity_factor.unwrap_or_else(|| a.tuner.capacity());
             if factor != 1.0 {
                 options.capacity = Some(plan.stats.capacity * factor);
-                plan = store.plan(&step, &self.profile, options.clone())?;
+                plan = store.plan(&step, options.clone())?;
             }
             rec.capacity_factor = factor;
         }
@@ -451,7 +451,7 @@ impl<'a> Engine<'a> {
             (rec.pages_moved, rec.bytes_moved) = (moved.pages, moved.bytes);
             if moved.pages > 0 {
                 // The plan holds page numbers; the relayout changed them.
-                plan = store.plan(&step, &self.profile, options)?;
+                plan = store.plan(&step, options)?;
             }
             rec.relayout_s = t.elapsed().as_secs_f64();
         }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use packinfer::backend::Backend;
 use packinfer::kv::{groups_of_plan, KvPool, PoolConfig, SeqId};
-use packinfer::plan::{DeviceProfile, Plan, PlanOptions};
+use packinfer::plan::{Plan, PlanOptions};
 use packinfer::types::KvLayout;
 use packinfer::{invalid, Result};
 
@@ -73,7 +73,7 @@ pub trait KvStore {
     /// backend they are queued on stream 0).
     unsafe fn write_kv(&mut self, layer: u32, tokens: &[(u32, u32)], k: u64, v: u64, elems: usize) -> Result<()>;
     /// The plan for one step: `(id, new tokens)` per request, the new tokens being the queries.
-    fn plan(&mut self, step: &[(u32, u32)], profile: &DeviceProfile, options: PlanOptions) -> Result<Plan>;
+    fn plan(&mut self, step: &[(u32, u32)], options: PlanOptions) -> Result<Plan>;
     /// Lays out the KV of `plan`'s groups contiguously (all of them when `regroup`, else only
     /// those that outgrew their headroom). Plans made before it read stale pages when it moved any.
     fn relayout(&mut self, plan: &Plan, step: &[(u32, u32)], regroup: bool) -> Result<Moved>;
@@ -161,9 +161,9 @@ impl KvStore for PoolStore {
         unsafe { self.pool.write_kv(layer, &seqs, k, v, row as i64, 0) }
     }
 
-    fn plan(&mut self, step: &[(u32, u32)], profile: &DeviceProfile, options: PlanOptions) -> Result<Plan> {
+    fn plan(&mut self, step: &[(u32, u32)], options: PlanOptions) -> Result<Plan> {
         let reqs = step.iter().map(|&(id, n)| Ok((self.entry(id)?.seq, n))).collect::<Result<Vec<_>>>()?;
-        self.pool.plan(&reqs, profile, options)
+        self.pool.plan(&reqs, None, options)
     }
 
     fn relayout(&mut self, plan: &Plan, step: &[(u32, u32)], regroup: bool) -> Result<Moved> {

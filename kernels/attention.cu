@@ -127,15 +127,17 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
                  :: "r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0));
 }
-// The same, marked first to leave L2: for Q rows, each read once. Streamed through L2 beside the
-// K/V blocks that the next tiles of a prompt read again, they pushed those out before their
-// second read (H100, W5: K/V reads missed L2 for 490 MB against 142 MB of K and V).
+// The same marked first to leave L2 (policy from l2_evict_first), for Q rows, read once. With
+// the default policy they (and the O rows, stored likewise) pushed out of L2 the K/V blocks that
+// the next tiles of a prompt read again (H100, W5: K/V reads missed L2 for 490 MB against 142 MB
+// of K and V; with it DRAM reads fell from 762 to 567 MB). Marking K/V evict-last on top did
+// not measure.
 __device__ __forceinline__ u64 l2_evict_first() {
     u64 policy;
     asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
     return policy;
 }
-__device__ __forceinline__ void cp_async16_once(void* dst, const void* src, bool valid, u64 policy) {
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid, u64 policy) {
     asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;"
                  :: "r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0), "l"(policy));
 }
@@ -331,9 +333,19 @@ __device__ __forceinline__ void copy_kv(const KernelParams& p, u16* const (&dst)
             const u32 key = key0 + n;
             const int page = __shfl_sync(0xffffffffu, page_lane, j * C::warp_keys_per_pass + (t % 32) / C::vecs);
             const bool valid = key < key_end;
+#if PI_WS
+            // The producer has 40 registers (beside two 232-register consumer warpgroups): the
+            // form below made it spill twice as much and run W1 15% slower (H100, one call).
             const i64 off = valid ? (i64)page * p.kv_stride_page + (i64)pm.slot(key) * p.kv_stride_token
                                         + (i64)kv_head * p.kv_stride_head + ch * 8
                                   : 0;
+#else
+            // Page numbers and slots are unsigned 32-bit (a page list holds u32s): one wide
+            // multiply each; no branch, since a key past the end reads nothing (source size 0)
+            // from whatever address. H100, one call: W4 75 -> 66 us, W3 -5%, W2 -2%.
+            const i64 off = (i64)kv_head * p.kv_stride_head + ch * 8 + (i64)((u64)(u32)page * (u64)p.kv_stride_page)
+                            + (i64)((u64)pm.slot(key) * (u64)p.kv_stride_token);
+#endif
 #pragma unroll
             for (int i = 0; i < N; ++i) cp_async16(&dst[i][swz<PI_BLOCK_N>(n, ch)], src[i] + off, valid);
         }
@@ -361,7 +373,7 @@ __device__ __forceinline__ void copy_q(const KernelParams& p, u16* dst, const Ro
         const u64 once = l2_evict_first();
         for (int i = t; i < PI_BLOCK_M * VECS; i += NT) {
             const int r = i / VECS, ch = i % VECS;
-            cp_async16_once(&dst[swz<PI_BLOCK_M>(r, ch)], qb + rows[r].q_offset + ch * 8, (u32)r < num_rows, once);
+            cp_async16(&dst[swz<PI_BLOCK_M>(r, ch)], qb + rows[r].q_offset + ch * 8, (u32)r < num_rows, once);
         }
     } else {
         for (int i = t; i < PI_BLOCK_M * PI_HEAD_DIM; i += NT) {
@@ -615,7 +627,7 @@ __device__ __forceinline__ void store_rows(const KernelParams& p, const PlanHead
                 p.lse[(i64)rows[r].token * p.num_qo_heads + rows[r].head] = half ? lse1 : lse0;
         }
         __syncwarp();
-        const u64 once = l2_evict_first();  // O rows are not read again here (see cp_async16_once)
+        const u64 once = l2_evict_first();  // see cp_async16
         constexpr int CHUNKS = PI_HEAD_DIM / 8;                  // 16-byte chunks of a row
         constexpr int ROW_LANES = CHUNKS < 32 ? CHUNKS : 32;      // lanes per row, a chunk each
         static_assert(CHUNKS == ROW_LANES, "a lane per chunk (head_dim <= 256)");

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The CUDA backend's GPU suite, for the device machine (it has no cargo): run from a folder that
 # holds the test binaries and the library built on the dev machine, e.g.
-#   cargo test --release --test cuda_backend --test cuda_ffi --no-run   # note the two paths
+#   cargo test --release --test cuda_backend --test cuda_ffi --test cuda_pool --no-run   # note the paths
 #   mkdir -p .gpu-cuda && cp <cuda_backend binary> .gpu-cuda/cuda_backend && cp <cuda_ffi binary> .gpu-cuda/cuda_ffi
+#   cp <cuda_pool binary> .gpu-cuda/cuda_pool
 #   cp target/release/libpackinfer.so bench/bench_attention.py bench/gpu_suite.sh .gpu-cuda/
 #   cp ../shared/traces/azure_llm_2023_code.csv .gpu-cuda/
 # then on the device: .gpu-cuda/gpu_suite.sh   (logs and JSON under $OUT, or ./gpu-results)
@@ -13,10 +14,11 @@ mkdir -p "$out"
 export PACKINFER_TEST_CACHE_DIR=/tmp/pkcache PACKINFER_CACHE_DIR=/tmp/pkcache RUST_BACKTRACE=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/device.txt"; date -u | tee -a "$out/device.txt"
 echo "== C ABI"; timeout 120 ./cuda_ffi --nocapture 2>&1 | tee "$out/cuda_ffi.log" | grep -E "test result|panicked" -A3
+echo "== managed pool on the GPU"; timeout 120 ./cuda_pool --nocapture 2>&1 | tee "$out/cuda_pool.log" | grep -E "test result|panicked" -A3
 echo "== CUDA backend vs f64 reference"
 PACKINFER_GPU_CASES=${CASES:-300} timeout 400 ./cuda_backend --test-threads=1 --nocapture 2>&1 | tee "$out/cuda_backend.log" | grep -E "cases|test result|FAIL|panick|profile"
 echo "== compute-sanitizer memcheck / racecheck (representative subset)"
-(PACKINFER_GPU_CASES=6 timeout 200 compute-sanitizer --tool memcheck --print-limit 20 ./cuda_backend --test-threads=1 random_batches handmade_plans_packed graph_capture append_kv warp_specialized_kernel_with_tma 2>&1) > "$out/memcheck.log"; grep -E "ERROR SUMMARY|test result" "$out/memcheck.log"
-(PACKINFER_GPU_CASES=3 timeout 200 compute-sanitizer --tool racecheck --print-limit 20 ./cuda_backend --test-threads=1 random_batches handmade_plans_packed warp_specialized_kernel_with_tma 2>&1) > "$out/racecheck.log"; grep -E "RACECHECK SUMMARY|test result" "$out/racecheck.log"
+(PACKINFER_GPU_CASES=6 timeout 200 compute-sanitizer --tool memcheck --print-limit 20 ./cuda_backend --test-threads=1 random_batches handmade_plans_packed graph_capture append_kv warp_specialized_kernel_with_tma short_batches 2>&1) > "$out/memcheck.log"; grep -E "ERROR SUMMARY|test result" "$out/memcheck.log"
+(PACKINFER_GPU_CASES=3 timeout 200 compute-sanitizer --tool racecheck --print-limit 20 ./cuda_backend --test-threads=1 random_batches handmade_plans_packed warp_specialized_kernel_with_tma short_batches 2>&1) > "$out/racecheck.log"; grep -E "RACECHECK SUMMARY|test result" "$out/racecheck.log"
 echo "== timing vs FA2 (W1, W2)"
 PYTHONUNBUFFERED=1 timeout 200 python3 bench_attention.py ./libpackinfer.so azure_llm_2023_code.csv "$out/bench.json" 2>&1 | grep -E "^W|Error|error"

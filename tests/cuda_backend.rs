@@ -230,6 +230,9 @@ fn warp_specialized_kernel_is_chosen_for_long_rows_over_pages_in_order() {
     assert!(!suits_warp_specialized(&short.shape, &short.batch));
     let decodes = Case::build_with(&mut r, &spec(16), &[(1, 4000); 8], vec![], false);
     assert!(!suits_warp_specialized(&decodes.shape, &decodes.batch));
+    // A chunk of a long prompt beside a few decodes (a continuous-batching step).
+    let mixed = Case::build_with(&mut r, &spec(16), &[(2048, 6000), (1, 3000), (1, 2500)], vec![], false);
+    assert!(!suits_warp_specialized(&mixed.shape, &mixed.batch));
 }
 
 /// Batches of short prompts are planned with 64-row tiles (`profile_for`), so they run on the

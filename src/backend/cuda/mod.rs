@@ -234,16 +234,16 @@ pub const SPECIALIZED_MIN_KEYS_PER_ROW: f64 = 1024.0;
 /// TMA; elsewhere by cp.async, which cannot keep its consumers fed).
 pub const SPECIALIZED_MIN_CONSECUTIVE: f64 = 0.9;
 
-/// Whether a batch runs faster on the warp-specialised kernel: mostly prefill rows (not
-/// decodes, whose tiles are mostly empty rows for its 64-row warpgroups), seeing many keys each,
-/// over K/V whose pages mostly follow each other (a ragged prefill, or pages allocated in
-/// order). Measured on an H100 (bench/results/h100-2026-11-26-ws/): W1, prefill of trace
-/// prompts, 2.59 ms against 3.29 ms; slower on decode (W2, W4), scattered pages (W3) and short
-/// prompts (W5).
+/// Whether a batch runs faster on the warp-specialised kernel: prefill rows only (no decodes,
+/// whose tiles are mostly empty rows for its 64-row warpgroups), seeing many keys each, over K/V
+/// whose pages mostly follow each other (a ragged prefill, or pages allocated in order).
+/// Measured on an H100 (bench/results/h100-2026-11-26-ws/): W1, prefill of trace prompts, 2.59
+/// ms against 3.29 ms; slower on decode (W2, W4), scattered pages (W3) and short prompts (W5);
+/// and slower on the replay's steps of chunked prefill beside a few dozen decodes (300 trace
+/// requests: 6.83 s of attention with it, 5.70 s on the plain kernel; bench/results/h100-2026-11-26-short/).
 pub fn suits_warp_specialized(shape: &Shape, b: &Batch) -> bool {
-    let rows: usize = (0..b.len()).map(|r| b.q_len(r) as usize).sum();
-    let decode_rows = (0..b.len()).filter(|&r| b.q_len(r) == 1).count();
-    if 2 * decode_rows > rows || crate::plan::cost::mean_visible_keys(b, shape.causal) < SPECIALIZED_MIN_KEYS_PER_ROW {
+    let any_decode = (0..b.len()).any(|r| b.q_len(r) == 1);
+    if any_decode || crate::plan::cost::mean_visible_keys(b, shape.causal) < SPECIALIZED_MIN_KEYS_PER_ROW {
         return false;
     }
     let (mut pairs, mut consecutive) = (0usize, 0usize);

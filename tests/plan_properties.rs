@@ -62,10 +62,10 @@ fn check_plan(plan: &Plan, ctx: &str) {
             for s in segs.iter().filter(|s| s.row_begin < c.row_end && s.row_begin + s.q_count * g > c.row_begin) {
                 assert!(s.row_begin >= c.row_begin && s.row_begin + s.q_count * g <= c.row_end, "{ctx}: chunk {c:?} cuts segment {s:?}");
                 if s.request != c.request {
-                    // Only a shared prefix may be read through another request's pages: the
-                    // first member's, within the prefix.
+                    // Only a shared prefix may be read through another request's pages: a
+                    // member's (the first that shares), within the prefix.
                     let pg = prefix_of[s.request as usize].unwrap_or_else(|| panic!("{ctx}: segment {s:?} reads request {}'s keys", c.request));
-                    assert!(pg.members[0] == c.request && pg.members.contains(&s.request), "{ctx}: segment {s:?} reads request {}'s keys", c.request);
+                    assert!(pg.members.contains(&c.request) && pg.members.contains(&s.request), "{ctx}: segment {s:?} reads request {}'s keys", c.request);
                     assert!(c.key_end <= pg.prefix_len, "{ctx}: chunk {c:?} reads past the shared prefix {}", pg.prefix_len);
                 }
                 let req = reqs[s.request as usize];
@@ -563,4 +563,24 @@ fn one_slice_blocks_pack_only_into_one_slice_tiles() {
         packed += (item.seg_count > 1) as u32;
     }
     assert!(packed > 0, "nothing was packed; the test no longer exercises packing");
+}
+
+/// Only members whose rows fit one slice share a prefix: a prompt chunk in the group reads the
+/// prefix in its own tiles and writes final rows, while the decodes still share it.
+#[test]
+fn prompt_chunks_read_a_shared_prefix_in_their_own_tiles() {
+    let mut r = rng(78);
+    let spec = CaseSpec { batch_size: 3, max_kv: 3000, page_size: 16, num_kv_heads: 2, group: 4, head_dim: 64, dtype: DType::F32, causal: true, decode_fraction: 1.0, hnd: false };
+    let lens = [(1, 1600), (64, 1700), (1, 1550)];
+    let case = Case::build(&mut r, &spec, &lens, vec![PrefixGroup { prefix_len: 1500, members: vec![0, 1, 2] }]);
+    let options = PlanOptions { split_kv: false, ..PlanOptions::default() };
+    let plan = plan_check_run(&case, &DeviceProfile::hopper(2), options, "a prompt chunk in a prefix group");
+    let segs = |it: &packinfer::plan::WorkItem| plan.row_segments[it.seg_begin as usize..(it.seg_begin + it.seg_count) as usize].to_vec();
+    let chunk_items: Vec<_> = plan.items.iter().filter(|it| segs(it).iter().any(|s| s.request == 1)).collect();
+    assert!(!chunk_items.is_empty());
+    for it in chunk_items {
+        assert_eq!(it.partial_slot, FINAL_OUTPUT, "the chunk's rows are final: {it:?}");
+        assert_eq!(plan.kv_chunks[it.chunk_begin as usize].key_begin, 0, "the chunk reads the prefix itself: {it:?}");
+    }
+    assert!(plan.items.iter().any(|it| segs(it).iter().any(|s| s.request == 0) && segs(it).iter().any(|s| s.request == 2)), "the decodes share the prefix: {:?}", plan.items);
 }

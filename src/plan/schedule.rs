@@ -5,7 +5,9 @@
 //! 1. **Prefix sharing.** The query rows of a prefix group's members are stacked into tiles that
 //!    read the prefix keys `[0, prefix_len)` once, through the first member's page table; each
 //!    member's suffix `[prefix_len, kv_len)` is its own work. Both write partial slots and are
-//!    merged by log-sum-exp. Load accounting therefore counts the prefix once.
+//!    merged by log-sum-exp. Load accounting therefore counts the prefix once. Only members
+//!    whose rows fit one 16-row slice share (decodes); a longer member (a prompt chunk) reads the
+//!    prefix in its own tiles, and a group with fewer than two sharing members is not shared.
 //! 2. **Row blocks.** Every other request's tokens are cut into blocks of `block_m / group`
 //!    tokens (a block's rows are its tokens × the GQA heads of one KV head).
 //! 3. **Capacity and splits.** C comes from the options or is `total cost / (AUTO_WAVES ×
@@ -142,23 +144,31 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
     // a prefix would cut it in two.
     let sharing = opts.prefix_sharing && (fixed_split.is_some() || !opts.deterministic);
     if sharing {
+        let mut sharers: Vec<u32> = Vec::new();
         for pg in &plan.batch.prefix_groups {
             let len = match fixed_split {
                 Some(s) => pg.prefix_len / s * s,
                 None => pg.prefix_len,
             };
-            if len == 0 {
+            // Members whose rows fit one slice (decodes, a few speculative tokens) share the
+            // prefix. A longer member reads it in its own tiles: its rows see many keys past the
+            // prefix too, so sharing saves little, and it would turn each of them into partial
+            // rows written, read back and merged (H100, trace replay with 29% of requests forked
+            // from system prompts: the steps with a prompt chunk ran slower than without sharing).
+            sharers.clear();
+            sharers.extend(pg.members.iter().copied().filter(|&m| requests[m as usize].q_len * group <= ROW_SLICE));
+            if len == 0 || sharers.len() < 2 {
                 continue;
             }
             let b = shared_len.len() as u32;
             shared_len.push(len);
-            for &m in &pg.members {
+            for &m in &sharers {
                 bundle_of[m as usize] = b;
             }
             // Stack the members' tokens into tiles of at most block_m rows.
-            let reader = pg.members[0];
+            let reader = sharers[0];
             let mut tile = PrefixTile { seg_begin: segments.len() as u32, seg_count: 0, num_rows: 0, reader, key_end: 0, bundle: b };
-            for &m in &pg.members {
+            for &m in &sharers {
                 let req = requests[m as usize];
                 let mut q = 0;
                 while q < req.q_len {

@@ -247,6 +247,7 @@ fn arguments_are_checked() {
         (&["--shared-fraction", "1.5"][..], "--shared-fraction = 1.5"),
         (&["a.csv", "b.csv"][..], "a second trace file"),
         (&["--capacity", "fast"][..], "--capacity = \"fast\" is not a valid number"),
+        (&["--without", "split-kv,caching"][..], "--without \"caching\""),
     ] {
         let o = run(args);
         assert_eq!(o.status.code(), Some(2), "{args:?}");

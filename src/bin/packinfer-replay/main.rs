@@ -56,6 +56,8 @@ trace's). Without it a built-in synthetic trace with a long-tailed length mix is
   --capacity tuned|auto|F  PackInfer's group capacity: tuned online from measured step times,
                          auto (each step's total cost over the workers: one group per worker),
                          or F times auto [tuned]
+  --without LIST         PackInfer techniques to switch off, comma-separated: packing,
+                         balancing, prefix-sharing, split-kv (ablations) [none]
   --threads N            CPU backend threads (0: every core) [0]
   --seed N               seeds the synthetic trace, the shared prompts and the inputs [1]
   --out DIR              where steps.csv, summary.csv and steps.png go [replay-out]
@@ -121,6 +123,8 @@ struct Args {
     headroom_pages: u32,
     kv_mib: Option<u64>,
     capacity_factor: Option<f64>,
+    /// PackInfer's plan options (`--without` switches techniques off).
+    options: PlanOptions,
     threads: u32,
     seed: u64,
     out: PathBuf,
@@ -151,6 +155,7 @@ fn parse_args(argv: &[String]) -> Result<Option<Args>, Failure> {
         headroom_pages: 2,
         kv_mib: None,
         capacity_factor: None,
+        options: PlanOptions::default(),
         threads: 0,
         seed: 1,
         out: PathBuf::from("replay-out"),
@@ -246,6 +251,17 @@ fn parse_args(argv: &[String]) -> Result<Option<Args>, Failure> {
                     "tuned" => None,
                     "auto" => Some(1.0),
                     v => Some(positive(name, v.to_string())?),
+                }
+            }
+            "--without" => {
+                for t in value()?.split(',') {
+                    match t {
+                        "packing" => a.options.packing = false,
+                        "balancing" => a.options.balancing = false,
+                        "prefix-sharing" => a.options.prefix_sharing = false,
+                        "split-kv" => a.options.split_kv = false,
+                        v => return Err(usage(format!("--without {v:?}: one of packing, balancing, prefix-sharing, split-kv"))),
+                    }
                 }
             }
             "--threads" => a.threads = num(name, value()?)?,
@@ -438,7 +454,7 @@ fn run() -> Result<(), Failure> {
     let baseline_options = PlanOptions { packing: false, balancing: false, prefix_sharing: false, split_kv: false, ..PlanOptions::default() };
     let mut schedules: Vec<(&str, PlanOptions, bool)> = Vec::new();
     if a.mode != Mode::Baseline {
-        schedules.push(("PackInfer", PlanOptions::default(), true));
+        schedules.push(("PackInfer", a.options.clone(), true));
     }
     if a.mode != Mode::PackInfer {
         schedules.push(("baseline", baseline_options, false));

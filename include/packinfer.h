@@ -169,7 +169,8 @@ typedef struct PackinferPlanOptions {
    */
   uint32_t split_keys;
   /**
-   * Group capacity in cost units; 0 = chosen from the device and the batch; negative or
+   * Capacity in cost units (pieces costing more are split; a prefix group or short request
+   * within it stays on one CTA); 0 = chosen from the device and the batch; negative or
    * non-finite is INVALID_ARGUMENT.
    */
   double capacity;

@@ -39,7 +39,7 @@ const (
 type PlanOptions struct {
 	Flags     PlanFlags
 	SplitKeys uint32  // deterministic split granularity in keys; 0 = 2048
-	Capacity  float64 // group capacity in cost units; 0 = automatic
+	Capacity  float64 // capacity in cost units (longer pieces are split); 0 = automatic
 }
 
 // PrefixGroup says that requests Members share their first PrefixLen keys (same content).

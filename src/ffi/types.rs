@@ -156,7 +156,8 @@ pub struct PackinferPlanOptions {
     pub flags: u32,
     /// Split granularity in keys for deterministic mode; 0 = 2048.
     pub split_keys: u32,
-    /// Group capacity in cost units; 0 = chosen from the device and the batch; negative or
+    /// Capacity in cost units (pieces costing more are split; a prefix group or short request
+    /// within it stays on one CTA); 0 = chosen from the device and the batch; negative or
     /// non-finite is INVALID_ARGUMENT.
     pub capacity: f64,
 }

@@ -77,16 +77,16 @@ pub struct PlanOptions {
     pub deterministic: bool,
     /// Pack rows of several short requests into one tile.
     pub packing: bool,
-    /// Load-balanced grouping (off: one group per work item, in order, as a launch with one CTA
-    /// per tile would run them).
+    /// Load-balanced order (longest first, prefix groups and short requests kept on one CTA;
+    /// off: one group per work item, in order, as a launch with one CTA per tile would run them).
     pub balancing: bool,
     /// Read declared shared prefixes once for all their members.
     pub prefix_sharing: bool,
     /// Split long requests along the KV axis.
     pub split_kv: bool,
-    /// Group capacity C in cost units: pieces costing more are split, and a given capacity sets
-    /// the number of groups to ⌈total cost / C⌉. `None` chooses it from the profile and the batch
-    /// (total / num_workers: one group per worker); `Some(0.0)` is an error.
+    /// Capacity C in cost units: pieces costing more are split along their keys, and a prefix
+    /// group or a short request costing at most C is kept on one CTA. `None` chooses it from the
+    /// profile and the batch (total / (2 × num_workers)); `Some(0.0)` is an error.
     pub capacity: Option<f64>,
     /// Split granularity in keys for deterministic mode.
     pub split_keys: u32,

@@ -11,7 +11,7 @@
 //! 2. **Row blocks.** Every other request's tokens are cut into blocks of `block_m / group`
 //!    tokens (a block's rows are its tokens × the GQA heads of one KV head).
 //! 3. **Capacity and splits.** C comes from the options or is `total cost / (AUTO_WAVES ×
-//!    num_workers)` (whole waves of groups), never below [`cost::min_capacity`]. A piece costing more than C is
+//!    num_workers)`, never below [`cost::min_capacity`]. A piece costing more than C is
 //!    split along its keys into ⌈cost / C⌉ pieces on `block_n` boundaries; in deterministic mode
 //!    instead every key range is cut at the absolute multiples of `split_keys`, so a request's
 //!    pieces do not depend on the rest of the batch (a shared prefix then counts only up to its
@@ -26,28 +26,29 @@
 //!    chunk runs on the warps of its own slices alone, so a decode packed into a tall tile would
 //!    run on one warp. (On the H200 the rule alone did not move W2 measurably, 0.589 → 0.595 ms:
 //!    that slowdown was the one-wave capacity; see `AUTO_WAVES`.)
-//! 5. **Grouping.** Longest-processing-time first: units sorted by decreasing cost, each placed
-//!    on the least-loaded of G groups. A unit is one piece for one KV head, or a whole prefix
-//!    group for one KV head when it fits in C (so its members share a CTA, the paper's I/O-aware
-//!    grouping), or a run: all tiles of a request that fits in C (tail tile unpacked), one after
-//!    another on one CTA, each reading its keys from L2 where the one before left them. Automatic capacity uses G = AUTO_WAVES × num_workers groups; a given
-//!    capacity uses G = ⌈total / C⌉, rounded up to whole waves beyond one.
+//! 5. **Grouping.** Longest-processing-time first: units sorted by decreasing cost, each its own
+//!    group, so the workers (persistent CTAs drawing from a counter) take them costliest first,
+//!    each the next as soon as it is free. A unit is one piece for one KV head, or a whole
+//!    prefix group for one KV head when it fits in C (so its members share a CTA, the paper's
+//!    I/O-aware grouping), or a run: all tiles of a request that fits in C (tail tile
+//!    unpacked), one after another on one CTA, each reading its keys from L2 where the one
+//!    before left them.
 //!
 //! Pieces are replicated for every KV head; the copies share their `row_segments` and
 //! `kv_chunks` entries (a work item only names index ranges into them) and differ in `kv_head`,
 //! `partial_slot` and `group`.
 
-use super::cost::{chunk_cost, item_cost, min_capacity, LeastLoaded, ROW_SLICE};
+use super::cost::{chunk_cost, item_cost, min_capacity, ROW_SLICE};
 use super::{DeviceProfile, KvChunk, MergeRow, Plan, RowSegment, WorkItem, FINAL_OUTPUT};
 use crate::error::Result;
 
 const NO_BUNDLE: u32 = u32::MAX;
 const NO_RUN: u32 = u32::MAX;
 
-/// Waves of groups the automatic capacity aims for. More than one: persistent CTAs take groups
-/// from a shared counter, so a few groups per worker absorb the cost model's errors, and the
-/// GPU runs two CTAs per SM with its narrow kernel (decode-only launches), which one wave of
-/// `num_workers` groups would leave half idle. Measured on an H200 (W1 prefill / W2 decode,
+/// The automatic capacity is total cost / (AUTO_WAVES × num_workers): pieces costing more are
+/// split. Two waves' worth rather than one: the GPU runs two CTAs per SM with its narrow kernel
+/// (decode-only launches), which pieces of one worker's share would leave half idle. Measured on
+/// an H200 when the capacity also set the number of groups (W1 prefill / W2 decode,
 /// bench/results/h200-2026-11-26/merged/waves.md): 1 wave 5.93 / 0.595 ms, 2 waves 6.06 /
 /// 0.328 ms, 4 waves 6.58 / 0.324 ms.
 const AUTO_WAVES: f64 = 2.0;
@@ -211,7 +212,6 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
 
     // 3. Capacity, then splits.
     let total: f64 = (blocks.iter().map(|b| b.cost).sum::<f64>() + prefix_tiles.iter().map(|t| block_cost(t.num_rows, t.key_end)).sum::<f64>()) * heads as f64;
-    let auto_capacity = opts.capacity.is_none();
     let capacity = opts.capacity.unwrap_or_else(|| (total / (AUTO_WAVES * profile.num_workers as f64)).max(min_capacity(profile)));
     let split = |key_begin: u32, key_end: u32, cost: f64, out: &mut Vec<(u32, u32)>| {
         out.clear();
@@ -436,23 +436,17 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
         // By decreasing cost (in `f64::total_cmp` order), then by index: integer keys compare
         // without the float comparison's branches.
         entities.sort_unstable_by_key(|&(cost, i)| (!total_order_key(cost), i));
+        // Each unit its own group, in LPT order: the CTAs draw groups from a shared counter in
+        // this order, so the costliest units start first and a CTA takes the next one as soon as
+        // it is free (list scheduling). LPT bins fixed on the host (the first version) leave the
+        // cost model's errors to the last groups; measured on an H100 in one call, bins against
+        // units: W2 359 -> 344 us, W4 66 -> 62 us, W1, W3, W5 within 1%; the GPU trace replay of
+        // 1000 requests 15.16 -> 13.73 s of attention.
         let units = entities.len() * heads_us;
-        let workers = profile.num_workers as usize;
-        let total: f64 = entities.iter().map(|e| e.0).sum::<f64>() * heads as f64;
-        let mut g = if auto_capacity { workers * AUTO_WAVES as usize } else { ((total / capacity).ceil() as usize).max(1) };
-        if g > workers {
-            g = g.next_multiple_of(workers);
-        }
-        num_groups = g.min(units).max(1);
-        // The units in LPT order: entities by decreasing cost, each for every KV head. The first
-        // `num_groups` units go to groups 0, 1, ... in that order (all groups are empty).
-        let first_costs = entities.iter().flat_map(|&(cost, _)| std::iter::repeat(cost).take(heads_us)).take(num_groups);
-        let mut least = LeastLoaded::with_first_units(first_costs.collect::<Vec<_>>().into_iter(), total);
-        let mut u = 0usize;
-        for &(cost, e) in &entities {
+        num_groups = units.max(1);
+        for (u, &(_, e)) in entities.iter().enumerate() {
             for h in 0..heads_us {
-                let g = if u < num_groups { u as u32 } else { least.add_to_least(cost) };
-                u += 1;
+                let g = (u * heads_us + h) as u32;
                 for &p in &entity_pieces[entity_start[e as usize] as usize..entity_start[e as usize + 1] as usize] {
                     group_of[p as usize * heads_us + h] = g;
                 }

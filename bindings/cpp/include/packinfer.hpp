@@ -221,7 +221,7 @@ struct ContextInfo {
 struct PlanOptions {
   PlanFlags flags = PlanFlags::None;
   uint32_t split_keys = 0;  // deterministic split granularity in keys; 0 = 2048
-  double capacity = 0.0;    // group capacity in cost units; 0 = automatic
+  double capacity = 0.0;    // capacity in cost units (longer pieces are split); 0 = automatic
 };
 
 namespace detail {

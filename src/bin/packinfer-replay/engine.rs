@@ -54,7 +54,7 @@ pub struct EngineConfig {
     pub arrivals: Arrivals,
     pub options: PlanOptions,
     /// PackInfer's step-to-step adaptation: keep the KV of each execution group contiguous
-    /// (relayouts, regrouping when the trigger fires) and tune the group capacity from measured
+    /// (relayouts, regrouping when the trigger fires) and tune the capacity from measured
     /// step times. Off for the baseline.
     pub adaptive: bool,
     /// With `adaptive`: a fixed factor of each step's automatic capacity (its total cost over
@@ -91,7 +91,7 @@ pub struct StepRecord {
     /// Pages and bytes the step's relayout moved.
     pub pages_moved: u64,
     pub bytes_moved: u64,
-    /// Group capacity the step was planned with (cost units), and its ratio to the step's
+    /// Capacity the step was planned with (cost units), and its ratio to the step's
     /// automatic capacity (what the tuner moves).
     pub capacity: f64,
     pub capacity_factor: f64,

@@ -53,9 +53,9 @@ trace's). Without it a built-in synthetic trace with a long-tailed length mix is
   --page-size N          tokens per KV page [16]
   --headroom-pages N     empty pages after each sequence in a laid-out group, for its next tokens [2]
   --kv-mib N             KV pool size in MiB, all layers, per schedule (each has its own pool) [cpu 64, gpu 24576]
-  --capacity tuned|auto|F  PackInfer's group capacity: tuned online from measured step times,
-                         auto (each step's total cost over the workers: one group per worker),
-                         or F times auto [tuned]
+  --capacity tuned|auto|F  PackInfer's capacity (costlier pieces are split): tuned online from
+                         step times, auto (each step's total cost over twice the workers), or F
+                         times auto [tuned]
   --without LIST         PackInfer techniques to switch off, comma-separated: packing,
                          balancing, prefix-sharing, split-kv (ablations) [none]
   --threads N            CPU backend threads (0: every core) [0]

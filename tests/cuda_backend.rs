@@ -153,6 +153,15 @@ fn random_batches_match_f64_reference() {
     check_all(done);
 }
 
+/// Case `i` of a series that cycles through both dtypes, head_dims 128 and 64, GQA 4 and 1,
+/// page sizes 1/16/64, causal and not, NHD and HND (lengths are the caller's).
+fn cycled_spec(i: u32) -> CaseSpec {
+    let dtype = if i % 2 == 0 { DType::Bf16 } else { DType::F16 };
+    let head_dim = if i % 4 < 2 { 128 } else { 64 };
+    let group = if i % 8 < 4 { 4 } else { 1 };
+    CaseSpec { batch_size: 0, max_kv: 0, page_size: [1, 16, 64][i as usize % 3], num_kv_heads: 2, group, head_dim, dtype, causal: i % 3 != 2, decode_fraction: 0.0, hnd: i % 5 == 0 }
+}
+
 /// The warp-specialised kernel (Hopper; forced here, chosen by default for long rows over pages
 /// in order) against the reference: pages in order, so its producer copies whole blocks of
 /// consecutive rows by TMA, beside chunk tails and scattered requests that go by cp.async. Page
@@ -168,10 +177,7 @@ fn warp_specialized_kernel_with_tma() {
     let mut r = rng(0x7e4a);
     let mut done = Vec::new();
     for i in 0..30u32 {
-        let dtype = if i % 2 == 0 { DType::Bf16 } else { DType::F16 };
-        let head_dim = if i % 4 < 2 { 128 } else { 64 };
-        let group = if i % 8 < 4 { 4 } else { 1 };
-        let spec = CaseSpec { batch_size: 0, max_kv: 0, page_size: [1, 16, 64][i as usize % 3], num_kv_heads: 2, group, head_dim, dtype, causal: i % 3 != 2, decode_fraction: 0.0, hnd: i % 5 == 0 };
+        let spec = cycled_spec(i);
         let lens: Vec<(u32, u32)> = (0..r.random_range(1..5))
             .map(|_| {
                 let q = if r.random_bool(0.2) { 1 } else { r.random_range(1..700u32) };
@@ -244,10 +250,7 @@ fn short_batches_run_on_narrow_tiles() {
     let mut r = rng(0x5407);
     let mut done = Vec::new();
     for i in 0..24u32 {
-        let dtype = if i % 2 == 0 { DType::Bf16 } else { DType::F16 };
-        let head_dim = if i % 4 < 2 { 128 } else { 64 };
-        let group = if i % 8 < 4 { 4 } else { 1 };
-        let spec = CaseSpec { batch_size: 0, max_kv: 0, page_size: [1, 16, 64][i as usize % 3], num_kv_heads: 2, group, head_dim, dtype, causal: i % 3 != 2, decode_fraction: 0.0, hnd: i % 5 == 0 };
+        let spec = cycled_spec(i);
         // Prompts of 1-200 tokens (a few with a cached part), well under 512 keys per row.
         let lens: Vec<(u32, u32)> = (0..r.random_range(3..24))
             .map(|_| {
@@ -260,8 +263,9 @@ fn short_batches_run_on_narrow_tiles() {
         if cu.profile().block_m > 64 {
             assert_eq!(profile.block_m, 64, "a short batch keeps the wide tiles");
         }
-        // Every other batch on two workers: groups of many items, so each item is prepared (row
-        // table, first pages, Q copies into the other slot) while the one before it computes.
+        // Every other batch on two workers: a large capacity, so each request's tiles form one
+        // run, several items one after another on a CTA (each reusing the row table and the Q
+        // tile its predecessor left O rows in).
         let profile = if i % 2 == 1 { DeviceProfile { num_workers: 2, ..profile } } else { profile };
         let plan = Plan::build(case.shape, case.batch.clone(), &profile, PlanOptions::default()).unwrap();
         assert!(plan.items.iter().all(|it| it.num_rows <= profile.block_m));
@@ -475,8 +479,7 @@ fn handmade_plans_packed_split_prefix() {
             vec![]
         };
         let case = Case::build(&mut r, &spec, &lens, prefix);
-        // Every other case on 64-row tiles (the 4-warp kernel, whose next item's Q tile is
-        // copied while the current one computes).
+        // Every other case on 64-row tiles (the 4-warp kernels).
         let plan = handmade_plan(&case, if i % 2 == 1 { 64 } else { cu.profile().block_m }, &mut r);
         let ctx = format!("handmade {i} ({} items, {} merges) {spec:?}", plan.items.len(), plan.merges.len());
         let (o, lse) = run_plan(&cu, &case, plan);

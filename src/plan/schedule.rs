@@ -406,9 +406,10 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
         let mut entities: Vec<(f64, u32)> = Vec::with_capacity(pieces.len());
         let mut entity_pieces: Vec<u32> = Vec::with_capacity(pieces.len());
         let mut entity_start: Vec<u32> = vec![0];
-        let mut close = |cost: f64, entity_pieces: &Vec<u32>| {
+        // Ends the entity whose pieces run up to entity_pieces[..end].
+        let mut close = |cost: f64, end: usize| {
             entities.push((cost, entity_start.len() as u32 - 1));
-            entity_start.push(entity_pieces.len() as u32);
+            entity_start.push(end as u32);
         };
         let mut i = 0;
         while i < pieces.len() {
@@ -419,7 +420,7 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
                     j += 1;
                 }
                 entity_pieces.extend(i as u32..j as u32);
-                close(pieces[i..j].iter().map(|q| q.cost).sum(), &entity_pieces);
+                close(pieces[i..j].iter().map(|q| q.cost).sum(), entity_pieces.len());
             }
             i = j;
         }
@@ -431,7 +432,7 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
         }
         for (b, members) in bundle_pieces.iter().enumerate().filter(|(b, _)| bundle_whole[*b]) {
             entity_pieces.extend_from_slice(members);
-            close(bundle_cost[b], &entity_pieces);
+            close(bundle_cost[b], entity_pieces.len());
         }
         // By decreasing cost (in `f64::total_cmp` order), then by index: integer keys compare
         // without the float comparison's branches.

@@ -160,10 +160,27 @@ __device__ __forceinline__ int swz(int row, int chunk) {
 // A shared-memory matrix descriptor for the 128-byte swizzle: start address, leading and
 // stride byte offsets (PTX ISA, "Matrix Descriptor Format"). K-major operands (Q, K) step
 // 1024 bytes per 8 rows and ignore the leading offset; the N-major V steps 1024 bytes per 8
-// keys and a column block (64 dims) per leading offset.
-__device__ __forceinline__ u64 wg_desc(const u16* p, u32 leading_bytes, u32 stride_bytes) {
-    return (u64)((smem_addr(p) & 0x3FFFF) >> 4) | ((u64)(leading_bytes >> 4) << 16) | ((u64)(stride_bytes >> 4) << 32)
-           | (1ull << 62);
+// keys and a column block (64 dims) per leading offset. Every operand here has the same upper
+// word (the 1024-byte stride and the swizzle mode), so the plain kernels carry and step only the
+// lower one (address and leading offset) and wg_full completes it at the instruction: 64-bit
+// descriptor arithmetic was 6% of the short-prefill kernel's instructions (H100, ncu; W5 -3%).
+// The warp-specialised consumers keep whole descriptors: at their 232 registers the lower-word
+// form made ptxas serialise their wgmmas (C7512).
+#define PI_WG_DESC_UPPER (((u64)(1024 >> 4) << 32) | (1ull << 62))
+#if PI_WS
+typedef u64 WgDesc;
+__device__ __forceinline__ u64 wg_full(u64 d) { return d; }
+#else
+typedef u32 WgDesc;
+__device__ __forceinline__ u64 wg_full(u32 lo) { return lo | PI_WG_DESC_UPPER; }
+#endif
+__device__ __forceinline__ WgDesc wg_desc(const u16* p, u32 leading_bytes) {
+    const u32 lo = ((smem_addr(p) & 0x3FFFF) >> 4) | ((leading_bytes >> 4) << 16);
+#if PI_WS
+    return lo | PI_WG_DESC_UPPER;
+#else
+    return lo;
+#endif
 }
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
@@ -198,63 +215,63 @@ __device__ __forceinline__ bool warpgroup_any(bool v, int wg) {
 // k-step, S = Q K^T: its accumulators are outputs only, so the compiler never copies their old
 // values around while another wgmma is in flight (ptxas would serialise every wgmma then: warning
 // C7515).
-__device__ __forceinline__ void wgmma_qk(float (&s)[4][4], u64 desc_q, u64 desc_k, int accumulate) {
+__device__ __forceinline__ void wgmma_qk(float (&s)[4][4], WgDesc desc_q, WgDesc desc_k, int accumulate) {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n32k16.f32." PI_ETYPE "." PI_ETYPE " "
                  "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, %16, %17, p, 1, 1, 0, 0;\n}"
                  : "+f"(s[0][0]), "+f"(s[0][1]), "+f"(s[0][2]), "+f"(s[0][3]), "+f"(s[1][0]), "+f"(s[1][1]), "+f"(s[1][2]), "+f"(s[1][3]), "+f"(s[2][0]), "+f"(s[2][1]), "+f"(s[2][2]), "+f"(s[2][3]), "+f"(s[3][0]), "+f"(s[3][1]), "+f"(s[3][2]), "+f"(s[3][3])
-                 : "l"(desc_q), "l"(desc_k), "r"(accumulate));
+                 : "l"(wg_full(desc_q)), "l"(wg_full(desc_k)), "r"(accumulate));
 }
-__device__ __forceinline__ void wgmma_qk_first(float (&s)[4][4], u64 desc_q, u64 desc_k) {
+__device__ __forceinline__ void wgmma_qk_first(float (&s)[4][4], WgDesc desc_q, WgDesc desc_k) {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n32k16.f32." PI_ETYPE "." PI_ETYPE " "
                  "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, %16, %17, p, 1, 1, 0, 0;\n}"
                  : "=f"(s[0][0]), "=f"(s[0][1]), "=f"(s[0][2]), "=f"(s[0][3]), "=f"(s[1][0]), "=f"(s[1][1]), "=f"(s[1][2]), "=f"(s[1][3]), "=f"(s[2][0]), "=f"(s[2][1]), "=f"(s[2][2]), "=f"(s[2][3]), "=f"(s[3][0]), "=f"(s[3][1]), "=f"(s[3][2]), "=f"(s[3][3])
-                 : "l"(desc_q), "l"(desc_k), "r"(0));
+                 : "l"(wg_full(desc_q)), "l"(wg_full(desc_k)), "r"(0));
 }
-__device__ __forceinline__ void wgmma_qk(float (&s)[8][4], u64 desc_q, u64 desc_k, int accumulate) {
+__device__ __forceinline__ void wgmma_qk(float (&s)[8][4], WgDesc desc_q, WgDesc desc_k, int accumulate) {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n64k16.f32." PI_ETYPE "." PI_ETYPE " "
                  "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, 0, 0;\n}"
                  : "+f"(s[0][0]), "+f"(s[0][1]), "+f"(s[0][2]), "+f"(s[0][3]), "+f"(s[1][0]), "+f"(s[1][1]), "+f"(s[1][2]), "+f"(s[1][3]), "+f"(s[2][0]), "+f"(s[2][1]), "+f"(s[2][2]), "+f"(s[2][3]), "+f"(s[3][0]), "+f"(s[3][1]), "+f"(s[3][2]), "+f"(s[3][3]), "+f"(s[4][0]), "+f"(s[4][1]), "+f"(s[4][2]), "+f"(s[4][3]), "+f"(s[5][0]), "+f"(s[5][1]), "+f"(s[5][2]), "+f"(s[5][3]), "+f"(s[6][0]), "+f"(s[6][1]), "+f"(s[6][2]), "+f"(s[6][3]), "+f"(s[7][0]), "+f"(s[7][1]), "+f"(s[7][2]), "+f"(s[7][3])
-                 : "l"(desc_q), "l"(desc_k), "r"(accumulate));
+                 : "l"(wg_full(desc_q)), "l"(wg_full(desc_k)), "r"(accumulate));
 }
-__device__ __forceinline__ void wgmma_qk_first(float (&s)[8][4], u64 desc_q, u64 desc_k) {
+__device__ __forceinline__ void wgmma_qk_first(float (&s)[8][4], WgDesc desc_q, WgDesc desc_k) {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n64k16.f32." PI_ETYPE "." PI_ETYPE " "
                  "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, 0, 0;\n}"
                  : "=f"(s[0][0]), "=f"(s[0][1]), "=f"(s[0][2]), "=f"(s[0][3]), "=f"(s[1][0]), "=f"(s[1][1]), "=f"(s[1][2]), "=f"(s[1][3]), "=f"(s[2][0]), "=f"(s[2][1]), "=f"(s[2][2]), "=f"(s[2][3]), "=f"(s[3][0]), "=f"(s[3][1]), "=f"(s[3][2]), "=f"(s[3][3]), "=f"(s[4][0]), "=f"(s[4][1]), "=f"(s[4][2]), "=f"(s[4][3]), "=f"(s[5][0]), "=f"(s[5][1]), "=f"(s[5][2]), "=f"(s[5][3]), "=f"(s[6][0]), "=f"(s[6][1]), "=f"(s[6][2]), "=f"(s[6][3]), "=f"(s[7][0]), "=f"(s[7][1]), "=f"(s[7][2]), "=f"(s[7][3])
-                 : "l"(desc_q), "l"(desc_k), "r"(0));
+                 : "l"(wg_full(desc_q)), "l"(wg_full(desc_k)), "r"(0));
 }
-__device__ __forceinline__ void wgmma_qk(float (&s)[16][4], u64 desc_q, u64 desc_k, int accumulate) {
+__device__ __forceinline__ void wgmma_qk(float (&s)[16][4], WgDesc desc_q, WgDesc desc_k, int accumulate) {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n128k16.f32." PI_ETYPE "." PI_ETYPE " "
                  "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1, 0, 0;\n}"
                  : "+f"(s[0][0]), "+f"(s[0][1]), "+f"(s[0][2]), "+f"(s[0][3]), "+f"(s[1][0]), "+f"(s[1][1]), "+f"(s[1][2]), "+f"(s[1][3]), "+f"(s[2][0]), "+f"(s[2][1]), "+f"(s[2][2]), "+f"(s[2][3]), "+f"(s[3][0]), "+f"(s[3][1]), "+f"(s[3][2]), "+f"(s[3][3]), "+f"(s[4][0]), "+f"(s[4][1]), "+f"(s[4][2]), "+f"(s[4][3]), "+f"(s[5][0]), "+f"(s[5][1]), "+f"(s[5][2]), "+f"(s[5][3]), "+f"(s[6][0]), "+f"(s[6][1]), "+f"(s[6][2]), "+f"(s[6][3]), "+f"(s[7][0]), "+f"(s[7][1]), "+f"(s[7][2]), "+f"(s[7][3]), "+f"(s[8][0]), "+f"(s[8][1]), "+f"(s[8][2]), "+f"(s[8][3]), "+f"(s[9][0]), "+f"(s[9][1]), "+f"(s[9][2]), "+f"(s[9][3]), "+f"(s[10][0]), "+f"(s[10][1]), "+f"(s[10][2]), "+f"(s[10][3]), "+f"(s[11][0]), "+f"(s[11][1]), "+f"(s[11][2]), "+f"(s[11][3]), "+f"(s[12][0]), "+f"(s[12][1]), "+f"(s[12][2]), "+f"(s[12][3]), "+f"(s[13][0]), "+f"(s[13][1]), "+f"(s[13][2]), "+f"(s[13][3]), "+f"(s[14][0]), "+f"(s[14][1]), "+f"(s[14][2]), "+f"(s[14][3]), "+f"(s[15][0]), "+f"(s[15][1]), "+f"(s[15][2]), "+f"(s[15][3])
-                 : "l"(desc_q), "l"(desc_k), "r"(accumulate));
+                 : "l"(wg_full(desc_q)), "l"(wg_full(desc_k)), "r"(accumulate));
 }
-__device__ __forceinline__ void wgmma_qk_first(float (&s)[16][4], u64 desc_q, u64 desc_k) {
+__device__ __forceinline__ void wgmma_qk_first(float (&s)[16][4], WgDesc desc_q, WgDesc desc_k) {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n128k16.f32." PI_ETYPE "." PI_ETYPE " "
                  "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1, 0, 0;\n}"
                  : "=f"(s[0][0]), "=f"(s[0][1]), "=f"(s[0][2]), "=f"(s[0][3]), "=f"(s[1][0]), "=f"(s[1][1]), "=f"(s[1][2]), "=f"(s[1][3]), "=f"(s[2][0]), "=f"(s[2][1]), "=f"(s[2][2]), "=f"(s[2][3]), "=f"(s[3][0]), "=f"(s[3][1]), "=f"(s[3][2]), "=f"(s[3][3]), "=f"(s[4][0]), "=f"(s[4][1]), "=f"(s[4][2]), "=f"(s[4][3]), "=f"(s[5][0]), "=f"(s[5][1]), "=f"(s[5][2]), "=f"(s[5][3]), "=f"(s[6][0]), "=f"(s[6][1]), "=f"(s[6][2]), "=f"(s[6][3]), "=f"(s[7][0]), "=f"(s[7][1]), "=f"(s[7][2]), "=f"(s[7][3]), "=f"(s[8][0]), "=f"(s[8][1]), "=f"(s[8][2]), "=f"(s[8][3]), "=f"(s[9][0]), "=f"(s[9][1]), "=f"(s[9][2]), "=f"(s[9][3]), "=f"(s[10][0]), "=f"(s[10][1]), "=f"(s[10][2]), "=f"(s[10][3]), "=f"(s[11][0]), "=f"(s[11][1]), "=f"(s[11][2]), "=f"(s[11][3]), "=f"(s[12][0]), "=f"(s[12][1]), "=f"(s[12][2]), "=f"(s[12][3]), "=f"(s[13][0]), "=f"(s[13][1]), "=f"(s[13][2]), "=f"(s[13][3]), "=f"(s[14][0]), "=f"(s[14][1]), "=f"(s[14][2]), "=f"(s[14][3]), "=f"(s[15][0]), "=f"(s[15][1]), "=f"(s[15][2]), "=f"(s[15][3])
-                 : "l"(desc_q), "l"(desc_k), "r"(0));
+                 : "l"(wg_full(desc_q)), "l"(wg_full(desc_k)), "r"(0));
 }
 // O (64 rows x 64 dims, fp32) += P (registers) * V (shared, N-major: the transposed B operand).
-__device__ __forceinline__ void wgmma_pv(float (&o)[8][4], const u32 (&a)[4], u64 desc_v) {
+__device__ __forceinline__ void wgmma_pv(float (&o)[8][4], const u32 (&a)[4], WgDesc desc_v) {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n64k16.f32." PI_ETYPE "." PI_ETYPE " "
                  "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, 1;\n}"
                  : "+f"(o[0][0]), "+f"(o[0][1]), "+f"(o[0][2]), "+f"(o[0][3]), "+f"(o[1][0]), "+f"(o[1][1]), "+f"(o[1][2]), "+f"(o[1][3]), "+f"(o[2][0]), "+f"(o[2][1]), "+f"(o[2][2]), "+f"(o[2][3]), "+f"(o[3][0]), "+f"(o[3][1]), "+f"(o[3][2]), "+f"(o[3][3]), "+f"(o[4][0]), "+f"(o[4][1]), "+f"(o[4][2]), "+f"(o[4][3]), "+f"(o[5][0]), "+f"(o[5][1]), "+f"(o[5][2]), "+f"(o[5][3]), "+f"(o[6][0]), "+f"(o[6][1]), "+f"(o[6][2]), "+f"(o[6][3]), "+f"(o[7][0]), "+f"(o[7][1]), "+f"(o[7][2]), "+f"(o[7][3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_v), "r"(1));
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(wg_full(desc_v)), "r"(1));
 }
 // O (64 rows x 128 dims, fp32) += P (registers) * V (shared, N-major: the transposed B operand).
-__device__ __forceinline__ void wgmma_pv(float (&o)[16][4], const u32 (&a)[4], u64 desc_v) {
+__device__ __forceinline__ void wgmma_pv(float (&o)[16][4], const u32 (&a)[4], WgDesc desc_v) {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n128k16.f32." PI_ETYPE "." PI_ETYPE " "
                  "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, p, 1, 1, 1;\n}"
                  : "+f"(o[0][0]), "+f"(o[0][1]), "+f"(o[0][2]), "+f"(o[0][3]), "+f"(o[1][0]), "+f"(o[1][1]), "+f"(o[1][2]), "+f"(o[1][3]), "+f"(o[2][0]), "+f"(o[2][1]), "+f"(o[2][2]), "+f"(o[2][3]), "+f"(o[3][0]), "+f"(o[3][1]), "+f"(o[3][2]), "+f"(o[3][3]), "+f"(o[4][0]), "+f"(o[4][1]), "+f"(o[4][2]), "+f"(o[4][3]), "+f"(o[5][0]), "+f"(o[5][1]), "+f"(o[5][2]), "+f"(o[5][3]), "+f"(o[6][0]), "+f"(o[6][1]), "+f"(o[6][2]), "+f"(o[6][3]), "+f"(o[7][0]), "+f"(o[7][1]), "+f"(o[7][2]), "+f"(o[7][3]), "+f"(o[8][0]), "+f"(o[8][1]), "+f"(o[8][2]), "+f"(o[8][3]), "+f"(o[9][0]), "+f"(o[9][1]), "+f"(o[9][2]), "+f"(o[9][3]), "+f"(o[10][0]), "+f"(o[10][1]), "+f"(o[10][2]), "+f"(o[10][3]), "+f"(o[11][0]), "+f"(o[11][1]), "+f"(o[11][2]), "+f"(o[11][3]), "+f"(o[12][0]), "+f"(o[12][1]), "+f"(o[12][2]), "+f"(o[12][3]), "+f"(o[13][0]), "+f"(o[13][1]), "+f"(o[13][2]), "+f"(o[13][3]), "+f"(o[14][0]), "+f"(o[14][1]), "+f"(o[14][2]), "+f"(o[14][3]), "+f"(o[15][0]), "+f"(o[15][1]), "+f"(o[15][2]), "+f"(o[15][3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_v), "r"(1));
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(wg_full(desc_v)), "r"(1));
 }
 
 #endif
@@ -275,15 +292,20 @@ struct RowInfo {
     u32 pad;
 };
 
-// Key -> (page, slot) without a division when the page size is a power of two (1, 16, 64 in
-// practice): the divisions were a tenth of the prefill kernel's instructions (H100, ncu).
+// Key -> (page, slot) by a multiply and a shift (Granlund and Montgomery's division by an
+// invariant: with l = ceil(log2 size) and magic = ceil(2^(31 + l) / size) < 2^32, key / size ==
+// (key * magic) >> (31 + l) == umulhi(2 key, magic) >> l for every key < 2^31). A division per
+// key was a tenth of the prefill kernel's instructions (H100, ncu); a "power of two ? shift :
+// divide" select still cost 8% of the short-prefill kernel's, since the compiler predicated
+// both sides.
 struct PageMap {
-    u32 size, shift;
-    bool pow2;
-    __device__ __forceinline__ explicit PageMap(u32 page_size)
-        : size(page_size), shift(__ffs(page_size) - 1), pow2((page_size & (page_size - 1)) == 0) {}
-    __device__ __forceinline__ u32 page(u32 key) const { return pow2 ? key >> shift : key / size; }
-    __device__ __forceinline__ u32 slot(u32 key) const { return pow2 ? key & (size - 1) : key % size; }
+    u32 size, magic, shift;
+    __device__ __forceinline__ explicit PageMap(u32 page_size) : size(page_size) {
+        shift = page_size > 1 ? 32 - __clz(page_size - 1) : 0;
+        magic = (u32)((((u64)1 << (31 + shift)) + page_size - 1) / page_size);
+    }
+    __device__ __forceinline__ u32 page(u32 key) const { return __umulhi(key << 1, magic) >> shift; }
+    __device__ __forceinline__ u32 slot(u32 key) const { return key - page(key) * size; }
 };
 
 // K/V copies with 16-byte vectors by NT threads: thread t copies chunk t % vecs of keys
@@ -300,18 +322,27 @@ struct KvCopy {
     static_assert(NT % vecs == 0 && PI_BLOCK_N % keys_per_pass == 0 && warp_keys <= 32, "K/V copy shape");
 };
 
-// The page number that lane t % 32 holds for the block at key0 (see KvCopy). Read ahead of the
-// copies that use it (the loops below), so the latency of this dependent read hides behind other
-// work: read right before the copies it was the largest stall of the prefill kernel (H100, ncu).
+// Whether chunk ch's keys are addressed by cache row (they sit in consecutive rows, and the
+// cache has a row view): then key k is row ch.row0 - ch.key_begin + k, with no page to read.
+__device__ __forceinline__ bool by_row(const KernelParams& p, const KvRange& ch) {
+    return (p.flags & PI_FLAG_KV_ROWS) && ch.row0 != PI_NO_ROW;
+}
+
+// The page number that lane t % 32 holds for the block of chunk ch at key0 (see KvCopy). Read
+// ahead of the copies that use it (the loops below), so the latency of this dependent read hides
+// behind other work: read right before the copies it was the largest stall of the prefill kernel
+// (H100, ncu). A chunk addressed by row has its pages computed, not read.
 template <int NT>
-__device__ __forceinline__ int kv_page(const KernelParams& p, u32 page_start, u32 key0, u32 key_end,
-                                       const PageMap& pm, int t) {
+__device__ __forceinline__ int kv_page(const KernelParams& p, const KvRange& ch, u32 key0, const PageMap& pm, int t) {
     using C = KvCopy<NT>;
     const int lane = t % 32;
     if (!(p.flags & PI_FLAG_KV_VEC) || lane >= C::warp_keys) return 0;  // the scalar path looks pages up itself
     const u32 key = key0 + (t / 32) * C::warp_keys_per_pass + (lane / C::warp_keys_per_pass) * C::keys_per_pass
                     + lane % C::warp_keys_per_pass;
-    return key < key_end ? __ldg(&p.pages[page_start + pm.page(key)]) : 0;
+    if (key >= ch.key_end) return 0;
+    // row0 - key_begin is a multiple of the page size (row0 = page * size + key_begin % size), so
+    // the computed page pairs with the key's slot as a read one would.
+    return by_row(p, ch) ? (int)pm.page(ch.row0 - ch.key_begin + key) : __ldg(&p.pages[ch.page_start + pm.page(key)]);
 }
 
 // Thread t's share of copying keys [key0, key0 + PI_BLOCK_N) of the request whose page list starts
@@ -364,15 +395,21 @@ __device__ __forceinline__ void copy_kv(const KernelParams& p, u16* const (&dst)
 }
 
 // Thread t's share of the Q tile's rows (rows past num_rows are zeros), by cp.async where
-// 16-byte vectors are allowed (the caller commits or arrives).
-template <int NT>
+// 16-byte vectors are allowed (the caller commits or arrives). The loop is unrolled UNROLL
+// times: fully in the compute kernels (the swizzled destinations fold into constants); not in
+// the warp-specialised producer, whose 40 registers the unrolled form overflowed (W1 slower).
+template <int NT, int UNROLL>
 __device__ __forceinline__ void copy_q(const KernelParams& p, u16* dst, const RowInfo* rows, u32 num_rows, int t) {
     const u16* qb = (const u16*)p.q;
     if (p.flags & PI_FLAG_Q_VEC) {
-        constexpr int VECS = PI_HEAD_DIM / 8;
+        // Thread t copies chunk t % VECS of rows t / VECS + j * ROWS_PER_PASS.
+        constexpr int VECS = PI_HEAD_DIM / 8, ROWS_PER_PASS = NT / VECS;
+        static_assert(NT % VECS == 0 && PI_BLOCK_M % ROWS_PER_PASS == 0, "Q copy shape");
         const u64 once = l2_evict_first();
-        for (int i = t; i < PI_BLOCK_M * VECS; i += NT) {
-            const int r = i / VECS, ch = i % VECS;
+        const int ch = t % VECS;
+#pragma unroll UNROLL
+        for (int j = 0; j < PI_BLOCK_M / ROWS_PER_PASS; ++j) {
+            const int r = t / VECS + j * ROWS_PER_PASS;
             cp_async16(&dst[swz<PI_BLOCK_M>(r, ch)], qb + rows[r].q_offset + ch * 8, (u32)r < num_rows, once);
         }
     } else {
@@ -549,10 +586,10 @@ __device__ __forceinline__ void attend(const u16* q, int slice, int lane, const 
 // wgmma, in two halves that the pipelined loop interleaves with other work. Both only issue and
 // commit; the caller waits (wg_wait) before touching the registers they write or read.
 //   S = Q K^T (Q and K from shared memory; s is overwritten).
-__device__ __forceinline__ void wg_qk_issue(float (&s)[PI_BLOCK_N / 8][4], u64 dq, const u16* ks) {
+__device__ __forceinline__ void wg_qk_issue(float (&s)[PI_BLOCK_N / 8][4], WgDesc dq, const u16* ks) {
     // Each step's descriptor is the first one plus a constant byte offset (in 16-byte units; the
     // 14-bit address field cannot carry over for shared-memory addresses).
-    const u64 dk = wg_desc(ks, 16, 1024);
+    const WgDesc dk = wg_desc(ks, 16);
     wg_fence();
     wgmma_qk_first(s, dq, dk);
 #pragma unroll
@@ -568,7 +605,7 @@ __device__ __forceinline__ void pack_p(u32 (&pf)[PI_BLOCK_N / 16][4], const floa
 }
 __device__ __forceinline__ void wg_pv_issue(float (&acc)[PI_HEAD_DIM / 8][4], const u32 (&pf)[PI_BLOCK_N / 16][4],
                                             const u16* vs) {
-    const u64 dv = wg_desc(vs, PI_BLOCK_N * 128, 1024);
+    const WgDesc dv = wg_desc(vs, PI_BLOCK_N * 128);
     wg_fence();
 #pragma unroll
     for (int kk = 0; kk < PI_BLOCK_N / 16; ++kk) wgmma_pv(acc, pf[kk], dv + ((kk * 16 * 128) >> 4));
@@ -582,7 +619,7 @@ __device__ __forceinline__ void attend_wg(const u16* q, int wg, int lane, const 
                                           float (&acc)[PI_HEAD_DIM / 8][4]) {
     float s[PI_BLOCK_N / 8][4];
     u32 pf[PI_BLOCK_N / 16][4];
-    wg_qk_issue(s, wg_desc(&q[wg * 64 * 64], 16, 1024), ks);
+    wg_qk_issue(s, wg_desc(&q[wg * 64 * 64], 16), ks);
     wg_wait_all();
     pin(s);
     online_softmax<PI_BLOCK_N / 8>(s, lane, key_first, end0, end1, all_visible, scale, m0, m1, l0, l1, acc);
@@ -814,7 +851,7 @@ __device__ __forceinline__ void produce(const KernelParams& p, Smem& sm, const P
             for (int r = t; r < PI_BLOCK_M; r += PI_PRODUCER_THREADS)
                 sm.rows[slot][r] = row_info(p, item, sm.segs, seg_count, hdr.group_size, r);
             producer_sync();  // the Q copies below read other threads' rows
-            copy_q<PI_PRODUCER_THREADS>(p, sm.q[slot], sm.rows[slot], item.num_rows, t);
+            copy_q<PI_PRODUCER_THREADS, 1>(p, sm.q[slot], sm.rows[slot], item.num_rows, t);
             mbar_arrive(&sm.q_full[slot]);            // the tables (and a Q tile stored element-wise)
             mbar_arrive_on_copies(&sm.q_full[slot]);  // the Q tile's copies
             for (u32 ci = 0; ci < item.chunk_count; ++ci) {
@@ -837,10 +874,12 @@ __device__ __forceinline__ void produce(const KernelParams& p, Smem& sm, const P
                 };
                 auto pages_of = [&](u32 b) {
                     BlockPages r = {0, 0};
-                    if (b < nblocks) {
-                        const u32 key0 = ch.key_begin + b * PI_BLOCK_N;
-                        r.page = kv_page<PI_PRODUCER_THREADS>(p, ch.page_start, key0, ch.key_end, pm, t);
-                        if (tma && key0 + PI_BLOCK_N <= ch.key_end) r.first = __ldg(&p.pages[ch.page_start + pm.page(key0)]);
+                    const u32 key0 = ch.key_begin + b * PI_BLOCK_N;
+                    const bool whole = tma && key0 + PI_BLOCK_N <= ch.key_end;
+                    // A whole block of a chunk addressed by row goes by TMA from its row alone.
+                    if (b < nblocks && !(whole && by_row(p, ch))) {
+                        r.page = kv_page<PI_PRODUCER_THREADS>(p, ch, key0, pm, t);
+                        if (whole) r.first = __ldg(&p.pages[ch.page_start + pm.page(key0)]);
                     }
                     return r;
                 };
@@ -848,6 +887,7 @@ __device__ __forceinline__ void produce(const KernelParams& p, Smem& sm, const P
                 auto box_row = [&](u32 b, const BlockPages& bp) {
                     const u32 key0 = ch.key_begin + b * PI_BLOCK_N;
                     if (!tma || key0 + PI_BLOCK_N > ch.key_end) return -1;
+                    if (by_row(p, ch)) return (int)(ch.row0 - ch.key_begin + key0);  // no vote needed
                     const i64 row0 = (i64)bp.first * pm.size + pm.slot(key0);
                     const u32 key = key0 + lane_key;
                     const bool mine = lane >= C::warp_keys || (i64)bp.page * pm.size + pm.slot(key) == row0 + lane_key;
@@ -912,7 +952,7 @@ __device__ __forceinline__ void consume(const KernelParams& p, Smem& sm, const P
         if (sm.last[slot]) break;
         fence_for_tensor_cores();  // the Q tile was written by cp.async
         const WorkItem item = sm.items[slot];
-        const u64 dq = wg_desc(&sm.q[slot][wg * 64 * 64], 16, 1024);
+        const WgDesc dq = wg_desc(&sm.q[slot][wg * 64 * 64], 16);
         float acc[PI_HEAD_DIM / 8][4];
 #pragma unroll
         for (int j = 0; j < PI_HEAD_DIM / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
@@ -1047,6 +1087,7 @@ struct Smem {
     u16 v[PI_STAGES][PI_BLOCK_N * PI_HEAD_DIM];
     RowInfo rows[PI_BLOCK_M];
     SegmentInfo segs[PI_BLOCK_M];  // an item has at most one segment per row
+    alignas(16) WorkItem next_item;  // the group's next item, copied in while this one runs
     u32 next_group;
     u32 pad[3];
 };
@@ -1087,13 +1128,14 @@ packed_attention(const KernelParams p) {
         __syncthreads();  // everyone has read it before thread 0 draws again
         if (g >= hdr.num_groups) break;
         const u32 item_end = p.group_offsets[g + 1];
-        // The next item's descriptor is read while this one runs.
         const u32 item_begin = p.group_offsets[g];
-        WorkItem next_item = {};
-        if (item_begin < item_end) next_item = p.items[item_begin];
+        WorkItem first_item = {};
+        if (item_begin < item_end) first_item = p.items[item_begin];
         for (u32 it = item_begin; it < item_end; ++it) {
-            const WorkItem item = next_item;
-            if (it + 1 < item_end) next_item = p.items[it + 1];
+            // Items after the first were copied into shared memory while the one before ran (as
+            // a register prefetch, the compiler moved each into uniform registers right after its
+            // load and waited there: 3% of the short-prefill kernel's stall samples, H100 W5).
+            const WorkItem item = it == item_begin ? first_item : sm.next_item;
             const bool split = item.num_rows <= 16;
             // The warp's 16-row slice of the tile, and this thread's two rows in it.
             const int slice = split ? 0 : warp;
@@ -1110,13 +1152,15 @@ packed_attention(const KernelParams p) {
             if (has_seg) seg = p.segments[item.seg_begin + tid];
             KvRange ch0 = {};
             if (item.chunk_count > 0) ch0 = p.chunks[item.chunk_begin];
-            const int page0 = ch0.key_end > ch0.key_begin ? kv_page<PI_THREADS>(p, ch0.page_start, ch0.key_begin, ch0.key_end, pm, tid) : 0;
+            const int page0 = ch0.key_end > ch0.key_begin ? kv_page<PI_THREADS>(p, ch0, ch0.key_begin, pm, tid) : 0;
             if (has_seg) sm.segs[tid] = seg;
-            __syncthreads();
+            __syncthreads();  // also: every thread has read sm.next_item
+            static_assert(sizeof(WorkItem) == 32, "two 16-byte copies");
+            if (tid < 2 && it + 1 < item_end) cp_async16(reinterpret_cast<uint4*>(&sm.next_item) + tid, reinterpret_cast<const uint4*>(&p.items[it + 1]) + tid, true);
             for (int r = tid; r < PI_BLOCK_M; r += PI_THREADS) sm.rows[r] = row_info(p, item, sm.segs, seg_count, group, r);
             __syncthreads();
-            // Q tile; rows past num_rows are zeros.
-            copy_q<PI_THREADS>(p, sm.q, sm.rows, item.num_rows, tid);
+            // Q tile; rows past num_rows are zeros. The next item's copy lands with it.
+            copy_q<PI_THREADS, PI_BLOCK_M * PI_HEAD_DIM / 8 / PI_THREADS>(p, sm.q, sm.rows, item.num_rows, tid);
             cp_async_commit();
             // Q fragments for the mma.sync path, read from the tile once it has landed (with the
             // item's first K/V block, so the two loads overlap). wgmma reads Q from shared memory.
@@ -1145,7 +1189,7 @@ packed_attention(const KernelParams p) {
                 // first block's was read with the segment table).
                 int page = page0;
                 auto gather = [&](u32 b) {
-                    if (b < nblocks && (b > 0 || ci > 0)) page = kv_page<PI_THREADS>(p, ch.page_start, ch.key_begin + b * PI_BLOCK_N, ch.key_end, pm, tid);
+                    if (b < nblocks && (b > 0 || ci > 0)) page = kv_page<PI_THREADS>(p, ch, ch.key_begin + b * PI_BLOCK_N, pm, tid);
                 };
                 auto issue = [&](u32 b) {
                     if (b < nblocks) {
@@ -1169,7 +1213,7 @@ packed_attention(const KernelParams p) {
                     // causal mask that is at most the last block).
                     constexpr u32 AHEAD = PI_STAGES - 2;
                     const int wg = warp / 4;
-                    const u64 dq = wg_desc(&sm.q[wg * 64 * 64], 16, 1024);
+                    const WgDesc dq = wg_desc(&sm.q[wg * 64 * 64], 16);
 #pragma unroll
                     for (u32 b = 0; b <= AHEAD; ++b) {
                         gather(b);

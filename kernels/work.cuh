@@ -29,12 +29,16 @@ struct SegmentInfo {
 };
 
 // A KV chunk: keys [key_begin, key_end) of the request whose page list starts at page_start,
-// for tile rows [row_begin, row_end).
+// for tile rows [row_begin, row_end). Where the keys sit in consecutive cache rows (row = page *
+// page_size + slot), row0 is the first key's row (the host finds it when it uploads a plan), so
+// kernels over a cache with a row view (PI_FLAG_KV_ROWS) read no page numbers; else PI_NO_ROW.
 struct KvRange {
     u32 page_start;
     u32 key_begin, key_end;
     u32 row_begin, row_end;
+    u32 row0;
 };
+#define PI_NO_ROW 0xffffffffu
 
 struct MergeRow {
     u32 q_token, qo_head;
@@ -92,3 +96,6 @@ struct KernelParams {
 #define PI_FLAG_KV_TMA 4u
 // O rows (base and strides) allow 16-byte stores.
 #define PI_FLAG_O_VEC 8u
+// The K/V caches have a row view (row = page * page_size + slot, one stride) and 16-byte loads:
+// chunks with a row0 are addressed by row.
+#define PI_FLAG_KV_ROWS 16u

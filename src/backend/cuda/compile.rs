@@ -187,10 +187,10 @@ impl Unit {
 
     /// The attention kernel's shared-memory struct (`kernels/attention.cu` asserts the same):
     /// the Q tile and the K/V stages (swizzled, no padding), then the row table (24 bytes a
-    /// row), the segment table (16 bytes a row) and the drawn group number (16 bytes). The
-    /// warp-specialised kernel has two item slots (Q tile, row table, 16 chunks of 20 bytes, the
-    /// 32-byte item), one segment table, 8-byte mbarriers (two per slot, four per stage) and 16
-    /// bytes of flags.
+    /// row), the segment table (16 bytes a row), the next work item (32 bytes) and the drawn
+    /// group number (16 bytes). The warp-specialised kernel has two item slots (Q tile, row
+    /// table, 16 chunks of 24 bytes, the 32-byte item), one segment table, 8-byte mbarriers (two
+    /// per slot, four per stage) and 16 bytes of flags.
     fn smem_struct_bytes(&self, arch: &str) -> u32 {
         match *self {
             Unit::Attention { head_dim, warps, .. } => {
@@ -198,9 +198,9 @@ impl Unit {
                 let stages = self.stages(arch);
                 let kv = 2 * stages * self.block_n(arch) * head_dim * 2;
                 if self.warp_specialized(arch) {
-                    2 * (block_m * head_dim * 2 + block_m * 24 + 16 * 20 + 32) + kv + block_m * 16 + 8 * (4 + 4 * stages) + 16
+                    2 * (block_m * head_dim * 2 + block_m * 24 + 16 * 24 + 32) + kv + block_m * 16 + 8 * (4 + 4 * stages) + 16
                 } else {
-                    block_m * head_dim * 2 + kv + block_m * (24 + 16) + 16
+                    block_m * head_dim * 2 + kv + block_m * (24 + 16) + 32 + 16
                 }
             }
             Unit::Kv => 0,

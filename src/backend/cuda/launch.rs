@@ -15,6 +15,7 @@ use crate::backend::{BoundPlan, LaunchCapacity, Scratch};
 use crate::error::Result;
 use crate::invalid;
 use crate::plan::{KvChunk, MergeRow, Plan, RequestInfo, RowSegment, WorkItem, FINAL_OUTPUT};
+use crate::types::Batch;
 use crate::types::KvLayout;
 use crate::types::RunArgs;
 
@@ -92,7 +93,10 @@ impl SegmentInfo {
     }
 }
 
-/// A plan's KV chunk with its request's first page (mirrors `KvRange` in `kernels/work.cuh`).
+/// A plan's KV chunk with its request's first page (mirrors `KvRange` in `kernels/work.cuh`),
+/// and, where its keys sit in consecutive cache rows (row = page · page_size + slot: its pages
+/// follow one another), the row of its first key, so that a kernel over a cache with a row view
+/// addresses keys without reading their pages; `NO_ROW` otherwise.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct KvRange {
@@ -101,12 +105,40 @@ pub struct KvRange {
     pub key_end: u32,
     pub row_begin: u32,
     pub row_end: u32,
+    pub row0: u32,
 }
 
+/// `KvRange::row0` of a chunk whose keys are not in consecutive rows.
+pub const NO_ROW: u32 = u32::MAX;
+
 impl KvRange {
-    pub fn of(chunk: &KvChunk, req: &RequestInfo) -> KvRange {
-        KvRange { page_start: req.page_start, key_begin: chunk.key_begin, key_end: chunk.key_end, row_begin: chunk.row_begin, row_end: chunk.row_end }
+    /// `runs[i]`: the end of the run of consecutive page numbers that page list entry i starts
+    /// (`consecutive_page_runs`).
+    pub fn of(chunk: &KvChunk, req: &RequestInfo, batch: &Batch, runs: &[u32]) -> KvRange {
+        let mut row0 = NO_ROW;
+        if chunk.key_end > chunk.key_begin {
+            let ps = batch.page_size;
+            let first = (req.page_start + chunk.key_begin / ps) as usize;
+            let last = (req.page_start + (chunk.key_end - 1) / ps) as usize;
+            let page = batch.kv_page_indices[first];
+            let row = page as i64 * ps as i64 + (chunk.key_begin % ps) as i64;
+            // The kernels add key offsets to row0 in 32 bits and TMA boxes take rows as i32.
+            if runs[first] as usize > last && page >= 0 && row + ((chunk.key_end - chunk.key_begin) as i64) <= i32::MAX as i64 {
+                row0 = row as u32;
+            }
+        }
+        KvRange { page_start: req.page_start, key_begin: chunk.key_begin, key_end: chunk.key_end, row_begin: chunk.row_begin, row_end: chunk.row_end, row0 }
     }
+}
+
+/// For each entry i of a page list, one past the last entry j >= i with pages[k + 1] ==
+/// pages[k] + 1 for every k in i..j: entries i..=last are consecutive pages iff runs[i] > last.
+pub fn consecutive_page_runs(pages: &[i32]) -> Vec<u32> {
+    let mut runs = vec![0u32; pages.len()];
+    for i in (0..pages.len()).rev() {
+        runs[i] = if i + 1 < pages.len() && pages[i].checked_add(1) == Some(pages[i + 1]) { runs[i + 1] } else { i as u32 + 1 };
+    }
+    runs
 }
 
 /// A TMA descriptor (the driver's CUtensorMap: 128 opaque bytes, 64-byte aligned).
@@ -118,6 +150,16 @@ pub const FLAG_Q_VEC: u32 = 1;
 pub const FLAG_KV_VEC: u32 = 2;
 pub const FLAG_KV_TMA: u32 = 4;
 pub const FLAG_O_VEC: u32 = 8;
+pub const FLAG_KV_ROWS: u32 = 16;
+
+/// The K/V caches' row stride (elements) where rows exist: the slots of a page are evenly spaced
+/// rows and the next page continues them (row = page · page_size + slot), as in a ragged or
+/// NHD-paged cache; None otherwise (e.g. HND pages of several slots).
+fn kv_row_stride(kv: &KvLayout, page_size: u32) -> Option<i64> {
+    // With one slot per page the token stride is never used: rows are pages.
+    let row_stride = if page_size == 1 { kv.stride_page } else { kv.stride_token };
+    (kv.stride_page == page_size as i64 * row_stride && row_stride > 0).then_some(row_stride)
+}
 
 /// The TMA descriptor of one KV cache viewed as (head_dim, KV heads, rows) with row = page ·
 /// page_size + slot, for boxes of 64 dims × 1 head × `box_rows` rows swizzled by 128 bytes
@@ -126,11 +168,9 @@ pub const FLAG_O_VEC: u32 = 8;
 /// multiple of 64) or the driver refuses it. Host-only: no device call, no synchronisation.
 fn kv_tensor_map(base: u64, kv: &KvLayout, page_size: u32, head_dim: u32, kv_heads: u32, box_rows: u32) -> Option<TensorMap> {
     use sys::{CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle};
-    // With one slot per page the token stride is never used: rows are pages.
-    let row_stride = if page_size == 1 { kv.stride_page } else { kv.stride_token };
-    let rows_contiguous = kv.stride_page == page_size as i64 * row_stride;
+    let row_stride = kv_row_stride(kv, page_size)?;
     let bytes = |s: i64| (s * 2) as u64;
-    if !rows_contiguous || head_dim % 64 != 0 || kv.stride_dim != 1 || base % 16 != 0 || kv.stride_head <= 0 || row_stride <= 0 {
+    if head_dim % 64 != 0 || kv.stride_dim != 1 || base % 16 != 0 || kv.stride_head <= 0 {
         return None;
     }
     if bytes(kv.stride_head) % 16 != 0 || bytes(row_stride) % 16 != 0 || bytes(row_stride) >= 1 << 40 || bytes(kv.stride_head) >= 1 << 40 {
@@ -379,7 +419,8 @@ impl CudaBound {
         put(&mut img, l.items, &plan.items);
         // check_plan has verified every request index.
         let segments: Vec<SegmentInfo> = plan.row_segments.iter().map(|sg| SegmentInfo::of(sg, &plan.requests[sg.request as usize], s.causal)).collect();
-        let chunks: Vec<KvRange> = plan.kv_chunks.iter().map(|c| KvRange::of(c, &plan.requests[c.request as usize])).collect();
+        let runs = consecutive_page_runs(&plan.batch.kv_page_indices);
+        let chunks: Vec<KvRange> = plan.kv_chunks.iter().map(|c| KvRange::of(c, &plan.requests[c.request as usize], &plan.batch, &runs)).collect();
         put(&mut img, l.segments, &segments);
         put(&mut img, l.chunks, &chunks);
         put(&mut img, l.pages, &plan.batch.kv_page_indices);
@@ -413,6 +454,9 @@ impl CudaBound {
         }
         if a16(args.o.ptr) && m8(args.o.stride_token) && m8(args.o.stride_head) {
             flags |= FLAG_O_VEC;
+        }
+        if flags & FLAG_KV_VEC != 0 && kv_row_stride(kv, self.plan.batch.page_size).is_some() {
+            flags |= FLAG_KV_ROWS;
         }
         let (mut k_map, mut v_map) = (TensorMap::default(), TensorMap::default());
         if self.kernels.warp_specialized && flags & FLAG_KV_VEC != 0 {
@@ -496,5 +540,39 @@ impl BoundPlan for CudaBound {
             return Err(invalid!("the new plan's shape {:?} differs from the launch's {:?}; create a new launch", plan.shape, self.plan.shape));
         }
         self.upload(&plan, stream)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(pages: Vec<i32>, page_size: u32) -> Batch {
+        let n = pages.len() as i32;
+        Batch { qo_indptr: vec![0, 1], kv_indptr: vec![0, n], kv_last_page_len: vec![page_size as i32], num_pages: 1 << 20, kv_page_indices: pages, page_size, prefix_groups: vec![] }
+    }
+
+    fn row0(b: &Batch, key_begin: u32, key_end: u32) -> u32 {
+        let req = RequestInfo { q_start: 0, q_len: 1, kv_len: b.kv_page_indices.len() as u32 * b.page_size, page_start: 0 };
+        let chunk = KvChunk { request: 0, key_begin, key_end, row_begin: 0, row_end: 1 };
+        KvRange::of(&chunk, &req, b, &consecutive_page_runs(&b.kv_page_indices)).row0
+    }
+
+    #[test]
+    fn chunks_in_consecutive_rows_get_their_first_row() {
+        assert_eq!(consecutive_page_runs(&[4, 5, 6, 9, 10, 2]), vec![3, 3, 3, 5, 5, 6]);
+        // One token per page, in order (a ragged batch): any chunk is consecutive.
+        let ragged = batch((100..164).collect(), 1);
+        assert_eq!(row0(&ragged, 0, 64), 100);
+        assert_eq!(row0(&ragged, 10, 33), 110);
+        // Pages of 16: consecutive pages continue each other's rows; a gap breaks the chunk.
+        let paged = batch(vec![7, 8, 3, 4], 16);
+        assert_eq!(row0(&paged, 5, 32), 7 * 16 + 5);
+        assert_eq!(row0(&paged, 16, 20), 8 * 16);
+        assert_eq!(row0(&paged, 20, 40), NO_ROW);
+        assert_eq!(row0(&paged, 33, 64), 3 * 16 + 1);
+        // Empty chunks and rows past i32 have none.
+        assert_eq!(row0(&paged, 3, 3), NO_ROW);
+        assert_eq!(row0(&batch(vec![i32::MAX / 16, i32::MAX / 16 + 1], 16), 0, 32), NO_ROW);
     }
 }

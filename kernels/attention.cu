@@ -283,6 +283,65 @@ __device__ __forceinline__ void fence_for_tensor_cores() {
 #endif
 }
 
+// ---- mbarriers and TMA (sm_90) ---------------------------------------------------------------
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define PI_TMA 1
+__device__ __forceinline__ void mbar_init(u64* b, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(smem_addr(b)), "r"(count) : "memory");
+}
+// One arrival (release: this thread's earlier shared-memory writes are seen by the waiters).
+__device__ __forceinline__ void mbar_arrive(u64* b) {
+    asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}" :: "r"(smem_addr(b)) : "memory");
+}
+// One arrival once every cp.async this thread has issued so far has landed.
+__device__ __forceinline__ void mbar_arrive_on_copies(u64* b) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared.b64 [%0];" :: "r"(smem_addr(b)) : "memory");
+}
+// Waits for the completion of the barrier's phase of this parity (a fresh barrier counts its
+// phase before the first as complete, so producers start with parity 1 on "empty" barriers).
+__device__ __forceinline__ void mbar_wait(u64* b, u32 parity) {
+    u32 done;
+    do {
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}"
+                     : "=r"(done) : "r"(smem_addr(b)), "r"(parity) : "memory");
+    } while (!done);
+}
+// One arrival that also expects `bytes` more to land (by TMA) before the phase completes.
+__device__ __forceinline__ void mbar_arrive_expect(u64* b, u32 bytes) {
+    asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.expect_tx.shared::cta.b64 state, [%0], %1;\n}"
+                 :: "r"(smem_addr(b)), "r"(bytes) : "memory");
+}
+// The box of a 3-D tensor map at coordinates (c0, c1, c2) into dst, completing on `bar`. Every
+// map here is over (dims, heads, rows) in boxes of 64 dims, 128-byte swizzled: swz's layout of
+// one 64-dim column block.
+__device__ __forceinline__ void tma_load(u16* dst, const TensorMap* map, int c0, int c1, int c2, u64* bar) {
+    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];"
+                 :: "r"(smem_addr(dst)), "l"(reinterpret_cast<u64>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(smem_addr(bar))
+                 : "memory");
+}
+// The same with an L2 policy (l2_evict_first).
+__device__ __forceinline__ void tma_load(u16* dst, const TensorMap* map, int c0, int c1, int c2, u64* bar, u64 policy) {
+    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, {%2, %3, %4}], [%5], %6;"
+                 :: "r"(smem_addr(dst)), "l"(reinterpret_cast<u64>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(smem_addr(bar)), "l"(policy)
+                 : "memory");
+}
+// src's box to the tensor at (c0, c1, c2), in this thread's bulk group (bulk_commit, bulk_wait_read).
+__device__ __forceinline__ void tma_store(const TensorMap* map, const u16* src, int c0, int c1, int c2, u64 policy) {
+    asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.tile.bulk_group.L2::cache_hint [%0, {%2, %3, %4}], [%1], %5;"
+                 :: "l"(reinterpret_cast<u64>(map)), "r"(smem_addr(src)), "r"(c0), "r"(c1), "r"(c2), "l"(policy)
+                 : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+// This thread's bulk stores have read their shared memory (it may be written again).
+__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
+// ... and have completed.
+__device__ __forceinline__ void bulk_wait() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
+
+#else
+#define PI_TMA 0
+#endif
+
 // ---- shared memory --------------------------------------------------------------------------
 
 struct RowInfo {
@@ -642,11 +701,12 @@ __device__ __forceinline__ int staged_at(int r, int c) { return (c / 8) * PI_BLO
 // read for the last time; final output with 16-byte aligned rows) the warp's 16 rows go through
 // it and leave as whole rows of 16-byte stores: stored straight from the accumulators, 4 bytes
 // per thread, each 32-byte sector reaches L2 in two halves, and a half-written sector costs a
-// DRAM read (H100, W5: 786 MB read for 427 MB of Q, K and V).
+// DRAM read (H100, W5: 786 MB read for 427 MB of Q, K and V). With `staged_only` the rows stay
+// staged for the caller, which stores the whole tile by TMA.
 __device__ __forceinline__ void store_rows(const KernelParams& p, const PlanHeader& hdr, const WorkItem& item,
                                            const RowInfo* rows, int r0, int r1, int lane,
                                            const float (&acc)[PI_HEAD_DIM / 8][4], float m0, float m1, float l0, float l1,
-                                           u16* stage = nullptr, int slice = 0) {
+                                           u16* stage = nullptr, int slice = 0, bool staged_only = false) {
     const int col = 2 * (lane % 4);
     const float LN2 = 0.6931471805599453f;
     const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
@@ -663,6 +723,7 @@ __device__ __forceinline__ void store_rows(const KernelParams& p, const PlanHead
             if (p.lse && lane % 4 == 0 && (u32)r < item.num_rows)
                 p.lse[(i64)rows[r].token * p.num_qo_heads + rows[r].head] = half ? lse1 : lse0;
         }
+        if (staged_only) return;  // the caller stores the staged tile (by TMA)
         __syncwarp();
         const u64 once = l2_evict_first();  // see cp_async16
         constexpr int CHUNKS = PI_HEAD_DIM / 8;                  // 16-byte chunks of a row
@@ -764,26 +825,6 @@ struct Smem {
 };
 static_assert(sizeof(Smem) == PI_SMEM_BYTES, "PI_SMEM_BYTES disagrees with sizeof(Smem)");
 
-__device__ __forceinline__ void mbar_init(u64* b, u32 count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(smem_addr(b)), "r"(count) : "memory");
-}
-// One arrival (release: this thread's earlier shared-memory writes are seen by the waiters).
-__device__ __forceinline__ void mbar_arrive(u64* b) {
-    asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}" :: "r"(smem_addr(b)) : "memory");
-}
-// One arrival once every cp.async this thread has issued so far has landed.
-__device__ __forceinline__ void mbar_arrive_on_copies(u64* b) {
-    asm volatile("cp.async.mbarrier.arrive.noinc.shared.b64 [%0];" :: "r"(smem_addr(b)) : "memory");
-}
-// Waits for the completion of the barrier's phase of this parity (a fresh barrier counts its
-// phase before the first as complete, so producers start with parity 1 on "empty" barriers).
-__device__ __forceinline__ void mbar_wait(u64* b, u32 parity) {
-    u32 done;
-    do {
-        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}"
-                     : "=r"(done) : "r"(smem_addr(b)), "r"(parity) : "memory");
-    } while (!done);
-}
 // The producer warpgroup's own barrier (named barrier 15; the consumers use 1 + their warpgroup).
 __device__ __forceinline__ void producer_sync() { asm volatile("bar.sync 15, 128;" ::: "memory"); }
 // Whether every producer thread says yes (the same barrier).
@@ -793,19 +834,6 @@ __device__ __forceinline__ bool producer_all(bool v) {
                  : "=r"(r) : "r"((u32)v) : "memory");
     return r != 0;
 }
-// One arrival that also expects `bytes` more to land (by TMA) before the phase completes.
-__device__ __forceinline__ void mbar_arrive_expect(u64* b, u32 bytes) {
-    asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.expect_tx.shared::cta.b64 state, [%0], %1;\n}"
-                 :: "r"(smem_addr(b)), "r"(bytes) : "memory");
-}
-// The box of `map` at (dim, head, row) -- 64 dims x 1 head x PI_BLOCK_N rows, 128-byte swizzled,
-// which is swz<PI_BLOCK_N>'s layout of one column block -- into dst, completing on `bar`.
-__device__ __forceinline__ void tma_box(u16* dst, const TensorMap* map, int dim, int head, int row, u64* bar) {
-    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];"
-                 :: "r"(smem_addr(dst)), "l"(reinterpret_cast<u64>(map)), "r"(dim), "r"(head), "r"(row), "r"(smem_addr(bar))
-                 : "memory");
-}
-
 // Block `seq` of the K/V stream lives in stage seq % PI_STAGES; its uses of that stage alternate parity.
 __device__ __forceinline__ u32 ring_stage(u32 seq) { return seq % PI_STAGES; }
 __device__ __forceinline__ u32 ring_parity(u32 seq) { return (seq / PI_STAGES) & 1; }
@@ -902,7 +930,7 @@ __device__ __forceinline__ void produce(const KernelParams& p, Smem& sm, const P
                             mbar_arrive_expect(&full[s], PI_BLOCK_N * PI_HEAD_DIM * 2);
 #pragma unroll
                             for (int c = 0; c < PI_HEAD_DIM / 64; ++c)
-                                tma_box(ring[s] + c * PI_BLOCK_N * 64, map, c * 64, item.kv_head, row, &full[s]);
+                                tma_load(ring[s] + c * PI_BLOCK_N * 64, map, c * 64, item.kv_head, row, &full[s]);
                         } else {
                             mbar_arrive(&full[s]);
                         }
@@ -1081,6 +1109,17 @@ packed_attention(const __grid_constant__ KernelParams p) {
 }
 
 #else  // !PI_WS
+// Whole one-request Q and O tiles by TMA: the short-prefill kernel (-DPI_QO_TMA=1 from the
+// host; sm_90).
+#if !defined(PI_QO_TMA) || !PI_TMA
+#undef PI_QO_TMA
+#define PI_QO_TMA 0
+#endif
+// Whether item w is a whole tile of one request's consecutive tokens (one row segment, every
+// row), which a TMA box of q_map / o_map covers, and `flag` allows it.
+__device__ __forceinline__ bool one_request_tile(const KernelParams& p, const WorkItem& w, u32 flag) {
+    return (p.flags & flag) && w.seg_count == 1 && w.num_rows == PI_BLOCK_M;
+}
 struct Smem {
     u16 q[PI_BLOCK_M * PI_HEAD_DIM];  // swizzled (swz); every tile a multiple of 1024 bytes
     u16 k[PI_STAGES][PI_BLOCK_N * PI_HEAD_DIM];
@@ -1088,8 +1127,9 @@ struct Smem {
     RowInfo rows[PI_BLOCK_M];
     SegmentInfo segs[PI_BLOCK_M];  // an item has at most one segment per row
     alignas(16) WorkItem next_item;  // the group's next item, copied in while this one runs
+    u64 q_bar;                       // the Q tile's TMA landed (PI_QO_TMA)
     u32 next_group;
-    u32 pad[3];
+    u32 pad;
 };
 // The host sizes the dynamic shared memory from the same formula (attention_smem_bytes in
 // src/backend/cuda/compile.rs, plus 1024 bytes to align the base for the swizzle) and passes it
@@ -1109,7 +1149,7 @@ static_assert(sizeof(SplitState) <= sizeof(((Smem*)0)->k) + sizeof(((Smem*)0)->v
 #define PI_MIN_CTAS 1
 #endif
 extern "C" __global__ void __launch_bounds__(PI_THREADS, PI_MIN_CTAS)
-packed_attention(const KernelParams p) {
+packed_attention(const __grid_constant__ KernelParams p) {  // grid constant: TMA takes &p.q_map
     extern __shared__ __align__(16) unsigned char smem_raw[];
     // The swizzle needs 1024-byte aligned tiles; the host adds 1024 bytes of slack for this.
     Smem& sm = *reinterpret_cast<Smem*>(smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u));
@@ -1120,6 +1160,12 @@ packed_attention(const KernelParams p) {
     const float scale = hdr.sm_scale_log2;
     const PageMap pm(hdr.page_size);
     const int col = 2 * (lane % 4);
+#if PI_QO_TMA
+    const u64 once = l2_evict_first();  // Q and O are read or written once (see cp_async16)
+    u32 q_phase = 0;                    // parity of sm.q_bar's next phase
+    if (tid == 0) mbar_init(&sm.q_bar, 1);
+    __syncthreads();
+#endif
 
     for (;;) {
         if (tid == 0) sm.next_group = atomicAdd(p.group_counter, 1u);
@@ -1154,13 +1200,38 @@ packed_attention(const KernelParams p) {
             if (item.chunk_count > 0) ch0 = p.chunks[item.chunk_begin];
             const int page0 = ch0.key_end > ch0.key_begin ? kv_page<PI_THREADS>(p, ch0, ch0.key_begin, pm, tid) : 0;
             if (has_seg) sm.segs[tid] = seg;
+#if PI_QO_TMA
+            if (tid == 0) bulk_wait_read();  // the last item's O boxes have read the Q tile
+#endif
             __syncthreads();  // also: every thread has read sm.next_item
+            // A full tile of one request's consecutive tokens moves by TMA where the caller's Q
+            // and O allow (one thread issues a box per 64 dims; no per-row address arithmetic).
+            const bool q_by_tma = PI_QO_TMA && one_request_tile(p, item, PI_FLAG_Q_TMA);
+            const bool o_by_tma = PI_QO_TMA && one_request_tile(p, item, PI_FLAG_O_TMA) && item.partial_slot == PI_FINAL_OUTPUT;
+            bool q_waiting = q_by_tma;  // the Q tile's TMA is in flight (warp-uniform)
+#if PI_QO_TMA
+            if (q_by_tma && tid == 0) {
+                mbar_arrive_expect(&sm.q_bar, PI_BLOCK_M * PI_HEAD_DIM * 2);
+#pragma unroll
+                for (int c = 0; c < PI_HEAD_DIM / 64; ++c)
+                    tma_load(sm.q + c * PI_BLOCK_M * 64, &p.q_map, c * 64, item.kv_head * group, sm.segs[0].token0, &sm.q_bar, once);
+            }
+#endif
+            auto q_landed = [&]() {
+#if PI_QO_TMA
+                if (q_waiting) {
+                    mbar_wait(&sm.q_bar, q_phase);
+                    q_phase ^= 1;
+                    q_waiting = false;
+                }
+#endif
+            };
             static_assert(sizeof(WorkItem) == 32, "two 16-byte copies");
             if (tid < 2 && it + 1 < item_end) cp_async16(reinterpret_cast<uint4*>(&sm.next_item) + tid, reinterpret_cast<const uint4*>(&p.items[it + 1]) + tid, true);
             for (int r = tid; r < PI_BLOCK_M; r += PI_THREADS) sm.rows[r] = row_info(p, item, sm.segs, seg_count, group, r);
             __syncthreads();
             // Q tile; rows past num_rows are zeros. The next item's copy lands with it.
-            copy_q<PI_THREADS, PI_BLOCK_M * PI_HEAD_DIM / 8 / PI_THREADS>(p, sm.q, sm.rows, item.num_rows, tid);
+            if (!q_by_tma) copy_q<PI_THREADS, PI_BLOCK_M * PI_HEAD_DIM / 8 / PI_THREADS>(p, sm.q, sm.rows, item.num_rows, tid);
             cp_async_commit();
             // Q fragments for the mma.sync path, read from the tile once it has landed (with the
             // item's first K/V block, so the two loads overlap). wgmma reads Q from shared memory.
@@ -1221,6 +1292,7 @@ packed_attention(const KernelParams p) {
                     }
                     gather(AHEAD + 1);
                     cp_async_wait<AHEAD>();  // block 0 and the Q tile landed
+                    q_landed();
                     fence_for_tensor_cores();
                     __syncthreads();
                     // Block b + 1 landed for everyone, and the stage refilled next is free (its
@@ -1293,6 +1365,7 @@ packed_attention(const KernelParams p) {
                 gather(PI_STAGES - 1);
                 for (u32 b = 0; b < nblocks; ++b) {
                     cp_async_wait<PI_STAGES - 2>();  // block b (and the Q tile) landed
+                    q_landed();
                     fence_for_tensor_cores();
                     __syncthreads();  // for every thread; and block b - 1's stage is free again
                     issue(b + PI_STAGES - 1);
@@ -1332,6 +1405,7 @@ packed_attention(const KernelParams p) {
                 __syncthreads();  // the next chunk's first loads reuse this chunk's stages
             }
             cp_async_wait<0>();  // an item without keys still issued its Q copies
+            q_landed();          // or its Q box (the barrier's phase must complete)
 
             // Finish the rows: total sums across the quad, LSE in natural log, write out.
             l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
@@ -1398,10 +1472,26 @@ packed_attention(const KernelParams p) {
             const bool staged = item.partial_slot == PI_FINAL_OUTPUT && (p.flags & PI_FLAG_O_VEC);
             if (staged && !split) __syncthreads();
             if (!split || warp == 0)
-                store_rows(p, hdr, item, sm.rows, r0, r1, lane, acc, m0, m1, l0, l1, staged ? sm.q : nullptr, slice);
+                store_rows(p, hdr, item, sm.rows, r0, r1, lane, acc, m0, m1, l0, l1, staged ? sm.q : nullptr, slice, o_by_tma);
+#if PI_QO_TMA
+            // Shared memory this thread wrote (staged rows) is next read or written by TMA (the
+            // O store below, a later item's Q box).
+            fence_for_tensor_cores();
+#endif
             __syncthreads();  // the row table, Q tile and split state are rewritten by the next item
+#if PI_QO_TMA
+            if (o_by_tma && tid == 0) {  // the staged tile leaves as a box per 64 dims
+#pragma unroll
+                for (int c = 0; c < PI_HEAD_DIM / 64; ++c)
+                    tma_store(&p.o_map, sm.q + c * PI_BLOCK_M * 64, c * 64, item.kv_head * group, sm.rows[0].token, once);
+                bulk_commit();
+            }
+#endif
         }
     }
+#if PI_QO_TMA
+    if (tid == 0) bulk_wait();  // the last O boxes have left shared memory before the CTA does
+#endif
 }
 
 #endif  // !PI_WS

@@ -86,6 +86,10 @@ struct KernelParams {
     // The K and V caches as 3-D tensors (head_dim, KV heads, cache rows = page * page_size + slot)
     // with 128-byte-swizzled boxes of 64 dims x 1 head x block_n rows; set with PI_FLAG_KV_TMA.
     TensorMap k_map, v_map;
+    // Q and O as 3-D tensors (head_dim, query heads, tokens) with 128-byte-swizzled boxes of 64
+    // dims x group heads x (tile rows / group) tokens: a tile of one request's consecutive tokens
+    // (all of a KV head's query heads each); set with PI_FLAG_Q_TMA / PI_FLAG_O_TMA.
+    TensorMap q_map, o_map;
 };
 
 // Q rows (base and strides) allow 16-byte loads.
@@ -99,3 +103,6 @@ struct KernelParams {
 // The K/V caches have a row view (row = page * page_size + slot, one stride) and 16-byte loads:
 // chunks with a row0 are addressed by row.
 #define PI_FLAG_KV_ROWS 16u
+// q_map / o_map are valid (the plain kernels on sm_90 move whole single-request tiles by TMA).
+#define PI_FLAG_Q_TMA 32u
+#define PI_FLAG_O_TMA 64u

@@ -269,9 +269,12 @@ fn short_batches_run_on_narrow_tiles() {
         let profile = if i % 2 == 1 { DeviceProfile { num_workers: 2, ..profile } } else { profile };
         let plan = Plan::build(case.shape, case.batch.clone(), &profile, PlanOptions::default()).unwrap();
         assert!(plan.items.iter().all(|it| it.num_rows <= profile.block_m));
-        // On Hopper they run on the short-prefill kernel (32-key blocks, several CTAs per SM).
-        let (o, lse) = run_plan_inspected(&cu, &case, plan, |bound, _| {
-            assert_eq!(bound.block_n() == 32, cu.device().cc == (9, 0) && cu.profile().block_m > 64, "short batch {i}: kernel");
+        // On Hopper they run on the short-prefill kernel (32-key blocks, several CTAs per SM),
+        // which moves whole one-request Q and O tiles by TMA (head_dim <= 128 there).
+        let (o, lse) = run_plan_inspected(&cu, &case, plan, |bound, args| {
+            let short_kernel = cu.device().cc == (9, 0) && cu.profile().block_m > 64;
+            assert_eq!(bound.block_n() == 32, short_kernel, "short batch {i}: kernel");
+            assert_eq!(bound.moves_qo_by_tma(args).unwrap(), short_kernel && spec.head_dim <= 128, "short batch {i}: Q/O by TMA");
         });
         done.push((case, o, lse, format!("short batch {i}: {spec:?}, lens {lens:?}")));
     }

@@ -152,6 +152,13 @@ impl Unit {
         }
     }
 
+    /// Whether the kernel moves whole one-request Q and O tiles by TMA: the short-prefill
+    /// kernel, whose tiles wait on memory (H100, one call: W5 -2%; W3 and W4 were 3% slower when
+    /// every plain kernel had it).
+    pub fn qo_tma(&self, arch: &str) -> bool {
+        self.variant_on(arch) == Variant::ShortPrefill
+    }
+
     /// CTAs an SM must hold at once (the kernel's register cap follows).
     pub fn min_ctas(&self, arch: &str) -> u32 {
         if self.variant_on(arch) == Variant::ShortPrefill { SHORT_PREFILL_CTAS } else { 1 }
@@ -187,10 +194,10 @@ impl Unit {
 
     /// The attention kernel's shared-memory struct (`kernels/attention.cu` asserts the same):
     /// the Q tile and the K/V stages (swizzled, no padding), then the row table (24 bytes a
-    /// row), the segment table (16 bytes a row), the next work item (32 bytes) and the drawn
-    /// group number (16 bytes). The warp-specialised kernel has two item slots (Q tile, row
-    /// table, 16 chunks of 24 bytes, the 32-byte item), one segment table, 8-byte mbarriers (two
-    /// per slot, four per stage) and 16 bytes of flags.
+    /// row), the segment table (16 bytes a row), the next work item (32 bytes), and the Q tile's
+    /// mbarrier with the drawn group number (16 bytes). The warp-specialised kernel has two item
+    /// slots (Q tile, row table, 16 chunks of 24 bytes, the 32-byte item), one segment table,
+    /// 8-byte mbarriers (two per slot, four per stage) and 16 bytes of flags.
     fn smem_struct_bytes(&self, arch: &str) -> u32 {
         match *self {
             Unit::Attention { head_dim, warps, .. } => {
@@ -226,6 +233,7 @@ impl Unit {
                 format!("-DPI_SMEM_BYTES={}", self.smem_struct_bytes(arch)),
                 format!("-DPI_WS={}", self.warp_specialized(arch) as u32),
                 format!("-DPI_MIN_CTAS={}", self.min_ctas(arch)),
+                format!("-DPI_QO_TMA={}", self.qo_tma(arch) as u32),
             ],
             Unit::Kv => vec![],
         }

@@ -15,9 +15,7 @@ use crate::backend::{BoundPlan, LaunchCapacity, Scratch};
 use crate::error::Result;
 use crate::invalid;
 use crate::plan::{KvChunk, MergeRow, Plan, RequestInfo, RowSegment, WorkItem, FINAL_OUTPUT};
-use crate::types::Batch;
-use crate::types::KvLayout;
-use crate::types::RunArgs;
+use crate::types::{Batch, KvLayout, RunArgs, Shape};
 
 /// Counts and shape of the uploaded plan; mirrors `PlanHeader` in `kernels/work.cuh`.
 #[repr(C)]
@@ -66,6 +64,8 @@ pub struct KernelParams {
     pub num_qo_heads: u32,
     pub k_map: TensorMap,
     pub v_map: TensorMap,
+    pub q_map: TensorMap,
+    pub o_map: TensorMap,
 }
 
 /// A plan's row segment resolved against its request, as the kernels read it (mirrors
@@ -151,6 +151,8 @@ pub const FLAG_KV_VEC: u32 = 2;
 pub const FLAG_KV_TMA: u32 = 4;
 pub const FLAG_O_VEC: u32 = 8;
 pub const FLAG_KV_ROWS: u32 = 16;
+pub const FLAG_Q_TMA: u32 = 32;
+pub const FLAG_O_TMA: u32 = 64;
 
 /// The K/V caches' row stride (elements) where rows exist: the slots of a page are evenly spaced
 /// rows and the next page continues them (row = page · page_size + slot), as in a ragged or
@@ -161,26 +163,15 @@ fn kv_row_stride(kv: &KvLayout, page_size: u32) -> Option<i64> {
     (kv.stride_page == page_size as i64 * row_stride && row_stride > 0).then_some(row_stride)
 }
 
-/// The TMA descriptor of one KV cache viewed as (head_dim, KV heads, rows) with row = page ·
-/// page_size + slot, for boxes of 64 dims × 1 head × `box_rows` rows swizzled by 128 bytes
-/// (the kernels' shared-memory layout); None where that view does not exist (a page's slots
-/// are not evenly spaced rows that the next page continues, unaligned strides, head_dim not a
-/// multiple of 64) or the driver refuses it. Host-only: no device call, no synchronisation.
-fn kv_tensor_map(base: u64, kv: &KvLayout, page_size: u32, head_dim: u32, kv_heads: u32, box_rows: u32) -> Option<TensorMap> {
+/// A TMA descriptor of 16-bit elements over a 3-D tensor (dims[0] contiguous, byte strides of
+/// dims 1 and 2) for boxes of `boxes` swizzled by 128 bytes (the kernels' shared-memory layout:
+/// boxes[0] = 64 elements); None where TMA cannot describe it or the driver refuses it.
+/// Host-only: no device call, no synchronisation.
+fn tensor_map_3d(base: u64, dims: [u64; 3], strides: [u64; 2], boxes: [u32; 3]) -> Option<TensorMap> {
     use sys::{CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle};
-    let row_stride = kv_row_stride(kv, page_size)?;
-    let bytes = |s: i64| (s * 2) as u64;
-    if head_dim % 64 != 0 || kv.stride_dim != 1 || base % 16 != 0 || kv.stride_head <= 0 {
+    if base % 16 != 0 || strides.iter().any(|&s| s == 0 || s % 16 != 0 || s >= 1 << 40) || boxes.iter().any(|&b| b == 0 || b > 256) {
         return None;
     }
-    if bytes(kv.stride_head) % 16 != 0 || bytes(row_stride) % 16 != 0 || bytes(row_stride) >= 1 << 40 || bytes(kv.stride_head) >= 1 << 40 {
-        return None;
-    }
-    // Rows the kernel may ask for: any below 2^31 (it never asks past a plan's pages, and a plan
-    // given to `update` may have more pages than the launch's first one).
-    let dims: [u64; 3] = [head_dim as u64, kv_heads as u64, i32::MAX as u64];
-    let strides: [u64; 2] = [bytes(kv.stride_head), bytes(row_stride)];
-    let boxes: [u32; 3] = [64, 1, box_rows];
     let steps: [u32; 3] = [1, 1, 1];
     let mut map = TensorMap::default();
     // SAFETY: `map` is 128 writable, 64-byte aligned bytes (CUtensorMap's size and alignment);
@@ -202,6 +193,40 @@ fn kv_tensor_map(base: u64, kv: &KvLayout, page_size: u32, head_dim: u32, kv_hea
         )
     };
     (r == sys::CUresult::CUDA_SUCCESS).then_some(map)
+}
+
+/// Elements to bytes for a TMA stride (None for a stride TMA cannot take).
+fn stride_bytes(s: i64) -> Option<u64> {
+    (s > 0).then(|| s as u64 * 2)
+}
+
+/// The TMA descriptor of one KV cache viewed as (head_dim, KV heads, rows) with row = page ·
+/// page_size + slot, for boxes of 64 dims × 1 head × `box_rows` rows; None where that view does
+/// not exist (`kv_row_stride`), the dims are not unit-strided, or head_dim is not a multiple of 64.
+fn kv_tensor_map(base: u64, kv: &KvLayout, page_size: u32, head_dim: u32, kv_heads: u32, box_rows: u32) -> Option<TensorMap> {
+    let row_stride = kv_row_stride(kv, page_size)?;
+    if head_dim % 64 != 0 || kv.stride_dim != 1 {
+        return None;
+    }
+    // Rows the kernel may ask for: any below 2^31 (it never asks past a plan's pages, and a plan
+    // given to `update` may have more pages than the launch's first one).
+    tensor_map_3d(base, [head_dim as u64, kv_heads as u64, i32::MAX as u64], [stride_bytes(kv.stride_head)?, stride_bytes(row_stride)?], [64, 1, box_rows])
+}
+
+/// The TMA descriptor of Q or O viewed as (head_dim, query heads, tokens), for boxes of a tile
+/// of one request's consecutive tokens: 64 dims × `group` heads × `block_m / group` tokens (a
+/// tile row is a token's query head of the KV head, token-major). None where a tile is not such
+/// a box (block_m not a multiple of the group) or TMA cannot describe the tensor.
+fn qo_tensor_map(base: u64, stride_token: i64, stride_head: i64, shape: &Shape, block_m: u32) -> Option<TensorMap> {
+    let group = shape.group_size();
+    if shape.head_dim % 64 != 0 || group == 0 || block_m % group != 0 {
+        return None;
+    }
+    // Tokens the kernel may ask for: the kernels move only whole tiles of one request by TMA, so
+    // every box lies in the caller's tensor whatever the plan (a plan given to `update` may
+    // have more tokens than the launch's first one).
+    let dims = [shape.head_dim as u64, shape.num_qo_heads as u64, i32::MAX as u64];
+    tensor_map_3d(base, dims, [stride_bytes(stride_head)?, stride_bytes(stride_token)?], [64, group, block_m / group])
 }
 
 /// Byte offsets of each array in the launch's device buffer (fixed by the capacity).
@@ -382,6 +407,13 @@ impl CudaBound {
         Ok(self.params(args).flags & FLAG_KV_TMA != 0)
     }
 
+    /// Whether a run with `args` moves whole one-request Q and O tiles by TMA (the short-prefill
+    /// kernel, with Q and O that TMA can describe; see `qo_tensor_map`).
+    pub fn moves_qo_by_tma(&self, args: &RunArgs) -> Result<bool> {
+        let _g = self.shared.dev.enter()?;
+        Ok(self.params(args).flags & (FLAG_Q_TMA | FLAG_O_TMA) == FLAG_Q_TMA | FLAG_O_TMA)
+    }
+
     /// Grid of the attention kernel (persistent CTAs).
     pub fn grid(&self) -> u32 {
         self.grid
@@ -458,6 +490,16 @@ impl CudaBound {
         if flags & FLAG_KV_VEC != 0 && kv_row_stride(kv, self.plan.batch.page_size).is_some() {
             flags |= FLAG_KV_ROWS;
         }
+        let (mut q_map, mut o_map) = (TensorMap::default(), TensorMap::default());
+        if self.kernels.qo_tma {
+            let s = &self.plan.shape;
+            if let Some(m) = qo_tensor_map(args.q.ptr, args.q.stride_token, args.q.stride_head, s, self.kernels.block_m).filter(|_| flags & FLAG_Q_VEC != 0) {
+                (q_map, flags) = (m, flags | FLAG_Q_TMA);
+            }
+            if let Some(m) = qo_tensor_map(args.o.ptr, args.o.stride_token, args.o.stride_head, s, self.kernels.block_m).filter(|_| flags & FLAG_O_VEC != 0) {
+                (o_map, flags) = (m, flags | FLAG_O_TMA);
+            }
+        }
         let (mut k_map, mut v_map) = (TensorMap::default(), TensorMap::default());
         if self.kernels.warp_specialized && flags & FLAG_KV_VEC != 0 {
             let s = &self.plan.shape;
@@ -495,6 +537,8 @@ impl CudaBound {
             num_qo_heads: self.plan.shape.num_qo_heads,
             k_map,
             v_map,
+            q_map,
+            o_map,
         }
     }
 }

@@ -61,6 +61,8 @@ pub struct LoadedAttention {
     /// of consecutive K/V rows by TMA, in boxes of `block_n` rows).
     pub block_n: u32,
     pub warp_specialized: bool,
+    /// Whether the kernel moves whole one-request Q and O tiles by TMA (`Unit::qo_tma`).
+    pub qo_tma: bool,
     /// Attention CTAs resident per SM (from the occupancy calculator); the grid is SMs × this.
     pub ctas_per_sm: u32,
     pub registers: i32,
@@ -142,7 +144,7 @@ impl Shared {
         if ctas_per_sm < 1 {
             return Err(Error::Device(format!("{} cannot run on this device: no CTA fits an SM", unit.name())));
         }
-        let k = Arc::new(LoadedAttention { block_m: 16 * warps, threads: unit.threads(self.cache.arch()), attention, merge, smem_bytes: smem, block_n: unit.block_n(self.cache.arch()), warp_specialized: unit.warp_specialized(self.cache.arch()), ctas_per_sm: (ctas_per_sm as u32).min(4), registers, local_bytes, _module: module });
+        let k = Arc::new(LoadedAttention { block_m: 16 * warps, threads: unit.threads(self.cache.arch()), attention, merge, smem_bytes: smem, block_n: unit.block_n(self.cache.arch()), warp_specialized: unit.warp_specialized(self.cache.arch()), qo_tma: unit.qo_tma(self.cache.arch()), ctas_per_sm: (ctas_per_sm as u32).min(4), registers, local_bytes, _module: module });
         map.insert(unit, k.clone());
         Ok(k)
     }

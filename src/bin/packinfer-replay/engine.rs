@@ -441,7 +441,7 @@ impl<'a> Engine<'a> {
             let t = Instant::now();
             a.trigger.set_capacity(plan.stats.capacity);
             // Nothing is laid out before the first regroup.
-            rec.regrouped = a.trigger.observe(&a.kept_loads(&plan, &step, &self.profile)) || a.kept_groups == 0;
+            rec.regrouped = a.trigger.observe(&a.kept_loads(&plan, &step, &self.profile), &plan.group_costs) || a.kept_groups == 0;
             if rec.regrouped {
                 a.trigger.reset();
                 a.keep(&plan, &step)?;

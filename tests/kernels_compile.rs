@@ -141,3 +141,32 @@ fn kv_unit_exports_the_pool_kernels() {
         assert!(c.cubin.windows(name.len()).any(|w| w == name.as_bytes()), "the kv cubin has no symbol {name}");
     }
 }
+
+/// `KernelCache::prepare` compiles units on several threads (as `precompile` does): each lands in
+/// the cache's memory and on disk, byte for byte what a compile on one thread gives.
+#[test]
+fn prepare_compiles_units_concurrently_into_the_cache() {
+    if !nvrtc_or_skip("prepare_compiles_units_concurrently_into_the_cache") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("packinfer-prepare-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cache = compile::KernelCache::new("sm_90a", Some(dir.clone())).unwrap();
+    let units = vec![
+        Unit::Attention { head_dim: 64, dtype: packinfer::types::DType::F16, warps: 4, variant: Variant::Plain },
+        Unit::Attention { head_dim: 128, dtype: packinfer::types::DType::Bf16, warps: 4, variant: Variant::ShortPrefill },
+        Unit::Attention { head_dim: 64, dtype: packinfer::types::DType::Bf16, warps: 8, variant: Variant::WarpSpecialized },
+        Unit::Kv,
+    ];
+    let t = std::time::Instant::now();
+    cache.prepare(&units).unwrap();
+    println!("prepare: {} units in {:.1} s on {:?} threads", units.len(), t.elapsed().as_secs_f64(), std::thread::available_parallelism().ok());
+    for &unit in &units {
+        let cached = cache.get(unit).unwrap();
+        assert!(!cached.from_disk, "{}: prepared into memory", unit.name());
+        let on_disk = std::fs::read(dir.join(compile::cache_file_name(unit, "sm_90a", compile::nvrtc_version().unwrap()))).unwrap();
+        assert_eq!(on_disk, *cached.cubin, "{}: the file is the cubin", unit.name());
+        assert_eq!(compile::compile(unit, "sm_90a").unwrap().cubin, cached.cubin, "{}: same as a compile on one thread", unit.name());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -420,15 +420,42 @@ impl KernelCache {
         self.memory.lock().insert(unit, compiled.cubin.clone());
         Ok(compiled)
     }
+
+    /// Makes every unit of `units` cached (`get`), compiling the missing ones on up to one
+    /// thread per core: NVRTC compiles separate programs concurrently, so a context's
+    /// `precompile` waits for about the longest compiles rather than their sum. The first error
+    /// is returned once every thread has finished.
+    pub fn prepare(&self, units: &[Unit]) -> Result<()> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, units.len().max(1));
+        let next = AtomicUsize::new(0);
+        let first_error = Mutex::new(None);
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(|| {
+                    while let Some(&unit) = units.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        if let Err(e) = self.get(unit) {
+                            first_error.lock().get_or_insert(e);
+                        }
+                    }
+                });
+            }
+        });
+        first_error.into_inner().map_or(Ok(()), Err)
+    }
 }
 
 /// Writes through a temporary file and a rename, so a concurrent reader never sees half a cubin.
+/// The temporary name is unique per call (process id and a counter): two threads of one process
+/// writing the same unit must not share one.
 fn write_atomically(path: &Path, bytes: &[u8]) {
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let Some(dir) = path.parent() else { return };
     if std::fs::create_dir_all(dir).is_err() {
         return;
     }
-    let tmp = dir.join(format!(".{}.{}.tmp", path.file_name().unwrap().to_string_lossy(), std::process::id()));
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".{}.{}.{n}.tmp", path.file_name().unwrap().to_string_lossy(), std::process::id()));
     if std::fs::write(&tmp, bytes).is_ok() && std::fs::rename(&tmp, path).is_err() {
         let _ = std::fs::remove_file(&tmp);
     }

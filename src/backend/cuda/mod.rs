@@ -331,18 +331,32 @@ impl Backend for CudaBackend {
             Specialize::Always => vec![Variant::WarpSpecialized],
             Specialize::Never => vec![Variant::Plain, Variant::ShortPrefill],
         };
+        // Specialised launches run the context's tile size; short-prefill ones 4 warps. A variant
+        // that does not exist here builds the plain kernel (once).
+        let arch = self.shared.cache.arch();
+        let mut units: Vec<Unit> = Vec::new();
         for w in warps {
             for &v in &variants {
-                // Specialised launches run the context's tile size; short-prefill ones 4 warps.
                 if (v == Variant::WarpSpecialized && w != self.shared.tile_warps) || (v == Variant::ShortPrefill && w != 4) {
                     continue;
                 }
                 for unit in Unit::all(w, v) {
-                    match unit {
-                        Unit::Attention { head_dim, dtype, warps, variant } => drop(self.shared.attention_with(head_dim, dtype, warps, variant)?),
-                        Unit::Kv => drop(self.shared.kv()?),
+                    let built = match unit {
+                        Unit::Attention { head_dim, dtype, warps, .. } => Unit::Attention { head_dim, dtype, warps, variant: unit.variant_on(arch) },
+                        Unit::Kv => Unit::Kv,
+                    };
+                    if !units.contains(&built) {
+                        units.push(built);
                     }
                 }
+            }
+        }
+        // Compile in parallel, then load each module (from the cache) on this thread.
+        self.shared.cache.prepare(&units)?;
+        for unit in units {
+            match unit {
+                Unit::Attention { head_dim, dtype, warps, variant } => drop(self.shared.attention_with(head_dim, dtype, warps, variant)?),
+                Unit::Kv => drop(self.shared.kv()?),
             }
         }
         Ok(())

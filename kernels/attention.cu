@@ -3,8 +3,9 @@
 // Compiled by NVRTC once per variant with -DPI_HEAD_DIM=64|128|256, -DPI_BF16=0|1,
 // -DPI_BLOCK_N (keys per inner step: 32, 64 or 128), -DPI_WARPS (4 or 8 warps of 16 tile rows
 // each), -DPI_STAGES (K/V blocks in the shared-memory ring), -DPI_WS (the warp-specialised
-// kernel) and -DPI_MIN_CTAS (CTAs per SM the register count must allow); work.cuh is prepended
-// by the host (src/backend/cuda/compile.rs: Unit and Variant say which combinations exist).
+// kernel), -DPI_MIN_CTAS (CTAs per SM the register count must allow) and -DPI_QO_TMA (whole
+// one-request Q/O tiles by TMA: the short-prefill kernel); work.cuh is prepended by the host
+// (src/backend/cuda/compile.rs: Unit and Variant say which combinations exist).
 //
 // Execution model (the planner's contract, src/plan/work.rs): persistent CTAs take groups from a
 // device counter (work stealing, so a CTA that drew short groups takes more) and run each

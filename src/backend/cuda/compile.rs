@@ -159,6 +159,15 @@ impl Unit {
         self.variant_on(arch) == Variant::ShortPrefill
     }
 
+    /// The unit that is built for this one on `arch`: the same with `variant_on`'s variant (one
+    /// cache entry and one compile per kernel actually built).
+    pub fn built_on(&self, arch: &str) -> Unit {
+        match *self {
+            Unit::Attention { head_dim, dtype, warps, .. } => Unit::Attention { head_dim, dtype, warps, variant: self.variant_on(arch) },
+            Unit::Kv => Unit::Kv,
+        }
+    }
+
     /// CTAs an SM must hold at once (the kernel's register cap follows).
     pub fn min_ctas(&self, arch: &str) -> u32 {
         if self.variant_on(arch) == Variant::ShortPrefill { SHORT_PREFILL_CTAS } else { 1 }

@@ -113,9 +113,7 @@ impl Shared {
     /// kernel where that variant does not exist): loaded on first use, compiled if not cached.
     pub fn attention_with(&self, head_dim: u32, dtype: DType, warps: u32, variant: Variant) -> Result<Arc<LoadedAttention>> {
         check_kernel_shape(head_dim, dtype)?;
-        let asked = Unit::Attention { head_dim, dtype, warps, variant };
-        // One cache entry (and one compile) per kernel actually built.
-        let unit = Unit::Attention { head_dim, dtype, warps, variant: asked.variant_on(self.cache.arch()) };
+        let unit = Unit::Attention { head_dim, dtype, warps, variant }.built_on(self.cache.arch());
         let mut map = self.attention.lock();
         if let Some(k) = map.get(&unit) {
             return Ok(k.clone());
@@ -341,10 +339,7 @@ impl Backend for CudaBackend {
                     continue;
                 }
                 for unit in Unit::all(w, v) {
-                    let built = match unit {
-                        Unit::Attention { head_dim, dtype, warps, .. } => Unit::Attention { head_dim, dtype, warps, variant: unit.variant_on(arch) },
-                        Unit::Kv => Unit::Kv,
-                    };
+                    let built = unit.built_on(arch);
                     if !units.contains(&built) {
                         units.push(built);
                     }

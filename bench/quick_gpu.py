@@ -28,8 +28,8 @@ def main():
     ap.add_argument("--out", default=".")
     ap.add_argument("--only", default="W1,W2,W3,W4,W5")
     ap.add_argument("--variant", action="append", default=[],
-                    help="NAME=DEFINES (space separated -D...), or NAME=DEFINES|WARPS|SHORT_KEYS to set "
-                         "PACKINFER_TILE_WARPS and PACKINFER_SHORT_BATCH_KEYS too")
+                    help="NAME=DEFINES (space separated -D...), or NAME=DEFINES|WARPS|SHORT_KEYS|VAR=V,... to set "
+                         "PACKINFER_TILE_WARPS, PACKINFER_SHORT_BATCH_KEYS and other variables too")
     args = ap.parse_args()
     variants = [v.split("=", 1) for v in (args.variant or ["default="])]
     works = [w for w in wl.build_all(wl.load_trace(args.trace), seed=0) if w.name in args.only.split(",")]
@@ -37,11 +37,15 @@ def main():
     lib = pc.Library(args.lib)
     ctxs = {}
     for name, defines in variants:
-        defines, warps, short_keys = (defines.split("|") + ["", ""])[:3]
+        defines, warps, short_keys, extra = (defines.split("|") + ["", "", ""])[:4]
         os.environ["PACKINFER_KERNEL_DEFINES"] = defines
         os.environ["PACKINFER_TILE_WARPS"] = warps
         os.environ["PACKINFER_SHORT_BATCH_KEYS"] = short_keys
+        extra = dict(kv.split("=", 1) for kv in extra.split(",") if kv)
+        os.environ.update(extra)
         ctx = lib.context(pc.BACKEND_CUDA)
+        for k in extra:
+            del os.environ[k]
         ctx.calibrate()
         ctxs[name] = ctx
     rows = []

@@ -3,8 +3,8 @@
 // Compiled by NVRTC once per variant with -DPI_HEAD_DIM=64|128|256, -DPI_BF16=0|1,
 // -DPI_BLOCK_N (keys per inner step: 32, 64 or 128), -DPI_WARPS (4 or 8 warps of 16 tile rows
 // each), -DPI_STAGES (K/V blocks in the shared-memory ring), -DPI_WS (the warp-specialised
-// kernel), -DPI_MIN_CTAS (CTAs per SM the register count must allow) and -DPI_QO_TMA (whole
-// one-request Q/O tiles by TMA: the short-prefill kernel); work.cuh is prepended by the host
+// kernel) and -DPI_QO_TMA (whole one-request Q/O tiles by TMA: the short-prefill kernel, which is
+// the warp-specialised one with a single consumer warpgroup); work.cuh is prepended by the host
 // (src/backend/cuda/compile.rs: Unit and Variant say which combinations exist).
 //
 // Execution model (the planner's contract, src/plan/work.rs): persistent CTAs take groups from a
@@ -165,10 +165,11 @@ __device__ __forceinline__ int swz(int row, int chunk) {
 // word (the 1024-byte stride and the swizzle mode), so the plain kernels carry and step only the
 // lower one (address and leading offset) and wg_full completes it at the instruction: 64-bit
 // descriptor arithmetic was 6% of the short-prefill kernel's instructions (H100, ncu; W5 -3%).
-// The warp-specialised consumers keep whole descriptors: at their 232 registers the lower-word
-// form made ptxas serialise their wgmmas (C7512).
+// The two-warpgroup warp-specialised consumers keep whole descriptors: at their 232 registers
+// the lower-word form made ptxas serialise their wgmmas (C7512).
+#define PI_WG_DESC_WIDE (PI_WS && PI_WARPS == 8)
 #define PI_WG_DESC_UPPER (((u64)(1024 >> 4) << 32) | (1ull << 62))
-#if PI_WS
+#if PI_WG_DESC_WIDE
 typedef u64 WgDesc;
 __device__ __forceinline__ u64 wg_full(u64 d) { return d; }
 #else
@@ -177,7 +178,7 @@ __device__ __forceinline__ u64 wg_full(u32 lo) { return lo | PI_WG_DESC_UPPER; }
 #endif
 __device__ __forceinline__ WgDesc wg_desc(const u16* p, u32 leading_bytes) {
     const u32 lo = ((smem_addr(p) & 0x3FFFF) >> 4) | ((leading_bytes >> 4) << 16);
-#if PI_WS
+#if PI_WG_DESC_WIDE
     return lo | PI_WG_DESC_UPPER;
 #else
     return lo;
@@ -313,6 +314,10 @@ __device__ __forceinline__ void mbar_arrive_expect(u64* b, u32 bytes) {
     asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.expect_tx.shared::cta.b64 state, [%0], %1;\n}"
                  :: "r"(smem_addr(b)), "r"(bytes) : "memory");
 }
+// `bytes` more to land (by TMA) before the current phase completes, without an arrival.
+__device__ __forceinline__ void mbar_expect(u64* b, u32 bytes) {
+    asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;" :: "r"(smem_addr(b)), "r"(bytes) : "memory");
+}
 // The box of a 3-D tensor map at coordinates (c0, c1, c2) into dst, completing on `bar`. Every
 // map here is over (dims, heads, rows) in boxes of 64 dims, 128-byte swizzled: swz's layout of
 // one 64-dim column block.
@@ -336,8 +341,6 @@ __device__ __forceinline__ void tma_store(const TensorMap* map, const u16* src, 
 __device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
 // This thread's bulk stores have read their shared memory (it may be written again).
 __device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
-// ... and have completed.
-__device__ __forceinline__ void bulk_wait() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
 
 #else
 #define PI_TMA 0
@@ -512,6 +515,14 @@ __device__ __forceinline__ RowInfo row_info(const KernelParams& p, const WorkIte
 // then the warps split each key block instead (warp w takes 16 keys), and combine at the end.
 #define PI_SPLIT_WARPS (PI_BLOCK_N / 16)
 
+#ifndef PI_RESCALE_SLACK
+#define PI_RESCALE_SLACK 8.0f
+#endif
+// Whether any row of the warp needs its output rescaled (softmax_scores's alpha != 1).
+__device__ __forceinline__ bool needs_rescale(float alpha0, float alpha1) {
+    return __any_sync(0xffffffffu, alpha0 != 1.f || alpha1 != 1.f);
+}
+
 // Masks (unless every key of the block is visible to both rows), scales and folds a block's
 // scores into the online softmax state: S becomes P (unnormalised, base 2), the running maxima
 // move and the running sums are rescaled; returns, in alpha0/alpha1, the factors by which the
@@ -549,7 +560,12 @@ __device__ __forceinline__ void softmax_scores(float (&s)[NT][4], int lane, u32 
     bm0 = fmaxf(bm0, __shfl_xor_sync(0xffffffffu, bm0, 2));
     bm1 = fmaxf(bm1, __shfl_xor_sync(0xffffffffu, bm1, 1));
     bm1 = fmaxf(bm1, __shfl_xor_sync(0xffffffffu, bm1, 2));
-    const float n0 = fmaxf(m0, bm0 * scale), n1 = fmaxf(m1, bm1 * scale);
+    // The running max moves only when a block's max exceeds it by more than PI_RESCALE_SLACK
+    // (base 2): P then stays below 2^slack, and most blocks of a row need no output rescale
+    // (alpha is exactly 1; the callers skip it when every row of the warp says so). The result
+    // is the same softmax: the sums and the LSE use the same max as P.
+    const float n0 = bm0 * scale > m0 + PI_RESCALE_SLACK ? bm0 * scale : m0;
+    const float n1 = bm1 * scale > m1 + PI_RESCALE_SLACK ? bm1 * scale : m1;
     // A row that has seen no key yet keeps max -inf; subtract 0 then, not -inf.
     const float base0 = n0 == PI_NEG_INF ? 0.f : n0;
     const float base1 = n1 == PI_NEG_INF ? 0.f : n1;
@@ -588,7 +604,7 @@ __device__ __forceinline__ void online_softmax(float (&s)[NT][4], int lane, u32 
                                                float& l1, float (&acc)[PI_HEAD_DIM / 8][4]) {
     float alpha0, alpha1;
     softmax_scores<NT>(s, lane, key_first, end0, end1, all_visible, scale, m0, m1, l0, l1, alpha0, alpha1);
-    if (__any_sync(0xffffffffu, alpha0 != 1.f || alpha1 != 1.f)) rescale_output(acc, alpha0, alpha1);
+    if (needs_rescale(alpha0, alpha1)) rescale_output(acc, alpha0, alpha1);
 }
 
 // P's A operand for the 16-key step kk: the accumulators of two 8-key tiles, packed to 16 bits.
@@ -777,6 +793,18 @@ __device__ __forceinline__ void store_rows(const KernelParams& p, const PlanHead
     }
 }
 
+// Whole one-request Q and O tiles by TMA: the short-prefill kernel (-DPI_QO_TMA=1 from the
+// host; the warp-specialised kernel with one consumer warpgroup).
+#if !defined(PI_QO_TMA) || !PI_TMA
+#undef PI_QO_TMA
+#define PI_QO_TMA 0
+#endif
+// Whether item w is a whole tile of one request's consecutive tokens (one row segment, every
+// row), which a TMA box of q_map / o_map covers, and `flag` allows it.
+__device__ __forceinline__ bool one_request_tile(const KernelParams& p, const WorkItem& w, u32 flag) {
+    return (p.flags & flag) && w.seg_count == 1 && w.num_rows == PI_BLOCK_M;
+}
+
 #if PI_WS
 // ---- the warp-specialised kernel (sm_90a, head_dim <= 128) --------------------------------------
 //
@@ -788,7 +816,11 @@ __device__ __forceinline__ void store_rows(const KernelParams& p, const PlanHead
 // consumer warpgroups drift apart instead of waiting for each other every block. Blocks of
 // consecutive cache rows arrive by TMA (one box per 64 dims, issued by one thread), others by
 // cp.async from all producer threads. Items of <= 16 rows run on the same wgmma path (a 64-row
-// warpgroup tile with zero rows past num_rows).
+// warpgroup tile with zero rows past num_rows). With one consumer warpgroup and 32-key blocks it
+// is the short-prefill kernel: two CTAs per SM, each tile's Q and O by TMA where the tile is one
+// request's consecutive tokens, so a consumer's tile costs little beyond its math (H200, W5:
+// 324 us against 382 us for the plain kernel at three CTAs per SM, whose every warp also
+// copied, addressed and waited at a CTA barrier per block).
 
 #define PI_CONSUMER_WGS (PI_WARPS / 4)
 #define PI_PRODUCER_THREADS 128
@@ -799,15 +831,17 @@ __device__ __forceinline__ void store_rows(const KernelParams& p, const PlanHead
 // the output, a score tile and P. Sums stay within the CTA's launch allocation (384 threads
 // x 168, or 256 threads x 128 for two CTAs per SM).
 // The consumers of 128-key blocks need 232 (at 224 ptxas serialises the wgmmas, C7512); the
-// producer then spills ~160 bytes, ~44 with one consumer warpgroup (64-key blocks), in code
-// that waits on memory anyway.
+// producer then spills ~160 bytes in code that waits on memory anyway. With one consumer
+// warpgroup the producer gets 80 (at 64 it spilled 3.3 M requests on W5 and fed the consumers
+// late: W5 347 -> 330 us on an H200 with 80).
 #ifndef PI_PRODUCER_REGS
-#define PI_PRODUCER_REGS (PI_CONSUMER_WGS == 2 ? 40 : 64)
+#define PI_PRODUCER_REGS (PI_CONSUMER_WGS == 2 ? 40 : 80)
 #endif
 #ifndef PI_CONSUMER_REGS
-#define PI_CONSUMER_REGS (PI_CONSUMER_WGS == 2 ? 232 : 192)
+#define PI_CONSUMER_REGS (PI_CONSUMER_WGS == 2 ? 232 : 176)
 #endif
 static_assert(PI_WARPS % 4 == 0 && (PI_STAGES & (PI_STAGES - 1)) == 0, "warpgroups, and a power-of-two ring");
+static_assert(!PI_QO_TMA || PI_CONSUMER_WGS == 1, "O boxes are stored by one consumer warpgroup");
 
 struct Smem {
     u16 q[2][PI_BLOCK_M * PI_HEAD_DIM];  // the item slots' Q tiles, swizzled (swz)
@@ -828,6 +862,8 @@ static_assert(sizeof(Smem) == PI_SMEM_BYTES, "PI_SMEM_BYTES disagrees with sizeo
 
 // The producer warpgroup's own barrier (named barrier 15; the consumers use 1 + their warpgroup).
 __device__ __forceinline__ void producer_sync() { asm volatile("bar.sync 15, 128;" ::: "memory"); }
+// A consumer warpgroup's own barrier.
+__device__ __forceinline__ void consumer_sync(int wg) { asm volatile("bar.sync %0, 128;" :: "r"(wg + 1) : "memory"); }
 // Whether every producer thread says yes (the same barrier).
 __device__ __forceinline__ bool producer_all(bool v) {
     u32 r;
@@ -840,6 +876,12 @@ __device__ __forceinline__ u32 ring_stage(u32 seq) { return seq % PI_STAGES; }
 __device__ __forceinline__ u32 ring_parity(u32 seq) { return (seq / PI_STAGES) & 1; }
 // Item n lives in slot n % 2; likewise.
 __device__ __forceinline__ u32 slot_parity(u32 n) { return (n >> 1) & 1; }
+
+// Whether the producer copies chunk ch's block at key0 by TMA from its row alone: a whole block
+// of a chunk addressed by row (partial ones go by cp.async, which zero-fills past the chunk).
+__device__ __forceinline__ bool row_box(const KernelParams& p, const KvRange& ch, u32 key0) {
+    return (p.flags & PI_FLAG_KV_TMA) && by_row(p, ch) && key0 + PI_BLOCK_N <= ch.key_end;
+}
 
 // Producer thread t (of 128).
 __device__ __forceinline__ void produce(const KernelParams& p, Smem& sm, const PlanHeader& hdr, int t) {
@@ -862,7 +904,9 @@ __device__ __forceinline__ void produce(const KernelParams& p, Smem& sm, const P
             if (it + 1 < item_end) next_item = p.items[it + 1];
             const int slot = n & 1;
             // The item's segments and chunks, each thread's in parallel (a tile of short prompts has
-            // little K/V to hide this read behind).
+            // little K/V to hide this read behind). Read an item ahead (in registers, behind this
+            // item's K/V), they made W5 3% slower; drawing the next group while this one streams,
+            // 5% (H200, one call).
             const u32 seg_count = min(item.seg_count, (u32)PI_BLOCK_M);
             const bool has_seg = (u32)t < seg_count, has_chunk = (u32)t < min(item.chunk_count, (u32)PI_SLOT_CHUNKS);
             SegmentInfo seg = {};
@@ -880,7 +924,19 @@ __device__ __forceinline__ void produce(const KernelParams& p, Smem& sm, const P
             for (int r = t; r < PI_BLOCK_M; r += PI_PRODUCER_THREADS)
                 sm.rows[slot][r] = row_info(p, item, sm.segs, seg_count, hdr.group_size, r);
             producer_sync();  // the Q copies below read other threads' rows
-            copy_q<PI_PRODUCER_THREADS, 1>(p, sm.q[slot], sm.rows[slot], item.num_rows, t);
+            if (PI_QO_TMA && one_request_tile(p, item, PI_FLAG_Q_TMA)) {
+#if PI_QO_TMA
+                if (t == 0) {  // a box per 64 dims
+                    mbar_expect(&sm.q_full[slot], PI_BLOCK_M * PI_HEAD_DIM * 2);
+#pragma unroll
+                    for (int c = 0; c < PI_HEAD_DIM / 64; ++c)
+                        tma_load(sm.q[slot] + c * PI_BLOCK_M * 64, &p.q_map, c * 64, item.kv_head * hdr.group_size,
+                                 sm.segs[0].token0, &sm.q_full[slot], l2_evict_first());
+                }
+#endif
+            } else {
+                copy_q<PI_PRODUCER_THREADS, 1>(p, sm.q[slot], sm.rows[slot], item.num_rows, t);
+            }
             mbar_arrive(&sm.q_full[slot]);            // the tables (and a Q tile stored element-wise)
             mbar_arrive_on_copies(&sm.q_full[slot]);  // the Q tile's copies
             for (u32 ci = 0; ci < item.chunk_count; ++ci) {
@@ -905,8 +961,7 @@ __device__ __forceinline__ void produce(const KernelParams& p, Smem& sm, const P
                     BlockPages r = {0, 0};
                     const u32 key0 = ch.key_begin + b * PI_BLOCK_N;
                     const bool whole = tma && key0 + PI_BLOCK_N <= ch.key_end;
-                    // A whole block of a chunk addressed by row goes by TMA from its row alone.
-                    if (b < nblocks && !(whole && by_row(p, ch))) {
+                    if (b < nblocks && !row_box(p, ch, key0)) {
                         r.page = kv_page<PI_PRODUCER_THREADS>(p, ch, key0, pm, t);
                         if (whole) r.first = __ldg(&p.pages[ch.page_start + pm.page(key0)]);
                     }
@@ -916,7 +971,7 @@ __device__ __forceinline__ void produce(const KernelParams& p, Smem& sm, const P
                 auto box_row = [&](u32 b, const BlockPages& bp) {
                     const u32 key0 = ch.key_begin + b * PI_BLOCK_N;
                     if (!tma || key0 + PI_BLOCK_N > ch.key_end) return -1;
-                    if (by_row(p, ch)) return (int)(ch.row0 - ch.key_begin + key0);  // no vote needed
+                    if (row_box(p, ch, key0)) return (int)(ch.row0 - ch.key_begin + key0);  // no vote needed
                     const i64 row0 = (i64)bp.first * pm.size + pm.slot(key0);
                     const u32 key = key0 + lane_key;
                     const bool mine = lane >= C::warp_keys || (i64)bp.page * pm.size + pm.slot(key) == row0 + lane_key;
@@ -998,7 +1053,9 @@ __device__ __forceinline__ void consume(const KernelParams& p, Smem& sm, const P
             const u32 end1 = in1 ? min(ch.key_end, lim1) : 0;
             auto ready = [&](u64* full, u32 b) {
                 mbar_wait(&full[ring_stage(seq + b)], ring_parity(seq + b));
-                fence_for_tensor_cores();
+                // Only stages filled by cp.async (the generic proxy) need the fence before
+                // wgmma reads them (5% of the short kernel's consumer stall samples, H200, ncu).
+                if (!row_box(p, ch, ch.key_begin + b * PI_BLOCK_N)) fence_for_tensor_cores();
             };
             auto release = [&](u64* empty, u32 b) {
                 __syncwarp();
@@ -1026,7 +1083,7 @@ __device__ __forceinline__ void consume(const KernelParams& p, Smem& sm, const P
                 auto step = [&](float (&sn)[PI_BLOCK_N / 8][4], u32 b) {
                     ready(sm.k_full, b + 1);
                     wg_qk_issue(sn, dq, sm.k[ring_stage(seq + b + 1)]);
-                    rescale_output(acc, alpha0, alpha1);
+                    if (needs_rescale(alpha0, alpha1)) rescale_output(acc, alpha0, alpha1);
                     ready(sm.v_full, b);
                     wg_pv_issue(acc, pf, sm.v[ring_stage(seq + b)]);
                     wg_wait<1>();  // S(b + 1) done; O += P(b) V(b) may run on
@@ -1052,7 +1109,7 @@ __device__ __forceinline__ void consume(const KernelParams& p, Smem& sm, const P
                     step(s_a, b + 1);
                 }
                 if (b + 1 < nblocks) step(s_b, b++);
-                rescale_output(acc, alpha0, alpha1);
+                if (needs_rescale(alpha0, alpha1)) rescale_output(acc, alpha0, alpha1);
                 ready(sm.v_full, b);
                 wg_pv_issue(acc, pf, sm.v[ring_stage(seq + b)]);
                 wg_wait<0>();
@@ -1074,7 +1131,30 @@ __device__ __forceinline__ void consume(const KernelParams& p, Smem& sm, const P
         l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
         l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
         l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+#if PI_QO_TMA
+        // The short-prefill kernel's final rows leave through the slot's Q tile, as whole rows
+        // (see store_rows) or, for a whole one-request tile, as boxes by TMA; the slot is
+        // released once the boxes have read it. (The 8-warp kernel's consumers have no registers
+        // for this: ptxas serialised their wgmmas, C7512.)
+        const bool staged = item.partial_slot == PI_FINAL_OUTPUT && (p.flags & PI_FLAG_O_VEC);
+        const bool o_by_tma = staged && one_request_tile(p, item, PI_FLAG_O_TMA);
+        if (staged) consumer_sync(wg);  // the warpgroup's wgmmas have read the Q tile
+        store_rows(p, hdr, item, sm.rows[slot], r0, r1, lane, acc, m0, m1, l0, l1, staged ? sm.q[slot] : nullptr, warp, o_by_tma);
+        if (o_by_tma) {
+            fence_for_tensor_cores();  // the staged rows are read next by TMA
+            consumer_sync(wg);
+            if (tid == 0) {
+#pragma unroll
+                for (int c = 0; c < PI_HEAD_DIM / 64; ++c)
+                    tma_store(&p.o_map, sm.q[slot] + c * PI_BLOCK_M * 64, c * 64, item.kv_head * hdr.group_size, sm.rows[slot][0].token, l2_evict_first());
+                bulk_commit();
+                bulk_wait_read();
+            }
+        }
+        else if (staged) fence_for_tensor_cores();  // the producer may fill the slot by TMA next
+#else
         store_rows(p, hdr, item, sm.rows[slot], r0, r1, lane, acc, m0, m1, l0, l1);
+#endif
         __syncwarp();
         if (lane == 0) mbar_arrive(&sm.q_empty[slot]);
     }
@@ -1110,17 +1190,6 @@ packed_attention(const __grid_constant__ KernelParams p) {
 }
 
 #else  // !PI_WS
-// Whole one-request Q and O tiles by TMA: the short-prefill kernel (-DPI_QO_TMA=1 from the
-// host; sm_90).
-#if !defined(PI_QO_TMA) || !PI_TMA
-#undef PI_QO_TMA
-#define PI_QO_TMA 0
-#endif
-// Whether item w is a whole tile of one request's consecutive tokens (one row segment, every
-// row), which a TMA box of q_map / o_map covers, and `flag` allows it.
-__device__ __forceinline__ bool one_request_tile(const KernelParams& p, const WorkItem& w, u32 flag) {
-    return (p.flags & flag) && w.seg_count == 1 && w.num_rows == PI_BLOCK_M;
-}
 struct Smem {
     u16 q[PI_BLOCK_M * PI_HEAD_DIM];  // swizzled (swz); every tile a multiple of 1024 bytes
     u16 k[PI_STAGES][PI_BLOCK_N * PI_HEAD_DIM];
@@ -1128,9 +1197,8 @@ struct Smem {
     RowInfo rows[PI_BLOCK_M];
     SegmentInfo segs[PI_BLOCK_M];  // an item has at most one segment per row
     alignas(16) WorkItem next_item;  // the group's next item, copied in while this one runs
-    u64 q_bar;                       // the Q tile's TMA landed (PI_QO_TMA)
     u32 next_group;
-    u32 pad;
+    u32 pad[3];
 };
 // The host sizes the dynamic shared memory from the same formula (attention_smem_bytes in
 // src/backend/cuda/compile.rs, plus 1024 bytes to align the base for the swizzle) and passes it
@@ -1145,12 +1213,8 @@ struct SplitState {
 };
 static_assert(sizeof(SplitState) <= sizeof(((Smem*)0)->k) + sizeof(((Smem*)0)->v), "split state must fit the K/V stages");
 
-// CTAs an SM must hold at once (registers per thread are capped to fit them).
-#ifndef PI_MIN_CTAS
-#define PI_MIN_CTAS 1
-#endif
-extern "C" __global__ void __launch_bounds__(PI_THREADS, PI_MIN_CTAS)
-packed_attention(const __grid_constant__ KernelParams p) {  // grid constant: TMA takes &p.q_map
+extern "C" __global__ void __launch_bounds__(PI_THREADS)
+packed_attention(const __grid_constant__ KernelParams p) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     // The swizzle needs 1024-byte aligned tiles; the host adds 1024 bytes of slack for this.
     Smem& sm = *reinterpret_cast<Smem*>(smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u));
@@ -1161,12 +1225,6 @@ packed_attention(const __grid_constant__ KernelParams p) {  // grid constant: TM
     const float scale = hdr.sm_scale_log2;
     const PageMap pm(hdr.page_size);
     const int col = 2 * (lane % 4);
-#if PI_QO_TMA
-    const u64 once = l2_evict_first();  // Q and O are read or written once (see cp_async16)
-    u32 q_phase = 0;                    // parity of sm.q_bar's next phase
-    if (tid == 0) mbar_init(&sm.q_bar, 1);
-    __syncthreads();
-#endif
 
     for (;;) {
         if (tid == 0) sm.next_group = atomicAdd(p.group_counter, 1u);
@@ -1201,38 +1259,13 @@ packed_attention(const __grid_constant__ KernelParams p) {  // grid constant: TM
             if (item.chunk_count > 0) ch0 = p.chunks[item.chunk_begin];
             const int page0 = ch0.key_end > ch0.key_begin ? kv_page<PI_THREADS>(p, ch0, ch0.key_begin, pm, tid) : 0;
             if (has_seg) sm.segs[tid] = seg;
-#if PI_QO_TMA
-            if (tid == 0) bulk_wait_read();  // the last item's O boxes have read the Q tile
-#endif
             __syncthreads();  // also: every thread has read sm.next_item
-            // A full tile of one request's consecutive tokens moves by TMA where the caller's Q
-            // and O allow (one thread issues a box per 64 dims; no per-row address arithmetic).
-            const bool q_by_tma = PI_QO_TMA && one_request_tile(p, item, PI_FLAG_Q_TMA);
-            const bool o_by_tma = PI_QO_TMA && one_request_tile(p, item, PI_FLAG_O_TMA) && item.partial_slot == PI_FINAL_OUTPUT;
-            bool q_waiting = q_by_tma;  // the Q tile's TMA is in flight (warp-uniform)
-#if PI_QO_TMA
-            if (q_by_tma && tid == 0) {
-                mbar_arrive_expect(&sm.q_bar, PI_BLOCK_M * PI_HEAD_DIM * 2);
-#pragma unroll
-                for (int c = 0; c < PI_HEAD_DIM / 64; ++c)
-                    tma_load(sm.q + c * PI_BLOCK_M * 64, &p.q_map, c * 64, item.kv_head * group, sm.segs[0].token0, &sm.q_bar, once);
-            }
-#endif
-            auto q_landed = [&]() {
-#if PI_QO_TMA
-                if (q_waiting) {
-                    mbar_wait(&sm.q_bar, q_phase);
-                    q_phase ^= 1;
-                    q_waiting = false;
-                }
-#endif
-            };
             static_assert(sizeof(WorkItem) == 32, "two 16-byte copies");
             if (tid < 2 && it + 1 < item_end) cp_async16(reinterpret_cast<uint4*>(&sm.next_item) + tid, reinterpret_cast<const uint4*>(&p.items[it + 1]) + tid, true);
             for (int r = tid; r < PI_BLOCK_M; r += PI_THREADS) sm.rows[r] = row_info(p, item, sm.segs, seg_count, group, r);
             __syncthreads();
             // Q tile; rows past num_rows are zeros. The next item's copy lands with it.
-            if (!q_by_tma) copy_q<PI_THREADS, PI_BLOCK_M * PI_HEAD_DIM / 8 / PI_THREADS>(p, sm.q, sm.rows, item.num_rows, tid);
+            copy_q<PI_THREADS, PI_BLOCK_M * PI_HEAD_DIM / 8 / PI_THREADS>(p, sm.q, sm.rows, item.num_rows, tid);
             cp_async_commit();
             // Q fragments for the mma.sync path, read from the tile once it has landed (with the
             // item's first K/V block, so the two loads overlap). wgmma reads Q from shared memory.
@@ -1293,7 +1326,6 @@ packed_attention(const __grid_constant__ KernelParams p) {  // grid constant: TM
                     }
                     gather(AHEAD + 1);
                     cp_async_wait<AHEAD>();  // block 0 and the Q tile landed
-                    q_landed();
                     fence_for_tensor_cores();
                     __syncthreads();
                     // Block b + 1 landed for everyone, and the stage refilled next is free (its
@@ -1321,7 +1353,7 @@ packed_attention(const __grid_constant__ KernelParams p) {  // grid constant: TM
                         auto step = [&](float (&sn)[PI_BLOCK_N / 8][4], u32 b) {
                             block_landed();
                             wg_qk_issue(sn, dq, sm.k[(b + 1) % PI_STAGES]);
-                            rescale_output(acc, alpha0, alpha1);
+                            if (needs_rescale(alpha0, alpha1)) rescale_output(acc, alpha0, alpha1);
                             wg_pv_issue(acc, pf, sm.v[b % PI_STAGES]);
                             refill(b);  // the copies are issued while the tensor cores work
                             wg_wait<1>();  // S(b + 1) done; O += P(b) V(b) may run on
@@ -1343,7 +1375,7 @@ packed_attention(const __grid_constant__ KernelParams p) {  // grid constant: TM
                             step(s_a, b + 1);
                         }
                         if (b + 1 < nblocks) step(s_b, b++);
-                        rescale_output(acc, alpha0, alpha1);
+                        if (needs_rescale(alpha0, alpha1)) rescale_output(acc, alpha0, alpha1);
                         wg_pv_issue(acc, pf, sm.v[b % PI_STAGES]);
                         wg_wait<0>();
                         pin(acc);
@@ -1366,7 +1398,6 @@ packed_attention(const __grid_constant__ KernelParams p) {  // grid constant: TM
                 gather(PI_STAGES - 1);
                 for (u32 b = 0; b < nblocks; ++b) {
                     cp_async_wait<PI_STAGES - 2>();  // block b (and the Q tile) landed
-                    q_landed();
                     fence_for_tensor_cores();
                     __syncthreads();  // for every thread; and block b - 1's stage is free again
                     issue(b + PI_STAGES - 1);
@@ -1406,7 +1437,6 @@ packed_attention(const __grid_constant__ KernelParams p) {  // grid constant: TM
                 __syncthreads();  // the next chunk's first loads reuse this chunk's stages
             }
             cp_async_wait<0>();  // an item without keys still issued its Q copies
-            q_landed();          // or its Q box (the barrier's phase must complete)
 
             // Finish the rows: total sums across the quad, LSE in natural log, write out.
             l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
@@ -1473,26 +1503,10 @@ packed_attention(const __grid_constant__ KernelParams p) {  // grid constant: TM
             const bool staged = item.partial_slot == PI_FINAL_OUTPUT && (p.flags & PI_FLAG_O_VEC);
             if (staged && !split) __syncthreads();
             if (!split || warp == 0)
-                store_rows(p, hdr, item, sm.rows, r0, r1, lane, acc, m0, m1, l0, l1, staged ? sm.q : nullptr, slice, o_by_tma);
-#if PI_QO_TMA
-            // Shared memory this thread wrote (staged rows) is next read or written by TMA (the
-            // O store below, a later item's Q box).
-            fence_for_tensor_cores();
-#endif
+                store_rows(p, hdr, item, sm.rows, r0, r1, lane, acc, m0, m1, l0, l1, staged ? sm.q : nullptr, slice);
             __syncthreads();  // the row table, Q tile and split state are rewritten by the next item
-#if PI_QO_TMA
-            if (o_by_tma && tid == 0) {  // the staged tile leaves as a box per 64 dims
-#pragma unroll
-                for (int c = 0; c < PI_HEAD_DIM / 64; ++c)
-                    tma_store(&p.o_map, sm.q + c * PI_BLOCK_M * 64, c * 64, item.kv_head * group, sm.rows[0].token, once);
-                bulk_commit();
-            }
-#endif
         }
     }
-#if PI_QO_TMA
-    if (tid == 0) bulk_wait();  // the last O boxes have left shared memory before the CTA does
-#endif
 }
 
 #endif  // !PI_WS

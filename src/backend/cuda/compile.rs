@@ -37,8 +37,10 @@ pub fn tile_warps_from_env() -> u32 {
 pub enum Specialize {
     /// For launches whose plan it suits (`CudaBackend::bind_cuda` says which).
     Auto,
-    /// For every launch where it exists.
+    /// For every launch where it exists (the long-prefill form, also for short batches).
     Always,
+    /// Never: every launch runs the plain kernel (short batches too, whose kernel is a
+    /// warp-specialised one).
     Never,
 }
 
@@ -51,9 +53,9 @@ pub fn specialize_from_env() -> Specialize {
     }
 }
 
-/// Attention CTAs per SM of the short-prefill kernel (its 32-key stages and a register cap make
-/// them fit); the planner gives short batches this many workers per SM.
-pub const SHORT_PREFILL_CTAS: u32 = 3;
+/// Attention CTAs per SM of the short-prefill kernel (one consumer warpgroup and a producer
+/// each); the planner gives short batches this many workers per SM.
+pub const SHORT_PREFILL_CTAS: u32 = 2;
 
 /// Head dims the GPU kernels take.
 pub const HEAD_DIMS: [u32; 3] = [64, 128, 256];
@@ -68,10 +70,11 @@ pub enum Variant {
     /// A producer warpgroup feeds consumer warpgroups through mbarriers, by TMA where K/V rows
     /// are consecutive (Hopper, head_dim <= 128): long prefills.
     WarpSpecialized,
-    /// 64-row tiles over 32-key blocks, registers capped so that `SHORT_PREFILL_CTAS` CTAs share
-    /// an SM (Hopper, head_dim <= 128): batches of short prompts, whose tiles wait on memory
-    /// more than they compute (H100, W5: 503-508 µs against 554-560 with the plain 4-warp kernel,
-    /// two CTAs per SM; decode is slower on it: W2 408 against 359 µs).
+    /// The warp-specialised kernel with one consumer warpgroup: 64-row tiles over 32-key blocks
+    /// in rings of four, `SHORT_PREFILL_CTAS` CTAs per SM, whole one-request Q and O tiles moved
+    /// by TMA (Hopper, head_dim <= 128): batches of short prompts, whose tiles wait on memory more
+    /// than they compute. H200, W5 (one call): 324 µs against 382 µs for the plain 4-warp kernel
+    /// with 32-key blocks at three CTAs per SM, its previous form.
     ShortPrefill,
 }
 
@@ -132,7 +135,7 @@ impl Unit {
     /// (where wgmma runs). A producer warpgroup streams the tiles to the `warps` consumer warps
     /// through mbarriers, by TMA where K/V rows are consecutive.
     pub fn warp_specialized(&self, arch: &str) -> bool {
-        self.variant_on(arch) == Variant::WarpSpecialized
+        matches!(self.variant_on(arch), Variant::WarpSpecialized | Variant::ShortPrefill)
     }
 
     /// The variant this unit builds on `arch`: the one asked for where it exists (Hopper,
@@ -168,11 +171,6 @@ impl Unit {
         }
     }
 
-    /// CTAs an SM must hold at once (the kernel's register cap follows).
-    pub fn min_ctas(&self, arch: &str) -> u32 {
-        if self.variant_on(arch) == Variant::ShortPrefill { SHORT_PREFILL_CTAS } else { 1 }
-    }
-
     /// Threads of an attention CTA: 32 per warp, and the producer warpgroup where there is one.
     pub fn threads(&self, arch: &str) -> u32 {
         match *self {
@@ -182,13 +180,15 @@ impl Unit {
     }
 
     /// K/V stages of the shared-memory ring(s). The warp-specialised kernel: two per ring (of
-    /// 128 keys with 8 warps; of 64 with 4, which keeps two CTAs per SM beside two Q slots). Otherwise five for
+    /// 128 keys with 8 warps; of 64 with 4, which keeps two CTAs per SM beside two Q slots),
+    /// four of 32 keys in the short-prefill kernel (two measured the same on W5). Otherwise five for
     /// the 8-warp wgmma kernel on Hopper (its pipelined loop keeps three blocks of loads in
     /// flight, and a stage is refilled only after the PV that read it has finished); two
     /// elsewhere: the 4-warp kernel keeps two CTAs per SM that way, head_dim 256 has no room,
     /// and sm_80 is not measured.
     pub fn stages(&self, arch: &str) -> u32 {
         match *self {
+            Unit::Attention { .. } if self.variant_on(arch) == Variant::ShortPrefill => 4,
             Unit::Attention { .. } if self.warp_specialized(arch) => 2,
             Unit::Attention { head_dim, warps: 8, .. } if arch == "sm_90a" && head_dim <= 128 => 5,
             _ => 2,
@@ -203,8 +203,8 @@ impl Unit {
 
     /// The attention kernel's shared-memory struct (`kernels/attention.cu` asserts the same):
     /// the Q tile and the K/V stages (swizzled, no padding), then the row table (24 bytes a
-    /// row), the segment table (16 bytes a row), the next work item (32 bytes), and the Q tile's
-    /// mbarrier with the drawn group number (16 bytes). The warp-specialised kernel has two item
+    /// row), the segment table (16 bytes a row), the next work item (32 bytes), and the drawn group
+    /// number padded to 16 bytes. The warp-specialised kernel has two item
     /// slots (Q tile, row table, 16 chunks of 24 bytes, the 32-byte item), one segment table,
     /// 8-byte mbarriers (two per slot, four per stage) and 16 bytes of flags.
     fn smem_struct_bytes(&self, arch: &str) -> u32 {
@@ -241,7 +241,6 @@ impl Unit {
                 format!("-DPI_STAGES={}", self.stages(arch)),
                 format!("-DPI_SMEM_BYTES={}", self.smem_struct_bytes(arch)),
                 format!("-DPI_WS={}", self.warp_specialized(arch) as u32),
-                format!("-DPI_MIN_CTAS={}", self.min_ctas(arch)),
                 format!("-DPI_QO_TMA={}", self.qo_tma(arch) as u32),
             ],
             Unit::Kv => vec![],

@@ -211,7 +211,7 @@ impl CudaBackend {
         let short = narrow && self.is_short(&plan.shape, &plan.batch);
         let variant = match self.shared.specialize {
             compile::Specialize::Always => Variant::WarpSpecialized,
-            _ if short => Variant::ShortPrefill,
+            compile::Specialize::Auto if short => Variant::ShortPrefill,
             compile::Specialize::Auto if !narrow && suits_warp_specialized(&plan.shape, &plan.batch) => Variant::WarpSpecialized,
             _ => Variant::Plain,
         };
@@ -290,15 +290,13 @@ impl Backend for CudaBackend {
         }
     }
     /// Short batches (few keys per query row: short prompts) get 64-row tiles and a worker per
-    /// CTA of the short-prefill kernel (`SHORT_PREFILL_CTAS` per SM where it exists, else the
-    /// 4-warp kernel's two), so that an uncapacitated launch runs several tiles per SM, whose
-    /// start-of-tile latencies overlap (see `plan::cost::SHORT_BATCH_KEYS_PER_ROW`).
+    /// CTA of the short-prefill kernel (`SHORT_PREFILL_CTAS` per SM; the plain 4-warp kernel that
+    /// runs them elsewhere holds as many), so that an uncapacitated launch runs several tiles per
+    /// SM, whose start-of-tile latencies overlap (see `plan::cost::SHORT_BATCH_KEYS_PER_ROW`).
     fn profile_for(&self, shape: &Shape, batch: &Batch) -> DeviceProfile {
         let p = self.profile();
         if self.is_short(shape, batch) && p.block_m > 64 && shape.group_size() <= 64 {
-            let short_kernel = Unit::Attention { head_dim: shape.head_dim, dtype: shape.dtype, warps: 4, variant: Variant::ShortPrefill };
-            let ctas = if short_kernel.variant_on(self.shared.cache.arch()) == Variant::ShortPrefill { compile::SHORT_PREFILL_CTAS } else { 2 };
-            DeviceProfile { block_m: 64, num_workers: p.num_workers * ctas, ..p }
+            DeviceProfile { block_m: 64, num_workers: p.num_workers * compile::SHORT_PREFILL_CTAS, ..p }
         } else {
             p
         }
@@ -327,7 +325,7 @@ impl Backend for CudaBackend {
         let variants: Vec<Variant> = match self.shared.specialize {
             Specialize::Auto => Variant::all().to_vec(),
             Specialize::Always => vec![Variant::WarpSpecialized],
-            Specialize::Never => vec![Variant::Plain, Variant::ShortPrefill],
+            Specialize::Never => vec![Variant::Plain],
         };
         // Specialised launches run the context's tile size; short-prefill ones 4 warps. A variant
         // that does not exist here builds the plain kernel (once).

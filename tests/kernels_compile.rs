@@ -130,6 +130,24 @@ fn cache_names_change_with_architecture_and_variant() {
     assert!(a != b && a != c && a != d && b != c, "{a} {b} {c} {d}");
 }
 
+/// The short-prefill kernel on Hopper is the warp-specialised one with a single consumer
+/// warpgroup (plus the producer's), 32-key blocks, Q/O by TMA, and `SHORT_PREFILL_CTAS` of it
+/// fit an SM's shared memory (227 KiB); elsewhere, and at head_dim 256, it is the plain kernel.
+#[test]
+fn short_prefill_kernel_is_one_consumer_warpgroup_and_fits_its_ctas_per_sm() {
+    for dtype in [packinfer::types::DType::F16, packinfer::types::DType::Bf16] {
+        for head_dim in [64, 128] {
+            let u = Unit::Attention { head_dim, dtype, warps: 4, variant: Variant::ShortPrefill };
+            assert!(u.warp_specialized("sm_90a") && u.qo_tma("sm_90a"), "{}", u.name());
+            assert_eq!((u.threads("sm_90a"), u.block_n("sm_90a")), (256, 32), "{}", u.name());
+            assert!(compile::SHORT_PREFILL_CTAS * u.smem_bytes("sm_90a") <= 227 * 1024, "{}: {} bytes of shared memory", u.name(), u.smem_bytes("sm_90a"));
+            assert_eq!(u.variant_on("sm_80"), Variant::Plain);
+        }
+    }
+    let d256 = Unit::Attention { head_dim: 256, dtype: packinfer::types::DType::Bf16, warps: 4, variant: Variant::ShortPrefill };
+    assert_eq!(d256.variant_on("sm_90a"), Variant::Plain);
+}
+
 /// The KV unit holds the pool's byte-move kernels (`DeviceKvMemory` looks them up by name).
 #[test]
 fn kv_unit_exports_the_pool_kernels() {

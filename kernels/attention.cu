@@ -851,7 +851,8 @@ struct Smem {
     KvRange chunks[2][PI_SLOT_CHUNKS];
     WorkItem items[2];
     SegmentInfo segs[PI_BLOCK_M];              // the producer's scratch: the item's segments
-    // full: the producer's data landed; empty: every consumer warp is done with it.
+    // full: the producer's data landed; empty: the consumers are done with it (every thread
+    // arrives on q_empty, every warp on a stage's).
     u64 q_full[2], q_empty[2];
     u64 k_full[PI_STAGES], k_empty[PI_STAGES], v_full[PI_STAGES], v_empty[PI_STAGES];
     u32 last[2];  // set in a slot instead of an item: no more work
@@ -1155,8 +1156,11 @@ __device__ __forceinline__ void consume(const KernelParams& p, Smem& sm, const P
 #else
         store_rows(p, hdr, item, sm.rows[slot], r0, r1, lane, acc, m0, m1, l0, l1);
 #endif
-        __syncwarp();
-        if (lane == 0) mbar_arrive(&sm.q_empty[slot]);
+        // Every consumer thread arrives, since every one read the slot's tables. (With lane 0
+        // arriving for its warp after __syncwarp, as the stages are released, racecheck reported
+        // the producer's next writes to the slot as hazards in the short-prefill kernel; W5 took
+        // the same time either way, H200.)
+        mbar_arrive(&sm.q_empty[slot]);
     }
 }
 
@@ -1170,7 +1174,7 @@ packed_attention(const __grid_constant__ KernelParams p) {
     if (tid == 0) {
         for (int i = 0; i < 2; ++i) {
             mbar_init(&sm.q_full[i], 2 * PI_PRODUCER_THREADS);
-            mbar_init(&sm.q_empty[i], PI_WARPS);
+            mbar_init(&sm.q_empty[i], PI_THREADS);
         }
         for (int s = 0; s < PI_STAGES; ++s) {
             mbar_init(&sm.k_full[s], PI_PRODUCER_THREADS);

@@ -523,17 +523,19 @@ __device__ __forceinline__ bool needs_rescale(float alpha0, float alpha1) {
     return __any_sync(0xffffffffu, alpha0 != 1.f || alpha1 != 1.f);
 }
 
-// Masks (unless every key of the block is visible to both rows), scales and folds a block's
-// scores into the online softmax state: S becomes P (unnormalised, base 2), the running maxima
+// Masks (unless every key of the block is visible to both rows) the keys outside [key_lo, end0)
+// and [key_lo, end1), scales and folds a block's scores into the online softmax state: S becomes P (unnormalised, base 2), the running maxima
 // move and the running sums are rescaled; returns, in alpha0/alpha1, the factors by which the
 // output accumulators must be rescaled before this block's P V is added (rescale_output).
 // The layout is the m16n8 accumulator's, which mma.sync and wgmma share: s[j][0..1] are row
 // r0's keys 8j + col + {0,1}, s[j][2..3] row r1's.
 template <int NT>
-__device__ __forceinline__ void softmax_scores(float (&s)[NT][4], int lane, u32 key_first, u32 end0, u32 end1,
-                                               bool all_visible, float scale, float& m0, float& m1, float& l0,
-                                               float& l1, float& alpha0, float& alpha1) {
+__device__ __forceinline__ void softmax_scores(float (&s)[NT][4], int lane, u32 key_first, u32 key_lo, u32 end0,
+                                               u32 end1, bool all_visible, float scale, float& m0, float& m1,
+                                               float& l0, float& l1, float& alpha0, float& alpha1) {
     const int col = 2 * (lane % 4);
+    // Keys counted from key_lo: those below it wrap to large values and fail both tests.
+    const u32 off = key_first - key_lo, vis0 = end0 > key_lo ? end0 - key_lo : 0, vis1 = end1 > key_lo ? end1 - key_lo : 0;
     // The maximum is taken over the raw scores (scale > 0 keeps the order); the scale is folded
     // into the exponent's FMA.
     float bm0 = PI_NEG_INF, bm1 = PI_NEG_INF;
@@ -548,9 +550,9 @@ __device__ __forceinline__ void softmax_scores(float (&s)[NT][4], int lane, u32 
         for (int j = 0; j < NT; ++j) {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-                const u32 key = key_first + 8 * j + col + e;
-                if (key >= end0) s[j][e] = PI_NEG_INF;
-                if (key >= end1) s[j][2 + e] = PI_NEG_INF;
+                const u32 key = off + 8 * j + col + e;
+                if (key >= vis0) s[j][e] = PI_NEG_INF;
+                if (key >= vis1) s[j][2 + e] = PI_NEG_INF;
                 bm0 = fmaxf(bm0, s[j][e]);
                 bm1 = fmaxf(bm1, s[j][2 + e]);
             }
@@ -603,7 +605,7 @@ __device__ __forceinline__ void online_softmax(float (&s)[NT][4], int lane, u32 
                                                bool all_visible, float scale, float& m0, float& m1, float& l0,
                                                float& l1, float (&acc)[PI_HEAD_DIM / 8][4]) {
     float alpha0, alpha1;
-    softmax_scores<NT>(s, lane, key_first, end0, end1, all_visible, scale, m0, m1, l0, l1, alpha0, alpha1);
+    softmax_scores<NT>(s, lane, key_first, key_first, end0, end1, all_visible, scale, m0, m1, l0, l1, alpha0, alpha1);
     if (needs_rescale(alpha0, alpha1)) rescale_output(acc, alpha0, alpha1);
 }
 
@@ -726,7 +728,11 @@ __device__ __forceinline__ void store_rows(const KernelParams& p, const PlanHead
                                            u16* stage = nullptr, int slice = 0, bool staged_only = false) {
     const int col = 2 * (lane % 4);
     const float LN2 = 0.6931471805599453f;
-    const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+    // The approximate reciprocal (about 1 ulp): IEEE division was a subroutine call, 3.6% of the
+    // short-prefill consumers' stall samples (H200, ncu); W5 -2%.
+    float inv0 = 0.f, inv1 = 0.f;
+    if (l0 > 0.f) asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(inv0) : "f"(l0));
+    if (l1 > 0.f) asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(inv1) : "f"(l1));
     const float lse0 = l0 > 0.f ? (m0 + __log2f(l0)) * LN2 : PI_NEG_INF;
     const float lse1 = l1 > 0.f ? (m1 + __log2f(l1)) * LN2 : PI_NEG_INF;
     if (stage) {
@@ -878,11 +884,16 @@ __device__ __forceinline__ u32 ring_parity(u32 seq) { return (seq / PI_STAGES) &
 // Item n lives in slot n % 2; likewise.
 __device__ __forceinline__ u32 slot_parity(u32 n) { return (n >> 1) & 1; }
 
-// Whether the producer copies chunk ch's block at key0 by TMA from its row alone: a whole block
-// of a chunk addressed by row (partial ones go by cp.async, which zero-fills past the chunk).
-__device__ __forceinline__ bool row_box(const KernelParams& p, const KvRange& ch, u32 key0) {
-    return (p.flags & PI_FLAG_KV_TMA) && by_row(p, ch) && key0 + PI_BLOCK_N <= ch.key_end;
+// Whether the producer copies chunk ch's blocks by TMA from their rows alone: a chunk addressed
+// by row with at least a block of keys. Its last block, where partial, is boxed as the chunk's
+// last PI_BLOCK_N keys (box_key), reaching back over keys the block before had, which the
+// consumers mask: rows past the chunk may hold anything, even NaN, which P V would carry (a
+// shorter chunk goes by cp.async, which zero-fills past it).
+__device__ __forceinline__ bool row_box(const KernelParams& p, const KvRange& ch) {
+    return (p.flags & PI_FLAG_KV_TMA) && by_row(p, ch) && ch.key_begin + PI_BLOCK_N <= ch.key_end;
 }
+// The first key in the stage of chunk ch's block at key0 when row_box holds.
+__device__ __forceinline__ u32 box_key(const KvRange& ch, u32 key0) { return min(key0, ch.key_end - PI_BLOCK_N); }
 
 // Producer thread t (of 128).
 __device__ __forceinline__ void produce(const KernelParams& p, Smem& sm, const PlanHeader& hdr, int t) {
@@ -946,10 +957,10 @@ __device__ __forceinline__ void produce(const KernelParams& p, Smem& sm, const P
                 const u32 nblocks = ch.key_end > ch.key_begin ? (ch.key_end - ch.key_begin + PI_BLOCK_N - 1) / PI_BLOCK_N : 0;
                 if (nblocks == 0) continue;
                 // K runs a block ahead of V, in the order the consumers use them: K(b + 1) before V(b);
-                // page numbers are read two blocks ahead of the K copies that use them. A block whose
-                // keys all lie in the chunk and sit in consecutive cache rows (a ragged batch, or
-                // pages in order) is one TMA box per 64 dims, issued by thread 0; others go by
-                // cp.async from every producer thread.
+                // page numbers are read two blocks ahead of the K copies that use them. A block of a
+                // chunk addressed by row (row_box), or whose keys all lie in the chunk and sit in
+                // consecutive cache rows (pages in order), is one TMA box per 64 dims, issued by
+                // thread 0; others go by cp.async from every producer thread.
                 using C = KvCopy<PI_PRODUCER_THREADS>;
                 const int lane = t % 32;
                 const u32 lane_key = (t / 32) * C::warp_keys_per_pass + (lane / C::warp_keys_per_pass) * C::keys_per_pass
@@ -962,7 +973,7 @@ __device__ __forceinline__ void produce(const KernelParams& p, Smem& sm, const P
                     BlockPages r = {0, 0};
                     const u32 key0 = ch.key_begin + b * PI_BLOCK_N;
                     const bool whole = tma && key0 + PI_BLOCK_N <= ch.key_end;
-                    if (b < nblocks && !row_box(p, ch, key0)) {
+                    if (b < nblocks && !row_box(p, ch)) {
                         r.page = kv_page<PI_PRODUCER_THREADS>(p, ch, key0, pm, t);
                         if (whole) r.first = __ldg(&p.pages[ch.page_start + pm.page(key0)]);
                     }
@@ -971,8 +982,8 @@ __device__ __forceinline__ void produce(const KernelParams& p, Smem& sm, const P
                 // The block's first cache row if TMA can copy it, else -1 (a vote of all producer threads).
                 auto box_row = [&](u32 b, const BlockPages& bp) {
                     const u32 key0 = ch.key_begin + b * PI_BLOCK_N;
+                    if (row_box(p, ch)) return (int)(ch.row0 - ch.key_begin + box_key(ch, key0));  // no vote needed
                     if (!tma || key0 + PI_BLOCK_N > ch.key_end) return -1;
-                    if (row_box(p, ch, key0)) return (int)(ch.row0 - ch.key_begin + key0);  // no vote needed
                     const i64 row0 = (i64)bp.first * pm.size + pm.slot(key0);
                     const u32 key = key0 + lane_key;
                     const bool mine = lane >= C::warp_keys || (i64)bp.page * pm.size + pm.slot(key) == row0 + lane_key;
@@ -1056,7 +1067,7 @@ __device__ __forceinline__ void consume(const KernelParams& p, Smem& sm, const P
                 mbar_wait(&full[ring_stage(seq + b)], ring_parity(seq + b));
                 // Only stages filled by cp.async (the generic proxy) need the fence before
                 // wgmma reads them (5% of the short kernel's consumer stall samples, H200, ncu).
-                if (!row_box(p, ch, ch.key_begin + b * PI_BLOCK_N)) fence_for_tensor_cores();
+                if (!row_box(p, ch)) fence_for_tensor_cores();
             };
             auto release = [&](u64* empty, u32 b) {
                 __syncwarp();
@@ -1077,8 +1088,10 @@ __device__ __forceinline__ void consume(const KernelParams& p, Smem& sm, const P
                 float alpha0, alpha1;  // the output's rescale before block b's P V
                 auto scores = [&](float (&sc)[PI_BLOCK_N / 8][4], u32 b) {
                     const u32 key0 = ch.key_begin + b * PI_BLOCK_N;
+                    // (A block visible in full is whole, so its stage starts at key0.)
                     const bool all_visible = __all_sync(0xffffffffu, key0 + PI_BLOCK_N <= end0 && key0 + PI_BLOCK_N <= end1);
-                    softmax_scores<PI_BLOCK_N / 8>(sc, lane, key0, end0, end1, all_visible, scale, m0, m1, l0, l1, alpha0, alpha1);
+                    const u32 first = row_box(p, ch) ? box_key(ch, key0) : key0;
+                    softmax_scores<PI_BLOCK_N / 8>(sc, lane, first, key0, end0, end1, all_visible, scale, m0, m1, l0, l1, alpha0, alpha1);
                 };
                 // On entry P(b) is in pf and O has no wgmma in flight; on exit the same for b + 1.
                 auto step = [&](float (&sn)[PI_BLOCK_N / 8][4], u32 b) {
@@ -1351,7 +1364,7 @@ packed_attention(const __grid_constant__ KernelParams p) {
                         auto scores = [&](float (&sc)[PI_BLOCK_N / 8][4], u32 b) {
                             const u32 key0 = ch.key_begin + b * PI_BLOCK_N;
                             const bool all_visible = __all_sync(0xffffffffu, key0 + PI_BLOCK_N <= end0 && key0 + PI_BLOCK_N <= end1);
-                            softmax_scores<PI_BLOCK_N / 8>(sc, lane, key0, end0, end1, all_visible, scale, m0, m1, l0, l1, alpha0, alpha1);
+                            softmax_scores<PI_BLOCK_N / 8>(sc, lane, key0, key0, end0, end1, all_visible, scale, m0, m1, l0, l1, alpha0, alpha1);
                         };
                         // On entry P(b) is in pf and O has no wgmma in flight; on exit the same for b + 1.
                         auto step = [&](float (&sn)[PI_BLOCK_N / 8][4], u32 b) {

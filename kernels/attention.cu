@@ -529,13 +529,17 @@ __device__ __forceinline__ bool needs_rescale(float alpha0, float alpha1) {
 // output accumulators must be rescaled before this block's P V is added (rescale_output).
 // The layout is the m16n8 accumulator's, which mma.sync and wgmma share: s[j][0..1] are row
 // r0's keys 8j + col + {0,1}, s[j][2..3] row r1's.
-template <int NT>
+// Only blocks boxed back over keys an earlier block had (box_key) start below key_lo; the
+// KEY_LO form, which counts keys from key_lo (those below wrap to large values and fail both
+// tests), is for the kernels that have them: in the plain ones it made ptxas spill (W3, W4 +4%).
+template <int NT, bool KEY_LO = false>
 __device__ __forceinline__ void softmax_scores(float (&s)[NT][4], int lane, u32 key_first, u32 key_lo, u32 end0,
                                                u32 end1, bool all_visible, float scale, float& m0, float& m1,
                                                float& l0, float& l1, float& alpha0, float& alpha1) {
     const int col = 2 * (lane % 4);
-    // Keys counted from key_lo: those below it wrap to large values and fail both tests.
-    const u32 off = key_first - key_lo, vis0 = end0 > key_lo ? end0 - key_lo : 0, vis1 = end1 > key_lo ? end1 - key_lo : 0;
+    const u32 base = KEY_LO ? key_first - key_lo : key_first;
+    const u32 lim0 = !KEY_LO ? end0 : end0 > key_lo ? end0 - key_lo : 0;
+    const u32 lim1 = !KEY_LO ? end1 : end1 > key_lo ? end1 - key_lo : 0;
     // The maximum is taken over the raw scores (scale > 0 keeps the order); the scale is folded
     // into the exponent's FMA.
     float bm0 = PI_NEG_INF, bm1 = PI_NEG_INF;
@@ -550,9 +554,9 @@ __device__ __forceinline__ void softmax_scores(float (&s)[NT][4], int lane, u32 
         for (int j = 0; j < NT; ++j) {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-                const u32 key = off + 8 * j + col + e;
-                if (key >= vis0) s[j][e] = PI_NEG_INF;
-                if (key >= vis1) s[j][2 + e] = PI_NEG_INF;
+                const u32 key = base + 8 * j + col + e;
+                if (key >= lim0) s[j][e] = PI_NEG_INF;
+                if (key >= lim1) s[j][2 + e] = PI_NEG_INF;
                 bm0 = fmaxf(bm0, s[j][e]);
                 bm1 = fmaxf(bm1, s[j][2 + e]);
             }
@@ -1091,7 +1095,7 @@ __device__ __forceinline__ void consume(const KernelParams& p, Smem& sm, const P
                     // (A block visible in full is whole, so its stage starts at key0.)
                     const bool all_visible = __all_sync(0xffffffffu, key0 + PI_BLOCK_N <= end0 && key0 + PI_BLOCK_N <= end1);
                     const u32 first = row_box(p, ch) ? box_key(ch, key0) : key0;
-                    softmax_scores<PI_BLOCK_N / 8>(sc, lane, first, key0, end0, end1, all_visible, scale, m0, m1, l0, l1, alpha0, alpha1);
+                    softmax_scores<PI_BLOCK_N / 8, true>(sc, lane, first, key0, end0, end1, all_visible, scale, m0, m1, l0, l1, alpha0, alpha1);
                 };
                 // On entry P(b) is in pf and O has no wgmma in flight; on exit the same for b + 1.
                 auto step = [&](float (&sn)[PI_BLOCK_N / 8][4], u32 b) {

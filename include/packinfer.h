@@ -707,8 +707,9 @@ enum PackinferStatus packinfer_context_precompile(struct PackinferContext contex
 enum PackinferStatus packinfer_context_calibrate(struct PackinferContext context);
 
 /**
- * Like `packinfer_launch_create`, with device buffers sized for `capacity` (CUDA), so that
- * `packinfer_launch_update` can upload later plans into the same launch. `options` may be NULL.
+ * Like `packinfer_launch_create`, with buffers sized for `capacity` (device memory on CUDA,
+ * host memory on the CPU), so that `packinfer_launch_update` can upload later plans into the
+ * same launch. `options` may be NULL.
  *
  * # Safety
  * `options` NULL or initialized; `capacity` initialized; `out` writable; `stream` a CUstream of
@@ -722,8 +723,8 @@ enum PackinferStatus packinfer_launch_create_with_capacity(struct PackinferConte
                                                            struct PackinferLaunch *out);
 
 /**
- * Uploads `plan` (same shape as the launch's, within its capacity) into the launch's buffers on
- * `stream` and re-records its completion event. Later `packinfer_run`s, and CUDA graphs that
+ * Uploads `plan` (same shape and page size as the launch's, within its capacity) into the
+ * launch's buffers on `stream` and re-records its completion event. Later `packinfer_run`s, and CUDA graphs that
  * captured them, compute the new plan. Queue it on the stream that runs the launch.
  *
  * # Safety

@@ -78,3 +78,49 @@ fn every_head_dim_and_dtype_with_gqa() {
         }
     }
 }
+
+/// The CPU launch takes `update` as the CUDA one does: a launch sized for two batches runs the
+/// first, then the second after `update` (split partials included, in the launch's scratch), and
+/// refuses a plan over its capacity, of another shape or of another page size, naming the value,
+/// while still running the plan it had.
+#[test]
+fn update_runs_the_new_plan_within_the_capacity() {
+    use packinfer::backend::LaunchCapacity;
+    let cpu = CpuBackend::new(2);
+    let mut r = rng(0x0bd7);
+    let spec = CaseSpec { batch_size: 5, max_kv: 900, page_size: 16, num_kv_heads: 2, group: 4, head_dim: 64, dtype: DType::Bf16, causal: true, decode_fraction: 0.5, hnd: false };
+    let a = Case::build(&mut r, &spec, &[(1, 800), (30, 300), (1, 90), (8, 600), (1, 7)], vec![]);
+    let b = Case::build(&mut r, &spec, &[(20, 20), (1, 899), (1, 1), (16, 500), (3, 64), (1, 33)], vec![]);
+    // 64-key splits: both plans have partials to merge.
+    let options = PlanOptions { split_keys: 64, deterministic: true, ..PlanOptions::default() };
+    let plan = |c: &Case| Arc::new(Plan::build(c.shape, c.batch.clone(), &cpu.profile(), options.clone()).unwrap());
+    let (plan_a, plan_b) = (plan(&a), plan(&b));
+    assert!(plan_a.num_partial_slots() > 0 && plan_b.num_partial_slots() > 0);
+    let cap = LaunchCapacity::of(&plan_a).max(&LaunchCapacity::of(&plan_b));
+    let run = |bound: &dyn packinfer::backend::BoundPlan, c: &Case, ctx: &str| {
+        let o = Tensor::poisoned(c.shape.dtype, c.out_len());
+        let mut lse = vec![f32::NAN; c.total_q() * c.shape.num_qo_heads as usize];
+        bound.run(&c.run_args(&o, &mut lse)).expect("run");
+        assert_close(c, &o, &lse, ctx);
+    };
+    let bound = cpu.bind_with_capacity(plan_a.clone(), 0, None, &cap).unwrap();
+    run(&*bound, &a, "batch A");
+    bound.update(plan_b.clone(), 0).unwrap();
+    run(&*bound, &b, "batch B after update");
+    bound.update(plan_a.clone(), 0).unwrap();
+    run(&*bound, &a, "batch A again");
+    // Over the capacity: a launch sized for A alone cannot take B (it has more requests).
+    let small = cpu.bind(plan_a.clone(), 0, None).unwrap();
+    let err = small.update(plan_b.clone(), 0).unwrap_err().to_string();
+    assert!(err.contains("but the launch was created with capacity for"), "{err}");
+    // Another shape, another page size.
+    let other = Case::build(&mut r, &CaseSpec { head_dim: 128, ..spec }, &[(1, 100)], vec![]);
+    let err = bound.update(plan(&other), 0).unwrap_err().to_string();
+    assert!(err.contains("head_dim: 128") && err.contains("create a new launch"), "{err}");
+    let paged = Case::build(&mut r, &CaseSpec { page_size: 1, ..spec }, &[(1, 100)], vec![]);
+    let err = bound.update(plan(&paged), 0).unwrap_err().to_string();
+    assert!(err.contains("page_size = 1 differs from the launch's 16"), "{err}");
+    // The refused updates left the launch with A.
+    run(&*bound, &a, "batch A after refused updates");
+    run(&*small, &a, "the small launch after a refused update");
+}

@@ -28,12 +28,16 @@ func TestPrecompileIsANoOpAndCalibrateIsUnsupportedOnCPU(t *testing.T) {
 	runAndCompare(t, c, launch)
 }
 
-func TestCapacityLaunchRunsAndUpdateIsUnsupportedOnCPU(t *testing.T) {
+func TestCapacityLaunchRunsAndUpdatesOnCPU(t *testing.T) {
 	ctx := cpuContext(t)
 	defer ctx.Close()
 	c := newCase(t, 8, 2, 64, packinfer.BF16, true, 16, mixed, false, nil, 0)
 	plan := must(ctx.NewPlan(&c.batch, nil))(t)
 	defer plan.Close()
+	// The next step's batch: same shape, fewer and shorter requests, so it fits every launch below.
+	d := newCase(t, 8, 2, 64, packinfer.BF16, true, 16, []request{{1, 60}, {30, 30}, {1, 100}}, false, nil, 0)
+	next := must(ctx.NewPlan(&d.batch, nil))(t)
+	defer next.Close()
 	roomy := packinfer.LaunchCapacity{MaxWorkItems: 512, MaxRowSegments: 512, MaxKVChunks: 512, MaxRequests: 512,
 		MaxPages: 512, MaxMergeRows: 512, MaxMergeSlots: 512, MaxGroups: 512, MaxPartialSlots: 512}
 	tight := packinfer.LaunchCapacity{MaxWorkItems: 1, MaxRequests: 1, MaxPages: 1} // below the plan: grown to it, not an error
@@ -48,9 +52,14 @@ func TestCapacityLaunchRunsAndUpdateIsUnsupportedOnCPU(t *testing.T) {
 				t.Error("a CPU launch is ready at once")
 			}
 			runAndCompare(t, c, launch)
-			wantError(t, launch.Update(plan, 0), packinfer.StatusUnsupported,
-				"packinfer_launch_update: this backend's launches cannot be updated; create a new launch")
-			// The failed update leaves the launch as it was: a second layer.
+			if err := launch.Update(next, 0); err != nil {
+				t.Fatal(err)
+			}
+			runAndCompare(t, d, launch)
+			// Back to the first batch: a second layer.
+			if err := launch.Update(plan, 0); err != nil {
+				t.Fatal(err)
+			}
 			for i := 0; i < c.q.n; i++ {
 				c.q.set(i, -c.q.get(i))
 			}
@@ -58,18 +67,21 @@ func TestCapacityLaunchRunsAndUpdateIsUnsupportedOnCPU(t *testing.T) {
 		})
 	}
 
-	// A plan bigger than the launch's capacity: the CPU path has no capacity to compare with, so
-	// Update says Unsupported here too (on CUDA it is InvalidArgument naming the count).
+	// A plan bigger than the launch's capacity is refused, naming the count; the launch keeps its plan.
 	big := newCase(t, 8, 2, 64, packinfer.BF16, true, 16, append(append([]request{}, mixed...), request{9, 300}, request{1, 500}), false, nil, 0)
 	bigger := must(ctx.NewPlan(&big.batch, nil))(t)
 	defer bigger.Close()
 	launch := must(ctx.NewLaunchWithCapacity(plan, &packinfer.LaunchCapacity{}, nil))(t)
 	defer launch.Close()
-	wantError(t, launch.Update(bigger, 0), packinfer.StatusUnsupported, "cannot be updated")
-	// An ordinary launch cannot be updated either.
+	wantError(t, launch.Update(bigger, 0), packinfer.StatusInvalidArgument, "but the launch was created with capacity for")
+	runAndCompare(t, c, launch)
+	// An ordinary launch takes plans within its own plan's counts.
 	plain := must(ctx.NewLaunch(plan, nil))(t)
 	defer plain.Close()
-	wantError(t, plain.Update(plan, 0), packinfer.StatusUnsupported, "cannot be updated")
+	if err := plain.Update(next, 0); err != nil {
+		t.Fatal(err)
+	}
+	runAndCompare(t, d, plain)
 }
 
 func TestCapacityLaunchWithCallerScratch(t *testing.T) {

@@ -131,10 +131,10 @@ type LaunchCapacity struct {
 	MaxPartialSlots uint32
 }
 
-// NewLaunchWithCapacity is NewLaunch with device buffers sized for capacity on CUDA, so that
-// Update can re-target the launch (and a CUDA graph captured around its Runs) at later plans.
-// The CPU backend ignores the capacity and makes an ordinary launch. opts may be nil; capacity
-// may not (its zero value means the plan's own counts).
+// NewLaunchWithCapacity is NewLaunch with buffers sized for capacity (device memory on CUDA, host
+// memory on the CPU), so that Update can re-target the launch (and a CUDA graph captured around
+// its Runs) at later plans. opts may be nil; capacity may not (its zero value means the plan's
+// own counts).
 func (c *Context) NewLaunchWithCapacity(plan *Plan, capacity *LaunchCapacity, opts *LaunchOptions) (*Launch, error) {
 	if plan == nil {
 		return nil, invalidArgument("NewLaunchWithCapacity: plan is nil")
@@ -172,10 +172,10 @@ func (c *Context) NewLaunchWithCapacity(plan *Plan, capacity *LaunchCapacity, op
 	return l, nil
 }
 
-// Update uploads plan (same shape as the launch's, within its capacity) into the launch's
-// buffers on stream (a CUstream; 0 = the default stream) and re-records its completion event;
-// later Runs, and CUDA graphs that captured them, compute the new plan. Queue it on the stream
-// that runs the launch. CUDA only: StatusUnsupported on the CPU backend.
+// Update uploads plan (same shape and page size as the launch's, within its capacity) into the
+// launch's buffers on stream (a CUstream; 0 = the default stream; ignored on the CPU) and
+// re-records its completion event; later Runs, and CUDA graphs that captured them, compute the
+// new plan. Queue it on the stream that runs the launch.
 func (l *Launch) Update(plan *Plan, stream uintptr) error {
 	if plan == nil {
 		return invalidArgument("Update: plan is nil")

@@ -178,6 +178,23 @@ impl LaunchCapacity {
     }
 }
 
+/// Whether `launch_plan`'s launch, sized for `capacity`, can take `plan` by `BoundPlan::update`:
+/// the same shape and page size (a run's K/V tensor maps, which a captured graph keeps, are made
+/// for the launch's), every count within the capacity. Says which is not, by value.
+pub(crate) fn check_update(launch_plan: &Plan, capacity: &LaunchCapacity, plan: &Plan) -> Result<()> {
+    if plan.shape != launch_plan.shape {
+        return Err(crate::invalid!("the new plan's shape {:?} differs from the launch's {:?}; create a new launch", plan.shape, launch_plan.shape));
+    }
+    if plan.batch.page_size != launch_plan.batch.page_size {
+        return Err(crate::invalid!(
+            "the new plan's page_size = {} differs from the launch's {}; create a new launch",
+            plan.batch.page_size,
+            launch_plan.batch.page_size
+        ));
+    }
+    capacity.check_fits(plan)
+}
+
 /// A plan bound to a device: what a launch handle holds.
 pub trait BoundPlan: Send + Sync {
     fn plan(&self) -> &Arc<Plan>;
@@ -187,8 +204,10 @@ pub trait BoundPlan: Send + Sync {
     fn is_ready(&self) -> Result<bool>;
     /// Blocks until the upload recorded by `bind` has completed.
     fn wait(&self) -> Result<()>;
-    /// Uploads another plan of the same shape into this launch's buffers (on `stream`, recording
-    /// the completion event again), so a graph captured around `run` replays the new batch.
+    /// Makes another plan of the same shape and page size, within the launch's capacity, the one
+    /// `run` computes (`check_update`). On CUDA it is uploaded into the launch's buffers on
+    /// `stream`, the completion event recorded again, so a graph captured around `run` replays
+    /// the new batch.
     fn update(&self, plan: Arc<Plan>, stream: u64) -> Result<()> {
         let _ = (plan, stream);
         Err(crate::unsupported!("this backend's launches cannot be updated; create a new launch"))

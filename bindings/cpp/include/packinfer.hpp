@@ -369,10 +369,9 @@ class Launch {
   }
   // Blocks until the launch's upload has completed.
   void wait() const { detail::check(packinfer_launch_wait(h_.get())); }
-  // CUDA, launches made by Context::launch_with_capacity: uploads `plan` (same shape, within the
-  // capacity) into this launch's buffers on `stream`; later runs, and CUDA graphs that captured
-  // them, compute the new plan. Queue it on the stream that runs the launch. Throws Unsupported
-  // on the CPU backend.
+  // Uploads `plan` (same shape and page size, within the launch's capacity: see
+  // Context::launch_with_capacity) into this launch's buffers on `stream`; later runs, and CUDA
+  // graphs that captured them, compute the new plan. Queue it on the stream that runs the launch.
   void update(const Plan& plan, void* stream = nullptr) const {
     detail::check(packinfer_launch_update(h_.get(), plan.handle(), stream));
   }
@@ -465,9 +464,9 @@ class Context {
     return Launch(h);
   }
 
-  // Like launch(), with device buffers sized for `capacity` on CUDA, so that Launch::update can
-  // re-target the launch (and a CUDA graph captured around its runs) at later plans. The CPU
-  // backend ignores the capacity and makes an ordinary launch.
+  // Like launch(), with buffers sized for `capacity`, so that Launch::update can re-target the
+  // launch (and a CUDA graph captured around its runs) at later plans; the CPU backend keeps the
+  // same contract in host memory.
   Launch launch_with_capacity(const Plan& plan, const LaunchCapacity& capacity, void* stream = nullptr,
                               const LaunchOptions& options = {}) const {
     PackinferLaunchOptions o{};

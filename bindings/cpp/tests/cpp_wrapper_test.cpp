@@ -437,7 +437,7 @@ TEST(Errors, StatusNames) {
   EXPECT_STREQ(e.what(), "PACKINFER_STATUS_COMPILE_ERROR: log");
 }
 
-// ---- the CUDA calls (precompile, calibrate, capacity launches, update) on the CPU backend ----
+// ---- the calls the CUDA backend added (precompile, calibrate, capacity launches, update) on the CPU backend ----
 
 TEST(GpuCallsOnCpu, PrecompileIsANoOpAndCalibrateIsUnsupported) {
   packinfer::Context ctx = cpu_context();
@@ -451,10 +451,13 @@ TEST(GpuCallsOnCpu, PrecompileIsANoOpAndCalibrateIsUnsupported) {
   run_and_compare(c, ctx.launch(plan));
 }
 
-TEST(GpuCallsOnCpu, CapacityLaunchRunsAndUpdateIsUnsupported) {
+TEST(GpuCallsOnCpu, CapacityLaunchRunsAndUpdates) {
   packinfer::Context ctx = cpu_context();
   Case c({8, 2, 64, DType::BF16, true, 0.0f}, 16, kMixed);
   packinfer::Plan plan = ctx.plan(c.desc());
+  // The next step's batch: same shape, fewer and shorter requests, so it fits every launch below.
+  const Case d({8, 2, 64, DType::BF16, true, 0.0f}, 16, {{1, 60}, {30, 30}, {1, 100}});
+  packinfer::Plan next = ctx.plan(d.desc());
   packinfer::LaunchCapacity roomy;
   roomy.max_work_items = roomy.max_row_segments = roomy.max_kv_chunks = roomy.max_requests = 512;
   roomy.max_pages = roomy.max_merge_rows = roomy.max_merge_slots = roomy.max_groups = roomy.max_partial_slots = 512;
@@ -466,20 +469,30 @@ TEST(GpuCallsOnCpu, CapacityLaunchRunsAndUpdateIsUnsupported) {
     EXPECT_TRUE(launch.ready());
     launch.wait();
     run_and_compare(c, launch);
-    expect_error([&] { launch.update(plan); }, Status::Unsupported,
-                 "packinfer_launch_update: this backend's launches cannot be updated; create a new launch");
-    // The failed update leaves the launch as it was: a second layer.
+    launch.update(next);
+    EXPECT_TRUE(launch.ready());
+    run_and_compare(d, launch);
+    // Back to the first batch: a second layer.
+    launch.update(plan);
     for (std::size_t i = 0; i < c.q.size(); i++) c.q.set(i, -c.q.get(i));
     run_and_compare(c, launch);
   }
-  // A bigger plan than the launch's capacity: the CPU path has no capacity to compare with, so
-  // this is Unsupported too (on CUDA it would be InvalidArgument naming the count over capacity).
+  // A plan bigger than the launch's capacity is refused, naming the count; the launch keeps its plan.
   const Case big({8, 2, 64, DType::BF16, true, 0.0f}, 16, {{1, 70}, {37, 37}, {1, 130}, {5, 40}, {1, 1}, {9, 300}, {1, 500}});
   packinfer::Plan bigger = ctx.plan(big.desc());
   packinfer::Launch launch = ctx.launch_with_capacity(plan, {}, nullptr, {});
-  expect_error([&] { launch.update(bigger); }, Status::Unsupported, "cannot be updated");
-  // An ordinary launch cannot be updated either.
-  expect_error([&] { ctx.launch(plan).update(plan); }, Status::Unsupported, "cannot be updated");
+  expect_error([&] { launch.update(bigger); }, Status::InvalidArgument,
+               "but the launch was created with capacity for");
+  run_and_compare(c, launch);
+  // So is a plan of another shape.
+  const Case wide({8, 2, 128, DType::BF16, true, 0.0f}, 16, {{1, 10}});
+  packinfer::Plan other = ctx.plan(wide.desc());
+  expect_error([&] { launch.update(other); }, Status::InvalidArgument, "differs from the launch's");
+  run_and_compare(c, launch);
+  // An ordinary launch takes plans within its own plan's counts.
+  packinfer::Launch plain = ctx.launch(plan);
+  plain.update(next);
+  run_and_compare(d, plain);
 }
 
 TEST(GpuCallsOnCpu, CallerScratchThroughACapacityLaunch) {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use half::{bf16, f16};
 use parking_lot::Mutex;
 
-use super::{Backend, BackendKind, BoundPlan, KvMemory, Scratch};
+use super::{check_update, Backend, BackendKind, BoundPlan, KvMemory, LaunchCapacity, Scratch};
 use crate::error::{Error, Result};
 use crate::invalid;
 use crate::plan::{DeviceProfile, MergeRow, Plan, WorkItem, FINAL_OUTPUT};
@@ -43,24 +43,30 @@ impl Backend for CpuBackend {
     fn profile(&self) -> DeviceProfile {
         DeviceProfile::cpu(self.threads)
     }
-    fn bind(&self, plan: Arc<Plan>, _stream: u64, scratch: Option<Scratch>) -> Result<Box<dyn BoundPlan>> {
-        let need = plan.scratch_bytes();
+    fn bind(&self, plan: Arc<Plan>, stream: u64, scratch: Option<Scratch>) -> Result<Box<dyn BoundPlan>> {
+        self.bind_with_capacity(plan, stream, scratch, &LaunchCapacity::default())
+    }
+    /// As on CUDA, a launch holds room for its own plan or `capacity`, whichever is larger in
+    /// each count, and `update` takes any plan of the same shape within it: the same contract,
+    /// so an engine's update path is tested without a GPU.
+    fn bind_with_capacity(&self, plan: Arc<Plan>, _stream: u64, scratch: Option<Scratch>, capacity: &LaunchCapacity) -> Result<Box<dyn BoundPlan>> {
+        let capacity = capacity.max(&LaunchCapacity::of(&plan));
+        let need = capacity.partial_slots as usize * (plan.shape.head_dim as usize + 1) * 4;
         let scratch = match scratch {
             Some(s) if s.bytes < need => {
-                return Err(invalid!("scratch_bytes = {} is smaller than the {need} bytes this plan needs", s.bytes));
+                return Err(invalid!("scratch_bytes = {} is smaller than the {need} bytes this launch needs", s.bytes));
             }
-            Some(s) if s.ptr == 0 && need > 0 => return Err(invalid!("scratch pointer is null but the plan needs {need} bytes")),
+            Some(s) if s.ptr == 0 && need > 0 => return Err(invalid!("scratch pointer is null but the launch needs {need} bytes")),
             Some(s) if need > 0 => ScratchMem::Caller(s.ptr as *mut f32),
             _ => {
                 let mut v = Vec::new();
-                v.try_reserve_exact(need / 4).map_err(|_| Error::OutOfMemory(format!("cannot allocate {need} bytes of scratch for this plan's split partials")))?;
+                v.try_reserve_exact(need / 4).map_err(|_| Error::OutOfMemory(format!("cannot allocate {need} bytes of scratch for this launch's split partials")))?;
                 v.resize(need / 4, 0.0);
                 ScratchMem::Owned(v)
             }
         };
-        let groups = group_ranges(&plan.items);
-        let num_slots = plan.num_partial_slots() as usize;
-        Ok(Box::new(CpuBound { plan, groups, num_slots, threads: self.threads, scratch: Mutex::new(scratch) }))
+        let bound = Bound::of(plan.clone());
+        Ok(Box::new(CpuBound { shape_plan: plan, capacity, threads: self.threads, state: Mutex::new(CpuState { bound, scratch }) }))
     }
     fn alloc_kv(&self, bytes: usize) -> Result<Box<dyn KvMemory>> {
         Ok(Box::new(HostKvMemory::new(bytes)?))
@@ -89,40 +95,62 @@ fn group_ranges(items: &[WorkItem]) -> Vec<std::ops::Range<usize>> {
 }
 
 struct CpuBound {
+    /// The plan the launch was created with: its shape is the launch's (`update` keeps it).
+    shape_plan: Arc<Plan>,
+    capacity: LaunchCapacity,
+    threads: u32,
+    /// The plan that runs and the scratch, under one lock: one run or update at a time per
+    /// launch (concurrent runs would share the partial slots).
+    state: Mutex<CpuState>,
+}
+
+struct CpuState {
+    bound: Bound,
+    scratch: ScratchMem,
+}
+
+/// A plan with what running it needs.
+struct Bound {
+    plan: Arc<Plan>,
     /// A thread takes a whole group at a time, as a persistent CTA does on the GPU, so the
     /// planner's load balance is what the threads see.
     groups: Vec<std::ops::Range<usize>>,
     /// Partial slots the plan writes (the scratch holds their outputs, then their LSEs).
     num_slots: usize,
-    plan: Arc<Plan>,
-    threads: u32,
-    scratch: Mutex<ScratchMem>,
+}
+
+impl Bound {
+    fn of(plan: Arc<Plan>) -> Bound {
+        let groups = group_ranges(&plan.items);
+        let num_slots = plan.num_partial_slots() as usize;
+        Bound { plan, groups, num_slots }
+    }
 }
 
 impl BoundPlan for CpuBound {
     fn plan(&self) -> &Arc<Plan> {
-        &self.plan
+        &self.shape_plan
     }
     fn run(&self, args: &RunArgs) -> Result<()> {
-        check_run_args(&self.plan, args)?;
-        // One run at a time per launch: concurrent runs would share the partial slots.
-        let mut scratch = self.scratch.lock();
-        let partial = match &mut *scratch {
+        let mut state = self.state.lock();
+        let CpuState { bound, scratch } = &mut *state;
+        check_run_args(&bound.plan, args)?;
+        let partial = match scratch {
             ScratchMem::Owned(v) => v.as_mut_ptr(),
             ScratchMem::Caller(p) => *p,
         };
-        let shape = &self.plan.shape;
+        let plan = &*bound.plan;
+        let shape = &plan.shape;
         let out = Outputs {
             args: *args,
             partial,
-            num_slots: self.num_slots,
+            num_slots: bound.num_slots,
             head_dim: shape.head_dim as usize,
             num_qo_heads: shape.num_qo_heads as usize,
             dtype: shape.dtype,
         };
-        let plan = &*self.plan;
-        parallel_for(self.threads, self.groups.len(), |g| {
-            for item in &plan.items[self.groups[g].clone()] {
+        parallel_for(self.threads, bound.groups.len(), |g| {
+            for item in &plan.items[bound.groups[g].clone()] {
                 execute_item(plan, item, args, &out);
             }
         });
@@ -133,6 +161,11 @@ impl BoundPlan for CpuBound {
         Ok(true)
     }
     fn wait(&self) -> Result<()> {
+        Ok(())
+    }
+    fn update(&self, plan: Arc<Plan>, _stream: u64) -> Result<()> {
+        check_update(&self.shape_plan, &self.capacity, &plan)?;
+        self.state.lock().bound = Bound::of(plan);
         Ok(())
     }
 }

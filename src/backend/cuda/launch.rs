@@ -339,7 +339,10 @@ enum ScratchMem {
 }
 
 pub struct CudaBound {
+    /// The plan the launch was created with: its shape and page size are the launch's.
     plan: Arc<Plan>,
+    /// The plan uploaded last (by `new` or `update`), whose tokens and pages `run` checks.
+    current: Mutex<Arc<Plan>>,
     kernels: Arc<LoadedAttention>,
     /// The plain kernel of the same tile size, run instead of a warp-specialised `kernels`
     /// when the caller's cache has no row view for TMA (its cp.async producer is slow).
@@ -373,6 +376,7 @@ impl CudaBound {
         let grid = dev.sm_count * kernels.ctas_per_sm;
         let bound = CudaBound {
             plan: plan.clone(),
+            current: Mutex::new(plan.clone()),
             kernels,
             plain,
             capacity,
@@ -551,7 +555,7 @@ impl BoundPlan for CudaBound {
     }
 
     fn run(&self, args: &RunArgs) -> Result<()> {
-        crate::backend::cpu::check_run_args(&self.plan, args)?;
+        crate::backend::cpu::check_run_args(&self.current.lock(), args)?;
         let stream = args.stream as sys::CUstream;
         // Encoding the tensor maps (in params) needs the context current.
         let _g = self.shared.dev.enter()?;
@@ -580,10 +584,10 @@ impl BoundPlan for CudaBound {
     }
 
     fn update(&self, plan: Arc<Plan>, stream: u64) -> Result<()> {
-        if plan.shape != self.plan.shape {
-            return Err(invalid!("the new plan's shape {:?} differs from the launch's {:?}; create a new launch", plan.shape, self.plan.shape));
-        }
-        self.upload(&plan, stream)
+        crate::backend::check_update(&self.plan, &self.capacity, &plan)?;
+        self.upload(&plan, stream)?;
+        *self.current.lock() = plan;
+        Ok(())
     }
 }
 

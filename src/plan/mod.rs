@@ -325,8 +325,13 @@ impl Plan {
 
     /// Scratch bytes a backend needs for this plan: fp32 partial outputs and their LSEs.
     pub fn scratch_bytes(&self) -> usize {
-        self.num_partial_slots() as usize * (self.shape.head_dim as usize + 1) * 4
+        scratch_bytes(self.num_partial_slots(), self.shape.head_dim)
     }
+}
+
+/// Scratch for `slots` partial rows of `head_dim`: their fp32 outputs, then their LSEs.
+pub fn scratch_bytes(slots: u32, head_dim: u32) -> usize {
+    slots as usize * (head_dim as usize + 1) * 4
 }
 
 /// Σ over queries `q_begin .. q_begin + q_count` of `req` of the keys in `[key_begin, key_end)`

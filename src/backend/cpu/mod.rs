@@ -51,7 +51,7 @@ impl Backend for CpuBackend {
     /// so an engine's update path is tested without a GPU.
     fn bind_with_capacity(&self, plan: Arc<Plan>, _stream: u64, scratch: Option<Scratch>, capacity: &LaunchCapacity) -> Result<Box<dyn BoundPlan>> {
         let capacity = capacity.max(&LaunchCapacity::of(&plan));
-        let need = capacity.partial_slots as usize * (plan.shape.head_dim as usize + 1) * 4;
+        let need = crate::plan::scratch_bytes(capacity.partial_slots, plan.shape.head_dim);
         let scratch = match scratch {
             Some(s) if s.bytes < need => {
                 return Err(invalid!("scratch_bytes = {} is smaller than the {need} bytes this launch needs", s.bytes));

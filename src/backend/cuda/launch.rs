@@ -365,7 +365,7 @@ impl CudaBound {
         let capacity = capacity.max(&LaunchCapacity::of(&plan));
         let layout = Layout::new(&capacity);
         let dev = &shared.dev;
-        let scratch_need = capacity.partial_slots as usize * (shape.head_dim as usize + 1) * 4;
+        let scratch_need = crate::plan::scratch_bytes(capacity.partial_slots, shape.head_dim);
         let scratch = match scratch {
             Some(s) if s.ptr != 0 && s.bytes >= scratch_need => ScratchMem::Caller(s),
             Some(s) if s.bytes < scratch_need => return Err(invalid!("scratch_bytes = {} is smaller than the {scratch_need} bytes this launch needs", s.bytes)),

@@ -243,7 +243,7 @@ static PackinferContext cpu_context(void) {
 
 /* Plan, launch, run, compare against the reference, destroy: the whole flow of one step. With
  * `capacity`, the launch is made by packinfer_launch_create_with_capacity, and between the two
- * layers packinfer_launch_update is tried: UNSUPPORTED on the CPU, and the launch still runs. */
+ * layers packinfer_launch_update re-targets the launch at the same plan. */
 static void flow(const char* name, const Spec* spec, const PackinferLaunchCapacity* capacity) {
   Case c;
   case_build(&c, spec);
@@ -317,9 +317,8 @@ static void flow(const char* name, const Spec* spec, const PackinferLaunchCapaci
   CHECK(bad == 0, "%s: output matches the reference", name);
 
   if (capacity != NULL) {
-    /* Only the CUDA backend re-targets a launch; the failed update leaves the launch as it was. */
-    CHECK_STATUS(packinfer_launch_update(launch, plan, NULL), PACKINFER_STATUS_UNSUPPORTED,
-                 "packinfer_launch_update: this backend's launches cannot be updated; create a new launch");
+    /* Re-targeting the launch at its own plan: the second layer below still computes it. */
+    CHECK_STATUS(packinfer_launch_update(launch, plan, NULL), PACKINFER_STATUS_OK, NULL);
   }
 
   /* A second layer through the same launch: different Q, same metadata. */
@@ -915,8 +914,8 @@ static void test_gpu_calls_on_cpu(void) {
   CHECK_STATUS(packinfer_context_precompile(null_ctx), PACKINFER_STATUS_INVALID_HANDLE, "packinfer_context_precompile: ");
   CHECK_STATUS(packinfer_context_calibrate(null_ctx), PACKINFER_STATUS_INVALID_HANDLE, "packinfer_context_calibrate: ");
 
-  /* packinfer_launch_update: UNSUPPORTED on the CPU for any launch, even with a plan larger than
-   * the launch's capacity (the CPU path never compares plans with a capacity); handles first. */
+  /* packinfer_launch_update on the CPU: any plan within the launch's capacity (a launch without
+   * one holds its own plan's counts), INVALID_ARGUMENT naming the count over it; handles first. */
   CHECK_STATUS(packinfer_launch_create_with_capacity(ctx, plan, NULL, &cap, NULL, &launch), PACKINFER_STATUS_OK, NULL);
   PackinferLaunch plain = {0};
   CHECK_STATUS(packinfer_launch_create(ctx, plan, NULL, NULL, &plain), PACKINFER_STATUS_OK, NULL);
@@ -929,9 +928,12 @@ static void test_gpu_calls_on_cpu(void) {
   case_build(&cb, &big);
   PackinferBatchDesc db = case_desc(&cb);
   CHECK_STATUS(packinfer_plan_create(ctx, &db, NULL, &bigger), PACKINFER_STATUS_OK, NULL);
-  CHECK_STATUS(packinfer_launch_update(launch, plan, NULL), PACKINFER_STATUS_UNSUPPORTED, "cannot be updated");
-  CHECK_STATUS(packinfer_launch_update(launch, bigger, NULL), PACKINFER_STATUS_UNSUPPORTED, "cannot be updated");
-  CHECK_STATUS(packinfer_launch_update(plain, plan, NULL), PACKINFER_STATUS_UNSUPPORTED, "cannot be updated");
+  CHECK_STATUS(packinfer_launch_update(launch, plan, NULL), PACKINFER_STATUS_OK, NULL);
+  CHECK_STATUS(packinfer_launch_update(launch, bigger, NULL), PACKINFER_STATUS_INVALID_ARGUMENT,
+               "packinfer_launch_update: the plan has ");
+  CHECK_STATUS(packinfer_launch_update(launch, bigger, NULL), PACKINFER_STATUS_INVALID_ARGUMENT,
+               "but the launch was created with capacity for");
+  CHECK_STATUS(packinfer_launch_update(plain, plan, NULL), PACKINFER_STATUS_OK, NULL);
   PackinferLaunch null_launch = {0};
   CHECK_STATUS(packinfer_launch_update(null_launch, plan, NULL), PACKINFER_STATUS_INVALID_HANDLE, "packinfer_launch_update: ");
   CHECK_STATUS(packinfer_launch_update(launch, null_plan, NULL), PACKINFER_STATUS_INVALID_HANDLE, "packinfer_launch_update: ");
@@ -944,7 +946,7 @@ static void test_gpu_calls_on_cpu(void) {
   CHECK_STATUS(packinfer_context_precompile(ctx), PACKINFER_STATUS_INVALID_HANDLE, "was destroyed");
   CHECK_STATUS(packinfer_context_calibrate(ctx), PACKINFER_STATUS_INVALID_HANDLE, "was destroyed");
   CHECK_STATUS(packinfer_launch_create_with_capacity(ctx, plan, NULL, &cap, NULL, &launch), PACKINFER_STATUS_INVALID_HANDLE, "was destroyed");
-  CHECK_STATUS(packinfer_launch_update(launch, plan, NULL), PACKINFER_STATUS_UNSUPPORTED, "cannot be updated");
+  CHECK_STATUS(packinfer_launch_update(launch, plan, NULL), PACKINFER_STATUS_OK, NULL);  /* the launch outlives its context */
   CHECK_STATUS(packinfer_launch_destroy(launch), PACKINFER_STATUS_OK, NULL);
   CHECK_STATUS(packinfer_launch_update(launch, plan, NULL), PACKINFER_STATUS_INVALID_HANDLE, "was destroyed");
   CHECK_STATUS(packinfer_launch_destroy(plain), PACKINFER_STATUS_OK, NULL);

@@ -524,8 +524,8 @@ __device__ __forceinline__ bool needs_rescale(float alpha0, float alpha1) {
 }
 
 // Masks (unless every key of the block is visible to both rows) the keys outside [key_lo, end0)
-// and [key_lo, end1), scales and folds a block's scores into the online softmax state: S becomes P (unnormalised, base 2), the running maxima
-// move and the running sums are rescaled; returns, in alpha0/alpha1, the factors by which the
+// and [key_lo, end1), scales and folds a block's scores into the online softmax state: S
+// becomes P (unnormalised, base 2), the running maxima move and the running sums are rescaled; returns, in alpha0/alpha1, the factors by which the
 // output accumulators must be rescaled before this block's P V is added (rescale_output).
 // The layout is the m16n8 accumulator's, which mma.sync and wgmma share: s[j][0..1] are row
 // r0's keys 8j + col + {0,1}, s[j][2..3] row r1's.

@@ -473,8 +473,8 @@ unsafe fn create_launch(
 }
 
 /// Uploads `plan` (same shape and page size as the launch's, within its capacity) into the
-/// launch's buffers on `stream` and re-records its completion event. Later `packinfer_run`s, and CUDA graphs that
-/// captured them, compute the new plan. Queue it on the stream that runs the launch.
+/// launch's buffers on `stream` and re-records its completion event. Later `packinfer_run`s,
+/// and CUDA graphs that captured them, compute the new plan. Queue it on the stream that runs the launch.
 ///
 /// # Safety
 /// `stream` a CUstream of the context's device or NULL.

@@ -84,6 +84,8 @@ impl PoolState {
         // Each page belongs to the run of the first group that uses it.
         let mut owner: HashMap<u32, usize> = HashMap::new();
         let mut runs: Vec<Vec<Entry>> = Vec::with_capacity(groups.len());
+        let num_pages = self.refcount.len();
+        let mut too_long: HashSet<usize> = HashSet::new();
         for (g, members) in groups.iter().enumerate() {
             let mut order = members.clone();
             // Sequences sharing leading pages are adjacent, so a shared prefix comes first once.
@@ -102,13 +104,19 @@ impl PoolState {
                         run.push(Entry::Page(p));
                     }
                 }
+                // A run longer than the pool cannot be placed: stop before it costs memory.
+                if run.len() + self.headroom_pages as usize > num_pages {
+                    run.clear();
+                    too_long.insert(g);
+                    break;
+                }
                 run.extend(std::iter::repeat(Entry::Headroom(id)).take(self.headroom_pages as usize));
             }
             runs.push(run);
         }
         let mut report = RelayoutReport { groups: groups.len() as u32, ..Default::default() };
         let due: Vec<usize> = (0..groups.len())
-            .filter(|&g| (regroup || groups[g].iter().any(|id| self.seqs[id].overflowed)) && !self.in_place(&runs[g]))
+            .filter(|&g| (regroup || groups[g].iter().any(|id| self.seqs[id].overflowed)) && (too_long.contains(&g) || !self.in_place(&runs[g])))
             .collect();
         report.groups_in_place = (groups.len() - due.len()) as u32;
         if due.is_empty() {
@@ -120,6 +128,10 @@ impl PoolState {
         // (group, first page of its new run)
         let mut rebuild: Vec<(usize, u32)> = Vec::new();
         for g in due {
+            if too_long.contains(&g) {
+                report.groups_no_room += 1;
+                continue;
+            }
             match self.anchored_run(&runs[g], &mut free).or_else(|| take_run(&mut free, runs[g].len())) {
                 Some(start) => rebuild.push((g, start)),
                 None => report.groups_no_room += 1,

@@ -88,6 +88,9 @@ impl PoolConfig {
         if self.num_pages > i32::MAX as u32 {
             return Err(invalid!("num_pages = {} is more than the int32 page tables can address", self.num_pages));
         }
+        if self.headroom_pages > self.num_pages {
+            return Err(invalid!("headroom_pages = {} is more than the pool's {} pages", self.headroom_pages, self.num_pages));
+        }
         self.shape().validate()?;
         (self.num_pages as u64)
             .checked_mul(self.page_bytes_all_layers())
@@ -290,13 +293,18 @@ impl KvPool {
                 "src_stride_token = {src_stride_token} is smaller than a token's row of num_kv_heads * head_dim = {row_elems} elements"
             ));
         }
-        let s = self.state.lock();
+        let mut s = self.state.lock();
         let slots = s.slots_of_last(tokens)?;
         if slots.is_empty() {
             return Ok(());
         }
         if k == 0 || v == 0 {
             return Err(invalid!("k or v is a null pointer but {} tokens are to be written", slots.len()));
+        }
+        // A page whose content changes no longer matches the hash registered for it.
+        let ps = self.config.page_size as u64;
+        for &slot in &slots {
+            s.forget_hash((slot / ps) as u32);
         }
         let row = self.config.row_bytes();
         let stride = src_stride_token as u64 * self.config.shape.dtype.size_bytes() as u64;
@@ -461,9 +469,14 @@ impl PoolState {
         *rc -= 1;
         if *rc == 0 {
             self.free.insert(p);
-            if let Some(h) = self.hash_of_page.remove(&p) {
-                self.page_by_hash.remove(&h);
-            }
+            self.forget_hash(p);
+        }
+    }
+
+    /// Drops `page`'s registered content hash, if any: the page is about to change.
+    fn forget_hash(&mut self, page: u32) {
+        if let Some(h) = self.hash_of_page.remove(&page) {
+            self.page_by_hash.remove(&h);
         }
     }
 
@@ -479,7 +492,8 @@ impl PoolState {
         }
         let new_len = q.len.checked_add(n).filter(|&l| l <= i32::MAX as u32).ok_or_else(|| invalid!("n = {n} tokens would make sequence {id} longer than {} tokens", i32::MAX))?;
         let need_pages = new_len.div_ceil(ps) as usize - q.pages.len();
-        let cow = q.len % ps != 0 && self.refcount[*q.pages.last().unwrap() as usize] > 1;
+        let partial_last = q.len % ps != 0;
+        let cow = partial_last && self.refcount[*q.pages.last().unwrap() as usize] > 1;
         let from_reserved = need_pages.min(q.reserved.len());
         let fresh = need_pages - from_reserved + cow as usize;
         if fresh > self.free.len() {
@@ -496,6 +510,13 @@ impl PoolState {
             self.unref(old);
             *self.seqs.get_mut(&id).unwrap().pages.last_mut().unwrap() = new;
             self.stats.cow_page_copies += 1;
+        }
+        // The last page is written in place (it was not shared, or its copy replaced it): its
+        // content no longer matches a registered hash of the full page it was, if it ever was one
+        // for another sequence (fork, then truncate of the child, then the parent registers).
+        if !cow && partial_last {
+            let last = *self.seqs[&id].pages.last().unwrap();
+            self.forget_hash(last);
         }
         let reserved: Vec<u32> = self.seqs.get_mut(&id).unwrap().reserved.drain(..from_reserved).collect();
         let fresh_pages: Vec<u32> = (0..need_pages - from_reserved).map(|_| self.alloc()).collect();
@@ -551,9 +572,7 @@ impl PoolState {
         if len % self.page_size != 0 {
             // The last kept page is now partial: its next tokens may be written in place, so it
             // no longer matches the content hash of a full page.
-            if let Some(h) = self.hash_of_page.remove(&q.pages[keep - 1]) {
-                self.page_by_hash.remove(&h);
-            }
+            self.forget_hash(q.pages[keep - 1]);
         }
         for &p in q.pages[keep..].iter().chain(&q.reserved) {
             self.unref(p);

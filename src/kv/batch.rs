@@ -44,11 +44,8 @@ impl PoolState {
             .enumerate()
             .map(|(i, &(id, q_new))| Member { request: i as u32, pages: &self.seqs[&id].pages, shareable: kv_lens[i] - q_new })
             .collect();
-        let mut prefix_groups = Vec::new();
         let all: Vec<usize> = (0..members.len()).collect();
-        for cluster in split_by_page(&members, &all, 0) {
-            prefix_groups.extend(best_groups(&members, cluster, 0, ps).1);
-        }
+        let prefix_groups = best_groups(&members, split_by_page(&members, &all, 0), ps);
         let token_bytes = pool.config.token_bytes_all_layers();
         let unshared: u64 = kv_lens.iter().map(|&l| l as u64).sum::<u64>() * token_bytes;
         let saved: u64 = prefix_groups.iter().map(|g| (g.members.len() as u64 - 1) * g.prefix_len as u64).sum::<u64>() * token_bytes;
@@ -76,28 +73,77 @@ fn split_by_page(members: &[Member], set: &[usize], depth: usize) -> Vec<Vec<usi
     by_page.into_values().filter(|c| c.len() >= 2).collect()
 }
 
-/// Prefix groups for `set`, members that share pages `0..=depth`, chosen to save the most key
-/// reads: either one group of all of them over their longest common run of pages, or the best
-/// groups of the sub-clusters that share more. Returns (keys saved, groups).
-fn best_groups(members: &[Member], set: Vec<usize>, depth: usize, page_size: u32) -> (u64, Vec<PrefixGroup>) {
-    let mut common = depth + 1;
-    while set.iter().all(|&m| members[m].pages.get(common) == members[set[0]].pages.get(common) && members[m].pages.len() > common) {
-        common += 1;
+/// A cluster of members that share pages `0..common`, in the search tree of `best_groups`.
+struct Node {
+    parent: usize,
+    /// Keys saved by one group of all members over their common pages, and that group.
+    whole: u64,
+    group: Option<PrefixGroup>,
+    /// Keys saved by the best groups of the sub-clusters (summed from the children).
+    split: u64,
+    children: Vec<usize>,
+}
+
+impl Node {
+    /// One group of everyone unless the sub-clusters together save more.
+    fn takes_whole(&self) -> bool {
+        self.split <= self.whole && self.group.is_some()
     }
-    let prefix_len = set.iter().map(|&m| members[m].shareable).min().unwrap_or(0).min(common as u32 * page_size);
-    let whole = (set.len() as u64 - 1) * prefix_len as u64;
-    let mut split_saved = 0;
-    let mut split = Vec::new();
-    for sub in split_by_page(members, &set, common) {
-        let (s, g) = best_groups(members, sub, common, page_size);
-        split_saved += s;
-        split.extend(g);
+    fn best(&self) -> u64 {
+        if self.takes_whole() {
+            self.whole
+        } else {
+            self.split
+        }
     }
-    if split_saved > whole {
-        (split_saved, split)
-    } else if prefix_len == 0 {
-        (0, Vec::new())
-    } else {
-        (whole, vec![PrefixGroup { prefix_len, members: set.iter().map(|&m| members[m].request).collect() }])
+}
+
+/// Prefix groups for `clusters` (each a set of members sharing their first page), chosen to
+/// save the most key reads: per cluster either one group of all of them over their longest
+/// common run of pages, or the best groups of the sub-clusters that share more. Iterative: a
+/// comb of forks (member i sharing the first i pages) nests as deep as it has members.
+fn best_groups(members: &[Member], clusters: Vec<Vec<usize>>, page_size: u32) -> Vec<PrefixGroup> {
+    const ROOT: usize = usize::MAX;
+    // Pre-order expansion: children get larger indices than their parent.
+    let mut nodes: Vec<Node> = Vec::new();
+    let mut todo: Vec<(usize, Vec<usize>, usize)> = clusters.into_iter().rev().map(|c| (ROOT, c, 0)).collect();
+    let mut roots = Vec::new();
+    while let Some((parent, set, depth)) = todo.pop() {
+        let me = nodes.len();
+        if parent == ROOT {
+            roots.push(me);
+        } else {
+            nodes[parent].children.push(me);
+        }
+        let first = members[set[0]].pages;
+        let mut common = depth + 1;
+        while set.iter().all(|&m| members[m].pages.len() > common && members[m].pages[common] == first[common]) {
+            common += 1;
+        }
+        let prefix_len = set.iter().map(|&m| members[m].shareable).min().unwrap_or(0).min((common as u64 * page_size as u64).min(u32::MAX as u64) as u32);
+        let whole = (set.len() as u64 - 1) * prefix_len as u64;
+        let group = (prefix_len > 0).then(|| PrefixGroup { prefix_len, members: set.iter().map(|&m| members[m].request).collect() });
+        nodes.push(Node { parent, whole, group, split: 0, children: Vec::new() });
+        for sub in split_by_page(members, &set, common).into_iter().rev() {
+            todo.push((me, sub, common));
+        }
     }
+    // Bottom-up sums: a child's index is above its parent's.
+    for i in (0..nodes.len()).rev() {
+        let (p, best) = (nodes[i].parent, nodes[i].best());
+        if p != ROOT {
+            nodes[p].split += best;
+        }
+    }
+    // Top-down: emit the chosen groups.
+    let mut out = Vec::new();
+    let mut stack: Vec<usize> = roots.into_iter().rev().collect();
+    while let Some(i) = stack.pop() {
+        if nodes[i].takes_whole() {
+            out.push(nodes[i].group.take().unwrap());
+        } else {
+            stack.extend(nodes[i].children.iter().rev());
+        }
+    }
+    out
 }

@@ -55,6 +55,9 @@ impl Shape {
         if self.num_kv_heads == 0 {
             return Err(invalid!("num_kv_heads = 0; need at least one KV head"));
         }
+        if self.num_qo_heads > limits::MAX_HEADS {
+            return Err(invalid!("num_qo_heads = {} is more than the {} query heads a layer may have", self.num_qo_heads, limits::MAX_HEADS));
+        }
         if self.num_qo_heads == 0 || self.num_qo_heads % self.num_kv_heads != 0 {
             return Err(invalid!(
                 "num_qo_heads = {} is not a positive multiple of num_kv_heads = {}",
@@ -62,7 +65,10 @@ impl Shape {
                 self.num_kv_heads
             ));
         }
-        if self.head_dim == 0 || self.head_dim % 8 != 0 || self.head_dim > 512 {
+        if self.head_dim == 0 {
+            return Err(invalid!("head_dim = 0; a head has at least one dimension"));
+        }
+        if self.head_dim % 8 != 0 || self.head_dim > 512 {
             return Err(crate::unsupported!(
                 "head_dim = {} is not supported (multiples of 8 up to 512; the GPU kernels take 64, 128 and 256)",
                 self.head_dim
@@ -73,6 +79,20 @@ impl Shape {
         }
         Ok(())
     }
+}
+
+/// Limits of the API (the header states them): a value beyond one is `InvalidArgument`. They
+/// keep every index in 32 bits and every allocation the planner makes bounded by the batch.
+pub(crate) mod limits {
+    /// Query heads of a layer.
+    pub const MAX_HEADS: u32 = 1 << 16;
+    /// Keys of one request: kv lengths and key positions are 32-bit signed in the kernels.
+    pub const MAX_KV_LEN: u64 = i32::MAX as u64;
+    /// Query rows of a step, `total_q × num_qo_heads`: rows are 32-bit in the kernels.
+    pub const MAX_QO_ROWS: u64 = i32::MAX as u64;
+    /// Work items of a plan (a split into smaller pieces than this allows is refused: see
+    /// `PlanOptions::capacity` and `split_keys`).
+    pub const MAX_WORK_ITEMS: usize = 1 << 22;
 }
 
 /// Requests that share the first `prefix_len` keys: their KV there is the same content, so it is
@@ -110,12 +130,17 @@ impl Batch {
     pub fn q_len(&self, r: usize) -> u32 {
         (self.qo_indptr[r + 1] - self.qo_indptr[r]) as u32
     }
+    /// Keys of request `r`. At most `limits::MAX_KV_LEN` once the batch is validated.
     pub fn kv_len(&self, r: usize) -> u32 {
-        let pages = (self.kv_indptr[r + 1] - self.kv_indptr[r]) as u32;
+        self.kv_len_u64(r).min(u32::MAX as u64) as u32
+    }
+    /// `kv_len` in 64 bits, for validation: pages × page_size overflows 32 bits on bad input.
+    fn kv_len_u64(&self, r: usize) -> u64 {
+        let pages = (self.kv_indptr[r + 1] as i64 - self.kv_indptr[r] as i64).max(0) as u64;
         if pages == 0 {
             0
         } else {
-            (pages - 1) * self.page_size + self.kv_last_page_len[r] as u32
+            (pages - 1) * self.page_size as u64 + self.kv_last_page_len[r].max(0) as u64
         }
     }
     pub fn total_q(&self) -> u32 {
@@ -153,7 +178,7 @@ impl Batch {
         // only a bad batch pays for finding the first offender. On long contexts this check is
         // a large part of planning time otherwise.
         let num_pages = self.num_pages;
-        let any_bad = self.kv_page_indices.iter().fold(false, |bad, &p| bad | (p as u32 >= num_pages));
+        let any_bad = self.kv_page_indices.iter().fold(false, |bad, &p| bad | (p < 0) | (p as u32 >= num_pages));
         if any_bad {
             let (i, p) = self.kv_page_indices.iter().enumerate().find(|(_, &p)| p < 0 || p as u32 >= self.num_pages).map(|(i, &p)| (i, p)).expect("an offending index");
             return Err(invalid!("kv_page_indices[{i}] = {p} is outside the cache's {} pages", self.num_pages));
@@ -167,6 +192,14 @@ impl Batch {
                     "kv_last_page_len[{r}] = {last} is not valid for a request with {pages} pages of {} tokens (1..={} when it has pages, 0 when it has none)",
                     self.page_size,
                     self.page_size
+                ));
+            }
+            let kv_len = self.kv_len_u64(r);
+            if kv_len > limits::MAX_KV_LEN {
+                return Err(invalid!(
+                    "request {r} has {pages} pages of page_size = {} (kv_len = {kv_len}), more than the {} keys a request may have",
+                    self.page_size,
+                    limits::MAX_KV_LEN
                 ));
             }
             if causal && self.q_len(r) > self.kv_len(r) {

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use crate::error::Result;
 use crate::invalid;
-use crate::types::{Batch, Shape};
+use crate::types::{limits, Batch, Shape};
 pub use work::{KvChunk, MergeRow, RequestInfo, RowSegment, WorkItem, FINAL_OUTPUT};
 
 /// What the planner knows about the device it plans for.
@@ -158,6 +158,15 @@ impl Plan {
                 "{} query heads per KV head do not fit in a tile of block_m = {} rows",
                 shape.group_size(),
                 profile.block_m
+            ));
+        }
+        let rows = batch.total_q() as u64 * shape.num_qo_heads as u64;
+        if rows > limits::MAX_QO_ROWS {
+            return Err(invalid!(
+                "{} query tokens × num_qo_heads = {} are {rows} rows, more than the {} a step may have",
+                batch.total_q(),
+                shape.num_qo_heads,
+                limits::MAX_QO_ROWS
             ));
         }
         if options.deterministic && options.split_keys == 0 {

@@ -41,6 +41,8 @@
 use super::cost::{chunk_cost, item_cost, min_capacity, ROW_SLICE};
 use super::{DeviceProfile, KvChunk, MergeRow, Plan, RowSegment, WorkItem, FINAL_OUTPUT};
 use crate::error::Result;
+use crate::invalid;
+use crate::types::limits;
 
 const NO_BUNDLE: u32 = u32::MAX;
 const NO_RUN: u32 = u32::MAX;
@@ -213,8 +215,29 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
     // 3. Capacity, then splits.
     let total: f64 = (blocks.iter().map(|b| b.cost).sum::<f64>() + prefix_tiles.iter().map(|t| block_cost(t.num_rows, t.key_end)).sum::<f64>()) * heads as f64;
     let capacity = opts.capacity.unwrap_or_else(|| (total / (AUTO_WAVES * profile.num_workers as f64)).max(min_capacity(profile)));
-    let split = |key_begin: u32, key_end: u32, cost: f64, out: &mut Vec<(u32, u32)>| {
+    // Pieces are made per KV head: the plan's work items are `pieces × heads`.
+    let max_pieces = limits::MAX_WORK_ITEMS / heads as usize;
+    // Splits `key_begin..key_end` into `out`, refusing more pieces than `room` before it
+    // allocates them (a tiny capacity or split_keys over long contexts would ask for billions).
+    let split = |key_begin: u32, key_end: u32, cost: f64, room: usize, out: &mut Vec<(u32, u32)>| -> Result<()> {
         out.clear();
+        let keys = key_end.saturating_sub(key_begin) as u64;
+        let count = match fixed_split {
+            Some(s) => (key_end.max(1) as u64 - 1) / s as u64 + 1 - key_begin as u64 / s as u64,
+            None if opts.split_kv && cost > capacity && keys > profile.block_n as u64 => {
+                let pieces = (cost / capacity).ceil().min(keys as f64) as u64;
+                keys.div_ceil(keys.div_ceil(pieces).next_multiple_of(profile.block_n as u64))
+            }
+            None => 1,
+        };
+        if count as usize > room {
+            return Err(invalid!(
+                "the plan would need more than {} work items (capacity = {capacity}, split_keys = {}, {} KV heads): raise the capacity or split_keys",
+                limits::MAX_WORK_ITEMS,
+                opts.split_keys,
+                heads
+            ));
+        }
         match fixed_split {
             Some(s) => {
                 let mut k = key_begin;
@@ -239,6 +262,7 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
             }
             None => out.push((key_begin, key_end)),
         }
+        Ok(())
     };
 
     let mut split_request = vec![false; n];
@@ -259,7 +283,7 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
 
     // Prefix tiles: split pieces share the tile's segments.
     for tile in &prefix_tiles {
-        split(0, tile.key_end, block_cost(tile.num_rows, tile.key_end), &mut ranges);
+        split(0, tile.key_end, block_cost(tile.num_rows, tile.key_end), max_pieces.saturating_sub(pieces.len()), &mut ranges)?;
         for &(kb, ke) in &ranges {
             let p = pieces.len() as u32;
             chunks.push(KvChunk { request: tile.reader, key_begin: kb, key_end: ke, row_begin: 0, row_end: tile.num_rows });
@@ -301,7 +325,7 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
     // Blocks: a split block's pieces share its segment; unsplit short blocks wait for packing.
     let mut pack: Vec<Block> = Vec::with_capacity(blocks.len());
     for b in &blocks {
-        split(b.key_begin, b.key_end, b.cost, &mut ranges);
+        split(b.key_begin, b.key_end, b.cost, max_pieces.saturating_sub(pieces.len()), &mut ranges)?;
         let rows = b.q_count * group;
         let run = if in_run(b.request) { b.request } else { NO_RUN };
         if ranges.len() == 1 && opts.packing && rows < block_m && run == NO_RUN {
@@ -390,6 +414,14 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
     // 5. Grouping. A unit is (entity, KV head); an entity is a piece, or a whole prefix group
     // that fits in C.
     let heads_us = heads as usize;
+    if pieces.len() > max_pieces {
+        return Err(invalid!(
+            "the batch needs {} work items ({} tiles × {heads} KV heads), more than the {} a plan may have",
+            pieces.len() * heads_us,
+            pieces.len(),
+            limits::MAX_WORK_ITEMS
+        ));
+    }
     let mut group_of = vec![0u32; pieces.len() * heads_us];
     let num_groups;
     if opts.balancing {

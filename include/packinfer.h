@@ -9,7 +9,23 @@
 #include <stdint.h>
 
 /**
- * Version of the C ABI; bumped when a function's signature or a struct's existing fields change.
+ * Version of the C ABI; bumped when a function's signature or a struct's existing fields change
+ * (the shared library's SONAME carries it).
+ *
+ * Within a version, structs grow only at their end. Every struct a caller passes in or out
+ * begins with `struct_size = sizeof(the struct)` as the caller's header declares it: a smaller
+ * size from an older header is accepted (fields it lacks take the values its `_default()`
+ * function fills in; out-structs are written only as far as they reach), a larger one from a
+ * newer header too (fields this library does not know are ignored); a size that ends inside a
+ * field, or is older than the struct's first version, is INVALID_ARGUMENT. Structs without
+ * `struct_size` (`PackinferKvLayout`, `PackinferPrefixGroup`, the handles) are frozen. Flag bits
+ * this library does not know are INVALID_ARGUMENT.
+ *
+ * Statuses follow one rule: INVALID_ARGUMENT for a value outside the API (a dtype that is no
+ * `PackinferDtype`, a zero size, an index out of range, a size beyond a documented limit),
+ * UNSUPPORTED for a valid value the context's backend cannot run (head_dim 96 on CUDA, F32 on
+ * CUDA). Limits: 65536 query heads, 2^31 - 1 keys per request and query rows (tokens × query
+ * heads) per step, 2^22 work items per plan.
  */
 #define PACKINFER_ABI_VERSION 1
 
@@ -127,7 +143,13 @@ typedef struct PackinferContextOptions {
 } PackinferContextOptions;
 
 /**
- * Opaque handle to a context (a backend on one device). 0 is never a valid handle.
+ * Opaque handle to a context (a backend on one device). 0 is never a valid handle, and a
+ * destroyed handle's value is never handed out again.
+ *
+ * Threads: any thread may use a context, concurrently too. Every call that touches the device
+ * makes the context's CUDA context current itself, so a caller may hop OS threads between calls.
+ * Destroying it while another thread still calls with it is safe (those calls either finish or
+ * get INVALID_HANDLE); plans, launches and pools made on it stay usable.
  */
 typedef struct PackinferContext {
   uint64_t bits;
@@ -178,7 +200,8 @@ typedef struct PackinferPlanOptions {
 
 /**
  * Requests `members[0..num_members]` share their first `prefix_len` keys (same content); the
- * prefix is read once, from the first member's pages, for all of them.
+ * prefix is read once, from the first member's pages, for all of them. Frozen: this struct has
+ * no `struct_size` and does not change within ABI version 1.
  */
 typedef struct PackinferPrefixGroup {
   uint32_t prefix_len;
@@ -240,7 +263,95 @@ typedef struct PackinferBatchDesc {
 } PackinferBatchDesc;
 
 /**
+ * Binding options of a launch.
+ */
+typedef struct PackinferLaunchOptions {
+  /**
+   * sizeof(PackinferLaunchOptions).
+   */
+  size_t struct_size;
+  /**
+   * Caller-owned scratch of at least the plan's scratch_bytes (device memory on CUDA); NULL =
+   * the launch allocates it once, at creation.
+   */
+  void *scratch;
+  size_t scratch_bytes;
+} PackinferLaunchOptions;
+
+/**
+ * Sizes of a launch's device buffers, so that `packinfer_launch_update` can later upload any
+ * plan that fits (and a CUDA graph captured around `packinfer_run` replays it). Each field is
+ * raised to the first plan's own count, so 0 means "the first plan's count". The CPU backend
+ * computes each run from its plan and ignores the capacity.
+ */
+typedef struct PackinferLaunchCapacity {
+  /**
+   * sizeof(PackinferLaunchCapacity).
+   */
+  size_t struct_size;
+  uint32_t max_work_items;
+  uint32_t max_row_segments;
+  uint32_t max_kv_chunks;
+  uint32_t max_requests;
+  /**
+   * Entries of kv_page_indices.
+   */
+  uint32_t max_pages;
+  uint32_t max_merge_rows;
+  uint32_t max_merge_slots;
+  uint32_t max_groups;
+  uint32_t max_partial_slots;
+} PackinferLaunchCapacity;
+
+/**
+ * Where K and V live: element (page p, token t, kv head h, dim d) of K is at
+ * `k + p*stride_page + t*stride_token + h*stride_head + d*stride_dim` (in elements). Frozen:
+ * this struct has no `struct_size` and does not change within ABI version 1.
+ */
+typedef struct PackinferKvLayout {
+  const void *k;
+  const void *v;
+  int64_t stride_page;
+  int64_t stride_token;
+  int64_t stride_head;
+  int64_t stride_dim;
+} PackinferKvLayout;
+
+/**
+ * One layer's tensors for `packinfer_run`.
+ */
+typedef struct PackinferRunArgs {
+  /**
+   * sizeof(PackinferRunArgs).
+   */
+  size_t struct_size;
+  /**
+   * [total_q, num_qo_heads, head_dim]; strides in elements, 0 = contiguous.
+   */
+  const void *q;
+  int64_t q_stride_token;
+  int64_t q_stride_head;
+  struct PackinferKvLayout kv;
+  /**
+   * [total_q, num_qo_heads, head_dim], same dtype as Q; strides in elements, 0 = contiguous.
+   */
+  void *o;
+  int64_t o_stride_token;
+  int64_t o_stride_head;
+  /**
+   * Optional float32 [total_q, num_qo_heads], natural log; NULL = not written.
+   */
+  float *lse;
+  /**
+   * cudaStream_t / CUstream to run on (ignored by the CPU backend); NULL = the default stream.
+   */
+  void *stream;
+} PackinferRunArgs;
+
+/**
  * Opaque handle to a plan: the host-side schedule of one step.
+ *
+ * Threads: a plan never changes after creation; any thread may use it, concurrently too.
  */
 typedef struct PackinferPlan {
   uint64_t bits;
@@ -285,96 +396,19 @@ typedef struct PackinferPlanStats {
 } PackinferPlanStats;
 
 /**
- * Binding options of a launch.
- */
-typedef struct PackinferLaunchOptions {
-  /**
-   * sizeof(PackinferLaunchOptions).
-   */
-  size_t struct_size;
-  /**
-   * Caller-owned scratch of at least the plan's scratch_bytes (device memory on CUDA); NULL =
-   * the launch allocates it once, at creation.
-   */
-  void *scratch;
-  size_t scratch_bytes;
-} PackinferLaunchOptions;
-
-/**
  * Opaque handle to a launch: a plan bound to a context, ready to run every layer of the step.
+ *
+ * Threads: any thread may call with a launch; the library orders calls on one launch. A launch
+ * has one work list, group counter and scratch on the device, so its runs and updates must not
+ * overlap there: on the CPU each run completes before the call returns; on CUDA a run or update
+ * on another stream than the launch's previous one is ordered after it with an event, except
+ * while either stream is being captured into a graph (replays of a captured graph are ordered
+ * by the stream the caller replays it on). Destroy a launch only once its last run has finished
+ * on the device.
  */
 typedef struct PackinferLaunch {
   uint64_t bits;
 } PackinferLaunch;
-
-/**
- * Where K and V live: element (page p, token t, kv head h, dim d) of K is at
- * `k + p*stride_page + t*stride_token + h*stride_head + d*stride_dim` (in elements).
- */
-typedef struct PackinferKvLayout {
-  const void *k;
-  const void *v;
-  int64_t stride_page;
-  int64_t stride_token;
-  int64_t stride_head;
-  int64_t stride_dim;
-} PackinferKvLayout;
-
-/**
- * One layer's tensors for `packinfer_run`.
- */
-typedef struct PackinferRunArgs {
-  /**
-   * sizeof(PackinferRunArgs).
-   */
-  size_t struct_size;
-  /**
-   * [total_q, num_qo_heads, head_dim]; strides in elements, 0 = contiguous.
-   */
-  const void *q;
-  int64_t q_stride_token;
-  int64_t q_stride_head;
-  struct PackinferKvLayout kv;
-  /**
-   * [total_q, num_qo_heads, head_dim], same dtype as Q; strides in elements, 0 = contiguous.
-   */
-  void *o;
-  int64_t o_stride_token;
-  int64_t o_stride_head;
-  /**
-   * Optional float32 [total_q, num_qo_heads], natural log; NULL = not written.
-   */
-  float *lse;
-  /**
-   * cudaStream_t / CUstream to run on (ignored by the CPU backend); NULL = the default stream.
-   */
-  void *stream;
-} PackinferRunArgs;
-
-/**
- * Sizes of a launch's device buffers, so that `packinfer_launch_update` can later upload any
- * plan that fits (and a CUDA graph captured around `packinfer_run` replays it). Each field is
- * raised to the first plan's own count, so 0 means "the first plan's count". The CPU backend
- * computes each run from its plan and ignores the capacity.
- */
-typedef struct PackinferLaunchCapacity {
-  /**
-   * sizeof(PackinferLaunchCapacity).
-   */
-  size_t struct_size;
-  uint32_t max_work_items;
-  uint32_t max_row_segments;
-  uint32_t max_kv_chunks;
-  uint32_t max_requests;
-  /**
-   * Entries of kv_page_indices.
-   */
-  uint32_t max_pages;
-  uint32_t max_merge_rows;
-  uint32_t max_merge_slots;
-  uint32_t max_groups;
-  uint32_t max_partial_slots;
-} PackinferLaunchCapacity;
 
 /**
  * How to create a KV pool. The model's attention shape is given once here, so a step's plan
@@ -422,6 +456,10 @@ typedef struct PackinferPoolOptions {
 
 /**
  * Opaque handle to a KV pool: KV memory owned by the library, cut into pages shared by sequences.
+ *
+ * Threads: any thread may call with a pool, concurrently too; every call takes the pool's lock.
+ * The device copies a call enqueues (copy-on-write, write_kv, relayout) go on the stream it is
+ * given: keep them on the stream of the runs that read the pool, or order the two yourself.
  */
 typedef struct PackinferPool {
   uint64_t bits;
@@ -593,6 +631,40 @@ enum PackinferStatus packinfer_context_info(struct PackinferContext context,
  * `options` must be NULL or point to a writable `PackinferPlanOptions`.
  */
 enum PackinferStatus packinfer_plan_options_default(struct PackinferPlanOptions *options);
+
+/**
+ * Fills `desc` with defaults: an empty batch, page_size 16, BF16, causal, sm_scale 0 (1/sqrt(
+ * head_dim)), no prefix groups; the arrays, sizes and the model's shape are left 0/NULL to set.
+ *
+ * # Safety
+ * `desc` must be NULL or point to a writable `PackinferBatchDesc`.
+ */
+enum PackinferStatus packinfer_batch_desc_default(struct PackinferBatchDesc *desc);
+
+/**
+ * Fills `options` with defaults: no caller scratch (the launch allocates it once).
+ *
+ * # Safety
+ * `options` must be NULL or point to a writable `PackinferLaunchOptions`.
+ */
+enum PackinferStatus packinfer_launch_options_default(struct PackinferLaunchOptions *options);
+
+/**
+ * Fills `capacity` with defaults: every count 0, i.e. the first plan's own count.
+ *
+ * # Safety
+ * `capacity` must be NULL or point to a writable `PackinferLaunchCapacity`.
+ */
+enum PackinferStatus packinfer_launch_capacity_default(struct PackinferLaunchCapacity *capacity);
+
+/**
+ * Fills `args` with defaults: contiguous Q and O strides (0), no LSE, the default stream; the
+ * tensor pointers and the KV layout are left NULL/0 to set.
+ *
+ * # Safety
+ * `args` must be NULL or point to a writable `PackinferRunArgs`.
+ */
+enum PackinferStatus packinfer_run_args_default(struct PackinferRunArgs *args);
 
 /**
  * Plans one step for a context's device: copies the batch description, checks it, and builds
@@ -826,6 +898,14 @@ enum PackinferStatus packinfer_pool_truncate(struct PackinferPool pool, uint64_t
  * Releases `seq`; its pages return when their last reference goes; the id becomes invalid.
  */
 enum PackinferStatus packinfer_pool_release(struct PackinferPool pool, uint64_t seq);
+
+/**
+ * Fills `src` with defaults: BF16, contiguous rows (stride 0); pointers and sizes left 0/NULL.
+ *
+ * # Safety
+ * `src` must be NULL or point to a writable `PackinferKvSource`.
+ */
+enum PackinferStatus packinfer_kv_source_default(struct PackinferKvSource *src);
 
 /**
  * Writes one layer's K and V for the step's new tokens: the rows of `src` go, in order, to the

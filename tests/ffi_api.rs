@@ -246,7 +246,7 @@ fn bad_batches_are_refused_with_the_value_named() {
         })),
         ("zero kv heads", PackinferStatus::InvalidArgument, vec!["num_kv_heads = 0".into()], Box::new(|d, _| d.num_kv_heads = 0)),
         ("head_dim 100", PackinferStatus::Unsupported, vec!["head_dim = 100".into()], Box::new(|d, _| d.head_dim = 100)),
-        ("dtype 9", PackinferStatus::Unsupported, vec!["dtype = 9".into()], Box::new(|d, _| d.dtype = 9)),
+        ("dtype 9", PackinferStatus::InvalidArgument, vec!["dtype = 9".into()], Box::new(|d, _| d.dtype = 9)),
         ("page size 0", PackinferStatus::InvalidArgument, vec!["page_size = 0".into()], Box::new(|d, _| d.page_size = 0)),
         ("negative sm_scale", PackinferStatus::InvalidArgument, vec!["sm_scale = -1".into()], Box::new(|d, _| d.sm_scale = -1.0)),
         ("struct_size 0", PackinferStatus::InvalidArgument, vec!["struct_size = 0".into()], Box::new(|d, _| d.struct_size = 0)),

@@ -384,7 +384,7 @@ func TestPoolBadSequenceIdsAndArguments(t *testing.T) {
 	o = poolOptions(t)
 	o.DType = 7
 	_, err = ctx.NewPool(o)
-	wantError(t, err, packinfer.StatusUnsupported, "options->dtype = 7")
+	wantError(t, err, packinfer.StatusInvalidArgument, "options->dtype = 7")
 	_, err = ctx.NewPool(nil)
 	wantError(t, err, packinfer.StatusInvalidArgument, "opts is nil")
 }

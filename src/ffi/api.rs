@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use super::handles::Registry;
 use super::types::*;
-use super::{guard, last_error_ptr, slice, write_out, PackinferStatus, PACKINFER_ABI_VERSION};
+use super::{copy_array, guard, last_error_ptr, slice, write_out, PackinferStatus, Versioned, PACKINFER_ABI_VERSION};
 use crate::backend::{self, Backend, BackendChoice, BackendKind, BoundPlan, Scratch};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::invalid;
 use crate::plan::{Plan, PlanOptions};
 use crate::types::{Batch, DType, KvLayout, PrefixGroup, RowsTensor, RunArgs, Shape};
@@ -73,17 +73,7 @@ pub extern "C" fn packinfer_last_error() -> *const c_char {
 /// `options` must be NULL or point to a writable `PackinferContextOptions`.
 #[no_mangle]
 pub unsafe extern "C" fn packinfer_context_options_default(options: *mut PackinferContextOptions) -> PackinferStatus {
-    guard("packinfer_context_options_default", || {
-        let value = PackinferContextOptions {
-            struct_size: std::mem::size_of::<PackinferContextOptions>(),
-            backend: PackinferBackend::Auto as u32,
-            device_ordinal: 0,
-            num_threads: 0,
-            kernel_cache_dir: std::ptr::null(),
-        };
-        write_out("options", options, value)
-    })
-}
+    guard("packinfer_context_options_default", || write_out("options", options, PackinferContextOptions::default_value()))}
 
 /// Creates a context on the backend `options` asks for. AUTO picks CUDA where it works and the
 /// CPU elsewhere; CUDA where it cannot work gives NO_DEVICE with the reason.
@@ -111,7 +101,7 @@ pub unsafe extern "C" fn packinfer_context_create(options: *const PackinferConte
         }
         let choice = BackendChoice { kind, device_ordinal: o.device_ordinal, cpu_threads: o.num_threads, kernel_cache_dir };
         let backend = backend::open(&choice)?;
-        write_out("out", out, PackinferContext { bits: CONTEXTS.insert(backend) })
+        write_out("out", out, PackinferContext { bits: CONTEXTS.insert(backend)? })
     })
 }
 
@@ -128,7 +118,7 @@ pub extern "C" fn packinfer_context_destroy(context: PackinferContext) -> Packin
 #[no_mangle]
 pub unsafe extern "C" fn packinfer_context_info(context: PackinferContext, info: *mut PackinferContextInfo) -> PackinferStatus {
     guard("packinfer_context_info", || {
-        super::options("info", info as *const PackinferContextInfo)?;
+        super::check_out("info", info)?;
         let backend = CONTEXTS.get(context.bits)?;
         let mut name = [0 as c_char; 128];
         for (dst, &b) in name.iter_mut().zip(backend.device_name().as_bytes().iter().take(127)) {
@@ -143,7 +133,7 @@ pub unsafe extern "C" fn packinfer_context_info(context: PackinferContext, info:
             num_workers: backend.profile().num_workers,
             device_name: name,
         };
-        write_out("info", info, value)
+        super::write_versioned("info", info, value)
     })
 }
 
@@ -153,10 +143,45 @@ pub unsafe extern "C" fn packinfer_context_info(context: PackinferContext, info:
 /// `options` must be NULL or point to a writable `PackinferPlanOptions`.
 #[no_mangle]
 pub unsafe extern "C" fn packinfer_plan_options_default(options: *mut PackinferPlanOptions) -> PackinferStatus {
-    guard("packinfer_plan_options_default", || {
-        let value = PackinferPlanOptions { struct_size: std::mem::size_of::<PackinferPlanOptions>(), flags: 0, split_keys: 0, capacity: 0.0 };
-        write_out("options", options, value)
-    })
+    guard("packinfer_plan_options_default", || write_out("options", options, PackinferPlanOptions::default_value()))
+}
+
+/// Fills `desc` with defaults: an empty batch, page_size 16, BF16, causal, sm_scale 0 (1/sqrt(
+/// head_dim)), no prefix groups; the arrays, sizes and the model's shape are left 0/NULL to set.
+///
+/// # Safety
+/// `desc` must be NULL or point to a writable `PackinferBatchDesc`.
+#[no_mangle]
+pub unsafe extern "C" fn packinfer_batch_desc_default(desc: *mut PackinferBatchDesc) -> PackinferStatus {
+    guard("packinfer_batch_desc_default", || write_out("desc", desc, PackinferBatchDesc::default_value()))
+}
+
+/// Fills `options` with defaults: no caller scratch (the launch allocates it once).
+///
+/// # Safety
+/// `options` must be NULL or point to a writable `PackinferLaunchOptions`.
+#[no_mangle]
+pub unsafe extern "C" fn packinfer_launch_options_default(options: *mut PackinferLaunchOptions) -> PackinferStatus {
+    guard("packinfer_launch_options_default", || write_out("options", options, PackinferLaunchOptions::default_value()))
+}
+
+/// Fills `capacity` with defaults: every count 0, i.e. the first plan's own count.
+///
+/// # Safety
+/// `capacity` must be NULL or point to a writable `PackinferLaunchCapacity`.
+#[no_mangle]
+pub unsafe extern "C" fn packinfer_launch_capacity_default(capacity: *mut PackinferLaunchCapacity) -> PackinferStatus {
+    guard("packinfer_launch_capacity_default", || write_out("capacity", capacity, PackinferLaunchCapacity::default_value()))
+}
+
+/// Fills `args` with defaults: contiguous Q and O strides (0), no LSE, the default stream; the
+/// tensor pointers and the KV layout are left NULL/0 to set.
+///
+/// # Safety
+/// `args` must be NULL or point to a writable `PackinferRunArgs`.
+#[no_mangle]
+pub unsafe extern "C" fn packinfer_run_args_default(args: *mut PackinferRunArgs) -> PackinferStatus {
+    guard("packinfer_run_args_default", || write_out("args", args, PackinferRunArgs::default_value()))
 }
 
 /// Plans one step for a context's device: copies the batch description, checks it, and builds
@@ -174,8 +199,8 @@ pub unsafe extern "C" fn packinfer_plan_create(
 ) -> PackinferStatus {
     guard("packinfer_plan_create", || {
         let backend = CONTEXTS.get(context.bits)?;
-        let (shape, batch) = convert_batch(super::options("batch", batch)?)?;
-        let options = if options.is_null() { PlanOptions::default() } else { convert_plan_options(super::options("options", options)?)? };
+        let (shape, batch) = convert_batch(&super::options("batch", batch)?)?;
+        let options = if options.is_null() { PlanOptions::default() } else { convert_plan_options(&super::options("options", options)?)? };
         if out.is_null() {
             return Err(invalid!("out is a null pointer"));
         }
@@ -184,7 +209,7 @@ pub unsafe extern "C" fn packinfer_plan_create(
         }
         let profile = backend.profile_for(&shape, &batch);
         let plan = Plan::build(shape, batch, &profile, options)?;
-        write_out("out", out, PackinferPlan { bits: PLANS.insert(plan) })
+        write_out("out", out, PackinferPlan { bits: PLANS.insert(plan)? })
     })
 }
 
@@ -201,7 +226,7 @@ pub extern "C" fn packinfer_plan_destroy(plan: PackinferPlan) -> PackinferStatus
 #[no_mangle]
 pub unsafe extern "C" fn packinfer_plan_stats(plan: PackinferPlan, stats: *mut PackinferPlanStats) -> PackinferStatus {
     guard("packinfer_plan_stats", || {
-        super::options("stats", stats as *const PackinferPlanStats)?;
+        super::check_out("stats", stats)?;
         let plan = PLANS.get(plan.bits)?;
         let s = &plan.stats;
         let value = PackinferPlanStats {
@@ -222,7 +247,7 @@ pub unsafe extern "C" fn packinfer_plan_stats(plan: PackinferPlan, stats: *mut P
             mean_worker_cost: s.mean_worker_cost,
             num_partial_items: s.num_partial_items,
         };
-        write_out("stats", stats, value)
+        super::write_versioned("stats", stats, value)
     })
 }
 
@@ -326,8 +351,8 @@ pub unsafe extern "C" fn packinfer_kv_layout_nhd(
     layout: *mut PackinferKvLayout,
 ) -> PackinferStatus {
     guard("packinfer_kv_layout_nhd", || {
-        let (p, h, d) = (page_size as i64, num_kv_heads as i64, head_dim as i64);
-        write_out("layout", layout, PackinferKvLayout { k, v, stride_page: p * h * d, stride_token: h * d, stride_head: d, stride_dim: 1 })
+        let (_, h, d, page) = layout_sizes(page_size, num_kv_heads, head_dim)?;
+        write_out("layout", layout, PackinferKvLayout { k, v, stride_page: page, stride_token: h * d, stride_head: d, stride_dim: 1 })
     })
 }
 
@@ -345,40 +370,62 @@ pub unsafe extern "C" fn packinfer_kv_layout_hnd(
     layout: *mut PackinferKvLayout,
 ) -> PackinferStatus {
     guard("packinfer_kv_layout_hnd", || {
-        let (p, h, d) = (page_size as i64, num_kv_heads as i64, head_dim as i64);
-        write_out("layout", layout, PackinferKvLayout { k, v, stride_page: p * h * d, stride_token: d, stride_head: p * d, stride_dim: 1 })
+        let (p, _, d, page) = layout_sizes(page_size, num_kv_heads, head_dim)?;
+        write_out("layout", layout, PackinferKvLayout { k, v, stride_page: page, stride_token: d, stride_head: p * d, stride_dim: 1 })
     })
+}
+
+/// The sizes of a paged cache as strides: (page_size, heads, head_dim, elements per page), each
+/// size at least 1 and a page's elements within `i64`.
+fn layout_sizes(page_size: u32, num_kv_heads: u32, head_dim: u32) -> Result<(i64, i64, i64, i64)> {
+    for (name, v) in [("page_size", page_size), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)] {
+        if v == 0 {
+            return Err(invalid!("{name} = 0; it must be at least 1"));
+        }
+    }
+    let (p, h, d) = (page_size as i64, num_kv_heads as i64, head_dim as i64);
+    let page = p.checked_mul(h).and_then(|x| x.checked_mul(d)).ok_or_else(|| {
+        invalid!("page_size = {page_size} × num_kv_heads = {num_kv_heads} × head_dim = {head_dim} elements per page overflow 64-bit strides")
+    })?;
+    Ok((p, h, d, page))
 }
 
 /// Copies a C batch description into owned Rust data, checking the C-level facts (enum values,
 /// null arrays); `Plan::build` checks the rest.
 unsafe fn convert_batch(b: &PackinferBatchDesc) -> Result<(Shape, Batch)> {
     let n = b.batch_size as usize;
-    let dtype = dtype_from_c(b.dtype).ok_or_else(|| crate::unsupported!("{}", not_a_dtype("batch->dtype", b.dtype)))?;
+    let dtype = dtype_from_c(b.dtype).ok_or_else(|| invalid!("{}", not_a_dtype("batch->dtype", b.dtype)))?;
     let sm_scale = if b.sm_scale == 0.0 { Shape::default_sm_scale(b.head_dim) } else { b.sm_scale };
     let shape = Shape { num_qo_heads: b.num_qo_heads, num_kv_heads: b.num_kv_heads, head_dim: b.head_dim, dtype, causal: b.causal, sm_scale };
-    let qo_indptr = slice("batch->qo_indptr", b.qo_indptr, n + 1)?.to_vec();
-    let kv_indptr = slice("batch->kv_indptr", b.kv_indptr, n + 1)?.to_vec();
+    let qo_indptr = copy_array("batch->qo_indptr", b.qo_indptr, n + 1)?;
+    let kv_indptr = copy_array("batch->kv_indptr", b.kv_indptr, n + 1)?;
     let nnz = kv_indptr[n];
     if nnz < 0 {
         return Err(invalid!("batch->kv_indptr[{n}] = {nnz} is negative"));
     }
-    let kv_page_indices = slice("batch->kv_page_indices", b.kv_page_indices, nnz as usize)?.to_vec();
-    let kv_last_page_len = slice("batch->kv_last_page_len", b.kv_last_page_len, n)?.to_vec();
+    let kv_page_indices = copy_array("batch->kv_page_indices", b.kv_page_indices, nnz as usize)?;
+    let kv_last_page_len = copy_array("batch->kv_last_page_len", b.kv_last_page_len, n)?;
     let groups = slice("batch->prefix_groups", b.prefix_groups, b.num_prefix_groups as usize)?;
-    let mut prefix_groups = Vec::with_capacity(groups.len());
+    let mut prefix_groups = Vec::new();
+    prefix_groups.try_reserve_exact(groups.len()).map_err(|_| Error::OutOfMemory(format!("no host memory for batch->num_prefix_groups = {}", groups.len())))?;
     for (g, pg) in groups.iter().enumerate() {
         let members = slice(&format!("batch->prefix_groups[{g}].members"), pg.members, pg.num_members as usize)?;
         if let Some((j, m)) = members.iter().enumerate().find(|(_, &m)| m < 0) {
             return Err(invalid!("batch->prefix_groups[{g}].members[{j}] = {m} is negative"));
         }
-        prefix_groups.push(PrefixGroup { prefix_len: pg.prefix_len, members: members.iter().map(|&m| m as u32).collect() });
+        // In place: i32 and u32 share a layout, so this reuses the fallible copy's allocation.
+        let members: Vec<u32> = copy_array(&format!("batch->prefix_groups[{g}].members"), members.as_ptr(), members.len())?.into_iter().map(|m| m as u32).collect();
+        prefix_groups.push(PrefixGroup { prefix_len: pg.prefix_len, members });
     }
     let batch = Batch { qo_indptr, kv_indptr, kv_page_indices, kv_last_page_len, page_size: b.page_size, num_pages: b.num_pages, prefix_groups };
     Ok((shape, batch))
 }
 
 pub(super) fn convert_plan_options(o: &PackinferPlanOptions) -> Result<PlanOptions> {
+    let known = PackinferPlanFlags::ALL.iter().fold(0u32, |m, &f| m | f as u32);
+    if o.flags & !known != 0 {
+        return Err(invalid!("options->flags = 0x{:x} has bits this library does not know (0x{:x}); known flags are 0x{known:x}", o.flags, o.flags & !known));
+    }
     let has = |f: PackinferPlanFlags| o.flags & f as u32 != 0;
     // In C, capacity 0 means automatic; negative or non-finite is the caller's mistake.
     let capacity = match o.capacity {
@@ -469,7 +516,7 @@ unsafe fn create_launch(
         None => backend.bind(plan, stream as u64, scratch)?,
         Some(c) => backend.bind_with_capacity(plan, stream as u64, scratch, &c)?,
     };
-    write_out("out", out, PackinferLaunch { bits: LAUNCHES.insert(Launch { bound, _backend: backend }) })
+    write_out("out", out, PackinferLaunch { bits: LAUNCHES.insert(Launch { bound, _backend: backend })? })
 }
 
 /// Uploads `plan` (same shape and page size as the launch's, within its capacity) into the

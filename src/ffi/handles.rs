@@ -1,8 +1,9 @@
-//! Generation-checked handle registries. A C handle is an index plus a generation and a type tag
-//! packed in 64 bits; the object lives in an `Arc` in the registry. Destroying removes it and
-//! bumps the generation, so a stale or doubled handle is recognised and refused, and a call that
-//! already holds the `Arc` finishes safely.
+//! Handle registries. A C handle is a type tag and a serial number packed in 64 bits; the object
+//! lives in an `Arc` in the registry. Serial numbers are never reused within a process (56 bits:
+//! a million handles a second for two thousand years), so a stale or doubled handle is always
+//! recognised and refused, and a call that already holds the `Arc` finishes safely.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -16,74 +17,77 @@ pub(crate) struct Registry<T> {
 }
 
 struct Slots<T> {
-    entries: Vec<(u32, Option<Arc<T>>)>,
-    free: Vec<u32>,
+    live: Option<HashMap<u64, Arc<T>>>,
+    next: u64,
 }
 
-const INDEX_BITS: u64 = 32;
-const GENERATION_MASK: u64 = 0xff_ffff;
+const SERIAL_BITS: u32 = 56;
+const SERIAL_MASK: u64 = (1 << SERIAL_BITS) - 1;
 
 impl<T> Registry<T> {
     pub(crate) const fn new(tag: u8, kind: &'static str) -> Self {
-        Registry { tag, kind, slots: Mutex::new(Slots { entries: Vec::new(), free: Vec::new() }) }
+        Registry { tag, kind, slots: Mutex::new(Slots { live: None, next: 1 }) }
     }
 
     /// Stores `value` and returns its handle bits (never 0).
-    pub(crate) fn insert(&self, value: T) -> u64 {
+    pub(crate) fn insert(&self, value: T) -> Result<u64> {
         let mut s = self.slots.lock();
-        let index = match s.free.pop() {
-            Some(i) => i,
-            None => {
-                s.entries.push((0, None));
-                s.entries.len() as u32 - 1
-            }
-        };
-        let entry = &mut s.entries[index as usize];
-        entry.1 = Some(Arc::new(value));
-        (self.tag as u64) << 56 | (entry.0 as u64 & GENERATION_MASK) << INDEX_BITS | (index as u64 + 1)
+        let serial = s.next;
+        if serial > SERIAL_MASK {
+            return Err(Error::Internal(format!("every {} handle number of this process is used", self.kind)));
+        }
+        s.next += 1;
+        s.live.get_or_insert_with(HashMap::new).insert(serial, Arc::new(value));
+        Ok((self.tag as u64) << SERIAL_BITS | serial)
     }
 
-    fn locate(&self, bits: u64) -> Result<(usize, u32)> {
+    fn serial(&self, bits: u64) -> Result<u64> {
         let bad = |why: &str| Error::InvalidHandle(format!("{} handle 0x{bits:x} {why}", self.kind));
         if bits == 0 {
             return Err(bad("is null"));
         }
-        if (bits >> 56) as u8 != self.tag {
+        if (bits >> SERIAL_BITS) as u8 != self.tag {
             return Err(bad("is not a handle of this kind"));
         }
-        let index = (bits & 0xffff_ffff) as usize;
-        if index == 0 {
-            return Err(bad("has no index"));
-        }
-        Ok((index - 1, ((bits >> INDEX_BITS) & GENERATION_MASK) as u32))
+        Ok(bits & SERIAL_MASK)
     }
 
     /// The live object behind `bits`.
     pub(crate) fn get(&self, bits: u64) -> Result<Arc<T>> {
-        let (index, generation) = self.locate(bits)?;
+        let serial = self.serial(bits)?;
         let s = self.slots.lock();
-        match s.entries.get(index) {
-            Some((g, Some(v))) if *g & GENERATION_MASK as u32 == generation => Ok(v.clone()),
-            _ => Err(self.stale(bits)),
-        }
+        s.live.as_ref().and_then(|m| m.get(&serial)).cloned().ok_or_else(|| self.stale(bits))
     }
 
     /// Takes the object out; the handle (and any copy of it) is invalid afterwards.
     pub(crate) fn remove(&self, bits: u64) -> Result<Arc<T>> {
-        let (index, generation) = self.locate(bits)?;
+        let serial = self.serial(bits)?;
         let mut s = self.slots.lock();
-        let value = match s.entries.get_mut(index) {
-            Some((g, v @ Some(_))) if *g & GENERATION_MASK as u32 == generation => {
-                *g = g.wrapping_add(1);
-                v.take().unwrap()
-            }
-            _ => return Err(self.stale(bits)),
-        };
-        s.free.push(index as u32);
-        Ok(value)
+        s.live.as_mut().and_then(|m| m.remove(&serial)).ok_or_else(|| self.stale(bits))
     }
 
     fn stale(&self, bits: u64) -> Error {
         Error::InvalidHandle(format!("{} handle 0x{bits:x} was destroyed or never created", self.kind))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A slot's 24-bit generation used to wrap after 2^24 create/destroy cycles, bringing a
+    /// destroyed handle back to life: serial numbers never repeat.
+    #[test]
+    fn a_destroyed_handle_stays_dead_after_two_to_the_24_cycles() {
+        let r: Registry<u32> = Registry::new(0x7E, "test");
+        let first = r.insert(0).unwrap();
+        r.remove(first).unwrap();
+        for i in 0..(1u32 << 24) + 1 {
+            let h = r.insert(i).unwrap();
+            assert_ne!(h, first);
+            r.remove(h).unwrap();
+        }
+        assert!(matches!(r.get(first), Err(Error::InvalidHandle(_))));
+        assert!(matches!(r.remove(first), Err(Error::InvalidHandle(_))));
     }
 }

@@ -16,6 +16,10 @@ use crate::types::Shape;
 static POOLS: Registry<KvPool> = Registry::new(0xD1, "pool");
 
 /// Opaque handle to a KV pool: KV memory owned by the library, cut into pages shared by sequences.
+///
+/// Threads: any thread may call with a pool, concurrently too; every call takes the pool's lock.
+/// The device copies a call enqueues (copy-on-write, write_kv, relayout) go on the stream it is
+/// given: keep them on the stream of the runs that read the pool, or order the two yourself.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PackinferPool {
@@ -102,23 +106,7 @@ pub struct PackinferRelayoutReport {
 /// `options` must be NULL or writable.
 #[no_mangle]
 pub unsafe extern "C" fn packinfer_pool_options_default(options: *mut PackinferPoolOptions) -> PackinferStatus {
-    guard("packinfer_pool_options_default", || {
-        let value = PackinferPoolOptions {
-            struct_size: std::mem::size_of::<PackinferPoolOptions>(),
-            num_layers: 0,
-            num_qo_heads: 0,
-            num_kv_heads: 0,
-            head_dim: 0,
-            dtype: PackinferDtype::Bf16 as u32,
-            causal: true,
-            sm_scale: 0.0,
-            page_size: 16,
-            num_pages: 0,
-            capacity_bytes: 0,
-            headroom_pages: 2,
-        };
-        write_out("options", options, value)
-    })
+    guard("packinfer_pool_options_default", || write_out("options", options, <PackinferPoolOptions as super::Versioned>::default_value()))
 }
 
 /// Creates a KV pool on a context's backend, allocating all of its memory now: host memory on
@@ -132,7 +120,7 @@ pub unsafe extern "C" fn packinfer_pool_create(context: PackinferContext, option
     guard("packinfer_pool_create", || {
         let backend = CONTEXTS.get(context.bits)?;
         let o = super::options("options", options)?;
-        let dtype = dtype_from_c(o.dtype).ok_or_else(|| crate::unsupported!("{}", not_a_dtype("options->dtype", o.dtype)))?;
+        let dtype = dtype_from_c(o.dtype).ok_or_else(|| invalid!("{}", not_a_dtype("options->dtype", o.dtype)))?;
         if out.is_null() {
             return Err(invalid!("out is a null pointer"));
         }
@@ -143,12 +131,14 @@ pub unsafe extern "C" fn packinfer_pool_create(context: PackinferContext, option
             num_pages: o.num_pages,
             headroom_pages: o.headroom_pages,
         };
+        // The shape first: a pool sized in bytes from a bad shape would blame num_pages.
+        config.shape().validate()?;
         if config.num_pages == 0 && o.capacity_bytes > 0 {
             let pages = config.pages_for_bytes(o.capacity_bytes);
             config.num_pages = u32::try_from(pages).map_err(|_| invalid!("options->capacity_bytes = {} makes {pages} pages, more than a pool can index", o.capacity_bytes))?;
         }
         let pool = KvPool::new((*backend).clone(), config)?;
-        write_out("out", out, PackinferPool { bits: POOLS.insert(pool) })
+        write_out("out", out, PackinferPool { bits: POOLS.insert(pool)? })
     })
 }
 
@@ -277,6 +267,15 @@ pub struct PackinferKvSource {
     pub stride_token: i64,
 }
 
+/// Fills `src` with defaults: BF16, contiguous rows (stride 0); pointers and sizes left 0/NULL.
+///
+/// # Safety
+/// `src` must be NULL or point to a writable `PackinferKvSource`.
+#[no_mangle]
+pub unsafe extern "C" fn packinfer_kv_source_default(src: *mut PackinferKvSource) -> PackinferStatus {
+    guard("packinfer_kv_source_default", || write_out("src", src, <PackinferKvSource as super::Versioned>::default_value()))
+}
+
 /// Writes one layer's K and V for the step's new tokens: the rows of `src` go, in order, to the
 /// last `num_tokens[i]` tokens of `seq_ids[i]` (reserved by `packinfer_pool_append`). Runs on
 /// `stream`. A source whose shape or dtype differs from the pool's is refused.
@@ -376,12 +375,12 @@ pub unsafe extern "C" fn packinfer_pool_plan_create(
         CONTEXTS.get(context.bits)?;
         let pool = POOLS.get(pool.bits)?;
         let requests = zip_requests("seq_ids", seq_ids, "num_new_tokens", num_new_tokens, n)?;
-        let options = if options.is_null() { PlanOptions::default() } else { convert_plan_options(super::options("options", options)?)? };
+        let options = if options.is_null() { PlanOptions::default() } else { convert_plan_options(&super::options("options", options)?)? };
         if out.is_null() {
             return Err(invalid!("out is a null pointer"));
         }
         let plan = pool.plan(&requests, None, options)?;
-        write_out("out", out, PackinferPlan { bits: PLANS.insert(plan) })
+        write_out("out", out, PackinferPlan { bits: PLANS.insert(plan)? })
     })
 }
 
@@ -408,7 +407,7 @@ pub unsafe extern "C" fn packinfer_pool_relayout(
         let plan = PLANS.get(plan.bits)?;
         let ids = slice("seq_ids", seq_ids, n as usize)?;
         if !report.is_null() {
-            options("report", report as *const PackinferRelayoutReport)?;
+            super::check_out("report", report)?;
         }
         let groups = groups_of_plan(&plan, ids)?;
         let r: RelayoutReport = pool.relayout(&groups, regroup, stream as u64)?;
@@ -422,7 +421,7 @@ pub unsafe extern "C" fn packinfer_pool_relayout(
                 pages_moved: r.pages_moved,
                 bytes_moved: r.bytes_moved,
             };
-            write_out("report", report, value)?;
+            super::write_versioned("report", report, value)?;
         }
         Ok(())
     })
@@ -435,7 +434,7 @@ pub unsafe extern "C" fn packinfer_pool_relayout(
 #[no_mangle]
 pub unsafe extern "C" fn packinfer_pool_stats(pool: PackinferPool, stats: *mut PackinferPoolStats) -> PackinferStatus {
     guard("packinfer_pool_stats", || {
-        options("stats", stats as *const PackinferPoolStats)?;
+        super::check_out("stats", stats)?;
         let s = POOLS.get(pool.bits)?.stats();
         let value = PackinferPoolStats {
             struct_size: std::mem::size_of::<PackinferPoolStats>(),
@@ -453,7 +452,7 @@ pub unsafe extern "C" fn packinfer_pool_stats(pool: PackinferPool, stats: *mut P
             relayout_bytes_moved: s.relayout_bytes_moved,
             cow_page_copies: s.cow_page_copies,
         };
-        write_out("stats", stats, value)
+        super::write_versioned("stats", stats, value)
     })
 }
 
@@ -461,5 +460,68 @@ pub unsafe extern "C" fn packinfer_pool_stats(pool: PackinferPool, stats: *mut P
 unsafe fn zip_requests(ids_name: &str, ids: *const u64, counts_name: &str, counts: *const u32, n: u32) -> Result<Vec<(SeqId, u32)>> {
     let ids = slice(ids_name, ids, n as usize)?;
     let counts = slice(counts_name, counts, n as usize)?;
-    Ok(ids.iter().copied().zip(counts.iter().copied()).collect())
+    let mut pairs = Vec::new();
+    pairs.try_reserve_exact(ids.len()).map_err(|_| crate::Error::OutOfMemory(format!("no host memory for n = {n} requests")))?;
+    pairs.extend(ids.iter().copied().zip(counts.iter().copied()));
+    Ok(pairs)
 }
+
+super::versioned!(
+    PackinferPoolOptions,
+    PackinferPoolOptions {
+        struct_size: std::mem::size_of::<PackinferPoolOptions>(),
+        num_layers: 0,
+        num_qo_heads: 0,
+        num_kv_heads: 0,
+        head_dim: 0,
+        dtype: PackinferDtype::Bf16 as u32,
+        causal: true,
+        sm_scale: 0.0,
+        page_size: 16,
+        num_pages: 0,
+        capacity_bytes: 0,
+        headroom_pages: 2,
+    },
+    [num_layers, num_qo_heads, num_kv_heads, head_dim, dtype, causal, sm_scale, page_size, num_pages, capacity_bytes, headroom_pages]
+);
+
+super::versioned!(
+    PackinferPoolStats,
+    PackinferPoolStats { struct_size: std::mem::size_of::<PackinferPoolStats>(), ..Default::default() },
+    [
+        num_pages,
+        pages_used,
+        pages_free,
+        num_sequences,
+        tokens_logical,
+        tokens_stored,
+        slots_reserved_unused,
+        step_read_bytes_shared,
+        step_read_bytes_unshared,
+        relayouts,
+        relayout_pages_moved,
+        relayout_bytes_moved,
+        cow_page_copies
+    ]
+);
+
+super::versioned!(
+    PackinferRelayoutReport,
+    PackinferRelayoutReport { struct_size: std::mem::size_of::<PackinferRelayoutReport>(), ..Default::default() },
+    [groups, groups_in_place, groups_rebuilt, groups_no_room, pages_moved, bytes_moved]
+);
+
+super::versioned!(
+    PackinferKvSource,
+    PackinferKvSource {
+        struct_size: std::mem::size_of::<PackinferKvSource>(),
+        k: std::ptr::null(),
+        v: std::ptr::null(),
+        num_rows: 0,
+        num_kv_heads: 0,
+        head_dim: 0,
+        dtype: PackinferDtype::Bf16 as u32,
+        stride_token: 0,
+    },
+    [k, v, num_rows, num_kv_heads, head_dim, dtype, stride_token]
+);

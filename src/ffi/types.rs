@@ -38,7 +38,13 @@ pub(crate) fn not_a_dtype(field: &str, value: u32) -> String {
     format!("{field} = {value} is not a PackinferDtype (0 = F16, 1 = BF16, 2 = F32)")
 }
 
-/// Opaque handle to a context (a backend on one device). 0 is never a valid handle.
+/// Opaque handle to a context (a backend on one device). 0 is never a valid handle, and a
+/// destroyed handle's value is never handed out again.
+///
+/// Threads: any thread may use a context, concurrently too. Every call that touches the device
+/// makes the context's CUDA context current itself, so a caller may hop OS threads between calls.
+/// Destroying it while another thread still calls with it is safe (those calls either finish or
+/// get INVALID_HANDLE); plans, launches and pools made on it stay usable.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PackinferContext {
@@ -46,6 +52,8 @@ pub struct PackinferContext {
 }
 
 /// Opaque handle to a plan: the host-side schedule of one step.
+///
+/// Threads: a plan never changes after creation; any thread may use it, concurrently too.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PackinferPlan {
@@ -53,6 +61,14 @@ pub struct PackinferPlan {
 }
 
 /// Opaque handle to a launch: a plan bound to a context, ready to run every layer of the step.
+///
+/// Threads: any thread may call with a launch; the library orders calls on one launch. A launch
+/// has one work list, group counter and scratch on the device, so its runs and updates must not
+/// overlap there: on the CPU each run completes before the call returns; on CUDA a run or update
+/// on another stream than the launch's previous one is ordered after it with an event, except
+/// while either stream is being captured into a graph (replays of a captured graph are ordered
+/// by the stream the caller replays it on). Destroy a launch only once its last run has finished
+/// on the device.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PackinferLaunch {
@@ -89,7 +105,8 @@ pub struct PackinferContextInfo {
 }
 
 /// Requests `members[0..num_members]` share their first `prefix_len` keys (same content); the
-/// prefix is read once, from the first member's pages, for all of them.
+/// prefix is read once, from the first member's pages, for all of them. Frozen: this struct has
+/// no `struct_size` and does not change within ABI version 1.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct PackinferPrefixGroup {
@@ -145,6 +162,10 @@ pub enum PackinferPlanFlags {
     NoPrefixSharing = 8,
     /// Ablation: never split a request's keys.
     NoSplitKv = 16,
+}
+
+impl PackinferPlanFlags {
+    pub(crate) const ALL: [PackinferPlanFlags; 5] = [Self::Deterministic, Self::NoPacking, Self::NoBalancing, Self::NoPrefixSharing, Self::NoSplitKv];
 }
 
 #[repr(C)]
@@ -203,7 +224,8 @@ pub struct PackinferLaunchOptions {
 }
 
 /// Where K and V live: element (page p, token t, kv head h, dim d) of K is at
-/// `k + p*stride_page + t*stride_token + h*stride_head + d*stride_dim` (in elements).
+/// `k + p*stride_page + t*stride_token + h*stride_head + d*stride_dim` (in elements). Frozen:
+/// this struct has no `struct_size` and does not change within ABI version 1.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct PackinferKvLayout {
@@ -256,3 +278,115 @@ pub struct PackinferLaunchCapacity {
     pub max_groups: u32,
     pub max_partial_slots: u32,
 }
+
+super::versioned!(
+    PackinferContextOptions,
+    PackinferContextOptions {
+        struct_size: std::mem::size_of::<PackinferContextOptions>(),
+        backend: PackinferBackend::Auto as u32,
+        device_ordinal: 0,
+        num_threads: 0,
+        kernel_cache_dir: std::ptr::null(),
+    },
+    [backend, device_ordinal, num_threads, kernel_cache_dir]
+);
+
+super::versioned!(
+    PackinferContextInfo,
+    PackinferContextInfo { struct_size: std::mem::size_of::<PackinferContextInfo>(), backend: 0, num_workers: 0, device_name: [0; 128] },
+    [backend, num_workers, device_name]
+);
+
+super::versioned!(
+    PackinferBatchDesc,
+    PackinferBatchDesc {
+        struct_size: std::mem::size_of::<PackinferBatchDesc>(),
+        batch_size: 0,
+        qo_indptr: std::ptr::null(),
+        kv_indptr: std::ptr::null(),
+        kv_page_indices: std::ptr::null(),
+        kv_last_page_len: std::ptr::null(),
+        page_size: 16,
+        num_pages: 0,
+        num_qo_heads: 0,
+        num_kv_heads: 0,
+        head_dim: 0,
+        dtype: PackinferDtype::Bf16 as u32,
+        causal: true,
+        sm_scale: 0.0,
+        num_prefix_groups: 0,
+        prefix_groups: std::ptr::null(),
+    },
+    [
+        batch_size,
+        qo_indptr,
+        kv_indptr,
+        kv_page_indices,
+        kv_last_page_len,
+        page_size,
+        num_pages,
+        num_qo_heads,
+        num_kv_heads,
+        head_dim,
+        dtype,
+        causal,
+        sm_scale,
+        num_prefix_groups,
+        prefix_groups
+    ]
+);
+
+super::versioned!(
+    PackinferPlanOptions,
+    PackinferPlanOptions { struct_size: std::mem::size_of::<PackinferPlanOptions>(), flags: 0, split_keys: 0, capacity: 0.0 },
+    [flags, split_keys, capacity]
+);
+
+super::versioned!(
+    PackinferPlanStats,
+    PackinferPlanStats { struct_size: std::mem::size_of::<PackinferPlanStats>(), ..Default::default() },
+    [
+        num_requests,
+        num_groups,
+        num_work_items,
+        num_split_requests,
+        num_merge_rows,
+        num_partial_slots,
+        tile_utilization,
+        max_group_cost,
+        mean_group_cost,
+        capacity,
+        planning_time_us,
+        scratch_bytes
+    ]
+    [max_worker_cost, mean_worker_cost, num_partial_items]
+);
+
+super::versioned!(
+    PackinferLaunchOptions,
+    PackinferLaunchOptions { struct_size: std::mem::size_of::<PackinferLaunchOptions>(), scratch: std::ptr::null_mut(), scratch_bytes: 0 },
+    [scratch, scratch_bytes]
+);
+
+super::versioned!(
+    PackinferRunArgs,
+    PackinferRunArgs {
+        struct_size: std::mem::size_of::<PackinferRunArgs>(),
+        q: std::ptr::null(),
+        q_stride_token: 0,
+        q_stride_head: 0,
+        kv: PackinferKvLayout { k: std::ptr::null(), v: std::ptr::null(), stride_page: 0, stride_token: 0, stride_head: 0, stride_dim: 0 },
+        o: std::ptr::null_mut(),
+        o_stride_token: 0,
+        o_stride_head: 0,
+        lse: std::ptr::null_mut(),
+        stream: std::ptr::null_mut(),
+    },
+    [q, q_stride_token, q_stride_head, kv, o, o_stride_token, o_stride_head, lse, stream]
+);
+
+super::versioned!(
+    PackinferLaunchCapacity,
+    PackinferLaunchCapacity { struct_size: std::mem::size_of::<PackinferLaunchCapacity>(), ..Default::default() },
+    [max_work_items, max_row_segments, max_kv_chunks, max_requests, max_pages, max_merge_rows, max_merge_slots, max_groups, max_partial_slots]
+);

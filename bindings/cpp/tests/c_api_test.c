@@ -423,7 +423,7 @@ static void test_errors(void) {
   CHECK_STATUS(packinfer_plan_create(ctx, &d, NULL, &plan), PACKINFER_STATUS_UNSUPPORTED, "head_dim = 100");
   d = case_desc(&c);
   d.dtype = 7;
-  CHECK_STATUS(packinfer_plan_create(ctx, &d, NULL, &plan), PACKINFER_STATUS_UNSUPPORTED, "dtype = 7");
+  CHECK_STATUS(packinfer_plan_create(ctx, &d, NULL, &plan), PACKINFER_STATUS_INVALID_ARGUMENT, "dtype = 7");
   d = case_desc(&c);
   PackinferPlanOptions po;
   packinfer_plan_options_default(&po);
@@ -818,7 +818,7 @@ static void test_pool_flow(void) {
   CHECK_STATUS(packinfer_pool_write_kv(pool, 0, bad_ids, ones, 1, &src, NULL), PACKINFER_STATUS_INVALID_ARGUMENT, "src->dtype");
   PackinferPool other = {0};
   po.dtype = 7;
-  CHECK_STATUS(packinfer_pool_create(ctx, &po, &other), PACKINFER_STATUS_UNSUPPORTED, "options->dtype = 7");
+  CHECK_STATUS(packinfer_pool_create(ctx, &po, &other), PACKINFER_STATUS_INVALID_ARGUMENT, "options->dtype = 7");
   po = pool_options();
   po.struct_size = 8;
   CHECK_STATUS(packinfer_pool_create(ctx, &po, &other), PACKINFER_STATUS_INVALID_ARGUMENT, "options->struct_size = 8");

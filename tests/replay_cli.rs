@@ -445,6 +445,29 @@ fn an_out_dir_that_cannot_be_made_fails_before_the_replay() {
 }
 
 #[test]
+fn every_technique_switched_off_still_replays() {
+    let dir = scratch("without-all");
+    let rows: Vec<(f64, u32, u32)> = (0..8).map(|i| (i as f64 * 0.1, 5 + 17 * i, 1 + i)).collect();
+    let trace = write_trace(&dir, &rows);
+    let out = dir.join("out");
+    for capacity in ["tuned", "auto", "2"] {
+        let mut args = vec![trace.to_str().unwrap(), "--out", out.to_str().unwrap(), "--without", "packing,balancing,prefix-sharing,split-kv", "--capacity", capacity];
+        args.extend_from_slice(&["--token-budget", "64", "--system-prompts", "2", "--shared-fraction", "0.5", "--system-prompt-len", "10"]);
+        args.extend_from_slice(SMALL);
+        let o = run_within(&args, LIMIT);
+        let (stdout, stderr) = text(&o);
+        assert!(o.status.success(), "--capacity {capacity}: exit {:?}\n{stdout}\n{stderr}", o.status);
+        assert!(stdout.contains("both schedules computed the same attention"), "{stdout}");
+        let (names, s) = summary(&out);
+        assert_eq!(names, ["PackInfer", "baseline"]);
+        assert_eq!(s["requests finished"], [rows.len() as f64; 2]);
+        // One request per tile has no capacity to scale or tune.
+        assert_eq!(s["capacity / automatic capacity, last step"], [0.0, 0.0], "--capacity {capacity}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
 fn the_spellings_of_the_hand_written_parser_still_parse() {
     let dir = scratch("spellings");
     let trace = write_trace(&dir, &[(0.0, 20, 3), (0.1, 9, 2), (0.2, 5, 1)]);

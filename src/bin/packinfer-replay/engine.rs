@@ -438,7 +438,10 @@ impl<'a> Engine<'a> {
         let t = Instant::now();
         let mut options = config.options.clone();
         let mut plan = store.plan(&step, options.clone())?;
-        if let Some(a) = &mut self.adaptation {
+        // With every technique off (`--without` all four) the plan is one request per tile and
+        // has no capacity (0): scaling it gave capacity 0, which the planner refuses, and there
+        // is nothing to tune, so the factor stays 0 as the baseline's does.
+        if let Some(a) = self.adaptation.as_mut().filter(|_| plan.stats.capacity > 0.0) {
             let factor = config.capacity_factor.unwrap_or_else(|| a.tuner.capacity());
             if factor != 1.0 {
                 options.capacity = Some(plan.stats.capacity * factor);
@@ -511,7 +514,7 @@ impl<'a> Engine<'a> {
         rec.imbalance = if s.mean_worker_cost > 0.0 { s.max_worker_cost / s.mean_worker_cost } else { 1.0 };
         if let Some(a) = &mut self.adaptation {
             let cost: f64 = plan.group_costs.iter().sum();
-            if cost > 0.0 && config.capacity_factor.is_none() {
+            if cost > 0.0 && config.capacity_factor.is_none() && plan.stats.capacity > 0.0 {
                 let factor = a.tuner.capacity();
                 a.tuner.record(factor, rec.attention_s / cost);
             }

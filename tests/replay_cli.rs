@@ -4,7 +4,9 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::io::Read;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_packinfer-replay");
 const HEADER: &str = "TIMESTAMP,ContextTokens,GeneratedTokens";
@@ -241,13 +243,14 @@ fn arguments_are_checked() {
     assert!(o.status.success() && text(&o).0.contains("usage: packinfer-replay"));
     for (args, needle) in [
         (&["--token-budget", "0"][..], "--token-budget = 0"),
-        (&["--bogus"][..], "unknown option \"--bogus\""),
-        (&["--requests"][..], "--requests needs a value"),
-        (&["--arrivals", "later"][..], "--arrivals = \"later\""),
+        // clap's own errors (exit status 2 too).
+        (&["--bogus"][..], "unexpected argument '--bogus'"),
+        (&["--requests"][..], "a value is required for '--requests <N>'"),
+        (&["--arrivals", "later"][..], "invalid value 'later' for '--arrivals"),
         (&["--shared-fraction", "1.5"][..], "--shared-fraction = 1.5"),
-        (&["a.csv", "b.csv"][..], "a second trace file"),
-        (&["--capacity", "fast"][..], "--capacity = \"fast\" is not a valid number"),
-        (&["--without", "split-kv,caching"][..], "--without \"caching\""),
+        (&["a.csv", "b.csv"][..], "unexpected argument 'b.csv'"),
+        (&["--capacity", "fast"][..], "invalid value 'fast' for '--capacity"),
+        (&["--without", "split-kv,caching"][..], "invalid value 'caching' for '--without"),
     ] {
         let o = run(args);
         assert_eq!(o.status.code(), Some(2), "{args:?}");
@@ -274,5 +277,213 @@ fn a_budget_smaller_than_the_batch_starves_some_decodes_and_still_finishes() {
     // A step serves at most 2 of the decoding requests; a starved one waits, so some token
     // came more than one step after the previous one: the TBT tail is above the median.
     assert!(s["TBT p99 (ms, attention only)"][1] > s["TBT p50 (ms, attention only)"][1], "{:?}", s["TBT p99 (ms, attention only)"]);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Runs the replay, killing it and failing the test if it has not exited within `limit` (a bad
+/// value that slips through can spin the engine forever: a NaN speedup never lets the virtual
+/// clock reach an arrival).
+fn run_within(args: &[&str], limit: Duration) -> Output {
+    let mut child = Command::new(BIN).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("the replay binary runs");
+    // Drained while waiting, so a chatty child cannot block on a full pipe.
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            r.read_to_end(&mut v).ok();
+            v
+        })
+    };
+    let (stdout, stderr) = (drain(Box::new(child.stdout.take().unwrap())), drain(Box::new(child.stderr.take().unwrap())));
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > limit {
+            child.kill().ok();
+            child.wait().ok();
+            panic!("{args:?} still ran after {limit:?}; killed it");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output { status, stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap() }
+}
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+/// Expects `args` to be refused with exit status 2 and a one-line message naming `option` and
+/// every `needles`, before any work: the trace given does not exist (reading it first would
+/// have failed on it instead) and `--out` is not created.
+fn expect_bad_value(args: &[&str], option: &str, needles: &[&str]) {
+    // Tests run in parallel and name the same options: a directory per call.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let dir = scratch(&format!("bad-{}", CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
+    let out = dir.join("out");
+    let all = [&["/nonexistent/trace.csv", "--out", out.to_str().unwrap()][..], args].concat();
+    let o = run_within(&all, LIMIT);
+    let (stdout, stderr) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{args:?}: {stdout}\n{stderr}");
+    let error: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(error.len(), 1, "{args:?}: one error line in {stderr:?}");
+    for n in std::iter::once(&option).chain(needles) {
+        assert!(error[0].contains(n), "{args:?}: {n:?} not in {stderr:?}");
+    }
+    assert!(!stderr.contains("nonexistent"), "{args:?}: the options are checked before the trace is read: {stderr:?}");
+    assert!(!out.exists(), "{args:?}: nothing written");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn not_a_number_is_refused() {
+    expect_bad_value(&["--arrivals", "trace", "--speedup", "nan"], "--speedup", &["NaN"]);
+    expect_bad_value(&["--arrivals", "trace", "--step-ms", "nan"], "--step-ms", &["NaN"]);
+    expect_bad_value(&["--len-scale", "nan"], "--len-scale", &["NaN"]);
+    expect_bad_value(&["--shared-fraction", "NaN"], "--shared-fraction", &["NaN"]);
+    expect_bad_value(&["--capacity", "nan"], "--capacity", &["NaN"]);
+}
+
+#[test]
+fn infinities_are_refused() {
+    expect_bad_value(&["--speedup", "inf"], "--speedup", &["inf"]);
+    expect_bad_value(&["--step-ms", "infinity"], "--step-ms", &["inf"]);
+    expect_bad_value(&["--len-scale", "inf"], "--len-scale", &["inf"]);
+    expect_bad_value(&["--capacity=-inf"], "--capacity", &["-inf"]);
+    // Finite but 0 s once converted to seconds: as stuck as NaN.
+    expect_bad_value(&["--step-ms", "1e-322"], "--step-ms", &["1e-322"]);
+}
+
+#[test]
+fn negative_values_are_refused() {
+    expect_bad_value(&["--speedup", "-1"], "--speedup", &["-1"]);
+    expect_bad_value(&["--step-ms=-20"], "--step-ms", &["-20"]);
+    expect_bad_value(&["--len-scale", "-0.5"], "--len-scale", &["-0.5"]);
+    expect_bad_value(&["--capacity", "-2"], "--capacity", &["-2"]);
+    expect_bad_value(&["--shared-fraction", "-0.1"], "--shared-fraction", &["-0.1"]);
+    // Counts are unsigned: clap refuses the value itself.
+    expect_bad_value(&["--layers", "-1"], "--layers", &["-1"]);
+    expect_bad_value(&["--kv-mib", "-64"], "--kv-mib", &["-64"]);
+}
+
+#[test]
+fn zero_is_refused_where_it_is_impossible() {
+    for option in ["--requests", "--layers", "--head-dim", "--max-context", "--max-generated", "--token-budget", "--max-batch", "--system-prompt-len", "--page-size", "--kv-mib"] {
+        expect_bad_value(&[option, "0"], option, &["0"]);
+    }
+    for option in ["--speedup", "--step-ms", "--len-scale", "--capacity"] {
+        expect_bad_value(&[option, "0"], option, &["0"]);
+    }
+}
+
+#[test]
+fn heads_must_be_a_positive_multiple() {
+    expect_bad_value(&["--heads", "6/4"], "--heads", &["6/4", "num_qo_heads = 6"]);
+    expect_bad_value(&["--heads", "0/2"], "--heads", &["0/2"]);
+    expect_bad_value(&["--heads", "8/0"], "--heads", &["8/0", "num_kv_heads = 0"]);
+    expect_bad_value(&["--heads", "8"], "--heads", &["'8'"]);
+    expect_bad_value(&["--head-dim", "100"], "--head-dim", &["100"]);
+}
+
+#[test]
+fn impossible_sizes_are_refused() {
+    // 2^44 MiB = 2^64 bytes.
+    expect_bad_value(&["--kv-mib", "17592186044416"], "--kv-mib", &["17592186044416"]);
+    expect_bad_value(&["--headroom-pages", "4000000000"], "--headroom-pages", &["4000000000"]);
+    expect_bad_value(&["--requests", "3000000000"], "--requests", &["3000000000"]);
+    expect_bad_value(&["--shared-fraction", "1.5"], "--shared-fraction", &["1.5"]);
+}
+
+/// Sizes that only add up with the device's defaults are checked once the device is known,
+/// still before the trace is read or a pool allocated.
+#[test]
+fn sizes_the_device_defaults_take_part_in_are_refused() {
+    let cpu = ["--device", "cpu"];
+    // 2^44 - 1 MiB in pages of 32 bytes: more pages than int32 page tables address.
+    let pages = [&cpu[..], &["--kv-mib", "17592186044415", "--page-size", "1", "--heads", "1/1", "--head-dim", "8", "--layers", "1"]].concat();
+    expect_bad_value(&pages, "--kv-mib", &["page"]);
+    expect_bad_value(&[&cpu[..], &["--len-scale", "1e12"]].concat(), "--len-scale", &["--system-prompt-len"]);
+    expect_bad_value(&[&cpu[..], &["--max-context", "2147483647"]].concat(), "--max-context", &["2147483647"]);
+}
+
+#[test]
+fn nan_speedup_and_step_return_at_once_on_a_real_trace() {
+    let dir = scratch("nan-hang");
+    let trace = write_trace(&dir, &[(0.0, 20, 3), (3.0, 20, 3)]);
+    let out = dir.join("out");
+    for bad in [["--speedup", "nan"], ["--step-ms", "nan"]] {
+        let mut args = vec![trace.to_str().unwrap(), "--out", out.to_str().unwrap(), "--arrivals", "trace", bad[0], bad[1]];
+        args.extend_from_slice(SMALL);
+        let started = Instant::now();
+        let o = run_within(&args, LIMIT);
+        assert_eq!(o.status.code(), Some(2), "{bad:?}: {:?}", text(&o));
+        assert!(text(&o).1.contains(bad[0]), "{bad:?}: {:?}", text(&o).1);
+        assert!(started.elapsed() < LIMIT);
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn an_out_dir_that_cannot_be_made_fails_before_the_replay() {
+    let dir = scratch("out-under-file");
+    let trace = write_trace(&dir, &[(0.0, 20, 3), (0.1, 9, 2)]);
+    let file = dir.join("a-file");
+    std::fs::write(&file, "not a directory").unwrap();
+    let out = file.join("out");
+    let mut args = vec![trace.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    args.extend_from_slice(SMALL);
+    let o = run_within(&args, LIMIT);
+    let (stdout, stderr) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{stdout}\n{stderr}");
+    assert!(stderr.contains("--out") && stderr.contains(out.to_str().unwrap()), "{stderr}");
+    assert!(!stdout.contains("PackInfer replay"), "nothing ran: {stdout}");
+    // A directory that can be made is probed and left as it was: a failed replay leaves no output.
+    let fresh = dir.join("new").join("out");
+    let o = run_within(&["/nonexistent/trace.csv", "--out", fresh.to_str().unwrap()], LIMIT);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).1.contains("/nonexistent/trace.csv"), "{:?}", text(&o));
+    assert!(!dir.join("new").exists(), "the probe removed what it made");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn every_technique_switched_off_still_replays() {
+    let dir = scratch("without-all");
+    let rows: Vec<(f64, u32, u32)> = (0..8).map(|i| (i as f64 * 0.1, 5 + 17 * i, 1 + i)).collect();
+    let trace = write_trace(&dir, &rows);
+    let out = dir.join("out");
+    for capacity in ["tuned", "auto", "2"] {
+        let mut args = vec![trace.to_str().unwrap(), "--out", out.to_str().unwrap(), "--without", "packing,balancing,prefix-sharing,split-kv", "--capacity", capacity];
+        args.extend_from_slice(&["--token-budget", "64", "--system-prompts", "2", "--shared-fraction", "0.5", "--system-prompt-len", "10"]);
+        args.extend_from_slice(SMALL);
+        let o = run_within(&args, LIMIT);
+        let (stdout, stderr) = text(&o);
+        assert!(o.status.success(), "--capacity {capacity}: exit {:?}\n{stdout}\n{stderr}", o.status);
+        assert!(stdout.contains("both schedules computed the same attention"), "{stdout}");
+        let (names, s) = summary(&out);
+        assert_eq!(names, ["PackInfer", "baseline"]);
+        assert_eq!(s["requests finished"], [rows.len() as f64; 2]);
+        // One request per tile has no capacity to scale or tune.
+        assert_eq!(s["capacity / automatic capacity, last step"], [0.0, 0.0], "--capacity {capacity}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn the_spellings_of_the_hand_written_parser_still_parse() {
+    let dir = scratch("spellings");
+    let trace = write_trace(&dir, &[(0.0, 20, 3), (0.1, 9, 2), (0.2, 5, 1)]);
+    let out = dir.join("out");
+    let out_arg = format!("--out={}", out.display());
+    // --cpu for --device cpu, fp16 for f16, name=value, a repeated option's last value wins and
+    // --without adds up over repeats.
+    let mut args = vec![trace.to_str().unwrap(), &out_arg, "--gpu", "--cpu", "--dtype", "fp16", "--requests=1", "--requests", "2"];
+    args.extend_from_slice(&["--without", "packing", "--without", "split-kv", "--mode=packinfer"]);
+    args.extend_from_slice(SMALL);
+    let o = run_within(&args, LIMIT);
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("2 requests") && stdout.contains(", f16,"), "{stdout}");
+    let (names, s) = summary(&out);
+    assert_eq!(names, ["PackInfer"]);
+    assert_eq!(s["requests finished"], [2.0]);
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -137,6 +137,15 @@ enum State {
     Done,
 }
 
+/// `n` zero elements, or an error instead of an abort when a huge --token-budget asks for more
+/// memory than there is.
+fn zeroed(n: usize, what: &str) -> Result<Vec<u16>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| Error::OutOfMemory(format!("cannot allocate {} bytes for {what} (lower --token-budget)", n as u128 * 2)))?;
+    v.resize(n, 0);
+    Ok(v)
+}
+
 /// Random 16-bit inputs the steps read Q and new K/V from: the point is the work, not the values.
 struct Inputs {
     data: Vec<u16>,
@@ -144,10 +153,11 @@ struct Inputs {
 }
 
 impl Inputs {
-    fn new(shape: &Shape, max_tokens: usize, seed: u64) -> Self {
+    fn new(shape: &Shape, max_tokens: usize, seed: u64) -> Result<Self> {
         let mut rng = Rng::new(seed);
         let n = 2 * max_tokens * shape.num_qo_heads as usize * shape.head_dim as usize + 4096;
-        let data = (0..n)
+        let data = zeroed(n, "a step's inputs")?
+            .into_iter()
             .map(|_| {
                 let x = rng.uniform() as f32 * 2.0 - 1.0;
                 match shape.dtype {
@@ -156,7 +166,7 @@ impl Inputs {
                 }
             })
             .collect();
-        Inputs { data, rng }
+        Ok(Inputs { data, rng })
     }
     /// Where `n` elements starting at a random place begin: in the host vector, or at the same
     /// index of its copy on the GPU.
@@ -254,7 +264,7 @@ impl<'a> Engine<'a> {
         let shape = config.shape;
         let (hq, hk, d) = (shape.num_qo_heads as usize, shape.num_kv_heads as usize, shape.head_dim as usize);
         let n = requests.len();
-        let mut inputs = Inputs::new(&shape, config.token_budget as usize, config.seed);
+        let mut inputs = Inputs::new(&shape, config.token_budget as usize, config.seed)?;
         let out_elems = config.token_budget as usize * hq * d;
         let device = config.device_ordinal.map(|o| DeviceIo::new(o, &inputs.data, out_elems)).transpose()?;
         for p in 0..config.num_system_prompts {
@@ -281,7 +291,7 @@ impl<'a> Engine<'a> {
         Ok(Engine {
             requests,
             profile: backend.profile(),
-            out: vec![0u16; out_elems],
+            out: zeroed(out_elems, "a step's output")?,
             device,
             out_len: 0,
             config,
@@ -428,7 +438,10 @@ impl<'a> Engine<'a> {
         let t = Instant::now();
         let mut options = config.options.clone();
         let mut plan = store.plan(&step, options.clone())?;
-        if let Some(a) = &mut self.adaptation {
+        // With every technique off (`--without` all four) the plan is one request per tile and
+        // has no capacity (0): scaling it gave capacity 0, which the planner refuses, and there
+        // is nothing to tune, so the factor stays 0 as the baseline's does.
+        if let Some(a) = self.adaptation.as_mut().filter(|_| plan.stats.capacity > 0.0) {
             let factor = config.capacity_factor.unwrap_or_else(|| a.tuner.capacity());
             if factor != 1.0 {
                 options.capacity = Some(plan.stats.capacity * factor);
@@ -501,7 +514,7 @@ impl<'a> Engine<'a> {
         rec.imbalance = if s.mean_worker_cost > 0.0 { s.max_worker_cost / s.mean_worker_cost } else { 1.0 };
         if let Some(a) = &mut self.adaptation {
             let cost: f64 = plan.group_costs.iter().sum();
-            if cost > 0.0 && config.capacity_factor.is_none() {
+            if cost > 0.0 && config.capacity_factor.is_none() && plan.stats.capacity > 0.0 {
                 let factor = a.tuner.capacity();
                 a.tuner.record(factor, rec.attention_s / cost);
             }

@@ -2,6 +2,7 @@
 //! the attention, once with PackInfer's schedule and once with one request per tile, and reports
 //! what each cost on identical work. See `--help`.
 
+mod args;
 mod chart;
 mod device;
 mod engine;
@@ -9,62 +10,19 @@ mod report;
 mod store;
 mod trace;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use packinfer::backend::{self, BackendChoice, BackendKind};
 use packinfer::kv::PoolConfig;
 use packinfer::plan::PlanOptions;
-use packinfer::types::{DType, Shape};
+use packinfer::types::DType;
 
+use args::{Args, Device, Mode, Setup};
+use clap::Parser;
 use engine::{Arrivals, EngineConfig, Request};
 use report::Summary;
 use store::PoolStore;
-
-const HELP: &str = "\
-packinfer-replay: replay an LLM request trace through continuous batching, with PackInfer's
-planner and attention backend doing the work, against a one-request-per-tile baseline.
-
-usage: packinfer-replay [TRACE.csv] [options]
-
-TRACE.csv has the columns TIMESTAMP,ContextTokens,GeneratedTokens (the Azure LLM inference
-trace's). Without it a built-in synthetic trace with a long-tailed length mix is replayed.
-
-  --requests N           requests to replay: the first N rows, or N synthetic ones [cpu 300, gpu 2000]
-  --arrivals all|trace   all: every request waits at the start (saturated engine) [all];
-                         trace: requests arrive at their timestamps on a virtual clock
-  --speedup X            with --arrivals trace: replay the timestamps X times faster [1]
-  --step-ms MS           with --arrivals trace: virtual time of one engine step [20]
-  --mode both|packinfer|baseline                                                   [both]
-  --device auto|cpu|gpu  auto: the GPU when the CUDA backend is usable, else the CPU [auto]
-  --layers N             attention layers run per step [cpu 2, gpu 32]
-  --heads Q/KV           query heads / KV heads [cpu 8/2, gpu 32/8]
-  --head-dim D           [cpu 64, gpu 128]
-  --dtype bf16|f16       [bf16]
-  --len-scale F          multiply trace lengths (prompts, system prompts) by F [cpu 0.0625, gpu 1]
-  --max-context N        cap on a request's prompt after scaling [cpu 1024, gpu 16384]
-  --max-generated N      cap on a request's generated tokens [cpu 128, gpu 2048]
-  --token-budget N       tokens per step, chunked prefill plus decode [cpu 512, gpu 8192]
-  --max-batch N          requests per step [cpu 64, gpu 256]
-  --system-prompts N     shared system prompts (0: none) [4]
-  --shared-fraction F    fraction of requests that start with one of them [0.3]
-  --system-prompt-len N  their length in trace tokens, scaled by --len-scale [1024]
-  --page-size N          tokens per KV page [16]
-  --headroom-pages N     empty pages after each sequence in a laid-out group, for its next tokens [2]
-  --kv-mib N             KV pool size in MiB, all layers, per schedule (each has its own pool) [cpu 64, gpu 24576]
-  --capacity tuned|auto|F  PackInfer's capacity (costlier pieces are split): tuned online from
-                         step times, auto (each step's total cost over twice the workers), or F
-                         times auto [tuned]
-  --without LIST         PackInfer techniques to switch off, comma-separated: packing,
-                         balancing, prefix-sharing, split-kv (ablations) [none]
-  --threads N            CPU backend threads (0: every core) [0]
-  --seed N               seeds the synthetic trace, the shared prompts and the inputs [1]
-  --out DIR              where steps.csv, summary.csv and steps.png go [replay-out]
-  -h, --help
-
-Exit status: 0 done, 2 bad arguments, trace or model shape that does not fit, 1 other errors.
-";
 
 /// A failure and the exit status it maps to: 2 for what the user can fix in the arguments or the
 /// trace, 1 for everything else.
@@ -81,232 +39,6 @@ impl From<packinfer::Error> for Failure {
     fn from(e: packinfer::Error) -> Self {
         Failure { code: 1, message: e.to_string() }
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Device {
-    Auto,
-    Cpu,
-    Gpu,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    Both,
-    PackInfer,
-    Baseline,
-}
-
-/// Command-line settings; `None` means "the default for the device".
-#[derive(Debug, Clone)]
-struct Args {
-    trace: Option<PathBuf>,
-    requests: Option<usize>,
-    arrivals_trace: bool,
-    speedup: f64,
-    step_ms: f64,
-    mode: Mode,
-    device: Device,
-    layers: Option<u32>,
-    heads: Option<(u32, u32)>,
-    head_dim: Option<u32>,
-    dtype: DType,
-    len_scale: Option<f64>,
-    max_context: Option<u32>,
-    max_generated: Option<u32>,
-    token_budget: Option<u32>,
-    max_batch: Option<u32>,
-    system_prompts: u32,
-    shared_fraction: f64,
-    system_prompt_len: u32,
-    page_size: u32,
-    headroom_pages: u32,
-    kv_mib: Option<u64>,
-    capacity_factor: Option<f64>,
-    /// PackInfer's plan options (`--without` switches techniques off).
-    options: PlanOptions,
-    threads: u32,
-    seed: u64,
-    out: PathBuf,
-}
-
-fn parse_args(argv: &[String]) -> Result<Option<Args>, Failure> {
-    let mut a = Args {
-        trace: None,
-        requests: None,
-        arrivals_trace: false,
-        speedup: 1.0,
-        step_ms: 20.0,
-        mode: Mode::Both,
-        device: Device::Auto,
-        layers: None,
-        heads: None,
-        head_dim: None,
-        dtype: DType::Bf16,
-        len_scale: None,
-        max_context: None,
-        max_generated: None,
-        token_budget: None,
-        max_batch: None,
-        system_prompts: 4,
-        shared_fraction: 0.3,
-        system_prompt_len: 1024,
-        page_size: 16,
-        headroom_pages: 2,
-        kv_mib: None,
-        capacity_factor: None,
-        options: PlanOptions::default(),
-        threads: 0,
-        seed: 1,
-        out: PathBuf::from("replay-out"),
-    };
-    let mut it = argv.iter();
-    while let Some(arg) = it.next() {
-        if arg == "-h" || arg == "--help" {
-            return Ok(None);
-        }
-        if !arg.starts_with("--") {
-            if a.trace.is_some() {
-                return Err(usage(format!("a second trace file {arg:?}; give one trace (or none for the synthetic one)")));
-            }
-            a.trace = Some(PathBuf::from(arg));
-            continue;
-        }
-        let (name, inline) = match arg.split_once('=') {
-            Some((n, v)) => (n, Some(v.to_string())),
-            None => (arg.as_str(), None),
-        };
-        let mut value = || -> Result<String, Failure> { inline.clone().or_else(|| it.next().cloned()).ok_or_else(|| usage(format!("{name} needs a value"))) };
-        fn num<T: std::str::FromStr>(name: &str, v: String) -> Result<T, Failure> {
-            v.parse().map_err(|_| usage(format!("{name} = {v:?} is not a valid number")))
-        }
-        fn positive<T: std::str::FromStr + PartialOrd + Default + std::fmt::Display>(name: &str, v: String) -> Result<T, Failure> {
-            let x: T = num(name, v)?;
-            if x <= T::default() {
-                return Err(usage(format!("{name} = {x} must be greater than 0")));
-            }
-            Ok(x)
-        }
-        match name {
-            "--requests" => a.requests = Some(positive(name, value()?)?),
-            "--arrivals" => {
-                a.arrivals_trace = match value()?.as_str() {
-                    "all" => false,
-                    "trace" => true,
-                    v => return Err(usage(format!("--arrivals = {v:?}; use all or trace"))),
-                }
-            }
-            "--speedup" => a.speedup = positive(name, value()?)?,
-            "--step-ms" => a.step_ms = positive(name, value()?)?,
-            "--mode" => {
-                a.mode = match value()?.as_str() {
-                    "both" => Mode::Both,
-                    "packinfer" => Mode::PackInfer,
-                    "baseline" => Mode::Baseline,
-                    v => return Err(usage(format!("--mode = {v:?}; use both, packinfer or baseline"))),
-                }
-            }
-            "--device" => {
-                a.device = match value()?.as_str() {
-                    "auto" => Device::Auto,
-                    "cpu" => Device::Cpu,
-                    "gpu" | "cuda" => Device::Gpu,
-                    v => return Err(usage(format!("--device = {v:?}; use auto, cpu or gpu"))),
-                }
-            }
-            "--gpu" => a.device = Device::Gpu,
-            "--cpu" => a.device = Device::Cpu,
-            "--layers" => a.layers = Some(positive(name, value()?)?),
-            "--heads" => {
-                let v = value()?;
-                let (q, kv) = v.split_once('/').ok_or_else(|| usage(format!("--heads = {v:?}; write query/KV heads, e.g. 32/8")))?;
-                a.heads = Some((positive("--heads (query heads)", q.into())?, positive("--heads (KV heads)", kv.into())?));
-            }
-            "--head-dim" => a.head_dim = Some(positive(name, value()?)?),
-            "--dtype" => {
-                a.dtype = match value()?.as_str() {
-                    "bf16" => DType::Bf16,
-                    "f16" | "fp16" => DType::F16,
-                    v => return Err(usage(format!("--dtype = {v:?}; the replay runs bf16 or f16"))),
-                }
-            }
-            "--len-scale" => a.len_scale = Some(positive(name, value()?)?),
-            "--max-context" => a.max_context = Some(positive(name, value()?)?),
-            "--max-generated" => a.max_generated = Some(positive(name, value()?)?),
-            "--token-budget" => a.token_budget = Some(positive(name, value()?)?),
-            "--max-batch" => a.max_batch = Some(positive(name, value()?)?),
-            "--system-prompts" => a.system_prompts = num(name, value()?)?,
-            "--shared-fraction" => {
-                a.shared_fraction = num(name, value()?)?;
-                if !(0.0..=1.0).contains(&a.shared_fraction) {
-                    return Err(usage(format!("--shared-fraction = {} must be between 0 and 1", a.shared_fraction)));
-                }
-            }
-            "--system-prompt-len" => a.system_prompt_len = positive(name, value()?)?,
-            "--page-size" => a.page_size = positive(name, value()?)?,
-            "--headroom-pages" => a.headroom_pages = num(name, value()?)?,
-            "--kv-mib" => a.kv_mib = Some(positive(name, value()?)?),
-            "--capacity" => {
-                a.capacity_factor = match value()?.as_str() {
-                    "tuned" => None,
-                    "auto" => Some(1.0),
-                    v => Some(positive(name, v.to_string())?),
-                }
-            }
-            "--without" => {
-                for t in value()?.split(',') {
-                    match t {
-                        "packing" => a.options.packing = false,
-                        "balancing" => a.options.balancing = false,
-                        "prefix-sharing" => a.options.prefix_sharing = false,
-                        "split-kv" => a.options.split_kv = false,
-                        v => return Err(usage(format!("--without {v:?}: one of packing, balancing, prefix-sharing, split-kv"))),
-                    }
-                }
-            }
-            "--threads" => a.threads = num(name, value()?)?,
-            "--seed" => a.seed = num(name, value()?)?,
-            "--out" => a.out = PathBuf::from(value()?),
-            _ => return Err(usage(format!("unknown option {name:?}; see --help"))),
-        }
-    }
-    Ok(Some(a))
-}
-
-/// Everything the replay runs with, defaults filled in for the device.
-struct Setup {
-    shape: Shape,
-    layers: u32,
-    full_shape: bool,
-    len_scale: f64,
-    max_context: u32,
-    max_generated: u32,
-    token_budget: u32,
-    max_batch: u32,
-    kv_mib: u64,
-    requests: usize,
-}
-
-fn setup(a: &Args, gpu: bool) -> Result<Setup, Failure> {
-    let pick = |v: Option<u32>, cpu: u32, g: u32| v.unwrap_or(if gpu { g } else { cpu });
-    let (q, kv) = a.heads.unwrap_or(if gpu { (32, 8) } else { (8, 2) });
-    let head_dim = pick(a.head_dim, 64, 128);
-    let shape = Shape { num_qo_heads: q, num_kv_heads: kv, head_dim, dtype: a.dtype, causal: true, sm_scale: 1.0 / (head_dim as f32).sqrt() };
-    shape.validate().map_err(|e| usage(format!("model shape --heads {q}/{kv} --head-dim {head_dim}: {e}")))?;
-    let layers = pick(a.layers, 2, 32);
-    let s = Setup {
-        shape,
-        layers,
-        full_shape: (q, kv, head_dim) == (32, 8, 128),
-        len_scale: a.len_scale.unwrap_or(if gpu { 1.0 } else { 1.0 / 16.0 }),
-        max_context: pick(a.max_context, 1024, 16384),
-        max_generated: pick(a.max_generated, 128, 2048),
-        token_budget: pick(a.token_budget, 512, 8192),
-        max_batch: pick(a.max_batch, 64, 256),
-        kv_mib: a.kv_mib.unwrap_or(if gpu { 24576 } else { 64 }),
-        requests: a.requests.unwrap_or(if gpu { 2000 } else { 300 }),
-    };
-    Ok(s)
 }
 
 fn scale_len(x: u32, scale: f64) -> u32 {
@@ -354,7 +86,8 @@ fn pool_config(reqs: &[Request], a: &Args, s: &Setup, system_prompt_len: u32, pr
         .max_by_key(|&(_, _, p)| p)
         .expect("the trace has requests");
     let need = prompt_pages + worst_pages;
-    if pages < need || pages > i32::MAX as u64 {
+    // (More pages than the page tables address was refused with the other options.)
+    if pages < need {
         let where_ = if worst.line > 0 { format!("trace line {}", worst.line) } else { "a synthetic request".into() };
         let fits_tokens = pages.saturating_sub(prompt_pages + a.headroom_pages as u64) * a.page_size as u64;
         return Err(usage(format!(
@@ -372,7 +105,7 @@ fn pool_config(reqs: &[Request], a: &Args, s: &Setup, system_prompt_len: u32, pr
             s.shape.head_dim,
             s.shape.dtype.size_bytes(),
             a.headroom_pages,
-            (need * config.page_bytes_all_layers()).div_ceil(1 << 20),
+            (need as u128 * config.page_bytes_all_layers() as u128).div_ceil(1 << 20),
         )));
     }
     config.num_pages = pages as u32;
@@ -395,11 +128,8 @@ fn max_abs_difference(a: &[u16], b: &[u16], dtype: DType) -> f32 {
 }
 
 fn run() -> Result<(), Failure> {
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let Some(a) = parse_args(&argv)? else {
-        print!("{HELP}");
-        return Ok(());
-    };
+    // clap prints --help (exit status 0) and its own errors (exit status 2) and exits.
+    let a = args::validate(args::Cli::parse())?;
 
     // The GPU: the CUDA backend holds each schedule's KV pool in device memory, the step's
     // inputs and output are device buffers (`device.rs`) and attention is timed with events.
@@ -419,7 +149,7 @@ fn run() -> Result<(), Failure> {
         }
     };
     let gpu = backend.kind() == BackendKind::Cuda;
-    let s = setup(&a, gpu)?;
+    let s = a.setup(gpu)?;
 
     let (trace_name, trace) = match &a.trace {
         Some(path) => {

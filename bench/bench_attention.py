@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """First timing of PackInfer's CUDA kernels against FlashAttention-2 (as shipped in PyTorch) on
-W1-like (prefill) and W2-like (paged decode) batches from the Azure code trace (DESIGN.md §9).
+W1-like (prefill) and W2-like (paged decode) batches from the Azure code trace (docs/workloads.md).
 
 Same tensors for every contender; our output is checked against FA2's before anything is timed;
 CUDA events, warm-up, median of 30 runs; ceilings (device copy, bf16 matmul) measured in the

@@ -23,7 +23,7 @@ ABLATIONS = {
 # Capacity sweep: multiples of the capacity the planner chooses by itself.
 CAPACITY_FACTORS = [0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
 
-REL_TOL = 2e-2  # ||out - ref|| / ||ref|| for bf16 outputs (METHOD.md: bf16 operands land 1e-3..1e-2)
+REL_TOL = 2e-2  # ||out - ref|| / ||ref|| for bf16 outputs (bf16 operands land 1e-3..1e-2)
 
 
 def summary(samples):

@@ -15,7 +15,7 @@ values from torch generators seeded per (workload, rotation set), so the "ours" 
 bit-identical inputs (checked by a checksum) and compares its output with the anchors' outputs
 saved by the "anchors" process.
 
-Method (METHOD.md): before any timing each contender's output is compared with a float64
+Method (bench/README.md, "Method"): before any timing each contender's output is compared with a float64
 reference on a subset of requests and with the other contenders on the whole output; a
 mismatch is reported, not timed. Timing uses CUDA events around each call, after warm-up, median
 of >= 30; a short GPU sleep before each timed call lets the host enqueue it ahead, so the events

@@ -6,7 +6,7 @@
 2. The library loads, reports ABI version 1, plans and runs a small paged batch on the CPU
    backend through ctypes, and the output matches a float64 numpy reference.
 3. A bad argument comes back as PackinferError naming the argument and its value.
-4. W1-W5 are built as DESIGN.md section 9 defines them (on a synthetic trace) and their page
+4. W1-W5 are built as docs/workloads.md defines them (on a synthetic trace) and their page
    tables are valid: every request's keys map to distinct slots, W4's prefix pages are shared.
 """
 

@@ -1,4 +1,4 @@
-"""The benchmark workloads W1-W5 of DESIGN.md section 9, built from the trace with a fixed seed.
+"""The benchmark workloads W1-W5 of docs/workloads.md, built from the trace with a fixed seed.
 
 numpy only: the GPU harness turns these into torch tensors, the CPU benchmark into numpy arrays,
 and both hand the same page tables to PackInfer, FlashAttention-2 and FlashInfer.
@@ -167,7 +167,7 @@ def _scaled(x, scale):
 
 
 def build_all(trace, seed=0, scale=1):
-    """W1-W5 exactly as DESIGN.md section 9 defines them (every token count divided by `scale`)."""
+    """W1-W5 exactly as docs/workloads.md defines them (every token count divided by `scale`)."""
     ctx, gen = trace[:, 0], trace[:, 1]
 
     def rng(i):

@@ -3,7 +3,7 @@
 //!    256 and 1024 requests from the trace, with and without prefix groups;
 //! 2. on the Azure LLM 2023 code trace, the PackInfer plan against one-request-per-tile
 //!    planning: tile utilization, max/mean CTA load, items, groups, for the workloads of
-//!    DESIGN.md §9 and for runs of consecutive prefill and decode steps.
+//!    docs/workloads.md and for runs of consecutive prefill and decode steps.
 //!
 //! Model shape 32 query / 8 KV heads, head_dim 128, bf16; `DeviceProfile::hopper(132)`.
 //!

@@ -130,9 +130,8 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
 }
 // The same marked first to leave L2 (policy from l2_evict_first), for Q rows, read once. With
 // the default policy they (and the O rows, stored likewise) pushed out of L2 the K/V blocks that
-// the next tiles of a prompt read again (H100, W5: K/V reads missed L2 for 490 MB against 142 MB
-// of K and V; with it DRAM reads fell from 762 to 567 MB). Marking K/V evict-last on top did
-// not measure.
+// the next tiles of a prompt read again. Marking K/V evict-last on top did not measure
+// (docs/performance-log.md#l2-policy).
 __device__ __forceinline__ u64 l2_evict_first() {
     u64 policy;
     asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
@@ -163,10 +162,10 @@ __device__ __forceinline__ int swz(int row, int chunk) {
 // 1024 bytes per 8 rows and ignore the leading offset; the N-major V steps 1024 bytes per 8
 // keys and a column block (64 dims) per leading offset. Every operand here has the same upper
 // word (the 1024-byte stride and the swizzle mode), so the plain kernels carry and step only the
-// lower one (address and leading offset) and wg_full completes it at the instruction: 64-bit
-// descriptor arithmetic was 6% of the short-prefill kernel's instructions (H100, ncu; W5 -3%).
-// The two-warpgroup warp-specialised consumers keep whole descriptors: at their 232 registers
-// the lower-word form made ptxas serialise their wgmmas (C7512).
+// lower one (address and leading offset) and wg_full completes it at the instruction, saving
+// the 64-bit descriptor arithmetic. The two-warpgroup warp-specialised consumers keep whole
+// descriptors: at their 232 registers the lower-word form made ptxas serialise their wgmmas
+// (C7512). See docs/performance-log.md#wg-descriptors.
 #define PI_WG_DESC_WIDE (PI_WS && PI_WARPS == 8)
 #define PI_WG_DESC_UPPER (((u64)(1024 >> 4) << 32) | (1ull << 62))
 #if PI_WG_DESC_WIDE
@@ -358,9 +357,8 @@ struct RowInfo {
 // Key -> (page, slot) by a multiply and a shift (Granlund and Montgomery's division by an
 // invariant: with l = ceil(log2 size) and magic = ceil(2^(31 + l) / size) < 2^32, key / size ==
 // (key * magic) >> (31 + l) == umulhi(2 key, magic) >> l for every key < 2^31). A division per
-// key was a tenth of the prefill kernel's instructions (H100, ncu); a "power of two ? shift :
-// divide" select still cost 8% of the short-prefill kernel's, since the compiler predicated
-// both sides.
+// key, or a "power of two ? shift : divide" select (the compiler predicates both sides), cost
+// a large share of the kernels' instructions (docs/performance-log.md#page-map).
 struct PageMap {
     u32 size, magic, shift;
     __device__ __forceinline__ explicit PageMap(u32 page_size) : size(page_size) {
@@ -394,7 +392,8 @@ __device__ __forceinline__ bool by_row(const KernelParams& p, const KvRange& ch)
 // The page number that lane t % 32 holds for the block of chunk ch at key0 (see KvCopy). Read
 // ahead of the copies that use it (the loops below), so the latency of this dependent read hides
 // behind other work: read right before the copies it was the largest stall of the prefill kernel
-// (H100, ncu). A chunk addressed by row has its pages computed, not read.
+// (docs/performance-log.md#page-lookahead). A chunk addressed by row has its pages computed,
+// not read.
 template <int NT>
 __device__ __forceinline__ int kv_page(const KernelParams& p, const KvRange& ch, u32 key0, const PageMap& pm, int t) {
     using C = KvCopy<NT>;
@@ -429,14 +428,15 @@ __device__ __forceinline__ void copy_kv(const KernelParams& p, u16* const (&dst)
             const bool valid = key < key_end;
 #if PI_WS
             // The producer has 40 registers (beside two 232-register consumer warpgroups): the
-            // form below made it spill twice as much and run W1 15% slower (H100, one call).
+            // form below made it spill twice as much and run slower
+            // (docs/performance-log.md#kv-addressing).
             const i64 off = valid ? (i64)page * p.kv_stride_page + (i64)pm.slot(key) * p.kv_stride_token
                                         + (i64)kv_head * p.kv_stride_head + ch * 8
                                   : 0;
 #else
             // Page numbers and slots are unsigned 32-bit (a page list holds u32s): one wide
             // multiply each; no branch, since a key past the end reads nothing (source size 0)
-            // from whatever address. H100, one call: W4 75 -> 66 us, W3 -5%, W2 -2%.
+            // from whatever address (docs/performance-log.md#kv-addressing).
             const i64 off = (i64)kv_head * p.kv_stride_head + ch * 8 + (i64)((u64)(u32)page * (u64)p.kv_stride_page)
                             + (i64)((u64)pm.slot(key) * (u64)p.kv_stride_token);
 #endif
@@ -460,7 +460,8 @@ __device__ __forceinline__ void copy_kv(const KernelParams& p, u16* const (&dst)
 // Thread t's share of the Q tile's rows (rows past num_rows are zeros), by cp.async where
 // 16-byte vectors are allowed (the caller commits or arrives). The loop is unrolled UNROLL
 // times: fully in the compute kernels (the swizzled destinations fold into constants); not in
-// the warp-specialised producer, whose 40 registers the unrolled form overflowed (W1 slower).
+// the warp-specialised producer, whose 40 registers the unrolled form overflowed
+// (docs/performance-log.md#copy-q-unroll).
 template <int NT, int UNROLL>
 __device__ __forceinline__ void copy_q(const KernelParams& p, u16* dst, const RowInfo* rows, u32 num_rows, int t) {
     const u16* qb = (const u16*)p.q;
@@ -531,7 +532,8 @@ __device__ __forceinline__ bool needs_rescale(float alpha0, float alpha1) {
 // r0's keys 8j + col + {0,1}, s[j][2..3] row r1's.
 // Only blocks boxed back over keys an earlier block had (box_key) start below key_lo; the
 // KEY_LO form, which counts keys from key_lo (those below wrap to large values and fail both
-// tests), is for the kernels that have them: in the plain ones it made ptxas spill (W3, W4 +4%).
+// tests), is for the kernels that have them: in the plain ones it made ptxas spill
+// (docs/performance-log.md#key-lo).
 template <int NT, bool KEY_LO = false>
 __device__ __forceinline__ void softmax_scores(float (&s)[NT][4], int lane, u32 key_first, u32 key_lo, u32 end0,
                                                u32 end1, bool all_visible, float scale, float& m0, float& m1,
@@ -569,7 +571,8 @@ __device__ __forceinline__ void softmax_scores(float (&s)[NT][4], int lane, u32 
     // The running max moves only when a block's max exceeds it by more than PI_RESCALE_SLACK
     // (base 2): P then stays below 2^slack, and most blocks of a row need no output rescale
     // (alpha is exactly 1; the callers skip it when every row of the warp says so). The result
-    // is the same softmax: the sums and the LSE use the same max as P.
+    // is the same softmax: the sums and the LSE use the same max as P
+    // (docs/performance-log.md#rescale-slack).
     const float n0 = bm0 * scale > m0 + PI_RESCALE_SLACK ? bm0 * scale : m0;
     const float n1 = bm1 * scale > m1 + PI_RESCALE_SLACK ? bm1 * scale : m1;
     // A row that has seen no key yet keeps max -inf; subtract 0 then, not -inf.
@@ -724,16 +727,16 @@ __device__ __forceinline__ int staged_at(int r, int c) { return (c / 8) * PI_BLO
 // read for the last time; final output with 16-byte aligned rows) the warp's 16 rows go through
 // it and leave as whole rows of 16-byte stores: stored straight from the accumulators, 4 bytes
 // per thread, each 32-byte sector reaches L2 in two halves, and a half-written sector costs a
-// DRAM read (H100, W5: 786 MB read for 427 MB of Q, K and V). With `staged_only` the rows stay
-// staged for the caller, which stores the whole tile by TMA.
+// DRAM read (docs/performance-log.md#o-staging). With `staged_only` the rows stay staged for
+// the caller, which stores the whole tile by TMA.
 __device__ __forceinline__ void store_rows(const KernelParams& p, const PlanHeader& hdr, const WorkItem& item,
                                            const RowInfo* rows, int r0, int r1, int lane,
                                            const float (&acc)[PI_HEAD_DIM / 8][4], float m0, float m1, float l0, float l1,
                                            u16* stage = nullptr, int slice = 0, bool staged_only = false) {
     const int col = 2 * (lane % 4);
     const float LN2 = 0.6931471805599453f;
-    // The approximate reciprocal (about 1 ulp): IEEE division was a subroutine call, 3.6% of the
-    // short-prefill consumers' stall samples (H200, ncu); W5 -2%.
+    // The approximate reciprocal (about 1 ulp): IEEE division was a subroutine call
+    // (docs/performance-log.md#rcp-approx).
     float inv0 = 0.f, inv1 = 0.f;
     if (l0 > 0.f) asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(inv0) : "f"(l0));
     if (l1 > 0.f) asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(inv1) : "f"(l1));
@@ -828,9 +831,9 @@ __device__ __forceinline__ bool one_request_tile(const KernelParams& p, const Wo
 // cp.async from all producer threads. Items of <= 16 rows run on the same wgmma path (a 64-row
 // warpgroup tile with zero rows past num_rows). With one consumer warpgroup and 32-key blocks it
 // is the short-prefill kernel: two CTAs per SM, each tile's Q and O by TMA where the tile is one
-// request's consecutive tokens, so a consumer's tile costs little beyond its math (H200, W5:
-// 324 us against 382 us for the plain kernel at three CTAs per SM, whose every warp also
-// copied, addressed and waited at a CTA barrier per block).
+// request's consecutive tokens, so a consumer's tile costs little beyond its math, where the
+// plain kernel's every warp also copied, addressed and waited at a CTA barrier per block
+// (docs/performance-log.md#short-prefill-ctas).
 
 #define PI_CONSUMER_WGS (PI_WARPS / 4)
 #define PI_PRODUCER_THREADS 128
@@ -841,9 +844,9 @@ __device__ __forceinline__ bool one_request_tile(const KernelParams& p, const Wo
 // the output, a score tile and P. Sums stay within the CTA's launch allocation (384 threads
 // x 168, or 256 threads x 128 for two CTAs per SM).
 // The consumers of 128-key blocks need 232 (at 224 ptxas serialises the wgmmas, C7512); the
-// producer then spills ~160 bytes in code that waits on memory anyway. With one consumer
-// warpgroup the producer gets 80 (at 64 it spilled 3.3 M requests on W5 and fed the consumers
-// late: W5 347 -> 330 us on an H200 with 80).
+// producer then spills, in code that waits on memory anyway. With one consumer warpgroup the
+// producer gets 80 (at 64 it spilled and fed the consumers late). See
+// docs/performance-log.md#register-split.
 #ifndef PI_PRODUCER_REGS
 #define PI_PRODUCER_REGS (PI_CONSUMER_WGS == 2 ? 40 : 80)
 #endif
@@ -920,9 +923,8 @@ __device__ __forceinline__ void produce(const KernelParams& p, Smem& sm, const P
             if (it + 1 < item_end) next_item = p.items[it + 1];
             const int slot = n & 1;
             // The item's segments and chunks, each thread's in parallel (a tile of short prompts has
-            // little K/V to hide this read behind). Read an item ahead (in registers, behind this
-            // item's K/V), they made W5 3% slower; drawing the next group while this one streams,
-            // 5% (H200, one call).
+            // little K/V to hide this read behind). Reading them an item ahead, or drawing the next
+            // group while this one streams, was slower (docs/performance-log.md#producer-tables).
             const u32 seg_count = min(item.seg_count, (u32)PI_BLOCK_M);
             const bool has_seg = (u32)t < seg_count, has_chunk = (u32)t < min(item.chunk_count, (u32)PI_SLOT_CHUNKS);
             SegmentInfo seg = {};
@@ -1070,7 +1072,7 @@ __device__ __forceinline__ void consume(const KernelParams& p, Smem& sm, const P
             auto ready = [&](u64* full, u32 b) {
                 mbar_wait(&full[ring_stage(seq + b)], ring_parity(seq + b));
                 // Only stages filled by cp.async (the generic proxy) need the fence before
-                // wgmma reads them (5% of the short kernel's consumer stall samples, H200, ncu).
+                // wgmma reads them (docs/performance-log.md#tma-fence).
                 if (!row_box(p, ch)) fence_for_tensor_cores();
             };
             auto release = [&](u64* empty, u32 b) {
@@ -1175,8 +1177,8 @@ __device__ __forceinline__ void consume(const KernelParams& p, Smem& sm, const P
 #endif
         // Every consumer thread arrives, since every one read the slot's tables. (With lane 0
         // arriving for its warp after __syncwarp, as the stages are released, racecheck reported
-        // the producer's next writes to the slot as hazards in the short-prefill kernel; W5 took
-        // the same time either way, H200.)
+        // the producer's next writes to the slot as hazards in the short-prefill kernel; the
+        // time is the same either way: docs/performance-log.md#q-empty-arrive.)
         mbar_arrive(&sm.q_empty[slot]);
     }
 }
@@ -1260,7 +1262,7 @@ packed_attention(const __grid_constant__ KernelParams p) {
         for (u32 it = item_begin; it < item_end; ++it) {
             // Items after the first were copied into shared memory while the one before ran (as
             // a register prefetch, the compiler moved each into uniform registers right after its
-            // load and waited there: 3% of the short-prefill kernel's stall samples, H100 W5).
+            // load and waited there: docs/performance-log.md#next-item-smem).
             const WorkItem item = it == item_begin ? first_item : sm.next_item;
             const bool split = item.num_rows <= 16;
             // The warp's 16-row slice of the tile, and this thread's two rows in it.

@@ -2,7 +2,7 @@
 //!
 //! Data flows one way: an engine calls the C ABI (`ffi`), which checks and converts; the planner
 //! (`plan`) turns the step's batch into a work list on the host; a backend (`backend`) executes
-//! it on the CPU or on a CUDA device. See DESIGN.md in the project's shared folder for the why.
+//! it on the CPU or on a CUDA device. See docs/design.md for the why.
 
 pub mod error;
 pub mod types;

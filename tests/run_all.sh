@@ -84,7 +84,7 @@ echo "Go: $go_passed passed, 0 failed"
 # --- bench (issue 7): the benchmark harness's ctypes layer and workload construction --------
 # Struct layouts against the header (compiled with cc), a paged batch through ctypes on the CPU
 # backend against a float64 reference, the managed pool (W4 forks), error statuses, W1-W5 as
-# DESIGN.md section 9 defines them. The binding follows the header of main + plan + cuda.
+# docs/workloads.md defines them. The binding follows the header of main + plan + cuda.
 echo "== Bench: bench/test_packinfer_ctypes.py (ctypes layer vs header, CPU backend, workloads) =="
 cargo build --release
 python3 -c 'import numpy' 2>/dev/null || python3 -m pip install -q numpy

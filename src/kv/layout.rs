@@ -7,12 +7,11 @@
 //!
 //! Why pool-native and not the paper's per-group workspace (a second, contiguous copy of each
 //! group's KV rebuilt from the authoritative pages): `examples/kv_layout_bench.rs` runs both on a
-//! trace-like decode workload under the same groups and rebuild rules
-//! (`bench/results/cpu-2026-11-26/kv_layout.md`). They copy about the same bytes per rebuild
-//! and the step reads the same KV, but the workspace keeps a second copy of every laid-out
-//! group (~190 MiB per layer there, against 3-9 MiB of headroom pages for pool-native) and
-//! writes every new token twice. So the pool keeps a single representation and `relayout` is
-//! its one layout interface.
+//! trace-like decode workload under the same groups and rebuild rules. They copy about the same
+//! bytes per rebuild and the step reads the same KV, but the workspace keeps a second copy of
+//! every laid-out group, far more than the headroom pages pool-native needs, and writes every
+//! new token twice (docs/performance-log.md#pool-layout). So the pool keeps a single
+//! representation and `relayout` is its one layout interface.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 

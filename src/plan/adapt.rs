@@ -16,7 +16,7 @@
 ///
 /// (Against the planner's own spread, not against 0: when the planner balanced groups into
 /// equal bins the two were the same; with one group per unit, measured against 0 the trigger
-/// fired on 987 of 1066 replay steps and re-laid out 340 GB of KV.)
+/// fired on nearly every replay step: docs/performance-log.md#regroup-trigger.)
 #[derive(Debug, Clone, PartialEq)]
 pub struct RegroupTrigger {
     capacity: f64,
@@ -74,7 +74,8 @@ impl RegroupTrigger {
 /// `[initial / SPAN, initial · SPAN]` (the step time is convex in C near its best: too small
 /// splits and merges too much, too large balances too coarsely). Each candidate is measured
 /// `samples_per_point` times and scored by its median; the search stops when the bracket is
-/// narrower than 5% or after `MAX_POINTS` candidates, then stays on the best measured capacity.
+/// narrower than 5% or after `MAX_POINTS` candidates, then stays on the best measured capacity
+/// (docs/performance-log.md#capacity-tuner).
 ///
 /// Feed it comparable times: when batches change between steps, pass the step time divided by
 /// the step's total cost, not the raw time.

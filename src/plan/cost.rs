@@ -8,14 +8,13 @@
 use super::{DeviceProfile, KvChunk};
 
 /// Rows of the MMA slice the kernel computes at a time; a chunk touching any row of a slice pays
-/// for the whole slice.
+/// for the whole slice. Set by the hardware, not tuned (docs/performance-log.md#unmeasured).
 pub const ROW_SLICE: u32 = 16;
 
 /// Below this many keys per query row on average, a batch is "short": its tiles have few key
 /// blocks each, so the fixed cost of starting a tile (reading its rows, the first loads) is
 /// what a device with a choice of tile heights should hide, with shorter tiles and more
-/// resident workers (H100, W5 = 256 prompts of 16-255 tokens: 620 us with 64-row tiles and two
-/// CTAs per SM against 696 us with 128-row tiles and one; W1, long prompts: 4.77 against 4.27 ms).
+/// resident workers; long prompts prefer the tall tiles (docs/performance-log.md#short-batch-keys).
 pub(crate) const SHORT_BATCH_KEYS_PER_ROW: f64 = 512.0;
 
 /// The mean number of keys a query row of `batch` sees (under a causal mask, its prefix).

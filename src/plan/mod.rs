@@ -41,6 +41,7 @@ impl DeviceProfile {
     /// and V at about 80% of an SM's share of 3.35 TB/s (25 ns); an item costs ~1.5 µs to load
     /// its Q tile, write its rows and fetch the next one. Tiles of 128 rows (32 tokens at GQA
     /// 4): on the trace they halve prefill KV reads against 64 rows at no cost to decodes.
+    /// Calibrated values: docs/performance-log.md#hopper-profile.
     pub fn hopper(num_sms: u32) -> Self {
         DeviceProfile { num_workers: num_sms.max(1), block_m: 128, block_n: 64, cost_row_key: 0.14, cost_key: 25.0, cost_item: 1500.0 }
     }

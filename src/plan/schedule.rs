@@ -24,8 +24,7 @@
 //!    16-row slice (decodes) are packed only with each other and only up to one slice: the
 //!    kernel spreads the keys of a one-slice tile over all its warps, while in a taller tile a
 //!    chunk runs on the warps of its own slices alone, so a decode packed into a tall tile would
-//!    run on one warp. (On the H200 the rule alone did not move W2 measurably, 0.589 → 0.595 ms:
-//!    that slowdown was the one-wave capacity; see `AUTO_WAVES`.)
+//!    run on one warp (docs/performance-log.md#decode-packing).
 //! 5. **Grouping.** Longest-processing-time first: units sorted by decreasing cost, each its own
 //!    group, so the workers (persistent CTAs drawing from a counter) take them costliest first,
 //!    each the next as soon as it is free. A unit is one piece for one KV head, or a whole
@@ -49,10 +48,8 @@ const NO_RUN: u32 = u32::MAX;
 
 /// The automatic capacity is total cost / (AUTO_WAVES × num_workers): pieces costing more are
 /// split. Two waves' worth rather than one: the GPU runs two CTAs per SM with its narrow kernel
-/// (decode-only launches), which pieces of one worker's share would leave half idle. Measured on
-/// an H200 when the capacity also set the number of groups (W1 prefill / W2 decode,
-/// bench/results/h200-2026-11-26/merged/waves.md): 1 wave 5.93 / 0.595 ms, 2 waves 6.06 /
-/// 0.328 ms, 4 waves 6.58 / 0.324 ms.
+/// (decode-only launches), which pieces of one worker's share would leave half idle; more waves
+/// gained decodes little and cost prefill (docs/performance-log.md#auto-waves).
 const AUTO_WAVES: f64 = 2.0;
 
 /// A run of one request's query tokens against one range of its keys: a work item of one
@@ -156,8 +153,7 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
             // Members whose rows fit one slice (decodes, a few speculative tokens) share the
             // prefix. A longer member reads it in its own tiles: its rows see many keys past the
             // prefix too, so sharing saves little, and it would turn each of them into partial
-            // rows written, read back and merged (H100, trace replay with 29% of requests forked
-            // from system prompts: the steps with a prompt chunk ran slower than without sharing).
+            // rows written, read back and merged (docs/performance-log.md#prefix-members).
             sharers.clear();
             sharers.extend(pg.members.iter().copied().filter(|&m| requests[m as usize].q_len * group <= ROW_SLICE));
             if len == 0 || sharers.len() < 2 {
@@ -311,8 +307,8 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
     // placed as one unit (step 5), its tiles one after another on one CTA, tail tile included
     // (not packed). Its tiles read growing prefixes of the same keys, so each tile finds them
     // in L2 where the previous one left them; scattered by LPT over the whole launch, the tiles
-    // of a batch of short prompts re-read their keys from DRAM (H100, W5: 1.14 GB of DRAM
-    // traffic against a 0.71 GB floor).
+    // of a batch of short prompts may re-read their keys from DRAM
+    // (docs/performance-log.md#runs).
     let runs = opts.balancing && fixed_split.is_none();
     let mut request_cost = vec![0.0f64; if runs { n } else { 0 }];
     let mut full_tile = vec![false; request_cost.len()];
@@ -365,7 +361,8 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
         class_start[c] += 1;
     }
     // Packed tiles stay below an eighth of a group, so the grouping can still even out loads
-    // with them (LPT's excess over the mean is at most about its smallest late units).
+    // with them (LPT's excess over the mean is at most about its smallest late units;
+    // docs/performance-log.md#pack-limit).
     let pack_limit = capacity / 8.0;
     let mut i = 0;
     while i < order.len() {
@@ -472,9 +469,8 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
         // Each unit its own group, in LPT order: the CTAs draw groups from a shared counter in
         // this order, so the costliest units start first and a CTA takes the next one as soon as
         // it is free (list scheduling). LPT bins fixed on the host (the first version) leave the
-        // cost model's errors to the last groups; measured on an H100 in one call, bins against
-        // units: W2 359 -> 344 us, W4 66 -> 62 us, W1, W3, W5 within 1%; the GPU trace replay of
-        // 1000 requests 15.16 -> 13.73 s of attention.
+        // cost model's errors to the last groups, and measured slower on decode steps and on the
+        // trace replay (docs/performance-log.md#lpt-units).
         let units = entities.len() * heads_us;
         num_groups = units.max(1);
         for (u, &(_, e)) in entities.iter().enumerate() {

@@ -20,8 +20,8 @@ pub const KV_CU: &str = include_str!("../../../kernels/kv.cu");
 
 /// Warps of an attention CTA, each owning 16 rows of the Q tile (so the planner's `block_m` is
 /// 16 × this). 8 unless `PACKINFER_TILE_WARPS` says 4 (a tuning knob read when a context opens):
-/// 128-row tiles halve the K/V traffic per FLOP (H200, W1 prefill: 6.1 ms against 7.7 ms with 4
-/// warps), 64-row tiles leave two CTAs per SM (W2 decode 0.51 ms against 0.55 ms).
+/// 128-row tiles halve the K/V traffic per FLOP, which prefill needs; 64-row tiles leave two CTAs
+/// per SM, which decode prefers (docs/performance-log.md#tile-warps).
 pub const DEFAULT_TILE_WARPS: u32 = 8;
 
 /// The tile warps a new context uses.
@@ -54,7 +54,8 @@ pub fn specialize_from_env() -> Specialize {
 }
 
 /// Attention CTAs per SM of the short-prefill kernel (one consumer warpgroup and a producer
-/// each); the planner gives short batches this many workers per SM.
+/// each); the planner gives short batches this many workers per SM
+/// (docs/performance-log.md#short-prefill-ctas).
 pub const SHORT_PREFILL_CTAS: u32 = 2;
 
 /// Head dims the GPU kernels take.
@@ -73,8 +74,8 @@ pub enum Variant {
     /// The warp-specialised kernel with one consumer warpgroup: 64-row tiles over 32-key blocks
     /// in rings of four, `SHORT_PREFILL_CTAS` CTAs per SM, whole one-request Q and O tiles moved
     /// by TMA (Hopper, head_dim <= 128): batches of short prompts, whose tiles wait on memory more
-    /// than they compute. H200, W5 (one call): 324 µs against 382 µs for the plain 4-warp kernel
-    /// with 32-key blocks at three CTAs per SM, its previous form.
+    /// than they compute; faster on them than the plain 4-warp kernel it replaced
+    /// (docs/performance-log.md#short-prefill-ctas).
     ShortPrefill,
 }
 
@@ -121,7 +122,8 @@ impl Unit {
 
     /// Keys per inner step: 128 in the 8-warp warp-specialised kernel (its consumers then issue
     /// half the per-block instructions per key: the output rescale, descriptors, barrier waits),
-    /// 32 at head_dim 256 so the K/V stages and the accumulators fit, 64 elsewhere.
+    /// 32 in the short-prefill kernel and at head_dim 256 (so the K/V stages and the accumulators
+    /// fit), 64 elsewhere (docs/performance-log.md#block-n-stages).
     pub fn block_n(&self, arch: &str) -> u32 {
         match *self {
             Unit::Attention { warps: 8, .. } if self.warp_specialized(arch) => 128,
@@ -156,8 +158,8 @@ impl Unit {
     }
 
     /// Whether the kernel moves whole one-request Q and O tiles by TMA: the short-prefill
-    /// kernel, whose tiles wait on memory (H100, one call: W5 -2%; W3 and W4 were 3% slower when
-    /// every plain kernel had it).
+    /// kernel, whose tiles wait on memory; the plain kernels got slower with it
+    /// (docs/performance-log.md#qo-tma).
     pub fn qo_tma(&self, arch: &str) -> bool {
         self.variant_on(arch) == Variant::ShortPrefill
     }
@@ -181,11 +183,11 @@ impl Unit {
 
     /// K/V stages of the shared-memory ring(s). The warp-specialised kernel: two per ring (of
     /// 128 keys with 8 warps; of 64 with 4, which keeps two CTAs per SM beside two Q slots),
-    /// four of 32 keys in the short-prefill kernel (two measured the same on W5). Otherwise five for
+    /// four of 32 keys in the short-prefill kernel (two did as well). Otherwise five for
     /// the 8-warp wgmma kernel on Hopper (its pipelined loop keeps three blocks of loads in
     /// flight, and a stage is refilled only after the PV that read it has finished); two
     /// elsewhere: the 4-warp kernel keeps two CTAs per SM that way, head_dim 256 has no room,
-    /// and sm_80 is not measured.
+    /// and sm_80 is not measured. Measurements: docs/performance-log.md#block-n-stages.
     pub fn stages(&self, arch: &str) -> u32 {
         match *self {
             Unit::Attention { .. } if self.variant_on(arch) == Variant::ShortPrefill => 4,

@@ -198,7 +198,7 @@ impl CudaBackend {
     ///
     /// A launch made without a capacity (`None`) whose tiles all have at most 64 rows
     /// (decode-heavy batches) runs the 4-warp kernel: two CTAs per SM stream K/V faster there
-    /// (H200, W2 decode: 0.50 ms against 0.55 ms). Launches with a capacity (even an all-zero
+    /// (docs/performance-log.md#narrow-decode). Launches with a capacity (even an all-zero
     /// one, "the first plan's counts") always run the context's tile size, so any plan within
     /// it can be uploaded later.
     ///
@@ -228,7 +228,8 @@ impl CudaBackend {
     }
 }
 
-/// Query rows must see this many keys on average for the warp-specialised kernel to pay off.
+/// Query rows must see this many keys on average for the warp-specialised kernel to pay off
+/// (docs/performance-log.md#warp-specialized-choice).
 pub const SPECIALIZED_MIN_KEYS_PER_ROW: f64 = 1024.0;
 /// And this share of consecutive page pairs (its producer copies runs of consecutive K/V rows by
 /// TMA; elsewhere by cp.async, which cannot keep its consumers fed).
@@ -236,11 +237,9 @@ pub const SPECIALIZED_MIN_CONSECUTIVE: f64 = 0.9;
 
 /// Whether a batch runs faster on the warp-specialised kernel: prefill rows only (no decodes,
 /// whose tiles are mostly empty rows for its 64-row warpgroups), seeing many keys each, over K/V
-/// whose pages mostly follow each other (a ragged prefill, or pages allocated in order).
-/// Measured on an H100 (bench/results/h100-2026-11-26-ws/): W1, prefill of trace prompts, 2.59
-/// ms against 3.29 ms; slower on decode (W2, W4), scattered pages (W3) and short prompts (W5);
-/// and slower on the replay's steps of chunked prefill beside a few dozen decodes (300 trace
-/// requests: 6.83 s of attention with it, 5.70 s on the plain kernel; bench/results/h100-2026-11-26-short/).
+/// whose pages mostly follow each other (a ragged prefill, or pages allocated in order). Faster
+/// there; slower on decode (W2, W4), scattered pages (W3), short prompts (W5) and on steps of
+/// chunked prefill beside a few dozen decodes (docs/performance-log.md#warp-specialized-choice).
 pub fn suits_warp_specialized(shape: &Shape, b: &Batch) -> bool {
     let any_decode = (0..b.len()).any(|r| b.q_len(r) == 1);
     if any_decode || crate::plan::cost::mean_visible_keys(b, shape.causal) < SPECIALIZED_MIN_KEYS_PER_ROW {

@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 # --- CUDA kernels (issue 6): NVRTC from NVIDIA's PyPI wheel, so CI compiles every kernel variant
 # for sm_80 and sm_90a without a GPU. CI sets PACKINFER_REQUIRE_NVRTC=1: then a missing NVRTC makes
-# tests/kernels_compile.rs fail instead of skip. GPU tests (tests/cuda_*.rs) skip without a GPU.
+# tests/kernels_compile.rs fail instead of being reported ignored. GPU tests (tests/cuda_*.rs) are
+# reported ignored without a GPU; PACKINFER_REQUIRE_GPU=1 (bench/gpu_suite.sh) makes them fail.
 if [ "${PACKINFER_REQUIRE_NVRTC:-0}" = 1 ]; then
   echo "== CUDA: installing the pinned nvidia-cuda-nvrtc wheel =="
   nvrtc_lib="$(.ci/install-nvrtc.sh)"

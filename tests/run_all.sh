@@ -31,13 +31,15 @@ fi
 # ---- C and C++ (bindings/cpp): ctest, normal and sanitizer builds ----------------------------
 # Needs cmake, g++, GoogleTest and pkg-config (.ci/install-deps.sh installs what is missing).
 # Both builds link the release libpackinfer.so that cargo builds (CMake runs cargo itself).
+# PACKINFER_BUILD_TESTS=ON is explicit: its default is OFF where GoogleTest is missing, and here a
+# missing GoogleTest must fail the run, not drop the C++ tests.
 echo "== C/C++: ctest (C API, C++ wrapper, example, install + find_package + pkg-config) =="
-cmake -S . -B build/ctest -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+cmake -S . -B build/ctest -DPACKINFER_BUILD_TESTS=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 cmake --build build/ctest -j"$(nproc)"
 (cd build/ctest && ctest --output-on-failure --no-tests=error)
 
 echo "== C/C++: ctest with -fsanitize=address,undefined (same tests, leak checks on) =="
-cmake -S . -B build/ctest-sanitize -DPACKINFER_SANITIZE=ON -DCMAKE_BUILD_TYPE=Debug >/dev/null
+cmake -S . -B build/ctest-sanitize -DPACKINFER_BUILD_TESTS=ON -DPACKINFER_SANITIZE=ON -DCMAKE_BUILD_TYPE=Debug >/dev/null
 cmake --build build/ctest-sanitize -j"$(nproc)"
 (cd build/ctest-sanitize && ctest --output-on-failure --no-tests=error)
 

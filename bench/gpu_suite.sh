@@ -12,6 +12,9 @@ cd "$(dirname "$0")"
 out="${OUT:-./gpu-results}"
 mkdir -p "$out"
 export PACKINFER_TEST_CACHE_DIR=/tmp/pkcache PACKINFER_CACHE_DIR=/tmp/pkcache RUST_BACKTRACE=1
+# Here a GPU test without a usable device is a failure, not "ignored" (a lost or broken device
+# would otherwise read as a suite with nothing wrong).
+export PACKINFER_REQUIRE_GPU=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/device.txt"; date -u | tee -a "$out/device.txt"
 echo "== C ABI"; timeout 120 ./cuda_ffi --nocapture 2>&1 | tee "$out/cuda_ffi.log" | grep -E "test result|panicked" -A3
 echo "== managed pool on the GPU"; timeout 120 ./cuda_pool --nocapture 2>&1 | tee "$out/cuda_pool.log" | grep -E "test result|panicked" -A3

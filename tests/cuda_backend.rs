@@ -4,9 +4,11 @@
 //! (packed multi-segment tiles, multi-chunk items, split-KV partials + merges, shared-prefix
 //! tiles), deterministic rows across batches, graph capture + replay after `update`, and the KV
 //! append / page-copy kernels. Outputs are poisoned with NaN first, so an unwritten row fails.
-//! Without a GPU every test prints why it skipped and passes.
+//! Without a usable CUDA device the GPU tests are reported as ignored, with the reason; with
+//! `PACKINFER_REQUIRE_GPU=1` (the GPU machine's suite) they fail instead.
 
 mod common;
+mod harness;
 
 use std::sync::Arc;
 
@@ -21,12 +23,34 @@ use packinfer::types::{DType, KvLayout, PrefixGroup, RowsTensor, RunArgs};
 use rand::rngs::SmallRng;
 use rand::Rng;
 
+fn main() {
+    harness::main(harness::trials![
+        random_batches_match_f64_reference,
+        warp_specialized_kernel_with_tma,
+        specialized_launches_choose_the_kernel_per_run_layout,
+        warp_specialized_kernel_is_chosen_for_long_rows_over_pages_in_order,
+        short_batches_run_on_narrow_tiles,
+        every_head_dim_dtype_gqa_and_page_size,
+        every_plan_options_combination,
+        handmade_plans_packed_split_prefix,
+        deterministic_rows_are_bitwise_identical_across_batches,
+        graph_capture_replays_updated_plans,
+        append_kv_and_copy_pages_match_host,
+        precompile_builds_every_variant,
+        handmade_plans_are_valid_on_the_cpu_backend,
+        calibration_fits_and_stores_a_profile,
+    ]);
+}
+
+/// The backend on device 0; without one the test is reported as skipped (`None`), or fails
+/// under `PACKINFER_REQUIRE_GPU=1`.
 fn backend(test: &str) -> Option<CudaBackend> {
     let choice = BackendChoice { kind: Some(BackendKind::Cuda), device_ordinal: 0, cpu_threads: 0, kernel_cache_dir: std::env::var_os("PACKINFER_TEST_CACHE_DIR").map(Into::into) };
     match CudaBackend::new(&choice) {
         Ok(b) => Some(b),
         Err(e) => {
-            eprintln!("SKIPPED {test}: no usable CUDA device here ({e})");
+            assert!(!harness::required("PACKINFER_REQUIRE_GPU"), "{test}: PACKINFER_REQUIRE_GPU=1 but no usable CUDA device here ({e})");
+            harness::skipped(format!("no usable CUDA device here ({e})"));
             None
         }
     }
@@ -137,7 +161,6 @@ fn check_all(items: Vec<(Case, Tensor, Vec<f32>, String)>) {
     println!("{} cases, worst relative Frobenius error of O {worst:.2e}", items.len());
 }
 
-#[test]
 fn random_batches_match_f64_reference() {
     let Some(cu) = backend("random_batches_match_f64_reference") else { return };
     let n: usize = std::env::var("PACKINFER_GPU_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(300);
@@ -167,7 +190,6 @@ fn cycled_spec(i: u32) -> CaseSpec {
 /// consecutive rows by TMA, beside chunk tails and scattered requests that go by cp.async. Page
 /// sizes 1/16/64, both dtypes, head_dims 64 and 128, GQA 1 and 4, causal and not, NHD and HND
 /// (which has no row view, so no TMA), decodes among the prefills.
-#[test]
 fn warp_specialized_kernel_with_tma() {
     // Read when a context opens; the GPU suite runs one test at a time.
     std::env::set_var("PACKINFER_WARP_SPECIALIZED", "1");
@@ -199,7 +221,6 @@ fn warp_specialized_kernel_with_tma() {
 /// A default context binds a long prefill over pages in order to the warp-specialised kernel;
 /// a run whose cache has no row view for TMA (HND here) runs the plain kernel instead, one that
 /// has one runs TMA. Both against the reference.
-#[test]
 fn specialized_launches_choose_the_kernel_per_run_layout() {
     let Some(cu) = backend("specialized_launches_choose_the_kernel_per_run_layout") else { return };
     let mut r = rng(0x1a70);
@@ -220,7 +241,6 @@ fn specialized_launches_choose_the_kernel_per_run_layout() {
 
 /// Which plans the default context runs on the warp-specialised kernel: long rows over pages in
 /// order; not scattered pages, short prompts or decodes. Pure (no device).
-#[test]
 fn warp_specialized_kernel_is_chosen_for_long_rows_over_pages_in_order() {
     use packinfer::backend::cuda::suits_warp_specialized;
     let mut r = rng(0x5e1e);
@@ -244,7 +264,6 @@ fn warp_specialized_kernel_is_chosen_for_long_rows_over_pages_in_order() {
 /// Batches of short prompts are planned with 64-row tiles (`profile_for`), so they run on the
 /// short-prefill kernel on Hopper (the 4-warp kernel elsewhere); checked like the rest, for both dtypes, head_dims 64 and 128 (the wgmma
 /// path on Hopper) and GQA 1 and 4, causal and not.
-#[test]
 fn short_batches_run_on_narrow_tiles() {
     let Some(cu) = backend("short_batches_run_on_narrow_tiles") else { return };
     let mut r = rng(0x5407);
@@ -281,7 +300,6 @@ fn short_batches_run_on_narrow_tiles() {
     check_all(done);
 }
 
-#[test]
 fn every_head_dim_dtype_gqa_and_page_size() {
     let Some(cu) = backend("every_head_dim_dtype_gqa_and_page_size") else { return };
     let mut r = rng(3);
@@ -302,7 +320,6 @@ fn every_head_dim_dtype_gqa_and_page_size() {
     check_all(done);
 }
 
-#[test]
 fn every_plan_options_combination() {
     let Some(cu) = backend("every_plan_options_combination") else { return };
     let mut r = rng(99);
@@ -462,7 +479,6 @@ fn handmade_plan(case: &Case, block_m: u32, r: &mut SmallRng) -> Plan {
     plan
 }
 
-#[test]
 fn handmade_plans_packed_split_prefix() {
     let Some(cu) = backend("handmade_plans_packed_split_prefix") else { return };
     let mut r = rng(0x4a4d);
@@ -491,7 +507,6 @@ fn handmade_plans_packed_split_prefix() {
     check_all(done);
 }
 
-#[test]
 fn deterministic_rows_are_bitwise_identical_across_batches() {
     let Some(cu) = backend("deterministic_rows_are_bitwise_identical_across_batches") else { return };
     let mut r = rng(5);
@@ -532,7 +547,6 @@ fn create_stream(cu: &CudaBackend) -> u64 {
 
 /// `run` captured once in a CUDA graph; the graph replayed after `update` uploads a different
 /// batch of the same capacity (same device tensors, new contents) gives that batch's results.
-#[test]
 fn graph_capture_replays_updated_plans() {
     let Some(cu) = backend("graph_capture_replays_updated_plans") else { return };
     let mut r = rng(0x96a9);
@@ -590,7 +604,6 @@ fn graph_capture_replays_updated_plans() {
     }
 }
 
-#[test]
 fn append_kv_and_copy_pages_match_host() {
     let Some(cu) = backend("append_kv_and_copy_pages_match_host") else { return };
     let mut r = rng(12);
@@ -659,7 +672,6 @@ fn append_kv_and_copy_pages_match_host() {
     }
 }
 
-#[test]
 fn precompile_builds_every_variant() {
     let Some(cu) = backend("precompile_builds_every_variant") else { return };
     let t = std::time::Instant::now();
@@ -675,7 +687,6 @@ fn precompile_builds_every_variant() {
 
 /// The hand-made plans are themselves checked on the CPU reference backend (runs in CI too), so
 /// a GPU failure on them is the kernel's, not the generator's.
-#[test]
 fn handmade_plans_are_valid_on_the_cpu_backend() {
     let cpu = packinfer::backend::cpu::CpuBackend::new(2);
     let mut r = rng(0x4a4d);
@@ -695,7 +706,6 @@ fn handmade_plans_are_valid_on_the_cpu_backend() {
     }
 }
 
-#[test]
 fn calibration_fits_and_stores_a_profile() {
     let Some(cu) = backend("calibration_fits_and_stores_a_profile") else { return };
     let (profile, samples) = cu.calibrate().unwrap();

@@ -7,10 +7,12 @@
 //! bytes, nothing else), and the attention outputs must agree within bf16 rounding, with no
 //! element left unwritten (outputs are poisoned with NaN first).
 //!
-//! Without a GPU the CPU half still runs (so the flow itself is checked to copy and move pages)
-//! and the test prints why the comparison was skipped.
+//! Without a usable CUDA device the CPU half still runs (so the flow itself is checked to copy
+//! and move pages), and the tests are reported as ignored, with the reason; with
+//! `PACKINFER_REQUIRE_GPU=1` (the GPU machine's suite) they fail instead.
 
 mod common;
+mod harness;
 
 use std::sync::Arc;
 
@@ -44,12 +46,19 @@ fn config() -> PoolConfig {
     }
 }
 
+fn main() {
+    harness::main(harness::trials![pool_on_cuda_matches_pool_on_cpu, cuda_pool_error_paths, pool_plans_use_the_profile_for_their_batch]);
+}
+
+/// The backend on device 0; without one the test is reported as skipped (`None`), or fails
+/// under `PACKINFER_REQUIRE_GPU=1`.
 fn cuda(test: &str) -> Option<Arc<CudaBackend>> {
     let choice = BackendChoice { kind: Some(BackendKind::Cuda), device_ordinal: 0, cpu_threads: 0, kernel_cache_dir: std::env::var_os("PACKINFER_TEST_CACHE_DIR").map(Into::into) };
     match CudaBackend::new(&choice) {
         Ok(b) => Some(Arc::new(b)),
         Err(e) => {
-            eprintln!("SKIPPED {test} on the GPU: no usable CUDA device here ({e})");
+            assert!(!harness::required("PACKINFER_REQUIRE_GPU"), "{test}: PACKINFER_REQUIRE_GPU=1 but no usable CUDA device here ({e})");
+            harness::skipped(format!("no usable CUDA device here ({e})"));
             None
         }
     }
@@ -245,7 +254,6 @@ fn drive(sides: &[Side], profile: &DeviceProfile) {
     assert!(moved_total[0] > 0, "the flow should make a relayout move pages");
 }
 
-#[test]
 fn pool_on_cuda_matches_pool_on_cpu() {
     let cpu: Arc<dyn Backend> = Arc::new(CpuBackend::new(2));
     let Some(cu) = cuda("pool_on_cuda_matches_pool_on_cpu") else {
@@ -266,7 +274,6 @@ fn pool_on_cuda_matches_pool_on_cpu() {
 
 /// What a CUDA pool refuses: host-only reads, a zero-byte allocation; and offsets outside the
 /// allocation are caught before any kernel runs.
-#[test]
 fn cuda_pool_error_paths() {
     let Some(cu) = cuda("cuda_pool_error_paths") else { return };
     let pool = KvPool::new(cu.clone(), config()).unwrap();
@@ -306,7 +313,6 @@ fn cuda_pool_error_paths() {
 
 /// Pool plans take the backend's profile for their batch, as `packinfer_plan_create` plans do: a
 /// step of short prompts is planned on narrow tiles (on Hopper, for the short-prefill kernel).
-#[test]
 fn pool_plans_use_the_profile_for_their_batch() {
     let Some(cu) = cuda("pool_plans_use_the_profile_for_their_batch") else { return };
     let pool = KvPool::new(cu.clone(), config()).unwrap();

@@ -1,8 +1,10 @@
 //! Compiles every kernel variant with NVRTC for Ampere (sm_80) and Hopper (sm_90a) without a GPU,
 //! prints ptxas' registers/spills per variant, and checks that the C mirrors of the work-list
-//! structs (`kernels/work.cuh`) have the Rust layout. Where NVRTC cannot be loaded the tests skip
-//! with a message, unless `PACKINFER_REQUIRE_NVRTC=1` (CI sets it after installing the
-//! `nvidia-cuda-nvrtc` wheel), which makes a missing NVRTC a failure.
+//! structs (`kernels/work.cuh`) have the Rust layout. Where NVRTC cannot be loaded the tests that
+//! need it are reported as ignored, with the reason, unless `PACKINFER_REQUIRE_NVRTC=1` (CI sets
+//! it after installing the `nvidia-cuda-nvrtc` wheel), which makes a missing NVRTC a failure.
+
+mod harness;
 
 use std::mem::{offset_of, size_of};
 
@@ -10,14 +12,26 @@ use packinfer::backend::cuda::compile::{self, Unit, Variant};
 use packinfer::backend::cuda::launch::{KernelParams, KvRange, PlanHeader, SegmentInfo, TensorMap};
 use packinfer::plan::{MergeRow, WorkItem};
 
-/// Whether NVRTC is usable here; panics when it is required and missing.
+fn main() {
+    harness::main(harness::trials![
+        every_variant_compiles_for_sm80_and_sm90a,
+        compile_errors_carry_nvrtc_log,
+        work_structs_match_the_kernels_byte_for_byte,
+        cache_names_change_with_architecture_and_variant,
+        short_prefill_kernel_is_one_consumer_warpgroup_and_fits_its_ctas_per_sm,
+        kv_unit_exports_the_pool_kernels,
+        prepare_compiles_units_concurrently_into_the_cache,
+    ]);
+}
+
+/// Whether NVRTC is usable here; where it is not, the test is reported as skipped, or fails
+/// when it is required.
 fn nvrtc_or_skip(test: &str) -> bool {
     if compile::nvrtc_present() {
         return true;
     }
-    let required = std::env::var("PACKINFER_REQUIRE_NVRTC").map(|v| v == "1").unwrap_or(false);
-    assert!(!required, "PACKINFER_REQUIRE_NVRTC=1 but libnvrtc could not be loaded (LD_LIBRARY_PATH = {:?})", std::env::var("LD_LIBRARY_PATH").ok());
-    eprintln!("SKIPPED {test}: libnvrtc is not loadable on this machine (install nvidia-cuda-nvrtc and put its lib/ on LD_LIBRARY_PATH)");
+    assert!(!harness::required("PACKINFER_REQUIRE_NVRTC"), "PACKINFER_REQUIRE_NVRTC=1 but libnvrtc could not be loaded (LD_LIBRARY_PATH = {:?})", std::env::var("LD_LIBRARY_PATH").ok());
+    harness::skipped(format!("{test}: libnvrtc is not loadable on this machine (install nvidia-cuda-nvrtc and put its lib/ on LD_LIBRARY_PATH)"));
     false
 }
 
@@ -30,7 +44,6 @@ fn resource_summary(log: &str) -> String {
         .join("\n    ")
 }
 
-#[test]
 fn every_variant_compiles_for_sm80_and_sm90a() {
     if !nvrtc_or_skip("every_variant_compiles_for_sm80_and_sm90a") {
         return;
@@ -78,7 +91,6 @@ fn every_variant_compiles_for_sm80_and_sm90a() {
     assert!(failures.is_empty(), "kernel compile failures:\n{}", failures.join("\n"));
 }
 
-#[test]
 fn compile_errors_carry_nvrtc_log() {
     if !nvrtc_or_skip("compile_errors_carry_nvrtc_log") {
         return;
@@ -92,7 +104,6 @@ fn compile_errors_carry_nvrtc_log() {
 /// side asserts every struct's size, and the Rust side asserts that each field sits where C's
 /// natural-alignment rules put it (declaration order, no hidden padding), which together pin
 /// every offset as long as the field lists agree (they are listed here in C's order).
-#[test]
 fn work_structs_match_the_kernels_byte_for_byte() {
     let mut checks = String::new();
     macro_rules! layout {
@@ -121,7 +132,6 @@ fn work_structs_match_the_kernels_byte_for_byte() {
     compile::compile_source("layout_probe", &src, "sm_80").unwrap_or_else(|e| panic!("work.cuh disagrees with the Rust structs:\n{e}"));
 }
 
-#[test]
 fn cache_names_change_with_architecture_and_variant() {
     let a = compile::cache_file_name(Unit::Attention { head_dim: 128, dtype: packinfer::types::DType::Bf16, warps: 4, variant: Variant::Plain }, "sm_90a", (13, 0));
     let b = compile::cache_file_name(Unit::Attention { head_dim: 128, dtype: packinfer::types::DType::Bf16, warps: 4, variant: Variant::Plain }, "sm_80", (13, 0));
@@ -133,7 +143,6 @@ fn cache_names_change_with_architecture_and_variant() {
 /// The short-prefill kernel on Hopper is the warp-specialised one with a single consumer
 /// warpgroup (plus the producer's), 32-key blocks, Q/O by TMA, and `SHORT_PREFILL_CTAS` of it
 /// fit an SM's shared memory (227 KiB); elsewhere, and at head_dim 256, it is the plain kernel.
-#[test]
 fn short_prefill_kernel_is_one_consumer_warpgroup_and_fits_its_ctas_per_sm() {
     for dtype in [packinfer::types::DType::F16, packinfer::types::DType::Bf16] {
         for head_dim in [64, 128] {
@@ -149,7 +158,6 @@ fn short_prefill_kernel_is_one_consumer_warpgroup_and_fits_its_ctas_per_sm() {
 }
 
 /// The KV unit holds the pool's byte-move kernels (`DeviceKvMemory` looks them up by name).
-#[test]
 fn kv_unit_exports_the_pool_kernels() {
     if !nvrtc_or_skip("kv_unit_exports_the_pool_kernels") {
         return;
@@ -162,7 +170,6 @@ fn kv_unit_exports_the_pool_kernels() {
 
 /// `KernelCache::prepare` compiles units on several threads (as `precompile` does): each lands in
 /// the cache's memory and on disk, byte for byte what a compile on one thread gives.
-#[test]
 fn prepare_compiles_units_concurrently_into_the_cache() {
     if !nvrtc_or_skip("prepare_compiles_units_concurrently_into_the_cache") {
         return;

@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 # --- CUDA kernels (issue 6): NVRTC from NVIDIA's PyPI wheel, so CI compiles every kernel variant
 # for sm_80 and sm_90a without a GPU. CI sets PACKINFER_REQUIRE_NVRTC=1: then a missing NVRTC makes
-# tests/kernels_compile.rs fail instead of skip. GPU tests (tests/cuda_*.rs) skip without a GPU.
+# tests/kernels_compile.rs fail instead of being reported ignored. GPU tests (tests/cuda_*.rs) are
+# reported ignored without a GPU; PACKINFER_REQUIRE_GPU=1 (bench/gpu_suite.sh) makes them fail.
 if [ "${PACKINFER_REQUIRE_NVRTC:-0}" = 1 ]; then
   echo "== CUDA: installing the pinned nvidia-cuda-nvrtc wheel =="
   nvrtc_lib="$(.ci/install-nvrtc.sh)"
@@ -30,13 +31,15 @@ fi
 # ---- C and C++ (bindings/cpp): ctest, normal and sanitizer builds ----------------------------
 # Needs cmake, g++, GoogleTest and pkg-config (.ci/install-deps.sh installs what is missing).
 # Both builds link the release libpackinfer.so that cargo builds (CMake runs cargo itself).
+# PACKINFER_BUILD_TESTS=ON is explicit: its default is OFF where GoogleTest is missing, and here a
+# missing GoogleTest must fail the run, not drop the C++ tests.
 echo "== C/C++: ctest (C API, C++ wrapper, example, install + find_package + pkg-config) =="
-cmake -S . -B build/ctest -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+cmake -S . -B build/ctest -DPACKINFER_BUILD_TESTS=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 cmake --build build/ctest -j"$(nproc)"
 (cd build/ctest && ctest --output-on-failure --no-tests=error)
 
 echo "== C/C++: ctest with -fsanitize=address,undefined (same tests, leak checks on) =="
-cmake -S . -B build/ctest-sanitize -DPACKINFER_SANITIZE=ON -DCMAKE_BUILD_TYPE=Debug >/dev/null
+cmake -S . -B build/ctest-sanitize -DPACKINFER_BUILD_TESTS=ON -DPACKINFER_SANITIZE=ON -DCMAKE_BUILD_TYPE=Debug >/dev/null
 cmake --build build/ctest-sanitize -j"$(nproc)"
 (cd build/ctest-sanitize && ctest --output-on-failure --no-tests=error)
 

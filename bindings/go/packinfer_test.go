@@ -446,6 +446,36 @@ func TestNoDeviceForCUDAWithoutGPU(t *testing.T) {
 	}
 }
 
+// TestCUDAContextPlansAndLaunches is GPU only: a CUDA context where one is usable, its info, and
+// a plan and a launch for a bf16 batch (the launch compiles and loads the kernels). Without a
+// usable device it is skipped (t.Skip, shown as SKIP); PACKINFER_REQUIRE_GPU=1 makes that a
+// failure.
+func TestCUDAContextPlansAndLaunches(t *testing.T) {
+	ctx, err := packinfer.NewContext(packinfer.ContextOptions{Backend: packinfer.BackendCUDA})
+	if st := packinfer.StatusOf(err); st == packinfer.StatusNoDevice || st == packinfer.StatusUnsupported {
+		if os.Getenv("PACKINFER_REQUIRE_GPU") == "1" {
+			t.Fatalf("PACKINFER_REQUIRE_GPU=1 but CUDA is unusable here: %v", err)
+		}
+		t.Skipf("no usable CUDA device here: %v", err)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ctx.Close()
+	info := must(ctx.Info())(t)
+	if info.Backend != packinfer.BackendCUDA || info.DeviceName == "" {
+		t.Errorf("info = %+v", info)
+	}
+	c := newCase(t, 8, 2, 128, packinfer.BF16, true, 16, mixed, false, nil, 0)
+	plan := must(ctx.NewPlan(&c.batch, nil))(t)
+	defer plan.Close()
+	launch := must(ctx.NewLaunch(plan, nil))(t)
+	defer launch.Close()
+	if st := must(plan.Stats())(t); st.NumWorkItems < 1 {
+		t.Errorf("plan stats %+v", st)
+	}
+}
+
 func TestRunArguments(t *testing.T) {
 	ctx := cpuContext(t)
 	defer ctx.Close()

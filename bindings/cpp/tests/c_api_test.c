@@ -955,7 +955,56 @@ static void test_gpu_calls_on_cpu(void) {
   case_free(&cb);
 }
 
-int main(void) {
+/* ---- GPU only: `packinfer_c_api_test --gpu` (ctest c.api.gpu) ----
+ * A CUDA context where one is usable, its info, and a plan and a launch for a bf16 batch (the
+ * launch compiles and loads the kernels). Without a usable device the program exits with
+ * SKIP_RETURN_CODE, which ctest reports as skipped, not passed; PACKINFER_REQUIRE_GPU=1 makes that
+ * a failure. */
+#define SKIP_RETURN_CODE 77
+
+static int test_cuda_context(void) {
+  PackinferContextOptions o;
+  PackinferContext ctx = {0};
+  CHECK_STATUS(packinfer_context_options_default(&o), PACKINFER_STATUS_OK, NULL);
+  o.backend = PACKINFER_BACKEND_CUDA;
+  PackinferStatus st = packinfer_context_create(&o, &ctx);
+  if (st == PACKINFER_STATUS_NO_DEVICE || st == PACKINFER_STATUS_UNSUPPORTED) {
+    const char* required = getenv("PACKINFER_REQUIRE_GPU");
+    if (required != NULL && strcmp(required, "1") == 0) {
+      fprintf(stderr, "FAILED: PACKINFER_REQUIRE_GPU=1 but CUDA is unusable here: %s\n", packinfer_last_error());
+      return 1;
+    }
+    printf("skipped: no usable CUDA device here: %s\n", packinfer_last_error());
+    return SKIP_RETURN_CODE;
+  }
+  CHECK_STATUS(st, PACKINFER_STATUS_OK, NULL);
+  if (st != PACKINFER_STATUS_OK) return 1;
+  PackinferContextInfo info;
+  memset(&info, 0, sizeof info);
+  info.struct_size = sizeof info;
+  CHECK_STATUS(packinfer_context_info(ctx, &info), PACKINFER_STATUS_OK, NULL);
+  CHECK(info.backend == PACKINFER_BACKEND_CUDA, "info.backend = %u", (unsigned)info.backend);
+  CHECK(info.device_name[0] != 0, "the CUDA context has no device name");
+  Case c;
+  Spec s = k_mixed;
+  s.dtype = PACKINFER_DTYPE_BF16;
+  s.head_dim = 128;
+  case_build(&c, &s);
+  PackinferBatchDesc d = case_desc(&c);
+  PackinferPlan plan = {0};
+  PackinferLaunch launch = {0};
+  CHECK_STATUS(packinfer_plan_create(ctx, &d, NULL, &plan), PACKINFER_STATUS_OK, NULL);
+  CHECK_STATUS(packinfer_launch_create(ctx, plan, NULL, NULL, &launch), PACKINFER_STATUS_OK, NULL);
+  CHECK_STATUS(packinfer_launch_destroy(launch), PACKINFER_STATUS_OK, NULL);
+  CHECK_STATUS(packinfer_plan_destroy(plan), PACKINFER_STATUS_OK, NULL);
+  CHECK_STATUS(packinfer_context_destroy(ctx), PACKINFER_STATUS_OK, NULL);
+  case_free(&c);
+  printf("c_api_test --gpu (%s): %d checks, %d failed\n", info.device_name, g_checks, g_failures);
+  return g_failures == 0 ? 0 : 1;
+}
+
+int main(int argc, char** argv) {
+  if (argc == 2 && strcmp(argv[1], "--gpu") == 0) return test_cuda_context();
   test_version();
   test_flows();
   test_errors();

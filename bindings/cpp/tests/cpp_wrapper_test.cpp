@@ -6,7 +6,9 @@
 
 #include <array>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <numeric>
 #include <random>
 #include <string>
@@ -426,6 +428,29 @@ TEST(Errors, NoDeviceForCudaWithoutGpu) {
   const std::string& m = e.message();
   EXPECT_TRUE(m.find("CUDA") != std::string::npos || m.find("NVRTC") != std::string::npos || m.find("cuInit") != std::string::npos)
       << "NO_DEVICE gives no reason: " << m;
+}
+
+// GPU only: a CUDA context where one is usable, its info, and a plan and a launch for a bf16
+// batch (the launch compiles and loads the kernels). Without a usable device it is skipped
+// (GTEST_SKIP, so ctest and gtest show it as skipped, not passed); PACKINFER_REQUIRE_GPU=1 makes
+// that a failure.
+TEST(Gpu, CudaContextPlansAndLaunches) {
+  std::unique_ptr<packinfer::Context> ctx;
+  try {
+    ctx = std::make_unique<packinfer::Context>(Backend::Cuda);
+  } catch (const packinfer::Error& e) {
+    if (e.status() != Status::NoDevice && e.status() != Status::Unsupported) throw;
+    const char* required = std::getenv("PACKINFER_REQUIRE_GPU");
+    if (required != nullptr && std::string(required) == "1") FAIL() << "PACKINFER_REQUIRE_GPU=1 but CUDA is unusable here: " << e.what();
+    GTEST_SKIP() << "no usable CUDA device here: " << e.what();
+  }
+  const packinfer::ContextInfo info = ctx->info();
+  EXPECT_EQ(info.backend, Backend::Cuda);
+  EXPECT_FALSE(info.device_name.empty());
+  const Case c({8, 2, 128, DType::BF16, true, 0.0f}, 16, kMixed);
+  packinfer::Plan plan = ctx->plan(c.desc());
+  packinfer::Launch launch = ctx->launch(plan);
+  EXPECT_GT(plan.stats().num_work_items, 0u);
 }
 
 TEST(Errors, StatusNames) {

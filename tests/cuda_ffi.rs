@@ -21,7 +21,7 @@ fn last_error() -> String {
 }
 
 fn main() {
-    harness::main(harness::trials![calibrate_is_unsupported_on_the_cpu_backend, capacity_launch_update_and_run_through_the_c_abi]);
+    harness::main(harness::trials![calibrate_is_unsupported_on_the_cpu_backend, capacity_launch_update_and_run_through_the_c_abi, runs_of_one_launch_on_two_streams_do_not_overlap]);
 }
 
 /// A CUDA context; where CUDA is unusable (NO_DEVICE, with its reason) the test is reported as
@@ -138,5 +138,68 @@ fn capacity_launch_update_and_run_through_the_c_abi() {
         assert_eq!(packinfer_plan_destroy(p), PackinferStatus::Ok);
     }
     assert_eq!(packinfer_launch_destroy(launch), PackinferStatus::Ok);
+    assert_eq!(packinfer_context_destroy(ctx), PackinferStatus::Ok);
+}
+
+/// Runs of one launch on two streams, back to back without a host wait: the launch's work list,
+/// group counter and scratch are one per launch, so the library orders the second stream after
+/// the first. Each run writes its own poisoned output; both must be complete and right.
+fn runs_of_one_launch_on_two_streams_do_not_overlap() {
+    let Some(ctx) = cuda_context() else { return };
+    use cudarc::driver::result as cu;
+    let cu_backend = CudaBackend::new(&BackendChoice { kind: Some(BackendKind::Cuda), device_ordinal: 0, cpu_threads: 0, kernel_cache_dir: None }).unwrap();
+    let dev = cu_backend.device();
+    let mut r = rng(77);
+    let spec = CaseSpec { batch_size: 6, max_kv: 4096, page_size: 16, num_kv_heads: 2, group: 4, head_dim: 128, dtype: DType::Bf16, causal: true, decode_fraction: 0.5, hnd: false };
+    let case = Case::build(&mut r, &spec, &[(1, 4000), (300, 3000), (1, 4096), (64, 2048), (1, 1500), (900, 900)], vec![]);
+    let p = plan(ctx, &case);
+    let mut launch = PackinferLaunch::default();
+    assert_eq!(unsafe { packinfer_launch_create(ctx, p, std::ptr::null(), std::ptr::null_mut(), &mut launch) }, PackinferStatus::Ok, "{}", last_error());
+    assert_eq!(packinfer_launch_wait(launch), PackinferStatus::Ok);
+    let _g = dev.enter().unwrap();
+    let streams: Vec<u64> = (0..2).map(|_| cu::stream::create(cu::stream::StreamKind::NonBlocking).unwrap() as u64).collect();
+    let (q, k, v) = (DeviceBuffer::new(dev, case.q.bytes.len(), "q").unwrap(), DeviceBuffer::new(dev, case.k.bytes.len(), "k").unwrap(), DeviceBuffer::new(dev, case.v.bytes.len(), "v").unwrap());
+    q.write(dev, &case.q.bytes).unwrap();
+    k.write(dev, &case.k.bytes).unwrap();
+    v.write(dev, &case.v.bytes).unwrap();
+    const RUNS: usize = 16;
+    let lse_len = case.total_q() * case.shape.num_qo_heads as usize;
+    let outs: Vec<(DeviceBuffer, DeviceBuffer)> = (0..RUNS).map(|_| (DeviceBuffer::new(dev, case.out_len() * 2, "o").unwrap(), DeviceBuffer::new(dev, lse_len * 4, "lse").unwrap())).collect();
+    for (o, _) in &outs {
+        o.write(dev, &Tensor::poisoned(DType::Bf16, case.out_len()).bytes).unwrap();
+    }
+    let l = case.layout;
+    for (i, (o, lse)) in outs.iter().enumerate() {
+        let args = PackinferRunArgs {
+            struct_size: std::mem::size_of::<PackinferRunArgs>(),
+            q: q.ptr as *const _,
+            q_stride_token: 0,
+            q_stride_head: 0,
+            kv: PackinferKvLayout { k: k.ptr as *const _, v: v.ptr as *const _, stride_page: l.stride_page, stride_token: l.stride_token, stride_head: l.stride_head, stride_dim: l.stride_dim },
+            o: o.ptr as *mut _,
+            o_stride_token: 0,
+            o_stride_head: 0,
+            lse: lse.ptr as *mut f32,
+            stream: streams[i % 2] as *mut _,
+        };
+        assert_eq!(unsafe { packinfer_run(launch, &args) }, PackinferStatus::Ok, "{}", last_error());
+    }
+    for &s in &streams {
+        sync_stream(dev, s).unwrap();
+    }
+    let reference = case.reference();
+    for (i, (o, lse)) in outs.iter().enumerate() {
+        let mut out = Tensor::poisoned(DType::Bf16, case.out_len());
+        o.read(dev, &mut out.bytes).unwrap();
+        let mut raw = vec![0u8; lse_len * 4];
+        lse.read(dev, &mut raw).unwrap();
+        let lse_v: Vec<f32> = raw.chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        common::assert_close_to(&case, &reference, &out, &lse_v, &format!("run {i} on stream {}", i % 2));
+    }
+    for s in streams {
+        unsafe { cu::stream::destroy(s as _) }.unwrap();
+    }
+    assert_eq!(packinfer_launch_destroy(launch), PackinferStatus::Ok);
+    assert_eq!(packinfer_plan_destroy(p), PackinferStatus::Ok);
     assert_eq!(packinfer_context_destroy(ctx), PackinferStatus::Ok);
 }

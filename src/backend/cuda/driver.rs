@@ -153,6 +153,11 @@ impl Event {
         // SAFETY: valid event; the stream is the caller's.
         unsafe { cu::event::record(self.event, stream as sys::CUstream) }.map_err(|e| device_err("cuEventRecord", e))
     }
+    /// Makes `stream` wait, on the device, for the work enqueued before the last `record`.
+    pub fn wait_on(&self, stream: u64) -> Result<()> {
+        // SAFETY: valid event; the stream is the caller's.
+        check(unsafe { sys::cuStreamWaitEvent(stream as sys::CUstream, self.event, 0) }, "cuStreamWaitEvent")
+    }
     pub fn is_done(&self) -> Result<bool> {
         // SAFETY: valid event.
         let r = unsafe { sys::cuEventQuery(self.event) };
@@ -254,6 +259,14 @@ impl DeviceBuffer {
 }
 
 /// Waits for everything queued on `stream` (tests and calibration only).
+/// Whether `stream` is being captured into a CUDA graph (nothing it is given runs now).
+pub fn is_capturing(stream: u64) -> Result<bool> {
+    let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+    // SAFETY: the stream is the caller's; status is a valid out-pointer.
+    check(unsafe { sys::cuStreamIsCapturing(stream as sys::CUstream, &mut status) }, "cuStreamIsCapturing")?;
+    Ok(status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+}
+
 pub fn sync_stream(dev: &Device, stream: u64) -> Result<()> {
     let _g = dev.enter()?;
     // SAFETY: the caller's stream of this device.

@@ -354,6 +354,10 @@ pub struct CudaBound {
     /// Host image of the device buffer; kept so an upload's source outlives the copy call.
     staging: Mutex<Vec<u8>>,
     event: Event,
+    /// The stream of the last upload or run, and an event to order the next one after it when
+    /// it comes on another stream: the work list, group counter and scratch are one per launch.
+    last_stream: Mutex<u64>,
+    handover: Event,
     grid: u32,
     merge_grid: u32,
     shared: Arc<Shared>,
@@ -385,12 +389,26 @@ impl CudaBound {
             scratch,
             staging: Mutex::new(vec![0u8; layout.total]),
             event: Event::new(dev)?,
+            last_stream: Mutex::new(stream),
+            handover: Event::new(dev)?,
             grid,
             merge_grid: dev.sm_count * 2,
             shared: shared.clone(),
         };
         bound.upload(&plan, stream)?;
         Ok(bound)
+    }
+
+    /// Orders work about to be enqueued on `stream` after this launch's work on the stream used
+    /// last, when they differ, so two streams never use the launch's buffers at once. Nothing
+    /// to order while either stream is being captured: a graph runs when the caller replays it.
+    fn order_after(&self, last: &mut u64, stream: u64) -> Result<()> {
+        if *last != stream && !driver::is_capturing(*last)? && !driver::is_capturing(stream)? {
+            self.handover.record(*last)?;
+            self.handover.wait_on(stream)?;
+        }
+        *last = stream;
+        Ok(())
     }
 
     /// Whether this launch was bound to the warp-specialised kernel (which still runs the plain
@@ -559,6 +577,9 @@ impl BoundPlan for CudaBound {
         let stream = args.stream as sys::CUstream;
         // Encoding the tensor maps (in params) needs the context current.
         let _g = self.shared.dev.enter()?;
+        // Held until the kernels are enqueued, so runs from several threads keep one order.
+        let mut last = self.last_stream.lock();
+        self.order_after(&mut last, args.stream)?;
         let mut p = self.params(args);
         let (k, grid) = match &self.plain {
             Some(plain) if self.kernels.warp_specialized && p.flags & FLAG_KV_TMA == 0 => (plain, self.shared.dev.sm_count * plain.ctas_per_sm),
@@ -585,6 +606,11 @@ impl BoundPlan for CudaBound {
 
     fn update(&self, plan: Arc<Plan>, stream: u64) -> Result<()> {
         crate::backend::check_update(&self.plan, &self.capacity, &plan)?;
+        let mut last = self.last_stream.lock();
+        {
+            let _g = self.shared.dev.enter()?;
+            self.order_after(&mut last, stream)?;
+        }
         self.upload(&plan, stream)?;
         *self.current.lock() = plan;
         Ok(())

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA backend's GPU suite, for the device machine (it has no cargo): run from a folder that
 # holds the test binaries and the library built on the dev machine, e.g.
-#   cargo test --release --test cuda_backend --test cuda_ffi --test cuda_pool --no-run   # note the paths
+#   cargo test --release -p packinfer --test cuda_backend --test cuda_pool --no-run; cargo test --release -p packinfer-capi --test cuda_ffi --no-run   # note the paths
 #   mkdir -p .gpu-cuda && cp <cuda_backend binary> .gpu-cuda/cuda_backend && cp <cuda_ffi binary> .gpu-cuda/cuda_ffi
 #   cp <cuda_pool binary> .gpu-cuda/cuda_pool
 #   cp target/release/libpackinfer.so bench/bench_attention.py bench/gpu_suite.sh .gpu-cuda/

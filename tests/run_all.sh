@@ -17,9 +17,9 @@ fi
 # --- end CUDA kernels
 
 echo "== Rust: cargo test (CPU reference, planner, ffi, kernels compile check) =="
-cargo test --release --all-targets -- --skip every_variant_compiles_for_sm80_and_sm90a
+cargo test --release --workspace --all-targets -- --skip every_variant_compiles_for_sm80_and_sm90a
 echo "== CUDA kernels: every variant compiled by NVRTC for sm_80 and sm_90a (registers, spills) =="
-cargo test --release --test kernels_compile -- --nocapture every_variant_compiles_for_sm80_and_sm90a
+cargo test --release -p packinfer --test kernels_compile -- --nocapture every_variant_compiles_for_sm80_and_sm90a
 
 echo "== Header: include/packinfer.h must match what the build generates =="
 if ! git diff --quiet -- include/packinfer.h 2>/dev/null; then
@@ -46,7 +46,7 @@ cmake --build build/ctest-sanitize -j"$(nproc)"
 # ---- Go (bindings/go): go vet + go test ------------------------------------------------------
 # cgo links target/release/libpackinfer.so (built above; cargo is a no-op when it is current).
 echo "== Go: go vet + go test in bindings/go =="
-cargo build --release --lib
+cargo build --release -p libpackinfer
 go_log=$(mktemp)
 (
   cd bindings/go

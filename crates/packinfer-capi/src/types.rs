@@ -1,0 +1,392 @@
+//! The C structs and enums of the ABI. Every options struct starts with `struct_size`.
+
+use std::ffi::{c_char, c_void};
+
+/// Which backend a context runs on.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PackinferBackend {
+    /// CUDA when a driver, NVRTC and the device are present, else the CPU.
+    Auto = 0,
+    Cpu = 1,
+    Cuda = 2,
+}
+
+/// Element type of Q, K, V and O (accumulation is always fp32).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PackinferDtype {
+    F16 = 0,
+    Bf16 = 1,
+    /// CPU backend only.
+    F32 = 2,
+}
+
+/// The element type a C struct's `PackinferDtype` field names; `None` for any other value.
+pub(crate) fn dtype_from_c(value: u32) -> Option<packinfer::types::DType> {
+    use packinfer::types::DType;
+    match value {
+        v if v == PackinferDtype::F16 as u32 => Some(DType::F16),
+        v if v == PackinferDtype::Bf16 as u32 => Some(DType::Bf16),
+        v if v == PackinferDtype::F32 as u32 => Some(DType::F32),
+        _ => None,
+    }
+}
+
+/// The message for a `field` holding `value`, which is no `PackinferDtype`.
+pub(crate) fn not_a_dtype(field: &str, value: u32) -> String {
+    format!("{field} = {value} is not a PackinferDtype (0 = F16, 1 = BF16, 2 = F32)")
+}
+
+/// Opaque handle to a context (a backend on one device). 0 is never a valid handle, and a
+/// destroyed handle's value is never handed out again.
+///
+/// Threads: any thread may use a context, concurrently too. Every call that touches the device
+/// makes the context's CUDA context current itself, so a caller may hop OS threads between calls.
+/// Destroying it while another thread still calls with it is safe (those calls either finish or
+/// get INVALID_HANDLE); plans, launches and pools made on it stay usable.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PackinferContext {
+    pub bits: u64,
+}
+
+/// Opaque handle to a plan: the host-side schedule of one step.
+///
+/// Threads: a plan never changes after creation; any thread may use it, concurrently too.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PackinferPlan {
+    pub bits: u64,
+}
+
+/// Opaque handle to a launch: a plan bound to a context, ready to run every layer of the step.
+///
+/// Threads: any thread may call with a launch; the library orders calls on one launch. A launch
+/// has one work list, group counter and scratch on the device, so its runs and updates must not
+/// overlap there: on the CPU each run completes before the call returns; on CUDA a run or update
+/// on another stream than the launch's previous one is ordered after it with an event, except
+/// while either stream is being captured into a graph (replays of a captured graph are ordered
+/// by the stream the caller replays it on). Destroy a launch only once its last run has finished
+/// on the device.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PackinferLaunch {
+    pub bits: u64,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct PackinferContextOptions {
+    /// sizeof(PackinferContextOptions).
+    pub struct_size: usize,
+    /// A `PackinferBackend` value (a plain integer so that a bad value is refused, not undefined).
+    pub backend: u32,
+    /// CUDA device ordinal.
+    pub device_ordinal: u32,
+    /// Worker threads of the CPU backend; 0 = one per core.
+    pub num_threads: u32,
+    /// Directory for compiled kernels; NULL = $PACKINFER_CACHE_DIR, else ~/.cache/packinfer.
+    pub kernel_cache_dir: *const c_char,
+}
+
+/// What a context turned out to be.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct PackinferContextInfo {
+    /// sizeof(PackinferContextInfo).
+    pub struct_size: usize,
+    /// PACKINFER_BACKEND_CPU or PACKINFER_BACKEND_CUDA (never AUTO).
+    pub backend: u32,
+    /// CPU threads, or the device's SM count.
+    pub num_workers: u32,
+    /// NUL-terminated device name ("cpu" on the CPU backend).
+    pub device_name: [c_char; 128],
+}
+
+/// Requests `members[0..num_members]` share their first `prefix_len` keys (same content); the
+/// prefix is read once, from the first member's pages, for all of them. Frozen: this struct has
+/// no `struct_size` and does not change within ABI version 1.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct PackinferPrefixGroup {
+    pub prefix_len: u32,
+    pub num_members: u32,
+    pub members: *const i32,
+}
+
+/// One engine step: the batch's shape and its CSR page tables (FlashInfer's convention). All
+/// arrays are copied during `packinfer_plan_create`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct PackinferBatchDesc {
+    /// sizeof(PackinferBatchDesc).
+    pub struct_size: usize,
+    pub batch_size: u32,
+    /// [batch_size + 1]: request i's queries are tokens qo_indptr[i] .. qo_indptr[i+1].
+    pub qo_indptr: *const i32,
+    /// [batch_size + 1]: request i's pages are kv_page_indices[kv_indptr[i] .. kv_indptr[i+1]].
+    pub kv_indptr: *const i32,
+    /// [kv_indptr[batch_size]]: page numbers in the cache.
+    pub kv_page_indices: *const i32,
+    /// [batch_size]: tokens in each request's last page (1..=page_size; 0 for a request with no pages).
+    pub kv_last_page_len: *const i32,
+    /// Tokens per page; any size, 1 included.
+    pub page_size: u32,
+    /// Pages in the cache; every page index must be below it.
+    pub num_pages: u32,
+    pub num_qo_heads: u32,
+    pub num_kv_heads: u32,
+    pub head_dim: u32,
+    /// A `PackinferDtype` value.
+    pub dtype: u32,
+    /// Bottom-right aligned causal mask.
+    pub causal: bool,
+    /// 0 = 1/sqrt(head_dim).
+    pub sm_scale: f32,
+    pub num_prefix_groups: u32,
+    pub prefix_groups: *const PackinferPrefixGroup,
+}
+
+/// Bits of `PackinferPlanOptions::flags`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PackinferPlanFlags {
+    /// Fixed split boundaries: a request's output does not depend on the rest of the batch.
+    Deterministic = 1,
+    /// Ablation: one request per tile.
+    NoPacking = 2,
+    /// Ablation: one group per request, no load balancing.
+    NoBalancing = 4,
+    /// Ablation: read shared prefixes once per member.
+    NoPrefixSharing = 8,
+    /// Ablation: never split a request's keys.
+    NoSplitKv = 16,
+}
+
+impl PackinferPlanFlags {
+    pub(crate) const ALL: [PackinferPlanFlags; 5] = [Self::Deterministic, Self::NoPacking, Self::NoBalancing, Self::NoPrefixSharing, Self::NoSplitKv];
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct PackinferPlanOptions {
+    /// sizeof(PackinferPlanOptions).
+    pub struct_size: usize,
+    /// OR of PackinferPlanFlags.
+    pub flags: u32,
+    /// Split granularity in keys for deterministic mode; 0 = 2048.
+    pub split_keys: u32,
+    /// Capacity in cost units (pieces costing more are split; a prefix group or short request
+    /// within it stays on one CTA); 0 = chosen from the device and the batch; negative or
+    /// non-finite is INVALID_ARGUMENT.
+    pub capacity: f64,
+}
+
+/// What the planner did.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PackinferPlanStats {
+    /// sizeof(PackinferPlanStats).
+    pub struct_size: usize,
+    pub num_requests: u32,
+    pub num_groups: u32,
+    pub num_work_items: u32,
+    pub num_split_requests: u32,
+    pub num_merge_rows: u32,
+    pub num_partial_slots: u32,
+    /// Real (row, visible key) pairs / (row, key) pairs computed, in (0, 1].
+    pub tile_utilization: f64,
+    pub max_group_cost: f64,
+    pub mean_group_cost: f64,
+    pub capacity: f64,
+    pub planning_time_us: f64,
+    /// Bytes of fp32 scratch the plan's split partials need.
+    pub scratch_bytes: u64,
+    /// Load of the busiest CTA (worker) when workers take groups in order, and the mean over
+    /// all the device's workers, in the profile's cost units.
+    pub max_worker_cost: f64,
+    pub mean_worker_cost: f64,
+    /// Work items that write partial slots (split pieces, prefix tiles, prefix members' suffixes).
+    pub num_partial_items: u32,
+}
+
+/// Binding options of a launch.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct PackinferLaunchOptions {
+    /// sizeof(PackinferLaunchOptions).
+    pub struct_size: usize,
+    /// Caller-owned scratch of at least the plan's scratch_bytes (device memory on CUDA); NULL =
+    /// the launch allocates it once, at creation.
+    pub scratch: *mut c_void,
+    pub scratch_bytes: usize,
+}
+
+/// Where K and V live: element (page p, token t, kv head h, dim d) of K is at
+/// `k + p*stride_page + t*stride_token + h*stride_head + d*stride_dim` (in elements). Frozen:
+/// this struct has no `struct_size` and does not change within ABI version 1.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct PackinferKvLayout {
+    pub k: *const c_void,
+    pub v: *const c_void,
+    pub stride_page: i64,
+    pub stride_token: i64,
+    pub stride_head: i64,
+    pub stride_dim: i64,
+}
+
+/// One layer's tensors for `packinfer_run`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct PackinferRunArgs {
+    /// sizeof(PackinferRunArgs).
+    pub struct_size: usize,
+    /// [total_q, num_qo_heads, head_dim]; strides in elements, 0 = contiguous.
+    pub q: *const c_void,
+    pub q_stride_token: i64,
+    pub q_stride_head: i64,
+    pub kv: PackinferKvLayout,
+    /// [total_q, num_qo_heads, head_dim], same dtype as Q; strides in elements, 0 = contiguous.
+    pub o: *mut c_void,
+    pub o_stride_token: i64,
+    pub o_stride_head: i64,
+    /// Optional float32 [total_q, num_qo_heads], natural log; NULL = not written.
+    pub lse: *mut f32,
+    /// cudaStream_t / CUstream to run on (ignored by the CPU backend); NULL = the default stream.
+    pub stream: *mut c_void,
+}
+
+/// Sizes of a launch's device buffers, so that `packinfer_launch_update` can later upload any
+/// plan that fits (and a CUDA graph captured around `packinfer_run` replays it). Each field is
+/// raised to the first plan's own count, so 0 means "the first plan's count". The CPU backend
+/// computes each run from its plan and ignores the capacity.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PackinferLaunchCapacity {
+    /// sizeof(PackinferLaunchCapacity).
+    pub struct_size: usize,
+    pub max_work_items: u32,
+    pub max_row_segments: u32,
+    pub max_kv_chunks: u32,
+    pub max_requests: u32,
+    /// Entries of kv_page_indices.
+    pub max_pages: u32,
+    pub max_merge_rows: u32,
+    pub max_merge_slots: u32,
+    pub max_groups: u32,
+    pub max_partial_slots: u32,
+}
+
+super::versioned!(
+    PackinferContextOptions,
+    PackinferContextOptions {
+        struct_size: std::mem::size_of::<PackinferContextOptions>(),
+        backend: PackinferBackend::Auto as u32,
+        device_ordinal: 0,
+        num_threads: 0,
+        kernel_cache_dir: std::ptr::null(),
+    },
+    [backend, device_ordinal, num_threads, kernel_cache_dir]
+);
+
+super::versioned!(
+    PackinferContextInfo,
+    PackinferContextInfo { struct_size: std::mem::size_of::<PackinferContextInfo>(), backend: 0, num_workers: 0, device_name: [0; 128] },
+    [backend, num_workers, device_name]
+);
+
+super::versioned!(
+    PackinferBatchDesc,
+    PackinferBatchDesc {
+        struct_size: std::mem::size_of::<PackinferBatchDesc>(),
+        batch_size: 0,
+        qo_indptr: std::ptr::null(),
+        kv_indptr: std::ptr::null(),
+        kv_page_indices: std::ptr::null(),
+        kv_last_page_len: std::ptr::null(),
+        page_size: 16,
+        num_pages: 0,
+        num_qo_heads: 0,
+        num_kv_heads: 0,
+        head_dim: 0,
+        dtype: PackinferDtype::Bf16 as u32,
+        causal: true,
+        sm_scale: 0.0,
+        num_prefix_groups: 0,
+        prefix_groups: std::ptr::null(),
+    },
+    [
+        batch_size,
+        qo_indptr,
+        kv_indptr,
+        kv_page_indices,
+        kv_last_page_len,
+        page_size,
+        num_pages,
+        num_qo_heads,
+        num_kv_heads,
+        head_dim,
+        dtype,
+        causal,
+        sm_scale,
+        num_prefix_groups,
+        prefix_groups
+    ]
+);
+
+super::versioned!(
+    PackinferPlanOptions,
+    PackinferPlanOptions { struct_size: std::mem::size_of::<PackinferPlanOptions>(), flags: 0, split_keys: 0, capacity: 0.0 },
+    [flags, split_keys, capacity]
+);
+
+super::versioned!(
+    PackinferPlanStats,
+    PackinferPlanStats { struct_size: std::mem::size_of::<PackinferPlanStats>(), ..Default::default() },
+    [
+        num_requests,
+        num_groups,
+        num_work_items,
+        num_split_requests,
+        num_merge_rows,
+        num_partial_slots,
+        tile_utilization,
+        max_group_cost,
+        mean_group_cost,
+        capacity,
+        planning_time_us,
+        scratch_bytes
+    ]
+    [max_worker_cost, mean_worker_cost, num_partial_items]
+);
+
+super::versioned!(
+    PackinferLaunchOptions,
+    PackinferLaunchOptions { struct_size: std::mem::size_of::<PackinferLaunchOptions>(), scratch: std::ptr::null_mut(), scratch_bytes: 0 },
+    [scratch, scratch_bytes]
+);
+
+super::versioned!(
+    PackinferRunArgs,
+    PackinferRunArgs {
+        struct_size: std::mem::size_of::<PackinferRunArgs>(),
+        q: std::ptr::null(),
+        q_stride_token: 0,
+        q_stride_head: 0,
+        kv: PackinferKvLayout { k: std::ptr::null(), v: std::ptr::null(), stride_page: 0, stride_token: 0, stride_head: 0, stride_dim: 0 },
+        o: std::ptr::null_mut(),
+        o_stride_token: 0,
+        o_stride_head: 0,
+        lse: std::ptr::null_mut(),
+        stream: std::ptr::null_mut(),
+    },
+    [q, q_stride_token, q_stride_head, kv, o, o_stride_token, o_stride_head, lse, stream]
+);
+
+super::versioned!(
+    PackinferLaunchCapacity,
+    PackinferLaunchCapacity { struct_size: std::mem::size_of::<PackinferLaunchCapacity>(), ..Default::default() },
+    [max_work_items, max_row_segments, max_kv_chunks, max_requests, max_pages, max_merge_rows, max_merge_slots, max_groups, max_partial_slots]
+);

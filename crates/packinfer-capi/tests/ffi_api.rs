@@ -1,0 +1,418 @@
+//! The C ABI, called the way a C engine calls it: full flows, and every bad input the API can
+//! receive, each with its status and a message naming the bad value, the context staying usable.
+
+use packinfer_testkit as common;
+mod support;
+use support::CDesc;
+
+use std::ffi::{c_void, CStr};
+use std::ptr::{null, null_mut};
+
+use common::{assert_close, rng, Case, CaseSpec, Tensor};
+use packinfer_capi::*;
+use packinfer::types::{DType, PrefixGroup};
+
+fn last_error() -> String {
+    unsafe { CStr::from_ptr(packinfer_last_error()) }.to_string_lossy().into_owned()
+}
+
+/// Asserts `status` and that the last error mentions every needle.
+#[track_caller]
+fn expect(status: PackinferStatus, want: PackinferStatus, needles: &[&str]) {
+    let msg = last_error();
+    assert_eq!(status, want, "status (message: {msg})");
+    for n in needles {
+        assert!(msg.contains(n), "message {msg:?} should mention {n:?}");
+    }
+}
+
+fn cpu_context() -> PackinferContext {
+    let mut o = unsafe { std::mem::zeroed::<PackinferContextOptions>() };
+    assert_eq!(unsafe { packinfer_context_options_default(&mut o) }, PackinferStatus::Ok);
+    o.backend = PackinferBackend::Cpu as u32;
+    o.num_threads = 2;
+    let mut ctx = PackinferContext::default();
+    assert_eq!(unsafe { packinfer_context_create(&o, &mut ctx) }, PackinferStatus::Ok, "{}", last_error());
+    ctx
+}
+
+fn desc(case: &Case, groups: &[PackinferPrefixGroup]) -> PackinferBatchDesc {
+    case.c_desc(groups)
+}
+
+fn run_args(case: &Case, o: &Tensor, lse: &mut [f32]) -> PackinferRunArgs {
+    let l = &case.layout;
+    PackinferRunArgs {
+        struct_size: std::mem::size_of::<PackinferRunArgs>(),
+        q: case.q.ptr() as *const c_void,
+        q_stride_token: 0,
+        q_stride_head: 0,
+        kv: PackinferKvLayout {
+            k: l.k as *const c_void,
+            v: l.v as *const c_void,
+            stride_page: l.stride_page,
+            stride_token: l.stride_token,
+            stride_head: l.stride_head,
+            stride_dim: l.stride_dim,
+        },
+        o: o.ptr() as *mut c_void,
+        o_stride_token: 0,
+        o_stride_head: 0,
+        lse: lse.as_mut_ptr(),
+        stream: null_mut(),
+    }
+}
+
+fn small_case(seed: u64) -> Case {
+    let spec = CaseSpec { batch_size: 4, max_kv: 90, page_size: 16, num_kv_heads: 2, group: 4, head_dim: 64, dtype: DType::Bf16, causal: true, decode_fraction: 0.5, hnd: false };
+    Case::random(&mut rng(seed), &spec)
+}
+
+/// plan → launch → run → check, through the C ABI.
+fn full_flow(ctx: PackinferContext, case: &Case, groups: &[PackinferPrefixGroup]) {
+    let d = desc(case, groups);
+    let mut plan = PackinferPlan::default();
+    assert_eq!(unsafe { packinfer_plan_create(ctx, &d, null(), &mut plan) }, PackinferStatus::Ok, "{}", last_error());
+    let mut stats = PackinferPlanStats { struct_size: std::mem::size_of::<PackinferPlanStats>(), ..Default::default() };
+    assert_eq!(unsafe { packinfer_plan_stats(plan, &mut stats) }, PackinferStatus::Ok);
+    assert_eq!(stats.num_requests, case.batch.len() as u32);
+    assert!(stats.tile_utilization > 0.0 && stats.tile_utilization <= 1.0);
+    let mut launch = PackinferLaunch::default();
+    assert_eq!(unsafe { packinfer_launch_create(ctx, plan, null(), null_mut(), &mut launch) }, PackinferStatus::Ok, "{}", last_error());
+    let mut done = false;
+    assert_eq!(unsafe { packinfer_launch_query(launch, &mut done) }, PackinferStatus::Ok);
+    assert!(done);
+    assert_eq!(packinfer_launch_wait(launch), PackinferStatus::Ok);
+    // Every layer of a step reuses the launch.
+    for _layer in 0..2 {
+        let o = Tensor::poisoned(case.shape.dtype, case.out_len());
+        let mut lse = vec![f32::NAN; case.total_q() * case.shape.num_qo_heads as usize];
+        let args = run_args(case, &o, &mut lse);
+        assert_eq!(unsafe { packinfer_run(launch, &args) }, PackinferStatus::Ok, "{}", last_error());
+        assert_close(case, &o, &lse, "C ABI flow");
+    }
+    assert_eq!(packinfer_launch_destroy(launch), PackinferStatus::Ok);
+    assert_eq!(packinfer_plan_destroy(plan), PackinferStatus::Ok);
+}
+
+#[test]
+fn version_and_status_strings() {
+    assert_eq!(packinfer_abi_version(), PACKINFER_ABI_VERSION);
+    let v = unsafe { CStr::from_ptr(packinfer_version()) }.to_str().unwrap();
+    assert_eq!(v, env!("CARGO_PKG_VERSION"));
+    let s = unsafe { CStr::from_ptr(packinfer_status_string(PackinferStatus::PoolExhausted as u32)) };
+    assert_eq!(s.to_str().unwrap(), "PACKINFER_STATUS_POOL_EXHAUSTED");
+    let s = unsafe { CStr::from_ptr(packinfer_status_string(77)) };
+    assert_eq!(s.to_str().unwrap(), "PACKINFER_STATUS_UNKNOWN");
+}
+
+#[test]
+fn flows_prefill_decode_mixed_and_prefix_groups() {
+    let ctx = cpu_context();
+    let mut info = PackinferContextInfo { struct_size: std::mem::size_of::<PackinferContextInfo>(), backend: 0, num_workers: 0, device_name: [0; 128] };
+    assert_eq!(unsafe { packinfer_context_info(ctx, &mut info) }, PackinferStatus::Ok);
+    assert_eq!(info.backend, PackinferBackend::Cpu as u32);
+    assert_eq!(info.num_workers, 2);
+    for seed in 0..5 {
+        full_flow(ctx, &small_case(seed), &[]);
+    }
+    // Three requests sharing a 40-token prefix, plus one that does not.
+    let spec = CaseSpec { batch_size: 4, max_kv: 1, page_size: 16, num_kv_heads: 1, group: 4, head_dim: 128, dtype: DType::F16, causal: true, decode_fraction: 0.0, hnd: true };
+    let members = [0i32, 1, 3];
+    let case = Case::build(&mut rng(9), &spec, &[(1, 45), (3, 60), (5, 20), (1, 41)], vec![PrefixGroup { prefix_len: 40, members: vec![0, 1, 3] }]);
+    let groups = [PackinferPrefixGroup { prefix_len: 40, num_members: 3, members: members.as_ptr() }];
+    full_flow(ctx, &case, &groups);
+    assert_eq!(packinfer_context_destroy(ctx), PackinferStatus::Ok);
+}
+
+#[test]
+fn auto_falls_back_to_cpu_and_cuda_says_no_device() {
+    let mut o = unsafe { std::mem::zeroed::<PackinferContextOptions>() };
+    unsafe { packinfer_context_options_default(&mut o) };
+    let mut ctx = PackinferContext::default();
+    assert_eq!(unsafe { packinfer_context_create(&o, &mut ctx) }, PackinferStatus::Ok);
+    assert_ne!(ctx.bits, 0);
+    assert_eq!(packinfer_context_destroy(ctx), PackinferStatus::Ok);
+    o.backend = PackinferBackend::Cuda as u32;
+    let status = unsafe { packinfer_context_create(&o, &mut ctx) };
+    if packinfer::backend::cuda::probe(0).is_err() {
+        expect(status, PackinferStatus::NoDevice, &["packinfer_context_create"]);
+        // and asking for a device that does not exist is NO_DEVICE too, never a crash
+        o.device_ordinal = 7;
+        expect(unsafe { packinfer_context_create(&o, &mut ctx) }, PackinferStatus::NoDevice, &[]);
+    } else {
+        eprintln!("a CUDA device is present: NO_DEVICE is checked only on machines without one");
+        if status == PackinferStatus::Ok {
+            packinfer_context_destroy(ctx);
+        }
+    }
+}
+
+#[test]
+fn handles_destroyed_or_forged_are_refused() {
+    let ctx = cpu_context();
+    let case = small_case(1);
+    let d = desc(&case, &[]);
+    let mut plan = PackinferPlan::default();
+    assert_eq!(unsafe { packinfer_plan_create(ctx, &d, null(), &mut plan) }, PackinferStatus::Ok);
+    let mut launch = PackinferLaunch::default();
+    assert_eq!(unsafe { packinfer_launch_create(ctx, plan, null(), null_mut(), &mut launch) }, PackinferStatus::Ok);
+    // Destroying the plan leaves the launch usable; using the plan is refused.
+    assert_eq!(packinfer_plan_destroy(plan), PackinferStatus::Ok);
+    expect(packinfer_plan_destroy(plan), PackinferStatus::InvalidHandle, &["packinfer_plan_destroy", "plan handle", "destroyed"]);
+    let mut stats = PackinferPlanStats { struct_size: std::mem::size_of::<PackinferPlanStats>(), ..Default::default() };
+    expect(unsafe { packinfer_plan_stats(plan, &mut stats) }, PackinferStatus::InvalidHandle, &["plan handle"]);
+    let mut other = PackinferLaunch::default();
+    expect(unsafe { packinfer_launch_create(ctx, plan, null(), null_mut(), &mut other) }, PackinferStatus::InvalidHandle, &["plan handle"]);
+    let o = Tensor::poisoned(case.shape.dtype, case.out_len());
+    let mut lse = vec![0.0; case.total_q() * 8];
+    let args = run_args(&case, &o, &mut lse);
+    assert_eq!(unsafe { packinfer_run(launch, &args) }, PackinferStatus::Ok, "{}", last_error());
+    assert_eq!(packinfer_launch_destroy(launch), PackinferStatus::Ok);
+    expect(unsafe { packinfer_run(launch, &args) }, PackinferStatus::InvalidHandle, &["packinfer_run", "launch handle"]);
+    expect(packinfer_launch_destroy(launch), PackinferStatus::InvalidHandle, &["launch handle"]);
+    let mut done = false;
+    expect(unsafe { packinfer_launch_query(launch, &mut done) }, PackinferStatus::InvalidHandle, &[]);
+    expect(packinfer_launch_wait(launch), PackinferStatus::InvalidHandle, &[]);
+    // Null, forged and cross-kind handles.
+    expect(packinfer_context_destroy(PackinferContext { bits: 0 }), PackinferStatus::InvalidHandle, &["null"]);
+    expect(packinfer_context_destroy(PackinferContext { bits: 0xC100_0000_0000_9999 }), PackinferStatus::InvalidHandle, &["context handle"]);
+    expect(packinfer_context_destroy(PackinferContext { bits: plan.bits }), PackinferStatus::InvalidHandle, &["not a handle of this kind"]);
+    // The context is still fine; then it is destroyed once, and only once.
+    full_flow(ctx, &case, &[]);
+    assert_eq!(packinfer_context_destroy(ctx), PackinferStatus::Ok);
+    expect(packinfer_context_destroy(ctx), PackinferStatus::InvalidHandle, &["context handle"]);
+    expect(unsafe { packinfer_plan_create(ctx, &d, null(), &mut plan) }, PackinferStatus::InvalidHandle, &["context handle"]);
+}
+
+/// Each bad batch is refused with its status and a message naming the value; after each, the
+/// context still plans and runs a good batch.
+#[test]
+fn bad_batches_are_refused_with_the_value_named() {
+    let ctx = cpu_context();
+    let good = small_case(2);
+    let plan_status = |d: &PackinferBatchDesc| {
+        let mut plan = PackinferPlan::default();
+        let s = unsafe { packinfer_plan_create(ctx, d, null(), &mut plan) };
+        if s == PackinferStatus::Ok {
+            packinfer_plan_destroy(plan);
+        }
+        s
+    };
+    type Edit = Box<dyn Fn(&mut PackinferBatchDesc, &mut Vec<i32>)>;
+    let nnz = good.batch.kv_page_indices.len();
+    let mut bad_pages = good.batch.kv_page_indices.clone();
+    bad_pages[nnz - 1] = good.batch.num_pages as i32 + 5;
+    let bad_page_value = bad_pages[nnz - 1];
+    let mut bad_indptr = good.batch.qo_indptr.clone();
+    bad_indptr[2] = bad_indptr[1] - 1;
+    let mut causal_too_long = good.batch.qo_indptr.clone();
+    let extra = good.batch.kv_len(3) as i32 + 1 - good.batch.q_len(3) as i32;
+    *causal_too_long.last_mut().unwrap() += extra;
+    let mut last_len = good.batch.kv_last_page_len.clone();
+    last_len[0] = 17;
+    let cases: Vec<(&str, PackinferStatus, Vec<String>, Edit)> = vec![
+        ("null qo_indptr", PackinferStatus::InvalidArgument, vec!["qo_indptr".into(), "null".into()], Box::new(|d, _| d.qo_indptr = null())),
+        ("null kv_page_indices", PackinferStatus::InvalidArgument, vec!["kv_page_indices".into()], Box::new(|d, _| d.kv_page_indices = null())),
+        ("page out of range", PackinferStatus::InvalidArgument, vec![format!("kv_page_indices[{}] = {bad_page_value}", nnz - 1), format!("{} pages", good.batch.num_pages)], {
+            let p = bad_pages.clone();
+            Box::new(move |d, keep| {
+                *keep = p.clone();
+                d.kv_page_indices = keep.as_ptr();
+            })
+        }),
+        ("indptr decreasing", PackinferStatus::InvalidArgument, vec!["qo_indptr[2]".into(), "must not decrease".into()], {
+            let p = bad_indptr.clone();
+            Box::new(move |d, keep| {
+                *keep = p.clone();
+                d.qo_indptr = keep.as_ptr();
+            })
+        }),
+        ("q_len > kv_len causal", PackinferStatus::InvalidArgument, vec!["request 3".into(), "causal".into()], {
+            let p = causal_too_long.clone();
+            Box::new(move |d, keep| {
+                *keep = p.clone();
+                d.qo_indptr = keep.as_ptr();
+            })
+        }),
+        ("last page too long", PackinferStatus::InvalidArgument, vec!["kv_last_page_len[0] = 17".into()], {
+            let p = last_len.clone();
+            Box::new(move |d, keep| {
+                *keep = p.clone();
+                d.kv_last_page_len = keep.as_ptr();
+            })
+        }),
+        ("heads not divisible", PackinferStatus::InvalidArgument, vec!["num_qo_heads = 6".into(), "num_kv_heads = 4".into()], Box::new(|d, _| {
+            d.num_qo_heads = 6;
+            d.num_kv_heads = 4;
+        })),
+        ("zero kv heads", PackinferStatus::InvalidArgument, vec!["num_kv_heads = 0".into()], Box::new(|d, _| d.num_kv_heads = 0)),
+        ("head_dim 100", PackinferStatus::Unsupported, vec!["head_dim = 100".into()], Box::new(|d, _| d.head_dim = 100)),
+        ("dtype 9", PackinferStatus::InvalidArgument, vec!["dtype = 9".into()], Box::new(|d, _| d.dtype = 9)),
+        ("page size 0", PackinferStatus::InvalidArgument, vec!["page_size = 0".into()], Box::new(|d, _| d.page_size = 0)),
+        ("negative sm_scale", PackinferStatus::InvalidArgument, vec!["sm_scale = -1".into()], Box::new(|d, _| d.sm_scale = -1.0)),
+        ("struct_size 0", PackinferStatus::InvalidArgument, vec!["struct_size = 0".into()], Box::new(|d, _| d.struct_size = 0)),
+        ("struct_size short", PackinferStatus::InvalidArgument, vec!["struct_size = 8".into()], Box::new(|d, _| d.struct_size = 8)),
+        ("prefix group with one member", PackinferStatus::InvalidArgument, vec!["prefix_groups[0]".into()], Box::new(|d, keep| {
+            *keep = vec![0];
+            d.num_prefix_groups = 1;
+            d.prefix_groups = Box::leak(Box::new(PackinferPrefixGroup { prefix_len: 4, num_members: 1, members: keep.as_ptr() }));
+        })),
+        ("prefix longer than member", PackinferStatus::InvalidArgument, vec!["prefix_len = 100000".into()], Box::new(|d, keep| {
+            *keep = vec![0, 1];
+            d.num_prefix_groups = 1;
+            d.prefix_groups = Box::leak(Box::new(PackinferPrefixGroup { prefix_len: 100000, num_members: 2, members: keep.as_ptr() }));
+        })),
+        ("request in two prefix groups", PackinferStatus::InvalidArgument, vec!["request 1".into(), "at most one prefix group".into()], Box::new(|d, keep| {
+            *keep = vec![0, 1, 1, 2];
+            d.num_prefix_groups = 2;
+            d.prefix_groups = Box::leak(Box::new([
+                PackinferPrefixGroup { prefix_len: 1, num_members: 2, members: keep.as_ptr() },
+                PackinferPrefixGroup { prefix_len: 1, num_members: 2, members: unsafe { keep.as_ptr().add(2) } },
+            ])) as *const _ as *const PackinferPrefixGroup;
+        })),
+        ("prefix member out of batch", PackinferStatus::InvalidArgument, vec!["members[1] = 9".into()], Box::new(|d, keep| {
+            *keep = vec![0, 9];
+            d.num_prefix_groups = 1;
+            d.prefix_groups = Box::leak(Box::new(PackinferPrefixGroup { prefix_len: 1, num_members: 2, members: keep.as_ptr() }));
+        })),
+    ];
+    for (name, status, needles, edit) in cases {
+        let mut d = desc(&good, &[]);
+        let mut keep = Vec::new();
+        edit(&mut d, &mut keep);
+        let needles: Vec<&str> = needles.iter().map(|s| s.as_str()).collect();
+        let s = plan_status(&d);
+        let msg = last_error();
+        assert_eq!(s, status, "{name}: {msg}");
+        assert!(msg.starts_with("packinfer_plan_create: "), "{name}: {msg}");
+        for n in needles {
+            assert!(msg.contains(n), "{name}: message {msg:?} should mention {n:?}");
+        }
+        full_flow(ctx, &good, &[]);
+    }
+    // Null descriptor and null out-parameter.
+    expect(unsafe { packinfer_plan_create(ctx, null(), null(), &mut PackinferPlan::default()) }, PackinferStatus::InvalidArgument, &["batch is a null pointer"]);
+    expect(unsafe { packinfer_plan_create(ctx, &desc(&good, &[]), null(), null_mut()) }, PackinferStatus::InvalidArgument, &["out is a null pointer"]);
+    // Bad plan options.
+    let mut po = unsafe { std::mem::zeroed::<PackinferPlanOptions>() };
+    unsafe { packinfer_plan_options_default(&mut po) };
+    po.capacity = -3.0;
+    let mut plan = PackinferPlan::default();
+    expect(unsafe { packinfer_plan_create(ctx, &desc(&good, &[]), &po, &mut plan) }, PackinferStatus::InvalidArgument, &["capacity = -3"]);
+    packinfer_context_destroy(ctx);
+}
+
+#[test]
+fn bad_options_run_args_and_scratch() {
+    // Context options.
+    let mut o = unsafe { std::mem::zeroed::<PackinferContextOptions>() };
+    let mut ctx = PackinferContext::default();
+    expect(unsafe { packinfer_context_create(&o, &mut ctx) }, PackinferStatus::InvalidArgument, &["struct_size = 0"]);
+    expect(unsafe { packinfer_context_create(null(), &mut ctx) }, PackinferStatus::InvalidArgument, &["options is a null pointer"]);
+    unsafe { packinfer_context_options_default(&mut o) };
+    o.backend = 5;
+    expect(unsafe { packinfer_context_create(&o, &mut ctx) }, PackinferStatus::InvalidArgument, &["backend = 5"]);
+    expect(unsafe { packinfer_context_options_default(null_mut()) }, PackinferStatus::InvalidArgument, &["null"]);
+
+    let ctx = cpu_context();
+    let case = small_case(3);
+    let mut plan = PackinferPlan::default();
+    assert_eq!(unsafe { packinfer_plan_create(ctx, &desc(&case, &[]), null(), &mut plan) }, PackinferStatus::Ok);
+    let mut launch = PackinferLaunch::default();
+    assert_eq!(unsafe { packinfer_launch_create(ctx, plan, null(), null_mut(), &mut launch) }, PackinferStatus::Ok);
+    let o = Tensor::poisoned(case.shape.dtype, case.out_len());
+    let mut lse = vec![0.0; case.total_q() * 8];
+    let good = run_args(&case, &o, &mut lse);
+    let mut a = good;
+    a.q = null();
+    expect(unsafe { packinfer_run(launch, &a) }, PackinferStatus::InvalidArgument, &["packinfer_run", "q is a null pointer"]);
+    a = good;
+    a.kv.v = null();
+    expect(unsafe { packinfer_run(launch, &a) }, PackinferStatus::InvalidArgument, &["kv.k or kv.v"]);
+    a = good;
+    a.o_stride_head = -4;
+    expect(unsafe { packinfer_run(launch, &a) }, PackinferStatus::InvalidArgument, &["o strides"]);
+    a = good;
+    a.struct_size = 3;
+    expect(unsafe { packinfer_run(launch, &a) }, PackinferStatus::InvalidArgument, &["args->struct_size = 3"]);
+    expect(unsafe { packinfer_run(launch, null()) }, PackinferStatus::InvalidArgument, &["args is a null pointer"]);
+    assert_eq!(unsafe { packinfer_run(launch, &good) }, PackinferStatus::Ok, "{}", last_error());
+    expect(unsafe { packinfer_launch_query(launch, null_mut()) }, PackinferStatus::InvalidArgument, &["done"]);
+    let mut stats = PackinferPlanStats::default();
+    expect(unsafe { packinfer_plan_stats(plan, &mut stats) }, PackinferStatus::InvalidArgument, &["stats->struct_size = 0"]);
+    // Caller scratch that is too small, when the plan needs some.
+    stats.struct_size = std::mem::size_of::<PackinferPlanStats>();
+    unsafe { packinfer_plan_stats(plan, &mut stats) };
+    if stats.scratch_bytes > 0 {
+        let mut buf = vec![0u8; 16];
+        let lo = PackinferLaunchOptions { struct_size: std::mem::size_of::<PackinferLaunchOptions>(), scratch: buf.as_mut_ptr() as *mut c_void, scratch_bytes: 16 };
+        expect(unsafe { packinfer_launch_create(ctx, plan, &lo, null_mut(), &mut PackinferLaunch::default()) }, PackinferStatus::InvalidArgument, &["scratch_bytes = 16"]);
+    }
+    let lo = PackinferLaunchOptions { struct_size: 1, scratch: null_mut(), scratch_bytes: 0 };
+    expect(unsafe { packinfer_launch_create(ctx, plan, &lo, null_mut(), &mut PackinferLaunch::default()) }, PackinferStatus::InvalidArgument, &["options->struct_size = 1"]);
+    // A larger struct_size (a newer header) is accepted.
+    a = good;
+    a.struct_size += 16;
+    assert_eq!(unsafe { packinfer_run(launch, &a) }, PackinferStatus::Ok, "{}", last_error());
+    packinfer_launch_destroy(launch);
+    packinfer_plan_destroy(plan);
+    packinfer_context_destroy(ctx);
+}
+
+#[test]
+fn layout_helpers_describe_nhd_and_hnd() {
+    let mut l = unsafe { std::mem::zeroed::<PackinferKvLayout>() };
+    assert_eq!(unsafe { packinfer_kv_layout_nhd(null(), null(), 16, 8, 128, &mut l) }, PackinferStatus::Ok);
+    assert_eq!((l.stride_page, l.stride_token, l.stride_head, l.stride_dim), (16 * 8 * 128, 8 * 128, 128, 1));
+    assert_eq!(unsafe { packinfer_kv_layout_hnd(null(), null(), 16, 8, 128, &mut l) }, PackinferStatus::Ok);
+    assert_eq!((l.stride_page, l.stride_token, l.stride_head, l.stride_dim), (16 * 8 * 128, 128, 16 * 128, 1));
+    expect(unsafe { packinfer_kv_layout_nhd(null(), null(), 16, 8, 128, null_mut()) }, PackinferStatus::InvalidArgument, &["layout"]);
+}
+
+/// A panic inside the library becomes INTERNAL with its message, and the thread carries on.
+#[test]
+fn panics_become_internal() {
+    let s = packinfer_capi::guard_for_tests("packinfer_test", || panic!("boom {}", 42));
+    expect(s, PackinferStatus::Internal, &["packinfer_test", "boom 42"]);
+    assert_eq!(packinfer_abi_version(), PACKINFER_ABI_VERSION);
+}
+
+/// The C API: capacity 0 is automatic, a negative or non-finite one is INVALID_ARGUMENT, and
+/// the statistics come through.
+#[test]
+fn c_api_capacity_and_stats() {
+    let mut r = rng(1);
+    let spec = CaseSpec { batch_size: 3, max_kv: 50, page_size: 16, num_kv_heads: 1, group: 4, head_dim: 64, dtype: DType::F32, causal: true, decode_fraction: 0.5, hnd: false };
+    let case = Case::build(&mut r, &spec, &[(1, 40), (2, 30), (1, 20)], vec![]);
+    unsafe {
+        let mut copts: PackinferContextOptions = std::mem::zeroed();
+        assert_eq!(packinfer_context_options_default(&mut copts), PackinferStatus::Ok);
+        copts.backend = PackinferBackend::Cpu as u32;
+        let mut ctx = PackinferContext::default();
+        assert_eq!(packinfer_context_create(&copts, &mut ctx), PackinferStatus::Ok);
+        let desc = case.c_desc(&[]);
+        let mut opts: PackinferPlanOptions = std::mem::zeroed();
+        assert_eq!(packinfer_plan_options_default(&mut opts), PackinferStatus::Ok);
+        for bad in [-1.0, f64::NAN, f64::INFINITY] {
+            opts.capacity = bad;
+            let mut plan = PackinferPlan::default();
+            assert_eq!(packinfer_plan_create(ctx, &desc, &opts, &mut plan), PackinferStatus::InvalidArgument);
+            let msg = std::ffi::CStr::from_ptr(packinfer_last_error()).to_string_lossy().into_owned();
+            assert!(msg.contains("capacity"), "{msg}");
+        }
+        opts.capacity = 0.0;
+        let mut plan = PackinferPlan::default();
+        assert_eq!(packinfer_plan_create(ctx, &desc, &opts, &mut plan), PackinferStatus::Ok);
+        let mut stats: PackinferPlanStats = std::mem::zeroed();
+        stats.struct_size = std::mem::size_of::<PackinferPlanStats>();
+        assert_eq!(packinfer_plan_stats(plan, &mut stats), PackinferStatus::Ok);
+        assert_eq!(stats.num_requests, 3);
+        assert!(stats.num_work_items >= 1 && stats.num_groups >= 1);
+        assert!(stats.tile_utilization > 0.0 && stats.tile_utilization <= 1.0);
+        assert!(stats.capacity > 0.0 && stats.max_worker_cost >= stats.mean_worker_cost && stats.mean_worker_cost > 0.0);
+        assert!(stats.planning_time_us > 0.0);
+        assert_eq!(packinfer_plan_destroy(plan), PackinferStatus::Ok);
+        assert_eq!(packinfer_context_destroy(ctx), PackinferStatus::Ok);
+    }
+}

@@ -1,0 +1,318 @@
+//! Shared test support: random batches in a paged cache, and a naive float64 attention written
+//! independently of the library (no online softmax, no tiles), which every backend is checked
+//! against. Used by the CPU, planner, pool and CUDA tests.
+
+
+use half::{bf16, f16};
+use packinfer::types::{Batch, DType, KvLayout, PrefixGroup, RowsTensor, RunArgs, Shape};
+use rand::rngs::SmallRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+/// Values stored in one of the library's dtypes, plus the exact f64 of each stored value.
+pub struct Tensor {
+    pub dtype: DType,
+    pub bytes: Vec<u8>,
+    pub exact: Vec<f64>,
+}
+
+impl Tensor {
+    pub fn new(dtype: DType, values: impl IntoIterator<Item = f32>) -> Tensor {
+        let mut bytes = Vec::new();
+        let mut exact = Vec::new();
+        for x in values {
+            match dtype {
+                DType::F16 => {
+                    let h = f16::from_f32(x);
+                    bytes.extend_from_slice(&h.to_bits().to_le_bytes());
+                    exact.push(h.to_f64());
+                }
+                DType::Bf16 => {
+                    let h = bf16::from_f32(x);
+                    bytes.extend_from_slice(&h.to_bits().to_le_bytes());
+                    exact.push(h.to_f64());
+                }
+                DType::F32 => {
+                    bytes.extend_from_slice(&x.to_le_bytes());
+                    exact.push(x as f64);
+                }
+            }
+        }
+        Tensor { dtype, bytes, exact }
+    }
+    /// A tensor of `n` elements, every one a NaN, so an unwritten output element is caught.
+    pub fn poisoned(dtype: DType, n: usize) -> Tensor {
+        Tensor::new(dtype, std::iter::repeat(f32::NAN).take(n))
+    }
+    pub fn ptr(&self) -> u64 {
+        self.bytes.as_ptr() as u64
+    }
+    pub fn get(&self, i: usize) -> f64 {
+        let b = &self.bytes[i * self.dtype.size_bytes()..];
+        match self.dtype {
+            DType::F16 => f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f64(),
+            DType::Bf16 => bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f64(),
+            DType::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64,
+        }
+    }
+}
+
+/// Knobs for a random case.
+#[derive(Clone, Debug)]
+pub struct CaseSpec {
+    pub batch_size: usize,
+    pub max_kv: u32,
+    pub page_size: u32,
+    pub num_kv_heads: u32,
+    pub group: u32,
+    pub head_dim: u32,
+    pub dtype: DType,
+    pub causal: bool,
+    /// Probability that a request is a decode (one query) rather than a prefill chunk.
+    pub decode_fraction: f64,
+    /// HND instead of NHD page layout.
+    pub hnd: bool,
+}
+
+impl CaseSpec {
+    pub fn random(rng: &mut SmallRng) -> CaseSpec {
+        let dtype = [DType::F16, DType::Bf16, DType::F32][rng.random_range(0..3)];
+        let head_dim = [64, 128, 256][rng.random_range(0..3)];
+        CaseSpec {
+            batch_size: rng.random_range(1..=6),
+            max_kv: [8, 64, 300, 1200, 4096][rng.random_range(0..5)],
+            page_size: [1, 16, 64][rng.random_range(0..3)],
+            num_kv_heads: rng.random_range(1..=2),
+            group: [1, 4, 8][rng.random_range(0..3)],
+            head_dim,
+            dtype,
+            causal: rng.random_bool(0.7),
+            decode_fraction: rng.random_range(0.0..1.0),
+            hnd: rng.random_bool(0.5),
+        }
+    }
+}
+
+/// A batch in a paged cache with random contents, ready to plan and run.
+pub struct Case {
+    pub shape: Shape,
+    pub batch: Batch,
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    pub layout: KvLayout,
+    pub hnd: bool,
+}
+
+/// Random per-request (q_len, kv_len) pairs following `spec`.
+pub fn random_lengths(rng: &mut SmallRng, spec: &CaseSpec) -> Vec<(u32, u32)> {
+    (0..spec.batch_size)
+        .map(|_| {
+            let kv = rng.random_range(1..=spec.max_kv);
+            // Keep q_len × kv_len bounded so hundreds of cases stay quick under the f64 reference.
+            let q = if rng.random_bool(spec.decode_fraction) { 1 } else { rng.random_range(1..=kv.min(65536 / kv).max(1)) };
+            (q, kv)
+        })
+        .collect()
+}
+
+impl Case {
+    pub fn random(rng: &mut SmallRng, spec: &CaseSpec) -> Case {
+        let lens = random_lengths(rng, spec);
+        Case::build(rng, spec, &lens, Vec::new())
+    }
+
+    /// A case with the given (q_len, kv_len) per request and prefix groups. Members of a prefix
+    /// group get identical K/V for their first `prefix_len` keys (on different pages unless a
+    /// page is entirely inside the prefix, in which case the member reuses the first member's).
+    pub fn build(rng: &mut SmallRng, spec: &CaseSpec, lens: &[(u32, u32)], prefix_groups: Vec<PrefixGroup>) -> Case {
+        Case::build_with(rng, spec, lens, prefix_groups, true)
+    }
+
+    /// `build`, with the pages drawn in order (each request's pages follow each other, as in a
+    /// ragged batch) unless `scatter`.
+    pub fn build_with(rng: &mut SmallRng, spec: &CaseSpec, lens: &[(u32, u32)], prefix_groups: Vec<PrefixGroup>, scatter: bool) -> Case {
+        let ps = spec.page_size;
+        let (h, d) = (spec.num_kv_heads as usize, spec.head_dim as usize);
+        let shape = Shape {
+            num_qo_heads: spec.num_kv_heads * spec.group,
+            num_kv_heads: spec.num_kv_heads,
+            head_dim: spec.head_dim,
+            dtype: spec.dtype,
+            causal: spec.causal,
+            sm_scale: 1.0 / (spec.head_dim as f32).sqrt(),
+        };
+        let pages_of = |kv: u32| kv.div_ceil(ps);
+        let total_pages: u32 = lens.iter().map(|&(_, kv)| pages_of(kv)).sum::<u32>() + 3;
+        let mut free: Vec<i32> = (0..total_pages as i32).rev().collect();
+        if scatter {
+            free.shuffle(rng);
+        }
+        let (mut qo_indptr, mut kv_indptr, mut pages, mut last) = (vec![0], vec![0], Vec::new(), Vec::new());
+        let mut shared_from: Vec<Option<(usize, u32)>> = vec![None; lens.len()];
+        for pg in &prefix_groups {
+            for &m in &pg.members[1..] {
+                shared_from[m as usize] = Some((pg.members[0] as usize, pg.prefix_len));
+            }
+        }
+        for (r, &(q, kv)) in lens.iter().enumerate() {
+            qo_indptr.push(qo_indptr[r] + q as i32);
+            for p in 0..pages_of(kv) {
+                let reuse = match shared_from[r] {
+                    Some((first, plen)) if (p + 1) * ps <= plen => Some(pages[kv_indptr[first] as usize + p as usize]),
+                    _ => None,
+                };
+                pages.push(reuse.unwrap_or_else(|| free.pop().unwrap()));
+            }
+            kv_indptr.push(pages.len() as i32);
+            last.push(if kv == 0 { 0 } else { (kv - 1) % ps + 1 } as i32);
+        }
+        let cache = total_pages as usize * ps as usize * h * d;
+        let mut kvals: Vec<f32> = (0..cache).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let mut vvals: Vec<f32> = (0..cache).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let layout_strides = |hnd: bool| {
+            let (p, hh, dd) = (ps as i64, h as i64, d as i64);
+            if hnd { (p * hh * dd, dd, p * dd) } else { (p * hh * dd, hh * dd, dd) }
+        };
+        let (sp, st, sh) = layout_strides(spec.hnd);
+        let at = |page: i32, t: u32, head: usize, dim: usize| (page as i64 * sp + t as i64 * st + head as i64 * sh + dim as i64) as usize;
+        // Copy each shared prefix's K/V into the members' own (partial) pages.
+        for pg in &prefix_groups {
+            let first = pg.members[0] as usize;
+            for &m in &pg.members[1..] {
+                for key in 0..pg.prefix_len {
+                    let src = pages[kv_indptr[first] as usize + (key / ps) as usize];
+                    let dst = pages[kv_indptr[m as usize] as usize + (key / ps) as usize];
+                    for head in 0..h {
+                        for dim in 0..d {
+                            kvals[at(dst, key % ps, head, dim)] = kvals[at(src, key % ps, head, dim)];
+                            vvals[at(dst, key % ps, head, dim)] = vvals[at(src, key % ps, head, dim)];
+                        }
+                    }
+                }
+            }
+        }
+        let total_q = *qo_indptr.last().unwrap() as usize;
+        let q = Tensor::new(spec.dtype, (0..total_q * shape.num_qo_heads as usize * d).map(|_| rng.random_range(-1.0..1.0f32) * 2.0));
+        let k = Tensor::new(spec.dtype, kvals);
+        let v = Tensor::new(spec.dtype, vvals);
+        let layout = KvLayout { k: k.ptr(), v: v.ptr(), stride_page: sp, stride_token: st, stride_head: sh, stride_dim: 1 };
+        let batch = Batch { qo_indptr, kv_indptr, kv_page_indices: pages, kv_last_page_len: last, page_size: ps, num_pages: total_pages, prefix_groups };
+        Case { shape, batch, q, k, v, layout, hnd: spec.hnd }
+    }
+
+    pub fn total_q(&self) -> usize {
+        self.batch.total_q() as usize
+    }
+    pub fn out_len(&self) -> usize {
+        self.total_q() * (self.shape.num_qo_heads * self.shape.head_dim) as usize
+    }
+
+    /// Run arguments writing into `o` and `lse` (contiguous Q and O).
+    pub fn run_args(&self, o: &Tensor, lse: &mut [f32]) -> RunArgs {
+        let (hq, d) = (self.shape.num_qo_heads as i64, self.shape.head_dim as i64);
+        RunArgs {
+            q: RowsTensor { ptr: self.q.ptr(), stride_token: hq * d, stride_head: d },
+            kv: self.layout,
+            o: RowsTensor { ptr: o.ptr(), stride_token: hq * d, stride_head: d },
+            lse: lse.as_mut_ptr() as u64,
+            stream: 0,
+        }
+    }
+
+    /// Naive float64 attention on the stored values: per (token, head), the full softmax over
+    /// the visible keys. Returns (O, LSE) as flat `[token, head, dim]` and `[token, head]`.
+    pub fn reference(&self) -> (Vec<f64>, Vec<f64>) {
+        let s = &self.shape;
+        let (hq, d, g) = (s.num_qo_heads as usize, s.head_dim as usize, s.group_size() as usize);
+        let ps = self.batch.page_size;
+        let l = &self.layout;
+        let elem = |t: &Tensor, page: i32, tok: u32, head: usize, dim: usize| {
+            t.exact[(page as i64 * l.stride_page + tok as i64 * l.stride_token + head as i64 * l.stride_head + dim as i64 * l.stride_dim) as usize]
+        };
+        let mut out = vec![0.0; self.out_len()];
+        let mut lse = vec![0.0; self.total_q() * hq];
+        for r in 0..self.batch.len() {
+            let (q0, ql, kvl) = (self.batch.q_start(r) as usize, self.batch.q_len(r), self.batch.kv_len(r));
+            for qi in 0..ql {
+                let tok = q0 + qi as usize;
+                let visible = if s.causal { kvl - ql + qi + 1 } else { kvl };
+                for head in 0..hq {
+                    let kvh = head / g;
+                    let qv = &self.q.exact[(tok * hq + head) * d..][..d];
+                    let scores: Vec<f64> = (0..visible)
+                        .map(|key| {
+                            let page = self.batch.kv_page_indices[self.batch.kv_indptr[r] as usize + (key / ps) as usize];
+                            (0..d).map(|i| qv[i] * elem(&self.k, page, key % ps, kvh, i)).sum::<f64>() * s.sm_scale as f64
+                        })
+                        .collect();
+                    let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = scores.iter().map(|x| (x - m).exp()).sum();
+                    lse[tok * hq + head] = if visible == 0 { f64::NEG_INFINITY } else { m + z.ln() };
+                    for (key, sc) in scores.iter().enumerate() {
+                        let key = key as u32;
+                        let page = self.batch.kv_page_indices[self.batch.kv_indptr[r] as usize + (key / ps) as usize];
+                        let p = (sc - m).exp() / z;
+                        for i in 0..d {
+                            out[(tok * hq + head) * d + i] += p * elem(&self.v, page, key % ps, kvh, i);
+                        }
+                    }
+                }
+            }
+        }
+        (out, lse)
+    }
+}
+
+/// Checks an output against the reference: every element written (no NaN), per-element error
+/// within the dtype's rounding, LSE within fp32 accumulation error. Panics with the first bad
+/// element's position.
+pub fn assert_close(case: &Case, o: &Tensor, lse: &[f32], ctx: &str) {
+    assert_close_to(case, &case.reference(), o, lse, ctx)
+}
+
+/// [`assert_close`] against a reference computed once by the caller (`case.reference()`).
+pub fn assert_close_to(case: &Case, reference: &(Vec<f64>, Vec<f64>), o: &Tensor, lse: &[f32], ctx: &str) {
+    let (ref_o, ref_lse) = reference;
+    let (atol, rtol) = match case.shape.dtype {
+        DType::Bf16 => (1.5e-2, 1.5e-2),
+        DType::F16 => (2e-3, 2e-3),
+        DType::F32 => (2e-5, 1e-4),
+    };
+    let (hq, d) = (case.shape.num_qo_heads as usize, case.shape.head_dim as usize);
+    for (i, &want) in ref_o.iter().enumerate() {
+        let got = o.get(i);
+        assert!(
+            (got - want).abs() <= atol + rtol * want.abs(),
+            "{ctx}: O[token {}, head {}, dim {}] = {got}, reference {want}",
+            i / (hq * d),
+            (i / d) % hq,
+            i % d
+        );
+    }
+    for (i, &want) in ref_lse.iter().enumerate() {
+        let got = lse[i] as f64;
+        let ok = if want == f64::NEG_INFINITY { got == f64::NEG_INFINITY } else { (got - want).abs() <= 1e-4 * want.abs().max(1.0) };
+        assert!(ok, "{ctx}: LSE[token {}, head {}] = {got}, reference {want}", i / hq, i % hq);
+    }
+}
+
+pub fn rng(seed: u64) -> SmallRng {
+    SmallRng::seed_from_u64(seed)
+}
+
+/// ‖got − want‖ / ‖want‖ over the finite reference values (1 when a got value is NaN).
+pub fn rel_frobenius(got: impl Iterator<Item = f64>, want: &[f64]) -> f64 {
+    let (mut num, mut den) = (0.0, 0.0);
+    for (g, &w) in got.zip(want) {
+        if !w.is_finite() {
+            continue;
+        }
+        if g.is_nan() {
+            return 1.0;
+        }
+        num += (g - w) * (g - w);
+        den += w * w;
+    }
+    if den == 0.0 { num.sqrt() } else { (num / den).sqrt() }
+}

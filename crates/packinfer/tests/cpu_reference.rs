@@ -1,0 +1,126 @@
+//! The CPU backend against the naive float64 attention, on random batches and edge cases.
+
+use packinfer_testkit as common;
+
+use std::sync::Arc;
+
+use common::{assert_close, rng, Case, CaseSpec, Tensor};
+use packinfer::backend::cpu::CpuBackend;
+use packinfer::backend::Backend;
+use packinfer::plan::{Plan, PlanOptions};
+use packinfer::types::DType;
+
+/// Plans `case` with `options`, runs it on the CPU backend, and checks it against the reference.
+pub fn run_and_check(case: &Case, options: PlanOptions, ctx: &str) -> Arc<Plan> {
+    let cpu = CpuBackend::new(2);
+    let plan = Arc::new(Plan::build(case.shape, case.batch.clone(), &cpu.profile(), options).expect("plan"));
+    let bound = cpu.bind(plan.clone(), 0, None).expect("bind");
+    let o = Tensor::poisoned(case.shape.dtype, case.out_len());
+    let mut lse = vec![f32::NAN; case.total_q() * case.shape.num_qo_heads as usize];
+    bound.run(&case.run_args(&o, &mut lse)).expect("run");
+    assert_close(case, &o, &lse, ctx);
+    plan
+}
+
+#[test]
+fn random_batches_match_f64_reference() {
+    let mut r = rng(0x5eed);
+    for i in 0..200 {
+        let spec = CaseSpec::random(&mut r);
+        let case = Case::random(&mut r, &spec);
+        run_and_check(&case, PlanOptions::default(), &format!("case {i} {spec:?}"));
+    }
+}
+
+#[test]
+fn long_requests_up_to_4096_keys() {
+    let mut r = rng(7);
+    for (i, dtype) in [DType::Bf16, DType::F16].into_iter().enumerate() {
+        let spec = CaseSpec { batch_size: 3, max_kv: 4096, page_size: 16, num_kv_heads: 1, group: 4, head_dim: 128, dtype, causal: true, decode_fraction: 0.5, hnd: false };
+        let case = Case::build(&mut r, &spec, &[(1, 4096), (300, 4096), (1, 17)], vec![]);
+        run_and_check(&case, PlanOptions::default(), &format!("long {i}"));
+    }
+}
+
+fn spec(page_size: u32, causal: bool) -> CaseSpec {
+    CaseSpec { batch_size: 1, max_kv: 1, page_size, num_kv_heads: 2, group: 4, head_dim: 64, dtype: DType::F32, causal, decode_fraction: 0.0, hnd: false }
+}
+
+#[test]
+fn edge_cases() {
+    let mut r = rng(11);
+    let cases: &[(&str, u32, bool, &[(u32, u32)])] = &[
+        ("request with 0 new queries", 16, true, &[(0, 40), (3, 9)]),
+        ("q_len == kv_len", 16, true, &[(37, 37)]),
+        ("single key", 16, true, &[(1, 1)]),
+        ("single key non-causal", 16, false, &[(5, 1)]),
+        ("page size 1", 1, true, &[(4, 9), (1, 1)]),
+        ("last page exactly full", 16, true, &[(16, 32), (1, 16)]),
+        ("no keys, no queries", 16, false, &[(0, 0), (2, 3)]),
+        ("non-causal prefill", 64, false, &[(100, 70)]),
+    ];
+    for &(name, ps, causal, lens) in cases {
+        let case = Case::build(&mut r, &spec(ps, causal), lens, vec![]);
+        run_and_check(&case, PlanOptions::default(), name);
+    }
+}
+
+#[test]
+fn every_head_dim_and_dtype_with_gqa() {
+    let mut r = rng(3);
+    for dtype in [DType::F16, DType::Bf16, DType::F32] {
+        for head_dim in [64, 128, 256, 40] {
+            for group in [1, 4, 8] {
+                let spec = CaseSpec { batch_size: 3, max_kv: 200, page_size: 16, num_kv_heads: 2, group, head_dim, dtype, causal: true, decode_fraction: 0.3, hnd: group == 4 };
+                let case = Case::random(&mut r, &spec);
+                run_and_check(&case, PlanOptions::default(), &format!("{dtype:?} d={head_dim} g={group}"));
+            }
+        }
+    }
+}
+
+/// The CPU launch takes `update` as the CUDA one does: a launch sized for two batches runs the
+/// first, then the second after `update` (split partials included, in the launch's scratch), and
+/// refuses a plan over its capacity, of another shape or of another page size, naming the value,
+/// while still running the plan it had.
+#[test]
+fn update_runs_the_new_plan_within_the_capacity() {
+    use packinfer::backend::LaunchCapacity;
+    let cpu = CpuBackend::new(2);
+    let mut r = rng(0x0bd7);
+    let spec = CaseSpec { batch_size: 5, max_kv: 900, page_size: 16, num_kv_heads: 2, group: 4, head_dim: 64, dtype: DType::Bf16, causal: true, decode_fraction: 0.5, hnd: false };
+    let a = Case::build(&mut r, &spec, &[(1, 800), (30, 300), (1, 90), (8, 600), (1, 7)], vec![]);
+    let b = Case::build(&mut r, &spec, &[(20, 20), (1, 899), (1, 1), (16, 500), (3, 64), (1, 33)], vec![]);
+    // 64-key splits: both plans have partials to merge.
+    let options = PlanOptions { split_keys: 64, deterministic: true, ..PlanOptions::default() };
+    let plan = |c: &Case| Arc::new(Plan::build(c.shape, c.batch.clone(), &cpu.profile(), options.clone()).unwrap());
+    let (plan_a, plan_b) = (plan(&a), plan(&b));
+    assert!(plan_a.num_partial_slots() > 0 && plan_b.num_partial_slots() > 0);
+    let cap = LaunchCapacity::of(&plan_a).max(&LaunchCapacity::of(&plan_b));
+    let run = |bound: &dyn packinfer::backend::BoundPlan, c: &Case, ctx: &str| {
+        let o = Tensor::poisoned(c.shape.dtype, c.out_len());
+        let mut lse = vec![f32::NAN; c.total_q() * c.shape.num_qo_heads as usize];
+        bound.run(&c.run_args(&o, &mut lse)).expect("run");
+        assert_close(c, &o, &lse, ctx);
+    };
+    let bound = cpu.bind_with_capacity(plan_a.clone(), 0, None, &cap).unwrap();
+    run(&*bound, &a, "batch A");
+    bound.update(plan_b.clone(), 0).unwrap();
+    run(&*bound, &b, "batch B after update");
+    bound.update(plan_a.clone(), 0).unwrap();
+    run(&*bound, &a, "batch A again");
+    // Over the capacity: a launch sized for A alone cannot take B (it has more requests).
+    let small = cpu.bind(plan_a.clone(), 0, None).unwrap();
+    let err = small.update(plan_b.clone(), 0).unwrap_err().to_string();
+    assert!(err.contains("but the launch was created with capacity for"), "{err}");
+    // Another shape, another page size.
+    let other = Case::build(&mut r, &CaseSpec { head_dim: 128, ..spec }, &[(1, 100)], vec![]);
+    let err = bound.update(plan(&other), 0).unwrap_err().to_string();
+    assert!(err.contains("head_dim: 128") && err.contains("create a new launch"), "{err}");
+    let paged = Case::build(&mut r, &CaseSpec { page_size: 1, ..spec }, &[(1, 100)], vec![]);
+    let err = bound.update(plan(&paged), 0).unwrap_err().to_string();
+    assert!(err.contains("page_size = 1 differs from the launch's 16"), "{err}");
+    // The refused updates left the launch with A.
+    run(&*bound, &a, "batch A after refused updates");
+    run(&*small, &a, "the small launch after a refused update");
+}

@@ -1,0 +1,724 @@
+//! The CUDA backend against the naive float64 reference on the GPU machine: random batches
+//! (prefill, decode, mixed; page sizes 1/16/64, scattered pages, NHD/HND; both dtypes; every
+//! head_dim; GQA 1/4/8), hand-made plans that exercise what today's planner does not emit yet
+//! (packed multi-segment tiles, multi-chunk items, split-KV partials + merges, shared-prefix
+//! tiles), deterministic rows across batches, graph capture + replay after `update`, and the KV
+//! append / page-copy kernels. Outputs are poisoned with NaN first, so an unwritten row fails.
+//! Without a usable CUDA device the GPU tests are reported as ignored, with the reason; with
+//! `PACKINFER_REQUIRE_GPU=1` (the GPU machine's suite) they fail instead.
+
+use packinfer_testkit as common;
+use packinfer_testkit::harness;
+
+use std::sync::Arc;
+
+use common::{assert_close_to, rel_frobenius, rng, Case, CaseSpec, Tensor};
+use cudarc::driver::{result as cu, sys};
+use packinfer::backend::cuda::driver::{sync_stream, DeviceBuffer};
+use packinfer::backend::cuda::launch::CudaBound;
+use packinfer::backend::cuda::CudaBackend;
+use packinfer::backend::{Backend, BackendChoice, BackendKind, BoundPlan, LaunchCapacity};
+use packinfer::plan::{DeviceProfile, KvChunk, MergeRow, Plan, PlanOptions, RowSegment, WorkItem, FINAL_OUTPUT};
+use packinfer::types::{DType, KvLayout, PrefixGroup, RowsTensor, RunArgs};
+use rand::rngs::SmallRng;
+use rand::Rng;
+
+fn main() {
+    harness::main(harness::trials![
+        random_batches_match_f64_reference,
+        warp_specialized_kernel_with_tma,
+        specialized_launches_choose_the_kernel_per_run_layout,
+        warp_specialized_kernel_is_chosen_for_long_rows_over_pages_in_order,
+        short_batches_run_on_narrow_tiles,
+        every_head_dim_dtype_gqa_and_page_size,
+        every_plan_options_combination,
+        handmade_plans_packed_split_prefix,
+        deterministic_rows_are_bitwise_identical_across_batches,
+        graph_capture_replays_updated_plans,
+        append_kv_and_copy_pages_match_host,
+        precompile_builds_every_variant,
+        handmade_plans_are_valid_on_the_cpu_backend,
+        calibration_fits_and_stores_a_profile,
+    ]);
+}
+
+/// The backend on device 0; without one the test is reported as skipped (`None`), or fails
+/// under `PACKINFER_REQUIRE_GPU=1`.
+fn backend(test: &str) -> Option<CudaBackend> {
+    let choice = BackendChoice { kind: Some(BackendKind::Cuda), device_ordinal: 0, cpu_threads: 0, kernel_cache_dir: std::env::var_os("PACKINFER_TEST_CACHE_DIR").map(Into::into) };
+    match CudaBackend::new(&choice) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            assert!(!harness::required("PACKINFER_REQUIRE_GPU"), "{test}: PACKINFER_REQUIRE_GPU=1 but no usable CUDA device here ({e})");
+            harness::skipped(format!("no usable CUDA device here ({e})"));
+            None
+        }
+    }
+}
+
+/// A case's tensors on the device, with room for `q_cap`/`kv_cap` bytes so another case of the
+/// same shape can be loaded into the same addresses (graph replay).
+struct DeviceCase {
+    q: DeviceBuffer,
+    k: DeviceBuffer,
+    v: DeviceBuffer,
+    o: DeviceBuffer,
+    lse: DeviceBuffer,
+}
+
+impl DeviceCase {
+    fn new(cu: &CudaBackend, q_bytes: usize, kv_bytes: usize, out_bytes: usize, lse_len: usize) -> DeviceCase {
+        let dev = cu.device();
+        DeviceCase {
+            q: DeviceBuffer::new(dev, q_bytes, "q").unwrap(),
+            k: DeviceBuffer::new(dev, kv_bytes, "k").unwrap(),
+            v: DeviceBuffer::new(dev, kv_bytes, "v").unwrap(),
+            o: DeviceBuffer::new(dev, out_bytes, "o").unwrap(),
+            lse: DeviceBuffer::new(dev, lse_len * 4, "lse").unwrap(),
+        }
+    }
+    fn for_case(cu: &CudaBackend, case: &Case) -> DeviceCase {
+        let d = DeviceCase::new(cu, case.q.bytes.len(), case.k.bytes.len(), case.out_len() * 2, case.total_q() * case.shape.num_qo_heads as usize);
+        d.load(cu, case);
+        d
+    }
+    /// Copies the case's inputs and poisons the outputs (NaN everywhere).
+    fn load(&self, cu: &CudaBackend, case: &Case) {
+        let dev = cu.device();
+        self.q.write(dev, &case.q.bytes).unwrap();
+        self.k.write(dev, &case.k.bytes).unwrap();
+        self.v.write(dev, &case.v.bytes).unwrap();
+        self.o.write(dev, &Tensor::poisoned(case.shape.dtype, case.out_len()).bytes).unwrap();
+        let nan: Vec<u8> = std::iter::repeat(f32::NAN.to_le_bytes()).take(case.total_q() * case.shape.num_qo_heads as usize).flatten().collect();
+        self.lse.write(dev, &nan).unwrap();
+    }
+    fn args(&self, case: &Case, stream: u64) -> RunArgs {
+        let (hq, d) = (case.shape.num_qo_heads as i64, case.shape.head_dim as i64);
+        RunArgs {
+            q: RowsTensor { ptr: self.q.ptr, stride_token: hq * d, stride_head: d },
+            kv: KvLayout { k: self.k.ptr, v: self.v.ptr, ..case.layout },
+            o: RowsTensor { ptr: self.o.ptr, stride_token: hq * d, stride_head: d },
+            lse: self.lse.ptr,
+            stream,
+        }
+    }
+    fn outputs(&self, cu: &CudaBackend, case: &Case) -> (Tensor, Vec<f32>) {
+        let dev = cu.device();
+        let mut o = Tensor::poisoned(case.shape.dtype, case.out_len());
+        self.o.read(dev, &mut o.bytes).unwrap();
+        let mut raw = vec![0u8; case.total_q() * case.shape.num_qo_heads as usize * 4];
+        self.lse.read(dev, &mut raw).unwrap();
+        (o, raw.chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    }
+}
+
+/// Runs `plan` for `case` on stream 0 and returns the outputs.
+fn run_plan(cu: &CudaBackend, case: &Case, plan: Plan) -> (Tensor, Vec<f32>) {
+    run_plan_inspected(cu, case, plan, |_, _| {})
+}
+
+/// `run_plan`, letting `inspect` look at the launch and the run's arguments before the run
+/// (which kernel it bound, whether the run copies K/V by TMA).
+fn run_plan_inspected(cu: &CudaBackend, case: &Case, plan: Plan, inspect: impl FnOnce(&CudaBound, &RunArgs)) -> (Tensor, Vec<f32>) {
+    let dcase = DeviceCase::for_case(cu, case);
+    let bound = cu.bind_cuda(Arc::new(plan), 0, None, None).expect("bind");
+    bound.wait().unwrap();
+    let args = dcase.args(case, 0);
+    inspect(&bound, &args);
+    bound.run(&args).expect("run");
+    sync_stream(cu.device(), 0).expect("kernels failed");
+    dcase.outputs(cu, case)
+}
+
+/// Checks outputs against the f64 reference: per element (tests/common's tolerances) and the
+/// relative Frobenius error of O and LSE (≤ 1e-2 bf16, ≤ 2e-3 fp16). Returns the O error.
+fn check(case: &Case, o: &Tensor, lse: &[f32], ctx: &str) -> f64 {
+    let reference = case.reference();
+    let fro_o = rel_frobenius((0..case.out_len()).map(|i| o.get(i)), &reference.0);
+    let fro_l = rel_frobenius(lse.iter().map(|&x| x as f64), &reference.1);
+    let tol = if case.shape.dtype == DType::Bf16 { 1e-2 } else { 2e-3 };
+    assert!(fro_o <= tol && fro_l <= tol, "{ctx}: relative Frobenius error O {fro_o:.2e}, LSE {fro_l:.2e} over {tol:.0e}");
+    assert_close_to(case, &reference, o, lse, ctx);
+    fro_o
+}
+
+fn gpu_spec(r: &mut SmallRng) -> CaseSpec {
+    let mut s = CaseSpec::random(r);
+    if s.dtype == DType::F32 {
+        s.dtype = if r.random_bool(0.5) { DType::F16 } else { DType::Bf16 };
+    }
+    s
+}
+
+/// Checks cases on all cores (the f64 reference is the slow part).
+fn check_all(items: Vec<(Case, Tensor, Vec<f32>, String)>) {
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let chunks: Vec<_> = items.chunks(items.len().div_ceil(threads).max(1)).collect();
+    let worst = std::thread::scope(|s| {
+        let hs: Vec<_> = chunks.iter().map(|c| s.spawn(move || c.iter().map(|(case, o, l, ctx)| check(case, o, l, ctx)).fold(0.0f64, f64::max))).collect();
+        hs.into_iter().map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).fold(0.0f64, f64::max)
+    });
+    println!("{} cases, worst relative Frobenius error of O {worst:.2e}", items.len());
+}
+
+fn random_batches_match_f64_reference() {
+    let Some(cu) = backend("random_batches_match_f64_reference") else { return };
+    let n: usize = std::env::var("PACKINFER_GPU_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(300);
+    let mut r = rng(0xc0da);
+    let mut done = Vec::new();
+    for i in 0..n {
+        let spec = gpu_spec(&mut r);
+        let case = Case::random(&mut r, &spec);
+        let plan = Plan::build(case.shape, case.batch.clone(), &cu.profile(), PlanOptions::default()).unwrap();
+        let (o, lse) = run_plan(&cu, &case, plan);
+        done.push((case, o, lse, format!("case {i} {spec:?}")));
+    }
+    check_all(done);
+}
+
+/// Case `i` of a series that cycles through both dtypes, head_dims 128 and 64, GQA 4 and 1,
+/// page sizes 1/16/64, causal and not, NHD and HND (lengths are the caller's).
+fn cycled_spec(i: u32) -> CaseSpec {
+    let dtype = if i % 2 == 0 { DType::Bf16 } else { DType::F16 };
+    let head_dim = if i % 4 < 2 { 128 } else { 64 };
+    let group = if i % 8 < 4 { 4 } else { 1 };
+    CaseSpec { batch_size: 0, max_kv: 0, page_size: [1, 16, 64][i as usize % 3], num_kv_heads: 2, group, head_dim, dtype, causal: i % 3 != 2, decode_fraction: 0.0, hnd: i % 5 == 0 }
+}
+
+/// The warp-specialised kernel (Hopper; forced here, chosen by default for long rows over pages
+/// in order) against the reference: pages in order, so its producer copies whole blocks of
+/// consecutive rows by TMA, beside chunk tails and scattered requests that go by cp.async. Page
+/// sizes 1/16/64, both dtypes, head_dims 64 and 128, GQA 1 and 4, causal and not, NHD and HND
+/// (which has no row view, so no TMA), decodes among the prefills.
+fn warp_specialized_kernel_with_tma() {
+    // Read when a context opens; the GPU suite runs one test at a time.
+    std::env::set_var("PACKINFER_WARP_SPECIALIZED", "1");
+    let cu = backend("warp_specialized_kernel_with_tma");
+    std::env::remove_var("PACKINFER_WARP_SPECIALIZED");
+    let Some(cu) = cu else { return };
+    let mut r = rng(0x7e4a);
+    let mut done = Vec::new();
+    for i in 0..30u32 {
+        let spec = cycled_spec(i);
+        let lens: Vec<(u32, u32)> = (0..r.random_range(1..5))
+            .map(|_| {
+                let q = if r.random_bool(0.2) { 1 } else { r.random_range(1..700u32) };
+                (q, q + r.random_range(0..1500))
+            })
+            .collect();
+        let case = Case::build_with(&mut r, &spec, &lens, vec![], i % 6 == 5);
+        let plan = Plan::build(case.shape, case.batch.clone(), &cu.profile(), PlanOptions::default()).unwrap();
+        let (o, lse) = run_plan_inspected(&cu, &case, plan, |bound, args| {
+            // NHD caches have the (dims, heads, rows) view TMA copies from; HND caches do not,
+            // except with one slot per page (then they are the same layout).
+            assert_eq!(bound.copies_kv_by_tma(args).unwrap(), !spec.hnd || spec.page_size == 1, "case {i}: TMA use");
+        });
+        done.push((case, o, lse, format!("warp-specialised {i}: {spec:?}, lens {lens:?}")));
+    }
+    check_all(done);
+}
+
+/// A default context binds a long prefill over pages in order to the warp-specialised kernel;
+/// a run whose cache has no row view for TMA (HND here) runs the plain kernel instead, one that
+/// has one runs TMA. Both against the reference.
+fn specialized_launches_choose_the_kernel_per_run_layout() {
+    let Some(cu) = backend("specialized_launches_choose_the_kernel_per_run_layout") else { return };
+    let mut r = rng(0x1a70);
+    let mut done = Vec::new();
+    for (i, hnd) in [false, true].into_iter().enumerate() {
+        let spec = CaseSpec { batch_size: 0, max_kv: 0, page_size: 16, num_kv_heads: 2, group: 4, head_dim: 128, dtype: DType::Bf16, causal: true, decode_fraction: 0.0, hnd };
+        let case = Case::build_with(&mut r, &spec, &[(3000, 3000), (2000, 3500)], vec![], false);
+        let plan = Plan::build(case.shape, case.batch.clone(), &cu.profile(), PlanOptions::default()).unwrap();
+        let hopper = cu.device().cc == (9, 0);
+        let (o, lse) = run_plan_inspected(&cu, &case, plan, |bound, args| {
+            assert_eq!(bound.warp_specialized(), hopper, "a long prefill over pages in order");
+            assert_eq!(bound.copies_kv_by_tma(args).unwrap(), hopper && !hnd);
+        });
+        done.push((case, o, lse, format!("case {i}, hnd {hnd}")));
+    }
+    check_all(done);
+}
+
+/// Which plans the default context runs on the warp-specialised kernel: long rows over pages in
+/// order; not scattered pages, short prompts or decodes. Pure (no device).
+fn warp_specialized_kernel_is_chosen_for_long_rows_over_pages_in_order() {
+    use packinfer::backend::cuda::suits_warp_specialized;
+    let mut r = rng(0x5e1e);
+    let spec = |page_size| CaseSpec { batch_size: 0, max_kv: 0, page_size, num_kv_heads: 1, group: 1, head_dim: 64, dtype: DType::F16, causal: true, decode_fraction: 0.0, hnd: false };
+    let prefill = [(3000, 3000), (2500, 2500)];
+    let ragged = Case::build_with(&mut r, &spec(1), &prefill, vec![], false);
+    assert!(suits_warp_specialized(&ragged.shape, &ragged.batch));
+    let in_order = Case::build_with(&mut r, &spec(16), &prefill, vec![], false);
+    assert!(suits_warp_specialized(&in_order.shape, &in_order.batch));
+    let scattered = Case::build_with(&mut r, &spec(16), &prefill, vec![], true);
+    assert!(!suits_warp_specialized(&scattered.shape, &scattered.batch));
+    let short = Case::build_with(&mut r, &spec(1), &[(200, 200); 8], vec![], false);
+    assert!(!suits_warp_specialized(&short.shape, &short.batch));
+    let decodes = Case::build_with(&mut r, &spec(16), &[(1, 4000); 8], vec![], false);
+    assert!(!suits_warp_specialized(&decodes.shape, &decodes.batch));
+    // A chunk of a long prompt beside a few decodes (a continuous-batching step).
+    let mixed = Case::build_with(&mut r, &spec(16), &[(2048, 6000), (1, 3000), (1, 2500)], vec![], false);
+    assert!(!suits_warp_specialized(&mixed.shape, &mixed.batch));
+}
+
+/// Batches of short prompts are planned with 64-row tiles (`profile_for`), so they run on the
+/// short-prefill kernel on Hopper (the 4-warp kernel elsewhere); checked like the rest, for both dtypes, head_dims 64 and 128 (the wgmma
+/// path on Hopper) and GQA 1 and 4, causal and not.
+fn short_batches_run_on_narrow_tiles() {
+    let Some(cu) = backend("short_batches_run_on_narrow_tiles") else { return };
+    let mut r = rng(0x5407);
+    let mut done = Vec::new();
+    for i in 0..24u32 {
+        let spec = cycled_spec(i);
+        // Prompts of 1-200 tokens (a few with a cached part), well under 512 keys per row.
+        let lens: Vec<(u32, u32)> = (0..r.random_range(3..24))
+            .map(|_| {
+                let q = r.random_range(1..200u32);
+                (q, q + if r.random_bool(0.2) { r.random_range(1..64) } else { 0 })
+            })
+            .collect();
+        let case = Case::build(&mut r, &spec, &lens, vec![]);
+        let profile = cu.profile_for(&case.shape, &case.batch);
+        if cu.profile().block_m > 64 {
+            assert_eq!(profile.block_m, 64, "a short batch keeps the wide tiles");
+        }
+        // Every other batch on two workers: a large capacity, so each request's tiles form one
+        // run, several items one after another on a CTA (each reusing the row table and the Q
+        // tile its predecessor left O rows in).
+        let profile = if i % 2 == 1 { DeviceProfile { num_workers: 2, ..profile } } else { profile };
+        let plan = Plan::build(case.shape, case.batch.clone(), &profile, PlanOptions::default()).unwrap();
+        assert!(plan.items.iter().all(|it| it.num_rows <= profile.block_m));
+        // On Hopper they run on the short-prefill kernel (32-key blocks, several CTAs per SM),
+        // which moves whole one-request Q and O tiles by TMA (head_dim <= 128 there).
+        let (o, lse) = run_plan_inspected(&cu, &case, plan, |bound, args| {
+            let short_kernel = cu.device().cc == (9, 0) && cu.profile().block_m > 64;
+            assert_eq!(bound.block_n() == 32, short_kernel, "short batch {i}: kernel");
+            assert_eq!(bound.moves_qo_by_tma(args).unwrap(), short_kernel && spec.head_dim <= 128, "short batch {i}: Q/O by TMA");
+        });
+        done.push((case, o, lse, format!("short batch {i}: {spec:?}, lens {lens:?}")));
+    }
+    check_all(done);
+}
+
+fn every_head_dim_dtype_gqa_and_page_size() {
+    let Some(cu) = backend("every_head_dim_dtype_gqa_and_page_size") else { return };
+    let mut r = rng(3);
+    let mut done = Vec::new();
+    for dtype in [DType::F16, DType::Bf16] {
+        for head_dim in [64, 128, 256] {
+            for group in [1, 4, 8] {
+                for page_size in [1, 16, 64] {
+                    let spec = CaseSpec { batch_size: 4, max_kv: 300, page_size, num_kv_heads: 2, group, head_dim, dtype, causal: group != 4, decode_fraction: 0.4, hnd: page_size == 16 };
+                    let case = Case::random(&mut r, &spec);
+                    let plan = Plan::build(case.shape, case.batch.clone(), &cu.profile(), PlanOptions::default()).unwrap();
+                    let (o, lse) = run_plan(&cu, &case, plan);
+                    done.push((case, o, lse, format!("{spec:?}")));
+                }
+            }
+        }
+    }
+    check_all(done);
+}
+
+fn every_plan_options_combination() {
+    let Some(cu) = backend("every_plan_options_combination") else { return };
+    let mut r = rng(99);
+    let mut done = Vec::new();
+    for bits in 0..32u32 {
+        let spec = gpu_spec(&mut r);
+        let lens = [(1, 3000), (200, 900), (1, 40), (17, 17), (3, 500)];
+        let prefix = vec![PrefixGroup { prefix_len: 30, members: vec![2, 4] }];
+        let case = Case::build(&mut r, &CaseSpec { causal: true, ..spec }, &lens, prefix);
+        let options = PlanOptions {
+            deterministic: bits & 1 != 0,
+            packing: bits & 2 == 0,
+            balancing: bits & 4 == 0,
+            prefix_sharing: bits & 8 == 0,
+            split_kv: bits & 16 == 0,
+            split_keys: 512,
+            ..PlanOptions::default()
+        };
+        let plan = Plan::build(case.shape, case.batch.clone(), &cu.profile(), options.clone()).unwrap();
+        let (o, lse) = run_plan(&cu, &case, plan);
+        done.push((case, o, lse, format!("{options:?}")));
+    }
+    check_all(done);
+}
+
+/// A work item of a hand-made plan with its own row segments and KV chunks.
+type HandItem = (WorkItem, Vec<RowSegment>, Vec<KvChunk>);
+
+/// A plan made by hand, with everything the planner may emit: short requests packed into shared
+/// tiles (several row segments and chunks), final items split into two chunks, long ones split
+/// into partial pieces merged by LSE, and shared prefixes read once for all members' rows.
+fn handmade_plan(case: &Case, block_m: u32, r: &mut SmallRng) -> Plan {
+    let base = Plan::build(case.shape, case.batch.clone(), &packinfer::plan::DeviceProfile::cpu(1), PlanOptions::default()).unwrap();
+    let mut plan = Plan { items: vec![], row_segments: vec![], kv_chunks: vec![], merges: vec![], merge_slots: vec![], ..base };
+    let shape = case.shape;
+    let group = shape.group_size();
+    let mut slots = 0u32;
+    let mut prefix_of = vec![None; case.batch.len()];
+    for pg in &case.batch.prefix_groups {
+        for &m in &pg.members {
+            prefix_of[m as usize] = Some((pg.members[0], pg.prefix_len, pg.members.clone()));
+        }
+    }
+    // Per (token, head): the partial slots that must be merged.
+    let mut pieces: std::collections::BTreeMap<(u32, u32), Vec<u32>> = Default::default();
+    let mut items: Vec<HandItem> = vec![];
+    for kv_head in 0..shape.num_kv_heads {
+        // Shared prefixes: one partial item per group holding all members' rows (if they fit).
+        let mut prefixed = vec![false; case.batch.len()];
+        for pg in &case.batch.prefix_groups {
+            let rows: u32 = pg.members.iter().map(|&m| plan.requests[m as usize].q_len * group).sum();
+            if rows == 0 || rows > block_m {
+                continue;
+            }
+            let mut segs = vec![];
+            let mut row = 0;
+            for &m in &pg.members {
+                let q = plan.requests[m as usize].q_len;
+                if q == 0 {
+                    continue;
+                }
+                segs.push(RowSegment { request: m, q_begin: 0, q_count: q, row_begin: row });
+                for t in 0..q {
+                    for h in 0..group {
+                        let token = plan.requests[m as usize].q_start + t;
+                        pieces.entry((token, kv_head * group + h)).or_default().push(slots + row + t * group + h);
+                    }
+                }
+                row += q * group;
+                prefixed[m as usize] = true;
+            }
+            let chunk = KvChunk { request: pg.members[0], key_begin: 0, key_end: pg.prefix_len, row_begin: 0, row_end: rows };
+            items.push((WorkItem { kv_head, num_rows: rows, partial_slot: slots, ..Default::default() }, segs, vec![chunk]));
+            slots += rows;
+        }
+        let mut small: Vec<(RowSegment, KvChunk)> = vec![];
+        for (ri, req) in plan.requests.iter().enumerate() {
+            let ri = ri as u32;
+            let key_from = if prefixed[ri as usize] { prefix_of[ri as usize].as_ref().unwrap().1 } else { 0 };
+            let per_tile = (block_m / group).max(1);
+            let mut q = 0;
+            while q < req.q_len {
+                let count = per_tile.min(req.q_len - q);
+                let rows = count * group;
+                let key_end = req.key_limit(q + count - 1, shape.causal);
+                let seg = RowSegment { request: ri, q_begin: q, q_count: count, row_begin: 0 };
+                let split = key_end > key_from + 128 && r.random_bool(0.6);
+                if prefixed[ri as usize] || split {
+                    // Partial pieces: the suffix after a prefix, and/or 2–3 key ranges.
+                    let n = if split { r.random_range(2..=3) } else { 1 };
+                    let mut bounds = vec![key_from];
+                    for p in 1..n {
+                        bounds.push(key_from + (key_end - key_from) * p / n);
+                    }
+                    bounds.push(key_end);
+                    for w in bounds.windows(2) {
+                        let chunk = KvChunk { request: ri, key_begin: w[0], key_end: w[1], row_begin: 0, row_end: rows };
+                        items.push((WorkItem { kv_head, num_rows: rows, partial_slot: slots, ..Default::default() }, vec![seg], vec![chunk]));
+                        for t in 0..count {
+                            for h in 0..group {
+                                pieces.entry((req.q_start + q + t, kv_head * group + h)).or_default().push(slots + t * group + h);
+                            }
+                        }
+                        slots += rows;
+                    }
+                } else if rows <= block_m / 2 {
+                    small.push((seg, KvChunk { request: ri, key_begin: 0, key_end, row_begin: 0, row_end: rows }));
+                } else {
+                    // A final item whose keys come as two chunks (the online softmax continues).
+                    let mid = key_end / 2;
+                    let c1 = KvChunk { request: ri, key_begin: 0, key_end: mid, row_begin: 0, row_end: rows };
+                    let c2 = KvChunk { key_begin: mid, key_end, ..c1 };
+                    items.push((WorkItem { kv_head, num_rows: rows, partial_slot: FINAL_OUTPUT, ..Default::default() }, vec![seg], vec![c1, c2]));
+                }
+                q += count;
+            }
+        }
+        // Pack the short ones: several requests' rows in one tile, one chunk per segment.
+        let mut segs = vec![];
+        let mut chunks = vec![];
+        let mut row = 0;
+        let flush = |segs: &mut Vec<RowSegment>, chunks: &mut Vec<KvChunk>, row: &mut u32, items: &mut Vec<HandItem>| {
+            if *row > 0 {
+                items.push((WorkItem { kv_head, num_rows: *row, partial_slot: FINAL_OUTPUT, ..Default::default() }, std::mem::take(segs), std::mem::take(chunks)));
+                *row = 0;
+            }
+        };
+        for (seg, chunk) in small {
+            let rows = chunk.row_end;
+            if row + rows > block_m {
+                flush(&mut segs, &mut chunks, &mut row, &mut items);
+            }
+            segs.push(RowSegment { row_begin: row, ..seg });
+            chunks.push(KvChunk { row_begin: row, row_end: row + rows, ..chunk });
+            row += rows;
+        }
+        flush(&mut segs, &mut chunks, &mut row, &mut items);
+    }
+    // Random groups (several items per group), sorted by group.
+    let ngroups = (items.len() as u32 / 2).max(1);
+    let mut keyed: Vec<(u32, HandItem)> = items.into_iter().map(|it| (r.random_range(0..ngroups), it)).collect();
+    keyed.sort_by_key(|k| k.0);
+    for (g, (mut item, segs, chunks)) in keyed {
+        item.group = g;
+        item.seg_begin = plan.row_segments.len() as u32;
+        item.seg_count = segs.len() as u32;
+        item.chunk_begin = plan.kv_chunks.len() as u32;
+        item.chunk_count = chunks.len() as u32;
+        plan.row_segments.extend(segs);
+        plan.kv_chunks.extend(chunks);
+        plan.items.push(item);
+    }
+    for ((token, head), s) in pieces {
+        plan.merges.push(MergeRow { q_token: token, qo_head: head, slot_begin: plan.merge_slots.len() as u32, slot_count: s.len() as u32 });
+        plan.merge_slots.extend(s);
+    }
+    plan
+}
+
+fn handmade_plans_packed_split_prefix() {
+    let Some(cu) = backend("handmade_plans_packed_split_prefix") else { return };
+    let mut r = rng(0x4a4d);
+    let mut done = Vec::new();
+    let n: usize = std::env::var("PACKINFER_GPU_CASES").ok().and_then(|s| s.parse().ok()).map(|n: usize| n.min(60)).unwrap_or(60);
+    for i in 0..n {
+        let spec = gpu_spec(&mut r);
+        let spec = CaseSpec { batch_size: 6, ..spec };
+        let mut lens: Vec<(u32, u32)> = common::random_lengths(&mut r, &spec);
+        // Two requests share a prefix in half the cases.
+        let prefix = if i % 2 == 0 {
+            let plen = r.random_range(1..=lens[0].1.min(lens[1].1));
+            lens[0].0 = lens[0].0.min(lens[0].1 - plen).max(1).min(lens[0].1);
+            lens[1].0 = lens[1].0.min(lens[1].1 - plen).max(1).min(lens[1].1);
+            vec![PrefixGroup { prefix_len: plen, members: vec![0, 1] }]
+        } else {
+            vec![]
+        };
+        let case = Case::build(&mut r, &spec, &lens, prefix);
+        // Every other case on 64-row tiles (the 4-warp kernels).
+        let plan = handmade_plan(&case, if i % 2 == 1 { 64 } else { cu.profile().block_m }, &mut r);
+        let ctx = format!("handmade {i} ({} items, {} merges) {spec:?}", plan.items.len(), plan.merges.len());
+        let (o, lse) = run_plan(&cu, &case, plan);
+        done.push((case, o, lse, ctx));
+    }
+    check_all(done);
+}
+
+fn deterministic_rows_are_bitwise_identical_across_batches() {
+    let Some(cu) = backend("deterministic_rows_are_bitwise_identical_across_batches") else { return };
+    let mut r = rng(5);
+    for dtype in [DType::F16, DType::Bf16] {
+        let spec = CaseSpec { batch_size: 3, max_kv: 3000, page_size: 16, num_kv_heads: 2, group: 4, head_dim: 128, dtype, causal: true, decode_fraction: 0.5, hnd: false };
+        // Request 0 inside a batch, and the same request (same Q rows, same cache) alone.
+        let options = PlanOptions { deterministic: true, split_keys: 512, ..PlanOptions::default() };
+        let mut lens = vec![(40, 2500)];
+        lens.extend(common::random_lengths(&mut r, &spec));
+        let mixed = Case::build(&mut r, &spec, &lens, vec![]);
+        let b = &mixed.batch;
+        let q0 = b.qo_indptr[1] as usize;
+        let batch = packinfer::types::Batch {
+            qo_indptr: vec![0, q0 as i32],
+            kv_indptr: vec![0, b.kv_indptr[1]],
+            kv_page_indices: b.kv_page_indices[..b.kv_indptr[1] as usize].to_vec(),
+            kv_last_page_len: vec![b.kv_last_page_len[0]],
+            prefix_groups: vec![],
+            ..b.clone()
+        };
+        let row = (mixed.shape.num_qo_heads * mixed.shape.head_dim) as usize;
+        let copy = |t: &Tensor, n: usize| Tensor { dtype: t.dtype, bytes: t.bytes[..n * 2].to_vec(), exact: t.exact[..n].to_vec() };
+        let alone = Case { shape: mixed.shape, batch, q: copy(&mixed.q, q0 * row), k: copy(&mixed.k, mixed.k.exact.len()), v: copy(&mixed.v, mixed.v.exact.len()), layout: mixed.layout, hnd: mixed.hnd };
+        let run = |case: &Case| run_plan(&cu, case, Plan::build(case.shape, case.batch.clone(), &cu.profile(), options.clone()).unwrap());
+        let (o1, l1) = run(&alone);
+        let (o2, l2) = run(&mixed);
+        check(&alone, &o1, &l1, "deterministic, alone");
+        let n = alone.out_len() * 2;
+        assert_eq!(&o1.bytes[..n], &o2.bytes[..n], "{dtype:?}: request 0's output differs between batches");
+        assert_eq!(l1.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), l2[..l1.len()].iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+    }
+}
+
+fn create_stream(cu: &CudaBackend) -> u64 {
+    let _g = cu.device().enter().unwrap();
+    cu::stream::create(cu::stream::StreamKind::NonBlocking).unwrap() as u64
+}
+
+/// `run` captured once in a CUDA graph; the graph replayed after `update` uploads a different
+/// batch of the same capacity (same device tensors, new contents) gives that batch's results.
+fn graph_capture_replays_updated_plans() {
+    let Some(cu) = backend("graph_capture_replays_updated_plans") else { return };
+    let mut r = rng(0x96a9);
+    let stream = create_stream(&cu);
+    for dtype in [DType::Bf16, DType::F16] {
+        let spec = CaseSpec { batch_size: 5, max_kv: 1500, page_size: 16, num_kv_heads: 2, group: 4, head_dim: 128, dtype, causal: true, decode_fraction: 0.5, hnd: false };
+        // Same total query tokens so the O/LSE tensors have the same size.
+        let a = Case::build(&mut r, &spec, &[(1, 1400), (30, 300), (1, 90), (8, 1000), (1, 7)], vec![]);
+        let b = Case::build(&mut r, &spec, &[(20, 20), (1, 1499), (1, 1), (16, 800), (3, 64)], vec![]);
+        assert_eq!(a.total_q(), b.total_q());
+        let plan_a = Plan::build(a.shape, a.batch.clone(), &cu.profile(), PlanOptions::default()).unwrap();
+        let plan_b = Plan::build(b.shape, b.batch.clone(), &cu.profile(), PlanOptions::default()).unwrap();
+        let cap = LaunchCapacity::of(&plan_a).max(&LaunchCapacity::of(&plan_b));
+        let bytes = |c: &Case| c.k.bytes.len();
+        let dcase = DeviceCase::new(&cu, a.q.bytes.len(), bytes(&a).max(bytes(&b)), a.out_len() * 2, a.total_q() * a.shape.num_qo_heads as usize);
+        dcase.load(&cu, &a);
+        let bound = cu.bind_with_capacity(Arc::new(plan_a), stream, None, &cap).unwrap();
+        bound.wait().unwrap();
+        let args = dcase.args(&a, stream);
+        let exec = {
+            let _g = cu.device().enter().unwrap();
+            unsafe { cu::stream::begin_capture(stream as sys::CUstream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL) }.unwrap();
+            let ran = bound.run(&args);
+            let graph = unsafe { cu::stream::end_capture(stream as sys::CUstream) }.unwrap();
+            ran.unwrap();
+            let exec = unsafe { cu::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) }.unwrap();
+            unsafe { cu::graph::destroy(graph) }.unwrap();
+            exec
+        };
+        let replay = || {
+            let _g = cu.device().enter().unwrap();
+            unsafe { cu::graph::launch(exec, stream as sys::CUstream) }.unwrap();
+            drop(_g);
+            sync_stream(cu.device(), stream).unwrap();
+        };
+        replay();
+        let (o, lse) = dcase.outputs(&cu, &a);
+        check(&a, &o, &lse, &format!("{dtype:?} graph, batch A"));
+        // Batch B: new contents at the same addresses (B's KV layout has A's strides: same spec),
+        // a new plan uploaded into the same buffers, the same graph replayed.
+        assert_eq!(a.layout.stride_page, b.layout.stride_page);
+        dcase.load(&cu, &b);
+        bound.update(Arc::new(plan_b), stream).unwrap();
+        bound.wait().unwrap();
+        replay();
+        let (o, lse) = dcase.outputs(&cu, &b);
+        check(&b, &o, &lse, &format!("{dtype:?} graph replay, batch B"));
+        // A plan over the capacity is refused with a message naming the count.
+        let big = Case::build(&mut r, &spec, &[(1, 10); 40], vec![]);
+        let plan_big = Plan::build(big.shape, big.batch.clone(), &cu.profile(), PlanOptions::default()).unwrap();
+        let err = bound.update(Arc::new(plan_big), stream).unwrap_err();
+        assert!(err.to_string().contains("capacity"), "{err}");
+        let _g = cu.device().enter().unwrap();
+        unsafe { cu::graph::exec_destroy(exec) }.unwrap();
+    }
+}
+
+fn append_kv_and_copy_pages_match_host() {
+    let Some(cu) = backend("append_kv_and_copy_pages_match_host") else { return };
+    let mut r = rng(12);
+    let dev = cu.device();
+    for (page_size, hnd) in [(1u32, false), (16, true), (64, false)] {
+        let (pages, heads, dim) = (12u32, 2u32, 128u32);
+        let n = (pages * page_size * heads * dim) as usize;
+        let (sp, st, sh) = if hnd { ((page_size * heads * dim) as i64, dim as i64, (page_size * dim) as i64) } else { ((page_size * heads * dim) as i64, (heads * dim) as i64, dim as i64) };
+        let mut k: Vec<u16> = (0..n).map(|_| r.random()).collect();
+        let mut v: Vec<u16> = (0..n).map(|_| r.random()).collect();
+        let kd = DeviceBuffer::new(dev, n * 2, "k").unwrap();
+        let vd = DeviceBuffer::new(dev, n * 2, "v").unwrap();
+        let bytes = |x: &[u16]| x.iter().flat_map(|e| e.to_le_bytes()).collect::<Vec<u8>>();
+        kd.write(dev, &bytes(&k)).unwrap();
+        vd.write(dev, &bytes(&v)).unwrap();
+        let layout = KvLayout { k: kd.ptr, v: vd.ptr, stride_page: sp, stride_token: st, stride_head: sh, stride_dim: 1 };
+        // Append: distinct random slots, one skipped (-1).
+        let tokens = 9u32;
+        let mut all: Vec<i64> = (0..(pages * page_size) as i64).collect();
+        rand::seq::SliceRandom::shuffle(&mut all[..], &mut r);
+        let mut slots: Vec<i64> = all[..tokens as usize].to_vec();
+        slots[3] = -1;
+        let kn: Vec<u16> = (0..tokens * heads * dim).map(|_| r.random()).collect();
+        let vn: Vec<u16> = (0..tokens * heads * dim).map(|_| r.random()).collect();
+        let sd = DeviceBuffer::new(dev, slots.len() * 8, "slots").unwrap();
+        sd.write(dev, &slots.iter().flat_map(|s| s.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+        let knd = DeviceBuffer::new(dev, kn.len() * 2, "kn").unwrap();
+        let vnd = DeviceBuffer::new(dev, vn.len() * 2, "vn").unwrap();
+        knd.write(dev, &bytes(&kn)).unwrap();
+        vnd.write(dev, &bytes(&vn)).unwrap();
+        cu.append_kv(&layout, page_size, sd.ptr, knd.ptr, vnd.ptr, tokens, heads, dim, DType::Bf16, 0).unwrap();
+        let at = |page: i64, t: i64, h: i64, d: i64| (page * sp + t * st + h * sh + d) as usize;
+        for (ti, &slot) in slots.iter().enumerate() {
+            if slot < 0 {
+                continue;
+            }
+            for h in 0..heads as i64 {
+                for d in 0..dim as i64 {
+                    let src = (ti as i64 * heads as i64 + h) * dim as i64 + d;
+                    k[at(slot / page_size as i64, slot % page_size as i64, h, d)] = kn[src as usize];
+                    v[at(slot / page_size as i64, slot % page_size as i64, h, d)] = vn[src as usize];
+                }
+            }
+        }
+        // Copy pages 1→7, 4→2 and 9→0 (after the append, in stream order).
+        let pairs: Vec<i32> = vec![1, 7, 4, 2, 9, 0];
+        let pd = DeviceBuffer::new(dev, pairs.len() * 4, "pairs").unwrap();
+        pd.write(dev, &pairs.iter().flat_map(|s| s.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+        cu.copy_pages(&layout, page_size, pd.ptr, 3, heads, dim, 1, 0, DType::F16, 0).unwrap();
+        for p in pairs.chunks(2) {
+            for t in 0..page_size as i64 {
+                for h in 0..heads as i64 {
+                    for d in 0..dim as i64 {
+                        k[at(p[1] as i64, t, h, d)] = k[at(p[0] as i64, t, h, d)];
+                        v[at(p[1] as i64, t, h, d)] = v[at(p[0] as i64, t, h, d)];
+                    }
+                }
+            }
+        }
+        sync_stream(dev, 0).unwrap();
+        let mut got = vec![0u8; n * 2];
+        kd.read(dev, &mut got).unwrap();
+        assert!(got == bytes(&k), "K after append + copy differs (page_size {page_size}, hnd {hnd})");
+        vd.read(dev, &mut got).unwrap();
+        assert!(got == bytes(&v), "V after append + copy differs (page_size {page_size}, hnd {hnd})");
+    }
+}
+
+fn precompile_builds_every_variant() {
+    let Some(cu) = backend("precompile_builds_every_variant") else { return };
+    let t = std::time::Instant::now();
+    cu.precompile().unwrap();
+    println!("precompile: {:.2} s (cache dir {:?})", t.elapsed().as_secs_f64(), cu.shared().cache.dir());
+    for d in [64, 128, 256] {
+        for dt in [DType::F16, DType::Bf16] {
+            let k = cu.shared().attention(d, dt).unwrap();
+            println!("attention d{d} {}: {} regs, {} B local, {} B smem, {} CTAs/SM", dt.name(), k.registers, k.local_bytes, k.smem_bytes, k.ctas_per_sm);
+        }
+    }
+}
+
+/// The hand-made plans are themselves checked on the CPU reference backend (runs in CI too), so
+/// a GPU failure on them is the kernel's, not the generator's.
+fn handmade_plans_are_valid_on_the_cpu_backend() {
+    let cpu = packinfer::backend::cpu::CpuBackend::new(2);
+    let mut r = rng(0x4a4d);
+    for i in 0..12 {
+        let spec = CaseSpec { batch_size: 6, max_kv: 700, ..gpu_spec(&mut r) };
+        let mut lens: Vec<(u32, u32)> = common::random_lengths(&mut r, &spec);
+        let plen = r.random_range(1..=lens[0].1.min(lens[1].1));
+        lens[0].0 = lens[0].0.min(lens[0].1 - plen).max(1).min(lens[0].1);
+        lens[1].0 = lens[1].0.min(lens[1].1 - plen).max(1).min(lens[1].1);
+        let case = Case::build(&mut r, &spec, &lens, vec![PrefixGroup { prefix_len: plen, members: vec![0, 1] }]);
+        let plan = Arc::new(handmade_plan(&case, 64, &mut r));
+        let bound = cpu.bind(plan.clone(), 0, None).unwrap();
+        let o = Tensor::poisoned(case.shape.dtype, case.out_len());
+        let mut lse = vec![f32::NAN; case.total_q() * case.shape.num_qo_heads as usize];
+        bound.run(&case.run_args(&o, &mut lse)).unwrap();
+        common::assert_close(&case, &o, &lse, &format!("handmade on cpu {i} ({} items, {} merges)", plan.items.len(), plan.merges.len()));
+    }
+}
+
+fn calibration_fits_and_stores_a_profile() {
+    let Some(cu) = backend("calibration_fits_and_stores_a_profile") else { return };
+    let (profile, samples) = cu.calibrate().unwrap();
+    for s in &samples {
+        println!("calibration: {:>2} rows x {:>4} keys: {:.2} us per item", s.rows, s.keys, s.item_us);
+    }
+    println!("calibrated profile: {profile:?} (stored at {:?})", cu.profile_path());
+    assert!(profile.cost_row_key > 0.0 && profile.cost_key > 0.0 && profile.cost_item > 0.0);
+    // Longer items must cost more under the fitted model.
+    let cost = |rows: f64, keys: f64| profile.cost_row_key * rows * keys + profile.cost_key * keys + profile.cost_item;
+    assert!(cost(64.0, 2048.0) > cost(64.0, 256.0) && cost(4.0, 2048.0) > cost(4.0, 16.0));
+    if cu.profile_path().is_some() {
+        let again = CudaBackend::new(&BackendChoice { kind: Some(BackendKind::Cuda), device_ordinal: 0, cpu_threads: 0, kernel_cache_dir: cu.shared().cache.dir().map(Into::into) }).unwrap();
+        assert_eq!(again.profile(), profile, "a new context does not load the stored profile");
+    }
+}

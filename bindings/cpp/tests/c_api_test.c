@@ -873,11 +873,13 @@ static void test_gpu_calls_on_cpu(void) {
   cap.struct_size = 8;
   PackinferLaunch launch = {0};
   char want[160];
-  snprintf(want, sizeof want, "packinfer_launch_create_with_capacity: capacity->struct_size = 8, but this library expects sizeof = %zu",
+  snprintf(want, sizeof want,
+           "packinfer_launch_create_with_capacity: capacity->struct_size = 8 is not the size of any version of "
+           "this struct (this library's is %zu",
            sizeof cap);
   CHECK_STATUS(packinfer_launch_create_with_capacity(ctx, plan, NULL, &cap, NULL, &launch), PACKINFER_STATUS_INVALID_ARGUMENT, want);
   cap.struct_size = sizeof cap + 5000;
-  snprintf(want, sizeof want, "capacity->struct_size = %zu,", sizeof cap + 5000);
+  snprintf(want, sizeof want, "capacity->struct_size = %zu is not", sizeof cap + 5000);
   CHECK_STATUS(packinfer_launch_create_with_capacity(ctx, plan, NULL, &cap, NULL, &launch), PACKINFER_STATUS_INVALID_ARGUMENT, want);
   CHECK(launch.bits == 0, "a failed capacity launch wrote a handle");
   cap.struct_size = sizeof cap;

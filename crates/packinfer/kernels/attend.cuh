@@ -101,4 +101,81 @@ __device__ __forceinline__ void attend_wg(const u16* q, int wg, int lane, const 
     pin(acc);
     pin(pf);
 }
+
+// Block seq of a K/V stream lives in stage seq % PI_STAGES; its uses of that stage alternate
+// parity.
+__device__ __forceinline__ u32 ring_stage(u32 seq) { return seq % PI_STAGES; }
+__device__ __forceinline__ u32 ring_parity(u32 seq) { return (seq / PI_STAGES) & 1; }
+
+// A kernel's K/V ring as wg_pipelined sees it, for block b: before K(0), K(b) (b >= 1) or V(b)
+// is read (need_*), right after O += P(b) V(b) is issued (pv_issued: work to overlap with the
+// tensor cores), and once the wgmmas that read K(b) or V(b) have finished (done_*). A kernel's
+// ring derives from this and hides the hooks it needs; the others do nothing.
+struct WgRing {
+    __device__ __forceinline__ void need_k0() const {}
+    __device__ __forceinline__ void need_k(u32) const {}
+    __device__ __forceinline__ void need_v(u32) const {}
+    __device__ __forceinline__ void pv_issued(u32) const {}
+    __device__ __forceinline__ void done_k(u32) const {}
+    __device__ __forceinline__ void done_v(u32) const {}
+};
+
+// The pipelined wgmma loop over a chunk's nblocks (>= 1) K/V blocks, for one warpgroup (the
+// order FlashAttention-3 uses): while S(b + 1) = Q K(b + 1)^T runs, the output is rescaled and
+// O += P(b) V(b) issued; while that runs, the softmax of block b + 1 turns S(b + 1) into
+// P(b + 1). The wgmma groups and waits follow one fixed pattern with no branch around an issue,
+// and the output is touched only when no wgmma writing it is in flight, so ptxas can keep them
+// asynchronous (otherwise it serialises every wgmma: warning C7515). Both attention kernels run
+// it: block b is in stage ring_stage(seq + b) of sm.k and sm.v; `ring` (a WgRing) waits for,
+// overlaps and releases stages as the kernel's ring needs; scores(s, b) turns S(b) into P(b) by
+// the online softmax and sets alpha0/alpha1, the output's rescale before P(b) V(b).
+// This form keeps each kernel's generated code what it was with the loop written out in the
+// kernel: alpha0/alpha1 are the caller's (its scores lambda captures them), the rings hold
+// copies of the kernels' lambdas, and stages are found by ring_stage. Other forms tried (alpha
+// as scores' arguments, rings of references, the stage as an inline %) changed the
+// warp-specialised kernel's code, the last also its spills.
+template <class Sm, class Ring, class Scores>
+__device__ __forceinline__ void wg_pipelined(Sm& sm, u32 seq, u32 nblocks, WgDesc dq, float (&acc)[PI_HEAD_DIM / 8][4],
+                                             float& alpha0, float& alpha1, const Ring& ring, Scores& scores) {
+    float s_a[PI_BLOCK_N / 8][4], s_b[PI_BLOCK_N / 8][4];
+    u32 pf[PI_BLOCK_N / 16][4];
+    // On entry P(b) is in pf and O has no wgmma in flight; on exit the same for b + 1.
+    auto step = [&](float (&sn)[PI_BLOCK_N / 8][4], u32 b) {
+        ring.need_k(b + 1);
+        wg_qk_issue(sn, dq, sm.k[ring_stage(seq + b + 1)]);
+        if (needs_rescale(alpha0, alpha1)) rescale_output(acc, alpha0, alpha1);
+        ring.need_v(b);
+        wg_pv_issue(acc, pf, sm.v[ring_stage(seq + b)]);
+        ring.pv_issued(b);
+        wg_wait<1>();  // S(b + 1) done; O += P(b) V(b) may run on
+        pin(sn);
+        ring.done_k(b + 1);
+        scores(sn, b + 1);
+        wg_wait<0>();  // O += P(b) V(b) done
+        pin(acc);
+        pin(pf);
+        ring.done_v(b);
+        pack_p(pf, sn);
+    };
+    ring.need_k0();
+    wg_qk_issue(s_a, dq, sm.k[ring_stage(seq)]);
+    wg_wait<0>();
+    pin(s_a);
+    ring.done_k(0);
+    scores(s_a, 0);
+    pack_p(pf, s_a);
+    u32 b = 0;
+    for (; b + 2 < nblocks; b += 2) {
+        step(s_b, b);
+        step(s_a, b + 1);
+    }
+    if (b + 1 < nblocks) step(s_b, b++);
+    if (needs_rescale(alpha0, alpha1)) rescale_output(acc, alpha0, alpha1);
+    ring.need_v(b);
+    wg_pv_issue(acc, pf, sm.v[ring_stage(seq + b)]);
+    wg_wait<0>();
+    pin(acc);
+    pin(pf);
+    ring.done_v(b);
+}
 #endif

@@ -32,6 +32,20 @@ struct SplitState {
 };
 static_assert(sizeof(SplitState) <= sizeof(((Smem*)0)->k) + sizeof(((Smem*)0)->v), "split state must fit the K/V stages");
 
+#if PI_WG_PIPELINE
+// The ring of wg_pipelined in the plain kernel: block b >= 1 is waited for at a CTA barrier
+// (landed; block 0 was before the loop), and the next copies are issued while O += P V runs.
+// The lambdas are held by value (see wg_pipelined).
+template <class Landed, class Refill>
+struct CtaRing : WgRing {
+    Landed landed;
+    Refill refill;
+    __device__ __forceinline__ CtaRing(const Landed& landed, const Refill& refill) : landed(landed), refill(refill) {}
+    __device__ __forceinline__ void need_k(u32) const { landed(); }
+    __device__ __forceinline__ void pv_issued(u32 b) const { refill(b); }
+};
+#endif
+
 extern "C" __global__ void __launch_bounds__(PI_THREADS)
 packed_attention(const __grid_constant__ KernelParams p) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -126,15 +140,10 @@ packed_attention(const __grid_constant__ KernelParams p) {
                 };
 #if PI_WG_PIPELINE
                 if (!split) {
-                    // Software-pipelined per warpgroup (the order FlashAttention-3 uses): while
-                    // S(b + 1) = Q K(b + 1)^T runs, the output is rescaled and O += P(b) V(b) issued;
-                    // while that runs, the softmax of block b + 1 turns S(b + 1) into P(b + 1). The
-                    // wgmma groups and waits follow one fixed pattern with no branch around an issue,
-                    // and the output is touched only when no wgmma writing it is in flight, so ptxas
-                    // can keep them asynchronous (otherwise it serialises every wgmma: warning C7515).
-                    // A warpgroup none of whose rows belong to the chunk skips it; one that does
-                    // computes every block of it (the masks zero what its rows cannot see; under a
-                    // causal mask that is at most the last block).
+                    // Software-pipelined per warpgroup (wg_pipelined), the loads running AHEAD
+                    // blocks ahead. A warpgroup none of whose rows belong to the chunk skips it;
+                    // one that does computes every block of it (the masks zero what its rows cannot
+                    // see; under a causal mask that is at most the last block).
                     constexpr u32 AHEAD = PI_STAGES - 2;
                     const int wg = warp / 4;
                     const WgDesc dq = wg_desc(&sm.q[wg * 64 * 64], 16);
@@ -160,45 +169,13 @@ packed_attention(const __grid_constant__ KernelParams p) {
                     };
                     const bool wg_rows = warpgroup_any(__any_sync(0xffffffffu, active), wg);
                     if (wg_rows && nblocks > 0) {
-                        float s_a[PI_BLOCK_N / 8][4], s_b[PI_BLOCK_N / 8][4];
-                        u32 pf[PI_BLOCK_N / 16][4];
                         float alpha0, alpha1;  // the output's rescale before block b's P V
                         auto scores = [&](float (&sc)[PI_BLOCK_N / 8][4], u32 b) {
                             const u32 key0 = ch.key_begin + b * PI_BLOCK_N;
                             const bool all_visible = __all_sync(0xffffffffu, key0 + PI_BLOCK_N <= end0 && key0 + PI_BLOCK_N <= end1);
                             softmax_scores<PI_BLOCK_N / 8>(sc, lane, key0, key0, end0, end1, all_visible, scale, m0, m1, l0, l1, alpha0, alpha1);
                         };
-                        // On entry P(b) is in pf and O has no wgmma in flight; on exit the same for b + 1.
-                        auto step = [&](float (&sn)[PI_BLOCK_N / 8][4], u32 b) {
-                            block_landed();
-                            wg_qk_issue(sn, dq, sm.k[(b + 1) % PI_STAGES]);
-                            if (needs_rescale(alpha0, alpha1)) rescale_output(acc, alpha0, alpha1);
-                            wg_pv_issue(acc, pf, sm.v[b % PI_STAGES]);
-                            refill(b);  // the copies are issued while the tensor cores work
-                            wg_wait<1>();  // S(b + 1) done; O += P(b) V(b) may run on
-                            pin(sn);
-                            scores(sn, b + 1);
-                            wg_wait<0>();  // O += P(b) V(b) done
-                            pin(acc);
-                            pin(pf);
-                            pack_p(pf, sn);
-                        };
-                        wg_qk_issue(s_a, dq, sm.k[0]);
-                        wg_wait<0>();
-                        pin(s_a);
-                        scores(s_a, 0);
-                        pack_p(pf, s_a);
-                        u32 b = 0;
-                        for (; b + 2 < nblocks; b += 2) {
-                            step(s_b, b);
-                            step(s_a, b + 1);
-                        }
-                        if (b + 1 < nblocks) step(s_b, b++);
-                        if (needs_rescale(alpha0, alpha1)) rescale_output(acc, alpha0, alpha1);
-                        wg_pv_issue(acc, pf, sm.v[b % PI_STAGES]);
-                        wg_wait<0>();
-                        pin(acc);
-                        pin(pf);
+                        wg_pipelined(sm, 0, nblocks, dq, acc, alpha0, alpha1, CtaRing(block_landed, refill), scores);
                     } else {
                         for (u32 b = 0; b + 1 < nblocks; ++b) {
                             block_landed();

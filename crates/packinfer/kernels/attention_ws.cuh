@@ -66,11 +66,23 @@ __device__ __forceinline__ bool producer_all(bool v) {
                  : "=r"(r) : "r"((u32)v) : "memory");
     return r != 0;
 }
-// Block `seq` of the K/V stream lives in stage seq % PI_STAGES; its uses of that stage alternate parity.
-__device__ __forceinline__ u32 ring_stage(u32 seq) { return seq % PI_STAGES; }
-__device__ __forceinline__ u32 ring_parity(u32 seq) { return (seq / PI_STAGES) & 1; }
 // Item n lives in slot n % 2; likewise.
 __device__ __forceinline__ u32 slot_parity(u32 n) { return (n >> 1) & 1; }
+
+// The ring of wg_pipelined in a consumer: waits for the producer's full barriers (ready) and
+// arrives on the empty ones (release). The lambdas are held by value (see wg_pipelined).
+template <class Ready, class Release>
+struct ConsumerRing : WgRing {
+    Smem& sm;
+    Ready ready;
+    Release release;
+    __device__ __forceinline__ ConsumerRing(Smem& sm, const Ready& ready, const Release& release) : sm(sm), ready(ready), release(release) {}
+    __device__ __forceinline__ void need_k0() const { ready(sm.k_full, 0); }
+    __device__ __forceinline__ void need_k(u32 b) const { ready(sm.k_full, b); }
+    __device__ __forceinline__ void need_v(u32 b) const { ready(sm.v_full, b); }
+    __device__ __forceinline__ void done_k(u32 b) const { release(sm.k_empty, b); }
+    __device__ __forceinline__ void done_v(u32 b) const { release(sm.v_empty, b); }
+};
 
 // Whether the producer copies chunk ch's blocks by TMA from their rows alone: a chunk addressed
 // by row with at least a block of keys. Its last block, where partial, is boxed as the chunk's
@@ -260,9 +272,8 @@ __device__ __forceinline__ void consume(const KernelParams& p, Smem& sm, const P
                 __syncwarp();
                 if (lane == 0) mbar_arrive(&empty[ring_stage(seq + b)]);
             };
-            // The pipelined loop of the non-specialised kernel (see there), with waits on the
-            // producer's barriers instead of CTA barriers, and each stage released as soon as
-            // its wgmma has finished reading it.
+            // The pipelined loop (wg_pipelined) waits on the producer's barriers, and releases
+            // each stage as soon as its wgmmas have finished reading it.
             // Whether warpgroup w has rows in the chunk (the tile's rows 64w.. that are below
             // num_rows, from a 16-row slice on): every consumer thread computes the same answer.
             auto in_chunk = [&](u32 w) {
@@ -270,8 +281,6 @@ __device__ __forceinline__ void consume(const KernelParams& p, Smem& sm, const P
                 return lo < hi && lo / 16 * 16 < item.num_rows;
             };
             if (in_chunk(wg)) {
-                float s_a[PI_BLOCK_N / 8][4], s_b[PI_BLOCK_N / 8][4];
-                u32 pf[PI_BLOCK_N / 16][4];
                 float alpha0, alpha1;  // the output's rescale before block b's P V
                 auto scores = [&](float (&sc)[PI_BLOCK_N / 8][4], u32 b) {
                     const u32 key0 = ch.key_begin + b * PI_BLOCK_N;
@@ -280,43 +289,7 @@ __device__ __forceinline__ void consume(const KernelParams& p, Smem& sm, const P
                     const u32 first = row_box(p, ch) ? box_key(ch, key0) : key0;
                     softmax_scores<PI_BLOCK_N / 8, true>(sc, lane, first, key0, end0, end1, all_visible, scale, m0, m1, l0, l1, alpha0, alpha1);
                 };
-                // On entry P(b) is in pf and O has no wgmma in flight; on exit the same for b + 1.
-                auto step = [&](float (&sn)[PI_BLOCK_N / 8][4], u32 b) {
-                    ready(sm.k_full, b + 1);
-                    wg_qk_issue(sn, dq, sm.k[ring_stage(seq + b + 1)]);
-                    if (needs_rescale(alpha0, alpha1)) rescale_output(acc, alpha0, alpha1);
-                    ready(sm.v_full, b);
-                    wg_pv_issue(acc, pf, sm.v[ring_stage(seq + b)]);
-                    wg_wait<1>();  // S(b + 1) done; O += P(b) V(b) may run on
-                    pin(sn);
-                    release(sm.k_empty, b + 1);
-                    scores(sn, b + 1);
-                    wg_wait<0>();  // O += P(b) V(b) done
-                    pin(acc);
-                    pin(pf);
-                    release(sm.v_empty, b);
-                    pack_p(pf, sn);
-                };
-                ready(sm.k_full, 0);
-                wg_qk_issue(s_a, dq, sm.k[ring_stage(seq)]);
-                wg_wait<0>();
-                pin(s_a);
-                release(sm.k_empty, 0);
-                scores(s_a, 0);
-                pack_p(pf, s_a);
-                u32 b = 0;
-                for (; b + 2 < nblocks; b += 2) {
-                    step(s_b, b);
-                    step(s_a, b + 1);
-                }
-                if (b + 1 < nblocks) step(s_b, b++);
-                if (needs_rescale(alpha0, alpha1)) rescale_output(acc, alpha0, alpha1);
-                ready(sm.v_full, b);
-                wg_pv_issue(acc, pf, sm.v[ring_stage(seq + b)]);
-                wg_wait<0>();
-                pin(acc);
-                pin(pf);
-                release(sm.v_empty, b);
+                wg_pipelined(sm, seq, nblocks, dq, acc, alpha0, alpha1, ConsumerRing(sm, ready, release), scores);
             } else {
                 // None of this warpgroup's rows is in the chunk: it only keeps the ring's count.
                 for (u32 b = 0; b < nblocks; ++b) {

@@ -1,7 +1,9 @@
 // KV-cache maintenance kernels: appending new tokens' K/V into pages, and copying whole pages
 // (the relayout into group-contiguous order, copy-on-write of shared pages). They move 16-bit
 // elements (fp16 or bf16 alike) and take the cache's layout as element strides, like the
-// attention kernel. work.cuh is prepended by the host.
+// attention kernel.
+
+#include "work.cuh"
 
 // Token t's K/V (k_new/v_new: [num_tokens, num_kv_heads, head_dim], contiguous) go to cache slot
 // slots[t] = page * page_size + offset; a negative slot means "skip" (padding).

@@ -1,7 +1,7 @@
 // The planner's work list as the kernels read it. Mirrors src/plan/work.rs byte for byte
-// (#[repr(C)] there); tests/kernels_layout.rs checks sizes and offsets against the Rust side.
-// NVRTC compiles these sources with no include path: the host concatenates this file before
-// each kernel source, so nothing here includes a system header.
+// (#[repr(C)] there); tests/kernels_compile.rs checks sizes and offsets against the Rust side.
+// NVRTC compiles these sources with no include path: the host hands it this file and the other
+// kernel headers by name (src/backend/cuda/compile.rs), so nothing here includes a system header.
 #pragma once
 
 typedef unsigned int u32;

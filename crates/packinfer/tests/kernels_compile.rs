@@ -51,6 +51,12 @@ fn every_variant_compiles_for_sm80_and_sm90a() {
     let (major, minor) = compile::nvrtc_version().unwrap();
     println!("NVRTC {major}.{minor}");
     let mut failures = Vec::new();
+    // `PACKINFER_DUMP_KERNELS=<dir>` keeps each cubin and its ptxas log there, so that a kernel
+    // refactor can be checked against the cubins from before it (sections, SASS).
+    let dump = std::env::var_os("PACKINFER_DUMP_KERNELS").filter(|d| !d.is_empty()).map(std::path::PathBuf::from);
+    if let Some(dir) = &dump {
+        std::fs::create_dir_all(dir).unwrap();
+    }
     for arch in ["sm_80", "sm_90a"] {
         // Both tile sizes, every variant that exists on the architecture (one that does not
         // builds the plain kernel, which is compiled once).
@@ -71,6 +77,11 @@ fn every_variant_compiles_for_sm80_and_sm90a() {
             match compile::compile(unit, arch) {
                 Ok(c) => {
                     println!("{} {arch}: cubin {} bytes\n    {}", unit.name(), c.cubin.len(), resource_summary(&c.log));
+                    if let Some(dir) = &dump {
+                        let stem = dir.join(format!("{}-{arch}", unit.name()));
+                        std::fs::write(stem.with_extension("cubin"), &*c.cubin).unwrap();
+                        std::fs::write(stem.with_extension("log"), &c.log).unwrap();
+                    }
                     assert!(!c.cubin.is_empty());
                     // A spill in the attention kernel is a performance bug worth seeing in CI's log.
                     if c.log.lines().any(|l| l.contains("spill") && !l.contains(" 0 bytes spill stores, 0 bytes spill loads")) {

@@ -13,10 +13,25 @@ use parking_lot::Mutex;
 use crate::error::{Error, Result};
 use crate::types::DType;
 
-/// The shared work-list header, prepended to every kernel source (NVRTC gets no include path).
+/// The shared work-list header (the C mirrors of the plan's and the launch's structs).
 pub const WORK_CUH: &str = include_str!("../../../kernels/work.cuh");
+/// The attention unit's translation unit: it includes the headers of `HEADERS`.
 pub const ATTENTION_CU: &str = include_str!("../../../kernels/attention.cu");
 pub const KV_CU: &str = include_str!("../../../kernels/kv.cu");
+/// Every kernel header, by the name the sources `#include` it by. NVRTC gets no include path
+/// (the sources are embedded in the binary): each program is handed all of them by name, and
+/// each is part of every unit's cache key.
+pub const HEADERS: [(&str, &str); 9] = [
+    ("work.cuh", WORK_CUH),
+    ("config.cuh", include_str!("../../../kernels/config.cuh")),
+    ("ptx.cuh", include_str!("../../../kernels/ptx.cuh")),
+    ("tile.cuh", include_str!("../../../kernels/tile.cuh")),
+    ("softmax.cuh", include_str!("../../../kernels/softmax.cuh")),
+    ("attend.cuh", include_str!("../../../kernels/attend.cuh")),
+    ("attention_plain.cuh", include_str!("../../../kernels/attention_plain.cuh")),
+    ("attention_ws.cuh", include_str!("../../../kernels/attention_ws.cuh")),
+    ("merge.cuh", include_str!("../../../kernels/merge.cuh")),
+];
 
 /// Warps of an attention CTA, each owning 16 rows of the Q tile (so the planner's `block_m` is
 /// 16 × this). 8 unless `PACKINFER_TILE_WARPS` says 4 (a tuning knob read when a context opens):
@@ -203,7 +218,8 @@ impl Unit {
         self.smem_struct_bytes(arch) + 1024
     }
 
-    /// The attention kernel's shared-memory struct (`kernels/attention.cu` asserts the same):
+    /// The attention kernel's shared-memory struct (`Smem` in `kernels/attention_plain.cuh` and
+    /// `kernels/attention_ws.cuh`, which assert the same):
     /// the Q tile and the K/V stages (swizzled, no padding), then the row table (24 bytes a
     /// row), the segment table (16 bytes a row), the next work item (32 bytes), and the drawn group
     /// number padded to 16 bytes. The warp-specialised kernel has two item
@@ -225,12 +241,12 @@ impl Unit {
         }
     }
 
-    fn source(&self) -> String {
-        let body = match self {
+    /// The translation unit NVRTC compiles (with `HEADERS`).
+    fn source(&self) -> &'static str {
+        match self {
             Unit::Attention { .. } => ATTENTION_CU,
             Unit::Kv => KV_CU,
-        };
-        format!("{WORK_CUH}\n{body}")
+        }
     }
 
     fn defines(&self, arch: &str) -> Vec<String> {
@@ -318,20 +334,31 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
     h
 }
 
-/// The cache file name of `unit` for `arch`: keyed by the source, the options and NVRTC's
-/// version, so any change to one of them is a different file.
+/// The cache file name of `unit` for `arch`: keyed by the source, every header, the options and
+/// NVRTC's version, so any change to one of them is a different file.
 pub fn cache_file_name(unit: Unit, arch: &str, nvrtc: (i32, i32)) -> String {
-    let opts = options(unit, arch).join(" ");
-    let key = fnv1a(&[unit.source().as_bytes(), opts.as_bytes(), format!("{}.{}", nvrtc.0, nvrtc.1).as_bytes()]);
+    let key = cache_key(unit.source(), &HEADERS, &options(unit, arch), nvrtc);
     format!("{}-{arch}-nvrtc{}.{}-{key:016x}.cubin", unit.name(), nvrtc.0, nvrtc.1)
+}
+
+fn cache_key(source: &str, headers: &[(&str, &str)], options: &[String], nvrtc: (i32, i32)) -> u64 {
+    let opts = options.join(" ");
+    let version = format!("{}.{}", nvrtc.0, nvrtc.1);
+    let mut parts: Vec<&[u8]> = vec![source.as_bytes()];
+    for (name, text) in headers {
+        parts.extend([name.as_bytes(), text.as_bytes()]);
+    }
+    parts.extend([opts.as_bytes(), version.as_bytes()]);
+    fnv1a(&parts)
 }
 
 /// Compiles `unit` for `arch` with NVRTC. A compile error is [`Error::Compile`] with the log.
 pub fn compile(unit: Unit, arch: &str) -> Result<Compiled> {
-    compile_with(&unit.name(), &unit.source(), &options(unit, arch), arch)
+    compile_with(&unit.name(), unit.source(), &options(unit, arch), arch)
 }
 
-/// Compiles a free-standing source (tests' layout probes) with the common options.
+/// Compiles a free-standing source (tests' layout probes) with the common options; it may
+/// include the kernel headers.
 pub fn compile_source(name: &str, source: &str, arch: &str) -> Result<Compiled> {
     let opts = vec![format!("--gpu-architecture={arch}"), "-std=c++17".into()];
     compile_with(name, source, &opts, arch)
@@ -343,6 +370,13 @@ fn compile_with(unit_name: &str, source: &str, options: &[String], arch: &str) -
     let name = CString::new(format!("{unit_name}.cu")).unwrap();
     let opts: Vec<CString> = options.iter().map(|o| CString::new(o.as_str()).unwrap()).collect();
     let opt_ptrs: Vec<*const std::ffi::c_char> = opts.iter().map(|o| o.as_ptr()).collect();
+    let header_names: Vec<CString> = HEADERS.iter().map(|(n, _)| CString::new(*n).unwrap()).collect();
+    let header_texts: Vec<CString> = HEADERS
+        .iter()
+        .map(|(n, t)| CString::new(*t).map_err(|_| Error::Internal(format!("kernel header {n} contains a NUL byte"))))
+        .collect::<Result<_>>()?;
+    let name_ptrs: Vec<*const std::ffi::c_char> = header_names.iter().map(|n| n.as_ptr()).collect();
+    let text_ptrs: Vec<*const std::ffi::c_char> = header_texts.iter().map(|t| t.as_ptr()).collect();
     let check = |r: nvrtc::nvrtcResult, what: &str| {
         if r == nvrtc::nvrtcResult::NVRTC_SUCCESS {
             Ok(())
@@ -353,7 +387,10 @@ fn compile_with(unit_name: &str, source: &str, options: &[String], arch: &str) -
     let mut prog: nvrtc::nvrtcProgram = std::ptr::null_mut();
     // SAFETY: the strings outlive the program, which is destroyed below on every path.
     unsafe {
-        check(nvrtc::nvrtcCreateProgram(&mut prog, src.as_ptr(), name.as_ptr(), 0, std::ptr::null(), std::ptr::null()), "nvrtcCreateProgram")?;
+        check(
+            nvrtc::nvrtcCreateProgram(&mut prog, src.as_ptr(), name.as_ptr(), HEADERS.len() as i32, text_ptrs.as_ptr(), name_ptrs.as_ptr()),
+            "nvrtcCreateProgram",
+        )?;
         let compiled = nvrtc::nvrtcCompileProgram(prog, opt_ptrs.len() as i32, opt_ptrs.as_ptr());
         let mut log_size = 0usize;
         let mut log = String::new();
@@ -468,5 +505,52 @@ fn write_atomically(path: &Path, bytes: &[u8]) {
     let tmp = dir.join(format!(".{}.{}.{n}.tmp", path.file_name().unwrap().to_string_lossy(), std::process::id()));
     if std::fs::write(&tmp, bytes).is_ok() && std::fs::rename(&tmp, path).is_err() {
         let _ = std::fs::remove_file(&tmp);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names a source includes (`#include "name"`).
+    fn includes(text: &str) -> Vec<&str> {
+        text.lines()
+            .filter_map(|l| l.trim_start().strip_prefix("#include"))
+            .map(|rest| rest.trim().trim_start_matches('"').split('"').next().unwrap())
+            .collect()
+    }
+
+    /// NVRTC finds a header only by the exact name it is handed, so every include must name one
+    /// of `HEADERS`, and every header must be reached from a translation unit (else it is dead,
+    /// yet still part of every cache key).
+    #[test]
+    fn every_include_names_a_header_and_every_header_is_included() {
+        let known: Vec<&str> = HEADERS.iter().map(|(n, _)| *n).collect();
+        let mut reached: Vec<&str> = Vec::new();
+        let mut todo: Vec<&str> = [ATTENTION_CU, KV_CU].into_iter().flat_map(includes).collect();
+        while let Some(name) = todo.pop() {
+            assert!(known.contains(&name), "#include \"{name}\" names no entry of compile::HEADERS");
+            if !reached.contains(&name) {
+                reached.push(name);
+                todo.extend(includes(HEADERS.iter().find(|(n, _)| *n == name).unwrap().1));
+            }
+        }
+        for name in known {
+            assert!(reached.contains(&name), "{name} is in compile::HEADERS but no kernel source includes it");
+        }
+    }
+
+    /// A change to any one header is a different cache file, for every unit.
+    #[test]
+    fn cache_key_covers_every_header() {
+        let opts = vec!["-DPI_HEAD_DIM=128".to_string()];
+        let base = cache_key(ATTENTION_CU, &HEADERS, &opts, (13, 0));
+        for i in 0..HEADERS.len() {
+            let mut changed = HEADERS;
+            let text = format!("{} ", HEADERS[i].1);
+            changed[i].1 = &text;
+            assert_ne!(cache_key(ATTENTION_CU, &changed, &opts, (13, 0)), base, "{} is not in the key", HEADERS[i].0);
+            assert_ne!(cache_key(KV_CU, &changed, &[], (13, 0)), cache_key(KV_CU, &HEADERS, &[], (13, 0)), "{} is not in the kv key", HEADERS[i].0);
+        }
     }
 }

@@ -1,0 +1,61 @@
+// The attention unit's variant switches: the -D values the host passes (see attention.cu), their
+// defaults, and the switches derived from them. Every attention header sees these first.
+#pragma once
+
+#ifndef PI_HEAD_DIM
+#error "PI_HEAD_DIM must be defined"
+#endif
+#ifndef PI_BLOCK_N
+#define PI_BLOCK_N 64
+#endif
+#ifndef PI_WARPS
+#define PI_WARPS 4
+#endif
+// K/V stages in the shared-memory ring (>= 2).
+#ifndef PI_STAGES
+#define PI_STAGES 2
+#endif
+#define PI_BLOCK_M (16 * PI_WARPS)
+#define PI_THREADS (PI_WARPS * 32)
+
+// wgmma (warpgroup tensor-core instructions) exist on sm_90a only; with 64-key blocks (128 in
+// the warp-specialised kernel) the accumulators of head_dim <= 128 stay in registers. PACKINFER_KERNEL_DEFINES="-DPI_WGMMA=0" turns
+// them off for comparisons.
+#if !defined(__CUDA_ARCH_FEAT_SM90_ALL) || PI_HEAD_DIM > 128 || (PI_BLOCK_N != 32 && PI_BLOCK_N != 64 && PI_BLOCK_N != 128)
+#undef PI_WGMMA
+#define PI_WGMMA 0
+#elif !defined(PI_WGMMA)
+#define PI_WGMMA 1
+#endif
+// The plain kernel's pipelined wgmma loop (attention_plain.cuh) needs PI_STAGES >= 3: its loads run PI_STAGES - 2
+// blocks ahead, since a stage is refilled only once the O += PV that read it is done.
+#define PI_WG_PIPELINE (PI_WGMMA && PI_STAGES >= 3)
+// The warp-specialised kernel (a producer warpgroup and mbarriers; attention_ws.cuh):
+// the host asks for it with -DPI_WS=1 on sm_90a at head_dim <= 128.
+#ifndef PI_WS
+#define PI_WS 0
+#endif
+#if PI_WS && !PI_WGMMA
+#error "PI_WS needs the wgmma path (sm_90a, head_dim <= 128, 64-key blocks)"
+#endif
+#if PI_BF16
+#define PI_ETYPE "bf16"
+#else
+#define PI_ETYPE "f16"
+#endif
+
+#define PI_NEG_INF (__int_as_float(0xff800000))
+
+// mbarriers and TMA exist from sm_90 on (ptx.cuh).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define PI_TMA 1
+#else
+#define PI_TMA 0
+#endif
+
+// Whole one-request Q and O tiles by TMA: the short-prefill kernel (-DPI_QO_TMA=1 from the
+// host; the warp-specialised kernel with one consumer warpgroup).
+#if !defined(PI_QO_TMA) || !PI_TMA
+#undef PI_QO_TMA
+#define PI_QO_TMA 0
+#endif

@@ -33,15 +33,20 @@
 //!    unpacked), one after another on one CTA, each reading its keys from L2 where the one
 //!    before left them.
 //!
+//! [`schedule`] runs them as one function per step, each stating what its result guarantees:
+//! [`bundle_prefixes`] (1), [`row_blocks`] (2), [`capacity`], [`runs`] and [`split`] with
+//! [`cut_keys`] (3), [`pack`] (4), [`group`] (5), then [`emit`] (work items and partial slots)
+//! and [`merge_list`] (merges).
+//!
 //! Pieces are replicated for every KV head; the copies share their `row_segments` and
 //! `kv_chunks` entries (a work item only names index ranges into them) and differ in `kv_head`,
 //! `partial_slot` and `group`.
 
 use super::cost::{chunk_cost, item_cost, min_capacity, ROW_SLICE};
-use super::{DeviceProfile, KvChunk, MergeRow, Plan, RowSegment, WorkItem, FINAL_OUTPUT};
+use super::{DeviceProfile, KvChunk, MergeRow, Plan, PlanOptions, RequestInfo, RowSegment, WorkItem, FINAL_OUTPUT};
 use crate::error::Result;
 use crate::invalid;
-use crate::types::limits;
+use crate::types::{limits, PrefixGroup};
 
 const NO_BUNDLE: u32 = u32::MAX;
 const NO_RUN: u32 = u32::MAX;
@@ -52,25 +57,89 @@ const NO_RUN: u32 = u32::MAX;
 /// gained decodes little and cost prefill (docs/performance-log.md#auto-waves).
 const AUTO_WAVES: f64 = 2.0;
 
-/// A run of one request's query tokens against one range of its keys: a work item of one
-/// segment and one chunk, unless packing puts it into a shared tile.
-#[derive(Clone, Copy, Debug)]
-struct Block {
-    request: u32,
-    q_begin: u32,
-    q_count: u32,
-    key_begin: u32,
-    key_end: u32,
-    /// Its rows' results are merged with other pieces: it writes partial slots, not O.
-    partial: bool,
-    /// The prefix group (bundle) the request belongs to, or [`NO_BUNDLE`].
-    bundle: u32,
-    cost: f64,
+/// What every step reads: the requests, the tile geometry and the options of one plan.
+struct Setup<'a> {
+    profile: &'a DeviceProfile,
+    opts: &'a PlanOptions,
+    requests: &'a [RequestInfo],
+    /// Query heads per KV head: a token is `group` rows of a tile.
+    group: u32,
+    block_m: u32,
+    /// Tokens of one request in a full tile, `block_m / group`.
+    tokens_per_tile: u32,
+    /// KV heads: every piece becomes a work item for each.
+    heads: u32,
+    /// Query heads, `heads × group`.
+    qo_heads: u32,
+    causal: bool,
+    /// Deterministic mode's split granularity: `split_keys` when deterministic with `split_kv`.
+    fixed_split: Option<u32>,
+}
+
+impl<'a> Setup<'a> {
+    fn new(plan: &'a Plan, profile: &'a DeviceProfile) -> Self {
+        let opts = &plan.options;
+        let group = plan.shape.group_size();
+        Setup {
+            profile,
+            opts,
+            requests: &plan.requests,
+            group,
+            block_m: plan.block_m,
+            tokens_per_tile: plan.block_m / group,
+            heads: plan.shape.num_kv_heads,
+            qo_heads: plan.shape.num_qo_heads,
+            causal: plan.shape.causal,
+            fixed_split: if opts.deterministic && opts.split_kv { Some(opts.split_keys) } else { None },
+        }
+    }
+
+    /// Cost of an item of one chunk: `rows` tile rows from row 0 against `keys` keys.
+    #[inline]
+    fn block_cost(&self, rows: u32, keys: u32) -> f64 {
+        self.profile.cost_item + chunk_cost(self.profile, 0, rows, keys)
+    }
+
+    /// Pieces a plan may have: its work items are `pieces × heads`.
+    fn max_pieces(&self) -> usize {
+        limits::MAX_WORK_ITEMS / self.heads as usize
+    }
+}
+
+/// What scheduling decided, for the statistics.
+pub(super) struct Outcome {
+    pub capacity: f64,
+    pub num_split_requests: u32,
+}
+
+/// Builds the work list of `plan` (whose requests are filled in) with every technique its
+/// options enable.
+pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outcome> {
+    let s = Setup::new(plan, profile);
+    let bundles = bundle_prefixes(&s, &plan.batch.prefix_groups);
+    let num_bundles = bundles.len();
+    let blocks = row_blocks(&s, &bundles);
+    let capacity = capacity(&s, &blocks, &bundles.prefix_tiles);
+    let runs = runs(&s, &blocks, capacity);
+    let Split { mut work, to_pack, num_split_requests } = split(&s, capacity, &bundles.prefix_tiles, bundles.segments, &blocks, &runs)?;
+    pack(&s, capacity, num_bundles, &to_pack, &mut work);
+    let groups = group(&s, capacity, num_bundles, &work.pieces)?;
+    let Emitted { items, slot_of } = emit(&s, &work.pieces, &groups);
+    let Merges { merges, merge_slots } = merge_list(&s, plan.batch.total_q(), &work.partial_rows, &slot_of);
+
+    let Pieces { pieces, chunks, segments, .. } = work;
+    debug_assert!(pieces.iter().all(|p| (item_cost(profile, &chunks[p.chunk_begin as usize..(p.chunk_begin + p.chunk_count) as usize]) - p.cost).abs() <= 1e-6 * p.cost.max(1.0)));
+    plan.items = items;
+    plan.row_segments = segments;
+    plan.kv_chunks = chunks;
+    plan.merges = merges;
+    plan.merge_slots = merge_slots;
+    Ok(Outcome { capacity, num_split_requests })
 }
 
 /// A shared-prefix tile before splitting: member rows stacked in `segments[seg_begin..]` against
 /// the prefix keys `[0, key_end)`, read through request `reader`'s page table.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 struct PrefixTile {
     seg_begin: u32,
     seg_count: u32,
@@ -80,74 +149,48 @@ struct PrefixTile {
     bundle: u32,
 }
 
-/// One future work item, replicated for every KV head.
-#[derive(Clone, Copy, Debug)]
-struct Piece {
-    seg_begin: u32,
-    seg_count: u32,
-    chunk_begin: u32,
-    chunk_count: u32,
-    num_rows: u32,
-    partial: bool,
-    bundle: u32,
-    /// The request whose pieces are grouped as one unit (see step 5), or [`NO_RUN`].
-    run: u32,
-    cost: f64,
+/// Step 1's result: the prefix groups that are shared ("bundles") and the tiles that read their
+/// prefixes.
+struct Bundles {
+    /// Per request, its bundle, or [`NO_BUNDLE`] when the request reads all its keys itself.
+    bundle_of: Vec<u32>,
+    /// Per bundle, the keys `[0, shared_len)` its tiles read once for all its members.
+    shared_len: Vec<u32>,
+    /// The tiles, bundle by bundle.
+    prefix_tiles: Vec<PrefixTile>,
+    /// The tiles' rows, tile by tile: the first entries of the plan's `row_segments`.
+    segments: Vec<RowSegment>,
 }
 
-/// One query token's partial result: the piece and tile row (of the token's first head) that
-/// hold it, and where its keys start. Merges list a token's pieces in key order, so a result
-/// never depends on the order items were emitted in.
-#[derive(Clone, Copy, Debug)]
-struct PartialRow {
-    token: u32,
-    key_begin: u32,
-    piece: u32,
-    row: u32,
+impl Bundles {
+    fn len(&self) -> usize {
+        self.shared_len.len()
+    }
 }
 
-/// What scheduling decided, for the statistics.
-pub(super) struct Outcome {
-    pub capacity: f64,
-    pub num_split_requests: u32,
-}
-
-/// An integer whose unsigned order is `f64::total_cmp`'s order of `x`.
-#[inline]
-fn total_order_key(x: f64) -> u64 {
-    let bits = x.to_bits() as i64;
-    (bits ^ (((bits >> 63) as u64) >> 1) as i64) as u64 ^ (1 << 63)
-}
-
-/// Builds the work list of `plan` (whose requests are filled in) with every technique its
-/// options enable.
-pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outcome> {
-    let shape = plan.shape;
-    let opts = plan.options.clone();
-    let group = shape.group_size();
-    let block_m = plan.block_m;
-    let tokens_per_tile = block_m / group;
-    let heads = shape.num_kv_heads;
-    let causal = shape.causal;
-    let requests = &plan.requests;
-    let n = requests.len();
-    let fixed_split = if opts.deterministic && opts.split_kv { Some(opts.split_keys) } else { None };
-    let block_cost = |rows: u32, keys: u32| profile.cost_item + chunk_cost(profile, 0, rows, keys);
-
-    // 1. Prefix groups ("bundles"). In deterministic mode the shared part is rounded down to a
-    // split boundary, so a member's key pieces are the same as when it runs alone.
-    let mut bundle_of = vec![NO_BUNDLE; n];
+/// Step 1, prefix groups ("bundles"). Guarantees: bundles are numbered in prefix-group order;
+/// a prefix group is a bundle when sharing is on (and, in deterministic mode, `split_kv` too),
+/// at least two of its members have rows that fit one [`ROW_SLICE`] (its sharers, which alone
+/// get the bundle) and its shared length is positive: the prefix, rounded down to a multiple of
+/// `split_keys` in deterministic mode. The sharers' tokens, in member order, are stacked into
+/// tiles of at most `block_m` rows (segments whole tokens, laid out from row 0), each reading
+/// keys `[0, key_end)`, `key_end` ≤ the shared length, through its first sharer's pages.
+fn bundle_prefixes(s: &Setup, prefix_groups: &[PrefixGroup]) -> Bundles {
+    let (requests, group, block_m) = (s.requests, s.group, s.block_m);
+    // In deterministic mode the shared part is rounded down to a split boundary, so a member's
+    // key pieces are the same as when it runs alone.
+    let mut bundle_of = vec![NO_BUNDLE; requests.len()];
     let mut shared_len: Vec<u32> = Vec::new();
     let mut segments: Vec<RowSegment> = Vec::new();
     let mut prefix_tiles: Vec<PrefixTile> = Vec::new();
     // Deterministic without splits computes every row in one pass, as it would alone; sharing
     // a prefix would cut it in two.
-    let sharing = opts.prefix_sharing && (fixed_split.is_some() || !opts.deterministic);
+    let sharing = s.opts.prefix_sharing && (s.fixed_split.is_some() || !s.opts.deterministic);
     if sharing {
         let mut sharers: Vec<u32> = Vec::new();
-        for pg in &plan.batch.prefix_groups {
-            let len = match fixed_split {
-                Some(s) => pg.prefix_len / s * s,
+        for pg in prefix_groups {
+            let len = match s.fixed_split {
+                Some(fs) => pg.prefix_len / fs * fs,
                 None => pg.prefix_len,
             };
             // Members whose rows fit one slice (decodes, a few speculative tokens) share the
@@ -179,7 +222,7 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
                     segments.push(RowSegment { request: m, q_begin: q, q_count: count, row_begin: tile.num_rows });
                     tile.seg_count += 1;
                     tile.num_rows += count * group;
-                    tile.key_end = tile.key_end.max(req.key_limit(q + count - 1, causal).min(len));
+                    tile.key_end = tile.key_end.max(req.key_limit(q + count - 1, s.causal).min(len));
                     q += count;
                 }
             }
@@ -188,80 +231,208 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
             }
         }
     }
+    Bundles { bundle_of, shared_len, prefix_tiles, segments }
+}
 
-    // 2. Row blocks of every request; a prefix member's blocks cover only its suffix keys.
-    let mut blocks: Vec<Block> = Vec::with_capacity(n);
-    for (r, req) in requests.iter().enumerate() {
-        let bundle = bundle_of[r];
-        let key_begin = if bundle == NO_BUNDLE { 0 } else { shared_len[bundle as usize] };
+/// A run of one request's query tokens against one range of its keys: a work item of one
+/// segment and one chunk, unless packing puts it into a shared tile.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Block {
+    request: u32,
+    q_begin: u32,
+    q_count: u32,
+    key_begin: u32,
+    key_end: u32,
+    /// Its rows' results are merged with other pieces: it writes partial slots, not O.
+    partial: bool,
+    /// The prefix group (bundle) the request belongs to, or [`NO_BUNDLE`].
+    bundle: u32,
+    cost: f64,
+}
+
+/// Step 2, row blocks. Guarantees: in request order, then query order, each request's tokens in
+/// blocks of `tokens_per_tile` (the last one shorter), each block against the keys
+/// `[key_begin, key_end)` where `key_end` is what its last token sees. A block of a request in
+/// no bundle starts at key 0 and is not partial; one of a bundle's sharer starts at the shared
+/// length and is partial (it is merged with the prefix tile), and is left out when its tokens
+/// see nothing past the prefix. `cost` is the block as an item of its own.
+fn row_blocks(s: &Setup, bundles: &Bundles) -> Vec<Block> {
+    // A prefix member's blocks cover only its suffix keys.
+    let mut blocks: Vec<Block> = Vec::with_capacity(s.requests.len());
+    for (r, req) in s.requests.iter().enumerate() {
+        let bundle = bundles.bundle_of[r];
+        let key_begin = if bundle == NO_BUNDLE { 0 } else { bundles.shared_len[bundle as usize] };
         let mut q = 0;
         while q < req.q_len {
-            let count = tokens_per_tile.min(req.q_len - q);
-            let limit = req.key_limit(q + count - 1, causal);
+            let count = s.tokens_per_tile.min(req.q_len - q);
+            let limit = req.key_limit(q + count - 1, s.causal);
             // A member block whose rows see nothing past the prefix has no suffix work.
             if bundle == NO_BUNDLE || limit > key_begin {
                 let key_end = limit.max(key_begin);
-                let cost = block_cost(count * group, key_end - key_begin);
+                let cost = s.block_cost(count * s.group, key_end - key_begin);
                 blocks.push(Block { request: r as u32, q_begin: q, q_count: count, key_begin, key_end, partial: bundle != NO_BUNDLE, bundle, cost });
             }
             q += count;
         }
     }
+    blocks
+}
 
-    // 3. Capacity, then splits.
-    let total: f64 = (blocks.iter().map(|b| b.cost).sum::<f64>() + prefix_tiles.iter().map(|t| block_cost(t.num_rows, t.key_end)).sum::<f64>()) * heads as f64;
-    let capacity = opts.capacity.unwrap_or_else(|| (total / (AUTO_WAVES * profile.num_workers as f64)).max(min_capacity(profile)));
-    // Pieces are made per KV head: the plan's work items are `pieces × heads`.
-    let max_pieces = limits::MAX_WORK_ITEMS / heads as usize;
-    // Splits `key_begin..key_end` into `out`, refusing more pieces than `room` before it
-    // allocates them (a tiny capacity or split_keys over long contexts would ask for billions).
-    let split = |key_begin: u32, key_end: u32, cost: f64, room: usize, out: &mut Vec<(u32, u32)>| -> Result<()> {
-        out.clear();
-        let keys = key_end.saturating_sub(key_begin) as u64;
-        let count = match fixed_split {
-            Some(s) => (key_end.max(1) as u64 - 1) / s as u64 + 1 - key_begin as u64 / s as u64,
-            None if opts.split_kv && cost > capacity && keys > profile.block_n as u64 => {
-                let pieces = (cost / capacity).ceil().min(keys as f64) as u64;
-                keys.div_ceil(keys.div_ceil(pieces).next_multiple_of(profile.block_n as u64))
-            }
-            None => 1,
-        };
-        if count as usize > room {
-            return Err(invalid!(
-                "the plan would need more than {} work items (capacity = {capacity}, split_keys = {}, {} KV heads): raise the capacity or split_keys",
-                limits::MAX_WORK_ITEMS,
-                opts.split_keys,
-                heads
-            ));
+/// Step 3, the capacity C: the options' if set, else the total cost of the blocks and prefix
+/// tiles (for every KV head) / (AUTO_WAVES × num_workers), never below [`min_capacity`].
+fn capacity(s: &Setup, blocks: &[Block], prefix_tiles: &[PrefixTile]) -> f64 {
+    let total: f64 = (blocks.iter().map(|b| b.cost).sum::<f64>() + prefix_tiles.iter().map(|t| s.block_cost(t.num_rows, t.key_end)).sum::<f64>()) * s.heads as f64;
+    s.opts.capacity.unwrap_or_else(|| (total / (AUTO_WAVES * s.profile.num_workers as f64)).max(min_capacity(s.profile)))
+}
+
+/// Step 3, runs: per request, whether its blocks are placed as one unit (step 5). Guarantees: a
+/// run has no bundle, at least one full tile (`block_m` rows) and a total cost of at most
+/// `capacity`; there are none (an empty list) without balancing or in deterministic mode.
+fn runs(s: &Setup, blocks: &[Block], capacity: f64) -> Vec<bool> {
+    // Runs: a request of at least one full tile, no prefix group and a total cost within C is
+    // placed as one unit (step 5), its tiles one after another on one CTA, tail tile included
+    // (not packed). Its tiles read growing prefixes of the same keys, so each tile finds them
+    // in L2 where the previous one left them; scattered by LPT over the whole launch, the tiles
+    // of a batch of short prompts may re-read their keys from DRAM
+    // (docs/performance-log.md#runs).
+    if !(s.opts.balancing && s.fixed_split.is_none()) {
+        return Vec::new();
+    }
+    let n = s.requests.len();
+    let mut request_cost = vec![0.0f64; n];
+    let mut run = vec![false; n];
+    for b in blocks.iter().filter(|b| b.bundle == NO_BUNDLE) {
+        request_cost[b.request as usize] += b.cost;
+        run[b.request as usize] |= b.q_count * s.group == s.block_m;
+    }
+    for (run, &cost) in run.iter_mut().zip(&request_cost) {
+        *run &= cost <= capacity;
+    }
+    run
+}
+
+/// Step 3, cutting: the key ranges of a piece of keys `[key_begin, key_end)` costing `cost`,
+/// into `out` (cleared first). Guarantees: the ranges are consecutive, in order, and cover the
+/// keys exactly (one empty range for no keys). In deterministic mode they end at the absolute
+/// multiples of `split_keys`; otherwise, with `split_kv` and a cost above `capacity`, they are
+/// ⌈cost / capacity⌉ (at most) ranges of a multiple of `block_n` keys (the last shorter);
+/// otherwise one range. More than `room` ranges is an error, returned before any is made (a
+/// tiny capacity or split_keys over long contexts would ask for billions).
+// Inlined: it runs for every block and mostly returns the one range; the call showed in
+// plan_bench.
+#[inline(always)]
+fn cut_keys(s: &Setup, capacity: f64, key_begin: u32, key_end: u32, cost: f64, room: usize, out: &mut Vec<(u32, u32)>) -> Result<()> {
+    out.clear();
+    let (opts, block_n) = (s.opts, s.profile.block_n);
+    let keys = key_end.saturating_sub(key_begin) as u64;
+    let count = match s.fixed_split {
+        Some(fs) => (key_end.max(1) as u64 - 1) / fs as u64 + 1 - key_begin as u64 / fs as u64,
+        None if opts.split_kv && cost > capacity && keys > block_n as u64 => {
+            let pieces = (cost / capacity).ceil().min(keys as f64) as u64;
+            keys.div_ceil(keys.div_ceil(pieces).next_multiple_of(block_n as u64))
         }
-        match fixed_split {
-            Some(s) => {
-                let mut k = key_begin;
-                loop {
-                    // In u64: the next multiple of a large `s` may not fit in u32.
-                    let end = ((k as u64 / s as u64 + 1) * s as u64).min(key_end as u64) as u32;
-                    out.push((k, end.max(k)));
-                    if end >= key_end {
-                        break;
-                    }
-                    k = end;
-                }
-            }
-            None if opts.split_kv && cost > capacity && key_end - key_begin > profile.block_n => {
-                let pieces = (cost / capacity).ceil() as u32;
-                let step = ((key_end - key_begin).div_ceil(pieces) as u64).next_multiple_of(profile.block_n as u64);
-                let mut k = key_begin as u64;
-                while k < key_end as u64 {
-                    out.push((k as u32, (k + step).min(key_end as u64) as u32));
-                    k += step;
-                }
-            }
-            None => out.push((key_begin, key_end)),
-        }
-        Ok(())
+        None => 1,
     };
+    if count as usize > room {
+        return Err(invalid!(
+            "the plan would need more than {} work items (capacity = {capacity}, split_keys = {}, {} KV heads): raise the capacity or split_keys",
+            limits::MAX_WORK_ITEMS,
+            opts.split_keys,
+            s.heads
+        ));
+    }
+    match s.fixed_split {
+        Some(fs) => {
+            let mut k = key_begin;
+            loop {
+                // In u64: the next multiple of a large `fs` may not fit in u32.
+                let end = ((k as u64 / fs as u64 + 1) * fs as u64).min(key_end as u64) as u32;
+                out.push((k, end.max(k)));
+                if end >= key_end {
+                    break;
+                }
+                k = end;
+            }
+        }
+        None if opts.split_kv && cost > capacity && key_end - key_begin > block_n => {
+            let pieces = (cost / capacity).ceil() as u32;
+            let step = ((key_end - key_begin).div_ceil(pieces) as u64).next_multiple_of(block_n as u64);
+            let mut k = key_begin as u64;
+            while k < key_end as u64 {
+                out.push((k as u32, (k + step).min(key_end as u64) as u32));
+                k += step;
+            }
+        }
+        None => out.push((key_begin, key_end)),
+    }
+    Ok(())
+}
 
-    let mut split_request = vec![false; n];
+/// One future work item, replicated for every KV head.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Piece {
+    seg_begin: u32,
+    seg_count: u32,
+    chunk_begin: u32,
+    chunk_count: u32,
+    num_rows: u32,
+    partial: bool,
+    bundle: u32,
+    /// The request whose pieces are grouped as one unit (see step 5), or [`NO_RUN`].
+    run: u32,
+    cost: f64,
+}
+
+/// One query token's partial result: the piece and tile row (of the token's first head) that
+/// hold it, and where its keys start. Merges list a token's pieces in key order, so a result
+/// never depends on the order items were emitted in.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct PartialRow {
+    token: u32,
+    key_begin: u32,
+    piece: u32,
+    row: u32,
+}
+
+/// The pieces made so far and the plan entries they name: a piece's rows are
+/// `segments[seg_begin..][..seg_count]`, its keys `chunks[chunk_begin..][..chunk_count]`; each
+/// token row of a partial piece has its [`PartialRow`].
+struct Pieces {
+    segments: Vec<RowSegment>,
+    chunks: Vec<KvChunk>,
+    pieces: Vec<Piece>,
+    partial_rows: Vec<PartialRow>,
+}
+
+/// Records a partial row for each token of `seg`, a segment of `piece` reading from `key_begin`.
+#[inline]
+fn record_partials(s: &Setup, partial_rows: &mut Vec<PartialRow>, seg: &RowSegment, key_begin: u32, piece: u32) {
+    let q_start = s.requests[seg.request as usize].q_start;
+    for t in 0..seg.q_count {
+        partial_rows.push(PartialRow { token: q_start + seg.q_begin + t, key_begin, piece, row: seg.row_begin + t * s.group });
+    }
+}
+
+/// Step 3's result.
+struct Split {
+    work: Pieces,
+    /// The blocks left for packing (step 4), in request order.
+    to_pack: Vec<Block>,
+    /// Requests with a partial piece: split, or sharing a prefix.
+    num_split_requests: u32,
+}
+
+/// Step 3, splits. Guarantees: every prefix tile, then every block, in order, is cut by
+/// [`cut_keys`] into pieces of one chunk each (a prefix tile's read through its reader's pages
+/// for all its rows) that share the tile's or block's segments, appended after `segments`, the
+/// prefix tiles'. Prefix-tile pieces, bundle members' and split blocks' pieces are partial and
+/// record their partial rows; a run's pieces carry the run. A block cut into one range, of
+/// fewer than `block_m` rows and not in a run, is left in `to_pack` instead when packing is on.
+/// More than `max_pieces` pieces is an error.
+fn split(s: &Setup, capacity: f64, prefix_tiles: &[PrefixTile], mut segments: Vec<RowSegment>, blocks: &[Block], runs: &[bool]) -> Result<Split> {
+    let (group, block_m) = (s.group, s.block_m);
+    let max_pieces = s.max_pieces();
+    let mut split_request = vec![false; s.requests.len()];
     // Without splits: a piece and a chunk per prefix tile and block, a segment per block (packing
     // only merges pieces). Splits grow them.
     let unsplit = prefix_tiles.len() + blocks.len();
@@ -270,16 +441,10 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
     let mut chunks: Vec<KvChunk> = Vec::with_capacity(unsplit);
     let mut partial_rows: Vec<PartialRow> = Vec::new();
     let mut ranges: Vec<(u32, u32)> = Vec::new();
-    let record_partials = |partial_rows: &mut Vec<PartialRow>, seg: &RowSegment, key_begin: u32, piece: u32| {
-        let q_start = requests[seg.request as usize].q_start;
-        for t in 0..seg.q_count {
-            partial_rows.push(PartialRow { token: q_start + seg.q_begin + t, key_begin, piece, row: seg.row_begin + t * group });
-        }
-    };
 
     // Prefix tiles: split pieces share the tile's segments.
-    for tile in &prefix_tiles {
-        split(0, tile.key_end, block_cost(tile.num_rows, tile.key_end), max_pieces.saturating_sub(pieces.len()), &mut ranges)?;
+    for tile in prefix_tiles {
+        cut_keys(s, capacity, 0, tile.key_end, s.block_cost(tile.num_rows, tile.key_end), max_pieces.saturating_sub(pieces.len()), &mut ranges)?;
         for &(kb, ke) in &ranges {
             let p = pieces.len() as u32;
             chunks.push(KvChunk { request: tile.reader, key_begin: kb, key_end: ke, row_begin: 0, row_end: tile.num_rows });
@@ -292,10 +457,10 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
                 partial: true,
                 bundle: tile.bundle,
                 run: NO_RUN,
-                cost: block_cost(tile.num_rows, ke - kb),
+                cost: s.block_cost(tile.num_rows, ke - kb),
             });
             for seg in &segments[tile.seg_begin as usize..(tile.seg_begin + tile.seg_count) as usize] {
-                record_partials(&mut partial_rows, seg, kb, p);
+                record_partials(s, &mut partial_rows, seg, kb, p);
             }
             for seg in &segments[tile.seg_begin as usize..(tile.seg_begin + tile.seg_count) as usize] {
                 split_request[seg.request as usize] = true;
@@ -303,29 +468,15 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
         }
     }
 
-    // Runs: a request of at least one full tile, no prefix group and a total cost within C is
-    // placed as one unit (step 5), its tiles one after another on one CTA, tail tile included
-    // (not packed). Its tiles read growing prefixes of the same keys, so each tile finds them
-    // in L2 where the previous one left them; scattered by LPT over the whole launch, the tiles
-    // of a batch of short prompts may re-read their keys from DRAM
-    // (docs/performance-log.md#runs).
-    let runs = opts.balancing && fixed_split.is_none();
-    let mut request_cost = vec![0.0f64; if runs { n } else { 0 }];
-    let mut full_tile = vec![false; request_cost.len()];
-    for b in blocks.iter().filter(|b| runs && b.bundle == NO_BUNDLE) {
-        request_cost[b.request as usize] += b.cost;
-        full_tile[b.request as usize] |= b.q_count * group == block_m;
-    }
-    let in_run = |r: u32| full_tile.get(r as usize).copied().unwrap_or(false) && request_cost[r as usize] <= capacity;
-
     // Blocks: a split block's pieces share its segment; unsplit short blocks wait for packing.
-    let mut pack: Vec<Block> = Vec::with_capacity(blocks.len());
-    for b in &blocks {
-        split(b.key_begin, b.key_end, b.cost, max_pieces.saturating_sub(pieces.len()), &mut ranges)?;
+    let in_run = |r: u32| runs.get(r as usize).copied().unwrap_or(false);
+    let mut to_pack: Vec<Block> = Vec::with_capacity(blocks.len());
+    for b in blocks {
+        cut_keys(s, capacity, b.key_begin, b.key_end, b.cost, max_pieces.saturating_sub(pieces.len()), &mut ranges)?;
         let rows = b.q_count * group;
         let run = if in_run(b.request) { b.request } else { NO_RUN };
-        if ranges.len() == 1 && opts.packing && rows < block_m && run == NO_RUN {
-            pack.push(*b);
+        if ranges.len() == 1 && s.opts.packing && rows < block_m && run == NO_RUN {
+            to_pack.push(*b);
             continue;
         }
         let partial = b.partial || ranges.len() > 1;
@@ -336,26 +487,39 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
         for &(kb, ke) in &ranges {
             let p = pieces.len() as u32;
             chunks.push(KvChunk { request: b.request, key_begin: kb, key_end: ke, row_begin: 0, row_end: rows });
-            pieces.push(Piece { seg_begin, seg_count: 1, chunk_begin: chunks.len() as u32 - 1, chunk_count: 1, num_rows: rows, partial, bundle: b.bundle, run, cost: block_cost(rows, ke - kb) });
+            pieces.push(Piece { seg_begin, seg_count: 1, chunk_begin: chunks.len() as u32 - 1, chunk_count: 1, num_rows: rows, partial, bundle: b.bundle, run, cost: s.block_cost(rows, ke - kb) });
             if partial {
-                record_partials(&mut partial_rows, &seg, kb, p);
+                record_partials(s, &mut partial_rows, &seg, kb, p);
             }
         }
     }
+    let num_split_requests = split_request.iter().filter(|&&x| x).count() as u32;
+    Ok(Split { work: Pieces { segments, chunks, pieces, partial_rows }, to_pack, num_split_requests })
+}
 
-    // 4. Packing, next-fit within a class (prefix group, finality), in request order. A stable
-    // counting sort by class keeps this linear.
+/// Step 4, packing: appends a piece per packed tile to `work`. Guarantees: the blocks are taken
+/// class by class (bundle, then finality), in their order within a class, and packed next-fit:
+/// a tile is a run of consecutive blocks of one class, whose rows are all at most one
+/// [`ROW_SLICE`] or all more, of at most `ROW_SLICE` rows in the first case and `block_m` in
+/// the other, and of a cost of at most `capacity / 8` unless it is a single block. A tile has a
+/// segment and a chunk per block, on consecutive rows from row 0, and is no run; a partial
+/// tile records its partial rows.
+fn pack(s: &Setup, capacity: f64, num_bundles: usize, to_pack: &[Block], work: &mut Pieces) {
+    let (profile, group, block_m) = (s.profile, s.group, s.block_m);
+    let Pieces { segments, chunks, pieces, partial_rows } = work;
+    // Next-fit within a class (prefix group, finality), in request order. A stable counting
+    // sort by class keeps this linear.
     let class_of = |b: &Block| (b.bundle.wrapping_add(1) as usize) << 1 | b.partial as usize;
-    let num_classes = (shared_len.len() + 1) << 1;
+    let num_classes = (num_bundles + 1) << 1;
     let mut class_start = vec![0u32; num_classes + 1];
-    for b in &pack {
+    for b in to_pack {
         class_start[class_of(b) + 1] += 1;
     }
     for c in 0..num_classes {
         class_start[c + 1] += class_start[c];
     }
-    let mut order = vec![0u32; pack.len()];
-    for (i, b) in pack.iter().enumerate() {
+    let mut order = vec![0u32; to_pack.len()];
+    for (i, b) in to_pack.iter().enumerate() {
         let c = class_of(b);
         order[class_start[c] as usize] = i as u32;
         class_start[c] += 1;
@@ -366,7 +530,7 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
     let pack_limit = capacity / 8.0;
     let mut i = 0;
     while i < order.len() {
-        let first = pack[order[i] as usize];
+        let first = to_pack[order[i] as usize];
         let (seg_begin, chunk_begin) = (segments.len() as u32, chunks.len() as u32);
         let mut rows = 0;
         let mut cost = profile.cost_item;
@@ -374,7 +538,7 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
         let tile_rows = if one_slice(first.q_count * group) { ROW_SLICE } else { block_m };
         let mut j = i;
         while j < order.len() {
-            let b = pack[order[j] as usize];
+            let b = to_pack[order[j] as usize];
             let b_rows = b.q_count * group;
             let b_cost = chunk_cost(profile, rows, rows + b_rows, b.key_end - b.key_begin);
             let same_class = b.bundle == first.bundle && b.partial == first.partial && one_slice(b_rows) == one_slice(first.q_count * group);
@@ -402,16 +566,39 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
         if first.partial {
             for k in 0..(j - i) {
                 let seg = segments[seg_begin as usize + k];
-                record_partials(&mut partial_rows, &seg, chunks[chunk_begin as usize + k].key_begin, p);
+                record_partials(s, partial_rows, &seg, chunks[chunk_begin as usize + k].key_begin, p);
             }
         }
         i = j;
     }
+}
 
-    // 5. Grouping. A unit is (entity, KV head); an entity is a piece, or a whole prefix group
-    // that fits in C.
+/// Step 5's result: the group of every (piece, KV head), `group_of[piece × heads + kv_head]`.
+/// Groups are numbered `0..num_groups`; only the last ones may be empty (with balancing, one
+/// when there are no pieces, and one per bundle without pieces: its cost 0 sorts it last).
+struct Groups {
+    group_of: Vec<u32>,
+    num_groups: usize,
+}
+
+/// An integer whose unsigned order is `f64::total_cmp`'s order of `x`.
+#[inline]
+fn total_order_key(x: f64) -> u64 {
+    let bits = x.to_bits() as i64;
+    (bits ^ (((bits >> 63) as u64) >> 1) as i64) as u64 ^ (1 << 63)
+}
+
+/// Step 5, grouping. Guarantees: more than `max_pieces` pieces is an error. With balancing,
+/// each unit (an entity for one KV head) is a group of its own, the units ordered by decreasing
+/// entity cost (ties by entity order), the KV heads of an entity consecutive; an entity is a
+/// whole bundle costing at most `capacity` (its pieces in piece order), else the consecutive
+/// pieces of one run, else one piece; whole bundles come after the others in ties. Without
+/// balancing, each item is a group of its own, numbered `piece × heads + kv_head`.
+fn group(s: &Setup, capacity: f64, num_bundles: usize, pieces: &[Piece]) -> Result<Groups> {
+    // A unit is (entity, KV head); an entity is a piece, or a whole prefix group that fits in C.
+    let heads = s.heads;
     let heads_us = heads as usize;
-    if pieces.len() > max_pieces {
+    if pieces.len() > s.max_pieces() {
         return Err(invalid!(
             "the batch needs {} work items ({} tiles × {heads} KV heads), more than the {} a plan may have",
             pieces.len() * heads_us,
@@ -421,9 +608,9 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
     }
     let mut group_of = vec![0u32; pieces.len() * heads_us];
     let num_groups;
-    if opts.balancing {
-        let mut bundle_cost = vec![0.0f64; shared_len.len()];
-        for p in &pieces {
+    if s.opts.balancing {
+        let mut bundle_cost = vec![0.0f64; num_bundles];
+        for p in pieces {
             if p.bundle != NO_BUNDLE {
                 bundle_cost[p.bundle as usize] += p.cost;
             }
@@ -453,7 +640,7 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
             }
             i = j;
         }
-        let mut bundle_pieces: Vec<Vec<u32>> = vec![Vec::new(); shared_len.len()];
+        let mut bundle_pieces: Vec<Vec<u32>> = vec![Vec::new(); num_bundles];
         for (i, p) in pieces.iter().enumerate() {
             if p.bundle != NO_BUNDLE && bundle_whole[p.bundle as usize] {
                 bundle_pieces[p.bundle as usize].push(i as u32);
@@ -488,10 +675,26 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
         }
         num_groups = group_of.len();
     }
+    Ok(Groups { group_of, num_groups })
+}
 
-    // 6. Emission in group order; partial slots handed out in that order.
+/// Step 6's work items and partial slots.
+struct Emitted {
+    items: Vec<WorkItem>,
+    /// Per (piece, KV head) as in [`Groups`], the first partial slot of a partial piece's item
+    /// ([`FINAL_OUTPUT`] for a final one); empty when no piece is partial.
+    slot_of: Vec<u32>,
+}
+
+/// Step 6, emission. Guarantees: an item per (piece, KV head), sorted by group, and within a
+/// group by piece, then KV head. Partial items get consecutive partial slots in item order,
+/// `num_rows` slots each, from slot 0; final items write O.
+fn emit(s: &Setup, pieces: &[Piece], groups: &Groups) -> Emitted {
+    let heads_us = s.heads as usize;
+    let Groups { group_of, num_groups } = groups;
+    let num_groups = *num_groups;
     let mut group_start = vec![0u32; num_groups + 1];
-    for &g in &group_of {
+    for &g in group_of {
         group_start[g as usize + 1] += 1;
     }
     for g in 0..num_groups {
@@ -536,80 +739,93 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
             }
         }
     }
-
-    // 7. Merges: per partial token, its pieces in key order, for every query head. Nothing to
-    // do (and no per-token pass over the batch) when no piece is partial.
-    let (merges, merge_slots) = if partial_rows.is_empty() {
-        (Vec::new(), Vec::new())
-    } else {
-        let total_q = plan.batch.total_q() as usize;
-        let mut token_start = vec![0u32; total_q + 1];
-        for pr in &partial_rows {
-            token_start[pr.token as usize + 1] += 1;
-        }
-        for t in 0..total_q {
-            token_start[t + 1] += token_start[t];
-        }
-        let mut by_token = vec![PartialRow { token: 0, key_begin: 0, piece: 0, row: 0 }; partial_rows.len()];
-        {
-            let mut next = token_start.clone();
-            for pr in &partial_rows {
-                by_token[next[pr.token as usize] as usize] = *pr;
-                next[pr.token as usize] += 1;
-            }
-        }
-        // Sizes are known: one merge per (merged token, query head), its pieces' slots each.
-        let merged_tokens = token_start.windows(2).filter(|w| w[1] > w[0]).count();
-        let qo_heads = shape.num_qo_heads as usize;
-        let mut merges = Vec::with_capacity(merged_tokens * qo_heads);
-        let mut merge_slots = vec![0u32; partial_rows.len() * qo_heads];
-        let mut next = 0usize;
-        for t in 0..total_q {
-            let list = &mut by_token[token_start[t] as usize..token_start[t + 1] as usize];
-            if list.is_empty() {
-                continue;
-            }
-            if list.len() > 1 {
-                list.sort_unstable_by_key(|pr| pr.key_begin);
-            }
-            let count = list.len();
-            for kv_head in 0..heads_us {
-                let kv_base = kv_head as u32 * group;
-                // This (token, KV head)'s slots: for each query head of the group, one per piece.
-                // A piece's row for the group's first head is its slot; the other heads sit in the
-                // next rows of the same tile.
-                let slots = &mut merge_slots[next..next + group as usize * count];
-                for (j, pr) in list.iter().enumerate() {
-                    let first = slot_of[pr.piece as usize * heads_us + kv_head] + pr.row;
-                    for (in_group, dst) in slots[j..].iter_mut().step_by(count).enumerate() {
-                        *dst = first + in_group as u32;
-                    }
-                }
-                merges.extend((0..group).map(|in_group| MergeRow {
-                    q_token: t as u32,
-                    qo_head: kv_base + in_group,
-                    slot_begin: (next + in_group as usize * count) as u32,
-                    slot_count: count as u32,
-                }));
-                next += group as usize * count;
-            }
-        }
-        debug_assert_eq!(next, merge_slots.len());
-        (merges, merge_slots)
-    };
-
-    debug_assert!(pieces.iter().all(|p| (item_cost(profile, &chunks[p.chunk_begin as usize..(p.chunk_begin + p.chunk_count) as usize]) - p.cost).abs() <= 1e-6 * p.cost.max(1.0)));
-    plan.items = items;
-    plan.row_segments = segments;
-    plan.kv_chunks = chunks;
-    plan.merges = merges;
-    plan.merge_slots = merge_slots;
-    Ok(Outcome { capacity, num_split_requests: split_request.iter().filter(|&&s| s).count() as u32 })
+    Emitted { items, slot_of }
 }
+
+/// Step 6's merge list.
+struct Merges {
+    merges: Vec<MergeRow>,
+    merge_slots: Vec<u32>,
+}
+
+/// Step 6, merges. Guarantees: for each token with partial rows, in token order, and each KV
+/// head, a merge per query head of the group (in head order) whose slots are its pieces' rows,
+/// in key order; a merge's slots are consecutive in `merge_slots`, merges in the order listed.
+/// Nothing (and no per-token pass over the batch) when there are no partial rows.
+fn merge_list(s: &Setup, total_q: u32, partial_rows: &[PartialRow], slot_of: &[u32]) -> Merges {
+    // Per partial token, its pieces in key order, for every query head.
+    if partial_rows.is_empty() {
+        return Merges { merges: Vec::new(), merge_slots: Vec::new() };
+    }
+    let (group, heads_us) = (s.group, s.heads as usize);
+    let total_q = total_q as usize;
+    let mut token_start = vec![0u32; total_q + 1];
+    for pr in partial_rows {
+        token_start[pr.token as usize + 1] += 1;
+    }
+    for t in 0..total_q {
+        token_start[t + 1] += token_start[t];
+    }
+    let mut by_token = vec![PartialRow { token: 0, key_begin: 0, piece: 0, row: 0 }; partial_rows.len()];
+    {
+        let mut next = token_start.clone();
+        for pr in partial_rows {
+            by_token[next[pr.token as usize] as usize] = *pr;
+            next[pr.token as usize] += 1;
+        }
+    }
+    // Sizes are known: one merge per (merged token, query head), its pieces' slots each.
+    let merged_tokens = token_start.windows(2).filter(|w| w[1] > w[0]).count();
+    let qo_heads = s.qo_heads as usize;
+    let mut merges = Vec::with_capacity(merged_tokens * qo_heads);
+    let mut merge_slots = vec![0u32; partial_rows.len() * qo_heads];
+    let mut next = 0usize;
+    for t in 0..total_q {
+        let list = &mut by_token[token_start[t] as usize..token_start[t + 1] as usize];
+        if list.is_empty() {
+            continue;
+        }
+        if list.len() > 1 {
+            list.sort_unstable_by_key(|pr| pr.key_begin);
+        }
+        let count = list.len();
+        for kv_head in 0..heads_us {
+            let kv_base = kv_head as u32 * group;
+            // This (token, KV head)'s slots: for each query head of the group, one per piece.
+            // A piece's row for the group's first head is its slot; the other heads sit in the
+            // next rows of the same tile.
+            let slots = &mut merge_slots[next..next + group as usize * count];
+            for (j, pr) in list.iter().enumerate() {
+                let first = slot_of[pr.piece as usize * heads_us + kv_head] + pr.row;
+                for (in_group, dst) in slots[j..].iter_mut().step_by(count).enumerate() {
+                    *dst = first + in_group as u32;
+                }
+            }
+            merges.extend((0..group).map(|in_group| MergeRow {
+                q_token: t as u32,
+                qo_head: kv_base + in_group,
+                slot_begin: (next + in_group as usize * count) as u32,
+                slot_count: count as u32,
+            }));
+            next += group as usize * count;
+        }
+    }
+    debug_assert_eq!(next, merge_slots.len());
+    Merges { merges, merge_slots }
+}
+
+/// The function this file replaced, for the equivalence test.
+#[cfg(test)]
+mod reference;
 
 #[cfg(test)]
 mod tests {
-    use super::total_order_key;
+    use super::*;
+    use crate::plan::PlanStats;
+    use crate::types::{Batch, DType, Shape};
+    use rand::rngs::SmallRng;
+    use rand::seq::SliceRandom;
+    use rand::{Rng, SeedableRng};
 
     #[test]
     fn total_order_key_orders_as_total_cmp() {
@@ -619,5 +835,196 @@ mod tests {
                 assert_eq!(total_order_key(a).cmp(&total_order_key(b)), a.total_cmp(&b), "{a} vs {b}");
             }
         }
+    }
+
+    /// A plan as `Plan::build` hands it to the scheduler: validated, requests filled in.
+    fn shell(shape: Shape, batch: Batch, profile: &DeviceProfile, options: PlanOptions) -> Plan {
+        shape.validate().unwrap();
+        batch.validate(shape.causal).unwrap();
+        profile.validate().unwrap();
+        assert!(shape.group_size() <= profile.block_m);
+        let requests = (0..batch.len())
+            .map(|r| RequestInfo { q_start: batch.q_start(r), q_len: batch.q_len(r), kv_len: batch.kv_len(r), page_start: batch.kv_indptr[r] as u32 })
+            .collect();
+        Plan {
+            shape,
+            batch,
+            options,
+            block_m: profile.block_m,
+            requests,
+            items: Vec::new(),
+            row_segments: Vec::new(),
+            kv_chunks: Vec::new(),
+            merges: Vec::new(),
+            merge_slots: Vec::new(),
+            group_costs: Vec::new(),
+            stats: PlanStats::default(),
+        }
+    }
+
+    /// A batch of `(q_len, kv_len)` requests on consecutive pages of `page_size` keys.
+    fn batch(lens: &[(u32, u32)], page_size: u32, prefix_groups: Vec<PrefixGroup>) -> Batch {
+        let (mut qo, mut kv, mut pages, mut last) = (vec![0i32], vec![0i32], Vec::new(), Vec::new());
+        for &(q, k) in lens {
+            qo.push(qo.last().unwrap() + q as i32);
+            for _ in 0..k.div_ceil(page_size) {
+                pages.push(pages.len() as i32);
+            }
+            kv.push(pages.len() as i32);
+            last.push(if k == 0 { 0 } else { ((k - 1) % page_size + 1) as i32 });
+        }
+        let num_pages = pages.len().max(1) as u32;
+        Batch { qo_indptr: qo, kv_indptr: kv, kv_page_indices: pages, kv_last_page_len: last, page_size, num_pages, prefix_groups }
+    }
+
+    /// A random plan input: any shape and profile, lengths from empty to the largest a request
+    /// may have, prefix groups of decodes and prompts, every option and capacities from tiny to
+    /// huge.
+    fn random_input(r: &mut SmallRng) -> (Plan, DeviceProfile) {
+        let group = [1, 1, 2, 4, 8, 16][r.random_range(0..6)];
+        // At times so many KV heads that a few hundred pieces reach the work-item limit.
+        let many_heads = r.random_bool(0.05);
+        let heads = if many_heads { (1u32 << r.random_range(12..=16)) / group } else { [1, 2, 3, 8][r.random_range(0..4)] };
+        let causal = r.random_bool(0.7);
+        let shape = Shape { num_qo_heads: heads * group, num_kv_heads: heads, head_dim: 128, dtype: DType::Bf16, causal, sm_scale: 0.1 };
+        let mut profile = if r.random_bool(0.5) { DeviceProfile::cpu(r.random_range(1..=16)) } else { DeviceProfile::hopper(r.random_range(1..=132)) };
+        let heights: Vec<u32> = [16, 32, 48, 64, 128, 256].into_iter().filter(|&m| m >= group).collect();
+        profile.block_m = heights[r.random_range(0..heights.len())];
+        profile.block_n = [1, 16, 64, 64, 100][r.random_range(0..5)];
+        // Some coefficients 0 (one stays positive), some random.
+        match r.random_range(0..6) {
+            0 => profile.cost_row_key = 0.0,
+            1 => profile.cost_key = 0.0,
+            2 => profile.cost_item = 0.0,
+            3 => (profile.cost_row_key, profile.cost_key, profile.cost_item) = (r.random_range(0.01..10.0), r.random_range(0.0..100.0), r.random_range(0.0..5000.0)),
+            _ => {}
+        }
+        let huge = r.random_bool(0.03);
+        let n = if huge { r.random_range(1..=4) } else if many_heads || r.random_bool(0.1) { r.random_range(0..=300) } else { r.random_range(0..=24) };
+        let max_kv = if huge { limits::MAX_KV_LEN as u32 } else { [0, 8, 100, 700, 3000, 40_000][r.random_range(0..6)] };
+        let lens: Vec<(u32, u32)> = (0..n)
+            .map(|_| {
+                let kv = if huge { r.random_range(1 << 28..=max_kv) } else { r.random_range(0..=max_kv) };
+                let q_max = if causal { kv } else { kv.max(4) };
+                let q = match r.random_range(0..10) {
+                    0 => 0,
+                    1..=4 => 1,
+                    5 | 6 => r.random_range(1..=4),
+                    _ if huge => r.random_range(1..=64),
+                    _ => r.random_range(1..=600),
+                };
+                (q.min(q_max), kv)
+            })
+            .collect();
+        let page_size = if huge { 1 << 16 } else { [1, 16, 64][r.random_range(0..3)] };
+        // Prefix groups over distinct requests with keys, members in any order.
+        let mut free: Vec<u32> = (0..n as u32).filter(|&i| lens[i as usize].1 > 0).collect();
+        free.shuffle(r);
+        let mut prefix_groups = Vec::new();
+        for _ in 0..r.random_range(0..=4) {
+            let size = r.random_range(2..=12).min(free.len());
+            if size < 2 {
+                break;
+            }
+            let members: Vec<u32> = free.drain(..size).collect();
+            let max = members.iter().map(|&m| lens[m as usize].1).min().unwrap();
+            let prefix_len = if r.random_bool(0.3) { max } else { r.random_range(1..=max) };
+            prefix_groups.push(PrefixGroup { prefix_len, members });
+        }
+        let bits = r.random_range(0..32u32);
+        let capacity = match r.random_range(0..8) {
+            0 => Some(1e-3),
+            1 => Some(1.0),
+            2 => Some(1e30),
+            3 | 4 => Some(10f64.powf(r.random_range(2.0..8.0))),
+            _ => None,
+        };
+        let split_keys = if huge { [1, 7, 1 << 26, u32::MAX][r.random_range(0..4)] } else { [1, 7, 16, 64, 100, 2048, u32::MAX][r.random_range(0..7)] };
+        let options = PlanOptions { deterministic: bits & 1 != 0, packing: bits & 2 != 0, balancing: bits & 4 != 0, prefix_sharing: bits & 8 != 0, split_kv: bits & 16 != 0, capacity, split_keys };
+        (shell(shape, batch(&lens, page_size, prefix_groups), &profile, options), profile)
+    }
+
+    /// About how many work items planning `plan` makes before it fails or ends: plans of
+    /// millions of items take seconds, so the test draws few. A failure costs what was made
+    /// before it: splitting fails on the first block with too many pieces, before making them,
+    /// and grouping on too many pieces, before making items.
+    fn rough_items(plan: &Plan, profile: &DeviceProfile) -> u64 {
+        let (o, group, heads) = (&plan.options, plan.shape.group_size(), plan.shape.num_kv_heads as u64);
+        let max_pieces = (limits::MAX_WORK_ITEMS / plan.shape.num_kv_heads as usize) as u64;
+        let (mut pieces, mut packable) = (0u64, 0u64);
+        for req in &plan.requests {
+            let keys = req.kv_len as u64;
+            let per_block = if o.deterministic && o.split_kv {
+                keys / o.split_keys as u64 + 1
+            } else if o.split_kv {
+                let cost = profile.cost_item + (profile.cost_row_key * plan.block_m as f64 + profile.cost_key) * keys as f64;
+                let c = o.capacity.unwrap_or(f64::INFINITY);
+                ((cost / c).ceil() as u64).clamp(1, keys / profile.block_n as u64 + 1)
+            } else {
+                1
+            };
+            let mut q = 0;
+            while q < req.q_len {
+                let rows = (req.q_len - q).min(plan.block_m / group) * group;
+                q += rows / group;
+                if o.packing && per_block == 1 && rows < plan.block_m {
+                    packable += 1;
+                } else if pieces + per_block > max_pieces {
+                    return pieces;
+                } else {
+                    pieces += per_block;
+                }
+            }
+        }
+        if pieces + packable > max_pieces {
+            return pieces + packable;
+        }
+        (pieces + packable) * heads
+    }
+
+    /// The rewrite plans every input as the function it replaced did: the same work items,
+    /// segments, chunks, merges and statistics, or the same error.
+    #[test]
+    fn same_plans_as_the_reference() {
+        let mut r = SmallRng::seed_from_u64(0x5c4ed);
+        // Inputs that planned, that failed, and plans with a split, a packed tile, a prefix tile.
+        let (mut ok, mut split, mut packed, mut shared, mut too_many_pieces, mut too_many_items) = (0, 0, 0, 0, 0, 0);
+        for i in 0..20_000 {
+            let (input, profile) = loop {
+                let (input, profile) = random_input(&mut r);
+                if rough_items(&input, &profile) < 100_000 || r.random_bool(0.003) {
+                    break (input, profile);
+                }
+            };
+            let (mut new, mut old) = (input.clone(), input);
+            let (shape, options, b) = (old.shape, old.options.clone(), old.batch.clone());
+            let ctx = || format!("input {i}: {shape:?} {options:?} {profile:?} {b:?}");
+            match (schedule(&mut new, &profile), reference::schedule_reference(&mut old, &profile)) {
+                (Ok(a), Ok(b)) => {
+                    assert_eq!(a.capacity.to_bits(), b.capacity.to_bits(), "{}", ctx());
+                    assert_eq!(a.num_split_requests, b.num_split_requests, "{}", ctx());
+                    assert!(new.items == old.items, "{}: items differ", ctx());
+                    assert!(new.row_segments == old.row_segments, "{}: row segments differ", ctx());
+                    assert!(new.kv_chunks == old.kv_chunks, "{}: chunks differ", ctx());
+                    assert!(new.merges == old.merges, "{}: merges differ", ctx());
+                    assert!(new.merge_slots == old.merge_slots, "{}: merge slots differ", ctx());
+                    ok += 1;
+                    split += (a.num_split_requests > 0) as u32;
+                    packed += new.items.iter().any(|it| it.chunk_count > 1) as u32;
+                    shared += new.items.iter().any(|it| it.seg_count > 1 && it.chunk_count == 1) as u32;
+                }
+                (Err(a), Err(b)) => {
+                    assert_eq!(a.to_string(), b.to_string(), "{}", ctx());
+                    let m = a.to_string();
+                    too_many_pieces += m.contains("the plan would need more than") as u32;
+                    too_many_items += m.contains("the batch needs") as u32;
+                }
+                (a, b) => panic!("{}: new {:?}, reference {:?}", ctx(), a.err(), b.err()),
+            }
+        }
+        // The inputs must reach every step and both errors, or the comparison proves little.
+        let counts = format!("ok {ok}, split {split}, packed {packed}, shared {shared}, too many pieces {too_many_pieces}, too many items {too_many_items}");
+        eprintln!("{counts}");
+        assert!(ok > 15_000 && split > 3000 && packed > 2000 && shared > 1000 && too_many_pieces > 100 && too_many_items > 10, "{counts}");
     }
 }

@@ -814,18 +814,11 @@ fn merge_list(s: &Setup, total_q: u32, partial_rows: &[PartialRow], slot_of: &[u
     Merges { merges, merge_slots }
 }
 
-/// The function this file replaced, for the equivalence test.
-#[cfg(test)]
-mod reference;
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::plan::PlanStats;
     use crate::types::{Batch, DType, Shape};
-    use rand::rngs::SmallRng;
-    use rand::seq::SliceRandom;
-    use rand::{Rng, SeedableRng};
 
     #[test]
     fn total_order_key_orders_as_total_cmp() {
@@ -837,12 +830,26 @@ mod tests {
         }
     }
 
-    /// A plan as `Plan::build` hands it to the scheduler: validated, requests filled in.
-    fn shell(shape: Shape, batch: Batch, profile: &DeviceProfile, options: PlanOptions) -> Plan {
+    /// Costs that are easy to follow by hand: a chunk costs its sliced rows × its keys.
+    fn profile(block_m: u32) -> DeviceProfile {
+        DeviceProfile { num_workers: 2, block_m, block_n: 16, cost_row_key: 1.0, cost_key: 0.0, cost_item: 0.0 }
+    }
+
+    /// A plan as `Plan::build` hands it to the scheduler, for causal `(q_len, kv_len)` requests
+    /// on pages of 16 keys: validated, requests filled in.
+    fn plan(lens: &[(u32, u32)], group: u32, heads: u32, profile: &DeviceProfile, options: PlanOptions, prefix_groups: Vec<PrefixGroup>) -> Plan {
+        let shape = Shape { num_qo_heads: heads * group, num_kv_heads: heads, head_dim: 128, dtype: DType::Bf16, causal: true, sm_scale: 0.1 };
+        let (mut qo, mut kv, mut last) = (vec![0i32], vec![0i32], Vec::new());
+        for &(q, k) in lens {
+            qo.push(qo.last().unwrap() + q as i32);
+            kv.push(kv.last().unwrap() + k.div_ceil(16) as i32);
+            last.push(if k == 0 { 0 } else { ((k - 1) % 16 + 1) as i32 });
+        }
+        let num_pages = *kv.last().unwrap() as u32;
+        let batch = Batch { qo_indptr: qo, kv_indptr: kv, kv_page_indices: (0..num_pages as i32).collect(), kv_last_page_len: last, page_size: 16, num_pages: num_pages.max(1), prefix_groups };
         shape.validate().unwrap();
-        batch.validate(shape.causal).unwrap();
+        batch.validate(true).unwrap();
         profile.validate().unwrap();
-        assert!(shape.group_size() <= profile.block_m);
         let requests = (0..batch.len())
             .map(|r| RequestInfo { q_start: batch.q_start(r), q_len: batch.q_len(r), kv_len: batch.kv_len(r), page_start: batch.kv_indptr[r] as u32 })
             .collect();
@@ -862,169 +869,350 @@ mod tests {
         }
     }
 
-    /// A batch of `(q_len, kv_len)` requests on consecutive pages of `page_size` keys.
-    fn batch(lens: &[(u32, u32)], page_size: u32, prefix_groups: Vec<PrefixGroup>) -> Batch {
-        let (mut qo, mut kv, mut pages, mut last) = (vec![0i32], vec![0i32], Vec::new(), Vec::new());
-        for &(q, k) in lens {
-            qo.push(qo.last().unwrap() + q as i32);
-            for _ in 0..k.div_ceil(page_size) {
-                pages.push(pages.len() as i32);
-            }
-            kv.push(pages.len() as i32);
-            last.push(if k == 0 { 0 } else { ((k - 1) % page_size + 1) as i32 });
-        }
-        let num_pages = pages.len().max(1) as u32;
-        Batch { qo_indptr: qo, kv_indptr: kv, kv_page_indices: pages, kv_last_page_len: last, page_size, num_pages, prefix_groups }
+    fn seg(request: u32, q_begin: u32, q_count: u32, row_begin: u32) -> RowSegment {
+        RowSegment { request, q_begin, q_count, row_begin }
     }
 
-    /// A random plan input: any shape and profile, lengths from empty to the largest a request
-    /// may have, prefix groups of decodes and prompts, every option and capacities from tiny to
-    /// huge.
-    fn random_input(r: &mut SmallRng) -> (Plan, DeviceProfile) {
-        let group = [1, 1, 2, 4, 8, 16][r.random_range(0..6)];
-        // At times so many KV heads that a few hundred pieces reach the work-item limit.
-        let many_heads = r.random_bool(0.05);
-        let heads = if many_heads { (1u32 << r.random_range(12..=16)) / group } else { [1, 2, 3, 8][r.random_range(0..4)] };
-        let causal = r.random_bool(0.7);
-        let shape = Shape { num_qo_heads: heads * group, num_kv_heads: heads, head_dim: 128, dtype: DType::Bf16, causal, sm_scale: 0.1 };
-        let mut profile = if r.random_bool(0.5) { DeviceProfile::cpu(r.random_range(1..=16)) } else { DeviceProfile::hopper(r.random_range(1..=132)) };
-        let heights: Vec<u32> = [16, 32, 48, 64, 128, 256].into_iter().filter(|&m| m >= group).collect();
-        profile.block_m = heights[r.random_range(0..heights.len())];
-        profile.block_n = [1, 16, 64, 64, 100][r.random_range(0..5)];
-        // Some coefficients 0 (one stays positive), some random.
-        match r.random_range(0..6) {
-            0 => profile.cost_row_key = 0.0,
-            1 => profile.cost_key = 0.0,
-            2 => profile.cost_item = 0.0,
-            3 => (profile.cost_row_key, profile.cost_key, profile.cost_item) = (r.random_range(0.01..10.0), r.random_range(0.0..100.0), r.random_range(0.0..5000.0)),
-            _ => {}
-        }
-        let huge = r.random_bool(0.03);
-        let n = if huge { r.random_range(1..=4) } else if many_heads || r.random_bool(0.1) { r.random_range(0..=300) } else { r.random_range(0..=24) };
-        let max_kv = if huge { limits::MAX_KV_LEN as u32 } else { [0, 8, 100, 700, 3000, 40_000][r.random_range(0..6)] };
-        let lens: Vec<(u32, u32)> = (0..n)
-            .map(|_| {
-                let kv = if huge { r.random_range(1 << 28..=max_kv) } else { r.random_range(0..=max_kv) };
-                let q_max = if causal { kv } else { kv.max(4) };
-                let q = match r.random_range(0..10) {
-                    0 => 0,
-                    1..=4 => 1,
-                    5 | 6 => r.random_range(1..=4),
-                    _ if huge => r.random_range(1..=64),
-                    _ => r.random_range(1..=600),
-                };
-                (q.min(q_max), kv)
-            })
-            .collect();
-        let page_size = if huge { 1 << 16 } else { [1, 16, 64][r.random_range(0..3)] };
-        // Prefix groups over distinct requests with keys, members in any order.
-        let mut free: Vec<u32> = (0..n as u32).filter(|&i| lens[i as usize].1 > 0).collect();
-        free.shuffle(r);
-        let mut prefix_groups = Vec::new();
-        for _ in 0..r.random_range(0..=4) {
-            let size = r.random_range(2..=12).min(free.len());
-            if size < 2 {
-                break;
-            }
-            let members: Vec<u32> = free.drain(..size).collect();
-            let max = members.iter().map(|&m| lens[m as usize].1).min().unwrap();
-            let prefix_len = if r.random_bool(0.3) { max } else { r.random_range(1..=max) };
-            prefix_groups.push(PrefixGroup { prefix_len, members });
-        }
-        let bits = r.random_range(0..32u32);
-        let capacity = match r.random_range(0..8) {
-            0 => Some(1e-3),
-            1 => Some(1.0),
-            2 => Some(1e30),
-            3 | 4 => Some(10f64.powf(r.random_range(2.0..8.0))),
-            _ => None,
-        };
-        let split_keys = if huge { [1, 7, 1 << 26, u32::MAX][r.random_range(0..4)] } else { [1, 7, 16, 64, 100, 2048, u32::MAX][r.random_range(0..7)] };
-        let options = PlanOptions { deterministic: bits & 1 != 0, packing: bits & 2 != 0, balancing: bits & 4 != 0, prefix_sharing: bits & 8 != 0, split_kv: bits & 16 != 0, capacity, split_keys };
-        (shell(shape, batch(&lens, page_size, prefix_groups), &profile, options), profile)
+    fn block(request: u32, q_begin: u32, q_count: u32, keys: (u32, u32), partial: bool, bundle: u32, cost: f64) -> Block {
+        Block { request, q_begin, q_count, key_begin: keys.0, key_end: keys.1, partial, bundle, cost }
     }
 
-    /// About how many work items planning `plan` makes before it fails or ends: plans of
-    /// millions of items take seconds, so the test draws few. A failure costs what was made
-    /// before it: splitting fails on the first block with too many pieces, before making them,
-    /// and grouping on too many pieces, before making items.
-    fn rough_items(plan: &Plan, profile: &DeviceProfile) -> u64 {
-        let (o, group, heads) = (&plan.options, plan.shape.group_size(), plan.shape.num_kv_heads as u64);
-        let max_pieces = (limits::MAX_WORK_ITEMS / plan.shape.num_kv_heads as usize) as u64;
-        let (mut pieces, mut packable) = (0u64, 0u64);
-        for req in &plan.requests {
-            let keys = req.kv_len as u64;
-            let per_block = if o.deterministic && o.split_kv {
-                keys / o.split_keys as u64 + 1
-            } else if o.split_kv {
-                let cost = profile.cost_item + (profile.cost_row_key * plan.block_m as f64 + profile.cost_key) * keys as f64;
-                let c = o.capacity.unwrap_or(f64::INFINITY);
-                ((cost / c).ceil() as u64).clamp(1, keys / profile.block_n as u64 + 1)
-            } else {
-                1
-            };
-            let mut q = 0;
-            while q < req.q_len {
-                let rows = (req.q_len - q).min(plan.block_m / group) * group;
-                q += rows / group;
-                if o.packing && per_block == 1 && rows < plan.block_m {
-                    packable += 1;
-                } else if pieces + per_block > max_pieces {
-                    return pieces;
-                } else {
-                    pieces += per_block;
-                }
-            }
-        }
-        if pieces + packable > max_pieces {
-            return pieces + packable;
-        }
-        (pieces + packable) * heads
+    fn piece(cost: f64, bundle: u32, run: u32) -> Piece {
+        Piece { seg_begin: 0, seg_count: 1, chunk_begin: 0, chunk_count: 1, num_rows: 16, partial: false, bundle, run, cost }
     }
 
-    /// The rewrite plans every input as the function it replaced did: the same work items,
-    /// segments, chunks, merges and statistics, or the same error.
+    fn no_pieces() -> Pieces {
+        Pieces { segments: Vec::new(), chunks: Vec::new(), pieces: Vec::new(), partial_rows: Vec::new() }
+    }
+
     #[test]
-    fn same_plans_as_the_reference() {
-        let mut r = SmallRng::seed_from_u64(0x5c4ed);
-        // Inputs that planned, that failed, and plans with a split, a packed tile, a prefix tile.
-        let (mut ok, mut split, mut packed, mut shared, mut too_many_pieces, mut too_many_items) = (0, 0, 0, 0, 0, 0);
-        for i in 0..20_000 {
-            let (input, profile) = loop {
-                let (input, profile) = random_input(&mut r);
-                if rough_items(&input, &profile) < 100_000 || r.random_bool(0.003) {
-                    break (input, profile);
-                }
-            };
-            let (mut new, mut old) = (input.clone(), input);
-            let (shape, options, b) = (old.shape, old.options.clone(), old.batch.clone());
-            let ctx = || format!("input {i}: {shape:?} {options:?} {profile:?} {b:?}");
-            match (schedule(&mut new, &profile), reference::schedule_reference(&mut old, &profile)) {
-                (Ok(a), Ok(b)) => {
-                    assert_eq!(a.capacity.to_bits(), b.capacity.to_bits(), "{}", ctx());
-                    assert_eq!(a.num_split_requests, b.num_split_requests, "{}", ctx());
-                    assert!(new.items == old.items, "{}: items differ", ctx());
-                    assert!(new.row_segments == old.row_segments, "{}: row segments differ", ctx());
-                    assert!(new.kv_chunks == old.kv_chunks, "{}: chunks differ", ctx());
-                    assert!(new.merges == old.merges, "{}: merges differ", ctx());
-                    assert!(new.merge_slots == old.merge_slots, "{}: merge slots differ", ctx());
-                    ok += 1;
-                    split += (a.num_split_requests > 0) as u32;
-                    packed += new.items.iter().any(|it| it.chunk_count > 1) as u32;
-                    shared += new.items.iter().any(|it| it.seg_count > 1 && it.chunk_count == 1) as u32;
-                }
-                (Err(a), Err(b)) => {
-                    assert_eq!(a.to_string(), b.to_string(), "{}", ctx());
-                    let m = a.to_string();
-                    too_many_pieces += m.contains("the plan would need more than") as u32;
-                    too_many_items += m.contains("the batch needs") as u32;
-                }
-                (a, b) => panic!("{}: new {:?}, reference {:?}", ctx(), a.err(), b.err()),
-            }
+    fn bundles_stack_the_sharers_decodes_and_leave_prompts_out() {
+        // GQA 4, one-slice tiles: 4 tokens a tile. Request 1 (8 tokens, 32 rows) is no sharer.
+        let p = profile(16);
+        let plan = plan(&[(1, 100), (8, 100), (1, 120), (1, 50)], 4, 1, &p, PlanOptions::default(), vec![PrefixGroup { prefix_len: 64, members: vec![2, 0, 1] }]);
+        let b = bundle_prefixes(&Setup::new(&plan, &p), &plan.batch.prefix_groups);
+        assert_eq!(b.bundle_of, [0, NO_BUNDLE, 0, NO_BUNDLE]);
+        assert_eq!(b.shared_len, [64]);
+        // Member order; the first sharer's pages are read.
+        assert_eq!(b.prefix_tiles, [PrefixTile { seg_begin: 0, seg_count: 2, num_rows: 8, reader: 2, key_end: 64, bundle: 0 }]);
+        assert_eq!(b.segments, [seg(2, 0, 1, 0), seg(0, 0, 1, 4)]);
+    }
+
+    #[test]
+    fn bundle_tiles_hold_at_most_block_m_rows_and_cut_a_member_between_them() {
+        let p = profile(16);
+        let plan = plan(&[(3, 100), (3, 90)], 4, 1, &p, PlanOptions::default(), vec![PrefixGroup { prefix_len: 64, members: vec![0, 1] }]);
+        let b = bundle_prefixes(&Setup::new(&plan, &p), &plan.batch.prefix_groups);
+        assert_eq!(b.prefix_tiles, [PrefixTile { seg_begin: 0, seg_count: 2, num_rows: 16, reader: 0, key_end: 64, bundle: 0 }, PrefixTile { seg_begin: 2, seg_count: 1, num_rows: 8, reader: 0, key_end: 64, bundle: 0 }]);
+        assert_eq!(b.segments, [seg(0, 0, 3, 0), seg(1, 0, 1, 12), seg(1, 1, 2, 0)]);
+    }
+
+    #[test]
+    fn bundles_follow_the_options() {
+        let p = profile(16);
+        let groups = vec![PrefixGroup { prefix_len: 64, members: vec![0, 1] }];
+        let bundles = |lens: &[(u32, u32)], options: PlanOptions| {
+            let plan = plan(lens, 4, 1, &p, options, groups.clone());
+            let b = bundle_prefixes(&Setup::new(&plan, &p), &plan.batch.prefix_groups);
+            (b.shared_len, b.prefix_tiles.iter().map(|t| t.key_end).collect::<Vec<_>>())
+        };
+        let decodes = [(1, 100), (1, 100)];
+        let det = |split_kv, split_keys| PlanOptions { deterministic: true, split_kv, split_keys, ..PlanOptions::default() };
+        assert_eq!(bundles(&decodes, PlanOptions::default()), (vec![64], vec![64]));
+        assert_eq!(bundles(&decodes, PlanOptions { prefix_sharing: false, ..PlanOptions::default() }), (vec![], vec![]));
+        // Deterministic: the prefix down to a multiple of split_keys, none when that is 0 or
+        // when nothing is split.
+        assert_eq!(bundles(&decodes, det(true, 48)), (vec![48], vec![48]));
+        assert_eq!(bundles(&decodes, det(true, 100)), (vec![], vec![]));
+        assert_eq!(bundles(&decodes, det(false, 48)), (vec![], vec![]));
+        // One sharer is no bundle.
+        assert_eq!(bundles(&[(1, 100), (8, 100)], PlanOptions::default()), (vec![], vec![]));
+    }
+
+    #[test]
+    fn row_blocks_cut_tokens_into_tiles_and_members_to_their_suffix() {
+        // GQA 4, 64-row tiles: 16 tokens a block.
+        let p = profile(64);
+        let plan = plan(&[(40, 100), (1, 70), (1, 64), (1, 80)], 4, 1, &p, PlanOptions::default(), vec![PrefixGroup { prefix_len: 64, members: vec![1, 2] }]);
+        let s = Setup::new(&plan, &p);
+        let bundles = bundle_prefixes(&s, &plan.batch.prefix_groups);
+        let blocks = row_blocks(&s, &bundles);
+        assert_eq!(
+            blocks,
+            [
+                // Causal: a block's keys end where its last token's do.
+                block(0, 0, 16, (0, 76), false, NO_BUNDLE, 64.0 * 76.0),
+                block(0, 16, 16, (0, 92), false, NO_BUNDLE, 64.0 * 92.0),
+                block(0, 32, 8, (0, 100), false, NO_BUNDLE, 32.0 * 100.0),
+                // A member's suffix, merged with its prefix tile; request 2 has none.
+                block(1, 0, 1, (64, 70), true, 0, 16.0 * 6.0),
+                block(3, 0, 1, (0, 80), false, NO_BUNDLE, 16.0 * 80.0),
+            ]
+        );
+    }
+
+    #[test]
+    fn capacity_is_the_options_or_the_cost_per_wave_and_worker() {
+        let p = profile(64);
+        let blocks = [block(0, 0, 16, (0, 10), false, NO_BUNDLE, 1000.0), block(1, 0, 16, (0, 10), false, NO_BUNDLE, 3000.0)];
+        let tiles = [PrefixTile { seg_begin: 0, seg_count: 1, num_rows: 16, reader: 0, key_end: 10, bundle: 0 }];
+        let capacity_with = |heads: u32, c: Option<f64>| {
+            let plan = plan(&[(1, 10), (1, 10)], 1, heads, &p, PlanOptions { capacity: c, ..PlanOptions::default() }, vec![]);
+            capacity(&Setup::new(&plan, &p), &blocks, &tiles)
+        };
+        // (1000 + 3000 + 16 × 10) × heads / (2 waves × 2 workers).
+        assert_eq!(capacity_with(1, None), 1040.0);
+        assert_eq!(capacity_with(2, None), 2080.0);
+        assert_eq!(capacity_with(1, Some(5.0)), 5.0);
+        // Never below min_capacity: 16 rows × 4 block_n keys.
+        let plan = plan(&[(1, 10)], 1, 1, &p, PlanOptions::default(), vec![]);
+        assert_eq!(capacity(&Setup::new(&plan, &p), &blocks[..1], &[]), 1024.0);
+    }
+
+    #[test]
+    fn runs_are_requests_with_a_full_tile_within_capacity() {
+        let p = profile(64);
+        // Costs: 64 × 100 = 6400; 64 × 96 + 16 × 100 = 7744; 8 tokens, no full tile; 32 × 300.
+        let lens = [(16, 100), (20, 100), (8, 100), (32, 300)];
+        let runs_with = |options: PlanOptions, capacity: f64| {
+            let plan = plan(&lens, 4, 1, &p, options, vec![]);
+            let s = Setup::new(&plan, &p);
+            let blocks = row_blocks(&s, &bundle_prefixes(&s, &[]));
+            runs(&s, &blocks, capacity)
+        };
+        assert_eq!(runs_with(PlanOptions::default(), 6400.0), [true, false, false, false]);
+        assert_eq!(runs_with(PlanOptions::default(), 6399.0), [false, false, false, false]);
+        assert_eq!(runs_with(PlanOptions::default(), 8000.0), [true, true, false, false]);
+        assert_eq!(runs_with(PlanOptions { deterministic: true, split_kv: false, ..PlanOptions::default() }, 8000.0), [true, true, false, false]);
+        assert!(runs_with(PlanOptions { balancing: false, ..PlanOptions::default() }, 8000.0).is_empty());
+        assert!(runs_with(PlanOptions { deterministic: true, ..PlanOptions::default() }, 8000.0).is_empty());
+        // A bundle's full tile (4 decode tokens of GQA 4 in 16-row tiles) is no run.
+        let p = profile(16);
+        let plan = plan(&[(4, 100), (4, 100)], 4, 1, &p, PlanOptions::default(), vec![PrefixGroup { prefix_len: 64, members: vec![0, 1] }]);
+        let s = Setup::new(&plan, &p);
+        let blocks = row_blocks(&s, &bundle_prefixes(&s, &plan.batch.prefix_groups));
+        assert_eq!(runs(&s, &blocks, 1e30), [false, false]);
+    }
+
+    #[test]
+    fn cut_keys_splits_by_capacity_on_block_n_or_at_fixed_multiples() {
+        let p = profile(64);
+        let cut = |options: PlanOptions, keys: (u32, u32), cost: f64, room: usize| {
+            let plan = plan(&[(1, 10)], 1, 1, &p, options, vec![]);
+            let mut out = Vec::new();
+            cut_keys(&Setup::new(&plan, &p), 3.0, keys.0, keys.1, cost, room, &mut out).map(|()| out)
+        };
+        let o = PlanOptions::default;
+        // ⌈10 / 3⌉ = 4 pieces of ⌈1000 / 4⌉ = 250 keys, rounded up to 16.
+        assert_eq!(cut(o(), (0, 1000), 10.0, 100).unwrap(), [(0, 256), (256, 512), (512, 768), (768, 1000)]);
+        assert_eq!(cut(o(), (64, 1000), 10.0, 100).unwrap(), [(64, 304), (304, 544), (544, 784), (784, 1000)]);
+        // Within capacity, not splitting, or at most block_n keys: one range.
+        assert_eq!(cut(o(), (0, 1000), 3.0, 100).unwrap(), [(0, 1000)]);
+        assert_eq!(cut(PlanOptions { split_kv: false, ..o() }, (0, 1000), 10.0, 100).unwrap(), [(0, 1000)]);
+        assert_eq!(cut(o(), (0, 16), 10.0, 100).unwrap(), [(0, 16)]);
+        // Deterministic: at the absolute multiples of split_keys, whatever the cost.
+        let det = |split_keys| PlanOptions { deterministic: true, split_keys, ..o() };
+        assert_eq!(cut(det(100), (50, 350), 0.0, 100).unwrap(), [(50, 100), (100, 200), (200, 300), (300, 350)]);
+        assert_eq!(cut(det(100), (0, 250), 0.0, 100).unwrap(), [(0, 100), (100, 200), (200, 250)]);
+        assert_eq!(cut(det(100), (0, 0), 0.0, 100).unwrap(), [(0, 0)]);
+        assert_eq!(cut(det(u32::MAX), (5, u32::MAX - 1), 0.0, 100).unwrap(), [(5, u32::MAX - 1)]);
+        // More ranges than the room is an error.
+        assert_eq!(cut(det(100), (0, 1000), 0.0, 10).unwrap().len(), 10);
+        let e = cut(det(100), (0, 1000), 0.0, 9).unwrap_err().to_string();
+        assert!(e.contains("more than") && e.contains("split_keys = 100"), "{e}");
+        assert!(cut(o(), (0, 1000), 10.0, 3).is_err());
+    }
+
+    #[test]
+    fn cut_keys_refuses_billions_of_ranges_before_making_them() {
+        let p = profile(64);
+        let plan = plan(&[(1, 10)], 1, 1, &p, PlanOptions { deterministic: true, split_keys: 1, ..PlanOptions::default() }, vec![]);
+        let mut out = Vec::new();
+        assert!(cut_keys(&Setup::new(&plan, &p), 1.0, 0, 1 << 31, 0.0, limits::MAX_WORK_ITEMS, &mut out).is_err());
+        assert_eq!(out.capacity(), 0);
+    }
+
+    /// Steps 1 to 3 of `plan`.
+    fn split_plan(plan: &Plan, profile: &DeviceProfile, capacity: f64) -> Result<(Split, Vec<Block>)> {
+        let s = Setup::new(plan, profile);
+        let bundles = bundle_prefixes(&s, &plan.batch.prefix_groups);
+        let blocks = row_blocks(&s, &bundles);
+        let runs = runs(&s, &blocks, capacity);
+        Ok((split(&s, capacity, &bundles.prefix_tiles, bundles.segments, &blocks, &runs)?, blocks))
+    }
+
+    #[test]
+    fn split_makes_prefix_pieces_then_block_pieces_and_leaves_short_blocks_to_pack() {
+        let p = profile(64);
+        // Two decodes sharing 64 keys, a prompt of three blocks, a long decode; C = 3000.
+        let plan = plan(&[(1, 100), (1, 90), (40, 100), (1, 500)], 4, 1, &p, PlanOptions::default(), vec![PrefixGroup { prefix_len: 64, members: vec![0, 1] }]);
+        let (Split { work, to_pack, num_split_requests }, blocks) = split_plan(&plan, &p, 3000.0).unwrap();
+        // The members' suffixes are unsplit and short: packing takes them.
+        assert_eq!(to_pack, [blocks[0], blocks[1]]);
+        let ranges: Vec<(u32, u32)> = work.chunks.iter().map(|c| (c.key_begin, c.key_end)).collect();
+        // Prefix tile 16 × 64 = 1024; prompt blocks 64 × 76, 64 × 92, 32 × 100; decode 16 × 500.
+        assert_eq!(ranges, [(0, 64), (0, 48), (48, 76), (0, 48), (48, 92), (0, 64), (64, 100), (0, 176), (176, 352), (352, 500)]);
+        assert_eq!(work.pieces.iter().map(|p| p.seg_begin).collect::<Vec<_>>(), [0, 2, 2, 3, 3, 4, 4, 5, 5, 5]);
+        assert_eq!(work.segments, [seg(0, 0, 1, 0), seg(1, 0, 1, 4), seg(2, 0, 16, 0), seg(2, 16, 16, 0), seg(2, 32, 8, 0), seg(3, 0, 1, 0)]);
+        assert_eq!(work.chunks[0].request, 0, "the prefix is read through its first member's pages");
+        for (i, piece) in work.pieces.iter().enumerate() {
+            assert_eq!((piece.chunk_begin, piece.chunk_count), (i as u32, 1));
+            let c = work.chunks[i];
+            assert_eq!((c.row_begin, c.row_end), (0, piece.num_rows));
+            assert_eq!(piece.cost, p.cost_item + chunk_cost(&p, 0, piece.num_rows, c.key_end - c.key_begin));
+            assert!(piece.partial && piece.run == NO_RUN);
         }
-        // The inputs must reach every step and both errors, or the comparison proves little.
-        let counts = format!("ok {ok}, split {split}, packed {packed}, shared {shared}, too many pieces {too_many_pieces}, too many items {too_many_items}");
-        eprintln!("{counts}");
-        assert!(ok > 15_000 && split > 3000 && packed > 2000 && shared > 1000 && too_many_pieces > 100 && too_many_items > 10, "{counts}");
+        // Every token of a partial piece, once per piece: 2 + 2 × (16 + 16 + 8) + 3.
+        assert_eq!(work.partial_rows.len(), 85);
+        assert_eq!(work.partial_rows[..2], [PartialRow { token: 0, key_begin: 0, piece: 0, row: 0 }, PartialRow { token: 1, key_begin: 0, piece: 0, row: 4 }]);
+        assert_eq!(work.partial_rows[84], PartialRow { token: 42, key_begin: 352, piece: 9, row: 0 });
+        assert_eq!(num_split_requests, 4);
+    }
+
+    #[test]
+    fn split_keeps_runs_whole_and_packs_nothing_without_packing() {
+        let p = profile(64);
+        let lens = [(40, 100), (1, 500)];
+        let plan_with = |options| plan(&lens, 4, 1, &p, options, vec![]);
+        let (Split { work, to_pack, num_split_requests }, _) = split_plan(&plan_with(PlanOptions::default()), &p, 1e9).unwrap();
+        // The prompt is a run, tail tile included; the decode waits for packing.
+        assert_eq!(work.pieces.iter().map(|p| (p.run, p.num_rows, p.partial)).collect::<Vec<_>>(), [(0, 64, false), (0, 64, false), (0, 32, false)]);
+        assert_eq!(to_pack.len(), 1);
+        assert!(work.partial_rows.is_empty() && num_split_requests == 0);
+        let (Split { work, to_pack, .. }, _) = split_plan(&plan_with(PlanOptions { packing: false, balancing: false, ..PlanOptions::default() }), &p, 1e9).unwrap();
+        assert_eq!(work.pieces.iter().map(|p| (p.run, p.num_rows)).collect::<Vec<_>>(), [(NO_RUN, 64), (NO_RUN, 64), (NO_RUN, 32), (NO_RUN, 4)]);
+        assert!(to_pack.is_empty());
+    }
+
+    #[test]
+    fn split_refuses_more_pieces_than_a_plan_may_have() {
+        // 65536 KV heads leave room for 64 pieces; 2000 keys by 16 make 125.
+        let p = profile(64);
+        let options = PlanOptions { deterministic: true, split_keys: 16, ..PlanOptions::default() };
+        let e = split_plan(&plan(&[(1, 2000)], 1, 65536, &p, options.clone(), vec![]), &p, 1.0).err().unwrap().to_string();
+        assert!(e.contains("the plan would need more than"), "{e}");
+        assert!(split_plan(&plan(&[(1, 1024)], 1, 65536, &p, options, vec![]), &p, 1.0).is_ok());
+    }
+
+    #[test]
+    fn pack_fills_tiles_next_fit_by_class_rows_and_cost() {
+        // GQA 4, 64-row tiles, C = 8000: a packed tile costs at most 1000.
+        let p = profile(64);
+        let plan = plan(&[(1, 100), (1, 100), (6, 100), (1, 100), (1, 100), (1, 300), (1, 100), (1, 100)], 4, 1, &p, PlanOptions::default(), vec![]);
+        let s = Setup::new(&plan, &p);
+        let final_ = |r: u32, q: u32, keys: u32| block(r, 0, q, (0, keys), false, NO_BUNDLE, 0.0);
+        let member = |r: u32| block(r, 0, 1, (64, 74), true, 0, 0.0);
+        let to_pack = [final_(0, 1, 10), member(1), final_(2, 6, 20), final_(3, 1, 10), final_(4, 1, 10), final_(5, 1, 60), member(6), final_(7, 1, 10)];
+        let mut work = no_pieces();
+        pack(&s, 8000.0, 1, &to_pack, &mut work);
+        let tiles: Vec<Vec<u32>> = work.pieces.iter().map(|p| work.segments[p.seg_begin as usize..][..p.seg_count as usize].iter().map(|s| s.request).collect()).collect();
+        // Final tiles first, then the bundle's partial ones. Decodes (one slice) and the 24-row
+        // block do not share a tile; request 5 (16 × 60 keys) would pass the cost limit.
+        assert_eq!(tiles, [vec![0], vec![2], vec![3, 4], vec![5], vec![7], vec![1, 6]]);
+        let tile = work.pieces[2];
+        assert_eq!((tile.num_rows, tile.chunk_count, tile.cost, tile.partial, tile.run), (8, 2, 320.0, false, NO_RUN));
+        assert_eq!(work.segments[tile.seg_begin as usize + 1], seg(4, 0, 1, 4));
+        let c = work.chunks[tile.chunk_begin as usize + 1];
+        assert_eq!((c.request, c.key_begin, c.key_end, c.row_begin, c.row_end), (4, 0, 10, 4, 8));
+        assert_eq!(work.pieces[5].bundle, 0);
+        assert_eq!(work.partial_rows, [PartialRow { token: 1, key_begin: 64, piece: 5, row: 0 }, PartialRow { token: 11, key_begin: 64, piece: 5, row: 4 }]);
+    }
+
+    #[test]
+    fn pack_holds_one_slice_of_decodes_and_block_m_rows_of_taller_blocks() {
+        let p = profile(64);
+        let plan = plan(&[(1, 10); 9], 4, 1, &p, PlanOptions::default(), vec![]);
+        let s = Setup::new(&plan, &p);
+        // Six decodes (4 rows each), then three blocks of 6 tokens (24 rows).
+        let to_pack: Vec<Block> = (0..9).map(|r| block(r, 0, if r < 6 { 1 } else { 6 }, (0, 1), false, NO_BUNDLE, 0.0)).collect();
+        let mut work = no_pieces();
+        pack(&s, 1e9, 0, &to_pack, &mut work);
+        assert_eq!(work.pieces.iter().map(|p| (p.seg_count, p.num_rows)).collect::<Vec<_>>(), [(4, 16), (2, 8), (2, 48), (1, 24)]);
+    }
+
+    #[test]
+    fn group_orders_units_longest_first_and_keeps_bundles_and_runs_whole() {
+        let p = profile(64);
+        let plan_with = |heads, balancing| plan(&[(1, 10)], 1, heads, &p, PlanOptions { balancing, ..PlanOptions::default() }, vec![]);
+        let pieces = [
+            piece(50.0, NO_BUNDLE, NO_RUN),
+            piece(30.0, NO_BUNDLE, 7),
+            piece(40.0, NO_BUNDLE, 7),
+            piece(10.0, 0, NO_RUN),
+            piece(20.0, 0, NO_RUN),
+            // Bundle 0 costs C = 30, a unit; bundle 1 more: its pieces are units of their own.
+            piece(80.0, 1, NO_RUN),
+            piece(60.0, 1, NO_RUN),
+            piece(5.0, NO_BUNDLE, 9),
+            // Ties with bundle 0 (30): the whole bundle comes after.
+            piece(30.0, NO_BUNDLE, NO_RUN),
+        ];
+        let plan = plan_with(2, true);
+        let g = group(&Setup::new(&plan, &p), 30.0, 2, &pieces).unwrap();
+        // By piece, its units for KV heads 0 and 1: 80, run 70, 60, 50, 30, bundle 30, 5.
+        assert_eq!(g.group_of, [6, 7, 2, 3, 2, 3, 10, 11, 10, 11, 0, 1, 4, 5, 12, 13, 8, 9]);
+        assert_eq!(g.num_groups, 14);
+        // Without balancing, a group per item in order.
+        let plan = plan_with(2, false);
+        let g = group(&Setup::new(&plan, &p), 30.0, 2, &pieces).unwrap();
+        assert_eq!(g.group_of, (0..18).collect::<Vec<u32>>());
+        assert_eq!(g.num_groups, 18);
+        // No pieces: one (empty) group.
+        let plan = plan_with(2, true);
+        let g = group(&Setup::new(&plan, &p), 100.0, 0, &[]).unwrap();
+        assert!(g.group_of.is_empty() && g.num_groups == 1);
+    }
+
+    #[test]
+    fn group_refuses_more_pieces_than_a_plan_may_have() {
+        let p = profile(64);
+        let plan = plan(&[(1, 10)], 1, 65536, &p, PlanOptions::default(), vec![]);
+        let s = Setup::new(&plan, &p);
+        let pieces = vec![piece(1.0, NO_BUNDLE, NO_RUN); 65];
+        let e = group(&s, 100.0, 0, &pieces).err().unwrap().to_string();
+        assert!(e.contains("the batch needs 4259840 work items (65 tiles × 65536 KV heads)"), "{e}");
+        assert!(group(&s, 100.0, 0, &pieces[..64]).is_ok());
+    }
+
+    #[test]
+    fn emit_places_items_by_group_and_hands_out_partial_slots_in_that_order() {
+        let p = profile(64);
+        let plan = plan(&[(1, 10)], 1, 2, &p, PlanOptions::default(), vec![]);
+        let s = Setup::new(&plan, &p);
+        let with = |num_rows, partial, seg_begin| Piece { num_rows, partial, seg_begin, chunk_begin: seg_begin + 10, ..piece(1.0, NO_BUNDLE, NO_RUN) };
+        let pieces = [with(4, false, 0), with(8, true, 1), with(16, true, 2)];
+        // Pieces 1 and 2 one unit (groups 0 and 1), piece 0 after them.
+        let groups = Groups { group_of: vec![2, 3, 0, 1, 0, 1], num_groups: 4 };
+        let Emitted { items, slot_of } = emit(&s, &pieces, &groups);
+        let summary: Vec<(u32, u32, u32, u32, u32)> = items.iter().map(|i| (i.group, i.kv_head, i.seg_begin, i.chunk_begin, i.partial_slot)).collect();
+        assert_eq!(summary, [(0, 0, 1, 11, 0), (0, 0, 2, 12, 8), (1, 1, 1, 11, 24), (1, 1, 2, 12, 32), (2, 0, 0, 10, FINAL_OUTPUT), (3, 1, 0, 10, FINAL_OUTPUT)]);
+        assert_eq!(items.iter().map(|i| i.num_rows).collect::<Vec<_>>(), [8, 16, 8, 16, 4, 4]);
+        assert_eq!(slot_of, [FINAL_OUTPUT, FINAL_OUTPUT, 0, 24, 8, 32]);
+        // Nothing partial: no slots.
+        let Emitted { items, slot_of } = emit(&s, &pieces[..1], &Groups { group_of: vec![0, 1], num_groups: 2 });
+        assert!(slot_of.is_empty() && items.iter().all(|i| i.partial_slot == FINAL_OUTPUT));
+    }
+
+    #[test]
+    fn merges_list_each_tokens_pieces_in_key_order_for_every_query_head() {
+        // GQA 2, 2 KV heads: 4 query heads.
+        let p = profile(64);
+        let plan = plan(&[(1, 10), (2, 10)], 2, 2, &p, PlanOptions::default(), vec![]);
+        let s = Setup::new(&plan, &p);
+        // Token 1 in two pieces, listed out of key order; token 2 in one; token 0 final.
+        let rows = [
+            PartialRow { token: 1, key_begin: 64, piece: 0, row: 2 },
+            PartialRow { token: 2, key_begin: 0, piece: 1, row: 4 },
+            PartialRow { token: 1, key_begin: 0, piece: 1, row: 0 },
+        ];
+        // Per (piece, KV head): the item's first slot.
+        let slot_of = [10, 20, 30, 40];
+        let Merges { merges, merge_slots } = merge_list(&s, 3, &rows, &slot_of);
+        let m: Vec<(u32, u32, u32, u32)> = merges.iter().map(|m| (m.q_token, m.qo_head, m.slot_begin, m.slot_count)).collect();
+        assert_eq!(m, [(1, 0, 0, 2), (1, 1, 2, 2), (1, 2, 4, 2), (1, 3, 6, 2), (2, 0, 8, 1), (2, 1, 9, 1), (2, 2, 10, 1), (2, 3, 11, 1)]);
+        // A query head's row is its piece's slot + token row + its place in the GQA group.
+        assert_eq!(merge_slots, [30, 12, 31, 13, 40, 22, 41, 23, 34, 35, 44, 45]);
+        let Merges { merges, merge_slots } = merge_list(&s, 3, &[], &[]);
+        assert!(merges.is_empty() && merge_slots.is_empty());
     }
 }

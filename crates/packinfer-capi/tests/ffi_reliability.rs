@@ -187,6 +187,10 @@ fn huge_sizes_are_statuses_not_aborts() {
     o.flags = PackinferPlanFlags::Deterministic as u32;
     o.split_keys = 1;
     expect(plan_status(ctx, &b, Some(&o)), InvalidArgument, &["work items", "split_keys = 1"]);
+    // Within the rows limit, but more full tiles than a plan may have items: refused before
+    // the planner allocates per tile (it used 1.6 GB and aborted under a 2 GiB limit).
+    let b = batch(&[0, i32::MAX - 4], &[0, 1], &[0], &[4], 4, 1, (1, 1), false);
+    expect(plan_status(ctx, &b, None), InvalidArgument, &["work items", "2147483643 query tokens"]);
     // More query rows than a step may have.
     let b = batch(&[0, 1 << 30], &[0, 0], &[], &[0], 16, 8, (4, 1), false);
     expect(plan_status(ctx, &b, None), InvalidArgument, &["rows"]);

@@ -170,6 +170,20 @@ impl Plan {
                 limits::MAX_QO_ROWS
             ));
         }
+        // Every full tile of a request's rows is at least one work item per KV head (packing
+        // only merges partial tiles): refuse a batch over the limit before planning allocates
+        // per tile.
+        let tokens_per_tile = (profile.block_m / shape.group_size()).max(1) as u64;
+        let full_tiles: u64 = (0..batch.len()).map(|r| batch.q_len(r) as u64 / tokens_per_tile).sum();
+        if full_tiles * shape.num_kv_heads as u64 > limits::MAX_WORK_ITEMS as u64 {
+            return Err(invalid!(
+                "{} query tokens need at least {} work items ({full_tiles} tiles of {tokens_per_tile} tokens × {} KV heads), more than the {} a plan may have",
+                batch.total_q(),
+                full_tiles * shape.num_kv_heads as u64,
+                shape.num_kv_heads,
+                limits::MAX_WORK_ITEMS
+            ));
+        }
         if options.deterministic && options.split_keys == 0 {
             return Err(invalid!("split_keys = 0; deterministic mode needs a split granularity"));
         }

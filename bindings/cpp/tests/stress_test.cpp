@@ -15,7 +15,10 @@
 //
 // Environment (flags win): PACKINFER_STRESS_SEED, PACKINFER_STRESS_CALLS (budget of the random
 // phases, default 2M), PACKINFER_STRESS_SECONDS (their time cap, default 90; 300 under
-// sanitizers), PACKINFER_STRESS_BACKEND=cpu|cuda, PACKINFER_STRESS_THREADS (default 4).
+// sanitizers), PACKINFER_STRESS_BACKEND=cpu|cuda, PACKINFER_STRESS_THREADS (default 4),
+// PACKINFER_STRESS_ONLY (comma list). For debugging a replay: --trace prints every step, and
+// PACKINFER_STRESS_DEBUG=1 prints every failure (not the first two of each kind), checks the
+// pool's counters after every step and dumps the pool model when they disagree.
 #include "packinfer.h"
 
 #include <algorithm>
@@ -303,7 +306,7 @@ std::atomic<uint64_t> g_failures{0};
   {
     std::lock_guard<std::mutex> lock(g_fail_mu);
     auto& e = g_fail_counts[id];
-    static const bool all = getenv("STRESS_DEBUG") != nullptr;
+    static const bool all = getenv("PACKINFER_STRESS_DEBUG") != nullptr;
     if (e.first++ < 2 || all) {
       char where[512];
       snprintf(where, sizeof where, "phase %s, thread %d, seed %" PRIu64 ", step %" PRIu64 ", op %s, call %s", tw->phase, tw->thread,
@@ -2074,7 +2077,7 @@ struct PoolPhase {
   }
 
   void debug_dump() const {
-    if (!getenv("STRESS_DEBUG")) return;
+    if (!getenv("PACKINFER_STRESS_DEBUG")) return;
     fprintf(stderr, "model: exact %d, %zu sequences\n", (int)exact, seqs.size());
     for (auto& kv : seqs) {
       fprintf(stderr, "  seq %lu len %u res %d:", (unsigned long)kv.first, kv.second.len, (int)kv.second.may_reserve);
@@ -2725,7 +2728,7 @@ struct PoolPhase {
       } else {
         if (it != by_hash.end() && pages[(size_t)it->second].refs > 0) {
           cover("matched a registered page since rewritten");
-          if (getenv("STRESS_DEBUG")) {
+          if (getenv("PACKINFER_STRESS_DEBUG")) {
             const auto& have = pages[(size_t)it->second].tags;
             std::string diff;
             for (size_t q = 0; q < want.size(); q++)
@@ -2802,8 +2805,7 @@ struct PoolPhase {
     if (!shared && (st.step_read_bytes_unshared != total_len * token_bytes || st.step_read_bytes_shared > st.step_read_bytes_unshared))
       fail("pool stats", "step reads %" PRIu64 " bytes unshared (want %" PRIu64 "), %" PRIu64 " shared", st.step_read_bytes_unshared,
            total_len * token_bytes, st.step_read_bytes_shared);
-    static const bool no_relayout = getenv("STRESS_NO_RELAYOUT") != nullptr;
-    if (r.chance(30) && !no_relayout) {
+    if (r.chance(30)) {
       PackinferRelayoutReport rep;
       memset(&rep, 0, sizeof rep);
       rep.struct_size = sizeof rep;
@@ -3067,7 +3069,7 @@ void run_pool_phase(uint64_t seed, const Budget& budget) {
       ph.step();
       trace_step();
       if (ph.r.one_in(8)) ph.check_stats();
-      static const bool every_step = getenv("STRESS_DEBUG") != nullptr;
+      static const bool every_step = getenv("PACKINFER_STRESS_DEBUG") != nullptr;
       if (every_step) ph.check_stats();
     } catch (StepFailed&) {
       // The model may be off now: start over on a fresh pool.
@@ -3101,6 +3103,10 @@ namespace {
 struct SharedLaunch {
   PackinferLaunch h;
   std::shared_ptr<BatchCase> c;
+  // Runs in progress. On CUDA a launch may be destroyed only once its runs have finished on the
+  // device, so a destroyer takes it out of the table and waits for these; on the CPU a run ends
+  // before its call returns, and a destroy racing it is the case under test.
+  std::shared_ptr<std::atomic<int>> runs = std::make_shared<std::atomic<int>>(0);
 };
 
 struct SharedState {
@@ -3164,7 +3170,12 @@ void thread_worker(int index, uint64_t seed, SharedState* sh, const Budget* budg
             std::lock_guard<std::mutex> lock(sh->mu);
             if (sh->table.empty()) continue;
             s = sh->table[r.below(sh->table.size())];
+            (*s.runs)++;
           }
+          struct Done {
+            std::atomic<int>& n;
+            ~Done() { n--; }
+          } done{*s.runs};
           RunIo io(r, s.c->total_q, s.c->sh.qo_heads, s.c->sh.head_dim, s.c->sh.dtype);
           PackinferRunArgs a;
           memset(&a, 0, sizeof a);
@@ -3193,7 +3204,7 @@ void thread_worker(int index, uint64_t seed, SharedState* sh, const Budget* budg
           }
         } else {  // destroy one (it may already be gone)
           SharedLaunch s{};
-          bool take = r.chance(70);
+          bool take = g_cfg.cuda || r.chance(70);
           {
             std::lock_guard<std::mutex> lock(sh->mu);
             if (sh->table.empty()) continue;
@@ -3201,6 +3212,8 @@ void thread_worker(int index, uint64_t seed, SharedState* sh, const Budget* budg
             s = sh->table[i];
             if (take) sh->table.erase(sh->table.begin() + (long)i);
           }
+          if (g_cfg.cuda)
+            while (s.runs->load() > 0) std::this_thread::yield();
           expect("packinfer_launch_destroy", API(packinfer_launch_destroy, s.h), S_OK | S_HANDLE, "a launch other threads use");
         }
       } else {

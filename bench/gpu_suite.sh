@@ -4,6 +4,7 @@
 #   cargo test --release -p packinfer --test cuda_backend --test cuda_pool --no-run; cargo test --release -p packinfer-capi --test cuda_ffi --no-run   # note the paths
 #   mkdir -p .gpu-cuda && cp <cuda_backend binary> .gpu-cuda/cuda_backend && cp <cuda_ffi binary> .gpu-cuda/cuda_ffi
 #   cp <cuda_pool binary> .gpu-cuda/cuda_pool
+#   cp build/ctest/bindings/cpp/tests/packinfer_stress_test .gpu-cuda/   # the C API stress test (ctest builds it)
 #   cp target/release/libpackinfer.so bench/bench_attention.py bench/gpu_suite.sh .gpu-cuda/
 #   cp ../shared/traces/azure_llm_2023_code.csv .gpu-cuda/
 # then on the device: .gpu-cuda/gpu_suite.sh   (logs and JSON under $OUT, or ./gpu-results)
@@ -23,5 +24,19 @@ PACKINFER_GPU_CASES=${CASES:-300} timeout 400 ./cuda_backend --test-threads=1 --
 echo "== compute-sanitizer memcheck / racecheck (representative subset)"
 (PACKINFER_GPU_CASES=6 timeout 200 compute-sanitizer --tool memcheck --print-limit 20 ./cuda_backend --test-threads=1 random_batches handmade_plans_packed graph_capture append_kv warp_specialized_kernel_with_tma short_batches 2>&1) > "$out/memcheck.log"; grep -E "ERROR SUMMARY|test result" "$out/memcheck.log"
 (PACKINFER_GPU_CASES=3 timeout 200 compute-sanitizer --tool racecheck --print-limit 20 ./cuda_backend --test-threads=1 random_batches handmade_plans_packed warp_specialized_kernel_with_tma short_batches 2>&1) > "$out/racecheck.log"; grep -E "RACECHECK SUMMARY|test result" "$out/racecheck.log"
+echo "== C API stress test on the CUDA backend (random call sequences against a model), then under memcheck"
+# The binary finds libpackinfer.so here (its RPATH names the dev machine's target/). Its own
+# summary ends in "N calls ... in T s" and a verdict; the full log has each failure's replay.
+if [ -x ./packinfer_stress_test ]; then
+  (LD_LIBRARY_PATH=$PWD${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} PACKINFER_STRESS_BACKEND=cuda PACKINFER_STRESS_CALLS=${STRESS_CALLS:-3000000} \
+    PACKINFER_STRESS_SECONDS=${STRESS_SECONDS:-240} timeout 900 ./packinfer_stress_test 2>&1) > "$out/stress_cuda.log"
+  grep -E "^  [a-z]|calls \(|passed|FAILED" "$out/stress_cuda.log"
+  (LD_LIBRARY_PATH=$PWD${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} PACKINFER_STRESS_BACKEND=cuda PACKINFER_STRESS_CALLS=${STRESS_SANITIZER_CALLS:-200000} \
+    PACKINFER_STRESS_SECONDS=${STRESS_SANITIZER_SECONDS:-300} PACKINFER_STRESS_ONLY=api,pool,threads,shared-page-rewrite,exhausted-unchanged,fork-comb \
+    timeout 900 compute-sanitizer --tool memcheck --print-limit 20 --error-exitcode 99 ./packinfer_stress_test 2>&1) > "$out/stress_memcheck.log"
+  grep -E "ERROR SUMMARY|^  [a-z]|calls \(|passed|FAILED" "$out/stress_memcheck.log"
+else
+  echo "packinfer_stress_test not staged here: skipped (see the header for how to stage it)"
+fi
 echo "== timing vs FA2 (W1, W2)"
 PYTHONUNBUFFERED=1 timeout 200 python3 bench_attention.py ./libpackinfer.so azure_llm_2023_code.csv "$out/bench.json" 2>&1 | grep -E "^W|Error|error"

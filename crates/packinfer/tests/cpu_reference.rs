@@ -124,3 +124,57 @@ fn update_runs_the_new_plan_within_the_capacity() {
     run(&*bound, &a, "batch A after refused updates");
     run(&*small, &a, "the small launch after a refused update");
 }
+
+/// A plan's fields are public, so a caller can hand the backend a plan the planner never made:
+/// the CPU backend refuses one whose indices leave its arrays, its requests, the batch's pages or
+/// the partial slots, or that writes a row twice, at `bind` and at `update` (InvalidArgument,
+/// naming the value), instead of reading or writing outside the caller's memory.
+#[test]
+fn inconsistent_handmade_plans_are_refused() {
+    use packinfer::plan::FINAL_OUTPUT;
+    use packinfer::Error;
+    let cpu = CpuBackend::new(2);
+    let mut r = rng(0xbad);
+    let spec = CaseSpec { batch_size: 3, max_kv: 900, page_size: 16, num_kv_heads: 2, group: 2, head_dim: 64, dtype: DType::F16, causal: true, decode_fraction: 0.5, hnd: false };
+    let case = Case::build(&mut r, &spec, &[(1, 800), (12, 300), (1, 40)], vec![]);
+    let options = PlanOptions { split_keys: 64, deterministic: true, ..PlanOptions::default() };
+    let good = Plan::build(case.shape, case.batch.clone(), &cpu.profile(), options).unwrap();
+    assert!(!good.merges.is_empty(), "the case needs split partials");
+    let partial = good.items.iter().position(|i| i.partial_slot != FINAL_OUTPUT).unwrap();
+    let n = good.requests.len() as u32;
+    let bad: Vec<(&str, Box<dyn Fn(&mut Plan)>)> = vec![
+        ("of request 3 which does not exist", Box::new(move |p| p.row_segments[0].request = n)),
+        ("past the plan's arrays", Box::new(|p| p.items[0].chunk_begin = p.kv_chunks.len() as u32)),
+        ("outside the cache's", Box::new(|p| p.batch.kv_page_indices[0] = p.batch.num_pages as i32)),
+        ("kv_len", Box::new(|p| p.kv_chunks[0].key_end = p.requests[p.kv_chunks[0].request as usize].kv_len + 1)),
+        ("does not match the batch's request 0", Box::new(|p| p.requests[0].page_start += 1)),
+        ("kv_head = 2", Box::new(|p| p.items[0].kv_head = 2)),
+        ("but its row segments hold", Box::new(|p| p.items[0].num_rows += 1)),
+        ("reads partial slot", Box::new(|p| p.merge_slots[0] = p.num_partial_slots())),
+        ("outside the batch", Box::new(|p| p.merges[0].q_token = p.batch.total_q())),
+        ("fewer groups", Box::new(|p| p.items.last_mut().unwrap().group = u32::MAX)),
+        ("past the last slot number", Box::new(move |p| p.items[partial].partial_slot = u32::MAX - 1)),
+        ("written twice", Box::new(|p| p.merges.push(p.merges[0]))),
+        ("another item writes too", Box::new(move |p| {
+            let dup = p.items[partial];
+            p.items.insert(partial, dup);
+        })),
+    ];
+    let launch = cpu.bind(Arc::new(good.clone()), 0, None).unwrap();
+    for (want, corrupt) in &bad {
+        let mut plan = good.clone();
+        corrupt(&mut plan);
+        let plan = Arc::new(plan);
+        for (what, got) in [("bind", cpu.bind(plan.clone(), 0, None).map(drop)), ("update", launch.update(plan.clone(), 0))] {
+            match got {
+                Err(Error::InvalidArgument(m)) => assert!(m.contains(want), "{what}: expected a message with {want:?}, got {m:?}"),
+                other => panic!("{what} of a plan with {want:?}: expected InvalidArgument, got {other:?}"),
+            }
+        }
+    }
+    // The refused updates left the launch computing the plan it had.
+    let o = Tensor::poisoned(case.shape.dtype, case.out_len());
+    let mut lse = vec![f32::NAN; case.total_q() * case.shape.num_qo_heads as usize];
+    launch.run(&case.run_args(&o, &mut lse)).expect("run");
+    assert_close(&case, &o, &lse, "after refused updates");
+}

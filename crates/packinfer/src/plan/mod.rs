@@ -3,6 +3,7 @@
 
 pub mod adapt;
 
+mod check;
 pub mod cost;
 mod schedule;
 pub mod work;
@@ -187,9 +188,7 @@ impl Plan {
         if options.deterministic && options.split_keys == 0 {
             return Err(invalid!("split_keys = 0; deterministic mode needs a split granularity"));
         }
-        let requests = (0..batch.len())
-            .map(|r| RequestInfo { q_start: batch.q_start(r), q_len: batch.q_len(r), kv_len: batch.kv_len(r), page_start: batch.kv_indptr[r] as u32 })
-            .collect();
+        let requests = (0..batch.len()).map(|r| RequestInfo::of(&batch, r)).collect();
         let mut plan = Plan {
             shape,
             batch,

@@ -50,6 +50,7 @@ impl Backend for CpuBackend {
     /// each count, and `update` takes any plan of the same shape within it: the same contract,
     /// so an engine's update path is tested without a GPU.
     fn bind_with_capacity(&self, plan: Arc<Plan>, _stream: u64, scratch: Option<Scratch>, capacity: &LaunchCapacity) -> Result<Box<dyn BoundPlan>> {
+        check_plan(&plan)?;
         let capacity = capacity.max(&LaunchCapacity::of(&plan));
         let need = crate::plan::scratch_bytes(capacity.partial_slots, plan.shape.head_dim);
         let scratch = match scratch {
@@ -164,10 +165,18 @@ impl BoundPlan for CpuBound {
         Ok(())
     }
     fn update(&self, plan: Arc<Plan>, _stream: u64) -> Result<()> {
+        check_plan(&plan)?;
         check_update(&self.shape_plan, &self.capacity, &plan)?;
         self.state.lock().bound = Bound::of(plan);
         Ok(())
     }
+}
+
+/// What running `plan` on host threads needs of it: every index in range (`check_consistent`)
+/// and no two items or merge rows writing the same memory (threads run them concurrently).
+fn check_plan(plan: &Plan) -> Result<()> {
+    plan.check_consistent()?;
+    plan.check_writes_once()
 }
 
 /// Null pointers are the only thing the CPU can check about the caller's tensors.

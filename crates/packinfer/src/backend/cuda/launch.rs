@@ -14,7 +14,7 @@ use super::{LoadedAttention, Shared};
 use crate::backend::{BoundPlan, LaunchCapacity, Scratch};
 use crate::error::Result;
 use crate::invalid;
-use crate::plan::{KvChunk, MergeRow, Plan, RequestInfo, RowSegment, WorkItem, FINAL_OUTPUT};
+use crate::plan::{KvChunk, MergeRow, Plan, RequestInfo, RowSegment, WorkItem};
 use crate::types::{Batch, KvLayout, RunArgs, Shape};
 
 /// Counts and shape of the uploaded plan; mirrors `PlanHeader` in `kernels/work.cuh`.
@@ -271,57 +271,17 @@ fn put<T: Copy>(buf: &mut [u8], at: usize, values: &[T]) {
     buf[at..at + bytes].copy_from_slice(src);
 }
 
-/// Checks the facts the kernels rely on for memory safety (a hand-made or buggy plan must give
-/// an error, not an out-of-bounds access on the device) and returns the group offsets.
+/// Checks what the kernels need beyond `Plan::check_consistent` (which the launch's `bind` and
+/// `update` run first): tiles no taller than this kernel's, whose rows then also bound the
+/// segments an item may have (the kernels keep one per row in shared memory). Returns the
+/// group offsets.
 fn check_plan(plan: &Plan, block_m: u32) -> Result<Vec<u32>> {
-    let slots = plan.num_partial_slots();
-    let mut last_group = 0u32;
     for (i, it) in plan.items.iter().enumerate() {
         if it.num_rows > block_m {
             return Err(invalid!("items[{i}].num_rows = {} is more than the CUDA kernel's block_m = {block_m}", it.num_rows));
         }
-        if it.group < last_group {
-            return Err(invalid!("items[{i}].group = {} comes after group {last_group}; items must be sorted by group", it.group));
-        }
-        last_group = it.group;
-        if it.kv_head >= plan.shape.num_kv_heads {
-            return Err(invalid!("items[{i}].kv_head = {} but the shape has {} KV heads", it.kv_head, plan.shape.num_kv_heads));
-        }
-        let segs = plan.row_segments.get(it.seg_begin as usize..(it.seg_begin as usize + it.seg_count as usize));
-        let chunks = plan.kv_chunks.get(it.chunk_begin as usize..(it.chunk_begin as usize + it.chunk_count as usize));
-        let (Some(segs), Some(chunks)) = (segs, chunks) else {
-            return Err(invalid!("items[{i}] names row segments or KV chunks past the plan's arrays"));
-        };
-        if it.num_rows > 0 && (segs.is_empty() || segs[0].row_begin != 0) {
-            return Err(invalid!("items[{i}] has {} rows but its first row segment does not start at row 0", it.num_rows));
-        }
-        for s in segs {
-            let req = plan.requests.get(s.request as usize).ok_or_else(|| invalid!("items[{i}] has a row segment of request {} which does not exist", s.request))?;
-            if s.q_begin + s.q_count > req.q_len {
-                return Err(invalid!("items[{i}] has queries {}..{} of request {} which has {}", s.q_begin, s.q_begin + s.q_count, s.request, req.q_len));
-            }
-        }
-        for c in chunks {
-            let req = plan.requests.get(c.request as usize).ok_or_else(|| invalid!("items[{i}] has a KV chunk of request {} which does not exist", c.request))?;
-            if c.key_end > req.kv_len || c.key_begin > c.key_end || c.row_end > it.num_rows || c.row_begin > c.row_end {
-                return Err(invalid!("items[{i}] has KV chunk keys {}..{} rows {}..{} outside request {} (kv_len {}) or the tile ({} rows)", c.key_begin, c.key_end, c.row_begin, c.row_end, c.request, req.kv_len, it.num_rows));
-            }
-        }
-        if it.partial_slot != FINAL_OUTPUT && it.partial_slot + it.num_rows > slots {
-            return Err(invalid!("items[{i}] writes partial slots past the plan's {slots}"));
-        }
     }
-    for (i, m) in plan.merges.iter().enumerate() {
-        let Some(ss) = plan.merge_slots.get(m.slot_begin as usize..(m.slot_begin + m.slot_count) as usize) else {
-            return Err(invalid!("merges[{i}] names merge slots past the plan's {}", plan.merge_slots.len()));
-        };
-        if let Some(s) = ss.iter().find(|&&s| s >= slots) {
-            return Err(invalid!("merges[{i}] reads partial slot {s} but the plan has {slots}"));
-        }
-        if m.q_token >= plan.batch.total_q() || m.qo_head >= plan.shape.num_qo_heads {
-            return Err(invalid!("merges[{i}] writes (token {}, head {}) outside the batch", m.q_token, m.qo_head));
-        }
-    }
+    // check_consistent has bounded every group by the number of items.
     let groups = plan.items.last().map(|i| i.group + 1).unwrap_or(0);
     let mut offsets = vec![0u32; groups as usize + 1];
     for it in &plan.items {
@@ -471,7 +431,7 @@ impl CudaBound {
         put(&mut img, 0, &[header]);
         put(&mut img, l.group_counter, &[0u32]);
         put(&mut img, l.items, &plan.items);
-        // check_plan has verified every request index.
+        // check_consistent has verified every request index.
         let segments: Vec<SegmentInfo> = plan.row_segments.iter().map(|sg| SegmentInfo::of(sg, &plan.requests[sg.request as usize], s.causal)).collect();
         let runs = consecutive_page_runs(&plan.batch.kv_page_indices);
         let chunks: Vec<KvRange> = plan.kv_chunks.iter().map(|c| KvRange::of(c, &plan.requests[c.request as usize], &plan.batch, &runs)).collect();
@@ -605,6 +565,7 @@ impl BoundPlan for CudaBound {
     }
 
     fn update(&self, plan: Arc<Plan>, stream: u64) -> Result<()> {
+        plan.check_consistent()?;
         crate::backend::check_update(&self.plan, &self.capacity, &plan)?;
         let mut last = self.last_stream.lock();
         {

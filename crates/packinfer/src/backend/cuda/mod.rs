@@ -207,6 +207,8 @@ impl CudaBackend {
     /// never. Either kernel computes any plan, so a plan uploaded later by `update` is right on
     /// whichever the first one chose.
     pub fn bind_cuda(&self, plan: Arc<Plan>, stream: u64, scratch: Option<Scratch>, capacity: Option<&LaunchCapacity>) -> Result<launch::CudaBound> {
+        // First: what follows reads the plan's batch, and the kernels trust every index in it.
+        plan.check_consistent()?;
         let narrow = capacity.is_none() && self.shared.tile_warps > 4 && plan.items.iter().all(|i| i.num_rows <= 64);
         let short = narrow && self.is_short(&plan.shape, &plan.batch);
         let variant = match self.shared.specialize {

@@ -271,8 +271,8 @@ typedef struct PackinferLaunchOptions {
    */
   size_t struct_size;
   /**
-   * Caller-owned scratch of at least the plan's scratch_bytes (device memory on CUDA); NULL =
-   * the launch allocates it once, at creation.
+   * Caller-owned scratch of at least the plan's scratch_bytes (device memory on CUDA), valid
+   * until the launch is destroyed; NULL = the launch allocates it once, at creation.
    */
   void *scratch;
   size_t scratch_bytes;
@@ -733,7 +733,8 @@ enum PackinferStatus packinfer_launch_destroy(struct PackinferLaunch launch);
  *
  * # Safety
  * `args` must point to an initialized `PackinferRunArgs` whose pointers address tensors of the
- * launched plan's shape.
+ * launched plan's shape (device memory on CUDA, valid until the stream has run the work), and
+ * scratch lent in `PackinferLaunchOptions` must still be valid.
  */
 enum PackinferStatus packinfer_run(struct PackinferLaunch launch,
                                    const struct PackinferRunArgs *args);

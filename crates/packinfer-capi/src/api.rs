@@ -302,7 +302,8 @@ pub extern "C" fn packinfer_launch_destroy(launch: PackinferLaunch) -> Packinfer
 ///
 /// # Safety
 /// `args` must point to an initialized `PackinferRunArgs` whose pointers address tensors of the
-/// launched plan's shape.
+/// launched plan's shape (device memory on CUDA, valid until the stream has run the work), and
+/// scratch lent in `PackinferLaunchOptions` must still be valid.
 #[no_mangle]
 pub unsafe extern "C" fn packinfer_run(launch: PackinferLaunch, args: *const PackinferRunArgs) -> PackinferStatus {
     guard("packinfer_run", || {
@@ -332,7 +333,9 @@ pub unsafe extern "C" fn packinfer_run(launch: PackinferLaunch, args: *const Pac
             lse: a.lse as u64,
             stream: a.stream as u64,
         };
-        launch.bound.run(&run)
+        // SAFETY: this function's contract: the caller's pointers address tensors of the
+        // launched plan's shape (and lent scratch outlives the launch, packinfer_launch_create).
+        unsafe { launch.bound.run(&run) }
     })
 }
 

@@ -217,8 +217,8 @@ pub struct PackinferPlanStats {
 pub struct PackinferLaunchOptions {
     /// sizeof(PackinferLaunchOptions).
     pub struct_size: usize,
-    /// Caller-owned scratch of at least the plan's scratch_bytes (device memory on CUDA); NULL =
-    /// the launch allocates it once, at creation.
+    /// Caller-owned scratch of at least the plan's scratch_bytes (device memory on CUDA), valid
+    /// until the launch is destroyed; NULL = the launch allocates it once, at creation.
     pub scratch: *mut c_void,
     pub scratch_bytes: usize,
 }

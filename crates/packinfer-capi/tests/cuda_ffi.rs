@@ -112,14 +112,14 @@ fn capacity_launch_update_and_run_through_the_c_abi() {
         let l = case.layout;
         let args = PackinferRunArgs {
             struct_size: std::mem::size_of::<PackinferRunArgs>(),
-            q: q.ptr as *const _,
+            q: q.ptr() as *const _,
             q_stride_token: 0,
             q_stride_head: 0,
-            kv: PackinferKvLayout { k: k.ptr as *const _, v: v.ptr as *const _, stride_page: l.stride_page, stride_token: l.stride_token, stride_head: l.stride_head, stride_dim: l.stride_dim },
-            o: o.ptr as *mut _,
+            kv: PackinferKvLayout { k: k.ptr() as *const _, v: v.ptr() as *const _, stride_page: l.stride_page, stride_token: l.stride_token, stride_head: l.stride_head, stride_dim: l.stride_dim },
+            o: o.ptr() as *mut _,
             o_stride_token: 0,
             o_stride_head: 0,
-            lse: lse.ptr as *mut f32,
+            lse: lse.ptr() as *mut f32,
             stream: std::ptr::null_mut(),
         };
         assert_eq!(unsafe { packinfer_run(launch, &args) }, PackinferStatus::Ok, "{}", last_error());
@@ -174,14 +174,14 @@ fn runs_of_one_launch_on_two_streams_do_not_overlap() {
     for (i, (o, lse)) in outs.iter().enumerate() {
         let args = PackinferRunArgs {
             struct_size: std::mem::size_of::<PackinferRunArgs>(),
-            q: q.ptr as *const _,
+            q: q.ptr() as *const _,
             q_stride_token: 0,
             q_stride_head: 0,
-            kv: PackinferKvLayout { k: k.ptr as *const _, v: v.ptr as *const _, stride_page: l.stride_page, stride_token: l.stride_token, stride_head: l.stride_head, stride_dim: l.stride_dim },
-            o: o.ptr as *mut _,
+            kv: PackinferKvLayout { k: k.ptr() as *const _, v: v.ptr() as *const _, stride_page: l.stride_page, stride_token: l.stride_token, stride_head: l.stride_head, stride_dim: l.stride_dim },
+            o: o.ptr() as *mut _,
             o_stride_token: 0,
             o_stride_head: 0,
-            lse: lse.ptr as *mut f32,
+            lse: lse.ptr() as *mut f32,
             stream: streams[i % 2] as *mut _,
         };
         assert_eq!(unsafe { packinfer_run(launch, &args) }, PackinferStatus::Ok, "{}", last_error());

@@ -45,11 +45,11 @@ impl DeviceIo {
 
     /// Device address of input element `at`.
     pub fn input_ptr(&self, at: usize) -> u64 {
-        self.inputs.ptr + at as u64 * 2
+        self.inputs.ptr() + at as u64 * 2
     }
 
     pub fn out_ptr(&self) -> u64 {
-        self.out.ptr
+        self.out.ptr()
     }
 
     /// Copies the first `out.len()` output elements to the host (waits for the stream's work).

@@ -488,7 +488,10 @@ impl<'a> Engine<'a> {
             for kv in &layouts {
                 let q = inputs.take(total_q * hq * d, device);
                 let args = RunArgs { q: RowsTensor { ptr: q, ..rows }, kv: *kv, o: RowsTensor { ptr: out_ptr, ..rows }, lse: 0, stream: 0 };
-                bound.run(&args)?;
+                // SAFETY: Q is total_q × hq × d input elements (`take`), O holds token_budget >=
+                // total_q tokens' rows, K/V are the pool the plan was made from: all in the
+                // backend's memory, which outlives the run (on the GPU, `time` waits for it).
+                unsafe { bound.run(&args)? };
             }
             Ok(())
         };

@@ -47,6 +47,10 @@ impl Tensor {
     pub fn ptr(&self) -> u64 {
         self.bytes.as_ptr() as u64
     }
+    /// The address to write through (an output tensor).
+    pub fn ptr_mut(&mut self) -> u64 {
+        self.bytes.as_mut_ptr() as u64
+    }
     pub fn get(&self, i: usize) -> f64 {
         let b = &self.bytes[i * self.dtype.size_bytes()..];
         match self.dtype {
@@ -209,12 +213,12 @@ impl Case {
     }
 
     /// Run arguments writing into `o` and `lse` (contiguous Q and O).
-    pub fn run_args(&self, o: &Tensor, lse: &mut [f32]) -> RunArgs {
+    pub fn run_args(&self, o: &mut Tensor, lse: &mut [f32]) -> RunArgs {
         let (hq, d) = (self.shape.num_qo_heads as i64, self.shape.head_dim as i64);
         RunArgs {
             q: RowsTensor { ptr: self.q.ptr(), stride_token: hq * d, stride_head: d },
             kv: self.layout,
-            o: RowsTensor { ptr: o.ptr(), stride_token: hq * d, stride_head: d },
+            o: RowsTensor { ptr: o.ptr_mut(), stride_token: hq * d, stride_head: d },
             lse: lse.as_mut_ptr() as u64,
             stream: 0,
         }

@@ -15,9 +15,10 @@ pub fn run_and_check(case: &Case, options: PlanOptions, ctx: &str) -> Arc<Plan> 
     let cpu = CpuBackend::new(2);
     let plan = Arc::new(Plan::build(case.shape, case.batch.clone(), &cpu.profile(), options).expect("plan"));
     let bound = cpu.bind(plan.clone(), 0, None).expect("bind");
-    let o = Tensor::poisoned(case.shape.dtype, case.out_len());
+    let mut o = Tensor::poisoned(case.shape.dtype, case.out_len());
     let mut lse = vec![f32::NAN; case.total_q() * case.shape.num_qo_heads as usize];
-    bound.run(&case.run_args(&o, &mut lse)).expect("run");
+    // SAFETY: the case's Q, K and V, O of out_len() and LSE of total_q × heads elements, on the host.
+    unsafe { bound.run(&case.run_args(&mut o, &mut lse)) }.expect("run");
     assert_close(case, &o, &lse, ctx);
     plan
 }
@@ -98,9 +99,10 @@ fn update_runs_the_new_plan_within_the_capacity() {
     assert!(plan_a.num_partial_slots() > 0 && plan_b.num_partial_slots() > 0);
     let cap = LaunchCapacity::of(&plan_a).max(&LaunchCapacity::of(&plan_b));
     let run = |bound: &dyn packinfer::backend::BoundPlan, c: &Case, ctx: &str| {
-        let o = Tensor::poisoned(c.shape.dtype, c.out_len());
+        let mut o = Tensor::poisoned(c.shape.dtype, c.out_len());
         let mut lse = vec![f32::NAN; c.total_q() * c.shape.num_qo_heads as usize];
-        bound.run(&c.run_args(&o, &mut lse)).expect("run");
+        // SAFETY: the case's Q, K and V, O of out_len() and LSE of total_q × heads elements, on the host.
+        unsafe { bound.run(&c.run_args(&mut o, &mut lse)) }.expect("run");
         assert_close(c, &o, &lse, ctx);
     };
     let bound = cpu.bind_with_capacity(plan_a.clone(), 0, None, &cap).unwrap();
@@ -173,8 +175,9 @@ fn inconsistent_handmade_plans_are_refused() {
         }
     }
     // The refused updates left the launch computing the plan it had.
-    let o = Tensor::poisoned(case.shape.dtype, case.out_len());
+    let mut o = Tensor::poisoned(case.shape.dtype, case.out_len());
     let mut lse = vec![f32::NAN; case.total_q() * case.shape.num_qo_heads as usize];
-    launch.run(&case.run_args(&o, &mut lse)).expect("run");
+    // SAFETY: the case's Q, K and V, O of out_len() and LSE of total_q × heads elements, on the host.
+    unsafe { launch.run(&case.run_args(&mut o, &mut lse)) }.expect("run");
     assert_close(&case, &o, &lse, "after refused updates");
 }

@@ -95,10 +95,10 @@ impl DeviceCase {
     fn args(&self, case: &Case, stream: u64) -> RunArgs {
         let (hq, d) = (case.shape.num_qo_heads as i64, case.shape.head_dim as i64);
         RunArgs {
-            q: RowsTensor { ptr: self.q.ptr, stride_token: hq * d, stride_head: d },
-            kv: KvLayout { k: self.k.ptr, v: self.v.ptr, ..case.layout },
-            o: RowsTensor { ptr: self.o.ptr, stride_token: hq * d, stride_head: d },
-            lse: self.lse.ptr,
+            q: RowsTensor { ptr: self.q.ptr(), stride_token: hq * d, stride_head: d },
+            kv: KvLayout { k: self.k.ptr(), v: self.v.ptr(), ..case.layout },
+            o: RowsTensor { ptr: self.o.ptr(), stride_token: hq * d, stride_head: d },
+            lse: self.lse.ptr(),
             stream,
         }
     }
@@ -125,7 +125,8 @@ fn run_plan_inspected(cu: &CudaBackend, case: &Case, plan: Plan, inspect: impl F
     bound.wait().unwrap();
     let args = dcase.args(case, 0);
     inspect(&bound, &args);
-    bound.run(&args).expect("run");
+    // SAFETY: the device copies of the case's tensors, alive until after the stream is synced.
+    unsafe { bound.run(&args) }.expect("run");
     sync_stream(cu.device(), 0).expect("kernels failed");
     dcase.outputs(cu, case)
 }
@@ -229,7 +230,7 @@ fn specialized_launches_choose_the_kernel_per_run_layout() {
         let spec = CaseSpec { batch_size: 0, max_kv: 0, page_size: 16, num_kv_heads: 2, group: 4, head_dim: 128, dtype: DType::Bf16, causal: true, decode_fraction: 0.0, hnd };
         let case = Case::build_with(&mut r, &spec, &[(3000, 3000), (2000, 3500)], vec![], false);
         let plan = Plan::build(case.shape, case.batch.clone(), &cu.profile(), PlanOptions::default()).unwrap();
-        let hopper = cu.device().cc == (9, 0);
+        let hopper = cu.device().cc() == (9, 0);
         let (o, lse) = run_plan_inspected(&cu, &case, plan, |bound, args| {
             assert_eq!(bound.warp_specialized(), hopper, "a long prefill over pages in order");
             assert_eq!(bound.copies_kv_by_tma(args).unwrap(), hopper && !hnd);
@@ -291,7 +292,7 @@ fn short_batches_run_on_narrow_tiles() {
         // On Hopper they run on the short-prefill kernel (32-key blocks, several CTAs per SM),
         // which moves whole one-request Q and O tiles by TMA (head_dim <= 128 there).
         let (o, lse) = run_plan_inspected(&cu, &case, plan, |bound, args| {
-            let short_kernel = cu.device().cc == (9, 0) && cu.profile().block_m > 64;
+            let short_kernel = cu.device().cc() == (9, 0) && cu.profile().block_m > 64;
             assert_eq!(bound.block_n() == 32, short_kernel, "short batch {i}: kernel");
             assert_eq!(bound.moves_qo_by_tma(args).unwrap(), short_kernel && spec.head_dim <= 128, "short batch {i}: Q/O by TMA");
         });
@@ -569,7 +570,8 @@ fn graph_capture_replays_updated_plans() {
         let exec = {
             let _g = cu.device().enter().unwrap();
             unsafe { cu::stream::begin_capture(stream as sys::CUstream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL) }.unwrap();
-            let ran = bound.run(&args);
+            // SAFETY: the device copies of case A's tensors, which outlive every replay.
+            let ran = unsafe { bound.run(&args) };
             let graph = unsafe { cu::stream::end_capture(stream as sys::CUstream) }.unwrap();
             ran.unwrap();
             let exec = unsafe { cu::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) }.unwrap();
@@ -619,7 +621,7 @@ fn append_kv_and_copy_pages_match_host() {
         let bytes = |x: &[u16]| x.iter().flat_map(|e| e.to_le_bytes()).collect::<Vec<u8>>();
         kd.write(dev, &bytes(&k)).unwrap();
         vd.write(dev, &bytes(&v)).unwrap();
-        let layout = KvLayout { k: kd.ptr, v: vd.ptr, stride_page: sp, stride_token: st, stride_head: sh, stride_dim: 1 };
+        let layout = KvLayout { k: kd.ptr(), v: vd.ptr(), stride_page: sp, stride_token: st, stride_head: sh, stride_dim: 1 };
         // Append: distinct random slots, one skipped (-1).
         let tokens = 9u32;
         let mut all: Vec<i64> = (0..(pages * page_size) as i64).collect();
@@ -634,7 +636,9 @@ fn append_kv_and_copy_pages_match_host() {
         let vnd = DeviceBuffer::new(dev, vn.len() * 2, "vn").unwrap();
         knd.write(dev, &bytes(&kn)).unwrap();
         vnd.write(dev, &bytes(&vn)).unwrap();
-        cu.append_kv(&layout, page_size, sd.ptr, knd.ptr, vnd.ptr, tokens, heads, dim, DType::Bf16, 0).unwrap();
+        // SAFETY: device buffers of this size: `tokens` slots inside the cache's pages, as many
+        // rows of new K and V; the copies below wait for the stream.
+        unsafe { cu.append_kv(&layout, page_size, sd.ptr(), knd.ptr(), vnd.ptr(), tokens, heads, dim, DType::Bf16, 0) }.unwrap();
         let at = |page: i64, t: i64, h: i64, d: i64| (page * sp + t * st + h * sh + d) as usize;
         for (ti, &slot) in slots.iter().enumerate() {
             if slot < 0 {
@@ -652,7 +656,8 @@ fn append_kv_and_copy_pages_match_host() {
         let pairs: Vec<i32> = vec![1, 7, 4, 2, 9, 0];
         let pd = DeviceBuffer::new(dev, pairs.len() * 4, "pairs").unwrap();
         pd.write(dev, &pairs.iter().flat_map(|s| s.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
-        cu.copy_pages(&layout, page_size, pd.ptr, 3, heads, dim, 1, 0, DType::F16, 0).unwrap();
+        // SAFETY: three pairs of distinct pages of the cache's twelve, in a device buffer.
+        unsafe { cu.copy_pages(&layout, page_size, pd.ptr(), 3, heads, dim, 1, 0, DType::F16, 0) }.unwrap();
         for p in pairs.chunks(2) {
             for t in 0..page_size as i64 {
                 for h in 0..heads as i64 {
@@ -699,9 +704,10 @@ fn handmade_plans_are_valid_on_the_cpu_backend() {
         let case = Case::build(&mut r, &spec, &lens, vec![PrefixGroup { prefix_len: plen, members: vec![0, 1] }]);
         let plan = Arc::new(handmade_plan(&case, 64, &mut r));
         let bound = cpu.bind(plan.clone(), 0, None).unwrap();
-        let o = Tensor::poisoned(case.shape.dtype, case.out_len());
+        let mut o = Tensor::poisoned(case.shape.dtype, case.out_len());
         let mut lse = vec![f32::NAN; case.total_q() * case.shape.num_qo_heads as usize];
-        bound.run(&case.run_args(&o, &mut lse)).unwrap();
+        // SAFETY: the case's Q, K and V, O of out_len() and LSE of total_q × heads elements, on the host.
+        unsafe { bound.run(&case.run_args(&mut o, &mut lse)) }.unwrap();
         common::assert_close(&case, &o, &lse, &format!("handmade on cpu {i} ({} items, {} merges)", plan.items.len(), plan.merges.len()));
     }
 }

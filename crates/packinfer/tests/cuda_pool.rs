@@ -86,7 +86,7 @@ impl Staged {
     fn ptr(&self) -> u64 {
         match self {
             Staged::Host(b) => b.as_ptr() as u64,
-            Staged::Device(d) => d.ptr,
+            Staged::Device(d) => d.ptr(),
         }
     }
 }
@@ -175,7 +175,9 @@ impl Side {
             let qd = self.stage(&q[layer as usize].bytes);
             let od = self.stage(&Tensor::poisoned(DType::Bf16, n_out).bytes);
             let args = RunArgs { q: RowsTensor { ptr: qd.ptr(), ..rows }, kv: self.pool.kv_layout(layer).unwrap(), o: RowsTensor { ptr: od.ptr(), ..rows }, lse: 0, stream: s };
-            bound.run(&args).unwrap();
+            // SAFETY: Q and O are staged device buffers of the step's rows, K/V the pool the plan
+            // was made from; the stream is synced before they are dropped.
+            unsafe { bound.run(&args) }.unwrap();
             self.sync();
             outs.push(Tensor { dtype: DType::Bf16, bytes: self.read(&od, n_out * 2), exact: Vec::new() });
         }
@@ -288,7 +290,7 @@ fn cuda_pool_error_paths() {
     let m = pool.memory();
     let len = m.len_bytes() as u64;
     let src = DeviceBuffer::new(cu.device(), 4096, "src").unwrap();
-    let e = unsafe { m.write_rows(src.ptr, 512, 512, &[0, len - 256], 0) }.unwrap_err();
+    let e = unsafe { m.write_rows(src.ptr(), 512, 512, &[0, len - 256], 0) }.unwrap_err();
     assert!(e.to_string().contains("outside"), "{e}");
     let e = unsafe { m.write_rows(0, 512, 512, &[0], 0) }.unwrap_err();
     assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
@@ -297,7 +299,7 @@ fn cuda_pool_error_paths() {
     // Unaligned offsets and sizes take the byte path and still move the right bytes.
     let data: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
     src.write(cu.device(), &data).unwrap();
-    unsafe { m.write_rows(src.ptr + 1, 100, 37, &[5, 1000], 0) }.unwrap();
+    unsafe { m.write_rows(src.ptr() + 1, 100, 37, &[5, 1000], 0) }.unwrap();
     m.copy_ranges(&[(5, 3001)], 37, 0).unwrap();
     sync_stream(cu.device(), 0).unwrap();
     let mut back = vec![0u8; 4096];

@@ -140,9 +140,10 @@ fn check_plan(plan: &Plan, ctx: &str) {
 fn execute(case: &Case, plan: Plan) -> (Tensor, Vec<f32>) {
     let cpu = CpuBackend::new(2);
     let bound = cpu.bind(Arc::new(plan), 0, None).expect("bind");
-    let o = Tensor::poisoned(case.shape.dtype, case.out_len());
+    let mut o = Tensor::poisoned(case.shape.dtype, case.out_len());
     let mut lse = vec![f32::NAN; case.total_q() * case.shape.num_qo_heads as usize];
-    bound.run(&case.run_args(&o, &mut lse)).expect("run");
+    // SAFETY: the case's Q, K and V, O of out_len() and LSE of total_q × heads elements, on the host.
+    unsafe { bound.run(&case.run_args(&mut o, &mut lse)) }.expect("run");
     (o, lse)
 }
 

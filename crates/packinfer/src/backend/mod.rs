@@ -199,7 +199,26 @@ pub(crate) fn check_update(launch_plan: &Plan, capacity: &LaunchCapacity, plan: 
 pub trait BoundPlan: Send + Sync {
     fn plan(&self) -> &Arc<Plan>;
     /// Computes one layer. Allocates nothing and waits for nothing on the CUDA backend.
-    fn run(&self, args: &RunArgs) -> Result<()>;
+    ///
+    /// The backend checks the plan (at `bind` and `update`) and that the pointers it needs are
+    /// not null; it cannot check the memory behind them, hence `unsafe`.
+    ///
+    /// # Safety
+    /// For the plan this launch computes (the one bound last, by `bind` or `update`), with its
+    /// shape, `total_q` query tokens and page size:
+    /// - `args.q` addresses a readable `[total_q, num_qo_heads, head_dim]` tensor of the plan's
+    ///   dtype through its strides, and `args.o` a writable one, overlapping nothing else
+    ///   `run` reads or writes;
+    /// - `args.lse` is 0 or addresses writable `f32 [total_q, num_qo_heads]`;
+    /// - `args.kv` addresses K and V caches holding `batch.num_pages` pages: every (page,
+    ///   token in page, KV head, dim) is readable through its strides;
+    /// - the scratch given to `bind`, if any, stays valid and writable for its size and is used
+    ///   by nothing else while the launch lives;
+    /// - on the CPU backend all of it is host memory, not written by anyone else during the
+    ///   call; on CUDA it is device memory of the backend's device, `args.stream` is a stream
+    ///   of that device (or 0), and the memory stays valid, and is not written by other work,
+    ///   until the stream has passed the enqueued kernels.
+    unsafe fn run(&self, args: &RunArgs) -> Result<()>;
     /// Whether the upload recorded by `bind` has completed.
     fn is_ready(&self) -> Result<bool>;
     /// Blocks until the upload recorded by `bind` has completed.

@@ -132,7 +132,7 @@ impl BoundPlan for CpuBound {
     fn plan(&self) -> &Arc<Plan> {
         &self.shape_plan
     }
-    fn run(&self, args: &RunArgs) -> Result<()> {
+    unsafe fn run(&self, args: &RunArgs) -> Result<()> {
         let mut state = self.state.lock();
         let CpuState { bound, scratch } = &mut *state;
         check_run_args(&bound.plan, args)?;
@@ -152,10 +152,13 @@ impl BoundPlan for CpuBound {
         };
         parallel_for(self.threads, bound.groups.len(), |g| {
             for item in &plan.items[bound.groups[g].clone()] {
-                execute_item(plan, item, args, &out);
+                // SAFETY: run's caller vouches for the tensors and the scratch; the plan passed
+                // the consistency check at bind/update, so every index it holds is in range.
+                unsafe { execute_item(plan, item, args, &out) };
             }
         });
-        parallel_for(self.threads, plan.merges.len(), |i| merge_row(plan, &plan.merges[i], &out));
+        // SAFETY: as above; the items that wrote the partial slots have all finished.
+        parallel_for(self.threads, plan.merges.len(), |i| unsafe { merge_row(plan, &plan.merges[i], &out) });
         Ok(())
     }
     fn is_ready(&self) -> Result<bool> {
@@ -220,7 +223,7 @@ fn parallel_for(threads: u32, n: usize, f: impl Fn(usize) + Sync) {
 /// Where results go: the caller's O/LSE for final rows, the scratch for partial slots. Every
 /// (token, head) row and every partial slot is written by exactly one work item (the planner's
 /// contract, which the plan tests check), so threads never write the same memory.
-pub struct Outputs {
+struct Outputs {
     args: RunArgs,
     /// Scratch: `num_slots × head_dim` partial outputs, then `num_slots` partial LSEs.
     partial: *mut f32,
@@ -235,21 +238,26 @@ unsafe impl Sync for Outputs {}
 
 impl Outputs {
     /// Writes one finished row, `acc` already normalized, with its natural-log LSE.
-    fn write(&self, slot: u32, token: u32, head: u32, acc: &[f32], lse: f32) {
-        // SAFETY: the addresses come from the caller's tensors (checked non-null), the plan's
-        // rows (token < total_q, head < num_qo_heads) and slots (< num_slots).
-        unsafe {
-            if slot == FINAL_OUTPUT {
-                let o = self.args.o;
-                let base = token as i64 * o.stride_token + head as i64 * o.stride_head;
-                for (d, &x) in acc.iter().enumerate() {
-                    store(o.ptr, base + d as i64, self.dtype, x);
-                }
-                if self.args.lse != 0 {
-                    *(self.args.lse as *mut f32).add(token as usize * self.num_qo_heads + head as usize) = lse;
-                }
-            } else {
-                let slot = slot as usize;
+    ///
+    /// # Safety
+    /// `run`'s contract holds for `self.args`; `token < total_q`, `head < num_qo_heads` and a
+    /// partial `slot < num_slots` (a checked plan's rows and slots), written by no other thread.
+    unsafe fn write(&self, slot: u32, token: u32, head: u32, acc: &[f32], lse: f32) {
+        if slot == FINAL_OUTPUT {
+            let o = self.args.o;
+            let base = token as i64 * o.stride_token + head as i64 * o.stride_head;
+            for (d, &x) in acc.iter().enumerate() {
+                // SAFETY: (token, head, d) is inside the caller's O (this fn's contract).
+                unsafe { store(o.ptr, base + d as i64, self.dtype, x) };
+            }
+            if self.args.lse != 0 {
+                // SAFETY: a non-null LSE is f32 [total_q, num_qo_heads] (run's contract).
+                unsafe { *(self.args.lse as *mut f32).add(token as usize * self.num_qo_heads + head as usize) = lse };
+            }
+        } else {
+            let slot = slot as usize;
+            // SAFETY: slot < num_slots and the scratch holds num_slots rows, then their LSEs.
+            unsafe {
                 std::ptr::copy_nonoverlapping(acc.as_ptr(), self.partial.add(slot * self.head_dim), self.head_dim);
                 *self.partial.add(self.num_slots * self.head_dim + slot) = lse;
             }
@@ -257,9 +265,12 @@ impl Outputs {
     }
 
     /// A partial slot's output row and LSE.
-    fn partial(&self, slot: u32) -> (&[f32], f32) {
+    ///
+    /// # Safety
+    /// `slot < num_slots`, written by a work item that has finished, written by no one now.
+    unsafe fn partial(&self, slot: u32) -> (&[f32], f32) {
         let slot = slot as usize;
-        // SAFETY: slot < num_slots; the slot was written by a work item before merges run.
+        // SAFETY: this fn's contract; the scratch holds num_slots rows, then their LSEs.
         unsafe { (std::slice::from_raw_parts(self.partial.add(slot * self.head_dim), self.head_dim), *self.partial.add(self.num_slots * self.head_dim + slot)) }
     }
 }
@@ -270,10 +281,13 @@ impl Outputs {
 /// `base + idx` must be inside the caller's tensor.
 #[inline]
 unsafe fn load(base: u64, idx: i64, dtype: DType) -> f32 {
-    match dtype {
-        DType::F16 => (*(base as *const f16).offset(idx as isize)).to_f32(),
-        DType::Bf16 => (*(base as *const bf16).offset(idx as isize)).to_f32(),
-        DType::F32 => *(base as *const f32).offset(idx as isize),
+    // SAFETY: the element is inside the caller's tensor (this fn's contract).
+    unsafe {
+        match dtype {
+            DType::F16 => (*(base as *const f16).offset(idx as isize)).to_f32(),
+            DType::Bf16 => (*(base as *const bf16).offset(idx as isize)).to_f32(),
+            DType::F32 => *(base as *const f32).offset(idx as isize),
+        }
     }
 }
 
@@ -281,10 +295,13 @@ unsafe fn load(base: u64, idx: i64, dtype: DType) -> f32 {
 /// `base + idx` must be inside the caller's tensor.
 #[inline]
 unsafe fn store(base: u64, idx: i64, dtype: DType, x: f32) {
-    match dtype {
-        DType::F16 => *(base as *mut f16).offset(idx as isize) = f16::from_f32(x),
-        DType::Bf16 => *(base as *mut bf16).offset(idx as isize) = bf16::from_f32(x),
-        DType::F32 => *(base as *mut f32).offset(idx as isize) = x,
+    // SAFETY: the element is inside the caller's tensor (this fn's contract).
+    unsafe {
+        match dtype {
+            DType::F16 => *(base as *mut f16).offset(idx as isize) = f16::from_f32(x),
+            DType::Bf16 => *(base as *mut bf16).offset(idx as isize) = bf16::from_f32(x),
+            DType::F32 => *(base as *mut f32).offset(idx as isize) = x,
+        }
     }
 }
 
@@ -302,7 +319,11 @@ struct RowState {
 
 /// Computes one work item: its tile of rows against its KV chunks, with fp32 online softmax;
 /// writes each row to O/LSE or to its partial slot.
-pub fn execute_item(plan: &Plan, item: &WorkItem, args: &RunArgs, out: &Outputs) {
+///
+/// # Safety
+/// `run`'s contract holds for `args` and `out`; `plan` passed `check_consistent` and `item` is
+/// one of its items, run by no other thread.
+unsafe fn execute_item(plan: &Plan, item: &WorkItem, args: &RunArgs, out: &Outputs) {
     let shape = &plan.shape;
     let d = shape.head_dim as usize;
     let group = shape.group_size();
@@ -314,7 +335,8 @@ pub fn execute_item(plan: &Plan, item: &WorkItem, args: &RunArgs, out: &Outputs)
             let token = req.q_start + q;
             let head = item.kv_head * group + r % group;
             let base = token as i64 * args.q.stride_token + head as i64 * args.q.stride_head;
-            // SAFETY: token < total_q and head < num_qo_heads by the plan's construction.
+            // SAFETY: token < total_q and head < num_qo_heads (a checked plan), inside the
+            // caller's Q (run's contract).
             let qv = (0..d).map(|i| unsafe { load(args.q.ptr, base + i as i64, shape.dtype) }).collect();
             rows.push(RowState { token, head, key_limit: req.key_limit(q, shape.causal), q: qv, max: f32::NEG_INFINITY, sum: 0.0, acc: vec![0.0; d] });
         }
@@ -327,7 +349,8 @@ pub fn execute_item(plan: &Plan, item: &WorkItem, args: &RunArgs, out: &Outputs)
             let page = plan.batch.kv_page_indices[(req.page_start + key / plan.batch.page_size) as usize] as i64;
             let base = page * kv.stride_page + (key % plan.batch.page_size) as i64 * kv.stride_token + item.kv_head as i64 * kv.stride_head;
             for i in 0..d {
-                // SAFETY: page < num_pages (validated) and the layout describes the caller's cache.
+                // SAFETY: page < num_pages (a checked plan) and the layout describes the caller's
+                // cache of num_pages pages (run's contract).
                 unsafe {
                     k[i] = load(kv.k, base + i as i64 * kv.stride_dim, shape.dtype);
                     v[i] = load(kv.v, base + i as i64 * kv.stride_dim, shape.dtype);
@@ -353,26 +376,38 @@ pub fn execute_item(plan: &Plan, item: &WorkItem, args: &RunArgs, out: &Outputs)
         let (lse, inv) = if row.sum > 0.0 { (row.max + row.sum.ln(), 1.0 / row.sum) } else { (f32::NEG_INFINITY, 0.0) };
         row.acc.iter_mut().for_each(|a| *a *= inv);
         let slot = if item.partial_slot == FINAL_OUTPUT { FINAL_OUTPUT } else { item.partial_slot + r as u32 };
-        out.write(slot, row.token, row.head, &row.acc, lse);
+        // SAFETY: the row and slot are the item's own (a checked plan: in range, and no other
+        // item writes them); run's contract covers the memory.
+        unsafe { out.write(slot, row.token, row.head, &row.acc, lse) };
     }
 }
 
 /// Combines the partial results of one (token, head) by log-sum-exp into O and LSE. A piece
 /// that saw no visible key has LSE = -inf and weight 0.
-fn merge_row(plan: &Plan, m: &MergeRow, out: &Outputs) {
+///
+/// # Safety
+/// `run`'s contract holds for `out`; `plan` passed `check_consistent`, `m` is one of its merge
+/// rows, and every work item has finished.
+unsafe fn merge_row(plan: &Plan, m: &MergeRow, out: &Outputs) {
     let slots = &plan.merge_slots[m.slot_begin as usize..(m.slot_begin + m.slot_count) as usize];
-    let max = slots.iter().map(|&s| out.partial(s).1).fold(f32::NEG_INFINITY, f32::max);
+    // SAFETY: a checked plan's merge slots are below num_slots and its merge rows name
+    // (token, head) pairs of the batch, each merged by one row; the items that wrote the slots
+    // have finished (this fn's contract). The blocks below rely on the same facts.
+    let max = slots.iter().map(|&s| unsafe { out.partial(s) }.1).fold(f32::NEG_INFINITY, f32::max);
     let mut acc = vec![0.0f32; out.head_dim];
     if max == f32::NEG_INFINITY {
-        return out.write(FINAL_OUTPUT, m.q_token, m.qo_head, &acc, max);
+        // SAFETY: see above.
+        return unsafe { out.write(FINAL_OUTPUT, m.q_token, m.qo_head, &acc, max) };
     }
     let mut total = 0.0f32;
     for &s in slots {
-        let (o, lse) = out.partial(s);
+        // SAFETY: see above.
+        let (o, lse) = unsafe { out.partial(s) };
         let w = (lse - max).exp();
         total += w;
         acc.iter_mut().zip(o).for_each(|(a, &x)| *a += w * x);
     }
     acc.iter_mut().for_each(|a| *a /= total);
-    out.write(FINAL_OUTPUT, m.q_token, m.qo_head, &acc, max + total.ln());
+    // SAFETY: see above.
+    unsafe { out.write(FINAL_OUTPUT, m.q_token, m.qo_head, &acc, max + total.ln()) };
 }

@@ -150,7 +150,10 @@ impl CudaBackend {
             for rep in 0..9 {
                 // SAFETY: events and stream of this context (current).
                 unsafe { cu::event::record(start, stream) }.map_err(|e| device_err("cuEventRecord", e))?;
-                bound.run(&args)?;
+                // SAFETY: Q and O hold num × 16 tokens of 4 heads × 128 (the plan has num × rows / 4
+                // tokens), K and V pool_pages pages of PAGE × 128 (its one KV head), all bf16 on
+                // this device; the stream is synchronized below before they are freed.
+                unsafe { bound.run(&args)? };
                 unsafe { cu::event::record(stop, stream) }.map_err(|e| device_err("cuEventRecord", e))?;
                 unsafe { cu::event::synchronize(stop) }.map_err(|e| device_err("cuEventSynchronize", e))?;
                 if rep >= 2 {

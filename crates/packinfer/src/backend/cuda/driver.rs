@@ -26,13 +26,13 @@ pub fn check(r: sys::CUresult, what: &str) -> Result<()> {
 /// The primary context of one device (the one the CUDA runtime and PyTorch use), retained for
 /// the lifetime of this value.
 pub struct Device {
-    pub ordinal: u32,
-    pub device: sys::CUdevice,
-    pub ctx: sys::CUcontext,
-    pub name: String,
-    pub sm_count: u32,
-    pub cc: (i32, i32),
-    pub max_smem_optin: u32,
+    pub(crate) device: sys::CUdevice,
+    /// Not public: `enter` and every drop push it.
+    pub(crate) ctx: sys::CUcontext,
+    pub(crate) name: String,
+    pub(crate) sm_count: u32,
+    pub(crate) cc: (i32, i32),
+    pub(crate) max_smem_optin: u32,
 }
 
 // SAFETY: a CUcontext may be used from any thread (we push it around every use).
@@ -67,7 +67,12 @@ impl Device {
         let name = cu::device::get_name(device).map_err(|e| device_err("cuDeviceGetName", e))?;
         // SAFETY: valid device; released in Drop.
         let ctx = unsafe { cu::primary_ctx::retain(device) }.map_err(|e| device_err("cuDevicePrimaryCtxRetain", e))?;
-        Ok(Device { ordinal, device, ctx, name, sm_count, cc, max_smem_optin })
+        Ok(Device { device, ctx, name, sm_count, cc, max_smem_optin })
+    }
+
+    /// The compute capability (major, minor).
+    pub fn cc(&self) -> (i32, i32) {
+        self.cc
     }
 
     /// Makes the context current on this thread until the guard drops (the caller may be on any
@@ -100,10 +105,11 @@ impl Drop for CtxGuard {
     }
 }
 
-/// Device memory, freed on drop (with the owning context current).
+/// Device memory, freed on drop (with the owning context current). The address and size are
+/// not public fields: `write` and `read` trust them.
 pub struct DeviceBuffer {
-    pub ptr: sys::CUdeviceptr,
-    pub bytes: usize,
+    pub(crate) ptr: sys::CUdeviceptr,
+    pub(crate) bytes: usize,
     ctx: sys::CUcontext,
 }
 
@@ -117,6 +123,16 @@ impl DeviceBuffer {
         // SAFETY: a context is current.
         let ptr = unsafe { cu::malloc_sync(bytes.max(16)) }.map_err(|e| device_err(what, e))?;
         Ok(DeviceBuffer { ptr, bytes, ctx: dev.ctx })
+    }
+
+    /// The buffer's device address.
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    /// The size asked for, in bytes.
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 }
 
@@ -135,7 +151,7 @@ impl Drop for DeviceBuffer {
 
 /// A completion event (timing disabled).
 pub struct Event {
-    pub event: sys::CUevent,
+    pub(crate) event: sys::CUevent,
     ctx: sys::CUcontext,
 }
 

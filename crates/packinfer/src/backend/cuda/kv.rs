@@ -26,8 +26,15 @@ impl CudaBackend {
     /// Writes `num_tokens` tokens' K and V (`k_new`, `v_new`: device `[num_tokens, kv_heads,
     /// head_dim]`, contiguous) into the cache slots `slots` (device `int64[num_tokens]`, slot =
     /// page * page_size + offset; negative = skip), through `layout`'s strides.
+    ///
+    /// # Safety
+    /// All addresses are device memory of this backend's device, valid until `stream` has run
+    /// the kernel: `slots` holds `num_tokens` int64, `k_new` and `v_new` `num_tokens ×
+    /// num_kv_heads × head_dim` elements of `dtype` each, and every slot that is not negative
+    /// addresses, through `layout`, a writable row of `num_kv_heads × head_dim` elements of K
+    /// and of V. `stream` is a stream of the device, or 0.
     #[allow(clippy::too_many_arguments)]
-    pub fn append_kv(&self, layout: &KvLayout, page_size: u32, slots: u64, k_new: u64, v_new: u64, num_tokens: u32, num_kv_heads: u32, head_dim: u32, dtype: DType, stream: u64) -> Result<()> {
+    pub unsafe fn append_kv(&self, layout: &KvLayout, page_size: u32, slots: u64, k_new: u64, v_new: u64, num_tokens: u32, num_kv_heads: u32, head_dim: u32, dtype: DType, stream: u64) -> Result<()> {
         check_dtype(dtype)?;
         if num_tokens == 0 {
             return Ok(());
@@ -50,15 +57,23 @@ impl CudaBackend {
             &mut ps as *mut _ as _,
         ];
         let grid = grid_for(num_tokens as u64 * num_kv_heads as u64 * head_dim as u64, self.device().sm_count);
-        // SAFETY: the argument list matches append_kv's signature; pointers are the caller's.
+        // SAFETY: the argument list matches append_kv's signature; the pointers address what
+        // this function's contract says.
         unsafe { driver::launch_args(kern.append, grid, 256, stream as sys::CUstream, &mut args, "launching append_kv") }
     }
 
     /// Copies whole pages: for each pair `(pairs[2i], pairs[2i+1])` (device `int32`, source then
     /// destination page) and each of `num_layers` layers (`layer_stride` elements apart), every
     /// token, head and dim of K and V. Used for the group-contiguous relayout and copy-on-write.
+    ///
+    /// # Safety
+    /// All addresses are device memory of this backend's device, valid until `stream` has run
+    /// the kernel: `pairs` holds `2 × num_pairs` int32, and for each layer every listed page,
+    /// `page_size × num_kv_heads × head_dim` elements of `dtype` through `layout`'s strides, is
+    /// readable (sources) or writable (destinations) in K and in V; no destination overlaps a
+    /// source or another destination. `stream` is a stream of the device, or 0.
     #[allow(clippy::too_many_arguments)]
-    pub fn copy_pages(&self, layout: &KvLayout, page_size: u32, pairs: u64, num_pairs: u32, num_kv_heads: u32, head_dim: u32, num_layers: u32, layer_stride: i64, dtype: DType, stream: u64) -> Result<()> {
+    pub unsafe fn copy_pages(&self, layout: &KvLayout, page_size: u32, pairs: u64, num_pairs: u32, num_kv_heads: u32, head_dim: u32, num_layers: u32, layer_stride: i64, dtype: DType, stream: u64) -> Result<()> {
         check_dtype(dtype)?;
         if num_pairs == 0 || num_layers == 0 {
             return Ok(());
@@ -79,7 +94,8 @@ impl CudaBackend {
         ];
         let total = page_size as u64 * num_kv_heads as u64 * head_dim as u64 * num_pairs as u64 * num_layers as u64;
         let grid = grid_for(total, self.device().sm_count);
-        // SAFETY: the argument list matches copy_pages' signature; pointers are the caller's.
+        // SAFETY: the argument list matches copy_pages' signature; the pointers address what
+        // this function's contract says.
         unsafe { driver::launch_args(kern.copy_pages, grid, 256, stream as sys::CUstream, &mut args, "launching copy_pages") }
     }
 }

@@ -532,7 +532,7 @@ impl BoundPlan for CudaBound {
         &self.plan
     }
 
-    fn run(&self, args: &RunArgs) -> Result<()> {
+    unsafe fn run(&self, args: &RunArgs) -> Result<()> {
         crate::backend::cpu::check_run_args(&self.current.lock(), args)?;
         let stream = args.stream as sys::CUstream;
         // Encoding the tensor maps (in params) needs the context current.
@@ -545,8 +545,9 @@ impl BoundPlan for CudaBound {
             Some(plain) if self.kernels.warp_specialized && p.flags & FLAG_KV_TMA == 0 => (plain, self.shared.dev.sm_count * plain.ctas_per_sm),
             _ => (&self.kernels, self.grid),
         };
-        // SAFETY: KernelParams mirrors the kernels' parameter; every pointer in it is a buffer
-        // of this launch or the caller's tensor of the plan's shape.
+        // SAFETY: KernelParams mirrors the kernels' parameter and the context is current; every
+        // pointer in it is a buffer of this launch, sized for a plan that passed the checks at
+        // bind/update, or a caller's tensor that run's contract makes valid for that plan.
         unsafe {
             driver::launch(k.attention, grid, k.threads, k.smem_bytes, stream, &mut p, "launching packed_attention")?;
             driver::launch(k.merge, self.merge_grid, 128, 0, stream, &mut p, "launching merge_partials")?;

@@ -5,10 +5,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use cudarc::driver::result as cu;
-use cudarc::driver::sys;
-
-use super::driver::{device_err, DeviceBuffer};
+use super::driver::{DeviceBuffer, Event};
 use super::CudaBackend;
 use crate::backend::BoundPlan;
 use crate::error::{Error, Result};
@@ -131,10 +128,10 @@ impl CudaBackend {
         q.write(dev, &fill_bf16(max_q, 3))?;
         let o = DeviceBuffer::new(dev, max_q * 2, "calibration O")?;
         let mut samples = vec![];
+        // Stream 0 is the current context's default stream: this device's, for the whole loop.
         let _g = dev.enter()?;
-        let ev = |flags| cu::event::create(flags).map_err(|e| device_err("cuEventCreate", e));
-        let (start, stop) = (ev(sys::CUevent_flags::CU_EVENT_DEFAULT)?, ev(sys::CUevent_flags::CU_EVENT_DEFAULT)?);
-        let stream = std::ptr::null_mut::<sys::CUstream_st>();
+        // Destroyed on every return, early ones included.
+        let (start, stop) = (Event::timing(dev)?, Event::timing(dev)?);
         for (rows, keys) in SHAPES {
             let plan = Arc::new(synthetic_plan(shape, rows, keys, num, pool_pages, kernels.block_m));
             let bound = self.bind_cuda(plan, 0, None, None)?;
@@ -148,25 +145,20 @@ impl CudaBackend {
             };
             let mut times = vec![];
             for rep in 0..9 {
-                // SAFETY: events and stream of this context (current).
-                unsafe { cu::event::record(start, stream) }.map_err(|e| device_err("cuEventRecord", e))?;
+                start.record(0)?;
                 // SAFETY: Q and O hold num × 16 tokens of 4 heads × 128 (the plan has num × rows / 4
                 // tokens), K and V pool_pages pages of PAGE × 128 (its one KV head), all bf16 on
                 // this device; the stream is synchronized below before they are freed.
                 unsafe { bound.run(&args)? };
-                unsafe { cu::event::record(stop, stream) }.map_err(|e| device_err("cuEventRecord", e))?;
-                unsafe { cu::event::synchronize(stop) }.map_err(|e| device_err("cuEventSynchronize", e))?;
+                stop.record(0)?;
+                stop.wait()?;
                 if rep >= 2 {
-                    times.push(unsafe { cu::event::elapsed(start, stop) }.map_err(|e| device_err("cuEventElapsedTime", e))? as f64);
+                    times.push(stop.elapsed_ms(&start)? as f64);
                 }
             }
             times.sort_by(|a, b| a.partial_cmp(b).unwrap());
             let ms = times[times.len() / 2];
             samples.push(Sample { rows, keys, item_us: ms * 1e3 / per_cta as f64 });
-        }
-        unsafe {
-            let _ = cu::event::destroy(start);
-            let _ = cu::event::destroy(stop);
         }
         let (a, b, c) = fit(&samples);
         let profile = DeviceProfile {

@@ -80,7 +80,7 @@ impl Device {
     pub fn enter(&self) -> Result<CtxGuard> {
         // SAFETY: the context is retained while self lives.
         check(unsafe { sys::cuCtxPushCurrent_v2(self.ctx) }, "cuCtxPushCurrent")?;
-        Ok(CtxGuard)
+        Ok(CtxGuard { _pushed: () })
     }
 }
 
@@ -93,7 +93,12 @@ impl Drop for Device {
     }
 }
 
-pub struct CtxGuard;
+/// The device's context made current by `Device::enter`; dropping it pops the context. Made
+/// only by `enter` (the private field), so every pop matches a push.
+#[must_use = "the context is popped when the guard drops"]
+pub struct CtxGuard {
+    _pushed: (),
+}
 
 impl Drop for CtxGuard {
     fn drop(&mut self) {
@@ -159,10 +164,24 @@ unsafe impl Send for Event {}
 unsafe impl Sync for Event {}
 
 impl Event {
+    /// A completion event, without timing (cheaper to record and wait for).
     pub fn new(dev: &Device) -> Result<Event> {
+        Event::create(dev, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+    }
+    /// An event that records a timestamp, for `elapsed_ms`.
+    pub fn timing(dev: &Device) -> Result<Event> {
+        Event::create(dev, sys::CUevent_flags::CU_EVENT_DEFAULT)
+    }
+    fn create(dev: &Device, flags: sys::CUevent_flags) -> Result<Event> {
         let _g = dev.enter()?;
-        let event = cu::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(|e| device_err("cuEventCreate", e))?;
+        let event = cu::event::create(flags).map_err(|e| device_err("cuEventCreate", e))?;
         Ok(Event { event, ctx: dev.ctx })
+    }
+    /// Milliseconds from `start`'s last record to this event's; both are timing events whose
+    /// records have completed (`wait` on this one first).
+    pub fn elapsed_ms(&self, start: &Event) -> Result<f32> {
+        // SAFETY: valid events; the driver reports events without timestamps as an error.
+        unsafe { cu::event::elapsed(start.event, self.event) }.map_err(|e| device_err("cuEventElapsedTime", e))
     }
     /// Records the event on the caller's stream (a CUstream as an integer; 0 = the default stream).
     pub fn record(&self, stream: u64) -> Result<()> {

@@ -1,5 +1,7 @@
 //! The work list: what a backend executes. Each struct is `#[repr(C)]` because the CUDA kernels
-//! read the same bytes (`kernels/work.cuh` mirrors them; a test checks the sizes match).
+//! read the same bytes (`kernels/work.cuh` mirrors them; a test checks the sizes match), and
+//! `Pod`: the derive proves there is no padding, so uploading them as bytes reads no
+//! uninitialized memory.
 //!
 //! A [`WorkItem`] is one tile of up to `block_m` query rows, all attached to one KV head, against
 //! one or more [`KvChunk`]s. Its rows are listed by [`RowSegment`]s: a run of one request's query
@@ -9,11 +11,13 @@
 //! a packed tile of several short requests has one chunk per request; a shared-prefix tile has one
 //! chunk (the prefix, read once) applying to the rows of all its members.
 
+use bytemuck::{Pod, Zeroable};
+
 /// Marks a work item whose rows are written straight to O (and LSE), not to a partial slot.
 pub const FINAL_OUTPUT: u32 = u32::MAX;
 
 #[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Pod, Zeroable)]
 pub struct WorkItem {
     pub kv_head: u32,
     /// Rows: `row_segments[seg_begin .. seg_begin + seg_count]`, laid out in that order.
@@ -31,7 +35,7 @@ pub struct WorkItem {
 }
 
 #[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Pod, Zeroable)]
 pub struct RowSegment {
     pub request: u32,
     /// First query of the request (0-based within the request) and how many.
@@ -42,7 +46,7 @@ pub struct RowSegment {
 }
 
 #[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Pod, Zeroable)]
 pub struct KvChunk {
     /// The request whose page table holds these keys.
     pub request: u32,
@@ -56,7 +60,7 @@ pub struct KvChunk {
 
 /// Per request, what the backends need to address and mask it.
 #[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Pod, Zeroable)]
 pub struct RequestInfo {
     /// Global index of the request's first query token (its `qo_indptr` entry).
     pub q_start: u32,
@@ -81,7 +85,7 @@ impl RequestInfo {
 /// One (query token, query head) whose result was computed in pieces: the pieces' partial slots
 /// are `merge_slots[slot_begin .. slot_begin + slot_count]`, combined exactly by log-sum-exp.
 #[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Pod, Zeroable)]
 pub struct MergeRow {
     pub q_token: u32,
     pub qo_head: u32,

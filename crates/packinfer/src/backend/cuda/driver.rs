@@ -255,11 +255,13 @@ impl Drop for Module {
     }
 }
 
-/// Launches `f` with one by-value parameter struct.
+/// Launches `f` with one by-value parameter struct (`Pod`: the driver copies its bytes, all of
+/// them initialized).
 ///
 /// # Safety
-/// `params` must be the kernel's exact parameter layout; the context must be current.
-pub unsafe fn launch<P>(f: sys::CUfunction, grid: u32, block: u32, smem: u32, stream: sys::CUstream, params: &mut P, what: &str) -> Result<()> {
+/// `params` must be the kernel's exact parameter layout, and every address in it valid for
+/// what the kernel does with it; the context must be current.
+pub unsafe fn launch<P: bytemuck::Pod>(f: sys::CUfunction, grid: u32, block: u32, smem: u32, stream: sys::CUstream, params: &mut P, what: &str) -> Result<()> {
     let mut args = [params as *mut P as *mut c_void];
     cu::launch_kernel(f, (grid, 1, 1), (block, 1, 1), smem, stream, &mut args).map_err(|e| device_err(what, e))
 }

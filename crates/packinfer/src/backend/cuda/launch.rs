@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use bytemuck::{Pod, Zeroable};
 use cudarc::driver::result as cu;
 use cudarc::driver::sys;
 use parking_lot::Mutex;
@@ -17,9 +18,11 @@ use crate::invalid;
 use crate::plan::{KvChunk, MergeRow, Plan, RequestInfo, RowSegment, WorkItem};
 use crate::types::{Batch, KvLayout, RunArgs, Shape};
 
-/// Counts and shape of the uploaded plan; mirrors `PlanHeader` in `kernels/work.cuh`.
+/// Counts and shape of the uploaded plan; mirrors `PlanHeader` in `kernels/work.cuh`. The
+/// structs here are `Pod` because they reach the device as bytes: the derive proves they have
+/// no padding (the reserved fields are named, and zeroed).
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Pod, Zeroable)]
 pub struct PlanHeader {
     pub num_items: u32,
     pub num_groups: u32,
@@ -33,9 +36,10 @@ pub struct PlanHeader {
     pub reserved2: [u32; 3],
 }
 
-/// The by-value parameter of both kernels; mirrors `KernelParams` in `kernels/work.cuh`.
+/// The by-value parameter of both kernels; mirrors `KernelParams` in `kernels/work.cuh`. The
+/// driver copies its bytes into the launch.
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, Pod, Zeroable)]
 pub struct KernelParams {
     pub header: u64,
     pub items: u64,
@@ -72,7 +76,7 @@ pub struct KernelParams {
 /// `SegmentInfo` in `kernels/work.cuh`): row r of it is query token `token0 + (r - row_begin) /
 /// group`, which sees keys below `limit0 + step * ((r - row_begin) / group)`.
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct SegmentInfo {
     pub row_begin: u32,
     pub token0: u32,
@@ -98,7 +102,7 @@ impl SegmentInfo {
 /// follow one another), the row of its first key, so that a kernel over a cache with a row view
 /// addresses keys without reading their pages; `NO_ROW` otherwise.
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct KvRange {
     pub page_start: u32,
     pub key_begin: u32,
@@ -143,7 +147,7 @@ pub fn consecutive_page_runs(pages: &[i32]) -> Vec<u32> {
 
 /// A TMA descriptor (the driver's CUtensorMap: 128 opaque bytes, 64-byte aligned).
 #[repr(C, align(64))]
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, Pod, Zeroable)]
 pub struct TensorMap(pub [u64; 16]);
 
 pub const FLAG_Q_VEC: u32 = 1;
@@ -264,11 +268,11 @@ impl Layout {
     }
 }
 
-fn put<T: Copy>(buf: &mut [u8], at: usize, values: &[T]) {
-    let bytes = std::mem::size_of_val(values);
-    // SAFETY: T is a plain repr(C) struct or integer; the range is inside buf (capacity checked).
-    let src = unsafe { std::slice::from_raw_parts(values.as_ptr() as *const u8, bytes) };
-    buf[at..at + bytes].copy_from_slice(src);
+/// Copies `values` into the staging image at byte `at`; the layout sized the image for the
+/// capacity, which the plan fits. `Pod`: the values' bytes are all initialized.
+fn put<T: Pod>(buf: &mut [u8], at: usize, values: &[T]) {
+    let src: &[u8] = bytemuck::cast_slice(values);
+    buf[at..at + src.len()].copy_from_slice(src);
 }
 
 /// Checks what the kernels need beyond `Plan::check_consistent` (which the launch's `bind` and

@@ -43,21 +43,21 @@ pub extern "C" fn packinfer_status_string(status: u32) -> *const c_char {
     use PackinferStatus::*;
     const ALL: [PackinferStatus; 10] = [Ok, InvalidArgument, InvalidHandle, Unsupported, OutOfMemory, PoolExhausted, NoDevice, DeviceError, CompileError, Internal];
     let Some(&status) = ALL.iter().find(|s| **s as u32 == status) else {
-        return "PACKINFER_STATUS_UNKNOWN\0".as_ptr() as *const c_char;
+        return c"PACKINFER_STATUS_UNKNOWN".as_ptr();
     };
-    let s: &'static str = match status {
-        Ok => "PACKINFER_STATUS_OK\0",
-        InvalidArgument => "PACKINFER_STATUS_INVALID_ARGUMENT\0",
-        InvalidHandle => "PACKINFER_STATUS_INVALID_HANDLE\0",
-        Unsupported => "PACKINFER_STATUS_UNSUPPORTED\0",
-        OutOfMemory => "PACKINFER_STATUS_OUT_OF_MEMORY\0",
-        PoolExhausted => "PACKINFER_STATUS_POOL_EXHAUSTED\0",
-        NoDevice => "PACKINFER_STATUS_NO_DEVICE\0",
-        DeviceError => "PACKINFER_STATUS_DEVICE_ERROR\0",
-        CompileError => "PACKINFER_STATUS_COMPILE_ERROR\0",
-        Internal => "PACKINFER_STATUS_INTERNAL\0",
+    let s: &'static CStr = match status {
+        Ok => c"PACKINFER_STATUS_OK",
+        InvalidArgument => c"PACKINFER_STATUS_INVALID_ARGUMENT",
+        InvalidHandle => c"PACKINFER_STATUS_INVALID_HANDLE",
+        Unsupported => c"PACKINFER_STATUS_UNSUPPORTED",
+        OutOfMemory => c"PACKINFER_STATUS_OUT_OF_MEMORY",
+        PoolExhausted => c"PACKINFER_STATUS_POOL_EXHAUSTED",
+        NoDevice => c"PACKINFER_STATUS_NO_DEVICE",
+        DeviceError => c"PACKINFER_STATUS_DEVICE_ERROR",
+        CompileError => c"PACKINFER_STATUS_COMPILE_ERROR",
+        Internal => c"PACKINFER_STATUS_INTERNAL",
     };
-    s.as_ptr() as *const c_char
+    s.as_ptr()
 }
 
 /// This thread's message for its last failed call: the function, the argument and the bad
@@ -73,7 +73,9 @@ pub extern "C" fn packinfer_last_error() -> *const c_char {
 /// `options` must be NULL or point to a writable `PackinferContextOptions`.
 #[no_mangle]
 pub unsafe extern "C" fn packinfer_context_options_default(options: *mut PackinferContextOptions) -> PackinferStatus {
-    guard("packinfer_context_options_default", || write_out("options", options, PackinferContextOptions::default_value()))}
+    // SAFETY: `options` is NULL or writable (this function's contract).
+    guard("packinfer_context_options_default", || unsafe { write_out("options", options, PackinferContextOptions::default_value()) })
+}
 
 /// Creates a context on the backend `options` asks for. AUTO picks CUDA where it works and the
 /// CPU elsewhere; CUDA where it cannot work gives NO_DEVICE with the reason.
@@ -83,7 +85,8 @@ pub unsafe extern "C" fn packinfer_context_options_default(options: *mut Packinf
 #[no_mangle]
 pub unsafe extern "C" fn packinfer_context_create(options: *const PackinferContextOptions, out: *mut PackinferContext) -> PackinferStatus {
     guard("packinfer_context_create", || {
-        let o = super::options("options", options)?;
+        // SAFETY: `options` points to an initialized struct (this function's contract).
+        let o = unsafe { super::options("options", options)? };
         let kind = match o.backend {
             0 => None,
             1 => Some(BackendKind::Cpu),
@@ -93,7 +96,8 @@ pub unsafe extern "C" fn packinfer_context_create(options: *const PackinferConte
         let kernel_cache_dir = if o.kernel_cache_dir.is_null() {
             None
         } else {
-            let s = CStr::from_ptr(o.kernel_cache_dir).to_str().map_err(|_| invalid!("options->kernel_cache_dir is not valid UTF-8"))?;
+            // SAFETY: an initialized struct's non-null kernel_cache_dir is a C string.
+            let s = unsafe { CStr::from_ptr(o.kernel_cache_dir) }.to_str().map_err(|_| invalid!("options->kernel_cache_dir is not valid UTF-8"))?;
             Some(s.into())
         };
         if out.is_null() {
@@ -101,7 +105,8 @@ pub unsafe extern "C" fn packinfer_context_create(options: *const PackinferConte
         }
         let choice = BackendChoice { kind, device_ordinal: o.device_ordinal, cpu_threads: o.num_threads, kernel_cache_dir };
         let backend = backend::open(&choice)?;
-        write_out("out", out, PackinferContext { bits: CONTEXTS.insert(backend)? })
+        // SAFETY: `out` is writable (this function's contract).
+        unsafe { write_out("out", out, PackinferContext { bits: CONTEXTS.insert(backend)? }) }
     })
 }
 
@@ -118,7 +123,8 @@ pub extern "C" fn packinfer_context_destroy(context: PackinferContext) -> Packin
 #[no_mangle]
 pub unsafe extern "C" fn packinfer_context_info(context: PackinferContext, info: *mut PackinferContextInfo) -> PackinferStatus {
     guard("packinfer_context_info", || {
-        super::check_out("info", info)?;
+        // SAFETY: `info` points to a struct whose struct_size is set (this function's contract).
+        unsafe { super::check_out("info", info)? };
         let backend = CONTEXTS.get(context.bits)?;
         let mut name = [0 as c_char; 128];
         for (dst, &b) in name.iter_mut().zip(backend.device_name().as_bytes().iter().take(127)) {
@@ -133,7 +139,8 @@ pub unsafe extern "C" fn packinfer_context_info(context: PackinferContext, info:
             num_workers: backend.profile().num_workers,
             device_name: name,
         };
-        super::write_versioned("info", info, value)
+        // SAFETY: as above.
+        unsafe { super::write_versioned("info", info, value) }
     })
 }
 
@@ -143,7 +150,8 @@ pub unsafe extern "C" fn packinfer_context_info(context: PackinferContext, info:
 /// `options` must be NULL or point to a writable `PackinferPlanOptions`.
 #[no_mangle]
 pub unsafe extern "C" fn packinfer_plan_options_default(options: *mut PackinferPlanOptions) -> PackinferStatus {
-    guard("packinfer_plan_options_default", || write_out("options", options, PackinferPlanOptions::default_value()))
+    // SAFETY: `options` is NULL or writable (this function's contract).
+    guard("packinfer_plan_options_default", || unsafe { write_out("options", options, PackinferPlanOptions::default_value()) })
 }
 
 /// Fills `desc` with defaults: an empty batch, page_size 16, BF16, causal, sm_scale 0 (1/sqrt(
@@ -153,7 +161,8 @@ pub unsafe extern "C" fn packinfer_plan_options_default(options: *mut PackinferP
 /// `desc` must be NULL or point to a writable `PackinferBatchDesc`.
 #[no_mangle]
 pub unsafe extern "C" fn packinfer_batch_desc_default(desc: *mut PackinferBatchDesc) -> PackinferStatus {
-    guard("packinfer_batch_desc_default", || write_out("desc", desc, PackinferBatchDesc::default_value()))
+    // SAFETY: `desc` is NULL or writable (this function's contract).
+    guard("packinfer_batch_desc_default", || unsafe { write_out("desc", desc, PackinferBatchDesc::default_value()) })
 }
 
 /// Fills `options` with defaults: no caller scratch (the launch allocates it once).
@@ -162,7 +171,8 @@ pub unsafe extern "C" fn packinfer_batch_desc_default(desc: *mut PackinferBatchD
 /// `options` must be NULL or point to a writable `PackinferLaunchOptions`.
 #[no_mangle]
 pub unsafe extern "C" fn packinfer_launch_options_default(options: *mut PackinferLaunchOptions) -> PackinferStatus {
-    guard("packinfer_launch_options_default", || write_out("options", options, PackinferLaunchOptions::default_value()))
+    // SAFETY: `options` is NULL or writable (this function's contract).
+    guard("packinfer_launch_options_default", || unsafe { write_out("options", options, PackinferLaunchOptions::default_value()) })
 }
 
 /// Fills `capacity` with defaults: every count 0, i.e. the first plan's own count.
@@ -171,7 +181,8 @@ pub unsafe extern "C" fn packinfer_launch_options_default(options: *mut Packinfe
 /// `capacity` must be NULL or point to a writable `PackinferLaunchCapacity`.
 #[no_mangle]
 pub unsafe extern "C" fn packinfer_launch_capacity_default(capacity: *mut PackinferLaunchCapacity) -> PackinferStatus {
-    guard("packinfer_launch_capacity_default", || write_out("capacity", capacity, PackinferLaunchCapacity::default_value()))
+    // SAFETY: `capacity` is NULL or writable (this function's contract).
+    guard("packinfer_launch_capacity_default", || unsafe { write_out("capacity", capacity, PackinferLaunchCapacity::default_value()) })
 }
 
 /// Fills `args` with defaults: contiguous Q and O strides (0), no LSE, the default stream; the
@@ -181,7 +192,8 @@ pub unsafe extern "C" fn packinfer_launch_capacity_default(capacity: *mut Packin
 /// `args` must be NULL or point to a writable `PackinferRunArgs`.
 #[no_mangle]
 pub unsafe extern "C" fn packinfer_run_args_default(args: *mut PackinferRunArgs) -> PackinferStatus {
-    guard("packinfer_run_args_default", || write_out("args", args, PackinferRunArgs::default_value()))
+    // SAFETY: `args` is NULL or writable (this function's contract).
+    guard("packinfer_run_args_default", || unsafe { write_out("args", args, PackinferRunArgs::default_value()) })
 }
 
 /// Plans one step for a context's device: copies the batch description, checks it, and builds
@@ -199,8 +211,11 @@ pub unsafe extern "C" fn packinfer_plan_create(
 ) -> PackinferStatus {
     guard("packinfer_plan_create", || {
         let backend = CONTEXTS.get(context.bits)?;
-        let (shape, batch) = convert_batch(&super::options("batch", batch)?)?;
-        let options = if options.is_null() { PlanOptions::default() } else { convert_plan_options(&super::options("options", options)?)? };
+        // SAFETY: `batch` is initialized and its arrays have the lengths it states (this
+        // function's contract).
+        let (shape, batch) = unsafe { convert_batch(&super::options("batch", batch)?)? };
+        // SAFETY: non-null `options` are initialized (this function's contract).
+        let options = if options.is_null() { PlanOptions::default() } else { convert_plan_options(&unsafe { super::options("options", options)? })? };
         if out.is_null() {
             return Err(invalid!("out is a null pointer"));
         }
@@ -209,7 +224,8 @@ pub unsafe extern "C" fn packinfer_plan_create(
         }
         let profile = backend.profile_for(&shape, &batch);
         let plan = Plan::build(shape, batch, &profile, options)?;
-        write_out("out", out, PackinferPlan { bits: PLANS.insert(plan)? })
+        // SAFETY: `out` is writable (this function's contract).
+        unsafe { write_out("out", out, PackinferPlan { bits: PLANS.insert(plan)? }) }
     })
 }
 
@@ -226,7 +242,8 @@ pub extern "C" fn packinfer_plan_destroy(plan: PackinferPlan) -> PackinferStatus
 #[no_mangle]
 pub unsafe extern "C" fn packinfer_plan_stats(plan: PackinferPlan, stats: *mut PackinferPlanStats) -> PackinferStatus {
     guard("packinfer_plan_stats", || {
-        super::check_out("stats", stats)?;
+        // SAFETY: `stats` points to a struct whose struct_size is set (this function's contract).
+        unsafe { super::check_out("stats", stats)? };
         let plan = PLANS.get(plan.bits)?;
         let s = &plan.stats;
         let value = PackinferPlanStats {
@@ -247,7 +264,8 @@ pub unsafe extern "C" fn packinfer_plan_stats(plan: PackinferPlan, stats: *mut P
             mean_worker_cost: s.mean_worker_cost,
             num_partial_items: s.num_partial_items,
         };
-        super::write_versioned("stats", stats, value)
+        // SAFETY: as above.
+        unsafe { super::write_versioned("stats", stats, value) }
     })
 }
 
@@ -265,7 +283,8 @@ pub unsafe extern "C" fn packinfer_launch_create(
     stream: *mut c_void,
     out: *mut PackinferLaunch,
 ) -> PackinferStatus {
-    guard("packinfer_launch_create", || create_launch(context, plan, options, None, stream, out))
+    // SAFETY: create_launch's contract is this function's.
+    guard("packinfer_launch_create", || unsafe { create_launch(context, plan, options, None, stream, out) })
 }
 
 /// Sets `*done` to whether the launch's upload has completed (never blocks).
@@ -279,7 +298,8 @@ pub unsafe extern "C" fn packinfer_launch_query(launch: PackinferLaunch, done: *
         if done.is_null() {
             return Err(invalid!("done is a null pointer"));
         }
-        write_out("done", done, launch.bound.is_ready()?)
+        // SAFETY: `done` is writable (this function's contract).
+        unsafe { write_out("done", done, launch.bound.is_ready()?) }
     })
 }
 
@@ -308,7 +328,8 @@ pub extern "C" fn packinfer_launch_destroy(launch: PackinferLaunch) -> Packinfer
 pub unsafe extern "C" fn packinfer_run(launch: PackinferLaunch, args: *const PackinferRunArgs) -> PackinferStatus {
     guard("packinfer_run", || {
         let launch = LAUNCHES.get(launch.bits)?;
-        let a = super::options("args", args)?;
+        // SAFETY: `args` points to an initialized struct (this function's contract).
+        let a = unsafe { super::options("args", args)? };
         let shape = &launch.bound.plan().shape;
         let rows = |ptr: u64, st: i64, sh: i64, name: &str| -> Result<RowsTensor> {
             if st < 0 || sh < 0 {
@@ -355,7 +376,8 @@ pub unsafe extern "C" fn packinfer_kv_layout_nhd(
 ) -> PackinferStatus {
     guard("packinfer_kv_layout_nhd", || {
         let (_, h, d, page) = layout_sizes(page_size, num_kv_heads, head_dim)?;
-        write_out("layout", layout, PackinferKvLayout { k, v, stride_page: page, stride_token: h * d, stride_head: d, stride_dim: 1 })
+        // SAFETY: `layout` is writable (this function's contract).
+        unsafe { write_out("layout", layout, PackinferKvLayout { k, v, stride_page: page, stride_token: h * d, stride_head: d, stride_dim: 1 }) }
     })
 }
 
@@ -374,7 +396,8 @@ pub unsafe extern "C" fn packinfer_kv_layout_hnd(
 ) -> PackinferStatus {
     guard("packinfer_kv_layout_hnd", || {
         let (p, _, d, page) = layout_sizes(page_size, num_kv_heads, head_dim)?;
-        write_out("layout", layout, PackinferKvLayout { k, v, stride_page: page, stride_token: d, stride_head: p * d, stride_dim: 1 })
+        // SAFETY: `layout` is writable (this function's contract).
+        unsafe { write_out("layout", layout, PackinferKvLayout { k, v, stride_page: page, stride_token: d, stride_head: p * d, stride_dim: 1 }) }
     })
 }
 
@@ -395,29 +418,40 @@ fn layout_sizes(page_size: u32, num_kv_heads: u32, head_dim: u32) -> Result<(i64
 
 /// Copies a C batch description into owned Rust data, checking the C-level facts (enum values,
 /// null arrays); `Plan::build` checks the rest.
+///
+/// # Safety
+/// `b`'s non-null arrays have the lengths it states (`packinfer_plan_create`'s contract).
 unsafe fn convert_batch(b: &PackinferBatchDesc) -> Result<(Shape, Batch)> {
     let n = b.batch_size as usize;
     let dtype = dtype_from_c(b.dtype).ok_or_else(|| invalid!("{}", not_a_dtype("batch->dtype", b.dtype)))?;
     let sm_scale = if b.sm_scale == 0.0 { Shape::default_sm_scale(b.head_dim) } else { b.sm_scale };
     let shape = Shape { num_qo_heads: b.num_qo_heads, num_kv_heads: b.num_kv_heads, head_dim: b.head_dim, dtype, causal: b.causal, sm_scale };
-    let qo_indptr = copy_array("batch->qo_indptr", b.qo_indptr, n + 1)?;
-    let kv_indptr = copy_array("batch->kv_indptr", b.kv_indptr, n + 1)?;
+    // SAFETY: non-null arrays have the lengths the description states (this function's
+    // contract; kv_page_indices has kv_indptr[batch_size]). So for every block below.
+    let qo_indptr = unsafe { copy_array("batch->qo_indptr", b.qo_indptr, n + 1)? };
+    // SAFETY: as above.
+    let kv_indptr = unsafe { copy_array("batch->kv_indptr", b.kv_indptr, n + 1)? };
     let nnz = kv_indptr[n];
     if nnz < 0 {
         return Err(invalid!("batch->kv_indptr[{n}] = {nnz} is negative"));
     }
-    let kv_page_indices = copy_array("batch->kv_page_indices", b.kv_page_indices, nnz as usize)?;
-    let kv_last_page_len = copy_array("batch->kv_last_page_len", b.kv_last_page_len, n)?;
-    let groups = slice("batch->prefix_groups", b.prefix_groups, b.num_prefix_groups as usize)?;
+    // SAFETY: as above.
+    let kv_page_indices = unsafe { copy_array("batch->kv_page_indices", b.kv_page_indices, nnz as usize)? };
+    // SAFETY: as above.
+    let kv_last_page_len = unsafe { copy_array("batch->kv_last_page_len", b.kv_last_page_len, n)? };
+    // SAFETY: as above.
+    let groups = unsafe { slice("batch->prefix_groups", b.prefix_groups, b.num_prefix_groups as usize)? };
     let mut prefix_groups = Vec::new();
     prefix_groups.try_reserve_exact(groups.len()).map_err(|_| Error::OutOfMemory(format!("no host memory for batch->num_prefix_groups = {}", groups.len())))?;
     for (g, pg) in groups.iter().enumerate() {
-        let members = slice(&format!("batch->prefix_groups[{g}].members"), pg.members, pg.num_members as usize)?;
+        // SAFETY: as above: each group's members array has num_members entries.
+        let members = unsafe { slice(&format!("batch->prefix_groups[{g}].members"), pg.members, pg.num_members as usize)? };
         if let Some((j, m)) = members.iter().enumerate().find(|(_, &m)| m < 0) {
             return Err(invalid!("batch->prefix_groups[{g}].members[{j}] = {m} is negative"));
         }
         // In place: i32 and u32 share a layout, so this reuses the fallible copy's allocation.
-        let members: Vec<u32> = copy_array(&format!("batch->prefix_groups[{g}].members"), members.as_ptr(), members.len())?.into_iter().map(|m| m as u32).collect();
+        // SAFETY: a slice's pointer and length.
+        let members: Vec<u32> = unsafe { copy_array(&format!("batch->prefix_groups[{g}].members"), members.as_ptr(), members.len())? }.into_iter().map(|m| m as u32).collect();
         prefix_groups.push(PrefixGroup { prefix_len: pg.prefix_len, members });
     }
     let batch = Batch { qo_indptr, kv_indptr, kv_page_indices, kv_last_page_len, page_size: b.page_size, num_pages: b.num_pages, prefix_groups };
@@ -479,7 +513,8 @@ pub unsafe extern "C" fn packinfer_launch_create_with_capacity(
     out: *mut PackinferLaunch,
 ) -> PackinferStatus {
     guard("packinfer_launch_create_with_capacity", || {
-        let c = super::options("capacity", capacity)?;
+        // SAFETY: `capacity` points to an initialized struct (this function's contract).
+        let c = unsafe { super::options("capacity", capacity)? };
         let capacity = backend::LaunchCapacity {
             items: c.max_work_items,
             row_segments: c.max_row_segments,
@@ -491,11 +526,15 @@ pub unsafe extern "C" fn packinfer_launch_create_with_capacity(
             groups: c.max_groups,
             partial_slots: c.max_partial_slots,
         };
-        create_launch(context, plan, options, Some(capacity), stream, out)
+        // SAFETY: create_launch's contract is this function's.
+        unsafe { create_launch(context, plan, options, Some(capacity), stream, out) }
     })
 }
 
 /// The body of both launch constructors: a launch sized for its own plan, or for `capacity`.
+///
+/// # Safety
+/// `options` NULL or initialized; `out` writable (`packinfer_launch_create`'s contract).
 unsafe fn create_launch(
     context: PackinferContext,
     plan: PackinferPlan,
@@ -509,7 +548,8 @@ unsafe fn create_launch(
     let scratch = if options.is_null() {
         None
     } else {
-        let o = super::options("options", options)?;
+        // SAFETY: non-null `options` are initialized (this function's contract).
+        let o = unsafe { super::options("options", options)? };
         (!o.scratch.is_null() || o.scratch_bytes != 0).then_some(Scratch { ptr: o.scratch as u64, bytes: o.scratch_bytes })
     };
     if out.is_null() {
@@ -519,7 +559,8 @@ unsafe fn create_launch(
         None => backend.bind(plan, stream as u64, scratch)?,
         Some(c) => backend.bind_with_capacity(plan, stream as u64, scratch, &c)?,
     };
-    write_out("out", out, PackinferLaunch { bits: LAUNCHES.insert(Launch { bound, _backend: backend })? })
+    // SAFETY: `out` is writable (this function's contract).
+    unsafe { write_out("out", out, PackinferLaunch { bits: LAUNCHES.insert(Launch { bound, _backend: backend })? }) }
 }
 
 /// Uploads `plan` (same shape and page size as the launch's, within its capacity) into the

@@ -130,7 +130,8 @@ pub(crate) unsafe fn slice<'a, T>(name: &str, ptr: *const T, len: usize) -> Resu
     if ptr.is_null() {
         return Err(invalid!("{name} is a null pointer but {len} entries are expected"));
     }
-    Ok(std::slice::from_raw_parts(ptr, len))
+    // SAFETY: non-null, so `len` readable elements (this function's contract).
+    Ok(unsafe { std::slice::from_raw_parts(ptr, len) })
 }
 
 /// A struct of the ABI that begins with `size_t struct_size` and grows only at its end, so a
@@ -196,11 +197,13 @@ pub(crate) unsafe fn options<T: Versioned>(name: &str, ptr: *const T) -> Result<
     if ptr.is_null() {
         return Err(invalid!("{name} is a null pointer"));
     }
-    let size = (ptr as *const usize).read_unaligned();
+    // SAFETY: non-null, so it begins with a readable `size_t struct_size` (this function's contract).
+    let size = unsafe { (ptr as *const usize).read_unaligned() };
     check_struct_size::<T>(name, size)?;
     let mut value = T::default_value();
     let n = size.min(std::mem::size_of::<T>());
-    std::ptr::copy_nonoverlapping(ptr as *const u8, &mut value as *mut T as *mut u8, n);
+    // SAFETY: the caller's `size >= n` bytes are readable; `value` holds size_of::<T>() >= n.
+    unsafe { std::ptr::copy_nonoverlapping(ptr as *const u8, &mut value as *mut T as *mut u8, n) };
     Ok(value)
 }
 
@@ -212,7 +215,8 @@ pub(crate) unsafe fn check_out<T: Versioned>(name: &str, ptr: *mut T) -> Result<
     if ptr.is_null() {
         return Err(invalid!("{name} is a null pointer"));
     }
-    check_struct_size::<T>(name, (ptr as *const usize).read_unaligned())
+    // SAFETY: non-null, so it begins with a readable `size_t struct_size` (this function's contract).
+    check_struct_size::<T>(name, unsafe { (ptr as *const usize).read_unaligned() })
 }
 
 /// Writes `value` into the caller's out-struct, as many bytes as its `struct_size` says (an older
@@ -222,11 +226,15 @@ pub(crate) unsafe fn check_out<T: Versioned>(name: &str, ptr: *mut T) -> Result<
 /// When non-null, `ptr` must point to `struct_size` writable bytes that begin with a `size_t
 /// struct_size`.
 pub(crate) unsafe fn write_versioned<T: Versioned>(name: &str, ptr: *mut T, value: T) -> Result<()> {
-    check_out(name, ptr)?;
-    let size = (ptr as *const usize).read_unaligned();
+    // SAFETY: NULL or a struct beginning with `size_t struct_size` (this function's contract).
+    unsafe { check_out(name, ptr)? };
+    // SAFETY: non-null (check_out), so its first word is readable.
+    let size = unsafe { (ptr as *const usize).read_unaligned() };
     let word = std::mem::size_of::<usize>();
     let n = size.min(std::mem::size_of::<T>());
-    std::ptr::copy_nonoverlapping((&value as *const T as *const u8).add(word), (ptr as *mut u8).add(word), n - word);
+    // SAFETY: bytes word..n of the caller's struct are writable (`size >= n` bytes, checked to
+    // end on a field boundary past the first word) and of `value` readable.
+    unsafe { std::ptr::copy_nonoverlapping((&value as *const T as *const u8).add(word), (ptr as *mut u8).add(word), n - word) };
     Ok(())
 }
 
@@ -236,7 +244,8 @@ pub(crate) unsafe fn write_versioned<T: Versioned>(name: &str, ptr: *mut T, valu
 /// # Safety
 /// When non-null, `ptr` must point to `len` readable elements.
 pub(crate) unsafe fn copy_array<T: Copy>(name: &str, ptr: *const T, len: usize) -> Result<Vec<T>> {
-    let s = slice(name, ptr, len)?;
+    // SAFETY: NULL or `len` readable elements (this function's contract).
+    let s = unsafe { slice(name, ptr, len)? };
     let mut v = Vec::new();
     v.try_reserve_exact(len).map_err(|_| Error::OutOfMemory(format!("no host memory to copy {name}: {len} entries of {} bytes", std::mem::size_of::<T>())))?;
     v.extend_from_slice(s);
@@ -251,7 +260,8 @@ pub(crate) unsafe fn write_out<T>(name: &str, ptr: *mut T, value: T) -> Result<(
     if ptr.is_null() {
         return Err(invalid!("{name} is a null pointer"));
     }
-    ptr.write(value);
+    // SAFETY: non-null, so writable (this function's contract).
+    unsafe { ptr.write(value) };
     Ok(())
 }
 

@@ -106,7 +106,8 @@ pub struct PackinferRelayoutReport {
 /// `options` must be NULL or writable.
 #[no_mangle]
 pub unsafe extern "C" fn packinfer_pool_options_default(options: *mut PackinferPoolOptions) -> PackinferStatus {
-    guard("packinfer_pool_options_default", || write_out("options", options, <PackinferPoolOptions as super::Versioned>::default_value()))
+    // SAFETY: `options` is NULL or writable (this function's contract).
+    guard("packinfer_pool_options_default", || unsafe { write_out("options", options, <PackinferPoolOptions as super::Versioned>::default_value()) })
 }
 
 /// Creates a KV pool on a context's backend, allocating all of its memory now: host memory on
@@ -119,7 +120,8 @@ pub unsafe extern "C" fn packinfer_pool_options_default(options: *mut PackinferP
 pub unsafe extern "C" fn packinfer_pool_create(context: PackinferContext, options: *const PackinferPoolOptions, out: *mut PackinferPool) -> PackinferStatus {
     guard("packinfer_pool_create", || {
         let backend = CONTEXTS.get(context.bits)?;
-        let o = super::options("options", options)?;
+        // SAFETY: `options` points to an initialized struct (this function's contract).
+        let o = unsafe { super::options("options", options)? };
         let dtype = dtype_from_c(o.dtype).ok_or_else(|| invalid!("{}", not_a_dtype("options->dtype", o.dtype)))?;
         if out.is_null() {
             return Err(invalid!("out is a null pointer"));
@@ -138,7 +140,8 @@ pub unsafe extern "C" fn packinfer_pool_create(context: PackinferContext, option
             config.num_pages = u32::try_from(pages).map_err(|_| invalid!("options->capacity_bytes = {} makes {pages} pages, more than a pool can index", o.capacity_bytes))?;
         }
         let pool = KvPool::new((*backend).clone(), config)?;
-        write_out("out", out, PackinferPool { bits: POOLS.insert(pool)? })
+        // SAFETY: `out` is writable (this function's contract).
+        unsafe { write_out("out", out, PackinferPool { bits: POOLS.insert(pool)? }) }
     })
 }
 
@@ -165,7 +168,8 @@ pub unsafe extern "C" fn packinfer_pool_kv_layout(pool: PackinferPool, layer: u3
             stride_head: l.stride_head,
             stride_dim: l.stride_dim,
         };
-        write_out("layout", layout, value)
+        // SAFETY: `layout` is writable (this function's contract).
+        unsafe { write_out("layout", layout, value) }
     })
 }
 
@@ -180,7 +184,8 @@ pub unsafe extern "C" fn packinfer_pool_sequence_create(pool: PackinferPool, out
         if out.is_null() {
             return Err(invalid!("out is a null pointer"));
         }
-        write_out("out", out, pool.create_sequence())
+        // SAFETY: `out` is writable (this function's contract).
+        unsafe { write_out("out", out, pool.create_sequence()) }
     })
 }
 
@@ -192,7 +197,8 @@ pub unsafe extern "C" fn packinfer_pool_sequence_create(pool: PackinferPool, out
 pub unsafe extern "C" fn packinfer_pool_sequence_length(pool: PackinferPool, seq: u64, out: *mut u32) -> PackinferStatus {
     guard("packinfer_pool_sequence_length", || {
         let len = POOLS.get(pool.bits)?.sequence_len(seq)?;
-        write_out("out", out, len)
+        // SAFETY: `out` is writable (this function's contract).
+        unsafe { write_out("out", out, len) }
     })
 }
 
@@ -210,7 +216,9 @@ pub unsafe extern "C" fn packinfer_pool_append(pool: PackinferPool, seq: u64, n:
         let got = pool.append(seq, n, stream as u64)?;
         if !slots.is_null() {
             for (i, s) in got.into_iter().enumerate() {
-                *slots.add(i) = s as i64;
+                // SAFETY: non-null `slots` has `n` writable entries (this function's contract),
+                // and append returned `n` slots.
+                unsafe { *slots.add(i) = s as i64 };
             }
         }
         Ok(())
@@ -229,7 +237,8 @@ pub unsafe extern "C" fn packinfer_pool_fork(pool: PackinferPool, parent: u64, p
         if child.is_null() {
             return Err(invalid!("child is a null pointer"));
         }
-        write_out("child", child, pool.fork(parent, prefix_len, stream as u64)?)
+        // SAFETY: `child` is writable (this function's contract).
+        unsafe { write_out("child", child, pool.fork(parent, prefix_len, stream as u64)?) }
     })
 }
 
@@ -273,7 +282,8 @@ pub struct PackinferKvSource {
 /// `src` must be NULL or point to a writable `PackinferKvSource`.
 #[no_mangle]
 pub unsafe extern "C" fn packinfer_kv_source_default(src: *mut PackinferKvSource) -> PackinferStatus {
-    guard("packinfer_kv_source_default", || write_out("src", src, <PackinferKvSource as super::Versioned>::default_value()))
+    // SAFETY: `src` is NULL or writable (this function's contract).
+    guard("packinfer_kv_source_default", || unsafe { write_out("src", src, <PackinferKvSource as super::Versioned>::default_value()) })
 }
 
 /// Writes one layer's K and V for the step's new tokens: the rows of `src` go, in order, to the
@@ -294,8 +304,10 @@ pub unsafe extern "C" fn packinfer_pool_write_kv(
 ) -> PackinferStatus {
     guard("packinfer_pool_write_kv", || {
         let pool = POOLS.get(pool.bits)?;
-        let tokens = zip_requests("seq_ids", seq_ids, "num_tokens", num_tokens, n)?;
-        let src = options("src", src)?;
+        // SAFETY: both arrays have `n` entries (this function's contract).
+        let tokens = unsafe { zip_requests("seq_ids", seq_ids, "num_tokens", num_tokens, n)? };
+        // SAFETY: `src` points to an initialized struct (this function's contract).
+        let src = unsafe { options("src", src)? };
         let c = pool.config();
         if (src.num_kv_heads, src.head_dim) != (c.shape.num_kv_heads, c.shape.head_dim) {
             return Err(invalid!(
@@ -320,7 +332,9 @@ pub unsafe extern "C" fn packinfer_pool_write_kv(
             return Err(invalid!("src->stride_token = {} is smaller than a token's row of num_kv_heads * head_dim = {row} elements (0 = contiguous)", src.stride_token));
         }
         let stride = if src.stride_token == 0 { row } else { src.stride_token };
-        pool.write_kv(layer, &tokens, src.k as u64, src.v as u64, stride, stream as u64)
+        // SAFETY: `src`'s k and v address the num_rows rows it describes, `stride` elements
+        // apart, in the pool's kind of memory (this function's contract).
+        unsafe { pool.write_kv(layer, &tokens, src.k as u64, src.v as u64, stride, stream as u64) }
     })
 }
 
@@ -333,7 +347,8 @@ pub unsafe extern "C" fn packinfer_pool_write_kv(
 pub unsafe extern "C" fn packinfer_pool_register_page_hashes(pool: PackinferPool, seq: u64, hashes: *const u64, n: u32) -> PackinferStatus {
     guard("packinfer_pool_register_page_hashes", || {
         let pool = POOLS.get(pool.bits)?;
-        pool.register_page_hashes(seq, slice("hashes", hashes, n as usize)?)
+        // SAFETY: `hashes` has `n` entries (this function's contract).
+        pool.register_page_hashes(seq, unsafe { slice("hashes", hashes, n as usize)? })
     })
 }
 
@@ -346,11 +361,13 @@ pub unsafe extern "C" fn packinfer_pool_register_page_hashes(pool: PackinferPool
 pub unsafe extern "C" fn packinfer_pool_match_prefix(pool: PackinferPool, seq: u64, hashes: *const u64, n: u32, matched_tokens: *mut u32) -> PackinferStatus {
     guard("packinfer_pool_match_prefix", || {
         let pool = POOLS.get(pool.bits)?;
-        let hashes = slice("hashes", hashes, n as usize)?;
+        // SAFETY: `hashes` has `n` entries (this function's contract).
+        let hashes = unsafe { slice("hashes", hashes, n as usize)? };
         if matched_tokens.is_null() {
             return Err(invalid!("matched_tokens is a null pointer"));
         }
-        write_out("matched_tokens", matched_tokens, pool.match_prefix(seq, hashes)?)
+        // SAFETY: `matched_tokens` is writable (this function's contract).
+        unsafe { write_out("matched_tokens", matched_tokens, pool.match_prefix(seq, hashes)?) }
     })
 }
 
@@ -374,13 +391,16 @@ pub unsafe extern "C" fn packinfer_pool_plan_create(
     guard("packinfer_pool_plan_create", || {
         CONTEXTS.get(context.bits)?;
         let pool = POOLS.get(pool.bits)?;
-        let requests = zip_requests("seq_ids", seq_ids, "num_new_tokens", num_new_tokens, n)?;
-        let options = if options.is_null() { PlanOptions::default() } else { convert_plan_options(&super::options("options", options)?)? };
+        // SAFETY: both arrays have `n` entries (this function's contract).
+        let requests = unsafe { zip_requests("seq_ids", seq_ids, "num_new_tokens", num_new_tokens, n)? };
+        // SAFETY: non-null `options` are initialized (this function's contract).
+        let options = if options.is_null() { PlanOptions::default() } else { convert_plan_options(&unsafe { super::options("options", options)? })? };
         if out.is_null() {
             return Err(invalid!("out is a null pointer"));
         }
         let plan = pool.plan(&requests, None, options)?;
-        write_out("out", out, PackinferPlan { bits: PLANS.insert(plan)? })
+        // SAFETY: `out` is writable (this function's contract).
+        unsafe { write_out("out", out, PackinferPlan { bits: PLANS.insert(plan)? }) }
     })
 }
 
@@ -405,9 +425,11 @@ pub unsafe extern "C" fn packinfer_pool_relayout(
     guard("packinfer_pool_relayout", || {
         let pool = POOLS.get(pool.bits)?;
         let plan = PLANS.get(plan.bits)?;
-        let ids = slice("seq_ids", seq_ids, n as usize)?;
+        // SAFETY: `seq_ids` has `n` entries (this function's contract).
+        let ids = unsafe { slice("seq_ids", seq_ids, n as usize)? };
         if !report.is_null() {
-            super::check_out("report", report)?;
+            // SAFETY: a non-null `report` has its struct_size set (this function's contract).
+            unsafe { super::check_out("report", report)? };
         }
         let groups = groups_of_plan(&plan, ids)?;
         let r: RelayoutReport = pool.relayout(&groups, regroup, stream as u64)?;
@@ -421,7 +443,8 @@ pub unsafe extern "C" fn packinfer_pool_relayout(
                 pages_moved: r.pages_moved,
                 bytes_moved: r.bytes_moved,
             };
-            super::write_versioned("report", report, value)?;
+            // SAFETY: as above.
+            unsafe { super::write_versioned("report", report, value)? };
         }
         Ok(())
     })
@@ -434,7 +457,8 @@ pub unsafe extern "C" fn packinfer_pool_relayout(
 #[no_mangle]
 pub unsafe extern "C" fn packinfer_pool_stats(pool: PackinferPool, stats: *mut PackinferPoolStats) -> PackinferStatus {
     guard("packinfer_pool_stats", || {
-        super::check_out("stats", stats)?;
+        // SAFETY: `stats` points to a struct whose struct_size is set (this function's contract).
+        unsafe { super::check_out("stats", stats)? };
         let s = POOLS.get(pool.bits)?.stats();
         let value = PackinferPoolStats {
             struct_size: std::mem::size_of::<PackinferPoolStats>(),
@@ -452,14 +476,20 @@ pub unsafe extern "C" fn packinfer_pool_stats(pool: PackinferPool, stats: *mut P
             relayout_bytes_moved: s.relayout_bytes_moved,
             cow_page_copies: s.cow_page_copies,
         };
-        super::write_versioned("stats", stats, value)
+        // SAFETY: as above.
+        unsafe { super::write_versioned("stats", stats, value) }
     })
 }
 
 /// Pairs two caller arrays of `n` entries.
+///
+/// # Safety
+/// Each array is NULL or has `n` readable entries.
 unsafe fn zip_requests(ids_name: &str, ids: *const u64, counts_name: &str, counts: *const u32, n: u32) -> Result<Vec<(SeqId, u32)>> {
-    let ids = slice(ids_name, ids, n as usize)?;
-    let counts = slice(counts_name, counts, n as usize)?;
+    // SAFETY: NULL or `n` entries (this function's contract).
+    let ids = unsafe { slice(ids_name, ids, n as usize)? };
+    // SAFETY: as above.
+    let counts = unsafe { slice(counts_name, counts, n as usize)? };
     let mut pairs = Vec::new();
     pairs.try_reserve_exact(ids.len()).map_err(|_| packinfer::Error::OutOfMemory(format!("no host memory for n = {n} requests")))?;
     pairs.extend(ids.iter().copied().zip(counts.iter().copied()));

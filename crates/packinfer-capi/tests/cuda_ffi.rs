@@ -19,6 +19,7 @@ use packinfer_capi::*;
 use packinfer::types::DType;
 
 fn last_error() -> String {
+    // SAFETY: never NULL: this thread's message, valid until its next failing call.
     unsafe { CStr::from_ptr(packinfer_last_error()) }.to_string_lossy().into_owned()
 }
 
@@ -30,10 +31,13 @@ fn main() {
 /// skipped (`None`), or fails under `PACKINFER_REQUIRE_GPU=1`.
 fn cuda_context() -> Option<PackinferContext> {
     let mut o = std::mem::MaybeUninit::<PackinferContextOptions>::uninit();
+    // SAFETY: live locals of the types and lengths the call expects.
     assert_eq!(unsafe { packinfer_context_options_default(o.as_mut_ptr()) }, PackinferStatus::Ok);
+    // SAFETY: packinfer_context_options_default filled every field (asserted OK above).
     let mut o = unsafe { o.assume_init() };
     o.backend = PackinferBackend::Cuda as u32;
     let mut ctx = PackinferContext::default();
+    // SAFETY: live locals of the types and lengths the call expects.
     match unsafe { packinfer_context_create(&o, &mut ctx) } {
         PackinferStatus::Ok => Some(ctx),
         PackinferStatus::NoDevice => {
@@ -50,16 +54,20 @@ fn cuda_context() -> Option<PackinferContext> {
 fn plan(ctx: PackinferContext, case: &Case) -> PackinferPlan {
     let desc = case.c_desc(&[]);
     let mut p = PackinferPlan::default();
+    // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
     assert_eq!(unsafe { packinfer_plan_create(ctx, &desc, std::ptr::null(), &mut p) }, PackinferStatus::Ok, "{}", last_error());
     p
 }
 
 fn calibrate_is_unsupported_on_the_cpu_backend() {
     let mut o = std::mem::MaybeUninit::<PackinferContextOptions>::uninit();
+    // SAFETY: live locals of the types and lengths the call expects.
     assert_eq!(unsafe { packinfer_context_options_default(o.as_mut_ptr()) }, PackinferStatus::Ok);
+    // SAFETY: packinfer_context_options_default filled every field (asserted OK above).
     let mut o = unsafe { o.assume_init() };
     o.backend = PackinferBackend::Cpu as u32;
     let mut ctx = PackinferContext::default();
+    // SAFETY: live locals of the types and lengths the call expects.
     assert_eq!(unsafe { packinfer_context_create(&o, &mut ctx) }, PackinferStatus::Ok);
     assert_eq!(packinfer_context_precompile(ctx), PackinferStatus::Ok);
     assert_eq!(packinfer_context_calibrate(ctx), PackinferStatus::Unsupported);
@@ -72,7 +80,9 @@ fn capacity_launch_update_and_run_through_the_c_abi() {
     assert_eq!(packinfer_context_precompile(ctx), PackinferStatus::Ok, "{}", last_error());
     assert_eq!(packinfer_context_calibrate(ctx), PackinferStatus::Ok, "{}", last_error());
     let mut info = PackinferContextInfo { struct_size: std::mem::size_of::<PackinferContextInfo>(), backend: 0, num_workers: 0, device_name: [0; 128] };
+    // SAFETY: live locals of the types and lengths the call expects.
     assert_eq!(unsafe { packinfer_context_info(ctx, &mut info) }, PackinferStatus::Ok);
+    // SAFETY: device_name is NUL-terminated (the library writes at most 127 bytes).
     println!("device {:?}, {} workers after calibration", unsafe { CStr::from_ptr(info.device_name.as_ptr()) }, info.num_workers);
     let cu = CudaBackend::new(&BackendChoice { kind: Some(BackendKind::Cuda), device_ordinal: 0, cpu_threads: 0, kernel_cache_dir: None }).unwrap();
     let dev = cu.device();
@@ -94,6 +104,7 @@ fn capacity_launch_update_and_run_through_the_c_abi() {
         max_partial_slots: 4096,
     };
     let mut launch = PackinferLaunch::default();
+    // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
     let st = unsafe { packinfer_launch_create_with_capacity(ctx, pa, std::ptr::null(), &cap, std::ptr::null_mut(), &mut launch) };
     assert_eq!(st, PackinferStatus::Ok, "{}", last_error());
     let kv_bytes = a.k.bytes.len().max(b.k.bytes.len());
@@ -106,6 +117,7 @@ fn capacity_launch_update_and_run_through_the_c_abi() {
         v.write(dev, &case.v.bytes).unwrap();
         o.write(dev, &Tensor::poisoned(DType::F16, case.out_len()).bytes).unwrap();
         if which == "B" {
+            // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
             assert_eq!(unsafe { packinfer_launch_update(launch, pb, std::ptr::null_mut()) }, PackinferStatus::Ok, "{}", last_error());
         }
         assert_eq!(packinfer_launch_wait(launch), PackinferStatus::Ok);
@@ -122,6 +134,7 @@ fn capacity_launch_update_and_run_through_the_c_abi() {
             lse: lse.ptr() as *mut f32,
             stream: std::ptr::null_mut(),
         };
+        // SAFETY: args address device buffers of the case's sizes, alive until the stream is synced.
         assert_eq!(unsafe { packinfer_run(launch, &args) }, PackinferStatus::Ok, "{}", last_error());
         sync_stream(dev, 0).unwrap();
         let mut out = Tensor::poisoned(DType::F16, case.out_len());
@@ -134,6 +147,7 @@ fn capacity_launch_update_and_run_through_the_c_abi() {
     // A plan of another shape is refused by update with a message.
     let c = Case::build(&mut r, &CaseSpec { head_dim: 128, ..spec }, &[(1, 10)], vec![]);
     let pc = plan(ctx, &c);
+    // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
     assert_eq!(unsafe { packinfer_launch_update(launch, pc, std::ptr::null_mut()) }, PackinferStatus::InvalidArgument);
     assert!(last_error().contains("shape"), "{}", last_error());
     for p in [pa, pb, pc] {
@@ -156,6 +170,7 @@ fn runs_of_one_launch_on_two_streams_do_not_overlap() {
     let case = Case::build(&mut r, &spec, &[(1, 4000), (300, 3000), (1, 4096), (64, 2048), (1, 1500), (900, 900)], vec![]);
     let p = plan(ctx, &case);
     let mut launch = PackinferLaunch::default();
+    // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
     assert_eq!(unsafe { packinfer_launch_create(ctx, p, std::ptr::null(), std::ptr::null_mut(), &mut launch) }, PackinferStatus::Ok, "{}", last_error());
     assert_eq!(packinfer_launch_wait(launch), PackinferStatus::Ok);
     let _g = dev.enter().unwrap();
@@ -184,6 +199,7 @@ fn runs_of_one_launch_on_two_streams_do_not_overlap() {
             lse: lse.ptr() as *mut f32,
             stream: streams[i % 2] as *mut _,
         };
+        // SAFETY: args address device buffers of the case's sizes, alive until the stream is synced.
         assert_eq!(unsafe { packinfer_run(launch, &args) }, PackinferStatus::Ok, "{}", last_error());
     }
     for &s in &streams {
@@ -199,6 +215,7 @@ fn runs_of_one_launch_on_two_streams_do_not_overlap() {
         common::assert_close_to(&case, &reference, &out, &lse_v, &format!("run {i} on stream {}", i % 2));
     }
     for s in streams {
+        // SAFETY: a stream this test created, its work finished.
         unsafe { cu::stream::destroy(s as _) }.unwrap();
     }
     assert_eq!(packinfer_launch_destroy(launch), PackinferStatus::Ok);

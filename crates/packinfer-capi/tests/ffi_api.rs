@@ -13,6 +13,7 @@ use packinfer_capi::*;
 use packinfer::types::{DType, PrefixGroup};
 
 fn last_error() -> String {
+    // SAFETY: never NULL: this thread's message, valid until its next failing call.
     unsafe { CStr::from_ptr(packinfer_last_error()) }.to_string_lossy().into_owned()
 }
 
@@ -27,11 +28,14 @@ fn expect(status: PackinferStatus, want: PackinferStatus, needles: &[&str]) {
 }
 
 fn cpu_context() -> PackinferContext {
+    // SAFETY: a C struct of integers and pointers, for which all zeros is a valid value.
     let mut o = unsafe { std::mem::zeroed::<PackinferContextOptions>() };
+    // SAFETY: live locals of the types and lengths the call expects.
     assert_eq!(unsafe { packinfer_context_options_default(&mut o) }, PackinferStatus::Ok);
     o.backend = PackinferBackend::Cpu as u32;
     o.num_threads = 2;
     let mut ctx = PackinferContext::default();
+    // SAFETY: live locals of the types and lengths the call expects.
     assert_eq!(unsafe { packinfer_context_create(&o, &mut ctx) }, PackinferStatus::Ok, "{}", last_error());
     ctx
 }
@@ -72,14 +76,18 @@ fn small_case(seed: u64) -> Case {
 fn full_flow(ctx: PackinferContext, case: &Case, groups: &[PackinferPrefixGroup]) {
     let d = desc(case, groups);
     let mut plan = PackinferPlan::default();
+    // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
     assert_eq!(unsafe { packinfer_plan_create(ctx, &d, null(), &mut plan) }, PackinferStatus::Ok, "{}", last_error());
     let mut stats = PackinferPlanStats { struct_size: std::mem::size_of::<PackinferPlanStats>(), ..Default::default() };
+    // SAFETY: live locals of the types and lengths the call expects.
     assert_eq!(unsafe { packinfer_plan_stats(plan, &mut stats) }, PackinferStatus::Ok);
     assert_eq!(stats.num_requests, case.batch.len() as u32);
     assert!(stats.tile_utilization > 0.0 && stats.tile_utilization <= 1.0);
     let mut launch = PackinferLaunch::default();
+    // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
     assert_eq!(unsafe { packinfer_launch_create(ctx, plan, null(), null_mut(), &mut launch) }, PackinferStatus::Ok, "{}", last_error());
     let mut done = false;
+    // SAFETY: live locals of the types and lengths the call expects.
     assert_eq!(unsafe { packinfer_launch_query(launch, &mut done) }, PackinferStatus::Ok);
     assert!(done);
     assert_eq!(packinfer_launch_wait(launch), PackinferStatus::Ok);
@@ -88,6 +96,7 @@ fn full_flow(ctx: PackinferContext, case: &Case, groups: &[PackinferPrefixGroup]
         let o = Tensor::poisoned(case.shape.dtype, case.out_len());
         let mut lse = vec![f32::NAN; case.total_q() * case.shape.num_qo_heads as usize];
         let args = run_args(case, &o, &mut lse);
+        // SAFETY: args address the case's tensors, which outlive the call (a CPU run is synchronous).
         assert_eq!(unsafe { packinfer_run(launch, &args) }, PackinferStatus::Ok, "{}", last_error());
         assert_close(case, &o, &lse, "C ABI flow");
     }
@@ -98,10 +107,13 @@ fn full_flow(ctx: PackinferContext, case: &Case, groups: &[PackinferPrefixGroup]
 #[test]
 fn version_and_status_strings() {
     assert_eq!(packinfer_abi_version(), PACKINFER_ABI_VERSION);
+    // SAFETY: a static C string.
     let v = unsafe { CStr::from_ptr(packinfer_version()) }.to_str().unwrap();
     assert_eq!(v, env!("CARGO_PKG_VERSION"));
+    // SAFETY: a static C string.
     let s = unsafe { CStr::from_ptr(packinfer_status_string(PackinferStatus::PoolExhausted as u32)) };
     assert_eq!(s.to_str().unwrap(), "PACKINFER_STATUS_POOL_EXHAUSTED");
+    // SAFETY: a static C string.
     let s = unsafe { CStr::from_ptr(packinfer_status_string(77)) };
     assert_eq!(s.to_str().unwrap(), "PACKINFER_STATUS_UNKNOWN");
 }
@@ -110,6 +122,7 @@ fn version_and_status_strings() {
 fn flows_prefill_decode_mixed_and_prefix_groups() {
     let ctx = cpu_context();
     let mut info = PackinferContextInfo { struct_size: std::mem::size_of::<PackinferContextInfo>(), backend: 0, num_workers: 0, device_name: [0; 128] };
+    // SAFETY: live locals of the types and lengths the call expects.
     assert_eq!(unsafe { packinfer_context_info(ctx, &mut info) }, PackinferStatus::Ok);
     assert_eq!(info.backend, PackinferBackend::Cpu as u32);
     assert_eq!(info.num_workers, 2);
@@ -127,18 +140,23 @@ fn flows_prefill_decode_mixed_and_prefix_groups() {
 
 #[test]
 fn auto_falls_back_to_cpu_and_cuda_says_no_device() {
+    // SAFETY: a C struct of integers and pointers, for which all zeros is a valid value.
     let mut o = unsafe { std::mem::zeroed::<PackinferContextOptions>() };
+    // SAFETY: live locals of the types and lengths the call expects.
     unsafe { packinfer_context_options_default(&mut o) };
     let mut ctx = PackinferContext::default();
+    // SAFETY: live locals of the types and lengths the call expects.
     assert_eq!(unsafe { packinfer_context_create(&o, &mut ctx) }, PackinferStatus::Ok);
     assert_ne!(ctx.bits, 0);
     assert_eq!(packinfer_context_destroy(ctx), PackinferStatus::Ok);
     o.backend = PackinferBackend::Cuda as u32;
+    // SAFETY: live locals of the types and lengths the call expects.
     let status = unsafe { packinfer_context_create(&o, &mut ctx) };
     if packinfer::backend::cuda::probe(0).is_err() {
         expect(status, PackinferStatus::NoDevice, &["packinfer_context_create"]);
         // and asking for a device that does not exist is NO_DEVICE too, never a crash
         o.device_ordinal = 7;
+        // SAFETY: live locals of the types and lengths the call expects.
         expect(unsafe { packinfer_context_create(&o, &mut ctx) }, PackinferStatus::NoDevice, &[]);
     } else {
         eprintln!("a CUDA device is present: NO_DEVICE is checked only on machines without one");
@@ -154,24 +172,31 @@ fn handles_destroyed_or_forged_are_refused() {
     let case = small_case(1);
     let d = desc(&case, &[]);
     let mut plan = PackinferPlan::default();
+    // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
     assert_eq!(unsafe { packinfer_plan_create(ctx, &d, null(), &mut plan) }, PackinferStatus::Ok);
     let mut launch = PackinferLaunch::default();
+    // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
     assert_eq!(unsafe { packinfer_launch_create(ctx, plan, null(), null_mut(), &mut launch) }, PackinferStatus::Ok);
     // Destroying the plan leaves the launch usable; using the plan is refused.
     assert_eq!(packinfer_plan_destroy(plan), PackinferStatus::Ok);
     expect(packinfer_plan_destroy(plan), PackinferStatus::InvalidHandle, &["packinfer_plan_destroy", "plan handle", "destroyed"]);
     let mut stats = PackinferPlanStats { struct_size: std::mem::size_of::<PackinferPlanStats>(), ..Default::default() };
+    // SAFETY: live locals of the types and lengths the call expects.
     expect(unsafe { packinfer_plan_stats(plan, &mut stats) }, PackinferStatus::InvalidHandle, &["plan handle"]);
     let mut other = PackinferLaunch::default();
+    // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
     expect(unsafe { packinfer_launch_create(ctx, plan, null(), null_mut(), &mut other) }, PackinferStatus::InvalidHandle, &["plan handle"]);
     let o = Tensor::poisoned(case.shape.dtype, case.out_len());
     let mut lse = vec![0.0; case.total_q() * 8];
     let args = run_args(&case, &o, &mut lse);
+    // SAFETY: args address the case's tensors, which outlive the call (a CPU run is synchronous).
     assert_eq!(unsafe { packinfer_run(launch, &args) }, PackinferStatus::Ok, "{}", last_error());
     assert_eq!(packinfer_launch_destroy(launch), PackinferStatus::Ok);
+    // SAFETY: args address the case's tensors, which outlive the call (a CPU run is synchronous).
     expect(unsafe { packinfer_run(launch, &args) }, PackinferStatus::InvalidHandle, &["packinfer_run", "launch handle"]);
     expect(packinfer_launch_destroy(launch), PackinferStatus::InvalidHandle, &["launch handle"]);
     let mut done = false;
+    // SAFETY: live locals of the types and lengths the call expects.
     expect(unsafe { packinfer_launch_query(launch, &mut done) }, PackinferStatus::InvalidHandle, &[]);
     expect(packinfer_launch_wait(launch), PackinferStatus::InvalidHandle, &[]);
     // Null, forged and cross-kind handles.
@@ -182,6 +207,7 @@ fn handles_destroyed_or_forged_are_refused() {
     full_flow(ctx, &case, &[]);
     assert_eq!(packinfer_context_destroy(ctx), PackinferStatus::Ok);
     expect(packinfer_context_destroy(ctx), PackinferStatus::InvalidHandle, &["context handle"]);
+    // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
     expect(unsafe { packinfer_plan_create(ctx, &d, null(), &mut plan) }, PackinferStatus::InvalidHandle, &["context handle"]);
 }
 
@@ -193,6 +219,7 @@ fn bad_batches_are_refused_with_the_value_named() {
     let good = small_case(2);
     let plan_status = |d: &PackinferBatchDesc| {
         let mut plan = PackinferPlan::default();
+        // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
         let s = unsafe { packinfer_plan_create(ctx, d, null(), &mut plan) };
         if s == PackinferStatus::Ok {
             packinfer_plan_destroy(plan);
@@ -268,6 +295,7 @@ fn bad_batches_are_refused_with_the_value_named() {
             d.num_prefix_groups = 2;
             d.prefix_groups = Box::leak(Box::new([
                 PackinferPrefixGroup { prefix_len: 1, num_members: 2, members: keep.as_ptr() },
+                // SAFETY: `keep` has four entries.
                 PackinferPrefixGroup { prefix_len: 1, num_members: 2, members: unsafe { keep.as_ptr().add(2) } },
             ])) as *const _ as *const PackinferPrefixGroup;
         })),
@@ -292,13 +320,18 @@ fn bad_batches_are_refused_with_the_value_named() {
         full_flow(ctx, &good, &[]);
     }
     // Null descriptor and null out-parameter.
+    // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
     expect(unsafe { packinfer_plan_create(ctx, null(), null(), &mut PackinferPlan::default()) }, PackinferStatus::InvalidArgument, &["batch is a null pointer"]);
+    // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
     expect(unsafe { packinfer_plan_create(ctx, &desc(&good, &[]), null(), null_mut()) }, PackinferStatus::InvalidArgument, &["out is a null pointer"]);
     // Bad plan options.
+    // SAFETY: a C struct of integers and pointers, for which all zeros is a valid value.
     let mut po = unsafe { std::mem::zeroed::<PackinferPlanOptions>() };
+    // SAFETY: live locals of the types and lengths the call expects.
     unsafe { packinfer_plan_options_default(&mut po) };
     po.capacity = -3.0;
     let mut plan = PackinferPlan::default();
+    // SAFETY: live locals of the types and lengths the call expects.
     expect(unsafe { packinfer_plan_create(ctx, &desc(&good, &[]), &po, &mut plan) }, PackinferStatus::InvalidArgument, &["capacity = -3"]);
     packinfer_context_destroy(ctx);
 }
@@ -306,54 +339,74 @@ fn bad_batches_are_refused_with_the_value_named() {
 #[test]
 fn bad_options_run_args_and_scratch() {
     // Context options.
+    // SAFETY: a C struct of integers and pointers, for which all zeros is a valid value.
     let mut o = unsafe { std::mem::zeroed::<PackinferContextOptions>() };
     let mut ctx = PackinferContext::default();
+    // SAFETY: live locals of the types and lengths the call expects.
     expect(unsafe { packinfer_context_create(&o, &mut ctx) }, PackinferStatus::InvalidArgument, &["struct_size = 0"]);
+    // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
     expect(unsafe { packinfer_context_create(null(), &mut ctx) }, PackinferStatus::InvalidArgument, &["options is a null pointer"]);
+    // SAFETY: live locals of the types and lengths the call expects.
     unsafe { packinfer_context_options_default(&mut o) };
     o.backend = 5;
+    // SAFETY: live locals of the types and lengths the call expects.
     expect(unsafe { packinfer_context_create(&o, &mut ctx) }, PackinferStatus::InvalidArgument, &["backend = 5"]);
+    // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
     expect(unsafe { packinfer_context_options_default(null_mut()) }, PackinferStatus::InvalidArgument, &["null"]);
 
     let ctx = cpu_context();
     let case = small_case(3);
     let mut plan = PackinferPlan::default();
+    // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
     assert_eq!(unsafe { packinfer_plan_create(ctx, &desc(&case, &[]), null(), &mut plan) }, PackinferStatus::Ok);
     let mut launch = PackinferLaunch::default();
+    // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
     assert_eq!(unsafe { packinfer_launch_create(ctx, plan, null(), null_mut(), &mut launch) }, PackinferStatus::Ok);
     let o = Tensor::poisoned(case.shape.dtype, case.out_len());
     let mut lse = vec![0.0; case.total_q() * 8];
     let good = run_args(&case, &o, &mut lse);
     let mut a = good;
     a.q = null();
+    // SAFETY: args address the case's tensors, which outlive the call (a CPU run is synchronous).
     expect(unsafe { packinfer_run(launch, &a) }, PackinferStatus::InvalidArgument, &["packinfer_run", "q is a null pointer"]);
     a = good;
     a.kv.v = null();
+    // SAFETY: args address the case's tensors, which outlive the call (a CPU run is synchronous).
     expect(unsafe { packinfer_run(launch, &a) }, PackinferStatus::InvalidArgument, &["kv.k or kv.v"]);
     a = good;
     a.o_stride_head = -4;
+    // SAFETY: args address the case's tensors, which outlive the call (a CPU run is synchronous).
     expect(unsafe { packinfer_run(launch, &a) }, PackinferStatus::InvalidArgument, &["o strides"]);
     a = good;
     a.struct_size = 3;
+    // SAFETY: args address the case's tensors, which outlive the call (a CPU run is synchronous).
     expect(unsafe { packinfer_run(launch, &a) }, PackinferStatus::InvalidArgument, &["args->struct_size = 3"]);
+    // SAFETY: a NULL args is refused.
     expect(unsafe { packinfer_run(launch, null()) }, PackinferStatus::InvalidArgument, &["args is a null pointer"]);
+    // SAFETY: args address the case's tensors, which outlive the call (a CPU run is synchronous).
     assert_eq!(unsafe { packinfer_run(launch, &good) }, PackinferStatus::Ok, "{}", last_error());
+    // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
     expect(unsafe { packinfer_launch_query(launch, null_mut()) }, PackinferStatus::InvalidArgument, &["done"]);
     let mut stats = PackinferPlanStats::default();
+    // SAFETY: live locals of the types and lengths the call expects.
     expect(unsafe { packinfer_plan_stats(plan, &mut stats) }, PackinferStatus::InvalidArgument, &["stats->struct_size = 0"]);
     // Caller scratch that is too small, when the plan needs some.
     stats.struct_size = std::mem::size_of::<PackinferPlanStats>();
+    // SAFETY: live locals of the types and lengths the call expects.
     unsafe { packinfer_plan_stats(plan, &mut stats) };
     if stats.scratch_bytes > 0 {
         let mut buf = vec![0u8; 16];
         let lo = PackinferLaunchOptions { struct_size: std::mem::size_of::<PackinferLaunchOptions>(), scratch: buf.as_mut_ptr() as *mut c_void, scratch_bytes: 16 };
+        // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
         expect(unsafe { packinfer_launch_create(ctx, plan, &lo, null_mut(), &mut PackinferLaunch::default()) }, PackinferStatus::InvalidArgument, &["scratch_bytes = 16"]);
     }
     let lo = PackinferLaunchOptions { struct_size: 1, scratch: null_mut(), scratch_bytes: 0 };
+    // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
     expect(unsafe { packinfer_launch_create(ctx, plan, &lo, null_mut(), &mut PackinferLaunch::default()) }, PackinferStatus::InvalidArgument, &["options->struct_size = 1"]);
     // A larger struct_size (a newer header) is accepted.
     a = good;
     a.struct_size += 16;
+    // SAFETY: args address the case's tensors, which outlive the call (a CPU run is synchronous).
     assert_eq!(unsafe { packinfer_run(launch, &a) }, PackinferStatus::Ok, "{}", last_error());
     packinfer_launch_destroy(launch);
     packinfer_plan_destroy(plan);
@@ -362,11 +415,15 @@ fn bad_options_run_args_and_scratch() {
 
 #[test]
 fn layout_helpers_describe_nhd_and_hnd() {
+    // SAFETY: a C struct of integers and pointers, for which all zeros is a valid value.
     let mut l = unsafe { std::mem::zeroed::<PackinferKvLayout>() };
+    // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
     assert_eq!(unsafe { packinfer_kv_layout_nhd(null(), null(), 16, 8, 128, &mut l) }, PackinferStatus::Ok);
     assert_eq!((l.stride_page, l.stride_token, l.stride_head, l.stride_dim), (16 * 8 * 128, 8 * 128, 128, 1));
+    // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
     assert_eq!(unsafe { packinfer_kv_layout_hnd(null(), null(), 16, 8, 128, &mut l) }, PackinferStatus::Ok);
     assert_eq!((l.stride_page, l.stride_token, l.stride_head, l.stride_dim), (16 * 8 * 128, 128, 16 * 128, 1));
+    // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
     expect(unsafe { packinfer_kv_layout_nhd(null(), null(), 16, 8, 128, null_mut()) }, PackinferStatus::InvalidArgument, &["layout"]);
 }
 
@@ -385,6 +442,7 @@ fn c_api_capacity_and_stats() {
     let mut r = rng(1);
     let spec = CaseSpec { batch_size: 3, max_kv: 50, page_size: 16, num_kv_heads: 1, group: 4, head_dim: 64, dtype: DType::F32, causal: true, decode_fraction: 0.5, hnd: false };
     let case = Case::build(&mut r, &spec, &[(1, 40), (2, 30), (1, 20)], vec![]);
+    // SAFETY: each pointer below is NULL where the call checks for it, or a live local of the type and length the call expects.
     unsafe {
         let mut copts: PackinferContextOptions = std::mem::zeroed();
         assert_eq!(packinfer_context_options_default(&mut copts), PackinferStatus::Ok);

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use packinfer_capi::*;
 
 fn last_error() -> String {
+    // SAFETY: never NULL: this thread's message, valid until its next failing call.
     unsafe { CStr::from_ptr(packinfer_last_error()) }.to_string_lossy().into_owned()
 }
 
@@ -27,18 +28,23 @@ fn ok(status: PackinferStatus) {
 }
 
 fn cpu_context() -> PackinferContext {
+    // SAFETY: a C struct of integers and pointers, for which all zeros is a valid value.
     let mut o = unsafe { std::mem::zeroed::<PackinferContextOptions>() };
+    // SAFETY: live locals of the types and lengths the call expects.
     ok(unsafe { packinfer_context_options_default(&mut o) });
     o.backend = PackinferBackend::Cpu as u32;
     o.num_threads = 1;
     let mut ctx = PackinferContext::default();
+    // SAFETY: live locals of the types and lengths the call expects.
     ok(unsafe { packinfer_context_create(&o, &mut ctx) });
     ctx
 }
 
 /// A pool of f32 K/V on the CPU: 1 layer, 1 KV head of head_dim 8.
 fn small_pool(ctx: PackinferContext, page_size: u32, num_pages: u32) -> PackinferPool {
+    // SAFETY: a C struct of integers and pointers, for which all zeros is a valid value.
     let mut o = unsafe { std::mem::zeroed::<PackinferPoolOptions>() };
+    // SAFETY: live locals of the types and lengths the call expects.
     ok(unsafe { packinfer_pool_options_default(&mut o) });
     o.num_layers = 1;
     o.num_qo_heads = 1;
@@ -48,6 +54,7 @@ fn small_pool(ctx: PackinferContext, page_size: u32, num_pages: u32) -> Packinfe
     o.page_size = page_size;
     o.num_pages = num_pages;
     let mut pool = PackinferPool::default();
+    // SAFETY: live locals of the types and lengths the call expects.
     ok(unsafe { packinfer_pool_create(ctx, &o, &mut pool) });
     pool
 }
@@ -65,15 +72,18 @@ fn write(pool: PackinferPool, seq: u64, values: &[f32]) {
         dtype: PackinferDtype::F32 as u32,
         stride_token: 0,
     };
+    // SAFETY: src addresses the rows it describes, on the host; live locals of the types and lengths the call expects.
     ok(unsafe { packinfer_pool_write_kv(pool, 0, &seq, &n, 1, &src, null_mut()) });
 }
 
 fn append(pool: PackinferPool, seq: u64, n: u32) {
+    // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
     ok(unsafe { packinfer_pool_append(pool, seq, n, null_mut(), null_mut()) });
 }
 
 fn new_seq(pool: PackinferPool) -> u64 {
     let mut id = 0;
+    // SAFETY: live locals of the types and lengths the call expects.
     ok(unsafe { packinfer_pool_sequence_create(pool, &mut id) });
     id
 }
@@ -89,9 +99,11 @@ fn a_page_written_in_place_loses_its_content_hash() {
         append(pool, a, 4);
         write(pool, a, &[1.0; 32]);
         let mut b = 0;
+        // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
         ok(unsafe { packinfer_pool_fork(pool, a, 4, null_mut(), &mut b) });
         ok(packinfer_pool_truncate(pool, b, 1));
         let h = 0x5eed_u64;
+        // SAFETY: live locals of the types and lengths the call expects.
         ok(unsafe { packinfer_pool_register_page_hashes(pool, a, &h, 1) });
         ok(packinfer_pool_release(pool, a));
         if write_without_append {
@@ -103,6 +115,7 @@ fn a_page_written_in_place_loses_its_content_hash() {
         }
         let c = new_seq(pool);
         let mut matched = u32::MAX;
+        // SAFETY: live locals of the types and lengths the call expects.
         ok(unsafe { packinfer_pool_match_prefix(pool, c, &h, 1, &mut matched) });
         assert_eq!(matched, 0, "the page now holds B's tokens, not A's prompt (write without append: {write_without_append})");
         ok(packinfer_pool_destroy(pool));
@@ -113,16 +126,20 @@ fn a_page_written_in_place_loses_its_content_hash() {
     append(pool, a, 5);
     write(pool, a, &[1.0; 40]);
     let h = 7u64;
+    // SAFETY: live locals of the types and lengths the call expects.
     ok(unsafe { packinfer_pool_register_page_hashes(pool, a, &h, 1) });
     append(pool, a, 1); // writes into A's second page, not the hashed one
     let c = new_seq(pool);
     let mut matched = 0;
+    // SAFETY: live locals of the types and lengths the call expects.
     ok(unsafe { packinfer_pool_match_prefix(pool, c, &h, 1, &mut matched) });
     assert_eq!(matched, 4);
     ok(packinfer_pool_destroy(pool));
     ok(packinfer_context_destroy(ctx));
 }
 
+// One argument per field of the C struct it fills.
+#[allow(clippy::too_many_arguments)]
 fn batch(qo: &[i32], kv: &[i32], pages: &[i32], last: &[i32], page_size: u32, num_pages: u32, heads: (u32, u32), causal: bool) -> PackinferBatchDesc {
     PackinferBatchDesc {
         struct_size: std::mem::size_of::<PackinferBatchDesc>(),
@@ -146,6 +163,7 @@ fn batch(qo: &[i32], kv: &[i32], pages: &[i32], last: &[i32], page_size: u32, nu
 
 fn plan_status(ctx: PackinferContext, b: &PackinferBatchDesc, options: Option<&PackinferPlanOptions>) -> PackinferStatus {
     let mut plan = PackinferPlan::default();
+    // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
     let s = unsafe { packinfer_plan_create(ctx, b, options.map_or(null(), |o| o as *const _), &mut plan) };
     if s == PackinferStatus::Ok {
         ok(packinfer_plan_destroy(plan));
@@ -159,7 +177,7 @@ fn plan_status(ctx: PackinferContext, b: &PackinferBatchDesc, options: Option<&P
 fn page_indices_and_kv_lengths_are_checked_in_64_bits() {
     use PackinferStatus::*;
     let ctx = cpu_context();
-    let b = batch(&[0, 1], &[0, 2], &[-2, 0], &[0 + 1], 16, u32::MAX, (1, 1), true);
+    let b = batch(&[0, 1], &[0, 2], &[-2, 0], &[1], 16, u32::MAX, (1, 1), true);
     expect(plan_status(ctx, &b, None), InvalidArgument, &["kv_page_indices[0] = -2"]);
     let b = batch(&[0, 1], &[0, 3], &[0, 1, 2], &[1], 1 << 31, 8, (1, 1), false);
     expect(plan_status(ctx, &b, None), InvalidArgument, &["kv_len = 4294967297", "page_size = 2147483648"]);
@@ -179,7 +197,9 @@ fn huge_sizes_are_statuses_not_aborts() {
     // 2^30 keys with a capacity of 1e-300 would be split into 2^24 pieces per KV head.
     let pages = vec![0i32; 1 << 10];
     let b = batch(&[0, 1], &[0, 1 << 10], &pages, &[1 << 20], 1 << 20, 1, (8, 8), false);
+    // SAFETY: a C struct of integers and pointers, for which all zeros is a valid value.
     let mut o = unsafe { std::mem::zeroed::<PackinferPlanOptions>() };
+    // SAFETY: live locals of the types and lengths the call expects.
     ok(unsafe { packinfer_plan_options_default(&mut o) });
     o.capacity = 1e-300;
     expect(plan_status(ctx, &b, Some(&o)), InvalidArgument, &["work items", "capacity"]);
@@ -196,14 +216,18 @@ fn huge_sizes_are_statuses_not_aborts() {
     expect(plan_status(ctx, &b, None), InvalidArgument, &["rows"]);
 
     // A pool's headroom cannot exceed its pages, and a relayout never asks for more than it has.
+    // SAFETY: a C struct of integers and pointers, for which all zeros is a valid value.
     let mut o = unsafe { std::mem::zeroed::<PackinferPoolOptions>() };
+    // SAFETY: live locals of the types and lengths the call expects.
     ok(unsafe { packinfer_pool_options_default(&mut o) });
     (o.num_layers, o.num_qo_heads, o.num_kv_heads, o.head_dim, o.num_pages) = (1, 1, 1, 8, 64);
     o.dtype = PackinferDtype::F32 as u32;
     o.headroom_pages = u32::MAX;
     let mut pool = PackinferPool::default();
+    // SAFETY: live locals of the types and lengths the call expects.
     expect(unsafe { packinfer_pool_create(ctx, &o, &mut pool) }, InvalidArgument, &["headroom_pages = 4294967295"]);
     o.headroom_pages = 64;
+    // SAFETY: live locals of the types and lengths the call expects.
     ok(unsafe { packinfer_pool_create(ctx, &o, &mut pool) });
     let seqs: Vec<u64> = (0..4).map(|_| new_seq(pool)).collect();
     for &s in &seqs {
@@ -211,8 +235,10 @@ fn huge_sizes_are_statuses_not_aborts() {
     }
     let counts = [3u32; 4];
     let mut plan = PackinferPlan::default();
+    // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
     ok(unsafe { packinfer_pool_plan_create(ctx, pool, seqs.as_ptr(), counts.as_ptr(), 4, null(), &mut plan) });
     let mut report = PackinferRelayoutReport { struct_size: std::mem::size_of::<PackinferRelayoutReport>(), ..Default::default() };
+    // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
     ok(unsafe { packinfer_pool_relayout(pool, plan, seqs.as_ptr(), 4, true, null_mut(), &mut report) });
     assert_eq!(report.groups_rebuilt, 0, "{report:?}");
     ok(packinfer_plan_destroy(plan));
@@ -232,6 +258,7 @@ fn a_comb_of_forks_plans_on_a_small_stack() {
     let mut seqs = vec![root];
     for i in 1..=TEETH {
         let mut child = 0;
+        // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
         ok(unsafe { packinfer_pool_fork(pool, root, i, null_mut(), &mut child) });
         append(pool, child, 1);
         seqs.push(child);
@@ -242,9 +269,11 @@ fn a_comb_of_forks_plans_on_a_small_stack() {
         .stack_size(256 << 10)
         .spawn(move || {
             let mut plan = PackinferPlan::default();
+            // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
             let s = unsafe { packinfer_pool_plan_create(PackinferContext { bits: ctx_bits }, PackinferPool { bits: pool_bits }, seqs.as_ptr(), counts.as_ptr(), seqs.len() as u32, null(), &mut plan) };
             let mut stats = PackinferPlanStats { struct_size: std::mem::size_of::<PackinferPlanStats>(), ..Default::default() };
             if s == PackinferStatus::Ok {
+                // SAFETY: live locals of the types and lengths the call expects.
                 ok(unsafe { packinfer_plan_stats(plan, &mut stats) });
                 ok(packinfer_plan_destroy(plan));
             }
@@ -267,6 +296,7 @@ struct CallsAtThreadExit;
 impl Drop for CallsAtThreadExit {
     fn drop(&mut self) {
         let s = packinfer_plan_destroy(PackinferPlan { bits: 0 });
+        // SAFETY: never NULL: this thread's message, valid until its next failing call.
         let msg = unsafe { CStr::from_ptr(packinfer_last_error()) };
         AT_EXIT_STATUS.store(s as u32, Ordering::SeqCst);
         AT_EXIT_MESSAGE_LEN.store(msg.to_bytes().len() as u32, Ordering::SeqCst);
@@ -300,12 +330,14 @@ fn destroyed_handles_stay_dead() {
     let (qo, kv, pages, last) = ([0, 1], [0, 1], [0], [1]);
     let b = batch(&qo, &kv, &pages, &last, 16, 4, (1, 1), true);
     let mut first = PackinferPlan::default();
+    // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
     ok(unsafe { packinfer_plan_create(ctx, &b, null(), &mut first) });
     ok(packinfer_plan_destroy(first));
     let mut seen = std::collections::HashSet::new();
     seen.insert(first.bits);
     for _ in 0..2000 {
         let mut p = PackinferPlan::default();
+        // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
         ok(unsafe { packinfer_plan_create(ctx, &b, null(), &mut p) });
         assert!(seen.insert(p.bits), "handle 0x{:x} was handed out twice", p.bits);
         ok(packinfer_plan_destroy(p));
@@ -318,12 +350,18 @@ fn destroyed_handles_stay_dead() {
 #[test]
 fn layout_helpers_refuse_zero_and_overflowing_sizes() {
     use PackinferStatus::*;
+    // SAFETY: a C struct of integers and pointers, for which all zeros is a valid value.
     let mut l = unsafe { std::mem::zeroed::<PackinferKvLayout>() };
     for f in [packinfer_kv_layout_nhd, packinfer_kv_layout_hnd] {
+        // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
         expect(unsafe { f(null(), null(), 0, 8, 128, &mut l) }, InvalidArgument, &["page_size = 0"]);
+        // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
         expect(unsafe { f(null(), null(), 16, 0, 128, &mut l) }, InvalidArgument, &["num_kv_heads = 0"]);
+        // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
         expect(unsafe { f(null(), null(), 16, 8, 0, &mut l) }, InvalidArgument, &["head_dim = 0"]);
+        // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
         expect(unsafe { f(null(), null(), u32::MAX, u32::MAX, u32::MAX, &mut l) }, InvalidArgument, &["overflow"]);
+        // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
         ok(unsafe { f(null(), null(), 16, 8, 128, &mut l) });
         assert_eq!(l.stride_page, 16 * 8 * 128);
     }
@@ -345,16 +383,21 @@ fn statuses_follow_one_rule() {
     b.head_dim = 12;
     expect(plan_status(ctx, &b, None), Unsupported, &["head_dim = 12"]);
 
+    // SAFETY: a C struct of integers and pointers, for which all zeros is a valid value.
     let mut o = unsafe { std::mem::zeroed::<PackinferPoolOptions>() };
+    // SAFETY: live locals of the types and lengths the call expects.
     ok(unsafe { packinfer_pool_options_default(&mut o) });
     (o.num_layers, o.num_qo_heads, o.num_kv_heads, o.head_dim, o.capacity_bytes) = (1, 1, 1, 8, 1 << 20);
     o.dtype = 9;
     let mut pool = PackinferPool::default();
+    // SAFETY: live locals of the types and lengths the call expects.
     expect(unsafe { packinfer_pool_create(ctx, &o, &mut pool) }, InvalidArgument, &["options->dtype = 9"]);
     o.dtype = PackinferDtype::F32 as u32;
     o.num_kv_heads = 0;
+    // SAFETY: live locals of the types and lengths the call expects.
     expect(unsafe { packinfer_pool_create(ctx, &o, &mut pool) }, InvalidArgument, &["num_kv_heads = 0"]);
     o.num_kv_heads = 1;
+    // SAFETY: live locals of the types and lengths the call expects.
     ok(unsafe { packinfer_pool_create(ctx, &o, &mut pool) });
     let s = new_seq(pool);
     append(pool, s, 1);
@@ -369,6 +412,7 @@ fn statuses_follow_one_rule() {
         dtype: 5,
         stride_token: 0,
     };
+    // SAFETY: src addresses the rows it describes, on the host; live locals of the types and lengths the call expects.
     expect(unsafe { packinfer_pool_write_kv(pool, 0, &s, &1, 1, &src, null_mut()) }, InvalidArgument, &["src->dtype = 5"]);
     ok(packinfer_pool_destroy(pool));
     ok(packinfer_context_destroy(ctx));
@@ -400,6 +444,7 @@ fn older_and_newer_struct_sizes() {
     expect(plan_status(ctx, &cut, None), InvalidArgument, &["batch->struct_size"]);
 
     let mut plan = PackinferPlan::default();
+    // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
     ok(unsafe { packinfer_plan_create(ctx, &b, null(), &mut plan) });
     // Stats as ABI 1's first header had them (through scratch_bytes): the fields added since
     // are not written, nor anything past the caller's struct.
@@ -414,15 +459,19 @@ fn older_and_newer_struct_sizes() {
     let size = std::mem::offset_of!(PackinferPlanStats, max_worker_cost);
     assert_eq!(size, std::mem::offset_of!(FirstStats, canary));
     let mut s = FirstStats { struct_size: size, counts: [0; 6], costs: [0.0; 5], scratch_bytes: 7, canary: [0xdead_beef; 8] };
+    // SAFETY: a first-version stats struct whose struct_size says how far it reaches.
     ok(unsafe { packinfer_plan_stats(plan, &mut s as *mut FirstStats as *mut PackinferPlanStats) });
     assert_eq!((s.struct_size, s.counts[0]), (size, 1));
     assert!(s.counts[1] >= 1 && s.costs[3] > 0.0);
     assert_eq!(s.scratch_bytes, 0);
     assert!(s.canary.iter().all(|&c| c == 0xdead_beef), "wrote past the caller's struct_size");
     s.struct_size = size - 8;
+    // SAFETY: a first-version stats struct whose struct_size says how far it reaches.
     expect(unsafe { packinfer_plan_stats(plan, &mut s as *mut FirstStats as *mut PackinferPlanStats) }, InvalidArgument, &["stats->struct_size"]);
 
+    // SAFETY: a C struct of integers and pointers, for which all zeros is a valid value.
     let mut o = unsafe { std::mem::zeroed::<PackinferPlanOptions>() };
+    // SAFETY: live locals of the types and lengths the call expects.
     ok(unsafe { packinfer_plan_options_default(&mut o) });
     o.flags = 1 << 9;
     expect(plan_status(ctx, &b, Some(&o)), InvalidArgument, &["flags = 0x200"]);
@@ -434,6 +483,7 @@ fn older_and_newer_struct_sizes() {
 #[test]
 fn every_input_struct_has_a_default_filler() {
     use PackinferStatus::*;
+    // SAFETY: each pointer below is NULL where the call checks for it, or a live local of the type and length the call expects.
     unsafe {
         let mut b = std::mem::zeroed::<PackinferBatchDesc>();
         ok(packinfer_batch_desc_default(&mut b));

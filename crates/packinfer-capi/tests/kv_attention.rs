@@ -18,6 +18,7 @@ use rand::Rng;
 
 fn ok(status: PackinferStatus, what: &str) {
     if status != PackinferStatus::Ok {
+        // SAFETY: never NULL: this thread's message, valid until its next failing call.
         let msg = unsafe { std::ffi::CStr::from_ptr(packinfer_last_error()) }.to_string_lossy().into_owned();
         panic!("{what}: {status:?}: {msg}");
     }
@@ -58,7 +59,9 @@ struct Engine {
 
 impl Engine {
     fn new(seed: u64, s: Setup, headroom: u32) -> Engine {
+        // SAFETY: a C struct of integers and pointers, for which all zeros is a valid value.
         let mut o: PackinferContextOptions = unsafe { std::mem::zeroed() };
+        // SAFETY: each pointer below is NULL where the call checks for it, or a live local of the type and length the call expects.
         unsafe {
             ok(packinfer_context_options_default(&mut o), "context options");
             o.backend = PackinferBackend::Cpu as u32;
@@ -88,6 +91,7 @@ impl Engine {
 
     fn create(&mut self) -> u64 {
         let mut id = 0;
+        // SAFETY: live locals of the types and lengths the call expects.
         ok(unsafe { packinfer_pool_sequence_create(self.pool, &mut id) }, "sequence_create");
         self.seqs.insert(id, Record { k: vec![Vec::new(); self.s.layers as usize], v: vec![Vec::new(); self.s.layers as usize], len: 0 });
         id
@@ -97,6 +101,7 @@ impl Engine {
     fn append_and_write(&mut self, step: &[(u64, u32)]) {
         for &(id, n) in step {
             let mut slots = vec![-1i64; n as usize];
+            // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
             ok(unsafe { packinfer_pool_append(self.pool, id, n, slots.as_mut_ptr(), null_mut()) }, "append");
             assert!(slots.iter().all(|&s| s >= 0));
         }
@@ -117,6 +122,7 @@ impl Engine {
                 dtype: ffi_dtype(self.s.dtype),
                 stride_token: 0,
             };
+            // SAFETY: src addresses the step's K/V rows on the host; ids and counts have ids.len() entries.
             let st = unsafe { packinfer_pool_write_kv(self.pool, layer, ids.as_ptr(), counts.as_ptr(), ids.len() as u32, &src, null_mut()) };
             ok(st, "write_kv");
             let mut at = 0;
@@ -135,6 +141,7 @@ impl Engine {
 
     fn fork(&mut self, parent: u64, at: usize) -> u64 {
         let mut child = 0;
+        // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
         ok(unsafe { packinfer_pool_fork(self.pool, parent, at as u32, null_mut(), &mut child) }, "fork");
         let row = self.row();
         let p = &self.seqs[&parent];
@@ -147,6 +154,7 @@ impl Engine {
         let ids: Vec<u64> = step.iter().map(|s| s.0).collect();
         let q: Vec<u32> = step.iter().map(|s| s.1).collect();
         let mut plan = PackinferPlan::default();
+        // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
         ok(unsafe { packinfer_pool_plan_create(self.context, self.pool, ids.as_ptr(), q.as_ptr(), ids.len() as u32, null(), &mut plan) }, "pool_plan_create");
         plan
     }
@@ -158,8 +166,10 @@ impl Engine {
         let mut moved = 0;
         if let Some(regroup) = relayout {
             let ids: Vec<u64> = step.iter().map(|s| s.0).collect();
+            // SAFETY: a C struct of integers and pointers, for which all zeros is a valid value.
             let mut rep: PackinferRelayoutReport = unsafe { std::mem::zeroed() };
             rep.struct_size = std::mem::size_of::<PackinferRelayoutReport>();
+            // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
             ok(unsafe { packinfer_pool_relayout(self.pool, plan, ids.as_ptr(), ids.len() as u32, regroup, null_mut(), &mut rep) }, "relayout");
             moved = rep.pages_moved;
             if moved > 0 {
@@ -168,6 +178,7 @@ impl Engine {
             }
         }
         let mut launch = PackinferLaunch::default();
+        // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
         ok(unsafe { packinfer_launch_create(self.context, plan, null(), null_mut(), &mut launch) }, "launch_create");
         let s = &self.s;
         let shape = Shape { num_qo_heads: s.qo_heads, num_kv_heads: s.kv_heads, head_dim: s.head_dim, dtype: s.dtype, causal: true, sm_scale: 1.0 / (s.head_dim as f32).sqrt() };
@@ -194,12 +205,15 @@ impl Engine {
             let case = Case { shape, batch, q, k, v, layout, hnd: false };
             let o = Tensor::poisoned(s.dtype, case.out_len());
             let mut lse = vec![f32::NAN; total_q * s.qo_heads as usize];
+            // SAFETY: a C struct of integers and pointers, for which all zeros is a valid value.
             let mut args: PackinferRunArgs = unsafe { std::mem::zeroed() };
             args.struct_size = std::mem::size_of::<PackinferRunArgs>();
             args.q = case.q.ptr() as *const _;
             args.o = o.ptr() as *mut _;
             args.lse = lse.as_mut_ptr();
+            // SAFETY: live locals of the types and lengths the call expects.
             ok(unsafe { packinfer_pool_kv_layout(self.pool, layer, &mut args.kv) }, "pool_kv_layout");
+            // SAFETY: args address the case's tensors, which outlive the call (a CPU run is synchronous).
             ok(unsafe { packinfer_run(launch, &args) }, "run");
             assert_close(&case, &o, &lse, &format!("{ctx} layer {layer}"));
         }
@@ -209,8 +223,10 @@ impl Engine {
     }
 
     fn stats(&self) -> PackinferPoolStats {
+        // SAFETY: a C struct of integers and pointers, for which all zeros is a valid value.
         let mut st: PackinferPoolStats = unsafe { std::mem::zeroed() };
         st.struct_size = std::mem::size_of::<PackinferPoolStats>();
+        // SAFETY: live locals of the types and lengths the call expects.
         ok(unsafe { packinfer_pool_stats(self.pool, &mut st) }, "stats");
         st
     }
@@ -252,9 +268,11 @@ fn attention_through_the_pool_with_forks_sharing_and_relayouts() {
         // Content-hash sharing: a sequence registered by hash, matched by a new sequence.
         let full_pages = sys_len / page_size as usize;
         let hashes: Vec<u64> = (0..full_pages as u64).map(|i| 0xabc0 + i + 1000 * seed).collect();
+        // SAFETY: live locals of the types and lengths the call expects.
         ok(unsafe { packinfer_pool_register_page_hashes(e.pool, system, hashes.as_ptr(), hashes.len() as u32) }, "register");
         let matched_seq = e.create();
         let mut matched = 0u32;
+        // SAFETY: live locals of the types and lengths the call expects.
         ok(unsafe { packinfer_pool_match_prefix(e.pool, matched_seq, hashes.as_ptr(), hashes.len() as u32, &mut matched) }, "match");
         assert_eq!(matched as usize, full_pages * page_size as usize);
         let rec = e.seqs[&system].clone();

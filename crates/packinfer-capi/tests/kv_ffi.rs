@@ -13,6 +13,7 @@ use packinfer::types::{DType, Shape};
 use packinfer::Error;
 
 fn last_error() -> String {
+    // SAFETY: never NULL: this thread's message, valid until its next failing call.
     unsafe { CStr::from_ptr(packinfer_last_error()) }.to_string_lossy().into_owned()
 }
 
@@ -25,6 +26,7 @@ fn expect(status: PackinferStatus, want: PackinferStatus, needle: &str, what: &s
 }
 
 fn context() -> PackinferContext {
+    // SAFETY: each pointer below is NULL where the call checks for it, or a live local of the type and length the call expects.
     unsafe {
         let mut o: PackinferContextOptions = std::mem::zeroed();
         packinfer_context_options_default(&mut o);
@@ -37,6 +39,7 @@ fn context() -> PackinferContext {
 }
 
 fn pool_options() -> PackinferPoolOptions {
+    // SAFETY: each pointer below is NULL where the call checks for it, or a live local of the type and length the call expects.
     unsafe {
         let mut o: PackinferPoolOptions = std::mem::zeroed();
         packinfer_pool_options_default(&mut o);
@@ -52,8 +55,10 @@ fn pool_options() -> PackinferPoolOptions {
 }
 
 fn stats(pool: PackinferPool) -> PackinferPoolStats {
+    // SAFETY: a C struct of integers and pointers, for which all zeros is a valid value.
     let mut st: PackinferPoolStats = unsafe { std::mem::zeroed() };
     st.struct_size = std::mem::size_of::<PackinferPoolStats>();
+    // SAFETY: live locals of the types and lengths the call expects.
     expect(unsafe { packinfer_pool_stats(pool, &mut st) }, PackinferStatus::Ok, "", "stats");
     st
 }
@@ -68,6 +73,7 @@ fn pool_creation_checks_its_options() {
     use PackinferStatus::*;
     let c = context();
     let mut pool = PackinferPool::default();
+    // SAFETY: each pointer below is NULL where the call checks for it, or a live local of the type and length the call expects.
     unsafe {
         let mut o = pool_options();
         o.num_pages = 0;
@@ -103,6 +109,7 @@ fn handles_and_sequence_ids_are_checked() {
     use PackinferStatus::*;
     let c = context();
     let mut pool = PackinferPool::default();
+    // SAFETY: each pointer below is NULL where the call checks for it, or a live local of the type and length the call expects.
     unsafe {
         expect(packinfer_pool_create(c, &pool_options(), &mut pool), Ok, "", "pool");
         let (mut a, mut b) = (0u64, 0u64);

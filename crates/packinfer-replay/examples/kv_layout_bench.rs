@@ -176,6 +176,8 @@ fn run(trace: &[(u32, u32)], headroom: u32) -> (Totals, Totals, f64, f64, (u64, 
                     for (base, half) in [(layout.k, 0), (layout.v, 1)] {
                         let src = (base as usize + *p as usize * one_page) as *const u8;
                         let dst = (offset * 2 + half * one_page) % (ws.buf.len() - one_page);
+                        // SAFETY: the source is a page of the CPU pool's host memory (its own page number); the
+                        // destination a page inside `ws.buf` (the offset is taken modulo its room).
                         unsafe { std::ptr::copy_nonoverlapping(src, ws.buf.as_mut_ptr().add(dst), one_page) };
                     }
                     offset += one_page;

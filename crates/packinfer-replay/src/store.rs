@@ -228,13 +228,16 @@ mod tests {
         s.append(100, 10).unwrap();
         let data: Vec<u16> = (0..80).collect();
         let p = data.as_ptr() as u64;
+        // SAFETY: `data` holds the 80 elements (10 tokens of 8) read, on the host (a CPU pool).
         unsafe { s.write_kv(1, &[(100, 10)], p, p, 80) }.unwrap();
         assert!(s.admit(1, Some(100), 13).unwrap());
         let m = s.metrics();
         // 3 pages of the prompt + its partial last page copied for the fork.
         assert_eq!((m.pages_used, m.tokens_stored, m.tokens_logical), (4, 12, 20));
         s.append(1, 3).unwrap();
+        // SAFETY: as above: 24 of data's 80 elements.
         unsafe { s.write_kv(0, &[(1, 3)], p, p, 24) }.unwrap();
+        // SAFETY: refused before any read (8 elements cannot be 3 tokens).
         assert!(unsafe { s.write_kv(0, &[(1, 3)], p, p, 8) }.is_err(), "wrong data length");
         s.release(1).unwrap();
         s.release(100).unwrap();

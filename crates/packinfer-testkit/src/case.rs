@@ -42,7 +42,7 @@ impl Tensor {
     }
     /// A tensor of `n` elements, every one a NaN, so an unwritten output element is caught.
     pub fn poisoned(dtype: DType, n: usize) -> Tensor {
-        Tensor::new(dtype, std::iter::repeat(f32::NAN).take(n))
+        Tensor::new(dtype, std::iter::repeat_n(f32::NAN, n))
     }
     pub fn ptr(&self) -> u64 {
         self.bytes.as_ptr() as u64

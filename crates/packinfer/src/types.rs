@@ -58,7 +58,7 @@ impl Shape {
         if self.num_qo_heads > limits::MAX_HEADS {
             return Err(invalid!("num_qo_heads = {} is more than the {} query heads a layer may have", self.num_qo_heads, limits::MAX_HEADS));
         }
-        if self.num_qo_heads == 0 || self.num_qo_heads % self.num_kv_heads != 0 {
+        if self.num_qo_heads == 0 || !self.num_qo_heads.is_multiple_of(self.num_kv_heads) {
             return Err(invalid!(
                 "num_qo_heads = {} is not a positive multiple of num_kv_heads = {}",
                 self.num_qo_heads,
@@ -68,7 +68,7 @@ impl Shape {
         if self.head_dim == 0 {
             return Err(invalid!("head_dim = 0; a head has at least one dimension"));
         }
-        if self.head_dim % 8 != 0 || self.head_dim > 512 {
+        if !self.head_dim.is_multiple_of(8) || self.head_dim > 512 {
             return Err(crate::unsupported!(
                 "head_dim = {} is not supported (multiples of 8 up to 512; the GPU kernels take 64, 128 and 256)",
                 self.head_dim

@@ -47,10 +47,13 @@ fn spec(page_size: u32, causal: bool) -> CaseSpec {
     CaseSpec { batch_size: 1, max_kv: 1, page_size, num_kv_heads: 2, group: 4, head_dim: 64, dtype: DType::F32, causal, decode_fraction: 0.0, hnd: false }
 }
 
+/// (name, page size, causal, (q_len, kv_len) per request).
+type EdgeCase = (&'static str, u32, bool, &'static [(u32, u32)]);
+
 #[test]
 fn edge_cases() {
     let mut r = rng(11);
-    let cases: &[(&str, u32, bool, &[(u32, u32)])] = &[
+    let cases: &[EdgeCase] = &[
         ("request with 0 new queries", 16, true, &[(0, 40), (3, 9)]),
         ("q_len == kv_len", 16, true, &[(37, 37)]),
         ("single key", 16, true, &[(1, 1)]),
@@ -144,7 +147,9 @@ fn inconsistent_handmade_plans_are_refused() {
     assert!(!good.merges.is_empty(), "the case needs split partials");
     let partial = good.items.iter().position(|i| i.partial_slot != FINAL_OUTPUT).unwrap();
     let n = good.requests.len() as u32;
-    let bad: Vec<(&str, Box<dyn Fn(&mut Plan)>)> = vec![
+    // (what the message says, how the plan is broken)
+    type Corruption = (&'static str, Box<dyn Fn(&mut Plan)>);
+    let bad: Vec<Corruption> = vec![
         ("of request 3 which does not exist", Box::new(move |p| p.row_segments[0].request = n)),
         ("past the plan's arrays", Box::new(|p| p.items[0].chunk_begin = p.kv_chunks.len() as u32)),
         ("outside the cache's", Box::new(|p| p.batch.kv_page_indices[0] = p.batch.num_pages as i32)),

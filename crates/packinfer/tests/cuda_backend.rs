@@ -89,7 +89,7 @@ impl DeviceCase {
         self.k.write(dev, &case.k.bytes).unwrap();
         self.v.write(dev, &case.v.bytes).unwrap();
         self.o.write(dev, &Tensor::poisoned(case.shape.dtype, case.out_len()).bytes).unwrap();
-        let nan: Vec<u8> = std::iter::repeat(f32::NAN.to_le_bytes()).take(case.total_q() * case.shape.num_qo_heads as usize).flatten().collect();
+        let nan: Vec<u8> = std::iter::repeat_n(f32::NAN.to_le_bytes(), case.total_q() * case.shape.num_qo_heads as usize).flatten().collect();
         self.lse.write(dev, &nan).unwrap();
     }
     fn args(&self, case: &Case, stream: u64) -> RunArgs {
@@ -180,10 +180,10 @@ fn random_batches_match_f64_reference() {
 /// Case `i` of a series that cycles through both dtypes, head_dims 128 and 64, GQA 4 and 1,
 /// page sizes 1/16/64, causal and not, NHD and HND (lengths are the caller's).
 fn cycled_spec(i: u32) -> CaseSpec {
-    let dtype = if i % 2 == 0 { DType::Bf16 } else { DType::F16 };
+    let dtype = if i.is_multiple_of(2) { DType::Bf16 } else { DType::F16 };
     let head_dim = if i % 4 < 2 { 128 } else { 64 };
     let group = if i % 8 < 4 { 4 } else { 1 };
-    CaseSpec { batch_size: 0, max_kv: 0, page_size: [1, 16, 64][i as usize % 3], num_kv_heads: 2, group, head_dim, dtype, causal: i % 3 != 2, decode_fraction: 0.0, hnd: i % 5 == 0 }
+    CaseSpec { batch_size: 0, max_kv: 0, page_size: [1, 16, 64][i as usize % 3], num_kv_heads: 2, group, head_dim, dtype, causal: i % 3 != 2, decode_fraction: 0.0, hnd: i.is_multiple_of(5) }
 }
 
 /// The warp-specialised kernel (Hopper; forced here, chosen by default for long rows over pages
@@ -569,17 +569,22 @@ fn graph_capture_replays_updated_plans() {
         let args = dcase.args(&a, stream);
         let exec = {
             let _g = cu.device().enter().unwrap();
+            // SAFETY: a stream of this context (current), which this test created.
             unsafe { cu::stream::begin_capture(stream as sys::CUstream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL) }.unwrap();
             // SAFETY: the device copies of case A's tensors, which outlive every replay.
             let ran = unsafe { bound.run(&args) };
+            // SAFETY: the capture begun above, on the same thread.
             let graph = unsafe { cu::stream::end_capture(stream as sys::CUstream) }.unwrap();
             ran.unwrap();
+            // SAFETY: the graph just captured.
             let exec = unsafe { cu::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) }.unwrap();
+            // SAFETY: the graph, no longer needed once instantiated.
             unsafe { cu::graph::destroy(graph) }.unwrap();
             exec
         };
         let replay = || {
             let _g = cu.device().enter().unwrap();
+            // SAFETY: the instantiated graph, on the stream it was captured from (context current).
             unsafe { cu::graph::launch(exec, stream as sys::CUstream) }.unwrap();
             drop(_g);
             sync_stream(cu.device(), stream).unwrap();
@@ -602,6 +607,7 @@ fn graph_capture_replays_updated_plans() {
         let err = bound.update(Arc::new(plan_big), stream).unwrap_err();
         assert!(err.to_string().contains("capacity"), "{err}");
         let _g = cu.device().enter().unwrap();
+        // SAFETY: the instantiated graph; its replays have finished (synced).
         unsafe { cu::graph::exec_destroy(exec) }.unwrap();
     }
 }

@@ -134,6 +134,7 @@ impl Side {
             None => out.copy_from_slice(unsafe { std::slice::from_raw_parts(m.base() as *const u8, m.len_bytes()) }),
             Some(g) => {
                 let _g = g.cu.device().enter().unwrap();
+                // SAFETY: the host buffer is no larger than the pool's device allocation, whose writes are synced.
                 unsafe { cu::memcpy_dtoh_sync(&mut out, m.base()) }.unwrap();
             }
         }
@@ -149,6 +150,7 @@ impl Side {
         let tokens: Vec<(SeqId, u32)> = step.iter().map(|&(i, n)| (ids[i], n)).collect();
         for layer in 0..LAYERS as usize {
             let (kd, vd) = (self.stage(&k[layer].bytes), self.stage(&v[layer].bytes));
+            // SAFETY: kd and vd are device copies of the step's rows, synced before they drop.
             unsafe { self.pool.write_kv(layer as u32, &tokens, kd.ptr(), vd.ptr(), ROW as i64, s) }.unwrap();
             // The sources must outlive the copies that read them.
             self.sync();
@@ -271,6 +273,7 @@ fn pool_on_cuda_matches_pool_on_cpu() {
     let profile = cu.profile();
     drive(&[Side::new(cpu, None), gpu_side], &profile);
     let _g = cu.device().enter().unwrap();
+    // SAFETY: a stream this test created, its work finished.
     unsafe { cu::stream::destroy(stream as sys::CUstream) }.unwrap();
 }
 
@@ -290,8 +293,10 @@ fn cuda_pool_error_paths() {
     let m = pool.memory();
     let len = m.len_bytes() as u64;
     let src = DeviceBuffer::new(cu.device(), 4096, "src").unwrap();
+    // SAFETY: refused before any read (a null source, or a destination past the pool).
     let e = unsafe { m.write_rows(src.ptr(), 512, 512, &[0, len - 256], 0) }.unwrap_err();
     assert!(e.to_string().contains("outside"), "{e}");
+    // SAFETY: refused before any read (a null source, or a destination past the pool).
     let e = unsafe { m.write_rows(0, 512, 512, &[0], 0) }.unwrap_err();
     assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
     let e = m.copy_ranges(&[(0, len)], 16, 0).unwrap_err();
@@ -299,12 +304,14 @@ fn cuda_pool_error_paths() {
     // Unaligned offsets and sizes take the byte path and still move the right bytes.
     let data: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
     src.write(cu.device(), &data).unwrap();
+    // SAFETY: `src` holds the rows read, on the device.
     unsafe { m.write_rows(src.ptr() + 1, 100, 37, &[5, 1000], 0) }.unwrap();
     m.copy_ranges(&[(5, 3001)], 37, 0).unwrap();
     sync_stream(cu.device(), 0).unwrap();
     let mut back = vec![0u8; 4096];
     {
         let _g = cu.device().enter().unwrap();
+        // SAFETY: the host buffer is no larger than the pool's device allocation, whose writes are synced.
         unsafe { cu::memcpy_dtoh_sync(&mut back, m.base()) }.unwrap();
     }
     assert_eq!(&back[5..42], &data[1..38]);

@@ -51,6 +51,7 @@ fn rows(tags: &[u64], layer: u32, v: bool) -> Vec<f32> {
 fn write(pool: &KvPool, seq: SeqId, tags: &[u64]) -> Result<(), Error> {
     for layer in 0..LAYERS {
         let (k, v) = (rows(tags, layer, false), rows(tags, layer, true));
+        // SAFETY: k and v hold the tags' rows of HEADS × DIM f32 each, on the host.
         unsafe { pool.write_kv(layer, &[(seq, tags.len() as u32)], k.as_ptr() as u64, v.as_ptr() as u64, (HEADS * DIM) as i64, 0)? };
     }
     Ok(())
@@ -386,9 +387,13 @@ fn bad_input_changes_nothing() {
         ("fork beyond length", pool.fork(b, 7, 0).map(drop)),
         ("truncate beyond length", pool.truncate(b, 7)),
         ("release released", pool.release(a)),
+        // SAFETY: refused before any read (the test's point): the bogus address is never used.
         ("write more than stored", unsafe { pool.write_kv(0, &[(b, 7)], 8, 8, 16, 0) }),
+        // SAFETY: refused before any read (the test's point): the bogus address is never used.
         ("write bad layer", unsafe { pool.write_kv(LAYERS, &[(b, 1)], 8, 8, 16, 0) }),
+        // SAFETY: refused before any read (the test's point): the bogus address is never used.
         ("write short stride", unsafe { pool.write_kv(0, &[(b, 1)], 8, 8, 15, 0) }),
+        // SAFETY: refused before any read (the test's point): the bogus address is never used.
         ("write null", unsafe { pool.write_kv(0, &[(b, 1)], 0, 0, 16, 0) }),
         ("plan unknown", pool.plan(&[(a, 0)], None, PlanOptions::default()).map(drop)),
         ("plan repeated", pool.plan(&[(b, 1), (b, 1)], None, PlanOptions::default()).map(drop)),

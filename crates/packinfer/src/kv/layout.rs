@@ -109,7 +109,7 @@ impl PoolState {
                     too_long.insert(g);
                     break;
                 }
-                run.extend(std::iter::repeat(Entry::Headroom(id)).take(self.headroom_pages as usize));
+                run.extend(std::iter::repeat_n(Entry::Headroom(id), self.headroom_pages as usize));
             }
             runs.push(run);
         }

@@ -190,7 +190,7 @@ impl KvPool {
             page_size: config.page_size,
             headroom_pages: config.headroom_pages,
         };
-        Ok(KvPool { config, memory, state: Mutex::new(state), backend: backend })
+        Ok(KvPool { config, memory, state: Mutex::new(state), backend })
     }
 
     pub fn config(&self) -> &PoolConfig {
@@ -311,7 +311,9 @@ impl KvPool {
         for (src, is_v) in [(k, false), (v, true)] {
             let region = self.region_offset(layer, is_v);
             let dst: Vec<u64> = slots.iter().map(|&slot| region + slot * row).collect();
-            self.memory.write_rows(src, stride, row, &dst, stream)?;
+            // SAFETY: the rows at `src` are the caller's (this function's contract); every
+            // destination is a reserved, unshared slot of this layer's region.
+            unsafe { self.memory.write_rows(src, stride, row, &dst, stream)? };
         }
         Ok(())
     }
@@ -538,7 +540,7 @@ impl PoolState {
             return Err(invalid!("prefix_len = {prefix_len} is beyond parent sequence {parent}'s {} tokens", p.len));
         }
         let full = (prefix_len / ps) as usize;
-        let partial = prefix_len % ps != 0;
+        let partial = !prefix_len.is_multiple_of(ps);
         if partial && self.free.is_empty() {
             return Err(self.exhausted(format!("forking sequence {parent} at prefix_len = {prefix_len} (its partly covered page is copied)"), 1));
         }
@@ -569,7 +571,7 @@ impl PoolState {
         }
         let keep = len.div_ceil(self.page_size) as usize;
         let mut q = self.seqs.remove(&id).unwrap();
-        if len % self.page_size != 0 {
+        if !len.is_multiple_of(self.page_size) {
             // The last kept page is now partial: its next tokens may be written in place, so it
             // no longer matches the content hash of a full page.
             self.forget_hash(q.pages[keep - 1]);

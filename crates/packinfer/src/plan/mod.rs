@@ -52,7 +52,7 @@ impl DeviceProfile {
         if self.num_workers == 0 {
             return Err(invalid!("profile num_workers = 0; a device runs at least one group at a time"));
         }
-        if self.block_m == 0 || self.block_m % cost::ROW_SLICE != 0 {
+        if self.block_m == 0 || !self.block_m.is_multiple_of(cost::ROW_SLICE) {
             return Err(invalid!("profile block_m = {} must be a positive multiple of {}", self.block_m, cost::ROW_SLICE));
         }
         if self.block_n == 0 {

@@ -14,9 +14,11 @@ pub struct HostKvMemory {
     bytes: usize,
 }
 
-// SAFETY: writes are serialized by the owning pool's mutex; readers (run) go through raw
-// pointers and the engine orders them against writes, as on a GPU stream.
+// SAFETY: the words are plain integers owned by this value; moving it to another thread moves
+// nothing thread-bound.
 unsafe impl Send for HostKvMemory {}
+// SAFETY: writes through `&self` are serialized by the owning pool's mutex; readers (run) go
+// through raw pointers and the engine orders them against writes, as on a GPU stream.
 unsafe impl Sync for HostKvMemory {}
 
 impl HostKvMemory {
@@ -56,7 +58,9 @@ impl KvMemory for HostKvMemory {
         }
         for (i, &dst) in dst_offsets.iter().enumerate() {
             let from = (src + i as u64 * src_stride_bytes) as *const u8;
-            std::ptr::copy(from, self.ptr().add(dst as usize), row_bytes as usize);
+            // SAFETY: the source row is the caller's (write_rows' contract), the destination is
+            // inside the allocation (checked above); `copy` allows them to overlap.
+            unsafe { std::ptr::copy(from, self.ptr().add(dst as usize), row_bytes as usize) };
         }
         Ok(())
     }

@@ -37,6 +37,7 @@ pub struct Device {
 
 // SAFETY: a CUcontext may be used from any thread (we push it around every use).
 unsafe impl Send for Device {}
+// SAFETY: as for Send; `&Device` only reads the handles.
 unsafe impl Sync for Device {}
 
 impl Device {
@@ -118,7 +119,9 @@ pub struct DeviceBuffer {
     ctx: sys::CUcontext,
 }
 
+// SAFETY: a device address and its context, usable from any thread (every use pushes the context).
 unsafe impl Send for DeviceBuffer {}
+// SAFETY: `&DeviceBuffer` only reads the address; copies into it are synchronous driver calls.
 unsafe impl Sync for DeviceBuffer {}
 
 impl DeviceBuffer {
@@ -160,7 +163,9 @@ pub struct Event {
     ctx: sys::CUcontext,
 }
 
+// SAFETY: CUDA events may be recorded, waited on and destroyed from any thread.
 unsafe impl Send for Event {}
+// SAFETY: as for Send; the driver synchronizes concurrent calls on one event.
 unsafe impl Sync for Event {}
 
 impl Event {
@@ -210,6 +215,7 @@ impl Event {
 
 impl Drop for Event {
     fn drop(&mut self) {
+        // SAFETY: created in `create` on ctx, destroyed once; pushed so the right context is current.
         unsafe {
             if sys::cuCtxPushCurrent_v2(self.ctx) == sys::CUresult::CUDA_SUCCESS {
                 let _ = cu::event::destroy(self.event);
@@ -226,7 +232,9 @@ pub struct Module {
     ctx: sys::CUcontext,
 }
 
+// SAFETY: a module handle of a context that every use makes current; usable from any thread.
 unsafe impl Send for Module {}
+// SAFETY: `&Module` only looks functions up, which the driver allows concurrently.
 unsafe impl Sync for Module {}
 
 impl Module {
@@ -245,6 +253,7 @@ impl Module {
 
 impl Drop for Module {
     fn drop(&mut self) {
+        // SAFETY: loaded in `load` on ctx, unloaded once; pushed so the right context is current.
         unsafe {
             if sys::cuCtxPushCurrent_v2(self.ctx) == sys::CUresult::CUDA_SUCCESS {
                 let _ = cu::module::unload(self.module);
@@ -263,7 +272,9 @@ impl Drop for Module {
 /// what the kernel does with it; the context must be current.
 pub unsafe fn launch<P: bytemuck::Pod>(f: sys::CUfunction, grid: u32, block: u32, smem: u32, stream: sys::CUstream, params: &mut P, what: &str) -> Result<()> {
     let mut args = [params as *mut P as *mut c_void];
-    cu::launch_kernel(f, (grid, 1, 1), (block, 1, 1), smem, stream, &mut args).map_err(|e| device_err(what, e))
+    // SAFETY: one parameter of the kernel's layout, valid addresses, a current context: this
+    // function's contract.
+    unsafe { cu::launch_kernel(f, (grid, 1, 1), (block, 1, 1), smem, stream, &mut args) }.map_err(|e| device_err(what, e))
 }
 
 /// Launches `f` with a list of parameter pointers.
@@ -271,7 +282,8 @@ pub unsafe fn launch<P: bytemuck::Pod>(f: sys::CUfunction, grid: u32, block: u32
 /// # Safety
 /// `args` must point to the kernel's parameters in order; the context must be current.
 pub unsafe fn launch_args(f: sys::CUfunction, grid: u32, block: u32, stream: sys::CUstream, args: &mut [*mut c_void], what: &str) -> Result<()> {
-    cu::launch_kernel(f, (grid, 1, 1), (block, 1, 1), 0, stream, args).map_err(|e| device_err(what, e))
+    // SAFETY: the kernel's parameters in order, a current context: this function's contract.
+    unsafe { cu::launch_kernel(f, (grid, 1, 1), (block, 1, 1), 0, stream, args) }.map_err(|e| device_err(what, e))
 }
 
 impl DeviceBuffer {

@@ -74,7 +74,7 @@ impl DeviceKvMemory {
     fn with_staged(&self, words: &[u64], stream: u64, launch: impl FnOnce(u64) -> Result<()>) -> Result<()> {
         let mut st = self.staging.lock();
         let need = std::mem::size_of_val(words);
-        if !st.buf.as_ref().is_some_and(|b| b.bytes >= need) {
+        if st.buf.as_ref().is_none_or(|b| b.bytes < need) {
             if st.used {
                 // The old buffer may still be read by an enqueued kernel.
                 st.last_use.wait()?;
@@ -120,10 +120,10 @@ impl KvMemory for DeviceKvMemory {
             return Err(invalid!("the K/V source is a null device pointer but {} rows are to be written", dst_offsets.len()));
         }
         let num_rows = u32::try_from(dst_offsets.len()).map_err(|_| invalid!("{} rows in one write; at most {} fit one launch", dst_offsets.len(), u32::MAX))?;
-        let mut aligned = (src | src_stride_bytes | row_bytes | self.memory.ptr) % 16 == 0;
+        let mut aligned = (src | src_stride_bytes | row_bytes | self.memory.ptr).is_multiple_of(16);
         for &dst in dst_offsets {
             self.check("write", dst, row_bytes)?;
-            aligned &= dst % 16 == 0;
+            aligned &= dst.is_multiple_of(16);
         }
         let kern = self.shared.kv()?;
         let dev = &self.shared.dev;
@@ -146,12 +146,12 @@ impl KvMemory for DeviceKvMemory {
             return Ok(());
         }
         let num_pairs = u32::try_from(pairs.len()).map_err(|_| invalid!("{} copies in one call; at most {} fit one launch", pairs.len(), u32::MAX))?;
-        let mut aligned = (bytes | self.memory.ptr) % 16 == 0;
+        let mut aligned = (bytes | self.memory.ptr).is_multiple_of(16);
         let mut flat = Vec::with_capacity(pairs.len() * 2);
         for &(src, dst) in pairs {
             self.check("copy source", src, bytes)?;
             self.check("copy destination", dst, bytes)?;
-            aligned &= (src | dst) % 16 == 0;
+            aligned &= (src | dst).is_multiple_of(16);
             flat.extend([src, dst]);
         }
         let kern = self.shared.kv()?;

@@ -173,7 +173,7 @@ fn kv_row_stride(kv: &KvLayout, page_size: u32) -> Option<i64> {
 /// Host-only: no device call, no synchronisation.
 fn tensor_map_3d(base: u64, dims: [u64; 3], strides: [u64; 2], boxes: [u32; 3]) -> Option<TensorMap> {
     use sys::{CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle};
-    if base % 16 != 0 || strides.iter().any(|&s| s == 0 || s % 16 != 0 || s >= 1 << 40) || boxes.iter().any(|&b| b == 0 || b > 256) {
+    if !base.is_multiple_of(16) || strides.iter().any(|&s| s == 0 || !s.is_multiple_of(16) || s >= 1 << 40) || boxes.iter().any(|&b| b == 0 || b > 256) {
         return None;
     }
     let steps: [u32; 3] = [1, 1, 1];
@@ -209,7 +209,7 @@ fn stride_bytes(s: i64) -> Option<u64> {
 /// not exist (`kv_row_stride`), the dims are not unit-strided, or head_dim is not a multiple of 64.
 fn kv_tensor_map(base: u64, kv: &KvLayout, page_size: u32, head_dim: u32, kv_heads: u32, box_rows: u32) -> Option<TensorMap> {
     let row_stride = kv_row_stride(kv, page_size)?;
-    if head_dim % 64 != 0 || kv.stride_dim != 1 {
+    if !head_dim.is_multiple_of(64) || kv.stride_dim != 1 {
         return None;
     }
     // Rows the kernel may ask for: any below 2^31 (it never asks past a plan's pages, and a plan
@@ -223,7 +223,7 @@ fn kv_tensor_map(base: u64, kv: &KvLayout, page_size: u32, head_dim: u32, kv_hea
 /// a box (block_m not a multiple of the group) or TMA cannot describe the tensor.
 fn qo_tensor_map(base: u64, stride_token: i64, stride_head: i64, shape: &Shape, block_m: u32) -> Option<TensorMap> {
     let group = shape.group_size();
-    if shape.head_dim % 64 != 0 || group == 0 || block_m % group != 0 {
+    if !shape.head_dim.is_multiple_of(64) || group == 0 || !block_m.is_multiple_of(group) {
         return None;
     }
     // Tokens the kernel may ask for: the kernels move only whole tiles of one request by TMA, so
@@ -460,7 +460,7 @@ impl CudaBound {
             ScratchMem::Owned(b) => b.ptr,
             ScratchMem::Caller(s) => s.ptr,
         };
-        let a16 = |x: u64| x % 16 == 0;
+        let a16 = |x: u64| x.is_multiple_of(16);
         let m8 = |x: i64| x % 8 == 0;
         let kv = &args.kv;
         let mut flags = 0;

@@ -70,7 +70,9 @@ pub struct LoadedAttention {
     _module: Module,
 }
 
+// SAFETY: function handles of a module this value owns, of a context every use makes current.
 unsafe impl Send for LoadedAttention {}
+// SAFETY: `&LoadedAttention` only reads the handles; launching a function concurrently is allowed.
 unsafe impl Sync for LoadedAttention {}
 
 /// The KV-maintenance module, loaded into the context.
@@ -83,7 +85,9 @@ pub struct LoadedKv {
     _module: Module,
 }
 
+// SAFETY: as for LoadedAttention.
 unsafe impl Send for LoadedKv {}
+// SAFETY: as for LoadedAttention.
 unsafe impl Sync for LoadedKv {}
 
 /// What every launch of a context shares. Field order is drop order: modules before the device

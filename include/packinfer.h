@@ -33,6 +33,9 @@
  * Result of every call. `packinfer_last_error()` says more about any status other than OK.
  */
 typedef enum PackinferStatus {
+  /**
+   * Success.
+   */
   PACKINFER_STATUS_OK = 0,
   /**
    * An argument is wrong; the message names it and its value.
@@ -46,6 +49,9 @@ typedef enum PackinferStatus {
    * Valid, but not supported by this build or backend (a head_dim, a dtype).
    */
   PACKINFER_STATUS_UNSUPPORTED = 3,
+  /**
+   * Host or device memory ran out.
+   */
   PACKINFER_STATUS_OUT_OF_MEMORY = 4,
   /**
    * The KV pool has no room for the request; the pool is unchanged.
@@ -77,7 +83,13 @@ typedef enum PackinferBackend {
    * CUDA when a driver, NVRTC and the device are present, else the CPU.
    */
   PACKINFER_BACKEND_AUTO = 0,
+  /**
+   * Host threads.
+   */
   PACKINFER_BACKEND_CPU = 1,
+  /**
+   * A CUDA device; NO_DEVICE where none is usable.
+   */
   PACKINFER_BACKEND_CUDA = 2,
 } PackinferBackend;
 
@@ -85,7 +97,13 @@ typedef enum PackinferBackend {
  * Element type of Q, K, V and O (accumulation is always fp32).
  */
 typedef enum PackinferDtype {
+  /**
+   * IEEE half precision.
+   */
   PACKINFER_DTYPE_F16 = 0,
+  /**
+   * bfloat16.
+   */
   PACKINFER_DTYPE_BF16 = 1,
   /**
    * CPU backend only.
@@ -119,6 +137,9 @@ typedef enum PackinferPlanFlags {
   PACKINFER_PLAN_FLAGS_NO_SPLIT_KV = 16,
 } PackinferPlanFlags;
 
+/**
+ * How to create a context.
+ */
 typedef struct PackinferContextOptions {
   /**
    * sizeof(PackinferContextOptions).
@@ -152,6 +173,9 @@ typedef struct PackinferContextOptions {
  * get INVALID_HANDLE); plans, launches and pools made on it stay usable.
  */
 typedef struct PackinferContext {
+  /**
+   * The handle's value (a type tag and a serial number); 0 is never a handle.
+   */
   uint64_t bits;
 } PackinferContext;
 
@@ -177,6 +201,9 @@ typedef struct PackinferContextInfo {
   char device_name[128];
 } PackinferContextInfo;
 
+/**
+ * How the planner may schedule.
+ */
 typedef struct PackinferPlanOptions {
   /**
    * sizeof(PackinferPlanOptions).
@@ -204,8 +231,17 @@ typedef struct PackinferPlanOptions {
  * no `struct_size` and does not change within ABI version 1.
  */
 typedef struct PackinferPrefixGroup {
+  /**
+   * Keys the members share.
+   */
   uint32_t prefix_len;
+  /**
+   * Entries of `members` (at least 2).
+   */
   uint32_t num_members;
+  /**
+   * Indices of requests of the batch, each in at most one group.
+   */
   const int32_t *members;
 } PackinferPrefixGroup;
 
@@ -218,21 +254,24 @@ typedef struct PackinferBatchDesc {
    * sizeof(PackinferBatchDesc).
    */
   size_t struct_size;
+  /**
+   * Requests in the step.
+   */
   uint32_t batch_size;
   /**
-   * [batch_size + 1]: request i's queries are tokens qo_indptr[i] .. qo_indptr[i+1].
+   * `[batch_size + 1]`: request i's queries are tokens `qo_indptr[i] .. qo_indptr[i+1]`.
    */
   const int32_t *qo_indptr;
   /**
-   * [batch_size + 1]: request i's pages are kv_page_indices[kv_indptr[i] .. kv_indptr[i+1]].
+   * `[batch_size + 1]`: request i's pages are `kv_page_indices[kv_indptr[i] .. kv_indptr[i+1]]`.
    */
   const int32_t *kv_indptr;
   /**
-   * [kv_indptr[batch_size]]: page numbers in the cache.
+   * `[kv_indptr[batch_size]]`: page numbers in the cache.
    */
   const int32_t *kv_page_indices;
   /**
-   * [batch_size]: tokens in each request's last page (1..=page_size; 0 for a request with no pages).
+   * `[batch_size]`: tokens in each request's last page (1..=page_size; 0 for a request with no pages).
    */
   const int32_t *kv_last_page_len;
   /**
@@ -243,8 +282,17 @@ typedef struct PackinferBatchDesc {
    * Pages in the cache; every page index must be below it.
    */
   uint32_t num_pages;
+  /**
+   * Query heads (a multiple of num_kv_heads).
+   */
   uint32_t num_qo_heads;
+  /**
+   * Key/value heads.
+   */
   uint32_t num_kv_heads;
+  /**
+   * Elements per head.
+   */
   uint32_t head_dim;
   /**
    * A `PackinferDtype` value.
@@ -258,7 +306,13 @@ typedef struct PackinferBatchDesc {
    * 0 = 1/sqrt(head_dim).
    */
   float sm_scale;
+  /**
+   * Entries of `prefix_groups`.
+   */
   uint32_t num_prefix_groups;
+  /**
+   * Requests sharing a prefix; NULL when num_prefix_groups is 0.
+   */
   const struct PackinferPrefixGroup *prefix_groups;
 } PackinferBatchDesc;
 
@@ -275,6 +329,9 @@ typedef struct PackinferLaunchOptions {
    * until the launch is destroyed; NULL = the launch allocates it once, at creation.
    */
   void *scratch;
+  /**
+   * Size of `scratch` in bytes.
+   */
   size_t scratch_bytes;
 } PackinferLaunchOptions;
 
@@ -289,17 +346,41 @@ typedef struct PackinferLaunchCapacity {
    * sizeof(PackinferLaunchCapacity).
    */
   size_t struct_size;
+  /**
+   * Work items.
+   */
   uint32_t max_work_items;
+  /**
+   * Row segments.
+   */
   uint32_t max_row_segments;
+  /**
+   * KV chunks.
+   */
   uint32_t max_kv_chunks;
+  /**
+   * Requests.
+   */
   uint32_t max_requests;
   /**
    * Entries of kv_page_indices.
    */
   uint32_t max_pages;
+  /**
+   * Merge rows.
+   */
   uint32_t max_merge_rows;
+  /**
+   * Entries of the merge slot list.
+   */
   uint32_t max_merge_slots;
+  /**
+   * Execution groups.
+   */
   uint32_t max_groups;
+  /**
+   * Partial slots (they size the scratch).
+   */
   uint32_t max_partial_slots;
 } PackinferLaunchCapacity;
 
@@ -309,11 +390,29 @@ typedef struct PackinferLaunchCapacity {
  * this struct has no `struct_size` and does not change within ABI version 1.
  */
 typedef struct PackinferKvLayout {
+  /**
+   * Address of K.
+   */
   const void *k;
+  /**
+   * Address of V.
+   */
   const void *v;
+  /**
+   * Elements between pages.
+   */
   int64_t stride_page;
+  /**
+   * Elements between the tokens of a page.
+   */
   int64_t stride_token;
+  /**
+   * Elements between KV heads.
+   */
   int64_t stride_head;
+  /**
+   * Elements between dims (1 for the fast paths).
+   */
   int64_t stride_dim;
 } PackinferKvLayout;
 
@@ -329,14 +428,29 @@ typedef struct PackinferRunArgs {
    * [total_q, num_qo_heads, head_dim]; strides in elements, 0 = contiguous.
    */
   const void *q;
+  /**
+   * Q's token stride.
+   */
   int64_t q_stride_token;
+  /**
+   * Q's head stride.
+   */
   int64_t q_stride_head;
+  /**
+   * The K/V cache the plan's page indices point into.
+   */
   struct PackinferKvLayout kv;
   /**
    * [total_q, num_qo_heads, head_dim], same dtype as Q; strides in elements, 0 = contiguous.
    */
   void *o;
+  /**
+   * O's token stride.
+   */
   int64_t o_stride_token;
+  /**
+   * O's head stride.
+   */
   int64_t o_stride_head;
   /**
    * Optional float32 [total_q, num_qo_heads], natural log; NULL = not written.
@@ -354,6 +468,9 @@ typedef struct PackinferRunArgs {
  * Threads: a plan never changes after creation; any thread may use it, concurrently too.
  */
 typedef struct PackinferPlan {
+  /**
+   * The handle's value (a type tag and a serial number); 0 is never a handle.
+   */
   uint64_t bits;
 } PackinferPlan;
 
@@ -365,19 +482,49 @@ typedef struct PackinferPlanStats {
    * sizeof(PackinferPlanStats).
    */
   size_t struct_size;
+  /**
+   * Requests of the step.
+   */
   uint32_t num_requests;
+  /**
+   * Execution groups.
+   */
   uint32_t num_groups;
+  /**
+   * Work items (tiles).
+   */
   uint32_t num_work_items;
+  /**
+   * Requests whose keys were split into several pieces.
+   */
   uint32_t num_split_requests;
+  /**
+   * (token, head) rows merged from pieces.
+   */
   uint32_t num_merge_rows;
+  /**
+   * Partial rows the pieces write.
+   */
   uint32_t num_partial_slots;
   /**
    * Real (row, visible key) pairs / (row, key) pairs computed, in (0, 1].
    */
   double tile_utilization;
+  /**
+   * Cost of the costliest group, in cost units.
+   */
   double max_group_cost;
+  /**
+   * Mean cost of a group.
+   */
   double mean_group_cost;
+  /**
+   * The capacity the plan was made with.
+   */
   double capacity;
+  /**
+   * Time spent planning.
+   */
   double planning_time_us;
   /**
    * Bytes of fp32 scratch the plan's split partials need.
@@ -388,6 +535,9 @@ typedef struct PackinferPlanStats {
    * all the device's workers, in the profile's cost units.
    */
   double max_worker_cost;
+  /**
+   * See max_worker_cost.
+   */
   double mean_worker_cost;
   /**
    * Work items that write partial slots (split pieces, prefix tiles, prefix members' suffixes).
@@ -407,6 +557,9 @@ typedef struct PackinferPlanStats {
  * on the device.
  */
 typedef struct PackinferLaunch {
+  /**
+   * The handle's value (a type tag and a serial number); 0 is never a handle.
+   */
   uint64_t bits;
 } PackinferLaunch;
 
@@ -420,9 +573,21 @@ typedef struct PackinferPoolOptions {
    * sizeof(PackinferPoolOptions).
    */
   size_t struct_size;
+  /**
+   * Layers the pool holds K and V for.
+   */
   uint32_t num_layers;
+  /**
+   * Query heads of the model (plans made from the pool use them).
+   */
   uint32_t num_qo_heads;
+  /**
+   * Key/value heads.
+   */
   uint32_t num_kv_heads;
+  /**
+   * Elements per head.
+   */
   uint32_t head_dim;
   /**
    * A `PackinferDtype` value.
@@ -462,6 +627,9 @@ typedef struct PackinferPoolOptions {
  * given: keep them on the stream of the runs that read the pool, or order the two yourself.
  */
 typedef struct PackinferPool {
+  /**
+   * The handle's value (a type tag and a serial number); 0 is never a handle.
+   */
   uint64_t bits;
 } PackinferPool;
 
@@ -479,6 +647,9 @@ typedef struct PackinferKvSource {
    * Device memory on CUDA, host memory on the CPU backend.
    */
   const void *k;
+  /**
+   * Like k, for V.
+   */
   const void *v;
   /**
    * Rows (tokens) in `k` and `v`; must equal the sum of `num_tokens`.
@@ -488,6 +659,9 @@ typedef struct PackinferKvSource {
    * Must equal the pool's.
    */
   uint32_t num_kv_heads;
+  /**
+   * Must equal the pool's.
+   */
   uint32_t head_dim;
   /**
    * A `PackinferDtype` value.
@@ -507,17 +681,29 @@ typedef struct PackinferRelayoutReport {
    * sizeof(PackinferRelayoutReport).
    */
   size_t struct_size;
+  /**
+   * Groups given.
+   */
   uint32_t groups;
   /**
    * Groups already contiguous, or not due for a rebuild.
    */
   uint32_t groups_in_place;
+  /**
+   * Groups whose pages were moved into one run.
+   */
   uint32_t groups_rebuilt;
   /**
    * Groups due for a rebuild that found no free run of pages; left as they were.
    */
   uint32_t groups_no_room;
+  /**
+   * Pages copied.
+   */
   uint64_t pages_moved;
+  /**
+   * Bytes those copies moved (every layer, K and V).
+   */
   uint64_t bytes_moved;
 } PackinferRelayoutReport;
 
@@ -529,9 +715,21 @@ typedef struct PackinferPoolStats {
    * sizeof(PackinferPoolStats).
    */
   size_t struct_size;
+  /**
+   * Pages of the pool.
+   */
   uint32_t num_pages;
+  /**
+   * Pages some sequence holds (its tokens or headroom).
+   */
   uint32_t pages_used;
+  /**
+   * Pages no sequence holds.
+   */
   uint32_t pages_free;
+  /**
+   * Live sequences.
+   */
   uint32_t num_sequences;
   /**
    * Sum of the sequences' lengths (a shared token counts once per sequence).
@@ -558,7 +756,13 @@ typedef struct PackinferPoolStats {
    * Relayouts that moved pages, and how many pages and bytes they moved in total.
    */
   uint64_t relayouts;
+  /**
+   * See relayouts.
+   */
   uint64_t relayout_pages_moved;
+  /**
+   * See relayouts.
+   */
   uint64_t relayout_bytes_moved;
   /**
    * Pages copied on write (a fork's partly covered page, an append into a shared page).

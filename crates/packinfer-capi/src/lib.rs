@@ -3,6 +3,8 @@
 //! the work itself happens in the `packinfer` crate (plan, kv, backend). `libpackinfer` links
 //! this crate into the C library; cbindgen makes `include/packinfer.h` from it alone (build.rs).
 
+#![warn(missing_docs)]
+
 mod api;
 mod handles;
 mod pool;
@@ -42,6 +44,7 @@ pub const PACKINFER_ABI_VERSION: u32 = 1;
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PackinferStatus {
+    /// Success.
     Ok = 0,
     /// An argument is wrong; the message names it and its value.
     InvalidArgument = 1,
@@ -49,6 +52,7 @@ pub enum PackinferStatus {
     InvalidHandle = 2,
     /// Valid, but not supported by this build or backend (a head_dim, a dtype).
     Unsupported = 3,
+    /// Host or device memory ran out.
     OutOfMemory = 4,
     /// The KV pool has no room for the request; the pool is unchanged.
     PoolExhausted = 5,

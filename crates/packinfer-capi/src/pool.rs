@@ -23,6 +23,7 @@ static POOLS: Registry<KvPool> = Registry::new(0xD1, "pool");
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PackinferPool {
+    /// The handle's value (a type tag and a serial number); 0 is never a handle.
     pub bits: u64,
 }
 
@@ -34,9 +35,13 @@ pub struct PackinferPool {
 pub struct PackinferPoolOptions {
     /// sizeof(PackinferPoolOptions).
     pub struct_size: usize,
+    /// Layers the pool holds K and V for.
     pub num_layers: u32,
+    /// Query heads of the model (plans made from the pool use them).
     pub num_qo_heads: u32,
+    /// Key/value heads.
     pub num_kv_heads: u32,
+    /// Elements per head.
     pub head_dim: u32,
     /// A `PackinferDtype` value.
     pub dtype: u32,
@@ -60,9 +65,13 @@ pub struct PackinferPoolOptions {
 pub struct PackinferPoolStats {
     /// sizeof(PackinferPoolStats).
     pub struct_size: usize,
+    /// Pages of the pool.
     pub num_pages: u32,
+    /// Pages some sequence holds (its tokens or headroom).
     pub pages_used: u32,
+    /// Pages no sequence holds.
     pub pages_free: u32,
+    /// Live sequences.
     pub num_sequences: u32,
     /// Sum of the sequences' lengths (a shared token counts once per sequence).
     pub tokens_logical: u64,
@@ -77,7 +86,9 @@ pub struct PackinferPoolStats {
     pub step_read_bytes_unshared: u64,
     /// Relayouts that moved pages, and how many pages and bytes they moved in total.
     pub relayouts: u64,
+    /// See relayouts.
     pub relayout_pages_moved: u64,
+    /// See relayouts.
     pub relayout_bytes_moved: u64,
     /// Pages copied on write (a fork's partly covered page, an append into a shared page).
     pub cow_page_copies: u64,
@@ -89,13 +100,17 @@ pub struct PackinferPoolStats {
 pub struct PackinferRelayoutReport {
     /// sizeof(PackinferRelayoutReport).
     pub struct_size: usize,
+    /// Groups given.
     pub groups: u32,
     /// Groups already contiguous, or not due for a rebuild.
     pub groups_in_place: u32,
+    /// Groups whose pages were moved into one run.
     pub groups_rebuilt: u32,
     /// Groups due for a rebuild that found no free run of pages; left as they were.
     pub groups_no_room: u32,
+    /// Pages copied.
     pub pages_moved: u64,
+    /// Bytes those copies moved (every layer, K and V).
     pub bytes_moved: u64,
 }
 
@@ -264,11 +279,13 @@ pub struct PackinferKvSource {
     pub struct_size: usize,
     /// Device memory on CUDA, host memory on the CPU backend.
     pub k: *const c_void,
+    /// Like k, for V.
     pub v: *const c_void,
     /// Rows (tokens) in `k` and `v`; must equal the sum of `num_tokens`.
     pub num_rows: u32,
     /// Must equal the pool's.
     pub num_kv_heads: u32,
+    /// Must equal the pool's.
     pub head_dim: u32,
     /// A `PackinferDtype` value.
     pub dtype: u32,

@@ -8,7 +8,9 @@ use std::ffi::{c_char, c_void};
 pub enum PackinferBackend {
     /// CUDA when a driver, NVRTC and the device are present, else the CPU.
     Auto = 0,
+    /// Host threads.
     Cpu = 1,
+    /// A CUDA device; NO_DEVICE where none is usable.
     Cuda = 2,
 }
 
@@ -16,7 +18,9 @@ pub enum PackinferBackend {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PackinferDtype {
+    /// IEEE half precision.
     F16 = 0,
+    /// bfloat16.
     Bf16 = 1,
     /// CPU backend only.
     F32 = 2,
@@ -48,6 +52,7 @@ pub(crate) fn not_a_dtype(field: &str, value: u32) -> String {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PackinferContext {
+    /// The handle's value (a type tag and a serial number); 0 is never a handle.
     pub bits: u64,
 }
 
@@ -57,6 +62,7 @@ pub struct PackinferContext {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PackinferPlan {
+    /// The handle's value (a type tag and a serial number); 0 is never a handle.
     pub bits: u64,
 }
 
@@ -72,9 +78,11 @@ pub struct PackinferPlan {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PackinferLaunch {
+    /// The handle's value (a type tag and a serial number); 0 is never a handle.
     pub bits: u64,
 }
 
+/// How to create a context.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct PackinferContextOptions {
@@ -110,8 +118,11 @@ pub struct PackinferContextInfo {
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct PackinferPrefixGroup {
+    /// Keys the members share.
     pub prefix_len: u32,
+    /// Entries of `members` (at least 2).
     pub num_members: u32,
+    /// Indices of requests of the batch, each in at most one group.
     pub members: *const i32,
 }
 
@@ -122,21 +133,25 @@ pub struct PackinferPrefixGroup {
 pub struct PackinferBatchDesc {
     /// sizeof(PackinferBatchDesc).
     pub struct_size: usize,
+    /// Requests in the step.
     pub batch_size: u32,
-    /// [batch_size + 1]: request i's queries are tokens qo_indptr[i] .. qo_indptr[i+1].
+    /// `[batch_size + 1]`: request i's queries are tokens `qo_indptr[i] .. qo_indptr[i+1]`.
     pub qo_indptr: *const i32,
-    /// [batch_size + 1]: request i's pages are kv_page_indices[kv_indptr[i] .. kv_indptr[i+1]].
+    /// `[batch_size + 1]`: request i's pages are `kv_page_indices[kv_indptr[i] .. kv_indptr[i+1]]`.
     pub kv_indptr: *const i32,
-    /// [kv_indptr[batch_size]]: page numbers in the cache.
+    /// `[kv_indptr[batch_size]]`: page numbers in the cache.
     pub kv_page_indices: *const i32,
-    /// [batch_size]: tokens in each request's last page (1..=page_size; 0 for a request with no pages).
+    /// `[batch_size]`: tokens in each request's last page (1..=page_size; 0 for a request with no pages).
     pub kv_last_page_len: *const i32,
     /// Tokens per page; any size, 1 included.
     pub page_size: u32,
     /// Pages in the cache; every page index must be below it.
     pub num_pages: u32,
+    /// Query heads (a multiple of num_kv_heads).
     pub num_qo_heads: u32,
+    /// Key/value heads.
     pub num_kv_heads: u32,
+    /// Elements per head.
     pub head_dim: u32,
     /// A `PackinferDtype` value.
     pub dtype: u32,
@@ -144,7 +159,9 @@ pub struct PackinferBatchDesc {
     pub causal: bool,
     /// 0 = 1/sqrt(head_dim).
     pub sm_scale: f32,
+    /// Entries of `prefix_groups`.
     pub num_prefix_groups: u32,
+    /// Requests sharing a prefix; NULL when num_prefix_groups is 0.
     pub prefix_groups: *const PackinferPrefixGroup,
 }
 
@@ -168,6 +185,7 @@ impl PackinferPlanFlags {
     pub(crate) const ALL: [PackinferPlanFlags; 5] = [Self::Deterministic, Self::NoPacking, Self::NoBalancing, Self::NoPrefixSharing, Self::NoSplitKv];
 }
 
+/// How the planner may schedule.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct PackinferPlanOptions {
@@ -189,23 +207,34 @@ pub struct PackinferPlanOptions {
 pub struct PackinferPlanStats {
     /// sizeof(PackinferPlanStats).
     pub struct_size: usize,
+    /// Requests of the step.
     pub num_requests: u32,
+    /// Execution groups.
     pub num_groups: u32,
+    /// Work items (tiles).
     pub num_work_items: u32,
+    /// Requests whose keys were split into several pieces.
     pub num_split_requests: u32,
+    /// (token, head) rows merged from pieces.
     pub num_merge_rows: u32,
+    /// Partial rows the pieces write.
     pub num_partial_slots: u32,
     /// Real (row, visible key) pairs / (row, key) pairs computed, in (0, 1].
     pub tile_utilization: f64,
+    /// Cost of the costliest group, in cost units.
     pub max_group_cost: f64,
+    /// Mean cost of a group.
     pub mean_group_cost: f64,
+    /// The capacity the plan was made with.
     pub capacity: f64,
+    /// Time spent planning.
     pub planning_time_us: f64,
     /// Bytes of fp32 scratch the plan's split partials need.
     pub scratch_bytes: u64,
     /// Load of the busiest CTA (worker) when workers take groups in order, and the mean over
     /// all the device's workers, in the profile's cost units.
     pub max_worker_cost: f64,
+    /// See max_worker_cost.
     pub mean_worker_cost: f64,
     /// Work items that write partial slots (split pieces, prefix tiles, prefix members' suffixes).
     pub num_partial_items: u32,
@@ -220,6 +249,7 @@ pub struct PackinferLaunchOptions {
     /// Caller-owned scratch of at least the plan's scratch_bytes (device memory on CUDA), valid
     /// until the launch is destroyed; NULL = the launch allocates it once, at creation.
     pub scratch: *mut c_void,
+    /// Size of `scratch` in bytes.
     pub scratch_bytes: usize,
 }
 
@@ -229,11 +259,17 @@ pub struct PackinferLaunchOptions {
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct PackinferKvLayout {
+    /// Address of K.
     pub k: *const c_void,
+    /// Address of V.
     pub v: *const c_void,
+    /// Elements between pages.
     pub stride_page: i64,
+    /// Elements between the tokens of a page.
     pub stride_token: i64,
+    /// Elements between KV heads.
     pub stride_head: i64,
+    /// Elements between dims (1 for the fast paths).
     pub stride_dim: i64,
 }
 
@@ -245,12 +281,17 @@ pub struct PackinferRunArgs {
     pub struct_size: usize,
     /// [total_q, num_qo_heads, head_dim]; strides in elements, 0 = contiguous.
     pub q: *const c_void,
+    /// Q's token stride.
     pub q_stride_token: i64,
+    /// Q's head stride.
     pub q_stride_head: i64,
+    /// The K/V cache the plan's page indices point into.
     pub kv: PackinferKvLayout,
     /// [total_q, num_qo_heads, head_dim], same dtype as Q; strides in elements, 0 = contiguous.
     pub o: *mut c_void,
+    /// O's token stride.
     pub o_stride_token: i64,
+    /// O's head stride.
     pub o_stride_head: i64,
     /// Optional float32 [total_q, num_qo_heads], natural log; NULL = not written.
     pub lse: *mut f32,
@@ -267,15 +308,23 @@ pub struct PackinferRunArgs {
 pub struct PackinferLaunchCapacity {
     /// sizeof(PackinferLaunchCapacity).
     pub struct_size: usize,
+    /// Work items.
     pub max_work_items: u32,
+    /// Row segments.
     pub max_row_segments: u32,
+    /// KV chunks.
     pub max_kv_chunks: u32,
+    /// Requests.
     pub max_requests: u32,
     /// Entries of kv_page_indices.
     pub max_pages: u32,
+    /// Merge rows.
     pub max_merge_rows: u32,
+    /// Entries of the merge slot list.
     pub max_merge_slots: u32,
+    /// Execution groups.
     pub max_groups: u32,
+    /// Partial slots (they size the scratch).
     pub max_partial_slots: u32,
 }
 

@@ -12,7 +12,7 @@ use packinfer_testkit::harness;
 use std::ffi::CStr;
 
 use common::{assert_close, rng, Case, CaseSpec, Tensor};
-use packinfer::backend::cuda::driver::{sync_stream, DeviceBuffer};
+use packinfer::testing::{self, sync_stream, DeviceBuffer};
 use packinfer::backend::cuda::CudaBackend;
 use packinfer::backend::{BackendChoice, BackendKind};
 use packinfer_capi::*;
@@ -85,7 +85,7 @@ fn capacity_launch_update_and_run_through_the_c_abi() {
     // SAFETY: device_name is NUL-terminated (the library writes at most 127 bytes).
     println!("device {:?}, {} workers after calibration", unsafe { CStr::from_ptr(info.device_name.as_ptr()) }, info.num_workers);
     let cu = CudaBackend::new(&BackendChoice { kind: Some(BackendKind::Cuda), device_ordinal: 0, cpu_threads: 0, kernel_cache_dir: None }).unwrap();
-    let dev = cu.device();
+    let dev = testing::device(&cu);
     let mut r = rng(21);
     let spec = CaseSpec { batch_size: 4, max_kv: 600, page_size: 16, num_kv_heads: 2, group: 4, head_dim: 64, dtype: DType::F16, causal: true, decode_fraction: 0.5, hnd: true };
     let a = Case::build(&mut r, &spec, &[(1, 500), (12, 40), (1, 3), (6, 600)], vec![]);
@@ -164,7 +164,7 @@ fn runs_of_one_launch_on_two_streams_do_not_overlap() {
     let Some(ctx) = cuda_context() else { return };
     use cudarc::driver::result as cu;
     let cu_backend = CudaBackend::new(&BackendChoice { kind: Some(BackendKind::Cuda), device_ordinal: 0, cpu_threads: 0, kernel_cache_dir: None }).unwrap();
-    let dev = cu_backend.device();
+    let dev = testing::device(&cu_backend);
     let mut r = rng(77);
     let spec = CaseSpec { batch_size: 6, max_kv: 4096, page_size: 16, num_kv_heads: 2, group: 4, head_dim: 128, dtype: DType::Bf16, causal: true, decode_fraction: 0.5, hnd: false };
     let case = Case::build(&mut r, &spec, &[(1, 4000), (300, 3000), (1, 4096), (64, 2048), (1, 1500), (900, 900)], vec![]);

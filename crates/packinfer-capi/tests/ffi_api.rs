@@ -152,7 +152,7 @@ fn auto_falls_back_to_cpu_and_cuda_says_no_device() {
     o.backend = PackinferBackend::Cuda as u32;
     // SAFETY: live locals of the types and lengths the call expects.
     let status = unsafe { packinfer_context_create(&o, &mut ctx) };
-    if packinfer::backend::cuda::probe(0).is_err() {
+    if packinfer::testing::probe(0).is_err() {
         expect(status, PackinferStatus::NoDevice, &["packinfer_context_create"]);
         // and asking for a device that does not exist is NO_DEVICE too, never a crash
         o.device_ordinal = 7;

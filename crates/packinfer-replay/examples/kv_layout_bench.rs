@@ -240,7 +240,7 @@ fn run(trace: &[(u32, u32)], headroom: u32) -> (Totals, Totals, f64, f64, (u64, 
 
 /// Groups whose pages (not claimed by an earlier group) do not form one run.
 fn not_contiguous(pool: &KvPool, groups: &[Vec<SeqId>]) -> u64 {
-    let snap = pool.debug_snapshot();
+    let snap = packinfer::testing::pool_snapshot(pool);
     let by_id: BTreeMap<SeqId, (&Vec<u32>, &Vec<u32>)> = snap.seqs.iter().map(|(id, p, r, _)| (*id, (p, r))).collect();
     let mut claimed: BTreeSet<u32> = BTreeSet::new();
     let mut bad = 0;

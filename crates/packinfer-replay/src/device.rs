@@ -1,61 +1,118 @@
 //! The replay's memory on the GPU: the step inputs (random Q and new K/V, uploaded once; a step
 //! reads them at random offsets, as the host replay reads its input vector) and the output, each
 //! one device allocation made before the first step at the largest step's size, plus two timing
-//! events. The replay is a user of the library, so this goes through the library's thin driver
-//! wrappers (the device's primary context, which the CUDA backend also uses) and cudarc.
+//! events. The replay is a user of the library's Rust API, which keeps its driver wrappers to
+//! itself, so this talks to the driver through cudarc, in the device's primary context (the one
+//! the CUDA backend uses too).
 
 use cudarc::driver::result as cu;
 use cudarc::driver::sys;
-use packinfer::backend::cuda::driver::{device_err, Device, DeviceBuffer};
-use packinfer::Result;
+use packinfer::{Error, Result};
 
-/// An event that records a timestamp (the library's `Event` disables timing).
-struct TimingEvent {
-    event: sys::CUevent,
-}
-
-impl TimingEvent {
-    fn new(dev: &Device) -> Result<TimingEvent> {
-        let _g = dev.enter()?;
-        let event = cu::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(|e| device_err("cuEventCreate", e))?;
-        Ok(TimingEvent { event })
+fn device_err(what: &str, e: cu::DriverError) -> Error {
+    if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+        Error::OutOfMemory(format!("{what}: out of device memory"))
+    } else {
+        Error::Device(format!("{what} failed: {:?}", e.0))
     }
 }
 
+/// Device `ordinal`'s primary context, retained while this lives.
+struct Context {
+    device: sys::CUdevice,
+    ctx: sys::CUcontext,
+}
+
+impl Context {
+    fn open(ordinal: u32) -> Result<Context> {
+        // SAFETY: only tries to dlopen the driver library (cudarc panics without it).
+        if !unsafe { sys::is_culib_present() } {
+            return Err(Error::NoDevice("the CUDA driver library (libcuda.so.1) could not be loaded".into()));
+        }
+        cu::init().map_err(|e| device_err("cuInit", e))?;
+        let device = cu::device::get(ordinal as i32).map_err(|e| device_err("cuDeviceGet", e))?;
+        // SAFETY: a valid device; released in Drop.
+        let ctx = unsafe { cu::primary_ctx::retain(device) }.map_err(|e| device_err("cuDevicePrimaryCtxRetain", e))?;
+        Ok(Context { device, ctx })
+    }
+
+    /// Makes the context current on this thread until the guard drops.
+    fn enter(&self) -> Result<Current> {
+        // SAFETY: the context is retained while self lives.
+        let r = unsafe { sys::cuCtxPushCurrent_v2(self.ctx) };
+        r.result().map_err(|e| device_err("cuCtxPushCurrent", e))?;
+        Ok(Current(()))
+    }
+}
+
+impl Drop for Context {
+    fn drop(&mut self) {
+        // SAFETY: retained in open, released once.
+        let _ = unsafe { cu::primary_ctx::release(self.device) };
+    }
+}
+
+/// The context pushed by `Context::enter`; popped on drop.
+struct Current(());
+
+impl Drop for Current {
+    fn drop(&mut self) {
+        let mut old = std::ptr::null_mut();
+        // SAFETY: pops what enter pushed.
+        let _ = unsafe { sys::cuCtxPopCurrent_v2(&mut old) };
+    }
+}
+
+/// The replay's device allocations and timing events. Made step by step in `new`: whatever was
+/// made when a later step fails is freed by Drop (null and 0 are "not made").
 pub struct DeviceIo {
-    start: TimingEvent,
-    end: TimingEvent,
-    inputs: DeviceBuffer,
-    out: DeviceBuffer,
-    /// Last, so the context outlives the buffers and events above.
-    dev: Device,
+    inputs: sys::CUdeviceptr,
+    out: sys::CUdeviceptr,
+    out_elems: usize,
+    start: sys::CUevent,
+    end: sys::CUevent,
+    /// Last, so the context outlives what Drop frees in it.
+    ctx: Context,
 }
 
 impl DeviceIo {
     /// Uploads `inputs` (16-bit elements) and allocates `out_elems` elements of output on device
     /// `ordinal`.
     pub fn new(ordinal: u32, inputs: &[u16], out_elems: usize) -> Result<DeviceIo> {
-        let dev = Device::open(ordinal)?;
-        let buf = DeviceBuffer::new(&dev, inputs.len() * 2, "allocating the replay's step inputs on the GPU")?;
-        // SAFETY: a u16 slice viewed as its bytes.
-        buf.write(&dev, unsafe { std::slice::from_raw_parts(inputs.as_ptr() as *const u8, inputs.len() * 2) })?;
-        let out = DeviceBuffer::new(&dev, out_elems.max(1) * 2, "allocating the replay's attention output on the GPU")?;
-        Ok(DeviceIo { start: TimingEvent::new(&dev)?, end: TimingEvent::new(&dev)?, inputs: buf, out, dev })
+        let ctx = Context::open(ordinal)?;
+        let mut io = DeviceIo { inputs: 0, out: 0, out_elems: out_elems.max(1), start: std::ptr::null_mut(), end: std::ptr::null_mut(), ctx };
+        let _g = io.ctx.enter()?;
+        // SAFETY: the context is current; the copy fills the allocation just made for
+        // `inputs`, from the slice itself.
+        unsafe {
+            io.inputs = cu::malloc_sync(inputs.len().max(1) * 2).map_err(|e| device_err("allocating the replay's step inputs on the GPU", e))?;
+            cu::memcpy_htod_sync(io.inputs, inputs).map_err(|e| device_err("uploading the replay's step inputs", e))?;
+            io.out = cu::malloc_sync(io.out_elems * 2).map_err(|e| device_err("allocating the replay's attention output on the GPU", e))?;
+        }
+        let timing = || cu::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(|e| device_err("cuEventCreate", e));
+        io.start = timing()?;
+        io.end = timing()?;
+        drop(_g);
+        Ok(io)
     }
 
     /// Device address of input element `at`.
     pub fn input_ptr(&self, at: usize) -> u64 {
-        self.inputs.ptr() + at as u64 * 2
+        self.inputs + at as u64 * 2
     }
 
     pub fn out_ptr(&self) -> u64 {
-        self.out.ptr()
+        self.out
     }
 
     /// Copies the first `out.len()` output elements to the host (waits for the stream's work).
     pub fn read_out(&self, out: &mut [u16]) -> Result<()> {
-        // SAFETY: a u16 slice viewed as its bytes.
-        self.out.read(&self.dev, unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut u8, out.len() * 2) })
+        if out.len() > self.out_elems {
+            return Err(Error::Internal(format!("{} output elements asked for; the device holds {}", out.len(), self.out_elems)));
+        }
+        let _g = self.ctx.enter()?;
+        // SAFETY: at most the allocation's elements (checked), the context current.
+        unsafe { cu::memcpy_dtoh_sync(out, self.out) }.map_err(|e| device_err("reading the attention output back", e))
     }
 
     /// Seconds the GPU spent on what `enqueue` puts on `stream`: events recorded before and
@@ -63,17 +120,17 @@ impl DeviceIo {
     pub fn time(&self, stream: u64, enqueue: impl FnOnce() -> Result<()>) -> Result<f64> {
         let s = stream as sys::CUstream;
         {
-            let _g = self.dev.enter()?;
-            // SAFETY: events of this context; the caller's stream.
-            unsafe { cu::event::record(self.start.event, s) }.map_err(|e| device_err("cuEventRecord", e))?;
+            let _g = self.ctx.enter()?;
+            // SAFETY: an event of this context; the caller's stream of its device.
+            unsafe { cu::event::record(self.start, s) }.map_err(|e| device_err("cuEventRecord", e))?;
         }
         enqueue()?;
-        let _g = self.dev.enter()?;
-        // SAFETY: as above.
+        let _g = self.ctx.enter()?;
+        // SAFETY: as above; both events were recorded on the stream.
         unsafe {
-            cu::event::record(self.end.event, s).map_err(|e| device_err("cuEventRecord", e))?;
-            cu::event::synchronize(self.end.event).map_err(|e| device_err("cuEventSynchronize (attention kernels failed?)", e))?;
-            let ms = cu::event::elapsed(self.start.event, self.end.event).map_err(|e| device_err("cuEventElapsedTime", e))?;
+            cu::event::record(self.end, s).map_err(|e| device_err("cuEventRecord", e))?;
+            cu::event::synchronize(self.end).map_err(|e| device_err("cuEventSynchronize (attention kernels failed?)", e))?;
+            let ms = cu::event::elapsed(self.start, self.end).map_err(|e| device_err("cuEventElapsedTime", e))?;
             Ok(ms as f64 / 1e3)
         }
     }
@@ -81,11 +138,19 @@ impl DeviceIo {
 
 impl Drop for DeviceIo {
     fn drop(&mut self) {
-        if let Ok(_g) = self.dev.enter() {
-            // SAFETY: created in new on this context, destroyed once.
+        if let Ok(_g) = self.ctx.enter() {
+            // SAFETY: made in new on this context, each freed once; null and 0 were never made.
             unsafe {
-                let _ = cu::event::destroy(self.start.event);
-                let _ = cu::event::destroy(self.end.event);
+                for e in [self.start, self.end] {
+                    if !e.is_null() {
+                        let _ = cu::event::destroy(e);
+                    }
+                }
+                for p in [self.inputs, self.out] {
+                    if p != 0 {
+                        let _ = cu::free_sync(p);
+                    }
+                }
             }
         }
     }

@@ -16,7 +16,7 @@ use std::time::Instant;
 use packinfer::backend::Backend;
 use packinfer::plan::adapt::{CapacityTuner, RegroupTrigger};
 use packinfer::kv::groups_of_plan;
-use packinfer::plan::{cost, DeviceProfile, Plan, PlanOptions};
+use packinfer::plan::{DeviceProfile, Plan, PlanOptions};
 use packinfer::types::{RowsTensor, RunArgs, Shape};
 use packinfer::{Error, Result};
 
@@ -206,7 +206,7 @@ impl Adaptation {
             for c in &plan.kv_chunks[item.chunk_begin as usize..(item.chunk_begin + item.chunk_count) as usize] {
                 let id = step[c.request as usize].0;
                 let g = self.kept_group.get(&id).copied().unwrap_or(self.kept_groups);
-                loads[g] += cost::chunk_cost(profile, c.row_begin, c.row_end, c.key_end - c.key_begin);
+                loads[g] += profile.chunk_cost(c);
             }
         }
         if loads[self.kept_groups] == 0.0 {

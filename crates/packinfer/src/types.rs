@@ -7,18 +7,23 @@ use crate::invalid;
 /// Element type of Q, K, V and O. Accumulation is always fp32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DType {
+    /// IEEE half precision.
     F16,
+    /// bfloat16.
     Bf16,
+    /// IEEE single precision (the CPU backend only).
     F32,
 }
 
 impl DType {
+    /// Bytes of one element.
     pub fn size_bytes(self) -> usize {
         match self {
             DType::F16 | DType::Bf16 => 2,
             DType::F32 => 4,
         }
     }
+    /// "f16", "bf16" or "f32", for messages.
     pub fn name(self) -> &'static str {
         match self {
             DType::F16 => "f16",
@@ -31,10 +36,16 @@ impl DType {
 /// The attention shape of one model layer (every layer of a step shares it).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Shape {
+    /// Query (and output) heads; a positive multiple of `num_kv_heads`.
     pub num_qo_heads: u32,
+    /// Key/value heads (GQA: each serves `num_qo_heads / num_kv_heads` query heads).
     pub num_kv_heads: u32,
+    /// Elements of one head's vector.
     pub head_dim: u32,
+    /// Element type of Q, K, V and O.
     pub dtype: DType,
+    /// Bottom-right aligned causal mask: query i of a request of q_len queries and kv_len keys
+    /// sees keys `0 ..= kv_len - q_len + i`.
     pub causal: bool,
     /// Softmax scale applied to q·k; `1/sqrt(head_dim)` unless the engine says otherwise.
     pub sm_scale: f32,
@@ -51,6 +62,7 @@ impl Shape {
         self.num_qo_heads / self.num_kv_heads
     }
 
+    /// Checks the shape; the message names the first bad value.
     pub fn validate(&self) -> Result<()> {
         if self.num_kv_heads == 0 {
             return Err(invalid!("num_kv_heads = 0; need at least one KV head"));
@@ -99,7 +111,9 @@ pub(crate) mod limits {
 /// read once (from the first member's pages) for all of them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PrefixGroup {
+    /// Keys the members share, from their first.
     pub prefix_len: u32,
+    /// Requests of the batch (at least two, each in at most one group).
     pub members: Vec<u32>,
 }
 
@@ -107,26 +121,37 @@ pub struct PrefixGroup {
 /// tables (FlashInfer's convention). Owned copies: the library keeps no pointer into caller memory.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
+    /// `batch_size + 1` entries: request r's query tokens are `qo_indptr[r] .. qo_indptr[r + 1]`.
     pub qo_indptr: Vec<i32>,
+    /// `batch_size + 1` entries: request r's pages are `kv_page_indices[kv_indptr[r] ..
+    /// kv_indptr[r + 1]]`.
     pub kv_indptr: Vec<i32>,
+    /// The requests' pages, in key order.
     pub kv_page_indices: Vec<i32>,
+    /// Keys in each request's last page (1 ..= page_size; 0 for a request without pages).
     pub kv_last_page_len: Vec<i32>,
+    /// Keys per page.
     pub page_size: u32,
     /// Pages in the cache the page indices point into; every index must be below it.
     pub num_pages: u32,
+    /// Requests declared to share a prefix.
     pub prefix_groups: Vec<PrefixGroup>,
 }
 
 impl Batch {
+    /// Requests in the batch.
     pub fn len(&self) -> usize {
         self.kv_last_page_len.len()
     }
+    /// Whether the batch has no request.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Index of request `r`'s first query token in the step.
     pub fn q_start(&self, r: usize) -> u32 {
         self.qo_indptr[r] as u32
     }
+    /// Query tokens of request `r`.
     pub fn q_len(&self, r: usize) -> u32 {
         (self.qo_indptr[r + 1] - self.qo_indptr[r]) as u32
     }
@@ -143,6 +168,7 @@ impl Batch {
             (pages - 1) * self.page_size as u64 + self.kv_last_page_len[r].max(0) as u64
         }
     }
+    /// Query tokens of the whole step.
     pub fn total_q(&self) -> u32 {
         *self.qo_indptr.last().unwrap_or(&0) as u32
     }
@@ -263,11 +289,17 @@ fn check_indptr(name: &str, v: &[i32]) -> Result<()> {
 /// at `k + p*page + t*token + h*head + d*dim` elements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvLayout {
+    /// Address of K's element (0, 0, 0, 0).
     pub k: u64,
+    /// Address of V's element (0, 0, 0, 0).
     pub v: u64,
+    /// Elements between pages.
     pub stride_page: i64,
+    /// Elements between the tokens of a page.
     pub stride_token: i64,
+    /// Elements between KV heads.
     pub stride_head: i64,
+    /// Elements between the dims of a head (1 for the fast paths).
     pub stride_dim: i64,
 }
 
@@ -275,16 +307,22 @@ pub struct KvLayout {
 /// element strides (contiguous when the strides are `heads*head_dim` and `head_dim`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RowsTensor {
+    /// Address of element (0, 0, 0).
     pub ptr: u64,
+    /// Elements between tokens.
     pub stride_token: i64,
+    /// Elements between heads (dims are contiguous).
     pub stride_head: i64,
 }
 
 /// Everything one `run` needs besides the launch: one layer's tensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RunArgs {
+    /// The queries, `[total_q, num_qo_heads, head_dim]`.
     pub q: RowsTensor,
+    /// The paged K/V cache the plan's page indices point into.
     pub kv: KvLayout,
+    /// The output, Q's shape and dtype.
     pub o: RowsTensor,
     /// `float32 [total_q, num_qo_heads]`, natural log; 0 when not wanted.
     pub lse: u64,

@@ -14,8 +14,7 @@ use std::sync::Arc;
 
 use common::{assert_close_to, rel_frobenius, rng, Case, CaseSpec, Tensor};
 use cudarc::driver::{result as cu, sys};
-use packinfer::backend::cuda::driver::{sync_stream, DeviceBuffer};
-use packinfer::backend::cuda::launch::CudaBound;
+use packinfer::testing::{self, sync_stream, CudaBound, DeviceBuffer};
 use packinfer::backend::cuda::CudaBackend;
 use packinfer::backend::{Backend, BackendChoice, BackendKind, BoundPlan, LaunchCapacity};
 use packinfer::plan::{DeviceProfile, KvChunk, MergeRow, Plan, PlanOptions, RowSegment, WorkItem, FINAL_OUTPUT};
@@ -68,7 +67,7 @@ struct DeviceCase {
 
 impl DeviceCase {
     fn new(cu: &CudaBackend, q_bytes: usize, kv_bytes: usize, out_bytes: usize, lse_len: usize) -> DeviceCase {
-        let dev = cu.device();
+        let dev = testing::device(cu);
         DeviceCase {
             q: DeviceBuffer::new(dev, q_bytes, "q").unwrap(),
             k: DeviceBuffer::new(dev, kv_bytes, "k").unwrap(),
@@ -84,7 +83,7 @@ impl DeviceCase {
     }
     /// Copies the case's inputs and poisons the outputs (NaN everywhere).
     fn load(&self, cu: &CudaBackend, case: &Case) {
-        let dev = cu.device();
+        let dev = testing::device(cu);
         self.q.write(dev, &case.q.bytes).unwrap();
         self.k.write(dev, &case.k.bytes).unwrap();
         self.v.write(dev, &case.v.bytes).unwrap();
@@ -103,7 +102,7 @@ impl DeviceCase {
         }
     }
     fn outputs(&self, cu: &CudaBackend, case: &Case) -> (Tensor, Vec<f32>) {
-        let dev = cu.device();
+        let dev = testing::device(cu);
         let mut o = Tensor::poisoned(case.shape.dtype, case.out_len());
         self.o.read(dev, &mut o.bytes).unwrap();
         let mut raw = vec![0u8; case.total_q() * case.shape.num_qo_heads as usize * 4];
@@ -121,13 +120,13 @@ fn run_plan(cu: &CudaBackend, case: &Case, plan: Plan) -> (Tensor, Vec<f32>) {
 /// (which kernel it bound, whether the run copies K/V by TMA).
 fn run_plan_inspected(cu: &CudaBackend, case: &Case, plan: Plan, inspect: impl FnOnce(&CudaBound, &RunArgs)) -> (Tensor, Vec<f32>) {
     let dcase = DeviceCase::for_case(cu, case);
-    let bound = cu.bind_cuda(Arc::new(plan), 0, None, None).expect("bind");
+    let bound = testing::bind_cuda(cu, Arc::new(plan), 0, None, None).expect("bind");
     bound.wait().unwrap();
     let args = dcase.args(case, 0);
     inspect(&bound, &args);
     // SAFETY: the device copies of the case's tensors, alive until after the stream is synced.
     unsafe { bound.run(&args) }.expect("run");
-    sync_stream(cu.device(), 0).expect("kernels failed");
+    sync_stream(testing::device(cu), 0).expect("kernels failed");
     dcase.outputs(cu, case)
 }
 
@@ -230,7 +229,7 @@ fn specialized_launches_choose_the_kernel_per_run_layout() {
         let spec = CaseSpec { batch_size: 0, max_kv: 0, page_size: 16, num_kv_heads: 2, group: 4, head_dim: 128, dtype: DType::Bf16, causal: true, decode_fraction: 0.0, hnd };
         let case = Case::build_with(&mut r, &spec, &[(3000, 3000), (2000, 3500)], vec![], false);
         let plan = Plan::build(case.shape, case.batch.clone(), &cu.profile(), PlanOptions::default()).unwrap();
-        let hopper = cu.device().cc() == (9, 0);
+        let hopper = testing::device(&cu).cc() == (9, 0);
         let (o, lse) = run_plan_inspected(&cu, &case, plan, |bound, args| {
             assert_eq!(bound.warp_specialized(), hopper, "a long prefill over pages in order");
             assert_eq!(bound.copies_kv_by_tma(args).unwrap(), hopper && !hnd);
@@ -243,7 +242,7 @@ fn specialized_launches_choose_the_kernel_per_run_layout() {
 /// Which plans the default context runs on the warp-specialised kernel: long rows over pages in
 /// order; not scattered pages, short prompts or decodes. Pure (no device).
 fn warp_specialized_kernel_is_chosen_for_long_rows_over_pages_in_order() {
-    use packinfer::backend::cuda::suits_warp_specialized;
+    use packinfer::testing::suits_warp_specialized;
     let mut r = rng(0x5e1e);
     let spec = |page_size| CaseSpec { batch_size: 0, max_kv: 0, page_size, num_kv_heads: 1, group: 1, head_dim: 64, dtype: DType::F16, causal: true, decode_fraction: 0.0, hnd: false };
     let prefill = [(3000, 3000), (2500, 2500)];
@@ -292,7 +291,7 @@ fn short_batches_run_on_narrow_tiles() {
         // On Hopper they run on the short-prefill kernel (32-key blocks, several CTAs per SM),
         // which moves whole one-request Q and O tiles by TMA (head_dim <= 128 there).
         let (o, lse) = run_plan_inspected(&cu, &case, plan, |bound, args| {
-            let short_kernel = cu.device().cc() == (9, 0) && cu.profile().block_m > 64;
+            let short_kernel = testing::device(&cu).cc() == (9, 0) && cu.profile().block_m > 64;
             assert_eq!(bound.block_n() == 32, short_kernel, "short batch {i}: kernel");
             assert_eq!(bound.moves_qo_by_tma(args).unwrap(), short_kernel && spec.head_dim <= 128, "short batch {i}: Q/O by TMA");
         });
@@ -542,7 +541,7 @@ fn deterministic_rows_are_bitwise_identical_across_batches() {
 }
 
 fn create_stream(cu: &CudaBackend) -> u64 {
-    let _g = cu.device().enter().unwrap();
+    let _g = testing::device(cu).enter().unwrap();
     cu::stream::create(cu::stream::StreamKind::NonBlocking).unwrap() as u64
 }
 
@@ -568,7 +567,7 @@ fn graph_capture_replays_updated_plans() {
         bound.wait().unwrap();
         let args = dcase.args(&a, stream);
         let exec = {
-            let _g = cu.device().enter().unwrap();
+            let _g = testing::device(&cu).enter().unwrap();
             // SAFETY: a stream of this context (current), which this test created.
             unsafe { cu::stream::begin_capture(stream as sys::CUstream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL) }.unwrap();
             // SAFETY: the device copies of case A's tensors, which outlive every replay.
@@ -583,11 +582,11 @@ fn graph_capture_replays_updated_plans() {
             exec
         };
         let replay = || {
-            let _g = cu.device().enter().unwrap();
+            let _g = testing::device(&cu).enter().unwrap();
             // SAFETY: the instantiated graph, on the stream it was captured from (context current).
             unsafe { cu::graph::launch(exec, stream as sys::CUstream) }.unwrap();
             drop(_g);
-            sync_stream(cu.device(), stream).unwrap();
+            sync_stream(testing::device(&cu), stream).unwrap();
         };
         replay();
         let (o, lse) = dcase.outputs(&cu, &a);
@@ -606,7 +605,7 @@ fn graph_capture_replays_updated_plans() {
         let plan_big = Plan::build(big.shape, big.batch.clone(), &cu.profile(), PlanOptions::default()).unwrap();
         let err = bound.update(Arc::new(plan_big), stream).unwrap_err();
         assert!(err.to_string().contains("capacity"), "{err}");
-        let _g = cu.device().enter().unwrap();
+        let _g = testing::device(&cu).enter().unwrap();
         // SAFETY: the instantiated graph; its replays have finished (synced).
         unsafe { cu::graph::exec_destroy(exec) }.unwrap();
     }
@@ -615,7 +614,7 @@ fn graph_capture_replays_updated_plans() {
 fn append_kv_and_copy_pages_match_host() {
     let Some(cu) = backend("append_kv_and_copy_pages_match_host") else { return };
     let mut r = rng(12);
-    let dev = cu.device();
+    let dev = testing::device(&cu);
     for (page_size, hnd) in [(1u32, false), (16, true), (64, false)] {
         let (pages, heads, dim) = (12u32, 2u32, 128u32);
         let n = (pages * page_size * heads * dim) as usize;
@@ -644,7 +643,7 @@ fn append_kv_and_copy_pages_match_host() {
         vnd.write(dev, &bytes(&vn)).unwrap();
         // SAFETY: device buffers of this size: `tokens` slots inside the cache's pages, as many
         // rows of new K and V; the copies below wait for the stream.
-        unsafe { cu.append_kv(&layout, page_size, sd.ptr(), knd.ptr(), vnd.ptr(), tokens, heads, dim, DType::Bf16, 0) }.unwrap();
+        unsafe { testing::append_kv(&cu, &layout, page_size, sd.ptr(), knd.ptr(), vnd.ptr(), tokens, heads, dim, DType::Bf16, 0) }.unwrap();
         let at = |page: i64, t: i64, h: i64, d: i64| (page * sp + t * st + h * sh + d) as usize;
         for (ti, &slot) in slots.iter().enumerate() {
             if slot < 0 {
@@ -663,7 +662,7 @@ fn append_kv_and_copy_pages_match_host() {
         let pd = DeviceBuffer::new(dev, pairs.len() * 4, "pairs").unwrap();
         pd.write(dev, &pairs.iter().flat_map(|s| s.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
         // SAFETY: three pairs of distinct pages of the cache's twelve, in a device buffer.
-        unsafe { cu.copy_pages(&layout, page_size, pd.ptr(), 3, heads, dim, 1, 0, DType::F16, 0) }.unwrap();
+        unsafe { testing::copy_pages(&cu, &layout, page_size, pd.ptr(), 3, heads, dim, 1, 0, DType::F16, 0) }.unwrap();
         for p in pairs.chunks(2) {
             for t in 0..page_size as i64 {
                 for h in 0..heads as i64 {
@@ -687,10 +686,10 @@ fn precompile_builds_every_variant() {
     let Some(cu) = backend("precompile_builds_every_variant") else { return };
     let t = std::time::Instant::now();
     cu.precompile().unwrap();
-    println!("precompile: {:.2} s (cache dir {:?})", t.elapsed().as_secs_f64(), cu.shared().cache.dir());
+    println!("precompile: {:.2} s (cache dir {:?})", t.elapsed().as_secs_f64(), testing::kernel_cache_dir(&cu));
     for d in [64, 128, 256] {
         for dt in [DType::F16, DType::Bf16] {
-            let k = cu.shared().attention(d, dt).unwrap();
+            let k = testing::attention_kernel_stats(&cu, d, dt).unwrap();
             println!("attention d{d} {}: {} regs, {} B local, {} B smem, {} CTAs/SM", dt.name(), k.registers, k.local_bytes, k.smem_bytes, k.ctas_per_sm);
         }
     }
@@ -720,7 +719,7 @@ fn handmade_plans_are_valid_on_the_cpu_backend() {
 
 fn calibration_fits_and_stores_a_profile() {
     let Some(cu) = backend("calibration_fits_and_stores_a_profile") else { return };
-    let (profile, samples) = cu.calibrate().unwrap();
+    let (profile, samples) = testing::calibrate(&cu).unwrap();
     for s in &samples {
         println!("calibration: {:>2} rows x {:>4} keys: {:.2} us per item", s.rows, s.keys, s.item_us);
     }
@@ -730,7 +729,7 @@ fn calibration_fits_and_stores_a_profile() {
     let cost = |rows: f64, keys: f64| profile.cost_row_key * rows * keys + profile.cost_key * keys + profile.cost_item;
     assert!(cost(64.0, 2048.0) > cost(64.0, 256.0) && cost(4.0, 2048.0) > cost(4.0, 16.0));
     if cu.profile_path().is_some() {
-        let again = CudaBackend::new(&BackendChoice { kind: Some(BackendKind::Cuda), device_ordinal: 0, cpu_threads: 0, kernel_cache_dir: cu.shared().cache.dir().map(Into::into) }).unwrap();
+        let again = CudaBackend::new(&BackendChoice { kind: Some(BackendKind::Cuda), device_ordinal: 0, cpu_threads: 0, kernel_cache_dir: testing::kernel_cache_dir(&cu).map(Into::into) }).unwrap();
         assert_eq!(again.profile(), profile, "a new context does not load the stored profile");
     }
 }

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use common::{rel_frobenius, rng, Tensor};
 use cudarc::driver::{result as cu, sys};
 use packinfer::backend::cpu::CpuBackend;
-use packinfer::backend::cuda::driver::{sync_stream, DeviceBuffer};
+use packinfer::testing::{self, sync_stream, DeviceBuffer};
 use packinfer::backend::cuda::CudaBackend;
 use packinfer::backend::{Backend, BackendChoice, BackendKind};
 use packinfer::kv::{groups_of_plan, KvPool, PoolConfig, SeqId};
@@ -102,8 +102,8 @@ impl Side {
         match &self.gpu {
             None => Staged::Host(bytes.to_vec()),
             Some(g) => {
-                let d = DeviceBuffer::new(g.cu.device(), bytes.len(), "test input").unwrap();
-                d.write(g.cu.device(), bytes).unwrap();
+                let d = DeviceBuffer::new(testing::device(&g.cu), bytes.len(), "test input").unwrap();
+                d.write(testing::device(&g.cu), bytes).unwrap();
                 Staged::Device(d)
             }
         }
@@ -113,7 +113,7 @@ impl Side {
             (Staged::Host(b), _) => b[..n].to_vec(),
             (Staged::Device(d), Some(g)) => {
                 let mut out = vec![0u8; n];
-                d.read(g.cu.device(), &mut out).unwrap();
+                d.read(testing::device(&g.cu), &mut out).unwrap();
                 out
             }
             _ => unreachable!(),
@@ -121,7 +121,7 @@ impl Side {
     }
     fn sync(&self) {
         if let Some(g) = &self.gpu {
-            sync_stream(g.cu.device(), g.stream).expect("the stream's work failed");
+            sync_stream(testing::device(&g.cu), g.stream).expect("the stream's work failed");
         }
     }
     /// Every byte of the pool's memory.
@@ -133,7 +133,7 @@ impl Side {
             // SAFETY: the CPU pool's host allocation of len_bytes bytes; no writer runs now.
             None => out.copy_from_slice(unsafe { std::slice::from_raw_parts(m.base() as *const u8, m.len_bytes()) }),
             Some(g) => {
-                let _g = g.cu.device().enter().unwrap();
+                let _g = testing::device(&g.cu).enter().unwrap();
                 // SAFETY: the host buffer is no larger than the pool's device allocation, whose writes are synced.
                 unsafe { cu::memcpy_dtoh_sync(&mut out, m.base()) }.unwrap();
             }
@@ -266,13 +266,13 @@ fn pool_on_cuda_matches_pool_on_cpu() {
         return;
     };
     let stream = {
-        let _g = cu.device().enter().unwrap();
+        let _g = testing::device(&cu).enter().unwrap();
         cu::stream::create(cu::stream::StreamKind::NonBlocking).unwrap() as u64
     };
     let gpu_side = Side::new(cu.clone(), Some(Gpu { cu: cu.clone(), stream }));
     let profile = cu.profile();
     drive(&[Side::new(cpu, None), gpu_side], &profile);
-    let _g = cu.device().enter().unwrap();
+    let _g = testing::device(&cu).enter().unwrap();
     // SAFETY: a stream this test created, its work finished.
     unsafe { cu::stream::destroy(stream as sys::CUstream) }.unwrap();
 }
@@ -284,7 +284,7 @@ fn cuda_pool_error_paths() {
     let pool = KvPool::new(cu.clone(), config()).unwrap();
     let seq = pool.create_sequence();
     pool.append(seq, 3, 0).unwrap();
-    assert!(matches!(pool.read_token_host(seq, 0, 0), Err(Error::Unsupported(_))));
+    assert!(matches!(testing::read_token_host(&pool, seq, 0, 0), Err(Error::Unsupported(_))));
     assert!(matches!(cu.alloc_kv(0), Err(Error::InvalidArgument(_))));
     for (head_dim, dtype) in [(128, DType::F32), (96, DType::Bf16)] {
         let e = KvPool::new(cu.clone(), PoolConfig { shape: Shape { head_dim, dtype, ..config().shape }, ..config() }).unwrap_err();
@@ -292,7 +292,7 @@ fn cuda_pool_error_paths() {
     }
     let m = pool.memory();
     let len = m.len_bytes() as u64;
-    let src = DeviceBuffer::new(cu.device(), 4096, "src").unwrap();
+    let src = DeviceBuffer::new(testing::device(&cu), 4096, "src").unwrap();
     // SAFETY: refused before any read (a null source, or a destination past the pool).
     let e = unsafe { m.write_rows(src.ptr(), 512, 512, &[0, len - 256], 0) }.unwrap_err();
     assert!(e.to_string().contains("outside"), "{e}");
@@ -303,14 +303,14 @@ fn cuda_pool_error_paths() {
     assert!(e.to_string().contains("outside"), "{e}");
     // Unaligned offsets and sizes take the byte path and still move the right bytes.
     let data: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
-    src.write(cu.device(), &data).unwrap();
+    src.write(testing::device(&cu), &data).unwrap();
     // SAFETY: `src` holds the rows read, on the device.
     unsafe { m.write_rows(src.ptr() + 1, 100, 37, &[5, 1000], 0) }.unwrap();
     m.copy_ranges(&[(5, 3001)], 37, 0).unwrap();
-    sync_stream(cu.device(), 0).unwrap();
+    sync_stream(testing::device(&cu), 0).unwrap();
     let mut back = vec![0u8; 4096];
     {
-        let _g = cu.device().enter().unwrap();
+        let _g = testing::device(&cu).enter().unwrap();
         // SAFETY: the host buffer is no larger than the pool's device allocation, whose writes are synced.
         unsafe { cu::memcpy_dtoh_sync(&mut back, m.base()) }.unwrap();
     }

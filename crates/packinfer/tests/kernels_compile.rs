@@ -8,8 +8,8 @@ use packinfer_testkit::harness;
 
 use std::mem::{offset_of, size_of};
 
-use packinfer::backend::cuda::compile::{self, Unit, Variant};
-use packinfer::backend::cuda::launch::{KernelParams, KvRange, PlanHeader, SegmentInfo, TensorMap};
+use packinfer::testing::compile::{self, Unit, Variant};
+use packinfer::testing::{KernelParams, KvRange, PlanHeader, SegmentInfo, TensorMap};
 use packinfer::plan::{MergeRow, WorkItem};
 
 fn main() {

@@ -11,6 +11,7 @@ use common::rng;
 use packinfer::backend::cpu::CpuBackend;
 use packinfer::backend::Backend;
 use packinfer::kv::{groups_of_plan, KvPool, PoolConfig, SeqId};
+use packinfer::testing;
 use packinfer::plan::PlanOptions;
 use packinfer::types::{DType, Shape};
 use packinfer::Error;
@@ -88,7 +89,7 @@ fn chain_hashes(tags: &[u64], page_size: u32) -> Vec<u64> {
 
 /// Every invariant of the pool against the model.
 fn check(pool: &KvPool, model: &Model, ctx: &str) {
-    let snap = pool.debug_snapshot();
+    let snap = testing::pool_snapshot(pool);
     let ps = pool.config().page_size;
     let mut refs = vec![0u32; snap.refcount.len()];
     let ids: Vec<SeqId> = snap.seqs.iter().map(|s| s.0).collect();
@@ -111,7 +112,7 @@ fn check(pool: &KvPool, model: &Model, ctx: &str) {
     for (&id, tags) in &model.seqs {
         for (t, &tag) in tags.iter().enumerate() {
             for layer in 0..LAYERS {
-                let (k, v) = pool.read_token_host(id, layer, t as u32).unwrap();
+                let (k, v) = testing::read_token_host(pool, id, layer, t as u32).unwrap();
                 let want_k: Vec<u8> = rows(&[tag], layer, false).iter().flat_map(|x| x.to_le_bytes()).collect();
                 let want_v: Vec<u8> = rows(&[tag], layer, true).iter().flat_map(|x| x.to_le_bytes()).collect();
                 assert!(k == want_k && v == want_v, "{ctx}: token {t} of sequence {id} layer {layer} is not what was written");
@@ -127,7 +128,7 @@ fn check(pool: &KvPool, model: &Model, ctx: &str) {
 /// Each group's pages (not claimed by an earlier group) form one run, in which each member's
 /// private pages are followed by its headroom.
 fn check_contiguous(pool: &KvPool, groups: &[Vec<SeqId>], ctx: &str) {
-    let snap = pool.debug_snapshot();
+    let snap = testing::pool_snapshot(pool);
     let by_id: BTreeMap<SeqId, (&Vec<u32>, &Vec<u32>)> = snap.seqs.iter().map(|(id, p, r, _)| (*id, (p, r))).collect();
     let mut claimed = BTreeSet::new();
     for (g, members) in groups.iter().enumerate() {
@@ -165,7 +166,7 @@ fn random_ops(seed: u64, page_size: u32, num_pages: u32, headroom: u32, steps: u
         let ids: Vec<SeqId> = model.seqs.keys().copied().collect();
         let pick = |r: &mut SmallRng| ids.choose(r).copied();
         let op = r.random_range(0..110);
-        let before = pool.debug_snapshot();
+        let before = testing::pool_snapshot(&pool);
         let ctx = format!("seed {seed} step {step} op {op}");
         let result: Result<(), Error> = match op {
             0..=9 => {
@@ -241,7 +242,7 @@ fn random_ops(seed: u64, page_size: u32, num_pages: u32, headroom: u32, steps: u
                 subset.shuffle(&mut r);
                 let reqs: Vec<(SeqId, u32)> = subset.iter().map(|&id| (id, r.random_range(0..=model.seqs[&id].len().min(3) as u32))).collect();
                 let plan = pool.plan(&reqs, Some(&cpu.profile()), PlanOptions::default()).unwrap();
-                let snap = pool.debug_snapshot();
+                let snap = testing::pool_snapshot(&pool);
                 for (i, &(id, q)) in reqs.iter().enumerate() {
                     assert_eq!(plan.batch.kv_len(i), model.seqs[&id].len() as u32, "{ctx}: kv_len");
                     assert_eq!(plan.batch.q_len(i), q, "{ctx}: q_len");
@@ -282,7 +283,7 @@ fn random_ops(seed: u64, page_size: u32, num_pages: u32, headroom: u32, steps: u
             Ok(()) => {}
             Err(Error::PoolExhausted(_)) => {
                 exhausted += 1;
-                assert_eq!(pool.debug_snapshot(), before, "{ctx}: an exhausted operation changed the pool");
+                assert_eq!(testing::pool_snapshot(&pool), before, "{ctx}: an exhausted operation changed the pool");
             }
             Err(e) => panic!("{ctx}: unexpected error {e}"),
         }
@@ -329,20 +330,20 @@ fn exhaustion_is_atomic_and_recoverable() {
     write(&pool, a, &tags).unwrap();
     model.seqs.insert(a, tags);
     check(&pool, &model, "filled");
-    let before = pool.debug_snapshot();
+    let before = testing::pool_snapshot(&pool);
     let b = pool.create_sequence();
     model.seqs.insert(b, Vec::new());
-    let before_b = pool.debug_snapshot();
+    let before_b = testing::pool_snapshot(&pool);
     assert!(matches!(pool.append(b, 5, 0), Err(Error::PoolExhausted(_))), "append of 2 pages into 1 free page");
-    assert_eq!(pool.debug_snapshot(), before_b);
+    assert_eq!(testing::pool_snapshot(&pool), before_b);
     // Fork at a partial page needs one page: fits once, then not.
     let c = pool.fork(a, 6, 0).unwrap();
     model.seqs.insert(c, model.seqs[&a][..6].to_vec());
     check(&pool, &model, "after fork");
-    let snap = pool.debug_snapshot();
+    let snap = testing::pool_snapshot(&pool);
     assert!(matches!(pool.fork(a, 7, 0), Err(Error::PoolExhausted(_))));
     assert!(matches!(pool.append(a, 3, 0), Err(Error::PoolExhausted(_))), "a needs a new page for its 19th..21st tokens");
-    assert_eq!(pool.debug_snapshot(), snap);
+    assert_eq!(testing::pool_snapshot(&pool), snap);
     // Page-aligned forks need nothing.
     let d = pool.fork(a, 8, 0).unwrap();
     model.seqs.insert(d, model.seqs[&a][..8].to_vec());
@@ -378,7 +379,7 @@ fn bad_input_changes_nothing() {
     pool.release(a).unwrap();
     let b = pool.create_sequence();
     pool.append(b, 6, 0).unwrap();
-    let before = pool.debug_snapshot();
+    let before = testing::pool_snapshot(&pool);
     let msg = |e: Error| e.to_string();
     for (what, e) in [
         ("append to released", pool.append(a, 1, 0).map(drop)),
@@ -405,7 +406,7 @@ fn bad_input_changes_nothing() {
         let e = e.expect_err(what);
         assert!(matches!(e, Error::InvalidArgument(_)), "{what}: {e:?}");
         assert!(!msg(e.clone()).is_empty(), "{what}");
-        assert_eq!(pool.debug_snapshot(), before, "{what} changed the pool");
+        assert_eq!(testing::pool_snapshot(&pool), before, "{what} changed the pool");
     }
     let e = pool.fork(b, 7, 0).unwrap_err().to_string();
     assert!(e.contains("prefix_len = 7") && e.contains("6 tokens"), "{e}");
@@ -492,7 +493,7 @@ fn decode_appends_stay_in_headroom_until_it_runs_out() {
     assert_eq!((r.groups_rebuilt, r.groups_no_room), (1, 0));
     check_contiguous(&pool, &groups, "after relayout");
     // Run: prefix 3 pages once, then each member: 2 pages + 2 headroom.
-    let snap = pool.debug_snapshot();
+    let snap = testing::pool_snapshot(&pool);
     let prefix: Vec<u32> = snap.seqs.iter().find(|s| s.0 == members[0]).unwrap().1[..3].to_vec();
     assert!(prefix.windows(2).all(|w| w[1] == w[0] + 1));
     // Another relayout without regroup and without overflow moves nothing.
@@ -579,7 +580,7 @@ fn threads_append_write_plan_and_relayout_on_one_pool() {
                     if step % 25 == 0 {
                         for (&id, tags) in &model.seqs {
                             for (i, &tag) in tags.iter().enumerate() {
-                                let (k, _) = pool.read_token_host(id, 1, i as u32).unwrap();
+                                let (k, _) = testing::read_token_host(&pool, id, 1, i as u32).unwrap();
                                 let want: Vec<u8> = rows(&[tag], 1, false).iter().flat_map(|x| x.to_le_bytes()).collect();
                                 assert_eq!(k, want, "thread {t} step {step}: token {i} of {id}");
                             }
@@ -594,6 +595,6 @@ fn threads_append_write_plan_and_relayout_on_one_pool() {
     });
     let st = pool.stats();
     assert_eq!((st.pages_free, st.num_sequences), (st.num_pages, 0), "leaked pages or sequences");
-    let snap = pool.debug_snapshot();
+    let snap = testing::pool_snapshot(&pool);
     assert!(snap.refcount.iter().all(|&c| c == 0));
 }

@@ -10,9 +10,12 @@ use crate::error::Result;
 use crate::plan::{DeviceProfile, Plan};
 use crate::types::RunArgs;
 
+/// The two backends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendKind {
+    /// [`cpu::CpuBackend`]: host threads, the reference.
     Cpu,
+    /// [`cuda::CudaBackend`]: one CUDA device.
     Cuda,
 }
 
@@ -21,9 +24,12 @@ pub enum BackendKind {
 pub struct BackendChoice {
     /// `None`: CUDA where it is usable, else the CPU.
     pub kind: Option<BackendKind>,
+    /// The CUDA device to open.
     pub device_ordinal: u32,
     /// CPU worker threads; 0 = one per core.
     pub cpu_threads: u32,
+    /// Where compiled kernels (and a calibrated profile) are cached; `None`:
+    /// `$PACKINFER_CACHE_DIR`, else `~/.cache/packinfer`.
     pub kernel_cache_dir: Option<std::path::PathBuf>,
 }
 
@@ -39,12 +45,16 @@ pub fn open(choice: &BackendChoice) -> Result<Arc<dyn Backend>> {
 /// Caller-provided scratch for split partials (device memory on CUDA, host memory on the CPU).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Scratch {
+    /// Address of the first byte; it must stay valid while the launch lives (see
+    /// [`BoundPlan::run`]'s safety section).
     pub ptr: u64,
+    /// Its size: at least the launch's `scratch_bytes`.
     pub bytes: usize,
 }
 
 /// A device (or the host) that can execute plans.
 pub trait Backend: Send + Sync {
+    /// Which backend this is.
     fn kind(&self) -> BackendKind;
     /// "cpu", or the GPU's name.
     fn device_name(&self) -> String;
@@ -56,8 +66,9 @@ pub trait Backend: Send + Sync {
         let _ = (shape, batch);
         self.profile()
     }
-    /// Binds a plan to this device: uploads its work list on `stream`, resolves kernels, binds
-    /// scratch (the caller's, or allocated here, never in `run`).
+    /// Binds a plan to this device: checks it (`Plan::check_consistent`, `InvalidArgument` for a
+    /// plan that fails), uploads its work list on `stream`, resolves kernels, binds scratch (the
+    /// caller's, or allocated here, never in `run`).
     fn bind(&self, plan: Arc<Plan>, stream: u64, scratch: Option<Scratch>) -> Result<Box<dyn BoundPlan>>;
     /// Allocates the memory of a KV pool, once, at pool creation: `bytes` of device memory on
     /// CUDA, host memory on the CPU. Backends without pool support say `Unsupported`.
@@ -113,14 +124,23 @@ pub trait KvMemory: Send + Sync {
 /// Zero fields mean "the first plan's size".
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct LaunchCapacity {
+    /// Work items.
     pub items: u32,
+    /// Row segments.
     pub row_segments: u32,
+    /// KV chunks.
     pub kv_chunks: u32,
+    /// Requests.
     pub requests: u32,
+    /// Entries of the page list.
     pub pages: u32,
+    /// Merge rows.
     pub merge_rows: u32,
+    /// Entries of the merge slot list.
     pub merge_slots: u32,
+    /// Execution groups.
     pub groups: u32,
+    /// Partial slots (they size the scratch).
     pub partial_slots: u32,
 }
 
@@ -197,6 +217,8 @@ pub(crate) fn check_update(launch_plan: &Plan, capacity: &LaunchCapacity, plan: 
 
 /// A plan bound to a device: what a launch handle holds.
 pub trait BoundPlan: Send + Sync {
+    /// The plan the launch was created with; a plan given to `update` has its shape and page
+    /// size.
     fn plan(&self) -> &Arc<Plan>;
     /// Computes one layer. Allocates nothing and waits for nothing on the CUDA backend.
     ///

@@ -23,13 +23,17 @@ use crate::plan::Plan;
 /// What one relayout did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct RelayoutReport {
+    /// Groups given.
     pub groups: u32,
     /// Groups already contiguous, or not due (no regroup and their headroom held).
     pub groups_in_place: u32,
+    /// Groups whose pages were moved into one run.
     pub groups_rebuilt: u32,
     /// Groups that needed a rebuild but found no free run of pages long enough; left as they were.
     pub groups_no_room: u32,
+    /// Pages copied (each counted once, for all its layers).
     pub pages_moved: u64,
+    /// Bytes those copies moved (every layer, K and V).
     pub bytes_moved: u64,
 }
 

@@ -38,10 +38,13 @@ pub type SeqId = u64;
 /// included), so a plan made from the pool needs nothing but the batch.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PoolConfig {
+    /// Layers the pool holds K and V for.
     pub num_layers: u32,
     /// `sm_scale` 0 = `1/sqrt(head_dim)`.
     pub shape: Shape,
+    /// Tokens per page.
     pub page_size: u32,
+    /// Pages of the pool (every layer's K and V of `page_size` tokens each).
     pub num_pages: u32,
     /// δ: empty pages each member of a laid-out group keeps after its last page for future tokens.
     pub headroom_pages: u32,
@@ -102,9 +105,13 @@ impl PoolConfig {
 /// A pool's counters, for the C API's metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct PoolStats {
+    /// Pages of the pool.
     pub num_pages: u32,
+    /// Pages some sequence holds (its tokens or its headroom).
     pub pages_used: u32,
+    /// Pages no sequence holds.
     pub pages_free: u32,
+    /// Live sequences.
     pub num_sequences: u32,
     /// Tokens of all sequences, a shared token counted once per sequence.
     pub tokens_logical: u64,
@@ -115,10 +122,13 @@ pub struct PoolStats {
     /// KV bytes (all layers, K and V) the last plan made from this pool reads, with prefix
     /// sharing (each shared prefix once per prefix group) and without (every request its own).
     pub step_read_bytes_shared: u64,
+    /// See `step_read_bytes_shared`.
     pub step_read_bytes_unshared: u64,
     /// Relayouts that moved at least one page, and the pages and bytes they moved.
     pub relayouts: u64,
+    /// See `relayouts`.
     pub relayout_pages_moved: u64,
+    /// See `relayouts`.
     pub relayout_bytes_moved: u64,
     /// Pages copied because a sequence wrote into a page it shared (fork, truncate).
     pub cow_page_copies: u64,
@@ -193,9 +203,12 @@ impl KvPool {
         Ok(KvPool { config, memory, state: Mutex::new(state), backend })
     }
 
+    /// What the pool was created with.
     pub fn config(&self) -> &PoolConfig {
         &self.config
     }
+    /// The pool's one allocation (device memory on CUDA); `kv_layout` describes where a
+    /// layer's K and V live in it.
     pub fn memory(&self) -> &dyn KvMemory {
         &*self.memory
     }
@@ -405,14 +418,15 @@ impl KvPool {
         s.relayout(self, groups, regroup, stream)
     }
 
+    /// The pool's counters now.
     pub fn stats(&self) -> PoolStats {
         let s = self.state.lock();
         s.compute_stats(&self.config)
     }
 
     /// Reads token `token` of `seq` in `layer` back as (K row, V row) bytes, under the pool's
-    /// lock. Host memory only (the CPU backend): for tests and debugging.
-    pub fn read_token_host(&self, seq: SeqId, layer: u32, token: u32) -> Result<(Vec<u8>, Vec<u8>)> {
+    /// lock. Host memory only (the CPU backend): for tests (`testing::read_token_host`).
+    pub(crate) fn read_token_host(&self, seq: SeqId, layer: u32, token: u32) -> Result<(Vec<u8>, Vec<u8>)> {
         if self.backend.kind() != crate::backend::BackendKind::Cpu {
             return Err(crate::unsupported!("read_token_host reads host memory; this pool lives on the {} backend", self.backend.device_name()));
         }
@@ -433,25 +447,15 @@ impl KvPool {
         Ok((read(false), read(true)))
     }
 
-    /// A copy of the state, for invariant checks in tests.
-    #[doc(hidden)]
-    pub fn debug_snapshot(&self) -> PoolSnapshot {
+    /// A copy of the state, for invariant checks in tests (`testing::pool_snapshot`).
+    pub(crate) fn debug_snapshot(&self) -> crate::testing::PoolSnapshot {
         let s = self.state.lock();
-        PoolSnapshot {
+        crate::testing::PoolSnapshot {
             refcount: s.refcount.clone(),
             free: s.free.iter().copied().collect(),
             seqs: s.seqs.iter().map(|(&id, q)| (id, q.pages.clone(), q.reserved.clone(), q.len)).collect(),
         }
     }
-}
-
-/// What tests check invariants on: refcounts, free pages, and per sequence (id, pages,
-/// reserved, len).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PoolSnapshot {
-    pub refcount: Vec<u32>,
-    pub free: Vec<u32>,
-    pub seqs: Vec<(SeqId, Vec<u32>, Vec<u32>, u32)>,
 }
 
 impl PoolState {

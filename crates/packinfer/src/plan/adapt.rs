@@ -34,6 +34,8 @@ fn spread(loads: &[f64]) -> f64 {
 }
 
 impl RegroupTrigger {
+    /// A trigger for groups of capacity `capacity` (the plan's `stats.capacity`), nothing
+    /// accumulated.
     pub fn new(capacity: f64) -> Self {
         RegroupTrigger { capacity, accumulated: 0.0, steps: 0 }
     }
@@ -47,6 +49,7 @@ impl RegroupTrigger {
         self.should_regroup()
     }
 
+    /// Whether the accumulated imbalance has reached C/2.
     pub fn should_regroup(&self) -> bool {
         self.accumulated >= self.capacity / 2.0
     }
@@ -62,9 +65,11 @@ impl RegroupTrigger {
         self.capacity = capacity;
     }
 
+    /// The imbalance accumulated since the last regroup, in cost units.
     pub fn accumulated_imbalance(&self) -> f64 {
         self.accumulated
     }
+    /// Steps observed since the last regroup.
     pub fn steps_since_regroup(&self) -> u64 {
         self.steps
     }
@@ -105,6 +110,7 @@ impl CapacityTuner {
         Self::with_samples(initial, 3)
     }
 
+    /// Like [`new`](Self::new), measuring each candidate `samples_per_point` times.
     pub fn with_samples(initial: f64, samples_per_point: usize) -> Self {
         let c = initial.max(f64::MIN_POSITIVE).ln();
         let (lo, hi) = (c - SPAN.ln(), c + SPAN.ln());

@@ -4,9 +4,9 @@
 pub mod adapt;
 
 mod check;
-pub mod cost;
+pub(crate) mod cost;
 mod schedule;
-pub mod work;
+mod work;
 
 use std::time::Instant;
 
@@ -24,13 +24,17 @@ pub struct DeviceProfile {
     pub block_m: u32,
     /// Keys per inner step of the kernel; split boundaries fall on multiples of it.
     pub block_n: u32,
-    /// Cost model: a·(rows × keys) + b·(keys read) + c per work item, in arbitrary time units.
+    /// Cost model: a·(rows × keys) + b·(keys read) + c per work item, in arbitrary time units;
+    /// this is a.
     pub cost_row_key: f64,
+    /// b: the cost of reading one key (its K and V).
     pub cost_key: f64,
+    /// c: the fixed cost of one work item.
     pub cost_item: f64,
 }
 
 impl DeviceProfile {
+    /// A profile for the CPU backend with `threads` worker threads.
     pub fn cpu(threads: u32) -> Self {
         DeviceProfile { num_workers: threads.max(1), block_m: 64, block_n: 64, cost_row_key: 1.0, cost_key: 4.0, cost_item: 256.0 }
     }
@@ -45,6 +49,13 @@ impl DeviceProfile {
     /// Calibrated values: docs/performance-log.md#hopper-profile.
     pub fn hopper(num_sms: u32) -> Self {
         DeviceProfile { num_workers: num_sms.max(1), block_m: 128, block_n: 64, cost_row_key: 0.14, cost_key: 25.0, cost_item: 1500.0 }
+    }
+
+    /// Cost of one KV chunk of a work item under this cost model, without the per-item constant
+    /// (the load a grouping adds up per request, e.g. for [`adapt::RegroupTrigger::observe`]):
+    /// its rows rounded out to 16-row slices × its keys, and its keys read once.
+    pub fn chunk_cost(&self, chunk: &KvChunk) -> f64 {
+        cost::chunk_cost(self, chunk.row_begin, chunk.row_end, chunk.key_end.saturating_sub(chunk.key_begin))
     }
 
     /// Checks the values a caller (or a calibration) may have set.
@@ -103,43 +114,65 @@ impl Default for PlanOptions {
 /// Numbers that say what the planner did, for engines' logs and for benchmarks.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct PlanStats {
+    /// Execution groups (each run whole by one CTA or CPU thread).
     pub num_groups: u32,
+    /// Work items (tiles).
     pub num_items: u32,
     /// Requests whose keys were split into more than one piece.
     pub num_split_requests: u32,
+    /// (token, head) rows computed in pieces and merged by log-sum-exp.
     pub num_merge_rows: u32,
+    /// Partial slots the pieces write (they size the scratch).
     pub num_partial_slots: u32,
     /// Real (row, visible key) pairs over (row, key) pairs the tiles compute.
     pub tile_utilization: f64,
+    /// Cost of the costliest group, in the profile's units.
     pub max_group_cost: f64,
+    /// Mean cost of a group.
     pub mean_group_cost: f64,
     /// Load of the busiest worker (CTA or CPU thread) when the workers take groups in order,
     /// each the next group as soon as it is free, and the mean over all `num_workers` (idle
     /// workers count as 0). Equal to the group numbers when there are no more groups than workers.
     pub max_worker_cost: f64,
+    /// See `max_worker_cost`.
     pub mean_worker_cost: f64,
     /// Work items that read only part of a row block's keys (split pieces and prefix tiles).
     pub num_partial_items: u32,
+    /// The capacity C the plan was made with (0 for the one-request-per-tile schedule).
     pub capacity: f64,
+    /// Time `Plan::build` took.
     pub planning_ns: u64,
 }
 
 /// The schedule for one step: the batch it was made for and the work list that computes it.
 #[derive(Debug, Clone)]
+///
+/// The fields are public for inspection (and for tests that build plans by hand); a backend
+/// checks a plan with [`Plan::check_consistent`] before it executes it.
 pub struct Plan {
+    /// The attention shape every layer of the step shares.
     pub shape: Shape,
+    /// The step's batch (an owned copy).
     pub batch: Batch,
+    /// The options it was planned with.
     pub options: PlanOptions,
+    /// Rows of a tile in this plan (the profile's).
     pub block_m: u32,
+    /// Per request, its queries, keys and first page.
     pub requests: Vec<RequestInfo>,
     /// Items sorted by `group`.
     pub items: Vec<WorkItem>,
+    /// The items' rows, `items[i].seg_begin ..` for `seg_count`.
     pub row_segments: Vec<RowSegment>,
+    /// The items' key ranges, `items[i].chunk_begin ..` for `chunk_count`.
     pub kv_chunks: Vec<KvChunk>,
+    /// The (token, head) rows computed in pieces, merged after the items.
     pub merges: Vec<MergeRow>,
+    /// The merge rows' partial slots, `merges[i].slot_begin ..` for `slot_count`, in key order.
     pub merge_slots: Vec<u32>,
     /// Cost of each group's items under the profile's cost model, by group.
     pub group_costs: Vec<f64>,
+    /// What the planner did.
     pub stats: PlanStats,
 }
 

@@ -16,15 +16,19 @@ use bytemuck::{Pod, Zeroable};
 /// Marks a work item whose rows are written straight to O (and LSE), not to a partial slot.
 pub const FINAL_OUTPUT: u32 = u32::MAX;
 
+/// One tile: up to `block_m` query rows of one KV head against one or more KV chunks.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Pod, Zeroable)]
 pub struct WorkItem {
+    /// The KV head whose query heads fill the rows.
     pub kv_head: u32,
     /// Rows: `row_segments[seg_begin .. seg_begin + seg_count]`, laid out in that order.
     pub seg_begin: u32,
+    /// See `seg_begin`.
     pub seg_count: u32,
     /// Keys: `kv_chunks[chunk_begin .. chunk_begin + chunk_count]`.
     pub chunk_begin: u32,
+    /// See `chunk_begin`.
     pub chunk_count: u32,
     /// Total rows of the tile (sum of its segments' rows), at most the plan's `block_m`.
     pub num_rows: u32,
@@ -34,17 +38,22 @@ pub struct WorkItem {
     pub group: u32,
 }
 
+/// A run of one request's query tokens in a tile, each expanded to the query heads of the
+/// item's KV head.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Pod, Zeroable)]
 pub struct RowSegment {
+    /// The request the queries belong to.
     pub request: u32,
     /// First query of the request (0-based within the request) and how many.
     pub q_begin: u32,
+    /// See `q_begin`.
     pub q_count: u32,
     /// First tile row of this segment.
     pub row_begin: u32,
 }
 
+/// A range of one request's keys that a contiguous range of a tile's rows attends to.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Pod, Zeroable)]
 pub struct KvChunk {
@@ -52,9 +61,11 @@ pub struct KvChunk {
     pub request: u32,
     /// Key positions `[key_begin, key_end)` in that request's sequence.
     pub key_begin: u32,
+    /// See `key_begin`.
     pub key_end: u32,
     /// Tile rows `[row_begin, row_end)` that attend to these keys.
     pub row_begin: u32,
+    /// See `row_begin`.
     pub row_end: u32,
 }
 
@@ -64,7 +75,9 @@ pub struct KvChunk {
 pub struct RequestInfo {
     /// Global index of the request's first query token (its `qo_indptr` entry).
     pub q_start: u32,
+    /// Query tokens of the request.
     pub q_len: u32,
+    /// Keys of the request.
     pub kv_len: u32,
     /// Offset of the request's first page in the plan's page list (its `kv_indptr` entry).
     pub page_start: u32,
@@ -87,8 +100,12 @@ impl RequestInfo {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Pod, Zeroable)]
 pub struct MergeRow {
+    /// The query token (its index in the step).
     pub q_token: u32,
+    /// The query head.
     pub qo_head: u32,
+    /// First entry of `merge_slots`.
     pub slot_begin: u32,
+    /// Entries of `merge_slots`.
     pub slot_count: u32,
 }

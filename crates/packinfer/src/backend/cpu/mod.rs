@@ -4,7 +4,7 @@
 
 mod kv_memory;
 
-pub use kv_memory::HostKvMemory;
+use kv_memory::HostKvMemory;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -18,6 +18,8 @@ use crate::invalid;
 use crate::plan::{DeviceProfile, MergeRow, Plan, WorkItem, FINAL_OUTPUT};
 use crate::types::{DType, RunArgs};
 
+/// The CPU backend: executes a plan's work list on host threads, with host tensors. Open it
+/// with [`crate::backend::open`] or [`CpuBackend::new`].
 pub struct CpuBackend {
     threads: u32,
 }
@@ -28,6 +30,7 @@ impl CpuBackend {
         let threads = if threads == 0 { std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1) } else { threads };
         CpuBackend { threads }
     }
+    /// Worker threads a run uses.
     pub fn threads(&self) -> u32 {
         self.threads
     }

@@ -15,8 +15,11 @@ use crate::types::{Batch, DType, KvLayout, RowsTensor, RunArgs, Shape};
 /// One timed shape: per-item time in microseconds for tiles of `rows` rows against `keys` keys.
 #[derive(Debug, Clone, Copy)]
 pub struct Sample {
+    /// Rows of each tile.
     pub rows: u32,
+    /// Keys each tile reads.
     pub keys: u32,
+    /// Median time per work item, in microseconds.
     pub item_us: f64,
 }
 
@@ -110,7 +113,7 @@ impl CudaBackend {
     }
 
     /// Times the shapes, fits the cost model, stores and returns the profile (costs in µs).
-    pub fn calibrate(&self) -> Result<(DeviceProfile, Vec<Sample>)> {
+    pub(crate) fn calibrate(&self) -> Result<(DeviceProfile, Vec<Sample>)> {
         let dev = self.device();
         let shape = Shape { num_qo_heads: 4, num_kv_heads: 1, head_dim: 128, dtype: DType::Bf16, causal: false, sm_scale: 1.0 / 128f32.sqrt() };
         let kernels = self.shared.attention(128, DType::Bf16)?;
@@ -183,7 +186,7 @@ impl CudaBackend {
     }
 
     /// The stored profile of this device, if a calibration wrote one.
-    pub fn stored_profile(&self) -> Option<DeviceProfile> {
+    pub(crate) fn stored_profile(&self) -> Option<DeviceProfile> {
         let text = std::fs::read_to_string(self.profile_path()?).ok()?;
         let get = |key: &str| text.lines().find_map(|l| l.strip_prefix(key).and_then(|v| v.trim().parse::<f64>().ok()));
         Some(DeviceProfile {

@@ -307,7 +307,6 @@ impl DeviceBuffer {
     }
 }
 
-/// Waits for everything queued on `stream` (tests and calibration only).
 /// Whether `stream` is being captured into a CUDA graph (nothing it is given runs now).
 pub fn is_capturing(stream: u64) -> Result<bool> {
     let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
@@ -316,6 +315,7 @@ pub fn is_capturing(stream: u64) -> Result<bool> {
     Ok(status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
 }
 
+/// Waits for everything queued on `stream` (tests and calibration only).
 pub fn sync_stream(dev: &Device, stream: u64) -> Result<()> {
     let _g = dev.enter()?;
     // SAFETY: the caller's stream of this device.

@@ -34,7 +34,7 @@ impl CudaBackend {
     /// addresses, through `layout`, a writable row of `num_kv_heads × head_dim` elements of K
     /// and of V. `stream` is a stream of the device, or 0.
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn append_kv(&self, layout: &KvLayout, page_size: u32, slots: u64, k_new: u64, v_new: u64, num_tokens: u32, num_kv_heads: u32, head_dim: u32, dtype: DType, stream: u64) -> Result<()> {
+    pub(crate) unsafe fn append_kv(&self, layout: &KvLayout, page_size: u32, slots: u64, k_new: u64, v_new: u64, num_tokens: u32, num_kv_heads: u32, head_dim: u32, dtype: DType, stream: u64) -> Result<()> {
         check_dtype(dtype)?;
         if num_tokens == 0 {
             return Ok(());
@@ -73,7 +73,7 @@ impl CudaBackend {
     /// readable (sources) or writable (destinations) in K and in V; no destination overlaps a
     /// source or another destination. `stream` is a stream of the device, or 0.
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn copy_pages(&self, layout: &KvLayout, page_size: u32, pairs: u64, num_pairs: u32, num_kv_heads: u32, head_dim: u32, num_layers: u32, layer_stride: i64, dtype: DType, stream: u64) -> Result<()> {
+    pub(crate) unsafe fn copy_pages(&self, layout: &KvLayout, page_size: u32, pairs: u64, num_pairs: u32, num_kv_heads: u32, head_dim: u32, num_layers: u32, layer_stride: i64, dtype: DType, stream: u64) -> Result<()> {
         check_dtype(dtype)?;
         if num_pairs == 0 || num_layers == 0 {
             return Ok(());

@@ -24,15 +24,25 @@ use crate::types::{Batch, KvLayout, RunArgs, Shape};
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Pod, Zeroable)]
 pub struct PlanHeader {
+    /// Work items of the plan.
     pub num_items: u32,
+    /// Execution groups (entries of the group offsets, less one).
     pub num_groups: u32,
+    /// Merge rows.
     pub num_merges: u32,
+    /// Partial slots.
     pub num_slots: u32,
+    /// Query heads per KV head.
     pub group_size: u32,
+    /// Keys per page.
     pub page_size: u32,
+    /// 1 for a causal mask.
     pub causal: u32,
+    /// Zero; keeps `sm_scale_log2` where work.cuh has it.
     pub reserved: u32,
+    /// The softmax scale times log2(e): the kernels work in base 2.
     pub sm_scale_log2: f32,
+    /// Zero; pads the header to 48 bytes, as work.cuh does.
     pub reserved2: [u32; 3],
 }
 
@@ -41,34 +51,63 @@ pub struct PlanHeader {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, Pod, Zeroable)]
 pub struct KernelParams {
+    /// Device address of the plan header.
     pub header: u64,
+    /// Device address of the work items.
     pub items: u64,
+    /// Device address of the resolved row segments.
     pub segments: u64,
+    /// Device address of the resolved KV chunks.
     pub chunks: u64,
+    /// Device address of the page list.
     pub pages: u64,
+    /// Device address of the group offsets (group g's items are `off[g] .. off[g + 1]`).
     pub group_offsets: u64,
+    /// Device address of the merge rows.
     pub merges: u64,
+    /// Device address of the merge slot list.
     pub merge_slots: u64,
+    /// The caller's Q.
     pub q: u64,
+    /// Q's token stride, in elements.
     pub q_stride_token: i64,
+    /// Q's head stride, in elements.
     pub q_stride_head: i64,
+    /// The caller's K cache.
     pub k: u64,
+    /// The caller's V cache.
     pub v: u64,
+    /// K/V page stride, in elements.
     pub kv_stride_page: i64,
+    /// K/V token stride, in elements.
     pub kv_stride_token: i64,
+    /// K/V head stride, in elements.
     pub kv_stride_head: i64,
+    /// K/V dim stride, in elements.
     pub kv_stride_dim: i64,
+    /// The caller's O.
     pub o: u64,
+    /// O's token stride, in elements.
     pub o_stride_token: i64,
+    /// O's head stride, in elements.
     pub o_stride_head: i64,
+    /// The caller's LSE, or 0.
     pub lse: u64,
+    /// Partial rows, then their LSEs (fp32).
     pub scratch: u64,
+    /// The next group to take; reset by the merge kernel.
     pub group_counter: u64,
+    /// The `FLAG_*` bits that hold for this run.
     pub flags: u32,
+    /// Query heads.
     pub num_qo_heads: u32,
+    /// TMA descriptor of K's rows (with `FLAG_KV_TMA`).
     pub k_map: TensorMap,
+    /// TMA descriptor of V's rows (with `FLAG_KV_TMA`).
     pub v_map: TensorMap,
+    /// TMA descriptor of Q (with `FLAG_Q_TMA`).
     pub q_map: TensorMap,
+    /// TMA descriptor of O (with `FLAG_O_TMA`).
     pub o_map: TensorMap,
 }
 
@@ -78,13 +117,18 @@ pub struct KernelParams {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct SegmentInfo {
+    /// First tile row of the segment.
     pub row_begin: u32,
+    /// Query token (in the step) of its first row.
     pub token0: u32,
+    /// Keys its first row sees.
     pub limit0: u32,
+    /// Keys each next token sees more (1 causal, 0 not).
     pub step: u32,
 }
 
 impl SegmentInfo {
+    /// `seg` resolved against its request.
     pub fn of(seg: &RowSegment, req: &RequestInfo, causal: bool) -> SegmentInfo {
         SegmentInfo {
             row_begin: seg.row_begin,
@@ -104,11 +148,17 @@ impl SegmentInfo {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct KvRange {
+    /// Offset of the request's first page in the page list.
     pub page_start: u32,
+    /// First key of the chunk.
     pub key_begin: u32,
+    /// One past its last key.
     pub key_end: u32,
+    /// First tile row that reads it.
     pub row_begin: u32,
+    /// One past the last such row.
     pub row_end: u32,
+    /// Cache row of its first key, or `NO_ROW`.
     pub row0: u32,
 }
 
@@ -302,6 +352,7 @@ enum ScratchMem {
     Caller(Scratch),
 }
 
+/// A plan bound to the CUDA backend (what `Backend::bind` returns, as its concrete type).
 pub struct CudaBound {
     /// The plan the launch was created with: its shape and page size are the launch's.
     plan: Arc<Plan>,
@@ -408,6 +459,7 @@ impl CudaBound {
     pub fn block_m(&self) -> u32 {
         self.kernels.block_m
     }
+    /// The counts the launch's buffers hold.
     pub fn capacity(&self) -> LaunchCapacity {
         self.capacity
     }

@@ -41,7 +41,8 @@ pub extern "C" fn packinfer_version() -> *const c_char {
 #[no_mangle]
 pub extern "C" fn packinfer_status_string(status: u32) -> *const c_char {
     use PackinferStatus::*;
-    const ALL: [PackinferStatus; 10] = [Ok, InvalidArgument, InvalidHandle, Unsupported, OutOfMemory, PoolExhausted, NoDevice, DeviceError, CompileError, Internal];
+    const ALL: [PackinferStatus; 10] =
+        [Ok, InvalidArgument, InvalidHandle, Unsupported, OutOfMemory, PoolExhausted, NoDevice, DeviceError, CompileError, Internal];
     let Some(&status) = ALL.iter().find(|s| **s as u32 == status) else {
         return c"PACKINFER_STATUS_UNKNOWN".as_ptr();
     };
@@ -97,7 +98,9 @@ pub unsafe extern "C" fn packinfer_context_create(options: *const PackinferConte
             None
         } else {
             // SAFETY: an initialized struct's non-null kernel_cache_dir is a C string.
-            let s = unsafe { CStr::from_ptr(o.kernel_cache_dir) }.to_str().map_err(|_| invalid!("options->kernel_cache_dir is not valid UTF-8"))?;
+            let s = unsafe { CStr::from_ptr(o.kernel_cache_dir) }
+                .to_str()
+                .map_err(|_| invalid!("options->kernel_cache_dir is not valid UTF-8"))?;
             Some(s.into())
         };
         if out.is_null() {
@@ -215,7 +218,8 @@ pub unsafe extern "C" fn packinfer_plan_create(
         // function's contract).
         let (shape, batch) = unsafe { convert_batch(&super::options("batch", batch)?)? };
         // SAFETY: non-null `options` are initialized (this function's contract).
-        let options = if options.is_null() { PlanOptions::default() } else { convert_plan_options(&unsafe { super::options("options", options)? })? };
+        let options =
+            if options.is_null() { PlanOptions::default() } else { convert_plan_options(&unsafe { super::options("options", options)? })? };
         if out.is_null() {
             return Err(invalid!("out is a null pointer"));
         }
@@ -377,7 +381,9 @@ pub unsafe extern "C" fn packinfer_kv_layout_nhd(
     guard("packinfer_kv_layout_nhd", || {
         let (_, h, d, page) = layout_sizes(page_size, num_kv_heads, head_dim)?;
         // SAFETY: `layout` is writable (this function's contract).
-        unsafe { write_out("layout", layout, PackinferKvLayout { k, v, stride_page: page, stride_token: h * d, stride_head: d, stride_dim: 1 }) }
+        unsafe {
+            write_out("layout", layout, PackinferKvLayout { k, v, stride_page: page, stride_token: h * d, stride_head: d, stride_dim: 1 })
+        }
     })
 }
 
@@ -397,7 +403,9 @@ pub unsafe extern "C" fn packinfer_kv_layout_hnd(
     guard("packinfer_kv_layout_hnd", || {
         let (p, _, d, page) = layout_sizes(page_size, num_kv_heads, head_dim)?;
         // SAFETY: `layout` is writable (this function's contract).
-        unsafe { write_out("layout", layout, PackinferKvLayout { k, v, stride_page: page, stride_token: d, stride_head: p * d, stride_dim: 1 }) }
+        unsafe {
+            write_out("layout", layout, PackinferKvLayout { k, v, stride_page: page, stride_token: d, stride_head: p * d, stride_dim: 1 })
+        }
     })
 }
 
@@ -411,7 +419,9 @@ fn layout_sizes(page_size: u32, num_kv_heads: u32, head_dim: u32) -> Result<(i64
     }
     let (p, h, d) = (page_size as i64, num_kv_heads as i64, head_dim as i64);
     let page = p.checked_mul(h).and_then(|x| x.checked_mul(d)).ok_or_else(|| {
-        invalid!("page_size = {page_size} × num_kv_heads = {num_kv_heads} × head_dim = {head_dim} elements per page overflow 64-bit strides")
+        invalid!(
+            "page_size = {page_size} × num_kv_heads = {num_kv_heads} × head_dim = {head_dim} elements per page overflow 64-bit strides"
+        )
     })?;
     Ok((p, h, d, page))
 }
@@ -425,7 +435,8 @@ unsafe fn convert_batch(b: &PackinferBatchDesc) -> Result<(Shape, Batch)> {
     let n = b.batch_size as usize;
     let dtype = dtype_from_c(b.dtype).ok_or_else(|| invalid!("{}", not_a_dtype("batch->dtype", b.dtype)))?;
     let sm_scale = if b.sm_scale == 0.0 { Shape::default_sm_scale(b.head_dim) } else { b.sm_scale };
-    let shape = Shape { num_qo_heads: b.num_qo_heads, num_kv_heads: b.num_kv_heads, head_dim: b.head_dim, dtype, causal: b.causal, sm_scale };
+    let shape =
+        Shape { num_qo_heads: b.num_qo_heads, num_kv_heads: b.num_kv_heads, head_dim: b.head_dim, dtype, causal: b.causal, sm_scale };
     // SAFETY: non-null arrays have the lengths the description states (this function's
     // contract; kv_page_indices has kv_indptr[batch_size]). So for every block below.
     let qo_indptr = unsafe { copy_array("batch->qo_indptr", b.qo_indptr, n + 1)? };
@@ -442,7 +453,9 @@ unsafe fn convert_batch(b: &PackinferBatchDesc) -> Result<(Shape, Batch)> {
     // SAFETY: as above.
     let groups = unsafe { slice("batch->prefix_groups", b.prefix_groups, b.num_prefix_groups as usize)? };
     let mut prefix_groups = Vec::new();
-    prefix_groups.try_reserve_exact(groups.len()).map_err(|_| Error::OutOfMemory(format!("no host memory for batch->num_prefix_groups = {}", groups.len())))?;
+    prefix_groups
+        .try_reserve_exact(groups.len())
+        .map_err(|_| Error::OutOfMemory(format!("no host memory for batch->num_prefix_groups = {}", groups.len())))?;
     for (g, pg) in groups.iter().enumerate() {
         // SAFETY: as above: each group's members array has num_members entries.
         let members = unsafe { slice(&format!("batch->prefix_groups[{g}].members"), pg.members, pg.num_members as usize)? };
@@ -451,17 +464,25 @@ unsafe fn convert_batch(b: &PackinferBatchDesc) -> Result<(Shape, Batch)> {
         }
         // In place: i32 and u32 share a layout, so this reuses the fallible copy's allocation.
         // SAFETY: a slice's pointer and length.
-        let members: Vec<u32> = unsafe { copy_array(&format!("batch->prefix_groups[{g}].members"), members.as_ptr(), members.len())? }.into_iter().map(|m| m as u32).collect();
+        let members: Vec<u32> = unsafe { copy_array(&format!("batch->prefix_groups[{g}].members"), members.as_ptr(), members.len())? }
+            .into_iter()
+            .map(|m| m as u32)
+            .collect();
         prefix_groups.push(PrefixGroup { prefix_len: pg.prefix_len, members });
     }
-    let batch = Batch { qo_indptr, kv_indptr, kv_page_indices, kv_last_page_len, page_size: b.page_size, num_pages: b.num_pages, prefix_groups };
+    let batch =
+        Batch { qo_indptr, kv_indptr, kv_page_indices, kv_last_page_len, page_size: b.page_size, num_pages: b.num_pages, prefix_groups };
     Ok((shape, batch))
 }
 
 pub(super) fn convert_plan_options(o: &PackinferPlanOptions) -> Result<PlanOptions> {
     let known = PackinferPlanFlags::ALL.iter().fold(0u32, |m, &f| m | f as u32);
     if o.flags & !known != 0 {
-        return Err(invalid!("options->flags = 0x{:x} has bits this library does not know (0x{:x}); known flags are 0x{known:x}", o.flags, o.flags & !known));
+        return Err(invalid!(
+            "options->flags = 0x{:x} has bits this library does not know (0x{:x}); known flags are 0x{known:x}",
+            o.flags,
+            o.flags & !known
+        ));
     }
     let has = |f: PackinferPlanFlags| o.flags & f as u32 != 0;
     // In C, capacity 0 means automatic; negative or non-finite is the caller's mistake.

@@ -251,7 +251,8 @@ pub(crate) unsafe fn copy_array<T: Copy>(name: &str, ptr: *const T, len: usize) 
     // SAFETY: NULL or `len` readable elements (this function's contract).
     let s = unsafe { slice(name, ptr, len)? };
     let mut v = Vec::new();
-    v.try_reserve_exact(len).map_err(|_| Error::OutOfMemory(format!("no host memory to copy {name}: {len} entries of {} bytes", std::mem::size_of::<T>())))?;
+    v.try_reserve_exact(len)
+        .map_err(|_| Error::OutOfMemory(format!("no host memory to copy {name}: {len} entries of {} bytes", std::mem::size_of::<T>())))?;
     v.extend_from_slice(s);
     Ok(v)
 }

@@ -122,7 +122,9 @@ pub struct PackinferRelayoutReport {
 #[no_mangle]
 pub unsafe extern "C" fn packinfer_pool_options_default(options: *mut PackinferPoolOptions) -> PackinferStatus {
     // SAFETY: `options` is NULL or writable (this function's contract).
-    guard("packinfer_pool_options_default", || unsafe { write_out("options", options, <PackinferPoolOptions as super::Versioned>::default_value()) })
+    guard("packinfer_pool_options_default", || unsafe {
+        write_out("options", options, <PackinferPoolOptions as super::Versioned>::default_value())
+    })
 }
 
 /// Creates a KV pool on a context's backend, allocating all of its memory now: host memory on
@@ -132,7 +134,11 @@ pub unsafe extern "C" fn packinfer_pool_options_default(options: *mut PackinferP
 /// # Safety
 /// `options` must point to an initialized `PackinferPoolOptions`; `out` writable.
 #[no_mangle]
-pub unsafe extern "C" fn packinfer_pool_create(context: PackinferContext, options: *const PackinferPoolOptions, out: *mut PackinferPool) -> PackinferStatus {
+pub unsafe extern "C" fn packinfer_pool_create(
+    context: PackinferContext,
+    options: *const PackinferPoolOptions,
+    out: *mut PackinferPool,
+) -> PackinferStatus {
     guard("packinfer_pool_create", || {
         let backend = CONTEXTS.get(context.bits)?;
         // SAFETY: `options` points to an initialized struct (this function's contract).
@@ -143,7 +149,14 @@ pub unsafe extern "C" fn packinfer_pool_create(context: PackinferContext, option
         }
         let mut config = PoolConfig {
             num_layers: o.num_layers,
-            shape: Shape { num_qo_heads: o.num_qo_heads, num_kv_heads: o.num_kv_heads, head_dim: o.head_dim, dtype, causal: o.causal, sm_scale: o.sm_scale },
+            shape: Shape {
+                num_qo_heads: o.num_qo_heads,
+                num_kv_heads: o.num_kv_heads,
+                head_dim: o.head_dim,
+                dtype,
+                causal: o.causal,
+                sm_scale: o.sm_scale,
+            },
             page_size: o.page_size,
             num_pages: o.num_pages,
             headroom_pages: o.headroom_pages,
@@ -152,7 +165,8 @@ pub unsafe extern "C" fn packinfer_pool_create(context: PackinferContext, option
         config.shape().validate()?;
         if config.num_pages == 0 && o.capacity_bytes > 0 {
             let pages = config.pages_for_bytes(o.capacity_bytes);
-            config.num_pages = u32::try_from(pages).map_err(|_| invalid!("options->capacity_bytes = {} makes {pages} pages, more than a pool can index", o.capacity_bytes))?;
+            config.num_pages = u32::try_from(pages)
+                .map_err(|_| invalid!("options->capacity_bytes = {} makes {pages} pages, more than a pool can index", o.capacity_bytes))?;
         }
         let pool = KvPool::new((*backend).clone(), config)?;
         // SAFETY: `out` is writable (this function's contract).
@@ -225,7 +239,13 @@ pub unsafe extern "C" fn packinfer_pool_sequence_length(pool: PackinferPool, seq
 /// # Safety
 /// `slots` NULL or writable for `n` entries; `stream` a CUstream of the pool's device or NULL.
 #[no_mangle]
-pub unsafe extern "C" fn packinfer_pool_append(pool: PackinferPool, seq: u64, n: u32, slots: *mut i64, stream: *mut c_void) -> PackinferStatus {
+pub unsafe extern "C" fn packinfer_pool_append(
+    pool: PackinferPool,
+    seq: u64,
+    n: u32,
+    slots: *mut i64,
+    stream: *mut c_void,
+) -> PackinferStatus {
     guard("packinfer_pool_append", || {
         let pool = POOLS.get(pool.bits)?;
         let got = pool.append(seq, n, stream as u64)?;
@@ -246,7 +266,13 @@ pub unsafe extern "C" fn packinfer_pool_append(pool: PackinferPool, seq: u64, n:
 /// # Safety
 /// `child` must be writable; `stream` a CUstream of the pool's device or NULL.
 #[no_mangle]
-pub unsafe extern "C" fn packinfer_pool_fork(pool: PackinferPool, parent: u64, prefix_len: u32, stream: *mut c_void, child: *mut u64) -> PackinferStatus {
+pub unsafe extern "C" fn packinfer_pool_fork(
+    pool: PackinferPool,
+    parent: u64,
+    prefix_len: u32,
+    stream: *mut c_void,
+    child: *mut u64,
+) -> PackinferStatus {
     guard("packinfer_pool_fork", || {
         let pool = POOLS.get(pool.bits)?;
         if child.is_null() {
@@ -346,7 +372,10 @@ pub unsafe extern "C" fn packinfer_pool_write_kv(
         }
         let row = (c.shape.num_kv_heads * c.shape.head_dim) as i64;
         if src.stride_token != 0 && src.stride_token < row {
-            return Err(invalid!("src->stride_token = {} is smaller than a token's row of num_kv_heads * head_dim = {row} elements (0 = contiguous)", src.stride_token));
+            return Err(invalid!(
+                "src->stride_token = {} is smaller than a token's row of num_kv_heads * head_dim = {row} elements (0 = contiguous)",
+                src.stride_token
+            ));
         }
         let stride = if src.stride_token == 0 { row } else { src.stride_token };
         // SAFETY: `src`'s k and v address the num_rows rows it describes, `stride` elements
@@ -375,7 +404,13 @@ pub unsafe extern "C" fn packinfer_pool_register_page_hashes(pool: PackinferPool
 /// # Safety
 /// `hashes` has `n` entries; `matched_tokens` writable.
 #[no_mangle]
-pub unsafe extern "C" fn packinfer_pool_match_prefix(pool: PackinferPool, seq: u64, hashes: *const u64, n: u32, matched_tokens: *mut u32) -> PackinferStatus {
+pub unsafe extern "C" fn packinfer_pool_match_prefix(
+    pool: PackinferPool,
+    seq: u64,
+    hashes: *const u64,
+    n: u32,
+    matched_tokens: *mut u32,
+) -> PackinferStatus {
     guard("packinfer_pool_match_prefix", || {
         let pool = POOLS.get(pool.bits)?;
         // SAFETY: `hashes` has `n` entries (this function's contract).
@@ -411,7 +446,8 @@ pub unsafe extern "C" fn packinfer_pool_plan_create(
         // SAFETY: both arrays have `n` entries (this function's contract).
         let requests = unsafe { zip_requests("seq_ids", seq_ids, "num_new_tokens", num_new_tokens, n)? };
         // SAFETY: non-null `options` are initialized (this function's contract).
-        let options = if options.is_null() { PlanOptions::default() } else { convert_plan_options(&unsafe { super::options("options", options)? })? };
+        let options =
+            if options.is_null() { PlanOptions::default() } else { convert_plan_options(&unsafe { super::options("options", options)? })? };
         if out.is_null() {
             return Err(invalid!("out is a null pointer"));
         }

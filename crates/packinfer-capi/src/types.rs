@@ -182,7 +182,8 @@ pub enum PackinferPlanFlags {
 }
 
 impl PackinferPlanFlags {
-    pub(crate) const ALL: [PackinferPlanFlags; 5] = [Self::Deterministic, Self::NoPacking, Self::NoBalancing, Self::NoPrefixSharing, Self::NoSplitKv];
+    pub(crate) const ALL: [PackinferPlanFlags; 5] =
+        [Self::Deterministic, Self::NoPacking, Self::NoBalancing, Self::NoPrefixSharing, Self::NoSplitKv];
 }
 
 /// How the planner may schedule.
@@ -437,5 +438,15 @@ super::versioned!(
 super::versioned!(
     PackinferLaunchCapacity,
     PackinferLaunchCapacity { struct_size: std::mem::size_of::<PackinferLaunchCapacity>(), ..Default::default() },
-    [max_work_items, max_row_segments, max_kv_chunks, max_requests, max_pages, max_merge_rows, max_merge_slots, max_groups, max_partial_slots]
+    [
+        max_work_items,
+        max_row_segments,
+        max_kv_chunks,
+        max_requests,
+        max_pages,
+        max_merge_rows,
+        max_merge_slots,
+        max_groups,
+        max_partial_slots
+    ]
 );

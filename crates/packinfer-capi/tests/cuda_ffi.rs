@@ -6,17 +6,17 @@
 
 use packinfer_testkit as common;
 mod support;
-use support::CDesc;
 use packinfer_testkit::harness;
+use support::CDesc;
 
 use std::ffi::CStr;
 
 use common::{assert_close, rng, Case, CaseSpec, Tensor};
-use packinfer::testing::{self, sync_stream, DeviceBuffer};
 use packinfer::backend::cuda::CudaBackend;
 use packinfer::backend::{BackendChoice, BackendKind};
-use packinfer_capi::*;
+use packinfer::testing::{self, sync_stream, DeviceBuffer};
 use packinfer::types::DType;
+use packinfer_capi::*;
 
 fn last_error() -> String {
     // SAFETY: never NULL: this thread's message, valid until its next failing call.
@@ -24,7 +24,11 @@ fn last_error() -> String {
 }
 
 fn main() {
-    harness::main(harness::trials![calibrate_is_unsupported_on_the_cpu_backend, capacity_launch_update_and_run_through_the_c_abi, runs_of_one_launch_on_two_streams_do_not_overlap]);
+    harness::main(harness::trials![
+        calibrate_is_unsupported_on_the_cpu_backend,
+        capacity_launch_update_and_run_through_the_c_abi,
+        runs_of_one_launch_on_two_streams_do_not_overlap
+    ]);
 }
 
 /// A CUDA context; where CUDA is unusable (NO_DEVICE, with its reason) the test is reported as
@@ -79,15 +83,32 @@ fn capacity_launch_update_and_run_through_the_c_abi() {
     let Some(ctx) = cuda_context() else { return };
     assert_eq!(packinfer_context_precompile(ctx), PackinferStatus::Ok, "{}", last_error());
     assert_eq!(packinfer_context_calibrate(ctx), PackinferStatus::Ok, "{}", last_error());
-    let mut info = PackinferContextInfo { struct_size: std::mem::size_of::<PackinferContextInfo>(), backend: 0, num_workers: 0, device_name: [0; 128] };
+    let mut info = PackinferContextInfo {
+        struct_size: std::mem::size_of::<PackinferContextInfo>(),
+        backend: 0,
+        num_workers: 0,
+        device_name: [0; 128],
+    };
     // SAFETY: live locals of the types and lengths the call expects.
     assert_eq!(unsafe { packinfer_context_info(ctx, &mut info) }, PackinferStatus::Ok);
     // SAFETY: device_name is NUL-terminated (the library writes at most 127 bytes).
     println!("device {:?}, {} workers after calibration", unsafe { CStr::from_ptr(info.device_name.as_ptr()) }, info.num_workers);
-    let cu = CudaBackend::new(&BackendChoice { kind: Some(BackendKind::Cuda), device_ordinal: 0, cpu_threads: 0, kernel_cache_dir: None }).unwrap();
+    let cu = CudaBackend::new(&BackendChoice { kind: Some(BackendKind::Cuda), device_ordinal: 0, cpu_threads: 0, kernel_cache_dir: None })
+        .unwrap();
     let dev = testing::device(&cu);
     let mut r = rng(21);
-    let spec = CaseSpec { batch_size: 4, max_kv: 600, page_size: 16, num_kv_heads: 2, group: 4, head_dim: 64, dtype: DType::F16, causal: true, decode_fraction: 0.5, hnd: true };
+    let spec = CaseSpec {
+        batch_size: 4,
+        max_kv: 600,
+        page_size: 16,
+        num_kv_heads: 2,
+        group: 4,
+        head_dim: 64,
+        dtype: DType::F16,
+        causal: true,
+        decode_fraction: 0.5,
+        hnd: true,
+    };
     let a = Case::build(&mut r, &spec, &[(1, 500), (12, 40), (1, 3), (6, 600)], vec![]);
     let b = Case::build(&mut r, &spec, &[(3, 200), (1, 599), (15, 15), (1, 77)], vec![]);
     let (pa, pb) = (plan(ctx, &a), plan(ctx, &b));
@@ -108,7 +129,11 @@ fn capacity_launch_update_and_run_through_the_c_abi() {
     let st = unsafe { packinfer_launch_create_with_capacity(ctx, pa, std::ptr::null(), &cap, std::ptr::null_mut(), &mut launch) };
     assert_eq!(st, PackinferStatus::Ok, "{}", last_error());
     let kv_bytes = a.k.bytes.len().max(b.k.bytes.len());
-    let (q, k, v) = (DeviceBuffer::new(dev, a.q.bytes.len(), "q").unwrap(), DeviceBuffer::new(dev, kv_bytes, "k").unwrap(), DeviceBuffer::new(dev, kv_bytes, "v").unwrap());
+    let (q, k, v) = (
+        DeviceBuffer::new(dev, a.q.bytes.len(), "q").unwrap(),
+        DeviceBuffer::new(dev, kv_bytes, "k").unwrap(),
+        DeviceBuffer::new(dev, kv_bytes, "v").unwrap(),
+    );
     let (o, lse) = (DeviceBuffer::new(dev, a.out_len() * 2, "o").unwrap(), DeviceBuffer::new(dev, a.total_q() * 8 * 4, "lse").unwrap());
     for (case, which) in [(&a, "A"), (&b, "B")] {
         assert_eq!(case.total_q(), a.total_q());
@@ -127,7 +152,14 @@ fn capacity_launch_update_and_run_through_the_c_abi() {
             q: q.ptr() as *const _,
             q_stride_token: 0,
             q_stride_head: 0,
-            kv: PackinferKvLayout { k: k.ptr() as *const _, v: v.ptr() as *const _, stride_page: l.stride_page, stride_token: l.stride_token, stride_head: l.stride_head, stride_dim: l.stride_dim },
+            kv: PackinferKvLayout {
+                k: k.ptr() as *const _,
+                v: v.ptr() as *const _,
+                stride_page: l.stride_page,
+                stride_token: l.stride_token,
+                stride_head: l.stride_head,
+                stride_dim: l.stride_dim,
+            },
             o: o.ptr() as *mut _,
             o_stride_token: 0,
             o_stride_head: 0,
@@ -163,25 +195,49 @@ fn capacity_launch_update_and_run_through_the_c_abi() {
 fn runs_of_one_launch_on_two_streams_do_not_overlap() {
     let Some(ctx) = cuda_context() else { return };
     use cudarc::driver::result as cu;
-    let cu_backend = CudaBackend::new(&BackendChoice { kind: Some(BackendKind::Cuda), device_ordinal: 0, cpu_threads: 0, kernel_cache_dir: None }).unwrap();
+    let cu_backend =
+        CudaBackend::new(&BackendChoice { kind: Some(BackendKind::Cuda), device_ordinal: 0, cpu_threads: 0, kernel_cache_dir: None })
+            .unwrap();
     let dev = testing::device(&cu_backend);
     let mut r = rng(77);
-    let spec = CaseSpec { batch_size: 6, max_kv: 4096, page_size: 16, num_kv_heads: 2, group: 4, head_dim: 128, dtype: DType::Bf16, causal: true, decode_fraction: 0.5, hnd: false };
+    let spec = CaseSpec {
+        batch_size: 6,
+        max_kv: 4096,
+        page_size: 16,
+        num_kv_heads: 2,
+        group: 4,
+        head_dim: 128,
+        dtype: DType::Bf16,
+        causal: true,
+        decode_fraction: 0.5,
+        hnd: false,
+    };
     let case = Case::build(&mut r, &spec, &[(1, 4000), (300, 3000), (1, 4096), (64, 2048), (1, 1500), (900, 900)], vec![]);
     let p = plan(ctx, &case);
     let mut launch = PackinferLaunch::default();
     // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
-    assert_eq!(unsafe { packinfer_launch_create(ctx, p, std::ptr::null(), std::ptr::null_mut(), &mut launch) }, PackinferStatus::Ok, "{}", last_error());
+    assert_eq!(
+        unsafe { packinfer_launch_create(ctx, p, std::ptr::null(), std::ptr::null_mut(), &mut launch) },
+        PackinferStatus::Ok,
+        "{}",
+        last_error()
+    );
     assert_eq!(packinfer_launch_wait(launch), PackinferStatus::Ok);
     let _g = dev.enter().unwrap();
     let streams: Vec<u64> = (0..2).map(|_| cu::stream::create(cu::stream::StreamKind::NonBlocking).unwrap() as u64).collect();
-    let (q, k, v) = (DeviceBuffer::new(dev, case.q.bytes.len(), "q").unwrap(), DeviceBuffer::new(dev, case.k.bytes.len(), "k").unwrap(), DeviceBuffer::new(dev, case.v.bytes.len(), "v").unwrap());
+    let (q, k, v) = (
+        DeviceBuffer::new(dev, case.q.bytes.len(), "q").unwrap(),
+        DeviceBuffer::new(dev, case.k.bytes.len(), "k").unwrap(),
+        DeviceBuffer::new(dev, case.v.bytes.len(), "v").unwrap(),
+    );
     q.write(dev, &case.q.bytes).unwrap();
     k.write(dev, &case.k.bytes).unwrap();
     v.write(dev, &case.v.bytes).unwrap();
     const RUNS: usize = 16;
     let lse_len = case.total_q() * case.shape.num_qo_heads as usize;
-    let outs: Vec<(DeviceBuffer, DeviceBuffer)> = (0..RUNS).map(|_| (DeviceBuffer::new(dev, case.out_len() * 2, "o").unwrap(), DeviceBuffer::new(dev, lse_len * 4, "lse").unwrap())).collect();
+    let outs: Vec<(DeviceBuffer, DeviceBuffer)> = (0..RUNS)
+        .map(|_| (DeviceBuffer::new(dev, case.out_len() * 2, "o").unwrap(), DeviceBuffer::new(dev, lse_len * 4, "lse").unwrap()))
+        .collect();
     for (o, _) in &outs {
         o.write(dev, &Tensor::poisoned(DType::Bf16, case.out_len()).bytes).unwrap();
     }
@@ -192,7 +248,14 @@ fn runs_of_one_launch_on_two_streams_do_not_overlap() {
             q: q.ptr() as *const _,
             q_stride_token: 0,
             q_stride_head: 0,
-            kv: PackinferKvLayout { k: k.ptr() as *const _, v: v.ptr() as *const _, stride_page: l.stride_page, stride_token: l.stride_token, stride_head: l.stride_head, stride_dim: l.stride_dim },
+            kv: PackinferKvLayout {
+                k: k.ptr() as *const _,
+                v: v.ptr() as *const _,
+                stride_page: l.stride_page,
+                stride_token: l.stride_token,
+                stride_head: l.stride_head,
+                stride_dim: l.stride_dim,
+            },
             o: o.ptr() as *mut _,
             o_stride_token: 0,
             o_stride_head: 0,

@@ -9,8 +9,8 @@ use std::ffi::{c_void, CStr};
 use std::ptr::{null, null_mut};
 
 use common::{assert_close, rng, Case, CaseSpec, Tensor};
-use packinfer_capi::*;
 use packinfer::types::{DType, PrefixGroup};
+use packinfer_capi::*;
 
 fn last_error() -> String {
     // SAFETY: never NULL: this thread's message, valid until its next failing call.
@@ -68,7 +68,18 @@ fn run_args(case: &Case, o: &Tensor, lse: &mut [f32]) -> PackinferRunArgs {
 }
 
 fn small_case(seed: u64) -> Case {
-    let spec = CaseSpec { batch_size: 4, max_kv: 90, page_size: 16, num_kv_heads: 2, group: 4, head_dim: 64, dtype: DType::Bf16, causal: true, decode_fraction: 0.5, hnd: false };
+    let spec = CaseSpec {
+        batch_size: 4,
+        max_kv: 90,
+        page_size: 16,
+        num_kv_heads: 2,
+        group: 4,
+        head_dim: 64,
+        dtype: DType::Bf16,
+        causal: true,
+        decode_fraction: 0.5,
+        hnd: false,
+    };
     Case::random(&mut rng(seed), &spec)
 }
 
@@ -121,7 +132,12 @@ fn version_and_status_strings() {
 #[test]
 fn flows_prefill_decode_mixed_and_prefix_groups() {
     let ctx = cpu_context();
-    let mut info = PackinferContextInfo { struct_size: std::mem::size_of::<PackinferContextInfo>(), backend: 0, num_workers: 0, device_name: [0; 128] };
+    let mut info = PackinferContextInfo {
+        struct_size: std::mem::size_of::<PackinferContextInfo>(),
+        backend: 0,
+        num_workers: 0,
+        device_name: [0; 128],
+    };
     // SAFETY: live locals of the types and lengths the call expects.
     assert_eq!(unsafe { packinfer_context_info(ctx, &mut info) }, PackinferStatus::Ok);
     assert_eq!(info.backend, PackinferBackend::Cpu as u32);
@@ -130,9 +146,25 @@ fn flows_prefill_decode_mixed_and_prefix_groups() {
         full_flow(ctx, &small_case(seed), &[]);
     }
     // Three requests sharing a 40-token prefix, plus one that does not.
-    let spec = CaseSpec { batch_size: 4, max_kv: 1, page_size: 16, num_kv_heads: 1, group: 4, head_dim: 128, dtype: DType::F16, causal: true, decode_fraction: 0.0, hnd: true };
+    let spec = CaseSpec {
+        batch_size: 4,
+        max_kv: 1,
+        page_size: 16,
+        num_kv_heads: 1,
+        group: 4,
+        head_dim: 128,
+        dtype: DType::F16,
+        causal: true,
+        decode_fraction: 0.0,
+        hnd: true,
+    };
     let members = [0i32, 1, 3];
-    let case = Case::build(&mut rng(9), &spec, &[(1, 45), (3, 60), (5, 20), (1, 41)], vec![PrefixGroup { prefix_len: 40, members: vec![0, 1, 3] }]);
+    let case = Case::build(
+        &mut rng(9),
+        &spec,
+        &[(1, 45), (3, 60), (5, 20), (1, 41)],
+        vec![PrefixGroup { prefix_len: 40, members: vec![0, 1, 3] }],
+    );
     let groups = [PackinferPrefixGroup { prefix_len: 40, num_members: 3, members: members.as_ptr() }];
     full_flow(ctx, &case, &groups);
     assert_eq!(packinfer_context_destroy(ctx), PackinferStatus::Ok);
@@ -201,7 +233,11 @@ fn handles_destroyed_or_forged_are_refused() {
     expect(packinfer_launch_wait(launch), PackinferStatus::InvalidHandle, &[]);
     // Null, forged and cross-kind handles.
     expect(packinfer_context_destroy(PackinferContext { bits: 0 }), PackinferStatus::InvalidHandle, &["null"]);
-    expect(packinfer_context_destroy(PackinferContext { bits: 0xC100_0000_0000_9999 }), PackinferStatus::InvalidHandle, &["context handle"]);
+    expect(
+        packinfer_context_destroy(PackinferContext { bits: 0xC100_0000_0000_9999 }),
+        PackinferStatus::InvalidHandle,
+        &["context handle"],
+    );
     expect(packinfer_context_destroy(PackinferContext { bits: plan.bits }), PackinferStatus::InvalidHandle, &["not a handle of this kind"]);
     // The context is still fine; then it is destroyed once, and only once.
     full_flow(ctx, &case, &[]);
@@ -239,15 +275,30 @@ fn bad_batches_are_refused_with_the_value_named() {
     let mut last_len = good.batch.kv_last_page_len.clone();
     last_len[0] = 17;
     let cases: Vec<(&str, PackinferStatus, Vec<String>, Edit)> = vec![
-        ("null qo_indptr", PackinferStatus::InvalidArgument, vec!["qo_indptr".into(), "null".into()], Box::new(|d, _| d.qo_indptr = null())),
-        ("null kv_page_indices", PackinferStatus::InvalidArgument, vec!["kv_page_indices".into()], Box::new(|d, _| d.kv_page_indices = null())),
-        ("page out of range", PackinferStatus::InvalidArgument, vec![format!("kv_page_indices[{}] = {bad_page_value}", nnz - 1), format!("{} pages", good.batch.num_pages)], {
-            let p = bad_pages.clone();
-            Box::new(move |d, keep| {
-                *keep = p.clone();
-                d.kv_page_indices = keep.as_ptr();
-            })
-        }),
+        (
+            "null qo_indptr",
+            PackinferStatus::InvalidArgument,
+            vec!["qo_indptr".into(), "null".into()],
+            Box::new(|d, _| d.qo_indptr = null()),
+        ),
+        (
+            "null kv_page_indices",
+            PackinferStatus::InvalidArgument,
+            vec!["kv_page_indices".into()],
+            Box::new(|d, _| d.kv_page_indices = null()),
+        ),
+        (
+            "page out of range",
+            PackinferStatus::InvalidArgument,
+            vec![format!("kv_page_indices[{}] = {bad_page_value}", nnz - 1), format!("{} pages", good.batch.num_pages)],
+            {
+                let p = bad_pages.clone();
+                Box::new(move |d, keep| {
+                    *keep = p.clone();
+                    d.kv_page_indices = keep.as_ptr();
+                })
+            },
+        ),
         ("indptr decreasing", PackinferStatus::InvalidArgument, vec!["qo_indptr[2]".into(), "must not decrease".into()], {
             let p = bad_indptr.clone();
             Box::new(move |d, keep| {
@@ -269,10 +320,15 @@ fn bad_batches_are_refused_with_the_value_named() {
                 d.kv_last_page_len = keep.as_ptr();
             })
         }),
-        ("heads not divisible", PackinferStatus::InvalidArgument, vec!["num_qo_heads = 6".into(), "num_kv_heads = 4".into()], Box::new(|d, _| {
-            d.num_qo_heads = 6;
-            d.num_kv_heads = 4;
-        })),
+        (
+            "heads not divisible",
+            PackinferStatus::InvalidArgument,
+            vec!["num_qo_heads = 6".into(), "num_kv_heads = 4".into()],
+            Box::new(|d, _| {
+                d.num_qo_heads = 6;
+                d.num_kv_heads = 4;
+            }),
+        ),
         ("zero kv heads", PackinferStatus::InvalidArgument, vec!["num_kv_heads = 0".into()], Box::new(|d, _| d.num_kv_heads = 0)),
         ("head_dim 100", PackinferStatus::Unsupported, vec!["head_dim = 100".into()], Box::new(|d, _| d.head_dim = 100)),
         ("dtype 9", PackinferStatus::InvalidArgument, vec!["dtype = 9".into()], Box::new(|d, _| d.dtype = 9)),
@@ -280,30 +336,50 @@ fn bad_batches_are_refused_with_the_value_named() {
         ("negative sm_scale", PackinferStatus::InvalidArgument, vec!["sm_scale = -1".into()], Box::new(|d, _| d.sm_scale = -1.0)),
         ("struct_size 0", PackinferStatus::InvalidArgument, vec!["struct_size = 0".into()], Box::new(|d, _| d.struct_size = 0)),
         ("struct_size short", PackinferStatus::InvalidArgument, vec!["struct_size = 8".into()], Box::new(|d, _| d.struct_size = 8)),
-        ("prefix group with one member", PackinferStatus::InvalidArgument, vec!["prefix_groups[0]".into()], Box::new(|d, keep| {
-            *keep = vec![0];
-            d.num_prefix_groups = 1;
-            d.prefix_groups = Box::leak(Box::new(PackinferPrefixGroup { prefix_len: 4, num_members: 1, members: keep.as_ptr() }));
-        })),
-        ("prefix longer than member", PackinferStatus::InvalidArgument, vec!["prefix_len = 100000".into()], Box::new(|d, keep| {
-            *keep = vec![0, 1];
-            d.num_prefix_groups = 1;
-            d.prefix_groups = Box::leak(Box::new(PackinferPrefixGroup { prefix_len: 100000, num_members: 2, members: keep.as_ptr() }));
-        })),
-        ("request in two prefix groups", PackinferStatus::InvalidArgument, vec!["request 1".into(), "at most one prefix group".into()], Box::new(|d, keep| {
-            *keep = vec![0, 1, 1, 2];
-            d.num_prefix_groups = 2;
-            d.prefix_groups = Box::leak(Box::new([
-                PackinferPrefixGroup { prefix_len: 1, num_members: 2, members: keep.as_ptr() },
-                // SAFETY: `keep` has four entries.
-                PackinferPrefixGroup { prefix_len: 1, num_members: 2, members: unsafe { keep.as_ptr().add(2) } },
-            ])) as *const _ as *const PackinferPrefixGroup;
-        })),
-        ("prefix member out of batch", PackinferStatus::InvalidArgument, vec!["members[1] = 9".into()], Box::new(|d, keep| {
-            *keep = vec![0, 9];
-            d.num_prefix_groups = 1;
-            d.prefix_groups = Box::leak(Box::new(PackinferPrefixGroup { prefix_len: 1, num_members: 2, members: keep.as_ptr() }));
-        })),
+        (
+            "prefix group with one member",
+            PackinferStatus::InvalidArgument,
+            vec!["prefix_groups[0]".into()],
+            Box::new(|d, keep| {
+                *keep = vec![0];
+                d.num_prefix_groups = 1;
+                d.prefix_groups = Box::leak(Box::new(PackinferPrefixGroup { prefix_len: 4, num_members: 1, members: keep.as_ptr() }));
+            }),
+        ),
+        (
+            "prefix longer than member",
+            PackinferStatus::InvalidArgument,
+            vec!["prefix_len = 100000".into()],
+            Box::new(|d, keep| {
+                *keep = vec![0, 1];
+                d.num_prefix_groups = 1;
+                d.prefix_groups = Box::leak(Box::new(PackinferPrefixGroup { prefix_len: 100000, num_members: 2, members: keep.as_ptr() }));
+            }),
+        ),
+        (
+            "request in two prefix groups",
+            PackinferStatus::InvalidArgument,
+            vec!["request 1".into(), "at most one prefix group".into()],
+            Box::new(|d, keep| {
+                *keep = vec![0, 1, 1, 2];
+                d.num_prefix_groups = 2;
+                d.prefix_groups = Box::leak(Box::new([
+                    PackinferPrefixGroup { prefix_len: 1, num_members: 2, members: keep.as_ptr() },
+                    // SAFETY: `keep` has four entries.
+                    PackinferPrefixGroup { prefix_len: 1, num_members: 2, members: unsafe { keep.as_ptr().add(2) } },
+                ])) as *const _ as *const PackinferPrefixGroup;
+            }),
+        ),
+        (
+            "prefix member out of batch",
+            PackinferStatus::InvalidArgument,
+            vec!["members[1] = 9".into()],
+            Box::new(|d, keep| {
+                *keep = vec![0, 9];
+                d.num_prefix_groups = 1;
+                d.prefix_groups = Box::leak(Box::new(PackinferPrefixGroup { prefix_len: 1, num_members: 2, members: keep.as_ptr() }));
+            }),
+        ),
     ];
     for (name, status, needles, edit) in cases {
         let mut d = desc(&good, &[]);
@@ -321,9 +397,17 @@ fn bad_batches_are_refused_with_the_value_named() {
     }
     // Null descriptor and null out-parameter.
     // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
-    expect(unsafe { packinfer_plan_create(ctx, null(), null(), &mut PackinferPlan::default()) }, PackinferStatus::InvalidArgument, &["batch is a null pointer"]);
+    expect(
+        unsafe { packinfer_plan_create(ctx, null(), null(), &mut PackinferPlan::default()) },
+        PackinferStatus::InvalidArgument,
+        &["batch is a null pointer"],
+    );
     // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
-    expect(unsafe { packinfer_plan_create(ctx, &desc(&good, &[]), null(), null_mut()) }, PackinferStatus::InvalidArgument, &["out is a null pointer"]);
+    expect(
+        unsafe { packinfer_plan_create(ctx, &desc(&good, &[]), null(), null_mut()) },
+        PackinferStatus::InvalidArgument,
+        &["out is a null pointer"],
+    );
     // Bad plan options.
     // SAFETY: a C struct of integers and pointers, for which all zeros is a valid value.
     let mut po = unsafe { std::mem::zeroed::<PackinferPlanOptions>() };
@@ -396,13 +480,25 @@ fn bad_options_run_args_and_scratch() {
     unsafe { packinfer_plan_stats(plan, &mut stats) };
     if stats.scratch_bytes > 0 {
         let mut buf = vec![0u8; 16];
-        let lo = PackinferLaunchOptions { struct_size: std::mem::size_of::<PackinferLaunchOptions>(), scratch: buf.as_mut_ptr() as *mut c_void, scratch_bytes: 16 };
+        let lo = PackinferLaunchOptions {
+            struct_size: std::mem::size_of::<PackinferLaunchOptions>(),
+            scratch: buf.as_mut_ptr() as *mut c_void,
+            scratch_bytes: 16,
+        };
         // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
-        expect(unsafe { packinfer_launch_create(ctx, plan, &lo, null_mut(), &mut PackinferLaunch::default()) }, PackinferStatus::InvalidArgument, &["scratch_bytes = 16"]);
+        expect(
+            unsafe { packinfer_launch_create(ctx, plan, &lo, null_mut(), &mut PackinferLaunch::default()) },
+            PackinferStatus::InvalidArgument,
+            &["scratch_bytes = 16"],
+        );
     }
     let lo = PackinferLaunchOptions { struct_size: 1, scratch: null_mut(), scratch_bytes: 0 };
     // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
-    expect(unsafe { packinfer_launch_create(ctx, plan, &lo, null_mut(), &mut PackinferLaunch::default()) }, PackinferStatus::InvalidArgument, &["options->struct_size = 1"]);
+    expect(
+        unsafe { packinfer_launch_create(ctx, plan, &lo, null_mut(), &mut PackinferLaunch::default()) },
+        PackinferStatus::InvalidArgument,
+        &["options->struct_size = 1"],
+    );
     // A larger struct_size (a newer header) is accepted.
     a = good;
     a.struct_size += 16;
@@ -440,7 +536,18 @@ fn panics_become_internal() {
 #[test]
 fn c_api_capacity_and_stats() {
     let mut r = rng(1);
-    let spec = CaseSpec { batch_size: 3, max_kv: 50, page_size: 16, num_kv_heads: 1, group: 4, head_dim: 64, dtype: DType::F32, causal: true, decode_fraction: 0.5, hnd: false };
+    let spec = CaseSpec {
+        batch_size: 3,
+        max_kv: 50,
+        page_size: 16,
+        num_kv_heads: 1,
+        group: 4,
+        head_dim: 64,
+        dtype: DType::F32,
+        causal: true,
+        decode_fraction: 0.5,
+        hnd: false,
+    };
     let case = Case::build(&mut r, &spec, &[(1, 40), (2, 30), (1, 20)], vec![]);
     // SAFETY: each pointer below is NULL where the call checks for it, or a live local of the type and length the call expects.
     unsafe {

@@ -140,7 +140,16 @@ fn a_page_written_in_place_loses_its_content_hash() {
 
 // One argument per field of the C struct it fills.
 #[allow(clippy::too_many_arguments)]
-fn batch(qo: &[i32], kv: &[i32], pages: &[i32], last: &[i32], page_size: u32, num_pages: u32, heads: (u32, u32), causal: bool) -> PackinferBatchDesc {
+fn batch(
+    qo: &[i32],
+    kv: &[i32],
+    pages: &[i32],
+    last: &[i32],
+    page_size: u32,
+    num_pages: u32,
+    heads: (u32, u32),
+    causal: bool,
+) -> PackinferBatchDesc {
     PackinferBatchDesc {
         struct_size: std::mem::size_of::<PackinferBatchDesc>(),
         batch_size: last.len() as u32,
@@ -270,7 +279,17 @@ fn a_comb_of_forks_plans_on_a_small_stack() {
         .spawn(move || {
             let mut plan = PackinferPlan::default();
             // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
-            let s = unsafe { packinfer_pool_plan_create(PackinferContext { bits: ctx_bits }, PackinferPool { bits: pool_bits }, seqs.as_ptr(), counts.as_ptr(), seqs.len() as u32, null(), &mut plan) };
+            let s = unsafe {
+                packinfer_pool_plan_create(
+                    PackinferContext { bits: ctx_bits },
+                    PackinferPool { bits: pool_bits },
+                    seqs.as_ptr(),
+                    counts.as_ptr(),
+                    seqs.len() as u32,
+                    null(),
+                    &mut plan,
+                )
+            };
             let mut stats = PackinferPlanStats { struct_size: std::mem::size_of::<PackinferPlanStats>(), ..Default::default() };
             if s == PackinferStatus::Ok {
                 // SAFETY: live locals of the types and lengths the call expects.
@@ -467,7 +486,11 @@ fn older_and_newer_struct_sizes() {
     assert!(s.canary.iter().all(|&c| c == 0xdead_beef), "wrote past the caller's struct_size");
     s.struct_size = size - 8;
     // SAFETY: a first-version stats struct whose struct_size says how far it reaches.
-    expect(unsafe { packinfer_plan_stats(plan, &mut s as *mut FirstStats as *mut PackinferPlanStats) }, InvalidArgument, &["stats->struct_size"]);
+    expect(
+        unsafe { packinfer_plan_stats(plan, &mut s as *mut FirstStats as *mut PackinferPlanStats) },
+        InvalidArgument,
+        &["stats->struct_size"],
+    );
 
     // SAFETY: a C struct of integers and pointers, for which all zeros is a valid value.
     let mut o = unsafe { std::mem::zeroed::<PackinferPlanOptions>() };
@@ -487,7 +510,10 @@ fn every_input_struct_has_a_default_filler() {
     unsafe {
         let mut b = std::mem::zeroed::<PackinferBatchDesc>();
         ok(packinfer_batch_desc_default(&mut b));
-        assert_eq!((b.struct_size, b.page_size, b.dtype, b.causal), (std::mem::size_of::<PackinferBatchDesc>(), 16, PackinferDtype::Bf16 as u32, true));
+        assert_eq!(
+            (b.struct_size, b.page_size, b.dtype, b.causal),
+            (std::mem::size_of::<PackinferBatchDesc>(), 16, PackinferDtype::Bf16 as u32, true)
+        );
         let mut l = std::mem::zeroed::<PackinferLaunchOptions>();
         ok(packinfer_launch_options_default(&mut l));
         assert_eq!((l.struct_size, l.scratch.is_null()), (std::mem::size_of::<PackinferLaunchOptions>(), true));

@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use std::ptr::{null, null_mut};
 
 use common::{assert_close, rng, Case, Tensor};
-use packinfer_capi::*;
 use packinfer::types::{Batch, DType, KvLayout, Shape};
+use packinfer_capi::*;
 use rand::rngs::SmallRng;
 use rand::seq::IndexedRandom;
 use rand::Rng;
@@ -123,7 +123,8 @@ impl Engine {
                 stride_token: 0,
             };
             // SAFETY: src addresses the step's K/V rows on the host; ids and counts have ids.len() entries.
-            let st = unsafe { packinfer_pool_write_kv(self.pool, layer, ids.as_ptr(), counts.as_ptr(), ids.len() as u32, &src, null_mut()) };
+            let st =
+                unsafe { packinfer_pool_write_kv(self.pool, layer, ids.as_ptr(), counts.as_ptr(), ids.len() as u32, &src, null_mut()) };
             ok(st, "write_kv");
             let mut at = 0;
             for &(id, n) in step {
@@ -145,7 +146,11 @@ impl Engine {
         ok(unsafe { packinfer_pool_fork(self.pool, parent, at as u32, null_mut(), &mut child) }, "fork");
         let row = self.row();
         let p = &self.seqs[&parent];
-        let rec = Record { k: p.k.iter().map(|l| l[..at * row].to_vec()).collect(), v: p.v.iter().map(|l| l[..at * row].to_vec()).collect(), len: at };
+        let rec = Record {
+            k: p.k.iter().map(|l| l[..at * row].to_vec()).collect(),
+            v: p.v.iter().map(|l| l[..at * row].to_vec()).collect(),
+            len: at,
+        };
         self.seqs.insert(child, rec);
         child
     }
@@ -155,7 +160,10 @@ impl Engine {
         let q: Vec<u32> = step.iter().map(|s| s.1).collect();
         let mut plan = PackinferPlan::default();
         // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
-        ok(unsafe { packinfer_pool_plan_create(self.context, self.pool, ids.as_ptr(), q.as_ptr(), ids.len() as u32, null(), &mut plan) }, "pool_plan_create");
+        ok(
+            unsafe { packinfer_pool_plan_create(self.context, self.pool, ids.as_ptr(), q.as_ptr(), ids.len() as u32, null(), &mut plan) },
+            "pool_plan_create",
+        );
         plan
     }
 
@@ -170,7 +178,10 @@ impl Engine {
             let mut rep: PackinferRelayoutReport = unsafe { std::mem::zeroed() };
             rep.struct_size = std::mem::size_of::<PackinferRelayoutReport>();
             // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
-            ok(unsafe { packinfer_pool_relayout(self.pool, plan, ids.as_ptr(), ids.len() as u32, regroup, null_mut(), &mut rep) }, "relayout");
+            ok(
+                unsafe { packinfer_pool_relayout(self.pool, plan, ids.as_ptr(), ids.len() as u32, regroup, null_mut(), &mut rep) },
+                "relayout",
+            );
             moved = rep.pages_moved;
             if moved > 0 {
                 ok(packinfer_plan_destroy(plan), "plan_destroy");
@@ -181,7 +192,14 @@ impl Engine {
         // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
         ok(unsafe { packinfer_launch_create(self.context, plan, null(), null_mut(), &mut launch) }, "launch_create");
         let s = &self.s;
-        let shape = Shape { num_qo_heads: s.qo_heads, num_kv_heads: s.kv_heads, head_dim: s.head_dim, dtype: s.dtype, causal: true, sm_scale: 1.0 / (s.head_dim as f32).sqrt() };
+        let shape = Shape {
+            num_qo_heads: s.qo_heads,
+            num_kv_heads: s.kv_heads,
+            head_dim: s.head_dim,
+            dtype: s.dtype,
+            causal: true,
+            sm_scale: 1.0 / (s.head_dim as f32).sqrt(),
+        };
         let row = self.row();
         for layer in 0..s.layers {
             // The reference case: each request's K/V gathered contiguously, page size 1.
@@ -200,8 +218,23 @@ impl Engine {
             let k = Tensor::new(s.dtype, kvals);
             let v = Tensor::new(s.dtype, vvals);
             let q = Tensor::new(s.dtype, (0..total_q * (s.qo_heads * s.head_dim) as usize).map(|_| self.r.random_range(-2.0..2.0f32)));
-            let layout = KvLayout { k: k.ptr(), v: v.ptr(), stride_page: row as i64, stride_token: row as i64, stride_head: s.head_dim as i64, stride_dim: 1 };
-            let batch = Batch { qo_indptr: qo, kv_indptr: kvp, kv_page_indices: (0..total_kv).collect(), kv_last_page_len: last, page_size: 1, num_pages: total_kv.max(1) as u32, prefix_groups: vec![] };
+            let layout = KvLayout {
+                k: k.ptr(),
+                v: v.ptr(),
+                stride_page: row as i64,
+                stride_token: row as i64,
+                stride_head: s.head_dim as i64,
+                stride_dim: 1,
+            };
+            let batch = Batch {
+                qo_indptr: qo,
+                kv_indptr: kvp,
+                kv_page_indices: (0..total_kv).collect(),
+                kv_last_page_len: last,
+                page_size: 1,
+                num_pages: total_kv.max(1) as u32,
+                prefix_groups: vec![],
+            };
             let case = Case { shape, batch, q, k, v, layout, hnd: false };
             let o = Tensor::poisoned(s.dtype, case.out_len());
             let mut lse = vec![f32::NAN; total_q * s.qo_heads as usize];
@@ -277,7 +310,14 @@ fn attention_through_the_pool_with_forks_sharing_and_relayouts() {
         assert_eq!(matched as usize, full_pages * page_size as usize);
         let rec = e.seqs[&system].clone();
         let row = e.row();
-        e.seqs.insert(matched_seq, Record { k: rec.k.iter().map(|l| l[..matched as usize * row].to_vec()).collect(), v: rec.v.iter().map(|l| l[..matched as usize * row].to_vec()).collect(), len: matched as usize });
+        e.seqs.insert(
+            matched_seq,
+            Record {
+                k: rec.k.iter().map(|l| l[..matched as usize * row].to_vec()).collect(),
+                v: rec.v.iter().map(|l| l[..matched as usize * row].to_vec()).collect(),
+                len: matched as usize,
+            },
+        );
         live.push(matched_seq);
         live.push(system);
         // Steps: the first prefills the forks' suffixes (chunks), then decode with occasional chunks.

@@ -6,11 +6,11 @@ use std::ptr::{null, null_mut};
 use std::sync::Arc;
 
 use packinfer::backend::{Backend, BackendKind, BoundPlan, Scratch};
-use packinfer_capi::*;
 use packinfer::kv::{KvPool, PoolConfig};
 use packinfer::plan::{DeviceProfile, Plan};
 use packinfer::types::{DType, Shape};
 use packinfer::Error;
+use packinfer_capi::*;
 
 fn last_error() -> String {
     // SAFETY: never NULL: this thread's message, valid until its next failing call.
@@ -99,7 +99,12 @@ fn pool_creation_checks_its_options() {
         expect(packinfer_pool_create(c, &o, &mut pool), InvalidArgument, "struct_size = 8", "old struct");
         expect(packinfer_pool_create(c, null(), &mut pool), InvalidArgument, "options", "null options");
         expect(packinfer_pool_create(c, &pool_options(), null_mut()), InvalidArgument, "out", "null out");
-        expect(packinfer_pool_create(PackinferContext { bits: 12345 }, &pool_options(), &mut pool), InvalidHandle, "context", "bad context");
+        expect(
+            packinfer_pool_create(PackinferContext { bits: 12345 }, &pool_options(), &mut pool),
+            InvalidHandle,
+            "context",
+            "bad context",
+        );
     }
     packinfer_context_destroy(c);
 }
@@ -143,15 +148,52 @@ fn handles_and_sequence_ids_are_checked() {
             dtype: PackinferDtype::F32 as u32,
             stride_token: 0,
         };
-        let write = |layer: u32, ids: *const u64, counts: &[u32], src: &PackinferKvSource| packinfer_pool_write_kv(pool, layer, ids, counts.as_ptr(), 1, src, null_mut());
-        expect(write(0, ids.as_ptr(), &n7, &PackinferKvSource { num_rows: 7, ..good }), InvalidArgument, "num_tokens[0] = 7", "write more than stored");
-        expect(write(0, ids.as_ptr(), &n1, &PackinferKvSource { num_rows: 2, ..good }), InvalidArgument, "num_rows = 2", "rows differ from num_tokens");
+        let write = |layer: u32, ids: *const u64, counts: &[u32], src: &PackinferKvSource| {
+            packinfer_pool_write_kv(pool, layer, ids, counts.as_ptr(), 1, src, null_mut())
+        };
+        expect(
+            write(0, ids.as_ptr(), &n7, &PackinferKvSource { num_rows: 7, ..good }),
+            InvalidArgument,
+            "num_tokens[0] = 7",
+            "write more than stored",
+        );
+        expect(
+            write(0, ids.as_ptr(), &n1, &PackinferKvSource { num_rows: 2, ..good }),
+            InvalidArgument,
+            "num_rows = 2",
+            "rows differ from num_tokens",
+        );
         expect(write(0, ids.as_ptr(), &n1, &PackinferKvSource { head_dim: 16, ..good }), InvalidArgument, "head_dim 8", "head_dim differs");
-        expect(write(0, ids.as_ptr(), &n1, &PackinferKvSource { num_kv_heads: 1, ..good }), InvalidArgument, "2 KV heads", "kv heads differ");
-        expect(write(0, ids.as_ptr(), &n1, &PackinferKvSource { dtype: PackinferDtype::Bf16 as u32, ..good }), InvalidArgument, "dtype = bf16", "dtype differs");
-        expect(write(0, ids.as_ptr(), &n1, &PackinferKvSource { stride_token: 15, ..good }), InvalidArgument, "src->stride_token = 15", "stride smaller than a row");
-        expect(write(0, ids.as_ptr(), &n1, &PackinferKvSource { stride_token: -16, ..good }), InvalidArgument, "src->stride_token = -16", "negative stride");
-        expect(write(0, ids.as_ptr(), &n1, &PackinferKvSource { struct_size: 4, ..good }), InvalidArgument, "struct_size = 4", "old struct");
+        expect(
+            write(0, ids.as_ptr(), &n1, &PackinferKvSource { num_kv_heads: 1, ..good }),
+            InvalidArgument,
+            "2 KV heads",
+            "kv heads differ",
+        );
+        expect(
+            write(0, ids.as_ptr(), &n1, &PackinferKvSource { dtype: PackinferDtype::Bf16 as u32, ..good }),
+            InvalidArgument,
+            "dtype = bf16",
+            "dtype differs",
+        );
+        expect(
+            write(0, ids.as_ptr(), &n1, &PackinferKvSource { stride_token: 15, ..good }),
+            InvalidArgument,
+            "src->stride_token = 15",
+            "stride smaller than a row",
+        );
+        expect(
+            write(0, ids.as_ptr(), &n1, &PackinferKvSource { stride_token: -16, ..good }),
+            InvalidArgument,
+            "src->stride_token = -16",
+            "negative stride",
+        );
+        expect(
+            write(0, ids.as_ptr(), &n1, &PackinferKvSource { struct_size: 4, ..good }),
+            InvalidArgument,
+            "struct_size = 4",
+            "old struct",
+        );
         expect(write(2, ids.as_ptr(), &n1, &good), InvalidArgument, "layer = 2", "layer out of range");
         expect(write(0, ids.as_ptr(), &n1, &PackinferKvSource { k: null(), v: null(), ..good }), InvalidArgument, "null", "null k/v");
         expect(write(0, null(), &n1, &good), InvalidArgument, "seq_ids", "null ids");
@@ -164,13 +206,38 @@ fn handles_and_sequence_ids_are_checked() {
         let mut plan = PackinferPlan::default();
         let twice = [a, a];
         let q = [1u32, 1];
-        expect(packinfer_pool_plan_create(c, pool, twice.as_ptr(), q.as_ptr(), 2, null(), &mut plan), InvalidArgument, "repeats", "same sequence twice");
-        expect(packinfer_pool_plan_create(c, pool, ids.as_ptr(), n7.as_ptr(), 1, null(), &mut plan), InvalidArgument, "num_new_tokens[0] = 7", "more queries than tokens");
+        expect(
+            packinfer_pool_plan_create(c, pool, twice.as_ptr(), q.as_ptr(), 2, null(), &mut plan),
+            InvalidArgument,
+            "repeats",
+            "same sequence twice",
+        );
+        expect(
+            packinfer_pool_plan_create(c, pool, ids.as_ptr(), n7.as_ptr(), 1, null(), &mut plan),
+            InvalidArgument,
+            "num_new_tokens[0] = 7",
+            "more queries than tokens",
+        );
         let gone = [b];
-        expect(packinfer_pool_plan_create(c, pool, gone.as_ptr(), n1.as_ptr(), 1, null(), &mut plan), InvalidArgument, &bs, "plan released");
+        expect(
+            packinfer_pool_plan_create(c, pool, gone.as_ptr(), n1.as_ptr(), 1, null(), &mut plan),
+            InvalidArgument,
+            &bs,
+            "plan released",
+        );
         expect(packinfer_pool_plan_create(c, pool, ids.as_ptr(), n1.as_ptr(), 1, null(), &mut plan), Ok, "", "plan");
-        expect(packinfer_pool_relayout(pool, plan, twice.as_ptr(), 2, true, null_mut(), null_mut()), InvalidArgument, "2 seq_ids", "relayout with other ids");
-        expect(packinfer_pool_relayout(pool, PackinferPlan { bits: 5 }, ids.as_ptr(), 1, true, null_mut(), null_mut()), InvalidHandle, "plan", "relayout bad plan");
+        expect(
+            packinfer_pool_relayout(pool, plan, twice.as_ptr(), 2, true, null_mut(), null_mut()),
+            InvalidArgument,
+            "2 seq_ids",
+            "relayout with other ids",
+        );
+        expect(
+            packinfer_pool_relayout(pool, PackinferPlan { bits: 5 }, ids.as_ptr(), 1, true, null_mut(), null_mut()),
+            InvalidHandle,
+            "plan",
+            "relayout bad plan",
+        );
         assert!(same(&before, &stats(pool)), "a refused call changed the pool");
         // Exhaustion through the C API: 8 pages of 4, 2 used.
         expect(packinfer_pool_append(pool, a, 4 * 7, null_mut(), null_mut()), PoolExhausted, "needs 7 free page(s)", "too big");
@@ -183,7 +250,12 @@ fn handles_and_sequence_ids_are_checked() {
         expect(packinfer_pool_destroy(pool), Ok, "", "destroy");
         expect(packinfer_pool_destroy(pool), InvalidHandle, "pool handle", "double destroy");
         expect(packinfer_pool_append(pool, a, 1, null_mut(), null_mut()), InvalidHandle, "pool handle", "use after destroy");
-        expect(packinfer_pool_append(PackinferPool { bits: c.bits }, a, 1, null_mut(), null_mut()), InvalidHandle, "not a handle of this kind", "context as pool");
+        expect(
+            packinfer_pool_append(PackinferPool { bits: c.bits }, a, 1, null_mut(), null_mut()),
+            InvalidHandle,
+            "not a handle of this kind",
+            "context as pool",
+        );
         expect(packinfer_pool_append(PackinferPool::default(), a, 1, null_mut(), null_mut()), InvalidHandle, "null", "null pool");
     }
     packinfer_context_destroy(c);
@@ -209,7 +281,13 @@ impl Backend for NoPoolBackend {
 
 #[test]
 fn backends_without_pool_support_say_unsupported() {
-    let config = PoolConfig { num_layers: 1, shape: Shape { num_qo_heads: 1, num_kv_heads: 1, head_dim: 64, dtype: DType::F16, causal: true, sm_scale: 0.0 }, page_size: 16, num_pages: 4, headroom_pages: 0 };
+    let config = PoolConfig {
+        num_layers: 1,
+        shape: Shape { num_qo_heads: 1, num_kv_heads: 1, head_dim: 64, dtype: DType::F16, causal: true, sm_scale: 0.0 },
+        page_size: 16,
+        num_pages: 4,
+        headroom_pages: 0,
+    };
     match KvPool::new(Arc::new(NoPoolBackend), config) {
         Err(Error::Unsupported(m)) => assert!(m.contains("test gpu"), "{m}"),
         other => panic!("expected Unsupported, got {other:?}"),

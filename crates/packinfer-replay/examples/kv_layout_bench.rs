@@ -93,7 +93,14 @@ fn make_groups(pool: &KvPool, reqs: &[Request]) -> Vec<Vec<SeqId>> {
 fn run(trace: &[(u32, u32)], headroom: u32) -> (Totals, Totals, f64, f64, (u64, u64)) {
     let config = PoolConfig {
         num_layers: LAYERS,
-        shape: Shape { num_qo_heads: KV_HEADS * 4, num_kv_heads: KV_HEADS, head_dim: HEAD_DIM, dtype: DType::Bf16, causal: true, sm_scale: 0.0 },
+        shape: Shape {
+            num_qo_heads: KV_HEADS * 4,
+            num_kv_heads: KV_HEADS,
+            head_dim: HEAD_DIM,
+            dtype: DType::Bf16,
+            causal: true,
+            sm_scale: 0.0,
+        },
         page_size: PAGE,
         num_pages: 12288,
         headroom_pages: headroom,
@@ -257,7 +264,6 @@ fn not_contiguous(pool: &KvPool, groups: &[Vec<SeqId>]) -> u64 {
     }
     bad
 }
-
 
 fn main() {
     let path = std::env::args().nth(1).unwrap_or_else(|| "../shared/traces/azure_llm_2023_code.csv".into());

@@ -101,14 +101,23 @@ fn planning_time(trace: &[Row], quick: bool) {
             let groups = if prefix {
                 lens.chunks(8)
                     .enumerate()
-                    .map(|(g, c)| PrefixGroup { prefix_len: (c.iter().map(|l| l.1).min().unwrap() / 2).max(1), members: (0..c.len() as u32).map(|m| (g * 8) as u32 + m).collect() })
+                    .map(|(g, c)| PrefixGroup {
+                        prefix_len: (c.iter().map(|l| l.1).min().unwrap() / 2).max(1),
+                        members: (0..c.len() as u32).map(|m| (g * 8) as u32 + m).collect(),
+                    })
                     .filter(|pg| pg.members.len() >= 2)
                     .collect()
             } else {
                 Vec::new()
             };
             let b = batch(&lens, groups);
-            let iters = if quick { 3 } else if n == 256 { 2000 } else { 500 };
+            let iters = if quick {
+                3
+            } else if n == 256 {
+                2000
+            } else {
+                500
+            };
             let (mut times, mut cpu) = (Vec::with_capacity(iters), Vec::with_capacity(iters));
             let mut last = None;
             for _ in 0..iters {
@@ -125,7 +134,12 @@ fn planning_time(trace: &[Row], quick: bool) {
             let (cpu_med, _) = median_p90(cpu);
             let target = if n == 256 { 20.0 } else { 100.0 };
             let verdict = if med <= target { format!("≤ {target} µs: met") } else { format!("≤ {target} µs: missed") };
-            println!("| {n} | {} | {} | {} | {med:.1} | {p90:.1} | {cpu_med:.1} | {verdict} |", if prefix { "yes" } else { "no" }, plan.items.len(), plan.merges.len());
+            println!(
+                "| {n} | {} | {} | {} | {med:.1} | {p90:.1} | {cpu_med:.1} | {verdict} |",
+                if prefix { "yes" } else { "no" },
+                plan.items.len(),
+                plan.merges.len()
+            );
         }
     }
     println!();
@@ -146,9 +160,26 @@ struct Measured {
 fn measure(lens: &[(u32, u32)], groups: Vec<PrefixGroup>, options: PlanOptions) -> Measured {
     let plan = Plan::build(shape(), batch(lens, groups), &DeviceProfile::hopper(132), options).expect("plan");
     let s = plan.stats;
-    let keys: u64 = plan.items.iter().map(|it| plan.kv_chunks[it.chunk_begin as usize..(it.chunk_begin + it.chunk_count) as usize].iter().map(|c| (c.key_end - c.key_begin) as u64).sum::<u64>()).sum();
+    let keys: u64 = plan
+        .items
+        .iter()
+        .map(|it| {
+            plan.kv_chunks[it.chunk_begin as usize..(it.chunk_begin + it.chunk_count) as usize]
+                .iter()
+                .map(|c| (c.key_end - c.key_begin) as u64)
+                .sum::<u64>()
+        })
+        .sum();
     let kv_mb = keys as f64 * 512.0 / 1e6;
-    Measured { items: s.num_items, groups: s.num_groups, util: s.tile_utilization, max_cta: s.max_worker_cost, mean_cta: s.mean_worker_cost, splits: s.num_split_requests, kv_mb }
+    Measured {
+        items: s.num_items,
+        groups: s.num_groups,
+        util: s.tile_utilization,
+        max_cta: s.max_worker_cost,
+        mean_cta: s.mean_worker_cost,
+        splits: s.num_split_requests,
+        kv_mb,
+    }
 }
 
 fn compare_row(name: &str, lens: &[(u32, u32)], groups: Vec<PrefixGroup>) -> (Measured, Measured) {
@@ -212,8 +243,10 @@ fn trace_stats(trace: &[Row]) {
             };
             acc.push((measure(&lens, vec![], PlanOptions::default()), measure(&lens, vec![], baseline())));
         }
-        let mean = |f: &dyn Fn(&Measured) -> f64, ours: bool| acc.iter().map(|(o, b)| f(if ours { o } else { b })).sum::<f64>() / acc.len() as f64;
-        let worst = |ours: bool| acc.iter().map(|(o, b)| if ours { o.max_cta / o.mean_cta } else { b.max_cta / b.mean_cta }).fold(0.0, f64::max);
+        let mean =
+            |f: &dyn Fn(&Measured) -> f64, ours: bool| acc.iter().map(|(o, b)| f(if ours { o } else { b })).sum::<f64>() / acc.len() as f64;
+        let worst =
+            |ours: bool| acc.iter().map(|(o, b)| if ours { o.max_cta / o.mean_cta } else { b.max_cta / b.mean_cta }).fold(0.0, f64::max);
         let speedup = acc.iter().map(|(o, b)| b.max_cta / o.max_cta).sum::<f64>() / acc.len() as f64;
         println!(
             "| {kind} ×16 | {:.3} / {:.3} | {:.2} / {:.2} | {:.2} / {:.2} | {speedup:.2}× | {:.0} / {:.0} |",
@@ -280,4 +313,3 @@ fn main() {
     trace_stats(&trace);
     planning_time(&trace, quick);
 }
-

@@ -99,7 +99,12 @@ pub struct Cli {
         help = "columns TIMESTAMP,ContextTokens,GeneratedTokens (the Azure LLM inference trace's);\nwithout it a built-in synthetic trace with a long-tailed length mix is replayed"
     )]
     trace: Option<PathBuf>,
-    #[arg(long, value_name = "N", allow_negative_numbers = true, help = "requests to replay: the first N rows, or N synthetic ones [default: cpu 300, gpu 2000]")]
+    #[arg(
+        long,
+        value_name = "N",
+        allow_negative_numbers = true,
+        help = "requests to replay: the first N rows, or N synthetic ones [default: cpu 300, gpu 2000]"
+    )]
     requests: Option<usize>,
     #[arg(
         long,
@@ -110,11 +115,30 @@ pub struct Cli {
         help = "all: every request waits at the start (saturated engine);\ntrace: requests arrive at their timestamps on a virtual clock"
     )]
     arrivals: ArrivalsArg,
-    #[arg(long, value_name = "X", default_value_t = 1.0, allow_negative_numbers = true, help = "with --arrivals trace: replay the timestamps X times faster")]
+    #[arg(
+        long,
+        value_name = "X",
+        default_value_t = 1.0,
+        allow_negative_numbers = true,
+        help = "with --arrivals trace: replay the timestamps X times faster"
+    )]
     speedup: f64,
-    #[arg(long, value_name = "MS", default_value_t = 20.0, allow_negative_numbers = true, help = "with --arrivals trace: virtual time of one engine step")]
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = 20.0,
+        allow_negative_numbers = true,
+        help = "with --arrivals trace: virtual time of one engine step"
+    )]
     step_ms: f64,
-    #[arg(long, value_enum, value_name = "both|packinfer|baseline", hide_possible_values = true, default_value = "both", help = "which schedules to replay")]
+    #[arg(
+        long,
+        value_enum,
+        value_name = "both|packinfer|baseline",
+        hide_possible_values = true,
+        default_value = "both",
+        help = "which schedules to replay"
+    )]
     mode: Mode,
     #[arg(long, value_enum, value_name = "auto|cpu|gpu", hide_possible_values = true, default_value = "auto", overrides_with_all = ["cpu", "gpu"], help = "auto: the GPU when the CUDA backend is usable, else the CPU")]
     device: Device,
@@ -129,27 +153,72 @@ pub struct Cli {
     heads: Option<(u32, u32)>,
     #[arg(long, value_name = "D", allow_negative_numbers = true, help = "head dimension [default: cpu 64, gpu 128]")]
     head_dim: Option<u32>,
-    #[arg(long, value_enum, value_name = "bf16|f16", hide_possible_values = true, default_value = "bf16", help = "element type of Q, K, V and the output")]
+    #[arg(
+        long,
+        value_enum,
+        value_name = "bf16|f16",
+        hide_possible_values = true,
+        default_value = "bf16",
+        help = "element type of Q, K, V and the output"
+    )]
     dtype: DTypeArg,
-    #[arg(long, value_name = "F", allow_negative_numbers = true, help = "multiply trace lengths (prompts, system prompts) by F [default: cpu 0.0625, gpu 1]")]
+    #[arg(
+        long,
+        value_name = "F",
+        allow_negative_numbers = true,
+        help = "multiply trace lengths (prompts, system prompts) by F [default: cpu 0.0625, gpu 1]"
+    )]
     len_scale: Option<f64>,
-    #[arg(long, value_name = "N", allow_negative_numbers = true, help = "cap on a request's prompt after scaling [default: cpu 1024, gpu 16384]")]
+    #[arg(
+        long,
+        value_name = "N",
+        allow_negative_numbers = true,
+        help = "cap on a request's prompt after scaling [default: cpu 1024, gpu 16384]"
+    )]
     max_context: Option<u32>,
-    #[arg(long, value_name = "N", allow_negative_numbers = true, help = "cap on a request's generated tokens [default: cpu 128, gpu 2048]")]
+    #[arg(
+        long,
+        value_name = "N",
+        allow_negative_numbers = true,
+        help = "cap on a request's generated tokens [default: cpu 128, gpu 2048]"
+    )]
     max_generated: Option<u32>,
-    #[arg(long, value_name = "N", allow_negative_numbers = true, help = "tokens per step, chunked prefill plus decode [default: cpu 512, gpu 8192]")]
+    #[arg(
+        long,
+        value_name = "N",
+        allow_negative_numbers = true,
+        help = "tokens per step, chunked prefill plus decode [default: cpu 512, gpu 8192]"
+    )]
     token_budget: Option<u32>,
     #[arg(long, value_name = "N", allow_negative_numbers = true, help = "requests per step [default: cpu 64, gpu 256]")]
     max_batch: Option<u32>,
     #[arg(long, value_name = "N", default_value_t = 4, allow_negative_numbers = true, help = "shared system prompts (0: none)")]
     system_prompts: u32,
-    #[arg(long, value_name = "F", default_value_t = 0.3, allow_negative_numbers = true, help = "fraction of requests that start with one of them")]
+    #[arg(
+        long,
+        value_name = "F",
+        default_value_t = 0.3,
+        allow_negative_numbers = true,
+        help = "fraction of requests that start with one of them"
+    )]
     shared_fraction: f64,
-    #[arg(long, value_name = "N", default_value_t = 1024, allow_negative_numbers = true, help = "their length in trace tokens, scaled by --len-scale")]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1024,
+        allow_negative_numbers = true,
+        help = "their length in trace tokens, scaled by --len-scale"
+    )]
     system_prompt_len: u32,
     #[arg(long, value_name = "N", default_value_t = 16, allow_negative_numbers = true, help = "tokens per KV page")]
     page_size: u32,
-    #[arg(long, value_name = "N", default_value_t = 2, allow_negative_numbers = true, help = "empty pages after each sequence in a laid-out group, for its next tokens")]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 2,
+        allow_negative_numbers = true,
+        help = "empty pages after each sequence in a laid-out group, for its next tokens"
+    )]
     headroom_pages: u32,
     #[arg(
         long,
@@ -177,7 +246,13 @@ pub struct Cli {
     without: Vec<Technique>,
     #[arg(long, value_name = "N", default_value_t = 0, allow_negative_numbers = true, help = "CPU backend threads (0: every core)")]
     threads: u32,
-    #[arg(long, value_name = "N", default_value_t = 1, allow_negative_numbers = true, help = "seeds the synthetic trace, the shared prompts and the inputs")]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1,
+        allow_negative_numbers = true,
+        help = "seeds the synthetic trace, the shared prompts and the inputs"
+    )]
     seed: u64,
     #[arg(long, value_name = "DIR", default_value = "replay-out", help = "where steps.csv, summary.csv and steps.png go")]
     out: PathBuf,
@@ -361,8 +436,10 @@ fn probe_out(dir: &Path) -> Result<(), Failure> {
     let mut attempts = 0;
     loop {
         // The directories the probe creates, deepest first, so they can be removed again.
-        let missing: Vec<&Path> = dir.ancestors().take_while(|p| !p.as_os_str().is_empty() && std::fs::symlink_metadata(p).is_err()).collect();
-        let result = std::fs::create_dir_all(dir).and_then(|()| std::fs::OpenOptions::new().write(true).create_new(true).open(&probe)?.write_all(b"probe"));
+        let missing: Vec<&Path> =
+            dir.ancestors().take_while(|p| !p.as_os_str().is_empty() && std::fs::symlink_metadata(p).is_err()).collect();
+        let result = std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::OpenOptions::new().write(true).create_new(true).open(&probe)?.write_all(b"probe"));
         let _ = std::fs::remove_file(&probe);
         for d in &missing {
             let _ = std::fs::remove_dir(d);
@@ -460,7 +537,9 @@ impl Args {
             return Err(bad(
                 "--token-budget",
                 s.token_budget,
-                format_args!("with {q} query heads x head_dim {head_dim} needs {step_bytes} bytes of step buffers, more than memory addresses"),
+                format_args!(
+                    "with {q} query heads x head_dim {head_dim} needs {step_bytes} bytes of step buffers, more than memory addresses"
+                ),
             ));
         }
         Ok(s)

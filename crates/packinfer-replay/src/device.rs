@@ -80,12 +80,14 @@ impl DeviceIo {
     /// `ordinal`.
     pub fn new(ordinal: u32, inputs: &[u16], out_elems: usize) -> Result<DeviceIo> {
         let ctx = Context::open(ordinal)?;
-        let mut io = DeviceIo { inputs: 0, out: 0, out_elems: out_elems.max(1), start: std::ptr::null_mut(), end: std::ptr::null_mut(), ctx };
+        let mut io =
+            DeviceIo { inputs: 0, out: 0, out_elems: out_elems.max(1), start: std::ptr::null_mut(), end: std::ptr::null_mut(), ctx };
         let _g = io.ctx.enter()?;
         // SAFETY: the context is current; the copy fills the allocation just made for
         // `inputs`, from the slice itself.
         unsafe {
-            io.inputs = cu::malloc_sync(inputs.len().max(1) * 2).map_err(|e| device_err("allocating the replay's step inputs on the GPU", e))?;
+            io.inputs =
+                cu::malloc_sync(inputs.len().max(1) * 2).map_err(|e| device_err("allocating the replay's step inputs on the GPU", e))?;
             cu::memcpy_htod_sync(io.inputs, inputs).map_err(|e| device_err("uploading the replay's step inputs", e))?;
             io.out = cu::malloc_sync(io.out_elems * 2).map_err(|e| device_err("allocating the replay's attention output on the GPU", e))?;
         }

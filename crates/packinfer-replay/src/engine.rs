@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use packinfer::backend::Backend;
-use packinfer::plan::adapt::{CapacityTuner, RegroupTrigger};
 use packinfer::kv::groups_of_plan;
+use packinfer::plan::adapt::{CapacityTuner, RegroupTrigger};
 use packinfer::plan::{DeviceProfile, Plan, PlanOptions};
 use packinfer::types::{RowsTensor, RunArgs, Shape};
 use packinfer::{Error, Result};
@@ -141,7 +141,8 @@ enum State {
 /// memory than there is.
 fn zeroed(n: usize, what: &str) -> Result<Vec<u16>> {
     let mut v = Vec::new();
-    v.try_reserve_exact(n).map_err(|_| Error::OutOfMemory(format!("cannot allocate {} bytes for {what} (lower --token-budget)", n as u128 * 2)))?;
+    v.try_reserve_exact(n)
+        .map_err(|_| Error::OutOfMemory(format!("cannot allocate {} bytes for {what} (lower --token-budget)", n as u128 * 2)))?;
     v.resize(n, 0);
     Ok(v)
 }
@@ -270,7 +271,10 @@ impl<'a> Engine<'a> {
         for p in 0..config.num_system_prompts {
             let (id, len) = (prompt_id(requests, p), config.system_prompt_len);
             if !store.admit(id, None, len)? {
-                return Err(Error::PoolExhausted(format!("the KV pool cannot hold the {} shared system prompts of {len} tokens", config.num_system_prompts)));
+                return Err(Error::PoolExhausted(format!(
+                    "the KV pool cannot hold the {} shared system prompts of {len} tokens",
+                    config.num_system_prompts
+                )));
             }
             for t in (0..len).step_by(config.token_budget as usize) {
                 let chunk = (len - t).min(config.token_budget);
@@ -416,9 +420,16 @@ impl<'a> Engine<'a> {
                 }
             }
         }
-        let mut rec = StepRecord { step: self.result.steps.len() as u32, clock_s: self.clock, requests: step.len() as u32, decode_tokens, ..Default::default() };
+        let mut rec = StepRecord {
+            step: self.result.steps.len() as u32,
+            clock_s: self.clock,
+            requests: step.len() as u32,
+            decode_tokens,
+            ..Default::default()
+        };
         rec.prefill_tokens = step.iter().map(|s| s.1).sum::<u32>() - decode_tokens;
-        rec.work_digest = step.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &(r, q)| (h ^ ((r as u64) << 32 | q as u64)).wrapping_mul(0x100_0000_01b3));
+        rec.work_digest =
+            step.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &(r, q)| (h ^ ((r as u64) << 32 | q as u64)).wrapping_mul(0x100_0000_01b3));
 
         // New tokens' K/V, every layer.
         let t = Instant::now();
@@ -558,7 +569,8 @@ impl<'a> Engine<'a> {
                 result.tbt_s.push(self.since_token[r]);
                 self.since_token[r] = 0.0;
             }
-            state[r] = if prefilled == req.prompt && produced == req.generated { State::Done } else { State::Running { prefilled, produced } };
+            state[r] =
+                if prefilled == req.prompt && produced == req.generated { State::Done } else { State::Running { prefilled, produced } };
             if state[r] == State::Done {
                 result.generated_tokens += produced as u64;
                 result.finished += 1;

@@ -68,13 +68,8 @@ fn requests(trace: &[trace::TraceRequest], a: &Args, s: &Setup) -> Vec<Request> 
 /// The pool for this replay, or an error that says what would fit: it must hold the system
 /// prompts and the longest request (with its relayout headroom) at once.
 fn pool_config(reqs: &[Request], a: &Args, s: &Setup, system_prompt_len: u32, prompts: u32) -> Result<PoolConfig, Failure> {
-    let mut config = PoolConfig {
-        num_layers: s.layers,
-        shape: s.shape,
-        page_size: a.page_size,
-        num_pages: 0,
-        headroom_pages: a.headroom_pages,
-    };
+    let mut config =
+        PoolConfig { num_layers: s.layers, shape: s.shape, page_size: a.page_size, num_pages: 0, headroom_pages: a.headroom_pages };
     let pages = config.pages_for_bytes(s.kv_mib << 20);
     let prompt_pages = prompts as u64 * PoolStore::pages_to_reserve(&config, system_prompt_len, 0) as u64;
     let (worst, worst_tokens, worst_pages) = reqs
@@ -137,7 +132,9 @@ fn run() -> Result<(), Failure> {
     const ORDINAL: u32 = 0;
     let cuda = match a.device {
         Device::Cpu => Err(packinfer::Error::NoDevice("not asked for".into())),
-        _ => backend::open(&BackendChoice { kind: Some(BackendKind::Cuda), device_ordinal: ORDINAL, cpu_threads: 0, kernel_cache_dir: None }),
+        _ => {
+            backend::open(&BackendChoice { kind: Some(BackendKind::Cuda), device_ordinal: ORDINAL, cpu_threads: 0, kernel_cache_dir: None })
+        }
     };
     let backend = match (a.device, cuda) {
         (_, Ok(b)) => b,
@@ -146,7 +143,12 @@ fn run() -> Result<(), Failure> {
             if d == Device::Auto {
                 eprintln!("note: no usable GPU ({e}); replaying on the CPU");
             }
-            backend::open(&BackendChoice { kind: Some(BackendKind::Cpu), device_ordinal: 0, cpu_threads: a.threads, kernel_cache_dir: None })?
+            backend::open(&BackendChoice {
+                kind: Some(BackendKind::Cpu),
+                device_ordinal: 0,
+                cpu_threads: a.threads,
+                kernel_cache_dir: None,
+            })?
         }
     };
     let gpu = backend.kind() == BackendKind::Cuda;
@@ -159,7 +161,10 @@ fn run() -> Result<(), Failure> {
             let t = trace::parse_csv(&name, &text, Some(s.requests)).map_err(|e| usage(e.0))?;
             (format!("{name} (first {} rows)", t.len()), t)
         }
-        None => ("built-in synthetic trace (long-tailed lengths, Poisson arrivals at 10/s)".to_string(), trace::synthetic(s.requests, a.seed, 10.0)),
+        None => (
+            "built-in synthetic trace (long-tailed lengths, Poisson arrivals at 10/s)".to_string(),
+            trace::synthetic(s.requests, a.seed, 10.0),
+        ),
     };
     let reqs = requests(&trace, &a, &s);
     let shared = reqs.iter().filter(|r| r.system_prompt.is_some()).count();
@@ -167,7 +172,8 @@ fn run() -> Result<(), Failure> {
     let system_prompt_len = scale_len(a.system_prompt_len, s.len_scale);
     let pool = pool_config(&reqs, &a, &s, system_prompt_len, prompts)?;
 
-    let arrivals = if a.arrivals_trace { Arrivals::Timestamps { speedup: a.speedup, step_s: a.step_ms / 1e3 } } else { Arrivals::AllAtOnce };
+    let arrivals =
+        if a.arrivals_trace { Arrivals::Timestamps { speedup: a.speedup, step_s: a.step_ms / 1e3 } } else { Arrivals::AllAtOnce };
     let base = EngineConfig {
         shape: s.shape,
         layers: s.layers,
@@ -182,7 +188,8 @@ fn run() -> Result<(), Failure> {
         seed: a.seed,
         device_ordinal: gpu.then_some(ORDINAL),
     };
-    let baseline_options = PlanOptions { packing: false, balancing: false, prefix_sharing: false, split_kv: false, ..PlanOptions::default() };
+    let baseline_options =
+        PlanOptions { packing: false, balancing: false, prefix_sharing: false, split_kv: false, ..PlanOptions::default() };
     let mut schedules: Vec<(&str, PlanOptions, bool)> = Vec::new();
     if a.mode != Mode::Baseline {
         schedules.push(("PackInfer", a.options.clone(), true));
@@ -218,7 +225,8 @@ fn run() -> Result<(), Failure> {
         s.max_batch,
         match arrivals {
             Arrivals::AllAtOnce => "every request waiting at the start".to_string(),
-            Arrivals::Timestamps { speedup, step_s } => format!("arrivals at trace timestamps / {speedup} on a virtual clock of {} ms per step", step_s * 1e3),
+            Arrivals::Timestamps { speedup, step_s } =>
+                format!("arrivals at trace timestamps / {speedup} on a virtual clock of {} ms per step", step_s * 1e3),
         }
     );
     if prompts > 0 {
@@ -242,7 +250,9 @@ fn run() -> Result<(), Failure> {
     // The schedules run interleaved, step by step, alternating which goes first, so a change in
     // the machine's load (other processes) hits both alike.
     let bars = indicatif::MultiProgress::new();
-    let style = indicatif::ProgressStyle::with_template("{prefix:>10} [{bar:40}] {pos}/{len} requests done, {msg} ({elapsed})").expect("a valid template").progress_chars("=> ");
+    let style = indicatif::ProgressStyle::with_template("{prefix:>10} [{bar:40}] {pos}/{len} requests done, {msg} ({elapsed})")
+        .expect("a valid template")
+        .progress_chars("=> ");
     let mut engines = Vec::new();
     for (name, options, adaptive) in &schedules {
         let config = EngineConfig { options: options.clone(), adaptive: *adaptive, ..base.clone() };
@@ -269,7 +279,9 @@ fn run() -> Result<(), Failure> {
             if d.is_nan() || d > OUTPUT_TOLERANCE {
                 return Err(Failure {
                     code: 1,
-                    message: format!("internal error: at step {round} the two schedules' attention outputs differ by {d} (more than {OUTPUT_TOLERANCE})"),
+                    message: format!(
+                        "internal error: at step {round} the two schedules' attention outputs differ by {d} (more than {OUTPUT_TOLERANCE})"
+                    ),
                 });
             }
             max_difference = max_difference.max(d);
@@ -283,7 +295,8 @@ fn run() -> Result<(), Failure> {
     }
     eprintln!("replayed {} steps per schedule in {:.1} s wall time", results[0].1.steps.len(), started.elapsed().as_secs_f64());
     if results.len() == 2 {
-        let same = results[0].1.steps.len() == results[1].1.steps.len() && results[0].1.steps.iter().zip(&results[1].1.steps).all(|(x, y)| x.work_digest == y.work_digest);
+        let same = results[0].1.steps.len() == results[1].1.steps.len()
+            && results[0].1.steps.iter().zip(&results[1].1.steps).all(|(x, y)| x.work_digest == y.work_digest);
         if !same {
             return Err(Failure { code: 1, message: "internal error: the two replays did not schedule the same work".into() });
         }

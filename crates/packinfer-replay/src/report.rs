@@ -80,7 +80,8 @@ impl Summary {
         let useful: f64 = steps.iter().map(|s| s.useful_pairs).sum();
         let computed: f64 = steps.iter().map(|s| s.computed_pairs).sum();
         let last = steps.last().map(|s| s.kv).unwrap_or_default();
-        let read_bytes: f64 = steps.iter().map(|s| if s.prefix_shared { s.kv.step_read_bytes_shared } else { s.kv.step_read_bytes_unshared } as f64).sum();
+        let read_bytes: f64 =
+            steps.iter().map(|s| if s.prefix_shared { s.kv.step_read_bytes_shared } else { s.kv.step_read_bytes_unshared } as f64).sum();
         Summary {
             name: name.into(),
             steps: steps.len(),
@@ -110,7 +111,9 @@ impl Summary {
             peak_pages_used: r.peak_pages_used,
             pages_total: last.pages_total,
             fragmentation_mean: mean(steps.iter().map(|s| s.kv.fragmentation())),
-            sharing_ratio_mean: mean(steps.iter().filter(|s| s.kv.tokens_logical > 0).map(|s| s.kv.tokens_stored as f64 / s.kv.tokens_logical as f64)),
+            sharing_ratio_mean: mean(
+                steps.iter().filter(|s| s.kv.tokens_logical > 0).map(|s| s.kv.tokens_stored as f64 / s.kv.tokens_logical as f64),
+            ),
             final_pages_used: r.final_kv.pages_used,
         }
     }

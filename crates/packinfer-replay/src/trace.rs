@@ -32,7 +32,12 @@ pub fn parse_csv(name: &str, text: &str, limit: Option<usize>) -> Result<Vec<Tra
     let mut lines = text.lines().enumerate().map(|(i, l)| (i + 1, l.trim_end_matches('\r')));
     let header = loop {
         match lines.next() {
-            None => return Err(TraceError(format!("{name}: the trace is empty (no header, no requests); expected a header line `{}`", COLUMNS.join(",")))),
+            None => {
+                return Err(TraceError(format!(
+                    "{name}: the trace is empty (no header, no requests); expected a header line `{}`",
+                    COLUMNS.join(",")
+                )))
+            }
             Some((_, l)) if l.trim().is_empty() => continue,
             Some(h) => break h,
         }
@@ -41,7 +46,12 @@ pub fn parse_csv(name: &str, text: &str, limit: Option<usize>) -> Result<Vec<Tra
     let mut col = [0usize; 3];
     for (c, want) in COLUMNS.iter().enumerate() {
         col[c] = names.iter().position(|n| n == want).ok_or_else(|| {
-            TraceError(format!("{name}:{}: the header has no column `{want}` (it has: {}); expected `{}`", header.0, names.join(", "), COLUMNS.join(",")))
+            TraceError(format!(
+                "{name}:{}: the header has no column `{want}` (it has: {}); expected `{}`",
+                header.0,
+                names.join(", "),
+                COLUMNS.join(",")
+            ))
         })?;
     }
     let mut out = Vec::new();
@@ -55,10 +65,18 @@ pub fn parse_csv(name: &str, text: &str, limit: Option<usize>) -> Result<Vec<Tra
         }
         let fields: Vec<&str> = line.split(',').map(|s| s.trim()).collect();
         if fields.len() != names.len() {
-            return Err(TraceError(format!("{name}:{line_no}: {} field(s) where the header has {} ({}): {line:?}", fields.len(), names.len(), names.join(","))));
+            return Err(TraceError(format!(
+                "{name}:{line_no}: {} field(s) where the header has {} ({}): {line:?}",
+                fields.len(),
+                names.len(),
+                names.join(",")
+            )));
         }
         let time = parse_timestamp(fields[col[0]]).ok_or_else(|| {
-            TraceError(format!("{name}:{line_no}: field TIMESTAMP = {:?} is not a date and time (expected YYYY-MM-DD HH:MM:SS[.fraction])", fields[col[0]]))
+            TraceError(format!(
+                "{name}:{line_no}: field TIMESTAMP = {:?} is not a date and time (expected YYYY-MM-DD HH:MM:SS[.fraction])",
+                fields[col[0]]
+            ))
         })?;
         let count = |c: usize, min: u32| -> Result<u32, TraceError> {
             let raw = fields[col[c]];

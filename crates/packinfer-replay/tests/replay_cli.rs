@@ -3,8 +3,8 @@
 //! model shape the KV pool cannot hold.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -154,7 +154,8 @@ fn arrivals_follow_the_trace_timestamps() {
     // the first finished, so the engine idles in between.
     let trace = write_trace(&dir, &[(0.0, 20, 3), (3.0, 20, 3)]);
     let out = dir.join("out");
-    let mut args = vec![trace.to_str().unwrap(), "--out", out.to_str().unwrap(), "--arrivals", "trace", "--step-ms", "100", "--mode", "baseline"];
+    let mut args =
+        vec![trace.to_str().unwrap(), "--out", out.to_str().unwrap(), "--arrivals", "trace", "--step-ms", "100", "--mode", "baseline"];
     args.extend_from_slice(SMALL);
     let o = run(&args);
     assert!(o.status.success(), "{:?}", text(&o));
@@ -200,7 +201,11 @@ fn expect_trace_error(name: &str, trace_text: &str, needles: &[&str]) {
 #[test]
 fn a_malformed_trace_names_the_line_and_the_field() {
     let ok = "2023-11-16 18:17:03.9799600,4808,10";
-    expect_trace_error("bad-number", &format!("{HEADER}\n{ok}\n{ok}\n2023-11-16 18:17:05,110,lots\n"), &["bad.csv:4:", "GeneratedTokens", "\"lots\""]);
+    expect_trace_error(
+        "bad-number",
+        &format!("{HEADER}\n{ok}\n{ok}\n2023-11-16 18:17:05,110,lots\n"),
+        &["bad.csv:4:", "GeneratedTokens", "\"lots\""],
+    );
     expect_trace_error("bad-time", &format!("{HEADER}\n{ok}\n16/11/2023 18:17,110,3\n"), &["bad.csv:3:", "TIMESTAMP", "16/11/2023"]);
     expect_trace_error("zero-context", &format!("{HEADER}\n2023-11-16 18:17:03,0,3\n"), &["bad.csv:2:", "ContextTokens = 0"]);
     expect_trace_error("fields", &format!("{HEADER}\n{ok}\n2023-11-16 18:17:03,5\n"), &["bad.csv:3:", "2 field(s)"]);
@@ -221,7 +226,19 @@ fn a_shape_the_pool_cannot_hold_says_what_would_fit() {
     let dir = scratch("fit");
     let trace = write_trace(&dir, &[(0.0, 300, 2), (0.1, 20, 2)]);
     let out = dir.join("out");
-    let base = [trace.to_str().unwrap(), "--out", out.to_str().unwrap(), "--len-scale", "1", "--layers", "16", "--heads", "1/1", "--head-dim", "256"];
+    let base = [
+        trace.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--len-scale",
+        "1",
+        "--layers",
+        "16",
+        "--heads",
+        "1/1",
+        "--head-dim",
+        "256",
+    ];
     let o = run(&[&base[..], &["--kv-mib", "1", "--system-prompts", "0"]].concat());
     let (stdout, stderr) = text(&o);
     assert_eq!(o.status.code(), Some(2), "{stdout}\n{stderr}");
@@ -366,7 +383,18 @@ fn negative_values_are_refused() {
 
 #[test]
 fn zero_is_refused_where_it_is_impossible() {
-    for option in ["--requests", "--layers", "--head-dim", "--max-context", "--max-generated", "--token-budget", "--max-batch", "--system-prompt-len", "--page-size", "--kv-mib"] {
+    for option in [
+        "--requests",
+        "--layers",
+        "--head-dim",
+        "--max-context",
+        "--max-generated",
+        "--token-budget",
+        "--max-batch",
+        "--system-prompt-len",
+        "--page-size",
+        "--kv-mib",
+    ] {
         expect_bad_value(&[option, "0"], option, &["0"]);
     }
     for option in ["--speedup", "--step-ms", "--len-scale", "--capacity"] {
@@ -398,7 +426,8 @@ fn impossible_sizes_are_refused() {
 fn sizes_the_device_defaults_take_part_in_are_refused() {
     let cpu = ["--device", "cpu"];
     // 2^44 - 1 MiB in pages of 32 bytes: more pages than int32 page tables address.
-    let pages = [&cpu[..], &["--kv-mib", "17592186044415", "--page-size", "1", "--heads", "1/1", "--head-dim", "8", "--layers", "1"]].concat();
+    let pages =
+        [&cpu[..], &["--kv-mib", "17592186044415", "--page-size", "1", "--heads", "1/1", "--head-dim", "8", "--layers", "1"]].concat();
     expect_bad_value(&pages, "--kv-mib", &["page"]);
     expect_bad_value(&[&cpu[..], &["--len-scale", "1e12"]].concat(), "--len-scale", &["--system-prompt-len"]);
     expect_bad_value(&[&cpu[..], &["--max-context", "2147483647"]].concat(), "--max-context", &["2147483647"]);
@@ -451,7 +480,15 @@ fn every_technique_switched_off_still_replays() {
     let trace = write_trace(&dir, &rows);
     let out = dir.join("out");
     for capacity in ["tuned", "auto", "2"] {
-        let mut args = vec![trace.to_str().unwrap(), "--out", out.to_str().unwrap(), "--without", "packing,balancing,prefix-sharing,split-kv", "--capacity", capacity];
+        let mut args = vec![
+            trace.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--without",
+            "packing,balancing,prefix-sharing,split-kv",
+            "--capacity",
+            capacity,
+        ];
         args.extend_from_slice(&["--token-budget", "64", "--system-prompts", "2", "--shared-fraction", "0.5", "--system-prompt-len", "10"]);
         args.extend_from_slice(SMALL);
         let o = run_within(&args, LIMIT);

@@ -2,7 +2,6 @@
 //! independently of the library (no online softmax, no tiles), which every backend is checked
 //! against. Used by the CPU, planner, pool and CUDA tests.
 
-
 use half::{bf16, f16};
 use packinfer::types::{Batch, DType, KvLayout, PrefixGroup, RowsTensor, RunArgs, Shape};
 use rand::rngs::SmallRng;
@@ -176,7 +175,11 @@ impl Case {
         let mut vvals: Vec<f32> = (0..cache).map(|_| rng.random_range(-1.0..1.0)).collect();
         let layout_strides = |hnd: bool| {
             let (p, hh, dd) = (ps as i64, h as i64, d as i64);
-            if hnd { (p * hh * dd, dd, p * dd) } else { (p * hh * dd, hh * dd, dd) }
+            if hnd {
+                (p * hh * dd, dd, p * dd)
+            } else {
+                (p * hh * dd, hh * dd, dd)
+            }
         };
         let (sp, st, sh) = layout_strides(spec.hnd);
         let at = |page: i32, t: u32, head: usize, dim: usize| (page as i64 * sp + t as i64 * st + head as i64 * sh + dim as i64) as usize;
@@ -201,7 +204,15 @@ impl Case {
         let k = Tensor::new(spec.dtype, kvals);
         let v = Tensor::new(spec.dtype, vvals);
         let layout = KvLayout { k: k.ptr(), v: v.ptr(), stride_page: sp, stride_token: st, stride_head: sh, stride_dim: 1 };
-        let batch = Batch { qo_indptr, kv_indptr, kv_page_indices: pages, kv_last_page_len: last, page_size: ps, num_pages: total_pages, prefix_groups };
+        let batch = Batch {
+            qo_indptr,
+            kv_indptr,
+            kv_page_indices: pages,
+            kv_last_page_len: last,
+            page_size: ps,
+            num_pages: total_pages,
+            prefix_groups,
+        };
         Case { shape, batch, q, k, v, layout, hnd: spec.hnd }
     }
 
@@ -232,7 +243,8 @@ impl Case {
         let ps = self.batch.page_size;
         let l = &self.layout;
         let elem = |t: &Tensor, page: i32, tok: u32, head: usize, dim: usize| {
-            t.exact[(page as i64 * l.stride_page + tok as i64 * l.stride_token + head as i64 * l.stride_head + dim as i64 * l.stride_dim) as usize]
+            t.exact[(page as i64 * l.stride_page + tok as i64 * l.stride_token + head as i64 * l.stride_head + dim as i64 * l.stride_dim)
+                as usize]
         };
         let mut out = vec![0.0; self.out_len()];
         let mut lse = vec![0.0; self.total_q() * hq];
@@ -318,5 +330,9 @@ pub fn rel_frobenius(got: impl Iterator<Item = f64>, want: &[f64]) -> f64 {
         num += (g - w) * (g - w);
         den += w * w;
     }
-    if den == 0.0 { num.sqrt() } else { (num / den).sqrt() }
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
 }

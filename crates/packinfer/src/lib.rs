@@ -13,12 +13,12 @@
 
 #![warn(missing_docs)]
 
-pub mod error;
-pub mod types;
-pub mod plan;
 pub mod backend;
+pub mod error;
 pub mod kv;
+pub mod plan;
 #[doc(hidden)]
 pub mod testing;
+pub mod types;
 
 pub use error::{Error, Result};

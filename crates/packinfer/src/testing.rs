@@ -18,7 +18,10 @@ pub use crate::backend::cuda::launch::{CudaBound, KernelParams, KvRange, PlanHea
 
 /// NVRTC compilation and the kernel cache.
 pub mod compile {
-    pub use crate::backend::cuda::compile::{cache_file_name, compile, compile_source, nvrtc_present, nvrtc_version, Compiled, KernelCache, Unit, Variant, SHORT_PREFILL_CTAS, WORK_CUH};
+    pub use crate::backend::cuda::compile::{
+        cache_file_name, compile, compile_source, nvrtc_present, nvrtc_version, Compiled, KernelCache, Unit, Variant, SHORT_PREFILL_CTAS,
+        WORK_CUH,
+    };
 }
 
 /// Whether the CUDA driver and NVRTC load and device `ordinal` exists.
@@ -38,7 +41,13 @@ pub fn device(cu: &CudaBackend) -> &Device {
 
 /// `Backend::bind` / `bind_with_capacity` with the concrete launch type, whose kernel choice
 /// and grid tests inspect.
-pub fn bind_cuda(cu: &CudaBackend, plan: Arc<Plan>, stream: u64, scratch: Option<Scratch>, capacity: Option<&LaunchCapacity>) -> Result<CudaBound> {
+pub fn bind_cuda(
+    cu: &CudaBackend,
+    plan: Arc<Plan>,
+    stream: u64,
+    scratch: Option<Scratch>,
+    capacity: Option<&LaunchCapacity>,
+) -> Result<CudaBound> {
     cu.bind_cuda(plan, stream, scratch, capacity)
 }
 
@@ -76,7 +85,19 @@ pub fn attention_kernel_stats(cu: &CudaBackend, head_dim: u32, dtype: DType) -> 
 /// # Safety
 /// As `CudaBackend::append_kv`: device memory of these sizes, valid until `stream` has run it.
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn append_kv(cu: &CudaBackend, layout: &KvLayout, page_size: u32, slots: u64, k_new: u64, v_new: u64, num_tokens: u32, num_kv_heads: u32, head_dim: u32, dtype: DType, stream: u64) -> Result<()> {
+pub unsafe fn append_kv(
+    cu: &CudaBackend,
+    layout: &KvLayout,
+    page_size: u32,
+    slots: u64,
+    k_new: u64,
+    v_new: u64,
+    num_tokens: u32,
+    num_kv_heads: u32,
+    head_dim: u32,
+    dtype: DType,
+    stream: u64,
+) -> Result<()> {
     // SAFETY: this function's contract is the method's.
     unsafe { cu.append_kv(layout, page_size, slots, k_new, v_new, num_tokens, num_kv_heads, head_dim, dtype, stream) }
 }
@@ -86,7 +107,19 @@ pub unsafe fn append_kv(cu: &CudaBackend, layout: &KvLayout, page_size: u32, slo
 /// # Safety
 /// As `CudaBackend::copy_pages`: device memory of these sizes, valid until `stream` has run it.
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn copy_pages(cu: &CudaBackend, layout: &KvLayout, page_size: u32, pairs: u64, num_pairs: u32, num_kv_heads: u32, head_dim: u32, num_layers: u32, layer_stride: i64, dtype: DType, stream: u64) -> Result<()> {
+pub unsafe fn copy_pages(
+    cu: &CudaBackend,
+    layout: &KvLayout,
+    page_size: u32,
+    pairs: u64,
+    num_pairs: u32,
+    num_kv_heads: u32,
+    head_dim: u32,
+    num_layers: u32,
+    layer_stride: i64,
+    dtype: DType,
+    stream: u64,
+) -> Result<()> {
     // SAFETY: this function's contract is the method's.
     unsafe { cu.copy_pages(layout, page_size, pairs, num_pairs, num_kv_heads, head_dim, num_layers, layer_stride, dtype, stream) }
 }

@@ -68,7 +68,11 @@ impl Shape {
             return Err(invalid!("num_kv_heads = 0; need at least one KV head"));
         }
         if self.num_qo_heads > limits::MAX_HEADS {
-            return Err(invalid!("num_qo_heads = {} is more than the {} query heads a layer may have", self.num_qo_heads, limits::MAX_HEADS));
+            return Err(invalid!(
+                "num_qo_heads = {} is more than the {} query heads a layer may have",
+                self.num_qo_heads,
+                limits::MAX_HEADS
+            ));
         }
         if self.num_qo_heads == 0 || !self.num_qo_heads.is_multiple_of(self.num_kv_heads) {
             return Err(invalid!(
@@ -195,10 +199,7 @@ impl Batch {
         check_indptr("kv_indptr", &self.kv_indptr)?;
         let nnz = self.kv_indptr[n] as usize;
         if nnz != self.kv_page_indices.len() {
-            return Err(invalid!(
-                "kv_indptr[{n}] = {nnz} but kv_page_indices has {} entries",
-                self.kv_page_indices.len()
-            ));
+            return Err(invalid!("kv_indptr[{n}] = {nnz} but kv_page_indices has {} entries", self.kv_page_indices.len()));
         }
         // A branch-free OR over the whole array vectorizes (a negative index wraps to a huge u32);
         // only a bad batch pays for finding the first offender. On long contexts this check is
@@ -206,7 +207,13 @@ impl Batch {
         let num_pages = self.num_pages;
         let any_bad = self.kv_page_indices.iter().fold(false, |bad, &p| bad | (p < 0) | (p as u32 >= num_pages));
         if any_bad {
-            let (i, p) = self.kv_page_indices.iter().enumerate().find(|(_, &p)| p < 0 || p as u32 >= self.num_pages).map(|(i, &p)| (i, p)).expect("an offending index");
+            let (i, p) = self
+                .kv_page_indices
+                .iter()
+                .enumerate()
+                .find(|(_, &p)| p < 0 || p as u32 >= self.num_pages)
+                .map(|(i, &p)| (i, p))
+                .expect("an offending index");
             return Err(invalid!("kv_page_indices[{i}] = {p} is outside the cache's {} pages", self.num_pages));
         }
         for r in 0..n {
@@ -239,10 +246,7 @@ impl Batch {
         let mut group_of = vec![usize::MAX; n];
         for (g, pg) in self.prefix_groups.iter().enumerate() {
             if pg.members.len() < 2 {
-                return Err(invalid!(
-                    "prefix_groups[{g}] has {} member(s); a shared prefix needs at least 2",
-                    pg.members.len()
-                ));
+                return Err(invalid!("prefix_groups[{g}] has {} member(s); a shared prefix needs at least 2", pg.members.len()));
             }
             if pg.prefix_len == 0 {
                 return Err(invalid!("prefix_groups[{g}].prefix_len = 0"));

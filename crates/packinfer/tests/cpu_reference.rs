@@ -37,14 +37,36 @@ fn random_batches_match_f64_reference() {
 fn long_requests_up_to_4096_keys() {
     let mut r = rng(7);
     for (i, dtype) in [DType::Bf16, DType::F16].into_iter().enumerate() {
-        let spec = CaseSpec { batch_size: 3, max_kv: 4096, page_size: 16, num_kv_heads: 1, group: 4, head_dim: 128, dtype, causal: true, decode_fraction: 0.5, hnd: false };
+        let spec = CaseSpec {
+            batch_size: 3,
+            max_kv: 4096,
+            page_size: 16,
+            num_kv_heads: 1,
+            group: 4,
+            head_dim: 128,
+            dtype,
+            causal: true,
+            decode_fraction: 0.5,
+            hnd: false,
+        };
         let case = Case::build(&mut r, &spec, &[(1, 4096), (300, 4096), (1, 17)], vec![]);
         run_and_check(&case, PlanOptions::default(), &format!("long {i}"));
     }
 }
 
 fn spec(page_size: u32, causal: bool) -> CaseSpec {
-    CaseSpec { batch_size: 1, max_kv: 1, page_size, num_kv_heads: 2, group: 4, head_dim: 64, dtype: DType::F32, causal, decode_fraction: 0.0, hnd: false }
+    CaseSpec {
+        batch_size: 1,
+        max_kv: 1,
+        page_size,
+        num_kv_heads: 2,
+        group: 4,
+        head_dim: 64,
+        dtype: DType::F32,
+        causal,
+        decode_fraction: 0.0,
+        hnd: false,
+    }
 }
 
 /// (name, page size, causal, (q_len, kv_len) per request).
@@ -75,7 +97,18 @@ fn every_head_dim_and_dtype_with_gqa() {
     for dtype in [DType::F16, DType::Bf16, DType::F32] {
         for head_dim in [64, 128, 256, 40] {
             for group in [1, 4, 8] {
-                let spec = CaseSpec { batch_size: 3, max_kv: 200, page_size: 16, num_kv_heads: 2, group, head_dim, dtype, causal: true, decode_fraction: 0.3, hnd: group == 4 };
+                let spec = CaseSpec {
+                    batch_size: 3,
+                    max_kv: 200,
+                    page_size: 16,
+                    num_kv_heads: 2,
+                    group,
+                    head_dim,
+                    dtype,
+                    causal: true,
+                    decode_fraction: 0.3,
+                    hnd: group == 4,
+                };
                 let case = Case::random(&mut r, &spec);
                 run_and_check(&case, PlanOptions::default(), &format!("{dtype:?} d={head_dim} g={group}"));
             }
@@ -92,7 +125,18 @@ fn update_runs_the_new_plan_within_the_capacity() {
     use packinfer::backend::LaunchCapacity;
     let cpu = CpuBackend::new(2);
     let mut r = rng(0x0bd7);
-    let spec = CaseSpec { batch_size: 5, max_kv: 900, page_size: 16, num_kv_heads: 2, group: 4, head_dim: 64, dtype: DType::Bf16, causal: true, decode_fraction: 0.5, hnd: false };
+    let spec = CaseSpec {
+        batch_size: 5,
+        max_kv: 900,
+        page_size: 16,
+        num_kv_heads: 2,
+        group: 4,
+        head_dim: 64,
+        dtype: DType::Bf16,
+        causal: true,
+        decode_fraction: 0.5,
+        hnd: false,
+    };
     let a = Case::build(&mut r, &spec, &[(1, 800), (30, 300), (1, 90), (8, 600), (1, 7)], vec![]);
     let b = Case::build(&mut r, &spec, &[(20, 20), (1, 899), (1, 1), (16, 500), (3, 64), (1, 33)], vec![]);
     // 64-key splits: both plans have partials to merge.
@@ -140,7 +184,18 @@ fn inconsistent_handmade_plans_are_refused() {
     use packinfer::Error;
     let cpu = CpuBackend::new(2);
     let mut r = rng(0xbad);
-    let spec = CaseSpec { batch_size: 3, max_kv: 900, page_size: 16, num_kv_heads: 2, group: 2, head_dim: 64, dtype: DType::F16, causal: true, decode_fraction: 0.5, hnd: false };
+    let spec = CaseSpec {
+        batch_size: 3,
+        max_kv: 900,
+        page_size: 16,
+        num_kv_heads: 2,
+        group: 2,
+        head_dim: 64,
+        dtype: DType::F16,
+        causal: true,
+        decode_fraction: 0.5,
+        hnd: false,
+    };
     let case = Case::build(&mut r, &spec, &[(1, 800), (12, 300), (1, 40)], vec![]);
     let options = PlanOptions { split_keys: 64, deterministic: true, ..PlanOptions::default() };
     let good = Plan::build(case.shape, case.batch.clone(), &cpu.profile(), options).unwrap();
@@ -162,10 +217,13 @@ fn inconsistent_handmade_plans_are_refused() {
         ("fewer groups", Box::new(|p| p.items.last_mut().unwrap().group = u32::MAX)),
         ("past the last slot number", Box::new(move |p| p.items[partial].partial_slot = u32::MAX - 1)),
         ("written twice", Box::new(|p| p.merges.push(p.merges[0]))),
-        ("another item writes too", Box::new(move |p| {
-            let dup = p.items[partial];
-            p.items.insert(partial, dup);
-        })),
+        (
+            "another item writes too",
+            Box::new(move |p| {
+                let dup = p.items[partial];
+                p.items.insert(partial, dup);
+            }),
+        ),
     ];
     let launch = cpu.bind(Arc::new(good.clone()), 0, None).unwrap();
     for (want, corrupt) in &bad {

@@ -14,10 +14,10 @@ use std::sync::Arc;
 
 use common::{assert_close_to, rel_frobenius, rng, Case, CaseSpec, Tensor};
 use cudarc::driver::{result as cu, sys};
-use packinfer::testing::{self, sync_stream, CudaBound, DeviceBuffer};
 use packinfer::backend::cuda::CudaBackend;
 use packinfer::backend::{Backend, BackendChoice, BackendKind, BoundPlan, LaunchCapacity};
 use packinfer::plan::{DeviceProfile, KvChunk, MergeRow, Plan, PlanOptions, RowSegment, WorkItem, FINAL_OUTPUT};
+use packinfer::testing::{self, sync_stream, CudaBound, DeviceBuffer};
 use packinfer::types::{DType, KvLayout, PrefixGroup, RowsTensor, RunArgs};
 use rand::rngs::SmallRng;
 use rand::Rng;
@@ -44,7 +44,12 @@ fn main() {
 /// The backend on device 0; without one the test is reported as skipped (`None`), or fails
 /// under `PACKINFER_REQUIRE_GPU=1`.
 fn backend(test: &str) -> Option<CudaBackend> {
-    let choice = BackendChoice { kind: Some(BackendKind::Cuda), device_ordinal: 0, cpu_threads: 0, kernel_cache_dir: std::env::var_os("PACKINFER_TEST_CACHE_DIR").map(Into::into) };
+    let choice = BackendChoice {
+        kind: Some(BackendKind::Cuda),
+        device_ordinal: 0,
+        cpu_threads: 0,
+        kernel_cache_dir: std::env::var_os("PACKINFER_TEST_CACHE_DIR").map(Into::into),
+    };
     match CudaBackend::new(&choice) {
         Ok(b) => Some(b),
         Err(e) => {
@@ -77,7 +82,13 @@ impl DeviceCase {
         }
     }
     fn for_case(cu: &CudaBackend, case: &Case) -> DeviceCase {
-        let d = DeviceCase::new(cu, case.q.bytes.len(), case.k.bytes.len(), case.out_len() * 2, case.total_q() * case.shape.num_qo_heads as usize);
+        let d = DeviceCase::new(
+            cu,
+            case.q.bytes.len(),
+            case.k.bytes.len(),
+            case.out_len() * 2,
+            case.total_q() * case.shape.num_qo_heads as usize,
+        );
         d.load(cu, case);
         d
     }
@@ -88,7 +99,8 @@ impl DeviceCase {
         self.k.write(dev, &case.k.bytes).unwrap();
         self.v.write(dev, &case.v.bytes).unwrap();
         self.o.write(dev, &Tensor::poisoned(case.shape.dtype, case.out_len()).bytes).unwrap();
-        let nan: Vec<u8> = std::iter::repeat_n(f32::NAN.to_le_bytes(), case.total_q() * case.shape.num_qo_heads as usize).flatten().collect();
+        let nan: Vec<u8> =
+            std::iter::repeat_n(f32::NAN.to_le_bytes(), case.total_q() * case.shape.num_qo_heads as usize).flatten().collect();
         self.lse.write(dev, &nan).unwrap();
     }
     fn args(&self, case: &Case, stream: u64) -> RunArgs {
@@ -155,7 +167,10 @@ fn check_all(items: Vec<(Case, Tensor, Vec<f32>, String)>) {
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     let chunks: Vec<_> = items.chunks(items.len().div_ceil(threads).max(1)).collect();
     let worst = std::thread::scope(|s| {
-        let hs: Vec<_> = chunks.iter().map(|c| s.spawn(move || c.iter().map(|(case, o, l, ctx)| check(case, o, l, ctx)).fold(0.0f64, f64::max))).collect();
+        let hs: Vec<_> = chunks
+            .iter()
+            .map(|c| s.spawn(move || c.iter().map(|(case, o, l, ctx)| check(case, o, l, ctx)).fold(0.0f64, f64::max)))
+            .collect();
         hs.into_iter().map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).fold(0.0f64, f64::max)
     });
     println!("{} cases, worst relative Frobenius error of O {worst:.2e}", items.len());
@@ -182,7 +197,18 @@ fn cycled_spec(i: u32) -> CaseSpec {
     let dtype = if i.is_multiple_of(2) { DType::Bf16 } else { DType::F16 };
     let head_dim = if i % 4 < 2 { 128 } else { 64 };
     let group = if i % 8 < 4 { 4 } else { 1 };
-    CaseSpec { batch_size: 0, max_kv: 0, page_size: [1, 16, 64][i as usize % 3], num_kv_heads: 2, group, head_dim, dtype, causal: i % 3 != 2, decode_fraction: 0.0, hnd: i.is_multiple_of(5) }
+    CaseSpec {
+        batch_size: 0,
+        max_kv: 0,
+        page_size: [1, 16, 64][i as usize % 3],
+        num_kv_heads: 2,
+        group,
+        head_dim,
+        dtype,
+        causal: i % 3 != 2,
+        decode_fraction: 0.0,
+        hnd: i.is_multiple_of(5),
+    }
 }
 
 /// The warp-specialised kernel (Hopper; forced here, chosen by default for long rows over pages
@@ -226,7 +252,18 @@ fn specialized_launches_choose_the_kernel_per_run_layout() {
     let mut r = rng(0x1a70);
     let mut done = Vec::new();
     for (i, hnd) in [false, true].into_iter().enumerate() {
-        let spec = CaseSpec { batch_size: 0, max_kv: 0, page_size: 16, num_kv_heads: 2, group: 4, head_dim: 128, dtype: DType::Bf16, causal: true, decode_fraction: 0.0, hnd };
+        let spec = CaseSpec {
+            batch_size: 0,
+            max_kv: 0,
+            page_size: 16,
+            num_kv_heads: 2,
+            group: 4,
+            head_dim: 128,
+            dtype: DType::Bf16,
+            causal: true,
+            decode_fraction: 0.0,
+            hnd,
+        };
         let case = Case::build_with(&mut r, &spec, &[(3000, 3000), (2000, 3500)], vec![], false);
         let plan = Plan::build(case.shape, case.batch.clone(), &cu.profile(), PlanOptions::default()).unwrap();
         let hopper = testing::device(&cu).cc() == (9, 0);
@@ -244,7 +281,18 @@ fn specialized_launches_choose_the_kernel_per_run_layout() {
 fn warp_specialized_kernel_is_chosen_for_long_rows_over_pages_in_order() {
     use packinfer::testing::suits_warp_specialized;
     let mut r = rng(0x5e1e);
-    let spec = |page_size| CaseSpec { batch_size: 0, max_kv: 0, page_size, num_kv_heads: 1, group: 1, head_dim: 64, dtype: DType::F16, causal: true, decode_fraction: 0.0, hnd: false };
+    let spec = |page_size| CaseSpec {
+        batch_size: 0,
+        max_kv: 0,
+        page_size,
+        num_kv_heads: 1,
+        group: 1,
+        head_dim: 64,
+        dtype: DType::F16,
+        causal: true,
+        decode_fraction: 0.0,
+        hnd: false,
+    };
     let prefill = [(3000, 3000), (2500, 2500)];
     let ragged = Case::build_with(&mut r, &spec(1), &prefill, vec![], false);
     assert!(suits_warp_specialized(&ragged.shape, &ragged.batch));
@@ -308,7 +356,18 @@ fn every_head_dim_dtype_gqa_and_page_size() {
         for head_dim in [64, 128, 256] {
             for group in [1, 4, 8] {
                 for page_size in [1, 16, 64] {
-                    let spec = CaseSpec { batch_size: 4, max_kv: 300, page_size, num_kv_heads: 2, group, head_dim, dtype, causal: group != 4, decode_fraction: 0.4, hnd: page_size == 16 };
+                    let spec = CaseSpec {
+                        batch_size: 4,
+                        max_kv: 300,
+                        page_size,
+                        num_kv_heads: 2,
+                        group,
+                        head_dim,
+                        dtype,
+                        causal: group != 4,
+                        decode_fraction: 0.4,
+                        hnd: page_size == 16,
+                    };
                     let case = Case::random(&mut r, &spec);
                     let plan = Plan::build(case.shape, case.batch.clone(), &cu.profile(), PlanOptions::default()).unwrap();
                     let (o, lse) = run_plan(&cu, &case, plan);
@@ -417,7 +476,11 @@ fn handmade_plan(case: &Case, block_m: u32, r: &mut SmallRng) -> Plan {
                     bounds.push(key_end);
                     for w in bounds.windows(2) {
                         let chunk = KvChunk { request: ri, key_begin: w[0], key_end: w[1], row_begin: 0, row_end: rows };
-                        items.push((WorkItem { kv_head, num_rows: rows, partial_slot: slots, ..Default::default() }, vec![seg], vec![chunk]));
+                        items.push((
+                            WorkItem { kv_head, num_rows: rows, partial_slot: slots, ..Default::default() },
+                            vec![seg],
+                            vec![chunk],
+                        ));
                         for t in 0..count {
                             for h in 0..group {
                                 pieces.entry((req.q_start + q + t, kv_head * group + h)).or_default().push(slots + t * group + h);
@@ -432,7 +495,11 @@ fn handmade_plan(case: &Case, block_m: u32, r: &mut SmallRng) -> Plan {
                     let mid = key_end / 2;
                     let c1 = KvChunk { request: ri, key_begin: 0, key_end: mid, row_begin: 0, row_end: rows };
                     let c2 = KvChunk { key_begin: mid, key_end, ..c1 };
-                    items.push((WorkItem { kv_head, num_rows: rows, partial_slot: FINAL_OUTPUT, ..Default::default() }, vec![seg], vec![c1, c2]));
+                    items.push((
+                        WorkItem { kv_head, num_rows: rows, partial_slot: FINAL_OUTPUT, ..Default::default() },
+                        vec![seg],
+                        vec![c1, c2],
+                    ));
                 }
                 q += count;
             }
@@ -443,7 +510,11 @@ fn handmade_plan(case: &Case, block_m: u32, r: &mut SmallRng) -> Plan {
         let mut row = 0;
         let flush = |segs: &mut Vec<RowSegment>, chunks: &mut Vec<KvChunk>, row: &mut u32, items: &mut Vec<HandItem>| {
             if *row > 0 {
-                items.push((WorkItem { kv_head, num_rows: *row, partial_slot: FINAL_OUTPUT, ..Default::default() }, std::mem::take(segs), std::mem::take(chunks)));
+                items.push((
+                    WorkItem { kv_head, num_rows: *row, partial_slot: FINAL_OUTPUT, ..Default::default() },
+                    std::mem::take(segs),
+                    std::mem::take(chunks),
+                ));
                 *row = 0;
             }
         };
@@ -511,7 +582,18 @@ fn deterministic_rows_are_bitwise_identical_across_batches() {
     let Some(cu) = backend("deterministic_rows_are_bitwise_identical_across_batches") else { return };
     let mut r = rng(5);
     for dtype in [DType::F16, DType::Bf16] {
-        let spec = CaseSpec { batch_size: 3, max_kv: 3000, page_size: 16, num_kv_heads: 2, group: 4, head_dim: 128, dtype, causal: true, decode_fraction: 0.5, hnd: false };
+        let spec = CaseSpec {
+            batch_size: 3,
+            max_kv: 3000,
+            page_size: 16,
+            num_kv_heads: 2,
+            group: 4,
+            head_dim: 128,
+            dtype,
+            causal: true,
+            decode_fraction: 0.5,
+            hnd: false,
+        };
         // Request 0 inside a batch, and the same request (same Q rows, same cache) alone.
         let options = PlanOptions { deterministic: true, split_keys: 512, ..PlanOptions::default() };
         let mut lens = vec![(40, 2500)];
@@ -529,7 +611,15 @@ fn deterministic_rows_are_bitwise_identical_across_batches() {
         };
         let row = (mixed.shape.num_qo_heads * mixed.shape.head_dim) as usize;
         let copy = |t: &Tensor, n: usize| Tensor { dtype: t.dtype, bytes: t.bytes[..n * 2].to_vec(), exact: t.exact[..n].to_vec() };
-        let alone = Case { shape: mixed.shape, batch, q: copy(&mixed.q, q0 * row), k: copy(&mixed.k, mixed.k.exact.len()), v: copy(&mixed.v, mixed.v.exact.len()), layout: mixed.layout, hnd: mixed.hnd };
+        let alone = Case {
+            shape: mixed.shape,
+            batch,
+            q: copy(&mixed.q, q0 * row),
+            k: copy(&mixed.k, mixed.k.exact.len()),
+            v: copy(&mixed.v, mixed.v.exact.len()),
+            layout: mixed.layout,
+            hnd: mixed.hnd,
+        };
         let run = |case: &Case| run_plan(&cu, case, Plan::build(case.shape, case.batch.clone(), &cu.profile(), options.clone()).unwrap());
         let (o1, l1) = run(&alone);
         let (o2, l2) = run(&mixed);
@@ -552,7 +642,18 @@ fn graph_capture_replays_updated_plans() {
     let mut r = rng(0x96a9);
     let stream = create_stream(&cu);
     for dtype in [DType::Bf16, DType::F16] {
-        let spec = CaseSpec { batch_size: 5, max_kv: 1500, page_size: 16, num_kv_heads: 2, group: 4, head_dim: 128, dtype, causal: true, decode_fraction: 0.5, hnd: false };
+        let spec = CaseSpec {
+            batch_size: 5,
+            max_kv: 1500,
+            page_size: 16,
+            num_kv_heads: 2,
+            group: 4,
+            head_dim: 128,
+            dtype,
+            causal: true,
+            decode_fraction: 0.5,
+            hnd: false,
+        };
         // Same total query tokens so the O/LSE tensors have the same size.
         let a = Case::build(&mut r, &spec, &[(1, 1400), (30, 300), (1, 90), (8, 1000), (1, 7)], vec![]);
         let b = Case::build(&mut r, &spec, &[(20, 20), (1, 1499), (1, 1), (16, 800), (3, 64)], vec![]);
@@ -561,7 +662,8 @@ fn graph_capture_replays_updated_plans() {
         let plan_b = Plan::build(b.shape, b.batch.clone(), &cu.profile(), PlanOptions::default()).unwrap();
         let cap = LaunchCapacity::of(&plan_a).max(&LaunchCapacity::of(&plan_b));
         let bytes = |c: &Case| c.k.bytes.len();
-        let dcase = DeviceCase::new(&cu, a.q.bytes.len(), bytes(&a).max(bytes(&b)), a.out_len() * 2, a.total_q() * a.shape.num_qo_heads as usize);
+        let dcase =
+            DeviceCase::new(&cu, a.q.bytes.len(), bytes(&a).max(bytes(&b)), a.out_len() * 2, a.total_q() * a.shape.num_qo_heads as usize);
         dcase.load(&cu, &a);
         let bound = cu.bind_with_capacity(Arc::new(plan_a), stream, None, &cap).unwrap();
         bound.wait().unwrap();
@@ -569,7 +671,8 @@ fn graph_capture_replays_updated_plans() {
         let exec = {
             let _g = testing::device(&cu).enter().unwrap();
             // SAFETY: a stream of this context (current), which this test created.
-            unsafe { cu::stream::begin_capture(stream as sys::CUstream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL) }.unwrap();
+            unsafe { cu::stream::begin_capture(stream as sys::CUstream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL) }
+                .unwrap();
             // SAFETY: the device copies of case A's tensors, which outlive every replay.
             let ran = unsafe { bound.run(&args) };
             // SAFETY: the capture begun above, on the same thread.
@@ -618,7 +721,11 @@ fn append_kv_and_copy_pages_match_host() {
     for (page_size, hnd) in [(1u32, false), (16, true), (64, false)] {
         let (pages, heads, dim) = (12u32, 2u32, 128u32);
         let n = (pages * page_size * heads * dim) as usize;
-        let (sp, st, sh) = if hnd { ((page_size * heads * dim) as i64, dim as i64, (page_size * dim) as i64) } else { ((page_size * heads * dim) as i64, (heads * dim) as i64, dim as i64) };
+        let (sp, st, sh) = if hnd {
+            ((page_size * heads * dim) as i64, dim as i64, (page_size * dim) as i64)
+        } else {
+            ((page_size * heads * dim) as i64, (heads * dim) as i64, dim as i64)
+        };
         let mut k: Vec<u16> = (0..n).map(|_| r.random()).collect();
         let mut v: Vec<u16> = (0..n).map(|_| r.random()).collect();
         let kd = DeviceBuffer::new(dev, n * 2, "k").unwrap();
@@ -690,7 +797,14 @@ fn precompile_builds_every_variant() {
     for d in [64, 128, 256] {
         for dt in [DType::F16, DType::Bf16] {
             let k = testing::attention_kernel_stats(&cu, d, dt).unwrap();
-            println!("attention d{d} {}: {} regs, {} B local, {} B smem, {} CTAs/SM", dt.name(), k.registers, k.local_bytes, k.smem_bytes, k.ctas_per_sm);
+            println!(
+                "attention d{d} {}: {} regs, {} B local, {} B smem, {} CTAs/SM",
+                dt.name(),
+                k.registers,
+                k.local_bytes,
+                k.smem_bytes,
+                k.ctas_per_sm
+            );
         }
     }
 }
@@ -729,7 +843,13 @@ fn calibration_fits_and_stores_a_profile() {
     let cost = |rows: f64, keys: f64| profile.cost_row_key * rows * keys + profile.cost_key * keys + profile.cost_item;
     assert!(cost(64.0, 2048.0) > cost(64.0, 256.0) && cost(4.0, 2048.0) > cost(4.0, 16.0));
     if cu.profile_path().is_some() {
-        let again = CudaBackend::new(&BackendChoice { kind: Some(BackendKind::Cuda), device_ordinal: 0, cpu_threads: 0, kernel_cache_dir: testing::kernel_cache_dir(&cu).map(Into::into) }).unwrap();
+        let again = CudaBackend::new(&BackendChoice {
+            kind: Some(BackendKind::Cuda),
+            device_ordinal: 0,
+            cpu_threads: 0,
+            kernel_cache_dir: testing::kernel_cache_dir(&cu).map(Into::into),
+        })
+        .unwrap();
         assert_eq!(again.profile(), profile, "a new context does not load the stored profile");
     }
 }

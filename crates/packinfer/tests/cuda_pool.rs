@@ -19,11 +19,11 @@ use std::sync::Arc;
 use common::{rel_frobenius, rng, Tensor};
 use cudarc::driver::{result as cu, sys};
 use packinfer::backend::cpu::CpuBackend;
-use packinfer::testing::{self, sync_stream, DeviceBuffer};
 use packinfer::backend::cuda::CudaBackend;
 use packinfer::backend::{Backend, BackendChoice, BackendKind};
 use packinfer::kv::{groups_of_plan, KvPool, PoolConfig, SeqId};
 use packinfer::plan::{DeviceProfile, PlanOptions};
+use packinfer::testing::{self, sync_stream, DeviceBuffer};
 use packinfer::types::{DType, RowsTensor, RunArgs, Shape};
 use packinfer::Error;
 use rand::rngs::SmallRng;
@@ -53,7 +53,12 @@ fn main() {
 /// The backend on device 0; without one the test is reported as skipped (`None`), or fails
 /// under `PACKINFER_REQUIRE_GPU=1`.
 fn cuda(test: &str) -> Option<Arc<CudaBackend>> {
-    let choice = BackendChoice { kind: Some(BackendKind::Cuda), device_ordinal: 0, cpu_threads: 0, kernel_cache_dir: std::env::var_os("PACKINFER_TEST_CACHE_DIR").map(Into::into) };
+    let choice = BackendChoice {
+        kind: Some(BackendKind::Cuda),
+        device_ordinal: 0,
+        cpu_threads: 0,
+        kernel_cache_dir: std::env::var_os("PACKINFER_TEST_CACHE_DIR").map(Into::into),
+    };
     match CudaBackend::new(&choice) {
         Ok(b) => Some(Arc::new(b)),
         Err(e) => {
@@ -176,7 +181,13 @@ impl Side {
         for layer in 0..LAYERS {
             let qd = self.stage(&q[layer as usize].bytes);
             let od = self.stage(&Tensor::poisoned(DType::Bf16, n_out).bytes);
-            let args = RunArgs { q: RowsTensor { ptr: qd.ptr(), ..rows }, kv: self.pool.kv_layout(layer).unwrap(), o: RowsTensor { ptr: od.ptr(), ..rows }, lse: 0, stream: s };
+            let args = RunArgs {
+                q: RowsTensor { ptr: qd.ptr(), ..rows },
+                kv: self.pool.kv_layout(layer).unwrap(),
+                o: RowsTensor { ptr: od.ptr(), ..rows },
+                lse: 0,
+                stream: s,
+            };
             // SAFETY: Q and O are staged device buffers of the step's rows, K/V the pool the plan
             // was made from; the stream is synced before they are dropped.
             unsafe { bound.run(&args) }.unwrap();
@@ -216,7 +227,7 @@ fn drive(sides: &[Side], profile: &DeviceProfile) {
         s.pool.truncate(ids[2], 30).unwrap();
     }
     let steps: [(&[(usize, u32)], bool); 4] = [
-        (&[(0, 5), (1, 7), (2, 3)], true), // prefill chunks; C's append copies shared page 1
+        (&[(0, 5), (1, 7), (2, 3)], true),  // prefill chunks; C's append copies shared page 1
         (&[(0, 1), (1, 1), (2, 1)], false), // decodes
         (&[(1, 30), (0, 1), (2, 1)], true), // B grows past its headroom; regroup
         (&[(0, 1), (1, 1), (2, 1)], false),
@@ -240,7 +251,11 @@ fn drive(sides: &[Side], profile: &DeviceProfile) {
         let (m0, o0, b0, st0) = &results[0];
         println!("step {n}: {tokens} tokens, relayout moved {m0} pages, {} copy-on-write copies so far", st0.cow_page_copies);
         for (i, (m, o, b, st)) in results.iter().enumerate().skip(1) {
-            assert_eq!((m, st.cow_page_copies, st.pages_used), (m0, st0.cow_page_copies, st0.pages_used), "step {n}: side {i}'s pool did different work");
+            assert_eq!(
+                (m, st.cow_page_copies, st.pages_used),
+                (m0, st0.cow_page_copies, st0.pages_used),
+                "step {n}: side {i}'s pool did different work"
+            );
             let diff = b.iter().zip(b0).filter(|(x, y)| x != y).count();
             assert_eq!(diff, 0, "step {n}: side {i}'s pool memory differs from the CPU pool's in {diff} of {} bytes", b.len());
             for layer in 0..LAYERS as usize {
@@ -248,13 +263,20 @@ fn drive(sides: &[Side], profile: &DeviceProfile) {
                 let want: Vec<f64> = (0..got.bytes.len() / 2).map(|e| o0[layer].get(e)).collect();
                 let fro = rel_frobenius((0..want.len()).map(|e| got.get(e)), &want);
                 let worst = (0..want.len()).map(|e| (got.get(e) - want[e]).abs() - 2e-2 * want[e].abs()).fold(f64::MIN, f64::max);
-                assert!(fro <= 1e-2 && worst <= 2e-2, "step {n} layer {layer}: side {i} differs from the CPU: relative Frobenius {fro:.2e}, worst excess {worst:.2e}");
+                assert!(
+                    fro <= 1e-2 && worst <= 2e-2,
+                    "step {n} layer {layer}: side {i} differs from the CPU: relative Frobenius {fro:.2e}, worst excess {worst:.2e}"
+                );
                 println!("  layer {layer}: GPU vs CPU relative Frobenius {fro:.2e}");
             }
         }
     }
     let st = sides[0].pool.stats();
-    assert!(st.cow_page_copies >= 2, "the flow should copy pages (fork of a partial page, copy-on-write); it copied {}", st.cow_page_copies);
+    assert!(
+        st.cow_page_copies >= 2,
+        "the flow should copy pages (fork of a partial page, copy-on-write); it copied {}",
+        st.cow_page_copies
+    );
     assert!(moved_total[0] > 0, "the flow should make a relayout move pages");
 }
 

@@ -8,9 +8,9 @@ use packinfer_testkit::harness;
 
 use std::mem::{offset_of, size_of};
 
+use packinfer::plan::{MergeRow, WorkItem};
 use packinfer::testing::compile::{self, Unit, Variant};
 use packinfer::testing::{KernelParams, KvRange, PlanHeader, SegmentInfo, TensorMap};
-use packinfer::plan::{MergeRow, WorkItem};
 
 fn main() {
     harness::main(harness::trials![
@@ -30,15 +30,23 @@ fn nvrtc_or_skip(test: &str) -> bool {
     if compile::nvrtc_present() {
         return true;
     }
-    assert!(!harness::required("PACKINFER_REQUIRE_NVRTC"), "PACKINFER_REQUIRE_NVRTC=1 but libnvrtc could not be loaded (LD_LIBRARY_PATH = {:?})", std::env::var("LD_LIBRARY_PATH").ok());
-    harness::skipped(format!("{test}: libnvrtc is not loadable on this machine (install nvidia-cuda-nvrtc and put its lib/ on LD_LIBRARY_PATH)"));
+    assert!(
+        !harness::required("PACKINFER_REQUIRE_NVRTC"),
+        "PACKINFER_REQUIRE_NVRTC=1 but libnvrtc could not be loaded (LD_LIBRARY_PATH = {:?})",
+        std::env::var("LD_LIBRARY_PATH").ok()
+    );
+    harness::skipped(format!(
+        "{test}: libnvrtc is not loadable on this machine (install nvidia-cuda-nvrtc and put its lib/ on LD_LIBRARY_PATH)"
+    ));
     false
 }
 
 /// The register / spill lines of ptxas' report for the kernel entries.
 fn resource_summary(log: &str) -> String {
     log.lines()
-        .filter(|l| l.contains("Used") || l.contains("spill") || l.contains("Compiling entry") || l.contains("warning") || l.contains("Performance"))
+        .filter(|l| {
+            l.contains("Used") || l.contains("spill") || l.contains("Compiling entry") || l.contains("warning") || l.contains("Performance")
+        })
         .map(|l| l.trim().trim_start_matches("ptxas info    :").trim())
         .collect::<Vec<_>>()
         .join("\n    ")
@@ -144,10 +152,26 @@ fn work_structs_match_the_kernels_byte_for_byte() {
 }
 
 fn cache_names_change_with_architecture_and_variant() {
-    let a = compile::cache_file_name(Unit::Attention { head_dim: 128, dtype: packinfer::types::DType::Bf16, warps: 4, variant: Variant::Plain }, "sm_90a", (13, 0));
-    let b = compile::cache_file_name(Unit::Attention { head_dim: 128, dtype: packinfer::types::DType::Bf16, warps: 4, variant: Variant::Plain }, "sm_80", (13, 0));
-    let c = compile::cache_file_name(Unit::Attention { head_dim: 64, dtype: packinfer::types::DType::Bf16, warps: 4, variant: Variant::Plain }, "sm_90a", (13, 0));
-    let d = compile::cache_file_name(Unit::Attention { head_dim: 128, dtype: packinfer::types::DType::Bf16, warps: 4, variant: Variant::Plain }, "sm_90a", (13, 1));
+    let a = compile::cache_file_name(
+        Unit::Attention { head_dim: 128, dtype: packinfer::types::DType::Bf16, warps: 4, variant: Variant::Plain },
+        "sm_90a",
+        (13, 0),
+    );
+    let b = compile::cache_file_name(
+        Unit::Attention { head_dim: 128, dtype: packinfer::types::DType::Bf16, warps: 4, variant: Variant::Plain },
+        "sm_80",
+        (13, 0),
+    );
+    let c = compile::cache_file_name(
+        Unit::Attention { head_dim: 64, dtype: packinfer::types::DType::Bf16, warps: 4, variant: Variant::Plain },
+        "sm_90a",
+        (13, 0),
+    );
+    let d = compile::cache_file_name(
+        Unit::Attention { head_dim: 128, dtype: packinfer::types::DType::Bf16, warps: 4, variant: Variant::Plain },
+        "sm_90a",
+        (13, 1),
+    );
     assert!(a != b && a != c && a != d && b != c, "{a} {b} {c} {d}");
 }
 
@@ -160,7 +184,12 @@ fn short_prefill_kernel_is_one_consumer_warpgroup_and_fits_its_ctas_per_sm() {
             let u = Unit::Attention { head_dim, dtype, warps: 4, variant: Variant::ShortPrefill };
             assert!(u.warp_specialized("sm_90a") && u.qo_tma("sm_90a"), "{}", u.name());
             assert_eq!((u.threads("sm_90a"), u.block_n("sm_90a")), (256, 32), "{}", u.name());
-            assert!(compile::SHORT_PREFILL_CTAS * u.smem_bytes("sm_90a") <= 227 * 1024, "{}: {} bytes of shared memory", u.name(), u.smem_bytes("sm_90a"));
+            assert!(
+                compile::SHORT_PREFILL_CTAS * u.smem_bytes("sm_90a") <= 227 * 1024,
+                "{}: {} bytes of shared memory",
+                u.name(),
+                u.smem_bytes("sm_90a")
+            );
             assert_eq!(u.variant_on("sm_80"), Variant::Plain);
         }
     }
@@ -196,7 +225,12 @@ fn prepare_compiles_units_concurrently_into_the_cache() {
     ];
     let t = std::time::Instant::now();
     cache.prepare(&units).unwrap();
-    println!("prepare: {} units in {:.1} s on {:?} threads", units.len(), t.elapsed().as_secs_f64(), std::thread::available_parallelism().ok());
+    println!(
+        "prepare: {} units in {:.1} s on {:?} threads",
+        units.len(),
+        t.elapsed().as_secs_f64(),
+        std::thread::available_parallelism().ok()
+    );
     for &unit in &units {
         let cached = cache.get(unit).unwrap();
         assert!(!cached.from_disk, "{}: prepared into memory", unit.name());

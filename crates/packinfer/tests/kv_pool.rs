@@ -11,8 +11,8 @@ use common::rng;
 use packinfer::backend::cpu::CpuBackend;
 use packinfer::backend::Backend;
 use packinfer::kv::{groups_of_plan, KvPool, PoolConfig, SeqId};
-use packinfer::testing;
 use packinfer::plan::PlanOptions;
+use packinfer::testing;
 use packinfer::types::{DType, Shape};
 use packinfer::Error;
 use rand::rngs::SmallRng;
@@ -67,10 +67,12 @@ struct Model {
 
 impl Model {
     fn tags(&mut self, n: u32) -> Vec<u64> {
-        (0..n).map(|_| {
-            self.next_tag += 1;
-            self.next_tag
-        }).collect()
+        (0..n)
+            .map(|_| {
+                self.next_tag += 1;
+                self.next_tag
+            })
+            .collect()
     }
 }
 
@@ -147,7 +149,8 @@ fn check_contiguous(pool: &KvPool, groups: &[Vec<SeqId>], ctx: &str) {
         // A member's private pages (no other sequence uses them) and its headroom follow each other.
         for id in members {
             let (pages, reserved) = by_id[id];
-            let own: Vec<u32> = pages.iter().chain(reserved.iter()).copied().filter(|&p| mine.contains(&p) && snap.refcount[p as usize] == 1).collect();
+            let own: Vec<u32> =
+                pages.iter().chain(reserved.iter()).copied().filter(|&p| mine.contains(&p) && snap.refcount[p as usize] == 1).collect();
             assert!(own.windows(2).all(|w| w[1] == w[0] + 1), "{ctx}: sequence {id} of group {g} has pages {own:?}");
         }
         claimed.extend(mine);
@@ -240,14 +243,18 @@ fn random_ops(seed: u64, page_size: u32, num_pages: u32, headroom: u32, steps: u
                 // Plan a random subset, check the batch, then relayout by the plan's groups or by random groups.
                 let mut subset: Vec<SeqId> = ids.iter().copied().filter(|_| r.random_bool(0.6)).collect();
                 subset.shuffle(&mut r);
-                let reqs: Vec<(SeqId, u32)> = subset.iter().map(|&id| (id, r.random_range(0..=model.seqs[&id].len().min(3) as u32))).collect();
+                let reqs: Vec<(SeqId, u32)> =
+                    subset.iter().map(|&id| (id, r.random_range(0..=model.seqs[&id].len().min(3) as u32))).collect();
                 let plan = pool.plan(&reqs, Some(&cpu.profile()), PlanOptions::default()).unwrap();
                 let snap = testing::pool_snapshot(&pool);
                 for (i, &(id, q)) in reqs.iter().enumerate() {
                     assert_eq!(plan.batch.kv_len(i), model.seqs[&id].len() as u32, "{ctx}: kv_len");
                     assert_eq!(plan.batch.q_len(i), q, "{ctx}: q_len");
                     let pages = &snap.seqs.iter().find(|s| s.0 == id).unwrap().1;
-                    let got: Vec<u32> = plan.batch.kv_page_indices[plan.batch.kv_indptr[i] as usize..plan.batch.kv_indptr[i + 1] as usize].iter().map(|&p| p as u32).collect();
+                    let got: Vec<u32> = plan.batch.kv_page_indices[plan.batch.kv_indptr[i] as usize..plan.batch.kv_indptr[i + 1] as usize]
+                        .iter()
+                        .map(|&p| p as u32)
+                        .collect();
                     assert_eq!(&got, pages, "{ctx}: page table of {id}");
                 }
                 for pg in &plan.batch.prefix_groups {
@@ -256,7 +263,11 @@ fn random_ops(seed: u64, page_size: u32, num_pages: u32, headroom: u32, steps: u
                         let (id, q) = reqs[m as usize];
                         let tags = &model.seqs[&id];
                         assert!(pg.prefix_len as usize <= tags.len() - q as usize, "{ctx}: prefix covers a new token");
-                        assert_eq!(&tags[..pg.prefix_len as usize], &first[..pg.prefix_len as usize], "{ctx}: prefix group members differ in content");
+                        assert_eq!(
+                            &tags[..pg.prefix_len as usize],
+                            &first[..pg.prefix_len as usize],
+                            "{ctx}: prefix group members differ in content"
+                        );
                     }
                 }
                 let groups = if r.random_bool(0.5) {

@@ -64,8 +64,13 @@ fn check_plan(plan: &Plan, ctx: &str) {
                 if s.request != c.request {
                     // Only a shared prefix may be read through another request's pages: a
                     // member's (the first that shares), within the prefix.
-                    let pg = prefix_of[s.request as usize].unwrap_or_else(|| panic!("{ctx}: segment {s:?} reads request {}'s keys", c.request));
-                    assert!(pg.members.contains(&c.request) && pg.members.contains(&s.request), "{ctx}: segment {s:?} reads request {}'s keys", c.request);
+                    let pg =
+                        prefix_of[s.request as usize].unwrap_or_else(|| panic!("{ctx}: segment {s:?} reads request {}'s keys", c.request));
+                    assert!(
+                        pg.members.contains(&c.request) && pg.members.contains(&s.request),
+                        "{ctx}: segment {s:?} reads request {}'s keys",
+                        c.request
+                    );
                     assert!(c.key_end <= pg.prefix_len, "{ctx}: chunk {c:?} reads past the shared prefix {}", pg.prefix_len);
                 }
                 let req = reqs[s.request as usize];
@@ -82,7 +87,10 @@ fn check_plan(plan: &Plan, ctx: &str) {
                     }
                 }
             }
-            assert!(c.key_end <= max_limit.max(c.key_begin), "{ctx}: chunk {c:?} reads keys none of its rows can see (max limit {max_limit})");
+            assert!(
+                c.key_end <= max_limit.max(c.key_begin),
+                "{ctx}: chunk {c:?} reads keys none of its rows can see (max limit {max_limit})"
+            );
         }
         for s in segs {
             let req = reqs[s.request as usize];
@@ -125,7 +133,11 @@ fn check_plan(plan: &Plan, ctx: &str) {
                 iv.sort_unstable();
                 let mut next = 0;
                 for &(kb, ke) in iv.iter() {
-                    assert_eq!(kb, next, "{ctx}: request {r} query {q} head {head}: keys {:?} cover [0, {limit}) with a gap or overlap", iv);
+                    assert_eq!(
+                        kb, next,
+                        "{ctx}: request {r} query {q} head {head}: keys {:?} cover [0, {limit}) with a gap or overlap",
+                        iv
+                    );
                     next = ke;
                 }
                 assert_eq!(next, limit, "{ctx}: request {r} query {q} head {head}: keys {:?} do not reach {limit}", iv);
@@ -133,7 +145,11 @@ fn check_plan(plan: &Plan, ctx: &str) {
         }
     }
     assert_eq!(plan.stats.num_items as usize, plan.items.len());
-    assert!(plan.stats.tile_utilization > 0.0 && plan.stats.tile_utilization <= 1.0, "{ctx}: tile utilization {}", plan.stats.tile_utilization);
+    assert!(
+        plan.stats.tile_utilization > 0.0 && plan.stats.tile_utilization <= 1.0,
+        "{ctx}: tile utilization {}",
+        plan.stats.tile_utilization
+    );
 }
 
 /// Runs `plan` on the CPU backend; returns O and LSE.
@@ -176,7 +192,8 @@ fn random_prefix_groups(r: &mut SmallRng, lens: &[(u32, u32)]) -> Vec<PrefixGrou
 
 /// A random profile: CPU-like or GPU-like worker counts, several tile heights.
 fn random_profile(r: &mut SmallRng, group: u32) -> DeviceProfile {
-    let mut p = if r.random_bool(0.5) { DeviceProfile::cpu(r.random_range(1..=16)) } else { DeviceProfile::hopper(r.random_range(8..=132)) };
+    let mut p =
+        if r.random_bool(0.5) { DeviceProfile::cpu(r.random_range(1..=16)) } else { DeviceProfile::hopper(r.random_range(8..=132)) };
     let heights: Vec<u32> = [16, 32, 64, 128].into_iter().filter(|&m| m >= group).collect();
     p.block_m = heights[r.random_range(0..heights.len())];
     p.block_n = [16, 64][r.random_range(0..2)];
@@ -231,10 +248,22 @@ fn every_flag_combination_covers_exactly_once_and_matches_f64() {
             }
             let ctx = format!("flags {bits:05b} case {i} {spec:?} {profile:?} {options:?} groups {:?}", case.batch.prefix_groups);
             let plan = plan_check_run(&case, &profile, options, &ctx);
-            let chunks_of = |it: &packinfer::plan::WorkItem| &plan.kv_chunks[it.chunk_begin as usize..(it.chunk_begin + it.chunk_count) as usize];
-            split += plan.items.iter().any(|it| it.partial_slot != FINAL_OUTPUT && chunks_of(it).iter().any(|c| c.key_begin > 0 && plan.batch.prefix_groups.iter().all(|pg| !pg.members.contains(&c.request)))) as u32;
+            let chunks_of =
+                |it: &packinfer::plan::WorkItem| &plan.kv_chunks[it.chunk_begin as usize..(it.chunk_begin + it.chunk_count) as usize];
+            split += plan.items.iter().any(|it| {
+                it.partial_slot != FINAL_OUTPUT
+                    && chunks_of(it)
+                        .iter()
+                        .any(|c| c.key_begin > 0 && plan.batch.prefix_groups.iter().all(|pg| !pg.members.contains(&c.request)))
+            }) as u32;
             packed += plan.items.iter().any(|it| it.chunk_count > 1) as u32;
-            shared += plan.items.iter().any(|it| it.seg_count > 1 && it.chunk_count == 1 && plan.row_segments[it.seg_begin as usize..(it.seg_begin + it.seg_count) as usize].iter().any(|s| s.request != chunks_of(it)[0].request)) as u32;
+            shared += plan.items.iter().any(|it| {
+                it.seg_count > 1
+                    && it.chunk_count == 1
+                    && plan.row_segments[it.seg_begin as usize..(it.seg_begin + it.seg_count) as usize]
+                        .iter()
+                        .any(|s| s.request != chunks_of(it)[0].request)
+            }) as u32;
         }
     }
     eprintln!("plans with splits: {split}, with packed tiles: {packed}, with shared-prefix tiles: {shared} (of 192)");
@@ -244,7 +273,18 @@ fn every_flag_combination_covers_exactly_once_and_matches_f64() {
 #[test]
 fn splits_merges_and_prefix_tiles_happen_and_are_exact() {
     let mut r = rng(77);
-    let spec = CaseSpec { batch_size: 8, max_kv: 3000, page_size: 16, num_kv_heads: 2, group: 4, head_dim: 64, dtype: DType::F32, causal: true, decode_fraction: 1.0, hnd: false };
+    let spec = CaseSpec {
+        batch_size: 8,
+        max_kv: 3000,
+        page_size: 16,
+        num_kv_heads: 2,
+        group: 4,
+        head_dim: 64,
+        dtype: DType::F32,
+        causal: true,
+        decode_fraction: 1.0,
+        hnd: false,
+    };
     // Eight decodes: three share a 1500-key prefix, one is long enough to be split (two
     // workers; the automatic capacity is a quarter of the total cost).
     let lens = [(1, 3000), (1, 1600), (1, 1501), (1, 1500), (1, 40), (3, 90), (1, 7), (2, 2)];
@@ -257,14 +297,28 @@ fn splits_merges_and_prefix_tiles_happen_and_are_exact() {
     assert!(s.num_merge_rows > 0 && s.num_partial_slots > 0, "{s:?}");
     // The prefix is read once per KV head: one chunk over [0, 1500) reading request 1's pages
     // for the rows of all three members.
-    let prefix_items: Vec<_> = plan.items.iter().filter(|it| plan.kv_chunks[it.chunk_begin as usize].request == 1 && it.seg_count == 3).collect();
-    assert_eq!(prefix_items.iter().map(|it| plan.kv_chunks[it.chunk_begin as usize].key_end - plan.kv_chunks[it.chunk_begin as usize].key_begin).sum::<u32>(), 2 * 1500, "{:?}", plan.items);
+    let prefix_items: Vec<_> =
+        plan.items.iter().filter(|it| plan.kv_chunks[it.chunk_begin as usize].request == 1 && it.seg_count == 3).collect();
+    assert_eq!(
+        prefix_items
+            .iter()
+            .map(|it| plan.kv_chunks[it.chunk_begin as usize].key_end - plan.kv_chunks[it.chunk_begin as usize].key_begin)
+            .sum::<u32>(),
+        2 * 1500,
+        "{:?}",
+        plan.items
+    );
     // The members share a group (per KV head).
     for h in 0..2 {
         let groups: std::collections::BTreeSet<u32> = plan
             .items
             .iter()
-            .filter(|it| it.kv_head == h && plan.row_segments[it.seg_begin as usize..(it.seg_begin + it.seg_count) as usize].iter().any(|s| (1..=3).contains(&s.request)))
+            .filter(|it| {
+                it.kv_head == h
+                    && plan.row_segments[it.seg_begin as usize..(it.seg_begin + it.seg_count) as usize]
+                        .iter()
+                        .any(|s| (1..=3).contains(&s.request))
+            })
             .map(|it| it.group)
             .collect();
         assert_eq!(groups.len(), 1, "prefix group members spread over groups {groups:?}");
@@ -292,8 +346,13 @@ fn ablation_flags_switch_their_technique_off() {
         assert!(p.items.iter().all(|it| it.chunk_count == 1), "{ctx}: packing off but an item has several chunks");
         assert!(p.row_segments.iter().all(|s| s.q_count <= tokens_per_tile));
 
-        let p = Plan::build(case.shape, case.batch.clone(), &profile, PlanOptions { split_kv: false, prefix_sharing: false, ..base.clone() }).unwrap();
-        assert!(p.merges.is_empty() && p.items.iter().all(|it| it.partial_slot == FINAL_OUTPUT), "{ctx}: split_kv and prefix sharing off but pieces are merged");
+        let p =
+            Plan::build(case.shape, case.batch.clone(), &profile, PlanOptions { split_kv: false, prefix_sharing: false, ..base.clone() })
+                .unwrap();
+        assert!(
+            p.merges.is_empty() && p.items.iter().all(|it| it.partial_slot == FINAL_OUTPUT),
+            "{ctx}: split_kv and prefix sharing off but pieces are merged"
+        );
 
         let p = Plan::build(case.shape, case.batch.clone(), &profile, PlanOptions { prefix_sharing: false, ..base.clone() }).unwrap();
         assert!(p.kv_chunks.iter().all(|c| p.row_segments.iter().any(|s| s.request == c.request)), "{ctx}");
@@ -322,7 +381,11 @@ fn ablation_flags_switch_their_technique_off() {
                     let it = p.items[expected];
                     let seg = p.row_segments[it.seg_begin as usize];
                     let c = p.kv_chunks[it.chunk_begin as usize];
-                    assert_eq!((it.kv_head, it.group, it.seg_count, it.chunk_count, it.partial_slot), (h, expected as u32, 1, 1, FINAL_OUTPUT), "{ctx}");
+                    assert_eq!(
+                        (it.kv_head, it.group, it.seg_count, it.chunk_count, it.partial_slot),
+                        (h, expected as u32, 1, 1, FINAL_OUTPUT),
+                        "{ctx}"
+                    );
                     assert_eq!((seg.request, seg.q_begin, seg.q_count), (rq as u32, q, count), "{ctx}");
                     assert_eq!((c.key_begin, c.key_end), (0, req.key_limit(q + count - 1, case.shape.causal)), "{ctx}");
                     expected += 1;
@@ -359,7 +422,15 @@ fn sub_batch(case: &Case, keep: &[u32]) -> Case {
             groups.push(PrefixGroup { prefix_len: pg.prefix_len, members });
         }
     }
-    let batch = Batch { qo_indptr: qo, kv_indptr: kv, kv_page_indices: pages, kv_last_page_len: last, page_size: b.page_size, num_pages: b.num_pages, prefix_groups: groups };
+    let batch = Batch {
+        qo_indptr: qo,
+        kv_indptr: kv,
+        kv_page_indices: pages,
+        kv_last_page_len: last,
+        page_size: b.page_size,
+        num_pages: b.num_pages,
+        prefix_groups: groups,
+    };
     let q = Tensor { dtype: case.q.dtype, bytes: qbytes, exact: qexact };
     let copy = |t: &Tensor| Tensor { dtype: t.dtype, bytes: t.bytes.clone(), exact: t.exact.clone() };
     let (k, v) = (copy(&case.k), copy(&case.v));
@@ -373,7 +444,18 @@ fn sub_batch(case: &Case, keep: &[u32]) -> Case {
 fn deterministic_mode_is_bitwise_batch_invariant() {
     let mut r = rng(0xde7);
     for i in 0..12 {
-        let spec = CaseSpec { batch_size: 8, max_kv: 1500, page_size: 16, num_kv_heads: 2, group: 4, head_dim: 64, dtype: [DType::F32, DType::Bf16][i % 2], causal: i % 3 != 0, decode_fraction: 0.5, hnd: false };
+        let spec = CaseSpec {
+            batch_size: 8,
+            max_kv: 1500,
+            page_size: 16,
+            num_kv_heads: 2,
+            group: 4,
+            head_dim: 64,
+            dtype: [DType::F32, DType::Bf16][i % 2],
+            causal: i % 3 != 0,
+            decode_fraction: 0.5,
+            hnd: false,
+        };
         let lens = common::random_lengths(&mut r, &spec);
         let groups = random_prefix_groups(&mut r, &lens);
         let case = Case::build(&mut r, &spec, &lens, groups);
@@ -399,9 +481,17 @@ fn deterministic_mode_is_bitwise_batch_invariant() {
         for (j, &rq) in keep.iter().enumerate() {
             let (a0, n) = (case.batch.qo_indptr[rq as usize] as usize, case.batch.q_len(rq as usize) as usize);
             let b0 = sub.batch.qo_indptr[j] as usize;
-            assert_eq!(&o_full.bytes[a0 * hq * d * es..(a0 + n) * hq * d * es], &o_sub.bytes[b0 * hq * d * es..(b0 + n) * hq * d * es], "det {i}: request {rq} output differs bitwise in another batch");
+            assert_eq!(
+                &o_full.bytes[a0 * hq * d * es..(a0 + n) * hq * d * es],
+                &o_sub.bytes[b0 * hq * d * es..(b0 + n) * hq * d * es],
+                "det {i}: request {rq} output differs bitwise in another batch"
+            );
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&lse_full[a0 * hq..(a0 + n) * hq]), bits(&lse_sub[b0 * hq..(b0 + n) * hq]), "det {i}: request {rq} LSE differs");
+            assert_eq!(
+                bits(&lse_full[a0 * hq..(a0 + n) * hq]),
+                bits(&lse_sub[b0 * hq..(b0 + n) * hq]),
+                "det {i}: request {rq} LSE differs"
+            );
         }
     }
 }
@@ -409,7 +499,18 @@ fn deterministic_mode_is_bitwise_batch_invariant() {
 #[test]
 fn extreme_options_stay_exact() {
     let mut r = rng(99);
-    let spec = CaseSpec { batch_size: 4, max_kv: 300, page_size: 16, num_kv_heads: 2, group: 4, head_dim: 64, dtype: DType::F32, causal: true, decode_fraction: 0.5, hnd: false };
+    let spec = CaseSpec {
+        batch_size: 4,
+        max_kv: 300,
+        page_size: 16,
+        num_kv_heads: 2,
+        group: 4,
+        head_dim: 64,
+        dtype: DType::F32,
+        causal: true,
+        decode_fraction: 0.5,
+        hnd: false,
+    };
     let lens = [(1, 300), (20, 120), (1, 1), (5, 64)];
     let case = Case::build(&mut r, &spec, &lens, vec![PrefixGroup { prefix_len: 50, members: vec![1, 3] }]);
     let tiny_tiles = DeviceProfile { block_m: 16, block_n: 16, ..DeviceProfile::hopper(7) };
@@ -437,7 +538,18 @@ fn extreme_options_stay_exact() {
 fn regroup_trigger_accumulates_imbalance_beyond_the_plans_own() {
     use packinfer::plan::adapt::RegroupTrigger;
     let mut r = rng(21);
-    let spec = CaseSpec { batch_size: 9, max_kv: 3000, page_size: 16, num_kv_heads: 2, group: 4, head_dim: 64, dtype: DType::F32, causal: true, decode_fraction: 1.0, hnd: false };
+    let spec = CaseSpec {
+        batch_size: 9,
+        max_kv: 3000,
+        page_size: 16,
+        num_kv_heads: 2,
+        group: 4,
+        head_dim: 64,
+        dtype: DType::F32,
+        causal: true,
+        decode_fraction: 1.0,
+        hnd: false,
+    };
     let lens = common::random_lengths(&mut r, &spec);
     let case = Case::build(&mut r, &spec, &lens, vec![]);
     let plan = Plan::build(case.shape, case.batch.clone(), &DeviceProfile::hopper(5), PlanOptions::default()).unwrap();
@@ -463,7 +575,18 @@ fn regroup_trigger_accumulates_imbalance_beyond_the_plans_own() {
 
 fn small_case() -> Case {
     let mut r = rng(1);
-    let spec = CaseSpec { batch_size: 3, max_kv: 50, page_size: 16, num_kv_heads: 1, group: 4, head_dim: 64, dtype: DType::F32, causal: true, decode_fraction: 0.5, hnd: false };
+    let spec = CaseSpec {
+        batch_size: 3,
+        max_kv: 50,
+        page_size: 16,
+        num_kv_heads: 1,
+        group: 4,
+        head_dim: 64,
+        dtype: DType::F32,
+        causal: true,
+        decode_fraction: 0.5,
+        hnd: false,
+    };
     Case::build(&mut r, &spec, &[(1, 40), (2, 30), (1, 20)], vec![])
 }
 
@@ -490,7 +613,10 @@ fn bad_inputs_give_clear_errors() {
     assert!(m.contains("request 1") && m.contains("prefix_groups[0]") && m.contains("prefix_groups[1]"), "{m}");
     let m = message(build(case.batch.clone(), PlanOptions { deterministic: true, split_keys: 0, ..PlanOptions::default() }).unwrap_err());
     assert!(m.contains("split_keys"), "{m}");
-    let m = message(Plan::build(case.shape, case.batch.clone(), &DeviceProfile { num_workers: 0, ..profile.clone() }, PlanOptions::default()).unwrap_err());
+    let m = message(
+        Plan::build(case.shape, case.batch.clone(), &DeviceProfile { num_workers: 0, ..profile.clone() }, PlanOptions::default())
+            .unwrap_err(),
+    );
     assert!(m.contains("num_workers"), "{m}");
     for bad in [-1, case.batch.num_pages as i32] {
         let mut b = case.batch.clone();
@@ -505,7 +631,15 @@ fn bad_inputs_give_clear_errors() {
     assert!(matches!(Plan::build(shape, case.batch.clone(), &tiny, PlanOptions::default()), Err(Error::Unsupported(_))));
 
     // An empty batch is a valid, empty plan.
-    let empty = Batch { qo_indptr: vec![0], kv_indptr: vec![0], kv_page_indices: vec![], kv_last_page_len: vec![], page_size: 16, num_pages: 4, prefix_groups: vec![] };
+    let empty = Batch {
+        qo_indptr: vec![0],
+        kv_indptr: vec![0],
+        kv_page_indices: vec![],
+        kv_last_page_len: vec![],
+        page_size: 16,
+        num_pages: 4,
+        prefix_groups: vec![],
+    };
     let plan = build(empty, PlanOptions::default()).expect("empty batch");
     assert!(plan.items.is_empty() && plan.merges.is_empty());
     assert_eq!(plan.stats.num_items, 0);
@@ -516,9 +650,21 @@ fn bad_inputs_give_clear_errors() {
 #[test]
 fn one_slice_blocks_pack_only_into_one_slice_tiles() {
     let mut r = rng(77);
-    let spec = CaseSpec { batch_size: 1, max_kv: 1, page_size: 16, num_kv_heads: 2, group: 4, head_dim: 64, dtype: DType::Bf16, causal: true, decode_fraction: 0.0, hnd: false };
+    let spec = CaseSpec {
+        batch_size: 1,
+        max_kv: 1,
+        page_size: 16,
+        num_kv_heads: 2,
+        group: 4,
+        head_dim: 64,
+        dtype: DType::Bf16,
+        causal: true,
+        decode_fraction: 0.0,
+        hnd: false,
+    };
     // 40 decodes and 12 short prefills (8 tokens × 4 heads = 32 rows each).
-    let lens: Vec<(u32, u32)> = (0..52).map(|i| if i % 13 == 0 || i % 13 == 5 || i % 13 == 9 { (8, 40 + i) } else { (1, 30 + 7 * i) }).collect();
+    let lens: Vec<(u32, u32)> =
+        (0..52).map(|i| if i % 13 == 0 || i % 13 == 5 || i % 13 == 9 { (8, 40 + i) } else { (1, 30 + 7 * i) }).collect();
     let case = Case::build(&mut r, &spec, &lens, vec![]);
     let plan = plan_check_run(&case, &DeviceProfile::hopper(4), PlanOptions::default(), "decodes and short prefills");
     let mut packed = 0;
@@ -539,7 +685,18 @@ fn one_slice_blocks_pack_only_into_one_slice_tiles() {
 #[test]
 fn prompt_chunks_read_a_shared_prefix_in_their_own_tiles() {
     let mut r = rng(78);
-    let spec = CaseSpec { batch_size: 3, max_kv: 3000, page_size: 16, num_kv_heads: 2, group: 4, head_dim: 64, dtype: DType::F32, causal: true, decode_fraction: 1.0, hnd: false };
+    let spec = CaseSpec {
+        batch_size: 3,
+        max_kv: 3000,
+        page_size: 16,
+        num_kv_heads: 2,
+        group: 4,
+        head_dim: 64,
+        dtype: DType::F32,
+        causal: true,
+        decode_fraction: 1.0,
+        hnd: false,
+    };
     let lens = [(1, 1600), (64, 1700), (1, 1550)];
     let case = Case::build(&mut r, &spec, &lens, vec![PrefixGroup { prefix_len: 1500, members: vec![0, 1, 2] }]);
     let options = PlanOptions { split_kv: false, ..PlanOptions::default() };
@@ -551,5 +708,9 @@ fn prompt_chunks_read_a_shared_prefix_in_their_own_tiles() {
         assert_eq!(it.partial_slot, FINAL_OUTPUT, "the chunk's rows are final: {it:?}");
         assert_eq!(plan.kv_chunks[it.chunk_begin as usize].key_begin, 0, "the chunk reads the prefix itself: {it:?}");
     }
-    assert!(plan.items.iter().any(|it| segs(it).iter().any(|s| s.request == 0) && segs(it).iter().any(|s| s.request == 2)), "the decodes share the prefix: {:?}", plan.items);
+    assert!(
+        plan.items.iter().any(|it| segs(it).iter().any(|s| s.request == 0) && segs(it).iter().any(|s| s.request == 2)),
+        "the decodes share the prefix: {:?}",
+        plan.items
+    );
 }

@@ -80,7 +80,13 @@ pub trait Backend: Send + Sync {
     }
     /// Like `bind`, with device buffers sized for `capacity` (at least the plan's own sizes), so
     /// that `BoundPlan::update` can later upload any plan that fits.
-    fn bind_with_capacity(&self, plan: Arc<Plan>, stream: u64, scratch: Option<Scratch>, capacity: &LaunchCapacity) -> Result<Box<dyn BoundPlan>> {
+    fn bind_with_capacity(
+        &self,
+        plan: Arc<Plan>,
+        stream: u64,
+        scratch: Option<Scratch>,
+        capacity: &LaunchCapacity,
+    ) -> Result<Box<dyn BoundPlan>> {
         let _ = capacity;
         self.bind(plan, stream, scratch)
     }
@@ -94,7 +100,6 @@ pub trait Backend: Send + Sync {
         Err(crate::unsupported!("only the CUDA backend calibrates its cost model"))
     }
 }
-
 
 /// The storage of a KV pool: one allocation made by [`Backend::alloc_kv`], addressed by byte
 /// offsets from [`KvMemory::base`]. The pool (`src/kv`) decides what lives where; this trait only
@@ -203,7 +208,11 @@ impl LaunchCapacity {
 /// for the launch's), every count within the capacity. Says which is not, by value.
 pub(crate) fn check_update(launch_plan: &Plan, capacity: &LaunchCapacity, plan: &Plan) -> Result<()> {
     if plan.shape != launch_plan.shape {
-        return Err(crate::invalid!("the new plan's shape {:?} differs from the launch's {:?}; create a new launch", plan.shape, launch_plan.shape));
+        return Err(crate::invalid!(
+            "the new plan's shape {:?} differs from the launch's {:?}; create a new launch",
+            plan.shape,
+            launch_plan.shape
+        ));
     }
     if plan.batch.page_size != launch_plan.batch.page_size {
         return Err(crate::invalid!(

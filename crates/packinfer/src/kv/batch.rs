@@ -49,7 +49,15 @@ impl PoolState {
         let token_bytes = pool.config.token_bytes_all_layers();
         let unshared: u64 = kv_lens.iter().map(|&l| l as u64).sum::<u64>() * token_bytes;
         let saved: u64 = prefix_groups.iter().map(|g| (g.members.len() as u64 - 1) * g.prefix_len as u64).sum::<u64>() * token_bytes;
-        let batch = Batch { qo_indptr, kv_indptr, kv_page_indices: pages, kv_last_page_len: last, page_size: ps, num_pages: pool.config.num_pages, prefix_groups };
+        let batch = Batch {
+            qo_indptr,
+            kv_indptr,
+            kv_page_indices: pages,
+            kv_last_page_len: last,
+            page_size: ps,
+            num_pages: pool.config.num_pages,
+            prefix_groups,
+        };
         Ok((batch, unshared - saved, unshared))
     }
 }
@@ -120,7 +128,12 @@ fn best_groups(members: &[Member], clusters: Vec<Vec<usize>>, page_size: u32) ->
         while set.iter().all(|&m| members[m].pages.len() > common && members[m].pages[common] == first[common]) {
             common += 1;
         }
-        let prefix_len = set.iter().map(|&m| members[m].shareable).min().unwrap_or(0).min((common as u64 * page_size as u64).min(u32::MAX as u64) as u32);
+        let prefix_len = set
+            .iter()
+            .map(|&m| members[m].shareable)
+            .min()
+            .unwrap_or(0)
+            .min((common as u64 * page_size as u64).min(u32::MAX as u64) as u32);
         let whole = (set.len() as u64 - 1) * prefix_len as u64;
         let group = (prefix_len > 0).then(|| PrefixGroup { prefix_len, members: set.iter().map(|&m| members[m].request).collect() });
         nodes.push(Node { parent, whole, group, split: 0, children: Vec::new() });

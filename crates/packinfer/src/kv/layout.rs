@@ -42,7 +42,11 @@ pub struct RelayoutReport {
 /// request) belongs to the first one; groups are returned in order, empty ones dropped.
 pub fn groups_of_plan(plan: &Plan, seq_ids: &[SeqId]) -> Result<Vec<Vec<SeqId>>> {
     if seq_ids.len() != plan.requests.len() {
-        return Err(invalid!("{} seq_ids given for a plan of {} requests; pass the ids the plan was made from", seq_ids.len(), plan.requests.len()));
+        return Err(invalid!(
+            "{} seq_ids given for a plan of {} requests; pass the ids the plan was made from",
+            seq_ids.len(),
+            plan.requests.len()
+        ));
     }
     let mut group_of: Vec<Option<u32>> = vec![None; seq_ids.len()];
     for item in &plan.items {
@@ -119,7 +123,9 @@ impl PoolState {
         }
         let mut report = RelayoutReport { groups: groups.len() as u32, ..Default::default() };
         let due: Vec<usize> = (0..groups.len())
-            .filter(|&g| (regroup || groups[g].iter().any(|id| self.seqs[id].overflowed)) && (too_long.contains(&g) || !self.in_place(&runs[g])))
+            .filter(|&g| {
+                (regroup || groups[g].iter().any(|id| self.seqs[id].overflowed)) && (too_long.contains(&g) || !self.in_place(&runs[g]))
+            })
             .collect();
         report.groups_in_place = (groups.len() - due.len()) as u32;
         if due.is_empty() {

@@ -86,7 +86,10 @@ impl PoolConfig {
             return Err(invalid!("page_size = 0; pages hold at least one token"));
         }
         if self.num_pages == 0 {
-            return Err(invalid!("num_pages = 0 (or capacity_bytes smaller than one page of {} bytes); a pool needs at least one page", self.page_bytes_all_layers()));
+            return Err(invalid!(
+                "num_pages = 0 (or capacity_bytes smaller than one page of {} bytes); a pool needs at least one page",
+                self.page_bytes_all_layers()
+            ));
         }
         if self.num_pages > i32::MAX as u32 {
             return Err(invalid!("num_pages = {} is more than the int32 page tables can address", self.num_pages));
@@ -95,10 +98,9 @@ impl PoolConfig {
             return Err(invalid!("headroom_pages = {} is more than the pool's {} pages", self.headroom_pages, self.num_pages));
         }
         self.shape().validate()?;
-        (self.num_pages as u64)
-            .checked_mul(self.page_bytes_all_layers())
-            .filter(|&b| b <= isize::MAX as u64)
-            .ok_or_else(|| invalid!("num_pages = {} pages of {} bytes overflow the address space", self.num_pages, self.page_bytes_all_layers()))
+        (self.num_pages as u64).checked_mul(self.page_bytes_all_layers()).filter(|&b| b <= isize::MAX as u64).ok_or_else(|| {
+            invalid!("num_pages = {} pages of {} bytes overflow the address space", self.num_pages, self.page_bytes_all_layers())
+        })
     }
 }
 
@@ -185,7 +187,8 @@ impl KvPool {
         let bytes = config.validate()?;
         if backend.kind() == crate::backend::BackendKind::Cuda {
             // A pool the kernels cannot read would fail only at the first launch; say it now.
-            crate::backend::cuda::check_kernel_shape(config.shape.head_dim, config.shape.dtype).map_err(|e| crate::unsupported!("a KV pool on the CUDA backend: {e}"))?;
+            crate::backend::cuda::check_kernel_shape(config.shape.head_dim, config.shape.dtype)
+                .map_err(|e| crate::unsupported!("a KV pool on the CUDA backend: {e}"))?;
         }
         let memory = backend.alloc_kv(bytes as usize)?;
         let n = config.num_pages;
@@ -357,7 +360,11 @@ impl KvPool {
         let q = s.seq(seq)?;
         let full = (q.len / ps) as usize;
         if hashes.len() > full {
-            return Err(invalid!("{} hashes given but sequence {seq} has only {full} full pages ({} tokens, page_size {ps})", hashes.len(), q.len));
+            return Err(invalid!(
+                "{} hashes given but sequence {seq} has only {full} full pages ({} tokens, page_size {ps})",
+                hashes.len(),
+                q.len
+            ));
         }
         let pages: Vec<u32> = q.pages[..hashes.len()].to_vec();
         for (&p, &h) in pages.iter().zip(hashes) {
@@ -428,7 +435,10 @@ impl KvPool {
     /// lock. Host memory only (the CPU backend): for tests (`testing::read_token_host`).
     pub(crate) fn read_token_host(&self, seq: SeqId, layer: u32, token: u32) -> Result<(Vec<u8>, Vec<u8>)> {
         if self.backend.kind() != crate::backend::BackendKind::Cpu {
-            return Err(crate::unsupported!("read_token_host reads host memory; this pool lives on the {} backend", self.backend.device_name()));
+            return Err(crate::unsupported!(
+                "read_token_host reads host memory; this pool lives on the {} backend",
+                self.backend.device_name()
+            ));
         }
         self.kv_layout(layer)?;
         let s = self.state.lock();
@@ -487,7 +497,11 @@ impl PoolState {
     }
 
     fn exhausted(&self, what: String, need: usize) -> Error {
-        Error::PoolExhausted(format!("{what} needs {need} free page(s) but the pool has {} of {}; nothing was changed", self.free.len(), self.refcount.len()))
+        Error::PoolExhausted(format!(
+            "{what} needs {need} free page(s) but the pool has {} of {}; nothing was changed",
+            self.free.len(),
+            self.refcount.len()
+        ))
     }
 
     fn append(&mut self, pool: &KvPool, id: SeqId, n: u32, stream: u64) -> Result<Vec<u64>> {
@@ -496,7 +510,11 @@ impl PoolState {
         if n == 0 {
             return Ok(Vec::new());
         }
-        let new_len = q.len.checked_add(n).filter(|&l| l <= i32::MAX as u32).ok_or_else(|| invalid!("n = {n} tokens would make sequence {id} longer than {} tokens", i32::MAX))?;
+        let new_len = q
+            .len
+            .checked_add(n)
+            .filter(|&l| l <= i32::MAX as u32)
+            .ok_or_else(|| invalid!("n = {n} tokens would make sequence {id} longer than {} tokens", i32::MAX))?;
         let need_pages = new_len.div_ceil(ps) as usize - q.pages.len();
         let partial_last = q.len % ps != 0;
         let cow = partial_last && self.refcount[*q.pages.last().unwrap() as usize] > 1;
@@ -546,7 +564,9 @@ impl PoolState {
         let full = (prefix_len / ps) as usize;
         let partial = !prefix_len.is_multiple_of(ps);
         if partial && self.free.is_empty() {
-            return Err(self.exhausted(format!("forking sequence {parent} at prefix_len = {prefix_len} (its partly covered page is copied)"), 1));
+            return Err(
+                self.exhausted(format!("forking sequence {parent} at prefix_len = {prefix_len} (its partly covered page is copied)"), 1)
+            );
         }
         let mut pages: Vec<u32> = p.pages[..full].to_vec();
         let partial_src = partial.then(|| p.pages[full]);

@@ -30,7 +30,13 @@ impl Plan {
                 return Err(invalid!("requests[{r}] = {req:?} does not match the batch's request {r}: {want:?}"));
             }
         }
-        for (what, len) in [("items", self.items.len()), ("row segments", self.row_segments.len()), ("KV chunks", self.kv_chunks.len()), ("merge rows", self.merges.len()), ("merge slots", self.merge_slots.len())] {
+        for (what, len) in [
+            ("items", self.items.len()),
+            ("row segments", self.row_segments.len()),
+            ("KV chunks", self.kv_chunks.len()),
+            ("merge rows", self.merges.len()),
+            ("merge slots", self.merge_slots.len()),
+        ] {
             if len > u32::MAX as usize {
                 return Err(invalid!("the plan has {len} {what}; at most {} are addressable", u32::MAX));
             }
@@ -42,7 +48,11 @@ impl Plan {
         let total_q = self.batch.total_q();
         let rows = total_q as u64 * self.shape.num_qo_heads as u64;
         if rows > limits::MAX_QO_ROWS {
-            return Err(invalid!("{total_q} query tokens × num_qo_heads = {} are {rows} rows, more than the {} a step may have", self.shape.num_qo_heads, limits::MAX_QO_ROWS));
+            return Err(invalid!(
+                "{total_q} query tokens × num_qo_heads = {} are {rows} rows, more than the {} a step may have",
+                self.shape.num_qo_heads,
+                limits::MAX_QO_ROWS
+            ));
         }
         let mut last_group = 0u32;
         for (i, it) in self.items.iter().enumerate() {
@@ -65,9 +75,18 @@ impl Plan {
             // segment starting at or before it, and every row to exactly one token.
             let mut row = 0u64;
             for s in segs {
-                let req = self.requests.get(s.request as usize).ok_or_else(|| invalid!("items[{i}] has a row segment of request {} which does not exist", s.request))?;
+                let req = self
+                    .requests
+                    .get(s.request as usize)
+                    .ok_or_else(|| invalid!("items[{i}] has a row segment of request {} which does not exist", s.request))?;
                 if s.q_count == 0 || s.q_begin as u64 + s.q_count as u64 > req.q_len as u64 {
-                    return Err(invalid!("items[{i}] has queries {}..{} of request {} which has {}", s.q_begin, s.q_begin as u64 + s.q_count as u64, s.request, req.q_len));
+                    return Err(invalid!(
+                        "items[{i}] has queries {}..{} of request {} which has {}",
+                        s.q_begin,
+                        s.q_begin as u64 + s.q_count as u64,
+                        s.request,
+                        req.q_len
+                    ));
                 }
                 if s.row_begin as u64 != row {
                     return Err(invalid!("items[{i}] has a row segment starting at row {} where row {row} comes next", s.row_begin));
@@ -78,7 +97,10 @@ impl Plan {
                 return Err(invalid!("items[{i}].num_rows = {} but its row segments hold {row} rows", it.num_rows));
             }
             for c in chunks {
-                let req = self.requests.get(c.request as usize).ok_or_else(|| invalid!("items[{i}] has a KV chunk of request {} which does not exist", c.request))?;
+                let req = self
+                    .requests
+                    .get(c.request as usize)
+                    .ok_or_else(|| invalid!("items[{i}] has a KV chunk of request {} which does not exist", c.request))?;
                 if c.key_end > req.kv_len || c.key_begin > c.key_end || c.row_end > it.num_rows || c.row_begin > c.row_end {
                     return Err(invalid!(
                         "items[{i}] has KV chunk keys {}..{} rows {}..{} outside request {} (kv_len {}) or the tile ({} rows)",
@@ -93,7 +115,11 @@ impl Plan {
                 }
             }
             if it.partial_slot != FINAL_OUTPUT && it.partial_slot as u64 + it.num_rows as u64 > u32::MAX as u64 {
-                return Err(invalid!("items[{i}] writes partial slots {}..{}, past the last slot number", it.partial_slot, it.partial_slot as u64 + it.num_rows as u64));
+                return Err(invalid!(
+                    "items[{i}] writes partial slots {}..{}, past the last slot number",
+                    it.partial_slot,
+                    it.partial_slot as u64 + it.num_rows as u64
+                ));
             }
         }
         // Only now that no slot count overflows.
@@ -165,7 +191,9 @@ struct BitSet(Vec<u64>);
 impl BitSet {
     fn new(len: usize, what: &str) -> Result<BitSet> {
         let mut words = Vec::new();
-        words.try_reserve_exact(len.div_ceil(64)).map_err(|_| Error::OutOfMemory(format!("no host memory to check {what} ({len} of them)")))?;
+        words
+            .try_reserve_exact(len.div_ceil(64))
+            .map_err(|_| Error::OutOfMemory(format!("no host memory to check {what} ({len} of them)")))?;
         words.resize(len.div_ceil(64), 0);
         Ok(BitSet(words))
     }

@@ -26,7 +26,11 @@ pub fn mean_visible_keys(batch: &crate::types::Batch, causal: bool) -> f64 {
         // Causal: query i of q sees k - q + i + 1 keys.
         pairs += if causal { q * (k - q.min(k)) + q * (q + 1) / 2 } else { q * k };
     }
-    if rows == 0 { 0.0 } else { pairs as f64 / rows as f64 }
+    if rows == 0 {
+        0.0
+    } else {
+        pairs as f64 / rows as f64
+    }
 }
 
 /// Rows the kernel computes for a chunk applying to tile rows `[row_begin, row_end)`.
@@ -164,7 +168,8 @@ mod tests {
         // Causal: the queries see 3, 4, 5 and 10 keys.
         assert_eq!(mean_visible_keys(&batch, true), (3.0 + 4.0 + 5.0 + 10.0) / 4.0);
         assert_eq!(mean_visible_keys(&batch, false), (3.0 * 5.0 + 10.0) / 4.0);
-        let empty = crate::types::Batch { qo_indptr: vec![0], kv_indptr: vec![0], kv_page_indices: vec![], kv_last_page_len: vec![], ..batch };
+        let empty =
+            crate::types::Batch { qo_indptr: vec![0], kv_indptr: vec![0], kv_page_indices: vec![], kv_last_page_len: vec![], ..batch };
         assert_eq!(mean_visible_keys(&empty, true), 0.0);
     }
 

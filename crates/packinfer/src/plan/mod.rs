@@ -107,7 +107,15 @@ pub struct PlanOptions {
 
 impl Default for PlanOptions {
     fn default() -> Self {
-        PlanOptions { deterministic: false, packing: true, balancing: true, prefix_sharing: true, split_kv: true, capacity: None, split_keys: 2048 }
+        PlanOptions {
+            deterministic: false,
+            packing: true,
+            balancing: true,
+            prefix_sharing: true,
+            split_kv: true,
+            capacity: None,
+            split_keys: 2048,
+        }
     }
 }
 

@@ -128,7 +128,10 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
     let Merges { merges, merge_slots } = merge_list(&s, plan.batch.total_q(), &work.partial_rows, &slot_of);
 
     let Pieces { pieces, chunks, segments, .. } = work;
-    debug_assert!(pieces.iter().all(|p| (item_cost(profile, &chunks[p.chunk_begin as usize..(p.chunk_begin + p.chunk_count) as usize]) - p.cost).abs() <= 1e-6 * p.cost.max(1.0)));
+    debug_assert!(pieces
+        .iter()
+        .all(|p| (item_cost(profile, &chunks[p.chunk_begin as usize..(p.chunk_begin + p.chunk_count) as usize]) - p.cost).abs()
+            <= 1e-6 * p.cost.max(1.0)));
     plan.items = items;
     plan.row_segments = segments;
     plan.kv_chunks = chunks;
@@ -270,7 +273,16 @@ fn row_blocks(s: &Setup, bundles: &Bundles) -> Vec<Block> {
             if bundle == NO_BUNDLE || limit > key_begin {
                 let key_end = limit.max(key_begin);
                 let cost = s.block_cost(count * s.group, key_end - key_begin);
-                blocks.push(Block { request: r as u32, q_begin: q, q_count: count, key_begin, key_end, partial: bundle != NO_BUNDLE, bundle, cost });
+                blocks.push(Block {
+                    request: r as u32,
+                    q_begin: q,
+                    q_count: count,
+                    key_begin,
+                    key_end,
+                    partial: bundle != NO_BUNDLE,
+                    bundle,
+                    cost,
+                });
             }
             q += count;
         }
@@ -281,7 +293,9 @@ fn row_blocks(s: &Setup, bundles: &Bundles) -> Vec<Block> {
 /// Step 3, the capacity C: the options' if set, else the total cost of the blocks and prefix
 /// tiles (for every KV head) / (AUTO_WAVES × num_workers), never below [`min_capacity`].
 fn capacity(s: &Setup, blocks: &[Block], prefix_tiles: &[PrefixTile]) -> f64 {
-    let total: f64 = (blocks.iter().map(|b| b.cost).sum::<f64>() + prefix_tiles.iter().map(|t| s.block_cost(t.num_rows, t.key_end)).sum::<f64>()) * s.heads as f64;
+    let total: f64 = (blocks.iter().map(|b| b.cost).sum::<f64>()
+        + prefix_tiles.iter().map(|t| s.block_cost(t.num_rows, t.key_end)).sum::<f64>())
+        * s.heads as f64;
     s.opts.capacity.unwrap_or_else(|| (total / (AUTO_WAVES * s.profile.num_workers as f64)).max(min_capacity(s.profile)))
 }
 
@@ -429,7 +443,14 @@ struct Split {
 /// record their partial rows; a run's pieces carry the run. A block cut into one range, of
 /// fewer than `block_m` rows and not in a run, is left in `to_pack` instead when packing is on.
 /// More than `max_pieces` pieces is an error.
-fn split(s: &Setup, capacity: f64, prefix_tiles: &[PrefixTile], mut segments: Vec<RowSegment>, blocks: &[Block], runs: &[bool]) -> Result<Split> {
+fn split(
+    s: &Setup,
+    capacity: f64,
+    prefix_tiles: &[PrefixTile],
+    mut segments: Vec<RowSegment>,
+    blocks: &[Block],
+    runs: &[bool],
+) -> Result<Split> {
     let (group, block_m) = (s.group, s.block_m);
     let max_pieces = s.max_pieces();
     let mut split_request = vec![false; s.requests.len()];
@@ -444,7 +465,15 @@ fn split(s: &Setup, capacity: f64, prefix_tiles: &[PrefixTile], mut segments: Ve
 
     // Prefix tiles: split pieces share the tile's segments.
     for tile in prefix_tiles {
-        cut_keys(s, capacity, 0, tile.key_end, s.block_cost(tile.num_rows, tile.key_end), max_pieces.saturating_sub(pieces.len()), &mut ranges)?;
+        cut_keys(
+            s,
+            capacity,
+            0,
+            tile.key_end,
+            s.block_cost(tile.num_rows, tile.key_end),
+            max_pieces.saturating_sub(pieces.len()),
+            &mut ranges,
+        )?;
         for &(kb, ke) in &ranges {
             let p = pieces.len() as u32;
             chunks.push(KvChunk { request: tile.reader, key_begin: kb, key_end: ke, row_begin: 0, row_end: tile.num_rows });
@@ -487,7 +516,17 @@ fn split(s: &Setup, capacity: f64, prefix_tiles: &[PrefixTile], mut segments: Ve
         for &(kb, ke) in &ranges {
             let p = pieces.len() as u32;
             chunks.push(KvChunk { request: b.request, key_begin: kb, key_end: ke, row_begin: 0, row_end: rows });
-            pieces.push(Piece { seg_begin, seg_count: 1, chunk_begin: chunks.len() as u32 - 1, chunk_count: 1, num_rows: rows, partial, bundle: b.bundle, run, cost: s.block_cost(rows, ke - kb) });
+            pieces.push(Piece {
+                seg_begin,
+                seg_count: 1,
+                chunk_begin: chunks.len() as u32 - 1,
+                chunk_count: 1,
+                num_rows: rows,
+                partial,
+                bundle: b.bundle,
+                run,
+                cost: s.block_cost(rows, ke - kb),
+            });
             if partial {
                 record_partials(s, &mut partial_rows, &seg, kb, p);
             }
@@ -541,12 +580,19 @@ fn pack(s: &Setup, capacity: f64, num_bundles: usize, to_pack: &[Block], work: &
             let b = to_pack[order[j] as usize];
             let b_rows = b.q_count * group;
             let b_cost = chunk_cost(profile, rows, rows + b_rows, b.key_end - b.key_begin);
-            let same_class = b.bundle == first.bundle && b.partial == first.partial && one_slice(b_rows) == one_slice(first.q_count * group);
+            let same_class =
+                b.bundle == first.bundle && b.partial == first.partial && one_slice(b_rows) == one_slice(first.q_count * group);
             if j > i && (!same_class || rows + b_rows > tile_rows || cost + b_cost > pack_limit) {
                 break;
             }
             segments.push(RowSegment { request: b.request, q_begin: b.q_begin, q_count: b.q_count, row_begin: rows });
-            chunks.push(KvChunk { request: b.request, key_begin: b.key_begin, key_end: b.key_end, row_begin: rows, row_end: rows + b_rows });
+            chunks.push(KvChunk {
+                request: b.request,
+                key_begin: b.key_begin,
+                key_end: b.key_end,
+                row_begin: rows,
+                row_end: rows + b_rows,
+            });
             rows += b_rows;
             cost += b_cost;
             j += 1;
@@ -822,7 +868,24 @@ mod tests {
 
     #[test]
     fn total_order_key_orders_as_total_cmp() {
-        let xs = [f64::NEG_INFINITY, -1e300, -2.5, -1.0, -f64::MIN_POSITIVE, -0.0, 0.0, f64::MIN_POSITIVE, 1e-300, 1.0, 2.5, 3.0, 1e300, f64::INFINITY, f64::NAN, -f64::NAN];
+        let xs = [
+            f64::NEG_INFINITY,
+            -1e300,
+            -2.5,
+            -1.0,
+            -f64::MIN_POSITIVE,
+            -0.0,
+            0.0,
+            f64::MIN_POSITIVE,
+            1e-300,
+            1.0,
+            2.5,
+            3.0,
+            1e300,
+            f64::INFINITY,
+            f64::NAN,
+            -f64::NAN,
+        ];
         for a in xs {
             for b in xs {
                 assert_eq!(total_order_key(a).cmp(&total_order_key(b)), a.total_cmp(&b), "{a} vs {b}");
@@ -837,8 +900,16 @@ mod tests {
 
     /// A plan as `Plan::build` hands it to the scheduler, for causal `(q_len, kv_len)` requests
     /// on pages of 16 keys: validated, requests filled in.
-    fn plan(lens: &[(u32, u32)], group: u32, heads: u32, profile: &DeviceProfile, options: PlanOptions, prefix_groups: Vec<PrefixGroup>) -> Plan {
-        let shape = Shape { num_qo_heads: heads * group, num_kv_heads: heads, head_dim: 128, dtype: DType::Bf16, causal: true, sm_scale: 0.1 };
+    fn plan(
+        lens: &[(u32, u32)],
+        group: u32,
+        heads: u32,
+        profile: &DeviceProfile,
+        options: PlanOptions,
+        prefix_groups: Vec<PrefixGroup>,
+    ) -> Plan {
+        let shape =
+            Shape { num_qo_heads: heads * group, num_kv_heads: heads, head_dim: 128, dtype: DType::Bf16, causal: true, sm_scale: 0.1 };
         let (mut qo, mut kv, mut last) = (vec![0i32], vec![0i32], Vec::new());
         for &(q, k) in lens {
             qo.push(qo.last().unwrap() + q as i32);
@@ -846,12 +917,25 @@ mod tests {
             last.push(if k == 0 { 0 } else { ((k - 1) % 16 + 1) as i32 });
         }
         let num_pages = *kv.last().unwrap() as u32;
-        let batch = Batch { qo_indptr: qo, kv_indptr: kv, kv_page_indices: (0..num_pages as i32).collect(), kv_last_page_len: last, page_size: 16, num_pages: num_pages.max(1), prefix_groups };
+        let batch = Batch {
+            qo_indptr: qo,
+            kv_indptr: kv,
+            kv_page_indices: (0..num_pages as i32).collect(),
+            kv_last_page_len: last,
+            page_size: 16,
+            num_pages: num_pages.max(1),
+            prefix_groups,
+        };
         shape.validate().unwrap();
         batch.validate(true).unwrap();
         profile.validate().unwrap();
         let requests = (0..batch.len())
-            .map(|r| RequestInfo { q_start: batch.q_start(r), q_len: batch.q_len(r), kv_len: batch.kv_len(r), page_start: batch.kv_indptr[r] as u32 })
+            .map(|r| RequestInfo {
+                q_start: batch.q_start(r),
+                q_len: batch.q_len(r),
+                kv_len: batch.kv_len(r),
+                page_start: batch.kv_indptr[r] as u32,
+            })
             .collect();
         Plan {
             shape,
@@ -889,7 +973,14 @@ mod tests {
     fn bundles_stack_the_sharers_decodes_and_leave_prompts_out() {
         // GQA 4, one-slice tiles: 4 tokens a tile. Request 1 (8 tokens, 32 rows) is no sharer.
         let p = profile(16);
-        let plan = plan(&[(1, 100), (8, 100), (1, 120), (1, 50)], 4, 1, &p, PlanOptions::default(), vec![PrefixGroup { prefix_len: 64, members: vec![2, 0, 1] }]);
+        let plan = plan(
+            &[(1, 100), (8, 100), (1, 120), (1, 50)],
+            4,
+            1,
+            &p,
+            PlanOptions::default(),
+            vec![PrefixGroup { prefix_len: 64, members: vec![2, 0, 1] }],
+        );
         let b = bundle_prefixes(&Setup::new(&plan, &p), &plan.batch.prefix_groups);
         assert_eq!(b.bundle_of, [0, NO_BUNDLE, 0, NO_BUNDLE]);
         assert_eq!(b.shared_len, [64]);
@@ -903,7 +994,13 @@ mod tests {
         let p = profile(16);
         let plan = plan(&[(3, 100), (3, 90)], 4, 1, &p, PlanOptions::default(), vec![PrefixGroup { prefix_len: 64, members: vec![0, 1] }]);
         let b = bundle_prefixes(&Setup::new(&plan, &p), &plan.batch.prefix_groups);
-        assert_eq!(b.prefix_tiles, [PrefixTile { seg_begin: 0, seg_count: 2, num_rows: 16, reader: 0, key_end: 64, bundle: 0 }, PrefixTile { seg_begin: 2, seg_count: 1, num_rows: 8, reader: 0, key_end: 64, bundle: 0 }]);
+        assert_eq!(
+            b.prefix_tiles,
+            [
+                PrefixTile { seg_begin: 0, seg_count: 2, num_rows: 16, reader: 0, key_end: 64, bundle: 0 },
+                PrefixTile { seg_begin: 2, seg_count: 1, num_rows: 8, reader: 0, key_end: 64, bundle: 0 }
+            ]
+        );
         assert_eq!(b.segments, [seg(0, 0, 3, 0), seg(1, 0, 1, 12), seg(1, 1, 2, 0)]);
     }
 
@@ -933,7 +1030,14 @@ mod tests {
     fn row_blocks_cut_tokens_into_tiles_and_members_to_their_suffix() {
         // GQA 4, 64-row tiles: 16 tokens a block.
         let p = profile(64);
-        let plan = plan(&[(40, 100), (1, 70), (1, 64), (1, 80)], 4, 1, &p, PlanOptions::default(), vec![PrefixGroup { prefix_len: 64, members: vec![1, 2] }]);
+        let plan = plan(
+            &[(40, 100), (1, 70), (1, 64), (1, 80)],
+            4,
+            1,
+            &p,
+            PlanOptions::default(),
+            vec![PrefixGroup { prefix_len: 64, members: vec![1, 2] }],
+        );
         let s = Setup::new(&plan, &p);
         let bundles = bundle_prefixes(&s, &plan.batch.prefix_groups);
         let blocks = row_blocks(&s, &bundles);
@@ -983,7 +1087,10 @@ mod tests {
         assert_eq!(runs_with(PlanOptions::default(), 6400.0), [true, false, false, false]);
         assert_eq!(runs_with(PlanOptions::default(), 6399.0), [false, false, false, false]);
         assert_eq!(runs_with(PlanOptions::default(), 8000.0), [true, true, false, false]);
-        assert_eq!(runs_with(PlanOptions { deterministic: true, split_kv: false, ..PlanOptions::default() }, 8000.0), [true, true, false, false]);
+        assert_eq!(
+            runs_with(PlanOptions { deterministic: true, split_kv: false, ..PlanOptions::default() }, 8000.0),
+            [true, true, false, false]
+        );
         assert!(runs_with(PlanOptions { balancing: false, ..PlanOptions::default() }, 8000.0).is_empty());
         assert!(runs_with(PlanOptions { deterministic: true, ..PlanOptions::default() }, 8000.0).is_empty());
         // A bundle's full tile (4 decode tokens of GQA 4 in 16-row tiles) is no run.
@@ -1045,7 +1152,14 @@ mod tests {
     fn split_makes_prefix_pieces_then_block_pieces_and_leaves_short_blocks_to_pack() {
         let p = profile(64);
         // Two decodes sharing 64 keys, a prompt of three blocks, a long decode; C = 3000.
-        let plan = plan(&[(1, 100), (1, 90), (40, 100), (1, 500)], 4, 1, &p, PlanOptions::default(), vec![PrefixGroup { prefix_len: 64, members: vec![0, 1] }]);
+        let plan = plan(
+            &[(1, 100), (1, 90), (40, 100), (1, 500)],
+            4,
+            1,
+            &p,
+            PlanOptions::default(),
+            vec![PrefixGroup { prefix_len: 64, members: vec![0, 1] }],
+        );
         let (Split { work, to_pack, num_split_requests }, blocks) = split_plan(&plan, &p, 3000.0).unwrap();
         // The members' suffixes are unsplit and short: packing takes them.
         assert_eq!(to_pack, [blocks[0], blocks[1]]);
@@ -1053,7 +1167,10 @@ mod tests {
         // Prefix tile 16 × 64 = 1024; prompt blocks 64 × 76, 64 × 92, 32 × 100; decode 16 × 500.
         assert_eq!(ranges, [(0, 64), (0, 48), (48, 76), (0, 48), (48, 92), (0, 64), (64, 100), (0, 176), (176, 352), (352, 500)]);
         assert_eq!(work.pieces.iter().map(|p| p.seg_begin).collect::<Vec<_>>(), [0, 2, 2, 3, 3, 4, 4, 5, 5, 5]);
-        assert_eq!(work.segments, [seg(0, 0, 1, 0), seg(1, 0, 1, 4), seg(2, 0, 16, 0), seg(2, 16, 16, 0), seg(2, 32, 8, 0), seg(3, 0, 1, 0)]);
+        assert_eq!(
+            work.segments,
+            [seg(0, 0, 1, 0), seg(1, 0, 1, 4), seg(2, 0, 16, 0), seg(2, 16, 16, 0), seg(2, 32, 8, 0), seg(3, 0, 1, 0)]
+        );
         assert_eq!(work.chunks[0].request, 0, "the prefix is read through its first member's pages");
         for (i, piece) in work.pieces.iter().enumerate() {
             assert_eq!((piece.chunk_begin, piece.chunk_count), (i as u32, 1));
@@ -1064,7 +1181,10 @@ mod tests {
         }
         // Every token of a partial piece, once per piece: 2 + 2 × (16 + 16 + 8) + 3.
         assert_eq!(work.partial_rows.len(), 85);
-        assert_eq!(work.partial_rows[..2], [PartialRow { token: 0, key_begin: 0, piece: 0, row: 0 }, PartialRow { token: 1, key_begin: 0, piece: 0, row: 4 }]);
+        assert_eq!(
+            work.partial_rows[..2],
+            [PartialRow { token: 0, key_begin: 0, piece: 0, row: 0 }, PartialRow { token: 1, key_begin: 0, piece: 0, row: 4 }]
+        );
         assert_eq!(work.partial_rows[84], PartialRow { token: 42, key_begin: 352, piece: 9, row: 0 });
         assert_eq!(num_split_requests, 4);
     }
@@ -1076,11 +1196,18 @@ mod tests {
         let plan_with = |options| plan(&lens, 4, 1, &p, options, vec![]);
         let (Split { work, to_pack, num_split_requests }, _) = split_plan(&plan_with(PlanOptions::default()), &p, 1e9).unwrap();
         // The prompt is a run, tail tile included; the decode waits for packing.
-        assert_eq!(work.pieces.iter().map(|p| (p.run, p.num_rows, p.partial)).collect::<Vec<_>>(), [(0, 64, false), (0, 64, false), (0, 32, false)]);
+        assert_eq!(
+            work.pieces.iter().map(|p| (p.run, p.num_rows, p.partial)).collect::<Vec<_>>(),
+            [(0, 64, false), (0, 64, false), (0, 32, false)]
+        );
         assert_eq!(to_pack.len(), 1);
         assert!(work.partial_rows.is_empty() && num_split_requests == 0);
-        let (Split { work, to_pack, .. }, _) = split_plan(&plan_with(PlanOptions { packing: false, balancing: false, ..PlanOptions::default() }), &p, 1e9).unwrap();
-        assert_eq!(work.pieces.iter().map(|p| (p.run, p.num_rows)).collect::<Vec<_>>(), [(NO_RUN, 64), (NO_RUN, 64), (NO_RUN, 32), (NO_RUN, 4)]);
+        let (Split { work, to_pack, .. }, _) =
+            split_plan(&plan_with(PlanOptions { packing: false, balancing: false, ..PlanOptions::default() }), &p, 1e9).unwrap();
+        assert_eq!(
+            work.pieces.iter().map(|p| (p.run, p.num_rows)).collect::<Vec<_>>(),
+            [(NO_RUN, 64), (NO_RUN, 64), (NO_RUN, 32), (NO_RUN, 4)]
+        );
         assert!(to_pack.is_empty());
     }
 
@@ -1098,14 +1225,34 @@ mod tests {
     fn pack_fills_tiles_next_fit_by_class_rows_and_cost() {
         // GQA 4, 64-row tiles, C = 8000: a packed tile costs at most 1000.
         let p = profile(64);
-        let plan = plan(&[(1, 100), (1, 100), (6, 100), (1, 100), (1, 100), (1, 300), (1, 100), (1, 100)], 4, 1, &p, PlanOptions::default(), vec![]);
+        let plan = plan(
+            &[(1, 100), (1, 100), (6, 100), (1, 100), (1, 100), (1, 300), (1, 100), (1, 100)],
+            4,
+            1,
+            &p,
+            PlanOptions::default(),
+            vec![],
+        );
         let s = Setup::new(&plan, &p);
         let final_ = |r: u32, q: u32, keys: u32| block(r, 0, q, (0, keys), false, NO_BUNDLE, 0.0);
         let member = |r: u32| block(r, 0, 1, (64, 74), true, 0, 0.0);
-        let to_pack = [final_(0, 1, 10), member(1), final_(2, 6, 20), final_(3, 1, 10), final_(4, 1, 10), final_(5, 1, 60), member(6), final_(7, 1, 10)];
+        let to_pack = [
+            final_(0, 1, 10),
+            member(1),
+            final_(2, 6, 20),
+            final_(3, 1, 10),
+            final_(4, 1, 10),
+            final_(5, 1, 60),
+            member(6),
+            final_(7, 1, 10),
+        ];
         let mut work = no_pieces();
         pack(&s, 8000.0, 1, &to_pack, &mut work);
-        let tiles: Vec<Vec<u32>> = work.pieces.iter().map(|p| work.segments[p.seg_begin as usize..][..p.seg_count as usize].iter().map(|s| s.request).collect()).collect();
+        let tiles: Vec<Vec<u32>> = work
+            .pieces
+            .iter()
+            .map(|p| work.segments[p.seg_begin as usize..][..p.seg_count as usize].iter().map(|s| s.request).collect())
+            .collect();
         // Final tiles first, then the bundle's partial ones. Decodes (one slice) and the 24-row
         // block do not share a tile; request 5 (16 × 60 keys) would pass the cost limit.
         assert_eq!(tiles, [vec![0], vec![2], vec![3, 4], vec![5], vec![7], vec![1, 6]]);
@@ -1115,7 +1262,10 @@ mod tests {
         let c = work.chunks[tile.chunk_begin as usize + 1];
         assert_eq!((c.request, c.key_begin, c.key_end, c.row_begin, c.row_end), (4, 0, 10, 4, 8));
         assert_eq!(work.pieces[5].bundle, 0);
-        assert_eq!(work.partial_rows, [PartialRow { token: 1, key_begin: 64, piece: 5, row: 0 }, PartialRow { token: 11, key_begin: 64, piece: 5, row: 4 }]);
+        assert_eq!(
+            work.partial_rows,
+            [PartialRow { token: 1, key_begin: 64, piece: 5, row: 0 }, PartialRow { token: 11, key_begin: 64, piece: 5, row: 4 }]
+        );
     }
 
     #[test]
@@ -1179,13 +1329,30 @@ mod tests {
         let p = profile(64);
         let plan = plan(&[(1, 10)], 1, 2, &p, PlanOptions::default(), vec![]);
         let s = Setup::new(&plan, &p);
-        let with = |num_rows, partial, seg_begin| Piece { num_rows, partial, seg_begin, chunk_begin: seg_begin + 10, ..piece(1.0, NO_BUNDLE, NO_RUN) };
+        let with = |num_rows, partial, seg_begin| Piece {
+            num_rows,
+            partial,
+            seg_begin,
+            chunk_begin: seg_begin + 10,
+            ..piece(1.0, NO_BUNDLE, NO_RUN)
+        };
         let pieces = [with(4, false, 0), with(8, true, 1), with(16, true, 2)];
         // Pieces 1 and 2 one unit (groups 0 and 1), piece 0 after them.
         let groups = Groups { group_of: vec![2, 3, 0, 1, 0, 1], num_groups: 4 };
         let Emitted { items, slot_of } = emit(&s, &pieces, &groups);
-        let summary: Vec<(u32, u32, u32, u32, u32)> = items.iter().map(|i| (i.group, i.kv_head, i.seg_begin, i.chunk_begin, i.partial_slot)).collect();
-        assert_eq!(summary, [(0, 0, 1, 11, 0), (0, 0, 2, 12, 8), (1, 1, 1, 11, 24), (1, 1, 2, 12, 32), (2, 0, 0, 10, FINAL_OUTPUT), (3, 1, 0, 10, FINAL_OUTPUT)]);
+        let summary: Vec<(u32, u32, u32, u32, u32)> =
+            items.iter().map(|i| (i.group, i.kv_head, i.seg_begin, i.chunk_begin, i.partial_slot)).collect();
+        assert_eq!(
+            summary,
+            [
+                (0, 0, 1, 11, 0),
+                (0, 0, 2, 12, 8),
+                (1, 1, 1, 11, 24),
+                (1, 1, 2, 12, 32),
+                (2, 0, 0, 10, FINAL_OUTPUT),
+                (3, 1, 0, 10, FINAL_OUTPUT)
+            ]
+        );
         assert_eq!(items.iter().map(|i| i.num_rows).collect::<Vec<_>>(), [8, 16, 8, 16, 4, 4]);
         assert_eq!(slot_of, [FINAL_OUTPUT, FINAL_OUTPUT, 0, 24, 8, 32]);
         // Nothing partial: no slots.

@@ -28,7 +28,8 @@ impl HostKvMemory {
         }
         let words = bytes.div_ceil(8);
         let mut v: Vec<UnsafeCell<u64>> = Vec::new();
-        v.try_reserve_exact(words).map_err(|_| Error::OutOfMemory(format!("could not allocate {bytes} bytes of host memory for the KV pool")))?;
+        v.try_reserve_exact(words)
+            .map_err(|_| Error::OutOfMemory(format!("could not allocate {bytes} bytes of host memory for the KV pool")))?;
         v.resize_with(words, || UnsafeCell::new(0));
         Ok(HostKvMemory { words: v.into_boxed_slice(), bytes })
     }
@@ -40,7 +41,10 @@ impl HostKvMemory {
     fn check(&self, what: &str, offset: u64, len: u64) -> Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= self.bytes as u64 => Ok(()),
-            _ => Err(Error::Internal(format!("KV pool {what} at byte offset {offset} + {len} is outside the {} byte allocation", self.bytes))),
+            _ => Err(Error::Internal(format!(
+                "KV pool {what} at byte offset {offset} + {len} is outside the {} byte allocation",
+                self.bytes
+            ))),
         }
     }
 }

@@ -52,7 +52,13 @@ impl Backend for CpuBackend {
     /// As on CUDA, a launch holds room for its own plan or `capacity`, whichever is larger in
     /// each count, and `update` takes any plan of the same shape within it: the same contract,
     /// so an engine's update path is tested without a GPU.
-    fn bind_with_capacity(&self, plan: Arc<Plan>, _stream: u64, scratch: Option<Scratch>, capacity: &LaunchCapacity) -> Result<Box<dyn BoundPlan>> {
+    fn bind_with_capacity(
+        &self,
+        plan: Arc<Plan>,
+        _stream: u64,
+        scratch: Option<Scratch>,
+        capacity: &LaunchCapacity,
+    ) -> Result<Box<dyn BoundPlan>> {
         check_plan(&plan)?;
         let capacity = capacity.max(&LaunchCapacity::of(&plan));
         let need = crate::plan::scratch_bytes(capacity.partial_slots, plan.shape.head_dim);
@@ -64,7 +70,8 @@ impl Backend for CpuBackend {
             Some(s) if need > 0 => ScratchMem::Caller(s.ptr as *mut f32),
             _ => {
                 let mut v = Vec::new();
-                v.try_reserve_exact(need / 4).map_err(|_| Error::OutOfMemory(format!("cannot allocate {need} bytes of scratch for this launch's split partials")))?;
+                v.try_reserve_exact(need / 4)
+                    .map_err(|_| Error::OutOfMemory(format!("cannot allocate {need} bytes of scratch for this launch's split partials")))?;
                 v.resize(need / 4, 0.0);
                 ScratchMem::Owned(v)
             }
@@ -274,7 +281,12 @@ impl Outputs {
     unsafe fn partial(&self, slot: u32) -> (&[f32], f32) {
         let slot = slot as usize;
         // SAFETY: this fn's contract; the scratch holds num_slots rows, then their LSEs.
-        unsafe { (std::slice::from_raw_parts(self.partial.add(slot * self.head_dim), self.head_dim), *self.partial.add(self.num_slots * self.head_dim + slot)) }
+        unsafe {
+            (
+                std::slice::from_raw_parts(self.partial.add(slot * self.head_dim), self.head_dim),
+                *self.partial.add(self.num_slots * self.head_dim + slot),
+            )
+        }
     }
 }
 
@@ -341,7 +353,15 @@ unsafe fn execute_item(plan: &Plan, item: &WorkItem, args: &RunArgs, out: &Outpu
             // SAFETY: token < total_q and head < num_qo_heads (a checked plan), inside the
             // caller's Q (run's contract).
             let qv = (0..d).map(|i| unsafe { load(args.q.ptr, base + i as i64, shape.dtype) }).collect();
-            rows.push(RowState { token, head, key_limit: req.key_limit(q, shape.causal), q: qv, max: f32::NEG_INFINITY, sum: 0.0, acc: vec![0.0; d] });
+            rows.push(RowState {
+                token,
+                head,
+                key_limit: req.key_limit(q, shape.causal),
+                q: qv,
+                max: f32::NEG_INFINITY,
+                sum: 0.0,
+                acc: vec![0.0; d],
+            });
         }
     }
     let (mut k, mut v) = (vec![0.0f32; d], vec![0.0f32; d]);

@@ -47,7 +47,15 @@ fn synthetic_plan(shape: Shape, rows: u32, keys: u32, num: u32, pool_pages: u32,
     let group = shape.group_size();
     let q_len = rows / group;
     let pages_per = keys.div_ceil(PAGE);
-    let mut batch = Batch { qo_indptr: vec![0], kv_indptr: vec![0], kv_page_indices: vec![], kv_last_page_len: vec![], page_size: PAGE, num_pages: pool_pages, prefix_groups: vec![] };
+    let mut batch = Batch {
+        qo_indptr: vec![0],
+        kv_indptr: vec![0],
+        kv_page_indices: vec![],
+        kv_last_page_len: vec![],
+        page_size: PAGE,
+        num_pages: pool_pages,
+        prefix_groups: vec![],
+    };
     let mut plan_items = vec![];
     let mut segs = vec![];
     let mut chunks = vec![];
@@ -59,7 +67,16 @@ fn synthetic_plan(shape: Shape, rows: u32, keys: u32, num: u32, pool_pages: u32,
         batch.kv_indptr.push(batch.kv_page_indices.len() as i32);
         batch.kv_last_page_len.push((keys - (pages_per - 1) * PAGE) as i32);
         requests.push(RequestInfo { q_start: r * q_len, q_len, kv_len: keys, page_start: r * pages_per });
-        plan_items.push(WorkItem { kv_head: 0, seg_begin: r, seg_count: 1, chunk_begin: r, chunk_count: 1, num_rows: rows, partial_slot: FINAL_OUTPUT, group: r });
+        plan_items.push(WorkItem {
+            kv_head: 0,
+            seg_begin: r,
+            seg_count: 1,
+            chunk_begin: r,
+            chunk_count: 1,
+            num_rows: rows,
+            partial_slot: FINAL_OUTPUT,
+            group: r,
+        });
         segs.push(RowSegment { request: r, q_begin: 0, q_count: q_len, row_begin: 0 });
         chunks.push(KvChunk { request: r, key_begin: 0, key_end: keys, row_begin: 0, row_end: rows });
     }
@@ -92,7 +109,10 @@ fn fit(samples: &[Sample]) -> (f64, f64, f64) {
             }
         }
     }
-    let det = |m: &[[f64; 3]; 3]| m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1]) - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0]) + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0]);
+    let det = |m: &[[f64; 3]; 3]| {
+        m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1]) - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
+            + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0])
+    };
     let d = det(&m);
     let solve = |k: usize| {
         let mut mk = m;
@@ -115,7 +135,8 @@ impl CudaBackend {
     /// Times the shapes, fits the cost model, stores and returns the profile (costs in µs).
     pub(crate) fn calibrate(&self) -> Result<(DeviceProfile, Vec<Sample>)> {
         let dev = self.device();
-        let shape = Shape { num_qo_heads: 4, num_kv_heads: 1, head_dim: 128, dtype: DType::Bf16, causal: false, sm_scale: 1.0 / 128f32.sqrt() };
+        let shape =
+            Shape { num_qo_heads: 4, num_kv_heads: 1, head_dim: 128, dtype: DType::Bf16, causal: false, sm_scale: 1.0 / 128f32.sqrt() };
         let kernels = self.shared.attention(128, DType::Bf16)?;
         let grid = dev.sm_count * kernels.ctas_per_sm;
         let per_cta = 4;

@@ -166,7 +166,11 @@ impl Unit {
                         Variant::ShortPrefill => warps == 4,
                         _ => true,
                     };
-                if exists { variant } else { Variant::Plain }
+                if exists {
+                    variant
+                } else {
+                    Variant::Plain
+                }
             }
             Unit::Kv => Variant::Plain,
         }
@@ -550,7 +554,12 @@ mod tests {
             let text = format!("{} ", HEADERS[i].1);
             changed[i].1 = &text;
             assert_ne!(cache_key(ATTENTION_CU, &changed, &opts, (13, 0)), base, "{} is not in the key", HEADERS[i].0);
-            assert_ne!(cache_key(KV_CU, &changed, &[], (13, 0)), cache_key(KV_CU, &HEADERS, &[], (13, 0)), "{} is not in the kv key", HEADERS[i].0);
+            assert_ne!(
+                cache_key(KV_CU, &changed, &[], (13, 0)),
+                cache_key(KV_CU, &HEADERS, &[], (13, 0)),
+                "{} is not in the kv key",
+                HEADERS[i].0
+            );
         }
     }
 }

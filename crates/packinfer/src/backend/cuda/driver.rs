@@ -61,7 +61,10 @@ impl Device {
         use sys::CUdevice_attribute::*;
         let cc = (attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?, attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?);
         if cc.0 < 8 {
-            return Err(Error::Unsupported(format!("device {ordinal} has compute capability {}.{}; the kernels need 8.0 or newer", cc.0, cc.1)));
+            return Err(Error::Unsupported(format!(
+                "device {ordinal} has compute capability {}.{}; the kernels need 8.0 or newer",
+                cc.0, cc.1
+            )));
         }
         let sm_count = attr(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
         let max_smem_optin = attr(CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as u32;
@@ -241,7 +244,8 @@ impl Module {
     /// Loads a cubin into the device's context (which must be current).
     pub fn load(dev: &Device, cubin: &[u8], what: &str) -> Result<Module> {
         // SAFETY: a cubin produced by NVRTC for this device's architecture.
-        let module = unsafe { cu::module::load_data(cubin.as_ptr() as *const c_void) }.map_err(|e| device_err(&format!("loading {what}"), e))?;
+        let module =
+            unsafe { cu::module::load_data(cubin.as_ptr() as *const c_void) }.map_err(|e| device_err(&format!("loading {what}"), e))?;
         Ok(Module { module, ctx: dev.ctx })
     }
     pub fn function(&self, name: &str) -> Result<sys::CUfunction> {
@@ -270,7 +274,15 @@ impl Drop for Module {
 /// # Safety
 /// `params` must be the kernel's exact parameter layout, and every address in it valid for
 /// what the kernel does with it; the context must be current.
-pub unsafe fn launch<P: bytemuck::Pod>(f: sys::CUfunction, grid: u32, block: u32, smem: u32, stream: sys::CUstream, params: &mut P, what: &str) -> Result<()> {
+pub unsafe fn launch<P: bytemuck::Pod>(
+    f: sys::CUfunction,
+    grid: u32,
+    block: u32,
+    smem: u32,
+    stream: sys::CUstream,
+    params: &mut P,
+    what: &str,
+) -> Result<()> {
     let mut args = [params as *mut P as *mut c_void];
     // SAFETY: one parameter of the kernel's layout, valid addresses, a current context: this
     // function's contract.
@@ -281,7 +293,14 @@ pub unsafe fn launch<P: bytemuck::Pod>(f: sys::CUfunction, grid: u32, block: u32
 ///
 /// # Safety
 /// `args` must point to the kernel's parameters in order; the context must be current.
-pub unsafe fn launch_args(f: sys::CUfunction, grid: u32, block: u32, stream: sys::CUstream, args: &mut [*mut c_void], what: &str) -> Result<()> {
+pub unsafe fn launch_args(
+    f: sys::CUfunction,
+    grid: u32,
+    block: u32,
+    stream: sys::CUstream,
+    args: &mut [*mut c_void],
+    what: &str,
+) -> Result<()> {
     // SAFETY: the kernel's parameters in order, a current context: this function's contract.
     unsafe { cu::launch_kernel(f, (grid, 1, 1), (block, 1, 1), 0, stream, args) }.map_err(|e| device_err(what, e))
 }

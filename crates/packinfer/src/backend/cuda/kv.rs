@@ -34,7 +34,19 @@ impl CudaBackend {
     /// addresses, through `layout`, a writable row of `num_kv_heads × head_dim` elements of K
     /// and of V. `stream` is a stream of the device, or 0.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) unsafe fn append_kv(&self, layout: &KvLayout, page_size: u32, slots: u64, k_new: u64, v_new: u64, num_tokens: u32, num_kv_heads: u32, head_dim: u32, dtype: DType, stream: u64) -> Result<()> {
+    pub(crate) unsafe fn append_kv(
+        &self,
+        layout: &KvLayout,
+        page_size: u32,
+        slots: u64,
+        k_new: u64,
+        v_new: u64,
+        num_tokens: u32,
+        num_kv_heads: u32,
+        head_dim: u32,
+        dtype: DType,
+        stream: u64,
+    ) -> Result<()> {
         check_dtype(dtype)?;
         if num_tokens == 0 {
             return Ok(());
@@ -49,11 +61,22 @@ impl CudaBackend {
         }
         let kern = self.shared.kv()?;
         let _g = self.device().enter()?;
-        let (mut k, mut v, mut sp, mut st, mut sh, mut sd) = (layout.k, layout.v, layout.stride_page, layout.stride_token, layout.stride_head, layout.stride_dim);
+        let (mut k, mut v, mut sp, mut st, mut sh, mut sd) =
+            (layout.k, layout.v, layout.stride_page, layout.stride_token, layout.stride_head, layout.stride_dim);
         let (mut sl, mut kn, mut vn, mut nt, mut nh, mut hd, mut ps) = (slots, k_new, v_new, num_tokens, num_kv_heads, head_dim, page_size);
         let mut args: [*mut c_void; 13] = [
-            &mut k as *mut _ as _, &mut v as *mut _ as _, &mut sp as *mut _ as _, &mut st as *mut _ as _, &mut sh as *mut _ as _, &mut sd as *mut _ as _,
-            &mut sl as *mut _ as _, &mut kn as *mut _ as _, &mut vn as *mut _ as _, &mut nt as *mut _ as _, &mut nh as *mut _ as _, &mut hd as *mut _ as _,
+            &mut k as *mut _ as _,
+            &mut v as *mut _ as _,
+            &mut sp as *mut _ as _,
+            &mut st as *mut _ as _,
+            &mut sh as *mut _ as _,
+            &mut sd as *mut _ as _,
+            &mut sl as *mut _ as _,
+            &mut kn as *mut _ as _,
+            &mut vn as *mut _ as _,
+            &mut nt as *mut _ as _,
+            &mut nh as *mut _ as _,
+            &mut hd as *mut _ as _,
             &mut ps as *mut _ as _,
         ];
         let grid = grid_for(num_tokens as u64 * num_kv_heads as u64 * head_dim as u64, self.device().sm_count);
@@ -73,7 +96,19 @@ impl CudaBackend {
     /// readable (sources) or writable (destinations) in K and in V; no destination overlaps a
     /// source or another destination. `stream` is a stream of the device, or 0.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) unsafe fn copy_pages(&self, layout: &KvLayout, page_size: u32, pairs: u64, num_pairs: u32, num_kv_heads: u32, head_dim: u32, num_layers: u32, layer_stride: i64, dtype: DType, stream: u64) -> Result<()> {
+    pub(crate) unsafe fn copy_pages(
+        &self,
+        layout: &KvLayout,
+        page_size: u32,
+        pairs: u64,
+        num_pairs: u32,
+        num_kv_heads: u32,
+        head_dim: u32,
+        num_layers: u32,
+        layer_stride: i64,
+        dtype: DType,
+        stream: u64,
+    ) -> Result<()> {
         check_dtype(dtype)?;
         if num_pairs == 0 || num_layers == 0 {
             return Ok(());
@@ -85,11 +120,23 @@ impl CudaBackend {
         }
         let kern = self.shared.kv()?;
         let _g = self.device().enter()?;
-        let (mut k, mut v, mut sp, mut st, mut sh, mut sd) = (layout.k, layout.v, layout.stride_page, layout.stride_token, layout.stride_head, layout.stride_dim);
-        let (mut pr, mut np, mut ps, mut nh, mut hd, mut nl, mut ls) = (pairs, num_pairs, page_size, num_kv_heads, head_dim, num_layers, layer_stride);
+        let (mut k, mut v, mut sp, mut st, mut sh, mut sd) =
+            (layout.k, layout.v, layout.stride_page, layout.stride_token, layout.stride_head, layout.stride_dim);
+        let (mut pr, mut np, mut ps, mut nh, mut hd, mut nl, mut ls) =
+            (pairs, num_pairs, page_size, num_kv_heads, head_dim, num_layers, layer_stride);
         let mut args: [*mut c_void; 13] = [
-            &mut k as *mut _ as _, &mut v as *mut _ as _, &mut sp as *mut _ as _, &mut st as *mut _ as _, &mut sh as *mut _ as _, &mut sd as *mut _ as _,
-            &mut pr as *mut _ as _, &mut np as *mut _ as _, &mut ps as *mut _ as _, &mut nh as *mut _ as _, &mut hd as *mut _ as _, &mut nl as *mut _ as _,
+            &mut k as *mut _ as _,
+            &mut v as *mut _ as _,
+            &mut sp as *mut _ as _,
+            &mut st as *mut _ as _,
+            &mut sh as *mut _ as _,
+            &mut sd as *mut _ as _,
+            &mut pr as *mut _ as _,
+            &mut np as *mut _ as _,
+            &mut ps as *mut _ as _,
+            &mut nh as *mut _ as _,
+            &mut hd as *mut _ as _,
+            &mut nl as *mut _ as _,
             &mut ls as *mut _ as _,
         ];
         let total = page_size as u64 * num_kv_heads as u64 * head_dim as u64 * num_pairs as u64 * num_layers as u64;

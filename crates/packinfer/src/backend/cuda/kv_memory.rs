@@ -64,7 +64,10 @@ impl DeviceKvMemory {
     fn check(&self, what: &str, offset: u64, len: u64) -> Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= self.memory.bytes as u64 => Ok(()),
-            _ => Err(Error::Internal(format!("KV pool {what} at byte offset {offset} + {len} is outside the {} byte allocation", self.memory.bytes))),
+            _ => Err(Error::Internal(format!(
+                "KV pool {what} at byte offset {offset} + {len} is outside the {} byte allocation",
+                self.memory.bytes
+            ))),
         }
     }
 
@@ -81,7 +84,11 @@ impl DeviceKvMemory {
             }
             let bytes = need.next_power_of_two().max(MIN_STAGING_BYTES);
             st.buf = None;
-            st.buf = Some(DeviceBuffer::new(&self.shared.dev, bytes, &format!("allocating {bytes} bytes of device memory for the KV pool's offsets"))?);
+            st.buf = Some(DeviceBuffer::new(
+                &self.shared.dev,
+                bytes,
+                &format!("allocating {bytes} bytes of device memory for the KV pool's offsets"),
+            )?);
         }
         let s = stream as sys::CUstream;
         if st.used {
@@ -119,7 +126,8 @@ impl KvMemory for DeviceKvMemory {
         if src == 0 {
             return Err(invalid!("the K/V source is a null device pointer but {} rows are to be written", dst_offsets.len()));
         }
-        let num_rows = u32::try_from(dst_offsets.len()).map_err(|_| invalid!("{} rows in one write; at most {} fit one launch", dst_offsets.len(), u32::MAX))?;
+        let num_rows = u32::try_from(dst_offsets.len())
+            .map_err(|_| invalid!("{} rows in one write; at most {} fit one launch", dst_offsets.len(), u32::MAX))?;
         let mut aligned = (src | src_stride_bytes | row_bytes | self.memory.ptr).is_multiple_of(16);
         for &dst in dst_offsets {
             self.check("write", dst, row_bytes)?;
@@ -129,15 +137,30 @@ impl KvMemory for DeviceKvMemory {
         let dev = &self.shared.dev;
         let _g = dev.enter()?;
         self.with_staged(dst_offsets, stream, |offsets| {
-            let (mut base, mut s, mut ss, mut rb, mut off, mut n, mut v) = (self.memory.ptr, src, src_stride_bytes, row_bytes, offsets, num_rows, aligned as u32);
+            let (mut base, mut s, mut ss, mut rb, mut off, mut n, mut v) =
+                (self.memory.ptr, src, src_stride_bytes, row_bytes, offsets, num_rows, aligned as u32);
             let mut args: [*mut c_void; 7] = [
-                &mut base as *mut _ as _, &mut s as *mut _ as _, &mut ss as *mut _ as _, &mut rb as *mut _ as _,
-                &mut off as *mut _ as _, &mut n as *mut _ as _, &mut v as *mut _ as _,
+                &mut base as *mut _ as _,
+                &mut s as *mut _ as _,
+                &mut ss as *mut _ as _,
+                &mut rb as *mut _ as _,
+                &mut off as *mut _ as _,
+                &mut n as *mut _ as _,
+                &mut v as *mut _ as _,
             ];
             let units = row_bytes / if aligned { 16 } else { 1 } * num_rows as u64;
             // SAFETY: the argument list matches scatter_rows' signature; every destination is
             // inside the allocation (checked), the source is the caller's promise.
-            unsafe { driver::launch_args(kern.scatter_rows, grid_for(units, dev.sm_count), 256, stream as sys::CUstream, &mut args, "launching scatter_rows (KV pool write)") }
+            unsafe {
+                driver::launch_args(
+                    kern.scatter_rows,
+                    grid_for(units, dev.sm_count),
+                    256,
+                    stream as sys::CUstream,
+                    &mut args,
+                    "launching scatter_rows (KV pool write)",
+                )
+            }
         })
     }
 
@@ -145,7 +168,8 @@ impl KvMemory for DeviceKvMemory {
         if pairs.is_empty() || bytes == 0 {
             return Ok(());
         }
-        let num_pairs = u32::try_from(pairs.len()).map_err(|_| invalid!("{} copies in one call; at most {} fit one launch", pairs.len(), u32::MAX))?;
+        let num_pairs =
+            u32::try_from(pairs.len()).map_err(|_| invalid!("{} copies in one call; at most {} fit one launch", pairs.len(), u32::MAX))?;
         let mut aligned = (bytes | self.memory.ptr).is_multiple_of(16);
         let mut flat = Vec::with_capacity(pairs.len() * 2);
         for &(src, dst) in pairs {
@@ -159,11 +183,21 @@ impl KvMemory for DeviceKvMemory {
         let _g = dev.enter()?;
         self.with_staged(&flat, stream, |staged| {
             let (mut base, mut p, mut n, mut b, mut v) = (self.memory.ptr, staged, num_pairs, bytes, aligned as u32);
-            let mut args: [*mut c_void; 5] = [&mut base as *mut _ as _, &mut p as *mut _ as _, &mut n as *mut _ as _, &mut b as *mut _ as _, &mut v as *mut _ as _];
+            let mut args: [*mut c_void; 5] =
+                [&mut base as *mut _ as _, &mut p as *mut _ as _, &mut n as *mut _ as _, &mut b as *mut _ as _, &mut v as *mut _ as _];
             let units = bytes / if aligned { 16 } else { 1 } * num_pairs as u64;
             // SAFETY: the argument list matches copy_ranges' signature; every range is inside the
             // allocation (checked).
-            unsafe { driver::launch_args(kern.copy_ranges, grid_for(units, dev.sm_count), 256, stream as sys::CUstream, &mut args, "launching copy_ranges (KV pool page copy)") }
+            unsafe {
+                driver::launch_args(
+                    kern.copy_ranges,
+                    grid_for(units, dev.sm_count),
+                    256,
+                    stream as sys::CUstream,
+                    &mut args,
+                    "launching copy_ranges (KV pool page copy)",
+                )
+            }
         })
     }
 }

@@ -181,7 +181,14 @@ impl KvRange {
                 row0 = row as u32;
             }
         }
-        KvRange { page_start: req.page_start, key_begin: chunk.key_begin, key_end: chunk.key_end, row_begin: chunk.row_begin, row_end: chunk.row_end, row0 }
+        KvRange {
+            page_start: req.page_start,
+            key_begin: chunk.key_begin,
+            key_end: chunk.key_end,
+            row_begin: chunk.row_begin,
+            row_end: chunk.row_end,
+            row0,
+        }
     }
 }
 
@@ -223,7 +230,10 @@ fn kv_row_stride(kv: &KvLayout, page_size: u32) -> Option<i64> {
 /// Host-only: no device call, no synchronisation.
 fn tensor_map_3d(base: u64, dims: [u64; 3], strides: [u64; 2], boxes: [u32; 3]) -> Option<TensorMap> {
     use sys::{CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle};
-    if !base.is_multiple_of(16) || strides.iter().any(|&s| s == 0 || !s.is_multiple_of(16) || s >= 1 << 40) || boxes.iter().any(|&b| b == 0 || b > 256) {
+    if !base.is_multiple_of(16)
+        || strides.iter().any(|&s| s == 0 || !s.is_multiple_of(16) || s >= 1 << 40)
+        || boxes.iter().any(|&b| b == 0 || b > 256)
+    {
         return None;
     }
     let steps: [u32; 3] = [1, 1, 1];
@@ -264,7 +274,12 @@ fn kv_tensor_map(base: u64, kv: &KvLayout, page_size: u32, head_dim: u32, kv_hea
     }
     // Rows the kernel may ask for: any below 2^31 (it never asks past a plan's pages, and a plan
     // given to `update` may have more pages than the launch's first one).
-    tensor_map_3d(base, [head_dim as u64, kv_heads as u64, i32::MAX as u64], [stride_bytes(kv.stride_head)?, stride_bytes(row_stride)?], [64, 1, box_rows])
+    tensor_map_3d(
+        base,
+        [head_dim as u64, kv_heads as u64, i32::MAX as u64],
+        [stride_bytes(kv.stride_head)?, stride_bytes(row_stride)?],
+        [64, 1, box_rows],
+    )
 }
 
 /// The TMA descriptor of Q or O viewed as (head_dim, query heads, tokens), for boxes of a tile
@@ -379,7 +394,15 @@ pub struct CudaBound {
 }
 
 impl CudaBound {
-    pub(super) fn new(shared: Arc<Shared>, kernels: Arc<LoadedAttention>, plain: Option<Arc<LoadedAttention>>, plan: Arc<Plan>, stream: u64, scratch: Option<Scratch>, capacity: &LaunchCapacity) -> Result<CudaBound> {
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        kernels: Arc<LoadedAttention>,
+        plain: Option<Arc<LoadedAttention>>,
+        plan: Arc<Plan>,
+        stream: u64,
+        scratch: Option<Scratch>,
+        capacity: &LaunchCapacity,
+    ) -> Result<CudaBound> {
         let shape = &plan.shape;
         let capacity = capacity.max(&LaunchCapacity::of(&plan));
         let layout = Layout::new(&capacity);
@@ -387,7 +410,9 @@ impl CudaBound {
         let scratch_need = crate::plan::scratch_bytes(capacity.partial_slots, shape.head_dim);
         let scratch = match scratch {
             Some(s) if s.ptr != 0 && s.bytes >= scratch_need => ScratchMem::Caller(s),
-            Some(s) if s.bytes < scratch_need => return Err(invalid!("scratch_bytes = {} is smaller than the {scratch_need} bytes this launch needs", s.bytes)),
+            Some(s) if s.bytes < scratch_need => {
+                return Err(invalid!("scratch_bytes = {} is smaller than the {scratch_need} bytes this launch needs", s.bytes))
+            }
             Some(_) if scratch_need > 0 => return Err(invalid!("scratch pointer is null but the launch needs {scratch_need} bytes")),
             _ => ScratchMem::Owned(DeviceBuffer::new(dev, scratch_need, "allocating the launch's scratch")?),
         };
@@ -488,9 +513,11 @@ impl CudaBound {
         put(&mut img, l.group_counter, &[0u32]);
         put(&mut img, l.items, &plan.items);
         // check_consistent has verified every request index.
-        let segments: Vec<SegmentInfo> = plan.row_segments.iter().map(|sg| SegmentInfo::of(sg, &plan.requests[sg.request as usize], s.causal)).collect();
+        let segments: Vec<SegmentInfo> =
+            plan.row_segments.iter().map(|sg| SegmentInfo::of(sg, &plan.requests[sg.request as usize], s.causal)).collect();
         let runs = consecutive_page_runs(&plan.batch.kv_page_indices);
-        let chunks: Vec<KvRange> = plan.kv_chunks.iter().map(|c| KvRange::of(c, &plan.requests[c.request as usize], &plan.batch, &runs)).collect();
+        let chunks: Vec<KvRange> =
+            plan.kv_chunks.iter().map(|c| KvRange::of(c, &plan.requests[c.request as usize], &plan.batch, &runs)).collect();
         put(&mut img, l.segments, &segments);
         put(&mut img, l.chunks, &chunks);
         put(&mut img, l.pages, &plan.batch.kv_page_indices);
@@ -500,7 +527,8 @@ impl CudaBound {
         let _g = self.shared.dev.enter()?;
         // SAFETY: the buffer is layout.total bytes, as is the image. A copy from pageable memory
         // returns once the source has been staged, so the image may change afterwards.
-        unsafe { cu::memcpy_htod_async(self.buffer.ptr, &img[..], stream as sys::CUstream) }.map_err(|e| driver::device_err("uploading the work list", e))?;
+        unsafe { cu::memcpy_htod_async(self.buffer.ptr, &img[..], stream as sys::CUstream) }
+            .map_err(|e| driver::device_err("uploading the work list", e))?;
         self.event.record(stream)
     }
 
@@ -531,10 +559,14 @@ impl CudaBound {
         let (mut q_map, mut o_map) = (TensorMap::default(), TensorMap::default());
         if self.kernels.qo_tma {
             let s = &self.plan.shape;
-            if let Some(m) = qo_tensor_map(args.q.ptr, args.q.stride_token, args.q.stride_head, s, self.kernels.block_m).filter(|_| flags & FLAG_Q_VEC != 0) {
+            if let Some(m) = qo_tensor_map(args.q.ptr, args.q.stride_token, args.q.stride_head, s, self.kernels.block_m)
+                .filter(|_| flags & FLAG_Q_VEC != 0)
+            {
                 (q_map, flags) = (m, flags | FLAG_Q_TMA);
             }
-            if let Some(m) = qo_tensor_map(args.o.ptr, args.o.stride_token, args.o.stride_head, s, self.kernels.block_m).filter(|_| flags & FLAG_O_VEC != 0) {
+            if let Some(m) = qo_tensor_map(args.o.ptr, args.o.stride_token, args.o.stride_head, s, self.kernels.block_m)
+                .filter(|_| flags & FLAG_O_VEC != 0)
+            {
                 (o_map, flags) = (m, flags | FLAG_O_TMA);
             }
         }
@@ -598,7 +630,9 @@ impl BoundPlan for CudaBound {
         self.order_after(&mut last, args.stream)?;
         let mut p = self.params(args);
         let (k, grid) = match &self.plain {
-            Some(plain) if self.kernels.warp_specialized && p.flags & FLAG_KV_TMA == 0 => (plain, self.shared.dev.sm_count * plain.ctas_per_sm),
+            Some(plain) if self.kernels.warp_specialized && p.flags & FLAG_KV_TMA == 0 => {
+                (plain, self.shared.dev.sm_count * plain.ctas_per_sm)
+            }
             _ => (&self.kernels, self.grid),
         };
         // SAFETY: KernelParams mirrors the kernels' parameter and the context is current; every
@@ -641,7 +675,15 @@ mod tests {
 
     fn batch(pages: Vec<i32>, page_size: u32) -> Batch {
         let n = pages.len() as i32;
-        Batch { qo_indptr: vec![0, 1], kv_indptr: vec![0, n], kv_last_page_len: vec![page_size as i32], num_pages: 1 << 20, kv_page_indices: pages, page_size, prefix_groups: vec![] }
+        Batch {
+            qo_indptr: vec![0, 1],
+            kv_indptr: vec![0, n],
+            kv_last_page_len: vec![page_size as i32],
+            num_pages: 1 << 20,
+            kv_page_indices: pages,
+            page_size,
+            prefix_groups: vec![],
+        }
     }
 
     fn row0(b: &Batch, key_begin: u32, key_end: u32) -> u32 {

@@ -129,7 +129,11 @@ impl Shared {
         }
         let smem = unit.smem_bytes(self.cache.arch());
         if smem > self.dev.max_smem_optin {
-            return Err(crate::unsupported!("{} needs {smem} bytes of shared memory; this device allows {}", unit.name(), self.dev.max_smem_optin));
+            return Err(crate::unsupported!(
+                "{} needs {smem} bytes of shared memory; this device allows {}",
+                unit.name(),
+                self.dev.max_smem_optin
+            ));
         }
         let cubin = self.cache.get(unit)?.cubin;
         let _g = self.dev.enter()?;
@@ -151,7 +155,20 @@ impl Shared {
         if ctas_per_sm < 1 {
             return Err(Error::Device(format!("{} cannot run on this device: no CTA fits an SM", unit.name())));
         }
-        let k = Arc::new(LoadedAttention { block_m: 16 * warps, threads: unit.threads(self.cache.arch()), attention, merge, smem_bytes: smem, block_n: unit.block_n(self.cache.arch()), warp_specialized: unit.warp_specialized(self.cache.arch()), qo_tma: unit.qo_tma(self.cache.arch()), ctas_per_sm: (ctas_per_sm as u32).min(4), registers, local_bytes, _module: module });
+        let k = Arc::new(LoadedAttention {
+            block_m: 16 * warps,
+            threads: unit.threads(self.cache.arch()),
+            attention,
+            merge,
+            smem_bytes: smem,
+            block_n: unit.block_n(self.cache.arch()),
+            warp_specialized: unit.warp_specialized(self.cache.arch()),
+            qo_tma: unit.qo_tma(self.cache.arch()),
+            ctas_per_sm: (ctas_per_sm as u32).min(4),
+            registers,
+            local_bytes,
+            _module: module,
+        });
         map.insert(unit, k.clone());
         Ok(k)
     }
@@ -193,7 +210,18 @@ impl CudaBackend {
         compile::require_nvrtc()?;
         let arch = compile::arch_for(dev.cc.0, dev.cc.1);
         let cache = KernelCache::new(&arch, compile::default_cache_dir(choice.kernel_cache_dir.as_deref()))?;
-        let mut b = CudaBackend { shared: Arc::new(Shared { attention: Mutex::new(HashMap::new()), kv: Mutex::new(None), cache, tile_warps: compile::tile_warps_from_env(), short_batch_keys: short_batch_keys_from_env(), specialize: compile::specialize_from_env(), dev }), stored: Mutex::new(None) };
+        let mut b = CudaBackend {
+            shared: Arc::new(Shared {
+                attention: Mutex::new(HashMap::new()),
+                kv: Mutex::new(None),
+                cache,
+                tile_warps: compile::tile_warps_from_env(),
+                short_batch_keys: short_batch_keys_from_env(),
+                specialize: compile::specialize_from_env(),
+                dev,
+            }),
+            stored: Mutex::new(None),
+        };
         *b.stored.get_mut() = b.stored_profile();
         Ok(b)
     }
@@ -217,7 +245,13 @@ impl CudaBackend {
     /// where the run's cache allows TMA, unless `PACKINFER_WARP_SPECIALIZED` says always or
     /// never. Either kernel computes any plan, so a plan uploaded later by `update` is right on
     /// whichever the first one chose.
-    pub(crate) fn bind_cuda(&self, plan: Arc<Plan>, stream: u64, scratch: Option<Scratch>, capacity: Option<&LaunchCapacity>) -> Result<launch::CudaBound> {
+    pub(crate) fn bind_cuda(
+        &self,
+        plan: Arc<Plan>,
+        stream: u64,
+        scratch: Option<Scratch>,
+        capacity: Option<&LaunchCapacity>,
+    ) -> Result<launch::CudaBound> {
         // First: what follows reads the plan's batch, and the kernels trust every index in it.
         plan.check_consistent()?;
         let narrow = capacity.is_none() && self.shared.tile_warps > 4 && plan.items.iter().all(|i| i.num_rows <= 64);
@@ -270,7 +304,11 @@ pub(crate) fn suits_warp_specialized(shape: &Shape, b: &Batch) -> bool {
 /// `plan::cost::SHORT_BATCH_KEYS_PER_ROW`, unless `PACKINFER_SHORT_BATCH_KEYS` says otherwise (a
 /// tuning knob read when a context opens; 0 plans every batch with the context's tile height).
 fn short_batch_keys_from_env() -> f64 {
-    std::env::var("PACKINFER_SHORT_BATCH_KEYS").ok().and_then(|v| v.parse::<f64>().ok()).filter(|v| v.is_finite() && *v >= 0.0).unwrap_or(crate::plan::cost::SHORT_BATCH_KEYS_PER_ROW)
+    std::env::var("PACKINFER_SHORT_BATCH_KEYS")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|v| v.is_finite() && *v >= 0.0)
+        .unwrap_or(crate::plan::cost::SHORT_BATCH_KEYS_PER_ROW)
 }
 
 impl CudaBackend {
@@ -316,7 +354,13 @@ impl Backend for CudaBackend {
     fn bind(&self, plan: Arc<Plan>, stream: u64, scratch: Option<Scratch>) -> Result<Box<dyn BoundPlan>> {
         Ok(Box::new(self.bind_cuda(plan, stream, scratch, None)?))
     }
-    fn bind_with_capacity(&self, plan: Arc<Plan>, stream: u64, scratch: Option<Scratch>, capacity: &LaunchCapacity) -> Result<Box<dyn BoundPlan>> {
+    fn bind_with_capacity(
+        &self,
+        plan: Arc<Plan>,
+        stream: u64,
+        scratch: Option<Scratch>,
+        capacity: &LaunchCapacity,
+    ) -> Result<Box<dyn BoundPlan>> {
         Ok(Box::new(self.bind_cuda(plan, stream, scratch, Some(capacity))?))
     }
     /// One `cuMemAlloc` of `bytes` in the device's primary context, freed when the pool drops.

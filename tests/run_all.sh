@@ -16,8 +16,20 @@ if [ "${PACKINFER_REQUIRE_NVRTC:-0}" = 1 ]; then
 fi
 # --- end CUDA kernels
 
+# ---- Hygiene gates: formatting, lints, docs, the lockfile and the minimum Rust version --------
+# rustfmt and clippy come with rustup's default profile; the MSRV toolchain is installed once.
+echo "== Rust: cargo fmt --check, clippy -D warnings, rustdoc -D warnings, --locked =="
+cargo fmt --all --check
+cargo clippy --locked --workspace --all-targets -- -D warnings
+RUSTDOCFLAGS=-Dwarnings cargo doc --locked --workspace --no-deps --quiet
+msrv=$(sed -n 's/^rust-version = "\(.*\)"$/\1/p' Cargo.toml)
+echo "== Rust: the workspace builds with its rust-version ($msrv) and the committed lockfile =="
+rustup toolchain list | grep -q "^$msrv" || rustup toolchain install "$msrv" --profile minimal
+CARGO_TARGET_DIR=target/msrv cargo "+$msrv" check --locked --workspace --all-targets --quiet
+echo "MSRV $msrv: ok"
+
 echo "== Rust: cargo test (CPU reference, planner, ffi, kernels compile check) =="
-cargo test --release --workspace --all-targets -- --skip every_variant_compiles_for_sm80_and_sm90a
+cargo test --locked --release --workspace --all-targets -- --skip every_variant_compiles_for_sm80_and_sm90a
 echo "== CUDA kernels: every variant compiled by NVRTC for sm_80 and sm_90a (registers, spills) =="
 cargo test --release -p packinfer --test kernels_compile -- --nocapture every_variant_compiles_for_sm80_and_sm90a
 

@@ -217,9 +217,12 @@ pub unsafe extern "C" fn packinfer_plan_create(
         // SAFETY: `batch` is initialized and its arrays have the lengths it states (this
         // function's contract).
         let (shape, batch) = unsafe { convert_batch(&super::options("batch", batch)?)? };
-        // SAFETY: non-null `options` are initialized (this function's contract).
-        let options =
-            if options.is_null() { PlanOptions::default() } else { convert_plan_options(&unsafe { super::options("options", options)? })? };
+        let options = if options.is_null() {
+            PlanOptions::default()
+        } else {
+            // SAFETY: non-null `options` are initialized (this function's contract).
+            convert_plan_options(&unsafe { super::options("options", options)? })?
+        };
         if out.is_null() {
             return Err(invalid!("out is a null pointer"));
         }

@@ -445,9 +445,12 @@ pub unsafe extern "C" fn packinfer_pool_plan_create(
         let pool = POOLS.get(pool.bits)?;
         // SAFETY: both arrays have `n` entries (this function's contract).
         let requests = unsafe { zip_requests("seq_ids", seq_ids, "num_new_tokens", num_new_tokens, n)? };
-        // SAFETY: non-null `options` are initialized (this function's contract).
-        let options =
-            if options.is_null() { PlanOptions::default() } else { convert_plan_options(&unsafe { super::options("options", options)? })? };
+        let options = if options.is_null() {
+            PlanOptions::default()
+        } else {
+            // SAFETY: non-null `options` are initialized (this function's contract).
+            convert_plan_options(&unsafe { super::options("options", options)? })?
+        };
         if out.is_null() {
             return Err(invalid!("out is a null pointer"));
         }

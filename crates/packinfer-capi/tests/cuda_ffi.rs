@@ -216,12 +216,8 @@ fn runs_of_one_launch_on_two_streams_do_not_overlap() {
     let p = plan(ctx, &case);
     let mut launch = PackinferLaunch::default();
     // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
-    assert_eq!(
-        unsafe { packinfer_launch_create(ctx, p, std::ptr::null(), std::ptr::null_mut(), &mut launch) },
-        PackinferStatus::Ok,
-        "{}",
-        last_error()
-    );
+    let status = unsafe { packinfer_launch_create(ctx, p, std::ptr::null(), std::ptr::null_mut(), &mut launch) };
+    assert_eq!(status, PackinferStatus::Ok, "{}", last_error());
     assert_eq!(packinfer_launch_wait(launch), PackinferStatus::Ok);
     let _g = dev.enter().unwrap();
     let streams: Vec<u64> = (0..2).map(|_| cu::stream::create(cu::stream::StreamKind::NonBlocking).unwrap() as u64).collect();

@@ -530,3 +530,66 @@ fn every_input_struct_has_a_default_filler() {
         expect(packinfer_run_args_default(null_mut()), InvalidArgument, &["args is a null pointer"]);
     }
 }
+
+/// A plan made from a pool before a relayout that moved pages reads the keys' old places: the
+/// launch refuses to be made from it or to run it, and a plan made after the relayout runs.
+#[test]
+fn plans_made_before_a_relayout_that_moved_pages_are_refused() {
+    use PackinferStatus::*;
+    let ctx = cpu_context();
+    let pool = small_pool(ctx, 4, 64);
+    let (a, b) = (new_seq(pool), new_seq(pool));
+    // Interleaved pages: a relayout that makes each sequence contiguous has to move some.
+    for _ in 0..3 {
+        for s in [a, b] {
+            append(pool, s, 4);
+            write(pool, s, &[0.5; 32]);
+        }
+    }
+    let ids = [a, b];
+    let counts = [1u32, 1];
+    let plan_now = || {
+        let mut plan = PackinferPlan::default();
+        // SAFETY: two ids and two counts; `plan` is writable.
+        ok(unsafe { packinfer_pool_plan_create(ctx, pool, ids.as_ptr(), counts.as_ptr(), 2, null(), &mut plan) });
+        plan
+    };
+    let old = plan_now();
+    let mut launch = PackinferLaunch::default();
+    // SAFETY: `launch` is writable; NULL options and stream are allowed.
+    ok(unsafe { packinfer_launch_create(ctx, old, null(), null_mut(), &mut launch) });
+    let q = [1.0f32; 16];
+    let mut o = [0f32; 16];
+    let mut args = unsafe { std::mem::zeroed::<PackinferRunArgs>() };
+    // SAFETY: `args` is writable.
+    ok(unsafe { packinfer_run_args_default(&mut args) });
+    (args.q, args.o) = (q.as_ptr() as *const c_void, o.as_mut_ptr() as *mut c_void);
+    // SAFETY: `args.kv` is writable.
+    ok(unsafe { packinfer_pool_kv_layout(pool, 0, &mut args.kv) });
+    // SAFETY: q and o hold the plan's 2 tokens × 1 head × 8 dims; the layout is the pool's.
+    ok(unsafe { packinfer_run(launch, &args) });
+
+    let mut report = PackinferRelayoutReport { struct_size: std::mem::size_of::<PackinferRelayoutReport>(), ..Default::default() };
+    // SAFETY: two ids; `report` has its struct_size.
+    ok(unsafe { packinfer_pool_relayout(pool, old, ids.as_ptr(), 2, true, null_mut(), &mut report) });
+    assert!(report.pages_moved > 0, "{report:?}");
+    // SAFETY: as above.
+    expect(unsafe { packinfer_run(launch, &args) }, InvalidArgument, &["stale", "relayout"]);
+    let mut other = PackinferLaunch::default();
+    // SAFETY: as above.
+    expect(unsafe { packinfer_launch_create(ctx, old, null(), null_mut(), &mut other) }, InvalidArgument, &["stale"]);
+
+    let fresh = plan_now();
+    // SAFETY: as above.
+    ok(unsafe { packinfer_launch_create(ctx, fresh, null(), null_mut(), &mut other) });
+    // SAFETY: as above.
+    ok(unsafe { packinfer_run(other, &args) });
+    for l in [launch, other] {
+        ok(packinfer_launch_destroy(l));
+    }
+    for p in [old, fresh] {
+        ok(packinfer_plan_destroy(p));
+    }
+    ok(packinfer_pool_destroy(pool));
+    ok(packinfer_context_destroy(ctx));
+}

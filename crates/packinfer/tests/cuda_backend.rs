@@ -412,7 +412,8 @@ type HandItem = (WorkItem, Vec<RowSegment>, Vec<KvChunk>);
 /// into partial pieces merged by LSE, and shared prefixes read once for all members' rows.
 fn handmade_plan(case: &Case, block_m: u32, r: &mut SmallRng) -> Plan {
     let base = Plan::build(case.shape, case.batch.clone(), &packinfer::plan::DeviceProfile::cpu(1), PlanOptions::default()).unwrap();
-    let mut plan = Plan { items: vec![], row_segments: vec![], kv_chunks: vec![], merges: vec![], merge_slots: vec![], ..base };
+    let mut plan = base;
+    (plan.items, plan.row_segments, plan.kv_chunks, plan.merges, plan.merge_slots) = (vec![], vec![], vec![], vec![], vec![]);
     let shape = case.shape;
     let group = shape.group_size();
     let mut slots = 0u32;

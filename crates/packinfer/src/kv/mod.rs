@@ -173,6 +173,8 @@ pub struct KvPool {
     state: Mutex<PoolState>,
     /// Keeps the backend that allocated `memory` alive as long as the pool.
     backend: Arc<dyn Backend>,
+    /// Bumped by every relayout that moves pages: plans made before it are stale.
+    layout_generation: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for KvPool {
@@ -203,7 +205,7 @@ impl KvPool {
             page_size: config.page_size,
             headroom_pages: config.headroom_pages,
         };
-        Ok(KvPool { config, memory, state: Mutex::new(state), backend })
+        Ok(KvPool { config, memory, state: Mutex::new(state), backend, layout_generation: Arc::default() })
     }
 
     /// What the pool was created with.
@@ -403,26 +405,33 @@ impl KvPool {
     /// `None` with the pool's backend's profile for this batch (`Backend::profile_for`: on the
     /// GPU, batches of short prompts get narrow tiles and several workers per SM).
     pub fn plan(&self, requests: &[(SeqId, u32)], profile: Option<&crate::plan::DeviceProfile>, options: PlanOptions) -> Result<Plan> {
-        let batch = {
+        let (batch, seen) = {
             let mut s = self.state.lock();
             let (batch, shared, unshared) = s.batch(self, requests)?;
             s.stats.step_read_bytes_shared = shared;
             s.stats.step_read_bytes_unshared = unshared;
-            batch
+            // Read under the lock a relayout holds while it moves pages.
+            (batch, self.layout_generation.load(std::sync::atomic::Ordering::Acquire))
         };
         let shape = self.config.shape();
         let profile = match profile {
             Some(p) => p.clone(),
             None => self.backend.profile_for(&shape, &batch),
         };
-        Plan::build(shape, batch, &profile, options)
+        let mut plan = Plan::build(shape, batch, &profile, options)?;
+        plan.pool_layout = Some(crate::plan::LayoutStamp { generation: self.layout_generation.clone(), seen });
+        Ok(plan)
     }
 
     /// Group-contiguous layout: see `layout.rs`. `groups` are the plan's execution groups, as
     /// sequence ids; `regroup` is the regroup trigger's verdict for this step.
     pub fn relayout(&self, groups: &[Vec<SeqId>], regroup: bool, stream: u64) -> Result<RelayoutReport> {
         let mut s = self.state.lock();
-        s.relayout(self, groups, regroup, stream)
+        let report = s.relayout(self, groups, regroup, stream)?;
+        if report.pages_moved > 0 {
+            self.layout_generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
+        Ok(report)
     }
 
     /// The pool's counters now.

@@ -18,6 +18,7 @@ impl Plan {
     /// group per item; merge rows read existing slots and write (token, head) rows of the
     /// batch. The message names the first offending value.
     pub fn check_consistent(&self) -> Result<()> {
+        self.check_fresh()?;
         self.shape.validate()?;
         self.batch.validate(self.shape.causal)?;
         let n = self.batch.len();

@@ -182,6 +182,30 @@ pub struct Plan {
     pub group_costs: Vec<f64>,
     /// What the planner did.
     pub stats: PlanStats,
+    /// For a plan made from a KV pool: the pool's layout when it was made (its page numbers hold
+    /// only until a relayout moves pages).
+    pub(crate) pool_layout: Option<LayoutStamp>,
+}
+
+/// A KV pool's layout generation as a plan saw it. The pool bumps the generation when a relayout
+/// moves pages; a plan made before that reads the pages' old places, so it is refused.
+#[derive(Debug, Clone)]
+pub(crate) struct LayoutStamp {
+    pub(crate) generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pub(crate) seen: u64,
+}
+
+impl Plan {
+    /// Refuses a plan made from a KV pool that has moved pages since (a relayout): its page
+    /// tables point at where the keys were. Backends call it at bind, update and run.
+    pub fn check_fresh(&self) -> Result<()> {
+        match &self.pool_layout {
+            Some(l) if l.generation.load(std::sync::atomic::Ordering::Acquire) != l.seen => Err(invalid!(
+                "the plan is stale: its KV pool moved pages (a relayout) after the plan was made; plan the step again after relayout"
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl Plan {
@@ -243,6 +267,7 @@ impl Plan {
             merge_slots: Vec::new(),
             group_costs: Vec::new(),
             stats: PlanStats::default(),
+            pool_layout: None,
         };
         let o = &plan.options;
         let (capacity, num_split_requests) = if !(o.packing || o.balancing || o.prefix_sharing || o.split_kv) {

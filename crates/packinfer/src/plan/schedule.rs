@@ -950,6 +950,7 @@ mod tests {
             merge_slots: Vec::new(),
             group_costs: Vec::new(),
             stats: PlanStats::default(),
+            pool_layout: None,
         }
     }
 

@@ -145,6 +145,7 @@ impl BoundPlan for CpuBound {
     unsafe fn run(&self, args: &RunArgs) -> Result<()> {
         let mut state = self.state.lock();
         let CpuState { bound, scratch } = &mut *state;
+        bound.plan.check_fresh()?;
         check_run_args(&bound.plan, args)?;
         let partial = match scratch {
             ScratchMem::Owned(v) => v.as_mut_ptr(),

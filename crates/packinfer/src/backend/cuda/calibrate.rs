@@ -92,6 +92,7 @@ fn synthetic_plan(shape: Shape, rows: u32, keys: u32, num: u32, pool_pages: u32,
         merges: vec![],
         merge_slots: vec![],
         stats: PlanStats::default(),
+        pool_layout: None,
         group_costs: vec![],
     }
 }

@@ -621,7 +621,11 @@ impl BoundPlan for CudaBound {
     }
 
     unsafe fn run(&self, args: &RunArgs) -> Result<()> {
-        crate::backend::cpu::check_run_args(&self.current.lock(), args)?;
+        {
+            let current = self.current.lock();
+            current.check_fresh()?;
+            crate::backend::cpu::check_run_args(&current, args)?;
+        }
         let stream = args.stream as sys::CUstream;
         // Encoding the tensor maps (in params) needs the context current.
         let _g = self.shared.dev.enter()?;

@@ -560,6 +560,7 @@ fn plans_made_before_a_relayout_that_moved_pages_are_refused() {
     ok(unsafe { packinfer_launch_create(ctx, old, null(), null_mut(), &mut launch) });
     let q = [1.0f32; 16];
     let mut o = [0f32; 16];
+    // SAFETY: PackinferRunArgs is plain data (pointers and integers); all-zero is a valid value.
     let mut args = unsafe { std::mem::zeroed::<PackinferRunArgs>() };
     // SAFETY: `args` is writable.
     ok(unsafe { packinfer_run_args_default(&mut args) });

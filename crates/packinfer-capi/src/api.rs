@@ -217,12 +217,8 @@ pub unsafe extern "C" fn packinfer_plan_create(
         // SAFETY: `batch` is initialized and its arrays have the lengths it states (this
         // function's contract).
         let (shape, batch) = unsafe { convert_batch(&super::options("batch", batch)?)? };
-        let options = if options.is_null() {
-            PlanOptions::default()
-        } else {
-            // SAFETY: non-null `options` are initialized (this function's contract).
-            convert_plan_options(&unsafe { super::options("options", options)? })?
-        };
+        // SAFETY: non-null `options` are initialized (this function's contract).
+        let options = unsafe { plan_options(options)? };
         if out.is_null() {
             return Err(invalid!("out is a null pointer"));
         }
@@ -476,6 +472,18 @@ unsafe fn convert_batch(b: &PackinferBatchDesc) -> Result<(Shape, Batch)> {
     let batch =
         Batch { qo_indptr, kv_indptr, kv_page_indices, kv_last_page_len, page_size: b.page_size, num_pages: b.num_pages, prefix_groups };
     Ok((shape, batch))
+}
+
+/// The plan options a caller passed, or the defaults for NULL.
+///
+/// # Safety
+/// `options` must be NULL or point to an initialized `PackinferPlanOptions`.
+pub(super) unsafe fn plan_options(options: *const PackinferPlanOptions) -> Result<PlanOptions> {
+    if options.is_null() {
+        return Ok(PlanOptions::default());
+    }
+    // SAFETY: non-null and initialized (this function's contract).
+    convert_plan_options(&unsafe { super::options("options", options)? })
 }
 
 pub(super) fn convert_plan_options(o: &PackinferPlanOptions) -> Result<PlanOptions> {

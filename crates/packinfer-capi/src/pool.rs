@@ -3,14 +3,13 @@
 
 use std::ffi::c_void;
 
-use super::api::{convert_plan_options, CONTEXTS, PLANS};
+use super::api::{CONTEXTS, PLANS};
 use super::handles::Registry;
 use super::types::{dtype_from_c, not_a_dtype, PackinferContext, PackinferDtype, PackinferKvLayout, PackinferPlan, PackinferPlanOptions};
 use super::{guard, options, slice, write_out, PackinferStatus};
 use packinfer::error::Result;
 use packinfer::invalid;
 use packinfer::kv::{groups_of_plan, KvPool, PoolConfig, RelayoutReport, SeqId};
-use packinfer::plan::PlanOptions;
 use packinfer::types::Shape;
 
 static POOLS: Registry<KvPool> = Registry::new(0xD1, "pool");
@@ -445,12 +444,8 @@ pub unsafe extern "C" fn packinfer_pool_plan_create(
         let pool = POOLS.get(pool.bits)?;
         // SAFETY: both arrays have `n` entries (this function's contract).
         let requests = unsafe { zip_requests("seq_ids", seq_ids, "num_new_tokens", num_new_tokens, n)? };
-        let options = if options.is_null() {
-            PlanOptions::default()
-        } else {
-            // SAFETY: non-null `options` are initialized (this function's contract).
-            convert_plan_options(&unsafe { super::options("options", options)? })?
-        };
+        // SAFETY: non-null `options` are initialized (this function's contract).
+        let options = unsafe { super::api::plan_options(options)? };
         if out.is_null() {
             return Err(invalid!("out is a null pointer"));
         }

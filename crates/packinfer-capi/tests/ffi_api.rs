@@ -3,7 +3,11 @@
 
 use packinfer_testkit as common;
 mod support;
-use support::CDesc;
+use support::{cpu_context as cpu_context_with, expect, last_error, CDesc};
+
+fn cpu_context() -> PackinferContext {
+    cpu_context_with(2)
+}
 
 use std::ffi::{c_void, CStr};
 use std::ptr::{null, null_mut};
@@ -11,34 +15,6 @@ use std::ptr::{null, null_mut};
 use common::{assert_close, rng, Case, CaseSpec, Tensor};
 use packinfer::types::{DType, PrefixGroup};
 use packinfer_capi::*;
-
-fn last_error() -> String {
-    // SAFETY: never NULL: this thread's message, valid until its next failing call.
-    unsafe { CStr::from_ptr(packinfer_last_error()) }.to_string_lossy().into_owned()
-}
-
-/// Asserts `status` and that the last error mentions every needle.
-#[track_caller]
-fn expect(status: PackinferStatus, want: PackinferStatus, needles: &[&str]) {
-    let msg = last_error();
-    assert_eq!(status, want, "status (message: {msg})");
-    for n in needles {
-        assert!(msg.contains(n), "message {msg:?} should mention {n:?}");
-    }
-}
-
-fn cpu_context() -> PackinferContext {
-    // SAFETY: a C struct of integers and pointers, for which all zeros is a valid value.
-    let mut o = unsafe { std::mem::zeroed::<PackinferContextOptions>() };
-    // SAFETY: live locals of the types and lengths the call expects.
-    assert_eq!(unsafe { packinfer_context_options_default(&mut o) }, PackinferStatus::Ok);
-    o.backend = PackinferBackend::Cpu as u32;
-    o.num_threads = 2;
-    let mut ctx = PackinferContext::default();
-    // SAFETY: live locals of the types and lengths the call expects.
-    assert_eq!(unsafe { packinfer_context_create(&o, &mut ctx) }, PackinferStatus::Ok, "{}", last_error());
-    ctx
-}
 
 fn desc(case: &Case, groups: &[PackinferPrefixGroup]) -> PackinferBatchDesc {
     case.c_desc(groups)

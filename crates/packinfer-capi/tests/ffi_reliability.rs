@@ -8,36 +8,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use packinfer_capi::*;
 
-fn last_error() -> String {
-    // SAFETY: never NULL: this thread's message, valid until its next failing call.
-    unsafe { CStr::from_ptr(packinfer_last_error()) }.to_string_lossy().into_owned()
-}
-
-#[track_caller]
-fn expect(status: PackinferStatus, want: PackinferStatus, needles: &[&str]) {
-    let msg = last_error();
-    assert_eq!(status, want, "status (message: {msg})");
-    for n in needles {
-        assert!(msg.contains(n), "message {msg:?} should mention {n:?}");
-    }
-}
-
-#[track_caller]
-fn ok(status: PackinferStatus) {
-    assert_eq!(status, PackinferStatus::Ok, "{}", last_error());
-}
+mod support;
+use support::{expect, last_error, ok};
 
 fn cpu_context() -> PackinferContext {
-    // SAFETY: a C struct of integers and pointers, for which all zeros is a valid value.
-    let mut o = unsafe { std::mem::zeroed::<PackinferContextOptions>() };
-    // SAFETY: live locals of the types and lengths the call expects.
-    ok(unsafe { packinfer_context_options_default(&mut o) });
-    o.backend = PackinferBackend::Cpu as u32;
-    o.num_threads = 1;
-    let mut ctx = PackinferContext::default();
-    // SAFETY: live locals of the types and lengths the call expects.
-    ok(unsafe { packinfer_context_create(&o, &mut ctx) });
-    ctx
+    support::cpu_context(1)
 }
 
 /// A pool of f32 K/V on the CPU: 1 layer, 1 KV head of head_dim 8.

@@ -1,9 +1,48 @@
-//! What the C API tests share: a test case's batch as the C ABI's description.
+//! What the C API tests share: the last error, status assertions, a CPU context, and a test
+//! case's batch as the C ABI's description.
 #![allow(dead_code)]
 
+use std::ffi::CStr;
+
 use packinfer::types::DType;
-use packinfer_capi::{PackinferBatchDesc, PackinferDtype, PackinferPrefixGroup};
+use packinfer_capi::*;
 use packinfer_testkit::Case;
+
+/// This thread's last error message.
+pub fn last_error() -> String {
+    // SAFETY: never NULL: this thread's message, valid until its next failing call.
+    unsafe { CStr::from_ptr(packinfer_last_error()) }.to_string_lossy().into_owned()
+}
+
+/// Asserts `status` and that the last error mentions every needle.
+#[track_caller]
+pub fn expect(status: PackinferStatus, want: PackinferStatus, needles: &[&str]) {
+    let msg = last_error();
+    assert_eq!(status, want, "status (message: {msg})");
+    for n in needles {
+        assert!(msg.contains(n), "message {msg:?} should mention {n:?}");
+    }
+}
+
+/// Asserts OK, with the message otherwise.
+#[track_caller]
+pub fn ok(status: PackinferStatus) {
+    assert_eq!(status, PackinferStatus::Ok, "{}", last_error());
+}
+
+/// A CPU context with `threads` worker threads.
+pub fn cpu_context(threads: u32) -> PackinferContext {
+    // SAFETY: a C struct of integers and pointers, for which all zeros is a valid value.
+    let mut o = unsafe { std::mem::zeroed::<PackinferContextOptions>() };
+    // SAFETY: `o` is writable.
+    ok(unsafe { packinfer_context_options_default(&mut o) });
+    o.backend = PackinferBackend::Cpu as u32;
+    o.num_threads = threads;
+    let mut ctx = PackinferContext::default();
+    // SAFETY: `o` is initialized and `ctx` writable.
+    ok(unsafe { packinfer_context_create(&o, &mut ctx) });
+    ctx
+}
 
 pub trait CDesc {
     /// The C ABI's description of this batch, borrowing the case's arrays (and `groups`').

@@ -303,7 +303,7 @@ pub struct PackinferRunArgs {
 /// Sizes of a launch's device buffers, so that `packinfer_launch_update` can later upload any
 /// plan that fits (and a CUDA graph captured around `packinfer_run` replays it). Each field is
 /// raised to the first plan's own count, so 0 means "the first plan's count". The CPU backend
-/// computes each run from its plan and ignores the capacity.
+/// sizes its host scratch for it and refuses an update over it, as CUDA does.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PackinferLaunchCapacity {

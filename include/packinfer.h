@@ -1174,8 +1174,9 @@ enum PackinferStatus packinfer_pool_plan_create(struct PackinferContext context,
  * Keeps each execution group of `plan` contiguous in the pool (prefix once, then each member's
  * pages and headroom). `seq_ids` are the `n` ids the plan was made from. A group is rebuilt
  * when it is not contiguous and `regroup` is true (the regroup trigger fired) or one of its
- * members ran out of headroom; the copies run on `stream`. Plans made before a relayout that
- * moved pages are stale: plan again. `report` may be NULL.
+ * members ran out of headroom; the copies run on `stream`. Every plan made from the pool before
+ * a relayout that moved pages (any pages) is stale: launch_create, launch_update and run refuse
+ * it with INVALID_ARGUMENT; plan again. `report` may be NULL.
  *
  * # Safety
  * `seq_ids` has `n` entries; `report` NULL or a struct with `struct_size` set.

@@ -319,10 +319,18 @@ impl KvPool {
         if k == 0 || v == 0 {
             return Err(invalid!("k or v is a null pointer but {} tokens are to be written", slots.len()));
         }
-        // A page whose content changes no longer matches the hash registered for it.
-        let ps = self.config.page_size as u64;
-        for &slot in &slots {
-            s.forget_hash((slot / ps) as u32);
+        // A page whose content changes no longer matches the hash registered for it. Once per
+        // page, and not at all while no hash is registered (this runs per layer per step).
+        if !s.hash_of_page.is_empty() {
+            let ps = self.config.page_size as u64;
+            let mut last = None;
+            for &slot in &slots {
+                let page = (slot / ps) as u32;
+                if last != Some(page) {
+                    s.forget_hash(page);
+                    last = Some(page);
+                }
+            }
         }
         let row = self.config.row_bytes();
         let stride = src_stride_token as u64 * self.config.shape.dtype.size_bytes() as u64;

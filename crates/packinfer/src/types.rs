@@ -121,6 +121,17 @@ pub struct PrefixGroup {
     pub members: Vec<u32>,
 }
 
+impl PrefixGroup {
+    /// A group of `members`, in the allocation of one of `spare`'s groups where there is one.
+    pub fn reusing(spare: &mut Vec<PrefixGroup>, prefix_len: u32, members: &[u32]) -> PrefixGroup {
+        let mut g = spare.pop().unwrap_or(PrefixGroup { prefix_len, members: Vec::new() });
+        g.prefix_len = prefix_len;
+        g.members.clear();
+        g.members.extend_from_slice(members);
+        g
+    }
+}
+
 /// One engine step: which query tokens each request brings and where its keys live, as CSR page
 /// tables (FlashInfer's convention). Owned copies: the library keeps no pointer into caller memory.
 #[derive(Debug, Clone, PartialEq)]
@@ -176,6 +187,28 @@ impl Batch {
     pub fn total_q(&self) -> u32 {
         *self.qo_indptr.last().unwrap_or(&0) as u32
     }
+    /// Makes this batch a copy of `other`, in this batch's allocations where they are large
+    /// enough (`clone_from` would allocate each prefix group's members anew).
+    pub fn copy_from(&mut self, other: &Batch) {
+        self.copy_from_keeping(other, &mut Vec::new());
+    }
+
+    /// [`Batch::copy_from`], moving prefix groups this batch no longer needs into `spare` and
+    /// taking those it needs from there first, so that their member lists' allocations survive
+    /// steps with fewer groups.
+    pub fn copy_from_keeping(&mut self, other: &Batch, spare: &mut Vec<PrefixGroup>) {
+        self.qo_indptr.clone_from(&other.qo_indptr);
+        self.kv_indptr.clone_from(&other.kv_indptr);
+        self.kv_page_indices.clone_from(&other.kv_page_indices);
+        self.kv_last_page_len.clone_from(&other.kv_last_page_len);
+        self.page_size = other.page_size;
+        self.num_pages = other.num_pages;
+        spare.extend(self.prefix_groups.drain(..));
+        for src in &other.prefix_groups {
+            self.prefix_groups.push(PrefixGroup::reusing(spare, src.prefix_len, &src.members));
+        }
+    }
+
     /// The page holding key `k` of request `r`.
     pub fn page_of(&self, r: usize, k: u32) -> u32 {
         self.kv_page_indices[self.kv_indptr[r] as usize + (k / self.page_size) as usize] as u32
@@ -183,6 +216,12 @@ impl Batch {
 
     /// Checks every structural rule; the message names the first bad value it finds.
     pub fn validate(&self, causal: bool) -> Result<()> {
+        self.validate_with(causal, &mut Vec::new())
+    }
+
+    /// [`Batch::validate`] with its per-request buffer (used only with prefix groups) lent, so a
+    /// planner that validates every step allocates nothing.
+    pub(crate) fn validate_with(&self, causal: bool, group_of: &mut Vec<u32>) -> Result<()> {
         let n = self.kv_last_page_len.len();
         if self.page_size == 0 {
             return Err(invalid!("page_size = 0; pages hold at least one token"));
@@ -243,7 +282,9 @@ impl Batch {
                 ));
             }
         }
-        let mut group_of = vec![usize::MAX; n];
+        let group_of = group_of;
+        group_of.clear();
+        group_of.resize(if self.prefix_groups.is_empty() { 0 } else { n }, u32::MAX);
         for (g, pg) in self.prefix_groups.iter().enumerate() {
             if pg.members.len() < 2 {
                 return Err(invalid!("prefix_groups[{g}] has {} member(s); a shared prefix needs at least 2", pg.members.len()));
@@ -256,13 +297,13 @@ impl Batch {
                 if m >= n {
                     return Err(invalid!("prefix_groups[{g}].members[{j}] = {m} is not a request of this batch of {n}"));
                 }
-                if group_of[m] != usize::MAX {
+                if group_of[m] != u32::MAX {
                     return Err(invalid!(
                         "request {m} is in prefix_groups[{}] and prefix_groups[{g}]; a request belongs to at most one prefix group",
                         group_of[m]
                     ));
                 }
-                group_of[m] = g;
+                group_of[m] = g as u32;
                 if pg.prefix_len > self.kv_len(m) {
                     return Err(invalid!(
                         "prefix_groups[{g}].prefix_len = {} is longer than member request {m}'s kv_len = {}",

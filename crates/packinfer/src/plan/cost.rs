@@ -86,12 +86,19 @@ impl LeastLoaded {
     /// Groups `0..groups` holding the first `groups` of the units sorted by decreasing cost,
     /// one each (what LPT does with them: every group is empty and ties go to the lower group).
     /// No units at all means one empty group.
+    #[cfg(test)]
     pub(crate) fn with_first_units(first_costs: impl ExactSizeIterator<Item = f64>, total_cost: f64) -> Self {
+        Self::with_first_units_in(Vec::new(), first_costs, total_cost)
+    }
+
+    /// [`LeastLoaded::with_first_units`] in `tree`'s allocation (its contents are replaced).
+    pub(crate) fn with_first_units_in(mut tree: Vec<u64>, first_costs: impl ExactSizeIterator<Item = f64>, total_cost: f64) -> Self {
         let groups = first_costs.len();
         let group_bits = (usize::BITS - groups.saturating_sub(1).leading_zeros()).max(1);
         let scale = (1u64 << (63 - group_bits)) as f64 / total_cost.max(f64::MIN_POSITIVE);
         let leaves = groups.max(1).next_power_of_two();
-        let mut tree = vec![u64::MAX; 2 * leaves];
+        tree.clear();
+        tree.resize(2 * leaves, u64::MAX);
         tree[leaves] = 0;
         for (g, c) in first_costs.enumerate() {
             tree[leaves + g] = ((c * scale) as u64) << group_bits | g as u64;
@@ -100,6 +107,11 @@ impl LeastLoaded {
             tree[i] = tree[2 * i].min(tree[2 * i + 1]);
         }
         LeastLoaded { root: tree[1], tree, leaves, groups: groups.max(1), group_bits, scale }
+    }
+
+    /// The tree's allocation, for the next [`LeastLoaded::with_first_units_in`].
+    pub(crate) fn into_tree(self) -> Vec<u64> {
+        self.tree
     }
 
     /// The largest load, in cost units (to the fixed point's resolution).

@@ -185,6 +185,8 @@ pub struct Plan {
     /// For a plan made from a KV pool: the pool's layout when it was made (its page numbers hold
     /// only until a relayout moves pages).
     pub(crate) pool_layout: Option<LayoutStamp>,
+    /// The planner's working buffers, kept for the next [`Plan::rebuild`].
+    pub(crate) scratch: schedule::Scratch,
 }
 
 /// A KV pool's layout generation as a plan saw it. The pool bumps the generation when a relayout
@@ -212,9 +214,108 @@ impl Plan {
     /// Builds the plan for `batch`. Validates everything first; the message names the bad value.
     pub fn build(shape: Shape, batch: Batch, profile: &DeviceProfile, options: PlanOptions) -> Result<Plan> {
         let started = Instant::now();
+        let mut plan = Plan::empty(shape, options, profile.block_m);
+        plan.batch = batch;
+        plan.plan_batch(profile, started)?;
+        Ok(plan)
+    }
+
+    /// Plans `batch` into this plan, as [`Plan::build`] would, reusing this plan's arrays and the
+    /// planner's working buffers: once a plan has held a step at least as large, re-planning
+    /// allocates nothing (an engine re-plans one or two plans every step). The plan must not be
+    /// bound to a launch that still reads it (a `BoundPlan` holds an `Arc`, so it cannot be).
+    ///
+    /// On error the plan holds an empty batch (no requests, no work) until the next successful
+    /// rebuild, so a plan is never left half made.
+    pub fn rebuild(&mut self, shape: Shape, batch: &Batch, profile: &DeviceProfile, options: PlanOptions) -> Result<()> {
+        self.rebuild_with(shape, profile, options, |b, spare| {
+            b.copy_from_keeping(batch, spare);
+            Ok(())
+        })
+    }
+
+    /// Like [`Plan::rebuild`], for a batch that `fill` writes over the plan's previous one (every
+    /// field; its vectors keep their allocations): the C API copies the caller's arrays straight
+    /// into it. `fill` gets the batch with no prefix groups and the previous groups as spares
+    /// for [`PrefixGroup::reusing`](crate::types::PrefixGroup::reusing). An error from `fill`
+    /// leaves the plan empty, as any other error does.
+    pub fn rebuild_with(
+        &mut self,
+        shape: Shape,
+        profile: &DeviceProfile,
+        options: PlanOptions,
+        fill: impl FnOnce(&mut Batch, &mut Vec<crate::types::PrefixGroup>) -> Result<()>,
+    ) -> Result<()> {
+        let started = Instant::now();
+        self.shape = shape;
+        self.options = options;
+        self.block_m = profile.block_m;
+        self.pool_layout = None;
+        let spare = &mut self.scratch.spare_groups;
+        spare.extend(self.batch.prefix_groups.drain(..));
+        let result = fill(&mut self.batch, spare).and_then(|()| self.plan_batch(profile, started));
+        if result.is_err() {
+            self.clear();
+        }
+        result
+    }
+
+    /// A plan of no requests.
+    fn empty(shape: Shape, options: PlanOptions, block_m: u32) -> Plan {
+        Plan {
+            shape,
+            batch: Batch {
+                qo_indptr: vec![0],
+                kv_indptr: vec![0],
+                kv_page_indices: Vec::new(),
+                kv_last_page_len: Vec::new(),
+                page_size: 1,
+                num_pages: 0,
+                prefix_groups: Vec::new(),
+            },
+            options,
+            block_m,
+            requests: Vec::new(),
+            items: Vec::new(),
+            row_segments: Vec::new(),
+            kv_chunks: Vec::new(),
+            merges: Vec::new(),
+            merge_slots: Vec::new(),
+            group_costs: Vec::new(),
+            stats: PlanStats::default(),
+            pool_layout: None,
+            scratch: schedule::Scratch::default(),
+        }
+    }
+
+    /// Makes this a plan of no requests (keeping its allocations and page size).
+    fn clear(&mut self) {
+        let b = &mut self.batch;
+        for v in [&mut b.qo_indptr, &mut b.kv_indptr] {
+            v.clear();
+            v.push(0);
+        }
+        b.kv_page_indices.clear();
+        b.kv_last_page_len.clear();
+        b.prefix_groups.clear();
+        self.requests.clear();
+        self.items.clear();
+        self.row_segments.clear();
+        self.kv_chunks.clear();
+        self.merges.clear();
+        self.merge_slots.clear();
+        self.group_costs.clear();
+        self.stats = PlanStats::default();
+        self.pool_layout = None;
+    }
+
+    /// Validates the plan's shape, batch and options and schedules its batch.
+    fn plan_batch(&mut self, profile: &DeviceProfile, started: Instant) -> Result<()> {
+        let (shape, batch) = (&self.shape, &self.batch);
         shape.validate()?;
-        batch.validate(shape.causal)?;
+        batch.validate_with(shape.causal, &mut self.scratch.group_of_request)?;
         profile.validate()?;
+        let options = &self.options;
         if let Some(c) = options.capacity {
             if !(c.is_finite() && c > 0.0) {
                 return Err(invalid!("capacity = {c} must be positive and finite (None = automatic)"));
@@ -253,37 +354,28 @@ impl Plan {
         if options.deterministic && options.split_keys == 0 {
             return Err(invalid!("split_keys = 0; deterministic mode needs a split granularity"));
         }
-        let requests = (0..batch.len()).map(|r| RequestInfo::of(&batch, r)).collect();
-        let mut plan = Plan {
-            shape,
-            batch,
-            options,
-            block_m: profile.block_m,
-            requests,
-            items: Vec::new(),
-            row_segments: Vec::new(),
-            kv_chunks: Vec::new(),
-            merges: Vec::new(),
-            merge_slots: Vec::new(),
-            group_costs: Vec::new(),
-            stats: PlanStats::default(),
-            pool_layout: None,
-        };
-        let o = &plan.options;
+        self.requests.clear();
+        self.requests.extend((0..batch.len()).map(|r| RequestInfo::of(batch, r)));
+        let o = &self.options;
         let (capacity, num_split_requests) = if !(o.packing || o.balancing || o.prefix_sharing || o.split_kv) {
-            plan.schedule_one_request_per_tile();
+            self.schedule_one_request_per_tile();
             (0.0, 0)
         } else {
-            let outcome = schedule::schedule(&mut plan, profile)?;
+            let outcome = schedule::schedule(self, profile)?;
             (outcome.capacity, outcome.num_split_requests)
         };
-        plan.finish_stats(profile, capacity, num_split_requests, started);
-        Ok(plan)
+        self.finish_stats(profile, capacity, num_split_requests, started);
+        Ok(())
     }
 
     /// The simplest correct schedule: every (request, KV head, block of rows) is its own tile
     /// against all the keys its rows can see, each tile its own group. No packing, no splits.
     fn schedule_one_request_per_tile(&mut self) {
+        self.items.clear();
+        self.row_segments.clear();
+        self.kv_chunks.clear();
+        self.merges.clear();
+        self.merge_slots.clear();
         let group = self.shape.group_size();
         let tokens_per_tile = (self.block_m / group).max(1);
         for (r, req) in self.requests.iter().enumerate() {
@@ -318,11 +410,13 @@ impl Plan {
         let group = self.shape.group_size() as u64;
         let causal = self.shape.causal;
         // Per chunk_begin: (item cost, useful pairs, computed pairs), measured once.
-        let mut measured: Vec<Option<(f64, u64, u64)>> = vec![None; self.kv_chunks.len()];
+        let mut measured = schedule::reuse(&mut self.scratch.measured);
+        measured.resize(self.kv_chunks.len(), None);
         let (mut computed, mut useful) = (0u64, 0u64);
         debug_assert!(self.items.windows(2).all(|w| w[0].group <= w[1].group), "items not sorted by group");
         let num_groups = self.items.last().map_or(0, |i| i.group as usize + 1);
-        let mut group_costs: Vec<f64> = vec![0.0; num_groups];
+        let mut group_costs = schedule::reuse(&mut self.group_costs);
+        group_costs.resize(num_groups, 0.0);
         // Items are sorted by group: a group's cost is summed in a register, in item order.
         let (mut run_group, mut run_cost) = (0usize, 0.0f64);
         // What `num_partial_slots` computes, in the same pass.
@@ -373,12 +467,16 @@ impl Plan {
             group_costs.iter().cloned().fold(0.0, f64::max)
         } else {
             let total: f64 = group_costs.iter().sum();
-            let mut free = cost::LeastLoaded::with_first_units(group_costs[..workers].iter().copied(), total);
+            let tree = schedule::reuse(&mut self.scratch.load_tree);
+            let mut free = cost::LeastLoaded::with_first_units_in(tree, group_costs[..workers].iter().copied(), total);
             for &c in &group_costs[workers..] {
                 free.add_to_least(c);
             }
-            free.max_load()
+            let max = free.max_load();
+            self.scratch.load_tree = free.into_tree();
+            max
         };
+        self.scratch.measured = measured;
         let total: f64 = group_costs.iter().sum();
         let n = group_costs.len().max(1) as f64;
         self.stats = PlanStats {

@@ -115,29 +115,127 @@ pub(super) struct Outcome {
 /// Builds the work list of `plan` (whose requests are filled in) with every technique its
 /// options enable.
 pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outcome> {
-    let s = Setup::new(plan, profile);
-    let bundles = bundle_prefixes(&s, &plan.batch.prefix_groups);
-    let num_bundles = bundles.len();
-    let blocks = row_blocks(&s, &bundles);
-    let capacity = capacity(&s, &blocks, &bundles.prefix_tiles);
-    let runs = runs(&s, &blocks, capacity);
-    let Split { mut work, to_pack, num_split_requests } = split(&s, capacity, &bundles.prefix_tiles, bundles.segments, &blocks, &runs)?;
-    pack(&s, capacity, num_bundles, &to_pack, &mut work);
-    let groups = group(&s, capacity, num_bundles, &work.pieces)?;
-    let Emitted { items, slot_of } = emit(&s, &work.pieces, &groups);
-    let Merges { merges, merge_slots } = merge_list(&s, plan.batch.total_q(), &work.partial_rows, &slot_of);
+    // The plan's own arrays and the steps' buffers are reused: a step of a size seen before
+    // allocates nothing (`Plan::rebuild`).
+    let mut sc = std::mem::take(&mut plan.scratch);
+    sc.items = std::mem::take(&mut plan.items);
+    sc.segments = std::mem::take(&mut plan.row_segments);
+    sc.chunks = std::mem::take(&mut plan.kv_chunks);
+    sc.merges = std::mem::take(&mut plan.merges);
+    sc.merge_slots = std::mem::take(&mut plan.merge_slots);
+    let result = schedule_steps(plan, profile, &mut sc);
+    plan.items = std::mem::take(&mut sc.items);
+    plan.row_segments = std::mem::take(&mut sc.segments);
+    plan.kv_chunks = std::mem::take(&mut sc.chunks);
+    plan.merges = std::mem::take(&mut sc.merges);
+    plan.merge_slots = std::mem::take(&mut sc.merge_slots);
+    plan.scratch = sc;
+    result
+}
 
-    let Pieces { pieces, chunks, segments, .. } = work;
-    debug_assert!(pieces
-        .iter()
-        .all(|p| (item_cost(profile, &chunks[p.chunk_begin as usize..(p.chunk_begin + p.chunk_count) as usize]) - p.cost).abs()
-            <= 1e-6 * p.cost.max(1.0)));
-    plan.items = items;
-    plan.row_segments = segments;
-    plan.kv_chunks = chunks;
-    plan.merges = merges;
-    plan.merge_slots = merge_slots;
+/// The steps of [`schedule`], with their buffers in `sc`; the work list is left in `sc`'s
+/// `items`, `segments`, `chunks`, `merges` and `merge_slots`.
+fn schedule_steps(plan: &Plan, profile: &DeviceProfile, sc: &mut Scratch) -> Result<Outcome> {
+    let s = Setup::new(plan, profile);
+    let bundles = bundle_prefixes(&s, &plan.batch.prefix_groups, sc);
+    let num_bundles = bundles.len();
+    let blocks = row_blocks(&s, &bundles, sc);
+    let capacity = capacity(&s, &blocks, &bundles.prefix_tiles);
+    let runs = runs(&s, &blocks, capacity, sc);
+    let Bundles { bundle_of, shared_len, prefix_tiles, segments } = bundles;
+    let split = split(&s, capacity, &prefix_tiles, segments, &blocks, &runs, sc);
+    (sc.bundle_of, sc.shared_len, sc.prefix_tiles, sc.blocks, sc.run) = (bundle_of, shared_len, prefix_tiles, blocks, runs);
+    let Split { mut work, to_pack, num_split_requests } = split?;
+    pack(&s, capacity, num_bundles, &to_pack, &mut work, sc);
+    sc.to_pack = to_pack;
+    let groups = group(&s, capacity, num_bundles, &work.pieces, sc);
+    let Pieces { pieces, chunks, segments, partial_rows } = work;
+    (sc.chunks, sc.segments) = (chunks, segments);
+    let groups = match groups {
+        Ok(g) => g,
+        Err(e) => {
+            (sc.pieces, sc.partial_rows) = (pieces, partial_rows);
+            return Err(e);
+        }
+    };
+    let Emitted { items, slot_of } = emit(&s, &pieces, &groups, sc);
+    let Merges { merges, merge_slots } = merge_list(&s, plan.batch.total_q(), &partial_rows, &slot_of, sc);
+    debug_assert!(pieces.iter().all(|p| (item_cost(profile, &sc.chunks[p.chunk_begin as usize..(p.chunk_begin + p.chunk_count) as usize])
+        - p.cost)
+        .abs()
+        <= 1e-6 * p.cost.max(1.0)));
+    (sc.pieces, sc.partial_rows, sc.group_of, sc.slot_of) = (pieces, partial_rows, groups.group_of, slot_of);
+    (sc.items, sc.merges, sc.merge_slots) = (items, merges, merge_slots);
     Ok(Outcome { capacity, num_split_requests })
+}
+
+/// The buffers of the schedule's steps, kept in the plan between builds (`Plan::rebuild`): each
+/// step takes its vectors from here, cleared, and [`schedule`] puts them back, so planning a
+/// step no larger than one planned before allocates nothing.
+#[derive(Default)]
+pub(crate) struct Scratch {
+    bundle_of: Vec<u32>,
+    shared_len: Vec<u32>,
+    prefix_tiles: Vec<PrefixTile>,
+    sharers: Vec<u32>,
+    blocks: Vec<Block>,
+    request_cost: Vec<f64>,
+    run: Vec<bool>,
+    split_request: Vec<bool>,
+    ranges: Vec<(u32, u32)>,
+    to_pack: Vec<Block>,
+    pieces: Vec<Piece>,
+    partial_rows: Vec<PartialRow>,
+    class_start: Vec<u32>,
+    order: Vec<u32>,
+    bundle_cost: Vec<f64>,
+    bundle_whole: Vec<bool>,
+    entities: Vec<(f64, u32)>,
+    entity_pieces: Vec<u32>,
+    entity_start: Vec<u32>,
+    bundle_start: Vec<u32>,
+    bundle_list: Vec<u32>,
+    group_of: Vec<u32>,
+    group_start: Vec<u32>,
+    piece_at: Vec<u32>,
+    slot_of: Vec<u32>,
+    token_start: Vec<u32>,
+    token_next: Vec<u32>,
+    by_token: Vec<PartialRow>,
+    /// The plan's arrays while the steps fill them.
+    items: Vec<WorkItem>,
+    segments: Vec<RowSegment>,
+    chunks: Vec<KvChunk>,
+    merges: Vec<MergeRow>,
+    merge_slots: Vec<u32>,
+    /// `finish_stats`: per chunk_begin, the measured item; the worker-load tree; `Batch`
+    /// validation's prefix group per request.
+    pub(super) measured: Vec<Option<(f64, u64, u64)>>,
+    pub(super) load_tree: Vec<u64>,
+    pub(super) group_of_request: Vec<u32>,
+    /// Prefix groups of earlier batches, whose member lists the next batch reuses.
+    pub(super) spare_groups: Vec<crate::types::PrefixGroup>,
+}
+
+impl Clone for Scratch {
+    /// Buffers only: a copy of a plan starts with none.
+    fn clone(&self) -> Self {
+        Scratch::default()
+    }
+}
+
+impl std::fmt::Debug for Scratch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Scratch")
+    }
+}
+
+/// `v`, taken out of its place and cleared (its allocation kept).
+#[inline]
+pub(super) fn reuse<T>(v: &mut Vec<T>) -> Vec<T> {
+    let mut v = std::mem::take(v);
+    v.clear();
+    v
 }
 
 /// A shared-prefix tile before splitting: member rows stacked in `segments[seg_begin..]` against
@@ -178,19 +276,20 @@ impl Bundles {
 /// `split_keys` in deterministic mode. The sharers' tokens, in member order, are stacked into
 /// tiles of at most `block_m` rows (segments whole tokens, laid out from row 0), each reading
 /// keys `[0, key_end)`, `key_end` ≤ the shared length, through its first sharer's pages.
-fn bundle_prefixes(s: &Setup, prefix_groups: &[PrefixGroup]) -> Bundles {
+fn bundle_prefixes(s: &Setup, prefix_groups: &[PrefixGroup], sc: &mut Scratch) -> Bundles {
     let (requests, group, block_m) = (s.requests, s.group, s.block_m);
     // In deterministic mode the shared part is rounded down to a split boundary, so a member's
     // key pieces are the same as when it runs alone.
-    let mut bundle_of = vec![NO_BUNDLE; requests.len()];
-    let mut shared_len: Vec<u32> = Vec::new();
-    let mut segments: Vec<RowSegment> = Vec::new();
-    let mut prefix_tiles: Vec<PrefixTile> = Vec::new();
+    let mut bundle_of = reuse(&mut sc.bundle_of);
+    bundle_of.resize(requests.len(), NO_BUNDLE);
+    let mut shared_len = reuse(&mut sc.shared_len);
+    let mut segments = reuse(&mut sc.segments);
+    let mut prefix_tiles = reuse(&mut sc.prefix_tiles);
     // Deterministic without splits computes every row in one pass, as it would alone; sharing
     // a prefix would cut it in two.
     let sharing = s.opts.prefix_sharing && (s.fixed_split.is_some() || !s.opts.deterministic);
     if sharing {
-        let mut sharers: Vec<u32> = Vec::new();
+        let sharers = &mut sc.sharers;
         for pg in prefix_groups {
             let len = match s.fixed_split {
                 Some(fs) => pg.prefix_len / fs * fs,
@@ -207,13 +306,13 @@ fn bundle_prefixes(s: &Setup, prefix_groups: &[PrefixGroup]) -> Bundles {
             }
             let b = shared_len.len() as u32;
             shared_len.push(len);
-            for &m in &sharers {
+            for &m in sharers.iter() {
                 bundle_of[m as usize] = b;
             }
             // Stack the members' tokens into tiles of at most block_m rows.
             let reader = sharers[0];
             let mut tile = PrefixTile { seg_begin: segments.len() as u32, seg_count: 0, num_rows: 0, reader, key_end: 0, bundle: b };
-            for &m in &sharers {
+            for &m in sharers.iter() {
                 let req = requests[m as usize];
                 let mut q = 0;
                 while q < req.q_len {
@@ -259,9 +358,9 @@ struct Block {
 /// no bundle starts at key 0 and is not partial; one of a bundle's sharer starts at the shared
 /// length and is partial (it is merged with the prefix tile), and is left out when its tokens
 /// see nothing past the prefix. `cost` is the block as an item of its own.
-fn row_blocks(s: &Setup, bundles: &Bundles) -> Vec<Block> {
+fn row_blocks(s: &Setup, bundles: &Bundles, sc: &mut Scratch) -> Vec<Block> {
     // A prefix member's blocks cover only its suffix keys.
-    let mut blocks: Vec<Block> = Vec::with_capacity(s.requests.len());
+    let mut blocks = reuse(&mut sc.blocks);
     for (r, req) in s.requests.iter().enumerate() {
         let bundle = bundles.bundle_of[r];
         let key_begin = if bundle == NO_BUNDLE { 0 } else { bundles.shared_len[bundle as usize] };
@@ -302,24 +401,27 @@ fn capacity(s: &Setup, blocks: &[Block], prefix_tiles: &[PrefixTile]) -> f64 {
 /// Step 3, runs: per request, whether its blocks are placed as one unit (step 5). Guarantees: a
 /// run has no bundle, at least one full tile (`block_m` rows) and a total cost of at most
 /// `capacity`; there are none (an empty list) without balancing or in deterministic mode.
-fn runs(s: &Setup, blocks: &[Block], capacity: f64) -> Vec<bool> {
+fn runs(s: &Setup, blocks: &[Block], capacity: f64, sc: &mut Scratch) -> Vec<bool> {
     // Runs: a request of at least one full tile, no prefix group and a total cost within C is
     // placed as one unit (step 5), its tiles one after another on one CTA, tail tile included
     // (not packed). Its tiles read growing prefixes of the same keys, so each tile finds them
     // in L2 where the previous one left them; scattered by LPT over the whole launch, the tiles
     // of a batch of short prompts may re-read their keys from DRAM
     // (docs/performance-log.md#runs).
+    let mut run = reuse(&mut sc.run);
     if !(s.opts.balancing && s.fixed_split.is_none()) {
-        return Vec::new();
+        return run;
     }
     let n = s.requests.len();
-    let mut request_cost = vec![0.0f64; n];
-    let mut run = vec![false; n];
+    let request_cost = &mut sc.request_cost;
+    request_cost.clear();
+    request_cost.resize(n, 0.0);
+    run.resize(n, false);
     for b in blocks.iter().filter(|b| b.bundle == NO_BUNDLE) {
         request_cost[b.request as usize] += b.cost;
         run[b.request as usize] |= b.q_count * s.group == s.block_m;
     }
-    for (run, &cost) in run.iter_mut().zip(&request_cost) {
+    for (run, &cost) in run.iter_mut().zip(request_cost.iter()) {
         *run &= cost <= capacity;
     }
     run
@@ -450,18 +552,60 @@ fn split(
     mut segments: Vec<RowSegment>,
     blocks: &[Block],
     runs: &[bool],
+    sc: &mut Scratch,
 ) -> Result<Split> {
-    let (group, block_m) = (s.group, s.block_m);
-    let max_pieces = s.max_pieces();
-    let mut split_request = vec![false; s.requests.len()];
+    let mut split_request = reuse(&mut sc.split_request);
+    split_request.resize(s.requests.len(), false);
     // Without splits: a piece and a chunk per prefix tile and block, a segment per block (packing
     // only merges pieces). Splits grow them.
     let unsplit = prefix_tiles.len() + blocks.len();
     segments.reserve(blocks.len());
-    let mut pieces: Vec<Piece> = Vec::with_capacity(unsplit);
-    let mut chunks: Vec<KvChunk> = Vec::with_capacity(unsplit);
-    let mut partial_rows: Vec<PartialRow> = Vec::new();
-    let mut ranges: Vec<(u32, u32)> = Vec::new();
+    let mut pieces = reuse(&mut sc.pieces);
+    pieces.reserve(unsplit);
+    let mut chunks = reuse(&mut sc.chunks);
+    chunks.reserve(unsplit);
+    let mut partial_rows = reuse(&mut sc.partial_rows);
+    let mut ranges = reuse(&mut sc.ranges);
+    let mut to_pack = reuse(&mut sc.to_pack);
+    let result = split_into(
+        s,
+        capacity,
+        prefix_tiles,
+        blocks,
+        runs,
+        (&mut segments, &mut chunks, &mut pieces, &mut partial_rows),
+        &mut ranges,
+        &mut split_request,
+        &mut to_pack,
+    );
+    let num_split_requests = split_request.iter().filter(|&&x| x).count() as u32;
+    (sc.split_request, sc.ranges) = (split_request, ranges);
+    let work = Pieces { segments, chunks, pieces, partial_rows };
+    match result {
+        Ok(()) => Ok(Split { work, to_pack, num_split_requests }),
+        Err(e) => {
+            let Pieces { segments, chunks, pieces, partial_rows } = work;
+            (sc.segments, sc.chunks, sc.pieces, sc.partial_rows, sc.to_pack) = (segments, chunks, pieces, partial_rows, to_pack);
+            Err(e)
+        }
+    }
+}
+
+/// The body of [`split`], writing into its buffers.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn split_into(
+    s: &Setup,
+    capacity: f64,
+    prefix_tiles: &[PrefixTile],
+    blocks: &[Block],
+    runs: &[bool],
+    (segments, chunks, pieces, partial_rows): (&mut Vec<RowSegment>, &mut Vec<KvChunk>, &mut Vec<Piece>, &mut Vec<PartialRow>),
+    ranges: &mut Vec<(u32, u32)>,
+    split_request: &mut [bool],
+    to_pack: &mut Vec<Block>,
+) -> Result<()> {
+    let (group, block_m) = (s.group, s.block_m);
+    let max_pieces = s.max_pieces();
 
     // Prefix tiles: split pieces share the tile's segments.
     for tile in prefix_tiles {
@@ -472,9 +616,9 @@ fn split(
             tile.key_end,
             s.block_cost(tile.num_rows, tile.key_end),
             max_pieces.saturating_sub(pieces.len()),
-            &mut ranges,
+            ranges,
         )?;
-        for &(kb, ke) in &ranges {
+        for &(kb, ke) in ranges.iter() {
             let p = pieces.len() as u32;
             chunks.push(KvChunk { request: tile.reader, key_begin: kb, key_end: ke, row_begin: 0, row_end: tile.num_rows });
             pieces.push(Piece {
@@ -489,7 +633,7 @@ fn split(
                 cost: s.block_cost(tile.num_rows, ke - kb),
             });
             for seg in &segments[tile.seg_begin as usize..(tile.seg_begin + tile.seg_count) as usize] {
-                record_partials(s, &mut partial_rows, seg, kb, p);
+                record_partials(s, partial_rows, seg, kb, p);
             }
             for seg in &segments[tile.seg_begin as usize..(tile.seg_begin + tile.seg_count) as usize] {
                 split_request[seg.request as usize] = true;
@@ -499,9 +643,8 @@ fn split(
 
     // Blocks: a split block's pieces share its segment; unsplit short blocks wait for packing.
     let in_run = |r: u32| runs.get(r as usize).copied().unwrap_or(false);
-    let mut to_pack: Vec<Block> = Vec::with_capacity(blocks.len());
     for b in blocks {
-        cut_keys(s, capacity, b.key_begin, b.key_end, b.cost, max_pieces.saturating_sub(pieces.len()), &mut ranges)?;
+        cut_keys(s, capacity, b.key_begin, b.key_end, b.cost, max_pieces.saturating_sub(pieces.len()), ranges)?;
         let rows = b.q_count * group;
         let run = if in_run(b.request) { b.request } else { NO_RUN };
         if ranges.len() == 1 && s.opts.packing && rows < block_m && run == NO_RUN {
@@ -513,7 +656,7 @@ fn split(
         let seg = RowSegment { request: b.request, q_begin: b.q_begin, q_count: b.q_count, row_begin: 0 };
         let seg_begin = segments.len() as u32;
         segments.push(seg);
-        for &(kb, ke) in &ranges {
+        for &(kb, ke) in ranges.iter() {
             let p = pieces.len() as u32;
             chunks.push(KvChunk { request: b.request, key_begin: kb, key_end: ke, row_begin: 0, row_end: rows });
             pieces.push(Piece {
@@ -528,12 +671,11 @@ fn split(
                 cost: s.block_cost(rows, ke - kb),
             });
             if partial {
-                record_partials(s, &mut partial_rows, &seg, kb, p);
+                record_partials(s, partial_rows, &seg, kb, p);
             }
         }
     }
-    let num_split_requests = split_request.iter().filter(|&&x| x).count() as u32;
-    Ok(Split { work: Pieces { segments, chunks, pieces, partial_rows }, to_pack, num_split_requests })
+    Ok(())
 }
 
 /// Step 4, packing: appends a piece per packed tile to `work`. Guarantees: the blocks are taken
@@ -543,21 +685,25 @@ fn split(
 /// the other, and of a cost of at most `capacity / 8` unless it is a single block. A tile has a
 /// segment and a chunk per block, on consecutive rows from row 0, and is no run; a partial
 /// tile records its partial rows.
-fn pack(s: &Setup, capacity: f64, num_bundles: usize, to_pack: &[Block], work: &mut Pieces) {
+fn pack(s: &Setup, capacity: f64, num_bundles: usize, to_pack: &[Block], work: &mut Pieces, sc: &mut Scratch) {
     let (profile, group, block_m) = (s.profile, s.group, s.block_m);
     let Pieces { segments, chunks, pieces, partial_rows } = work;
     // Next-fit within a class (prefix group, finality), in request order. A stable counting
     // sort by class keeps this linear.
     let class_of = |b: &Block| (b.bundle.wrapping_add(1) as usize) << 1 | b.partial as usize;
     let num_classes = (num_bundles + 1) << 1;
-    let mut class_start = vec![0u32; num_classes + 1];
+    let class_start = &mut sc.class_start;
+    class_start.clear();
+    class_start.resize(num_classes + 1, 0);
     for b in to_pack {
         class_start[class_of(b) + 1] += 1;
     }
     for c in 0..num_classes {
         class_start[c + 1] += class_start[c];
     }
-    let mut order = vec![0u32; to_pack.len()];
+    let order = &mut sc.order;
+    order.clear();
+    order.resize(to_pack.len(), 0);
     for (i, b) in to_pack.iter().enumerate() {
         let c = class_of(b);
         order[class_start[c] as usize] = i as u32;
@@ -640,7 +786,7 @@ fn total_order_key(x: f64) -> u64 {
 /// whole bundle costing at most `capacity` (its pieces in piece order), else the consecutive
 /// pieces of one run, else one piece; whole bundles come after the others in ties. Without
 /// balancing, each item is a group of its own, numbered `piece × heads + kv_head`.
-fn group(s: &Setup, capacity: f64, num_bundles: usize, pieces: &[Piece]) -> Result<Groups> {
+fn group(s: &Setup, capacity: f64, num_bundles: usize, pieces: &[Piece], sc: &mut Scratch) -> Result<Groups> {
     // A unit is (entity, KV head); an entity is a piece, or a whole prefix group that fits in C.
     let heads = s.heads;
     let heads_us = heads as usize;
@@ -652,22 +798,29 @@ fn group(s: &Setup, capacity: f64, num_bundles: usize, pieces: &[Piece]) -> Resu
             limits::MAX_WORK_ITEMS
         ));
     }
-    let mut group_of = vec![0u32; pieces.len() * heads_us];
+    let mut group_of = reuse(&mut sc.group_of);
+    group_of.resize(pieces.len() * heads_us, 0);
     let num_groups;
     if s.opts.balancing {
-        let mut bundle_cost = vec![0.0f64; num_bundles];
+        let bundle_cost = &mut sc.bundle_cost;
+        bundle_cost.clear();
+        bundle_cost.resize(num_bundles, 0.0);
         for p in pieces {
             if p.bundle != NO_BUNDLE {
                 bundle_cost[p.bundle as usize] += p.cost;
             }
         }
-        let bundle_whole: Vec<bool> = bundle_cost.iter().map(|&c| c <= capacity).collect();
+        let bundle_whole = &mut sc.bundle_whole;
+        bundle_whole.clear();
+        bundle_whole.extend(bundle_cost.iter().map(|&c| c <= capacity));
         // Entities, each a list of pieces placed together: a whole bundle, a run (one request's
         // consecutive pieces), or one piece. Entity e is (cost, e), its pieces
         // entity_pieces[entity_start[e]..entity_start[e + 1]].
-        let mut entities: Vec<(f64, u32)> = Vec::with_capacity(pieces.len());
-        let mut entity_pieces: Vec<u32> = Vec::with_capacity(pieces.len());
-        let mut entity_start: Vec<u32> = vec![0];
+        let (entities, entity_pieces, entity_start) = (&mut sc.entities, &mut sc.entity_pieces, &mut sc.entity_start);
+        entities.clear();
+        entity_pieces.clear();
+        entity_start.clear();
+        entity_start.push(0);
         // Ends the entity whose pieces run up to entity_pieces[..end].
         let mut close = |cost: f64, end: usize| {
             entities.push((cost, entity_start.len() as u32 - 1));
@@ -686,15 +839,32 @@ fn group(s: &Setup, capacity: f64, num_bundles: usize, pieces: &[Piece]) -> Resu
             }
             i = j;
         }
-        let mut bundle_pieces: Vec<Vec<u32>> = vec![Vec::new(); num_bundles];
-        for (i, p) in pieces.iter().enumerate() {
-            if p.bundle != NO_BUNDLE && bundle_whole[p.bundle as usize] {
-                bundle_pieces[p.bundle as usize].push(i as u32);
-            }
+        // The whole bundles' pieces, bundle by bundle, in piece order (a counting sort).
+        let (bundle_start, bundle_list) = (&mut sc.bundle_start, &mut sc.bundle_list);
+        bundle_start.clear();
+        bundle_start.resize(num_bundles + 1, 0);
+        let whole = |p: &Piece| p.bundle != NO_BUNDLE && bundle_whole[p.bundle as usize];
+        for p in pieces.iter().filter(|p| whole(p)) {
+            bundle_start[p.bundle as usize + 1] += 1;
         }
-        for (b, members) in bundle_pieces.iter().enumerate().filter(|(b, _)| bundle_whole[*b]) {
-            entity_pieces.extend_from_slice(members);
-            close(bundle_cost[b], entity_pieces.len());
+        for b in 0..num_bundles {
+            bundle_start[b + 1] += bundle_start[b];
+        }
+        bundle_list.clear();
+        bundle_list.resize(bundle_start[num_bundles] as usize, 0);
+        for (i, p) in pieces.iter().enumerate().filter(|(_, p)| whole(p)) {
+            bundle_list[bundle_start[p.bundle as usize] as usize] = i as u32;
+            bundle_start[p.bundle as usize] += 1;
+        }
+        let mut begin = 0usize;
+        for b in 0..num_bundles {
+            // bundle_start[b] is now bundle b's end.
+            let end = bundle_start[b] as usize;
+            if bundle_whole[b] {
+                entity_pieces.extend_from_slice(&bundle_list[begin..end]);
+                close(bundle_cost[b], entity_pieces.len());
+            }
+            begin = end;
         }
         // By decreasing cost (in `f64::total_cmp` order), then by index: integer keys compare
         // without the float comparison's branches.
@@ -735,11 +905,13 @@ struct Emitted {
 /// Step 6, emission. Guarantees: an item per (piece, KV head), sorted by group, and within a
 /// group by piece, then KV head. Partial items get consecutive partial slots in item order,
 /// `num_rows` slots each, from slot 0; final items write O.
-fn emit(s: &Setup, pieces: &[Piece], groups: &Groups) -> Emitted {
+fn emit(s: &Setup, pieces: &[Piece], groups: &Groups, sc: &mut Scratch) -> Emitted {
     let heads_us = s.heads as usize;
     let Groups { group_of, num_groups } = groups;
     let num_groups = *num_groups;
-    let mut group_start = vec![0u32; num_groups + 1];
+    let group_start = &mut sc.group_start;
+    group_start.clear();
+    group_start.resize(num_groups + 1, 0);
     for &g in group_of {
         group_start[g as usize + 1] += 1;
     }
@@ -749,10 +921,15 @@ fn emit(s: &Setup, pieces: &[Piece], groups: &Groups) -> Emitted {
     // Items land at their place in group order (by unit within a group) in one scatter; partial
     // slots are handed out afterwards in that order, when any piece writes them.
     let any_partial = pieces.iter().any(|p| p.partial);
-    let mut items = vec![WorkItem::default(); group_of.len()];
-    let mut piece_at = if any_partial { vec![0u32; group_of.len()] } else { Vec::new() };
+    let mut items = reuse(&mut sc.items);
+    items.resize(group_of.len(), WorkItem::default());
+    let piece_at = &mut sc.piece_at;
+    piece_at.clear();
+    if any_partial {
+        piece_at.resize(group_of.len(), 0);
+    }
     {
-        let mut next = group_start;
+        let next = group_start;
         for ((piece, p), groups) in pieces.iter().enumerate().zip(group_of.chunks_exact(heads_us)) {
             let partial_slot = if p.partial { 0 } else { FINAL_OUTPUT };
             for (kv_head, &g) in groups.iter().enumerate() {
@@ -774,10 +951,11 @@ fn emit(s: &Setup, pieces: &[Piece], groups: &Groups) -> Emitted {
             }
         }
     }
-    let mut slot_of = if any_partial { vec![FINAL_OUTPUT; group_of.len()] } else { Vec::new() };
+    let mut slot_of = reuse(&mut sc.slot_of);
     if any_partial {
+        slot_of.resize(group_of.len(), FINAL_OUTPUT);
         let mut next_slot = 0u32;
-        for (item, &piece) in items.iter_mut().zip(&piece_at) {
+        for (item, &piece) in items.iter_mut().zip(piece_at.iter()) {
             if item.partial_slot != FINAL_OUTPUT {
                 item.partial_slot = next_slot;
                 slot_of[piece as usize * heads_us + item.kv_head as usize] = next_slot;
@@ -798,23 +976,31 @@ struct Merges {
 /// head, a merge per query head of the group (in head order) whose slots are its pieces' rows,
 /// in key order; a merge's slots are consecutive in `merge_slots`, merges in the order listed.
 /// Nothing (and no per-token pass over the batch) when there are no partial rows.
-fn merge_list(s: &Setup, total_q: u32, partial_rows: &[PartialRow], slot_of: &[u32]) -> Merges {
+fn merge_list(s: &Setup, total_q: u32, partial_rows: &[PartialRow], slot_of: &[u32], sc: &mut Scratch) -> Merges {
     // Per partial token, its pieces in key order, for every query head.
+    let mut merges = reuse(&mut sc.merges);
+    let mut merge_slots = reuse(&mut sc.merge_slots);
     if partial_rows.is_empty() {
-        return Merges { merges: Vec::new(), merge_slots: Vec::new() };
+        return Merges { merges, merge_slots };
     }
     let (group, heads_us) = (s.group, s.heads as usize);
     let total_q = total_q as usize;
-    let mut token_start = vec![0u32; total_q + 1];
+    let token_start = &mut sc.token_start;
+    token_start.clear();
+    token_start.resize(total_q + 1, 0);
     for pr in partial_rows {
         token_start[pr.token as usize + 1] += 1;
     }
     for t in 0..total_q {
         token_start[t + 1] += token_start[t];
     }
-    let mut by_token = vec![PartialRow { token: 0, key_begin: 0, piece: 0, row: 0 }; partial_rows.len()];
+    let by_token = &mut sc.by_token;
+    by_token.clear();
+    by_token.resize(partial_rows.len(), PartialRow { token: 0, key_begin: 0, piece: 0, row: 0 });
     {
-        let mut next = token_start.clone();
+        let next = &mut sc.token_next;
+        next.clear();
+        next.extend_from_slice(token_start);
         for pr in partial_rows {
             by_token[next[pr.token as usize] as usize] = *pr;
             next[pr.token as usize] += 1;
@@ -823,8 +1009,8 @@ fn merge_list(s: &Setup, total_q: u32, partial_rows: &[PartialRow], slot_of: &[u
     // Sizes are known: one merge per (merged token, query head), its pieces' slots each.
     let merged_tokens = token_start.windows(2).filter(|w| w[1] > w[0]).count();
     let qo_heads = s.qo_heads as usize;
-    let mut merges = Vec::with_capacity(merged_tokens * qo_heads);
-    let mut merge_slots = vec![0u32; partial_rows.len() * qo_heads];
+    merges.reserve(merged_tokens * qo_heads);
+    merge_slots.resize(partial_rows.len() * qo_heads, 0);
     let mut next = 0usize;
     for t in 0..total_q {
         let list = &mut by_token[token_start[t] as usize..token_start[t + 1] as usize];
@@ -951,6 +1137,7 @@ mod tests {
             group_costs: Vec::new(),
             stats: PlanStats::default(),
             pool_layout: None,
+            scratch: Default::default(),
         }
     }
 
@@ -982,7 +1169,7 @@ mod tests {
             PlanOptions::default(),
             vec![PrefixGroup { prefix_len: 64, members: vec![2, 0, 1] }],
         );
-        let b = bundle_prefixes(&Setup::new(&plan, &p), &plan.batch.prefix_groups);
+        let b = bundle_prefixes(&Setup::new(&plan, &p), &plan.batch.prefix_groups, &mut Scratch::default());
         assert_eq!(b.bundle_of, [0, NO_BUNDLE, 0, NO_BUNDLE]);
         assert_eq!(b.shared_len, [64]);
         // Member order; the first sharer's pages are read.
@@ -994,7 +1181,7 @@ mod tests {
     fn bundle_tiles_hold_at_most_block_m_rows_and_cut_a_member_between_them() {
         let p = profile(16);
         let plan = plan(&[(3, 100), (3, 90)], 4, 1, &p, PlanOptions::default(), vec![PrefixGroup { prefix_len: 64, members: vec![0, 1] }]);
-        let b = bundle_prefixes(&Setup::new(&plan, &p), &plan.batch.prefix_groups);
+        let b = bundle_prefixes(&Setup::new(&plan, &p), &plan.batch.prefix_groups, &mut Scratch::default());
         assert_eq!(
             b.prefix_tiles,
             [
@@ -1011,7 +1198,7 @@ mod tests {
         let groups = vec![PrefixGroup { prefix_len: 64, members: vec![0, 1] }];
         let bundles = |lens: &[(u32, u32)], options: PlanOptions| {
             let plan = plan(lens, 4, 1, &p, options, groups.clone());
-            let b = bundle_prefixes(&Setup::new(&plan, &p), &plan.batch.prefix_groups);
+            let b = bundle_prefixes(&Setup::new(&plan, &p), &plan.batch.prefix_groups, &mut Scratch::default());
             (b.shared_len, b.prefix_tiles.iter().map(|t| t.key_end).collect::<Vec<_>>())
         };
         let decodes = [(1, 100), (1, 100)];
@@ -1040,8 +1227,8 @@ mod tests {
             vec![PrefixGroup { prefix_len: 64, members: vec![1, 2] }],
         );
         let s = Setup::new(&plan, &p);
-        let bundles = bundle_prefixes(&s, &plan.batch.prefix_groups);
-        let blocks = row_blocks(&s, &bundles);
+        let bundles = bundle_prefixes(&s, &plan.batch.prefix_groups, &mut Scratch::default());
+        let blocks = row_blocks(&s, &bundles, &mut Scratch::default());
         assert_eq!(
             blocks,
             [
@@ -1082,8 +1269,8 @@ mod tests {
         let runs_with = |options: PlanOptions, capacity: f64| {
             let plan = plan(&lens, 4, 1, &p, options, vec![]);
             let s = Setup::new(&plan, &p);
-            let blocks = row_blocks(&s, &bundle_prefixes(&s, &[]));
-            runs(&s, &blocks, capacity)
+            let blocks = row_blocks(&s, &bundle_prefixes(&s, &[], &mut Scratch::default()), &mut Scratch::default());
+            runs(&s, &blocks, capacity, &mut Scratch::default())
         };
         assert_eq!(runs_with(PlanOptions::default(), 6400.0), [true, false, false, false]);
         assert_eq!(runs_with(PlanOptions::default(), 6399.0), [false, false, false, false]);
@@ -1098,8 +1285,8 @@ mod tests {
         let p = profile(16);
         let plan = plan(&[(4, 100), (4, 100)], 4, 1, &p, PlanOptions::default(), vec![PrefixGroup { prefix_len: 64, members: vec![0, 1] }]);
         let s = Setup::new(&plan, &p);
-        let blocks = row_blocks(&s, &bundle_prefixes(&s, &plan.batch.prefix_groups));
-        assert_eq!(runs(&s, &blocks, 1e30), [false, false]);
+        let blocks = row_blocks(&s, &bundle_prefixes(&s, &plan.batch.prefix_groups, &mut Scratch::default()), &mut Scratch::default());
+        assert_eq!(runs(&s, &blocks, 1e30, &mut Scratch::default()), [false, false]);
     }
 
     #[test]
@@ -1143,10 +1330,10 @@ mod tests {
     /// Steps 1 to 3 of `plan`.
     fn split_plan(plan: &Plan, profile: &DeviceProfile, capacity: f64) -> Result<(Split, Vec<Block>)> {
         let s = Setup::new(plan, profile);
-        let bundles = bundle_prefixes(&s, &plan.batch.prefix_groups);
-        let blocks = row_blocks(&s, &bundles);
-        let runs = runs(&s, &blocks, capacity);
-        Ok((split(&s, capacity, &bundles.prefix_tiles, bundles.segments, &blocks, &runs)?, blocks))
+        let bundles = bundle_prefixes(&s, &plan.batch.prefix_groups, &mut Scratch::default());
+        let blocks = row_blocks(&s, &bundles, &mut Scratch::default());
+        let runs = runs(&s, &blocks, capacity, &mut Scratch::default());
+        Ok((split(&s, capacity, &bundles.prefix_tiles, bundles.segments, &blocks, &runs, &mut Scratch::default())?, blocks))
     }
 
     #[test]
@@ -1248,7 +1435,7 @@ mod tests {
             final_(7, 1, 10),
         ];
         let mut work = no_pieces();
-        pack(&s, 8000.0, 1, &to_pack, &mut work);
+        pack(&s, 8000.0, 1, &to_pack, &mut work, &mut Scratch::default());
         let tiles: Vec<Vec<u32>> = work
             .pieces
             .iter()
@@ -1277,7 +1464,7 @@ mod tests {
         // Six decodes (4 rows each), then three blocks of 6 tokens (24 rows).
         let to_pack: Vec<Block> = (0..9).map(|r| block(r, 0, if r < 6 { 1 } else { 6 }, (0, 1), false, NO_BUNDLE, 0.0)).collect();
         let mut work = no_pieces();
-        pack(&s, 1e9, 0, &to_pack, &mut work);
+        pack(&s, 1e9, 0, &to_pack, &mut work, &mut Scratch::default());
         assert_eq!(work.pieces.iter().map(|p| (p.seg_count, p.num_rows)).collect::<Vec<_>>(), [(4, 16), (2, 8), (2, 48), (1, 24)]);
     }
 
@@ -1299,18 +1486,18 @@ mod tests {
             piece(30.0, NO_BUNDLE, NO_RUN),
         ];
         let plan = plan_with(2, true);
-        let g = group(&Setup::new(&plan, &p), 30.0, 2, &pieces).unwrap();
+        let g = group(&Setup::new(&plan, &p), 30.0, 2, &pieces, &mut Scratch::default()).unwrap();
         // By piece, its units for KV heads 0 and 1: 80, run 70, 60, 50, 30, bundle 30, 5.
         assert_eq!(g.group_of, [6, 7, 2, 3, 2, 3, 10, 11, 10, 11, 0, 1, 4, 5, 12, 13, 8, 9]);
         assert_eq!(g.num_groups, 14);
         // Without balancing, a group per item in order.
         let plan = plan_with(2, false);
-        let g = group(&Setup::new(&plan, &p), 30.0, 2, &pieces).unwrap();
+        let g = group(&Setup::new(&plan, &p), 30.0, 2, &pieces, &mut Scratch::default()).unwrap();
         assert_eq!(g.group_of, (0..18).collect::<Vec<u32>>());
         assert_eq!(g.num_groups, 18);
         // No pieces: one (empty) group.
         let plan = plan_with(2, true);
-        let g = group(&Setup::new(&plan, &p), 100.0, 0, &[]).unwrap();
+        let g = group(&Setup::new(&plan, &p), 100.0, 0, &[], &mut Scratch::default()).unwrap();
         assert!(g.group_of.is_empty() && g.num_groups == 1);
     }
 
@@ -1320,9 +1507,9 @@ mod tests {
         let plan = plan(&[(1, 10)], 1, 65536, &p, PlanOptions::default(), vec![]);
         let s = Setup::new(&plan, &p);
         let pieces = vec![piece(1.0, NO_BUNDLE, NO_RUN); 65];
-        let e = group(&s, 100.0, 0, &pieces).err().unwrap().to_string();
+        let e = group(&s, 100.0, 0, &pieces, &mut Scratch::default()).err().unwrap().to_string();
         assert!(e.contains("the batch needs 4259840 work items (65 tiles × 65536 KV heads)"), "{e}");
-        assert!(group(&s, 100.0, 0, &pieces[..64]).is_ok());
+        assert!(group(&s, 100.0, 0, &pieces[..64], &mut Scratch::default()).is_ok());
     }
 
     #[test]
@@ -1340,7 +1527,7 @@ mod tests {
         let pieces = [with(4, false, 0), with(8, true, 1), with(16, true, 2)];
         // Pieces 1 and 2 one unit (groups 0 and 1), piece 0 after them.
         let groups = Groups { group_of: vec![2, 3, 0, 1, 0, 1], num_groups: 4 };
-        let Emitted { items, slot_of } = emit(&s, &pieces, &groups);
+        let Emitted { items, slot_of } = emit(&s, &pieces, &groups, &mut Scratch::default());
         let summary: Vec<(u32, u32, u32, u32, u32)> =
             items.iter().map(|i| (i.group, i.kv_head, i.seg_begin, i.chunk_begin, i.partial_slot)).collect();
         assert_eq!(
@@ -1357,7 +1544,7 @@ mod tests {
         assert_eq!(items.iter().map(|i| i.num_rows).collect::<Vec<_>>(), [8, 16, 8, 16, 4, 4]);
         assert_eq!(slot_of, [FINAL_OUTPUT, FINAL_OUTPUT, 0, 24, 8, 32]);
         // Nothing partial: no slots.
-        let Emitted { items, slot_of } = emit(&s, &pieces[..1], &Groups { group_of: vec![0, 1], num_groups: 2 });
+        let Emitted { items, slot_of } = emit(&s, &pieces[..1], &Groups { group_of: vec![0, 1], num_groups: 2 }, &mut Scratch::default());
         assert!(slot_of.is_empty() && items.iter().all(|i| i.partial_slot == FINAL_OUTPUT));
     }
 
@@ -1375,12 +1562,12 @@ mod tests {
         ];
         // Per (piece, KV head): the item's first slot.
         let slot_of = [10, 20, 30, 40];
-        let Merges { merges, merge_slots } = merge_list(&s, 3, &rows, &slot_of);
+        let Merges { merges, merge_slots } = merge_list(&s, 3, &rows, &slot_of, &mut Scratch::default());
         let m: Vec<(u32, u32, u32, u32)> = merges.iter().map(|m| (m.q_token, m.qo_head, m.slot_begin, m.slot_count)).collect();
         assert_eq!(m, [(1, 0, 0, 2), (1, 1, 2, 2), (1, 2, 4, 2), (1, 3, 6, 2), (2, 0, 8, 1), (2, 1, 9, 1), (2, 2, 10, 1), (2, 3, 11, 1)]);
         // A query head's row is its piece's slot + token row + its place in the GQA group.
         assert_eq!(merge_slots, [30, 12, 31, 13, 40, 22, 41, 23, 34, 35, 44, 45]);
-        let Merges { merges, merge_slots } = merge_list(&s, 3, &[], &[]);
+        let Merges { merges, merge_slots } = merge_list(&s, 3, &[], &[], &mut Scratch::default());
         assert!(merges.is_empty() && merge_slots.is_empty());
     }
 }

@@ -93,6 +93,7 @@ fn synthetic_plan(shape: Shape, rows: u32, keys: u32, num: u32, pool_pages: u32,
         merge_slots: vec![],
         stats: PlanStats::default(),
         pool_layout: None,
+        scratch: Default::default(),
         group_costs: vec![],
     }
 }

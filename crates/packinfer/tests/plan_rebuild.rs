@@ -1,0 +1,201 @@
+//! `Plan::rebuild`: the same plan as `Plan::build`, and no heap allocation once the plan has
+//! held a step at least as large. Its own test binary: the counting allocator is global.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+
+use packinfer::plan::{DeviceProfile, Plan, PlanOptions};
+use packinfer::types::{Batch, DType, PrefixGroup, Shape};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+/// Counts the allocations (and reallocations) of the thread that is counting.
+struct Counting;
+
+thread_local! {
+    static COUNTING: Cell<bool> = const { Cell::new(false) };
+    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+}
+
+fn note() {
+    // `try_with`: the allocator also runs while thread-locals are torn down.
+    let _ = COUNTING.try_with(|c| {
+        if c.get() {
+            let _ = ALLOCATIONS.try_with(|a| a.set(a.get() + 1));
+        }
+    });
+}
+
+// SAFETY: every call is forwarded to the system allocator unchanged; counting touches only
+// const-initialised thread-locals, which never allocate.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        note();
+        // SAFETY: the caller's contract is System's.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        note();
+        // SAFETY: as above.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        note();
+        // SAFETY: as above.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: as above.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// Heap allocations `f` makes on this thread.
+fn allocations(f: impl FnOnce()) -> u64 {
+    ALLOCATIONS.with(|a| a.set(0));
+    COUNTING.with(|c| c.set(true));
+    f();
+    COUNTING.with(|c| c.set(false));
+    ALLOCATIONS.with(|a| a.get())
+}
+
+fn shape(causal: bool) -> Shape {
+    Shape { num_qo_heads: 32, num_kv_heads: 8, head_dim: 128, dtype: DType::Bf16, causal, sm_scale: 0.088 }
+}
+
+/// `(q_len, kv_len)` requests on scattered pages of 16 keys, with `prefix` members a group.
+fn batch(lens: &[(u32, u32)], prefix: usize, rng: &mut SmallRng) -> Batch {
+    let (mut qo, mut kv, mut pages, mut last) = (vec![0i32], vec![0i32], Vec::new(), Vec::new());
+    for &(q, k) in lens {
+        qo.push(qo.last().unwrap() + q as i32);
+        for _ in 0..k.div_ceil(16) {
+            pages.push(rng.random_range(0..100_000));
+        }
+        kv.push(pages.len() as i32);
+        last.push(if k == 0 { 0 } else { ((k - 1) % 16 + 1) as i32 });
+    }
+    let prefix_groups = if prefix == 0 {
+        Vec::new()
+    } else {
+        (0..lens.len() / prefix)
+            .map(|g| {
+                let members: Vec<u32> = (g * prefix..(g + 1) * prefix).map(|m| m as u32).collect();
+                let shortest = members.iter().map(|&m| lens[m as usize].1).min().unwrap();
+                PrefixGroup { prefix_len: (shortest / 2).max(1), members }
+            })
+            .collect()
+    };
+    Batch { qo_indptr: qo, kv_indptr: kv, kv_page_indices: pages, kv_last_page_len: last, page_size: 16, num_pages: 100_000, prefix_groups }
+}
+
+fn decodes(n: usize, rng: &mut SmallRng) -> Vec<(u32, u32)> {
+    (0..n).map(|_| (1, rng.random_range(100..30_000))).collect()
+}
+
+/// The workloads of plan_bench, smaller where that changes nothing: decodes with and without
+/// prefix groups, short prompts (W5), long prompts with splits, a mixed step.
+fn cases() -> Vec<(&'static str, Shape, Batch, PlanOptions)> {
+    let mut rng = SmallRng::seed_from_u64(21);
+    let mut mixed = decodes(96, &mut rng);
+    mixed.push((2048, 4096));
+    let short: Vec<(u32, u32)> = (0..256).map(|_| rng.random_range(16..=256)).map(|l| (l, l)).collect();
+    let long = vec![(4000, 4000), (300, 9000), (1, 20000), (16, 16)];
+    let deterministic = PlanOptions { deterministic: true, split_keys: 1024, ..PlanOptions::default() };
+    vec![
+        ("256 decodes", shape(true), batch(&decodes(256, &mut rng), 0, &mut rng), PlanOptions::default()),
+        ("256 decodes, prefix groups of 8", shape(true), batch(&decodes(256, &mut rng), 8, &mut rng), PlanOptions::default()),
+        ("1024 decodes", shape(true), batch(&decodes(1024, &mut rng), 0, &mut rng), PlanOptions::default()),
+        ("1024 decodes, prefix groups of 8", shape(true), batch(&decodes(1024, &mut rng), 8, &mut rng), PlanOptions::default()),
+        ("256 short prompts", shape(true), batch(&short, 0, &mut rng), PlanOptions::default()),
+        ("mixed", shape(true), batch(&mixed, 0, &mut rng), PlanOptions::default()),
+        ("long prompts, deterministic", shape(true), batch(&long, 0, &mut rng), deterministic),
+        ("non-causal, no balancing", shape(false), batch(&decodes(64, &mut rng), 4, &mut rng), PlanOptions {
+            balancing: false,
+            ..PlanOptions::default()
+        }),
+        ("one request per tile", shape(true), batch(&short[..32], 0, &mut rng), PlanOptions {
+            packing: false,
+            balancing: false,
+            prefix_sharing: false,
+            split_kv: false,
+            ..PlanOptions::default()
+        }),
+    ]
+}
+
+fn assert_same(a: &Plan, b: &Plan, what: &str) {
+    assert_eq!(a.batch, b.batch, "{what}: batch");
+    assert_eq!(a.requests, b.requests, "{what}: requests");
+    assert_eq!(a.items, b.items, "{what}: items");
+    assert_eq!(a.row_segments, b.row_segments, "{what}: row segments");
+    assert_eq!(a.kv_chunks, b.kv_chunks, "{what}: KV chunks");
+    assert_eq!(a.merges, b.merges, "{what}: merges");
+    assert_eq!(a.merge_slots, b.merge_slots, "{what}: merge slots");
+    assert_eq!(a.group_costs, b.group_costs, "{what}: group costs");
+    let (mut sa, mut sb) = (a.stats, b.stats);
+    (sa.planning_ns, sb.planning_ns) = (0, 0);
+    assert_eq!(sa, sb, "{what}: stats");
+}
+
+#[test]
+fn rebuild_makes_the_plan_build_makes_whatever_the_plan_held_before() {
+    let profile = DeviceProfile::hopper(132);
+    let cases = cases();
+    // Every case re-planned into a plan that held each other case (larger, smaller, other
+    // options), against a fresh build.
+    for (before, sb, bb, ob) in &cases {
+        let mut plan = Plan::build(*sb, bb.clone(), &profile, ob.clone()).unwrap();
+        for (name, s, b, o) in &cases {
+            plan.rebuild(*s, b, &profile, o.clone()).unwrap();
+            let fresh = Plan::build(*s, b.clone(), &profile, o.clone()).unwrap();
+            assert_same(&plan, &fresh, &format!("{name} after {before}"));
+            plan.check_consistent().unwrap();
+        }
+    }
+}
+
+#[test]
+fn rebuild_allocates_nothing_once_the_plan_held_a_step_as_large() {
+    let profile = DeviceProfile::hopper(132);
+    for (name, s, b, o) in cases() {
+        let mut plan = Plan::build(s, b.clone(), &profile, o.clone()).unwrap();
+        // The first rebuild sizes the working buffers the build's plan did not keep.
+        plan.rebuild(s, &b, &profile, o.clone()).unwrap();
+        let n = allocations(|| plan.rebuild(s, &b, &profile, o.clone()).unwrap());
+        assert_eq!(n, 0, "{name}: {n} heap allocations in a steady-state rebuild");
+    }
+    // An engine's steps differ: after the largest, every other step re-plans without allocating.
+    let cases = cases();
+    let mut plan = Plan::build(shape(true), cases[0].2.clone(), &profile, PlanOptions::default()).unwrap();
+    for (_, s, b, o) in cases.iter().chain(cases.iter()) {
+        plan.rebuild(*s, b, &profile, o.clone()).unwrap();
+    }
+    for (name, s, b, o) in &cases {
+        let n = allocations(|| plan.rebuild(*s, b, &profile, o.clone()).unwrap());
+        assert_eq!(n, 0, "{name}: {n} heap allocations re-planning after every other step");
+    }
+}
+
+#[test]
+fn a_failed_rebuild_leaves_an_empty_plan_and_the_next_one_works() {
+    let profile = DeviceProfile::hopper(132);
+    let cases = cases();
+    let (_, s, b, o) = &cases[1];
+    let mut plan = Plan::build(*s, b.clone(), &profile, o.clone()).unwrap();
+    let mut bad = b.clone();
+    bad.kv_page_indices[3] = 200_000;
+    let e = plan.rebuild(*s, &bad, &profile, o.clone()).unwrap_err().to_string();
+    assert!(e.contains("200000"), "{e}");
+    assert_eq!((plan.requests.len(), plan.items.len(), plan.merges.len(), plan.batch.total_q()), (0, 0, 0, 0));
+    plan.check_consistent().unwrap();
+    // A capacity so small the work list would pass the limit: refused after scheduling began.
+    let tiny = PlanOptions { capacity: Some(1e-9), ..o.clone() };
+    assert!(plan.rebuild(*s, b, &DeviceProfile { cost_item: 0.0, block_n: 1, ..profile.clone() }, tiny).is_err());
+    assert_eq!((plan.requests.len(), plan.items.len(), plan.batch.total_q()), (0, 0, 0));
+    plan.check_consistent().unwrap();
+    plan.rebuild(*s, b, &profile, o.clone()).unwrap();
+    assert_same(&plan, &Plan::build(*s, b.clone(), &profile, o.clone()).unwrap(), "after errors");
+}

@@ -333,7 +333,7 @@ pub unsafe extern "C" fn packinfer_run(launch: PackinferLaunch, args: *const Pac
         let launch = LAUNCHES.get(launch.bits)?;
         // SAFETY: `args` points to an initialized struct (this function's contract).
         let a = unsafe { super::options("args", args)? };
-        let shape = &launch.bound.plan().shape;
+        let shape = launch.bound.shape();
         let rows = |ptr: u64, st: i64, sh: i64, name: &str| -> Result<RowsTensor> {
             if st < 0 || sh < 0 {
                 return Err(invalid!("{name} strides ({st}, {sh}) must not be negative"));
@@ -606,6 +606,8 @@ pub unsafe extern "C" fn packinfer_launch_update(launch: PackinferLaunch, plan: 
     guard("packinfer_launch_update", || {
         let launch = LAUNCHES.get(launch.bits)?;
         let plan = PLANS.get(plan.bits)?;
-        launch.bound.update(plan, stream as u64)
+        // SAFETY: a plan handle's plan was made by the planner (packinfer_plan_create and
+        // _update, packinfer_pool_plan_create) and the C API never writes to it afterwards.
+        unsafe { launch.bound.update_planned(plan, stream as u64) }
     })
 }

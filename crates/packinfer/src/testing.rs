@@ -14,7 +14,7 @@ use crate::types::{Batch, DType, KvLayout, Shape};
 
 pub use crate::backend::cuda::calibrate::Sample;
 pub use crate::backend::cuda::driver::{sync_stream, CtxGuard, Device, DeviceBuffer};
-pub use crate::backend::cuda::launch::{CudaBound, KernelParams, KvRange, PlanHeader, SegmentInfo, TensorMap};
+pub use crate::backend::cuda::launch::{CudaBound, HostUpload, KernelParams, KvRange, PlanHeader, SegmentInfo, TensorMap};
 
 /// NVRTC compilation and the kernel cache.
 pub mod compile {
@@ -22,6 +22,12 @@ pub mod compile {
         cache_file_name, compile, compile_source, nvrtc_present, nvrtc_version, Compiled, KernelCache, Unit, Variant, SHORT_PREFILL_CTAS,
         WORK_CUH,
     };
+}
+
+/// `plan`'s statistics and group costs measured item by item, as the scheduler's per-piece
+/// counts must give them.
+pub fn stats_by_items(plan: &Plan, profile: &DeviceProfile) -> (crate::plan::PlanStats, Vec<f64>) {
+    plan.stats_by_items(profile)
 }
 
 /// Whether the CUDA driver and NVRTC load and device `ordinal` exists.

@@ -158,6 +158,19 @@ fn rebuild_makes_the_plan_build_makes_whatever_the_plan_held_before() {
 }
 
 #[test]
+fn statistics_counted_per_piece_are_those_of_the_work_items() {
+    let profile = DeviceProfile::hopper(132);
+    for (name, s, b, o) in cases() {
+        let plan = Plan::build(s, b, &profile, o).unwrap();
+        let (mut want, costs) = packinfer::testing::stats_by_items(&plan, &profile);
+        let mut got = plan.stats;
+        (got.planning_ns, want.planning_ns) = (0, 0);
+        assert_eq!(got, want, "{name}");
+        assert_eq!(plan.group_costs, costs, "{name}");
+    }
+}
+
+#[test]
 fn rebuild_allocates_nothing_once_the_plan_held_a_step_as_large() {
     let profile = DeviceProfile::hopper(132);
     for (name, s, b, o) in cases() {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::error::Result;
 use crate::plan::{DeviceProfile, Plan};
-use crate::types::RunArgs;
+use crate::types::{RunArgs, Shape};
 
 /// The two backends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -203,22 +203,17 @@ impl LaunchCapacity {
     }
 }
 
-/// Whether `launch_plan`'s launch, sized for `capacity`, can take `plan` by `BoundPlan::update`:
+/// Whether a launch of `shape` and `page_size`, sized for `capacity`, can take `plan` by `BoundPlan::update`:
 /// the same shape and page size (a run's K/V tensor maps, which a captured graph keeps, are made
 /// for the launch's), every count within the capacity. Says which is not, by value.
-pub(crate) fn check_update(launch_plan: &Plan, capacity: &LaunchCapacity, plan: &Plan) -> Result<()> {
-    if plan.shape != launch_plan.shape {
-        return Err(crate::invalid!(
-            "the new plan's shape {:?} differs from the launch's {:?}; create a new launch",
-            plan.shape,
-            launch_plan.shape
-        ));
+pub(crate) fn check_update(shape: &Shape, page_size: u32, capacity: &LaunchCapacity, plan: &Plan) -> Result<()> {
+    if plan.shape != *shape {
+        return Err(crate::invalid!("the new plan's shape {:?} differs from the launch's {:?}; create a new launch", plan.shape, shape));
     }
-    if plan.batch.page_size != launch_plan.batch.page_size {
+    if plan.batch.page_size != page_size {
         return Err(crate::invalid!(
-            "the new plan's page_size = {} differs from the launch's {}; create a new launch",
-            plan.batch.page_size,
-            launch_plan.batch.page_size
+            "the new plan's page_size = {} differs from the launch's {page_size}; create a new launch",
+            plan.batch.page_size
         ));
     }
     capacity.check_fits(plan)
@@ -226,9 +221,11 @@ pub(crate) fn check_update(launch_plan: &Plan, capacity: &LaunchCapacity, plan: 
 
 /// A plan bound to a device: what a launch handle holds.
 pub trait BoundPlan: Send + Sync {
-    /// The plan the launch was created with; a plan given to `update` has its shape and page
-    /// size.
-    fn plan(&self) -> &Arc<Plan>;
+    /// The shape of the plan the launch was created with; a plan given to `update` has it (and
+    /// its page size). The launch keeps only what its runs need of a plan (the CPU backend the
+    /// plan it executes, the CUDA backend the device copy), so an engine may re-plan into a plan
+    /// (`Plan::rebuild`) once another plan has replaced it in the launch.
+    fn shape(&self) -> &Shape;
     /// Computes one layer. Allocates nothing and waits for nothing on the CUDA backend.
     ///
     /// The backend checks the plan (at `bind` and `update`) and that the pointers it needs are
@@ -261,5 +258,16 @@ pub trait BoundPlan: Send + Sync {
     fn update(&self, plan: Arc<Plan>, stream: u64) -> Result<()> {
         let _ = (plan, stream);
         Err(crate::unsupported!("this backend's launches cannot be updated; create a new launch"))
+    }
+    /// [`BoundPlan::update`] for a plan as the planner made it: the CUDA backend skips the
+    /// consistency check (`Plan::check_consistent`), whose facts the planner guarantees, and
+    /// keeps the checks of the launch's shape, capacity and tile height (the C API's plans are
+    /// all made so, and this is what `packinfer_launch_update` calls).
+    ///
+    /// # Safety
+    /// `plan` was returned by `Plan::build` or `KvPool::plan`, or last written by
+    /// `Plan::rebuild`/`rebuild_with`, and none of its fields was changed afterwards.
+    unsafe fn update_planned(&self, plan: Arc<Plan>, stream: u64) -> Result<()> {
+        self.update(plan, stream)
     }
 }

@@ -197,15 +197,25 @@ pub(crate) struct LayoutStamp {
     pub(crate) seen: u64,
 }
 
+impl LayoutStamp {
+    /// Refuses a plan whose pool has moved pages since the stamp was taken.
+    pub(crate) fn check(&self) -> Result<()> {
+        if self.generation.load(std::sync::atomic::Ordering::Acquire) != self.seen {
+            return Err(invalid!(
+                "the plan is stale: its KV pool moved pages (a relayout) after the plan was made; plan the step again after relayout"
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Plan {
     /// Refuses a plan made from a KV pool that has moved pages since (a relayout): its page
     /// tables point at where the keys were. Backends call it at bind, update and run.
     pub fn check_fresh(&self) -> Result<()> {
         match &self.pool_layout {
-            Some(l) if l.generation.load(std::sync::atomic::Ordering::Acquire) != l.seen => Err(invalid!(
-                "the plan is stale: its KV pool moved pages (a relayout) after the plan was made; plan the step again after relayout"
-            )),
-            _ => Ok(()),
+            Some(l) => l.check(),
+            None => Ok(()),
         }
     }
 }
@@ -357,14 +367,14 @@ impl Plan {
         self.requests.clear();
         self.requests.extend((0..batch.len()).map(|r| RequestInfo::of(batch, r)));
         let o = &self.options;
-        let (capacity, num_split_requests) = if !(o.packing || o.balancing || o.prefix_sharing || o.split_kv) {
+        let (capacity, num_split_requests, totals) = if !(o.packing || o.balancing || o.prefix_sharing || o.split_kv) {
             self.schedule_one_request_per_tile();
-            (0.0, 0)
+            (0.0, 0, None)
         } else {
             let outcome = schedule::schedule(self, profile)?;
-            (outcome.capacity, outcome.num_split_requests)
+            (outcome.capacity, outcome.num_split_requests, Some(outcome.totals))
         };
-        self.finish_stats(profile, capacity, num_split_requests, started);
+        self.finish_stats(profile, capacity, num_split_requests, totals, started);
         Ok(())
     }
 
@@ -404,9 +414,9 @@ impl Plan {
         }
     }
 
-    /// Fills `stats` and `group_costs` from the finished work list. Work items that share
-    /// their chunks (the KV-head copies of one piece) are measured once.
-    fn finish_stats(&mut self, profile: &DeviceProfile, capacity: f64, num_split_requests: u32, started: Instant) {
+    /// Fills `group_costs` from the finished work list and returns its totals. Work items that
+    /// share their chunks (the KV-head copies of one piece) are measured once.
+    fn measure_items(&mut self, profile: &DeviceProfile) -> WorkTotals {
         let group = self.shape.group_size() as u64;
         let causal = self.shape.causal;
         // Per chunk_begin: (item cost, useful pairs, computed pairs), measured once.
@@ -461,6 +471,26 @@ impl Plan {
         if num_groups > 0 {
             group_costs[run_group] = run_cost;
         }
+        self.group_costs = group_costs;
+        self.scratch.measured = measured;
+        WorkTotals { useful, computed, partial_items, partial_slots }
+    }
+
+    /// The statistics and group costs measured item by item (what the scheduler counts per
+    /// piece), for tests.
+    pub(crate) fn stats_by_items(&self, profile: &DeviceProfile) -> (PlanStats, Vec<f64>) {
+        let mut p = self.clone();
+        p.finish_stats(profile, self.stats.capacity, self.stats.num_split_requests, None, Instant::now());
+        (p.stats, p.group_costs)
+    }
+
+    /// Fills `stats` (and `group_costs`, unless the scheduler's `totals` come with them).
+    fn finish_stats(&mut self, profile: &DeviceProfile, capacity: f64, num_split_requests: u32, totals: Option<WorkTotals>, started: Instant) {
+        let WorkTotals { useful, computed, partial_items, partial_slots } = match totals {
+            Some(t) => t,
+            None => self.measure_items(profile),
+        };
+        let group_costs = std::mem::take(&mut self.group_costs);
         // Workers take the groups in order, each the next one as soon as it is free.
         let workers = profile.num_workers as usize;
         let max_worker = if group_costs.len() <= workers {
@@ -476,7 +506,6 @@ impl Plan {
             self.scratch.load_tree = free.into_tree();
             max
         };
-        self.scratch.measured = measured;
         let total: f64 = group_costs.iter().sum();
         let n = group_costs.len().max(1) as f64;
         self.stats = PlanStats {
@@ -516,6 +545,17 @@ impl Plan {
     }
 }
 
+/// What the statistics count over a plan's work items.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct WorkTotals {
+    /// Real (row, visible key) pairs and (row, key) pairs the tiles compute.
+    pub(crate) useful: u64,
+    pub(crate) computed: u64,
+    /// Items writing partial slots, and the slots they write.
+    pub(crate) partial_items: u32,
+    pub(crate) partial_slots: u32,
+}
+
 /// Scratch for `slots` partial rows of `head_dim`: their fp32 outputs, then their LSEs.
 pub fn scratch_bytes(slots: u32, head_dim: u32) -> usize {
     slots as usize * (head_dim as usize + 1) * 4
@@ -523,7 +563,7 @@ pub fn scratch_bytes(slots: u32, head_dim: u32) -> usize {
 
 /// Σ over queries `q_begin .. q_begin + q_count` of `req` of the keys in `[key_begin, key_end)`
 /// each can see. Causal limits grow by one key per query, so the sum is computed in closed form.
-fn visible_keys(req: &RequestInfo, q_begin: u32, q_count: u32, causal: bool, key_begin: u32, key_end: u32) -> u64 {
+pub(crate) fn visible_keys(req: &RequestInfo, q_begin: u32, q_count: u32, causal: bool, key_begin: u32, key_end: u32) -> u64 {
     if q_count == 0 || key_end <= key_begin {
         return 0;
     }

@@ -42,7 +42,8 @@
 //! `kv_chunks` entries (a work item only names index ranges into them) and differ in `kv_head`,
 //! `partial_slot` and `group`.
 
-use super::cost::{chunk_cost, item_cost, min_capacity, ROW_SLICE};
+use super::cost::{chunk_cost, item_cost, min_capacity, sliced_rows, ROW_SLICE};
+use super::{visible_keys, WorkTotals};
 use super::{DeviceProfile, KvChunk, MergeRow, Plan, PlanOptions, RequestInfo, RowSegment, WorkItem, FINAL_OUTPUT};
 use crate::error::Result;
 use crate::invalid;
@@ -110,6 +111,9 @@ impl<'a> Setup<'a> {
 pub(super) struct Outcome {
     pub capacity: f64,
     pub num_split_requests: u32,
+    /// The statistics' totals, counted per piece rather than per work item (the plan's
+    /// `group_costs` come with them).
+    pub totals: WorkTotals,
 }
 
 /// Builds the work list of `plan` (whose requests are filled in) with every technique its
@@ -129,6 +133,9 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
     plan.kv_chunks = std::mem::take(&mut sc.chunks);
     plan.merges = std::mem::take(&mut sc.merges);
     plan.merge_slots = std::mem::take(&mut sc.merge_slots);
+    if result.is_ok() {
+        std::mem::swap(&mut plan.group_costs, &mut sc.group_costs);
+    }
     plan.scratch = sc;
     result
 }
@@ -164,9 +171,43 @@ fn schedule_steps(plan: &Plan, profile: &DeviceProfile, sc: &mut Scratch) -> Res
         - p.cost)
         .abs()
         <= 1e-6 * p.cost.max(1.0)));
+    let totals = totals(&s, &pieces, &groups, &sc.segments, &sc.chunks, &mut sc.group_costs);
     (sc.pieces, sc.partial_rows, sc.group_of, sc.slot_of) = (pieces, partial_rows, groups.group_of, slot_of);
     (sc.items, sc.merges, sc.merge_slots) = (items, merges, merge_slots);
-    Ok(Outcome { capacity, num_split_requests })
+    Ok(Outcome { capacity, num_split_requests, totals })
+}
+
+/// The statistics' totals and each group's cost, per piece: its KV-head copies are the same
+/// work. Groups are numbered up to the last that has items; a group's pieces are summed in
+/// piece order, as its items are.
+fn totals(s: &Setup, pieces: &[Piece], groups: &Groups, segments: &[RowSegment], chunks: &[KvChunk], group_costs: &mut Vec<f64>) -> WorkTotals {
+    let heads_us = s.heads as usize;
+    let num_groups = groups.group_of.iter().max().map_or(0, |&g| g as usize + 1);
+    group_costs.clear();
+    group_costs.resize(num_groups, 0.0);
+    let (mut useful, mut computed, mut partial_pieces, mut partial_rows) = (0u64, 0u64, 0u32, 0u32);
+    for (p, piece_groups) in pieces.iter().zip(groups.group_of.chunks_exact(heads_us)) {
+        for &g in piece_groups {
+            group_costs[g as usize] += p.cost;
+        }
+        if p.partial {
+            partial_pieces += 1;
+            partial_rows += p.num_rows;
+        }
+        let segs = &segments[p.seg_begin as usize..(p.seg_begin + p.seg_count) as usize];
+        for c in &chunks[p.chunk_begin as usize..(p.chunk_begin + p.chunk_count) as usize] {
+            computed += sliced_rows(c.row_begin, c.row_end) as u64 * (c.key_end - c.key_begin) as u64;
+            // Segments are laid out in row order: those starting in the chunk's rows are one run.
+            let first = segs.partition_point(|sg| sg.row_begin < c.row_begin);
+            for sg in segs[first..].iter().take_while(|sg| sg.row_begin < c.row_end) {
+                let req = &s.requests[sg.request as usize];
+                useful += s.group as u64 * visible_keys(req, sg.q_begin, sg.q_count, s.causal, c.key_begin, c.key_end);
+            }
+        }
+    }
+    let heads = s.heads as u64;
+    // Every partial item gets `num_rows` slots of its own (`emit`).
+    WorkTotals { useful: useful * heads, computed: computed * heads, partial_items: partial_pieces * s.heads, partial_slots: partial_rows * s.heads }
 }
 
 /// The buffers of the schedule's steps, kept in the plan between builds (`Plan::rebuild`): each
@@ -197,6 +238,7 @@ pub(crate) struct Scratch {
     bundle_list: Vec<u32>,
     group_of: Vec<u32>,
     group_start: Vec<u32>,
+    group_costs: Vec<f64>,
     piece_at: Vec<u32>,
     slot_of: Vec<u32>,
     token_start: Vec<u32>,

@@ -16,7 +16,7 @@ use super::{check_update, Backend, BackendKind, BoundPlan, KvMemory, LaunchCapac
 use crate::error::{Error, Result};
 use crate::invalid;
 use crate::plan::{DeviceProfile, MergeRow, Plan, WorkItem, FINAL_OUTPUT};
-use crate::types::{DType, RunArgs};
+use crate::types::{DType, RunArgs, Shape};
 
 /// The CPU backend: executes a plan's work list on host threads, with host tensors. Open it
 /// with [`crate::backend::open`] or [`CpuBackend::new`].
@@ -77,7 +77,7 @@ impl Backend for CpuBackend {
             }
         };
         let bound = Bound::of(plan.clone());
-        Ok(Box::new(CpuBound { shape_plan: plan, capacity, threads: self.threads, state: Mutex::new(CpuState { bound, scratch }) }))
+        Ok(Box::new(CpuBound { shape: plan.shape, page_size: plan.batch.page_size, capacity, threads: self.threads, state: Mutex::new(CpuState { bound, scratch }) }))
     }
     fn alloc_kv(&self, bytes: usize) -> Result<Box<dyn KvMemory>> {
         Ok(Box::new(HostKvMemory::new(bytes)?))
@@ -106,8 +106,10 @@ fn group_ranges(items: &[WorkItem]) -> Vec<std::ops::Range<usize>> {
 }
 
 struct CpuBound {
-    /// The plan the launch was created with: its shape is the launch's (`update` keeps it).
-    shape_plan: Arc<Plan>,
+    /// The shape and page size of the plan the launch was created with: the launch's (`update`
+    /// keeps them). Not the plan itself, which the launch lets go once another replaces it.
+    shape: Shape,
+    page_size: u32,
     capacity: LaunchCapacity,
     threads: u32,
     /// The plan that runs and the scratch, under one lock: one run or update at a time per
@@ -139,8 +141,8 @@ impl Bound {
 }
 
 impl BoundPlan for CpuBound {
-    fn plan(&self) -> &Arc<Plan> {
-        &self.shape_plan
+    fn shape(&self) -> &Shape {
+        &self.shape
     }
     unsafe fn run(&self, args: &RunArgs) -> Result<()> {
         let mut state = self.state.lock();
@@ -180,7 +182,7 @@ impl BoundPlan for CpuBound {
     }
     fn update(&self, plan: Arc<Plan>, _stream: u64) -> Result<()> {
         check_plan(&plan)?;
-        check_update(&self.shape_plan, &self.capacity, &plan)?;
+        check_update(&self.shape, self.page_size, &self.capacity, &plan)?;
         self.state.lock().bound = Bound::of(plan);
         Ok(())
     }
@@ -195,16 +197,21 @@ fn check_plan(plan: &Plan) -> Result<()> {
 
 /// Null pointers are the only thing the CPU can check about the caller's tensors.
 pub(crate) fn check_run_args(plan: &Plan, args: &RunArgs) -> Result<()> {
-    if plan.batch.total_q() == 0 {
+    check_run_pointers(plan.batch.total_q(), plan.batch.kv_page_indices.len(), args)
+}
+
+/// [`check_run_args`] for a plan of `total_q` query tokens reading `pages` pages.
+pub(crate) fn check_run_pointers(total_q: u32, pages: usize, args: &RunArgs) -> Result<()> {
+    if total_q == 0 {
         return Ok(());
     }
     for (name, p) in [("q", args.q.ptr), ("o", args.o.ptr)] {
         if p == 0 {
-            return Err(invalid!("{name} is a null pointer but the plan has {} query tokens", plan.batch.total_q()));
+            return Err(invalid!("{name} is a null pointer but the plan has {total_q} query tokens"));
         }
     }
-    if !plan.batch.kv_page_indices.is_empty() && (args.kv.k == 0 || args.kv.v == 0) {
-        return Err(invalid!("kv.k or kv.v is a null pointer but the plan reads {} pages", plan.batch.kv_page_indices.len()));
+    if pages > 0 && (args.kv.k == 0 || args.kv.v == 0) {
+        return Err(invalid!("kv.k or kv.v is a null pointer but the plan reads {pages} pages"));
     }
     Ok(())
 }

@@ -160,6 +160,56 @@ impl Drop for DeviceBuffer {
     }
 }
 
+/// Page-locked host memory (`cuMemHostAlloc`), freed on drop: a copy from it to the device is
+/// truly asynchronous (the driver neither stages it nor waits for the stream first), so the
+/// memory must not change until the copy has run.
+pub struct PinnedBuffer {
+    ptr: *mut u8,
+    bytes: usize,
+    ctx: sys::CUcontext,
+}
+
+// SAFETY: host memory and its context; `&PinnedBuffer` only reads it, writes need `&mut`.
+unsafe impl Send for PinnedBuffer {}
+// SAFETY: as for Send.
+unsafe impl Sync for PinnedBuffer {}
+
+impl PinnedBuffer {
+    /// Allocates `bytes` (at least 1) of page-locked memory on `dev`'s context, zeroed.
+    pub fn new(dev: &Device, bytes: usize, what: &str) -> Result<PinnedBuffer> {
+        let _g = dev.enter()?;
+        let bytes = bytes.max(1);
+        // SAFETY: a context is current; no flags (portable to this context only).
+        let ptr = unsafe { cu::malloc_host(bytes, 0) }.map_err(|e| device_err(what, e))? as *mut u8;
+        // SAFETY: the allocation is `bytes` long and ours.
+        unsafe { std::ptr::write_bytes(ptr, 0, bytes) };
+        Ok(PinnedBuffer { ptr, bytes, ctx: dev.ctx })
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `bytes` initialised bytes (zeroed in new), alive as long as self.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.bytes) }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in as_slice; `&mut self` makes the borrow unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.bytes) }
+    }
+}
+
+impl Drop for PinnedBuffer {
+    fn drop(&mut self) {
+        // SAFETY: allocated in new on ctx, freed once, with that context current.
+        unsafe {
+            if sys::cuCtxPushCurrent_v2(self.ctx) == sys::CUresult::CUDA_SUCCESS {
+                let _ = cu::free_host(self.ptr as *mut c_void);
+                let mut old = std::ptr::null_mut();
+                let _ = sys::cuCtxPopCurrent_v2(&mut old);
+            }
+        }
+    }
+}
+
 /// A completion event (timing disabled).
 pub struct Event {
     pub(crate) event: sys::CUevent,

@@ -10,12 +10,12 @@ use cudarc::driver::result as cu;
 use cudarc::driver::sys;
 use parking_lot::Mutex;
 
-use super::driver::{self, DeviceBuffer, Event};
+use super::driver::{self, DeviceBuffer, Event, PinnedBuffer};
 use super::{LoadedAttention, Shared};
 use crate::backend::{BoundPlan, LaunchCapacity, Scratch};
 use crate::error::Result;
 use crate::invalid;
-use crate::plan::{KvChunk, MergeRow, Plan, RequestInfo, RowSegment, WorkItem};
+use crate::plan::{KvChunk, LayoutStamp, MergeRow, Plan, RequestInfo, RowSegment, WorkItem};
 use crate::types::{Batch, KvLayout, RunArgs, Shape};
 
 /// Counts and shape of the uploaded plan; mirrors `PlanHeader` in `kernels/work.cuh`. The
@@ -168,7 +168,7 @@ pub const NO_ROW: u32 = u32::MAX;
 impl KvRange {
     /// `runs[i]`: the end of the run of consecutive page numbers that page list entry i starts
     /// (`consecutive_page_runs`).
-    pub fn of(chunk: &KvChunk, req: &RequestInfo, batch: &Batch, runs: &[u32]) -> KvRange {
+    pub fn of(chunk: &KvChunk, req: &RequestInfo, batch: &Batch) -> KvRange {
         let mut row0 = NO_ROW;
         if chunk.key_end > chunk.key_begin {
             let ps = batch.page_size;
@@ -177,7 +177,10 @@ impl KvRange {
             let page = batch.kv_page_indices[first];
             let row = page as i64 * ps as i64 + (chunk.key_begin % ps) as i64;
             // The kernels add key offsets to row0 in 32 bits and TMA boxes take rows as i32.
-            if runs[first] as usize > last && page >= 0 && row + ((chunk.key_end - chunk.key_begin) as i64) <= i32::MAX as i64 {
+            // Pages in order: scanning the chunk's own pages stops at the first gap, which
+            // scattered pages show at once.
+            let consecutive = batch.kv_page_indices[first..=last].windows(2).all(|w| w[0].checked_add(1) == Some(w[1]));
+            if consecutive && page >= 0 && row + ((chunk.key_end - chunk.key_begin) as i64) <= i32::MAX as i64 {
                 row0 = row as u32;
             }
         }
@@ -190,16 +193,6 @@ impl KvRange {
             row0,
         }
     }
-}
-
-/// For each entry i of a page list, one past the last entry j >= i with pages[k + 1] ==
-/// pages[k] + 1 for every k in i..j: entries i..=last are consecutive pages iff runs[i] > last.
-pub fn consecutive_page_runs(pages: &[i32]) -> Vec<u32> {
-    let mut runs = vec![0u32; pages.len()];
-    for i in (0..pages.len()).rev() {
-        runs[i] = if i + 1 < pages.len() && pages[i].checked_add(1) == Some(pages[i + 1]) { runs[i + 1] } else { i as u32 + 1 };
-    }
-    runs
 }
 
 /// A TMA descriptor (the driver's CUtensorMap: 128 opaque bytes, 64-byte aligned).
@@ -340,26 +333,160 @@ fn put<T: Pod>(buf: &mut [u8], at: usize, values: &[T]) {
     buf[at..at + src.len()].copy_from_slice(src);
 }
 
-/// Checks what the kernels need beyond `Plan::check_consistent` (which the launch's `bind` and
-/// `update` run first): tiles no taller than this kernel's, whose rows then also bound the
-/// segments an item may have (the kernels keep one per row in shared memory). Returns the
-/// group offsets.
-fn check_plan(plan: &Plan, block_m: u32) -> Result<Vec<u32>> {
-    for (i, it) in plan.items.iter().enumerate() {
-        if it.num_rows > block_m {
-            return Err(invalid!("items[{i}].num_rows = {} is more than the CUDA kernel's block_m = {block_m}", it.num_rows));
+/// Writes the values `values` yields into the image at byte `at`, one after another.
+fn put_each<T: Pod>(buf: &mut [u8], at: usize, values: impl ExactSizeIterator<Item = T>) {
+    let size = std::mem::size_of::<T>();
+    let dst = &mut buf[at..at + values.len() * size];
+    for (d, v) in dst.chunks_exact_mut(size).zip(values) {
+        d.copy_from_slice(bytemuck::bytes_of(&v));
+    }
+}
+
+/// Writes `plan` into `img`, the image of a launch's device buffer laid out by `layout` for a
+/// capacity the plan fits, and returns how many leading bytes of it the plan uses (what the
+/// upload copies). Checks what the kernels need beyond `Plan::check_consistent` (which `bind`
+/// and `update` run first): tiles no taller than this kernel's, whose rows then also bound the
+/// segments an item may have (the kernels keep one per row in shared memory). Allocates
+/// nothing.
+fn write_image(layout: &Layout, block_m: u32, plan: &Plan, img: &mut [u8]) -> Result<usize> {
+    if let Some((i, it)) = plan.items.iter().enumerate().find(|(_, it)| it.num_rows > block_m) {
+        return Err(invalid!("items[{i}].num_rows = {} is more than the CUDA kernel's block_m = {block_m}", it.num_rows));
+    }
+    let s = &plan.shape;
+    let l = layout;
+    // check_consistent has checked that items are sorted by group, every group below the number
+    // of items: group g's items start at the first item of a group >= g.
+    let groups = plan.items.last().map(|i| i.group + 1).unwrap_or(0);
+    let header = PlanHeader {
+        num_items: plan.items.len() as u32,
+        num_groups: groups,
+        num_merges: plan.merges.len() as u32,
+        num_slots: plan.num_partial_slots(),
+        group_size: s.group_size(),
+        page_size: plan.batch.page_size,
+        causal: s.causal as u32,
+        reserved: 0,
+        sm_scale_log2: s.sm_scale * std::f32::consts::LOG2_E,
+        reserved2: [0; 3],
+    };
+    put(img, 0, &[header]);
+    put(img, l.group_counter, &[0u32]);
+    put(img, l.items, &plan.items);
+    {
+        let mut at = l.group_offsets;
+        let mut put_offset = |v: u32| {
+            img[at..at + 4].copy_from_slice(&v.to_ne_bytes());
+            at += 4;
+        };
+        let mut g = 0u32;
+        for (i, it) in plan.items.iter().enumerate() {
+            while g <= it.group {
+                put_offset(i as u32);
+                g += 1;
+            }
+        }
+        put_offset(plan.items.len() as u32);
+    }
+    // check_consistent has verified every request index.
+    put_each(img, l.segments, plan.row_segments.iter().map(|sg| SegmentInfo::of(sg, &plan.requests[sg.request as usize], s.causal)));
+    put_each(img, l.chunks, plan.kv_chunks.iter().map(|c| KvRange::of(c, &plan.requests[c.request as usize], &plan.batch)));
+    put(img, l.pages, &plan.batch.kv_page_indices);
+    put(img, l.merges, &plan.merges);
+    put(img, l.merge_slots, &plan.merge_slots);
+    Ok(l.merge_slots + plan.merge_slots.len() * 4)
+}
+
+/// What a run checks of the plan uploaded last, kept instead of the plan itself: the launch
+/// holds no plan, so the engine may re-plan into it (`Plan::rebuild`) while the device runs.
+struct Uploaded {
+    total_q: u32,
+    pages: usize,
+    pool_layout: Option<LayoutStamp>,
+}
+
+impl Uploaded {
+    fn of(plan: &Plan) -> Uploaded {
+        Uploaded { total_q: plan.batch.total_q(), pages: plan.batch.kv_page_indices.len(), pool_layout: plan.pool_layout.clone() }
+    }
+}
+
+/// Page-locked images a launch uploads from. A copy from page-locked memory reads it when the
+/// copy runs on the stream, possibly after later uploads were written: each upload takes a slot
+/// whose last copy has completed, adding one while the host runs ahead of the device (at most
+/// `MAX_STAGING_SLOTS`; beyond that it waits for the oldest copy).
+struct Staging {
+    slots: Vec<StagingSlot>,
+    /// The slot to try first, and the one written last.
+    next: usize,
+    last: usize,
+}
+
+struct StagingSlot {
+    image: PinnedBuffer,
+    /// Recorded after the copy from `image`.
+    copied: Event,
+}
+
+/// Uploads a launch may have in flight before the next one waits: an engine that plans and
+/// updates a step ahead of the device uses two.
+const MAX_STAGING_SLOTS: usize = 4;
+
+impl Staging {
+    /// A slot whose image may be written: the next in turn if its copy has completed, else a new
+    /// one while there are fewer than `MAX_STAGING_SLOTS`, else the next after its copy.
+    fn free_slot(&mut self, dev: &driver::Device, bytes: usize) -> Result<usize> {
+        let i = self.next;
+        if self.slots[i].copied.is_done()? {
+            return Ok(i);
+        }
+        if self.slots.len() < MAX_STAGING_SLOTS {
+            self.slots.push(StagingSlot { image: PinnedBuffer::new(dev, bytes, "allocating an upload image")?, copied: Event::new(dev)? });
+            return Ok(self.slots.len() - 1);
+        }
+        self.slots[i].copied.wait()?;
+        Ok(i)
+    }
+}
+
+/// The host work of `packinfer_launch_update` without a device, for the planner benchmark:
+/// the checks an update makes and the image it writes (everything but the copy and the event).
+pub struct HostUpload {
+    shape: Shape,
+    page_size: u32,
+    capacity: LaunchCapacity,
+    layout: Layout,
+    block_m: u32,
+    image: Vec<u8>,
+}
+
+impl HostUpload {
+    /// For a launch created from `plan` with `capacity` and a kernel of `block_m` rows.
+    pub fn new(plan: &Plan, capacity: &LaunchCapacity, block_m: u32) -> HostUpload {
+        let capacity = capacity.max(&LaunchCapacity::of(plan));
+        let layout = Layout::new(&capacity);
+        HostUpload {
+            shape: plan.shape,
+            page_size: plan.batch.page_size,
+            capacity,
+            layout,
+            block_m,
+            image: vec![0; layout.total],
         }
     }
-    // check_consistent has bounded every group by the number of items.
-    let groups = plan.items.last().map(|i| i.group + 1).unwrap_or(0);
-    let mut offsets = vec![0u32; groups as usize + 1];
-    for it in &plan.items {
-        offsets[it.group as usize + 1] += 1;
+
+    /// What `update_planned` (`packinfer_launch_update`) does on the host for `plan`; returns
+    /// the bytes it would copy.
+    pub fn update_planned(&mut self, plan: &Plan) -> Result<usize> {
+        plan.check_fresh()?;
+        crate::backend::check_update(&self.shape, self.page_size, &self.capacity, plan)?;
+        write_image(&self.layout, self.block_m, plan, &mut self.image)
     }
-    for g in 0..groups as usize {
-        offsets[g + 1] += offsets[g];
+
+    /// What the checked `update` (the Rust API's) does on the host for `plan`.
+    pub fn update(&mut self, plan: &Plan) -> Result<usize> {
+        plan.check_consistent()?;
+        self.update_planned(plan)
     }
-    Ok(offsets)
 }
 
 enum ScratchMem {
@@ -369,10 +496,11 @@ enum ScratchMem {
 
 /// A plan bound to the CUDA backend (what `Backend::bind` returns, as its concrete type).
 pub struct CudaBound {
-    /// The plan the launch was created with: its shape and page size are the launch's.
-    plan: Arc<Plan>,
-    /// The plan uploaded last (by `new` or `update`), whose tokens and pages `run` checks.
-    current: Mutex<Arc<Plan>>,
+    /// The shape and page size of the plan the launch was created with: the launch's.
+    shape: Shape,
+    page_size: u32,
+    /// The plan uploaded last (by `new` or `update`), as far as `run` checks it.
+    current: Mutex<Uploaded>,
     kernels: Arc<LoadedAttention>,
     /// The plain kernel of the same tile size, run instead of a warp-specialised `kernels`
     /// when the caller's cache has no row view for TMA (its cp.async producer is slow).
@@ -381,9 +509,8 @@ pub struct CudaBound {
     layout: Layout,
     buffer: DeviceBuffer,
     scratch: ScratchMem,
-    /// Host image of the device buffer; kept so an upload's source outlives the copy call.
-    staging: Mutex<Vec<u8>>,
-    event: Event,
+    /// Page-locked images of the device buffer that uploads copy from.
+    staging: Mutex<Staging>,
     /// The stream of the last upload or run, and an event to order the next one after it when
     /// it comes on another stream: the work list, group counter and scratch are one per launch.
     last_stream: Mutex<u64>,
@@ -418,17 +545,18 @@ impl CudaBound {
         };
         let buffer = DeviceBuffer::new(dev, layout.total, "allocating the launch's work list")?;
         let grid = dev.sm_count * kernels.ctas_per_sm;
+        let slot = StagingSlot { image: PinnedBuffer::new(dev, layout.total, "allocating an upload image")?, copied: Event::new(dev)? };
         let bound = CudaBound {
-            plan: plan.clone(),
-            current: Mutex::new(plan.clone()),
+            shape: plan.shape,
+            page_size: plan.batch.page_size,
+            current: Mutex::new(Uploaded::of(&plan)),
             kernels,
             plain,
             capacity,
             layout,
             buffer,
             scratch,
-            staging: Mutex::new(vec![0u8; layout.total]),
-            event: Event::new(dev)?,
+            staging: Mutex::new(Staging { slots: vec![slot], next: 0, last: 0 }),
             last_stream: Mutex::new(stream),
             handover: Event::new(dev)?,
             grid,
@@ -489,47 +617,26 @@ impl CudaBound {
         self.capacity
     }
 
-    /// Writes `plan` into the staging image and copies it with one async copy on `stream`,
-    /// then records the completion event. The plan fits the capacity: `new` sized it for the
+    /// Writes `plan` into a free page-locked image and copies the part it uses with one async
+    /// copy on `stream`, then records the slot's event (the launch's completion event). Neither
+    /// waits for the device nor allocates, unless the host is further ahead of the device than
+    /// ever before (`Staging::free_slot`). The plan fits the capacity: `new` sized it for the
     /// first plan, `update` checked later ones (`check_update`).
     fn upload(&self, plan: &Plan, stream: u64) -> Result<()> {
-        let offsets = check_plan(plan, self.kernels.block_m)?;
-        let s = &plan.shape;
-        let header = PlanHeader {
-            num_items: plan.items.len() as u32,
-            num_groups: offsets.len() as u32 - 1,
-            num_merges: plan.merges.len() as u32,
-            num_slots: plan.num_partial_slots(),
-            group_size: s.group_size(),
-            page_size: plan.batch.page_size,
-            causal: s.causal as u32,
-            reserved: 0,
-            sm_scale_log2: s.sm_scale * std::f32::consts::LOG2_E,
-            reserved2: [0; 3],
-        };
-        let l = &self.layout;
-        let mut img = self.staging.lock();
-        put(&mut img, 0, &[header]);
-        put(&mut img, l.group_counter, &[0u32]);
-        put(&mut img, l.items, &plan.items);
-        // check_consistent has verified every request index.
-        let segments: Vec<SegmentInfo> =
-            plan.row_segments.iter().map(|sg| SegmentInfo::of(sg, &plan.requests[sg.request as usize], s.causal)).collect();
-        let runs = consecutive_page_runs(&plan.batch.kv_page_indices);
-        let chunks: Vec<KvRange> =
-            plan.kv_chunks.iter().map(|c| KvRange::of(c, &plan.requests[c.request as usize], &plan.batch, &runs)).collect();
-        put(&mut img, l.segments, &segments);
-        put(&mut img, l.chunks, &chunks);
-        put(&mut img, l.pages, &plan.batch.kv_page_indices);
-        put(&mut img, l.group_offsets, &offsets);
-        put(&mut img, l.merges, &plan.merges);
-        put(&mut img, l.merge_slots, &plan.merge_slots);
+        let mut staging = self.staging.lock();
         let _g = self.shared.dev.enter()?;
-        // SAFETY: the buffer is layout.total bytes, as is the image. A copy from pageable memory
-        // returns once the source has been staged, so the image may change afterwards.
-        unsafe { cu::memcpy_htod_async(self.buffer.ptr, &img[..], stream as sys::CUstream) }
+        let i = staging.free_slot(&self.shared.dev, self.layout.total)?;
+        let used = write_image(&self.layout, self.kernels.block_m, plan, staging.slots[i].image.as_mut_slice())?;
+        let slot = &staging.slots[i];
+        // SAFETY: the device buffer is layout.total bytes and `used` is at most that. The image
+        // is page-locked, so the copy reads it when it runs on the stream: the slot is not
+        // written again before its event, recorded right after, says the copy has completed.
+        unsafe { cu::memcpy_htod_async(self.buffer.ptr, &slot.image.as_slice()[..used], stream as sys::CUstream) }
             .map_err(|e| driver::device_err("uploading the work list", e))?;
-        self.event.record(stream)
+        slot.copied.record(stream)?;
+        staging.last = i;
+        staging.next = (i + 1) % staging.slots.len();
+        Ok(())
     }
 
     fn params(&self, args: &RunArgs) -> KernelParams {
@@ -553,12 +660,12 @@ impl CudaBound {
         if a16(args.o.ptr) && m8(args.o.stride_token) && m8(args.o.stride_head) {
             flags |= FLAG_O_VEC;
         }
-        if flags & FLAG_KV_VEC != 0 && kv_row_stride(kv, self.plan.batch.page_size).is_some() {
+        if flags & FLAG_KV_VEC != 0 && kv_row_stride(kv, self.page_size).is_some() {
             flags |= FLAG_KV_ROWS;
         }
         let (mut q_map, mut o_map) = (TensorMap::default(), TensorMap::default());
         if self.kernels.qo_tma {
-            let s = &self.plan.shape;
+            let s = &self.shape;
             if let Some(m) = qo_tensor_map(args.q.ptr, args.q.stride_token, args.q.stride_head, s, self.kernels.block_m)
                 .filter(|_| flags & FLAG_Q_VEC != 0)
             {
@@ -572,8 +679,8 @@ impl CudaBound {
         }
         let (mut k_map, mut v_map) = (TensorMap::default(), TensorMap::default());
         if self.kernels.warp_specialized && flags & FLAG_KV_VEC != 0 {
-            let s = &self.plan.shape;
-            let map = |base| kv_tensor_map(base, kv, self.plan.batch.page_size, s.head_dim, s.num_kv_heads, self.kernels.block_n);
+            let s = &self.shape;
+            let map = |base| kv_tensor_map(base, kv, self.page_size, s.head_dim, s.num_kv_heads, self.kernels.block_n);
             if let (Some(k), Some(v)) = (map(kv.k), map(kv.v)) {
                 (k_map, v_map) = (k, v);
                 flags |= FLAG_KV_TMA;
@@ -604,7 +711,7 @@ impl CudaBound {
             scratch,
             group_counter: at(l.group_counter),
             flags,
-            num_qo_heads: self.plan.shape.num_qo_heads,
+            num_qo_heads: self.shape.num_qo_heads,
             k_map,
             v_map,
             q_map,
@@ -614,17 +721,17 @@ impl CudaBound {
 }
 
 impl BoundPlan for CudaBound {
-    /// The plan the launch was created with. After `update`, the uploaded plan is another one of
-    /// the same shape (which is all `run`'s callers read from this).
-    fn plan(&self) -> &Arc<Plan> {
-        &self.plan
+    fn shape(&self) -> &Shape {
+        &self.shape
     }
 
     unsafe fn run(&self, args: &RunArgs) -> Result<()> {
         {
             let current = self.current.lock();
-            current.check_fresh()?;
-            crate::backend::cpu::check_run_args(&current, args)?;
+            if let Some(l) = &current.pool_layout {
+                l.check()?;
+            }
+            crate::backend::cpu::check_run_pointers(current.total_q, current.pages, args)?;
         }
         let stream = args.stream as sys::CUstream;
         // Encoding the tensor maps (in params) needs the context current.
@@ -650,25 +757,34 @@ impl BoundPlan for CudaBound {
     }
 
     fn is_ready(&self) -> Result<bool> {
+        let staging = self.staging.lock();
         let _g = self.shared.dev.enter()?;
-        self.event.is_done()
+        staging.slots[staging.last].copied.is_done()
     }
 
     fn wait(&self) -> Result<()> {
+        let staging = self.staging.lock();
         let _g = self.shared.dev.enter()?;
-        self.event.wait()
+        staging.slots[staging.last].copied.wait()
     }
 
     fn update(&self, plan: Arc<Plan>, stream: u64) -> Result<()> {
         plan.check_consistent()?;
-        crate::backend::check_update(&self.plan, &self.capacity, &plan)?;
+        // SAFETY: the plan has just passed the check `update_planned` may skip.
+        unsafe { self.update_planned(plan, stream) }
+    }
+
+    unsafe fn update_planned(&self, plan: Arc<Plan>, stream: u64) -> Result<()> {
+        debug_assert!(plan.check_consistent().is_ok(), "a planned plan fails the consistency check");
+        plan.check_fresh()?;
+        crate::backend::check_update(&self.shape, self.page_size, &self.capacity, &plan)?;
         let mut last = self.last_stream.lock();
         {
             let _g = self.shared.dev.enter()?;
             self.order_after(&mut last, stream)?;
         }
         self.upload(&plan, stream)?;
-        *self.current.lock() = plan;
+        *self.current.lock() = Uploaded::of(&plan);
         Ok(())
     }
 }
@@ -693,12 +809,11 @@ mod tests {
     fn row0(b: &Batch, key_begin: u32, key_end: u32) -> u32 {
         let req = RequestInfo { q_start: 0, q_len: 1, kv_len: b.kv_page_indices.len() as u32 * b.page_size, page_start: 0 };
         let chunk = KvChunk { request: 0, key_begin, key_end, row_begin: 0, row_end: 1 };
-        KvRange::of(&chunk, &req, b, &consecutive_page_runs(&b.kv_page_indices)).row0
+        KvRange::of(&chunk, &req, b).row0
     }
 
     #[test]
     fn chunks_in_consecutive_rows_get_their_first_row() {
-        assert_eq!(consecutive_page_runs(&[4, 5, 6, 9, 10, 2]), vec![3, 3, 3, 5, 5, 6]);
         // One token per page, in order (a ragged batch): any chunk is consecutive.
         let ragged = batch((100..164).collect(), 1);
         assert_eq!(row0(&ragged, 0, 64), 100);

@@ -884,6 +884,31 @@ enum PackinferStatus packinfer_plan_create(struct PackinferContext context,
                                            struct PackinferPlan *out);
 
 /**
+ * Plans another step into an existing plan, as `packinfer_plan_create` would, reusing the
+ * plan's memory: once a plan has held a step as large, re-planning allocates nothing. An
+ * engine keeps one plan (two on the CPU backend, alternately, see below) and calls this every
+ * step, then `packinfer_launch_update`. The plan may come from `packinfer_plan_create` or
+ * `packinfer_pool_plan_create` and may have any shape; `context` gives the device profile.
+ *
+ * Launches made or updated from the plan are not affected: a CUDA launch computes the copy it
+ * uploaded, and a CPU launch keeps the plan it executes (this call then plans into new memory
+ * instead, so an engine on the CPU that wants no allocation alternates two plans). Calls on one
+ * plan handle are serialised; planning one plan on one thread while another thread runs,
+ * updates or creates launches from other plans needs no coordination.
+ *
+ * After an error the plan is unchanged (bad handles, options or dtype are found first) or holds
+ * an empty batch (no requests, no work): update it successfully before launching from it again.
+ *
+ * # Safety
+ * As for `packinfer_plan_create`: `batch` must point to an initialized `PackinferBatchDesc`
+ * whose arrays have the lengths it states; `options` NULL or initialized.
+ */
+enum PackinferStatus packinfer_plan_update(struct PackinferContext context,
+                                           struct PackinferPlan plan,
+                                           const struct PackinferBatchDesc *batch,
+                                           const struct PackinferPlanOptions *options);
+
+/**
  * Destroys a plan. Launches made from it stay usable.
  */
 enum PackinferStatus packinfer_plan_destroy(struct PackinferPlan plan);

@@ -4,9 +4,11 @@
 use std::ffi::{c_char, c_void, CStr};
 use std::sync::Arc;
 
+use parking_lot::Mutex;
+
 use super::handles::Registry;
 use super::types::*;
-use super::{copy_array, guard, last_error_ptr, slice, write_out, PackinferStatus, Versioned, PACKINFER_ABI_VERSION};
+use super::{guard, last_error_ptr, slice, write_out, PackinferStatus, Versioned, PACKINFER_ABI_VERSION};
 use packinfer::backend::{self, Backend, BackendChoice, BackendKind, BoundPlan, Scratch};
 use packinfer::error::{Error, Result};
 use packinfer::invalid;
@@ -14,8 +16,23 @@ use packinfer::plan::{Plan, PlanOptions};
 use packinfer::types::{Batch, DType, KvLayout, PrefixGroup, RowsTensor, RunArgs, Shape};
 
 pub(super) static CONTEXTS: Registry<Arc<dyn Backend>> = Registry::new(0xC1, "context");
-pub(super) static PLANS: Registry<Plan> = Registry::new(0xB1, "plan");
+pub(super) static PLANS: Registry<PlanCell> = Registry::new(0xB1, "plan");
 static LAUNCHES: Registry<Launch> = Registry::new(0xA1, "launch");
+
+/// What a plan handle holds: its plan, which `packinfer_plan_update` re-plans in place (or
+/// replaces, while a launch on the CPU still executes it). Calls on one handle take its lock,
+/// so an update and a launch made from the same handle see the plan before or after, whole.
+pub(super) struct PlanCell(Mutex<Arc<Plan>>);
+
+impl PlanCell {
+    pub(super) fn new(plan: Plan) -> PlanCell {
+        PlanCell(Mutex::new(Arc::new(plan)))
+    }
+    /// The plan the handle holds now.
+    pub(super) fn get(&self) -> Arc<Plan> {
+        self.0.lock().clone()
+    }
+}
 
 /// A plan bound to a context. Holds the context's backend so that destroying the context
 /// handle first cannot pull the device out from under a live launch.
@@ -228,7 +245,64 @@ pub unsafe extern "C" fn packinfer_plan_create(
         let profile = backend.profile_for(&shape, &batch);
         let plan = Plan::build(shape, batch, &profile, options)?;
         // SAFETY: `out` is writable (this function's contract).
-        unsafe { write_out("out", out, PackinferPlan { bits: PLANS.insert(plan)? }) }
+        unsafe { write_out("out", out, PackinferPlan { bits: PLANS.insert(PlanCell::new(plan))? }) }
+    })
+}
+
+/// Plans another step into an existing plan, as `packinfer_plan_create` would, reusing the
+/// plan's memory: once a plan has held a step as large, re-planning allocates nothing. An
+/// engine keeps one plan (two on the CPU backend, alternately, see below) and calls this every
+/// step, then `packinfer_launch_update`. The plan may come from `packinfer_plan_create` or
+/// `packinfer_pool_plan_create` and may have any shape; `context` gives the device profile.
+///
+/// Launches made or updated from the plan are not affected: a CUDA launch computes the copy it
+/// uploaded, and a CPU launch keeps the plan it executes (this call then plans into new memory
+/// instead, so an engine on the CPU that wants no allocation alternates two plans). Calls on one
+/// plan handle are serialised; planning one plan on one thread while another thread runs,
+/// updates or creates launches from other plans needs no coordination.
+///
+/// After an error the plan is unchanged (bad handles, options or dtype are found first) or holds
+/// an empty batch (no requests, no work): update it successfully before launching from it again.
+///
+/// # Safety
+/// As for `packinfer_plan_create`: `batch` must point to an initialized `PackinferBatchDesc`
+/// whose arrays have the lengths it states; `options` NULL or initialized.
+#[no_mangle]
+pub unsafe extern "C" fn packinfer_plan_update(
+    context: PackinferContext,
+    plan: PackinferPlan,
+    batch: *const PackinferBatchDesc,
+    options: *const PackinferPlanOptions,
+) -> PackinferStatus {
+    guard("packinfer_plan_update", || {
+        let backend = CONTEXTS.get(context.bits)?;
+        let cell = PLANS.get(plan.bits)?;
+        // SAFETY: `batch` points to an initialized description (this function's contract).
+        let b = unsafe { super::options("batch", batch)? };
+        // SAFETY: non-null `options` are initialized (this function's contract).
+        let options = unsafe { plan_options(options)? };
+        let shape = batch_shape(&b)?;
+        if shape.dtype == DType::F32 && backend.kind() == BackendKind::Cuda {
+            return Err(packinfer::unsupported!("dtype = F32 runs on the CPU backend only; the CUDA kernels take F16 and BF16"));
+        }
+        let mut held = cell.0.lock();
+        match Arc::get_mut(&mut held) {
+            Some(p) => p.rebuild_with(
+                shape,
+                options,
+                // SAFETY: `b`'s arrays have the lengths it states (this function's contract).
+                |batch, spare| unsafe { fill_batch(&b, batch, spare).map(drop) },
+                |shape, batch| backend.profile_for(shape, batch),
+            ),
+            None => {
+                // A launch on the CPU still executes this plan: plan the step into a new one.
+                // SAFETY: as above.
+                let (shape, batch) = unsafe { convert_batch(&b)? };
+                let profile = backend.profile_for(&shape, &batch);
+                *held = Arc::new(Plan::build(shape, batch, &profile, options)?);
+                Ok(())
+            }
+        }
     })
 }
 
@@ -247,7 +321,7 @@ pub unsafe extern "C" fn packinfer_plan_stats(plan: PackinferPlan, stats: *mut P
     guard("packinfer_plan_stats", || {
         // SAFETY: `stats` points to a struct whose struct_size is set (this function's contract).
         unsafe { super::check_out("stats", stats)? };
-        let plan = PLANS.get(plan.bits)?;
+        let plan = PLANS.get(plan.bits)?.get();
         let s = &plan.stats;
         let value = PackinferPlanStats {
             struct_size: std::mem::size_of::<PackinferPlanStats>(),
@@ -431,29 +505,72 @@ fn layout_sizes(page_size: u32, num_kv_heads: u32, head_dim: u32) -> Result<(i64
 /// # Safety
 /// `b`'s non-null arrays have the lengths it states (`packinfer_plan_create`'s contract).
 unsafe fn convert_batch(b: &PackinferBatchDesc) -> Result<(Shape, Batch)> {
-    let n = b.batch_size as usize;
+    let mut batch = Batch {
+        qo_indptr: Vec::new(),
+        kv_indptr: Vec::new(),
+        kv_page_indices: Vec::new(),
+        kv_last_page_len: Vec::new(),
+        page_size: 0,
+        num_pages: 0,
+        prefix_groups: Vec::new(),
+    };
+    // SAFETY: this function's contract is fill_batch's.
+    let shape = unsafe { fill_batch(b, &mut batch, &mut Vec::new())? };
+    Ok((shape, batch))
+}
+
+/// The shape of a C batch description, checking its dtype.
+fn batch_shape(b: &PackinferBatchDesc) -> Result<Shape> {
     let dtype = dtype_from_c(b.dtype).ok_or_else(|| invalid!("{}", not_a_dtype("batch->dtype", b.dtype)))?;
     let sm_scale = if b.sm_scale == 0.0 { Shape::default_sm_scale(b.head_dim) } else { b.sm_scale };
-    let shape =
-        Shape { num_qo_heads: b.num_qo_heads, num_kv_heads: b.num_kv_heads, head_dim: b.head_dim, dtype, causal: b.causal, sm_scale };
+    Ok(Shape { num_qo_heads: b.num_qo_heads, num_kv_heads: b.num_kv_heads, head_dim: b.head_dim, dtype, causal: b.causal, sm_scale })
+}
+
+/// Copies `len` entries at `ptr` into `dst` (cleared first, its allocation kept where large
+/// enough); no memory is OUT_OF_MEMORY, not an abort.
+///
+/// # Safety
+/// `ptr` is NULL or addresses `len` readable entries.
+unsafe fn copy_into<T: Copy>(name: &str, ptr: *const T, len: usize, dst: &mut Vec<T>) -> Result<()> {
+    // SAFETY: NULL or `len` readable entries (this function's contract).
+    let src = unsafe { slice(name, ptr, len)? };
+    dst.clear();
+    dst.try_reserve(len)
+        .map_err(|_| Error::OutOfMemory(format!("no host memory to copy {name}: {len} entries of {} bytes", std::mem::size_of::<T>())))?;
+    dst.extend_from_slice(src);
+    Ok(())
+}
+
+/// Writes a C batch description over `batch` (every field), in its allocations where they are
+/// large enough and taking prefix groups from `spare` first, checking the C-level facts (enum
+/// values, null arrays); the planner checks the rest. Returns the shape.
+///
+/// # Safety
+/// `b`'s non-null arrays have the lengths it states (`packinfer_plan_create`'s contract).
+unsafe fn fill_batch(b: &PackinferBatchDesc, batch: &mut Batch, spare: &mut Vec<PrefixGroup>) -> Result<Shape> {
+    let n = b.batch_size as usize;
+    let shape = batch_shape(b)?;
     // SAFETY: non-null arrays have the lengths the description states (this function's
     // contract; kv_page_indices has kv_indptr[batch_size]). So for every block below.
-    let qo_indptr = unsafe { copy_array("batch->qo_indptr", b.qo_indptr, n + 1)? };
+    unsafe { copy_into("batch->qo_indptr", b.qo_indptr, n + 1, &mut batch.qo_indptr)? };
     // SAFETY: as above.
-    let kv_indptr = unsafe { copy_array("batch->kv_indptr", b.kv_indptr, n + 1)? };
-    let nnz = kv_indptr[n];
+    unsafe { copy_into("batch->kv_indptr", b.kv_indptr, n + 1, &mut batch.kv_indptr)? };
+    let nnz = batch.kv_indptr[n];
     if nnz < 0 {
         return Err(invalid!("batch->kv_indptr[{n}] = {nnz} is negative"));
     }
     // SAFETY: as above.
-    let kv_page_indices = unsafe { copy_array("batch->kv_page_indices", b.kv_page_indices, nnz as usize)? };
+    unsafe { copy_into("batch->kv_page_indices", b.kv_page_indices, nnz as usize, &mut batch.kv_page_indices)? };
     // SAFETY: as above.
-    let kv_last_page_len = unsafe { copy_array("batch->kv_last_page_len", b.kv_last_page_len, n)? };
+    unsafe { copy_into("batch->kv_last_page_len", b.kv_last_page_len, n, &mut batch.kv_last_page_len)? };
+    batch.page_size = b.page_size;
+    batch.num_pages = b.num_pages;
     // SAFETY: as above.
     let groups = unsafe { slice("batch->prefix_groups", b.prefix_groups, b.num_prefix_groups as usize)? };
-    let mut prefix_groups = Vec::new();
-    prefix_groups
-        .try_reserve_exact(groups.len())
+    spare.extend(batch.prefix_groups.drain(..));
+    batch
+        .prefix_groups
+        .try_reserve(groups.len())
         .map_err(|_| Error::OutOfMemory(format!("no host memory for batch->num_prefix_groups = {}", groups.len())))?;
     for (g, pg) in groups.iter().enumerate() {
         // SAFETY: as above: each group's members array has num_members entries.
@@ -461,17 +578,17 @@ unsafe fn convert_batch(b: &PackinferBatchDesc) -> Result<(Shape, Batch)> {
         if let Some((j, m)) = members.iter().enumerate().find(|(_, &m)| m < 0) {
             return Err(invalid!("batch->prefix_groups[{g}].members[{j}] = {m} is negative"));
         }
-        // In place: i32 and u32 share a layout, so this reuses the fallible copy's allocation.
-        // SAFETY: a slice's pointer and length.
-        let members: Vec<u32> = unsafe { copy_array(&format!("batch->prefix_groups[{g}].members"), members.as_ptr(), members.len())? }
-            .into_iter()
-            .map(|m| m as u32)
-            .collect();
-        prefix_groups.push(PrefixGroup { prefix_len: pg.prefix_len, members });
+        let mut group = spare.pop().unwrap_or(PrefixGroup { prefix_len: 0, members: Vec::new() });
+        group.prefix_len = pg.prefix_len;
+        group.members.clear();
+        group
+            .members
+            .try_reserve(members.len())
+            .map_err(|_| Error::OutOfMemory(format!("no host memory to copy batch->prefix_groups[{g}].members: {} entries", members.len())))?;
+        group.members.extend(members.iter().map(|&m| m as u32));
+        batch.prefix_groups.push(group);
     }
-    let batch =
-        Batch { qo_indptr, kv_indptr, kv_page_indices, kv_last_page_len, page_size: b.page_size, num_pages: b.num_pages, prefix_groups };
-    Ok((shape, batch))
+    Ok(shape)
 }
 
 /// The plan options a caller passed, or the defaults for NULL.
@@ -576,7 +693,7 @@ unsafe fn create_launch(
     out: *mut PackinferLaunch,
 ) -> Result<()> {
     let backend = CONTEXTS.get(context.bits)?;
-    let plan = PLANS.get(plan.bits)?;
+    let plan = PLANS.get(plan.bits)?.get();
     let scratch = if options.is_null() {
         None
     } else {
@@ -605,7 +722,7 @@ unsafe fn create_launch(
 pub unsafe extern "C" fn packinfer_launch_update(launch: PackinferLaunch, plan: PackinferPlan, stream: *mut c_void) -> PackinferStatus {
     guard("packinfer_launch_update", || {
         let launch = LAUNCHES.get(launch.bits)?;
-        let plan = PLANS.get(plan.bits)?;
+        let plan = PLANS.get(plan.bits)?.get();
         // SAFETY: a plan handle's plan was made by the planner (packinfer_plan_create and
         // _update, packinfer_pool_plan_create) and the C API never writes to it afterwards.
         unsafe { launch.bound.update_planned(plan, stream as u64) }

@@ -246,21 +246,6 @@ pub(crate) unsafe fn write_versioned<T: Versioned>(name: &str, ptr: *mut T, valu
     Ok(())
 }
 
-/// A copy of a caller's array, refusing with `OutOfMemory` instead of aborting when the host
-/// cannot hold it.
-///
-/// # Safety
-/// When non-null, `ptr` must point to `len` readable elements.
-pub(crate) unsafe fn copy_array<T: Copy>(name: &str, ptr: *const T, len: usize) -> Result<Vec<T>> {
-    // SAFETY: NULL or `len` readable elements (this function's contract).
-    let s = unsafe { slice(name, ptr, len)? };
-    let mut v = Vec::new();
-    v.try_reserve_exact(len)
-        .map_err(|_| Error::OutOfMemory(format!("no host memory to copy {name}: {len} entries of {} bytes", std::mem::size_of::<T>())))?;
-    v.extend_from_slice(s);
-    Ok(v)
-}
-
 /// Writes `value` to an out-parameter, or says which one was null.
 ///
 /// # Safety

@@ -451,7 +451,7 @@ pub unsafe extern "C" fn packinfer_pool_plan_create(
         }
         let plan = pool.plan(&requests, None, options)?;
         // SAFETY: `out` is writable (this function's contract).
-        unsafe { write_out("out", out, PackinferPlan { bits: PLANS.insert(plan)? }) }
+        unsafe { write_out("out", out, PackinferPlan { bits: PLANS.insert(super::api::PlanCell::new(plan))? }) }
     })
 }
 
@@ -476,7 +476,7 @@ pub unsafe extern "C" fn packinfer_pool_relayout(
 ) -> PackinferStatus {
     guard("packinfer_pool_relayout", || {
         let pool = POOLS.get(pool.bits)?;
-        let plan = PLANS.get(plan.bits)?;
+        let plan = PLANS.get(plan.bits)?.get();
         // SAFETY: `seq_ids` has `n` entries (this function's contract).
         let ids = unsafe { slice("seq_ids", seq_ids, n as usize)? };
         if !report.is_null() {

@@ -238,32 +238,41 @@ impl Plan {
     /// On error the plan holds an empty batch (no requests, no work) until the next successful
     /// rebuild, so a plan is never left half made.
     pub fn rebuild(&mut self, shape: Shape, batch: &Batch, profile: &DeviceProfile, options: PlanOptions) -> Result<()> {
-        self.rebuild_with(shape, profile, options, |b, spare| {
-            b.copy_from_keeping(batch, spare);
-            Ok(())
-        })
+        self.rebuild_with(
+            shape,
+            options,
+            |b, spare| {
+                b.copy_from_keeping(batch, spare);
+                Ok(())
+            },
+            |_, _| profile.clone(),
+        )
     }
 
     /// Like [`Plan::rebuild`], for a batch that `fill` writes over the plan's previous one (every
     /// field; its vectors keep their allocations): the C API copies the caller's arrays straight
     /// into it. `fill` gets the batch with no prefix groups and the previous groups as spares
-    /// for [`PrefixGroup::reusing`](crate::types::PrefixGroup::reusing). An error from `fill`
-    /// leaves the plan empty, as any other error does.
+    /// for [`PrefixGroup::reusing`](crate::types::PrefixGroup::reusing); `profile` then gives
+    /// the device profile to plan with for the filled batch (a backend's `profile_for`). An
+    /// error from `fill` leaves the plan empty, as any other error does.
     pub fn rebuild_with(
         &mut self,
         shape: Shape,
-        profile: &DeviceProfile,
         options: PlanOptions,
         fill: impl FnOnce(&mut Batch, &mut Vec<crate::types::PrefixGroup>) -> Result<()>,
+        profile: impl FnOnce(&Shape, &Batch) -> DeviceProfile,
     ) -> Result<()> {
         let started = Instant::now();
         self.shape = shape;
         self.options = options;
-        self.block_m = profile.block_m;
         self.pool_layout = None;
         let spare = &mut self.scratch.spare_groups;
         spare.extend(self.batch.prefix_groups.drain(..));
-        let result = fill(&mut self.batch, spare).and_then(|()| self.plan_batch(profile, started));
+        let result = fill(&mut self.batch, spare).and_then(|()| {
+            let profile = profile(&self.shape, &self.batch);
+            self.block_m = profile.block_m;
+            self.plan_batch(&profile, started)
+        });
         if result.is_err() {
             self.clear();
         }

@@ -4,6 +4,7 @@ package packinfer_test
 // down on the CPU backend: what each does there, and each bad argument.
 
 import (
+	"strings"
 	"testing"
 
 	packinfer "github.com/packinfer/packinfer/bindings/go"
@@ -144,4 +145,56 @@ func TestGPUCallsArgumentsAndClosedHandles(t *testing.T) {
 	fresh := must(ctx2.NewPlan(&c.batch, nil))(t)
 	defer fresh.Close()
 	wantError(t, launch.Update(fresh, 0), packinfer.StatusInvalidHandle, "was destroyed")
+}
+
+// The engine loop of docs/design.md ("Threads"): a goroutine re-plans step N+1 into one of two
+// plans (Context.Replan) while this one runs step N's layers; then the launch is updated to it.
+// Every layer of every step is checked against the reference.
+func TestReplanNextStepWhileThisOneRuns(t *testing.T) {
+	ctx := cpuContext(t)
+	defer ctx.Close()
+	batches := [][]request{mixed, {{1, 60}, {30, 30}, {1, 100}}, {{1, 9}, {1, 33}, {12, 50}, {1, 77}}, {{64, 64}}, mixed}
+	steps := make([]*testCase, len(batches))
+	for i, b := range batches {
+		steps[i] = newCase(t, 8, 2, 64, packinfer.BF16, true, 16, b, false, nil, 0)
+	}
+	plans := [2]*packinfer.Plan{must(ctx.NewPlan(&steps[0].batch, nil))(t), must(ctx.NewPlan(&steps[1].batch, nil))(t)}
+	defer plans[0].Close()
+	defer plans[1].Close()
+	roomy := packinfer.LaunchCapacity{MaxWorkItems: 512, MaxRowSegments: 512, MaxKVChunks: 512, MaxRequests: 512,
+		MaxPages: 4096, MaxMergeRows: 4096, MaxMergeSlots: 4096, MaxGroups: 512, MaxPartialSlots: 4096}
+	launch := must(ctx.NewLaunchWithCapacity(plans[0], &roomy, nil))(t)
+	defer launch.Close()
+	for n := range steps {
+		if n > 0 {
+			if err := launch.Update(plans[n%2], 0); err != nil {
+				t.Fatal(err)
+			}
+		}
+		done := make(chan error, 1)
+		if n > 0 && n+1 < len(steps) {
+			go func() { done <- ctx.Replan(plans[(n+1)%2], &steps[n+1].batch, nil) }()
+		} else {
+			done <- nil
+		}
+		for layer := 0; layer < 2; layer++ {
+			runAndCompare(t, steps[n], launch)
+		}
+		if err := <-done; err != nil {
+			t.Fatalf("planning step %d: %v", n+1, err)
+		}
+	}
+	// A bad batch: the error names the function; the plan is planned again afterwards.
+	bad := steps[1].batch
+	bad.KVLastPageLen = append([]int32{99}, bad.KVLastPageLen[1:]...)
+	err := ctx.Replan(plans[0], &bad, nil)
+	if e, ok := err.(*packinfer.Error); !ok || e.Status != packinfer.StatusInvalidArgument || !strings.Contains(e.Message, "packinfer_plan_update") {
+		t.Fatalf("bad batch: %v", err)
+	}
+	if err := ctx.Replan(plans[0], &steps[2].batch, nil); err != nil {
+		t.Fatal(err)
+	}
+	if st := must(plans[0].Stats())(t); st.NumRequests != uint32(len(batches[2])) {
+		t.Fatalf("stats after replan: %+v", st)
+	}
 }

@@ -203,6 +203,33 @@ func (c *Context) NewPlan(batch *Batch, opts *PlanOptions) (*Plan, error) {
 	return p, nil
 }
 
+// Replan plans another step into p, as NewPlan would, reusing the plan's memory in the library
+// (packinfer_plan_update): once p has held a step as large, planning allocates nothing there.
+// Launches made or updated from p keep their step until Launch.Update. A goroutine may replan
+// the next step while another runs the current one (see docs/design.md, "Threads"). After an
+// error p holds no work or its previous step: replan it before launching from it.
+func (c *Context) Replan(p *Plan, batch *Batch, opts *PlanOptions) error {
+	if p == nil || batch == nil {
+		return invalidArgument("Replan: plan or batch is nil")
+	}
+	if err := batch.checkLengths(); err != nil {
+		return err
+	}
+	o, err := planOptionsToC(opts)
+	if err != nil {
+		return err
+	}
+	cb, err := newCBatch(batch)
+	if err != nil {
+		return err
+	}
+	defer cb.free()
+	err = call(func() C.enum_PackinferStatus { return C.packinfer_plan_update(c.h, p.h, cb.desc, &o) })
+	runtime.KeepAlive(c)
+	runtime.KeepAlive(p)
+	return err
+}
+
 // Stats reports what the planner did.
 func (p *Plan) Stats() (PlanStats, error) {
 	var s C.PackinferPlanStats

@@ -417,6 +417,28 @@ class Context {
   // Plans one step. Checks that the arrays are as long as the batch says (what the C API cannot
   // see), then the library checks everything else; all arrays are copied during the call.
   Plan plan(const BatchDesc& batch, const PlanOptions& options = {}) const {
+    PackinferPlan h{};
+    with_desc(batch, options, [&](const PackinferBatchDesc& d, const PackinferPlanOptions& o) {
+      detail::check(packinfer_plan_create(h_.get(), &d, &o, &h));
+    });
+    return Plan(h);
+  }
+
+  // Plans another step into `plan`, reusing its memory (packinfer_plan_update): once it has held
+  // a step as large, planning allocates nothing in the library. Launches made or updated from
+  // the plan keep their step until Launch::update. May run on another thread than the runs of
+  // the step before (docs/design.md, "Threads"). After an exception the plan holds no work or
+  // its previous step: plan again before launching from it.
+  void replan(Plan& plan, const BatchDesc& batch, const PlanOptions& options = {}) const {
+    with_desc(batch, options, [&](const PackinferBatchDesc& d, const PackinferPlanOptions& o) {
+      detail::check(packinfer_plan_update(h_.get(), plan.handle(), &d, &o));
+    });
+  }
+
+ private:
+  // Checks `batch`'s array lengths and calls `f` with its C description and the C options.
+  template <class F>
+  void with_desc(const BatchDesc& batch, const PlanOptions& options, F&& f) const {
     const std::size_t n = batch.kv_last_page_len.size();
     check_length("batch.qo_indptr", batch.qo_indptr.size(), n + 1, "batch size + 1 (the batch size is kv_last_page_len.size())");
     check_length("batch.kv_indptr", batch.kv_indptr.size(), n + 1, "batch size + 1 (the batch size is kv_last_page_len.size())");
@@ -448,10 +470,10 @@ class Context {
     d.num_prefix_groups = static_cast<uint32_t>(groups.size());
     d.prefix_groups = groups.empty() ? nullptr : groups.data();
     const PackinferPlanOptions o = detail::to_c(options);
-    PackinferPlan h{};
-    detail::check(packinfer_plan_create(h_.get(), &d, &o, &h));
-    return Plan(h);
+    f(d, o);
   }
+
+ public:
 
   // Binds a plan to this context on `stream` (a CUstream, or nullptr for the default stream).
   Launch launch(const Plan& plan, void* stream = nullptr, const LaunchOptions& options = {}) const {

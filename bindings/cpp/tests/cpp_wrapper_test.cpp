@@ -14,6 +14,7 @@
 #include <string>
 #include <type_traits>
 #include <unistd.h>
+#include <thread>
 #include <vector>
 
 #include "packinfer.hpp"
@@ -474,6 +475,45 @@ TEST(GpuCallsOnCpu, PrecompileIsANoOpAndCalibrateIsUnsupported) {
   const Case c({8, 2, 64, DType::F32, true, 0.0f}, 16, kMixed);
   packinfer::Plan plan = ctx.plan(c.desc());
   run_and_compare(c, ctx.launch(plan));
+}
+
+// The engine loop of docs/design.md ("Threads"): a planner thread re-plans step N+1 into one of
+// two plans (Context::replan) while this thread runs step N's layers; then the launch is updated
+// to it. Every layer of every step is checked against the reference.
+TEST(Replan, NextStepPlannedOnAnotherThreadWhileThisOneRuns) {
+  packinfer::Context ctx = cpu_context();
+  const std::vector<std::vector<Request>> batches = {
+      kMixed, {{1, 60}, {30, 30}, {1, 100}}, {{1, 9}, {1, 33}, {12, 50}, {1, 77}}, {{64, 64}}, kMixed};
+  std::vector<Case> steps;
+  for (const auto& b : batches) steps.emplace_back(packinfer::AttentionShape{8, 2, 64, DType::BF16, true, 0.0f}, 16, b);
+  packinfer::Plan plans[2] = {ctx.plan(steps[0].desc()), ctx.plan(steps[1].desc())};
+  packinfer::LaunchCapacity roomy;
+  roomy.max_work_items = roomy.max_row_segments = roomy.max_kv_chunks = roomy.max_requests = 512;
+  roomy.max_pages = roomy.max_merge_rows = roomy.max_merge_slots = roomy.max_groups = roomy.max_partial_slots = 4096;
+  packinfer::Launch launch = ctx.launch_with_capacity(plans[0], roomy);
+  for (std::size_t n = 0; n < steps.size(); n++) {
+    if (n > 0) launch.update(plans[n % 2]);
+    std::thread planner;
+    if (n > 0 && n + 1 < steps.size()) {
+      planner = std::thread([&, n] { ctx.replan(plans[(n + 1) % 2], steps[n + 1].desc()); });
+    }
+    for (int layer = 0; layer < 2; layer++) run_and_compare(steps[n], launch);
+    if (planner.joinable()) planner.join();
+  }
+  // The re-planned plan is what Context::plan makes.
+  const auto a = plans[(steps.size() - 1) % 2].stats();
+  const auto b = ctx.plan(steps.back().desc()).stats();
+  EXPECT_EQ(a.num_work_items, b.num_work_items);
+  EXPECT_EQ(a.num_groups, b.num_groups);
+  EXPECT_EQ(a.num_merge_rows, b.num_merge_rows);
+  // A bad batch: the exception names the value; the plan is planned again afterwards.
+  auto last = steps[1].last;
+  last[0] = 99;
+  auto bad = steps[1].desc();
+  bad.kv_last_page_len = last;
+  expect_error([&] { ctx.replan(plans[0], bad); }, Status::InvalidArgument, "packinfer_plan_update: ");
+  ctx.replan(plans[0], steps[2].desc());
+  EXPECT_EQ(plans[0].stats().num_requests, steps[2].requests.size());
 }
 
 TEST(GpuCallsOnCpu, CapacityLaunchRunsAndUpdates) {

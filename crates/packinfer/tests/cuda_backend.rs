@@ -34,6 +34,7 @@ fn main() {
         handmade_plans_packed_split_prefix,
         deterministic_rows_are_bitwise_identical_across_batches,
         graph_capture_replays_updated_plans,
+        steps_planned_ahead_on_another_thread_update_without_waiting,
         append_kv_and_copy_pages_match_host,
         precompile_builds_every_variant,
         handmade_plans_are_valid_on_the_cpu_backend,
@@ -712,6 +713,68 @@ fn graph_capture_replays_updated_plans() {
         let _g = testing::device(&cu).enter().unwrap();
         // SAFETY: the instantiated graph; its replays have finished (synced).
         unsafe { cu::graph::exec_destroy(exec) }.unwrap();
+    }
+}
+
+/// The engine loop of docs/design.md §10 on the device: step N's layers are enqueued, then a
+/// thread re-plans step N+1 into the same plan (`Plan::rebuild`: the launch holds no plan) while
+/// the device runs them, then `update` enqueues the upload behind them and step N+1's layers
+/// follow, with no host wait anywhere until the end. More steps than the launch has staging
+/// images, so the ring fills. Every step's outputs are checked after one final sync, and some
+/// update must have returned while its own upload was still queued (no host synchronisation).
+fn steps_planned_ahead_on_another_thread_update_without_waiting() {
+    let Some(cu) = backend("steps_planned_ahead_on_another_thread_update_without_waiting") else { return };
+    let mut r = rng(0x2121);
+    let stream = create_stream(&cu);
+    let spec = CaseSpec {
+        batch_size: 8,
+        max_kv: 3000,
+        page_size: 16,
+        num_kv_heads: 2,
+        group: 4,
+        head_dim: 128,
+        dtype: DType::Bf16,
+        causal: true,
+        decode_fraction: 0.7,
+        hnd: false,
+    };
+    let mut steps: Vec<Case> = (0..7).map(|_| Case::random(&mut r, &spec)).collect();
+    let shared: Vec<(u32, u32)> = (0..8).map(|i| (1, 2000 + 100 * i)).collect();
+    steps.insert(3, Case::build(&mut r, &spec, &shared, vec![PrefixGroup { prefix_len: 1024, members: (0..8).collect() }]));
+    let profile = cu.profile();
+    let plan_of = |c: &Case| Plan::build(c.shape, c.batch.clone(), &profile, PlanOptions::default()).unwrap();
+    let cap = steps.iter().map(|c| LaunchCapacity::of(&plan_of(c))).fold(LaunchCapacity::default(), |a, b| a.max(&b));
+    let dcases: Vec<DeviceCase> = steps.iter().map(|c| DeviceCase::for_case(&cu, c)).collect();
+    sync_stream(testing::device(&cu), 0).unwrap();
+    let mut plan = Arc::new(plan_of(&steps[0]));
+    let bound = cu.bind_with_capacity(plan.clone(), stream, None, &cap).unwrap();
+    const LAYERS: usize = 24;
+    let mut still_queued = 0;
+    for n in 0..steps.len() {
+        if n > 0 {
+            bound.update(plan.clone(), stream).unwrap();
+            still_queued += !bound.is_ready().unwrap() as usize;
+        }
+        let args = dcases[n].args(&steps[n], stream);
+        for _ in 0..LAYERS {
+            // SAFETY: the device copies of step n's tensors, alive until the final sync.
+            unsafe { bound.run(&args) }.unwrap();
+        }
+        if n + 1 < steps.len() {
+            // The launch holds no plan: the next step is planned into the same one, on another
+            // thread, while the device runs this step.
+            let p = Arc::get_mut(&mut plan).expect("a CUDA launch keeps no reference to its plan");
+            let next = &steps[n + 1];
+            std::thread::scope(|s| s.spawn(|| p.rebuild(next.shape, &next.batch, &profile, PlanOptions::default()).unwrap()).join())
+                .unwrap();
+        }
+    }
+    sync_stream(testing::device(&cu), stream).unwrap();
+    println!("{still_queued} of {} updates returned before their upload ran", steps.len() - 1);
+    assert!(still_queued > 0, "every update returned only after its upload had run: the host waited for the device");
+    for (n, (c, d)) in steps.iter().zip(&dcases).enumerate() {
+        let (o, lse) = d.outputs(&cu, c);
+        check(c, &o, &lse, &format!("step {n}, planned ahead"));
     }
 }
 

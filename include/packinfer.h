@@ -465,7 +465,11 @@ typedef struct PackinferRunArgs {
 /**
  * Opaque handle to a plan: the host-side schedule of one step.
  *
- * Threads: a plan never changes after creation; any thread may use it, concurrently too.
+ * Threads: any thread may use a plan, concurrently too. It changes only through
+ * `packinfer_plan_update` (calls on one plan are serialised); launches made or updated from it
+ * are not affected. Planning the next step on one thread while another runs the current step's
+ * layers needs no coordination: call `packinfer_launch_update` after the current step's last
+ * `packinfer_run` is enqueued and before the next step's first.
  */
 typedef struct PackinferPlan {
   /**
@@ -554,7 +558,9 @@ typedef struct PackinferPlanStats {
  * on another stream than the launch's previous one is ordered after it with an event, except
  * while either stream is being captured into a graph (replays of a captured graph are ordered
  * by the stream the caller replays it on). Destroy a launch only once its last run has finished
- * on the device.
+ * on the device. `packinfer_launch_update` never waits for the device: it writes the plan into
+ * one of the launch's page-locked images whose last copy has run and enqueues one async copy
+ * (only a host four updates ahead of the device waits for the oldest copy).
  */
 typedef struct PackinferLaunch {
   /**
@@ -1028,6 +1034,8 @@ enum PackinferStatus packinfer_launch_create_with_capacity(struct PackinferConte
  * Uploads `plan` (same shape and page size as the launch's, within its capacity) into the
  * launch's buffers on `stream` and re-records its completion event. Later `packinfer_run`s,
  * and CUDA graphs that captured them, compute the new plan. Queue it on the stream that runs the launch.
+ * On CUDA it waits for nothing and allocates nothing in steady state: the plan is written into
+ * a page-locked image and copied with one async copy, ordered after the runs already enqueued.
  *
  * # Safety
  * `stream` a CUstream of the context's device or NULL.

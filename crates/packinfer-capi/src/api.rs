@@ -715,6 +715,8 @@ unsafe fn create_launch(
 /// Uploads `plan` (same shape and page size as the launch's, within its capacity) into the
 /// launch's buffers on `stream` and re-records its completion event. Later `packinfer_run`s,
 /// and CUDA graphs that captured them, compute the new plan. Queue it on the stream that runs the launch.
+/// On CUDA it waits for nothing and allocates nothing in steady state: the plan is written into
+/// a page-locked image and copied with one async copy, ordered after the runs already enqueued.
 ///
 /// # Safety
 /// `stream` a CUstream of the context's device or NULL.

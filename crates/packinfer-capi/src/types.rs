@@ -58,7 +58,11 @@ pub struct PackinferContext {
 
 /// Opaque handle to a plan: the host-side schedule of one step.
 ///
-/// Threads: a plan never changes after creation; any thread may use it, concurrently too.
+/// Threads: any thread may use a plan, concurrently too. It changes only through
+/// `packinfer_plan_update` (calls on one plan are serialised); launches made or updated from it
+/// are not affected. Planning the next step on one thread while another runs the current step's
+/// layers needs no coordination: call `packinfer_launch_update` after the current step's last
+/// `packinfer_run` is enqueued and before the next step's first.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PackinferPlan {
@@ -74,7 +78,9 @@ pub struct PackinferPlan {
 /// on another stream than the launch's previous one is ordered after it with an event, except
 /// while either stream is being captured into a graph (replays of a captured graph are ordered
 /// by the stream the caller replays it on). Destroy a launch only once its last run has finished
-/// on the device.
+/// on the device. `packinfer_launch_update` never waits for the device: it writes the plan into
+/// one of the launch's page-locked images whose last copy has run and enqueues one async copy
+/// (only a host four updates ahead of the device waits for the oldest copy).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PackinferLaunch {

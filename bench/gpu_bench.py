@@ -25,6 +25,7 @@ captured in a CUDA graph, graph replay is timed too (both are reported).
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -49,6 +50,7 @@ import workloads as wl  # noqa: E402
 DT = torch.bfloat16
 SHAPE = wl.ModelShape(num_qo_heads=32, num_kv_heads=8, head_dim=128, dtype="bf16")
 EAGER_ITERS, GRAPH_ITERS, WARMUP = 40, 30, 5
+HOST_PATH_ITERS = 50
 MAX_SETS = 8
 FA2 = "FA2 varlen"
 FI = "FlashInfer"
@@ -686,6 +688,41 @@ def phase_ours(args):
                 p["note"] = note
         except Exception as ex:
             p["packinfer_plan_us"] = f"error: {ex}"
+    common.write_json(path, results)
+    # The host path of an engine's step (issue 21): packinfer_plan_update into the last step's
+    # plan, then packinfer_launch_update of a capacity launch while the GPU is still busy with
+    # the step before (a GPU sleep stands for its layers), and their sum; with and without prefix
+    # groups for the decode batches (8 consecutive requests share half the shortest's KV).
+    host_sets = [(w, wl.batch_arrays(w, SHAPE)) for w in sets]
+    for n in (256, 1024):
+        w = wl.decode_batch(trace, n, args.seed)
+        groups = [(max(1, int(w.kv_lens[i:i + 8].min()) // 2), list(range(i, min(i + 8, n)))) for i in range(0, n, 8)]
+        shared = dataclasses.replace(w, name=f"{w.name}+prefix", prefix_groups=groups)
+        host_sets.append((shared, wl.batch_arrays(shared, SHAPE)))
+    for w, batch in host_sets:
+        p = results["planning"].setdefault(w.name, {"requests": w.batch_size})
+        try:
+            if not lib.has("packinfer_plan_update"):
+                p["host_path"] = "not yet: no packinfer_plan_update in this build"
+                continue
+            plan, _ = plan_ctx.plan(batch)
+            launch = ctx.launch_with_capacity(plan, stream()) if ctx is not None else None
+            replan_us, update_us = [], []
+            for _ in range(HOST_PATH_ITERS):
+                replan_us.append(plan_ctx.replan(plan, batch) * 1e6)
+                if launch is not None:
+                    gpu_sleep(200_000)
+                    update_us.append(launch.update(plan, stream()) * 1e6)
+                    torch.cuda.synchronize()
+            p["packinfer_replan_us"] = common.summary(replan_us)
+            if update_us:
+                p["packinfer_update_us"] = common.summary(update_us)
+                p["packinfer_replan_plus_update_us"] = common.summary([a + b for a, b in zip(replan_us, update_us)])
+            if launch is not None:
+                launch.destroy()
+            plan.destroy()
+        except Exception as ex:
+            p["host_path"] = f"error: {type(ex).__name__}: {ex}"[:500]
     common.write_json(path, results)
     # Last, as the newest code path: W4 at the managed level.
     # W4 at the managed level (forked sequences in a pool), pages as appended and after relayout.

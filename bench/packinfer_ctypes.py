@@ -190,6 +190,8 @@ OPTIONAL_SIGNATURES = {
                                                       POINTER(PackinferLaunchCapacity), c_void_p,
                                                       POINTER(PackinferLaunch)]),
     "packinfer_launch_update": (c_int, [PackinferLaunch, PackinferPlan, c_void_p]),
+    "packinfer_plan_update": (c_int, [PackinferContext, PackinferPlan, POINTER(PackinferBatchDesc),
+                                      POINTER(PackinferPlanOptions)]),
     "packinfer_pool_options_default": (c_int, [POINTER(PackinferPoolOptions)]),
     "packinfer_pool_create": (c_int, [PackinferContext, POINTER(PackinferPoolOptions), POINTER(PackinferPool)]),
     "packinfer_pool_destroy": (c_int, [PackinferPool]),
@@ -340,6 +342,31 @@ class Context:
         lib._check("packinfer_plan_create", status)
         return Plan(lib, handle), seconds
 
+    def replan(self, plan, batch, flags=0, capacity=0.0, split_keys=0):
+        """Plans `batch` into `plan` (packinfer_plan_update, reusing its memory); returns the
+        host seconds the call took."""
+        lib = self.library
+        opts = self.plan_options(flags, capacity, split_keys)
+        t0 = time.perf_counter()
+        status = lib.lib.packinfer_plan_update(self.handle, plan.handle, ctypes.byref(batch.desc), ctypes.byref(opts))
+        seconds = time.perf_counter() - t0
+        lib._check("packinfer_plan_update", status)
+        return seconds
+
+    def launch_with_capacity(self, plan, stream=0, **counts):
+        """A launch whose buffers hold `counts` (max_work_items=..., ...; 0 or absent: the plan's
+        own), so that `Launch.update` can upload later plans into it."""
+        lib = self.library
+        cap = PackinferLaunchCapacity()
+        lib._check("packinfer_launch_capacity_default", lib.lib.packinfer_launch_capacity_default(ctypes.byref(cap)))
+        for name, value in counts.items():
+            setattr(cap, name, int(value))
+        handle = PackinferLaunch()
+        lib._check("packinfer_launch_create_with_capacity",
+                   lib.lib.packinfer_launch_create_with_capacity(self.handle, plan.handle, None, ctypes.byref(cap),
+                                                                 stream or None, ctypes.byref(handle)))
+        return Launch(lib, handle)
+
     def launch(self, plan, stream=0, scratch_ptr=0, scratch_bytes=0):
         lib = self.library
         handle = PackinferLaunch()
@@ -382,6 +409,14 @@ class Launch:
 
     def wait(self):
         self.library._check("packinfer_launch_wait", self.library.lib.packinfer_launch_wait(self.handle))
+
+    def update(self, plan, stream=0):
+        """Uploads `plan` into this launch (packinfer_launch_update); returns the host seconds."""
+        t0 = time.perf_counter()
+        status = self.library.lib.packinfer_launch_update(self.handle, plan.handle, stream or None)
+        seconds = time.perf_counter() - t0
+        self.library._check("packinfer_launch_update", status)
+        return seconds
 
     def run(self, q_ptr, kv_layout, o_ptr, lse_ptr=0, stream=0):
         """One layer: contiguous Q/O (`[total_q, heads, head_dim]`), K/V through `kv_layout`."""

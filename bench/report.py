@@ -238,15 +238,19 @@ def markdown(results):
     if results.get("planning"):
         out += ["", "## Planning overhead (host)", "",
                 "Median wall time of one call; PackInfer's plan_create (and the planner's own clock), launch_create, "
-                "FlashInfer's `plan()` (Python, with its copies).", ""]
-        out.append("| batch | requests | PackInfer plan | planner only | PackInfer launch | FlashInfer plan() |")
-        out.append("|---|---|---|---|---|---|")
+                "FlashInfer's `plan()` (Python, with its copies). The steady-state host path of an engine's step: "
+                "plan_update into the last step's plan (*replan*), launch_update of a capacity launch while the GPU "
+                "is busy (*update*), and their sum.", ""]
+        out.append("| batch | requests | PackInfer plan | planner only | PackInfer launch | replan | update | replan + update "
+                   "| FlashInfer plan() |")
+        out.append("|---|---|---|---|---|---|---|---|---|")
         for w, p in results["planning"].items():
             def g(key):
                 v = p.get(key)
                 return fmt_us(v["median"]) if isinstance(v, dict) else (v if isinstance(v, str) else "—")
             out.append(f"| {w} | {p.get('requests', '—')} | {g('packinfer_plan_us')} | {g('packinfer_planner_us')} | "
-                       f"{g('packinfer_launch_us')} | {g('flashinfer_plan_us')} |")
+                       f"{g('packinfer_launch_us')} | {g('packinfer_replan_us')} | {g('packinfer_update_us')} | "
+                       f"{g('packinfer_replan_plus_update_us')} | {g('flashinfer_plan_us')} |")
         notes = sorted({p["note"] for p in results["planning"].values() if p.get("note")})
         for n in notes:
             out.append(f"\n_{n}_")

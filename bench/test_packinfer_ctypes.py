@@ -132,6 +132,35 @@ class CpuBackendTest(unittest.TestCase):
             plan.destroy()
         self.assertEqual(e.exception.status, "INVALID_HANDLE")
 
+    def test_replan_and_update_compute_the_next_step(self):
+        """packinfer_plan_update into the plan, launch_update of a capacity launch: the launch
+        computes the new step (the benchmark's host-path measurement makes these calls)."""
+        shape = wl.ModelShape(num_qo_heads=4, num_kv_heads=2, head_dim=32, dtype="f32")
+        rng = np.random.default_rng(8)
+        first = wl.build_paged("a", [(9, 9), (1, 23)], page_size=4, rng=rng, causal=True)
+        nxt = wl.build_paged("b", [(1, 30), (1, 7), (6, 12)], page_size=4, rng=rng, causal=True)
+        plan, _ = self.ctx.plan(wl.batch_arrays(first, shape))
+        launch = self.ctx.launch_with_capacity(plan, max_work_items=256, max_row_segments=256, max_kv_chunks=256,
+                                               max_requests=16, max_pages=256, max_merge_rows=1024,
+                                               max_merge_slots=1024, max_groups=256, max_partial_slots=1024)
+        self.assertGreater(self.ctx.replan(plan, wl.batch_arrays(nxt, shape)), 0.0)
+        self.assertEqual(plan.stats()["num_requests"], 3)
+        self.assertGreater(launch.update(plan), 0.0)
+        q = rng.standard_normal((nxt.total_q, shape.num_qo_heads, shape.head_dim)).astype(np.float32)
+        k = rng.standard_normal((nxt.num_pages, nxt.page_size, shape.num_kv_heads, shape.head_dim)).astype(np.float32)
+        v = rng.standard_normal(k.shape).astype(np.float32)
+        o = np.full_like(q, np.nan)
+        layout = self.lib.kv_layout_nhd(k.ctypes.data, v.ctypes.data, nxt.page_size, shape.num_kv_heads, shape.head_dim)
+        launch.run(q.ctypes.data, layout, o.ctypes.data)
+        slots = nxt.kv_slots()
+        kf, vf = k.reshape(-1, shape.num_kv_heads, shape.head_dim), v.reshape(-1, shape.num_kv_heads, shape.head_dim)
+        for r in range(nxt.batch_size):
+            q0, q1 = nxt.qo_indptr[r], nxt.qo_indptr[r + 1]
+            ref = common.reference_attention(q[q0:q1], kf[slots[r]], vf[slots[r]], True, shape.sm_scale)
+            self.assertLess(np.linalg.norm(o[q0:q1] - ref) / np.linalg.norm(ref), 1e-5, f"request {r}")
+        launch.destroy()
+        plan.destroy()
+
     def test_managed_pool_forks_match_reference(self):
         """W4's managed build (managed.py) on a small case: forks of a prefix, pages interleaved,
         then relayout; both plans' outputs match the float64 reference of the same values."""

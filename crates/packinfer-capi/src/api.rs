@@ -581,10 +581,9 @@ unsafe fn fill_batch(b: &PackinferBatchDesc, batch: &mut Batch, spare: &mut Vec<
         let mut group = spare.pop().unwrap_or(PrefixGroup { prefix_len: 0, members: Vec::new() });
         group.prefix_len = pg.prefix_len;
         group.members.clear();
-        group
-            .members
-            .try_reserve(members.len())
-            .map_err(|_| Error::OutOfMemory(format!("no host memory to copy batch->prefix_groups[{g}].members: {} entries", members.len())))?;
+        group.members.try_reserve(members.len()).map_err(|_| {
+            Error::OutOfMemory(format!("no host memory to copy batch->prefix_groups[{g}].members: {} entries", members.len()))
+        })?;
         group.members.extend(members.iter().map(|&m| m as u32));
         batch.prefix_groups.push(group);
     }

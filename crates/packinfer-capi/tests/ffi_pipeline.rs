@@ -58,7 +58,12 @@ fn steps() -> Vec<Step> {
     let mut steps: Vec<Step> = (0..6).map(|_| Step::new(Case::random(&mut r, &s))).collect();
     steps.insert(
         2,
-        Step::new(Case::build(&mut r, &s, &[(1, 120), (1, 140), (4, 90), (1, 130)], vec![PrefixGroup { prefix_len: 64, members: vec![0, 1, 3] }])),
+        Step::new(Case::build(
+            &mut r,
+            &s,
+            &[(1, 120), (1, 140), (4, 90), (1, 130)],
+            vec![PrefixGroup { prefix_len: 64, members: vec![0, 1, 3] }],
+        )),
     );
     steps.insert(4, Step::new(Case::build(&mut r, &s, &[(200, 290), (1, 300)], vec![])));
     steps

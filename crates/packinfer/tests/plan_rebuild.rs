@@ -112,17 +112,18 @@ fn cases() -> Vec<(&'static str, Shape, Batch, PlanOptions)> {
         ("256 short prompts", shape(true), batch(&short, 0, &mut rng), PlanOptions::default()),
         ("mixed", shape(true), batch(&mixed, 0, &mut rng), PlanOptions::default()),
         ("long prompts, deterministic", shape(true), batch(&long, 0, &mut rng), deterministic),
-        ("non-causal, no balancing", shape(false), batch(&decodes(64, &mut rng), 4, &mut rng), PlanOptions {
-            balancing: false,
-            ..PlanOptions::default()
-        }),
-        ("one request per tile", shape(true), batch(&short[..32], 0, &mut rng), PlanOptions {
-            packing: false,
-            balancing: false,
-            prefix_sharing: false,
-            split_kv: false,
-            ..PlanOptions::default()
-        }),
+        (
+            "non-causal, no balancing",
+            shape(false),
+            batch(&decodes(64, &mut rng), 4, &mut rng),
+            PlanOptions { balancing: false, ..PlanOptions::default() },
+        ),
+        (
+            "one request per tile",
+            shape(true),
+            batch(&short[..32], 0, &mut rng),
+            PlanOptions { packing: false, balancing: false, prefix_sharing: false, split_kv: false, ..PlanOptions::default() },
+        ),
     ]
 }
 

@@ -494,7 +494,14 @@ impl Plan {
     }
 
     /// Fills `stats` (and `group_costs`, unless the scheduler's `totals` come with them).
-    fn finish_stats(&mut self, profile: &DeviceProfile, capacity: f64, num_split_requests: u32, totals: Option<WorkTotals>, started: Instant) {
+    fn finish_stats(
+        &mut self,
+        profile: &DeviceProfile,
+        capacity: f64,
+        num_split_requests: u32,
+        totals: Option<WorkTotals>,
+        started: Instant,
+    ) {
         let WorkTotals { useful, computed, partial_items, partial_slots } = match totals {
             Some(t) => t,
             None => self.measure_items(profile),

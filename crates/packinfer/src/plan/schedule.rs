@@ -167,8 +167,10 @@ fn schedule_steps(plan: &Plan, profile: &DeviceProfile, sc: &mut Scratch) -> Res
     };
     let Emitted { items, slot_of } = emit(&s, &pieces, &groups, sc);
     let Merges { merges, merge_slots } = merge_list(&s, plan.batch.total_q(), &partial_rows, &slot_of, sc);
-    debug_assert!(pieces.iter().all(|p| (item_cost(profile, &sc.chunks[p.chunk_begin as usize..(p.chunk_begin + p.chunk_count) as usize])
-        - p.cost)
+    debug_assert!(pieces.iter().all(|p| (item_cost(
+        profile,
+        &sc.chunks[p.chunk_begin as usize..(p.chunk_begin + p.chunk_count) as usize]
+    ) - p.cost)
         .abs()
         <= 1e-6 * p.cost.max(1.0)));
     let totals = totals(&s, &pieces, &groups, &sc.segments, &sc.chunks, &mut sc.group_costs);
@@ -180,7 +182,14 @@ fn schedule_steps(plan: &Plan, profile: &DeviceProfile, sc: &mut Scratch) -> Res
 /// The statistics' totals and each group's cost, per piece: its KV-head copies are the same
 /// work. Groups are numbered up to the last that has items; a group's pieces are summed in
 /// piece order, as its items are.
-fn totals(s: &Setup, pieces: &[Piece], groups: &Groups, segments: &[RowSegment], chunks: &[KvChunk], group_costs: &mut Vec<f64>) -> WorkTotals {
+fn totals(
+    s: &Setup,
+    pieces: &[Piece],
+    groups: &Groups,
+    segments: &[RowSegment],
+    chunks: &[KvChunk],
+    group_costs: &mut Vec<f64>,
+) -> WorkTotals {
     let heads_us = s.heads as usize;
     let num_groups = groups.group_of.iter().max().map_or(0, |&g| g as usize + 1);
     group_costs.clear();
@@ -207,7 +216,12 @@ fn totals(s: &Setup, pieces: &[Piece], groups: &Groups, segments: &[RowSegment],
     }
     let heads = s.heads as u64;
     // Every partial item gets `num_rows` slots of its own (`emit`).
-    WorkTotals { useful: useful * heads, computed: computed * heads, partial_items: partial_pieces * s.heads, partial_slots: partial_rows * s.heads }
+    WorkTotals {
+        useful: useful * heads,
+        computed: computed * heads,
+        partial_items: partial_pieces * s.heads,
+        partial_slots: partial_rows * s.heads,
+    }
 }
 
 /// The buffers of the schedule's steps, kept in the plan between builds (`Plan::rebuild`): each
@@ -651,15 +665,7 @@ fn split_into(
 
     // Prefix tiles: split pieces share the tile's segments.
     for tile in prefix_tiles {
-        cut_keys(
-            s,
-            capacity,
-            0,
-            tile.key_end,
-            s.block_cost(tile.num_rows, tile.key_end),
-            max_pieces.saturating_sub(pieces.len()),
-            ranges,
-        )?;
+        cut_keys(s, capacity, 0, tile.key_end, s.block_cost(tile.num_rows, tile.key_end), max_pieces.saturating_sub(pieces.len()), ranges)?;
         for &(kb, ke) in ranges.iter() {
             let p = pieces.len() as u32;
             chunks.push(KvChunk { request: tile.reader, key_begin: kb, key_end: ke, row_begin: 0, row_end: tile.num_rows });

@@ -77,7 +77,13 @@ impl Backend for CpuBackend {
             }
         };
         let bound = Bound::of(plan.clone());
-        Ok(Box::new(CpuBound { shape: plan.shape, page_size: plan.batch.page_size, capacity, threads: self.threads, state: Mutex::new(CpuState { bound, scratch }) }))
+        Ok(Box::new(CpuBound {
+            shape: plan.shape,
+            page_size: plan.batch.page_size,
+            capacity,
+            threads: self.threads,
+            state: Mutex::new(CpuState { bound, scratch }),
+        }))
     }
     fn alloc_kv(&self, bytes: usize) -> Result<Box<dyn KvMemory>> {
         Ok(Box::new(HostKvMemory::new(bytes)?))

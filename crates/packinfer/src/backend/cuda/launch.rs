@@ -177,9 +177,7 @@ impl KvRange {
             let page = batch.kv_page_indices[first];
             let row = page as i64 * ps as i64 + (chunk.key_begin % ps) as i64;
             // The kernels add key offsets to row0 in 32 bits and TMA boxes take rows as i32.
-            // Pages in order: scanning the chunk's own pages stops at the first gap, which
-            // scattered pages show at once.
-            let consecutive = batch.kv_page_indices[first..=last].windows(2).all(|w| w[0].checked_add(1) == Some(w[1]));
+            let consecutive = pages_consecutive(&batch.kv_page_indices[first..=last]);
             if consecutive && page >= 0 && row + ((chunk.key_end - chunk.key_begin) as i64) <= i32::MAX as i64 {
                 row0 = row as u32;
             }
@@ -193,6 +191,17 @@ impl KvRange {
             row0,
         }
     }
+}
+
+/// Whether each page of `pages` is the one before plus 1. Scanned in blocks without an early
+/// exit inside a block (so the compiler vectorises it), stopping at the first block with a gap:
+/// scattered pages stop at once, pages in order cost one pass.
+fn pages_consecutive(pages: &[i32]) -> bool {
+    if pages.len() < 2 {
+        return true;
+    }
+    let (a, b) = (&pages[..pages.len() - 1], &pages[1..]);
+    a.chunks(64).zip(b.chunks(64)).all(|(x, y)| x.iter().zip(y).fold(true, |ok, (&u, &v)| ok & (u != i32::MAX) & (u.wrapping_add(1) == v)))
 }
 
 /// A TMA descriptor (the driver's CUtensorMap: 128 opaque bytes, 64-byte aligned).
@@ -464,14 +473,7 @@ impl HostUpload {
     pub fn new(plan: &Plan, capacity: &LaunchCapacity, block_m: u32) -> HostUpload {
         let capacity = capacity.max(&LaunchCapacity::of(plan));
         let layout = Layout::new(&capacity);
-        HostUpload {
-            shape: plan.shape,
-            page_size: plan.batch.page_size,
-            capacity,
-            layout,
-            block_m,
-            image: vec![0; layout.total],
-        }
+        HostUpload { shape: plan.shape, page_size: plan.batch.page_size, capacity, layout, block_m, image: vec![0; layout.total] }
     }
 
     /// What `update_planned` (`packinfer_launch_update`) does on the host for `plan`; returns
@@ -824,6 +826,15 @@ mod tests {
         assert_eq!(row0(&paged, 16, 20), 8 * 16);
         assert_eq!(row0(&paged, 20, 40), NO_ROW);
         assert_eq!(row0(&paged, 33, 64), 3 * 16 + 1);
+        // A gap anywhere in a long run, and i32::MAX (whose successor does not exist), break it.
+        let long: Vec<i32> = (1000..1300).collect();
+        assert!(pages_consecutive(&long) && pages_consecutive(&[]) && pages_consecutive(&[7]));
+        for gap in [1, 63, 64, 65, 200, 299] {
+            let mut p = long.clone();
+            p[gap] += 1;
+            assert!(!pages_consecutive(&p), "gap at {gap}");
+        }
+        assert!(!pages_consecutive(&[i32::MAX, i32::MIN]));
         // Empty chunks and rows past i32 have none.
         assert_eq!(row0(&paged, 3, 3), NO_ROW);
         assert_eq!(row0(&batch(vec![i32::MAX / 16, i32::MAX / 16 + 1], 16), 0, 32), NO_ROW);

@@ -567,7 +567,7 @@ unsafe fn fill_batch(b: &PackinferBatchDesc, batch: &mut Batch, spare: &mut Vec<
     batch.num_pages = b.num_pages;
     // SAFETY: as above.
     let groups = unsafe { slice("batch->prefix_groups", b.prefix_groups, b.num_prefix_groups as usize)? };
-    spare.extend(batch.prefix_groups.drain(..));
+    spare.append(&mut batch.prefix_groups);
     batch
         .prefix_groups
         .try_reserve(groups.len())

@@ -203,7 +203,7 @@ impl Batch {
         self.kv_last_page_len.clone_from(&other.kv_last_page_len);
         self.page_size = other.page_size;
         self.num_pages = other.num_pages;
-        spare.extend(self.prefix_groups.drain(..));
+        spare.append(&mut self.prefix_groups);
         for src in &other.prefix_groups {
             self.prefix_groups.push(PrefixGroup::reusing(spare, src.prefix_len, &src.members));
         }
@@ -282,7 +282,6 @@ impl Batch {
                 ));
             }
         }
-        let group_of = group_of;
         group_of.clear();
         group_of.resize(if self.prefix_groups.is_empty() { 0 } else { n }, u32::MAX);
         for (g, pg) in self.prefix_groups.iter().enumerate() {

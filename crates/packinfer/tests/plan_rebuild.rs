@@ -77,17 +77,14 @@ fn batch(lens: &[(u32, u32)], prefix: usize, rng: &mut SmallRng) -> Batch {
         kv.push(pages.len() as i32);
         last.push(if k == 0 { 0 } else { ((k - 1) % 16 + 1) as i32 });
     }
-    let prefix_groups = if prefix == 0 {
-        Vec::new()
-    } else {
-        (0..lens.len() / prefix)
-            .map(|g| {
-                let members: Vec<u32> = (g * prefix..(g + 1) * prefix).map(|m| m as u32).collect();
-                let shortest = members.iter().map(|&m| lens[m as usize].1).min().unwrap();
-                PrefixGroup { prefix_len: (shortest / 2).max(1), members }
-            })
-            .collect()
-    };
+    let groups = lens.len().checked_div(prefix).unwrap_or(0);
+    let prefix_groups = (0..groups)
+        .map(|g| {
+            let members: Vec<u32> = (g * prefix..(g + 1) * prefix).map(|m| m as u32).collect();
+            let shortest = members.iter().map(|&m| lens[m as usize].1).min().unwrap();
+            PrefixGroup { prefix_len: (shortest / 2).max(1), members }
+        })
+        .collect();
     Batch { qo_indptr: qo, kv_indptr: kv, kv_page_indices: pages, kv_last_page_len: last, page_size: 16, num_pages: 100_000, prefix_groups }
 }
 

@@ -267,7 +267,7 @@ impl Plan {
         self.options = options;
         self.pool_layout = None;
         let spare = &mut self.scratch.spare_groups;
-        spare.extend(self.batch.prefix_groups.drain(..));
+        spare.append(&mut self.batch.prefix_groups);
         let result = fill(&mut self.batch, spare).and_then(|()| {
             let profile = profile(&self.shape, &self.batch);
             self.block_m = profile.block_m;

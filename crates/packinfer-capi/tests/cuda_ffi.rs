@@ -1,6 +1,6 @@
 //! The CUDA-specific C ABI: NO_DEVICE with the reason where CUDA is unusable (what CI sees), and on
 //! the GPU machine precompile, launch_create_with_capacity, run, launch_update and run again on
-//! the same launch, each result checked against the float64 reference. Without a usable CUDA
+//! the same launch (also after plan_update), each result checked against the float64 reference. Without a usable CUDA
 //! device the GPU test is reported as ignored, with the reason; with `PACKINFER_REQUIRE_GPU=1`
 //! it fails instead.
 
@@ -135,13 +135,20 @@ fn capacity_launch_update_and_run_through_the_c_abi() {
         DeviceBuffer::new(dev, kv_bytes, "v").unwrap(),
     );
     let (o, lse) = (DeviceBuffer::new(dev, a.out_len() * 2, "o").unwrap(), DeviceBuffer::new(dev, a.total_q() * 8 * 4, "lse").unwrap());
-    for (case, which) in [(&a, "A"), (&b, "B")] {
+    // Third: batch A again, re-planned into B's plan (packinfer_plan_update) and uploaded into
+    // the same launch (the path that skips the consistency check for planner-made plans).
+    for (case, which) in [(&a, "A"), (&b, "B"), (&a, "A re-planned")] {
         assert_eq!(case.total_q(), a.total_q());
         q.write(dev, &case.q.bytes).unwrap();
         k.write(dev, &case.k.bytes).unwrap();
         v.write(dev, &case.v.bytes).unwrap();
         o.write(dev, &Tensor::poisoned(DType::F16, case.out_len()).bytes).unwrap();
-        if which == "B" {
+        if which == "A re-planned" {
+            let desc = a.c_desc(&[]);
+            // SAFETY: `desc` borrows case A's arrays, alive for the call.
+            assert_eq!(unsafe { packinfer_plan_update(ctx, pb, &desc, std::ptr::null()) }, PackinferStatus::Ok, "{}", last_error());
+        }
+        if which != "A" {
             // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.
             assert_eq!(unsafe { packinfer_launch_update(launch, pb, std::ptr::null_mut()) }, PackinferStatus::Ok, "{}", last_error());
         }

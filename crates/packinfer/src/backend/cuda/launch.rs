@@ -722,6 +722,18 @@ impl CudaBound {
     }
 }
 
+impl Drop for CudaBound {
+    /// A launch destroyed before its last upload ran (no run after it) would free the
+    /// page-locked image the queued copy reads, and the buffer it writes: wait for the copies.
+    fn drop(&mut self) {
+        if let Ok(_g) = self.shared.dev.enter() {
+            for slot in &self.staging.get_mut().slots {
+                let _ = slot.copied.wait();
+            }
+        }
+    }
+}
+
 impl BoundPlan for CudaBound {
     fn shape(&self) -> &Shape {
         &self.shape

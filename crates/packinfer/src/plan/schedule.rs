@@ -1065,7 +1065,9 @@ fn merge_list(s: &Setup, total_q: u32, partial_rows: &[PartialRow], slot_of: &[u
         if list.is_empty() {
             continue;
         }
-        if list.len() > 1 {
+        // Pieces are made in key order per token (prefix tile, then the suffix's splits, or a
+        // packed tile), and the bucket pass above keeps that order: sorting is a fallback.
+        if !list.is_sorted_by_key(|pr| pr.key_begin) {
             list.sort_unstable_by_key(|pr| pr.key_begin);
         }
         let count = list.len();

@@ -356,6 +356,7 @@ pub unsafe extern "C" fn packinfer_run(launch: PackinferLaunch, args: *const Pac
             o: rows(a.o as u64, a.o_stride_token, a.o_stride_head, "o")?,
             lse: a.lse as u64,
             stream: a.stream as u64,
+            logits_soft_cap: a.logits_soft_cap,
         };
         // SAFETY: this function's contract: the caller's pointers address tensors of the
         // launched plan's shape (and lent scratch outlives the launch, packinfer_launch_create).
@@ -510,6 +511,7 @@ pub(super) fn convert_plan_options(o: &PackinferPlanOptions) -> Result<PlanOptio
         split_kv: !has(PackinferPlanFlags::NoSplitKv),
         capacity,
         split_keys: if o.split_keys == 0 { 2048 } else { o.split_keys },
+        window_left: if has(PackinferPlanFlags::SlidingWindow) { Some(o.window_left) } else { None },
     })
 }
 

@@ -40,6 +40,7 @@ fn run_args(case: &Case, o: &Tensor, lse: &mut [f32]) -> PackinferRunArgs {
         o_stride_head: 0,
         lse: lse.as_mut_ptr(),
         stream: null_mut(),
+        logits_soft_cap: case.logits_soft_cap,
     }
 }
 

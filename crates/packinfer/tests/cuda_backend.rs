@@ -111,6 +111,7 @@ impl DeviceCase {
             o: RowsTensor { ptr: self.o.ptr(), stride_token: hq * d, stride_head: d },
             lse: self.lse.ptr(),
             stream,
+            logits_soft_cap: case.logits_soft_cap,
         }
     }
     fn outputs(&self, cu: &CudaBackend, case: &Case) -> (Tensor, Vec<f32>) {
@@ -620,6 +621,8 @@ fn deterministic_rows_are_bitwise_identical_across_batches() {
             v: copy(&mixed.v, mixed.v.exact.len()),
             layout: mixed.layout,
             hnd: mixed.hnd,
+            window_left: None,
+            logits_soft_cap: 0.0,
         };
         let run = |case: &Case| run_plan(&cu, case, Plan::build(case.shape, case.batch.clone(), &cu.profile(), options.clone()).unwrap());
         let (o1, l1) = run(&alone);

@@ -187,6 +187,7 @@ impl Side {
                 o: RowsTensor { ptr: od.ptr(), ..rows },
                 lse: 0,
                 stream: s,
+                logits_soft_cap: 0.0,
             };
             // SAFETY: Q and O are staged device buffers of the step's rows, K/V the pool the plan
             // was made from; the stream is synced before they are dropped.

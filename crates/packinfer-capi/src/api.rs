@@ -497,6 +497,13 @@ pub(super) fn convert_plan_options(o: &PackinferPlanOptions) -> Result<PlanOptio
         ));
     }
     let has = |f: PackinferPlanFlags| o.flags & f as u32 != 0;
+    let window_end = std::mem::offset_of!(PackinferPlanOptions, window_left) + std::mem::size_of::<u32>();
+    if has(PackinferPlanFlags::SlidingWindow) && o.struct_size < window_end {
+        return Err(invalid!(
+            "options->flags has PACKINFER_PLAN_FLAGS_SLIDING_WINDOW but options->struct_size = {} ends before window_left (a struct of at least {window_end} bytes holds it)",
+            o.struct_size
+        ));
+    }
     // In C, capacity 0 means automatic; negative or non-finite is the caller's mistake.
     let capacity = match o.capacity {
         0.0 => None,

@@ -2,6 +2,7 @@
 // copies of K/V blocks and Q tiles into shared memory, and the stores of finished rows.
 #pragma once
 #include "ptx.cuh"
+#include "mask.cuh"
 
 // Shared-memory tiles (Q, K, V) use the 128-byte swizzle that wgmma's descriptors describe: a
 // tile of ROWS rows x PI_HEAD_DIM elements is stored as PI_HEAD_DIM / 64 column blocks, each
@@ -18,7 +19,7 @@ struct RowInfo {
     i64 q_offset;  // element offset of the row's query vector (token, head)
     u32 token, head;
     u32 key_limit;  // keys >= key_limit of the row's request are masked; 0 for rows past num_rows
-    u32 pad;
+    u32 key_start;  // keys < key_start are masked too (the sliding window; 0 without one)
 };
 
 // Key -> (page, slot) by a multiply and a shift (Granlund and Montgomery's division by an
@@ -153,8 +154,8 @@ __device__ __forceinline__ void copy_q(const KernelParams& p, u16* dst, const Ro
 
 // Tile row r of `item`: which (token, head) it is and how many keys it sees, from the item's
 // resolved segments (the last one starting at or before r); zeros past num_rows.
-__device__ __forceinline__ RowInfo row_info(const KernelParams& p, const WorkItem& item, const SegmentInfo* segs,
-                                            u32 seg_count, u32 group, u32 r) {
+__device__ __forceinline__ RowInfo row_info(const KernelParams& p, const PlanHeader& hdr, const WorkItem& item,
+                                            const SegmentInfo* segs, u32 seg_count, u32 group, u32 r) {
     RowInfo ri = {0, 0, 0, 0, 0};
     if (r < item.num_rows) {
         u32 lo = 0, hi = seg_count;
@@ -166,7 +167,7 @@ __device__ __forceinline__ RowInfo row_info(const KernelParams& p, const WorkIte
         const u32 q = (r - seg.row_begin) / group;
         ri.token = seg.token0 + q;
         ri.head = item.kv_head * group + (r - seg.row_begin) % group;
-        ri.key_limit = seg.limit0 + seg.step * q;
+        row_keys(seg.limit0 + seg.step * q, hdr.window_left, hdr.causal != 0, ri.key_start, ri.key_limit);
         ri.q_offset = (i64)ri.token * p.q_stride_token + (i64)ri.head * p.q_stride_head;
     }
     return ri;

@@ -38,6 +38,8 @@ fn main() {
         precompile_builds_every_variant,
         handmade_plans_are_valid_on_the_cpu_backend,
         calibration_fits_and_stores_a_profile,
+        window_and_soft_cap_on_every_kernel,
+        soft_cap_is_taken_from_each_run,
     ]);
 }
 
@@ -855,5 +857,74 @@ fn calibration_fits_and_stores_a_profile() {
         })
         .unwrap();
         assert_eq!(again.profile(), profile, "a new context does not load the stored profile");
+    }
+}
+
+/// Sliding window and soft-cap on every kernel: the plain kernel (default context, mixed
+/// batches with decodes and splits), the warp-specialised one (forced, long prefills over pages
+/// in order, TMA) and the short-prefill one (batches of short prompts on 64-row tiles), both
+/// dtypes, head_dims 64 and 128, GQA 1 and 4, causal and not, against the f64 reference.
+fn window_and_soft_cap_on_every_kernel() {
+    let mut done = Vec::new();
+    for kernel in ["plain", "warp-specialised", "short"] {
+        // Read when a context opens; the GPU suite runs one test at a time.
+        if kernel == "warp-specialised" {
+            std::env::set_var("PACKINFER_WARP_SPECIALIZED", "1");
+        }
+        let cu = backend("window_and_soft_cap_on_every_kernel");
+        std::env::remove_var("PACKINFER_WARP_SPECIALIZED");
+        let Some(cu) = cu else { return };
+        let mut r = rng(0x51de ^ kernel.len() as u64);
+        for i in 0..16u32 {
+            let spec = cycled_spec(i);
+            let lens: Vec<(u32, u32)> = match kernel {
+                "plain" => (0..r.random_range(2..7))
+                    .map(|_| {
+                        let q = if r.random_bool(0.5) { 1 } else { r.random_range(1..300u32) };
+                        (q, q + r.random_range(0..5000))
+                    })
+                    .collect(),
+                "warp-specialised" => {
+                    (0..r.random_range(1..3)).map(|_| (r.random_range(300..1500u32), r.random_range(1500..3000u32))).collect()
+                }
+                _ => (0..r.random_range(3..16)).map(|_| (r.random_range(1..200u32), 0)).map(|(q, _)| (q, q)).collect(),
+            };
+            let lens: Vec<(u32, u32)> = lens.into_iter().map(|(q, kv)| (q.min(kv), kv.max(q))).collect();
+            let window = [Some(0), Some(7), Some(100), Some(1024), None][i as usize % 5];
+            let cap = [30.0, 0.0, 5.0][i as usize % 3];
+            let case = Case::build_with(&mut r, &spec, &lens, vec![], kernel == "plain").with_features(window, cap);
+            let profile = if kernel == "short" { cu.profile_for(&case.shape, &case.batch) } else { cu.profile() };
+            let options = case.plan_options(if i % 4 == 3 {
+                PlanOptions { deterministic: true, split_keys: 512, ..PlanOptions::default() }
+            } else {
+                PlanOptions::default()
+            });
+            let plan = Plan::build(case.shape, case.batch.clone(), &profile, options).unwrap();
+            let (o, lse) = run_plan(&cu, &case, plan);
+            done.push((case, o, lse, format!("{kernel} {i}: window {window:?}, cap {cap}, {spec:?}, lens {lens:?}")));
+        }
+    }
+    check_all(done);
+}
+
+/// The soft-cap is a run parameter on the GPU too: one launch, run with caps 0, 50 and 5 in
+/// turn (the kernel parameters change, the uploaded plan does not), each checked against the
+/// reference of its own cap.
+fn soft_cap_is_taken_from_each_run() {
+    let Some(cu) = backend("soft_cap_is_taken_from_each_run") else { return };
+    let mut r = rng(0x5ca9);
+    let spec = cycled_spec(0);
+    let mut case = Case::build(&mut r, &spec, &[(1, 3000), (40, 900), (1, 17), (200, 200)], vec![]);
+    let plan = Plan::build(case.shape, case.batch.clone(), &cu.profile(), PlanOptions::default()).unwrap();
+    let dcase = DeviceCase::for_case(&cu, &case);
+    let bound = testing::bind_cuda(&cu, Arc::new(plan), 0, None, None).expect("bind");
+    bound.wait().unwrap();
+    for cap in [0.0, 50.0, 5.0] {
+        case.logits_soft_cap = cap;
+        // SAFETY: the device copies of the case's tensors, alive until after the stream is synced.
+        unsafe { bound.run(&dcase.args(&case, 0)) }.expect("run");
+        sync_stream(testing::device(&cu), 0).expect("kernels failed");
+        let (o, lse) = dcase.outputs(&cu, &case);
+        check(&case, &o, &lse, &format!("cap {cap}"));
     }
 }

@@ -21,10 +21,11 @@ pub const KV_CU: &str = include_str!("../../../kernels/kv.cu");
 /// Every kernel header, by the name the sources `#include` it by. NVRTC gets no include path
 /// (the sources are embedded in the binary): each program is handed all of them by name, and
 /// each is part of every unit's cache key.
-pub const HEADERS: [(&str, &str); 9] = [
+pub const HEADERS: [(&str, &str); 10] = [
     ("work.cuh", WORK_CUH),
     ("config.cuh", include_str!("../../../kernels/config.cuh")),
     ("ptx.cuh", include_str!("../../../kernels/ptx.cuh")),
+    ("mask.cuh", include_str!("../../../kernels/mask.cuh")),
     ("tile.cuh", include_str!("../../../kernels/tile.cuh")),
     ("softmax.cuh", include_str!("../../../kernels/softmax.cuh")),
     ("attend.cuh", include_str!("../../../kernels/attend.cuh")),

@@ -274,14 +274,15 @@ fn window_and_soft_cap_random_batches_match_f64_reference() {
 #[test]
 fn window_edge_cases() {
     let mut r = rng(0x3d9e);
-    let cases: &[(&str, u32, bool, &[(u32, u32)], u32)] = &[
-        ("window 0, causal", 16, true, &[(5, 9), (1, 30)], 0),
-        ("window wider than the context", 16, true, &[(7, 20), (1, 3)], 500),
-        ("non-causal, q_len > kv_len", 16, false, &[(40, 9), (3, 50)], 4),
-        ("page size 1", 1, true, &[(4, 9), (1, 1), (1, 77)], 3),
-        ("no keys, no queries", 16, false, &[(0, 0), (2, 3)], 1),
+    // (name, page size, causal, (q_len, kv_len) per request, window_left)
+    let cases: &[(EdgeCase, u32)] = &[
+        (("window 0, causal", 16, true, &[(5, 9), (1, 30)]), 0),
+        (("window wider than the context", 16, true, &[(7, 20), (1, 3)]), 500),
+        (("non-causal, q_len > kv_len", 16, false, &[(40, 9), (3, 50)]), 4),
+        (("page size 1", 1, true, &[(4, 9), (1, 1), (1, 77)]), 3),
+        (("no keys, no queries", 16, false, &[(0, 0), (2, 3)]), 1),
     ];
-    for &(name, ps, causal, lens, w) in cases {
+    for &((name, ps, causal, lens), w) in cases {
         let case = Case::build(&mut r, &spec(ps, causal), lens, vec![]).with_features(Some(w), 0.0);
         run_and_check(&case, case.plan_options(PlanOptions::default()), name);
     }

@@ -38,7 +38,7 @@ pub struct PlanHeader {
     pub page_size: u32,
     /// 1 for a causal mask.
     pub causal: u32,
-    /// The sliding window, or [`NO_WINDOW`] (`PI_NO_WINDOW` in kernels/mask.cuh).
+    /// The sliding window, or `NO_WINDOW` (`PI_NO_WINDOW` in kernels/mask.cuh).
     pub window_left: u32,
     /// The softmax scale times log2(e): the kernels work in base 2.
     pub sm_scale_log2: f32,

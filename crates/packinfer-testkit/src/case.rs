@@ -80,7 +80,7 @@ pub struct CaseSpec {
 impl CaseSpec {
     pub fn random(rng: &mut SmallRng) -> CaseSpec {
         let dtype = [DType::F16, DType::Bf16, DType::F32][rng.random_range(0..3)];
-        let head_dim = [64, 128, 256][rng.random_range(0..3)];
+        let head_dim = [64, 96, 128, 192, 256][rng.random_range(0..5)];
         CaseSpec {
             batch_size: rng.random_range(1..=6),
             max_kv: [8, 64, 300, 1200, 4096][rng.random_range(0..5)],

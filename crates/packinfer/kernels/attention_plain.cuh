@@ -10,9 +10,9 @@
 #define PI_SPLIT_WARPS (PI_BLOCK_N / 16)
 
 struct Smem {
-    u16 q[PI_BLOCK_M * PI_HEAD_DIM];  // swizzled (swz); every tile a multiple of 1024 bytes
-    u16 k[PI_STAGES][PI_BLOCK_N * PI_HEAD_DIM];
-    u16 v[PI_STAGES][PI_BLOCK_N * PI_HEAD_DIM];
+    u16 q[PI_BLOCK_M * PI_HEAD_DIM_TILE];  // swizzled (swz); every tile a multiple of 1024 bytes
+    u16 k[PI_STAGES][PI_BLOCK_N * PI_HEAD_DIM_TILE];
+    u16 v[PI_STAGES][PI_BLOCK_N * PI_HEAD_DIM_TILE];
     RowInfo rows[PI_BLOCK_M];
     SegmentInfo segs[PI_BLOCK_M];  // an item has at most one segment per row
     alignas(16) WorkItem next_item;  // the group's next item, copied in while this one runs
@@ -98,7 +98,7 @@ packed_attention(const __grid_constant__ KernelParams p) {
             for (int r = tid; r < PI_BLOCK_M; r += PI_THREADS) sm.rows[r] = row_info(p, hdr, item, sm.segs, seg_count, group, r);
             __syncthreads();
             // Q tile; rows past num_rows are zeros. The next item's copy lands with it.
-            copy_q<PI_THREADS, PI_BLOCK_M * PI_HEAD_DIM / 8 / PI_THREADS>(p, sm.q, sm.rows, item.num_rows, tid);
+            copy_q<PI_THREADS, PI_BLOCK_M * PI_ROW_VECS / PI_THREADS>(p, sm.q, sm.rows, item.num_rows, tid);
             cp_async_commit();
             // Q fragments for the mma.sync path, read from the tile once it has landed (with the
             // item's first K/V block, so the two loads overlap). wgmma reads Q from shared memory.

@@ -86,7 +86,7 @@ impl Shape {
         }
         if !self.head_dim.is_multiple_of(8) || self.head_dim > 512 {
             return Err(crate::unsupported!(
-                "head_dim = {} is not supported (multiples of 8 up to 512; the GPU kernels take 64, 128 and 256)",
+                "head_dim = {} is not supported (multiples of 8 up to 512; the GPU kernels take 64, 96, 128, 192 and 256)",
                 self.head_dim
             ));
         }

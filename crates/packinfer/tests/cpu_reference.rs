@@ -95,7 +95,7 @@ fn edge_cases() {
 fn every_head_dim_and_dtype_with_gqa() {
     let mut r = rng(3);
     for dtype in [DType::F16, DType::Bf16, DType::F32] {
-        for head_dim in [64, 128, 256, 40] {
+        for head_dim in [64, 96, 128, 192, 256, 40] {
             for group in [1, 4, 8] {
                 let spec = CaseSpec {
                     batch_size: 3,

@@ -40,6 +40,7 @@ fn main() {
         calibration_fits_and_stores_a_profile,
         window_and_soft_cap_on_every_kernel,
         soft_cap_is_taken_from_each_run,
+        head_dims_96_and_192_long_and_split,
     ]);
 }
 
@@ -356,7 +357,7 @@ fn every_head_dim_dtype_gqa_and_page_size() {
     let mut r = rng(3);
     let mut done = Vec::new();
     for dtype in [DType::F16, DType::Bf16] {
-        for head_dim in [64, 128, 256] {
+        for head_dim in [64, 96, 128, 192, 256] {
             for group in [1, 4, 8] {
                 for page_size in [1, 16, 64] {
                     let spec = CaseSpec {
@@ -800,7 +801,7 @@ fn precompile_builds_every_variant() {
     let t = std::time::Instant::now();
     cu.precompile().unwrap();
     println!("precompile: {:.2} s (cache dir {:?})", t.elapsed().as_secs_f64(), testing::kernel_cache_dir(&cu));
-    for d in [64, 128, 256] {
+    for d in [64, 96, 128, 192, 256] {
         for dt in [DType::F16, DType::Bf16] {
             let k = testing::attention_kernel_stats(&cu, d, dt).unwrap();
             println!(
@@ -927,4 +928,26 @@ fn soft_cap_is_taken_from_each_run() {
         let (o, lse) = dcase.outputs(&cu, &case);
         check(&case, &o, &lse, &format!("cap {cap}"));
     }
+}
+
+/// head_dim 96 (Phi-3; stored in 128-dim tiles) and 192 run the plain mma.sync kernel: long
+/// prefills (final rows staged through shared memory), split decodes (merged partials), windows
+/// and soft-caps, both dtypes, against the reference.
+fn head_dims_96_and_192_long_and_split() {
+    let Some(cu) = backend("head_dims_96_and_192_long_and_split") else { return };
+    let mut r = rng(0x96192);
+    let mut done = Vec::new();
+    for (i, head_dim) in [96u32, 192, 96, 192].into_iter().enumerate() {
+        let spec = CaseSpec { head_dim, hnd: i >= 2, ..cycled_spec(i as u32) };
+        let lens = [(1, 6000), (700, 1500), (1, 33), (40, 40), (3, 900)];
+        let (window, cap) = if i >= 2 { (Some(300), 20.0) } else { (None, 0.0) };
+        let case = Case::build_with(&mut r, &spec, &lens, vec![], i % 2 == 0).with_features(window, cap);
+        // Deterministic 1024-key pieces: the long decode is split and merged.
+        let options = case.plan_options(PlanOptions { deterministic: true, split_keys: 1024, ..PlanOptions::default() });
+        let plan = Plan::build(case.shape, case.batch.clone(), &cu.profile(), options).unwrap();
+        assert!(!plan.merges.is_empty(), "the 6000-key decode is split");
+        let (o, lse) = run_plan(&cu, &case, plan);
+        done.push((case, o, lse, format!("head_dim {head_dim} case {i}: {spec:?}")));
+    }
+    check_all(done);
 }

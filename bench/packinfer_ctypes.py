@@ -36,6 +36,7 @@ FLAG_NO_PACKING = 2
 FLAG_NO_BALANCING = 4
 FLAG_NO_PREFIX_SHARING = 8
 FLAG_NO_SPLIT_KV = 16
+FLAG_SLIDING_WINDOW = 32
 
 
 class PackinferContextOptions(Structure):
@@ -53,7 +54,8 @@ class PackinferContextInfo(Structure):
 
 
 class PackinferPlanOptions(Structure):
-    _fields_ = [("struct_size", c_size_t), ("flags", c_uint32), ("split_keys", c_uint32), ("capacity", c_double)]
+    _fields_ = [("struct_size", c_size_t), ("flags", c_uint32), ("split_keys", c_uint32), ("capacity", c_double),
+                ("window_left", c_uint32)]
 
 
 class PackinferPrefixGroup(Structure):
@@ -100,7 +102,7 @@ class PackinferRunArgs(Structure):
     _fields_ = [("struct_size", c_size_t), ("q", c_void_p), ("q_stride_token", c_int64),
                 ("q_stride_head", c_int64), ("kv", PackinferKvLayout), ("o", c_void_p),
                 ("o_stride_token", c_int64), ("o_stride_head", c_int64), ("lse", POINTER(c_float)),
-                ("stream", c_void_p)]
+                ("stream", c_void_p), ("logits_soft_cap", c_float)]
 
 
 class PackinferLaunchCapacity(Structure):
@@ -308,13 +310,16 @@ class Context:
         self.library._check("packinfer_context_calibrate", self.library.lib.packinfer_context_calibrate(self.handle))
         return time.perf_counter() - t0
 
-    def plan_options(self, flags=0, capacity=0.0, split_keys=0):
+    def plan_options(self, flags=0, capacity=0.0, split_keys=0, window_left=None):
         opts = PackinferPlanOptions()
         lib = self.library
         lib._check("packinfer_plan_options_default", lib.lib.packinfer_plan_options_default(ctypes.byref(opts)))
         opts.flags, opts.capacity = flags, float(capacity)
         if split_keys:
             opts.split_keys = split_keys
+        if window_left is not None:  # a sliding window, fixed at plan time
+            opts.flags |= FLAG_SLIDING_WINDOW
+            opts.window_left = window_left
         return opts
 
     def pool(self, num_layers, num_qo_heads, num_kv_heads, head_dim, dtype, causal, num_pages, page_size=16,
@@ -331,10 +336,10 @@ class Context:
         lib._check("packinfer_pool_create", lib.lib.packinfer_pool_create(self.handle, ctypes.byref(opts), ctypes.byref(handle)))
         return Pool(self, handle, num_kv_heads, head_dim, dtype)
 
-    def plan(self, batch, flags=0, capacity=0.0, split_keys=0):
+    def plan(self, batch, flags=0, capacity=0.0, split_keys=0, window_left=None):
         """Plans `batch` (a BatchArrays); returns (Plan, host seconds spent in plan_create)."""
         lib = self.library
-        opts = self.plan_options(flags, capacity, split_keys)
+        opts = self.plan_options(flags, capacity, split_keys, window_left)
         handle = PackinferPlan()
         t0 = time.perf_counter()
         status = lib.lib.packinfer_plan_create(self.handle, ctypes.byref(batch.desc), ctypes.byref(opts), ctypes.byref(handle))
@@ -418,10 +423,12 @@ class Launch:
         self.library._check("packinfer_launch_update", status)
         return seconds
 
-    def run(self, q_ptr, kv_layout, o_ptr, lse_ptr=0, stream=0):
-        """One layer: contiguous Q/O (`[total_q, heads, head_dim]`), K/V through `kv_layout`."""
+    def run(self, q_ptr, kv_layout, o_ptr, lse_ptr=0, stream=0, logits_soft_cap=0.0):
+        """One layer: contiguous Q/O (`[total_q, heads, head_dim]`), K/V through `kv_layout`; the
+        soft-cap (0 = none) is this run's."""
         a = self._args
         a.q, a.o, a.kv, a.stream = q_ptr, o_ptr, kv_layout, stream or None
+        a.logits_soft_cap = logits_soft_cap
         a.q_stride_token = a.q_stride_head = a.o_stride_token = a.o_stride_head = 0
         a.lse = ctypes.cast(lse_ptr, POINTER(c_float)) if lse_ptr else None
         self.library._check("packinfer_run", self.library.lib.packinfer_run(self.handle, ctypes.byref(a)))

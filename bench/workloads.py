@@ -58,6 +58,10 @@ class Workload:
     # [(prefix_len, [member requests])]: keys the members share (same pages, same content).
     prefix_groups: list = field(default_factory=list)
     ragged: bool = False
+    # Sliding window (FlashInfer's window_left; None = none), fixed when the step is planned, and
+    # the logit soft-cap (0 = none), given with each run: build_features' workloads set them.
+    window_left: object = None
+    logits_soft_cap: float = 0.0
 
     @property
     def batch_size(self):
@@ -90,6 +94,13 @@ class Workload:
     def visible_pairs(self):
         """(query, key) pairs the mask lets through: what any exact kernel must compute."""
         q, k = self.q_lens.astype(np.int64), self.kv_lens.astype(np.int64)
+        if self.window_left is not None:
+            total = 0
+            for qi, ki in zip(q, k):
+                pos = ki - qi + np.arange(qi)  # each query's position
+                end = pos + 1 if self.causal else np.full(qi, ki)
+                total += int((end - np.clip(pos - self.window_left, 0, None)).clip(0).sum())
+            return total
         if self.causal:
             return int((q * k - q * (q - 1) // 2).sum())
         return int((q * k).sum())
@@ -208,6 +219,19 @@ def build_all(trace, seed=0, scale=1):
     out.append(build_ragged("W5", np.stack([p, p], 1), causal=True,
                             title=f"many short, 256 prompts of {p.min()}-{p.max()} tokens, {p.sum()} tokens"))
     return out
+
+
+def build_features(trace, seed=0, scale=1):
+    """The serving-feature variants of docs/workloads.md: W1 under a 4096-token sliding window
+    (Mistral-style, window_left 4095: each query sees itself and the 4095 keys before it) and W2
+    with a Gemma-2-like logit soft-cap of 50. Same requests, pages and seeds as build_all; a
+    harness plans with `w.window_left` and runs with `w.logits_soft_cap`."""
+    w1, w2 = build_all(trace, seed, scale)[:2]
+    w1.name, w1.window_left = "W1-window", max(0, 4096 // scale - 1)
+    w1.title += f", sliding window of {w1.window_left + 1} keys"
+    w2.name, w2.logits_soft_cap = "W2-softcap", 50.0
+    w2.title += ", logit soft-cap 50"
+    return [w1, w2]
 
 
 def decode_batch(trace, num_requests, seed=0, first_row=2000):

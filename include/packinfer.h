@@ -23,7 +23,7 @@
  *
  * Statuses follow one rule: INVALID_ARGUMENT for a value outside the API (a dtype that is no
  * `PackinferDtype`, a zero size, an index out of range, a size beyond a documented limit),
- * UNSUPPORTED for a valid value the context's backend cannot run (head_dim 96 on CUDA, F32 on
+ * UNSUPPORTED for a valid value the context's backend cannot run (head_dim 80 on CUDA, F32 on
  * CUDA). Limits: 65536 query heads, 2^31 - 1 keys per request and query rows (tokens × query
  * heads) per step, 2^22 work items per plan.
  */
@@ -135,6 +135,11 @@ typedef enum PackinferPlanFlags {
    * Ablation: never split a request's keys.
    */
   PACKINFER_PLAN_FLAGS_NO_SPLIT_KV = 16,
+  /**
+   * Sliding-window attention: each query sees only the `window_left` keys before its own
+   * position (and, causal, its own); see `PackinferPlanOptions::window_left`.
+   */
+  PACKINFER_PLAN_FLAGS_SLIDING_WINDOW = 32,
 } PackinferPlanFlags;
 
 /**
@@ -223,6 +228,16 @@ typedef struct PackinferPlanOptions {
    * non-finite is INVALID_ARGUMENT.
    */
   double capacity;
+  /**
+   * With PACKINFER_PLAN_FLAGS_SLIDING_WINDOW (ignored without it): the sliding window,
+   * FlashInfer's `window_left`. Query i of a request of q_len queries and kv_len keys sits at
+   * position p = kv_len - q_len + i and sees keys p - window_left .. p (causal) or
+   * p - window_left .. kv_len - 1 (not causal), from key 0 at the least. Fixed at plan time:
+   * the plan reads no key outside the window. A model whose layers have different windows
+   * (Gemma 2: local and global layers) makes one plan per window. Added in ABI 1's second
+   * release: an older struct means no window.
+   */
+  uint32_t window_left;
 } PackinferPlanOptions;
 
 /**
@@ -460,6 +475,14 @@ typedef struct PackinferRunArgs {
    * cudaStream_t / CUstream to run on (ignored by the CPU backend); NULL = the default stream.
    */
   void *stream;
+  /**
+   * Logit soft-cap (Gemma 2): each score s = sm_scale * q.k becomes cap * tanh(s / cap)
+   * before the softmax; 0 = off; negative or non-finite is INVALID_ARGUMENT. A run
+   * parameter: every run uses the value it is given (the plan fixes nothing about it), so
+   * layers with different caps share one plan. Added in ABI 1's second release: an older
+   * struct means no soft-cap.
+   */
+  float logits_soft_cap;
 } PackinferRunArgs;
 
 /**

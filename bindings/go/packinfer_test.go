@@ -104,10 +104,12 @@ type request struct{ qLen, kvLen int }
 
 // testCase is one step's batch in a paged cache with scattered pages and random contents.
 type testCase struct {
-	batch    packinfer.Batch
-	requests []request
-	hnd      bool
-	q, k, v  *tensor
+	windowLeft int     // the sliding window the case is planned with; -1 = none (set by newCase)
+	softCap    float32 // the soft-cap its runs use; 0 = none
+	batch      packinfer.Batch
+	requests   []request
+	hnd        bool
+	q, k, v    *tensor
 }
 
 func newCase(t testing.TB, qoHeads, kvHeads, headDim uint32, dtype packinfer.DType, causal bool, pageSize uint32,
@@ -147,7 +149,7 @@ func newCase(t testing.TB, qoHeads, kvHeads, headDim uint32, dtype packinfer.DTy
 		b.PrefixGroups = []packinfer.PrefixGroup{{PrefixLen: uint32(sharedLen), Members: shared}}
 	}
 	kvElems := numPages * int(pageSize) * int(kvHeads) * int(headDim)
-	c := &testCase{batch: b, requests: reqs, hnd: hnd,
+	c := &testCase{batch: b, requests: reqs, hnd: hnd, windowLeft: -1,
 		q: newTensor(t, dtype, int(b.QOIndptr[len(reqs)])*int(qoHeads*headDim)),
 		k: newTensor(t, dtype, kvElems), v: newTensor(t, dtype, kvElems)}
 	for i := 0; i < kvElems; i++ {
@@ -194,24 +196,34 @@ func (c *testCase) reference() (out, lse []float64) {
 			if b.Causal {
 				visible = req.kvLen - req.qLen + i + 1
 			}
+			// The window counts back from the query's position kv_len - q_len + i.
+			first := 0
+			if c.windowLeft >= 0 {
+				first = max(0, req.kvLen-req.qLen+i-c.windowLeft)
+			}
 			for h := 0; h < hq; h++ {
 				kvh := h / (hq / hk)
-				s := make([]float64, visible)
+				s := make([]float64, visible-first)
 				m := math.Inf(-1)
-				for j := range s {
+				for jj := range s {
+					j := first + jj
 					base := at(b.KVPageIndices[int(b.KVIndptr[r])+j/ps], j%ps, kvh)
 					dot := 0.0
 					for e := 0; e < d; e++ {
 						dot += float64(c.q.get((tok*hq+h)*d+e)) * float64(c.k.get(base+e))
 					}
-					s[j] = dot * scale
-					m = math.Max(m, s[j])
+					s[jj] = dot * scale
+					if c.softCap > 0 {
+						s[jj] = float64(c.softCap) * math.Tanh(s[jj]/float64(c.softCap))
+					}
+					m = math.Max(m, s[jj])
 				}
 				z := 0.0
 				for _, x := range s {
 					z += math.Exp(x - m)
 				}
-				for j, x := range s {
+				for jj, x := range s {
+					j := first + jj
 					base := at(b.KVPageIndices[int(b.KVIndptr[r])+j/ps], j%ps, kvh)
 					p := math.Exp(x-m) / z
 					for e := 0; e < d; e++ {
@@ -256,7 +268,7 @@ func runAndCompare(t *testing.T, c *testCase, launch *packinfer.Launch) {
 	for i := 0; i < lse.n; i++ {
 		lse.set(i, float32(math.NaN()))
 	}
-	if err := launch.Run(&packinfer.RunArgs{Q: c.q.buf.Ptr(), KV: c.layout(), O: o.buf.Ptr(), LSE: lse.buf.Ptr()}); err != nil {
+	if err := launch.Run(&packinfer.RunArgs{Q: c.q.buf.Ptr(), KV: c.layout(), O: o.buf.Ptr(), LSE: lse.buf.Ptr(), LogitsSoftCap: c.softCap}); err != nil {
 		t.Fatal(err)
 	}
 	refO, refLSE := c.reference()
@@ -321,6 +333,25 @@ func TestFlows(t *testing.T) {
 		c := newCase(t, 8, 2, 64, packinfer.F32, true, 16, mixed, false, nil, 0)
 		fullStep(t, c, &packinfer.PlanOptions{Flags: packinfer.NoPacking | packinfer.NoBalancing | packinfer.NoSplitKV})
 		fullStep(t, c, &packinfer.PlanOptions{Flags: packinfer.Deterministic, SplitKeys: 64})
+	})
+	t.Run("SlidingWindowAndSoftCap", func(t *testing.T) {
+		// The window is fixed by the plan; the soft-cap comes with each run of one launch.
+		c := newCase(t, 8, 2, 64, packinfer.F32, true, 16, []request{{1, 70}, {37, 60}, {1, 130}, {5, 40}}, false, nil, 0)
+		c.windowLeft = 9
+		ctx := cpuContext(t)
+		defer ctx.Close()
+		plan := must(ctx.NewPlan(&c.batch, &packinfer.PlanOptions{Flags: packinfer.SlidingWindow, WindowLeft: 9}))(t)
+		defer plan.Close()
+		launch := must(ctx.NewLaunch(plan, nil))(t)
+		defer launch.Close()
+		for _, cap := range []float32{0, 3, 30} {
+			c.softCap = cap
+			runAndCompare(t, c, launch)
+		}
+		// Non-causal, with deterministic splits.
+		nc := newCase(t, 4, 4, 128, packinfer.BF16, false, 8, mixed, false, nil, 0)
+		nc.windowLeft, nc.softCap = 20, 5
+		fullStep(t, nc, &packinfer.PlanOptions{Flags: packinfer.SlidingWindow | packinfer.Deterministic, SplitKeys: 16, WindowLeft: 20})
 	})
 }
 

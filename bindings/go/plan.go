@@ -32,6 +32,9 @@ const (
 	NoBalancing     PlanFlags = C.PACKINFER_PLAN_FLAGS_NO_BALANCING      // ablation: one group per request
 	NoPrefixSharing PlanFlags = C.PACKINFER_PLAN_FLAGS_NO_PREFIX_SHARING // ablation: read prefixes per member
 	NoSplitKV       PlanFlags = C.PACKINFER_PLAN_FLAGS_NO_SPLIT_KV       // ablation: never split a request's keys
+	// SlidingWindow: each query sees only the PlanOptions.WindowLeft keys before its position
+	// (and, causal, its own). Fixed at plan time.
+	SlidingWindow PlanFlags = C.PACKINFER_PLAN_FLAGS_SLIDING_WINDOW
 )
 
 // PlanOptions tune the planner; nil or the zero value is the default (every technique on,
@@ -40,6 +43,9 @@ type PlanOptions struct {
 	Flags     PlanFlags
 	SplitKeys uint32  // deterministic split granularity in keys; 0 = 2048
 	Capacity  float64 // capacity in cost units (longer pieces are split); 0 = automatic
+	// WindowLeft is the sliding window (FlashInfer's window_left), read with the SlidingWindow
+	// flag: a query at position p = kv_len - q_len + i sees keys from p - WindowLeft on.
+	WindowLeft uint32
 }
 
 // PrefixGroup says that requests Members share their first PrefixLen keys (same content).
@@ -172,6 +178,7 @@ func planOptionsToC(opts *PlanOptions) (C.PackinferPlanOptions, error) {
 		o.flags = C.uint32_t(opts.Flags)
 		o.split_keys = C.uint32_t(opts.SplitKeys)
 		o.capacity = C.double(opts.Capacity)
+		o.window_left = C.uint32_t(opts.WindowLeft)
 	}
 	return o, nil
 }

@@ -197,6 +197,7 @@ enum class PlanFlags : uint32_t {
   NoBalancing = PACKINFER_PLAN_FLAGS_NO_BALANCING,
   NoPrefixSharing = PACKINFER_PLAN_FLAGS_NO_PREFIX_SHARING,
   NoSplitKv = PACKINFER_PLAN_FLAGS_NO_SPLIT_KV,
+  SlidingWindow = PACKINFER_PLAN_FLAGS_SLIDING_WINDOW,  // set by to_c from PlanOptions::window_left
 };
 constexpr PlanFlags operator|(PlanFlags a, PlanFlags b) noexcept {
   return static_cast<PlanFlags>(static_cast<uint32_t>(a) | static_cast<uint32_t>(b));
@@ -222,6 +223,9 @@ struct PlanOptions {
   PlanFlags flags = PlanFlags::None;
   uint32_t split_keys = 0;  // deterministic split granularity in keys; 0 = 2048
   double capacity = 0.0;    // capacity in cost units (longer pieces are split); 0 = automatic
+  // Sliding window (FlashInfer's window_left): a query at position p sees keys from
+  // p - window_left on; -1 = none. Fixed at plan time (PackinferPlanOptions::window_left).
+  int64_t window_left = -1;
 };
 
 namespace detail {
@@ -231,6 +235,11 @@ inline PackinferPlanOptions to_c(const PlanOptions& options) {
   o.flags = static_cast<uint32_t>(options.flags);
   o.split_keys = options.split_keys;
   o.capacity = options.capacity;
+  if (options.window_left >= 0) {
+    o.flags |= PACKINFER_PLAN_FLAGS_SLIDING_WINDOW;
+    // A window beyond 32 bits is wider than any request's keys: the same as the widest.
+    o.window_left = options.window_left > int64_t(UINT32_MAX) ? UINT32_MAX : uint32_t(options.window_left);
+  }
   return o;
 }
 }  // namespace detail
@@ -320,6 +329,11 @@ struct RunArgs : PackinferRunArgs {
     o = o_;
     lse = lse_;
     stream = stream_;
+  }
+  // The logit soft-cap of this run (Gemma 2; 0 = none): per run, never fixed by the plan.
+  RunArgs& with_soft_cap(float cap) noexcept {
+    logits_soft_cap = cap;
+    return *this;
   }
 };
 

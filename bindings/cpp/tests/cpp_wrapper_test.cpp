@@ -93,6 +93,8 @@ struct Case {
   int shared_len = 0;
   std::vector<packinfer::PrefixGroup> groups;
   Tensor q, k, v;
+  int64_t window_left = -1;  // the sliding window the case is planned with; -1 = none
+  float soft_cap = 0.0f;     // the soft-cap its runs use; 0 = none
 
   Case(packinfer::AttentionShape s, uint32_t ps, std::vector<Request> reqs, bool hnd_layout = false,
        std::vector<int32_t> members = {}, int prefix = 0, unsigned seed = 1)
@@ -164,18 +166,20 @@ struct Case {
       for (int i = 0; i < ql; i++) {
         const std::size_t tok = std::size_t(qo_indptr[r] + i);
         const int visible = shape.causal ? kl - ql + i + 1 : kl;
+        // The window counts back from the query's position kl - ql + i.
+        const int first = window_left < 0 ? 0 : std::max(0, int(kl - ql + i - window_left));
         for (std::size_t h = 0; h < hq; h++) {
           std::vector<double> s(static_cast<std::size_t>(visible));
           double m = -INFINITY, z = 0.0;
-          for (int j = 0; j < visible; j++) {
+          for (int j = first; j < visible; j++) {
             const std::size_t base = at(pages[std::size_t(kv_indptr[r] + j / int(ps))], std::size_t(j) % ps, h / group);
             double dot = 0.0;
             for (std::size_t e = 0; e < d; e++) dot += double(q.get((tok * hq + h) * d + e)) * k.get(base + e);
-            s[std::size_t(j)] = dot * scale;
+            s[std::size_t(j)] = soft_cap > 0 ? soft_cap * std::tanh(dot * scale / soft_cap) : dot * scale;
             m = std::max(m, s[std::size_t(j)]);
           }
-          for (double x : s) z += std::exp(x - m);
-          for (int j = 0; j < visible; j++) {
+          for (int j = first; j < visible; j++) z += std::exp(s[std::size_t(j)] - m);
+          for (int j = first; j < visible; j++) {
             const std::size_t base = at(pages[std::size_t(kv_indptr[r] + j / int(ps))], std::size_t(j) % ps, h / group);
             const double p = std::exp(s[std::size_t(j)] - m) / z;
             for (std::size_t e = 0; e < d; e++) out[(tok * hq + h) * d + e] += p * v.get(base + e);
@@ -195,7 +199,7 @@ void run_and_compare(const Case& c, const packinfer::Launch& launch) {
   Tensor o(c.shape.dtype, n_out);
   for (std::size_t i = 0; i < n_out; i++) o.set(i, NAN);  // an unwritten element shows
   std::vector<float> lse(c.total_q() * c.shape.num_qo_heads, NAN);
-  launch.run(packinfer::RunArgs(c.q.data(), c.layout(), o.data(), lse.data()));
+  launch.run(packinfer::RunArgs(c.q.data(), c.layout(), o.data(), lse.data()).with_soft_cap(c.soft_cap));
 
   std::vector<double> ref_o, ref_lse;
   c.reference(ref_o, ref_lse);
@@ -245,6 +249,26 @@ TEST(Flow, AblationFlags) {
   const Case c({8, 2, 64, DType::F32, true, 0.0f}, 16, kMixed);
   full_step(c, {packinfer::PlanFlags::NoPacking | packinfer::PlanFlags::NoBalancing | packinfer::PlanFlags::NoSplitKv, 0, 0.0});
   full_step(c, {packinfer::PlanFlags::Deterministic, 64, 0.0});
+}
+
+TEST(Flow, SlidingWindowAndSoftCap) {
+  // The window is a plan option; the soft-cap comes with each run (one launch, three caps).
+  Case c({8, 2, 64, DType::F32, true, 0.0f}, 16, {{1, 70}, {37, 60}, {1, 130}, {5, 40}});
+  c.window_left = 9;
+  packinfer::PlanOptions options;
+  options.window_left = c.window_left;
+  packinfer::Context ctx = cpu_context();
+  packinfer::Plan plan = ctx.plan(c.desc(), options);
+  packinfer::Launch launch = ctx.launch(plan);
+  for (float cap : {0.0f, 3.0f, 30.0f}) {
+    c.soft_cap = cap;
+    run_and_compare(c, launch);
+  }
+  // A non-causal window, with splits.
+  Case nc({4, 4, 128, DType::BF16, false, 0.0f}, 8, kMixed);
+  nc.window_left = 20;
+  nc.soft_cap = 5.0f;
+  full_step(nc, {packinfer::PlanFlags::Deterministic, 16, 0.0, nc.window_left});
 }
 
 TEST(Flow, ManyLayersThroughOneLaunchAndCallerScratch) {

@@ -1385,9 +1385,10 @@ struct ApiPhase {
           null_opts = false;
           expect("packinfer_plan_options_default", API(packinfer_plan_options_default, &o), S_OK, "defaults");
           switch (r.below(5)) {
-            case 0: o.struct_size = r.chance(50) ? r.below(sizeof o) : sizeof o + 4097; ex.must(S_INVALID); break;
+            // Below the first release's struct (which ends before window_left): no version.
+            case 0: o.struct_size = r.chance(50) ? r.below(offsetof(PackinferPlanOptions, window_left)) : sizeof o + 4097; ex.must(S_INVALID); break;
             case 1: { const double bad[] = {-1.0, -1e-300, NAN, INFINITY, -INFINITY}; o.capacity = bad[r.below(5)]; ex.must(S_INVALID); break; }
-            case 2: o.flags = (1u << r.range(5, 31)) | r.below(32); ex.must(S_INVALID); break;  // bits this library does not know
+            case 2: o.flags = (1u << r.range(6, 31)) | r.below(64); ex.must(S_INVALID); break;  // bits this library does not know
             case 3: o.flags = r.below(32); o.split_keys = (uint32_t)r.range(1, 64); break;
             default: o.capacity = r.chance(50) ? 1e-300 : 1e300; break;
           }
@@ -1602,7 +1603,8 @@ struct ApiPhase {
     set_detail("run mutation %d on a launch of %u query tokens, %zu pages", kind, c.total_q, c.pages.size());
     switch (kind) {
       case 0: ap = nullptr; ex.must(S_INVALID); break;
-      case 1: a.struct_size = r.below(sizeof a); ex.must(S_INVALID); break;
+      // Below the first release's struct (which ends before logits_soft_cap): no version.
+      case 1: a.struct_size = r.below(offsetof(PackinferRunArgs, logits_soft_cap)); ex.must(S_INVALID); break;
       case 2: a.struct_size = sizeof a + 4097 + r.below(100000); ex.must(S_INVALID); break;
       case 3: a.q = nullptr; if (c.total_q > 0) ex.must(S_INVALID); break;
       case 4: a.o = nullptr; if (c.total_q > 0) ex.must(S_INVALID); break;

@@ -430,6 +430,7 @@ pub unsafe extern "C" fn packinfer_run(launch: PackinferLaunch, args: *const Pac
             o: rows(a.o as u64, a.o_stride_token, a.o_stride_head, "o")?,
             lse: a.lse as u64,
             stream: a.stream as u64,
+            logits_soft_cap: a.logits_soft_cap,
         };
         // SAFETY: this function's contract: the caller's pointers address tensors of the
         // launched plan's shape (and lent scratch outlives the launch, packinfer_launch_create).
@@ -612,6 +613,13 @@ pub(super) fn convert_plan_options(o: &PackinferPlanOptions) -> Result<PlanOptio
         ));
     }
     let has = |f: PackinferPlanFlags| o.flags & f as u32 != 0;
+    let window_end = std::mem::offset_of!(PackinferPlanOptions, window_left) + std::mem::size_of::<u32>();
+    if has(PackinferPlanFlags::SlidingWindow) && o.struct_size < window_end {
+        return Err(invalid!(
+            "options->flags has PACKINFER_PLAN_FLAGS_SLIDING_WINDOW but options->struct_size = {} ends before window_left (a struct of at least {window_end} bytes holds it)",
+            o.struct_size
+        ));
+    }
     // In C, capacity 0 means automatic; negative or non-finite is the caller's mistake.
     let capacity = match o.capacity {
         0.0 => None,
@@ -626,6 +634,7 @@ pub(super) fn convert_plan_options(o: &PackinferPlanOptions) -> Result<PlanOptio
         split_kv: !has(PackinferPlanFlags::NoSplitKv),
         capacity,
         split_keys: if o.split_keys == 0 { 2048 } else { o.split_keys },
+        window_left: if has(PackinferPlanFlags::SlidingWindow) { Some(o.window_left) } else { None },
     })
 }
 

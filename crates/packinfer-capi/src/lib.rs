@@ -35,7 +35,7 @@ use packinfer::invalid;
 ///
 /// Statuses follow one rule: INVALID_ARGUMENT for a value outside the API (a dtype that is no
 /// `PackinferDtype`, a zero size, an index out of range, a size beyond a documented limit),
-/// UNSUPPORTED for a valid value the context's backend cannot run (head_dim 96 on CUDA, F32 on
+/// UNSUPPORTED for a valid value the context's backend cannot run (head_dim 80 on CUDA, F32 on
 /// CUDA). Limits: 65536 query heads, 2^31 - 1 keys per request and query rows (tokens × query
 /// heads) per step, 2^22 work items per plan.
 pub const PACKINFER_ABI_VERSION: u32 = 1;

@@ -185,11 +185,14 @@ pub enum PackinferPlanFlags {
     NoPrefixSharing = 8,
     /// Ablation: never split a request's keys.
     NoSplitKv = 16,
+    /// Sliding-window attention: each query sees only the `window_left` keys before its own
+    /// position (and, causal, its own); see `PackinferPlanOptions::window_left`.
+    SlidingWindow = 32,
 }
 
 impl PackinferPlanFlags {
-    pub(crate) const ALL: [PackinferPlanFlags; 5] =
-        [Self::Deterministic, Self::NoPacking, Self::NoBalancing, Self::NoPrefixSharing, Self::NoSplitKv];
+    pub(crate) const ALL: [PackinferPlanFlags; 6] =
+        [Self::Deterministic, Self::NoPacking, Self::NoBalancing, Self::NoPrefixSharing, Self::NoSplitKv, Self::SlidingWindow];
 }
 
 /// How the planner may schedule.
@@ -206,6 +209,14 @@ pub struct PackinferPlanOptions {
     /// within it stays on one CTA); 0 = chosen from the device and the batch; negative or
     /// non-finite is INVALID_ARGUMENT.
     pub capacity: f64,
+    /// With PACKINFER_PLAN_FLAGS_SLIDING_WINDOW (ignored without it): the sliding window,
+    /// FlashInfer's `window_left`. Query i of a request of q_len queries and kv_len keys sits at
+    /// position p = kv_len - q_len + i and sees keys p - window_left .. p (causal) or
+    /// p - window_left .. kv_len - 1 (not causal), from key 0 at the least. Fixed at plan time:
+    /// the plan reads no key outside the window. A model whose layers have different windows
+    /// (Gemma 2: local and global layers) makes one plan per window. Added in ABI 1's second
+    /// release: an older struct means no window.
+    pub window_left: u32,
 }
 
 /// What the planner did.
@@ -304,6 +315,12 @@ pub struct PackinferRunArgs {
     pub lse: *mut f32,
     /// cudaStream_t / CUstream to run on (ignored by the CPU backend); NULL = the default stream.
     pub stream: *mut c_void,
+    /// Logit soft-cap (Gemma 2): each score s = sm_scale * q.k becomes cap * tanh(s / cap)
+    /// before the softmax; 0 = off; negative or non-finite is INVALID_ARGUMENT. A run
+    /// parameter: every run uses the value it is given (the plan fixes nothing about it), so
+    /// layers with different caps share one plan. Added in ABI 1's second release: an older
+    /// struct means no soft-cap.
+    pub logits_soft_cap: f32,
 }
 
 /// Sizes of a launch's device buffers, so that `packinfer_launch_update` can later upload any
@@ -394,8 +411,14 @@ super::versioned!(
 
 super::versioned!(
     PackinferPlanOptions,
-    PackinferPlanOptions { struct_size: std::mem::size_of::<PackinferPlanOptions>(), flags: 0, split_keys: 0, capacity: 0.0 },
-    [flags, split_keys, capacity]
+    PackinferPlanOptions {
+        struct_size: std::mem::size_of::<PackinferPlanOptions>(),
+        flags: 0,
+        split_keys: 0,
+        capacity: 0.0,
+        window_left: 0
+    },
+    [flags, split_keys, capacity][window_left]
 );
 
 super::versioned!(
@@ -437,8 +460,9 @@ super::versioned!(
         o_stride_head: 0,
         lse: std::ptr::null_mut(),
         stream: std::ptr::null_mut(),
+        logits_soft_cap: 0.0,
     },
-    [q, q_stride_token, q_stride_head, kv, o, o_stride_token, o_stride_head, lse, stream]
+    [q, q_stride_token, q_stride_head, kv, o, o_stride_token, o_stride_head, lse, stream][logits_soft_cap]
 );
 
 super::versioned!(

@@ -40,6 +40,7 @@ fn run_args(case: &Case, o: &Tensor, lse: &mut [f32]) -> PackinferRunArgs {
         o_stride_head: 0,
         lse: lse.as_mut_ptr(),
         stream: null_mut(),
+        logits_soft_cap: case.logits_soft_cap,
     }
 }
 
@@ -556,4 +557,92 @@ fn c_api_capacity_and_stats() {
         assert_eq!(packinfer_plan_destroy(plan), PackinferStatus::Ok);
         assert_eq!(packinfer_context_destroy(ctx), PackinferStatus::Ok);
     }
+}
+
+/// Sliding window and soft-cap through the C ABI: the window with PACKINFER_PLAN_FLAGS_SLIDING_WINDOW
+/// (plan time), the soft-cap in the run arguments (each run its own); a first-release
+/// PackinferPlanOptions (no window_left) plans without a window and a first-release
+/// PackinferRunArgs (no logits_soft_cap) runs without a soft-cap; a bad cap is named.
+#[test]
+fn sliding_window_and_soft_cap() {
+    let ctx = cpu_context();
+    let base = small_case(41);
+    let run = |launch: PackinferLaunch, case: &Case, args_size: usize| {
+        let o = Tensor::poisoned(case.shape.dtype, case.out_len());
+        let mut lse = vec![f32::NAN; case.total_q() * case.shape.num_qo_heads as usize];
+        let mut args = run_args(case, &o, &mut lse);
+        args.struct_size = args_size;
+        // SAFETY: args address the case's tensors, which outlive the call (a CPU run is synchronous).
+        let status = unsafe { packinfer_run(launch, &args) };
+        (status, o, lse)
+    };
+    let full = std::mem::size_of::<PackinferRunArgs>();
+    let first_args = std::mem::offset_of!(PackinferRunArgs, logits_soft_cap);
+    let first_options = std::mem::offset_of!(PackinferPlanOptions, window_left);
+    for (window, options_size) in [(Some(3u32), std::mem::size_of::<PackinferPlanOptions>()), (None, first_options)] {
+        let mut case = Case::random(
+            &mut rng(41),
+            &CaseSpec {
+                batch_size: 4,
+                max_kv: 90,
+                page_size: 16,
+                num_kv_heads: 2,
+                group: 4,
+                head_dim: 64,
+                dtype: DType::Bf16,
+                causal: true,
+                decode_fraction: 0.5,
+                hnd: false,
+            },
+        )
+        .with_features(window, 0.0);
+        assert_eq!(case.batch, base.batch);
+        let d = desc(&case, &[]);
+        // A first-release caller knows neither the flag nor the field (the bytes past its struct
+        // hold a window all the same, which must not be read).
+        let options = PackinferPlanOptions {
+            struct_size: options_size,
+            flags: if window.is_some() { PackinferPlanFlags::SlidingWindow as u32 } else { 0 },
+            split_keys: 0,
+            capacity: 0.0,
+            window_left: 3,
+        };
+        let mut plan = PackinferPlan::default();
+        // SAFETY: live locals of the types and lengths the call expects.
+        let status = unsafe { packinfer_plan_create(ctx, &d, &options, &mut plan) };
+        assert_eq!(status, PackinferStatus::Ok, "{}", last_error());
+        let mut launch = PackinferLaunch::default();
+        // SAFETY: live locals; the NULLs are checked by the call.
+        assert_eq!(unsafe { packinfer_launch_create(ctx, plan, null(), null_mut(), &mut launch) }, PackinferStatus::Ok);
+        for cap in [0.0f32, 4.0, 50.0] {
+            case.logits_soft_cap = cap;
+            let (status, o, lse) = run(launch, &case, full);
+            assert_eq!(status, PackinferStatus::Ok, "{}", last_error());
+            assert_close(&case, &o, &lse, &format!("window {window:?} cap {cap}"));
+            // An older header's run arguments end before the cap: no soft-cap, whatever the
+            // bytes past their end hold.
+            let (status, o, lse) = run(launch, &case, first_args);
+            assert_eq!(status, PackinferStatus::Ok, "{}", last_error());
+            case.logits_soft_cap = 0.0;
+            assert_close(&case, &o, &lse, &format!("window {window:?}, first-release run args"));
+        }
+        case.logits_soft_cap = f32::NAN;
+        let (status, ..) = run(launch, &case, full);
+        expect(status, PackinferStatus::InvalidArgument, &["logits_soft_cap = NaN"]);
+        assert_eq!(packinfer_launch_destroy(launch), PackinferStatus::Ok);
+        assert_eq!(packinfer_plan_destroy(plan), PackinferStatus::Ok);
+    }
+    // The flag with a struct too short to hold window_left is refused, by name.
+    let d = desc(&base, &[]);
+    let options = PackinferPlanOptions {
+        struct_size: first_options,
+        flags: PackinferPlanFlags::SlidingWindow as u32,
+        split_keys: 0,
+        capacity: 0.0,
+        window_left: 3,
+    };
+    let mut plan = PackinferPlan::default();
+    // SAFETY: live locals of the types and lengths the call expects.
+    let status = unsafe { packinfer_plan_create(ctx, &d, &options, &mut plan) };
+    expect(status, PackinferStatus::InvalidArgument, &["SLIDING_WINDOW", "struct_size = 24"]);
 }

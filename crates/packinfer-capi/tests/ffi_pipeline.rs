@@ -126,6 +126,7 @@ fn run_step(launch: PackinferLaunch, step: &Step, layers: usize, what: &str) {
             o_stride_head: 0,
             lse: lse.as_mut_ptr(),
             stream: null_mut(),
+            logits_soft_cap: 0.0,
         };
         // SAFETY: the args address the case's host tensors, alive for the (synchronous) CPU run.
         ok(unsafe { packinfer_run(launch, &args) });

@@ -235,7 +235,7 @@ impl Engine {
                 num_pages: total_kv.max(1) as u32,
                 prefix_groups: vec![],
             };
-            let case = Case { shape, batch, q, k, v, layout, hnd: false };
+            let case = Case { shape, batch, q, k, v, layout, hnd: false, window_left: None, logits_soft_cap: 0.0 };
             let o = Tensor::poisoned(s.dtype, case.out_len());
             let mut lse = vec![f32::NAN; total_q * s.qo_heads as usize];
             // SAFETY: a C struct of integers and pointers, for which all zeros is a valid value.

@@ -498,7 +498,14 @@ impl<'a> Engine<'a> {
         let mut run_layers = || -> Result<()> {
             for kv in &layouts {
                 let q = inputs.take(total_q * hq * d, device);
-                let args = RunArgs { q: RowsTensor { ptr: q, ..rows }, kv: *kv, o: RowsTensor { ptr: out_ptr, ..rows }, lse: 0, stream: 0 };
+                let args = RunArgs {
+                    q: RowsTensor { ptr: q, ..rows },
+                    kv: *kv,
+                    o: RowsTensor { ptr: out_ptr, ..rows },
+                    lse: 0,
+                    stream: 0,
+                    logits_soft_cap: 0.0,
+                };
                 // SAFETY: Q is total_q × hq × d input elements (`take`), O holds token_budget >=
                 // total_q tokens' rows, K/V are the pool the plan was made from: all in the
                 // backend's memory, which outlives the run (on the GPU, `time` waits for it).

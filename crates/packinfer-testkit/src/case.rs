@@ -80,7 +80,7 @@ pub struct CaseSpec {
 impl CaseSpec {
     pub fn random(rng: &mut SmallRng) -> CaseSpec {
         let dtype = [DType::F16, DType::Bf16, DType::F32][rng.random_range(0..3)];
-        let head_dim = [64, 128, 256][rng.random_range(0..3)];
+        let head_dim = [64, 96, 128, 192, 256][rng.random_range(0..5)];
         CaseSpec {
             batch_size: rng.random_range(1..=6),
             max_kv: [8, 64, 300, 1200, 4096][rng.random_range(0..5)],
@@ -105,6 +105,12 @@ pub struct Case {
     pub v: Tensor,
     pub layout: KvLayout,
     pub hnd: bool,
+    /// The sliding window the case is planned with (`PlanOptions::window_left`) and the
+    /// reference applies; None for none.
+    pub window_left: Option<u32>,
+    /// The soft-cap the case's runs use (`RunArgs::logits_soft_cap`) and the reference applies;
+    /// 0 for none.
+    pub logits_soft_cap: f32,
 }
 
 /// Random per-request (q_len, kv_len) pairs following `spec`.
@@ -213,7 +219,7 @@ impl Case {
             num_pages: total_pages,
             prefix_groups,
         };
-        Case { shape, batch, q, k, v, layout, hnd: spec.hnd }
+        Case { shape, batch, q, k, v, layout, hnd: spec.hnd, window_left: None, logits_soft_cap: 0.0 }
     }
 
     pub fn total_q(&self) -> usize {
@@ -232,7 +238,34 @@ impl Case {
             o: RowsTensor { ptr: o.ptr_mut(), stride_token: hq * d, stride_head: d },
             lse: lse.as_mut_ptr() as u64,
             stream: 0,
+            logits_soft_cap: self.logits_soft_cap,
         }
+    }
+
+    /// The case with a sliding window and a soft-cap (builder style, for tests).
+    pub fn with_features(mut self, window_left: Option<u32>, logits_soft_cap: f32) -> Case {
+        self.window_left = window_left;
+        self.logits_soft_cap = logits_soft_cap;
+        self
+    }
+
+    /// Plan options for this case: `base` with the case's window.
+    pub fn plan_options(&self, base: packinfer::plan::PlanOptions) -> packinfer::plan::PlanOptions {
+        packinfer::plan::PlanOptions { window_left: self.window_left, ..base }
+    }
+
+    /// Keys `[first, end)` that query `qi` of request `r` sees, from the definitions (causal
+    /// bottom-right alignment, the window counted back from the query's position), written
+    /// without the library's helpers.
+    pub fn visible_keys(&self, r: usize, qi: u32) -> (u32, u32) {
+        let (ql, kvl) = (self.batch.q_len(r) as i64, self.batch.kv_len(r) as i64);
+        let pos = kvl - ql + qi as i64;
+        let end = if self.shape.causal { pos + 1 } else { kvl };
+        let first = match self.window_left {
+            Some(w) => (pos - w as i64).max(0),
+            None => 0,
+        };
+        (first.min(end) as u32, end as u32)
     }
 
     /// Naive float64 attention on the stored values: per (token, head), the full softmax over
@@ -249,24 +282,30 @@ impl Case {
         let mut out = vec![0.0; self.out_len()];
         let mut lse = vec![0.0; self.total_q() * hq];
         for r in 0..self.batch.len() {
-            let (q0, ql, kvl) = (self.batch.q_start(r) as usize, self.batch.q_len(r), self.batch.kv_len(r));
+            let (q0, ql) = (self.batch.q_start(r) as usize, self.batch.q_len(r));
             for qi in 0..ql {
                 let tok = q0 + qi as usize;
-                let visible = if s.causal { kvl - ql + qi + 1 } else { kvl };
+                let (first, end) = self.visible_keys(r, qi);
+                let cap = self.logits_soft_cap as f64;
                 for head in 0..hq {
                     let kvh = head / g;
                     let qv = &self.q.exact[(tok * hq + head) * d..][..d];
-                    let scores: Vec<f64> = (0..visible)
+                    let scores: Vec<f64> = (first..end)
                         .map(|key| {
                             let page = self.batch.kv_page_indices[self.batch.kv_indptr[r] as usize + (key / ps) as usize];
-                            (0..d).map(|i| qv[i] * elem(&self.k, page, key % ps, kvh, i)).sum::<f64>() * s.sm_scale as f64
+                            let x = (0..d).map(|i| qv[i] * elem(&self.k, page, key % ps, kvh, i)).sum::<f64>() * s.sm_scale as f64;
+                            if cap > 0.0 {
+                                cap * (x / cap).tanh()
+                            } else {
+                                x
+                            }
                         })
                         .collect();
                     let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                     let z: f64 = scores.iter().map(|x| (x - m).exp()).sum();
-                    lse[tok * hq + head] = if visible == 0 { f64::NEG_INFINITY } else { m + z.ln() };
-                    for (key, sc) in scores.iter().enumerate() {
-                        let key = key as u32;
+                    lse[tok * hq + head] = if scores.is_empty() { f64::NEG_INFINITY } else { m + z.ln() };
+                    for (j, sc) in scores.iter().enumerate() {
+                        let key = first + j as u32;
                         let page = self.batch.kv_page_indices[self.batch.kv_indptr[r] as usize + (key / ps) as usize];
                         let p = (sc - m).exp() / z;
                         for i in 0..d {

@@ -17,8 +17,8 @@
 template <int NT>
 __device__ __forceinline__ void attend(const u16* q, int slice, int lane, const u32 (&qf)[PI_QF][4],
                                        const u16* ks, const u16* vs, int kbase, u32 key_first, u32 end0,
-                                       u32 end1, bool all_visible, float scale, float& m0, float& m1, float& l0, float& l1,
-                                       float (&acc)[PI_HEAD_DIM / 8][4]) {
+                                       u32 end1, bool all_visible, float scale, const ScoreMod& mod, float& m0, float& m1,
+                                       float& l0, float& l1, float (&acc)[PI_HEAD_DIM / 8][4]) {
     float s[NT][4];
 #pragma unroll
     for (int j = 0; j < NT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
@@ -38,7 +38,7 @@ __device__ __forceinline__ void attend(const u16* q, int slice, int lane, const 
             mma16816(s[2 * j + 1], a, b[2], b[3]);
         }
     }
-    online_softmax<NT>(s, lane, key_first, end0, end1, all_visible, scale, m0, m1, l0, l1, acc);
+    online_softmax<NT>(s, lane, key_first, end0, end1, all_visible, scale, mod, m0, m1, l0, l1, acc);
 #pragma unroll
     for (int kk = 0; kk < NT / 2; ++kk) {
         u32 a[4];
@@ -87,14 +87,14 @@ __device__ __forceinline__ void wg_pv_issue(float (&acc)[PI_HEAD_DIM / 8][4], co
 // The whole block at once (kernels with too few stages for the pipelined loop).
 __device__ __forceinline__ void attend_wg(const u16* q, int wg, int lane, const u16* ks, const u16* vs,
                                           u32 key_first, u32 end0, u32 end1, bool all_visible, float scale,
-                                          float& m0, float& m1, float& l0, float& l1,
+                                          const ScoreMod& mod, float& m0, float& m1, float& l0, float& l1,
                                           float (&acc)[PI_HEAD_DIM / 8][4]) {
     float s[PI_BLOCK_N / 8][4];
     u32 pf[PI_BLOCK_N / 16][4];
     wg_qk_issue(s, wg_desc(&q[wg * 64 * 64], 16), ks);
     wg_wait_all();
     pin(s);
-    online_softmax<PI_BLOCK_N / 8>(s, lane, key_first, end0, end1, all_visible, scale, m0, m1, l0, l1, acc);
+    online_softmax<PI_BLOCK_N / 8>(s, lane, key_first, end0, end1, all_visible, scale, mod, m0, m1, l0, l1, acc);
     pack_p(pf, s);
     wg_pv_issue(acc, pf, vs);
     wg_wait_all();

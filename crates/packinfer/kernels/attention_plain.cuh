@@ -10,9 +10,9 @@
 #define PI_SPLIT_WARPS (PI_BLOCK_N / 16)
 
 struct Smem {
-    u16 q[PI_BLOCK_M * PI_HEAD_DIM];  // swizzled (swz); every tile a multiple of 1024 bytes
-    u16 k[PI_STAGES][PI_BLOCK_N * PI_HEAD_DIM];
-    u16 v[PI_STAGES][PI_BLOCK_N * PI_HEAD_DIM];
+    u16 q[PI_BLOCK_M * PI_HEAD_DIM_TILE];  // swizzled (swz); every tile a multiple of 1024 bytes
+    u16 k[PI_STAGES][PI_BLOCK_N * PI_HEAD_DIM_TILE];
+    u16 v[PI_STAGES][PI_BLOCK_N * PI_HEAD_DIM_TILE];
     RowInfo rows[PI_BLOCK_M];
     SegmentInfo segs[PI_BLOCK_M];  // an item has at most one segment per row
     alignas(16) WorkItem next_item;  // the group's next item, copied in while this one runs
@@ -95,10 +95,10 @@ packed_attention(const __grid_constant__ KernelParams p) {
             __syncthreads();  // also: every thread has read sm.next_item
             static_assert(sizeof(WorkItem) == 32, "two 16-byte copies");
             if (tid < 2 && it + 1 < item_end) cp_async16(reinterpret_cast<uint4*>(&sm.next_item) + tid, reinterpret_cast<const uint4*>(&p.items[it + 1]) + tid, true);
-            for (int r = tid; r < PI_BLOCK_M; r += PI_THREADS) sm.rows[r] = row_info(p, item, sm.segs, seg_count, group, r);
+            for (int r = tid; r < PI_BLOCK_M; r += PI_THREADS) sm.rows[r] = row_info(p, hdr, item, sm.segs, seg_count, group, r);
             __syncthreads();
             // Q tile; rows past num_rows are zeros. The next item's copy lands with it.
-            copy_q<PI_THREADS, PI_BLOCK_M * PI_HEAD_DIM / 8 / PI_THREADS>(p, sm.q, sm.rows, item.num_rows, tid);
+            copy_q<PI_THREADS, PI_BLOCK_M * PI_ROW_VECS / PI_THREADS>(p, sm.q, sm.rows, item.num_rows, tid);
             cp_async_commit();
             // Q fragments for the mma.sync path, read from the tile once it has landed (with the
             // item's first K/V block, so the two loads overlap). wgmma reads Q from shared memory.
@@ -111,6 +111,9 @@ packed_attention(const __grid_constant__ KernelParams p) {
             float m0 = PI_NEG_INF, m1 = PI_NEG_INF;  // running max (base-2 scaled) of rows r0, r1
             float l0 = 0.f, l1 = 0.f;                // this thread's share of the running sums
             const u32 lim0 = sm.rows[r0].key_limit, lim1 = sm.rows[r1].key_limit;
+            // The rows' first visible keys (sliding window) and the run's soft-cap, read where they
+            // are used: kept in registers for the whole item they made the kernel spill.
+            auto score_mod = [&]() { return ScoreMod{sm.rows[r0].key_start, sm.rows[r1].key_start, p.softcap_in, p.softcap_out}; };
 
             for (u32 ci = 0; ci < item.chunk_count; ++ci) {
                 const KvRange ch = ci == 0 ? ch0 : p.chunks[item.chunk_begin + ci];
@@ -172,8 +175,10 @@ packed_attention(const __grid_constant__ KernelParams p) {
                         float alpha0, alpha1;  // the output's rescale before block b's P V
                         auto scores = [&](float (&sc)[PI_BLOCK_N / 8][4], u32 b) {
                             const u32 key0 = ch.key_begin + b * PI_BLOCK_N;
-                            const bool all_visible = __all_sync(0xffffffffu, key0 + PI_BLOCK_N <= end0 && key0 + PI_BLOCK_N <= end1);
-                            softmax_scores<PI_BLOCK_N / 8>(sc, lane, key0, key0, end0, end1, all_visible, scale, m0, m1, l0, l1, alpha0, alpha1);
+                            const ScoreMod mod = score_mod();
+                            const bool all_visible = __all_sync(0xffffffffu, key0 + PI_BLOCK_N <= end0 && key0 + PI_BLOCK_N <= end1
+                                                                            && key0 >= mod.lo0 && key0 >= mod.lo1);
+                            softmax_scores<PI_BLOCK_N / 8>(sc, lane, key0, key0, end0, end1, all_visible, scale, mod, m0, m1, l0, l1, alpha0, alpha1);
                         };
                         wg_pipelined(sm, 0, nblocks, dq, acc, alpha0, alpha1, CtaRing(block_landed, refill), scores);
                     } else {
@@ -213,21 +218,25 @@ packed_attention(const __grid_constant__ KernelParams p) {
 #if PI_WGMMA
                     if (!split) {
                         if (warpgroup_any(any, warp / 4)) {
-                            const bool all_visible = __all_sync(0xffffffffu, key0 + PI_BLOCK_N <= end0 && key0 + PI_BLOCK_N <= end1);
+                            const ScoreMod mod = score_mod();
+                            const bool all_visible = __all_sync(0xffffffffu, key0 + PI_BLOCK_N <= end0 && key0 + PI_BLOCK_N <= end1
+                                                                            && key0 >= mod.lo0 && key0 >= mod.lo1);
                             attend_wg(sm.q, warp / 4, lane, sm.k[stage], sm.v[stage], key0, end0, end1, all_visible, scale,
-                                      m0, m1, l0, l1, acc);
+                                      mod, m0, m1, l0, l1, acc);
                         }
                     } else
 #endif
                     if (any) {
                         const u32 width = split ? 16 : PI_BLOCK_N;
-                        const bool all_visible = __all_sync(0xffffffffu, first + width <= end0 && first + width <= end1);
+                        const ScoreMod mod = score_mod();
+                        const bool all_visible = __all_sync(0xffffffffu, first + width <= end0 && first + width <= end1
+                                                                        && first >= mod.lo0 && first >= mod.lo1);
                         if (split)
                             attend<2>(sm.q, slice, lane, qf, sm.k[stage], sm.v[stage], 16 * warp, first, end0, end1,
-                                      all_visible, scale, m0, m1, l0, l1, acc);
+                                      all_visible, scale, mod, m0, m1, l0, l1, acc);
                         else
                             attend<PI_BLOCK_N / 8>(sm.q, slice, lane, qf, sm.k[stage], sm.v[stage], 0, key0, end0, end1,
-                                                   all_visible, scale, m0, m1, l0, l1, acc);
+                                                   all_visible, scale, mod, m0, m1, l0, l1, acc);
                     }
                 }
                 __syncthreads();  // the next chunk's first loads reuse this chunk's stages

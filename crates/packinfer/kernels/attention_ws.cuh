@@ -133,7 +133,7 @@ __device__ __forceinline__ void produce(const KernelParams& p, Smem& sm, const P
             }
             producer_sync();
             for (int r = t; r < PI_BLOCK_M; r += PI_PRODUCER_THREADS)
-                sm.rows[slot][r] = row_info(p, item, sm.segs, seg_count, hdr.group_size, r);
+                sm.rows[slot][r] = row_info(p, hdr, item, sm.segs, seg_count, hdr.group_size, r);
             producer_sync();  // the Q copies below read other threads' rows
             if (PI_QO_TMA && one_request_tile(p, item, PI_FLAG_Q_TMA)) {
 #if PI_QO_TMA
@@ -284,10 +284,14 @@ __device__ __forceinline__ void consume(const KernelParams& p, Smem& sm, const P
                 float alpha0, alpha1;  // the output's rescale before block b's P V
                 auto scores = [&](float (&sc)[PI_BLOCK_N / 8][4], u32 b) {
                     const u32 key0 = ch.key_begin + b * PI_BLOCK_N;
+                    // The rows' first visible keys (sliding window) and the run's soft-cap, read
+                    // here: kept in registers for the whole item they made the kernel spill more.
+                    const ScoreMod mod = {sm.rows[slot][r0].key_start, sm.rows[slot][r1].key_start, p.softcap_in, p.softcap_out};
                     // (A block visible in full is whole, so its stage starts at key0.)
-                    const bool all_visible = __all_sync(0xffffffffu, key0 + PI_BLOCK_N <= end0 && key0 + PI_BLOCK_N <= end1);
+                    const bool all_visible = __all_sync(0xffffffffu, key0 + PI_BLOCK_N <= end0 && key0 + PI_BLOCK_N <= end1
+                                                                    && key0 >= mod.lo0 && key0 >= mod.lo1);
                     const u32 first = row_box(p, ch) ? box_key(ch, key0) : key0;
-                    softmax_scores<PI_BLOCK_N / 8, true>(sc, lane, first, key0, end0, end1, all_visible, scale, m0, m1, l0, l1, alpha0, alpha1);
+                    softmax_scores<PI_BLOCK_N / 8, true>(sc, lane, first, key0, end0, end1, all_visible, scale, mod, m0, m1, l0, l1, alpha0, alpha1);
                 };
                 wg_pipelined(sm, seq, nblocks, dq, acc, alpha0, alpha1, ConsumerRing(sm, ready, release), scores);
             } else {

@@ -17,11 +17,21 @@
 #endif
 #define PI_BLOCK_M (16 * PI_WARPS)
 #define PI_THREADS (PI_WARPS * 32)
+// Head sizes that are no multiple of 64 (96) are stored in shared memory as the next multiple
+// (tile.cuh's 64-dim column blocks), the columns past PI_HEAD_DIM unused. Copies give each row
+// a power of two of 16-byte chunks (PI_ROW_VECS >= PI_HEAD_DIM / 8: 96 -> 16, 192 -> 32), the
+// lanes past the row's chunks idle, so that threads split into whole rows.
+#if PI_HEAD_DIM % 16 != 0
+#error "PI_HEAD_DIM must be a multiple of 16"
+#endif
+#define PI_HEAD_DIM_TILE ((PI_HEAD_DIM + 63) / 64 * 64)
+#define PI_ROW_VECS (PI_HEAD_DIM <= 64 ? 8 : PI_HEAD_DIM <= 128 ? 16 : 32)
 
 // wgmma (warpgroup tensor-core instructions) exist on sm_90a only; with 64-key blocks (128 in
 // the warp-specialised kernel) the accumulators of head_dim <= 128 stay in registers. PACKINFER_KERNEL_DEFINES="-DPI_WGMMA=0" turns
 // them off for comparisons.
-#if !defined(__CUDA_ARCH_FEAT_SM90_ALL) || PI_HEAD_DIM > 128 || (PI_BLOCK_N != 32 && PI_BLOCK_N != 64 && PI_BLOCK_N != 128)
+// Not at head sizes that are no multiple of 64 (96): the mma.sync path computes those.
+#if !defined(__CUDA_ARCH_FEAT_SM90_ALL) || PI_HEAD_DIM > 128 || PI_HEAD_DIM % 64 != 0 || (PI_BLOCK_N != 32 && PI_BLOCK_N != 64 && PI_BLOCK_N != 128)
 #undef PI_WGMMA
 #define PI_WGMMA 0
 #elif !defined(PI_WGMMA)

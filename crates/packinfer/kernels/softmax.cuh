@@ -2,6 +2,7 @@
 // packed as the A operand of the next MMA.
 #pragma once
 #include "ptx.cuh"
+#include "mask.cuh"
 
 #ifndef PI_RESCALE_SLACK
 #define PI_RESCALE_SLACK 8.0f
@@ -11,8 +12,17 @@ __device__ __forceinline__ bool needs_rescale(float alpha0, float alpha1) {
     return __any_sync(0xffffffffu, alpha0 != 1.f || alpha1 != 1.f);
 }
 
-// Masks (unless every key of the block is visible to both rows) the keys outside [key_lo, end0)
-// and [key_lo, end1), scales and folds a block's scores into the online softmax state: S
+// What the scores of a thread's two rows r0, r1 go through besides the key ends: the rows' first
+// visible keys (the sliding window; 0 without one) and the run's soft-cap (mask.cuh; cap_in 0
+// without one).
+struct ScoreMod {
+    u32 lo0, lo1;
+    float cap_in, cap_out;
+};
+
+// Soft-caps (with one) and masks (unless every key of the block is visible to both rows) the
+// keys outside [max(key_lo, mod.lo0), end0) and [max(key_lo, mod.lo1), end1), scales and folds a
+// block's scores into the online softmax state: S
 // becomes P (unnormalised, base 2), the running maxima move and the running sums are rescaled; returns, in alpha0/alpha1, the factors by which the
 // output accumulators must be rescaled before this block's P V is added (rescale_output).
 // The layout is the m16n8 accumulator's, which mma.sync and wgmma share: s[j][0..1] are row
@@ -23,12 +33,25 @@ __device__ __forceinline__ bool needs_rescale(float alpha0, float alpha1) {
 // (docs/performance-log.md#key-lo).
 template <int NT, bool KEY_LO = false>
 __device__ __forceinline__ void softmax_scores(float (&s)[NT][4], int lane, u32 key_first, u32 key_lo, u32 end0,
-                                               u32 end1, bool all_visible, float scale, float& m0, float& m1,
-                                               float& l0, float& l1, float& alpha0, float& alpha1) {
+                                               u32 end1, bool all_visible, float scale, const ScoreMod& mod,
+                                               float& m0, float& m1, float& l0, float& l1, float& alpha0,
+                                               float& alpha1) {
     const int col = 2 * (lane % 4);
-    const u32 base = KEY_LO ? key_first - key_lo : key_first;
-    const u32 lim0 = !KEY_LO ? end0 : end0 > key_lo ? end0 - key_lo : 0;
-    const u32 lim1 = !KEY_LO ? end1 : end1 > key_lo ? end1 - key_lo : 0;
+    // Per row: KEY_LO counts keys from the row's first visible key (those below wrap to large
+    // values and fail the one test); otherwise keys below it fail a second test.
+    const u32 lo0 = KEY_LO ? max(key_lo, mod.lo0) : mod.lo0;
+    const u32 lo1 = KEY_LO ? max(key_lo, mod.lo1) : mod.lo1;
+    const u32 first0 = KEY_LO ? key_first - lo0 : key_first;
+    const u32 first1 = KEY_LO ? key_first - lo1 : key_first;
+    const u32 lim0 = !KEY_LO ? end0 : end0 > lo0 ? end0 - lo0 : 0;
+    const u32 lim1 = !KEY_LO ? end1 : end1 > lo1 ? end1 - lo1 : 0;
+    // The soft-cap is monotonic, so it comes first and the rest sees capped scores.
+    if (mod.cap_in != 0.f) {
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[j][e] = soft_cap(s[j][e], mod.cap_in, mod.cap_out);
+    }
     // The maximum is taken over the raw scores (scale > 0 keeps the order); the scale is folded
     // into the exponent's FMA.
     float bm0 = PI_NEG_INF, bm1 = PI_NEG_INF;
@@ -43,9 +66,9 @@ __device__ __forceinline__ void softmax_scores(float (&s)[NT][4], int lane, u32 
         for (int j = 0; j < NT; ++j) {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-                const u32 key = base + 8 * j + col + e;
-                if (key >= lim0) s[j][e] = PI_NEG_INF;
-                if (key >= lim1) s[j][2 + e] = PI_NEG_INF;
+                const u32 key0 = first0 + 8 * j + col + e, key1 = first1 + 8 * j + col + e;
+                if (key0 >= lim0 || (!KEY_LO && key0 < lo0)) s[j][e] = PI_NEG_INF;
+                if (key1 >= lim1 || (!KEY_LO && key1 < lo1)) s[j][2 + e] = PI_NEG_INF;
                 bm0 = fmaxf(bm0, s[j][e]);
                 bm1 = fmaxf(bm1, s[j][2 + e]);
             }
@@ -96,10 +119,10 @@ __device__ __forceinline__ void rescale_output(float (&acc)[PI_HEAD_DIM / 8][4],
 // it was: the rescale is skipped then.
 template <int NT>
 __device__ __forceinline__ void online_softmax(float (&s)[NT][4], int lane, u32 key_first, u32 end0, u32 end1,
-                                               bool all_visible, float scale, float& m0, float& m1, float& l0,
-                                               float& l1, float (&acc)[PI_HEAD_DIM / 8][4]) {
+                                               bool all_visible, float scale, const ScoreMod& mod, float& m0,
+                                               float& m1, float& l0, float& l1, float (&acc)[PI_HEAD_DIM / 8][4]) {
     float alpha0, alpha1;
-    softmax_scores<NT>(s, lane, key_first, key_first, end0, end1, all_visible, scale, m0, m1, l0, l1, alpha0, alpha1);
+    softmax_scores<NT>(s, lane, key_first, key_first, end0, end1, all_visible, scale, mod, m0, m1, l0, l1, alpha0, alpha1);
     if (needs_rescale(alpha0, alpha1)) rescale_output(acc, alpha0, alpha1);
 }
 

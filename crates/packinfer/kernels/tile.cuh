@@ -2,9 +2,10 @@
 // copies of K/V blocks and Q tiles into shared memory, and the stores of finished rows.
 #pragma once
 #include "ptx.cuh"
+#include "mask.cuh"
 
 // Shared-memory tiles (Q, K, V) use the 128-byte swizzle that wgmma's descriptors describe: a
-// tile of ROWS rows x PI_HEAD_DIM elements is stored as PI_HEAD_DIM / 64 column blocks, each
+// tile of ROWS rows x PI_HEAD_DIM elements is stored as PI_HEAD_DIM_TILE / 64 column blocks, each
 // ROWS rows of 128 bytes, and the 16-byte chunk c of row r sits at chunk position c ^ (r % 8)
 // (the column blocks start on 1024-byte boundaries, so the hardware's swizzle, which works on
 // address bits, sees the same pattern). ldmatrix reads it without bank conflicts as well, so
@@ -18,7 +19,7 @@ struct RowInfo {
     i64 q_offset;  // element offset of the row's query vector (token, head)
     u32 token, head;
     u32 key_limit;  // keys >= key_limit of the row's request are masked; 0 for rows past num_rows
-    u32 pad;
+    u32 key_start;  // keys < key_start are masked too (the sliding window; 0 without one)
 };
 
 // Key -> (page, slot) by a multiply and a shift (Granlund and Montgomery's division by an
@@ -42,7 +43,7 @@ struct PageMap {
 // shuffle, so each thread does one dependent read per block, not `passes`.
 template <int NT>
 struct KvCopy {
-    static constexpr int vecs = PI_HEAD_DIM / 8;
+    static constexpr int vecs = PI_ROW_VECS;  // chunks >= PI_HEAD_DIM / 8 are not copied
     static constexpr int keys_per_pass = NT / vecs;
     static constexpr int passes = PI_BLOCK_N / keys_per_pass;
     static constexpr int warp_keys_per_pass = 32 / vecs;
@@ -107,8 +108,10 @@ __device__ __forceinline__ void copy_kv(const KernelParams& p, u16* const (&dst)
             const i64 off = (i64)kv_head * p.kv_stride_head + ch * 8 + (i64)((u64)(u32)page * (u64)p.kv_stride_page)
                             + (i64)((u64)pm.slot(key) * (u64)p.kv_stride_token);
 #endif
+            if (ch * 8 < PI_HEAD_DIM) {
 #pragma unroll
-            for (int i = 0; i < N; ++i) cp_async16(&dst[i][swz<PI_BLOCK_N>(n, ch)], src[i] + off, valid);
+                for (int i = 0; i < N; ++i) cp_async16(&dst[i][swz<PI_BLOCK_N>(n, ch)], src[i] + off, valid);
+            }
         }
     } else {
         for (int i = t; i < PI_BLOCK_N * PI_HEAD_DIM; i += NT) {
@@ -134,14 +137,14 @@ __device__ __forceinline__ void copy_q(const KernelParams& p, u16* dst, const Ro
     const u16* qb = (const u16*)p.q;
     if (p.flags & PI_FLAG_Q_VEC) {
         // Thread t copies chunk t % VECS of rows t / VECS + j * ROWS_PER_PASS.
-        constexpr int VECS = PI_HEAD_DIM / 8, ROWS_PER_PASS = NT / VECS;
+        constexpr int VECS = PI_ROW_VECS, ROWS_PER_PASS = NT / VECS;  // chunks >= PI_HEAD_DIM / 8 idle
         static_assert(NT % VECS == 0 && PI_BLOCK_M % ROWS_PER_PASS == 0, "Q copy shape");
         const u64 once = l2_evict_first();
         const int ch = t % VECS;
 #pragma unroll UNROLL
         for (int j = 0; j < PI_BLOCK_M / ROWS_PER_PASS; ++j) {
             const int r = t / VECS + j * ROWS_PER_PASS;
-            cp_async16(&dst[swz<PI_BLOCK_M>(r, ch)], qb + rows[r].q_offset + ch * 8, (u32)r < num_rows, once);
+            if (ch * 8 < PI_HEAD_DIM) cp_async16(&dst[swz<PI_BLOCK_M>(r, ch)], qb + rows[r].q_offset + ch * 8, (u32)r < num_rows, once);
         }
     } else {
         for (int i = t; i < PI_BLOCK_M * PI_HEAD_DIM; i += NT) {
@@ -153,8 +156,8 @@ __device__ __forceinline__ void copy_q(const KernelParams& p, u16* dst, const Ro
 
 // Tile row r of `item`: which (token, head) it is and how many keys it sees, from the item's
 // resolved segments (the last one starting at or before r); zeros past num_rows.
-__device__ __forceinline__ RowInfo row_info(const KernelParams& p, const WorkItem& item, const SegmentInfo* segs,
-                                            u32 seg_count, u32 group, u32 r) {
+__device__ __forceinline__ RowInfo row_info(const KernelParams& p, const PlanHeader& hdr, const WorkItem& item,
+                                            const SegmentInfo* segs, u32 seg_count, u32 group, u32 r) {
     RowInfo ri = {0, 0, 0, 0, 0};
     if (r < item.num_rows) {
         u32 lo = 0, hi = seg_count;
@@ -166,7 +169,7 @@ __device__ __forceinline__ RowInfo row_info(const KernelParams& p, const WorkIte
         const u32 q = (r - seg.row_begin) / group;
         ri.token = seg.token0 + q;
         ri.head = item.kv_head * group + (r - seg.row_begin) % group;
-        ri.key_limit = seg.limit0 + seg.step * q;
+        row_keys(seg.limit0 + seg.step * q, hdr.window_left, hdr.causal != 0, ri.key_start, ri.key_limit);
         ri.q_offset = (i64)ri.token * p.q_stride_token + (i64)ri.head * p.q_stride_head;
     }
     return ri;
@@ -213,12 +216,12 @@ __device__ __forceinline__ void store_rows(const KernelParams& p, const PlanHead
         __syncwarp();
         const u64 once = l2_evict_first();  // see cp_async16
         constexpr int CHUNKS = PI_HEAD_DIM / 8;                  // 16-byte chunks of a row
-        constexpr int ROW_LANES = CHUNKS < 32 ? CHUNKS : 32;      // lanes per row, a chunk each
-        static_assert(CHUNKS == ROW_LANES, "a lane per chunk (head_dim <= 256)");
+        constexpr int ROW_LANES = PI_ROW_VECS < 32 ? PI_ROW_VECS : 32;  // lanes per row, a chunk each
+        static_assert(CHUNKS <= ROW_LANES && 32 % ROW_LANES == 0, "a lane per chunk (head_dim <= 256)");
 #pragma unroll
         for (int i = 0; i < 16 * ROW_LANES / 32; ++i) {
             const int r = slice * 16 + i * (32 / ROW_LANES) + lane / ROW_LANES, c = lane % ROW_LANES;
-            if ((u32)r < item.num_rows) {
+            if ((u32)r < item.num_rows && c < CHUNKS) {
                 const RowInfo ri = rows[r];
                 u16* ob = (u16*)p.o + (i64)ri.token * p.o_stride_token + (i64)ri.head * p.o_stride_head;
                 const uint4 v = *reinterpret_cast<const uint4*>(&stage[staged_at(r, c)]);

@@ -23,7 +23,9 @@ struct WorkItem {
 // The plan's row segments and KV chunks arrive resolved against their requests (the host does
 // it when it uploads a plan), so a tile's first K/V copy waits on one read less.
 // A row segment: row r of it (r >= row_begin) is query token token0 + (r - row_begin) / group,
-// which sees keys below limit0 + step * ((r - row_begin) / group).
+// which sees keys below limit0 + step * ((r - row_begin) / group). In a plan with a sliding
+// window that value is the query's position + 1 (step 1) whether or not the plan is causal:
+// row_keys (mask.cuh) derives the row's window and limit from it.
 struct SegmentInfo {
     u32 row_begin, token0, limit0, step;
 };
@@ -50,7 +52,8 @@ struct MergeRow {
 // Mirrors PlanHeader in src/backend/cuda/launch.rs.
 struct PlanHeader {
     u32 num_items, num_groups, num_merges, num_slots;
-    u32 group_size, page_size, causal, reserved;
+    u32 group_size, page_size, causal;
+    u32 window_left;      // PI_NO_WINDOW, or the sliding window (mask.cuh)
     float sm_scale_log2;  // sm_scale * log2(e): softmax runs in base 2
     u32 reserved2[3];
 };
@@ -83,6 +86,10 @@ struct KernelParams {
     u32* group_counter;  // next group to take; 0 before attention, reset to 0 by the merge kernel
     u32 flags;       // PI_FLAG_*
     u32 num_qo_heads;
+    // The logit soft-cap of this run (soft_cap in mask.cuh): 2 log2(e) sm_scale / cap and
+    // cap / sm_scale; cap_in 0 without one. Per run, so each layer may have its own.
+    float softcap_in, softcap_out;
+    u32 reserved[14];  // keeps the TMA maps 64-byte aligned with no padding
     // The K and V caches as 3-D tensors (head_dim, KV heads, cache rows = page * page_size + slot)
     // with 128-byte-swizzled boxes of 64 dims x 1 head x block_n rows; set with PI_FLAG_KV_TMA.
     TensorMap k_map, v_map;

@@ -11,7 +11,7 @@ pub enum Error {
     /// A C handle that is null, destroyed, or of another kind (the C ABI's).
     #[error("{0}")]
     InvalidHandle(String),
-    /// A valid value this backend cannot run (head_dim 96 or F32 on CUDA).
+    /// A valid value this backend cannot run (head_dim 80 or F32 on CUDA).
     #[error("{0}")]
     Unsupported(String),
     /// Host or device memory ran out.

@@ -86,7 +86,7 @@ impl Shape {
         }
         if !self.head_dim.is_multiple_of(8) || self.head_dim > 512 {
             return Err(crate::unsupported!(
-                "head_dim = {} is not supported (multiples of 8 up to 512; the GPU kernels take 64, 128 and 256)",
+                "head_dim = {} is not supported (multiples of 8 up to 512; the GPU kernels take 64, 96, 128, 192 and 256)",
                 self.head_dim
             ));
         }
@@ -360,7 +360,7 @@ pub struct RowsTensor {
 }
 
 /// Everything one `run` needs besides the launch: one layer's tensors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RunArgs {
     /// The queries, `[total_q, num_qo_heads, head_dim]`.
     pub q: RowsTensor,
@@ -372,4 +372,19 @@ pub struct RunArgs {
     pub lse: u64,
     /// The caller's CUDA stream (ignored by the CPU backend).
     pub stream: u64,
+    /// Logit soft-cap (Gemma 2): a score `s = sm_scale · q·k` becomes `cap · tanh(s / cap)`
+    /// before the softmax; 0 turns it off. A run parameter, not a plan one: each run (each
+    /// layer) uses the value it is given, and nothing about it is fixed when the plan is made.
+    pub logits_soft_cap: f32,
+}
+
+impl RunArgs {
+    /// Checks the run's scalar parameters; the message names the bad value.
+    pub fn validate(&self) -> Result<()> {
+        let cap = self.logits_soft_cap;
+        if !(cap.is_finite() && cap >= 0.0) {
+            return Err(invalid!("logits_soft_cap = {cap} must be 0 (off) or positive and finite"));
+        }
+        Ok(())
+    }
 }

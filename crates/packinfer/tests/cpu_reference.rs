@@ -95,7 +95,7 @@ fn edge_cases() {
 fn every_head_dim_and_dtype_with_gqa() {
     let mut r = rng(3);
     for dtype in [DType::F16, DType::Bf16, DType::F32] {
-        for head_dim in [64, 128, 256, 40] {
+        for head_dim in [64, 96, 128, 192, 256, 40] {
             for group in [1, 4, 8] {
                 let spec = CaseSpec {
                     batch_size: 3,
@@ -243,4 +243,89 @@ fn inconsistent_handmade_plans_are_refused() {
     // SAFETY: the case's Q, K and V, O of out_len() and LSE of total_q × heads elements, on the host.
     unsafe { launch.run(&case.run_args(&mut o, &mut lse)) }.expect("run");
     assert_close(&case, &o, &lse, "after refused updates");
+}
+
+/// Sliding window and soft-cap, alone and together, on random batches of every dtype, head
+/// size, GQA ratio, causal or not, with and without splits (deterministic 64-key pieces), against
+/// the f64 reference that applies them from their definitions.
+#[test]
+fn window_and_soft_cap_random_batches_match_f64_reference() {
+    let mut r = rng(0x5111de);
+    let mut windowed_rows = 0usize;
+    for i in 0..160 {
+        let spec = CaseSpec::random(&mut r);
+        let window = [None, Some(0), Some(1), Some(16), Some(100), Some(1000)][i % 6];
+        let cap = [0.0, 2.0, 30.0][(i / 6) % 3];
+        let case = Case::random(&mut r, &spec).with_features(window, cap);
+        let base =
+            if i % 2 == 0 { PlanOptions::default() } else { PlanOptions { deterministic: true, split_keys: 64, ..PlanOptions::default() } };
+        run_and_check(&case, case.plan_options(base), &format!("case {i} window {window:?} cap {cap} {spec:?}"));
+        // Rows whose window hides keys: the window must matter in enough cases.
+        windowed_rows += (0..case.batch.len())
+            .flat_map(|b| (0..case.batch.q_len(b)).map(move |q| (b, q)))
+            .filter(|&(b, q)| case.visible_keys(b, q).0 > 0)
+            .count();
+    }
+    assert!(windowed_rows > 1000, "only {windowed_rows} query rows had keys outside their window");
+}
+
+/// Edge cases of the window: 0 (a causal query sees only its own key), wider than the context,
+/// non-causal with more queries than keys (positions before the first key), page size 1.
+#[test]
+fn window_edge_cases() {
+    let mut r = rng(0x3d9e);
+    // (name, page size, causal, (q_len, kv_len) per request, window_left)
+    let cases: &[(EdgeCase, u32)] = &[
+        (("window 0, causal", 16, true, &[(5, 9), (1, 30)]), 0),
+        (("window wider than the context", 16, true, &[(7, 20), (1, 3)]), 500),
+        (("non-causal, q_len > kv_len", 16, false, &[(40, 9), (3, 50)]), 4),
+        (("page size 1", 1, true, &[(4, 9), (1, 1), (1, 77)]), 3),
+        (("no keys, no queries", 16, false, &[(0, 0), (2, 3)]), 1),
+    ];
+    for &((name, ps, causal, lens), w) in cases {
+        let case = Case::build(&mut r, &spec(ps, causal), lens, vec![]).with_features(Some(w), 0.0);
+        run_and_check(&case, case.plan_options(PlanOptions::default()), name);
+    }
+}
+
+/// The soft-cap is a run parameter: one plan, bound once, run with caps 0, 5 and 50 in turn,
+/// gives each time the reference of the cap that run was given (never a cap fixed earlier).
+#[test]
+fn soft_cap_is_taken_from_each_run() {
+    let cpu = CpuBackend::new(2);
+    let mut r = rng(0x50f7);
+    let spec = CaseSpec {
+        batch_size: 3,
+        max_kv: 300,
+        page_size: 16,
+        num_kv_heads: 2,
+        group: 4,
+        head_dim: 64,
+        dtype: DType::F32,
+        causal: true,
+        decode_fraction: 0.5,
+        hnd: false,
+    };
+    let mut case = Case::build(&mut r, &spec, &[(1, 280), (20, 200), (1, 9)], vec![]);
+    let plan = Arc::new(Plan::build(case.shape, case.batch.clone(), &cpu.profile(), PlanOptions::default()).unwrap());
+    let bound = cpu.bind(plan, 0, None).unwrap();
+    let mut outs = Vec::new();
+    for cap in [0.0, 5.0, 50.0, 0.0] {
+        case.logits_soft_cap = cap;
+        let mut o = Tensor::poisoned(case.shape.dtype, case.out_len());
+        let mut lse = vec![f32::NAN; case.total_q() * case.shape.num_qo_heads as usize];
+        // SAFETY: the case's Q, K and V, O of out_len() and LSE of total_q × heads elements, on the host.
+        unsafe { bound.run(&case.run_args(&mut o, &mut lse)) }.expect("run");
+        assert_close(&case, &o, &lse, &format!("cap {cap}"));
+        outs.push(lse);
+    }
+    assert_ne!(outs[0], outs[1], "a soft-cap of 5 changed nothing: the test's scores are too small to tell");
+    assert_eq!(outs[0], outs[3], "the same run arguments gave different results");
+    // A bad cap is refused by name, before anything runs.
+    case.logits_soft_cap = -1.0;
+    let mut o = Tensor::poisoned(case.shape.dtype, case.out_len());
+    let mut lse = vec![f32::NAN; case.total_q() * case.shape.num_qo_heads as usize];
+    // SAFETY: as above.
+    let err = unsafe { bound.run(&case.run_args(&mut o, &mut lse)) }.unwrap_err().to_string();
+    assert!(err.contains("logits_soft_cap = -1"), "{err}");
 }

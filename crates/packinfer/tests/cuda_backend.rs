@@ -39,6 +39,9 @@ fn main() {
         precompile_builds_every_variant,
         handmade_plans_are_valid_on_the_cpu_backend,
         calibration_fits_and_stores_a_profile,
+        window_and_soft_cap_on_every_kernel,
+        soft_cap_is_taken_from_each_run,
+        head_dims_96_and_192_long_and_split,
     ]);
 }
 
@@ -112,6 +115,7 @@ impl DeviceCase {
             o: RowsTensor { ptr: self.o.ptr(), stride_token: hq * d, stride_head: d },
             lse: self.lse.ptr(),
             stream,
+            logits_soft_cap: case.logits_soft_cap,
         }
     }
     fn outputs(&self, cu: &CudaBackend, case: &Case) -> (Tensor, Vec<f32>) {
@@ -354,7 +358,7 @@ fn every_head_dim_dtype_gqa_and_page_size() {
     let mut r = rng(3);
     let mut done = Vec::new();
     for dtype in [DType::F16, DType::Bf16] {
-        for head_dim in [64, 128, 256] {
+        for head_dim in [64, 96, 128, 192, 256] {
             for group in [1, 4, 8] {
                 for page_size in [1, 16, 64] {
                     let spec = CaseSpec {
@@ -621,6 +625,8 @@ fn deterministic_rows_are_bitwise_identical_across_batches() {
             v: copy(&mixed.v, mixed.v.exact.len()),
             layout: mixed.layout,
             hnd: mixed.hnd,
+            window_left: None,
+            logits_soft_cap: 0.0,
         };
         let run = |case: &Case| run_plan(&cu, case, Plan::build(case.shape, case.batch.clone(), &cu.profile(), options.clone()).unwrap());
         let (o1, l1) = run(&alone);
@@ -858,7 +864,7 @@ fn precompile_builds_every_variant() {
     let t = std::time::Instant::now();
     cu.precompile().unwrap();
     println!("precompile: {:.2} s (cache dir {:?})", t.elapsed().as_secs_f64(), testing::kernel_cache_dir(&cu));
-    for d in [64, 128, 256] {
+    for d in [64, 96, 128, 192, 256] {
         for dt in [DType::F16, DType::Bf16] {
             let k = testing::attention_kernel_stats(&cu, d, dt).unwrap();
             println!(
@@ -916,4 +922,95 @@ fn calibration_fits_and_stores_a_profile() {
         .unwrap();
         assert_eq!(again.profile(), profile, "a new context does not load the stored profile");
     }
+}
+
+/// Sliding window and soft-cap on every kernel: the plain kernel (default context, mixed
+/// batches with decodes and splits), the warp-specialised one (forced, long prefills over pages
+/// in order, TMA) and the short-prefill one (batches of short prompts on 64-row tiles), both
+/// dtypes, head_dims 64 and 128, GQA 1 and 4, causal and not, against the f64 reference.
+fn window_and_soft_cap_on_every_kernel() {
+    let mut done = Vec::new();
+    for kernel in ["plain", "warp-specialised", "short"] {
+        // Read when a context opens; the GPU suite runs one test at a time.
+        if kernel == "warp-specialised" {
+            std::env::set_var("PACKINFER_WARP_SPECIALIZED", "1");
+        }
+        let cu = backend("window_and_soft_cap_on_every_kernel");
+        std::env::remove_var("PACKINFER_WARP_SPECIALIZED");
+        let Some(cu) = cu else { return };
+        let mut r = rng(0x51de ^ kernel.len() as u64);
+        for i in 0..16u32 {
+            let spec = cycled_spec(i);
+            let lens: Vec<(u32, u32)> = match kernel {
+                "plain" => (0..r.random_range(2..7))
+                    .map(|_| {
+                        let q = if r.random_bool(0.5) { 1 } else { r.random_range(1..300u32) };
+                        (q, q + r.random_range(0..5000))
+                    })
+                    .collect(),
+                "warp-specialised" => {
+                    (0..r.random_range(1..3)).map(|_| (r.random_range(300..1500u32), r.random_range(1500..3000u32))).collect()
+                }
+                _ => (0..r.random_range(3..16)).map(|_| (r.random_range(1..200u32), 0)).map(|(q, _)| (q, q)).collect(),
+            };
+            let lens: Vec<(u32, u32)> = lens.into_iter().map(|(q, kv)| (q.min(kv), kv.max(q))).collect();
+            let window = [Some(0), Some(7), Some(100), Some(1024), None][i as usize % 5];
+            let cap = [30.0, 0.0, 5.0][i as usize % 3];
+            let case = Case::build_with(&mut r, &spec, &lens, vec![], kernel == "plain").with_features(window, cap);
+            let profile = if kernel == "short" { cu.profile_for(&case.shape, &case.batch) } else { cu.profile() };
+            let options = case.plan_options(if i % 4 == 3 {
+                PlanOptions { deterministic: true, split_keys: 512, ..PlanOptions::default() }
+            } else {
+                PlanOptions::default()
+            });
+            let plan = Plan::build(case.shape, case.batch.clone(), &profile, options).unwrap();
+            let (o, lse) = run_plan(&cu, &case, plan);
+            done.push((case, o, lse, format!("{kernel} {i}: window {window:?}, cap {cap}, {spec:?}, lens {lens:?}")));
+        }
+    }
+    check_all(done);
+}
+
+/// The soft-cap is a run parameter on the GPU too: one launch, run with caps 0, 50 and 5 in
+/// turn (the kernel parameters change, the uploaded plan does not), each checked against the
+/// reference of its own cap.
+fn soft_cap_is_taken_from_each_run() {
+    let Some(cu) = backend("soft_cap_is_taken_from_each_run") else { return };
+    let mut r = rng(0x5ca9);
+    let spec = cycled_spec(0);
+    let mut case = Case::build(&mut r, &spec, &[(1, 3000), (40, 900), (1, 17), (200, 200)], vec![]);
+    let plan = Plan::build(case.shape, case.batch.clone(), &cu.profile(), PlanOptions::default()).unwrap();
+    let dcase = DeviceCase::for_case(&cu, &case);
+    let bound = testing::bind_cuda(&cu, Arc::new(plan), 0, None, None).expect("bind");
+    bound.wait().unwrap();
+    for cap in [0.0, 50.0, 5.0] {
+        case.logits_soft_cap = cap;
+        // SAFETY: the device copies of the case's tensors, alive until after the stream is synced.
+        unsafe { bound.run(&dcase.args(&case, 0)) }.expect("run");
+        sync_stream(testing::device(&cu), 0).expect("kernels failed");
+        let (o, lse) = dcase.outputs(&cu, &case);
+        check(&case, &o, &lse, &format!("cap {cap}"));
+    }
+}
+
+/// head_dim 96 (Phi-3; stored in 128-dim tiles) and 192 run the plain mma.sync kernel: long
+/// prefills (final rows staged through shared memory), split decodes (merged partials), windows
+/// and soft-caps, both dtypes, against the reference.
+fn head_dims_96_and_192_long_and_split() {
+    let Some(cu) = backend("head_dims_96_and_192_long_and_split") else { return };
+    let mut r = rng(0x96192);
+    let mut done = Vec::new();
+    for (i, head_dim) in [96u32, 192, 96, 192].into_iter().enumerate() {
+        let spec = CaseSpec { head_dim, hnd: i >= 2, ..cycled_spec(i as u32) };
+        let lens = [(1, 6000), (700, 1500), (1, 33), (40, 40), (3, 900)];
+        let (window, cap) = if i >= 2 { (Some(300), 20.0) } else { (None, 0.0) };
+        let case = Case::build_with(&mut r, &spec, &lens, vec![], i % 2 == 0).with_features(window, cap);
+        // Deterministic 1024-key pieces: the long decode is split and merged.
+        let options = case.plan_options(PlanOptions { deterministic: true, split_keys: 1024, ..PlanOptions::default() });
+        let plan = Plan::build(case.shape, case.batch.clone(), &cu.profile(), options).unwrap();
+        assert!(!plan.merges.is_empty(), "the 6000-key decode is split");
+        let (o, lse) = run_plan(&cu, &case, plan);
+        done.push((case, o, lse, format!("head_dim {head_dim} case {i}: {spec:?}")));
+    }
+    check_all(done);
 }

@@ -187,6 +187,7 @@ impl Side {
                 o: RowsTensor { ptr: od.ptr(), ..rows },
                 lse: 0,
                 stream: s,
+                logits_soft_cap: 0.0,
             };
             // SAFETY: Q and O are staged device buffers of the step's rows, K/V the pool the plan
             // was made from; the stream is synced before they are dropped.
@@ -308,7 +309,7 @@ fn cuda_pool_error_paths() {
     pool.append(seq, 3, 0).unwrap();
     assert!(matches!(testing::read_token_host(&pool, seq, 0, 0), Err(Error::Unsupported(_))));
     assert!(matches!(cu.alloc_kv(0), Err(Error::InvalidArgument(_))));
-    for (head_dim, dtype) in [(128, DType::F32), (96, DType::Bf16)] {
+    for (head_dim, dtype) in [(128, DType::F32), (80, DType::Bf16)] {
         let e = KvPool::new(cu.clone(), PoolConfig { shape: Shape { head_dim, dtype, ..config().shape }, ..config() }).unwrap_err();
         assert!(matches!(e, Error::Unsupported(_)), "head_dim {head_dim} {dtype:?}: {e}");
     }

@@ -609,3 +609,26 @@ fn threads_append_write_plan_and_relayout_on_one_pool() {
     let snap = testing::pool_snapshot(&pool);
     assert!(snap.refcount.iter().all(|&c| c == 0));
 }
+
+/// A plan made from the pool takes the sliding window from its options, as a kernel-level plan
+/// does: decodes over a shared 12-key prefix plus their own keys, under a window of 3 keys,
+/// read no key before their window (the prefix is then not shared: no member still sees key 0).
+#[test]
+fn pool_plans_take_the_sliding_window() {
+    let pool = new_pool(4, 100, 2);
+    let cpu = CpuBackend::new(1);
+    let root = pool.create_sequence();
+    pool.append(root, 12, 0).unwrap();
+    let members: Vec<SeqId> = (0..3).map(|_| pool.fork(root, 12, 0).unwrap()).collect();
+    for &m in &members {
+        pool.append(m, 5, 0).unwrap();
+    }
+    let reqs: Vec<(SeqId, u32)> = members.iter().map(|&m| (m, 1)).collect();
+    let plan = pool.plan(&reqs, Some(&cpu.profile()), PlanOptions { window_left: Some(3), ..PlanOptions::default() }).unwrap();
+    assert_eq!(plan.options.window_left, Some(3));
+    assert!(!plan.kv_chunks.is_empty());
+    for c in &plan.kv_chunks {
+        // Each decode sits at position 16 and sees keys 13..=16.
+        assert_eq!((c.key_begin, c.key_end), (13, 17), "{c:?}");
+    }
+}

@@ -18,7 +18,19 @@ use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
 use rand::Rng;
 
+/// The first key query `q` of `req` sees under the plan's sliding window, from the definition
+/// (position kv_len − q_len + q, minus window_left, at least 0), written out here rather than
+/// taken from the library.
+fn window_start(plan: &Plan, req: &packinfer::plan::RequestInfo, q: u32) -> u32 {
+    match plan.options.window_left {
+        Some(w) => (req.kv_len as i64 - req.q_len as i64 + q as i64 - w as i64).max(0) as u32,
+        None => 0,
+    }
+}
+
 /// Checks the work list's structure and coverage; panics with `ctx` and the first violation.
+/// Under a sliding window every chunk starts at or after the first window of its rows: no key
+/// outside every row's window is read.
 fn check_plan(plan: &Plan, ctx: &str) {
     let shape = &plan.shape;
     let g = shape.group_size();
@@ -59,6 +71,7 @@ fn check_plan(plan: &Plan, ctx: &str) {
             let reader = reqs[c.request as usize];
             assert!(c.key_end <= reader.kv_len, "{ctx}: chunk {c:?} reads past its request's kv_len {}", reader.kv_len);
             let mut max_limit = 0;
+            let mut min_start = u32::MAX;
             for s in segs.iter().filter(|s| s.row_begin < c.row_end && s.row_begin + s.q_count * g > c.row_begin) {
                 assert!(s.row_begin >= c.row_begin && s.row_begin + s.q_count * g <= c.row_end, "{ctx}: chunk {c:?} cuts segment {s:?}");
                 if s.request != c.request {
@@ -76,11 +89,13 @@ fn check_plan(plan: &Plan, ctx: &str) {
                 let req = reqs[s.request as usize];
                 for q in s.q_begin..s.q_begin + s.q_count {
                     let limit = req.key_limit(q, shape.causal);
+                    let start = window_start(plan, &req, q).min(limit);
                     max_limit = max_limit.max(limit);
+                    min_start = min_start.min(start);
                     let token = (req.q_start + q) as usize;
                     for h in 0..g {
                         let head = (item.kv_head * g + h) as usize;
-                        let (kb, ke) = (c.key_begin, c.key_end.min(limit));
+                        let (kb, ke) = (c.key_begin.max(start), c.key_end.min(limit));
                         if kb < ke {
                             intervals[token * hq + head].push((kb, ke));
                         }
@@ -90,6 +105,10 @@ fn check_plan(plan: &Plan, ctx: &str) {
             assert!(
                 c.key_end <= max_limit.max(c.key_begin),
                 "{ctx}: chunk {c:?} reads keys none of its rows can see (max limit {max_limit})"
+            );
+            assert!(
+                c.key_begin >= min_start.min(c.key_end) || min_start == u32::MAX,
+                "{ctx}: chunk {c:?} reads keys before every row's window (first window start {min_start})"
             );
         }
         for s in segs {
@@ -126,16 +145,17 @@ fn check_plan(plan: &Plan, ctx: &str) {
     for (r, &req) in reqs.iter().enumerate() {
         for q in 0..req.q_len {
             let limit = req.key_limit(q, shape.causal);
+            let start = window_start(plan, &req, q).min(limit);
             for head in 0..hq {
                 let th = (req.q_start + q) as usize * hq + head;
                 assert_eq!(writes[th], 1, "{ctx}: request {r} query {q} head {head} written {} times", writes[th]);
                 let iv = &mut intervals[th];
                 iv.sort_unstable();
-                let mut next = 0;
+                let mut next = start;
                 for &(kb, ke) in iv.iter() {
                     assert_eq!(
                         kb, next,
-                        "{ctx}: request {r} query {q} head {head}: keys {:?} cover [0, {limit}) with a gap or overlap",
+                        "{ctx}: request {r} query {q} head {head}: keys {:?} cover [{start}, {limit}) with a gap or overlap",
                         iv
                     );
                     next = ke;
@@ -228,7 +248,15 @@ fn options_from_bits(bits: u32, r: &mut SmallRng) -> PlanOptions {
         split_kv: bits & 16 != 0,
         capacity: None,
         split_keys: [16, 64, 100, 2048][r.random_range(0..4)],
+        window_left: None,
     }
+}
+
+/// A random sliding window (none half the time) and soft-cap (none half the time) for `case`.
+fn random_features(r: &mut SmallRng, case: &mut Case, options: &mut PlanOptions) {
+    options.window_left = if r.random_bool(0.5) { Some([0, 1, 5, 33, 128, 700][r.random_range(0..6)]) } else { None };
+    case.window_left = options.window_left;
+    case.logits_soft_cap = if r.random_bool(0.5) { [1.0, 5.0, 30.0][r.random_range(0..3)] } else { 0.0 };
 }
 
 #[test]
@@ -239,12 +267,17 @@ fn every_flag_combination_covers_exactly_once_and_matches_f64() {
     let (mut split, mut packed, mut shared) = (0, 0, 0);
     for bits in 0..32 {
         for i in 0..6 {
-            let (case, spec) = random_case(&mut r);
+            let (mut case, spec) = random_case(&mut r);
             let profile = random_profile(&mut r, spec.group);
             let mut options = options_from_bits(bits, &mut r);
             // Small explicit capacities force splits on small batches.
             if i % 2 == 1 {
                 options.capacity = Some(r.random_range(1e3..1e5));
+            }
+            // Every third case with a sliding window and/or a soft-cap, so every combination of
+            // flags meets them and the counts below still see plenty of plain cases.
+            if i % 3 == 2 {
+                random_features(&mut r, &mut case, &mut options);
             }
             let ctx = format!("flags {bits:05b} case {i} {spec:?} {profile:?} {options:?} groups {:?}", case.batch.prefix_groups);
             let plan = plan_check_run(&case, &profile, options, &ctx);
@@ -437,7 +470,7 @@ fn sub_batch(case: &Case, keep: &[u32]) -> Case {
     let mut layout = case.layout;
     layout.k = k.ptr();
     layout.v = v.ptr();
-    Case { shape: case.shape, batch, q, k, v, layout, hnd: case.hnd }
+    Case { shape: case.shape, batch, q, k, v, layout, hnd: case.hnd, window_left: case.window_left, logits_soft_cap: case.logits_soft_cap }
 }
 
 #[test]
@@ -713,4 +746,55 @@ fn prompt_chunks_read_a_shared_prefix_in_their_own_tiles() {
         "the decodes share the prefix: {:?}",
         plan.items
     );
+}
+
+/// A sliding window bounds what the plan reads: a long prompt chunk and long decodes under a
+/// 4096-key window read each KV head's keys only within (a tile's span of) the window, split
+/// ranges included, and the plan stays exact.
+#[test]
+fn sliding_window_plans_read_only_the_window() {
+    let mut r = rng(0x3196);
+    let spec = CaseSpec {
+        batch_size: 4,
+        max_kv: 20000,
+        page_size: 16,
+        num_kv_heads: 1,
+        group: 4,
+        head_dim: 64,
+        dtype: DType::F32,
+        causal: true,
+        decode_fraction: 0.5,
+        hnd: false,
+    };
+    let (w, lens) = (4096u32, [(1u32, 20000u32), (1, 9000), (64, 12000), (1, 300)]);
+    let case = Case::build(&mut r, &spec, &lens, vec![]).with_features(Some(w), 0.0);
+    let profile = DeviceProfile::hopper(8);
+    for (name, options) in [
+        ("default", PlanOptions::default()),
+        ("deterministic", PlanOptions { deterministic: true, split_keys: 1024, ..PlanOptions::default() }),
+        (
+            "one request per tile",
+            PlanOptions { packing: false, balancing: false, prefix_sharing: false, split_kv: false, ..PlanOptions::default() },
+        ),
+    ] {
+        let plan = plan_check_run(&case, &profile, case.plan_options(options), name);
+        // Keys read per request (one KV head): at most the window plus the tile's own span.
+        let mut read = vec![0u64; lens.len()];
+        for item in &plan.items {
+            for c in &plan.kv_chunks[item.chunk_begin as usize..(item.chunk_begin + item.chunk_count) as usize] {
+                read[c.request as usize] += (c.key_end - c.key_begin) as u64;
+            }
+        }
+        let tokens_per_tile = (profile.block_m / spec.group) as u64;
+        for (i, &(q, kv)) in lens.iter().enumerate() {
+            let tiles = (q as u64).div_ceil(tokens_per_tile);
+            let bound = tiles * (w as u64 + 1 + tokens_per_tile);
+            assert!(
+                read[i] <= bound.min(kv as u64 * tiles),
+                "{name}: request {i} reads {} keys, more than {bound} ({kv} keys, window {w})",
+                read[i]
+            );
+        }
+        assert!(plan.stats.tile_utilization > 0.5, "{name}: {:?}", plan.stats);
+    }
 }

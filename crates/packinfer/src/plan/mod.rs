@@ -6,6 +6,7 @@ pub mod adapt;
 mod check;
 pub(crate) mod cost;
 mod schedule;
+mod window;
 mod work;
 
 use std::time::Instant;
@@ -103,6 +104,12 @@ pub struct PlanOptions {
     pub capacity: Option<f64>,
     /// Split granularity in keys for deterministic mode.
     pub split_keys: u32,
+    /// Sliding window (local attention, FlashInfer's `window_left`): query at position p (keys
+    /// counted from the request's first, causal alignment: p = kv_len − q_len + q) sees only
+    /// keys ≥ p − window_left; `None` sees all. Fixed at plan time: the planner reads no key
+    /// outside the window (see [`RequestInfo::key_start`]). A model whose layers have
+    /// different windows makes one plan per window.
+    pub window_left: Option<u32>,
 }
 
 impl Default for PlanOptions {
@@ -115,6 +122,7 @@ impl Default for PlanOptions {
             split_kv: true,
             capacity: None,
             split_keys: 2048,
+            window_left: None,
         }
     }
 }
@@ -404,6 +412,7 @@ impl Plan {
                     let count = tokens_per_tile.min(req.q_len - q);
                     let rows = count * group;
                     let key_end = req.key_limit(q + count - 1, self.shape.causal);
+                    let key_begin = req.key_start(q, self.options.window_left).min(key_end);
                     let item = WorkItem {
                         kv_head,
                         seg_begin: self.row_segments.len() as u32,
@@ -415,7 +424,7 @@ impl Plan {
                         group: self.items.len() as u32,
                     };
                     self.row_segments.push(RowSegment { request: r as u32, q_begin: q, q_count: count, row_begin: 0 });
-                    self.kv_chunks.push(KvChunk { request: r as u32, key_begin: 0, key_end, row_begin: 0, row_end: rows });
+                    self.kv_chunks.push(KvChunk { request: r as u32, key_begin, key_end, row_begin: 0, row_end: rows });
                     self.items.push(item);
                     q += count;
                 }
@@ -428,6 +437,7 @@ impl Plan {
     fn measure_items(&mut self, profile: &DeviceProfile) -> WorkTotals {
         let group = self.shape.group_size() as u64;
         let causal = self.shape.causal;
+        let window = self.options.window_left;
         // Per chunk_begin: (item cost, useful pairs, computed pairs), measured once.
         let mut measured = schedule::reuse(&mut self.scratch.measured);
         measured.resize(self.kv_chunks.len(), None);
@@ -458,7 +468,7 @@ impl Plan {
                         let first = segs.partition_point(|s| s.row_begin < c.row_begin);
                         for s in segs[first..].iter().take_while(|s| s.row_begin < c.row_end) {
                             let req = &self.requests[s.request as usize];
-                            use_ += group * visible_keys(req, s.q_begin, s.q_count, causal, c.key_begin, c.key_end);
+                            use_ += group * visible_keys(req, s.q_begin, s.q_count, causal, window, c.key_begin, c.key_end);
                         }
                     }
                     let m = (cost::item_cost(profile, chunks), use_, comp);
@@ -578,10 +588,27 @@ pub fn scratch_bytes(slots: u32, head_dim: u32) -> usize {
 }
 
 /// Σ over queries `q_begin .. q_begin + q_count` of `req` of the keys in `[key_begin, key_end)`
-/// each can see. Causal limits grow by one key per query, so the sum is computed in closed form.
-pub(crate) fn visible_keys(req: &RequestInfo, q_begin: u32, q_count: u32, causal: bool, key_begin: u32, key_end: u32) -> u64 {
+/// each can see. Causal limits grow by one key per query, so the sum is computed in closed form;
+/// under a sliding window it is summed query by query (statistics only).
+pub(crate) fn visible_keys(
+    req: &RequestInfo,
+    q_begin: u32,
+    q_count: u32,
+    causal: bool,
+    window: Option<u32>,
+    key_begin: u32,
+    key_end: u32,
+) -> u64 {
     if q_count == 0 || key_end <= key_begin {
         return 0;
+    }
+    if window.is_some() {
+        return (q_begin..q_begin + q_count)
+            .map(|q| {
+                let (start, end) = req.visible_range(q, causal, window);
+                end.min(key_end).saturating_sub(start.max(key_begin)) as u64
+            })
+            .sum();
     }
     if !causal {
         return q_count as u64 * (req.kv_len.min(key_end).saturating_sub(key_begin)) as u64;

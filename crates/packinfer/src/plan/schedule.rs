@@ -73,6 +73,8 @@ struct Setup<'a> {
     /// Query heads, `heads × group`.
     qo_heads: u32,
     causal: bool,
+    /// The sliding window, if any: blocks start at their first query's window.
+    window: Option<u32>,
     /// Deterministic mode's split granularity: `split_keys` when deterministic with `split_kv`.
     fixed_split: Option<u32>,
 }
@@ -91,6 +93,7 @@ impl<'a> Setup<'a> {
             heads: plan.shape.num_kv_heads,
             qo_heads: plan.shape.num_qo_heads,
             causal: plan.shape.causal,
+            window: opts.window_left,
             fixed_split: if opts.deterministic && opts.split_kv { Some(opts.split_keys) } else { None },
         }
     }
@@ -210,7 +213,7 @@ fn totals(
             let first = segs.partition_point(|sg| sg.row_begin < c.row_begin);
             for sg in segs[first..].iter().take_while(|sg| sg.row_begin < c.row_end) {
                 let req = &s.requests[sg.request as usize];
-                useful += s.group as u64 * visible_keys(req, sg.q_begin, sg.q_count, s.causal, c.key_begin, c.key_end);
+                useful += s.group as u64 * visible_keys(req, sg.q_begin, sg.q_count, s.causal, s.window, c.key_begin, c.key_end);
             }
         }
     }
@@ -356,7 +359,12 @@ fn bundle_prefixes(s: &Setup, prefix_groups: &[PrefixGroup], sc: &mut Scratch) -
             // prefix too, so sharing saves little, and it would turn each of them into partial
             // rows written, read back and merged (docs/performance-log.md#prefix-members).
             sharers.clear();
-            sharers.extend(pg.members.iter().copied().filter(|&m| requests[m as usize].q_len * group <= ROW_SLICE));
+            // Under a sliding window only members whose every query still sees key 0 share:
+            // a prefix tile reads the whole prefix, and no key outside a window is read.
+            sharers.extend(pg.members.iter().copied().filter(|&m| {
+                let req = &requests[m as usize];
+                req.q_len * group <= ROW_SLICE && req.key_start(req.q_len.saturating_sub(1), s.window) == 0
+            }));
             if len == 0 || sharers.len() < 2 {
                 continue;
             }
@@ -413,7 +421,8 @@ struct Block {
 /// `[key_begin, key_end)` where `key_end` is what its last token sees. A block of a request in
 /// no bundle starts at key 0 and is not partial; one of a bundle's sharer starts at the shared
 /// length and is partial (it is merged with the prefix tile), and is left out when its tokens
-/// see nothing past the prefix. `cost` is the block as an item of its own.
+/// see nothing past the prefix. Under a sliding window a block starts no earlier than its first
+/// token's window (`RequestInfo::key_start`). `cost` is the block as an item of its own.
 fn row_blocks(s: &Setup, bundles: &Bundles, sc: &mut Scratch) -> Vec<Block> {
     // A prefix member's blocks cover only its suffix keys.
     let mut blocks = reuse(&mut sc.blocks);
@@ -427,6 +436,8 @@ fn row_blocks(s: &Setup, bundles: &Bundles, sc: &mut Scratch) -> Vec<Block> {
             // A member block whose rows see nothing past the prefix has no suffix work.
             if bundle == NO_BUNDLE || limit > key_begin {
                 let key_end = limit.max(key_begin);
+                // Keys before the block's first window are read by none of its rows.
+                let key_begin = key_begin.max(req.key_start(q, s.window)).min(key_end);
                 let cost = s.block_cost(count * s.group, key_end - key_begin);
                 blocks.push(Block {
                     request: r as u32,

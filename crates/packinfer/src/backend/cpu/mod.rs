@@ -201,13 +201,14 @@ fn check_plan(plan: &Plan) -> Result<()> {
     plan.check_writes_once()
 }
 
-/// Null pointers are the only thing the CPU can check about the caller's tensors.
+/// The run arguments' values, and null pointers (all the CPU can check about the caller's tensors).
 pub(crate) fn check_run_args(plan: &Plan, args: &RunArgs) -> Result<()> {
     check_run_pointers(plan.batch.total_q(), plan.batch.kv_page_indices.len(), args)
 }
 
 /// [`check_run_args`] for a plan of `total_q` query tokens reading `pages` pages.
 pub(crate) fn check_run_pointers(total_q: u32, pages: usize, args: &RunArgs) -> Result<()> {
+    args.validate()?;
     if total_q == 0 {
         return Ok(());
     }
@@ -338,7 +339,10 @@ unsafe fn store(base: u64, idx: i64, dtype: DType, x: f32) {
 struct RowState {
     token: u32,
     head: u32,
-    /// Keys `>= key_limit` (in the row's request) are masked.
+    /// Keys `< key_start` (the sliding window) and `>= key_limit` (in the row's request) are
+    /// masked.
+    key_start: u32,
+    /// See `key_start`.
     key_limit: u32,
     q: Vec<f32>,
     max: f32,
@@ -370,6 +374,7 @@ unsafe fn execute_item(plan: &Plan, item: &WorkItem, args: &RunArgs, out: &Outpu
             rows.push(RowState {
                 token,
                 head,
+                key_start: req.key_start(q, plan.options.window_left),
                 key_limit: req.key_limit(q, shape.causal),
                 q: qv,
                 max: f32::NEG_INFINITY,
@@ -380,6 +385,7 @@ unsafe fn execute_item(plan: &Plan, item: &WorkItem, args: &RunArgs, out: &Outpu
     }
     let (mut k, mut v) = (vec![0.0f32; d], vec![0.0f32; d]);
     let kv = args.kv;
+    let soft_cap = args.logits_soft_cap;
     for chunk in &plan.kv_chunks[item.chunk_begin as usize..(item.chunk_begin + item.chunk_count) as usize] {
         let req = plan.requests[chunk.request as usize];
         for key in chunk.key_begin..chunk.key_end {
@@ -394,10 +400,13 @@ unsafe fn execute_item(plan: &Plan, item: &WorkItem, args: &RunArgs, out: &Outpu
                 }
             }
             for row in &mut rows[chunk.row_begin as usize..chunk.row_end as usize] {
-                if key >= row.key_limit {
+                if key >= row.key_limit || key < row.key_start {
                     continue;
                 }
-                let s = row.q.iter().zip(&k).map(|(a, b)| a * b).sum::<f32>() * shape.sm_scale;
+                let mut s = row.q.iter().zip(&k).map(|(a, b)| a * b).sum::<f32>() * shape.sm_scale;
+                if soft_cap > 0.0 {
+                    s = soft_cap * (s / soft_cap).tanh();
+                }
                 let new_max = row.max.max(s);
                 let rescale = (row.max - new_max).exp();
                 let p = (s - new_max).exp();

@@ -168,6 +168,7 @@ impl CudaBackend {
                 o: RowsTensor { ptr: o.ptr, stride_token: 4 * 128, stride_head: 128 },
                 lse: 0,
                 stream: 0,
+                logits_soft_cap: 0.0,
             };
             let mut times = vec![];
             for rep in 0..9 {

@@ -21,10 +21,11 @@ pub const KV_CU: &str = include_str!("../../../kernels/kv.cu");
 /// Every kernel header, by the name the sources `#include` it by. NVRTC gets no include path
 /// (the sources are embedded in the binary): each program is handed all of them by name, and
 /// each is part of every unit's cache key.
-pub const HEADERS: [(&str, &str); 9] = [
+pub const HEADERS: [(&str, &str); 10] = [
     ("work.cuh", WORK_CUH),
     ("config.cuh", include_str!("../../../kernels/config.cuh")),
     ("ptx.cuh", include_str!("../../../kernels/ptx.cuh")),
+    ("mask.cuh", include_str!("../../../kernels/mask.cuh")),
     ("tile.cuh", include_str!("../../../kernels/tile.cuh")),
     ("softmax.cuh", include_str!("../../../kernels/softmax.cuh")),
     ("attend.cuh", include_str!("../../../kernels/attend.cuh")),
@@ -73,8 +74,16 @@ pub fn specialize_from_env() -> Specialize {
 /// (docs/performance-log.md#short-prefill-ctas).
 pub const SHORT_PREFILL_CTAS: u32 = 2;
 
-/// Head dims the GPU kernels take.
-pub const HEAD_DIMS: [u32; 3] = [64, 128, 256];
+/// Head dims the GPU kernels take. 96 (Phi-3) and 192 run the plain kernel with mma.sync
+/// everywhere (wgmma and the warp-specialised kernels need multiples of 64 up to 128); 96 is
+/// stored in 128-dim shared-memory tiles.
+pub const HEAD_DIMS: [u32; 5] = [64, 96, 128, 192, 256];
+
+/// Whether the wgmma kernels (and so the warp-specialised ones) exist for `head_dim` on Hopper:
+/// whole 64-dim column blocks, accumulators that fit beside 64-key blocks (config.cuh).
+fn wgmma_head_dim(head_dim: u32) -> bool {
+    head_dim <= 128 && head_dim.is_multiple_of(64)
+}
 /// Element types the GPU kernels take.
 pub const DTYPES: [DType; 2] = [DType::F16, DType::Bf16];
 
@@ -137,13 +146,13 @@ impl Unit {
 
     /// Keys per inner step: 128 in the 8-warp warp-specialised kernel (its consumers then issue
     /// half the per-block instructions per key: the output rescale, descriptors, barrier waits),
-    /// 32 in the short-prefill kernel and at head_dim 256 (so the K/V stages and the accumulators
+    /// 32 in the short-prefill kernel and above head_dim 128 (192, 256) (so the K/V stages and the accumulators
     /// fit), 64 elsewhere (docs/performance-log.md#block-n-stages).
     pub fn block_n(&self, arch: &str) -> u32 {
         match *self {
             Unit::Attention { warps: 8, .. } if self.warp_specialized(arch) => 128,
             Unit::Attention { .. } if self.variant_on(arch) == Variant::ShortPrefill => 32,
-            Unit::Attention { head_dim: 256, .. } => 32,
+            Unit::Attention { head_dim, .. } if head_dim > 128 => 32,
             _ => 64,
         }
     }
@@ -161,7 +170,7 @@ impl Unit {
         match *self {
             Unit::Attention { head_dim, warps, variant, .. } => {
                 let exists = arch == "sm_90a"
-                    && head_dim <= 128
+                    && wgmma_head_dim(head_dim)
                     && match variant {
                         Variant::ShortPrefill => warps == 4,
                         _ => true,
@@ -211,7 +220,7 @@ impl Unit {
         match *self {
             Unit::Attention { .. } if self.variant_on(arch) == Variant::ShortPrefill => 4,
             Unit::Attention { .. } if self.warp_specialized(arch) => 2,
-            Unit::Attention { head_dim, warps: 8, .. } if arch == "sm_90a" && head_dim <= 128 => 5,
+            Unit::Attention { head_dim, warps: 8, .. } if arch == "sm_90a" && wgmma_head_dim(head_dim) => 5,
             _ => 2,
         }
     }
@@ -232,6 +241,8 @@ impl Unit {
     fn smem_struct_bytes(&self, arch: &str) -> u32 {
         match *self {
             Unit::Attention { head_dim, warps, .. } => {
+                // Tiles are whole 64-dim column blocks (PI_HEAD_DIM_TILE in config.cuh).
+                let head_dim = head_dim.next_multiple_of(64);
                 let block_m = 16 * warps;
                 let stages = self.stages(arch);
                 let kv = 2 * stages * self.block_n(arch) * head_dim * 2;

@@ -38,8 +38,8 @@ pub struct PlanHeader {
     pub page_size: u32,
     /// 1 for a causal mask.
     pub causal: u32,
-    /// Zero; keeps `sm_scale_log2` where work.cuh has it.
-    pub reserved: u32,
+    /// The sliding window, or `NO_WINDOW` (`PI_NO_WINDOW` in kernels/mask.cuh).
+    pub window_left: u32,
     /// The softmax scale times log2(e): the kernels work in base 2.
     pub sm_scale_log2: f32,
     /// Zero; pads the header to 48 bytes, as work.cuh does.
@@ -101,6 +101,13 @@ pub struct KernelParams {
     pub flags: u32,
     /// Query heads.
     pub num_qo_heads: u32,
+    /// The run's soft-cap as the kernels apply it (`soft_cap` in kernels/mask.cuh):
+    /// `2 log2(e) sm_scale / cap`, 0 without a soft-cap.
+    pub softcap_in: f32,
+    /// `cap / sm_scale`.
+    pub softcap_out: f32,
+    /// Zero; keeps the TMA maps 64-byte aligned without padding.
+    pub reserved: [u32; 14],
     /// TMA descriptor of K's rows (with `FLAG_KV_TMA`).
     pub k_map: TensorMap,
     /// TMA descriptor of V's rows (with `FLAG_KV_TMA`).
@@ -111,9 +118,14 @@ pub struct KernelParams {
     pub o_map: TensorMap,
 }
 
+/// `PlanHeader::window_left` of a plan without a sliding window.
+pub const NO_WINDOW: u32 = u32::MAX;
+
 /// A plan's row segment resolved against its request, as the kernels read it (mirrors
 /// `SegmentInfo` in `kernels/work.cuh`): row r of it is query token `token0 + (r - row_begin) /
-/// group`, which sees keys below `limit0 + step * ((r - row_begin) / group)`.
+/// group`, which sees keys below `limit0 + step * ((r - row_begin) / group)`. In a plan with a
+/// sliding window that value is the query's position + 1 whether or not the plan is causal
+/// (`row_keys` in kernels/mask.cuh turns it into the row's window and limit).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct SegmentInfo {
@@ -128,15 +140,18 @@ pub struct SegmentInfo {
 }
 
 impl SegmentInfo {
-    /// `seg` resolved against its request.
-    pub fn of(seg: &RowSegment, req: &RequestInfo, causal: bool) -> SegmentInfo {
+    /// `seg` resolved against its request, for a plan with a sliding window (`windowed`) or not.
+    pub fn of(seg: &RowSegment, req: &RequestInfo, causal: bool, windowed: bool) -> SegmentInfo {
+        let positions = causal || windowed;
         SegmentInfo {
             row_begin: seg.row_begin,
-            // Wrapping like the kernels' u32 arithmetic (the planner has checked q_len <= kv_len).
+            // Wrapping like the kernels' u32 arithmetic (the planner has checked q_len <= kv_len
+            // for causal plans; a non-causal window's position may be negative, and the kernel
+            // reads it as a signed number).
             token0: req.q_start.wrapping_add(seg.q_begin),
             // Causal masks are bottom-right aligned: query i of the request sees kv_len - q_len + i + 1 keys.
-            limit0: if causal { req.kv_len.wrapping_sub(req.q_len).wrapping_add(seg.q_begin).wrapping_add(1) } else { req.kv_len },
-            step: causal as u32,
+            limit0: if positions { req.kv_len.wrapping_sub(req.q_len).wrapping_add(seg.q_begin).wrapping_add(1) } else { req.kv_len },
+            step: positions as u32,
         }
     }
 }
@@ -374,7 +389,7 @@ fn write_image(layout: &Layout, block_m: u32, plan: &Plan, img: &mut [u8]) -> Re
         group_size: s.group_size(),
         page_size: plan.batch.page_size,
         causal: s.causal as u32,
-        reserved: 0,
+        window_left: plan.options.window_left.unwrap_or(NO_WINDOW),
         sm_scale_log2: s.sm_scale * std::f32::consts::LOG2_E,
         reserved2: [0; 3],
     };
@@ -397,7 +412,12 @@ fn write_image(layout: &Layout, block_m: u32, plan: &Plan, img: &mut [u8]) -> Re
         put_offset(plan.items.len() as u32);
     }
     // check_consistent has verified every request index.
-    put_each(img, l.segments, plan.row_segments.iter().map(|sg| SegmentInfo::of(sg, &plan.requests[sg.request as usize], s.causal)));
+    let windowed = plan.options.window_left.is_some();
+    put_each(
+        img,
+        l.segments,
+        plan.row_segments.iter().map(|sg| SegmentInfo::of(sg, &plan.requests[sg.request as usize], s.causal, windowed)),
+    );
     put_each(img, l.chunks, plan.kv_chunks.iter().map(|c| KvRange::of(c, &plan.requests[c.request as usize], &plan.batch)));
     put(img, l.pages, &plan.batch.kv_page_indices);
     put(img, l.merges, &plan.merges);
@@ -688,6 +708,14 @@ impl CudaBound {
                 flags |= FLAG_KV_TMA;
             }
         }
+        // The soft-cap comes with each run (RunArgs), never from the plan.
+        let (softcap_in, softcap_out) = match args.logits_soft_cap {
+            cap if cap > 0.0 => {
+                let sm_scale = self.shape.sm_scale;
+                (2.0 * std::f32::consts::LOG2_E * sm_scale / cap, cap / sm_scale)
+            }
+            _ => (0.0, 0.0),
+        };
         KernelParams {
             header: base,
             items: at(l.items),
@@ -714,6 +742,9 @@ impl CudaBound {
             group_counter: at(l.group_counter),
             flags,
             num_qo_heads: self.shape.num_qo_heads,
+            softcap_in,
+            softcap_out,
+            reserved: [0; 14],
             k_map,
             v_map,
             q_map,

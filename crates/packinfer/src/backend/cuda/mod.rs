@@ -41,7 +41,7 @@ pub(crate) fn probe(ordinal: u32) -> Result<()> {
 /// `Unsupported` unless the attention kernels take `head_dim` and `dtype`.
 pub(crate) fn check_kernel_shape(head_dim: u32, dtype: DType) -> Result<()> {
     if !compile::HEAD_DIMS.contains(&head_dim) {
-        return Err(crate::unsupported!("head_dim = {head_dim} is not supported by the CUDA kernels (64, 128, 256)"));
+        return Err(crate::unsupported!("head_dim = {head_dim} is not supported by the CUDA kernels (64, 96, 128, 192, 256)"));
     }
     if !compile::DTYPES.contains(&dtype) {
         return Err(crate::unsupported!("dtype = {} is not supported by the CUDA kernels (f16, bf16)", dtype.name()));

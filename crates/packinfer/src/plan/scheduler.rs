@@ -184,6 +184,10 @@ pub struct SchedulerStats {
     pub capacity_factor: f64,
 }
 
+/// A drifted mix re-opens the capacity search only while the steps spent measuring candidates
+/// are at most this share of all steps.
+const MAX_EXPLORING_SHARE: f64 = 0.2;
+
 /// Steps per window that measure the attention rate before and after a relayout.
 const WINDOW: usize = 8;
 
@@ -201,6 +205,8 @@ struct Rates {
 
 #[derive(Debug, Clone, Copy)]
 struct Measuring {
+    /// Share of the step's KV the relayout laid out: the gain is measured per share.
+    share: f64,
     before_rate: f64,
     /// Saved seconds summed over the after-window.
     saved_s: f64,
@@ -262,6 +268,8 @@ struct Pending {
     probe: bool,
     host_relayout_s: f64,
     bytes: u64,
+    /// Share of the step's KV the relayout laid out.
+    share: f64,
     plan_s: f64,
 }
 
@@ -281,6 +289,8 @@ pub struct Scheduler {
     /// Seconds of attention per step, a running average (for the horizon's gain).
     attention_per_step: [f64; 2],
     probe_cost_s: f64,
+    /// Step of the last probe.
+    last_probe: Option<u64>,
     pending: Option<Pending>,
     stats: SchedulerStats,
 }
@@ -315,6 +325,7 @@ impl Scheduler {
             tuned_mix: None,
             attention_per_step: [0.0; 2],
             probe_cost_s: 0.0,
+            last_probe: None,
             pending: None,
             stats,
         })
@@ -382,6 +393,7 @@ impl Scheduler {
         }
 
         let kind = kind_of(&plan);
+        let mut share = 0.0;
         if self.options.relayout != RelayoutPolicy::Never && !groups.is_empty() {
             let t = Instant::now();
             d.due_pages = pool.relayout_estimate(&groups, d.regrouped)?;
@@ -389,7 +401,7 @@ impl Scheduler {
                 let bytes = d.due_pages * pool.config().page_bytes_all_layers();
                 let step_bytes = plan.requests.iter().map(|r| r.kv_len as u64).sum::<u64>() * pool.config().token_bytes_all_layers();
                 // Contiguity speeds up the share of the step's KV it lays out.
-                let share = if step_bytes > 0 { (bytes as f64 / step_bytes as f64).min(1.0) } else { 0.0 };
+                share = if step_bytes > 0 { (bytes as f64 / step_bytes as f64).min(1.0) } else { 0.0 };
                 let (go, probe) = self.decide(kind, bytes, share, &mut d);
                 if go {
                     d.report = pool.relayout(&groups, d.regrouped, stream)?;
@@ -423,6 +435,7 @@ impl Scheduler {
             probe: d.probe,
             host_relayout_s: d.relayout_s,
             bytes: d.report.bytes_moved,
+            share,
             plan_s: d.plan_s,
         });
         Ok((plan, d))
@@ -446,16 +459,26 @@ impl Scheduler {
         if let Some(low) = r.gain_low() {
             d.predicted_gain_s = r.gain_mean() * at_stake;
             // Net gain predicted with the pessimistic gain, against the copy.
-            let go = rate > 0.0 && low * at_stake > d.predicted_cost_s;
-            return (go, false);
+            if rate > 0.0 && low * at_stake > d.predicted_cost_s {
+                return (true, false);
+            }
+            if r.gain_mean() <= 0.0 || self.options.contiguous_gain >= 0.0 {
+                return (false, false);
+            }
+            // A gain measured but not yet certain: more probes, within the budget.
         }
         // Unmeasured: a probe, when one measures something (enough steps before it, no other
-        // measurement running) and probes so far stay within the exploration budget.
-        let ready = r.before.len() >= WINDOW / 2 && r.measuring.is_none();
+        // measurement running), at most one per horizon, and probes so far stay within the
+        // exploration budget.
+        let spaced = self.last_probe.is_none_or(|at| self.stats.steps >= at + self.options.horizon_steps as u64);
+        let ready = r.before.len() >= WINDOW / 2 && r.measuring.is_none() && spaced;
         let cost = if d.predicted_cost_s.is_finite() { d.predicted_cost_s } else { 0.0 };
         let budget = self.options.explore_fraction * self.stats.attention_s;
         let first = self.stats.probes == 0 && self.stats.attention_s > 0.0;
         let go = ready && (first || self.probe_cost_s + cost <= budget);
+        if go {
+            self.last_probe = Some(self.stats.steps);
+        }
         (go, go)
     }
 
@@ -506,7 +529,7 @@ impl Scheduler {
                 }
                 for r in &mut self.rates {
                     if r.before.len() >= WINDOW / 2 {
-                        r.measuring = Some(Measuring { before_rate: median(&r.before), saved_s: 0.0 });
+                        r.measuring = Some(Measuring { share: p.share, before_rate: median(&r.before), saved_s: 0.0 });
                     }
                     r.before.clear();
                 }
@@ -539,7 +562,7 @@ impl Scheduler {
                 }
             } else if let (Some(mix), Some(tuned)) = (self.mix, self.tuned_mix) {
                 let share = self.stats.exploring_steps as f64 / self.stats.steps as f64;
-                if mix.drifted_from(&tuned) && share <= 0.1 {
+                if mix.drifted_from(&tuned) && share <= MAX_EXPLORING_SHARE {
                     self.tuner.reopen();
                     self.stats.capacity_searches += 1;
                     self.tuned_mix = None;
@@ -551,7 +574,8 @@ impl Scheduler {
 
     fn finish(r: &mut Rates, m: Measuring, stats: &mut SchedulerStats, horizon: u32) {
         if r.after.len() >= WINDOW / 2 {
-            let gain = 1.0 - median(&r.after) / m.before_rate;
+            // The whole step's gain over the share laid out: the gain on laid-out KV.
+            let gain = ((1.0 - median(&r.after) / m.before_rate) / m.share.max(0.05)).clamp(-1.0, 1.0);
             r.gains.push(gain);
             stats.measured_gain_s += m.saved_s / r.after.len() as f64 * horizon as f64;
             stats.gains_measured += 1;
@@ -603,4 +627,130 @@ impl Scheduler {
 /// 0: a step of decodes only; 1: a step with prefill chunks (other kernels, other gains).
 fn kind_of(plan: &Plan) -> usize {
     plan.requests.iter().any(|r| r.q_len > 1) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+    use crate::kv::PoolConfig;
+    use crate::types::{DType, Shape};
+    use std::sync::Arc;
+
+    fn pool() -> KvPool {
+        pool_with_headroom(1)
+    }
+
+    fn pool_with_headroom(headroom_pages: u32) -> KvPool {
+        let shape = Shape { num_qo_heads: 4, num_kv_heads: 2, head_dim: 8, dtype: DType::F32, causal: true, sm_scale: 0.0 };
+        let config = PoolConfig { num_layers: 1, shape, page_size: 4, num_pages: 16384, headroom_pages };
+        KvPool::new(Arc::new(CpuBackend::new(1)), config).unwrap()
+    }
+
+    /// `n` sequences whose pages interleave (3 rounds of `tokens` each).
+    fn scattered(pool: &KvPool, n: usize, tokens: u32) -> Vec<SeqId> {
+        let seqs: Vec<SeqId> = (0..n).map(|_| pool.create_sequence()).collect();
+        for _ in 0..3 {
+            for &s in &seqs {
+                pool.append(s, tokens, 0).unwrap();
+            }
+        }
+        seqs
+    }
+
+    /// Runs `steps` decode steps; the "measured" attention time per unit of planned cost is
+    /// `rate(steps since the last relayout that moved pages, capacity factor)`.
+    fn serve(s: &mut Scheduler, pool: &KvPool, seqs: &[SeqId], steps: usize, rate: impl Fn(usize, f64) -> f64) -> Vec<StepDecision> {
+        let mut out = Vec::new();
+        let mut since = usize::MAX / 2;
+        for _ in 0..steps {
+            for &q in seqs {
+                pool.append(q, 1, 0).unwrap();
+            }
+            let reqs: Vec<(SeqId, u32)> = seqs.iter().map(|&q| (q, 1)).collect();
+            let (plan, d) = s.step(pool, &reqs, PlanOptions::default(), 0).unwrap();
+            since = if d.report.pages_moved > 0 { 0 } else { since + 1 };
+            let cost: f64 = plan.group_costs.iter().sum();
+            s.record(StepTimes { attention_s: cost * rate(since, d.capacity_factor), relayout_s: 0.0 }).unwrap();
+            out.push(d);
+        }
+        out
+    }
+
+    #[test]
+    fn a_measured_gain_buys_relayouts_and_none_buys_none() {
+        let options = SchedulerOptions { regroup: false, tune_capacity: false, copy_bytes_per_s: 1e9, ..Default::default() };
+        // Scattered pages cost 40% more attention than a layout, which lasts 8 steps.
+        let p = pool_with_headroom(8);
+        let seqs = scattered(&p, 8, 5);
+        let mut s = Scheduler::new(options.clone(), p.profile()).unwrap();
+        serve(&mut s, &p, &seqs, 300, |since, _| 1e-6 * if since <= 8 { 1.0 } else { 1.4 });
+        let st = s.stats();
+        assert!(st.probes >= 1 && st.gains_measured >= 3, "{st:?}");
+        assert!(st.contiguous_gain[0] > 0.15 && st.contiguous_gain[0] <= 1.0, "measured gain {:?}", st.contiguous_gain);
+        assert!(st.relayouts > st.probes, "once measured, the cost model moves pages: {st:?}");
+        assert!(st.measured_gain_s > 0.0 && st.predicted_gain_s > 0.0);
+
+        // Contiguity buys nothing: after the probes measured that, nothing moves.
+        let p = pool();
+        let seqs = scattered(&p, 8, 5);
+        let mut s = Scheduler::new(options, p.profile()).unwrap();
+        let steps = serve(&mut s, &p, &seqs, 200, |_, _| 1e-6);
+        let st = s.stats();
+        assert_eq!(st.relayouts, st.probes, "{st:?}");
+        assert!(st.probes <= 3, "no measured gain, no more probes: {st:?}");
+        assert!(st.relayouts_declined > 100, "{st:?}");
+        assert!(steps[150..].iter().all(|d| !d.relayout));
+    }
+
+    #[test]
+    fn the_tuner_reopens_when_the_step_mix_drifts() {
+        let options = SchedulerOptions { regroup: false, relayout: RelayoutPolicy::Never, ..Default::default() };
+        let p = pool();
+        let seqs = scattered(&p, 6, 100);
+        let mut s = Scheduler::new(options, p.profile()).unwrap();
+        let curve = |_: usize, f: f64| 1e-6 * (1.0 + (f / 1.5).ln().powi(2));
+        serve(&mut s, &p, &seqs, 120, curve);
+        let st = s.stats();
+        assert_eq!(st.capacity_searches, 1);
+        assert!((st.capacity_factor / 1.5).ln().abs() < 0.2, "{st:?}");
+        let explored = st.exploring_steps;
+        // Steady decodes: no drift, no new search.
+        serve(&mut s, &p, &seqs, 60, curve);
+        assert_eq!(s.stats().capacity_searches, 1);
+        // The batch grows 4x: the search re-opens, and ends within a bounded number of steps.
+        let more: Vec<SeqId> = seqs.iter().copied().chain(scattered(&p, 18, 100)).collect();
+        serve(&mut s, &p, &more, 200, curve);
+        let st = s.stats();
+        assert_eq!(st.capacity_searches, 2, "{st:?}");
+        assert!(st.exploring_steps - explored <= 3 * 9, "{st:?}");
+        assert!((st.exploring_steps as f64) <= MAX_EXPLORING_SHARE * st.steps as f64, "{st:?}");
+    }
+
+    #[test]
+    fn steady_decodes_keep_their_grouping() {
+        let p = pool();
+        let seqs = scattered(&p, 12, 5);
+        let mut s = Scheduler::new(SchedulerOptions::default(), p.profile()).unwrap();
+        let steps = serve(&mut s, &p, &seqs, 100, |_, _| 1e-6);
+        let fired = steps.iter().filter(|d| d.regrouped).count();
+        assert!(steps[0].regrouped, "the first step makes the first grouping");
+        assert!(fired <= 10, "fired on {fired} of 100 steps");
+    }
+
+    #[test]
+    fn record_needs_a_step_and_options_are_checked() {
+        let p = pool();
+        let mut s = Scheduler::new(SchedulerOptions::default(), p.profile()).unwrap();
+        assert!(s.record(StepTimes::default()).is_err());
+        for bad in [
+            SchedulerOptions { capacity_factor: 0.0, ..Default::default() },
+            SchedulerOptions { horizon_steps: 0, ..Default::default() },
+            SchedulerOptions { copy_bytes_per_s: -1.0, ..Default::default() },
+            SchedulerOptions { contiguous_gain: 1.0, ..Default::default() },
+            SchedulerOptions { explore_fraction: 2.0, ..Default::default() },
+        ] {
+            assert!(Scheduler::new(bad.clone(), p.profile()).is_err(), "{bad:?}");
+        }
+    }
 }

@@ -187,6 +187,11 @@ impl CapacityTuner {
         *self = Self::search(self.best().0, REOPEN_SPAN, self.samples_per_point, REOPEN_POINTS);
     }
 
+    /// Steps a re-opened search measures at most (the center, then its candidates).
+    pub fn reopen_steps(&self) -> usize {
+        (REOPEN_POINTS + 1) * self.samples_per_point
+    }
+
     /// Whether the capacity being measured is the best one found (a step that explores another
     /// costs what it costs more: the scheduler counts those steps).
     pub fn exploring(&self) -> bool {

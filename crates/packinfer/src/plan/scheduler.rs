@@ -184,8 +184,8 @@ pub struct SchedulerStats {
     pub capacity_factor: f64,
 }
 
-/// A drifted mix re-opens the capacity search only while the steps spent measuring candidates
-/// are at most this share of all steps.
+/// A drifted mix re-opens the capacity search only while the steps spent measuring candidates,
+/// the new search's included, stay at most this share of all steps.
 const MAX_EXPLORING_SHARE: f64 = 0.2;
 
 /// Steps per window that measure the attention rate before and after a relayout.
@@ -561,8 +561,9 @@ impl Scheduler {
                     self.tuned_mix = self.mix;
                 }
             } else if let (Some(mix), Some(tuned)) = (self.mix, self.tuned_mix) {
-                let share = self.stats.exploring_steps as f64 / self.stats.steps as f64;
-                if mix.drifted_from(&tuned) && share <= MAX_EXPLORING_SHARE {
+                // Within budget even once the new search has run its course.
+                let explored = (self.stats.exploring_steps + self.tuner.reopen_steps() as u64) as f64;
+                if mix.drifted_from(&tuned) && explored <= MAX_EXPLORING_SHARE * self.stats.steps as f64 {
                     self.tuner.reopen();
                     self.stats.capacity_searches += 1;
                     self.tuned_mix = None;

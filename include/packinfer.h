@@ -826,7 +826,7 @@ typedef struct PackinferSchedulerOptions {
    */
   double contiguous_gain;
   /**
-   * Share of the attention time so far that probing may cost (default 0.02, at most 1).
+   * Share of the attention time so far that probing may cost (default 0.01, at most 1).
    */
   double explore_fraction;
 } PackinferSchedulerOptions;
@@ -1447,7 +1447,7 @@ enum PackinferStatus packinfer_pool_stats(struct PackinferPool pool,
 
 /**
  * Fills `options` with the defaults: every part adaptive, horizon 32 steps, capacity factor 1,
- * copy rate and contiguity gain measured, 2% of attention time for exploring.
+ * copy rate and contiguity gain measured, 1% of attention time for exploring.
  *
  * # Safety
  * `options` must be NULL or writable.

@@ -730,7 +730,7 @@ struct SchedulerOptions {
   double capacity_factor = 1.0;        // with NoTuning
   double copy_bytes_per_second = 0.0;  // 0 = measured from the relayouts
   double contiguous_gain = -1.0;       // attention share contiguity saves; negative = measured
-  double explore_fraction = 0.02;      // share of attention time probes may cost
+  double explore_fraction = 0.01;      // share of attention time probes may cost
 };
 
 using SchedulerStep = PackinferSchedulerStep;    // capacity, regrouped, relayout, predictions

@@ -75,7 +75,7 @@ pub struct PackinferSchedulerOptions {
     /// device (contiguous against scattered pages); negative (default -1): measured online, by
     /// probing relayouts within `explore_fraction`. With no measured gain nothing moves.
     pub contiguous_gain: f64,
-    /// Share of the attention time so far that probing may cost (default 0.02, at most 1).
+    /// Share of the attention time so far that probing may cost (default 0.01, at most 1).
     pub explore_fraction: f64,
 }
 
@@ -222,7 +222,7 @@ fn convert_options(o: &PackinferSchedulerOptions) -> packinfer::Result<Scheduler
 }
 
 /// Fills `options` with the defaults: every part adaptive, horizon 32 steps, capacity factor 1,
-/// copy rate and contiguity gain measured, 2% of attention time for exploring.
+/// copy rate and contiguity gain measured, 1% of attention time for exploring.
 ///
 /// # Safety
 /// `options` must be NULL or writable.

@@ -104,6 +104,11 @@ impl PoolState {
                 }
             }
         }
+        // Without a regroup only a member that outgrew its headroom makes its group due: most
+        // steps have none, and a scheduler asks every step.
+        if !regroup && !group_of_seq.keys().any(|id| self.seqs[id].overflowed) {
+            return Ok(Due { runs: Vec::new(), too_long: HashSet::new(), due: Vec::new() });
+        }
         // Each page belongs to the run of the first group that uses it.
         let mut owner: HashMap<u32, usize> = HashMap::new();
         let mut runs: Vec<Vec<Entry>> = Vec::with_capacity(groups.len());

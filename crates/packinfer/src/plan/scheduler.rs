@@ -13,11 +13,12 @@
 //! fraction `g` of attention time on the following steps (contiguous reads, TMA boxes for
 //! prompt chunks), measured per kind of step (decode only / with prefill chunks): the attention
 //! time per unit of planned cost over the steps after a relayout against the steps before it.
-//! A relayout is done when `g_low × attention per step × horizon > predicted copy time`, with
-//! `g_low` the measured gain less two standard errors, so noise does not buy copies. While `g`
-//! is unmeasured, a relayout is a probe, allowed only while probes have cost at most
-//! `explore_fraction` of the attention time so far; with no measured gain the default is not to
-//! move.
+//! `g` is per laid-out share of the step's KV. A relayout is done when `g_low × attention per
+//! step × share laid out × horizon > predicted copy time`, with `g_low` the measured gain less
+//! two standard errors, so noise does not buy copies. While `g` is unmeasured (or uncertain but
+//! at least 2%), a relayout is a probe, at most one per horizon and only while probes have cost
+//! at most `explore_fraction` of the attention time so far; with no measured gain the default is
+//! not to move.
 
 use std::time::Instant;
 
@@ -73,7 +74,7 @@ impl Default for SchedulerOptions {
             horizon_steps: 32,
             copy_bytes_per_s: 0.0,
             contiguous_gain: -1.0,
-            explore_fraction: 0.02,
+            explore_fraction: 0.01,
         }
     }
 }
@@ -187,6 +188,9 @@ pub struct SchedulerStats {
 /// A drifted mix re-opens the capacity search only while the steps spent measuring candidates,
 /// the new search's included, stay at most this share of all steps.
 const MAX_EXPLORING_SHARE: f64 = 0.2;
+
+/// A measured mean gain of contiguity below this is not worth more probes.
+const PROMISING_GAIN: f64 = 0.02;
 
 /// Steps per window that measure the attention rate before and after a relayout.
 const WINDOW: usize = 8;
@@ -462,10 +466,10 @@ impl Scheduler {
             if rate > 0.0 && low * at_stake > d.predicted_cost_s {
                 return (true, false);
             }
-            if r.gain_mean() <= 0.0 || self.options.contiguous_gain >= 0.0 {
+            if r.gain_mean() < PROMISING_GAIN || self.options.contiguous_gain >= 0.0 {
                 return (false, false);
             }
-            // A gain measured but not yet certain: more probes, within the budget.
+            // A gain measured, worth having but not yet certain: more probes, within the budget.
         }
         // Unmeasured: a probe, when one measures something (enough steps before it, no other
         // measurement running), at most one per horizon, and probes so far stay within the

@@ -1015,6 +1015,11 @@ typedef struct PackinferSchedulerStats {
    * The capacity factor the tuner stands at.
    */
   double capacity_factor;
+  /**
+   * Of relayout_seconds, the relayouts that moved pages: the measured copy cost, against
+   * predicted_cost_seconds.
+   */
+  double copy_seconds;
 } PackinferSchedulerStats;
 
 #ifdef __cplusplus

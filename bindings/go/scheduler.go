@@ -67,6 +67,7 @@ type SchedulerStats struct {
 	CopyBytesPerSecond                                                float64
 	CapacitySearches, ExploringSteps                                  uint64
 	CapacityFactor                                                    float64
+	CopySeconds                                                       float64 // measured copy time of the relayouts run
 }
 
 // Scheduler is the adaptive schedule of one pool (capacity tuning, regroup trigger, relayouts by
@@ -164,7 +165,7 @@ func (s *Scheduler) Stats() (SchedulerStats, error) {
 		MeasuredGainSeconds: float64(c.measured_gain_seconds), GainsMeasured: uint64(c.gains_measured),
 		ContiguousGainDecode: float64(c.contiguous_gain_decode), ContiguousGainPrefill: float64(c.contiguous_gain_prefill),
 		CopyBytesPerSecond: float64(c.copy_bytes_per_second), CapacitySearches: uint64(c.capacity_searches),
-		ExploringSteps: uint64(c.exploring_steps), CapacityFactor: float64(c.capacity_factor),
+		ExploringSteps: uint64(c.exploring_steps), CapacityFactor: float64(c.capacity_factor), CopySeconds: float64(c.copy_seconds),
 	}, nil
 }
 

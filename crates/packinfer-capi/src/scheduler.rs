@@ -173,6 +173,9 @@ pub struct PackinferSchedulerStats {
     pub exploring_steps: u64,
     /// The capacity factor the tuner stands at.
     pub capacity_factor: f64,
+    /// Of relayout_seconds, the relayouts that moved pages: the measured copy cost, against
+    /// predicted_cost_seconds.
+    pub copy_seconds: f64,
 }
 
 fn default_options() -> PackinferSchedulerOptions {
@@ -388,6 +391,7 @@ pub unsafe extern "C" fn packinfer_scheduler_stats(scheduler: PackinferScheduler
             capacity_searches: s.capacity_searches,
             exploring_steps: s.exploring_steps,
             capacity_factor: s.capacity_factor,
+            copy_seconds: s.copy_s,
         };
         // SAFETY: as above.
         unsafe { super::write_versioned("stats", stats, value) }
@@ -449,6 +453,7 @@ super::versioned!(
         copy_bytes_per_second,
         capacity_searches,
         exploring_steps,
-        capacity_factor
+        capacity_factor,
+        copy_seconds
     ]
 );

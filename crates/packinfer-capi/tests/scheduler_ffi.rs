@@ -219,8 +219,9 @@ fn relayout_always_moves_pages_and_the_returned_plan_is_fresh() {
     assert!(st.relayouts >= 1 && st.bytes_moved > 0, "{st:?}");
     let moved: Vec<_> = e.steps.iter().filter(|s| s.relayout).collect();
     assert!(moved.iter().all(|s| s.pages_moved > 0 && s.pages_moved <= s.due_pages && s.bytes_moved > 0));
-    // The copy rate is measured from the relayouts' times.
+    // The copy rate is measured from the relayouts' times, which are part of the relayout time.
     assert!(st.copy_bytes_per_second > 0.0);
+    assert!(st.copy_seconds > 0.0 && st.copy_seconds <= st.relayout_seconds, "{st:?}");
 }
 
 #[test]

@@ -200,7 +200,7 @@ pub fn scheduler_report(name: &str, r: &RunResult) -> Option<String> {
     }
     let _ = writeln!(
         s,
-        "  relayouts: {} run ({} probes), {} declined by the cost model, {:.1} MiB moved in {:.4} s (copy rate {:.2} GB/s)",
+        "  relayouts: {} run ({} probes), {} declined by the cost model, {:.1} MiB moved; relayout time (decisions and copies) {:.4} s; copy rate {:.2} GB/s",
         st.relayouts,
         st.probes,
         st.relayouts_declined,
@@ -211,10 +211,10 @@ pub fn scheduler_report(name: &str, r: &RunResult) -> Option<String> {
     let gain = |g: f64| if g.is_nan() { "unmeasured".to_string() } else { format!("{:+.1}%", 100.0 * g) };
     let _ = writeln!(
         s,
-        "  relayout cost model: predicted copy {:.4} s, predicted gain {:.4} s; measured copy {:.4} s, measured gain {:.4} s ({} relayouts measured); attention saved by contiguity: decode steps {}, prefill steps {}",
+        "  relayout cost model, for the relayouts run: predicted copy {:.4} s, gain {:.4} s; measured copy {:.4} s, gain {:.4} s ({} relayouts measured); attention saved by contiguity on laid-out KV: decode steps {}, prefill steps {}",
         st.predicted_cost_s,
         st.predicted_gain_s,
-        st.relayout_s,
+        st.copy_s,
         st.measured_gain_s,
         st.gains_measured,
         gain(st.contiguous_gain[0]),

@@ -160,8 +160,11 @@ pub struct SchedulerStats {
     pub relayouts_declined: u64,
     /// Planning time, seconds (host).
     pub plan_s: f64,
-    /// Relayout time, seconds (the engine's measurement, else host time).
+    /// Relayout time, seconds (the engine's measurement, else host time): decisions (dry runs)
+    /// and copies.
     pub relayout_s: f64,
+    /// Of it, the time of the relayouts that moved pages: the measured copy cost.
+    pub copy_s: f64,
     /// Attention time, seconds (the engine's measurement).
     pub attention_s: f64,
     /// Predicted copy time of the relayouts run, seconds.
@@ -507,6 +510,7 @@ impl Scheduler {
         s.attention_s += times.attention_s;
         if p.relayout {
             s.relayouts += 1;
+            s.copy_s += relayout_s;
             s.bytes_moved += p.bytes;
             if p.probe {
                 s.probes += 1;

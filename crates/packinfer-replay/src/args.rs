@@ -267,7 +267,7 @@ pub struct Cli {
     relayout: RelayoutArg,
     #[arg(
         long,
-        help = "also replay PackInfer with each adaptive part off (tuning, regroup, relayout), with\nrelayout always, and with all adaptive parts off, and report each part's net effect"
+        help = "also replay PackInfer with each adaptive part off (tuning, regroup, relayout), with\nrelayout always, and with all adaptive parts off, and report each part's net effect\n(7 schedules, each with its own KV pool: on one GPU give --kv-mib 8192 or less)"
     )]
     ablation: bool,
     #[arg(long, value_name = "N", default_value_t = 0, allow_negative_numbers = true, help = "CPU backend threads (0: every core)")]

@@ -143,6 +143,29 @@ typedef enum PackinferPlanFlags {
 } PackinferPlanFlags;
 
 /**
+ * Bits of `PackinferSchedulerOptions::flags`. 0 adapts everything.
+ */
+typedef enum PackinferSchedulerFlags {
+  /**
+   * Do not tune the capacity: plan with `capacity_factor` × the automatic capacity.
+   */
+  PACKINFER_SCHEDULER_FLAGS_NO_TUNING = 1,
+  /**
+   * Keep no grouping across steps: every step's groups are new.
+   */
+  PACKINFER_SCHEDULER_FLAGS_NO_REGROUP = 2,
+  /**
+   * Never move KV pages.
+   */
+  PACKINFER_SCHEDULER_FLAGS_NO_RELAYOUT = 4,
+  /**
+   * Move pages whenever the trigger fired or a group outgrew its headroom, without asking the
+   * cost model (the rule before the cost model; for comparisons).
+   */
+  PACKINFER_SCHEDULER_FLAGS_RELAYOUT_ALWAYS = 8,
+} PackinferSchedulerFlags;
+
+/**
  * How to create a context.
  */
 typedef struct PackinferContextOptions {
@@ -799,6 +822,235 @@ typedef struct PackinferPoolStats {
   uint64_t cow_page_copies;
 } PackinferPoolStats;
 
+/**
+ * How a scheduler adapts. `packinfer_scheduler_options_default` fills in the defaults.
+ */
+typedef struct PackinferSchedulerOptions {
+  /**
+   * sizeof(PackinferSchedulerOptions).
+   */
+  size_t struct_size;
+  /**
+   * OR of PackinferSchedulerFlags (default 0).
+   */
+  uint32_t flags;
+  /**
+   * Steps a layout is expected to serve: the cost model weighs a relayout's gain over this
+   * many steps against its copy (default 32; 0 is INVALID_ARGUMENT).
+   */
+  uint32_t horizon_steps;
+  /**
+   * With NO_TUNING: the factor of each step's automatic capacity to plan with (default 1).
+   */
+  double capacity_factor;
+  /**
+   * The device's copy rate in bytes per second, if the engine measured it; 0 (default): the
+   * scheduler measures it from the relayouts' times.
+   */
+  double copy_bytes_per_second;
+  /**
+   * The fraction of attention time that contiguous KV saves, if the engine measured it on its
+   * device (contiguous against scattered pages); negative (default -1): measured online, by
+   * probing relayouts within `explore_fraction`. With no measured gain nothing moves.
+   */
+  double contiguous_gain;
+  /**
+   * Share of the attention time so far that probing may cost (default 0.01, at most 1).
+   */
+  double explore_fraction;
+} PackinferSchedulerOptions;
+
+/**
+ * Opaque handle to a scheduler: the adaptive schedule of one KV pool (capacity tuning, regroup
+ * trigger, relayouts by a cost model with measured inputs).
+ *
+ * Threads: any thread may call with it; calls on one scheduler are serialised. A scheduler
+ * keeps its pool's memory alive until both are destroyed.
+ */
+typedef struct PackinferScheduler {
+  /**
+   * The handle's value (a type tag and a serial number); 0 is never a handle.
+   */
+  uint64_t bits;
+} PackinferScheduler;
+
+/**
+ * What `packinfer_scheduler_plan` decided and did.
+ */
+typedef struct PackinferSchedulerStep {
+  /**
+   * sizeof(PackinferSchedulerStep).
+   */
+  size_t struct_size;
+  /**
+   * Capacity the plan was made with, cost units (0: a plan without one).
+   */
+  double capacity;
+  /**
+   * Its ratio to the step's automatic capacity.
+   */
+  double capacity_factor;
+  /**
+   * The regroup trigger fired (or this was the first step): the plan's groups are kept.
+   */
+  bool regrouped;
+  /**
+   * A relayout moved pages (plans made from the pool before this call are stale).
+   */
+  bool relayout;
+  /**
+   * That relayout was a probe (the gain of contiguity not yet measured).
+   */
+  bool probe;
+  /**
+   * The trigger's imbalance this step and its decayed sum, in automatic capacities.
+   */
+  double imbalance;
+  /**
+   * See imbalance.
+   */
+  double accumulated_imbalance;
+  /**
+   * Pages a relayout was due to copy at most (0: none due).
+   */
+  uint64_t due_pages;
+  /**
+   * Pages and bytes moved.
+   */
+  uint64_t pages_moved;
+  /**
+   * See pages_moved.
+   */
+  uint64_t bytes_moved;
+  /**
+   * The cost model's predicted attention time saved over the horizon by the relayout due
+   * this step, seconds.
+   */
+  double predicted_gain_seconds;
+  /**
+   * Its predicted copy time, seconds (NaN before a copy rate is known).
+   */
+  double predicted_cost_seconds;
+  /**
+   * Host time of the step's planning, seconds.
+   */
+  double plan_seconds;
+  /**
+   * Host time of the relayout decision and call (the copies are enqueued on the stream).
+   */
+  double relayout_seconds;
+} PackinferSchedulerStep;
+
+/**
+ * What the engine measured for the step `packinfer_scheduler_plan` returned.
+ */
+typedef struct PackinferStepTimes {
+  /**
+   * sizeof(PackinferStepTimes).
+   */
+  size_t struct_size;
+  /**
+   * Attention time of the step, every layer's run, seconds (CUDA events on the GPU).
+   */
+  double attention_seconds;
+  /**
+   * Device time of the step's relayout copies, seconds, if the engine timed them; 0: the
+   * scheduler's host timing (right on the CPU backend).
+   */
+  double relayout_seconds;
+} PackinferStepTimes;
+
+/**
+ * A scheduler's totals.
+ */
+typedef struct PackinferSchedulerStats {
+  /**
+   * sizeof(PackinferSchedulerStats).
+   */
+  size_t struct_size;
+  /**
+   * Steps recorded.
+   */
+  uint64_t steps;
+  /**
+   * Times the trigger fired (the first grouping included).
+   */
+  uint64_t regroups;
+  /**
+   * Relayouts that moved pages.
+   */
+  uint64_t relayouts;
+  /**
+   * Of those, probes.
+   */
+  uint64_t probes;
+  /**
+   * Relayouts due that the cost model declined.
+   */
+  uint64_t relayouts_declined;
+  /**
+   * Bytes the relayouts moved.
+   */
+  uint64_t bytes_moved;
+  /**
+   * Planning time, seconds.
+   */
+  double plan_seconds;
+  /**
+   * Relayout time, seconds.
+   */
+  double relayout_seconds;
+  /**
+   * Attention time, seconds.
+   */
+  double attention_seconds;
+  /**
+   * Predicted copy time of the relayouts run, seconds.
+   */
+  double predicted_cost_seconds;
+  /**
+   * Their predicted attention time saved over the horizon, seconds.
+   */
+  double predicted_gain_seconds;
+  /**
+   * Their measured attention time saved (rate after against rate before, over the horizon).
+   */
+  double measured_gain_seconds;
+  /**
+   * Relayouts whose gain has been measured.
+   */
+  uint64_t gains_measured;
+  /**
+   * Measured gain fraction of contiguity on decode-only steps (NaN: unmeasured).
+   */
+  double contiguous_gain_decode;
+  /**
+   * The same on steps with prefill chunks.
+   */
+  double contiguous_gain_prefill;
+  /**
+   * The copy rate the cost model uses, bytes per second (0: none yet).
+   */
+  double copy_bytes_per_second;
+  /**
+   * Capacity searches run, the first included.
+   */
+  uint64_t capacity_searches;
+  /**
+   * Steps spent measuring a candidate capacity.
+   */
+  uint64_t exploring_steps;
+  /**
+   * The capacity factor the tuner stands at.
+   */
+  double capacity_factor;
+  /**
+   * Of relayout_seconds, the relayouts that moved pages: the measured copy cost, against
+   * predicted_cost_seconds.
+   */
+  double copy_seconds;
+} PackinferSchedulerStats;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -1253,6 +1505,74 @@ enum PackinferStatus packinfer_pool_relayout(struct PackinferPool pool,
  */
 enum PackinferStatus packinfer_pool_stats(struct PackinferPool pool,
                                           struct PackinferPoolStats *stats);
+
+/**
+ * Fills `options` with the defaults: every part adaptive, horizon 32 steps, capacity factor 1,
+ * copy rate and contiguity gain measured, 1% of attention time for exploring.
+ *
+ * # Safety
+ * `options` must be NULL or writable.
+ */
+enum PackinferStatus packinfer_scheduler_options_default(struct PackinferSchedulerOptions *options);
+
+/**
+ * Creates a scheduler for `pool`; `options` may be NULL (the defaults). Keep it for the pool's
+ * life and use it for every step planned from the pool.
+ *
+ * # Safety
+ * `options` NULL or a struct with `struct_size` set; `out` writable.
+ */
+enum PackinferStatus packinfer_scheduler_create(struct PackinferPool pool,
+                                                const struct PackinferSchedulerOptions *options,
+                                                struct PackinferScheduler *out);
+
+/**
+ * Destroys a scheduler.
+ */
+enum PackinferStatus packinfer_scheduler_destroy(struct PackinferScheduler scheduler);
+
+/**
+ * Plans a step from the scheduler's pool, as `packinfer_pool_plan_create` does (request i is
+ * `seq_ids[i]` with its last `num_new_tokens[i]` tokens as queries, already appended), with
+ * the capacity the scheduler chooses (`plan_options->capacity` is ignored; its flags apply).
+ * The scheduler runs the regroup trigger and, where its cost model predicts a net gain, a
+ * relayout whose copies go on `stream`; the returned plan is made after it. Report the step's
+ * measured times with `packinfer_scheduler_record` before the next call. `plan_options` and
+ * `step` may be NULL.
+ *
+ * # Safety
+ * Arrays of `n` entries; `plan_options` NULL or initialized; `out` writable; `step` NULL or a
+ * struct with `struct_size` set.
+ */
+enum PackinferStatus packinfer_scheduler_plan(struct PackinferScheduler scheduler,
+                                              struct PackinferContext context,
+                                              const uint64_t *seq_ids,
+                                              const uint32_t *num_new_tokens,
+                                              uint32_t n,
+                                              const struct PackinferPlanOptions *plan_options,
+                                              void *stream,
+                                              struct PackinferPlan *out,
+                                              struct PackinferSchedulerStep *step);
+
+/**
+ * Reports the measured times of the step the last `packinfer_scheduler_plan` returned (once per
+ * step). Negative or non-finite times are INVALID_ARGUMENT; a record without a step before it
+ * is INVALID_ARGUMENT.
+ *
+ * # Safety
+ * `times` must point to a struct with `struct_size` set.
+ */
+enum PackinferStatus packinfer_scheduler_record(struct PackinferScheduler scheduler,
+                                                const struct PackinferStepTimes *times);
+
+/**
+ * The scheduler's totals.
+ *
+ * # Safety
+ * `stats` must point to a struct whose `struct_size` is set.
+ */
+enum PackinferStatus packinfer_scheduler_stats(struct PackinferScheduler scheduler,
+                                               struct PackinferSchedulerStats *stats);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -745,6 +745,100 @@ class Pool {
   uint64_t capacity_tokens_ = 0;  // num_pages * page_size; 0 = unknown (a handle adopted from C)
 };
 
+// ---------------------------------------------------------------------------------------------
+// The adaptive scheduler of one pool: capacity tuning, regroup trigger, relayouts by a cost model
+
+enum class SchedulerFlags : uint32_t {
+  None = 0,
+  NoTuning = PACKINFER_SCHEDULER_FLAGS_NO_TUNING,              // plan with capacity_factor x automatic
+  NoRegroup = PACKINFER_SCHEDULER_FLAGS_NO_REGROUP,            // no grouping kept across steps
+  NoRelayout = PACKINFER_SCHEDULER_FLAGS_NO_RELAYOUT,          // never move pages
+  RelayoutAlways = PACKINFER_SCHEDULER_FLAGS_RELAYOUT_ALWAYS,  // move whenever due (comparisons)
+};
+constexpr SchedulerFlags operator|(SchedulerFlags a, SchedulerFlags b) noexcept {
+  return static_cast<SchedulerFlags>(static_cast<uint32_t>(a) | static_cast<uint32_t>(b));
+}
+
+// The defaults are packinfer_scheduler_options_default's.
+struct SchedulerOptions {
+  SchedulerFlags flags = SchedulerFlags::None;
+  uint32_t horizon_steps = 32;         // steps a layout is expected to serve
+  double capacity_factor = 1.0;        // with NoTuning
+  double copy_bytes_per_second = 0.0;  // 0 = measured from the relayouts
+  double contiguous_gain = -1.0;       // attention share contiguity saves; negative = measured
+  double explore_fraction = 0.01;      // share of attention time probes may cost
+};
+
+using SchedulerStep = PackinferSchedulerStep;    // capacity, regrouped, relayout, predictions
+using SchedulerStats = PackinferSchedulerStats;  // totals: regroups, relayouts, predicted vs measured
+using SchedulerHandle = detail::UniqueHandle<PackinferScheduler, packinfer_scheduler_destroy>;
+
+// Keep one per pool, for the pool's life. Each step: plan() (after the step's appends), launch
+// and run the plan, then record() the measured attention time.
+class Scheduler {
+ public:
+  Scheduler() noexcept = default;
+  explicit Scheduler(const Pool& pool, const SchedulerOptions& options = {}) {
+    PackinferSchedulerOptions o{};
+    o.struct_size = sizeof(o);
+    detail::check(packinfer_scheduler_options_default(&o));
+    o.flags = static_cast<uint32_t>(options.flags);
+    o.horizon_steps = options.horizon_steps;
+    o.capacity_factor = options.capacity_factor;
+    o.copy_bytes_per_second = options.copy_bytes_per_second;
+    o.contiguous_gain = options.contiguous_gain;
+    o.explore_fraction = options.explore_fraction;
+    PackinferScheduler h{};
+    detail::check(packinfer_scheduler_create(pool.handle(), &o, &h));
+    h_ = SchedulerHandle(h);
+  }
+  // Takes ownership of a handle made with the C API.
+  explicit Scheduler(PackinferScheduler handle) noexcept : h_(handle) {}
+
+  // Plans the step from the pool with the capacity the scheduler chooses, after the trigger and
+  // any relayout it decided (copies on `stream`); what it decided goes to *step when given.
+  Plan plan(const Context& context, ArrayView<SequenceId> seq_ids, ArrayView<uint32_t> num_new_tokens,
+            const PlanOptions& options = {}, void* stream = nullptr, SchedulerStep* step = nullptr) {
+    if (seq_ids.size() != num_new_tokens.size()) {
+      detail::invalid_argument("packinfer::Scheduler::plan", "num_new_tokens has " + std::to_string(num_new_tokens.size()) +
+                                                                  " entries but seq_ids has " + std::to_string(seq_ids.size()) +
+                                                                  "; they pair up one to one");
+    }
+    if (seq_ids.size() > UINT32_MAX) {
+      detail::invalid_argument("packinfer::Scheduler::plan", std::to_string(seq_ids.size()) + " entries are more than the C API's uint32 count");
+    }
+    const PackinferPlanOptions o = detail::to_c(options);
+    if (step != nullptr) step->struct_size = sizeof(*step);
+    PackinferPlan h{};
+    detail::check(packinfer_scheduler_plan(h_.get(), context.handle(), seq_ids.data(), num_new_tokens.data(),
+                                           static_cast<uint32_t>(seq_ids.size()), &o, stream, &h, step));
+    return Plan(h);
+  }
+  // The step's measured attention time (every layer) and, when timed on the device, its
+  // relayout copies (0 = the scheduler's host timing).
+  void record(double attention_seconds, double relayout_seconds = 0.0) {
+    PackinferStepTimes t{};
+    t.struct_size = sizeof(t);
+    t.attention_seconds = attention_seconds;
+    t.relayout_seconds = relayout_seconds;
+    detail::check(packinfer_scheduler_record(h_.get(), &t));
+  }
+  SchedulerStats stats() const {
+    SchedulerStats s{};
+    s.struct_size = sizeof(s);
+    detail::check(packinfer_scheduler_stats(h_.get(), &s));
+    return s;
+  }
+
+  PackinferScheduler handle() const noexcept { return h_.get(); }
+  explicit operator bool() const noexcept { return static_cast<bool>(h_); }
+  PackinferScheduler release() noexcept { return h_.release(); }
+  void reset() { h_.reset(); }
+
+ private:
+  SchedulerHandle h_;
+};
+
 // The library this program runs against.
 inline uint32_t abi_version() noexcept { return packinfer_abi_version(); }
 inline const char* version() noexcept { return packinfer_version(); }

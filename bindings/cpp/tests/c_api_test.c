@@ -1005,12 +1005,76 @@ static int test_cuda_context(void) {
   return g_failures == 0 ? 0 : 1;
 }
 
+/* The scheduler handle from C: three sequences, a prefill step then decodes, each step planned by
+ * the scheduler (which chooses the capacity, runs the trigger and may relayout), launched, run on
+ * every layer and recorded; then its totals and bad arguments. */
+static void test_scheduler(void) {
+  PackinferContext ctx = cpu_context();
+  PackinferPoolOptions po = pool_options();
+  PackinferPool pool = {0};
+  CHECK_STATUS(packinfer_pool_create(ctx, &po, &pool), PACKINFER_STATUS_OK, NULL);
+  PackinferSchedulerOptions so;
+  so.struct_size = sizeof so;
+  CHECK_STATUS(packinfer_scheduler_options_default(&so), PACKINFER_STATUS_OK, NULL);
+  CHECK(so.flags == 0 && so.horizon_steps == 32 && so.capacity_factor == 1.0 && so.contiguous_gain < 0.0,
+        "scheduler defaults: flags %u, horizon %u, factor %g, gain %g", so.flags, so.horizon_steps, so.capacity_factor,
+        so.contiguous_gain);
+  PackinferScheduler sched = {0};
+  CHECK_STATUS(packinfer_scheduler_create(pool, &so, &sched), PACKINFER_STATUS_OK, NULL);
+  uint64_t ids[3];
+  for (int i = 0; i < 3; i++) CHECK_STATUS(packinfer_pool_sequence_create(pool, &ids[i]), PACKINFER_STATUS_OK, NULL);
+  static float q[8 * POOL_QO_HEADS * POOL_HEAD_DIM], o[8 * POOL_QO_HEADS * POOL_HEAD_DIM];
+  for (size_t i = 0; i < sizeof q / sizeof q[0]; i++) q[i] = 0.25f;
+  for (int step = 0; step < 6; step++) {
+    const uint32_t counts[3] = {step == 0 ? 3u : 1u, step == 0 ? 2u : 1u, step == 0 ? 3u : 1u};
+    for (int i = 0; i < 3; i++) CHECK_STATUS(packinfer_pool_append(pool, ids[i], counts[i], NULL, NULL), PACKINFER_STATUS_OK, NULL);
+    PackinferPlan plan = {0};
+    PackinferSchedulerStep st;
+    memset(&st, 0, sizeof st);
+    st.struct_size = sizeof st;
+    CHECK_STATUS(packinfer_scheduler_plan(sched, ctx, ids, counts, 3, NULL, NULL, &plan, &st), PACKINFER_STATUS_OK, NULL);
+    CHECK(st.capacity > 0.0 && (step > 0 || st.regrouped), "step %d: capacity %g, regrouped %d", step, st.capacity, (int)st.regrouped);
+    PackinferLaunch launch = {0};
+    CHECK_STATUS(packinfer_launch_create(ctx, plan, NULL, NULL, &launch), PACKINFER_STATUS_OK, NULL);
+    for (uint32_t l = 0; l < POOL_LAYERS; l++) {
+      PackinferRunArgs args;
+      memset(&args, 0, sizeof args);
+      args.struct_size = sizeof args;
+      args.q = q;
+      args.o = o;
+      CHECK_STATUS(packinfer_pool_kv_layout(pool, l, &args.kv), PACKINFER_STATUS_OK, NULL);
+      CHECK_STATUS(packinfer_run(launch, &args), PACKINFER_STATUS_OK, NULL);
+    }
+    PackinferStepTimes t = {sizeof t, 1e-4, 0.0};
+    CHECK_STATUS(packinfer_scheduler_record(sched, &t), PACKINFER_STATUS_OK, NULL);
+    CHECK_STATUS(packinfer_launch_destroy(launch), PACKINFER_STATUS_OK, NULL);
+    CHECK_STATUS(packinfer_plan_destroy(plan), PACKINFER_STATUS_OK, NULL);
+  }
+  PackinferSchedulerStats stats;
+  memset(&stats, 0, sizeof stats);
+  stats.struct_size = sizeof stats;
+  CHECK_STATUS(packinfer_scheduler_stats(sched, &stats), PACKINFER_STATUS_OK, NULL);
+  CHECK(stats.steps == 6 && stats.regroups >= 1 && stats.attention_seconds > 5e-4 && stats.capacity_searches == 1,
+        "scheduler stats: %llu steps, %llu regroups, %g s", (unsigned long long)stats.steps, (unsigned long long)stats.regroups,
+        stats.attention_seconds);
+  PackinferStepTimes t = {sizeof t, 1e-4, 0.0};
+  CHECK_STATUS(packinfer_scheduler_record(sched, &t), PACKINFER_STATUS_INVALID_ARGUMENT, "record without a step");
+  so.horizon_steps = 0;
+  PackinferScheduler bad = {0};
+  CHECK_STATUS(packinfer_scheduler_create(pool, &so, &bad), PACKINFER_STATUS_INVALID_ARGUMENT, "options->horizon_steps = 0");
+  CHECK_STATUS(packinfer_scheduler_destroy(sched), PACKINFER_STATUS_OK, NULL);
+  CHECK_STATUS(packinfer_scheduler_destroy(sched), PACKINFER_STATUS_INVALID_HANDLE, "scheduler handle");
+  CHECK_STATUS(packinfer_pool_destroy(pool), PACKINFER_STATUS_OK, NULL);
+  CHECK_STATUS(packinfer_context_destroy(ctx), PACKINFER_STATUS_OK, NULL);
+}
+
 int main(int argc, char** argv) {
   if (argc == 2 && strcmp(argv[1], "--gpu") == 0) return test_cuda_context();
   test_version();
   test_flows();
   test_errors();
   test_pool_flow();
+  test_scheduler();
   test_gpu_calls_on_cpu();
   printf("c_api_test: %d checks, %d failed\n", g_checks, g_failures);
   return g_failures == 0 && g_checks > 0 ? 0 : 1;

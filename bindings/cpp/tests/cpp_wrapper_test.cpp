@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <array>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -980,6 +981,106 @@ TEST(Pool, RaiiAndUseAfterDestroy) {
   packinfer::Context gone = cpu_context();
   gone.reset();
   expect_error([&] { packinfer::Pool p(gone, pool_options()); }, Status::InvalidHandle, "context handle");
+}
+
+// ---- the scheduler (packinfer::Scheduler): capacity, regroup and relayout per step ----
+
+static_assert(!std::is_copy_constructible_v<packinfer::Scheduler>, "handles are move-only");
+
+// A serving loop: every step planned by the scheduler, run on every layer, its time recorded.
+packinfer::SchedulerStats serve(const packinfer::Context& ctx, packinfer::Pool& pool, packinfer::Scheduler& sched,
+                                std::vector<packinfer::SequenceId>& ids, const std::vector<uint32_t>& first, int decodes,
+                                std::vector<packinfer::SchedulerStep>* steps) {
+  for (int t = 0; t <= decodes; t++) {
+    std::vector<uint32_t> q = t == 0 ? first : std::vector<uint32_t>(ids.size(), 1);
+    std::size_t total_q = 0;
+    for (std::size_t i = 0; i < ids.size(); i++) {
+      pool.append(ids[i], q[i]);
+      total_q += q[i];
+    }
+    packinfer::SchedulerStep step{};
+    packinfer::Plan plan = sched.plan(ctx, ids, q, {}, nullptr, &step);
+    EXPECT_GT(step.capacity, 0.0);
+    if (steps != nullptr) steps->push_back(step);
+    packinfer::Launch launch = ctx.launch(plan);
+    const std::size_t n = total_q * kPoolQoHeads * kPoolHeadDim;
+    Tensor qt(kPoolDtype, n), o(kPoolDtype, n);
+    for (std::size_t i = 0; i < n; i++) {
+      qt.set(i, 0.5f);
+      o.set(i, NAN);
+    }
+    const auto start = std::chrono::steady_clock::now();
+    for (uint32_t l = 0; l < kPoolLayers; l++) launch.run(packinfer::RunArgs(qt.data(), pool.kv_layout(l), o.data(), nullptr));
+    sched.record(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    for (std::size_t i = 0; i < n; i++) EXPECT_FALSE(std::isnan(o.get(i))) << "output " << i << " of step " << t;
+  }
+  return sched.stats();
+}
+
+TEST(Scheduler, ServingLoopOnTheCpu) {
+  packinfer::Context ctx = cpu_context();
+  packinfer::PoolOptions po = pool_options();
+  po.num_pages = 400;
+  packinfer::Pool pool(ctx, po);
+  // The defaults are the C library's.
+  PackinferSchedulerOptions c{};
+  c.struct_size = sizeof(c);
+  ASSERT_EQ(packinfer_scheduler_options_default(&c), PACKINFER_STATUS_OK);
+  const packinfer::SchedulerOptions d;
+  EXPECT_EQ(c.horizon_steps, d.horizon_steps);
+  EXPECT_EQ(c.capacity_factor, d.capacity_factor);
+  EXPECT_EQ(c.copy_bytes_per_second, d.copy_bytes_per_second);
+  EXPECT_EQ(c.contiguous_gain, d.contiguous_gain);
+  EXPECT_EQ(c.explore_fraction, d.explore_fraction);
+
+  packinfer::Scheduler sched(pool);
+  std::vector<packinfer::SequenceId> ids;
+  for (int i = 0; i < 5; i++) ids.push_back(pool.create_sequence());
+  std::vector<packinfer::SchedulerStep> steps;
+  const packinfer::SchedulerStats st = serve(ctx, pool, sched, ids, {3, 17, 9, 30, 5}, 20, &steps);
+  EXPECT_EQ(st.steps, 21u);
+  EXPECT_GE(st.regroups, 1u);
+  EXPECT_TRUE(steps[0].regrouped) << "the first step makes the first grouping";
+  EXPECT_EQ(st.relayouts, st.probes) << "nothing measured a gain: every relayout was a probe";
+  EXPECT_EQ(st.capacity_searches, 1u);
+  EXPECT_GT(st.attention_seconds, 0.0);
+
+  // Relayout always: pages move, and the plan returned after the move runs (not stale).
+  packinfer::Pool pool2(ctx, po);
+  packinfer::Scheduler always(pool2, {packinfer::SchedulerFlags::RelayoutAlways});
+  std::vector<packinfer::SequenceId> ids2;
+  for (int i = 0; i < 4; i++) ids2.push_back(pool2.create_sequence());
+  for (int r = 0; r < 3; r++)
+    for (packinfer::SequenceId id : ids2) pool2.append(id, 5);  // interleaved pages
+  const packinfer::SchedulerStats st2 = serve(ctx, pool2, always, ids2, {1, 1, 1, 1}, 3, nullptr);
+  EXPECT_GE(st2.relayouts, 1u);
+  EXPECT_GT(st2.bytes_moved, 0u);
+}
+
+TEST(Scheduler, BadArgumentsAndHandles) {
+  packinfer::Context ctx = cpu_context();
+  packinfer::Pool pool(ctx, pool_options());
+  packinfer::SchedulerOptions o;
+  o.horizon_steps = 0;
+  expect_error([&] { packinfer::Scheduler s(pool, o); }, Status::InvalidArgument, "horizon_steps = 0");
+  o = {};
+  o.flags = packinfer::SchedulerFlags::NoRelayout | packinfer::SchedulerFlags::RelayoutAlways;
+  expect_error([&] { packinfer::Scheduler s(pool, o); }, Status::InvalidArgument, "NO_RELAYOUT and RELAYOUT_ALWAYS");
+  packinfer::Scheduler sched(pool);
+  expect_error([&] { sched.record(1e-3); }, Status::InvalidArgument, "record without a step");
+  const packinfer::SequenceId id = pool.create_sequence();
+  pool.append(id, 3);
+  expect_error([&] { sched.plan(ctx, std::vector<packinfer::SequenceId>{id}, std::vector<uint32_t>{}); }, Status::InvalidArgument,
+               "num_new_tokens has 0 entries");
+  packinfer::Plan plan = sched.plan(ctx, std::vector<packinfer::SequenceId>{id}, std::vector<uint32_t>{3});
+  expect_error([&] { sched.record(-1.0); }, Status::InvalidArgument, "attention_seconds = -1");
+  sched.record(1e-3);
+  packinfer::Scheduler moved = std::move(sched);
+  EXPECT_FALSE(sched);  // NOLINT(bugprone-use-after-move): checking the moved-from state
+  expect_error([&] { (void)sched.stats(); }, Status::InvalidHandle, "is null");  // NOLINT(bugprone-use-after-move)
+  EXPECT_EQ(moved.stats().steps, 1u);
+  moved.reset();
+  expect_error([&] { (void)moved.stats(); }, Status::InvalidHandle, "is null");
 }
 
 }  // namespace

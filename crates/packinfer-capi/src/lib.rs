@@ -8,10 +8,12 @@
 mod api;
 mod handles;
 mod pool;
+mod scheduler;
 mod types;
 
 pub use api::*;
 pub use pool::*;
+pub use scheduler::*;
 pub use types::*;
 
 use std::cell::RefCell;

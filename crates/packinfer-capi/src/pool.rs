@@ -12,7 +12,7 @@ use packinfer::invalid;
 use packinfer::kv::{groups_of_plan, KvPool, PoolConfig, RelayoutReport, SeqId};
 use packinfer::types::Shape;
 
-static POOLS: Registry<KvPool> = Registry::new(0xD1, "pool");
+pub(super) static POOLS: Registry<KvPool> = Registry::new(0xD1, "pool");
 
 /// Opaque handle to a KV pool: KV memory owned by the library, cut into pages shared by sequences.
 ///
@@ -537,7 +537,13 @@ pub unsafe extern "C" fn packinfer_pool_stats(pool: PackinferPool, stats: *mut P
 ///
 /// # Safety
 /// Each array is NULL or has `n` readable entries.
-unsafe fn zip_requests(ids_name: &str, ids: *const u64, counts_name: &str, counts: *const u32, n: u32) -> Result<Vec<(SeqId, u32)>> {
+pub(super) unsafe fn zip_requests(
+    ids_name: &str,
+    ids: *const u64,
+    counts_name: &str,
+    counts: *const u32,
+    n: u32,
+) -> Result<Vec<(SeqId, u32)>> {
     // SAFETY: NULL or `n` entries (this function's contract).
     let ids = unsafe { slice(ids_name, ids, n as usize)? };
     // SAFETY: as above.

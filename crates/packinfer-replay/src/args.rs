@@ -13,6 +13,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use clap::{Parser, ValueEnum};
+use packinfer::plan::scheduler::{RelayoutPolicy, SchedulerOptions};
 use packinfer::plan::PlanOptions;
 use packinfer::types::{DType, Shape};
 
@@ -60,6 +61,17 @@ enum Technique {
     Balancing,
     PrefixSharing,
     SplitKv,
+    /// The adaptive parts (the scheduler's).
+    Tuning,
+    Regroup,
+    Relayout,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RelayoutArg {
+    CostModel,
+    Always,
+    Never,
 }
 
 /// `--capacity`: `None` = tuned online, else a factor of each step's automatic capacity.
@@ -241,9 +253,23 @@ pub struct Cli {
         value_name = "LIST",
         value_enum,
         value_delimiter = ',',
-        help = "PackInfer techniques to switch off, comma-separated (ablations) [default: none]"
+        help = "PackInfer techniques to switch off, comma-separated (ablations) [default: none]:\npacking, balancing, prefix-sharing, split-kv (the plan), tuning, regroup, relayout (adaptive)"
     )]
     without: Vec<Technique>,
+    #[arg(
+        long,
+        value_enum,
+        value_name = "cost-model|always|never",
+        hide_possible_values = true,
+        default_value = "cost-model",
+        help = "when PackInfer moves KV pages: where the cost model predicts a net gain, whenever the\ntrigger fired or headroom ran out (the old rule), or never"
+    )]
+    relayout: RelayoutArg,
+    #[arg(
+        long,
+        help = "also replay PackInfer with each adaptive part off (tuning, regroup, relayout), with\nrelayout always, and with all adaptive parts off, and report each part's net effect\n(7 schedules, each with its own KV pool: on one GPU give --kv-mib 8192 or less)"
+    )]
+    ablation: bool,
     #[arg(long, value_name = "N", default_value_t = 0, allow_negative_numbers = true, help = "CPU backend threads (0: every core)")]
     threads: u32,
     #[arg(
@@ -286,6 +312,11 @@ pub struct Args {
     pub capacity_factor: Option<f64>,
     /// PackInfer's plan options (`--without` switches techniques off).
     pub options: PlanOptions,
+    /// PackInfer's scheduler (`--without tuning,regroup,relayout`, `--relayout`, `--capacity`).
+    pub scheduler: SchedulerOptions,
+    /// What `--without` switched off, as typed (for the banner).
+    pub without: Vec<String>,
+    pub ablation: bool,
     pub threads: u32,
     pub seed: u64,
     pub out: PathBuf,
@@ -380,12 +411,34 @@ pub fn validate(cli: Cli) -> Result<Args, Failure> {
     probe_out(&cli.out)?;
 
     let mut options = PlanOptions::default();
+    let mut scheduler = SchedulerOptions {
+        tune_capacity: cli.capacity.0.is_none(),
+        capacity_factor: cli.capacity.0.unwrap_or(1.0),
+        relayout: match cli.relayout {
+            RelayoutArg::CostModel => RelayoutPolicy::CostModel,
+            RelayoutArg::Always => RelayoutPolicy::Always,
+            RelayoutArg::Never => RelayoutPolicy::Never,
+        },
+        ..SchedulerOptions::default()
+    };
     for t in &cli.without {
         match t {
             Technique::Packing => options.packing = false,
             Technique::Balancing => options.balancing = false,
             Technique::PrefixSharing => options.prefix_sharing = false,
             Technique::SplitKv => options.split_kv = false,
+            Technique::Tuning => {
+                scheduler.tune_capacity = false;
+            }
+            Technique::Regroup => scheduler.regroup = false,
+            Technique::Relayout => scheduler.relayout = RelayoutPolicy::Never,
+        }
+    }
+    let mut without: Vec<String> = Vec::new();
+    for t in &cli.without {
+        let name = t.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default();
+        if !without.contains(&name) {
+            without.push(name);
         }
     }
     Ok(Args {
@@ -423,6 +476,9 @@ pub fn validate(cli: Cli) -> Result<Args, Failure> {
         kv_mib: cli.kv_mib,
         capacity_factor: cli.capacity.0,
         options,
+        scheduler,
+        without,
+        ablation: cli.ablation,
         threads: cli.threads,
         seed: cli.seed,
         out: cli.out,

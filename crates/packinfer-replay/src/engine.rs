@@ -14,9 +14,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use packinfer::backend::Backend;
-use packinfer::kv::groups_of_plan;
-use packinfer::plan::adapt::{CapacityTuner, RegroupTrigger};
-use packinfer::plan::{DeviceProfile, Plan, PlanOptions};
+use packinfer::plan::scheduler::{Scheduler, SchedulerOptions, SchedulerStats, StepTimes};
+use packinfer::plan::PlanOptions;
 use packinfer::types::{RowsTensor, RunArgs, Shape};
 use packinfer::{Error, Result};
 
@@ -53,13 +52,11 @@ pub struct EngineConfig {
     pub max_batch: u32,
     pub arrivals: Arrivals,
     pub options: PlanOptions,
-    /// PackInfer's step-to-step adaptation: keep the KV of each execution group contiguous
-    /// (relayouts, regrouping when the trigger fires) and tune the capacity from measured
-    /// step times. Off for the baseline.
-    pub adaptive: bool,
-    /// With `adaptive`: a fixed factor of each step's automatic capacity (its total cost over
-    /// the workers) instead of tuning the factor online.
-    pub capacity_factor: Option<f64>,
+    /// PackInfer's step-to-step adaptation, by the library's scheduler (the same type the C
+    /// API's scheduler handle drives): capacity tuning, the regroup trigger and relayouts by
+    /// its cost model, each of which the options may switch off. `None`: the plan of each step
+    /// alone, KV left where the pages fell (the baseline).
+    pub scheduler: Option<SchedulerOptions>,
     /// Lengths of the shared system prompts.
     pub system_prompt_len: u32,
     pub num_system_prompts: u32,
@@ -88,6 +85,16 @@ pub struct StepRecord {
     pub relayout_s: f64,
     /// The regroup trigger fired this step.
     pub regrouped: bool,
+    /// The trigger's imbalance of the step and its decayed sum, in capacities.
+    pub drift: f64,
+    pub drift_accumulated: f64,
+    /// Pages a relayout was due to copy (0: none due), whether one ran and was a probe, and
+    /// the cost model's prediction for it (seconds saved over the horizon, copy seconds).
+    pub due_pages: u64,
+    pub relayout: bool,
+    pub probe: bool,
+    pub predicted_gain_s: f64,
+    pub predicted_cost_s: f64,
     /// Pages and bytes the step's relayout moved.
     pub pages_moved: u64,
     pub bytes_moved: u64,
@@ -127,6 +134,8 @@ pub struct RunResult {
     pub final_kv: StoreMetrics,
     pub peak_pages_used: u32,
     pub regroups: u64,
+    /// The scheduler's totals (predicted and measured relayout gains, tuner searches).
+    pub scheduler: Option<SchedulerStats>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -181,51 +190,6 @@ impl Inputs {
     }
 }
 
-/// PackInfer's adaptation across steps. The capacity is tuned as a factor of each step's
-/// automatic capacity (its total cost over the workers), because steps differ in size by orders
-/// of magnitude and one absolute capacity cannot suit them all; the tuner is fed attention time
-/// per unit of cost, so steps of different sizes compare.
-///
-/// The grouping kept across steps is the one of the last regroup: the KV is laid out for it.
-/// Each step the trigger observes how that kept grouping's loads have drifted under the step's
-/// work (members grow, leave; requests admitted since form one more, unplaced, group), and a
-/// regroup lays the KV out for the current plan's groups.
-struct Adaptation {
-    trigger: RegroupTrigger,
-    tuner: CapacityTuner,
-    /// Request -> its group at the last regroup; empty before the first.
-    kept_group: std::collections::HashMap<u32, usize>,
-    kept_groups: usize,
-}
-
-impl Adaptation {
-    /// Loads of the kept groups under `plan` (each chunk's cost charged to its request), plus
-    /// one entry for the requests no kept group holds.
-    fn kept_loads(&self, plan: &Plan, step: &[(u32, u32)], profile: &DeviceProfile) -> Vec<f64> {
-        let mut loads = vec![0.0; self.kept_groups + 1];
-        for item in &plan.items {
-            for c in &plan.kv_chunks[item.chunk_begin as usize..(item.chunk_begin + item.chunk_count) as usize] {
-                let id = step[c.request as usize].0;
-                let g = self.kept_group.get(&id).copied().unwrap_or(self.kept_groups);
-                loads[g] += profile.chunk_cost(c);
-            }
-        }
-        if loads[self.kept_groups] == 0.0 {
-            loads.pop();
-        }
-        loads
-    }
-
-    /// Makes `plan`'s groups the kept grouping.
-    fn keep(&mut self, plan: &Plan, step: &[(u32, u32)]) -> Result<()> {
-        let ids: Vec<u64> = step.iter().map(|s| s.0 as u64).collect();
-        let groups = groups_of_plan(plan, &ids)?;
-        self.kept_group = groups.iter().enumerate().flat_map(|(g, members)| members.iter().map(move |&id| (id as u32, g))).collect();
-        self.kept_groups = groups.len();
-        Ok(())
-    }
-}
-
 /// The store's sequence id of shared system prompt `p`: after the requests' ids.
 fn prompt_id(requests: &[Request], p: u32) -> u32 {
     requests.len() as u32 + p
@@ -239,7 +203,6 @@ pub struct Engine<'a> {
     config: EngineConfig,
     store: Box<dyn KvStore + 'a>,
     backend: &'a dyn Backend,
-    profile: packinfer::plan::DeviceProfile,
     inputs: Inputs,
     /// The inputs and output on the GPU (CUDA backend), allocated once for the largest step.
     device: Option<DeviceIo>,
@@ -255,7 +218,7 @@ pub struct Engine<'a> {
     running: Vec<usize>,
     clock: f64,
     result: RunResult,
-    adaptation: Option<Adaptation>,
+    scheduler: Option<Scheduler>,
 }
 
 impl<'a> Engine<'a> {
@@ -287,14 +250,13 @@ impl<'a> Engine<'a> {
                 }
             }
         }
-        let adaptive = config.adaptive;
+        let scheduler = config.scheduler.clone().map(|o| Scheduler::new(o, backend.profile())).transpose()?;
         let mut order: Vec<usize> = (0..n).collect();
         if let Arrivals::Timestamps { .. } = config.arrivals {
             order.sort_by(|&a, &b| requests[a].arrival_s.total_cmp(&requests[b].arrival_s));
         }
         Ok(Engine {
             requests,
-            profile: backend.profile(),
             out: zeroed(out_elems, "a step's output")?,
             device,
             out_len: 0,
@@ -309,12 +271,7 @@ impl<'a> Engine<'a> {
             running: Vec::new(),
             clock: 0.0,
             result: RunResult { requests: n, ..Default::default() },
-            adaptation: adaptive.then(|| Adaptation {
-                trigger: RegroupTrigger::new(0.0),
-                tuner: CapacityTuner::new(1.0),
-                kept_group: Default::default(),
-                kept_groups: 0,
-            }),
+            scheduler,
         })
     }
 
@@ -446,39 +403,43 @@ impl<'a> Engine<'a> {
         // spends issuing them (the attention events below start after they finish).
         rec.kv_write_s = t.elapsed().as_secs_f64();
 
-        let t = Instant::now();
-        let mut options = config.options.clone();
-        let mut plan = store.plan(&step, options.clone())?;
-        // With every technique off (`--without` all four) the plan is one request per tile and
-        // has no capacity (0): scaling it gave capacity 0, which the planner refuses, and there
-        // is nothing to tune, so the factor stays 0 as the baseline's does.
-        if let Some(a) = self.adaptation.as_mut().filter(|_| plan.stats.capacity > 0.0) {
-            let factor = config.capacity_factor.unwrap_or_else(|| a.tuner.capacity());
-            if factor != 1.0 {
-                options.capacity = Some(plan.stats.capacity * factor);
-                plan = store.plan(&step, options.clone())?;
+        let mut relayout_device_s = 0.0;
+        let plan = match &mut self.scheduler {
+            None => {
+                let t = Instant::now();
+                let plan = store.plan(&step, config.options.clone())?;
+                rec.plan_s = t.elapsed().as_secs_f64();
+                plan
             }
-            rec.capacity_factor = factor;
-        }
-        rec.plan_s = t.elapsed().as_secs_f64();
-        if let Some(a) = &mut self.adaptation {
-            let t = Instant::now();
-            a.trigger.set_capacity(plan.stats.capacity);
-            // Nothing is laid out before the first regroup.
-            rec.regrouped = a.trigger.observe(&a.kept_loads(&plan, &step, &self.profile), &plan.group_costs) || a.kept_groups == 0;
-            if rec.regrouped {
-                a.trigger.reset();
-                a.keep(&plan, &step)?;
-                self.result.regroups += 1;
+            Some(sched) => {
+                let (plan, d) = store.schedule(sched, &step, config.options.clone())?;
+                if d.relayout {
+                    if let Some(dev) = &self.device {
+                        // The copies run on the stream: what is left of them after the call
+                        // returned delays the step too.
+                        let t = Instant::now();
+                        dev.time(0, || Ok(()))?;
+                        relayout_device_s = d.relayout_s + t.elapsed().as_secs_f64();
+                    }
+                }
+                rec.plan_s = d.plan_s;
+                rec.relayout_s = if relayout_device_s > 0.0 { relayout_device_s } else { d.relayout_s };
+                rec.capacity_factor = d.capacity_factor;
+                rec.regrouped = d.regrouped;
+                rec.drift = d.imbalance;
+                rec.drift_accumulated = d.accumulated_imbalance;
+                rec.due_pages = d.due_pages;
+                rec.relayout = d.relayout;
+                rec.probe = d.probe;
+                rec.predicted_gain_s = d.predicted_gain_s;
+                rec.predicted_cost_s = d.predicted_cost_s;
+                (rec.pages_moved, rec.bytes_moved) = (d.report.pages_moved, d.report.bytes_moved);
+                if d.regrouped && config.scheduler.as_ref().is_some_and(|o| o.regroup) {
+                    self.result.regroups += 1;
+                }
+                plan
             }
-            let moved = store.relayout(&plan, &step, rec.regrouped)?;
-            (rec.pages_moved, rec.bytes_moved) = (moved.pages, moved.bytes);
-            if moved.pages > 0 {
-                // The plan holds page numbers; the relayout changed them.
-                plan = store.plan(&step, options)?;
-            }
-            rec.relayout_s = t.elapsed().as_secs_f64();
-        }
+        };
         rec.capacity = plan.stats.capacity;
         rec.prefix_shared = plan.options.prefix_sharing;
         let plan = Arc::new(plan);
@@ -533,12 +494,8 @@ impl<'a> Engine<'a> {
         rec.split_requests = s.num_split_requests;
         rec.tile_utilization = s.tile_utilization;
         rec.imbalance = if s.mean_worker_cost > 0.0 { s.max_worker_cost / s.mean_worker_cost } else { 1.0 };
-        if let Some(a) = &mut self.adaptation {
-            let cost: f64 = plan.group_costs.iter().sum();
-            if cost > 0.0 && config.capacity_factor.is_none() && plan.stats.capacity > 0.0 {
-                let factor = a.tuner.capacity();
-                a.tuner.record(factor, rec.attention_s / cost);
-            }
+        if let Some(sched) = &mut self.scheduler {
+            sched.record(StepTimes { attention_s: rec.attention_s, relayout_s: relayout_device_s })?;
         }
         rec.useful_pairs = plan
             .requests
@@ -597,6 +554,7 @@ impl<'a> Engine<'a> {
                 self.store.release(id)?;
             }
             self.result.final_kv = self.store.metrics();
+            self.result.scheduler = self.scheduler.as_ref().map(|s| s.stats());
         }
         Ok(Some(rec))
     }

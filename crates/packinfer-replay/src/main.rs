@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use packinfer::backend::{self, BackendChoice, BackendKind};
 use packinfer::kv::PoolConfig;
+use packinfer::plan::scheduler::{RelayoutPolicy, SchedulerOptions};
 use packinfer::plan::PlanOptions;
 use packinfer::types::DType;
 
@@ -123,6 +124,44 @@ fn max_abs_difference(a: &[u16], b: &[u16], dtype: DType) -> f32 {
     a.iter().zip(b).map(|(&x, &y)| (value(x) - value(y)).abs()).fold(0.0, f32::max)
 }
 
+/// What PackInfer's schedule is made of, as the options left it (`--without`, `--relayout`,
+/// `--capacity`).
+fn packinfer_banner(a: &Args) -> String {
+    let o = &a.options;
+    let mut parts: Vec<String> = Vec::new();
+    if !(o.packing || o.balancing || o.prefix_sharing || o.split_kv) {
+        parts.push("one request per tile (every plan technique off)".into());
+    } else {
+        for (on, what) in [
+            (o.packing, "packed tiles"),
+            (o.balancing, "load-balanced groups"),
+            (o.split_kv, "KV splits"),
+            (o.prefix_sharing, "shared prefixes read once"),
+        ] {
+            if on {
+                parts.push(what.into());
+            }
+        }
+    }
+    let s = &a.scheduler;
+    parts.push(match s.relayout {
+        RelayoutPolicy::Never => "KV left where the pages fell".into(),
+        RelayoutPolicy::CostModel => "group-contiguous KV where the relayout cost model predicts a net gain".into(),
+        RelayoutPolicy::Always => "group-contiguous KV whenever the trigger fires or headroom runs out".into(),
+    });
+    parts.push(if s.regroup { "regroup when the trigger fires".into() } else { "no kept grouping (groups new every step)".into() });
+    parts.push(match a.capacity_factor {
+        None if s.tune_capacity => "capacity tuned online".to_string(),
+        None => "automatic capacity".to_string(),
+        Some(f) => format!("capacity {f} x each step's automatic capacity"),
+    });
+    let mut line = parts.join(", ");
+    if !a.without.is_empty() {
+        line.push_str(&format!(" (--without {})", a.without.join(",")));
+    }
+    line
+}
+
 fn run() -> Result<(), Failure> {
     // clap prints --help (exit status 0) and its own errors (exit status 2) and exits.
     let a = args::validate(args::Cli::parse())?;
@@ -181,8 +220,7 @@ fn run() -> Result<(), Failure> {
         max_batch: s.max_batch,
         arrivals,
         options: PlanOptions::default(),
-        adaptive: true,
-        capacity_factor: a.capacity_factor,
+        scheduler: None,
         system_prompt_len,
         num_system_prompts: prompts,
         seed: a.seed,
@@ -190,12 +228,32 @@ fn run() -> Result<(), Failure> {
     };
     let baseline_options =
         PlanOptions { packing: false, balancing: false, prefix_sharing: false, split_kv: false, ..PlanOptions::default() };
-    let mut schedules: Vec<(&str, PlanOptions, bool)> = Vec::new();
+    let mut schedules: Vec<(&str, PlanOptions, Option<SchedulerOptions>)> = Vec::new();
     if a.mode != Mode::Baseline {
-        schedules.push(("PackInfer", a.options.clone(), true));
+        schedules.push(("PackInfer", a.options.clone(), Some(a.scheduler.clone())));
+        if a.ablation {
+            let s = &a.scheduler;
+            let fixed = SchedulerOptions { tune_capacity: false, capacity_factor: 1.0, ..s.clone() };
+            schedules.push(("no tuning", a.options.clone(), Some(fixed)));
+            schedules.push(("no regroup", a.options.clone(), Some(SchedulerOptions { regroup: false, ..s.clone() })));
+            schedules.push(("no relayout", a.options.clone(), Some(SchedulerOptions { relayout: RelayoutPolicy::Never, ..s.clone() })));
+            schedules.push((
+                "relayout always",
+                a.options.clone(),
+                Some(SchedulerOptions { relayout: RelayoutPolicy::Always, ..s.clone() }),
+            ));
+            let off = SchedulerOptions {
+                tune_capacity: false,
+                capacity_factor: 1.0,
+                regroup: false,
+                relayout: RelayoutPolicy::Never,
+                ..s.clone()
+            };
+            schedules.push(("no adaptive", a.options.clone(), Some(off)));
+        }
     }
     if a.mode != Mode::PackInfer {
-        schedules.push(("baseline", baseline_options, false));
+        schedules.push(("baseline", baseline_options, None));
     }
 
     let threads = match (gpu, backend.profile().num_workers) {
@@ -236,15 +294,9 @@ fn run() -> Result<(), Failure> {
         "KV: the library's managed pool, {}-token pages, {} MiB = {} pages, {} headroom page(s) per sequence in a laid-out group",
         a.page_size, s.kv_mib, pool.num_pages, a.headroom_pages
     );
-    println!(
-        "PackInfer: packed tiles, load-balanced groups, KV splits, shared prefixes read once, group-contiguous KV (relayout when the regroup trigger fires), {}",
-        match a.capacity_factor {
-            None => "capacity tuned online".to_string(),
-            Some(f) => format!("capacity {f} x each step's automatic capacity"),
-        }
-    );
+    println!("PackInfer: {}", packinfer_banner(&a));
     println!("baseline: the same replay with one request per tile, one group per tile, no prefix sharing, no splits, KV left where the pages fell");
-    println!("ALL TIMES ARE ATTENTION TIME ONLY: the backend's run calls for every layer; no projections, MLP or sampling. TTFT and TBT add up the attention time of the steps a request waited through.");
+    println!("TIMES ARE THE ATTENTION STAGE ONLY: no projections, MLP or sampling. The headline total adds up planning, relayout copies and attention (the backend's run calls for every layer); per-step, TTFT and TBT rows are attention time, TTFT and TBT adding up the steps a request waited through.");
     println!();
 
     // The schedules run interleaved, step by step, alternating which goes first, so a change in
@@ -254,8 +306,8 @@ fn run() -> Result<(), Failure> {
         .expect("a valid template")
         .progress_chars("=> ");
     let mut engines = Vec::new();
-    for (name, options, adaptive) in &schedules {
-        let config = EngineConfig { options: options.clone(), adaptive: *adaptive, ..base.clone() };
+    for (name, options, scheduler) in &schedules {
+        let config = EngineConfig { options: options.clone(), scheduler: scheduler.clone(), ..base.clone() };
         let store = PoolStore::new(backend.clone(), pool)?;
         let bar = bars.add(indicatif::ProgressBar::new(reqs.len() as u64).with_style(style.clone()));
         bar.set_prefix(name.to_string());
@@ -274,17 +326,20 @@ fn run() -> Result<(), Failure> {
                 bar.set_message(format!("step {}", rec.step + 1));
             }
         }
-        if let [a, b] = &engines[..] {
-            let d = max_abs_difference(a.1.last_output(), b.1.last_output(), a.1.dtype());
-            if d.is_nan() || d > OUTPUT_TOLERANCE {
-                return Err(Failure {
-                    code: 1,
-                    message: format!(
-                        "internal error: at step {round} the two schedules' attention outputs differ by {d} (more than {OUTPUT_TOLERANCE})"
-                    ),
-                });
+        if let [a, rest @ ..] = &engines[..] {
+            for b in rest {
+                let d = max_abs_difference(a.1.last_output(), b.1.last_output(), a.1.dtype());
+                if d.is_nan() || d > OUTPUT_TOLERANCE {
+                    return Err(Failure {
+                        code: 1,
+                        message: format!(
+                            "internal error: at step {round} the schedules {} and {}'s attention outputs differ by {d} (more than {OUTPUT_TOLERANCE})",
+                            a.0, b.0
+                        ),
+                    });
+                }
+                max_difference = max_difference.max(d);
             }
-            max_difference = max_difference.max(d);
         }
         round += 1;
     }
@@ -294,9 +349,10 @@ fn run() -> Result<(), Failure> {
         results.push((name, engine.into_result()));
     }
     eprintln!("replayed {} steps per schedule in {:.1} s wall time", results[0].1.steps.len(), started.elapsed().as_secs_f64());
-    if results.len() == 2 {
-        let same = results[0].1.steps.len() == results[1].1.steps.len()
-            && results[0].1.steps.iter().zip(&results[1].1.steps).all(|(x, y)| x.work_digest == y.work_digest);
+    if let [first, rest @ ..] = &results[..] {
+        let same = rest.iter().all(|(_, r)| {
+            first.1.steps.len() == r.steps.len() && first.1.steps.iter().zip(&r.steps).all(|(x, y)| x.work_digest == y.work_digest)
+        });
         if !same {
             return Err(Failure { code: 1, message: "internal error: the two replays did not schedule the same work".into() });
         }
@@ -306,10 +362,21 @@ fn run() -> Result<(), Failure> {
     print!("{}", report::table(&summaries));
     if results.len() == 2 {
         println!("(gain: how many times better PackInfer is than the baseline on the same steps; above 1 is better)");
+    }
+    if results.len() >= 2 {
         println!(
-            "both schedules computed the same attention: max |difference| of the outputs = {max_difference:.2e} ({} outputs, last layer of every step)",
+            "{} computed the same attention: max |difference| of the outputs = {max_difference:.2e} ({} outputs, last layer of every step)",
+            if results.len() == 2 { "both schedules" } else { "every schedule" },
             s.shape.dtype.name()
         );
+    }
+    for (name, r) in &results {
+        if let Some(text) = report::scheduler_report(name, r) {
+            print!("{text}");
+        }
+    }
+    if a.ablation {
+        print!("{}", report::ablation(&summaries));
     }
     if backend.kind() == BackendKind::Cpu {
         println!(

@@ -25,6 +25,9 @@ pub struct Summary {
     pub generated_tokens: u64,
     pub prefill_tokens: u64,
     pub attention_s: f64,
+    /// Planning (every plan made), relayout copies and attention, the schedule's whole cost.
+    pub plan_s: f64,
+    pub total_s: f64,
     pub step_ms: [f64; 3],
     pub ttft_ms: [f64; 3],
     pub tbt_ms: [f64; 3],
@@ -44,6 +47,8 @@ pub struct Summary {
     pub kv_write_s: f64,
     pub relayout_s: f64,
     pub regroups: u64,
+    /// Steps on which the trigger fired, over all steps.
+    pub regroup_rate: f64,
     pub relayouts: u64,
     pub bytes_moved: u64,
     /// KV bytes attention read over the replay (a shared prefix once per prefix group when the
@@ -82,8 +87,13 @@ impl Summary {
         let last = steps.last().map(|s| s.kv).unwrap_or_default();
         let read_bytes: f64 =
             steps.iter().map(|s| if s.prefix_shared { s.kv.step_read_bytes_shared } else { s.kv.step_read_bytes_unshared } as f64).sum();
+        let plan_s: f64 = steps.iter().map(|s| s.plan_s).sum();
+        let relayout_s: f64 = steps.iter().map(|s| s.relayout_s).sum();
         Summary {
             name: name.into(),
+            plan_s,
+            total_s: attention_s + plan_s + relayout_s,
+            regroup_rate: r.regroups as f64 / steps.len().max(1) as f64,
             steps: steps.len(),
             requests: r.requests,
             finished: r.finished,
@@ -103,7 +113,7 @@ impl Summary {
             items_mean: mean(steps.iter().map(|s| s.items as f64)),
             plan_ms_mean: mean(steps.iter().map(|s| s.plan_s * 1e3)),
             kv_write_s: steps.iter().map(|s| s.kv_write_s).sum(),
-            relayout_s: steps.iter().map(|s| s.relayout_s).sum(),
+            relayout_s,
             regroups: r.regroups,
             relayouts: r.final_kv.relayouts,
             bytes_moved: r.final_kv.bytes_moved,
@@ -125,7 +135,10 @@ impl Summary {
             ("requests finished", self.finished as f64, ""),
             ("tokens generated", self.generated_tokens as f64, ""),
             ("prefill tokens", self.prefill_tokens as f64, ""),
+            ("TOTAL: planning + relayout + attention (s)", self.total_s, "lower"),
             ("attention time total (s)", self.attention_s, "lower"),
+            ("planning time total (s)", self.plan_s, "lower"),
+            ("relayout time total (s)", self.relayout_s, "lower"),
             ("attention per step p50 (ms)", self.step_ms[0], "lower"),
             ("attention per step p90 (ms)", self.step_ms[1], "lower"),
             ("attention per step p99 (ms)", self.step_ms[2], "lower"),
@@ -147,9 +160,9 @@ impl Summary {
             ("KV bytes read by attention (GiB, all layers)", self.read_bytes / (1u64 << 30) as f64, "lower"),
             ("KV writes total (s, not in attention time)", self.kv_write_s, ""),
             ("regroups (trigger fired)", self.regroups as f64, ""),
+            ("steps the trigger fired on (%)", 100.0 * self.regroup_rate, ""),
             ("relayouts that moved pages", self.relayouts as f64, ""),
             ("relayout bytes moved (MiB)", self.bytes_moved as f64 / (1 << 20) as f64, ""),
-            ("relayout time total (s, not in attention time)", self.relayout_s, ""),
             ("KV pages used, peak", self.peak_pages_used as f64, "lower"),
             ("KV pool use, peak (%)", 100.0 * self.peak_pages_used as f64 / self.pages_total.max(1) as f64, "lower"),
             ("KV fragmentation, mean (% of used slots empty)", 100.0 * self.fragmentation_mean, "lower"),
@@ -157,6 +170,93 @@ impl Summary {
             ("KV pages used after the replay", self.final_pages_used as f64, ""),
         ]
     }
+}
+
+/// What the scheduler did over a replay: the trigger's firing rate and what each firing bought,
+/// the relayouts the cost model allowed, their predicted and measured cost and gain, and the
+/// capacity searches. None for a schedule without a scheduler.
+pub fn scheduler_report(name: &str, r: &RunResult) -> Option<String> {
+    let st = r.scheduler?;
+    let steps = &r.steps;
+    let n = steps.len().max(1);
+    let mut s = String::new();
+    let fired: Vec<&StepRecord> = steps.iter().filter(|x| x.regrouped && x.step > 0).collect();
+    let _ = writeln!(s, "\n{name}: scheduler");
+    if r.regroups > 0 {
+        // What a firing bought: the imbalance (in capacities) the kept grouping had added that a
+        // fresh grouping removes, and the relayouts it allowed.
+        let drift: f64 = fired.iter().map(|x| x.drift).sum::<f64>() / fired.len().max(1) as f64;
+        let with_relayout = fired.iter().filter(|x| x.relayout).count();
+        let _ = writeln!(
+            s,
+            "  regroup trigger: fired on {} of {} steps ({:.1}%, the first grouping included); each firing removed a drift of {:.2} capacities per step on average; {} of {} firings led to a relayout",
+            r.regroups,
+            n,
+            100.0 * r.regroups as f64 / n as f64,
+            drift,
+            with_relayout,
+            fired.len()
+        );
+    }
+    let _ = writeln!(
+        s,
+        "  relayouts: {} run ({} probes), {} declined by the cost model, {:.1} MiB moved; relayout time (decisions and copies) {:.4} s; copy rate {:.2} GB/s",
+        st.relayouts,
+        st.probes,
+        st.relayouts_declined,
+        st.bytes_moved as f64 / (1 << 20) as f64,
+        st.relayout_s,
+        st.copy_bytes_per_s / 1e9
+    );
+    let gain = |g: f64| if g.is_nan() { "unmeasured".to_string() } else { format!("{:+.1}%", 100.0 * g) };
+    let _ = writeln!(
+        s,
+        "  relayout cost model, for the relayouts run: predicted copy {:.4} s, gain {:.4} s; measured copy {:.4} s, gain {:.4} s ({} relayouts measured); attention saved by contiguity on laid-out KV: decode steps {}, prefill steps {}",
+        st.predicted_cost_s,
+        st.predicted_gain_s,
+        st.copy_s,
+        st.measured_gain_s,
+        st.gains_measured,
+        gain(st.contiguous_gain[0]),
+        gain(st.contiguous_gain[1])
+    );
+    let _ = writeln!(
+        s,
+        "  capacity tuner: {} searches, {} steps measuring candidates ({:.1}%), now at {:.2} x the automatic capacity",
+        st.capacity_searches,
+        st.exploring_steps,
+        100.0 * st.exploring_steps as f64 / n as f64,
+        st.capacity_factor
+    );
+    Some(s)
+}
+
+/// Each adaptive part's net effect, all costs counted: the total (planning + relayout +
+/// attention) without it minus the total with everything on (positive: the part pays).
+pub fn ablation(summaries: &[Summary]) -> String {
+    let mut s = String::new();
+    let Some(full) = summaries.iter().find(|x| x.name == "PackInfer") else { return s };
+    let _ = writeln!(s, "\nablation: net effect of each adaptive part = total without it - total with it (planning + relayout + attention; positive: it pays)");
+    for (part, without) in [
+        ("capacity tuning", "no tuning"),
+        ("regroup trigger", "no regroup"),
+        ("relayout cost model (vs never moving)", "no relayout"),
+        ("relayout cost model (vs relayout always)", "relayout always"),
+        ("all adaptive parts", "no adaptive"),
+    ] {
+        if let Some(x) = summaries.iter().find(|x| x.name == without) {
+            let _ = writeln!(
+                s,
+                "  {part:<42} {:+.4} s ({:+.2}%; attention {:+.4} s, planning {:+.4} s, relayout {:+.4} s)",
+                x.total_s - full.total_s,
+                100.0 * (x.total_s - full.total_s) / full.total_s,
+                x.attention_s - full.attention_s,
+                x.plan_s - full.plan_s,
+                x.relayout_s - full.relayout_s
+            );
+        }
+    }
+    s
 }
 
 fn num(x: f64) -> String {
@@ -233,7 +333,7 @@ fn csv_field(x: &str) -> String {
     }
 }
 
-pub const STEPS_HEADER: &str = "schedule,step,clock_s,requests,prefill_tokens,decode_tokens,kv_tokens,attention_ms,plan_ms,bind_ms,kv_write_ms,relayout_ms,capacity,capacity_factor,groups,items,split_requests,tile_utilization,imbalance,regrouped,pages_moved,bytes_moved,kv_pages_used,kv_pages_total,kv_tokens_stored,kv_tokens_logical,kv_fragmentation,kv_read_bytes_shared,kv_read_bytes_unshared";
+pub const STEPS_HEADER: &str = "schedule,step,clock_s,requests,prefill_tokens,decode_tokens,kv_tokens,attention_ms,plan_ms,bind_ms,kv_write_ms,relayout_ms,capacity,capacity_factor,groups,items,split_requests,tile_utilization,imbalance,regrouped,drift,drift_accumulated,due_pages,relayout,probe,predicted_gain_ms,predicted_cost_ms,pages_moved,bytes_moved,kv_pages_used,kv_pages_total,kv_tokens_stored,kv_tokens_logical,kv_fragmentation,kv_read_bytes_shared,kv_read_bytes_unshared";
 
 /// `steps.csv`: one line per step of every schedule.
 pub fn steps_csv(runs: &[(&str, &[StepRecord])]) -> String {
@@ -243,7 +343,7 @@ pub fn steps_csv(runs: &[(&str, &[StepRecord])]) -> String {
         for r in steps.iter() {
             let _ = writeln!(
                 s,
-                "{name},{},{:.4},{},{},{},{},{:.4},{:.4},{:.4},{:.4},{:.4},{:.1},{:.3},{},{},{},{:.4},{:.4},{},{},{},{},{},{},{},{:.4},{},{}",
+                "{name},{},{:.4},{},{},{},{},{:.4},{:.4},{:.4},{:.4},{:.4},{:.1},{:.3},{},{},{},{:.4},{:.4},{},{:.4},{:.4},{},{},{},{:.4},{:.4},{},{},{},{},{},{},{:.4},{},{}",
                 r.step,
                 r.clock_s,
                 r.requests,
@@ -263,6 +363,13 @@ pub fn steps_csv(runs: &[(&str, &[StepRecord])]) -> String {
                 r.tile_utilization,
                 r.imbalance,
                 r.regrouped as u8,
+                r.drift,
+                r.drift_accumulated,
+                r.due_pages,
+                r.relayout as u8,
+                r.probe as u8,
+                r.predicted_gain_s * 1e3,
+                r.predicted_cost_s * 1e3,
                 r.pages_moved,
                 r.bytes_moved,
                 r.kv.pages_used,

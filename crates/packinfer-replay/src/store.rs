@@ -1,7 +1,7 @@
 //! Where the replay keeps its KV cache. The engine loop talks to the small [`KvStore`] trait;
 //! [`PoolStore`] implements it with the library's managed KV pool (`packinfer::kv::KvPool`):
 //! sequences, copy-on-write forks of shared system prompts, K/V writes, plans made from the pool,
-//! and group-contiguous relayouts.
+//! and the scheduler's steps (capacity, regroup, group-contiguous relayouts).
 //!
 //! What the pool does not do, and an engine's scheduler must, is admission control: an engine
 //! admits a request only when it can promise room for the request's whole life, so a running
@@ -11,7 +11,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use packinfer::backend::Backend;
-use packinfer::kv::{groups_of_plan, KvPool, PoolConfig, SeqId};
+use packinfer::kv::{KvPool, PoolConfig, SeqId};
+use packinfer::plan::scheduler::{Scheduler, StepDecision};
 use packinfer::plan::{Plan, PlanOptions};
 use packinfer::types::KvLayout;
 use packinfer::{invalid, Result};
@@ -47,13 +48,6 @@ impl StoreMetrics {
     }
 }
 
-/// What one relayout moved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Moved {
-    pub pages: u64,
-    pub bytes: u64,
-}
-
 /// The KV operations of one engine, for every layer of one model shape. Sequences are named by
 /// the caller's ids; element data is 16-bit (bf16 or f16 bit patterns), token-major
 /// `[tokens, kv_heads, head_dim]`.
@@ -74,9 +68,9 @@ pub trait KvStore {
     unsafe fn write_kv(&mut self, layer: u32, tokens: &[(u32, u32)], k: u64, v: u64, elems: usize) -> Result<()>;
     /// The plan for one step: `(id, new tokens)` per request, the new tokens being the queries.
     fn plan(&mut self, step: &[(u32, u32)], options: PlanOptions) -> Result<Plan>;
-    /// Lays out the KV of `plan`'s groups contiguously (all of them when `regroup`, else only
-    /// those that outgrew their headroom). Plans made before it read stale pages when it moved any.
-    fn relayout(&mut self, plan: &Plan, step: &[(u32, u32)], regroup: bool) -> Result<Moved>;
+    /// The step's plan by the library's scheduler: capacity, regroup and relayout decided there,
+    /// as an engine's scheduler handle does through the C API.
+    fn schedule(&mut self, scheduler: &mut Scheduler, step: &[(u32, u32)], options: PlanOptions) -> Result<(Plan, StepDecision)>;
     /// Where `layer`'s K and V live, for the backend's run.
     fn layout(&self, layer: u32) -> Result<KvLayout>;
     /// Frees `id`'s KV (shared pages when their last user leaves).
@@ -166,11 +160,9 @@ impl KvStore for PoolStore {
         self.pool.plan(&reqs, None, options)
     }
 
-    fn relayout(&mut self, plan: &Plan, step: &[(u32, u32)], regroup: bool) -> Result<Moved> {
-        let ids = step.iter().map(|&(id, _)| Ok(self.entry(id)?.seq)).collect::<Result<Vec<_>>>()?;
-        let groups = groups_of_plan(plan, &ids)?;
-        let r = self.pool.relayout(&groups, regroup, 0)?;
-        Ok(Moved { pages: r.pages_moved, bytes: r.bytes_moved })
+    fn schedule(&mut self, scheduler: &mut Scheduler, step: &[(u32, u32)], options: PlanOptions) -> Result<(Plan, StepDecision)> {
+        let reqs = step.iter().map(|&(id, n)| Ok((self.entry(id)?.seq, n))).collect::<Result<Vec<_>>>()?;
+        scheduler.step(&self.pool, &reqs, options, 0)
     }
 
     fn layout(&self, layer: u32) -> Result<KvLayout> {

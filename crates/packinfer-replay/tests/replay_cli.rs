@@ -100,7 +100,7 @@ fn a_small_trace_replays_and_its_numbers_add_up() {
     let o = run(&args);
     let (stdout, stderr) = text(&o);
     assert!(o.status.success(), "exit {:?}\n{stdout}\n{stderr}", o.status);
-    assert!(stdout.contains("ATTENTION TIME ONLY"), "{stdout}");
+    assert!(stdout.contains("ATTENTION STAGE ONLY"), "{stdout}");
     assert!(stdout.contains("PackInfer") && stdout.contains("baseline"), "{stdout}");
     // The replay checks every step's output of the two schedules against each other.
     assert!(stdout.contains("both schedules computed the same attention"), "{stdout}");
@@ -115,6 +115,10 @@ fn a_small_trace_replays_and_its_numbers_add_up() {
         assert_eq!(s["prefill tokens"][i], prompts as f64, "{name}");
         assert_eq!(s["KV pages used after the replay"][i], 0.0, "{name}: KV fully freed");
         assert!(s["attention time total (s)"][i] > 0.0, "{name}");
+        // The headline counts every cost of the schedule.
+        let total = s["attention time total (s)"][i] + s["planning time total (s)"][i] + s["relayout time total (s)"][i];
+        assert!((s["TOTAL: planning + relayout + attention (s)"][i] - total).abs() <= 1e-9 * total.max(1.0), "{name}");
+        assert!(s["planning time total (s)"][i] > 0.0, "{name}");
         assert!(s["KV pages used, peak"][i] > 0.0, "{name}");
     }
     assert!(s["regroups (trigger fired)"][0] >= 1.0, "PackInfer lays its groups out at least once");
@@ -495,12 +499,74 @@ fn every_technique_switched_off_still_replays() {
         let (stdout, stderr) = text(&o);
         assert!(o.status.success(), "--capacity {capacity}: exit {:?}\n{stdout}\n{stderr}", o.status);
         assert!(stdout.contains("both schedules computed the same attention"), "{stdout}");
+        // The banner says what PackInfer ran with.
+        assert!(stdout.contains("PackInfer: one request per tile (every plan technique off)"), "{stdout}");
+        assert!(stdout.contains("(--without packing,balancing,prefix-sharing,split-kv)"), "{stdout}");
         let (names, s) = summary(&out);
         assert_eq!(names, ["PackInfer", "baseline"]);
         assert_eq!(s["requests finished"], [rows.len() as f64; 2]);
         // One request per tile has no capacity to scale or tune.
         assert_eq!(s["capacity / automatic capacity, last step"], [0.0, 0.0], "--capacity {capacity}");
     }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `--ablation` replays each adaptive part off beside the default, checks every schedule's
+/// output against the first's, and says what each part's net effect was, all costs counted.
+#[test]
+fn the_ablation_replays_each_adaptive_part_off_with_every_cost_counted() {
+    let dir = scratch("ablation");
+    let rows: Vec<(f64, u32, u32)> = (0..24).map(|i| (i as f64 * 0.1, 5 + 37 * (i % 7), 1 + (i * 5) % 17)).collect();
+    let trace = write_trace(&dir, &rows);
+    let out = dir.join("out");
+    let mut args = vec![trace.to_str().unwrap(), "--out", out.to_str().unwrap(), "--ablation", "--token-budget", "64", "--max-batch", "8"];
+    args.extend_from_slice(SMALL);
+    let o = run_within(&args, LIMIT);
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "exit {:?}\n{stdout}\n{stderr}", o.status);
+    let (names, s) = summary(&out);
+    assert_eq!(names, ["PackInfer", "no tuning", "no regroup", "no relayout", "relayout always", "no adaptive", "baseline"]);
+    assert!(stdout.contains("every schedule computed the same attention"), "{stdout}");
+    for part in ["capacity tuning", "regroup trigger", "relayout cost model (vs never moving)", "all adaptive parts"] {
+        assert!(stdout.contains(part), "{part}: {stdout}");
+    }
+    // Each schedule's scheduler report: firing rate, relayouts, predicted vs measured.
+    assert!(stdout.contains("PackInfer: scheduler") && stdout.contains("predicted copy"), "{stdout}");
+    assert_eq!(s["requests finished"], [rows.len() as f64; 7]);
+    // Parts switched off do nothing.
+    let col = |name: &str| names.iter().position(|n| n == name).unwrap();
+    assert_eq!(s["relayout bytes moved (MiB)"][col("no relayout")], 0.0);
+    assert_eq!(s["relayout bytes moved (MiB)"][col("no adaptive")], 0.0);
+    assert_eq!(s["regroups (trigger fired)"][col("no regroup")], 0.0);
+    assert_eq!(s["capacity / automatic capacity, last step"][col("no tuning")], 1.0);
+    // The trigger and the cost model are recorded per step.
+    let steps = steps(&out);
+    let ours: Vec<_> = steps.iter().filter(|r| r["schedule"] == "PackInfer").collect();
+    let fired = ours.iter().filter(|r| r["regrouped"] == "1").count();
+    assert_eq!(fired as f64, s["regroups (trigger fired)"][0]);
+    assert!(ours.iter().all(|r| num(r, "drift") >= 0.0 && num(r, "drift_accumulated") >= 0.0));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn the_adaptive_parts_switch_off_one_by_one() {
+    let dir = scratch("without-adaptive");
+    let rows: Vec<(f64, u32, u32)> = (0..10).map(|i| (i as f64 * 0.1, 9 + 23 * i, 2 + i)).collect();
+    let trace = write_trace(&dir, &rows);
+    let out = dir.join("out");
+    let mut args =
+        vec![trace.to_str().unwrap(), "--out", out.to_str().unwrap(), "--without", "tuning,regroup,relayout", "--mode", "packinfer"];
+    args.extend_from_slice(&["--token-budget", "64"]);
+    args.extend_from_slice(SMALL);
+    let o = run_within(&args, LIMIT);
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("KV left where the pages fell") && stdout.contains("automatic capacity"), "{stdout}");
+    assert!(stdout.contains("(--without tuning,regroup,relayout)"), "{stdout}");
+    let (_, s) = summary(&out);
+    assert_eq!(s["regroups (trigger fired)"], [0.0]);
+    assert_eq!(s["relayout bytes moved (MiB)"], [0.0]);
+    assert_eq!(s["capacity / automatic capacity, last step"], [1.0]);
     std::fs::remove_dir_all(&dir).ok();
 }
 

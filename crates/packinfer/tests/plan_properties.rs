@@ -565,8 +565,9 @@ fn extreme_options_stay_exact() {
 }
 
 /// The regroup trigger reads a plan's group loads: a kept grouping as unbalanced as the plan's
-/// own groups never fires, one whose busiest group carries `d` more fires after ⌈(C/2) / d⌉
-/// steps.
+/// own groups never fires; one whose busiest group carries `d` more per step fires once the
+/// decayed sum of d / C reaches the threshold, and never when d / C stays below
+/// threshold × (1 − decay).
 #[test]
 fn regroup_trigger_accumulates_imbalance_beyond_the_plans_own() {
     use packinfer::plan::adapt::RegroupTrigger;
@@ -597,12 +598,25 @@ fn regroup_trigger_accumulates_imbalance_beyond_the_plans_own() {
         assert!(!trigger.observe(&plan.group_costs, &plan.group_costs));
     }
     // The busiest kept group grew by d (its members' keys, new requests): drift d per step.
-    let d = s.capacity / 7.0;
+    let (decay, threshold) = (RegroupTrigger::DECAY, RegroupTrigger::THRESHOLD);
+    let d = s.capacity / 3.0;
     let mut kept = plan.group_costs.clone();
     *kept.iter_mut().find(|c| **c == max).unwrap() += d;
-    let steps = (s.capacity / 2.0 / d).ceil() as u64;
+    let (mut sum, mut steps) = (0.0, 0u64);
+    while sum < threshold {
+        sum = sum * decay + 1.0 / 3.0;
+        steps += 1;
+    }
+    assert!(steps > 1, "a lasting drift, not one step, fires");
     for step in 1..=steps {
         assert_eq!(trigger.observe(&kept, &plan.group_costs), step == steps, "step {step} of {steps}");
+    }
+    // Below threshold × (1 − decay) per step: the sum converges under the threshold.
+    let mut trigger = RegroupTrigger::new(s.capacity);
+    let mut kept = plan.group_costs.clone();
+    *kept.iter_mut().find(|c| **c == max).unwrap() += 0.9 * threshold * (1.0 - decay) * s.capacity;
+    for _ in 0..1000 {
+        assert!(!trigger.observe(&kept, &plan.group_costs));
     }
 }
 

@@ -66,6 +66,13 @@ pub fn groups_of_plan(plan: &Plan, seq_ids: &[SeqId]) -> Result<Vec<Vec<SeqId>>>
     Ok(groups.into_values().collect())
 }
 
+/// The groups' runs, those too long for the pool, and the groups due for a rebuild.
+struct Due {
+    runs: Vec<Vec<Entry>>,
+    too_long: HashSet<usize>,
+    due: Vec<usize>,
+}
+
 /// One position of a group's run: an existing page moved (or kept) there, or headroom for a member.
 #[derive(Clone, Copy, Debug)]
 enum Entry {
@@ -74,11 +81,20 @@ enum Entry {
 }
 
 impl PoolState {
-    /// Lays out `groups` contiguously. A group is rebuilt when it is not contiguous and either
-    /// `regroup` is set (the trigger fired; the groups are new) or one of its members ran out
-    /// of headroom since it was laid out. Groups that are due but find no free run are left as
-    /// they are (counted in the report): layout is an optimisation, never a reason to fail a step.
-    pub(super) fn relayout(&mut self, pool: &KvPool, groups: &[Vec<SeqId>], regroup: bool, stream: u64) -> Result<RelayoutReport> {
+    /// Pages a relayout of `groups` with `regroup` would copy at most (the pages of every group
+    /// due for a rebuild; an anchored run copies fewer), without moving anything: the scheduler's
+    /// predicted copy cost.
+    pub(super) fn relayout_estimate(&self, groups: &[Vec<SeqId>], regroup: bool) -> Result<u64> {
+        let Due { runs, too_long, due } = self.due(groups, regroup)?;
+        Ok(due
+            .iter()
+            .filter(|g| !too_long.contains(g))
+            .map(|&g| runs[g].iter().filter(|e| matches!(e, Entry::Page(_))).count() as u64)
+            .sum())
+    }
+
+    /// Each group's run and which groups a relayout with `regroup` would rebuild.
+    fn due(&self, groups: &[Vec<SeqId>], regroup: bool) -> Result<Due> {
         let mut group_of_seq = HashMap::new();
         for (g, members) in groups.iter().enumerate() {
             for &id in members {
@@ -87,6 +103,11 @@ impl PoolState {
                     return Err(invalid!("sequence {id} is in groups {h} and {g}; a sequence belongs to one group"));
                 }
             }
+        }
+        // Without a regroup only a member that outgrew its headroom makes its group due: most
+        // steps have none, and a scheduler asks every step.
+        if !regroup && !group_of_seq.keys().any(|id| self.seqs[id].overflowed) {
+            return Ok(Due { runs: Vec::new(), too_long: HashSet::new(), due: Vec::new() });
         }
         // Each page belongs to the run of the first group that uses it.
         let mut owner: HashMap<u32, usize> = HashMap::new();
@@ -121,12 +142,21 @@ impl PoolState {
             }
             runs.push(run);
         }
-        let mut report = RelayoutReport { groups: groups.len() as u32, ..Default::default() };
         let due: Vec<usize> = (0..groups.len())
             .filter(|&g| {
                 (regroup || groups[g].iter().any(|id| self.seqs[id].overflowed)) && (too_long.contains(&g) || !self.in_place(&runs[g]))
             })
             .collect();
+        Ok(Due { runs, too_long, due })
+    }
+
+    /// Lays out `groups` contiguously. A group is rebuilt when it is not contiguous and either
+    /// `regroup` is set (the trigger fired; the groups are new) or one of its members ran out
+    /// of headroom since it was laid out. Groups that are due but find no free run are left as
+    /// they are (counted in the report): layout is an optimisation, never a reason to fail a step.
+    pub(super) fn relayout(&mut self, pool: &KvPool, groups: &[Vec<SeqId>], regroup: bool, stream: u64) -> Result<RelayoutReport> {
+        let Due { runs, too_long, due } = self.due(groups, regroup)?;
+        let mut report = RelayoutReport { groups: groups.len() as u32, ..Default::default() };
         report.groups_in_place = (groups.len() - due.len()) as u32;
         if due.is_empty() {
             return Ok(report);

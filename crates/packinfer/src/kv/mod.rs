@@ -442,6 +442,17 @@ impl KvPool {
         Ok(report)
     }
 
+    /// Pages that `relayout(groups, regroup, _)` would copy at most, moving nothing (what a
+    /// scheduler weighs before deciding to move them).
+    pub fn relayout_estimate(&self, groups: &[Vec<SeqId>], regroup: bool) -> Result<u64> {
+        self.state.lock().relayout_estimate(groups, regroup)
+    }
+
+    /// The cost model of the pool's backend (the profile a plan's group costs are in).
+    pub fn profile(&self) -> crate::plan::DeviceProfile {
+        self.backend.profile()
+    }
+
     /// The pool's counters now.
     pub fn stats(&self) -> PoolStats {
         let s = self.state.lock();

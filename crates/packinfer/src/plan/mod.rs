@@ -6,6 +6,7 @@ pub mod adapt;
 mod check;
 pub(crate) mod cost;
 mod schedule;
+pub mod scheduler;
 mod window;
 mod work;
 

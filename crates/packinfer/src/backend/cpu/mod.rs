@@ -3,10 +3,11 @@
 //! merges), one work item at a time per thread, with fp32 online softmax. Simple on purpose.
 
 mod kv_memory;
+mod workers;
 
 use kv_memory::HostKvMemory;
+use workers::Workers;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use half::{bf16, f16};
@@ -22,13 +23,15 @@ use crate::types::{DType, RunArgs, Shape};
 /// with [`crate::backend::open`] or [`CpuBackend::new`].
 pub struct CpuBackend {
     threads: u32,
+    /// Started with the backend; every run of every launch runs on them.
+    workers: Arc<Workers>,
 }
 
 impl CpuBackend {
     /// `threads = 0` uses every available core.
     pub fn new(threads: u32) -> Self {
         let threads = if threads == 0 { std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1) } else { threads };
-        CpuBackend { threads }
+        CpuBackend { threads, workers: Arc::new(Workers::new(threads)) }
     }
     /// Worker threads a run uses.
     pub fn threads(&self) -> u32 {
@@ -81,7 +84,7 @@ impl Backend for CpuBackend {
             shape: plan.shape,
             page_size: plan.batch.page_size,
             capacity,
-            threads: self.threads,
+            workers: self.workers.clone(),
             state: Mutex::new(CpuState { bound, scratch }),
         }))
     }
@@ -117,7 +120,7 @@ struct CpuBound {
     shape: Shape,
     page_size: u32,
     capacity: LaunchCapacity,
-    threads: u32,
+    workers: Arc<Workers>,
     /// The plan that runs and the scratch, under one lock: one run or update at a time per
     /// launch (concurrent runs would share the partial slots).
     state: Mutex<CpuState>,
@@ -169,7 +172,9 @@ impl BoundPlan for CpuBound {
             num_qo_heads: shape.num_qo_heads as usize,
             dtype: shape.dtype,
         };
-        parallel_for(self.threads, bound.groups.len(), |g| {
+        // Both phases on the backend's persistent workers; the second starts when every item
+        // of the first has finished.
+        self.workers.parallel_for(bound.groups.len(), |g| {
             for item in &plan.items[bound.groups[g].clone()] {
                 // SAFETY: run's caller vouches for the tensors and the scratch; the plan passed
                 // the consistency check at bind/update, so every index it holds is in range.
@@ -177,7 +182,7 @@ impl BoundPlan for CpuBound {
             }
         });
         // SAFETY: as above; the items that wrote the partial slots have all finished.
-        parallel_for(self.threads, plan.merges.len(), |i| unsafe { merge_row(plan, &plan.merges[i], &out) });
+        self.workers.parallel_for(plan.merges.len(), |i| unsafe { merge_row(plan, &plan.merges[i], &out) });
         Ok(())
     }
     fn is_ready(&self) -> Result<bool> {
@@ -221,28 +226,6 @@ pub(crate) fn check_run_pointers(total_q: u32, pages: usize, args: &RunArgs) -> 
         return Err(invalid!("kv.k or kv.v is a null pointer but the plan reads {pages} pages"));
     }
     Ok(())
-}
-
-/// Runs `f(0..n)` on `threads` scoped threads that take indices from a shared counter.
-fn parallel_for(threads: u32, n: usize, f: impl Fn(usize) + Sync) {
-    let next = AtomicUsize::new(0);
-    let work = || loop {
-        let i = next.fetch_add(1, Ordering::Relaxed);
-        if i >= n {
-            break;
-        }
-        f(i);
-    };
-    let threads = (threads as usize).min(n);
-    if threads <= 1 {
-        return work();
-    }
-    std::thread::scope(|s| {
-        for _ in 1..threads {
-            s.spawn(work);
-        }
-        work();
-    });
 }
 
 /// Where results go: the caller's O/LSE for final rows, the scratch for partial slots. Every

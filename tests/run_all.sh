@@ -104,3 +104,5 @@ echo "== Bench: bench/test_packinfer_ctypes.py (ctypes layer vs header, CPU back
 cargo build --release
 python3 -c 'import numpy' 2>/dev/null || python3 -m pip install -q numpy
 python3 bench/test_packinfer_ctypes.py target/release/libpackinfer.so
+echo "== Bench: bench/test_report.py (report and README table from a synthetic run, anchors helpers) =="
+python3 bench/test_report.py

@@ -31,6 +31,8 @@ for _p in filter(None, os.environ.get("PACKINFER_PYDEPS", "").split(os.pathsep))
 
 FI = "FlashInfer"
 FA3 = "FA3"
+# The device of every tensor made here ("cpu" only in bench/test_report.py's plumbing test).
+DEVICE = os.environ.get("PACKINFER_BENCH_DEVICE", "cuda")
 
 # FlashInfer modules, in the order the warm-up builds them (most needed first: on 16 cores the
 # whole set takes longer than a device call can give, see bench/run_anchors.sh).
@@ -141,7 +143,7 @@ class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         self.roots = set(roots)
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname.split(".")[0] in self.roots:
+        if any(fullname == r or fullname.startswith(r + ".") for r in self.roots):
             return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
         return None
 
@@ -163,31 +165,30 @@ STUBBABLE = {"cutlass", "cudnn", "cuda_tile", "nccl4py", "nccl_extensions", "nvs
 
 def import_flashinfer(max_stubs=12):
     """(flashinfer module or None, stubbed package names, error text or None). A missing package
-    in STUBBABLE is stubbed and the import retried; anything else is the error."""
+    in STUBBABLE is stubbed and the import retried; anything else is the error. Under the `cuda`
+    namespace only the missing module is stubbed (cuda.tile), never cuda.bindings."""
     stubbed = []
     finder = None
     for _ in range(max_stubs + 1):
         try:
-            importlib.import_module("flashinfer")
-            return sys.modules["flashinfer"], stubbed, None
+            return importlib.import_module("flashinfer"), stubbed, None
         except ModuleNotFoundError as e:
-            missing = (e.name or "").split(".")[0]
-            if not missing or missing not in STUBBABLE or missing in stubbed:
-                return None, stubbed, f"ModuleNotFoundError: {e}"
-            if missing == "cuda" and e.name == "cuda":
-                return None, stubbed, f"ModuleNotFoundError: {e} (cuda-python / cuda-bindings missing)"
-            stubbed.append(missing)
+            name = e.name or ""
+            root = name.split(".")[0]
+            key = name if root == "cuda" else root
+            if not name or root not in STUBBABLE or key in stubbed or key == "cuda":
+                return None, stubbed, f"ModuleNotFoundError: {e}" + (" (after stubbing " + ", ".join(stubbed) + ")"
+                                                                     if stubbed else "")
+            stubbed.append(key)
             for k in [k for k in sys.modules if k == "flashinfer" or k.startswith("flashinfer.")]:
                 del sys.modules[k]
             if finder is None:
-                finder = _StubFinder(stubbed)
+                finder = _StubFinder(())
                 sys.meta_path.append(finder)
-            finder.roots = set(stubbed) - ({"cuda"} if "cuda" in stubbed else set())
-            if missing == "cuda":
-                # Only the missing submodule, never the real cuda namespace (cuda.bindings).
-                finder.roots.add(e.name)
+            finder.roots = set(stubbed)
         except Exception as e:  # noqa: BLE001 - any import failure is the result
-            return None, stubbed, f"{type(e).__name__}: {e}"
+            return None, stubbed, f"{type(e).__name__}: {e}" + (" (after stubbing " + ", ".join(stubbed) + ")"
+                                                                if stubbed else "")
     return None, stubbed, "gave up after stubbing " + ", ".join(stubbed)
 
 
@@ -219,7 +220,7 @@ def tiny_workload(kind):
 
 def _nan_outputs(t, shape, dt):
     import torch
-    return [torch.full((t.w.total_q,) + shape, float("nan"), device="cuda", dtype=dt) for _ in range(t.sets)]
+    return [torch.full((t.w.total_q,) + shape, float("nan"), device=DEVICE, dtype=dt) for _ in range(t.sets)]
 
 
 def flashinfer_contenders(fi, t, shape, dt, workspace, only_modules=None):
@@ -229,7 +230,7 @@ def flashinfer_contenders(fi, t, shape, dt, workspace, only_modules=None):
     w = t.w
     hq, hkv, d = shape.num_qo_heads, shape.num_kv_heads, shape.head_dim
     kw = dict(q_data_type=dt, kv_data_type=dt, sm_scale=shape.sm_scale)
-    i32 = dict(device="cuda", dtype=torch.int32)
+    i32 = dict(device=DEVICE, dtype=torch.int32)
     kind = kind_of(w)
     outs = _nan_outputs(t, (hq, d), dt)
     out = []
@@ -295,7 +296,7 @@ def flashinfer_contenders(fi, t, shape, dt, workspace, only_modules=None):
                 table[r, :pages[r]] = w.kv_page_indices[w.kv_indptr[r]:w.kv_indptr[r + 1]]
             block_tables = torch.tensor(table, **i32)
             seq_lens = torch.tensor(w.kv_lens, **i32)
-            ws = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
+            ws = torch.zeros(256 << 20, dtype=torch.uint8, device=DEVICE)
             max_len = int(w.kv_lens.max())
             return Contender(name, api, module, lambda: None,
                              lambda i: f(t.q[i % t.sets], paged_kv(i), ws, block_tables, seq_lens, max_len,
@@ -411,7 +412,7 @@ def flashinfer_contenders(fi, t, shape, dt, workspace, only_modules=None):
 def flashinfer_plan_batches(fi, w, shape, dt, workspace):
     """{name: plan callable} for a decode batch `w` (planning overhead: no KV tensors needed)."""
     import torch
-    i32 = dict(device="cuda", dtype=torch.int32)
+    i32 = dict(device=DEVICE, dtype=torch.int32)
     hq, hkv, d = shape.num_qo_heads, shape.num_kv_heads, shape.head_dim
     ind, idx = torch.tensor(w.kv_indptr, **i32), torch.tensor(w.kv_page_indices, **i32)
     last, kv_len = torch.tensor(w.kv_last_page_len, **i32), torch.tensor(w.kv_lens, **i32)
@@ -471,7 +472,7 @@ def fa3_contenders(fa3, t, shape, dt):
     if decode_like:
         try:
             b, max_kv = w.batch_size, int(w.kv_lens.max())
-            kv_lens = torch.tensor(w.kv_lens, device="cuda", dtype=torch.int32)
+            kv_lens = torch.tensor(w.kv_lens, device=DEVICE, dtype=torch.int32)
             if (w.kv_lens == max_kv).all():
                 kc = [t.k_flat[s].view(b, max_kv, hkv, d) for s in range(t.fa2_sets)]
                 vc = [t.v_flat[s].view(b, max_kv, hkv, d) for s in range(t.fa2_sets)]
@@ -479,7 +480,7 @@ def fa3_contenders(fa3, t, shape, dt):
                 kc, vc = [], []
                 starts = np.concatenate([[0], np.cumsum(w.kv_lens)])
                 for s in range(min(t.fa2_sets, 2)):
-                    kp = torch.zeros(b, max_kv, hkv, d, device="cuda", dtype=dt)
+                    kp = torch.zeros(b, max_kv, hkv, d, device=DEVICE, dtype=dt)
                     vp = torch.zeros_like(kp)
                     for r in range(b):
                         kp[r, :w.kv_lens[r]] = t.k_flat[s][starts[r]:starts[r + 1]]
@@ -508,7 +509,7 @@ def fa3_contenders(fa3, t, shape, dt):
 
 def fa3_plan_batch(fa3, w, shape, dt):
     import torch
-    kv_lens = torch.tensor(w.kv_lens, device="cuda", dtype=torch.int32)
+    kv_lens = torch.tensor(w.kv_lens, device=DEVICE, dtype=torch.int32)
     return lambda: fa3.get_scheduler_metadata(w.batch_size, 1, int(w.kv_lens.max()), shape.num_qo_heads,
                                               shape.num_kv_heads, shape.head_dim, kv_lens, qkv_dtype=dt, causal=True)
 

@@ -477,6 +477,8 @@ def phase_anchors(args):
         if u not in progress["done"]:
             wname, what = u.split("/", 1)
             results["errors"].append(f"{u}: the anchors process died here (CUDA context lost); resumed after it")
+            results["not_run"][u] = ("the anchors process died in this unit (CUDA context lost, see run.log); "
+                                     "its contenders not recorded above did not run")
             progress["done"].append(u)
             results.setdefault("lost_units", []).append(u)
     meta = results["meta"]
@@ -511,11 +513,23 @@ def phase_anchors(args):
         return tensors[w.name], refs_of[w.name]
 
     def unit(u, fn):
+        """Runs one (workload, anchor) unit once: an exception is recorded, not raised, unless the
+        CUDA context died (then ContextLost ends the process; the unit stays "started", and the
+        resumed process records it as lost)."""
         if u in progress["done"]:
             return
         progress["started"].append(u)
         common.write_json(path, results)
-        fn()
+        try:
+            fn()
+        except ContextLost:
+            raise
+        except Exception as ex:
+            results["errors"].append(f"{u}: {traceback.format_exc()[-1500:]}")
+            results["not_run"][u] = f"{type(ex).__name__}: {ex}"[:1000]
+            if not context_alive():
+                common.write_json(path, results)
+                raise ContextLost(u)
         progress["done"].append(u)
         common.write_json(path, results)
 

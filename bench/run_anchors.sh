@@ -27,6 +27,7 @@ BUDGET_S=${BUDGET_S:-525}
 WARM_BUDGET_S=${WARM_BUDGET_S:-330}
 WARM_PARALLEL=${WARM_PARALLEL:-4}
 WARM_JOBS=${WARM_JOBS:-6}
+WARM_MIN_START_S=${WARM_MIN_START_S:-45}  # no new build with less time than this left
 OURS_TIMEOUT=${OURS_TIMEOUT:-170}
 PLANNING_S=${PLANNING_S:-45}
 REPORT_S=${REPORT_S:-20}
@@ -84,7 +85,7 @@ warm_all() {
   for m in $modules; do
     while [ "$(jobs -rp | wc -l)" -ge "$WARM_PARALLEL" ]; do sleep 1; done
     t=$(left_until "$WARM_BUDGET_S")
-    if [ "$t" -le 10 ]; then
+    if [ "$t" -le "$WARM_MIN_START_S" ]; then
       echo "[warm] $m: not started, the warm-up budget ($WARM_BUDGET_S s) is spent"
       continue
     fi

@@ -5,6 +5,7 @@ A contender is (name, api, module, plan, run, view):
 - `module` names the FlashInfer JIT module it compiles ("ragged-fa2", "decode-tc", ...), which
   the warm-up processes (`gpu_bench.py --phase warm-MODULE`) build ahead in parallel;
 - `plan()` is the host work of one step (FlashInfer's plan(), FA3's scheduler metadata), timed apart;
+  None where the API has none (XQA, FA3 varlen);
 - `run(i)` launches one step on rotation set i into a preallocated output poisoned with NaN;
 - `view(out)` turns run's result into the [total_q, heads, dim] output checked against the
   float64 reference (POD returns its prefill and decode outputs apart; concatenated outside timing).
@@ -298,7 +299,7 @@ def flashinfer_contenders(fi, t, shape, dt, workspace, only_modules=None):
             seq_lens = torch.tensor(w.kv_lens, **i32)
             ws = torch.zeros(256 << 20, dtype=torch.uint8, device=DEVICE)
             max_len = int(w.kv_lens.max())
-            return Contender(name, api, module, lambda: None,
+            return Contender(name, api, module, None,
                              lambda i: f(t.q[i % t.sets], paged_kv(i), ws, block_tables, seq_lens, max_len,
                                          bmm1_scale=shape.sm_scale, bmm2_scale=1.0, out=outs[i % t.sets],
                                          kv_layout="NHD"))
@@ -468,7 +469,7 @@ def fa3_contenders(fa3, t, shape, dt):
         o = fa3.flash_attn_varlen_func(t.q[i % t.sets], t.k_flat[s], t.v_flat[s], t.qo_indptr, t.cu_k, t.max_q,
                                        t.max_k, softmax_scale=shape.sm_scale, causal=w.causal, num_splits=splits)
         return o[0] if isinstance(o, (tuple, list)) else o
-    out.append(Contender(f"{FA3} varlen", f"flash_attn_varlen_func(num_splits={splits})", None, lambda: None, varlen))
+    out.append(Contender(f"{FA3} varlen", f"flash_attn_varlen_func(num_splits={splits})", None, None, varlen))
     if decode_like:
         try:
             b, max_kv = w.batch_size, int(w.kv_lens.max())

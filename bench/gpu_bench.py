@@ -424,7 +424,8 @@ def run_contender(results, path, t, timer, refs, others, c, state, plan_entry, b
     w = t.w
     try:
         t0 = time.perf_counter()
-        c.plan()
+        if c.plan is not None:
+            c.plan()
         torch.cuda.synchronize()
         first = time.perf_counter() - t0
         res, out = measure(timer, c.run, t.sets, refs, others, graph=c.graph, view=c.view)
@@ -432,7 +433,7 @@ def run_contender(results, path, t, timer, refs, others, c, state, plan_entry, b
         if c.module:
             res["jit_module"] = c.module
         res["first_plan_s"] = first
-        if res.get("status") == "ok":
+        if res.get("status") == "ok" and c.plan is not None:
             res["plan_us"] = time_plan(c.plan)
             res["plan_while_jit_builds_ran"] = busy()
             plan_entry[f"{c.name} plan_us"] = res["plan_us"]
@@ -967,7 +968,8 @@ def phase_warm(module):
                 errors.append(f"{c[0]}: {c[3]}")
                 continue
             try:
-                c.plan()
+                if c.plan is not None:
+                    c.plan()
                 c.run(0)
                 torch.cuda.synchronize()
             except Exception as ex:

@@ -53,6 +53,10 @@ import report  # noqa: E402
 import workloads as wl  # noqa: E402
 
 DT = torch.bfloat16
+# "cpu" only for bench/test_anchors_plumbing.py's dry run of the anchors phase (fake kernels).
+DEV = os.environ.get("PACKINFER_BENCH_DEVICE", "cuda")
+# Every token count / SCALE (1 on the GPU: the definitions; larger only in the dry run).
+SCALE = int(os.environ.get("PACKINFER_BENCH_SCALE", "1"))
 SHAPE = wl.ModelShape(num_qo_heads=32, num_kv_heads=8, head_dim=128, dtype="bf16")
 EAGER_ITERS, GRAPH_ITERS, WARMUP = 40, 30, 5
 MAX_SETS = 8
@@ -91,7 +95,7 @@ class WorkloadTensors:
 
     def __init__(self, w, seed, l2_bytes):
         self.w = w
-        dev = "cuda"
+        dev = DEV
         hq, hkv, d = SHAPE.num_qo_heads, SHAPE.num_kv_heads, SHAPE.head_dim
         q_bytes = w.total_q * hq * d * 2
         cache_bytes = 2 * w.num_pages * w.page_size * hkv * d * 2
@@ -133,14 +137,14 @@ class WorkloadTensors:
             q1 = int(self.w.qo_indptr[r + 1])
             n = min(int(self.w.q_lens[r]), rows)
             qs = self.q[0][q1 - n:q1].double()
-            idx = torch.tensor(self.slots[r], device="cuda", dtype=torch.int64)
+            idx = torch.tensor(self.slots[r], device=DEV, dtype=torch.int64)
             k = kf[idx].double().repeat_interleave(g, dim=1)
             v = vf[idx].double().repeat_interleave(g, dim=1)
             s = torch.einsum("nhd,khd->hnk", qs, k) * SHAPE.sm_scale
             kv = k.shape[0]
             if self.w.causal:
-                limit = kv - n + torch.arange(n, device="cuda")
-                s = s.masked_fill(torch.arange(kv, device="cuda")[None, None, :] > limit[None, :, None], float("-inf"))
+                limit = kv - n + torch.arange(n, device=DEV)
+                s = s.masked_fill(torch.arange(kv, device=DEV)[None, None, :] > limit[None, :, None], float("-inf"))
             p = torch.softmax(s, dim=-1)
             out[r] = (q1 - n, q1, torch.einsum("hnk,khd->nhd", p, v))
         return out
@@ -293,7 +297,7 @@ def base_results(args, trace, works, l2_bytes):
         "mode": "gpu", "device": torch.cuda.get_device_name(0), "driver": driver, "cuda": torch.version.cuda,
         "torch": torch.__version__, "sms": props.multi_processor_count, "l2_bytes": l2_bytes,
         "date": common.utc_now(), "git_commit": common.git_commit(os.path.dirname(HERE)),
-        "python": platform.python_version(), "shape": vars(SHAPE), "seed": args.seed, "scale": 1,
+        "python": platform.python_version(), "shape": vars(SHAPE), "seed": args.seed, "scale": SCALE,
         "trace": os.path.basename(args.trace), "host": platform.node(),
         "timing": f"CUDA events around each call with the host enqueued ahead (device time), {WARMUP} warm-up "
                   f"calls, median of {EAGER_ITERS}; CUDA-graph replay of >= 8 calls, median of {GRAPH_ITERS} replays; "
@@ -360,7 +364,7 @@ def fa2_call(t):
 
 
 def workspace():
-    return torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
+    return torch.zeros(256 << 20 if DEV == "cuda" else 8, dtype=torch.uint8, device=DEV)
 
 
 def time_plan(plan, iters=20):
@@ -402,7 +406,7 @@ def context_alive():
     """False once a kernel fault has poisoned this process's CUDA context."""
     try:
         torch.cuda.synchronize()
-        torch.zeros(1, device="cuda").add_(1).item()
+        torch.zeros(1, device=DEV).add_(1).item()
         return True
     except Exception:
         return False
@@ -459,7 +463,7 @@ def jit_busy():
 
 def phase_anchors(args):
     trace = wl.load_trace(args.trace)
-    works = wl.build_all(trace, seed=args.seed)
+    works = wl.build_all(trace, seed=args.seed, scale=SCALE)
     l2 = l2_cache_bytes()
     path = os.path.join(args.out, "results.json")
     results = load_results(path) or base_results(args, trace, works, l2)

@@ -127,3 +127,4 @@ timeout -k 5 "$REPORT_S" python3 "$bench/gpu_bench.py" --phase report --out "$ou
   timeout 10 python3 "$bench/report.py" "$out/results.json" >/dev/null 2>&1
 say "done"
 cat "$out/results.md" 2>/dev/null | head -60
+sleep 1  # let tee write the last lines to run.log

@@ -283,5 +283,122 @@ class PlumbingTest(unittest.TestCase):
         self.assertEqual([c.name for c in got], ["FlashInfer POD"])
 
 
+
+
+TRACE = os.environ.get("PACKINFER_TRACE", os.path.join(HERE, "..", "..", "shared", "traces", "azure_llm_2023_code.csv"))
+if not os.path.exists(TRACE):
+    TRACE = "/work/shared/traces/azure_llm_2023_code.csv"
+
+
+class _CpuEvent:
+    def __init__(self, enable_timing=True):
+        self.t = None
+
+    def record(self, stream=None):
+        import time
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, other):
+        return (other.t - self.t) * 1e3
+
+
+@unittest.skipIf(torch is None or not os.path.exists(TRACE), "needs torch (CPU build is enough) and the trace")
+class DryRunTest(unittest.TestCase):
+    """gpu_bench.py's anchors phase end to end on the CPU: W1-W7 scaled down by 256, fake
+    FlashInfer and FA3 kernels, torch.cuda's timing calls replaced by host clocks, and JIT
+    warm-up markers saying: built, failed (with nvcc's message), still running at the deadline.
+    Checks what results.json and the report say about each."""
+
+    def test_anchors_phase(self):
+        import argparse
+        import json
+        import tempfile
+        with tempfile.TemporaryDirectory() as d:
+            env = {"PACKINFER_BENCH_DEVICE": "cpu", "PACKINFER_BENCH_SCALE": "256",
+                   "PACKINFER_WARM_DIR": os.path.join(d, "warm"), "PACKINFER_WARM_BUDGET_S": "330"}
+            old = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            saved_cuda = {}
+            try:
+                sys.modules.pop("gpu_bench", None)
+                import gpu_bench as gb
+                cuda = torch.cuda
+                fakes = {"synchronize": lambda *a: None, "Event": _CpuEvent, "empty_cache": lambda: None,
+                         "get_device_name": lambda *a: "CPU dry run",
+                         "get_device_properties": lambda *a: types.SimpleNamespace(L2_cache_size=1 << 20,
+                                                                                  multi_processor_count=1),
+                         "_sleep": None}
+                for k, v in fakes.items():
+                    saved_cuda[k] = getattr(cuda, k, None)
+                    setattr(cuda, k, v)
+                gb.ceilings = lambda: {"copy_gbps": 3000.0, "matmul_tflops": 800.0}
+                gb.EAGER_ITERS, gb.GRAPH_ITERS, gb.WARMUP = 3, 2, 1
+                plan_timer = gb.time_plan
+                gb.time_plan = lambda plan, iters=2: plan_timer(plan, iters)
+                gb.MAX_SETS = 2
+                gb.SHAPE = SHAPE  # 4 query / 2 KV heads, head_dim 8: the fake kernels are plain torch on the CPU
+                anchors.DEVICE = "cpu"
+                sys.modules["flashinfer"] = fake_flashinfer()
+                sys.modules["fa3_fwd_interface"] = fake_fa3()
+                for m in anchors.MODULES:
+                    anchors.write_marker(m, None, "pid 1")
+                    if m == "ragged-fa3":
+                        anchors.write_marker(m, False, "RuntimeError: nvcc fatal : Unsupported gpu architecture")
+                    elif m != "xqa":
+                        anchors.write_marker(m, True, "built in 1 s")
+                import time
+                os.environ["PACKINFER_WARM_DEADLINE"] = str(time.time() + 3)
+                os.environ["PACKINFER_ANCHORS_END"] = str(time.time() + 600)
+                out = os.path.join(d, "out")
+                os.makedirs(out)
+                args = argparse.Namespace(out=out, state=os.path.join(d, "state"), trace=TRACE, seed=0)
+                gb.phase_anchors(args)
+                res = json.load(open(os.path.join(out, "results.json")))
+                ws = res["workloads"]
+                self.assertEqual(sorted(ws), ["W1", "W2", "W3", "W4", "W5", "W6", "W7"])
+                for w, e in ws.items():
+                    cs = e["contenders"]
+                    self.assertEqual(cs["FA2 varlen"]["status"], "error", w)  # no FA2 on the CPU
+                    self.assertEqual(cs["FA3 varlen"]["status"], "ok", (w, cs["FA3 varlen"]))
+                self.assertEqual(ws["W1"]["contenders"]["FlashInfer ragged prefill fa2"]["status"], "ok")
+                fa3 = ws["W6"]["contenders"]["FlashInfer ragged prefill fa3"]
+                self.assertEqual(fa3["status"], "error")
+                self.assertIn("nvcc fatal : Unsupported gpu architecture", fa3["note"])
+                self.assertEqual(ws["W7"]["contenders"]["FlashInfer XQA decode"]["status"], "not compiled")
+                for name in ("FlashInfer POD", "FlashInfer BatchPOD", "FlashInfer BatchAttention",
+                             "FlashInfer paged prefill"):
+                    self.assertEqual(ws["W3"]["contenders"][name]["status"], "ok", name)
+                self.assertEqual(ws["W4"]["contenders"]["FlashInfer cascade"]["status"], "ok")
+                self.assertEqual(ws["W7"]["contenders"]["FA3 kvcache"]["status"], "ok")
+                self.assertIn("FlashInfer decode tensor cores plan_us", res["planning"]["W2"])
+                self.assertEqual(sorted(res["anchor_progress"]["started"]), sorted(res["anchor_progress"]["done"]))
+                # A second run (a resume) does nothing again.
+                before = json.dumps(res["workloads"], sort_keys=True)
+                gb.phase_anchors(args)
+                again = json.load(open(os.path.join(out, "results.json")))
+                self.assertEqual(json.dumps(again["workloads"], sort_keys=True), before)
+                import report
+                md = report.markdown(again)
+                self.assertIn("nvcc fatal : Unsupported gpu architecture", md)
+                self.assertIn("not compiled", md)
+            finally:
+                for k, v in saved_cuda.items():
+                    if v is None:
+                        delattr(torch.cuda, k) if hasattr(torch.cuda, k) else None
+                    else:
+                        setattr(torch.cuda, k, v)
+                for k, v in old.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+                for k in ("PACKINFER_WARM_DEADLINE", "PACKINFER_ANCHORS_END"):
+                    os.environ.pop(k, None)
+                sys.modules.pop("flashinfer", None)
+                sys.modules.pop("fa3_fwd_interface", None)
+                sys.modules.pop("gpu_bench", None)
+                anchors.DEVICE = "cuda"
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -6,6 +6,9 @@ contender's output, through its `view`, must match a float64 reference of the wo
 checks the index plumbing (which pages, which rows, in which order), not FlashInfer itself.
 
     python3 bench/test_anchors_plumbing.py
+    PACKINFER_BENCH_DRY_RUN=1 python3 bench/test_anchors_plumbing.py     (+ the anchors phase, ~6 min)
+
+The dry run (DryRunTest) also runs gpu_bench.py's anchors phase end to end on the CPU.
 """
 
 import os
@@ -302,7 +305,8 @@ class _CpuEvent:
         return (other.t - self.t) * 1e3
 
 
-@unittest.skipIf(torch is None or not os.path.exists(TRACE), "needs torch (CPU build is enough) and the trace")
+@unittest.skipIf(torch is None or not os.path.exists(TRACE) or os.environ.get("PACKINFER_BENCH_DRY_RUN") != "1",
+                 "needs torch (CPU build is enough), the trace and PACKINFER_BENCH_DRY_RUN=1 (it takes minutes)")
 class DryRunTest(unittest.TestCase):
     """gpu_bench.py's anchors phase end to end on the CPU: W1-W7 scaled down by 256, fake
     FlashInfer and FA3 kernels, torch.cuda's timing calls replaced by host clocks, and JIT

@@ -160,6 +160,25 @@ def anchor_list(results):
     return out
 
 
+def invariance_table(results):
+    """Rows comparing each FlashInfer batch-invariant contender with PackInfer's deterministic plan."""
+    rows = []
+    for w, e in results["workloads"].items():
+        det = ((results.get("ablations") or {}).get(w) or {}).get("deterministic") or {}
+        det_t = det.get("time_us") if det.get("status") == "ok" else None
+        for n, r in e.get("contenders", {}).items():
+            if "batch-invariant" not in n:
+                continue
+            t, _ = best_us(r)
+            ratio = f"{t / det_t:.2f}×" if t and det_t else "—"
+            rows.append(f"| {w} | {n} | {fmt_us(t) if t else cell(r, {})} | "
+                        f"{fmt_us(det_t) if det_t else (det.get('status') or '—')} | {ratio} |")
+    if not rows:
+        return []
+    return ["| workload | FlashInfer batch-invariant | its time | PackInfer deterministic | ratio |",
+            "|---|---|---|---|---|"] + rows
+
+
 def could_not_run(results):
     """'- name (workloads): status: exact error' lines for every anchor that was not timed, and
     the anchors that were never staged or imported."""
@@ -295,6 +314,11 @@ def markdown(results):
             vs = ", ".join(f"{k} {v:.2g}" for k, v in ch.get("rel_err_vs", {}).items())
             out.append(f"| {w} | {n} | {r.get('status') if r else 'not run'} | "
                        f"{'—' if fp is None else f'{fp:.2g}'} | {vs or '—'} |")
+    inv = invariance_table(results)
+    if inv:
+        out += ["", "## Batch-invariant settings against PackInfer's deterministic mode", "",
+                "FlashInfer with `disable_split_kv=True` (its batch-invariance control) against PackInfer planned with "
+                "the deterministic flag (ablation 'deterministic'); ratio above 1: PackInfer faster.", ""] + inv
     if results.get("ablations"):
         cols = []
         for rows in results["ablations"].values():

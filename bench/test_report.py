@@ -56,6 +56,7 @@ def synthetic():
                      "not_staged": {"sgl-kernel 0.3.21": "wheel 535 MB"}},
             "ceilings": {"copy_gbps": 3000.0, "matmul_tflops": 790.0},
             "workloads": {"W1": w, "W7": w7},
+            "ablations": {"W1": {"deterministic": {"status": "ok", "time_us": 2200.0}}},
             "planning": {"decode1024": {"requests": 1024, "packinfer_plan_us": {"median": 300.0},
                                         "FlashInfer decode tensor cores plan_us": {"median": 170.0},
                                         "FA3 kvcache plan_us": "error: RuntimeError: boom"}},
@@ -95,6 +96,16 @@ class ReportTest(unittest.TestCase):
         self.assertIn("170.0 µs", plan)
         self.assertIn("error: RuntimeError: boom", plan)
 
+    def test_invariance_table(self):
+        res = synthetic()
+        res["workloads"]["W1"]["contenders"]["FlashInfer ragged prefill fa2 batch-invariant"] = timed(2420.0, "inv")
+        md = report.markdown(res)
+        self.assertIn("## Batch-invariant settings against PackInfer's deterministic mode", md)
+        section = md.split("## Batch-invariant settings against PackInfer's deterministic mode")[1].split("\n## ")[0]
+        row = [line for line in section.splitlines() if line.startswith("| W1 | FlashInfer ragged prefill fa2 batch-invariant")]
+        self.assertEqual(len(row), 1)
+        self.assertIn(f"{2420 / 2200:.2f}×", row[0])
+
     def test_no_anchor_timed(self):
         res = synthetic()
         for e in res["workloads"].values():
@@ -133,7 +144,8 @@ class ReportTest(unittest.TestCase):
             self.assertIn("## Summary", open(os.path.join(d, "results.md")).read())
 
     def test_repository_readme_has_block(self):
-        text = open(os.path.join(HERE, "..", "README.md"), encoding="utf-8").read()
+        with open(os.path.join(HERE, "..", "README.md"), encoding="utf-8") as f:
+            text = f.read()
         self.assertIn(report.README_BEGIN, text)
         self.assertIn(report.README_END, text)
 

@@ -54,10 +54,25 @@ def modules_for(kind):
 
 
 class Contender:
-    def __init__(self, name, api, module, plan, run, view=None, graph=True):
+    def __init__(self, name, api, module, plan, run, view=None, graph=True, info=None):
         self.name, self.api, self.module, self.plan, self.run = name, api, module, plan, run
         self.view = view
         self.graph = graph
+        self.info = info  # () -> dict recorded beside the result (e.g. the backend "auto" chose)
+
+
+def _resolved(wr):
+    """What FlashInfer's wrapper says it runs after plan() (attribute names vary by version)."""
+    out = {}
+    for attr in ("_backend", "resolved_backend", "_use_tensor_cores"):
+        try:
+            v = getattr(wr, attr, None)
+            v = v() if callable(v) else v
+        except Exception:  # noqa: BLE001
+            continue
+        if v is not None:
+            out[f"flashinfer{attr if attr.startswith('_') else '_' + attr}"] = str(v)
+    return out
 
 
 def kind_of(w):
@@ -257,7 +272,7 @@ def flashinfer_contenders(fi, t, shape, dt, workspace, only_modules=None):
                     wr.plan(t.qo_indptr, t.cu_k, hq, hkv, d, causal=w.causal, **kw, **extra)
                 return Contender(name, api, module, plan,
                                  lambda i: wr.run(t.q[i % t.sets], t.k_flat[i % t.sets], t.v_flat[i % t.sets],
-                                                  out=outs[i % t.sets]))
+                                                  out=outs[i % t.sets]), info=lambda: _resolved(wr))
             return build
         add(f"{FI} ragged prefill fa2", 'BatchPrefillWithRaggedKVCacheWrapper(backend="fa2")', "ragged-fa2",
             ragged("fa2"))
@@ -277,7 +292,8 @@ def flashinfer_contenders(fi, t, shape, dt, workspace, only_modules=None):
                 def plan():
                     wr.plan(t.kv_indptr, t.kv_indices, t.kv_last, hq, hkv, d, w.page_size, **kw, **extra)
                 return Contender(name, api, module, plan,
-                                 lambda i: wr.run(t.q[i % t.sets], paged_kv(i), out=outs[i % t.sets]))
+                                 lambda i: wr.run(t.q[i % t.sets], paged_kv(i), out=outs[i % t.sets]),
+                                 info=lambda: _resolved(wr))
             return build
         add(f"{FI} decode CUDA cores", "BatchDecodeWithPagedKVCacheWrapper(use_tensor_cores=False)", "decode",
             decode(False))
@@ -327,7 +343,8 @@ def flashinfer_contenders(fi, t, shape, dt, workspace, only_modules=None):
                     wr.plan(t.qo_indptr, t.kv_indptr, t.kv_indices, t.kv_last, hq, hkv, d, w.page_size,
                             causal=w.causal, **kw, **extra)
                 return Contender(name, api, module, plan,
-                                 lambda i: wr.run(t.q[i % t.sets], paged_kv(i), out=outs[i % t.sets]))
+                                 lambda i: wr.run(t.q[i % t.sets], paged_kv(i), out=outs[i % t.sets]),
+                                 info=lambda: _resolved(wr))
             return build
         add(f"{FI} paged prefill", "BatchPrefillWithPagedKVCacheWrapper (backend auto)", "paged-prefill",
             paged_prefill())

@@ -437,6 +437,11 @@ def run_contender(results, path, t, timer, refs, others, c, state, plan_entry, b
         if c.module:
             res["jit_module"] = c.module
         res["first_plan_s"] = first
+        if c.info is not None:
+            try:
+                res.update(c.info())
+            except Exception:
+                pass
         if res.get("status") == "ok" and c.plan is not None:
             res["plan_us"] = time_plan(c.plan)
             res["plan_while_jit_builds_ran"] = busy()

@@ -8,7 +8,8 @@ sources in flashinfer/data/csrc); the GPU machine takes 64 MiB per call. Every P
 include path (data/include, cutlass/include, cutlass/tools/util/include, spdlog/include, cccl's
 cub/libcudacxx/thrust). From data/csrc it keeps the top-level files up to KEEP_MAX_BYTES (the
 attention, decode, POD, cascade, page sources and the jinja templates are all small) and the
-subfolders in KEEP_CSRC_DIRS (xqa for XQA decode); everything else is deleted.
+subfolders in KEEP_CSRC_DIRS (xqa for XQA decode, fmha_v2 for the TRT-LLM FMHA that sm90's
+"auto" may pick); everything else is deleted.
 
 The check: every source file that the attention JIT generators (jit/attention/*.py, jit/xqa.py,
 jit/cascade.py, jit/page.py) name and that our benchmark's paths compile must still exist, and
@@ -23,7 +24,7 @@ import shutil
 import sys
 
 KEEP_MAX_BYTES = 300_000
-KEEP_CSRC_DIRS = {"xqa", "nv_internal", "generated"}
+KEEP_CSRC_DIRS = {"xqa", "nv_internal", "generated", "fmha_v2"}
 KEEP_DATA = ["include", "spdlog/include", "cutlass/include", "cutlass/tools/util/include", "cccl/cub/cub",
              "cccl/libcudacxx/include", "cccl/thrust/thrust", "build_utils.py", "build_backend.py"]
 # Sources the benchmark's wrappers compile (by name prefix in data/csrc): ragged/paged prefill

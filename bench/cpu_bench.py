@@ -200,7 +200,7 @@ def main():
     }
     print(f"PackInfer {lib.version} (ABI {lib.abi_version}) CPU backend, {ctx.num_workers} threads; "
           f"ceilings {results['ceilings']['matmul_tflops'] * 1e3:.1f} GFLOP/s, {results['ceilings']['copy_gbps']:.1f} GB/s")
-    work = wl.build_all(trace, seed=args.seed, scale=args.scale)
+    work = wl.build_all(trace, seed=args.seed, scale=args.scale, names=("W1", "W2", "W3", "W4", "W5"))
     inputs = {}
     for w in work:
         inp = inputs[w.name] = Inputs(w, shape, np.random.default_rng([args.seed, 1000 + int(w.name[1:])]))
@@ -271,7 +271,7 @@ def main():
 
     # Planning time of the full-size workloads (planned for this CPU context's profile).
     full_shape = wl.ModelShape()
-    plan_sets = wl.build_all(trace, seed=args.seed, scale=1) + [wl.decode_batch(trace, 256, args.seed),
+    plan_sets = wl.build_all(trace, seed=args.seed, scale=1, names=("W1", "W2", "W3", "W4", "W5")) + [wl.decode_batch(trace, 256, args.seed),
                                                                 wl.decode_batch(trace, 1024, args.seed)]
     for w in plan_sets:
         batch = wl.batch_arrays(w, full_shape)

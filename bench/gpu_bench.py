@@ -1,14 +1,18 @@
-"""GPU benchmark: PackInfer against FlashAttention-2 (PyTorch's) and FlashInfer on W1-W5.
+"""GPU benchmark: PackInfer against FlashAttention-2 (PyTorch's), FlashAttention-3 and FlashInfer
+(every API that applies, anchors.py) on W1-W7.
 
 Runs on the GPU machine in phases, each its own process so that a crash of one contender (a
 kernel fault poisons the whole CUDA context) cannot lose the others' numbers; results.json is
-rewritten after every measurement. `bench/run_gpu.sh` runs them in order:
+rewritten after every measurement. `bench/run_anchors.sh` runs them:
 
-    gpu_bench.py --phase warm-prefill|warm-decode|warm-cascade   FlashInfer JIT builds, in background
-    gpu_bench.py --phase anchors --out DIR ...   ceilings, FA2 and FlashInfer on W1-W5, FlashInfer plan()
-    gpu_bench.py --phase ours    --out DIR ...   PackInfer through ctypes on the same tensors, ablations,
-                                                 capacity sweep, planning time
+    gpu_bench.py --phase warm-MODULE             one FlashInfer JIT module (anchors.MODULES), in background
+    gpu_bench.py --phase ours    --out DIR ...   PackInfer through ctypes, ablations, capacity sweep
+                                                 (--no-planning: planning time left to the last phase)
+    gpu_bench.py --phase anchors --out DIR ...   ceilings, FA2, FA3 and FlashInfer on W1-W7, plan() per API
+    gpu_bench.py --phase planning --out DIR ...  host planning time, ours and the anchors', CPU idle
     gpu_bench.py --phase report  --out DIR       results.md and the PNG charts
+
+(`bench/run_gpu.sh`, the older order: anchors first, then ours, still works.)
 
 Every phase builds the same tensors: workloads from the trace with a fixed seed (workloads.py),
 values from torch generators seeded per (workload, rotation set), so the "ours" process sees
@@ -34,6 +38,7 @@ import subprocess
 import sys
 import time
 import traceback
+import urllib.parse
 
 import numpy as np
 import torch
@@ -41,6 +46,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import anchors  # noqa: E402
 import common  # noqa: E402
 import managed  # noqa: E402
 import packinfer_ctypes as pc  # noqa: E402
@@ -48,6 +54,10 @@ import report  # noqa: E402
 import workloads as wl  # noqa: E402
 
 DT = torch.bfloat16
+# "cpu" only for bench/test_anchors_plumbing.py's dry run of the anchors phase (fake kernels).
+DEV = os.environ.get("PACKINFER_BENCH_DEVICE", "cuda")
+# Every token count / SCALE (1 on the GPU: the definitions; larger only in the dry run).
+SCALE = int(os.environ.get("PACKINFER_BENCH_SCALE", "1"))
 SHAPE = wl.ModelShape(num_qo_heads=32, num_kv_heads=8, head_dim=128, dtype="bf16")
 EAGER_ITERS, GRAPH_ITERS, WARMUP = 40, 30, 5
 HOST_PATH_ITERS = 50
@@ -87,7 +97,7 @@ class WorkloadTensors:
 
     def __init__(self, w, seed, l2_bytes):
         self.w = w
-        dev = "cuda"
+        dev = DEV
         hq, hkv, d = SHAPE.num_qo_heads, SHAPE.num_kv_heads, SHAPE.head_dim
         q_bytes = w.total_q * hq * d * 2
         cache_bytes = 2 * w.num_pages * w.page_size * hkv * d * 2
@@ -129,14 +139,14 @@ class WorkloadTensors:
             q1 = int(self.w.qo_indptr[r + 1])
             n = min(int(self.w.q_lens[r]), rows)
             qs = self.q[0][q1 - n:q1].double()
-            idx = torch.tensor(self.slots[r], device="cuda", dtype=torch.int64)
+            idx = torch.tensor(self.slots[r], device=DEV, dtype=torch.int64)
             k = kf[idx].double().repeat_interleave(g, dim=1)
             v = vf[idx].double().repeat_interleave(g, dim=1)
             s = torch.einsum("nhd,khd->hnk", qs, k) * SHAPE.sm_scale
             kv = k.shape[0]
             if self.w.causal:
-                limit = kv - n + torch.arange(n, device="cuda")
-                s = s.masked_fill(torch.arange(kv, device="cuda")[None, None, :] > limit[None, :, None], float("-inf"))
+                limit = kv - n + torch.arange(n, device=DEV)
+                s = s.masked_fill(torch.arange(kv, device=DEV)[None, None, :] > limit[None, :, None], float("-inf"))
             p = torch.softmax(s, dim=-1)
             out[r] = (q1 - n, q1, torch.einsum("hnk,khd->nhd", p, v))
         return out
@@ -241,12 +251,15 @@ class Timer:
         return res
 
 
-def measure(timer, call, sets, refs, others, graph=True):
-    """Check, then time. Returns (result dict, output of set 0)."""
+def measure(timer, call, sets, refs, others, graph=True, view=None):
+    """Check, then time. Returns (result dict, output of set 0). `view` turns what `call`
+    returns into the [total_q, heads, dim] output (outside timing)."""
     res = {}
     try:
         out = call(0)
         torch.cuda.synchronize()
+        if view is not None:
+            out = view(out)
         res["check"] = check_output(out, refs, others)
     except Exception as e:
         return {"status": "error", "note": f"{type(e).__name__}: {e}"[:2000]}, None
@@ -286,14 +299,14 @@ def base_results(args, trace, works, l2_bytes):
         "mode": "gpu", "device": torch.cuda.get_device_name(0), "driver": driver, "cuda": torch.version.cuda,
         "torch": torch.__version__, "sms": props.multi_processor_count, "l2_bytes": l2_bytes,
         "date": common.utc_now(), "git_commit": common.git_commit(os.path.dirname(HERE)),
-        "python": platform.python_version(), "shape": vars(SHAPE), "seed": args.seed, "scale": 1,
+        "python": platform.python_version(), "shape": vars(SHAPE), "seed": args.seed, "scale": SCALE,
         "trace": os.path.basename(args.trace), "host": platform.node(),
         "timing": f"CUDA events around each call with the host enqueued ahead (device time), {WARMUP} warm-up "
                   f"calls, median of {EAGER_ITERS}; CUDA-graph replay of >= 8 calls, median of {GRAPH_ITERS} replays; "
                   f"inputs rotated over copies so each workload's working set is >= 3x L2 ({l2_bytes >> 20} MiB)",
     }
     results = {"meta": meta, "ceilings": {}, "workloads": {}, "ablations": {}, "capacity_sweep": {}, "planning": {},
-               "not_measured": {}, "errors": []}
+               "not_measured": {}, "not_run": {}, "errors": []}
     for w in works:
         entry = {"describe": w.describe(), "flops": wl.flops(w, SHAPE), "min_bytes": wl.min_bytes(w, SHAPE),
                  "contenders": {}}
@@ -353,65 +366,7 @@ def fa2_call(t):
 
 
 def workspace():
-    return torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
-
-
-def flashinfer_wrappers(flashinfer, t):
-    """[(contender name, plan() callable, run(set) callable)] for workload t."""
-    w = t.w
-    hq, hkv, d = SHAPE.num_qo_heads, SHAPE.num_kv_heads, SHAPE.head_dim
-    common_kw = dict(q_data_type=DT, kv_data_type=DT, sm_scale=SHAPE.sm_scale)
-    out = []
-    if w.ragged:
-        wr = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace(), "NHD")
-
-        def plan():
-            wr.plan(t.qo_indptr, t.cu_k, hq, hkv, d, causal=w.causal, **common_kw)
-        out.append((FI, plan, lambda i: wr.run(t.q[i % t.sets], t.k_flat[i % t.sets], t.v_flat[i % t.sets]), "ragged prefill"))
-    elif (w.q_lens == 1).all():
-        wr = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace(), "NHD")
-
-        def plan():
-            wr.plan(t.kv_indptr, t.kv_indices, t.kv_last, hq, hkv, d, w.page_size, **common_kw)
-        out.append((FI, plan, lambda i: wr.run(t.q[i % t.sets], (t.k[i % t.sets], t.v[i % t.sets])), "paged decode"))
-        # FlashInfer's decode on tensor cores (its advice for GQA group sizes >= 4): the stronger anchor.
-        wt = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace(), "NHD", use_tensor_cores=True)
-
-        def plan_tc():
-            wt.plan(t.kv_indptr, t.kv_indices, t.kv_last, hq, hkv, d, w.page_size, **common_kw)
-        out.append((FI_TC, plan_tc, lambda i: wt.run(t.q[i % t.sets], (t.k[i % t.sets], t.v[i % t.sets])),
-                    "paged decode, use_tensor_cores=True"))
-    else:
-        wr = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace(), "NHD")
-
-        def plan():
-            wr.plan(t.qo_indptr, t.kv_indptr, t.kv_indices, t.kv_last, hq, hkv, d, w.page_size, causal=w.causal,
-                    **common_kw)
-        out.append((FI, plan, lambda i: wr.run(t.q[i % t.sets], (t.k[i % t.sets], t.v[i % t.sets])), "paged prefill"))
-    if w.prefix_groups:
-        prefix_len, members = w.prefix_groups[0]
-        if members != list(range(w.batch_size)):
-            raise ValueError("the cascade set-up expects one prefix group of every request")
-        prefix_pages = prefix_len // w.page_size
-        i32 = dict(device="cuda", dtype=torch.int32)
-        prefix_idx = t.kv_indices[:prefix_pages]
-        suffix_counts = np.diff(w.kv_indptr) - prefix_pages
-        suffix_idx = torch.tensor(np.concatenate([w.kv_page_indices[w.kv_indptr[r] + prefix_pages:w.kv_indptr[r + 1]]
-                                                  for r in range(w.batch_size)]), **i32)
-        levels = (
-            [torch.tensor([0, w.total_q], **i32), t.qo_indptr],
-            [torch.tensor([0, prefix_pages], **i32), torch.tensor(np.concatenate([[0], np.cumsum(suffix_counts)]), **i32)],
-            [prefix_idx, suffix_idx],
-            [torch.tensor([w.page_size], **i32), t.kv_last],
-        )
-        cw = flashinfer.MultiLevelCascadeAttentionWrapper(2, workspace(), "NHD")
-
-        def plan_c():
-            # Level 0 is all 64 queries against the prefix; no query may be masked there.
-            cw.plan(*levels, hq, hkv, d, w.page_size, causal=False, **common_kw)
-        out.append((FI_CASCADE, plan_c, lambda i: cw.run(t.q[i % t.sets], (t.k[i % t.sets], t.v[i % t.sets])),
-                    "2-level cascade: prefix once, then suffixes, merged"))
-    return out
+    return torch.zeros(256 << 20 if DEV == "cuda" else 8, dtype=torch.uint8, device=DEV)
 
 
 def time_plan(plan, iters=20):
@@ -426,114 +381,310 @@ def time_plan(plan, iters=20):
     return common.summary(times)
 
 
-FLASHINFER_ORDER = ["W1", "W5", "W2", "W4", "W3"]
+# FlashInfer's units (workload, JIT module) are taken in this order of workloads as their modules
+# become ready; FA2 and FA3 need no JIT and run first.
+ANCHOR_ORDER = ["W1", "W6", "W5", "W2", "W7", "W4", "W3"]
+# Anchors whose outputs later phases compare with (the others' are checked, not kept).
+KEPT_OUTPUTS = (FA2, OURS)
+
+
+def output_file(state, wname, contender):
+    return os.path.join(state, f"{wname}__{urllib.parse.quote(contender, safe='')}.pt")
+
+
+def saved_outputs(state, wname, names=KEPT_OUTPUTS):
+    out = {}
+    for n in names:
+        f = output_file(state, wname, n)
+        if os.path.exists(f):
+            try:
+                out[n] = torch.load(f)
+            except Exception:
+                pass
+    return out
+
+
+def context_alive():
+    """False once a kernel fault has poisoned this process's CUDA context."""
+    try:
+        torch.cuda.synchronize()
+        torch.zeros(1, device=DEV).add_(1).item()
+        return True
+    except Exception:
+        return False
+
+
+class ContextLost(Exception):
+    pass
+
+
+def record(results, path, wname, name, res):
+    results["workloads"][wname]["contenders"][name] = res
+    common.write_json(path, results)
+    log(f"{wname} {name}: {report.cell(res, results['workloads'][wname])}")
+
+
+def run_contender(results, path, t, timer, refs, others, c, state, plan_entry, busy):
+    """Plans, checks and times one anchors.Contender; records it. Raises ContextLost when the
+    CUDA context died under it (the caller exits; bench/run_anchors.sh resumes in a new process)."""
+    w = t.w
+    try:
+        t0 = time.perf_counter()
+        if c.plan is not None:
+            c.plan()
+        torch.cuda.synchronize()
+        first = time.perf_counter() - t0
+        res, out = measure(timer, c.run, t.sets, refs, others, graph=c.graph, view=c.view)
+        res["api"] = c.api
+        if c.module:
+            res["jit_module"] = c.module
+        res["first_plan_s"] = first
+        if c.info is not None:
+            try:
+                res.update(c.info())
+            except Exception:
+                pass
+        if res.get("status") == "ok" and c.plan is not None:
+            res["plan_us"] = time_plan(c.plan)
+            res["plan_while_jit_builds_ran"] = busy()
+            plan_entry[f"{c.name} plan_us"] = res["plan_us"]
+            if c.name in KEPT_OUTPUTS and out is not None:
+                torch.save(out.cpu(), output_file(state, w.name, c.name))
+    except Exception as ex:
+        res = {"status": "error", "api": c.api, "note": f"{type(ex).__name__}: {ex}"[:2000]}
+        results["errors"].append(f"{w.name} {c.name}: {traceback.format_exc()[-1500:]}")
+    record(results, path, w.name, c.name, res)
+    if res.get("status") == "error" and not context_alive():
+        raise ContextLost(f"{w.name} {c.name}: {res.get('note')}")
+    return res
+
+
+def jit_busy():
+    d = anchors.marker_dir()
+    if not os.path.isdir(d):
+        return False
+    started = {f[:-8] for f in os.listdir(d) if f.endswith(".started")}
+    done = {f.rsplit(".", 1)[0] for f in os.listdir(d) if f.endswith((".ok", ".err"))}
+    return bool(started - done)
 
 
 def phase_anchors(args):
     trace = wl.load_trace(args.trace)
-    works = wl.build_all(trace, seed=args.seed)
+    works = wl.build_all(trace, seed=args.seed, scale=SCALE)
     l2 = l2_cache_bytes()
-    results = base_results(args, trace, works, l2)
     path = os.path.join(args.out, "results.json")
+    results = load_results(path) or base_results(args, trace, works, l2)
+    results.setdefault("not_run", {})
+    for w in works:  # a results.json of an older harness may lack W6/W7
+        if w.name not in results["workloads"]:
+            results["workloads"][w.name] = {"describe": w.describe(), "flops": wl.flops(w, SHAPE),
+                                            "min_bytes": wl.min_bytes(w, SHAPE), "contenders": {}}
     state = os.path.join(args.state, "outputs")
     os.makedirs(state, exist_ok=True)
-    log(f"device {results['meta']['device']}, driver {results['meta']['driver']}, torch {torch.__version__}")
-    try:
-        results["ceilings"] = ceilings()
-        log(f"ceilings: copy {results['ceilings']['copy_gbps']:.0f} GB/s, matmul {results['ceilings']['matmul_tflops']:.0f} TFLOP/s")
-    except Exception as e:
-        results["errors"].append(f"ceilings: {type(e).__name__}: {e}")
-    set_floors(results)
-    common.write_json(path, results)
-    timer = Timer()
-    tensors = {}
-    outputs = {}
-    for w in works:
-        e = results["workloads"][w.name]
+    end = float(os.environ.get("PACKINFER_ANCHORS_END", time.time() + 400))
+    deadline = min(end, float(os.environ.get("PACKINFER_WARM_DEADLINE", end)))
+    progress = results.setdefault("anchor_progress", {"started": [], "done": []})
+    # A unit started but never finished: the process died in it (bench/run_anchors.sh resumed us).
+    for u in progress["started"]:
+        if u not in progress["done"]:
+            wname, what = u.split("/", 1)
+            results["errors"].append(f"{u}: the anchors process died here (CUDA context lost); resumed after it")
+            results["not_run"][u] = ("the anchors process died in this unit (CUDA context lost, see run.log); "
+                                     "its contenders not recorded above did not run")
+            progress["done"].append(u)
+            results.setdefault("lost_units", []).append(u)
+    meta = results["meta"]
+    log(f"device {meta['device']}, driver {meta['driver']}, torch {torch.__version__}")
+    manifest = os.environ.get("PACKINFER_ANCHORS_MANIFEST")
+    if manifest and os.path.exists(manifest):
         try:
+            m = json.load(open(manifest))
+            meta["not_staged"] = m.pop("not_staged", {})
+            meta["anchors_manifest"] = m
+        except Exception as ex:
+            results["errors"].append(f"{manifest}: {type(ex).__name__}: {ex}")
+    if not results.get("ceilings", {}).get("copy_gbps"):
+        try:
+            results["ceilings"] = ceilings()
+            log(f"ceilings: copy {results['ceilings']['copy_gbps']:.0f} GB/s, matmul "
+                f"{results['ceilings']['matmul_tflops']:.0f} TFLOP/s")
+        except Exception as e:
+            results["errors"].append(f"ceilings: {type(e).__name__}: {e}")
+        set_floors(results)
+        common.write_json(path, results)
+    timer = Timer()
+    tensors, refs_of = {}, {}
+
+    def tensors_of(w):
+        if w.name not in tensors:
             t = tensors[w.name] = WorkloadTensors(w, args.seed, l2)
+            e = results["workloads"][w.name]
             e["rotation_sets"] = t.sets
             e["input_checksum"] = t.checksum
-            refs = t.reference(check_requests(w, args.seed))
-            res, out = measure(timer, fa2_call(t), t.sets, refs, {})
-            if not w.ragged:
-                res["layout"] = "unpaged copy of each request's keys (FA2 varlen has no page table)"
-            e["contenders"][FA2] = res
-            ok = bool(res.get("check", {}).get("ok"))
-            outputs[w.name] = {FA2: out if ok else None}
-            if ok:
-                torch.save(out.cpu(), os.path.join(state, f"{w.name}_FA2.pt"))
-            log(f"{w.name} {FA2}: {report.cell(res, e)}")
-        except Exception as ex:
-            e["contenders"][FA2] = {"status": "error", "note": f"{type(ex).__name__}: {ex}"[:2000]}
-            results["errors"].append(f"{w.name} FA2: {traceback.format_exc()[-1500:]}")
-            log(f"{w.name} {FA2}: error {ex}")
+            refs_of[w.name] = t.reference(check_requests(w, args.seed))
+        return tensors[w.name], refs_of[w.name]
+
+    def unit(u, fn):
+        """Runs one (workload, anchor) unit once: an exception is recorded, not raised, unless the
+        CUDA context died (then ContextLost ends the process; the unit stays "started", and the
+        resumed process records it as lost)."""
+        if u in progress["done"]:
+            return
+        progress["started"].append(u)
         common.write_json(path, results)
-    try:
-        import flashinfer
-        results["meta"]["flashinfer"] = getattr(flashinfer, "__version__", "?")
-    except Exception as ex:
-        flashinfer = None
-        results["errors"].append(f"import flashinfer: {type(ex).__name__}: {ex}")
-        for w in works:
-            results["workloads"][w.name]["contenders"][FI] = {"status": "error", "note": f"import flashinfer failed: {ex}"}
-    if flashinfer is not None:
-        # The workloads whose issue targets name FlashInfer first (W5 shares W1's prefill JIT):
-        # on an H200 the phase once ran out of time after W2 (FlashInfer's JIT builds dominate it).
-        for w in sorted(works, key=lambda w: FLASHINFER_ORDER.index(w.name) if w.name in FLASHINFER_ORDER else len(FLASHINFER_ORDER)):
-            e = results["workloads"][w.name]
-            t = tensors.get(w.name)
-            if t is None:
-                continue
-            plan_entry = results["planning"].setdefault(w.name, {"requests": w.batch_size})
-            try:
-                wrappers = flashinfer_wrappers(flashinfer, t)
-            except Exception as ex:
-                e["contenders"][FI] = {"status": "error", "note": f"{type(ex).__name__}: {ex}"[:2000]}
-                continue
-            try:
-                refs = t.reference(check_requests(w, args.seed))
-            except Exception as ex:
-                results["errors"].append(f"{w.name} float64 reference: {type(ex).__name__}: {ex}")
-                continue
-            for name, plan, run, what in wrappers:
-                try:
-                    t0 = time.perf_counter()
-                    plan()
-                    torch.cuda.synchronize()
-                    first = time.perf_counter() - t0
-                    res, out = measure(timer, run, t.sets, refs, {FA2: outputs.get(w.name, {}).get(FA2)})
-                    res["api"] = what
-                    res["first_plan_s_incl_jit"] = first
-                    res["plan_us"] = time_plan(plan)
-                    if name == FI:
-                        plan_entry["flashinfer_plan_us"] = res["plan_us"]
-                    else:
-                        plan_entry[f"{name} plan_us"] = res["plan_us"]
-                    if out is not None and res.get("check", {}).get("ok"):
-                        torch.save(out.cpu(), os.path.join(state, f"{w.name}_{name.replace(' ', '_')}.pt"))
-                except Exception as ex:
-                    res = {"status": "error", "note": f"{type(ex).__name__}: {ex}"[:2000]}
-                    results["errors"].append(f"{w.name} {name}: {traceback.format_exc()[-1500:]}")
-                e["contenders"][name] = res
-                log(f"{w.name} {name}: {report.cell(res, e)}")
+        try:
+            fn()
+        except ContextLost:
+            raise
+        except Exception as ex:
+            results["errors"].append(f"{u}: {traceback.format_exc()[-1500:]}")
+            results["not_run"][u] = f"{type(ex).__name__}: {ex}"[:1000]
+            if not context_alive():
                 common.write_json(path, results)
-        # FlashInfer plan() for 256 and 1024 decoding requests.
-        for n in (256, 1024):
-            w = wl.decode_batch(trace, n, args.seed)
+                raise ContextLost(u)
+        progress["done"].append(u)
+        common.write_json(path, results)
+
+    by_name = {w.name: w for w in works}
+    order = [by_name[n] for n in ANCHOR_ORDER if n in by_name] + [w for w in works if w.name not in ANCHOR_ORDER]
+    # FA2 (PyTorch's) on every workload.
+    for w in order:
+        def fa2(w=w):
             try:
-                i32 = dict(device="cuda", dtype=torch.int32)
-                ind = torch.tensor(w.kv_indptr, **i32)
-                idx = torch.tensor(w.kv_page_indices, **i32)
-                last = torch.tensor(w.kv_last_page_len, **i32)
-                wr = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace(), "NHD")
-                res = time_plan(lambda: wr.plan(ind, idx, last, SHAPE.num_qo_heads, SHAPE.num_kv_heads, SHAPE.head_dim,
-                                                w.page_size, q_data_type=DT, kv_data_type=DT))
-                results["planning"].setdefault(w.name, {"requests": n})["flashinfer_plan_us"] = res
+                t, refs = tensors_of(w)
+                others = saved_outputs(state, w.name, (OURS,))
+                res, out = measure(timer, fa2_call(t), t.sets, refs, others)
+                res["api"] = "torch.ops.aten._flash_attention_forward (varlen)"
+                if not w.ragged:
+                    res["layout"] = "unpaged copy of each request's keys (FA2 varlen has no page table)"
+                if res.get("check", {}).get("ok") and out is not None:
+                    torch.save(out.cpu(), output_file(state, w.name, FA2))
+            except Exception as ex:
+                res = {"status": "error", "note": f"{type(ex).__name__}: {ex}"[:2000]}
+                results["errors"].append(f"{w.name} FA2: {traceback.format_exc()[-1500:]}")
+            record(results, path, w.name, FA2, res)
+            if res.get("status") == "error" and not context_alive():
+                raise ContextLost(f"{w.name} FA2")
+        unit(f"{w.name}/FA2", fa2)
+    # FlashAttention-3.
+    fa3, fa3_version, fa3_err = anchors.import_fa3()
+    meta["fa3"] = fa3_version if fa3 else f"did not load: {fa3_err}"
+    if fa3 is None:
+        results["not_run"][f"{anchors.FA3} (fa3-fwd)"] = f"import fa3_fwd_interface: {fa3_err}"
+    else:
+        results["not_run"][f"{anchors.FA3} flash_attn_with_kvcache with a page table"] = (
+            "fa3-fwd is built with FLASHATTENTION_DISABLE_PAGEDKV (fa3_fwd_config.py): no paged KV; its "
+            "flash_attn_with_kvcache runs on a padded contiguous cache instead (W2, W4, W7)")
+        for w in order:
+            def fa3_unit(w=w):
+                t, refs = tensors_of(w)
+                others = saved_outputs(state, w.name)
+                plan_entry = results["planning"].setdefault(w.name, {"requests": w.batch_size})
+                for c in anchors.fa3_contenders(fa3, t, SHAPE, DT):
+                    if isinstance(c, tuple):
+                        record(results, path, w.name, c[0], {"status": "error", "api": c[1], "note": c[3]})
+                        continue
+                    run_contender(results, path, t, timer, refs, others, c, state, plan_entry, jit_busy)
+            unit(f"{w.name}/FA3", fa3_unit)
+    # FlashInfer: each (workload, JIT module) unit once its module is built (or failed to build).
+    fi, stubs, fi_err = anchors.import_flashinfer()
+    meta["flashinfer"] = anchors.flashinfer_version(fi) if fi else f"did not import: {fi_err}"
+    meta["flashinfer_site"] = os.environ.get("PACKINFER_FLASHINFER_SITE", "")
+    if stubs:
+        meta["flashinfer_stubbed_packages"] = stubs
+    if fi is None:
+        results["not_run"]["FlashInfer"] = f"import flashinfer: {fi_err}"
+        common.write_json(path, results)
+        log("anchors done (no FlashInfer)")
+        return
+    pending = [(w, m) for w in order for m in anchors.modules_for(anchors.kind_of(w))
+               if f"{w.name}/{m}" not in progress["done"]]
+    while pending and time.time() < end:
+        ready = []
+        for w, m in pending:
+            status, text = anchors.marker_state(m)
+            if status in ("ok", "err") or time.time() >= deadline:
+                ready.append((w, m, status, text))
+        if not ready:
+            time.sleep(1.0)
+            continue
+        for w, m, status, text in ready:
+            pending.remove((w, m))
+            if time.time() >= end:
+                pending.append((w, m))
+                break
+
+            def fi_unit(w=w, m=m, status=status, text=text):
+                t, refs = tensors_of(w)
+                others = saved_outputs(state, w.name)
+                plan_entry = results["planning"].setdefault(w.name, {"requests": w.batch_size})
+                built = anchors.flashinfer_contenders(fi, t, SHAPE, DT, workspace, only_modules={m})
+                for c in built:
+                    name = c[0] if isinstance(c, tuple) else c.name
+                    api = c[1] if isinstance(c, tuple) else c.api
+                    if status == "err":
+                        record(results, path, w.name, name, {"status": "error", "api": api, "jit_module": m,
+                                                             "note": f"JIT build of '{m}' failed: {text[-1500:]}"})
+                    elif status != "ok":
+                        record(results, path, w.name, name, {
+                            "status": "not compiled", "api": api, "jit_module": m,
+                            "note": f"JIT build of '{m}' {status} at the warm-up deadline "
+                                    f"({os.environ.get('PACKINFER_WARM_BUDGET_S', '?')} s)"})
+                    elif isinstance(c, tuple):
+                        record(results, path, w.name, name, {"status": "error", "api": api, "jit_module": m, "note": c[3]})
+                    else:
+                        run_contender(results, path, t, timer, refs, others, c, state, plan_entry, jit_busy)
+                del built
+                torch.cuda.empty_cache()
+            unit(f"{w.name}/{m}", fi_unit)
+    for w, m in pending:
+        results["not_run"][f"{w.name} FlashInfer module '{m}'"] = "the anchors phase ran out of its time budget first"
+    common.write_json(path, results)
+    log("anchors done")
+
+
+def phase_planning(args):
+    """Host planning time with the CPU idle (after the JIT builds): PackInfer's plan + launch and
+    each anchor's host work per step (FlashInfer plan() per API, FA3 scheduler metadata), on
+    every workload and on decode steps of 256 and 1,024 trace contexts."""
+    trace = wl.load_trace(args.trace)
+    works = wl.build_all(trace, seed=args.seed)
+    path = os.path.join(args.out, "results.json")
+    results = load_results(path) or base_results(args, trace, works, l2_cache_bytes())
+    results["meta"]["planning_jit_builds_running"] = jit_busy()
+    try:
+        lib = pc.Library(args.lib)
+        try:
+            ctx = lib.context(pc.BACKEND_CUDA)
+            ctx.precompile()
+        except pc.PackinferError:
+            ctx = None
+        packinfer_planning(results, path, lib, ctx, works, trace, args)
+    except Exception as ex:
+        results["errors"].append(f"planning (PackInfer): {type(ex).__name__}: {ex}")
+    batches = [wl.decode_batch(trace, 256, args.seed), wl.decode_batch(trace, 1024, args.seed)]
+    fi, _, fi_err = anchors.import_flashinfer()
+    fa3, _, fa3_err = anchors.import_fa3()
+    for w in batches:
+        p = results["planning"].setdefault(w.name, {"requests": w.batch_size})
+        if fi is not None:
+            try:
+                for name, plan in anchors.flashinfer_plan_batches(fi, w, SHAPE, DT, workspace).items():
+                    try:
+                        p[f"{name} plan_us"] = time_plan(plan)
+                    except Exception as ex:
+                        p[f"{name} plan_us"] = f"error: {type(ex).__name__}: {ex}"[:300]
             except Exception as ex:
                 results["errors"].append(f"FlashInfer plan {w.name}: {type(ex).__name__}: {ex}")
+        else:
+            p["FlashInfer plan_us"] = f"error: {fi_err}"[:300]
+        if fa3 is not None:
+            try:
+                p[f"{anchors.FA3} kvcache plan_us"] = time_plan(anchors.fa3_plan_batch(fa3, w, SHAPE, DT))
+            except Exception as ex:
+                p[f"{anchors.FA3} kvcache plan_us"] = f"error: {type(ex).__name__}: {ex}"[:300]
         common.write_json(path, results)
-    log("anchors done")
+    log("planning done")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -560,7 +711,7 @@ def phase_ours(args):
     path = os.path.join(args.out, "results.json")
     results = load_results(path) or base_results(args, trace, works, l2)
     state = os.path.join(args.state, "outputs")
-    stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
+    os.makedirs(state, exist_ok=True)
     try:
         lib = pc.Library(args.lib)
         results["meta"]["packinfer_version"], results["meta"]["abi_version"] = lib.version, lib.abi_version
@@ -601,12 +752,9 @@ def phase_ours(args):
                 results["errors"].append(f"{w.name}: inputs differ from the anchors' process "
                                          f"(checksum {t.checksum} vs {e['input_checksum']}); cross-check void")
             refs = t.reference(check_requests(w, args.seed))
-            others = {}
-            for name in (FA2, FI, FI_TC, FI_CASCADE):
-                f = os.path.join(state, f"{w.name}_{name.replace(' ', '_')}.pt")
-                if os.path.exists(f):
-                    others[name] = torch.load(f)
-            res, plan_info = run_ours(lib, ctx, t, timer, refs, others, flags=0, graph=True)
+            others = saved_outputs(state, w.name, (FA2,))
+            res, plan_info = run_ours(lib, ctx, t, timer, refs, others, flags=0, graph=True,
+                                      save_to=output_file(state, w.name, OURS))
             e["contenders"][OURS] = res
             log(f"{w.name} {OURS}: {report.cell(res, e)}")
         except Exception as ex:
@@ -661,7 +809,43 @@ def phase_ours(args):
             except Exception as ex:
                 results["capacity_sweep"][name] = {"error": f"{type(ex).__name__}: {ex}"[:500]}
             common.write_json(path, results)
-    # Planning time (host): plan_create, the planner's own clock, launch_create (+ upload wait).
+    if not getattr(args, "no_planning", False):
+        packinfer_planning(results, path, lib, ctx, works, trace, args)
+    # Last, as the newest code path: W4 at the managed level.
+    # W4 at the managed level (forked sequences in a pool), pages as appended and after relayout.
+    w4 = results["workloads"]["W4"]
+    if not lib.has("packinfer_pool_create"):
+        w4["contenders"][OURS_MANAGED] = {"status": "not yet", "note": "no packinfer_pool_* exports in this build"}
+    elif ctx is None:
+        w4["contenders"][OURS_MANAGED] = {"status": cuda_status, "note": cuda_note}
+    elif tensors.get("W4") is not None:
+        try:
+            t = tensors["W4"]
+            others = saved_outputs(state, "W4")
+            variants = run_w4_managed(lib, ctx, t, timer, t.reference(check_requests(t.w, args.seed)), others)
+            w4["contenders"][OURS_MANAGED] = variants["group-contiguous (after relayout)"]
+            results.setdefault("managed", {})["W4"] = {
+                k: {"status": v["status"], "time_us": v.get("time_us", {}).get("median"), "note": v.get("note"),
+                    "rel_err_fp64": v.get("check", {}).get("rel_err_fp64"), "relayout": v.get("relayout"),
+                    "pool_stats": v.get("pool_stats"), "stats": v.get("plan_stats")} for k, v in variants.items()}
+        except pc.PackinferError as ex:
+            w4["contenders"][OURS_MANAGED] = {"status": "unsupported" if ex.status == "UNSUPPORTED" else "error",
+                                              "note": f"{ex.func}: {ex.message}"[:500]}
+        except Exception as ex:
+            w4["contenders"][OURS_MANAGED] = {"status": "error", "note": f"{type(ex).__name__}: {ex}"[:500]}
+        log(f"W4 {OURS_MANAGED}: {report.cell(w4['contenders'][OURS_MANAGED], w4)}")
+    m = w4["contenders"].get(OURS_MANAGED, {})
+    if m.get("status") != "ok":
+        results["not_measured"]["W4 at the managed level and group-contiguous layout on/off"] = (
+            f"{m.get('status')}: {m.get('note')}")
+    common.write_json(path, results)
+    log("ours done")
+
+
+def packinfer_planning(results, path, lib, ctx, works, trace, args):
+    """Planning time (host): plan_create, the planner's own clock, launch_create (+ upload wait)."""
+    def stream():
+        return torch.cuda.current_stream().cuda_stream
     plan_ctx = ctx or lib.context(pc.BACKEND_CPU)
     note = None if ctx else "PackInfer planned for the CPU backend's profile (no CUDA backend in this build)"
     sets = works + [wl.decode_batch(trace, 256, args.seed), wl.decode_batch(trace, 1024, args.seed)]
@@ -724,39 +908,6 @@ def phase_ours(args):
         except Exception as ex:
             p["host_path"] = f"error: {type(ex).__name__}: {ex}"[:500]
     common.write_json(path, results)
-    # Last, as the newest code path: W4 at the managed level.
-    # W4 at the managed level (forked sequences in a pool), pages as appended and after relayout.
-    w4 = results["workloads"]["W4"]
-    if not lib.has("packinfer_pool_create"):
-        w4["contenders"][OURS_MANAGED] = {"status": "not yet", "note": "no packinfer_pool_* exports in this build"}
-    elif ctx is None:
-        w4["contenders"][OURS_MANAGED] = {"status": cuda_status, "note": cuda_note}
-    elif tensors.get("W4") is not None:
-        try:
-            t = tensors["W4"]
-            others = {}
-            for name in (FA2, FI, FI_TC, FI_CASCADE):
-                f = os.path.join(state, f"W4_{name.replace(' ', '_')}.pt")
-                if os.path.exists(f):
-                    others[name] = torch.load(f)
-            variants = run_w4_managed(lib, ctx, t, timer, t.reference(check_requests(t.w, args.seed)), others)
-            w4["contenders"][OURS_MANAGED] = variants["group-contiguous (after relayout)"]
-            results.setdefault("managed", {})["W4"] = {
-                k: {"status": v["status"], "time_us": v.get("time_us", {}).get("median"), "note": v.get("note"),
-                    "rel_err_fp64": v.get("check", {}).get("rel_err_fp64"), "relayout": v.get("relayout"),
-                    "pool_stats": v.get("pool_stats"), "stats": v.get("plan_stats")} for k, v in variants.items()}
-        except pc.PackinferError as ex:
-            w4["contenders"][OURS_MANAGED] = {"status": "unsupported" if ex.status == "UNSUPPORTED" else "error",
-                                              "note": f"{ex.func}: {ex.message}"[:500]}
-        except Exception as ex:
-            w4["contenders"][OURS_MANAGED] = {"status": "error", "note": f"{type(ex).__name__}: {ex}"[:500]}
-        log(f"W4 {OURS_MANAGED}: {report.cell(w4['contenders'][OURS_MANAGED], w4)}")
-    m = w4["contenders"].get(OURS_MANAGED, {})
-    if m.get("status") != "ok":
-        results["not_measured"]["W4 at the managed level and group-contiguous layout on/off"] = (
-            f"{m.get('status')}: {m.get('note')}")
-    common.write_json(path, results)
-    log("ours done")
 
 
 def run_w4_managed(lib, ctx, t, timer, refs, others):
@@ -813,8 +964,9 @@ def run_w4_managed(lib, ctx, t, timer, refs, others):
             pool.destroy()
 
 
-def run_ours(lib, ctx, t, timer, refs, others, flags=0, capacity=0.0, graph=True):
-    """Plans t's batch with `flags`/`capacity`, binds it, checks (unless refs is None) and times."""
+def run_ours(lib, ctx, t, timer, refs, others, flags=0, capacity=0.0, graph=True, save_to=None):
+    """Plans t's batch with `flags`/`capacity`, binds it, checks (unless refs is None) and times;
+    `save_to`: where to keep a checked output for the other phases' cross-checks."""
     batch = wl.batch_arrays(t.w, SHAPE)
     plan, plan_s = ctx.plan(batch, flags=flags, capacity=capacity)
     launch = None
@@ -825,7 +977,9 @@ def run_ours(lib, ctx, t, timer, refs, others, flags=0, capacity=0.0, graph=True
         outs = [torch.full((t.w.total_q, SHAPE.num_qo_heads, SHAPE.head_dim), float("nan"), device="cuda", dtype=DT)
                 for _ in range(t.sets)]
         call = ours_call(lib, launch, t, outs)
-        res, _ = measure(timer, call, t.sets, refs, others, graph=graph)
+        res, out = measure(timer, call, t.sets, refs, others, graph=graph)
+        if save_to and out is not None and res.get("check", {}).get("ok"):
+            torch.save(out.cpu(), save_to)
         res["plan_stats"] = stats
         res["plan_us"] = plan_s * 1e6
         torch.cuda.synchronize()
@@ -840,53 +994,65 @@ def run_ours(lib, ctx, t, timer, refs, others, flags=0, capacity=0.0, graph=True
 # FlashInfer JIT warm-up (runs in the background while the anchors phase builds tensors)
 
 
-def phase_warm(kind):
-    import flashinfer
-    hq, hkv, d = SHAPE.num_qo_heads, SHAPE.num_kv_heads, SHAPE.head_dim
-    kw = dict(q_data_type=DT, kv_data_type=DT, sm_scale=SHAPE.sm_scale)
-    i32 = dict(device="cuda", dtype=torch.int32)
+def phase_warm(module):
+    """Builds FlashInfer's JIT module `module` (anchors.MODULES) by running its contenders on a
+    tiny workload of the same shape, dtype, mask and page size; writes the outcome marker."""
+    anchors.write_marker(module, None, f"pid {os.getpid()} since {time.strftime('%H:%M:%S')}")
     t0 = time.time()
-    if kind == "prefill":
-        wr = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace(), "NHD")
-        ind = torch.tensor([0, 32], **i32)
-        wr.plan(ind, ind, hq, hkv, d, causal=True, **kw)
-        wr.run(torch.randn(32, hq, d, device="cuda", dtype=DT), torch.randn(32, hkv, d, device="cuda", dtype=DT),
-               torch.randn(32, hkv, d, device="cuda", dtype=DT))
-    elif kind == "decode":
-        wr = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace(), "NHD")
-        wr.plan(torch.tensor([0, 2], **i32), torch.tensor([0, 1], **i32), torch.tensor([5], **i32), hq, hkv, d, 16, **kw)
-        cache = torch.randn(2, 16, hkv, d, device="cuda", dtype=DT)
-        wr.run(torch.randn(1, hq, d, device="cuda", dtype=DT), (cache, cache))
-    elif kind == "decode-tc":
-        wr = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace(), "NHD", use_tensor_cores=True)
-        wr.plan(torch.tensor([0, 2], **i32), torch.tensor([0, 1], **i32), torch.tensor([5], **i32), hq, hkv, d, 16, **kw)
-        cache = torch.randn(2, 16, hkv, d, device="cuda", dtype=DT)
-        wr.run(torch.randn(1, hq, d, device="cuda", dtype=DT), (cache, cache))
-    elif kind == "cascade":
-        v = torch.randn(4, hq, d, device="cuda", dtype=DT)
-        s = torch.randn(4, hq, device="cuda", dtype=torch.float32)
-        flashinfer.merge_state_in_place(v, s, v.clone(), s.clone())
-    torch.cuda.synchronize()
-    log(f"FlashInfer JIT warm-up '{kind}' done in {time.time() - t0:.0f} s")
+    try:
+        fi, stubs, err = anchors.import_flashinfer()
+        if fi is None:
+            raise RuntimeError(f"import flashinfer: {err}")
+        w = anchors.tiny_workload(anchors.MODULE_KIND[module])
+        t = WorkloadTensors(w, 0, 1 << 20)
+        built = anchors.flashinfer_contenders(fi, t, SHAPE, DT, workspace, only_modules={module})
+        if not built:
+            raise RuntimeError(f"no contender uses module {module!r} for a {anchors.MODULE_KIND[module]} workload")
+        errors = []
+        for c in built:
+            if isinstance(c, tuple):
+                errors.append(f"{c[0]}: {c[3]}")
+                continue
+            try:
+                if c.plan is not None:
+                    c.plan()
+                c.run(0)
+                torch.cuda.synchronize()
+            except Exception as ex:
+                errors.append(f"{c.name}: {type(ex).__name__}: {ex}"[-3000:])
+        if len(errors) == len(built):
+            raise RuntimeError("; ".join(errors))
+        anchors.write_marker(module, True, f"built in {time.time() - t0:.0f} s" + (f"; {errors}" if errors else ""))
+        log(f"FlashInfer JIT warm-up '{module}' done in {time.time() - t0:.0f} s")
+    except Exception as ex:
+        anchors.write_marker(module, False, f"{type(ex).__name__}: {ex}"[-4000:] + f" (after {time.time() - t0:.0f} s)")
+        log(f"FlashInfer JIT warm-up '{module}' failed after {time.time() - t0:.0f} s: {ex}")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--phase", required=True,
-                    choices=["anchors", "ours", "report", "warm-prefill", "warm-decode", "warm-decode-tc", "warm-cascade"])
+                    choices=["anchors", "ours", "planning", "report"] + [f"warm-{m}" for m in anchors.MODULES])
     ap.add_argument("--out", default=".")
-    ap.add_argument("--state", default="/tmp/packinfer_bench", help="where the anchors' outputs are kept between phases")
+    ap.add_argument("--state", default="/tmp/packinfer_bench", help="where outputs are kept between phases")
     ap.add_argument("--trace", default="../shared/traces/azure_llm_2023_code.csv")
     ap.add_argument("--lib", default="target/release/libpackinfer.so")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-planning", action="store_true", help="ours: leave planning time to --phase planning")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if args.phase.startswith("warm-"):
         phase_warm(args.phase[5:])
     elif args.phase == "anchors":
-        phase_anchors(args)
+        try:
+            phase_anchors(args)
+        except ContextLost as ex:
+            log(f"CUDA context lost in {ex}; exiting for a resume in a new process")
+            sys.exit(3)
     elif args.phase == "ours":
         phase_ours(args)
+    elif args.phase == "planning":
+        phase_planning(args)
     else:
         path = os.path.join(args.out, "results.json")
         results = load_results(path)

@@ -123,6 +123,10 @@ class PackinferPool(Structure):
     _fields_ = [("bits", c_uint64)]
 
 
+class PackinferScheduler(Structure):
+    _fields_ = [("bits", c_uint64)]
+
+
 class PackinferKvSource(Structure):
     _fields_ = [("struct_size", c_size_t), ("k", c_void_p), ("v", c_void_p), ("num_rows", c_uint32),
                 ("num_kv_heads", c_uint32), ("head_dim", c_uint32), ("dtype", c_uint32), ("stride_token", c_int64)]
@@ -213,6 +217,15 @@ OPTIONAL_SIGNATURES = {
     "packinfer_pool_relayout": (c_int, [PackinferPool, PackinferPlan, _U64P, c_uint32, c_bool, c_void_p,
                                         POINTER(PackinferRelayoutReport)]),
     "packinfer_pool_stats": (c_int, [PackinferPool, POINTER(PackinferPoolStats)]),
+    # The adaptive scheduler (the benchmark does not drive it: its options, step and stats
+    # structs are passed as opaque pointers).
+    "packinfer_scheduler_options_default": (c_int, [c_void_p]),
+    "packinfer_scheduler_create": (c_int, [PackinferPool, c_void_p, POINTER(PackinferScheduler)]),
+    "packinfer_scheduler_destroy": (c_int, [PackinferScheduler]),
+    "packinfer_scheduler_plan": (c_int, [PackinferScheduler, PackinferContext, _U64P, _U32P, c_uint32,
+                                         POINTER(PackinferPlanOptions), c_void_p, POINTER(PackinferPlan), c_void_p]),
+    "packinfer_scheduler_record": (c_int, [PackinferScheduler, c_void_p]),
+    "packinfer_scheduler_stats": (c_int, [PackinferScheduler, c_void_p]),
 }
 FUTURE_EXPORTS = list(OPTIONAL_SIGNATURES)
 

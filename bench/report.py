@@ -84,6 +84,151 @@ def ours_and_anchors(names, results=None):
     return ours, [n for n in names if not n.startswith("PackInfer") and timed(n)]
 
 
+def is_anchor(name):
+    return not name.startswith("PackInfer")
+
+
+def fastest_anchor(entry):
+    """(time, name) of the fastest timed anchor of a workload entry, or (None, None)."""
+    timed = [(best_us(r)[0], n) for n, r in entry.get("contenders", {}).items() if is_anchor(n) and best_us(r)[0]]
+    return min(timed) if timed else (None, None)
+
+
+def _best_of(entry, prefix):
+    timed = [(best_us(r)[0], n) for n, r in entry.get("contenders", {}).items()
+             if n.startswith(prefix) and best_us(r)[0]]
+    return min(timed) if timed else (None, None)
+
+
+def summary_table(results):
+    """The headline table (README and results.md): per workload the floor, the best of each anchor
+    family, PackInfer, and the fastest of all anchors over PackInfer."""
+    out = ["Best time per step (the faster of CUDA-graph replay and eager, for every contender); % = share of the "
+           "physical floor reached; last column: the fastest anchor's time over PackInfer's (above 1: PackInfer "
+           "faster, below 1: PackInfer behind).", "",
+           "| workload | floor | FA2 varlen | FA3 (best API) | FlashInfer (best API) | fastest anchor | PackInfer | "
+           "fastest anchor / PackInfer |",
+           "|---|---|---|---|---|---|---|---|"]
+    for w, e in results["workloads"].items():
+        cs = e.get("contenders", {})
+
+        def pct(t):
+            return f" ({100 * e['floor_us'] / t:.0f}%)" if t and e.get("floor_us") else ""
+
+        def fam(prefix):
+            t, n = _best_of(e, prefix)
+            if t is None:
+                stat = [r.get("status") for k, r in cs.items() if k.startswith(prefix) and r]
+                return "—" if not stat else f"not timed ({', '.join(sorted(set(map(str, stat))))})"
+            api = n[len(prefix):].strip()
+            return f"{fmt_us(t)}{pct(t)}" + (f", {api}" if api else "")
+        fa2, _ = best_us(cs.get("FA2 varlen"))
+        fa, fa_name = fastest_anchor(e)
+        ours_res = cs.get("PackInfer")
+        ours_t, _ = best_us(ours_res)
+        ours_cell = f"{fmt_us(ours_t)}{pct(ours_t)}" if ours_t else cell(ours_res, {})
+        ratio = f"{fa / ours_t:.2f}×" if ours_t and fa else "—"
+        title = e.get("describe", {}).get("title", "")
+        out.append(f"| {w}{' ' + title if title else ''} | {fmt_us(e.get('floor_us'))} | "
+                   f"{fmt_us(fa2)}{pct(fa2) if fa2 else ''} | {fam('FA3')} | {fam('FlashInfer')} | "
+                   f"{fa_name or '—'} | {ours_cell} | {ratio} |")
+    return out
+
+
+def anchor_list(results):
+    """Every anchor with its version and API, and how many workloads it was timed on."""
+    m = results.get("meta", {})
+    version = {"FA2": f"PyTorch {m.get('torch', '?')}", "FA3": f"fa3-fwd {m.get('fa3', '?')}",
+               "FlashInfer": f"FlashInfer {m.get('flashinfer', '?')}"}
+    rows = {}
+    for w, e in results["workloads"].items():
+        for n, r in e.get("contenders", {}).items():
+            if not is_anchor(n) or not r:
+                continue
+            row = rows.setdefault(n, {"api": r.get("api"), "timed": [], "other": []})
+            row["api"] = row["api"] or r.get("api")
+            (row["timed"] if best_us(r)[0] else row["other"]).append(f"{w}" + ("" if best_us(r)[0] else f" {r.get('status')}"))
+    out = ["| anchor | version | API | timed on | not timed |", "|---|---|---|---|---|"]
+    for n, row in rows.items():
+        v = next((v for k, v in version.items() if n.startswith(k)), "?")
+        out.append(f"| {n} | {v} | {row['api'] or '—'} | {', '.join(row['timed']) or '—'} | "
+                   f"{', '.join(row['other']) or '—'} |")
+    stubs = m.get("flashinfer_stubbed_packages")
+    if stubs:
+        out += ["", f"FlashInfer imported with these packages absent and stubbed (used only by its non-attention "
+                f"features): {', '.join(stubs)}."]
+    return out
+
+
+def invariance_table(results):
+    """Rows comparing each FlashInfer batch-invariant contender with PackInfer's deterministic plan."""
+    rows = []
+    for w, e in results["workloads"].items():
+        det = ((results.get("ablations") or {}).get(w) or {}).get("deterministic") or {}
+        det_t = det.get("time_us") if det.get("status") == "ok" else None
+        for n, r in e.get("contenders", {}).items():
+            if "batch-invariant" not in n:
+                continue
+            t, _ = best_us(r)
+            ratio = f"{t / det_t:.2f}×" if t and det_t else "—"
+            rows.append(f"| {w} | {n} | {fmt_us(t) if t else cell(r, {})} | "
+                        f"{fmt_us(det_t) if det_t else (det.get('status') or '—')} | {ratio} |")
+    if not rows:
+        return []
+    return ["| workload | FlashInfer batch-invariant | its time | PackInfer deterministic | ratio |",
+            "|---|---|---|---|---|"] + rows
+
+
+def could_not_run(results):
+    """'- name (workloads): status: exact error' lines for every anchor that was not timed, and
+    the anchors that were never staged or imported."""
+    groups = {}
+    for w, e in results["workloads"].items():
+        for n, r in e.get("contenders", {}).items():
+            if not is_anchor(n) or not r or r.get("status") == "ok":
+                continue
+            key = (n, r.get("status"), (r.get("note") or "").strip())
+            groups.setdefault(key, []).append(w)
+    out = [f"- **{n}** ({', '.join(ws)}): {status}: `{note}`" for (n, status, note), ws in groups.items()]
+    for k, v in (results.get("not_run") or {}).items():
+        out.append(f"- **{k}**: `{v}`")
+    for k, v in (results.get("meta", {}).get("not_staged") or {}).items():
+        out.append(f"- **{k}** (not staged): {v}")
+    return out
+
+
+README_BEGIN = "<!-- results-table:begin (bench/report.py --readme) -->"
+README_END = "<!-- results-table:end -->"
+
+
+def readme_block(results):
+    m = results["meta"]
+    lines = [README_BEGIN, "",
+             f"{m.get('device')}, {m.get('date', '')[:10]}, commit `{m.get('git_commit')}`; PyTorch {m.get('torch')} "
+             f"(FA2), FA3 {m.get('fa3', '—')}, FlashInfer {m.get('flashinfer', '—')}.", ""]
+    lines += summary_table(results)
+    failed = could_not_run(results)
+    if failed:
+        lines += ["", "Anchors that could not run, with their exact errors:", ""] + failed
+    lines += ["", README_END]
+    return "\n".join(lines)
+
+
+def update_readme(readme_path, results):
+    """Replaces the block between README_BEGIN and README_END in `readme_path` with this run's
+    table. Returns True when the file changed."""
+    with open(readme_path, encoding="utf-8") as f:
+        text = f.read()
+    a, b = text.find(README_BEGIN), text.find(README_END)
+    if a < 0 or b < a:
+        raise ValueError(f"{readme_path} has no {README_BEGIN} ... {README_END} block")
+    new = text[:a] + readme_block(results) + text[b + len(README_END):]
+    if new != text:
+        with open(readme_path, "w", encoding="utf-8") as f:
+            f.write(new)
+    return new != text
+
+
 def markdown(results):
     m = results["meta"]
     out = [f"# PackInfer benchmark — {m.get('device')}, {m.get('date')}", ""]
@@ -108,25 +253,8 @@ def markdown(results):
     ours, anchors = ours_and_anchors(names, results)
     cpu = m.get("mode") == "cpu"
     if not cpu:
-        out += ["", "## Summary", "",
-                "Best time per step (the faster of CUDA-graph replay and eager, for every contender); the ratio is the fastest anchor's "
-                "time over PackInfer's (above 1: PackInfer faster); % = share of the physical floor reached.", ""]
-        out.append("| workload | floor | FA2 varlen | FlashInfer (best API) | PackInfer | fastest anchor / PackInfer |")
-        out.append("|---|---|---|---|---|---|")
-        for w, e in results["workloads"].items():
-            cs = e.get("contenders", {})
-            def pct(t):
-                return f" ({100 * e['floor_us'] / t:.0f}%)" if t and e.get("floor_us") else ""
-            fa2, _ = best_us(cs.get("FA2 varlen"))
-            fis = [(best_us(r)[0], n) for n, r in cs.items() if n.startswith("FlashInfer") and best_us(r)[0]]
-            fi = min(fis) if fis else (None, None)
-            anchors_t = [t for t in [fa2, fi[0]] if t]
-            ours_res = cs.get("PackInfer")
-            ours_t, _ = best_us(ours_res)
-            ours_cell = f"{fmt_us(ours_t)}{pct(ours_t)}" if ours_t else cell(ours_res, {})
-            ratio = f"{min(anchors_t) / ours_t:.2f}×" if ours_t and anchors_t else "—"
-            fi_cell = f"{fmt_us(fi[0])}{pct(fi[0])}" + (f" [{fi[1]}]" if fi[1] and fi[1] != "FlashInfer" else "") if fi[0] else "—"
-            out.append(f"| {w} | {fmt_us(e.get('floor_us'))} | {fmt_us(fa2)}{pct(fa2)} | {fi_cell} | {ours_cell} | {ratio} |")
+        out += ["", "## Summary", ""] + summary_table(results)
+        out += ["", "## Anchors: versions and APIs", ""] + anchor_list(results)
     if cpu:
         out += ["", "## Tokens per second (CPU backend)", "",
                 "Wall time of one `packinfer_run` (median of the runs; min and p90 beside it: the machine is shared, "
@@ -186,6 +314,11 @@ def markdown(results):
             vs = ", ".join(f"{k} {v:.2g}" for k, v in ch.get("rel_err_vs", {}).items())
             out.append(f"| {w} | {n} | {r.get('status') if r else 'not run'} | "
                        f"{'—' if fp is None else f'{fp:.2g}'} | {vs or '—'} |")
+    inv = invariance_table(results)
+    if inv:
+        out += ["", "## Batch-invariant settings against PackInfer's deterministic mode", "",
+                "FlashInfer with `disable_split_kv=True` (its batch-invariance control) against PackInfer planned with "
+                "the deterministic flag (ablation 'deterministic'); ratio above 1: PackInfer faster.", ""] + inv
     if results.get("ablations"):
         cols = []
         for rows in results["ablations"].values():
@@ -238,25 +371,34 @@ def markdown(results):
     if results.get("planning"):
         out += ["", "## Planning overhead (host)", "",
                 "Median wall time of one call; PackInfer's plan_create (and the planner's own clock), launch_create, "
-                "FlashInfer's `plan()` (Python, with its copies). The steady-state host path of an engine's step: "
-                "plan_update into the last step's plan (*replan*), launch_update of a capacity launch while the GPU "
-                "is busy (*update*), and their sum.", ""]
-        out.append("| batch | requests | PackInfer plan | planner only | PackInfer launch | replan | update | replan + update "
-                   "| FlashInfer plan() |")
-        out.append("|---|---|---|---|---|---|---|---|---|")
+                "FlashInfer's `plan()` per API and FA3's scheduler metadata (Python, with their copies). The "
+                "steady-state host path of an engine's step: plan_update into the last step's plan (*replan*), "
+                "launch_update of a capacity launch while the GPU is busy (*update*), and their sum.", ""]
+        keys = []
+        for p in results["planning"].values():
+            for k in p:
+                if k.endswith("plan_us") and not k.startswith("packinfer") and k not in keys:
+                    keys.append(k)
+        out.append("| batch | requests | PackInfer plan | planner only | PackInfer launch | replan | update | replan + update | "
+                   + " | ".join(k[:-len(" plan_us")] if k.endswith(" plan_us") else k for k in keys) + " |")
+        out.append("|---|---|---|---|---|---|---|---|" + "---|" * len(keys))
         for w, p in results["planning"].items():
             def g(key):
                 v = p.get(key)
-                return fmt_us(v["median"]) if isinstance(v, dict) else (v if isinstance(v, str) else "—")
+                return fmt_us(v["median"]) if isinstance(v, dict) else (v[:80] if isinstance(v, str) else "—")
             out.append(f"| {w} | {p.get('requests', '—')} | {g('packinfer_plan_us')} | {g('packinfer_planner_us')} | "
                        f"{g('packinfer_launch_us')} | {g('packinfer_replan_us')} | {g('packinfer_update_us')} | "
-                       f"{g('packinfer_replan_plus_update_us')} | {g('flashinfer_plan_us')} |")
+                       f"{g('packinfer_replan_plus_update_us')} | " + " | ".join(g(k) for k in keys) + " |")
         notes = sorted({p["note"] for p in results["planning"].values() if p.get("note")})
         for n in notes:
             out.append(f"\n_{n}_")
     extra = results.get("not_measured")
     if extra:
         out += ["", "## Not measured in this run", ""] + [f"- **{k}**: {v}" for k, v in extra.items()]
+    failed = could_not_run(results)
+    if failed:
+        out += ["", "## Anchors that could not run", "", "Each with its exact error (the harness records it "
+                "instead of dropping the contender).", ""] + failed
     if results.get("errors"):
         out += ["", "## Errors", ""] + [f"- {e}" for e in results["errors"]]
     return "\n".join(out) + "\n"
@@ -330,12 +472,23 @@ def write_all(results, out_dir):
     return charts(results, out_dir)
 
 
-if __name__ == "__main__":
-    path = sys.argv[1]
-    with open(path) as f:
+def main(argv):
+    import argparse
+    ap = argparse.ArgumentParser(description="results.json -> results.md, PNG charts, and the README's table")
+    ap.add_argument("results_json")
+    ap.add_argument("--readme", help="README.md whose results-table block is regenerated from this run")
+    args = ap.parse_args(argv)
+    with open(args.results_json) as f:
         res = json.load(f)
-    files = write_all(res, os.path.dirname(os.path.abspath(path)))
-    with open(path, "w") as f:  # the derived fields (best_us, rates, fraction_of_floor) follow this report
+    out_dir = os.path.dirname(os.path.abspath(args.results_json))
+    files = write_all(res, out_dir)
+    with open(args.results_json, "w") as f:  # the derived fields (best_us, rates, fraction_of_floor) follow this report
         json.dump(res, f, indent=1)
-    print(open(os.path.join(os.path.dirname(os.path.abspath(path)), "results.md")).read())
+    if args.readme:
+        print(f"{args.readme}: {'updated' if update_readme(args.readme, res) else 'unchanged'}")
+    print(open(os.path.join(out_dir, "results.md")).read())
     print("charts:", files)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

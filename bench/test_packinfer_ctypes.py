@@ -258,6 +258,12 @@ class WorkloadTest(unittest.TestCase):
         w5 = ws["W5"]
         self.assertEqual(w5.batch_size, 256)
         self.assertTrue(((w5.q_lens >= 16) & (w5.q_lens <= 256)).all())
+        w6 = ws["W6"]
+        self.assertEqual((w6.batch_size, w6.total_q, w6.total_kv, w6.causal, w6.ragged), (1, 16384, 16384, True, True))
+        w7 = ws["W7"]
+        self.assertEqual((w7.batch_size, w7.page_size), (32, 16))
+        self.assertTrue((w7.q_lens == 1).all() and (w7.kv_lens == 32768).all())
+        self.assertEqual(w7.unique_kv_tokens(), 32 * 32768)
         for w in ws.values():
             self.check_tables(w)
         # Same seed, same workloads.

@@ -1,13 +1,13 @@
-"""The benchmark workloads W1-W5 of docs/workloads.md, built from the trace with a fixed seed.
+"""The benchmark workloads W1-W7 of docs/workloads.md, built from the trace with a fixed seed.
 
 numpy only: the GPU harness turns these into torch tensors, the CPU benchmark into numpy arrays,
 and both hand the same page tables to PackInfer, FlashAttention-2 and FlashInfer.
 
 A workload is a list of requests (q_len, kv_len) plus where each request's keys live:
-- paged (W2, W3, W4): pages of 16 tokens, their physical order shuffled by the seed so a request's
+- paged (W2, W3, W4, W7): pages of 16 tokens, their physical order shuffled by the seed so a request's
   pages are scattered over the cache, as in a serving engine after some churn; W4's 64 requests
   all point at the same 256 prefix pages, then at their own suffix pages;
-- ragged (W1, W5): the keys of all requests packed back to back (FlashAttention's varlen layout),
+- ragged (W1, W5, W6): the keys of all requests packed back to back (FlashAttention's varlen layout),
   described to PackInfer as pages of one token in order, i.e. the very same tensor.
 
 `scale` > 1 divides every token count (for the CPU benchmark); scale 1 is the definition.
@@ -177,8 +177,12 @@ def _scaled(x, scale):
     return np.maximum(1, np.asarray(x, dtype=np.int64) // scale)
 
 
-def build_all(trace, seed=0, scale=1):
-    """W1-W5 exactly as docs/workloads.md defines them (every token count divided by `scale`)."""
+ALL = ("W1", "W2", "W3", "W4", "W5", "W6", "W7")
+
+
+def build_all(trace, seed=0, scale=1, names=ALL):
+    """W1-W7 exactly as docs/workloads.md defines them (every token count divided by `scale`);
+    `names` picks some of them (same definitions)."""
     ctx, gen = trace[:, 0], trace[:, 1]
 
     def rng(i):
@@ -218,7 +222,14 @@ def build_all(trace, seed=0, scale=1):
     p = _scaled(rng(5).integers(16, 257, size=256), scale)
     out.append(build_ragged("W5", np.stack([p, p], 1), causal=True,
                             title=f"many short, 256 prompts of {p.min()}-{p.max()} tokens, {p.sum()} tokens"))
-    return out
+    # W6: one 16,384-token causal prompt (FlashAttention-3's benchmark shape: the compute ceiling).
+    n6 = max(1, 16384 // scale)
+    out.append(build_ragged("W6", [[n6, n6]], causal=True, title=f"one {n6}-token causal prompt"))
+    # W7: a decode step of 32 requests over 32,768 keys each (long-context decode: split-KV decides).
+    kv7 = max(1, 32768 // scale)
+    out.append(build_paged("W7", [[1, kv7]] * 32, PAGE_SIZE, rng(70), causal=True,
+                           title=f"long decode, 32 requests over {kv7} keys each, page 16 scattered"))
+    return [w for w in out if w.name in names]
 
 
 def build_features(trace, seed=0, scale=1):

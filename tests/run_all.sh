@@ -104,3 +104,8 @@ echo "== Bench: bench/test_packinfer_ctypes.py (ctypes layer vs header, CPU back
 cargo build --release
 python3 -c 'import numpy' 2>/dev/null || python3 -m pip install -q numpy
 python3 bench/test_packinfer_ctypes.py target/release/libpackinfer.so
+echo "== Bench: bench/test_report.py (report and README table from a synthetic run, anchors helpers) =="
+python3 bench/test_report.py
+# Index plumbing of every FlashInfer / FA3 contender against fake kernels (needs torch, CPU build
+# enough; reported skipped where torch is absent).
+python3 bench/test_anchors_plumbing.py

@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# The whole GPU benchmark against today's anchors in one device call of at most ~9 minutes. Run
+# from the folder bench/stage_gpu.sh fills (bench/, libpackinfer.so, the trace, anchors/, COMMIT):
+#
+#     bash .gpu-bench/bench/run_anchors.sh        (carry [".gpu-bench"]; results under $OUT)
+#
+# Timeline (seconds from the start; every step has its own time limit, so the call ends by
+# BUDGET_S whatever fails, and every phase writes results.json as it goes):
+#   0    unpack anchors/*.tar.xz into /tmp/anchors; pick the FlashInfer that imports (0.7.x, else
+#        the fallback 0.5.3): `anchors.py probe`
+#   ~20  FlashInfer JIT builds start in the background, WARM_PARALLEL at a time with MAX_JOBS each,
+#        most needed module first (anchors.MODULES); none runs past WARM_BUDGET_S
+#   ~20  PackInfer ("ours": the GPU is free while nvcc uses the CPU; no JIT), OURS_TIMEOUT at most
+#   then anchors: ceilings, FA2 and FA3 on W1-W7, then each FlashInfer (workload, module) as its
+#        module is built; a module still building at WARM_BUDGET_S is recorded "not compiled";
+#        a CUDA fault ends that process (exit 3) and a new one resumes after the faulting unit
+#   BUDGET_S - PLANNING_S - REPORT_S: host planning time with the CPU idle (ours and anchors')
+#   then the report (results.md, PNGs)
+# $OUT gets at most 6 files: run.log, warm.log, results.json, results.md and two PNGs.
+set -u
+T0=$(date +%s)
+bench=$(cd "$(dirname "$0")" && pwd)
+stage=$(dirname "$bench")
+out=${OUT:-/tmp/packinfer_out}
+mkdir -p "$out"
+BUDGET_S=${BUDGET_S:-525}
+WARM_BUDGET_S=${WARM_BUDGET_S:-330}
+WARM_PARALLEL=${WARM_PARALLEL:-4}
+WARM_JOBS=${WARM_JOBS:-6}
+WARM_MIN_START_S=${WARM_MIN_START_S:-45}  # no new build with less time than this left
+OURS_TIMEOUT=${OURS_TIMEOUT:-170}
+PLANNING_S=${PLANNING_S:-45}
+REPORT_S=${REPORT_S:-20}
+log="$out/run.log"
+exec > >(tee -a "$log") 2>&1
+elapsed() { echo $(($(date +%s) - T0)); }
+left_until() { echo $((T0 + $1 - $(date +%s))); }
+say() { echo "== [$(elapsed) s] $*"; }
+
+export PYTHONUNBUFFERED=1 FLASHINFER_CUDA_ARCH_LIST=9.0 TORCH_CUDA_ARCH_LIST=9.0
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PACKINFER_COMMIT=$(cat "$stage/COMMIT" 2>/dev/null || echo unknown)
+export PACKINFER_CACHE_DIR=/tmp/packinfer_kernels
+export FLASHINFER_WORKSPACE_BASE=/tmp/flashinfer_ws
+export PACKINFER_WARM_DIR=/tmp/packinfer_warm PACKINFER_WARM_BUDGET_S=$WARM_BUDGET_S
+export PACKINFER_WARM_DEADLINE=$((T0 + WARM_BUDGET_S))
+export PACKINFER_ANCHORS_MANIFEST="$stage/anchors/MANIFEST.json"
+export PACKINFER_ANCHORS_END=$((T0 + BUDGET_S - PLANNING_S - REPORT_S))
+trace="$stage/azure_llm_2023_code.csv"
+lib="$stage/libpackinfer.so"
+A=/tmp/anchors
+rm -rf "$A" /tmp/packinfer_bench "$PACKINFER_WARM_DIR"
+mkdir -p "$A" "$PACKINFER_WARM_DIR" "$FLASHINFER_WORKSPACE_BASE"
+
+say "packinfer anchors bench, commit $PACKINFER_COMMIT, $(date -u +%FT%TZ)"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv 2>&1
+nproc
+[ -f "$stage/anchors/MANIFEST.json" ] && cat "$stage/anchors/MANIFEST.json"
+for part in flashinfer flashinfer-old common pydeps fa3; do
+  mkdir -p "$A/$part"
+  if [ -f "$stage/anchors/$part.tar.xz" ]; then
+    tar -xJf "$stage/anchors/$part.tar.xz" -C "$A/$part" || echo "unpack of $part.tar.xz failed (rc $?)"
+  else
+    echo "anchors/$part.tar.xz not staged"
+  fi
+done
+say "unpacked: $(du -sh $A | cut -f1)"
+export PACKINFER_PYDEPS=$A/pydeps
+fi_site=""
+for cand in flashinfer flashinfer-old; do
+  say "probe $cand"
+  if PYTHONPATH="$A/$cand:$A/common:$A/fa3" timeout 120 python3 "$bench/anchors.py" probe; then
+    fi_site=$A/$cand
+    break
+  fi
+done
+[ -n "$fi_site" ] || { echo "no FlashInfer imports: FlashInfer is recorded as not run"; fi_site=$A/flashinfer; }
+export PACKINFER_FLASHINFER_SITE=$fi_site
+export PYTHONPATH="$fi_site:$A/common:$A/fa3${PYTHONPATH:+:$PYTHONPATH}"
+python3 -c "import sys; print('sys.path:', sys.path)"
+
+# FlashInfer JIT builds, in the background.
+modules=$(cd "$bench" && python3 -c "import anchors; print(' '.join(anchors.MODULES))")
+warm_all() {
+  for m in $modules; do
+    while [ "$(jobs -rp | wc -l)" -ge "$WARM_PARALLEL" ]; do sleep 1; done
+    t=$(left_until "$WARM_BUDGET_S")
+    if [ "$t" -le "$WARM_MIN_START_S" ]; then
+      echo "[warm] $m: not started, the warm-up budget ($WARM_BUDGET_S s) is spent"
+      continue
+    fi
+    echo "[warm] $m: start at $(elapsed) s, $t s left"
+    # timeout signals its whole process group: ninja and nvcc stop with it.
+    MAX_JOBS=$WARM_JOBS timeout -k 5 "$t" python3 "$bench/gpu_bench.py" --phase "warm-$m" &
+  done
+  wait
+  echo "[warm] all done at $(elapsed) s"
+}
+warm_all >>"$out/warm.log" 2>&1 &
+warm_pid=$!
+
+say "ours (PackInfer) for at most $OURS_TIMEOUT s"
+timeout -k 10 "$OURS_TIMEOUT" python3 "$bench/gpu_bench.py" --phase ours --no-planning --out "$out" --trace "$trace" \
+  --lib "$lib"
+say "ours: rc $?"
+
+for attempt in 1 2 3 4; do
+  t=$(left_until $((BUDGET_S - PLANNING_S - REPORT_S)))
+  [ "$t" -gt 15 ] || { say "anchors: no time left for attempt $attempt"; break; }
+  say "anchors, attempt $attempt, at most $t s"
+  timeout -k 10 "$t" python3 "$bench/gpu_bench.py" --phase anchors --out "$out" --trace "$trace"
+  rc=$?
+  say "anchors: rc $rc"
+  [ "$rc" = 3 ] || break  # 3: a CUDA fault ended the process; resume in a new one
+done
+wait "$warm_pid" 2>/dev/null
+say "warm-up markers: $(cd "$PACKINFER_WARM_DIR" && for f in *.ok *.err; do [ -e "$f" ] && printf '%s ' "$f"; done)"
+
+t=$(left_until $((BUDGET_S - REPORT_S)))
+if [ "$t" -gt 5 ]; then
+  say "planning, at most $t s"
+  timeout -k 5 "$t" python3 "$bench/gpu_bench.py" --phase planning --out "$out" --trace "$trace" --lib "$lib"
+  say "planning: rc $?"
+fi
+say "report"
+timeout -k 5 "$REPORT_S" python3 "$bench/gpu_bench.py" --phase report --out "$out" >/dev/null 2>&1 ||
+  timeout 10 python3 "$bench/report.py" "$out/results.json" >/dev/null 2>&1
+say "done"
+cat "$out/results.md" 2>/dev/null | head -60
+sleep 1  # let tee write the last lines to run.log

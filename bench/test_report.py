@@ -1,0 +1,203 @@
+"""Tests of bench/report.py on a synthetic results.json (no GPU, no torch): the summary picks the
+fastest of all anchors, the ratio is that anchor over PackInfer, every anchor that could not run
+is listed with its exact error, the README block is regenerated in place (and only it), and the
+anchors' helper code that needs no GPU (workload kinds, JIT module lists, the import stub) works.
+
+    python3 bench/test_report.py        (tests/run_all.sh runs it)
+"""
+
+import copy
+import json
+import os
+import sys
+import tempfile
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import anchors  # noqa: E402
+import report  # noqa: E402
+import workloads as wl  # noqa: E402
+
+
+def timed(us, api, graph=None):
+    r = {"status": "ok", "api": api, "time_us": {"median": us, "min": us, "p10": us, "p90": us, "n": 40},
+         "check": {"ok": True, "rel_err_fp64": 3e-3, "rel_err_vs": {}}}
+    if graph is not None:
+        r["graph_us"] = {"median": graph, "min": graph, "p10": graph, "p90": graph, "n": 30}
+    return r
+
+
+def synthetic():
+    w = {"describe": {"title": "prefill, 7 prompts"}, "flops": 2e12, "min_bytes": 1e8, "floor_us": 1400.0,
+         "contenders": {
+             "FA2 varlen": timed(3400.0, "torch.ops.aten._flash_attention_forward (varlen)"),
+             "FA3 varlen": timed(1700.0, "flash_attn_varlen_func(num_splits=1)", graph=1650.0),
+             "FlashInfer ragged prefill fa2": timed(1900.0, 'backend="fa2"'),
+             "FlashInfer ragged prefill fa3": timed(1800.0, 'backend="fa3"'),
+             "FlashInfer ragged prefill fa2 batch-invariant": {
+                 "status": "not compiled", "api": "ragged fa2, plan(disable_split_kv=True)", "jit_module": "ragged-fa2",
+                 "note": "JIT build of 'ragged-fa2' pending at the warm-up deadline (330 s)"},
+             "PackInfer": timed(2100.0, None, graph=2000.0),
+         }}
+    w7 = {"describe": {"title": "long decode"}, "flops": 1e10, "min_bytes": 2.2e9, "floor_us": 700.0,
+          "contenders": {
+              "FA2 varlen": timed(900.0, "fa2"),
+              "FlashInfer XQA decode": {"status": "error", "api": "xqa_batch_decode_with_kv_cache",
+                                        "note": "RuntimeError: XQA: page_size 16 not supported on sm_90"},
+              "FA3 kvcache": timed(760.0, "flash_attn_with_kvcache"),
+              "PackInfer": timed(800.0, None),
+          }}
+    return {"meta": {"device": "NVIDIA H100 80GB HBM3", "date": "2026-12-07T15:00:00Z", "git_commit": "abc1234",
+                     "torch": "2.11.0+cu130", "fa3": "0.0.3", "flashinfer": "0.7.4", "cuda": "13.0",
+                     "shape": {"num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 128, "dtype": "bf16"},
+                     "flashinfer_stubbed_packages": ["cutlass"],
+                     "not_staged": {"sgl-kernel 0.3.21": "wheel 535 MB"}},
+            "ceilings": {"copy_gbps": 3000.0, "matmul_tflops": 790.0},
+            "workloads": {"W1": w, "W7": w7},
+            "ablations": {"W1": {"deterministic": {"status": "ok", "time_us": 2200.0}}},
+            "planning": {"decode1024": {"requests": 1024, "packinfer_plan_us": {"median": 300.0},
+                                        "FlashInfer decode tensor cores plan_us": {"median": 170.0},
+                                        "FA3 kvcache plan_us": "error: RuntimeError: boom"}},
+            "not_run": {"FA3 flash_attn_with_kvcache with a page table": "built with FLASHATTENTION_DISABLE_PAGEDKV"},
+            "errors": []}
+
+
+class ReportTest(unittest.TestCase):
+    def test_fastest_anchor_and_ratio(self):
+        res = synthetic()
+        md = report.markdown(res)
+        rows = {line.split(" ")[1]: line for line in md.splitlines() if line.startswith("| W")}
+        # W1: FA3 varlen's graph replay (1650) beats FlashInfer fa3 (1800); PackInfer's best is 2000.
+        w1 = [line for line in md.splitlines() if line.startswith("| W1 prefill")][0]
+        self.assertIn("| FA3 varlen |", w1)
+        self.assertIn(f"{1650 / 2000:.2f}×", w1)
+        # W7: FA3 kvcache 760 over PackInfer 800.
+        w7 = [line for line in md.splitlines() if line.startswith("| W7 long decode")][0]
+        self.assertIn("| FA3 kvcache |", w7)
+        self.assertIn(f"{760 / 800:.2f}×", w7)
+        self.assertTrue(rows)
+
+    def test_could_not_run_lists_exact_errors(self):
+        md = report.markdown(synthetic())
+        self.assertIn("## Anchors that could not run", md)
+        self.assertIn("RuntimeError: XQA: page_size 16 not supported on sm_90", md)
+        self.assertIn("JIT build of 'ragged-fa2' pending at the warm-up deadline (330 s)", md)
+        self.assertIn("FLASHATTENTION_DISABLE_PAGEDKV", md)
+        self.assertIn("sgl-kernel 0.3.21", md)
+        self.assertIn("stubbed", md)
+
+    def test_versions_and_planning(self):
+        md = report.markdown(synthetic())
+        self.assertIn("| FlashInfer ragged prefill fa3 | FlashInfer 0.7.4 | backend=\"fa3\" | W1 |", md)
+        self.assertIn("| FA3 kvcache | fa3-fwd 0.0.3 |", md)
+        plan = [line for line in md.splitlines() if line.startswith("| decode1024 |")][0]
+        self.assertIn("170.0 µs", plan)
+        self.assertIn("error: RuntimeError: boom", plan)
+
+    def test_invariance_table(self):
+        res = synthetic()
+        res["workloads"]["W1"]["contenders"]["FlashInfer ragged prefill fa2 batch-invariant"] = timed(2420.0, "inv")
+        md = report.markdown(res)
+        self.assertIn("## Batch-invariant settings against PackInfer's deterministic mode", md)
+        section = md.split("## Batch-invariant settings against PackInfer's deterministic mode")[1].split("\n## ")[0]
+        row = [line for line in section.splitlines() if line.startswith("| W1 | FlashInfer ragged prefill fa2 batch-invariant")]
+        self.assertEqual(len(row), 1)
+        self.assertIn(f"{2420 / 2200:.2f}×", row[0])
+
+    def test_no_anchor_timed(self):
+        res = synthetic()
+        for e in res["workloads"].values():
+            for n in list(e["contenders"]):
+                if n != "PackInfer":
+                    e["contenders"][n] = {"status": "error", "note": "x"}
+        md = report.markdown(res)
+        w1 = [line for line in md.splitlines() if line.startswith("| W1 prefill")][0]
+        self.assertTrue(w1.rstrip().endswith("| — |"), w1)
+
+    def test_readme_block(self):
+        res = synthetic()
+        with tempfile.TemporaryDirectory() as d:
+            p = os.path.join(d, "README.md")
+            with open(p, "w") as f:
+                f.write(f"# T\n\nbefore\n\n{report.README_BEGIN}\nold table\n{report.README_END}\n\nafter\n")
+            self.assertTrue(report.update_readme(p, res))
+            text = open(p).read()
+            self.assertTrue(text.startswith("# T\n\nbefore\n\n"))
+            self.assertTrue(text.endswith("\n\nafter\n"))
+            self.assertNotIn("old table", text)
+            self.assertIn("| W1 prefill, 7 prompts |", text)
+            self.assertFalse(report.update_readme(p, res))  # idempotent
+            with open(p, "w") as f:
+                f.write("no block\n")
+            with self.assertRaises(ValueError):
+                report.update_readme(p, res)
+
+    def test_cli_writes_results_md(self):
+        res = synthetic()
+        with tempfile.TemporaryDirectory() as d:
+            p = os.path.join(d, "results.json")
+            with open(p, "w") as f:
+                json.dump(res, f)
+            report.write_all(copy.deepcopy(res), d)
+            self.assertIn("## Summary", open(os.path.join(d, "results.md")).read())
+
+    def test_repository_readme_has_block(self):
+        with open(os.path.join(HERE, "..", "README.md"), encoding="utf-8") as f:
+            text = f.read()
+        self.assertIn(report.README_BEGIN, text)
+        self.assertIn(report.README_END, text)
+
+
+class AnchorsHelpersTest(unittest.TestCase):
+    def test_kinds_and_modules(self):
+        trace = wl.np.array([[1000 + 37 * i % 5000, 1 + 13 * i % 400] for i in range(6000)], dtype=wl.np.int64)
+        kinds = {w.name: anchors.kind_of(w) for w in wl.build_all(trace, seed=0, scale=8)}
+        self.assertEqual(kinds, {"W1": "ragged", "W2": "decode", "W3": "mixed", "W4": "prefix", "W5": "ragged",
+                                 "W6": "ragged", "W7": "decode"})
+        used = set()
+        for k in ("ragged", "decode", "prefix", "mixed"):
+            used |= set(anchors.modules_for(k))
+            self.assertEqual(anchors.kind_of(anchors.tiny_workload(k)), k)
+        self.assertEqual(used, set(anchors.MODULES))
+        self.assertEqual(set(anchors.MODULE_KIND), set(anchors.MODULES))
+
+    def test_stub_imports(self):
+        name = "packinfer_absent_pkg_for_test"
+        finder = anchors._StubFinder({name})
+        sys.meta_path.append(finder)
+        try:
+            import importlib
+            m = importlib.import_module(name + ".cute.nvgpu")
+            self.assertTrue(m.__packinfer_stub__)
+
+            @m.jit
+            def f(x):
+                return x + 1
+            self.assertEqual(f(1), 2)
+
+            class K(m.SomeBase):
+                pass
+            self.assertTrue(isinstance(K, type))
+            self.assertFalse(bool(m.flag))
+        finally:
+            sys.meta_path.remove(finder)
+            for k in [k for k in sys.modules if k.startswith(name)]:
+                del sys.modules[k]
+
+    def test_markers(self):
+        with tempfile.TemporaryDirectory() as d:
+            os.environ["PACKINFER_WARM_DIR"] = d
+            try:
+                self.assertEqual(anchors.marker_state("decode")[0], "not started")
+                anchors.write_marker("decode", None, "pid 1")
+                self.assertEqual(anchors.marker_state("decode"), ("running", "pid 1"))
+                anchors.write_marker("decode", False, "nvcc: error")
+                self.assertEqual(anchors.marker_state("decode"), ("err", "nvcc: error"))
+            finally:
+                del os.environ["PACKINFER_WARM_DIR"]
+
+
+if __name__ == "__main__":
+    unittest.main()

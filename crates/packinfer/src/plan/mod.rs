@@ -512,14 +512,9 @@ impl Plan {
         let max_worker = if group_costs.len() <= workers {
             group_costs.iter().cloned().fold(0.0, f64::max)
         } else {
-            let total: f64 = group_costs.iter().sum();
             let tree = schedule::reuse(&mut self.scratch.load_tree);
-            let mut free = cost::LeastLoaded::with_first_units_in(tree, group_costs[..workers].iter().copied(), total);
-            for &c in &group_costs[workers..] {
-                free.add_to_least(c);
-            }
-            let max = free.max_load();
-            self.scratch.load_tree = free.into_tree();
+            let (max, tree) = cost::max_worker_load(tree, &group_costs, workers, self.shape.num_kv_heads as usize);
+            self.scratch.load_tree = tree;
             max
         };
         let total: f64 = group_costs.iter().sum();

@@ -280,7 +280,7 @@ impl Plan {
     }
 
     /// A plan of no requests.
-    fn empty(shape: Shape, options: PlanOptions, block_m: u32) -> Plan {
+    pub(crate) fn empty(shape: Shape, options: PlanOptions, block_m: u32) -> Plan {
         Plan {
             shape,
             batch: Batch {

@@ -242,27 +242,27 @@ fn pool_replan_makes_the_pool_plan_and_allocates_nothing_in_steady_state() {
     let cases = cases();
     let mut plan = Plan::build(cases[3].1, cases[3].2.clone(), &profile, cases[3].3.clone()).unwrap();
     for what in ["a plan of another step", "the same plan"] {
-        pool.replan(&mut plan, &requests, Some(&profile), PlanOptions::default()).unwrap();
+        pool.replan(&mut plan, requests.iter().copied(), Some(&profile), PlanOptions::default()).unwrap();
         assert_same(&plan, &fresh, &format!("pool replan into {what}"));
         plan.check_fresh().unwrap();
     }
     // Steps of half and all the requests (a smaller step may split more): once each was
     // planned, every step allocates nothing.
     let half = &requests[..requests.len() / 2];
-    pool.replan(&mut plan, half, Some(&profile), PlanOptions::default()).unwrap();
+    pool.replan(&mut plan, half.iter().copied(), Some(&profile), PlanOptions::default()).unwrap();
     for reqs in [half, &requests[..], half] {
-        let n = allocations(|| pool.replan(&mut plan, reqs, Some(&profile), PlanOptions::default()).unwrap());
+        let n = allocations(|| pool.replan(&mut plan, reqs.iter().copied(), Some(&profile), PlanOptions::default()).unwrap());
         assert_eq!(n, 0, "{n} heap allocations in a steady-state pool replan of {} requests", reqs.len());
     }
     // The backend's profile (None) too.
-    pool.replan(&mut plan, &requests, None, PlanOptions::default()).unwrap();
-    let n = allocations(|| pool.replan(&mut plan, &requests, None, PlanOptions::default()).unwrap());
+    pool.replan(&mut plan, requests.iter().copied(), None, PlanOptions::default()).unwrap();
+    let n = allocations(|| pool.replan(&mut plan, requests.iter().copied(), None, PlanOptions::default()).unwrap());
     assert_eq!(n, 0, "{n} heap allocations in a pool replan with the backend's profile");
     // An error leaves the plan empty; the next replan works.
     let repeated = [requests[0], requests[1], requests[0]];
-    let e = pool.replan(&mut plan, &repeated, Some(&profile), PlanOptions::default()).unwrap_err().to_string();
+    let e = pool.replan(&mut plan, repeated.iter().copied(), Some(&profile), PlanOptions::default()).unwrap_err().to_string();
     assert!(e.contains("seq_ids[2]") && e.contains("repeats seq_ids[0]"), "{e}");
     assert_eq!((plan.requests.len(), plan.items.len(), plan.batch.total_q()), (0, 0, 0));
-    pool.replan(&mut plan, &requests, Some(&profile), PlanOptions::default()).unwrap();
+    pool.replan(&mut plan, requests.iter().copied(), Some(&profile), PlanOptions::default()).unwrap();
     assert_same(&plan, &fresh, "pool replan after an error");
 }

@@ -73,7 +73,7 @@ impl PoolState {
     pub(super) fn fill_batch(
         &mut self,
         pool: &KvPool,
-        requests: &[(SeqId, u32)],
+        requests: impl Iterator<Item = (SeqId, u32)> + Clone,
         batch: &mut Batch,
         spare: &mut Vec<PrefixGroup>,
     ) -> Result<(u64, u64)> {
@@ -92,14 +92,14 @@ impl PoolState {
         &self,
         ps: u32,
         num_pages: u32,
-        requests: &[(SeqId, u32)],
+        requests: impl Iterator<Item = (SeqId, u32)> + Clone,
         batch: &mut Batch,
         spare: &mut Vec<PrefixGroup>,
         sc: &mut BatchScratch,
     ) -> Result<u64> {
         // The first request that repeats an earlier one, and that one.
         sc.ids.clear();
-        sc.ids.extend(requests.iter().enumerate().map(|(i, &(id, _))| (id, i as u32)));
+        sc.ids.extend(requests.clone().enumerate().map(|(i, (id, _))| (id, i as u32)));
         sc.ids.sort_unstable();
         let repeat = sc.ids.windows(2).filter(|w| w[0].0 == w[1].0).map(|w| (w[1].1, w[0].1)).min();
         batch.qo_indptr.clear();
@@ -113,7 +113,7 @@ impl PoolState {
         batch.prefix_groups.clear();
         sc.shareable.clear();
         let mut keys = 0u64;
-        for (i, &(id, q_new)) in requests.iter().enumerate() {
+        for (i, (id, q_new)) in requests.enumerate() {
             if let Some((r, j)) = repeat.filter(|&(r, _)| r as usize == i) {
                 return Err(invalid!("seq_ids[{r}] = {id} repeats seq_ids[{j}]; a sequence appears at most once in a step"));
             }

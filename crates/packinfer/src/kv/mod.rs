@@ -417,18 +417,20 @@ impl KvPool {
     /// batches of short prompts get narrow tiles and several workers per SM).
     pub fn plan(&self, requests: &[(SeqId, u32)], profile: Option<&crate::plan::DeviceProfile>, options: PlanOptions) -> Result<Plan> {
         let mut plan = Plan::empty(self.config.shape(), options.clone(), 0);
-        self.replan(&mut plan, requests, profile, options)?;
+        self.replan(&mut plan, requests.iter().copied(), profile, options)?;
         Ok(plan)
     }
 
     /// [`KvPool::plan`] into an existing plan (from this pool or not), as [`Plan::rebuild`]
     /// does: the batch is written into the plan's own and planned in its memory, so once the
     /// plan has held a step as large (and the pool has built one), re-planning allocates
-    /// nothing. On error the plan holds an empty batch, as after a failed [`Plan::rebuild`].
+    /// nothing. `requests` are read twice (an iterator, so a caller with separate id and token
+    /// arrays zips them without copying). On error the plan holds an empty batch, as after a
+    /// failed [`Plan::rebuild`].
     pub fn replan(
         &self,
         plan: &mut Plan,
-        requests: &[(SeqId, u32)],
+        requests: impl ExactSizeIterator<Item = (SeqId, u32)> + Clone,
         profile: Option<&crate::plan::DeviceProfile>,
         options: PlanOptions,
     ) -> Result<()> {

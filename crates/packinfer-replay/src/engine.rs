@@ -256,6 +256,8 @@ pub struct Engine<'a> {
     clock: f64,
     result: RunResult,
     adaptation: Option<Adaptation>,
+    /// The last step's plan, re-planned for the next.
+    last_plan: Option<Arc<Plan>>,
 }
 
 impl<'a> Engine<'a> {
@@ -315,6 +317,7 @@ impl<'a> Engine<'a> {
                 kept_group: Default::default(),
                 kept_groups: 0,
             }),
+            last_plan: None,
         })
     }
 
@@ -448,7 +451,8 @@ impl<'a> Engine<'a> {
 
         let t = Instant::now();
         let mut options = config.options.clone();
-        let mut plan = store.plan(&step, options.clone())?;
+        // Into the last step's plan: its memory is reused (the launch holding it is gone).
+        let mut plan = store.plan(self.last_plan.take().and_then(|p| Arc::try_unwrap(p).ok()), &step, options.clone())?;
         // With every technique off (`--without` all four) the plan is one request per tile and
         // has no capacity (0): scaling it gave capacity 0, which the planner refuses, and there
         // is nothing to tune, so the factor stays 0 as the baseline's does.
@@ -456,7 +460,7 @@ impl<'a> Engine<'a> {
             let factor = config.capacity_factor.unwrap_or_else(|| a.tuner.capacity());
             if factor != 1.0 {
                 options.capacity = Some(plan.stats.capacity * factor);
-                plan = store.plan(&step, options.clone())?;
+                plan = store.plan(Some(plan), &step, options.clone())?;
             }
             rec.capacity_factor = factor;
         }
@@ -475,7 +479,7 @@ impl<'a> Engine<'a> {
             (rec.pages_moved, rec.bytes_moved) = (moved.pages, moved.bytes);
             if moved.pages > 0 {
                 // The plan holds page numbers; the relayout changed them.
-                plan = store.plan(&step, options)?;
+                plan = store.plan(Some(plan), &step, options)?;
             }
             rec.relayout_s = t.elapsed().as_secs_f64();
         }
@@ -544,6 +548,7 @@ impl<'a> Engine<'a> {
             .sum();
         rec.computed_pairs = if s.tile_utilization > 0.0 { rec.useful_pairs / s.tile_utilization } else { 0.0 };
         drop(bound);
+        self.last_plan = Some(plan);
 
         // Every request in the system waited for this step.
         for (r, st) in state.iter().enumerate() {

@@ -151,15 +151,14 @@ impl LeastLoaded {
 
 /// The busiest worker's load when `workers` workers take the groups of `costs` in order, each
 /// the next group as soon as it is free (list scheduling; at least one group per worker), with
-/// the tree's allocation back.
+/// the tree's allocation back. `total` is the costs' sum (it sets the fixed point).
 ///
 /// Groups come in runs of `copies` equal costs (a unit's KV-head copies). Where `r` divides both
 /// the worker count and every run, the loads stay `r` copies of the loads of `workers / r`
 /// workers taking every `r`-th group: the `r` least-loaded workers hold equal loads and take
 /// the `r` equal groups one each. So that smaller simulation gives the same loads, in `r`
 /// times fewer placements on a shallower tree, rounded in the same fixed point.
-pub(crate) fn max_worker_load(tree: Vec<u64>, costs: &[f64], workers: usize, copies: usize) -> (f64, Vec<u64>) {
-    let total: f64 = costs.iter().sum();
+pub(crate) fn max_worker_load(tree: Vec<u64>, costs: &[f64], total: f64, workers: usize, copies: usize) -> (f64, Vec<u64>) {
     let mut r = gcd(workers, copies.max(1));
     while r > 1 && !(costs.len().is_multiple_of(r) && costs.chunks_exact(r).all(|run| run.iter().all(|&c| c == run[0]))) {
         // Runs shorter than the copies (not a plan's groups): try the next divisor down.
@@ -229,14 +228,14 @@ mod tests {
                     if costs.len() <= workers {
                         continue;
                     }
-                    let (max, _) = max_worker_load(Vec::new(), &costs, workers, copies);
+                    let (max, _) = max_worker_load(Vec::new(), &costs, costs.iter().sum(), workers, copies);
                     assert_eq!(max, full(&costs, workers), "{workers} workers, {copies} copies, {units} units");
                 }
             }
         }
         // Runs that break the copies fall back to the full simulation.
         let costs: Vec<f64> = (0..1000).map(|g| 1.0 + (g * 7 % 13) as f64).collect();
-        assert_eq!(max_worker_load(Vec::new(), &costs, 132, 8).0, full(&costs, 132));
+        assert_eq!(max_worker_load(Vec::new(), &costs, costs.iter().sum(), 132, 8).0, full(&costs, 132));
     }
 
     #[test]

@@ -173,7 +173,8 @@ fn schedule_steps(plan: &Plan, profile: &DeviceProfile, sc: &mut Scratch) -> Res
     ) - p.cost)
         .abs()
         <= 1e-6 * p.cost.max(1.0)));
-    let totals = totals(&s, &pieces, &groups, &sc.segments, &sc.chunks, &mut sc.group_costs);
+    let units = Units { entities: &sc.entities, entity_pieces: &sc.entity_pieces, entity_start: &sc.entity_start };
+    let totals = totals(&s, &pieces, &groups, units, &sc.segments, &sc.chunks, &mut sc.group_costs);
     (sc.pieces, sc.partial_rows, sc.group_of, sc.slot_of) = (pieces, partial_rows, groups.group_of, slot_of);
     (sc.items, sc.merges, sc.merge_slots) = (items, merges, merge_slots);
     Ok(Outcome { capacity, num_split_requests, totals })
@@ -186,19 +187,34 @@ fn totals(
     s: &Setup,
     pieces: &[Piece],
     groups: &Groups,
+    units: Units,
     segments: &[RowSegment],
     chunks: &[KvChunk],
     group_costs: &mut Vec<f64>,
 ) -> WorkTotals {
     let heads_us = s.heads as usize;
-    let num_groups = groups.group_of.iter().max().map_or(0, |&g| g as usize + 1);
     group_costs.clear();
-    group_costs.resize(num_groups, 0.0);
-    let (mut useful, mut computed, mut partial_pieces, mut partial_rows) = (0u64, 0u64, 0u32, 0u32);
-    for (p, piece_groups) in pieces.iter().zip(groups.group_of.chunks_exact(heads_us)) {
-        for &g in piece_groups {
-            group_costs[g as usize] += p.cost;
+    if groups.by_unit {
+        // A unit's groups (one per KV head) cost its entity's pieces, summed in piece order
+        // (the entity lists them so) as the scattered sum below adds them.
+        if !pieces.is_empty() {
+            for &(_, e) in units.entities {
+                let list = &units.entity_pieces[units.entity_start[e as usize] as usize..units.entity_start[e as usize + 1] as usize];
+                let cost = list.iter().fold(0.0, |c, &p| c + pieces[p as usize].cost);
+                group_costs.extend(std::iter::repeat_n(cost, heads_us));
+            }
         }
+    } else {
+        let num_groups = groups.group_of.iter().max().map_or(0, |&g| g as usize + 1);
+        group_costs.resize(num_groups, 0.0);
+        for (p, piece_groups) in pieces.iter().zip(groups.group_of.chunks_exact(heads_us)) {
+            for &g in piece_groups {
+                group_costs[g as usize] += p.cost;
+            }
+        }
+    }
+    let (mut useful, mut computed, mut partial_pieces, mut partial_rows) = (0u64, 0u64, 0u32, 0u32);
+    for p in pieces {
         if p.partial {
             partial_pieces += 1;
             partial_rows += p.num_rows;
@@ -943,6 +959,15 @@ fn group(s: &Setup, capacity: f64, num_bundles: usize, pieces: &[Piece], sc: &mu
         num_groups = group_of.len();
     }
     Ok(Groups { group_of, num_groups, by_unit: s.opts.balancing })
+}
+
+/// The units of a balanced plan as `group` left them in the scratch: entity `e`'s pieces are
+/// `entity_pieces[entity_start[e]..entity_start[e + 1]]`, unit `u` is entity `entities[u].1`.
+#[derive(Clone, Copy)]
+struct Units<'a> {
+    entities: &'a [(f64, u32)],
+    entity_pieces: &'a [u32],
+    entity_start: &'a [u32],
 }
 
 /// Step 6's work items and partial slots.

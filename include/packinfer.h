@@ -1479,6 +1479,25 @@ enum PackinferStatus packinfer_pool_plan_create(struct PackinferContext context,
                                                 struct PackinferPlan *out);
 
 /**
+ * Plans a step from the pool into an existing plan, as `packinfer_pool_plan_create` would,
+ * reusing the plan's memory: once the plan has held a step as large, re-planning allocates
+ * nothing (the pool plan counterpart of `packinfer_plan_update`, whose rules on launches and
+ * threads apply). The plan may come from any create or update call. After an error the plan
+ * is unchanged (bad handles or options are found first) or holds an empty batch (no requests,
+ * no work): update it successfully before launching from it again.
+ *
+ * # Safety
+ * Arrays of `n` entries; `options` NULL or initialized.
+ */
+enum PackinferStatus packinfer_pool_plan_update(struct PackinferContext context,
+                                                struct PackinferPool pool,
+                                                struct PackinferPlan plan,
+                                                const uint64_t *seq_ids,
+                                                const uint32_t *num_new_tokens,
+                                                uint32_t n,
+                                                const struct PackinferPlanOptions *options);
+
+/**
  * Keeps each execution group of `plan` contiguous in the pool (prefix once, then each member's
  * pages and headroom). `seq_ids` are the `n` ids the plan was made from. A group is rebuilt
  * when it is not contiguous and `regroup` is true (the regroup trigger fired) or one of its

@@ -312,6 +312,30 @@ func (p *Pool) NewPlan(ctx *Context, seqIDs []uint64, numNewTokens []uint32, opt
 	return plan, nil
 }
 
+// Replan plans a step from the pool into plan, as NewPlan would, reusing the plan's memory in
+// the library (packinfer_pool_plan_update): once plan has held a step as large, planning
+// allocates nothing there. Context.Replan's rules on launches, goroutines and errors apply.
+func (p *Pool) Replan(ctx *Context, plan *Plan, seqIDs []uint64, numNewTokens []uint32, opts *PlanOptions) error {
+	if ctx == nil || plan == nil {
+		return invalidArgument("Pool.Replan: ctx or plan is nil")
+	}
+	n, err := pairedLength("Pool.Replan", seqIDs, "numNewTokens", len(numNewTokens))
+	if err != nil {
+		return err
+	}
+	o, err := planOptionsToC(opts)
+	if err != nil {
+		return err
+	}
+	err = call(func() C.enum_PackinferStatus {
+		return C.packinfer_pool_plan_update(ctx.h, p.h, plan.h, u64Ptr(seqIDs), u32Ptr(numNewTokens), n, &o)
+	})
+	runtime.KeepAlive(ctx)
+	runtime.KeepAlive(p)
+	runtime.KeepAlive(plan)
+	return err
+}
+
 // Relayout keeps each execution group of plan (made from seqIDs) contiguous in the pool; the
 // copies run on stream. When pages moved, plans made before are stale: plan again.
 func (p *Pool) Relayout(plan *Plan, seqIDs []uint64, regroup bool, stream uintptr) (RelayoutReport, error) {

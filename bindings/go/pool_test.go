@@ -146,8 +146,9 @@ func step(t *testing.T, ctx *packinfer.Context, pool *packinfer.Pool, rng *rand.
 		if after := must(pool.Stats())(t); after.RelayoutPagesMoved != before.RelayoutPagesMoved+report.PagesMoved {
 			t.Errorf("stats count %d pages moved, want %d + %d", after.RelayoutPagesMoved, before.RelayoutPagesMoved, report.PagesMoved)
 		}
-		plan.Close()
-		plan = must(pool.NewPlan(ctx, ids, qLens, nil))(t) // the old plan is stale if pages moved
+		if err := pool.Replan(ctx, plan, ids, qLens, nil); err != nil { // the old step is stale if pages moved
+			t.Fatal(err)
+		}
 	}
 	defer plan.Close()
 	launch := must(ctx.NewLaunch(plan, nil))(t)
@@ -376,6 +377,18 @@ func TestPoolBadSequenceIdsAndArguments(t *testing.T) {
 	wantError(t, err, packinfer.StatusInvalidArgument, "2 seq_ids")
 	_, err = pool.Relayout(nil, []uint64{a}, true, 0)
 	wantError(t, err, packinfer.StatusInvalidArgument, "plan is nil")
+	wantError(t, pool.Replan(ctx, plan, []uint64{a}, nil, nil), packinfer.StatusInvalidArgument,
+		"Pool.Replan: numNewTokens has 0 entries but seqIDs has 1")
+	wantError(t, pool.Replan(ctx, plan, []uint64{a, a}, []uint32{1, 1}, nil), packinfer.StatusInvalidArgument, "repeats")
+	if st := must(plan.Stats())(t); st.NumRequests != 0 {
+		t.Errorf("a planning error left %d requests in the plan", st.NumRequests)
+	}
+	if err := pool.Replan(ctx, plan, []uint64{a}, []uint32{3}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if st := must(plan.Stats())(t); st.NumRequests != 1 {
+		t.Errorf("replan gave %d requests, want 1", st.NumRequests)
+	}
 	// Options.
 	o := poolOptions(t)
 	o.NumLayers = 0

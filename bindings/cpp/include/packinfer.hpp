@@ -706,6 +706,15 @@ class Pool {
     detail::check(packinfer_pool_plan_create(context.handle(), h_.get(), seq_ids.data(), num_new_tokens.data(), n, &o, &h));
     return Plan(h);
   }
+  // Plans a step from the pool into `plan`, reusing its memory (packinfer_pool_plan_update), as
+  // plan() would: once it has held a step as large, planning allocates nothing in the library.
+  // Context::replan's rules on launches, threads and exceptions apply.
+  void replan(const Context& context, Plan& plan, ArrayView<SequenceId> seq_ids, ArrayView<uint32_t> num_new_tokens,
+              const PlanOptions& options = {}) const {
+    const uint32_t n = same_length("packinfer::Pool::replan", seq_ids, "num_new_tokens", num_new_tokens.size());
+    const PackinferPlanOptions o = detail::to_c(options);
+    detail::check(packinfer_pool_plan_update(context.handle(), h_.get(), plan.handle(), seq_ids.data(), num_new_tokens.data(), n, &o));
+  }
   // Keeps each execution group of `plan` (made from seq_ids) contiguous in the pool; copies run
   // on `stream`. If the report says pages moved, plans made before it are stale: plan again.
   RelayoutReport relayout(const Plan& plan, ArrayView<SequenceId> seq_ids, bool regroup, void* stream = nullptr) {

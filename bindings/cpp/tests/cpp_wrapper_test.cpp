@@ -740,7 +740,7 @@ packinfer::RelayoutReport step(const packinfer::Context& ctx, packinfer::Pool& p
     report = pool.relayout(plan, ids, /*regroup=*/true);
     EXPECT_EQ(report.groups, report.groups_in_place + report.groups_rebuilt + report.groups_no_room);
     EXPECT_EQ(pool.stats().relayout_pages_moved, before.relayout_pages_moved + report.pages_moved);
-    plan = pool.plan(ctx, ids, q_lens);  // the old plan is stale if pages moved
+    pool.replan(ctx, plan, ids, q_lens);  // the old step is stale if pages moved
   }
   packinfer::Launch launch = ctx.launch(plan);
   std::uniform_real_distribution<float> u(-2.0f, 2.0f);
@@ -938,6 +938,13 @@ TEST(Pool, BadSequenceIdsAndArguments) {
                Status::InvalidArgument, "packinfer::Pool::plan: num_new_tokens has 0 entries but seq_ids has 1");
   packinfer::Plan plan = pool.plan(ctx, std::vector<packinfer::SequenceId>{a}, std::vector<uint32_t>{3});
   expect_error([&] { pool.relayout(plan, std::vector<packinfer::SequenceId>{a, a}, true); }, Status::InvalidArgument, "2 seq_ids");
+  expect_error([&] { pool.replan(ctx, plan, std::vector<packinfer::SequenceId>{a}, std::vector<uint32_t>{}); },
+               Status::InvalidArgument, "packinfer::Pool::replan: num_new_tokens has 0 entries but seq_ids has 1");
+  expect_error([&] { pool.replan(ctx, plan, std::vector<packinfer::SequenceId>{a, a}, std::vector<uint32_t>{1, 1}); },
+               Status::InvalidArgument, "repeats");
+  EXPECT_EQ(plan.stats().num_requests, 0u);  // a planning error leaves no work
+  pool.replan(ctx, plan, std::vector<packinfer::SequenceId>{a}, std::vector<uint32_t>{3});
+  EXPECT_EQ(plan.stats().num_requests, 1u);
   // Options.
   packinfer::PoolOptions o = pool_options();
   o.num_layers = 0;

@@ -32,6 +32,18 @@ impl PlanCell {
     pub(super) fn get(&self) -> Arc<Plan> {
         self.0.lock().clone()
     }
+    /// Re-plans the held plan in its memory with `rebuild`, or, while a launch on the CPU still
+    /// executes it, holds the plan `build` makes instead.
+    pub(super) fn update(&self, rebuild: impl FnOnce(&mut Plan) -> Result<()>, build: impl FnOnce() -> Result<Plan>) -> Result<()> {
+        let mut held = self.0.lock();
+        match Arc::get_mut(&mut held) {
+            Some(p) => rebuild(p),
+            None => {
+                *held = Arc::new(build()?);
+                Ok(())
+            }
+        }
+    }
 }
 
 /// A plan bound to a context. Holds the context's backend so that destroying the context
@@ -285,24 +297,24 @@ pub unsafe extern "C" fn packinfer_plan_update(
         if shape.dtype == DType::F32 && backend.kind() == BackendKind::Cuda {
             return Err(packinfer::unsupported!("dtype = F32 runs on the CPU backend only; the CUDA kernels take F16 and BF16"));
         }
-        let mut held = cell.0.lock();
-        match Arc::get_mut(&mut held) {
-            Some(p) => p.rebuild_with(
-                shape,
-                options,
-                // SAFETY: `b`'s arrays have the lengths it states (this function's contract).
-                |batch, spare| unsafe { fill_batch(&b, batch, spare).map(drop) },
-                |shape, batch| backend.profile_for(shape, batch),
-            ),
-            None => {
+        cell.update(
+            |p| {
+                p.rebuild_with(
+                    shape,
+                    options.clone(),
+                    // SAFETY: `b`'s arrays have the lengths it states (this function's contract).
+                    |batch, spare| unsafe { fill_batch(&b, batch, spare).map(drop) },
+                    |shape, batch| backend.profile_for(shape, batch),
+                )
+            },
+            || {
                 // A launch on the CPU still executes this plan: plan the step into a new one.
                 // SAFETY: as above.
                 let (shape, batch) = unsafe { convert_batch(&b)? };
                 let profile = backend.profile_for(&shape, &batch);
-                *held = Arc::new(Plan::build(shape, batch, &profile, options)?);
-                Ok(())
-            }
-        }
+                Plan::build(shape, batch, &profile, options.clone())
+            },
+        )
     })
 }
 

@@ -455,6 +455,44 @@ pub unsafe extern "C" fn packinfer_pool_plan_create(
     })
 }
 
+/// Plans a step from the pool into an existing plan, as `packinfer_pool_plan_create` would,
+/// reusing the plan's memory: once the plan has held a step as large, re-planning allocates
+/// nothing (the pool plan counterpart of `packinfer_plan_update`, whose rules on launches and
+/// threads apply). The plan may come from any create or update call. After an error the plan
+/// is unchanged (bad handles or options are found first) or holds an empty batch (no requests,
+/// no work): update it successfully before launching from it again.
+///
+/// # Safety
+/// Arrays of `n` entries; `options` NULL or initialized.
+#[no_mangle]
+pub unsafe extern "C" fn packinfer_pool_plan_update(
+    context: PackinferContext,
+    pool: PackinferPool,
+    plan: PackinferPlan,
+    seq_ids: *const u64,
+    num_new_tokens: *const u32,
+    n: u32,
+    options: *const PackinferPlanOptions,
+) -> PackinferStatus {
+    guard("packinfer_pool_plan_update", || {
+        CONTEXTS.get(context.bits)?;
+        let pool = POOLS.get(pool.bits)?;
+        let cell = PLANS.get(plan.bits)?;
+        // SAFETY: both arrays have `n` entries (this function's contract).
+        let ids = unsafe { slice("seq_ids", seq_ids, n as usize)? };
+        // SAFETY: as above.
+        let counts = unsafe { slice("num_new_tokens", num_new_tokens, n as usize)? };
+        // SAFETY: non-null `options` are initialized (this function's contract).
+        let options = unsafe { super::api::plan_options(options)? };
+        let requests = ids.iter().copied().zip(counts.iter().copied());
+        cell.update(
+            |p| pool.replan(p, requests.clone(), None, options.clone()),
+            // A launch on the CPU still executes the plan: the step goes into a new one.
+            || pool.plan(&requests.clone().collect::<Vec<_>>(), None, options.clone()),
+        )
+    })
+}
+
 /// Keeps each execution group of `plan` contiguous in the pool (prefix once, then each member's
 /// pages and headroom). `seq_ids` are the `n` ids the plan was made from. A group is rebuilt
 /// when it is not contiguous and `regroup` is true (the regroup trigger fired) or one of its

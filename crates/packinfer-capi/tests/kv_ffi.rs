@@ -293,3 +293,74 @@ fn backends_without_pool_support_say_unsupported() {
         other => panic!("expected Unsupported, got {other:?}"),
     }
 }
+
+fn plan_counts(plan: PackinferPlan) -> (u32, u32, u32, u32) {
+    // SAFETY: a C struct of integers and floats, for which all zeros is a valid value.
+    let mut s: PackinferPlanStats = unsafe { std::mem::zeroed() };
+    s.struct_size = std::mem::size_of::<PackinferPlanStats>();
+    // SAFETY: `s` is a live struct with its struct_size set.
+    expect(unsafe { packinfer_plan_stats(plan, &mut s) }, PackinferStatus::Ok, "", "plan stats");
+    (s.num_requests, s.num_work_items, s.num_groups, s.num_merge_rows)
+}
+
+#[test]
+fn pool_plan_update_plans_what_pool_plan_create_plans() {
+    use PackinferStatus::*;
+    let c = context();
+    let mut pool = PackinferPool::default();
+    // SAFETY: each pointer below is NULL where the call checks for it, or a live local of the type and length the call expects.
+    unsafe {
+        let mut o = pool_options();
+        o.num_pages = 32;
+        expect(packinfer_pool_create(c, &o, &mut pool), Ok, "", "pool");
+        // a: 9 tokens; b and d share a's first 8 (two full pages); e is alone.
+        let (mut a, mut b, mut d, mut e) = (0u64, 0u64, 0u64, 0u64);
+        expect(packinfer_pool_sequence_create(pool, &mut a), Ok, "", "seq a");
+        expect(packinfer_pool_append(pool, a, 9, null_mut(), null_mut()), Ok, "", "append a");
+        expect(packinfer_pool_fork(pool, a, 8, null_mut(), &mut b), Ok, "", "fork b");
+        expect(packinfer_pool_fork(pool, a, 8, null_mut(), &mut d), Ok, "", "fork d");
+        expect(packinfer_pool_sequence_create(pool, &mut e), Ok, "", "seq e");
+        for (s, n) in [(b, 3), (d, 2), (e, 5)] {
+            expect(packinfer_pool_append(pool, s, n, null_mut(), null_mut()), Ok, "", "append");
+        }
+        let (all, q_all) = ([a, b, d, e], [1u32, 1, 2, 5]);
+        let (one, q_one) = ([e], [1u32]);
+        let (mut want, mut plan) = (PackinferPlan::default(), PackinferPlan::default());
+        expect(packinfer_pool_plan_create(c, pool, all.as_ptr(), q_all.as_ptr(), 4, null(), &mut want), Ok, "", "plan all");
+        expect(packinfer_pool_plan_create(c, pool, one.as_ptr(), q_one.as_ptr(), 1, null(), &mut plan), Ok, "", "plan one");
+        assert!(plan_counts(want).3 > 0, "a, b and d share two pages: their prefix is read once and merged");
+        assert_ne!(plan_counts(plan), plan_counts(want));
+        expect(packinfer_pool_plan_update(c, pool, plan, all.as_ptr(), q_all.as_ptr(), 4, null()), Ok, "", "update to all");
+        assert_eq!(plan_counts(plan), plan_counts(want));
+        // Bad handles and arguments leave the plan as it was.
+        expect(
+            packinfer_pool_plan_update(c, pool, PackinferPlan { bits: 5 }, all.as_ptr(), q_all.as_ptr(), 4, null()),
+            InvalidHandle,
+            "plan",
+            "bad plan",
+        );
+        expect(packinfer_pool_plan_update(c, pool, plan, null(), q_all.as_ptr(), 4, null()), InvalidArgument, "seq_ids", "null ids");
+        assert_eq!(plan_counts(plan), plan_counts(want));
+        // An error while planning empties the plan; the next update works.
+        let twice = [a, b, a];
+        expect(
+            packinfer_pool_plan_update(c, pool, plan, twice.as_ptr(), q_all.as_ptr(), 3, null()),
+            InvalidArgument,
+            "seq_ids[2]",
+            "a sequence twice",
+        );
+        assert_eq!(plan_counts(plan), (0, 0, 0, 0));
+        expect(packinfer_pool_plan_update(c, pool, plan, all.as_ptr(), q_all.as_ptr(), 4, null()), Ok, "", "update again");
+        assert_eq!(plan_counts(plan), plan_counts(want));
+        // A CPU launch keeps the step it was made from.
+        let mut launch = PackinferLaunch::default();
+        expect(packinfer_launch_create(c, plan, null(), null_mut(), &mut launch), Ok, "", "launch");
+        expect(packinfer_pool_plan_update(c, pool, plan, one.as_ptr(), q_one.as_ptr(), 1, null()), Ok, "", "update to one");
+        assert_eq!(plan_counts(plan).0, 1);
+        for h in [packinfer_launch_destroy(launch), packinfer_plan_destroy(plan), packinfer_plan_destroy(want)] {
+            expect(h, Ok, "", "destroy");
+        }
+        expect(packinfer_pool_destroy(pool), Ok, "", "pool destroy");
+        expect(packinfer_context_destroy(c), Ok, "", "context destroy");
+    }
+}

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use packinfer::backend::Backend;
 use packinfer::plan::scheduler::{Scheduler, SchedulerOptions, SchedulerStats, StepTimes};
-use packinfer::plan::PlanOptions;
+use packinfer::plan::{Plan, PlanOptions};
 use packinfer::types::{RowsTensor, RunArgs, Shape};
 use packinfer::{Error, Result};
 
@@ -219,6 +219,8 @@ pub struct Engine<'a> {
     clock: f64,
     result: RunResult,
     scheduler: Option<Scheduler>,
+    /// The last step's plan, re-planned for the next (without the scheduler).
+    last_plan: Option<Arc<Plan>>,
 }
 
 impl<'a> Engine<'a> {
@@ -272,6 +274,7 @@ impl<'a> Engine<'a> {
             clock: 0.0,
             result: RunResult { requests: n, ..Default::default() },
             scheduler,
+            last_plan: None,
         })
     }
 
@@ -407,7 +410,8 @@ impl<'a> Engine<'a> {
         let plan = match &mut self.scheduler {
             None => {
                 let t = Instant::now();
-                let plan = store.plan(&step, config.options.clone())?;
+                // Into the last step's plan: its memory is reused (the launch holding it is gone).
+                let plan = store.plan(self.last_plan.take().and_then(|p| Arc::try_unwrap(p).ok()), &step, config.options.clone())?;
                 rec.plan_s = t.elapsed().as_secs_f64();
                 plan
             }
@@ -508,6 +512,7 @@ impl<'a> Engine<'a> {
             .sum();
         rec.computed_pairs = if s.tile_utilization > 0.0 { rec.useful_pairs / s.tile_utilization } else { 0.0 };
         drop(bound);
+        self.last_plan = Some(plan);
 
         // Every request in the system waited for this step.
         for (r, st) in state.iter().enumerate() {

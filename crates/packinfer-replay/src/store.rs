@@ -66,8 +66,9 @@ pub trait KvStore {
     /// on the CPU, device memory on CUDA), unchanged until the writes are done (on the CUDA
     /// backend they are queued on stream 0).
     unsafe fn write_kv(&mut self, layer: u32, tokens: &[(u32, u32)], k: u64, v: u64, elems: usize) -> Result<()>;
-    /// The plan for one step: `(id, new tokens)` per request, the new tokens being the queries.
-    fn plan(&mut self, step: &[(u32, u32)], options: PlanOptions) -> Result<Plan>;
+    /// The plan for one step: `(id, new tokens)` per request, the new tokens being the queries;
+    /// made in `reuse`'s memory when given (an earlier step's plan, which nothing else holds).
+    fn plan(&mut self, reuse: Option<Plan>, step: &[(u32, u32)], options: PlanOptions) -> Result<Plan>;
     /// The step's plan by the library's scheduler: capacity, regroup and relayout decided there,
     /// as an engine's scheduler handle does through the C API.
     fn schedule(&mut self, scheduler: &mut Scheduler, step: &[(u32, u32)], options: PlanOptions) -> Result<(Plan, StepDecision)>;
@@ -91,6 +92,8 @@ pub struct PoolStore {
     seqs: HashMap<u32, Entry>,
     /// Pages promised to live sequences, used or not.
     committed: u64,
+    /// The last step's (sequence, new tokens), kept for its allocation.
+    requests: Vec<(SeqId, u32)>,
 }
 
 impl PoolStore {
@@ -98,7 +101,7 @@ impl PoolStore {
         if config.shape.dtype.size_bytes() != 2 {
             return Err(packinfer::unsupported!("dtype = {}: the replay writes 16-bit K/V (bf16, f16)", config.shape.dtype.name()));
         }
-        Ok(PoolStore { pool: KvPool::new(backend, config)?, seqs: HashMap::new(), committed: 0 })
+        Ok(PoolStore { pool: KvPool::new(backend, config)?, seqs: HashMap::new(), committed: 0, requests: Vec::new() })
     }
 
     /// Pages a sequence of `final_len` tokens may hold beyond the `shared_len` tokens of whole
@@ -155,9 +158,18 @@ impl KvStore for PoolStore {
         unsafe { self.pool.write_kv(layer, &seqs, k, v, row as i64, 0) }
     }
 
-    fn plan(&mut self, step: &[(u32, u32)], options: PlanOptions) -> Result<Plan> {
-        let reqs = step.iter().map(|&(id, n)| Ok((self.entry(id)?.seq, n))).collect::<Result<Vec<_>>>()?;
-        self.pool.plan(&reqs, None, options)
+    fn plan(&mut self, reuse: Option<Plan>, step: &[(u32, u32)], options: PlanOptions) -> Result<Plan> {
+        let mut reqs = std::mem::take(&mut self.requests);
+        reqs.clear();
+        for &(id, n) in step {
+            reqs.push((self.entry(id)?.seq, n));
+        }
+        let plan = match reuse {
+            Some(mut plan) => self.pool.replan(&mut plan, reqs.iter().copied(), None, options).map(|()| plan),
+            None => self.pool.plan(&reqs, None, options),
+        };
+        self.requests = reqs;
+        plan
     }
 
     fn schedule(&mut self, scheduler: &mut Scheduler, step: &[(u32, u32)], options: PlanOptions) -> Result<(Plan, StepDecision)> {

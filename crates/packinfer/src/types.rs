@@ -240,11 +240,20 @@ impl Batch {
         if nnz != self.kv_page_indices.len() {
             return Err(invalid!("kv_indptr[{n}] = {nnz} but kv_page_indices has {} entries", self.kv_page_indices.len()));
         }
-        // A branch-free OR over the whole array vectorizes (a negative index wraps to a huge u32);
-        // only a bad batch pays for finding the first offender. On long contexts this check is
-        // a large part of planning time otherwise.
+        // A branch-free OR over the whole array vectorizes; only a bad batch pays for finding
+        // the first offender. On long contexts this check is a large part of planning time
+        // otherwise. An index p is in 0..=last exactly when neither p nor last - p is negative,
+        // so OR-ing both into one word and testing its sign is the whole check: a subtraction
+        // and two ORs per index, no compares. (For p < 0 the subtraction may wrap; p's own sign
+        // bit is already set.)
         let num_pages = self.num_pages;
-        let any_bad = self.kv_page_indices.iter().fold(false, |bad, &p| bad | (p < 0) | (p as u32 >= num_pages));
+        let any_bad = match num_pages.checked_sub(1) {
+            None => !self.kv_page_indices.is_empty(),
+            Some(last) => {
+                let last = last.min(i32::MAX as u32) as i32;
+                self.kv_page_indices.iter().fold(0i32, |acc, &p| acc | p | last.wrapping_sub(p)) < 0
+            }
+        };
         if any_bad {
             let (i, p) = self
                 .kv_page_indices
@@ -386,5 +395,51 @@ impl RunArgs {
             return Err(invalid!("logits_soft_cap = {cap} must be 0 (off) or positive and finite"));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_indices_are_checked_against_the_cache_at_its_edges() {
+        // One request of three pages of 16 keys; page 1 is the one under test.
+        let batch = |page: i32, num_pages: u32| Batch {
+            qo_indptr: vec![0, 1],
+            kv_indptr: vec![0, 3],
+            kv_page_indices: vec![0, page, 0],
+            kv_last_page_len: vec![16],
+            page_size: 16,
+            num_pages,
+            prefix_groups: vec![],
+        };
+        let max = i32::MAX;
+        for (page, num_pages, ok) in [
+            (0, 1, true),
+            (4, 5, true),
+            (5, 5, false),
+            (-1, 5, false),
+            (i32::MIN, 5, false),
+            (max, 5, false),
+            (max - 1, max as u32, true),
+            (max, max as u32, false),
+            (max, max as u32 + 1, true),
+            (max, u32::MAX, true),
+            (-1, u32::MAX, false),
+            (i32::MIN, u32::MAX, false),
+        ] {
+            let got = batch(page, num_pages).validate(true);
+            assert_eq!(got.is_ok(), ok, "page {page} of {num_pages}: {got:?}");
+            if !ok {
+                let m = got.unwrap_err().to_string();
+                assert!(m.contains(&format!("kv_page_indices[1] = {page}")), "{m}");
+            }
+        }
+        // No pages in the cache: any index is outside; none is fine.
+        assert!(batch(0, 0).validate(true).is_err());
+        let empty =
+            Batch { kv_indptr: vec![0, 0], kv_page_indices: vec![], kv_last_page_len: vec![0], qo_indptr: vec![0, 0], ..batch(0, 0) };
+        empty.validate(true).unwrap();
     }
 }

@@ -210,3 +210,59 @@ fn a_failed_rebuild_leaves_an_empty_plan_and_the_next_one_works() {
     plan.rebuild(*s, b, &profile, o.clone()).unwrap();
     assert_same(&plan, &Plan::build(*s, b.clone(), &profile, o.clone()).unwrap(), "after errors");
 }
+
+/// A pool on the CPU backend holding 96 sequences: 12 prompts of 200–2000 tokens, each forked
+/// into 8 that share its full pages and grow by a few tokens (a step's requests are decodes).
+fn pool_with_forks() -> (packinfer::kv::KvPool, Vec<(u64, u32)>) {
+    use packinfer::kv::{KvPool, PoolConfig};
+    let config = PoolConfig { num_layers: 1, shape: shape(true), page_size: 16, num_pages: 4096, headroom_pages: 2 };
+    let pool = KvPool::new(std::sync::Arc::new(packinfer::backend::cpu::CpuBackend::new(1)), config).unwrap();
+    let mut rng = SmallRng::seed_from_u64(5);
+    let mut requests = Vec::new();
+    for _ in 0..12 {
+        let root = pool.create_sequence();
+        let len = rng.random_range(200..2000);
+        pool.append(root, len, 0).unwrap();
+        for _ in 0..8 {
+            let child = pool.fork(root, len / 16 * 16, 0).unwrap();
+            pool.append(child, rng.random_range(1..40), 0).unwrap();
+            requests.push((child, 1));
+        }
+    }
+    (pool, requests)
+}
+
+#[test]
+fn pool_replan_makes_the_pool_plan_and_allocates_nothing_in_steady_state() {
+    let (pool, requests) = pool_with_forks();
+    let profile = DeviceProfile::hopper(132);
+    let fresh = pool.plan(&requests, Some(&profile), PlanOptions::default()).unwrap();
+    assert!(fresh.batch.prefix_groups.len() >= 12, "{} prefix groups", fresh.batch.prefix_groups.len());
+    // Into a plan that held another step (not from a pool), and into itself.
+    let cases = cases();
+    let mut plan = Plan::build(cases[3].1, cases[3].2.clone(), &profile, cases[3].3.clone()).unwrap();
+    for what in ["a plan of another step", "the same plan"] {
+        pool.replan(&mut plan, requests.iter().copied(), Some(&profile), PlanOptions::default()).unwrap();
+        assert_same(&plan, &fresh, &format!("pool replan into {what}"));
+        plan.check_fresh().unwrap();
+    }
+    // Steps of half and all the requests (a smaller step may split more): once each was
+    // planned, every step allocates nothing.
+    let half = &requests[..requests.len() / 2];
+    pool.replan(&mut plan, half.iter().copied(), Some(&profile), PlanOptions::default()).unwrap();
+    for reqs in [half, &requests[..], half] {
+        let n = allocations(|| pool.replan(&mut plan, reqs.iter().copied(), Some(&profile), PlanOptions::default()).unwrap());
+        assert_eq!(n, 0, "{n} heap allocations in a steady-state pool replan of {} requests", reqs.len());
+    }
+    // The backend's profile (None) too.
+    pool.replan(&mut plan, requests.iter().copied(), None, PlanOptions::default()).unwrap();
+    let n = allocations(|| pool.replan(&mut plan, requests.iter().copied(), None, PlanOptions::default()).unwrap());
+    assert_eq!(n, 0, "{n} heap allocations in a pool replan with the backend's profile");
+    // An error leaves the plan empty; the next replan works.
+    let repeated = [requests[0], requests[1], requests[0]];
+    let e = pool.replan(&mut plan, repeated.iter().copied(), Some(&profile), PlanOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("seq_ids[2]") && e.contains("repeats seq_ids[0]"), "{e}");
+    assert_eq!((plan.requests.len(), plan.items.len(), plan.batch.total_q()), (0, 0, 0));
+    pool.replan(&mut plan, requests.iter().copied(), Some(&profile), PlanOptions::default()).unwrap();
+    assert_same(&plan, &fresh, "pool replan after an error");
+}

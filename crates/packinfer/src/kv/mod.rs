@@ -164,6 +164,8 @@ pub(crate) struct PoolState {
     pub stats: PoolStats,
     pub page_size: u32,
     pub headroom_pages: u32,
+    /// `fill_batch`'s buffers: batches are built under the pool's lock.
+    pub(crate) batch_scratch: batch::BatchScratch,
 }
 
 /// A KV pool: configuration, its memory, and its state behind a mutex.
@@ -204,6 +206,7 @@ impl KvPool {
             stats: PoolStats::default(),
             page_size: config.page_size,
             headroom_pages: config.headroom_pages,
+            batch_scratch: Default::default(),
         };
         Ok(KvPool { config, memory, state: Mutex::new(state), backend, layout_generation: Arc::default() })
     }
@@ -409,26 +412,48 @@ impl KvPool {
 
     /// Plans one step from the pool: `requests` are (sequence, new query tokens), whose tokens
     /// were already appended. Builds the batch (page tables in the pool's numbering, prefix
-    /// groups from shared leading pages) and calls `Plan::build` with `profile`, or where that is
-    /// `None` with the pool's backend's profile for this batch (`Backend::profile_for`: on the
-    /// GPU, batches of short prompts get narrow tiles and several workers per SM).
+    /// groups from shared leading pages) and plans it with `profile`, or where that is `None`
+    /// with the pool's backend's profile for this batch (`Backend::profile_for`: on the GPU,
+    /// batches of short prompts get narrow tiles and several workers per SM).
     pub fn plan(&self, requests: &[(SeqId, u32)], profile: Option<&crate::plan::DeviceProfile>, options: PlanOptions) -> Result<Plan> {
-        let (batch, seen) = {
-            let mut s = self.state.lock();
-            let (batch, shared, unshared) = s.batch(self, requests)?;
-            s.stats.step_read_bytes_shared = shared;
-            s.stats.step_read_bytes_unshared = unshared;
-            // Read under the lock a relayout holds while it moves pages.
-            (batch, self.layout_generation.load(std::sync::atomic::Ordering::Acquire))
-        };
-        let shape = self.config.shape();
-        let profile = match profile {
-            Some(p) => p.clone(),
-            None => self.backend.profile_for(&shape, &batch),
-        };
-        let mut plan = Plan::build(shape, batch, &profile, options)?;
-        plan.pool_layout = Some(crate::plan::LayoutStamp { generation: self.layout_generation.clone(), seen });
+        let mut plan = Plan::empty(self.config.shape(), options.clone(), 0);
+        self.replan(&mut plan, requests.iter().copied(), profile, options)?;
         Ok(plan)
+    }
+
+    /// [`KvPool::plan`] into an existing plan (from this pool or not), as [`Plan::rebuild`]
+    /// does: the batch is written into the plan's own and planned in its memory, so once the
+    /// plan has held a step as large (and the pool has built one), re-planning allocates
+    /// nothing. `requests` are read twice (an iterator, so a caller with separate id and token
+    /// arrays zips them without copying). On error the plan holds an empty batch, as after a
+    /// failed [`Plan::rebuild`].
+    pub fn replan(
+        &self,
+        plan: &mut Plan,
+        requests: impl ExactSizeIterator<Item = (SeqId, u32)> + Clone,
+        profile: Option<&crate::plan::DeviceProfile>,
+        options: PlanOptions,
+    ) -> Result<()> {
+        let mut seen = 0;
+        plan.rebuild_with(
+            self.config.shape(),
+            options,
+            |batch, spare| {
+                let mut s = self.state.lock();
+                let (shared, unshared) = s.fill_batch(self, requests, batch, spare)?;
+                s.stats.step_read_bytes_shared = shared;
+                s.stats.step_read_bytes_unshared = unshared;
+                // Read under the lock a relayout holds while it moves pages.
+                seen = self.layout_generation.load(std::sync::atomic::Ordering::Acquire);
+                Ok(())
+            },
+            |shape, batch| match profile {
+                Some(p) => p.clone(),
+                None => self.backend.profile_for(shape, batch),
+            },
+        )?;
+        plan.pool_layout = Some(crate::plan::LayoutStamp { generation: self.layout_generation.clone(), seen });
+        Ok(())
     }
 
     /// Group-contiguous layout: see `layout.rs`. `groups` are the plan's execution groups, as

@@ -88,13 +88,22 @@ impl LeastLoaded {
     /// No units at all means one empty group.
     #[cfg(test)]
     pub(crate) fn with_first_units(first_costs: impl ExactSizeIterator<Item = f64>, total_cost: f64) -> Self {
-        Self::with_first_units_in(Vec::new(), first_costs, total_cost)
+        let groups = first_costs.len();
+        Self::with_first_units_keyed(Vec::new(), first_costs, total_cost, groups)
     }
 
-    /// [`LeastLoaded::with_first_units`] in `tree`'s allocation (its contents are replaced).
-    pub(crate) fn with_first_units_in(mut tree: Vec<u64>, first_costs: impl ExactSizeIterator<Item = f64>, total_cost: f64) -> Self {
+    /// [`LeastLoaded::with_first_units`] in `tree`'s allocation (its contents are replaced),
+    /// with the fixed point of `key_groups` groups (at least as many as `first_costs` has):
+    /// trees of different sizes then round loads alike.
+    fn with_first_units_keyed(
+        mut tree: Vec<u64>,
+        first_costs: impl ExactSizeIterator<Item = f64>,
+        total_cost: f64,
+        key_groups: usize,
+    ) -> Self {
         let groups = first_costs.len();
-        let group_bits = (usize::BITS - groups.saturating_sub(1).leading_zeros()).max(1);
+        debug_assert!(groups <= key_groups.max(1));
+        let group_bits = (usize::BITS - key_groups.max(groups).saturating_sub(1).leading_zeros()).max(1);
         let scale = (1u64 << (63 - group_bits)) as f64 / total_cost.max(f64::MIN_POSITIVE);
         let leaves = groups.max(1).next_power_of_two();
         tree.clear();
@@ -109,7 +118,7 @@ impl LeastLoaded {
         LeastLoaded { root: tree[1], tree, leaves, groups: groups.max(1), group_bits, scale }
     }
 
-    /// The tree's allocation, for the next [`LeastLoaded::with_first_units_in`].
+    /// The tree's allocation, for the next [`LeastLoaded::with_first_units_keyed`].
     pub(crate) fn into_tree(self) -> Vec<u64> {
         self.tree
     }
@@ -140,6 +149,37 @@ impl LeastLoaded {
     }
 }
 
+/// The busiest worker's load when `workers` workers take the groups of `costs` in order, each
+/// the next group as soon as it is free (list scheduling; at least one group per worker), with
+/// the tree's allocation back. `total` is the costs' sum (it sets the fixed point).
+///
+/// Groups come in runs of `copies` equal costs (a unit's KV-head copies). Where `r` divides both
+/// the worker count and every run, the loads stay `r` copies of the loads of `workers / r`
+/// workers taking every `r`-th group: the `r` least-loaded workers hold equal loads and take
+/// the `r` equal groups one each. So that smaller simulation gives the same loads, in `r`
+/// times fewer placements on a shallower tree, rounded in the same fixed point.
+pub(crate) fn max_worker_load(tree: Vec<u64>, costs: &[f64], total: f64, workers: usize, copies: usize) -> (f64, Vec<u64>) {
+    let mut r = gcd(workers, copies.max(1));
+    while r > 1 && !(costs.len().is_multiple_of(r) && costs.chunks_exact(r).all(|run| run.iter().all(|&c| c == run[0]))) {
+        // Runs shorter than the copies (not a plan's groups): try the next divisor down.
+        r = (1..r).rev().find(|d| r.is_multiple_of(*d)).unwrap_or(1);
+    }
+    let reduced = workers / r;
+    let mut loads = LeastLoaded::with_first_units_keyed(tree, costs[..workers].iter().step_by(r).copied(), total, workers);
+    debug_assert_eq!(loads.groups, reduced);
+    for &c in costs[workers..].iter().step_by(r) {
+        loads.add_to_least(c);
+    }
+    (loads.max_load(), loads.into_tree())
+}
+
+fn gcd(mut a: usize, mut b: usize) -> usize {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,6 +203,39 @@ mod tests {
             let max = *loads.iter().max().unwrap() as f64 / least.scale;
             assert_eq!(least.max_load(), max);
         }
+    }
+
+    #[test]
+    fn worker_load_of_equal_runs_is_the_full_simulations() {
+        // The full simulation, group by group, in the same fixed point.
+        let full = |costs: &[f64], workers: usize| {
+            let total: f64 = costs.iter().sum();
+            let mut t = LeastLoaded::with_first_units(costs[..workers].iter().copied(), total);
+            for &c in &costs[workers..] {
+                t.add_to_least(c);
+            }
+            t.max_load()
+        };
+        for (workers, copies) in [(132, 8), (132, 4), (16, 8), (7, 8), (12, 6), (5, 1), (132, 1)] {
+            for units in [workers, workers + 1, 3 * workers + 5, 200] {
+                // Decreasing costs (LPT order) with ties, then a shuffled order.
+                let mut unit_costs: Vec<f64> = (0..units).map(|u| 1.0 + ((units - u) * 37 % 101) as f64 * 0.25).collect();
+                for sorted in [true, false] {
+                    if sorted {
+                        unit_costs.sort_by(|a, b| b.total_cmp(a));
+                    }
+                    let costs: Vec<f64> = unit_costs.iter().flat_map(|&c| std::iter::repeat_n(c, copies)).collect();
+                    if costs.len() <= workers {
+                        continue;
+                    }
+                    let (max, _) = max_worker_load(Vec::new(), &costs, costs.iter().sum(), workers, copies);
+                    assert_eq!(max, full(&costs, workers), "{workers} workers, {copies} copies, {units} units");
+                }
+            }
+        }
+        // Runs that break the copies fall back to the full simulation.
+        let costs: Vec<f64> = (0..1000).map(|g| 1.0 + (g * 7 % 13) as f64).collect();
+        assert_eq!(max_worker_load(Vec::new(), &costs, costs.iter().sum(), 132, 8).0, full(&costs, 132));
     }
 
     #[test]

@@ -289,7 +289,7 @@ impl Plan {
     }
 
     /// A plan of no requests.
-    fn empty(shape: Shape, options: PlanOptions, block_m: u32) -> Plan {
+    pub(crate) fn empty(shape: Shape, options: PlanOptions, block_m: u32) -> Plan {
         Plan {
             shape,
             batch: Batch {
@@ -518,22 +518,18 @@ impl Plan {
             None => self.measure_items(profile),
         };
         let group_costs = std::mem::take(&mut self.group_costs);
+        // One pass: a sum is a chain of dependent additions, the maximum another beside it.
+        let (total, max_group) = group_costs.iter().fold((0.0f64, 0.0f64), |(t, m), &c| (t + c, m.max(c)));
         // Workers take the groups in order, each the next one as soon as it is free.
         let workers = profile.num_workers as usize;
         let max_worker = if group_costs.len() <= workers {
-            group_costs.iter().cloned().fold(0.0, f64::max)
+            max_group
         } else {
-            let total: f64 = group_costs.iter().sum();
             let tree = schedule::reuse(&mut self.scratch.load_tree);
-            let mut free = cost::LeastLoaded::with_first_units_in(tree, group_costs[..workers].iter().copied(), total);
-            for &c in &group_costs[workers..] {
-                free.add_to_least(c);
-            }
-            let max = free.max_load();
-            self.scratch.load_tree = free.into_tree();
+            let (max, tree) = cost::max_worker_load(tree, &group_costs, total, workers, self.shape.num_kv_heads as usize);
+            self.scratch.load_tree = tree;
             max
         };
-        let total: f64 = group_costs.iter().sum();
         let n = group_costs.len().max(1) as f64;
         self.stats = PlanStats {
             num_groups: group_costs.len() as u32,
@@ -542,7 +538,7 @@ impl Plan {
             num_merge_rows: self.merges.len() as u32,
             num_partial_slots: partial_slots,
             tile_utilization: if computed == 0 { 1.0 } else { useful as f64 / computed as f64 },
-            max_group_cost: group_costs.iter().cloned().fold(0.0, f64::max),
+            max_group_cost: max_group,
             mean_group_cost: total / n,
             max_worker_cost: max_worker,
             mean_worker_cost: total / workers as f64,

@@ -176,7 +176,8 @@ fn schedule_steps(plan: &Plan, profile: &DeviceProfile, sc: &mut Scratch) -> Res
     ) - p.cost)
         .abs()
         <= 1e-6 * p.cost.max(1.0)));
-    let totals = totals(&s, &pieces, &groups, &sc.segments, &sc.chunks, &mut sc.group_costs);
+    let units = Units { entities: &sc.entities, entity_pieces: &sc.entity_pieces, entity_start: &sc.entity_start };
+    let totals = totals(&s, &pieces, &groups, units, &sc.segments, &sc.chunks, &mut sc.group_costs);
     (sc.pieces, sc.partial_rows, sc.group_of, sc.slot_of) = (pieces, partial_rows, groups.group_of, slot_of);
     (sc.items, sc.merges, sc.merge_slots) = (items, merges, merge_slots);
     Ok(Outcome { capacity, num_split_requests, totals })
@@ -189,19 +190,34 @@ fn totals(
     s: &Setup,
     pieces: &[Piece],
     groups: &Groups,
+    units: Units,
     segments: &[RowSegment],
     chunks: &[KvChunk],
     group_costs: &mut Vec<f64>,
 ) -> WorkTotals {
     let heads_us = s.heads as usize;
-    let num_groups = groups.group_of.iter().max().map_or(0, |&g| g as usize + 1);
     group_costs.clear();
-    group_costs.resize(num_groups, 0.0);
-    let (mut useful, mut computed, mut partial_pieces, mut partial_rows) = (0u64, 0u64, 0u32, 0u32);
-    for (p, piece_groups) in pieces.iter().zip(groups.group_of.chunks_exact(heads_us)) {
-        for &g in piece_groups {
-            group_costs[g as usize] += p.cost;
+    if groups.by_unit {
+        // A unit's groups (one per KV head) cost its entity's pieces, summed in piece order
+        // (the entity lists them so) as the scattered sum below adds them.
+        if !pieces.is_empty() {
+            for &(_, e) in units.entities {
+                let list = &units.entity_pieces[units.entity_start[e as usize] as usize..units.entity_start[e as usize + 1] as usize];
+                let cost = list.iter().fold(0.0, |c, &p| c + pieces[p as usize].cost);
+                group_costs.extend(std::iter::repeat_n(cost, heads_us));
+            }
         }
+    } else {
+        let num_groups = groups.group_of.iter().max().map_or(0, |&g| g as usize + 1);
+        group_costs.resize(num_groups, 0.0);
+        for (p, piece_groups) in pieces.iter().zip(groups.group_of.chunks_exact(heads_us)) {
+            for &g in piece_groups {
+                group_costs[g as usize] += p.cost;
+            }
+        }
+    }
+    let (mut useful, mut computed, mut partial_pieces, mut partial_rows) = (0u64, 0u64, 0u32, 0u32);
+    for p in pieces {
         if p.partial {
             partial_pieces += 1;
             partial_rows += p.num_rows;
@@ -830,6 +846,9 @@ fn pack(s: &Setup, capacity: f64, num_bundles: usize, to_pack: &[Block], work: &
 struct Groups {
     group_of: Vec<u32>,
     num_groups: usize,
+    /// The groups are the units of `Scratch::entities` in order (group `u × heads + h` is
+    /// entity `entities[u]`'s pieces for KV head `h`), so `emit` lays them out unit by unit.
+    by_unit: bool,
 }
 
 /// An integer whose unsigned order is `f64::total_cmp`'s order of `x`.
@@ -950,7 +969,16 @@ fn group(s: &Setup, capacity: f64, num_bundles: usize, pieces: &[Piece], sc: &mu
         }
         num_groups = group_of.len();
     }
-    Ok(Groups { group_of, num_groups })
+    Ok(Groups { group_of, num_groups, by_unit: s.opts.balancing })
+}
+
+/// The units of a balanced plan as `group` left them in the scratch: entity `e`'s pieces are
+/// `entity_pieces[entity_start[e]..entity_start[e + 1]]`, unit `u` is entity `entities[u].1`.
+#[derive(Clone, Copy)]
+struct Units<'a> {
+    entities: &'a [(f64, u32)],
+    entity_pieces: &'a [u32],
+    entity_start: &'a [u32],
 }
 
 /// Step 6's work items and partial slots.
@@ -966,53 +994,48 @@ struct Emitted {
 /// `num_rows` slots each, from slot 0; final items write O.
 fn emit(s: &Setup, pieces: &[Piece], groups: &Groups, sc: &mut Scratch) -> Emitted {
     let heads_us = s.heads as usize;
-    let Groups { group_of, num_groups } = groups;
-    let num_groups = *num_groups;
-    let group_start = &mut sc.group_start;
-    group_start.clear();
-    group_start.resize(num_groups + 1, 0);
-    for &g in group_of {
-        group_start[g as usize + 1] += 1;
-    }
-    for g in 0..num_groups {
-        group_start[g + 1] += group_start[g];
-    }
-    // Items land at their place in group order (by unit within a group) in one scatter; partial
-    // slots are handed out afterwards in that order, when any piece writes them.
     let any_partial = pieces.iter().any(|p| p.partial);
     let mut items = reuse(&mut sc.items);
-    items.resize(group_of.len(), WorkItem::default());
-    let piece_at = &mut sc.piece_at;
-    piece_at.clear();
+    items.resize(groups.group_of.len(), WorkItem::default());
+    sc.piece_at.clear();
     if any_partial {
-        piece_at.resize(group_of.len(), 0);
+        sc.piece_at.resize(groups.group_of.len(), 0);
     }
-    {
-        let next = group_start;
-        for ((piece, p), groups) in pieces.iter().enumerate().zip(group_of.chunks_exact(heads_us)) {
-            let partial_slot = if p.partial { 0 } else { FINAL_OUTPUT };
-            for (kv_head, &g) in groups.iter().enumerate() {
-                let at = next[g as usize] as usize;
-                next[g as usize] += 1;
-                items[at] = WorkItem {
-                    kv_head: kv_head as u32,
-                    seg_begin: p.seg_begin,
-                    seg_count: p.seg_count,
-                    chunk_begin: p.chunk_begin,
-                    chunk_count: p.chunk_count,
-                    num_rows: p.num_rows,
-                    partial_slot,
-                    group: g,
-                };
-                if any_partial {
-                    piece_at[at] = piece as u32;
+    let item = |p: &Piece, kv_head: u32, group: u32| WorkItem {
+        kv_head,
+        seg_begin: p.seg_begin,
+        seg_count: p.seg_count,
+        chunk_begin: p.chunk_begin,
+        chunk_count: p.chunk_count,
+        num_rows: p.num_rows,
+        partial_slot: if p.partial { 0 } else { FINAL_OUTPUT },
+        group,
+    };
+    if groups.by_unit {
+        // Group order is unit order: each unit's pieces for KV head 0, then the same items
+        // for each further head, written in order (no counting pass, no scatter).
+        let mut at = 0;
+        for (u, &(_, e)) in sc.entities.iter().enumerate() {
+            let list = &sc.entity_pieces[sc.entity_start[e as usize] as usize..sc.entity_start[e as usize + 1] as usize];
+            for h in 0..s.heads {
+                let g = (u * heads_us) as u32 + h;
+                for (dst, &p) in items[at..at + list.len()].iter_mut().zip(list) {
+                    *dst = item(&pieces[p as usize], h, g);
                 }
+                if any_partial {
+                    sc.piece_at[at..at + list.len()].copy_from_slice(list);
+                }
+                at += list.len();
             }
         }
+        debug_assert_eq!(at, items.len());
+    } else {
+        emit_scattered(heads_us, pieces, groups, &mut items, any_partial, sc, item);
     }
+    let piece_at = &sc.piece_at;
     let mut slot_of = reuse(&mut sc.slot_of);
     if any_partial {
-        slot_of.resize(group_of.len(), FINAL_OUTPUT);
+        slot_of.resize(groups.group_of.len(), FINAL_OUTPUT);
         let mut next_slot = 0u32;
         for (item, &piece) in items.iter_mut().zip(piece_at.iter()) {
             if item.partial_slot != FINAL_OUTPUT {
@@ -1023,6 +1046,41 @@ fn emit(s: &Setup, pieces: &[Piece], groups: &Groups, sc: &mut Scratch) -> Emitt
         }
     }
     Emitted { items, slot_of }
+}
+
+/// [`emit`]'s items for any numbering of the groups: each lands at its place in group order
+/// (by unit within a group) in one scatter.
+fn emit_scattered(
+    heads_us: usize,
+    pieces: &[Piece],
+    groups: &Groups,
+    items: &mut [WorkItem],
+    any_partial: bool,
+    sc: &mut Scratch,
+    item: impl Fn(&Piece, u32, u32) -> WorkItem,
+) {
+    let Groups { group_of, num_groups, .. } = groups;
+    let num_groups = *num_groups;
+    let group_start = &mut sc.group_start;
+    group_start.clear();
+    group_start.resize(num_groups + 1, 0);
+    for &g in group_of {
+        group_start[g as usize + 1] += 1;
+    }
+    for g in 0..num_groups {
+        group_start[g + 1] += group_start[g];
+    }
+    let next = group_start;
+    for ((piece, p), groups) in pieces.iter().enumerate().zip(group_of.chunks_exact(heads_us)) {
+        for (kv_head, &g) in groups.iter().enumerate() {
+            let at = next[g as usize] as usize;
+            next[g as usize] += 1;
+            items[at] = item(p, kv_head as u32, g);
+            if any_partial {
+                sc.piece_at[at] = piece as u32;
+            }
+        }
+    }
 }
 
 /// Step 6's merge list.
@@ -1587,7 +1645,7 @@ mod tests {
         };
         let pieces = [with(4, false, 0), with(8, true, 1), with(16, true, 2)];
         // Pieces 1 and 2 one unit (groups 0 and 1), piece 0 after them.
-        let groups = Groups { group_of: vec![2, 3, 0, 1, 0, 1], num_groups: 4 };
+        let groups = Groups { group_of: vec![2, 3, 0, 1, 0, 1], num_groups: 4, by_unit: false };
         let Emitted { items, slot_of } = emit(&s, &pieces, &groups, &mut Scratch::default());
         let summary: Vec<(u32, u32, u32, u32, u32)> =
             items.iter().map(|i| (i.group, i.kv_head, i.seg_begin, i.chunk_begin, i.partial_slot)).collect();
@@ -1605,8 +1663,33 @@ mod tests {
         assert_eq!(items.iter().map(|i| i.num_rows).collect::<Vec<_>>(), [8, 16, 8, 16, 4, 4]);
         assert_eq!(slot_of, [FINAL_OUTPUT, FINAL_OUTPUT, 0, 24, 8, 32]);
         // Nothing partial: no slots.
-        let Emitted { items, slot_of } = emit(&s, &pieces[..1], &Groups { group_of: vec![0, 1], num_groups: 2 }, &mut Scratch::default());
+        let Emitted { items, slot_of } =
+            emit(&s, &pieces[..1], &Groups { group_of: vec![0, 1], num_groups: 2, by_unit: false }, &mut Scratch::default());
         assert!(slot_of.is_empty() && items.iter().all(|i| i.partial_slot == FINAL_OUTPUT));
+    }
+
+    #[test]
+    fn emit_by_unit_lays_out_what_the_scatter_lays_out() {
+        let p = DeviceProfile::hopper(8);
+        let decodes: Vec<(u32, u32)> = (0..40).map(|i| (1, 50 + i * 397 % 3000)).collect();
+        let mut mixed = decodes.clone();
+        mixed.extend([(300, 2000), (40, 40), (7, 900)]);
+        let sharing = |n: u32| (0..n / 4).map(|g| PrefixGroup { prefix_len: 40, members: (4 * g..4 * g + 4).collect() }).collect();
+        let mut checked_partial = false;
+        for (lens, groups) in [(&decodes, vec![]), (&decodes, sharing(40)), (&mixed, sharing(40))] {
+            let mut plan = plan(lens, 4, 2, &p, PlanOptions::default(), groups);
+            schedule(&mut plan, &p).unwrap();
+            let mut sc = std::mem::take(&mut plan.scratch);
+            let s = Setup::new(&plan, &p);
+            let (pieces, group_of) = (std::mem::take(&mut sc.pieces), std::mem::take(&mut sc.group_of));
+            let want_slots = sc.slot_of.clone();
+            let num_groups = group_of.iter().max().map_or(1, |&g| g as usize + 1);
+            let Emitted { items, slot_of } = emit(&s, &pieces, &Groups { group_of, num_groups, by_unit: false }, &mut sc);
+            assert_eq!(items, plan.items);
+            assert_eq!(slot_of, want_slots);
+            checked_partial |= items.iter().any(|i| i.partial_slot != FINAL_OUTPUT);
+        }
+        assert!(checked_partial, "no case had partial items");
     }
 
     #[test]

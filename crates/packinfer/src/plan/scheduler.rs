@@ -373,7 +373,7 @@ impl Scheduler {
         let factor = if automatic > 0.0 { self.factor() } else { 0.0 };
         if automatic > 0.0 && factor != 1.0 {
             options.capacity = Some(automatic * factor);
-            plan = pool.plan(requests, None, options.clone())?;
+            pool.replan(&mut plan, requests.iter().copied(), None, options.clone())?;
         }
         d.capacity_factor = factor;
         d.plan_s = started.elapsed().as_secs_f64();

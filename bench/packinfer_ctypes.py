@@ -214,6 +214,8 @@ OPTIONAL_SIGNATURES = {
     "packinfer_pool_match_prefix": (c_int, [PackinferPool, c_uint64, _U64P, c_uint32, _U32P]),
     "packinfer_pool_plan_create": (c_int, [PackinferContext, PackinferPool, _U64P, _U32P, c_uint32,
                                            POINTER(PackinferPlanOptions), POINTER(PackinferPlan)]),
+    "packinfer_pool_plan_update": (c_int, [PackinferContext, PackinferPool, PackinferPlan, _U64P, _U32P, c_uint32,
+                                           POINTER(PackinferPlanOptions)]),
     "packinfer_pool_relayout": (c_int, [PackinferPool, PackinferPlan, _U64P, c_uint32, c_bool, c_void_p,
                                         POINTER(PackinferRelayoutReport)]),
     "packinfer_pool_stats": (c_int, [PackinferPool, POINTER(PackinferPoolStats)]),

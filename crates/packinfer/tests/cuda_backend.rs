@@ -375,6 +375,8 @@ fn every_head_dim_dtype_gqa_and_page_size() {
                     };
                     let case = Case::random(&mut r, &spec);
                     let plan = Plan::build(case.shape, case.batch.clone(), &cu.profile(), PlanOptions::default()).unwrap();
+                    // Named before it runs: a kernel fault ends the process before check_all.
+                    eprintln!("every_head_dim_dtype_gqa_and_page_size: {spec:?}");
                     let (o, lse) = run_plan(&cu, &case, plan);
                     done.push((case, o, lse, format!("{spec:?}")));
                 }

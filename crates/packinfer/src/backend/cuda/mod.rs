@@ -254,7 +254,12 @@ impl CudaBackend {
     ) -> Result<launch::CudaBound> {
         // First: what follows reads the plan's batch, and the kernels trust every index in it.
         plan.check_consistent()?;
-        let narrow = capacity.is_none() && self.shared.tile_warps > 4 && plan.items.iter().all(|i| i.num_rows <= 64);
+        // Head sizes that are no power of two (96, 192) run the context's 8-warp tiles only: the
+        // 4-warp d96 kernel faulted on the H100 (docs/performance-log.md#head-dims-96-192).
+        let narrow = capacity.is_none()
+            && self.shared.tile_warps > 4
+            && plan.shape.head_dim.is_power_of_two()
+            && plan.items.iter().all(|i| i.num_rows <= 64);
         let short = narrow && self.is_short(&plan.shape, &plan.batch);
         let variant = match self.shared.specialize {
             compile::Specialize::Always => Variant::WarpSpecialized,
@@ -263,6 +268,12 @@ impl CudaBackend {
             _ => Variant::Plain,
         };
         let warps = if narrow { 4 } else { self.shared.tile_warps };
+        if warps == 4 && !plan.shape.head_dim.is_power_of_two() {
+            return Err(crate::unsupported!(
+                "head_dim = {} runs on 8-warp tiles only, and PACKINFER_TILE_WARPS asks for 4",
+                plan.shape.head_dim
+            ));
+        }
         let kernels = self.shared.attention_with(plan.shape.head_dim, plan.shape.dtype, warps, variant)?;
         // Chosen by the plan, the specialised kernel keeps the plain one at hand for runs whose
         // cache has no row view for TMA (the layout comes with each run).

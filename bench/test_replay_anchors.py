@@ -262,6 +262,8 @@ class DryRunTest(unittest.TestCase):
                 self.assertGreater(c["summary"]["total_s"], 0.0, name)
                 self.assertEqual(c["summary"]["steps"], steps, name)
             self.assertIn("FlashInfer best", res["ratios"])
+            # The untimed pre-pass sized PackInfer's launch for every step: no launch made while timed.
+            self.assertEqual(res["contenders"]["PackInfer"]["launches_created"], 0)
             # Both kinds of step reached FlashInfer (tensor-core decode and BatchAttention).
             decode = res["contenders"]["FlashInfer best"]["summary"]["decode_only_steps"]
             self.assertTrue(0 < decode < steps, decode)

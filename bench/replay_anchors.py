@@ -676,7 +676,11 @@ def main(argv=None):
     path = os.path.join(out_dir, "replay_anchors.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
-    png = chart(result, os.path.join(out_dir, "replay_anchors.png"))
+    try:
+        png = chart(result, os.path.join(out_dir, "replay_anchors.png"))
+    except Exception as e:  # noqa: BLE001 - the JSON is written; a chart failure must not hide it
+        png = None
+        print(f"chart failed: {type(e).__name__}: {e}")
     print(f"wrote {path}" + (f" and {png}" if png else " (no chart: matplotlib missing)"))
     if a.dry_run:
         print("DRY RUN on the CPU: fake FlashInfer/FA kernels write zeros; the times show nothing about the "

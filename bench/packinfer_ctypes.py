@@ -242,6 +242,13 @@ class PackinferError(RuntimeError):
 
 def _i32_array(values):
     """A ctypes int32 array holding `values` (a list or numpy array); kept alive by the caller."""
+    if hasattr(values, "dtype") and hasattr(values, "tobytes"):
+        # numpy: one copy of the buffer (a replayed step's page tables hold ~10^5 entries).
+        import numpy as np
+        a = np.ascontiguousarray(values, dtype=np.int32)
+        if len(a):
+            return (c_int32 * len(a)).from_buffer_copy(a)
+        values = []
     values = [int(v) for v in values]
     return (c_int32 * max(len(values), 1))(*values)
 

@@ -25,9 +25,17 @@ rm -rf "$stage/wheels"  # the FlashInfer 0.2.14 wheel of older stages
 [ -f "$stage/anchors/MANIFEST.json" ] && [ -z "${REFETCH_ANCHORS:-}" ] || bash "$root/bench/fetch_anchors.sh" "$stage/anchors"
 rm -rf "$stage/bench"
 mkdir -p "$stage/bench"
-cp "$root"/bench/*.py "$root"/bench/run_gpu.sh "$root"/bench/run_anchors.sh "$stage/bench/"
+cp "$root"/bench/*.py "$root"/bench/run_gpu.sh "$root"/bench/run_anchors.sh "$root"/bench/run_replay_anchors.sh "$stage/bench/"
 cp "$lib" "$stage/libpackinfer.so"
 strip --strip-debug "$stage/libpackinfer.so" 2>/dev/null || true
+# The replay tool, for run_replay_anchors.sh (issue 19); built with the library above, or from
+# PACKINFER_REPLAY=path/to/packinfer-replay beside PACKINFER_LIB.
+replay=${PACKINFER_REPLAY:-}
+if [ -z "$replay" ] && [ -z "${PACKINFER_LIB:-}" ]; then replay="$root/target/release/packinfer-replay"; fi
+if [ -n "$replay" ]; then
+  cp "$replay" "$stage/packinfer-replay"
+  strip --strip-debug "$stage/packinfer-replay" 2>/dev/null || true
+fi
 cp "$shared/traces/azure_llm_2023_code.csv" "$stage/"
 if [ -n "${PACKINFER_COMMIT:-}" ]; then
   echo "$PACKINFER_COMMIT" >"$stage/COMMIT"

@@ -109,3 +109,7 @@ python3 bench/test_report.py
 # Index plumbing of every FlashInfer / FA3 contender against fake kernels (needs torch, CPU build
 # enough; reported skipped where torch is absent).
 python3 bench/test_anchors_plumbing.py
+echo "== Bench: bench/test_replay_anchors.py (--record-batches files, TTFT/TBT timeline, dry run) =="
+# Reads recordings the replay binary writes (cargo build --release above built it) and replays one
+# through PackInfer's CPU backend and fake FlashInfer/FA kernels (numpy stands in for torch).
+python3 bench/test_replay_anchors.py target/release/libpackinfer.so

@@ -280,8 +280,18 @@ pub struct Cli {
         help = "seeds the synthetic trace, the shared prompts and the inputs"
     )]
     seed: u64,
-    #[arg(long, value_name = "DIR", default_value = "replay-out", help = "where steps.csv, summary.csv and steps.png go")]
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "replay-out",
+        help = "where steps.csv, summary.csv, steps.png (and batches-*.jsonl) go"
+    )]
     out: PathBuf,
+    #[arg(
+        long,
+        help = "also write each step's exact batch and costs to DIR/batches-<schedule>.jsonl: a header line\n(shape, layers, page size), then one JSON line per step: request ids, query and KV\nlengths, tokens produced, page tables as runs of consecutive pages relative to the\nrequest's previous table, prefix groups, and planning, launch update, KV write, relayout\nand attention seconds. bench/replay_anchors.py replays it through FlashInfer and\nFlashAttention (format: bench/README.md)"
+    )]
+    record_batches: bool,
 }
 
 /// Checked command-line settings; `None` means "the default for the device".
@@ -320,6 +330,7 @@ pub struct Args {
     pub threads: u32,
     pub seed: u64,
     pub out: PathBuf,
+    pub record_batches: bool,
 }
 
 /// Page tables, request and step indices are int32 in the library; counts and sizes the replay
@@ -482,6 +493,7 @@ pub fn validate(cli: Cli) -> Result<Args, Failure> {
         threads: cli.threads,
         seed: cli.seed,
         out: cli.out,
+        record_batches: cli.record_batches,
     })
 }
 

@@ -64,6 +64,29 @@ pub struct EngineConfig {
     /// `Some(ordinal)`: the backend is CUDA on that device, so the step's inputs and output live
     /// in device memory and attention is timed with events; `None`: host memory, wall time.
     pub device_ordinal: Option<u32>,
+    /// Keep each step's exact batch ([`Engine::last_batch`]) for `--record-batches`.
+    pub record_batches: bool,
+}
+
+/// One step's exact batch, as `--record-batches` writes it (`record.rs`): per request of the
+/// step, in batch order, its id (trace row index), queries, keys (the new tokens included) and
+/// whether the step gave it a token; the page tables and prefix groups of the plan.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepBatch {
+    /// Requests that arrived before this step (they wait from this step on).
+    pub arrived: Vec<u32>,
+    pub ids: Vec<u32>,
+    pub q_lens: Vec<u32>,
+    pub kv_lens: Vec<u32>,
+    /// 0: no token this step, 1: its first token (last prefill chunk), 2: a later token.
+    pub emits: Vec<u8>,
+    /// Request r's pages are `pages[page_indptr[r] .. page_indptr[r + 1]]`.
+    pub page_indptr: Vec<i32>,
+    pub pages: Vec<i32>,
+    /// (shared keys, members as batch positions) of each prefix group of the plan.
+    pub prefix_groups: Vec<(u32, Vec<u32>)>,
+    /// Requests of the step that finished with it.
+    pub finished: Vec<u32>,
 }
 
 /// What one step did and cost.
@@ -221,6 +244,8 @@ pub struct Engine<'a> {
     scheduler: Option<Scheduler>,
     /// The last step's plan, re-planned for the next (without the scheduler).
     last_plan: Option<Arc<Plan>>,
+    /// The last step's batch (kept only with `record_batches`).
+    batch: StepBatch,
 }
 
 impl<'a> Engine<'a> {
@@ -275,6 +300,7 @@ impl<'a> Engine<'a> {
             result: RunResult { requests: n, ..Default::default() },
             scheduler,
             last_plan: None,
+            batch: StepBatch::default(),
         })
     }
 
@@ -296,6 +322,11 @@ impl<'a> Engine<'a> {
         self.config.shape.dtype
     }
 
+    /// The last step's exact batch (empty unless the config asked to record batches).
+    pub fn last_batch(&self) -> &StepBatch {
+        &self.batch
+    }
+
     /// Runs one engine step (idling the virtual clock until an arrival first, if nothing runs).
     /// Returns the step's record, or `None` when every request has finished.
     pub fn step(&mut self) -> Result<Option<StepRecord>> {
@@ -305,6 +336,9 @@ impl<'a> Engine<'a> {
         let requests = self.requests;
         let config = &self.config;
         let (state, store) = (&mut self.state, &mut self.store);
+        let record = config.record_batches;
+        let batch = &mut self.batch;
+        batch.arrived.clear();
         loop {
             // Arrivals.
             while let Some(&r) = self.to_arrive.front() {
@@ -316,6 +350,9 @@ impl<'a> Engine<'a> {
                     break;
                 }
                 self.to_arrive.pop_front();
+                if record {
+                    batch.arrived.push(r as u32);
+                }
                 state[r] = State::Waiting;
                 self.waiting.push_back(r);
             }
@@ -512,6 +549,21 @@ impl<'a> Engine<'a> {
             .sum();
         rec.computed_pairs = if s.tile_utilization > 0.0 { rec.useful_pairs / s.tile_utilization } else { 0.0 };
         drop(bound);
+        if record {
+            let b = &plan.batch;
+            batch.ids.clear();
+            batch.ids.extend(step.iter().map(|s| s.0));
+            batch.q_lens.clear();
+            batch.q_lens.extend(plan.requests.iter().map(|r| r.q_len));
+            batch.kv_lens.clear();
+            batch.kv_lens.extend(plan.requests.iter().map(|r| r.kv_len));
+            batch.page_indptr.clone_from(&b.kv_indptr);
+            batch.pages.clone_from(&b.kv_page_indices);
+            batch.prefix_groups.clear();
+            batch.prefix_groups.extend(b.prefix_groups.iter().map(|g| (g.prefix_len, g.members.clone())));
+            batch.emits.clear();
+            batch.finished.clear();
+        }
         self.last_plan = Some(plan);
 
         // Every request in the system waited for this step.
@@ -525,6 +577,7 @@ impl<'a> Engine<'a> {
             let r = r as usize;
             let req = requests[r];
             let State::Running { mut prefilled, mut produced } = state[r] else { unreachable!("scheduled requests run") };
+            let produced_before = produced;
             if prefilled < req.prompt {
                 prefilled += q;
                 result.prefill_tokens += q as u64;
@@ -538,9 +591,19 @@ impl<'a> Engine<'a> {
                 result.tbt_s.push(self.since_token[r]);
                 self.since_token[r] = 0.0;
             }
+            if record {
+                batch.emits.push(match (produced_before, produced) {
+                    (a, b) if a == b => 0,
+                    (0, _) => 1,
+                    _ => 2,
+                });
+            }
             state[r] =
                 if prefilled == req.prompt && produced == req.generated { State::Done } else { State::Running { prefilled, produced } };
             if state[r] == State::Done {
+                if record {
+                    batch.finished.push(r as u32);
+                }
                 result.generated_tokens += produced as u64;
                 result.finished += 1;
                 store.release(r as u32)?;

@@ -6,6 +6,7 @@ mod args;
 mod chart;
 mod device;
 mod engine;
+mod record;
 mod report;
 mod store;
 
@@ -225,6 +226,7 @@ fn run() -> Result<(), Failure> {
         num_system_prompts: prompts,
         seed: a.seed,
         device_ordinal: gpu.then_some(ORDINAL),
+        record_batches: a.record_batches,
     };
     let baseline_options =
         PlanOptions { packing: false, balancing: false, prefix_sharing: false, split_kv: false, ..PlanOptions::default() };
@@ -296,7 +298,7 @@ fn run() -> Result<(), Failure> {
     );
     println!("PackInfer: {}", packinfer_banner(&a));
     println!("baseline: the same replay with one request per tile, one group per tile, no prefix sharing, no splits, KV left where the pages fell");
-    println!("TIMES ARE THE ATTENTION STAGE ONLY: no projections, MLP or sampling. The headline total adds up planning, relayout copies and attention (the backend's run calls for every layer); per-step, TTFT and TBT rows are attention time, TTFT and TBT adding up the steps a request waited through.");
+    println!("TIMES ARE THE ATTENTION STAGE ONLY: no projections, MLP or sampling. The headline total adds up planning, the launch update, KV writes, relayout copies and attention (the backend's run calls for every layer); per-step, TTFT and TBT rows are attention time, TTFT and TBT adding up the steps a request waited through.");
     println!();
 
     // The schedules run interleaved, step by step, alternating which goes first, so a change in
@@ -305,13 +307,33 @@ fn run() -> Result<(), Failure> {
     let style = indicatif::ProgressStyle::with_template("{prefix:>10} [{bar:40}] {pos}/{len} requests done, {msg} ({elapsed})")
         .expect("a valid template")
         .progress_chars("=> ");
+    let fail = |message: String| Failure { code: 1, message };
+    if a.record_batches {
+        std::fs::create_dir_all(&a.out).map_err(|e| fail(format!("cannot create --out {}: {e}", a.out.display())))?;
+    }
+    let device_name = backend.device_name();
     let mut engines = Vec::new();
+    let mut recorders = Vec::new();
     for (name, options, scheduler) in &schedules {
         let config = EngineConfig { options: options.clone(), scheduler: scheduler.clone(), ..base.clone() };
         let store = PoolStore::new(backend.clone(), pool)?;
         let bar = bars.add(indicatif::ProgressBar::new(reqs.len() as u64).with_style(style.clone()));
         bar.set_prefix(name.to_string());
         engines.push((*name, engine::Engine::new(&reqs, config, Box::new(store), backend.as_ref())?, bar));
+        if a.record_batches {
+            let header = record::Header {
+                schedule: name,
+                shape: s.shape,
+                layers: s.layers,
+                page_size: a.page_size,
+                num_pages: pool.num_pages,
+                requests: reqs.len(),
+                arrivals: if a.arrivals_trace { "trace" } else { "all" },
+                trace: &trace_name,
+                device: &device_name,
+            };
+            recorders.push(record::Recorder::create(&a.out, &header).map_err(fail)?);
+        }
     }
     let started = Instant::now();
     let mut round = 0usize;
@@ -324,6 +346,9 @@ fn run() -> Result<(), Failure> {
             if let Some(rec) = engine.step()? {
                 bar.set_position(engine.finished() as u64);
                 bar.set_message(format!("step {}", rec.step + 1));
+                if let Some(r) = recorders.get_mut((i + round) % k) {
+                    r.step(&rec, engine.last_batch()).map_err(fail)?;
+                }
             }
         }
         if let [a, rest @ ..] = &engines[..] {
@@ -398,6 +423,10 @@ fn run() -> Result<(), Failure> {
     let title = format!("Attention time per step, {} layers ({})", s.layers, backend.device_name());
     write("steps.png", &chart::line_chart(&title, "ms per step (attention only)", &series))?;
     println!("\nwrote {0}/steps.csv, {0}/summary.csv, {0}/steps.png", a.out.display());
+    for r in recorders {
+        let path = r.finish().map_err(fail)?;
+        println!("wrote {} (every step's batch and costs; bench/replay_anchors.py replays it)", path.display());
+    }
     Ok(())
 }
 

@@ -25,8 +25,11 @@ pub struct Summary {
     pub generated_tokens: u64,
     pub prefill_tokens: u64,
     pub attention_s: f64,
-    /// Planning (every plan made), relayout copies and attention, the schedule's whole cost.
     pub plan_s: f64,
+    /// Launch updates (binding each step's plan).
+    pub bind_s: f64,
+    /// Planning (every plan made), launch updates, KV writes, relayout copies and attention:
+    /// the schedule's whole cost.
     pub total_s: f64,
     pub step_ms: [f64; 3],
     pub ttft_ms: [f64; 3],
@@ -89,10 +92,13 @@ impl Summary {
             steps.iter().map(|s| if s.prefix_shared { s.kv.step_read_bytes_shared } else { s.kv.step_read_bytes_unshared } as f64).sum();
         let plan_s: f64 = steps.iter().map(|s| s.plan_s).sum();
         let relayout_s: f64 = steps.iter().map(|s| s.relayout_s).sum();
+        let bind_s: f64 = steps.iter().map(|s| s.bind_s).sum();
+        let kv_write_s: f64 = steps.iter().map(|s| s.kv_write_s).sum();
         Summary {
             name: name.into(),
             plan_s,
-            total_s: attention_s + plan_s + relayout_s,
+            total_s: attention_s + plan_s + relayout_s + bind_s + kv_write_s,
+            bind_s,
             regroup_rate: r.regroups as f64 / steps.len().max(1) as f64,
             steps: steps.len(),
             requests: r.requests,
@@ -112,7 +118,7 @@ impl Summary {
             capacity_factor_last: steps.last().map_or(0.0, |s| s.capacity_factor),
             items_mean: mean(steps.iter().map(|s| s.items as f64)),
             plan_ms_mean: mean(steps.iter().map(|s| s.plan_s * 1e3)),
-            kv_write_s: steps.iter().map(|s| s.kv_write_s).sum(),
+            kv_write_s,
             relayout_s,
             regroups: r.regroups,
             relayouts: r.final_kv.relayouts,
@@ -135,9 +141,11 @@ impl Summary {
             ("requests finished", self.finished as f64, ""),
             ("tokens generated", self.generated_tokens as f64, ""),
             ("prefill tokens", self.prefill_tokens as f64, ""),
-            ("TOTAL: planning + relayout + attention (s)", self.total_s, "lower"),
+            ("TOTAL: planning + launch update + KV writes + relayout + attention (s)", self.total_s, "lower"),
             ("attention time total (s)", self.attention_s, "lower"),
             ("planning time total (s)", self.plan_s, "lower"),
+            ("launch update time total (s)", self.bind_s, "lower"),
+            ("KV writes total (s)", self.kv_write_s, ""),
             ("relayout time total (s)", self.relayout_s, "lower"),
             ("attention per step p50 (ms)", self.step_ms[0], "lower"),
             ("attention per step p90 (ms)", self.step_ms[1], "lower"),
@@ -158,7 +166,6 @@ impl Summary {
             ("work items per step, mean", self.items_mean, ""),
             ("planning per step, mean (ms)", self.plan_ms_mean, "lower"),
             ("KV bytes read by attention (GiB, all layers)", self.read_bytes / (1u64 << 30) as f64, "lower"),
-            ("KV writes total (s, not in attention time)", self.kv_write_s, ""),
             ("regroups (trigger fired)", self.regroups as f64, ""),
             ("steps the trigger fired on (%)", 100.0 * self.regroup_rate, ""),
             ("relayouts that moved pages", self.relayouts as f64, ""),
@@ -231,12 +238,12 @@ pub fn scheduler_report(name: &str, r: &RunResult) -> Option<String> {
     Some(s)
 }
 
-/// Each adaptive part's net effect, all costs counted: the total (planning + relayout +
+/// Each adaptive part's net effect, all costs counted: the total (planning + launch update + KV writes + relayout +
 /// attention) without it minus the total with everything on (positive: the part pays).
 pub fn ablation(summaries: &[Summary]) -> String {
     let mut s = String::new();
     let Some(full) = summaries.iter().find(|x| x.name == "PackInfer") else { return s };
-    let _ = writeln!(s, "\nablation: net effect of each adaptive part = total without it - total with it (planning + relayout + attention; positive: it pays)");
+    let _ = writeln!(s, "\nablation: net effect of each adaptive part = total without it - total with it (planning + launch update + KV writes + relayout + attention; positive: it pays)");
     for (part, without) in [
         ("capacity tuning", "no tuning"),
         ("regroup trigger", "no regroup"),

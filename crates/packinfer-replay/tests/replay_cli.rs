@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_packinfer-replay");
 const HEADER: &str = "TIMESTAMP,ContextTokens,GeneratedTokens";
+/// The headline row of summary.csv: every library cost of the replay.
+const TOTAL: &str = "TOTAL: planning + launch update + KV writes + relayout + attention (s)";
 
 /// A fresh directory for one test.
 fn scratch(name: &str) -> PathBuf {
@@ -116,8 +118,12 @@ fn a_small_trace_replays_and_its_numbers_add_up() {
         assert_eq!(s["KV pages used after the replay"][i], 0.0, "{name}: KV fully freed");
         assert!(s["attention time total (s)"][i] > 0.0, "{name}");
         // The headline counts every cost of the schedule.
-        let total = s["attention time total (s)"][i] + s["planning time total (s)"][i] + s["relayout time total (s)"][i];
-        assert!((s["TOTAL: planning + relayout + attention (s)"][i] - total).abs() <= 1e-9 * total.max(1.0), "{name}");
+        let total = s["attention time total (s)"][i]
+            + s["planning time total (s)"][i]
+            + s["launch update time total (s)"][i]
+            + s["KV writes total (s)"][i]
+            + s["relayout time total (s)"][i];
+        assert!((s[TOTAL][i] - total).abs() <= 1e-9 * total.max(1.0), "{name}");
         assert!(s["planning time total (s)"][i] > 0.0, "{name}");
         assert!(s["KV pages used, peak"][i] > 0.0, "{name}");
     }
@@ -588,5 +594,184 @@ fn the_spellings_of_the_hand_written_parser_still_parse() {
     let (names, s) = summary(&out);
     assert_eq!(names, ["PackInfer"]);
     assert_eq!(s["requests finished"], [2.0]);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The percentile the replay's summary reports (nearest rank).
+fn nearest_rank(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * v.len() as f64).ceil().max(1.0) as usize;
+    v[rank.min(v.len()) - 1]
+}
+
+/// `--record-batches`' file of one schedule: its header and steps, page tables rebuilt from the
+/// runs (every table checked against its KV length and the pool).
+struct Recording {
+    header: serde_json::Value,
+    steps: Vec<serde_json::Value>,
+    /// Per step, per request of the step: its whole page table.
+    tables: Vec<Vec<Vec<i64>>>,
+}
+
+fn read_recording(path: &Path) -> Recording {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut lines = text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap_or_else(|e| panic!("{e}: {l}")));
+    let header = lines.next().unwrap();
+    assert_eq!(header["format"], "packinfer-replay-batches");
+    assert_eq!(header["version"], 1);
+    let steps: Vec<_> = lines.collect();
+    let ints = |v: &serde_json::Value| v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect::<Vec<i64>>();
+    let (page_size, num_pages) = (header["page_size"].as_i64().unwrap(), header["num_pages"].as_i64().unwrap());
+    let mut last: HashMap<i64, Vec<i64>> = HashMap::new();
+    let mut tables = Vec::new();
+    for st in &steps {
+        let (ids, kv, q) = (ints(&st["ids"]), ints(&st["kv"]), ints(&st["q"]));
+        assert_eq!((ids.len(), kv.len(), q.len(), ints(&st["emit"]).len()), (ids.len(), ids.len(), ids.len(), ids.len()));
+        let mut step_tables = Vec::new();
+        for (i, entry) in st["pages"].as_array().unwrap().iter().enumerate() {
+            let e = ints(entry);
+            let old = last.remove(&ids[i]).unwrap_or_default();
+            assert!(e[0] as usize <= old.len() && e.len() % 2 == 1, "step {}: {e:?}", st["step"]);
+            let mut t = old[..e[0] as usize].to_vec();
+            for run in e[1..].chunks(2) {
+                assert!(run[1] > 0, "an empty run: {e:?}");
+                t.extend(run[0]..run[0] + run[1]);
+            }
+            assert_eq!(t.len() as i64, (kv[i] + page_size - 1) / page_size, "step {}: request {} of {} keys", st["step"], ids[i], kv[i]);
+            assert!(t.iter().all(|&p| (0..num_pages).contains(&p)));
+            assert!(q[i] >= 1 && q[i] <= kv[i]);
+            last.insert(ids[i], t.clone());
+            step_tables.push(t);
+        }
+        assert_eq!(step_tables.len(), ids.len());
+        for id in ints(&st["finished"]) {
+            last.remove(&id);
+        }
+        tables.push(step_tables);
+    }
+    Recording { header, steps, tables }
+}
+
+#[test]
+fn recorded_batches_match_the_step_table_and_the_timeline() {
+    let dir = scratch("record");
+    let rows: Vec<(f64, u32, u32)> =
+        vec![(0.0, 37, 5), (0.1, 3, 1), (0.2, 150, 12), (0.3, 9, 0), (0.4, 64, 7), (0.5, 1, 9), (0.6, 90, 3), (0.7, 17, 20)];
+    let trace = write_trace(&dir, &rows);
+    let out = dir.join("out");
+    let mut args = vec![trace.to_str().unwrap(), "--out", out.to_str().unwrap(), "--token-budget", "64", "--max-batch", "5"];
+    args.extend_from_slice(&["--system-prompts", "1", "--shared-fraction", "0.6", "--system-prompt-len", "10", "--record-batches"]);
+    args.extend_from_slice(SMALL);
+    let o = run(&args);
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("batches-packinfer.jsonl") && stdout.contains("batches-baseline.jsonl"), "{stdout}");
+    let table = steps(&out);
+    let (names, summary) = summary(&out);
+    let mut groups_seen = 0;
+    for (i, (name, file)) in [("PackInfer", "batches-packinfer.jsonl"), ("baseline", "batches-baseline.jsonl")].into_iter().enumerate() {
+        assert_eq!(names[i], name);
+        let rec = read_recording(&out.join(file));
+        let h = &rec.header;
+        assert_eq!(h["schedule"], name);
+        assert_eq!((h["num_qo_heads"].as_i64(), h["num_kv_heads"].as_i64(), h["head_dim"].as_i64()), (Some(4), Some(2), Some(16)));
+        assert_eq!((h["layers"].as_i64(), h["page_size"].as_i64(), h["requests"].as_i64()), (Some(2), Some(4), Some(rows.len() as i64)));
+        assert_eq!(h["dtype"], "bf16");
+        let ours: Vec<_> = table.iter().filter(|r| r["schedule"] == name).collect();
+        assert_eq!(rec.steps.len(), ours.len(), "{name}: one line per step");
+        let mut total = 0.0;
+        let mut arrived: Vec<i64> = Vec::new();
+        let mut finished: Vec<i64> = Vec::new();
+        let (mut firsts, mut laters) = (0, 0);
+        for (st, row) in rec.steps.iter().zip(&ours) {
+            let sum = |k: &str| st[k].as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).sum::<i64>();
+            assert_eq!(st["step"].as_f64().unwrap(), num(row, "step"));
+            assert_eq!(st["ids"].as_array().unwrap().len() as f64, num(row, "requests"));
+            assert_eq!(sum("q") as f64, num(row, "prefill_tokens") + num(row, "decode_tokens"));
+            assert_eq!(sum("kv") as f64, num(row, "kv_tokens"));
+            for (key, col) in [
+                ("plan_s", "plan_ms"),
+                ("bind_s", "bind_ms"),
+                ("kv_write_s", "kv_write_ms"),
+                ("relayout_s", "relayout_ms"),
+                ("attention_s", "attention_ms"),
+            ] {
+                assert!((st[key].as_f64().unwrap() * 1e3 - num(row, col)).abs() <= 1e-4 + 1e-9, "{name} step {}: {key}", st["step"]);
+            }
+            let parts: f64 = ["plan_s", "bind_s", "kv_write_s", "relayout_s", "attention_s"].iter().map(|k| st[*k].as_f64().unwrap()).sum();
+            assert!((st["total_s"].as_f64().unwrap() - parts).abs() <= 1e-12 + 1e-9 * parts);
+            total += parts;
+            arrived.extend(st["arrived"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap()));
+            finished.extend(st["finished"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap()));
+            for e in st["emit"].as_array().unwrap() {
+                match e.as_i64().unwrap() {
+                    1 => firsts += 1,
+                    2 => laters += 1,
+                    _ => {}
+                }
+            }
+            groups_seen += st["groups"].as_array().unwrap().len();
+        }
+        assert!((summary[TOTAL][i] - total).abs() <= 1e-9 * total.max(1.0), "{name}: the headline is the recorded costs' sum");
+        arrived.sort_unstable();
+        finished.sort_unstable();
+        let all: Vec<i64> = (0..rows.len() as i64).collect();
+        assert_eq!((&arrived, &finished), (&all, &all), "{name}: every request arrives and leaves once");
+        assert_eq!(firsts, rows.iter().filter(|r| r.2 > 0).count(), "{name}: first tokens");
+        assert_eq!(laters as u32, rows.iter().map(|r| r.2.saturating_sub(1)).sum::<u32>(), "{name}: later tokens");
+
+        // The timeline: TTFT and TBT from the recorded attention times give the summary's
+        // percentiles (the replay adds every step a request waited through).
+        let (mut ttft, mut tbt) = (Vec::new(), Vec::new());
+        let mut since: HashMap<i64, f64> = HashMap::new();
+        for st in &rec.steps {
+            for id in st["arrived"].as_array().unwrap() {
+                since.insert(id.as_i64().unwrap(), 0.0);
+            }
+            let t = st["attention_s"].as_f64().unwrap();
+            since.values_mut().for_each(|s| *s += t);
+            for (id, e) in st["ids"].as_array().unwrap().iter().zip(st["emit"].as_array().unwrap()) {
+                let id = id.as_i64().unwrap();
+                match e.as_i64().unwrap() {
+                    1 => ttft.push(since.insert(id, 0.0).unwrap()),
+                    2 => tbt.push(since.insert(id, 0.0).unwrap()),
+                    _ => {}
+                }
+            }
+            for id in st["finished"].as_array().unwrap() {
+                since.remove(&id.as_i64().unwrap());
+            }
+        }
+        for p in [50.0, 90.0, 99.0] {
+            let (a, b) = (nearest_rank(&mut ttft, p) * 1e3, summary[&format!("TTFT p{p} (ms, attention only)")][i]);
+            assert!((a - b).abs() <= 1e-9 * b.max(1.0), "{name} TTFT p{p}: {a} vs {b}");
+            let (a, b) = (nearest_rank(&mut tbt, p) * 1e3, summary[&format!("TBT p{p} (ms, attention only)")][i]);
+            assert!((a - b).abs() <= 1e-9 * b.max(1.0), "{name} TBT p{p}: {a} vs {b}");
+        }
+        // Same work as the step table: the other schedule's lengths are the same.
+        if i == 1 {
+            let first = read_recording(&out.join("batches-packinfer.jsonl"));
+            for (a, b) in first.steps.iter().zip(&rec.steps) {
+                for key in ["ids", "q", "kv", "emit"] {
+                    assert_eq!(a[key], b[key], "step {}: {key}", a["step"]);
+                }
+            }
+            assert_eq!(first.tables.len(), rec.tables.len());
+        }
+    }
+    assert!(groups_seen > 0, "the shared system prompt makes prefix groups");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn without_the_flag_no_batches_are_recorded() {
+    let dir = scratch("norecord");
+    let trace = write_trace(&dir, &[(0.0, 20, 3)]);
+    let out = dir.join("out");
+    let mut args = vec![trace.to_str().unwrap(), "--out", out.to_str().unwrap(), "--mode", "baseline"];
+    args.extend_from_slice(SMALL);
+    let o = run(&args);
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert!(!out.join("batches-baseline.jsonl").exists());
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# The serving replay against FlashInfer and FlashAttention (issue 19), in one device call. Run from
+# the folder bench/stage_gpu.sh fills (bench/, libpackinfer.so, packinfer-replay, the trace, anchors/):
+#
+#     bash .gpu-bench/bench/run_replay_anchors.sh        (carry [".gpu-bench"]; results under $OUT)
+#
+# 1. unpacks the anchors and picks the FlashInfer that imports (as run_anchors.sh does);
+# 2. builds FlashInfer's JIT modules the replay needs (tensor-core decode, BatchAttention) in the
+#    background, no longer than WARM_BUDGET_S;
+# 3. meanwhile packinfer-replay replays the trace on the GPU with --record-batches (PackInfer and
+#    the baseline; REQUESTS, ARRIVALS, REPLAY_ARGS), its own numbers in $OUT/replay/;
+# 4. bench/replay_anchors.py replays the recorded steps through PackInfer, FlashInfer's best API
+#    per step, FA3 varlen and FA2 varlen ($OUT/replay_anchors.json, .png); MAX_STEPS limits it.
+# Environment: REQUESTS (1000), ARRIVALS (all|trace), REPLAY_ARGS (more replay options, e.g.
+# "--speedup 4"), TRACE (the staged code trace; "synthetic": the replay's built-in trace),
+# MAX_STEPS (0: all), CONTENDERS (packinfer,flashinfer,fa3,fa2), BUDGET_S (560).
+set -u
+T0=$(date +%s)
+bench=$(cd "$(dirname "$0")" && pwd)
+stage=$(dirname "$bench")
+out=${OUT:-/tmp/packinfer_out}
+mkdir -p "$out"
+BUDGET_S=${BUDGET_S:-560}
+WARM_BUDGET_S=${WARM_BUDGET_S:-330}
+REQUESTS=${REQUESTS:-1000}
+ARRIVALS=${ARRIVALS:-all}
+REPLAY_ARGS=${REPLAY_ARGS:-}
+MAX_STEPS=${MAX_STEPS:-0}
+CONTENDERS=${CONTENDERS:-packinfer,flashinfer,fa3,fa2}
+TRACE=${TRACE:-$stage/azure_llm_2023_code.csv}
+log="$out/run.log"
+exec > >(tee -a "$log") 2>&1
+elapsed() { echo $(($(date +%s) - T0)); }
+left_until() { echo $((T0 + $1 - $(date +%s))); }
+say() { echo "== [$(elapsed) s] $*"; }
+
+export PYTHONUNBUFFERED=1 FLASHINFER_CUDA_ARCH_LIST=9.0 TORCH_CUDA_ARCH_LIST=9.0
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PACKINFER_COMMIT=$(cat "$stage/COMMIT" 2>/dev/null || echo unknown)
+export PACKINFER_CACHE_DIR=/tmp/packinfer_kernels
+export FLASHINFER_WORKSPACE_BASE=/tmp/flashinfer_ws
+export PACKINFER_WARM_DIR=/tmp/packinfer_warm PACKINFER_WARM_BUDGET_S=$WARM_BUDGET_S
+export PACKINFER_WARM_DEADLINE=$((T0 + WARM_BUDGET_S))
+A=/tmp/anchors
+rm -rf "$A" "$PACKINFER_WARM_DIR"
+mkdir -p "$A" "$PACKINFER_WARM_DIR" "$FLASHINFER_WORKSPACE_BASE"
+
+say "replay vs anchors, commit $PACKINFER_COMMIT, $(date -u +%FT%TZ)"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
+for part in flashinfer flashinfer-old common pydeps fa3; do
+  mkdir -p "$A/$part"
+  [ -f "$stage/anchors/$part.tar.xz" ] && tar -xJf "$stage/anchors/$part.tar.xz" -C "$A/$part"
+done
+export PACKINFER_PYDEPS=$A/pydeps
+fi_site=$A/flashinfer
+for cand in flashinfer flashinfer-old; do
+  if PYTHONPATH="$A/$cand:$A/common:$A/fa3" timeout 120 python3 "$bench/anchors.py" probe; then
+    fi_site=$A/$cand
+    break
+  fi
+done
+export PACKINFER_FLASHINFER_SITE=$fi_site
+export PYTHONPATH="$fi_site:$A/common:$A/fa3${PYTHONPATH:+:$PYTHONPATH}"
+
+# The two FlashInfer modules the replay uses, built while the replay runs.
+(
+  for m in decode-tc batch-attention; do
+    MAX_JOBS=8 timeout -k 5 "$(left_until "$WARM_BUDGET_S")" python3 "$bench/gpu_bench.py" --phase "warm-$m" &
+  done
+  wait
+) >>"$out/warm.log" 2>&1 &
+warm_pid=$!
+
+trace_arg=("$TRACE")
+[ "$TRACE" = synthetic ] && trace_arg=()
+say "packinfer-replay: $REQUESTS requests, arrivals $ARRIVALS ${REPLAY_ARGS}"
+# shellcheck disable=SC2086 # REPLAY_ARGS is a list of options
+timeout -k 10 "$(left_until $((BUDGET_S - 200)))" "$stage/packinfer-replay" "${trace_arg[@]}" --device gpu \
+  --requests "$REQUESTS" --arrivals "$ARRIVALS" --record-batches --out /tmp/replay-out $REPLAY_ARGS
+say "replay: rc $?"
+mkdir -p "$out/replay"
+cp /tmp/replay-out/summary.csv /tmp/replay-out/steps.png "$out/replay/" 2>/dev/null
+xz -T0 -3 -c /tmp/replay-out/steps.csv >"$out/replay/steps.csv.xz" 2>/dev/null
+ls -la /tmp/replay-out
+
+wait "$warm_pid" 2>/dev/null
+say "warm-up: $(cd "$PACKINFER_WARM_DIR" && for f in *.ok *.err; do [ -e "$f" ] && printf '%s ' "$f"; done)"
+say "replay_anchors.py, at most $(left_until $((BUDGET_S - 10))) s"
+timeout -k 10 "$(left_until $((BUDGET_S - 10)))" python3 "$bench/replay_anchors.py" /tmp/replay-out \
+  --lib "$stage/libpackinfer.so" --out "$out" --max-steps "$MAX_STEPS" --contenders "$CONTENDERS"
+say "replay_anchors: rc $?"
+# The recording itself where it is small enough to come back.
+for f in /tmp/replay-out/batches-*.jsonl; do
+  xz -T0 -3 -c "$f" >"$out/$(basename "$f").xz"
+  [ "$(stat -c %s "$out/$(basename "$f").xz")" -lt $((40 << 20)) ] || rm -f "$out/$(basename "$f").xz"
+done
+say "done"
+sleep 1

@@ -616,14 +616,7 @@ pub(super) unsafe fn plan_options(options: *const PackinferPlanOptions) -> Resul
 }
 
 pub(super) fn convert_plan_options(o: &PackinferPlanOptions) -> Result<PlanOptions> {
-    let known = PackinferPlanFlags::ALL.iter().fold(0u32, |m, &f| m | f as u32);
-    if o.flags & !known != 0 {
-        return Err(invalid!(
-            "options->flags = 0x{:x} has bits this library does not know (0x{:x}); known flags are 0x{known:x}",
-            o.flags,
-            o.flags & !known
-        ));
-    }
+    super::check_known_flags("options->flags", o.flags, PackinferPlanFlags::ALL.iter().fold(0u32, |m, &f| m | f as u32))?;
     let has = |f: PackinferPlanFlags| o.flags & f as u32 != 0;
     let window_end = std::mem::offset_of!(PackinferPlanOptions, window_left) + std::mem::size_of::<u32>();
     if has(PackinferPlanFlags::SlidingWindow) && o.struct_size < window_end {

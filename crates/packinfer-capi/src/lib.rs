@@ -125,6 +125,18 @@ pub(crate) fn guard(func: &str, body: impl FnOnce() -> Result<()>) -> PackinferS
     }
 }
 
+/// Refuses flag bits outside `known` (the OR of a flags enum's values): a caller built against a
+/// newer header asks for behaviour this library lacks, which must not pass silently.
+pub(crate) fn check_known_flags(name: &str, flags: u32, known: u32) -> Result<()> {
+    if flags & !known != 0 {
+        return Err(invalid!(
+            "{name} = 0x{flags:x} has bits this library does not know (0x{:x}); known flags are 0x{known:x}",
+            flags & !known
+        ));
+    }
+    Ok(())
+}
+
 /// A caller's array as a slice; `name` is used in the message when it is null but `len > 0`.
 ///
 /// # Safety

@@ -192,14 +192,7 @@ fn default_options() -> PackinferSchedulerOptions {
 }
 
 fn convert_options(o: &PackinferSchedulerOptions) -> packinfer::Result<SchedulerOptions> {
-    let known = PackinferSchedulerFlags::ALL.iter().fold(0u32, |m, &f| m | f as u32);
-    if o.flags & !known != 0 {
-        return Err(invalid!(
-            "options->flags = 0x{:x} has bits this library does not know (0x{:x}); known flags are 0x{known:x}",
-            o.flags,
-            o.flags & !known
-        ));
-    }
+    super::check_known_flags("options->flags", o.flags, PackinferSchedulerFlags::ALL.iter().fold(0u32, |m, &f| m | f as u32))?;
     let has = |f: PackinferSchedulerFlags| o.flags & f as u32 != 0;
     if has(PackinferSchedulerFlags::NoRelayout) && has(PackinferSchedulerFlags::RelayoutAlways) {
         return Err(invalid!("options->flags = 0x{:x} has both NO_RELAYOUT and RELAYOUT_ALWAYS", o.flags));

@@ -3,7 +3,7 @@
 
 use packinfer_testkit as common;
 mod support;
-use support::{cpu_context as cpu_context_with, expect, last_error, CDesc};
+use support::{cpu_context as cpu_context_with, expect, last_error, run_args, CDesc};
 
 fn cpu_context() -> PackinferContext {
     cpu_context_with(2)
@@ -18,30 +18,6 @@ use packinfer_capi::*;
 
 fn desc(case: &Case, groups: &[PackinferPrefixGroup]) -> PackinferBatchDesc {
     case.c_desc(groups)
-}
-
-fn run_args(case: &Case, o: &Tensor, lse: &mut [f32]) -> PackinferRunArgs {
-    let l = &case.layout;
-    PackinferRunArgs {
-        struct_size: std::mem::size_of::<PackinferRunArgs>(),
-        q: case.q.ptr() as *const c_void,
-        q_stride_token: 0,
-        q_stride_head: 0,
-        kv: PackinferKvLayout {
-            k: l.k as *const c_void,
-            v: l.v as *const c_void,
-            stride_page: l.stride_page,
-            stride_token: l.stride_token,
-            stride_head: l.stride_head,
-            stride_dim: l.stride_dim,
-        },
-        o: o.ptr() as *mut c_void,
-        o_stride_token: 0,
-        o_stride_head: 0,
-        lse: lse.as_mut_ptr(),
-        stream: null_mut(),
-        logits_soft_cap: case.logits_soft_cap,
-    }
 }
 
 fn small_case(seed: u64) -> Case {

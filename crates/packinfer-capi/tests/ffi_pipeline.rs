@@ -4,9 +4,8 @@
 
 use packinfer_testkit as common;
 mod support;
-use support::{cpu_context, expect, last_error, ok, CDesc};
+use support::{cpu_context, expect, last_error, ok, run_args, CDesc};
 
-use std::ffi::c_void;
 use std::ptr::{null, null_mut};
 use std::sync::mpsc;
 
@@ -104,30 +103,10 @@ fn update(ctx: PackinferContext, plan: PackinferPlan, step: &Step) -> PackinferS
 /// Runs `layers` layers of `step` with `launch` and checks each against the reference.
 fn run_step(launch: PackinferLaunch, step: &Step, layers: usize, what: &str) {
     let case = &step.case;
-    let l = &case.layout;
     for layer in 0..layers {
         let o = Tensor::poisoned(case.shape.dtype, case.out_len());
         let mut lse = vec![f32::NAN; case.total_q() * case.shape.num_qo_heads as usize];
-        let args = PackinferRunArgs {
-            struct_size: std::mem::size_of::<PackinferRunArgs>(),
-            q: case.q.ptr() as *const c_void,
-            q_stride_token: 0,
-            q_stride_head: 0,
-            kv: PackinferKvLayout {
-                k: l.k as *const c_void,
-                v: l.v as *const c_void,
-                stride_page: l.stride_page,
-                stride_token: l.stride_token,
-                stride_head: l.stride_head,
-                stride_dim: l.stride_dim,
-            },
-            o: o.ptr() as *mut c_void,
-            o_stride_token: 0,
-            o_stride_head: 0,
-            lse: lse.as_mut_ptr(),
-            stream: null_mut(),
-            logits_soft_cap: 0.0,
-        };
+        let args = run_args(case, &o, &mut lse);
         // SAFETY: the args address the case's host tensors, alive for the (synchronous) CPU run.
         ok(unsafe { packinfer_run(launch, &args) });
         assert_close(case, &o, &lse, &format!("{what}, layer {layer}"));

@@ -2,11 +2,12 @@
 //! case's batch as the C ABI's description.
 #![allow(dead_code)]
 
-use std::ffi::CStr;
+use std::ffi::{c_void, CStr};
+use std::ptr::null_mut;
 
 use packinfer::types::DType;
 use packinfer_capi::*;
-use packinfer_testkit::Case;
+use packinfer_testkit::{Case, Tensor};
 
 /// This thread's last error message.
 pub fn last_error() -> String {
@@ -74,5 +75,30 @@ impl CDesc for Case {
             num_prefix_groups: groups.len() as u32,
             prefix_groups: if groups.is_empty() { std::ptr::null() } else { groups.as_ptr() },
         }
+    }
+}
+
+/// Run arguments over `case`'s host tensors (Q, its cache, its soft-cap), writing `o` and `lse`.
+pub fn run_args(case: &Case, o: &Tensor, lse: &mut [f32]) -> PackinferRunArgs {
+    let l = &case.layout;
+    PackinferRunArgs {
+        struct_size: std::mem::size_of::<PackinferRunArgs>(),
+        q: case.q.ptr() as *const c_void,
+        q_stride_token: 0,
+        q_stride_head: 0,
+        kv: PackinferKvLayout {
+            k: l.k as *const c_void,
+            v: l.v as *const c_void,
+            stride_page: l.stride_page,
+            stride_token: l.stride_token,
+            stride_head: l.stride_head,
+            stride_dim: l.stride_dim,
+        },
+        o: o.ptr() as *mut c_void,
+        o_stride_token: 0,
+        o_stride_head: 0,
+        lse: lse.as_mut_ptr(),
+        stream: null_mut(),
+        logits_soft_cap: case.logits_soft_cap,
     }
 }

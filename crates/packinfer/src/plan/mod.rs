@@ -235,7 +235,7 @@ impl Plan {
 /// capacity). The planner's own policy, computed without scheduling: a caller that scales it
 /// (the [`scheduler`]) plans once. Validates as [`Plan::build`] does.
 pub fn automatic_capacity(shape: &Shape, batch: &Batch, profile: &DeviceProfile, options: &PlanOptions) -> Result<f64> {
-    let mut plan = Plan::empty(shape.clone(), PlanOptions { capacity: None, ..options.clone() }, profile.block_m);
+    let mut plan = Plan::empty(*shape, PlanOptions { capacity: None, ..options.clone() }, profile.block_m);
     plan.batch = batch.clone();
     plan.validate_and_fill_requests(profile)?;
     let o = &plan.options;

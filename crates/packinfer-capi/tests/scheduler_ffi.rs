@@ -386,7 +386,7 @@ fn bad_input_is_named() {
             InvalidArgument,
             &[],
         );
-        // Refused before planning: the step planned above is still the pending one.
+        // The refused updates left the step planned above pending.
         t.attention_seconds = -1.0;
         expect(packinfer_scheduler_record(s, &t), InvalidArgument, &["times->attention_seconds = -1"]);
         t.attention_seconds = 1e-3;

@@ -230,19 +230,23 @@ impl Plan {
 }
 
 /// The capacity the planner chooses for `batch` when `options` leave it automatic (`capacity:
-/// None`): the batch's total cost over twice the profile's workers, never below
-/// the smallest capacity of the cost model; 0 where the options switch every technique off (a plan without a
-/// capacity). The planner's own policy, computed without scheduling: a caller that scales it
+/// None`): the batch's total cost over twice the profile's workers, never below the smallest
+/// capacity of the cost model; 0 where the options switch every technique off (a plan without
+/// a capacity). The planner's own policy, computed without scheduling: a caller that scales it
 /// (the [`scheduler`]) plans once. Validates as [`Plan::build`] does.
 pub fn automatic_capacity(shape: &Shape, batch: &Batch, profile: &DeviceProfile, options: &PlanOptions) -> Result<f64> {
     let mut plan = Plan::empty(*shape, PlanOptions { capacity: None, ..options.clone() }, profile.block_m);
     plan.batch = batch.clone();
     plan.validate_and_fill_requests(profile)?;
-    let o = &plan.options;
-    if !(o.packing || o.balancing || o.prefix_sharing || o.split_kv) {
+    if one_request_per_tile(&plan.options) {
         return Ok(0.0);
     }
     Ok(schedule::plan_automatic_capacity(&mut plan, profile))
+}
+
+/// Every technique off: each (request, KV head, block of rows) is its own tile, no capacity.
+fn one_request_per_tile(o: &PlanOptions) -> bool {
+    !(o.packing || o.balancing || o.prefix_sharing || o.split_kv)
 }
 
 impl Plan {
@@ -376,13 +380,12 @@ impl Plan {
     /// leave it automatic; returns the automatic capacity (0 for a plan without one).
     fn plan_batch_scaled(&mut self, profile: &DeviceProfile, started: Instant, capacity_factor: f64) -> Result<f64> {
         self.validate_and_fill_requests(profile)?;
-        let o = &self.options;
-        if !(o.packing || o.balancing || o.prefix_sharing || o.split_kv) {
+        if one_request_per_tile(&self.options) {
             self.schedule_one_request_per_tile();
             self.finish_stats(profile, 0.0, 0, None, started);
             return Ok(0.0);
         }
-        let automatic = match o.capacity {
+        let automatic = match self.options.capacity {
             None if capacity_factor != 1.0 => {
                 let automatic = schedule::plan_automatic_capacity(self, profile);
                 self.options.capacity = Some(automatic * capacity_factor);

@@ -226,6 +226,8 @@ OPTIONAL_SIGNATURES = {
     "packinfer_scheduler_destroy": (c_int, [PackinferScheduler]),
     "packinfer_scheduler_plan": (c_int, [PackinferScheduler, PackinferContext, _U64P, _U32P, c_uint32,
                                          POINTER(PackinferPlanOptions), c_void_p, POINTER(PackinferPlan), c_void_p]),
+    "packinfer_scheduler_plan_update": (c_int, [PackinferScheduler, PackinferContext, PackinferPlan, _U64P, _U32P,
+                                                c_uint32, POINTER(PackinferPlanOptions), c_void_p, c_void_p]),
     "packinfer_scheduler_record": (c_int, [PackinferScheduler, c_void_p]),
     "packinfer_scheduler_stats": (c_int, [PackinferScheduler, c_void_p]),
 }

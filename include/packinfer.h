@@ -875,7 +875,7 @@ typedef struct PackinferScheduler {
 } PackinferScheduler;
 
 /**
- * What `packinfer_scheduler_plan` decided and did.
+ * What `packinfer_scheduler_plan` (or `packinfer_scheduler_plan_update`) decided and did.
  */
 typedef struct PackinferSchedulerStep {
   /**
@@ -1574,9 +1574,29 @@ enum PackinferStatus packinfer_scheduler_plan(struct PackinferScheduler schedule
                                               struct PackinferSchedulerStep *step);
 
 /**
- * Reports the measured times of the step the last `packinfer_scheduler_plan` returned (once per
- * step). Negative or non-finite times are INVALID_ARGUMENT; a record without a step before it
- * is INVALID_ARGUMENT.
+ * `packinfer_scheduler_plan` into an existing plan (one of an earlier step, from any create or
+ * update call), reusing its memory as `packinfer_pool_plan_update` does: once the plan has held
+ * a step as large, re-planning allocates nothing; its rules on launches and threads apply.
+ * After an error the plan is unchanged (bad handles or arguments are found first) or holds an
+ * empty batch (no requests, no work): update it successfully before launching from it again.
+ *
+ * # Safety
+ * As `packinfer_scheduler_plan`, with `plan` in place of `out`.
+ */
+enum PackinferStatus packinfer_scheduler_plan_update(struct PackinferScheduler scheduler,
+                                                     struct PackinferContext context,
+                                                     struct PackinferPlan plan,
+                                                     const uint64_t *seq_ids,
+                                                     const uint32_t *num_new_tokens,
+                                                     uint32_t n,
+                                                     const struct PackinferPlanOptions *plan_options,
+                                                     void *stream,
+                                                     struct PackinferSchedulerStep *step);
+
+/**
+ * Reports the measured times of the step the last `packinfer_scheduler_plan` (or `_update`)
+ * planned (once per step). Negative or non-finite times are INVALID_ARGUMENT; a record without
+ * a step before it is INVALID_ARGUMENT.
  *
  * # Safety
  * `times` must point to a struct with `struct_size` set.

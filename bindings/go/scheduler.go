@@ -9,6 +9,11 @@ static enum PackinferStatus pi_scheduler_plan(PackinferScheduler s, PackinferCon
                                               uintptr_t stream, PackinferPlan* out, PackinferSchedulerStep* step) {
 	return packinfer_scheduler_plan(s, ctx, seq_ids, num_new_tokens, n, o, (void*)stream, out, step);
 }
+static enum PackinferStatus pi_scheduler_plan_update(PackinferScheduler s, PackinferContext ctx, PackinferPlan plan,
+                                                     const uint64_t* seq_ids, const uint32_t* num_new_tokens, uint32_t n,
+                                                     const PackinferPlanOptions* o, uintptr_t stream, PackinferSchedulerStep* step) {
+	return packinfer_scheduler_plan_update(s, ctx, plan, seq_ids, num_new_tokens, n, o, (void*)stream, step);
+}
 */
 import "C"
 
@@ -128,18 +133,51 @@ func (s *Scheduler) NewPlan(ctx *Context, seqIDs []uint64, numNewTokens []uint32
 		return nil, SchedulerStep{}, err
 	}
 	runtime.SetFinalizer(plan, (*Plan).destroyUnclosed)
-	return plan, SchedulerStep{
+	return plan, stepFromC(&st), nil
+}
+
+// Replan is NewPlan into plan (an earlier step's), reusing its memory in the library
+// (packinfer_scheduler_plan_update): once plan has held a step as large, planning allocates
+// nothing there. Context.Replan's rules on launches, goroutines and errors apply.
+func (s *Scheduler) Replan(ctx *Context, plan *Plan, seqIDs []uint64, numNewTokens []uint32, opts *PlanOptions, stream uintptr) (SchedulerStep, error) {
+	if ctx == nil || plan == nil {
+		return SchedulerStep{}, invalidArgument("Scheduler.Replan: ctx or plan is nil")
+	}
+	n, err := pairedLength("Scheduler.Replan", seqIDs, "numNewTokens", len(numNewTokens))
+	if err != nil {
+		return SchedulerStep{}, err
+	}
+	o, err := planOptionsToC(opts)
+	if err != nil {
+		return SchedulerStep{}, err
+	}
+	var st C.PackinferSchedulerStep
+	st.struct_size = C.size_t(unsafe.Sizeof(st))
+	err = call(func() C.enum_PackinferStatus {
+		return C.pi_scheduler_plan_update(s.h, ctx.h, plan.h, u64Ptr(seqIDs), u32Ptr(numNewTokens), n, &o, C.uintptr_t(stream), &st)
+	})
+	runtime.KeepAlive(s)
+	runtime.KeepAlive(ctx)
+	runtime.KeepAlive(plan)
+	if err != nil {
+		return SchedulerStep{}, err
+	}
+	return stepFromC(&st), nil
+}
+
+func stepFromC(st *C.PackinferSchedulerStep) SchedulerStep {
+	return SchedulerStep{
 		Capacity: float64(st.capacity), CapacityFactor: float64(st.capacity_factor),
 		Regrouped: bool(st.regrouped), Relayout: bool(st.relayout), Probe: bool(st.probe),
 		Imbalance: float64(st.imbalance), AccumulatedImbalance: float64(st.accumulated_imbalance),
 		DuePages: uint64(st.due_pages), PagesMoved: uint64(st.pages_moved), BytesMoved: uint64(st.bytes_moved),
 		PredictedGainSeconds: float64(st.predicted_gain_seconds), PredictedCostSeconds: float64(st.predicted_cost_seconds),
 		PlanSeconds: float64(st.plan_seconds), RelayoutSeconds: float64(st.relayout_seconds),
-	}, nil
+	}
 }
 
-// Record reports the measured times of the step NewPlan returned: attention (every layer) and,
-// when timed on the device, the relayout's copies (0 = the scheduler's host timing).
+// Record reports the measured times of the step NewPlan (or Replan) planned: attention (every
+// layer) and, when timed on the device, the relayout's copies (0 = the scheduler's host timing).
 func (s *Scheduler) Record(attentionSeconds, relayoutSeconds float64) error {
 	t := C.PackinferStepTimes{attention_seconds: C.double(attentionSeconds), relayout_seconds: C.double(relayoutSeconds)}
 	t.struct_size = C.size_t(unsafe.Sizeof(t))

@@ -16,6 +16,13 @@ import (
 // token each, every step planned by sched, run on every layer and its time recorded.
 func serveScheduled(t *testing.T, ctx *packinfer.Context, pool *packinfer.Pool, sched *packinfer.Scheduler, ids []uint64, first []uint32, decodes int) []packinfer.SchedulerStep {
 	t.Helper()
+	return serveScheduledInto(t, ctx, pool, sched, ids, first, decodes, nil)
+}
+
+// serveScheduledInto is serveScheduled; with kept, every step re-plans *kept (Scheduler.Replan),
+// the first step's plan when *kept is nil, and leaves it open for the caller to close.
+func serveScheduledInto(t *testing.T, ctx *packinfer.Context, pool *packinfer.Pool, sched *packinfer.Scheduler, ids []uint64, first []uint32, decodes int, kept **packinfer.Plan) []packinfer.SchedulerStep {
+	t.Helper()
 	var steps []packinfer.SchedulerStep
 	for step := 0; step <= decodes; step++ {
 		q := first
@@ -30,7 +37,18 @@ func serveScheduled(t *testing.T, ctx *packinfer.Context, pool *packinfer.Pool, 
 			must(pool.Append(id, q[i], 0))(t)
 			total += int(q[i])
 		}
-		plan, st, err := sched.NewPlan(ctx, ids, q, nil, 0)
+		var plan *packinfer.Plan
+		var st packinfer.SchedulerStep
+		var err error
+		if kept != nil && *kept != nil {
+			plan = *kept
+			st, err = sched.Replan(ctx, plan, ids, q, nil, 0)
+		} else {
+			plan, st, err = sched.NewPlan(ctx, ids, q, nil, 0)
+			if kept != nil && err == nil {
+				*kept = plan
+			}
+		}
 		if err != nil {
 			t.Fatalf("step %d: %v", step, err)
 		}
@@ -50,7 +68,9 @@ func serveScheduled(t *testing.T, ctx *packinfer.Context, pool *packinfer.Pool, 
 			t.Fatal(err)
 		}
 		launch.Close()
-		plan.Close()
+		if kept == nil {
+			plan.Close()
+		}
 		qb.Free()
 		ob.Free()
 	}
@@ -103,6 +123,47 @@ func TestSchedulerServingLoop(t *testing.T) {
 	st2 := must(sched2.Stats())(t)
 	if st2.Regroups != 0 || st2.Relayouts != 0 || st2.CapacitySearches != 0 || !math.IsNaN(st2.ContiguousGainDecode) {
 		t.Errorf("stats = %+v", st2)
+	}
+}
+
+func TestSchedulerReplanDecidesAsNewPlan(t *testing.T) {
+	ctx := cpuContext(t)
+	defer ctx.Close()
+	o := poolOptions(t)
+	o.NumPages = 400
+	// Decisions that do not depend on measured times: a fixed factor, no relayouts.
+	so := packinfer.DefaultSchedulerOptions()
+	so.Flags = packinfer.SchedulerNoTuning | packinfer.SchedulerNoRelayout
+	so.CapacityFactor = 0.4
+	var runs [2][]packinfer.SchedulerStep
+	var kept *packinfer.Plan
+	for r := range runs {
+		pool := must(ctx.NewPool(o))(t)
+		sched := must(pool.NewScheduler(&so))(t)
+		var ids []uint64
+		for i := 0; i < 5; i++ {
+			ids = append(ids, must(pool.CreateSequence())(t))
+		}
+		var into **packinfer.Plan
+		if r == 1 {
+			into = &kept
+		}
+		runs[r] = serveScheduledInto(t, ctx, pool, sched, ids, []uint32{3, 17, 9, 30, 5}, 10, into)
+		sched.Close()
+		pool.Close()
+	}
+	if kept == nil {
+		t.Fatal("no plan kept")
+	}
+	kept.Close()
+	for i := range runs[0] {
+		a, b := runs[0][i], runs[1][i]
+		if a.Capacity != b.Capacity || a.CapacityFactor != 0.4 || a.Regrouped != b.Regrouped || a.Imbalance != b.Imbalance {
+			t.Errorf("step %d: NewPlan %+v, Replan %+v", i, a, b)
+		}
+	}
+	if _, err := (&packinfer.Scheduler{}).Replan(ctx, nil, nil, nil, nil, 0); packinfer.StatusOf(err) != packinfer.StatusInvalidArgument {
+		t.Errorf("Replan of a nil plan: %v", err)
 	}
 }
 

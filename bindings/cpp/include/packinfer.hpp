@@ -808,20 +808,23 @@ class Scheduler {
   // any relayout it decided (copies on `stream`); what it decided goes to *step when given.
   Plan plan(const Context& context, ArrayView<SequenceId> seq_ids, ArrayView<uint32_t> num_new_tokens,
             const PlanOptions& options = {}, void* stream = nullptr, SchedulerStep* step = nullptr) {
-    if (seq_ids.size() != num_new_tokens.size()) {
-      detail::invalid_argument("packinfer::Scheduler::plan", "num_new_tokens has " + std::to_string(num_new_tokens.size()) +
-                                                                  " entries but seq_ids has " + std::to_string(seq_ids.size()) +
-                                                                  "; they pair up one to one");
-    }
-    if (seq_ids.size() > UINT32_MAX) {
-      detail::invalid_argument("packinfer::Scheduler::plan", std::to_string(seq_ids.size()) + " entries are more than the C API's uint32 count");
-    }
+    const uint32_t n = count("packinfer::Scheduler::plan", seq_ids, num_new_tokens);
     const PackinferPlanOptions o = detail::to_c(options);
     if (step != nullptr) step->struct_size = sizeof(*step);
     PackinferPlan h{};
-    detail::check(packinfer_scheduler_plan(h_.get(), context.handle(), seq_ids.data(), num_new_tokens.data(),
-                                           static_cast<uint32_t>(seq_ids.size()), &o, stream, &h, step));
+    detail::check(packinfer_scheduler_plan(h_.get(), context.handle(), seq_ids.data(), num_new_tokens.data(), n, &o, stream, &h, step));
     return Plan(h);
+  }
+  // As plan(), into `plan` (an earlier step's), reusing its memory (packinfer_scheduler_plan_update):
+  // once it has held a step as large, planning allocates nothing in the library.
+  // Context::replan's rules on launches, threads and exceptions apply.
+  void replan(const Context& context, Plan& plan, ArrayView<SequenceId> seq_ids, ArrayView<uint32_t> num_new_tokens,
+              const PlanOptions& options = {}, void* stream = nullptr, SchedulerStep* step = nullptr) {
+    const uint32_t n = count("packinfer::Scheduler::replan", seq_ids, num_new_tokens);
+    const PackinferPlanOptions o = detail::to_c(options);
+    if (step != nullptr) step->struct_size = sizeof(*step);
+    detail::check(packinfer_scheduler_plan_update(h_.get(), context.handle(), plan.handle(), seq_ids.data(), num_new_tokens.data(), n,
+                                                  &o, stream, step));
   }
   // The step's measured attention time (every layer) and, when timed on the device, its
   // relayout copies (0 = the scheduler's host timing).
@@ -845,6 +848,17 @@ class Scheduler {
   void reset() { h_.reset(); }
 
  private:
+  // The request count for the C API: both arrays pair up, and fit its uint32.
+  static uint32_t count(const char* where, ArrayView<SequenceId> seq_ids, ArrayView<uint32_t> num_new_tokens) {
+    if (seq_ids.size() != num_new_tokens.size()) {
+      detail::invalid_argument(where, "num_new_tokens has " + std::to_string(num_new_tokens.size()) + " entries but seq_ids has " +
+                                          std::to_string(seq_ids.size()) + "; they pair up one to one");
+    }
+    if (seq_ids.size() > UINT32_MAX) {
+      detail::invalid_argument(where, std::to_string(seq_ids.size()) + " entries are more than the C API's uint32 count");
+    }
+    return static_cast<uint32_t>(seq_ids.size());
+  }
   SchedulerHandle h_;
 };
 

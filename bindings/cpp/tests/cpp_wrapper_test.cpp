@@ -995,9 +995,10 @@ TEST(Pool, RaiiAndUseAfterDestroy) {
 static_assert(!std::is_copy_constructible_v<packinfer::Scheduler>, "handles are move-only");
 
 // A serving loop: every step planned by the scheduler, run on every layer, its time recorded.
+// With `kept`, every step after the first re-plans the first step's plan (Scheduler::replan).
 packinfer::SchedulerStats serve(const packinfer::Context& ctx, packinfer::Pool& pool, packinfer::Scheduler& sched,
                                 std::vector<packinfer::SequenceId>& ids, const std::vector<uint32_t>& first, int decodes,
-                                std::vector<packinfer::SchedulerStep>* steps) {
+                                std::vector<packinfer::SchedulerStep>* steps, packinfer::Plan* kept = nullptr) {
   for (int t = 0; t <= decodes; t++) {
     std::vector<uint32_t> q = t == 0 ? first : std::vector<uint32_t>(ids.size(), 1);
     std::size_t total_q = 0;
@@ -1006,7 +1007,14 @@ packinfer::SchedulerStats serve(const packinfer::Context& ctx, packinfer::Pool& 
       total_q += q[i];
     }
     packinfer::SchedulerStep step{};
-    packinfer::Plan plan = sched.plan(ctx, ids, q, {}, nullptr, &step);
+    packinfer::Plan fresh;
+    if (kept != nullptr && *kept) {
+      sched.replan(ctx, *kept, ids, q, {}, nullptr, &step);
+    } else {
+      fresh = sched.plan(ctx, ids, q, {}, nullptr, &step);
+      if (kept != nullptr) *kept = std::move(fresh);
+    }
+    const packinfer::Plan& plan = kept != nullptr ? *kept : fresh;
     EXPECT_GT(step.capacity, 0.0);
     if (steps != nullptr) steps->push_back(step);
     packinfer::Launch launch = ctx.launch(plan);
@@ -1062,6 +1070,35 @@ TEST(Scheduler, ServingLoopOnTheCpu) {
   const packinfer::SchedulerStats st2 = serve(ctx, pool2, always, ids2, {1, 1, 1, 1}, 3, nullptr);
   EXPECT_GE(st2.relayouts, 1u);
   EXPECT_GT(st2.bytes_moved, 0u);
+}
+
+TEST(Scheduler, ReplanDecidesAsPlanAndKeepsOneHandle) {
+  packinfer::Context ctx = cpu_context();
+  packinfer::PoolOptions po = pool_options();
+  po.num_pages = 400;
+  // Decisions that do not depend on measured times: a fixed factor, no relayouts.
+  packinfer::SchedulerOptions so{packinfer::SchedulerFlags::NoTuning | packinfer::SchedulerFlags::NoRelayout};
+  so.capacity_factor = 0.4;
+  std::vector<packinfer::SchedulerStep> by_plan, by_replan;
+  packinfer::Plan kept;
+  PackinferPlan first{};
+  for (int replan = 0; replan < 2; replan++) {
+    packinfer::Pool pool(ctx, po);
+    packinfer::Scheduler sched(pool, so);
+    std::vector<packinfer::SequenceId> ids;
+    for (int i = 0; i < 5; i++) ids.push_back(pool.create_sequence());
+    serve(ctx, pool, sched, ids, {3, 17, 9, 30, 5}, 1, replan ? &by_replan : &by_plan, replan ? &kept : nullptr);
+    first = kept.handle();
+    serve(ctx, pool, sched, ids, {1, 1, 1, 1, 1}, 10, replan ? &by_replan : &by_plan, replan ? &kept : nullptr);
+  }
+  EXPECT_EQ(kept.handle().bits, first.bits) << "every step re-planned the first step's plan";
+  ASSERT_EQ(by_plan.size(), by_replan.size());
+  for (std::size_t i = 0; i < by_plan.size(); i++) {
+    EXPECT_EQ(by_plan[i].capacity, by_replan[i].capacity) << "step " << i;
+    EXPECT_EQ(by_plan[i].capacity_factor, 0.4);
+    EXPECT_EQ(by_plan[i].regrouped, by_replan[i].regrouped) << "step " << i;
+    EXPECT_EQ(by_plan[i].imbalance, by_replan[i].imbalance) << "step " << i;
+  }
 }
 
 TEST(Scheduler, BadArgumentsAndHandles) {

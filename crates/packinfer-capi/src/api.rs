@@ -32,6 +32,20 @@ impl PlanCell {
     pub(super) fn get(&self) -> Arc<Plan> {
         self.0.lock().clone()
     }
+    /// Plans into the held plan's memory with `plan_into`, or, while a launch on the CPU still
+    /// executes it, into a copy that the handle then holds (on error the handle keeps its plan).
+    pub(super) fn update_into<T>(&self, plan_into: impl FnOnce(&mut Plan) -> Result<T>) -> Result<T> {
+        let mut held = self.0.lock();
+        match Arc::get_mut(&mut held) {
+            Some(p) => plan_into(p),
+            None => {
+                let mut fresh = Plan::clone(&held);
+                let out = plan_into(&mut fresh)?;
+                *held = Arc::new(fresh);
+                Ok(out)
+            }
+        }
+    }
     /// Re-plans the held plan in its memory with `rebuild`, or, while a launch on the CPU still
     /// executes it, holds the plan `build` makes instead.
     pub(super) fn update(&self, rebuild: impl FnOnce(&mut Plan) -> Result<()>, build: impl FnOnce() -> Result<Plan>) -> Result<()> {

@@ -15,7 +15,7 @@ use super::types::{PackinferContext, PackinferPlan, PackinferPlanOptions};
 use super::{guard, options, write_out, PackinferStatus};
 use packinfer::invalid;
 use packinfer::kv::KvPool;
-use packinfer::plan::scheduler::{RelayoutPolicy, Scheduler, SchedulerOptions, StepTimes};
+use packinfer::plan::scheduler::{RelayoutPolicy, Scheduler, SchedulerOptions, StepDecision, StepTimes};
 
 struct SchedulerState {
     pool: Arc<KvPool>,
@@ -79,9 +79,9 @@ pub struct PackinferSchedulerOptions {
     pub explore_fraction: f64,
 }
 
-/// What `packinfer_scheduler_plan` decided and did.
+/// What `packinfer_scheduler_plan` (or `packinfer_scheduler_plan_update`) decided and did.
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct PackinferSchedulerStep {
     /// sizeof(PackinferSchedulerStep).
     pub struct_size: usize,
@@ -305,34 +305,82 @@ pub unsafe extern "C" fn packinfer_scheduler_plan(
         let (plan, d) = state.scheduler.lock().step(&state.pool, &requests, plan_options, stream as u64)?;
         // SAFETY: `out` is writable (this function's contract).
         unsafe { write_out("out", out, PackinferPlan { bits: PLANS.insert(PlanCell::new(plan))? })? };
-        if !step.is_null() {
-            let value = PackinferSchedulerStep {
-                struct_size: std::mem::size_of::<PackinferSchedulerStep>(),
-                capacity: d.capacity,
-                capacity_factor: d.capacity_factor,
-                regrouped: d.regrouped,
-                relayout: d.report.pages_moved > 0,
-                probe: d.probe,
-                imbalance: d.imbalance,
-                accumulated_imbalance: d.accumulated_imbalance,
-                due_pages: d.due_pages,
-                pages_moved: d.report.pages_moved,
-                bytes_moved: d.report.bytes_moved,
-                predicted_gain_seconds: d.predicted_gain_s,
-                predicted_cost_seconds: d.predicted_cost_s,
-                plan_seconds: d.plan_s,
-                relayout_seconds: d.relayout_s,
-            };
-            // SAFETY: as above.
-            unsafe { super::write_versioned("step", step, value)? };
-        }
-        Ok(())
+        // SAFETY: `step` is NULL or checked above.
+        unsafe { write_step(step, &d) }
     })
 }
 
-/// Reports the measured times of the step the last `packinfer_scheduler_plan` returned (once per
-/// step). Negative or non-finite times are INVALID_ARGUMENT; a record without a step before it
-/// is INVALID_ARGUMENT.
+/// `packinfer_scheduler_plan` into an existing plan (one of an earlier step, from any create or
+/// update call), reusing its memory as `packinfer_pool_plan_update` does: once the plan has held
+/// a step as large, re-planning allocates nothing; its rules on launches and threads apply.
+/// After an error the plan is unchanged (bad handles or arguments are found first) or holds an
+/// empty batch (no requests, no work): update it successfully before launching from it again.
+///
+/// # Safety
+/// As `packinfer_scheduler_plan`, with `plan` in place of `out`.
+#[no_mangle]
+pub unsafe extern "C" fn packinfer_scheduler_plan_update(
+    scheduler: PackinferScheduler,
+    context: PackinferContext,
+    plan: PackinferPlan,
+    seq_ids: *const u64,
+    num_new_tokens: *const u32,
+    n: u32,
+    plan_options: *const PackinferPlanOptions,
+    stream: *mut c_void,
+    step: *mut PackinferSchedulerStep,
+) -> PackinferStatus {
+    guard("packinfer_scheduler_plan_update", || {
+        CONTEXTS.get(context.bits)?;
+        let state = SCHEDULERS.get(scheduler.bits)?;
+        let cell = PLANS.get(plan.bits)?;
+        // SAFETY: both arrays have `n` entries (this function's contract).
+        let requests = unsafe { zip_requests("seq_ids", seq_ids, "num_new_tokens", num_new_tokens, n)? };
+        // SAFETY: non-null `plan_options` are initialized (this function's contract).
+        let plan_options = unsafe { super::api::plan_options(plan_options)? };
+        if !step.is_null() {
+            // SAFETY: a non-null `step` has its struct_size set (this function's contract).
+            unsafe { super::check_out("step", step)? };
+        }
+        let mut scheduler = state.scheduler.lock();
+        let d = cell.update_into(|p| scheduler.step_into(&state.pool, &requests, plan_options, stream as u64, p))?;
+        // SAFETY: `step` is NULL or checked above.
+        unsafe { write_step(step, &d) }
+    })
+}
+
+/// Writes what a step decided to `step` (NULL: nothing).
+///
+/// # Safety
+/// `step` is NULL or a struct whose `struct_size` was checked.
+unsafe fn write_step(step: *mut PackinferSchedulerStep, d: &StepDecision) -> packinfer::Result<()> {
+    if !step.is_null() {
+        let value = PackinferSchedulerStep {
+            struct_size: std::mem::size_of::<PackinferSchedulerStep>(),
+            capacity: d.capacity,
+            capacity_factor: d.capacity_factor,
+            regrouped: d.regrouped,
+            relayout: d.report.pages_moved > 0,
+            probe: d.probe,
+            imbalance: d.imbalance,
+            accumulated_imbalance: d.accumulated_imbalance,
+            due_pages: d.due_pages,
+            pages_moved: d.report.pages_moved,
+            bytes_moved: d.report.bytes_moved,
+            predicted_gain_seconds: d.predicted_gain_s,
+            predicted_cost_seconds: d.predicted_cost_s,
+            plan_seconds: d.plan_s,
+            relayout_seconds: d.relayout_s,
+        };
+        // SAFETY: `step` was checked (this function's contract).
+        unsafe { super::write_versioned("step", step, value)? };
+    }
+    Ok(())
+}
+
+/// Reports the measured times of the step the last `packinfer_scheduler_plan` (or `_update`)
+/// planned (once per step). Negative or non-finite times are INVALID_ARGUMENT; a record without
+/// a step before it is INVALID_ARGUMENT.
 ///
 /// # Safety
 /// `times` must point to a struct with `struct_size` set.

@@ -61,6 +61,9 @@ struct Engine {
     seqs: Vec<u64>,
     lens: Vec<u32>,
     steps: Vec<PackinferSchedulerStep>,
+    /// With `packinfer_scheduler_plan_update`: the plan every step re-plans into (a null handle
+    /// before the first step); else every step creates and destroys its own.
+    kept: Option<PackinferPlan>,
 }
 
 impl Engine {
@@ -75,7 +78,14 @@ impl Engine {
             ok(unsafe { packinfer_pool_sequence_create(pool, &mut id) });
             seqs.push(id);
         }
-        Engine { ctx, pool, sched, seqs, lens: vec![0; n], steps: Vec::new() }
+        Engine { ctx, pool, sched, seqs, lens: vec![0; n], steps: Vec::new(), kept: None }
+    }
+
+    /// An engine whose steps re-plan one plan handle (`packinfer_scheduler_plan_update`).
+    fn updating(o: &PackinferSchedulerOptions, n: usize) -> Engine {
+        let mut e = Engine::new(o, n);
+        e.kept = Some(PackinferPlan::default());
+        e
     }
 
     /// One step: sequence i gets `new[i]` tokens (0: not in the step).
@@ -93,20 +103,23 @@ impl Engine {
         }
         let mut plan = PackinferPlan::default();
         let mut step = PackinferSchedulerStep { struct_size: std::mem::size_of::<PackinferSchedulerStep>(), ..Default::default() };
-        // SAFETY: arrays of `ids.len()` entries; `plan` and `step` writable.
-        ok(unsafe {
-            packinfer_scheduler_plan(
-                self.sched,
-                self.ctx,
-                ids.as_ptr(),
-                counts.as_ptr(),
-                ids.len() as u32,
-                null(),
-                null_mut(),
-                &mut plan,
-                &mut step,
-            )
-        });
+        let n = ids.len() as u32;
+        match self.kept {
+            // SAFETY: arrays of `n` entries; `step` writable, its struct_size set.
+            Some(kept) if kept.bits != 0 => ok(unsafe {
+                packinfer_scheduler_plan_update(self.sched, self.ctx, kept, ids.as_ptr(), counts.as_ptr(), n, null(), null_mut(), &mut step)
+            }),
+            // SAFETY: arrays of `n` entries; `plan` and `step` writable.
+            _ => ok(unsafe {
+                packinfer_scheduler_plan(self.sched, self.ctx, ids.as_ptr(), counts.as_ptr(), n, null(), null_mut(), &mut plan, &mut step)
+            }),
+        }
+        if let Some(kept) = &mut self.kept {
+            if kept.bits == 0 {
+                *kept = plan;
+            }
+            plan = *kept;
+        }
         // The plan is made after any relayout: it launches and runs.
         let mut launch = PackinferLaunch::default();
         // SAFETY: live handles, `launch` writable.
@@ -135,7 +148,9 @@ impl Engine {
         // SAFETY: `times` has its struct_size set.
         ok(unsafe { packinfer_scheduler_record(self.sched, &times) });
         ok(packinfer_launch_destroy(launch));
-        ok(packinfer_plan_destroy(plan));
+        if self.kept.is_none() {
+            ok(packinfer_plan_destroy(plan));
+        }
         self.steps.push(step);
         step
     }
@@ -164,6 +179,9 @@ impl Engine {
 
 impl Drop for Engine {
     fn drop(&mut self) {
+        if let Some(kept) = self.kept.filter(|p| p.bits != 0) {
+            ok(packinfer_plan_destroy(kept));
+        }
         ok(packinfer_scheduler_destroy(self.sched));
         ok(packinfer_pool_destroy(self.pool));
         ok(packinfer_context_destroy(self.ctx));
@@ -256,6 +274,32 @@ fn a_gain_the_engine_measured_drives_the_cost_model() {
 }
 
 #[test]
+fn plan_update_decides_as_plan_does_and_reuses_one_handle() {
+    // Decisions that do not depend on measured times: a fixed factor, no relayouts.
+    let mut o = options();
+    o.flags = PackinferSchedulerFlags::NoTuning as u32 | PackinferSchedulerFlags::NoRelayout as u32;
+    o.capacity_factor = 0.4;
+    let (mut fresh, mut updating) = (Engine::new(&o, PROMPTS.len()), Engine::updating(&o, PROMPTS.len()));
+    fresh.serve(&PROMPTS, 12);
+    updating.serve(&PROMPTS, 12);
+    let first = updating.kept.unwrap();
+    for (a, b) in fresh.steps.iter().zip(&updating.steps) {
+        let timeless = |s: &PackinferSchedulerStep| PackinferSchedulerStep { plan_seconds: 0.0, relayout_seconds: 0.0, ..*s };
+        assert_eq!(timeless(a), timeless(b));
+        assert_eq!(a.capacity_factor, 0.4);
+    }
+    assert!(updating.steps.iter().any(|s| !s.regrouped), "the trigger kept a grouping");
+
+    // A launch still holds the plan: the update goes into a copy, the launch keeps the old.
+    let mut launch = PackinferLaunch::default();
+    // SAFETY: live handles, `launch` writable.
+    ok(unsafe { packinfer_launch_create(updating.ctx, first, null(), null_mut(), &mut launch) });
+    updating.step(&[1; PROMPTS.len()]);
+    assert_eq!(updating.kept.unwrap(), first, "one handle throughout");
+    ok(packinfer_launch_destroy(launch));
+}
+
+#[test]
 fn bad_input_is_named() {
     use PackinferStatus::*;
     let ctx = cpu_context(1);
@@ -317,6 +361,32 @@ fn bad_input_is_named() {
             &[],
         );
         ok(packinfer_scheduler_plan(s, ctx, ids.as_ptr(), counts.as_ptr(), 1, null(), null_mut(), &mut plan, null_mut()));
+        expect(
+            packinfer_scheduler_plan_update(
+                s,
+                ctx,
+                PackinferPlan::default(),
+                ids.as_ptr(),
+                counts.as_ptr(),
+                1,
+                null(),
+                null_mut(),
+                null_mut(),
+            ),
+            InvalidHandle,
+            &["plan handle 0x0 is null"],
+        );
+        expect(
+            packinfer_scheduler_plan_update(s, ctx, plan, ids.as_ptr(), counts.as_ptr(), 1, null(), null_mut(), &mut step),
+            InvalidArgument,
+            &["step->struct_size = 3"],
+        );
+        expect(
+            packinfer_scheduler_plan_update(s, ctx, plan, bad.as_ptr(), counts.as_ptr(), 1, null(), null_mut(), null_mut()),
+            InvalidArgument,
+            &[],
+        );
+        // The refused updates left the step planned above pending.
         t.attention_seconds = -1.0;
         expect(packinfer_scheduler_record(s, &t), InvalidArgument, &["times->attention_seconds = -1"]);
         t.attention_seconds = 1e-3;

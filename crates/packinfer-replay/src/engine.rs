@@ -444,16 +444,17 @@ impl<'a> Engine<'a> {
         rec.kv_write_s = t.elapsed().as_secs_f64();
 
         let mut relayout_device_s = 0.0;
+        // Into the last step's plan: its memory is reused (the launch holding it is gone).
+        let reuse = self.last_plan.take().and_then(|p| Arc::try_unwrap(p).ok());
         let plan = match &mut self.scheduler {
             None => {
                 let t = Instant::now();
-                // Into the last step's plan: its memory is reused (the launch holding it is gone).
-                let plan = store.plan(self.last_plan.take().and_then(|p| Arc::try_unwrap(p).ok()), &step, config.options.clone())?;
+                let plan = store.plan(reuse, &step, config.options.clone())?;
                 rec.plan_s = t.elapsed().as_secs_f64();
                 plan
             }
             Some(sched) => {
-                let (plan, d) = store.schedule(sched, &step, config.options.clone())?;
+                let (plan, d) = store.schedule(sched, reuse, &step, config.options.clone())?;
                 if d.relayout {
                     if let Some(dev) = &self.device {
                         // The copies run on the stream: what is left of them after the call

@@ -70,8 +70,15 @@ pub trait KvStore {
     /// made in `reuse`'s memory when given (an earlier step's plan, which nothing else holds).
     fn plan(&mut self, reuse: Option<Plan>, step: &[(u32, u32)], options: PlanOptions) -> Result<Plan>;
     /// The step's plan by the library's scheduler: capacity, regroup and relayout decided there,
-    /// as an engine's scheduler handle does through the C API.
-    fn schedule(&mut self, scheduler: &mut Scheduler, step: &[(u32, u32)], options: PlanOptions) -> Result<(Plan, StepDecision)>;
+    /// as an engine's scheduler handle does through the C API; made in `reuse`'s memory when
+    /// given, as [`KvStore::plan`].
+    fn schedule(
+        &mut self,
+        scheduler: &mut Scheduler,
+        reuse: Option<Plan>,
+        step: &[(u32, u32)],
+        options: PlanOptions,
+    ) -> Result<(Plan, StepDecision)>;
     /// Where `layer`'s K and V live, for the backend's run.
     fn layout(&self, layer: u32) -> Result<KvLayout>;
     /// Frees `id`'s KV (shared pages when their last user leaves).
@@ -172,9 +179,18 @@ impl KvStore for PoolStore {
         plan
     }
 
-    fn schedule(&mut self, scheduler: &mut Scheduler, step: &[(u32, u32)], options: PlanOptions) -> Result<(Plan, StepDecision)> {
+    fn schedule(
+        &mut self,
+        scheduler: &mut Scheduler,
+        reuse: Option<Plan>,
+        step: &[(u32, u32)],
+        options: PlanOptions,
+    ) -> Result<(Plan, StepDecision)> {
         let reqs = step.iter().map(|&(id, n)| Ok((self.entry(id)?.seq, n))).collect::<Result<Vec<_>>>()?;
-        scheduler.step(&self.pool, &reqs, options, 0)
+        match reuse {
+            Some(mut plan) => scheduler.step_into(&self.pool, &reqs, options, 0, &mut plan).map(|d| (plan, d)),
+            None => scheduler.step(&self.pool, &reqs, options, 0),
+        }
     }
 
     fn layout(&self, layer: u32) -> Result<KvLayout> {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use common::{assert_close, rng, Case, CaseSpec, Tensor};
 use packinfer::backend::cpu::CpuBackend;
 use packinfer::backend::Backend;
-use packinfer::plan::{DeviceProfile, Plan, PlanOptions, FINAL_OUTPUT};
+use packinfer::plan::{automatic_capacity, DeviceProfile, Plan, PlanOptions, FINAL_OUTPUT};
 use packinfer::types::{Batch, DType, PrefixGroup};
 use packinfer::Error;
 use rand::rngs::SmallRng;
@@ -280,7 +280,12 @@ fn every_flag_combination_covers_exactly_once_and_matches_f64() {
                 random_features(&mut r, &mut case, &mut options);
             }
             let ctx = format!("flags {bits:05b} case {i} {spec:?} {profile:?} {options:?} groups {:?}", case.batch.prefix_groups);
-            let plan = plan_check_run(&case, &profile, options, &ctx);
+            let plan = plan_check_run(&case, &profile, options.clone(), &ctx);
+            // The automatic capacity, computed without scheduling, is the one the planner uses.
+            if options.capacity.is_none() {
+                let automatic = automatic_capacity(&case.shape, &case.batch, &profile, &options).unwrap();
+                assert_eq!(automatic, plan.stats.capacity, "{ctx}");
+            }
             let chunks_of =
                 |it: &packinfer::plan::WorkItem| &plan.kv_chunks[it.chunk_begin as usize..(it.chunk_begin + it.chunk_count) as usize];
             split += plan.items.iter().any(|it| {

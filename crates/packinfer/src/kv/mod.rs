@@ -434,8 +434,21 @@ impl KvPool {
         profile: Option<&crate::plan::DeviceProfile>,
         options: PlanOptions,
     ) -> Result<()> {
+        self.replan_scaled(plan, requests, profile, options, 1.0).map(|_| ())
+    }
+
+    /// [`KvPool::replan`] at `capacity_factor` × the automatic capacity where `options` leave
+    /// it automatic, in one planning pass; returns the automatic capacity (0: none).
+    pub(crate) fn replan_scaled(
+        &self,
+        plan: &mut Plan,
+        requests: impl ExactSizeIterator<Item = (SeqId, u32)> + Clone,
+        profile: Option<&crate::plan::DeviceProfile>,
+        options: PlanOptions,
+        capacity_factor: f64,
+    ) -> Result<f64> {
         let mut seen = 0;
-        plan.rebuild_with(
+        let automatic = plan.rebuild_scaled(
             self.config.shape(),
             options,
             |batch, spare| {
@@ -451,9 +464,10 @@ impl KvPool {
                 Some(p) => p.clone(),
                 None => self.backend.profile_for(shape, batch),
             },
+            capacity_factor,
         )?;
         plan.pool_layout = Some(crate::plan::LayoutStamp { generation: self.layout_generation.clone(), seen });
-        Ok(())
+        Ok(automatic)
     }
 
     /// Group-contiguous layout: see `layout.rs`. `groups` are the plan's execution groups, as

@@ -229,6 +229,26 @@ impl Plan {
     }
 }
 
+/// The capacity the planner chooses for `batch` when `options` leave it automatic (`capacity:
+/// None`): the batch's total cost over twice the profile's workers, never below the smallest
+/// capacity of the cost model; 0 where the options switch every technique off (a plan without
+/// a capacity). The planner's own policy, computed without scheduling: a caller that scales it
+/// (the [`scheduler`]) plans once. Validates as [`Plan::build`] does.
+pub fn automatic_capacity(shape: &Shape, batch: &Batch, profile: &DeviceProfile, options: &PlanOptions) -> Result<f64> {
+    let mut plan = Plan::empty(*shape, PlanOptions { capacity: None, ..options.clone() }, profile.block_m);
+    plan.batch = batch.clone();
+    plan.validate_and_fill_requests(profile)?;
+    if one_request_per_tile(&plan.options) {
+        return Ok(0.0);
+    }
+    Ok(schedule::plan_automatic_capacity(&mut plan, profile))
+}
+
+/// Every technique off: each (request, KV head, block of rows) is its own tile, no capacity.
+fn one_request_per_tile(o: &PlanOptions) -> bool {
+    !(o.packing || o.balancing || o.prefix_sharing || o.split_kv)
+}
+
 impl Plan {
     /// Builds the plan for `batch`. Validates everything first; the message names the bad value.
     pub fn build(shape: Shape, batch: Batch, profile: &DeviceProfile, options: PlanOptions) -> Result<Plan> {
@@ -271,6 +291,20 @@ impl Plan {
         fill: impl FnOnce(&mut Batch, &mut Vec<crate::types::PrefixGroup>) -> Result<()>,
         profile: impl FnOnce(&Shape, &Batch) -> DeviceProfile,
     ) -> Result<()> {
+        self.rebuild_scaled(shape, options, fill, profile, 1.0).map(|_| ())
+    }
+
+    /// [`Plan::rebuild_with`] at `capacity_factor` × the automatic capacity where `options`
+    /// leave the capacity automatic (the scheduler's tuned capacity, in one planning pass);
+    /// returns the automatic capacity (0 for a plan without one).
+    pub(crate) fn rebuild_scaled(
+        &mut self,
+        shape: Shape,
+        options: PlanOptions,
+        fill: impl FnOnce(&mut Batch, &mut Vec<crate::types::PrefixGroup>) -> Result<()>,
+        profile: impl FnOnce(&Shape, &Batch) -> DeviceProfile,
+        capacity_factor: f64,
+    ) -> Result<f64> {
         let started = Instant::now();
         self.shape = shape;
         self.options = options;
@@ -280,7 +314,7 @@ impl Plan {
         let result = fill(&mut self.batch, spare).and_then(|()| {
             let profile = profile(&self.shape, &self.batch);
             self.block_m = profile.block_m;
-            self.plan_batch(&profile, started)
+            self.plan_batch_scaled(&profile, started, capacity_factor)
         });
         if result.is_err() {
             self.clear();
@@ -339,6 +373,36 @@ impl Plan {
 
     /// Validates the plan's shape, batch and options and schedules its batch.
     fn plan_batch(&mut self, profile: &DeviceProfile, started: Instant) -> Result<()> {
+        self.plan_batch_scaled(profile, started, 1.0).map(|_| ())
+    }
+
+    /// [`Plan::plan_batch`] at `capacity_factor` × the automatic capacity where the options
+    /// leave it automatic; returns the automatic capacity (0 for a plan without one).
+    fn plan_batch_scaled(&mut self, profile: &DeviceProfile, started: Instant, capacity_factor: f64) -> Result<f64> {
+        self.validate_and_fill_requests(profile)?;
+        if one_request_per_tile(&self.options) {
+            self.schedule_one_request_per_tile();
+            self.finish_stats(profile, 0.0, 0, None, started);
+            return Ok(0.0);
+        }
+        let automatic = match self.options.capacity {
+            None if capacity_factor != 1.0 => {
+                let automatic = schedule::plan_automatic_capacity(self, profile);
+                self.options.capacity = Some(automatic * capacity_factor);
+                Some(automatic)
+            }
+            _ => None,
+        };
+        let outcome = schedule::schedule(self, profile)?;
+        // Where it was not computed before, the automatic capacity is the one just used (or
+        // unknown: the options fixed it).
+        let automatic = automatic.unwrap_or(if self.options.capacity.is_none() { outcome.capacity } else { 0.0 });
+        self.finish_stats(profile, outcome.capacity, outcome.num_split_requests, Some(outcome.totals), started);
+        Ok(automatic)
+    }
+
+    /// The plan's checks, then its requests' geometry (what scheduling reads).
+    fn validate_and_fill_requests(&mut self, profile: &DeviceProfile) -> Result<()> {
         let (shape, batch) = (&self.shape, &self.batch);
         shape.validate()?;
         batch.validate_with(shape.causal, &mut self.scratch.group_of_request)?;
@@ -384,15 +448,6 @@ impl Plan {
         }
         self.requests.clear();
         self.requests.extend((0..batch.len()).map(|r| RequestInfo::of(batch, r)));
-        let o = &self.options;
-        let (capacity, num_split_requests, totals) = if !(o.packing || o.balancing || o.prefix_sharing || o.split_kv) {
-            self.schedule_one_request_per_tile();
-            (0.0, 0, None)
-        } else {
-            let outcome = schedule::schedule(self, profile)?;
-            (outcome.capacity, outcome.num_split_requests, Some(outcome.totals))
-        };
-        self.finish_stats(profile, capacity, num_split_requests, totals, started);
         Ok(())
     }
 

@@ -472,13 +472,35 @@ fn row_blocks(s: &Setup, bundles: &Bundles, sc: &mut Scratch) -> Vec<Block> {
     blocks
 }
 
-/// Step 3, the capacity C: the options' if set, else the total cost of the blocks and prefix
-/// tiles (for every KV head) / (AUTO_WAVES × num_workers), never below [`min_capacity`].
+/// Step 3, the capacity C: the options' if set, else [`automatic_capacity`].
 fn capacity(s: &Setup, blocks: &[Block], prefix_tiles: &[PrefixTile]) -> f64 {
+    s.opts.capacity.unwrap_or_else(|| automatic_capacity(s, blocks, prefix_tiles))
+}
+
+/// The automatic capacity: the total cost of the blocks and prefix tiles (for every KV head) /
+/// (AUTO_WAVES × num_workers), never below [`min_capacity`].
+fn automatic_capacity(s: &Setup, blocks: &[Block], prefix_tiles: &[PrefixTile]) -> f64 {
     let total: f64 = (blocks.iter().map(|b| b.cost).sum::<f64>()
         + prefix_tiles.iter().map(|t| s.block_cost(t.num_rows, t.key_end)).sum::<f64>())
         * s.heads as f64;
-    s.opts.capacity.unwrap_or_else(|| (total / (AUTO_WAVES * s.profile.num_workers as f64)).max(min_capacity(s.profile)))
+    (total / (AUTO_WAVES * s.profile.num_workers as f64)).max(min_capacity(s.profile))
+}
+
+/// The capacity [`schedule`] would choose for `plan` (validated, its requests filled in)
+/// without one in its options, from steps 1 and 2 alone (in the plan's buffers: nothing is
+/// allocated once the plan has held a step as large).
+pub(super) fn plan_automatic_capacity(plan: &mut Plan, profile: &DeviceProfile) -> f64 {
+    let mut sc = std::mem::take(&mut plan.scratch);
+    sc.segments = std::mem::take(&mut plan.row_segments);
+    let s = Setup::new(plan, profile);
+    let bundles = bundle_prefixes(&s, &plan.batch.prefix_groups, &mut sc);
+    let blocks = row_blocks(&s, &bundles, &mut sc);
+    let capacity = automatic_capacity(&s, &blocks, &bundles.prefix_tiles);
+    let Bundles { bundle_of, shared_len, prefix_tiles, segments } = bundles;
+    (sc.bundle_of, sc.shared_len, sc.prefix_tiles, sc.blocks) = (bundle_of, shared_len, prefix_tiles, blocks);
+    plan.row_segments = segments;
+    plan.scratch = sc;
+    capacity
 }
 
 /// Step 3, runs: per request, whether its blocks are placed as one unit (step 5). Guarantees: a

@@ -4,8 +4,8 @@
 //! predicts that contiguity pays within a horizon. The C API's scheduler handle and the replay
 //! tool both drive this type; it is the one place the policy lives.
 //!
-//! Per step: [`Scheduler::step`] plans from the pool (twice when the capacity is not the
-//! automatic one, three times when a relayout moved pages), then the engine runs the plan and
+//! Per step: [`Scheduler::step`] plans from the pool (once at the tuner's factor of the
+//! automatic capacity, twice when a relayout moved pages), then the engine runs the plan and
 //! reports what it measured with [`Scheduler::record`].
 //!
 //! The relayout cost model. Moving a group's pages costs `bytes / copy rate` (the rate measured
@@ -364,28 +364,40 @@ impl Scheduler {
     /// cost model says so, a relayout on `stream`; returns the plan to run and what was decided.
     /// Call [`record`](Self::record) with the step's measured times before the next step.
     pub fn step(&mut self, pool: &KvPool, requests: &[(SeqId, u32)], options: PlanOptions, stream: u64) -> Result<(Plan, StepDecision)> {
+        let mut plan = Plan::empty(pool.config().shape(), options.clone(), 0);
+        let d = self.step_into(pool, requests, options, stream, &mut plan)?;
+        Ok((plan, d))
+    }
+
+    /// [`step`](Self::step) into `plan` (a plan of an earlier step, or any plan), re-planned in
+    /// its memory as [`KvPool::replan`] does: once it has held a step as large, planning
+    /// allocates nothing. On error `plan` holds an empty batch.
+    pub fn step_into(
+        &mut self,
+        pool: &KvPool,
+        requests: &[(SeqId, u32)],
+        options: PlanOptions,
+        stream: u64,
+        plan: &mut Plan,
+    ) -> Result<StepDecision> {
         let started = Instant::now();
         let mut d = StepDecision::default();
-        let mut options = PlanOptions { capacity: None, ..options };
-        let mut plan = pool.plan(requests, None, options.clone())?;
-        let automatic = plan.stats.capacity;
+        let options = PlanOptions { capacity: None, ..options };
+        // One planning pass at the tuner's factor of the automatic capacity.
+        let automatic = pool.replan_scaled(plan, requests.iter().copied(), None, options, self.factor())?;
         // A plan without capacity (every technique off) has nothing to tune.
         let factor = if automatic > 0.0 { self.factor() } else { 0.0 };
-        if automatic > 0.0 && factor != 1.0 {
-            options.capacity = Some(automatic * factor);
-            pool.replan(&mut plan, requests.iter().copied(), None, options.clone())?;
-        }
         d.capacity_factor = factor;
         d.plan_s = started.elapsed().as_secs_f64();
         let seq_ids: Vec<SeqId> = requests.iter().map(|r| r.0).collect();
 
         // The trigger, against the grouping kept since the last regroup.
-        let groups = groups_of_plan(&plan, &seq_ids)?;
+        let groups = groups_of_plan(plan, &seq_ids)?;
         if self.options.regroup {
             // In automatic capacities (the step's cost over twice the workers), so the tuner's
             // factor does not change what counts as drift.
             self.trigger.set_capacity(automatic);
-            let fired = self.trigger.observe(&self.kept_loads(&plan, &seq_ids), &plan.group_costs);
+            let fired = self.trigger.observe(&self.kept_loads(plan, &seq_ids), &plan.group_costs);
             (d.imbalance, d.accumulated_imbalance) = (self.trigger.last_imbalance(), self.trigger.accumulated_imbalance());
             // The first step makes the first grouping.
             d.regrouped = fired || self.kept_groups == 0;
@@ -399,7 +411,7 @@ impl Scheduler {
             d.regrouped = true;
         }
 
-        let kind = kind_of(&plan);
+        let kind = kind_of(plan);
         let mut share = 0.0;
         if self.options.relayout != RelayoutPolicy::Never && !groups.is_empty() {
             let t = Instant::now();
@@ -426,13 +438,14 @@ impl Scheduler {
             if d.report.pages_moved > 0 {
                 // The plan holds page numbers; the relayout changed them.
                 let t = Instant::now();
-                plan = pool.plan(requests, None, options)?;
+                let options = plan.options.clone();
+                pool.replan(plan, requests.iter().copied(), None, options)?;
                 d.plan_s += t.elapsed().as_secs_f64();
             }
         }
         d.capacity = plan.stats.capacity;
         let cost: f64 = plan.group_costs.iter().sum();
-        self.observe_mix(&plan);
+        self.observe_mix(plan);
         self.pending = Some(Pending {
             cost,
             kind,
@@ -445,7 +458,7 @@ impl Scheduler {
             share,
             plan_s: d.plan_s,
         });
-        Ok((plan, d))
+        Ok(d)
     }
 
     /// The cost model: whether to move `bytes` now, and whether that is a probe.
@@ -643,6 +656,7 @@ mod tests {
     use super::*;
     use crate::backend::cpu::CpuBackend;
     use crate::kv::PoolConfig;
+    use crate::plan::automatic_capacity;
     use crate::types::{DType, Shape};
     use std::sync::Arc;
 
@@ -734,6 +748,54 @@ mod tests {
         assert_eq!(st.capacity_searches, 2, "{st:?}");
         assert!(st.exploring_steps - explored <= 3 * 9, "{st:?}");
         assert!((st.exploring_steps as f64) <= MAX_EXPLORING_SHARE * st.steps as f64, "{st:?}");
+    }
+
+    #[test]
+    fn each_step_plans_once_as_the_pool_would_at_the_reported_capacity() {
+        // Every kind of factor: tuned (the search moves it), fixed above and below 1, and 1.
+        // (No relayouts: the twin below plans from the same pages.)
+        let never = SchedulerOptions { relayout: RelayoutPolicy::Never, ..Default::default() };
+        for options in [
+            never.clone(),
+            SchedulerOptions { tune_capacity: false, capacity_factor: 2.5, ..never.clone() },
+            SchedulerOptions { tune_capacity: false, capacity_factor: 0.3, ..never.clone() },
+            SchedulerOptions { tune_capacity: false, capacity_factor: 1.0, ..never.clone() },
+        ] {
+            let p = pool();
+            let seqs = scattered(&p, 6, 40);
+            let mut s = Scheduler::new(options.clone(), p.profile()).unwrap();
+            let mut kept = Plan::empty(p.config().shape(), PlanOptions::default(), 0);
+            let mut factors = Vec::new();
+            for step in 0..24 {
+                for (i, &q) in seqs.iter().enumerate() {
+                    p.append(q, 1 + (i + step) as u32 % 3, 0).unwrap();
+                }
+                let reqs: Vec<(SeqId, u32)> = seqs.iter().enumerate().map(|(i, &q)| (q, 1 + (i + step) as u32 % 3)).collect();
+                // step and step_into decide alike from the same state.
+                let mut twin = s.clone();
+                let (plan, d) = s.step(&p, &reqs, PlanOptions::default(), 0).unwrap();
+                let d_into = twin.step_into(&p, &reqs, PlanOptions::default(), 0, &mut kept).unwrap();
+                assert_eq!(d, StepDecision { plan_s: d.plan_s, relayout_s: d.relayout_s, ..d_into });
+                let automatic = automatic_capacity(&plan.shape, &plan.batch, &p.profile(), &PlanOptions::default()).unwrap();
+                assert_eq!(d.capacity, automatic * d.capacity_factor, "{options:?}");
+                let expected = p.plan(&reqs, None, PlanOptions { capacity: Some(d.capacity), ..Default::default() }).unwrap();
+                for got in [&plan, &kept] {
+                    assert_eq!(got.items, expected.items);
+                    assert_eq!(got.kv_chunks, expected.kv_chunks);
+                    assert_eq!(got.row_segments, expected.row_segments);
+                    assert_eq!(got.merges, expected.merges);
+                    assert_eq!(got.group_costs, expected.group_costs);
+                    assert_eq!(got.stats.capacity, d.capacity);
+                }
+                s.record(StepTimes { attention_s: 1e-6 * (1.0 + d.capacity_factor), relayout_s: 0.0 }).unwrap();
+                factors.push(d.capacity_factor);
+            }
+            if options.tune_capacity {
+                assert!(factors.iter().any(|&f| f != 1.0), "the search tried other factors: {factors:?}");
+            } else {
+                assert!(factors.iter().all(|&f| f == options.capacity_factor));
+            }
+        }
     }
 
     #[test]

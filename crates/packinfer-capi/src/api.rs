@@ -526,6 +526,8 @@ unsafe fn convert_batch(b: &PackinferBatchDesc) -> Result<(Shape, Batch)> {
         page_size: 0,
         num_pages: 0,
         prefix_groups: Vec::new(),
+        custom_mask: Vec::new(),
+        mask_indptr: Vec::new(),
     };
     // SAFETY: this function's contract is fill_batch's.
     let shape = unsafe { fill_batch(b, &mut batch, &mut Vec::new())? };

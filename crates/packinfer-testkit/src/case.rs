@@ -218,6 +218,8 @@ impl Case {
             page_size: ps,
             num_pages: total_pages,
             prefix_groups,
+            custom_mask: Vec::new(),
+            mask_indptr: Vec::new(),
         };
         Case { shape, batch, q, k, v, layout, hnd: spec.hnd, window_left: None, logits_soft_cap: 0.0 }
     }

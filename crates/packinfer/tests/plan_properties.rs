@@ -463,6 +463,8 @@ fn sub_batch(case: &Case, keep: &[u32]) -> Case {
         page_size: b.page_size,
         num_pages: b.num_pages,
         prefix_groups: groups,
+        custom_mask: Vec::new(),
+        mask_indptr: Vec::new(),
     };
     let q = Tensor { dtype: case.q.dtype, bytes: qbytes, exact: qexact };
     let copy = |t: &Tensor| Tensor { dtype: t.dtype, bytes: t.bytes.clone(), exact: t.exact.clone() };
@@ -686,6 +688,8 @@ fn bad_inputs_give_clear_errors() {
         page_size: 16,
         num_pages: 4,
         prefix_groups: vec![],
+        custom_mask: Vec::new(),
+        mask_indptr: Vec::new(),
     };
     let plan = build(empty, PlanOptions::default()).expect("empty batch");
     assert!(plan.items.is_empty() && plan.merges.is_empty());

@@ -5,8 +5,8 @@ use crate::types::Batch;
 
 use super::work::RequestInfo;
 
-/// The smallest key range inside `[key_begin, key_end)` that holds every key some query of
-/// `q_begin .. q_begin + q_count` of request `r` sees under the batch's custom mask and the
+/// The smallest key range inside `keys = (key_begin, key_end)` that holds every key some query
+/// of `queries` of request `r` sees under the batch's custom mask and the
 /// sliding window: keys outside it are masked for all those queries, so a block reads none of
 /// them. An empty range (at `key_begin`) when the mask hides every key from every query.
 /// Without a custom mask, `[key_begin, key_end)`.
@@ -14,17 +14,16 @@ pub(crate) fn masked_key_span(
     batch: &Batch,
     req: &RequestInfo,
     r: usize,
-    q_begin: u32,
-    q_count: u32,
+    queries: std::ops::Range<u32>,
     window_left: Option<u32>,
-    key_begin: u32,
-    key_end: u32,
+    keys: (u32, u32),
 ) -> (u32, u32) {
+    let (key_begin, key_end) = keys;
     if !batch.has_custom_mask() {
         return (key_begin, key_end);
     }
     let (mut first, mut end) = (key_end, key_begin);
-    for q in q_begin..q_begin + q_count {
+    for q in queries {
         // Causal does not apply with a custom mask; the window does.
         let lo = req.key_start(q, window_left).max(key_begin);
         // Only keys outside the span found so far can widen it.

@@ -420,7 +420,7 @@ impl Plan {
                     let rows = count * group;
                     let key_end = req.key_limit(q + count - 1, causal);
                     let key_begin = req.key_start(q, window).min(key_end);
-                    let (key_begin, key_end) = mask::masked_key_span(&self.batch, req, r, q, count, window, key_begin, key_end);
+                    let (key_begin, key_end) = mask::masked_key_span(&self.batch, req, r, q..q + count, window, (key_begin, key_end));
                     let item = WorkItem {
                         kv_head,
                         seg_begin: self.row_segments.len() as u32,

@@ -460,7 +460,7 @@ fn row_blocks(s: &Setup, bundles: &Bundles, sc: &mut Scratch) -> Vec<Block> {
                 // Keys before the block's first window are read by none of its rows.
                 let key_begin = key_begin.max(req.key_start(q, s.window)).min(key_end);
                 // Keys the custom mask hides from all its rows are read by none of them.
-                let (key_begin, key_end) = masked_key_span(s.batch, req, r, q, count, s.window, key_begin, key_end);
+                let (key_begin, key_end) = masked_key_span(s.batch, req, r, q..q + count, s.window, (key_begin, key_end));
                 let cost = s.block_cost(count * s.group, key_end - key_begin);
                 blocks.push(Block {
                     request: r as u32,

@@ -727,6 +727,21 @@ fn split_into(
     let in_run = |r: u32| runs.get(r as usize).copied().unwrap_or(false);
     for b in blocks {
         cut_keys(s, capacity, b.key_begin, b.key_end, b.cost, max_pieces.saturating_sub(pieces.len()), ranges)?;
+        if s.batch.has_custom_mask() {
+            // A piece whose keys the mask hides from all the block's rows is no work; the others
+            // shrink to the keys it shows. The block's own range was trimmed likewise, so its
+            // first piece stays, and a block that sees nothing keeps its one empty piece.
+            let req = &s.requests[b.request as usize];
+            let queries = b.q_begin..b.q_begin + b.q_count;
+            let first = ranges.first().copied();
+            ranges.retain_mut(|range| {
+                *range = masked_key_span(s.batch, req, b.request as usize, queries.clone(), s.window, *range);
+                range.0 < range.1
+            });
+            if let (true, Some(first)) = (ranges.is_empty(), first) {
+                ranges.push(first);
+            }
+        }
         let rows = b.q_count * group;
         let run = if in_run(b.request) { b.request } else { NO_RUN };
         if ranges.len() == 1 && s.opts.packing && rows < block_m && run == NO_RUN {

@@ -352,6 +352,24 @@ typedef struct PackinferBatchDesc {
    * Requests sharing a prefix; NULL when num_prefix_groups is 0.
    */
   const struct PackinferPrefixGroup *prefix_groups;
+  /**
+   * Custom masks (tree speculative decoding), bit-packed as FlashInfer packs them: request
+   * i's mask is the bytes `custom_mask[mask_indptr[i] .. mask_indptr[i+1]]`, holding its
+   * q_len × kv_len bits row-major (query a, key b is bit a·kv_len + b) and little-endian
+   * within each byte (bit c of byte B is bit 8·B + c), padded to whole bytes. A set bit lets
+   * the query see the key. With a mask the causal mask is NOT applied (`causal` is ignored;
+   * the mask replaces it, as in FlashInfer); the sliding window and the soft-cap still apply.
+   * A query whose every key is masked gets O = 0 and LSE = -inf. Keys a mask hides from all
+   * of a tile's queries are not read. NULL when `mask_indptr` is NULL. The CPU backend runs
+   * custom masks; the CUDA backend refuses a batch with one (UNSUPPORTED) until its kernels
+   * apply them. Added in ABI 1's third release: an older struct means no mask.
+   */
+  const uint8_t *custom_mask;
+  /**
+   * NULL (no custom mask) or `[batch_size + 1]` byte offsets into `custom_mask`, from 0;
+   * request i's segment holds exactly ceil(q_len × kv_len / 8) bytes.
+   */
+  const int32_t *mask_indptr;
 } PackinferBatchDesc;
 
 /**

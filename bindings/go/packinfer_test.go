@@ -172,6 +172,17 @@ func (c *testCase) layout() packinfer.KVLayout {
 	return packinfer.KVLayoutNHD(c.k.buf.Ptr(), c.v.buf.Ptr(), b.PageSize, b.NumKVHeads, b.HeadDim)
 }
 
+// shows says whether request r's query i sees key j under the custom mask (bit i*kvLen + j,
+// least significant first); true without one.
+func (c *testCase) shows(r, i, j int) bool {
+	b := &c.batch
+	if len(b.MaskIndptr) == 0 {
+		return true
+	}
+	bit := i*c.requests[r].kvLen + j
+	return b.CustomMask[int(b.MaskIndptr[r])+bit/8]>>(bit%8)&1 != 0
+}
+
 // reference is naive attention in float64 over the stored values, with this test's own index
 // math for the cache layout.
 func (c *testCase) reference() (out, lse []float64) {
@@ -193,7 +204,8 @@ func (c *testCase) reference() (out, lse []float64) {
 		for i := 0; i < req.qLen; i++ {
 			tok := int(b.QOIndptr[r]) + i
 			visible := req.kvLen
-			if b.Causal {
+			// A custom mask replaces the causal mask.
+			if b.Causal && len(b.MaskIndptr) == 0 {
 				visible = req.kvLen - req.qLen + i + 1
 			}
 			// The window counts back from the query's position kv_len - q_len + i.
@@ -207,6 +219,10 @@ func (c *testCase) reference() (out, lse []float64) {
 				m := math.Inf(-1)
 				for jj := range s {
 					j := first + jj
+					if !c.shows(r, i, j) {
+						s[jj] = math.Inf(-1)
+						continue
+					}
 					base := at(b.KVPageIndices[int(b.KVIndptr[r])+j/ps], j%ps, kvh)
 					dot := 0.0
 					for e := 0; e < d; e++ {
@@ -353,6 +369,56 @@ func TestFlows(t *testing.T) {
 		nc.windowLeft, nc.softCap = 20, 5
 		fullStep(t, nc, &packinfer.PlanOptions{Flags: packinfer.SlidingWindow | packinfer.Deterministic, SplitKeys: 16, WindowLeft: 20})
 	})
+}
+
+// A custom mask replaces causal (the batch says causal); a window and soft-cap still apply,
+// with and without splits. Bad offsets are named; a short MaskIndptr is caught by the binding.
+func TestCustomMask(t *testing.T) {
+	c := newCase(t, 8, 2, 64, packinfer.F32, true, 16, []request{{4, 70}, {37, 60}, {1, 130}, {5, 40}}, false, nil, 0)
+	rng := rand.New(rand.NewSource(11))
+	b := &c.batch
+	b.MaskIndptr = []int32{0}
+	for _, req := range c.requests {
+		bytes := make([]byte, (req.qLen*req.kvLen+7)/8)
+		for i := 0; i < req.qLen; i++ {
+			for j := 0; j < req.kvLen; j++ {
+				// The query's own position always shows (inside any window), so every row sees
+				// a key; the rest with probability 0.4.
+				if j == req.kvLen-req.qLen+i || rng.Float64() < 0.4 {
+					bit := i*req.kvLen + j
+					bytes[bit/8] |= 1 << (bit % 8)
+				}
+			}
+		}
+		b.CustomMask = append(b.CustomMask, bytes...)
+		b.MaskIndptr = append(b.MaskIndptr, int32(len(b.CustomMask)))
+	}
+	c.windowLeft, c.softCap = 30, 5
+	fullStep(t, c, &packinfer.PlanOptions{Flags: packinfer.SlidingWindow, WindowLeft: 30})
+	fullStep(t, c, &packinfer.PlanOptions{Flags: packinfer.SlidingWindow | packinfer.Deterministic, SplitKeys: 16, WindowLeft: 30})
+	// The mask matters: its reference differs from the unmasked one.
+	masked, _ := c.reference()
+	plain := *c
+	plain.batch.MaskIndptr, plain.batch.CustomMask = nil, nil
+	unmasked, _ := plain.reference()
+	same := true
+	for i := range masked {
+		same = same && masked[i] == unmasked[i]
+	}
+	if same {
+		t.Fatal("the mask changed nothing")
+	}
+	ctx := cpuContext(t)
+	defer ctx.Close()
+	bad := *b
+	bad.MaskIndptr = append([]int32{}, b.MaskIndptr...)
+	bad.MaskIndptr[1]++
+	bad.CustomMask = append(append([]byte{}, b.CustomMask...), 0)
+	_, err := ctx.NewPlan(&bad, nil)
+	wantError(t, err, packinfer.StatusInvalidArgument, "mask_indptr[1] - mask_indptr[0]")
+	bad.MaskIndptr = bad.MaskIndptr[:2]
+	_, err = ctx.NewPlan(&bad, nil)
+	wantError(t, err, packinfer.StatusInvalidArgument, "Batch.MaskIndptr has 2 entries")
 }
 
 func TestLaunchOutlivesPlanAndContextAndRunsManyLayers(t *testing.T) {

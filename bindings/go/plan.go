@@ -69,6 +69,16 @@ type Batch struct {
 	PageSize      uint32  // tokens per page; 1 is fine
 	NumPages      uint32  // pages in the cache; every page index must be below it
 	PrefixGroups  []PrefixGroup
+
+	// CustomMask and MaskIndptr are custom masks (tree speculative decoding), FlashInfer's
+	// bit-packed layout: request i's QLen x KVLen bits, row-major (query a, key b is bit
+	// a*KVLen + b) and little-endian within each byte, are CustomMask[MaskIndptr[i] :
+	// MaskIndptr[i+1]]. A set bit shows the key. With a mask Causal is not applied (the mask
+	// replaces it, as in FlashInfer); a sliding window and the soft-cap still are. A query that
+	// sees no key gets O = 0 and LSE = -inf. MaskIndptr empty = no mask. The CUDA backend
+	// refuses a masked batch (StatusUnsupported) until its kernels apply masks.
+	CustomMask []byte
+	MaskIndptr []int32 // [batch+1] byte offsets into CustomMask, or empty
 }
 
 // PlanStats is what the planner did.
@@ -105,6 +115,14 @@ func (b *Batch) checkLengths() error {
 	if nnz := b.KVIndptr[n]; nnz >= 0 && len(b.KVPageIndices) < int(nnz) {
 		return invalidArgument("Batch.KVPageIndices has %d entries but KVIndptr[%d] = %d", len(b.KVPageIndices), n, nnz)
 	}
+	if len(b.MaskIndptr) > 0 {
+		if len(b.MaskIndptr) != n+1 {
+			return invalidArgument("Batch.MaskIndptr has %d entries; it needs %d = batch size + 1 (or none, for no custom mask)", len(b.MaskIndptr), n+1)
+		}
+		if bytes := b.MaskIndptr[n]; bytes >= 0 && len(b.CustomMask) < int(bytes) {
+			return invalidArgument("Batch.CustomMask has %d bytes but MaskIndptr[%d] = %d", len(b.CustomMask), n, bytes)
+		}
+	}
 	return nil
 }
 
@@ -118,11 +136,12 @@ type cBatch struct {
 func newCBatch(b *Batch) (cBatch, error) {
 	descSize := unsafe.Sizeof(C.PackinferBatchDesc{})
 	groupSize := unsafe.Sizeof(C.PackinferPrefixGroup{})
-	ints := len(b.QOIndptr) + len(b.KVIndptr) + len(b.KVPageIndices) + len(b.KVLastPageLen)
+	ints := len(b.QOIndptr) + len(b.KVIndptr) + len(b.KVPageIndices) + len(b.KVLastPageLen) + len(b.MaskIndptr)
 	for _, g := range b.PrefixGroups {
 		ints += len(g.Members)
 	}
-	size := descSize + groupSize*uintptr(len(b.PrefixGroups)) + 4*uintptr(ints)
+	// The mask's bytes come last, after every int32.
+	size := descSize + groupSize*uintptr(len(b.PrefixGroups)) + 4*uintptr(ints) + uintptr(len(b.CustomMask))
 	mem := C.calloc(1, C.size_t(size))
 	if mem == nil {
 		return cBatch{}, &Error{Status: StatusOutOfMemory, Message: fmt.Sprintf("NewPlan: no host memory for the %d-byte batch description", size)}
@@ -162,6 +181,13 @@ func newCBatch(b *Batch) (cBatch, error) {
 		}
 		d.num_prefix_groups = C.uint32_t(len(groups))
 		d.prefix_groups = &groups[0]
+	}
+	if len(b.MaskIndptr) > 0 {
+		d.mask_indptr = copyInts(b.MaskIndptr)
+		if len(b.CustomMask) > 0 {
+			d.custom_mask = (*C.uint8_t)(next)
+			copy(unsafe.Slice((*byte)(next), len(b.CustomMask)), b.CustomMask)
+		}
 	}
 	return cBatch{mem: mem, desc: d}, nil
 }

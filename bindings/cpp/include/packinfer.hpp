@@ -296,6 +296,14 @@ struct BatchDesc {
   uint32_t page_size = 0;
   uint32_t num_pages = 0;  // pages in the cache; every page index must be below it
   ArrayView<PrefixGroup> prefix_groups;
+  // Custom masks (tree speculative decoding), FlashInfer's bit-packed layout: request i's
+  // q_len x kv_len bits, row-major, little-endian within each byte, are the bytes
+  // custom_mask[mask_indptr[i] .. mask_indptr[i+1]]. A set bit shows the key. With a mask the
+  // causal mask is not applied (shape.causal is ignored); a window and soft-cap still are. A
+  // query that sees no key gets O = 0 and LSE = -inf. Empty mask_indptr = no mask. The CUDA
+  // backend refuses a masked batch (UNSUPPORTED) until its kernels apply masks.
+  ArrayView<uint8_t> custom_mask;
+  ArrayView<int32_t> mask_indptr;  // [batch + 1] byte offsets, or empty
 };
 
 // Where K and V live (element strides). Built by nhd()/hnd() or by hand for other layouts.
@@ -461,6 +469,14 @@ class Context {
       invalid("batch.kv_page_indices has " + std::to_string(batch.kv_page_indices.size()) +
               " entries but kv_indptr[" + std::to_string(n) + "] = " + std::to_string(nnz));
     }
+    if (!batch.mask_indptr.empty()) {
+      check_length("batch.mask_indptr", batch.mask_indptr.size(), n + 1, "batch size + 1 (or none, for no custom mask)");
+      const int32_t bytes = batch.mask_indptr[n];
+      if (bytes >= 0 && batch.custom_mask.size() < static_cast<std::size_t>(bytes)) {
+        invalid("batch.custom_mask has " + std::to_string(batch.custom_mask.size()) + " bytes but mask_indptr[" +
+                std::to_string(n) + "] = " + std::to_string(bytes));
+      }
+    }
     std::vector<PackinferPrefixGroup> groups;
     groups.reserve(batch.prefix_groups.size());
     for (const PrefixGroup& g : batch.prefix_groups) {
@@ -483,6 +499,8 @@ class Context {
     d.sm_scale = batch.shape.sm_scale;
     d.num_prefix_groups = static_cast<uint32_t>(groups.size());
     d.prefix_groups = groups.empty() ? nullptr : groups.data();
+    d.custom_mask = batch.mask_indptr.empty() ? nullptr : batch.custom_mask.data();
+    d.mask_indptr = batch.mask_indptr.empty() ? nullptr : batch.mask_indptr.data();
     const PackinferPlanOptions o = detail::to_c(options);
     f(d, o);
   }

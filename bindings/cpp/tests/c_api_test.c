@@ -5,6 +5,7 @@
 #include <math.h>
 #include <stdarg.h>
 #include <stdint.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -401,7 +402,9 @@ static void test_errors(void) {
 
   /* Batch descriptions: struct_size, each bad value named. */
   d = case_desc(&c);
-  d.struct_size = sizeof d - 8;
+  d.struct_size = offsetof(PackinferBatchDesc, custom_mask) - 8; /* older than the oldest version */
+  CHECK_STATUS(packinfer_plan_create(ctx, &d, NULL, &plan), PACKINFER_STATUS_INVALID_ARGUMENT, "batch->struct_size");
+  d.struct_size = offsetof(PackinferBatchDesc, mask_indptr) + 4; /* ends inside mask_indptr */
   CHECK_STATUS(packinfer_plan_create(ctx, &d, NULL, &plan), PACKINFER_STATUS_INVALID_ARGUMENT, "batch->struct_size");
   d = case_desc(&c);
   int32_t bad_last[MAX_REQ];

@@ -96,6 +96,31 @@ struct Case {
   Tensor q, k, v;
   int64_t window_left = -1;  // the sliding window the case is planned with; -1 = none
   float soft_cap = 0.0f;     // the soft-cap its runs use; 0 = none
+  std::vector<uint8_t> mask;           // custom masks, bit-packed; none when mask_indptr is empty
+  std::vector<int32_t> mask_indptr;
+
+  // Whether request r's query i sees key j under the custom mask (bit i*kv_len + j, LSB first).
+  bool shows(std::size_t r, int i, int j) const {
+    if (mask_indptr.empty()) return true;
+    const std::size_t bit = std::size_t(i) * std::size_t(requests[r].kv_len) + std::size_t(j);
+    return (mask[std::size_t(mask_indptr[r]) + bit / 8] >> (bit % 8)) & 1;
+  }
+  // A random mask of the given density; query 0 of request 0 sees nothing.
+  void random_mask(double density, unsigned seed) {
+    std::mt19937 rng(seed);
+    std::bernoulli_distribution on(density);
+    mask.clear();
+    mask_indptr.assign(1, 0);
+    for (std::size_t r = 0; r < requests.size(); r++) {
+      const std::size_t bits = std::size_t(requests[r].q_len) * std::size_t(requests[r].kv_len);
+      std::vector<uint8_t> bytes((bits + 7) / 8, 0);
+      for (std::size_t b = 0; b < bits; b++) {
+        if ((r > 0 || b >= std::size_t(requests[r].kv_len)) && on(rng)) bytes[b / 8] |= uint8_t(1u << (b % 8));
+      }
+      mask.insert(mask.end(), bytes.begin(), bytes.end());
+      mask_indptr.push_back(static_cast<int32_t>(mask.size()));
+    }
+  }
 
   Case(packinfer::AttentionShape s, uint32_t ps, std::vector<Request> reqs, bool hnd_layout = false,
        std::vector<int32_t> members = {}, int prefix = 0, unsigned seed = 1)
@@ -144,6 +169,8 @@ struct Case {
     d.page_size = page_size;
     d.num_pages = num_pages;
     d.prefix_groups = groups;
+    d.custom_mask = mask;
+    d.mask_indptr = mask_indptr;
     return d;
   }
   packinfer::KvLayout layout() const {
@@ -166,26 +193,29 @@ struct Case {
       const int ql = requests[r].q_len, kl = requests[r].kv_len;
       for (int i = 0; i < ql; i++) {
         const std::size_t tok = std::size_t(qo_indptr[r] + i);
-        const int visible = shape.causal ? kl - ql + i + 1 : kl;
+        // A custom mask replaces the causal mask.
+        const int visible = shape.causal && mask_indptr.empty() ? kl - ql + i + 1 : kl;
         // The window counts back from the query's position kl - ql + i.
         const int first = window_left < 0 ? 0 : std::max(0, int(kl - ql + i - window_left));
         for (std::size_t h = 0; h < hq; h++) {
           std::vector<double> s(static_cast<std::size_t>(visible));
           double m = -INFINITY, z = 0.0;
           for (int j = first; j < visible; j++) {
+            if (!shows(r, i, j)) continue;
             const std::size_t base = at(pages[std::size_t(kv_indptr[r] + j / int(ps))], std::size_t(j) % ps, h / group);
             double dot = 0.0;
             for (std::size_t e = 0; e < d; e++) dot += double(q.get((tok * hq + h) * d + e)) * k.get(base + e);
             s[std::size_t(j)] = soft_cap > 0 ? soft_cap * std::tanh(dot * scale / soft_cap) : dot * scale;
             m = std::max(m, s[std::size_t(j)]);
           }
-          for (int j = first; j < visible; j++) z += std::exp(s[std::size_t(j)] - m);
+          for (int j = first; j < visible; j++) z += shows(r, i, j) ? std::exp(s[std::size_t(j)] - m) : 0.0;
           for (int j = first; j < visible; j++) {
+            if (!shows(r, i, j)) continue;
             const std::size_t base = at(pages[std::size_t(kv_indptr[r] + j / int(ps))], std::size_t(j) % ps, h / group);
             const double p = std::exp(s[std::size_t(j)] - m) / z;
             for (std::size_t e = 0; e < d; e++) out[(tok * hq + h) * d + e] += p * v.get(base + e);
           }
-          lse[tok * hq + h] = m + std::log(z);
+          lse[tok * hq + h] = z > 0 ? m + std::log(z) : -INFINITY;
         }
       }
     }
@@ -215,7 +245,8 @@ void run_and_compare(const Case& c, const packinfer::Launch& launch) {
     }
   }
   for (std::size_t i = 0; i < lse.size() && bad < 5; i++) {
-    if (!(std::fabs(lse[i] - ref_lse[i]) <= 1e-4 * (1.0 + std::fabs(ref_lse[i])))) {
+    const bool both_empty = std::isinf(ref_lse[i]) && ref_lse[i] < 0 && lse[i] == -INFINITY;
+    if (!both_empty && !(std::fabs(lse[i] - ref_lse[i]) <= 1e-4 * (1.0 + std::fabs(ref_lse[i])))) {
       ADD_FAILURE() << "LSE[" << i << "] = " << lse[i] << ", reference " << ref_lse[i];
       bad++;
     }
@@ -270,6 +301,48 @@ TEST(Flow, SlidingWindowAndSoftCap) {
   nc.window_left = 20;
   nc.soft_cap = 5.0f;
   full_step(nc, {packinfer::PlanFlags::Deterministic, 16, 0.0, nc.window_left});
+}
+
+TEST(Flow, CustomMask) {
+  // Causal shape, but the mask replaces causal; with a window and soft-cap, and with splits.
+  Case c({8, 2, 64, DType::F32, true, 0.0f}, 16, {{4, 70}, {37, 60}, {1, 130}, {5, 40}});
+  c.random_mask(0.4, 7);
+  c.window_left = 30;
+  c.soft_cap = 5.0f;
+  full_step(c, {packinfer::PlanFlags::None, 0, 0.0, c.window_left});
+  full_step(c, {packinfer::PlanFlags::Deterministic, 16, 0.0, c.window_left});
+  // Query 0 of request 0 sees nothing: O = 0 and LSE = -inf (checked by the comparison).
+  // The mask matters: without it the reference differs.
+  Case plain = c;
+  plain.mask_indptr.clear();
+  std::vector<double> a, la, b, lb;
+  c.reference(a, la);
+  plain.reference(b, lb);
+  EXPECT_NE(a, b);
+  // A mask_indptr of the wrong length is refused by name.
+  packinfer::Context ctx = cpu_context();
+  packinfer::BatchDesc d = c.desc();
+  std::vector<int32_t> short_indptr(c.mask_indptr.begin(), c.mask_indptr.end() - 1);
+  d.mask_indptr = short_indptr;
+  try {
+    (void)ctx.plan(d);
+    ADD_FAILURE() << "a short mask_indptr was accepted";
+  } catch (const packinfer::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("batch.mask_indptr"), std::string::npos) << e.what();
+  }
+  // Offsets that do not match the bits are refused by the library, by name.
+  std::vector<int32_t> bad = c.mask_indptr;
+  bad[1] += 1;
+  d.mask_indptr = bad;
+  std::vector<uint8_t> longer = c.mask;
+  longer.push_back(0);
+  d.custom_mask = longer;
+  try {
+    (void)ctx.plan(d);
+    ADD_FAILURE() << "bad mask offsets were accepted";
+  } catch (const packinfer::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("mask_indptr[1] - mask_indptr[0]"), std::string::npos) << e.what();
+  }
 }
 
 TEST(Flow, ManyLayersThroughOneLaunchAndCallerScratch) {

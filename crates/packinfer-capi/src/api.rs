@@ -540,6 +540,8 @@ unsafe fn convert_batch(b: &PackinferBatchDesc) -> Result<(Shape, Batch)> {
         page_size: 0,
         num_pages: 0,
         prefix_groups: Vec::new(),
+        custom_mask: Vec::new(),
+        mask_indptr: Vec::new(),
     };
     // SAFETY: this function's contract is fill_batch's.
     let shape = unsafe { fill_batch(b, &mut batch, &mut Vec::new())? };
@@ -613,6 +615,19 @@ unsafe fn fill_batch(b: &PackinferBatchDesc, batch: &mut Batch, spare: &mut Vec<
         })?;
         group.members.extend(members.iter().map(|&m| m as u32));
         batch.prefix_groups.push(group);
+    }
+    if b.mask_indptr.is_null() {
+        batch.mask_indptr.clear();
+        batch.custom_mask.clear();
+    } else {
+        // SAFETY: as above: a non-null mask_indptr has batch_size + 1 entries.
+        unsafe { copy_into("batch->mask_indptr", b.mask_indptr, n + 1, &mut batch.mask_indptr)? };
+        let bytes = batch.mask_indptr[n];
+        if bytes < 0 {
+            return Err(invalid!("batch->mask_indptr[{n}] = {bytes} is negative"));
+        }
+        // SAFETY: as above: custom_mask has mask_indptr[batch_size] bytes.
+        unsafe { copy_into("batch->custom_mask", b.custom_mask, bytes as usize, &mut batch.custom_mask)? };
     }
     Ok(shape)
 }

@@ -169,6 +169,20 @@ pub struct PackinferBatchDesc {
     pub num_prefix_groups: u32,
     /// Requests sharing a prefix; NULL when num_prefix_groups is 0.
     pub prefix_groups: *const PackinferPrefixGroup,
+    /// Custom masks (tree speculative decoding), bit-packed as FlashInfer packs them: request
+    /// i's mask is the bytes `custom_mask[mask_indptr[i] .. mask_indptr[i+1]]`, holding its
+    /// q_len × kv_len bits row-major (query a, key b is bit a·kv_len + b) and little-endian
+    /// within each byte (bit c of byte B is bit 8·B + c), padded to whole bytes. A set bit lets
+    /// the query see the key. With a mask the causal mask is NOT applied (`causal` is ignored;
+    /// the mask replaces it, as in FlashInfer); the sliding window and the soft-cap still apply.
+    /// A query whose every key is masked gets O = 0 and LSE = -inf. Keys a mask hides from all
+    /// of a tile's queries are not read. NULL when `mask_indptr` is NULL. The CPU backend runs
+    /// custom masks; the CUDA backend refuses a batch with one (UNSUPPORTED) until its kernels
+    /// apply them. Added in ABI 1's third release: an older struct means no mask.
+    pub custom_mask: *const u8,
+    /// NULL (no custom mask) or `[batch_size + 1]` byte offsets into `custom_mask`, from 0;
+    /// request i's segment holds exactly ceil(q_len × kv_len / 8) bytes.
+    pub mask_indptr: *const i32,
 }
 
 /// Bits of `PackinferPlanOptions::flags`.
@@ -389,6 +403,8 @@ super::versioned!(
         sm_scale: 0.0,
         num_prefix_groups: 0,
         prefix_groups: std::ptr::null(),
+        custom_mask: std::ptr::null(),
+        mask_indptr: std::ptr::null(),
     },
     [
         batch_size,
@@ -407,6 +423,7 @@ super::versioned!(
         num_prefix_groups,
         prefix_groups
     ]
+    [custom_mask, mask_indptr]
 );
 
 super::versioned!(

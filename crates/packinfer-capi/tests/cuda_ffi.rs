@@ -27,6 +27,7 @@ fn main() {
     harness::main(harness::trials![
         calibrate_is_unsupported_on_the_cpu_backend,
         capacity_launch_update_and_run_through_the_c_abi,
+        custom_masks_are_unsupported_on_the_gpu,
         runs_of_one_launch_on_two_streams_do_not_overlap
     ]);
 }
@@ -76,6 +77,34 @@ fn calibrate_is_unsupported_on_the_cpu_backend() {
     assert_eq!(packinfer_context_precompile(ctx), PackinferStatus::Ok);
     assert_eq!(packinfer_context_calibrate(ctx), PackinferStatus::Unsupported);
     assert!(last_error().contains("CUDA"), "{}", last_error());
+    assert_eq!(packinfer_context_destroy(ctx), PackinferStatus::Ok);
+}
+
+/// The CUDA kernels do not apply custom masks yet: a masked batch plans, but its launch is
+/// refused (UNSUPPORTED, naming the custom mask) rather than computed without the mask.
+fn custom_masks_are_unsupported_on_the_gpu() {
+    let Some(ctx) = cuda_context() else { return };
+    let spec = CaseSpec {
+        batch_size: 2,
+        max_kv: 64,
+        page_size: 16,
+        num_kv_heads: 1,
+        group: 4,
+        head_dim: 128,
+        dtype: DType::Bf16,
+        causal: true,
+        decode_fraction: 0.5,
+        hnd: false,
+    };
+    let mut r = rng(23);
+    let case = Case::random(&mut r, &spec).with_random_mask(&mut r, 0.5, false);
+    let p = plan(ctx, &case);
+    let mut launch = PackinferLaunch::default();
+    // SAFETY: live locals; the NULLs are checked by the call.
+    let status = unsafe { packinfer_launch_create(ctx, p, std::ptr::null(), std::ptr::null_mut(), &mut launch) };
+    assert_eq!(status, PackinferStatus::Unsupported, "{}", last_error());
+    assert!(last_error().contains("custom mask"), "{}", last_error());
+    assert_eq!(packinfer_plan_destroy(p), PackinferStatus::Ok);
     assert_eq!(packinfer_context_destroy(ctx), PackinferStatus::Ok);
 }
 

@@ -622,3 +622,69 @@ fn sliding_window_and_soft_cap() {
     let status = unsafe { packinfer_plan_create(ctx, &d, &options, &mut plan) };
     expect(status, PackinferStatus::InvalidArgument, &["SLIDING_WINDOW", "struct_size = 24"]);
 }
+
+/// Custom masks through the C ABI: a masked batch plans and runs to the reference (causal not
+/// applied, a window still is); a second-release PackinferBatchDesc (no mask fields) plans
+/// without a mask whatever the bytes past its end hold; bad offsets and a NULL mask are named.
+#[test]
+fn custom_mask_through_the_c_abi() {
+    let ctx = cpu_context();
+    let masked = small_case(43).with_features(Some(40), 0.0).with_random_mask(&mut rng(43), 0.4, true);
+    let plan_run = |case: &Case, d: &PackinferBatchDesc| {
+        let options = PackinferPlanOptions {
+            struct_size: std::mem::size_of::<PackinferPlanOptions>(),
+            flags: if case.window_left.is_some() { PackinferPlanFlags::SlidingWindow as u32 } else { 0 },
+            split_keys: 0,
+            capacity: 0.0,
+            window_left: case.window_left.unwrap_or(0),
+        };
+        let mut plan = PackinferPlan::default();
+        // SAFETY: live locals of the types and lengths the call expects.
+        let status = unsafe { packinfer_plan_create(ctx, d, &options, &mut plan) };
+        assert_eq!(status, PackinferStatus::Ok, "{}", last_error());
+        let mut launch = PackinferLaunch::default();
+        // SAFETY: live locals; the NULLs are checked by the call.
+        assert_eq!(unsafe { packinfer_launch_create(ctx, plan, null(), null_mut(), &mut launch) }, PackinferStatus::Ok);
+        let o = Tensor::poisoned(case.shape.dtype, case.out_len());
+        let mut lse = vec![f32::NAN; case.total_q() * case.shape.num_qo_heads as usize];
+        let args = run_args(case, &o, &mut lse);
+        // SAFETY: args address the case's tensors, which outlive the call (a CPU run is synchronous).
+        assert_eq!(unsafe { packinfer_run(launch, &args) }, PackinferStatus::Ok, "{}", last_error());
+        assert_eq!(packinfer_launch_destroy(launch), PackinferStatus::Ok);
+        assert_eq!(packinfer_plan_destroy(plan), PackinferStatus::Ok);
+        (o, lse)
+    };
+    let d = desc(&masked, &[]);
+    assert!(!d.mask_indptr.is_null());
+    let (o, lse) = plan_run(&masked, &d);
+    assert_close(&masked, &o, &lse, "masked through the C ABI");
+    // The mask matters: the same run differs from the unmasked reference.
+    let unmasked = small_case(43).with_features(Some(40), 0.0);
+    assert!(std::panic::catch_unwind(|| assert_close(&unmasked, &o, &lse, "")).is_err(), "the mask changed nothing");
+    // A second-release caller's struct ends before custom_mask: no mask.
+    let mut old = d;
+    old.struct_size = std::mem::offset_of!(PackinferBatchDesc, custom_mask);
+    let (o, lse) = plan_run(&unmasked, &old);
+    assert_close(&unmasked, &o, &lse, "second-release batch description");
+    // Bad masks are refused by name.
+    let mut plan = PackinferPlan::default();
+    let mut bad_indptr = masked.batch.mask_indptr.clone();
+    bad_indptr[1] += 1;
+    let mut d2 = d;
+    d2.mask_indptr = bad_indptr.as_ptr();
+    // SAFETY: live locals of the types and lengths the call expects.
+    let status = unsafe { packinfer_plan_create(ctx, &d2, null(), &mut plan) };
+    expect(status, PackinferStatus::InvalidArgument, &["mask_indptr[1] - mask_indptr[0]"]);
+    let mut d3 = d;
+    d3.custom_mask = null();
+    // SAFETY: live locals of the types and lengths the call expects.
+    let status = unsafe { packinfer_plan_create(ctx, &d3, null(), &mut plan) };
+    expect(status, PackinferStatus::InvalidArgument, &["batch->custom_mask is a null pointer"]);
+    let negative = [0i32, -1, -1, -1, -1];
+    let mut d4 = d;
+    d4.mask_indptr = negative.as_ptr();
+    // SAFETY: live locals of the types and lengths the call expects (batch_size + 1 = 5 entries).
+    let status = unsafe { packinfer_plan_create(ctx, &d4, null(), &mut plan) };
+    expect(status, PackinferStatus::InvalidArgument, &["batch->mask_indptr[4] = -1 is negative"]);
+    assert_eq!(packinfer_context_destroy(ctx), PackinferStatus::Ok);
+}

@@ -142,6 +142,8 @@ fn batch(
         sm_scale: 0.0,
         num_prefix_groups: 0,
         prefix_groups: null(),
+        custom_mask: null(),
+        mask_indptr: null(),
     }
 }
 

@@ -234,6 +234,8 @@ impl Engine {
                 page_size: 1,
                 num_pages: total_kv.max(1) as u32,
                 prefix_groups: vec![],
+                custom_mask: Vec::new(),
+                mask_indptr: Vec::new(),
             };
             let case = Case { shape, batch, q, k, v, layout, hnd: false, window_left: None, logits_soft_cap: 0.0 };
             let o = Tensor::poisoned(s.dtype, case.out_len());

@@ -36,7 +36,17 @@ fn batch(lens: &[(u32, u32)], prefix_groups: Vec<PrefixGroup>) -> Batch {
         last.push(if k == 0 { 0 } else { ((k - 1) % PAGE + 1) as i32 });
     }
     let num_pages = pages.len() as u32;
-    Batch { qo_indptr: qo, kv_indptr: kv, kv_page_indices: pages, kv_last_page_len: last, page_size: PAGE, num_pages, prefix_groups }
+    Batch {
+        qo_indptr: qo,
+        kv_indptr: kv,
+        kv_page_indices: pages,
+        kv_last_page_len: last,
+        page_size: PAGE,
+        num_pages,
+        prefix_groups,
+        custom_mask: Vec::new(),
+        mask_indptr: Vec::new(),
+    }
 }
 
 use packinfer_replay::trace;

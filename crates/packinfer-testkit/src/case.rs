@@ -218,6 +218,8 @@ impl Case {
             page_size: ps,
             num_pages: total_pages,
             prefix_groups,
+            custom_mask: Vec::new(),
+            mask_indptr: Vec::new(),
         };
         Case { shape, batch, q, k, v, layout, hnd: spec.hnd, window_left: None, logits_soft_cap: 0.0 }
     }
@@ -260,12 +262,50 @@ impl Case {
     pub fn visible_keys(&self, r: usize, qi: u32) -> (u32, u32) {
         let (ql, kvl) = (self.batch.q_len(r) as i64, self.batch.kv_len(r) as i64);
         let pos = kvl - ql + qi as i64;
-        let end = if self.shape.causal { pos + 1 } else { kvl };
+        // A custom mask replaces the causal mask (FlashInfer's rule).
+        let end = if self.shape.causal && self.batch.mask_indptr.is_empty() { pos + 1 } else { kvl };
         let first = match self.window_left {
             Some(w) => (pos - w as i64).max(0),
             None => 0,
         };
         (first.min(end) as u32, end as u32)
+    }
+
+    /// Whether the batch's custom mask lets query `qi` of request `r` see `key` (true without
+    /// a mask), read from the bits by the layout's definition.
+    pub fn mask_bit(&self, r: usize, qi: u32, key: u32) -> bool {
+        if self.batch.mask_indptr.is_empty() {
+            return true;
+        }
+        let bit = qi as usize * self.batch.kv_len(r) as usize + key as usize;
+        self.batch.custom_mask[self.batch.mask_indptr[r] as usize + bit / 8] & (1 << (bit % 8)) != 0
+    }
+
+    /// The case with a random custom mask: each (query, key) bit set with probability
+    /// `density`, and every query of a request whose index is a multiple of 5 fully masked
+    /// when `masked_rows` (so rows with no visible key are covered).
+    pub fn with_random_mask(mut self, rng: &mut SmallRng, density: f64, masked_rows: bool) -> Case {
+        let (mut mask, mut indptr) = (Vec::new(), vec![0i32]);
+        for r in 0..self.batch.len() {
+            let (ql, kvl) = (self.batch.q_len(r) as usize, self.batch.kv_len(r) as usize);
+            let mut bytes = vec![0u8; (ql * kvl).div_ceil(8)];
+            for qi in 0..ql {
+                if masked_rows && qi % 5 == 0 && r % 2 == 0 {
+                    continue;
+                }
+                for key in 0..kvl {
+                    if rng.random_bool(density) {
+                        let bit = qi * kvl + key;
+                        bytes[bit / 8] |= 1 << (bit % 8);
+                    }
+                }
+            }
+            mask.extend_from_slice(&bytes);
+            indptr.push(mask.len() as i32);
+        }
+        self.batch.custom_mask = mask;
+        self.batch.mask_indptr = indptr;
+        self
     }
 
     /// Naive float64 attention on the stored values: per (token, head), the full softmax over
@@ -290,8 +330,10 @@ impl Case {
                 for head in 0..hq {
                     let kvh = head / g;
                     let qv = &self.q.exact[(tok * hq + head) * d..][..d];
-                    let scores: Vec<f64> = (first..end)
-                        .map(|key| {
+                    let keys: Vec<u32> = (first..end).filter(|&key| self.mask_bit(r, qi, key)).collect();
+                    let scores: Vec<f64> = keys
+                        .iter()
+                        .map(|&key| {
                             let page = self.batch.kv_page_indices[self.batch.kv_indptr[r] as usize + (key / ps) as usize];
                             let x = (0..d).map(|i| qv[i] * elem(&self.k, page, key % ps, kvh, i)).sum::<f64>() * s.sm_scale as f64;
                             if cap > 0.0 {
@@ -304,8 +346,7 @@ impl Case {
                     let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                     let z: f64 = scores.iter().map(|x| (x - m).exp()).sum();
                     lse[tok * hq + head] = if scores.is_empty() { f64::NEG_INFINITY } else { m + z.ln() };
-                    for (j, sc) in scores.iter().enumerate() {
-                        let key = first + j as u32;
+                    for (&key, sc) in keys.iter().zip(&scores) {
                         let page = self.batch.kv_page_indices[self.batch.kv_indptr[r] as usize + (key / ps) as usize];
                         let p = (sc - m).exp() / z;
                         for i in 0..d {

@@ -151,6 +151,16 @@ pub struct Batch {
     pub num_pages: u32,
     /// Requests declared to share a prefix.
     pub prefix_groups: Vec<PrefixGroup>,
+    /// Bit-packed custom masks (tree speculative decoding), FlashInfer's layout: request r's
+    /// mask is `custom_mask[mask_indptr[r] .. mask_indptr[r + 1]]`, its `q_len × kv_len` bits
+    /// row-major (query i, key j is bit `i·kv_len + j`), little-endian within each byte (bit
+    /// b of byte B is bit `8·B + b`), padded to whole bytes. A set bit lets the query see the
+    /// key. With a mask the causal mask is not applied (the custom mask replaces it, as in
+    /// FlashInfer); a sliding window and the soft-cap still are. Empty: no custom mask.
+    pub custom_mask: Vec<u8>,
+    /// Empty (no custom mask) or `batch_size + 1` byte offsets into `custom_mask`, from 0,
+    /// request r's segment holding exactly `ceil(q_len · kv_len / 8)` bytes.
+    pub mask_indptr: Vec<i32>,
 }
 
 impl Batch {
@@ -183,6 +193,26 @@ impl Batch {
             (pages - 1) * self.page_size as u64 + self.kv_last_page_len[r].max(0) as u64
         }
     }
+    /// Whether the batch carries custom masks (`mask_indptr` is not empty).
+    pub fn has_custom_mask(&self) -> bool {
+        !self.mask_indptr.is_empty()
+    }
+    /// Whether the causal mask applies to this batch under a shape's `causal`: not when the
+    /// batch carries custom masks, which replace it (FlashInfer's rule).
+    pub fn applies_causal(&self, causal: bool) -> bool {
+        causal && !self.has_custom_mask()
+    }
+    /// Whether query `q` (0-based in request `r`) may see key `k` under the custom mask; true
+    /// without one. The batch must be validated and `q`, `k` inside the request.
+    #[inline]
+    pub fn mask_allows(&self, r: usize, q: u32, k: u32) -> bool {
+        if self.mask_indptr.is_empty() {
+            return true;
+        }
+        let bit = q as u64 * self.kv_len(r) as u64 + k as u64;
+        let byte = self.custom_mask[self.mask_indptr[r] as usize + (bit / 8) as usize];
+        (byte >> (bit % 8)) & 1 != 0
+    }
     /// Query tokens of the whole step.
     pub fn total_q(&self) -> u32 {
         *self.qo_indptr.last().unwrap_or(&0) as u32
@@ -203,6 +233,8 @@ impl Batch {
         self.kv_last_page_len.clone_from(&other.kv_last_page_len);
         self.page_size = other.page_size;
         self.num_pages = other.num_pages;
+        self.custom_mask.clone_from(&other.custom_mask);
+        self.mask_indptr.clone_from(&other.mask_indptr);
         spare.append(&mut self.prefix_groups);
         for src in &other.prefix_groups {
             self.prefix_groups.push(PrefixGroup::reusing(spare, src.prefix_len, &src.members));
@@ -283,7 +315,7 @@ impl Batch {
                     limits::MAX_KV_LEN
                 ));
             }
-            if causal && self.q_len(r) > self.kv_len(r) {
+            if self.applies_causal(causal) && self.q_len(r) > self.kv_len(r) {
                 return Err(invalid!(
                     "request {r} has q_len = {} > kv_len = {}; causal attention needs every query's own key in the cache",
                     self.q_len(r),
@@ -291,6 +323,7 @@ impl Batch {
                 ));
             }
         }
+        self.validate_custom_mask()?;
         group_of.clear();
         group_of.resize(if self.prefix_groups.is_empty() { 0 } else { n }, u32::MAX);
         for (g, pg) in self.prefix_groups.iter().enumerate() {
@@ -320,6 +353,44 @@ impl Batch {
                     ));
                 }
             }
+        }
+        Ok(())
+    }
+}
+
+impl Batch {
+    /// The custom mask's rules (see `custom_mask`); the message names the first bad value.
+    /// Called after the indptrs and page tables are checked, so `kv_len` is exact.
+    fn validate_custom_mask(&self) -> Result<()> {
+        if self.mask_indptr.is_empty() {
+            if !self.custom_mask.is_empty() {
+                return Err(invalid!(
+                    "custom_mask has {} bytes but mask_indptr is empty; a custom mask needs batch_size + 1 offsets",
+                    self.custom_mask.len()
+                ));
+            }
+            return Ok(());
+        }
+        let n = self.len();
+        if self.mask_indptr.len() != n + 1 {
+            return Err(invalid!("mask_indptr needs batch_size + 1 = {} entries (got {})", n + 1, self.mask_indptr.len()));
+        }
+        check_indptr("mask_indptr", &self.mask_indptr)?;
+        for r in 0..n {
+            let bytes = (self.mask_indptr[r + 1] - self.mask_indptr[r]) as u64;
+            let want = (self.q_len(r) as u64 * self.kv_len(r) as u64).div_ceil(8);
+            if bytes != want {
+                return Err(invalid!(
+                    "mask_indptr[{}] - mask_indptr[{r}] = {bytes} bytes, but request {r}'s mask of q_len = {} × kv_len = {} bits packs into {want}",
+                    r + 1,
+                    self.q_len(r),
+                    self.kv_len(r)
+                ));
+            }
+        }
+        let end = self.mask_indptr[n] as usize;
+        if end != self.custom_mask.len() {
+            return Err(invalid!("mask_indptr[{n}] = {end} but custom_mask has {} bytes", self.custom_mask.len()));
         }
         Ok(())
     }
@@ -413,6 +484,8 @@ mod tests {
             page_size: 16,
             num_pages,
             prefix_groups: vec![],
+            custom_mask: Vec::new(),
+            mask_indptr: Vec::new(),
         };
         let max = i32::MAX;
         for (page, num_pages, ok) in [
@@ -441,5 +514,65 @@ mod tests {
         let empty =
             Batch { kv_indptr: vec![0, 0], kv_page_indices: vec![], kv_last_page_len: vec![0], qo_indptr: vec![0, 0], ..batch(0, 0) };
         empty.validate(true).unwrap();
+    }
+
+    /// One request of 3 queries × 5 keys (15 bits, 2 bytes) and one of 1 × 2 (1 byte).
+    fn masked(custom_mask: Vec<u8>, mask_indptr: Vec<i32>) -> Batch {
+        Batch {
+            qo_indptr: vec![0, 3, 4],
+            kv_indptr: vec![0, 1, 2],
+            kv_page_indices: vec![0, 1],
+            kv_last_page_len: vec![5, 2],
+            page_size: 8,
+            num_pages: 2,
+            prefix_groups: vec![],
+            custom_mask,
+            mask_indptr,
+        }
+    }
+
+    #[test]
+    fn custom_mask_bits_are_row_major_and_little_endian_per_request() {
+        // Request 0: query i sees key j where bit i*5 + j is set. Row 0 = keys 0, 4; row 1 =
+        // key 1 (bit 6); row 2 = key 3 (bit 13). Request 1: query 0 sees key 1 only.
+        let b = masked(vec![0b0101_0001, 0b0010_0000, 0b10], vec![0, 2, 3]);
+        b.validate(true).unwrap();
+        let seen = |r: usize, q: u32| (0..b.kv_len(r)).filter(|&k| b.mask_allows(r, q, k)).collect::<Vec<_>>();
+        assert_eq!(seen(0, 0), [0, 4]);
+        assert_eq!(seen(0, 1), [1]);
+        assert_eq!(seen(0, 2), [3]);
+        assert_eq!(seen(1, 0), [1]);
+        assert!(!b.applies_causal(true));
+        assert!(masked(vec![], vec![]).applies_causal(true));
+    }
+
+    #[test]
+    fn custom_mask_lengths_and_offsets_are_checked_by_name() {
+        let bad = |m: Vec<u8>, ip: Vec<i32>, needle: &str| {
+            let e = masked(m, ip).validate(true).unwrap_err();
+            assert!(matches!(e, crate::error::Error::InvalidArgument(_)), "{e:?}");
+            assert!(e.to_string().contains(needle), "{e} lacks {needle}");
+        };
+        bad(vec![0; 3], vec![], "custom_mask has 3 bytes but mask_indptr is empty");
+        bad(vec![0; 3], vec![0, 2], "mask_indptr needs batch_size + 1 = 3 entries (got 2)");
+        bad(vec![0; 3], vec![1, 2, 3], "mask_indptr[0] = 1 must be 0");
+        bad(vec![0; 3], vec![0, 3, 2], "mask_indptr[2] = 2 is smaller");
+        bad(
+            vec![0; 3],
+            vec![0, 1, 2],
+            "mask_indptr[1] - mask_indptr[0] = 1 bytes, but request 0's mask of q_len = 3 × kv_len = 5 bits packs into 2",
+        );
+        bad(vec![0; 4], vec![0, 2, 4], "mask_indptr[2] - mask_indptr[1] = 2 bytes");
+        bad(vec![0; 4], vec![0, 2, 3], "mask_indptr[2] = 3 but custom_mask has 4 bytes");
+        // Without causal masking a mask lets a request have more queries than keys.
+        let mut b = masked(vec![0; 3], vec![0, 2, 3]);
+        b.validate(true).unwrap();
+        b.qo_indptr = vec![0, 3, 6];
+        b.custom_mask = vec![0; 3];
+        b.mask_indptr = vec![0, 2, 3];
+        b.validate(true).unwrap();
+        b.mask_indptr.clear();
+        b.custom_mask.clear();
+        assert!(b.validate(true).unwrap_err().to_string().contains("q_len = 3 > kv_len = 2"));
     }
 }

@@ -329,3 +329,113 @@ fn soft_cap_is_taken_from_each_run() {
     let err = unsafe { bound.run(&case.run_args(&mut o, &mut lse)) }.unwrap_err().to_string();
     assert!(err.contains("logits_soft_cap = -1"), "{err}");
 }
+
+/// Custom masks on random batches of every dtype, head size and GQA ratio, causal or not
+/// (causal is not applied under a mask), with windows and soft-caps, masks of every density and
+/// rows whose every key is masked, planned with the default options, with 64-key splits and
+/// with every technique off, against the f64 reference that reads the bits by definition.
+#[test]
+fn custom_mask_random_batches_match_f64_reference() {
+    let mut r = rng(0x3a5c);
+    let (mut hidden, mut empty_rows) = (0usize, 0usize);
+    for i in 0..120 {
+        let mut spec = CaseSpec::random(&mut r);
+        spec.max_kv = spec.max_kv.min(1200);
+        let window = [None, None, Some(16), Some(100)][i % 4];
+        let cap = [0.0, 30.0][(i / 4) % 2];
+        let density = [0.5, 0.05, 1.0, 0.0, 0.9][(i / 8) % 5];
+        let case = Case::random(&mut r, &spec).with_features(window, cap).with_random_mask(&mut r, density, i % 3 == 0);
+        let base = match i % 3 {
+            0 => PlanOptions::default(),
+            1 => PlanOptions { deterministic: true, split_keys: 64, ..PlanOptions::default() },
+            _ => PlanOptions { packing: false, balancing: false, prefix_sharing: false, split_kv: false, ..PlanOptions::default() },
+        };
+        run_and_check(&case, case.plan_options(base), &format!("case {i} density {density} window {window:?} cap {cap} {spec:?}"));
+        for b in 0..case.batch.len() {
+            for q in 0..case.batch.q_len(b) {
+                let (first, end) = case.visible_keys(b, q);
+                let seen = (first..end).filter(|&k| case.mask_bit(b, q, k)).count();
+                hidden += (end - first) as usize - seen;
+                empty_rows += (seen == 0) as usize;
+            }
+        }
+    }
+    // The mask must matter: many keys hidden, and rows with nothing to see.
+    assert!(hidden > 100_000, "only {hidden} keys hidden by masks");
+    assert!(empty_rows > 100, "only {empty_rows} rows fully masked");
+}
+
+/// A tree speculative-decoding step: each request's context is visible to all its draft tokens,
+/// and draft token i sees itself and its ancestors in a binary tree (parent of i is (i-1)/2).
+/// The shape says causal; with the mask it is not applied (siblings do not see each other,
+/// though a causal mask would let them). Rows with no visible key give O = 0 and LSE = -inf
+/// exactly, also when split.
+#[test]
+fn tree_mask_and_fully_masked_rows() {
+    let mut r = rng(0x7ee);
+    let spec = CaseSpec {
+        batch_size: 2,
+        max_kv: 1,
+        page_size: 16,
+        num_kv_heads: 2,
+        group: 4,
+        head_dim: 64,
+        dtype: DType::F32,
+        causal: true,
+        decode_fraction: 0.0,
+        hnd: false,
+    };
+    let (draft, context) = (7u32, 200u32);
+    let mut case = Case::build(&mut r, &spec, &[(draft, context + draft), (3, 40)], vec![]);
+    let (mut mask, mut indptr) = (Vec::new(), vec![0]);
+    // Request 0: the tree. Request 1: query 1 sees nothing; queries 0 and 2 see keys 5..9.
+    let kvl = (context + draft) as usize;
+    let mut bits = vec![false; draft as usize * kvl];
+    for i in 0..draft as usize {
+        bits[i * kvl..i * kvl + context as usize].iter_mut().for_each(|b| *b = true);
+        let mut a = i;
+        loop {
+            bits[i * kvl + context as usize + a] = true;
+            if a == 0 {
+                break;
+            }
+            a = (a - 1) / 2;
+        }
+    }
+    let pack = |bits: &[bool], mask: &mut Vec<u8>| {
+        let mut bytes = vec![0u8; bits.len().div_ceil(8)];
+        for (j, _) in bits.iter().enumerate().filter(|(_, &b)| b) {
+            bytes[j / 8] |= 1 << (j % 8);
+        }
+        mask.extend_from_slice(&bytes);
+    };
+    pack(&bits, &mut mask);
+    indptr.push(mask.len() as i32);
+    let bits1: Vec<bool> = (0..3 * 40).map(|j| j / 40 != 1 && (5..9).contains(&(j % 40))).collect();
+    pack(&bits1, &mut mask);
+    indptr.push(mask.len() as i32);
+    case.batch.custom_mask = mask;
+    case.batch.mask_indptr = indptr;
+    // Draft token 1 (child of 0) does not see token 2 (its sibling) although causal would.
+    assert!(!case.mask_bit(0, 2, context + 1) && case.mask_bit(0, 2, context + 2) && case.mask_bit(0, 2, context));
+    for (name, opts) in [
+        ("default", PlanOptions::default()),
+        ("split every 16 keys", PlanOptions { deterministic: true, split_keys: 16, ..PlanOptions::default() }),
+    ] {
+        let cpu = CpuBackend::new(2);
+        let plan = Arc::new(Plan::build(case.shape, case.batch.clone(), &cpu.profile(), opts).expect("plan"));
+        let bound = cpu.bind(plan, 0, None).expect("bind");
+        let mut o = Tensor::poisoned(case.shape.dtype, case.out_len());
+        let mut lse = vec![f32::NAN; case.total_q() * case.shape.num_qo_heads as usize];
+        // SAFETY: the case's Q, K and V, O of out_len() and LSE of total_q × heads elements, on the host.
+        unsafe { bound.run(&case.run_args(&mut o, &mut lse)) }.expect("run");
+        assert_close(&case, &o, &lse, name);
+        // Request 1's query 1 is token draft + 1: every head's row is exactly 0 with LSE -inf.
+        let (hq, d) = (case.shape.num_qo_heads as usize, case.shape.head_dim as usize);
+        let tok = draft as usize + 1;
+        for h in 0..hq {
+            assert_eq!(lse[tok * hq + h], f32::NEG_INFINITY, "{name}: head {h}");
+            assert!((0..d).all(|i| o.get((tok * hq + h) * d + i) == 0.0), "{name}: head {h} not 0");
+        }
+    }
+}

@@ -615,6 +615,8 @@ fn deterministic_rows_are_bitwise_identical_across_batches() {
             kv_page_indices: b.kv_page_indices[..b.kv_indptr[1] as usize].to_vec(),
             kv_last_page_len: vec![b.kv_last_page_len[0]],
             prefix_groups: vec![],
+            custom_mask: Vec::new(),
+            mask_indptr: Vec::new(),
             ..b.clone()
         };
         let row = (mixed.shape.num_qo_heads * mixed.shape.head_dim) as usize;

@@ -28,11 +28,23 @@ fn window_start(plan: &Plan, req: &packinfer::plan::RequestInfo, q: u32) -> u32 
     }
 }
 
+/// Whether the batch's custom mask lets query `q` of request `r` see key `k` (true without
+/// one), from the layout's definition: bit `q·kv_len + k` of the request's bytes, little-endian.
+fn mask_bit(batch: &Batch, r: usize, q: u32, k: u32) -> bool {
+    if batch.mask_indptr.is_empty() {
+        return true;
+    }
+    let bit = q as usize * batch.kv_len(r) as usize + k as usize;
+    batch.custom_mask[batch.mask_indptr[r] as usize + bit / 8] >> (bit % 8) & 1 != 0
+}
+
 /// Checks the work list's structure and coverage; panics with `ctx` and the first violation.
 /// Under a sliding window every chunk starts at or after the first window of its rows: no key
-/// outside every row's window is read.
+/// outside every row's window is read. Under a custom mask (which replaces causal) every key
+/// the mask shows is covered exactly once, and masked keys at most once.
 fn check_plan(plan: &Plan, ctx: &str) {
-    let shape = &plan.shape;
+    let shape = &packinfer::types::Shape { causal: plan.shape.causal && plan.batch.mask_indptr.is_empty(), ..plan.shape };
+    let masked = !plan.batch.mask_indptr.is_empty();
     let g = shape.group_size();
     let hq = shape.num_qo_heads as usize;
     let total_q = plan.batch.total_q() as usize;
@@ -151,6 +163,16 @@ fn check_plan(plan: &Plan, ctx: &str) {
                 assert_eq!(writes[th], 1, "{ctx}: request {r} query {q} head {head} written {} times", writes[th]);
                 let iv = &mut intervals[th];
                 iv.sort_unstable();
+                if masked {
+                    // Pieces may leave out keys the mask hides, never overlap, and cover every
+                    // key it shows.
+                    assert!(iv.windows(2).all(|w| w[0].1 <= w[1].0), "{ctx}: request {r} query {q} head {head}: overlapping keys {iv:?}");
+                    let covered = |k: u32| iv.iter().any(|&(kb, ke)| kb <= k && k < ke);
+                    if let Some(k) = (start..limit).find(|&k| mask_bit(&plan.batch, r, q, k) && !covered(k)) {
+                        panic!("{ctx}: request {r} query {q} head {head}: key {k}, which the mask shows, is not read ({iv:?})");
+                    }
+                    continue;
+                }
                 let mut next = start;
                 for &(kb, ke) in iv.iter() {
                     assert_eq!(
@@ -278,6 +300,11 @@ fn every_flag_combination_covers_exactly_once_and_matches_f64() {
             // flags meets them and the counts below still see plenty of plain cases.
             if i % 3 == 2 {
                 random_features(&mut r, &mut case, &mut options);
+                // Half of those with a custom mask too (some rows fully masked).
+                if r.random_bool(0.5) {
+                    let density = [0.0, 0.1, 0.7, 1.0][r.random_range(0..4)];
+                    case = case.with_random_mask(&mut r, density, true);
+                }
             }
             let ctx = format!("flags {bits:05b} case {i} {spec:?} {profile:?} {options:?} groups {:?}", case.batch.prefix_groups);
             let plan = plan_check_run(&case, &profile, options.clone(), &ctx);
@@ -468,6 +495,8 @@ fn sub_batch(case: &Case, keep: &[u32]) -> Case {
         page_size: b.page_size,
         num_pages: b.num_pages,
         prefix_groups: groups,
+        custom_mask: Vec::new(),
+        mask_indptr: Vec::new(),
     };
     let q = Tensor { dtype: case.q.dtype, bytes: qbytes, exact: qexact };
     let copy = |t: &Tensor| Tensor { dtype: t.dtype, bytes: t.bytes.clone(), exact: t.exact.clone() };
@@ -691,6 +720,8 @@ fn bad_inputs_give_clear_errors() {
         page_size: 16,
         num_pages: 4,
         prefix_groups: vec![],
+        custom_mask: Vec::new(),
+        mask_indptr: Vec::new(),
     };
     let plan = build(empty, PlanOptions::default()).expect("empty batch");
     assert!(plan.items.is_empty() && plan.merges.is_empty());
@@ -815,5 +846,87 @@ fn sliding_window_plans_read_only_the_window() {
             );
         }
         assert!(plan.stats.tile_utilization > 0.5, "{name}: {:?}", plan.stats);
+    }
+}
+
+/// A custom mask bounds what the plan reads: keys the mask hides from every row of a block are
+/// not read (tree speculative decoding shows a window of recent keys plus the draft tree), a
+/// request whose mask shows nothing reads no key and still writes O = 0 and LSE = -inf, and the
+/// plan stays exact. The same batch without the mask reads far more, so the bound can fail.
+#[test]
+fn custom_mask_plans_skip_masked_blocks() {
+    let mut r = rng(0x3a5c);
+    let spec = CaseSpec {
+        batch_size: 3,
+        max_kv: 1,
+        page_size: 16,
+        num_kv_heads: 1,
+        group: 4,
+        head_dim: 64,
+        dtype: DType::F32,
+        causal: true,
+        decode_fraction: 0.0,
+        hnd: false,
+    };
+    let lens = [(64u32, 12000u32), (8, 3000), (4, 500), (1, 10000)];
+    // Request 0's queries see keys 6000..8000 and their own draft position; request 1's see
+    // keys 100..200 only; request 2's see nothing; request 3's see keys 0..100 and 9900..10000
+    // (a gap inside its block: split pieces over the gap are skipped).
+    let shows = |r: usize, q: u32, k: u32| match r {
+        0 => (6000..8000).contains(&k) || k == 12000 - 64 + q,
+        1 => (100..200).contains(&k),
+        3 => !(100..9900).contains(&k),
+        _ => false,
+    };
+    let (mut mask, mut indptr) = (Vec::new(), vec![0i32]);
+    for (i, &(q, kv)) in lens.iter().enumerate() {
+        let mut bytes = vec![0u8; (q as usize * kv as usize).div_ceil(8)];
+        for qi in 0..q {
+            for k in (0..kv).filter(|&k| shows(i, qi, k)) {
+                let bit = (qi * kv + k) as usize;
+                bytes[bit / 8] |= 1 << (bit % 8);
+            }
+        }
+        mask.extend_from_slice(&bytes);
+        indptr.push(mask.len() as i32);
+    }
+    let plain = Case::build(&mut r, &spec, &lens, vec![]);
+    let mut case = Case::build(&mut r, &spec, &lens, vec![]);
+    case.batch.custom_mask = mask;
+    case.batch.mask_indptr = indptr;
+    let profile = DeviceProfile::hopper(8);
+    let read_per_request = |plan: &Plan| {
+        let mut read = vec![0u64; lens.len()];
+        for item in &plan.items {
+            for c in &plan.kv_chunks[item.chunk_begin as usize..(item.chunk_begin + item.chunk_count) as usize] {
+                read[c.request as usize] += (c.key_end - c.key_begin) as u64;
+            }
+        }
+        read
+    };
+    for (name, options) in [
+        ("default", PlanOptions::default()),
+        ("deterministic", PlanOptions { deterministic: true, split_keys: 1024, ..PlanOptions::default() }),
+        (
+            "one request per tile",
+            PlanOptions { packing: false, balancing: false, prefix_sharing: false, split_kv: false, ..PlanOptions::default() },
+        ),
+    ] {
+        let plan = plan_check_run(&case, &profile, options.clone(), name);
+        let read = read_per_request(&plan);
+        // Request 0: each tile reads at most keys 6000 .. its last draft position + 1.
+        let tiles = 64u64.div_ceil((profile.block_m / spec.group) as u64);
+        // Request 3 reads its gap unless the block is split (then only the shown keys).
+        let split = options.deterministic;
+        let bounds = [tiles * (12000 - 6000), 100, 0, if split { 200 } else { 10000 }];
+        for i in 0..lens.len() {
+            assert!(read[i] <= bounds[i], "{name}: request {i} reads {} keys, more than {}", read[i], bounds[i]);
+        }
+        // Without the mask the same plan options read more than the bound for every request.
+        let unmasked = Plan::build(plain.shape, plain.batch.clone(), &profile, options).expect("plan");
+        let read = read_per_request(&unmasked);
+        for i in (0..lens.len()).filter(|&i| i != 3 || split) {
+            assert!(read[i] > bounds[i], "{name}: without the mask request {i} reads only {} keys", read[i]);
+        }
     }
 }

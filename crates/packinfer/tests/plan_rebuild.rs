@@ -85,7 +85,17 @@ fn batch(lens: &[(u32, u32)], prefix: usize, rng: &mut SmallRng) -> Batch {
             PrefixGroup { prefix_len: (shortest / 2).max(1), members }
         })
         .collect();
-    Batch { qo_indptr: qo, kv_indptr: kv, kv_page_indices: pages, kv_last_page_len: last, page_size: 16, num_pages: 100_000, prefix_groups }
+    Batch {
+        qo_indptr: qo,
+        kv_indptr: kv,
+        kv_page_indices: pages,
+        kv_last_page_len: last,
+        page_size: 16,
+        num_pages: 100_000,
+        prefix_groups,
+        custom_mask: Vec::new(),
+        mask_indptr: Vec::new(),
+    }
 }
 
 fn decodes(n: usize, rng: &mut SmallRng) -> Vec<(u32, u32)> {

@@ -74,6 +74,8 @@ impl CDesc for Case {
             sm_scale: s.sm_scale,
             num_prefix_groups: groups.len() as u32,
             prefix_groups: if groups.is_empty() { std::ptr::null() } else { groups.as_ptr() },
+            custom_mask: if b.mask_indptr.is_empty() { std::ptr::null() } else { b.custom_mask.as_ptr() },
+            mask_indptr: if b.mask_indptr.is_empty() { std::ptr::null() } else { b.mask_indptr.as_ptr() },
         }
     }
 }

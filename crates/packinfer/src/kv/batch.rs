@@ -365,6 +365,8 @@ mod tests {
                 page_size: ps,
                 num_pages: 20_000,
                 prefix_groups: vec![],
+                custom_mask: Vec::new(),
+                mask_indptr: Vec::new(),
             };
             let mut sc = BatchScratch { shareable, ..BatchScratch::default() };
             prefix_groups(&mut batch, ps, &mut Vec::new(), &mut sc);

@@ -249,6 +249,8 @@ mod tests {
             page_size: 1,
             num_pages: 15,
             prefix_groups: vec![],
+            custom_mask: Vec::new(),
+            mask_indptr: Vec::new(),
         };
         // Causal: the queries see 3, 4, 5 and 10 keys.
         assert_eq!(mean_visible_keys(&batch, true), (3.0 + 4.0 + 5.0 + 10.0) / 4.0);

@@ -5,6 +5,7 @@ pub mod adapt;
 
 mod check;
 pub(crate) mod cost;
+mod mask;
 mod schedule;
 pub mod scheduler;
 mod window;
@@ -334,6 +335,8 @@ impl Plan {
                 page_size: 1,
                 num_pages: 0,
                 prefix_groups: Vec::new(),
+                custom_mask: Vec::new(),
+                mask_indptr: Vec::new(),
             },
             options,
             block_m,
@@ -360,6 +363,8 @@ impl Plan {
         b.kv_page_indices.clear();
         b.kv_last_page_len.clear();
         b.prefix_groups.clear();
+        b.custom_mask.clear();
+        b.mask_indptr.clear();
         self.requests.clear();
         self.items.clear();
         self.row_segments.clear();
@@ -461,14 +466,16 @@ impl Plan {
         self.merge_slots.clear();
         let group = self.shape.group_size();
         let tokens_per_tile = (self.block_m / group).max(1);
+        let (causal, window) = (self.batch.applies_causal(self.shape.causal), self.options.window_left);
         for (r, req) in self.requests.iter().enumerate() {
             for kv_head in 0..self.shape.num_kv_heads {
                 let mut q = 0;
                 while q < req.q_len {
                     let count = tokens_per_tile.min(req.q_len - q);
                     let rows = count * group;
-                    let key_end = req.key_limit(q + count - 1, self.shape.causal);
-                    let key_begin = req.key_start(q, self.options.window_left).min(key_end);
+                    let key_end = req.key_limit(q + count - 1, causal);
+                    let key_begin = req.key_start(q, window).min(key_end);
+                    let (key_begin, key_end) = mask::masked_key_span(&self.batch, req, r, q..q + count, window, (key_begin, key_end));
                     let item = WorkItem {
                         kv_head,
                         seg_begin: self.row_segments.len() as u32,
@@ -492,7 +499,7 @@ impl Plan {
     /// share their chunks (the KV-head copies of one piece) are measured once.
     fn measure_items(&mut self, profile: &DeviceProfile) -> WorkTotals {
         let group = self.shape.group_size() as u64;
-        let causal = self.shape.causal;
+        let causal = self.batch.applies_causal(self.shape.causal);
         let window = self.options.window_left;
         // Per chunk_begin: (item cost, useful pairs, computed pairs), measured once.
         let mut measured = schedule::reuse(&mut self.scratch.measured);

@@ -43,11 +43,12 @@
 //! `partial_slot` and `group`.
 
 use super::cost::{chunk_cost, item_cost, min_capacity, sliced_rows, ROW_SLICE};
+use super::mask::masked_key_span;
 use super::{visible_keys, WorkTotals};
 use super::{DeviceProfile, KvChunk, MergeRow, Plan, PlanOptions, RequestInfo, RowSegment, WorkItem, FINAL_OUTPUT};
 use crate::error::Result;
 use crate::invalid;
-use crate::types::{limits, PrefixGroup};
+use crate::types::{limits, Batch, PrefixGroup};
 
 const NO_BUNDLE: u32 = u32::MAX;
 const NO_RUN: u32 = u32::MAX;
@@ -63,6 +64,8 @@ struct Setup<'a> {
     profile: &'a DeviceProfile,
     opts: &'a PlanOptions,
     requests: &'a [RequestInfo],
+    /// The plan's batch (its custom mask trims blocks).
+    batch: &'a Batch,
     /// Query heads per KV head: a token is `group` rows of a tile.
     group: u32,
     block_m: u32,
@@ -87,12 +90,13 @@ impl<'a> Setup<'a> {
             profile,
             opts,
             requests: &plan.requests,
+            batch: &plan.batch,
             group,
             block_m: plan.block_m,
             tokens_per_tile: plan.block_m / group,
             heads: plan.shape.num_kv_heads,
             qo_heads: plan.shape.num_qo_heads,
-            causal: plan.shape.causal,
+            causal: plan.batch.applies_causal(plan.shape.causal),
             window: opts.window_left,
             fixed_split: if opts.deterministic && opts.split_kv { Some(opts.split_keys) } else { None },
         }
@@ -377,9 +381,10 @@ fn bundle_prefixes(s: &Setup, prefix_groups: &[PrefixGroup], sc: &mut Scratch) -
             sharers.clear();
             // Under a sliding window only members whose every query still sees key 0 share:
             // a prefix tile reads the whole prefix, and no key outside a window is read.
+            // With a custom mask none share: a prefix tile would read keys the mask may hide.
             sharers.extend(pg.members.iter().copied().filter(|&m| {
                 let req = &requests[m as usize];
-                req.q_len * group <= ROW_SLICE && req.key_start(req.q_len.saturating_sub(1), s.window) == 0
+                !s.batch.has_custom_mask() && req.q_len * group <= ROW_SLICE && req.key_start(req.q_len.saturating_sub(1), s.window) == 0
             }));
             if len == 0 || sharers.len() < 2 {
                 continue;
@@ -454,6 +459,8 @@ fn row_blocks(s: &Setup, bundles: &Bundles, sc: &mut Scratch) -> Vec<Block> {
                 let key_end = limit.max(key_begin);
                 // Keys before the block's first window are read by none of its rows.
                 let key_begin = key_begin.max(req.key_start(q, s.window)).min(key_end);
+                // Keys the custom mask hides from all its rows are read by none of them.
+                let (key_begin, key_end) = masked_key_span(s.batch, req, r, q..q + count, s.window, (key_begin, key_end));
                 let cost = s.block_cost(count * s.group, key_end - key_begin);
                 blocks.push(Block {
                     request: r as u32,
@@ -742,6 +749,21 @@ fn split_into(
     let in_run = |r: u32| runs.get(r as usize).copied().unwrap_or(false);
     for b in blocks {
         cut_keys(s, capacity, b.key_begin, b.key_end, b.cost, max_pieces.saturating_sub(pieces.len()), ranges)?;
+        if s.batch.has_custom_mask() {
+            // A piece whose keys the mask hides from all the block's rows is no work; the others
+            // shrink to the keys it shows. The block's own range was trimmed likewise, so its
+            // first piece stays, and a block that sees nothing keeps its one empty piece.
+            let req = &s.requests[b.request as usize];
+            let queries = b.q_begin..b.q_begin + b.q_count;
+            let first = ranges.first().copied();
+            ranges.retain_mut(|range| {
+                *range = masked_key_span(s.batch, req, b.request as usize, queries.clone(), s.window, *range);
+                range.0 < range.1
+            });
+            if let (true, Some(first)) = (ranges.is_empty(), first) {
+                ranges.push(first);
+            }
+        }
         let rows = b.q_count * group;
         let run = if in_run(b.request) { b.request } else { NO_RUN };
         if ranges.len() == 1 && s.opts.packing && rows < block_m && run == NO_RUN {
@@ -1252,6 +1274,8 @@ mod tests {
             page_size: 16,
             num_pages: num_pages.max(1),
             prefix_groups,
+            custom_mask: Vec::new(),
+            mask_indptr: Vec::new(),
         };
         shape.validate().unwrap();
         batch.validate(true).unwrap();

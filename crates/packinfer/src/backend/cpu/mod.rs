@@ -327,7 +327,11 @@ struct RowState {
     key_start: u32,
     /// See `key_start`.
     key_limit: u32,
-    q: Vec<f32>,
+    /// The row's request and query in it, for the custom mask.
+    request: u32,
+    /// See `request`.
+    q: u32,
+    qv: Vec<f32>,
     max: f32,
     sum: f32,
     acc: Vec<f32>,
@@ -358,8 +362,10 @@ unsafe fn execute_item(plan: &Plan, item: &WorkItem, args: &RunArgs, out: &Outpu
                 token,
                 head,
                 key_start: req.key_start(q, plan.options.window_left),
-                key_limit: req.key_limit(q, shape.causal),
-                q: qv,
+                key_limit: req.key_limit(q, plan.batch.applies_causal(shape.causal)),
+                request: seg.request,
+                q,
+                qv,
                 max: f32::NEG_INFINITY,
                 sum: 0.0,
                 acc: vec![0.0; d],
@@ -383,10 +389,10 @@ unsafe fn execute_item(plan: &Plan, item: &WorkItem, args: &RunArgs, out: &Outpu
                 }
             }
             for row in &mut rows[chunk.row_begin as usize..chunk.row_end as usize] {
-                if key >= row.key_limit || key < row.key_start {
+                if key >= row.key_limit || key < row.key_start || !plan.batch.mask_allows(row.request as usize, row.q, key) {
                     continue;
                 }
-                let mut s = row.q.iter().zip(&k).map(|(a, b)| a * b).sum::<f32>() * shape.sm_scale;
+                let mut s = row.qv.iter().zip(&k).map(|(a, b)| a * b).sum::<f32>() * shape.sm_scale;
                 if soft_cap > 0.0 {
                     s = soft_cap * (s / soft_cap).tanh();
                 }

@@ -55,6 +55,8 @@ fn synthetic_plan(shape: Shape, rows: u32, keys: u32, num: u32, pool_pages: u32,
         page_size: PAGE,
         num_pages: pool_pages,
         prefix_groups: vec![],
+        custom_mask: Vec::new(),
+        mask_indptr: Vec::new(),
     };
     let mut plan_items = vec![];
     let mut segs = vec![];

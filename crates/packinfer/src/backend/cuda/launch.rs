@@ -500,6 +500,7 @@ impl HostUpload {
     /// the bytes it would copy.
     pub fn update_planned(&mut self, plan: &Plan) -> Result<usize> {
         plan.check_fresh()?;
+        super::check_kernel_batch(&plan.batch)?;
         crate::backend::check_update(&self.shape, self.page_size, &self.capacity, plan)?;
         write_image(&self.layout, self.block_m, plan, &mut self.image)
     }
@@ -822,6 +823,7 @@ impl BoundPlan for CudaBound {
     unsafe fn update_planned(&self, plan: Arc<Plan>, stream: u64) -> Result<()> {
         debug_assert!(plan.check_consistent().is_ok(), "a planned plan fails the consistency check");
         plan.check_fresh()?;
+        super::check_kernel_batch(&plan.batch)?;
         crate::backend::check_update(&self.shape, self.page_size, &self.capacity, &plan)?;
         let mut last = self.last_stream.lock();
         {
@@ -848,6 +850,8 @@ mod tests {
             kv_page_indices: pages,
             page_size,
             prefix_groups: vec![],
+            custom_mask: Vec::new(),
+            mask_indptr: Vec::new(),
         }
     }
 

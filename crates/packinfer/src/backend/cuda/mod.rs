@@ -49,6 +49,18 @@ pub(crate) fn check_kernel_shape(head_dim: u32, dtype: DType) -> Result<()> {
     Ok(())
 }
 
+/// `Unsupported` for a batch the kernels would compute wrongly: one with custom masks (the
+/// kernels do not read them yet; the CPU backend runs them).
+pub(crate) fn check_kernel_batch(batch: &Batch) -> Result<()> {
+    if batch.has_custom_mask() {
+        return Err(crate::unsupported!(
+            "the batch has a custom mask (mask_indptr with {} entries); the CUDA kernels do not apply custom masks yet (the CPU backend does)",
+            batch.mask_indptr.len()
+        ));
+    }
+    Ok(())
+}
+
 /// Opens the CUDA backend on `choice.device_ordinal`.
 pub(crate) fn open(choice: &BackendChoice) -> Result<Arc<dyn Backend>> {
     Ok(Arc::new(CudaBackend::new(choice)?))
@@ -254,6 +266,7 @@ impl CudaBackend {
     ) -> Result<launch::CudaBound> {
         // First: what follows reads the plan's batch, and the kernels trust every index in it.
         plan.check_consistent()?;
+        check_kernel_batch(&plan.batch)?;
         // Head sizes that are no power of two (96, 192) run the context's 8-warp tiles only: the
         // 4-warp d96 kernel faulted on the H100 (docs/performance-log.md#head-dims-96-192).
         let narrow = capacity.is_none()
@@ -420,5 +433,32 @@ impl Backend for CudaBackend {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernels_refuse_a_batch_with_a_custom_mask_by_name() {
+        let mut batch = Batch {
+            qo_indptr: vec![0, 1],
+            kv_indptr: vec![0, 1],
+            kv_page_indices: vec![0],
+            kv_last_page_len: vec![3],
+            page_size: 16,
+            num_pages: 1,
+            prefix_groups: vec![],
+            custom_mask: vec![],
+            mask_indptr: vec![],
+        };
+        check_kernel_batch(&batch).unwrap();
+        batch.custom_mask = vec![0b101];
+        batch.mask_indptr = vec![0, 1];
+        batch.validate(true).unwrap();
+        let e = check_kernel_batch(&batch).unwrap_err();
+        assert!(matches!(e, Error::Unsupported(_)), "{e:?}");
+        assert!(e.to_string().contains("custom mask"), "{e}");
     }
 }

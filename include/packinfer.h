@@ -362,7 +362,7 @@ typedef struct PackinferBatchDesc {
    * A query whose every key is masked gets O = 0 and LSE = -inf. Keys a mask hides from all
    * of a tile's queries are not read. NULL when `mask_indptr` is NULL. The CPU backend runs
    * custom masks; the CUDA backend refuses a batch with one (UNSUPPORTED) until its kernels
-   * apply them. Added in ABI 1's third release: an older struct means no mask.
+   * apply them. Added in ABI 1's second release: an older struct means no mask.
    */
   const uint8_t *custom_mask;
   /**

@@ -178,7 +178,7 @@ pub struct PackinferBatchDesc {
     /// A query whose every key is masked gets O = 0 and LSE = -inf. Keys a mask hides from all
     /// of a tile's queries are not read. NULL when `mask_indptr` is NULL. The CPU backend runs
     /// custom masks; the CUDA backend refuses a batch with one (UNSUPPORTED) until its kernels
-    /// apply them. Added in ABI 1's third release: an older struct means no mask.
+    /// apply them. Added in ABI 1's second release: an older struct means no mask.
     pub custom_mask: *const u8,
     /// NULL (no custom mask) or `[batch_size + 1]` byte offsets into `custom_mask`, from 0;
     /// request i's segment holds exactly ceil(q_len × kv_len / 8) bytes.

@@ -15,7 +15,7 @@ import ctypes
 import os
 import time
 from ctypes import (POINTER, Structure, c_bool, c_char, c_char_p, c_double, c_float, c_int, c_int32, c_int64,
-                    c_size_t, c_uint32, c_uint64, c_void_p)
+                    c_size_t, c_uint8, c_uint32, c_uint64, c_void_p)
 
 ABI_VERSION = 1
 
@@ -69,7 +69,8 @@ class PackinferBatchDesc(Structure):
                 ("page_size", c_uint32), ("num_pages", c_uint32), ("num_qo_heads", c_uint32),
                 ("num_kv_heads", c_uint32), ("head_dim", c_uint32), ("dtype", c_uint32),
                 ("causal", c_bool), ("sm_scale", c_float), ("num_prefix_groups", c_uint32),
-                ("prefix_groups", POINTER(PackinferPrefixGroup))]
+                ("prefix_groups", POINTER(PackinferPrefixGroup)), ("custom_mask", POINTER(c_uint8)),
+                ("mask_indptr", POINTER(c_int32))]
 
 
 class PackinferPlan(Structure):

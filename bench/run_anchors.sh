@@ -33,50 +33,18 @@ PLANNING_S=${PLANNING_S:-45}
 REPORT_S=${REPORT_S:-20}
 log="$out/run.log"
 exec > >(tee -a "$log") 2>&1
-elapsed() { echo $(($(date +%s) - T0)); }
-left_until() { echo $((T0 + $1 - $(date +%s))); }
-say() { echo "== [$(elapsed) s] $*"; }
-
-export PYTHONUNBUFFERED=1 FLASHINFER_CUDA_ARCH_LIST=9.0 TORCH_CUDA_ARCH_LIST=9.0
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PACKINFER_COMMIT=$(cat "$stage/COMMIT" 2>/dev/null || echo unknown)
-export PACKINFER_CACHE_DIR=/tmp/packinfer_kernels
-export FLASHINFER_WORKSPACE_BASE=/tmp/flashinfer_ws
-export PACKINFER_WARM_DIR=/tmp/packinfer_warm PACKINFER_WARM_BUDGET_S=$WARM_BUDGET_S
-export PACKINFER_WARM_DEADLINE=$((T0 + WARM_BUDGET_S))
+. "$bench/anchors_env.sh"
 export PACKINFER_ANCHORS_MANIFEST="$stage/anchors/MANIFEST.json"
 export PACKINFER_ANCHORS_END=$((T0 + BUDGET_S - PLANNING_S - REPORT_S))
 trace="$stage/azure_llm_2023_code.csv"
 lib="$stage/libpackinfer.so"
-A=/tmp/anchors
-rm -rf "$A" /tmp/packinfer_bench "$PACKINFER_WARM_DIR"
-mkdir -p "$A" "$PACKINFER_WARM_DIR" "$FLASHINFER_WORKSPACE_BASE"
+rm -rf /tmp/packinfer_bench
 
 say "packinfer anchors bench, commit $PACKINFER_COMMIT, $(date -u +%FT%TZ)"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv 2>&1
 nproc
 [ -f "$stage/anchors/MANIFEST.json" ] && cat "$stage/anchors/MANIFEST.json"
-for part in flashinfer flashinfer-old common pydeps fa3; do
-  mkdir -p "$A/$part"
-  if [ -f "$stage/anchors/$part.tar.xz" ]; then
-    tar -xJf "$stage/anchors/$part.tar.xz" -C "$A/$part" || echo "unpack of $part.tar.xz failed (rc $?)"
-  else
-    echo "anchors/$part.tar.xz not staged"
-  fi
-done
-say "unpacked: $(du -sh $A | cut -f1)"
-export PACKINFER_PYDEPS=$A/pydeps
-fi_site=""
-for cand in flashinfer flashinfer-old; do
-  say "probe $cand"
-  if PYTHONPATH="$A/$cand:$A/common:$A/fa3" timeout 120 python3 "$bench/anchors.py" probe; then
-    fi_site=$A/$cand
-    break
-  fi
-done
-[ -n "$fi_site" ] || { echo "no FlashInfer imports: FlashInfer is recorded as not run"; fi_site=$A/flashinfer; }
-export PACKINFER_FLASHINFER_SITE=$fi_site
-export PYTHONPATH="$fi_site:$A/common:$A/fa3${PYTHONPATH:+:$PYTHONPATH}"
+anchors_unpack
 python3 -c "import sys; print('sys.path:', sys.path)"
 
 # FlashInfer JIT builds, in the background.

@@ -30,37 +30,11 @@ CONTENDERS=${CONTENDERS:-packinfer,flashinfer,fa3,fa2}
 TRACE=${TRACE:-$stage/azure_llm_2023_code.csv}
 log="$out/run.log"
 exec > >(tee -a "$log") 2>&1
-elapsed() { echo $(($(date +%s) - T0)); }
-left_until() { echo $((T0 + $1 - $(date +%s))); }
-say() { echo "== [$(elapsed) s] $*"; }
-
-export PYTHONUNBUFFERED=1 FLASHINFER_CUDA_ARCH_LIST=9.0 TORCH_CUDA_ARCH_LIST=9.0
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PACKINFER_COMMIT=$(cat "$stage/COMMIT" 2>/dev/null || echo unknown)
-export PACKINFER_CACHE_DIR=/tmp/packinfer_kernels
-export FLASHINFER_WORKSPACE_BASE=/tmp/flashinfer_ws
-export PACKINFER_WARM_DIR=/tmp/packinfer_warm PACKINFER_WARM_BUDGET_S=$WARM_BUDGET_S
-export PACKINFER_WARM_DEADLINE=$((T0 + WARM_BUDGET_S))
-A=/tmp/anchors
-rm -rf "$A" "$PACKINFER_WARM_DIR"
-mkdir -p "$A" "$PACKINFER_WARM_DIR" "$FLASHINFER_WORKSPACE_BASE"
+. "$bench/anchors_env.sh"
 
 say "replay vs anchors, commit $PACKINFER_COMMIT, $(date -u +%FT%TZ)"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
-for part in flashinfer flashinfer-old common pydeps fa3; do
-  mkdir -p "$A/$part"
-  [ -f "$stage/anchors/$part.tar.xz" ] && tar -xJf "$stage/anchors/$part.tar.xz" -C "$A/$part"
-done
-export PACKINFER_PYDEPS=$A/pydeps
-fi_site=$A/flashinfer
-for cand in flashinfer flashinfer-old; do
-  if PYTHONPATH="$A/$cand:$A/common:$A/fa3" timeout 120 python3 "$bench/anchors.py" probe; then
-    fi_site=$A/$cand
-    break
-  fi
-done
-export PACKINFER_FLASHINFER_SITE=$fi_site
-export PYTHONPATH="$fi_site:$A/common:$A/fa3${PYTHONPATH:+:$PYTHONPATH}"
+anchors_unpack
 
 # The two FlashInfer modules the replay uses, built while the replay runs.
 (

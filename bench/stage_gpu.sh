@@ -25,7 +25,7 @@ rm -rf "$stage/wheels"  # the FlashInfer 0.2.14 wheel of older stages
 [ -f "$stage/anchors/MANIFEST.json" ] && [ -z "${REFETCH_ANCHORS:-}" ] || bash "$root/bench/fetch_anchors.sh" "$stage/anchors"
 rm -rf "$stage/bench"
 mkdir -p "$stage/bench"
-cp "$root"/bench/*.py "$root"/bench/run_gpu.sh "$root"/bench/run_anchors.sh "$root"/bench/run_replay_anchors.sh "$stage/bench/"
+cp "$root"/bench/*.py "$root"/bench/run_gpu.sh "$root"/bench/run_anchors.sh "$root"/bench/run_replay_anchors.sh "$root"/bench/anchors_env.sh "$stage/bench/"
 cp "$lib" "$stage/libpackinfer.so"
 strip --strip-debug "$stage/libpackinfer.so" 2>/dev/null || true
 # The replay tool, for run_replay_anchors.sh (issue 19); built with the library above, or from

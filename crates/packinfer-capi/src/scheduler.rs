@@ -14,8 +14,9 @@ use super::pool::{zip_requests, PackinferPool, POOLS};
 use super::types::{PackinferContext, PackinferPlan, PackinferPlanOptions};
 use super::{guard, options, write_out, PackinferStatus};
 use packinfer::invalid;
-use packinfer::kv::KvPool;
+use packinfer::kv::{KvPool, SeqId};
 use packinfer::plan::scheduler::{RelayoutPolicy, Scheduler, SchedulerOptions, StepDecision, StepTimes};
+use packinfer::plan::PlanOptions;
 
 struct SchedulerState {
     pool: Arc<KvPool>,
@@ -289,18 +290,10 @@ pub unsafe extern "C" fn packinfer_scheduler_plan(
     step: *mut PackinferSchedulerStep,
 ) -> PackinferStatus {
     guard("packinfer_scheduler_plan", || {
-        CONTEXTS.get(context.bits)?;
-        let state = SCHEDULERS.get(scheduler.bits)?;
-        // SAFETY: both arrays have `n` entries (this function's contract).
-        let requests = unsafe { zip_requests("seq_ids", seq_ids, "num_new_tokens", num_new_tokens, n)? };
-        // SAFETY: non-null `plan_options` are initialized (this function's contract).
-        let plan_options = unsafe { super::api::plan_options(plan_options)? };
+        // SAFETY: this function's contract is step_args'.
+        let (state, requests, plan_options) = unsafe { step_args(scheduler, context, seq_ids, num_new_tokens, n, plan_options, step)? };
         if out.is_null() {
             return Err(invalid!("out is a null pointer"));
-        }
-        if !step.is_null() {
-            // SAFETY: a non-null `step` has its struct_size set (this function's contract).
-            unsafe { super::check_out("step", step)? };
         }
         let (plan, d) = state.scheduler.lock().step(&state.pool, &requests, plan_options, stream as u64)?;
         // SAFETY: `out` is writable (this function's contract).
@@ -331,22 +324,45 @@ pub unsafe extern "C" fn packinfer_scheduler_plan_update(
     step: *mut PackinferSchedulerStep,
 ) -> PackinferStatus {
     guard("packinfer_scheduler_plan_update", || {
-        CONTEXTS.get(context.bits)?;
-        let state = SCHEDULERS.get(scheduler.bits)?;
+        // SAFETY: this function's contract is step_args'.
+        let (state, requests, plan_options) = unsafe { step_args(scheduler, context, seq_ids, num_new_tokens, n, plan_options, step)? };
         let cell = PLANS.get(plan.bits)?;
-        // SAFETY: both arrays have `n` entries (this function's contract).
-        let requests = unsafe { zip_requests("seq_ids", seq_ids, "num_new_tokens", num_new_tokens, n)? };
-        // SAFETY: non-null `plan_options` are initialized (this function's contract).
-        let plan_options = unsafe { super::api::plan_options(plan_options)? };
-        if !step.is_null() {
-            // SAFETY: a non-null `step` has its struct_size set (this function's contract).
-            unsafe { super::check_out("step", step)? };
-        }
         let mut scheduler = state.scheduler.lock();
         let d = cell.update_into(|p| scheduler.step_into(&state.pool, &requests, plan_options, stream as u64, p))?;
         // SAFETY: `step` is NULL or checked above.
         unsafe { write_step(step, &d) }
     })
+}
+
+/// A step's checked arguments: the scheduler, its requests (sequence, new tokens), plan options.
+type StepArgs = (Arc<SchedulerState>, Vec<(SeqId, u32)>, PlanOptions);
+
+/// What both scheduler plan calls check and convert: the handles, the step's requests, the plan
+/// options and the `step` out-struct's size.
+///
+/// # Safety
+/// Arrays of `n` entries; `plan_options` NULL or initialized; `step` NULL or a struct with
+/// `struct_size` set.
+unsafe fn step_args(
+    scheduler: PackinferScheduler,
+    context: PackinferContext,
+    seq_ids: *const u64,
+    num_new_tokens: *const u32,
+    n: u32,
+    plan_options: *const PackinferPlanOptions,
+    step: *mut PackinferSchedulerStep,
+) -> packinfer::Result<StepArgs> {
+    CONTEXTS.get(context.bits)?;
+    let state = SCHEDULERS.get(scheduler.bits)?;
+    // SAFETY: both arrays have `n` entries (this function's contract).
+    let requests = unsafe { zip_requests("seq_ids", seq_ids, "num_new_tokens", num_new_tokens, n)? };
+    // SAFETY: non-null `plan_options` are initialized (this function's contract).
+    let plan_options = unsafe { super::api::plan_options(plan_options)? };
+    if !step.is_null() {
+        // SAFETY: a non-null `step` has its struct_size set (this function's contract).
+        unsafe { super::check_out("step", step)? };
+    }
+    Ok((state, requests, plan_options))
 }
 
 /// Writes what a step decided to `step` (NULL: nothing).

@@ -142,12 +142,21 @@ pub struct StepRecord {
     pub work_digest: u64,
 }
 
+impl StepRecord {
+    /// Everything the engine waited for in this step: planning, the launch update, KV writes,
+    /// relayout copies and the attention of every layer.
+    pub fn total_s(&self) -> f64 {
+        self.plan_s + self.bind_s + self.kv_write_s + self.relayout_s + self.attention_s
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct RunResult {
     pub steps: Vec<StepRecord>,
-    /// Attention time from arrival to first token, per request that produced one.
+    /// Step time (all library costs, `StepRecord::total_s`) from arrival to first token, per
+    /// request that produced one.
     pub ttft_s: Vec<f64>,
-    /// Attention time between consecutive tokens of a request.
+    /// Step time (all library costs) between consecutive tokens of a request.
     pub tbt_s: Vec<f64>,
     pub generated_tokens: u64,
     pub prefill_tokens: u64,
@@ -570,7 +579,7 @@ impl<'a> Engine<'a> {
         // Every request in the system waited for this step.
         for (r, st) in state.iter().enumerate() {
             if matches!(st, State::Waiting | State::Running { .. }) {
-                self.since_token[r] += rec.attention_s;
+                self.since_token[r] += rec.total_s();
             }
         }
         let result = &mut self.result;

@@ -360,9 +360,10 @@ typedef struct PackinferBatchDesc {
    * the query see the key. With a mask the causal mask is NOT applied (`causal` is ignored;
    * the mask replaces it, as in FlashInfer); the sliding window and the soft-cap still apply.
    * A query whose every key is masked gets O = 0 and LSE = -inf. Keys a mask hides from all
-   * of a tile's queries are not read. NULL when `mask_indptr` is NULL. The CPU backend runs
-   * custom masks; the CUDA backend refuses a batch with one (UNSUPPORTED) until its kernels
-   * apply them. Added in ABI 1's second release: an older struct means no mask.
+   * of a tile's queries are not read. NULL when `mask_indptr` is NULL. Both backends
+   * apply custom masks (CUDA: up to 2^32 mask bits; a launch made with a
+   * capacity needs room for them, `PackinferLaunchCapacity::max_custom_mask_bytes`). Added in
+   * ABI 1's second release: an older struct means no mask.
    */
   const uint8_t *custom_mask;
   /**
@@ -438,6 +439,15 @@ typedef struct PackinferLaunchCapacity {
    * Partial slots (they size the scratch).
    */
   uint32_t max_partial_slots;
+  /**
+   * Bytes of custom mask (`custom_mask` of the batch description). Added in ABI 1's second
+   * release: an older struct means the first plan's.
+   */
+  uint32_t max_custom_mask_bytes;
+  /**
+   * Query tokens of a step that carries a custom mask. Added in ABI 1's second release.
+   */
+  uint32_t max_masked_query_tokens;
 } PackinferLaunchCapacity;
 
 /**

@@ -264,6 +264,8 @@ struct LaunchCapacity {
   uint32_t max_merge_slots = 0;
   uint32_t max_groups = 0;
   uint32_t max_partial_slots = 0;
+  uint32_t max_custom_mask_bytes = 0;    // bytes of custom_mask
+  uint32_t max_masked_query_tokens = 0;  // query tokens of a step with a custom mask
 };
 
 // The C struct, as is: what the planner did (num_groups, tile_utilization, scratch_bytes, ...).
@@ -538,6 +540,8 @@ class Context {
     c.max_merge_slots = capacity.max_merge_slots;
     c.max_groups = capacity.max_groups;
     c.max_partial_slots = capacity.max_partial_slots;
+    c.max_custom_mask_bytes = capacity.max_custom_mask_bytes;
+    c.max_masked_query_tokens = capacity.max_masked_query_tokens;
     PackinferLaunch h{};
     detail::check(packinfer_launch_create_with_capacity(h_.get(), plan.handle(), &o, &c, stream, &h));
     return Launch(h);

@@ -176,9 +176,10 @@ pub struct PackinferBatchDesc {
     /// the query see the key. With a mask the causal mask is NOT applied (`causal` is ignored;
     /// the mask replaces it, as in FlashInfer); the sliding window and the soft-cap still apply.
     /// A query whose every key is masked gets O = 0 and LSE = -inf. Keys a mask hides from all
-    /// of a tile's queries are not read. NULL when `mask_indptr` is NULL. The CPU backend runs
-    /// custom masks; the CUDA backend refuses a batch with one (UNSUPPORTED) until its kernels
-    /// apply them. Added in ABI 1's second release: an older struct means no mask.
+    /// of a tile's queries are not read. NULL when `mask_indptr` is NULL. Both backends
+    /// apply custom masks (CUDA: up to 2^32 mask bits; a launch made with a
+    /// capacity needs room for them, `PackinferLaunchCapacity::max_custom_mask_bytes`). Added in
+    /// ABI 1's second release: an older struct means no mask.
     pub custom_mask: *const u8,
     /// NULL (no custom mask) or `[batch_size + 1]` byte offsets into `custom_mask`, from 0;
     /// request i's segment holds exactly ceil(q_len × kv_len / 8) bytes.
@@ -364,6 +365,11 @@ pub struct PackinferLaunchCapacity {
     pub max_groups: u32,
     /// Partial slots (they size the scratch).
     pub max_partial_slots: u32,
+    /// Bytes of custom mask (`custom_mask` of the batch description). Added in ABI 1's second
+    /// release: an older struct means the first plan's.
+    pub max_custom_mask_bytes: u32,
+    /// Query tokens of a step that carries a custom mask. Added in ABI 1's second release.
+    pub max_masked_query_tokens: u32,
 }
 
 super::versioned!(
@@ -495,5 +501,5 @@ super::versioned!(
         max_merge_slots,
         max_groups,
         max_partial_slots
-    ]
+    ][max_custom_mask_bytes, max_masked_query_tokens]
 );

@@ -113,7 +113,9 @@ packed_attention(const __grid_constant__ KernelParams p) {
             const u32 lim0 = sm.rows[r0].key_limit, lim1 = sm.rows[r1].key_limit;
             // The rows' first visible keys (sliding window) and the run's soft-cap, read where they
             // are used: kept in registers for the whole item they made the kernel spill.
-            auto score_mod = [&]() { return ScoreMod{sm.rows[r0].key_start, sm.rows[r1].key_start, p.softcap_in, p.softcap_out}; };
+            auto score_mod = [&]() {
+                return ScoreMod{sm.rows[r0].key_start, sm.rows[r1].key_start, p.softcap_in, p.softcap_out, p.mask, p.mask_bit0, sm.rows, r0, r1};
+            };
 
             for (u32 ci = 0; ci < item.chunk_count; ++ci) {
                 const KvRange ch = ci == 0 ? ch0 : p.chunks[item.chunk_begin + ci];

@@ -69,3 +69,9 @@
 #undef PI_QO_TMA
 #define PI_QO_TMA 0
 #endif
+
+// Custom masks (mask.cuh): the plain kernel's masked variant (-DPI_CUSTOM_MASK=1 from the host).
+// The other kernels leave the mask code out, so their registers are what they were without it.
+#ifndef PI_CUSTOM_MASK
+#define PI_CUSTOM_MASK 0
+#endif

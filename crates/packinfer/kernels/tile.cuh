@@ -15,13 +15,6 @@ __device__ __forceinline__ int swz(int row, int chunk) {
     return (chunk >> 3) * (ROWS * 64) + row * 64 + (((chunk & 7) ^ (row & 7)) << 3);
 }
 
-struct RowInfo {
-    i64 q_offset;  // element offset of the row's query vector (token, head)
-    u32 token, head;
-    u32 key_limit;  // keys >= key_limit of the row's request are masked; 0 for rows past num_rows
-    u32 key_start;  // keys < key_start are masked too (the sliding window; 0 without one)
-};
-
 // Key -> (page, slot) by a multiply and a shift (Granlund and Montgomery's division by an
 // invariant: with l = ceil(log2 size) and magic = ceil(2^(31 + l) / size) < 2^32, key / size ==
 // (key * magic) >> (31 + l) == umulhi(2 key, magic) >> l for every key < 2^31). A division per

@@ -42,6 +42,8 @@ fn main() {
         window_and_soft_cap_on_every_kernel,
         soft_cap_is_taken_from_each_run,
         head_dims_96_and_192_long_and_split,
+        custom_masks_on_every_kernel,
+        custom_masks_through_capacity_updates,
     ]);
 }
 
@@ -1017,4 +1019,87 @@ fn head_dims_96_and_192_long_and_split() {
         done.push((case, o, lse, format!("head_dim {head_dim} case {i}: {spec:?}")));
     }
     check_all(done);
+}
+
+/// Custom masks (tree speculative decoding) on every kernel a masked plan can meet: the plain
+/// kernel (mixed batches with decodes, splits, deterministic plans), a warp-specialised launch
+/// (which runs masked plans on its plain kernel, without TMA) and the short-prefill one; masks
+/// of several densities with fully masked rows, some with a window and a soft-cap, against the
+/// f64 reference.
+fn custom_masks_on_every_kernel() {
+    let mut done = Vec::new();
+    for kernel in ["plain", "warp-specialised", "short"] {
+        // Read when a context opens; the GPU suite runs one test at a time.
+        if kernel == "warp-specialised" {
+            std::env::set_var("PACKINFER_WARP_SPECIALIZED", "1");
+        }
+        let cu = backend("custom_masks_on_every_kernel");
+        std::env::remove_var("PACKINFER_WARP_SPECIALIZED");
+        let Some(cu) = cu else { return };
+        let mut r = rng(0x3a5c ^ kernel.len() as u64);
+        for i in 0..16u32 {
+            let spec = cycled_spec(i);
+            let lens: Vec<(u32, u32)> = match kernel {
+                "plain" => (0..r.random_range(2..7))
+                    .map(|_| {
+                        let q = if r.random_bool(0.5) { r.random_range(1..9) } else { r.random_range(1..200u32) };
+                        (q, q + r.random_range(0..3000))
+                    })
+                    .collect(),
+                "warp-specialised" => {
+                    (0..r.random_range(1..3)).map(|_| (r.random_range(300..800u32), r.random_range(1500..2500u32))).collect()
+                }
+                _ => (0..r.random_range(3..16)).map(|_| r.random_range(1..200u32)).map(|q| (q, q)).collect(),
+            };
+            let window = [None, Some(100), None, Some(1024)][i as usize % 4];
+            let cap = [0.0, 30.0, 0.0][i as usize % 3];
+            let density = [0.5, 0.95, 0.05, 1.0][i as usize % 4];
+            let case = Case::build_with(&mut r, &spec, &lens, vec![], kernel == "plain").with_features(window, cap).with_random_mask(
+                &mut r,
+                density,
+                i % 3 == 0,
+            );
+            let profile = if kernel == "short" { cu.profile_for(&case.shape, &case.batch) } else { cu.profile() };
+            let options = case.plan_options(if i % 4 == 3 {
+                PlanOptions { deterministic: true, split_keys: 512, ..PlanOptions::default() }
+            } else {
+                PlanOptions::default()
+            });
+            let plan = Plan::build(case.shape, case.batch.clone(), &profile, options).unwrap();
+            let ctx = format!("{kernel} {i}: mask density {density}, window {window:?}, cap {cap}, {spec:?}, lens {lens:?}");
+            let (o, lse) = run_plan_inspected(&cu, &case, plan, |bound, args| {
+                assert!(!bound.copies_kv_by_tma(args).unwrap(), "{ctx}: a masked plan was run with K/V by TMA");
+            });
+            done.push((case, o, lse, ctx));
+        }
+    }
+    check_all(done);
+}
+
+/// A launch sized for masks (LaunchCapacity's mask bytes and masked query tokens) takes masked
+/// and unmasked plans in turn, each checked against the reference; one sized without masks
+/// refuses a masked plan by naming the count.
+fn custom_masks_through_capacity_updates() {
+    let Some(cu) = backend("custom_masks_through_capacity_updates") else { return };
+    let mut r = rng(0x3a5d);
+    let spec = cycled_spec(0);
+    let lens = [(4, 900), (1, 30), (16, 400), (8, 8)];
+    let plain = Case::build(&mut r, &spec, &lens, vec![]);
+    let masked = Case::build(&mut r, &spec, &lens, vec![]).with_random_mask(&mut r, 0.6, true);
+    let plan = |c: &Case| Plan::build(c.shape, c.batch.clone(), &cu.profile(), PlanOptions::default()).unwrap();
+    let unmasked_only = testing::bind_cuda(&cu, Arc::new(plan(&plain)), 0, None, None).expect("bind");
+    let err = unmasked_only.update(Arc::new(plan(&masked)), 0).unwrap_err();
+    assert!(err.to_string().contains("custom mask bytes"), "{err}");
+    let cap = LaunchCapacity::of(&plan(&plain)).max(&LaunchCapacity::of(&plan(&masked)));
+    let bound = cu.bind_with_capacity(Arc::new(plan(&plain)), 0, None, &cap).unwrap();
+    let dcase = DeviceCase::for_case(&cu, &masked);
+    for (step, case) in [&masked, &plain, &masked].into_iter().enumerate() {
+        dcase.load(&cu, case);
+        bound.update(Arc::new(plan(case)), 0).unwrap();
+        // SAFETY: the device copies of the case's tensors, alive until after the stream is synced.
+        unsafe { bound.run(&dcase.args(case, 0)) }.expect("run");
+        sync_stream(testing::device(&cu), 0).expect("kernels failed");
+        let (o, lse) = dcase.outputs(&cu, case);
+        check(case, &o, &lse, &format!("step {step}, masked {}", case.batch.has_custom_mask()));
+    }
 }

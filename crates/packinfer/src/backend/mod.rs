@@ -147,6 +147,10 @@ pub struct LaunchCapacity {
     pub groups: u32,
     /// Partial slots (they size the scratch).
     pub partial_slots: u32,
+    /// Bytes of custom mask (0 when plans carry none).
+    pub mask_bytes: u32,
+    /// Query tokens of a step with a custom mask (the kernels keep one mask offset per token).
+    pub mask_queries: u32,
 }
 
 impl LaunchCapacity {
@@ -162,6 +166,8 @@ impl LaunchCapacity {
             merge_slots: plan.merge_slots.len() as u32,
             groups: plan.items.last().map(|i| i.group + 1).unwrap_or(0),
             partial_slots: plan.num_partial_slots(),
+            mask_bytes: plan.batch.custom_mask.len() as u32,
+            mask_queries: if plan.batch.has_custom_mask() { plan.batch.total_q() } else { 0 },
         }
     }
 
@@ -177,6 +183,8 @@ impl LaunchCapacity {
             merge_slots: self.merge_slots.max(o.merge_slots),
             groups: self.groups.max(o.groups),
             partial_slots: self.partial_slots.max(o.partial_slots),
+            mask_bytes: self.mask_bytes.max(o.mask_bytes),
+            mask_queries: self.mask_queries.max(o.mask_queries),
         }
     }
 
@@ -193,6 +201,8 @@ impl LaunchCapacity {
             ("merge slots", need.merge_slots, self.merge_slots),
             ("groups", need.groups, self.groups),
             ("partial slots", need.partial_slots, self.partial_slots),
+            ("custom mask bytes", need.mask_bytes, self.mask_bytes),
+            ("masked query tokens", need.mask_queries, self.mask_queries),
         ];
         for (what, n, cap) in pairs {
             if n > cap {

@@ -101,11 +101,16 @@ pub enum Variant {
     /// than they compute; faster on them than the plain 4-warp kernel it replaced
     /// (docs/performance-log.md#short-prefill-ctas).
     ShortPrefill,
+    /// The plain kernel that also applies custom masks (`PI_CUSTOM_MASK`): a launch whose plans
+    /// may carry masks runs it for them. Built apart so the other kernels' code, and their
+    /// registers, are what they were without masks (the mask test made the plain 8-warp kernel
+    /// spill).
+    Masked,
 }
 
 impl Variant {
-    pub fn all() -> [Variant; 3] {
-        [Variant::Plain, Variant::WarpSpecialized, Variant::ShortPrefill]
+    pub fn all() -> [Variant; 4] {
+        [Variant::Plain, Variant::WarpSpecialized, Variant::ShortPrefill, Variant::Masked]
     }
 }
 
@@ -137,6 +142,7 @@ impl Unit {
                     Variant::Plain => "",
                     Variant::WarpSpecialized => "-ws",
                     Variant::ShortPrefill => "-short",
+                    Variant::Masked => "-mask",
                 };
                 format!("attention-d{head_dim}-{}-w{warps}{suffix}", dtype.name())
             }
@@ -168,6 +174,7 @@ impl Unit {
     /// head_dim <= 128; the short-prefill kernel with 4 warps), else the plain kernel.
     pub fn variant_on(&self, arch: &str) -> Variant {
         match *self {
+            Unit::Attention { variant: Variant::Masked, .. } => Variant::Masked,
             Unit::Attention { head_dim, warps, variant, .. } => {
                 let exists = arch == "sm_90a"
                     && wgmma_head_dim(head_dim)
@@ -275,6 +282,7 @@ impl Unit {
                 format!("-DPI_SMEM_BYTES={}", self.smem_struct_bytes(arch)),
                 format!("-DPI_WS={}", self.warp_specialized(arch) as u32),
                 format!("-DPI_QO_TMA={}", self.qo_tma(arch) as u32),
+                format!("-DPI_CUSTOM_MASK={}", (self.variant_on(arch) == Variant::Masked) as u32),
             ],
             Unit::Kv => vec![],
         }

@@ -106,8 +106,12 @@ pub struct KernelParams {
     pub softcap_in: f32,
     /// `cap / sm_scale`.
     pub softcap_out: f32,
+    /// Device address of the plan's custom mask bits, or 0 without a custom mask.
+    pub mask: u64,
+    /// Device address of, per query token of the step, the mask bit of (that query, key 0).
+    pub mask_bit0: u64,
     /// Zero; keeps the TMA maps 64-byte aligned without padding.
-    pub reserved: [u32; 14],
+    pub reserved: [u32; 10],
     /// TMA descriptor of K's rows (with `FLAG_KV_TMA`).
     pub k_map: TensorMap,
     /// TMA descriptor of V's rows (with `FLAG_KV_TMA`).
@@ -326,6 +330,8 @@ struct Layout {
     group_offsets: usize,
     merges: usize,
     merge_slots: usize,
+    mask: usize,
+    mask_bit0: usize,
     total: usize,
 }
 
@@ -346,7 +352,9 @@ impl Layout {
         let group_offsets = take((c.groups as usize + 1) * 4);
         let merges = take(c.merge_rows as usize * std::mem::size_of::<MergeRow>());
         let merge_slots = take(c.merge_slots as usize * 4);
-        Layout { group_counter, items, segments, chunks, pages, group_offsets, merges, merge_slots, total: at }
+        let mask = take(c.mask_bytes as usize);
+        let mask_bit0 = take(c.mask_queries as usize * 4);
+        Layout { group_counter, items, segments, chunks, pages, group_offsets, merges, merge_slots, mask, mask_bit0, total: at }
     }
 }
 
@@ -378,6 +386,8 @@ fn write_image(layout: &Layout, block_m: u32, plan: &Plan, img: &mut [u8]) -> Re
     }
     let s = &plan.shape;
     let l = layout;
+    // A custom mask replaces the causal one (Batch::applies_causal).
+    let causal = plan.batch.applies_causal(s.causal);
     // check_consistent has checked that items are sorted by group, every group below the number
     // of items: group g's items start at the first item of a group >= g.
     let groups = plan.items.last().map(|i| i.group + 1).unwrap_or(0);
@@ -388,7 +398,7 @@ fn write_image(layout: &Layout, block_m: u32, plan: &Plan, img: &mut [u8]) -> Re
         num_slots: plan.num_partial_slots(),
         group_size: s.group_size(),
         page_size: plan.batch.page_size,
-        causal: s.causal as u32,
+        causal: causal as u32,
         window_left: plan.options.window_left.unwrap_or(NO_WINDOW),
         sm_scale_log2: s.sm_scale * std::f32::consts::LOG2_E,
         reserved2: [0; 3],
@@ -416,13 +426,26 @@ fn write_image(layout: &Layout, block_m: u32, plan: &Plan, img: &mut [u8]) -> Re
     put_each(
         img,
         l.segments,
-        plan.row_segments.iter().map(|sg| SegmentInfo::of(sg, &plan.requests[sg.request as usize], s.causal, windowed)),
+        plan.row_segments.iter().map(|sg| SegmentInfo::of(sg, &plan.requests[sg.request as usize], causal, windowed)),
     );
     put_each(img, l.chunks, plan.kv_chunks.iter().map(|c| KvRange::of(c, &plan.requests[c.request as usize], &plan.batch)));
     put(img, l.pages, &plan.batch.kv_page_indices);
     put(img, l.merges, &plan.merges);
     put(img, l.merge_slots, &plan.merge_slots);
-    Ok(l.merge_slots + plan.merge_slots.len() * 4)
+    if !plan.batch.has_custom_mask() {
+        return Ok(l.merge_slots + plan.merge_slots.len() * 4);
+    }
+    put(img, l.mask, &plan.batch.custom_mask);
+    // Per query token, the bit of (its query, key 0): mask_indptr is in bytes, each query a row
+    // of kv_len bits (check_kernel_batch has bounded them to 32 bits).
+    for (r, req) in plan.requests.iter().enumerate() {
+        let first = plan.batch.mask_indptr[r] as u32 * 8;
+        let at = l.mask_bit0 + req.q_start as usize * 4;
+        for (q, d) in img[at..at + req.q_len as usize * 4].chunks_exact_mut(4).enumerate() {
+            d.copy_from_slice(&(first + q as u32 * req.kv_len).to_ne_bytes());
+        }
+    }
+    Ok(l.mask_bit0 + plan.batch.total_q() as usize * 4)
 }
 
 /// What a run checks of the plan uploaded last, kept instead of the plan itself: the launch
@@ -430,12 +453,19 @@ fn write_image(layout: &Layout, block_m: u32, plan: &Plan, img: &mut [u8]) -> Re
 struct Uploaded {
     total_q: u32,
     pages: usize,
+    /// The plan has a custom mask: runs pass the kernels its bits and take the plain kernel.
+    masked: bool,
     pool_layout: Option<LayoutStamp>,
 }
 
 impl Uploaded {
     fn of(plan: &Plan) -> Uploaded {
-        Uploaded { total_q: plan.batch.total_q(), pages: plan.batch.kv_page_indices.len(), pool_layout: plan.pool_layout.clone() }
+        Uploaded {
+            total_q: plan.batch.total_q(),
+            pages: plan.batch.kv_page_indices.len(),
+            masked: plan.batch.has_custom_mask(),
+            pool_layout: plan.pool_layout.clone(),
+        }
     }
 }
 
@@ -517,6 +547,18 @@ enum ScratchMem {
     Caller(Scratch),
 }
 
+/// The attention kernels a launch runs: the one chosen for its first plan, and the ones a run
+/// may need instead.
+pub(super) struct Kernels {
+    pub chosen: Arc<LoadedAttention>,
+    /// The plain kernel of the same tile size, run instead of a warp-specialised `chosen` when
+    /// the caller's cache has no row view for TMA (its cp.async producer is slow).
+    pub plain: Option<Arc<LoadedAttention>>,
+    /// The masked plain kernel of the same tile size, for plans with a custom mask; present when
+    /// the launch's capacity has room for masks.
+    pub masked: Option<Arc<LoadedAttention>>,
+}
+
 /// A plan bound to the CUDA backend (what `Backend::bind` returns, as its concrete type).
 pub struct CudaBound {
     /// The shape and page size of the plan the launch was created with: the launch's.
@@ -525,9 +567,9 @@ pub struct CudaBound {
     /// The plan uploaded last (by `new` or `update`), as far as `run` checks it.
     current: Mutex<Uploaded>,
     kernels: Arc<LoadedAttention>,
-    /// The plain kernel of the same tile size, run instead of a warp-specialised `kernels`
-    /// when the caller's cache has no row view for TMA (its cp.async producer is slow).
+    /// See `Kernels`.
     plain: Option<Arc<LoadedAttention>>,
+    masked: Option<Arc<LoadedAttention>>,
     capacity: LaunchCapacity,
     layout: Layout,
     buffer: DeviceBuffer,
@@ -546,13 +588,13 @@ pub struct CudaBound {
 impl CudaBound {
     pub(super) fn new(
         shared: Arc<Shared>,
-        kernels: Arc<LoadedAttention>,
-        plain: Option<Arc<LoadedAttention>>,
+        kernels: Kernels,
         plan: Arc<Plan>,
         stream: u64,
         scratch: Option<Scratch>,
         capacity: &LaunchCapacity,
     ) -> Result<CudaBound> {
+        let Kernels { chosen: kernels, plain, masked } = kernels;
         let shape = &plan.shape;
         let capacity = capacity.max(&LaunchCapacity::of(&plan));
         let layout = Layout::new(&capacity);
@@ -575,6 +617,7 @@ impl CudaBound {
             current: Mutex::new(Uploaded::of(&plan)),
             kernels,
             plain,
+            masked,
             capacity,
             layout,
             buffer,
@@ -700,8 +743,11 @@ impl CudaBound {
                 (o_map, flags) = (m, flags | FLAG_O_TMA);
             }
         }
+        let masked = self.current.lock().masked;
         let (mut k_map, mut v_map) = (TensorMap::default(), TensorMap::default());
-        if self.kernels.warp_specialized && flags & FLAG_KV_VEC != 0 {
+        // Without the TMA flag a warp-specialised launch runs its plain kernel, the one that
+        // applies custom masks.
+        if self.kernels.warp_specialized && flags & FLAG_KV_VEC != 0 && !masked {
             let s = &self.shape;
             let map = |base| kv_tensor_map(base, kv, self.page_size, s.head_dim, s.num_kv_heads, self.kernels.block_n);
             if let (Some(k), Some(v)) = (map(kv.k), map(kv.v)) {
@@ -745,7 +791,9 @@ impl CudaBound {
             num_qo_heads: self.shape.num_qo_heads,
             softcap_in,
             softcap_out,
-            reserved: [0; 14],
+            mask: if masked { at(l.mask) } else { 0 },
+            mask_bit0: if masked { at(l.mask_bit0) } else { 0 },
+            reserved: [0; 10],
             k_map,
             v_map,
             q_map,
@@ -786,8 +834,9 @@ impl BoundPlan for CudaBound {
         let mut last = self.last_stream.lock();
         self.order_after(&mut last, args.stream)?;
         let mut p = self.params(args);
-        let (k, grid) = match &self.plain {
-            Some(plain) if self.kernels.warp_specialized && p.flags & FLAG_KV_TMA == 0 => {
+        let (k, grid) = match (&self.masked, &self.plain) {
+            (Some(masked), _) if p.mask != 0 => (masked, self.shared.dev.sm_count * masked.ctas_per_sm),
+            (_, Some(plain)) if self.kernels.warp_specialized && p.flags & FLAG_KV_TMA == 0 => {
                 (plain, self.shared.dev.sm_count * plain.ctas_per_sm)
             }
             _ => (&self.kernels, self.grid),

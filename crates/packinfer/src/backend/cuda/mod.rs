@@ -49,16 +49,21 @@ pub(crate) fn check_kernel_shape(head_dim: u32, dtype: DType) -> Result<()> {
     Ok(())
 }
 
-/// `Unsupported` for a batch the kernels would compute wrongly: one with custom masks (the
-/// kernels do not read them yet; the CPU backend runs them).
+/// `Unsupported` for a batch the kernels would compute wrongly: a custom mask whose bits the
+/// kernels' 32-bit bit offsets cannot address (over 512 MiB).
 pub(crate) fn check_kernel_batch(batch: &Batch) -> Result<()> {
-    if batch.has_custom_mask() {
+    if !mask_addressable(batch.custom_mask.len()) {
         return Err(crate::unsupported!(
-            "the batch has a custom mask (mask_indptr with {} entries); the CUDA kernels do not apply custom masks yet (the CPU backend does)",
-            batch.mask_indptr.len()
+            "the batch's custom mask has {} bytes; the CUDA kernels address at most 2^32 mask bits (512 MiB)",
+            batch.custom_mask.len()
         ));
     }
     Ok(())
+}
+
+/// Whether the kernels' 32-bit bit offsets reach every bit of a custom mask of `bytes` bytes.
+fn mask_addressable(bytes: usize) -> bool {
+    bytes as u64 * 8 <= 1u64 << 32
 }
 
 /// Opens the CUDA backend on `choice.device_ordinal`.
@@ -295,7 +300,15 @@ impl CudaBackend {
         } else {
             None
         };
-        launch::CudaBound::new(self.shared.clone(), kernels, plain, plan, stream, scratch, capacity.unwrap_or(&LaunchCapacity::default()))
+        // A launch whose plans may carry custom masks keeps the masked kernel of its tile size
+        // for them (the others leave the mask code out).
+        let capacity = capacity.copied().unwrap_or_default().max(&LaunchCapacity::of(&plan));
+        let masked = if capacity.mask_bytes > 0 {
+            Some(self.shared.attention_with(plan.shape.head_dim, plan.shape.dtype, warps, Variant::Masked)?)
+        } else {
+            None
+        };
+        launch::CudaBound::new(self.shared.clone(), launch::Kernels { chosen: kernels, plain, masked }, plan, stream, scratch, &capacity)
     }
 }
 
@@ -404,8 +417,8 @@ impl Backend for CudaBackend {
         let warps = if self.shared.tile_warps > 4 { vec![self.shared.tile_warps, 4] } else { vec![4] };
         let variants: Vec<Variant> = match self.shared.specialize {
             Specialize::Auto => Variant::all().to_vec(),
-            Specialize::Always => vec![Variant::WarpSpecialized],
-            Specialize::Never => vec![Variant::Plain],
+            Specialize::Always => vec![Variant::WarpSpecialized, Variant::Masked],
+            Specialize::Never => vec![Variant::Plain, Variant::Masked],
         };
         // Specialised launches run the context's tile size; short-prefill ones 4 warps. A variant
         // that does not exist here builds the plain kernel (once).
@@ -441,7 +454,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn kernels_refuse_a_batch_with_a_custom_mask_by_name() {
+    fn kernels_take_custom_masks_their_bit_offsets_reach() {
         let mut batch = Batch {
             qo_indptr: vec![0, 1],
             kv_indptr: vec![0, 1],
@@ -450,15 +463,15 @@ mod tests {
             page_size: 16,
             num_pages: 1,
             prefix_groups: vec![],
-            custom_mask: vec![],
-            mask_indptr: vec![],
+            custom_mask: vec![0b101],
+            mask_indptr: vec![0, 1],
         };
-        check_kernel_batch(&batch).unwrap();
-        batch.custom_mask = vec![0b101];
-        batch.mask_indptr = vec![0, 1];
         batch.validate(true).unwrap();
-        let e = check_kernel_batch(&batch).unwrap_err();
-        assert!(matches!(e, Error::Unsupported(_)), "{e:?}");
-        assert!(e.to_string().contains("custom mask"), "{e}");
+        check_kernel_batch(&batch).unwrap();
+        assert!(mask_addressable(1 << 29));
+        assert!(!mask_addressable((1 << 29) + 1));
+        batch.custom_mask.clear();
+        batch.mask_indptr.clear();
+        check_kernel_batch(&batch).unwrap();
     }
 }

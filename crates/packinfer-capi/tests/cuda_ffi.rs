@@ -202,6 +202,10 @@ fn capacity_launch_update_and_run_through_the_c_abi() {
             lse: lse.ptr() as *mut f32,
             stream: std::ptr::null_mut(),
             logits_soft_cap: 0.0,
+            k_head_scales: std::ptr::null(),
+            v_head_scales: std::ptr::null(),
+            k_scale: 0.0,
+            v_scale: 0.0,
         };
         // SAFETY: args address device buffers of the case's sizes, alive until the stream is synced.
         assert_eq!(unsafe { packinfer_run(launch, &args) }, PackinferStatus::Ok, "{}", last_error());
@@ -295,6 +299,10 @@ fn runs_of_one_launch_on_two_streams_do_not_overlap() {
             lse: lse.ptr() as *mut f32,
             stream: streams[i % 2] as *mut _,
             logits_soft_cap: 0.0,
+            k_head_scales: std::ptr::null(),
+            v_head_scales: std::ptr::null(),
+            k_scale: 0.0,
+            v_scale: 0.0,
         };
         // SAFETY: args address device buffers of the case's sizes, alive until the stream is synced.
         assert_eq!(unsafe { packinfer_run(launch, &args) }, PackinferStatus::Ok, "{}", last_error());

@@ -283,7 +283,15 @@ impl Backend for NoPoolBackend {
 fn backends_without_pool_support_say_unsupported() {
     let config = PoolConfig {
         num_layers: 1,
-        shape: Shape { num_qo_heads: 1, num_kv_heads: 1, head_dim: 64, dtype: DType::F16, causal: true, sm_scale: 0.0 },
+        shape: Shape {
+            num_qo_heads: 1,
+            num_kv_heads: 1,
+            head_dim: 64,
+            dtype: DType::F16,
+            kv_dtype: DType::F16,
+            causal: true,
+            sm_scale: 0.0,
+        },
         page_size: 16,
         num_pages: 4,
         headroom_pages: 0,

@@ -545,7 +545,7 @@ typedef struct PackinferRunArgs {
    * For an fp8 cache (`PackinferBatchDesc::kv_dtype` = PACKINFER_DTYPE_FP8_E4M3): NULL, or
    * `num_kv_heads` float scales of K, one per KV head, in device memory on CUDA (host memory
    * on the CPU), read by each run (a captured CUDA graph reads their values at replay).
-   * Element x of KV head h of K is e4m3(x) × k_scale × k_head_scales[h] (1 where NULL).
+   * Element x of KV head h of K is `e4m3(x) × k_scale × k_head_scales[h]` (1 where NULL).
    * Positive and finite (not checked: the caller's memory). Must be NULL for a cache of Q's
    * dtype. Added in ABI 1's third release, like the fields below: an older struct means no
    * scales (1).
@@ -1319,8 +1319,9 @@ enum PackinferStatus packinfer_launch_destroy(struct PackinferLaunch launch);
  *
  * # Safety
  * `args` must point to an initialized `PackinferRunArgs` whose pointers address tensors of the
- * launched plan's shape (device memory on CUDA, valid until the stream has run the work), and
- * scratch lent in `PackinferLaunchOptions` must still be valid.
+ * launched plan's shape (device memory on CUDA, valid until the stream has run the work; the
+ * K/V cache of the plan's `kv_dtype`, non-null per-head scale arrays of `num_kv_heads` floats),
+ * and scratch lent in `PackinferLaunchOptions` must still be valid.
  */
 enum PackinferStatus packinfer_run(struct PackinferLaunch launch,
                                    const struct PackinferRunArgs *args);

@@ -425,8 +425,9 @@ pub extern "C" fn packinfer_launch_destroy(launch: PackinferLaunch) -> Packinfer
 ///
 /// # Safety
 /// `args` must point to an initialized `PackinferRunArgs` whose pointers address tensors of the
-/// launched plan's shape (device memory on CUDA, valid until the stream has run the work), and
-/// scratch lent in `PackinferLaunchOptions` must still be valid.
+/// launched plan's shape (device memory on CUDA, valid until the stream has run the work; the
+/// K/V cache of the plan's `kv_dtype`, non-null per-head scale arrays of `num_kv_heads` floats),
+/// and scratch lent in `PackinferLaunchOptions` must still be valid.
 #[no_mangle]
 pub unsafe extern "C" fn packinfer_run(launch: PackinferLaunch, args: *const PackinferRunArgs) -> PackinferStatus {
     guard("packinfer_run", || {

@@ -367,7 +367,7 @@ pub struct PackinferRunArgs {
     /// For an fp8 cache (`PackinferBatchDesc::kv_dtype` = PACKINFER_DTYPE_FP8_E4M3): NULL, or
     /// `num_kv_heads` float scales of K, one per KV head, in device memory on CUDA (host memory
     /// on the CPU), read by each run (a captured CUDA graph reads their values at replay).
-    /// Element x of KV head h of K is e4m3(x) × k_scale × k_head_scales[h] (1 where NULL).
+    /// Element x of KV head h of K is `e4m3(x) × k_scale × k_head_scales[h]` (1 where NULL).
     /// Positive and finite (not checked: the caller's memory). Must be NULL for a cache of Q's
     /// dtype. Added in ABI 1's third release, like the fields below: an older struct means no
     /// scales (1).

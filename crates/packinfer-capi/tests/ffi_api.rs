@@ -690,7 +690,7 @@ fn custom_mask_through_the_c_abi() {
 }
 
 /// An fp8 e4m3 cache through the C ABI: `kv_dtype` in the batch description (plan time), the
-/// scales in the run arguments (per-tensor, per-head, 0 meaning 1); a third-release
+/// scales in the run arguments (per-tensor, per-head, 0 meaning 1); a second-release
 /// PackinferRunArgs ending before the scales runs with scales 1 whatever its padding and the
 /// bytes past it hold; a second-release PackinferBatchDesc ending before kv_dtype plans K/V of
 /// Q's dtype; bad dtypes and scales are named.
@@ -733,12 +733,12 @@ fn fp8_cache_through_the_c_abi() {
         let (status, o, lse) = run(launch, &case, &|a| a.k_scale = 0.0);
         assert_eq!(status, PackinferStatus::Ok, "{}", last_error());
         assert_close(&case, &o, &lse, &format!("{scales:?}, k_scale 0"));
-        // A third-release caller's struct ends before the scales: scales 1, whatever the padding
+        // A second-release caller's struct ends before the scales: scales 1, whatever the padding
         // after logits_soft_cap and the bytes past the struct hold.
-        let third = std::mem::offset_of!(PackinferRunArgs, k_head_scales);
-        assert_eq!(third, std::mem::offset_of!(PackinferRunArgs, logits_soft_cap) + 8);
+        let second = std::mem::offset_of!(PackinferRunArgs, k_head_scales);
+        assert_eq!(second, std::mem::offset_of!(PackinferRunArgs, logits_soft_cap) + 8);
         let old = |a: &mut PackinferRunArgs| {
-            a.struct_size = third;
+            a.struct_size = second;
             let at = std::mem::offset_of!(PackinferRunArgs, logits_soft_cap) + 4;
             // SAFETY: the 4 padding bytes after logits_soft_cap, inside `a`.
             unsafe { std::ptr::write_bytes((a as *mut PackinferRunArgs as *mut u8).add(at), 0x5A, 4) };
@@ -751,7 +751,7 @@ fn fp8_cache_through_the_c_abi() {
         (unscaled.k_scale, unscaled.v_scale) = (1.0, 1.0);
         unscaled.k_head_scales.clear();
         unscaled.v_head_scales.clear();
-        assert_close(&unscaled, &o, &lse, &format!("{scales:?}, third-release run args"));
+        assert_close(&unscaled, &o, &lse, &format!("{scales:?}, second-release run args"));
         // Bad scales, by name.
         let (status, ..) = run(launch, &case, &|a| a.v_scale = -2.0);
         expect(status, PackinferStatus::InvalidArgument, &["v_scale = -2"]);

@@ -500,7 +500,7 @@ impl HostUpload {
     /// the bytes it would copy.
     pub fn update_planned(&mut self, plan: &Plan) -> Result<usize> {
         plan.check_fresh()?;
-        super::check_kernel_batch(&plan.batch)?;
+        super::check_kernel_plan(&plan.shape, &plan.batch)?;
         crate::backend::check_update(&self.shape, self.page_size, &self.capacity, plan)?;
         write_image(&self.layout, self.block_m, plan, &mut self.image)
     }
@@ -777,7 +777,7 @@ impl BoundPlan for CudaBound {
             if let Some(l) = &current.pool_layout {
                 l.check()?;
             }
-            crate::backend::cpu::check_run_pointers(current.total_q, current.pages, args)?;
+            crate::backend::cpu::check_run_pointers(self.shape.kv_dtype, current.total_q, current.pages, args)?;
         }
         let stream = args.stream as sys::CUstream;
         // Encoding the tensor maps (in params) needs the context current.
@@ -823,7 +823,7 @@ impl BoundPlan for CudaBound {
     unsafe fn update_planned(&self, plan: Arc<Plan>, stream: u64) -> Result<()> {
         debug_assert!(plan.check_consistent().is_ok(), "a planned plan fails the consistency check");
         plan.check_fresh()?;
-        super::check_kernel_batch(&plan.batch)?;
+        super::check_kernel_plan(&plan.shape, &plan.batch)?;
         crate::backend::check_update(&self.shape, self.page_size, &self.capacity, &plan)?;
         let mut last = self.last_stream.lock();
         {

@@ -1,13 +1,9 @@
 #!/usr/bin/env bash
-# The CUDA backend's GPU suite, for the device machine (it has no cargo): run from a folder that
-# holds the test binaries and the library built on the dev machine, e.g.
-#   cargo test --release -p packinfer --test cuda_backend --test cuda_pool --no-run; cargo test --release -p packinfer-capi --test cuda_ffi --no-run   # note the paths
-#   mkdir -p .gpu-cuda && cp <cuda_backend binary> .gpu-cuda/cuda_backend && cp <cuda_ffi binary> .gpu-cuda/cuda_ffi
-#   cp <cuda_pool binary> .gpu-cuda/cuda_pool
-#   cp build/ctest/bindings/cpp/tests/packinfer_stress_test .gpu-cuda/   # the C API stress test (ctest builds it)
-#   cp target/release/libpackinfer.so bench/bench_attention.py bench/gpu_suite.sh .gpu-cuda/
-#   cp ../shared/traces/azure_llm_2023_code.csv .gpu-cuda/
-# then on the device: .gpu-cuda/gpu_suite.sh   (logs and JSON under $OUT, or ./gpu-results)
+# The CUDA backend's GPU suite, for the device machine (it has no cargo): run from the folder
+# bench/stage_gpu_suite.sh fills with the test binaries and the library built on the dev machine:
+#   bash bench/stage_gpu_suite.sh            (fills .gpu-cuda, git-ignored)
+# then on the device: bash .gpu-cuda/gpu_suite.sh, carry [".gpu-cuda"] (logs and JSON under $OUT,
+# or ./gpu-results). ONLY=name,name runs just those cuda_backend tests (and skips the rest).
 set -uo pipefail
 cd "$(dirname "$0")"
 out="${OUT:-./gpu-results}"
@@ -17,6 +13,13 @@ export PACKINFER_TEST_CACHE_DIR=/tmp/pkcache PACKINFER_CACHE_DIR=/tmp/pkcache RU
 # would otherwise read as a suite with nothing wrong).
 export PACKINFER_REQUIRE_GPU=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/device.txt"; date -u | tee -a "$out/device.txt"
+if [ -n "${ONLY:-}" ]; then
+  echo "== only cuda_backend tests matching: $ONLY (and the C ABI tests)"
+  timeout 120 ./cuda_ffi --nocapture 2>&1 | tee "$out/cuda_ffi.log" | grep -E "test result|panicked" -A3
+  # shellcheck disable=SC2086 # ONLY is a list of test-name filters
+  PACKINFER_GPU_CASES=${CASES:-300} timeout 500 ./cuda_backend --test-threads=1 --nocapture ${ONLY//,/ } 2>&1 | tee "$out/cuda_backend.log" | grep -E "cases|test result|FAIL|panick"
+  exit 0
+fi
 echo "== C ABI"; timeout 120 ./cuda_ffi --nocapture 2>&1 | tee "$out/cuda_ffi.log" | grep -E "test result|panicked" -A3
 echo "== managed pool on the GPU"; timeout 120 ./cuda_pool --nocapture 2>&1 | tee "$out/cuda_pool.log" | grep -E "test result|panicked" -A3
 echo "== CUDA backend vs f64 reference"

@@ -29,7 +29,7 @@ STATUS_OK = 0
 # PackinferBackend
 BACKEND_AUTO, BACKEND_CPU, BACKEND_CUDA = 0, 1, 2
 # PackinferDtype
-DTYPE_F16, DTYPE_BF16, DTYPE_F32 = 0, 1, 2
+DTYPE_F16, DTYPE_BF16, DTYPE_F32, DTYPE_FP8_E4M3 = 0, 1, 2, 3  # fp8: K/V only (kv_dtype)
 # PackinferPlanFlags
 FLAG_DETERMINISTIC = 1
 FLAG_NO_PACKING = 2
@@ -70,7 +70,7 @@ class PackinferBatchDesc(Structure):
                 ("num_kv_heads", c_uint32), ("head_dim", c_uint32), ("dtype", c_uint32),
                 ("causal", c_bool), ("sm_scale", c_float), ("num_prefix_groups", c_uint32),
                 ("prefix_groups", POINTER(PackinferPrefixGroup)), ("custom_mask", POINTER(c_uint8)),
-                ("mask_indptr", POINTER(c_int32))]
+                ("mask_indptr", POINTER(c_int32)), ("kv_dtype", c_uint32)]
 
 
 class PackinferPlan(Structure):
@@ -103,7 +103,8 @@ class PackinferRunArgs(Structure):
     _fields_ = [("struct_size", c_size_t), ("q", c_void_p), ("q_stride_token", c_int64),
                 ("q_stride_head", c_int64), ("kv", PackinferKvLayout), ("o", c_void_p),
                 ("o_stride_token", c_int64), ("o_stride_head", c_int64), ("lse", POINTER(c_float)),
-                ("stream", c_void_p), ("logits_soft_cap", c_float)]
+                ("stream", c_void_p), ("logits_soft_cap", c_float), ("k_head_scales", POINTER(c_float)),
+                ("v_head_scales", POINTER(c_float)), ("k_scale", c_float), ("v_scale", c_float)]
 
 
 class PackinferLaunchCapacity(Structure):
@@ -118,7 +119,7 @@ class PackinferPoolOptions(Structure):
     _fields_ = [("struct_size", c_size_t), ("num_layers", c_uint32), ("num_qo_heads", c_uint32),
                 ("num_kv_heads", c_uint32), ("head_dim", c_uint32), ("dtype", c_uint32), ("causal", c_bool),
                 ("sm_scale", c_float), ("page_size", c_uint32), ("num_pages", c_uint32), ("capacity_bytes", c_uint64),
-                ("headroom_pages", c_uint32)]
+                ("headroom_pages", c_uint32), ("kv_head_scales", POINTER(c_float)), ("kv_dtype", c_uint32)]
 
 
 class PackinferPool(Structure):
@@ -204,6 +205,7 @@ OPTIONAL_SIGNATURES = {
     "packinfer_pool_create": (c_int, [PackinferContext, POINTER(PackinferPoolOptions), POINTER(PackinferPool)]),
     "packinfer_pool_destroy": (c_int, [PackinferPool]),
     "packinfer_pool_kv_layout": (c_int, [PackinferPool, c_uint32, POINTER(PackinferKvLayout)]),
+    "packinfer_pool_kv_scales": (c_int, [PackinferPool, c_uint32, POINTER(POINTER(c_float)), POINTER(POINTER(c_float))]),
     "packinfer_pool_sequence_create": (c_int, [PackinferPool, _U64P]),
     "packinfer_pool_sequence_length": (c_int, [PackinferPool, c_uint64, _U32P]),
     "packinfer_pool_append": (c_int, [PackinferPool, c_uint64, c_uint32, POINTER(c_int64), c_void_p]),
@@ -349,8 +351,9 @@ class Context:
         return opts
 
     def pool(self, num_layers, num_qo_heads, num_kv_heads, head_dim, dtype, causal, num_pages, page_size=16,
-             headroom_pages=None, sm_scale=0.0):
-        """A managed KV pool on this context (packinfer_pool_*)."""
+             headroom_pages=None, sm_scale=0.0, kv_dtype=0, kv_head_scales=None):
+        """A managed KV pool on this context (packinfer_pool_*). kv_dtype=DTYPE_FP8_E4M3 stores
+        K/V as fp8 with `kv_head_scales` ([layer][K, V][kv head] floats; None = all 1)."""
         lib = self.library
         opts = PackinferPoolOptions()
         lib._check("packinfer_pool_options_default", lib.lib.packinfer_pool_options_default(ctypes.byref(opts)))
@@ -358,6 +361,11 @@ class Context:
         opts.dtype, opts.causal, opts.sm_scale, opts.page_size, opts.num_pages = dtype, causal, sm_scale, page_size, num_pages
         if headroom_pages is not None:
             opts.headroom_pages = headroom_pages
+        opts.kv_dtype = kv_dtype
+        scales = None
+        if kv_head_scales is not None:  # copied by the call
+            scales = (c_float * len(kv_head_scales))(*[float(x) for x in kv_head_scales])
+            opts.kv_head_scales = ctypes.cast(scales, POINTER(c_float))
         handle = PackinferPool()
         lib._check("packinfer_pool_create", lib.lib.packinfer_pool_create(self.handle, ctypes.byref(opts), ctypes.byref(handle)))
         return Pool(self, handle, num_kv_heads, head_dim, dtype)
@@ -449,12 +457,17 @@ class Launch:
         self.library._check("packinfer_launch_update", status)
         return seconds
 
-    def run(self, q_ptr, kv_layout, o_ptr, lse_ptr=0, stream=0, logits_soft_cap=0.0):
+    def run(self, q_ptr, kv_layout, o_ptr, lse_ptr=0, stream=0, logits_soft_cap=0.0, k_scale=0.0, v_scale=0.0,
+            k_head_scales_ptr=0, v_head_scales_ptr=0):
         """One layer: contiguous Q/O (`[total_q, heads, head_dim]`), K/V through `kv_layout`; the
-        soft-cap (0 = none) is this run's."""
+        soft-cap (0 = none) and an fp8 cache's scales (per tensor, 0 = 1; per KV head, addresses
+        of num_kv_heads floats, 0 = none) are this run's."""
         a = self._args
         a.q, a.o, a.kv, a.stream = q_ptr, o_ptr, kv_layout, stream or None
         a.logits_soft_cap = logits_soft_cap
+        a.k_scale, a.v_scale = k_scale, v_scale
+        a.k_head_scales = ctypes.cast(k_head_scales_ptr, POINTER(c_float)) if k_head_scales_ptr else None
+        a.v_head_scales = ctypes.cast(v_head_scales_ptr, POINTER(c_float)) if v_head_scales_ptr else None
         a.q_stride_token = a.q_stride_head = a.o_stride_token = a.o_stride_head = 0
         a.lse = ctypes.cast(lse_ptr, POINTER(c_float)) if lse_ptr else None
         self.library._check("packinfer_run", self.library.lib.packinfer_run(self.handle, ctypes.byref(a)))
@@ -502,6 +515,13 @@ class Pool:
         self._call("packinfer_pool_kv_layout", self.handle, layer, ctypes.byref(layout))
         return layout
 
+    def kv_head_scales(self, layer=0):
+        """Addresses of the layer's per-head K and V scales (an fp8 pool; 0, 0 otherwise), for
+        Launch.run's k_head_scales_ptr and v_head_scales_ptr."""
+        k, v = POINTER(c_float)(), POINTER(c_float)()
+        self._call("packinfer_pool_kv_scales", self.handle, layer, ctypes.byref(k), ctypes.byref(v))
+        return (ctypes.cast(k, ctypes.c_void_p).value or 0, ctypes.cast(v, ctypes.c_void_p).value or 0)
+
     def plan(self, seqs, num_new_tokens, flags=0, capacity=0.0):
         """Plans a step from the pool; returns (Plan, host seconds)."""
         opts = self.context.plan_options(flags, capacity)
@@ -543,7 +563,7 @@ class BatchArrays:
     """
 
     def __init__(self, qo_indptr, kv_indptr, kv_page_indices, kv_last_page_len, page_size, num_pages,
-                 num_qo_heads, num_kv_heads, head_dim, dtype, causal, sm_scale=0.0, prefix_groups=()):
+                 num_qo_heads, num_kv_heads, head_dim, dtype, causal, sm_scale=0.0, prefix_groups=(), kv_dtype=0):
         self._qo = _i32_array(qo_indptr)
         self._kv = _i32_array(kv_indptr)
         self._pages = _i32_array(kv_page_indices)
@@ -563,6 +583,7 @@ class BatchArrays:
         d.page_size, d.num_pages = int(page_size), int(num_pages)
         d.num_qo_heads, d.num_kv_heads, d.head_dim, d.dtype = num_qo_heads, num_kv_heads, head_dim, dtype
         d.causal, d.sm_scale = bool(causal), float(sm_scale)
+        d.kv_dtype = kv_dtype  # 0 = dtype; DTYPE_FP8_E4M3 for an fp8 cache
         d.num_prefix_groups = len(prefix_groups)
         d.prefix_groups = ctypes.cast(groups, POINTER(PackinferPrefixGroup)) if prefix_groups else None
         self.desc = d

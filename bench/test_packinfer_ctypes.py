@@ -201,6 +201,60 @@ class CpuBackendTest(unittest.TestCase):
         finally:
             pool.destroy()
 
+    def test_fp8_cache_matches_reference_of_the_dequantized_cache(self):
+        """kv_dtype = FP8_E4M3 in the batch description, per-tensor and per-head scales in the run
+        arguments; the output matches float64 attention over code value x scale. An fp8 pool
+        gives its layer's scales back."""
+        shape = wl.ModelShape(num_qo_heads=4, num_kv_heads=2, head_dim=32, dtype="f32")
+        rng = np.random.default_rng(11)
+        w = wl.build_paged("fp8", [(9, 9), (1, 23), (5, 17)], page_size=4, rng=rng, causal=True)
+        # e4m3 by its definition: bias 7, subnormals at exponent 0 (codes with exponent <= 9 only).
+        def value(c):
+            e, m = (c >> 3) & 0xF, (c & 7).astype(np.float64)
+            mag = np.where(e == 0, m / 8 * 2.0 ** -6, (1 + m / 8) * 2.0 ** (e.astype(np.float64) - 7))
+            return np.where(c & 0x80, -mag, mag)
+        dims = (w.num_pages, w.page_size, shape.num_kv_heads, shape.head_dim)
+        codes = [(rng.integers(0, 2, dims) * 0x80 | rng.integers(0, 10, dims) << 3 | rng.integers(0, 8, dims)).astype(np.uint8)
+                 for _ in range(2)]
+        q = rng.standard_normal((w.total_q, shape.num_qo_heads, shape.head_dim)).astype(np.float32)
+        b = wl.batch_arrays(w, shape)
+        b.desc.kv_dtype = pc.DTYPE_FP8_E4M3
+        plan, _ = self.ctx.plan(b)
+        launch = self.ctx.launch(plan)
+        layout = self.lib.kv_layout_nhd(codes[0].ctypes.data, codes[1].ctypes.data, w.page_size, shape.num_kv_heads,
+                                        shape.head_dim)
+        heads = [np.array([0.5, 0.125], np.float32), np.array([0.25, 1.0], np.float32)]
+        slots = w.kv_slots()
+        for k_scale, v_scale, per_head in ((0.3, 0.2, False), (0.0, 0.0, True), (0.5, 2.0, True)):
+            o = np.full_like(q, np.nan)
+            launch.run(q.ctypes.data, layout, o.ctypes.data, k_scale=k_scale, v_scale=v_scale,
+                       k_head_scales_ptr=heads[0].ctypes.data if per_head else 0,
+                       v_head_scales_ptr=heads[1].ctypes.data if per_head else 0)
+            kv = []
+            for i, scale in enumerate((k_scale or 1.0, v_scale or 1.0)):
+                x = value(codes[i]) * scale * (heads[i].astype(np.float64)[None, None, :, None] if per_head else 1.0)
+                kv.append(x.reshape(-1, shape.num_kv_heads, shape.head_dim))
+            for r in range(w.batch_size):
+                q0, q1 = w.qo_indptr[r], w.qo_indptr[r + 1]
+                ref = common.reference_attention(q[q0:q1], kv[0][slots[r]], kv[1][slots[r]], True, shape.sm_scale)
+                err = np.linalg.norm(o[q0:q1] - ref) / np.linalg.norm(ref)
+                self.assertLess(err, 1e-5, f"request {r}, scales {k_scale} {v_scale} per head {per_head}")
+        with self.assertRaises(pc.PackinferError) as e:
+            launch.run(q.ctypes.data, layout, o.ctypes.data, k_scale=-1.0)
+        self.assertIn("k_scale = -1", e.exception.message)
+        launch.destroy()
+        plan.destroy()
+        if self.lib.has("packinfer_pool_create"):
+            scales = [0.5, 0.25, 2.0, 4.0]  # [layer 0][K, V][2 kv heads]
+            pool = self.ctx.pool(1, 4, 2, 32, pc.DTYPE_F32, True, 8, page_size=4, kv_dtype=pc.DTYPE_FP8_E4M3,
+                                 kv_head_scales=scales)
+            try:
+                k_ptr, v_ptr = pool.kv_head_scales(0)
+                got = [ctypes.cast(p, ctypes.POINTER(ctypes.c_float))[i] for p in (k_ptr, v_ptr) for i in range(2)]
+                self.assertEqual(got, scales)
+            finally:
+                pool.destroy()
+
     def test_bad_argument_names_value(self):
         shape = wl.ModelShape(num_qo_heads=4, num_kv_heads=2, head_dim=32, dtype="f32")
         w = wl.build_paged("bad", [(1, 8)], page_size=4, rng=np.random.default_rng(0), causal=True)

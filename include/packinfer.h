@@ -109,6 +109,13 @@ typedef enum PackinferDtype {
    * CPU backend only.
    */
   PACKINFER_DTYPE_F32 = 2,
+  /**
+   * fp8 e4m3 (E4M3FN: bias 7, no infinities, NaN = S.1111.111, largest value 448), for K and
+   * V only (`PackinferBatchDesc::kv_dtype`, `PackinferPoolOptions::kv_dtype`), dequantized
+   * with the scales of `PackinferRunArgs`. The CPU backend runs it; the CUDA kernels do not
+   * read fp8 caches yet (UNSUPPORTED). Added in ABI 1's third release.
+   */
+  PACKINFER_DTYPE_FP8_E4M3 = 3,
 } PackinferDtype;
 
 /**
@@ -371,6 +378,16 @@ typedef struct PackinferBatchDesc {
    * request i's segment holds exactly ceil(q_len × kv_len / 8) bytes.
    */
   const int32_t *mask_indptr;
+  /**
+   * Element type of the K/V cache: 0 or `dtype` for K and V of Q's dtype;
+   * PACKINFER_DTYPE_FP8_E4M3 for an fp8 cache, whose elements are dequantized with the
+   * scales each run is given (`PackinferRunArgs::k_scale` etc.); Q and O stay `dtype`
+   * (F16 or BF16; F32 on the CPU). Fixed at plan time (element strides of the cache are then
+   * in bytes). The CPU backend runs fp8 caches; the CUDA backend refuses them (UNSUPPORTED)
+   * until its kernels read them. Added in ABI 1's third release: an older struct means K/V
+   * of `dtype`.
+   */
+  uint32_t kv_dtype;
 } PackinferBatchDesc;
 
 /**
@@ -534,6 +551,30 @@ typedef struct PackinferRunArgs {
    * struct means no soft-cap.
    */
   float logits_soft_cap;
+  /**
+   * For an fp8 cache (`PackinferBatchDesc::kv_dtype` = PACKINFER_DTYPE_FP8_E4M3): NULL, or
+   * `num_kv_heads` float scales of K, one per KV head, in device memory on CUDA (host memory
+   * on the CPU), read by each run (a captured CUDA graph reads their values at replay).
+   * Element x of KV head h of K is `e4m3(x) × k_scale × k_head_scales[h]` (1 where NULL).
+   * Positive and finite (not checked: the caller's memory). Must be NULL for a cache of Q's
+   * dtype. Added in ABI 1's third release, like the fields below: an older struct means no
+   * scales (1).
+   */
+  const float *k_head_scales;
+  /**
+   * As `k_head_scales`, for V.
+   */
+  const float *v_head_scales;
+  /**
+   * K's per-tensor scale (vLLM's and FlashInfer's `k_scale`: one per layer, so a run
+   * parameter): 0 = 1; negative or non-finite is INVALID_ARGUMENT; 0 or 1 for a cache of Q's
+   * dtype. A captured CUDA graph replays the value of its capture.
+   */
+  float k_scale;
+  /**
+   * As `k_scale`, for V.
+   */
+  float v_scale;
 } PackinferRunArgs;
 
 /**
@@ -697,6 +738,23 @@ typedef struct PackinferPoolOptions {
    * δ: empty pages kept after each member of a laid-out group for its next tokens (default 2).
    */
   uint32_t headroom_pages;
+  /**
+   * For an fp8 pool: NULL (every scale 1), or `num_layers × 2 × num_kv_heads` positive
+   * finite floats in host memory, `[layer][K, V][kv head]`, copied at creation and fixed for
+   * the pool's life (the values it stores depend on them). Must be NULL for a pool of Q's
+   * dtype. Added in ABI 1's third release, like `kv_dtype`.
+   */
+  const float *kv_head_scales;
+  /**
+   * Element type the pool stores K and V in: 0 or `dtype` for Q's dtype (an older struct
+   * means that); PACKINFER_DTYPE_FP8_E4M3 for fp8, one byte per element (the stats' bytes
+   * count it so): `packinfer_pool_write_kv` takes rows of `dtype` and stores each element x of
+   * KV head h as e4m3(x / scale) with the layer's scale of h, rounded to nearest even and
+   * saturated to ±448, and runs read them back through the scales
+   * `packinfer_pool_kv_scales` gives. CPU backend only for now (the CUDA backend refuses an
+   * fp8 pool, UNSUPPORTED).
+   */
+  uint32_t kv_dtype;
 } PackinferPoolOptions;
 
 /**
@@ -1271,8 +1329,9 @@ enum PackinferStatus packinfer_launch_destroy(struct PackinferLaunch launch);
  *
  * # Safety
  * `args` must point to an initialized `PackinferRunArgs` whose pointers address tensors of the
- * launched plan's shape (device memory on CUDA, valid until the stream has run the work), and
- * scratch lent in `PackinferLaunchOptions` must still be valid.
+ * launched plan's shape (device memory on CUDA, valid until the stream has run the work; the
+ * K/V cache of the plan's `kv_dtype`, non-null per-head scale arrays of `num_kv_heads` floats),
+ * and scratch lent in `PackinferLaunchOptions` must still be valid.
  */
 enum PackinferStatus packinfer_run(struct PackinferLaunch launch,
                                    const struct PackinferRunArgs *args);
@@ -1358,11 +1417,13 @@ enum PackinferStatus packinfer_pool_options_default(struct PackinferPoolOptions 
 
 /**
  * Creates a KV pool on a context's backend, allocating all of its memory now: host memory on
- * the CPU backend, one zeroed device allocation on the CUDA backend (which takes F16/BF16 and
- * head_dim 64/128/256 only, as its attention kernels do; anything else is UNSUPPORTED).
+ * the CPU backend, one zeroed device allocation on the CUDA backend (which takes F16/BF16 K/V
+ * and head_dim 64/96/128/192/256 only, as its attention kernels do; anything else, an fp8 pool
+ * included, is UNSUPPORTED). An fp8 pool keeps its scales after its pages.
  *
  * # Safety
- * `options` must point to an initialized `PackinferPoolOptions`; `out` writable.
+ * `options` must point to an initialized `PackinferPoolOptions` whose non-null
+ * `kv_head_scales` has `num_layers × 2 × num_kv_heads` entries; `out` writable.
  */
 enum PackinferStatus packinfer_pool_create(struct PackinferContext context,
                                            const struct PackinferPoolOptions *options,
@@ -1383,6 +1444,21 @@ enum PackinferStatus packinfer_pool_destroy(struct PackinferPool pool);
 enum PackinferStatus packinfer_pool_kv_layout(struct PackinferPool pool,
                                               uint32_t layer,
                                               struct PackinferKvLayout *layout);
+
+/**
+ * The scales one layer's runs read the pool's K/V with, for `PackinferRunArgs::k_head_scales`
+ * and `v_head_scales` (leave `k_scale` and `v_scale` 0): for an fp8 pool, the addresses of the
+ * layer's per-head scales in the pool's memory (valid while the pool lives); NULL for a pool of
+ * Q's dtype. Set them with `packinfer_pool_kv_layout`'s layout for every run of the layer: an
+ * fp8 pool read without them is read with scale 1.
+ *
+ * # Safety
+ * `k_head_scales` and `v_head_scales` must be writable.
+ */
+enum PackinferStatus packinfer_pool_kv_scales(struct PackinferPool pool,
+                                              uint32_t layer,
+                                              const float **k_head_scales,
+                                              const float **v_head_scales);
 
 /**
  * Creates an empty sequence; `*out` is its id (never 0, never reused).

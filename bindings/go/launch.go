@@ -25,11 +25,13 @@ static enum PackinferStatus pi_launch_update(PackinferLaunch launch, PackinferPl
 static enum PackinferStatus pi_run(PackinferLaunch launch, uintptr_t q, int64_t q_stride_token, int64_t q_stride_head,
                               uintptr_t k, uintptr_t v, int64_t stride_page, int64_t stride_token,
                               int64_t stride_head, int64_t stride_dim, uintptr_t o, int64_t o_stride_token,
-                              int64_t o_stride_head, uintptr_t lse, uintptr_t stream, float logits_soft_cap) {
+                              int64_t o_stride_head, uintptr_t lse, uintptr_t stream, float logits_soft_cap,
+                              uintptr_t k_head_scales, uintptr_t v_head_scales, float k_scale, float v_scale) {
 	PackinferRunArgs a = {
 		sizeof(PackinferRunArgs), (const void*)q, q_stride_token, q_stride_head,
 		{(const void*)k, (const void*)v, stride_page, stride_token, stride_head, stride_dim},
 		(void*)o, o_stride_token, o_stride_head, (float*)lse, (void*)stream, logits_soft_cap,
+		(const float*)k_head_scales, (const float*)v_head_scales, k_scale, v_scale,
 	};
 	return packinfer_run(launch, &a);
 }
@@ -90,6 +92,12 @@ type RunArgs struct {
 	// LogitsSoftCap (Gemma 2): scores s become cap*tanh(s/cap); 0 = none. Per run: the plan
 	// fixes nothing about it.
 	LogitsSoftCap float32
+	// An fp8 cache's scales (Batch.KVDType = FP8E4M3), per run: element x of KV head h of K is
+	// e4m3(x) * KScale * KHeadScales[h]. KScale, VScale: per tensor, 0 = 1. KHeadScales,
+	// VHeadScales: 0, or the address of NumKVHeads float32 (device memory on CUDA, C memory
+	// such as a HostBuffer on the CPU), read by each run.
+	KScale, VScale           float32
+	KHeadScales, VHeadScales uintptr
 }
 
 // Launch is a plan bound to a context, ready to run every layer of the step.
@@ -204,7 +212,8 @@ func (l *Launch) Run(a *RunArgs) error {
 	s := C.pi_run(l.h, C.uintptr_t(a.Q), C.int64_t(a.QStrideToken), C.int64_t(a.QStrideHead),
 		C.uintptr_t(a.KV.K), C.uintptr_t(a.KV.V), C.int64_t(a.KV.StridePage), C.int64_t(a.KV.StrideToken),
 		C.int64_t(a.KV.StrideHead), C.int64_t(a.KV.StrideDim), C.uintptr_t(a.O), C.int64_t(a.OStrideToken),
-		C.int64_t(a.OStrideHead), C.uintptr_t(a.LSE), C.uintptr_t(a.Stream), C.float(a.LogitsSoftCap))
+		C.int64_t(a.OStrideHead), C.uintptr_t(a.LSE), C.uintptr_t(a.Stream), C.float(a.LogitsSoftCap),
+		C.uintptr_t(a.KHeadScales), C.uintptr_t(a.VHeadScales), C.float(a.KScale), C.float(a.VScale))
 	err := lastError(s)
 	runtime.UnlockOSThread()
 	runtime.KeepAlive(l)

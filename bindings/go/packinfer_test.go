@@ -64,10 +64,45 @@ type tensor struct {
 	n     int
 }
 
+// fromFP8 is an fp8 e4m3 code's value by the format's definition (bias 7, subnormals at
+// exponent 0, NaN at S.1111.111, no infinities).
+func fromFP8(c byte) float32 {
+	e, m := int(c>>3&0xF), float64(c&7)
+	if e == 15 && m == 7 {
+		return float32(math.NaN())
+	}
+	v := math.Ldexp(1+m/8, e-7)
+	if e == 0 {
+		v = math.Ldexp(m/8, -6)
+	}
+	if c&0x80 != 0 {
+		v = -v
+	}
+	return float32(v)
+}
+
+// toFP8 is the e4m3 code nearest to x (ties to the even code), saturated to ±448, by search.
+func toFP8(x float32) byte {
+	a := math.Min(math.Abs(float64(x)), 448)
+	best := byte(0)
+	for c := byte(1); c < 0x7F; c++ {
+		d, bd := math.Abs(float64(fromFP8(c))-a), math.Abs(float64(fromFP8(best))-a)
+		if d < bd || (d == bd && c&1 == 0) {
+			best = c
+		}
+	}
+	if math.Signbit(float64(x)) {
+		best |= 0x80
+	}
+	return best
+}
+
 func newTensor(t testing.TB, dtype packinfer.DType, n int) *tensor {
 	size := 2
 	if dtype == packinfer.F32 {
 		size = 4
+	} else if dtype == packinfer.FP8E4M3 {
+		size = 1
 	}
 	b, err := packinfer.NewHostBuffer(max(n*size, 4))
 	if err != nil {
@@ -84,6 +119,8 @@ func (x *tensor) set(i int, v float32) float32 {
 		x.buf.Float32s()[i] = v
 	case packinfer.F16:
 		x.buf.Uint16s()[i] = toF16(v)
+	case packinfer.FP8E4M3:
+		x.buf.Bytes()[i] = toFP8(v)
 	default:
 		x.buf.Uint16s()[i] = toBF16(v)
 	}
@@ -96,6 +133,8 @@ func (x *tensor) get(i int) float32 {
 		return x.buf.Float32s()[i]
 	case packinfer.F16:
 		return fromF16(x.buf.Uint16s()[i])
+	case packinfer.FP8E4M3:
+		return fromFP8(x.buf.Bytes()[i])
 	}
 	return fromBF16(x.buf.Uint16s()[i])
 }
@@ -110,6 +149,38 @@ type testCase struct {
 	requests   []request
 	hnd        bool
 	q, k, v    *tensor
+	// An fp8 cache's scales (batch.KVDType = FP8E4M3): per tensor (0 = 1) and per KV head (nil = 1).
+	kScale, vScale float32
+	kHeads, vHeads *tensor
+}
+
+// scale is KV head h's scale of K (v = false) or V.
+func (c *testCase) scale(v bool, h int) float64 {
+	t, heads := c.kScale, c.kHeads
+	if v {
+		t, heads = c.vScale, c.vHeads
+	}
+	s := 1.0
+	if t != 0 {
+		s = float64(t)
+	}
+	if heads != nil {
+		s *= float64(heads.get(h))
+	}
+	return s
+}
+
+// toFP8 makes the case's cache fp8: codes of 16 times the values, which scales of about 1/16
+// bring back.
+func (c *testCase) toFP8(t testing.TB) {
+	for _, kv := range []**tensor{&c.k, &c.v} {
+		f := newTensor(t, packinfer.FP8E4M3, (*kv).n)
+		for i := 0; i < f.n; i++ {
+			f.set(i, 16*(*kv).get(i))
+		}
+		*kv = f
+	}
+	c.batch.KVDType = packinfer.FP8E4M3
 }
 
 func newCase(t testing.TB, qoHeads, kvHeads, headDim uint32, dtype packinfer.DType, causal bool, pageSize uint32,
@@ -226,7 +297,7 @@ func (c *testCase) reference() (out, lse []float64) {
 					base := at(b.KVPageIndices[int(b.KVIndptr[r])+j/ps], j%ps, kvh)
 					dot := 0.0
 					for e := 0; e < d; e++ {
-						dot += float64(c.q.get((tok*hq+h)*d+e)) * float64(c.k.get(base+e))
+						dot += float64(c.q.get((tok*hq+h)*d+e)) * float64(c.k.get(base+e)) * c.scale(false, kvh)
 					}
 					s[jj] = dot * scale
 					if c.softCap > 0 {
@@ -243,7 +314,7 @@ func (c *testCase) reference() (out, lse []float64) {
 					base := at(b.KVPageIndices[int(b.KVIndptr[r])+j/ps], j%ps, kvh)
 					p := math.Exp(x-m) / z
 					for e := 0; e < d; e++ {
-						out[(tok*hq+h)*d+e] += p * float64(c.v.get(base+e))
+						out[(tok*hq+h)*d+e] += p * float64(c.v.get(base+e)) * c.scale(true, kvh)
 					}
 				}
 				lse[tok*hq+h] = m + math.Log(z)
@@ -284,7 +355,12 @@ func runAndCompare(t *testing.T, c *testCase, launch *packinfer.Launch) {
 	for i := 0; i < lse.n; i++ {
 		lse.set(i, float32(math.NaN()))
 	}
-	if err := launch.Run(&packinfer.RunArgs{Q: c.q.buf.Ptr(), KV: c.layout(), O: o.buf.Ptr(), LSE: lse.buf.Ptr(), LogitsSoftCap: c.softCap}); err != nil {
+	args := packinfer.RunArgs{Q: c.q.buf.Ptr(), KV: c.layout(), O: o.buf.Ptr(), LSE: lse.buf.Ptr(), LogitsSoftCap: c.softCap,
+		KScale: c.kScale, VScale: c.vScale}
+	if c.kHeads != nil {
+		args.KHeadScales, args.VHeadScales = c.kHeads.buf.Ptr(), c.vHeads.buf.Ptr()
+	}
+	if err := launch.Run(&args); err != nil {
 		t.Fatal(err)
 	}
 	refO, refLSE := c.reference()
@@ -373,6 +449,44 @@ func TestFlows(t *testing.T) {
 
 // A custom mask replaces causal (the batch says causal); a window and soft-cap still apply,
 // with and without splits. Bad offsets are named; a short MaskIndptr is caught by the binding.
+// An fp8 e4m3 cache: Batch.KVDType at plan time, the scales with each run (per tensor, per KV
+// head, both), with a window, a soft-cap and splits; scales with a bf16 cache are refused by name.
+func TestFP8Cache(t *testing.T) {
+	c := newCase(t, 8, 2, 64, packinfer.BF16, true, 16, mixed, true, nil, 0)
+	c.toFP8(t)
+	c.windowLeft = 30
+	c.softCap = 20
+	ctx := cpuContext(t)
+	defer ctx.Close()
+	plan := must(ctx.NewPlan(&c.batch, &packinfer.PlanOptions{Flags: packinfer.SlidingWindow | packinfer.Deterministic, SplitKeys: 16, WindowLeft: 30}))(t)
+	defer plan.Close()
+	launch := must(ctx.NewLaunch(plan, nil))(t)
+	defer launch.Close()
+	c.kScale, c.vScale = 0.07, 0.05
+	runAndCompare(t, c, launch)
+	c.kHeads, c.vHeads = newTensor(t, packinfer.F32, 2), newTensor(t, packinfer.F32, 2)
+	c.kHeads.set(0, 0.5)
+	c.kHeads.set(1, 2)
+	c.vHeads.set(0, 1.5)
+	c.vHeads.set(1, 0.25)
+	runAndCompare(t, c, launch)
+	c.kScale, c.vScale = 0, 0 // 0 = 1
+	runAndCompare(t, c, launch)
+	// Scales for a bf16 cache are a mistake, not ignored.
+	plain := newCase(t, 8, 2, 64, packinfer.BF16, true, 16, mixed, false, nil, 0)
+	p2 := must(ctx.NewPlan(&plain.batch, nil))(t)
+	defer p2.Close()
+	l2 := must(ctx.NewLaunch(p2, nil))(t)
+	defer l2.Close()
+	o := newTensor(t, packinfer.BF16, plain.totalQ()*8*64)
+	err := l2.Run(&packinfer.RunArgs{Q: plain.q.buf.Ptr(), KV: plain.layout(), O: o.buf.Ptr(), KScale: 0.5})
+	wantError(t, err, packinfer.StatusInvalidArgument, "k_scale = 0.5")
+	// A K/V dtype other than Q's or fp8, by name.
+	plain.batch.KVDType = packinfer.F32
+	_, err = ctx.NewPlan(&plain.batch, nil)
+	wantError(t, err, packinfer.StatusInvalidArgument, "kv_dtype = f32 with dtype = bf16")
+}
+
 func TestCustomMask(t *testing.T) {
 	c := newCase(t, 8, 2, 64, packinfer.F32, true, 16, []request{{4, 70}, {37, 60}, {1, 130}, {5, 40}}, false, nil, 0)
 	rng := rand.New(rand.NewSource(11))

@@ -20,6 +20,9 @@ const (
 	F16  DType = C.PACKINFER_DTYPE_F16
 	BF16 DType = C.PACKINFER_DTYPE_BF16
 	F32  DType = C.PACKINFER_DTYPE_F32 // CPU backend only
+	// FP8E4M3 is fp8 e4m3 for K and V only (Batch.KVDType, PoolOptions.KVDType), read with each
+	// run's scales (RunArgs.KScale etc.). The CPU backend runs it; CUDA refuses it for now.
+	FP8E4M3 DType = C.PACKINFER_DTYPE_FP8_E4M3
 )
 
 // PlanFlags are bits of PlanOptions.Flags.
@@ -79,6 +82,10 @@ type Batch struct {
 	// refuses a masked batch (StatusUnsupported) until its kernels apply masks.
 	CustomMask []byte
 	MaskIndptr []int32 // [batch+1] byte offsets into CustomMask, or empty
+
+	// KVDType is K's and V's element type: 0 (the zero value) or DType for Q's dtype; FP8E4M3
+	// for an fp8 cache, read with each run's scales. Fixed at plan time.
+	KVDType DType
 }
 
 // PlanStats is what the planner did.
@@ -170,6 +177,7 @@ func newCBatch(b *Batch) (cBatch, error) {
 	d.num_kv_heads = C.uint32_t(b.NumKVHeads)
 	d.head_dim = C.uint32_t(b.HeadDim)
 	d.dtype = C.uint32_t(b.DType)
+	d.kv_dtype = C.uint32_t(b.KVDType)
 	d.causal = C.bool(b.Causal)
 	d.sm_scale = C.float(b.SMScale)
 	if len(b.PrefixGroups) > 0 {

@@ -2,6 +2,7 @@ package packinfer
 
 /*
 #include <stdint.h>
+#include <stdlib.h>
 #include "packinfer.h"
 
 // Streams and tensor addresses travel as integers (device pointers or C memory, never Go memory).
@@ -49,6 +50,13 @@ type PoolOptions struct {
 	NumPages                        uint32  // capacity in pages; 0 = as many as fit in CapacityBytes
 	CapacityBytes                   uint64  // used when NumPages is 0
 	HeadroomPages                   uint32  // δ: empty pages kept after each member of a laid-out group
+	// KVDType is the element type the pool stores K and V in: 0 or DType for Q's dtype;
+	// FP8E4M3 for fp8 (one byte per element): WriteKV takes rows of DType and stores x / scale
+	// as e4m3 (nearest even, saturated to ±448). CPU backend only for now.
+	KVDType DType
+	// KVHeadScales are an fp8 pool's scales, [layer][K, V][kv head] (NumLayers*2*NumKVHeads),
+	// copied at creation; empty = all 1.
+	KVHeadScales []float32
 }
 
 // DefaultPoolOptions are the library's defaults (page size 16, 2 headroom pages, BF16, causal);
@@ -135,6 +143,20 @@ func (c *Context) NewPool(opts *PoolOptions) (*Pool, error) {
 	o.num_pages = C.uint32_t(opts.NumPages)
 	o.capacity_bytes = C.uint64_t(opts.CapacityBytes)
 	o.headroom_pages = C.uint32_t(opts.HeadroomPages)
+	o.kv_dtype = C.uint32_t(opts.KVDType)
+	if n := len(opts.KVHeadScales); n > 0 {
+		if want := int(opts.NumLayers) * 2 * int(opts.NumKVHeads); n != want {
+			return nil, invalidArgument("NewPool: KVHeadScales has %d entries; NumLayers*2*NumKVHeads = %d", n, want)
+		}
+		// Copied into C memory: the options struct may not point into Go memory (cgo's rule).
+		scales := C.malloc(C.size_t(4 * n))
+		if scales == nil {
+			return nil, &Error{Status: StatusOutOfMemory, Message: "NewPool: no host memory for KVHeadScales"}
+		}
+		defer C.free(scales)
+		copy(unsafe.Slice((*float32)(scales), n), opts.KVHeadScales)
+		o.kv_head_scales = (*C.float)(scales)
+	}
 	p := &Pool{}
 	err := call(func() C.enum_PackinferStatus { return C.packinfer_pool_create(c.h, &o, &p.h) })
 	runtime.KeepAlive(c)
@@ -160,6 +182,16 @@ func (p *Pool) KVLayout(layer uint32) (KVLayout, error) {
 		return KVLayout{}, err
 	}
 	return layoutFromC(uintptr(l.k), uintptr(l.v), &l), nil
+}
+
+// KVHeadScales are the addresses of layer `layer`'s per-head K and V scales in an fp8 pool, for
+// RunArgs.KHeadScales and VHeadScales (0, 0 for a pool of Q's dtype); valid while the pool is
+// open. An fp8 pool read without them is read with scale 1.
+func (p *Pool) KVHeadScales(layer uint32) (k, v uintptr, err error) {
+	var kp, vp *C.float
+	err = call(func() C.enum_PackinferStatus { return C.packinfer_pool_kv_scales(p.h, C.uint32_t(layer), &kp, &vp) })
+	runtime.KeepAlive(p)
+	return uintptr(unsafe.Pointer(kp)), uintptr(unsafe.Pointer(vp)), err
 }
 
 // CreateSequence creates an empty sequence.

@@ -98,6 +98,21 @@ func appendTokens(t *testing.T, pool *packinfer.Pool, s *seq, n int) []int64 {
 // per layer as an engine does.
 func writeKV(t *testing.T, pool *packinfer.Pool, rng *rand.Rand, seqs []*seq, counts []uint32) {
 	t.Helper()
+	writeKVScaled(t, pool, rng, seqs, counts, nil)
+}
+
+// writeKVScaled is writeKV into a pool whose K/V are fp8 with `scales` ([layer][K, V][kv head];
+// nil: a pool of Q's dtype): the test records what the pool documents it stores, e4m3(x /
+// scale), read back times the scale.
+func writeKVScaled(t *testing.T, pool *packinfer.Pool, rng *rand.Rand, seqs []*seq, counts []uint32, scales []float32) {
+	t.Helper()
+	stored := func(l, kv, e int, x float32) float32 {
+		if scales == nil {
+			return x
+		}
+		scale := scales[(l*2+kv)*poolKVHeads+e/poolHeadDim]
+		return fromFP8(toFP8(x/scale)) * scale
+	}
 	ids := make([]uint64, len(seqs))
 	rows := 0
 	for i, s := range seqs {
@@ -110,8 +125,8 @@ func writeKV(t *testing.T, pool *packinfer.Pool, rng *rand.Rand, seqs []*seq, co
 		for i, s := range seqs {
 			for tok := s.len() - int(counts[i]); tok < s.len(); tok++ {
 				for e := 0; e < poolRow; e, at = e+1, at+1 {
-					s.k[l][tok*poolRow+e] = k.set(at, rng.Float32()*2-1)
-					s.v[l][tok*poolRow+e] = v.set(at, rng.Float32()*2-1)
+					s.k[l][tok*poolRow+e] = stored(l, 0, e, k.set(at, rng.Float32()*2-1))
+					s.v[l][tok*poolRow+e] = stored(l, 1, e, v.set(at, rng.Float32()*2-1))
 				}
 			}
 		}
@@ -163,7 +178,11 @@ func step(t *testing.T, ctx *packinfer.Context, pool *packinfer.Pool, rng *rand.
 			o.set(i, float32(math.NaN()))
 		}
 		kv := must(pool.KVLayout(uint32(l)))(t)
-		if err := launch.Run(&packinfer.RunArgs{Q: q.buf.Ptr(), KV: kv, O: o.buf.Ptr(), LSE: lse.buf.Ptr()}); err != nil {
+		ks, vs, err := pool.KVHeadScales(uint32(l)) // 0, 0 for a pool of Q's dtype
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := launch.Run(&packinfer.RunArgs{Q: q.buf.Ptr(), KV: kv, O: o.buf.Ptr(), LSE: lse.buf.Ptr(), KHeadScales: ks, VHeadScales: vs}); err != nil {
 			t.Fatal(err)
 		}
 		bad, tok := 0, 0
@@ -205,6 +224,44 @@ func step(t *testing.T, ctx *packinfer.Context, pool *packinfer.Pool, rng *rand.
 		}
 	}
 	return report
+}
+
+// A pool that stores K/V as fp8 e4m3 with per-layer, per-head scales, written from bf16 rows and
+// read through Pool.KVHeadScales, through a fork and a relayout; its stats count one byte per
+// element.
+func TestPoolFP8(t *testing.T) {
+	rng := rand.New(rand.NewSource(9))
+	ctx := cpuContext(t)
+	defer ctx.Close()
+	opts := poolOptions(t)
+	opts.KVDType = packinfer.FP8E4M3
+	scales := []float32{0.01, 0.02, 0.004, 0.008, 0.03, 0.005, 0.015, 0.002}
+	opts.KVHeadScales = scales
+	pool := must(ctx.NewPool(opts))(t)
+	defer pool.Close()
+	a, b := newSeq(t, pool), newSeq(t, pool)
+	appendTokens(t, pool, a, 6)
+	appendTokens(t, pool, b, 5)
+	appendTokens(t, pool, a, 7)
+	writeKVScaled(t, pool, rng, []*seq{a, b}, []uint32{13, 5}, scales)
+	step(t, ctx, pool, rng, []*seq{a, b}, []uint32{13, 5}, false)
+	if st := must(pool.Stats())(t); st.StepReadBytesUnshared != 18*poolLayers*2*poolRow {
+		t.Errorf("StepReadBytesUnshared = %d, want %d (one byte per element)", st.StepReadBytesUnshared, 18*poolLayers*2*poolRow)
+	}
+	c := withPrefix(must(pool.Fork(a.id, 8, 0))(t), a, 8)
+	appendTokens(t, pool, a, 1)
+	appendTokens(t, pool, c, 2)
+	writeKVScaled(t, pool, rng, []*seq{a, c}, []uint32{1, 2}, scales)
+	step(t, ctx, pool, rng, []*seq{a, b, c}, []uint32{1, 1, 2}, true)
+	// The binding checks the scales' count; a pool of Q's dtype has none.
+	opts.KVHeadScales = scales[:7]
+	_, err := ctx.NewPool(opts)
+	wantError(t, err, packinfer.StatusInvalidArgument, "KVHeadScales has 7 entries")
+	plain := must(ctx.NewPool(poolOptions(t)))(t)
+	defer plain.Close()
+	if k, v, err := plain.KVHeadScales(0); k != 0 || v != 0 || err != nil {
+		t.Errorf("KVHeadScales of a bf16 pool = %x, %x, %v", k, v, err)
+	}
 }
 
 func TestPoolManagedFlow(t *testing.T) {

@@ -20,7 +20,7 @@
 //   pool.append(seq, n);                                     // each step: reserve new tokens
 //   pool.write_kv(layer, seq_ids, counts, source);           // each layer: store the new K/V
 //   packinfer::Plan plan = pool.plan(ctx, seq_ids, counts);  // each step: plan from the pool
-//   launch.run(packinfer::RunArgs(q, pool.kv_layout(layer), o));
+//   launch.run(pool.run_args(layer, q, o));                 // K/V layout (and fp8 scales)
 //
 // Adding a function of the C API: a method that calls it through `detail::check`. Adding a
 // handle type: `using XHandle = detail::UniqueHandle<PackinferX, packinfer_x_destroy>;` and a
@@ -36,6 +36,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -187,6 +188,9 @@ enum class DType : int {
   F16 = PACKINFER_DTYPE_F16,
   BF16 = PACKINFER_DTYPE_BF16,
   F32 = PACKINFER_DTYPE_F32,  // CPU backend only
+  // fp8 e4m3 for K and V only (AttentionShape::kv_dtype), dequantized with the run's scales
+  // (RunArgs::with_kv_scales); the CPU backend runs it, the CUDA backend refuses it for now.
+  FP8_E4M3 = PACKINFER_DTYPE_FP8_E4M3,
 };
 
 // Bits of PlanOptions::flags; combine with |.
@@ -306,6 +310,10 @@ struct BatchDesc {
   // backend refuses a masked batch (UNSUPPORTED) until its kernels apply masks.
   ArrayView<uint8_t> custom_mask;
   ArrayView<int32_t> mask_indptr;  // [batch + 1] byte offsets, or empty
+  // K's and V's element type: none = shape.dtype; DType::FP8_E4M3 for an fp8 cache, read with
+  // each run's scales (RunArgs::with_kv_scales, with_kv_head_scales). Fixed at plan time. The
+  // CUDA backend refuses an fp8 cache (UNSUPPORTED) until its kernels read one.
+  std::optional<DType> kv_dtype;
 };
 
 // Where K and V live (element strides). Built by nhd()/hnd() or by hand for other layouts.
@@ -343,6 +351,20 @@ struct RunArgs : PackinferRunArgs {
   // The logit soft-cap of this run (Gemma 2; 0 = none): per run, never fixed by the plan.
   RunArgs& with_soft_cap(float cap) noexcept {
     logits_soft_cap = cap;
+    return *this;
+  }
+  // An fp8 cache's per-tensor scales (vLLM's and FlashInfer's k_scale / v_scale; 0 = 1): per
+  // run, so each layer passes its own.
+  RunArgs& with_kv_scales(float k, float v) noexcept {
+    k_scale = k;
+    v_scale = v;
+    return *this;
+  }
+  // An fp8 cache's per-head scales: num_kv_heads floats each (device memory on CUDA), read by
+  // every run; nullptr = 1. Multiplied with the per-tensor scales.
+  RunArgs& with_kv_head_scales(const float* k, const float* v) noexcept {
+    k_head_scales = k;
+    v_head_scales = v;
     return *this;
   }
 };
@@ -497,6 +519,7 @@ class Context {
     d.num_kv_heads = batch.shape.num_kv_heads;
     d.head_dim = batch.shape.head_dim;
     d.dtype = static_cast<uint32_t>(batch.shape.dtype);
+    d.kv_dtype = batch.kv_dtype ? static_cast<uint32_t>(*batch.kv_dtype) : 0u;
     d.causal = batch.shape.causal;
     d.sm_scale = batch.shape.sm_scale;
     d.num_prefix_groups = static_cast<uint32_t>(groups.size());
@@ -585,7 +608,9 @@ class Context {
 using SequenceId = uint64_t;
 
 // How to create a pool. Memory is num_layers x 2 (K, V) x num_pages x page_size x num_kv_heads x
-// head_dim elements of shape.dtype, allocated once; plans made from the pool use `shape`.
+// head_dim elements of kv_dtype (else shape.dtype), allocated once; plans made from the pool use
+// `shape`. A pool with kv_dtype = DType::FP8_E4M3 takes rows of shape.dtype in write_kv and
+// stores x / scale as e4m3 (nearest even, saturated to ±448); CPU backend only for now.
 struct PoolOptions {
   uint32_t num_layers = 0;
   AttentionShape shape;
@@ -593,6 +618,11 @@ struct PoolOptions {
   uint32_t num_pages = 0;        // capacity in pages; 0 = as many as fit in capacity_bytes
   uint64_t capacity_bytes = 0;   // used when num_pages is 0
   uint32_t headroom_pages = 2;   // δ: empty pages kept after each member of a laid-out group
+  // K's and V's element type: none = shape.dtype; DType::FP8_E4M3 for an fp8 pool.
+  std::optional<DType> kv_dtype;
+  // An fp8 pool's scales, [layer][K, V][kv head] (num_layers x 2 x num_kv_heads), copied at
+  // creation; empty = all 1.
+  ArrayView<float> kv_head_scales;
 };
 
 // The step's new K and V for one layer as the engine holds them: [num_rows, num_kv_heads,
@@ -636,6 +666,15 @@ class Pool {
     o.num_pages = options.num_pages;
     o.capacity_bytes = options.capacity_bytes;
     o.headroom_pages = options.headroom_pages;
+    o.kv_dtype = options.kv_dtype ? static_cast<uint32_t>(*options.kv_dtype) : 0u;
+    if (!options.kv_head_scales.empty()) {
+      const std::size_t want = std::size_t{options.num_layers} * 2 * options.shape.num_kv_heads;
+      if (options.kv_head_scales.size() != want) {
+        throw Error(Status::InvalidArgument, "packinfer::Pool: kv_head_scales has " + std::to_string(options.kv_head_scales.size()) +
+                                                 " entries; num_layers x 2 x num_kv_heads = " + std::to_string(want));
+      }
+      o.kv_head_scales = options.kv_head_scales.data();
+    }
     PackinferPool h{};
     detail::check(packinfer_pool_create(context.handle(), &o, &h));
     h_ = PoolHandle(h);
@@ -649,6 +688,19 @@ class Pool {
     KvLayout layout{};
     detail::check(packinfer_pool_kv_layout(h_.get(), layer, &layout));
     return layout;
+  }
+  // Layer `layer`'s per-head K and V scales in the pool (an fp8 pool), for
+  // RunArgs::with_kv_head_scales; {nullptr, nullptr} for a pool of Q's dtype.
+  std::pair<const float*, const float*> kv_head_scales(uint32_t layer) const {
+    const float* k = nullptr;
+    const float* v = nullptr;
+    detail::check(packinfer_pool_kv_scales(h_.get(), layer, &k, &v));
+    return {k, v};
+  }
+  // One layer's run arguments over the pool: its K/V layout and, in an fp8 pool, its scales.
+  RunArgs run_args(uint32_t layer, const void* q, void* o, float* lse = nullptr, void* stream = nullptr) const {
+    const auto scales = kv_head_scales(layer);
+    return RunArgs(q, kv_layout(layer), o, lse, stream).with_kv_head_scales(scales.first, scales.second);
   }
 
   // ---- sequences ----

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <memory>
 #include <numeric>
+#include <optional>
 #include <random>
 #include <string>
 #include <type_traits>
@@ -58,23 +59,44 @@ float from_f16(uint16_t h) {
   return float_of(sign | ((exp + 112u) << 23) | (mant << 13));
 }
 
+// fp8 e4m3 by its definition: sign, 4 exponent bits of bias 7, 3 mantissa bits, subnormals at
+// exponent 0, NaN at S.1111.111, no infinities.
+float from_e4m3(uint8_t c) {
+  const int e = (c >> 3) & 0xF, m = c & 7;
+  if (e == 15 && m == 7) return NAN;
+  const float mag = e == 0 ? std::ldexp(float(m) / 8.0f, -6) : std::ldexp(1.0f + float(m) / 8.0f, e - 7);
+  return (c & 0x80) ? -mag : mag;
+}
+// The nearest e4m3 code (ties to the even code), saturated to ±448: by search over the codes.
+uint8_t to_e4m3(float x) {
+  const float a = std::min(std::fabs(x), 448.0f);
+  uint8_t best = 0;
+  for (int c = 1; c < 0x7F; c++) {
+    const float d = std::fabs(from_e4m3(uint8_t(c)) - a), bd = std::fabs(from_e4m3(best) - a);
+    if (d < bd || (d == bd && (c & 1) == 0)) best = uint8_t(c);
+  }
+  return uint8_t(best | (std::signbit(x) ? 0x80 : 0));
+}
+
 // A host tensor in one dtype; set() returns the value actually stored.
 struct Tensor {
   DType dtype;
   std::vector<uint8_t> bytes;
   Tensor(DType t, std::size_t n) : dtype(t), bytes(n * elem_size(t)) {}
-  static std::size_t elem_size(DType t) { return t == DType::F32 ? 4 : 2; }
+  static std::size_t elem_size(DType t) { return t == DType::F32 ? 4 : t == DType::FP8_E4M3 ? 1 : 2; }
   std::size_t size() const { return bytes.size() / elem_size(dtype); }
   void* data() { return bytes.data(); }
   const void* data() const { return bytes.data(); }
   float set(std::size_t i, float x) {
     if (dtype == DType::F32) { std::memcpy(&bytes[i * 4], &x, 4); return x; }
+    if (dtype == DType::FP8_E4M3) { bytes[i] = to_e4m3(x); return get(i); }
     const uint16_t h = dtype == DType::F16 ? to_f16(x) : to_bf16(x);
     std::memcpy(&bytes[i * 2], &h, 2);
     return get(i);
   }
   float get(std::size_t i) const {
     if (dtype == DType::F32) { float x; std::memcpy(&x, &bytes[i * 4], 4); return x; }
+    if (dtype == DType::FP8_E4M3) return from_e4m3(bytes[i]);
     uint16_t h; std::memcpy(&h, &bytes[i * 2], 2);
     return dtype == DType::F16 ? from_f16(h) : from_bf16(h);
   }
@@ -98,6 +120,13 @@ struct Case {
   float soft_cap = 0.0f;     // the soft-cap its runs use; 0 = none
   std::vector<uint8_t> mask;           // custom masks, bit-packed; none when mask_indptr is empty
   std::vector<int32_t> mask_indptr;
+  // An fp8 cache's scales (shape.kv_dtype = FP8_E4M3): per tensor, and per KV head (empty = 1).
+  float k_scale = 1.0f, v_scale = 1.0f;
+  std::vector<float> k_heads, v_heads;
+  double scale_of(bool v_side, std::size_t kvh) const {
+    const std::vector<float>& heads = v_side ? v_heads : k_heads;
+    return double(v_side ? v_scale : k_scale) * (heads.empty() ? 1.0 : double(heads[kvh]));
+  }
 
   // Whether request r's query i sees key j under the custom mask (bit i*kv_len + j, LSB first).
   bool shows(std::size_t r, int i, int j) const {
@@ -122,10 +151,15 @@ struct Case {
     }
   }
 
+  std::optional<DType> kv_dtype;  // none = shape.dtype
+
   Case(packinfer::AttentionShape s, uint32_t ps, std::vector<Request> reqs, bool hnd_layout = false,
-       std::vector<int32_t> members = {}, int prefix = 0, unsigned seed = 1)
+       std::vector<int32_t> members = {}, int prefix = 0, unsigned seed = 1, std::optional<DType> kv = std::nullopt)
       : shape(s), page_size(ps), hnd(hnd_layout), requests(std::move(reqs)), shared_members(std::move(members)),
-        shared_len(prefix), q(s.dtype, 0), k(s.dtype, 0), v(s.dtype, 0) {
+        shared_len(prefix), q(s.dtype, 0), k(s.dtype, 0), v(s.dtype, 0), kv_dtype(kv) {
+    const DType kv_type = kv.value_or(s.dtype);
+    // fp8 codes of up to ±16, which the scales bring back to about ±1.
+    const float kv_range = kv_type == DType::FP8_E4M3 ? 16.0f : 1.0f;
     std::mt19937 rng(seed);
     for (auto& r : requests) num_pages += (r.kv_len + ps - 1) / ps;
     num_pages += 3;
@@ -151,11 +185,11 @@ struct Case {
     if (!shared_members.empty()) groups.push_back({static_cast<uint32_t>(shared_len), shared_members});
     std::uniform_real_distribution<float> u(-1.0f, 1.0f);
     const std::size_t kv_elems = std::size_t{num_pages} * ps * s.num_kv_heads * s.head_dim;
-    k = Tensor(s.dtype, kv_elems);
-    v = Tensor(s.dtype, kv_elems);
+    k = Tensor(kv_type, kv_elems);
+    v = Tensor(kv_type, kv_elems);
     q = Tensor(s.dtype, std::size_t(qo_indptr.back()) * s.num_qo_heads * s.head_dim);
-    for (std::size_t i = 0; i < kv_elems; i++) k.set(i, u(rng));
-    for (std::size_t i = 0; i < kv_elems; i++) v.set(i, u(rng));
+    for (std::size_t i = 0; i < kv_elems; i++) k.set(i, kv_range * u(rng));
+    for (std::size_t i = 0; i < kv_elems; i++) v.set(i, kv_range * u(rng));
     for (std::size_t i = 0; i < q.size(); i++) q.set(i, 2.0f * u(rng));
   }
 
@@ -171,6 +205,7 @@ struct Case {
     d.prefix_groups = groups;
     d.custom_mask = mask;
     d.mask_indptr = mask_indptr;
+    d.kv_dtype = kv_dtype;
     return d;
   }
   packinfer::KvLayout layout() const {
@@ -204,7 +239,7 @@ struct Case {
             if (!shows(r, i, j)) continue;
             const std::size_t base = at(pages[std::size_t(kv_indptr[r] + j / int(ps))], std::size_t(j) % ps, h / group);
             double dot = 0.0;
-            for (std::size_t e = 0; e < d; e++) dot += double(q.get((tok * hq + h) * d + e)) * k.get(base + e);
+            for (std::size_t e = 0; e < d; e++) dot += double(q.get((tok * hq + h) * d + e)) * k.get(base + e) * scale_of(false, h / group);
             s[std::size_t(j)] = soft_cap > 0 ? soft_cap * std::tanh(dot * scale / soft_cap) : dot * scale;
             m = std::max(m, s[std::size_t(j)]);
           }
@@ -213,7 +248,7 @@ struct Case {
             if (!shows(r, i, j)) continue;
             const std::size_t base = at(pages[std::size_t(kv_indptr[r] + j / int(ps))], std::size_t(j) % ps, h / group);
             const double p = std::exp(s[std::size_t(j)] - m) / z;
-            for (std::size_t e = 0; e < d; e++) out[(tok * hq + h) * d + e] += p * v.get(base + e);
+            for (std::size_t e = 0; e < d; e++) out[(tok * hq + h) * d + e] += p * v.get(base + e) * scale_of(true, h / group);
           }
           lse[tok * hq + h] = z > 0 ? m + std::log(z) : -INFINITY;
         }
@@ -230,7 +265,10 @@ void run_and_compare(const Case& c, const packinfer::Launch& launch) {
   Tensor o(c.shape.dtype, n_out);
   for (std::size_t i = 0; i < n_out; i++) o.set(i, NAN);  // an unwritten element shows
   std::vector<float> lse(c.total_q() * c.shape.num_qo_heads, NAN);
-  launch.run(packinfer::RunArgs(c.q.data(), c.layout(), o.data(), lse.data()).with_soft_cap(c.soft_cap));
+  launch.run(packinfer::RunArgs(c.q.data(), c.layout(), o.data(), lse.data())
+                 .with_soft_cap(c.soft_cap)
+                 .with_kv_scales(c.k_scale, c.v_scale)
+                 .with_kv_head_scales(c.k_heads.empty() ? nullptr : c.k_heads.data(), c.v_heads.empty() ? nullptr : c.v_heads.data()));
 
   std::vector<double> ref_o, ref_lse;
   c.reference(ref_o, ref_lse);
@@ -342,6 +380,47 @@ TEST(Flow, CustomMask) {
     ADD_FAILURE() << "bad mask offsets were accepted";
   } catch (const packinfer::Error& e) {
     EXPECT_NE(std::string(e.what()).find("mask_indptr[1] - mask_indptr[0]"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Flow, Fp8CacheWithScales) {
+  // An fp8 e4m3 cache (kv_dtype, plan time) read with per-tensor and per-head scales (per run):
+  // one launch, several scales, against the reference over the dequantized cache.
+  const packinfer::AttentionShape shape{8, 2, 64, DType::BF16, true, 0.0f};
+  Case c(shape, 16, kMixed, /*hnd=*/true, {}, 0, 1, DType::FP8_E4M3);
+  c.window_left = 40;
+  c.soft_cap = 20.0f;
+  packinfer::PlanOptions options;
+  options.window_left = c.window_left;
+  packinfer::Context ctx = cpu_context();
+  packinfer::Plan plan = ctx.plan(c.desc(), options);
+  packinfer::Launch launch = ctx.launch(plan);
+  c.k_scale = 0.07f;
+  c.v_scale = 0.05f;
+  run_and_compare(c, launch);
+  c.k_heads = {0.5f, 2.0f};
+  c.v_heads = {1.5f, 0.25f};
+  run_and_compare(c, launch);
+  c.k_scale = c.v_scale = 1.0f;
+  run_and_compare(c, launch);
+  // With a prefix group and splits, f16 queries, per-tensor scales.
+  packinfer::AttentionShape f16 = shape;
+  f16.dtype = DType::F16;
+  Case g(f16, 8, {{1, 40}, {1, 50}, {2, 45}}, false, {0, 1, 2}, 32, 3, DType::FP8_E4M3);
+  g.k_scale = 0.1f;
+  g.v_scale = 0.08f;
+  full_step(g, {packinfer::PlanFlags::Deterministic, 16, 0.0});
+  // Scales for a bf16 cache are refused by name.
+  Case plain({8, 2, 64, DType::BF16, true, 0.0f}, 16, kMixed);
+  packinfer::Plan p2 = ctx.plan(plain.desc());
+  packinfer::Launch l2 = ctx.launch(p2);
+  plain.k_scale = 0.5f;
+  try {
+    run_and_compare(plain, l2);
+    ADD_FAILURE() << "a scale for a bf16 cache was accepted";
+  } catch (const packinfer::Error& e) {
+    EXPECT_EQ(e.status(), Status::InvalidArgument);
+    EXPECT_NE(std::string(e.what()).find("k_scale = 0.5"), std::string::npos) << e.what();
   }
 }
 
@@ -772,7 +851,15 @@ std::vector<int64_t> append(packinfer::Pool& pool, Seq& s, uint32_t n) {
 }
 
 // Random K/V of every layer for the last counts[i] tokens of seqs[i], one write_kv per layer.
-void write(packinfer::Pool& pool, const std::vector<Seq*>& seqs, const std::vector<uint32_t>& counts, std::mt19937& rng) {
+// With `scales` ([layer][K, V][kv head], an fp8 pool's) the test records what the pool
+// documents it stores: e4m3(x / scale), read back times the scale.
+void write(packinfer::Pool& pool, const std::vector<Seq*>& seqs, const std::vector<uint32_t>& counts, std::mt19937& rng,
+           const std::vector<float>& scales = {}) {
+  auto stored = [&](uint32_t l, bool v_side, std::size_t e, float x) {
+    if (scales.empty()) return x;
+    const float scale = scales[(std::size_t{l} * 2 + (v_side ? 1 : 0)) * kPoolKvHeads + e / kPoolHeadDim];
+    return from_e4m3(to_e4m3(x / scale)) * scale;
+  };
   std::vector<packinfer::SequenceId> ids;
   uint32_t rows = 0;
   for (std::size_t i = 0; i < seqs.size(); i++) {
@@ -786,8 +873,8 @@ void write(packinfer::Pool& pool, const std::vector<Seq*>& seqs, const std::vect
     for (std::size_t i = 0; i < seqs.size(); i++) {
       for (std::size_t t = seqs[i]->len - counts[i]; t < seqs[i]->len; t++) {
         for (std::size_t e = 0; e < kPoolRow; e++, at++) {
-          seqs[i]->k[l][t * kPoolRow + e] = k.set(at, u(rng));
-          seqs[i]->v[l][t * kPoolRow + e] = v.set(at, u(rng));
+          seqs[i]->k[l][t * kPoolRow + e] = stored(l, false, e, k.set(at, u(rng)));
+          seqs[i]->v[l][t * kPoolRow + e] = stored(l, true, e, v.set(at, u(rng)));
         }
       }
     }
@@ -826,7 +913,7 @@ packinfer::RelayoutReport step(const packinfer::Context& ctx, packinfer::Pool& p
       o.set(i, NAN);
     }
     std::vector<float> lse(total_q * kPoolQoHeads, NAN);
-    launch.run(packinfer::RunArgs(q.data(), pool.kv_layout(l), o.data(), lse.data()));
+    launch.run(pool.run_args(l, q.data(), o.data(), lse.data()));
     int bad = 0;
     std::size_t tok = 0;
     for (std::size_t r = 0; r < seqs.size(); r++) {
@@ -943,6 +1030,47 @@ TEST(Pool, ManagedFlowAgainstTheReference) {
   EXPECT_EQ(st.num_sequences, 4u);
   EXPECT_EQ(st.tokens_logical, a.len + c.len + d.len + e.len);
   EXPECT_LT(st.tokens_stored, st.tokens_logical) << "C, D and E share A's first pages";
+}
+
+TEST(Pool, Fp8PoolAgainstTheReference) {
+  // A pool that stores K/V as fp8 e4m3 with per-layer, per-head scales: written from f16 rows,
+  // read by runs through pool.run_args (layout and scales), through a fork and a relayout.
+  std::mt19937 rng(8);
+  packinfer::Context ctx = cpu_context();
+  packinfer::PoolOptions o = pool_options();
+  o.kv_dtype = DType::FP8_E4M3;
+  const std::vector<float> scales{0.01f, 0.02f, 0.004f, 0.008f, 0.03f, 0.005f, 0.015f, 0.002f};  // saturates some
+  o.kv_head_scales = scales;
+  packinfer::Pool pool(ctx, o);
+  const auto s0 = pool.kv_head_scales(0), s1 = pool.kv_head_scales(1);
+  ASSERT_NE(s0.first, nullptr);
+  EXPECT_EQ(s0.first[1], 0.02f);
+  EXPECT_EQ(s0.second[0], 0.004f);
+  EXPECT_EQ(s1.second[1], 0.002f);
+  Seq a, b;
+  a.id = pool.create_sequence();
+  b.id = pool.create_sequence();
+  append(pool, a, 6);
+  append(pool, b, 5);
+  append(pool, a, 7);
+  write(pool, {&a, &b}, {13, 5}, rng, scales);
+  step(ctx, pool, {&a, &b}, {13, 5}, false, rng);
+  EXPECT_EQ(pool.stats().step_read_bytes_unshared, 18u * kPoolLayers * 2 * kPoolRow) << "one byte per element";
+  Seq c = with_prefix(pool.fork(a.id, 8), a, 8);
+  append(pool, a, 1);
+  append(pool, c, 2);
+  write(pool, {&a, &c}, {1, 2}, rng, scales);
+  step(ctx, pool, {&a, &b, &c}, {1, 1, 2}, true, rng);
+  // The scales' count is checked by the wrapper; a pool of Q's dtype has none.
+  o.kv_head_scales = packinfer::ArrayView<float>(scales.data(), 7);
+  try {
+    packinfer::Pool bad(ctx, o);
+    ADD_FAILURE() << "7 scales were accepted";
+  } catch (const packinfer::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("kv_head_scales has 7 entries"), std::string::npos) << e.what();
+  }
+  packinfer::Pool plain(ctx, pool_options());
+  EXPECT_EQ(plain.kv_head_scales(0).first, nullptr);
 }
 
 TEST(Pool, ExhaustedAppendLeavesThePoolUnchangedAndUsable) {

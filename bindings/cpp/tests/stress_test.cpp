@@ -1291,10 +1291,15 @@ struct ApiPhase {
       names += nm;
       switch (kind) {
         case 0: {
-          // Any size below this header's, except the older versions' and field boundaries
-          // (a second-release struct ends before custom_mask).
+          // Any size below this header's that ends inside a field: not an older version's size
+          // nor a field boundary (a first-release struct ends before custom_mask, a
+          // second-release one before kv_dtype; sizes from kv_dtype on end in kv_dtype or in
+          // the padding after it, which the library accepts as a newer field's end).
           size_t v = r.below(sizeof m.d);
-          if (v == offsetof(PackinferBatchDesc, custom_mask) || v == offsetof(PackinferBatchDesc, mask_indptr)) v--;
+          if (v >= offsetof(PackinferBatchDesc, kv_dtype)) v = offsetof(PackinferBatchDesc, kv_dtype);
+          if (v == offsetof(PackinferBatchDesc, custom_mask) || v == offsetof(PackinferBatchDesc, mask_indptr) ||
+              v == offsetof(PackinferBatchDesc, kv_dtype))
+            v--;
           m.d.struct_size = v;
           ex.must(S_INVALID);
           break;
@@ -2238,7 +2243,10 @@ struct PoolPhase {
       case 7: po.num_pages = (uint32_t)INT32_MAX + 1 + r.below(1000); ex.must(S_INVALID); break;
       case 8: po.num_layers = 0; ex.must(S_INVALID); break;
       case 9: { const float bad[] = {-1.0f, NAN, INFINITY}; po.sm_scale = bad[r.below(3)]; ex.must(S_INVALID); break; }
-      case 10: po.struct_size = r.chance(50) ? r.below(sizeof po) : sizeof po + 4097; ex.must(S_INVALID); break;
+      case 10:  // below the first release's size (which ends before kv_head_scales), or past any
+        po.struct_size = r.chance(50) ? r.below(offsetof(PackinferPoolOptions, kv_head_scales)) : sizeof po + 4097;
+        ex.must(S_INVALID);
+        break;
       case 11: op = nullptr; ex.must(S_INVALID); break;
       case 12: null_out = true; ex.must(S_INVALID); break;
       case 13: po.num_qo_heads = 0; ex.must(S_INVALID); break;

@@ -13,7 +13,7 @@ use packinfer::backend::{self, Backend, BackendChoice, BackendKind, BoundPlan, S
 use packinfer::error::{Error, Result};
 use packinfer::invalid;
 use packinfer::plan::{Plan, PlanOptions};
-use packinfer::types::{Batch, DType, KvLayout, PrefixGroup, RowsTensor, RunArgs, Shape};
+use packinfer::types::{Batch, DType, KvLayout, KvScales, PrefixGroup, RowsTensor, RunArgs, Shape};
 
 pub(super) static CONTEXTS: Registry<Arc<dyn Backend>> = Registry::new(0xC1, "context");
 pub(super) static PLANS: Registry<PlanCell> = Registry::new(0xB1, "plan");
@@ -425,8 +425,9 @@ pub extern "C" fn packinfer_launch_destroy(launch: PackinferLaunch) -> Packinfer
 ///
 /// # Safety
 /// `args` must point to an initialized `PackinferRunArgs` whose pointers address tensors of the
-/// launched plan's shape (device memory on CUDA, valid until the stream has run the work), and
-/// scratch lent in `PackinferLaunchOptions` must still be valid.
+/// launched plan's shape (device memory on CUDA, valid until the stream has run the work; the
+/// K/V cache of the plan's `kv_dtype`, non-null per-head scale arrays of `num_kv_heads` floats),
+/// and scratch lent in `PackinferLaunchOptions` must still be valid.
 #[no_mangle]
 pub unsafe extern "C" fn packinfer_run(launch: PackinferLaunch, args: *const PackinferRunArgs) -> PackinferStatus {
     guard("packinfer_run", || {
@@ -457,6 +458,13 @@ pub unsafe extern "C" fn packinfer_run(launch: PackinferLaunch, args: *const Pac
             lse: a.lse as u64,
             stream: a.stream as u64,
             logits_soft_cap: a.logits_soft_cap,
+            kv_scales: KvScales {
+                // In C a scale of 0 is "not set": 1.
+                k_scale: if a.k_scale == 0.0 { 1.0 } else { a.k_scale },
+                v_scale: if a.v_scale == 0.0 { 1.0 } else { a.v_scale },
+                k_head_scales: a.k_head_scales as u64,
+                v_head_scales: a.v_head_scales as u64,
+            },
         };
         // SAFETY: this function's contract: the caller's pointers address tensors of the
         // launched plan's shape (and lent scratch outlives the launch, packinfer_launch_create).
@@ -548,13 +556,21 @@ unsafe fn convert_batch(b: &PackinferBatchDesc) -> Result<(Shape, Batch)> {
     Ok((shape, batch))
 }
 
-/// The shape of a C batch description, checking its dtype.
+/// The shape of a C batch description, checking its dtypes.
 fn batch_shape(b: &PackinferBatchDesc) -> Result<Shape> {
     let dtype = dtype_from_c(b.dtype).ok_or_else(|| invalid!("{}", not_a_dtype("batch->dtype", b.dtype)))?;
+    let kv_dtype = kv_dtype_from_c("batch->kv_dtype", b.kv_dtype, dtype)?;
     let sm_scale = if b.sm_scale == 0.0 { Shape::default_sm_scale(b.head_dim) } else { b.sm_scale };
-    Ok(Shape { num_qo_heads: b.num_qo_heads, num_kv_heads: b.num_kv_heads, head_dim: b.head_dim, dtype, causal: b.causal, sm_scale })
+    Ok(Shape {
+        num_qo_heads: b.num_qo_heads,
+        num_kv_heads: b.num_kv_heads,
+        head_dim: b.head_dim,
+        dtype,
+        kv_dtype,
+        causal: b.causal,
+        sm_scale,
+    })
 }
-
 /// Copies `len` entries at `ptr` into `dst` (cleared first, its allocation kept where large
 /// enough); no memory is OUT_OF_MEMORY, not an abort.
 ///

@@ -5,7 +5,9 @@ use std::ffi::c_void;
 
 use super::api::{CONTEXTS, PLANS};
 use super::handles::Registry;
-use super::types::{dtype_from_c, not_a_dtype, PackinferContext, PackinferDtype, PackinferKvLayout, PackinferPlan, PackinferPlanOptions};
+use super::types::{
+    dtype_from_c, kv_dtype_from_c, not_a_dtype, PackinferContext, PackinferDtype, PackinferKvLayout, PackinferPlan, PackinferPlanOptions,
+};
 use super::{guard, options, slice, write_out, PackinferStatus};
 use packinfer::error::Result;
 use packinfer::invalid;
@@ -56,6 +58,21 @@ pub struct PackinferPoolOptions {
     pub capacity_bytes: u64,
     /// δ: empty pages kept after each member of a laid-out group for its next tokens (default 2).
     pub headroom_pages: u32,
+    // The pointer comes first: a struct of the first release ends with 4 bytes of padding after
+    // headroom_pages, which its caller may leave uninitialized, so no field may start there.
+    /// For an fp8 pool: NULL (every scale 1), or `num_layers × 2 × num_kv_heads` positive
+    /// finite floats in host memory, `[layer][K, V][kv head]`, copied at creation and fixed for
+    /// the pool's life (the values it stores depend on them). Must be NULL for a pool of Q's
+    /// dtype. Added in ABI 1's third release, like `kv_dtype`.
+    pub kv_head_scales: *const f32,
+    /// Element type the pool stores K and V in: 0 or `dtype` for Q's dtype (an older struct
+    /// means that); PACKINFER_DTYPE_FP8_E4M3 for fp8, one byte per element (the stats' bytes
+    /// count it so): `packinfer_pool_write_kv` takes rows of `dtype` and stores each element x of
+    /// KV head h as e4m3(x / scale) with the layer's scale of h, rounded to nearest even and
+    /// saturated to ±448, and runs read them back through the scales
+    /// `packinfer_pool_kv_scales` gives. CPU backend only for now (the CUDA backend refuses an
+    /// fp8 pool, UNSUPPORTED).
+    pub kv_dtype: u32,
 }
 
 /// A pool's metrics.
@@ -127,11 +144,13 @@ pub unsafe extern "C" fn packinfer_pool_options_default(options: *mut PackinferP
 }
 
 /// Creates a KV pool on a context's backend, allocating all of its memory now: host memory on
-/// the CPU backend, one zeroed device allocation on the CUDA backend (which takes F16/BF16 and
-/// head_dim 64/128/256 only, as its attention kernels do; anything else is UNSUPPORTED).
+/// the CPU backend, one zeroed device allocation on the CUDA backend (which takes F16/BF16 K/V
+/// and head_dim 64/96/128/192/256 only, as its attention kernels do; anything else, an fp8 pool
+/// included, is UNSUPPORTED). An fp8 pool keeps its scales after its pages.
 ///
 /// # Safety
-/// `options` must point to an initialized `PackinferPoolOptions`; `out` writable.
+/// `options` must point to an initialized `PackinferPoolOptions` whose non-null
+/// `kv_head_scales` has `num_layers × 2 × num_kv_heads` entries; `out` writable.
 #[no_mangle]
 pub unsafe extern "C" fn packinfer_pool_create(
     context: PackinferContext,
@@ -143,6 +162,7 @@ pub unsafe extern "C" fn packinfer_pool_create(
         // SAFETY: `options` points to an initialized struct (this function's contract).
         let o = unsafe { super::options("options", options)? };
         let dtype = dtype_from_c(o.dtype).ok_or_else(|| invalid!("{}", not_a_dtype("options->dtype", o.dtype)))?;
+        let kv_dtype = kv_dtype_from_c("options->kv_dtype", o.kv_dtype, dtype)?;
         if out.is_null() {
             return Err(invalid!("out is a null pointer"));
         }
@@ -153,6 +173,7 @@ pub unsafe extern "C" fn packinfer_pool_create(
                 num_kv_heads: o.num_kv_heads,
                 head_dim: o.head_dim,
                 dtype,
+                kv_dtype,
                 causal: o.causal,
                 sm_scale: o.sm_scale,
             },
@@ -167,7 +188,23 @@ pub unsafe extern "C" fn packinfer_pool_create(
             config.num_pages = u32::try_from(pages)
                 .map_err(|_| invalid!("options->capacity_bytes = {} makes {pages} pages, more than a pool can index", o.capacity_bytes))?;
         }
-        let pool = KvPool::new((*backend).clone(), config)?;
+        let scales = if o.kv_head_scales.is_null() {
+            &[][..]
+        } else {
+            // num_layers × 2 × num_kv_heads entries, or none where the pool is not fp8 (with_scales
+            // refuses the array then, so read nothing of it).
+            let n = (config.scale_bytes() / 4) as usize;
+            if n == 0 {
+                return Err(invalid!(
+                    "options->kv_head_scales is not NULL but the pool's K and V are {}: scales apply to an fp8_e4m3 pool only",
+                    kv_dtype.name()
+                ));
+            }
+            // SAFETY: a non-null kv_head_scales has num_layers × 2 × num_kv_heads entries (this
+            // function's contract).
+            unsafe { slice("options->kv_head_scales", o.kv_head_scales, n)? }
+        };
+        let pool = KvPool::with_scales((*backend).clone(), config, scales)?;
         // SAFETY: `out` is writable (this function's contract).
         unsafe { write_out("out", out, PackinferPool { bits: POOLS.insert(pool)? }) }
     })
@@ -198,6 +235,34 @@ pub unsafe extern "C" fn packinfer_pool_kv_layout(pool: PackinferPool, layer: u3
         };
         // SAFETY: `layout` is writable (this function's contract).
         unsafe { write_out("layout", layout, value) }
+    })
+}
+
+/// The scales one layer's runs read the pool's K/V with, for `PackinferRunArgs::k_head_scales`
+/// and `v_head_scales` (leave `k_scale` and `v_scale` 0): for an fp8 pool, the addresses of the
+/// layer's per-head scales in the pool's memory (valid while the pool lives); NULL for a pool of
+/// Q's dtype. Set them with `packinfer_pool_kv_layout`'s layout for every run of the layer: an
+/// fp8 pool read without them is read with scale 1.
+///
+/// # Safety
+/// `k_head_scales` and `v_head_scales` must be writable.
+#[no_mangle]
+pub unsafe extern "C" fn packinfer_pool_kv_scales(
+    pool: PackinferPool,
+    layer: u32,
+    k_head_scales: *mut *const f32,
+    v_head_scales: *mut *const f32,
+) -> PackinferStatus {
+    guard("packinfer_pool_kv_scales", || {
+        let s = POOLS.get(pool.bits)?.kv_scales(layer)?;
+        if k_head_scales.is_null() || v_head_scales.is_null() {
+            return Err(invalid!("k_head_scales or v_head_scales is a null pointer"));
+        }
+        // SAFETY: both are writable (this function's contract).
+        unsafe {
+            write_out("k_head_scales", k_head_scales, s.k_head_scales as *const f32)?;
+            write_out("v_head_scales", v_head_scales, s.v_head_scales as *const f32)
+        }
     })
 }
 
@@ -363,7 +428,12 @@ pub unsafe extern "C" fn packinfer_pool_write_kv(
         }
         let dtype = dtype_from_c(src.dtype).ok_or_else(|| invalid!("{}", not_a_dtype("src->dtype", src.dtype)))?;
         if dtype != c.shape.dtype {
-            return Err(invalid!("src->dtype = {} but the pool stores {}", dtype.name(), c.shape.dtype.name()));
+            return Err(invalid!(
+                "src->dtype = {} but the pool takes {} rows (its dtype; it stores them as {})",
+                dtype.name(),
+                c.shape.dtype.name(),
+                c.shape.kv_dtype.name()
+            ));
         }
         let total: u64 = tokens.iter().map(|t| t.1 as u64).sum();
         if total != src.num_rows as u64 {
@@ -607,8 +677,11 @@ super::versioned!(
         num_pages: 0,
         capacity_bytes: 0,
         headroom_pages: 2,
+        kv_head_scales: std::ptr::null(),
+        kv_dtype: 0,
     },
     [num_layers, num_qo_heads, num_kv_heads, head_dim, dtype, causal, sm_scale, page_size, num_pages, capacity_bytes, headroom_pages]
+    [kv_head_scales, kv_dtype]
 );
 
 super::versioned!(

@@ -24,6 +24,11 @@ pub enum PackinferDtype {
     Bf16 = 1,
     /// CPU backend only.
     F32 = 2,
+    /// fp8 e4m3 (E4M3FN: bias 7, no infinities, NaN = S.1111.111, largest value 448), for K and
+    /// V only (`PackinferBatchDesc::kv_dtype`, `PackinferPoolOptions::kv_dtype`), dequantized
+    /// with the scales of `PackinferRunArgs`. The CPU backend runs it; the CUDA kernels do not
+    /// read fp8 caches yet (UNSUPPORTED). Added in ABI 1's third release.
+    Fp8E4m3 = 3,
 }
 
 /// The element type a C struct's `PackinferDtype` field names; `None` for any other value.
@@ -33,13 +38,27 @@ pub(crate) fn dtype_from_c(value: u32) -> Option<packinfer::types::DType> {
         v if v == PackinferDtype::F16 as u32 => Some(DType::F16),
         v if v == PackinferDtype::Bf16 as u32 => Some(DType::Bf16),
         v if v == PackinferDtype::F32 as u32 => Some(DType::F32),
+        v if v == PackinferDtype::Fp8E4m3 as u32 => Some(DType::Fp8E4m3),
         _ => None,
     }
 }
 
 /// The message for a `field` holding `value`, which is no `PackinferDtype`.
 pub(crate) fn not_a_dtype(field: &str, value: u32) -> String {
-    format!("{field} = {value} is not a PackinferDtype (0 = F16, 1 = BF16, 2 = F32)")
+    format!("{field} = {value} is not a PackinferDtype (0 = F16, 1 = BF16, 2 = F32, 3 = FP8_E4M3)")
+}
+
+/// The K/V element type a C struct's `kv_dtype` field names, for Q's `dtype`: 0 (what a
+/// zeroed or older struct holds) or `dtype` itself mean K and V have `dtype`.
+pub(crate) fn kv_dtype_from_c(
+    field: &str,
+    value: u32,
+    dtype: packinfer::types::DType,
+) -> packinfer::error::Result<packinfer::types::DType> {
+    if value == 0 {
+        return Ok(dtype);
+    }
+    dtype_from_c(value).ok_or_else(|| packinfer::invalid!("{}", not_a_dtype(field, value)))
 }
 
 /// Opaque handle to a context (a backend on one device). 0 is never a valid handle, and a
@@ -184,6 +203,14 @@ pub struct PackinferBatchDesc {
     /// NULL (no custom mask) or `[batch_size + 1]` byte offsets into `custom_mask`, from 0;
     /// request i's segment holds exactly ceil(q_len × kv_len / 8) bytes.
     pub mask_indptr: *const i32,
+    /// Element type of the K/V cache: 0 or `dtype` for K and V of Q's dtype;
+    /// PACKINFER_DTYPE_FP8_E4M3 for an fp8 cache, whose elements are dequantized with the
+    /// scales each run is given (`PackinferRunArgs::k_scale` etc.); Q and O stay `dtype`
+    /// (F16 or BF16; F32 on the CPU). Fixed at plan time (element strides of the cache are then
+    /// in bytes). The CPU backend runs fp8 caches; the CUDA backend refuses them (UNSUPPORTED)
+    /// until its kernels read them. Added in ABI 1's third release: an older struct means K/V
+    /// of `dtype`.
+    pub kv_dtype: u32,
 }
 
 /// Bits of `PackinferPlanOptions::flags`.
@@ -336,6 +363,24 @@ pub struct PackinferRunArgs {
     /// layers with different caps share one plan. Added in ABI 1's second release: an older
     /// struct means no soft-cap.
     pub logits_soft_cap: f32,
+    // The pointers come first: a second-release struct ends with 4 bytes of padding after
+    // logits_soft_cap, which its caller may leave uninitialized, so no field may start there.
+    /// For an fp8 cache (`PackinferBatchDesc::kv_dtype` = PACKINFER_DTYPE_FP8_E4M3): NULL, or
+    /// `num_kv_heads` float scales of K, one per KV head, in device memory on CUDA (host memory
+    /// on the CPU), read by each run (a captured CUDA graph reads their values at replay).
+    /// Element x of KV head h of K is `e4m3(x) × k_scale × k_head_scales[h]` (1 where NULL).
+    /// Positive and finite (not checked: the caller's memory). Must be NULL for a cache of Q's
+    /// dtype. Added in ABI 1's third release, like the fields below: an older struct means no
+    /// scales (1).
+    pub k_head_scales: *const f32,
+    /// As `k_head_scales`, for V.
+    pub v_head_scales: *const f32,
+    /// K's per-tensor scale (vLLM's and FlashInfer's `k_scale`: one per layer, so a run
+    /// parameter): 0 = 1; negative or non-finite is INVALID_ARGUMENT; 0 or 1 for a cache of Q's
+    /// dtype. A captured CUDA graph replays the value of its capture.
+    pub k_scale: f32,
+    /// As `k_scale`, for V.
+    pub v_scale: f32,
 }
 
 /// Sizes of a launch's device buffers, so that `packinfer_launch_update` can later upload any
@@ -411,6 +456,7 @@ super::versioned!(
         prefix_groups: std::ptr::null(),
         custom_mask: std::ptr::null(),
         mask_indptr: std::ptr::null(),
+        kv_dtype: 0,
     },
     [
         batch_size,
@@ -429,7 +475,7 @@ super::versioned!(
         num_prefix_groups,
         prefix_groups
     ]
-    [custom_mask, mask_indptr]
+    [custom_mask, mask_indptr, kv_dtype]
 );
 
 super::versioned!(
@@ -484,8 +530,18 @@ super::versioned!(
         lse: std::ptr::null_mut(),
         stream: std::ptr::null_mut(),
         logits_soft_cap: 0.0,
+        k_head_scales: std::ptr::null(),
+        v_head_scales: std::ptr::null(),
+        k_scale: 0.0,
+        v_scale: 0.0,
     },
-    [q, q_stride_token, q_stride_head, kv, o, o_stride_token, o_stride_head, lse, stream][logits_soft_cap]
+    [q, q_stride_token, q_stride_head, kv, o, o_stride_token, o_stride_head, lse, stream][
+        logits_soft_cap,
+        k_head_scales,
+        v_head_scales,
+        k_scale,
+        v_scale
+    ]
 );
 
 super::versioned!(

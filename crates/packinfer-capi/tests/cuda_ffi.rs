@@ -28,6 +28,7 @@ fn main() {
         calibrate_is_unsupported_on_the_cpu_backend,
         capacity_launch_update_and_run_through_the_c_abi,
         custom_masks_run_through_the_c_abi,
+        fp8_caches_are_unsupported_on_the_gpu,
         runs_of_one_launch_on_two_streams_do_not_overlap
     ]);
 }
@@ -77,6 +78,47 @@ fn calibrate_is_unsupported_on_the_cpu_backend() {
     assert_eq!(packinfer_context_precompile(ctx), PackinferStatus::Ok);
     assert_eq!(packinfer_context_calibrate(ctx), PackinferStatus::Unsupported);
     assert!(last_error().contains("CUDA"), "{}", last_error());
+    assert_eq!(packinfer_context_destroy(ctx), PackinferStatus::Ok);
+}
+
+/// The CUDA kernels do not read fp8 K/V caches yet: an fp8 batch plans, but its launch is
+/// refused (UNSUPPORTED, naming the K/V dtype) rather than reading the bytes as bf16, and so is
+/// an fp8 pool.
+fn fp8_caches_are_unsupported_on_the_gpu() {
+    let Some(ctx) = cuda_context() else { return };
+    let spec = CaseSpec {
+        batch_size: 2,
+        max_kv: 64,
+        page_size: 16,
+        num_kv_heads: 1,
+        group: 4,
+        head_dim: 128,
+        dtype: DType::Bf16,
+        causal: true,
+        decode_fraction: 0.5,
+        hnd: false,
+    };
+    let mut r = rng(29);
+    let case = Case::random(&mut r, &spec).with_fp8_kv(&mut r, common::Fp8Scales::PerTensor);
+    let p = plan(ctx, &case);
+    let mut launch = PackinferLaunch::default();
+    // SAFETY: live locals; the NULLs are checked by the call.
+    let status = unsafe { packinfer_launch_create(ctx, p, std::ptr::null(), std::ptr::null_mut(), &mut launch) };
+    assert_eq!(status, PackinferStatus::Unsupported, "{}", last_error());
+    assert!(last_error().contains("kv_dtype = fp8_e4m3"), "{}", last_error());
+    assert_eq!(packinfer_plan_destroy(p), PackinferStatus::Ok);
+    let mut po = std::mem::MaybeUninit::<PackinferPoolOptions>::uninit();
+    // SAFETY: live locals of the types and lengths the call expects.
+    assert_eq!(unsafe { packinfer_pool_options_default(po.as_mut_ptr()) }, PackinferStatus::Ok);
+    // SAFETY: packinfer_pool_options_default filled every field (asserted OK above).
+    let mut po = unsafe { po.assume_init() };
+    (po.num_layers, po.num_qo_heads, po.num_kv_heads, po.head_dim, po.num_pages) = (2, 8, 2, 128, 64);
+    po.kv_dtype = PackinferDtype::Fp8E4m3 as u32;
+    let mut pool = PackinferPool::default();
+    // SAFETY: live locals of the types and lengths the call expects.
+    let status = unsafe { packinfer_pool_create(ctx, &po, &mut pool) };
+    assert_eq!(status, PackinferStatus::Unsupported, "{}", last_error());
+    assert!(last_error().contains("kv_dtype = fp8_e4m3"), "{}", last_error());
     assert_eq!(packinfer_context_destroy(ctx), PackinferStatus::Ok);
 }
 
@@ -137,6 +179,10 @@ fn custom_masks_run_through_the_c_abi() {
         lse: lse.ptr() as *mut f32,
         stream: std::ptr::null_mut(),
         logits_soft_cap: 0.0,
+        k_head_scales: std::ptr::null(),
+        v_head_scales: std::ptr::null(),
+        k_scale: 0.0,
+        v_scale: 0.0,
     };
     // SAFETY: args address device buffers of the case's sizes, alive until the stream is synced.
     assert_eq!(unsafe { packinfer_run(launch, &args) }, PackinferStatus::Ok, "{}", last_error());
@@ -248,6 +294,10 @@ fn capacity_launch_update_and_run_through_the_c_abi() {
             lse: lse.ptr() as *mut f32,
             stream: std::ptr::null_mut(),
             logits_soft_cap: 0.0,
+            k_head_scales: std::ptr::null(),
+            v_head_scales: std::ptr::null(),
+            k_scale: 0.0,
+            v_scale: 0.0,
         };
         // SAFETY: args address device buffers of the case's sizes, alive until the stream is synced.
         assert_eq!(unsafe { packinfer_run(launch, &args) }, PackinferStatus::Ok, "{}", last_error());
@@ -341,6 +391,10 @@ fn runs_of_one_launch_on_two_streams_do_not_overlap() {
             lse: lse.ptr() as *mut f32,
             stream: streams[i % 2] as *mut _,
             logits_soft_cap: 0.0,
+            k_head_scales: std::ptr::null(),
+            v_head_scales: std::ptr::null(),
+            k_scale: 0.0,
+            v_scale: 0.0,
         };
         // SAFETY: args address device buffers of the case's sizes, alive until the stream is synced.
         assert_eq!(unsafe { packinfer_run(launch, &args) }, PackinferStatus::Ok, "{}", last_error());

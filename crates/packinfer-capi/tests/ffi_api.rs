@@ -688,3 +688,108 @@ fn custom_mask_through_the_c_abi() {
     expect(status, PackinferStatus::InvalidArgument, &["batch->mask_indptr[4] = -1 is negative"]);
     assert_eq!(packinfer_context_destroy(ctx), PackinferStatus::Ok);
 }
+
+/// An fp8 e4m3 cache through the C ABI: `kv_dtype` in the batch description (plan time), the
+/// scales in the run arguments (per-tensor, per-head, 0 meaning 1); a second-release
+/// PackinferRunArgs ending before the scales runs with scales 1 whatever its padding and the
+/// bytes past it hold; a second-release PackinferBatchDesc ending before kv_dtype plans K/V of
+/// Q's dtype; bad dtypes and scales are named.
+#[test]
+fn fp8_cache_through_the_c_abi() {
+    use common::Fp8Scales;
+    assert_eq!(PackinferDtype::Fp8E4m3 as u32, 3);
+    let ctx = cpu_context();
+    let plan_launch = |d: &PackinferBatchDesc| {
+        let mut plan = PackinferPlan::default();
+        // SAFETY: live locals of the types and lengths the call expects.
+        let status = unsafe { packinfer_plan_create(ctx, d, null(), &mut plan) };
+        assert_eq!(status, PackinferStatus::Ok, "{}", last_error());
+        let mut launch = PackinferLaunch::default();
+        // SAFETY: live locals; the NULLs are checked by the call.
+        assert_eq!(unsafe { packinfer_launch_create(ctx, plan, null(), null_mut(), &mut launch) }, PackinferStatus::Ok);
+        assert_eq!(packinfer_plan_destroy(plan), PackinferStatus::Ok);
+        launch
+    };
+    let run = |launch: PackinferLaunch, case: &Case, edit: &dyn Fn(&mut PackinferRunArgs)| {
+        let o = Tensor::poisoned(case.shape.dtype, case.out_len());
+        let mut lse = vec![f32::NAN; case.total_q() * case.shape.num_qo_heads as usize];
+        let mut args = run_args(case, &o, &mut lse);
+        edit(&mut args);
+        // SAFETY: args address the case's tensors (and scale arrays), which outlive the call (a
+        // CPU run is synchronous).
+        let status = unsafe { packinfer_run(launch, &args) };
+        (status, o, lse)
+    };
+    for scales in [Fp8Scales::PerTensor, Fp8Scales::PerHead, Fp8Scales::Both] {
+        let mut case = small_case(47).with_features(None, 30.0).with_fp8_kv(&mut rng(47), scales);
+        let d = desc(&case, &[]);
+        assert_eq!(d.kv_dtype, PackinferDtype::Fp8E4m3 as u32);
+        let launch = plan_launch(&d);
+        let (status, o, lse) = run(launch, &case, &|_| {});
+        assert_eq!(status, PackinferStatus::Ok, "{}", last_error());
+        assert_close(&case, &o, &lse, &format!("{scales:?} through the C ABI"));
+        // A scale of 0 is 1.
+        case.k_scale = 1.0;
+        let (status, o, lse) = run(launch, &case, &|a| a.k_scale = 0.0);
+        assert_eq!(status, PackinferStatus::Ok, "{}", last_error());
+        assert_close(&case, &o, &lse, &format!("{scales:?}, k_scale 0"));
+        // A second-release caller's struct ends before the scales: scales 1, whatever the padding
+        // after logits_soft_cap and the bytes past the struct hold.
+        let second = std::mem::offset_of!(PackinferRunArgs, k_head_scales);
+        assert_eq!(second, std::mem::offset_of!(PackinferRunArgs, logits_soft_cap) + 8);
+        let old = |a: &mut PackinferRunArgs| {
+            a.struct_size = second;
+            let at = std::mem::offset_of!(PackinferRunArgs, logits_soft_cap) + 4;
+            // SAFETY: the 4 padding bytes after logits_soft_cap, inside `a`.
+            unsafe { std::ptr::write_bytes((a as *mut PackinferRunArgs as *mut u8).add(at), 0x5A, 4) };
+        };
+        let (status, o, lse) = run(launch, &case, &old);
+        assert_eq!(status, PackinferStatus::Ok, "{}", last_error());
+        // The same codes (the same seeds), read with scales 1.
+        let mut unscaled = small_case(47).with_features(None, 30.0).with_fp8_kv(&mut rng(47), scales);
+        assert_eq!(unscaled.k.bytes, case.k.bytes);
+        (unscaled.k_scale, unscaled.v_scale) = (1.0, 1.0);
+        unscaled.k_head_scales.clear();
+        unscaled.v_head_scales.clear();
+        assert_close(&unscaled, &o, &lse, &format!("{scales:?}, second-release run args"));
+        // Bad scales, by name.
+        let (status, ..) = run(launch, &case, &|a| a.v_scale = -2.0);
+        expect(status, PackinferStatus::InvalidArgument, &["v_scale = -2"]);
+        let (status, ..) = run(launch, &case, &|a| a.k_scale = f32::INFINITY);
+        expect(status, PackinferStatus::InvalidArgument, &["k_scale = inf"]);
+        assert_eq!(packinfer_launch_destroy(launch), PackinferStatus::Ok);
+    }
+    // A second-release description ends before kv_dtype: K/V are Q's dtype (bf16) whatever the
+    // field holds in memory past it.
+    let plain = small_case(47);
+    let mut old = desc(&plain, &[]);
+    old.kv_dtype = PackinferDtype::Fp8E4m3 as u32;
+    old.struct_size = std::mem::offset_of!(PackinferBatchDesc, kv_dtype);
+    let launch = plan_launch(&old);
+    let (status, o, lse) = run(launch, &plain, &|_| {});
+    assert_eq!(status, PackinferStatus::Ok, "{}", last_error());
+    assert_close(&plain, &o, &lse, "second-release batch description");
+    // Scales with a bf16 cache are refused (0 and 1 are no scaling).
+    let (status, ..) = run(launch, &plain, &|a| (a.k_scale, a.v_scale) = (1.0, 0.0));
+    assert_eq!(status, PackinferStatus::Ok, "{}", last_error());
+    let (status, ..) = run(launch, &plain, &|a| a.k_scale = 0.5);
+    expect(status, PackinferStatus::InvalidArgument, &["k_scale = 0.5", "fp8_e4m3 cache only"]);
+    let heads = [1.0f32; 2];
+    let (status, ..) = run(launch, &plain, &|a| a.k_head_scales = heads.as_ptr());
+    expect(status, PackinferStatus::InvalidArgument, &["k_head_scales = 0x"]);
+    assert_eq!(packinfer_launch_destroy(launch), PackinferStatus::Ok);
+    // Bad dtypes, by name.
+    let mut plan = PackinferPlan::default();
+    for (dtype, kv_dtype, want) in [
+        (PackinferDtype::Bf16 as u32, 7, "batch->kv_dtype = 7 is not a PackinferDtype"),
+        (PackinferDtype::Bf16 as u32, PackinferDtype::F32 as u32, "kv_dtype = f32 with dtype = bf16"),
+        (PackinferDtype::Fp8E4m3 as u32, 0, "dtype = fp8_e4m3, but Q and O are"),
+    ] {
+        let mut d = desc(&plain, &[]);
+        (d.dtype, d.kv_dtype) = (dtype, kv_dtype);
+        // SAFETY: live locals of the types and lengths the call expects.
+        let status = unsafe { packinfer_plan_create(ctx, &d, null(), &mut plan) };
+        expect(status, PackinferStatus::InvalidArgument, &[want]);
+    }
+    assert_eq!(packinfer_context_destroy(ctx), PackinferStatus::Ok);
+}

@@ -144,6 +144,7 @@ fn batch(
         prefix_groups: null(),
         custom_mask: null(),
         mask_indptr: null(),
+        kv_dtype: 0,
     }
 }
 

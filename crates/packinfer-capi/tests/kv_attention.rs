@@ -31,6 +31,8 @@ struct Setup {
     head_dim: u32,
     dtype: DType,
     page_size: u32,
+    /// The pool stores K/V as fp8 e4m3 (with random per-layer, per-head scales).
+    fp8: bool,
 }
 
 /// Per sequence, per layer, the K and V rows written so far (exact stored values).
@@ -46,6 +48,7 @@ fn ffi_dtype(d: DType) -> u32 {
         DType::F16 => PackinferDtype::F16,
         DType::Bf16 => PackinferDtype::Bf16,
         DType::F32 => PackinferDtype::F32,
+        DType::Fp8E4m3 => PackinferDtype::Fp8E4m3,
     }) as u32
 }
 
@@ -55,10 +58,15 @@ struct Engine {
     pool: PackinferPool,
     seqs: BTreeMap<u64, Record>,
     r: SmallRng,
+    /// An fp8 pool's scales, `[layer][K, V][kv head]` (empty otherwise).
+    scales: Vec<f32>,
 }
 
 impl Engine {
     fn new(seed: u64, s: Setup, headroom: u32) -> Engine {
+        let mut r = rng(seed);
+        let scales: Vec<f32> =
+            if s.fp8 { (0..2 * s.layers * s.kv_heads).map(|_| r.random_range(0.002..0.02f32)).collect() } else { Vec::new() };
         // SAFETY: a C struct of integers and pointers, for which all zeros is a valid value.
         let mut o: PackinferContextOptions = unsafe { std::mem::zeroed() };
         // SAFETY: each pointer below is NULL where the call checks for it, or a live local of the type and length the call expects.
@@ -77,16 +85,46 @@ impl Engine {
             po.dtype = ffi_dtype(s.dtype);
             po.page_size = s.page_size;
             po.num_pages = 0;
-            po.capacity_bytes = 4096 * s.page_size as u64 * (2 * s.layers * s.kv_heads * s.head_dim) as u64 * s.dtype.size_bytes() as u64;
+            let kv_bytes = if s.fp8 { 1 } else { s.dtype.size_bytes() as u64 };
+            po.capacity_bytes =
+                4096 * s.page_size as u64 * (2 * s.layers * s.kv_heads * s.head_dim) as u64 * kv_bytes + 4 * scales.len() as u64;
             po.headroom_pages = headroom;
+            if s.fp8 {
+                po.kv_dtype = PackinferDtype::Fp8E4m3 as u32;
+                po.kv_head_scales = scales.as_ptr();
+            }
             let mut pool = PackinferPool::default();
             ok(packinfer_pool_create(context, &po, &mut pool), "pool");
-            Engine { s, context, pool, seqs: BTreeMap::new(), r: rng(seed) }
+            let mut st: PackinferPoolStats = std::mem::zeroed();
+            st.struct_size = std::mem::size_of::<PackinferPoolStats>();
+            ok(packinfer_pool_stats(pool, &mut st), "stats");
+            assert_eq!(st.num_pages, 4096, "capacity_bytes counts {kv_bytes}-byte elements and the scales");
+            Engine { s, context, pool, seqs: BTreeMap::new(), r, scales }
         }
     }
 
     fn row(&self) -> usize {
         (self.s.kv_heads * self.s.head_dim) as usize
+    }
+
+    /// The scales of `layer`'s K (`v = false`) or V, one per KV head (empty for a pool of Q's dtype).
+    fn layer_scales(&self, layer: u32, v: bool) -> &[f32] {
+        let h = self.s.kv_heads as usize;
+        let at = (2 * layer as usize + v as usize) * h;
+        self.scales.get(at..at + h).unwrap_or(&[])
+    }
+
+    /// What the pool holds for the row-major `[token][kv head][dim]` values `x` of `layer`'s K or
+    /// V: the values themselves, or in an fp8 pool the (unscaled) e4m3 value of x / scale of the
+    /// element's head, the conversion the pool documents.
+    fn stored(&self, layer: u32, v: bool, x: &[f64]) -> Vec<f32> {
+        let scales = self.layer_scales(layer, v);
+        if scales.is_empty() {
+            return x.iter().map(|&x| x as f32).collect();
+        }
+        let d = self.s.head_dim as usize;
+        let h = self.s.kv_heads as usize;
+        x.iter().enumerate().map(|(i, &x)| common::e4m3_value(packinfer::fp8::f32_to_e4m3(x as f32 / scales[(i / d) % h])) as f32).collect()
     }
 
     fn create(&mut self) -> u64 {
@@ -126,12 +164,13 @@ impl Engine {
             let st =
                 unsafe { packinfer_pool_write_kv(self.pool, layer, ids.as_ptr(), counts.as_ptr(), ids.len() as u32, &src, null_mut()) };
             ok(st, "write_kv");
+            let (stored_k, stored_v) = (self.stored(layer, false, &k.exact), self.stored(layer, true, &v.exact));
             let mut at = 0;
             for &(id, n) in step {
                 let rec = self.seqs.get_mut(&id).unwrap();
                 let span = at * row..(at + n as usize) * row;
-                rec.k[layer as usize].extend(k.exact[span.clone()].iter().map(|&x| x as f32));
-                rec.v[layer as usize].extend(v.exact[span].iter().map(|&x| x as f32));
+                rec.k[layer as usize].extend(stored_k[span.clone()].iter().copied());
+                rec.v[layer as usize].extend(stored_v[span].iter().copied());
                 at += n as usize;
             }
         }
@@ -197,6 +236,7 @@ impl Engine {
             num_kv_heads: s.kv_heads,
             head_dim: s.head_dim,
             dtype: s.dtype,
+            kv_dtype: if s.fp8 { DType::Fp8E4m3 } else { s.dtype },
             causal: true,
             sm_scale: 1.0 / (s.head_dim as f32).sqrt(),
         };
@@ -215,8 +255,9 @@ impl Engine {
             }
             let total_kv = *kvp.last().unwrap();
             let total_q = *qo.last().unwrap() as usize;
-            let k = Tensor::new(s.dtype, kvals);
-            let v = Tensor::new(s.dtype, vvals);
+            // The recorded values are exactly the K/V dtype's (an fp8 pool's codes as values).
+            let k = Tensor::new(shape.kv_dtype, kvals);
+            let v = Tensor::new(shape.kv_dtype, vvals);
             let q = Tensor::new(s.dtype, (0..total_q * (s.qo_heads * s.head_dim) as usize).map(|_| self.r.random_range(-2.0..2.0f32)));
             let layout = KvLayout {
                 k: k.ptr(),
@@ -237,7 +278,21 @@ impl Engine {
                 custom_mask: Vec::new(),
                 mask_indptr: Vec::new(),
             };
-            let case = Case { shape, batch, q, k, v, layout, hnd: false, window_left: None, logits_soft_cap: 0.0 };
+            let case = Case {
+                shape,
+                batch,
+                q,
+                k,
+                v,
+                layout,
+                hnd: false,
+                window_left: None,
+                logits_soft_cap: 0.0,
+                k_scale: 1.0,
+                v_scale: 1.0,
+                k_head_scales: self.layer_scales(layer, false).to_vec(),
+                v_head_scales: self.layer_scales(layer, true).to_vec(),
+            };
             let o = Tensor::poisoned(s.dtype, case.out_len());
             let mut lse = vec![f32::NAN; total_q * s.qo_heads as usize];
             // SAFETY: a C struct of integers and pointers, for which all zeros is a valid value.
@@ -248,6 +303,9 @@ impl Engine {
             args.lse = lse.as_mut_ptr();
             // SAFETY: live locals of the types and lengths the call expects.
             ok(unsafe { packinfer_pool_kv_layout(self.pool, layer, &mut args.kv) }, "pool_kv_layout");
+            // SAFETY: as above.
+            ok(unsafe { packinfer_pool_kv_scales(self.pool, layer, &mut args.k_head_scales, &mut args.v_head_scales) }, "pool_kv_scales");
+            assert_eq!(args.k_head_scales.is_null(), !s.fp8, "per-head scales for an fp8 pool only");
             // SAFETY: args address the case's tensors, which outlive the call (a CPU run is synchronous).
             ok(unsafe { packinfer_run(launch, &args) }, "run");
             assert_close(&case, &o, &lse, &format!("{ctx} layer {layer}"));
@@ -278,11 +336,12 @@ impl Drop for Engine {
 fn attention_through_the_pool_with_forks_sharing_and_relayouts() {
     let mut total_moved = 0;
     let mut shared_steps = 0;
-    for seed in 0..6u64 {
+    // Seeds 6..9: pools that store K/V as fp8, written from each Q dtype.
+    for seed in 0..9u64 {
         let mut r = rng(seed);
         let dtype = [DType::F32, DType::Bf16, DType::F16][seed as usize % 3];
         let page_size = [16, 1, 4][(seed as usize / 3 + seed as usize) % 3];
-        let setup = Setup { layers: 2, qo_heads: 4, kv_heads: 2, head_dim: 64, dtype, page_size };
+        let setup = Setup { layers: 2, qo_heads: 4, kv_heads: 2, head_dim: 64, dtype, page_size, fp8: seed >= 6 };
         let mut e = Engine::new(seed, setup, r.random_range(0..=2));
         // Prompts: a few independent ones and a shared system prompt with forked members.
         let mut live: Vec<u64> = Vec::new();

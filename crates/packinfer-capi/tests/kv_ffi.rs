@@ -283,7 +283,15 @@ impl Backend for NoPoolBackend {
 fn backends_without_pool_support_say_unsupported() {
     let config = PoolConfig {
         num_layers: 1,
-        shape: Shape { num_qo_heads: 1, num_kv_heads: 1, head_dim: 64, dtype: DType::F16, causal: true, sm_scale: 0.0 },
+        shape: Shape {
+            num_qo_heads: 1,
+            num_kv_heads: 1,
+            head_dim: 64,
+            dtype: DType::F16,
+            kv_dtype: DType::F16,
+            causal: true,
+            sm_scale: 0.0,
+        },
         page_size: 16,
         num_pages: 4,
         headroom_pages: 0,
@@ -363,4 +371,78 @@ fn pool_plan_update_plans_what_pool_plan_create_plans() {
         expect(packinfer_pool_destroy(pool), Ok, "", "pool destroy");
         expect(packinfer_context_destroy(c), Ok, "", "context destroy");
     }
+}
+
+/// An fp8 pool's options through the C ABI: kv_dtype and the per-layer, per-head scales; scales
+/// for a pool of Q's dtype are refused by name; `packinfer_pool_kv_scales` gives the layer's
+/// scales (NULL for a pool of Q's dtype); a first-release PackinferPoolOptions ending before the
+/// new fields (padding included) makes a pool of Q's dtype.
+#[test]
+fn fp8_pool_options_and_scales() {
+    let ctx = context();
+    let scales: Vec<f32> = (0..2 * 2 * 2).map(|i| 0.25 * (i + 1) as f32).collect();
+    let create = |o: &PackinferPoolOptions| {
+        let mut pool = PackinferPool::default();
+        // SAFETY: live locals of the types and lengths the call expects (kv_head_scales, when
+        // set, has num_layers × 2 × num_kv_heads = 8 entries).
+        let status = unsafe { packinfer_pool_create(ctx, o, &mut pool) };
+        (status, pool)
+    };
+    let layer_scales = |pool: PackinferPool, layer: u32| {
+        let (mut k, mut v) = (null(), null());
+        // SAFETY: live locals of the types the call expects.
+        expect(unsafe { packinfer_pool_kv_scales(pool, layer, &mut k, &mut v) }, PackinferStatus::Ok, "", "kv_scales");
+        let read = |p: *const f32| {
+            // SAFETY: a non-null address is the pool's num_kv_heads = 2 host f32 of the layer.
+            (!p.is_null()).then(|| unsafe { [*p, *p.add(1)] })
+        };
+        (read(k), read(v))
+    };
+    let mut o = pool_options();
+    o.kv_dtype = PackinferDtype::Fp8E4m3 as u32;
+    o.kv_head_scales = scales.as_ptr();
+    let (status, fp8) = create(&o);
+    expect(status, PackinferStatus::Ok, "", "fp8 pool");
+    assert_eq!(layer_scales(fp8, 0), (Some([0.25, 0.5]), Some([0.75, 1.0])));
+    assert_eq!(layer_scales(fp8, 1), (Some([1.25, 1.5]), Some([1.75, 2.0])));
+    // SAFETY: live locals of the types the call expects.
+    let status = unsafe { packinfer_pool_kv_scales(fp8, 2, &mut null(), &mut null()) };
+    expect(status, PackinferStatus::InvalidArgument, "layer = 2 but the pool has 2 layers", "kv_scales layer");
+    // SAFETY: the NULL is checked by the call.
+    let status = unsafe { packinfer_pool_kv_scales(fp8, 0, null_mut(), &mut null()) };
+    expect(status, PackinferStatus::InvalidArgument, "null pointer", "kv_scales NULL");
+    // Without an array every scale is 1.
+    o.kv_head_scales = null();
+    let (_, fp8_ones) = create(&o);
+    assert_eq!(layer_scales(fp8_ones, 1), (Some([1.0, 1.0]), Some([1.0, 1.0])), "NULL scales are 1");
+    // Scales for an f32 pool, a bad scale, a bad kv_dtype.
+    let mut plain = pool_options();
+    plain.kv_head_scales = scales.as_ptr();
+    let (status, _) = create(&plain);
+    expect(status, PackinferStatus::InvalidArgument, "options->kv_head_scales is not NULL but the pool's K and V are f32", "plain scales");
+    let mut bad = scales.clone();
+    bad[3] = f32::NAN;
+    o.kv_head_scales = bad.as_ptr();
+    let (status, _) = create(&o);
+    expect(status, PackinferStatus::InvalidArgument, "kv_head_scales[3] = NaN", "NaN scale");
+    o.kv_head_scales = null();
+    o.kv_dtype = 9;
+    let (status, _) = create(&o);
+    expect(status, PackinferStatus::InvalidArgument, "options->kv_dtype = 9 is not a PackinferDtype", "kv_dtype 9");
+    // A first-release struct: no kv_dtype (whatever its padding and the bytes past it hold).
+    let mut old = pool_options();
+    old.kv_dtype = PackinferDtype::Fp8E4m3 as u32;
+    old.kv_head_scales = scales.as_ptr();
+    old.struct_size = std::mem::offset_of!(PackinferPoolOptions, kv_head_scales);
+    let pad = std::mem::offset_of!(PackinferPoolOptions, headroom_pages) + 4;
+    assert_eq!(pad + 4, old.struct_size, "the first release ends with 4 bytes of padding");
+    // SAFETY: the padding bytes after headroom_pages, inside `old`.
+    unsafe { std::ptr::write_bytes((&mut old as *mut PackinferPoolOptions as *mut u8).add(pad), 0xA5, 4) };
+    let (status, first) = create(&old);
+    expect(status, PackinferStatus::Ok, "", "first-release options");
+    assert_eq!(layer_scales(first, 0), (None, None), "a pool of Q's dtype has no scales");
+    for pool in [fp8, fp8_ones, first] {
+        assert_eq!(packinfer_pool_destroy(pool), PackinferStatus::Ok);
+    }
+    assert_eq!(packinfer_context_destroy(ctx), PackinferStatus::Ok);
 }

@@ -20,7 +20,15 @@ use rand::{Rng, SeedableRng};
 const PAGE: u32 = 16;
 
 fn shape() -> Shape {
-    Shape { num_qo_heads: 32, num_kv_heads: 8, head_dim: 128, dtype: DType::Bf16, causal: true, sm_scale: 1.0 / (128f32).sqrt() }
+    Shape {
+        num_qo_heads: 32,
+        num_kv_heads: 8,
+        head_dim: 128,
+        dtype: DType::Bf16,
+        kv_dtype: DType::Bf16,
+        causal: true,
+        sm_scale: 1.0 / (128f32).sqrt(),
+    }
 }
 
 /// A batch of (q_len, kv_len) requests on consecutive pages of `PAGE` tokens.

@@ -523,7 +523,7 @@ fn probe_out(dir: &Path) -> Result<(), Failure> {
 }
 
 fn shape(q: u32, kv: u32, head_dim: u32, dtype: DType) -> Shape {
-    Shape { num_qo_heads: q, num_kv_heads: kv, head_dim, dtype, causal: true, sm_scale: 1.0 / (head_dim as f32).sqrt() }
+    Shape { num_qo_heads: q, num_kv_heads: kv, head_dim, dtype, kv_dtype: dtype, causal: true, sm_scale: 1.0 / (head_dim as f32).sqrt() }
 }
 
 /// Everything the replay runs with, defaults filled in for the device.

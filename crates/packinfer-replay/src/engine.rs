@@ -16,7 +16,7 @@ use std::time::Instant;
 use packinfer::backend::Backend;
 use packinfer::plan::scheduler::{Scheduler, SchedulerOptions, SchedulerStats, StepTimes};
 use packinfer::plan::{Plan, PlanOptions};
-use packinfer::types::{RowsTensor, RunArgs, Shape};
+use packinfer::types::{KvScales, RowsTensor, RunArgs, Shape};
 use packinfer::{Error, Result};
 
 use crate::device::DeviceIo;
@@ -517,6 +517,8 @@ impl<'a> Engine<'a> {
                     lse: 0,
                     stream: 0,
                     logits_soft_cap: 0.0,
+                    // The replay's pools hold K/V of Q's dtype.
+                    kv_scales: KvScales::NONE,
                 };
                 // SAFETY: Q is total_q × hq × d input elements (`take`), O holds token_budget >=
                 // total_q tokens' rows, K/V are the pool the plan was made from: all in the

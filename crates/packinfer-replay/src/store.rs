@@ -230,7 +230,15 @@ mod tests {
     fn config(num_pages: u32, headroom_pages: u32) -> PoolConfig {
         PoolConfig {
             num_layers: 2,
-            shape: Shape { num_qo_heads: 2, num_kv_heads: 1, head_dim: 8, dtype: DType::Bf16, causal: true, sm_scale: 0.0 },
+            shape: Shape {
+                num_qo_heads: 2,
+                num_kv_heads: 1,
+                head_dim: 8,
+                dtype: DType::Bf16,
+                kv_dtype: DType::Bf16,
+                causal: true,
+                sm_scale: 0.0,
+            },
             page_size: 4,
             num_pages,
             headroom_pages,

@@ -3,7 +3,7 @@
 //! against. Used by the CPU, planner, pool and CUDA tests.
 
 use half::{bf16, f16};
-use packinfer::types::{Batch, DType, KvLayout, PrefixGroup, RowsTensor, RunArgs, Shape};
+use packinfer::types::{Batch, DType, KvLayout, KvScales, PrefixGroup, RowsTensor, RunArgs, Shape};
 use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -35,6 +35,11 @@ impl Tensor {
                     bytes.extend_from_slice(&x.to_le_bytes());
                     exact.push(x as f64);
                 }
+                DType::Fp8E4m3 => {
+                    let c = packinfer::fp8::f32_to_e4m3(x);
+                    bytes.push(c);
+                    exact.push(e4m3_value(c));
+                }
             }
         }
         Tensor { dtype, bytes, exact }
@@ -56,8 +61,33 @@ impl Tensor {
             DType::F16 => f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f64(),
             DType::Bf16 => bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f64(),
             DType::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64,
+            DType::Fp8E4m3 => e4m3_value(b[0]),
         }
     }
+}
+
+/// The value of an fp8 e4m3 code from the format's definition (sign, 4 exponent bits of bias
+/// 7, 3 mantissa bits, subnormals at exponent 0, NaN at S.1111.111), written independently of
+/// the library's decoder.
+pub fn e4m3_value(code: u8) -> f64 {
+    let sign = if code & 0x80 != 0 { -1.0 } else { 1.0 };
+    let (e, m) = (((code >> 3) & 0xF) as i32, (code & 7) as f64);
+    match (e, code & 7) {
+        (15, 7) => f64::NAN,
+        (0, _) => sign * m / 8.0 * 2f64.powi(-6),
+        _ => sign * (1.0 + m / 8.0) * 2f64.powi(e - 7),
+    }
+}
+
+/// How an fp8 case is scaled ([`Case::with_fp8_kv`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fp8Scales {
+    /// One scale for K and one for V (vLLM's and FlashInfer's per-layer scales).
+    PerTensor,
+    /// An array of one scale per KV head, per-tensor scales 1.
+    PerHead,
+    /// Both: per-tensor scales times per-head arrays.
+    Both,
 }
 
 /// Knobs for a random case.
@@ -111,6 +141,15 @@ pub struct Case {
     /// The soft-cap the case's runs use (`RunArgs::logits_soft_cap`) and the reference applies;
     /// 0 for none.
     pub logits_soft_cap: f32,
+    /// K's and V's per-tensor scales and per-head scale arrays (empty: none), which the runs
+    /// pass (`RunArgs::kv_scales`) and the reference multiplies the stored values by.
+    pub k_scale: f32,
+    /// See `k_scale`.
+    pub v_scale: f32,
+    /// See `k_scale`.
+    pub k_head_scales: Vec<f32>,
+    /// See `k_scale`.
+    pub v_head_scales: Vec<f32>,
 }
 
 /// Random per-request (q_len, kv_len) pairs following `spec`.
@@ -148,6 +187,7 @@ impl Case {
             num_kv_heads: spec.num_kv_heads,
             head_dim: spec.head_dim,
             dtype: spec.dtype,
+            kv_dtype: spec.dtype,
             causal: spec.causal,
             sm_scale: 1.0 / (spec.head_dim as f32).sqrt(),
         };
@@ -221,7 +261,21 @@ impl Case {
             custom_mask: Vec::new(),
             mask_indptr: Vec::new(),
         };
-        Case { shape, batch, q, k, v, layout, hnd: spec.hnd, window_left: None, logits_soft_cap: 0.0 }
+        Case {
+            shape,
+            batch,
+            q,
+            k,
+            v,
+            layout,
+            hnd: spec.hnd,
+            window_left: None,
+            logits_soft_cap: 0.0,
+            k_scale: 1.0,
+            v_scale: 1.0,
+            k_head_scales: Vec::new(),
+            v_head_scales: Vec::new(),
+        }
     }
 
     pub fn total_q(&self) -> usize {
@@ -241,7 +295,65 @@ impl Case {
             lse: lse.as_mut_ptr() as u64,
             stream: 0,
             logits_soft_cap: self.logits_soft_cap,
+            kv_scales: self.kv_scales(),
         }
+    }
+
+    /// The case's scales as run arguments (the per-head arrays by address).
+    pub fn kv_scales(&self) -> KvScales {
+        let addr = |v: &Vec<f32>| if v.is_empty() { 0 } else { v.as_ptr() as u64 };
+        KvScales {
+            k_scale: self.k_scale,
+            v_scale: self.v_scale,
+            k_head_scales: addr(&self.k_head_scales),
+            v_head_scales: addr(&self.v_head_scales),
+        }
+    }
+
+    /// The scale of KV head `h` of K (`v = false`) or V: per-tensor times per-head.
+    pub fn head_scale(&self, v: bool, h: usize) -> f64 {
+        let (t, heads) = if v { (self.v_scale, &self.v_head_scales) } else { (self.k_scale, &self.k_head_scales) };
+        t as f64 * heads.get(h).map_or(1.0, |&x| x as f64)
+    }
+
+    /// The case with its K and V cache quantized to fp8 e4m3 (`shape.kv_dtype`) under random
+    /// scales of kind `scales`: each value x of KV head h is stored as the code nearest to
+    /// x / scale(h), so the dequantized cache, code · scale(h), is close to the original. The
+    /// reference then computes with the dequantized values (exactly those the codes hold).
+    /// Per-head scales differ by up to 8× between heads, so a backend that applied the wrong
+    /// head's scale would fail.
+    pub fn with_fp8_kv(mut self, rng: &mut SmallRng, scales: Fp8Scales) -> Case {
+        let h = self.shape.num_kv_heads as usize;
+        let tensor = |rng: &mut SmallRng| if scales == Fp8Scales::PerHead { 1.0 } else { rng.random_range(0.25..2.0f32) };
+        let heads = |rng: &mut SmallRng| {
+            if scales == Fp8Scales::PerTensor {
+                Vec::new()
+            } else {
+                (0..h).map(|_| rng.random_range(0.01..0.08f32)).collect()
+            }
+        };
+        self.k_scale = tensor(rng);
+        self.v_scale = tensor(rng);
+        self.k_head_scales = heads(rng);
+        self.v_head_scales = heads(rng);
+        if scales == Fp8Scales::PerTensor {
+            // Values of about ±1 over the scale use e4m3's range, as a calibrated scale would.
+            self.k_scale *= 0.02;
+            self.v_scale *= 0.02;
+        }
+        let (l, d, ps) = (self.layout, self.shape.head_dim as i64, self.batch.page_size as i64);
+        // The KV head of flat element i of the case's NHD or HND cache.
+        let head_of = |i: usize| if self.hnd { ((i as i64 % l.stride_page) / (ps * d)) as usize } else { (i / d as usize) % h };
+        let quantize = |t: &Tensor, v: bool| {
+            Tensor::new(DType::Fp8E4m3, t.exact.iter().enumerate().map(|(i, &x)| (x / self.head_scale(v, head_of(i))) as f32))
+        };
+        let (k, v) = (quantize(&self.k, false), quantize(&self.v, true));
+        self.k = k;
+        self.v = v;
+        self.layout.k = self.k.ptr();
+        self.layout.v = self.v.ptr();
+        self.shape.kv_dtype = DType::Fp8E4m3;
+        self
     }
 
     /// The case with a sliding window and a soft-cap (builder style, for tests).
@@ -329,13 +441,15 @@ impl Case {
                 let cap = self.logits_soft_cap as f64;
                 for head in 0..hq {
                     let kvh = head / g;
+                    let (k_scale, v_scale) = (self.head_scale(false, kvh), self.head_scale(true, kvh));
                     let qv = &self.q.exact[(tok * hq + head) * d..][..d];
                     let keys: Vec<u32> = (first..end).filter(|&key| self.mask_bit(r, qi, key)).collect();
                     let scores: Vec<f64> = keys
                         .iter()
                         .map(|&key| {
                             let page = self.batch.kv_page_indices[self.batch.kv_indptr[r] as usize + (key / ps) as usize];
-                            let x = (0..d).map(|i| qv[i] * elem(&self.k, page, key % ps, kvh, i)).sum::<f64>() * s.sm_scale as f64;
+                            let x =
+                                (0..d).map(|i| qv[i] * elem(&self.k, page, key % ps, kvh, i) * k_scale).sum::<f64>() * s.sm_scale as f64;
                             if cap > 0.0 {
                                 cap * (x / cap).tanh()
                             } else {
@@ -350,7 +464,7 @@ impl Case {
                         let page = self.batch.kv_page_indices[self.batch.kv_indptr[r] as usize + (key / ps) as usize];
                         let p = (sc - m).exp() / z;
                         for i in 0..d {
-                            out[(tok * hq + head) * d + i] += p * elem(&self.v, page, key % ps, kvh, i);
+                            out[(tok * hq + head) * d + i] += p * elem(&self.v, page, key % ps, kvh, i) * v_scale;
                         }
                     }
                 }
@@ -374,6 +488,7 @@ pub fn assert_close_to(case: &Case, reference: &(Vec<f64>, Vec<f64>), o: &Tensor
         DType::Bf16 => (1.5e-2, 1.5e-2),
         DType::F16 => (2e-3, 2e-3),
         DType::F32 => (2e-5, 1e-4),
+        DType::Fp8E4m3 => unreachable!("O is never fp8"),
     };
     let (hq, d) = (case.shape.num_qo_heads as usize, case.shape.head_dim as usize);
     for (i, &want) in ref_o.iter().enumerate() {

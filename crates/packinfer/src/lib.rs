@@ -15,6 +15,7 @@
 
 pub mod backend;
 pub mod error;
+pub mod fp8;
 pub mod kv;
 pub mod plan;
 #[doc(hidden)]

@@ -13,22 +13,27 @@ pub enum DType {
     Bf16,
     /// IEEE single precision (the CPU backend only).
     F32,
+    /// fp8 e4m3 ([`crate::fp8`]), for K and V only ([`Shape::kv_dtype`]), with scales given
+    /// per run ([`KvScales`]).
+    Fp8E4m3,
 }
 
 impl DType {
     /// Bytes of one element.
     pub fn size_bytes(self) -> usize {
         match self {
+            DType::Fp8E4m3 => 1,
             DType::F16 | DType::Bf16 => 2,
             DType::F32 => 4,
         }
     }
-    /// "f16", "bf16" or "f32", for messages.
+    /// "f16", "bf16", "f32" or "fp8_e4m3", for messages.
     pub fn name(self) -> &'static str {
         match self {
             DType::F16 => "f16",
             DType::Bf16 => "bf16",
             DType::F32 => "f32",
+            DType::Fp8E4m3 => "fp8_e4m3",
         }
     }
 }
@@ -42,8 +47,11 @@ pub struct Shape {
     pub num_kv_heads: u32,
     /// Elements of one head's vector.
     pub head_dim: u32,
-    /// Element type of Q, K, V and O.
+    /// Element type of Q and O, and of K and V unless `kv_dtype` says otherwise.
     pub dtype: DType,
+    /// Element type of K and V: `dtype`, or [`DType::Fp8E4m3`] (an fp8 cache, dequantized with
+    /// the run's [`KvScales`]). Fixed at plan time, like the rest of the shape.
+    pub kv_dtype: DType,
     /// Bottom-right aligned causal mask: query i of a request of q_len queries and kv_len keys
     /// sees keys `0 ..= kv_len - q_len + i`.
     pub causal: bool,
@@ -88,6 +96,16 @@ impl Shape {
             return Err(crate::unsupported!(
                 "head_dim = {} is not supported (multiples of 8 up to 512; the GPU kernels take 64, 96, 128, 192 and 256)",
                 self.head_dim
+            ));
+        }
+        if self.dtype == DType::Fp8E4m3 {
+            return Err(invalid!("dtype = fp8_e4m3, but Q and O are f16, bf16 or f32; fp8 is a K/V dtype (kv_dtype)"));
+        }
+        if self.kv_dtype != self.dtype && self.kv_dtype != DType::Fp8E4m3 {
+            return Err(invalid!(
+                "kv_dtype = {} with dtype = {}: K and V have Q's dtype or fp8_e4m3",
+                self.kv_dtype.name(),
+                self.dtype.name()
             ));
         }
         if !(self.sm_scale.is_finite() && self.sm_scale > 0.0) {
@@ -456,16 +474,76 @@ pub struct RunArgs {
     /// before the softmax; 0 turns it off. A run parameter, not a plan one: each run (each
     /// layer) uses the value it is given, and nothing about it is fixed when the plan is made.
     pub logits_soft_cap: f32,
+    /// How an fp8 cache's codes become values; [`KvScales::NONE`] for a cache of Q's dtype. A
+    /// run parameter (each layer has its own scales), like the soft-cap.
+    pub kv_scales: KvScales,
+}
+
+/// The dequantization scales of an fp8 K/V cache ([`Shape::kv_dtype`] = [`DType::Fp8E4m3`]):
+/// element `x` of KV head `h` of K is `e4m3(x) · k_scale · k_head_scales[h]` (V alike), the
+/// per-head factor 1 where its array is not given. Engines pass one of the two: vLLM and
+/// FlashInfer a per-tensor scale per layer, checkpoints quantized per head an array.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KvScales {
+    /// K's per-tensor scale.
+    pub k_scale: f32,
+    /// V's per-tensor scale.
+    pub v_scale: f32,
+    /// 0, or the address of `num_kv_heads` f32 (device memory on CUDA, host memory on the
+    /// CPU), read by each run (so a captured CUDA graph reads their current values).
+    pub k_head_scales: u64,
+    /// See `k_head_scales`.
+    pub v_head_scales: u64,
+}
+
+impl KvScales {
+    /// No scaling: what a cache of Q's dtype runs with (and an fp8 one of scale 1).
+    pub const NONE: KvScales = KvScales { k_scale: 1.0, v_scale: 1.0, k_head_scales: 0, v_head_scales: 0 };
+
+    /// Checks the scales against the K/V dtype; the message names the bad value. The per-head
+    /// arrays' values are the caller's memory (device memory on CUDA) and are not checked.
+    pub fn validate(&self, kv_dtype: DType) -> Result<()> {
+        if kv_dtype != DType::Fp8E4m3 {
+            let stray = if self.k_scale != 1.0 {
+                format!("k_scale = {}", self.k_scale)
+            } else if self.v_scale != 1.0 {
+                format!("v_scale = {}", self.v_scale)
+            } else if self.k_head_scales != 0 {
+                format!("k_head_scales = 0x{:x}", self.k_head_scales)
+            } else if self.v_head_scales != 0 {
+                format!("v_head_scales = 0x{:x}", self.v_head_scales)
+            } else {
+                return Ok(());
+            };
+            return Err(invalid!(
+                "{stray}, but K and V are {}: scales apply to an fp8_e4m3 cache only (leave the scales 1 and the per-head arrays null)",
+                kv_dtype.name()
+            ));
+        }
+        for (name, x) in [("k_scale", self.k_scale), ("v_scale", self.v_scale)] {
+            if !(x.is_finite() && x > 0.0) {
+                return Err(invalid!("{name} = {x} must be positive and finite"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Default for KvScales {
+    fn default() -> Self {
+        KvScales::NONE
+    }
 }
 
 impl RunArgs {
-    /// Checks the run's scalar parameters; the message names the bad value.
-    pub fn validate(&self) -> Result<()> {
+    /// Checks the run's scalar parameters for a plan whose K/V are `kv_dtype`; the message
+    /// names the bad value.
+    pub fn validate(&self, kv_dtype: DType) -> Result<()> {
         let cap = self.logits_soft_cap;
         if !(cap.is_finite() && cap >= 0.0) {
             return Err(invalid!("logits_soft_cap = {cap} must be 0 (off) or positive and finite"));
         }
-        Ok(())
+        self.kv_scales.validate(kv_dtype)
     }
 }
 

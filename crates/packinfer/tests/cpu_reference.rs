@@ -439,3 +439,162 @@ fn tree_mask_and_fully_masked_rows() {
         }
     }
 }
+
+/// Up to two prefix groups over distinct requests, each prefix within its members' keys.
+fn random_prefix_groups(r: &mut rand::rngs::SmallRng, lens: &[(u32, u32)]) -> Vec<packinfer::types::PrefixGroup> {
+    use rand::seq::SliceRandom;
+    use rand::Rng;
+    let mut free: Vec<u32> = (0..lens.len() as u32).filter(|&i| lens[i as usize].1 > 0).collect();
+    free.shuffle(r);
+    let mut groups = Vec::new();
+    for _ in 0..r.random_range(0..=2) {
+        let size = r.random_range(2..=4).min(free.len());
+        if size < 2 {
+            break;
+        }
+        let mut members: Vec<u32> = free.drain(..size).collect();
+        // Case::build copies the prefix from the first member, which must come first in the batch.
+        members.sort_unstable();
+        let max = members.iter().map(|&m| lens[m as usize].1).min().unwrap();
+        groups.push(packinfer::types::PrefixGroup { prefix_len: r.random_range(1..=max), members });
+    }
+    groups
+}
+
+/// An fp8 e4m3 K/V cache on random batches with every feature: Q of every dtype, every head
+/// size and GQA ratio, causal or not, per-tensor, per-head and combined scales, prefix groups,
+/// sliding windows, soft-caps, custom masks, splits (64-key deterministic pieces) and every
+/// technique off. The reference computes in float64 with the dequantized cache (code × scale),
+/// so the tolerance is the output dtype's (the fp8 rounding of the cache is not in it).
+#[test]
+fn fp8_cache_random_batches_match_f64_reference() {
+    use common::Fp8Scales;
+    let mut r = rng(0xf8e4);
+    let mut grouped = 0;
+    for i in 0..180 {
+        let mut spec = CaseSpec::random(&mut r);
+        spec.max_kv = spec.max_kv.min(1200);
+        let lens = common::random_lengths(&mut r, &spec);
+        let groups = if i % 3 == 0 { random_prefix_groups(&mut r, &lens) } else { Vec::new() };
+        grouped += !groups.is_empty() as usize;
+        let window = [None, None, Some(16), Some(100), Some(0)][i % 5];
+        let cap = [0.0, 30.0, 0.0][i % 3];
+        let scales = [Fp8Scales::PerTensor, Fp8Scales::PerHead, Fp8Scales::Both][(i / 3) % 3];
+        let mut case = Case::build(&mut r, &spec, &lens, groups).with_features(window, cap);
+        let masked = i % 7 == 3;
+        if masked {
+            case = case.with_random_mask(&mut r, [0.5, 0.9, 0.1][i % 3], i % 2 == 0);
+        }
+        let case = case.with_fp8_kv(&mut r, scales);
+        let base = match i % 4 {
+            0 | 3 => PlanOptions::default(),
+            1 => PlanOptions { deterministic: true, split_keys: 64, ..PlanOptions::default() },
+            _ => PlanOptions { packing: false, balancing: false, prefix_sharing: false, split_kv: false, ..PlanOptions::default() },
+        };
+        let ctx = format!("case {i} {scales:?} window {window:?} cap {cap} mask {masked} groups {:?} {spec:?}", case.batch.prefix_groups);
+        let plan = run_and_check(&case, case.plan_options(base), &ctx);
+        assert_eq!(plan.shape.kv_dtype, DType::Fp8E4m3);
+    }
+    assert!(grouped > 20, "only {grouped} cases had prefix groups");
+}
+
+/// Scales are run arguments: one fp8 plan, bound once, run with per-tensor scales, per-head
+/// arrays, both, and the arrays' heads swapped, gives each time the reference of the scales that
+/// run was given. Bad scales are refused by name before anything runs, and so are scales for a
+/// cache of Q's dtype.
+#[test]
+fn fp8_scales_are_taken_from_each_run() {
+    use common::Fp8Scales;
+    use packinfer::types::KvScales;
+    let cpu = CpuBackend::new(2);
+    let mut r = rng(0x5ca1e);
+    let spec = CaseSpec {
+        batch_size: 3,
+        max_kv: 300,
+        page_size: 16,
+        num_kv_heads: 2,
+        group: 4,
+        head_dim: 64,
+        dtype: DType::Bf16,
+        causal: true,
+        decode_fraction: 0.5,
+        hnd: true,
+    };
+    let mut case = Case::build(&mut r, &spec, &[(1, 280), (20, 200), (1, 9)], vec![]).with_fp8_kv(&mut r, Fp8Scales::Both);
+    let plan = Arc::new(Plan::build(case.shape, case.batch.clone(), &cpu.profile(), PlanOptions::default()).unwrap());
+    let bound = cpu.bind(plan, 0, None).unwrap();
+    let run = |case: &Case| {
+        let mut o = Tensor::poisoned(case.shape.dtype, case.out_len());
+        let mut lse = vec![f32::NAN; case.total_q() * case.shape.num_qo_heads as usize];
+        // SAFETY: the case's Q, K and V (and scale arrays), O of out_len() and LSE of total_q ×
+        // heads elements, on the host.
+        unsafe { bound.run(&case.run_args(&mut o, &mut lse)) }.map(|()| (o, lse))
+    };
+    let (k_heads, v_heads) = (case.k_head_scales.clone(), case.v_head_scales.clone());
+    let mut lses = Vec::new();
+    for (name, k_scale, v_scale, per_head) in [
+        ("both", case.k_scale, case.v_scale, true),
+        ("per-tensor only", 0.03, 0.05, false),
+        ("per-head only", 1.0, 1.0, true),
+        ("heads swapped", 1.0, 1.0, true),
+    ] {
+        case.k_scale = k_scale;
+        case.v_scale = v_scale;
+        case.k_head_scales = if per_head { k_heads.clone() } else { Vec::new() };
+        case.v_head_scales = if per_head { v_heads.clone() } else { Vec::new() };
+        if name == "heads swapped" {
+            case.k_head_scales.reverse();
+            case.v_head_scales.reverse();
+        }
+        let (o, lse) = run(&case).expect(name);
+        assert_close(&case, &o, &lse, name);
+        lses.push(lse);
+    }
+    assert_ne!(lses[2], lses[3], "swapping the heads' scales changed nothing: the test cannot tell heads apart");
+    // Bad scales, by name.
+    for (k_scale, v_scale, want) in [(-1.0, 1.0, "k_scale = -1"), (1.0, f32::NAN, "v_scale = NaN"), (f32::INFINITY, 1.0, "k_scale = inf")] {
+        case.k_scale = k_scale;
+        case.v_scale = v_scale;
+        let Err(err) = run(&case) else { panic!("scales k {k_scale}, v {v_scale} ran") };
+        assert!(matches!(err, packinfer::Error::InvalidArgument(_)) && err.to_string().contains(want), "{err}");
+    }
+    // Scales for a bf16 cache are a mistake, not ignored.
+    let plain = Case::build(&mut r, &spec, &[(1, 40)], vec![]);
+    let bf16_plan = Arc::new(Plan::build(plain.shape, plain.batch.clone(), &cpu.profile(), PlanOptions::default()).unwrap());
+    let bf16_bound = cpu.bind(bf16_plan, 0, None).unwrap();
+    let mut o = Tensor::poisoned(plain.shape.dtype, plain.out_len());
+    let mut lse = vec![f32::NAN; plain.total_q() * plain.shape.num_qo_heads as usize];
+    let mut args = plain.run_args(&mut o, &mut lse);
+    args.kv_scales = KvScales { k_scale: 0.5, ..KvScales::NONE };
+    // SAFETY: the case's host tensors, as above.
+    let err = unsafe { bf16_bound.run(&args) }.unwrap_err().to_string();
+    assert!(err.contains("k_scale = 0.5") && err.contains("fp8_e4m3 cache only"), "{err}");
+    args.kv_scales = KvScales { v_head_scales: 8, ..KvScales::NONE };
+    // SAFETY: as above (refused before anything is read).
+    let err = unsafe { bf16_bound.run(&args) }.unwrap_err().to_string();
+    assert!(err.contains("v_head_scales = 0x8"), "{err}");
+}
+
+/// K/V dtypes the API does not have are refused by name when planning: fp8 Q, and K/V of
+/// another 16-bit dtype than Q's.
+#[test]
+fn kv_dtype_is_q_dtype_or_fp8() {
+    use packinfer::types::Shape;
+    let cpu = CpuBackend::new(1);
+    let case = Case::build(&mut rng(1), &spec(16, true), &[(1, 10)], vec![]);
+    let plan = |shape: Shape| Plan::build(shape, case.batch.clone(), &cpu.profile(), PlanOptions::default()).map(drop);
+    for (dtype, kv_dtype, want) in [
+        (DType::Fp8E4m3, DType::Fp8E4m3, Some("dtype = fp8_e4m3, but Q and O are")),
+        (DType::F16, DType::Bf16, Some("kv_dtype = bf16 with dtype = f16")),
+        (DType::F32, DType::F16, Some("kv_dtype = f16 with dtype = f32")),
+        (DType::F16, DType::Fp8E4m3, None),
+        (DType::Bf16, DType::Fp8E4m3, None),
+        (DType::F32, DType::Fp8E4m3, None),
+    ] {
+        match (plan(Shape { dtype, kv_dtype, ..case.shape }), want) {
+            (Ok(()), None) => {}
+            (Err(e), Some(want)) => assert!(matches!(e, packinfer::Error::InvalidArgument(_)) && e.to_string().contains(want), "{e}"),
+            (got, _) => panic!("{dtype:?}/{kv_dtype:?}: {got:?}, want {want:?}"),
+        }
+    }
+}

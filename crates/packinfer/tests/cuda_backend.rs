@@ -118,6 +118,7 @@ impl DeviceCase {
             lse: self.lse.ptr(),
             stream,
             logits_soft_cap: case.logits_soft_cap,
+            kv_scales: packinfer::types::KvScales::NONE,
         }
     }
     fn outputs(&self, cu: &CudaBackend, case: &Case) -> (Tensor, Vec<f32>) {
@@ -633,6 +634,10 @@ fn deterministic_rows_are_bitwise_identical_across_batches() {
             hnd: mixed.hnd,
             window_left: None,
             logits_soft_cap: 0.0,
+            k_scale: 1.0,
+            v_scale: 1.0,
+            k_head_scales: Vec::new(),
+            v_head_scales: Vec::new(),
         };
         let run = |case: &Case| run_plan(&cu, case, Plan::build(case.shape, case.batch.clone(), &cu.profile(), options.clone()).unwrap());
         let (o1, l1) = run(&alone);

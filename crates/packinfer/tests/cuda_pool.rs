@@ -39,7 +39,15 @@ const ROW: usize = (KV_HEADS * DIM) as usize;
 fn config() -> PoolConfig {
     PoolConfig {
         num_layers: LAYERS,
-        shape: Shape { num_qo_heads: QO_HEADS, num_kv_heads: KV_HEADS, head_dim: DIM, dtype: DType::Bf16, causal: true, sm_scale: 0.0 },
+        shape: Shape {
+            num_qo_heads: QO_HEADS,
+            num_kv_heads: KV_HEADS,
+            head_dim: DIM,
+            dtype: DType::Bf16,
+            kv_dtype: DType::Bf16,
+            causal: true,
+            sm_scale: 0.0,
+        },
         page_size: PAGE,
         num_pages: 48,
         headroom_pages: 1,
@@ -188,6 +196,7 @@ impl Side {
                 lse: 0,
                 stream: s,
                 logits_soft_cap: 0.0,
+                kv_scales: self.pool.kv_scales(layer).unwrap(),
             };
             // SAFETY: Q and O are staged device buffers of the step's rows, K/V the pool the plan
             // was made from; the stream is synced before they are dropped.
@@ -310,7 +319,8 @@ fn cuda_pool_error_paths() {
     assert!(matches!(testing::read_token_host(&pool, seq, 0, 0), Err(Error::Unsupported(_))));
     assert!(matches!(cu.alloc_kv(0), Err(Error::InvalidArgument(_))));
     for (head_dim, dtype) in [(128, DType::F32), (80, DType::Bf16)] {
-        let e = KvPool::new(cu.clone(), PoolConfig { shape: Shape { head_dim, dtype, ..config().shape }, ..config() }).unwrap_err();
+        let e = KvPool::new(cu.clone(), PoolConfig { shape: Shape { head_dim, dtype, kv_dtype: dtype, ..config().shape }, ..config() })
+            .unwrap_err();
         assert!(matches!(e, Error::Unsupported(_)), "head_dim {head_dim} {dtype:?}: {e}");
     }
     let m = pool.memory();

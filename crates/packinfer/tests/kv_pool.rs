@@ -26,7 +26,15 @@ const LAYERS: u32 = 2;
 fn config(page_size: u32, num_pages: u32, headroom: u32) -> PoolConfig {
     PoolConfig {
         num_layers: LAYERS,
-        shape: Shape { num_qo_heads: HEADS * 2, num_kv_heads: HEADS, head_dim: DIM, dtype: DType::F32, causal: true, sm_scale: 0.0 },
+        shape: Shape {
+            num_qo_heads: HEADS * 2,
+            num_kv_heads: HEADS,
+            head_dim: DIM,
+            dtype: DType::F32,
+            kv_dtype: DType::F32,
+            causal: true,
+            sm_scale: 0.0,
+        },
         page_size,
         num_pages,
         headroom_pages: headroom,
@@ -631,4 +639,96 @@ fn pool_plans_take_the_sliding_window() {
         // Each decode sits at position 16 and sees keys 13..=16.
         assert_eq!((c.key_begin, c.key_end), (13, 17), "{c:?}");
     }
+}
+
+/// A pool of fp8 K/V: it takes rows of Q's dtype and stores one byte per element, each the
+/// e4m3 code of x / scale with its layer's scale for its K or V head (nearest, ties to even,
+/// saturated at ±448); its stats count those bytes (half those of a bf16 pool of the same shape,
+/// which also fits twice the pages in the same bytes); its runs' scales point at the layer's
+/// scales; wrong scales are refused by name.
+#[test]
+fn fp8_pool_stores_one_byte_per_element_with_its_scales() {
+    use packinfer::fp8::f32_to_e4m3;
+    let cpu: Arc<dyn Backend> = Arc::new(CpuBackend::new(1));
+    let shape = |kv_dtype| Shape { dtype: DType::Bf16, kv_dtype, ..config(4, 64, 1).shape };
+    let bf16 = PoolConfig { shape: shape(DType::Bf16), ..config(4, 64, 1) };
+    let fp8 = PoolConfig { shape: shape(DType::Fp8E4m3), ..config(4, 64, 1) };
+    assert_eq!(fp8.row_bytes() * 2, bf16.row_bytes());
+    assert_eq!(fp8.pages_for_bytes(bf16.page_bytes_all_layers() * 10 + fp8.scale_bytes()), 20);
+    // [layer][K, V][head]: distinct per head, layer and K/V, small enough that values saturate.
+    let scales: Vec<f32> = (0..LAYERS * 2 * HEADS).map(|i| 0.5f32.powi(i as i32 + 3)).collect();
+    let pools = [KvPool::new(cpu.clone(), bf16).unwrap(), KvPool::with_scales(cpu.clone(), fp8, &scales).unwrap()];
+    let row = (HEADS * DIM) as usize;
+    let x: Vec<half::bf16> = (0..6 * row).map(|i| half::bf16::from_f32((i as f32 - 20.0) * 0.37)).collect();
+    let mut read = Vec::new();
+    for pool in &pools {
+        // a: pages 0, 1; c: page 2; b forks a's first page and takes pages 3, 4, so laying out
+        // a's and b's group (prefix, a, headroom, b) has pages to move.
+        let a = pool.create_sequence();
+        pool.append(a, 6, 0).unwrap();
+        for layer in 0..LAYERS {
+            let p = x.as_ptr() as u64;
+            // SAFETY: x holds 6 rows of HEADS × DIM bf16 on the host.
+            unsafe { pool.write_kv(layer, &[(a, 6)], p, p, row as i64, 0) }.unwrap();
+        }
+        let c = pool.create_sequence();
+        pool.append(c, 3, 0).unwrap();
+        let b = pool.fork(a, 4, 0).unwrap();
+        pool.append(b, 5, 0).unwrap();
+        let plan = pool.plan(&[(a, 1), (b, 1), (c, 1)], None, PlanOptions::default()).unwrap();
+        let groups = groups_of_plan(&plan, &[a, b, c]).unwrap();
+        pool.relayout(&groups, true, 0).unwrap();
+        let s = pool.stats();
+        read.push((s.step_read_bytes_shared, s.step_read_bytes_unshared, s.relayout_bytes_moved, s.relayout_pages_moved));
+        for layer in 0..LAYERS {
+            let sc = pool.kv_scales(layer).unwrap();
+            if pool.config().shape.kv_dtype == DType::Bf16 {
+                assert_eq!(sc, packinfer::types::KvScales::NONE);
+                continue;
+            }
+            let base = pool.memory().base();
+            let head_scales = |addr: u64| {
+                (0..HEADS as usize).map(move |h| {
+                    // SAFETY: the pool's host memory holds the layer's scales at the address it gives.
+                    unsafe { *(addr as *const f32).add(h) }
+                })
+            };
+            assert!(sc.k_head_scales > base && sc.v_head_scales == sc.k_head_scales + 4 * HEADS as u64);
+            let want = |v: bool| scales[((2 * layer + v as u32) * HEADS) as usize..][..HEADS as usize].to_vec();
+            assert_eq!(head_scales(sc.k_head_scales).collect::<Vec<_>>(), want(false), "layer {layer} K");
+            assert_eq!(head_scales(sc.v_head_scales).collect::<Vec<_>>(), want(true), "layer {layer} V");
+            for t in 0..6 {
+                let (k, v) = testing::read_token_host(pool, a, layer, t).unwrap();
+                assert_eq!(k.len(), row, "one byte per element");
+                for i in 0..row {
+                    let src = x[t as usize * row + i].to_f32();
+                    let (ks, vs) = (want(false)[i / DIM as usize], want(true)[i / DIM as usize]);
+                    assert_eq!(k[i], f32_to_e4m3(src / ks), "layer {layer} token {t} K[{i}]");
+                    assert_eq!(v[i], f32_to_e4m3(src / vs), "layer {layer} token {t} V[{i}]");
+                }
+            }
+        }
+    }
+    let (b16, f8) = (read[0], read[1]);
+    assert!(b16.0 > 0 && b16.2 > 0, "the step read and the relayout moved bytes: {b16:?}");
+    assert_eq!((f8.0 * 2, f8.1 * 2, f8.2 * 2, f8.3), b16, "fp8 counts half the bytes of bf16, the same pages");
+    // Saturation was exercised: some codes are ±448.
+    let (k, _) = testing::read_token_host(&pools[1], 1, LAYERS - 1, 2).unwrap();
+    assert!(k.iter().any(|&c| c & 0x7F == 0x7E), "no value saturated: {k:?}");
+    // Wrong scales, by name.
+    let bad = |config: PoolConfig, scales: &[f32], want: &str| {
+        let e = KvPool::with_scales(cpu.clone(), config, scales).unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)) && e.to_string().contains(want), "{e}");
+    };
+    bad(
+        fp8,
+        &scales[1..],
+        "kv_head_scales has 7 entries; a pool of num_layers = 2 and num_kv_heads = 2 needs num_layers × 2 × num_kv_heads = 8",
+    );
+    let mut neg = scales.clone();
+    neg[5] = -1.0;
+    bad(fp8, &neg, "kv_head_scales[5] = -1 must be positive and finite");
+    bad(bf16, &scales, "scales apply to an fp8_e4m3 pool only");
+    let q_fp8 = PoolConfig { shape: Shape { dtype: DType::Fp8E4m3, ..fp8.shape }, ..fp8 };
+    bad(q_fp8, &[], "dtype = fp8_e4m3, but Q and O are");
 }

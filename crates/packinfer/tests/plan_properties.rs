@@ -504,7 +504,21 @@ fn sub_batch(case: &Case, keep: &[u32]) -> Case {
     let mut layout = case.layout;
     layout.k = k.ptr();
     layout.v = v.ptr();
-    Case { shape: case.shape, batch, q, k, v, layout, hnd: case.hnd, window_left: case.window_left, logits_soft_cap: case.logits_soft_cap }
+    Case {
+        shape: case.shape,
+        batch,
+        q,
+        k,
+        v,
+        layout,
+        hnd: case.hnd,
+        window_left: case.window_left,
+        logits_soft_cap: case.logits_soft_cap,
+        k_scale: case.k_scale,
+        v_scale: case.v_scale,
+        k_head_scales: case.k_head_scales.clone(),
+        v_head_scales: case.v_head_scales.clone(),
+    }
 }
 
 #[test]

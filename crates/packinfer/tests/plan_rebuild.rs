@@ -63,7 +63,7 @@ fn allocations(f: impl FnOnce()) -> u64 {
 }
 
 fn shape(causal: bool) -> Shape {
-    Shape { num_qo_heads: 32, num_kv_heads: 8, head_dim: 128, dtype: DType::Bf16, causal, sm_scale: 0.088 }
+    Shape { num_qo_heads: 32, num_kv_heads: 8, head_dim: 128, dtype: DType::Bf16, kv_dtype: DType::Bf16, causal, sm_scale: 0.088 }
 }
 
 /// `(q_len, kv_len)` requests on scattered pages of 16 keys, with `prefix` members a group.

@@ -65,19 +65,26 @@ impl CDesc for Case {
             num_qo_heads: s.num_qo_heads,
             num_kv_heads: s.num_kv_heads,
             head_dim: s.head_dim,
-            dtype: match s.dtype {
-                DType::F16 => PackinferDtype::F16,
-                DType::Bf16 => PackinferDtype::Bf16,
-                DType::F32 => PackinferDtype::F32,
-            } as u32,
+            dtype: c_dtype(s.dtype),
             causal: s.causal,
             sm_scale: s.sm_scale,
             num_prefix_groups: groups.len() as u32,
             prefix_groups: if groups.is_empty() { std::ptr::null() } else { groups.as_ptr() },
             custom_mask: if b.mask_indptr.is_empty() { std::ptr::null() } else { b.custom_mask.as_ptr() },
             mask_indptr: if b.mask_indptr.is_empty() { std::ptr::null() } else { b.mask_indptr.as_ptr() },
+            kv_dtype: if s.kv_dtype == s.dtype { 0 } else { c_dtype(s.kv_dtype) },
         }
     }
+}
+
+/// The C ABI's value of a dtype.
+pub fn c_dtype(d: DType) -> u32 {
+    (match d {
+        DType::F16 => PackinferDtype::F16,
+        DType::Bf16 => PackinferDtype::Bf16,
+        DType::F32 => PackinferDtype::F32,
+        DType::Fp8E4m3 => PackinferDtype::Fp8E4m3,
+    }) as u32
 }
 
 /// Run arguments over `case`'s host tensors (Q, its cache, its soft-cap), writing `o` and `lse`.
@@ -102,5 +109,9 @@ pub fn run_args(case: &Case, o: &Tensor, lse: &mut [f32]) -> PackinferRunArgs {
         lse: lse.as_mut_ptr(),
         stream: null_mut(),
         logits_soft_cap: case.logits_soft_cap,
+        k_head_scales: if case.k_head_scales.is_empty() { std::ptr::null() } else { case.k_head_scales.as_ptr() },
+        v_head_scales: if case.v_head_scales.is_empty() { std::ptr::null() } else { case.v_head_scales.as_ptr() },
+        k_scale: case.k_scale,
+        v_scale: case.v_scale,
     }
 }

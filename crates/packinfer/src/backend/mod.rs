@@ -119,10 +119,41 @@ pub trait KvMemory: Send + Sync {
     /// # Safety
     /// `src` must address `dst_offsets.len()` readable rows laid out as described.
     unsafe fn write_rows(&self, src: u64, src_stride_bytes: u64, row_bytes: u64, dst_offsets: &[u64], stream: u64) -> Result<()>;
+    /// Scatters rows as [`KvMemory::write_rows`] does, converting each to fp8 e4m3 on the way:
+    /// source row `i` holds `num_kv_heads × head_dim` elements of `conv.src_dtype`, and element x
+    /// of head h is stored at `base + dst_offsets[i]` onwards as e4m3(x / scale(h)), the scales
+    /// being the `num_kv_heads` f32 at `base + conv.head_scales`. Backends that cannot convert
+    /// say `Unsupported` (the default).
+    ///
+    /// # Safety
+    /// `src` must address `dst_offsets.len()` readable rows laid out as described.
+    unsafe fn write_rows_fp8(&self, src: u64, src_stride_bytes: u64, conv: &RowConversion, dst_offsets: &[u64], stream: u64) -> Result<()> {
+        let _ = (src, src_stride_bytes, dst_offsets, stream);
+        Err(crate::unsupported!("this backend's KV pools do not store {} rows as fp8_e4m3", conv.src_dtype.name()))
+    }
+    /// Copies host bytes to `base + offset`, once, at pool creation (an fp8 pool's scales).
+    /// Backends without it say `Unsupported` (the default).
+    fn write_from_host(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let _ = (offset, data);
+        Err(crate::unsupported!("this backend's KV pools cannot be written from host memory"))
+    }
     /// Copies `bytes` from `base + src` to `base + dst` for every `(src, dst)` pair, inside the
     /// allocation. No destination overlaps a source or another destination (the pool copies
     /// pages into free pages), so the copies may run in any order or in parallel.
     fn copy_ranges(&self, pairs: &[(u64, u64)], bytes: u64, stream: u64) -> Result<()>;
+}
+
+/// How [`KvMemory::write_rows_fp8`] converts a row of new K (or V) into an fp8 cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowConversion {
+    /// The element type of the source rows (the pool's Q dtype).
+    pub src_dtype: crate::types::DType,
+    /// KV heads in a row.
+    pub num_kv_heads: u32,
+    /// Elements of one head.
+    pub head_dim: u32,
+    /// Byte offset in the allocation of the `num_kv_heads` f32 scales, one per head.
+    pub head_scales: u64,
 }
 
 /// Sizes of the device buffers of a launch: a plan fits when none of its counts is larger.
@@ -248,8 +279,9 @@ pub trait BoundPlan: Send + Sync {
     ///   dtype through its strides, and `args.o` a writable one, overlapping nothing else
     ///   `run` reads or writes;
     /// - `args.lse` is 0 or addresses writable `f32 [total_q, num_qo_heads]`;
-    /// - `args.kv` addresses K and V caches holding `batch.num_pages` pages: every (page,
-    ///   token in page, KV head, dim) is readable through its strides;
+    /// - `args.kv` addresses K and V caches holding `batch.num_pages` pages of the plan's
+    ///   `kv_dtype`: every (page, token in page, KV head, dim) is readable through its strides;
+    /// - `args.kv_scales`' per-head arrays, where not 0, address `num_kv_heads` readable f32;
     /// - the scratch given to `bind`, if any, stays valid and writable for its size and is used
     ///   by nothing else while the launch lives;
     /// - on the CPU backend all of it is host memory, not written by anyone else during the

@@ -4,8 +4,10 @@
 //! the plan of a step is derived from them (page tables, prefix groups). `layout` keeps each
 //! execution group's pages in one run ("group-contiguous KV").
 //!
-//! Memory layout, in elements of the pool's dtype:
-//! `[layer][K | V][page][token in page][kv head][dim]`, i.e. per layer and per K/V an NHD cache.
+//! Memory layout, in elements of the pool's K/V dtype (`shape.kv_dtype`):
+//! `[layer][K | V][page][token in page][kv head][dim]`, i.e. per layer and per K/V an NHD cache;
+//! a pool of fp8 K/V then keeps its dequantization scales, `[layer][K | V][kv head]` f32, after
+//! the pages.
 //! NHD rather than HND because the step's new K/V arrive token-major `[tokens, kv_heads,
 //! head_dim]`: a token's row is one contiguous copy into its slot (slot = page * page_size +
 //! token), and a page of one layer's K is one contiguous block, so moving a page is `2 * layers`
@@ -23,11 +25,11 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::backend::{Backend, KvMemory};
+use crate::backend::{Backend, KvMemory, RowConversion};
 use crate::error::{Error, Result};
 use crate::invalid;
 use crate::plan::{Plan, PlanOptions};
-use crate::types::{KvLayout, Shape};
+use crate::types::{DType, KvLayout, KvScales, Shape};
 
 pub use layout::{groups_of_plan, RelayoutReport};
 
@@ -59,17 +61,27 @@ impl PoolConfig {
     pub fn page_bytes(&self) -> u64 {
         self.page_size as u64 * self.row_bytes()
     }
-    /// Bytes of one token's K (or V) row in one layer: `kv_heads * head_dim` elements.
+    /// Bytes of one token's K (or V) row in one layer: `kv_heads * head_dim` elements of the
+    /// K/V dtype (1 byte each in an fp8 pool).
     pub fn row_bytes(&self) -> u64 {
-        self.shape.num_kv_heads as u64 * self.shape.head_dim as u64 * self.shape.dtype.size_bytes() as u64
+        self.shape.num_kv_heads as u64 * self.shape.head_dim as u64 * self.shape.kv_dtype.size_bytes() as u64
+    }
+    /// Bytes of the scales an fp8 pool keeps after its pages (`num_layers × 2 × num_kv_heads`
+    /// f32); 0 for a pool of Q's dtype.
+    pub fn scale_bytes(&self) -> u64 {
+        if self.shape.kv_dtype == DType::Fp8E4m3 {
+            self.num_layers as u64 * 2 * self.shape.num_kv_heads as u64 * 4
+        } else {
+            0
+        }
     }
     /// Bytes of one token's K and V over all layers.
     pub fn token_bytes_all_layers(&self) -> u64 {
         self.row_bytes() * 2 * self.num_layers as u64
     }
-    /// Pages that fit in `bytes` (for pools sized in bytes).
+    /// Pages that fit in `bytes` (for pools sized in bytes), beside the scales of an fp8 pool.
     pub fn pages_for_bytes(&self, bytes: u64) -> u64 {
-        bytes.checked_div(self.page_bytes_all_layers()).unwrap_or(0)
+        bytes.saturating_sub(self.scale_bytes()).checked_div(self.page_bytes_all_layers()).unwrap_or(0)
     }
     /// The shape plans are made with: `shape`, its scale resolved.
     pub fn shape(&self) -> Shape {
@@ -98,9 +110,13 @@ impl PoolConfig {
             return Err(invalid!("headroom_pages = {} is more than the pool's {} pages", self.headroom_pages, self.num_pages));
         }
         self.shape().validate()?;
-        (self.num_pages as u64).checked_mul(self.page_bytes_all_layers()).filter(|&b| b <= isize::MAX as u64).ok_or_else(|| {
-            invalid!("num_pages = {} pages of {} bytes overflow the address space", self.num_pages, self.page_bytes_all_layers())
-        })
+        (self.num_pages as u64)
+            .checked_mul(self.page_bytes_all_layers())
+            .and_then(|b| b.checked_add(self.scale_bytes()))
+            .filter(|&b| b <= isize::MAX as u64)
+            .ok_or_else(|| {
+                invalid!("num_pages = {} pages of {} bytes overflow the address space", self.num_pages, self.page_bytes_all_layers())
+            })
     }
 }
 
@@ -186,15 +202,53 @@ impl std::fmt::Debug for KvPool {
 }
 
 impl KvPool {
-    /// Validates `config` and allocates the pool's memory once from `backend`.
+    /// Validates `config` and allocates the pool's memory once from `backend`. A pool of fp8
+    /// K/V gets scales 1 ([`KvPool::with_scales`] sets others).
     pub fn new(backend: Arc<dyn Backend>, config: PoolConfig) -> Result<KvPool> {
+        KvPool::with_scales(backend, config, &[])
+    }
+
+    /// [`KvPool::new`] for a pool of fp8 K/V (`config.shape.kv_dtype` = [`DType::Fp8E4m3`]) with
+    /// its dequantization scales: `[layer][K, V][kv head]`, `num_layers × 2 × num_kv_heads`
+    /// positive finite f32 (empty: all 1). Writes store `x / scale` as e4m3 (rounded to
+    /// nearest even, saturated to ±448); runs read `e4m3 × scale` ([`KvPool::kv_scales`]).
+    /// Fixed for the pool's life, as the values it stores depend on them.
+    pub fn with_scales(backend: Arc<dyn Backend>, config: PoolConfig, kv_head_scales: &[f32]) -> Result<KvPool> {
         let bytes = config.validate()?;
+        let want = config.scale_bytes() as usize / 4;
+        if !kv_head_scales.is_empty() {
+            if want == 0 {
+                return Err(invalid!(
+                    "kv_head_scales has {} entries, but the pool's K and V are {}: scales apply to an fp8_e4m3 pool only",
+                    kv_head_scales.len(),
+                    config.shape.kv_dtype.name()
+                ));
+            }
+            if kv_head_scales.len() != want {
+                return Err(invalid!(
+                    "kv_head_scales has {} entries; a pool of num_layers = {} and num_kv_heads = {} needs num_layers × 2 × num_kv_heads = {want}",
+                    kv_head_scales.len(),
+                    config.num_layers,
+                    config.shape.num_kv_heads
+                ));
+            }
+            if let Some((i, x)) = kv_head_scales.iter().enumerate().find(|(_, x)| !(x.is_finite() && **x > 0.0)) {
+                return Err(invalid!("kv_head_scales[{i}] = {x} must be positive and finite"));
+            }
+        }
         if backend.kind() == crate::backend::BackendKind::Cuda {
             // A pool the kernels cannot read would fail only at the first launch; say it now.
             crate::backend::cuda::check_kernel_shape(config.shape.head_dim, config.shape.dtype)
+                .and_then(|()| crate::backend::cuda::check_kernel_kv_dtype(config.shape.kv_dtype))
                 .map_err(|e| crate::unsupported!("a KV pool on the CUDA backend: {e}"))?;
         }
         let memory = backend.alloc_kv(bytes as usize)?;
+        if want > 0 {
+            let ones = vec![1.0f32; want];
+            let scales = if kv_head_scales.is_empty() { &ones } else { kv_head_scales };
+            let bytes: Vec<u8> = scales.iter().flat_map(|x| x.to_ne_bytes()).collect();
+            memory.write_from_host(config.num_pages as u64 * config.page_bytes_all_layers(), &bytes)?;
+        }
         let n = config.num_pages;
         let state = PoolState {
             refcount: vec![0; n as usize],
@@ -242,6 +296,21 @@ impl KvPool {
             stride_head: d,
             stride_dim: 1,
         })
+    }
+
+    /// The scales one layer's runs read the pool's K/V with ([`crate::types::RunArgs::kv_scales`]):
+    /// addresses of the layer's per-head K and V scales in the pool's memory for an fp8 pool,
+    /// [`KvScales::NONE`] for a pool of Q's dtype.
+    pub fn kv_scales(&self, layer: u32) -> Result<KvScales> {
+        if layer >= self.config.num_layers {
+            return Err(invalid!("layer = {layer} but the pool has {} layers", self.config.num_layers));
+        }
+        if self.config.shape.kv_dtype != DType::Fp8E4m3 {
+            return Ok(KvScales::NONE);
+        }
+        let heads = self.config.shape.num_kv_heads as u64 * 4;
+        let at = self.memory.base() + self.config.num_pages as u64 * self.config.page_bytes_all_layers() + 2 * layer as u64 * heads;
+        Ok(KvScales { k_scale: 1.0, v_scale: 1.0, k_head_scales: at, v_head_scales: at + heads })
     }
 
     /// Creates an empty sequence.
@@ -300,7 +369,9 @@ impl KvPool {
 
     /// Writes one layer's K and V of the step's new tokens: for each `(seq, n)` of `tokens`, the
     /// last `n` tokens of `seq` (which `append` reserved), in that order, rows of `k` and `v`
-    /// being `[total tokens, kv_heads, head_dim]` with `src_stride_token` elements between tokens.
+    /// being `[total tokens, kv_heads, head_dim]` of Q's dtype (`shape.dtype`) with
+    /// `src_stride_token` elements between tokens. An fp8 pool stores each element x of KV head
+    /// h as e4m3(x / scale) with the layer's scale of h (rounded to nearest even, saturated).
     ///
     /// # Safety
     /// `k` and `v` must address that many rows in memory of the pool's kind (host on CPU).
@@ -336,13 +407,26 @@ impl KvPool {
             }
         }
         let row = self.config.row_bytes();
-        let stride = src_stride_token as u64 * self.config.shape.dtype.size_bytes() as u64;
+        let shape = &self.config.shape;
+        let stride = src_stride_token as u64 * shape.dtype.size_bytes() as u64;
+        let scales = self.kv_scales(layer)?;
         for (src, is_v) in [(k, false), (v, true)] {
             let region = self.region_offset(layer, is_v);
             let dst: Vec<u64> = slots.iter().map(|&slot| region + slot * row).collect();
-            // SAFETY: the rows at `src` are the caller's (this function's contract); every
-            // destination is a reserved, unshared slot of this layer's region.
-            unsafe { self.memory.write_rows(src, stride, row, &dst, stream)? };
+            if shape.kv_dtype == DType::Fp8E4m3 {
+                let rows = RowConversion {
+                    src_dtype: shape.dtype,
+                    num_kv_heads: shape.num_kv_heads,
+                    head_dim: shape.head_dim,
+                    head_scales: if is_v { scales.v_head_scales } else { scales.k_head_scales } - self.memory.base(),
+                };
+                // SAFETY: as below; the scales are this layer's, inside the allocation.
+                unsafe { self.memory.write_rows_fp8(src, stride, &rows, &dst, stream)? };
+            } else {
+                // SAFETY: the rows at `src` are the caller's (this function's contract); every
+                // destination is a reserved, unshared slot of this layer's region.
+                unsafe { self.memory.write_rows(src, stride, row, &dst, stream)? };
+            }
         }
         Ok(())
     }

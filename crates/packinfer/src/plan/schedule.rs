@@ -1257,8 +1257,15 @@ mod tests {
         options: PlanOptions,
         prefix_groups: Vec<PrefixGroup>,
     ) -> Plan {
-        let shape =
-            Shape { num_qo_heads: heads * group, num_kv_heads: heads, head_dim: 128, dtype: DType::Bf16, causal: true, sm_scale: 0.1 };
+        let shape = Shape {
+            num_qo_heads: heads * group,
+            num_kv_heads: heads,
+            head_dim: 128,
+            dtype: DType::Bf16,
+            kv_dtype: DType::Bf16,
+            causal: true,
+            sm_scale: 0.1,
+        };
         let (mut qo, mut kv, mut last) = (vec![0i32], vec![0i32], Vec::new());
         for &(q, k) in lens {
             qo.push(qo.last().unwrap() + q as i32);

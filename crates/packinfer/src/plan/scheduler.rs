@@ -665,7 +665,8 @@ mod tests {
     }
 
     fn pool_with_headroom(headroom_pages: u32) -> KvPool {
-        let shape = Shape { num_qo_heads: 4, num_kv_heads: 2, head_dim: 8, dtype: DType::F32, causal: true, sm_scale: 0.0 };
+        let shape =
+            Shape { num_qo_heads: 4, num_kv_heads: 2, head_dim: 8, dtype: DType::F32, kv_dtype: DType::F32, causal: true, sm_scale: 0.0 };
         let config = PoolConfig { num_layers: 1, shape, page_size: 4, num_pages: 16384, headroom_pages };
         KvPool::new(Arc::new(CpuBackend::new(1)), config).unwrap()
     }

@@ -208,12 +208,13 @@ fn check_plan(plan: &Plan) -> Result<()> {
 
 /// The run arguments' values, and null pointers (all the CPU can check about the caller's tensors).
 pub(crate) fn check_run_args(plan: &Plan, args: &RunArgs) -> Result<()> {
-    check_run_pointers(plan.batch.total_q(), plan.batch.kv_page_indices.len(), args)
+    check_run_pointers(plan.shape.kv_dtype, plan.batch.total_q(), plan.batch.kv_page_indices.len(), args)
 }
 
-/// [`check_run_args`] for a plan of `total_q` query tokens reading `pages` pages.
-pub(crate) fn check_run_pointers(total_q: u32, pages: usize, args: &RunArgs) -> Result<()> {
-    args.validate()?;
+/// [`check_run_args`] for a plan with K/V of `kv_dtype`, of `total_q` query tokens reading
+/// `pages` pages.
+pub(crate) fn check_run_pointers(kv_dtype: DType, total_q: u32, pages: usize, args: &RunArgs) -> Result<()> {
+    args.validate(kv_dtype)?;
     if total_q == 0 {
         return Ok(());
     }
@@ -300,6 +301,7 @@ unsafe fn load(base: u64, idx: i64, dtype: DType) -> f32 {
             DType::F16 => (*(base as *const f16).offset(idx as isize)).to_f32(),
             DType::Bf16 => (*(base as *const bf16).offset(idx as isize)).to_f32(),
             DType::F32 => *(base as *const f32).offset(idx as isize),
+            DType::Fp8E4m3 => crate::fp8::e4m3_to_f32(*(base as *const u8).offset(idx as isize)),
         }
     }
 }
@@ -314,6 +316,7 @@ unsafe fn store(base: u64, idx: i64, dtype: DType, x: f32) {
             DType::F16 => *(base as *mut f16).offset(idx as isize) = f16::from_f32(x),
             DType::Bf16 => *(base as *mut bf16).offset(idx as isize) = bf16::from_f32(x),
             DType::F32 => *(base as *mut f32).offset(idx as isize) = x,
+            DType::Fp8E4m3 => *(base as *mut u8).offset(idx as isize) = crate::fp8::f32_to_e4m3(x),
         }
     }
 }
@@ -375,6 +378,19 @@ unsafe fn execute_item(plan: &Plan, item: &WorkItem, args: &RunArgs, out: &Outpu
     let (mut k, mut v) = (vec![0.0f32; d], vec![0.0f32; d]);
     let kv = args.kv;
     let soft_cap = args.logits_soft_cap;
+    // An fp8 cache's codes times the item's KV head's scales (1 for a cache of Q's dtype).
+    let head_scale = |per_head: u64| {
+        if per_head == 0 {
+            1.0
+        } else {
+            // SAFETY: a non-null per-head scale array holds num_kv_heads f32 (run's contract)
+            // and kv_head < num_kv_heads (a checked plan).
+            unsafe { *(per_head as *const f32).add(item.kv_head as usize) }
+        }
+    };
+    let scales = args.kv_scales;
+    let k_scale = scales.k_scale * head_scale(scales.k_head_scales);
+    let v_scale = scales.v_scale * head_scale(scales.v_head_scales);
     for chunk in &plan.kv_chunks[item.chunk_begin as usize..(item.chunk_begin + item.chunk_count) as usize] {
         let req = plan.requests[chunk.request as usize];
         for key in chunk.key_begin..chunk.key_end {
@@ -384,8 +400,8 @@ unsafe fn execute_item(plan: &Plan, item: &WorkItem, args: &RunArgs, out: &Outpu
                 // SAFETY: page < num_pages (a checked plan) and the layout describes the caller's
                 // cache of num_pages pages (run's contract).
                 unsafe {
-                    k[i] = load(kv.k, base + i as i64 * kv.stride_dim, shape.dtype);
-                    v[i] = load(kv.v, base + i as i64 * kv.stride_dim, shape.dtype);
+                    k[i] = load(kv.k, base + i as i64 * kv.stride_dim, shape.kv_dtype) * k_scale;
+                    v[i] = load(kv.v, base + i as i64 * kv.stride_dim, shape.kv_dtype) * v_scale;
                 }
             }
             for row in &mut rows[chunk.row_begin as usize..chunk.row_end as usize] {

@@ -139,8 +139,15 @@ impl CudaBackend {
     /// Times the shapes, fits the cost model, stores and returns the profile (costs in µs).
     pub(crate) fn calibrate(&self) -> Result<(DeviceProfile, Vec<Sample>)> {
         let dev = self.device();
-        let shape =
-            Shape { num_qo_heads: 4, num_kv_heads: 1, head_dim: 128, dtype: DType::Bf16, causal: false, sm_scale: 1.0 / 128f32.sqrt() };
+        let shape = Shape {
+            num_qo_heads: 4,
+            num_kv_heads: 1,
+            head_dim: 128,
+            dtype: DType::Bf16,
+            kv_dtype: DType::Bf16,
+            causal: false,
+            sm_scale: 1.0 / 128f32.sqrt(),
+        };
         let kernels = self.shared.attention(128, DType::Bf16)?;
         let grid = dev.sm_count * kernels.ctas_per_sm;
         let per_cta = 4;
@@ -171,6 +178,7 @@ impl CudaBackend {
                 lse: 0,
                 stream: 0,
                 logits_soft_cap: 0.0,
+                kv_scales: crate::types::KvScales::NONE,
             };
             let mut times = vec![];
             for rep in 0..9 {

@@ -437,7 +437,7 @@ fn write_image(layout: &Layout, block_m: u32, plan: &Plan, img: &mut [u8]) -> Re
     }
     put(img, l.mask, &plan.batch.custom_mask);
     // Per query token, the bit of (its query, key 0): mask_indptr is in bytes, each query a row
-    // of kv_len bits (check_kernel_batch has bounded them to 32 bits).
+    // of kv_len bits (check_kernel_plan has bounded them to 32 bits).
     for (r, req) in plan.requests.iter().enumerate() {
         let first = plan.batch.mask_indptr[r] as u32 * 8;
         let at = l.mask_bit0 + req.q_start as usize * 4;
@@ -530,7 +530,7 @@ impl HostUpload {
     /// the bytes it would copy.
     pub fn update_planned(&mut self, plan: &Plan) -> Result<usize> {
         plan.check_fresh()?;
-        super::check_kernel_batch(&plan.batch)?;
+        super::check_kernel_plan(&plan.shape, &plan.batch)?;
         crate::backend::check_update(&self.shape, self.page_size, &self.capacity, plan)?;
         write_image(&self.layout, self.block_m, plan, &mut self.image)
     }
@@ -825,7 +825,7 @@ impl BoundPlan for CudaBound {
             if let Some(l) = &current.pool_layout {
                 l.check()?;
             }
-            crate::backend::cpu::check_run_pointers(current.total_q, current.pages, args)?;
+            crate::backend::cpu::check_run_pointers(self.shape.kv_dtype, current.total_q, current.pages, args)?;
         }
         let stream = args.stream as sys::CUstream;
         // Encoding the tensor maps (in params) needs the context current.
@@ -872,7 +872,7 @@ impl BoundPlan for CudaBound {
     unsafe fn update_planned(&self, plan: Arc<Plan>, stream: u64) -> Result<()> {
         debug_assert!(plan.check_consistent().is_ok(), "a planned plan fails the consistency check");
         plan.check_fresh()?;
-        super::check_kernel_batch(&plan.batch)?;
+        super::check_kernel_plan(&plan.shape, &plan.batch)?;
         crate::backend::check_update(&self.shape, self.page_size, &self.capacity, &plan)?;
         let mut last = self.last_stream.lock();
         {

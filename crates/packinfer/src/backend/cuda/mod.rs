@@ -49,9 +49,11 @@ pub(crate) fn check_kernel_shape(head_dim: u32, dtype: DType) -> Result<()> {
     Ok(())
 }
 
-/// `Unsupported` for a batch the kernels would compute wrongly: a custom mask whose bits the
-/// kernels' 32-bit bit offsets cannot address (over 512 MiB).
-pub(crate) fn check_kernel_batch(batch: &Batch) -> Result<()> {
+/// `Unsupported` for a plan the kernels would compute wrongly: K/V in fp8 (the kernels do not
+/// read fp8 caches yet; the CPU backend does) or a custom mask whose bits the kernels' 32-bit
+/// bit offsets cannot address (over 512 MiB).
+pub(crate) fn check_kernel_plan(shape: &Shape, batch: &Batch) -> Result<()> {
+    check_kernel_kv_dtype(shape.kv_dtype)?;
     if !mask_addressable(batch.custom_mask.len()) {
         return Err(crate::unsupported!(
             "the batch's custom mask has {} bytes; the CUDA kernels address at most 2^32 mask bits (512 MiB)",
@@ -64,6 +66,18 @@ pub(crate) fn check_kernel_batch(batch: &Batch) -> Result<()> {
 /// Whether the kernels' 32-bit bit offsets reach every bit of a custom mask of `bytes` bytes.
 fn mask_addressable(bytes: usize) -> bool {
     bytes as u64 * 8 <= 1u64 << 32
+}
+
+/// `Unsupported` unless the kernels read K/V of `kv_dtype` (the plan's dtype: they do not read
+/// fp8 caches yet).
+pub(crate) fn check_kernel_kv_dtype(kv_dtype: DType) -> Result<()> {
+    if kv_dtype == DType::Fp8E4m3 {
+        return Err(crate::unsupported!(
+            "kv_dtype = {}: the CUDA kernels do not read fp8 K/V caches yet (the CPU backend does)",
+            kv_dtype.name()
+        ));
+    }
+    Ok(())
 }
 
 /// Opens the CUDA backend on `choice.device_ordinal`.
@@ -271,7 +285,7 @@ impl CudaBackend {
     ) -> Result<launch::CudaBound> {
         // First: what follows reads the plan's batch, and the kernels trust every index in it.
         plan.check_consistent()?;
-        check_kernel_batch(&plan.batch)?;
+        check_kernel_plan(&plan.shape, &plan.batch)?;
         // Head sizes that are no power of two (96, 192) run the context's 8-warp tiles only: the
         // 4-warp d96 kernel faulted on the H100 (docs/performance-log.md#head-dims-96-192).
         let narrow = capacity.is_none()
@@ -466,12 +480,44 @@ mod tests {
             custom_mask: vec![0b101],
             mask_indptr: vec![0, 1],
         };
+        let shape = Shape {
+            num_qo_heads: 1,
+            num_kv_heads: 1,
+            head_dim: 128,
+            dtype: DType::Bf16,
+            kv_dtype: DType::Bf16,
+            causal: true,
+            sm_scale: 0.1,
+        };
         batch.validate(true).unwrap();
-        check_kernel_batch(&batch).unwrap();
+        check_kernel_plan(&shape, &batch).unwrap();
         assert!(mask_addressable(1 << 29));
         assert!(!mask_addressable((1 << 29) + 1));
         batch.custom_mask.clear();
         batch.mask_indptr.clear();
-        check_kernel_batch(&batch).unwrap();
+        check_kernel_plan(&shape, &batch).unwrap();
+    }
+
+    #[test]
+    fn kernels_refuse_an_fp8_cache_by_name() {
+        let batch = Batch {
+            qo_indptr: vec![0, 1],
+            kv_indptr: vec![0, 1],
+            kv_page_indices: vec![0],
+            kv_last_page_len: vec![3],
+            page_size: 16,
+            num_pages: 1,
+            prefix_groups: vec![],
+            custom_mask: vec![],
+            mask_indptr: vec![],
+        };
+        for dtype in [DType::F16, DType::Bf16] {
+            let shape =
+                Shape { num_qo_heads: 4, num_kv_heads: 1, head_dim: 128, dtype, kv_dtype: DType::Fp8E4m3, causal: true, sm_scale: 0.1 };
+            shape.validate().unwrap();
+            let e = check_kernel_plan(&shape, &batch).unwrap_err();
+            assert!(matches!(e, Error::Unsupported(_)), "{e:?}");
+            assert!(e.to_string().contains("kv_dtype = fp8_e4m3"), "{e}");
+        }
     }
 }

@@ -510,6 +510,12 @@ impl HostUpload {
         plan.check_consistent()?;
         self.update_planned(plan)
     }
+
+    /// The image the last update wrote (its first bytes, as many as that update returned, are
+    /// what a launch would copy to the device).
+    pub fn image(&self) -> &[u8] {
+        &self.image
+    }
 }
 
 enum ScratchMem {

@@ -15,7 +15,7 @@ use super::{LoadedAttention, Shared};
 use crate::backend::{BoundPlan, LaunchCapacity, Scratch};
 use crate::error::Result;
 use crate::invalid;
-use crate::plan::{KvChunk, LayoutStamp, MergeRow, Plan, RequestInfo, RowSegment, WorkItem};
+use crate::plan::{KvChunk, LayoutStamp, Plan, RequestInfo, RowSegment};
 use crate::types::{Batch, KvLayout, RunArgs, Shape};
 
 /// Counts and shape of the uploaded plan; mirrors `PlanHeader` in `kernels/work.cuh`. The
@@ -116,6 +116,46 @@ pub struct KernelParams {
     pub q_map: TensorMap,
     /// TMA descriptor of O (with `FLAG_O_TMA`).
     pub o_map: TensorMap,
+}
+
+/// One KV head's copy of a plan's work item, as the kernels read it today (mirrors `WorkItem`
+/// in `kernels/work.cuh`): the launch image lists the plan's item copies
+/// ([`Plan::item_copies`]), sorted by group.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct KernelItem {
+    /// The KV head whose query heads fill the rows.
+    pub kv_head: u32,
+    /// The item's row segments.
+    pub seg_begin: u32,
+    /// See `seg_begin`.
+    pub seg_count: u32,
+    /// The item's KV chunks.
+    pub chunk_begin: u32,
+    /// See `chunk_begin`.
+    pub chunk_count: u32,
+    /// Rows of the tile.
+    pub num_rows: u32,
+    /// `FINAL_OUTPUT` (`PI_FINAL_OUTPUT`), or the copy's first partial slot.
+    pub partial_slot: u32,
+    /// The copy's group.
+    pub group: u32,
+}
+
+/// One (token, query head) merge, as the kernels read it today (mirrors `MergeRow` in
+/// `kernels/work.cuh`): the launch image expands each of the plan's merge rows (a token, every
+/// query head) to one per query head, with that head's slots.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct KernelMergeRow {
+    /// The query token.
+    pub q_token: u32,
+    /// The query head.
+    pub qo_head: u32,
+    /// First entry of the image's merge slot list.
+    pub slot_begin: u32,
+    /// Entries: the token's pieces.
+    pub slot_count: u32,
 }
 
 /// `PlanHeader::window_left` of a plan without a sliding window.
@@ -339,12 +379,12 @@ impl Layout {
         };
         let _header = take(std::mem::size_of::<PlanHeader>());
         let group_counter = take(4);
-        let items = take(c.items as usize * std::mem::size_of::<WorkItem>());
+        let items = take(c.items as usize * std::mem::size_of::<KernelItem>());
         let segments = take(c.row_segments as usize * std::mem::size_of::<SegmentInfo>());
         let chunks = take(c.kv_chunks as usize * std::mem::size_of::<KvRange>());
         let pages = take(c.pages as usize * 4);
         let group_offsets = take((c.groups as usize + 1) * 4);
-        let merges = take(c.merge_rows as usize * std::mem::size_of::<MergeRow>());
+        let merges = take(c.merge_rows as usize * std::mem::size_of::<KernelMergeRow>());
         let merge_slots = take(c.merge_slots as usize * 4);
         Layout { group_counter, items, segments, chunks, pages, group_offsets, merges, merge_slots, total: at }
     }
@@ -368,8 +408,11 @@ fn put_each<T: Pod>(buf: &mut [u8], at: usize, values: impl ExactSizeIterator<It
 
 /// Writes `plan` into `img`, the image of a launch's device buffer laid out by `layout` for a
 /// capacity the plan fits, and returns how many leading bytes of it the plan uses (what the
-/// upload copies). Checks what the kernels need beyond `Plan::check_consistent` (which `bind`
-/// and `update` run first): tiles no taller than this kernel's, whose rows then also bound the
+/// upload copies). The plan lists each work item and merged token once; the kernels read a copy
+/// per KV head and a merge row per query head, so the image expands them as it is written
+/// (`Plan::item_copies`; merge rows token by token, KV head by KV head, query head by query
+/// head). Checks what the kernels need beyond `Plan::check_consistent` (which `bind` and
+/// `update` run first): tiles no taller than this kernel's, whose rows then also bound the
 /// segments an item may have (the kernels keep one per row in shared memory). Allocates
 /// nothing.
 fn write_image(layout: &Layout, block_m: u32, plan: &Plan, img: &mut [u8]) -> Result<usize> {
@@ -378,15 +421,17 @@ fn write_image(layout: &Layout, block_m: u32, plan: &Plan, img: &mut [u8]) -> Re
     }
     let s = &plan.shape;
     let l = layout;
-    // check_consistent has checked that items are sorted by group, every group below the number
-    // of items: group g's items start at the first item of a group >= g.
-    let groups = plan.items.last().map(|i| i.group + 1).unwrap_or(0);
+    let (heads, group) = (s.num_kv_heads, s.group_size());
+    // check_consistent has checked that the copies are sorted by group, every group below the
+    // number of copies: group g's copies start at the first copy of a group >= g.
+    let groups = plan.num_groups();
+    let num_items = plan.num_item_copies();
     let header = PlanHeader {
-        num_items: plan.items.len() as u32,
+        num_items: num_items as u32,
         num_groups: groups,
-        num_merges: plan.merges.len() as u32,
+        num_merges: plan.num_merge_rows() as u32,
         num_slots: plan.num_partial_slots(),
-        group_size: s.group_size(),
+        group_size: group,
         page_size: plan.batch.page_size,
         causal: s.causal as u32,
         window_left: plan.options.window_left.unwrap_or(NO_WINDOW),
@@ -395,21 +440,36 @@ fn write_image(layout: &Layout, block_m: u32, plan: &Plan, img: &mut [u8]) -> Re
     };
     put(img, 0, &[header]);
     put(img, l.group_counter, &[0u32]);
-    put(img, l.items, &plan.items);
     {
-        let mut at = l.group_offsets;
-        let mut put_offset = |v: u32| {
-            img[at..at + 4].copy_from_slice(&v.to_ne_bytes());
-            at += 4;
-        };
+        // The copies and the group offsets in one pass: one sequential write each.
+        let size = std::mem::size_of::<KernelItem>();
+        let (head, tail) = img.split_at_mut(l.group_offsets);
+        let items = &mut head[l.items..l.items + num_items * size];
+        let offsets = &mut tail[..(groups as usize + 1) * 4];
+        let mut dst = items.chunks_exact_mut(size);
+        let mut off = offsets.chunks_exact_mut(4);
         let mut g = 0u32;
-        for (i, it) in plan.items.iter().enumerate() {
-            while g <= it.group {
-                put_offset(i as u32);
+        for (i, copy) in plan.item_copies().enumerate() {
+            while g <= copy.group {
+                off.next().expect("a checked plan's groups fit").copy_from_slice(&(i as u32).to_ne_bytes());
                 g += 1;
             }
+            let it = &plan.items[copy.item as usize];
+            let k = KernelItem {
+                kv_head: copy.kv_head,
+                seg_begin: it.seg_begin,
+                seg_count: it.seg_count,
+                chunk_begin: it.chunk_begin,
+                chunk_count: it.chunk_count,
+                num_rows: it.num_rows,
+                partial_slot: copy.partial_slot,
+                group: copy.group,
+            };
+            dst.next().expect("sized for the copies").copy_from_slice(bytemuck::bytes_of(&k));
         }
-        put_offset(plan.items.len() as u32);
+        if let Some(last) = off.next() {
+            last.copy_from_slice(&(num_items as u32).to_ne_bytes());
+        }
     }
     // check_consistent has verified every request index.
     let windowed = plan.options.window_left.is_some();
@@ -420,9 +480,32 @@ fn write_image(layout: &Layout, block_m: u32, plan: &Plan, img: &mut [u8]) -> Re
     );
     put_each(img, l.chunks, plan.kv_chunks.iter().map(|c| KvRange::of(c, &plan.requests[c.request as usize], &plan.batch)));
     put(img, l.pages, &plan.batch.kv_page_indices);
-    put(img, l.merges, &plan.merges);
-    put(img, l.merge_slots, &plan.merge_slots);
-    Ok(l.merge_slots + plan.merge_slots.len() * 4)
+    // Merge rows per (token, query head), their slots per piece after one another.
+    let qo_heads = plan.shape.num_qo_heads as usize;
+    let total_slots = plan.merge_slots.len() * qo_heads;
+    {
+        let (head, tail) = img.split_at_mut(l.merge_slots);
+        let rows = &mut head[l.merges..l.merges + plan.merges.len() * qo_heads * std::mem::size_of::<KernelMergeRow>()];
+        let slots = &mut tail[..total_slots * 4];
+        let mut rows = rows.chunks_exact_mut(std::mem::size_of::<KernelMergeRow>());
+        let mut slots = slots.chunks_exact_mut(4);
+        let mut next = 0u32;
+        for m in &plan.merges {
+            let pieces = &plan.merge_slots[m.slot_begin as usize..(m.slot_begin + m.slot_count) as usize];
+            for h in 0..heads {
+                for j in 0..group {
+                    let row = KernelMergeRow { q_token: m.q_token, qo_head: h * group + j, slot_begin: next, slot_count: m.slot_count };
+                    rows.next().expect("sized for the merge rows").copy_from_slice(bytemuck::bytes_of(&row));
+                    for p in pieces {
+                        let slot = p.slot + h * p.head_stride + j;
+                        slots.next().expect("sized for the merge slots").copy_from_slice(&slot.to_ne_bytes());
+                    }
+                    next += m.slot_count;
+                }
+            }
+        }
+    }
+    Ok(l.merge_slots + total_slots * 4)
 }
 
 /// What a run checks of the plan uploaded last, kept instead of the plan itself: the launch

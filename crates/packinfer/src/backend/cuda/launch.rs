@@ -15,7 +15,7 @@ use super::{LoadedAttention, Shared};
 use crate::backend::{BoundPlan, LaunchCapacity, Scratch};
 use crate::error::Result;
 use crate::invalid;
-use crate::plan::{KvChunk, LayoutStamp, Plan, RequestInfo, RowSegment};
+use crate::plan::{KvChunk, LayoutStamp, Plan, RequestInfo, RowSegment, FINAL_OUTPUT};
 use crate::types::{Batch, KvLayout, RunArgs, Shape};
 
 /// Counts and shape of the uploaded plan; mirrors `PlanHeader` in `kernels/work.cuh`. The
@@ -397,6 +397,12 @@ fn put<T: Pod>(buf: &mut [u8], at: usize, values: &[T]) {
     buf[at..at + src.len()].copy_from_slice(src);
 }
 
+/// The first `len` values of type `T` at the start of `bytes` (an image's array: its offset is a
+/// multiple of 256 in an image aligned for `T`, and the layout made room for `len`).
+fn typed<T: Pod>(bytes: &mut [u8], len: usize) -> &mut [T] {
+    bytemuck::cast_slice_mut(&mut bytes[..len * std::mem::size_of::<T>()])
+}
+
 /// Writes the values `values` yields into the image at byte `at`, one after another.
 fn put_each<T: Pod>(buf: &mut [u8], at: usize, values: impl ExactSizeIterator<Item = T>) {
     let size = std::mem::size_of::<T>();
@@ -441,35 +447,39 @@ fn write_image(layout: &Layout, block_m: u32, plan: &Plan, img: &mut [u8]) -> Re
     put(img, 0, &[header]);
     put(img, l.group_counter, &[0u32]);
     {
-        // The copies and the group offsets in one pass: one sequential write each.
-        let size = std::mem::size_of::<KernelItem>();
+        // The copies and the group offsets in one pass, unit by unit, KV head by KV head.
         let (head, tail) = img.split_at_mut(l.group_offsets);
-        let items = &mut head[l.items..l.items + num_items * size];
-        let offsets = &mut tail[..(groups as usize + 1) * 4];
-        let mut dst = items.chunks_exact_mut(size);
-        let mut off = offsets.chunks_exact_mut(4);
-        let mut g = 0u32;
-        for (i, copy) in plan.item_copies().enumerate() {
-            while g <= copy.group {
-                off.next().expect("a checked plan's groups fit").copy_from_slice(&(i as u32).to_ne_bytes());
-                g += 1;
+        let items: &mut [KernelItem] = typed(&mut head[l.items..], num_items);
+        let offsets: &mut [u32] = typed(tail, groups as usize + 1);
+        let (mut at, mut g) = (0usize, 0u32);
+        for u in &plan.units {
+            let unit_items = &plan.items[u.item_begin as usize..(u.item_begin + u.item_count) as usize];
+            for h in 0..heads {
+                let dst = &mut items[at..at + unit_items.len()];
+                for (k, (d, it)) in dst.iter_mut().zip(unit_items).enumerate() {
+                    let group = it.group + h * u.group_stride;
+                    // Groups do not decrease (check_consistent): group g starts at the first copy
+                    // of a group >= g.
+                    while g <= group {
+                        offsets[g as usize] = (at + k) as u32;
+                        g += 1;
+                    }
+                    *d = KernelItem {
+                        kv_head: h,
+                        seg_begin: it.seg_begin,
+                        seg_count: it.seg_count,
+                        chunk_begin: it.chunk_begin,
+                        chunk_count: it.chunk_count,
+                        num_rows: it.num_rows,
+                        partial_slot: if it.partial_slot == FINAL_OUTPUT { FINAL_OUTPUT } else { it.partial_slot + h * u.slot_stride },
+                        group,
+                    };
+                }
+                at += unit_items.len();
             }
-            let it = &plan.items[copy.item as usize];
-            let k = KernelItem {
-                kv_head: copy.kv_head,
-                seg_begin: it.seg_begin,
-                seg_count: it.seg_count,
-                chunk_begin: it.chunk_begin,
-                chunk_count: it.chunk_count,
-                num_rows: it.num_rows,
-                partial_slot: copy.partial_slot,
-                group: copy.group,
-            };
-            dst.next().expect("sized for the copies").copy_from_slice(bytemuck::bytes_of(&k));
         }
-        if let Some(last) = off.next() {
-            last.copy_from_slice(&(num_items as u32).to_ne_bytes());
-        }
+        debug_assert_eq!((at, g), (num_items, groups));
+        offsets[groups as usize] = num_items as u32;
     }
     // check_consistent has verified every request index.
     let windowed = plan.options.window_left.is_some();
@@ -485,22 +495,32 @@ fn write_image(layout: &Layout, block_m: u32, plan: &Plan, img: &mut [u8]) -> Re
     let total_slots = plan.merge_slots.len() * qo_heads;
     {
         let (head, tail) = img.split_at_mut(l.merge_slots);
-        let rows = &mut head[l.merges..l.merges + plan.merges.len() * qo_heads * std::mem::size_of::<KernelMergeRow>()];
-        let slots = &mut tail[..total_slots * 4];
-        let mut rows = rows.chunks_exact_mut(std::mem::size_of::<KernelMergeRow>());
-        let mut slots = slots.chunks_exact_mut(4);
+        let rows: &mut [KernelMergeRow] = typed(&mut head[l.merges..], plan.merges.len() * qo_heads);
+        let slots: &mut [u32] = typed(tail, total_slots);
+        let (mut rows, mut slots) = (rows, slots);
+        let group_us = group as usize;
         let mut next = 0u32;
         for m in &plan.merges {
             let pieces = &plan.merge_slots[m.slot_begin as usize..(m.slot_begin + m.slot_count) as usize];
-            for h in 0..heads {
-                for j in 0..group {
-                    let row = KernelMergeRow { q_token: m.q_token, qo_head: h * group + j, slot_begin: next, slot_count: m.slot_count };
-                    rows.next().expect("sized for the merge rows").copy_from_slice(bytemuck::bytes_of(&row));
-                    for p in pieces {
-                        let slot = p.slot + h * p.head_stride + j;
-                        slots.next().expect("sized for the merge slots").copy_from_slice(&slot.to_ne_bytes());
+            let count = pieces.len();
+            // This token's rows and slots, then per KV head its group's; zipped, so the writes
+            // need no bounds checks.
+            let (token_rows, rest) = std::mem::take(&mut rows).split_at_mut(qo_heads);
+            rows = rest;
+            let (token_slots, rest) = std::mem::take(&mut slots).split_at_mut(qo_heads * count);
+            slots = rest;
+            for (row, q) in token_rows.iter_mut().zip(0u32..) {
+                *row = KernelMergeRow { q_token: m.q_token, qo_head: q, slot_begin: next + q * count as u32, slot_count: count as u32 };
+            }
+            next += (qo_heads * count) as u32;
+            if count == 0 {
+                continue;
+            }
+            for (h, head_slots) in (0u32..).zip(token_slots.chunks_exact_mut(group_us * count)) {
+                for (j, dst) in (0u32..).zip(head_slots.chunks_exact_mut(count)) {
+                    for (d, p) in dst.iter_mut().zip(pieces) {
+                        *d = p.slot + h * p.head_stride + j;
                     }
-                    next += m.slot_count;
                 }
             }
         }
@@ -568,7 +588,8 @@ pub struct HostUpload {
     capacity: LaunchCapacity,
     layout: Layout,
     block_m: u32,
-    image: Vec<u8>,
+    /// Words, so that the image is aligned for its arrays (as a page-locked image is).
+    image: Vec<u32>,
 }
 
 impl HostUpload {
@@ -576,7 +597,7 @@ impl HostUpload {
     pub fn new(plan: &Plan, capacity: &LaunchCapacity, block_m: u32) -> HostUpload {
         let capacity = capacity.max(&LaunchCapacity::of(plan));
         let layout = Layout::new(&capacity);
-        HostUpload { shape: plan.shape, page_size: plan.batch.page_size, capacity, layout, block_m, image: vec![0; layout.total] }
+        HostUpload { shape: plan.shape, page_size: plan.batch.page_size, capacity, layout, block_m, image: vec![0; layout.total / 4] }
     }
 
     /// What `update_planned` (`packinfer_launch_update`) does on the host for `plan`; returns
@@ -585,7 +606,7 @@ impl HostUpload {
         plan.check_fresh()?;
         super::check_kernel_batch(&plan.batch)?;
         crate::backend::check_update(&self.shape, self.page_size, &self.capacity, plan)?;
-        write_image(&self.layout, self.block_m, plan, &mut self.image)
+        write_image(&self.layout, self.block_m, plan, bytemuck::cast_slice_mut(&mut self.image))
     }
 
     /// What the checked `update` (the Rust API's) does on the host for `plan`.
@@ -597,7 +618,7 @@ impl HostUpload {
     /// The image the last update wrote (its first bytes, as many as that update returned, are
     /// what a launch would copy to the device).
     pub fn image(&self) -> &[u8] {
-        &self.image
+        bytemuck::cast_slice(&self.image)
     }
 }
 

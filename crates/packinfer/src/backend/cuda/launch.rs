@@ -517,9 +517,15 @@ fn write_image(layout: &Layout, block_m: u32, plan: &Plan, img: &mut [u8]) -> Re
                 continue;
             }
             for (h, head_slots) in (0u32..).zip(token_slots.chunks_exact_mut(group_us * count)) {
-                for (j, dst) in (0u32..).zip(head_slots.chunks_exact_mut(count)) {
-                    for (d, p) in dst.iter_mut().zip(pieces) {
-                        *d = p.slot + h * p.head_stride + j;
+                // The KV head's first query head's slots, then each next query head's one more:
+                // its rows follow in the tile (a vector add per query head).
+                let (first, rest) = head_slots.split_at_mut(count);
+                for (d, p) in first.iter_mut().zip(pieces) {
+                    *d = p.slot + h * p.head_stride;
+                }
+                for (j, dst) in (1u32..).zip(rest.chunks_exact_mut(count)) {
+                    for (d, &f) in dst.iter_mut().zip(first.iter()) {
+                        *d = f + j;
                     }
                 }
             }

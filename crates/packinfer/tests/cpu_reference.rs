@@ -217,6 +217,7 @@ fn inconsistent_handmade_plans_are_refused() {
         ("outside the batch", Box::new(|p| p.merges[0].q_token = p.batch.total_q())),
         ("fewer groups", Box::new(|p| p.units.last_mut().unwrap().group_stride = u32::MAX)),
         ("out of group order", Box::new(|p| p.items.last_mut().unwrap().group = 0)),
+        ("a unit's items share a group", Box::new(|p| p.units[0].group_stride = 0)),
         ("past the last slot number", Box::new(move |p| p.items[partial].partial_slot = u32::MAX - 1)),
         ("written twice", Box::new(|p| p.merges.push(p.merges[0]))),
         (

@@ -63,9 +63,8 @@ impl Plan {
                 limits::MAX_QO_ROWS
             ));
         }
-        // The units partition the items, in order; their copies come sorted by group: within a
-        // unit the items' groups do not decrease, and KV head h + 1's first copy comes at or
-        // after head h's last (g_last + h·stride <= g_first + (h + 1)·stride).
+        // The units partition the items, in order, each of one of the two shapes; their copies
+        // then come sorted by group when each unit starts at or after the last one's last group.
         let mut next_item = 0u64;
         let mut last_group = 0u64;
         for (u, unit) in self.units.iter().enumerate() {
@@ -82,9 +81,17 @@ impl Plan {
             };
             let (first, last) = (items[0].group as u64, items[items.len() - 1].group as u64);
             let stride = unit.group_stride as u64;
-            if first < last_group || items.windows(2).any(|w| w[1].group < w[0].group) || (heads > 1 && last - first > stride) {
+            // One of the two unit shapes (`WorkUnit`): a group per KV head, or a group per copy.
+            let per_head = items.iter().all(|it| it.group as u64 == first) && (stride > 0 || heads == 1);
+            let per_copy = stride == items.len() as u64 && items.iter().zip(first..).all(|(it, g)| it.group as u64 == g);
+            if !(per_head || per_copy) {
                 return Err(invalid!(
-                    "units[{u}] (group stride {stride}) has item copies out of group order after group {last_group}; item copies must be sorted by group"
+                    "units[{u}] (group stride {stride}) has items in groups {first}..={last}: a unit's items share a group (stride > 0), or have consecutive groups and stride = its items"
+                ));
+            }
+            if first < last_group {
+                return Err(invalid!(
+                    "units[{u}] starts at group {first}, out of group order after group {last_group}; item copies must be sorted by group"
                 ));
             }
             last_group = last + (heads - 1) * stride;

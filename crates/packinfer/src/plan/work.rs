@@ -56,7 +56,10 @@ pub struct WorkItem {
 }
 
 /// A run of consecutive work items whose KV-head copies are laid out together: for each KV head
-/// in turn, the unit's items in order.
+/// in turn, the unit's items in order. A unit has one of two shapes: **a group per KV head**
+/// (its items share one group and `group_stride > 0`: KV head h's copies run one after another
+/// on one CTA, in group `group + h × group_stride`), or **a group per copy** (item k's group is
+/// the first item's + k and `group_stride = item_count`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Pod, Zeroable)]
 pub struct WorkUnit {

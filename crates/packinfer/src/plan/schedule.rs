@@ -265,7 +265,7 @@ pub(crate) struct Scratch {
     slot_of: Vec<MergeSlot>,
     token_start: Vec<u32>,
     token_next: Vec<u32>,
-    by_token: Vec<PartialRow>,
+    by_token: Vec<u32>,
     /// The plan's arrays while the steps fill them.
     items: Vec<WorkItem>,
     units: Vec<WorkUnit>,
@@ -1090,15 +1090,17 @@ fn merge_list(total_q: u32, partial_rows: &[PartialRow], slot_of: &[MergeSlot], 
     // Sizes are known: one merge slot per partial row. Each token's rows land at their place
     // in token order (a bucket pass, no sort).
     merge_slots.resize(partial_rows.len(), MergeSlot::default());
+    // Indices into `partial_rows`, token by token: a quarter of the rows' bytes (a plan of 2^22
+    // pieces has as many partial rows).
     let by_token = &mut sc.by_token;
     by_token.clear();
-    by_token.resize(partial_rows.len(), PartialRow { token: 0, key_begin: 0, piece: 0, row: 0 });
+    by_token.resize(partial_rows.len(), 0);
     {
         let next = &mut sc.token_next;
         next.clear();
         next.extend_from_slice(token_start);
-        for pr in partial_rows {
-            by_token[next[pr.token as usize] as usize] = *pr;
+        for (i, pr) in partial_rows.iter().enumerate() {
+            by_token[next[pr.token as usize] as usize] = i as u32;
             next[pr.token as usize] += 1;
         }
     }
@@ -1112,10 +1114,12 @@ fn merge_list(total_q: u32, partial_rows: &[PartialRow], slot_of: &[MergeSlot], 
         let list = &mut by_token[begin..end];
         // Pieces are made in key order per token (prefix tile, then the suffix's splits, or a
         // packed tile), and the bucket pass above keeps that order: sorting is a fallback.
-        if !list.is_sorted_by_key(|pr| pr.key_begin) {
-            list.sort_unstable_by_key(|pr| pr.key_begin);
+        let key = |&i: &u32| partial_rows[i as usize].key_begin;
+        if !list.is_sorted_by_key(key) {
+            list.sort_unstable_by_key(key);
         }
-        for (dst, pr) in merge_slots[begin..end].iter_mut().zip(list.iter()) {
+        for (dst, &i) in merge_slots[begin..end].iter_mut().zip(list.iter()) {
+            let pr = &partial_rows[i as usize];
             let of = slot_of[pr.piece as usize];
             *dst = MergeSlot { slot: of.slot + pr.row, head_stride: of.head_stride };
         }

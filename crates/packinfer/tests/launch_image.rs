@@ -155,11 +155,22 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
-/// The image's content as the kernels see it, independent of where the arrays' entries sit:
-/// per item copy in order its group, KV head, partial slot and rows with its row segments and
-/// KV chunks resolved, the group offsets, the pages, per merge row its token, query head and
-/// slots; hashed as for the bytes. Equal for two encodings that give the kernels the same work.
-fn content_hash(plan: &Plan, img: &[u8]) -> u64 {
+/// The arrays of a launch image, read back: header words, items (8 words each), row segments
+/// (4), KV chunks (6), pages, group offsets, merge rows (4), merge slots.
+struct Decoded {
+    header: Vec<u32>,
+    items: Vec<[u32; 8]>,
+    segments: Vec<[u32; 4]>,
+    chunks: Vec<[u32; 6]>,
+    pages: Vec<u32>,
+    offsets: Vec<u32>,
+    merges: Vec<[u32; 4]>,
+    merge_slots: Vec<u32>,
+}
+
+/// Reads `img` back with the layout a launch sized for `plan` alone has (arrays in order, each
+/// at a multiple of 256 bytes).
+fn decode(plan: &Plan, img: &[u8]) -> Decoded {
     let c = LaunchCapacity::of(plan);
     let mut at = 0usize;
     let mut take = |bytes: usize| {
@@ -168,36 +179,92 @@ fn content_hash(plan: &Plan, img: &[u8]) -> u64 {
         start
     };
     let (_header, _counter) = (take(48), take(4));
-    let items = take(c.items as usize * 32);
-    let segments = take(c.row_segments as usize * 16);
-    let chunks = take(c.kv_chunks as usize * 24);
-    let pages = take(c.pages as usize * 4);
-    let offsets = take((c.groups as usize + 1) * 4);
-    let merges = take(c.merge_rows as usize * 16);
-    let merge_slots = take(c.merge_slots as usize * 4);
+    let (items, segments, chunks) = (take(c.items as usize * 32), take(c.row_segments as usize * 16), take(c.kv_chunks as usize * 24));
+    let (pages, offsets) = (take(c.pages as usize * 4), take((c.groups as usize + 1) * 4));
+    let (merges, merge_slots) = (take(c.merge_rows as usize * 16), take(c.merge_slots as usize * 4));
     let word = |byte: usize| u32::from_ne_bytes(img[byte..byte + 4].try_into().unwrap());
+    fn rows<const N: usize>(word: &impl Fn(usize) -> u32, at: usize, n: usize) -> Vec<[u32; N]> {
+        (0..n).map(|i| std::array::from_fn(|f| word(at + (i * N + f) * 4))).collect()
+    }
     let header: Vec<u32> = (0..12).map(|i| word(i * 4)).collect();
     let (num_items, num_groups, num_merges) = (header[0] as usize, header[1] as usize, header[2] as usize);
-    let mut out: Vec<u32> = header;
-    for i in 0..num_items {
-        let it: Vec<u32> = (0..8).map(|f| word(items + i * 32 + f * 4)).collect();
+    let merge_rows: Vec<[u32; 4]> = rows(&word, merges, num_merges);
+    let num_slots = merge_rows.iter().map(|m| (m[2] + m[3]) as usize).max().unwrap_or(0);
+    Decoded {
+        items: rows(&word, items, num_items),
+        segments: rows(&word, segments, plan.row_segments.len()),
+        chunks: rows(&word, chunks, plan.kv_chunks.len()),
+        pages: (0..plan.batch.kv_page_indices.len()).map(|p| word(pages + p * 4)).collect(),
+        offsets: (0..=num_groups).map(|g| word(offsets + g * 4)).collect(),
+        merges: merge_rows,
+        merge_slots: (0..num_slots).map(|s| word(merge_slots + s * 4)).collect(),
+        header,
+    }
+}
+
+/// The image's content as the kernels see it, independent of where the arrays' entries sit:
+/// per item copy in order its group, KV head, partial slot and rows with its row segments and
+/// KV chunks resolved, the group offsets, the pages, per merge row its token, query head and
+/// slots; hashed as for the bytes. Equal for two encodings that give the kernels the same work.
+fn content_hash(plan: &Plan, img: &[u8]) -> u64 {
+    let d = decode(plan, img);
+    let mut out: Vec<u32> = d.header.clone();
+    for it in &d.items {
         // kv_head, seg_begin, seg_count, chunk_begin, chunk_count, num_rows, partial_slot, group
         out.extend([it[7], it[0], it[6], it[5]]);
         for sg in it[1]..it[1] + it[2] {
-            out.extend((0..4).map(|f| word(segments + sg as usize * 16 + f * 4)));
+            out.extend(d.segments[sg as usize]);
         }
         for ch in it[3]..it[3] + it[4] {
-            out.extend((0..6).map(|f| word(chunks + ch as usize * 24 + f * 4)));
+            out.extend(d.chunks[ch as usize]);
         }
     }
-    out.extend((0..=num_groups).map(|g| word(offsets + g * 4)));
-    out.extend((0..plan.batch.kv_page_indices.len()).map(|p| word(pages + p * 4)));
-    for m in 0..num_merges {
-        let row: Vec<u32> = (0..4).map(|f| word(merges + m * 16 + f * 4)).collect();
-        out.extend([row[0], row[1], row[3]]);
-        out.extend((row[2]..row[2] + row[3]).map(|s| word(merge_slots + s as usize * 4)));
+    out.extend(&d.offsets);
+    out.extend(&d.pages);
+    for m in &d.merges {
+        out.extend([m[0], m[1], m[3]]);
+        out.extend(&d.merge_slots[m[2] as usize..(m[2] + m[3]) as usize]);
     }
     fnv1a(bytemuck::cast_slice(&out))
+}
+
+#[test]
+fn images_list_the_item_copies_and_a_merge_row_per_query_head() {
+    // The expansion against the encoding's definition (plan/work.rs), not against the old bytes:
+    // item copies as `Plan::item_copies` derives them, group offsets from their groups, and per
+    // merged token and query head h·group + j the slots `slot + h·head_stride + j`.
+    let mut checked = (0, 0);
+    for (name, plan, block_m) in cases() {
+        let mut upload = HostUpload::new(&plan, &LaunchCapacity::default(), block_m);
+        upload.update(&plan).unwrap();
+        let d = decode(&plan, upload.image());
+        let copies: Vec<[u32; 8]> = plan
+            .item_copies()
+            .map(|c| {
+                let it = &plan.items[c.item as usize];
+                [c.kv_head, it.seg_begin, it.seg_count, it.chunk_begin, it.chunk_count, it.num_rows, c.partial_slot, c.group]
+            })
+            .collect();
+        assert_eq!(d.items, copies, "{name}: items");
+        let groups = plan.num_groups() as usize;
+        let offsets: Vec<u32> = (0..=groups).map(|g| copies.iter().take_while(|c| (c[7] as usize) < g).count() as u32).collect();
+        assert_eq!(d.offsets, offsets, "{name}: group offsets");
+        let (group, heads) = (plan.shape.group_size(), plan.shape.num_kv_heads);
+        let (mut rows, mut slots) = (Vec::new(), Vec::new());
+        for m in &plan.merges {
+            let pieces = &plan.merge_slots[m.slot_begin as usize..(m.slot_begin + m.slot_count) as usize];
+            for q in 0..heads * group {
+                rows.push([m.q_token, q, slots.len() as u32, m.slot_count]);
+                slots.extend(pieces.iter().map(|p| p.slot + q / group * p.head_stride + q % group));
+            }
+        }
+        assert_eq!(d.merges, rows, "{name}: merge rows");
+        assert_eq!(d.merge_slots, slots, "{name}: merge slots");
+        assert_eq!(d.header[..4], [copies.len() as u32, groups as u32, rows.len() as u32, plan.num_partial_slots()], "{name}: header");
+        checked.0 += plan.units.iter().filter(|u| u.group_stride > 1).count();
+        checked.1 += rows.len();
+    }
+    assert!(checked.0 > 0 && checked.1 > 0, "the cases had no group-per-copy unit or no merges: {checked:?}");
 }
 
 const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/launch_images.txt");

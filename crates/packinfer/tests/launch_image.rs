@@ -14,7 +14,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 fn shape(qo: u32, kv: u32, causal: bool) -> Shape {
-    Shape { num_qo_heads: qo, num_kv_heads: kv, head_dim: 128, dtype: DType::Bf16, causal, sm_scale: 0.088 }
+    Shape { num_qo_heads: qo, num_kv_heads: kv, head_dim: 128, dtype: DType::Bf16, kv_dtype: DType::Bf16, causal, sm_scale: 0.088 }
 }
 
 /// `(q_len, kv_len)` requests on pages of 16 keys (in order, or scattered), with consecutive

@@ -382,14 +382,14 @@ unsafe fn execute_item(plan: &Plan, copy: &ItemCopy, args: &RunArgs, out: &Outpu
     let (mut k, mut v) = (vec![0.0f32; d], vec![0.0f32; d]);
     let kv = args.kv;
     let soft_cap = args.logits_soft_cap;
-    // An fp8 cache's codes times the item's KV head's scales (1 for a cache of Q's dtype).
+    // An fp8 cache's codes times the copy's KV head's scales (1 for a cache of Q's dtype).
     let head_scale = |per_head: u64| {
         if per_head == 0 {
             1.0
         } else {
             // SAFETY: a non-null per-head scale array holds num_kv_heads f32 (run's contract)
             // and kv_head < num_kv_heads (a checked plan).
-            unsafe { *(per_head as *const f32).add(item.kv_head as usize) }
+            unsafe { *(per_head as *const f32).add(copy.kv_head as usize) }
         }
     };
     let scales = args.kv_scales;

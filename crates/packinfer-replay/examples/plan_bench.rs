@@ -153,7 +153,7 @@ fn host_path_steps(trace: &[Row]) -> Vec<(String, Batch, Option<f64>)> {
 fn planning_time(trace: &[Row], quick: bool) {
     println!("## Planning time\n");
     println!("Median wall time in µs (p90 in parentheses) on one thread, Hopper profile (132 SMs), page size {PAGE}. Decode batches from trace rows 0.. (KV = context + uniform[0, generated]); with prefix groups every 8 consecutive requests share a prefix of half the shortest member's KV. *build* = `Plan::build` into a new plan (validation, scheduling, statistics); *rebuild* = `Plan::rebuild` into the plan of the step before (what `packinfer_plan_update` runs); *update* = the host work of `packinfer_launch_update` on CUDA (plan checks, the page-locked image; not the copy call, which needs a device); *sum* = rebuild + update. Targets (issue 21): plan ≤ 20 µs for 256 decodes, ≤ 30 µs with prefix groups, ≤ 60 µs for 1024 decodes and for W5; update ≤ 15 µs.\n");
-    println!("| step | work items | merges | build | rebuild | update | sum | plan target | update ≤ 15 |");
+    println!("| step | work items (per piece / per KV head) | merges (per token / per head) | build | rebuild | update | sum | plan target | update ≤ 15 |");
     println!("|---|---:|---:|---:|---:|---:|---:|---|---|");
     let profile = DeviceProfile::hopper(132);
     for (name, b, target) in host_path_steps(trace) {
@@ -192,9 +192,11 @@ fn planning_time(trace: &[Row], quick: bool) {
         let (_, sum) = cell(sum);
         let verdict = |us: f64, t: f64| if us <= t { format!("≤ {t}: met") } else { format!("≤ {t}: missed") };
         println!(
-            "| {name} | {} | {} | {build} | {rebuild} | {update} | {sum} | {} | {} |",
+            "| {name} | {} / {} | {} / {} | {build} | {rebuild} | {update} | {sum} | {} | {} |",
             plan.items.len(),
+            plan.num_item_copies(),
             plan.merges.len(),
+            plan.num_merge_rows(),
             target.map(|t| verdict(plan_us, t)).unwrap_or_else(|| "—".into()),
             verdict(update_us, 15.0)
         );
@@ -227,7 +229,8 @@ fn measure(lens: &[(u32, u32)], groups: Vec<PrefixGroup>, options: PlanOptions) 
                 .sum::<u64>()
         })
         .sum();
-    let kv_mb = keys as f64 * 512.0 / 1e6;
+    // Each item is read for every KV head.
+    let kv_mb = keys as f64 * plan.shape.num_kv_heads as f64 * 512.0 / 1e6;
     Measured {
         items: s.num_items,
         groups: s.num_groups,
@@ -343,7 +346,7 @@ fn planning_time_by_options(trace: &[Row], quick: bool) {
             let c = thread_cpu_us();
             let p = Plan::build(shape(), input, &profile, o.clone()).expect("plan");
             cpu.push(thread_cpu_us() - c);
-            items = p.items.len();
+            items = p.stats.num_items as usize;
         }
         println!("| {name} | {items} | {:.1} |", median_p90(cpu).0);
     }

@@ -14,7 +14,9 @@ use crate::types::{Batch, DType, KvLayout, Shape};
 
 pub use crate::backend::cuda::calibrate::Sample;
 pub use crate::backend::cuda::driver::{sync_stream, CtxGuard, Device, DeviceBuffer};
-pub use crate::backend::cuda::launch::{CudaBound, HostUpload, KernelParams, KvRange, PlanHeader, SegmentInfo, TensorMap};
+pub use crate::backend::cuda::launch::{
+    CudaBound, HostUpload, KernelItem, KernelMergeRow, KernelParams, KvRange, PlanHeader, SegmentInfo, TensorMap,
+};
 
 /// NVRTC compilation and the kernel cache.
 pub mod compile {

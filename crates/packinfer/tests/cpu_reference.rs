@@ -210,11 +210,14 @@ fn inconsistent_handmade_plans_are_refused() {
         ("outside the cache's", Box::new(|p| p.batch.kv_page_indices[0] = p.batch.num_pages as i32)),
         ("kv_len", Box::new(|p| p.kv_chunks[0].key_end = p.requests[p.kv_chunks[0].request as usize].kv_len + 1)),
         ("does not match the batch's request 0", Box::new(|p| p.requests[0].page_start += 1)),
-        ("kv_head = 2", Box::new(|p| p.items[0].kv_head = 2)),
+        ("units hold every item once", Box::new(|p| p.units[0].item_begin += 1)),
         ("but its row segments hold", Box::new(|p| p.items[0].num_rows += 1)),
-        ("reads partial slot", Box::new(|p| p.merge_slots[0] = p.num_partial_slots())),
+        ("reads partial slot", Box::new(|p| p.merge_slots[0].slot = p.num_partial_slots())),
+        ("reads partial slot", Box::new(|p| p.merge_slots[0].head_stride = p.num_partial_slots())),
         ("outside the batch", Box::new(|p| p.merges[0].q_token = p.batch.total_q())),
-        ("fewer groups", Box::new(|p| p.items.last_mut().unwrap().group = u32::MAX)),
+        ("fewer groups", Box::new(|p| p.units.last_mut().unwrap().group_stride = u32::MAX)),
+        ("out of group order", Box::new(|p| p.items.last_mut().unwrap().group = 0)),
+        ("a unit's items share a group", Box::new(|p| p.units[0].group_stride = 0)),
         ("past the last slot number", Box::new(move |p| p.items[partial].partial_slot = u32::MAX - 1)),
         ("written twice", Box::new(|p| p.merges.push(p.merges[0]))),
         (
@@ -222,6 +225,14 @@ fn inconsistent_handmade_plans_are_refused() {
             Box::new(move |p| {
                 let dup = p.items[partial];
                 p.items.insert(partial, dup);
+                // The copy joins its item's unit; the units after it move by one.
+                for u in p.units.iter_mut() {
+                    if u.item_begin as usize > partial {
+                        u.item_begin += 1;
+                    } else if u.item_begin as usize + u.item_count as usize > partial {
+                        u.item_count += 1;
+                    }
+                }
             }),
         ),
     ];

@@ -16,7 +16,7 @@ use common::{assert_close_to, rel_frobenius, rng, Case, CaseSpec, Tensor};
 use cudarc::driver::{result as cu, sys};
 use packinfer::backend::cuda::CudaBackend;
 use packinfer::backend::{Backend, BackendChoice, BackendKind, BoundPlan, LaunchCapacity};
-use packinfer::plan::{DeviceProfile, KvChunk, MergeRow, Plan, PlanOptions, RowSegment, WorkItem, FINAL_OUTPUT};
+use packinfer::plan::{DeviceProfile, KvChunk, MergeRow, MergeSlot, Plan, PlanOptions, RowSegment, WorkItem, WorkUnit, FINAL_OUTPUT};
 use packinfer::testing::{self, sync_stream, CudaBound, DeviceBuffer};
 use packinfer::types::{DType, KvLayout, PrefixGroup, RowsTensor, RunArgs};
 use rand::rngs::SmallRng;
@@ -414,148 +414,155 @@ fn every_plan_options_combination() {
     check_all(done);
 }
 
-/// A work item of a hand-made plan with its own row segments and KV chunks.
-type HandItem = (WorkItem, Vec<RowSegment>, Vec<KvChunk>);
+/// A work item of a hand-made plan with its own row segments and KV chunks, and per query
+/// token it holds partially, the token and its tile row (query head 0).
+type HandItem = (WorkItem, Vec<RowSegment>, Vec<KvChunk>, Vec<(u32, u32)>);
 
 /// A plan made by hand, with everything the planner may emit: short requests packed into shared
 /// tiles (several row segments and chunks), final items split into two chunks, long ones split
-/// into partial pieces merged by LSE, and shared prefixes read once for all members' rows.
+/// into partial pieces merged by LSE, and shared prefixes read once for all members' rows; the
+/// items in random units, of one group per KV head or of one group per item copy.
 fn handmade_plan(case: &Case, block_m: u32, r: &mut SmallRng) -> Plan {
     let base = Plan::build(case.shape, case.batch.clone(), &packinfer::plan::DeviceProfile::cpu(1), PlanOptions::default()).unwrap();
     let mut plan = base;
-    (plan.items, plan.row_segments, plan.kv_chunks, plan.merges, plan.merge_slots) = (vec![], vec![], vec![], vec![], vec![]);
+    (plan.items, plan.units, plan.row_segments, plan.kv_chunks, plan.merges, plan.merge_slots) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
     let shape = case.shape;
     let group = shape.group_size();
-    let mut slots = 0u32;
     let mut prefix_of = vec![None; case.batch.len()];
     for pg in &case.batch.prefix_groups {
         for &m in &pg.members {
             prefix_of[m as usize] = Some((pg.members[0], pg.prefix_len, pg.members.clone()));
         }
     }
-    // Per (token, head): the partial slots that must be merged.
-    let mut pieces: std::collections::BTreeMap<(u32, u32), Vec<u32>> = Default::default();
     let mut items: Vec<HandItem> = vec![];
-    for kv_head in 0..shape.num_kv_heads {
-        // Shared prefixes: one partial item per group holding all members' rows (if they fit).
-        let mut prefixed = vec![false; case.batch.len()];
-        for pg in &case.batch.prefix_groups {
-            let rows: u32 = pg.members.iter().map(|&m| plan.requests[m as usize].q_len * group).sum();
-            if rows == 0 || rows > block_m {
+    // Shared prefixes: one partial item per group holding all members' rows (if they fit).
+    let mut prefixed = vec![false; case.batch.len()];
+    for pg in &case.batch.prefix_groups {
+        let rows: u32 = pg.members.iter().map(|&m| plan.requests[m as usize].q_len * group).sum();
+        if rows == 0 || rows > block_m {
+            continue;
+        }
+        let mut segs = vec![];
+        let mut tokens = vec![];
+        let mut row = 0;
+        for &m in &pg.members {
+            let q = plan.requests[m as usize].q_len;
+            if q == 0 {
                 continue;
             }
-            let mut segs = vec![];
-            let mut row = 0;
-            for &m in &pg.members {
-                let q = plan.requests[m as usize].q_len;
-                if q == 0 {
-                    continue;
-                }
-                segs.push(RowSegment { request: m, q_begin: 0, q_count: q, row_begin: row });
-                for t in 0..q {
-                    for h in 0..group {
-                        let token = plan.requests[m as usize].q_start + t;
-                        pieces.entry((token, kv_head * group + h)).or_default().push(slots + row + t * group + h);
-                    }
-                }
-                row += q * group;
-                prefixed[m as usize] = true;
-            }
-            let chunk = KvChunk { request: pg.members[0], key_begin: 0, key_end: pg.prefix_len, row_begin: 0, row_end: rows };
-            items.push((WorkItem { kv_head, num_rows: rows, partial_slot: slots, ..Default::default() }, segs, vec![chunk]));
-            slots += rows;
+            segs.push(RowSegment { request: m, q_begin: 0, q_count: q, row_begin: row });
+            tokens.extend((0..q).map(|t| (plan.requests[m as usize].q_start + t, row + t * group)));
+            row += q * group;
+            prefixed[m as usize] = true;
         }
-        let mut small: Vec<(RowSegment, KvChunk)> = vec![];
-        for (ri, req) in plan.requests.iter().enumerate() {
-            let ri = ri as u32;
-            let key_from = if prefixed[ri as usize] { prefix_of[ri as usize].as_ref().unwrap().1 } else { 0 };
-            let per_tile = (block_m / group).max(1);
-            let mut q = 0;
-            while q < req.q_len {
-                let count = per_tile.min(req.q_len - q);
-                let rows = count * group;
-                let key_end = req.key_limit(q + count - 1, shape.causal);
-                let seg = RowSegment { request: ri, q_begin: q, q_count: count, row_begin: 0 };
-                let split = key_end > key_from + 128 && r.random_bool(0.6);
-                if prefixed[ri as usize] || split {
-                    // Partial pieces: the suffix after a prefix, and/or 2–3 key ranges.
-                    let n = if split { r.random_range(2..=3) } else { 1 };
-                    let mut bounds = vec![key_from];
-                    for p in 1..n {
-                        bounds.push(key_from + (key_end - key_from) * p / n);
-                    }
-                    bounds.push(key_end);
-                    for w in bounds.windows(2) {
-                        let chunk = KvChunk { request: ri, key_begin: w[0], key_end: w[1], row_begin: 0, row_end: rows };
-                        items.push((
-                            WorkItem { kv_head, num_rows: rows, partial_slot: slots, ..Default::default() },
-                            vec![seg],
-                            vec![chunk],
-                        ));
-                        for t in 0..count {
-                            for h in 0..group {
-                                pieces.entry((req.q_start + q + t, kv_head * group + h)).or_default().push(slots + t * group + h);
-                            }
-                        }
-                        slots += rows;
-                    }
-                } else if rows <= block_m / 2 {
-                    small.push((seg, KvChunk { request: ri, key_begin: 0, key_end, row_begin: 0, row_end: rows }));
-                } else {
-                    // A final item whose keys come as two chunks (the online softmax continues).
-                    let mid = key_end / 2;
-                    let c1 = KvChunk { request: ri, key_begin: 0, key_end: mid, row_begin: 0, row_end: rows };
-                    let c2 = KvChunk { key_begin: mid, key_end, ..c1 };
-                    items.push((
-                        WorkItem { kv_head, num_rows: rows, partial_slot: FINAL_OUTPUT, ..Default::default() },
-                        vec![seg],
-                        vec![c1, c2],
-                    ));
+        let chunk = KvChunk { request: pg.members[0], key_begin: 0, key_end: pg.prefix_len, row_begin: 0, row_end: rows };
+        items.push((WorkItem { num_rows: rows, partial_slot: 0, ..Default::default() }, segs, vec![chunk], tokens));
+    }
+    let mut small: Vec<(RowSegment, KvChunk)> = vec![];
+    for (ri, req) in plan.requests.iter().enumerate() {
+        let ri = ri as u32;
+        let key_from = if prefixed[ri as usize] { prefix_of[ri as usize].as_ref().unwrap().1 } else { 0 };
+        let per_tile = (block_m / group).max(1);
+        let mut q = 0;
+        while q < req.q_len {
+            let count = per_tile.min(req.q_len - q);
+            let rows = count * group;
+            let key_end = req.key_limit(q + count - 1, shape.causal);
+            let seg = RowSegment { request: ri, q_begin: q, q_count: count, row_begin: 0 };
+            let split = key_end > key_from + 128 && r.random_bool(0.6);
+            if prefixed[ri as usize] || split {
+                // Partial pieces: the suffix after a prefix, and/or 2–3 key ranges.
+                let n = if split { r.random_range(2..=3) } else { 1 };
+                let mut bounds = vec![key_from];
+                for p in 1..n {
+                    bounds.push(key_from + (key_end - key_from) * p / n);
                 }
-                q += count;
-            }
-        }
-        // Pack the short ones: several requests' rows in one tile, one chunk per segment.
-        let mut segs = vec![];
-        let mut chunks = vec![];
-        let mut row = 0;
-        let flush = |segs: &mut Vec<RowSegment>, chunks: &mut Vec<KvChunk>, row: &mut u32, items: &mut Vec<HandItem>| {
-            if *row > 0 {
+                bounds.push(key_end);
+                for w in bounds.windows(2) {
+                    let chunk = KvChunk { request: ri, key_begin: w[0], key_end: w[1], row_begin: 0, row_end: rows };
+                    let tokens = (0..count).map(|t| (req.q_start + q + t, t * group)).collect();
+                    items.push((WorkItem { num_rows: rows, partial_slot: 0, ..Default::default() }, vec![seg], vec![chunk], tokens));
+                }
+            } else if rows <= block_m / 2 {
+                small.push((seg, KvChunk { request: ri, key_begin: 0, key_end, row_begin: 0, row_end: rows }));
+            } else {
+                // A final item whose keys come as two chunks (the online softmax continues).
+                let mid = key_end / 2;
+                let c1 = KvChunk { request: ri, key_begin: 0, key_end: mid, row_begin: 0, row_end: rows };
+                let c2 = KvChunk { key_begin: mid, key_end, ..c1 };
                 items.push((
-                    WorkItem { kv_head, num_rows: *row, partial_slot: FINAL_OUTPUT, ..Default::default() },
-                    std::mem::take(segs),
-                    std::mem::take(chunks),
+                    WorkItem { num_rows: rows, partial_slot: FINAL_OUTPUT, ..Default::default() },
+                    vec![seg],
+                    vec![c1, c2],
+                    vec![],
                 ));
-                *row = 0;
             }
-        };
-        for (seg, chunk) in small {
-            let rows = chunk.row_end;
-            if row + rows > block_m {
-                flush(&mut segs, &mut chunks, &mut row, &mut items);
-            }
-            segs.push(RowSegment { row_begin: row, ..seg });
-            chunks.push(KvChunk { row_begin: row, row_end: row + rows, ..chunk });
-            row += rows;
+            q += count;
         }
-        flush(&mut segs, &mut chunks, &mut row, &mut items);
     }
-    // Random groups (several items per group), sorted by group.
-    let ngroups = (items.len() as u32 / 2).max(1);
-    let mut keyed: Vec<(u32, HandItem)> = items.into_iter().map(|it| (r.random_range(0..ngroups), it)).collect();
-    keyed.sort_by_key(|k| k.0);
-    for (g, (mut item, segs, chunks)) in keyed {
-        item.group = g;
-        item.seg_begin = plan.row_segments.len() as u32;
-        item.seg_count = segs.len() as u32;
-        item.chunk_begin = plan.kv_chunks.len() as u32;
-        item.chunk_count = chunks.len() as u32;
-        plan.row_segments.extend(segs);
-        plan.kv_chunks.extend(chunks);
-        plan.items.push(item);
+    // Pack the short ones: several requests' rows in one tile, one chunk per segment.
+    let mut segs = vec![];
+    let mut chunks = vec![];
+    let mut row = 0;
+    let flush = |segs: &mut Vec<RowSegment>, chunks: &mut Vec<KvChunk>, row: &mut u32, items: &mut Vec<HandItem>| {
+        if *row > 0 {
+            let item = WorkItem { num_rows: *row, partial_slot: FINAL_OUTPUT, ..Default::default() };
+            items.push((item, std::mem::take(segs), std::mem::take(chunks), vec![]));
+            *row = 0;
+        }
+    };
+    for (seg, chunk) in small {
+        let rows = chunk.row_end;
+        if row + rows > block_m {
+            flush(&mut segs, &mut chunks, &mut row, &mut items);
+        }
+        segs.push(RowSegment { row_begin: row, ..seg });
+        chunks.push(KvChunk { row_begin: row, row_end: row + rows, ..chunk });
+        row += rows;
     }
-    for ((token, head), s) in pieces {
-        plan.merges.push(MergeRow { q_token: token, qo_head: head, slot_begin: plan.merge_slots.len() as u32, slot_count: s.len() as u32 });
+    flush(&mut segs, &mut chunks, &mut row, &mut items);
+    // Random units of 1–3 items in random order: most one group per KV head (several items per
+    // group), some a group per item copy. Partial slots in copy order.
+    rand::seq::SliceRandom::shuffle(&mut items[..], r);
+    let heads = shape.num_kv_heads;
+    let (mut next_group, mut next_slot) = (0u32, 0u32);
+    // Per (token, KV head 0 query head 0): the merge slots.
+    let mut pieces: std::collections::BTreeMap<u32, Vec<MergeSlot>> = Default::default();
+    let mut rest = &items[..];
+    while !rest.is_empty() {
+        let n = r.random_range(1..=3).min(rest.len());
+        let (unit, tail) = rest.split_at(n);
+        rest = tail;
+        let per_copy = r.random_bool(0.3);
+        let item_begin = plan.items.len() as u32;
+        let slot_stride: u32 = unit.iter().filter(|u| u.0.partial_slot != FINAL_OUTPUT).map(|u| u.0.num_rows).sum();
+        let mut slot = next_slot;
+        for (k, (item, segs, chunks, tokens)) in unit.iter().enumerate() {
+            let mut item = *item;
+            item.group = next_group + if per_copy { k as u32 } else { 0 };
+            if item.partial_slot != FINAL_OUTPUT {
+                item.partial_slot = slot;
+                for &(token, row) in tokens {
+                    pieces.entry(token).or_default().push(MergeSlot { slot: slot + row, head_stride: slot_stride });
+                }
+                slot += item.num_rows;
+            }
+            item.seg_begin = plan.row_segments.len() as u32;
+            item.seg_count = segs.len() as u32;
+            item.chunk_begin = plan.kv_chunks.len() as u32;
+            item.chunk_count = chunks.len() as u32;
+            plan.row_segments.extend(segs);
+            plan.kv_chunks.extend(chunks);
+            plan.items.push(item);
+        }
+        let group_stride = if per_copy { n as u32 } else { 1 };
+        plan.units.push(WorkUnit { item_begin, item_count: n as u32, group_stride, slot_stride });
+        next_group += group_stride * heads;
+        next_slot += slot_stride * heads;
+    }
+    for (token, s) in pieces {
+        plan.merges.push(MergeRow { q_token: token, slot_begin: plan.merge_slots.len() as u32, slot_count: s.len() as u32 });
         plan.merge_slots.extend(s);
     }
     plan

@@ -8,9 +8,8 @@ use packinfer_testkit::harness;
 
 use std::mem::{offset_of, size_of};
 
-use packinfer::plan::{MergeRow, WorkItem};
 use packinfer::testing::compile::{self, Unit, Variant};
-use packinfer::testing::{KernelParams, KvRange, PlanHeader, SegmentInfo, TensorMap};
+use packinfer::testing::{KernelItem, KernelMergeRow, KernelParams, KvRange, PlanHeader, SegmentInfo, TensorMap};
 
 fn main() {
     harness::main(harness::trials![
@@ -138,10 +137,10 @@ fn work_structs_match_the_kernels_byte_for_byte() {
             assert_eq!(at.div_ceil(std::mem::align_of::<$rust>()) * std::mem::align_of::<$rust>(), size_of::<$rust>(), "{} has trailing fields C does not know", $c);
         }};
     }
-    layout!(WorkItem, "WorkItem", [kv_head: u32, seg_begin: u32, seg_count: u32, chunk_begin: u32, chunk_count: u32, num_rows: u32, partial_slot: u32, group: u32]);
+    layout!(KernelItem, "WorkItem", [kv_head: u32, seg_begin: u32, seg_count: u32, chunk_begin: u32, chunk_count: u32, num_rows: u32, partial_slot: u32, group: u32]);
     layout!(SegmentInfo, "SegmentInfo", [row_begin: u32, token0: u32, limit0: u32, step: u32]);
     layout!(KvRange, "KvRange", [page_start: u32, key_begin: u32, key_end: u32, row_begin: u32, row_end: u32, row0: u32]);
-    layout!(MergeRow, "MergeRow", [q_token: u32, qo_head: u32, slot_begin: u32, slot_count: u32]);
+    layout!(KernelMergeRow, "MergeRow", [q_token: u32, qo_head: u32, slot_begin: u32, slot_count: u32]);
     layout!(PlanHeader, "PlanHeader", [num_items: u32, num_groups: u32, num_merges: u32, num_slots: u32, group_size: u32, page_size: u32, causal: u32, window_left: u32, sm_scale_log2: f32, reserved2: [u32; 3]]);
     layout!(KernelParams, "KernelParams", [header: u64, items: u64, segments: u64, chunks: u64, pages: u64, group_offsets: u64, merges: u64, merge_slots: u64, q: u64, q_stride_token: i64, q_stride_head: i64, k: u64, v: u64, kv_stride_page: i64, kv_stride_token: i64, kv_stride_head: i64, kv_stride_dim: i64, o: u64, o_stride_token: i64, o_stride_head: i64, lse: u64, scratch: u64, group_counter: u64, flags: u32, num_qo_heads: u32, softcap_in: f32, softcap_out: f32, mask: u64, mask_bit0: u64, reserved: [u32; 10], k_map: TensorMap, v_map: TensorMap, q_map: TensorMap, o_map: TensorMap]);
     if !nvrtc_or_skip("work_structs_match_the_kernels_byte_for_byte (C side)") {

@@ -61,12 +61,22 @@ fn check_plan(plan: &Plan, ctx: &str) {
     let num_slots = plan.num_partial_slots() as usize;
     let mut slot_owner: Vec<Option<usize>> = vec![None; num_slots];
     let mut last_group = 0;
-    for (i, item) in plan.items.iter().enumerate() {
-        let ctx = format!("{ctx}: item {i} {item:?}");
-        assert!(item.group >= last_group, "{ctx}: items not sorted by group");
-        assert!(item.group <= last_group + 1, "{ctx}: group ids skip an empty group");
-        last_group = item.group;
-        assert!(item.kv_head < shape.num_kv_heads, "{ctx}: kv_head");
+    // The units hold every item once, in order.
+    let mut next_item = 0;
+    for u in &plan.units {
+        assert_eq!(u.item_begin, next_item, "{ctx}: unit {u:?} does not start where the last one ended");
+        assert!(u.item_count > 0, "{ctx}: empty unit");
+        next_item += u.item_count;
+    }
+    assert_eq!(next_item as usize, plan.items.len(), "{ctx}: the units do not hold every item");
+    assert_eq!(plan.item_copies().count(), plan.num_item_copies(), "{ctx}: copies");
+    for copy in plan.item_copies() {
+        let item = &plan.items[copy.item as usize];
+        let ctx = format!("{ctx}: item {} KV head {} {item:?}", copy.item, copy.kv_head);
+        assert!(copy.group >= last_group, "{ctx}: copies not sorted by group");
+        assert!(copy.group <= last_group + 1, "{ctx}: group ids skip an empty group");
+        last_group = copy.group;
+        assert!(copy.kv_head < shape.num_kv_heads, "{ctx}: kv_head");
         assert!(item.num_rows >= 1 && item.num_rows <= plan.block_m, "{ctx}: num_rows outside 1..=block_m {}", plan.block_m);
         let segs = &plan.row_segments[item.seg_begin as usize..(item.seg_begin + item.seg_count) as usize];
         let chunks = &plan.kv_chunks[item.chunk_begin as usize..(item.chunk_begin + item.chunk_count) as usize];
@@ -106,7 +116,7 @@ fn check_plan(plan: &Plan, ctx: &str) {
                     min_start = min_start.min(start);
                     let token = (req.q_start + q) as usize;
                     for h in 0..g {
-                        let head = (item.kv_head * g + h) as usize;
+                        let head = (copy.kv_head * g + h) as usize;
                         let (kb, ke) = (c.key_begin.max(start), c.key_end.min(limit));
                         if kb < ke {
                             intervals[token * hq + head].push((kb, ke));
@@ -128,11 +138,11 @@ fn check_plan(plan: &Plan, ctx: &str) {
             for q in s.q_begin..s.q_begin + s.q_count {
                 for h in 0..g {
                     let token = (req.q_start + q) as usize;
-                    let head = (item.kv_head * g + h) as usize;
-                    if item.partial_slot == FINAL_OUTPUT {
+                    let head = (copy.kv_head * g + h) as usize;
+                    if copy.partial_slot == FINAL_OUTPUT {
                         writes[token * hq + head] += 1;
                     } else {
-                        let slot = (item.partial_slot + s.row_begin + (q - s.q_begin) * g + h) as usize;
+                        let slot = (copy.partial_slot + s.row_begin + (q - s.q_begin) * g + h) as usize;
                         assert!(slot_owner[slot].is_none(), "{ctx}: partial slot {slot} written twice");
                         slot_owner[slot] = Some(token * hq + head);
                     }
@@ -142,13 +152,17 @@ fn check_plan(plan: &Plan, ctx: &str) {
     }
     let mut slot_merged = vec![false; num_slots];
     for m in &plan.merges {
-        let th = m.q_token as usize * hq + m.qo_head as usize;
-        writes[th] += 1;
         assert!(m.slot_count >= 1, "{ctx}: merge {m:?} has no slots");
-        for &s in &plan.merge_slots[m.slot_begin as usize..(m.slot_begin + m.slot_count) as usize] {
-            assert_eq!(slot_owner[s as usize], Some(th), "{ctx}: merge {m:?} takes slot {s}, which holds another row");
-            assert!(!slot_merged[s as usize], "{ctx}: slot {s} merged twice");
-            slot_merged[s as usize] = true;
+        // Every query head of the token: KV head head / g, the (head % g)-th of its group.
+        for head in 0..hq as u32 {
+            let th = m.q_token as usize * hq + head as usize;
+            writes[th] += 1;
+            for p in &plan.merge_slots[m.slot_begin as usize..(m.slot_begin + m.slot_count) as usize] {
+                let s = p.slot + head / g * p.head_stride + head % g;
+                assert_eq!(slot_owner[s as usize], Some(th), "{ctx}: merge {m:?} head {head} takes slot {s}, which holds another row");
+                assert!(!slot_merged[s as usize], "{ctx}: slot {s} merged twice");
+                slot_merged[s as usize] = true;
+            }
         }
     }
     for (s, owner) in slot_owner.iter().enumerate() {
@@ -186,7 +200,9 @@ fn check_plan(plan: &Plan, ctx: &str) {
             }
         }
     }
-    assert_eq!(plan.stats.num_items as usize, plan.items.len());
+    assert_eq!(plan.stats.num_items as usize, plan.num_item_copies());
+    assert_eq!(plan.stats.num_merge_rows as usize, plan.num_merge_rows());
+    assert!(plan.num_groups() <= plan.stats.num_groups, "{ctx}: copies run in groups past the plan's");
     assert!(
         plan.stats.tile_utilization > 0.0 && plan.stats.tile_utilization <= 1.0,
         "{ctx}: tile utilization {}",
@@ -360,8 +376,8 @@ fn splits_merges_and_prefix_tiles_happen_and_are_exact() {
     let s = plan.stats;
     assert!(s.num_split_requests >= 4, "{s:?}");
     assert!(s.num_merge_rows > 0 && s.num_partial_slots > 0, "{s:?}");
-    // The prefix is read once per KV head: one chunk over [0, 1500) reading request 1's pages
-    // for the rows of all three members.
+    // The prefix is read once (an item for every KV head): one chunk over [0, 1500) reading
+    // request 1's pages for the rows of all three members.
     let prefix_items: Vec<_> =
         plan.items.iter().filter(|it| plan.kv_chunks[it.chunk_begin as usize].request == 1 && it.seg_count == 3).collect();
     assert_eq!(
@@ -369,22 +385,22 @@ fn splits_merges_and_prefix_tiles_happen_and_are_exact() {
             .iter()
             .map(|it| plan.kv_chunks[it.chunk_begin as usize].key_end - plan.kv_chunks[it.chunk_begin as usize].key_begin)
             .sum::<u32>(),
-        2 * 1500,
+        1500,
         "{:?}",
         plan.items
     );
     // The members share a group (per KV head).
     for h in 0..2 {
         let groups: std::collections::BTreeSet<u32> = plan
-            .items
-            .iter()
-            .filter(|it| {
-                it.kv_head == h
+            .item_copies()
+            .filter(|c| {
+                let it = &plan.items[c.item as usize];
+                c.kv_head == h
                     && plan.row_segments[it.seg_begin as usize..(it.seg_begin + it.seg_count) as usize]
                         .iter()
                         .any(|s| (1..=3).contains(&s.request))
             })
-            .map(|it| it.group)
+            .map(|c| c.group)
             .collect();
         assert_eq!(groups.len(), 1, "prefix group members spread over groups {groups:?}");
     }
@@ -432,22 +448,24 @@ fn ablation_flags_switch_their_technique_off() {
         }
 
         let p = Plan::build(case.shape, case.batch.clone(), &profile, PlanOptions { balancing: false, ..base.clone() }).unwrap();
-        assert_eq!(p.stats.num_groups as usize, p.items.len(), "{ctx}: balancing off but groups hold several items");
+        assert_eq!(p.stats.num_groups as usize, p.num_item_copies(), "{ctx}: balancing off but groups hold several items");
 
         // All four off: the one-request-per-tile baseline, tile by tile.
         let off = PlanOptions { packing: false, balancing: false, prefix_sharing: false, split_kv: false, ..base.clone() };
         let p = Plan::build(case.shape, case.batch.clone(), &profile, off).unwrap();
+        let copies: Vec<_> = p.item_copies().collect();
         let mut expected = 0;
         for (rq, req) in p.requests.iter().enumerate() {
             for h in 0..case.shape.num_kv_heads {
                 let mut q = 0;
                 while q < req.q_len {
                     let count = tokens_per_tile.min(req.q_len - q);
-                    let it = p.items[expected];
+                    let copy = copies[expected];
+                    let it = p.items[copy.item as usize];
                     let seg = p.row_segments[it.seg_begin as usize];
                     let c = p.kv_chunks[it.chunk_begin as usize];
                     assert_eq!(
-                        (it.kv_head, it.group, it.seg_count, it.chunk_count, it.partial_slot),
+                        (copy.kv_head, copy.group, it.seg_count, it.chunk_count, copy.partial_slot),
                         (h, expected as u32, 1, 1, FINAL_OUTPUT),
                         "{ctx}"
                     );
@@ -458,7 +476,7 @@ fn ablation_flags_switch_their_technique_off() {
                 }
             }
         }
-        assert_eq!(expected, p.items.len(), "{ctx}");
+        assert_eq!(expected, copies.len(), "{ctx}");
     }
 }
 

@@ -4,7 +4,9 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
+use packinfer::backend::LaunchCapacity;
 use packinfer::plan::{DeviceProfile, Plan, PlanOptions};
+use packinfer::testing::HostUpload;
 use packinfer::types::{Batch, DType, PrefixGroup, Shape};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -138,6 +140,7 @@ fn assert_same(a: &Plan, b: &Plan, what: &str) {
     assert_eq!(a.batch, b.batch, "{what}: batch");
     assert_eq!(a.requests, b.requests, "{what}: requests");
     assert_eq!(a.items, b.items, "{what}: items");
+    assert_eq!(a.units, b.units, "{what}: units");
     assert_eq!(a.row_segments, b.row_segments, "{what}: row segments");
     assert_eq!(a.kv_chunks, b.kv_chunks, "{what}: KV chunks");
     assert_eq!(a.merges, b.merges, "{what}: merges");
@@ -197,6 +200,30 @@ fn rebuild_allocates_nothing_once_the_plan_held_a_step_as_large() {
     for (name, s, b, o) in &cases {
         let n = allocations(|| plan.rebuild(*s, b, &profile, o.clone()).unwrap());
         assert_eq!(n, 0, "{name}: {n} heap allocations re-planning after every other step");
+    }
+}
+
+#[test]
+fn launch_update_writes_its_image_without_allocating() {
+    // The host work of `packinfer_launch_update` (the CUDA launch image, the per-KV-head copies
+    // expanded as it is written), into a launch sized for every case.
+    let profile = DeviceProfile::hopper(132);
+    let cases = cases();
+    let plans: Vec<Plan> = cases.iter().map(|(_, s, b, o)| Plan::build(*s, b.clone(), &profile, o.clone()).unwrap()).collect();
+    let by_shape = |causal: bool| {
+        let fit = plans.iter().filter(|p| p.shape.causal == causal);
+        let capacity = fit.fold(LaunchCapacity::default(), |c, p| c.max(&LaunchCapacity::of(p)));
+        (capacity, plans.iter().find(|p| p.shape.causal == causal).unwrap())
+    };
+    for causal in [true, false] {
+        let (capacity, first) = by_shape(causal);
+        let mut upload = HostUpload::new(first, &capacity, profile.block_m);
+        for ((name, ..), plan) in cases.iter().zip(&plans).filter(|(_, p)| p.shape.causal == causal) {
+            let n = allocations(|| {
+                upload.update_planned(plan).unwrap();
+            });
+            assert_eq!(n, 0, "{name}: {n} heap allocations in a launch update");
+        }
     }
 }
 

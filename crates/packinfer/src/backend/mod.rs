@@ -157,10 +157,12 @@ pub struct RowConversion {
 }
 
 /// Sizes of the device buffers of a launch: a plan fits when none of its counts is larger.
-/// Zero fields mean "the first plan's size".
+/// Zero fields mean "the first plan's size". Work items, groups and merge rows are counted as
+/// the kernels read them: an item per KV head, a merge row and its slots per query head
+/// ([`LaunchCapacity::of`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct LaunchCapacity {
-    /// Work items.
+    /// Work items, per KV head (`Plan::num_item_copies`).
     pub items: u32,
     /// Row segments.
     pub row_segments: u32,
@@ -170,9 +172,9 @@ pub struct LaunchCapacity {
     pub requests: u32,
     /// Entries of the page list.
     pub pages: u32,
-    /// Merge rows.
+    /// Merge rows, per query head (`Plan::num_merge_rows`).
     pub merge_rows: u32,
-    /// Entries of the merge slot list.
+    /// Entries of the merge slot list, per query head.
     pub merge_slots: u32,
     /// Execution groups.
     pub groups: u32,
@@ -188,14 +190,14 @@ impl LaunchCapacity {
     /// Exactly what `plan` needs.
     pub fn of(plan: &Plan) -> LaunchCapacity {
         LaunchCapacity {
-            items: plan.items.len() as u32,
+            items: plan.num_item_copies().min(u32::MAX as usize) as u32,
             row_segments: plan.row_segments.len() as u32,
             kv_chunks: plan.kv_chunks.len() as u32,
             requests: plan.requests.len() as u32,
             pages: plan.batch.kv_page_indices.len() as u32,
-            merge_rows: plan.merges.len() as u32,
-            merge_slots: plan.merge_slots.len() as u32,
-            groups: plan.items.last().map(|i| i.group + 1).unwrap_or(0),
+            merge_rows: plan.num_merge_rows().min(u32::MAX as usize) as u32,
+            merge_slots: (plan.merge_slots.len() * plan.shape.num_qo_heads as usize).min(u32::MAX as usize) as u32,
+            groups: plan.num_groups(),
             partial_slots: plan.num_partial_slots(),
             mask_bytes: plan.batch.custom_mask.len() as u32,
             mask_queries: if plan.batch.has_custom_mask() { plan.batch.total_q() } else { 0 },

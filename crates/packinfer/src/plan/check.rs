@@ -8,15 +8,16 @@ use crate::error::{Error, Result};
 use crate::invalid;
 use crate::types::limits;
 
-use super::{Plan, RequestInfo, FINAL_OUTPUT};
+use super::{MergeSlot, Plan, RequestInfo, FINAL_OUTPUT};
 
 impl Plan {
     /// Checks the facts backends rely on for memory safety: the shape and batch are valid and
-    /// the requests are the batch's; every work item names row segments, KV chunks, requests,
-    /// queries, keys and KV heads that exist, its segments lay its rows out from row 0 without
-    /// gaps, its partial slots do not overflow; items are sorted by group, with at most one
-    /// group per item; merge rows read existing slots and write (token, head) rows of the
-    /// batch. The message names the first offending value.
+    /// the requests are the batch's; the units hold every item once, in order; every work item
+    /// names row segments, KV chunks, requests, queries and keys that exist, its segments lay
+    /// its rows out from row 0 without gaps, its copies' partial slots do not overflow; the item
+    /// copies ([`Plan::item_copies`]) are sorted by group, with at most one group per copy;
+    /// merge rows read existing slots for every query head and write tokens of the batch. The
+    /// message names the first offending value.
     pub fn check_consistent(&self) -> Result<()> {
         self.check_fresh()?;
         self.shape.validate()?;
@@ -33,6 +34,7 @@ impl Plan {
         }
         for (what, len) in [
             ("items", self.items.len()),
+            ("units", self.units.len()),
             ("row segments", self.row_segments.len()),
             ("KV chunks", self.kv_chunks.len()),
             ("merge rows", self.merges.len()),
@@ -42,8 +44,14 @@ impl Plan {
                 return Err(invalid!("the plan has {len} {what}; at most {} are addressable", u32::MAX));
             }
         }
-        if self.items.len() > limits::MAX_WORK_ITEMS {
-            return Err(invalid!("the plan has {} work items, more than the {} a plan may have", self.items.len(), limits::MAX_WORK_ITEMS));
+        let heads = self.shape.num_kv_heads as u64;
+        let copies = self.items.len() as u64 * heads;
+        if copies > limits::MAX_WORK_ITEMS as u64 {
+            return Err(invalid!(
+                "the plan has {} work items × {heads} KV heads, more than the {} a plan may have",
+                self.items.len(),
+                limits::MAX_WORK_ITEMS
+            ));
         }
         let group = self.shape.group_size() as u64;
         let total_q = self.batch.total_q();
@@ -55,18 +63,56 @@ impl Plan {
                 limits::MAX_QO_ROWS
             ));
         }
-        let mut last_group = 0u32;
+        // The units partition the items, in order, each of one of the two shapes; their copies
+        // then come sorted by group when each unit starts at or after the last one's last group.
+        let mut next_item = 0u64;
+        let mut last_group = 0u64;
+        for (u, unit) in self.units.iter().enumerate() {
+            if unit.item_begin as u64 != next_item || unit.item_count == 0 {
+                return Err(invalid!(
+                    "units[{u}] holds items {}..{} where items {next_item}.. come next (units hold every item once, in order)",
+                    unit.item_begin,
+                    unit.item_begin as u64 + unit.item_count as u64
+                ));
+            }
+            next_item += unit.item_count as u64;
+            let Some(items) = self.items.get(unit.item_begin as usize..next_item as usize) else {
+                return Err(invalid!("units[{u}] holds items past the plan's {}", self.items.len()));
+            };
+            let (first, last) = (items[0].group as u64, items[items.len() - 1].group as u64);
+            let stride = unit.group_stride as u64;
+            // One of the two unit shapes (`WorkUnit`): a group per KV head, or a group per copy.
+            let per_head = items.iter().all(|it| it.group as u64 == first) && (stride > 0 || heads == 1);
+            let per_copy = stride == items.len() as u64 && items.iter().zip(first..).all(|(it, g)| it.group as u64 == g);
+            if !(per_head || per_copy) {
+                return Err(invalid!(
+                    "units[{u}] (group stride {stride}) has items in groups {first}..={last}: a unit's items share a group (stride > 0), or have consecutive groups and stride = its items"
+                ));
+            }
+            if first < last_group {
+                return Err(invalid!(
+                    "units[{u}] starts at group {first}, out of group order after group {last_group}; item copies must be sorted by group"
+                ));
+            }
+            last_group = last + (heads - 1) * stride;
+            if last_group >= copies {
+                return Err(invalid!("units[{u}] runs copies in group {last_group} but a plan of {copies} item copies has fewer groups"));
+            }
+            let last_head_slots = (heads - 1) * unit.slot_stride as u64;
+            for (k, it) in items.iter().enumerate() {
+                if it.partial_slot != FINAL_OUTPUT && it.partial_slot as u64 + last_head_slots + it.num_rows as u64 > u32::MAX as u64 {
+                    return Err(invalid!(
+                        "items[{}] writes partial slots up to {}, past the last slot number",
+                        unit.item_begin as usize + k,
+                        it.partial_slot as u64 + last_head_slots + it.num_rows as u64
+                    ));
+                }
+            }
+        }
+        if next_item != self.items.len() as u64 {
+            return Err(invalid!("the units hold {next_item} items but the plan has {}", self.items.len()));
+        }
         for (i, it) in self.items.iter().enumerate() {
-            if it.group < last_group {
-                return Err(invalid!("items[{i}].group = {} comes after group {last_group}; items must be sorted by group", it.group));
-            }
-            last_group = it.group;
-            if it.group as usize >= self.items.len() {
-                return Err(invalid!("items[{i}].group = {} but a plan of {} items has fewer groups", it.group, self.items.len()));
-            }
-            if it.kv_head >= self.shape.num_kv_heads {
-                return Err(invalid!("items[{i}].kv_head = {} but the shape has {} KV heads", it.kv_head, self.shape.num_kv_heads));
-            }
             let segs = self.row_segments.get(it.seg_begin as usize..it.seg_begin as usize + it.seg_count as usize);
             let chunks = self.kv_chunks.get(it.chunk_begin as usize..it.chunk_begin as usize + it.chunk_count as usize);
             let (Some(segs), Some(chunks)) = (segs, chunks) else {
@@ -115,13 +161,6 @@ impl Plan {
                     ));
                 }
             }
-            if it.partial_slot != FINAL_OUTPUT && it.partial_slot as u64 + it.num_rows as u64 > u32::MAX as u64 {
-                return Err(invalid!(
-                    "items[{i}] writes partial slots {}..{}, past the last slot number",
-                    it.partial_slot,
-                    it.partial_slot as u64 + it.num_rows as u64
-                ));
-            }
         }
         // Only now that no slot count overflows.
         let slots = self.num_partial_slots();
@@ -129,11 +168,13 @@ impl Plan {
             let Some(ss) = self.merge_slots.get(m.slot_begin as usize..m.slot_begin as usize + m.slot_count as usize) else {
                 return Err(invalid!("merges[{i}] names merge slots past the plan's {}", self.merge_slots.len()));
             };
-            if let Some(s) = ss.iter().find(|&&s| s >= slots) {
-                return Err(invalid!("merges[{i}] reads partial slot {s} but the plan has {slots}"));
+            // The last query head's slot: KV head heads − 1, the group's last.
+            let last = |s: &MergeSlot| s.slot as u64 + (heads - 1) * s.head_stride as u64 + group - 1;
+            if let Some(s) = ss.iter().find(|s| last(s) >= slots as u64) {
+                return Err(invalid!("merges[{i}] reads partial slot {} but the plan has {slots}", last(s)));
             }
-            if m.q_token >= total_q || m.qo_head >= self.shape.num_qo_heads {
-                return Err(invalid!("merges[{i}] writes (token {}, head {}) outside the batch", m.q_token, m.qo_head));
+            if m.q_token >= total_q {
+                return Err(invalid!("merges[{i}] writes token {} outside the batch's {total_q}", m.q_token));
             }
         }
         Ok(())
@@ -150,11 +191,15 @@ impl Plan {
         let mut rows = BitSet::new(self.batch.total_q() as usize * heads, "the plan's output rows")?;
         let mut slots = BitSet::new(self.num_partial_slots() as usize, "the plan's partial slots")?;
         let twice = |token: u32, head: u32| invalid!("(token {token}, head {head}) is written twice: by two work items or merge rows");
-        for (i, it) in self.items.iter().enumerate() {
-            if it.partial_slot != FINAL_OUTPUT {
-                for s in it.partial_slot..it.partial_slot + it.num_rows {
+        for copy in self.item_copies() {
+            let (i, it) = (copy.item, &self.items[copy.item as usize]);
+            if copy.partial_slot != FINAL_OUTPUT {
+                for s in copy.partial_slot..copy.partial_slot + it.num_rows {
                     if !slots.insert(s as usize) {
-                        return Err(invalid!("items[{i}] writes partial slot {s}, which another item writes too"));
+                        return Err(invalid!(
+                            "items[{i}] (KV head {}) writes partial slot {s}, which another item writes too",
+                            copy.kv_head
+                        ));
                     }
                 }
                 continue;
@@ -162,7 +207,7 @@ impl Plan {
             for s in &self.row_segments[it.seg_begin as usize..(it.seg_begin + it.seg_count) as usize] {
                 let q_start = self.requests[s.request as usize].q_start;
                 for q in s.q_begin..s.q_begin + s.q_count {
-                    for h in it.kv_head * group..(it.kv_head + 1) * group {
+                    for h in copy.kv_head * group..(copy.kv_head + 1) * group {
                         if !rows.insert((q_start + q) as usize * heads + h as usize) {
                             return Err(twice(q_start + q, h));
                         }
@@ -171,8 +216,10 @@ impl Plan {
             }
         }
         for m in &self.merges {
-            if !rows.insert(m.q_token as usize * heads + m.qo_head as usize) {
-                return Err(twice(m.q_token, m.qo_head));
+            for h in 0..heads as u32 {
+                if !rows.insert(m.q_token as usize * heads + h as usize) {
+                    return Err(twice(m.q_token, h));
+                }
             }
         }
         Ok(())

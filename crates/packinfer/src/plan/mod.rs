@@ -16,7 +16,7 @@ use std::time::Instant;
 use crate::error::Result;
 use crate::invalid;
 use crate::types::{limits, Batch, Shape};
-pub use work::{KvChunk, MergeRow, RequestInfo, RowSegment, WorkItem, FINAL_OUTPUT};
+pub use work::{ItemCopy, KvChunk, MergeRow, MergeSlot, RequestInfo, RowSegment, WorkItem, WorkUnit, FINAL_OUTPUT};
 
 /// What the planner knows about the device it plans for.
 #[derive(Debug, Clone, PartialEq)]
@@ -134,11 +134,11 @@ impl Default for PlanOptions {
 pub struct PlanStats {
     /// Execution groups (each run whole by one CTA or CPU thread).
     pub num_groups: u32,
-    /// Work items (tiles).
+    /// Work items (tiles), counted per KV head: the copies of `Plan::items`.
     pub num_items: u32,
     /// Requests whose keys were split into more than one piece.
     pub num_split_requests: u32,
-    /// (token, head) rows computed in pieces and merged by log-sum-exp.
+    /// (token, query head) rows computed in pieces and merged by log-sum-exp.
     pub num_merge_rows: u32,
     /// Partial slots the pieces write (they size the scratch).
     pub num_partial_slots: u32,
@@ -154,7 +154,8 @@ pub struct PlanStats {
     pub max_worker_cost: f64,
     /// See `max_worker_cost`.
     pub mean_worker_cost: f64,
-    /// Work items that read only part of a row block's keys (split pieces and prefix tiles).
+    /// Work items (per KV head) that read only part of a row block's keys (split pieces and
+    /// prefix tiles).
     pub num_partial_items: u32,
     /// The capacity C the plan was made with (0 for the one-request-per-tile schedule).
     pub capacity: f64,
@@ -178,16 +179,19 @@ pub struct Plan {
     pub block_m: u32,
     /// Per request, its queries, keys and first page.
     pub requests: Vec<RequestInfo>,
-    /// Items sorted by `group`.
+    /// The work items, each once for every KV head, in units (`units`).
     pub items: Vec<WorkItem>,
+    /// The items in runs whose KV-head copies are laid out together, in order; together they
+    /// hold every item once.
+    pub units: Vec<WorkUnit>,
     /// The items' rows, `items[i].seg_begin ..` for `seg_count`.
     pub row_segments: Vec<RowSegment>,
     /// The items' key ranges, `items[i].chunk_begin ..` for `chunk_count`.
     pub kv_chunks: Vec<KvChunk>,
-    /// The (token, head) rows computed in pieces, merged after the items.
+    /// The tokens computed in pieces, merged (every query head) after the items.
     pub merges: Vec<MergeRow>,
-    /// The merge rows' partial slots, `merges[i].slot_begin ..` for `slot_count`, in key order.
-    pub merge_slots: Vec<u32>,
+    /// The merge rows' pieces, `merges[i].slot_begin ..` for `slot_count`, in key order.
+    pub merge_slots: Vec<MergeSlot>,
     /// Cost of each group's items under the profile's cost model, by group.
     pub group_costs: Vec<f64>,
     /// What the planner did.
@@ -342,6 +346,7 @@ impl Plan {
             block_m,
             requests: Vec::new(),
             items: Vec::new(),
+            units: Vec::new(),
             row_segments: Vec::new(),
             kv_chunks: Vec::new(),
             merges: Vec::new(),
@@ -367,6 +372,7 @@ impl Plan {
         b.mask_indptr.clear();
         self.requests.clear();
         self.items.clear();
+        self.units.clear();
         self.row_segments.clear();
         self.kv_chunks.clear();
         self.merges.clear();
@@ -457,68 +463,76 @@ impl Plan {
     }
 
     /// The simplest correct schedule: every (request, KV head, block of rows) is its own tile
-    /// against all the keys its rows can see, each tile its own group. No packing, no splits.
+    /// against all the keys its rows can see, each tile its own group, request by request and
+    /// within a request KV head by KV head. No packing, no splits. A request's blocks are one
+    /// unit whose copies each have a group (group stride: its blocks).
     fn schedule_one_request_per_tile(&mut self) {
         self.items.clear();
+        self.units.clear();
         self.row_segments.clear();
         self.kv_chunks.clear();
         self.merges.clear();
         self.merge_slots.clear();
         let group = self.shape.group_size();
+        let heads = self.shape.num_kv_heads;
         let tokens_per_tile = (self.block_m / group).max(1);
         let (causal, window) = (self.batch.applies_causal(self.shape.causal), self.options.window_left);
+        let mut first_group = 0u32;
         for (r, req) in self.requests.iter().enumerate() {
-            for kv_head in 0..self.shape.num_kv_heads {
-                let mut q = 0;
-                while q < req.q_len {
-                    let count = tokens_per_tile.min(req.q_len - q);
-                    let rows = count * group;
-                    let key_end = req.key_limit(q + count - 1, causal);
-                    let key_begin = req.key_start(q, window).min(key_end);
-                    let (key_begin, key_end) = mask::masked_key_span(&self.batch, req, r, q..q + count, window, (key_begin, key_end));
-                    let item = WorkItem {
-                        kv_head,
-                        seg_begin: self.row_segments.len() as u32,
-                        seg_count: 1,
-                        chunk_begin: self.kv_chunks.len() as u32,
-                        chunk_count: 1,
-                        num_rows: rows,
-                        partial_slot: FINAL_OUTPUT,
-                        group: self.items.len() as u32,
-                    };
-                    self.row_segments.push(RowSegment { request: r as u32, q_begin: q, q_count: count, row_begin: 0 });
-                    self.kv_chunks.push(KvChunk { request: r as u32, key_begin, key_end, row_begin: 0, row_end: rows });
-                    self.items.push(item);
-                    q += count;
-                }
+            let item_begin = self.items.len() as u32;
+            let mut q = 0;
+            while q < req.q_len {
+                let count = tokens_per_tile.min(req.q_len - q);
+                let rows = count * group;
+                let key_end = req.key_limit(q + count - 1, causal);
+                let key_begin = req.key_start(q, window).min(key_end);
+                let (key_begin, key_end) = mask::masked_key_span(&self.batch, req, r, q..q + count, window, (key_begin, key_end));
+                let item = WorkItem {
+                    seg_begin: self.row_segments.len() as u32,
+                    seg_count: 1,
+                    chunk_begin: self.kv_chunks.len() as u32,
+                    chunk_count: 1,
+                    num_rows: rows,
+                    partial_slot: FINAL_OUTPUT,
+                    group: first_group + self.items.len() as u32 - item_begin,
+                };
+                self.row_segments.push(RowSegment { request: r as u32, q_begin: q, q_count: count, row_begin: 0 });
+                self.kv_chunks.push(KvChunk { request: r as u32, key_begin, key_end, row_begin: 0, row_end: rows });
+                self.items.push(item);
+                q += count;
+            }
+            let item_count = self.items.len() as u32 - item_begin;
+            if item_count > 0 {
+                self.units.push(WorkUnit { item_begin, item_count, group_stride: item_count, slot_stride: 0 });
+                first_group += item_count * heads;
             }
         }
     }
 
-    /// Fills `group_costs` from the finished work list and returns its totals. Work items that
-    /// share their chunks (the KV-head copies of one piece) are measured once.
+    /// Fills `group_costs` from the finished work list and returns its totals, copy by copy
+    /// (each item measured once).
     fn measure_items(&mut self, profile: &DeviceProfile) -> WorkTotals {
         let group = self.shape.group_size() as u64;
         let causal = self.batch.applies_causal(self.shape.causal);
         let window = self.options.window_left;
-        // Per chunk_begin: (item cost, useful pairs, computed pairs), measured once.
+        // Per item: (item cost, useful pairs, computed pairs), measured once.
         let mut measured = schedule::reuse(&mut self.scratch.measured);
-        measured.resize(self.kv_chunks.len(), None);
+        measured.resize(self.items.len(), None);
         let (mut computed, mut useful) = (0u64, 0u64);
-        debug_assert!(self.items.windows(2).all(|w| w[0].group <= w[1].group), "items not sorted by group");
-        let num_groups = self.items.last().map_or(0, |i| i.group as usize + 1);
+        let num_groups = self.num_groups() as usize;
         let mut group_costs = schedule::reuse(&mut self.group_costs);
         group_costs.resize(num_groups, 0.0);
-        // Items are sorted by group: a group's cost is summed in a register, in item order.
+        // Copies come sorted by group: a group's cost is summed in a register, in copy order.
         let (mut run_group, mut run_cost) = (0usize, 0.0f64);
         // What `num_partial_slots` computes, in the same pass.
         let (mut partial_items, mut partial_slots) = (0u32, 0u32);
-        for item in &self.items {
-            if item.partial_slot != FINAL_OUTPUT {
+        for copy in self.item_copies() {
+            let item = &self.items[copy.item as usize];
+            if copy.partial_slot != FINAL_OUTPUT {
                 partial_items += 1;
-                partial_slots = partial_slots.max(item.partial_slot + item.num_rows);
+                partial_slots = partial_slots.max(copy.partial_slot + item.num_rows);
             }
-            let m = match measured.get(item.chunk_begin as usize).copied().flatten() {
+            let m = match measured[copy.item as usize] {
                 Some(m) => m,
                 None => {
                     let chunks = &self.kv_chunks[item.chunk_begin as usize..(item.chunk_begin + item.chunk_count) as usize];
@@ -535,15 +549,13 @@ impl Plan {
                         }
                     }
                     let m = (cost::item_cost(profile, chunks), use_, comp);
-                    if let Some(slot) = measured.get_mut(item.chunk_begin as usize) {
-                        *slot = Some(m);
-                    }
+                    measured[copy.item as usize] = Some(m);
                     m
                 }
             };
             useful += m.1;
             computed += m.2;
-            let g = item.group as usize;
+            let g = copy.group as usize;
             if g != run_group {
                 group_costs[run_group] = run_cost;
                 (run_group, run_cost) = (g, 0.0);
@@ -595,9 +607,9 @@ impl Plan {
         let n = group_costs.len().max(1) as f64;
         self.stats = PlanStats {
             num_groups: group_costs.len() as u32,
-            num_items: self.items.len() as u32,
+            num_items: self.num_item_copies() as u32,
             num_split_requests,
-            num_merge_rows: self.merges.len() as u32,
+            num_merge_rows: self.num_merge_rows() as u32,
             num_partial_slots: partial_slots,
             tile_utilization: if computed == 0 { 1.0 } else { useful as f64 / computed as f64 },
             max_group_cost: max_group,
@@ -621,7 +633,65 @@ impl Plan {
 
     /// Partial slots the plan writes (split pieces and prefix partials); sizes the scratch.
     pub fn num_partial_slots(&self) -> u32 {
-        self.items.iter().filter(|i| i.partial_slot != FINAL_OUTPUT).map(|i| i.partial_slot + i.num_rows).max().unwrap_or(0)
+        let last_head = self.shape.num_kv_heads.saturating_sub(1);
+        self.units
+            .iter()
+            .flat_map(|u| {
+                let items = &self.items[u.item_begin as usize..(u.item_begin + u.item_count) as usize];
+                // In u64: a hand-made plan is checked with this (`check_consistent`).
+                let last_slots = last_head as u64 * u.slot_stride as u64;
+                items.iter().filter(|i| i.partial_slot != FINAL_OUTPUT).map(move |i| i.partial_slot as u64 + last_slots + i.num_rows as u64)
+            })
+            .max()
+            .map_or(0, |n| n.min(u32::MAX as u64) as u32)
+    }
+
+    /// The per-KV-head work list: every item's copy for every KV head, unit by unit, within a
+    /// unit KV head by KV head, within a KV head the unit's items in order (sorted by group in a
+    /// plan that passes [`Plan::check_consistent`]). What the CUDA kernels read today, and the
+    /// order the CPU backend runs groups in.
+    pub fn item_copies(&self) -> impl Iterator<Item = ItemCopy> + '_ {
+        let heads = self.shape.num_kv_heads;
+        self.units.iter().flat_map(move |u| {
+            (0..heads).flat_map(move |h| {
+                (u.item_begin..u.item_begin + u.item_count).map(move |i| {
+                    let it = &self.items[i as usize];
+                    ItemCopy {
+                        item: i,
+                        kv_head: h,
+                        // Wrapping: only a plan that passed `check_consistent` is expanded for use.
+                        group: it.group.wrapping_add(h.wrapping_mul(u.group_stride)),
+                        partial_slot: if it.partial_slot == FINAL_OUTPUT {
+                            FINAL_OUTPUT
+                        } else {
+                            it.partial_slot.wrapping_add(h.wrapping_mul(u.slot_stride))
+                        },
+                    }
+                })
+            })
+        })
+    }
+
+    /// Work items counted per KV head: the length of [`Plan::item_copies`].
+    pub fn num_item_copies(&self) -> usize {
+        self.items.len() * self.shape.num_kv_heads as usize
+    }
+
+    /// Execution groups: one past the group of the last item copy (0 without items).
+    pub fn num_groups(&self) -> u32 {
+        match self.units.last() {
+            Some(u) if u.item_count > 0 => {
+                let last = &self.items[(u.item_begin + u.item_count - 1) as usize];
+                let n = last.group as u64 + self.shape.num_kv_heads.saturating_sub(1) as u64 * u.group_stride as u64 + 1;
+                n.min(u32::MAX as u64) as u32
+            }
+            _ => 0,
+        }
+    }
+
+    /// Merge rows counted per query head, as the kernels merge them: `merges` × query heads.
+    pub fn num_merge_rows(&self) -> usize {
+        self.merges.len() * self.shape.num_qo_heads as usize
     }
 
     /// Scratch bytes a backend needs for this plan: fp32 partial outputs and their LSEs.

@@ -38,14 +38,15 @@
 //! [`cut_keys`] (3), [`pack`] (4), [`group`] (5), then [`emit`] (work items and partial slots)
 //! and [`merge_list`] (merges).
 //!
-//! Pieces are replicated for every KV head; the copies share their `row_segments` and
-//! `kv_chunks` entries (a work item only names index ranges into them) and differ in `kv_head`,
-//! `partial_slot` and `group`.
+//! A piece is one work item, computed for every KV head: the items of a unit (an entity of step
+//! 5) are one [`WorkUnit`], whose KV-head copies run in consecutive groups (group stride 1) and
+//! write consecutive partial slots (`plan/work.rs` describes the copies). Merges are per token,
+//! for every query head.
 
 use super::cost::{chunk_cost, item_cost, min_capacity, sliced_rows, ROW_SLICE};
 use super::mask::masked_key_span;
 use super::{visible_keys, WorkTotals};
-use super::{DeviceProfile, KvChunk, MergeRow, Plan, PlanOptions, RequestInfo, RowSegment, WorkItem, FINAL_OUTPUT};
+use super::{DeviceProfile, KvChunk, MergeRow, MergeSlot, Plan, PlanOptions, RequestInfo, RowSegment, WorkItem, WorkUnit, FINAL_OUTPUT};
 use crate::error::Result;
 use crate::invalid;
 use crate::types::{limits, Batch, PrefixGroup};
@@ -73,8 +74,6 @@ struct Setup<'a> {
     tokens_per_tile: u32,
     /// KV heads: every piece becomes a work item for each.
     heads: u32,
-    /// Query heads, `heads × group`.
-    qo_heads: u32,
     causal: bool,
     /// The sliding window, if any: blocks start at their first query's window.
     window: Option<u32>,
@@ -95,7 +94,6 @@ impl<'a> Setup<'a> {
             block_m: plan.block_m,
             tokens_per_tile: plan.block_m / group,
             heads: plan.shape.num_kv_heads,
-            qo_heads: plan.shape.num_qo_heads,
             causal: plan.batch.applies_causal(plan.shape.causal),
             window: opts.window_left,
             fixed_split: if opts.deterministic && opts.split_kv { Some(opts.split_keys) } else { None },
@@ -130,12 +128,14 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
     // allocates nothing (`Plan::rebuild`).
     let mut sc = std::mem::take(&mut plan.scratch);
     sc.items = std::mem::take(&mut plan.items);
+    sc.units = std::mem::take(&mut plan.units);
     sc.segments = std::mem::take(&mut plan.row_segments);
     sc.chunks = std::mem::take(&mut plan.kv_chunks);
     sc.merges = std::mem::take(&mut plan.merges);
     sc.merge_slots = std::mem::take(&mut plan.merge_slots);
     let result = schedule_steps(plan, profile, &mut sc);
     plan.items = std::mem::take(&mut sc.items);
+    plan.units = std::mem::take(&mut sc.units);
     plan.row_segments = std::mem::take(&mut sc.segments);
     plan.kv_chunks = std::mem::take(&mut sc.chunks);
     plan.merges = std::mem::take(&mut sc.merges);
@@ -148,7 +148,7 @@ pub(super) fn schedule(plan: &mut Plan, profile: &DeviceProfile) -> Result<Outco
 }
 
 /// The steps of [`schedule`], with their buffers in `sc`; the work list is left in `sc`'s
-/// `items`, `segments`, `chunks`, `merges` and `merge_slots`.
+/// `items`, `units`, `segments`, `chunks`, `merges` and `merge_slots`.
 fn schedule_steps(plan: &Plan, profile: &DeviceProfile, sc: &mut Scratch) -> Result<Outcome> {
     let s = Setup::new(plan, profile);
     let bundles = bundle_prefixes(&s, &plan.batch.prefix_groups, sc);
@@ -172,52 +172,40 @@ fn schedule_steps(plan: &Plan, profile: &DeviceProfile, sc: &mut Scratch) -> Res
             return Err(e);
         }
     };
-    let Emitted { items, slot_of } = emit(&s, &pieces, &groups, sc);
-    let Merges { merges, merge_slots } = merge_list(&s, plan.batch.total_q(), &partial_rows, &slot_of, sc);
+    let Emitted { items, units, slot_of } = emit(&s, &pieces, sc);
+    let Merges { merges, merge_slots } = merge_list(plan.batch.total_q(), &partial_rows, &slot_of, sc);
     debug_assert!(pieces.iter().all(|p| (item_cost(
         profile,
         &sc.chunks[p.chunk_begin as usize..(p.chunk_begin + p.chunk_count) as usize]
     ) - p.cost)
         .abs()
         <= 1e-6 * p.cost.max(1.0)));
-    let units = Units { entities: &sc.entities, entity_pieces: &sc.entity_pieces, entity_start: &sc.entity_start };
-    let totals = totals(&s, &pieces, &groups, units, &sc.segments, &sc.chunks, &mut sc.group_costs);
-    (sc.pieces, sc.partial_rows, sc.group_of, sc.slot_of) = (pieces, partial_rows, groups.group_of, slot_of);
-    (sc.items, sc.merges, sc.merge_slots) = (items, merges, merge_slots);
+    let entities = Entities { entities: &sc.entities, entity_pieces: &sc.entity_pieces, entity_start: &sc.entity_start };
+    let totals = totals(&s, &pieces, entities, &sc.segments, &sc.chunks, &mut sc.group_costs);
+    debug_assert!(sc.group_costs.len() == groups.num_groups || pieces.is_empty());
+    (sc.pieces, sc.partial_rows, sc.slot_of) = (pieces, partial_rows, slot_of);
+    (sc.items, sc.units, sc.merges, sc.merge_slots) = (items, units, merges, merge_slots);
     Ok(Outcome { capacity, num_split_requests, totals })
 }
 
 /// The statistics' totals and each group's cost, per piece: its KV-head copies are the same
-/// work. Groups are numbered up to the last that has items; a group's pieces are summed in
-/// piece order, as its items are.
+/// work. A unit's groups (one per KV head) cost its entity's pieces, summed in piece order (the
+/// entity lists them so), as its items are.
 fn totals(
     s: &Setup,
     pieces: &[Piece],
-    groups: &Groups,
-    units: Units,
+    units: Entities<'_>,
     segments: &[RowSegment],
     chunks: &[KvChunk],
     group_costs: &mut Vec<f64>,
 ) -> WorkTotals {
     let heads_us = s.heads as usize;
     group_costs.clear();
-    if groups.by_unit {
-        // A unit's groups (one per KV head) cost its entity's pieces, summed in piece order
-        // (the entity lists them so) as the scattered sum below adds them.
-        if !pieces.is_empty() {
-            for &(_, e) in units.entities {
-                let list = &units.entity_pieces[units.entity_start[e as usize] as usize..units.entity_start[e as usize + 1] as usize];
-                let cost = list.iter().fold(0.0, |c, &p| c + pieces[p as usize].cost);
-                group_costs.extend(std::iter::repeat_n(cost, heads_us));
-            }
-        }
-    } else {
-        let num_groups = groups.group_of.iter().max().map_or(0, |&g| g as usize + 1);
-        group_costs.resize(num_groups, 0.0);
-        for (p, piece_groups) in pieces.iter().zip(groups.group_of.chunks_exact(heads_us)) {
-            for &g in piece_groups {
-                group_costs[g as usize] += p.cost;
-            }
+    if !pieces.is_empty() {
+        for &(_, e) in units.entities {
+            let list = &units.entity_pieces[units.entity_start[e as usize] as usize..units.entity_start[e as usize + 1] as usize];
+            let cost = list.iter().fold(0.0, |c, &p| c + pieces[p as usize].cost);
+            group_costs.extend(std::iter::repeat_n(cost, heads_us));
         }
     }
     let (mut useful, mut computed, mut partial_pieces, mut partial_rows) = (0u64, 0u64, 0u32, 0u32);
@@ -273,21 +261,19 @@ pub(crate) struct Scratch {
     entity_start: Vec<u32>,
     bundle_start: Vec<u32>,
     bundle_list: Vec<u32>,
-    group_of: Vec<u32>,
-    group_start: Vec<u32>,
     group_costs: Vec<f64>,
-    piece_at: Vec<u32>,
-    slot_of: Vec<u32>,
+    slot_of: Vec<MergeSlot>,
     token_start: Vec<u32>,
     token_next: Vec<u32>,
-    by_token: Vec<PartialRow>,
+    by_token: Vec<u32>,
     /// The plan's arrays while the steps fill them.
     items: Vec<WorkItem>,
+    units: Vec<WorkUnit>,
     segments: Vec<RowSegment>,
     chunks: Vec<KvChunk>,
     merges: Vec<MergeRow>,
-    merge_slots: Vec<u32>,
-    /// `finish_stats`: per chunk_begin, the measured item; the worker-load tree; `Batch`
+    merge_slots: Vec<MergeSlot>,
+    /// `finish_stats`: per item, its measure; the worker-load tree; `Batch`
     /// validation's prefix group per request.
     pub(super) measured: Vec<Option<(f64, u64, u64)>>,
     pub(super) load_tree: Vec<u64>,
@@ -884,15 +870,12 @@ fn pack(s: &Setup, capacity: f64, num_bundles: usize, to_pack: &[Block], work: &
     }
 }
 
-/// Step 5's result: the group of every (piece, KV head), `group_of[piece × heads + kv_head]`.
-/// Groups are numbered `0..num_groups`; only the last ones may be empty (with balancing, one
-/// when there are no pieces, and one per bundle without pieces: its cost 0 sorts it last).
+/// Step 5's result. The groups are the entities of `Scratch::entities` in order, each for every
+/// KV head: group `u × heads + h` is entity `entities[u]`'s pieces for KV head `h`. Groups are
+/// numbered `0..num_groups`; only the last ones may be empty (with balancing, one when there are
+/// no pieces, and one per bundle without pieces: its cost 0 sorts it last).
 struct Groups {
-    group_of: Vec<u32>,
     num_groups: usize,
-    /// The groups are the units of `Scratch::entities` in order (group `u × heads + h` is
-    /// entity `entities[u]`'s pieces for KV head `h`), so `emit` lays them out unit by unit.
-    by_unit: bool,
 }
 
 /// An integer whose unsigned order is `f64::total_cmp`'s order of `x`.
@@ -902,12 +885,13 @@ fn total_order_key(x: f64) -> u64 {
     (bits ^ (((bits >> 63) as u64) >> 1) as i64) as u64 ^ (1 << 63)
 }
 
-/// Step 5, grouping. Guarantees: more than `max_pieces` pieces is an error. With balancing,
-/// each unit (an entity for one KV head) is a group of its own, the units ordered by decreasing
-/// entity cost (ties by entity order), the KV heads of an entity consecutive; an entity is a
-/// whole bundle costing at most `capacity` (its pieces in piece order), else the consecutive
-/// pieces of one run, else one piece; whole bundles come after the others in ties. Without
-/// balancing, each item is a group of its own, numbered `piece × heads + kv_head`.
+/// Step 5, grouping: fills the entities (`Scratch::entities`, `entity_pieces`, `entity_start`).
+/// Guarantees: more than `max_pieces` pieces is an error. With balancing, each unit (an entity
+/// for one KV head) is a group of its own, the entities ordered by decreasing cost (ties by
+/// entity order), the KV heads of an entity consecutive; an entity is a whole bundle costing at
+/// most `capacity` (its pieces in piece order), else the consecutive pieces of one run, else one
+/// piece; whole bundles come after the others in ties. Without balancing, each piece is an
+/// entity, in piece order: each item is a group of its own, numbered `piece × heads + kv_head`.
 fn group(s: &Setup, capacity: f64, num_bundles: usize, pieces: &[Piece], sc: &mut Scratch) -> Result<Groups> {
     // A unit is (entity, KV head); an entity is a piece, or a whole prefix group that fits in C.
     let heads = s.heads;
@@ -920,231 +904,179 @@ fn group(s: &Setup, capacity: f64, num_bundles: usize, pieces: &[Piece], sc: &mu
             limits::MAX_WORK_ITEMS
         ));
     }
-    let mut group_of = reuse(&mut sc.group_of);
-    group_of.resize(pieces.len() * heads_us, 0);
-    let num_groups;
-    if s.opts.balancing {
-        let bundle_cost = &mut sc.bundle_cost;
-        bundle_cost.clear();
-        bundle_cost.resize(num_bundles, 0.0);
-        for p in pieces {
-            if p.bundle != NO_BUNDLE {
-                bundle_cost[p.bundle as usize] += p.cost;
-            }
-        }
-        let bundle_whole = &mut sc.bundle_whole;
-        bundle_whole.clear();
-        bundle_whole.extend(bundle_cost.iter().map(|&c| c <= capacity));
-        // Entities, each a list of pieces placed together: a whole bundle, a run (one request's
-        // consecutive pieces), or one piece. Entity e is (cost, e), its pieces
-        // entity_pieces[entity_start[e]..entity_start[e + 1]].
-        let (entities, entity_pieces, entity_start) = (&mut sc.entities, &mut sc.entity_pieces, &mut sc.entity_start);
-        entities.clear();
-        entity_pieces.clear();
-        entity_start.clear();
-        entity_start.push(0);
-        // Ends the entity whose pieces run up to entity_pieces[..end].
-        let mut close = |cost: f64, end: usize| {
-            entities.push((cost, entity_start.len() as u32 - 1));
-            entity_start.push(end as u32);
-        };
-        let mut i = 0;
-        while i < pieces.len() {
-            let p = pieces[i];
-            let mut j = i + 1;
-            if p.bundle == NO_BUNDLE || !bundle_whole[p.bundle as usize] {
-                while p.run != NO_RUN && j < pieces.len() && pieces[j].run == p.run {
-                    j += 1;
-                }
-                entity_pieces.extend(i as u32..j as u32);
-                close(pieces[i..j].iter().map(|q| q.cost).sum(), entity_pieces.len());
-            }
-            i = j;
-        }
-        // The whole bundles' pieces, bundle by bundle, in piece order (a counting sort).
-        let (bundle_start, bundle_list) = (&mut sc.bundle_start, &mut sc.bundle_list);
-        bundle_start.clear();
-        bundle_start.resize(num_bundles + 1, 0);
-        let whole = |p: &Piece| p.bundle != NO_BUNDLE && bundle_whole[p.bundle as usize];
-        for p in pieces.iter().filter(|p| whole(p)) {
-            bundle_start[p.bundle as usize + 1] += 1;
-        }
-        for b in 0..num_bundles {
-            bundle_start[b + 1] += bundle_start[b];
-        }
-        bundle_list.clear();
-        bundle_list.resize(bundle_start[num_bundles] as usize, 0);
-        for (i, p) in pieces.iter().enumerate().filter(|(_, p)| whole(p)) {
-            bundle_list[bundle_start[p.bundle as usize] as usize] = i as u32;
-            bundle_start[p.bundle as usize] += 1;
-        }
-        let mut begin = 0usize;
-        for b in 0..num_bundles {
-            // bundle_start[b] is now bundle b's end.
-            let end = bundle_start[b] as usize;
-            if bundle_whole[b] {
-                entity_pieces.extend_from_slice(&bundle_list[begin..end]);
-                close(bundle_cost[b], entity_pieces.len());
-            }
-            begin = end;
-        }
-        // By decreasing cost (in `f64::total_cmp` order), then by index: integer keys compare
-        // without the float comparison's branches.
-        entities.sort_unstable_by_key(|&(cost, i)| (!total_order_key(cost), i));
-        // Each unit its own group, in LPT order: the CTAs draw groups from a shared counter in
-        // this order, so the costliest units start first and a CTA takes the next one as soon as
-        // it is free (list scheduling). LPT bins fixed on the host (the first version) leave the
-        // cost model's errors to the last groups, and measured slower on decode steps and on the
-        // trace replay (docs/performance-log.md#lpt-units).
-        let units = entities.len() * heads_us;
-        num_groups = units.max(1);
-        for (u, &(_, e)) in entities.iter().enumerate() {
-            for h in 0..heads_us {
-                let g = (u * heads_us + h) as u32;
-                for &p in &entity_pieces[entity_start[e as usize] as usize..entity_start[e as usize + 1] as usize] {
-                    group_of[p as usize * heads_us + h] = g;
-                }
-            }
-        }
-    } else {
+    let (entities, entity_pieces, entity_start) = (&mut sc.entities, &mut sc.entity_pieces, &mut sc.entity_start);
+    entities.clear();
+    entity_pieces.clear();
+    entity_start.clear();
+    entity_start.push(0);
+    if !s.opts.balancing {
         // A group per item, in order: what a non-persistent launch (a CTA per tile) does.
-        for (u, g) in group_of.iter_mut().enumerate() {
-            *g = u as u32;
-        }
-        num_groups = group_of.len();
+        entities.extend(pieces.iter().enumerate().map(|(i, p)| (p.cost, i as u32)));
+        entity_pieces.extend(0..pieces.len() as u32);
+        entity_start.extend(1..=pieces.len() as u32);
+        return Ok(Groups { num_groups: pieces.len() * heads_us });
     }
-    Ok(Groups { group_of, num_groups, by_unit: s.opts.balancing })
+    let bundle_cost = &mut sc.bundle_cost;
+    bundle_cost.clear();
+    bundle_cost.resize(num_bundles, 0.0);
+    for p in pieces {
+        if p.bundle != NO_BUNDLE {
+            bundle_cost[p.bundle as usize] += p.cost;
+        }
+    }
+    let bundle_whole = &mut sc.bundle_whole;
+    bundle_whole.clear();
+    bundle_whole.extend(bundle_cost.iter().map(|&c| c <= capacity));
+    // Entities, each a list of pieces placed together: a whole bundle, a run (one request's
+    // consecutive pieces), or one piece. Entity e is (cost, e), its pieces
+    // entity_pieces[entity_start[e]..entity_start[e + 1]].
+    // Ends the entity whose pieces run up to entity_pieces[..end].
+    let mut close = |cost: f64, end: usize| {
+        entities.push((cost, entity_start.len() as u32 - 1));
+        entity_start.push(end as u32);
+    };
+    let mut i = 0;
+    while i < pieces.len() {
+        let p = pieces[i];
+        let mut j = i + 1;
+        if p.bundle == NO_BUNDLE || !bundle_whole[p.bundle as usize] {
+            while p.run != NO_RUN && j < pieces.len() && pieces[j].run == p.run {
+                j += 1;
+            }
+            entity_pieces.extend(i as u32..j as u32);
+            close(pieces[i..j].iter().map(|q| q.cost).sum(), entity_pieces.len());
+        }
+        i = j;
+    }
+    // The whole bundles' pieces, bundle by bundle, in piece order (a counting sort).
+    let (bundle_start, bundle_list) = (&mut sc.bundle_start, &mut sc.bundle_list);
+    bundle_start.clear();
+    bundle_start.resize(num_bundles + 1, 0);
+    let whole = |p: &Piece| p.bundle != NO_BUNDLE && bundle_whole[p.bundle as usize];
+    for p in pieces.iter().filter(|p| whole(p)) {
+        bundle_start[p.bundle as usize + 1] += 1;
+    }
+    for b in 0..num_bundles {
+        bundle_start[b + 1] += bundle_start[b];
+    }
+    bundle_list.clear();
+    bundle_list.resize(bundle_start[num_bundles] as usize, 0);
+    for (i, p) in pieces.iter().enumerate().filter(|(_, p)| whole(p)) {
+        bundle_list[bundle_start[p.bundle as usize] as usize] = i as u32;
+        bundle_start[p.bundle as usize] += 1;
+    }
+    let mut begin = 0usize;
+    for b in 0..num_bundles {
+        // bundle_start[b] is now bundle b's end.
+        let end = bundle_start[b] as usize;
+        if bundle_whole[b] {
+            entity_pieces.extend_from_slice(&bundle_list[begin..end]);
+            close(bundle_cost[b], entity_pieces.len());
+        }
+        begin = end;
+    }
+    // By decreasing cost (in `f64::total_cmp` order), then by index: integer keys compare
+    // without the float comparison's branches.
+    entities.sort_unstable_by_key(|&(cost, i)| (!total_order_key(cost), i));
+    // Each unit its own group, in LPT order: the CTAs draw groups from a shared counter in
+    // this order, so the costliest units start first and a CTA takes the next one as soon as
+    // it is free (list scheduling). LPT bins fixed on the host (the first version) leave the
+    // cost model's errors to the last groups, and measured slower on decode steps and on the
+    // trace replay (docs/performance-log.md#lpt-units).
+    Ok(Groups { num_groups: (entities.len() * heads_us).max(1) })
 }
 
-/// The units of a balanced plan as `group` left them in the scratch: entity `e`'s pieces are
+/// The entities as `group` left them in the scratch: entity `e`'s pieces are
 /// `entity_pieces[entity_start[e]..entity_start[e + 1]]`, unit `u` is entity `entities[u].1`.
 #[derive(Clone, Copy)]
-struct Units<'a> {
+struct Entities<'a> {
     entities: &'a [(f64, u32)],
     entity_pieces: &'a [u32],
     entity_start: &'a [u32],
 }
 
-/// Step 6's work items and partial slots.
+/// Step 6's work items, their units and partial slots.
 struct Emitted {
     items: Vec<WorkItem>,
-    /// Per (piece, KV head) as in [`Groups`], the first partial slot of a partial piece's item
-    /// ([`FINAL_OUTPUT`] for a final one); empty when no piece is partial.
-    slot_of: Vec<u32>,
+    units: Vec<WorkUnit>,
+    /// Per piece, its first partial slot (KV head 0's, row 0) and the slot stride of its unit;
+    /// `slot` is [`FINAL_OUTPUT`] for a final piece. Empty when no piece is partial.
+    slot_of: Vec<MergeSlot>,
 }
 
-/// Step 6, emission. Guarantees: an item per (piece, KV head), sorted by group, and within a
-/// group by piece, then KV head. Partial items get consecutive partial slots in item order,
-/// `num_rows` slots each, from slot 0; final items write O.
-fn emit(s: &Setup, pieces: &[Piece], groups: &Groups, sc: &mut Scratch) -> Emitted {
-    let heads_us = s.heads as usize;
+/// Step 6, emission. Guarantees: an item per piece, a [`WorkUnit`] per entity with pieces, in
+/// entity order, its items the entity's pieces in order; entity `u`'s items run in group `u ×
+/// heads` (KV head h's copies in `u × heads + h`: group stride 1). Partial slots are handed out
+/// in the order of the item copies (unit by unit, KV head by KV head, item by item), `num_rows`
+/// slots each, from slot 0, so a unit's slot stride is its partial items' rows; final items
+/// write O.
+fn emit(s: &Setup, pieces: &[Piece], sc: &mut Scratch) -> Emitted {
+    let heads = s.heads;
     let any_partial = pieces.iter().any(|p| p.partial);
     let mut items = reuse(&mut sc.items);
-    items.resize(groups.group_of.len(), WorkItem::default());
-    sc.piece_at.clear();
-    if any_partial {
-        sc.piece_at.resize(groups.group_of.len(), 0);
-    }
-    let item = |p: &Piece, kv_head: u32, group: u32| WorkItem {
-        kv_head,
-        seg_begin: p.seg_begin,
-        seg_count: p.seg_count,
-        chunk_begin: p.chunk_begin,
-        chunk_count: p.chunk_count,
-        num_rows: p.num_rows,
-        partial_slot: if p.partial { 0 } else { FINAL_OUTPUT },
-        group,
-    };
-    if groups.by_unit {
-        // Group order is unit order: each unit's pieces for KV head 0, then the same items
-        // for each further head, written in order (no counting pass, no scatter).
-        let mut at = 0;
-        for (u, &(_, e)) in sc.entities.iter().enumerate() {
-            let list = &sc.entity_pieces[sc.entity_start[e as usize] as usize..sc.entity_start[e as usize + 1] as usize];
-            for h in 0..s.heads {
-                let g = (u * heads_us) as u32 + h;
-                for (dst, &p) in items[at..at + list.len()].iter_mut().zip(list) {
-                    *dst = item(&pieces[p as usize], h, g);
-                }
-                if any_partial {
-                    sc.piece_at[at..at + list.len()].copy_from_slice(list);
-                }
-                at += list.len();
-            }
-        }
-        debug_assert_eq!(at, items.len());
-    } else {
-        emit_scattered(heads_us, pieces, groups, &mut items, any_partial, sc, item);
-    }
-    let piece_at = &sc.piece_at;
+    let mut units = reuse(&mut sc.units);
     let mut slot_of = reuse(&mut sc.slot_of);
+    items.reserve(pieces.len());
+    units.reserve(sc.entities.len());
     if any_partial {
-        slot_of.resize(groups.group_of.len(), FINAL_OUTPUT);
-        let mut next_slot = 0u32;
-        for (item, &piece) in items.iter_mut().zip(piece_at.iter()) {
-            if item.partial_slot != FINAL_OUTPUT {
-                item.partial_slot = next_slot;
-                slot_of[piece as usize * heads_us + item.kv_head as usize] = next_slot;
-                next_slot += item.num_rows;
+        slot_of.resize(pieces.len(), MergeSlot { slot: FINAL_OUTPUT, head_stride: 0 });
+    }
+    let mut next_slot = 0u32;
+    for (u, &(_, e)) in sc.entities.iter().enumerate() {
+        let list = &sc.entity_pieces[sc.entity_start[e as usize] as usize..sc.entity_start[e as usize + 1] as usize];
+        if list.is_empty() {
+            continue;
+        }
+        let group = u as u32 * heads;
+        let item_begin = items.len() as u32;
+        let mut unit_slots = 0u32;
+        for &p in list {
+            let piece = &pieces[p as usize];
+            let partial_slot = if piece.partial {
+                let slot = next_slot + unit_slots;
+                unit_slots += piece.num_rows;
+                slot
+            } else {
+                FINAL_OUTPUT
+            };
+            items.push(WorkItem {
+                seg_begin: piece.seg_begin,
+                seg_count: piece.seg_count,
+                chunk_begin: piece.chunk_begin,
+                chunk_count: piece.chunk_count,
+                num_rows: piece.num_rows,
+                partial_slot,
+                group,
+            });
+        }
+        if unit_slots > 0 {
+            for (&p, item) in list.iter().zip(&items[item_begin as usize..]) {
+                slot_of[p as usize] = MergeSlot { slot: item.partial_slot, head_stride: unit_slots };
             }
         }
+        units.push(WorkUnit { item_begin, item_count: list.len() as u32, group_stride: 1, slot_stride: unit_slots });
+        next_slot += unit_slots * heads;
     }
-    Emitted { items, slot_of }
-}
-
-/// [`emit`]'s items for any numbering of the groups: each lands at its place in group order
-/// (by unit within a group) in one scatter.
-fn emit_scattered(
-    heads_us: usize,
-    pieces: &[Piece],
-    groups: &Groups,
-    items: &mut [WorkItem],
-    any_partial: bool,
-    sc: &mut Scratch,
-    item: impl Fn(&Piece, u32, u32) -> WorkItem,
-) {
-    let Groups { group_of, num_groups, .. } = groups;
-    let num_groups = *num_groups;
-    let group_start = &mut sc.group_start;
-    group_start.clear();
-    group_start.resize(num_groups + 1, 0);
-    for &g in group_of {
-        group_start[g as usize + 1] += 1;
-    }
-    for g in 0..num_groups {
-        group_start[g + 1] += group_start[g];
-    }
-    let next = group_start;
-    for ((piece, p), groups) in pieces.iter().enumerate().zip(group_of.chunks_exact(heads_us)) {
-        for (kv_head, &g) in groups.iter().enumerate() {
-            let at = next[g as usize] as usize;
-            next[g as usize] += 1;
-            items[at] = item(p, kv_head as u32, g);
-            if any_partial {
-                sc.piece_at[at] = piece as u32;
-            }
-        }
-    }
+    Emitted { items, units, slot_of }
 }
 
 /// Step 6's merge list.
 struct Merges {
     merges: Vec<MergeRow>,
-    merge_slots: Vec<u32>,
+    merge_slots: Vec<MergeSlot>,
 }
 
-/// Step 6, merges. Guarantees: for each token with partial rows, in token order, and each KV
-/// head, a merge per query head of the group (in head order) whose slots are its pieces' rows,
-/// in key order; a merge's slots are consecutive in `merge_slots`, merges in the order listed.
-/// Nothing (and no per-token pass over the batch) when there are no partial rows.
-fn merge_list(s: &Setup, total_q: u32, partial_rows: &[PartialRow], slot_of: &[u32], sc: &mut Scratch) -> Merges {
-    // Per partial token, its pieces in key order, for every query head.
+/// Step 6, merges. Guarantees: a merge row per token with partial rows, in token order, whose
+/// slots are its pieces' rows (the slot of its first query head, and its unit's slot stride
+/// from one KV head to the next), in key order; a merge's slots are consecutive in
+/// `merge_slots`, merges in the order listed. Nothing (and no per-token pass over the batch)
+/// when there are no partial rows.
+fn merge_list(total_q: u32, partial_rows: &[PartialRow], slot_of: &[MergeSlot], sc: &mut Scratch) -> Merges {
     let mut merges = reuse(&mut sc.merges);
     let mut merge_slots = reuse(&mut sc.merge_slots);
     if partial_rows.is_empty() {
         return Merges { merges, merge_slots };
     }
-    let (group, heads_us) = (s.group, s.heads as usize);
     let total_q = total_q as usize;
     let token_start = &mut sc.token_start;
     token_start.clear();
@@ -1155,57 +1087,44 @@ fn merge_list(s: &Setup, total_q: u32, partial_rows: &[PartialRow], slot_of: &[u
     for t in 0..total_q {
         token_start[t + 1] += token_start[t];
     }
+    // Sizes are known: one merge slot per partial row. Each token's rows land at their place
+    // in token order (a bucket pass, no sort).
+    merge_slots.resize(partial_rows.len(), MergeSlot::default());
+    // Indices into `partial_rows`, token by token: a quarter of the rows' bytes (a plan of 2^22
+    // pieces has as many partial rows).
     let by_token = &mut sc.by_token;
     by_token.clear();
-    by_token.resize(partial_rows.len(), PartialRow { token: 0, key_begin: 0, piece: 0, row: 0 });
+    by_token.resize(partial_rows.len(), 0);
     {
         let next = &mut sc.token_next;
         next.clear();
         next.extend_from_slice(token_start);
-        for pr in partial_rows {
-            by_token[next[pr.token as usize] as usize] = *pr;
+        for (i, pr) in partial_rows.iter().enumerate() {
+            by_token[next[pr.token as usize] as usize] = i as u32;
             next[pr.token as usize] += 1;
         }
     }
-    // Sizes are known: one merge per (merged token, query head), its pieces' slots each.
     let merged_tokens = token_start.windows(2).filter(|w| w[1] > w[0]).count();
-    let qo_heads = s.qo_heads as usize;
-    merges.reserve(merged_tokens * qo_heads);
-    merge_slots.resize(partial_rows.len() * qo_heads, 0);
-    let mut next = 0usize;
+    merges.reserve(merged_tokens);
     for t in 0..total_q {
-        let list = &mut by_token[token_start[t] as usize..token_start[t + 1] as usize];
-        if list.is_empty() {
+        let (begin, end) = (token_start[t] as usize, token_start[t + 1] as usize);
+        if begin == end {
             continue;
         }
+        let list = &mut by_token[begin..end];
         // Pieces are made in key order per token (prefix tile, then the suffix's splits, or a
         // packed tile), and the bucket pass above keeps that order: sorting is a fallback.
-        if !list.is_sorted_by_key(|pr| pr.key_begin) {
-            list.sort_unstable_by_key(|pr| pr.key_begin);
+        let key = |&i: &u32| partial_rows[i as usize].key_begin;
+        if !list.is_sorted_by_key(key) {
+            list.sort_unstable_by_key(key);
         }
-        let count = list.len();
-        for kv_head in 0..heads_us {
-            let kv_base = kv_head as u32 * group;
-            // This (token, KV head)'s slots: for each query head of the group, one per piece.
-            // A piece's row for the group's first head is its slot; the other heads sit in the
-            // next rows of the same tile.
-            let slots = &mut merge_slots[next..next + group as usize * count];
-            for (j, pr) in list.iter().enumerate() {
-                let first = slot_of[pr.piece as usize * heads_us + kv_head] + pr.row;
-                for (in_group, dst) in slots[j..].iter_mut().step_by(count).enumerate() {
-                    *dst = first + in_group as u32;
-                }
-            }
-            merges.extend((0..group).map(|in_group| MergeRow {
-                q_token: t as u32,
-                qo_head: kv_base + in_group,
-                slot_begin: (next + in_group as usize * count) as u32,
-                slot_count: count as u32,
-            }));
-            next += group as usize * count;
+        for (dst, &i) in merge_slots[begin..end].iter_mut().zip(list.iter()) {
+            let pr = &partial_rows[i as usize];
+            let of = slot_of[pr.piece as usize];
+            *dst = MergeSlot { slot: of.slot + pr.row, head_stride: of.head_stride };
         }
+        merges.push(MergeRow { q_token: t as u32, slot_begin: begin as u32, slot_count: (end - begin) as u32 });
     }
-    debug_assert_eq!(next, merge_slots.len());
     Merges { merges, merge_slots }
 }
 
@@ -1302,6 +1221,7 @@ mod tests {
             block_m: profile.block_m,
             requests,
             items: Vec::new(),
+            units: Vec::new(),
             row_segments: Vec::new(),
             kv_chunks: Vec::new(),
             merges: Vec::new(),
@@ -1657,20 +1577,33 @@ mod tests {
             // Ties with bundle 0 (30): the whole bundle comes after.
             piece(30.0, NO_BUNDLE, NO_RUN),
         ];
+        // Per piece, the group of its KV head 0 copy (unit u runs in u × heads).
+        let groups_of = |sc: &Scratch, heads: u32| {
+            let mut of = vec![u32::MAX; pieces.len()];
+            for (u, &(_, e)) in sc.entities.iter().enumerate() {
+                for &p in &sc.entity_pieces[sc.entity_start[e as usize] as usize..sc.entity_start[e as usize + 1] as usize] {
+                    of[p as usize] = u as u32 * heads;
+                }
+            }
+            of
+        };
         let plan = plan_with(2, true);
-        let g = group(&Setup::new(&plan, &p), 30.0, 2, &pieces, &mut Scratch::default()).unwrap();
-        // By piece, its units for KV heads 0 and 1: 80, run 70, 60, 50, 30, bundle 30, 5.
-        assert_eq!(g.group_of, [6, 7, 2, 3, 2, 3, 10, 11, 10, 11, 0, 1, 4, 5, 12, 13, 8, 9]);
+        let mut sc = Scratch::default();
+        let g = group(&Setup::new(&plan, &p), 30.0, 2, &pieces, &mut sc).unwrap();
+        // Units by cost: 80, run 70, 60, 50, 30, bundle 30, 5; two KV heads each.
+        assert_eq!(groups_of(&sc, 2), [6, 2, 2, 10, 10, 0, 4, 12, 8]);
         assert_eq!(g.num_groups, 14);
-        // Without balancing, a group per item in order.
+        // Without balancing, a unit per piece in order: a group per item copy.
         let plan = plan_with(2, false);
-        let g = group(&Setup::new(&plan, &p), 30.0, 2, &pieces, &mut Scratch::default()).unwrap();
-        assert_eq!(g.group_of, (0..18).collect::<Vec<u32>>());
+        let mut sc = Scratch::default();
+        let g = group(&Setup::new(&plan, &p), 30.0, 2, &pieces, &mut sc).unwrap();
+        assert_eq!(groups_of(&sc, 2), (0..9).map(|p| p * 2).collect::<Vec<u32>>());
         assert_eq!(g.num_groups, 18);
         // No pieces: one (empty) group.
         let plan = plan_with(2, true);
-        let g = group(&Setup::new(&plan, &p), 100.0, 0, &[], &mut Scratch::default()).unwrap();
-        assert!(g.group_of.is_empty() && g.num_groups == 1);
+        let mut sc = Scratch::default();
+        let g = group(&Setup::new(&plan, &p), 100.0, 0, &[], &mut sc).unwrap();
+        assert!(sc.entities.is_empty() && g.num_groups == 1);
     }
 
     #[test]
@@ -1685,10 +1618,11 @@ mod tests {
     }
 
     #[test]
-    fn emit_places_items_by_group_and_hands_out_partial_slots_in_that_order() {
+    fn emit_writes_an_item_per_piece_in_units_and_hands_out_partial_slots_in_copy_order() {
         let p = profile(64);
-        let plan = plan(&[(1, 10)], 1, 2, &p, PlanOptions::default(), vec![]);
-        let s = Setup::new(&plan, &p);
+        let mut plan = plan(&[(1, 10)], 1, 2, &p, PlanOptions::default(), vec![]);
+        let planned = plan.clone();
+        let s = Setup::new(&planned, &p);
         let with = |num_rows, partial, seg_begin| Piece {
             num_rows,
             partial,
@@ -1698,73 +1632,48 @@ mod tests {
         };
         let pieces = [with(4, false, 0), with(8, true, 1), with(16, true, 2)];
         // Pieces 1 and 2 one unit (groups 0 and 1), piece 0 after them.
-        let groups = Groups { group_of: vec![2, 3, 0, 1, 0, 1], num_groups: 4, by_unit: false };
-        let Emitted { items, slot_of } = emit(&s, &pieces, &groups, &mut Scratch::default());
-        let summary: Vec<(u32, u32, u32, u32, u32)> =
-            items.iter().map(|i| (i.group, i.kv_head, i.seg_begin, i.chunk_begin, i.partial_slot)).collect();
+        let mut sc =
+            Scratch { entities: vec![(2.0, 0), (1.0, 1)], entity_pieces: vec![1, 2, 0], entity_start: vec![0, 2, 3], ..Scratch::default() };
+        let Emitted { items, units, slot_of } = emit(&s, &pieces, &mut sc);
+        let summary: Vec<(u32, u32, u32, u32)> = items.iter().map(|i| (i.group, i.seg_begin, i.chunk_begin, i.partial_slot)).collect();
+        assert_eq!(summary, [(0, 1, 11, 0), (0, 2, 12, 8), (2, 0, 10, FINAL_OUTPUT)]);
         assert_eq!(
-            summary,
+            units,
             [
-                (0, 0, 1, 11, 0),
-                (0, 0, 2, 12, 8),
-                (1, 1, 1, 11, 24),
-                (1, 1, 2, 12, 32),
-                (2, 0, 0, 10, FINAL_OUTPUT),
-                (3, 1, 0, 10, FINAL_OUTPUT)
+                WorkUnit { item_begin: 0, item_count: 2, group_stride: 1, slot_stride: 24 },
+                WorkUnit { item_begin: 2, item_count: 1, group_stride: 1, slot_stride: 0 }
             ]
         );
-        assert_eq!(items.iter().map(|i| i.num_rows).collect::<Vec<_>>(), [8, 16, 8, 16, 4, 4]);
-        assert_eq!(slot_of, [FINAL_OUTPUT, FINAL_OUTPUT, 0, 24, 8, 32]);
+        let f = MergeSlot { slot: FINAL_OUTPUT, head_stride: 0 };
+        assert_eq!(slot_of, [f, MergeSlot { slot: 0, head_stride: 24 }, MergeSlot { slot: 8, head_stride: 24 }]);
+        // The copies: KV head 1's follow head 0's, in the next group and slots.
+        (plan.items, plan.units) = (items, units);
+        let copies: Vec<(u32, u32, u32, u32)> = plan.item_copies().map(|c| (c.group, c.kv_head, c.item, c.partial_slot)).collect();
+        assert_eq!(copies, [(0, 0, 0, 0), (0, 0, 1, 8), (1, 1, 0, 24), (1, 1, 1, 32), (2, 0, 2, FINAL_OUTPUT), (3, 1, 2, FINAL_OUTPUT)]);
+        assert_eq!((plan.num_groups(), plan.num_partial_slots()), (4, 48));
         // Nothing partial: no slots.
-        let Emitted { items, slot_of } =
-            emit(&s, &pieces[..1], &Groups { group_of: vec![0, 1], num_groups: 2, by_unit: false }, &mut Scratch::default());
+        let mut sc = Scratch { entities: vec![(1.0, 0)], entity_pieces: vec![0], entity_start: vec![0, 1], ..Scratch::default() };
+        let Emitted { items, slot_of, .. } = emit(&s, &pieces[..1], &mut sc);
         assert!(slot_of.is_empty() && items.iter().all(|i| i.partial_slot == FINAL_OUTPUT));
     }
 
     #[test]
-    fn emit_by_unit_lays_out_what_the_scatter_lays_out() {
-        let p = DeviceProfile::hopper(8);
-        let decodes: Vec<(u32, u32)> = (0..40).map(|i| (1, 50 + i * 397 % 3000)).collect();
-        let mut mixed = decodes.clone();
-        mixed.extend([(300, 2000), (40, 40), (7, 900)]);
-        let sharing = |n: u32| (0..n / 4).map(|g| PrefixGroup { prefix_len: 40, members: (4 * g..4 * g + 4).collect() }).collect();
-        let mut checked_partial = false;
-        for (lens, groups) in [(&decodes, vec![]), (&decodes, sharing(40)), (&mixed, sharing(40))] {
-            let mut plan = plan(lens, 4, 2, &p, PlanOptions::default(), groups);
-            schedule(&mut plan, &p).unwrap();
-            let mut sc = std::mem::take(&mut plan.scratch);
-            let s = Setup::new(&plan, &p);
-            let (pieces, group_of) = (std::mem::take(&mut sc.pieces), std::mem::take(&mut sc.group_of));
-            let want_slots = sc.slot_of.clone();
-            let num_groups = group_of.iter().max().map_or(1, |&g| g as usize + 1);
-            let Emitted { items, slot_of } = emit(&s, &pieces, &Groups { group_of, num_groups, by_unit: false }, &mut sc);
-            assert_eq!(items, plan.items);
-            assert_eq!(slot_of, want_slots);
-            checked_partial |= items.iter().any(|i| i.partial_slot != FINAL_OUTPUT);
-        }
-        assert!(checked_partial, "no case had partial items");
-    }
-
-    #[test]
-    fn merges_list_each_tokens_pieces_in_key_order_for_every_query_head() {
-        // GQA 2, 2 KV heads: 4 query heads.
-        let p = profile(64);
-        let plan = plan(&[(1, 10), (2, 10)], 2, 2, &p, PlanOptions::default(), vec![]);
-        let s = Setup::new(&plan, &p);
+    fn merges_list_each_tokens_pieces_in_key_order_with_their_head_strides() {
         // Token 1 in two pieces, listed out of key order; token 2 in one; token 0 final.
         let rows = [
             PartialRow { token: 1, key_begin: 64, piece: 0, row: 2 },
             PartialRow { token: 2, key_begin: 0, piece: 1, row: 4 },
             PartialRow { token: 1, key_begin: 0, piece: 1, row: 0 },
         ];
-        // Per (piece, KV head): the item's first slot.
-        let slot_of = [10, 20, 30, 40];
-        let Merges { merges, merge_slots } = merge_list(&s, 3, &rows, &slot_of, &mut Scratch::default());
-        let m: Vec<(u32, u32, u32, u32)> = merges.iter().map(|m| (m.q_token, m.qo_head, m.slot_begin, m.slot_count)).collect();
-        assert_eq!(m, [(1, 0, 0, 2), (1, 1, 2, 2), (1, 2, 4, 2), (1, 3, 6, 2), (2, 0, 8, 1), (2, 1, 9, 1), (2, 2, 10, 1), (2, 3, 11, 1)]);
-        // A query head's row is its piece's slot + token row + its place in the GQA group.
-        assert_eq!(merge_slots, [30, 12, 31, 13, 40, 22, 41, 23, 34, 35, 44, 45]);
-        let Merges { merges, merge_slots } = merge_list(&s, 3, &[], &[], &mut Scratch::default());
+        // Per piece: KV head 0's first slot, and the next KV head's 10 slots on.
+        let slot_of = [MergeSlot { slot: 10, head_stride: 10 }, MergeSlot { slot: 30, head_stride: 10 }];
+        let Merges { merges, merge_slots } = merge_list(3, &rows, &slot_of, &mut Scratch::default());
+        let m: Vec<(u32, u32, u32)> = merges.iter().map(|m| (m.q_token, m.slot_begin, m.slot_count)).collect();
+        assert_eq!(m, [(1, 0, 2), (2, 2, 1)]);
+        // A piece's slot is its first slot + the token's row (query head 0 of the group).
+        let slot = |slot| MergeSlot { slot, head_stride: 10 };
+        assert_eq!(merge_slots, [slot(30), slot(12), slot(34)]);
+        let Merges { merges, merge_slots } = merge_list(3, &[], &[], &mut Scratch::default());
         assert!(merges.is_empty() && merge_slots.is_empty());
     }
 }

@@ -611,9 +611,11 @@ impl Scheduler {
     /// them. Kept groups whose members all left are gone, not empty.
     fn kept_loads(&self, plan: &Plan, seq_ids: &[SeqId]) -> Vec<f64> {
         let mut loads = vec![0.0; self.kept_groups + plan.group_costs.len()];
-        for item in &plan.items {
+        // Every KV head's copy: each runs in a group of its own.
+        for copy in plan.item_copies() {
+            let item = &plan.items[copy.item as usize];
             for c in &plan.kv_chunks[item.chunk_begin as usize..(item.chunk_begin + item.chunk_count) as usize] {
-                let g = self.kept_group.get(&seq_ids[c.request as usize]).copied().unwrap_or(self.kept_groups + item.group as usize);
+                let g = self.kept_group.get(&seq_ids[c.request as usize]).copied().unwrap_or(self.kept_groups + copy.group as usize);
                 loads[g] += self.profile.chunk_cost(c);
             }
         }

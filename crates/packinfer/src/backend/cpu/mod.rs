@@ -16,7 +16,7 @@ use parking_lot::Mutex;
 use super::{check_update, Backend, BackendKind, BoundPlan, KvMemory, LaunchCapacity, Scratch};
 use crate::error::{Error, Result};
 use crate::invalid;
-use crate::plan::{DeviceProfile, MergeRow, Plan, WorkItem, FINAL_OUTPUT};
+use crate::plan::{DeviceProfile, ItemCopy, MergeRow, Plan, FINAL_OUTPUT};
 use crate::types::{DType, RunArgs, Shape};
 
 /// The CPU backend: executes a plan's work list on host threads, with host tensors. Open it
@@ -102,12 +102,12 @@ enum ScratchMem {
 // SAFETY: the caller's scratch pointer is only used under the bound plan's mutex.
 unsafe impl Send for ScratchMem {}
 
-/// Items `[start, end)` of each execution group (items are sorted by group).
-fn group_ranges(items: &[WorkItem]) -> Vec<std::ops::Range<usize>> {
+/// Copies `[start, end)` of each execution group (copies are sorted by group).
+fn group_ranges(copies: &[ItemCopy]) -> Vec<std::ops::Range<usize>> {
     let mut ranges: Vec<std::ops::Range<usize>> = Vec::new();
-    for (i, item) in items.iter().enumerate() {
+    for (i, copy) in copies.iter().enumerate() {
         match ranges.last_mut() {
-            Some(r) if items[r.start].group == item.group => r.end = i + 1,
+            Some(r) if copies[r.start].group == copy.group => r.end = i + 1,
             _ => ranges.push(i..i + 1),
         }
     }
@@ -134,6 +134,8 @@ struct CpuState {
 /// A plan with what running it needs.
 struct Bound {
     plan: Arc<Plan>,
+    /// The plan's item copies (`Plan::item_copies`): the KV heads are derived once, at bind.
+    copies: Vec<ItemCopy>,
     /// A thread takes a whole group at a time, as a persistent CTA does on the GPU, so the
     /// planner's load balance is what the threads see.
     groups: Vec<std::ops::Range<usize>>,
@@ -143,9 +145,10 @@ struct Bound {
 
 impl Bound {
     fn of(plan: Arc<Plan>) -> Bound {
-        let groups = group_ranges(&plan.items);
+        let copies: Vec<ItemCopy> = plan.item_copies().collect();
+        let groups = group_ranges(&copies);
         let num_slots = plan.num_partial_slots() as usize;
-        Bound { plan, groups, num_slots }
+        Bound { plan, copies, groups, num_slots }
     }
 }
 
@@ -175,10 +178,10 @@ impl BoundPlan for CpuBound {
         // Both phases on the backend's persistent workers; the second starts when every item
         // of the first has finished.
         self.workers.parallel_for(bound.groups.len(), |g| {
-            for item in &plan.items[bound.groups[g].clone()] {
+            for copy in &bound.copies[bound.groups[g].clone()] {
                 // SAFETY: run's caller vouches for the tensors and the scratch; the plan passed
                 // the consistency check at bind/update, so every index it holds is in range.
-                unsafe { execute_item(plan, item, args, &out) };
+                unsafe { execute_item(plan, copy, args, &out) };
             }
         });
         // SAFETY: as above; the items that wrote the partial slots have all finished.
@@ -340,13 +343,14 @@ struct RowState {
     acc: Vec<f32>,
 }
 
-/// Computes one work item: its tile of rows against its KV chunks, with fp32 online softmax;
-/// writes each row to O/LSE or to its partial slot.
+/// Computes one KV head's copy of a work item: its tile of rows against its KV chunks, with
+/// fp32 online softmax; writes each row to O/LSE or to its partial slot.
 ///
 /// # Safety
-/// `run`'s contract holds for `args` and `out`; `plan` passed `check_consistent` and `item` is
-/// one of its items, run by no other thread.
-unsafe fn execute_item(plan: &Plan, item: &WorkItem, args: &RunArgs, out: &Outputs) {
+/// `run`'s contract holds for `args` and `out`; `plan` passed `check_consistent` and `copy` is
+/// one of its item copies, run by no other thread.
+unsafe fn execute_item(plan: &Plan, copy: &ItemCopy, args: &RunArgs, out: &Outputs) {
+    let item = &plan.items[copy.item as usize];
     let shape = &plan.shape;
     let d = shape.head_dim as usize;
     let group = shape.group_size();
@@ -356,7 +360,7 @@ unsafe fn execute_item(plan: &Plan, item: &WorkItem, args: &RunArgs, out: &Outpu
         for r in 0..seg.q_count * group {
             let q = seg.q_begin + r / group;
             let token = req.q_start + q;
-            let head = item.kv_head * group + r % group;
+            let head = copy.kv_head * group + r % group;
             let base = token as i64 * args.q.stride_token + head as i64 * args.q.stride_head;
             // SAFETY: token < total_q and head < num_qo_heads (a checked plan), inside the
             // caller's Q (run's contract).
@@ -378,14 +382,14 @@ unsafe fn execute_item(plan: &Plan, item: &WorkItem, args: &RunArgs, out: &Outpu
     let (mut k, mut v) = (vec![0.0f32; d], vec![0.0f32; d]);
     let kv = args.kv;
     let soft_cap = args.logits_soft_cap;
-    // An fp8 cache's codes times the item's KV head's scales (1 for a cache of Q's dtype).
+    // An fp8 cache's codes times the copy's KV head's scales (1 for a cache of Q's dtype).
     let head_scale = |per_head: u64| {
         if per_head == 0 {
             1.0
         } else {
             // SAFETY: a non-null per-head scale array holds num_kv_heads f32 (run's contract)
             // and kv_head < num_kv_heads (a checked plan).
-            unsafe { *(per_head as *const f32).add(item.kv_head as usize) }
+            unsafe { *(per_head as *const f32).add(copy.kv_head as usize) }
         }
     };
     let scales = args.kv_scales;
@@ -395,7 +399,7 @@ unsafe fn execute_item(plan: &Plan, item: &WorkItem, args: &RunArgs, out: &Outpu
         let req = plan.requests[chunk.request as usize];
         for key in chunk.key_begin..chunk.key_end {
             let page = plan.batch.kv_page_indices[(req.page_start + key / plan.batch.page_size) as usize] as i64;
-            let base = page * kv.stride_page + (key % plan.batch.page_size) as i64 * kv.stride_token + item.kv_head as i64 * kv.stride_head;
+            let base = page * kv.stride_page + (key % plan.batch.page_size) as i64 * kv.stride_token + copy.kv_head as i64 * kv.stride_head;
             for i in 0..d {
                 // SAFETY: page < num_pages (a checked plan) and the layout describes the caller's
                 // cache of num_pages pages (run's contract).
@@ -426,39 +430,46 @@ unsafe fn execute_item(plan: &Plan, item: &WorkItem, args: &RunArgs, out: &Outpu
     for (r, row) in rows.iter_mut().enumerate() {
         let (lse, inv) = if row.sum > 0.0 { (row.max + row.sum.ln(), 1.0 / row.sum) } else { (f32::NEG_INFINITY, 0.0) };
         row.acc.iter_mut().for_each(|a| *a *= inv);
-        let slot = if item.partial_slot == FINAL_OUTPUT { FINAL_OUTPUT } else { item.partial_slot + r as u32 };
+        let slot = if copy.partial_slot == FINAL_OUTPUT { FINAL_OUTPUT } else { copy.partial_slot + r as u32 };
         // SAFETY: the row and slot are the item's own (a checked plan: in range, and no other
         // item writes them); run's contract covers the memory.
         unsafe { out.write(slot, row.token, row.head, &row.acc, lse) };
     }
 }
 
-/// Combines the partial results of one (token, head) by log-sum-exp into O and LSE. A piece
-/// that saw no visible key has LSE = -inf and weight 0.
+/// Combines the partial results of one token, for every query head, by log-sum-exp into O and
+/// LSE. A piece that saw no visible key has LSE = -inf and weight 0.
 ///
 /// # Safety
 /// `run`'s contract holds for `out`; `plan` passed `check_consistent`, `m` is one of its merge
 /// rows, and every work item has finished.
 unsafe fn merge_row(plan: &Plan, m: &MergeRow, out: &Outputs) {
-    let slots = &plan.merge_slots[m.slot_begin as usize..(m.slot_begin + m.slot_count) as usize];
-    // SAFETY: a checked plan's merge slots are below num_slots and its merge rows name
-    // (token, head) pairs of the batch, each merged by one row; the items that wrote the slots
-    // have finished (this fn's contract). The blocks below rely on the same facts.
-    let max = slots.iter().map(|&s| unsafe { out.partial(s) }.1).fold(f32::NEG_INFINITY, f32::max);
+    let pieces = &plan.merge_slots[m.slot_begin as usize..(m.slot_begin + m.slot_count) as usize];
+    let group = plan.shape.group_size();
     let mut acc = vec![0.0f32; out.head_dim];
-    if max == f32::NEG_INFINITY {
+    for head in 0..plan.shape.num_qo_heads {
+        let (kv_head, j) = (head / group, head % group);
+        let slot = |p: &crate::plan::MergeSlot| p.slot + kv_head * p.head_stride + j;
+        acc.iter_mut().for_each(|a| *a = 0.0);
+        // SAFETY: a checked plan's merge slots are below num_slots for every query head and its
+        // merge rows name tokens of the batch, each merged by one row; the items that wrote the
+        // slots have finished (this fn's contract). The blocks below rely on the same facts.
+        let max = pieces.iter().map(|p| unsafe { out.partial(slot(p)) }.1).fold(f32::NEG_INFINITY, f32::max);
+        if max == f32::NEG_INFINITY {
+            // SAFETY: see above.
+            unsafe { out.write(FINAL_OUTPUT, m.q_token, head, &acc, max) };
+            continue;
+        }
+        let mut total = 0.0f32;
+        for p in pieces {
+            // SAFETY: see above.
+            let (o, lse) = unsafe { out.partial(slot(p)) };
+            let w = (lse - max).exp();
+            total += w;
+            acc.iter_mut().zip(o).for_each(|(a, &x)| *a += w * x);
+        }
+        acc.iter_mut().for_each(|a| *a /= total);
         // SAFETY: see above.
-        return unsafe { out.write(FINAL_OUTPUT, m.q_token, m.qo_head, &acc, max) };
+        unsafe { out.write(FINAL_OUTPUT, m.q_token, head, &acc, max + total.ln()) };
     }
-    let mut total = 0.0f32;
-    for &s in slots {
-        // SAFETY: see above.
-        let (o, lse) = unsafe { out.partial(s) };
-        let w = (lse - max).exp();
-        total += w;
-        acc.iter_mut().zip(o).for_each(|(a, &x)| *a += w * x);
-    }
-    acc.iter_mut().for_each(|a| *a /= total);
-    // SAFETY: see above.
-    unsafe { out.write(FINAL_OUTPUT, m.q_token, m.qo_head, &acc, max + total.ln()) };
 }

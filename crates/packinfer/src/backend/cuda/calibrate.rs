@@ -9,7 +9,7 @@ use super::driver::{DeviceBuffer, Event};
 use super::CudaBackend;
 use crate::backend::BoundPlan;
 use crate::error::{Error, Result};
-use crate::plan::{DeviceProfile, KvChunk, Plan, PlanOptions, PlanStats, RequestInfo, RowSegment, WorkItem, FINAL_OUTPUT};
+use crate::plan::{DeviceProfile, KvChunk, Plan, PlanOptions, PlanStats, RequestInfo, RowSegment, WorkItem, WorkUnit, FINAL_OUTPUT};
 use crate::types::{Batch, DType, KvLayout, RowsTensor, RunArgs, Shape};
 
 /// One timed shape: per-item time in microseconds for tiles of `rows` rows against `keys` keys.
@@ -59,6 +59,7 @@ fn synthetic_plan(shape: Shape, rows: u32, keys: u32, num: u32, pool_pages: u32,
         mask_indptr: Vec::new(),
     };
     let mut plan_items = vec![];
+    let mut units = vec![];
     let mut segs = vec![];
     let mut chunks = vec![];
     let mut requests = vec![];
@@ -69,8 +70,8 @@ fn synthetic_plan(shape: Shape, rows: u32, keys: u32, num: u32, pool_pages: u32,
         batch.kv_indptr.push(batch.kv_page_indices.len() as i32);
         batch.kv_last_page_len.push((keys - (pages_per - 1) * PAGE) as i32);
         requests.push(RequestInfo { q_start: r * q_len, q_len, kv_len: keys, page_start: r * pages_per });
+        units.push(WorkUnit { item_begin: r, item_count: 1, group_stride: 1, slot_stride: 0 });
         plan_items.push(WorkItem {
-            kv_head: 0,
             seg_begin: r,
             seg_count: 1,
             chunk_begin: r,
@@ -89,6 +90,7 @@ fn synthetic_plan(shape: Shape, rows: u32, keys: u32, num: u32, pool_pages: u32,
         block_m,
         requests,
         items: plan_items,
+        units,
         row_segments: segs,
         kv_chunks: chunks,
         merges: vec![],

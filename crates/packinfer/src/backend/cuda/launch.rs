@@ -15,7 +15,7 @@ use super::{LoadedAttention, Shared};
 use crate::backend::{BoundPlan, LaunchCapacity, Scratch};
 use crate::error::Result;
 use crate::invalid;
-use crate::plan::{KvChunk, LayoutStamp, MergeRow, Plan, RequestInfo, RowSegment, WorkItem};
+use crate::plan::{KvChunk, LayoutStamp, Plan, RequestInfo, RowSegment, FINAL_OUTPUT};
 use crate::types::{Batch, KvLayout, RunArgs, Shape};
 
 /// Counts and shape of the uploaded plan; mirrors `PlanHeader` in `kernels/work.cuh`. The
@@ -120,6 +120,46 @@ pub struct KernelParams {
     pub q_map: TensorMap,
     /// TMA descriptor of O (with `FLAG_O_TMA`).
     pub o_map: TensorMap,
+}
+
+/// One KV head's copy of a plan's work item, as the kernels read it today (mirrors `WorkItem`
+/// in `kernels/work.cuh`): the launch image lists the plan's item copies
+/// ([`Plan::item_copies`]), sorted by group.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct KernelItem {
+    /// The KV head whose query heads fill the rows.
+    pub kv_head: u32,
+    /// The item's row segments.
+    pub seg_begin: u32,
+    /// See `seg_begin`.
+    pub seg_count: u32,
+    /// The item's KV chunks.
+    pub chunk_begin: u32,
+    /// See `chunk_begin`.
+    pub chunk_count: u32,
+    /// Rows of the tile.
+    pub num_rows: u32,
+    /// `FINAL_OUTPUT` (`PI_FINAL_OUTPUT`), or the copy's first partial slot.
+    pub partial_slot: u32,
+    /// The copy's group.
+    pub group: u32,
+}
+
+/// One (token, query head) merge, as the kernels read it today (mirrors `MergeRow` in
+/// `kernels/work.cuh`): the launch image expands each of the plan's merge rows (a token, every
+/// query head) to one per query head, with that head's slots.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct KernelMergeRow {
+    /// The query token.
+    pub q_token: u32,
+    /// The query head.
+    pub qo_head: u32,
+    /// First entry of the image's merge slot list.
+    pub slot_begin: u32,
+    /// Entries: the token's pieces.
+    pub slot_count: u32,
 }
 
 /// `PlanHeader::window_left` of a plan without a sliding window.
@@ -345,12 +385,12 @@ impl Layout {
         };
         let _header = take(std::mem::size_of::<PlanHeader>());
         let group_counter = take(4);
-        let items = take(c.items as usize * std::mem::size_of::<WorkItem>());
+        let items = take(c.items as usize * std::mem::size_of::<KernelItem>());
         let segments = take(c.row_segments as usize * std::mem::size_of::<SegmentInfo>());
         let chunks = take(c.kv_chunks as usize * std::mem::size_of::<KvRange>());
         let pages = take(c.pages as usize * 4);
         let group_offsets = take((c.groups as usize + 1) * 4);
-        let merges = take(c.merge_rows as usize * std::mem::size_of::<MergeRow>());
+        let merges = take(c.merge_rows as usize * std::mem::size_of::<KernelMergeRow>());
         let merge_slots = take(c.merge_slots as usize * 4);
         let mask = take(c.mask_bytes as usize);
         let mask_bit0 = take(c.mask_queries as usize * 4);
@@ -365,6 +405,12 @@ fn put<T: Pod>(buf: &mut [u8], at: usize, values: &[T]) {
     buf[at..at + src.len()].copy_from_slice(src);
 }
 
+/// The first `len` values of type `T` at the start of `bytes` (an image's array: its offset is a
+/// multiple of 256 in an image aligned for `T`, and the layout made room for `len`).
+fn typed<T: Pod>(bytes: &mut [u8], len: usize) -> &mut [T] {
+    bytemuck::cast_slice_mut(&mut bytes[..len * std::mem::size_of::<T>()])
+}
+
 /// Writes the values `values` yields into the image at byte `at`, one after another.
 fn put_each<T: Pod>(buf: &mut [u8], at: usize, values: impl ExactSizeIterator<Item = T>) {
     let size = std::mem::size_of::<T>();
@@ -376,8 +422,11 @@ fn put_each<T: Pod>(buf: &mut [u8], at: usize, values: impl ExactSizeIterator<It
 
 /// Writes `plan` into `img`, the image of a launch's device buffer laid out by `layout` for a
 /// capacity the plan fits, and returns how many leading bytes of it the plan uses (what the
-/// upload copies). Checks what the kernels need beyond `Plan::check_consistent` (which `bind`
-/// and `update` run first): tiles no taller than this kernel's, whose rows then also bound the
+/// upload copies). The plan lists each work item and merged token once; the kernels read a copy
+/// per KV head and a merge row per query head, so the image expands them as it is written
+/// (`Plan::item_copies`; merge rows token by token, KV head by KV head, query head by query
+/// head). Checks what the kernels need beyond `Plan::check_consistent` (which `bind` and
+/// `update` run first): tiles no taller than this kernel's, whose rows then also bound the
 /// segments an item may have (the kernels keep one per row in shared memory). Allocates
 /// nothing.
 fn write_image(layout: &Layout, block_m: u32, plan: &Plan, img: &mut [u8]) -> Result<usize> {
@@ -388,15 +437,17 @@ fn write_image(layout: &Layout, block_m: u32, plan: &Plan, img: &mut [u8]) -> Re
     let l = layout;
     // A custom mask replaces the causal one (Batch::applies_causal).
     let causal = plan.batch.applies_causal(s.causal);
-    // check_consistent has checked that items are sorted by group, every group below the number
-    // of items: group g's items start at the first item of a group >= g.
-    let groups = plan.items.last().map(|i| i.group + 1).unwrap_or(0);
+    let (heads, group) = (s.num_kv_heads, s.group_size());
+    // check_consistent has checked that the copies are sorted by group, every group below the
+    // number of copies: group g's copies start at the first copy of a group >= g.
+    let groups = plan.num_groups();
+    let num_items = plan.num_item_copies();
     let header = PlanHeader {
-        num_items: plan.items.len() as u32,
+        num_items: num_items as u32,
         num_groups: groups,
-        num_merges: plan.merges.len() as u32,
+        num_merges: plan.num_merge_rows() as u32,
         num_slots: plan.num_partial_slots(),
-        group_size: s.group_size(),
+        group_size: group,
         page_size: plan.batch.page_size,
         causal: causal as u32,
         window_left: plan.options.window_left.unwrap_or(NO_WINDOW),
@@ -405,21 +456,40 @@ fn write_image(layout: &Layout, block_m: u32, plan: &Plan, img: &mut [u8]) -> Re
     };
     put(img, 0, &[header]);
     put(img, l.group_counter, &[0u32]);
-    put(img, l.items, &plan.items);
     {
-        let mut at = l.group_offsets;
-        let mut put_offset = |v: u32| {
-            img[at..at + 4].copy_from_slice(&v.to_ne_bytes());
-            at += 4;
-        };
-        let mut g = 0u32;
-        for (i, it) in plan.items.iter().enumerate() {
-            while g <= it.group {
-                put_offset(i as u32);
-                g += 1;
+        // The copies and the group offsets in one pass, unit by unit, KV head by KV head.
+        let (head, tail) = img.split_at_mut(l.group_offsets);
+        let items: &mut [KernelItem] = typed(&mut head[l.items..], num_items);
+        let offsets: &mut [u32] = typed(tail, groups as usize + 1);
+        let (mut at, mut g) = (0usize, 0u32);
+        for u in &plan.units {
+            let unit_items = &plan.items[u.item_begin as usize..(u.item_begin + u.item_count) as usize];
+            for h in 0..heads {
+                let dst = &mut items[at..at + unit_items.len()];
+                for (k, (d, it)) in dst.iter_mut().zip(unit_items).enumerate() {
+                    let group = it.group + h * u.group_stride;
+                    // Groups do not decrease (check_consistent): group g starts at the first copy
+                    // of a group >= g.
+                    while g <= group {
+                        offsets[g as usize] = (at + k) as u32;
+                        g += 1;
+                    }
+                    *d = KernelItem {
+                        kv_head: h,
+                        seg_begin: it.seg_begin,
+                        seg_count: it.seg_count,
+                        chunk_begin: it.chunk_begin,
+                        chunk_count: it.chunk_count,
+                        num_rows: it.num_rows,
+                        partial_slot: if it.partial_slot == FINAL_OUTPUT { FINAL_OUTPUT } else { it.partial_slot + h * u.slot_stride },
+                        group,
+                    };
+                }
+                at += unit_items.len();
             }
         }
-        put_offset(plan.items.len() as u32);
+        debug_assert_eq!((at, g), (num_items, groups));
+        offsets[groups as usize] = num_items as u32;
     }
     // check_consistent has verified every request index.
     let windowed = plan.options.window_left.is_some();
@@ -430,10 +500,49 @@ fn write_image(layout: &Layout, block_m: u32, plan: &Plan, img: &mut [u8]) -> Re
     );
     put_each(img, l.chunks, plan.kv_chunks.iter().map(|c| KvRange::of(c, &plan.requests[c.request as usize], &plan.batch)));
     put(img, l.pages, &plan.batch.kv_page_indices);
-    put(img, l.merges, &plan.merges);
-    put(img, l.merge_slots, &plan.merge_slots);
+    // Merge rows per (token, query head), their slots per piece after one another.
+    let qo_heads = plan.shape.num_qo_heads as usize;
+    let total_slots = plan.merge_slots.len() * qo_heads;
+    {
+        let (head, tail) = img.split_at_mut(l.merge_slots);
+        let rows: &mut [KernelMergeRow] = typed(&mut head[l.merges..], plan.merges.len() * qo_heads);
+        let slots: &mut [u32] = typed(tail, total_slots);
+        let (mut rows, mut slots) = (rows, slots);
+        let group_us = group as usize;
+        let mut next = 0u32;
+        for m in &plan.merges {
+            let pieces = &plan.merge_slots[m.slot_begin as usize..(m.slot_begin + m.slot_count) as usize];
+            let count = pieces.len();
+            // This token's rows and slots, then per KV head its group's; zipped, so the writes
+            // need no bounds checks.
+            let (token_rows, rest) = std::mem::take(&mut rows).split_at_mut(qo_heads);
+            rows = rest;
+            let (token_slots, rest) = std::mem::take(&mut slots).split_at_mut(qo_heads * count);
+            slots = rest;
+            for (row, q) in token_rows.iter_mut().zip(0u32..) {
+                *row = KernelMergeRow { q_token: m.q_token, qo_head: q, slot_begin: next + q * count as u32, slot_count: count as u32 };
+            }
+            next += (qo_heads * count) as u32;
+            if count == 0 {
+                continue;
+            }
+            for (h, head_slots) in (0u32..).zip(token_slots.chunks_exact_mut(group_us * count)) {
+                // The KV head's first query head's slots, then each next query head's one more:
+                // its rows follow in the tile (a vector add per query head).
+                let (first, rest) = head_slots.split_at_mut(count);
+                for (d, p) in first.iter_mut().zip(pieces) {
+                    *d = p.slot + h * p.head_stride;
+                }
+                for (j, dst) in (1u32..).zip(rest.chunks_exact_mut(count)) {
+                    for (d, &f) in dst.iter_mut().zip(first.iter()) {
+                        *d = f + j;
+                    }
+                }
+            }
+        }
+    }
     if !plan.batch.has_custom_mask() {
-        return Ok(l.merge_slots + plan.merge_slots.len() * 4);
+        return Ok(l.merge_slots + total_slots * 4);
     }
     put(img, l.mask, &plan.batch.custom_mask);
     // Per query token, the bit of (its query, key 0): mask_indptr is in bytes, each query a row
@@ -515,7 +624,8 @@ pub struct HostUpload {
     capacity: LaunchCapacity,
     layout: Layout,
     block_m: u32,
-    image: Vec<u8>,
+    /// Words, so that the image is aligned for its arrays (as a page-locked image is).
+    image: Vec<u32>,
 }
 
 impl HostUpload {
@@ -523,7 +633,7 @@ impl HostUpload {
     pub fn new(plan: &Plan, capacity: &LaunchCapacity, block_m: u32) -> HostUpload {
         let capacity = capacity.max(&LaunchCapacity::of(plan));
         let layout = Layout::new(&capacity);
-        HostUpload { shape: plan.shape, page_size: plan.batch.page_size, capacity, layout, block_m, image: vec![0; layout.total] }
+        HostUpload { shape: plan.shape, page_size: plan.batch.page_size, capacity, layout, block_m, image: vec![0; layout.total / 4] }
     }
 
     /// What `update_planned` (`packinfer_launch_update`) does on the host for `plan`; returns
@@ -532,13 +642,19 @@ impl HostUpload {
         plan.check_fresh()?;
         super::check_kernel_plan(&plan.shape, &plan.batch)?;
         crate::backend::check_update(&self.shape, self.page_size, &self.capacity, plan)?;
-        write_image(&self.layout, self.block_m, plan, &mut self.image)
+        write_image(&self.layout, self.block_m, plan, bytemuck::cast_slice_mut(&mut self.image))
     }
 
     /// What the checked `update` (the Rust API's) does on the host for `plan`.
     pub fn update(&mut self, plan: &Plan) -> Result<usize> {
         plan.check_consistent()?;
         self.update_planned(plan)
+    }
+
+    /// The image the last update wrote (its first bytes, as many as that update returned, are
+    /// what a launch would copy to the device).
+    pub fn image(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.image)
     }
 }
 

@@ -28,7 +28,7 @@ echo "== managed pool on the GPU"; timeout 120 ./cuda_pool --nocapture 2>&1 | te
 echo "== CUDA backend vs f64 reference"
 PACKINFER_GPU_CASES=${CASES:-300} timeout 400 ./cuda_backend --test-threads=1 --nocapture 2>&1 | tee "$out/cuda_backend.log" | grep -E "cases|test result|FAIL|panick|profile"
 echo "== compute-sanitizer memcheck / racecheck (representative subset)"
-(PACKINFER_GPU_CASES=6 timeout 200 compute-sanitizer --tool memcheck --print-limit 20 ./cuda_backend --test-threads=1 random_batches handmade_plans_packed graph_capture steps_planned_ahead append_kv warp_specialized_kernel_with_tma short_batches 2>&1) > "$out/memcheck.log"; grep -E "ERROR SUMMARY|test result" "$out/memcheck.log"
+(PACKINFER_GPU_CASES=6 timeout 200 compute-sanitizer --tool memcheck --print-limit 20 ./cuda_backend --test-threads=1 random_batches handmade_plans_packed graph_capture steps_planned_ahead append_kv warp_specialized_kernel_with_tma short_batches fp8_cache 2>&1) > "$out/memcheck.log"; grep -E "ERROR SUMMARY|test result" "$out/memcheck.log"
 (PACKINFER_GPU_CASES=3 timeout 200 compute-sanitizer --tool racecheck --print-limit 20 ./cuda_backend --test-threads=1 random_batches handmade_plans_packed warp_specialized_kernel_with_tma short_batches 2>&1) > "$out/racecheck.log"; grep -E "RACECHECK SUMMARY|test result" "$out/racecheck.log"
 echo "== C API stress test on the CUDA backend (random call sequences against a model), then under memcheck"
 # The binary finds libpackinfer.so here (its RPATH names the dev machine's target/). Its own

@@ -909,6 +909,13 @@ fn precompile_builds_every_variant() {
                 k.smem_bytes,
                 k.ctas_per_sm
             );
+            for warps in [4, 8] {
+                let k = testing::fp8_attention_kernel_stats(&cu, d, dt, warps).unwrap();
+                println!(
+                    "  fp8 K/V, {warps} warps: {} regs, {} B local, {} B smem, {} CTAs/SM",
+                    k.registers, k.local_bytes, k.smem_bytes, k.ctas_per_sm
+                );
+            }
         }
     }
 }

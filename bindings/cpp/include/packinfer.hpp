@@ -311,8 +311,8 @@ struct BatchDesc {
   ArrayView<uint8_t> custom_mask;
   ArrayView<int32_t> mask_indptr;  // [batch + 1] byte offsets, or empty
   // K's and V's element type: none = shape.dtype; DType::FP8_E4M3 for an fp8 cache, read with
-  // each run's scales (RunArgs::with_kv_scales, with_kv_head_scales). Fixed at plan time. The
-  // CUDA backend refuses an fp8 cache (UNSUPPORTED) until its kernels read one.
+  // each run's scales (RunArgs::with_kv_scales, with_kv_head_scales). Fixed at plan time. Both
+  // backends run fp8 caches.
   std::optional<DType> kv_dtype;
 };
 

@@ -26,8 +26,8 @@ pub enum PackinferDtype {
     F32 = 2,
     /// fp8 e4m3 (E4M3FN: bias 7, no infinities, NaN = S.1111.111, largest value 448), for K and
     /// V only (`PackinferBatchDesc::kv_dtype`, `PackinferPoolOptions::kv_dtype`), dequantized
-    /// with the scales of `PackinferRunArgs`. The CPU backend runs it; the CUDA kernels do not
-    /// read fp8 caches yet (UNSUPPORTED). Added in ABI 1's third release.
+    /// with the scales of `PackinferRunArgs`. Both backends run it (CUDA: the plain kernel's fp8
+    /// variant). Added in ABI 1's third release.
     Fp8E4m3 = 3,
 }
 
@@ -207,9 +207,8 @@ pub struct PackinferBatchDesc {
     /// PACKINFER_DTYPE_FP8_E4M3 for an fp8 cache, whose elements are dequantized with the
     /// scales each run is given (`PackinferRunArgs::k_scale` etc.); Q and O stay `dtype`
     /// (F16 or BF16; F32 on the CPU). Fixed at plan time (element strides of the cache are then
-    /// in bytes). The CPU backend runs fp8 caches; the CUDA backend refuses them (UNSUPPORTED)
-    /// until its kernels read them. Added in ABI 1's third release: an older struct means K/V
-    /// of `dtype`.
+    /// in bytes). Both backends run fp8 caches. Added in ABI 1's third release: an older struct
+    /// means K/V of `dtype`.
     pub kv_dtype: u32,
 }
 

@@ -16,7 +16,7 @@ use crate::backend::{BoundPlan, LaunchCapacity, Scratch};
 use crate::error::Result;
 use crate::invalid;
 use crate::plan::{KvChunk, LayoutStamp, Plan, RequestInfo, RowSegment, FINAL_OUTPUT};
-use crate::types::{Batch, KvLayout, RunArgs, Shape};
+use crate::types::{Batch, DType, KvLayout, RunArgs, Shape};
 
 /// Counts and shape of the uploaded plan; mirrors `PlanHeader` in `kernels/work.cuh`. The
 /// structs here are `Pod` because they reach the device as bytes: the derive proves they have
@@ -106,12 +106,20 @@ pub struct KernelParams {
     pub softcap_in: f32,
     /// `cap / sm_scale`.
     pub softcap_out: f32,
+    /// An fp8 cache's per-tensor K scale (`KvScales`; read by the fp8 kernel only).
+    pub k_scale: f32,
+    /// An fp8 cache's per-tensor V scale.
+    pub v_scale: f32,
+    /// Device address of the per-KV-head K scales, or 0.
+    pub k_head_scales: u64,
+    /// Device address of the per-KV-head V scales, or 0.
+    pub v_head_scales: u64,
     /// Device address of the plan's custom mask bits, or 0 without a custom mask.
     pub mask: u64,
     /// Device address of, per query token of the step, the mask bit of (that query, key 0).
     pub mask_bit0: u64,
     /// Zero; keeps the TMA maps 64-byte aligned without padding.
-    pub reserved: [u32; 10],
+    pub reserved: [u32; 4],
     /// TMA descriptor of K's rows (with `FLAG_KV_TMA`).
     pub k_map: TensorMap,
     /// TMA descriptor of V's rows (with `FLAG_KV_TMA`).
@@ -836,7 +844,10 @@ impl CudaBound {
         if a16(args.q.ptr) && m8(args.q.stride_token) && m8(args.q.stride_head) {
             flags |= FLAG_Q_VEC;
         }
-        if a16(kv.k) && a16(kv.v) && kv.stride_dim == 1 && m8(kv.stride_page) && m8(kv.stride_token) && m8(kv.stride_head) {
+        // A 16-byte vector is 8 elements of a 16-bit cache, 16 of an fp8 one.
+        let kv_vec = if self.shape.kv_dtype == DType::Fp8E4m3 { 16 } else { 8 };
+        let mkv = |x: i64| x % kv_vec == 0;
+        if a16(kv.k) && a16(kv.v) && kv.stride_dim == 1 && mkv(kv.stride_page) && mkv(kv.stride_token) && mkv(kv.stride_head) {
             flags |= FLAG_KV_VEC;
         }
         if a16(args.o.ptr) && m8(args.o.stride_token) && m8(args.o.stride_head) {
@@ -907,9 +918,13 @@ impl CudaBound {
             num_qo_heads: self.shape.num_qo_heads,
             softcap_in,
             softcap_out,
+            k_scale: args.kv_scales.k_scale,
+            v_scale: args.kv_scales.v_scale,
+            k_head_scales: args.kv_scales.k_head_scales,
+            v_head_scales: args.kv_scales.v_head_scales,
             mask: if masked { at(l.mask) } else { 0 },
             mask_bit0: if masked { at(l.mask_bit0) } else { 0 },
-            reserved: [0; 10],
+            reserved: [0; 4],
             k_map,
             v_map,
             q_map,

@@ -587,6 +587,8 @@ impl Plan {
         totals: Option<WorkTotals>,
         started: Instant,
     ) {
+        // The scheduler's group costs come a unit's cost per KV head (`schedule::totals`).
+        let runs_known = totals.is_some();
         let WorkTotals { useful, computed, partial_items, partial_slots } = match totals {
             Some(t) => t,
             None => self.measure_items(profile),
@@ -600,7 +602,7 @@ impl Plan {
             max_group
         } else {
             let tree = schedule::reuse(&mut self.scratch.load_tree);
-            let (max, tree) = cost::max_worker_load(tree, &group_costs, total, workers, self.shape.num_kv_heads as usize);
+            let (max, tree) = cost::max_worker_load(tree, &group_costs, total, workers, self.shape.num_kv_heads as usize, runs_known);
             self.scratch.load_tree = tree;
             max
         };

@@ -191,18 +191,22 @@ impl Batch {
         self.len() == 0
     }
     /// Index of request `r`'s first query token in the step.
+    #[inline]
     pub fn q_start(&self, r: usize) -> u32 {
         self.qo_indptr[r] as u32
     }
     /// Query tokens of request `r`.
+    #[inline]
     pub fn q_len(&self, r: usize) -> u32 {
         (self.qo_indptr[r + 1] - self.qo_indptr[r]) as u32
     }
     /// Keys of request `r`. At most `limits::MAX_KV_LEN` once the batch is validated.
+    #[inline]
     pub fn kv_len(&self, r: usize) -> u32 {
         self.kv_len_u64(r).min(u32::MAX as u64) as u32
     }
     /// `kv_len` in 64 bits, for validation: pages × page_size overflows 32 bits on bad input.
+    #[inline]
     fn kv_len_u64(&self, r: usize) -> u64 {
         let pages = (self.kv_indptr[r + 1] as i64 - self.kv_indptr[r] as i64).max(0) as u64;
         if pages == 0 {
@@ -212,11 +216,13 @@ impl Batch {
         }
     }
     /// Whether the batch carries custom masks (`mask_indptr` is not empty).
+    #[inline]
     pub fn has_custom_mask(&self) -> bool {
         !self.mask_indptr.is_empty()
     }
     /// Whether the causal mask applies to this batch under a shape's `causal`: not when the
     /// batch carries custom masks, which replace it (FlashInfer's rule).
+    #[inline]
     pub fn applies_causal(&self, causal: bool) -> bool {
         causal && !self.has_custom_mask()
     }

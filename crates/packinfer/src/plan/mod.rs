@@ -443,8 +443,15 @@ impl Plan {
         // Every full tile of a request's rows is at least one work item per KV head (packing
         // only merges partial tiles): refuse a batch over the limit before planning allocates
         // per tile.
+        // Counted as the requests are filled in: one pass over the batch's per-request arrays.
         let tokens_per_tile = (profile.block_m / shape.group_size()).max(1) as u64;
-        let full_tiles: u64 = (0..batch.len()).map(|r| batch.q_len(r) as u64 / tokens_per_tile).sum();
+        let mut full_tiles = 0u64;
+        self.requests.clear();
+        self.requests.extend((0..batch.len()).map(|r| {
+            let info = RequestInfo::of(batch, r);
+            full_tiles += info.q_len as u64 / tokens_per_tile;
+            info
+        }));
         if full_tiles * shape.num_kv_heads as u64 > limits::MAX_WORK_ITEMS as u64 {
             return Err(invalid!(
                 "{} query tokens need at least {} work items ({full_tiles} tiles of {tokens_per_tile} tokens × {} KV heads), more than the {} a plan may have",
@@ -457,8 +464,6 @@ impl Plan {
         if options.deterministic && options.split_keys == 0 {
             return Err(invalid!("split_keys = 0; deterministic mode needs a split granularity"));
         }
-        self.requests.clear();
-        self.requests.extend((0..batch.len()).map(|r| RequestInfo::of(batch, r)));
         Ok(())
     }
 

@@ -726,6 +726,7 @@ pub fn scratch_bytes(slots: u32, head_dim: u32) -> usize {
 /// Σ over queries `q_begin .. q_begin + q_count` of `req` of the keys in `[key_begin, key_end)`
 /// each can see. Causal limits grow by one key per query, so the sum is computed in closed form;
 /// under a sliding window it is summed query by query (statistics only).
+#[inline]
 pub(crate) fn visible_keys(
     req: &RequestInfo,
     q_begin: u32,

@@ -308,6 +308,7 @@ impl Batch {
                 .expect("an offending index");
             return Err(invalid!("kv_page_indices[{i}] = {p} is outside the cache's {} pages", self.num_pages));
         }
+        let causal = self.applies_causal(causal);
         for r in 0..n {
             let pages = self.kv_indptr[r + 1] - self.kv_indptr[r];
             let last = self.kv_last_page_len[r];
@@ -319,7 +320,8 @@ impl Batch {
                     self.page_size
                 ));
             }
-            let kv_len = self.kv_len_u64(r);
+            // `kv_len_u64` from the values at hand (the indptr rises, so `pages` ≥ 0).
+            let kv_len = if pages == 0 { 0 } else { (pages - 1) as u64 * self.page_size as u64 + last as u64 };
             if kv_len > limits::MAX_KV_LEN {
                 return Err(invalid!(
                     "request {r} has {pages} pages of page_size = {} (kv_len = {kv_len}), more than the {} keys a request may have",
@@ -327,7 +329,7 @@ impl Batch {
                     limits::MAX_KV_LEN
                 ));
             }
-            if self.applies_causal(causal) && self.q_len(r) > self.kv_len(r) {
+            if causal && self.q_len(r) as u64 > kv_len {
                 return Err(invalid!(
                     "request {r} has q_len = {} > kv_len = {}; causal attention needs every query's own key in the cache",
                     self.q_len(r),

@@ -570,9 +570,11 @@ impl Plan {
         if num_groups > 0 {
             group_costs[run_group] = run_cost;
         }
+        // One pass: a sum is a chain of dependent additions, the maximum another beside it.
+        let (total_cost, max_group_cost) = group_costs.iter().fold((0.0f64, 0.0f64), |(t, m), &c| (t + c, m.max(c)));
         self.group_costs = group_costs;
         self.scratch.measured = measured;
-        WorkTotals { useful, computed, partial_items, partial_slots }
+        WorkTotals { useful, computed, partial_items, partial_slots, total_cost, max_group_cost }
     }
 
     /// The statistics and group costs measured item by item (what the scheduler counts per
@@ -594,13 +596,11 @@ impl Plan {
     ) {
         // The scheduler's group costs come a unit's cost per KV head (`schedule::totals`).
         let runs_known = totals.is_some();
-        let WorkTotals { useful, computed, partial_items, partial_slots } = match totals {
+        let WorkTotals { useful, computed, partial_items, partial_slots, total_cost: total, max_group_cost: max_group } = match totals {
             Some(t) => t,
             None => self.measure_items(profile),
         };
         let group_costs = std::mem::take(&mut self.group_costs);
-        // One pass: a sum is a chain of dependent additions, the maximum another beside it.
-        let (total, max_group) = group_costs.iter().fold((0.0f64, 0.0f64), |(t, m), &c| (t + c, m.max(c)));
         // Workers take the groups in order, each the next one as soon as it is free.
         let workers = profile.num_workers as usize;
         let max_worker = if group_costs.len() <= workers {
@@ -716,6 +716,9 @@ pub(crate) struct WorkTotals {
     /// Items writing partial slots, and the slots they write.
     pub(crate) partial_items: u32,
     pub(crate) partial_slots: u32,
+    /// The sum of `group_costs` in group order, and their maximum.
+    pub(crate) total_cost: f64,
+    pub(crate) max_group_cost: f64,
 }
 
 /// Scratch for `slots` partial rows of `head_dim`: their fp32 outputs, then their LSEs.

@@ -228,6 +228,7 @@ impl Plan {
 
 impl RequestInfo {
     /// Request `r` of a batch, as a plan lists it.
+    #[inline]
     pub(crate) fn of(batch: &crate::types::Batch, r: usize) -> RequestInfo {
         RequestInfo { q_start: batch.q_start(r), q_len: batch.q_len(r), kv_len: batch.kv_len(r), page_start: batch.kv_indptr[r] as u32 }
     }

@@ -158,9 +158,21 @@ impl LeastLoaded {
 /// workers taking every `r`-th group: the `r` least-loaded workers hold equal loads and take
 /// the `r` equal groups one each. So that smaller simulation gives the same loads, in `r`
 /// times fewer placements on a shallower tree, rounded in the same fixed point.
-pub(crate) fn max_worker_load(tree: Vec<u64>, costs: &[f64], total: f64, workers: usize, copies: usize) -> (f64, Vec<u64>) {
+///
+/// `runs_known`: the caller guarantees the runs (the scheduler's group costs, which it writes
+/// a unit's cost per KV head), so they are not checked here, a pass over every group.
+pub(crate) fn max_worker_load(
+    tree: Vec<u64>,
+    costs: &[f64],
+    total: f64,
+    workers: usize,
+    copies: usize,
+    runs_known: bool,
+) -> (f64, Vec<u64>) {
+    let equal_runs = |r: usize| costs.len().is_multiple_of(r) && costs.chunks_exact(r).all(|run| run.iter().all(|&c| c == run[0]));
     let mut r = gcd(workers, copies.max(1));
-    while r > 1 && !(costs.len().is_multiple_of(r) && costs.chunks_exact(r).all(|run| run.iter().all(|&c| c == run[0]))) {
+    debug_assert!(!runs_known || equal_runs(r), "group costs not in runs of {copies} equal costs");
+    while r > 1 && !runs_known && !equal_runs(r) {
         // Runs shorter than the copies (not a plan's groups): try the next divisor down.
         r = (1..r).rev().find(|d| r.is_multiple_of(*d)).unwrap_or(1);
     }
@@ -228,14 +240,16 @@ mod tests {
                     if costs.len() <= workers {
                         continue;
                     }
-                    let (max, _) = max_worker_load(Vec::new(), &costs, costs.iter().sum(), workers, copies);
+                    let (max, _) = max_worker_load(Vec::new(), &costs, costs.iter().sum(), workers, copies, false);
+                    let (known, _) = max_worker_load(Vec::new(), &costs, costs.iter().sum(), workers, copies, true);
+                    assert_eq!(known, max, "{workers} workers, {copies} copies, {units} units, runs known");
                     assert_eq!(max, full(&costs, workers), "{workers} workers, {copies} copies, {units} units");
                 }
             }
         }
         // Runs that break the copies fall back to the full simulation.
         let costs: Vec<f64> = (0..1000).map(|g| 1.0 + (g * 7 % 13) as f64).collect();
-        assert_eq!(max_worker_load(Vec::new(), &costs, costs.iter().sum(), 132, 8).0, full(&costs, 132));
+        assert_eq!(max_worker_load(Vec::new(), &costs, costs.iter().sum(), 132, 8, false).0, full(&costs, 132));
     }
 
     #[test]

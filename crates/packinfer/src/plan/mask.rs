@@ -10,6 +10,8 @@ use super::work::RequestInfo;
 /// sliding window: keys outside it are masked for all those queries, so a block reads none of
 /// them. An empty range (at `key_begin`) when the mask hides every key from every query.
 /// Without a custom mask, `[key_begin, key_end)`.
+// Inlined, its search apart: the planner asks for every block, and most batches have no mask.
+#[inline]
 pub(crate) fn masked_key_span(
     batch: &Batch,
     req: &RequestInfo,
@@ -18,10 +20,22 @@ pub(crate) fn masked_key_span(
     window_left: Option<u32>,
     keys: (u32, u32),
 ) -> (u32, u32) {
-    let (key_begin, key_end) = keys;
     if !batch.has_custom_mask() {
-        return (key_begin, key_end);
+        return keys;
     }
+    search_masked_span(batch, req, r, queries, window_left, keys)
+}
+
+/// [`masked_key_span`] for a batch with a custom mask.
+fn search_masked_span(
+    batch: &Batch,
+    req: &RequestInfo,
+    r: usize,
+    queries: std::ops::Range<u32>,
+    window_left: Option<u32>,
+    keys: (u32, u32),
+) -> (u32, u32) {
+    let (key_begin, key_end) = keys;
     let (mut first, mut end) = (key_end, key_begin);
     for q in queries {
         // Causal does not apply with a custom mask; the window does.

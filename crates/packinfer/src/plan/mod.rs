@@ -443,8 +443,15 @@ impl Plan {
         // Every full tile of a request's rows is at least one work item per KV head (packing
         // only merges partial tiles): refuse a batch over the limit before planning allocates
         // per tile.
+        // Counted as the requests are filled in: one pass over the batch's per-request arrays.
         let tokens_per_tile = (profile.block_m / shape.group_size()).max(1) as u64;
-        let full_tiles: u64 = (0..batch.len()).map(|r| batch.q_len(r) as u64 / tokens_per_tile).sum();
+        let mut full_tiles = 0u64;
+        self.requests.clear();
+        self.requests.extend((0..batch.len()).map(|r| {
+            let info = RequestInfo::of(batch, r);
+            full_tiles += info.q_len as u64 / tokens_per_tile;
+            info
+        }));
         if full_tiles * shape.num_kv_heads as u64 > limits::MAX_WORK_ITEMS as u64 {
             return Err(invalid!(
                 "{} query tokens need at least {} work items ({full_tiles} tiles of {tokens_per_tile} tokens × {} KV heads), more than the {} a plan may have",
@@ -457,8 +464,6 @@ impl Plan {
         if options.deterministic && options.split_keys == 0 {
             return Err(invalid!("split_keys = 0; deterministic mode needs a split granularity"));
         }
-        self.requests.clear();
-        self.requests.extend((0..batch.len()).map(|r| RequestInfo::of(batch, r)));
         Ok(())
     }
 
@@ -565,9 +570,11 @@ impl Plan {
         if num_groups > 0 {
             group_costs[run_group] = run_cost;
         }
+        // One pass: a sum is a chain of dependent additions, the maximum another beside it.
+        let (total_cost, max_group_cost) = group_costs.iter().fold((0.0f64, 0.0f64), |(t, m), &c| (t + c, m.max(c)));
         self.group_costs = group_costs;
         self.scratch.measured = measured;
-        WorkTotals { useful, computed, partial_items, partial_slots }
+        WorkTotals { useful, computed, partial_items, partial_slots, total_cost, max_group_cost }
     }
 
     /// The statistics and group costs measured item by item (what the scheduler counts per
@@ -587,20 +594,20 @@ impl Plan {
         totals: Option<WorkTotals>,
         started: Instant,
     ) {
-        let WorkTotals { useful, computed, partial_items, partial_slots } = match totals {
+        // The scheduler's group costs come a unit's cost per KV head (`schedule::totals`).
+        let runs_known = totals.is_some();
+        let WorkTotals { useful, computed, partial_items, partial_slots, total_cost: total, max_group_cost: max_group } = match totals {
             Some(t) => t,
             None => self.measure_items(profile),
         };
         let group_costs = std::mem::take(&mut self.group_costs);
-        // One pass: a sum is a chain of dependent additions, the maximum another beside it.
-        let (total, max_group) = group_costs.iter().fold((0.0f64, 0.0f64), |(t, m), &c| (t + c, m.max(c)));
         // Workers take the groups in order, each the next one as soon as it is free.
         let workers = profile.num_workers as usize;
         let max_worker = if group_costs.len() <= workers {
             max_group
         } else {
             let tree = schedule::reuse(&mut self.scratch.load_tree);
-            let (max, tree) = cost::max_worker_load(tree, &group_costs, total, workers, self.shape.num_kv_heads as usize);
+            let (max, tree) = cost::max_worker_load(tree, &group_costs, total, workers, self.shape.num_kv_heads as usize, runs_known);
             self.scratch.load_tree = tree;
             max
         };
@@ -709,6 +716,9 @@ pub(crate) struct WorkTotals {
     /// Items writing partial slots, and the slots they write.
     pub(crate) partial_items: u32,
     pub(crate) partial_slots: u32,
+    /// The sum of `group_costs` in group order, and their maximum.
+    pub(crate) total_cost: f64,
+    pub(crate) max_group_cost: f64,
 }
 
 /// Scratch for `slots` partial rows of `head_dim`: their fp32 outputs, then their LSEs.
@@ -719,6 +729,7 @@ pub fn scratch_bytes(slots: u32, head_dim: u32) -> usize {
 /// Σ over queries `q_begin .. q_begin + q_count` of `req` of the keys in `[key_begin, key_end)`
 /// each can see. Causal limits grow by one key per query, so the sum is computed in closed form;
 /// under a sliding window it is summed query by query (statistics only).
+#[inline]
 pub(crate) fn visible_keys(
     req: &RequestInfo,
     q_begin: u32,

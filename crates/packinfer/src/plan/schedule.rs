@@ -189,7 +189,7 @@ fn schedule_steps(plan: &Plan, profile: &DeviceProfile, sc: &mut Scratch) -> Res
 }
 
 /// The statistics' totals and each group's cost, per piece: its KV-head copies are the same
-/// work. A unit's groups (one per KV head) cost its entity's pieces, summed in piece order (the
+/// work; pieces are visited entity by entity. A unit's groups (one per KV head) cost its entity's pieces, summed in piece order (the
 /// entity lists them so), as its items are.
 fn totals(
     s: &Setup,
@@ -201,28 +201,40 @@ fn totals(
 ) -> WorkTotals {
     let heads_us = s.heads as usize;
     group_costs.clear();
+    let (mut useful, mut computed, mut partial_pieces, mut partial_rows) = (0u64, 0u64, 0u32, 0u32);
+    // The groups' total cost is a chain of dependent additions, one per group (KV-head copy);
+    // summed here, in group order as before, the counting of the entity's pieces beside it
+    // runs while each addition waits for the last.
+    let (mut total_cost, mut max_group_cost) = (0.0f64, 0.0f64);
     if !pieces.is_empty() {
+        // Every piece is in exactly one entity: counted once.
         for &(_, e) in units.entities {
             let list = &units.entity_pieces[units.entity_start[e as usize] as usize..units.entity_start[e as usize + 1] as usize];
-            let cost = list.iter().fold(0.0, |c, &p| c + pieces[p as usize].cost);
-            group_costs.extend(std::iter::repeat_n(cost, heads_us));
-        }
-    }
-    let (mut useful, mut computed, mut partial_pieces, mut partial_rows) = (0u64, 0u64, 0u32, 0u32);
-    for p in pieces {
-        if p.partial {
-            partial_pieces += 1;
-            partial_rows += p.num_rows;
-        }
-        let segs = &segments[p.seg_begin as usize..(p.seg_begin + p.seg_count) as usize];
-        for c in &chunks[p.chunk_begin as usize..(p.chunk_begin + p.chunk_count) as usize] {
-            computed += sliced_rows(c.row_begin, c.row_end) as u64 * (c.key_end - c.key_begin) as u64;
-            // Segments are laid out in row order: those starting in the chunk's rows are one run.
-            let first = segs.partition_point(|sg| sg.row_begin < c.row_begin);
-            for sg in segs[first..].iter().take_while(|sg| sg.row_begin < c.row_end) {
-                let req = &s.requests[sg.request as usize];
-                useful += s.group as u64 * visible_keys(req, sg.q_begin, sg.q_count, s.causal, s.window, c.key_begin, c.key_end);
+            let mut cost = 0.0;
+            for &p in list {
+                let p = &pieces[p as usize];
+                cost += p.cost;
+                if p.partial {
+                    partial_pieces += 1;
+                    partial_rows += p.num_rows;
+                }
+                let segs = &segments[p.seg_begin as usize..(p.seg_begin + p.seg_count) as usize];
+                for c in &chunks[p.chunk_begin as usize..(p.chunk_begin + p.chunk_count) as usize] {
+                    computed += sliced_rows(c.row_begin, c.row_end) as u64 * (c.key_end - c.key_begin) as u64;
+                    // Segments are laid out in row order: those starting in the chunk's rows are
+                    // one run.
+                    let first = segs.partition_point(|sg| sg.row_begin < c.row_begin);
+                    for sg in segs[first..].iter().take_while(|sg| sg.row_begin < c.row_end) {
+                        let req = &s.requests[sg.request as usize];
+                        useful += s.group as u64 * visible_keys(req, sg.q_begin, sg.q_count, s.causal, s.window, c.key_begin, c.key_end);
+                    }
+                }
             }
+            group_costs.extend(std::iter::repeat_n(cost, heads_us));
+            for _ in 0..heads_us {
+                total_cost += cost;
+            }
+            max_group_cost = max_group_cost.max(cost);
         }
     }
     let heads = s.heads as u64;
@@ -232,6 +244,8 @@ fn totals(
         computed: computed * heads,
         partial_items: partial_pieces * s.heads,
         partial_slots: partial_rows * s.heads,
+        total_cost,
+        max_group_cost,
     }
 }
 

@@ -136,6 +136,7 @@ pub struct RequestInfo {
 impl RequestInfo {
     /// Keys visible to query `q` (0-based in the request): causal attention is bottom-right
     /// aligned, so query `q` sees keys `0 ..= kv_len - q_len + q`.
+    #[inline]
     pub fn key_limit(&self, q: u32, causal: bool) -> u32 {
         if causal {
             self.kv_len - self.q_len + q + 1

@@ -531,3 +531,38 @@ pub fn rel_frobenius(got: impl Iterator<Item = f64>, want: &[f64]) -> f64 {
         (num / den).sqrt()
     }
 }
+
+/// A batch description without tensors: `(q_len, kv_len)` requests on pages of 16 keys, in order
+/// or `scattered` over 100 000 pages, with consecutive groups of `prefix` requests sharing half
+/// the shortest one's keys (no groups for `prefix` 0). For planner and launch-image tests.
+pub fn paged_batch(lens: &[(u32, u32)], prefix: usize, scattered: bool, rng: &mut SmallRng) -> Batch {
+    let (mut qo, mut kv, mut pages, mut last) = (vec![0i32], vec![0i32], Vec::new(), Vec::new());
+    for &(q, k) in lens {
+        qo.push(qo.last().unwrap() + q as i32);
+        for _ in 0..k.div_ceil(16) {
+            let next = if scattered { rng.random_range(0..100_000) } else { pages.len() as i32 };
+            pages.push(next);
+        }
+        kv.push(pages.len() as i32);
+        last.push(if k == 0 { 0 } else { ((k - 1) % 16 + 1) as i32 });
+    }
+    let groups = lens.len().checked_div(prefix).unwrap_or(0);
+    let prefix_groups = (0..groups)
+        .map(|g| {
+            let members: Vec<u32> = (g * prefix..(g + 1) * prefix).map(|m| m as u32).collect();
+            let shortest = members.iter().map(|&m| lens[m as usize].1).min().unwrap();
+            PrefixGroup { prefix_len: (shortest / 2).max(1), members }
+        })
+        .collect();
+    Batch {
+        qo_indptr: qo,
+        kv_indptr: kv,
+        num_pages: if scattered { 100_000 } else { (pages.len() as u32).max(100_000) },
+        kv_page_indices: pages,
+        kv_last_page_len: last,
+        page_size: 16,
+        prefix_groups,
+        custom_mask: Vec::new(),
+        mask_indptr: Vec::new(),
+    }
+}

@@ -9,46 +9,13 @@
 use packinfer::backend::LaunchCapacity;
 use packinfer::plan::{DeviceProfile, Plan, PlanOptions};
 use packinfer::testing::HostUpload;
-use packinfer::types::{Batch, DType, PrefixGroup, Shape};
+use packinfer::types::{DType, Shape};
+use packinfer_testkit::paged_batch;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 fn shape(qo: u32, kv: u32, causal: bool) -> Shape {
     Shape { num_qo_heads: qo, num_kv_heads: kv, head_dim: 128, dtype: DType::Bf16, kv_dtype: DType::Bf16, causal, sm_scale: 0.088 }
-}
-
-/// `(q_len, kv_len)` requests on pages of 16 keys (in order, or scattered), with consecutive
-/// groups of `prefix` requests sharing half the shortest one's keys.
-fn batch(lens: &[(u32, u32)], prefix: usize, scattered: bool, rng: &mut SmallRng) -> Batch {
-    let (mut qo, mut kv, mut pages, mut last) = (vec![0i32], vec![0i32], Vec::new(), Vec::new());
-    for &(q, k) in lens {
-        qo.push(qo.last().unwrap() + q as i32);
-        for _ in 0..k.div_ceil(16) {
-            let next = if scattered { rng.random_range(0..100_000) } else { pages.len() as i32 };
-            pages.push(next);
-        }
-        kv.push(pages.len() as i32);
-        last.push(if k == 0 { 0 } else { ((k - 1) % 16 + 1) as i32 });
-    }
-    let groups = lens.len().checked_div(prefix).unwrap_or(0);
-    let prefix_groups = (0..groups)
-        .map(|g| {
-            let members: Vec<u32> = (g * prefix..(g + 1) * prefix).map(|m| m as u32).collect();
-            let shortest = members.iter().map(|&m| lens[m as usize].1).min().unwrap();
-            PrefixGroup { prefix_len: (shortest / 2).max(1), members }
-        })
-        .collect();
-    Batch {
-        qo_indptr: qo,
-        kv_indptr: kv,
-        num_pages: (pages.len() as u32).max(100_000),
-        kv_page_indices: pages,
-        kv_last_page_len: last,
-        page_size: 16,
-        prefix_groups,
-        custom_mask: Vec::new(),
-        mask_indptr: Vec::new(),
-    }
 }
 
 fn decodes(n: usize, rng: &mut SmallRng) -> Vec<(u32, u32)> {
@@ -143,7 +110,7 @@ fn cases() -> Vec<(String, Plan, u32)> {
         ("empty batch", shape(32, 8, true), vec![], 0, false, d(), &hopper),
     ];
     for (name, shape, lens, prefix, scattered, options, profile) in specs {
-        let b = batch(&lens, prefix, scattered, &mut rng);
+        let b = paged_batch(&lens, prefix, scattered, &mut rng);
         let plan = Plan::build(shape, b, profile, options).unwrap_or_else(|e| panic!("{name}: {e}"));
         out.push((name.to_string(), plan, profile.block_m));
     }

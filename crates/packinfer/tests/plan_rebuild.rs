@@ -7,7 +7,8 @@ use std::cell::Cell;
 use packinfer::backend::LaunchCapacity;
 use packinfer::plan::{DeviceProfile, Plan, PlanOptions};
 use packinfer::testing::HostUpload;
-use packinfer::types::{Batch, DType, PrefixGroup, Shape};
+use packinfer::types::{Batch, DType, Shape};
+use packinfer_testkit::paged_batch;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -68,38 +69,6 @@ fn shape(causal: bool) -> Shape {
     Shape { num_qo_heads: 32, num_kv_heads: 8, head_dim: 128, dtype: DType::Bf16, kv_dtype: DType::Bf16, causal, sm_scale: 0.088 }
 }
 
-/// `(q_len, kv_len)` requests on scattered pages of 16 keys, with `prefix` members a group.
-fn batch(lens: &[(u32, u32)], prefix: usize, rng: &mut SmallRng) -> Batch {
-    let (mut qo, mut kv, mut pages, mut last) = (vec![0i32], vec![0i32], Vec::new(), Vec::new());
-    for &(q, k) in lens {
-        qo.push(qo.last().unwrap() + q as i32);
-        for _ in 0..k.div_ceil(16) {
-            pages.push(rng.random_range(0..100_000));
-        }
-        kv.push(pages.len() as i32);
-        last.push(if k == 0 { 0 } else { ((k - 1) % 16 + 1) as i32 });
-    }
-    let groups = lens.len().checked_div(prefix).unwrap_or(0);
-    let prefix_groups = (0..groups)
-        .map(|g| {
-            let members: Vec<u32> = (g * prefix..(g + 1) * prefix).map(|m| m as u32).collect();
-            let shortest = members.iter().map(|&m| lens[m as usize].1).min().unwrap();
-            PrefixGroup { prefix_len: (shortest / 2).max(1), members }
-        })
-        .collect();
-    Batch {
-        qo_indptr: qo,
-        kv_indptr: kv,
-        kv_page_indices: pages,
-        kv_last_page_len: last,
-        page_size: 16,
-        num_pages: 100_000,
-        prefix_groups,
-        custom_mask: Vec::new(),
-        mask_indptr: Vec::new(),
-    }
-}
-
 fn decodes(n: usize, rng: &mut SmallRng) -> Vec<(u32, u32)> {
     (0..n).map(|_| (1, rng.random_range(100..30_000))).collect()
 }
@@ -114,23 +83,23 @@ fn cases() -> Vec<(&'static str, Shape, Batch, PlanOptions)> {
     let long = vec![(4000, 4000), (300, 9000), (1, 20000), (16, 16)];
     let deterministic = PlanOptions { deterministic: true, split_keys: 1024, ..PlanOptions::default() };
     vec![
-        ("256 decodes", shape(true), batch(&decodes(256, &mut rng), 0, &mut rng), PlanOptions::default()),
-        ("256 decodes, prefix groups of 8", shape(true), batch(&decodes(256, &mut rng), 8, &mut rng), PlanOptions::default()),
-        ("1024 decodes", shape(true), batch(&decodes(1024, &mut rng), 0, &mut rng), PlanOptions::default()),
-        ("1024 decodes, prefix groups of 8", shape(true), batch(&decodes(1024, &mut rng), 8, &mut rng), PlanOptions::default()),
-        ("256 short prompts", shape(true), batch(&short, 0, &mut rng), PlanOptions::default()),
-        ("mixed", shape(true), batch(&mixed, 0, &mut rng), PlanOptions::default()),
-        ("long prompts, deterministic", shape(true), batch(&long, 0, &mut rng), deterministic),
+        ("256 decodes", shape(true), paged_batch(&decodes(256, &mut rng), 0, true, &mut rng), PlanOptions::default()),
+        ("256 decodes, prefix groups of 8", shape(true), paged_batch(&decodes(256, &mut rng), 8, true, &mut rng), PlanOptions::default()),
+        ("1024 decodes", shape(true), paged_batch(&decodes(1024, &mut rng), 0, true, &mut rng), PlanOptions::default()),
+        ("1024 decodes, prefix groups of 8", shape(true), paged_batch(&decodes(1024, &mut rng), 8, true, &mut rng), PlanOptions::default()),
+        ("256 short prompts", shape(true), paged_batch(&short, 0, true, &mut rng), PlanOptions::default()),
+        ("mixed", shape(true), paged_batch(&mixed, 0, true, &mut rng), PlanOptions::default()),
+        ("long prompts, deterministic", shape(true), paged_batch(&long, 0, true, &mut rng), deterministic),
         (
             "non-causal, no balancing",
             shape(false),
-            batch(&decodes(64, &mut rng), 4, &mut rng),
+            paged_batch(&decodes(64, &mut rng), 4, true, &mut rng),
             PlanOptions { balancing: false, ..PlanOptions::default() },
         ),
         (
             "one request per tile",
             shape(true),
-            batch(&short[..32], 0, &mut rng),
+            paged_batch(&short[..32], 0, true, &mut rng),
             PlanOptions { packing: false, balancing: false, prefix_sharing: false, split_kv: false, ..PlanOptions::default() },
         ),
     ]

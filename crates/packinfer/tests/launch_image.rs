@@ -286,7 +286,7 @@ fn masked_images_carry_the_mask_and_each_querys_first_bit() {
     // of (that query, key 0); the mask replaces the causal one, so the header says not causal.
     let mut rng = SmallRng::seed_from_u64(77);
     let lens: Vec<(u32, u32)> = (0..24).map(|_| (rng.random_range(1..=8), rng.random_range(100..=6000))).collect();
-    let mut b = batch(&lens, 0, true, &mut rng);
+    let mut b = paged_batch(&lens, 0, true, &mut rng);
     b.mask_indptr.push(0);
     for &(q, kv) in &lens {
         let bytes = (q as usize * kv as usize).div_ceil(8);

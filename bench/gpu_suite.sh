@@ -3,7 +3,8 @@
 # bench/stage_gpu_suite.sh fills with the test binaries and the library built on the dev machine:
 #   bash bench/stage_gpu_suite.sh            (fills .gpu-cuda, git-ignored)
 # then on the device: bash .gpu-cuda/gpu_suite.sh, carry [".gpu-cuda"] (logs and JSON under $OUT,
-# or ./gpu-results). ONLY=name,name runs just those cuda_backend tests (and skips the rest).
+# or ./gpu-results). ONLY=name,name runs just the cuda_backend and cuda_pool tests whose names
+# contain one of them, and the C ABI tests (and skips the rest).
 set -uo pipefail
 cd "$(dirname "$0")"
 out="${OUT:-./gpu-results}"
@@ -14,8 +15,10 @@ export PACKINFER_TEST_CACHE_DIR=/tmp/pkcache PACKINFER_CACHE_DIR=/tmp/pkcache RU
 export PACKINFER_REQUIRE_GPU=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/device.txt"; date -u | tee -a "$out/device.txt"
 if [ -n "${ONLY:-}" ]; then
-  echo "== only cuda_backend tests matching: $ONLY (and the C ABI tests)"
+  echo "== only cuda_backend and cuda_pool tests matching: $ONLY (and the C ABI tests)"
   timeout 120 ./cuda_ffi --nocapture 2>&1 | tee "$out/cuda_ffi.log" | grep -E "test result|panicked" -A3
+  # shellcheck disable=SC2086 # ONLY is a list of test-name filters
+  timeout 120 ./cuda_pool --nocapture ${ONLY//,/ } 2>&1 | tee "$out/cuda_pool.log" | grep -E "test result|panicked" -A3
   # shellcheck disable=SC2086 # ONLY is a list of test-name filters
   PACKINFER_GPU_CASES=${CASES:-300} timeout 500 ./cuda_backend --test-threads=1 --nocapture ${ONLY//,/ } 2>&1 | tee "$out/cuda_backend.log" | grep -E "cases|test result|FAIL|panick"
   exit 0
@@ -25,7 +28,7 @@ echo "== managed pool on the GPU"; timeout 120 ./cuda_pool --nocapture 2>&1 | te
 echo "== CUDA backend vs f64 reference"
 PACKINFER_GPU_CASES=${CASES:-300} timeout 400 ./cuda_backend --test-threads=1 --nocapture 2>&1 | tee "$out/cuda_backend.log" | grep -E "cases|test result|FAIL|panick|profile"
 echo "== compute-sanitizer memcheck / racecheck (representative subset)"
-(PACKINFER_GPU_CASES=6 timeout 200 compute-sanitizer --tool memcheck --print-limit 20 ./cuda_backend --test-threads=1 random_batches handmade_plans_packed graph_capture steps_planned_ahead append_kv warp_specialized_kernel_with_tma short_batches 2>&1) > "$out/memcheck.log"; grep -E "ERROR SUMMARY|test result" "$out/memcheck.log"
+(PACKINFER_GPU_CASES=6 timeout 200 compute-sanitizer --tool memcheck --print-limit 20 ./cuda_backend --test-threads=1 random_batches handmade_plans_packed graph_capture steps_planned_ahead append_kv warp_specialized_kernel_with_tma short_batches fp8_cache 2>&1) > "$out/memcheck.log"; grep -E "ERROR SUMMARY|test result" "$out/memcheck.log"
 (PACKINFER_GPU_CASES=3 timeout 200 compute-sanitizer --tool racecheck --print-limit 20 ./cuda_backend --test-threads=1 random_batches handmade_plans_packed warp_specialized_kernel_with_tma short_batches 2>&1) > "$out/racecheck.log"; grep -E "RACECHECK SUMMARY|test result" "$out/racecheck.log"
 echo "== C API stress test on the CUDA backend (random call sequences against a model), then under memcheck"
 # The binary finds libpackinfer.so here (its RPATH names the dev machine's target/). Its own

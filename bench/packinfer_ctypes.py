@@ -111,7 +111,8 @@ class PackinferLaunchCapacity(Structure):
     _fields_ = [("struct_size", c_size_t), ("max_work_items", c_uint32), ("max_row_segments", c_uint32),
                 ("max_kv_chunks", c_uint32), ("max_requests", c_uint32), ("max_pages", c_uint32),
                 ("max_merge_rows", c_uint32), ("max_merge_slots", c_uint32), ("max_groups", c_uint32),
-                ("max_partial_slots", c_uint32)]
+                ("max_partial_slots", c_uint32), ("max_custom_mask_bytes", c_uint32),
+                ("max_masked_query_tokens", c_uint32)]
 
 
 class PackinferPoolOptions(Structure):

@@ -112,8 +112,8 @@ typedef enum PackinferDtype {
   /**
    * fp8 e4m3 (E4M3FN: bias 7, no infinities, NaN = S.1111.111, largest value 448), for K and
    * V only (`PackinferBatchDesc::kv_dtype`, `PackinferPoolOptions::kv_dtype`), dequantized
-   * with the scales of `PackinferRunArgs`. The CPU backend runs it; the CUDA kernels do not
-   * read fp8 caches yet (UNSUPPORTED). Added in ABI 1's third release.
+   * with the scales of `PackinferRunArgs`. Both backends run it (CUDA: the plain kernel's fp8
+   * variant). Added in ABI 1's third release.
    */
   PACKINFER_DTYPE_FP8_E4M3 = 3,
 } PackinferDtype;
@@ -367,9 +367,10 @@ typedef struct PackinferBatchDesc {
    * the query see the key. With a mask the causal mask is NOT applied (`causal` is ignored;
    * the mask replaces it, as in FlashInfer); the sliding window and the soft-cap still apply.
    * A query whose every key is masked gets O = 0 and LSE = -inf. Keys a mask hides from all
-   * of a tile's queries are not read. NULL when `mask_indptr` is NULL. The CPU backend runs
-   * custom masks; the CUDA backend refuses a batch with one (UNSUPPORTED) until its kernels
-   * apply them. Added in ABI 1's second release: an older struct means no mask.
+   * of a tile's queries are not read. NULL when `mask_indptr` is NULL. Both backends
+   * apply custom masks (CUDA: up to 2^32 mask bits; a launch made with a
+   * capacity needs room for them, `PackinferLaunchCapacity::max_custom_mask_bytes`). Added in
+   * ABI 1's second release: an older struct means no mask.
    */
   const uint8_t *custom_mask;
   /**
@@ -382,9 +383,8 @@ typedef struct PackinferBatchDesc {
    * PACKINFER_DTYPE_FP8_E4M3 for an fp8 cache, whose elements are dequantized with the
    * scales each run is given (`PackinferRunArgs::k_scale` etc.); Q and O stay `dtype`
    * (F16 or BF16; F32 on the CPU). Fixed at plan time (element strides of the cache are then
-   * in bytes). The CPU backend runs fp8 caches; the CUDA backend refuses them (UNSUPPORTED)
-   * until its kernels read them. Added in ABI 1's third release: an older struct means K/V
-   * of `dtype`.
+   * in bytes). Both backends run fp8 caches. Added in ABI 1's third release: an older struct
+   * means K/V of `dtype`.
    */
   uint32_t kv_dtype;
 } PackinferBatchDesc;
@@ -455,6 +455,15 @@ typedef struct PackinferLaunchCapacity {
    * Partial slots (they size the scratch).
    */
   uint32_t max_partial_slots;
+  /**
+   * Bytes of custom mask (`custom_mask` of the batch description). Added in ABI 1's second
+   * release: an older struct means the first plan's.
+   */
+  uint32_t max_custom_mask_bytes;
+  /**
+   * Query tokens of a step that carries a custom mask. Added in ABI 1's second release.
+   */
+  uint32_t max_masked_query_tokens;
 } PackinferLaunchCapacity;
 
 /**
@@ -741,8 +750,8 @@ typedef struct PackinferPoolOptions {
    * count it so): `packinfer_pool_write_kv` takes rows of `dtype` and stores each element x of
    * KV head h as e4m3(x / scale) with the layer's scale of h, rounded to nearest even and
    * saturated to ±448, and runs read them back through the scales
-   * `packinfer_pool_kv_scales` gives. CPU backend only for now (the CUDA backend refuses an
-   * fp8 pool, UNSUPPORTED).
+   * `packinfer_pool_kv_scales` gives. On the CUDA backend the conversion is a kernel that
+   * gives the CPU's bytes exactly.
    */
   uint32_t kv_dtype;
 } PackinferPoolOptions;
@@ -1408,8 +1417,8 @@ enum PackinferStatus packinfer_pool_options_default(struct PackinferPoolOptions 
 /**
  * Creates a KV pool on a context's backend, allocating all of its memory now: host memory on
  * the CPU backend, one zeroed device allocation on the CUDA backend (which takes F16/BF16 K/V
- * and head_dim 64/96/128/192/256 only, as its attention kernels do; anything else, an fp8 pool
- * included, is UNSUPPORTED). An fp8 pool keeps its scales after its pages.
+ * and head_dim 64/96/128/192/256 only, as its attention kernels do, K/V stored as Q's dtype or
+ * fp8; anything else is UNSUPPORTED). An fp8 pool keeps its scales after its pages.
  *
  * # Safety
  * `options` must point to an initialized `PackinferPoolOptions` whose non-null

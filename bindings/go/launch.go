@@ -140,6 +140,9 @@ type LaunchCapacity struct {
 	MaxMergeSlots   uint32
 	MaxGroups       uint32
 	MaxPartialSlots uint32
+	// Bytes of custom mask, and query tokens of a step that carries one (0: the first plan's).
+	MaxCustomMaskBytes   uint32
+	MaxMaskedQueryTokens uint32
 }
 
 // NewLaunchWithCapacity is NewLaunch with buffers sized for capacity (device memory on CUDA, host
@@ -158,16 +161,18 @@ func (c *Context) NewLaunchWithCapacity(plan *Plan, capacity *LaunchCapacity, op
 		o = *opts
 	}
 	cc := C.PackinferLaunchCapacity{
-		struct_size:       C.size_t(unsafe.Sizeof(C.PackinferLaunchCapacity{})),
-		max_work_items:    C.uint32_t(capacity.MaxWorkItems),
-		max_row_segments:  C.uint32_t(capacity.MaxRowSegments),
-		max_kv_chunks:     C.uint32_t(capacity.MaxKVChunks),
-		max_requests:      C.uint32_t(capacity.MaxRequests),
-		max_pages:         C.uint32_t(capacity.MaxPages),
-		max_merge_rows:    C.uint32_t(capacity.MaxMergeRows),
-		max_merge_slots:   C.uint32_t(capacity.MaxMergeSlots),
-		max_groups:        C.uint32_t(capacity.MaxGroups),
-		max_partial_slots: C.uint32_t(capacity.MaxPartialSlots),
+		struct_size:             C.size_t(unsafe.Sizeof(C.PackinferLaunchCapacity{})),
+		max_work_items:          C.uint32_t(capacity.MaxWorkItems),
+		max_row_segments:        C.uint32_t(capacity.MaxRowSegments),
+		max_kv_chunks:           C.uint32_t(capacity.MaxKVChunks),
+		max_requests:            C.uint32_t(capacity.MaxRequests),
+		max_pages:               C.uint32_t(capacity.MaxPages),
+		max_merge_rows:          C.uint32_t(capacity.MaxMergeRows),
+		max_merge_slots:         C.uint32_t(capacity.MaxMergeSlots),
+		max_groups:              C.uint32_t(capacity.MaxGroups),
+		max_partial_slots:       C.uint32_t(capacity.MaxPartialSlots),
+		max_custom_mask_bytes:   C.uint32_t(capacity.MaxCustomMaskBytes),
+		max_masked_query_tokens: C.uint32_t(capacity.MaxMaskedQueryTokens),
 	}
 	l := &Launch{}
 	err := call(func() C.enum_PackinferStatus {

@@ -52,7 +52,7 @@ type PoolOptions struct {
 	HeadroomPages                   uint32  // δ: empty pages kept after each member of a laid-out group
 	// KVDType is the element type the pool stores K and V in: 0 or DType for Q's dtype;
 	// FP8E4M3 for fp8 (one byte per element): WriteKV takes rows of DType and stores x / scale
-	// as e4m3 (nearest even, saturated to ±448). CPU backend only for now.
+	// as e4m3 (nearest even, saturated to ±448), on the CPU and CUDA backends alike.
 	KVDType DType
 	// KVHeadScales are an fp8 pool's scales, [layer][K, V][kv head] (NumLayers*2*NumKVHeads),
 	// copied at creation; empty = all 1.

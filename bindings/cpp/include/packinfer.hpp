@@ -268,6 +268,8 @@ struct LaunchCapacity {
   uint32_t max_merge_slots = 0;
   uint32_t max_groups = 0;
   uint32_t max_partial_slots = 0;
+  uint32_t max_custom_mask_bytes = 0;    // bytes of custom_mask
+  uint32_t max_masked_query_tokens = 0;  // query tokens of a step with a custom mask
 };
 
 // The C struct, as is: what the planner did (num_groups, tile_utilization, scratch_bytes, ...).
@@ -309,8 +311,8 @@ struct BatchDesc {
   ArrayView<uint8_t> custom_mask;
   ArrayView<int32_t> mask_indptr;  // [batch + 1] byte offsets, or empty
   // K's and V's element type: none = shape.dtype; DType::FP8_E4M3 for an fp8 cache, read with
-  // each run's scales (RunArgs::with_kv_scales, with_kv_head_scales). Fixed at plan time. The
-  // CUDA backend refuses an fp8 cache (UNSUPPORTED) until its kernels read one.
+  // each run's scales (RunArgs::with_kv_scales, with_kv_head_scales). Fixed at plan time. Both
+  // backends run fp8 caches.
   std::optional<DType> kv_dtype;
 };
 
@@ -561,6 +563,8 @@ class Context {
     c.max_merge_slots = capacity.max_merge_slots;
     c.max_groups = capacity.max_groups;
     c.max_partial_slots = capacity.max_partial_slots;
+    c.max_custom_mask_bytes = capacity.max_custom_mask_bytes;
+    c.max_masked_query_tokens = capacity.max_masked_query_tokens;
     PackinferLaunch h{};
     detail::check(packinfer_launch_create_with_capacity(h_.get(), plan.handle(), &o, &c, stream, &h));
     return Launch(h);

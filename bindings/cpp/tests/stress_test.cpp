@@ -1681,7 +1681,13 @@ struct ApiPhase {
         if (st.scratch_bytes > 0) ex.must(S_INVALID);
         else ex.maybe(S_INVALID);
         break;
-      case 3: with_cap = true; if (r.chance(50)) null_cap = true; else cap.struct_size = r.chance(50) ? r.below(sizeof cap) : sizeof cap + 5000; ex.must(S_INVALID); break;
+      // Below the first release's struct (which ends before max_custom_mask_bytes): no version.
+      case 3:
+        with_cap = true;
+        if (r.chance(50)) null_cap = true;
+        else cap.struct_size = r.chance(50) ? r.below(offsetof(PackinferLaunchCapacity, max_custom_mask_bytes)) : sizeof cap + 5000;
+        ex.must(S_INVALID);
+        break;
       case 4: null_out = true; ex.must(S_INVALID); break;
       default: {
         PackinferLaunch some = b.launches.empty() ? PackinferLaunch{0} : b.launches[r.below(b.launches.size())].h;

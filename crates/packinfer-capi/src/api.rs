@@ -732,6 +732,8 @@ pub unsafe extern "C" fn packinfer_launch_create_with_capacity(
             merge_slots: c.max_merge_slots,
             groups: c.max_groups,
             partial_slots: c.max_partial_slots,
+            mask_bytes: c.max_custom_mask_bytes,
+            mask_queries: c.max_masked_query_tokens,
         };
         // SAFETY: create_launch's contract is this function's.
         unsafe { create_launch(context, plan, options, Some(capacity), stream, out) }

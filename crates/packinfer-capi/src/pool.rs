@@ -70,8 +70,8 @@ pub struct PackinferPoolOptions {
     /// count it so): `packinfer_pool_write_kv` takes rows of `dtype` and stores each element x of
     /// KV head h as e4m3(x / scale) with the layer's scale of h, rounded to nearest even and
     /// saturated to ±448, and runs read them back through the scales
-    /// `packinfer_pool_kv_scales` gives. CPU backend only for now (the CUDA backend refuses an
-    /// fp8 pool, UNSUPPORTED).
+    /// `packinfer_pool_kv_scales` gives. On the CUDA backend the conversion is a kernel that
+    /// gives the CPU's bytes exactly.
     pub kv_dtype: u32,
 }
 
@@ -145,8 +145,8 @@ pub unsafe extern "C" fn packinfer_pool_options_default(options: *mut PackinferP
 
 /// Creates a KV pool on a context's backend, allocating all of its memory now: host memory on
 /// the CPU backend, one zeroed device allocation on the CUDA backend (which takes F16/BF16 K/V
-/// and head_dim 64/96/128/192/256 only, as its attention kernels do; anything else, an fp8 pool
-/// included, is UNSUPPORTED). An fp8 pool keeps its scales after its pages.
+/// and head_dim 64/96/128/192/256 only, as its attention kernels do, K/V stored as Q's dtype or
+/// fp8; anything else is UNSUPPORTED). An fp8 pool keeps its scales after its pages.
 ///
 /// # Safety
 /// `options` must point to an initialized `PackinferPoolOptions` whose non-null

@@ -26,8 +26,8 @@ pub enum PackinferDtype {
     F32 = 2,
     /// fp8 e4m3 (E4M3FN: bias 7, no infinities, NaN = S.1111.111, largest value 448), for K and
     /// V only (`PackinferBatchDesc::kv_dtype`, `PackinferPoolOptions::kv_dtype`), dequantized
-    /// with the scales of `PackinferRunArgs`. The CPU backend runs it; the CUDA kernels do not
-    /// read fp8 caches yet (UNSUPPORTED). Added in ABI 1's third release.
+    /// with the scales of `PackinferRunArgs`. Both backends run it (CUDA: the plain kernel's fp8
+    /// variant). Added in ABI 1's third release.
     Fp8E4m3 = 3,
 }
 
@@ -195,9 +195,10 @@ pub struct PackinferBatchDesc {
     /// the query see the key. With a mask the causal mask is NOT applied (`causal` is ignored;
     /// the mask replaces it, as in FlashInfer); the sliding window and the soft-cap still apply.
     /// A query whose every key is masked gets O = 0 and LSE = -inf. Keys a mask hides from all
-    /// of a tile's queries are not read. NULL when `mask_indptr` is NULL. The CPU backend runs
-    /// custom masks; the CUDA backend refuses a batch with one (UNSUPPORTED) until its kernels
-    /// apply them. Added in ABI 1's second release: an older struct means no mask.
+    /// of a tile's queries are not read. NULL when `mask_indptr` is NULL. Both backends
+    /// apply custom masks (CUDA: up to 2^32 mask bits; a launch made with a
+    /// capacity needs room for them, `PackinferLaunchCapacity::max_custom_mask_bytes`). Added in
+    /// ABI 1's second release: an older struct means no mask.
     pub custom_mask: *const u8,
     /// NULL (no custom mask) or `[batch_size + 1]` byte offsets into `custom_mask`, from 0;
     /// request i's segment holds exactly ceil(q_len × kv_len / 8) bytes.
@@ -206,9 +207,8 @@ pub struct PackinferBatchDesc {
     /// PACKINFER_DTYPE_FP8_E4M3 for an fp8 cache, whose elements are dequantized with the
     /// scales each run is given (`PackinferRunArgs::k_scale` etc.); Q and O stay `dtype`
     /// (F16 or BF16; F32 on the CPU). Fixed at plan time (element strides of the cache are then
-    /// in bytes). The CPU backend runs fp8 caches; the CUDA backend refuses them (UNSUPPORTED)
-    /// until its kernels read them. Added in ABI 1's third release: an older struct means K/V
-    /// of `dtype`.
+    /// in bytes). Both backends run fp8 caches. Added in ABI 1's third release: an older struct
+    /// means K/V of `dtype`.
     pub kv_dtype: u32,
 }
 
@@ -409,6 +409,11 @@ pub struct PackinferLaunchCapacity {
     pub max_groups: u32,
     /// Partial slots (they size the scratch).
     pub max_partial_slots: u32,
+    /// Bytes of custom mask (`custom_mask` of the batch description). Added in ABI 1's second
+    /// release: an older struct means the first plan's.
+    pub max_custom_mask_bytes: u32,
+    /// Query tokens of a step that carries a custom mask. Added in ABI 1's second release.
+    pub max_masked_query_tokens: u32,
 }
 
 super::versioned!(
@@ -551,5 +556,5 @@ super::versioned!(
         max_merge_slots,
         max_groups,
         max_partial_slots
-    ]
+    ][max_custom_mask_bytes, max_masked_query_tokens]
 );

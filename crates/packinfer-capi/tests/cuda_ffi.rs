@@ -27,8 +27,8 @@ fn main() {
     harness::main(harness::trials![
         calibrate_is_unsupported_on_the_cpu_backend,
         capacity_launch_update_and_run_through_the_c_abi,
-        custom_masks_are_unsupported_on_the_gpu,
-        fp8_caches_are_unsupported_on_the_gpu,
+        custom_masks_run_through_the_c_abi,
+        fp8_caches_run_on_the_gpu,
         runs_of_one_launch_on_two_streams_do_not_overlap
     ]);
 }
@@ -81,16 +81,20 @@ fn calibrate_is_unsupported_on_the_cpu_backend() {
     assert_eq!(packinfer_context_destroy(ctx), PackinferStatus::Ok);
 }
 
-/// The CUDA kernels do not read fp8 K/V caches yet: an fp8 batch plans, but its launch is
-/// refused (UNSUPPORTED, naming the K/V dtype) rather than reading the bytes as bf16, and so is
-/// an fp8 pool.
-fn fp8_caches_are_unsupported_on_the_gpu() {
+/// fp8 e4m3 caches through the C ABI on the GPU: an fp8 batch (per-tensor scales in the run
+/// arguments, per-head ones in device memory) plans, launches and runs, and matches the float64
+/// reference of the dequantized cache; an fp8 pool is created and hands out its layers' per-head
+/// scale addresses.
+fn fp8_caches_run_on_the_gpu() {
     let Some(ctx) = cuda_context() else { return };
+    let cu = CudaBackend::new(&BackendChoice { kind: Some(BackendKind::Cuda), device_ordinal: 0, cpu_threads: 0, kernel_cache_dir: None })
+        .unwrap();
+    let dev = testing::device(&cu);
     let spec = CaseSpec {
-        batch_size: 2,
-        max_kv: 64,
+        batch_size: 0,
+        max_kv: 0,
         page_size: 16,
-        num_kv_heads: 1,
+        num_kv_heads: 2,
         group: 4,
         head_dim: 128,
         dtype: DType::Bf16,
@@ -99,13 +103,57 @@ fn fp8_caches_are_unsupported_on_the_gpu() {
         hnd: false,
     };
     let mut r = rng(29);
-    let case = Case::random(&mut r, &spec).with_fp8_kv(&mut r, common::Fp8Scales::PerTensor);
+    let case = Case::build(&mut r, &spec, &[(1, 2000), (30, 700), (1, 9)], vec![]).with_fp8_kv(&mut r, common::Fp8Scales::Both);
     let p = plan(ctx, &case);
     let mut launch = PackinferLaunch::default();
     // SAFETY: live locals; the NULLs are checked by the call.
     let status = unsafe { packinfer_launch_create(ctx, p, std::ptr::null(), std::ptr::null_mut(), &mut launch) };
-    assert_eq!(status, PackinferStatus::Unsupported, "{}", last_error());
-    assert!(last_error().contains("kv_dtype = fp8_e4m3"), "{}", last_error());
+    assert_eq!(status, PackinferStatus::Ok, "{}", last_error());
+    let buf = |bytes: &[u8], what: &str| {
+        let b = DeviceBuffer::new(dev, bytes.len(), what).unwrap();
+        b.write(dev, bytes).unwrap();
+        b
+    };
+    let f32_bytes = |x: &[f32]| -> Vec<u8> { x.iter().flat_map(|f| f.to_le_bytes()).collect() };
+    let (q, k, v) = (buf(&case.q.bytes, "q"), buf(&case.k.bytes, "k"), buf(&case.v.bytes, "v"));
+    let (ks, vs) = (buf(&f32_bytes(&case.k_head_scales), "k scales"), buf(&f32_bytes(&case.v_head_scales), "v scales"));
+    let o = buf(&Tensor::poisoned(DType::Bf16, case.out_len()).bytes, "o");
+    let lse = buf(&vec![0xffu8; case.total_q() * 8 * 4], "lse");
+    let l = case.layout;
+    let args = PackinferRunArgs {
+        struct_size: std::mem::size_of::<PackinferRunArgs>(),
+        q: q.ptr() as *const _,
+        q_stride_token: 0,
+        q_stride_head: 0,
+        kv: PackinferKvLayout {
+            k: k.ptr() as *const _,
+            v: v.ptr() as *const _,
+            stride_page: l.stride_page,
+            stride_token: l.stride_token,
+            stride_head: l.stride_head,
+            stride_dim: l.stride_dim,
+        },
+        o: o.ptr() as *mut _,
+        o_stride_token: 0,
+        o_stride_head: 0,
+        lse: lse.ptr() as *mut f32,
+        stream: std::ptr::null_mut(),
+        logits_soft_cap: 0.0,
+        k_head_scales: ks.ptr() as *const f32,
+        v_head_scales: vs.ptr() as *const f32,
+        k_scale: case.k_scale,
+        v_scale: case.v_scale,
+    };
+    // SAFETY: args address device buffers of the case's sizes, alive until the stream is synced.
+    assert_eq!(unsafe { packinfer_run(launch, &args) }, PackinferStatus::Ok, "{}", last_error());
+    sync_stream(dev, 0).unwrap();
+    let mut out = Tensor::poisoned(DType::Bf16, case.out_len());
+    o.read(dev, &mut out.bytes).unwrap();
+    let mut raw = vec![0u8; case.total_q() * 8 * 4];
+    lse.read(dev, &mut raw).unwrap();
+    let lse_v: Vec<f32> = raw.chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    assert_close(&case, &out, &lse_v, "C ABI, fp8 cache");
+    assert_eq!(packinfer_launch_destroy(launch), PackinferStatus::Ok);
     assert_eq!(packinfer_plan_destroy(p), PackinferStatus::Ok);
     let mut po = std::mem::MaybeUninit::<PackinferPoolOptions>::uninit();
     // SAFETY: live locals of the types and lengths the call expects.
@@ -117,20 +165,28 @@ fn fp8_caches_are_unsupported_on_the_gpu() {
     let mut pool = PackinferPool::default();
     // SAFETY: live locals of the types and lengths the call expects.
     let status = unsafe { packinfer_pool_create(ctx, &po, &mut pool) };
-    assert_eq!(status, PackinferStatus::Unsupported, "{}", last_error());
-    assert!(last_error().contains("kv_dtype = fp8_e4m3"), "{}", last_error());
+    assert_eq!(status, PackinferStatus::Ok, "{}", last_error());
+    let (mut kh, mut vh) = (std::ptr::null::<f32>(), std::ptr::null::<f32>());
+    // SAFETY: live locals of the types the call expects.
+    assert_eq!(unsafe { packinfer_pool_kv_scales(pool, 1, &mut kh, &mut vh) }, PackinferStatus::Ok, "{}", last_error());
+    assert!(!kh.is_null() && !vh.is_null() && kh != vh, "an fp8 pool's layer has per-head scale arrays");
+    assert_eq!(packinfer_pool_destroy(pool), PackinferStatus::Ok);
     assert_eq!(packinfer_context_destroy(ctx), PackinferStatus::Ok);
 }
 
-/// The CUDA kernels do not apply custom masks yet: a masked batch plans, but its launch is
-/// refused (UNSUPPORTED, naming the custom mask) rather than computed without the mask.
-fn custom_masks_are_unsupported_on_the_gpu() {
+/// A batch with custom masks (and fully masked rows) plans, launches and runs through the C ABI
+/// on the GPU, matching the float64 reference of the masked attention.
+fn custom_masks_run_through_the_c_abi() {
     let Some(ctx) = cuda_context() else { return };
+    let cu_backend =
+        CudaBackend::new(&BackendChoice { kind: Some(BackendKind::Cuda), device_ordinal: 0, cpu_threads: 0, kernel_cache_dir: None })
+            .unwrap();
+    let dev = testing::device(&cu_backend);
     let spec = CaseSpec {
-        batch_size: 2,
-        max_kv: 64,
+        batch_size: 3,
+        max_kv: 700,
         page_size: 16,
-        num_kv_heads: 1,
+        num_kv_heads: 2,
         group: 4,
         head_dim: 128,
         dtype: DType::Bf16,
@@ -139,13 +195,57 @@ fn custom_masks_are_unsupported_on_the_gpu() {
         hnd: false,
     };
     let mut r = rng(23);
-    let case = Case::random(&mut r, &spec).with_random_mask(&mut r, 0.5, false);
+    let case = Case::build(&mut r, &spec, &[(8, 600), (1, 70), (24, 700)], vec![]).with_random_mask(&mut r, 0.5, true);
     let p = plan(ctx, &case);
     let mut launch = PackinferLaunch::default();
     // SAFETY: live locals; the NULLs are checked by the call.
     let status = unsafe { packinfer_launch_create(ctx, p, std::ptr::null(), std::ptr::null_mut(), &mut launch) };
-    assert_eq!(status, PackinferStatus::Unsupported, "{}", last_error());
-    assert!(last_error().contains("custom mask"), "{}", last_error());
+    assert_eq!(status, PackinferStatus::Ok, "{}", last_error());
+    let _g = dev.enter().unwrap();
+    let buffer = |bytes: &[u8], what| {
+        let b = DeviceBuffer::new(dev, bytes.len(), what).unwrap();
+        b.write(dev, bytes).unwrap();
+        b
+    };
+    let (q, k, v) = (buffer(&case.q.bytes, "q"), buffer(&case.k.bytes, "k"), buffer(&case.v.bytes, "v"));
+    let o = buffer(&Tensor::poisoned(DType::Bf16, case.out_len()).bytes, "o");
+    let lse_len = case.total_q() * case.shape.num_qo_heads as usize;
+    let lse = DeviceBuffer::new(dev, lse_len * 4, "lse").unwrap();
+    let l = case.layout;
+    let args = PackinferRunArgs {
+        struct_size: std::mem::size_of::<PackinferRunArgs>(),
+        q: q.ptr() as *const _,
+        q_stride_token: 0,
+        q_stride_head: 0,
+        kv: PackinferKvLayout {
+            k: k.ptr() as *const _,
+            v: v.ptr() as *const _,
+            stride_page: l.stride_page,
+            stride_token: l.stride_token,
+            stride_head: l.stride_head,
+            stride_dim: l.stride_dim,
+        },
+        o: o.ptr() as *mut _,
+        o_stride_token: 0,
+        o_stride_head: 0,
+        lse: lse.ptr() as *mut f32,
+        stream: std::ptr::null_mut(),
+        logits_soft_cap: 0.0,
+        k_head_scales: std::ptr::null(),
+        v_head_scales: std::ptr::null(),
+        k_scale: 0.0,
+        v_scale: 0.0,
+    };
+    // SAFETY: args address device buffers of the case's sizes, alive until the stream is synced.
+    assert_eq!(unsafe { packinfer_run(launch, &args) }, PackinferStatus::Ok, "{}", last_error());
+    sync_stream(dev, 0).unwrap();
+    let mut out = Tensor::poisoned(DType::Bf16, case.out_len());
+    o.read(dev, &mut out.bytes).unwrap();
+    let mut raw = vec![0u8; lse_len * 4];
+    lse.read(dev, &mut raw).unwrap();
+    let lse_v: Vec<f32> = raw.chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    common::assert_close_to(&case, &case.reference(), &out, &lse_v, "masked batch through the C ABI");
+    assert_eq!(packinfer_launch_destroy(launch), PackinferStatus::Ok);
     assert_eq!(packinfer_plan_destroy(p), PackinferStatus::Ok);
     assert_eq!(packinfer_context_destroy(ctx), PackinferStatus::Ok);
 }
@@ -194,6 +294,8 @@ fn capacity_launch_update_and_run_through_the_c_abi() {
         max_merge_slots: 4096,
         max_groups: 256,
         max_partial_slots: 4096,
+        max_custom_mask_bytes: 0,
+        max_masked_query_tokens: 0,
     };
     let mut launch = PackinferLaunch::default();
     // SAFETY: live locals of the types and lengths the call expects; the NULLs are checked by the call.

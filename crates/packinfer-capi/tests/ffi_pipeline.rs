@@ -125,6 +125,8 @@ fn big_capacity() -> PackinferLaunchCapacity {
         max_merge_slots: 1 << 16,
         max_groups: 4096,
         max_partial_slots: 1 << 16,
+        max_custom_mask_bytes: 0,
+        max_masked_query_tokens: 0,
     }
 }
 

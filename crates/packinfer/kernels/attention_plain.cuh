@@ -11,8 +11,16 @@
 
 struct Smem {
     u16 q[PI_BLOCK_M * PI_HEAD_DIM_TILE];  // swizzled (swz); every tile a multiple of 1024 bytes
+#if PI_KV_FP8
+    // The block being computed, converted to 16 bits (one stage), and the ring of landing bytes.
+    u16 k[1][PI_BLOCK_N * PI_HEAD_DIM_TILE];
+    u16 v[1][PI_BLOCK_N * PI_HEAD_DIM_TILE];
+    unsigned char k8[PI_STAGES][PI_BLOCK_N * PI_HEAD_DIM_TILE];
+    unsigned char v8[PI_STAGES][PI_BLOCK_N * PI_HEAD_DIM_TILE];
+#else
     u16 k[PI_STAGES][PI_BLOCK_N * PI_HEAD_DIM_TILE];
     u16 v[PI_STAGES][PI_BLOCK_N * PI_HEAD_DIM_TILE];
+#endif
     RowInfo rows[PI_BLOCK_M];
     SegmentInfo segs[PI_BLOCK_M];  // an item has at most one segment per row
     alignas(16) WorkItem next_item;  // the group's next item, copied in while this one runs
@@ -30,7 +38,12 @@ struct SplitState {
     float m[PI_SPLIT_WARPS][16];
     float l[PI_SPLIT_WARPS][16];
 };
+#if PI_KV_FP8
+static_assert(sizeof(SplitState) <= sizeof(((Smem*)0)->k) + sizeof(((Smem*)0)->v) + sizeof(((Smem*)0)->k8) + sizeof(((Smem*)0)->v8),
+              "split state must fit the K/V tiles and stages");
+#else
 static_assert(sizeof(SplitState) <= sizeof(((Smem*)0)->k) + sizeof(((Smem*)0)->v), "split state must fit the K/V stages");
+#endif
 
 #if PI_WG_PIPELINE
 // The ring of wg_pipelined in the plain kernel: block b >= 1 is waited for at a CTA barrier
@@ -113,7 +126,22 @@ packed_attention(const __grid_constant__ KernelParams p) {
             const u32 lim0 = sm.rows[r0].key_limit, lim1 = sm.rows[r1].key_limit;
             // The rows' first visible keys (sliding window) and the run's soft-cap, read where they
             // are used: kept in registers for the whole item they made the kernel spill.
-            auto score_mod = [&]() { return ScoreMod{sm.rows[r0].key_start, sm.rows[r1].key_start, p.softcap_in, p.softcap_out}; };
+#if PI_KV_FP8
+            // The head's K scale multiplies every raw score: folded into the score scale, and
+            // into the soft-cap's input (its output, in raw units, divided by it), so the cap
+            // sees the dequantized scores. The V scale multiplies the output rows (below).
+            const float k_sc = kv_scale(p.k_scale, p.k_head_scales, item.kv_head);
+            const float item_scale = scale * k_sc;
+            auto score_mod = [&]() {
+                return ScoreMod{sm.rows[r0].key_start, sm.rows[r1].key_start, p.softcap_in * k_sc, __fdividef(p.softcap_out, k_sc),
+                                nullptr, nullptr, sm.rows, r0, r1};
+            };
+#else
+            const float item_scale = scale;
+            auto score_mod = [&]() {
+                return ScoreMod{sm.rows[r0].key_start, sm.rows[r1].key_start, p.softcap_in, p.softcap_out, p.mask, p.mask_bit0, sm.rows, r0, r1};
+            };
+#endif
 
             for (u32 ci = 0; ci < item.chunk_count; ++ci) {
                 const KvRange ch = ci == 0 ? ch0 : p.chunks[item.chunk_begin + ci];
@@ -135,9 +163,15 @@ packed_attention(const __grid_constant__ KernelParams p) {
                 auto issue = [&](u32 b) {
                     if (b < nblocks) {
                         const u32 key0 = ch.key_begin + b * PI_BLOCK_N;
+#if PI_KV_FP8
+                        unsigned char* const dst[2] = {sm.k8[b % PI_STAGES], sm.v8[b % PI_STAGES]};
+                        const unsigned char* const src[2] = {(const unsigned char*)p.k, (const unsigned char*)p.v};
+                        copy_kv8<PI_THREADS, 2>(p, dst, src, ch.page_start, item.kv_head, key0, ch.key_end, pm, tid, page);
+#else
                         u16* const dst[2] = {sm.k[b % PI_STAGES], sm.v[b % PI_STAGES]};
                         const u16* const src[2] = {(const u16*)p.k, (const u16*)p.v};
                         copy_kv<PI_THREADS, 2>(p, dst, src, ch.page_start, item.kv_head, key0, ch.key_end, pm, tid, page);
+#endif
                     }
                     cp_async_commit();  // one group per block, empty past the end
                 };
@@ -203,7 +237,17 @@ packed_attention(const __grid_constant__ KernelParams p) {
                     __syncthreads();  // for every thread; and block b - 1's stage is free again
                     issue(b + PI_STAGES - 1);
                     gather(b + PI_STAGES);
+#if PI_KV_FP8
+                    // Block b's bytes landed for every thread, and every warp is done with block
+                    // b - 1's converted tile (the barrier above): convert block b into it.
+                    convert_kv8<PI_THREADS>(sm.k[0], sm.k8[b % PI_STAGES], tid);
+                    convert_kv8<PI_THREADS>(sm.v[0], sm.v8[b % PI_STAGES], tid);
+                    fence_for_tensor_cores();
+                    __syncthreads();
+                    const int stage = 0;
+#else
                     const int stage = b % PI_STAGES;
+#endif
                     const u32 key0 = ch.key_begin + b * PI_BLOCK_N;
                     if (!qf_loaded) {
 #pragma unroll
@@ -221,7 +265,7 @@ packed_attention(const __grid_constant__ KernelParams p) {
                             const ScoreMod mod = score_mod();
                             const bool all_visible = __all_sync(0xffffffffu, key0 + PI_BLOCK_N <= end0 && key0 + PI_BLOCK_N <= end1
                                                                             && key0 >= mod.lo0 && key0 >= mod.lo1);
-                            attend_wg(sm.q, warp / 4, lane, sm.k[stage], sm.v[stage], key0, end0, end1, all_visible, scale,
+                            attend_wg(sm.q, warp / 4, lane, sm.k[stage], sm.v[stage], key0, end0, end1, all_visible, item_scale,
                                       mod, m0, m1, l0, l1, acc);
                         }
                     } else
@@ -233,10 +277,10 @@ packed_attention(const __grid_constant__ KernelParams p) {
                                                                         && first >= mod.lo0 && first >= mod.lo1);
                         if (split)
                             attend<2>(sm.q, slice, lane, qf, sm.k[stage], sm.v[stage], 16 * warp, first, end0, end1,
-                                      all_visible, scale, mod, m0, m1, l0, l1, acc);
+                                      all_visible, item_scale, mod, m0, m1, l0, l1, acc);
                         else
                             attend<PI_BLOCK_N / 8>(sm.q, slice, lane, qf, sm.k[stage], sm.v[stage], 0, key0, end0, end1,
-                                                   all_visible, scale, mod, m0, m1, l0, l1, acc);
+                                                   all_visible, item_scale, mod, m0, m1, l0, l1, acc);
                     }
                 }
                 __syncthreads();  // the next chunk's first loads reuse this chunk's stages
@@ -304,6 +348,20 @@ packed_attention(const __grid_constant__ KernelParams p) {
                     m1 = M1;
                 }
             }
+#if PI_KV_FP8
+            // The head's V scale, on final rows and on the partial rows of split keys alike (the
+            // merge then combines dequantized rows).
+            {
+                const float v_sc = kv_scale(p.v_scale, p.v_head_scales, item.kv_head);
+#pragma unroll
+                for (int j = 0; j < PI_HEAD_DIM / 8; ++j) {
+                    acc[j][0] *= v_sc;
+                    acc[j][1] *= v_sc;
+                    acc[j][2] *= v_sc;
+                    acc[j][3] *= v_sc;
+                }
+            }
+#endif
             // Final rows leave through the Q tile once every warp is done reading it (see store_rows).
             const bool staged = item.partial_slot == PI_FINAL_OUTPUT && (p.flags & PI_FLAG_O_VEC);
             if (staged && !split) __syncthreads();

@@ -286,7 +286,8 @@ __device__ __forceinline__ void consume(const KernelParams& p, Smem& sm, const P
                     const u32 key0 = ch.key_begin + b * PI_BLOCK_N;
                     // The rows' first visible keys (sliding window) and the run's soft-cap, read
                     // here: kept in registers for the whole item they made the kernel spill more.
-                    const ScoreMod mod = {sm.rows[slot][r0].key_start, sm.rows[slot][r1].key_start, p.softcap_in, p.softcap_out};
+                    // No custom mask: a launch runs masked plans on the plain kernel.
+                    const ScoreMod mod = {sm.rows[slot][r0].key_start, sm.rows[slot][r1].key_start, p.softcap_in, p.softcap_out, nullptr, nullptr, nullptr, 0, 0};
                     // (A block visible in full is whole, so its stage starts at key0.)
                     const bool all_visible = __all_sync(0xffffffffu, key0 + PI_BLOCK_N <= end0 && key0 + PI_BLOCK_N <= end1
                                                                     && key0 >= mod.lo0 && key0 >= mod.lo1);

@@ -90,3 +90,65 @@ extern "C" __global__ void copy_ranges(unsigned char* base, const u64* pairs, u3
         }
     }
 }
+
+// ---- fp8 e4m3 pools: the write conversion --------------------------------------------------
+
+// The e4m3 code nearest to x, ties to even; beyond ±448 (infinities included) ±448; NaN the NaN
+// code of its sign: src/fp8.rs's f32_to_e4m3 step for step, so the two agree bit for bit
+// (cvt.rn.satfinite.e4m3x2 exists from sm_89 only).
+__device__ __forceinline__ unsigned char f32_to_e4m3(float x) {
+    const u32 bits = __float_as_uint(x);
+    const u32 sign = (bits >> 24) & 0x80u;
+    const u32 abits = bits & 0x7fffffffu;
+    if (abits > 0x7f800000u) return (unsigned char)(sign | 0x7fu);  // NaN
+    const float a = __uint_as_float(abits);
+    if (a >= 448.f) return (unsigned char)(sign | 0x7eu);
+    // The binade of a, at least the lowest normal one (2^-6), whose quantum 2^(e - 3) also spaces
+    // the subnormals; a times 1 / quantum (a power of two: exact) rounded to an even integer.
+    int e = (int)(abits >> 23) - 127;
+    if (e < -6) e = -6;
+    const float inv_quantum = __uint_as_float((u32)(127 - (e - 3)) << 23);
+    float steps_f;
+    asm("cvt.rni.f32.f32 %0, %1;" : "=f"(steps_f) : "f"(a * inv_quantum));
+    u32 steps = (u32)steps_f;
+    u32 code;
+    if (e == -6 && steps < 8) {
+        code = steps;  // subnormal (or zero)
+    } else {
+        if (steps == 16) {  // the next binade's first value
+            e += 1;
+            steps = 8;
+        }
+        code = ((u32)(e + 7) << 3) | (steps - 8);
+    }
+    return (unsigned char)(sign | code);
+}
+
+// Element e of a source row of dtype src_dtype (0 f16, 1 bf16, 2 f32), exactly as f32.
+__device__ __forceinline__ float load_elem(const unsigned char* row, u32 e, u32 src_dtype) {
+    if (src_dtype == 2) return *reinterpret_cast<const float*>(row + 4 * (u64)e);
+    const u16 h = *reinterpret_cast<const u16*>(row + 2 * (u64)e);
+    if (src_dtype == 1) return __uint_as_float((u32)h << 16);
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+// Row i (num_kv_heads x head_dim elements of src_dtype at src + i * src_stride) goes to
+// base + dst_offsets[i] as e4m3(x / scale(h)) for element x of head h, a byte each; the
+// num_kv_heads f32 scales are at base + scales_offset (read bytewise: the pool puts them after
+// its pages, where 4-byte alignment is not promised).
+extern "C" __global__ void scatter_rows_fp8(unsigned char* base, const unsigned char* src, u64 src_stride,
+                                            const u64* dst_offsets, u32 num_rows, u32 num_kv_heads, u32 head_dim,
+                                            u64 scales_offset, u32 src_dtype) {
+    const u64 row_elems = (u64)num_kv_heads * head_dim;
+    const u64 total = row_elems * num_rows;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
+        const u64 row = i / row_elems;
+        const u32 e = (u32)(i % row_elems);
+        const unsigned char* s = base + scales_offset + 4 * (u64)(e / head_dim);
+        const float scale = __uint_as_float((u32)s[0] | (u32)s[1] << 8 | (u32)s[2] << 16 | (u32)s[3] << 24);
+        const float x = load_elem(src + row * src_stride, e, src_dtype);
+        base[dst_offsets[row] + e] = f32_to_e4m3(x / scale);
+    }
+}

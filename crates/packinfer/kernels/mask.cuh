@@ -3,6 +3,14 @@
 #pragma once
 #include "ptx.cuh"
 
+// A tile row: its query (token, head) and the keys it sees (the tiles' row table, tile.cuh).
+struct RowInfo {
+    i64 q_offset;  // element offset of the row's query vector (token, head)
+    u32 token, head;
+    u32 key_limit;  // keys >= key_limit of the row's request are masked; 0 for rows past num_rows
+    u32 key_start;  // keys < key_start are masked too (the sliding window; 0 without one)
+};
+
 // PlanHeader::window_left when the plan has no sliding window.
 #define PI_NO_WINDOW 0xffffffffu
 
@@ -20,6 +28,13 @@ __device__ __forceinline__ void row_keys(u32 raw, u32 window_left, bool causal, 
         key_start = first > 0 ? (u32)first : 0u;
         key_limit = causal ? raw : 0xffffffffu;
     }
+}
+
+// Whether a custom mask lets a query see a key: bit `bit` of the packed mask, little-endian within
+// each byte (FlashInfer's layout). Masked batches are for tree speculative decoding, a few
+// queries per request, so a byte read per score is cheap; plans without a mask never get here.
+__device__ __forceinline__ bool mask_allows(const unsigned char* mask, u32 bit) {
+    return (__ldg(mask + (bit >> 3)) >> (bit & 7)) & 1u;
 }
 
 // The logit soft-cap, cap * tanh(x / cap) with x = sm_scale * (q.k), on a raw score q.k, kept in

@@ -26,6 +26,36 @@ __device__ __forceinline__ u16 to_elem(float x) {
     return r;
 }
 
+#if PI_KV_FP8
+// Two fp8 e4m3 codes (bits 0-7: the first element, 8-15: the second) as two elements of the
+// kernel's 16-bit type, exactly (every e4m3 value is an f16 and a bf16; NaN stays NaN).
+__device__ __forceinline__ u32 e4m3x2_to_elem2(u32 x) {
+    u32 h;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    asm("{\n .reg .b16 c;\n cvt.u16.u32 c, %1;\n cvt.rn.f16x2.e4m3x2 %0, c;\n}" : "=r"(h) : "r"(x));
+#else
+    // No conversion instruction before sm_89: the code's exponent and mantissa placed as an
+    // f16's ((code & 0x7f) << 7) are its value times 2^-8, subnormals included, so a multiply by
+    // 256 (exact) finishes it; then the sign, and the NaN codes (S.1111.111), which would be 480.
+    h = ((x & 0x7fu) << 7) | ((x & 0x7f00u) << 15);
+    asm("mul.rn.f16x2 %0, %0, %1;" : "+r"(h) : "r"(0x5c005c00u));
+    h |= ((x & 0x80u) << 8) | ((x & 0x8000u) << 16);
+    if ((x & 0x7fu) == 0x7fu) h |= 0x7fffu;
+    if ((x & 0x7f00u) == 0x7f00u) h |= 0x7fff0000u;
+#endif
+#if PI_BF16
+    // f16 -> f32 (exact), then bf16 by truncation (exact: e4m3 values have 4 significant bits).
+    u32 lo, hi;
+    asm("{\n .reg .b16 l, h;\n .reg .f32 a, b;\n mov.b32 {l, h}, %2;\n cvt.f32.f16 a, l;\n cvt.f32.f16 b, h;\n"
+        " mov.b32 %0, a;\n mov.b32 %1, b;\n}"
+        : "=r"(lo), "=r"(hi) : "r"(h));
+    return (lo >> 16) | (hi & 0xffff0000u);
+#else
+    return h;
+#endif
+}
+#endif
+
 __device__ __forceinline__ float exp2_approx(float x) {
     float r;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));

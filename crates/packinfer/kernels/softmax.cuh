@@ -13,12 +13,36 @@ __device__ __forceinline__ bool needs_rescale(float alpha0, float alpha1) {
 }
 
 // What the scores of a thread's two rows r0, r1 go through besides the key ends: the rows' first
-// visible keys (the sliding window; 0 without one) and the run's soft-cap (mask.cuh; cap_in 0
-// without one).
+// visible keys (the sliding window; 0 without one), the run's soft-cap (mask.cuh; cap_in 0
+// without one) and the plan's custom mask (null without one). The mask's per-row offsets are
+// read only where a block is masked, from the row table (rows, r0, r1) and mask_bit0: values
+// that live through the block's MMAs made the plain kernels spill.
 struct ScoreMod {
     u32 lo0, lo1;
     float cap_in, cap_out;
+    const unsigned char* mask;
+    const u32* mask_bit0;
+    const RowInfo* rows;
+    int r0, r1;
 };
+
+// Applies a custom mask to a block's scores (before the key-end masks, which then also see the
+// block as not all visible): keys the mask hides become -inf. Only keys a row sees otherwise,
+// [lo, end), are looked up: past its end the bits are the next query's, or past the mask.
+// Compiled into the masked variant of the plain kernel only (PI_CUSTOM_MASK).
+template <int NT>
+__device__ __forceinline__ void custom_mask(float (&s)[NT][4], int lane, u32 key_first, u32 end0, u32 end1, const ScoreMod& mod) {
+    const int col = 2 * (lane % 4);
+    const u32 mb0 = __ldg(mod.mask_bit0 + mod.rows[mod.r0].token), mb1 = __ldg(mod.mask_bit0 + mod.rows[mod.r1].token);
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const u32 k = key_first + 8 * j + col + e;
+            if (k >= mod.lo0 && k < end0 && !mask_allows(mod.mask, mb0 + k)) s[j][e] = PI_NEG_INF;
+            if (k >= mod.lo1 && k < end1 && !mask_allows(mod.mask, mb1 + k)) s[j][2 + e] = PI_NEG_INF;
+        }
+}
 
 // Soft-caps (with one) and masks (unless every key of the block is visible to both rows) the
 // keys outside [max(key_lo, mod.lo0), end0) and [max(key_lo, mod.lo1), end1), scales and folds a
@@ -52,10 +76,12 @@ __device__ __forceinline__ void softmax_scores(float (&s)[NT][4], int lane, u32 
 #pragma unroll
             for (int e = 0; e < 4; ++e) s[j][e] = soft_cap(s[j][e], mod.cap_in, mod.cap_out);
     }
+    const bool masked = PI_CUSTOM_MASK && mod.mask != nullptr;
+    if (masked) custom_mask<NT>(s, lane, key_first, end0, end1, mod);
     // The maximum is taken over the raw scores (scale > 0 keeps the order); the scale is folded
     // into the exponent's FMA.
     float bm0 = PI_NEG_INF, bm1 = PI_NEG_INF;
-    if (all_visible) {
+    if (all_visible && !masked) {
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
             bm0 = fmaxf(bm0, fmaxf(s[j][0], s[j][1]));

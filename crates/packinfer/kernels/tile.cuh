@@ -15,13 +15,6 @@ __device__ __forceinline__ int swz(int row, int chunk) {
     return (chunk >> 3) * (ROWS * 64) + row * 64 + (((chunk & 7) ^ (row & 7)) << 3);
 }
 
-struct RowInfo {
-    i64 q_offset;  // element offset of the row's query vector (token, head)
-    u32 token, head;
-    u32 key_limit;  // keys >= key_limit of the row's request are masked; 0 for rows past num_rows
-    u32 key_start;  // keys < key_start are masked too (the sliding window; 0 without one)
-};
-
 // Key -> (page, slot) by a multiply and a shift (Granlund and Montgomery's division by an
 // invariant: with l = ceil(log2 size) and magic = ceil(2^(31 + l) / size) < 2^32, key / size ==
 // (key * magic) >> (31 + l) == umulhi(2 key, magic) >> l for every key < 2^31). A division per
@@ -43,7 +36,8 @@ struct PageMap {
 // shuffle, so each thread does one dependent read per block, not `passes`.
 template <int NT>
 struct KvCopy {
-    static constexpr int vecs = PI_ROW_VECS;  // chunks >= PI_HEAD_DIM / 8 are not copied
+    // Chunks >= PI_HEAD_DIM / 8 (fp8: / 16) are not copied.
+    static constexpr int vecs = PI_KV_VECS;
     static constexpr int keys_per_pass = NT / vecs;
     static constexpr int passes = PI_BLOCK_N / keys_per_pass;
     static constexpr int warp_keys_per_pass = 32 / vecs;
@@ -126,6 +120,81 @@ __device__ __forceinline__ void copy_kv(const KernelParams& p, u16* const (&dst)
         }
     }
 }
+
+#if PI_KV_FP8
+// fp8 K/V: a block lands as bytes in a row-major tile (PI_HEAD_DIM_TILE bytes a row, no swizzle:
+// the conversion reads it a 16-byte chunk per thread, consecutive threads consecutive chunks),
+// then convert_kv8 writes it as a swizzled 16-bit tile, which the MMAs read as any 16-bit block.
+// Converting in shared memory, once per element, costs a CTA barrier per block; converting in
+// registers would redo it for every warp that reads the block (each of a tile's warps reads all
+// of it) and needs fragment layouts that ldmatrix and wgmma cannot produce from bytes.
+__device__ __forceinline__ int kv8_at(int n, int chunk) { return n * PI_HEAD_DIM_TILE + chunk * 16; }
+
+// copy_kv for fp8 caches: the same threads and page lookups (KvCopy with PI_KV_VECS), each
+// 16-byte chunk 16 codes; strides and offsets count bytes (one per element).
+template <int NT, int N>
+__device__ __forceinline__ void copy_kv8(const KernelParams& p, unsigned char* const (&dst)[N], const unsigned char* const (&src)[N],
+                                         u32 page_start, u32 kv_head, u32 key0, u32 key_end, const PageMap& pm, int t,
+                                         int page_lane) {
+    using C = KvCopy<NT>;
+    if (p.flags & PI_FLAG_KV_VEC) {
+        const int ch = t % C::vecs;
+#pragma unroll
+        for (int j = 0; j < C::passes; ++j) {
+            const int n = t / C::vecs + j * C::keys_per_pass;
+            const u32 key = key0 + n;
+            const int page = __shfl_sync(0xffffffffu, page_lane, j * C::warp_keys_per_pass + (t % 32) / C::vecs);
+            const bool valid = key < key_end;
+            const i64 off = (i64)kv_head * p.kv_stride_head + ch * 16 + (i64)((u64)(u32)page * (u64)p.kv_stride_page)
+                            + (i64)((u64)pm.slot(key) * (u64)p.kv_stride_token);
+            if (ch * 16 < PI_HEAD_DIM) {
+#pragma unroll
+                for (int i = 0; i < N; ++i) cp_async16(&dst[i][kv8_at(n, ch)], src[i] + off, valid);
+            }
+        }
+    } else {
+        for (int i = t; i < PI_BLOCK_N * PI_HEAD_DIM; i += NT) {
+            const int n = i / PI_HEAD_DIM, c = i % PI_HEAD_DIM;
+            const u32 key = key0 + n;
+            i64 off = -1;
+            if (key < key_end)
+                off = (i64)p.pages[page_start + pm.page(key)] * p.kv_stride_page + (i64)pm.slot(key) * p.kv_stride_token
+                      + (i64)kv_head * p.kv_stride_head + (i64)c * p.kv_stride_dim;
+#pragma unroll
+            for (int i = 0; i < N; ++i) dst[i][n * PI_HEAD_DIM_TILE + c] = off >= 0 ? src[i][off] : (unsigned char)0;
+        }
+    }
+}
+
+// Thread t's share of converting a landed byte block into the swizzled 16-bit tile dst.
+template <int NT>
+__device__ __forceinline__ void convert_kv8(u16* dst, const unsigned char* src, int t) {
+    constexpr int VECS = PI_HEAD_DIM_TILE / 16, CHUNKS = PI_BLOCK_N * VECS;
+#pragma unroll
+    for (int j = 0; j < (CHUNKS + NT - 1) / NT; ++j) {
+        const int i = t + j * NT, n = i / VECS, c = i % VECS;
+        if ((CHUNKS % NT == 0 || i < CHUNKS) && c * 16 < PI_HEAD_DIM) {
+            const uint4 x = *reinterpret_cast<const uint4*>(&src[kv8_at(n, c)]);
+            uint4 a, b;
+            a.x = e4m3x2_to_elem2(x.x & 0xffffu);
+            a.y = e4m3x2_to_elem2(x.x >> 16);
+            a.z = e4m3x2_to_elem2(x.y & 0xffffu);
+            a.w = e4m3x2_to_elem2(x.y >> 16);
+            b.x = e4m3x2_to_elem2(x.z & 0xffffu);
+            b.y = e4m3x2_to_elem2(x.z >> 16);
+            b.z = e4m3x2_to_elem2(x.w & 0xffffu);
+            b.w = e4m3x2_to_elem2(x.w >> 16);
+            *reinterpret_cast<uint4*>(&dst[swz<PI_BLOCK_N>(n, 2 * c)]) = a;
+            *reinterpret_cast<uint4*>(&dst[swz<PI_BLOCK_N>(n, 2 * c + 1)]) = b;
+        }
+    }
+}
+
+// The run's K or V scale for KV head h: the per-tensor one times the head's entry (no array: 1).
+__device__ __forceinline__ float kv_scale(float tensor, const float* heads, u32 h) {
+    return heads ? tensor * heads[h] : tensor;
+}
+#endif
 
 // Thread t's share of the Q tile's rows (rows past num_rows are zeros), by cp.async where
 // 16-byte vectors are allowed (the caller commits or arrives). The loop is unrolled UNROLL

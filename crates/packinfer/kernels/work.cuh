@@ -89,7 +89,17 @@ struct KernelParams {
     // The logit soft-cap of this run (soft_cap in mask.cuh): 2 log2(e) sm_scale / cap and
     // cap / sm_scale; cap_in 0 without one. Per run, so each layer may have its own.
     float softcap_in, softcap_out;
-    u32 reserved[14];  // keeps the TMA maps 64-byte aligned with no padding
+    // An fp8 cache's scales (read by the PI_KV_FP8 kernel only): K/V element = code x the
+    // per-tensor scale x the KV head's entry of the per-head array (null: none). Per run.
+    float k_scale, v_scale;
+    const float* k_head_scales;
+    const float* v_head_scales;
+    // The plan's custom mask (mask.cuh; read by the PI_CUSTOM_MASK kernel only), or null without
+    // one: its bits, and per query token of the step the bit of (that query, key 0); key k of the
+    // token's request is bit mask_bit0[token] + k.
+    const unsigned char* mask;
+    const u32* mask_bit0;
+    u32 reserved[4];  // keeps the TMA maps 64-byte aligned with no padding
     // The K and V caches as 3-D tensors (head_dim, KV heads, cache rows = page * page_size + slot)
     // with 128-byte-swizzled boxes of 64 dims x 1 head x block_n rows; set with PI_FLAG_KV_TMA.
     TensorMap k_map, v_map;

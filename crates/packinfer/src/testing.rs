@@ -88,6 +88,13 @@ pub fn attention_kernel_stats(cu: &CudaBackend, head_dim: u32, dtype: DType) -> 
     Ok(KernelStats { registers: k.registers, local_bytes: k.local_bytes, smem_bytes: k.smem_bytes, ctas_per_sm: k.ctas_per_sm })
 }
 
+/// The fp8-cache attention kernel (`Variant::PlainFp8`) for (head_dim, dtype) with `warps`-warp
+/// tiles, loaded (and compiled) if needed.
+pub fn fp8_attention_kernel_stats(cu: &CudaBackend, head_dim: u32, dtype: DType, warps: u32) -> Result<KernelStats> {
+    let k = cu.shared().attention_with(head_dim, dtype, warps, crate::backend::cuda::compile::Variant::PlainFp8)?;
+    Ok(KernelStats { registers: k.registers, local_bytes: k.local_bytes, smem_bytes: k.smem_bytes, ctas_per_sm: k.ctas_per_sm })
+}
+
 /// The `append_kv` kernel (`kernels/kv.cu`), which only the tests use.
 ///
 /// # Safety

@@ -42,6 +42,10 @@ fn main() {
         window_and_soft_cap_on_every_kernel,
         soft_cap_is_taken_from_each_run,
         head_dims_96_and_192_long_and_split,
+        fp8_cache_random_batches_match_f64_reference,
+        fp8_scales_are_taken_from_each_run,
+        custom_masks_on_every_kernel,
+        custom_masks_through_capacity_updates,
     ]);
 }
 
@@ -72,6 +76,8 @@ struct DeviceCase {
     v: DeviceBuffer,
     o: DeviceBuffer,
     lse: DeviceBuffer,
+    /// An fp8 case's per-head K and V scales (device memory, as runs read them), if it has them.
+    head_scales: Option<(DeviceBuffer, DeviceBuffer)>,
 }
 
 impl DeviceCase {
@@ -83,6 +89,7 @@ impl DeviceCase {
             v: DeviceBuffer::new(dev, kv_bytes, "v").unwrap(),
             o: DeviceBuffer::new(dev, out_bytes, "o").unwrap(),
             lse: DeviceBuffer::new(dev, lse_len * 4, "lse").unwrap(),
+            head_scales: None,
         }
     }
     fn for_case(cu: &CudaBackend, case: &Case) -> DeviceCase {
@@ -93,6 +100,12 @@ impl DeviceCase {
             case.out_len() * 2,
             case.total_q() * case.shape.num_qo_heads as usize,
         );
+        let mut d = d;
+        if !case.k_head_scales.is_empty() || !case.v_head_scales.is_empty() {
+            let h = case.shape.num_kv_heads as usize;
+            let dev = testing::device(cu);
+            d.head_scales = Some((DeviceBuffer::new(dev, h * 4, "k scales").unwrap(), DeviceBuffer::new(dev, h * 4, "v scales").unwrap()));
+        }
         d.load(cu, case);
         d
     }
@@ -106,6 +119,14 @@ impl DeviceCase {
         let nan: Vec<u8> =
             std::iter::repeat_n(f32::NAN.to_le_bytes(), case.total_q() * case.shape.num_qo_heads as usize).flatten().collect();
         self.lse.write(dev, &nan).unwrap();
+        if let Some((k, v)) = &self.head_scales {
+            let bytes = |x: &Vec<f32>| -> Vec<u8> {
+                let ones = vec![1.0f32; case.shape.num_kv_heads as usize];
+                (if x.is_empty() { &ones } else { x }).iter().flat_map(|f| f.to_le_bytes()).collect()
+            };
+            k.write(dev, &bytes(&case.k_head_scales)).unwrap();
+            v.write(dev, &bytes(&case.v_head_scales)).unwrap();
+        }
     }
     fn args(&self, case: &Case, stream: u64) -> RunArgs {
         let (hq, d) = (case.shape.num_qo_heads as i64, case.shape.head_dim as i64);
@@ -116,7 +137,13 @@ impl DeviceCase {
             lse: self.lse.ptr(),
             stream,
             logits_soft_cap: case.logits_soft_cap,
-            kv_scales: packinfer::types::KvScales::NONE,
+            // The case's scales (1 and none for a 16-bit cache), the per-head ones in device memory.
+            kv_scales: packinfer::types::KvScales {
+                k_scale: case.k_scale,
+                v_scale: case.v_scale,
+                k_head_scales: self.head_scales.as_ref().map_or(0, |(k, _)| k.ptr()),
+                v_head_scales: self.head_scales.as_ref().map_or(0, |(_, v)| v.ptr()),
+            },
         }
     }
     fn outputs(&self, cu: &CudaBackend, case: &Case) -> (Tensor, Vec<f32>) {
@@ -891,6 +918,13 @@ fn precompile_builds_every_variant() {
                 k.smem_bytes,
                 k.ctas_per_sm
             );
+            for warps in [4, 8] {
+                let k = testing::fp8_attention_kernel_stats(&cu, d, dt, warps).unwrap();
+                println!(
+                    "  fp8 K/V, {warps} warps: {} regs, {} B local, {} B smem, {} CTAs/SM",
+                    k.registers, k.local_bytes, k.smem_bytes, k.ctas_per_sm
+                );
+            }
         }
     }
 }
@@ -1029,4 +1063,201 @@ fn head_dims_96_and_192_long_and_split() {
         done.push((case, o, lse, format!("head_dim {head_dim} case {i}: {spec:?}")));
     }
     check_all(done);
+}
+
+/// fp8 e4m3 K/V caches (the plain kernel's fp8 variant, whatever the context's kernel choice)
+/// against the float64 reference of the dequantized cache (code × scale), with the output
+/// dtype's tolerance (the conversion to Q's type is exact): decode-heavy batches (4-warp tiles),
+/// mixed prefill and decode (8-warp tiles), split keys merged (deterministic 256-key pieces), GQA
+/// 1/4/8, both Q dtypes, every head_dim, page sizes 1/16/64, scattered pages, NHD and HND,
+/// per-tensor, per-head and combined scales (per-head ones differ by up to 8× between heads),
+/// sliding windows and soft-caps, and a context that forces the warp-specialised kernel.
+fn fp8_cache_random_batches_match_f64_reference() {
+    use common::Fp8Scales;
+    let mut done = Vec::new();
+    for kernels in ["auto", "always-specialised"] {
+        // Read when a context opens; the GPU suite runs one test at a time.
+        if kernels == "always-specialised" {
+            std::env::set_var("PACKINFER_WARP_SPECIALIZED", "1");
+        }
+        let cu = backend("fp8_cache_random_batches_match_f64_reference");
+        std::env::remove_var("PACKINFER_WARP_SPECIALIZED");
+        let Some(cu) = cu else { return };
+        let mut r = rng(0xf8c0 ^ kernels.len() as u64);
+        // PACKINFER_GPU_CASES lowers the count (the sanitizer runs of gpu_suite.sh).
+        let cap: usize = std::env::var("PACKINFER_GPU_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(48);
+        let n = if kernels == "auto" { cap.min(48) } else { (cap / 4).clamp(1, 12) };
+        for i in 0..n {
+            let spec = CaseSpec { head_dim: [128, 64, 128, 256, 96, 192][i % 6], group: [4, 1, 8][i % 3], ..cycled_spec(i as u32) };
+            let lens: Vec<(u32, u32)> = match i % 3 {
+                // Decode-heavy: every tile at most 64 rows (the narrow kernel).
+                0 => (0..r.random_range(4..24)).map(|_| (1, r.random_range(1..6000u32))).collect(),
+                // Mixed prefill and decode.
+                1 => (0..r.random_range(2..8))
+                    .map(|_| {
+                        let q = if r.random_bool(0.5) { 1 } else { r.random_range(1..400u32) };
+                        (q, q + r.random_range(0..3000))
+                    })
+                    .collect(),
+                // A long decode that the split merges, beside short prefills.
+                _ => vec![(1, r.random_range(3000..9000u32)), (r.random_range(1..100u32), 700), (1, 17)],
+            };
+            let lens: Vec<(u32, u32)> = lens.into_iter().map(|(q, kv)| (q.min(kv), kv.max(q))).collect();
+            let window = [None, Some(100), None, Some(0), None, Some(1024)][i % 6];
+            let cap = [0.0, 0.0, 30.0][i % 3];
+            let scales = [Fp8Scales::PerTensor, Fp8Scales::PerHead, Fp8Scales::Both][(i / 2) % 3];
+            let case = Case::build_with(&mut r, &spec, &lens, vec![], i % 4 == 1).with_features(window, cap).with_fp8_kv(&mut r, scales);
+            let options = case.plan_options(if i % 3 == 2 {
+                PlanOptions { deterministic: true, split_keys: 256, ..PlanOptions::default() }
+            } else {
+                PlanOptions::default()
+            });
+            let plan = Plan::build(case.shape, case.batch.clone(), &cu.profile(), options).unwrap();
+            assert_eq!(plan.shape.kv_dtype, DType::Fp8E4m3);
+            let split = !plan.merges.is_empty();
+            let (o, lse) = run_plan_inspected(&cu, &case, plan, |bound, args| {
+                assert!(!bound.warp_specialized(), "an fp8 plan runs the plain fp8 kernel");
+                assert!(!bound.copies_kv_by_tma(args).unwrap());
+            });
+            done.push((
+                case,
+                o,
+                lse,
+                format!("{kernels} {i}: {scales:?}, window {window:?}, cap {cap}, split {split}, {spec:?}, lens {lens:?}"),
+            ));
+        }
+    }
+    check_all(done);
+}
+
+/// fp8 scales are run arguments on the GPU too: one fp8 launch, run with the case's scales,
+/// then with other per-tensor scales and other per-head values written into the same device
+/// arrays (the plan and the launch unchanged), each against the reference of its own scales;
+/// last over a copy of the cache at an odd address (the kernel's byte-wise copies).
+fn fp8_scales_are_taken_from_each_run() {
+    use common::Fp8Scales;
+    let Some(cu) = backend("fp8_scales_are_taken_from_each_run") else { return };
+    let mut r = rng(0xf85c);
+    let spec = cycled_spec(0);
+    let mut case = Case::build(&mut r, &spec, &[(1, 3000), (40, 900), (1, 17), (200, 200)], vec![]).with_fp8_kv(&mut r, Fp8Scales::Both);
+    let plan = Plan::build(case.shape, case.batch.clone(), &cu.profile(), PlanOptions::default()).unwrap();
+    let dcase = DeviceCase::for_case(&cu, &case);
+    let bound = testing::bind_cuda(&cu, Arc::new(plan), 0, None, None).expect("bind");
+    bound.wait().unwrap();
+    for run in 0..3 {
+        if run > 0 {
+            case.k_scale *= 1.5;
+            case.v_scale *= 0.5;
+            for x in case.k_head_scales.iter_mut().chain(case.v_head_scales.iter_mut()) {
+                *x *= r.random_range(0.5..2.0f32);
+            }
+            // New per-head values in the same device arrays; outputs poisoned again.
+            dcase.load(&cu, &case);
+        }
+        // SAFETY: the device copies of the case's tensors, alive until after the stream is synced.
+        unsafe { bound.run(&dcase.args(&case, 0)) }.expect("run");
+        sync_stream(testing::device(&cu), 0).expect("kernels failed");
+        let (o, lse) = dcase.outputs(&cu, &case);
+        check(&case, &o, &lse, &format!("run {run}: k_scale {}, v_scale {}", case.k_scale, case.v_scale));
+    }
+    // The same cache one byte off 16-byte alignment: no vector copies (the byte-wise path).
+    let dev = testing::device(&cu);
+    let (k1, v1) =
+        (DeviceBuffer::new(dev, case.k.bytes.len() + 1, "k+1").unwrap(), DeviceBuffer::new(dev, case.v.bytes.len() + 1, "v+1").unwrap());
+    for (buf, bytes) in [(&k1, &case.k.bytes), (&v1, &case.v.bytes)] {
+        let mut shifted = vec![0u8];
+        shifted.extend_from_slice(bytes);
+        buf.write(dev, &shifted).unwrap();
+    }
+    dcase.load(&cu, &case);
+    let mut args = dcase.args(&case, 0);
+    (args.kv.k, args.kv.v) = (k1.ptr() + 1, v1.ptr() + 1);
+    // SAFETY: the shifted device copies of the case's K/V, alive until after the stream is synced.
+    unsafe { bound.run(&args) }.expect("run");
+    sync_stream(dev, 0).expect("kernels failed");
+    let (o, lse) = dcase.outputs(&cu, &case);
+    check(&case, &o, &lse, "unaligned fp8 cache");
+}
+
+/// Custom masks (tree speculative decoding) on every kernel a masked plan can meet: the plain
+/// kernel (mixed batches with decodes, splits, deterministic plans), a warp-specialised launch
+/// (which runs masked plans on its plain kernel, without TMA) and the short-prefill one; masks
+/// of several densities with fully masked rows, some with a window and a soft-cap, against the
+/// f64 reference.
+fn custom_masks_on_every_kernel() {
+    let mut done = Vec::new();
+    for kernel in ["plain", "warp-specialised", "short"] {
+        // Read when a context opens; the GPU suite runs one test at a time.
+        if kernel == "warp-specialised" {
+            std::env::set_var("PACKINFER_WARP_SPECIALIZED", "1");
+        }
+        let cu = backend("custom_masks_on_every_kernel");
+        std::env::remove_var("PACKINFER_WARP_SPECIALIZED");
+        let Some(cu) = cu else { return };
+        let mut r = rng(0x3a5c ^ kernel.len() as u64);
+        for i in 0..16u32 {
+            let spec = cycled_spec(i);
+            let lens: Vec<(u32, u32)> = match kernel {
+                "plain" => (0..r.random_range(2..7))
+                    .map(|_| {
+                        let q = if r.random_bool(0.5) { r.random_range(1..9) } else { r.random_range(1..200u32) };
+                        (q, q + r.random_range(0..3000))
+                    })
+                    .collect(),
+                "warp-specialised" => {
+                    (0..r.random_range(1..3)).map(|_| (r.random_range(300..800u32), r.random_range(1500..2500u32))).collect()
+                }
+                _ => (0..r.random_range(3..16)).map(|_| r.random_range(1..200u32)).map(|q| (q, q)).collect(),
+            };
+            let window = [None, Some(100), None, Some(1024)][i as usize % 4];
+            let cap = [0.0, 30.0, 0.0][i as usize % 3];
+            let density = [0.5, 0.95, 0.05, 1.0][i as usize % 4];
+            let case = Case::build_with(&mut r, &spec, &lens, vec![], kernel == "plain").with_features(window, cap).with_random_mask(
+                &mut r,
+                density,
+                i % 3 == 0,
+            );
+            let profile = if kernel == "short" { cu.profile_for(&case.shape, &case.batch) } else { cu.profile() };
+            let options = case.plan_options(if i % 4 == 3 {
+                PlanOptions { deterministic: true, split_keys: 512, ..PlanOptions::default() }
+            } else {
+                PlanOptions::default()
+            });
+            let plan = Plan::build(case.shape, case.batch.clone(), &profile, options).unwrap();
+            let ctx = format!("{kernel} {i}: mask density {density}, window {window:?}, cap {cap}, {spec:?}, lens {lens:?}");
+            let (o, lse) = run_plan_inspected(&cu, &case, plan, |bound, args| {
+                assert!(!bound.copies_kv_by_tma(args).unwrap(), "{ctx}: a masked plan was run with K/V by TMA");
+            });
+            done.push((case, o, lse, ctx));
+        }
+    }
+    check_all(done);
+}
+
+/// A launch sized for masks (LaunchCapacity's mask bytes and masked query tokens) takes masked
+/// and unmasked plans in turn, each checked against the reference; one sized without masks
+/// refuses a masked plan by naming the count.
+fn custom_masks_through_capacity_updates() {
+    let Some(cu) = backend("custom_masks_through_capacity_updates") else { return };
+    let mut r = rng(0x3a5d);
+    let spec = cycled_spec(0);
+    let lens = [(4, 900), (1, 30), (16, 400), (8, 8)];
+    let plain = Case::build(&mut r, &spec, &lens, vec![]);
+    let masked = Case::build(&mut r, &spec, &lens, vec![]).with_random_mask(&mut r, 0.6, true);
+    let plan = |c: &Case| Plan::build(c.shape, c.batch.clone(), &cu.profile(), PlanOptions::default()).unwrap();
+    let unmasked_only = testing::bind_cuda(&cu, Arc::new(plan(&plain)), 0, None, None).expect("bind");
+    let err = unmasked_only.update(Arc::new(plan(&masked)), 0).unwrap_err();
+    assert!(err.to_string().contains("custom mask bytes"), "{err}");
+    let cap = LaunchCapacity::of(&plan(&plain)).max(&LaunchCapacity::of(&plan(&masked)));
+    let bound = cu.bind_with_capacity(Arc::new(plan(&plain)), 0, None, &cap).unwrap();
+    let dcase = DeviceCase::for_case(&cu, &masked);
+    for (step, case) in [&masked, &plain, &masked].into_iter().enumerate() {
+        dcase.load(&cu, case);
+        bound.update(Arc::new(plan(case)), 0).unwrap();
+        // SAFETY: the device copies of the case's tensors, alive until after the stream is synced.
+        unsafe { bound.run(&dcase.args(case, 0)) }.expect("run");
+        sync_stream(testing::device(&cu), 0).expect("kernels failed");
+        let (o, lse) = dcase.outputs(&cu, case);
+        check(case, &o, &lse, &format!("step {step}, masked {}", case.batch.has_custom_mask()));
+    }
 }

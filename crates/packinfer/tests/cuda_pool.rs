@@ -5,7 +5,10 @@
 //! that move pages, launches and runs of every layer — on a non-default stream. After every step
 //! the device pool's bytes must equal the host pool's exactly (writes and page copies move
 //! bytes, nothing else), and the attention outputs must agree within bf16 rounding, with no
-//! element left unwritten (outputs are poisoned with NaN first).
+//! element left unwritten (outputs are poisoned with NaN first). The same flow runs with fp8
+//! e4m3 pools (per-head scales): the device's write conversion must give the host encoder's
+//! bytes exactly, and the fp8 kernel the CPU's outputs; the conversion kernel is also checked
+//! on every 16-bit source value and on special f32 values.
 //!
 //! Without a usable CUDA device the CPU half still runs (so the flow itself is checked to copy
 //! and move pages), and the tests are reported as ignored, with the reason; with
@@ -54,8 +57,20 @@ fn config() -> PoolConfig {
     }
 }
 
+/// Per-head scales of the fp8 pools ([layer][K, V][head]): values of about ±1 (random_rows)
+/// over them use e4m3's range, and they differ between heads and layers.
+fn fp8_scales() -> Vec<f32> {
+    (0..LAYERS * 2 * KV_HEADS).map(|i| 0.004 + 0.003 * i as f32).collect()
+}
+
 fn main() {
-    harness::main(harness::trials![pool_on_cuda_matches_pool_on_cpu, cuda_pool_error_paths, pool_plans_use_the_profile_for_their_batch]);
+    harness::main(harness::trials![
+        pool_on_cuda_matches_pool_on_cpu,
+        fp8_pool_on_cuda_matches_pool_on_cpu,
+        fp8_row_conversion_matches_the_host_encoder_bit_for_bit,
+        cuda_pool_error_paths,
+        pool_plans_use_the_profile_for_their_batch
+    ]);
 }
 
 /// The backend on device 0; without one the test is reported as skipped (`None`), or fails
@@ -107,6 +122,12 @@ impl Staged {
 impl Side {
     fn new(backend: Arc<dyn Backend>, gpu: Option<Gpu>) -> Side {
         Side { pool: KvPool::new(backend.clone(), config()).expect("pool"), backend, gpu }
+    }
+    /// A side whose pool stores fp8 e4m3 K/V with `fp8_scales`.
+    fn fp8(backend: Arc<dyn Backend>, gpu: Option<Gpu>) -> Side {
+        let mut c = config();
+        c.shape.kv_dtype = DType::Fp8E4m3;
+        Side { pool: KvPool::with_scales(backend.clone(), c, &fp8_scales()).expect("fp8 pool"), backend, gpu }
     }
     fn stream(&self) -> u64 {
         self.gpu.as_ref().map_or(0, |g| g.stream)
@@ -291,22 +312,118 @@ fn drive(sides: &[Side], profile: &DeviceProfile) {
 }
 
 fn pool_on_cuda_matches_pool_on_cpu() {
+    cuda_and_cpu_pools("pool_on_cuda_matches_pool_on_cpu", Side::new);
+}
+
+/// The flow with fp8 pools: writes convert on the device (scatter_rows_fp8) to exactly the
+/// CPU's bytes, forks and relayouts copy them, and the fp8 kernel reads them with the pool's
+/// per-head scales.
+fn fp8_pool_on_cuda_matches_pool_on_cpu() {
+    cuda_and_cpu_pools("fp8_pool_on_cuda_matches_pool_on_cpu", Side::fp8);
+}
+
+fn cuda_and_cpu_pools(test: &str, side: fn(Arc<dyn Backend>, Option<Gpu>) -> Side) {
     let cpu: Arc<dyn Backend> = Arc::new(CpuBackend::new(2));
-    let Some(cu) = cuda("pool_on_cuda_matches_pool_on_cpu") else {
+    let Some(cu) = cuda(test) else {
         // The CPU half alone: the flow copies and moves pages, outputs are complete.
-        drive(&[Side::new(cpu.clone(), None)], &cpu.profile());
+        drive(&[side(cpu.clone(), None)], &cpu.profile());
         return;
     };
     let stream = {
         let _g = testing::device(&cu).enter().unwrap();
         cu::stream::create(cu::stream::StreamKind::NonBlocking).unwrap() as u64
     };
-    let gpu_side = Side::new(cu.clone(), Some(Gpu { cu: cu.clone(), stream }));
+    let gpu_side = side(cu.clone(), Some(Gpu { cu: cu.clone(), stream }));
     let profile = cu.profile();
-    drive(&[Side::new(cpu, None), gpu_side], &profile);
+    drive(&[side(cpu, None), gpu_side], &profile);
     let _g = testing::device(&cu).enter().unwrap();
     // SAFETY: a stream this test created, its work finished.
     unsafe { cu::stream::destroy(stream as sys::CUstream) }.unwrap();
+}
+
+/// The device's write conversion (`KvMemory::write_rows_fp8`) against `fp8::f32_to_e4m3(x /
+/// scale)` bit for bit: every f16 and every bf16 bit pattern (zeros, subnormals, ties, values past
+/// ±448, infinities, NaNs) and f32 values around every e4m3 midpoint, under a power-of-two
+/// scale and two that are not (so the division rounds).
+fn fp8_row_conversion_matches_the_host_encoder_bit_for_bit() {
+    use packinfer::backend::RowConversion;
+    let Some(cu) = cuda("fp8_row_conversion_matches_the_host_encoder_bit_for_bit") else { return };
+    let mut c = config();
+    c.shape.kv_dtype = DType::Fp8E4m3;
+    let pool = KvPool::new(cu.clone(), c).unwrap();
+    let m = pool.memory();
+    let dev = testing::device(&cu);
+    // f32 sources: each e4m3 value, and just below and above each midpoint between neighbours.
+    let values: Vec<f32> = (0..=255u8).map(packinfer::fp8::e4m3_to_f32).filter(|x| x.is_finite()).collect();
+    let mut f32s: Vec<f32> = vec![0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 448.0, 464.0, 465.0, 1e-30, f32::MIN_POSITIVE];
+    for a in &values {
+        for b in &values {
+            if a < b && values.iter().all(|x| !(a < x && x < b)) {
+                let mid = (a + b) / 2.0;
+                f32s.extend([mid, f32::from_bits(mid.to_bits() - 1), f32::from_bits(mid.to_bits() + 1), *a]);
+            }
+        }
+    }
+    for scale in [1.0f32, 0.37, 3.1] {
+        let sources: [(DType, Vec<u8>, Vec<f32>); 3] = [
+            (DType::F16, (0..=u16::MAX).flat_map(|x| x.to_le_bytes()).collect(), (0..=u16::MAX).map(f16_value).collect()),
+            (
+                DType::Bf16,
+                (0..=u16::MAX).flat_map(|x| x.to_le_bytes()).collect(),
+                (0..=u16::MAX).map(|x| f32::from_bits((x as u32) << 16)).collect(),
+            ),
+            (DType::F32, f32s.iter().flat_map(|x| x.to_le_bytes()).collect(), f32s.clone()),
+        ];
+        for (dtype, bytes, xs) in sources {
+            // Rows of KV_HEADS x DIM elements; both heads get `scale` (their scales at byte 0).
+            let row = ROW;
+            let rows = xs.len().div_ceil(row);
+            let mut bytes = bytes;
+            bytes.resize(rows * row * dtype.size_bytes(), 0);
+            let mut xs = xs;
+            xs.resize(rows * row, 0.0);
+            let src = DeviceBuffer::new(dev, bytes.len(), "fp8 conversion source").unwrap();
+            src.write(dev, &bytes).unwrap();
+            let scales: Vec<u8> = [scale; KV_HEADS as usize].iter().flat_map(|x| x.to_ne_bytes()).collect();
+            m.write_from_host(0, &scales).unwrap();
+            let conv = RowConversion { src_dtype: dtype, num_kv_heads: KV_HEADS, head_dim: DIM, head_scales: 0 };
+            let dst: Vec<u64> = (0..rows as u64).map(|i| 4096 + i * row as u64).collect();
+            // SAFETY: `src` holds `rows` rows of ROW elements of `dtype` on the device.
+            unsafe { m.write_rows_fp8(src.ptr(), (row * dtype.size_bytes()) as u64, &conv, &dst, 0) }.unwrap();
+            sync_stream(dev, 0).unwrap();
+            let mut back = vec![0u8; rows * row];
+            {
+                let _g = dev.enter().unwrap();
+                // SAFETY: the range lies in the pool's device allocation, whose writes are synced.
+                unsafe { cu::memcpy_dtoh_sync(&mut back, m.base() + 4096) }.unwrap();
+            }
+            let bad: Vec<(f32, u8, u8)> = xs
+                .iter()
+                .zip(&back)
+                .map(|(&x, &got)| (x, got, packinfer::fp8::f32_to_e4m3(x / scale)))
+                .filter(|&(x, got, want)| got != want && !(x.is_nan() && got & 0x7f == 0x7f))
+                .collect();
+            assert!(
+                bad.is_empty(),
+                "{dtype:?} / {scale}: {} of {} codes differ, e.g. (x, got, want) {:?}",
+                bad.len(),
+                xs.len(),
+                &bad[..bad.len().min(8)]
+            );
+        }
+    }
+}
+
+/// The value of f16 bits `h` (exact in f32).
+fn f16_value(h: u16) -> f32 {
+    let sign = if h & 0x8000 != 0 { -1.0f32 } else { 1.0 };
+    let (e, m) = ((h >> 10) & 0x1f, (h & 0x3ff) as f32);
+    sign * match e {
+        0 => m * (2.0f32).powi(-24),
+        0x1f if m == 0.0 => f32::INFINITY,
+        0x1f => f32::NAN,
+        _ => (1.0 + m / 1024.0) * (2.0f32).powi(e as i32 - 15),
+    }
 }
 
 /// What a CUDA pool refuses: host-only reads, a zero-byte allocation; and offsets outside the

@@ -142,7 +142,7 @@ fn work_structs_match_the_kernels_byte_for_byte() {
     layout!(KvRange, "KvRange", [page_start: u32, key_begin: u32, key_end: u32, row_begin: u32, row_end: u32, row0: u32]);
     layout!(KernelMergeRow, "MergeRow", [q_token: u32, qo_head: u32, slot_begin: u32, slot_count: u32]);
     layout!(PlanHeader, "PlanHeader", [num_items: u32, num_groups: u32, num_merges: u32, num_slots: u32, group_size: u32, page_size: u32, causal: u32, window_left: u32, sm_scale_log2: f32, reserved2: [u32; 3]]);
-    layout!(KernelParams, "KernelParams", [header: u64, items: u64, segments: u64, chunks: u64, pages: u64, group_offsets: u64, merges: u64, merge_slots: u64, q: u64, q_stride_token: i64, q_stride_head: i64, k: u64, v: u64, kv_stride_page: i64, kv_stride_token: i64, kv_stride_head: i64, kv_stride_dim: i64, o: u64, o_stride_token: i64, o_stride_head: i64, lse: u64, scratch: u64, group_counter: u64, flags: u32, num_qo_heads: u32, softcap_in: f32, softcap_out: f32, reserved: [u32; 14], k_map: TensorMap, v_map: TensorMap, q_map: TensorMap, o_map: TensorMap]);
+    layout!(KernelParams, "KernelParams", [header: u64, items: u64, segments: u64, chunks: u64, pages: u64, group_offsets: u64, merges: u64, merge_slots: u64, q: u64, q_stride_token: i64, q_stride_head: i64, k: u64, v: u64, kv_stride_page: i64, kv_stride_token: i64, kv_stride_head: i64, kv_stride_dim: i64, o: u64, o_stride_token: i64, o_stride_head: i64, lse: u64, scratch: u64, group_counter: u64, flags: u32, num_qo_heads: u32, softcap_in: f32, softcap_out: f32, k_scale: f32, v_scale: f32, k_head_scales: u64, v_head_scales: u64, mask: u64, mask_bit0: u64, reserved: [u32; 4], k_map: TensorMap, v_map: TensorMap, q_map: TensorMap, o_map: TensorMap]);
     if !nvrtc_or_skip("work_structs_match_the_kernels_byte_for_byte (C side)") {
         return;
     }
@@ -202,7 +202,7 @@ fn kv_unit_exports_the_pool_kernels() {
         return;
     }
     let c = compile::compile(Unit::Kv, "sm_90a").unwrap();
-    for name in ["append_kv", "copy_pages", "scatter_rows", "copy_ranges"] {
+    for name in ["append_kv", "copy_pages", "scatter_rows", "copy_ranges", "scatter_rows_fp8"] {
         assert!(c.cubin.windows(name.len()).any(|w| w == name.as_bytes()), "the kv cubin has no symbol {name}");
     }
 }

@@ -278,3 +278,42 @@ fn launch_images_are_the_per_kv_head_encodings_bytes() {
         }
     }
 }
+
+#[test]
+fn masked_images_carry_the_mask_and_each_querys_first_bit() {
+    // Tree-speculation-like steps (a few queries over long contexts, some split) with a custom
+    // mask: after the merge slots the image holds the mask's bytes, then per query token the bit
+    // of (that query, key 0); the mask replaces the causal one, so the header says not causal.
+    let mut rng = SmallRng::seed_from_u64(77);
+    let lens: Vec<(u32, u32)> = (0..24).map(|_| (rng.random_range(1..=8), rng.random_range(100..=6000))).collect();
+    let mut b = paged_batch(&lens, 0, true, &mut rng);
+    b.mask_indptr.push(0);
+    for &(q, kv) in &lens {
+        let bytes = (q as usize * kv as usize).div_ceil(8);
+        b.custom_mask.extend((0..bytes).map(|_| rng.random::<u8>()));
+        b.mask_indptr.push(b.custom_mask.len() as i32);
+    }
+    let options = PlanOptions { split_keys: 1024, ..PlanOptions::default() };
+    let plan = Plan::build(shape(32, 8, true), b.clone(), &DeviceProfile::hopper(132), options).unwrap();
+    let mut upload = HostUpload::new(&plan, &LaunchCapacity::default(), 128);
+    let used = upload.update(&plan).unwrap();
+    let img = upload.image();
+    let d = decode(&plan, img);
+    assert_eq!(d.header[6], 0, "causal in the header of a masked plan");
+    assert!(d.segments.iter().all(|s| s[3] == 0), "a masked plan's segments advance no causal limit");
+    // The mask follows the merge slots, each array at a multiple of 256 bytes.
+    let c = LaunchCapacity::of(&plan);
+    let end_of_slots = used - plan.batch.total_q() as usize * 4 - b.custom_mask.len().div_ceil(256) * 256;
+    assert_eq!(c.mask_bytes as usize, b.custom_mask.len());
+    assert_eq!(&img[end_of_slots..end_of_slots + b.custom_mask.len()], &b.custom_mask[..], "mask bytes");
+    let bit0_at = end_of_slots + b.custom_mask.len().div_ceil(256) * 256;
+    let mut token = 0usize;
+    for (r, &(q_len, kv_len)) in lens.iter().enumerate() {
+        for q in 0..q_len {
+            let got = u32::from_ne_bytes(img[bit0_at + token * 4..bit0_at + token * 4 + 4].try_into().unwrap());
+            assert_eq!(got, b.mask_indptr[r] as u32 * 8 + q * kv_len, "request {r} query {q}");
+            token += 1;
+        }
+    }
+    assert_eq!(bit0_at + token * 4, used);
+}

@@ -180,6 +180,10 @@ pub struct LaunchCapacity {
     pub groups: u32,
     /// Partial slots (they size the scratch).
     pub partial_slots: u32,
+    /// Bytes of custom mask (0 when plans carry none).
+    pub mask_bytes: u32,
+    /// Query tokens of a step with a custom mask (the kernels keep one mask offset per token).
+    pub mask_queries: u32,
 }
 
 impl LaunchCapacity {
@@ -195,6 +199,8 @@ impl LaunchCapacity {
             merge_slots: (plan.merge_slots.len() * plan.shape.num_qo_heads as usize).min(u32::MAX as usize) as u32,
             groups: plan.num_groups(),
             partial_slots: plan.num_partial_slots(),
+            mask_bytes: plan.batch.custom_mask.len() as u32,
+            mask_queries: if plan.batch.has_custom_mask() { plan.batch.total_q() } else { 0 },
         }
     }
 
@@ -210,6 +216,8 @@ impl LaunchCapacity {
             merge_slots: self.merge_slots.max(o.merge_slots),
             groups: self.groups.max(o.groups),
             partial_slots: self.partial_slots.max(o.partial_slots),
+            mask_bytes: self.mask_bytes.max(o.mask_bytes),
+            mask_queries: self.mask_queries.max(o.mask_queries),
         }
     }
 
@@ -226,6 +234,8 @@ impl LaunchCapacity {
             ("merge slots", need.merge_slots, self.merge_slots),
             ("groups", need.groups, self.groups),
             ("partial slots", need.partial_slots, self.partial_slots),
+            ("custom mask bytes", need.mask_bytes, self.mask_bytes),
+            ("masked query tokens", need.mask_queries, self.mask_queries),
         ];
         for (what, n, cap) in pairs {
             if n > cap {

@@ -239,7 +239,6 @@ impl KvPool {
         if backend.kind() == crate::backend::BackendKind::Cuda {
             // A pool the kernels cannot read would fail only at the first launch; say it now.
             crate::backend::cuda::check_kernel_shape(config.shape.head_dim, config.shape.dtype)
-                .and_then(|()| crate::backend::cuda::check_kernel_kv_dtype(config.shape.kv_dtype))
                 .map_err(|e| crate::unsupported!("a KV pool on the CUDA backend: {e}"))?;
         }
         let memory = backend.alloc_kv(bytes as usize)?;

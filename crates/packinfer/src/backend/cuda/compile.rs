@@ -101,11 +101,20 @@ pub enum Variant {
     /// than they compute; faster on them than the plain 4-warp kernel it replaced
     /// (docs/performance-log.md#short-prefill-ctas).
     ShortPrefill,
+    /// The plain kernel that also applies custom masks (`PI_CUSTOM_MASK`): a launch whose plans
+    /// may carry masks runs it for them. Built apart so the other kernels' code, and their
+    /// registers, are what they were without masks (the mask test made the plain 8-warp kernel
+    /// spill).
+    Masked,
+    /// The plain kernel over K/V caches of fp8 e4m3 codes (`-DPI_KV_FP8=1`, any architecture and
+    /// head_dim): blocks are copied as bytes, half those of a 16-bit cache, and converted to Q's
+    /// type in shared memory before the MMAs. Plans with an fp8 cache run it, and only it.
+    PlainFp8,
 }
 
 impl Variant {
-    pub fn all() -> [Variant; 3] {
-        [Variant::Plain, Variant::WarpSpecialized, Variant::ShortPrefill]
+    pub fn all() -> [Variant; 5] {
+        [Variant::Plain, Variant::WarpSpecialized, Variant::ShortPrefill, Variant::Masked, Variant::PlainFp8]
     }
 }
 
@@ -137,6 +146,8 @@ impl Unit {
                     Variant::Plain => "",
                     Variant::WarpSpecialized => "-ws",
                     Variant::ShortPrefill => "-short",
+                    Variant::Masked => "-mask",
+                    Variant::PlainFp8 => "-fp8",
                 };
                 format!("attention-d{head_dim}-{}-w{warps}{suffix}", dtype.name())
             }
@@ -165,9 +176,12 @@ impl Unit {
     }
 
     /// The variant this unit builds on `arch`: the one asked for where it exists (Hopper,
-    /// head_dim <= 128; the short-prefill kernel with 4 warps), else the plain kernel.
+    /// head_dim <= 128; the short-prefill kernel with 4 warps), else the plain kernel. The fp8
+    /// kernel exists everywhere.
     pub fn variant_on(&self, arch: &str) -> Variant {
         match *self {
+            Unit::Attention { variant: Variant::Masked, .. } => Variant::Masked,
+            Unit::Attention { variant: Variant::PlainFp8, .. } => Variant::PlainFp8,
             Unit::Attention { head_dim, warps, variant, .. } => {
                 let exists = arch == "sm_90a"
                     && wgmma_head_dim(head_dim)
@@ -216,8 +230,12 @@ impl Unit {
     /// flight, and a stage is refilled only after the PV that read it has finished); two
     /// elsewhere: the 4-warp kernel keeps two CTAs per SM that way, head_dim 256 has no room,
     /// and sm_80 is not measured. Measurements: docs/performance-log.md#block-n-stages.
+    /// The fp8 kernel's ring holds bytes (half a 16-bit stage each): three stages up to head_dim
+    /// 128 keep two 4-warp CTAs per SM, two above (unmeasured: docs/performance-log.md#fp8-kernels).
     pub fn stages(&self, arch: &str) -> u32 {
         match *self {
+            Unit::Attention { head_dim, variant: Variant::PlainFp8, .. } if head_dim <= 128 => 3,
+            Unit::Attention { variant: Variant::PlainFp8, .. } => 2,
             Unit::Attention { .. } if self.variant_on(arch) == Variant::ShortPrefill => 4,
             Unit::Attention { .. } if self.warp_specialized(arch) => 2,
             Unit::Attention { head_dim, warps: 8, .. } if arch == "sm_90a" && wgmma_head_dim(head_dim) => 5,
@@ -245,7 +263,12 @@ impl Unit {
                 let head_dim = head_dim.next_multiple_of(64);
                 let block_m = 16 * warps;
                 let stages = self.stages(arch);
-                let kv = 2 * stages * self.block_n(arch) * head_dim * 2;
+                let kv = if self.variant_on(arch) == Variant::PlainFp8 {
+                    // One converted 16-bit K and V block, and the stages of bytes.
+                    2 * self.block_n(arch) * head_dim * 2 + 2 * stages * self.block_n(arch) * head_dim
+                } else {
+                    2 * stages * self.block_n(arch) * head_dim * 2
+                };
                 if self.warp_specialized(arch) {
                     2 * (block_m * head_dim * 2 + block_m * 24 + 16 * 24 + 32) + kv + block_m * 16 + 8 * (4 + 4 * stages) + 16
                 } else {
@@ -266,16 +289,25 @@ impl Unit {
 
     fn defines(&self, arch: &str) -> Vec<String> {
         match *self {
-            Unit::Attention { head_dim, dtype, warps, .. } => vec![
-                format!("-DPI_HEAD_DIM={head_dim}"),
-                format!("-DPI_BF16={}", (dtype == DType::Bf16) as u32),
-                format!("-DPI_BLOCK_N={}", self.block_n(arch)),
-                format!("-DPI_WARPS={warps}"),
-                format!("-DPI_STAGES={}", self.stages(arch)),
-                format!("-DPI_SMEM_BYTES={}", self.smem_struct_bytes(arch)),
-                format!("-DPI_WS={}", self.warp_specialized(arch) as u32),
-                format!("-DPI_QO_TMA={}", self.qo_tma(arch) as u32),
-            ],
+            Unit::Attention { head_dim, dtype, warps, .. } => {
+                let mut d = vec![
+                    format!("-DPI_HEAD_DIM={head_dim}"),
+                    format!("-DPI_BF16={}", (dtype == DType::Bf16) as u32),
+                    format!("-DPI_BLOCK_N={}", self.block_n(arch)),
+                    format!("-DPI_WARPS={warps}"),
+                    format!("-DPI_STAGES={}", self.stages(arch)),
+                    format!("-DPI_SMEM_BYTES={}", self.smem_struct_bytes(arch)),
+                    format!("-DPI_WS={}", self.warp_specialized(arch) as u32),
+                    format!("-DPI_QO_TMA={}", self.qo_tma(arch) as u32),
+                ];
+                // Only where set: the 16-bit kernels' options (and cache keys) stay as they were.
+                match self.variant_on(arch) {
+                    Variant::PlainFp8 => d.push("-DPI_KV_FP8=1".into()),
+                    Variant::Masked => d.push("-DPI_CUSTOM_MASK=1".into()),
+                    _ => {}
+                }
+                d
+            }
             Unit::Kv => vec![],
         }
     }

@@ -20,9 +20,10 @@ use parking_lot::Mutex;
 
 use super::driver::{self, DeviceBuffer, Event};
 use super::Shared;
-use crate::backend::KvMemory;
+use crate::backend::{KvMemory, RowConversion};
 use crate::error::{Error, Result};
 use crate::invalid;
+use crate::types::DType;
 
 /// The smallest staging buffer: 4096 offsets (a 4096-token step's K rows), 32 KiB.
 const MIN_STAGING_BYTES: usize = 4096 * 8;
@@ -162,6 +163,78 @@ impl KvMemory for DeviceKvMemory {
                 )
             }
         })
+    }
+
+    unsafe fn write_rows_fp8(&self, src: u64, src_stride_bytes: u64, conv: &RowConversion, dst_offsets: &[u64], stream: u64) -> Result<()> {
+        let row_elems = conv.num_kv_heads as u64 * conv.head_dim as u64;
+        if dst_offsets.is_empty() || row_elems == 0 {
+            return Ok(());
+        }
+        if src == 0 {
+            return Err(invalid!("the K/V source is a null device pointer but {} rows are to be written", dst_offsets.len()));
+        }
+        let src_dtype: u32 = match conv.src_dtype {
+            DType::F16 => 0,
+            DType::Bf16 => 1,
+            DType::F32 => 2,
+            DType::Fp8E4m3 => return Err(invalid!("an fp8 pool converts rows of f16, bf16 or f32, not {}", conv.src_dtype.name())),
+        };
+        let size = conv.src_dtype.size_bytes() as u64;
+        if !(src | src_stride_bytes).is_multiple_of(size) {
+            return Err(invalid!(
+                "the K/V source 0x{src:x} with a stride of {src_stride_bytes} bytes is not aligned to its {} elements",
+                conv.src_dtype.name()
+            ));
+        }
+        let num_rows = u32::try_from(dst_offsets.len())
+            .map_err(|_| invalid!("{} rows in one write; at most {} fit one launch", dst_offsets.len(), u32::MAX))?;
+        self.check("scales", conv.head_scales, conv.num_kv_heads as u64 * 4)?;
+        for &dst in dst_offsets {
+            self.check("write", dst, row_elems)?;
+        }
+        let kern = self.shared.kv()?;
+        let dev = &self.shared.dev;
+        let _g = dev.enter()?;
+        self.with_staged(dst_offsets, stream, |offsets| {
+            let (mut base, mut s, mut ss, mut off, mut n, mut heads, mut dim, mut scales, mut dt) =
+                (self.memory.ptr, src, src_stride_bytes, offsets, num_rows, conv.num_kv_heads, conv.head_dim, conv.head_scales, src_dtype);
+            let mut args: [*mut c_void; 9] = [
+                &mut base as *mut _ as _,
+                &mut s as *mut _ as _,
+                &mut ss as *mut _ as _,
+                &mut off as *mut _ as _,
+                &mut n as *mut _ as _,
+                &mut heads as *mut _ as _,
+                &mut dim as *mut _ as _,
+                &mut scales as *mut _ as _,
+                &mut dt as *mut _ as _,
+            ];
+            // SAFETY: the argument list matches scatter_rows_fp8's signature; every destination
+            // and the scales are inside the allocation (checked), the source is the caller's
+            // promise.
+            unsafe {
+                driver::launch_args(
+                    kern.scatter_rows_fp8,
+                    grid_for(row_elems * num_rows as u64, dev.sm_count),
+                    256,
+                    stream as sys::CUstream,
+                    &mut args,
+                    "launching scatter_rows_fp8 (fp8 KV pool write)",
+                )
+            }
+        })
+    }
+
+    fn write_from_host(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.check("write", offset, data.len() as u64)?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let _g = self.shared.dev.enter()?;
+        // SAFETY: the range is inside the allocation (checked above); a synchronous copy, once
+        // per pool.
+        unsafe { cu::memcpy_htod_sync(self.memory.ptr + offset, data) }
+            .map_err(|e| driver::device_err("cuMemcpyHtoD (an fp8 KV pool's scales)", e))
     }
 
     fn copy_ranges(&self, pairs: &[(u64, u64)], bytes: u64, stream: u64) -> Result<()> {

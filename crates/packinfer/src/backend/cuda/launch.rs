@@ -16,7 +16,7 @@ use crate::backend::{BoundPlan, LaunchCapacity, Scratch};
 use crate::error::Result;
 use crate::invalid;
 use crate::plan::{KvChunk, LayoutStamp, Plan, RequestInfo, RowSegment, FINAL_OUTPUT};
-use crate::types::{Batch, KvLayout, RunArgs, Shape};
+use crate::types::{Batch, DType, KvLayout, RunArgs, Shape};
 
 /// Counts and shape of the uploaded plan; mirrors `PlanHeader` in `kernels/work.cuh`. The
 /// structs here are `Pod` because they reach the device as bytes: the derive proves they have
@@ -106,8 +106,20 @@ pub struct KernelParams {
     pub softcap_in: f32,
     /// `cap / sm_scale`.
     pub softcap_out: f32,
+    /// An fp8 cache's per-tensor K scale (`KvScales`; read by the fp8 kernel only).
+    pub k_scale: f32,
+    /// An fp8 cache's per-tensor V scale.
+    pub v_scale: f32,
+    /// Device address of the per-KV-head K scales, or 0.
+    pub k_head_scales: u64,
+    /// Device address of the per-KV-head V scales, or 0.
+    pub v_head_scales: u64,
+    /// Device address of the plan's custom mask bits, or 0 without a custom mask.
+    pub mask: u64,
+    /// Device address of, per query token of the step, the mask bit of (that query, key 0).
+    pub mask_bit0: u64,
     /// Zero; keeps the TMA maps 64-byte aligned without padding.
-    pub reserved: [u32; 14],
+    pub reserved: [u32; 4],
     /// TMA descriptor of K's rows (with `FLAG_KV_TMA`).
     pub k_map: TensorMap,
     /// TMA descriptor of V's rows (with `FLAG_KV_TMA`).
@@ -366,6 +378,8 @@ struct Layout {
     group_offsets: usize,
     merges: usize,
     merge_slots: usize,
+    mask: usize,
+    mask_bit0: usize,
     total: usize,
 }
 
@@ -386,7 +400,9 @@ impl Layout {
         let group_offsets = take((c.groups as usize + 1) * 4);
         let merges = take(c.merge_rows as usize * std::mem::size_of::<KernelMergeRow>());
         let merge_slots = take(c.merge_slots as usize * 4);
-        Layout { group_counter, items, segments, chunks, pages, group_offsets, merges, merge_slots, total: at }
+        let mask = take(c.mask_bytes as usize);
+        let mask_bit0 = take(c.mask_queries as usize * 4);
+        Layout { group_counter, items, segments, chunks, pages, group_offsets, merges, merge_slots, mask, mask_bit0, total: at }
     }
 }
 
@@ -427,6 +443,8 @@ fn write_image(layout: &Layout, block_m: u32, plan: &Plan, img: &mut [u8]) -> Re
     }
     let s = &plan.shape;
     let l = layout;
+    // A custom mask replaces the causal one (Batch::applies_causal).
+    let causal = plan.batch.applies_causal(s.causal);
     let (heads, group) = (s.num_kv_heads, s.group_size());
     // check_consistent has checked that the copies are sorted by group, every group below the
     // number of copies: group g's copies start at the first copy of a group >= g.
@@ -439,7 +457,7 @@ fn write_image(layout: &Layout, block_m: u32, plan: &Plan, img: &mut [u8]) -> Re
         num_slots: plan.num_partial_slots(),
         group_size: group,
         page_size: plan.batch.page_size,
-        causal: s.causal as u32,
+        causal: causal as u32,
         window_left: plan.options.window_left.unwrap_or(NO_WINDOW),
         sm_scale_log2: s.sm_scale * std::f32::consts::LOG2_E,
         reserved2: [0; 3],
@@ -486,7 +504,7 @@ fn write_image(layout: &Layout, block_m: u32, plan: &Plan, img: &mut [u8]) -> Re
     put_each(
         img,
         l.segments,
-        plan.row_segments.iter().map(|sg| SegmentInfo::of(sg, &plan.requests[sg.request as usize], s.causal, windowed)),
+        plan.row_segments.iter().map(|sg| SegmentInfo::of(sg, &plan.requests[sg.request as usize], causal, windowed)),
     );
     put_each(img, l.chunks, plan.kv_chunks.iter().map(|c| KvRange::of(c, &plan.requests[c.request as usize], &plan.batch)));
     put(img, l.pages, &plan.batch.kv_page_indices);
@@ -531,7 +549,20 @@ fn write_image(layout: &Layout, block_m: u32, plan: &Plan, img: &mut [u8]) -> Re
             }
         }
     }
-    Ok(l.merge_slots + total_slots * 4)
+    if !plan.batch.has_custom_mask() {
+        return Ok(l.merge_slots + total_slots * 4);
+    }
+    put(img, l.mask, &plan.batch.custom_mask);
+    // Per query token, the bit of (its query, key 0): mask_indptr is in bytes, each query a row
+    // of kv_len bits (check_kernel_plan has bounded them to 32 bits).
+    for (r, req) in plan.requests.iter().enumerate() {
+        let first = plan.batch.mask_indptr[r] as u32 * 8;
+        let at = l.mask_bit0 + req.q_start as usize * 4;
+        for (q, d) in img[at..at + req.q_len as usize * 4].chunks_exact_mut(4).enumerate() {
+            d.copy_from_slice(&(first + q as u32 * req.kv_len).to_ne_bytes());
+        }
+    }
+    Ok(l.mask_bit0 + plan.batch.total_q() as usize * 4)
 }
 
 /// What a run checks of the plan uploaded last, kept instead of the plan itself: the launch
@@ -539,12 +570,19 @@ fn write_image(layout: &Layout, block_m: u32, plan: &Plan, img: &mut [u8]) -> Re
 struct Uploaded {
     total_q: u32,
     pages: usize,
+    /// The plan has a custom mask: runs pass the kernels its bits and take the plain kernel.
+    masked: bool,
     pool_layout: Option<LayoutStamp>,
 }
 
 impl Uploaded {
     fn of(plan: &Plan) -> Uploaded {
-        Uploaded { total_q: plan.batch.total_q(), pages: plan.batch.kv_page_indices.len(), pool_layout: plan.pool_layout.clone() }
+        Uploaded {
+            total_q: plan.batch.total_q(),
+            pages: plan.batch.kv_page_indices.len(),
+            masked: plan.batch.has_custom_mask(),
+            pool_layout: plan.pool_layout.clone(),
+        }
     }
 }
 
@@ -633,6 +671,18 @@ enum ScratchMem {
     Caller(Scratch),
 }
 
+/// The attention kernels a launch runs: the one chosen for its first plan, and the ones a run
+/// may need instead.
+pub(super) struct Kernels {
+    pub chosen: Arc<LoadedAttention>,
+    /// The plain kernel of the same tile size, run instead of a warp-specialised `chosen` when
+    /// the caller's cache has no row view for TMA (its cp.async producer is slow).
+    pub plain: Option<Arc<LoadedAttention>>,
+    /// The masked plain kernel of the same tile size, for plans with a custom mask; present when
+    /// the launch's capacity has room for masks.
+    pub masked: Option<Arc<LoadedAttention>>,
+}
+
 /// A plan bound to the CUDA backend (what `Backend::bind` returns, as its concrete type).
 pub struct CudaBound {
     /// The shape and page size of the plan the launch was created with: the launch's.
@@ -641,9 +691,9 @@ pub struct CudaBound {
     /// The plan uploaded last (by `new` or `update`), as far as `run` checks it.
     current: Mutex<Uploaded>,
     kernels: Arc<LoadedAttention>,
-    /// The plain kernel of the same tile size, run instead of a warp-specialised `kernels`
-    /// when the caller's cache has no row view for TMA (its cp.async producer is slow).
+    /// See `Kernels`.
     plain: Option<Arc<LoadedAttention>>,
+    masked: Option<Arc<LoadedAttention>>,
     capacity: LaunchCapacity,
     layout: Layout,
     buffer: DeviceBuffer,
@@ -662,13 +712,13 @@ pub struct CudaBound {
 impl CudaBound {
     pub(super) fn new(
         shared: Arc<Shared>,
-        kernels: Arc<LoadedAttention>,
-        plain: Option<Arc<LoadedAttention>>,
+        kernels: Kernels,
         plan: Arc<Plan>,
         stream: u64,
         scratch: Option<Scratch>,
         capacity: &LaunchCapacity,
     ) -> Result<CudaBound> {
+        let Kernels { chosen: kernels, plain, masked } = kernels;
         let shape = &plan.shape;
         let capacity = capacity.max(&LaunchCapacity::of(&plan));
         let layout = Layout::new(&capacity);
@@ -691,6 +741,7 @@ impl CudaBound {
             current: Mutex::new(Uploaded::of(&plan)),
             kernels,
             plain,
+            masked,
             capacity,
             layout,
             buffer,
@@ -793,7 +844,10 @@ impl CudaBound {
         if a16(args.q.ptr) && m8(args.q.stride_token) && m8(args.q.stride_head) {
             flags |= FLAG_Q_VEC;
         }
-        if a16(kv.k) && a16(kv.v) && kv.stride_dim == 1 && m8(kv.stride_page) && m8(kv.stride_token) && m8(kv.stride_head) {
+        // A 16-byte vector is 8 elements of a 16-bit cache, 16 of an fp8 one.
+        let kv_vec = if self.shape.kv_dtype == DType::Fp8E4m3 { 16 } else { 8 };
+        let mkv = |x: i64| x % kv_vec == 0;
+        if a16(kv.k) && a16(kv.v) && kv.stride_dim == 1 && mkv(kv.stride_page) && mkv(kv.stride_token) && mkv(kv.stride_head) {
             flags |= FLAG_KV_VEC;
         }
         if a16(args.o.ptr) && m8(args.o.stride_token) && m8(args.o.stride_head) {
@@ -816,8 +870,11 @@ impl CudaBound {
                 (o_map, flags) = (m, flags | FLAG_O_TMA);
             }
         }
+        let masked = self.current.lock().masked;
         let (mut k_map, mut v_map) = (TensorMap::default(), TensorMap::default());
-        if self.kernels.warp_specialized && flags & FLAG_KV_VEC != 0 {
+        // Without the TMA flag a warp-specialised launch runs its plain kernel, the one that
+        // applies custom masks.
+        if self.kernels.warp_specialized && flags & FLAG_KV_VEC != 0 && !masked {
             let s = &self.shape;
             let map = |base| kv_tensor_map(base, kv, self.page_size, s.head_dim, s.num_kv_heads, self.kernels.block_n);
             if let (Some(k), Some(v)) = (map(kv.k), map(kv.v)) {
@@ -861,7 +918,13 @@ impl CudaBound {
             num_qo_heads: self.shape.num_qo_heads,
             softcap_in,
             softcap_out,
-            reserved: [0; 14],
+            k_scale: args.kv_scales.k_scale,
+            v_scale: args.kv_scales.v_scale,
+            k_head_scales: args.kv_scales.k_head_scales,
+            v_head_scales: args.kv_scales.v_head_scales,
+            mask: if masked { at(l.mask) } else { 0 },
+            mask_bit0: if masked { at(l.mask_bit0) } else { 0 },
+            reserved: [0; 4],
             k_map,
             v_map,
             q_map,
@@ -902,8 +965,9 @@ impl BoundPlan for CudaBound {
         let mut last = self.last_stream.lock();
         self.order_after(&mut last, args.stream)?;
         let mut p = self.params(args);
-        let (k, grid) = match &self.plain {
-            Some(plain) if self.kernels.warp_specialized && p.flags & FLAG_KV_TMA == 0 => {
+        let (k, grid) = match (&self.masked, &self.plain) {
+            (Some(masked), _) if p.mask != 0 => (masked, self.shared.dev.sm_count * masked.ctas_per_sm),
+            (_, Some(plain)) if self.kernels.warp_specialized && p.flags & FLAG_KV_TMA == 0 => {
                 (plain, self.shared.dev.sm_count * plain.ctas_per_sm)
             }
             _ => (&self.kernels, self.grid),

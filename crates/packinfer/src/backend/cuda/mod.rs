@@ -49,29 +49,28 @@ pub(crate) fn check_kernel_shape(head_dim: u32, dtype: DType) -> Result<()> {
     Ok(())
 }
 
-/// `Unsupported` for a plan the kernels would compute wrongly: K/V in fp8 or a batch with custom
-/// masks (the kernels read neither yet; the CPU backend runs both).
+/// `Unsupported` for a plan the kernels would compute wrongly: a custom mask whose bits the
+/// kernels' 32-bit bit offsets cannot address (over 512 MiB), or a custom mask over an fp8 cache
+/// (the masked kernel reads 16-bit K/V, the fp8 one applies no mask).
 pub(crate) fn check_kernel_plan(shape: &Shape, batch: &Batch) -> Result<()> {
-    check_kernel_kv_dtype(shape.kv_dtype)?;
-    if batch.has_custom_mask() {
+    if batch.has_custom_mask() && shape.kv_dtype == DType::Fp8E4m3 {
         return Err(crate::unsupported!(
-            "the batch has a custom mask (mask_indptr with {} entries); the CUDA kernels do not apply custom masks yet (the CPU backend does)",
-            batch.mask_indptr.len()
+            "the batch has a custom mask and kv_dtype = {}: the CUDA kernels do not apply custom masks over fp8 caches yet (the CPU backend does)",
+            shape.kv_dtype.name()
+        ));
+    }
+    if !mask_addressable(batch.custom_mask.len()) {
+        return Err(crate::unsupported!(
+            "the batch's custom mask has {} bytes; the CUDA kernels address at most 2^32 mask bits (512 MiB)",
+            batch.custom_mask.len()
         ));
     }
     Ok(())
 }
 
-/// `Unsupported` unless the kernels read K/V of `kv_dtype` (the plan's dtype: they do not read
-/// fp8 caches yet).
-pub(crate) fn check_kernel_kv_dtype(kv_dtype: DType) -> Result<()> {
-    if kv_dtype == DType::Fp8E4m3 {
-        return Err(crate::unsupported!(
-            "kv_dtype = {}: the CUDA kernels do not read fp8 K/V caches yet (the CPU backend does)",
-            kv_dtype.name()
-        ));
-    }
-    Ok(())
+/// Whether the kernels' 32-bit bit offsets reach every bit of a custom mask of `bytes` bytes.
+fn mask_addressable(bytes: usize) -> bool {
+    bytes as u64 * 8 <= 1u64 << 32
 }
 
 /// Opens the CUDA backend on `choice.device_ordinal`.
@@ -112,6 +111,8 @@ pub(crate) struct LoadedKv {
     /// The KV pool's byte moves (`kv_memory`).
     pub scatter_rows: sys::CUfunction,
     pub copy_ranges: sys::CUfunction,
+    /// An fp8 pool's writes: rows converted to e4m3 on the way (`KvMemory::write_rows_fp8`).
+    pub scatter_rows_fp8: sys::CUfunction,
     _module: Module,
 }
 
@@ -211,6 +212,7 @@ impl Shared {
             copy_pages: module.function("copy_pages")?,
             scatter_rows: module.function("scatter_rows")?,
             copy_ranges: module.function("copy_ranges")?,
+            scatter_rows_fp8: module.function("scatter_rows_fp8")?,
             _module: module,
         });
         *slot = Some(k.clone());
@@ -288,6 +290,8 @@ impl CudaBackend {
             && plan.items.iter().all(|i| i.num_rows <= 64);
         let short = narrow && self.is_short(&plan.shape, &plan.batch);
         let variant = match self.shared.specialize {
+            // fp8 caches have one kernel, chosen by the plan's kv_dtype (fixed at plan time).
+            _ if plan.shape.kv_dtype == DType::Fp8E4m3 => Variant::PlainFp8,
             compile::Specialize::Always => Variant::WarpSpecialized,
             compile::Specialize::Auto if short => Variant::ShortPrefill,
             compile::Specialize::Auto if !narrow && suits_warp_specialized(&plan.shape, &plan.batch) => Variant::WarpSpecialized,
@@ -308,7 +312,15 @@ impl CudaBackend {
         } else {
             None
         };
-        launch::CudaBound::new(self.shared.clone(), kernels, plain, plan, stream, scratch, capacity.unwrap_or(&LaunchCapacity::default()))
+        // A launch whose plans may carry custom masks keeps the masked kernel of its tile size
+        // for them (the others leave the mask code out; an fp8 launch takes no masked plan).
+        let capacity = capacity.copied().unwrap_or_default().max(&LaunchCapacity::of(&plan));
+        let masked = if capacity.mask_bytes > 0 && plan.shape.kv_dtype != DType::Fp8E4m3 {
+            Some(self.shared.attention_with(plan.shape.head_dim, plan.shape.dtype, warps, Variant::Masked)?)
+        } else {
+            None
+        };
+        launch::CudaBound::new(self.shared.clone(), launch::Kernels { chosen: kernels, plain, masked }, plan, stream, scratch, &capacity)
     }
 }
 
@@ -411,14 +423,14 @@ impl Backend for CudaBackend {
     }
     /// Compiles (or loads from the disk cache) and loads every kernel variant a launch may
     /// pick: both tile sizes (the narrow one serves decode-heavy launches), the warp-specialised
-    /// and short-prefill kernels as the context allows, and the KV kernels.
+    /// and short-prefill kernels as the context allows, the fp8 kernel, and the KV kernels.
     fn precompile(&self) -> Result<()> {
         use compile::Specialize;
         let warps = if self.shared.tile_warps > 4 { vec![self.shared.tile_warps, 4] } else { vec![4] };
         let variants: Vec<Variant> = match self.shared.specialize {
             Specialize::Auto => Variant::all().to_vec(),
-            Specialize::Always => vec![Variant::WarpSpecialized],
-            Specialize::Never => vec![Variant::Plain],
+            Specialize::Always => vec![Variant::WarpSpecialized, Variant::Masked, Variant::PlainFp8],
+            Specialize::Never => vec![Variant::Plain, Variant::Masked, Variant::PlainFp8],
         };
         // Specialised launches run the context's tile size; short-prefill ones 4 warps. A variant
         // that does not exist here builds the plain kernel (once).
@@ -454,7 +466,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn kernels_refuse_a_batch_with_a_custom_mask_by_name() {
+    fn kernels_take_custom_masks_their_bit_offsets_reach() {
         let mut batch = Batch {
             qo_indptr: vec![0, 1],
             kv_indptr: vec![0, 1],
@@ -463,8 +475,8 @@ mod tests {
             page_size: 16,
             num_pages: 1,
             prefix_groups: vec![],
-            custom_mask: vec![],
-            mask_indptr: vec![],
+            custom_mask: vec![0b101],
+            mask_indptr: vec![0, 1],
         };
         let shape = Shape {
             num_qo_heads: 1,
@@ -475,17 +487,17 @@ mod tests {
             causal: true,
             sm_scale: 0.1,
         };
-        check_kernel_plan(&shape, &batch).unwrap();
-        batch.custom_mask = vec![0b101];
-        batch.mask_indptr = vec![0, 1];
         batch.validate(true).unwrap();
-        let e = check_kernel_plan(&shape, &batch).unwrap_err();
-        assert!(matches!(e, Error::Unsupported(_)), "{e:?}");
-        assert!(e.to_string().contains("custom mask"), "{e}");
+        check_kernel_plan(&shape, &batch).unwrap();
+        assert!(mask_addressable(1 << 29));
+        assert!(!mask_addressable((1 << 29) + 1));
+        batch.custom_mask.clear();
+        batch.mask_indptr.clear();
+        check_kernel_plan(&shape, &batch).unwrap();
     }
 
     #[test]
-    fn kernels_refuse_an_fp8_cache_by_name() {
+    fn kernels_take_an_fp8_cache() {
         let batch = Batch {
             qo_indptr: vec![0, 1],
             kv_indptr: vec![0, 1],
@@ -501,9 +513,7 @@ mod tests {
             let shape =
                 Shape { num_qo_heads: 4, num_kv_heads: 1, head_dim: 128, dtype, kv_dtype: DType::Fp8E4m3, causal: true, sm_scale: 0.1 };
             shape.validate().unwrap();
-            let e = check_kernel_plan(&shape, &batch).unwrap_err();
-            assert!(matches!(e, Error::Unsupported(_)), "{e:?}");
-            assert!(e.to_string().contains("kv_dtype = fp8_e4m3"), "{e}");
+            check_kernel_plan(&shape, &batch).unwrap();
         }
     }
 }

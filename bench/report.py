@@ -179,6 +179,29 @@ def invariance_table(results):
             "|---|---|---|---|---|"] + rows
 
 
+def fp8_table(results):
+    """Rows of the fp8 K/V section: PackInfer on an fp8 e4m3 copy of a workload's cache against
+    its bf16 run, and FlashInfer's fp8 decode on the same codes and scales where it ran. Eager
+    medians throughout (the bf16 run's is the one the harness recorded beside it)."""
+    def eager(r):
+        return (r.get("time_us") or {}).get("median") if r.get("status") == "ok" else None
+    out = ["| workload | scales | PackInfer fp8 | PackInfer bf16 | fp8 speedup | vs float64 | "
+           "FlashInfer fp8 | PackInfer fp8 vs FlashInfer fp8 |", "|---|---|---|---|---|---|---|---|"]
+    for w, r in results.get("fp8", {}).items():
+        ours, bf16 = eager(r), r.get("bf16_time_us")
+        if ours is None:
+            out.append(f"| {w} | — | {r.get('status', '?')}: {r.get('note', '')[:100]} | — | — | — | — | — |")
+            continue
+        fi = r.get("flashinfer") or {}
+        fi_us = eager(fi)
+        fi_cell = fmt_us(fi_us) if fi_us else fi.get("status", "not run") + (f": {fi['note'][:60]}" if fi.get("note") else "")
+        err = (r.get("check") or {}).get("rel_err_fp64")
+        out.append(f"| {w} | {(r.get('scales') or {}).get('kind', '—')} | {fmt_us(ours)} | "
+                   f"{fmt_us(bf16) if bf16 else '—'} | {f'{bf16 / ours:.2f}×' if bf16 else '—'} | "
+                   f"{'—' if err is None else f'{err:.2g}'} | {fi_cell} | {f'{fi_us / ours:.2f}×' if fi_us else '—'} |")
+    return out
+
+
 def could_not_run(results):
     """'- name (workloads): status: exact error' lines for every anchor that was not timed, and
     the anchors that were never staged or imported."""
@@ -356,6 +379,11 @@ def markdown(results):
                 stored = f"{ps['tokens_stored']} / {ps['tokens_logical']}" if ps else "—"
                 out.append(f"| {w} | {k} | {r.get('status')}{(': ' + r['note'][:80]) if r.get('note') else ''} | "
                            f"{fmt_us(r.get('time_us'))} | {'—' if err is None else f'{err:.2g}'} | {moved} | {stored} |")
+    if results.get("fp8"):
+        out += ["", "## fp8 e4m3 K/V cache", "",
+                "The same K/V values quantized to fp8 e4m3 (the scales column), PackInfer's run over the fp8 "
+                "cache against its bf16 run in the same call, and FlashInfer's fp8 decode on the same codes "
+                "and scales. Eager medians; error against float64 attention over the dequantized cache.", ""] + fp8_table(results)
     if results.get("capacity_sweep"):
         out += ["", "## Capacity sweep (PackInfer)", "",
                 "Time against the group capacity C, as multiples of the planner's own choice.", ""]

@@ -79,6 +79,18 @@ class ReportTest(unittest.TestCase):
         self.assertIn(f"{760 / 800:.2f}×", w7)
         self.assertTrue(rows)
 
+    def test_fp8_section(self):
+        res = synthetic()
+        fp8 = timed(250.0, None)
+        fp8.update({"bf16_time_us": 325.0, "scales": {"kind": "per-tensor, amax / 448"},
+                    "flashinfer": timed(300.0, "decode tensor cores, fp8")})
+        res["fp8"] = {"W2": fp8, "W7": {"status": "error", "note": "RuntimeError: no fp8 kernel"}}
+        md = report.markdown(res)
+        self.assertIn("## fp8 e4m3 K/V cache", md)
+        self.assertIn("| W2 | per-tensor, amax / 448 | 250.0 µs | 325.0 µs | 1.30× | 0.003 | 300.0 µs | 1.20× |", md)
+        self.assertIn("| W7 | — | error: RuntimeError: no fp8 kernel |", md)
+        self.assertNotIn("## fp8", report.markdown(synthetic()))
+
     def test_could_not_run_lists_exact_errors(self):
         md = report.markdown(synthetic())
         self.assertIn("## Anchors that could not run", md)

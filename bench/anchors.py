@@ -481,10 +481,18 @@ def fa3_contenders(fa3, t, shape, dt):
     decode_like = bool((w.q_lens == 1).all())
     splits = 0 if not w.ragged else 1  # 0: FA3's own split-KV heuristic (decode); prefill: no split
 
+    # A sliding window (left, right) and the soft-cap, passed only where the workload has them.
+    features = {}
+    if w.window_left is not None:
+        features["window_size"] = (int(w.window_left), 0)
+    if w.logits_soft_cap:
+        features["softcap"] = float(w.logits_soft_cap)
+
     def varlen(i):
         s = i % t.fa2_sets
         o = fa3.flash_attn_varlen_func(t.q[i % t.sets], t.k_flat[s], t.v_flat[s], t.qo_indptr, t.cu_k, t.max_q,
-                                       t.max_k, softmax_scale=shape.sm_scale, causal=w.causal, num_splits=splits)
+                                       t.max_k, softmax_scale=shape.sm_scale, causal=w.causal, num_splits=splits,
+                                       **features)
         return o[0] if isinstance(o, (tuple, list)) else o
     out.append(Contender(f"{FA3} varlen", f"flash_attn_varlen_func(num_splits={splits})", None, None, varlen))
     if decode_like:
@@ -509,13 +517,14 @@ def fa3_contenders(fa3, t, shape, dt):
 
             def plan():
                 holder["meta"] = fa3.get_scheduler_metadata(b, 1, max_kv, hq, hkv, d, kv_lens, qkv_dtype=dt,
-                                                            causal=True)
+                                                            causal=True, **{k: v for k, v in features.items()
+                                                                            if k == "window_size"})
 
             def run(i):
                 s = i % len(kc)
                 q = t.q[i % t.sets].view(b, 1, hq, d)
                 o = fa3.flash_attn_with_kvcache(q, kc[s], vc[s], cache_seqlens=kv_lens, softmax_scale=shape.sm_scale,
-                                                causal=True, scheduler_metadata=holder.get("meta"))
+                                                causal=True, scheduler_metadata=holder.get("meta"), **features)
                 o = o[0] if isinstance(o, (tuple, list)) else o
                 return o.view(b, hq, d)
             out.append(Contender(f"{FA3} kvcache", "flash_attn_with_kvcache (padded cache, scheduler metadata)", None,

@@ -106,7 +106,7 @@ class WorkloadTensors:
         self.q, self.k, self.v = [], [], []
         for s in range(self.sets):
             g = torch.Generator(device=dev)
-            g.manual_seed(seed * 1_000_003 + int(w.name[1:]) * 101 + s)
+            g.manual_seed(seed * 1_000_003 + wl.number(w.name) * 101 + s)
             self.q.append(torch.randn(w.total_q, hq, d, generator=g, device=dev, dtype=DT))
             self.k.append(torch.randn(w.num_pages, w.page_size, hkv, d, generator=g, device=dev, dtype=DT))
             self.v.append(torch.randn(w.num_pages, w.page_size, hkv, d, generator=g, device=dev, dtype=DT))
@@ -144,17 +144,23 @@ class WorkloadTensors:
             k = kf[idx].double().repeat_interleave(g, dim=1)
             v = vf[idx].double().repeat_interleave(g, dim=1)
             s = torch.einsum("nhd,khd->hnk", qs, k) * SHAPE.sm_scale
+            cap = self.w.logits_soft_cap
+            if cap:
+                s = cap * torch.tanh(s / cap)
             kv = k.shape[0]
+            keys = torch.arange(kv, device=DEV)[None, None, :]
+            pos = (kv - n + torch.arange(n, device=DEV))[None, :, None]  # each query's own key
             if self.w.causal:
-                limit = kv - n + torch.arange(n, device=DEV)
-                s = s.masked_fill(torch.arange(kv, device=DEV)[None, None, :] > limit[None, :, None], float("-inf"))
+                s = s.masked_fill(keys > pos, float("-inf"))
+            if self.w.window_left is not None:
+                s = s.masked_fill(keys < pos - self.w.window_left, float("-inf"))
             p = torch.softmax(s, dim=-1)
             out[r] = (q1 - n, q1, torch.einsum("hnk,khd->nhd", p, v))
         return out
 
 
 def check_requests(w, seed):
-    rng = np.random.default_rng([seed, 7, int(w.name[1:])])
+    rng = np.random.default_rng([seed, 7, wl.number(w.name)])
     order = np.argsort(w.q_lens * 1_000_000 + w.kv_lens)
     picks = [int(order[-1]), int(order[0]), int(rng.integers(0, w.batch_size))]
     return list(dict.fromkeys(picks))
@@ -326,7 +332,7 @@ def set_floors(results):
     c = results.get("ceilings", {})
     if not c.get("copy_gbps"):
         return
-    for e in results["workloads"].values():
+    for e in list(results["workloads"].values()) + list(results.get("features", {}).values()):
         e.update(common.floor_of(e["flops"], e["min_bytes"], c))
 
 
@@ -358,11 +364,14 @@ def ceilings():
 
 
 def fa2_call(t):
+    # PyTorch's FA2 takes a sliding window (left, right); it has no soft-cap.
+    window = {} if t.w.window_left is None else {"window_size_left": int(t.w.window_left), "window_size_right": 0}
+
     def call(i):
         s = i % t.fa2_sets
         return torch.ops.aten._flash_attention_forward(
             t.q[i % t.sets], t.k_flat[s], t.v_flat[s], t.qo_indptr, t.cu_k, t.max_q, t.max_k, 0.0, t.w.causal,
-            False, scale=SHAPE.sm_scale)[0]
+            False, scale=SHAPE.sm_scale, **window)[0]
     return call
 
 
@@ -700,7 +709,8 @@ def ours_call(lib, launch, t, outs):
 
     def call(i):
         s = i % t.sets
-        launch.run(t.q[s].data_ptr(), layouts[s], outs[s].data_ptr(), 0, torch.cuda.current_stream().cuda_stream)
+        launch.run(t.q[s].data_ptr(), layouts[s], outs[s].data_ptr(), 0, torch.cuda.current_stream().cuda_stream,
+                   logits_soft_cap=t.w.logits_soft_cap)
         return outs[s]
     return call
 
@@ -1082,11 +1092,74 @@ def flashinfer_fp8_decode(t, k8, v8, scale_k, scale_v, refs, timer):
     return res
 
 
+def phase_features(args):
+    """The serving-feature variants (workloads.build_features: W1 under a 4096-token sliding window,
+    W2 with a logit soft-cap of 50): PackInfer, FA2 (window only: PyTorch's FA2 has no soft-cap)
+    and FA3 (varlen, and for decodes flash_attn_with_kvcache), each checked against the float64
+    reference of the same masked or capped attention, into results["features"]. FlashInfer's
+    window and soft-cap kernels are JIT modules of their own, not built by the warm-up."""
+    trace = wl.load_trace(args.trace)
+    feats = wl.build_features(trace, seed=args.seed)
+    l2 = l2_cache_bytes()
+    path = os.path.join(args.out, "results.json")
+    results = load_results(path) or base_results(args, trace, wl.build_all(trace, seed=args.seed), l2)
+    out = results.setdefault("features", {})
+    results["not_run"] = results.get("not_run", {})
+    results["not_run"]["FlashInfer with a sliding window or soft-cap (W1-window, W2-softcap)"] = (
+        "its window and soft-cap kernels are separate JIT modules (use_swa / use_logits_cap), not in this "
+        "run's warm-up")
+    timer = Timer()
+    lib = pc.Library(args.lib)
+    ctx = lib.context(pc.BACKEND_CUDA)  # kernels compile on first use (or come from the disk cache)
+    fa3, _, fa3_err = anchors.import_fa3()
+    for w in feats:
+        e = out[w.name] = {"describe": w.describe(), "flops": wl.flops(w, SHAPE), "min_bytes": wl.min_bytes(w, SHAPE),
+                           "window_left": w.window_left, "logits_soft_cap": w.logits_soft_cap,
+                           "plain": w.name.split("-")[0], "contenders": {}}
+        c = e["contenders"]
+        try:
+            t = WorkloadTensors(w, args.seed, l2)
+            refs = t.reference(check_requests(w, args.seed))
+        except Exception as ex:
+            e["error"] = f"inputs: {type(ex).__name__}: {ex}"[:1000]
+            continue
+        try:
+            c[OURS], _ = run_ours(lib, ctx, t, timer, refs, {}, graph=True)
+        except Exception as ex:
+            c[OURS] = {"status": "error", "note": f"{type(ex).__name__}: {ex}"[:2000]}
+        if w.logits_soft_cap:
+            c[FA2] = {"status": "unsupported", "note": "torch.ops.aten._flash_attention_forward has no soft-cap"}
+        else:
+            c[FA2], _ = measure(timer, fa2_call(t), t.sets, refs, {})
+            c[FA2]["api"] = "torch.ops.aten._flash_attention_forward (varlen, window_size_left/right)"
+        if fa3 is None:
+            c[f"{anchors.FA3} varlen"] = {"status": "error", "note": f"import fa3_fwd_interface: {fa3_err}"[:1000]}
+        else:
+            for a in anchors.fa3_contenders(fa3, t, SHAPE, DT):
+                if isinstance(a, tuple):
+                    c[a[0]] = {"status": "error", "api": a[1], "note": a[3]}
+                    continue
+                try:
+                    if a.plan is not None:
+                        a.plan()
+                    res, _ = measure(timer, a.run, t.sets, refs, {}, graph=a.graph, view=a.view)
+                except Exception as ex:
+                    res = {"status": "error", "note": f"{type(ex).__name__}: {ex}"[:2000]}
+                res["api"] = a.api
+                c[a.name] = res
+        for name, res in c.items():
+            log(f"{w.name} {name}: {res.get('status')} {(res.get('time_us') or {}).get('median')} {res.get('note', '')[:200]}")
+        set_floors(results)
+        common.write_json(path, results)
+        del t
+        torch.cuda.empty_cache()
+
+
 def run_ours(lib, ctx, t, timer, refs, others, flags=0, capacity=0.0, graph=True, save_to=None):
     """Plans t's batch with `flags`/`capacity`, binds it, checks (unless refs is None) and times;
     `save_to`: where to keep a checked output for the other phases' cross-checks."""
     batch = wl.batch_arrays(t.w, SHAPE)
-    plan, plan_s = ctx.plan(batch, flags=flags, capacity=capacity)
+    plan, plan_s = ctx.plan(batch, flags=flags, capacity=capacity, window_left=t.w.window_left)
     launch = None
     try:
         stats = plan.stats()
@@ -1150,7 +1223,7 @@ def phase_warm(module):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--phase", required=True,
-                    choices=["anchors", "ours", "planning", "report"] + [f"warm-{m}" for m in anchors.MODULES])
+                    choices=["anchors", "ours", "features", "planning", "report"] + [f"warm-{m}" for m in anchors.MODULES])
     ap.add_argument("--out", default=".")
     ap.add_argument("--state", default="/tmp/packinfer_bench", help="where outputs are kept between phases")
     ap.add_argument("--trace", default="../shared/traces/azure_llm_2023_code.csv")
@@ -1169,6 +1242,8 @@ def main():
             sys.exit(3)
     elif args.phase == "ours":
         phase_ours(args)
+    elif args.phase == "features":
+        phase_features(args)
     elif args.phase == "planning":
         phase_planning(args)
     else:

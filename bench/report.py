@@ -202,6 +202,41 @@ def fp8_table(results):
     return out
 
 
+def features_table(results):
+    """Rows of the serving-features section: each feature workload's contenders (best time, share
+    of the floor), the fastest anchor over PackInfer, and PackInfer's time on the plain workload."""
+    out = ["| workload | feature | PackInfer | same workload without it | anchors | fastest anchor / PackInfer |",
+           "|---|---|---|---|---|---|"]
+    for w, e in results.get("features", {}).items():
+        if e.get("error"):
+            out.append(f"| {w} | — | {e['error'][:100]} | — | — | — |")
+            continue
+        feature = []
+        if e.get("window_left") is not None:
+            feature.append(f"window_left {e['window_left']}")
+        if e.get("logits_soft_cap"):
+            feature.append(f"soft-cap {e['logits_soft_cap']:g}")
+        c = e["contenders"]
+        ours = c.get("PackInfer", {})
+        plain = results.get("workloads", {}).get(e.get("plain"), {}).get("contenders", {}).get("PackInfer", {})
+        cells, fastest = [], None
+        for name, r in c.items():
+            if name == "PackInfer":
+                continue
+            t, _ = best_us(r)
+            if t is None:
+                cells.append(f"{name}: {r.get('status', '?')}" + (f" ({r['note'][:80]})" if r.get("note") else ""))
+            else:
+                cells.append(f"{name} {fmt_us(t)}")
+                fastest = t if fastest is None else min(fastest, t)
+        ours_t, _ = best_us(ours)
+        ours_cell = cell(ours, e)
+        plain_t, _ = best_us(plain)
+        out.append(f"| {w} | {', '.join(feature) or '—'} | {ours_cell} | {fmt_us(plain_t) if plain_t else '—'} | "
+                   f"{'; '.join(cells) or '—'} | {f'{fastest / ours_t:.2f}×' if fastest and ours_t else '—'} |")
+    return out
+
+
 def could_not_run(results):
     """'- name (workloads): status: exact error' lines for every anchor that was not timed, and
     the anchors that were never staged or imported."""
@@ -384,6 +419,11 @@ def markdown(results):
                 "The same K/V values quantized to fp8 e4m3 (the scales column), PackInfer's run over the fp8 "
                 "cache against its bf16 run in the same call, and FlashInfer's fp8 decode on the same codes "
                 "and scales. Eager medians; error against float64 attention over the dequantized cache.", ""] + fp8_table(results)
+    if results.get("features"):
+        out += ["", "## Serving features: sliding window and soft-cap", "",
+                "W1 under a 4096-token sliding window and W2 with a Gemma-2-like logit soft-cap of 50 "
+                "(docs/workloads.md), every contender checked against float64 attention with the same "
+                "window or cap; best of CUDA-graph replay and eager.", ""] + features_table(results)
     if results.get("capacity_sweep"):
         out += ["", "## Capacity sweep (PackInfer)", "",
                 "Time against the group capacity C, as multiples of the planner's own choice.", ""]

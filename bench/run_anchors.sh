@@ -14,6 +14,8 @@
 #   then anchors: ceilings, FA2 and FA3 on W1-W7, then each FlashInfer (workload, module) as its
 #        module is built; a module still building at WARM_BUDGET_S is recorded "not compiled";
 #        a CUDA fault ends that process (exit 3) and a new one resumes after the faulting unit
+#   BUDGET_S - FEATURES_S - PLANNING_S - REPORT_S: the serving features (W1 with a sliding
+#        window, W2 with a soft-cap: PackInfer, FA2, FA3), FEATURES_S at most
 #   BUDGET_S - PLANNING_S - REPORT_S: host planning time with the CPU idle (ours and anchors')
 #   then the report (results.md, PNGs)
 # $OUT gets at most 6 files: run.log, warm.log, results.json, results.md and two PNGs.
@@ -30,12 +32,13 @@ WARM_JOBS=${WARM_JOBS:-6}
 WARM_MIN_START_S=${WARM_MIN_START_S:-45}  # no new build with less time than this left
 OURS_TIMEOUT=${OURS_TIMEOUT:-170}
 PLANNING_S=${PLANNING_S:-45}
+FEATURES_S=${FEATURES_S:-60}  # the sliding-window and soft-cap variants (gpu_bench.py --phase features); 0: none
 REPORT_S=${REPORT_S:-20}
 log="$out/run.log"
 exec > >(tee -a "$log") 2>&1
 . "$bench/anchors_env.sh"
 export PACKINFER_ANCHORS_MANIFEST="$stage/anchors/MANIFEST.json"
-export PACKINFER_ANCHORS_END=$((T0 + BUDGET_S - PLANNING_S - REPORT_S))
+export PACKINFER_ANCHORS_END=$((T0 + BUDGET_S - FEATURES_S - PLANNING_S - REPORT_S))
 trace="$stage/azure_llm_2023_code.csv"
 lib="$stage/libpackinfer.so"
 rm -rf /tmp/packinfer_bench
@@ -73,7 +76,7 @@ timeout -k 10 "$OURS_TIMEOUT" python3 "$bench/gpu_bench.py" --phase ours --no-pl
 say "ours: rc $?"
 
 for attempt in 1 2 3 4; do
-  t=$(left_until $((BUDGET_S - PLANNING_S - REPORT_S)))
+  t=$(left_until $((BUDGET_S - FEATURES_S - PLANNING_S - REPORT_S)))
   [ "$t" -gt 15 ] || { say "anchors: no time left for attempt $attempt"; break; }
   say "anchors, attempt $attempt, at most $t s"
   timeout -k 10 "$t" python3 "$bench/gpu_bench.py" --phase anchors --out "$out" --trace "$trace"
@@ -84,6 +87,12 @@ done
 wait "$warm_pid" 2>/dev/null
 say "warm-up markers: $(cd "$PACKINFER_WARM_DIR" && for f in *.ok *.err; do [ -e "$f" ] && printf '%s ' "$f"; done)"
 
+t=$(left_until $((BUDGET_S - PLANNING_S - REPORT_S)))
+if [ "$FEATURES_S" -gt 0 ] && [ "$t" -gt 10 ]; then
+  say "features (window, soft-cap), at most $t s"
+  timeout -k 5 "$t" python3 "$bench/gpu_bench.py" --phase features --out "$out" --trace "$trace" --lib "$lib"
+  say "features: rc $?"
+fi
 t=$(left_until $((BUDGET_S - REPORT_S)))
 if [ "$t" -gt 5 ]; then
   say "planning, at most $t s"

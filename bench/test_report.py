@@ -91,6 +91,23 @@ class ReportTest(unittest.TestCase):
         self.assertIn("| W7 | — | error: RuntimeError: no fp8 kernel |", md)
         self.assertNotIn("## fp8", report.markdown(synthetic()))
 
+    def test_features_section(self):
+        res = synthetic()
+        w1 = res["workloads"]["W1"]
+        res["features"] = {"W1-window": {
+            "describe": {"title": "W1, window"}, "flops": 1e12, "min_bytes": 1e8, "floor_us": 1000.0,
+            "window_left": 4095, "logits_soft_cap": 0.0, "plain": "W1",
+            "contenders": {"PackInfer": timed(1600.0, None), "FA2 varlen": timed(2400.0, "fa2 window"),
+                           "FA3 varlen": timed(1200.0, "fa3 window"),
+                           "FA3 kvcache": {"status": "error", "note": "RuntimeError: no local"}}}}
+        md = report.markdown(res)
+        self.assertIn("## Serving features: sliding window and soft-cap", md)
+        row = next(line for line in md.splitlines() if line.startswith("| W1-window |"))
+        self.assertIn("| window_left 4095 | 1.600 ms · 62% of floor |", row)
+        self.assertIn(f"| {report.fmt_us(report.best_us(w1['contenders']['PackInfer'])[0])} |", row)
+        self.assertIn("FA3 kvcache: error (RuntimeError: no local)", row)
+        self.assertTrue(row.endswith("| 0.75× |"), row)
+
     def test_could_not_run_lists_exact_errors(self):
         md = report.markdown(synthetic())
         self.assertIn("## Anchors that could not run", md)

@@ -245,6 +245,11 @@ def build_features(trace, seed=0, scale=1):
     return [w1, w2]
 
 
+def number(name):
+    """The workload number of `name` ("W1" and its variant "W1-window": 1), which seeds its inputs."""
+    return int(name[1:].split("-")[0])
+
+
 def decode_batch(trace, num_requests, seed=0, first_row=2000):
     """A decode step of `num_requests` trace contexts (for planning-time measurements)."""
     rows = (first_row + np.arange(num_requests)) % len(trace)

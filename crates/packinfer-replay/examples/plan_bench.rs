@@ -120,7 +120,7 @@ fn prefix_groups_of_8(lens: &[(u32, u32)]) -> Vec<PrefixGroup> {
 }
 
 /// The steps the host-path table measures: decode batches of 256 and 1024 with and without
-/// prefix groups, and W1–W5 built as in `trace_stats`. Each with its planning target in µs.
+/// prefix groups, W1–W5 built as in `trace_stats`, and W6 (one 16,384-token prompt). Each with its planning target in µs.
 fn host_path_steps(trace: &[Row]) -> Vec<(String, Batch, Option<f64>)> {
     let mut steps = Vec::new();
     for &n in &[256usize, 1024] {
@@ -143,6 +143,7 @@ fn host_path_steps(trace: &[Row]) -> Vec<(String, Batch, Option<f64>)> {
     steps.push(("W4 shared prefix".into(), batch(&w4, vec![PrefixGroup { prefix_len: 4096, members: (0..64).collect() }]), None));
     let w5: Vec<(u32, u32)> = (0..256).map(|_| rng.random_range(16..=256)).map(|l| (l, l)).collect();
     steps.push(("W5 many short".into(), batch(&w5, vec![]), Some(60.0)));
+    steps.push(("W6 16k prompt".into(), batch(&[(16384, 16384)], vec![]), None));
     steps
 }
 

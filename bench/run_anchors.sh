@@ -51,7 +51,9 @@ anchors_unpack
 python3 -c "import sys; print('sys.path:', sys.path)"
 
 # FlashInfer JIT builds, in the background.
-modules=$(cd "$bench" && python3 -c "import anchors; print(' '.join(anchors.MODULES))")
+# WARM_MODULES="pod batch-pod": build only these, in this order (e.g. a call that gives POD and
+# BatchPOD, whose builds take over 5 minutes, the whole warm-up).
+modules=${WARM_MODULES:-$(cd "$bench" && python3 -c "import anchors; print(' '.join(anchors.MODULES))")}
 warm_all() {
   for m in $modules; do
     while [ "$(jobs -rp | wc -l)" -ge "$WARM_PARALLEL" ]; do sleep 1; done

@@ -752,9 +752,7 @@ typedef struct PackinferPoolOptions {
  *
  * Threads: any thread may call with a pool, concurrently too; every call takes the pool's lock.
  * The device copies a call enqueues (copy-on-write, write_kv, relayout) go on the stream it is
- * given: keep them on the stream of the runs that read the pool, or order the two yourself. On
- * the CPU backend, where a run completes before it returns, a relayout waits for runs in
- * progress on other threads instead.
+ * given: keep them on the stream of the runs that read the pool, or order the two yourself.
  */
 typedef struct PackinferPool {
   /**
@@ -1599,10 +1597,10 @@ enum PackinferStatus packinfer_pool_plan_update(struct PackinferContext context,
  * when it is not contiguous and `regroup` is true (the regroup trigger fired) or one of its
  * members ran out of headroom; the copies run on `stream`. Every plan made from the pool before
  * a relayout that moved pages (any pages) is stale: launch_create, launch_update and run refuse
- * it with INVALID_ARGUMENT; plan again. On the CPU backend a relayout that moves pages first
- * waits for the runs of plans from this pool that other threads have in progress (they read
- * the pages where they were); on CUDA runs are asynchronous: order them with the relayout's
- * stream. `report` may be NULL.
+ * it with INVALID_ARGUMENT; plan again. A relayout that moves pages first waits for the runs of
+ * plans from this pool that other threads have in progress (on CUDA, until their kernels are
+ * enqueued: order their streams with `stream`), as they read the pages where they were.
+ * `report` may be NULL.
  *
  * # Safety
  * `seq_ids` has `n` entries; `report` NULL or a struct with `struct_size` set.

@@ -235,6 +235,16 @@ impl LayoutStamp {
         }
         Ok(())
     }
+
+    /// [`LayoutStamp::check`], then holds the layout until the pin is dropped
+    /// ([`Plan::pin_layout`]).
+    pub(crate) fn pin(&self) -> Result<LayoutPin<'_>> {
+        let g = self.generation.read();
+        if *g != self.seen {
+            return Err(Self::stale());
+        }
+        Ok(LayoutPin { _held: Some(g) })
+    }
 }
 
 impl Plan {
@@ -253,13 +263,7 @@ impl Plan {
     /// reads, nor let another sequence take and write them, between its check and its reads.
     pub(crate) fn pin_layout(&self) -> Result<LayoutPin<'_>> {
         match &self.pool_layout {
-            Some(l) => {
-                let g = l.generation.read();
-                if *g != l.seen {
-                    return Err(LayoutStamp::stale());
-                }
-                Ok(LayoutPin { _held: Some(g) })
-            }
+            Some(l) => l.pin(),
             None => Ok(LayoutPin { _held: None }),
         }
     }

@@ -568,7 +568,10 @@ pub unsafe extern "C" fn packinfer_pool_plan_update(
 /// when it is not contiguous and `regroup` is true (the regroup trigger fired) or one of its
 /// members ran out of headroom; the copies run on `stream`. Every plan made from the pool before
 /// a relayout that moved pages (any pages) is stale: launch_create, launch_update and run refuse
-/// it with INVALID_ARGUMENT; plan again. `report` may be NULL.
+/// it with INVALID_ARGUMENT; plan again. A relayout that moves pages first waits for the runs of
+/// plans from this pool that other threads have in progress (on CUDA, until their kernels are
+/// enqueued: order their streams with `stream`), as they read the pages where they were.
+/// `report` may be NULL.
 ///
 /// # Safety
 /// `seq_ids` has `n` entries; `report` NULL or a struct with `struct_size` set.

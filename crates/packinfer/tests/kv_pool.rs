@@ -732,3 +732,151 @@ fn fp8_pool_stores_one_byte_per_element_with_its_scales() {
     let q_fp8 = PoolConfig { shape: Shape { dtype: DType::Fp8E4m3, ..fp8.shape }, ..fp8 };
     bad(q_fp8, &[], "dtype = fp8_e4m3, but Q and O are");
 }
+
+/// A relayout on one thread must not move pages that a run on another thread is reading. The
+/// threads phase of the C++ stress test found this: thread B relays out its own sequence, whose
+/// leading pages thread A's sequences matched (`match_prefix`) and A's plan reads; the relayout
+/// copies them to a new run and frees their old places, and B's next append takes those pages
+/// and writes other tokens into them. A plan made before the relayout is stale and refused, but
+/// the run checked that only when it started, so a run already past its check read the other
+/// tokens' K/V and returned OK.
+///
+/// Here A's run is long (a large prefix read by many queries on one thread, so a relayout and
+/// an append fit in it many times over) and B starts its relayout a fifth of the way into it; an
+/// attempt counts when B's relayout call started while A's run was running. The run must then
+/// either be refused as stale or give the output of a fresh plan after the relayout (the same
+/// keys, at their new places); a relayout that did not wait made it read some of the other
+/// prompt's K/V instead (off by about 4e-3 here).
+#[test]
+fn a_relayout_waits_for_a_run_that_reads_the_pages_it_moves() {
+    use packinfer::types::{RowsTensor, RunArgs};
+    use std::sync::{Barrier, Mutex};
+    use std::time::{Duration, Instant};
+
+    const PS: u32 = 4;
+    const PREFIX_PAGES: u32 = 192;
+    const READERS: usize = 48;
+    const QUERIES: u32 = 48;
+    let qo = (HEADS * 2 * DIM) as usize;
+    // Small values, so every key weighs in the softmax (the kv_pool model's `value` is large).
+    let small = |tag: u64, layer: u32, v: bool, i: usize| value(tag, layer, v, i) / 65_521.0 - 0.5;
+    let write_small = |pool: &KvPool, seq: SeqId, tags: &[u64]| {
+        for layer in 0..LAYERS {
+            let row = (HEADS * DIM) as usize;
+            let k: Vec<f32> = tags.iter().flat_map(|&t| (0..row).map(move |i| small(t, layer, false, i))).collect();
+            let v: Vec<f32> = tags.iter().flat_map(|&t| (0..row).map(move |i| small(t, layer, true, i))).collect();
+            // SAFETY: k and v hold the tags' rows of HEADS × DIM f32 each, on the host.
+            unsafe { pool.write_kv(layer, &[(seq, tags.len() as u32)], k.as_ptr() as u64, v.as_ptr() as u64, row as i64, 0) }.unwrap();
+        }
+    };
+    let run = |bound: &dyn packinfer::backend::BoundPlan, pool: &KvPool, q: &[f32], o: &mut [f32]| -> Result<(), Error> {
+        let rows = RowsTensor { ptr: 0, stride_token: qo as i64, stride_head: DIM as i64 };
+        let args = RunArgs {
+            q: RowsTensor { ptr: q.as_ptr() as u64, ..rows },
+            kv: pool.kv_layout(0).unwrap(),
+            o: RowsTensor { ptr: o.as_mut_ptr() as u64, ..rows },
+            lse: 0,
+            stream: 0,
+            logits_soft_cap: 0.0,
+            kv_scales: pool.kv_scales(0).unwrap(),
+        };
+        // SAFETY: q and o hold the plan's total_q rows of every query head, on the host; the
+        // K/V are the pool's, which the plan was made from.
+        unsafe { bound.run(&args) }
+    };
+
+    let mut overlapped = 0;
+    for attempt in 0..20 {
+        let backend: Arc<CpuBackend> = Arc::new(CpuBackend::new(1));
+        let pool = KvPool::new(backend.clone(), config(PS, 4 * PREFIX_PAGES + READERS as u32 * 16 + 64, 0)).unwrap();
+        let mut model = Model { next_tag: 1, ..Default::default() };
+        // B's prompt P, its pages interleaved with a filler's, so a relayout moves every one of them.
+        let (p, filler) = (pool.create_sequence(), pool.create_sequence());
+        let mut p_tags = Vec::new();
+        for _ in 0..PREFIX_PAGES {
+            for id in [p, filler] {
+                pool.append(id, PS, 0).unwrap();
+                let tags = model.tags(PS);
+                write_small(&pool, id, &tags);
+                if id == p {
+                    p_tags.extend(tags);
+                }
+            }
+        }
+        let hashes = chain_hashes(&p_tags, PS);
+        pool.register_page_hashes(p, &hashes).unwrap();
+        // A's requests: the same prompt, matched, then QUERIES tokens of their own.
+        let mut reqs = Vec::new();
+        for _ in 0..READERS {
+            let id = pool.create_sequence();
+            assert_eq!(pool.match_prefix(id, &hashes).unwrap(), PS * PREFIX_PAGES);
+            pool.append(id, QUERIES, 0).unwrap();
+            write_small(&pool, id, &model.tags(QUERIES));
+            reqs.push((id, QUERIES));
+        }
+        let plan = pool.plan(&reqs, None, PlanOptions::default()).unwrap();
+        let total_q = plan.batch.total_q() as usize;
+        let mut r = rng(0x5eed + attempt);
+        let q: Vec<f32> = (0..total_q * qo).map(|_| r.random_range(-1.0..1.0f32)).collect();
+        let bound = backend.bind(Arc::new(plan), 0, None).unwrap();
+        // How long a run takes here, so B can start in the middle of the next one.
+        let mut o = vec![f32::NAN; total_q * qo];
+        let t0 = Instant::now();
+        run(&*bound, &pool, &q, &mut o).unwrap();
+        let run_time = t0.elapsed();
+
+        let go = Barrier::new(2);
+        let times = Mutex::new((Duration::ZERO, Duration::ZERO, Duration::ZERO, Duration::ZERO));
+        let epoch = Instant::now();
+        let result = std::thread::scope(|s| {
+            s.spawn(|| {
+                go.wait();
+                std::thread::sleep(run_time / 5);
+                let start = epoch.elapsed();
+                let report = pool.relayout(&[vec![p]], true, 0).unwrap();
+                let end = epoch.elapsed();
+                assert_eq!(report.pages_moved, PREFIX_PAGES as u64, "attempt {attempt}: the relayout moves every page of P");
+                // The pages P left are the lowest free ones: another prompt takes them and writes.
+                let g = pool.create_sequence();
+                pool.append(g, PS * PREFIX_PAGES, 0).unwrap();
+                write_small(&pool, g, &(0..(PS * PREFIX_PAGES) as u64).map(|t| 1_000_000_007 + t).collect::<Vec<_>>());
+                let mut t = times.lock().unwrap();
+                (t.2, t.3) = (start, end);
+            });
+            go.wait();
+            let start = epoch.elapsed();
+            let result = run(&*bound, &pool, &q, &mut o);
+            let end = epoch.elapsed();
+            let mut t = times.lock().unwrap();
+            (t.0, t.1) = (start, end);
+            result
+        });
+        let (run_start, run_end, relayout_start, relayout_end) = *times.lock().unwrap();
+        if relayout_start <= run_start || relayout_start >= run_end {
+            continue; // B did not start while A's run was running: this attempt shows nothing
+        }
+        if let Err(e) = result {
+            // Refused as stale: the relayout got in before the run's check.
+            assert!(format!("{e}").contains("stale"), "attempt {attempt}: {e}");
+            continue;
+        }
+        overlapped += 1;
+        // The same step planned again after the relayout reads the keys at their new places.
+        let fresh = pool.plan(&reqs, None, PlanOptions::default()).unwrap();
+        let fresh = backend.bind(Arc::new(fresh), 0, None).unwrap();
+        let mut want = vec![f32::NAN; total_q * qo];
+        run(&*fresh, &pool, &q, &mut want).unwrap();
+        let worst = o.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(
+            worst <= 1e-5,
+            "attempt {attempt}: the run (from {run_start:?} to {run_end:?}) is off by up to {worst}: the relayout (from \
+             {relayout_start:?} to {relayout_end:?}) moved the pages it read"
+        );
+        let err = run(&*bound, &pool, &q, &mut o).unwrap_err();
+        assert!(format!("{err}").contains("stale"), "attempt {attempt}: after the relayout the plan is stale: {err}");
+        if overlapped >= 3 {
+            break;
+        }
+    }
+    assert!(overlapped > 0, "no attempt started the relayout during the run; the test checked nothing");
+}

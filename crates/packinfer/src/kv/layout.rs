@@ -187,6 +187,11 @@ impl PoolState {
                 }
             }
         }
+        // Runs on other threads may be reading these pages through plans made before this
+        // relayout (fresh until now): wait for them, and hold later runs off until the pages
+        // have moved and those plans are stale. Once the old pages are free, the next append
+        // (of any sequence) may take them and write other tokens there.
+        let mut generation = (!moves.is_empty()).then(|| pool.layout_generation.write());
         pool.copy_pages(&moves, stream)?;
         let remap: HashMap<u32, u32> = moves.iter().copied().collect();
         for &(_, new) in &moves {
@@ -239,6 +244,9 @@ impl PoolState {
                 q.laid_out = true;
                 q.overflowed = false;
             }
+        }
+        if let Some(g) = &mut generation {
+            **g += 1;
         }
         report.groups_rebuilt = rebuild.len() as u32;
         report.pages_moved = moves.len() as u64;

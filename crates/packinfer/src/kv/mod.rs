@@ -191,8 +191,10 @@ pub struct KvPool {
     state: Mutex<PoolState>,
     /// Keeps the backend that allocated `memory` alive as long as the pool.
     backend: Arc<dyn Backend>,
-    /// Bumped by every relayout that moves pages: plans made before it are stale.
-    layout_generation: Arc<std::sync::atomic::AtomicU64>,
+    /// Bumped by every relayout that moves pages: plans made before it are stale. A relayout
+    /// holds it (write) while it moves pages; a CPU run of a plan from the pool holds it (read)
+    /// while it reads them (`Plan::pin_layout`).
+    layout_generation: Arc<parking_lot::RwLock<u64>>,
 }
 
 impl std::fmt::Debug for KvPool {
@@ -540,7 +542,7 @@ impl KvPool {
                 s.stats.step_read_bytes_shared = shared;
                 s.stats.step_read_bytes_unshared = unshared;
                 // Read under the lock a relayout holds while it moves pages.
-                seen = self.layout_generation.load(std::sync::atomic::Ordering::Acquire);
+                seen = *self.layout_generation.read_recursive();
                 Ok(())
             },
             |shape, batch| match profile {
@@ -556,12 +558,7 @@ impl KvPool {
     /// Group-contiguous layout: see `layout.rs`. `groups` are the plan's execution groups, as
     /// sequence ids; `regroup` is the regroup trigger's verdict for this step.
     pub fn relayout(&self, groups: &[Vec<SeqId>], regroup: bool, stream: u64) -> Result<RelayoutReport> {
-        let mut s = self.state.lock();
-        let report = s.relayout(self, groups, regroup, stream)?;
-        if report.pages_moved > 0 {
-            self.layout_generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        }
-        Ok(report)
+        self.state.lock().relayout(self, groups, regroup, stream)
     }
 
     /// Pages that `relayout(groups, regroup, _)` would copy at most, moving nothing (what a

@@ -204,22 +204,46 @@ pub struct Plan {
 }
 
 /// A KV pool's layout generation as a plan saw it. The pool bumps the generation when a relayout
-/// moves pages; a plan made before that reads the pages' old places, so it is refused.
+/// moves pages; a plan made before that reads the pages' old places, so it is refused. The
+/// generation sits behind a read-write lock that a relayout holds (write) while it moves and
+/// frees pages, and a CPU run holds (read, [`Plan::pin_layout`]) while it reads them: a run that
+/// found its plan fresh reads the pages where they were when it was made, however many other
+/// threads relay the pool out meanwhile.
 #[derive(Debug, Clone)]
 pub(crate) struct LayoutStamp {
-    pub(crate) generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pub(crate) generation: std::sync::Arc<parking_lot::RwLock<u64>>,
     pub(crate) seen: u64,
 }
 
+/// A run's hold on its pool's layout ([`Plan::pin_layout`]): no relayout of that pool moves a
+/// page until it is dropped. Empty for a plan not made from a pool.
+pub(crate) struct LayoutPin<'a> {
+    _held: Option<parking_lot::RwLockReadGuard<'a, u64>>,
+}
+
 impl LayoutStamp {
+    fn stale() -> crate::error::Error {
+        invalid!("the plan is stale: its KV pool moved pages (a relayout) after the plan was made; plan the step again after relayout")
+    }
+
     /// Refuses a plan whose pool has moved pages since the stamp was taken.
     pub(crate) fn check(&self) -> Result<()> {
-        if self.generation.load(std::sync::atomic::Ordering::Acquire) != self.seen {
-            return Err(invalid!(
-                "the plan is stale: its KV pool moved pages (a relayout) after the plan was made; plan the step again after relayout"
-            ));
+        // Recursive: a check only reads the number, so it need not queue behind a relayout
+        // that waits for runs to finish.
+        if *self.generation.read_recursive() != self.seen {
+            return Err(Self::stale());
         }
         Ok(())
+    }
+
+    /// [`LayoutStamp::check`], then holds the layout until the pin is dropped
+    /// ([`Plan::pin_layout`]).
+    pub(crate) fn pin(&self) -> Result<LayoutPin<'_>> {
+        let g = self.generation.read();
+        if *g != self.seen {
+            return Err(Self::stale());
+        }
+        Ok(LayoutPin { _held: Some(g) })
     }
 }
 
@@ -230,6 +254,17 @@ impl Plan {
         match &self.pool_layout {
             Some(l) => l.check(),
             None => Ok(()),
+        }
+    }
+
+    /// [`Plan::check_fresh`], and then keeps the plan fresh until the pin is dropped: a relayout
+    /// of the plan's pool waits for it before it moves (and frees) pages. What a CPU run holds
+    /// while it reads the pool, so that a relayout on another thread cannot move the pages it
+    /// reads, nor let another sequence take and write them, between its check and its reads.
+    pub(crate) fn pin_layout(&self) -> Result<LayoutPin<'_>> {
+        match &self.pool_layout {
+            Some(l) => l.pin(),
+            None => Ok(LayoutPin { _held: None }),
         }
     }
 }

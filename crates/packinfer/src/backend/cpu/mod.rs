@@ -159,7 +159,9 @@ impl BoundPlan for CpuBound {
     unsafe fn run(&self, args: &RunArgs) -> Result<()> {
         let mut state = self.state.lock();
         let CpuState { bound, scratch } = &mut *state;
-        bound.plan.check_fresh()?;
+        // Held to the end: a relayout of the plan's pool on another thread waits for this run
+        // instead of moving (and freeing) the pages it reads.
+        let _layout = bound.plan.pin_layout()?;
         check_run_args(&bound.plan, args)?;
         let partial = match scratch {
             ScratchMem::Owned(v) => v.as_mut_ptr(),

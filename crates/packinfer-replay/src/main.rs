@@ -114,6 +114,9 @@ fn pool_config(reqs: &[Request], a: &Args, s: &Setup, system_prompt_len: u32, pr
 /// magnitude about 1 (split pieces are merged in another order than one pass accumulates).
 const OUTPUT_TOLERANCE: f32 = 0.03;
 
+/// Seconds between the plain progress lines of a replay whose stderr is not a terminal.
+const PROGRESS_EVERY_S: f64 = 30.0;
+
 fn max_abs_difference(a: &[u16], b: &[u16], dtype: DType) -> f32 {
     let value = |x: u16| match dtype {
         DType::F16 => half::f16::from_bits(x).to_f32(),
@@ -336,6 +339,10 @@ fn run() -> Result<(), Failure> {
         }
     }
     let started = Instant::now();
+    // Without a terminal (a log file, a remote run cut off by a time limit) the bars do not show:
+    // a line now and then says how far the replay got.
+    let plain_progress = !std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut last_progress = Instant::now();
     let mut round = 0usize;
     // Both schedules compute the same attention from the same inputs: checked every step.
     let mut max_difference = 0f32;
@@ -367,6 +374,11 @@ fn run() -> Result<(), Failure> {
             }
         }
         round += 1;
+        if plain_progress && last_progress.elapsed().as_secs_f64() >= PROGRESS_EVERY_S {
+            last_progress = Instant::now();
+            let done: Vec<String> = engines.iter().map(|(n, e, _)| format!("{n} {}", e.finished())).collect();
+            eprintln!("[{:.0} s] round {round}: requests finished of {}: {}", started.elapsed().as_secs_f64(), reqs.len(), done.join(", "));
+        }
     }
     bars.clear().ok();
     let mut results = Vec::new();

@@ -348,7 +348,7 @@ pub unsafe extern "C" fn packinfer_plan_stats(plan: PackinferPlan, stats: *mut P
         // SAFETY: `stats` points to a struct whose struct_size is set (this function's contract).
         unsafe { super::check_out("stats", stats)? };
         let plan = PLANS.get(plan.bits)?.get();
-        let s = &plan.stats;
+        let s = &plan.stats();
         let value = PackinferPlanStats {
             struct_size: std::mem::size_of::<PackinferPlanStats>(),
             num_requests: plan.requests.len() as u32,

@@ -219,7 +219,7 @@ struct Measured {
 
 fn measure(lens: &[(u32, u32)], groups: Vec<PrefixGroup>, options: PlanOptions) -> Measured {
     let plan = Plan::build(shape(), batch(lens, groups), &DeviceProfile::hopper(132), options).expect("plan");
-    let s = plan.stats;
+    let s = plan.stats();
     let keys: u64 = plan
         .items
         .iter()
@@ -347,7 +347,7 @@ fn planning_time_by_options(trace: &[Row], quick: bool) {
             let c = thread_cpu_us();
             let p = Plan::build(shape(), input, &profile, o.clone()).expect("plan");
             cpu.push(thread_cpu_us() - c);
-            items = p.stats.num_items as usize;
+            items = p.stats().num_items as usize;
         }
         println!("| {name} | {items} | {:.1} |", median_p90(cpu).0);
     }

@@ -491,7 +491,7 @@ impl<'a> Engine<'a> {
                 plan
             }
         };
-        rec.capacity = plan.stats.capacity;
+        rec.capacity = plan.stats().capacity;
         rec.prefix_shared = plan.options.prefix_sharing;
         let plan = Arc::new(plan);
         let t = Instant::now();
@@ -540,7 +540,7 @@ impl<'a> Engine<'a> {
         if let Some(dev) = &self.device {
             dev.read_out(&mut self.out[..self.out_len])?;
         }
-        let s = plan.stats;
+        let s = plan.stats();
         rec.kv_tokens = plan.requests.iter().map(|r| r.kv_len as u64).sum();
         rec.groups = s.num_groups;
         rec.items = s.num_items;

@@ -200,13 +200,13 @@ fn check_plan(plan: &Plan, ctx: &str) {
             }
         }
     }
-    assert_eq!(plan.stats.num_items as usize, plan.num_item_copies());
-    assert_eq!(plan.stats.num_merge_rows as usize, plan.num_merge_rows());
-    assert!(plan.num_groups() <= plan.stats.num_groups, "{ctx}: copies run in groups past the plan's");
+    assert_eq!(plan.stats().num_items as usize, plan.num_item_copies());
+    assert_eq!(plan.stats().num_merge_rows as usize, plan.num_merge_rows());
+    assert!(plan.num_groups() <= plan.stats().num_groups, "{ctx}: copies run in groups past the plan's");
     assert!(
-        plan.stats.tile_utilization > 0.0 && plan.stats.tile_utilization <= 1.0,
+        plan.stats().tile_utilization > 0.0 && plan.stats().tile_utilization <= 1.0,
         "{ctx}: tile utilization {}",
-        plan.stats.tile_utilization
+        plan.stats().tile_utilization
     );
 }
 
@@ -327,7 +327,7 @@ fn every_flag_combination_covers_exactly_once_and_matches_f64() {
             // The automatic capacity, computed without scheduling, is the one the planner uses.
             if options.capacity.is_none() {
                 let automatic = automatic_capacity(&case.shape, &case.batch, &profile, &options).unwrap();
-                assert_eq!(automatic, plan.stats.capacity, "{ctx}");
+                assert_eq!(automatic, plan.stats().capacity, "{ctx}");
             }
             let chunks_of =
                 |it: &packinfer::plan::WorkItem| &plan.kv_chunks[it.chunk_begin as usize..(it.chunk_begin + it.chunk_count) as usize];
@@ -373,7 +373,7 @@ fn splits_merges_and_prefix_tiles_happen_and_are_exact() {
     let case = Case::build(&mut r, &spec, &lens, groups);
     let profile = DeviceProfile::hopper(2);
     let plan = plan_check_run(&case, &profile, PlanOptions::default(), "decodes with prefix");
-    let s = plan.stats;
+    let s = plan.stats();
     assert!(s.num_split_requests >= 4, "{s:?}");
     assert!(s.num_merge_rows > 0 && s.num_partial_slots > 0, "{s:?}");
     // The prefix is read once (an item for every KV head): one chunk over [0, 1500) reading
@@ -448,7 +448,7 @@ fn ablation_flags_switch_their_technique_off() {
         }
 
         let p = Plan::build(case.shape, case.batch.clone(), &profile, PlanOptions { balancing: false, ..base.clone() }).unwrap();
-        assert_eq!(p.stats.num_groups as usize, p.num_item_copies(), "{ctx}: balancing off but groups hold several items");
+        assert_eq!(p.stats().num_groups as usize, p.num_item_copies(), "{ctx}: balancing off but groups hold several items");
 
         // All four off: the one-request-per-tile baseline, tile by tile.
         let off = PlanOptions { packing: false, balancing: false, prefix_sharing: false, split_kv: false, ..base.clone() };
@@ -622,7 +622,7 @@ fn extreme_options_stay_exact() {
     for (name, options) in cases {
         let plan = plan_check_run(&case, &tiny_tiles, options.clone(), name);
         if options.capacity == Some(1e30) {
-            assert_eq!(plan.stats.num_split_requests, 0, "{name}");
+            assert_eq!(plan.stats().num_split_requests, 0, "{name}");
         }
         if options.split_keys == u32::MAX {
             assert!(plan.merges.is_empty(), "{name}: nothing to split, no prefix to share");
@@ -653,7 +653,7 @@ fn regroup_trigger_accumulates_imbalance_beyond_the_plans_own() {
     let lens = common::random_lengths(&mut r, &spec);
     let case = Case::build(&mut r, &spec, &lens, vec![]);
     let plan = Plan::build(case.shape, case.batch.clone(), &DeviceProfile::hopper(5), PlanOptions::default()).unwrap();
-    let s = plan.stats;
+    let s = plan.stats();
     assert_eq!(plan.group_costs.len() as u32, s.num_groups);
     let total: f64 = plan.group_costs.iter().sum();
     assert!((total / s.num_groups as f64 - s.mean_group_cost).abs() <= 1e-9 * total);
@@ -757,7 +757,7 @@ fn bad_inputs_give_clear_errors() {
     };
     let plan = build(empty, PlanOptions::default()).expect("empty batch");
     assert!(plan.items.is_empty() && plan.merges.is_empty());
-    assert_eq!(plan.stats.num_items, 0);
+    assert_eq!(plan.stats().num_items, 0);
 }
 
 /// Decodes (one 16-row slice each) are packed only with each other and only up to one slice,
@@ -877,7 +877,7 @@ fn sliding_window_plans_read_only_the_window() {
                 read[i]
             );
         }
-        assert!(plan.stats.tile_utilization > 0.5, "{name}: {:?}", plan.stats);
+        assert!(plan.stats().tile_utilization > 0.5, "{name}: {:?}", plan.stats());
     }
 }
 

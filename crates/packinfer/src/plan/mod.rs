@@ -194,8 +194,10 @@ pub struct Plan {
     pub merge_slots: Vec<MergeSlot>,
     /// Cost of each group's items under the profile's cost model, by group.
     pub group_costs: Vec<f64>,
-    /// What the planner did.
-    pub stats: PlanStats,
+    /// What the planner did, but for the busiest worker's load ([`Plan::stats`]).
+    pub(crate) stats: PlanStats,
+    /// What [`Plan::stats`] needs to simulate the workers' loads, and its answer once asked.
+    pub(crate) worker_load: WorkerLoad,
     /// For a plan made from a KV pool: the pool's layout when it was made (its page numbers hold
     /// only until a relayout moves pages).
     pub(crate) pool_layout: Option<LayoutStamp>,
@@ -213,6 +215,19 @@ pub struct Plan {
 pub(crate) struct LayoutStamp {
     pub(crate) generation: std::sync::Arc<parking_lot::RwLock<u64>>,
     pub(crate) seen: u64,
+}
+
+/// The simulation of the workers' loads behind `PlanStats::max_worker_cost`, run when the stats
+/// are asked for, not at every (re)plan: it costs a tenth of planning a decode step and an engine
+/// reads the statistics when it wants them, not every step.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct WorkerLoad {
+    workers: u32,
+    /// The group costs come in runs of `num_kv_heads` equal costs (`cost::max_worker_load`).
+    runs_known: bool,
+    /// Sum of the group costs.
+    total: f64,
+    max: std::sync::OnceLock<f64>,
 }
 
 /// A run's hold on its pool's layout ([`Plan::pin_layout`]): no relayout of that pool moves a
@@ -388,6 +403,7 @@ impl Plan {
             merge_slots: Vec::new(),
             group_costs: Vec::new(),
             stats: PlanStats::default(),
+            worker_load: WorkerLoad::default(),
             pool_layout: None,
             scratch: schedule::Scratch::default(),
         }
@@ -414,6 +430,7 @@ impl Plan {
         self.merge_slots.clear();
         self.group_costs.clear();
         self.stats = PlanStats::default();
+        self.worker_load = WorkerLoad::default();
         self.pool_layout = None;
     }
 
@@ -617,7 +634,7 @@ impl Plan {
     pub(crate) fn stats_by_items(&self, profile: &DeviceProfile) -> (PlanStats, Vec<f64>) {
         let mut p = self.clone();
         p.finish_stats(profile, self.stats.capacity, self.stats.num_split_requests, None, Instant::now());
-        (p.stats, p.group_costs)
+        (p.stats(), p.group_costs)
     }
 
     /// Fills `stats` (and `group_costs`, unless the scheduler's `totals` come with them).
@@ -635,20 +652,10 @@ impl Plan {
             Some(t) => t,
             None => self.measure_items(profile),
         };
-        let group_costs = std::mem::take(&mut self.group_costs);
-        // Workers take the groups in order, each the next one as soon as it is free.
-        let workers = profile.num_workers as usize;
-        let max_worker = if group_costs.len() <= workers {
-            max_group
-        } else {
-            let tree = schedule::reuse(&mut self.scratch.load_tree);
-            let (max, tree) = cost::max_worker_load(tree, &group_costs, total, workers, self.shape.num_kv_heads as usize, runs_known);
-            self.scratch.load_tree = tree;
-            max
-        };
-        let n = group_costs.len().max(1) as f64;
+        let n = self.group_costs.len().max(1) as f64;
+        let workers = profile.num_workers;
         self.stats = PlanStats {
-            num_groups: group_costs.len() as u32,
+            num_groups: self.group_costs.len() as u32,
             num_items: self.num_item_copies() as u32,
             num_split_requests,
             num_merge_rows: self.num_merge_rows() as u32,
@@ -656,14 +663,29 @@ impl Plan {
             tile_utilization: if computed == 0 { 1.0 } else { useful as f64 / computed as f64 },
             max_group_cost: max_group,
             mean_group_cost: total / n,
-            max_worker_cost: max_worker,
+            max_worker_cost: 0.0,
             mean_worker_cost: total / workers as f64,
             num_partial_items: partial_items,
             capacity,
             planning_ns: 0,
         };
-        self.group_costs = group_costs;
+        self.worker_load = WorkerLoad { workers, runs_known, total, max: std::sync::OnceLock::new() };
         self.stats.planning_ns = started.elapsed().as_nanos() as u64;
+    }
+
+    /// What the planner did. The busiest worker's load is simulated on the first call after a
+    /// (re)plan (workers take the groups in order, each the next one as soon as it is free).
+    pub fn stats(&self) -> PlanStats {
+        let w = &self.worker_load;
+        let max_worker_cost = *w.max.get_or_init(|| {
+            if self.group_costs.len() <= w.workers as usize {
+                self.stats.max_group_cost
+            } else {
+                let kv_heads = self.shape.num_kv_heads as usize;
+                cost::max_worker_load(Vec::new(), &self.group_costs, w.total, w.workers as usize, kv_heads, w.runs_known).0
+            }
+        });
+        PlanStats { max_worker_cost, ..self.stats }
     }
 
     /// The request and query (0-based within it) of tile row `row` of `item`.

@@ -287,10 +287,8 @@ pub(crate) struct Scratch {
     chunks: Vec<KvChunk>,
     merges: Vec<MergeRow>,
     merge_slots: Vec<MergeSlot>,
-    /// `finish_stats`: per item, its measure; the worker-load tree; `Batch`
-    /// validation's prefix group per request.
+    /// `finish_stats`: per item, its measure; `Batch` validation's prefix group per request.
     pub(super) measured: Vec<Option<(f64, u64, u64)>>,
-    pub(super) load_tree: Vec<u64>,
     pub(super) group_of_request: Vec<u32>,
     /// Prefix groups of earlier batches, whose member lists the next batch reuses.
     pub(super) spare_groups: Vec<crate::types::PrefixGroup>,
@@ -1242,6 +1240,7 @@ mod tests {
             merge_slots: Vec::new(),
             group_costs: Vec::new(),
             stats: PlanStats::default(),
+            worker_load: Default::default(),
             pool_layout: None,
             scratch: Default::default(),
         }

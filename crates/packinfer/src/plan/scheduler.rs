@@ -788,7 +788,7 @@ mod tests {
                     assert_eq!(got.row_segments, expected.row_segments);
                     assert_eq!(got.merges, expected.merges);
                     assert_eq!(got.group_costs, expected.group_costs);
-                    assert_eq!(got.stats.capacity, d.capacity);
+                    assert_eq!(got.stats().capacity, d.capacity);
                 }
                 s.record(StepTimes { attention_s: 1e-6 * (1.0 + d.capacity_factor), relayout_s: 0.0 }).unwrap();
                 factors.push(d.capacity_factor);

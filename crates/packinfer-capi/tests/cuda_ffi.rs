@@ -15,7 +15,7 @@ use common::{assert_close, rng, Case, CaseSpec, Tensor};
 use packinfer::backend::cuda::CudaBackend;
 use packinfer::backend::{BackendChoice, BackendKind};
 use packinfer::testing::{self, sync_stream, DeviceBuffer};
-use packinfer::types::DType;
+use packinfer::types::{DType, KvLayout};
 use packinfer_capi::*;
 
 fn last_error() -> String {
@@ -35,6 +35,32 @@ fn main() {
 
 /// A CUDA context; where CUDA is unusable (NO_DEVICE, with its reason) the test is reported as
 /// skipped (`None`), or fails under `PACKINFER_REQUIRE_GPU=1`.
+/// Run arguments over device buffers: `packinfer_run_args_default`'s (contiguous Q and O, the
+/// default stream, no soft-cap, no fp8 scales) with the buffers, `l`'s K/V strides and an LSE.
+fn device_run_args(
+    q: &DeviceBuffer,
+    k: &DeviceBuffer,
+    v: &DeviceBuffer,
+    o: &DeviceBuffer,
+    lse: &DeviceBuffer,
+    l: &KvLayout,
+) -> PackinferRunArgs {
+    let mut args = std::mem::MaybeUninit::<PackinferRunArgs>::uninit();
+    // SAFETY: a writable PackinferRunArgs, which the call fills whole.
+    assert_eq!(unsafe { packinfer_run_args_default(args.as_mut_ptr()) }, PackinferStatus::Ok, "{}", last_error());
+    // SAFETY: initialized by the call above.
+    let args = unsafe { args.assume_init() };
+    let kv = PackinferKvLayout {
+        k: k.ptr() as *const _,
+        v: v.ptr() as *const _,
+        stride_page: l.stride_page,
+        stride_token: l.stride_token,
+        stride_head: l.stride_head,
+        stride_dim: l.stride_dim,
+    };
+    PackinferRunArgs { q: q.ptr() as *const _, kv, o: o.ptr() as *mut _, lse: lse.ptr() as *mut f32, ..args }
+}
+
 fn cuda_context() -> Option<PackinferContext> {
     let mut o = std::mem::MaybeUninit::<PackinferContextOptions>::uninit();
     // SAFETY: live locals of the types and lengths the call expects.
@@ -121,28 +147,11 @@ fn fp8_caches_run_on_the_gpu() {
     let lse = buf(&vec![0xffu8; case.total_q() * 8 * 4], "lse");
     let l = case.layout;
     let args = PackinferRunArgs {
-        struct_size: std::mem::size_of::<PackinferRunArgs>(),
-        q: q.ptr() as *const _,
-        q_stride_token: 0,
-        q_stride_head: 0,
-        kv: PackinferKvLayout {
-            k: k.ptr() as *const _,
-            v: v.ptr() as *const _,
-            stride_page: l.stride_page,
-            stride_token: l.stride_token,
-            stride_head: l.stride_head,
-            stride_dim: l.stride_dim,
-        },
-        o: o.ptr() as *mut _,
-        o_stride_token: 0,
-        o_stride_head: 0,
-        lse: lse.ptr() as *mut f32,
-        stream: std::ptr::null_mut(),
-        logits_soft_cap: 0.0,
         k_head_scales: ks.ptr() as *const f32,
         v_head_scales: vs.ptr() as *const f32,
         k_scale: case.k_scale,
         v_scale: case.v_scale,
+        ..device_run_args(&q, &k, &v, &o, &lse, &l)
     };
     // SAFETY: args address device buffers of the case's sizes, alive until the stream is synced.
     assert_eq!(unsafe { packinfer_run(launch, &args) }, PackinferStatus::Ok, "{}", last_error());
@@ -212,30 +221,7 @@ fn custom_masks_run_through_the_c_abi() {
     let lse_len = case.total_q() * case.shape.num_qo_heads as usize;
     let lse = DeviceBuffer::new(dev, lse_len * 4, "lse").unwrap();
     let l = case.layout;
-    let args = PackinferRunArgs {
-        struct_size: std::mem::size_of::<PackinferRunArgs>(),
-        q: q.ptr() as *const _,
-        q_stride_token: 0,
-        q_stride_head: 0,
-        kv: PackinferKvLayout {
-            k: k.ptr() as *const _,
-            v: v.ptr() as *const _,
-            stride_page: l.stride_page,
-            stride_token: l.stride_token,
-            stride_head: l.stride_head,
-            stride_dim: l.stride_dim,
-        },
-        o: o.ptr() as *mut _,
-        o_stride_token: 0,
-        o_stride_head: 0,
-        lse: lse.ptr() as *mut f32,
-        stream: std::ptr::null_mut(),
-        logits_soft_cap: 0.0,
-        k_head_scales: std::ptr::null(),
-        v_head_scales: std::ptr::null(),
-        k_scale: 0.0,
-        v_scale: 0.0,
-    };
+    let args = device_run_args(&q, &k, &v, &o, &lse, &l);
     // SAFETY: args address device buffers of the case's sizes, alive until the stream is synced.
     assert_eq!(unsafe { packinfer_run(launch, &args) }, PackinferStatus::Ok, "{}", last_error());
     sync_stream(dev, 0).unwrap();
@@ -327,30 +313,7 @@ fn capacity_launch_update_and_run_through_the_c_abi() {
         }
         assert_eq!(packinfer_launch_wait(launch), PackinferStatus::Ok);
         let l = case.layout;
-        let args = PackinferRunArgs {
-            struct_size: std::mem::size_of::<PackinferRunArgs>(),
-            q: q.ptr() as *const _,
-            q_stride_token: 0,
-            q_stride_head: 0,
-            kv: PackinferKvLayout {
-                k: k.ptr() as *const _,
-                v: v.ptr() as *const _,
-                stride_page: l.stride_page,
-                stride_token: l.stride_token,
-                stride_head: l.stride_head,
-                stride_dim: l.stride_dim,
-            },
-            o: o.ptr() as *mut _,
-            o_stride_token: 0,
-            o_stride_head: 0,
-            lse: lse.ptr() as *mut f32,
-            stream: std::ptr::null_mut(),
-            logits_soft_cap: 0.0,
-            k_head_scales: std::ptr::null(),
-            v_head_scales: std::ptr::null(),
-            k_scale: 0.0,
-            v_scale: 0.0,
-        };
+        let args = device_run_args(&q, &k, &v, &o, &lse, &l);
         // SAFETY: args address device buffers of the case's sizes, alive until the stream is synced.
         assert_eq!(unsafe { packinfer_run(launch, &args) }, PackinferStatus::Ok, "{}", last_error());
         sync_stream(dev, 0).unwrap();
@@ -424,30 +387,7 @@ fn runs_of_one_launch_on_two_streams_do_not_overlap() {
     }
     let l = case.layout;
     for (i, (o, lse)) in outs.iter().enumerate() {
-        let args = PackinferRunArgs {
-            struct_size: std::mem::size_of::<PackinferRunArgs>(),
-            q: q.ptr() as *const _,
-            q_stride_token: 0,
-            q_stride_head: 0,
-            kv: PackinferKvLayout {
-                k: k.ptr() as *const _,
-                v: v.ptr() as *const _,
-                stride_page: l.stride_page,
-                stride_token: l.stride_token,
-                stride_head: l.stride_head,
-                stride_dim: l.stride_dim,
-            },
-            o: o.ptr() as *mut _,
-            o_stride_token: 0,
-            o_stride_head: 0,
-            lse: lse.ptr() as *mut f32,
-            stream: streams[i % 2] as *mut _,
-            logits_soft_cap: 0.0,
-            k_head_scales: std::ptr::null(),
-            v_head_scales: std::ptr::null(),
-            k_scale: 0.0,
-            v_scale: 0.0,
-        };
+        let args = PackinferRunArgs { stream: streams[i % 2] as *mut _, ..device_run_args(&q, &k, &v, o, lse, &l) };
         // SAFETY: args address device buffers of the case's sizes, alive until the stream is synced.
         assert_eq!(unsafe { packinfer_run(launch, &args) }, PackinferStatus::Ok, "{}", last_error());
     }

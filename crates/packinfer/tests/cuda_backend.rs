@@ -979,17 +979,10 @@ fn calibration_fits_and_stores_a_profile() {
 /// in order, TMA) and the short-prefill one (batches of short prompts on 64-row tiles), both
 /// dtypes, head_dims 64 and 128, GQA 1 and 4, causal and not, against the f64 reference.
 fn window_and_soft_cap_on_every_kernel() {
-    let mut done = Vec::new();
-    for kernel in ["plain", "warp-specialised", "short"] {
-        // Read when a context opens; the GPU suite runs one test at a time.
-        if kernel == "warp-specialised" {
-            std::env::set_var("PACKINFER_WARP_SPECIALIZED", "1");
-        }
-        let cu = backend("window_and_soft_cap_on_every_kernel");
-        std::env::remove_var("PACKINFER_WARP_SPECIALIZED");
-        let Some(cu) = cu else { return };
-        let mut r = rng(0x51de ^ kernel.len() as u64);
-        for i in 0..16u32 {
+    on_every_kernel(
+        "window_and_soft_cap_on_every_kernel",
+        0x51de,
+        |kernel, i, r| {
             let spec = cycled_spec(i);
             let lens: Vec<(u32, u32)> = match kernel {
                 "plain" => (0..r.random_range(2..7))
@@ -1006,7 +999,36 @@ fn window_and_soft_cap_on_every_kernel() {
             let lens: Vec<(u32, u32)> = lens.into_iter().map(|(q, kv)| (q.min(kv), kv.max(q))).collect();
             let window = [Some(0), Some(7), Some(100), Some(1024), None][i as usize % 5];
             let cap = [30.0, 0.0, 5.0][i as usize % 3];
-            let case = Case::build_with(&mut r, &spec, &lens, vec![], kernel == "plain").with_features(window, cap);
+            let case = Case::build_with(r, &spec, &lens, vec![], kernel == "plain").with_features(window, cap);
+            (case, format!("window {window:?}, cap {cap}, {spec:?}, lens {lens:?}"))
+        },
+        |_, _, _| {},
+    );
+}
+
+/// 16 cases on each kernel a plan can meet, each kernel on its own context: the plain kernel
+/// (the default context), the warp-specialised one (forced) and the short-prefill one (its
+/// batches planned for 64-row tiles). `case_of(kernel, i, rng)` builds case i and says what it
+/// is; every fourth is planned deterministically in 512-key pieces. `inspect` sees each launch
+/// and run's arguments before the run. All are checked against the f64 reference.
+fn on_every_kernel(
+    test: &str,
+    seed: u64,
+    mut case_of: impl FnMut(&str, u32, &mut SmallRng) -> (Case, String),
+    inspect: impl Fn(&str, &CudaBound, &RunArgs),
+) {
+    let mut done = Vec::new();
+    for kernel in ["plain", "warp-specialised", "short"] {
+        // Read when a context opens; the GPU suite runs one test at a time.
+        if kernel == "warp-specialised" {
+            std::env::set_var("PACKINFER_WARP_SPECIALIZED", "1");
+        }
+        let cu = backend(test);
+        std::env::remove_var("PACKINFER_WARP_SPECIALIZED");
+        let Some(cu) = cu else { return };
+        let mut r = rng(seed ^ kernel.len() as u64);
+        for i in 0..16u32 {
+            let (case, what) = case_of(kernel, i, &mut r);
             let profile = if kernel == "short" { cu.profile_for(&case.shape, &case.batch) } else { cu.profile() };
             let options = case.plan_options(if i % 4 == 3 {
                 PlanOptions { deterministic: true, split_keys: 512, ..PlanOptions::default() }
@@ -1014,8 +1036,9 @@ fn window_and_soft_cap_on_every_kernel() {
                 PlanOptions::default()
             });
             let plan = Plan::build(case.shape, case.batch.clone(), &profile, options).unwrap();
-            let (o, lse) = run_plan(&cu, &case, plan);
-            done.push((case, o, lse, format!("{kernel} {i}: window {window:?}, cap {cap}, {spec:?}, lens {lens:?}")));
+            let ctx = format!("{kernel} {i}: {what}");
+            let (o, lse) = run_plan_inspected(&cu, &case, plan, |bound, args| inspect(&ctx, bound, args));
+            done.push((case, o, lse, ctx));
         }
     }
     check_all(done);
@@ -1185,53 +1208,31 @@ fn fp8_scales_are_taken_from_each_run() {
 /// of several densities with fully masked rows, some with a window and a soft-cap, against the
 /// f64 reference.
 fn custom_masks_on_every_kernel() {
-    let mut done = Vec::new();
-    for kernel in ["plain", "warp-specialised", "short"] {
-        // Read when a context opens; the GPU suite runs one test at a time.
-        if kernel == "warp-specialised" {
-            std::env::set_var("PACKINFER_WARP_SPECIALIZED", "1");
-        }
-        let cu = backend("custom_masks_on_every_kernel");
-        std::env::remove_var("PACKINFER_WARP_SPECIALIZED");
-        let Some(cu) = cu else { return };
-        let mut r = rng(0x3a5c ^ kernel.len() as u64);
-        for i in 0..16u32 {
-            let spec = cycled_spec(i);
-            let lens: Vec<(u32, u32)> = match kernel {
-                "plain" => (0..r.random_range(2..7))
-                    .map(|_| {
-                        let q = if r.random_bool(0.5) { r.random_range(1..9) } else { r.random_range(1..200u32) };
-                        (q, q + r.random_range(0..3000))
-                    })
-                    .collect(),
-                "warp-specialised" => {
-                    (0..r.random_range(1..3)).map(|_| (r.random_range(300..800u32), r.random_range(1500..2500u32))).collect()
-                }
-                _ => (0..r.random_range(3..16)).map(|_| r.random_range(1..200u32)).map(|q| (q, q)).collect(),
-            };
-            let window = [None, Some(100), None, Some(1024)][i as usize % 4];
-            let cap = [0.0, 30.0, 0.0][i as usize % 3];
-            let density = [0.5, 0.95, 0.05, 1.0][i as usize % 4];
-            let case = Case::build_with(&mut r, &spec, &lens, vec![], kernel == "plain").with_features(window, cap).with_random_mask(
-                &mut r,
-                density,
-                i % 3 == 0,
-            );
-            let profile = if kernel == "short" { cu.profile_for(&case.shape, &case.batch) } else { cu.profile() };
-            let options = case.plan_options(if i % 4 == 3 {
-                PlanOptions { deterministic: true, split_keys: 512, ..PlanOptions::default() }
-            } else {
-                PlanOptions::default()
-            });
-            let plan = Plan::build(case.shape, case.batch.clone(), &profile, options).unwrap();
-            let ctx = format!("{kernel} {i}: mask density {density}, window {window:?}, cap {cap}, {spec:?}, lens {lens:?}");
-            let (o, lse) = run_plan_inspected(&cu, &case, plan, |bound, args| {
-                assert!(!bound.copies_kv_by_tma(args).unwrap(), "{ctx}: a masked plan was run with K/V by TMA");
-            });
-            done.push((case, o, lse, ctx));
-        }
-    }
-    check_all(done);
+    let case_of = |kernel: &str, i: u32, r: &mut SmallRng| {
+        let spec = cycled_spec(i);
+        let lens: Vec<(u32, u32)> = match kernel {
+            "plain" => (0..r.random_range(2..7))
+                .map(|_| {
+                    let q = if r.random_bool(0.5) { r.random_range(1..9) } else { r.random_range(1..200u32) };
+                    (q, q + r.random_range(0..3000))
+                })
+                .collect(),
+            "warp-specialised" => (0..r.random_range(1..3)).map(|_| (r.random_range(300..800u32), r.random_range(1500..2500u32))).collect(),
+            _ => (0..r.random_range(3..16)).map(|_| r.random_range(1..200u32)).map(|q| (q, q)).collect(),
+        };
+        let window = [None, Some(100), None, Some(1024)][i as usize % 4];
+        let cap = [0.0, 30.0, 0.0][i as usize % 3];
+        let density = [0.5, 0.95, 0.05, 1.0][i as usize % 4];
+        let case = Case::build_with(r, &spec, &lens, vec![], kernel == "plain").with_features(window, cap).with_random_mask(
+            r,
+            density,
+            i.is_multiple_of(3),
+        );
+        (case, format!("mask density {density}, window {window:?}, cap {cap}, {spec:?}, lens {lens:?}"))
+    };
+    on_every_kernel("custom_masks_on_every_kernel", 0x3a5c, case_of, |ctx, bound, args| {
+        assert!(!bound.copies_kv_by_tma(args).unwrap(), "{ctx}: a masked plan was run with K/V by TMA");
+    });
 }
 
 /// A launch sized for masks (LaunchCapacity's mask bytes and masked query tokens) takes masked

@@ -89,25 +89,18 @@ impl LeastLoaded {
     #[cfg(test)]
     pub(crate) fn with_first_units(first_costs: impl ExactSizeIterator<Item = f64>, total_cost: f64) -> Self {
         let groups = first_costs.len();
-        Self::with_first_units_keyed(Vec::new(), first_costs, total_cost, groups)
+        Self::with_first_units_keyed(first_costs, total_cost, groups)
     }
 
-    /// [`LeastLoaded::with_first_units`] in `tree`'s allocation (its contents are replaced),
-    /// with the fixed point of `key_groups` groups (at least as many as `first_costs` has):
-    /// trees of different sizes then round loads alike.
-    fn with_first_units_keyed(
-        mut tree: Vec<u64>,
-        first_costs: impl ExactSizeIterator<Item = f64>,
-        total_cost: f64,
-        key_groups: usize,
-    ) -> Self {
+    /// [`LeastLoaded::with_first_units`] with the fixed point of `key_groups` groups (at least as
+    /// many as `first_costs` has): trees of different sizes then round loads alike.
+    fn with_first_units_keyed(first_costs: impl ExactSizeIterator<Item = f64>, total_cost: f64, key_groups: usize) -> Self {
         let groups = first_costs.len();
         debug_assert!(groups <= key_groups.max(1));
         let group_bits = (usize::BITS - key_groups.max(groups).saturating_sub(1).leading_zeros()).max(1);
         let scale = (1u64 << (63 - group_bits)) as f64 / total_cost.max(f64::MIN_POSITIVE);
         let leaves = groups.max(1).next_power_of_two();
-        tree.clear();
-        tree.resize(2 * leaves, u64::MAX);
+        let mut tree = vec![u64::MAX; 2 * leaves];
         tree[leaves] = 0;
         for (g, c) in first_costs.enumerate() {
             tree[leaves + g] = ((c * scale) as u64) << group_bits | g as u64;
@@ -116,11 +109,6 @@ impl LeastLoaded {
             tree[i] = tree[2 * i].min(tree[2 * i + 1]);
         }
         LeastLoaded { root: tree[1], tree, leaves, groups: groups.max(1), group_bits, scale }
-    }
-
-    /// The tree's allocation, for the next [`LeastLoaded::with_first_units_keyed`].
-    pub(crate) fn into_tree(self) -> Vec<u64> {
-        self.tree
     }
 
     /// The largest load, in cost units (to the fixed point's resolution).
@@ -150,8 +138,8 @@ impl LeastLoaded {
 }
 
 /// The busiest worker's load when `workers` workers take the groups of `costs` in order, each
-/// the next group as soon as it is free (list scheduling; at least one group per worker), with
-/// the tree's allocation back. `total` is the costs' sum (it sets the fixed point).
+/// the next group as soon as it is free (list scheduling; at least one group per worker).
+/// `total` is the costs' sum (it sets the fixed point).
 ///
 /// Groups come in runs of `copies` equal costs (a unit's KV-head copies). Where `r` divides both
 /// the worker count and every run, the loads stay `r` copies of the loads of `workers / r`
@@ -161,14 +149,7 @@ impl LeastLoaded {
 ///
 /// `runs_known`: the caller guarantees the runs (the scheduler's group costs, which it writes
 /// a unit's cost per KV head), so they are not checked here, a pass over every group.
-pub(crate) fn max_worker_load(
-    tree: Vec<u64>,
-    costs: &[f64],
-    total: f64,
-    workers: usize,
-    copies: usize,
-    runs_known: bool,
-) -> (f64, Vec<u64>) {
+pub(crate) fn max_worker_load(costs: &[f64], total: f64, workers: usize, copies: usize, runs_known: bool) -> f64 {
     let equal_runs = |r: usize| costs.len().is_multiple_of(r) && costs.chunks_exact(r).all(|run| run.iter().all(|&c| c == run[0]));
     let mut r = gcd(workers, copies.max(1));
     debug_assert!(!runs_known || equal_runs(r), "group costs not in runs of {copies} equal costs");
@@ -177,12 +158,12 @@ pub(crate) fn max_worker_load(
         r = (1..r).rev().find(|d| r.is_multiple_of(*d)).unwrap_or(1);
     }
     let reduced = workers / r;
-    let mut loads = LeastLoaded::with_first_units_keyed(tree, costs[..workers].iter().step_by(r).copied(), total, workers);
+    let mut loads = LeastLoaded::with_first_units_keyed(costs[..workers].iter().step_by(r).copied(), total, workers);
     debug_assert_eq!(loads.groups, reduced);
     for &c in costs[workers..].iter().step_by(r) {
         loads.add_to_least(c);
     }
-    (loads.max_load(), loads.into_tree())
+    loads.max_load()
 }
 
 fn gcd(mut a: usize, mut b: usize) -> usize {
@@ -240,8 +221,8 @@ mod tests {
                     if costs.len() <= workers {
                         continue;
                     }
-                    let (max, _) = max_worker_load(Vec::new(), &costs, costs.iter().sum(), workers, copies, false);
-                    let (known, _) = max_worker_load(Vec::new(), &costs, costs.iter().sum(), workers, copies, true);
+                    let max = max_worker_load(&costs, costs.iter().sum(), workers, copies, false);
+                    let known = max_worker_load(&costs, costs.iter().sum(), workers, copies, true);
                     assert_eq!(known, max, "{workers} workers, {copies} copies, {units} units, runs known");
                     assert_eq!(max, full(&costs, workers), "{workers} workers, {copies} copies, {units} units");
                 }
@@ -249,7 +230,7 @@ mod tests {
         }
         // Runs that break the copies fall back to the full simulation.
         let costs: Vec<f64> = (0..1000).map(|g| 1.0 + (g * 7 % 13) as f64).collect();
-        assert_eq!(max_worker_load(Vec::new(), &costs, costs.iter().sum(), 132, 8, false).0, full(&costs, 132));
+        assert_eq!(max_worker_load(&costs, costs.iter().sum(), 132, 8, false), full(&costs, 132));
     }
 
     #[test]

@@ -682,7 +682,7 @@ impl Plan {
                 self.stats.max_group_cost
             } else {
                 let kv_heads = self.shape.num_kv_heads as usize;
-                cost::max_worker_load(Vec::new(), &self.group_costs, w.total, w.workers as usize, kv_heads, w.runs_known).0
+                cost::max_worker_load(&self.group_costs, w.total, w.workers as usize, kv_heads, w.runs_known)
             }
         });
         PlanStats { max_worker_cost, ..self.stats }

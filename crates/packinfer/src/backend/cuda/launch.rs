@@ -951,18 +951,16 @@ impl BoundPlan for CudaBound {
     }
 
     unsafe fn run(&self, args: &RunArgs) -> Result<()> {
-        let layout = {
+        let (layout, total_q, pages) = {
             let current = self.current.lock();
-            if let Some(l) = &current.pool_layout {
-                l.check()?;
-            }
-            crate::backend::cpu::check_run_pointers(self.shape.kv_dtype, current.total_q, current.pages, args)?;
-            current.pool_layout.clone()
+            (current.pool_layout.clone(), current.total_q, current.pages)
         };
-        // Held until the kernels are enqueued: a relayout of the pool on another thread then
-        // enqueues its copies (and whoever takes the pages it frees, their writes) after them,
-        // not between this check and the launch; on one stream they then read before those.
+        // The staleness check, held until the kernels are enqueued: a relayout of the pool on
+        // another thread then enqueues its copies (and whoever takes the pages it frees, their
+        // writes) after them, not between this check and the launch; on one stream they then
+        // read before those.
         let _layout = layout.as_ref().map(LayoutStamp::pin).transpose()?;
+        crate::backend::cpu::check_run_pointers(self.shape.kv_dtype, total_q, pages, args)?;
         let stream = args.stream as sys::CUstream;
         // Encoding the tensor maps (in params) needs the context current.
         let _g = self.shared.dev.enter()?;

@@ -651,6 +651,15 @@ def main(argv=None):
         result["contenders"][f"replay {rec.schedule} (recorded)"] = {
             "step_s": t.tolist(), "summary": summarize(rec, t),
             "breakdown_s": {k: float(sum(s.costs[k] for s in rec.steps)) for k in COST_KEYS}}
+    path = os.path.join(out_dir, "replay_anchors.json")
+
+    def save():
+        # After every contender, so a run cut off by its time limit keeps what finished.
+        result["ratios"] = ratios({n: c["summary"] for n, c in result["contenders"].items()}, "PackInfer")
+        with open(path + ".part", "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(path + ".part", path)
+
     for key in wanted:
         if key not in builders:
             raise SystemExit(f"--contenders: unknown {key!r} (packinfer, flashinfer, fa3, fa2)")
@@ -672,10 +681,7 @@ def main(argv=None):
         finally:
             if c is not None:
                 c.close()
-    result["ratios"] = ratios({n: c["summary"] for n, c in result["contenders"].items()}, "PackInfer")
-    path = os.path.join(out_dir, "replay_anchors.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+            save()
     try:
         png = chart(result, os.path.join(out_dir, "replay_anchors.png"))
     except Exception as e:  # noqa: BLE001 - the JSON is written; a chart failure must not hide it

@@ -13,7 +13,8 @@
 #    per step, FA3 varlen and FA2 varlen ($OUT/replay_anchors.json, .png); MAX_STEPS limits it.
 # Environment: REQUESTS (1000), ARRIVALS (all|trace), REPLAY_ARGS (more replay options, e.g.
 # "--speedup 4"), TRACE (the staged code trace; "synthetic": the replay's built-in trace),
-# MAX_STEPS (0: all), CONTENDERS (packinfer,flashinfer,fa3,fa2), BUDGET_S (560).
+# MAX_STEPS (0: all), CONTENDERS (packinfer,flashinfer,fa3,fa2), BUDGET_S (560; the seconds from the
+# start by which the replay must end: REPLAY_BUDGET_S, BUDGET_S - 200).
 set -u
 T0=$(date +%s)
 bench=$(cd "$(dirname "$0")" && pwd)
@@ -26,6 +27,7 @@ REQUESTS=${REQUESTS:-1000}
 ARRIVALS=${ARRIVALS:-all}
 REPLAY_ARGS=${REPLAY_ARGS:-}
 MAX_STEPS=${MAX_STEPS:-0}
+REPLAY_BUDGET_S=${REPLAY_BUDGET_S:-$((BUDGET_S - 200))}
 CONTENDERS=${CONTENDERS:-packinfer,flashinfer,fa3,fa2}
 TRACE=${TRACE:-$stage/azure_llm_2023_code.csv}
 log="$out/run.log"
@@ -57,7 +59,7 @@ trace_arg=("$TRACE")
 [ "$TRACE" = synthetic ] && trace_arg=()
 say "packinfer-replay: $REQUESTS requests, arrivals $ARRIVALS ${REPLAY_ARGS}"
 # shellcheck disable=SC2086 # REPLAY_ARGS is a list of options
-"${meas[@]}" timeout -k 10 "$(left_until $((BUDGET_S - 200)))" "$stage/packinfer-replay" "${trace_arg[@]}" --device gpu \
+"${meas[@]}" timeout -k 10 "$(left_until "$REPLAY_BUDGET_S")" "$stage/packinfer-replay" "${trace_arg[@]}" --device gpu \
   --requests "$REQUESTS" --arrivals "$ARRIVALS" --record-batches --out /tmp/replay-out $REPLAY_ARGS
 say "replay: rc $?"
 ls -la /tmp/replay-out

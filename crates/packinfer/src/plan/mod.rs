@@ -291,8 +291,8 @@ impl Plan {
 /// (the [`scheduler`]) plans once. Validates as [`Plan::build`] does.
 pub fn automatic_capacity(shape: &Shape, batch: &Batch, profile: &DeviceProfile, options: &PlanOptions) -> Result<f64> {
     let mut plan = Plan::empty(*shape, PlanOptions { capacity: None, ..options.clone() }, profile.block_m);
-    plan.batch = batch.clone();
-    plan.validate_and_fill_requests(profile)?;
+    let largest_page = plan.batch.copy_measuring_pages(batch, &mut Vec::new());
+    plan.validate_and_fill_requests(profile, largest_page)?;
     if one_request_per_tile(&plan.options) {
         return Ok(0.0);
     }
@@ -322,15 +322,8 @@ impl Plan {
     /// On error the plan holds an empty batch (no requests, no work) until the next successful
     /// rebuild, so a plan is never left half made.
     pub fn rebuild(&mut self, shape: Shape, batch: &Batch, profile: &DeviceProfile, options: PlanOptions) -> Result<()> {
-        self.rebuild_with(
-            shape,
-            options,
-            |b, spare| {
-                b.copy_from_keeping(batch, spare);
-                Ok(())
-            },
-            |_, _| profile.clone(),
-        )
+        // The copy measures the page list for the check, which then reads it no second time.
+        self.rebuild_scaled(shape, options, |b, spare| Ok(b.copy_measuring_pages(batch, spare)), |_, _| profile.clone(), 1.0).map(|_| ())
     }
 
     /// Like [`Plan::rebuild`], for a batch that `fill` writes over the plan's previous one (every
@@ -346,17 +339,19 @@ impl Plan {
         fill: impl FnOnce(&mut Batch, &mut Vec<crate::types::PrefixGroup>) -> Result<()>,
         profile: impl FnOnce(&Shape, &Batch) -> DeviceProfile,
     ) -> Result<()> {
-        self.rebuild_scaled(shape, options, fill, profile, 1.0).map(|_| ())
+        self.rebuild_scaled(shape, options, |b, spare| fill(b, spare).map(|()| None), profile, 1.0).map(|_| ())
     }
 
     /// [`Plan::rebuild_with`] at `capacity_factor` × the automatic capacity where `options`
     /// leave the capacity automatic (the scheduler's tuned capacity, in one planning pass);
-    /// returns the automatic capacity (0 for a plan without one).
+    /// returns the automatic capacity (0 for a plan without one). `fill` returns the page
+    /// list's largest index (read as unsigned) where it measured it while copying
+    /// ([`Batch::copy_measuring_pages`]; validation then trusts it), None where it did not.
     pub(crate) fn rebuild_scaled(
         &mut self,
         shape: Shape,
         options: PlanOptions,
-        fill: impl FnOnce(&mut Batch, &mut Vec<crate::types::PrefixGroup>) -> Result<()>,
+        fill: impl FnOnce(&mut Batch, &mut Vec<crate::types::PrefixGroup>) -> Result<Option<u32>>,
         profile: impl FnOnce(&Shape, &Batch) -> DeviceProfile,
         capacity_factor: f64,
     ) -> Result<f64> {
@@ -366,10 +361,10 @@ impl Plan {
         self.pool_layout = None;
         let spare = &mut self.scratch.spare_groups;
         spare.append(&mut self.batch.prefix_groups);
-        let result = fill(&mut self.batch, spare).and_then(|()| {
+        let result = fill(&mut self.batch, spare).and_then(|largest_page| {
             let profile = profile(&self.shape, &self.batch);
             self.block_m = profile.block_m;
-            self.plan_batch_scaled(&profile, started, capacity_factor)
+            self.plan_batch_scaled(&profile, started, capacity_factor, largest_page)
         });
         if result.is_err() {
             self.clear();
@@ -436,13 +431,20 @@ impl Plan {
 
     /// Validates the plan's shape, batch and options and schedules its batch.
     fn plan_batch(&mut self, profile: &DeviceProfile, started: Instant) -> Result<()> {
-        self.plan_batch_scaled(profile, started, 1.0).map(|_| ())
+        self.plan_batch_scaled(profile, started, 1.0, None).map(|_| ())
     }
 
     /// [`Plan::plan_batch`] at `capacity_factor` × the automatic capacity where the options
     /// leave it automatic; returns the automatic capacity (0 for a plan without one).
-    fn plan_batch_scaled(&mut self, profile: &DeviceProfile, started: Instant, capacity_factor: f64) -> Result<f64> {
-        self.validate_and_fill_requests(profile)?;
+    /// `largest_page` as for [`Batch::validate_with`].
+    fn plan_batch_scaled(
+        &mut self,
+        profile: &DeviceProfile,
+        started: Instant,
+        capacity_factor: f64,
+        largest_page: Option<u32>,
+    ) -> Result<f64> {
+        self.validate_and_fill_requests(profile, largest_page)?;
         if one_request_per_tile(&self.options) {
             self.schedule_one_request_per_tile();
             self.finish_stats(profile, 0.0, 0, None, started);
@@ -464,11 +466,12 @@ impl Plan {
         Ok(automatic)
     }
 
-    /// The plan's checks, then its requests' geometry (what scheduling reads).
-    fn validate_and_fill_requests(&mut self, profile: &DeviceProfile) -> Result<()> {
+    /// The plan's checks, then its requests' geometry (what scheduling reads). `largest_page`
+    /// as for [`Batch::validate_with`].
+    fn validate_and_fill_requests(&mut self, profile: &DeviceProfile, largest_page: Option<u32>) -> Result<()> {
         let (shape, batch) = (&self.shape, &self.batch);
         shape.validate()?;
-        batch.validate_with(shape.causal, &mut self.scratch.group_of_request)?;
+        batch.validate_with(shape.causal, &mut self.scratch.group_of_request, largest_page)?;
         profile.validate()?;
         let options = &self.options;
         if let Some(c) = options.capacity {

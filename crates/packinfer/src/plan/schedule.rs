@@ -163,7 +163,7 @@ fn schedule_steps(plan: &Plan, profile: &DeviceProfile, sc: &mut Scratch) -> Res
     pack(&s, capacity, num_bundles, &to_pack, &mut work, sc);
     sc.to_pack = to_pack;
     let groups = group(&s, capacity, num_bundles, &work.pieces, sc);
-    let Pieces { pieces, chunks, segments, partial_rows } = work;
+    let Pieces { pieces, chunks, segments, partial_rows, counts } = work;
     (sc.chunks, sc.segments) = (chunks, segments);
     let groups = match groups {
         Ok(g) => g,
@@ -181,54 +181,28 @@ fn schedule_steps(plan: &Plan, profile: &DeviceProfile, sc: &mut Scratch) -> Res
         .abs()
         <= 1e-6 * p.cost.max(1.0)));
     let entities = Entities { entities: &sc.entities, entity_pieces: &sc.entity_pieces, entity_start: &sc.entity_start };
-    let totals = totals(&s, &pieces, entities, &sc.segments, &sc.chunks, &mut sc.group_costs);
+    let totals = totals(&s, &pieces, entities, counts, &mut sc.group_costs);
     debug_assert!(sc.group_costs.len() == groups.num_groups || pieces.is_empty());
     (sc.pieces, sc.partial_rows, sc.slot_of) = (pieces, partial_rows, slot_of);
     (sc.items, sc.units, sc.merges, sc.merge_slots) = (items, units, merges, merge_slots);
     Ok(Outcome { capacity, num_split_requests, totals })
 }
 
-/// The statistics' totals and each group's cost, per piece: its KV-head copies are the same
-/// work; pieces are visited entity by entity. A unit's groups (one per KV head) cost its entity's pieces, summed in piece order (the
-/// entity lists them so), as its items are.
-fn totals(
-    s: &Setup,
-    pieces: &[Piece],
-    units: Entities<'_>,
-    segments: &[RowSegment],
-    chunks: &[KvChunk],
-    group_costs: &mut Vec<f64>,
-) -> WorkTotals {
+/// The statistics' totals from the pieces' `counts` (one KV head's), and each group's cost: a
+/// unit's groups (one per KV head) cost its entity's pieces, summed in piece order (the entity
+/// lists them so), as its items are.
+fn totals(s: &Setup, pieces: &[Piece], units: Entities<'_>, counts: Counts, group_costs: &mut Vec<f64>) -> WorkTotals {
     let heads_us = s.heads as usize;
     group_costs.clear();
-    let (mut useful, mut computed, mut partial_pieces, mut partial_rows) = (0u64, 0u64, 0u32, 0u32);
-    // The groups' total cost is a chain of dependent additions, one per group (KV-head copy);
-    // summed here, in group order as before, the counting of the entity's pieces beside it
-    // runs while each addition waits for the last.
+    // The groups' total cost is a chain of dependent additions, one per group (KV-head copy),
+    // in group order as the count by items sums it.
     let (mut total_cost, mut max_group_cost) = (0.0f64, 0.0f64);
     if !pieces.is_empty() {
-        // Every piece is in exactly one entity: counted once.
         for &(_, e) in units.entities {
             let list = &units.entity_pieces[units.entity_start[e as usize] as usize..units.entity_start[e as usize + 1] as usize];
             let mut cost = 0.0;
             for &p in list {
-                let p = &pieces[p as usize];
-                cost += p.cost;
-                if p.partial {
-                    partial_pieces += 1;
-                    partial_rows += p.num_rows;
-                }
-                let segs = &segments[p.seg_begin as usize..(p.seg_begin + p.seg_count) as usize];
-                for c in &chunks[p.chunk_begin as usize..(p.chunk_begin + p.chunk_count) as usize] {
-                    computed += sliced_rows(c.row_begin, c.row_end) as u64 * (c.key_end - c.key_begin) as u64;
-                    // Segments are laid out in row order: those starting in the chunk's rows are
-                    // one run.
-                    let first = segs.partition_point(|sg| sg.row_begin < c.row_begin);
-                    for sg in segs[first..].iter().take_while(|sg| sg.row_begin < c.row_end) {
-                        let req = &s.requests[sg.request as usize];
-                        useful += s.group as u64 * visible_keys(req, sg.q_begin, sg.q_count, s.causal, s.window, c.key_begin, c.key_end);
-                    }
-                }
+                cost += pieces[p as usize].cost;
             }
             group_costs.extend(std::iter::repeat_n(cost, heads_us));
             for _ in 0..heads_us {
@@ -240,10 +214,10 @@ fn totals(
     let heads = s.heads as u64;
     // Every partial item gets `num_rows` slots of its own (`emit`).
     WorkTotals {
-        useful: useful * heads,
-        computed: computed * heads,
-        partial_items: partial_pieces * s.heads,
-        partial_slots: partial_rows * s.heads,
+        useful: counts.useful * heads,
+        computed: counts.computed * heads,
+        partial_items: counts.partial_pieces * s.heads,
+        partial_slots: counts.partial_rows * s.heads,
         total_cost,
         max_group_cost,
     }
@@ -622,12 +596,46 @@ struct PartialRow {
 
 /// The pieces made so far and the plan entries they name: a piece's rows are
 /// `segments[seg_begin..][..seg_count]`, its keys `chunks[chunk_begin..][..chunk_count]`; each
-/// token row of a partial piece has its [`PartialRow`].
+/// token row of a partial piece has its [`PartialRow`]; `counts` counts them.
 struct Pieces {
     segments: Vec<RowSegment>,
     chunks: Vec<KvChunk>,
     pieces: Vec<Piece>,
     partial_rows: Vec<PartialRow>,
+    counts: Counts,
+}
+
+/// The statistics' counts of the pieces made so far, for one KV head: real (row, visible key)
+/// pairs, (row, key) pairs the tiles compute, partial pieces and their rows. Counted as each
+/// piece is made, where its chunks and the segments each covers are at hand (the sums are
+/// integers: the order they are counted in does not matter).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Counts {
+    useful: u64,
+    computed: u64,
+    partial_pieces: u32,
+    partial_rows: u32,
+}
+
+impl Counts {
+    /// Counts chunk `c` against `segments`, the segments whose rows it covers.
+    #[inline]
+    fn chunk(&mut self, s: &Setup, c: &KvChunk, segments: &[RowSegment]) {
+        self.computed += sliced_rows(c.row_begin, c.row_end) as u64 * (c.key_end - c.key_begin) as u64;
+        for sg in segments {
+            let req = &s.requests[sg.request as usize];
+            self.useful += s.group as u64 * visible_keys(req, sg.q_begin, sg.q_count, s.causal, s.window, c.key_begin, c.key_end);
+        }
+    }
+
+    /// Counts a piece of `num_rows` rows.
+    #[inline]
+    fn piece(&mut self, partial: bool, num_rows: u32) {
+        if partial {
+            self.partial_pieces += 1;
+            self.partial_rows += num_rows;
+        }
+    }
 }
 
 /// Records a partial row for each token of `seg`, a segment of `piece` reading from `key_begin`.
@@ -677,24 +685,25 @@ fn split(
     let mut partial_rows = reuse(&mut sc.partial_rows);
     let mut ranges = reuse(&mut sc.ranges);
     let mut to_pack = reuse(&mut sc.to_pack);
+    let mut counts = Counts::default();
     let result = split_into(
         s,
         capacity,
         prefix_tiles,
         blocks,
         runs,
-        (&mut segments, &mut chunks, &mut pieces, &mut partial_rows),
+        (&mut segments, &mut chunks, &mut pieces, &mut partial_rows, &mut counts),
         &mut ranges,
         &mut split_request,
         &mut to_pack,
     );
     let num_split_requests = split_request.iter().filter(|&&x| x).count() as u32;
     (sc.split_request, sc.ranges) = (split_request, ranges);
-    let work = Pieces { segments, chunks, pieces, partial_rows };
+    let work = Pieces { segments, chunks, pieces, partial_rows, counts };
     match result {
         Ok(()) => Ok(Split { work, to_pack, num_split_requests }),
         Err(e) => {
-            let Pieces { segments, chunks, pieces, partial_rows } = work;
+            let Pieces { segments, chunks, pieces, partial_rows, .. } = work;
             (sc.segments, sc.chunks, sc.pieces, sc.partial_rows, sc.to_pack) = (segments, chunks, pieces, partial_rows, to_pack);
             Err(e)
         }
@@ -709,7 +718,13 @@ fn split_into(
     prefix_tiles: &[PrefixTile],
     blocks: &[Block],
     runs: &[bool],
-    (segments, chunks, pieces, partial_rows): (&mut Vec<RowSegment>, &mut Vec<KvChunk>, &mut Vec<Piece>, &mut Vec<PartialRow>),
+    (segments, chunks, pieces, partial_rows, counts): (
+        &mut Vec<RowSegment>,
+        &mut Vec<KvChunk>,
+        &mut Vec<Piece>,
+        &mut Vec<PartialRow>,
+        &mut Counts,
+    ),
     ranges: &mut Vec<(u32, u32)>,
     split_request: &mut [bool],
     to_pack: &mut Vec<Block>,
@@ -722,7 +737,10 @@ fn split_into(
         cut_keys(s, capacity, 0, tile.key_end, s.block_cost(tile.num_rows, tile.key_end), max_pieces.saturating_sub(pieces.len()), ranges)?;
         for &(kb, ke) in ranges.iter() {
             let p = pieces.len() as u32;
-            chunks.push(KvChunk { request: tile.reader, key_begin: kb, key_end: ke, row_begin: 0, row_end: tile.num_rows });
+            let chunk = KvChunk { request: tile.reader, key_begin: kb, key_end: ke, row_begin: 0, row_end: tile.num_rows };
+            counts.chunk(s, &chunk, &segments[tile.seg_begin as usize..(tile.seg_begin + tile.seg_count) as usize]);
+            counts.piece(true, tile.num_rows);
+            chunks.push(chunk);
             pieces.push(Piece {
                 seg_begin: tile.seg_begin,
                 seg_count: tile.seg_count,
@@ -775,7 +793,10 @@ fn split_into(
         segments.push(seg);
         for &(kb, ke) in ranges.iter() {
             let p = pieces.len() as u32;
-            chunks.push(KvChunk { request: b.request, key_begin: kb, key_end: ke, row_begin: 0, row_end: rows });
+            let chunk = KvChunk { request: b.request, key_begin: kb, key_end: ke, row_begin: 0, row_end: rows };
+            counts.chunk(s, &chunk, std::slice::from_ref(&seg));
+            counts.piece(partial, rows);
+            chunks.push(chunk);
             pieces.push(Piece {
                 seg_begin,
                 seg_count: 1,
@@ -804,7 +825,7 @@ fn split_into(
 /// tile records its partial rows.
 fn pack(s: &Setup, capacity: f64, num_bundles: usize, to_pack: &[Block], work: &mut Pieces, sc: &mut Scratch) {
     let (profile, group, block_m) = (s.profile, s.group, s.block_m);
-    let Pieces { segments, chunks, pieces, partial_rows } = work;
+    let Pieces { segments, chunks, pieces, partial_rows, counts } = work;
     // Next-fit within a class (prefix group, finality), in request order. A stable counting
     // sort by class keeps this linear.
     let class_of = |b: &Block| (b.bundle.wrapping_add(1) as usize) << 1 | b.partial as usize;
@@ -848,19 +869,18 @@ fn pack(s: &Setup, capacity: f64, num_bundles: usize, to_pack: &[Block], work: &
             if j > i && (!same_class || rows + b_rows > tile_rows || cost + b_cost > pack_limit) {
                 break;
             }
-            segments.push(RowSegment { request: b.request, q_begin: b.q_begin, q_count: b.q_count, row_begin: rows });
-            chunks.push(KvChunk {
-                request: b.request,
-                key_begin: b.key_begin,
-                key_end: b.key_end,
-                row_begin: rows,
-                row_end: rows + b_rows,
-            });
+            let seg = RowSegment { request: b.request, q_begin: b.q_begin, q_count: b.q_count, row_begin: rows };
+            let chunk = KvChunk { request: b.request, key_begin: b.key_begin, key_end: b.key_end, row_begin: rows, row_end: rows + b_rows };
+            // A tile's chunk covers its block's segment alone.
+            counts.chunk(s, &chunk, std::slice::from_ref(&seg));
+            segments.push(seg);
+            chunks.push(chunk);
             rows += b_rows;
             cost += b_cost;
             j += 1;
         }
         let p = pieces.len() as u32;
+        counts.piece(first.partial, rows);
         pieces.push(Piece {
             seg_begin,
             seg_count: (j - i) as u32,
@@ -1259,7 +1279,7 @@ mod tests {
     }
 
     fn no_pieces() -> Pieces {
-        Pieces { segments: Vec::new(), chunks: Vec::new(), pieces: Vec::new(), partial_rows: Vec::new() }
+        Pieces { segments: Vec::new(), chunks: Vec::new(), pieces: Vec::new(), partial_rows: Vec::new(), counts: Counts::default() }
     }
 
     #[test]

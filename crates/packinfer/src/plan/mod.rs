@@ -649,7 +649,7 @@ impl Plan {
         totals: Option<WorkTotals>,
         started: Instant,
     ) {
-        // The scheduler's group costs come a unit's cost per KV head (`schedule::totals`).
+        // The scheduler's group costs come a unit's cost per KV head (`schedule::emit`).
         let runs_known = totals.is_some();
         let WorkTotals { useful, computed, partial_items, partial_slots, total_cost: total, max_group_cost: max_group } = match totals {
             Some(t) => t,

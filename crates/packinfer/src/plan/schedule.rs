@@ -172,7 +172,7 @@ fn schedule_steps(plan: &Plan, profile: &DeviceProfile, sc: &mut Scratch) -> Res
             return Err(e);
         }
     };
-    let Emitted { items, units, slot_of } = emit(&s, &pieces, sc);
+    let Emitted { items, units, slot_of, group_costs, total_cost, max_group_cost } = emit(&s, &pieces, sc);
     let Merges { merges, merge_slots } = merge_list(plan.batch.total_q(), &partial_rows, &slot_of, sc);
     debug_assert!(pieces.iter().all(|p| (item_cost(
         profile,
@@ -180,47 +180,21 @@ fn schedule_steps(plan: &Plan, profile: &DeviceProfile, sc: &mut Scratch) -> Res
     ) - p.cost)
         .abs()
         <= 1e-6 * p.cost.max(1.0)));
-    let entities = Entities { entities: &sc.entities, entity_pieces: &sc.entity_pieces, entity_start: &sc.entity_start };
-    let totals = totals(&s, &pieces, entities, counts, &mut sc.group_costs);
-    debug_assert!(sc.group_costs.len() == groups.num_groups || pieces.is_empty());
-    (sc.pieces, sc.partial_rows, sc.slot_of) = (pieces, partial_rows, slot_of);
-    (sc.items, sc.units, sc.merges, sc.merge_slots) = (items, units, merges, merge_slots);
-    Ok(Outcome { capacity, num_split_requests, totals })
-}
-
-/// The statistics' totals from the pieces' `counts` (one KV head's), and each group's cost: a
-/// unit's groups (one per KV head) cost its entity's pieces, summed in piece order (the entity
-/// lists them so), as its items are.
-fn totals(s: &Setup, pieces: &[Piece], units: Entities<'_>, counts: Counts, group_costs: &mut Vec<f64>) -> WorkTotals {
-    let heads_us = s.heads as usize;
-    group_costs.clear();
-    // The groups' total cost is a chain of dependent additions, one per group (KV-head copy),
-    // in group order as the count by items sums it.
-    let (mut total_cost, mut max_group_cost) = (0.0f64, 0.0f64);
-    if !pieces.is_empty() {
-        for &(_, e) in units.entities {
-            let list = &units.entity_pieces[units.entity_start[e as usize] as usize..units.entity_start[e as usize + 1] as usize];
-            let mut cost = 0.0;
-            for &p in list {
-                cost += pieces[p as usize].cost;
-            }
-            group_costs.extend(std::iter::repeat_n(cost, heads_us));
-            for _ in 0..heads_us {
-                total_cost += cost;
-            }
-            max_group_cost = max_group_cost.max(cost);
-        }
-    }
+    debug_assert!(group_costs.len() == groups.num_groups || pieces.is_empty());
     let heads = s.heads as u64;
     // Every partial item gets `num_rows` slots of its own (`emit`).
-    WorkTotals {
+    let totals = WorkTotals {
         useful: counts.useful * heads,
         computed: counts.computed * heads,
         partial_items: counts.partial_pieces * s.heads,
         partial_slots: counts.partial_rows * s.heads,
         total_cost,
         max_group_cost,
-    }
+    };
+    sc.group_costs = group_costs;
+    (sc.pieces, sc.partial_rows, sc.slot_of) = (pieces, partial_rows, slot_of);
+    (sc.items, sc.units, sc.merges, sc.merge_slots) = (items, units, merges, merge_slots);
+    Ok(Outcome { capacity, num_split_requests, totals })
 }
 
 /// The buffers of the schedule's steps, kept in the plan between builds (`Plan::rebuild`): each
@@ -1018,15 +992,6 @@ fn group(s: &Setup, capacity: f64, num_bundles: usize, pieces: &[Piece], sc: &mu
     Ok(Groups { num_groups: (entities.len() * heads_us).max(1) })
 }
 
-/// The entities as `group` left them in the scratch: entity `e`'s pieces are
-/// `entity_pieces[entity_start[e]..entity_start[e + 1]]`, unit `u` is entity `entities[u].1`.
-#[derive(Clone, Copy)]
-struct Entities<'a> {
-    entities: &'a [(f64, u32)],
-    entity_pieces: &'a [u32],
-    entity_start: &'a [u32],
-}
-
 /// Step 6's work items, their units and partial slots.
 struct Emitted {
     items: Vec<WorkItem>,
@@ -1034,6 +999,10 @@ struct Emitted {
     /// Per piece, its first partial slot (KV head 0's, row 0) and the slot stride of its unit;
     /// `slot` is [`FINAL_OUTPUT`] for a final piece. Empty when no piece is partial.
     slot_of: Vec<MergeSlot>,
+    /// Each group's cost (none without pieces), their sum in group order and their maximum.
+    group_costs: Vec<f64>,
+    total_cost: f64,
+    max_group_cost: f64,
 }
 
 /// Step 6, emission. Guarantees: an item per piece, a [`WorkUnit`] per entity with pieces, in
@@ -1041,13 +1010,18 @@ struct Emitted {
 /// heads` (KV head h's copies in `u × heads + h`: group stride 1). Partial slots are handed out
 /// in the order of the item copies (unit by unit, KV head by KV head, item by item), `num_rows`
 /// slots each, from slot 0, so a unit's slot stride is its partial items' rows; final items
-/// write O.
+/// write O. Unit `u`'s groups cost its pieces, summed in piece order as the count by items
+/// sums them (an entity without pieces costs 0); none without pieces.
 fn emit(s: &Setup, pieces: &[Piece], sc: &mut Scratch) -> Emitted {
     let heads = s.heads;
     let any_partial = pieces.iter().any(|p| p.partial);
     let mut items = reuse(&mut sc.items);
     let mut units = reuse(&mut sc.units);
     let mut slot_of = reuse(&mut sc.slot_of);
+    let mut group_costs = reuse(&mut sc.group_costs);
+    // The groups' total cost is a chain of dependent additions, one per group (KV-head copy),
+    // in group order; here the item writing runs beside it.
+    let (mut total_cost, mut max_group_cost) = (0.0f64, 0.0f64);
     items.reserve(pieces.len());
     units.reserve(sc.entities.len());
     if any_partial {
@@ -1057,13 +1031,18 @@ fn emit(s: &Setup, pieces: &[Piece], sc: &mut Scratch) -> Emitted {
     for (u, &(_, e)) in sc.entities.iter().enumerate() {
         let list = &sc.entity_pieces[sc.entity_start[e as usize] as usize..sc.entity_start[e as usize + 1] as usize];
         if list.is_empty() {
+            if !pieces.is_empty() {
+                group_costs.extend(std::iter::repeat_n(0.0, heads as usize));
+            }
             continue;
         }
         let group = u as u32 * heads;
         let item_begin = items.len() as u32;
         let mut unit_slots = 0u32;
+        let mut cost = 0.0;
         for &p in list {
             let piece = &pieces[p as usize];
+            cost += piece.cost;
             let partial_slot = if piece.partial {
                 let slot = next_slot + unit_slots;
                 unit_slots += piece.num_rows;
@@ -1088,8 +1067,13 @@ fn emit(s: &Setup, pieces: &[Piece], sc: &mut Scratch) -> Emitted {
         }
         units.push(WorkUnit { item_begin, item_count: list.len() as u32, group_stride: 1, slot_stride: unit_slots });
         next_slot += unit_slots * heads;
+        group_costs.extend(std::iter::repeat_n(cost, heads as usize));
+        for _ in 0..heads {
+            total_cost += cost;
+        }
+        max_group_cost = max_group_cost.max(cost);
     }
-    Emitted { items, units, slot_of }
+    Emitted { items, units, slot_of, group_costs, total_cost, max_group_cost }
 }
 
 /// Step 6's merge list.
@@ -1664,10 +1648,17 @@ mod tests {
             ..piece(1.0, NO_BUNDLE, NO_RUN)
         };
         let pieces = [with(4, false, 0), with(8, true, 1), with(16, true, 2)];
-        // Pieces 1 and 2 one unit (groups 0 and 1), piece 0 after them.
-        let mut sc =
-            Scratch { entities: vec![(2.0, 0), (1.0, 1)], entity_pieces: vec![1, 2, 0], entity_start: vec![0, 2, 3], ..Scratch::default() };
-        let Emitted { items, units, slot_of } = emit(&s, &pieces, &mut sc);
+        // Pieces 1 and 2 one unit (groups 0 and 1), piece 0 after them, then an entity without
+        // pieces (a whole bundle left with none).
+        let mut sc = Scratch {
+            entities: vec![(2.0, 0), (1.0, 1), (0.0, 2)],
+            entity_pieces: vec![1, 2, 0],
+            entity_start: vec![0, 2, 3, 3],
+            ..Scratch::default()
+        };
+        let Emitted { items, units, slot_of, group_costs, total_cost, max_group_cost } = emit(&s, &pieces, &mut sc);
+        // A unit's cost per KV head, the empty entity's groups 0.
+        assert_eq!((group_costs, total_cost, max_group_cost), (vec![2.0, 2.0, 1.0, 1.0, 0.0, 0.0], 6.0, 2.0));
         let summary: Vec<(u32, u32, u32, u32)> = items.iter().map(|i| (i.group, i.seg_begin, i.chunk_begin, i.partial_slot)).collect();
         assert_eq!(summary, [(0, 1, 11, 0), (0, 2, 12, 8), (2, 0, 10, FINAL_OUTPUT)]);
         assert_eq!(
@@ -1688,6 +1679,10 @@ mod tests {
         let mut sc = Scratch { entities: vec![(1.0, 0)], entity_pieces: vec![0], entity_start: vec![0, 1], ..Scratch::default() };
         let Emitted { items, slot_of, .. } = emit(&s, &pieces[..1], &mut sc);
         assert!(slot_of.is_empty() && items.iter().all(|i| i.partial_slot == FINAL_OUTPUT));
+        // No pieces: no group costs, even for an entity.
+        let mut sc = Scratch { entities: vec![(0.0, 0)], entity_pieces: vec![], entity_start: vec![0, 0], ..Scratch::default() };
+        let Emitted { items, group_costs, .. } = emit(&s, &[], &mut sc);
+        assert!(items.is_empty() && group_costs.is_empty());
     }
 
     #[test]

@@ -251,17 +251,17 @@ impl Batch {
     /// taking those it needs from there first, so that their member lists' allocations survive
     /// steps with fewer groups.
     pub fn copy_from_keeping(&mut self, other: &Batch, spare: &mut Vec<PrefixGroup>) {
-        self.copy_measuring_pages(other, spare);
+        self.copy_from_measuring_pages(other, spare);
     }
 
     /// [`Batch::copy_from_keeping`], returning the page list's largest index (read as
     /// unsigned) where it was found while copying (with AVX2), for [`Batch::validate_with`]: the
     /// planner's check then needs no second pass over a list that may be a large part of
     /// planning time.
-    pub(crate) fn copy_measuring_pages(&mut self, other: &Batch, spare: &mut Vec<PrefixGroup>) -> Option<u32> {
+    pub(crate) fn copy_from_measuring_pages(&mut self, other: &Batch, spare: &mut Vec<PrefixGroup>) -> Option<u32> {
         self.qo_indptr.clone_from(&other.qo_indptr);
         self.kv_indptr.clone_from(&other.kv_indptr);
-        let largest_page = copy_pages(&mut self.kv_page_indices, &other.kv_page_indices);
+        let largest_page = self.set_pages_measuring(&other.kv_page_indices);
         self.kv_last_page_len.clone_from(&other.kv_last_page_len);
         self.page_size = other.page_size;
         self.num_pages = other.num_pages;
@@ -272,6 +272,12 @@ impl Batch {
             self.prefix_groups.push(PrefixGroup::reusing(spare, src.prefix_len, &src.members));
         }
         largest_page
+    }
+
+    /// Makes `pages` this batch's page list (in its allocation where it is large enough),
+    /// returning its largest index as [`Batch::copy_from_measuring_pages`] does.
+    pub(crate) fn set_pages_measuring(&mut self, pages: &[i32]) -> Option<u32> {
+        copy_pages(&mut self.kv_page_indices, pages)
     }
 
     /// The page holding key `k` of request `r`.
@@ -286,7 +292,7 @@ impl Batch {
 
     /// [`Batch::validate`] with its per-request buffer (used only with prefix groups) lent, so a
     /// planner that validates every step allocates nothing. `largest_page` is the page list's
-    /// largest index read as unsigned, where [`Batch::copy_measuring_pages`] found it while
+    /// largest index read as unsigned, where [`Batch::copy_from_measuring_pages`] found it while
     /// making this batch (None: the list is scanned here).
     pub(crate) fn validate_with(&self, causal: bool, group_of: &mut Vec<u32>, largest_page: Option<u32>) -> Result<()> {
         let n = self.kv_last_page_len.len();
@@ -691,7 +697,7 @@ mod tests {
             let got = batch(page, num_pages).validate(true);
             // The planner's way: the copy measures the list, validation trusts the measure.
             let mut copy = batch(0, 1);
-            let largest = copy.copy_measuring_pages(&batch(page, num_pages), &mut Vec::new());
+            let largest = copy.copy_from_measuring_pages(&batch(page, num_pages), &mut Vec::new());
             let copied = copy.validate_with(true, &mut Vec::new(), largest);
             for got in [got, copied] {
                 assert_eq!(got.is_ok(), ok, "page {page} of {num_pages}: {got:?}");
@@ -730,9 +736,9 @@ mod tests {
             Batch { kv_indptr: vec![0, 0], kv_page_indices: vec![], kv_last_page_len: vec![0], qo_indptr: vec![0, 0], ..batch(0, 0) };
         empty.validate(true).unwrap();
         let mut copy = batch(0, 1);
-        let largest = copy.copy_measuring_pages(&empty, &mut Vec::new());
+        let largest = copy.copy_from_measuring_pages(&empty, &mut Vec::new());
         copy.validate_with(true, &mut Vec::new(), largest).unwrap();
-        let largest = copy.copy_measuring_pages(&batch(0, 0), &mut Vec::new());
+        let largest = copy.copy_from_measuring_pages(&batch(0, 0), &mut Vec::new());
         assert!(copy.validate_with(true, &mut Vec::new(), largest).is_err());
     }
 

@@ -291,7 +291,7 @@ impl Plan {
 /// (the [`scheduler`]) plans once. Validates as [`Plan::build`] does.
 pub fn automatic_capacity(shape: &Shape, batch: &Batch, profile: &DeviceProfile, options: &PlanOptions) -> Result<f64> {
     let mut plan = Plan::empty(*shape, PlanOptions { capacity: None, ..options.clone() }, profile.block_m);
-    let largest_page = plan.batch.copy_measuring_pages(batch, &mut Vec::new());
+    let largest_page = plan.batch.copy_from_measuring_pages(batch, &mut Vec::new());
     plan.validate_and_fill_requests(profile, largest_page)?;
     if one_request_per_tile(&plan.options) {
         return Ok(0.0);
@@ -323,7 +323,8 @@ impl Plan {
     /// rebuild, so a plan is never left half made.
     pub fn rebuild(&mut self, shape: Shape, batch: &Batch, profile: &DeviceProfile, options: PlanOptions) -> Result<()> {
         // The copy measures the page list for the check, which then reads it no second time.
-        self.rebuild_scaled(shape, options, |b, spare| Ok(b.copy_measuring_pages(batch, spare)), |_, _| profile.clone(), 1.0).map(|_| ())
+        self.rebuild_scaled(shape, options, |b, spare| Ok(b.copy_from_measuring_pages(batch, spare)), |_, _| profile.clone(), 1.0)
+            .map(|_| ())
     }
 
     /// Like [`Plan::rebuild`], for a batch that `fill` writes over the plan's previous one (every
@@ -342,11 +343,37 @@ impl Plan {
         self.rebuild_scaled(shape, options, |b, spare| fill(b, spare).map(|()| None), profile, 1.0).map(|_| ())
     }
 
+    /// Like [`Plan::rebuild_with`], for a `fill` that writes every field but `kv_page_indices`
+    /// and returns the page list: the plan copies it in and checks its indices in the same pass
+    /// (a copy by `fill` and then validation's check read a list that on long contexts is a
+    /// large part of planning twice). To have an allocation failure reported rather than fatal,
+    /// `fill` reserves room for the list in `kv_page_indices` (whose contents it may leave).
+    pub fn rebuild_with_pages<'p>(
+        &mut self,
+        shape: Shape,
+        options: PlanOptions,
+        fill: impl FnOnce(&mut Batch, &mut Vec<crate::types::PrefixGroup>) -> Result<&'p [i32]>,
+        profile: impl FnOnce(&Shape, &Batch) -> DeviceProfile,
+    ) -> Result<()> {
+        self.rebuild_scaled(
+            shape,
+            options,
+            |b, spare| {
+                let pages = fill(b, spare)?;
+                Ok(b.set_pages_measuring(pages))
+            },
+            profile,
+            1.0,
+        )
+        .map(|_| ())
+    }
+
     /// [`Plan::rebuild_with`] at `capacity_factor` × the automatic capacity where `options`
     /// leave the capacity automatic (the scheduler's tuned capacity, in one planning pass);
     /// returns the automatic capacity (0 for a plan without one). `fill` returns the page
     /// list's largest index (read as unsigned) where it measured it while copying
-    /// ([`Batch::copy_measuring_pages`]; validation then trusts it), None where it did not.
+    /// ([`Batch::copy_from_measuring_pages`], [`Batch::set_pages_measuring`]; validation then
+    /// trusts it), None where it did not.
     pub(crate) fn rebuild_scaled(
         &mut self,
         shape: Shape,

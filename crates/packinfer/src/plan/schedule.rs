@@ -218,7 +218,8 @@ pub(crate) struct Scratch {
     order: Vec<u32>,
     bundle_cost: Vec<f64>,
     bundle_whole: Vec<bool>,
-    entities: Vec<(f64, u32)>,
+    /// (LPT key, entity): see [`lpt_key`].
+    entities: Vec<(u64, u32)>,
     entity_pieces: Vec<u32>,
     entity_start: Vec<u32>,
     bundle_start: Vec<u32>,
@@ -887,6 +888,14 @@ struct Groups {
     num_groups: usize,
 }
 
+/// An entity's place in LPT order, from its cost: decreasing cost is increasing key (in
+/// `f64::total_cmp` order; integers compare without the float comparison's branches, and
+/// made once per entity rather than per comparison).
+#[inline]
+fn lpt_key(cost: f64) -> u64 {
+    !total_order_key(cost)
+}
+
 /// An integer whose unsigned order is `f64::total_cmp`'s order of `x`.
 #[inline]
 fn total_order_key(x: f64) -> u64 {
@@ -920,7 +929,7 @@ fn group(s: &Setup, capacity: f64, num_bundles: usize, pieces: &[Piece], sc: &mu
     entity_start.push(0);
     if !s.opts.balancing {
         // A group per item, in order: what a non-persistent launch (a CTA per tile) does.
-        entities.extend(pieces.iter().enumerate().map(|(i, p)| (p.cost, i as u32)));
+        entities.extend(pieces.iter().enumerate().map(|(i, p)| (lpt_key(p.cost), i as u32)));
         entity_pieces.extend(0..pieces.len() as u32);
         entity_start.extend(1..=pieces.len() as u32);
         return Ok(Groups { num_groups: pieces.len() * heads_us });
@@ -941,7 +950,7 @@ fn group(s: &Setup, capacity: f64, num_bundles: usize, pieces: &[Piece], sc: &mu
     // entity_pieces[entity_start[e]..entity_start[e + 1]].
     // Ends the entity whose pieces run up to entity_pieces[..end].
     let mut close = |cost: f64, end: usize| {
-        entities.push((cost, entity_start.len() as u32 - 1));
+        entities.push((lpt_key(cost), entity_start.len() as u32 - 1));
         entity_start.push(end as u32);
     };
     let mut i = 0;
@@ -986,7 +995,7 @@ fn group(s: &Setup, capacity: f64, num_bundles: usize, pieces: &[Piece], sc: &mu
     }
     // By decreasing cost (in `f64::total_cmp` order), then by index: integer keys compare
     // without the float comparison's branches.
-    entities.sort_unstable_by_key(|&(cost, i)| (!total_order_key(cost), i));
+    entities.sort_unstable();
     // Each unit its own group, in LPT order: the CTAs draw groups from a shared counter in
     // this order, so the costliest units start first and a CTA takes the next one as soon as
     // it is free (list scheduling). LPT bins fixed on the host (the first version) leave the
@@ -1654,7 +1663,7 @@ mod tests {
         // Pieces 1 and 2 one unit (groups 0 and 1), piece 0 after them, then an entity without
         // pieces (a whole bundle left with none).
         let mut sc = Scratch {
-            entities: vec![(2.0, 0), (1.0, 1), (0.0, 2)],
+            entities: vec![(lpt_key(2.0), 0), (lpt_key(1.0), 1), (lpt_key(0.0), 2)],
             entity_pieces: vec![1, 2, 0],
             entity_start: vec![0, 2, 3, 3],
             ..Scratch::default()
@@ -1679,11 +1688,11 @@ mod tests {
         assert_eq!(copies, [(0, 0, 0, 0), (0, 0, 1, 8), (1, 1, 0, 24), (1, 1, 1, 32), (2, 0, 2, FINAL_OUTPUT), (3, 1, 2, FINAL_OUTPUT)]);
         assert_eq!((plan.num_groups(), plan.num_partial_slots()), (4, 48));
         // Nothing partial: no slots.
-        let mut sc = Scratch { entities: vec![(1.0, 0)], entity_pieces: vec![0], entity_start: vec![0, 1], ..Scratch::default() };
+        let mut sc = Scratch { entities: vec![(lpt_key(1.0), 0)], entity_pieces: vec![0], entity_start: vec![0, 1], ..Scratch::default() };
         let Emitted { items, slot_of, .. } = emit(&s, &pieces[..1], &mut sc);
         assert!(slot_of.is_empty() && items.iter().all(|i| i.partial_slot == FINAL_OUTPUT));
         // No pieces: no group costs, even for an entity.
-        let mut sc = Scratch { entities: vec![(0.0, 0)], entity_pieces: vec![], entity_start: vec![0, 0], ..Scratch::default() };
+        let mut sc = Scratch { entities: vec![(lpt_key(0.0), 0)], entity_pieces: vec![], entity_start: vec![0, 0], ..Scratch::default() };
         let Emitted { items, group_costs, .. } = emit(&s, &[], &mut sc);
         assert!(items.is_empty() && group_costs.is_empty());
     }

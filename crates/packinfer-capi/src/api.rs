@@ -313,11 +313,12 @@ pub unsafe extern "C" fn packinfer_plan_update(
         }
         cell.update(
             |p| {
-                p.rebuild_with(
+                // The plan copies the page list itself, checking it in the same pass.
+                p.rebuild_with_pages(
                     shape,
                     options.clone(),
                     // SAFETY: `b`'s arrays have the lengths it states (this function's contract).
-                    |batch, spare| unsafe { fill_batch(&b, batch, spare).map(drop) },
+                    |batch, spare| unsafe { fill_batch_but_pages(&b, batch, spare).map(|(_, pages)| pages) },
                     |shape, batch| backend.profile_for(shape, batch),
                 )
             },
@@ -593,6 +594,24 @@ unsafe fn copy_into<T: Copy>(name: &str, ptr: *const T, len: usize, dst: &mut Ve
 /// # Safety
 /// `b`'s non-null arrays have the lengths it states (`packinfer_plan_create`'s contract).
 unsafe fn fill_batch(b: &PackinferBatchDesc, batch: &mut Batch, spare: &mut Vec<PrefixGroup>) -> Result<Shape> {
+    // SAFETY: this function's contract is fill_batch_but_pages'.
+    let (shape, pages) = unsafe { fill_batch_but_pages(b, batch, spare)? };
+    // Room was reserved.
+    batch.kv_page_indices.extend_from_slice(pages);
+    Ok(shape)
+}
+
+/// [`fill_batch`] but for the page list, which it returns (null checked, its length
+/// `kv_indptr[batch_size]`) for the caller to copy into `batch.kv_page_indices`, left empty
+/// with room reserved for it (`Plan::rebuild_with_pages` checks the indices as it copies them).
+///
+/// # Safety
+/// As for [`fill_batch`]; the list returned is the caller's, valid as long as its description.
+unsafe fn fill_batch_but_pages<'b>(
+    b: &'b PackinferBatchDesc,
+    batch: &mut Batch,
+    spare: &mut Vec<PrefixGroup>,
+) -> Result<(Shape, &'b [i32])> {
     let n = b.batch_size as usize;
     let shape = batch_shape(b)?;
     // SAFETY: non-null arrays have the lengths the description states (this function's
@@ -605,7 +624,12 @@ unsafe fn fill_batch(b: &PackinferBatchDesc, batch: &mut Batch, spare: &mut Vec<
         return Err(invalid!("batch->kv_indptr[{n}] = {nnz} is negative"));
     }
     // SAFETY: as above.
-    unsafe { copy_into("batch->kv_page_indices", b.kv_page_indices, nnz as usize, &mut batch.kv_page_indices)? };
+    let pages = unsafe { slice("batch->kv_page_indices", b.kv_page_indices, nnz as usize)? };
+    batch.kv_page_indices.clear();
+    batch
+        .kv_page_indices
+        .try_reserve(pages.len())
+        .map_err(|_| Error::OutOfMemory(format!("no host memory to copy batch->kv_page_indices: {} entries of 4 bytes", pages.len())))?;
     // SAFETY: as above.
     unsafe { copy_into("batch->kv_last_page_len", b.kv_last_page_len, n, &mut batch.kv_last_page_len)? };
     batch.page_size = b.page_size;
@@ -645,7 +669,7 @@ unsafe fn fill_batch(b: &PackinferBatchDesc, batch: &mut Batch, spare: &mut Vec<
         // SAFETY: as above: custom_mask has mask_indptr[batch_size] bytes.
         unsafe { copy_into("batch->custom_mask", b.custom_mask, bytes as usize, &mut batch.custom_mask)? };
     }
-    Ok(shape)
+    Ok((shape, pages))
 }
 
 /// The plan options a caller passed, or the defaults for NULL.

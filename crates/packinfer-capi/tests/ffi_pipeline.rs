@@ -154,6 +154,16 @@ fn plan_update_plans_what_plan_create_plans_and_an_error_empties_the_plan() {
     let status = unsafe { packinfer_plan_update(ctx, plan, &d, null()) };
     expect(status, PackinferStatus::InvalidArgument, &["packinfer_plan_update", "1073741824"]);
     assert_eq!(counts(plan), (0, 0, 0));
+    // A negative one, last in the list (the plan checks the list as it copies it).
+    ok(update(ctx, plan, &steps[1]));
+    let mut pages = steps[1].case.batch.kv_page_indices.clone();
+    let last = pages.len() - 1;
+    pages[last] = -1;
+    d.kv_page_indices = pages.as_ptr();
+    // SAFETY: `d` borrows the step's arrays and `pages`, alive for the call.
+    let status = unsafe { packinfer_plan_update(ctx, plan, &d, null()) };
+    expect(status, PackinferStatus::InvalidArgument, &[&format!("kv_page_indices[{last}] = -1")]);
+    assert_eq!(counts(plan), (0, 0, 0));
     // Bad arguments found before planning leave the plan as it was.
     ok(update(ctx, plan, &steps[1]));
     let before = stats(plan);

@@ -251,9 +251,17 @@ impl Batch {
     /// taking those it needs from there first, so that their member lists' allocations survive
     /// steps with fewer groups.
     pub fn copy_from_keeping(&mut self, other: &Batch, spare: &mut Vec<PrefixGroup>) {
+        self.copy_from_measuring_pages(other, spare);
+    }
+
+    /// [`Batch::copy_from_keeping`], returning the page list's largest index (read as
+    /// unsigned) where it was found while copying (with AVX2), for [`Batch::validate_with`]: the
+    /// planner's check then needs no second pass over a list that may be a large part of
+    /// planning time.
+    pub(crate) fn copy_from_measuring_pages(&mut self, other: &Batch, spare: &mut Vec<PrefixGroup>) -> Option<u32> {
         self.qo_indptr.clone_from(&other.qo_indptr);
         self.kv_indptr.clone_from(&other.kv_indptr);
-        self.kv_page_indices.clone_from(&other.kv_page_indices);
+        let largest_page = self.set_pages_measuring(&other.kv_page_indices);
         self.kv_last_page_len.clone_from(&other.kv_last_page_len);
         self.page_size = other.page_size;
         self.num_pages = other.num_pages;
@@ -263,6 +271,13 @@ impl Batch {
         for src in &other.prefix_groups {
             self.prefix_groups.push(PrefixGroup::reusing(spare, src.prefix_len, &src.members));
         }
+        largest_page
+    }
+
+    /// Makes `pages` this batch's page list (in its allocation where it is large enough),
+    /// returning its largest index as [`Batch::copy_from_measuring_pages`] does.
+    pub(crate) fn set_pages_measuring(&mut self, pages: &[i32]) -> Option<u32> {
+        copy_pages(&mut self.kv_page_indices, pages)
     }
 
     /// The page holding key `k` of request `r`.
@@ -272,12 +287,14 @@ impl Batch {
 
     /// Checks every structural rule; the message names the first bad value it finds.
     pub fn validate(&self, causal: bool) -> Result<()> {
-        self.validate_with(causal, &mut Vec::new())
+        self.validate_with(causal, &mut Vec::new(), None)
     }
 
     /// [`Batch::validate`] with its per-request buffer (used only with prefix groups) lent, so a
-    /// planner that validates every step allocates nothing.
-    pub(crate) fn validate_with(&self, causal: bool, group_of: &mut Vec<u32>) -> Result<()> {
+    /// planner that validates every step allocates nothing. `largest_page` is the page list's
+    /// largest index read as unsigned, where [`Batch::copy_from_measuring_pages`] found it while
+    /// making this batch (None: the list is scanned here).
+    pub(crate) fn validate_with(&self, causal: bool, group_of: &mut Vec<u32>, largest_page: Option<u32>) -> Result<()> {
         let n = self.kv_last_page_len.len();
         if self.page_size == 0 {
             return Err(invalid!("page_size = 0; pages hold at least one token"));
@@ -296,9 +313,14 @@ impl Batch {
         if nnz != self.kv_page_indices.len() {
             return Err(invalid!("kv_indptr[{n}] = {nnz} but kv_page_indices has {} entries", self.kv_page_indices.len()));
         }
-        // A branch-free pass over the whole array (`pages_in_range`); only a bad batch pays for
-        // finding the first offender.
-        if !pages_in_range(&self.kv_page_indices, self.num_pages) {
+        // A branch-free pass over the whole array (`pages_in_range`) unless the copy measured
+        // it; only a bad batch pays for finding the first offender.
+        let in_range = match largest_page {
+            // The measure of no pages is 0, which no page of an empty cache fits.
+            Some(largest) => self.kv_page_indices.is_empty() || largest_page_fits(largest, self.num_pages),
+            None => pages_in_range(&self.kv_page_indices, self.num_pages),
+        };
+        if !in_range {
             let (i, p) = self
                 .kv_page_indices
                 .iter()
@@ -425,6 +447,68 @@ fn pages_in_range(pages: &[i32], num_pages: u32) -> bool {
         return unsafe { largest_page_avx2(pages) } <= last.min(i32::MAX as u32);
     }
     pages_up_to(pages, last)
+}
+
+/// Whether a page list whose largest index read as unsigned is `largest` names only pages of a
+/// cache of `num_pages`: a negative index reads as 2^31 or more, above every page an i32 can
+/// name.
+#[inline]
+fn largest_page_fits(largest: u32, num_pages: u32) -> bool {
+    num_pages.checked_sub(1).is_some_and(|last| largest <= last.min(i32::MAX as u32))
+}
+
+/// Copies `src` into `dst` (its allocation reused) and, with AVX2, returns the largest index
+/// read as unsigned (0 for none), found in the same pass: the load each index needs for the
+/// copy serves the check, where a copy and then a scan read the list twice. Without AVX2 (no
+/// unsigned maximum) it only copies and returns None.
+fn copy_pages(dst: &mut Vec<i32>, src: &[i32]) -> Option<u32> {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        dst.clear();
+        dst.reserve(src.len());
+        // SAFETY: the CPU has AVX2, the only feature the function enables (checked just above).
+        let largest = unsafe { copy_largest_page_avx2(&mut dst.spare_capacity_mut()[..src.len()], src) };
+        // SAFETY: the reserve made room for `src.len()` elements, and the copy initialised the
+        // first `src.len()` of the spare capacity.
+        unsafe { dst.set_len(src.len()) };
+        return Some(largest);
+    }
+    dst.clear();
+    dst.extend_from_slice(src);
+    None
+}
+
+/// Writes `src` into `dst` (at least as long) and returns its largest index read as unsigned,
+/// 0 for none: per 8 indices a load, a store and an unsigned maximum. In intrinsics, because
+/// the compiler splits the plain loop back into a `memcpy` and a scan.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn copy_largest_page_avx2(dst: &mut [std::mem::MaybeUninit<i32>], src: &[i32]) -> u32 {
+    use std::arch::x86_64::{__m256i, _mm256_max_epu32, _mm256_setzero_si256};
+    assert!(dst.len() >= src.len());
+    let (mut a, mut b) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+    let blocks = src.len() / 16;
+    for i in 0..blocks {
+        // SAFETY: indices 16i..16i + 16 are inside `src` (i < len / 16) and `dst` (as long or
+        // longer); the loads and stores are unaligned, any i32 is a valid `__m256i` lane.
+        unsafe {
+            let from = src.as_ptr().add(16 * i).cast::<__m256i>();
+            let to = dst.as_mut_ptr().add(16 * i).cast::<__m256i>();
+            let (x, y) = (from.read_unaligned(), from.add(1).read_unaligned());
+            to.write_unaligned(x);
+            to.add(1).write_unaligned(y);
+            a = _mm256_max_epu32(a, x);
+            b = _mm256_max_epu32(b, y);
+        }
+    }
+    // SAFETY: a `__m256i` is 8 lanes of 32 bits.
+    let lanes: [u32; 8] = unsafe { std::mem::transmute(_mm256_max_epu32(a, b)) };
+    let mut largest = lanes.into_iter().max().unwrap_or(0);
+    for (d, &p) in dst[16 * blocks..].iter_mut().zip(&src[16 * blocks..]) {
+        d.write(p);
+        largest = largest.max(p as u32);
+    }
+    largest
 }
 
 /// Whether every index of `pages` is in `0..=last`, without AVX2. An index p is in range
@@ -611,16 +695,23 @@ mod tests {
             (i32::MIN, u32::MAX, false),
         ] {
             let got = batch(page, num_pages).validate(true);
-            assert_eq!(got.is_ok(), ok, "page {page} of {num_pages}: {got:?}");
-            if !ok {
-                let m = got.unwrap_err().to_string();
-                assert!(m.contains(&format!("kv_page_indices[1] = {page}")), "{m}");
+            // The planner's way: the copy measures the list, validation trusts the measure.
+            let mut copy = batch(0, 1);
+            let largest = copy.copy_from_measuring_pages(&batch(page, num_pages), &mut Vec::new());
+            let copied = copy.validate_with(true, &mut Vec::new(), largest);
+            for got in [got, copied] {
+                assert_eq!(got.is_ok(), ok, "page {page} of {num_pages}: {got:?}");
+                if !ok {
+                    let m = got.unwrap_err().to_string();
+                    assert!(m.contains(&format!("kv_page_indices[1] = {page}")), "{m}");
+                }
             }
         }
         // Both ways of checking, against a plain compare, across the vector widths' remainders.
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::SmallRng::seed_from_u64(21);
-        for len in [0usize, 1, 7, 8, 9, 31, 64, 100, 1027] {
+        let mut copy = vec![7; 3];
+        for len in [0usize, 1, 7, 8, 9, 15, 16, 17, 31, 64, 100, 1027] {
             for num_pages in [1u32, 2, 1000, max as u32, max as u32 + 1, u32::MAX] {
                 for bad in [None, Some(0), Some(len / 2), Some(len.saturating_sub(1))] {
                     let mut pages: Vec<i32> = (0..len).map(|_| (rng.random_range(0..num_pages as u64)) as i32).collect();
@@ -630,6 +721,12 @@ mod tests {
                     let want = pages.iter().all(|&p| p >= 0 && (p as u32) < num_pages);
                     assert_eq!(pages_in_range(&pages, num_pages), want, "{len} pages of {num_pages}, bad {bad:?}");
                     assert_eq!(pages_up_to(&pages, num_pages - 1), want, "{len} pages of {num_pages}, bad {bad:?}");
+                    let largest = copy_pages(&mut copy, &pages);
+                    assert_eq!(copy, pages);
+                    if let Some(largest) = largest {
+                        assert_eq!(largest, pages.iter().map(|&p| p as u32).max().unwrap_or(0), "{len} pages");
+                        assert_eq!(largest_page_fits(largest, num_pages), want, "{len} pages of {num_pages}, bad {bad:?}");
+                    }
                 }
             }
         }
@@ -638,6 +735,11 @@ mod tests {
         let empty =
             Batch { kv_indptr: vec![0, 0], kv_page_indices: vec![], kv_last_page_len: vec![0], qo_indptr: vec![0, 0], ..batch(0, 0) };
         empty.validate(true).unwrap();
+        let mut copy = batch(0, 1);
+        let largest = copy.copy_from_measuring_pages(&empty, &mut Vec::new());
+        copy.validate_with(true, &mut Vec::new(), largest).unwrap();
+        let largest = copy.copy_from_measuring_pages(&batch(0, 0), &mut Vec::new());
+        assert!(copy.validate_with(true, &mut Vec::new(), largest).is_err());
     }
 
     /// One request of 3 queries × 5 keys (15 bits, 2 bytes) and one of 1 × 2 (1 byte).

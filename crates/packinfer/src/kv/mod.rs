@@ -543,7 +543,7 @@ impl KvPool {
                 s.stats.step_read_bytes_unshared = unshared;
                 // Read under the lock a relayout holds while it moves pages.
                 seen = *self.layout_generation.read_recursive();
-                Ok(())
+                Ok(None)
             },
             |shape, batch| match profile {
                 Some(p) => p.clone(),

@@ -291,8 +291,8 @@ impl Plan {
 /// (the [`scheduler`]) plans once. Validates as [`Plan::build`] does.
 pub fn automatic_capacity(shape: &Shape, batch: &Batch, profile: &DeviceProfile, options: &PlanOptions) -> Result<f64> {
     let mut plan = Plan::empty(*shape, PlanOptions { capacity: None, ..options.clone() }, profile.block_m);
-    plan.batch = batch.clone();
-    plan.validate_and_fill_requests(profile)?;
+    let largest_page = plan.batch.copy_from_measuring_pages(batch, &mut Vec::new());
+    plan.validate_and_fill_requests(profile, largest_page)?;
     if one_request_per_tile(&plan.options) {
         return Ok(0.0);
     }
@@ -322,15 +322,9 @@ impl Plan {
     /// On error the plan holds an empty batch (no requests, no work) until the next successful
     /// rebuild, so a plan is never left half made.
     pub fn rebuild(&mut self, shape: Shape, batch: &Batch, profile: &DeviceProfile, options: PlanOptions) -> Result<()> {
-        self.rebuild_with(
-            shape,
-            options,
-            |b, spare| {
-                b.copy_from_keeping(batch, spare);
-                Ok(())
-            },
-            |_, _| profile.clone(),
-        )
+        // The copy measures the page list for the check, which then reads it no second time.
+        self.rebuild_scaled(shape, options, |b, spare| Ok(b.copy_from_measuring_pages(batch, spare)), |_, _| profile.clone(), 1.0)
+            .map(|_| ())
     }
 
     /// Like [`Plan::rebuild`], for a batch that `fill` writes over the plan's previous one (every
@@ -346,17 +340,45 @@ impl Plan {
         fill: impl FnOnce(&mut Batch, &mut Vec<crate::types::PrefixGroup>) -> Result<()>,
         profile: impl FnOnce(&Shape, &Batch) -> DeviceProfile,
     ) -> Result<()> {
-        self.rebuild_scaled(shape, options, fill, profile, 1.0).map(|_| ())
+        self.rebuild_scaled(shape, options, |b, spare| fill(b, spare).map(|()| None), profile, 1.0).map(|_| ())
+    }
+
+    /// Like [`Plan::rebuild_with`], for a `fill` that writes every field but `kv_page_indices`
+    /// and returns the page list: the plan copies it in and checks its indices in the same pass
+    /// (a copy by `fill` and then validation's check read a list that on long contexts is a
+    /// large part of planning twice). To have an allocation failure reported rather than fatal,
+    /// `fill` reserves room for the list in `kv_page_indices` (whose contents it may leave).
+    pub fn rebuild_with_pages<'p>(
+        &mut self,
+        shape: Shape,
+        options: PlanOptions,
+        fill: impl FnOnce(&mut Batch, &mut Vec<crate::types::PrefixGroup>) -> Result<&'p [i32]>,
+        profile: impl FnOnce(&Shape, &Batch) -> DeviceProfile,
+    ) -> Result<()> {
+        self.rebuild_scaled(
+            shape,
+            options,
+            |b, spare| {
+                let pages = fill(b, spare)?;
+                Ok(b.set_pages_measuring(pages))
+            },
+            profile,
+            1.0,
+        )
+        .map(|_| ())
     }
 
     /// [`Plan::rebuild_with`] at `capacity_factor` × the automatic capacity where `options`
     /// leave the capacity automatic (the scheduler's tuned capacity, in one planning pass);
-    /// returns the automatic capacity (0 for a plan without one).
+    /// returns the automatic capacity (0 for a plan without one). `fill` returns the page
+    /// list's largest index (read as unsigned) where it measured it while copying
+    /// ([`Batch::copy_from_measuring_pages`], [`Batch::set_pages_measuring`]; validation then
+    /// trusts it), None where it did not.
     pub(crate) fn rebuild_scaled(
         &mut self,
         shape: Shape,
         options: PlanOptions,
-        fill: impl FnOnce(&mut Batch, &mut Vec<crate::types::PrefixGroup>) -> Result<()>,
+        fill: impl FnOnce(&mut Batch, &mut Vec<crate::types::PrefixGroup>) -> Result<Option<u32>>,
         profile: impl FnOnce(&Shape, &Batch) -> DeviceProfile,
         capacity_factor: f64,
     ) -> Result<f64> {
@@ -366,10 +388,10 @@ impl Plan {
         self.pool_layout = None;
         let spare = &mut self.scratch.spare_groups;
         spare.append(&mut self.batch.prefix_groups);
-        let result = fill(&mut self.batch, spare).and_then(|()| {
+        let result = fill(&mut self.batch, spare).and_then(|largest_page| {
             let profile = profile(&self.shape, &self.batch);
             self.block_m = profile.block_m;
-            self.plan_batch_scaled(&profile, started, capacity_factor)
+            self.plan_batch_scaled(&profile, started, capacity_factor, largest_page)
         });
         if result.is_err() {
             self.clear();
@@ -436,13 +458,20 @@ impl Plan {
 
     /// Validates the plan's shape, batch and options and schedules its batch.
     fn plan_batch(&mut self, profile: &DeviceProfile, started: Instant) -> Result<()> {
-        self.plan_batch_scaled(profile, started, 1.0).map(|_| ())
+        self.plan_batch_scaled(profile, started, 1.0, None).map(|_| ())
     }
 
     /// [`Plan::plan_batch`] at `capacity_factor` × the automatic capacity where the options
     /// leave it automatic; returns the automatic capacity (0 for a plan without one).
-    fn plan_batch_scaled(&mut self, profile: &DeviceProfile, started: Instant, capacity_factor: f64) -> Result<f64> {
-        self.validate_and_fill_requests(profile)?;
+    /// `largest_page` as for [`Batch::validate_with`].
+    fn plan_batch_scaled(
+        &mut self,
+        profile: &DeviceProfile,
+        started: Instant,
+        capacity_factor: f64,
+        largest_page: Option<u32>,
+    ) -> Result<f64> {
+        self.validate_and_fill_requests(profile, largest_page)?;
         if one_request_per_tile(&self.options) {
             self.schedule_one_request_per_tile();
             self.finish_stats(profile, 0.0, 0, None, started);
@@ -464,11 +493,12 @@ impl Plan {
         Ok(automatic)
     }
 
-    /// The plan's checks, then its requests' geometry (what scheduling reads).
-    fn validate_and_fill_requests(&mut self, profile: &DeviceProfile) -> Result<()> {
+    /// The plan's checks, then its requests' geometry (what scheduling reads). `largest_page`
+    /// as for [`Batch::validate_with`].
+    fn validate_and_fill_requests(&mut self, profile: &DeviceProfile, largest_page: Option<u32>) -> Result<()> {
         let (shape, batch) = (&self.shape, &self.batch);
         shape.validate()?;
-        batch.validate_with(shape.causal, &mut self.scratch.group_of_request)?;
+        batch.validate_with(shape.causal, &mut self.scratch.group_of_request, largest_page)?;
         profile.validate()?;
         let options = &self.options;
         if let Some(c) = options.capacity {
@@ -646,7 +676,7 @@ impl Plan {
         totals: Option<WorkTotals>,
         started: Instant,
     ) {
-        // The scheduler's group costs come a unit's cost per KV head (`schedule::totals`).
+        // The scheduler's group costs come a unit's cost per KV head (`schedule::emit`).
         let runs_known = totals.is_some();
         let WorkTotals { useful, computed, partial_items, partial_slots, total_cost: total, max_group_cost: max_group } = match totals {
             Some(t) => t,
@@ -810,6 +840,10 @@ pub(crate) fn visible_keys(
     if !causal {
         return q_count as u64 * (req.kv_len.min(key_end).saturating_sub(key_begin)) as u64;
     }
+    if q_count == 1 {
+        // A decode's one query: the closed form below with one term, without its multiplications.
+        return req.key_limit(q_begin, true).min(key_end).saturating_sub(key_begin) as u64;
+    }
     // limit(q) = first + (q - q_begin); sum of clamp(limit, key_begin, key_end) - key_begin.
     let first = req.key_limit(q_begin, true) as i64;
     let (lo, hi, n) = (key_begin as i64, key_end as i64, q_count as i64);
@@ -820,4 +854,41 @@ pub(crate) fn visible_keys(
     let mid_first = first + below; // limits mid_first .. mid_first + mid - 1, all in (lo, hi)
     let mid_sum = mid * (mid_first - lo) + mid * (mid - 1) / 2;
     (mid_sum + at_cap * (hi - lo)) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn visible_keys_sums_each_querys_visible_keys_in_the_range() {
+        // Against the sum query by query, for one query (a decode's fast path) and several,
+        // causal or not, with and without a window, over every key range.
+        for kv_len in [1u32, 5, 17] {
+            for q_len in 1..=kv_len.min(4) {
+                let req = RequestInfo { q_start: 0, q_len, kv_len, page_start: 0 };
+                for (causal, window) in [(false, None), (true, None), (true, Some(3)), (false, Some(2))] {
+                    for q_begin in 0..q_len {
+                        for q_count in 0..=q_len - q_begin {
+                            for key_begin in 0..=kv_len {
+                                for key_end in key_begin..=kv_len {
+                                    let want: u64 = (q_begin..q_begin + q_count)
+                                        .map(|q| {
+                                            let (start, end) = req.visible_range(q, causal, window);
+                                            end.min(key_end).saturating_sub(start.max(key_begin)) as u64
+                                        })
+                                        .sum();
+                                    let got = visible_keys(&req, q_begin, q_count, causal, window, key_begin, key_end);
+                                    assert_eq!(
+                                        got, want,
+                                        "{req:?} q {q_begin}+{q_count} keys {key_begin}..{key_end} causal {causal} window {window:?}"
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

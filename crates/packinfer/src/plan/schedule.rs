@@ -163,7 +163,7 @@ fn schedule_steps(plan: &Plan, profile: &DeviceProfile, sc: &mut Scratch) -> Res
     pack(&s, capacity, num_bundles, &to_pack, &mut work, sc);
     sc.to_pack = to_pack;
     let groups = group(&s, capacity, num_bundles, &work.pieces, sc);
-    let Pieces { pieces, chunks, segments, partial_rows } = work;
+    let Pieces { pieces, chunks, segments, partial_rows, counts } = work;
     (sc.chunks, sc.segments) = (chunks, segments);
     let groups = match groups {
         Ok(g) => g,
@@ -172,7 +172,7 @@ fn schedule_steps(plan: &Plan, profile: &DeviceProfile, sc: &mut Scratch) -> Res
             return Err(e);
         }
     };
-    let Emitted { items, units, slot_of } = emit(&s, &pieces, sc);
+    let Emitted { items, units, slot_of, group_costs, total_cost, max_group_cost } = emit(&s, &pieces, sc);
     let Merges { merges, merge_slots } = merge_list(plan.batch.total_q(), &partial_rows, &slot_of, sc);
     debug_assert!(pieces.iter().all(|p| (item_cost(
         profile,
@@ -180,73 +180,21 @@ fn schedule_steps(plan: &Plan, profile: &DeviceProfile, sc: &mut Scratch) -> Res
     ) - p.cost)
         .abs()
         <= 1e-6 * p.cost.max(1.0)));
-    let entities = Entities { entities: &sc.entities, entity_pieces: &sc.entity_pieces, entity_start: &sc.entity_start };
-    let totals = totals(&s, &pieces, entities, &sc.segments, &sc.chunks, &mut sc.group_costs);
-    debug_assert!(sc.group_costs.len() == groups.num_groups || pieces.is_empty());
+    debug_assert!(group_costs.len() == groups.num_groups || pieces.is_empty());
+    let heads = s.heads as u64;
+    // Every partial item gets `num_rows` slots of its own (`emit`).
+    let totals = WorkTotals {
+        useful: counts.useful * heads,
+        computed: counts.computed * heads,
+        partial_items: counts.partial_pieces * s.heads,
+        partial_slots: counts.partial_rows * s.heads,
+        total_cost,
+        max_group_cost,
+    };
+    sc.group_costs = group_costs;
     (sc.pieces, sc.partial_rows, sc.slot_of) = (pieces, partial_rows, slot_of);
     (sc.items, sc.units, sc.merges, sc.merge_slots) = (items, units, merges, merge_slots);
     Ok(Outcome { capacity, num_split_requests, totals })
-}
-
-/// The statistics' totals and each group's cost, per piece: its KV-head copies are the same
-/// work; pieces are visited entity by entity. A unit's groups (one per KV head) cost its entity's pieces, summed in piece order (the
-/// entity lists them so), as its items are.
-fn totals(
-    s: &Setup,
-    pieces: &[Piece],
-    units: Entities<'_>,
-    segments: &[RowSegment],
-    chunks: &[KvChunk],
-    group_costs: &mut Vec<f64>,
-) -> WorkTotals {
-    let heads_us = s.heads as usize;
-    group_costs.clear();
-    let (mut useful, mut computed, mut partial_pieces, mut partial_rows) = (0u64, 0u64, 0u32, 0u32);
-    // The groups' total cost is a chain of dependent additions, one per group (KV-head copy);
-    // summed here, in group order as before, the counting of the entity's pieces beside it
-    // runs while each addition waits for the last.
-    let (mut total_cost, mut max_group_cost) = (0.0f64, 0.0f64);
-    if !pieces.is_empty() {
-        // Every piece is in exactly one entity: counted once.
-        for &(_, e) in units.entities {
-            let list = &units.entity_pieces[units.entity_start[e as usize] as usize..units.entity_start[e as usize + 1] as usize];
-            let mut cost = 0.0;
-            for &p in list {
-                let p = &pieces[p as usize];
-                cost += p.cost;
-                if p.partial {
-                    partial_pieces += 1;
-                    partial_rows += p.num_rows;
-                }
-                let segs = &segments[p.seg_begin as usize..(p.seg_begin + p.seg_count) as usize];
-                for c in &chunks[p.chunk_begin as usize..(p.chunk_begin + p.chunk_count) as usize] {
-                    computed += sliced_rows(c.row_begin, c.row_end) as u64 * (c.key_end - c.key_begin) as u64;
-                    // Segments are laid out in row order: those starting in the chunk's rows are
-                    // one run.
-                    let first = segs.partition_point(|sg| sg.row_begin < c.row_begin);
-                    for sg in segs[first..].iter().take_while(|sg| sg.row_begin < c.row_end) {
-                        let req = &s.requests[sg.request as usize];
-                        useful += s.group as u64 * visible_keys(req, sg.q_begin, sg.q_count, s.causal, s.window, c.key_begin, c.key_end);
-                    }
-                }
-            }
-            group_costs.extend(std::iter::repeat_n(cost, heads_us));
-            for _ in 0..heads_us {
-                total_cost += cost;
-            }
-            max_group_cost = max_group_cost.max(cost);
-        }
-    }
-    let heads = s.heads as u64;
-    // Every partial item gets `num_rows` slots of its own (`emit`).
-    WorkTotals {
-        useful: useful * heads,
-        computed: computed * heads,
-        partial_items: partial_pieces * s.heads,
-        partial_slots: partial_rows * s.heads,
-        total_cost,
-        max_group_cost,
-    }
 }
 
 /// The buffers of the schedule's steps, kept in the plan between builds (`Plan::rebuild`): each
@@ -270,7 +218,8 @@ pub(crate) struct Scratch {
     order: Vec<u32>,
     bundle_cost: Vec<f64>,
     bundle_whole: Vec<bool>,
-    entities: Vec<(f64, u32)>,
+    /// (LPT key, entity): see [`lpt_key`].
+    entities: Vec<(u64, u32)>,
     entity_pieces: Vec<u32>,
     entity_start: Vec<u32>,
     bundle_start: Vec<u32>,
@@ -622,12 +571,49 @@ struct PartialRow {
 
 /// The pieces made so far and the plan entries they name: a piece's rows are
 /// `segments[seg_begin..][..seg_count]`, its keys `chunks[chunk_begin..][..chunk_count]`; each
-/// token row of a partial piece has its [`PartialRow`].
+/// token row of a partial piece has its [`PartialRow`]; `counts` counts them.
 struct Pieces {
     segments: Vec<RowSegment>,
     chunks: Vec<KvChunk>,
     pieces: Vec<Piece>,
     partial_rows: Vec<PartialRow>,
+    counts: Counts,
+}
+
+/// The statistics' counts of the pieces made so far, for one KV head: real (row, visible key)
+/// pairs, (row, key) pairs the tiles compute, partial pieces and their rows. Counted as each
+/// piece is made, where its chunks and the segments each covers are at hand (the sums are
+/// integers: the order they are counted in does not matter).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Counts {
+    useful: u64,
+    computed: u64,
+    partial_pieces: u32,
+    partial_rows: u32,
+}
+
+impl Counts {
+    /// Counts chunk `c` against `segments`, the segments whose rows it covers. Always inlined:
+    /// out of line, the chunk and segment it is lent go through the stack, and pushing them
+    /// afterwards reads back as one wide load what was just stored field by field (a store
+    /// forwarding stall per piece).
+    #[inline(always)]
+    fn chunk(&mut self, s: &Setup, c: &KvChunk, segments: &[RowSegment]) {
+        self.computed += sliced_rows(c.row_begin, c.row_end) as u64 * (c.key_end - c.key_begin) as u64;
+        for sg in segments {
+            let req = &s.requests[sg.request as usize];
+            self.useful += s.group as u64 * visible_keys(req, sg.q_begin, sg.q_count, s.causal, s.window, c.key_begin, c.key_end);
+        }
+    }
+
+    /// Counts a piece of `num_rows` rows.
+    #[inline]
+    fn piece(&mut self, partial: bool, num_rows: u32) {
+        if partial {
+            self.partial_pieces += 1;
+            self.partial_rows += num_rows;
+        }
+    }
 }
 
 /// Records a partial row for each token of `seg`, a segment of `piece` reading from `key_begin`.
@@ -677,24 +663,25 @@ fn split(
     let mut partial_rows = reuse(&mut sc.partial_rows);
     let mut ranges = reuse(&mut sc.ranges);
     let mut to_pack = reuse(&mut sc.to_pack);
+    let mut counts = Counts::default();
     let result = split_into(
         s,
         capacity,
         prefix_tiles,
         blocks,
         runs,
-        (&mut segments, &mut chunks, &mut pieces, &mut partial_rows),
+        (&mut segments, &mut chunks, &mut pieces, &mut partial_rows, &mut counts),
         &mut ranges,
         &mut split_request,
         &mut to_pack,
     );
     let num_split_requests = split_request.iter().filter(|&&x| x).count() as u32;
     (sc.split_request, sc.ranges) = (split_request, ranges);
-    let work = Pieces { segments, chunks, pieces, partial_rows };
+    let work = Pieces { segments, chunks, pieces, partial_rows, counts };
     match result {
         Ok(()) => Ok(Split { work, to_pack, num_split_requests }),
         Err(e) => {
-            let Pieces { segments, chunks, pieces, partial_rows } = work;
+            let Pieces { segments, chunks, pieces, partial_rows, .. } = work;
             (sc.segments, sc.chunks, sc.pieces, sc.partial_rows, sc.to_pack) = (segments, chunks, pieces, partial_rows, to_pack);
             Err(e)
         }
@@ -709,7 +696,13 @@ fn split_into(
     prefix_tiles: &[PrefixTile],
     blocks: &[Block],
     runs: &[bool],
-    (segments, chunks, pieces, partial_rows): (&mut Vec<RowSegment>, &mut Vec<KvChunk>, &mut Vec<Piece>, &mut Vec<PartialRow>),
+    (segments, chunks, pieces, partial_rows, counts): (
+        &mut Vec<RowSegment>,
+        &mut Vec<KvChunk>,
+        &mut Vec<Piece>,
+        &mut Vec<PartialRow>,
+        &mut Counts,
+    ),
     ranges: &mut Vec<(u32, u32)>,
     split_request: &mut [bool],
     to_pack: &mut Vec<Block>,
@@ -722,7 +715,10 @@ fn split_into(
         cut_keys(s, capacity, 0, tile.key_end, s.block_cost(tile.num_rows, tile.key_end), max_pieces.saturating_sub(pieces.len()), ranges)?;
         for &(kb, ke) in ranges.iter() {
             let p = pieces.len() as u32;
-            chunks.push(KvChunk { request: tile.reader, key_begin: kb, key_end: ke, row_begin: 0, row_end: tile.num_rows });
+            let chunk = KvChunk { request: tile.reader, key_begin: kb, key_end: ke, row_begin: 0, row_end: tile.num_rows };
+            counts.chunk(s, &chunk, &segments[tile.seg_begin as usize..(tile.seg_begin + tile.seg_count) as usize]);
+            counts.piece(true, tile.num_rows);
+            chunks.push(chunk);
             pieces.push(Piece {
                 seg_begin: tile.seg_begin,
                 seg_count: tile.seg_count,
@@ -775,7 +771,10 @@ fn split_into(
         segments.push(seg);
         for &(kb, ke) in ranges.iter() {
             let p = pieces.len() as u32;
-            chunks.push(KvChunk { request: b.request, key_begin: kb, key_end: ke, row_begin: 0, row_end: rows });
+            let chunk = KvChunk { request: b.request, key_begin: kb, key_end: ke, row_begin: 0, row_end: rows };
+            counts.chunk(s, &chunk, std::slice::from_ref(&seg));
+            counts.piece(partial, rows);
+            chunks.push(chunk);
             pieces.push(Piece {
                 seg_begin,
                 seg_count: 1,
@@ -804,7 +803,7 @@ fn split_into(
 /// tile records its partial rows.
 fn pack(s: &Setup, capacity: f64, num_bundles: usize, to_pack: &[Block], work: &mut Pieces, sc: &mut Scratch) {
     let (profile, group, block_m) = (s.profile, s.group, s.block_m);
-    let Pieces { segments, chunks, pieces, partial_rows } = work;
+    let Pieces { segments, chunks, pieces, partial_rows, counts } = work;
     // Next-fit within a class (prefix group, finality), in request order. A stable counting
     // sort by class keeps this linear.
     let class_of = |b: &Block| (b.bundle.wrapping_add(1) as usize) << 1 | b.partial as usize;
@@ -848,19 +847,18 @@ fn pack(s: &Setup, capacity: f64, num_bundles: usize, to_pack: &[Block], work: &
             if j > i && (!same_class || rows + b_rows > tile_rows || cost + b_cost > pack_limit) {
                 break;
             }
-            segments.push(RowSegment { request: b.request, q_begin: b.q_begin, q_count: b.q_count, row_begin: rows });
-            chunks.push(KvChunk {
-                request: b.request,
-                key_begin: b.key_begin,
-                key_end: b.key_end,
-                row_begin: rows,
-                row_end: rows + b_rows,
-            });
+            let seg = RowSegment { request: b.request, q_begin: b.q_begin, q_count: b.q_count, row_begin: rows };
+            let chunk = KvChunk { request: b.request, key_begin: b.key_begin, key_end: b.key_end, row_begin: rows, row_end: rows + b_rows };
+            // A tile's chunk covers its block's segment alone.
+            counts.chunk(s, &chunk, std::slice::from_ref(&seg));
+            segments.push(seg);
+            chunks.push(chunk);
             rows += b_rows;
             cost += b_cost;
             j += 1;
         }
         let p = pieces.len() as u32;
+        counts.piece(first.partial, rows);
         pieces.push(Piece {
             seg_begin,
             seg_count: (j - i) as u32,
@@ -888,6 +886,14 @@ fn pack(s: &Setup, capacity: f64, num_bundles: usize, to_pack: &[Block], work: &
 /// no pieces, and one per bundle without pieces: its cost 0 sorts it last).
 struct Groups {
     num_groups: usize,
+}
+
+/// An entity's place in LPT order, from its cost: decreasing cost is increasing key (in
+/// `f64::total_cmp` order; integers compare without the float comparison's branches, and
+/// made once per entity rather than per comparison).
+#[inline]
+fn lpt_key(cost: f64) -> u64 {
+    !total_order_key(cost)
 }
 
 /// An integer whose unsigned order is `f64::total_cmp`'s order of `x`.
@@ -923,7 +929,7 @@ fn group(s: &Setup, capacity: f64, num_bundles: usize, pieces: &[Piece], sc: &mu
     entity_start.push(0);
     if !s.opts.balancing {
         // A group per item, in order: what a non-persistent launch (a CTA per tile) does.
-        entities.extend(pieces.iter().enumerate().map(|(i, p)| (p.cost, i as u32)));
+        entities.extend(pieces.iter().enumerate().map(|(i, p)| (lpt_key(p.cost), i as u32)));
         entity_pieces.extend(0..pieces.len() as u32);
         entity_start.extend(1..=pieces.len() as u32);
         return Ok(Groups { num_groups: pieces.len() * heads_us });
@@ -944,7 +950,7 @@ fn group(s: &Setup, capacity: f64, num_bundles: usize, pieces: &[Piece], sc: &mu
     // entity_pieces[entity_start[e]..entity_start[e + 1]].
     // Ends the entity whose pieces run up to entity_pieces[..end].
     let mut close = |cost: f64, end: usize| {
-        entities.push((cost, entity_start.len() as u32 - 1));
+        entities.push((lpt_key(cost), entity_start.len() as u32 - 1));
         entity_start.push(end as u32);
     };
     let mut i = 0;
@@ -989,22 +995,13 @@ fn group(s: &Setup, capacity: f64, num_bundles: usize, pieces: &[Piece], sc: &mu
     }
     // By decreasing cost (in `f64::total_cmp` order), then by index: integer keys compare
     // without the float comparison's branches.
-    entities.sort_unstable_by_key(|&(cost, i)| (!total_order_key(cost), i));
+    entities.sort_unstable();
     // Each unit its own group, in LPT order: the CTAs draw groups from a shared counter in
     // this order, so the costliest units start first and a CTA takes the next one as soon as
     // it is free (list scheduling). LPT bins fixed on the host (the first version) leave the
     // cost model's errors to the last groups, and measured slower on decode steps and on the
     // trace replay (docs/performance-log.md#lpt-units).
     Ok(Groups { num_groups: (entities.len() * heads_us).max(1) })
-}
-
-/// The entities as `group` left them in the scratch: entity `e`'s pieces are
-/// `entity_pieces[entity_start[e]..entity_start[e + 1]]`, unit `u` is entity `entities[u].1`.
-#[derive(Clone, Copy)]
-struct Entities<'a> {
-    entities: &'a [(f64, u32)],
-    entity_pieces: &'a [u32],
-    entity_start: &'a [u32],
 }
 
 /// Step 6's work items, their units and partial slots.
@@ -1014,6 +1011,10 @@ struct Emitted {
     /// Per piece, its first partial slot (KV head 0's, row 0) and the slot stride of its unit;
     /// `slot` is [`FINAL_OUTPUT`] for a final piece. Empty when no piece is partial.
     slot_of: Vec<MergeSlot>,
+    /// Each group's cost (none without pieces), their sum in group order and their maximum.
+    group_costs: Vec<f64>,
+    total_cost: f64,
+    max_group_cost: f64,
 }
 
 /// Step 6, emission. Guarantees: an item per piece, a [`WorkUnit`] per entity with pieces, in
@@ -1021,13 +1022,18 @@ struct Emitted {
 /// heads` (KV head h's copies in `u × heads + h`: group stride 1). Partial slots are handed out
 /// in the order of the item copies (unit by unit, KV head by KV head, item by item), `num_rows`
 /// slots each, from slot 0, so a unit's slot stride is its partial items' rows; final items
-/// write O.
+/// write O. Unit `u`'s groups cost its pieces, summed in piece order as the count by items
+/// sums them (an entity without pieces costs 0); none without pieces.
 fn emit(s: &Setup, pieces: &[Piece], sc: &mut Scratch) -> Emitted {
     let heads = s.heads;
     let any_partial = pieces.iter().any(|p| p.partial);
     let mut items = reuse(&mut sc.items);
     let mut units = reuse(&mut sc.units);
     let mut slot_of = reuse(&mut sc.slot_of);
+    let mut group_costs = reuse(&mut sc.group_costs);
+    // The groups' total cost is a chain of dependent additions, one per group (KV-head copy),
+    // in group order; here the item writing runs beside it.
+    let (mut total_cost, mut max_group_cost) = (0.0f64, 0.0f64);
     items.reserve(pieces.len());
     units.reserve(sc.entities.len());
     if any_partial {
@@ -1037,13 +1043,18 @@ fn emit(s: &Setup, pieces: &[Piece], sc: &mut Scratch) -> Emitted {
     for (u, &(_, e)) in sc.entities.iter().enumerate() {
         let list = &sc.entity_pieces[sc.entity_start[e as usize] as usize..sc.entity_start[e as usize + 1] as usize];
         if list.is_empty() {
+            if !pieces.is_empty() {
+                group_costs.extend(std::iter::repeat_n(0.0, heads as usize));
+            }
             continue;
         }
         let group = u as u32 * heads;
         let item_begin = items.len() as u32;
         let mut unit_slots = 0u32;
+        let mut cost = 0.0;
         for &p in list {
             let piece = &pieces[p as usize];
+            cost += piece.cost;
             let partial_slot = if piece.partial {
                 let slot = next_slot + unit_slots;
                 unit_slots += piece.num_rows;
@@ -1068,8 +1079,13 @@ fn emit(s: &Setup, pieces: &[Piece], sc: &mut Scratch) -> Emitted {
         }
         units.push(WorkUnit { item_begin, item_count: list.len() as u32, group_stride: 1, slot_stride: unit_slots });
         next_slot += unit_slots * heads;
+        group_costs.extend(std::iter::repeat_n(cost, heads as usize));
+        for _ in 0..heads {
+            total_cost += cost;
+        }
+        max_group_cost = max_group_cost.max(cost);
     }
-    Emitted { items, units, slot_of }
+    Emitted { items, units, slot_of, group_costs, total_cost, max_group_cost }
 }
 
 /// Step 6's merge list.
@@ -1259,7 +1275,7 @@ mod tests {
     }
 
     fn no_pieces() -> Pieces {
-        Pieces { segments: Vec::new(), chunks: Vec::new(), pieces: Vec::new(), partial_rows: Vec::new() }
+        Pieces { segments: Vec::new(), chunks: Vec::new(), pieces: Vec::new(), partial_rows: Vec::new(), counts: Counts::default() }
     }
 
     #[test]
@@ -1644,10 +1660,17 @@ mod tests {
             ..piece(1.0, NO_BUNDLE, NO_RUN)
         };
         let pieces = [with(4, false, 0), with(8, true, 1), with(16, true, 2)];
-        // Pieces 1 and 2 one unit (groups 0 and 1), piece 0 after them.
-        let mut sc =
-            Scratch { entities: vec![(2.0, 0), (1.0, 1)], entity_pieces: vec![1, 2, 0], entity_start: vec![0, 2, 3], ..Scratch::default() };
-        let Emitted { items, units, slot_of } = emit(&s, &pieces, &mut sc);
+        // Pieces 1 and 2 one unit (groups 0 and 1), piece 0 after them, then an entity without
+        // pieces (a whole bundle left with none).
+        let mut sc = Scratch {
+            entities: vec![(lpt_key(2.0), 0), (lpt_key(1.0), 1), (lpt_key(0.0), 2)],
+            entity_pieces: vec![1, 2, 0],
+            entity_start: vec![0, 2, 3, 3],
+            ..Scratch::default()
+        };
+        let Emitted { items, units, slot_of, group_costs, total_cost, max_group_cost } = emit(&s, &pieces, &mut sc);
+        // A unit's cost per KV head, the empty entity's groups 0.
+        assert_eq!((group_costs, total_cost, max_group_cost), (vec![2.0, 2.0, 1.0, 1.0, 0.0, 0.0], 6.0, 2.0));
         let summary: Vec<(u32, u32, u32, u32)> = items.iter().map(|i| (i.group, i.seg_begin, i.chunk_begin, i.partial_slot)).collect();
         assert_eq!(summary, [(0, 1, 11, 0), (0, 2, 12, 8), (2, 0, 10, FINAL_OUTPUT)]);
         assert_eq!(
@@ -1665,9 +1688,13 @@ mod tests {
         assert_eq!(copies, [(0, 0, 0, 0), (0, 0, 1, 8), (1, 1, 0, 24), (1, 1, 1, 32), (2, 0, 2, FINAL_OUTPUT), (3, 1, 2, FINAL_OUTPUT)]);
         assert_eq!((plan.num_groups(), plan.num_partial_slots()), (4, 48));
         // Nothing partial: no slots.
-        let mut sc = Scratch { entities: vec![(1.0, 0)], entity_pieces: vec![0], entity_start: vec![0, 1], ..Scratch::default() };
+        let mut sc = Scratch { entities: vec![(lpt_key(1.0), 0)], entity_pieces: vec![0], entity_start: vec![0, 1], ..Scratch::default() };
         let Emitted { items, slot_of, .. } = emit(&s, &pieces[..1], &mut sc);
         assert!(slot_of.is_empty() && items.iter().all(|i| i.partial_slot == FINAL_OUTPUT));
+        // No pieces: no group costs, even for an entity.
+        let mut sc = Scratch { entities: vec![(lpt_key(0.0), 0)], entity_pieces: vec![], entity_start: vec![0, 0], ..Scratch::default() };
+        let Emitted { items, group_costs, .. } = emit(&s, &[], &mut sc);
+        assert!(items.is_empty() && group_costs.is_empty());
     }
 
     #[test]

@@ -10,7 +10,11 @@ A contender is (name, api, module, plan, run, view):
 - `view(out)` turns run's result into the [total_q, heads, dim] output checked against the
   float64 reference (POD returns its prefill and decode outputs apart; concatenated outside timing).
 
-Workload kinds: ragged prefill (W1, W5, W6), paged decode (W2, W4, W7), mixed (W3).
+Workload kinds: ragged prefill (W1, W5, W6), paged decode (W2, W4, W7), mixed (W3), and the
+serving-feature variants (gpu_bench.py --phase features): ragged prefill under a sliding window
+(W1-window) and paged decode with a logit soft-cap (W2-softcap). FlashInfer compiles a window and
+a soft-cap into modules of their own (use_sliding_window / use_logits_soft_cap), so those
+contenders have their own JIT modules ("ragged-fa2-window", "decode-tc-softcap", ...).
 
 torch is imported lazily so that `import anchors` works without it (bench/test_anchors.py).
 """
@@ -37,12 +41,19 @@ DEVICE = os.environ.get("PACKINFER_BENCH_DEVICE", "cuda")
 
 # FlashInfer modules, in the order the warm-up builds them (most needed first: on 16 cores the
 # whole set takes longer than a device call can give, see bench/run_anchors.sh).
+# The serving-feature variants' modules come last: only the features phase uses them (a call
+# that measures them names them in run_anchors.sh's WARM_MODULES).
+FEATURE_MODULES = ["ragged-fa2-window", "ragged-fa3-window", "decode-tc-softcap", "batch-attention-softcap",
+                   "decode-softcap"]
 MODULES = ["ragged-fa2", "ragged-fa3", "decode-tc", "batch-attention", "paged-prefill", "pod", "batch-pod",
-           "decode", "cascade", "xqa"]
+           "decode", "cascade", "xqa"] + FEATURE_MODULES
 # Which tiny workload warms each module (see tiny_workload).
 MODULE_KIND = {"ragged-fa2": "ragged", "ragged-fa3": "ragged", "decode-tc": "decode", "decode": "decode",
                "xqa": "decode", "batch-attention": "mixed", "paged-prefill": "mixed", "pod": "mixed",
-               "batch-pod": "mixed", "cascade": "prefix"}
+               "batch-pod": "mixed", "cascade": "prefix",
+               "ragged-fa2-window": "ragged-window", "ragged-fa3-window": "ragged-window",
+               "decode-tc-softcap": "decode-softcap", "batch-attention-softcap": "decode-softcap",
+               "decode-softcap": "decode-softcap"}
 
 
 def modules_for(kind):
@@ -50,7 +61,43 @@ def modules_for(kind):
     return {"ragged": ["ragged-fa2", "ragged-fa3"],
             "decode": ["decode-tc", "batch-attention", "decode", "xqa"],
             "prefix": ["decode-tc", "cascade", "batch-attention", "decode", "xqa"],
-            "mixed": ["paged-prefill", "batch-attention", "pod", "batch-pod"]}[kind]
+            "mixed": ["paged-prefill", "batch-attention", "pod", "batch-pod"],
+            "ragged-window": ["ragged-fa2-window", "ragged-fa3-window"],
+            "decode-softcap": ["decode-tc-softcap", "batch-attention-softcap", "decode-softcap"]}[kind]
+
+
+def not_applicable(kind):
+    """{contender: why} for the FlashInfer APIs of the plain kind that a feature kind cannot use
+    (recorded as not run by the features phase)."""
+    return {"decode-softcap": {f"{FI} XQA decode": "xqa_batch_decode_with_kv_cache takes no logits soft-cap "
+                                                   "(FlashInfer 0.5.3 and 0.7.4: window_left, sinks, no cap)"},
+            }.get(kind, {})
+
+
+class Unsupported(Exception):
+    """This FlashInfer's API does not take an argument the workload needs (the feature keywords
+    differ between versions): the contender is recorded as not run, not as an error."""
+
+
+def feature_args(w):
+    """FlashInfer's plan() keywords for w's sliding window and soft-cap ({} for a plain workload)."""
+    out = {}
+    if w.window_left is not None:
+        out["window_left"] = int(w.window_left)
+    if w.logits_soft_cap:
+        out["logits_soft_cap"] = float(w.logits_soft_cap)
+    return out
+
+
+def _with_features(fn, feat, *a, **kw):
+    """fn(*a, **kw, **feat); a TypeError naming one of feat's keywords becomes Unsupported."""
+    try:
+        return fn(*a, **kw, **feat)
+    except TypeError as e:
+        if any(k in str(e) for k in feat):
+            raise Unsupported(f"{getattr(fn, '__qualname__', fn)} does not take {', '.join(sorted(feat))}: "
+                              f"TypeError: {e}") from e
+        raise
 
 
 class Contender:
@@ -77,10 +124,19 @@ def _resolved(wr):
 
 def kind_of(w):
     if w.ragged:
-        return "ragged"
-    if (w.q_lens == 1).all():
-        return "prefix" if w.prefix_groups else "decode"
-    return "mixed"
+        base = "ragged"
+    elif (w.q_lens == 1).all():
+        base = "prefix" if w.prefix_groups else "decode"
+    else:
+        base = "mixed"
+    window, cap = w.window_left is not None, bool(w.logits_soft_cap)
+    if not window and not cap:
+        return base
+    kind = {("ragged", True, False): "ragged-window", ("decode", False, True): "decode-softcap"}.get((base, window, cap))
+    if kind is None:
+        raise ValueError(f"{w.name}: no FlashInfer set-up for a {base} workload with window_left {w.window_left} "
+                         f"and logits soft-cap {w.logits_soft_cap}")
+    return kind
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,12 +269,21 @@ def flashinfer_version(fi):
 
 
 # ----------------------------------------------------------------------------------------------
-# Tiny workloads for the JIT warm-up: same dtypes, head dims, masks and page size as W1-W7.
+# Tiny workloads for the JIT warm-up: same dtypes, head dims, masks and page size as W1-W7 (and the
+# same window and soft-cap as the feature variants: FlashInfer's module depends on whether there is one).
 
 
 def tiny_workload(kind):
     import workloads as wl
     rng = np.random.default_rng(1)
+    if kind == "ragged-window":
+        w = tiny_workload("ragged")
+        w.window_left = wl.FEATURE_WINDOW - 1
+        return w
+    if kind == "decode-softcap":
+        w = tiny_workload("decode")
+        w.logits_soft_cap = wl.FEATURE_SOFT_CAP
+        return w
     if kind == "ragged":
         return wl.build_ragged("W1", [[40, 40], [17, 17]], causal=True, title="warm-up ragged")
     if kind == "decode":
@@ -241,13 +306,19 @@ def _nan_outputs(t, shape, dt):
 
 def flashinfer_contenders(fi, t, shape, dt, workspace, only_modules=None):
     """[Contender] for workload tensors t (gpu_bench.WorkloadTensors). Building one may fail
-    (an API absent from this version): that contender is returned as (name, api, module, error)."""
+    (an API absent from this version): that contender is returned as (name, api, module, error).
+    A feature workload (sliding window, soft-cap) gets the APIs that take it, with it, in their
+    own modules; their plan() raises Unsupported where this version's API does not take it."""
     import torch
     w = t.w
     hq, hkv, d = shape.num_qo_heads, shape.num_kv_heads, shape.head_dim
     kw = dict(q_data_type=dt, kv_data_type=dt, sm_scale=shape.sm_scale)
     i32 = dict(device=DEVICE, dtype=torch.int32)
     kind = kind_of(w)
+    feat = feature_args(w)
+    # The module suffix and the API text of the feature variants.
+    sfx = {"ragged-window": "-window", "decode-softcap": "-softcap"}.get(kind, "")
+    with_feat = "".join(f", {k}={v:g}" for k, v in feat.items())
     outs = _nan_outputs(t, (hq, d), dt)
     out = []
 
@@ -262,27 +333,28 @@ def flashinfer_contenders(fi, t, shape, dt, workspace, only_modules=None):
     def paged_kv(i):
         return (t.k[i % t.sets], t.v[i % t.sets])
 
-    if kind == "ragged":
+    if kind in ("ragged", "ragged-window"):
         def ragged(backend, invariant=False):
             def build(name, api, module):
                 wr = fi.BatchPrefillWithRaggedKVCacheWrapper(workspace(), "NHD", backend=backend)
                 extra = dict(disable_split_kv=True) if invariant else {}
 
                 def plan():
-                    wr.plan(t.qo_indptr, t.cu_k, hq, hkv, d, causal=w.causal, **kw, **extra)
+                    _with_features(wr.plan, feat, t.qo_indptr, t.cu_k, hq, hkv, d, causal=w.causal, **kw, **extra)
                 return Contender(name, api, module, plan,
                                  lambda i: wr.run(t.q[i % t.sets], t.k_flat[i % t.sets], t.v_flat[i % t.sets],
                                                   out=outs[i % t.sets]), info=lambda: _resolved(wr))
             return build
-        add(f"{FI} ragged prefill fa2", 'BatchPrefillWithRaggedKVCacheWrapper(backend="fa2")', "ragged-fa2",
-            ragged("fa2"))
-        add(f"{FI} ragged prefill fa3", 'BatchPrefillWithRaggedKVCacheWrapper(backend="fa3")', "ragged-fa3",
-            ragged("fa3"))
-        add(f"{FI} ragged prefill fa2 batch-invariant", 'ragged fa2, plan(disable_split_kv=True)', "ragged-fa2",
-            ragged("fa2", invariant=True))
+        for backend in ("fa2", "fa3"):
+            add(f"{FI} ragged prefill {backend}",
+                f'BatchPrefillWithRaggedKVCacheWrapper(backend="{backend}")' + (f", plan({with_feat[2:]})" if feat else ""),
+                f"ragged-{backend}{sfx}", ragged(backend))
+        if not feat:
+            add(f"{FI} ragged prefill fa2 batch-invariant", 'ragged fa2, plan(disable_split_kv=True)', "ragged-fa2",
+                ragged("fa2", invariant=True))
         return out
 
-    if kind in ("decode", "prefix"):
+    if kind in ("decode", "prefix", "decode-softcap"):
         def decode(tc, invariant=False, backend=None):
             def build(name, api, module):
                 extra_init = dict(backend=backend) if backend else {}
@@ -290,17 +362,20 @@ def flashinfer_contenders(fi, t, shape, dt, workspace, only_modules=None):
                 extra = dict(disable_split_kv=True) if invariant else {}
 
                 def plan():
-                    wr.plan(t.kv_indptr, t.kv_indices, t.kv_last, hq, hkv, d, w.page_size, **kw, **extra)
+                    _with_features(wr.plan, feat, t.kv_indptr, t.kv_indices, t.kv_last, hq, hkv, d, w.page_size, **kw,
+                                   **extra)
                 return Contender(name, api, module, plan,
                                  lambda i: wr.run(t.q[i % t.sets], paged_kv(i), out=outs[i % t.sets]),
                                  info=lambda: _resolved(wr))
             return build
-        add(f"{FI} decode CUDA cores", "BatchDecodeWithPagedKVCacheWrapper(use_tensor_cores=False)", "decode",
-            decode(False))
-        add(f"{FI} decode tensor cores", "BatchDecodeWithPagedKVCacheWrapper(use_tensor_cores=True)", "decode-tc",
-            decode(True))
-        add(f"{FI} decode tensor cores batch-invariant", "tensor-core decode, plan(disable_split_kv=True)",
-            "decode-tc", decode(True, invariant=True))
+        plan_feat = f", plan({with_feat[2:]})" if feat else ""
+        add(f"{FI} decode CUDA cores", "BatchDecodeWithPagedKVCacheWrapper(use_tensor_cores=False)" + plan_feat,
+            f"decode{sfx}", decode(False))
+        add(f"{FI} decode tensor cores", "BatchDecodeWithPagedKVCacheWrapper(use_tensor_cores=True)" + plan_feat,
+            f"decode-tc{sfx}", decode(True))
+        if not feat:
+            add(f"{FI} decode tensor cores batch-invariant", "tensor-core decode, plan(disable_split_kv=True)",
+                "decode-tc", decode(True, invariant=True))
 
         def xqa(name, api, module):
             f = getattr(getattr(fi, "decode", None), "xqa_batch_decode_with_kv_cache", None) \
@@ -319,19 +394,25 @@ def flashinfer_contenders(fi, t, shape, dt, workspace, only_modules=None):
                              lambda i: f(t.q[i % t.sets], paged_kv(i), ws, block_tables, seq_lens, max_len,
                                          bmm1_scale=shape.sm_scale, bmm2_scale=1.0, out=outs[i % t.sets],
                                          kv_layout="NHD"))
-        add(f"{FI} XQA decode", "xqa_batch_decode_with_kv_cache (block table, no plan)", "xqa", xqa)
+        if not feat:
+            add(f"{FI} XQA decode", "xqa_batch_decode_with_kv_cache (block table, no plan)", "xqa", xqa)
 
-    if kind in ("decode", "prefix", "mixed"):
+    if kind in ("decode", "prefix", "mixed", "decode-softcap"):
+        # Its run() takes the soft-cap again (it reaches the kernel from there; plan() picks the module).
+        run_feat = {k: v for k, v in feat.items() if k == "logits_soft_cap"}
+
         def batch_attention(name, api, module):
             wr = fi.BatchAttention(kv_layout="NHD")
             kv_len = torch.tensor(w.kv_lens, **i32)
 
             def plan():
-                wr.plan(t.qo_indptr, t.kv_indptr, t.kv_indices, kv_len, hq, hkv, d, d, w.page_size,
-                        causal=w.causal, sm_scale=shape.sm_scale, q_data_type=dt, kv_data_type=dt)
+                _with_features(wr.plan, feat, t.qo_indptr, t.kv_indptr, t.kv_indices, kv_len, hq, hkv, d, d,
+                               w.page_size, causal=w.causal, sm_scale=shape.sm_scale, q_data_type=dt, kv_data_type=dt)
             return Contender(name, api, module, plan,
-                             lambda i: wr.run(t.q[i % t.sets], paged_kv(i), out=outs[i % t.sets]), view=lambda o: o[0])
-        add(f"{FI} BatchAttention", "BatchAttention (persistent prefill + decode)", "batch-attention", batch_attention)
+                             lambda i: _with_features(wr.run, run_feat, t.q[i % t.sets], paged_kv(i),
+                                                      out=outs[i % t.sets]), view=lambda o: o[0])
+        add(f"{FI} BatchAttention", "BatchAttention (persistent prefill + decode)"
+            + (f", plan/run({with_feat[2:]})" if feat else ""), f"batch-attention{sfx}", batch_attention)
 
     if kind == "mixed":
         def paged_prefill(invariant=False):

@@ -73,17 +73,24 @@ def floor_of(flops, nbytes, ceilings):
             "bound": "compute" if t_compute >= t_memory else "memory"}
 
 
-def reference_attention(q, k_slots, v_slots, causal, scale):
-    """float64 attention of one request: q [n, Hq, D], k/v [kv, Hkv, D]; bottom-right causal."""
+def reference_attention(q, k_slots, v_slots, causal, scale, window_left=None, soft_cap=0.0):
+    """float64 attention of one request: q [n, Hq, D], k/v [kv, Hkv, D]; bottom-right causal;
+    `window_left`: each query sees its own key and the window_left keys before it; `soft_cap`:
+    scores become cap * tanh(score / cap)."""
     n, hq, _ = q.shape
     kv, hkv, _ = k_slots.shape
     g = hq // hkv
     k = np.repeat(k_slots.astype(np.float64), g, axis=1)
     v = np.repeat(v_slots.astype(np.float64), g, axis=1)
     s = np.einsum("nhd,khd->hnk", q.astype(np.float64), k) * scale
+    if soft_cap:
+        s = soft_cap * np.tanh(s / soft_cap)
+    pos = kv - n + np.arange(n)  # each query's own key
+    keys = np.arange(kv)[None, None, :]
     if causal:
-        limit = kv - n + np.arange(n)
-        s = np.where(np.arange(kv)[None, None, :] <= limit[None, :, None], s, -np.inf)
+        s = np.where(keys <= pos[None, :, None], s, -np.inf)
+    if window_left is not None:
+        s = np.where(keys >= pos[None, :, None] - window_left, s, -np.inf)
     s -= s.max(axis=2, keepdims=True)
     p = np.exp(s)
     p /= p.sum(axis=2, keepdims=True)

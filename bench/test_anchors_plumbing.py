@@ -1,14 +1,16 @@
 """Plumbing test of bench/anchors.py on the CPU (needs torch; skipped without it): every
 FlashInfer and FA3 contender is built on small workloads of each kind against fake `flashinfer`
 and `fa3_fwd_interface` modules whose kernels compute exact attention from the arguments they are
-given (page tables, indptrs, block tables, padded caches, POD's prefill/decode split). Each
-contender's output, through its `view`, must match a float64 reference of the workload: this
-checks the index plumbing (which pages, which rows, in which order), not FlashInfer itself.
+given (page tables, indptrs, block tables, padded caches, POD's prefill/decode split, the sliding
+window and soft-cap of the feature variants, given at plan or run time as the real APIs take
+them). Each contender's output, through its `view`, must match a float64 reference of the
+workload: this checks the index plumbing (which pages, which rows, in which order, which window
+and cap), not FlashInfer itself.
 
     python3 bench/test_anchors_plumbing.py
-    PACKINFER_BENCH_DRY_RUN=1 python3 bench/test_anchors_plumbing.py     (+ the anchors phase, ~6 min)
+    PACKINFER_BENCH_DRY_RUN=1 python3 bench/test_anchors_plumbing.py     (+ the anchors and features phases, ~7 min)
 
-The dry run (DryRunTest) also runs gpu_bench.py's anchors phase end to end on the CPU.
+The dry run (DryRunTest) also runs gpu_bench.py's anchors and features phases end to end on the CPU.
 """
 
 import os
@@ -33,15 +35,21 @@ import workloads as wl  # noqa: E402
 SHAPE = wl.ModelShape(num_qo_heads=4, num_kv_heads=2, head_dim=8, dtype="bf16")
 
 
-def attend(q, k, v, scale):
-    """q [n, hq, d], k/v [kv, hkv, d] -> [n, hq, d], bottom-right causal (float32)."""
+def attend(q, k, v, scale, window_left=-1, cap=0.0):
+    """q [n, hq, d], k/v [kv, hkv, d] -> [n, hq, d], bottom-right causal (float32); FlashInfer's
+    conventions: window_left -1 for none, cap 0 for none."""
     g = q.shape[1] // k.shape[1]
     k = k.float().repeat_interleave(g, 1)
     v = v.float().repeat_interleave(g, 1)
     s = torch.einsum("nhd,khd->hnk", q.float(), k) * scale
+    if cap:
+        s = cap * torch.tanh(s / cap)
     n, kv = q.shape[0], k.shape[0]
-    limit = kv - n + torch.arange(n)
-    s = s.masked_fill(torch.arange(kv)[None, None, :] > limit[None, :, None], float("-inf"))
+    limit = (kv - n + torch.arange(n))[None, :, None]
+    keys = torch.arange(kv)[None, None, :]
+    s = s.masked_fill(keys > limit, float("-inf"))
+    if window_left >= 0:
+        s = s.masked_fill(keys < limit - window_left, float("-inf"))
     return torch.einsum("hnk,khd->nhd", torch.softmax(s, -1), v).to(q.dtype)
 
 
@@ -63,26 +71,27 @@ def fake_flashinfer():
         def __init__(self, ws, layout, backend="auto"):
             self.backend = backend
 
-        def plan(self, qo, kv, hq, hkv, d, causal=False, sm_scale=None, **kw):
+        def plan(self, qo, kv, hq, hkv, d, causal=False, sm_scale=None, window_left=-1, logits_soft_cap=None, **kw):
             self.qo, self.kv, self.scale = qo.cpu(), kv.cpu(), sm_scale
+            self.window, self.cap = window_left, logits_soft_cap or 0.0
 
         def run(self, q, k, v, out=None):
             for r in range(len(self.qo) - 1):
                 a, b, c, e = int(self.qo[r]), int(self.qo[r + 1]), int(self.kv[r]), int(self.kv[r + 1])
-                out[a:b] = attend(q[a:b], k[c:e], v[c:e], self.scale)
+                out[a:b] = attend(q[a:b], k[c:e], v[c:e], self.scale, self.window, self.cap)
             return out
 
     class Paged:
         def __init__(self, ws, layout, use_tensor_cores=False, backend="auto"):
             pass
 
-        def plan(self, *a, sm_scale=None, **kw):
+        def plan(self, *a, sm_scale=None, window_left=-1, logits_soft_cap=None, **kw):
             if len(a) == 8:  # prefill: qo, indptr, indices, last, hq, hkv, d, page
                 self.qo, self.ind, self.idx, self.last, self.page = a[0], a[1], a[2], a[3], a[7]
             else:  # decode: indptr, indices, last, hq, hkv, d, page
                 self.ind, self.idx, self.last, self.page = a[0], a[1], a[2], a[6]
                 self.qo = torch.arange(len(self.ind), dtype=torch.int32)
-            self.scale = sm_scale
+            self.scale, self.window, self.cap = sm_scale, window_left, logits_soft_cap or 0.0
 
         def run(self, q, kv, out=None):
             out = torch.empty_like(q) if out is None else out
@@ -90,21 +99,26 @@ def fake_flashinfer():
             for r in range(len(self.ind) - 1):
                 a, b = int(self.qo[r]), int(self.qo[r + 1])
                 out[a:b] = attend(q[a:b], paged_rows(kv[0], self.ind, self.idx, lens, r),
-                                  paged_rows(kv[1], self.ind, self.idx, lens, r), self.scale)
+                                  paged_rows(kv[1], self.ind, self.idx, lens, r), self.scale, self.window, self.cap)
             return out
 
     class BatchAttention:
         def __init__(self, kv_layout="NHD"):
             pass
 
-        def plan(self, qo, ind, idx, kv_len, hq, hkv, d, dv, page, causal=False, sm_scale=None, **kw):
+        def plan(self, qo, ind, idx, kv_len, hq, hkv, d, dv, page, causal=False, sm_scale=None, logits_soft_cap=None,
+                 **kw):
             self.qo, self.ind, self.idx, self.lens, self.scale = qo, ind, idx, kv_len, sm_scale
+            self.plan_cap = logits_soft_cap or 0.0
 
-        def run(self, q, kv, out=None):
+        def run(self, q, kv, out=None, logits_soft_cap=0.0):
+            # Like FlashInfer's: plan() picks the module, the cap that reaches the kernel is run()'s.
+            if logits_soft_cap > 0.0 and self.plan_cap <= 0.0:
+                raise ValueError("logits_soft_cap used in kernel run but not provided in plan()")
             for r in range(len(self.ind) - 1):
                 a, b = int(self.qo[r]), int(self.qo[r + 1])
                 out[a:b] = attend(q[a:b], paged_rows(kv[0], self.ind, self.idx, self.lens, r),
-                                  paged_rows(kv[1], self.ind, self.idx, self.lens, r), self.scale)
+                                  paged_rows(kv[1], self.ind, self.idx, self.lens, r), self.scale, cap=logits_soft_cap)
             return out, None
 
     class POD:
@@ -170,18 +184,20 @@ def fake_flashinfer():
 def fake_fa3():
     m = types.ModuleType("fa3_fwd_interface")
 
-    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None, causal=False, num_splits=1):
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None, causal=False, num_splits=1,
+               window_size=(-1, -1), softcap=0.0):
         out = torch.empty_like(q)
         for r in range(len(cu_q) - 1):
             a, b, c, e = int(cu_q[r]), int(cu_q[r + 1]), int(cu_k[r]), int(cu_k[r + 1])
-            out[a:b] = attend(q[a:b], k[c:e], v[c:e], softmax_scale)
+            out[a:b] = attend(q[a:b], k[c:e], v[c:e], softmax_scale, window_size[0], softcap)
         return out
 
-    def kvcache(q, kc, vc, cache_seqlens=None, softmax_scale=None, causal=False, scheduler_metadata=None):
+    def kvcache(q, kc, vc, cache_seqlens=None, softmax_scale=None, causal=False, scheduler_metadata=None,
+                window_size=(-1, -1), softcap=0.0):
         out = torch.empty_like(q)
         for r in range(q.shape[0]):
             n = int(cache_seqlens[r])
-            out[r] = attend(q[r], kc[r, :n], vc[r, :n], softmax_scale)
+            out[r] = attend(q[r], kc[r, :n], vc[r, :n], softmax_scale, window_size[0], softcap)
         return out
 
     m.flash_attn_varlen_func = varlen
@@ -212,13 +228,16 @@ class CpuTensors:
         self.k_flat = [k.view(-1, hkv, d)[slots] for k in self.k]
         self.v_flat = [v.view(-1, hkv, d)[slots] for v in self.v]
 
-    def reference(self, s):
+    def reference(self, s, features=True):
+        """float64 outputs of set s; features=False: without w's window and soft-cap."""
         w, out = self.w, []
         kf = self.k[s].view(-1, SHAPE.num_kv_heads, SHAPE.head_dim).double().numpy()
         vf = self.v[s].view(-1, SHAPE.num_kv_heads, SHAPE.head_dim).double().numpy()
         for r, slots in enumerate(w.kv_slots()):
             q = self.q[s][int(w.qo_indptr[r]):int(w.qo_indptr[r + 1])].double().numpy()
-            out.append(common.reference_attention(q, kf[slots], vf[slots], True, SHAPE.sm_scale))
+            out.append(common.reference_attention(q, kf[slots], vf[slots], True, SHAPE.sm_scale,
+                                                  window_left=w.window_left if features else None,
+                                                  soft_cap=w.logits_soft_cap if features else 0.0))
         return torch.tensor(np.concatenate(out))
 
 
@@ -277,6 +296,67 @@ class PlumbingTest(unittest.TestCase):
         w = wl.build_paged("W3", [[1, 40], [1, 21], [1, 70], [24, 50]], 16, np.random.default_rng(6), causal=True)
         self.check_all(w, ["FlashInfer paged prefill", "FlashInfer paged prefill batch-invariant",
                            "FlashInfer BatchAttention", "FlashInfer POD", "FlashInfer BatchPOD", "FA3 varlen"])
+
+    def assert_feature_matters(self, w):
+        """The window or cap changes the reference by far more than the tolerance (so a contender
+        that dropped it would fail check_all)."""
+        t = CpuTensors(w, sets=1)
+        a, b = t.reference(0), t.reference(0, features=False)
+        self.assertGreater(float((a - b).norm() / b.norm()), 0.1)
+
+    def test_ragged_window(self):
+        w = wl.build_ragged("W1", [[9, 9], [3, 3], [17, 17]], causal=True)
+        w.name, w.window_left = "W1-window", 4
+        self.assertEqual(anchors.kind_of(w), "ragged-window")
+        self.assert_feature_matters(w)
+        self.check_all(w, ["FlashInfer ragged prefill fa2", "FlashInfer ragged prefill fa3", "FA3 varlen"])
+
+    def test_decode_softcap(self):
+        w = wl.build_paged("W2", [[1, 40], [1, 7], [1, 33]], 16, np.random.default_rng(3), causal=True)
+        # A cap near the scores' own size, so that it changes the output (50 would not at head_dim 8).
+        w.name, w.logits_soft_cap = "W2-softcap", 0.5
+        self.assertEqual(anchors.kind_of(w), "decode-softcap")
+        self.assert_feature_matters(w)
+        self.check_all(w, ["FlashInfer decode CUDA cores", "FlashInfer decode tensor cores", "FlashInfer BatchAttention",
+                           "FA3 varlen", "FA3 kvcache"])
+        self.assertEqual(list(anchors.not_applicable("decode-softcap")), ["FlashInfer XQA decode"])
+
+    def test_feature_workloads_of_the_harness(self):
+        trace = np.array([[1000 + 37 * i % 5000, 1 + 13 * i % 400] for i in range(6000)], dtype=np.int64)
+        kinds = [anchors.kind_of(w) for w in wl.build_features(trace, seed=0, scale=8)]
+        self.assertEqual(kinds, ["ragged-window", "decode-softcap"])
+        for k in ("ragged-window", "decode-softcap"):
+            tiny = anchors.tiny_workload(k)
+            self.assertEqual(anchors.kind_of(tiny), k)
+            self.assertIn(anchors.feature_args(tiny), ({"window_left": wl.FEATURE_WINDOW - 1},
+                                                       {"logits_soft_cap": wl.FEATURE_SOFT_CAP}))
+
+    def test_api_without_the_feature_keyword(self):
+        """A version whose plan() lacks the keyword: Unsupported naming it (recorded as not run);
+        any other TypeError stays a TypeError (recorded as an error)."""
+        fi = fake_flashinfer()
+
+        class OldDecode(fi.BatchDecodeWithPagedKVCacheWrapper):
+            def plan(self, indptr, indices, last, hq, hkv, d, page, q_data_type=None, kv_data_type=None, sm_scale=None):
+                raise AssertionError("not reached: the soft-cap keyword is refused first")
+
+        class BrokenAttention(fi.BatchAttention):
+            def plan(self, *a, **kw):
+                raise TypeError("expected a Tensor for kv_len_arr")
+        fi.BatchDecodeWithPagedKVCacheWrapper = OldDecode
+        fi.BatchAttention = BrokenAttention
+        w = wl.build_paged("W2", [[1, 40], [1, 7]], 16, np.random.default_rng(3), causal=True)
+        w.name, w.logits_soft_cap = "W2-softcap", 50.0
+        built = anchors.flashinfer_contenders(fi, CpuTensors(w, sets=1), SHAPE, torch.bfloat16,
+                                              lambda: torch.zeros(8, dtype=torch.uint8))
+        by_module = {c.module: c for c in built}
+        self.assertEqual(set(by_module), {"decode-softcap", "decode-tc-softcap", "batch-attention-softcap"})
+        for m in ("decode-softcap", "decode-tc-softcap"):
+            with self.assertRaises(anchors.Unsupported) as e:
+                by_module[m].plan()
+            self.assertIn("logits_soft_cap", str(e.exception))
+        with self.assertRaises(TypeError):
+            by_module["batch-attention-softcap"].plan()
 
     def test_only_modules(self):
         w = wl.build_paged("W3", [[1, 40], [24, 50]], 16, np.random.default_rng(6), causal=True)

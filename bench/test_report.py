@@ -185,12 +185,22 @@ class AnchorsHelpersTest(unittest.TestCase):
         kinds = {w.name: anchors.kind_of(w) for w in wl.build_all(trace, seed=0, scale=8)}
         self.assertEqual(kinds, {"W1": "ragged", "W2": "decode", "W3": "mixed", "W4": "prefix", "W5": "ragged",
                                  "W6": "ragged", "W7": "decode"})
+        self.assertEqual([anchors.kind_of(w) for w in wl.build_features(trace, seed=0, scale=8)],
+                         ["ragged-window", "decode-softcap"])
         used = set()
-        for k in ("ragged", "decode", "prefix", "mixed"):
+        for k in ("ragged", "decode", "prefix", "mixed", "ragged-window", "decode-softcap"):
             used |= set(anchors.modules_for(k))
             self.assertEqual(anchors.kind_of(anchors.tiny_workload(k)), k)
         self.assertEqual(used, set(anchors.MODULES))
         self.assertEqual(set(anchors.MODULE_KIND), set(anchors.MODULES))
+        # Each module is warmed by a workload of a kind that uses it (gpu_bench.phase_warm).
+        for m, k in anchors.MODULE_KIND.items():
+            self.assertIn(m, anchors.modules_for(k))
+        self.assertEqual(anchors.MODULES[-len(anchors.FEATURE_MODULES):], anchors.FEATURE_MODULES)
+        w = anchors.tiny_workload("decode")
+        w.window_left = 7  # a decode with a window: no set-up, said so
+        with self.assertRaises(ValueError):
+            anchors.kind_of(w)
 
     def test_stub_imports(self):
         name = "packinfer_absent_pkg_for_test"

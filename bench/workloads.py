@@ -21,6 +21,10 @@ import numpy as np
 import packinfer_ctypes as pc
 
 PAGE_SIZE = 16
+# The serving-feature variants (build_features): W1's sliding window in keys (window_left is one
+# less: the query's own key plus the ones before it) and W2's logit soft-cap (Gemma 2's value).
+FEATURE_WINDOW = 4096
+FEATURE_SOFT_CAP = 50.0
 
 
 @dataclass
@@ -238,10 +242,10 @@ def build_features(trace, seed=0, scale=1):
     with a Gemma-2-like logit soft-cap of 50. Same requests, pages and seeds as build_all; a
     harness plans with `w.window_left` and runs with `w.logits_soft_cap`."""
     w1, w2 = build_all(trace, seed, scale)[:2]
-    w1.name, w1.window_left = "W1-window", max(0, 4096 // scale - 1)
+    w1.name, w1.window_left = "W1-window", max(0, FEATURE_WINDOW // scale - 1)
     w1.title += f", sliding window of {w1.window_left + 1} keys"
-    w2.name, w2.logits_soft_cap = "W2-softcap", 50.0
-    w2.title += ", logit soft-cap 50"
+    w2.name, w2.logits_soft_cap = "W2-softcap", FEATURE_SOFT_CAP
+    w2.title += f", logit soft-cap {FEATURE_SOFT_CAP:g}"
     return [w1, w2]
 
 

@@ -646,10 +646,12 @@ def marker_state(module):
     for kind in ("ok", "err"):
         p = os.path.join(d, f"{module}.{kind}")
         if os.path.exists(p):
-            return kind, open(p).read()
+            with open(p) as f:
+                return kind, f.read()
     p = os.path.join(d, f"{module}.started")
     if os.path.exists(p):
-        return "running", open(p).read()
+        with open(p) as f:
+            return "running", f.read()
     return "not started", ""
 
 

@@ -268,6 +268,8 @@ def measure(timer, call, sets, refs, others, graph=True, view=None):
         if view is not None:
             out = view(out)
         res["check"] = check_output(out, refs, others)
+    except anchors.Unsupported as e:
+        return {"status": "not run", "note": str(e)[:2000]}, None
     except Exception as e:
         return {"status": "error", "note": f"{type(e).__name__}: {e}"[:2000]}, None
     if not res["check"]["ok"]:
@@ -428,13 +430,14 @@ class ContextLost(Exception):
     pass
 
 
-def record(results, path, wname, name, res):
-    results["workloads"][wname]["contenders"][name] = res
+def record(results, path, wname, name, res, section="workloads"):
+    """Stores one contender's result under results[section][wname] ("workloads" or "features")."""
+    results[section][wname]["contenders"][name] = res
     common.write_json(path, results)
-    log(f"{wname} {name}: {report.cell(res, results['workloads'][wname])}")
+    log(f"{wname} {name}: {report.cell(res, results[section][wname])}")
 
 
-def run_contender(results, path, t, timer, refs, others, c, state, plan_entry, busy):
+def run_contender(results, path, t, timer, refs, others, c, state, plan_entry, busy, section="workloads"):
     """Plans, checks and times one anchors.Contender; records it. Raises ContextLost when the
     CUDA context died under it (the caller exits; bench/run_anchors.sh resumes in a new process)."""
     w = t.w
@@ -460,10 +463,14 @@ def run_contender(results, path, t, timer, refs, others, c, state, plan_entry, b
             plan_entry[f"{c.name} plan_us"] = res["plan_us"]
             if c.name in KEPT_OUTPUTS and out is not None:
                 torch.save(out.cpu(), output_file(state, w.name, c.name))
+    except anchors.Unsupported as ex:  # this version's API lacks a keyword the workload needs
+        res = {"status": "not run", "api": c.api, "note": str(ex)[:2000]}
     except Exception as ex:
         res = {"status": "error", "api": c.api, "note": f"{type(ex).__name__}: {ex}"[:2000]}
         results["errors"].append(f"{w.name} {c.name}: {traceback.format_exc()[-1500:]}")
-    record(results, path, w.name, c.name, res)
+    if c.module:
+        res.setdefault("jit_module", c.module)
+    record(results, path, w.name, c.name, res, section)
     if res.get("status") == "error" and not context_alive():
         raise ContextLost(f"{w.name} {c.name}: {res.get('note')}")
     return res
@@ -476,6 +483,82 @@ def jit_busy():
     started = {f[:-8] for f in os.listdir(d) if f.endswith(".started")}
     done = {f.rsplit(".", 1)[0] for f in os.listdir(d) if f.endswith((".ok", ".err"))}
     return bool(started - done)
+
+
+def run_unit(results, path, progress, u, fn):
+    """Runs one (workload, anchor) unit once: an exception is recorded, not raised, unless the
+    CUDA context died (then ContextLost ends the process; the unit stays "started" in `progress`,
+    and a resumed anchors process records it as lost)."""
+    if u in progress["done"]:
+        return
+    progress["started"].append(u)
+    common.write_json(path, results)
+    try:
+        fn()
+    except ContextLost:
+        raise
+    except Exception as ex:
+        results["errors"].append(f"{u}: {traceback.format_exc()[-1500:]}")
+        results["not_run"][u] = f"{type(ex).__name__}: {ex}"[:1000]
+        if not context_alive():
+            common.write_json(path, results)
+            raise ContextLost(u)
+    progress["done"].append(u)
+    common.write_json(path, results)
+
+
+def flashinfer_units(fi, results, path, works, tensors_of, progress, timer, state, end, deadline, section="workloads"):
+    """FlashInfer on `works`, one unit per (workload, JIT module), each once its warm-up marker says
+    the module was built (its contenders run) or failed (nvcc's error recorded); a module neither
+    by `deadline` is recorded "not compiled". Results go to results[section]; plan() times to
+    results["planning"] (workloads) or the feature entry's "planning". Returns the units `end`
+    left pending. The anchors and features phases both schedule FlashInfer through this."""
+    pending = [(w, m) for w in works for m in anchors.modules_for(anchors.kind_of(w))
+               if f"{w.name}/{m}" not in progress["done"]]
+    while pending and time.time() < end:
+        ready = []
+        for w, m in pending:
+            status, text = anchors.marker_state(m)
+            if status in ("ok", "err") or time.time() >= deadline:
+                ready.append((w, m, status, text))
+        if not ready:
+            time.sleep(1.0)
+            continue
+        for w, m, status, text in ready:
+            pending.remove((w, m))
+            if time.time() >= end:
+                pending.append((w, m))
+                break
+
+            def fi_unit(w=w, m=m, status=status, text=text):
+                t, refs = tensors_of(w)
+                others = saved_outputs(state, w.name)
+                if section == "workloads":
+                    plan_entry = results["planning"].setdefault(w.name, {"requests": w.batch_size})
+                else:
+                    plan_entry = results[section][w.name].setdefault("planning", {})
+                built = anchors.flashinfer_contenders(fi, t, SHAPE, DT, workspace, only_modules={m})
+                for c in built:
+                    name = c[0] if isinstance(c, tuple) else c.name
+                    api = c[1] if isinstance(c, tuple) else c.api
+                    if status == "err":
+                        record(results, path, w.name, name, {"status": "error", "api": api, "jit_module": m,
+                                                             "note": f"JIT build of '{m}' failed: {text[-1500:]}"},
+                               section)
+                    elif status != "ok":
+                        record(results, path, w.name, name, {
+                            "status": "not compiled", "api": api, "jit_module": m,
+                            "note": f"JIT build of '{m}' {status} at the warm-up deadline "
+                                    f"({os.environ.get('PACKINFER_WARM_BUDGET_S', '?')} s)"}, section)
+                    elif isinstance(c, tuple):
+                        record(results, path, w.name, name, {"status": "error", "api": api, "jit_module": m,
+                                                             "note": c[3]}, section)
+                    else:
+                        run_contender(results, path, t, timer, refs, others, c, state, plan_entry, jit_busy, section)
+                del built
+                torch.cuda.empty_cache()
+            run_unit(results, path, progress, f"{w.name}/{m}", fi_unit)
+    return pending
 
 
 def phase_anchors(args):
@@ -535,25 +618,7 @@ def phase_anchors(args):
         return tensors[w.name], refs_of[w.name]
 
     def unit(u, fn):
-        """Runs one (workload, anchor) unit once: an exception is recorded, not raised, unless the
-        CUDA context died (then ContextLost ends the process; the unit stays "started", and the
-        resumed process records it as lost)."""
-        if u in progress["done"]:
-            return
-        progress["started"].append(u)
-        common.write_json(path, results)
-        try:
-            fn()
-        except ContextLost:
-            raise
-        except Exception as ex:
-            results["errors"].append(f"{u}: {traceback.format_exc()[-1500:]}")
-            results["not_run"][u] = f"{type(ex).__name__}: {ex}"[:1000]
-            if not context_alive():
-                common.write_json(path, results)
-                raise ContextLost(u)
-        progress["done"].append(u)
-        common.write_json(path, results)
+        run_unit(results, path, progress, u, fn)
 
     by_name = {w.name: w for w in works}
     order = [by_name[n] for n in ANCHOR_ORDER if n in by_name] + [w for w in works if w.name not in ANCHOR_ORDER]
@@ -607,46 +672,7 @@ def phase_anchors(args):
         common.write_json(path, results)
         log("anchors done (no FlashInfer)")
         return
-    pending = [(w, m) for w in order for m in anchors.modules_for(anchors.kind_of(w))
-               if f"{w.name}/{m}" not in progress["done"]]
-    while pending and time.time() < end:
-        ready = []
-        for w, m in pending:
-            status, text = anchors.marker_state(m)
-            if status in ("ok", "err") or time.time() >= deadline:
-                ready.append((w, m, status, text))
-        if not ready:
-            time.sleep(1.0)
-            continue
-        for w, m, status, text in ready:
-            pending.remove((w, m))
-            if time.time() >= end:
-                pending.append((w, m))
-                break
-
-            def fi_unit(w=w, m=m, status=status, text=text):
-                t, refs = tensors_of(w)
-                others = saved_outputs(state, w.name)
-                plan_entry = results["planning"].setdefault(w.name, {"requests": w.batch_size})
-                built = anchors.flashinfer_contenders(fi, t, SHAPE, DT, workspace, only_modules={m})
-                for c in built:
-                    name = c[0] if isinstance(c, tuple) else c.name
-                    api = c[1] if isinstance(c, tuple) else c.api
-                    if status == "err":
-                        record(results, path, w.name, name, {"status": "error", "api": api, "jit_module": m,
-                                                             "note": f"JIT build of '{m}' failed: {text[-1500:]}"})
-                    elif status != "ok":
-                        record(results, path, w.name, name, {
-                            "status": "not compiled", "api": api, "jit_module": m,
-                            "note": f"JIT build of '{m}' {status} at the warm-up deadline "
-                                    f"({os.environ.get('PACKINFER_WARM_BUDGET_S', '?')} s)"})
-                    elif isinstance(c, tuple):
-                        record(results, path, w.name, name, {"status": "error", "api": api, "jit_module": m, "note": c[3]})
-                    else:
-                        run_contender(results, path, t, timer, refs, others, c, state, plan_entry, jit_busy)
-                del built
-                torch.cuda.empty_cache()
-            unit(f"{w.name}/{m}", fi_unit)
+    pending = flashinfer_units(fi, results, path, order, tensors_of, progress, timer, state, end, deadline)
     for w, m in pending:
         results["not_run"][f"{w.name} FlashInfer module '{m}'"] = "the anchors phase ran out of its time budget first"
     common.write_json(path, results)
@@ -1094,24 +1120,39 @@ def flashinfer_fp8_decode(t, k8, v8, scale_k, scale_v, refs, timer):
 
 def phase_features(args):
     """The serving-feature variants (workloads.build_features: W1 under a 4096-token sliding window,
-    W2 with a logit soft-cap of 50): PackInfer, FA2 (window only: PyTorch's FA2 has no soft-cap)
-    and FA3 (varlen, and for decodes flash_attn_with_kvcache), each checked against the float64
-    reference of the same masked or capped attention, into results["features"]. FlashInfer's
-    window and soft-cap kernels are JIT modules of their own, not built by the warm-up."""
+    W2 with a logit soft-cap of 50): PackInfer, FA2 (window only: PyTorch's FA2 has no soft-cap),
+    FA3 (varlen, and for decodes flash_attn_with_kvcache) and FlashInfer (ragged prefill fa2/fa3
+    with plan(window_left); decode on CUDA and tensor cores with plan(logits_soft_cap), and
+    BatchAttention), each checked against the float64 reference of the same masked or capped
+    attention, into results["features"]. FlashInfer's window and soft-cap kernels are JIT modules
+    of their own (anchors.FEATURE_MODULES): a contender runs only when the warm-up built its module
+    (flashinfer_units, as in the anchors phase); why any other did not run is in results["not_run"]."""
     trace = wl.load_trace(args.trace)
-    feats = wl.build_features(trace, seed=args.seed)
+    feats = wl.build_features(trace, seed=args.seed, scale=SCALE)
     l2 = l2_cache_bytes()
     path = os.path.join(args.out, "results.json")
-    results = load_results(path) or base_results(args, trace, wl.build_all(trace, seed=args.seed), l2)
+    results = load_results(path) or base_results(args, trace, wl.build_all(trace, seed=args.seed, scale=SCALE), l2)
     out = results.setdefault("features", {})
     results["not_run"] = results.get("not_run", {})
-    results["not_run"]["FlashInfer with a sliding window or soft-cap (W1-window, W2-softcap)"] = (
-        "its window and soft-cap kernels are separate JIT modules (use_swa / use_logits_cap), not in this "
-        "run's warm-up")
+    results.setdefault("planning", {})
+    # Said by harnesses before FlashInfer's feature contenders; what this run says replaces it.
+    results["not_run"].pop("FlashInfer with a sliding window or soft-cap (W1-window, W2-softcap)", None)
+    end = float(os.environ.get("PACKINFER_FEATURES_END", time.time() + 600))
+    # The warm-up has ended when run_anchors.sh starts this phase: no marker is waited for, unless
+    # the warm-up's deadline is still ahead.
+    deadline = min(end, float(os.environ.get("PACKINFER_WARM_DEADLINE", 0)))
+    state = os.path.join(args.state, "outputs")
+    os.makedirs(state, exist_ok=True)
     timer = Timer()
-    lib = pc.Library(args.lib)
-    ctx = lib.context(pc.BACKEND_CUDA)  # kernels compile on first use (or come from the disk cache)
+    try:
+        lib = pc.Library(args.lib)
+        ctx = lib.context(pc.BACKEND_CUDA)  # kernels compile on first use (or come from the disk cache)
+        ours_note = None
+    except Exception as ex:
+        lib = ctx = None
+        ours_note = f"no PackInfer CUDA context ({args.lib}): {type(ex).__name__}: {ex}"[:1000]
     fa3, _, fa3_err = anchors.import_fa3()
+    tensors = {}
     for w in feats:
         e = out[w.name] = {"describe": w.describe(), "flops": wl.flops(w, SHAPE), "min_bytes": wl.min_bytes(w, SHAPE),
                            "window_left": w.window_left, "logits_soft_cap": w.logits_soft_cap,
@@ -1120,13 +1161,17 @@ def phase_features(args):
         try:
             t = WorkloadTensors(w, args.seed, l2)
             refs = t.reference(check_requests(w, args.seed))
+            tensors[w.name] = (t, refs)
         except Exception as ex:
             e["error"] = f"inputs: {type(ex).__name__}: {ex}"[:1000]
             continue
-        try:
-            c[OURS], _ = run_ours(lib, ctx, t, timer, refs, {}, graph=True)
-        except Exception as ex:
-            c[OURS] = {"status": "error", "note": f"{type(ex).__name__}: {ex}"[:2000]}
+        if ctx is None:
+            c[OURS] = {"status": "error", "note": ours_note}
+        else:
+            try:
+                c[OURS], _ = run_ours(lib, ctx, t, timer, refs, {}, graph=True)
+            except Exception as ex:
+                c[OURS] = {"status": "error", "note": f"{type(ex).__name__}: {ex}"[:2000]}
         if w.logits_soft_cap:
             c[FA2] = {"status": "unsupported", "note": "torch.ops.aten._flash_attention_forward has no soft-cap"}
         else:
@@ -1151,8 +1196,28 @@ def phase_features(args):
             log(f"{w.name} {name}: {res.get('status')} {(res.get('time_us') or {}).get('median')} {res.get('note', '')[:200]}")
         set_floors(results)
         common.write_json(path, results)
-        del t
-        torch.cuda.empty_cache()
+    # FlashInfer last: a CUDA fault in one of its units loses only the units after it.
+    works = [w for w in feats if w.name in tensors]
+    fi, stubs, fi_err = anchors.import_flashinfer()
+    if fi is None:
+        results["not_run"]["FlashInfer (W1-window, W2-softcap)"] = f"import flashinfer: {fi_err}"
+        works = []
+    for w in works:
+        for name, why in anchors.not_applicable(anchors.kind_of(w)).items():
+            results["not_run"][f"{w.name} {name}"] = why
+    progress = {"started": [], "done": []}  # this process's only: a rerun of the phase measures again
+    pending = flashinfer_units(fi, results, path, works, lambda w: tensors[w.name], progress, timer, state, end,
+                               deadline, section="features")
+    for w, m in pending:
+        results["not_run"][f"{w.name} FlashInfer module '{m}'"] = "the features phase ran out of its time budget first"
+    for w in works:
+        for name, res in out[w.name]["contenders"].items():
+            if name.startswith(FI) and res.get("status") != "ok":
+                results["not_run"][f"{w.name} {name}"] = f"{res.get('status')}: {res.get('note', '')}"[:2000]
+    common.write_json(path, results)
+    tensors.clear()
+    torch.cuda.empty_cache()
+    log("features done")
 
 
 def run_ours(lib, ctx, t, timer, refs, others, flags=0, capacity=0.0, graph=True, save_to=None):
@@ -1199,7 +1264,7 @@ def phase_warm(module):
         built = anchors.flashinfer_contenders(fi, t, SHAPE, DT, workspace, only_modules={module})
         if not built:
             raise RuntimeError(f"no contender uses module {module!r} for a {anchors.MODULE_KIND[module]} workload")
-        errors = []
+        errors, unsupported = [], []
         for c in built:
             if isinstance(c, tuple):
                 errors.append(f"{c[0]}: {c[3]}")
@@ -1209,11 +1274,16 @@ def phase_warm(module):
                     c.plan()
                 c.run(0)
                 torch.cuda.synchronize()
+            except anchors.Unsupported as ex:
+                unsupported.append(f"{c.name}: {ex}"[-3000:])
             except Exception as ex:
                 errors.append(f"{c.name}: {type(ex).__name__}: {ex}"[-3000:])
-        if len(errors) == len(built):
-            raise RuntimeError("; ".join(errors))
-        anchors.write_marker(module, True, f"built in {time.time() - t0:.0f} s" + (f"; {errors}" if errors else ""))
+        if errors and len(errors) + len(unsupported) == len(built):
+            raise RuntimeError("; ".join(errors + unsupported))
+        # An API that does not take the workload's keywords has nothing to build: the marker says
+        # done, and the measuring phase records the contender as not run with the same message.
+        done = f"built in {time.time() - t0:.0f} s" if len(unsupported) < len(built) else "nothing to build"
+        anchors.write_marker(module, True, done + (f"; {errors + unsupported}" if errors or unsupported else ""))
         log(f"FlashInfer JIT warm-up '{module}' done in {time.time() - t0:.0f} s")
     except Exception as ex:
         anchors.write_marker(module, False, f"{type(ex).__name__}: {ex}"[-4000:] + f" (after {time.time() - t0:.0f} s)")
@@ -1243,7 +1313,11 @@ def main():
     elif args.phase == "ours":
         phase_ours(args)
     elif args.phase == "features":
-        phase_features(args)
+        try:
+            phase_features(args)
+        except ContextLost as ex:
+            log(f"CUDA context lost in {ex}; the features measured before it are in results.json")
+            sys.exit(3)
     elif args.phase == "planning":
         phase_planning(args)
     else:

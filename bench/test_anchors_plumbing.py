@@ -13,6 +13,7 @@ and cap), not FlashInfer itself.
 The dry run (DryRunTest) also runs gpu_bench.py's anchors and features phases end to end on the CPU.
 """
 
+import contextlib
 import os
 import sys
 import types
@@ -385,103 +386,214 @@ class _CpuEvent:
         return (other.t - self.t) * 1e3
 
 
+@contextlib.contextmanager
+def dry_run_env(d):
+    """gpu_bench imported for a CPU dry run in folder d: fake FlashInfer and FA3 kernels,
+    torch.cuda's timing calls replaced by host clocks, W1-W7 scaled down by 256, few iterations.
+    Yields the module; everything is put back after."""
+    env = {"PACKINFER_BENCH_DEVICE": "cpu", "PACKINFER_BENCH_SCALE": "256",
+           "PACKINFER_WARM_DIR": os.path.join(d, "warm"), "PACKINFER_WARM_BUDGET_S": "330"}
+    old = {k: os.environ.get(k) for k in list(env) + ["PACKINFER_WARM_DEADLINE", "PACKINFER_ANCHORS_END",
+                                                       "PACKINFER_FEATURES_END"]}
+    os.environ.update(env)
+    saved_cuda = {}
+    try:
+        sys.modules.pop("gpu_bench", None)
+        import gpu_bench as gb
+        cuda = torch.cuda
+        fakes = {"synchronize": lambda *a: None, "Event": _CpuEvent, "empty_cache": lambda: None,
+                 "get_device_name": lambda *a: "CPU dry run",
+                 "get_device_properties": lambda *a: types.SimpleNamespace(L2_cache_size=1 << 20,
+                                                                          multi_processor_count=1),
+                 "_sleep": None}
+        for k, v in fakes.items():
+            saved_cuda[k] = getattr(cuda, k, None)
+            setattr(cuda, k, v)
+        gb.ceilings = lambda: {"copy_gbps": 3000.0, "matmul_tflops": 800.0}
+        gb.EAGER_ITERS, gb.GRAPH_ITERS, gb.WARMUP = 3, 2, 1
+        plan_timer = gb.time_plan
+        gb.time_plan = lambda plan, iters=2: plan_timer(plan, iters)
+        gb.MAX_SETS = 2
+        gb.SHAPE = SHAPE  # 4 query / 2 KV heads, head_dim 8: the fake kernels are plain torch on the CPU
+        anchors.DEVICE = "cpu"
+        sys.modules["flashinfer"] = fake_flashinfer()
+        sys.modules["fa3_fwd_interface"] = fake_fa3()
+        yield gb
+    finally:
+        for k, v in saved_cuda.items():
+            if v is None:
+                delattr(torch.cuda, k) if hasattr(torch.cuda, k) else None
+            else:
+                setattr(torch.cuda, k, v)
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        sys.modules.pop("flashinfer", None)
+        sys.modules.pop("fa3_fwd_interface", None)
+        sys.modules.pop("gpu_bench", None)
+        anchors.DEVICE = "cuda"
+
+
+@unittest.skipIf(torch is None, "needs torch (CPU build is enough)")
+class WarmUpTest(unittest.TestCase):
+    """gpu_bench.py --phase warm-MODULE on the CPU: the feature modules are warmed with the
+    feature's window or cap, an API without the keyword is "nothing to build", a failure is the error."""
+
+    def test_feature_modules(self):
+        import tempfile
+        with tempfile.TemporaryDirectory() as d, dry_run_env(d) as gb:
+            fi = sys.modules["flashinfer"]
+            seen = []
+
+            class Ragged(fi.BatchPrefillWithRaggedKVCacheWrapper):
+                def plan(self, *a, **kw):
+                    seen.append(kw.get("window_left"))
+                    return super().plan(*a, **kw)
+
+            class OldDecode(fi.BatchDecodeWithPagedKVCacheWrapper):
+                def plan(self, indptr, indices, last, hq, hkv, d, page, q_data_type=None, kv_data_type=None,
+                         sm_scale=None):
+                    raise AssertionError("not reached")
+
+            class BrokenAttention(fi.BatchAttention):
+                def run(self, *a, **kw):
+                    raise RuntimeError("nvcc fatal : Unsupported gpu architecture 'compute_90a'")
+            fi.BatchPrefillWithRaggedKVCacheWrapper = Ragged
+            fi.BatchDecodeWithPagedKVCacheWrapper = OldDecode
+            fi.BatchAttention = BrokenAttention
+            for m in ("ragged-fa2-window", "decode-tc-softcap", "batch-attention-softcap"):
+                gb.phase_warm(m)
+            self.assertEqual(seen, [wl.FEATURE_WINDOW - 1])  # the one contender of the module, planned once
+            state, text = anchors.marker_state("ragged-fa2-window")
+            self.assertEqual(state, "ok", text)
+            state, text = anchors.marker_state("decode-tc-softcap")
+            self.assertEqual(state, "ok", text)
+            self.assertTrue(text.startswith("nothing to build"), text)
+            self.assertIn("logits_soft_cap", text)
+            state, text = anchors.marker_state("batch-attention-softcap")
+            self.assertEqual(state, "err")
+            self.assertIn("Unsupported gpu architecture", text)
+
+
 @unittest.skipIf(torch is None or not os.path.exists(TRACE) or os.environ.get("PACKINFER_BENCH_DRY_RUN") != "1",
                  "needs torch (CPU build is enough), the trace and PACKINFER_BENCH_DRY_RUN=1 (it takes minutes)")
 class DryRunTest(unittest.TestCase):
-    """gpu_bench.py's anchors phase end to end on the CPU: W1-W7 scaled down by 256, fake
-    FlashInfer and FA3 kernels, torch.cuda's timing calls replaced by host clocks, and JIT
-    warm-up markers saying: built, failed (with nvcc's message), still running at the deadline.
-    Checks what results.json and the report say about each."""
+    """gpu_bench.py's anchors and features phases end to end on the CPU: W1-W7 (and W1-window,
+    W2-softcap) scaled down by 256, fake FlashInfer and FA3 kernels, torch.cuda's timing calls
+    replaced by host clocks, and JIT warm-up markers saying: built, failed (with nvcc's message),
+    still running at the deadline, never started. Checks what results.json and the report say
+    about each."""
 
     def test_anchors_phase(self):
         import argparse
         import json
         import tempfile
-        with tempfile.TemporaryDirectory() as d:
-            env = {"PACKINFER_BENCH_DEVICE": "cpu", "PACKINFER_BENCH_SCALE": "256",
-                   "PACKINFER_WARM_DIR": os.path.join(d, "warm"), "PACKINFER_WARM_BUDGET_S": "330"}
-            old = {k: os.environ.get(k) for k in env}
-            os.environ.update(env)
-            saved_cuda = {}
-            try:
-                sys.modules.pop("gpu_bench", None)
-                import gpu_bench as gb
-                cuda = torch.cuda
-                fakes = {"synchronize": lambda *a: None, "Event": _CpuEvent, "empty_cache": lambda: None,
-                         "get_device_name": lambda *a: "CPU dry run",
-                         "get_device_properties": lambda *a: types.SimpleNamespace(L2_cache_size=1 << 20,
-                                                                                  multi_processor_count=1),
-                         "_sleep": None}
-                for k, v in fakes.items():
-                    saved_cuda[k] = getattr(cuda, k, None)
-                    setattr(cuda, k, v)
-                gb.ceilings = lambda: {"copy_gbps": 3000.0, "matmul_tflops": 800.0}
-                gb.EAGER_ITERS, gb.GRAPH_ITERS, gb.WARMUP = 3, 2, 1
-                plan_timer = gb.time_plan
-                gb.time_plan = lambda plan, iters=2: plan_timer(plan, iters)
-                gb.MAX_SETS = 2
-                gb.SHAPE = SHAPE  # 4 query / 2 KV heads, head_dim 8: the fake kernels are plain torch on the CPU
-                anchors.DEVICE = "cpu"
-                sys.modules["flashinfer"] = fake_flashinfer()
-                sys.modules["fa3_fwd_interface"] = fake_fa3()
-                for m in anchors.MODULES:
-                    anchors.write_marker(m, None, "pid 1")
-                    if m == "ragged-fa3":
-                        anchors.write_marker(m, False, "RuntimeError: nvcc fatal : Unsupported gpu architecture")
-                    elif m != "xqa":
-                        anchors.write_marker(m, True, "built in 1 s")
-                import time
-                os.environ["PACKINFER_WARM_DEADLINE"] = str(time.time() + 3)
-                os.environ["PACKINFER_ANCHORS_END"] = str(time.time() + 600)
-                out = os.path.join(d, "out")
-                os.makedirs(out)
-                args = argparse.Namespace(out=out, state=os.path.join(d, "state"), trace=TRACE, seed=0)
-                gb.phase_anchors(args)
-                res = json.load(open(os.path.join(out, "results.json")))
-                ws = res["workloads"]
-                self.assertEqual(sorted(ws), ["W1", "W2", "W3", "W4", "W5", "W6", "W7"])
-                for w, e in ws.items():
-                    cs = e["contenders"]
-                    self.assertEqual(cs["FA2 varlen"]["status"], "error", w)  # no FA2 on the CPU
-                    self.assertEqual(cs["FA3 varlen"]["status"], "ok", (w, cs["FA3 varlen"]))
-                self.assertEqual(ws["W1"]["contenders"]["FlashInfer ragged prefill fa2"]["status"], "ok")
-                fa3 = ws["W6"]["contenders"]["FlashInfer ragged prefill fa3"]
-                self.assertEqual(fa3["status"], "error")
-                self.assertIn("nvcc fatal : Unsupported gpu architecture", fa3["note"])
-                self.assertEqual(ws["W7"]["contenders"]["FlashInfer XQA decode"]["status"], "not compiled")
-                for name in ("FlashInfer POD", "FlashInfer BatchPOD", "FlashInfer BatchAttention",
-                             "FlashInfer paged prefill"):
-                    self.assertEqual(ws["W3"]["contenders"][name]["status"], "ok", name)
-                self.assertEqual(ws["W4"]["contenders"]["FlashInfer cascade"]["status"], "ok")
-                self.assertEqual(ws["W7"]["contenders"]["FA3 kvcache"]["status"], "ok")
-                self.assertIn("FlashInfer decode tensor cores plan_us", res["planning"]["W2"])
-                self.assertEqual(sorted(res["anchor_progress"]["started"]), sorted(res["anchor_progress"]["done"]))
-                # A second run (a resume) does nothing again.
-                before = json.dumps(res["workloads"], sort_keys=True)
-                gb.phase_anchors(args)
-                again = json.load(open(os.path.join(out, "results.json")))
-                self.assertEqual(json.dumps(again["workloads"], sort_keys=True), before)
-                import report
-                md = report.markdown(again)
-                self.assertIn("nvcc fatal : Unsupported gpu architecture", md)
-                self.assertIn("not compiled", md)
-            finally:
-                for k, v in saved_cuda.items():
-                    if v is None:
-                        delattr(torch.cuda, k) if hasattr(torch.cuda, k) else None
-                    else:
-                        setattr(torch.cuda, k, v)
-                for k, v in old.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
-                for k in ("PACKINFER_WARM_DEADLINE", "PACKINFER_ANCHORS_END"):
-                    os.environ.pop(k, None)
-                sys.modules.pop("flashinfer", None)
-                sys.modules.pop("fa3_fwd_interface", None)
-                sys.modules.pop("gpu_bench", None)
-                anchors.DEVICE = "cuda"
+        import time
+        with tempfile.TemporaryDirectory() as d, dry_run_env(d) as gb:
+            for m in anchors.MODULES:
+                if m in anchors.FEATURE_MODULES:
+                    continue
+                anchors.write_marker(m, None, "pid 1")
+                if m == "ragged-fa3":
+                    anchors.write_marker(m, False, "RuntimeError: nvcc fatal : Unsupported gpu architecture")
+                elif m != "xqa":
+                    anchors.write_marker(m, True, "built in 1 s")
+            os.environ["PACKINFER_WARM_DEADLINE"] = str(time.time() + 3)
+            os.environ["PACKINFER_ANCHORS_END"] = str(time.time() + 600)
+            out = os.path.join(d, "out")
+            os.makedirs(out)
+            args = argparse.Namespace(out=out, state=os.path.join(d, "state"), trace=TRACE, seed=0)
+            gb.phase_anchors(args)
+            res = json.load(open(os.path.join(out, "results.json")))
+            ws = res["workloads"]
+            self.assertEqual(sorted(ws), ["W1", "W2", "W3", "W4", "W5", "W6", "W7"])
+            for w, e in ws.items():
+                cs = e["contenders"]
+                self.assertEqual(cs["FA2 varlen"]["status"], "error", w)  # no FA2 on the CPU
+                self.assertEqual(cs["FA3 varlen"]["status"], "ok", (w, cs["FA3 varlen"]))
+            self.assertEqual(ws["W1"]["contenders"]["FlashInfer ragged prefill fa2"]["status"], "ok")
+            fa3 = ws["W6"]["contenders"]["FlashInfer ragged prefill fa3"]
+            self.assertEqual(fa3["status"], "error")
+            self.assertIn("nvcc fatal : Unsupported gpu architecture", fa3["note"])
+            self.assertEqual(ws["W7"]["contenders"]["FlashInfer XQA decode"]["status"], "not compiled")
+            for name in ("FlashInfer POD", "FlashInfer BatchPOD", "FlashInfer BatchAttention",
+                         "FlashInfer paged prefill"):
+                self.assertEqual(ws["W3"]["contenders"][name]["status"], "ok", name)
+            self.assertEqual(ws["W4"]["contenders"]["FlashInfer cascade"]["status"], "ok")
+            self.assertEqual(ws["W7"]["contenders"]["FA3 kvcache"]["status"], "ok")
+            self.assertIn("FlashInfer decode tensor cores plan_us", res["planning"]["W2"])
+            self.assertEqual(sorted(res["anchor_progress"]["started"]), sorted(res["anchor_progress"]["done"]))
+            # A second run (a resume) does nothing again.
+            before = json.dumps(res["workloads"], sort_keys=True)
+            gb.phase_anchors(args)
+            again = json.load(open(os.path.join(out, "results.json")))
+            self.assertEqual(json.dumps(again["workloads"], sort_keys=True), before)
+            import report
+            md = report.markdown(again)
+            self.assertIn("nvcc fatal : Unsupported gpu architecture", md)
+            self.assertIn("not compiled", md)
+
+    def test_features_phase(self):
+        """Markers: ragged-fa2-window and decode-tc-softcap built, ragged-fa3-window failed,
+        batch-attention-softcap built but this FlashInfer's BatchAttention takes no soft-cap,
+        decode-softcap never started. No PackInfer library: recorded, the anchors still run."""
+        import argparse
+        import json
+        import tempfile
+        with tempfile.TemporaryDirectory() as d, dry_run_env(d) as gb:
+            fi = sys.modules["flashinfer"]
+
+            class OldAttention(fi.BatchAttention):
+                def plan(self, qo, ind, idx, kv_len, hq, hkv, d, dv, page, causal=False, sm_scale=None,
+                         q_data_type=None, kv_data_type=None):
+                    raise AssertionError("not reached")
+            fi.BatchAttention = OldAttention
+            anchors.write_marker("ragged-fa2-window", True, "built in 1 s")
+            anchors.write_marker("ragged-fa3-window", False, "RuntimeError: nvcc fatal : window kernel broke")
+            anchors.write_marker("decode-tc-softcap", True, "built in 1 s")
+            anchors.write_marker("batch-attention-softcap", True, "nothing to build")
+            out = os.path.join(d, "out")
+            os.makedirs(out)
+            args = argparse.Namespace(out=out, state=os.path.join(d, "state"), trace=TRACE, seed=0,
+                                      lib=os.path.join(d, "no-libpackinfer.so"))
+            gb.phase_features(args)
+            res = json.load(open(os.path.join(out, "results.json")))
+            self.assertEqual(sorted(res["features"]), ["W1-window", "W2-softcap"])
+            w1 = res["features"]["W1-window"]["contenders"]
+            w2 = res["features"]["W2-softcap"]["contenders"]
+            self.assertEqual(res["features"]["W1-window"]["window_left"], 4096 // 256 - 1)
+            self.assertEqual(w1["PackInfer"]["status"], "error")
+            self.assertIn("no-libpackinfer.so", w1["PackInfer"]["note"])
+            self.assertEqual(w1["FA3 varlen"]["status"], "ok", w1["FA3 varlen"])
+            fa2 = w1["FlashInfer ragged prefill fa2"]
+            self.assertEqual(fa2["status"], "ok", fa2)
+            self.assertLess(fa2["check"]["rel_err_fp64"], 2e-2)
+            self.assertEqual(fa2["jit_module"], "ragged-fa2-window")
+            self.assertIn("window_left=15", fa2["api"])
+            self.assertIn("FlashInfer ragged prefill fa2 plan_us", res["features"]["W1-window"]["planning"])
+            self.assertEqual(w1["FlashInfer ragged prefill fa3"]["status"], "error")
+            self.assertNotIn("FlashInfer ragged prefill fa2 batch-invariant", w1)
+            self.assertEqual(w2["FA2 varlen"]["status"], "unsupported")
+            self.assertEqual(w2["FA3 kvcache"]["status"], "ok", w2["FA3 kvcache"])
+            self.assertEqual(w2["FlashInfer decode tensor cores"]["status"], "ok", w2["FlashInfer decode tensor cores"])
+            self.assertEqual(w2["FlashInfer decode CUDA cores"]["status"], "not compiled")
+            self.assertEqual(w2["FlashInfer BatchAttention"]["status"], "not run")
+            self.assertNotIn("FlashInfer XQA decode", w2)
+            nr = res["not_run"]
+            self.assertIn("window kernel broke", nr["W1-window FlashInfer ragged prefill fa3"])
+            self.assertIn("not compiled: JIT build of 'decode-softcap' not started",
+                          nr["W2-softcap FlashInfer decode CUDA cores"])
+            self.assertIn("logits_soft_cap", nr["W2-softcap FlashInfer BatchAttention"])
+            self.assertIn("no logits soft-cap", nr["W2-softcap FlashInfer XQA decode"])
+            self.assertNotIn("W1-window FlashInfer ragged prefill fa2", nr)
+            self.assertNotIn("FlashInfer with a sliding window or soft-cap (W1-window, W2-softcap)", nr)
+            import report
+            md = report.markdown(res)
+            row = next(line for line in md.splitlines() if line.startswith("| W1-window |"))
+            self.assertIn("FlashInfer ragged prefill fa2 ", row)
+            self.assertIn("window kernel broke", md)
 
 
 if __name__ == "__main__":

@@ -95,8 +95,7 @@ def _with_features(fn, feat, *a, **kw):
         return fn(*a, **kw, **feat)
     except TypeError as e:
         if any(k in str(e) for k in feat):
-            raise Unsupported(f"{getattr(fn, '__qualname__', fn)} does not take {', '.join(sorted(feat))}: "
-                              f"TypeError: {e}") from e
+            raise Unsupported(f"does not take {', '.join(sorted(feat))}: TypeError: {e}") from e
         raise
 
 

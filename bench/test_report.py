@@ -106,7 +106,45 @@ class ReportTest(unittest.TestCase):
         self.assertIn("| window_left 4095 | 1.600 ms · 62% of floor |", row)
         self.assertIn(f"| {report.fmt_us(report.best_us(w1['contenders']['PackInfer'])[0])} |", row)
         self.assertIn("FA3 kvcache: error (RuntimeError: no local)", row)
-        self.assertTrue(row.endswith("| 0.75× |"), row)
+        self.assertTrue(row.endswith("| FA3 varlen | 0.75× |"), row)
+
+    def test_features_section_flashinfer(self):
+        """FlashInfer's window and soft-cap contenders: timed ones in the anchors cell and in the
+        race for the fastest, the others with their status and reason (and listed under the
+        anchors that could not run, from results["not_run"])."""
+        res = synthetic()
+        fi_fa3 = {"status": "not compiled", "api": 'ragged fa3, plan(window_left=4095)', "jit_module": "ragged-fa3-window",
+                  "note": "JIT build of 'ragged-fa3-window' not started at the warm-up deadline (330 s)"}
+        res["features"] = {
+            "W1-window": {
+                "describe": {"title": "W1, window"}, "flops": 1e12, "min_bytes": 1e8, "floor_us": 1000.0,
+                "window_left": 4095, "logits_soft_cap": 0.0, "plain": "W1",
+                "contenders": {"PackInfer": timed(1600.0, None), "FA3 varlen": timed(1200.0, "fa3 window"),
+                               "FlashInfer ragged prefill fa2": timed(1100.0, 'ragged fa2, plan(window_left=4095)'),
+                               "FlashInfer ragged prefill fa3": fi_fa3}},
+            "W2-softcap": {
+                "describe": {"title": "W2, soft-cap"}, "flops": 1e10, "min_bytes": 1e9, "floor_us": 300.0,
+                "window_left": None, "logits_soft_cap": 50.0, "plain": "W2",
+                "contenders": {"PackInfer": timed(400.0, None),
+                               "FA2 varlen": {"status": "unsupported", "note": "no soft-cap"},
+                               "FlashInfer decode tensor cores": timed(500.0, "tc decode, plan(logits_soft_cap=50)",
+                                                                       graph=440.0),
+                               "FlashInfer BatchAttention": {
+                                   "status": "not run", "note": "BatchAttention.plan does not take logits_soft_cap"}}}}
+        res["not_run"]["W1-window FlashInfer ragged prefill fa3"] = "not compiled: " + fi_fa3["note"]
+        md = report.markdown(res)
+        rows = {line.split(" | ")[0][2:]: line for line in md.splitlines() if line.startswith("| W") and "-" in line[:12]}
+        w1, w2 = rows["W1-window"], rows["W2-softcap"]
+        self.assertIn("FlashInfer ragged prefill fa2 1.100 ms", w1)
+        self.assertIn("FlashInfer ragged prefill fa3: not compiled (JIT build of 'ragged-fa3-window'", w1)
+        self.assertTrue(w1.endswith(f"| FlashInfer ragged prefill fa2 | {1100 / 1600:.2f}× |"), w1)
+        self.assertIn("| soft-cap 50 | 400.0 µs", w2)
+        self.assertIn("FlashInfer decode tensor cores 440.0 µs", w2)
+        self.assertIn("FlashInfer BatchAttention: not run (BatchAttention.plan does not take logits_soft_cap)", w2)
+        self.assertIn("FA2 varlen: unsupported (no soft-cap)", w2)
+        self.assertTrue(w2.endswith(f"| FlashInfer decode tensor cores | {440 / 400:.2f}× |"), w2)
+        failed = md.split("## Anchors that could not run")[1]
+        self.assertIn("**W1-window FlashInfer ragged prefill fa3**: `not compiled: JIT build of 'ragged-fa3-window'", failed)
 
     def test_could_not_run_lists_exact_errors(self):
         md = report.markdown(synthetic())

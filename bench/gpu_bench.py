@@ -9,6 +9,7 @@ rewritten after every measurement. `bench/run_anchors.sh` runs them:
     gpu_bench.py --phase ours    --out DIR ...   PackInfer through ctypes, ablations, capacity sweep
                                                  (--no-planning: planning time left to the last phase)
     gpu_bench.py --phase anchors --out DIR ...   ceilings, FA2, FA3 and FlashInfer on W1-W7, plan() per API
+    gpu_bench.py --phase features --out DIR ...  W1-window, W2-softcap: PackInfer, FA2, FA3, FlashInfer
     gpu_bench.py --phase planning --out DIR ...  host planning time, ours and the anchors', CPU idle
     gpu_bench.py --phase report  --out DIR       results.md and the PNG charts
 

@@ -594,6 +594,15 @@ class DryRunTest(unittest.TestCase):
             row = next(line for line in md.splitlines() if line.startswith("| W1-window |"))
             self.assertIn("FlashInfer ragged prefill fa2 ", row)
             self.assertIn("window kernel broke", md)
+            # A rerun after decode-softcap was built: its contender runs, its not_run entry is gone,
+            # the others' stay.
+            anchors.write_marker("decode-softcap", True, "built in 1 s")
+            gb.phase_features(args)
+            res = json.load(open(os.path.join(out, "results.json")))
+            self.assertEqual(res["features"]["W2-softcap"]["contenders"]["FlashInfer decode CUDA cores"]["status"], "ok")
+            self.assertNotIn("W2-softcap FlashInfer decode CUDA cores", res["not_run"])
+            self.assertIn("W1-window FlashInfer ragged prefill fa3", res["not_run"])
+            self.assertIn("W2-softcap FlashInfer XQA decode", res["not_run"])
 
 
 if __name__ == "__main__":

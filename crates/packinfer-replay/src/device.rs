@@ -107,14 +107,42 @@ impl DeviceIo {
         self.out
     }
 
-    /// Copies the first `out.len()` output elements to the host (waits for the stream's work).
-    pub fn read_out(&self, out: &mut [u16]) -> Result<()> {
-        if out.len() > self.out_elems {
-            return Err(Error::Internal(format!("{} output elements asked for; the device holds {}", out.len(), self.out_elems)));
+    /// Copies output rows 0, `stride`, 2·`stride`, ... of `row_elems` elements each into `out`
+    /// (as many as it holds whole), with one strided copy (waits for the stream's work).
+    pub fn read_out_rows(&self, out: &mut [u16], row_elems: usize, stride: usize) -> Result<()> {
+        let rows = out.len() / row_elems.max(1);
+        if rows == 0 {
+            return Ok(());
         }
+        if stride == 0 || ((rows - 1) * stride + 1) * row_elems > self.out_elems {
+            return Err(Error::Internal(format!(
+                "{rows} output rows of {row_elems} elements every {stride} rows asked for; the device holds {} elements",
+                self.out_elems
+            )));
+        }
+        let row_bytes = row_elems * 2;
+        let copy = sys::CUDA_MEMCPY2D {
+            srcXInBytes: 0,
+            srcY: 0,
+            srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+            srcHost: std::ptr::null(),
+            srcDevice: self.out,
+            srcArray: std::ptr::null_mut(),
+            srcPitch: stride * row_bytes,
+            dstXInBytes: 0,
+            dstY: 0,
+            dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_HOST,
+            dstHost: out.as_mut_ptr().cast(),
+            dstDevice: 0,
+            dstArray: std::ptr::null_mut(),
+            dstPitch: row_bytes,
+            WidthInBytes: row_bytes,
+            Height: rows,
+        };
         let _g = self.ctx.enter()?;
-        // SAFETY: at most the allocation's elements (checked), the context current.
-        unsafe { cu::memcpy_dtoh_sync(out, self.out) }.map_err(|e| device_err("reading the attention output back", e))
+        // SAFETY: the source rows lie in the output allocation (checked above), the destination
+        // is `rows` rows of `out`, and the context is current; the copy is synchronous.
+        unsafe { sys::cuMemcpy2D_v2(&copy) }.result().map_err(|e| device_err("reading the attention output back", e))
     }
 
     /// Seconds the GPU spent on what `enqueue` puts on `stream`: events recorded before and

@@ -402,9 +402,10 @@ fn run() -> Result<(), Failure> {
     }
     if results.len() >= 2 {
         println!(
-            "{} computed the same attention: max |difference| of the outputs = {max_difference:.2e} ({} outputs, last layer of every step)",
+            "{} computed the same attention: max |difference| of the outputs = {max_difference:.2e} ({} outputs, last layer of every step, up to {} evenly spaced tokens of each)",
             if results.len() == 2 { "both schedules" } else { "every schedule" },
-            s.shape.dtype.name()
+            s.shape.dtype.name(),
+            engine::CHECKED_TOKENS
         );
     }
     for (name, r) in &results {

@@ -31,11 +31,16 @@ for t in packinfer:cuda_backend packinfer:cuda_pool packinfer-capi:cuda_ffi; do
 done
 cargo build --release -p libpackinfer
 cp target/release/libpackinfer.so bench/bench_attention.py bench/gpu_suite.sh "$stage/"
+# The C API stress test links the library dynamically (it runs against the staged one): from
+# this checkout's build/ctest, else PACKINFER_STRESS_TEST (e.g. the main checkout's, for a
+# worktree that never ran tests/run_all.sh).
 if [ -d build/ctest ]; then
   cmake --build build/ctest --target packinfer_stress_test -j"$(nproc)" >/dev/null
   cp build/ctest/bindings/cpp/tests/packinfer_stress_test "$stage/"
+elif [ -x "${PACKINFER_STRESS_TEST:-}" ]; then
+  cp "$PACKINFER_STRESS_TEST" "$stage/"
 else
-  echo "stage_gpu_suite: no build/ctest (run tests/run_all.sh once): the stress test is not staged"
+  echo "stage_gpu_suite: no build/ctest (run tests/run_all.sh once) and no PACKINFER_STRESS_TEST: the stress test is not staged"
 fi
 cp "$shared/traces/azure_llm_2023_code.csv" "$stage/"
 strip --strip-debug "$stage"/cuda_* "$stage/libpackinfer.so" "$stage"/packinfer_stress_test 2>/dev/null || true

@@ -184,14 +184,6 @@ enum State {
     Done,
 }
 
-/// A launch the engine keeps across steps, for plans of one tile height.
-struct StepLaunch {
-    block_m: u32,
-    bound: Option<Box<dyn BoundPlan>>,
-    /// The counts `bound` was sized for.
-    capacity: LaunchCapacity,
-}
-
 /// `c` with half as much again of every count (at least one more), so that a growing batch
 /// creates a new launch a few times, not every step.
 fn with_headroom(c: &LaunchCapacity) -> LaunchCapacity {
@@ -290,8 +282,8 @@ pub struct Engine<'a> {
     scheduler: Option<Scheduler>,
     /// The last step's plan, re-planned for the next (without the scheduler).
     last_plan: Option<Arc<Plan>>,
-    /// The launches steps are uploaded into, one per tile height.
-    launches: Vec<StepLaunch>,
+    /// The launch every step is uploaded into, and the counts it was sized for.
+    launch: Option<(Box<dyn BoundPlan>, LaunchCapacity)>,
     /// The last step's batch (kept only with `record_batches`).
     batch: StepBatch,
 }
@@ -350,7 +342,7 @@ impl<'a> Engine<'a> {
             result: RunResult { requests: n, ..Default::default() },
             scheduler,
             last_plan: None,
-            launches: Vec::new(),
+            launch: None,
             batch: StepBatch::default(),
         })
     }
@@ -538,31 +530,22 @@ impl<'a> Engine<'a> {
         rec.prefix_shared = plan.options.prefix_sharing;
         let plan = Arc::new(plan);
         let t = Instant::now();
-        // As an engine does: the step is uploaded into the launch of the steps before with its
-        // tile height (`update_planned`, what packinfer_launch_update runs; short batches plan
-        // 64-row tiles on the GPU); a new launch, with room to grow, only where the plan
-        // outgrows that one.
-        let slot = match self.launches.iter().position(|l| l.block_m == plan.block_m) {
-            Some(i) => i,
-            None => {
-                self.launches.push(StepLaunch { block_m: plan.block_m, bound: None, capacity: LaunchCapacity::default() });
-                self.launches.len() - 1
-            }
-        };
-        let launch = &mut self.launches[slot];
-        let bound: &dyn BoundPlan = match &mut launch.bound {
-            Some(bound) if launch.capacity.check_fits(&plan).is_ok() => {
+        // As an engine does: the step is uploaded into the launch of the steps before
+        // (`update_planned`, what packinfer_launch_update runs); a new launch, with room to grow,
+        // only where the plan outgrows it.
+        let bound = match self.launch.take() {
+            Some((bound, capacity)) if capacity.check_fits(&plan).is_ok() => {
                 // SAFETY: the plan is the pool's (`KvStore::plan`/`schedule`), unchanged since.
                 unsafe { bound.update_planned(plan.clone(), 0)? };
-                &**bound
+                self.launch.insert((bound, capacity))
             }
             old => {
-                *old = None;
-                launch.capacity = with_headroom(&LaunchCapacity::of(&plan).max(&launch.capacity));
+                let capacity = with_headroom(&LaunchCapacity::of(&plan).max(&old.map(|o| o.1).unwrap_or_default()));
                 self.result.launches_created += 1;
-                &**old.insert(self.backend.bind_with_capacity(plan.clone(), 0, None, &launch.capacity)?)
+                self.launch.insert((self.backend.bind_with_capacity(plan.clone(), 0, None, &capacity)?, capacity))
             }
         };
+        let bound = &bound.0;
         bound.wait()?;
         rec.bind_s = t.elapsed().as_secs_f64();
         let total_q = plan.batch.total_q() as usize;

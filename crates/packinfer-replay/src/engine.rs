@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-use packinfer::backend::{Backend, BoundPlan, LaunchCapacity};
+use packinfer::backend::Backend;
 use packinfer::plan::scheduler::{Scheduler, SchedulerOptions, SchedulerStats, StepTimes};
 use packinfer::plan::{Plan, PlanOptions};
 use packinfer::types::{KvScales, RowsTensor, RunArgs, Shape};
@@ -169,9 +169,6 @@ pub struct RunResult {
     pub final_kv: StoreMetrics,
     pub peak_pages_used: u32,
     pub regroups: u64,
-    /// Launches created: the first, then one each time a step's plan outgrew the launch (the
-    /// other steps were uploaded into it).
-    pub launches_created: u64,
     /// The scheduler's totals (predicted and measured relayout gains, tuner searches).
     pub scheduler: Option<SchedulerStats>,
 }
@@ -182,25 +179,6 @@ enum State {
     Waiting,
     Running { prefilled: u32, produced: u32 },
     Done,
-}
-
-/// `c` with half as much again of every count (at least one more), so that a growing batch
-/// creates a new launch a few times, not every step.
-fn with_headroom(c: &LaunchCapacity) -> LaunchCapacity {
-    let more = |n: u32| n.saturating_add(n / 2 + 1);
-    LaunchCapacity {
-        items: more(c.items),
-        row_segments: more(c.row_segments),
-        kv_chunks: more(c.kv_chunks),
-        requests: more(c.requests),
-        pages: more(c.pages),
-        merge_rows: more(c.merge_rows),
-        merge_slots: more(c.merge_slots),
-        groups: more(c.groups),
-        partial_slots: more(c.partial_slots),
-        mask_bytes: c.mask_bytes,
-        mask_queries: c.mask_queries,
-    }
 }
 
 /// `n` zero elements, or an error instead of an abort when a huge --token-budget asks for more
@@ -282,8 +260,6 @@ pub struct Engine<'a> {
     scheduler: Option<Scheduler>,
     /// The last step's plan, re-planned for the next (without the scheduler).
     last_plan: Option<Arc<Plan>>,
-    /// The launch every step is uploaded into, and the counts it was sized for.
-    launch: Option<(Box<dyn BoundPlan>, LaunchCapacity)>,
     /// The last step's batch (kept only with `record_batches`).
     batch: StepBatch,
 }
@@ -342,7 +318,6 @@ impl<'a> Engine<'a> {
             result: RunResult { requests: n, ..Default::default() },
             scheduler,
             last_plan: None,
-            launch: None,
             batch: StepBatch::default(),
         })
     }
@@ -530,22 +505,7 @@ impl<'a> Engine<'a> {
         rec.prefix_shared = plan.options.prefix_sharing;
         let plan = Arc::new(plan);
         let t = Instant::now();
-        // As an engine does: the step is uploaded into the launch of the steps before
-        // (`update_planned`, what packinfer_launch_update runs); a new launch, with room to grow,
-        // only where the plan outgrows it.
-        let bound = match self.launch.take() {
-            Some((bound, capacity)) if capacity.check_fits(&plan).is_ok() => {
-                // SAFETY: the plan is the pool's (`KvStore::plan`/`schedule`), unchanged since.
-                unsafe { bound.update_planned(plan.clone(), 0)? };
-                self.launch.insert((bound, capacity))
-            }
-            old => {
-                let capacity = with_headroom(&LaunchCapacity::of(&plan).max(&old.map(|o| o.1).unwrap_or_default()));
-                self.result.launches_created += 1;
-                self.launch.insert((self.backend.bind_with_capacity(plan.clone(), 0, None, &capacity)?, capacity))
-            }
-        };
-        let bound = &bound.0;
+        let bound = self.backend.bind(plan.clone(), 0, None)?;
         bound.wait()?;
         rec.bind_s = t.elapsed().as_secs_f64();
         let total_q = plan.batch.total_q() as usize;
@@ -621,6 +581,7 @@ impl<'a> Engine<'a> {
             })
             .sum();
         rec.computed_pairs = if s.tile_utilization > 0.0 { rec.useful_pairs / s.tile_utilization } else { 0.0 };
+        drop(bound);
         if record {
             let b = &plan.batch;
             batch.ids.clear();

@@ -1380,6 +1380,12 @@ enum PackinferStatus packinfer_context_calibrate(struct PackinferContext context
  * host memory on the CPU), so that `packinfer_launch_update` can upload later plans into the
  * same launch. `options` may be NULL.
  *
+ * On CUDA the launch's kernel is chosen here, from `plan`, and kept for every later plan (a
+ * captured graph holds it): the warp-specialised kernel where `plan`'s prompts are long over
+ * consecutive pages, else the plain 8-warp kernel (a capacity launch never takes the 4-warp or
+ * short-prefill kernels). Later plans compute correctly on it, but an engine whose steps differ
+ * in kind (long prefills, decode-heavy steps) keeps one launch per kind for the best kernel.
+ *
  * # Safety
  * `options` NULL or initialized; `capacity` initialized; `out` writable; `stream` a CUstream of
  * the context's device or NULL.

@@ -199,6 +199,7 @@ OPTIONAL_SIGNATURES = {
                                                       POINTER(PackinferLaunchCapacity), c_void_p,
                                                       POINTER(PackinferLaunch)]),
     "packinfer_launch_update": (c_int, [PackinferLaunch, PackinferPlan, c_void_p]),
+    "packinfer_launch_suits": (c_int, [PackinferLaunch, PackinferPlan, POINTER(c_bool)]),
     "packinfer_plan_update": (c_int, [PackinferContext, PackinferPlan, POINTER(PackinferBatchDesc),
                                       POINTER(PackinferPlanOptions)]),
     "packinfer_pool_options_default": (c_int, [POINTER(PackinferPoolOptions)]),
@@ -456,6 +457,14 @@ class Launch:
         seconds = time.perf_counter() - t0
         self.library._check("packinfer_launch_update", status)
         return seconds
+
+    def suits(self, plan):
+        """Whether `update(plan)` takes the plan and runs it on the kernel a launch made for it
+        would choose (packinfer_launch_suits)."""
+        s = c_bool(False)
+        self.library._check("packinfer_launch_suits",
+                            self.library.lib.packinfer_launch_suits(self.handle, plan.handle, ctypes.byref(s)))
+        return bool(s.value)
 
     def run(self, q_ptr, kv_layout, o_ptr, lse_ptr=0, stream=0, logits_soft_cap=0.0, k_scale=0.0, v_scale=0.0,
             k_head_scales_ptr=0, v_head_scales_ptr=0):

@@ -306,6 +306,11 @@ class Env:
         return self.k[layer % len(self.k)], self.v[layer % len(self.v)]
 
 
+# Launches the PackInfer contender keeps, one per kernel its steps' plans want; the oldest goes
+# first (as the replay's engine, crates/packinfer-replay/src/engine.rs).
+MAX_KEPT_LAUNCHES = 4
+
+
 class PackInferContender:
     name = "PackInfer"
 
@@ -343,6 +348,21 @@ class PackInferContender:
             self.ctx.replan(self.plan, batch)
         if self.launch is None:
             self.launch = self._new_launch(stream)
+            self.kept = [self.launch]
+            return
+        if self.lib.has("packinfer_launch_suits"):
+            # A kept launch whose kernel this step's plan would get (the CUDA backend keeps a
+            # launch's first kernel: warp-specialised for long prefills, plain otherwise).
+            fit = next((k for k in self.kept if k.suits(self.plan)), None)
+            if fit is not None:
+                fit.update(self.plan, stream)
+                self.launch = fit
+                return
+            if len(self.kept) == MAX_KEPT_LAUNCHES:
+                self.kept.pop(0).destroy()
+            self.launch = self._new_launch(stream)
+            self.kept.append(self.launch)
+            self.launches_created += 1
             return
         try:
             self.launch.update(self.plan, stream)
@@ -350,6 +370,7 @@ class PackInferContender:
             # The plan outgrew the launch's buffers: a bigger launch (counted in the step).
             self.launch.destroy()
             self.launch = self._new_launch(stream)
+            self.kept = [self.launch]
             self.launches_created += 1
 
     def _new_launch(self, stream):
@@ -385,8 +406,8 @@ class PackInferContender:
             self.launch.run(q, self.layouts[layer % len(self.layouts)], o, 0, stream)
 
     def close(self):
-        if self.launch is not None:
-            self.launch.destroy()
+        for launch in getattr(self, "kept", []):
+            launch.destroy()
         if self.plan is not None:
             self.plan.destroy()
         self.ctx.destroy()

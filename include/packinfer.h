@@ -1412,6 +1412,20 @@ enum PackinferStatus packinfer_launch_update(struct PackinferLaunch launch,
                                              void *stream);
 
 /**
+ * Sets `*suits` to whether `packinfer_launch_update` would take `plan` into `launch` (same
+ * shape and page size, within the launch's capacity) and run it on the kernel a launch created
+ * for it the way this one was would choose. On CUDA a launch keeps the kernel of its first plan
+ * (see `packinfer_launch_create_with_capacity`): an engine whose steps differ in kind keeps one
+ * launch per kind, updates one that suits and creates one where none does. Never blocks.
+ *
+ * # Safety
+ * `suits` must be writable.
+ */
+enum PackinferStatus packinfer_launch_suits(struct PackinferLaunch launch,
+                                            struct PackinferPlan plan,
+                                            bool *suits);
+
+/**
  * Fills `options` with defaults: page_size 16, headroom 2 pages, BF16, causal; the model's
  * shape and the capacity are left 0 and must be set.
  *

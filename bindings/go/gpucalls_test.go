@@ -74,6 +74,14 @@ func TestCapacityLaunchRunsAndUpdatesOnCPU(t *testing.T) {
 	defer bigger.Close()
 	launch := must(ctx.NewLaunchWithCapacity(plan, &packinfer.LaunchCapacity{}, nil))(t)
 	defer launch.Close()
+	if s := must(launch.Suits(plan))(t); !s {
+		t.Error("a launch does not suit its own plan")
+	}
+	if s := must(launch.Suits(bigger))(t); s {
+		t.Error("a launch suits a plan over its capacity")
+	}
+	_, err := launch.Suits(nil)
+	wantError(t, err, packinfer.StatusInvalidArgument, "Suits: plan is nil")
 	wantError(t, launch.Update(bigger, 0), packinfer.StatusInvalidArgument, "but the launch was created with capacity for")
 	runAndCompare(t, c, launch)
 	// An ordinary launch takes plans within its own plan's counts.

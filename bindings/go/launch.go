@@ -202,6 +202,20 @@ func (l *Launch) Update(plan *Plan, stream uintptr) error {
 	return err
 }
 
+// Suits says whether Update(plan) would take plan and run it on the kernel a launch created for
+// it this way would choose (on CUDA a launch keeps its first plan's kernel): an engine whose
+// steps differ in kind keeps a launch per kind and updates one that suits.
+func (l *Launch) Suits(plan *Plan) (bool, error) {
+	if plan == nil {
+		return false, invalidArgument("Suits: plan is nil")
+	}
+	var s C.bool
+	err := call(func() C.enum_PackinferStatus { return C.packinfer_launch_suits(l.h, plan.h, &s) })
+	runtime.KeepAlive(l)
+	runtime.KeepAlive(plan)
+	return bool(s), err
+}
+
 // Run computes attention for one layer. On CUDA it enqueues on a.Stream and neither allocates
 // nor waits; on the CPU it computes before returning.
 func (l *Launch) Run(a *RunArgs) error {

@@ -421,6 +421,14 @@ class Launch {
   void update(const Plan& plan, void* stream = nullptr) const {
     detail::check(packinfer_launch_update(h_.get(), plan.handle(), stream));
   }
+  // Whether update(plan) would take `plan` and run it on the kernel a launch created for it
+  // this way would choose (on CUDA a launch keeps its first plan's kernel): an engine whose
+  // steps differ in kind keeps a launch per kind and updates one that suits.
+  bool suits(const Plan& plan) const {
+    bool s = false;
+    detail::check(packinfer_launch_suits(h_.get(), plan.handle(), &s));
+    return s;
+  }
 
   PackinferLaunch handle() const noexcept { return h_.get(); }
   explicit operator bool() const noexcept { return static_cast<bool>(h_); }

@@ -723,12 +723,15 @@ TEST(GpuCallsOnCpu, CapacityLaunchRunsAndUpdates) {
   const Case big({8, 2, 64, DType::BF16, true, 0.0f}, 16, {{1, 70}, {37, 37}, {1, 130}, {5, 40}, {1, 1}, {9, 300}, {1, 500}});
   packinfer::Plan bigger = ctx.plan(big.desc());
   packinfer::Launch launch = ctx.launch_with_capacity(plan, {}, nullptr, {});
+  EXPECT_TRUE(launch.suits(plan));
+  EXPECT_FALSE(launch.suits(bigger));
   expect_error([&] { launch.update(bigger); }, Status::InvalidArgument,
                "but the launch was created with capacity for");
   run_and_compare(c, launch);
   // So is a plan of another shape.
   const Case wide({8, 2, 128, DType::BF16, true, 0.0f}, 16, {{1, 10}});
   packinfer::Plan other = ctx.plan(wide.desc());
+  EXPECT_FALSE(launch.suits(other));
   expect_error([&] { launch.update(other); }, Status::InvalidArgument, "differs from the launch's");
   run_and_compare(c, launch);
   // An ordinary launch takes plans within its own plan's counts.

@@ -820,3 +820,24 @@ pub unsafe extern "C" fn packinfer_launch_update(launch: PackinferLaunch, plan: 
         unsafe { launch.bound.update_planned(plan, stream as u64) }
     })
 }
+
+/// Sets `*suits` to whether `packinfer_launch_update` would take `plan` into `launch` (same
+/// shape and page size, within the launch's capacity) and run it on the kernel a launch created
+/// for it the way this one was would choose. On CUDA a launch keeps the kernel of its first plan
+/// (see `packinfer_launch_create_with_capacity`): an engine whose steps differ in kind keeps one
+/// launch per kind, updates one that suits and creates one where none does. Never blocks.
+///
+/// # Safety
+/// `suits` must be writable.
+#[no_mangle]
+pub unsafe extern "C" fn packinfer_launch_suits(launch: PackinferLaunch, plan: PackinferPlan, suits: *mut bool) -> PackinferStatus {
+    guard("packinfer_launch_suits", || {
+        let launch = LAUNCHES.get(launch.bits)?;
+        let plan = PLANS.get(plan.bits)?.get();
+        if suits.is_null() {
+            return Err(invalid!("suits is a null pointer"));
+        }
+        // SAFETY: `suits` is writable (this function's contract).
+        unsafe { write_out("suits", suits, launch.bound.suits(&plan)) }
+    })
+}

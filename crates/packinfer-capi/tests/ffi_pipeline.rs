@@ -249,3 +249,47 @@ fn updating_the_plan_a_cpu_launch_runs_leaves_the_launch_its_step() {
     ok(packinfer_plan_destroy(plan));
     ok(packinfer_context_destroy(ctx));
 }
+
+fn suits(launch: PackinferLaunch, plan: PackinferPlan) -> bool {
+    let mut s = false;
+    // SAFETY: `s` is a live local.
+    ok(unsafe { packinfer_launch_suits(launch, plan, &mut s) });
+    s
+}
+
+/// On the CPU every plan within the launch's capacity suits it (one kernel), and one over it
+/// does not; a null out pointer is refused by name and leaves the launch usable.
+#[test]
+fn a_launch_suits_the_plans_its_update_takes() {
+    let ctx = cpu_context(2);
+    let steps = steps();
+    let plans: Vec<PackinferPlan> = steps.iter().map(|s| create(ctx, s)).collect();
+    let requests: Vec<u32> = plans.iter().map(|&p| counts(p).0).collect();
+    let small = (0..plans.len()).min_by_key(|&i| requests[i]).unwrap();
+    let big = (0..plans.len()).max_by_key(|&i| requests[i]).unwrap();
+    assert!(requests[big] > requests[small], "the steps differ in requests: {requests:?}");
+    // Room for the small step's requests only.
+    let cap = PackinferLaunchCapacity { max_requests: requests[small], ..big_capacity() };
+    let mut launch = PackinferLaunch::default();
+    // SAFETY: live locals; the NULL options and stream are allowed.
+    ok(unsafe { packinfer_launch_create_with_capacity(ctx, plans[small], null(), &cap, null_mut(), &mut launch) });
+    for (i, &p) in plans.iter().enumerate() {
+        let fits = requests[i] <= requests[small];
+        assert_eq!(suits(launch, p), fits, "step {i}: {} requests, capacity {}", requests[i], requests[small]);
+        // SAFETY: the NULL stream is the default stream.
+        let st = unsafe { packinfer_launch_update(launch, p, null_mut()) };
+        assert_eq!(st == PackinferStatus::Ok, fits, "step {i}: update agrees with suits ({})", last_error());
+    }
+    // SAFETY: a null out pointer is what is tested.
+    let st = unsafe { packinfer_launch_suits(launch, plans[small], null_mut()) };
+    assert_eq!(st, PackinferStatus::InvalidArgument);
+    assert!(last_error().contains("suits"), "{}", last_error());
+    // SAFETY: the NULL stream is the default stream.
+    ok(unsafe { packinfer_launch_update(launch, plans[small], null_mut()) });
+    run_step(launch, &steps[small], 1, "after the refused call");
+    ok(packinfer_launch_destroy(launch));
+    for p in plans {
+        ok(packinfer_plan_destroy(p));
+    }
+    ok(packinfer_context_destroy(ctx));
+}

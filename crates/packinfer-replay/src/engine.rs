@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-use packinfer::backend::Backend;
+use packinfer::backend::{Backend, BoundPlan, LaunchCapacity};
 use packinfer::plan::scheduler::{Scheduler, SchedulerOptions, SchedulerStats, StepTimes};
 use packinfer::plan::{Plan, PlanOptions};
 use packinfer::types::{KvScales, RowsTensor, RunArgs, Shape};
@@ -169,6 +169,9 @@ pub struct RunResult {
     pub final_kv: StoreMetrics,
     pub peak_pages_used: u32,
     pub regroups: u64,
+    /// Launches created: the first, then one each time no kept launch suited a step's plan (the
+    /// other steps were uploaded into a kept one).
+    pub launches_created: u64,
     /// The scheduler's totals (predicted and measured relayout gains, tuner searches).
     pub scheduler: Option<SchedulerStats>,
 }
@@ -179,6 +182,37 @@ enum State {
     Waiting,
     Running { prefilled: u32, produced: u32 },
     Done,
+}
+
+/// Launches an engine keeps, one per kind of step (their kernels differ, `BoundPlan::suits`);
+/// the least recently used goes first.
+const MAX_KEPT_LAUNCHES: usize = 4;
+
+struct KeptLaunch {
+    bound: Box<dyn BoundPlan>,
+    /// The counts `bound` was created for.
+    capacity: LaunchCapacity,
+    /// The step (1-based) that last used it.
+    last_step: usize,
+}
+
+/// `c` with half as much again of every count (at least one more), so that a growing batch
+/// creates a new launch a few times, not every step.
+fn with_headroom(c: &LaunchCapacity) -> LaunchCapacity {
+    let more = |n: u32| n.saturating_add(n / 2 + 1);
+    LaunchCapacity {
+        items: more(c.items),
+        row_segments: more(c.row_segments),
+        kv_chunks: more(c.kv_chunks),
+        requests: more(c.requests),
+        pages: more(c.pages),
+        merge_rows: more(c.merge_rows),
+        merge_slots: more(c.merge_slots),
+        groups: more(c.groups),
+        partial_slots: more(c.partial_slots),
+        mask_bytes: c.mask_bytes,
+        mask_queries: c.mask_queries,
+    }
 }
 
 /// `n` zero elements, or an error instead of an abort when a huge --token-budget asks for more
@@ -260,6 +294,8 @@ pub struct Engine<'a> {
     scheduler: Option<Scheduler>,
     /// The last step's plan, re-planned for the next (without the scheduler).
     last_plan: Option<Arc<Plan>>,
+    /// The launches steps are uploaded into (at most `MAX_KEPT_LAUNCHES`).
+    launches: Vec<KeptLaunch>,
     /// The last step's batch (kept only with `record_batches`).
     batch: StepBatch,
 }
@@ -318,6 +354,7 @@ impl<'a> Engine<'a> {
             result: RunResult { requests: n, ..Default::default() },
             scheduler,
             last_plan: None,
+            launches: Vec::new(),
             batch: StepBatch::default(),
         })
     }
@@ -505,7 +542,30 @@ impl<'a> Engine<'a> {
         rec.prefix_shared = plan.options.prefix_sharing;
         let plan = Arc::new(plan);
         let t = Instant::now();
-        let bound = self.backend.bind(plan.clone(), 0, None)?;
+        // As an engine does: the step is uploaded (`update_planned`, what packinfer_launch_update
+        // runs) into a kept launch that suits it (within its capacity, on the kernel a launch
+        // made for this plan would choose); a new launch, with room to grow, where none does.
+        let used = match self.launches.iter().position(|l| l.bound.suits(&plan)) {
+            Some(i) => {
+                // SAFETY: the plan is the pool's (`KvStore::plan`/`schedule`), unchanged since.
+                unsafe { self.launches[i].bound.update_planned(plan.clone(), 0)? };
+                i
+            }
+            None => {
+                if self.launches.len() == MAX_KEPT_LAUNCHES {
+                    let lru = (0..self.launches.len()).min_by_key(|&i| self.launches[i].last_step).unwrap_or(0);
+                    self.launches.swap_remove(lru);
+                }
+                let largest = self.launches.iter().fold(LaunchCapacity::default(), |c, l| c.max(&l.capacity));
+                let capacity = with_headroom(&LaunchCapacity::of(&plan).max(&largest));
+                let bound = self.backend.bind_with_capacity(plan.clone(), 0, None, &capacity)?;
+                self.launches.push(KeptLaunch { bound, capacity, last_step: 0 });
+                self.result.launches_created += 1;
+                self.launches.len() - 1
+            }
+        };
+        self.launches[used].last_step = self.result.steps.len() + 1;
+        let bound = &*self.launches[used].bound;
         bound.wait()?;
         rec.bind_s = t.elapsed().as_secs_f64();
         let total_q = plan.batch.total_q() as usize;
@@ -581,7 +641,6 @@ impl<'a> Engine<'a> {
             })
             .sum();
         rec.computed_pairs = if s.tile_utilization > 0.0 { rec.useful_pairs / s.tile_utilization } else { 0.0 };
-        drop(bound);
         if record {
             let b = &plan.batch;
             batch.ids.clear();

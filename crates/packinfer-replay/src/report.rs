@@ -54,6 +54,8 @@ pub struct Summary {
     pub kv_write_s: f64,
     pub relayout_s: f64,
     pub regroups: u64,
+    /// Launches created (the other steps were uploaded into a kept launch).
+    pub launches_created: u64,
     /// Steps on which the trigger fired, over all steps.
     pub regroup_rate: f64,
     pub relayouts: u64,
@@ -128,6 +130,7 @@ impl Summary {
             kv_write_s,
             relayout_s,
             regroups: r.regroups,
+            launches_created: r.launches_created,
             relayouts: r.final_kv.relayouts,
             bytes_moved: r.final_kv.bytes_moved,
             read_bytes,
@@ -175,6 +178,7 @@ impl Summary {
             ("capacity / automatic capacity, last step", self.capacity_factor_last, ""),
             ("work items per step, mean", self.items_mean, ""),
             ("planning per step, mean (ms)", self.plan_ms_mean, "lower"),
+            ("launches created (other steps: launch update)", self.launches_created as f64, ""),
             ("KV bytes read by attention (GiB, all layers)", self.read_bytes / (1u64 << 30) as f64, "lower"),
             ("regroups (trigger fired)", self.regroups as f64, ""),
             ("steps the trigger fired on (%)", 100.0 * self.regroup_rate, ""),

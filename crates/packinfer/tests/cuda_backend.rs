@@ -46,6 +46,7 @@ fn main() {
         fp8_scales_are_taken_from_each_run,
         custom_masks_on_every_kernel,
         custom_masks_through_capacity_updates,
+        a_capacity_launch_suits_the_plans_of_its_kernel,
     ]);
 }
 
@@ -1260,5 +1261,47 @@ fn custom_masks_through_capacity_updates() {
         sync_stream(testing::device(&cu), 0).expect("kernels failed");
         let (o, lse) = dcase.outputs(&cu, case);
         check(case, &o, &lse, &format!("step {step}, masked {}", case.batch.has_custom_mask()));
+    }
+}
+
+/// A capacity launch keeps the kernel of its first plan: on Hopper one made for a long prefill
+/// over pages in order (warp-specialised kernel) does not suit a decode step (plain kernel), one
+/// made for the decode step does not suit the prefill, and each suits its own plan and, updated
+/// to it, computes it right. Elsewhere both get the plain kernel and suit each other.
+fn a_capacity_launch_suits_the_plans_of_its_kernel() {
+    let Some(cu) = backend("a_capacity_launch_suits_the_plans_of_its_kernel") else { return };
+    let mut r = rng(0x5017);
+    let spec = CaseSpec {
+        batch_size: 0,
+        max_kv: 0,
+        page_size: 16,
+        num_kv_heads: 2,
+        group: 4,
+        head_dim: 128,
+        dtype: DType::Bf16,
+        causal: true,
+        decode_fraction: 0.0,
+        hnd: false,
+    };
+    let prefill = Case::build_with(&mut r, &spec, &[(3000, 3000), (2000, 3500)], vec![], false);
+    let decode = Case::build_with(&mut r, &spec, &[(1, 3000), (1, 3500), (1, 900)], vec![], false);
+    let plan = |c: &Case| Arc::new(Plan::build(c.shape, c.batch.clone(), &cu.profile(), PlanOptions::default()).unwrap());
+    let cap = LaunchCapacity::of(&plan(&prefill)).max(&LaunchCapacity::of(&plan(&decode)));
+    let hopper = testing::device(&cu).cc() == (9, 0);
+    let for_prefill = cu.bind_with_capacity(plan(&prefill), 0, None, &cap).unwrap();
+    let for_decode = cu.bind_with_capacity(plan(&decode), 0, None, &cap).unwrap();
+    assert!(for_prefill.suits(&plan(&prefill)) && for_decode.suits(&plan(&decode)), "each suits its own plan");
+    assert_eq!(for_prefill.suits(&plan(&decode)), !hopper, "the prefill's launch, a decode plan");
+    assert_eq!(for_decode.suits(&plan(&prefill)), !hopper, "the decode's launch, a prefill plan");
+    for (bound, case) in [(&for_prefill, &prefill), (&for_decode, &decode), (&for_prefill, &decode)] {
+        let dcase = DeviceCase::for_case(&cu, case);
+        dcase.load(&cu, case);
+        // Updating to a plan that does not suit is allowed (and computes right), only slower.
+        bound.update(plan(case), 0).unwrap();
+        // SAFETY: the device copies of the case's tensors, alive until after the stream is synced.
+        unsafe { bound.run(&dcase.args(case, 0)) }.expect("run");
+        sync_stream(testing::device(&cu), 0).expect("kernels failed");
+        let (o, lse) = dcase.outputs(&cu, case);
+        check(case, &o, &lse, "a capacity launch updated to a step");
     }
 }

@@ -295,6 +295,15 @@ pub trait BoundPlan: Send + Sync {
     fn is_ready(&self) -> Result<bool>;
     /// Blocks until the upload recorded by `bind` has completed.
     fn wait(&self) -> Result<()>;
+    /// Whether `update` would take `plan` (`check_update`: same shape and page size, within the
+    /// capacity) and run it on the kernel a launch created for it the way this one was would
+    /// choose (the CUDA backend picks a launch's kernel from its first plan and keeps it, as a
+    /// captured graph needs). An engine whose steps differ in kind keeps a launch per kind and
+    /// updates one that suits.
+    fn suits(&self, plan: &Plan) -> bool {
+        let _ = plan;
+        false
+    }
     /// Makes another plan of the same shape and page size, within the launch's capacity, the one
     /// `run` computes (`check_update`). On CUDA it is uploaded into the launch's buffers on
     /// `stream`, the completion event recorded again, so a graph captured around `run` replays

@@ -196,6 +196,10 @@ impl BoundPlan for CpuBound {
     fn wait(&self) -> Result<()> {
         Ok(())
     }
+    /// One kernel on the CPU: every plan that fits suits.
+    fn suits(&self, plan: &Plan) -> bool {
+        check_update(&self.shape, self.page_size, &self.capacity, plan).is_ok()
+    }
     fn update(&self, plan: Arc<Plan>, _stream: u64) -> Result<()> {
         check_plan(&plan)?;
         check_update(&self.shape, self.page_size, &self.capacity, &plan)?;

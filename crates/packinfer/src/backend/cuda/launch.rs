@@ -10,6 +10,7 @@ use cudarc::driver::result as cu;
 use cudarc::driver::sys;
 use parking_lot::Mutex;
 
+use super::compile::Variant;
 use super::driver::{self, DeviceBuffer, Event, PinnedBuffer};
 use super::{LoadedAttention, Shared};
 use crate::backend::{BoundPlan, LaunchCapacity, Scratch};
@@ -681,6 +682,10 @@ pub(super) struct Kernels {
     /// The masked plain kernel of the same tile size, for plans with a custom mask; present when
     /// the launch's capacity has room for masks.
     pub masked: Option<Arc<LoadedAttention>>,
+    /// The (variant, warps) `Shared::kernel_choice` gave for the first plan.
+    pub choice: (Variant, u32),
+    /// Created with a capacity (`bind_with_capacity`).
+    pub capacity_launch: bool,
 }
 
 /// A plan bound to the CUDA backend (what `Backend::bind` returns, as its concrete type).
@@ -694,6 +699,9 @@ pub struct CudaBound {
     /// See `Kernels`.
     plain: Option<Arc<LoadedAttention>>,
     masked: Option<Arc<LoadedAttention>>,
+    /// See `Kernels`.
+    choice: (Variant, u32),
+    capacity_launch: bool,
     capacity: LaunchCapacity,
     layout: Layout,
     buffer: DeviceBuffer,
@@ -718,7 +726,7 @@ impl CudaBound {
         scratch: Option<Scratch>,
         capacity: &LaunchCapacity,
     ) -> Result<CudaBound> {
-        let Kernels { chosen: kernels, plain, masked } = kernels;
+        let Kernels { chosen: kernels, plain, masked, choice, capacity_launch } = kernels;
         let shape = &plan.shape;
         let capacity = capacity.max(&LaunchCapacity::of(&plan));
         let layout = Layout::new(&capacity);
@@ -742,6 +750,8 @@ impl CudaBound {
             kernels,
             plain,
             masked,
+            choice,
+            capacity_launch,
             capacity,
             layout,
             buffer,
@@ -995,6 +1005,11 @@ impl BoundPlan for CudaBound {
         let staging = self.staging.lock();
         let _g = self.shared.dev.enter()?;
         staging.slots[staging.last].copied.wait()
+    }
+
+    fn suits(&self, plan: &Plan) -> bool {
+        crate::backend::check_update(&self.shape, self.page_size, &self.capacity, plan).is_ok()
+            && self.shared.kernel_choice(plan, self.capacity_launch) == self.choice
     }
 
     fn update(&self, plan: Arc<Plan>, stream: u64) -> Result<()> {

@@ -138,6 +138,29 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    fn is_short(&self, shape: &Shape, batch: &Batch) -> bool {
+        crate::plan::cost::mean_visible_keys(batch, shape.causal) < self.short_batch_keys
+    }
+
+    /// The attention kernel (variant, warps per CTA) a launch created for `plan` runs; a launch
+    /// created with a capacity (`capacity_launch`), whose later plans may differ, never takes the
+    /// 4-warp or short-prefill kernels. The one place this choice is made.
+    pub(crate) fn kernel_choice(&self, plan: &Plan, capacity_launch: bool) -> (Variant, u32) {
+        // Head sizes that are no power of two (96, 192) run the context's 8-warp tiles only: the
+        // 4-warp d96 kernel faulted on the H100 (docs/performance-log.md#head-dims-96-192).
+        let narrow =
+            !capacity_launch && self.tile_warps > 4 && plan.shape.head_dim.is_power_of_two() && plan.items.iter().all(|i| i.num_rows <= 64);
+        let short = narrow && self.is_short(&plan.shape, &plan.batch);
+        let variant = match self.specialize {
+            // fp8 caches have one kernel, chosen by the plan's kv_dtype (fixed at plan time).
+            _ if plan.shape.kv_dtype == DType::Fp8E4m3 => Variant::PlainFp8,
+            compile::Specialize::Always => Variant::WarpSpecialized,
+            compile::Specialize::Auto if short => Variant::ShortPrefill,
+            compile::Specialize::Auto if !narrow && suits_warp_specialized(&plan.shape, &plan.batch) => Variant::WarpSpecialized,
+            _ => Variant::Plain,
+        };
+        (variant, if narrow { 4 } else { self.tile_warps })
+    }
     /// The attention kernels for (head_dim, dtype) with the context's tile size.
     pub fn attention(&self, head_dim: u32, dtype: DType) -> Result<Arc<LoadedAttention>> {
         let variant = if self.specialize == compile::Specialize::Always { Variant::WarpSpecialized } else { Variant::Plain };
@@ -282,22 +305,7 @@ impl CudaBackend {
         // First: what follows reads the plan's batch, and the kernels trust every index in it.
         plan.check_consistent()?;
         check_kernel_plan(&plan.shape, &plan.batch)?;
-        // Head sizes that are no power of two (96, 192) run the context's 8-warp tiles only: the
-        // 4-warp d96 kernel faulted on the H100 (docs/performance-log.md#head-dims-96-192).
-        let narrow = capacity.is_none()
-            && self.shared.tile_warps > 4
-            && plan.shape.head_dim.is_power_of_two()
-            && plan.items.iter().all(|i| i.num_rows <= 64);
-        let short = narrow && self.is_short(&plan.shape, &plan.batch);
-        let variant = match self.shared.specialize {
-            // fp8 caches have one kernel, chosen by the plan's kv_dtype (fixed at plan time).
-            _ if plan.shape.kv_dtype == DType::Fp8E4m3 => Variant::PlainFp8,
-            compile::Specialize::Always => Variant::WarpSpecialized,
-            compile::Specialize::Auto if short => Variant::ShortPrefill,
-            compile::Specialize::Auto if !narrow && suits_warp_specialized(&plan.shape, &plan.batch) => Variant::WarpSpecialized,
-            _ => Variant::Plain,
-        };
-        let warps = if narrow { 4 } else { self.shared.tile_warps };
+        let (variant, warps) = self.shared.kernel_choice(&plan, capacity.is_some());
         if warps == 4 && !plan.shape.head_dim.is_power_of_two() {
             return Err(crate::unsupported!(
                 "head_dim = {} runs on 8-warp tiles only, and PACKINFER_TILE_WARPS asks for 4",
@@ -314,13 +322,15 @@ impl CudaBackend {
         };
         // A launch whose plans may carry custom masks keeps the masked kernel of its tile size
         // for them (the others leave the mask code out; an fp8 launch takes no masked plan).
+        let capacity_launch = capacity.is_some();
         let capacity = capacity.copied().unwrap_or_default().max(&LaunchCapacity::of(&plan));
         let masked = if capacity.mask_bytes > 0 && plan.shape.kv_dtype != DType::Fp8E4m3 {
             Some(self.shared.attention_with(plan.shape.head_dim, plan.shape.dtype, warps, Variant::Masked)?)
         } else {
             None
         };
-        launch::CudaBound::new(self.shared.clone(), launch::Kernels { chosen: kernels, plain, masked }, plan, stream, scratch, &capacity)
+        let kernels = launch::Kernels { chosen: kernels, plain, masked, choice: (variant, warps), capacity_launch };
+        launch::CudaBound::new(self.shared.clone(), kernels, plan, stream, scratch, &capacity)
     }
 }
 
@@ -364,7 +374,7 @@ impl CudaBackend {
     /// Whether a batch is short: its query rows see fewer keys on average than the context's
     /// threshold (`PACKINFER_SHORT_BATCH_KEYS`, default `plan::cost::SHORT_BATCH_KEYS_PER_ROW`).
     fn is_short(&self, shape: &Shape, batch: &Batch) -> bool {
-        crate::plan::cost::mean_visible_keys(batch, shape.causal) < self.shared.short_batch_keys
+        self.shared.is_short(shape, batch)
     }
 }
 

@@ -286,18 +286,7 @@ fn specialized_launches_choose_the_kernel_per_run_layout() {
     let mut r = rng(0x1a70);
     let mut done = Vec::new();
     for (i, hnd) in [false, true].into_iter().enumerate() {
-        let spec = CaseSpec {
-            batch_size: 0,
-            max_kv: 0,
-            page_size: 16,
-            num_kv_heads: 2,
-            group: 4,
-            head_dim: 128,
-            dtype: DType::Bf16,
-            causal: true,
-            decode_fraction: 0.0,
-            hnd,
-        };
+        let spec = prompts_spec(hnd);
         let case = Case::build_with(&mut r, &spec, &[(3000, 3000), (2000, 3500)], vec![], false);
         let plan = Plan::build(case.shape, case.batch.clone(), &cu.profile(), PlanOptions::default()).unwrap();
         let hopper = testing::device(&cu).cc() == (9, 0);
@@ -308,6 +297,23 @@ fn specialized_launches_choose_the_kernel_per_run_layout() {
         done.push((case, o, lse, format!("case {i}, hnd {hnd}")));
     }
     check_all(done);
+}
+
+/// Hand-built requests (`Case::build_with`) of the common shape: 2 KV heads of 4 query heads,
+/// head_dim 128, bf16, causal, 16-token pages, K/V rows HND-major where `hnd`.
+fn prompts_spec(hnd: bool) -> CaseSpec {
+    CaseSpec {
+        batch_size: 0,
+        max_kv: 0,
+        page_size: 16,
+        num_kv_heads: 2,
+        group: 4,
+        head_dim: 128,
+        dtype: DType::Bf16,
+        causal: true,
+        decode_fraction: 0.0,
+        hnd,
+    }
 }
 
 /// Which plans the default context runs on the warp-specialised kernel: long rows over pages in
@@ -1271,18 +1277,7 @@ fn custom_masks_through_capacity_updates() {
 fn a_capacity_launch_suits_the_plans_of_its_kernel() {
     let Some(cu) = backend("a_capacity_launch_suits_the_plans_of_its_kernel") else { return };
     let mut r = rng(0x5017);
-    let spec = CaseSpec {
-        batch_size: 0,
-        max_kv: 0,
-        page_size: 16,
-        num_kv_heads: 2,
-        group: 4,
-        head_dim: 128,
-        dtype: DType::Bf16,
-        causal: true,
-        decode_fraction: 0.0,
-        hnd: false,
-    };
+    let spec = prompts_spec(false);
     let prefill = Case::build_with(&mut r, &spec, &[(3000, 3000), (2000, 3500)], vec![], false);
     let decode = Case::build_with(&mut r, &spec, &[(1, 3000), (1, 3500), (1, 900)], vec![], false);
     let plan = |c: &Case| Arc::new(Plan::build(c.shape, c.batch.clone(), &cu.profile(), PlanOptions::default()).unwrap());

@@ -320,6 +320,8 @@ class PackInferContender:
         self.lib = pc.Library(lib_path)
         self.ctx = self.lib.context(backend=backend)
         self.plan = self.launch = None
+        # Every launch alive (`launch` is the one the step uses), destroyed by close().
+        self.kept = []
         self.launches_created = self.presize_launches = 0
         self.capacity = {}
         self.pages = 0
@@ -406,7 +408,7 @@ class PackInferContender:
             self.launch.run(q, self.layouts[layer % len(self.layouts)], o, 0, stream)
 
     def close(self):
-        for launch in getattr(self, "kept", []):
+        for launch in self.kept:
             launch.destroy()
         if self.plan is not None:
             self.plan.destroy()
